@@ -1,0 +1,22 @@
+//! # rcu-registry
+//!
+//! Read-mostly registries for hot paths: the machinery behind the Linux
+//! kernel's kprobe and uprobe tables, made generic and safe to use.
+//!
+//! - [`rcu`]: RCU domains. [`Rcu`](rcu::Rcu) has the cheapest possible read
+//!   side and works from signal handlers; [`Srcu`](rcu::Srcu) lets readers
+//!   sleep. Both share grace periods between updaters and batch deferred
+//!   callbacks.
+//! - [`hashlock`]: arrays of cache-padded lock stripes keyed by typed keys.
+//! - [`probes`]: probe registries with kprobe and uprobe semantics over
+//!   pluggable architecture backends.
+
+#![deny(missing_docs)]
+#![warn(unsafe_op_in_unsafe_fn)]
+
+mod sync;
+#[cfg(target_os = "linux")]
+mod sys;
+
+pub mod hashlock;
+pub mod probes;

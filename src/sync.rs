@@ -1,0 +1,158 @@
+//! The sync shim: the one place that decides between `std` and `loom`.
+//!
+//! Every atomic, cell, lock, thread, `thread_local!` and parking primitive the
+//! crate uses is imported from here. Building with `RUSTFLAGS="--cfg loom"`
+//! swaps them all for loom's model-checked versions; no other file changes.
+//!
+//! Two things have no loom equivalent and are modelled conservatively:
+//!
+//! - **Asymmetric barriers.** In a normal build the RCU read side issues only a
+//!   compiler fence ([`light_barrier`]) and updaters issue
+//!   `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)` ([`heavy_barrier`]), which
+//!   forces a full barrier on every running thread of the process. loom cannot
+//!   model a barrier executed "on another thread's behalf", so under loom both
+//!   sides issue `fence(SeqCst)`: the model then proves the algorithm correct
+//!   for the strongest pairing the real barriers provide.
+//! - **Futex sleeping.** Under loom, waiting is a `yield_now` spin so that loom
+//!   explores the interleavings instead of blocking.
+
+#![allow(unused_imports, dead_code)]
+
+#[cfg(not(loom))]
+pub(crate) mod atomic {
+    pub(crate) use std::sync::atomic::{
+        compiler_fence, fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+    };
+}
+
+#[cfg(loom)]
+pub(crate) mod atomic {
+    pub(crate) use loom::sync::atomic::{
+        fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+    };
+
+    /// loom has no compiler fence: a full fence is the conservative stand-in.
+    pub(crate) fn compiler_fence(order: Ordering) {
+        fence(order)
+    }
+}
+
+#[cfg(not(loom))]
+pub(crate) use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+#[cfg(loom)]
+pub(crate) use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+#[cfg(not(loom))]
+pub(crate) use std::thread;
+
+#[cfg(loom)]
+pub(crate) use loom::thread;
+
+#[cfg(not(loom))]
+pub(crate) use std::thread_local;
+
+#[cfg(loom)]
+pub(crate) use loom::thread_local;
+
+/// Lazily initialised statics. loom needs its own so that each model
+/// execution starts from fresh state.
+#[cfg(loom)]
+pub(crate) use loom::lazy_static;
+
+/// `UnsafeCell` with loom's closure-based API, so that loom can check
+/// concurrent accesses; in normal builds it compiles to a plain `UnsafeCell`.
+#[cfg(not(loom))]
+#[derive(Debug, Default)]
+pub(crate) struct UnsafeCell<T: ?Sized>(std::cell::UnsafeCell<T>);
+
+#[cfg(not(loom))]
+impl<T> UnsafeCell<T> {
+    pub(crate) const fn new(data: T) -> Self {
+        UnsafeCell(std::cell::UnsafeCell::new(data))
+    }
+}
+
+#[cfg(not(loom))]
+impl<T: ?Sized> UnsafeCell<T> {
+    /// Gives `f` a shared raw pointer to the contents.
+    #[inline(always)]
+    pub(crate) fn with<R>(&self, f: impl FnOnce(*const T) -> R) -> R {
+        f(self.0.get())
+    }
+
+    /// Gives `f` an exclusive raw pointer to the contents.
+    #[inline(always)]
+    pub(crate) fn with_mut<R>(&self, f: impl FnOnce(*mut T) -> R) -> R {
+        f(self.0.get())
+    }
+}
+
+#[cfg(loom)]
+pub(crate) use loom::cell::UnsafeCell;
+
+/// A busy-wait hint. Under loom it yields so the model makes progress.
+#[inline(always)]
+pub(crate) fn spin_loop() {
+    #[cfg(not(loom))]
+    std::hint::spin_loop();
+    #[cfg(loom)]
+    loom::thread::yield_now();
+}
+
+/// Reader-side half of an asymmetric barrier pair.
+///
+/// When the process-wide expedited membarrier is registered, this is only a
+/// compiler fence: the updater's [`heavy_barrier`] supplies the hardware
+/// barrier on this thread's behalf. Otherwise (old kernel, seccomp, loom) it
+/// is a real `SeqCst` fence that pairs with the updater's `SeqCst` fence.
+#[inline(always)]
+pub(crate) fn light_barrier() {
+    #[cfg(not(loom))]
+    {
+        if crate::sys::membarrier_available() {
+            atomic::compiler_fence(atomic::Ordering::SeqCst);
+        } else {
+            atomic::fence(atomic::Ordering::SeqCst);
+        }
+    }
+    #[cfg(loom)]
+    atomic::fence(atomic::Ordering::SeqCst);
+}
+
+/// Updater-side half of an asymmetric barrier pair: a full memory barrier on
+/// every running thread of the process (`membarrier`), or a `SeqCst` fence
+/// when readers issue real fences themselves (see [`light_barrier`]).
+#[inline]
+pub(crate) fn heavy_barrier() {
+    #[cfg(not(loom))]
+    {
+        if !crate::sys::membarrier() {
+            atomic::fence(atomic::Ordering::SeqCst);
+        }
+    }
+    #[cfg(loom)]
+    atomic::fence(atomic::Ordering::SeqCst);
+}
+
+/// Sleeps while `word` holds `expected` (a futex wait), or spins under loom.
+/// Spurious returns are allowed: callers re-check their condition.
+#[inline]
+pub(crate) fn wait_on(word: &atomic::AtomicU32, expected: u32) {
+    #[cfg(not(loom))]
+    crate::sys::futex_wait(word, expected);
+    #[cfg(loom)]
+    {
+        let _ = (word, expected);
+        loom::thread::yield_now();
+    }
+}
+
+/// Wakes every thread sleeping in [`wait_on`] on `word`.
+#[inline]
+pub(crate) fn wake_all(word: &atomic::AtomicU32) {
+    #[cfg(not(loom))]
+    crate::sys::futex_wake_all(word);
+    #[cfg(loom)]
+    let _ = word;
+}
