@@ -156,3 +156,79 @@ pub(crate) fn wake_all(word: &atomic::AtomicU32) {
     #[cfg(loom)]
     let _ = word;
 }
+
+/// Sleeps while `word` holds `expected`, at most `timeout`. Under loom, a
+/// yield (timeouts are not modelled).
+#[inline]
+pub(crate) fn wait_on_timeout(
+    word: &atomic::AtomicU32,
+    expected: u32,
+    timeout: std::time::Duration,
+) {
+    #[cfg(not(loom))]
+    crate::sys::futex_wait_timeout(word, expected, timeout);
+    #[cfg(loom)]
+    {
+        let _ = (word, expected, timeout);
+        loom::thread::yield_now();
+    }
+}
+
+/// Exponential backoff for spin-then-sleep waits: crossbeam's `Backoff` in
+/// normal builds; under loom every step yields so the model can progress, and
+/// the spin phase is short.
+pub(crate) struct Backoff {
+    #[cfg(not(loom))]
+    inner: crossbeam_utils::Backoff,
+    #[cfg(loom)]
+    steps: u32,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Backoff {
+            #[cfg(not(loom))]
+            inner: crossbeam_utils::Backoff::new(),
+            #[cfg(loom)]
+            steps: 0,
+        }
+    }
+
+    /// One waiting step: spins, later yields the CPU.
+    #[inline]
+    pub(crate) fn snooze(&mut self) {
+        #[cfg(not(loom))]
+        self.inner.snooze();
+        #[cfg(loom)]
+        {
+            self.steps += 1;
+            loom::thread::yield_now();
+        }
+    }
+
+    /// True once spinning no longer pays and the caller should sleep.
+    #[inline]
+    pub(crate) fn is_completed(&self) -> bool {
+        #[cfg(not(loom))]
+        return self.inner.is_completed();
+        #[cfg(loom)]
+        return self.steps >= 1;
+    }
+}
+
+/// `thread_local!` with a `const` initialiser in normal builds (a plain TLS
+/// access: no lazy registration, safe in a signal handler) and loom's lazily
+/// initialised version under loom.
+macro_rules! const_thread_local {
+    ($(#[$attr:meta])* static $name:ident: $t:ty = $init:expr;) => {
+        #[cfg(not(loom))]
+        std::thread_local! {
+            $(#[$attr])* static $name: $t = const { $init };
+        }
+        #[cfg(loom)]
+        loom::thread_local! {
+            $(#[$attr])* static $name: $t = $init;
+        }
+    };
+}
+pub(crate) use const_thread_local;
