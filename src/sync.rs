@@ -232,3 +232,49 @@ macro_rules! const_thread_local {
     };
 }
 pub(crate) use const_thread_local;
+
+/// A futex word a single waiter sleeps on (with a timeout) until another
+/// thread wakes it. Under loom the sleep is a `loom::sync::Notify` wait, so
+/// the model blocks the waiter instead of exploring an endless spin.
+#[derive(Debug)]
+pub(crate) struct Event {
+    word: atomic::AtomicU32,
+    #[cfg(loom)]
+    notify: loom::sync::Notify,
+}
+
+impl Event {
+    pub(crate) fn new(initial: u32) -> Self {
+        Event {
+            word: atomic::AtomicU32::new(initial),
+            #[cfg(loom)]
+            notify: loom::sync::Notify::new(),
+        }
+    }
+
+    /// The word itself, for the caller's own handshake.
+    #[inline(always)]
+    pub(crate) fn word(&self) -> &atomic::AtomicU32 {
+        &self.word
+    }
+
+    /// Sleeps while the word holds `expected`, at most `timeout` (std), or
+    /// until the next `wake` (loom). Spurious returns are allowed.
+    pub(crate) fn wait(&self, expected: u32, timeout: std::time::Duration) {
+        #[cfg(not(loom))]
+        crate::sys::futex_wait_timeout(&self.word, expected, timeout);
+        #[cfg(loom)]
+        {
+            let _ = (expected, timeout);
+            self.notify.wait();
+        }
+    }
+
+    /// Wakes the waiter (if any).
+    pub(crate) fn wake(&self) {
+        #[cfg(not(loom))]
+        crate::sys::futex_wake_all(&self.word);
+        #[cfg(loom)]
+        self.notify.notify();
+    }
+}

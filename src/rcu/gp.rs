@@ -31,9 +31,12 @@ use super::slots::fork_generation;
 use crate::sync::atomic::{
     fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
 };
-use crate::sync::{thread, Arc, Backoff, Mutex};
+use crate::sync::{thread, Backoff, Event, Mutex};
+// std's Arc even under loom: loom's Arc supports neither unsized coercion
+// nor `self: &Arc<Self>`; these Arcs only manage lifetimes, not ordering.
 use std::cell::Cell;
 use std::ptr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The longest a waiter sleeps before re-checking on its own. Wake-ups are
@@ -159,23 +162,26 @@ impl GpSeq {
     #[cold]
     fn sleep_until_changed(&self, s: u64) {
         let word = self.done_word.load(Ordering::Acquire);
-        // SeqCst RMW + SeqCst load, against the leader's SeqCst store of
-        // `seq` followed by its SeqCst load of `sleepers`: in the single
-        // total order either the leader sees us counted, or we see the new
-        // `seq` and do not sleep.
-        self.sleepers.fetch_add(1, Ordering::SeqCst);
-        if self.seq.load(Ordering::SeqCst) == s {
+        self.sleepers.fetch_add(1, Ordering::Relaxed);
+        // Store-buffering handshake with `complete`: (sleepers += 1; fence;
+        // load seq) against (store seq; fence; load sleepers). The SeqCst
+        // fences forbid both loads missing the other side's write, so either
+        // the leader sees us counted and wakes us, or we see the new `seq`.
+        // (Fences rather than SeqCst accesses: loom models SeqCst fences.)
+        fence(Ordering::SeqCst);
+        if self.seq.load(Ordering::Relaxed) == s {
             crate::sync::wait_on_timeout(&self.done_word, word, SLEEP_SLICE);
         }
-        self.sleepers.fetch_sub(1, Ordering::SeqCst);
+        self.sleepers.fetch_sub(1, Ordering::Relaxed);
     }
 
     fn complete(&self, new: u64) {
-        // SeqCst store: Release for `done` (see there), SeqCst for the
-        // sleeper handshake in `sleep_until_changed`.
-        self.seq.store(new, Ordering::SeqCst);
+        // Release: pairs with the Acquire load in `done` (see there).
+        self.seq.store(new, Ordering::Release);
         self.done_word.fetch_add(1, Ordering::Release);
-        if self.sleepers.load(Ordering::SeqCst) != 0 {
+        // The leader's half of the handshake in `sleep_until_changed`.
+        fence(Ordering::SeqCst);
+        if self.sleepers.load(Ordering::Relaxed) != 0 {
             crate::sync::wake_all(&self.done_word);
         }
     }
@@ -249,7 +255,7 @@ pub(crate) struct CallbackQueue {
     /// Queued and not yet run.
     pending: AtomicUsize,
     /// `WORKER_SLEEPING` while the worker sleeps (or is about to).
-    worker_word: AtomicU32,
+    worker_word: Event,
     /// Fork generation the worker was started in; `u64::MAX` before it is.
     worker_gen: AtomicU64,
     /// Serializes starting the worker (never taken on the call fast path).
@@ -273,7 +279,7 @@ impl CallbackQueue {
         CallbackQueue {
             head: AtomicPtr::new(ptr::null_mut()),
             pending: AtomicUsize::new(0),
-            worker_word: AtomicU32::new(WORKER_AWAKE),
+            worker_word: Event::new(WORKER_AWAKE),
             worker_gen: AtomicU64::new(NO_WORKER),
             starting: Mutex::new(None),
             shutdown: AtomicBool::new(false),
@@ -319,11 +325,10 @@ impl CallbackQueue {
             unsafe { (*node).next = head };
             // Release publishes the node (and the closure's captures, and
             // whatever the caller unlinked before calling) to the worker's
-            // Acquire swap. SeqCst also orders the push before the load of
-            // `worker_word` in `kick_worker` (see there).
+            // Acquire swap.
             match self
                 .head
-                .compare_exchange_weak(head, node, Ordering::SeqCst, Ordering::Relaxed)
+                .compare_exchange_weak(head, node, Ordering::Release, Ordering::Relaxed)
             {
                 Ok(_) => return,
                 Err(h) => head = h,
@@ -333,12 +338,16 @@ impl CallbackQueue {
 
     #[inline]
     fn kick_worker(&self) {
-        // SeqCst load after the SeqCst push, against the worker's SeqCst
-        // store of WORKER_SLEEPING followed by its SeqCst load of `head`:
-        // either the worker sees our node or we see it sleeping.
-        if self.worker_word.load(Ordering::SeqCst) == WORKER_SLEEPING {
-            self.worker_word.store(WORKER_AWAKE, Ordering::SeqCst);
-            crate::sync::wake_all(&self.worker_word);
+        // Store-buffering handshake with the worker's idle path: (push;
+        // fence; load worker_word) against (store WORKER_SLEEPING; fence;
+        // load head). The SeqCst fences forbid both loads missing the other
+        // side's store: either the worker sees our node or we see it asleep.
+        fence(Ordering::SeqCst);
+        if self.worker_word.word().load(Ordering::Relaxed) == WORKER_SLEEPING {
+            self.worker_word
+                .word()
+                .store(WORKER_AWAKE, Ordering::Relaxed);
+            self.worker_word.wake();
         }
     }
 
@@ -390,17 +399,19 @@ impl CallbackQueue {
                 if self.shutdown.load(Ordering::Acquire) {
                     return;
                 }
-                self.worker_word.store(WORKER_SLEEPING, Ordering::SeqCst);
-                if self.head.load(Ordering::SeqCst).is_null()
-                    && !self.shutdown.load(Ordering::SeqCst)
+                self.worker_word
+                    .word()
+                    .store(WORKER_SLEEPING, Ordering::Relaxed);
+                // The worker's half of the handshake in `kick_worker`.
+                fence(Ordering::SeqCst);
+                if self.head.load(Ordering::Relaxed).is_null()
+                    && !self.shutdown.load(Ordering::Relaxed)
                 {
-                    crate::sync::wait_on_timeout(
-                        &self.worker_word,
-                        WORKER_SLEEPING,
-                        SLEEP_SLICE * 10,
-                    );
+                    self.worker_word.wait(WORKER_SLEEPING, SLEEP_SLICE * 10);
                 }
-                self.worker_word.store(WORKER_AWAKE, Ordering::Relaxed);
+                self.worker_word
+                    .word()
+                    .store(WORKER_AWAKE, Ordering::Relaxed);
                 continue;
             }
             // One grace period that starts after the batch was taken covers
@@ -427,21 +438,21 @@ impl CallbackQueue {
         if self.pending.load(Ordering::Acquire) == 0 {
             return;
         }
-        let done = Arc::new(AtomicU32::new(0));
+        let done = Arc::new(Event::new(0));
         let flag = Arc::clone(&done);
         self.call(
             gp,
             move || {
                 // Release pairs with the Acquire load in the wait below.
-                flag.store(1, Ordering::Release);
-                crate::sync::wake_all(&flag);
+                flag.word().store(1, Ordering::Release);
+                flag.wake();
             },
             false,
         );
         let mut backoff = Backoff::new();
-        while done.load(Ordering::Acquire) == 0 {
+        while done.word().load(Ordering::Acquire) == 0 {
             if backoff.is_completed() {
-                crate::sync::wait_on_timeout(&done, 0, SLEEP_SLICE);
+                done.wait(0, SLEEP_SLICE);
             } else {
                 backoff.snooze();
             }
@@ -451,9 +462,14 @@ impl CallbackQueue {
     /// Stops the worker once it has run everything queued; waits for it
     /// unless called on the worker itself.
     pub(crate) fn shutdown(&self) {
-        self.shutdown.store(true, Ordering::SeqCst);
-        self.worker_word.store(WORKER_AWAKE, Ordering::SeqCst);
-        crate::sync::wake_all(&self.worker_word);
+        // Release pairs with the worker's Acquire load of `shutdown`; the
+        // fence is our half of the idle handshake (as in `kick_worker`).
+        self.shutdown.store(true, Ordering::Release);
+        fence(Ordering::SeqCst);
+        self.worker_word
+            .word()
+            .store(WORKER_AWAKE, Ordering::Relaxed);
+        self.worker_word.wake();
         let handle = self
             .starting
             .lock()

@@ -37,9 +37,10 @@ use super::gp::{self, CallbackQueue, GpSeq, GracePeriod, SLEEP_SLICE};
 use super::slots::{self, Slot, GP_FUTEX, GP_WAITING};
 use super::{Flavor, GpCookie, ReadGuard};
 use crate::sync::atomic::{fence, AtomicUsize, Ordering};
-use crate::sync::{heavy_barrier, light_barrier, Arc, Backoff};
+use crate::sync::{heavy_barrier, light_barrier, Backoff};
 use std::fmt;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 /// One nesting level in a reader counter.
 const NEST_ONE: usize = 1;

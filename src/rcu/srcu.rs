@@ -39,18 +39,26 @@ use super::{Flavor, GpCookie, ReadGuard};
 use crate::sync::atomic::{fence, AtomicPtr, AtomicUsize, Ordering};
 #[cfg(loom)]
 use crate::sync::thread;
-use crate::sync::{heavy_barrier, light_barrier, Arc, Backoff};
+use crate::sync::{heavy_barrier, light_barrier, Backoff};
 use crossbeam_utils::CachePadded;
 use std::fmt;
 use std::marker::PhantomData;
 use std::ptr;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// Counter records per chunk.
+#[cfg(not(loom))]
 const CHUNK: usize = 64;
 /// Chunks in the directory: at most `CHUNK * DIR_LEN` (65,536) reader
 /// threads alive at once per process.
+#[cfg(not(loom))]
 const DIR_LEN: usize = 1024;
+// Under loom every atomic is a model object: keep the arrays tiny.
+#[cfg(loom)]
+const CHUNK: usize = 4;
+#[cfg(loom)]
+const DIR_LEN: usize = 2;
 /// Longest sleep between scans while readers remain (readers may sleep for
 /// any time, so the updater polls rather than asking readers to wake it,
 /// which would cost every reader an extra load).
