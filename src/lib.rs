@@ -21,3 +21,8 @@ mod sys;
 pub mod hashlock;
 pub mod probes;
 pub mod rcu;
+
+/// The README's example, compiled and run as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+mod readme_example {}
