@@ -166,7 +166,9 @@ fn rewrite_rip_relative(
     let mut rewritten = *ins;
     rewritten.set_memory_base(iced_register(scratch));
     rewritten.set_memory_displacement64(disp);
-    rewritten.set_memory_displ_size(4);
+    // iced's size 8 means "64-bit addressing": a sign-extended disp32 (or
+    // disp8 when it fits), never a 64-bit displacement.
+    rewritten.set_memory_displ_size(8);
     let mut encoder = Encoder::new(64);
     encoder
         .encode(&rewritten, slot_addr)
