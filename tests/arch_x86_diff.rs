@@ -54,42 +54,130 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, Kind)> {
     let t = TARGET;
     vec![
         // RIP-relative data access: loads, stores, read-modify-write.
-        ("mov rax, [rip+d]", rip(&[0x48, 0x8b, 0x05], &[], t), PcRelative),
-        ("mov [rip+d], rcx", rip(&[0x48, 0x89, 0x0d], &[], t), PcRelative),
-        ("lea rdx, [rip+d]", rip(&[0x48, 0x8d, 0x15], &[], t), PcRelative),
+        (
+            "mov rax, [rip+d]",
+            rip(&[0x48, 0x8b, 0x05], &[], t),
+            PcRelative,
+        ),
+        (
+            "mov [rip+d], rcx",
+            rip(&[0x48, 0x89, 0x0d], &[], t),
+            PcRelative,
+        ),
+        (
+            "lea rdx, [rip+d]",
+            rip(&[0x48, 0x8d, 0x15], &[], t),
+            PcRelative,
+        ),
         ("add [rip+d], eax", rip(&[0x01, 0x05], &[], t), PcRelative),
-        ("add rax, [rip+d]", rip(&[0x48, 0x03, 0x05], &[], t), PcRelative),
-        ("adc rax, [rip+d]", rip(&[0x48, 0x13, 0x05], &[], t), PcRelative),
-        ("cmp qword [rip+d], 7", rip(&[0x48, 0x83, 0x3d], &[7], t), PcRelative),
-        ("mov r8, [rip+d]", rip(&[0x4c, 0x8b, 0x05], &[], t), PcRelative),
-        ("mov r15d, [rip+d]", rip(&[0x44, 0x8b, 0x3d], &[], t), PcRelative),
-        ("cmovne rax, [rip+d]", rip(&[0x48, 0x0f, 0x45, 0x05], &[], t), PcRelative),
+        (
+            "add rax, [rip+d]",
+            rip(&[0x48, 0x03, 0x05], &[], t),
+            PcRelative,
+        ),
+        (
+            "adc rax, [rip+d]",
+            rip(&[0x48, 0x13, 0x05], &[], t),
+            PcRelative,
+        ),
+        (
+            "cmp qword [rip+d], 7",
+            rip(&[0x48, 0x83, 0x3d], &[7], t),
+            PcRelative,
+        ),
+        (
+            "mov r8, [rip+d]",
+            rip(&[0x4c, 0x8b, 0x05], &[], t),
+            PcRelative,
+        ),
+        (
+            "mov r15d, [rip+d]",
+            rip(&[0x44, 0x8b, 0x3d], &[], t),
+            PcRelative,
+        ),
+        (
+            "cmovne rax, [rip+d]",
+            rip(&[0x48, 0x0f, 0x45, 0x05], &[], t),
+            PcRelative,
+        ),
         (
             "imul rcx, [rip+d], 0x1234",
             rip(&[0x48, 0x69, 0x0d], &[0x34, 0x12, 0, 0], t),
             PcRelative,
         ),
-        ("movzx eax, byte [rip+d]", rip(&[0x0f, 0xb6, 0x05], &[], t), PcRelative),
-        ("test byte [rip+d], 1", rip(&[0xf6, 0x05], &[1], t), PcRelative),
+        (
+            "movzx eax, byte [rip+d]",
+            rip(&[0x0f, 0xb6, 0x05], &[], t),
+            PcRelative,
+        ),
+        (
+            "test byte [rip+d], 1",
+            rip(&[0xf6, 0x05], &[1], t),
+            PcRelative,
+        ),
         ("inc dword [rip+d]", rip(&[0xff, 0x05], &[], t), PcRelative),
-        ("mov byte [rip+d], 0x5a", rip(&[0xc6, 0x05], &[0x5a], t), PcRelative),
-        ("xchg [rip+d], rbx", rip(&[0x48, 0x87, 0x1d], &[], t), PcRelative),
-        ("setne byte [rip+d]", rip(&[0x0f, 0x95, 0x05], &[], t), PcRelative),
-        ("bt dword [rip+d], 3", rip(&[0x0f, 0xba, 0x25], &[3], t), PcRelative),
-        ("shl qword [rip+d], cl", rip(&[0x48, 0xd3, 0x25], &[], t), PcRelative),
+        (
+            "mov byte [rip+d], 0x5a",
+            rip(&[0xc6, 0x05], &[0x5a], t),
+            PcRelative,
+        ),
+        (
+            "xchg [rip+d], rbx",
+            rip(&[0x48, 0x87, 0x1d], &[], t),
+            PcRelative,
+        ),
+        (
+            "setne byte [rip+d]",
+            rip(&[0x0f, 0x95, 0x05], &[], t),
+            PcRelative,
+        ),
+        (
+            "bt dword [rip+d], 3",
+            rip(&[0x0f, 0xba, 0x25], &[3], t),
+            PcRelative,
+        ),
+        (
+            "shl qword [rip+d], cl",
+            rip(&[0x48, 0xd3, 0x25], &[], t),
+            PcRelative,
+        ),
         // Implicit register users: the scratch must avoid rax/rdx/rcx.
-        ("lock xadd [rip+d], eax", rip(&[0xf0, 0x0f, 0xc1, 0x05], &[], t), PcRelative),
+        (
+            "lock xadd [rip+d], eax",
+            rip(&[0xf0, 0x0f, 0xc1, 0x05], &[], t),
+            PcRelative,
+        ),
         (
             "lock cmpxchg [rip+d], rcx",
             rip(&[0xf0, 0x48, 0x0f, 0xb1, 0x0d], &[], t),
             PcRelative,
         ),
-        ("mul qword [rip+d]", rip(&[0x48, 0xf7, 0x25], &[], t), PcRelative),
+        (
+            "mul qword [rip+d]",
+            rip(&[0x48, 0xf7, 0x25], &[], t),
+            PcRelative,
+        ),
         // SSE through RIP.
-        ("movups xmm1, [rip+d]", rip(&[0x0f, 0x10, 0x0d], &[], t), PcRelative),
-        ("movdqa xmm2, [rip+d]", rip(&[0x66, 0x0f, 0x6f, 0x15], &[], t), PcRelative),
-        ("movaps [rip+d], xmm3", rip(&[0x0f, 0x29, 0x1d], &[], t), PcRelative),
-        ("movq xmm4, [rip+d]", rip(&[0xf3, 0x0f, 0x7e, 0x25], &[], t), PcRelative),
+        (
+            "movups xmm1, [rip+d]",
+            rip(&[0x0f, 0x10, 0x0d], &[], t),
+            PcRelative,
+        ),
+        (
+            "movdqa xmm2, [rip+d]",
+            rip(&[0x66, 0x0f, 0x6f, 0x15], &[], t),
+            PcRelative,
+        ),
+        (
+            "movaps [rip+d], xmm3",
+            rip(&[0x0f, 0x29, 0x1d], &[], t),
+            PcRelative,
+        ),
+        (
+            "movq xmm4, [rip+d]",
+            rip(&[0xf3, 0x0f, 0x7e, 0x25], &[], t),
+            PcRelative,
+        ),
         (
             "cvtsi2sd xmm0, qword [rip+d]",
             rip(&[0xf2, 0x48, 0x0f, 0x2a, 0x05], &[], t),
@@ -105,10 +193,18 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, Kind)> {
         ("push r12", vec![0x41, 0x54], Emulated),
         ("push rsp", vec![0x54], Emulated),
         ("nop", vec![0x90], Emulated),
-        ("nop dword [rax+rax]", vec![0x0f, 0x1f, 0x44, 0, 0], Emulated),
+        (
+            "nop dword [rax+rax]",
+            vec![0x0f, 0x1f, 0x44, 0, 0],
+            Emulated,
+        ),
         ("endbr64", vec![0xf3, 0x0f, 0x1e, 0xfa], Emulated),
         ("call rel32", vec![0xe8, 0x10, 0x02, 0, 0], Emulated),
-        ("call rel32 backwards", vec![0xe8, 0x00, 0xf0, 0xff, 0xff], Emulated),
+        (
+            "call rel32 backwards",
+            vec![0xe8, 0x00, 0xf0, 0xff, 0xff],
+            Emulated,
+        ),
         ("jmp rel8", vec![0xeb, 0x10], Emulated),
         ("jmp rel8 backwards", vec![0xeb, 0x80], Emulated),
         ("jmp rel32", vec![0xe9, 0x00, 0x01, 0, 0], Emulated),
@@ -126,9 +222,17 @@ fn corpus() -> Vec<(&'static str, Vec<u8>, Kind)> {
         ("imul rax, rbx", vec![0x48, 0x0f, 0xaf, 0xc3], OutOfLine),
         ("cmovl rcx, rdx", vec![0x48, 0x0f, 0x4c, 0xca], OutOfLine),
         ("sete al", vec![0x0f, 0x94, 0xc0], OutOfLine),
-        ("lea rax, [rbx+rcx*4+8]", vec![0x48, 0x8d, 0x44, 0x8b, 0x08], OutOfLine),
+        (
+            "lea rax, [rbx+rcx*4+8]",
+            vec![0x48, 0x8d, 0x44, 0x8b, 0x08],
+            OutOfLine,
+        ),
         ("mov eax, [rsp+8]", vec![0x8b, 0x44, 0x24, 0x08], OutOfLine),
-        ("mov [rsp-8], rdi (red zone)", vec![0x48, 0x89, 0x7c, 0x24, 0xf8], OutOfLine),
+        (
+            "mov [rsp-8], rdi (red zone)",
+            vec![0x48, 0x89, 0x7c, 0x24, 0xf8],
+            OutOfLine,
+        ),
         ("movups xmm0, [rsi]", vec![0x0f, 0x10, 0x06], OutOfLine),
         ("xchg r8, rax", vec![0x49, 0x90], OutOfLine),
         ("cqo", vec![0x48, 0x99], OutOfLine),
@@ -173,22 +277,26 @@ fn corpus_instructions_behave_the_same_in_place_and_probed() {
             .unwrap_or_else(|e| panic!("{name}: refused: {e}"));
         assert_eq!(insn.len as usize, bytes.len(), "{name}: length");
         assert_eq!(kind(&insn), expected, "{name}: class {:?}", insn.class);
-        for via in ways(&insn) {
-            let mut same = 0;
-            for seed in 0..CORPUS_SEEDS {
-                let m = corpus_machine(seed * 7919 + bytes.len() as u64, &bytes);
-                match compare(&m, &insn, via) {
-                    Verdict::Same => same += 1,
+        let vias = ways(&insn);
+        let mut same = vec![0; vias.len()];
+        for seed in 0..CORPUS_SEEDS {
+            let m = corpus_machine(seed * 7919 + bytes.len() as u64, &bytes);
+            let native = run_in_place(&m, &bytes);
+            for (i, &via) in vias.iter().enumerate() {
+                match judge(&native, &run_via(&m, &insn, via), &insn, via) {
+                    Verdict::Same => same[i] += 1,
                     Verdict::BothFault => {}
                     Verdict::Differs(d) => panic!("{name}: {d}"),
                 }
             }
+        }
+        for (i, via) in vias.iter().enumerate() {
             assert!(
-                same > 0,
+                same[i] > 0,
                 "{name} via {via:x?}: every run faulted, nothing was proven"
             );
-            compared += same;
         }
+        compared += same.iter().sum::<usize>();
     }
     println!("corpus: {compared} identical in-place/probed runs");
 }
@@ -198,7 +306,10 @@ fn every_jcc_condition_is_emulated_like_the_cpu_evaluates_it() {
     let mut taken = [0u32; 16];
     let mut not_taken = [0u32; 16];
     for cc in 0..16u8 {
-        for form in [vec![0x70 + cc, 0x20], vec![0x0f, 0x80 + cc, 0x00, 0x02, 0, 0]] {
+        for form in [
+            vec![0x70 + cc, 0x20],
+            vec![0x0f, 0x80 + cc, 0x00, 0x02, 0, 0],
+        ] {
             let insn = X86_64.analyze(INSN_AT, &form).unwrap();
             assert_eq!(kind(&insn), Kind::Emulated);
             for seed in 0..24 {
@@ -234,7 +345,11 @@ fn every_jcc_condition_is_emulated_like_the_cpu_evaluates_it() {
 /// corrupted produces a different final state.
 #[test]
 fn a_broken_fixup_is_detected_by_the_differential_harness() {
-    let cases: Vec<(&str, Vec<u8>, Box<dyn Fn(&mut rcu_registry::probes::arch::XolPlan)>)> = vec![
+    let cases: Vec<(
+        &str,
+        Vec<u8>,
+        Box<dyn Fn(&mut rcu_registry::probes::arch::XolPlan)>,
+    )> = vec![
         (
             "scratch register loaded with a value 8 bytes off",
             rip(&[0x48, 0x8b, 0x05], &[], TARGET),
@@ -363,8 +478,9 @@ fn random_instructions_behave_the_same_in_place_and_probed() {
             }
             let mut rng = Rng(seed);
             let m = Machine::random(&mut rng, is_rep_string(&bytes[..len]));
+            let native = run_in_place(&m, insn.bytes());
             for via in ways(&insn) {
-                match compare(&m, &insn, via) {
+                match judge(&native, &run_via(&m, &insn, via), &insn, via) {
                     Verdict::Same => stats.borrow_mut().same += 1,
                     Verdict::BothFault => stats.borrow_mut().both_fault += 1,
                     Verdict::Differs(d) => prop_assert!(false, "{}", d),
@@ -377,8 +493,14 @@ fn random_instructions_behave_the_same_in_place_and_probed() {
     println!("random instructions: {s:?}");
     // The test must prove something: many identical completed runs, on
     // every path.
-    assert!(s.same >= cases as usize / 4, "too few completed comparisons: {s:?}");
-    assert!(s.emulated > 0 && s.pc_relative > 0 && s.out_of_line > 0, "{s:?}");
+    assert!(
+        s.same >= cases as usize / 4,
+        "too few completed comparisons: {s:?}"
+    );
+    assert!(
+        s.emulated > 0 && s.pc_relative > 0 && s.out_of_line > 0,
+        "{s:?}"
+    );
 }
 
 /// Whether a RIP-relative operand points at the probed instruction itself,
@@ -388,4 +510,54 @@ fn reads_own_code(insn: &Insn) -> bool {
     let ins = iced_x86::Decoder::with_ip(64, insn.bytes(), INSN_AT, 0).decode();
     ins.is_ip_rel_memory_operand()
         && (CODE..CODE + CODE_SIZE).contains(&ins.ip_rel_memory_address())
+}
+
+#[test]
+fn a_single_stepped_rep_instruction_repeats_until_rcx_runs_out() {
+    let bytes = [0xf3, 0xaa]; // rep stosb
+    let insn = X86_64.analyze(INSN_AT, &bytes).unwrap();
+    let mut m = corpus_machine(3, &bytes);
+    m.regs[X86Reg::Rcx] = 5;
+    m.regs.flags &= !(1 << 10); // DF clear: forward
+    let native = run_in_place(&m, &bytes);
+    let probed = run_via(&m, &insn, Via::Step(SLOT_NEAR));
+    assert_eq!(
+        judge(&native, &probed, &insn, Via::Step(SLOT_NEAR)),
+        Verdict::Same
+    );
+    // One iteration per step: "not finished" after each of the first four
+    // iterations. The emulator stops once more at the instruction with
+    // rcx = 0 (hardware leaves it with the last iteration): 4 or 5.
+    let repeats = REPEATS.with(|r| r.get());
+    assert!((4..=5).contains(&repeats), "{repeats} repeats");
+    let Outcome::Done(after) = probed else {
+        unreachable!()
+    };
+    assert_eq!(after.regs[X86Reg::Rcx], 0);
+    assert_eq!(after.regs[X86Reg::Rdi], m.regs[X86Reg::Rdi] + 5);
+}
+
+/// The kretprobe plan: hijack at the first instruction of
+/// `f: mov eax, 42; ret`, run the function, and it returns into the
+/// trampoline with the return value in place and the stack pointer the
+/// backend predicted; the original return address is what was on the stack.
+#[test]
+fn a_hijacked_return_lands_on_the_trampoline_with_the_return_value() {
+    use rcu_registry::probes::arch::Regs;
+    let func = [0xb8, 42, 0, 0, 0, 0xc3]; // mov eax, 42; ret
+    let trampoline = CODE + 0x700;
+    let caller_ret = CODE + 0x200;
+    let mut m = Machine::random(&mut Rng(9), false);
+    let sp = (m.regs[X86Reg::Rsp] - STACK) as usize;
+    m.stack[sp..sp + 8].copy_from_slice(&caller_ret.to_le_bytes());
+    let entry: Regs = m.regs;
+
+    let (after, original) = run_hijacked(&m, &func, trampoline);
+    assert_eq!(
+        original, caller_ret,
+        "hijack must hand back the real return address"
+    );
+    assert_eq!(after.regs.ip, trampoline);
+    assert_eq!(X86_64.return_value(&after.regs), 42);
+    assert_eq!(after.regs.sp, X86_64.stack_pointer_at_return(&entry));
 }

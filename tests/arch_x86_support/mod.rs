@@ -156,7 +156,8 @@ fn emulator(m: &Machine, code: &[(u64, &[u8])]) -> Unicorn<'static, ()> {
     uc.ctl_set_cpu_model(unicorn_engine::X86CpuModel::HASWELL as i32)
         .expect("cpu model");
     uc.mem_map(CODE, CODE_SIZE, Prot::ALL).unwrap();
-    uc.mem_write(CODE, &vec![0x90u8; CODE_SIZE as usize]).unwrap();
+    uc.mem_write(CODE, &vec![0x90u8; CODE_SIZE as usize])
+        .unwrap();
     for slot in [SLOT_NEAR, SLOT_FAR] {
         let page = slot & !0xfff;
         uc.mem_map(page, 0x1000, Prot::ALL).unwrap();
@@ -171,7 +172,8 @@ fn emulator(m: &Machine, code: &[(u64, &[u8])]) -> Unicorn<'static, ()> {
         uc.mem_map(page, 0x1000, Prot::ALL).is_ok() && uc.mem_write(page, &[0xcc; 0x1000]).is_ok()
     })
     .unwrap();
-    uc.mem_map(DATA, DATA_SIZE, Prot::READ | Prot::WRITE).unwrap();
+    uc.mem_map(DATA, DATA_SIZE, Prot::READ | Prot::WRITE)
+        .unwrap();
     uc.mem_map(STACK, STACK_SIZE, Prot::READ | Prot::WRITE)
         .unwrap();
     uc.mem_write(DATA, &m.data).unwrap();
@@ -210,7 +212,9 @@ fn read_regs(uc: &Unicorn<'static, ()>) -> Regs {
 fn snapshot(uc: &Unicorn<'static, ()>, regs: Regs) -> Machine {
     let mut xmm = [0u128; 16];
     for (i, x) in xmm.iter_mut().enumerate() {
-        let b = uc.reg_read_long(RegisterX86::XMM0 as i32 + i as i32).unwrap();
+        let b = uc
+            .reg_read_long(RegisterX86::XMM0 as i32 + i as i32)
+            .unwrap();
         *x = u128::from_le_bytes(b[..16].try_into().unwrap());
     }
     Machine {
@@ -226,6 +230,11 @@ fn step_one(uc: &mut Unicorn<'static, ()>) -> Result<(), String> {
     let ip = uc.reg_read(RegisterX86::RIP).unwrap();
     uc.emu_start(ip, u64::MAX, 0, 1)
         .map_err(|e| format!("{e:?}"))
+}
+
+std::thread_local! {
+    /// `StepOutcome::Repeat` answers seen by the last single-stepped run.
+    pub static REPEATS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
 /// Upper bound on the iterations of one `rep` instruction in a test.
@@ -335,6 +344,7 @@ pub fn run_via_plan(
                 XolRun::Boosted
             };
             let state = arch.prepare_step(&plan, run, &mut regs).expect("prepare");
+            REPEATS.with(|r| r.set(0));
             load_regs(&mut uc, &regs);
             let tf = regs.flags & TF;
             let slot_end = slot + plan.slot_bytes().len() as u64;
@@ -350,6 +360,7 @@ pub fn run_via_plan(
                         match arch.finish_step(&plan, &state, &mut now, &mut UcMem(&mut uc)) {
                             Ok(StepOutcome::Done) => return Outcome::Done(snapshot(&uc, now)),
                             Ok(StepOutcome::Repeat) => {
+                                REPEATS.with(|r| r.set(r.get() + 1));
                                 assert_eq!(now, before, "Repeat must not touch registers");
                                 load_regs(&mut uc, &now);
                             }
@@ -398,13 +409,7 @@ pub enum Verdict {
     Differs(String),
 }
 
-/// Compares the in-place run with one backend run.
-pub fn compare(m: &Machine, insn: &Insn, via: Via) -> Verdict {
-    let native = run_in_place(m, insn.bytes());
-    let probed = run_via(m, insn, via);
-    judge(&native, &probed, insn, via)
-}
-
+/// Compares an in-place outcome with a backend outcome.
 pub fn judge(native: &Outcome, probed: &Outcome, insn: &Insn, via: Via) -> Verdict {
     match (native, probed) {
         (Outcome::Done(a), Outcome::Done(b)) if a == b => Verdict::Same,
@@ -455,4 +460,23 @@ fn brief(o: &Outcome) -> String {
         Outcome::Done(m) => format!("completed (rip {:#x})", m.regs.ip),
         Outcome::Fault(e) => format!("faulted ({e})"),
     }
+}
+
+/// Loads `func` at `INSN_AT`, applies the backend's return hijack at its
+/// entry, then runs it instruction by instruction until it returns (the IP
+/// leaves the function). Returns the final state and the original return
+/// address the hijack handed back.
+pub fn run_hijacked(m: &Machine, func: &[u8], trampoline: u64) -> (Machine, u64) {
+    let mut uc = emulator(m, &[(INSN_AT, func)]);
+    let mut regs = m.regs;
+    let original = X86_64
+        .hijack_return(&mut regs, &mut UcMem(&mut uc), trampoline)
+        .expect("hijack");
+    load_regs(&mut uc, &regs);
+    let end = INSN_AT + func.len() as u64;
+    while (INSN_AT..end).contains(&uc.reg_read(RegisterX86::RIP).unwrap()) {
+        step_one(&mut uc).expect("function runs");
+    }
+    let regs = read_regs(&uc);
+    (snapshot(&uc, regs), original)
 }

@@ -14,13 +14,29 @@ pub(super) fn decode_one(addr: u64, bytes: &[u8]) -> Result<Instruction, ProbeEr
     let mut decoder = Decoder::with_ip(64, bytes, addr, DecoderOptions::NONE);
     let ins = decoder.decode();
     if ins.is_invalid() {
-        let reason = match decoder.last_error() {
-            DecoderError::NoMoreBytes => Unsupported::Truncated,
-            _ => Unsupported::Undecodable,
-        };
+        let reason = invalid_reason(bytes, decoder.last_error());
         return Err(ProbeError::UnsupportedInstruction { addr, reason });
     }
     Ok(ins)
+}
+
+/// Why `bytes` (starting at an instruction) did not decode. The decoder
+/// reports running out of bytes even for an opcode that is invalid anyway
+/// (e.g. a lone `06`), so "truncated" is only claimed when more bytes would
+/// have made a valid instruction.
+fn invalid_reason(bytes: &[u8], error: DecoderError) -> Unsupported {
+    if error != DecoderError::NoMoreBytes {
+        return Unsupported::Undecodable;
+    }
+    let mut padded = [0u8; MAX_INSN_LEN];
+    let n = bytes.len().min(MAX_INSN_LEN);
+    padded[..n].copy_from_slice(&bytes[..n]);
+    let ins = Decoder::new(64, &padded, DecoderOptions::NONE).decode();
+    if ins.is_invalid() {
+        Unsupported::Undecodable
+    } else {
+        Unsupported::Truncated
+    }
 }
 
 /// [`Arch::analyze`](crate::probes::arch::Arch::analyze) for x86_64.
@@ -60,10 +76,8 @@ pub(super) fn check_boundary(func_start: u64, text: &[u8], addr: u64) -> Result<
         let ip = decoder.ip();
         decoder.decode_out(&mut ins);
         if ins.is_invalid() {
-            let reason = match decoder.last_error() {
-                DecoderError::NoMoreBytes => Unsupported::Truncated,
-                _ => Unsupported::Undecodable,
-            };
+            let at = (ip - func_start) as usize;
+            let reason = invalid_reason(&text[at..], decoder.last_error());
             return Err(ProbeError::UnsupportedInstruction { addr: ip, reason });
         }
         if ip == addr {

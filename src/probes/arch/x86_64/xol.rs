@@ -119,11 +119,10 @@ fn pick_scratch(ins: &iced_x86::Instruction) -> Option<X86Reg> {
     // xsave-like instructions do not list every register they touch; they
     // use edx:eax (and ecx for xsetbv-like forms) implicitly.
     let save_restore = ins.is_save_restore_instruction();
-    SCRATCH_CANDIDATES.into_iter().find(|&r| {
-        let reg = iced_register(r);
-        !used.contains(&reg)
-            && !(save_restore && matches!(r, X86Reg::Rax | X86Reg::Rcx | X86Reg::Rdx))
-    })
+    let implicit = |r: X86Reg| save_restore && matches!(r, X86Reg::Rax | X86Reg::Rcx | X86Reg::Rdx);
+    SCRATCH_CANDIDATES
+        .into_iter()
+        .find(|&r| !implicit(r) && !used.contains(&iced_register(r)))
 }
 
 fn iced_register(r: X86Reg) -> Register {
