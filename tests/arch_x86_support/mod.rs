@@ -291,6 +291,9 @@ impl DataMemory for UcMem<'_> {
     }
 }
 
+/// The fault an emulation reports when its stack access fails.
+const EMULATED_FAULT: &str = "emulated memory fault";
+
 /// Which way the backend completes the hit.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Via {
@@ -328,7 +331,7 @@ pub fn run_via_plan(
                 Ok(()) => Outcome::Done(snapshot(&uc, regs)),
                 Err(ProbeError::MemoryFault { .. }) => {
                     assert_eq!(regs, m.regs, "failed emulation changed registers");
-                    Outcome::Fault("emulated memory fault".into())
+                    Outcome::Fault(EMULATED_FAULT.into())
                 }
                 Err(e) => panic!("emulate failed: {e}"),
             }
@@ -413,7 +416,17 @@ pub enum Verdict {
 pub fn judge(native: &Outcome, probed: &Outcome, insn: &Insn, via: Via) -> Verdict {
     match (native, probed) {
         (Outcome::Done(a), Outcome::Done(b)) if a == b => Verdict::Same,
-        (Outcome::Fault(_), Outcome::Fault(_)) => Verdict::BothFault,
+        // The same fault both ways: the slot copy faults like the original
+        // (same emulator error), and an emulation refuses exactly when the
+        // real instruction's stack write faults.
+        (Outcome::Fault(a), Outcome::Fault(b)) if a == b => Verdict::BothFault,
+        (Outcome::Fault(a), Outcome::Fault(b))
+            if via == Via::Emulate
+                && matches!(a.as_str(), "WRITE_UNMAPPED" | "WRITE_PROT")
+                && b == EMULATED_FAULT =>
+        {
+            Verdict::BothFault
+        }
         (a, b) => Verdict::Differs(describe(a, b, insn, via)),
     }
 }

@@ -53,7 +53,11 @@ pub(super) fn analyze(addr: u64, bytes: &[u8]) -> Result<Insn, ProbeError> {
     } else {
         InsnClass::OutOfLine
     };
-    Ok(Insn::new(addr, raw, class))
+    let insn = Insn::new(addr, raw, class);
+    if class == InsnClass::PcRelative {
+        super::xol::check_rewritable(&insn, &ins)?;
+    }
+    Ok(insn)
 }
 
 /// [`Arch::check_boundary`](crate::probes::arch::Arch::check_boundary):

@@ -90,6 +90,21 @@ pub(super) fn plan(insn: &Insn, slot_addr: u64) -> Result<XolPlan, ProbeError> {
     ))
 }
 
+/// Refuses at analysis time a RIP-relative instruction that `plan` could not
+/// rewrite, so that a probe accepted by `analyze` always gets a plan. The
+/// rewrite does not depend on the slot address (the operand's base becomes a
+/// register), so any address serves for the trial.
+pub(super) fn check_rewritable(
+    insn: &Insn,
+    ins: &iced_x86::Instruction,
+) -> Result<(), ProbeError> {
+    let scratch = pick_scratch(ins).ok_or(ProbeError::UnsupportedInstruction {
+        addr: insn.addr,
+        reason: Unsupported::NoScratchRegister,
+    })?;
+    rewrite_rip_relative(insn, ins, scratch, insn.addr).map(|_| ())
+}
+
 /// Appends a jump from `from` (the slot byte after the instruction) to
 /// `target`. `jmp rel32` when the distance fits in 32 bits (shorter, and
 /// predicted like any direct jump); otherwise the absolute
