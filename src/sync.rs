@@ -68,11 +68,11 @@ impl Backoff {
     }
 
     pub(crate) fn spin(&self) {
-        loom::thread::yield_now();
+        spin_loop();
     }
 
     pub(crate) fn snooze(&self) {
-        loom::thread::yield_now();
+        spin_loop();
     }
 }
 
