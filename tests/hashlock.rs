@@ -26,7 +26,9 @@ fn key_on<L: StripeLock, T>(locks: &HashedLocks<u64, L, T>, stripe: usize) -> u6
 /// Two different keys on the same stripe.
 fn colliding_keys<L: StripeLock, T>(locks: &HashedLocks<u64, L, T>) -> (u64, u64) {
     let a = 0;
-    let b = (1..).find(|k| locks.stripe_of(k) == locks.stripe_of(&a)).unwrap();
+    let b = (1..)
+        .find(|k| locks.stripe_of(k) == locks.stripe_of(&a))
+        .unwrap();
     (a, b)
 }
 
@@ -38,7 +40,11 @@ fn new<L: StripeLock>(stripes: usize) -> HashedLocks<u64, L> {
 fn stripe_count_is_rounded_up_to_a_power_of_two() {
     for requested in (1..=300).chain([511, 512, 513, 4095, MAX_STRIPES - 1, MAX_STRIPES]) {
         let locks = new::<SpinLock>(requested);
-        assert_eq!(locks.len(), requested.next_power_of_two(), "requested {requested}");
+        assert_eq!(
+            locks.len(),
+            requested.next_power_of_two(),
+            "requested {requested}"
+        );
     }
 }
 
@@ -99,7 +105,10 @@ fn lock_holds_exactly_the_stripe_of_its_key<L: StripeLock>() {
         assert_eq!(guard.stripe(), locks.stripe_of(&key));
         assert_eq!(held_stripes(&locks), BTreeSet::from([guard.stripe()]));
         drop(guard);
-        assert!(held_stripes(&locks).is_empty(), "dropping the guard releases the stripe");
+        assert!(
+            held_stripes(&locks).is_empty(),
+            "dropping the guard releases the stripe"
+        );
     }
 }
 
@@ -194,7 +203,12 @@ fn both_mut_on_a_single_stripe_pair_gives_one_reference() {
     let locks: HashedLocks<u64, SpinLock, u32> = HashedLocks::new(4).unwrap();
     let (a, b) = {
         let a = 0u64;
-        (a, (1..).find(|k| locks.stripe_of(k) == locks.stripe_of(&a)).unwrap())
+        (
+            a,
+            (1..)
+                .find(|k| locks.stripe_of(k) == locks.stripe_of(&a))
+                .unwrap(),
+        )
     };
     let mut pair = locks.lock_pair(&a, &b);
     match pair.both_mut() {
@@ -224,7 +238,10 @@ fn lock_all_holds_every_stripe_for_every_lock_kind() {
 fn lock_all_exposes_every_stripes_data_in_index_order() {
     let locks: HashedLocks<u64, Mutex<()>, usize> = HashedLocks::with_data(8, |i| i * 10).unwrap();
     let mut all = locks.lock_all();
-    assert_eq!(all.iter().copied().collect::<Vec<_>>(), [0, 10, 20, 30, 40, 50, 60, 70]);
+    assert_eq!(
+        all.iter().copied().collect::<Vec<_>>(),
+        [0, 10, 20, 30, 40, 50, 60, 70]
+    );
     for x in all.iter_mut() {
         *x += 1;
     }
@@ -293,10 +310,16 @@ fn lock_all_acquires_in_index_order_and_releases_in_reverse() {
     let log = take_log();
     let (acquired, released): (Vec<_>, Vec<_>) = log.iter().partition(|(e, _)| *e == '+');
     assert_eq!(acquired.len(), 16);
-    assert!(log[..16].iter().all(|(e, _)| *e == '+'), "all acquisitions precede releases");
+    assert!(
+        log[..16].iter().all(|(e, _)| *e == '+'),
+        "all acquisitions precede releases"
+    );
     let acquired: Vec<usize> = acquired.iter().map(|(_, a)| *a).collect();
     let mut released: Vec<usize> = released.iter().map(|(_, a)| *a).collect();
-    assert!(acquired.windows(2).all(|w| w[0] < w[1]), "ascending: {acquired:x?}");
+    assert!(
+        acquired.windows(2).all(|w| w[0] < w[1]),
+        "ascending: {acquired:x?}"
+    );
     released.reverse();
     assert_eq!(released, acquired, "released in exactly the reverse order");
 }
@@ -325,7 +348,10 @@ fn rwlock_readers_share_a_stripe_and_exclude_writers() {
     let stripe = locks.stripe_of(&key);
     let reader = locks.read(&key);
     assert_eq!(reader.stripe(), stripe);
-    assert!(locks.try_read_stripe(stripe).is_some(), "a second reader gets in");
+    assert!(
+        locks.try_read_stripe(stripe).is_some(),
+        "a second reader gets in"
+    );
     assert!(locks.try_lock_stripe(stripe).is_none(), "a writer does not");
     assert!(locks.try_lock(&key).is_none());
     drop(reader);
@@ -371,7 +397,10 @@ fn data_written_under_a_stripe_is_seen_by_the_next_holder_on_another_thread() {
 fn unsized_keys_are_hashed_by_their_contents() {
     let locks: HashedLocks<str, Mutex<()>> = HashedLocks::new(64).unwrap();
     let owned = String::from("libc.so.6");
-    assert_eq!(locks.stripe_of("libc.so.6"), locks.stripe_of(owned.as_str()));
+    assert_eq!(
+        locks.stripe_of("libc.so.6"),
+        locks.stripe_of(owned.as_str())
+    );
     let guard = locks.lock("libc.so.6");
     assert!(locks.try_lock(&owned).is_none());
     drop(guard);
@@ -386,7 +415,11 @@ fn a_panic_while_holding_a_mutex_stripe_does_not_poison_it() {
         panic!("holder panics");
     }));
     assert!(result.is_err());
-    assert_eq!(*locks.lock(&1), 7, "the stripe is usable and keeps its data");
+    assert_eq!(
+        *locks.lock(&1),
+        7,
+        "the stripe is usable and keeps its data"
+    );
     assert!(locks.try_lock(&1).is_some());
 }
 
@@ -420,7 +453,10 @@ fn debug_output_names_the_shape_without_locking() {
     let locks: CompactHashedLocks<u64, SpinLock> = HashedLocks::new(3).unwrap();
     let _all = locks.lock_all();
     let text = format!("{locks:?}");
-    assert!(text.contains("stripes: 4") && text.contains("compact"), "{text}");
+    assert!(
+        text.contains("stripes: 4") && text.contains("compact"),
+        "{text}"
+    );
 }
 
 /// The debug-build lock-order check (compiled away in release builds).
@@ -441,8 +477,14 @@ mod lock_order {
             let _all = locks.lock_all();
         });
         assert!(message.contains("lock-order violation"), "{message}");
-        assert!(message.contains("stripe 5") && message.contains("stripe 0"), "{message}");
-        assert!(held_stripes(&locks).is_empty(), "the panic left every stripe free");
+        assert!(
+            message.contains("stripe 5") && message.contains("stripe 0"),
+            "{message}"
+        );
+        assert!(
+            held_stripes(&locks).is_empty(),
+            "the panic left every stripe free"
+        );
         drop(locks.lock_all()); // and the per-thread record is clean again
     }
 
@@ -465,7 +507,10 @@ mod lock_order {
             let _high = locks.lock_stripe(6);
             let _low = locks.lock_stripe(2);
         });
-        assert!(message.contains("stripe 6") && message.contains("stripe 2"), "{message}");
+        assert!(
+            message.contains("stripe 6") && message.contains("stripe 2"),
+            "{message}"
+        );
     }
 
     #[test]

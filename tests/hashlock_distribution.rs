@@ -33,8 +33,14 @@ fn check<K: Hash>(pattern: &str, keys: impl Fn() -> Box<dyn Iterator<Item = K>>)
     let mut at_64 = 0.0;
     for stripes in STRIPE_COUNTS {
         let (max, min) = spread(stripes, keys());
-        assert!(max <= 2.0, "{pattern}: a stripe of {stripes} got {max:.2}x its fair share");
-        assert!(min >= 0.5, "{pattern}: a stripe of {stripes} got only {min:.2}x its fair share");
+        assert!(
+            max <= 2.0,
+            "{pattern}: a stripe of {stripes} got {max:.2}x its fair share"
+        );
+        assert!(
+            min >= 0.5,
+            "{pattern}: a stripe of {stripes} got only {min:.2}x its fair share"
+        );
         worst = (worst.0.max(max), worst.1.min(min));
         if stripes == 64 {
             at_64 = max;
@@ -77,7 +83,9 @@ fn cache_line_aligned_pointers_spread_within_twice_the_fair_share() {
 #[test]
 fn high_bit_only_keys_spread_within_twice_the_fair_share() {
     // Keys that differ only above bit 40 (e.g. a counter in the top bits).
-    check("keys differing above bit 40", || Box::new((0..KEYS).map(|i| i << 40)));
+    check("keys differing above bit 40", || {
+        Box::new((0..KEYS).map(|i| i << 40))
+    });
 }
 
 #[test]

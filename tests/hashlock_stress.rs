@@ -96,6 +96,9 @@ impl Rng {
 
 type Array<L, P> = HashedLocks<u64, L, u64, P>;
 
+/// An operation on the array: `(locks, witness, dice, a, b) -> op index`.
+type Op<L, P> = fn(&Array<L, P>, &Witness, u64, u64, u64) -> usize;
+
 /// One exclusive operation picked by `dice` (0..100); returns its name.
 fn exclusive_op<L: StripeLock, P: Layout>(
     locks: &Array<L, P>,
@@ -169,18 +172,19 @@ fn shared_op<L: SharedStripeLock, P: Layout>(
 const OP_NAMES: [&str; 5] = ["lock", "try_lock", "lock_pair", "lock_all", "read*"];
 
 /// Runs the mix on `locks`; `shared` (if any) handles half the operations.
-fn stress<L: StripeLock + 'static, P: Layout>(
-    name: &str,
-    shared: Option<fn(&Array<L, P>, &Witness, u64, u64, u64) -> usize>,
-) {
+fn stress<L: StripeLock + 'static, P: Layout>(name: &str, shared: Option<Op<L, P>>) {
     let locks: Arc<Array<L, P>> = Arc::new(HashedLocks::new(STRIPES).unwrap());
     let witness = Arc::new(Witness::new());
     let stop = Arc::new(AtomicBool::new(false));
     let run = run_time();
     let (done_tx, done_rx) = mpsc::channel();
     for t in 0..THREADS {
-        let (locks, witness, stop, done_tx) =
-            (locks.clone(), witness.clone(), stop.clone(), done_tx.clone());
+        let (locks, witness, stop, done_tx) = (
+            locks.clone(),
+            witness.clone(),
+            stop.clone(),
+            done_tx.clone(),
+        );
         std::thread::spawn(move || {
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1));
             let mut counts = [0u64; 5];
@@ -223,7 +227,10 @@ fn stress<L: StripeLock + 'static, P: Layout>(
     );
     assert_eq!(violations, 0, "{name}: mutual exclusion violated");
     assert_eq!(sum, increments, "{name}: lost updates");
-    assert!(totals.iter().sum::<u64>() > 0, "{name}: no operation completed");
+    assert!(
+        totals.iter().sum::<u64>() > 0,
+        "{name}: no operation completed"
+    );
 }
 
 #[test]

@@ -146,7 +146,11 @@ fn concurrently<L: StripeLock + 'static>(ops: impl Fn(u32, u32) -> Vec<Op>) {
     let all = locks.lock_all();
     let expected = ops.len() as u32;
     for stripe in 0..2 {
-        assert_eq!(*all.get(stripe).unwrap(), expected, "an update under stripe {stripe} was lost");
+        assert_eq!(
+            *all.get(stripe).unwrap(),
+            expected,
+            "an update under stripe {stripe} was lost"
+        );
         assert_eq!(witness.read(stripe), expected);
     }
 }
@@ -180,7 +184,12 @@ fn rwlock_readers_and_writers_on_crossed_pairs_never_deadlock_or_overlap() {
                 let (s1, s2) = pair.stripes();
                 // Readers read the witness: loom allows concurrent reads but
                 // flags a read concurrent with a write.
-                (witness.read(s1), witness.read(s2), *pair.first(), *pair.second())
+                (
+                    witness.read(s1),
+                    witness.read(s2),
+                    *pair.first(),
+                    *pair.second(),
+                )
             })
         };
         let writer = {

@@ -14,16 +14,7 @@
 //!
 //! A guard must be dropped on the thread that took it: `std`'s `MutexGuard`
 //! requires it, and the debug lock-order check keeps its table per thread.
-//!
-//! ```compile_fail
-//! use rcu_registry::hashlock::HashedLocks;
-//!
-//! let locks: HashedLocks<u32, std::sync::Mutex<()>> = HashedLocks::new(4).unwrap();
-//! let guard = locks.lock(&7);
-//! std::thread::scope(|s| {
-//!     s.spawn(move || drop(guard)); // error: the guard is not `Send`
-//! });
-//! ```
+//! The compile-fail examples on [`StripeGuard`] pin this down.
 
 use core::fmt;
 use core::ops::{Deref, DerefMut};
@@ -34,6 +25,30 @@ use crate::sync::UnsafeCell;
 
 /// Holds one stripe; dereferences to the stripe's data (mutably in
 /// [`Exclusive`] mode). Dropping it releases the stripe.
+///
+/// A guard is not `Send`: it must be released on the thread that took it
+/// (`std`'s `MutexGuard` requires it, and the debug lock-order check keeps
+/// its table per thread).
+///
+/// ```compile_fail,E0277
+/// use rcu_registry::hashlock::HashedLocks;
+///
+/// let locks: HashedLocks<u32, std::sync::Mutex<()>> = HashedLocks::new(4).unwrap();
+/// let guard = locks.lock(&7);
+/// std::thread::scope(|s| {
+///     s.spawn(move || drop(guard)); // error: the guard is not `Send`
+/// });
+/// ```
+///
+/// A read guard gives no mutable access:
+///
+/// ```compile_fail,E0594
+/// use rcu_registry::hashlock::HashedLocks;
+///
+/// let locks: HashedLocks<u32, std::sync::RwLock<()>, u64> = HashedLocks::new(4).unwrap();
+/// let guard = locks.read(&7);
+/// *guard = 1; // error: cannot assign through a shared-mode guard
+/// ```
 #[must_use = "the stripe is released as soon as the guard is dropped"]
 pub struct StripeGuard<'a, L: 'a, T, M: Access<L> = Exclusive> {
     // Field order is drop order: the lock is released before the debug
@@ -45,7 +60,12 @@ pub struct StripeGuard<'a, L: 'a, T, M: Access<L> = Exclusive> {
 }
 
 impl<'a, L, T, M: Access<L>> StripeGuard<'a, L, T, M> {
-    pub(crate) fn new(lock: M::Guard<'a>, data: &'a UnsafeCell<T>, stripe: usize, held: Held) -> Self {
+    pub(crate) fn new(
+        lock: M::Guard<'a>,
+        data: &'a UnsafeCell<T>,
+        stripe: usize,
+        held: Held,
+    ) -> Self {
         StripeGuard {
             _lock: lock,
             data,
@@ -68,7 +88,7 @@ impl<'a, L, T, M: Access<L>> StripeGuard<'a, L, T, M> {
 /// The caller holds the stripe that owns `data` (in either mode) for at
 /// least the returned lifetime.
 #[inline(always)]
-unsafe fn shared<'g, T>(data: &'g UnsafeCell<T>) -> &'g T {
+unsafe fn shared<T>(data: &UnsafeCell<T>) -> &T {
     // SAFETY: the stripe is held (caller's contract), so no exclusive guard
     // of it, and hence no `&mut T`, exists elsewhere (StripeLock contract).
     data.with(|p| unsafe { &*p })
@@ -83,7 +103,8 @@ unsafe fn shared<'g, T>(data: &'g UnsafeCell<T>) -> &'g T {
 /// returned lifetime, and creates no other reference to the same data during
 /// it (callers borrow their guard mutably for that lifetime).
 #[inline(always)]
-unsafe fn exclusive<'g, T>(data: &'g UnsafeCell<T>) -> &'g mut T {
+#[allow(clippy::mut_from_ref)] // uniqueness comes from the exclusive hold, per the contract
+unsafe fn exclusive<T>(data: &UnsafeCell<T>) -> &mut T {
     // SAFETY: exclusive hold (caller's contract) means no other guard of
     // this stripe exists (StripeLock contract), so this is the only path to
     // the data, and the caller makes it unique on its side.
@@ -298,7 +319,9 @@ impl<L: StripeLock, T> AllGuard<'_, L, T, Exclusive> {
     #[inline]
     pub fn get_mut(&mut self, stripe: usize) -> Option<&mut T> {
         // SAFETY: exclusive mode; `&mut self` keeps the borrow unique.
-        self.data.get(stripe).map(|data| unsafe { exclusive(*data) })
+        self.data
+            .get(stripe)
+            .map(|data| unsafe { exclusive(*data) })
     }
 
     /// Mutable access to the data of every stripe, in index order.

@@ -148,7 +148,10 @@ mod tests {
     fn stripe_index_is_the_top_bits_for_powers_of_two() {
         let hash = 0xdead_beef_0123_4567_u64;
         for bits in 1..=16u32 {
-            assert_eq!(stripe_index(hash, 1 << bits), (hash >> (64 - bits)) as usize);
+            assert_eq!(
+                stripe_index(hash, 1 << bits),
+                (hash >> (64 - bits)) as usize
+            );
         }
     }
 
@@ -184,7 +187,10 @@ mod tests {
                     hash_key(&k) >> 56 != hash_key(&(k ^ (1 << bit))) >> 56
                 })
                 .count();
-            assert!(changed > 200, "bit {bit} changed the top byte for only {changed}/256 keys");
+            assert!(
+                changed > 200,
+                "bit {bit} changed the top byte for only {changed}/256 keys"
+            );
         }
     }
 }

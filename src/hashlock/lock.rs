@@ -20,26 +20,26 @@
 //! # Poisoning
 //!
 //! `std`'s locks are poisoned when a holder panics. A stripe guards `()`, so
-//! the poison flag says nothing about the lock itself; the stripe
-//! implementations here ignore it, as `parking_lot` does. Data kept in the
-//! array is left as the panicking holder left it.
+//! the poison flag says nothing about the lock itself; the implementations
+//! here ignore it (see [`StripeLock`]).
 //!
 //! # The spin lock
 //!
-//! [`SpinLock`] is test-and-test-and-set: one compare-and-swap when the lock
-//! is free; otherwise the waiter spins on plain loads (the cache line stays
-//! shared among waiters instead of bouncing between them on failed
-//! read-modify-writes) with exponential backoff that ends in `yield`, and
-//! retries the CAS only once the lock looks free. It fits short critical
-//! sections on machines with at least as many cores as contending threads;
-//! where threads outnumber cores, a holder can be descheduled while others
-//! spin, and `Mutex<()>` (which sleeps on a futex) is the better stripe.
+//! [`SpinLock`] is test-and-test-and-set with exponential backoff; its docs
+//! say when it beats `Mutex<()>`. Under loom the backoff yields, so a model
+//! can schedule the holder the spinner waits for.
 
 use crate::sync::atomic::{AtomicBool, Ordering};
 use crate::sync::{Backoff, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// A lock usable as a stripe of a [`HashedLocks`](super::HashedLocks)
 /// array: RAII, guarding nothing, constructible without arguments.
+///
+/// Implemented for `std::sync::Mutex<()>`, `std::sync::RwLock<()>` (write
+/// mode; its read mode is [`SharedStripeLock`]) and [`SpinLock`]. The `std`
+/// implementations ignore poisoning, as `parking_lot` does: a stripe guards
+/// `()`, so the poison flag says nothing about the lock, and data kept in the
+/// array is left as a panicking holder left it.
 ///
 /// # Safety
 ///
@@ -221,7 +221,14 @@ unsafe impl SharedStripeLock for RwLock<()> {
 
 /// A test-and-test-and-set spin lock with exponential backoff (one byte).
 ///
-/// See the [module docs](self) for when to prefer it over `Mutex<()>`.
+/// Taking a free lock is one compare-and-swap. A waiter spins on plain loads
+/// (the cache line stays shared among waiters instead of bouncing between
+/// them on failed read-modify-writes), backing off exponentially and then
+/// yielding to the OS scheduler, and retries the CAS only once the lock looks
+/// free. It never sleeps: use it for short critical sections on machines with
+/// at least as many cores as contending threads. Where threads outnumber
+/// cores a holder can be descheduled while others spin; `Mutex<()>`, which
+/// sleeps on a futex, is then the better stripe.
 ///
 /// ```
 /// use rcu_registry::hashlock::{SpinLock, StripeLock};

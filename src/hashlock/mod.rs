@@ -23,7 +23,7 @@
 //! cannot be locked with a file id by mistake, and no caller ever casts a
 //! pointer or id to an integer to pick a stripe:
 //!
-//! ```compile_fail
+//! ```compile_fail,E0308
 //! use rcu_registry::hashlock::HashedLocks;
 //!
 //! #[derive(Hash)]
@@ -372,7 +372,12 @@ impl<K: ?Sized + Hash, L: StripeLock, T, P: Layout> HashedLocks<K, L, T, P> {
     fn try_acquire<M: Access<L>>(&self, index: usize) -> Option<StripeGuard<'_, L, T, M>> {
         let stripe = self.stripe(index);
         let lock = M::try_acquire(&stripe.lock)?;
-        Some(StripeGuard::new(lock, &stripe.data, index, order::record(self.id(), index)))
+        Some(StripeGuard::new(
+            lock,
+            &stripe.data,
+            index,
+            order::record(self.id(), index),
+        ))
     }
 
     #[inline]
@@ -393,7 +398,9 @@ impl<K: ?Sized + Hash, L: StripeLock, T, P: Layout> HashedLocks<K, L, T, P> {
 
     fn acquire_all<M: Access<L>>(&self) -> AllGuard<'_, L, T, M> {
         order::check(self.id(), 0);
-        let locks = (0..self.len()).map(|i| M::acquire(&self.stripe(i).lock)).collect();
+        let locks = (0..self.len())
+            .map(|i| M::acquire(&self.stripe(i).lock))
+            .collect();
         let data = (0..self.len()).map(|i| &self.stripe(i).data).collect();
         AllGuard::new(locks, data, order::record(self.id(), self.len() - 1))
     }

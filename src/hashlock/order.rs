@@ -39,8 +39,10 @@ mod imp {
     }
 
     crate::sync::thread_local! {
-        static HELD: HeldTable = HeldTable {
-            entries: [const { Cell::new((FREE, 0)) }; TRACKED],
+        static HELD: HeldTable = const {
+            HeldTable {
+                entries: [const { Cell::new((FREE, 0)) }; TRACKED],
+            }
         };
     }
 
