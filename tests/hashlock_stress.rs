@@ -96,17 +96,21 @@ impl Rng {
 
 type Array<L, P> = HashedLocks<u64, L, u64, P>;
 
-/// An operation on the array: `(locks, witness, dice, a, b) -> op index`.
-type Op<L, P> = fn(&Array<L, P>, &Witness, u64, u64, u64) -> usize;
-
-/// One exclusive operation picked by `dice` (0..100); returns its name.
-fn exclusive_op<L: StripeLock, P: Layout>(
-    locks: &Array<L, P>,
-    w: &Witness,
+/// A random choice: `dice` in 0..100 picks the operation, `a` and `b` are
+/// its keys.
+#[derive(Clone, Copy)]
+struct Pick {
     dice: u64,
     a: u64,
     b: u64,
-) -> usize {
+}
+
+/// An operation on the array; returns its index in `OP_NAMES`.
+type Op<L, P> = fn(&Array<L, P>, &Witness, Pick) -> usize;
+
+/// One exclusive operation; returns its index in `OP_NAMES`.
+fn exclusive_op<L: StripeLock, P: Layout>(locks: &Array<L, P>, w: &Witness, pick: Pick) -> usize {
+    let Pick { dice, a, b } = pick;
     match dice {
         0..=39 => {
             let mut g = locks.lock(&a);
@@ -140,14 +144,14 @@ fn exclusive_op<L: StripeLock, P: Layout>(
     }
 }
 
-/// One shared operation (for `SharedStripeLock`s); returns its name.
+/// One shared operation (for `SharedStripeLock`s); returns its index in
+/// `OP_NAMES`.
 fn shared_op<L: SharedStripeLock, P: Layout>(
     locks: &Array<L, P>,
     w: &Witness,
-    dice: u64,
-    a: u64,
-    b: u64,
+    pick: Pick,
 ) -> usize {
+    let Pick { dice, a, b } = pick;
     match dice {
         0..=59 => {
             let g = locks.read(&a);
@@ -189,10 +193,14 @@ fn stress<L: StripeLock + 'static, P: Layout>(name: &str, shared: Option<Op<L, P
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1));
             let mut counts = [0u64; 5];
             while !stop.load(Ordering::Relaxed) {
-                let (a, b, dice) = (rng.next() % KEYS, rng.next() % KEYS, rng.next() % 100);
+                let pick = Pick {
+                    a: rng.next() % KEYS,
+                    b: rng.next() % KEYS,
+                    dice: rng.next() % 100,
+                };
                 let op = match shared {
-                    Some(read) if rng.next() % 2 == 0 => read(&locks, &witness, dice, a, b),
-                    _ => exclusive_op(&locks, &witness, dice, a, b),
+                    Some(read) if rng.next() % 2 == 0 => read(&locks, &witness, pick),
+                    _ => exclusive_op(&locks, &witness, pick),
                 };
                 counts[op] += 1;
             }
