@@ -12,6 +12,7 @@
 //! `cargo bench --bench hashlock -- --warm-up-time 1 --measurement-time 2`
 
 use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
 use std::hint::black_box;
 use std::sync::{Barrier, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -153,6 +154,13 @@ fn uncontended(c: &mut Criterion) {
     uncontended_case(c, "uncontended/stripe_of only", |k| {
         black_box(spins.stripe_of(&k));
     });
+    // The same top-bits index from std's SipHash-1-3 (`DefaultHasher`, fixed
+    // keys): the hasher the module docs explain not using.
+    uncontended_case(c, "uncontended/SipHash stripe only", |k| {
+        let mut h = std::hash::DefaultHasher::new();
+        k.hash(&mut h);
+        black_box((h.finish() >> (64 - STRIPES.trailing_zeros())) as usize);
+    });
 }
 
 /// Two threads, each on its own pseudo-random key sequence.
@@ -224,6 +232,11 @@ fn main() {
         "uncontended: stripe_of / global Mutex lock+unlock",
         "uncontended/stripe_of only",
         "uncontended/global Mutex",
+    );
+    ratio(
+        "hash: SipHash stripe / stripe_of",
+        "uncontended/SipHash stripe only",
+        "uncontended/stripe_of only",
     );
     ratio(
         "contended (2 threads): global Mutex / 64 Mutex stripes",

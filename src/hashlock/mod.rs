@@ -288,6 +288,12 @@ impl<K: ?Sized + Hash, L: StripeLock, T, P: Layout> HashedLocks<K, L, T, P> {
     }
 
     /// Locks the stripe of `key` exclusively if that needs no waiting.
+    ///
+    /// It never waits, so the lock order does not apply to it: it is the way
+    /// in from a context that may have interrupted a holder of the same
+    /// stripe on this thread (a signal handler), where it returns `None`
+    /// instead of deadlocking. With [`SpinLock`] stripes it is a hash and one
+    /// compare-and-swap: no allocation, no system call.
     #[inline]
     pub fn try_lock(&self, key: &K) -> Option<StripeGuard<'_, L, T, Exclusive>> {
         self.try_acquire(self.stripe_of(key))
