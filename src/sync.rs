@@ -43,6 +43,39 @@ pub(crate) use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 #[cfg(loom)]
 pub(crate) use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+// Reader-writer locks (hashlock stripes in read and write mode).
+#[cfg(not(loom))]
+pub(crate) use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+#[cfg(loom)]
+pub(crate) use loom::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Exponential backoff for spin loops. Under loom every step yields, so that
+/// a spinning thread lets the model schedule the thread it waits for.
+#[cfg(not(loom))]
+pub(crate) use crossbeam_utils::Backoff;
+
+/// Exponential backoff for spin loops. Under loom every step yields, so that
+/// a spinning thread lets the model schedule the thread it waits for.
+#[cfg(loom)]
+#[derive(Debug, Default)]
+pub(crate) struct Backoff;
+
+#[cfg(loom)]
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Backoff
+    }
+
+    pub(crate) fn spin(&self) {
+        spin_loop();
+    }
+
+    pub(crate) fn snooze(&self) {
+        spin_loop();
+    }
+}
+
 #[cfg(not(loom))]
 pub(crate) use std::thread;
 
