@@ -76,9 +76,10 @@ pub struct KprobeRegistry<A: Arch, T: TextMemory> {
     pub(crate) instances: InstanceTable,
     pub(crate) trampoline: Option<u64>,
     pub(crate) writer: Mutex<Writer>,
-    /// Serializes `commit`s, so a commit returns only after every probe
-    /// pending when it was called is finished, even one another commit took.
-    pub(crate) commit_lock: Mutex<()>,
+    /// Serializes the bottom halves of unregistration (see `unregister.rs`):
+    /// a commit returns only after every retirement made before it started
+    /// is finished, even one another commit took.
+    pub(crate) reclaim_lock: Mutex<()>,
     /// Probes registered (for cheap `len`).
     pub(crate) count: AtomicUsize,
 }
@@ -145,7 +146,7 @@ impl<A: Arch, T: TextMemory> RegistryBuilder<A, T> {
                 garbage: Vec::new(),
                 orphans: Vec::new(),
             }),
-            commit_lock: Mutex::new(()),
+            reclaim_lock: Mutex::new(()),
             count: AtomicUsize::new(0),
         }
     }
@@ -411,7 +412,11 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
 
     /// Validates the first probe on `addr` and prepares how hits complete:
     /// boundary and instruction checks by the arch backend, the XOL slot.
-    fn prepare_site(&self, w: &Writer, addr: u64) -> Result<(SiteExec, CodeBytes), ProbeError> {
+    fn prepare_site(
+        &self,
+        w: &mut Writer,
+        addr: u64,
+    ) -> Result<(SiteExec, CodeBytes), ProbeError> {
         let func = self
             .resolver
             .function_containing(addr)
@@ -461,7 +466,15 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         let exec = match insn.class {
             InsnClass::Emulated(_) => SiteExec::emulated(insn),
             _ => {
-                let slot = self.xol.alloc(addr)?;
+                let slot = match self.xol.alloc(addr) {
+                    Err(ProbeError::XolExhausted { .. }) => {
+                        // Freed slots may be waiting for a grace period:
+                        // wait for them once, then retry.
+                        self.reclaim_slots(w);
+                        self.xol.alloc(addr)?
+                    }
+                    other => other?,
+                };
                 let planned = self
                     .arch
                     .plan_xol(&insn, slot)
