@@ -27,8 +27,8 @@ use std::time::{Duration, Instant};
 use kprobe_support::Stack;
 use rcu_registry::probes::arch::{DataMemory, Regs, X86Reg, X86_64};
 use rcu_registry::probes::kprobe::{
-    Action, EntryAction, HitOutcome, Kprobe, KprobeRegistry, Kretprobe, ReturnOutcome,
-    StepResult, SymbolTable, XolArena,
+    Action, EntryAction, HitOutcome, Kprobe, KprobeRegistry, Kretprobe, ReturnOutcome, StepResult,
+    SymbolTable, XolArena,
 };
 use rcu_registry::probes::text::{Image, TextMemory};
 
@@ -314,7 +314,8 @@ fn hits_are_exact_and_no_handler_runs_after_unregistration_returns() {
 
     // Stable probes: registered for the whole run. On `mov eax` a pre+post
     // probe (single-stepped), on `push rbp` a pre-only probe (emulated).
-    let pre_runs: Arc<Vec<AtomicU64>> = Arc::new((0..STABLE * 2).map(|_| AtomicU64::new(0)).collect());
+    let pre_runs: Arc<Vec<AtomicU64>> =
+        Arc::new((0..STABLE * 2).map(|_| AtomicU64::new(0)).collect());
     let post_runs: Arc<Vec<AtomicU64>> = Arc::new((0..STABLE).map(|_| AtomicU64::new(0)).collect());
     let mut stable = Vec::new();
     for i in 0..STABLE {
@@ -331,7 +332,11 @@ fn hits_are_exact_and_no_handler_runs_after_unregistration_returns() {
                 Action::Continue
             })
             .post(move |_, regs| {
-                assert_eq!(regs[X86Reg::Rax], i as u64, "post sees the instruction's effect");
+                assert_eq!(
+                    regs[X86Reg::Rax],
+                    i as u64,
+                    "post sees the instruction's effect"
+                );
                 po[i].fetch_add(1, Ordering::Relaxed);
             })
             .build();
@@ -395,10 +400,26 @@ fn hits_are_exact_and_no_handler_runs_after_unregistration_returns() {
         errors.bad_returns.load(Ordering::Relaxed),
     );
 
-    assert_eq!(errors.late_handlers.load(Ordering::Relaxed), 0, "handler after unregistration returned");
-    assert_eq!(errors.not_ours.load(Ordering::Relaxed), 0, "a trap on our breakpoint was not ours");
-    assert_eq!(errors.stable_misses.load(Ordering::Relaxed), 0, "a stable probe was not armed");
-    assert_eq!(errors.bad_returns.load(Ordering::Relaxed), 0, "a hijacked return was lost");
+    assert_eq!(
+        errors.late_handlers.load(Ordering::Relaxed),
+        0,
+        "handler after unregistration returned"
+    );
+    assert_eq!(
+        errors.not_ours.load(Ordering::Relaxed),
+        0,
+        "a trap on our breakpoint was not ours"
+    );
+    assert_eq!(
+        errors.stable_misses.load(Ordering::Relaxed),
+        0,
+        "a stable probe was not armed"
+    );
+    assert_eq!(
+        errors.bad_returns.load(Ordering::Relaxed),
+        0,
+        "a hijacked return was lost"
+    );
     assert!(rounds[0] > 0 && traps > 0, "the run did something");
 
     for i in 0..STABLE {
@@ -406,10 +427,22 @@ fn hits_are_exact_and_no_handler_runs_after_unregistration_returns() {
         let seen_push: u64 = hits.iter().map(|h| h.stable[i * 2]).sum();
         let seen_mov: u64 = hits.iter().map(|h| h.stable[i * 2 + 1]).sum();
         assert_eq!(push.hits(), seen_push, "push probe {i}: hits");
-        assert_eq!(pre_runs[i * 2].load(Ordering::Relaxed), seen_push, "push probe {i}: pre runs");
+        assert_eq!(
+            pre_runs[i * 2].load(Ordering::Relaxed),
+            seen_push,
+            "push probe {i}: pre runs"
+        );
         assert_eq!(mov.hits(), seen_mov, "mov probe {i}: hits");
-        assert_eq!(pre_runs[i * 2 + 1].load(Ordering::Relaxed), seen_mov, "mov probe {i}: pre runs");
-        assert_eq!(post_runs[i].load(Ordering::Relaxed), seen_mov, "mov probe {i}: post runs");
+        assert_eq!(
+            pre_runs[i * 2 + 1].load(Ordering::Relaxed),
+            seen_mov,
+            "mov probe {i}: pre runs"
+        );
+        assert_eq!(
+            post_runs[i].load(Ordering::Relaxed),
+            seen_mov,
+            "mov probe {i}: post runs"
+        );
         assert_eq!(push.nmissed() + mov.nmissed(), 0);
     }
 

@@ -412,11 +412,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
 
     /// Validates the first probe on `addr` and prepares how hits complete:
     /// boundary and instruction checks by the arch backend, the XOL slot.
-    fn prepare_site(
-        &self,
-        w: &mut Writer,
-        addr: u64,
-    ) -> Result<(SiteExec, CodeBytes), ProbeError> {
+    fn prepare_site(&self, w: &mut Writer, addr: u64) -> Result<(SiteExec, CodeBytes), ProbeError> {
         let func = self
             .resolver
             .function_containing(addr)

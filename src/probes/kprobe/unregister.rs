@@ -131,15 +131,15 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         let result = {
             let mut w = self.lock_writer();
             self.check_all_registered(&mut w, probes)?;
-            let mut retired = Vec::new();
+            let mut pending = std::mem::take(&mut w.pending);
             let mut result = Ok(());
             for p in probes {
-                if let Err(e) = self.unregister_top(&mut w, p, &mut retired) {
+                if let Err(e) = self.unregister_top(&mut w, p, &mut pending) {
                     result = Err(e);
                     break;
                 }
             }
-            w.pending.append(&mut retired);
+            w.pending = pending;
             result
         };
         self.finish_pending();
@@ -162,10 +162,12 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// As [`unregister`](Self::unregister).
     pub fn unregister_nosync(&self, probe: &Kprobe) -> Result<(), ProbeError> {
         let mut w = self.lock_writer();
-        let mut retired = Vec::new();
-        self.unregister_top(&mut w, probe, &mut retired)?;
-        w.pending.append(&mut retired);
-        Ok(())
+        // Moved out and back (no allocation) so the top half can borrow the
+        // rest of the writer state mutably beside it.
+        let mut pending = std::mem::take(&mut w.pending);
+        let result = self.unregister_top(&mut w, probe, &mut pending);
+        w.pending = pending;
+        result
     }
 
     /// Second half of batched unregistration: waits one grace period and
