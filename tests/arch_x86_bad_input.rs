@@ -103,6 +103,12 @@ fn unsupported_instructions_are_refused_with_their_reason() {
             RelativeBranchForm,
         ),
         ("66 ret", &[0x66, 0xc3], RelativeBranchForm),
+        // A REX before 0x66 is ignored: still a 16-bit call on AMD.
+        (
+            "40 66 call rel32",
+            &[0x40, 0x66, 0xe8, 0, 0, 0, 0],
+            RelativeBranchForm,
+        ),
         ("push es (invalid in 64-bit)", &[0x06], Undecodable),
         ("truncated mov", &[0x48, 0x8b], Truncated),
         ("empty", &[], Truncated),

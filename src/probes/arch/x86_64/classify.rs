@@ -166,12 +166,14 @@ fn other_refusal(ins: &Instruction, raw: &[u8]) -> Option<Unsupported> {
     None
 }
 
-/// Whether the legacy prefixes of `raw` include the operand-size prefix.
+/// Whether the prefixes of `raw` include the operand-size prefix. A REX
+/// byte followed by more prefixes is ignored by the CPU but does not end the
+/// prefix run, so it is skipped like the legacy prefixes.
 fn has_operand_size_prefix(raw: &[u8]) -> bool {
     for &b in raw {
         match b {
             0x66 => return true,
-            0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 | 0x67 | 0xf0 | 0xf2 | 0xf3 => {}
+            0x26 | 0x2e | 0x36 | 0x3e | 0x64 | 0x65 | 0x67 | 0xf0 | 0xf2 | 0xf3 | 0x40..=0x4f => {}
             _ => return false,
         }
     }
