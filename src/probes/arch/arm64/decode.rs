@@ -184,10 +184,10 @@ fn exception_generating(word: u32) -> Unsupported {
         return Unsupported::Undecodable;
     }
     match (bits(word, 23, 21), bits(word, 1, 0)) {
-        (0b000, 0b01) => Unsupported::SystemCall,       // SVC
+        (0b000, 0b01) => Unsupported::SystemCall,        // SVC
         (0b000, 0b10 | 0b11) => Unsupported::Privileged, // HVC, SMC
         (0b001, 0b00) | (0b010, 0b00) => Unsupported::Breakpoint, // BRK, HLT
-        (0b011, 0b00) => Unsupported::Transactional,    // TCANCEL
+        (0b011, 0b00) => Unsupported::Transactional,     // TCANCEL
         (0b101, 0b01..=0b11) => Unsupported::Privileged, // DCPS1..3
         _ => Unsupported::Undecodable,
     }

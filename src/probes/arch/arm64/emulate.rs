@@ -85,10 +85,14 @@ pub(super) fn emulate(
     mem: &mut dyn DataMemory,
 ) -> Result<(), ProbeError> {
     let InsnClass::Emulated(effect) = insn.class else {
-        return Err(mismatch("arm64 emulate of an instruction that is not emulated"));
+        return Err(mismatch(
+            "arm64 emulate of an instruction that is not emulated",
+        ));
     };
     let Ok(word) = <[u8; 4]>::try_from(insn.bytes()).map(u32::from_le_bytes) else {
-        return Err(mismatch("arm64 emulate of an instruction that is not 4 bytes long"));
+        return Err(mismatch(
+            "arm64 emulate of an instruction that is not 4 bytes long",
+        ));
     };
     let mut next = *regs;
     next.flags &= !BTYPE_MASK;
@@ -155,7 +159,11 @@ pub(super) fn emulate(
             };
             target
         }
-        _ => return Err(mismatch("arm64 emulate of another architecture's emulation")),
+        _ => {
+            return Err(mismatch(
+                "arm64 emulate of another architecture's emulation",
+            ))
+        }
     };
     *regs = next;
     Ok(())

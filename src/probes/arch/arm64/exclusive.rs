@@ -136,7 +136,10 @@ mod tests {
         words.push(NOP);
         let t = text(&words);
         let last_in_window = 0x1000 + 4 * EXCLUSIVE_SCAN_WINDOW as u64;
-        assert_eq!(open_load_exclusive(0x1000, &t, last_in_window), Some(0x1000));
+        assert_eq!(
+            open_load_exclusive(0x1000, &t, last_in_window),
+            Some(0x1000)
+        );
         assert_eq!(open_load_exclusive(0x1000, &t, last_in_window + 4), None);
     }
 }
