@@ -210,6 +210,10 @@ fn system(word: u32) -> Result<InsnClass, Unsupported> {
             _ => Err(Unsupported::System),
         };
     }
+    // TSTART / TTEST: transactional memory, like TCOMMIT and TCANCEL.
+    if word & 0xffff_fee0 == 0xd523_3060 {
+        return Err(Unsupported::Transactional);
+    }
     Err(Unsupported::System)
 }
 
