@@ -468,6 +468,11 @@ pub struct Fixups {
     pub scratch: Option<ScratchFixup>,
     /// Return address pushed by a call executed in the slot, to be corrected.
     pub return_address: Option<ReturnAddressFixup>,
+    /// If the IP after the step is this address (the slot's instruction
+    /// itself), the instruction was interrupted before completing (an x86
+    /// `rep` string instruction traps after each iteration under the trap
+    /// flag): [`Arch::finish_step`] answers [`StepOutcome::Repeat`].
+    pub restart: Option<u64>,
 }
 
 /// After the step, if the IP is `from`, set it to `to` (an IP elsewhere means

@@ -141,3 +141,73 @@ impl TextMemory for Image {
         Ok(())
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checked_write_replaces_exactly_the_expected_bytes() {
+        let image = Image::new(0x100, vec![1, 2, 3, 4]);
+        image.write(0x101, &[2, 3], &[9, 9]).unwrap();
+        assert_eq!(image.snapshot(), vec![1, 9, 9, 4]);
+        let mut buf = [0u8; 2];
+        image.read(0x102, &mut buf).unwrap();
+        assert_eq!(buf, [9, 4]);
+        assert_eq!(image.writes_done(), 1);
+    }
+
+    #[test]
+    fn reads_outside_the_image_fail() {
+        let image = Image::new(0x100, vec![1, 2, 3, 4]);
+        let mut buf = [0u8; 2];
+        for addr in [0xff, 0x103, 0x104, u64::MAX] {
+            assert!(matches!(
+                image.read(addr, &mut buf),
+                Err(ProbeError::TextAccess {
+                    failure: TextFailure::OutOfRange,
+                    ..
+                })
+            ));
+        }
+    }
+
+    #[test]
+    fn an_injected_failure_writes_nothing() {
+        let image = Image::new(0x100, vec![1, 2, 3, 4]);
+        image.fail_writes_after(Some(1));
+        image.write(0x100, &[1], &[7]).unwrap();
+        let before = image.snapshot();
+        assert!(matches!(
+            image.write(0x101, &[2], &[8]),
+            Err(ProbeError::TextAccess {
+                failure: TextFailure::Injected,
+                ..
+            })
+        ));
+        assert_eq!(image.snapshot(), before);
+        image.fail_writes_after(None);
+        image.write(0x101, &[2], &[8]).unwrap();
+        assert_eq!(image.snapshot(), vec![7, 8, 3, 4]);
+    }
+
+    #[test]
+    fn of_two_racing_writers_expecting_the_same_bytes_exactly_one_wins() {
+        let image = Image::new(0, vec![0x55; 64]);
+        let wins: usize = std::thread::scope(|s| {
+            let hs: Vec<_> = (0..4u8)
+                .map(|t| {
+                    let image = &image;
+                    s.spawn(move || {
+                        (0..64u64)
+                            .filter(|&a| image.write(a, &[0x55], &[t]).is_ok())
+                            .count()
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap()).sum()
+        });
+        assert_eq!(wins, 64);
+        assert!(image.snapshot().iter().all(|&b| b < 4));
+    }
+}

@@ -1,12 +1,21 @@
-//! The x86_64 backend.
+//! x86_64 register names over the arch-neutral [`Regs`].
 
 use std::ops::{Index, IndexMut};
 
-use super::Regs;
+use crate::probes::arch::Regs;
 
-/// The x86_64 backend (decoding by `iced-x86`).
-#[derive(Clone, Copy, Debug, Default)]
-pub struct X86_64;
+/// The trap flag in `rflags`: a debug trap after the next instruction.
+pub(crate) const TF: u64 = 1 << 8;
+/// Carry flag.
+pub(crate) const CF: u64 = 1;
+/// Parity flag.
+pub(crate) const PF: u64 = 1 << 2;
+/// Zero flag.
+pub(crate) const ZF: u64 = 1 << 6;
+/// Sign flag.
+pub(crate) const SF: u64 = 1 << 7;
+/// Overflow flag.
+pub(crate) const OF: u64 = 1 << 11;
 
 /// x86_64 general registers by hardware number, for indexing [`Regs`].
 ///
