@@ -9,12 +9,14 @@
 //! instruction at the trap address, without any per-thread state.
 //!
 //! The immediates are `0x5250` ("RP", registry probe) and `0x5253` ("RS",
-//! registry step). They avoid every value with a known owner: 0 (GDB),
-//! 0xf000 (LLDB, MSVC `__debugbreak`), 0x3e8 (GCC and Clang `__builtin_trap`,
-//! Rust's abort), 0x001 (Swift), and the values Linux claims for itself
-//! (0x004..0x006 for kprobes and uprobes, 0x100, 0x400, 0x800, 0x900 and up
-//! for faults, KGDB, `BUG()` and KASAN). Linux hands a user-space `brk` it
-//! does not own to the process as `SIGTRAP`, so ours reach our handler.
+//! registry step). They avoid every value with a known owner: 0 (GDB and
+//! LLDB breakpoints), 0x001 (LLVM's trap: Clang `__builtin_trap`, Rust's
+//! abort; Swift), 0x3e8 (GCC `__builtin_trap`), 0xf000 (MSVC
+//! `__debugbreak`), 0x5500..0x55ff (UBSan traps), 0x8000.. (kCFI), and the
+//! values Linux claims for itself (0x004..0x006 for kprobes and uprobes,
+//! 0x100, 0x400, 0x800, 0x900.. for faults, KGDB, `BUG()` and KASAN). Linux
+//! hands a user-space `brk` it does not own to the process as `SIGTRAP`, so
+//! ours reach our handler.
 //!
 //! Hardware single-step is not reachable from a signal handler (only a
 //! debugger can set `MDSCR_EL1.SS` through ptrace), hence the marker.
@@ -42,7 +44,7 @@
 //! - **refused**, with an [`Unsupported`] reason:
 //!   exclusives (`ldxr`/`stxr`/`ldaxr`/`stlxr`/`ldxp`/`stxp` and their
 //!   acquire/release pair forms: the breakpoint trap clears the exclusive
-//!   monitor, so the store-exclusive would fail forever); exception-generating
+//!   monitor, so the store-exclusive would fail on every retry); exception-generating
 //!   instructions (`svc`, `hvc`, `smc`, `brk`, `hlt`, `dcps*`, `udf`,
 //!   `tcancel`); every system instruction (`msr`, `mrs`, `sys`, `sysl`, MSR
 //!   to PSTATE fields, `wfet`/`wfit`) and the hints not listed above (`wfi`

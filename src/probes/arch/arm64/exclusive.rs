@@ -4,9 +4,10 @@
 //!
 //! A load-exclusive (`ldxr`, `ldaxr`, `ldxp`, `ldaxp`) arms this PE's
 //! exclusive monitor; the matching store-exclusive succeeds only if the
-//! monitor is still armed. Taking an exception clears it (Linux clears it on
-//! every exception return), so a breakpoint anywhere between the two makes
-//! the store-exclusive fail on every attempt: the retry loop never ends.
+//! monitor is still armed. A breakpoint trap between the two clears it: the
+//! exception return may clear the local monitor, and the handler's own
+//! atomics and exclusives certainly do. The store-exclusive then fails on
+//! every attempt and the retry loop never ends.
 //!
 //! # The scan
 //!
