@@ -6,7 +6,7 @@
 //! the caller expects to replace along with the new ones; if the text holds
 //! anything else (another tool's breakpoint, a concurrent patch, a stale
 //! view) the write is refused with
-//! [`ProbeError::AlreadyPatched`](crate::probes::ProbeError::AlreadyPatched)
+//! [`ProbeError::AlreadyPatched`]
 //! and nothing is written. Any failure leaves the text exactly as before.
 //!
 //! # Instruction caches

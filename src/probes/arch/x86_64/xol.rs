@@ -94,10 +94,7 @@ pub(super) fn plan(insn: &Insn, slot_addr: u64) -> Result<XolPlan, ProbeError> {
 /// rewrite, so that a probe accepted by `analyze` always gets a plan. The
 /// rewrite does not depend on the slot address (the operand's base becomes a
 /// register), so any address serves for the trial.
-pub(super) fn check_rewritable(
-    insn: &Insn,
-    ins: &iced_x86::Instruction,
-) -> Result<(), ProbeError> {
+pub(super) fn check_rewritable(insn: &Insn, ins: &iced_x86::Instruction) -> Result<(), ProbeError> {
     let scratch = pick_scratch(ins).ok_or(ProbeError::UnsupportedInstruction {
         addr: insn.addr,
         reason: Unsupported::NoScratchRegister,
