@@ -185,6 +185,9 @@ fn peer_hit(
     true
 }
 
+/// One hit through a registry under test.
+type HitFn<'a> = dyn Fn(&mut Regs, &mut Word) + Sync + 'a;
+
 fn bench_hit_lookup(c: &mut Criterion) {
     let reg = registry(HIT_PROBES, 4096, 64);
     for i in 0..HIT_PROBES {
@@ -201,12 +204,19 @@ fn bench_hit_lookup(c: &mut Criterion) {
     let peer = peer_registry();
     let mut g = c.benchmark_group("kprobe_hit_lookup");
     for threads in [1usize, 2] {
-        g.bench_function(BenchmarkId::new("rcu_chains", threads), |b| {
-            b.iter_custom(|iters| {
-                let id = format!("hit/rcu/{threads}");
-                record(
-                    &id,
-                    on_threads(threads, iters, |t, n| {
+        let contenders: [(&str, &str, &HitFn); 2] = [
+            ("rcu_chains", "rcu", &|regs, mem| {
+                let out = reg.on_breakpoint(regs, mem);
+                assert!(matches!(out, HitOutcome::Emulated));
+            }),
+            ("rwlock_hashmap", "rwlock", &|regs, mem| {
+                assert!(peer_hit(&peer, regs, mem));
+            }),
+        ];
+        for (name, short, hit) in contenders {
+            g.bench_function(BenchmarkId::new(name, threads), |b| {
+                b.iter_custom(|iters| {
+                    let elapsed = on_threads(threads, iters, |t, n| {
                         let mut mem = Word(0);
                         let mut k = t * 7;
                         for _ in 0..n {
@@ -215,37 +225,14 @@ fn bench_hit_lookup(c: &mut Criterion) {
                                 ip: func(k) + 1,
                                 ..Regs::default()
                             };
-                            let out = reg.on_breakpoint(&mut regs, &mut mem);
-                            assert!(matches!(out, HitOutcome::Emulated));
+                            hit(&mut regs, &mut mem);
                             black_box(regs.ip);
                         }
-                    }),
-                    iters,
-                )
-            })
-        });
-        g.bench_function(BenchmarkId::new("rwlock_hashmap", threads), |b| {
-            b.iter_custom(|iters| {
-                let id = format!("hit/rwlock/{threads}");
-                record(
-                    &id,
-                    on_threads(threads, iters, |t, n| {
-                        let mut mem = Word(0);
-                        let mut k = t * 7;
-                        for _ in 0..n {
-                            k = (k + HIT_STRIDE) % HIT_PROBES;
-                            let mut regs = Regs {
-                                ip: func(k) + 1,
-                                ..Regs::default()
-                            };
-                            assert!(peer_hit(&peer, &mut regs, &mut mem));
-                            black_box(regs.ip);
-                        }
-                    }),
-                    iters,
-                )
-            })
-        });
+                    });
+                    record(&format!("hit/{short}/{threads}"), elapsed, iters)
+                })
+            });
+        }
     }
     g.finish();
 }

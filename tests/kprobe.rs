@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use kprobe_support::*;
-use rcu_registry::probes::arch::{X86Reg, X86_64};
+use rcu_registry::probes::arch::X86Reg;
 use rcu_registry::probes::kprobe::{Action, HitOutcome, Kprobe, StepResult};
 use rcu_registry::probes::ProbeError;
 use rcu_registry::rcu::Rcu;
@@ -412,15 +412,21 @@ fn a_commit_finishes_probes_another_thread_left_pending() {
         .expect("a was finished by the other thread's commit");
 }
 
-#[test]
-fn commit_waits_for_a_single_step_in_flight_and_its_post_handler() {
-    let fx = fixture();
+/// A registered probe on `mov eax` whose post handler sets the flag.
+fn probe_with_post_flag(fx: &Fixture) -> (Kprobe, Arc<AtomicBool>) {
     let post_ran = Arc::new(AtomicBool::new(false));
     let pr = post_ran.clone();
     let p = Kprobe::at(F_MOV_EAX)
         .post(move |_, _| pr.store(true, Ordering::SeqCst))
         .build();
     fx.reg.register(&p).unwrap();
+    (p, post_ran)
+}
+
+#[test]
+fn commit_waits_for_a_single_step_in_flight_and_its_post_handler() {
+    let fx = fixture();
+    let (p, post_ran) = probe_with_post_flag(&fx);
     let mut regs = trap_regs(F_MOV_EAX);
     let mut stack = Stack::new();
     let HitOutcome::SingleStep(token) = fx.reg.on_breakpoint(&mut regs, &mut stack) else {
@@ -542,7 +548,6 @@ fn hits_on_several_threads_are_each_counted_once() {
     });
     assert_eq!(p.hits(), 4000);
     assert_eq!(calls.load(Ordering::Relaxed), 4000);
-    let _ = X86_64;
 }
 
 #[test]
@@ -553,12 +558,7 @@ fn unregister_waits_for_a_step_on_an_older_member_list_another_commit_is_finishi
     // return before that step's post handler ran, although its own batch
     // does not hold M1.
     let fx = fixture();
-    let post_ran = Arc::new(AtomicBool::new(false));
-    let pr = post_ran.clone();
-    let p = Kprobe::at(F_MOV_EAX)
-        .post(move |_, _| pr.store(true, Ordering::SeqCst))
-        .build();
-    fx.reg.register(&p).unwrap();
+    let (p, post_ran) = probe_with_post_flag(&fx);
     let mut regs = trap_regs(F_MOV_EAX);
     let mut stack = Stack::new();
     let HitOutcome::SingleStep(token) = fx.reg.on_breakpoint(&mut regs, &mut stack) else {

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+// `std`'s Arc even under loom (see `kretprobe.rs`).
 use std::sync::Arc;
 
 use super::instances::InstanceTable;
@@ -31,6 +32,8 @@ pub const DEFAULT_BUCKETS: usize = 4096;
 pub const DEFAULT_INSTANCE_STRIPES: usize = 64;
 
 /// Source of registry ids (0 means "no registry" in a probe's owner field).
+/// `std`'s atomic on purpose, not the shim's: a process-wide id counter that
+/// is part of no algorithm a model checks (loom atomics cannot be statics).
 static NEXT_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 
 /// The writer-side view of one probed address.
