@@ -1,0 +1,547 @@
+//! Torture test for the RCU domains, modeled on the kernel's rcutorture.
+//!
+//! # What runs at once
+//!
+//! For [`RUN_SECS_VAR`] seconds (default 3; at least 10 when `CI=true`):
+//! - two pools of versioned objects, one protected by an [`Rcu`] domain and
+//!   one by an [`Srcu`] domain, each with two busy readers and two writers
+//!   that retire continuously, one through `synchronize()` and one through
+//!   `call()` (see `common/rcu_torture/pool.rs` for the checks and the age
+//!   bound);
+//! - a callback flood on its own `Rcu` domain, with periodic stalls that push
+//!   it to the documented memory bound (`common/rcu_torture/flood.rs`);
+//! - short-lived reader threads started and ending all the time, some of
+//!   them exiting inside an `Rcu` read section whose guard they leaked;
+//! - an `Srcu` reader that sleeps in its section while `Rcu` grace periods
+//!   (and the other `Srcu` instance's) must keep completing;
+//! - a thread that forks while all of the above runs and while a holder
+//!   thread sits inside an `Rcu` and an `Srcu` section; the child must
+//!   complete grace periods and callbacks (`common/rcu_torture/fork.rs`).
+//!
+//! A watchdog aborts the process if the run overstays its time by
+//! [`WATCHDOG_GRACE`], so a wedged grace period fails CI instead of hanging it.
+//!
+//! Run: `RCU_TORTURE_SECS=10 cargo test --release --test rcu_torture -- --nocapture`
+
+#[path = "common/rcu_torture/mod.rs"]
+mod torture;
+
+use rcu_registry::rcu::{Rcu, Srcu};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+use torture::domain::{Mismatched, TortureDomain};
+use torture::flood::{self, FloodCounters, DOCUMENTED_HIGH_WATERMARK, SLACK};
+use torture::fork::{self, ForkTargets, Hold};
+use torture::pool::{Pool, Tally, AGE_BUCKETS};
+use torture::rng::Rng;
+
+/// Environment variable with the run length in seconds.
+const RUN_SECS_VAR: &str = "RCU_TORTURE_SECS";
+/// Run length when the variable is unset.
+const DEFAULT_SECS: f64 = 3.0;
+/// Shortest run under CI (`CI=true`).
+const CI_MIN_SECS: f64 = 10.0;
+/// How long past its planned end the run may take before the watchdog
+/// aborts the process (joins, barriers, a last fork child).
+const WATCHDOG_GRACE: Duration = Duration::from_secs(120);
+/// Objects per pool.
+const POOL_SIZE: usize = 4096;
+/// Time between forks.
+const FORK_PERIOD: Duration = Duration::from_millis(300);
+/// Time between flood stalls.
+const STALL_PERIOD: Duration = Duration::from_millis(1500);
+/// Time between sleeping-`Srcu`-reader episodes.
+const SLEEPER_PERIOD: Duration = Duration::from_millis(700);
+/// How long the `Srcu` reader sleeps in its section per episode (at least).
+const SLEEPER_NAP: Duration = Duration::from_millis(60);
+/// Longest an episode waits for other domains' grace periods to progress.
+const PROGRESS_LIMIT: Duration = Duration::from_secs(10);
+/// Short-lived reader threads alive at once.
+const CHURN_THREADS: usize = 3;
+/// Longest life of a short-lived reader thread.
+const CHURN_MAX_LIFE_US: u64 = 20_000;
+
+/// The torture tests share the machine's two cores: run them one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn run_length() -> Duration {
+    let secs = std::env::var(RUN_SECS_VAR)
+        .ok()
+        .and_then(|s| s.trim().parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s > 0.0)
+        .unwrap_or(DEFAULT_SECS);
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    Duration::from_secs_f64(if ci { secs.max(CI_MIN_SECS) } else { secs })
+}
+
+/// State every torture thread sees.
+struct Run {
+    stop: AtomicBool,
+    /// Taken by the staller and the sleeper so that a stall (which blocks
+    /// `Rcu` grace periods on purpose) never overlaps a progress check.
+    episode: Mutex<()>,
+    failures: Mutex<Vec<String>>,
+    churn_started: AtomicU64,
+    churn_leaked_guard: AtomicU64,
+    sleeper_episodes: AtomicU64,
+    sleeper_rcu_gps: AtomicU64,
+    sleeper_srcu_gps: AtomicU64,
+    sleeper_nap_ms: AtomicU64,
+    forks: AtomicU64,
+    fork_max_child_ms: AtomicU64,
+}
+
+impl Run {
+    fn new() -> Self {
+        Run {
+            stop: AtomicBool::new(false),
+            episode: Mutex::new(()),
+            failures: Mutex::new(Vec::new()),
+            churn_started: AtomicU64::new(0),
+            churn_leaked_guard: AtomicU64::new(0),
+            sleeper_episodes: AtomicU64::new(0),
+            sleeper_rcu_gps: AtomicU64::new(0),
+            sleeper_srcu_gps: AtomicU64::new(0),
+            sleeper_nap_ms: AtomicU64::new(0),
+            forks: AtomicU64::new(0),
+            fork_max_child_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn stopped(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn fail(&self, msg: String) {
+        eprintln!("rcu_torture: FAILURE: {msg}");
+        self.failures.lock().unwrap().push(msg);
+    }
+
+    /// Sleeps up to `d`, returning early (false) once the run stops.
+    fn pause(&self, d: Duration) -> bool {
+        let until = Instant::now() + d;
+        while Instant::now() < until {
+            if self.stopped() {
+                return false;
+            }
+            thread::sleep(Duration::from_millis(5).min(d));
+        }
+        !self.stopped()
+    }
+}
+
+fn reader<D: TortureDomain>(pool: &Pool<D>, run: &Run, seed: u64) {
+    let mut rng = Rng::new(seed);
+    let mut tally = Tally::default();
+    while !run.stopped() {
+        for _ in 0..256 {
+            pool.read_and_check(&mut rng, &mut tally);
+        }
+    }
+    pool.merge(&tally);
+}
+
+fn sync_writer<D: TortureDomain>(pool: &Pool<D>, run: &Run) {
+    while !run.stopped() {
+        pool.retire_with_synchronize();
+    }
+}
+
+fn call_writer<D: TortureDomain>(pool: &Arc<Pool<D>>, run: &Run) {
+    while !run.stopped() {
+        pool.retire_with_call();
+    }
+}
+
+/// Keeps [`CHURN_THREADS`] short-lived readers alive, each reading both
+/// pools for a random time; one in eight exits inside a leaked `Rcu`
+/// section.
+fn churn(rcu_pool: &Arc<Pool<Rcu>>, srcu_pool: &Arc<Pool<Srcu>>, run: &Arc<Run>) {
+    let mut rng = Rng::new(0xc4u64);
+    let mut alive: Vec<thread::JoinHandle<()>> = Vec::new();
+    while !run.stopped() {
+        alive.retain(|h| !h.is_finished());
+        while alive.len() < CHURN_THREADS {
+            let (rp, sp, r) = (rcu_pool.clone(), srcu_pool.clone(), run.clone());
+            let seed = rng.next();
+            r.churn_started.fetch_add(1, Ordering::Relaxed);
+            alive.push(thread::spawn(move || {
+                let mut rng = Rng::new(seed);
+                let life = Duration::from_micros(rng.below(CHURN_MAX_LIFE_US));
+                let born = Instant::now();
+                let (mut rt, mut st) = (Tally::default(), Tally::default());
+                while born.elapsed() < life && !r.stopped() {
+                    rp.read_and_check(&mut rng, &mut rt);
+                    sp.read_and_check(&mut rng, &mut st);
+                }
+                rp.merge(&rt);
+                sp.merge(&st);
+                if rng.one_in(8) {
+                    // The thread exits inside this section: grace periods
+                    // must not wait for it forever.
+                    std::mem::forget(rp.domain().read());
+                    r.churn_leaked_guard.fetch_add(1, Ordering::Relaxed);
+                }
+            }));
+        }
+        thread::sleep(Duration::from_micros(500));
+    }
+    for h in alive {
+        h.join().unwrap();
+    }
+}
+
+/// Waits (up to [`PROGRESS_LIMIT`]) until `gps()` has advanced by `n`.
+fn progressed(gps: impl Fn() -> u64, from: u64, n: u64) -> Result<u64, u64> {
+    let start = Instant::now();
+    loop {
+        let now = gps();
+        if now >= from + n {
+            return Ok(now - from);
+        }
+        if start.elapsed() > PROGRESS_LIMIT {
+            return Err(now - from);
+        }
+        thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Episodes of an `Srcu` reader sleeping in its section: `Rcu` grace
+/// periods (three of them run by the sleeper itself) and the other `Srcu`
+/// instance's grace periods complete meanwhile, while a grace period of the
+/// sleeper's own instance does not.
+fn srcu_sleeper(rcu: &Rcu, other_srcu: &Srcu, run: &Run) {
+    let sleepy = Srcu::new();
+    while run.pause(SLEEPER_PERIOD) {
+        let _episode = run.episode.lock().unwrap();
+        let rcu_before = rcu.stats().grace_periods;
+        let other_before = other_srcu.stats().grace_periods;
+        let start = Instant::now();
+        let guard = sleepy.read();
+        let cookie = sleepy.start_poll();
+        for _ in 0..3 {
+            // Allowed: an Rcu grace period does not wait for Srcu readers.
+            rcu.synchronize();
+            thread::sleep(SLEEPER_NAP / 3);
+        }
+        let rcu_gps = progressed(|| rcu.stats().grace_periods, rcu_before, 3);
+        let srcu_gps = progressed(|| other_srcu.stats().grace_periods, other_before, 1);
+        let own_done_early = sleepy.poll(&cookie);
+        let napped = start.elapsed();
+        drop(guard);
+        match (rcu_gps, srcu_gps) {
+            (Ok(r), Ok(s)) => {
+                run.sleeper_rcu_gps.fetch_add(r, Ordering::Relaxed);
+                run.sleeper_srcu_gps.fetch_add(s, Ordering::Relaxed);
+            }
+            (r, s) => run.fail(format!(
+                "while an Srcu reader slept {napped:?}: Rcu grace periods {r:?} (want 3), \
+                 other Srcu grace periods {s:?} (want 1)"
+            )),
+        }
+        if own_done_early {
+            run.fail("an Srcu grace period completed while its reader slept".into());
+        }
+        sleepy.cond_synchronize(cookie);
+        run.sleeper_episodes.fetch_add(1, Ordering::Relaxed);
+        run.sleeper_nap_ms
+            .fetch_add(napped.as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+/// Forks every [`FORK_PERIOD`] while the holder sits inside an `Rcu` and an
+/// `Srcu` section and everything else keeps running.
+fn forker(targets: &ForkTargets, run: &Run) {
+    let (requests, incoming) = mpsc::channel::<Hold>();
+    let holder = {
+        let (rcu, srcu) = (targets.pool_rcu.clone(), targets.held_srcu.clone());
+        thread::spawn(move || fork::holder(incoming, rcu, srcu))
+    };
+    while run.pause(FORK_PERIOD) {
+        // Make sure the global domain has a worker in the parent, so the
+        // child must notice that it did not survive the fork.
+        Rcu::global().call(|| {});
+        let (inside_tx, inside_rx) = mpsc::sync_channel(1);
+        let (release_tx, release_rx) = mpsc::sync_channel(1);
+        requests
+            .send(Hold {
+                inside: inside_tx,
+                release: release_rx,
+            })
+            .unwrap();
+        inside_rx.recv().unwrap();
+        let outcome = fork::fork_and_check(targets);
+        let _ = release_tx.send(());
+        match outcome {
+            Ok(took) => {
+                run.forks.fetch_add(1, Ordering::Relaxed);
+                run.fork_max_child_ms
+                    .fetch_max(took.as_millis() as u64, Ordering::Relaxed);
+            }
+            Err(e) => run.fail(e),
+        }
+    }
+    drop(requests);
+    holder.join().unwrap();
+}
+
+fn staller(flood_rcu: &Rcu, counters: &FloodCounters, run: &Run) {
+    while run.pause(STALL_PERIOD) {
+        let _episode = run.episode.lock().unwrap();
+        flood::stall(flood_rcu, counters);
+    }
+}
+
+/// Aborts the process unless `done` is signalled within `limit`.
+fn watchdog(limit: Duration) -> mpsc::Sender<()> {
+    let (done, rx) = mpsc::channel::<()>();
+    thread::spawn(move || {
+        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
+            eprintln!("rcu_torture: WATCHDOG: the run did not finish within {limit:?}; aborting");
+            std::process::abort();
+        }
+    });
+    done
+}
+
+fn pool_report<D: TortureDomain>(pool: &Pool<D>) -> String {
+    let t = pool.tally.lock().unwrap().clone();
+    let e = &pool.errors;
+    let mut ages = String::new();
+    for (i, n) in t.ages.iter().enumerate() {
+        let label = if i + 1 == AGE_BUCKETS {
+            format!(">={i}")
+        } else {
+            i.to_string()
+        };
+        ages.push_str(&format!(" {label}:{n}"));
+    }
+    format!(
+        "{name:<5} reads {reads} (nested {nested}, delayed {delayed}), grace periods {gps}, \
+         retired {rs} by synchronize + {rc} by call, callbacks run {cbs}, alloc stalls {st}\n\
+         \x20     age histogram [current:{cur}{ages}] max age {max}\n\
+         \x20     errors: poison seen {p}, corrupt {c}, recycled under reader {r}, too old {o}, \
+         early reclaim {er}, double reclaim {dr}",
+        name = D::NAME,
+        reads = t.reads,
+        nested = t.nested,
+        delayed = t.delayed,
+        gps = pool.domain().completed_gps(),
+        rs = pool.retired_sync.load(Ordering::Relaxed),
+        rc = pool.retired_call.load(Ordering::Relaxed),
+        cbs = pool.domain().callbacks_invoked(),
+        st = pool.alloc_stalls.load(Ordering::Relaxed),
+        cur = t.current,
+        max = t.max_age,
+        p = e.poison_seen.load(Ordering::Relaxed),
+        c = e.corrupt.load(Ordering::Relaxed),
+        r = e.recycled_under_reader.load(Ordering::Relaxed),
+        o = e.too_old.load(Ordering::Relaxed),
+        er = e.early_reclaim.load(Ordering::Relaxed),
+        dr = e.double_reclaim.load(Ordering::Relaxed),
+    )
+}
+
+/// Checks that must hold after a correct run of a pool.
+fn check_pool<D: TortureDomain>(pool: &Pool<D>, failures: &mut Vec<String>) {
+    let t = pool.tally.lock().unwrap().clone();
+    if pool.errors.total() != 0 {
+        failures.push(format!("{}: {} reader/reclaim errors", D::NAME, pool.errors.total()));
+    }
+    if let Err(e) = pool.audit() {
+        failures.push(e);
+    }
+    let did_work = t.reads >= 1000
+        && t.ages.iter().sum::<u64>() > 0
+        && pool.retired_sync.load(Ordering::Relaxed) > 0
+        && pool.retired_call.load(Ordering::Relaxed) > 0
+        && pool.domain().completed_gps() >= 10;
+    if !did_work {
+        failures.push(format!(
+            "{}: the run did too little to prove anything (reads {}, retired objects seen {}, \
+             grace periods {})",
+            D::NAME,
+            t.reads,
+            t.ages.iter().sum::<u64>(),
+            pool.domain().completed_gps()
+        ));
+    }
+}
+
+#[test]
+fn rcu_torture_readers_never_see_reclaimed_or_overage_objects_and_grace_periods_keep_completing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let length = run_length();
+    let done = watchdog(length + WATCHDOG_GRACE);
+    let started = Instant::now();
+
+    let rcu_pool = Pool::new(Rcu::new(), POOL_SIZE);
+    let srcu_pool = Pool::new(Srcu::new(), POOL_SIZE);
+    let flood_rcu = Rcu::new();
+    let flood_counters: &'static FloodCounters = Box::leak(Box::default());
+    let targets = ForkTargets {
+        flood: flood_rcu.clone(),
+        held_srcu: Srcu::new(),
+        pool_rcu: rcu_pool.domain().clone(),
+        pool_srcu: srcu_pool.domain().clone(),
+    };
+    let run = Arc::new(Run::new());
+
+    let mut threads = Vec::new();
+    for seed in 0..2u64 {
+        let (p, r) = (rcu_pool.clone(), run.clone());
+        threads.push(thread::spawn(move || reader(&p, &r, seed)));
+        let (p, r) = (srcu_pool.clone(), run.clone());
+        threads.push(thread::spawn(move || reader(&p, &r, seed + 100)));
+    }
+    {
+        let (p, r) = (rcu_pool.clone(), run.clone());
+        threads.push(thread::spawn(move || sync_writer(&p, &r)));
+        let (p, r) = (rcu_pool.clone(), run.clone());
+        threads.push(thread::spawn(move || call_writer(&p, &r)));
+        let (p, r) = (srcu_pool.clone(), run.clone());
+        threads.push(thread::spawn(move || sync_writer(&p, &r)));
+        let (p, r) = (srcu_pool.clone(), run.clone());
+        threads.push(thread::spawn(move || call_writer(&p, &r)));
+    }
+    {
+        let (d, r) = (flood_rcu.clone(), run.clone());
+        threads.push(thread::spawn(move || flood::flood(&d, flood_counters, &r.stop)));
+        let (d, r) = (flood_rcu.clone(), run.clone());
+        threads.push(thread::spawn(move || staller(&d, flood_counters, &r)));
+    }
+    {
+        let (rp, sp, r) = (rcu_pool.clone(), srcu_pool.clone(), run.clone());
+        threads.push(thread::spawn(move || churn(&rp, &sp, &r)));
+        let (rcu, srcu, r) = (Rcu::new(), srcu_pool.domain().clone(), run.clone());
+        threads.push(thread::spawn(move || srcu_sleeper(&rcu, &srcu, &r)));
+        let (t, r) = (targets.clone(), run.clone());
+        threads.push(thread::spawn(move || forker(&t, &r)));
+    }
+
+    thread::sleep(length);
+    run.stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        if t.join().is_err() {
+            run.fail("a torture thread panicked".into());
+        }
+    }
+    rcu_pool.domain().barrier();
+    srcu_pool.domain().barrier();
+    flood_rcu.barrier();
+    let elapsed = started.elapsed();
+    let _ = done.send(());
+
+    let fc = flood_counters;
+    let (queued, ran) = (fc.queued.load(Ordering::Relaxed), fc.ran.load(Ordering::Relaxed));
+    let (peak_live, peak_pending) = (
+        fc.peak_live.load(Ordering::Relaxed),
+        fc.peak_pending.load(Ordering::Relaxed),
+    );
+    let bound = DOCUMENTED_HIGH_WATERMARK + SLACK;
+    let (blocked, overran, timed_out) = (
+        fc.stalls_blocked.load(Ordering::Relaxed),
+        fc.stalls_overran.load(Ordering::Relaxed),
+        fc.stalls_timed_out.load(Ordering::Relaxed),
+    );
+    println!(
+        "rcu_torture: ran {elapsed:.1?} (planned {length:?})\n  {}\n  {}\n  \
+         flood: queued {queued}, ran {ran}, peak pending {peak_pending} (own count {peak_live}, \
+         bound {bound}), early {early}, stalls: blocked at the watermark {blocked}, \
+         overran {overran}, timed out {timed_out}\n  \
+         churn: threads started {cs}, exited inside a leaked Rcu section {cl}\n  \
+         srcu sleeper: episodes {se}, {sn} ms asleep in its section, meanwhile Rcu grace \
+         periods {sr} and other-Srcu grace periods {ss}\n  \
+         fork: children {forks} all completed grace periods and callbacks (slowest {fm} ms)\n  \
+         process-wide Rcu grace periods {gps}",
+        pool_report(&rcu_pool),
+        pool_report(&srcu_pool),
+        early = fc.early.load(Ordering::Relaxed),
+        cs = run.churn_started.load(Ordering::Relaxed),
+        cl = run.churn_leaked_guard.load(Ordering::Relaxed),
+        se = run.sleeper_episodes.load(Ordering::Relaxed),
+        sn = run.sleeper_nap_ms.load(Ordering::Relaxed),
+        sr = run.sleeper_rcu_gps.load(Ordering::Relaxed),
+        ss = run.sleeper_srcu_gps.load(Ordering::Relaxed),
+        forks = run.forks.load(Ordering::Relaxed),
+        fm = run.fork_max_child_ms.load(Ordering::Relaxed),
+        gps = Rcu::global().stats().grace_periods,
+    );
+
+    let mut failures = std::mem::take(&mut *run.failures.lock().unwrap());
+    check_pool(&rcu_pool, &mut failures);
+    check_pool(&srcu_pool, &mut failures);
+    if peak_pending > bound || peak_live > bound {
+        failures.push(format!(
+            "callback flood exceeded its memory bound: peak pending {peak_pending}, \
+             own count {peak_live}, bound {bound}"
+        ));
+    }
+    if overran > 0 {
+        failures.push(format!("the flood overran the watermark in {overran} stalls"));
+    }
+    if blocked == 0 {
+        failures.push("no stall pushed the flood to the watermark: the bound went untested".into());
+    }
+    if ran != queued || fc.live.load(Ordering::Relaxed) != 0 {
+        failures.push(format!("flood: queued {queued} callbacks but {ran} ran"));
+    }
+    if fc.early.load(Ordering::Relaxed) != 0 {
+        failures.push("flood callbacks ran before a grace period completed".into());
+    }
+    if run.churn_started.load(Ordering::Relaxed) == 0 {
+        failures.push("no short-lived reader thread ran".into());
+    }
+    if run.sleeper_episodes.load(Ordering::Relaxed) == 0 {
+        failures.push("the sleeping Srcu reader never completed an episode".into());
+    }
+    if run.forks.load(Ordering::Relaxed) == 0 {
+        failures.push("no fork completed".into());
+    }
+    assert!(failures.is_empty(), "rcu_torture failed:\n  {}", failures.join("\n  "));
+}
+
+/// The checks must be able to fail: against a domain whose grace periods
+/// ignore the readers, they catch poisoned, recycled and overage objects.
+#[test]
+fn torture_checks_catch_a_domain_whose_grace_periods_ignore_readers() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let limit = Duration::from_secs(10);
+    let done = watchdog(limit + WATCHDOG_GRACE);
+    let pool = Pool::new(Mismatched::default(), 2048);
+    let run = Arc::new(Run::new());
+    let mut threads = Vec::new();
+    for seed in 0..2u64 {
+        let (p, r) = (pool.clone(), run.clone());
+        threads.push(thread::spawn(move || reader(&p, &r, seed)));
+    }
+    let (p, r) = (pool.clone(), run.clone());
+    threads.push(thread::spawn(move || sync_writer(&p, &r)));
+    let (p, r) = (pool.clone(), run.clone());
+    threads.push(thread::spawn(move || call_writer(&p, &r)));
+
+    let e = &pool.errors;
+    let all_seen = || {
+        e.poison_seen.load(Ordering::Relaxed) > 0
+            && e.too_old.load(Ordering::Relaxed) > 0
+            && e.recycled_under_reader.load(Ordering::Relaxed) > 0
+    };
+    let start = Instant::now();
+    while !all_seen() && start.elapsed() < limit {
+        thread::sleep(Duration::from_millis(10));
+    }
+    run.stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    pool.domain().barrier();
+    let _ = done.send(());
+    println!("broken domain, after {:.1?}:\n  {}", start.elapsed(), pool_report(&pool));
+    assert!(
+        all_seen(),
+        "the torture checks missed a broken domain: {:?}",
+        pool.errors
+    );
+}
