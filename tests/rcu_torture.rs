@@ -545,3 +545,52 @@ fn torture_checks_catch_a_domain_whose_grace_periods_ignore_readers() {
         pool.errors
     );
 }
+
+/// A child forked while the parent's callback worker has taken a large batch
+/// off the queue (and waits for its grace period) must still be able to
+/// queue callbacks: the batch did not survive the fork, so it must not
+/// count against the child's backlog limit.
+#[test]
+fn a_child_forked_while_the_worker_holds_a_large_batch_can_still_queue_callbacks() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let domain = Rcu::new();
+    // Occupy the worker inside a callback while the big batch is queued.
+    let (entered_tx, entered_rx) = mpsc::channel::<()>();
+    let (gate_tx, gate_rx) = mpsc::channel::<()>();
+    domain.call(move || {
+        entered_tx.send(()).unwrap();
+        gate_rx.recv().unwrap();
+    });
+    entered_rx.recv().unwrap();
+    let big = DOCUMENTED_HIGH_WATERMARK - 1000;
+    for _ in 0..big {
+        domain.call(|| {});
+    }
+    // A reader keeps the worker's next grace period from completing, so the
+    // worker sits on the whole batch at the fork.
+    let (inside_tx, inside_rx) = mpsc::channel::<()>();
+    let (leave_tx, leave_rx) = mpsc::channel::<()>();
+    let reader = {
+        let d = domain.clone();
+        thread::spawn(move || {
+            let _g = d.read();
+            inside_tx.send(()).unwrap();
+            leave_rx.recv().unwrap();
+        })
+    };
+    inside_rx.recv().unwrap();
+    gate_tx.send(()).unwrap();
+    // Give the worker time to finish the gate callback and take the batch.
+    thread::sleep(Duration::from_millis(100));
+    let outcome = fork::fork_and_run(|| {
+        for _ in 0..2000 {
+            domain.call(|| {});
+        }
+        domain.barrier();
+        0
+    });
+    leave_tx.send(()).unwrap();
+    reader.join().unwrap();
+    domain.barrier();
+    outcome.unwrap();
+}

@@ -112,20 +112,25 @@ fn child_checks(t: &ForkTargets) -> i32 {
     0
 }
 
-fn child(t: &ForkTargets) -> ! {
+fn child(checks: impl FnOnce() -> i32) -> ! {
     // SAFETY: alarm() only arms a timer; async-signal-safe.
     unsafe { libc::alarm(CHILD_WATCHDOG_SECS) };
     std::panic::set_hook(Box::new(|_| {}));
-    let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| child_checks(t)))
-        .unwrap_or(EXIT_PANIC);
+    let code = std::panic::catch_unwind(std::panic::AssertUnwindSafe(checks)).unwrap_or(EXIT_PANIC);
     // SAFETY: _exit ends the process without running any user-space
     // cleanup, which is what a forked child of a threaded process needs.
     unsafe { libc::_exit(code) }
 }
 
-/// Forks; the child runs the checks, the parent waits for it (killing it
-/// after [`PARENT_WAIT`]). Returns how long the child took.
+/// Forks; the child runs [`child_checks`], the parent waits for it (killing
+/// it after [`PARENT_WAIT`]). Returns how long the child took.
 pub fn fork_and_check(t: &ForkTargets) -> Result<Duration, String> {
+    fork_and_run(|| child_checks(t))
+}
+
+/// Forks; the child runs `checks` (under the watchdog) and exits with the
+/// code it returns; the parent waits for it as in [`fork_and_check`].
+pub fn fork_and_run(checks: impl FnOnce() -> i32) -> Result<Duration, String> {
     let start = Instant::now();
     // SAFETY: the child only runs `child`, which sticks to work that glibc
     // supports after fork() in a threaded process (malloc, thread creation,
@@ -135,7 +140,7 @@ pub fn fork_and_check(t: &ForkTargets) -> Result<Duration, String> {
         return Err(format!("fork failed: {}", std::io::Error::last_os_error()));
     }
     if pid == 0 {
-        child(t);
+        child(checks);
     }
     let mut status = 0;
     loop {
