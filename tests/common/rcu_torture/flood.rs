@@ -97,14 +97,15 @@ pub fn flood(domain: &Rcu, c: &'static FloodCounters, stop: &AtomicBool) {
 }
 
 /// One stall: holds an `Rcu` read section until the flood is throttled,
-/// overruns, or the time limit passes (see the module docs).
-pub fn stall(domain: &Rcu, c: &FloodCounters) {
+/// overruns, or the time limit passes (see the module docs), or the run
+/// stops (the flood then stops too: such a stall counts as nothing).
+pub fn stall(domain: &Rcu, c: &FloodCounters, stop: &AtomicBool) {
     let guard = domain.read();
     let start = Instant::now();
     let queued_at_start = c.queued.load(Ordering::Relaxed);
     let mut last = queued_at_start;
     let mut last_progress = Instant::now();
-    loop {
+    while !stop.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(2));
         let q = c.queued.load(Ordering::Relaxed);
         if (q - queued_at_start) as usize > DOCUMENTED_HIGH_WATERMARK + SLACK {
