@@ -9,13 +9,18 @@
 //!   `std::sync::RwLock::read()`, and liburcu-memb through the C shim in
 //!   `bench-peers/` (skipped when liburcu-dev is not installed).
 //! - `synchronize/<n>`: latency of one `synchronize()` while `n` (0, 1, 2)
-//!   threads loop over read sections.
+//!   threads loop over read sections, and (`synchronize/slow_reader`) while
+//!   one thread loops over sections that each last [`SLOW_SECTION`].
 //! - `call`: `call()` throughput from one thread, in bursts of [`BURST`]
 //!   small closures followed by `barrier()`: `call` times the calls only,
 //!   `call+barrier` also the barrier (so every callback has run).
 //! - `concurrent_synchronize/<N>`: N threads released at once each call
 //!   `synchronize()` [`CALLS_PER_ROUND`] times; time per round, and (for
-//!   `Rcu`) grace periods used per `synchronize()` call.
+//!   `Rcu`) grace periods used per `synchronize()` call. Without readers a
+//!   grace period is far shorter than the callers' arrival spread, so they
+//!   rarely overlap; `concurrent_synchronize_slow_reader` repeats it with a
+//!   reader whose sections last [`SLOW_SECTION`], which callers pile up
+//!   behind and can share grace periods.
 //!
 //! Read pairs are timed in thread CPU time (see [`thread_cpu_time`]), the
 //! rest in wall time (waiting is what they measure).
@@ -251,7 +256,40 @@ struct BusyReaders {
     threads: Vec<thread::JoinHandle<()>>,
 }
 
+/// How long each section of the slow reader lasts (see
+/// `concurrent_synchronize`).
+const SLOW_SECTION: Duration = Duration::from_micros(5);
+
 impl BusyReaders {
+    /// One thread whose read sections each last [`SLOW_SECTION`].
+    fn start_slow(peer: Peer, readers: &Arc<Readers>) -> BusyReaders {
+        let stop = Arc::new(AtomicBool::new(false));
+        let urcu_stop = Arc::new(AtomicI32::new(0));
+        let (r, stop2, urcu_stop2) = (readers.clone(), stop.clone(), urcu_stop.clone());
+        let thread = thread::spawn(move || match peer {
+            Peer::Urcu(u) => {
+                let reg = u.register();
+                black_box(u.read_slow_until(&reg, &r.urcu_value, &urcu_stop2, SLOW_SECTION));
+            }
+            Peer::Rcu => {
+                while !stop2.load(Ordering::Relaxed) {
+                    let g = Rcu::global().read();
+                    black_box(r.rcu_cell.load(&g));
+                    let until = Instant::now() + SLOW_SECTION;
+                    while Instant::now() < until {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+            _ => unreachable!("slow readers exist for Rcu and liburcu only"),
+        });
+        BusyReaders {
+            stop,
+            urcu_stop,
+            threads: vec![thread],
+        }
+    }
+
     fn start(n: usize, peer: Peer, readers: &Arc<Readers>) -> BusyReaders {
         let stop = Arc::new(AtomicBool::new(false));
         let urcu_stop = Arc::new(AtomicI32::new(0));
@@ -302,12 +340,24 @@ fn synchronize_latency(c: &mut Criterion) {
     if let Some(u) = UrcuMemb::get() {
         peers.push(("liburcu_memb", Peer::Urcu(u), Box::new(move || u.synchronize())));
     }
-    for busy in [0usize, 1, 2] {
-        let mut g = c.benchmark_group(format!("synchronize/{busy}_busy_readers"));
+    // (key, busy readers, whether the one reader is slow)
+    for (label, busy, slow) in [("0", 0usize, false), ("1", 1, false), ("2", 2, false), ("slow", 1, true)] {
+        let mut g = c.benchmark_group(if slow {
+            "synchronize/slow_reader".to_string()
+        } else {
+            format!("synchronize/{busy}_busy_readers")
+        });
         g.sample_size(20).sampling_mode(SamplingMode::Flat);
         for (name, peer, sync) in &peers {
-            let key = format!("synchronize/{busy}/{name}");
-            let _busy = BusyReaders::start(busy, *peer, &readers);
+            if slow && matches!(peer, Peer::Srcu) {
+                continue;
+            }
+            let key = format!("synchronize/{label}/{name}");
+            let _busy = if slow {
+                BusyReaders::start_slow(*peer, &readers)
+            } else {
+                BusyReaders::start(busy, *peer, &readers)
+            };
             g.bench_function(*name, |b| {
                 b.iter_custom(|iters| {
                     let start = Instant::now();
@@ -443,41 +493,50 @@ impl Drop for Callers {
 }
 
 fn concurrent_synchronize(c: &mut Criterion) {
-    let mut g = c.benchmark_group("concurrent_synchronize");
-    g.sample_size(20).sampling_mode(SamplingMode::Flat);
-    for n in [4usize, 8] {
-        let mut peers: Vec<(&str, Arc<dyn Fn() + Send + Sync>)> =
-            vec![("rcu", Arc::new(|| Rcu::global().synchronize()))];
-        if let Some(u) = UrcuMemb::get() {
-            peers.push(("liburcu_memb", Arc::new(move || u.synchronize())));
+    let readers = Readers::new();
+    for slow in [false, true] {
+        let group = if slow {
+            "concurrent_synchronize_slow_reader"
+        } else {
+            "concurrent_synchronize"
+        };
+        let mut g = c.benchmark_group(group);
+        g.sample_size(20).sampling_mode(SamplingMode::Flat);
+        for n in [4usize, 8] {
+            let mut peers: Vec<(&str, Peer, Arc<dyn Fn() + Send + Sync>)> =
+                vec![("rcu", Peer::Rcu, Arc::new(|| Rcu::global().synchronize()))];
+            if let Some(u) = UrcuMemb::get() {
+                peers.push(("liburcu_memb", Peer::Urcu(u), Arc::new(move || u.synchronize())));
+            }
+            for (name, peer, sync) in peers {
+                let _slow_reader = slow.then(|| BusyReaders::start_slow(peer, &readers));
+                let callers = Callers::start(n, sync);
+                let key = format!("{group}/{n}/{name}");
+                g.bench_function(BenchmarkId::new(name, n), |b| {
+                    b.iter_custom(|iters| {
+                        let gps = Rcu::global().stats().grace_periods;
+                        let start = Instant::now();
+                        for _ in 0..iters {
+                            callers.round();
+                        }
+                        let t = start.elapsed();
+                        if name == "rcu" {
+                            let used = Rcu::global().stats().grace_periods - gps;
+                            // Stored as "ns" per synchronize() call, for the
+                            // summary's median.
+                            record(
+                                &format!("{key}/grace_periods"),
+                                Duration::from_nanos(used),
+                                iters * (n * CALLS_PER_ROUND) as u64,
+                            );
+                        }
+                        record(&key, t, iters)
+                    })
+                });
+            }
         }
-        for (name, sync) in peers {
-            let callers = Callers::start(n, sync);
-            let key = format!("concurrent_synchronize/{n}/{name}");
-            g.bench_function(BenchmarkId::new(name, n), |b| {
-                b.iter_custom(|iters| {
-                    let gps = Rcu::global().stats().grace_periods;
-                    let start = Instant::now();
-                    for _ in 0..iters {
-                        callers.round();
-                    }
-                    let t = start.elapsed();
-                    if name == "rcu" {
-                        let used = Rcu::global().stats().grace_periods - gps;
-                        // Stored as "ns" per synchronize() call, for the
-                        // summary's median.
-                        record(
-                            &format!("{key}/grace_periods"),
-                            Duration::from_nanos(used),
-                            iters * (n * CALLS_PER_ROUND) as u64,
-                        );
-                    }
-                    record(&key, t, iters)
-                })
-            });
-        }
+        g.finish();
     }
-    g.finish();
 }
 
 // ---------------------------------------------------------------------------
@@ -488,9 +547,9 @@ fn ratio_line(what: &str, num: &str, den: &str, target: &str, ok: impl Fn(f64) -
         (Some(a), Some(b)) => {
             let r = a / b;
             let verdict = if ok(r) { "met" } else { "MISSED" };
-            println!("  {what:<54} {r:>7.3}x   target {target:<8} {verdict}");
+            println!("  {what:<62} {r:>7.3}x   target {target:<8} {verdict}");
         }
-        _ => println!("  {what:<54}   (not measured in this run)"),
+        _ => println!("  {what:<62}   (not measured in this run)"),
     }
 }
 
@@ -555,14 +614,23 @@ fn summary() {
             |r| busy != 1 || r <= 1.5,
         );
     }
-    for n in [4, 8] {
-        ratio_line(
-            &format!("{n} concurrent synchronize: Rcu / liburcu-memb per round"),
-            &format!("concurrent_synchronize/{n}/rcu"),
-            &format!("concurrent_synchronize/{n}/liburcu_memb"),
-            "(info)",
-            |_| true,
-        );
+    ratio_line(
+        "synchronize, one slow reader: Rcu / liburcu-memb",
+        "synchronize/slow/rcu",
+        "synchronize/slow/liburcu_memb",
+        "(info)",
+        |_| true,
+    );
+    for group in ["concurrent_synchronize", "concurrent_synchronize_slow_reader"] {
+        for n in [4, 8] {
+            ratio_line(
+                &format!("{group} {n}: Rcu / liburcu-memb"),
+                &format!("{group}/{n}/rcu"),
+                &format!("{group}/{n}/liburcu_memb"),
+                "(info)",
+                |_| true,
+            );
+        }
     }
     match median("call/rcu_call") {
         Some(ns) => {

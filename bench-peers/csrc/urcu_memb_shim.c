@@ -5,6 +5,7 @@
  * section.
  */
 #define _LGPL_SOURCE
+#include <time.h>
 #include <urcu/urcu-memb.h>
 
 void bp_urcu_register_thread(void) { urcu_memb_register_thread(); }
@@ -41,6 +42,36 @@ long bp_urcu_read_until(long *const *published, const int *stop)
 		urcu_memb_read_lock();
 		p = rcu_dereference(*published);
 		acc += CMM_LOAD_SHARED(*p);
+		urcu_memb_read_unlock();
+	}
+	return acc;
+}
+
+static long long now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/*
+ * Read sections that each last `hold_ns` (spinning inside), until `*stop`
+ * becomes non-zero: a slow reader that grace periods must wait for.
+ */
+long bp_urcu_read_slow_until(long *const *published, const int *stop, long hold_ns)
+{
+	long acc = 0;
+
+	while (!CMM_LOAD_SHARED(*stop)) {
+		long long until = now_ns() + hold_ns;
+		long *p;
+
+		urcu_memb_read_lock();
+		p = rcu_dereference(*published);
+		acc += CMM_LOAD_SHARED(*p);
+		while (now_ns() < until)
+			caa_cpu_relax();
 		urcu_memb_read_unlock();
 	}
 	return acc;

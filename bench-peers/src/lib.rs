@@ -64,6 +64,11 @@ mod ffi {
         pub fn bp_urcu_synchronize();
         pub fn bp_urcu_read_pairs(published: *const *const c_long, n: c_ulong) -> c_long;
         pub fn bp_urcu_read_until(published: *const *const c_long, stop: *const c_int) -> c_long;
+        pub fn bp_urcu_read_slow_until(
+            published: *const *const c_long,
+            stop: *const c_int,
+            hold_ns: c_long,
+        ) -> c_long;
     }
 }
 
@@ -137,6 +142,28 @@ impl UrcuMemb {
         #[cfg(not(have_liburcu))]
         {
             let _ = (published.as_c(), stop);
+            unreachable!("UrcuMemb exists only when liburcu is available")
+        }
+    }
+
+    /// Runs read sections that each last `hold` (spinning inside) until
+    /// `stop` becomes non-zero: a slow reader.
+    pub fn read_slow_until(
+        &self,
+        _reg: &Registration,
+        published: &Published,
+        stop: &AtomicI32,
+        hold: std::time::Duration,
+    ) -> i64 {
+        #[cfg(have_liburcu)]
+        {
+            let hold_ns = hold.as_nanos().min(std::ffi::c_long::MAX as u128) as std::ffi::c_long;
+            // SAFETY: as in `read_until`.
+            unsafe { ffi::bp_urcu_read_slow_until(published.as_c(), stop.as_ptr(), hold_ns) as i64 }
+        }
+        #[cfg(not(have_liburcu))]
+        {
+            let _ = (published.as_c(), stop, hold);
             unreachable!("UrcuMemb exists only when liburcu is available")
         }
     }
