@@ -185,7 +185,11 @@ impl Drop for Readers {
         unsafe {
             drop(
                 self.epoch
-                    .swap(crossbeam_epoch::Shared::null(), Ordering::AcqRel, crossbeam_epoch::unprotected())
+                    .swap(
+                        crossbeam_epoch::Shared::null(),
+                        Ordering::AcqRel,
+                        crossbeam_epoch::unprotected(),
+                    )
                     .into_owned(),
             )
         };
@@ -327,21 +331,37 @@ impl Drop for BusyReaders {
     }
 }
 
+/// A peer's `synchronize()`.
+type SyncFn = Arc<dyn Fn() + Send + Sync>;
+
 fn synchronize_latency(c: &mut Criterion) {
     let readers = Readers::new();
-    let mut peers: Vec<(&str, Peer, Box<dyn Fn()>)> = vec![
-        ("rcu", Peer::Rcu, Box::new(|| Rcu::global().synchronize())),
-        ("rcu_expedited", Peer::Rcu, Box::new(|| Rcu::global().synchronize_expedited())),
+    let mut peers: Vec<(&str, Peer, SyncFn)> = vec![
+        ("rcu", Peer::Rcu, Arc::new(|| Rcu::global().synchronize())),
+        (
+            "rcu_expedited",
+            Peer::Rcu,
+            Arc::new(|| Rcu::global().synchronize_expedited()),
+        ),
         ("srcu", Peer::Srcu, {
             let r = readers.clone();
-            Box::new(move || r.srcu.synchronize())
+            Arc::new(move || r.srcu.synchronize())
         }),
     ];
     if let Some(u) = UrcuMemb::get() {
-        peers.push(("liburcu_memb", Peer::Urcu(u), Box::new(move || u.synchronize())));
+        peers.push((
+            "liburcu_memb",
+            Peer::Urcu(u),
+            Arc::new(move || u.synchronize()),
+        ));
     }
     // (key, busy readers, whether the one reader is slow)
-    for (label, busy, slow) in [("0", 0usize, false), ("1", 1, false), ("2", 2, false), ("slow", 1, true)] {
+    for (label, busy, slow) in [
+        ("0", 0usize, false),
+        ("1", 1, false),
+        ("2", 2, false),
+        ("slow", 1, true),
+    ] {
         let mut g = c.benchmark_group(if slow {
             "synchronize/slow_reader".to_string()
         } else {
@@ -449,13 +469,14 @@ struct Callers {
 }
 
 impl Callers {
-    fn start(n: usize, sync: Arc<dyn Fn() + Send + Sync>) -> Callers {
+    fn start(n: usize, sync: SyncFn) -> Callers {
         let start = Arc::new(Barrier::new(n + 1));
         let end = Arc::new(Barrier::new(n + 1));
         let stop = Arc::new(AtomicBool::new(false));
         let threads = (0..n)
             .map(|_| {
-                let (start, end, stop, sync) = (start.clone(), end.clone(), stop.clone(), sync.clone());
+                let (start, end, stop, sync) =
+                    (start.clone(), end.clone(), stop.clone(), sync.clone());
                 thread::spawn(move || loop {
                     start.wait();
                     if stop.load(Ordering::Relaxed) {
@@ -503,10 +524,14 @@ fn concurrent_synchronize(c: &mut Criterion) {
         let mut g = c.benchmark_group(group);
         g.sample_size(20).sampling_mode(SamplingMode::Flat);
         for n in [4usize, 8] {
-            let mut peers: Vec<(&str, Peer, Arc<dyn Fn() + Send + Sync>)> =
+            let mut peers: Vec<(&str, Peer, SyncFn)> =
                 vec![("rcu", Peer::Rcu, Arc::new(|| Rcu::global().synchronize()))];
             if let Some(u) = UrcuMemb::get() {
-                peers.push(("liburcu_memb", Peer::Urcu(u), Arc::new(move || u.synchronize())));
+                peers.push((
+                    "liburcu_memb",
+                    Peer::Urcu(u),
+                    Arc::new(move || u.synchronize()),
+                ));
             }
             for (name, peer, sync) in peers {
                 let _slow_reader = slow.then(|| BusyReaders::start_slow(peer, &readers));
@@ -621,7 +646,10 @@ fn summary() {
         "(info)",
         |_| true,
     );
-    for group in ["concurrent_synchronize", "concurrent_synchronize_slow_reader"] {
+    for group in [
+        "concurrent_synchronize",
+        "concurrent_synchronize_slow_reader",
+    ] {
         for n in [4, 8] {
             ratio_line(
                 &format!("{group} {n}: Rcu / liburcu-memb"),
@@ -636,7 +664,10 @@ fn summary() {
         Some(ns) => {
             let rate = 1e3 / ns;
             let verdict = if rate >= 5.0 { "met" } else { "MISSED" };
-            println!("  {:<54} {rate:>7.2}M/s target >= 5M/s  {verdict}", "call() throughput, one thread");
+            println!(
+                "  {:<54} {rate:>7.2}M/s target >= 5M/s  {verdict}",
+                "call() throughput, one thread"
+            );
         }
         None => println!("  call() throughput: (not measured in this run)"),
     }
@@ -645,8 +676,8 @@ fn summary() {
 criterion_group! {
     name = benches;
     config = Criterion::default()
-        .warm_up_time(Duration::from_millis(700))
-        .measurement_time(Duration::from_secs(2));
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_millis(1500));
     targets = read_pair, synchronize_latency, call_throughput, concurrent_synchronize
 }
 

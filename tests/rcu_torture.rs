@@ -348,7 +348,11 @@ fn pool_report<D: TortureDomain>(pool: &Pool<D>) -> String {
 fn check_pool<D: TortureDomain>(pool: &Pool<D>, failures: &mut Vec<String>) {
     let t = pool.tally.lock().unwrap().clone();
     if pool.errors.total() != 0 {
-        failures.push(format!("{}: {} reader/reclaim errors", D::NAME, pool.errors.total()));
+        failures.push(format!(
+            "{}: {} reader/reclaim errors",
+            D::NAME,
+            pool.errors.total()
+        ));
     }
     if let Err(e) = pool.audit() {
         failures.push(e);
@@ -408,7 +412,9 @@ fn rcu_torture_readers_never_see_reclaimed_or_overage_objects_and_grace_periods_
     }
     {
         let (d, r) = (flood_rcu.clone(), run.clone());
-        threads.push(thread::spawn(move || flood::flood(&d, flood_counters, &r.stop)));
+        threads.push(thread::spawn(move || {
+            flood::flood(&d, flood_counters, &r.stop)
+        }));
         let (d, r) = (flood_rcu.clone(), run.clone());
         threads.push(thread::spawn(move || staller(&d, flood_counters, &r)));
     }
@@ -435,7 +441,10 @@ fn rcu_torture_readers_never_see_reclaimed_or_overage_objects_and_grace_periods_
     let _ = done.send(());
 
     let fc = flood_counters;
-    let (queued, ran) = (fc.queued.load(Ordering::Relaxed), fc.ran.load(Ordering::Relaxed));
+    let (queued, ran) = (
+        fc.queued.load(Ordering::Relaxed),
+        fc.ran.load(Ordering::Relaxed),
+    );
     let (peak_live, peak_pending) = (
         fc.peak_live.load(Ordering::Relaxed),
         fc.peak_pending.load(Ordering::Relaxed),
@@ -480,7 +489,9 @@ fn rcu_torture_readers_never_see_reclaimed_or_overage_objects_and_grace_periods_
         ));
     }
     if overran > 0 {
-        failures.push(format!("the flood overran the watermark in {overran} stalls"));
+        failures.push(format!(
+            "the flood overran the watermark in {overran} stalls"
+        ));
     }
     if blocked == 0 {
         failures.push("no stall pushed the flood to the watermark: the bound went untested".into());
@@ -500,7 +511,11 @@ fn rcu_torture_readers_never_see_reclaimed_or_overage_objects_and_grace_periods_
     if run.forks.load(Ordering::Relaxed) == 0 {
         failures.push("no fork completed".into());
     }
-    assert!(failures.is_empty(), "rcu_torture failed:\n  {}", failures.join("\n  "));
+    assert!(
+        failures.is_empty(),
+        "rcu_torture failed:\n  {}",
+        failures.join("\n  ")
+    );
 }
 
 /// The checks must be able to fail: against a domain whose grace periods
@@ -538,7 +553,11 @@ fn torture_checks_catch_a_domain_whose_grace_periods_ignore_readers() {
     }
     pool.domain().barrier();
     let _ = done.send(());
-    println!("broken domain, after {:.1?}:\n  {}", start.elapsed(), pool_report(&pool));
+    println!(
+        "broken domain, after {:.1?}:\n  {}",
+        start.elapsed(),
+        pool_report(&pool)
+    );
     assert!(
         all_seen(),
         "the torture checks missed a broken domain: {:?}",
@@ -638,5 +657,9 @@ fn a_child_forked_while_a_worker_is_being_started_can_still_queue_callbacks() {
     }
     stop.store(true, Ordering::Relaxed);
     starter.join().unwrap();
-    assert!(failures.is_empty(), "a forked child failed: {:?}", failures.first());
+    assert!(
+        failures.is_empty(),
+        "a forked child failed: {:?}",
+        failures.first()
+    );
 }

@@ -150,7 +150,10 @@ pub fn fork_and_run(checks: impl FnOnce() -> i32) -> Result<Duration, String> {
             break;
         }
         if r < 0 {
-            return Err(format!("waitpid failed: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "waitpid failed: {}",
+                std::io::Error::last_os_error()
+            ));
         }
         if start.elapsed() > PARENT_WAIT {
             // SAFETY: killing and reaping our own child.
@@ -158,7 +161,9 @@ pub fn fork_and_run(checks: impl FnOnce() -> i32) -> Result<Duration, String> {
                 libc::kill(pid, libc::SIGKILL);
                 libc::waitpid(pid, &mut status, 0);
             }
-            return Err(format!("forked child hung for {PARENT_WAIT:?} and was killed"));
+            return Err(format!(
+                "forked child hung for {PARENT_WAIT:?} and was killed"
+            ));
         }
         std::thread::sleep(Duration::from_millis(1));
     }

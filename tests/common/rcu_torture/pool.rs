@@ -177,7 +177,10 @@ pub struct Pool<D: TortureDomain> {
 impl<D: TortureDomain> Pool<D> {
     /// A pool of `size` objects with one of them published.
     pub fn new(domain: D, size: usize) -> Arc<Self> {
-        assert!(size > QUARANTINE_LEN + 16, "pool too small for the quarantine");
+        assert!(
+            size > QUARANTINE_LEN + 16,
+            "pool too small for the quarantine"
+        );
         let objs: Box<[Obj]> = (0..size)
             .map(|_| Obj {
                 version: AtomicU64::new(0),
