@@ -155,6 +155,24 @@ fn call_writer<D: TortureDomain>(pool: &Arc<Pool<D>>, run: &Run) {
     }
 }
 
+/// Starts a pool's two busy readers (seeded from `seed`) and its two
+/// writers, one retiring through `synchronize()` and one through `call()`.
+fn spawn_pool_threads<D: TortureDomain>(
+    pool: &Arc<Pool<D>>,
+    run: &Arc<Run>,
+    seed: u64,
+    threads: &mut Vec<thread::JoinHandle<()>>,
+) {
+    for s in seed..seed + 2 {
+        let (p, r) = (pool.clone(), run.clone());
+        threads.push(thread::spawn(move || reader(&p, &r, s)));
+    }
+    let (p, r) = (pool.clone(), run.clone());
+    threads.push(thread::spawn(move || sync_writer(&p, &r)));
+    let (p, r) = (pool.clone(), run.clone());
+    threads.push(thread::spawn(move || call_writer(&p, &r)));
+}
+
 /// Keeps [`CHURN_THREADS`] short-lived readers alive, each reading both
 /// pools for a random time; one in eight exits inside a leaked `Rcu`
 /// section.
@@ -394,22 +412,8 @@ fn rcu_torture_readers_never_see_reclaimed_or_overage_objects_and_grace_periods_
     let run = Arc::new(Run::new());
 
     let mut threads = Vec::new();
-    for seed in 0..2u64 {
-        let (p, r) = (rcu_pool.clone(), run.clone());
-        threads.push(thread::spawn(move || reader(&p, &r, seed)));
-        let (p, r) = (srcu_pool.clone(), run.clone());
-        threads.push(thread::spawn(move || reader(&p, &r, seed + 100)));
-    }
-    {
-        let (p, r) = (rcu_pool.clone(), run.clone());
-        threads.push(thread::spawn(move || sync_writer(&p, &r)));
-        let (p, r) = (rcu_pool.clone(), run.clone());
-        threads.push(thread::spawn(move || call_writer(&p, &r)));
-        let (p, r) = (srcu_pool.clone(), run.clone());
-        threads.push(thread::spawn(move || sync_writer(&p, &r)));
-        let (p, r) = (srcu_pool.clone(), run.clone());
-        threads.push(thread::spawn(move || call_writer(&p, &r)));
-    }
+    spawn_pool_threads(&rcu_pool, &run, 0, &mut threads);
+    spawn_pool_threads(&srcu_pool, &run, 100, &mut threads);
     {
         let (d, r) = (flood_rcu.clone(), run.clone());
         threads.push(thread::spawn(move || {
@@ -528,14 +532,7 @@ fn torture_checks_catch_a_domain_whose_grace_periods_ignore_readers() {
     let pool = Pool::new(Mismatched::default(), 2048);
     let run = Arc::new(Run::new());
     let mut threads = Vec::new();
-    for seed in 0..2u64 {
-        let (p, r) = (pool.clone(), run.clone());
-        threads.push(thread::spawn(move || reader(&p, &r, seed)));
-    }
-    let (p, r) = (pool.clone(), run.clone());
-    threads.push(thread::spawn(move || sync_writer(&p, &r)));
-    let (p, r) = (pool.clone(), run.clone());
-    threads.push(thread::spawn(move || call_writer(&p, &r)));
+    spawn_pool_threads(&pool, &run, 0, &mut threads);
 
     let e = &pool.errors;
     let all_seen = || {

@@ -14,20 +14,27 @@ void bp_urcu_unregister_thread(void) { urcu_memb_unregister_thread(); }
 
 void bp_urcu_synchronize(void) { urcu_memb_synchronize_rcu(); }
 
-/* `n` read pairs: lock, dereference the published pointer, unlock. */
+/* One read pair: lock, dereference the published pointer, unlock. */
+static inline long read_pair(long *const *published)
+{
+	long *p;
+	long v;
+
+	urcu_memb_read_lock();
+	p = rcu_dereference(*published);
+	v = CMM_LOAD_SHARED(*p);
+	urcu_memb_read_unlock();
+	return v;
+}
+
+/* `n` read pairs. */
 long bp_urcu_read_pairs(long *const *published, unsigned long n)
 {
 	long acc = 0;
 	unsigned long i;
 
-	for (i = 0; i < n; i++) {
-		long *p;
-
-		urcu_memb_read_lock();
-		p = rcu_dereference(*published);
-		acc += CMM_LOAD_SHARED(*p);
-		urcu_memb_read_unlock();
-	}
+	for (i = 0; i < n; i++)
+		acc += read_pair(published);
 	return acc;
 }
 
@@ -36,14 +43,8 @@ long bp_urcu_read_until(long *const *published, const int *stop)
 {
 	long acc = 0;
 
-	while (!CMM_LOAD_SHARED(*stop)) {
-		long *p;
-
-		urcu_memb_read_lock();
-		p = rcu_dereference(*published);
-		acc += CMM_LOAD_SHARED(*p);
-		urcu_memb_read_unlock();
-	}
+	while (!CMM_LOAD_SHARED(*stop))
+		acc += read_pair(published);
 	return acc;
 }
 
