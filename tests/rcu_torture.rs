@@ -30,15 +30,15 @@
 mod torture;
 
 use rcu_registry::rcu::{Rcu, Srcu};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 use torture::domain::{Mismatched, TortureDomain};
 use torture::flood::{self, FloodCounters, DOCUMENTED_HIGH_WATERMARK, SLACK};
-use torture::fork::{self, ForkTargets, Hold};
-use torture::pool::{Pool, Tally, AGE_BUCKETS};
-use torture::rng::Rng;
+use torture::fork::{self, ForkTargets};
+use torture::pool::{Pool, AGE_BUCKETS};
+use torture::threads::{churn, forker, spawn_pool_threads, srcu_sleeper, staller, watchdog, Run};
 
 /// Environment variable with the run length in seconds.
 const RUN_SECS_VAR: &str = "RCU_TORTURE_SECS";
@@ -51,20 +51,6 @@ const CI_MIN_SECS: f64 = 10.0;
 const WATCHDOG_GRACE: Duration = Duration::from_secs(120);
 /// Objects per pool.
 const POOL_SIZE: usize = 4096;
-/// Time between forks.
-const FORK_PERIOD: Duration = Duration::from_millis(300);
-/// Time between flood stalls.
-const STALL_PERIOD: Duration = Duration::from_millis(1500);
-/// Time between sleeping-`Srcu`-reader episodes.
-const SLEEPER_PERIOD: Duration = Duration::from_millis(700);
-/// How long the `Srcu` reader sleeps in its section per episode (at least).
-const SLEEPER_NAP: Duration = Duration::from_millis(60);
-/// Longest an episode waits for other domains' grace periods to progress.
-const PROGRESS_LIMIT: Duration = Duration::from_secs(10);
-/// Short-lived reader threads alive at once.
-const CHURN_THREADS: usize = 3;
-/// Longest life of a short-lived reader thread.
-const CHURN_MAX_LIFE_US: u64 = 20_000;
 
 /// Set to run the reproducers of known, unfixed bugs (they fail).
 const KNOWN_BUGS_VAR: &str = "RCU_TORTURE_KNOWN_BUGS";
@@ -80,254 +66,6 @@ fn run_length() -> Duration {
         .unwrap_or(DEFAULT_SECS);
     let ci = std::env::var("CI").is_ok_and(|v| v == "true");
     Duration::from_secs_f64(if ci { secs.max(CI_MIN_SECS) } else { secs })
-}
-
-/// State every torture thread sees.
-struct Run {
-    stop: AtomicBool,
-    /// Taken by the staller and the sleeper so that a stall (which blocks
-    /// `Rcu` grace periods on purpose) never overlaps a progress check.
-    episode: Mutex<()>,
-    failures: Mutex<Vec<String>>,
-    churn_started: AtomicU64,
-    churn_leaked_guard: AtomicU64,
-    sleeper_episodes: AtomicU64,
-    sleeper_rcu_gps: AtomicU64,
-    sleeper_srcu_gps: AtomicU64,
-    sleeper_nap_ms: AtomicU64,
-    forks: AtomicU64,
-    fork_max_child_ms: AtomicU64,
-}
-
-impl Run {
-    fn new() -> Self {
-        Run {
-            stop: AtomicBool::new(false),
-            episode: Mutex::new(()),
-            failures: Mutex::new(Vec::new()),
-            churn_started: AtomicU64::new(0),
-            churn_leaked_guard: AtomicU64::new(0),
-            sleeper_episodes: AtomicU64::new(0),
-            sleeper_rcu_gps: AtomicU64::new(0),
-            sleeper_srcu_gps: AtomicU64::new(0),
-            sleeper_nap_ms: AtomicU64::new(0),
-            forks: AtomicU64::new(0),
-            fork_max_child_ms: AtomicU64::new(0),
-        }
-    }
-
-    fn stopped(&self) -> bool {
-        self.stop.load(Ordering::Relaxed)
-    }
-
-    fn fail(&self, msg: String) {
-        eprintln!("rcu_torture: FAILURE: {msg}");
-        self.failures.lock().unwrap().push(msg);
-    }
-
-    /// Sleeps up to `d`, returning early (false) once the run stops.
-    fn pause(&self, d: Duration) -> bool {
-        let until = Instant::now() + d;
-        while Instant::now() < until {
-            if self.stopped() {
-                return false;
-            }
-            thread::sleep(Duration::from_millis(5).min(d));
-        }
-        !self.stopped()
-    }
-}
-
-fn reader<D: TortureDomain>(pool: &Pool<D>, run: &Run, seed: u64) {
-    let mut rng = Rng::new(seed);
-    let mut tally = Tally::default();
-    while !run.stopped() {
-        for _ in 0..256 {
-            pool.read_and_check(&mut rng, &mut tally);
-        }
-    }
-    pool.merge(&tally);
-}
-
-fn sync_writer<D: TortureDomain>(pool: &Pool<D>, run: &Run) {
-    while !run.stopped() {
-        pool.retire_with_synchronize();
-    }
-}
-
-fn call_writer<D: TortureDomain>(pool: &Arc<Pool<D>>, run: &Run) {
-    while !run.stopped() {
-        pool.retire_with_call();
-    }
-}
-
-/// Starts a pool's two busy readers (seeded from `seed`) and its two
-/// writers, one retiring through `synchronize()` and one through `call()`.
-fn spawn_pool_threads<D: TortureDomain>(
-    pool: &Arc<Pool<D>>,
-    run: &Arc<Run>,
-    seed: u64,
-    threads: &mut Vec<thread::JoinHandle<()>>,
-) {
-    for s in seed..seed + 2 {
-        let (p, r) = (pool.clone(), run.clone());
-        threads.push(thread::spawn(move || reader(&p, &r, s)));
-    }
-    let (p, r) = (pool.clone(), run.clone());
-    threads.push(thread::spawn(move || sync_writer(&p, &r)));
-    let (p, r) = (pool.clone(), run.clone());
-    threads.push(thread::spawn(move || call_writer(&p, &r)));
-}
-
-/// Keeps [`CHURN_THREADS`] short-lived readers alive, each reading both
-/// pools for a random time; one in eight exits inside a leaked `Rcu`
-/// section.
-fn churn(rcu_pool: &Arc<Pool<Rcu>>, srcu_pool: &Arc<Pool<Srcu>>, run: &Arc<Run>) {
-    let mut rng = Rng::new(0xc4u64);
-    let mut alive: Vec<thread::JoinHandle<()>> = Vec::new();
-    while !run.stopped() {
-        alive.retain(|h| !h.is_finished());
-        while alive.len() < CHURN_THREADS {
-            let (rp, sp, r) = (rcu_pool.clone(), srcu_pool.clone(), run.clone());
-            let seed = rng.next();
-            r.churn_started.fetch_add(1, Ordering::Relaxed);
-            alive.push(thread::spawn(move || {
-                let mut rng = Rng::new(seed);
-                let life = Duration::from_micros(rng.below(CHURN_MAX_LIFE_US));
-                let born = Instant::now();
-                let (mut rt, mut st) = (Tally::default(), Tally::default());
-                while born.elapsed() < life && !r.stopped() {
-                    rp.read_and_check(&mut rng, &mut rt);
-                    sp.read_and_check(&mut rng, &mut st);
-                }
-                rp.merge(&rt);
-                sp.merge(&st);
-                if rng.one_in(8) {
-                    // The thread exits inside this section: grace periods
-                    // must not wait for it forever.
-                    std::mem::forget(rp.domain().read());
-                    r.churn_leaked_guard.fetch_add(1, Ordering::Relaxed);
-                }
-            }));
-        }
-        thread::sleep(Duration::from_micros(500));
-    }
-    for h in alive {
-        h.join().unwrap();
-    }
-}
-
-/// Waits (up to [`PROGRESS_LIMIT`]) until `gps()` has advanced by `n`.
-fn progressed(gps: impl Fn() -> u64, from: u64, n: u64) -> Result<u64, u64> {
-    let start = Instant::now();
-    loop {
-        let now = gps();
-        if now >= from + n {
-            return Ok(now - from);
-        }
-        if start.elapsed() > PROGRESS_LIMIT {
-            return Err(now - from);
-        }
-        thread::sleep(Duration::from_millis(1));
-    }
-}
-
-/// Episodes of an `Srcu` reader sleeping in its section: `Rcu` grace
-/// periods (three of them run by the sleeper itself) and the other `Srcu`
-/// instance's grace periods complete meanwhile, while a grace period of the
-/// sleeper's own instance does not.
-fn srcu_sleeper(rcu: &Rcu, other_srcu: &Srcu, run: &Run) {
-    let sleepy = Srcu::new();
-    while run.pause(SLEEPER_PERIOD) {
-        let _episode = run.episode.lock().unwrap();
-        let rcu_before = rcu.stats().grace_periods;
-        let other_before = other_srcu.stats().grace_periods;
-        let start = Instant::now();
-        let guard = sleepy.read();
-        let cookie = sleepy.start_poll();
-        for _ in 0..3 {
-            // Allowed: an Rcu grace period does not wait for Srcu readers.
-            rcu.synchronize();
-            thread::sleep(SLEEPER_NAP / 3);
-        }
-        let rcu_gps = progressed(|| rcu.stats().grace_periods, rcu_before, 3);
-        let srcu_gps = progressed(|| other_srcu.stats().grace_periods, other_before, 1);
-        let own_done_early = sleepy.poll(&cookie);
-        let napped = start.elapsed();
-        drop(guard);
-        match (rcu_gps, srcu_gps) {
-            (Ok(r), Ok(s)) => {
-                run.sleeper_rcu_gps.fetch_add(r, Ordering::Relaxed);
-                run.sleeper_srcu_gps.fetch_add(s, Ordering::Relaxed);
-            }
-            (r, s) => run.fail(format!(
-                "while an Srcu reader slept {napped:?}: Rcu grace periods {r:?} (want 3), \
-                 other Srcu grace periods {s:?} (want 1)"
-            )),
-        }
-        if own_done_early {
-            run.fail("an Srcu grace period completed while its reader slept".into());
-        }
-        sleepy.cond_synchronize(cookie);
-        run.sleeper_episodes.fetch_add(1, Ordering::Relaxed);
-        run.sleeper_nap_ms
-            .fetch_add(napped.as_millis() as u64, Ordering::Relaxed);
-    }
-}
-
-/// Forks every [`FORK_PERIOD`] while the holder sits inside an `Rcu` and an
-/// `Srcu` section and everything else keeps running.
-fn forker(targets: &ForkTargets, run: &Run) {
-    let (requests, incoming) = mpsc::channel::<Hold>();
-    let holder = {
-        let (rcu, srcu) = (targets.pool_rcu.clone(), targets.held_srcu.clone());
-        thread::spawn(move || fork::holder(incoming, rcu, srcu))
-    };
-    while run.pause(FORK_PERIOD) {
-        // Make sure the global domain has a worker in the parent, so the
-        // child must notice that it did not survive the fork.
-        Rcu::global().call(|| {});
-        let (inside_tx, inside_rx) = mpsc::sync_channel(1);
-        let (release_tx, release_rx) = mpsc::sync_channel(1);
-        requests
-            .send(Hold {
-                inside: inside_tx,
-                release: release_rx,
-            })
-            .unwrap();
-        inside_rx.recv().unwrap();
-        let outcome = fork::fork_and_check(targets);
-        let _ = release_tx.send(());
-        match outcome {
-            Ok(took) => {
-                run.forks.fetch_add(1, Ordering::Relaxed);
-                run.fork_max_child_ms
-                    .fetch_max(took.as_millis() as u64, Ordering::Relaxed);
-            }
-            Err(e) => run.fail(e),
-        }
-    }
-    drop(requests);
-    holder.join().unwrap();
-}
-
-fn staller(flood_rcu: &Rcu, counters: &FloodCounters, run: &Run) {
-    while run.pause(STALL_PERIOD) {
-        let _episode = run.episode.lock().unwrap();
-        flood::stall(flood_rcu, counters, &run.stop);
-    }
-}
-
-/// Aborts the process unless `done` is signalled within `limit`.
-fn watchdog(limit: Duration) -> mpsc::Sender<()> {
-    let (done, rx) = mpsc::channel::<()>();
-    thread::spawn(move || {
-        if let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(limit) {
-            eprintln!("rcu_torture: WATCHDOG: the run did not finish within {limit:?}; aborting");
-            std::process::abort();
-        }
-    });
-    done
 }
 
 fn pool_report<D: TortureDomain>(pool: &Pool<D>) -> String {

@@ -5,3 +5,4 @@ pub mod flood;
 pub mod fork;
 pub mod pool;
 pub mod rng;
+pub mod threads;
