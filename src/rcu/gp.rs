@@ -206,8 +206,6 @@ pub(crate) fn synchronize(gp: &dyn GracePeriod, expedited: bool) {
 /// Pending callbacks past which a caller that may sleep waits for the worker
 /// (bounds memory under a callback flood: ~48 bytes a small callback).
 pub(crate) const HIGH_WATERMARK: usize = 1 << 18;
-/// A throttled caller resumes once the backlog is below this.
-const LOW_WATERMARK: usize = HIGH_WATERMARK / 2;
 
 /// Header shared by every callback node; the closure follows it.
 #[repr(C)]
@@ -314,7 +312,7 @@ impl CallbackQueue {
         self.ensure_worker(gp);
         self.kick_worker();
         if backlog > HIGH_WATERMARK && may_wait && !ON_WORKER.with(|w| w.get()) {
-            self.throttle();
+            self.throttle(gp);
         }
     }
 
@@ -351,16 +349,16 @@ impl CallbackQueue {
         }
     }
 
+    /// Makes a caller past the high watermark wait until every callback
+    /// queued before it has run, so the backlog it adds to stays bounded.
+    ///
+    /// A barrier, not "wait until the backlog is below some level": after
+    /// fork(), callbacks that the parent's worker had taken off the stack
+    /// still count as pending in the child but never run there, so a
+    /// backlog-level wait could wedge the child for good.
     #[cold]
-    fn throttle(&self) {
-        let mut backoff = Backoff::new();
-        while self.pending.load(Ordering::Relaxed) > LOW_WATERMARK {
-            if backoff.is_completed() {
-                thread::yield_now();
-            } else {
-                backoff.snooze();
-            }
-        }
+    fn throttle(self: &Arc<Self>, gp: &Arc<dyn GracePeriod>) {
+        self.barrier(gp);
     }
 
     /// Starts the worker if there is none in this process image.

@@ -116,11 +116,30 @@ fn any_old_reader(phase: usize) -> bool {
     found
 }
 
+/// Scans a normal grace period makes, spinning, before it arms the futex and
+/// sleeps until the last old reader wakes it. Spinning only, never
+/// `yield_now()`: a reader wakes only a waiter that armed the futex, so a
+/// waiter that yielded on a loaded machine stays off the CPU for whole time
+/// slices after the reader has left (measured: median `synchronize()` behind
+/// a reader with 1 ms sections 3.6 ms with crossbeam's spin-then-yield
+/// backoff, 0.64 ms like this, as liburcu-memb's 100 busy attempts).
+#[cfg(not(loom))]
+const READER_SPINS: u32 = 100;
+/// Under loom every spin is a yield: keep the model small.
+#[cfg(loom)]
+const READER_SPINS: u32 = 1;
+
 fn wait_for_readers(phase: usize, expedited: bool) {
     let mut backoff = Backoff::new();
+    let mut spins = 0;
     while any_old_reader(phase) {
-        if !backoff.is_completed() || expedited {
+        if expedited {
             backoff.snooze();
+            continue;
+        }
+        if spins < READER_SPINS {
+            spins += 1;
+            crate::sync::spin_loop();
             continue;
         }
         // Arm the futex, then make the arming visible to every reader (and
