@@ -52,9 +52,6 @@ const WATCHDOG_GRACE: Duration = Duration::from_secs(120);
 /// Objects per pool.
 const POOL_SIZE: usize = 4096;
 
-/// Set to run the reproducers of known, unfixed bugs (they fail).
-const KNOWN_BUGS_VAR: &str = "RCU_TORTURE_KNOWN_BUGS";
-
 /// The torture tests share the machine's two cores: run them one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
 
@@ -364,19 +361,13 @@ fn a_child_forked_while_the_worker_holds_a_large_batch_can_still_queue_callbacks
 /// A child forked while another thread is starting a domain's callback
 /// worker must still be able to queue callbacks on that domain.
 ///
-/// KNOWN BUG (reported, not fixed here), so the test only runs when
-/// [`KNOWN_BUGS_VAR`] is set: `CallbackQueue::start_worker` holds the
-/// `starting` mutex while it spawns the worker; a child forked meanwhile
-/// inherits the mutex locked by a thread that does not exist in it, and its
-/// first `call()` on that domain blocks forever in `start_worker` (seen with
-/// gdb in the hung child: `Mutex::lock_contended` under `start_worker`,
-/// src/rcu/gp.rs).
+/// Regression test: `CallbackQueue::start_worker` used to hold a mutex while
+/// spawning the worker; a child forked meanwhile inherited it locked by a
+/// thread that does not exist in the child, and its first `call()` blocked
+/// forever. Starting is now claimed with an atomic word tagged by fork
+/// generation, which a child takes over.
 #[test]
 fn a_child_forked_while_a_worker_is_being_started_can_still_queue_callbacks() {
-    if std::env::var_os(KNOWN_BUGS_VAR).is_none() {
-        eprintln!("skipped: reproduces a known bug; set {KNOWN_BUGS_VAR}=1 to run it");
-        return;
-    }
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let current: Arc<Mutex<Option<Rcu>>> = Arc::new(Mutex::new(None));
     let stop = Arc::new(AtomicBool::new(false));
