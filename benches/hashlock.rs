@@ -4,7 +4,8 @@
 //! - `false_sharing`: two threads each lock/unlock their *own* stripe, the
 //!   two stripes neighbours in memory: padded against compact layout.
 //! - `uncontended`: one thread's lock/unlock through a hashed array against a
-//!   single global `Mutex<()>` (the cost of hashing and indexing).
+//!   single global `Mutex<()>`: with one key (the cost of hashing and
+//!   indexing) and with a key that changes every iteration.
 //! - `contended`: two threads on random keys: a 64-stripe array against one
 //!   global `Mutex<()>` (what striping is for).
 //!
@@ -127,14 +128,21 @@ fn uncontended_case(c: &mut Criterion, id: &str, mut lock_unlock: impl FnMut(u64
     });
 }
 
+/// The peer of the uncontended cases: one process-wide lock, as a `static`.
+static GLOBAL: Mutex<()> = Mutex::new(());
+
 fn uncontended(c: &mut Criterion) {
-    let global = Mutex::new(());
     uncontended_case(c, "uncontended/global Mutex", |_| {
-        drop(black_box(global.lock().unwrap()))
+        drop(black_box(GLOBAL.lock().unwrap_or_else(|e| e.into_inner())))
     });
     let mutexes: HashedLocks<u64, Mutex<()>> = HashedLocks::new(STRIPES).unwrap();
     uncontended_case(c, "uncontended/Mutex padded", |k| {
         drop(black_box(mutexes.lock(&k)))
+    });
+    // One key, hence one lock, like the global case: isolates the cost of
+    // hashing and indexing from the access pattern.
+    uncontended_case(c, "uncontended/Mutex padded, one key", |_| {
+        drop(black_box(mutexes.lock(black_box(&42))))
     });
     let compact: HashedLocks<u64, Mutex<()>, (), Compact> = HashedLocks::new(STRIPES).unwrap();
     uncontended_case(c, "uncontended/Mutex compact", |k| {
@@ -216,6 +224,7 @@ fn main() {
         );
     }
     for case in [
+        "Mutex padded, one key",
         "Mutex padded",
         "Mutex compact",
         "SpinLock padded",
