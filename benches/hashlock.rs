@@ -19,6 +19,7 @@ use std::sync::{Barrier, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use criterion::{BenchmarkId, Criterion};
+use crossbeam_utils::CachePadded;
 use rcu_registry::hashlock::{Compact, HashedLocks, Layout, Padded, SpinLock, StripeLock};
 
 /// Stripes in every array: the kernel's kprobe table size, small enough that
@@ -128,8 +129,9 @@ fn uncontended_case(c: &mut Criterion, id: &str, mut lock_unlock: impl FnMut(u64
     });
 }
 
-/// The peer of the uncontended cases: one process-wide lock, as a `static`.
-static GLOBAL: Mutex<()> = Mutex::new(());
+/// The peer of the uncontended cases: one process-wide lock, as a `static`
+/// on its own cache line (so that no neighbouring static affects it).
+static GLOBAL: CachePadded<Mutex<()>> = CachePadded::new(Mutex::new(()));
 
 fn uncontended(c: &mut Criterion) {
     uncontended_case(c, "uncontended/global Mutex", |_| {
