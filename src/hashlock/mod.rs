@@ -79,11 +79,12 @@
 //! result. It is not SipHash on purpose: a lock array has no chains to
 //! attack (the worst case is every key on one stripe: the single lock the
 //! array replaces), and SipHash measured 6x slower, close to the cost of an
-//! uncontended spin-lock lock/unlock by itself. The spread is that of a random function: on 65,536
-//! sequential integer keys the fullest of 64 stripes gets 1.07x its fair
-//! share and the fullest of 1,024 stripes 1.41x (`tests/hashlock_distribution.rs`
-//! checks at most 2x for 1 to 1,024 stripes on sequential, page-strided,
-//! cache-line-strided, high-bits-only, tuple and string keys).
+//! uncontended spin-lock lock/unlock by itself. The spread is that of a
+//! random function: on 65,536 sequential integer keys the fullest of 64
+//! stripes gets 1.07x its fair share and the fullest of 1,024 stripes 1.41x
+//! (`tests/hashlock_distribution.rs` checks at most 2x for 1 to 1,024
+//! stripes on sequential, page-strided, cache-line-strided, high-bits-only,
+//! tuple and string keys).
 //!
 //! # Choosing a lock
 //!
@@ -118,6 +119,29 @@
 //! // Unregistering walks every chain with everything locked at once.
 //! let all = table.lock_all();
 //! assert!(all.iter().all(Vec::is_empty));
+//! ```
+//!
+//! # Example: uprobe-style per-file serialization
+//!
+//! ```
+//! use std::sync::Mutex;
+//!
+//! use rcu_registry::hashlock::HashedLocks;
+//!
+//! #[derive(Hash)]
+//! struct FileId {
+//!     dev: u64,
+//!     ino: u64,
+//! }
+//!
+//! // Breakpoint insertion and removal for one file must not interleave;
+//! // different files should not wait for each other.
+//! let per_file: HashedLocks<FileId, Mutex<()>> = HashedLocks::new(32).unwrap();
+//! let libc = FileId { dev: 8, ino: 1_234 };
+//! {
+//!     let _serialized = per_file.lock(&libc);
+//!     // ... walk the mappings of `libc` and write the breakpoints ...
+//! }
 //! ```
 
 mod guard;
