@@ -9,6 +9,10 @@
 //!
 //! Runs `HASHLOCK_STRESS_SECS` seconds (default 1) per lock kind and layout.
 
+// The std locks are stripes only in normal builds; under `--cfg loom` the
+// crate's stripes are loom's locks and the loom-tests crate does the testing.
+#![cfg(not(loom))]
+
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
