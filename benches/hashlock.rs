@@ -256,6 +256,9 @@ fn main() {
         1
     };
     println!("\nhashlock paired ratios (time per iteration, first / second):");
+    if rounds == 1 {
+        println!("(smoke run under `cargo test`: one round, not a measurement)");
+    }
     for lock in ["SpinLock", "Mutex"] {
         paired(
             &format!("false sharing, {lock}: compact / padded"),
