@@ -37,7 +37,7 @@ use super::gp::{self, CallbackQueue, GpSeq, GracePeriod, SLEEP_SLICE};
 use super::slots::{self, Slot, GP_FUTEX, GP_WAITING};
 use super::{Flavor, GpCookie, ReadGuard};
 use crate::sync::atomic::{fence, AtomicUsize, Ordering};
-use crate::sync::{heavy_barrier, light_barrier, Backoff};
+use crate::sync::{heavy_barrier, light_barrier, light_barrier_in, membarrier_mode, Backoff};
 use std::fmt;
 use std::marker::PhantomData;
 use std::sync::Arc;
@@ -411,14 +411,16 @@ impl Drop for RcuGuard<'_> {
         // Relaxed: this thread's own counter (see `read`).
         let v = slot.ctr.load(Ordering::Relaxed);
         if v & NEST_MASK == NEST_ONE {
+            // One load of the process-wide barrier mode serves both barriers.
+            let asymmetric = membarrier_mode();
             // Orders the section's accesses before the counter store. Pairs
             // with the updater's final heavy barrier.
-            light_barrier();
+            light_barrier_in(asymmetric);
             slot.ctr.store(v - NEST_ONE, Ordering::Relaxed);
             // Orders the counter store before the futex-word load in
             // `notify_gp_waiter`. Pairs with the heavy barrier after the
             // updater arms the futex.
-            light_barrier();
+            light_barrier_in(asymmetric);
             slots::notify_gp_waiter();
         } else {
             slot.ctr.store(v - NEST_ONE, Ordering::Relaxed);
