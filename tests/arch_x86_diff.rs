@@ -345,11 +345,8 @@ fn every_jcc_condition_is_emulated_like_the_cpu_evaluates_it() {
 /// corrupted produces a different final state.
 #[test]
 fn a_broken_fixup_is_detected_by_the_differential_harness() {
-    let cases: Vec<(
-        &str,
-        Vec<u8>,
-        Box<dyn Fn(&mut rcu_registry::probes::arch::XolPlan)>,
-    )> = vec![
+    type Breakage = Box<dyn Fn(&mut rcu_registry::probes::arch::XolPlan)>;
+    let cases: Vec<(&str, Vec<u8>, Breakage)> = vec![
         (
             "scratch register loaded with a value 8 bytes off",
             rip(&[0x48, 0x8b, 0x05], &[], TARGET),
