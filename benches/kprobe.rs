@@ -113,14 +113,27 @@ impl DataMemory for Word {
     }
 }
 
-/// Runs `work(thread, iters)` on `threads` threads released together;
-/// returns the wall time.
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: `set` is a plain bitmask owned by this frame; CPU_ZERO/CPU_SET
+    // write only inside it, and sched_setaffinity(0, ..) reads it for the
+    // calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Runs `work(thread, iters)` on `threads` threads (pinned to CPUs 0, 1, ..)
+/// released together; returns the wall time.
 fn on_threads(threads: usize, iters: u64, work: impl Fn(usize, u64) + Sync) -> Duration {
     let barrier = Barrier::new(threads + 1);
     std::thread::scope(|s| {
         for t in 0..threads {
             let (barrier, work) = (&barrier, &work);
             s.spawn(move || {
+                pin_to_cpu(t);
                 barrier.wait();
                 work(t, iters);
                 barrier.wait();
@@ -322,54 +335,95 @@ fn bench_unregister(c: &mut Criterion) {
 
 // --------------------------------------------------------------- kretprobe
 
+/// A registry with two kretprobe'd functions and its instance table on
+/// `stripes` stripes.
+fn kret_registry(stripes: usize) -> (Reg, Vec<Kretprobe<u64>>) {
+    let reg = registry(2, 64, stripes);
+    let krps = (0..2)
+        .map(|i| {
+            let k = Kretprobe::<u64>::at(func(i))
+                .handler(|d, _, ret| *d = d.wrapping_add(ret))
+                .build()
+                .unwrap();
+            reg.register_kretprobe(&k).unwrap();
+            k
+        })
+        .collect();
+    (reg, krps)
+}
+
+/// `threads` threads, each calling its own kretprobe'd function `iters`
+/// times (entry trap, return through the trampoline).
+fn kret_calls(reg: &Reg, threads: usize, iters: u64) -> Duration {
+    on_threads(threads, iters, |t, n| {
+        let mut mem = Word(CALLER);
+        for _ in 0..n {
+            let mut regs = Regs {
+                ip: func(t) + 1,
+                sp: STACK,
+                ..Regs::default()
+            };
+            let out = reg.on_breakpoint(&mut regs, &mut mem);
+            assert!(matches!(out, HitOutcome::Emulated));
+            regs.ip = TRAMPOLINE;
+            regs.sp = STACK + 8;
+            regs.gprs[0] = 42;
+            assert_eq!(
+                reg.on_return(&mut regs),
+                ReturnOutcome::Returned { to: CALLER }
+            );
+            mem.0 = CALLER;
+        }
+    })
+}
+
 fn bench_kretprobe(c: &mut Criterion) {
     let mut g = c.benchmark_group("kretprobe_entry_return");
     for (name, stripes) in [("hashed_64", 64usize), ("global_lock", 1)] {
-        let reg = registry(2, 64, stripes);
-        let krps: Vec<Kretprobe<u64>> = (0..2)
-            .map(|i| {
-                let k = Kretprobe::<u64>::at(func(i))
-                    .handler(|d, _, ret| *d = d.wrapping_add(ret))
-                    .build()
-                    .unwrap();
-                reg.register_kretprobe(&k).unwrap();
-                k
-            })
-            .collect();
+        let (reg, krps) = kret_registry(stripes);
         for threads in [1usize, 2] {
             g.bench_function(BenchmarkId::new(name, threads), |b| {
                 b.iter_custom(|iters| {
                     let id = format!("kret/{name}/{threads}");
-                    record(
-                        &id,
-                        on_threads(threads, iters, |t, n| {
-                            let mut mem = Word(CALLER);
-                            for _ in 0..n {
-                                let mut regs = Regs {
-                                    ip: func(t) + 1,
-                                    sp: STACK,
-                                    ..Regs::default()
-                                };
-                                let out = reg.on_breakpoint(&mut regs, &mut mem);
-                                assert!(matches!(out, HitOutcome::Emulated));
-                                regs.ip = TRAMPOLINE;
-                                regs.sp = STACK + 8;
-                                regs.gprs[0] = 42;
-                                assert_eq!(
-                                    reg.on_return(&mut regs),
-                                    ReturnOutcome::Returned { to: CALLER }
-                                );
-                                mem.0 = CALLER;
-                            }
-                        }),
-                        iters,
-                    )
+                    record(&id, kret_calls(&reg, threads, iters), iters)
                 })
             });
         }
         assert_eq!(krps.iter().map(|k| k.nmissed()).sum::<u64>(), 0);
     }
     g.finish();
+}
+
+/// Rounds of the paired measurement.
+const PAIRED_ROUNDS: usize = 41;
+/// Iterations per thread in one paired run (a few milliseconds).
+const PAIRED_ITERS: u64 = 20_000;
+
+/// Runs `slower` and `faster` in alternation (first runner swapped every
+/// round) and prints the median and quartiles of the per-round ratios
+/// slower/faster: under a load that changes from moment to moment, the two
+/// sides of a round ran under the same conditions.
+fn paired(label: &str, slower: impl Fn(u64) -> Duration, faster: impl Fn(u64) -> Duration) {
+    let mut ratios: Vec<f64> = (0..PAIRED_ROUNDS)
+        .map(|round| {
+            let (s, f) = if round % 2 == 0 {
+                let s = slower(PAIRED_ITERS);
+                (s, faster(PAIRED_ITERS))
+            } else {
+                let f = faster(PAIRED_ITERS);
+                (slower(PAIRED_ITERS), f)
+            };
+            s.as_secs_f64() / f.as_secs_f64()
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let q = |x: f64| ratios[((ratios.len() - 1) as f64 * x) as usize];
+    println!(
+        "  {label}: paired median {:.2}x (quartiles {:.2}x-{:.2}x, {PAIRED_ROUNDS} rounds)",
+        q(0.5),
+        q(0.25),
+        q(0.75)
+    );
 }
 
 fn ratio(label: &str, slower: &str, faster: &str) {
@@ -404,6 +458,15 @@ fn main() {
             &format!("kretprobe entry+return, global lock / hashed, {t} thread(s)"),
             &format!("kret/global_lock/{t}"),
             &format!("kret/hashed_64/{t}"),
+        );
+    }
+    let (hashed, _k1) = kret_registry(64);
+    let (global, _k2) = kret_registry(1);
+    for t in [1, 2] {
+        paired(
+            &format!("kretprobe entry+return, global lock / hashed, {t} thread(s)"),
+            |n| kret_calls(&global, t, n),
+            |n| kret_calls(&hashed, t, n),
         );
     }
 }
