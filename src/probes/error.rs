@@ -122,6 +122,20 @@ pub enum ProbeError {
         /// What did not match.
         what: &'static str,
     },
+    /// No known function contains `addr`, so the instruction boundary cannot
+    /// be checked by decoding from the function's start.
+    NoFunction {
+        /// The refused address.
+        addr: u64,
+    },
+    /// A kretprobe was registered with a registry that has no return
+    /// trampoline address configured.
+    NoReturnTrampoline,
+    /// The XOL slot allocator has no free slot (near `near`).
+    XolExhausted {
+        /// The probed address the slot was wanted for.
+        near: u64,
+    },
 }
 
 /// Why an arch backend refuses to probe an instruction.
@@ -377,6 +391,16 @@ impl fmt::Display for ProbeError {
             }
             ProbeError::PlanMismatch { what } => {
                 write!(f, "arch backend was given a plan it did not make: {what}")
+            }
+            ProbeError::NoFunction { addr } => write!(
+                f,
+                "no known function contains {addr:#x}: its instruction boundary cannot be checked"
+            ),
+            ProbeError::NoReturnTrampoline => {
+                f.write_str("a kretprobe needs a registry with a return trampoline address")
+            }
+            ProbeError::XolExhausted { near } => {
+                write!(f, "no free out-of-line execution slot for a probe at {near:#x}")
             }
         }
     }

@@ -3,6 +3,7 @@
 
 pub mod arch;
 pub mod error;
+pub mod kprobe;
 pub mod text;
 
 pub use error::ProbeError;

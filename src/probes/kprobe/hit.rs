@@ -1,0 +1,411 @@
+//! The hit path: what a trap handler calls, and what it is told to do next.
+//!
+//! # Signal safety
+//!
+//! [`on_breakpoint`](KprobeRegistry::on_breakpoint),
+//! [`on_step_complete`](KprobeRegistry::on_step_complete) and
+//! [`on_return`](KprobeRegistry::on_return) are written to run inside a
+//! SIGTRAP handler: they allocate nothing, take no lock (the kretprobe paths
+//! take two short spin locks, see `instances.rs`) and make no system call
+//! (the arch backend's trap-context methods promise the same; a miss reads
+//! the text memory once, whose `read` must then be signal-safe, as the
+//! in-process one is: a plain copy). Lookups run under an `Rcu` read guard,
+//! which is a thread-local store.
+//!
+//! # Re-entrancy
+//!
+//! A per-thread flag (a `const` thread-local `Cell`: no lazy initialisation,
+//! no destructor registration) is set while handlers run. A hit on a thread
+//! whose flag is set (a handler called probed code) runs no handler: it
+//! counts `nmissed` on the probes and completes the displaced instruction,
+//! never recursing.
+//!
+//! # Single-steps in flight
+//!
+//! A single-stepped hit leaves the read section when the trap handler
+//! returns, but the thread still runs the XOL slot and will run the post
+//! handlers at the step trap. The [`StepToken`] it carries holds a count on
+//! the member list it ran the pre handlers from (`Members::inflight`);
+//! unregistration frees a retired list only after its grace period *and*
+//! after that count dropped to zero. The token is `!Send` and borrows the
+//! registry; dropping it without completing the step gives the count back.
+
+use std::cell::Cell;
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+
+use super::instances::ThreadKey;
+use super::kretprobe::EntryContext;
+use super::probe::{Action, Handlers, Kprobe};
+use super::registry::KprobeRegistry;
+use super::table::Members;
+use crate::probes::arch::{
+    Arch, DataMemory, Regs, StepOutcome, StepState, XolPlan, XolRun, MAX_INSN_BYTES,
+};
+use crate::probes::text::TextMemory;
+use crate::probes::ProbeError;
+use crate::sync::atomic::Ordering;
+
+crate::sync::const_thread_local! {
+    /// Set while this thread runs probe handlers.
+    static IN_HANDLER: Cell<bool> = Cell::new(false);
+}
+
+/// Whether the calling thread is running a probe handler.
+pub(crate) fn in_handler() -> bool {
+    IN_HANDLER.with(Cell::get)
+}
+
+/// Marks the thread as running handlers; cleared on drop (also on unwind).
+struct HandlerScope(());
+
+impl HandlerScope {
+    /// `None` if the thread already runs handlers (a re-entered hit).
+    #[inline]
+    fn enter() -> Option<HandlerScope> {
+        IN_HANDLER.with(|f| {
+            if f.get() {
+                None
+            } else {
+                // A signal between the test and the set runs its own scope to
+                // completion (set, clear) before we resume: still correct.
+                f.set(true);
+                Some(HandlerScope(()))
+            }
+        })
+    }
+}
+
+impl Drop for HandlerScope {
+    #[inline]
+    fn drop(&mut self) {
+        IN_HANDLER.with(|f| f.set(false));
+    }
+}
+
+/// Members with an index below this are tracked exactly (bit set) for
+/// "ran its pre handler"; later ones are assumed to have run if enabled.
+const TRACKED_MEMBERS: usize = u64::BITS as usize;
+
+/// What the trap handler must do after [`KprobeRegistry::on_breakpoint`].
+#[must_use = "the outcome says how to resume the thread"]
+#[derive(Debug)]
+pub enum HitOutcome<'r> {
+    /// No probe of this registry is at the address and the breakpoint there
+    /// is not ours: leave `regs` alone and chain to the previous handler.
+    NotOurs,
+    /// The probe was removed between the trap and the lookup (the original
+    /// instruction is back): `regs.ip` now points at it; resume.
+    Vanished,
+    /// A pre handler changed `regs.ip` and asked to skip the displaced
+    /// instruction: resume at `regs.ip`.
+    Skipped,
+    /// The displaced instruction was emulated on `regs` and memory, the post
+    /// handlers ran: resume.
+    Emulated,
+    /// `regs.ip` points at the XOL slot, which jumps back by itself: resume
+    /// (one trap, no post handler).
+    Boosted {
+        /// The slot's address.
+        slot: u64,
+    },
+    /// `regs` are set up to single-step the XOL slot (IP at the slot, step
+    /// armed): resume, and at the step trap call
+    /// [`KprobeRegistry::on_step_complete`] with the token.
+    SingleStep(StepToken<'r>),
+    /// The displaced instruction could not be completed (emulation or step
+    /// preparation failed, e.g. an unreadable stack): `regs` hold the state
+    /// before it. The runtime decides (typically: deliver a fault).
+    Failed(ProbeError),
+}
+
+/// A single-step in flight: hand it to
+/// [`KprobeRegistry::on_step_complete`] at the step trap, on the same thread.
+///
+/// Dropping it without completing gives up the step (no fixup, no post
+/// handler) and lets unregistration proceed.
+pub struct StepToken<'r> {
+    members: NonNull<Members>,
+    state: StepState,
+    ran_pre: u64,
+    run_post: bool,
+    /// Borrows the registry; `NonNull` already makes the token `!Send`.
+    _registry: PhantomData<&'r ()>,
+}
+
+impl StepToken<'_> {
+    fn members(&self) -> &Members {
+        // SAFETY: the token holds a count in `inflight`, and a retired list
+        // is freed only once that count is zero.
+        unsafe { self.members.as_ref() }
+    }
+
+    /// The XOL plan being stepped.
+    pub fn plan(&self) -> &XolPlan {
+        self.members()
+            .exec
+            .plan
+            .as_ref()
+            .expect("a step token is only made for a site with an XOL plan")
+    }
+
+    /// The slot's address.
+    pub fn slot(&self) -> u64 {
+        self.plan().slot_addr
+    }
+
+    /// What the arch backend saved for the step's fixups.
+    pub fn state(&self) -> &StepState {
+        &self.state
+    }
+}
+
+impl Drop for StepToken<'_> {
+    fn drop(&mut self) {
+        // Release pairs with the reaper's Acquire load in `wait_for_steps`:
+        // the post handlers and fixups this token ran happen-before the list
+        // is freed. Nothing touches the list after this.
+        self.members().inflight.fetch_sub(1, Ordering::Release);
+    }
+}
+
+impl std::fmt::Debug for StepToken<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepToken")
+            .field("slot", &format_args!("{:#x}", self.slot()))
+            .field("run_post", &self.run_post)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Result of [`KprobeRegistry::on_step_complete`].
+#[must_use = "the result says how to resume the thread"]
+#[derive(Debug)]
+pub enum StepResult<'r> {
+    /// Fixups applied, post handlers ran: resume at `regs.ip`.
+    Done,
+    /// The instruction is not finished (an x86 `rep` iteration): resume with
+    /// the step still armed and call again with this token at the next trap.
+    Repeat(StepToken<'r>),
+    /// A fixup failed; `regs` are unchanged. The runtime decides.
+    Failed(ProbeError),
+}
+
+/// Result of [`KprobeRegistry::on_return`].
+#[must_use = "the outcome says where the thread returns to"]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReturnOutcome {
+    /// Return handlers ran; `regs.ip` is the real return address `to`.
+    Returned {
+        /// The caller's return address.
+        to: u64,
+    },
+    /// No instance of this thread returns with this stack pointer.
+    NotOurs,
+}
+
+#[inline]
+fn ran_pre(mask: u64, i: usize, p: &Kprobe) -> bool {
+    if i < TRACKED_MEMBERS {
+        mask & (1 << i) != 0
+    } else {
+        p.is_enabled()
+    }
+}
+
+fn run_posts(members: &Members, mask: u64, regs: &mut Regs) {
+    for (i, p) in members.probes.iter().enumerate() {
+        if ran_pre(mask, i, p) {
+            p.run_post(regs);
+        }
+    }
+}
+
+impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
+    /// Handles a breakpoint trap. `regs` are the registers at the trap (the
+    /// trap address is [`Arch::trap_address`]); `mem` reaches the thread's
+    /// stack for emulation and return hijacks.
+    ///
+    /// Looks the address up lock-free under an `Rcu` read guard, runs the
+    /// enabled probes' pre handlers in registration order (or counts them
+    /// missed on a re-entered hit) with `regs.ip` set to the probed address,
+    /// then completes the displaced instruction or says how to. See
+    /// [`HitOutcome`]. Async-signal-safe (see the module docs).
+    pub fn on_breakpoint<'r>(&'r self, regs: &mut Regs, mem: &mut dyn DataMemory) -> HitOutcome<'r> {
+        let addr = self.arch.trap_address(regs);
+        let guard = self.rcu.read();
+        let Some(site) = self.table.lookup(addr, &guard) else {
+            drop(guard);
+            return self.miss(addr, regs);
+        };
+        let members = site.members(&guard);
+        regs.ip = addr;
+        let scope = HandlerScope::enter();
+        let mut mask = 0u64;
+        let mut any_post = false;
+        if scope.is_some() {
+            let cx = EntryContext {
+                arch: &self.arch,
+                table: &self.instances,
+                trampoline: self.trampoline.unwrap_or(0),
+            };
+            for (i, p) in members.probes.iter().enumerate() {
+                if !p.is_enabled() {
+                    continue;
+                }
+                p.count_hit();
+                if i < TRACKED_MEMBERS {
+                    mask |= 1 << i;
+                }
+                any_post |= p.has_post();
+                let action = match &p.inner.handlers {
+                    Handlers::Plain { .. } => p.run_pre(regs),
+                    Handlers::Return(r) => {
+                        r.on_entry(regs, mem, &cx);
+                        Action::Continue
+                    }
+                };
+                if action == Action::SkipInstruction {
+                    return HitOutcome::Skipped;
+                }
+            }
+        } else {
+            for p in members.probes.iter().filter(|p| p.is_enabled()) {
+                p.count_missed();
+            }
+        }
+        let run_post = scope.is_some() && any_post;
+        let exec = &*members.exec;
+        let Some(plan) = exec.plan.as_ref() else {
+            if let Err(e) = self.arch.emulate(&exec.insn, regs, mem) {
+                return HitOutcome::Failed(e);
+            }
+            if run_post {
+                run_posts(members, mask, regs);
+            }
+            return HitOutcome::Emulated;
+        };
+        let run = if plan.boostable && !run_post {
+            XolRun::Boosted
+        } else {
+            XolRun::SingleStep
+        };
+        let state = match self.arch.prepare_step(plan, run, regs) {
+            Ok(s) => s,
+            Err(e) => return HitOutcome::Failed(e),
+        };
+        if run == XolRun::Boosted {
+            return HitOutcome::Boosted {
+                slot: plan.slot_addr,
+            };
+        }
+        // Relaxed: the increment happens inside the read section, and the
+        // grace period an unregistration waits for orders every access of
+        // the section before the reaper's load.
+        members.inflight.fetch_add(1, Ordering::Relaxed);
+        HitOutcome::SingleStep(StepToken {
+            members: NonNull::from(members),
+            state,
+            ran_pre: mask,
+            run_post,
+            _registry: PhantomData,
+        })
+    }
+
+    /// No site: ours if the breakpoint is gone (removed after the trap).
+    #[cold]
+    fn miss(&self, addr: u64, regs: &mut Regs) -> HitOutcome<'_> {
+        let bp = self.arch.breakpoint();
+        let mut buf = [0u8; MAX_INSN_BYTES];
+        let found = &mut buf[..bp.len()];
+        match self.text.read(addr, found) {
+            Ok(()) if found != bp => {
+                regs.ip = addr;
+                HitOutcome::Vanished
+            }
+            _ => HitOutcome::NotOurs,
+        }
+    }
+
+    /// Handles the step trap after [`HitOutcome::SingleStep`]: applies the
+    /// arch fixups (IP back into the original code, scratch register, return
+    /// address) and runs the post handlers of the probes whose pre handlers
+    /// ran. Async-signal-safe. Takes no read guard: the token keeps the
+    /// member list alive.
+    pub fn on_step_complete<'r>(
+        &'r self,
+        token: StepToken<'r>,
+        regs: &mut Regs,
+        mem: &mut dyn DataMemory,
+    ) -> StepResult<'r> {
+        match self.arch.finish_step(token.plan(), &token.state, regs, mem) {
+            Ok(StepOutcome::Repeat) => StepResult::Repeat(token),
+            Ok(StepOutcome::Done) => {
+                if token.run_post {
+                    if let Some(_scope) = HandlerScope::enter() {
+                        run_posts(token.members(), token.ran_pre, regs);
+                    }
+                }
+                drop(token);
+                StepResult::Done
+            }
+            Err(e) => StepResult::Failed(e),
+        }
+    }
+
+    /// Handles a return into the trampoline: `regs` as the function returned
+    /// (stack pointer past the return address). Finds this thread's
+    /// kretprobe instances for this stack pointer, runs their return
+    /// handlers (newest first) with the return value, gives the instances
+    /// back, reclaims instances of abandoned deeper frames, and sets
+    /// `regs.ip` to the real return address.
+    ///
+    /// Runs no handler of an unregistered kretprobe (the return address is
+    /// still restored) and none on a thread already running a handler
+    /// (`nmissed`). Allocates nothing, makes no system call; takes one
+    /// instance-table stripe and the pools' spin locks, never nested.
+    pub fn on_return(&self, regs: &mut Regs) -> ReturnOutcome {
+        let Some(trampoline) = self.trampoline else {
+            return ReturnOutcome::NotOurs;
+        };
+        let thread = ThreadKey::current();
+        let sp = regs.sp;
+        let _guard = self.rcu.read();
+        let mut taken = self.instances.take_returning(thread, sp);
+        if taken.is_empty() {
+            return ReturnOutcome::NotOurs;
+        }
+        let retval = self.arch.return_value(regs);
+        let scope = HandlerScope::enter();
+        let mut real = None;
+        while let Some((inst, frame)) = taken.pop() {
+            // SAFETY: a taken instance is ours and out of its pool, so its
+            // owner lives until we put it back (inside the calls below).
+            let owner = unsafe { inst.as_ref().owner() };
+            if frame.ret_sp == sp {
+                // Newest first: the last assignment is the oldest hijack's,
+                // which saved the caller's address (later kretprobes on the
+                // same function saved the trampoline).
+                if frame.real_ret != trampoline {
+                    real = Some(frame.real_ret);
+                }
+                // SAFETY: as above; not used after this call.
+                unsafe { owner.on_return(inst, regs, retval, scope.is_some()) };
+            } else {
+                // A deeper frame the thread left without returning.
+                // SAFETY: as above.
+                unsafe { owner.recycle(inst) };
+            }
+        }
+        match real {
+            Some(to) => {
+                regs.ip = to;
+                ReturnOutcome::Returned { to }
+            }
+            // Every matching instance had saved the trampoline itself: no
+            // caller address was ever recorded (cannot happen through
+            // `hijack_return` at a real call).
+            None => ReturnOutcome::NotOurs,
+        }
+    }
+}

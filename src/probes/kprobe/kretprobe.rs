@@ -1,0 +1,433 @@
+//! [`Kretprobe`]: a probe on a function's return, built from an entry probe
+//! that hijacks the return address.
+//!
+//! # Entry
+//!
+//! The kretprobe's entry probe sits on the function's first instruction. On
+//! a hit it takes a preallocated instance from the kretprobe's pool (none
+//! free: `nmissed`, the call goes untracked), lets the `entry_handler`
+//! fill the instance's data or decline (the instance goes straight back),
+//! replaces the return address with the registry's trampoline
+//! ([`Arch::hijack_return`]), and files the instance under the calling thread
+//! in the registry's [`InstanceTable`](super::instances). The hit path never
+//! allocates: the pool (instances, their data and the free list's capacity)
+//! is allocated when the kretprobe is built.
+//!
+//! # Return
+//!
+//! When the function returns into the trampoline, the registry's
+//! [`on_return`](super::KprobeRegistry::on_return) finds the thread's
+//! instances for that stack pointer, runs each return handler with the
+//! instance's data and the return value, restores the real return address
+//! and gives the instances back to their pools.
+//!
+//! # Orphans
+//!
+//! Unregistering a kretprobe marks it orphaned before its grace period: from
+//! then on entries track nothing and returns run no handler. Calls already in
+//! flight keep their instances; when they return, the trampoline still finds
+//! them, restores the real return address and puts them back. The pool's
+//! memory is freed by the registry once every instance is back (checked by
+//! each later registry operation and at drop), never from the trap path, so
+//! nothing leaks and no pointer dangles.
+
+use std::fmt;
+use std::ptr::NonNull;
+use std::sync::{Arc, Weak};
+
+use super::instances::{Frame, InstanceHdr, InstanceTable, ThreadKey};
+use super::probe::{Handlers, Kprobe, ProbeId, Target};
+use crate::hashlock::{SpinLock, StripeLock};
+use crate::probes::arch::{Arch, DataMemory, Regs};
+use crate::probes::ProbeError;
+use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::UnsafeCell;
+
+/// What an entry handler decides for the call it sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryAction {
+    /// Track the call: the return handler runs when it returns.
+    Track,
+    /// Do not track this call: the instance goes back to the pool and the
+    /// return address is left alone.
+    Decline,
+}
+
+/// An entry handler: sees the registers at the function's entry and the
+/// instance's data (left as the previous call that used the instance left
+/// it, `D::default()` the first time).
+pub type EntryHandler<D> = Box<dyn Fn(&mut D, &mut Regs) -> EntryAction + Send + Sync>;
+
+/// A return handler: sees the instance's data, the registers at the return
+/// and the integer return value.
+pub type ReturnHandler<D> = Box<dyn Fn(&mut D, &mut Regs, u64) + Send + Sync>;
+
+/// What an entry needs from the registry.
+pub(crate) struct EntryContext<'a> {
+    pub(crate) arch: &'a dyn Arch,
+    pub(crate) table: &'a InstanceTable,
+    pub(crate) trampoline: u64,
+}
+
+/// A kretprobe as the registry sees it, whatever its data type.
+pub(crate) trait ReturnProbe: Send + Sync + 'static {
+    /// The entry probe was hit (handlers may run: not re-entered).
+    fn on_entry(&self, regs: &mut Regs, mem: &mut dyn DataMemory, cx: &EntryContext<'_>);
+
+    /// The call tracked by `inst` returned: runs the return handler when
+    /// `run_handler` and the kretprobe is not orphaned, then puts the
+    /// instance back. The kretprobe may be freed as soon as this returns.
+    ///
+    /// # Safety
+    /// `inst` is one of this kretprobe's instances, unlinked from the table
+    /// and owned by the caller.
+    unsafe fn on_return(
+        &self,
+        inst: NonNull<InstanceHdr>,
+        regs: &mut Regs,
+        retval: u64,
+        run_handler: bool,
+    );
+
+    /// Puts back an instance whose call will never return through the
+    /// trampoline (abandoned frame, registry teardown).
+    ///
+    /// # Safety
+    /// As for [`on_return`](Self::on_return).
+    unsafe fn recycle(&self, inst: NonNull<InstanceHdr>);
+
+    /// Stops tracking new calls and running handlers (unregistration).
+    fn orphan(&self);
+
+    /// Tracks calls again (registration).
+    fn adopt(&self);
+
+    /// Instances not in the pool (tracked calls, entries in progress).
+    fn instances_out(&self) -> usize;
+}
+
+#[repr(C)]
+struct Instance<D> {
+    hdr: InstanceHdr,
+    data: UnsafeCell<D>,
+}
+
+/// A kretprobe's preallocated instances and their free list.
+struct Pool<D> {
+    slots: Box<[Instance<D>]>,
+    lock: SpinLock,
+    /// Indices of free instances; capacity `slots.len()`, so pushes never
+    /// allocate.
+    free: UnsafeCell<Vec<u32>>,
+    out: AtomicUsize,
+}
+
+impl<D> Pool<D> {
+    fn get(&self) -> Option<u32> {
+        let idx = {
+            let _g = self.lock.lock();
+            // SAFETY: the free list is only touched under `lock`.
+            unsafe { self.free.with_mut(|f| (*f).pop()) }
+        }?;
+        // Relaxed: read by the registry only after a grace period that
+        // waits for the read section this entry runs in.
+        self.out.fetch_add(1, Ordering::Relaxed);
+        Some(idx)
+    }
+
+    /// Gives `idx` back. The pool (and its kretprobe) may be freed as soon as
+    /// the decrement is visible: nothing may touch them afterwards.
+    fn put(&self, idx: u32) {
+        {
+            let _g = self.lock.lock();
+            // SAFETY: the free list is only touched under `lock`; at most
+            // `slots.len()` indices exist, so the push fits the capacity.
+            unsafe { self.free.with_mut(|f| (*f).push(idx)) };
+        }
+        // Release pairs with the Acquire load in `instances_out`: every use
+        // of the instance and the pool happens-before the registry frees it.
+        self.out.fetch_sub(1, Ordering::Release);
+    }
+}
+
+pub(crate) struct KretShared<D> {
+    entry: Option<EntryHandler<D>>,
+    handler: Option<ReturnHandler<D>>,
+    pool: Pool<D>,
+    orphaned: AtomicBool,
+    nmissed: AtomicU64,
+}
+
+// SAFETY: an instance's data is used by one thread at a time (ownership
+// passes through the pool and table locks), so `D: Send` suffices; the
+// handlers are `Send + Sync`; the instances' owner pointers point to this
+// same allocation.
+unsafe impl<D: Send> Send for KretShared<D> {}
+// SAFETY: as above; shared access goes through atomics, locks, or the
+// one-owner-at-a-time instance protocol.
+unsafe impl<D: Send> Sync for KretShared<D> {}
+
+impl<D: Send + 'static> ReturnProbe for KretShared<D> {
+    fn on_entry(&self, regs: &mut Regs, mem: &mut dyn DataMemory, cx: &EntryContext<'_>) {
+        // Acquire pairs with the Release in `orphan`; the grace period of the
+        // unregistration is what guarantees no entry runs after it.
+        if self.orphaned.load(Ordering::Acquire) {
+            return;
+        }
+        let Some(idx) = self.pool.get() else {
+            // Relaxed: statistics counter.
+            self.nmissed.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let inst = &self.pool.slots[idx as usize];
+        let thread = ThreadKey::current();
+        let ret_sp = cx.arch.stack_pointer_at_return(regs);
+        if let Some(entry) = &self.entry {
+            // SAFETY: the instance is ours alone: out of the pool, not filed.
+            let act = inst.data.with_mut(|d| entry(unsafe { &mut *d }, regs));
+            if act == EntryAction::Decline {
+                self.pool.put(idx);
+                return;
+            }
+        }
+        let Ok(real_ret) = cx.arch.hijack_return(regs, mem, cx.trampoline) else {
+            // The return address is unreadable: the call cannot be tracked.
+            self.nmissed.fetch_add(1, Ordering::Relaxed);
+            self.pool.put(idx);
+            return;
+        };
+        // SAFETY: still ours; filing hands it to the table.
+        unsafe {
+            inst.hdr.set_frame(Frame {
+                thread,
+                ret_sp,
+                real_ret,
+            });
+            cx.table.file(thread, NonNull::from(&inst.hdr));
+        }
+    }
+
+    unsafe fn on_return(
+        &self,
+        inst: NonNull<InstanceHdr>,
+        regs: &mut Regs,
+        retval: u64,
+        run_handler: bool,
+    ) {
+        // SAFETY: the caller owns the instance (contract).
+        let idx = unsafe { inst.as_ref().index };
+        let slot = &self.pool.slots[idx as usize];
+        if !run_handler {
+            // Relaxed: statistics counter.
+            self.nmissed.fetch_add(1, Ordering::Relaxed);
+        // Acquire pairs with `orphan`'s Release (see `on_entry`).
+        } else if !self.orphaned.load(Ordering::Acquire) {
+            if let Some(h) = &self.handler {
+                // SAFETY: the instance is ours alone until `put`.
+                slot.data.with_mut(|d| h(unsafe { &mut *d }, regs, retval));
+            }
+        }
+        self.pool.put(idx);
+    }
+
+    unsafe fn recycle(&self, inst: NonNull<InstanceHdr>) {
+        // SAFETY: the caller owns the instance (contract).
+        let idx = unsafe { inst.as_ref().index };
+        self.pool.put(idx);
+    }
+
+    fn orphan(&self) {
+        // Release: pairs with the Acquire loads on the hit paths.
+        self.orphaned.store(true, Ordering::Release);
+    }
+
+    fn adopt(&self) {
+        // Release: as `orphan`; the registration's publication also orders it.
+        self.orphaned.store(false, Ordering::Release);
+    }
+
+    fn instances_out(&self) -> usize {
+        // Acquire pairs with the Release decrement in `Pool::put`.
+        self.pool.out.load(Ordering::Acquire)
+    }
+}
+
+/// A probe on a function's return, with per-call data `D`.
+///
+/// Clones are handles to the same kretprobe. Register it with
+/// [`KprobeRegistry::register_kretprobe`](super::KprobeRegistry::register_kretprobe).
+///
+/// ```
+/// use rcu_registry::probes::kprobe::{EntryAction, Kretprobe};
+///
+/// // Measure each call's return value, remembering the first argument.
+/// let krp = Kretprobe::<u64>::symbol("parse")
+///     .maxactive(4)
+///     .entry_handler(|arg, regs| {
+///         *arg = regs.gprs[7]; // rdi
+///         EntryAction::Track
+///     })
+///     .handler(|arg, _regs, ret| println!("parse({arg}) = {ret}"))
+///     .build()
+///     .unwrap();
+/// assert_eq!(krp.maxactive(), 4);
+/// ```
+pub struct Kretprobe<D: Send + 'static = ()> {
+    probe: Kprobe,
+    shared: Arc<KretShared<D>>,
+}
+
+impl<D: Send + 'static> Clone for Kretprobe<D> {
+    fn clone(&self) -> Self {
+        Kretprobe {
+            probe: self.probe.clone(),
+            shared: Arc::clone(&self.shared),
+        }
+    }
+}
+
+impl<D: Send + Default + 'static> Kretprobe<D> {
+    /// A builder for a kretprobe on the function starting at `addr`.
+    pub fn at(addr: u64) -> KretprobeBuilder<D> {
+        KretprobeBuilder::new(Target::Address(addr))
+    }
+
+    /// A builder for a kretprobe on the function `name`.
+    pub fn symbol(name: impl Into<String>) -> KretprobeBuilder<D> {
+        KretprobeBuilder::new(Target::Symbol {
+            name: name.into(),
+            offset: 0,
+        })
+    }
+}
+
+impl<D: Send + 'static> Kretprobe<D> {
+    /// The entry probe (its hits count the entries seen).
+    pub fn probe(&self) -> &Kprobe {
+        &self.probe
+    }
+
+    /// The probe's identity (that of its entry probe).
+    pub fn id(&self) -> ProbeId {
+        self.probe.id()
+    }
+
+    /// Size of the instance pool: the most calls tracked at once.
+    pub fn maxactive(&self) -> usize {
+        self.shared.pool.slots.len()
+    }
+
+    /// Calls not tracked: the pool was empty, the return address could not
+    /// be read, or the return came while the thread was already running a
+    /// probe handler (the handler was skipped then).
+    pub fn nmissed(&self) -> u64 {
+        // Relaxed: statistics counter.
+        self.shared.nmissed.load(Ordering::Relaxed)
+    }
+
+    /// Calls currently tracked (instances out of the pool).
+    pub fn in_flight(&self) -> usize {
+        self.shared.instances_out()
+    }
+}
+
+impl<D: Send + 'static> fmt::Debug for Kretprobe<D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Kretprobe")
+            .field("probe", &self.probe)
+            .field("maxactive", &self.maxactive())
+            .field("nmissed", &self.nmissed())
+            .field("in_flight", &self.in_flight())
+            .finish()
+    }
+}
+
+/// Builds a [`Kretprobe`].
+#[must_use = "a builder does nothing until built"]
+pub struct KretprobeBuilder<D> {
+    target: Target,
+    maxactive: Option<usize>,
+    entry: Option<EntryHandler<D>>,
+    handler: Option<ReturnHandler<D>>,
+}
+
+/// The default pool size: `max(10, 2 x CPUs)`, as the kernel sizes it (each
+/// CPU can be inside the function twice, e.g. once in an interrupt).
+pub fn default_maxactive() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (2 * cpus).max(10)
+}
+
+impl<D: Send + Default + 'static> KretprobeBuilder<D> {
+    fn new(target: Target) -> Self {
+        KretprobeBuilder {
+            target,
+            maxactive: None,
+            entry: None,
+            handler: None,
+        }
+    }
+
+    /// The most calls tracked at once (default [`default_maxactive`]).
+    pub fn maxactive(mut self, n: usize) -> Self {
+        self.maxactive = Some(n);
+        self
+    }
+
+    /// Sets the entry handler.
+    pub fn entry_handler(
+        mut self,
+        f: impl Fn(&mut D, &mut Regs) -> EntryAction + Send + Sync + 'static,
+    ) -> Self {
+        self.entry = Some(Box::new(f));
+        self
+    }
+
+    /// Sets the return handler.
+    pub fn handler(mut self, f: impl Fn(&mut D, &mut Regs, u64) + Send + Sync + 'static) -> Self {
+        self.handler = Some(Box::new(f));
+        self
+    }
+
+    /// The kretprobe, with its pool allocated.
+    ///
+    /// # Errors
+    /// [`ProbeError::MaxActiveZero`] for `maxactive(0)`.
+    ///
+    /// # Panics
+    /// If `maxactive` exceeds `u32::MAX`.
+    pub fn build(self) -> Result<Kretprobe<D>, ProbeError> {
+        let n = self.maxactive.unwrap_or_else(default_maxactive);
+        if n == 0 {
+            return Err(ProbeError::MaxActiveZero);
+        }
+        assert!(u32::try_from(n).is_ok(), "maxactive {n} exceeds u32::MAX");
+        let (entry, handler) = (self.entry, self.handler);
+        let shared = Arc::new_cyclic(|me: &Weak<KretShared<D>>| {
+            let owner: *const dyn ReturnProbe = me.as_ptr();
+            KretShared {
+                entry,
+                handler,
+                pool: Pool {
+                    slots: (0..n as u32)
+                        .map(|i| Instance {
+                            hdr: InstanceHdr::new(owner, i),
+                            data: UnsafeCell::new(D::default()),
+                        })
+                        .collect(),
+                    lock: SpinLock::new(),
+                    free: UnsafeCell::new((0..n as u32).rev().collect()),
+                    out: AtomicUsize::new(0),
+                },
+                orphaned: AtomicBool::new(false),
+                nmissed: AtomicU64::new(0),
+            }
+        });
+        let probe = Kprobe::from_parts(
+            self.target,
+            Handlers::Return(Arc::clone(&shared) as Arc<dyn ReturnProbe>),
+            true,
+        );
+        Ok(Kretprobe { probe, shared })
+    }
+}

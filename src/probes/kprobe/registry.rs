@@ -1,0 +1,574 @@
+//! [`KprobeRegistry`]: registration, validation, aggregation, enable/disable.
+//!
+//! The hit path is in `hit.rs`, unregistration and commit in
+//! `unregister.rs`; this file holds the registry's state and the writer
+//! paths that add probes or change whether they are armed.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::Arc;
+
+use super::instances::InstanceTable;
+use super::kretprobe::{Kretprobe, ReturnProbe};
+use super::probe::{Kprobe, ProbeId, Target};
+use super::resolve::SymbolResolver;
+use super::table::{Members, Site, SiteExec, Table};
+use super::unregister::Retired;
+use super::xol::XolAllocator;
+use crate::probes::arch::{Arch, InsnClass};
+use crate::probes::error::{CodeBytes, ProbeError, ProbeSite};
+use crate::probes::text::TextMemory;
+use crate::rcu::Rcu;
+use crate::sync::atomic::{AtomicUsize, Ordering};
+use crate::sync::{Mutex, MutexGuard};
+
+/// Default number of hash buckets: chains stay short up to thousands of
+/// probed addresses, for 32 KiB of bucket heads.
+pub const DEFAULT_BUCKETS: usize = 4096;
+
+/// Default number of stripes of the kretprobe instance table: enough that
+/// threads on a few dozen cores rarely share one.
+pub const DEFAULT_INSTANCE_STRIPES: usize = 64;
+
+/// Source of registry ids (0 means "no registry" in a probe's owner field).
+static NEXT_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
+
+/// The writer-side view of one probed address.
+pub(crate) struct SiteState {
+    pub(crate) node: *mut Site,
+    /// Current members, registration order (the published list's copy).
+    pub(crate) members: Vec<Kprobe>,
+    pub(crate) exec: Arc<SiteExec>,
+    /// The bytes the breakpoint replaces.
+    pub(crate) orig: CodeBytes,
+    /// Whether the breakpoint is written.
+    pub(crate) armed: bool,
+}
+
+/// Everything writers share, behind the registry mutex.
+pub(crate) struct Writer {
+    pub(crate) sites: BTreeMap<u64, SiteState>,
+    /// Unregistered without sync: finished by the next `commit`.
+    pub(crate) pending: Vec<Retired>,
+    /// Replaced member lists and failed registrations: freed after the next
+    /// grace period any unregistration or commit waits for.
+    pub(crate) garbage: Vec<Retired>,
+    /// Unregistered kretprobes with calls still in flight.
+    pub(crate) orphans: Vec<Arc<dyn ReturnProbe>>,
+}
+
+// SAFETY: the raw site pointers are owned by the writer state (readers only
+// borrow them under RCU); everything else is `Send`.
+unsafe impl Send for Writer {}
+
+/// A registry of address-keyed probes (kprobes and kretprobes) over the arch
+/// backend `A` and the text memory `T`.
+///
+/// See the [module docs](super) for the algorithm and the hit-path protocol.
+pub struct KprobeRegistry<A: Arch, T: TextMemory> {
+    pub(crate) id: usize,
+    pub(crate) arch: A,
+    pub(crate) text: T,
+    pub(crate) xol: Arc<dyn XolAllocator>,
+    pub(crate) resolver: Box<dyn SymbolResolver>,
+    pub(crate) rcu: Rcu,
+    pub(crate) table: Table,
+    pub(crate) instances: InstanceTable,
+    pub(crate) trampoline: Option<u64>,
+    pub(crate) writer: Mutex<Writer>,
+    /// Serializes `commit`s, so a commit returns only after every probe
+    /// pending when it was called is finished, even one another commit took.
+    pub(crate) commit_lock: Mutex<()>,
+    /// Probes registered (for cheap `len`).
+    pub(crate) count: AtomicUsize,
+}
+
+/// Builds a [`KprobeRegistry`].
+#[must_use = "a builder does nothing until built"]
+pub struct RegistryBuilder<A: Arch, T: TextMemory> {
+    arch: A,
+    text: T,
+    resolver: Box<dyn SymbolResolver>,
+    xol: Arc<dyn XolAllocator>,
+    rcu: Option<Rcu>,
+    buckets: usize,
+    instance_stripes: usize,
+    trampoline: Option<u64>,
+}
+
+impl<A: Arch, T: TextMemory> RegistryBuilder<A, T> {
+    /// The RCU domain handle (default: [`Rcu::global`]). Readers are
+    /// process-wide whichever handle is used; the handle picks the callback
+    /// queue slot frees go through.
+    pub fn rcu(mut self, rcu: Rcu) -> Self {
+        self.rcu = Some(rcu);
+        self
+    }
+
+    /// Hash buckets, rounded up to a power of two (default
+    /// [`DEFAULT_BUCKETS`]).
+    pub fn buckets(mut self, n: usize) -> Self {
+        self.buckets = n;
+        self
+    }
+
+    /// Stripes of the kretprobe instance table (default
+    /// [`DEFAULT_INSTANCE_STRIPES`]; 1 makes it one global lock).
+    pub fn instance_stripes(mut self, n: usize) -> Self {
+        self.instance_stripes = n;
+        self
+    }
+
+    /// The address of the return trampoline kretprobes send returns to.
+    /// Required for kretprobes.
+    pub fn trampoline(mut self, addr: u64) -> Self {
+        self.trampoline = Some(addr);
+        self
+    }
+
+    /// The registry.
+    pub fn build(self) -> KprobeRegistry<A, T> {
+        KprobeRegistry {
+            // Relaxed: ids only need to be unique.
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            arch: self.arch,
+            text: self.text,
+            xol: self.xol,
+            resolver: self.resolver,
+            rcu: self.rcu.unwrap_or_default(),
+            table: Table::new(self.buckets),
+            instances: InstanceTable::new(self.instance_stripes),
+            trampoline: self.trampoline,
+            writer: Mutex::new(Writer {
+                sites: BTreeMap::new(),
+                pending: Vec::new(),
+                garbage: Vec::new(),
+                orphans: Vec::new(),
+            }),
+            commit_lock: Mutex::new(()),
+            count: AtomicUsize::new(0),
+        }
+    }
+}
+
+/// One probed address as [`KprobeRegistry::sites`] reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SiteInfo {
+    /// The probed address.
+    pub addr: u64,
+    /// Whether the breakpoint is written.
+    pub armed: bool,
+    /// The probes there, in registration order.
+    pub probes: Vec<ProbeId>,
+    /// The XOL slot, for instructions run out of line.
+    pub slot: Option<u64>,
+}
+
+impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
+    /// A registry with default settings: probes validated against
+    /// `resolver`'s functions, slots from `xol`.
+    pub fn new(
+        arch: A,
+        text: T,
+        resolver: impl SymbolResolver + 'static,
+        xol: Arc<dyn XolAllocator>,
+    ) -> Self {
+        Self::builder(arch, text, resolver, xol).build()
+    }
+
+    /// A builder, for the trampoline and the sizes.
+    pub fn builder(
+        arch: A,
+        text: T,
+        resolver: impl SymbolResolver + 'static,
+        xol: Arc<dyn XolAllocator>,
+    ) -> RegistryBuilder<A, T> {
+        RegistryBuilder {
+            arch,
+            text,
+            resolver: Box::new(resolver),
+            xol,
+            rcu: None,
+            buckets: DEFAULT_BUCKETS,
+            instance_stripes: DEFAULT_INSTANCE_STRIPES,
+            trampoline: None,
+        }
+    }
+
+    /// The arch backend.
+    pub fn arch(&self) -> &A {
+        &self.arch
+    }
+
+    /// The text memory the registry patches.
+    pub fn text(&self) -> &T {
+        &self.text
+    }
+
+    /// The return trampoline address, if configured.
+    pub fn trampoline(&self) -> Option<u64> {
+        self.trampoline
+    }
+
+    /// Number of stripes of the kretprobe instance table.
+    pub fn instance_stripes(&self) -> usize {
+        self.instances.stripes()
+    }
+
+    /// Probes registered (pending ones excluded).
+    pub fn len(&self) -> usize {
+        // Relaxed: a snapshot.
+        self.count.load(Ordering::Relaxed)
+    }
+
+    /// Whether no probe is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Every probed address with its probes, in address order.
+    pub fn sites(&self) -> Vec<SiteInfo> {
+        let w = self.lock_writer();
+        w.sites
+            .iter()
+            .map(|(&addr, s)| SiteInfo {
+                addr,
+                armed: s.armed,
+                probes: s.members.iter().map(Kprobe::id).collect(),
+                slot: s.exec.plan.map(|p| p.slot_addr),
+            })
+            .collect()
+    }
+
+    /// Probes unregistered with [`unregister_nosync`](Self::unregister_nosync)
+    /// and not yet committed.
+    pub fn pending(&self) -> usize {
+        let w = self.lock_writer();
+        w.pending
+            .iter()
+            .filter(|r| matches!(r, Retired::Probe(_)))
+            .count()
+    }
+
+    /// Unregistered kretprobes whose pools wait for calls still in flight.
+    pub fn orphans(&self) -> usize {
+        let mut w = self.lock_writer();
+        Self::reap_orphans(&mut w);
+        w.orphans.len()
+    }
+
+    pub(crate) fn lock_writer(&self) -> MutexGuard<'_, Writer> {
+        // Every writer path validates before it mutates and leaves the state
+        // consistent at each step, so a panic (in a resolver, say) leaves
+        // nothing half-done: poisoning is ignored.
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Resolves a probe's target to an address.
+    fn resolve(&self, target: &Target) -> Result<u64, ProbeError> {
+        match target {
+            Target::Address(a) => Ok(*a),
+            Target::Symbol { name, offset } => {
+                let sym = self
+                    .resolver
+                    .lookup(name)
+                    .ok_or_else(|| ProbeError::UnknownSymbol { name: name.clone() })?;
+                Ok(sym.start.wrapping_add(*offset))
+            }
+        }
+    }
+
+    /// Registers `probe`: validates its address (first probe there), writes
+    /// the breakpoint if the probe is enabled, and publishes it to the hit
+    /// path. A further probe on an address already probed joins that site:
+    /// one breakpoint, handlers in registration order.
+    ///
+    /// # Errors
+    /// - [`ProbeError::AlreadyRegistered`]: the probe is registered (here or
+    ///   elsewhere) or pending commit;
+    /// - [`ProbeError::UnknownSymbol`], [`ProbeError::NoFunction`]: the
+    ///   target cannot be resolved or lies in no known function;
+    /// - [`ProbeError::NotOnInstructionBoundary`], [`ProbeError::Misaligned`],
+    ///   [`ProbeError::UnsupportedInstruction`]: the arch backend refuses it;
+    /// - [`ProbeError::AlreadyPatched`]: someone else's breakpoint is there,
+    ///   or the text changed under the write;
+    /// - [`ProbeError::NotAtFunctionEntry`], [`ProbeError::NoReturnTrampoline`]
+    ///   (kretprobe entry probes);
+    /// - errors of the text memory and the XOL allocator.
+    ///
+    /// On every error the registry and the text are exactly as before.
+    pub fn register(&self, probe: &Kprobe) -> Result<(), ProbeError> {
+        let addr = self.resolve(probe.target())?;
+        let kret = probe.return_probe().is_some();
+        if kret && self.trampoline.is_none() {
+            return Err(ProbeError::NoReturnTrampoline);
+        }
+        let mut w = self.lock_writer();
+        if !probe.claim(self.id, addr) {
+            return Err(ProbeError::AlreadyRegistered {
+                site: ProbeSite::Address(addr),
+            });
+        }
+        match self.register_locked(&mut w, probe, addr, kret) {
+            Ok(()) => {
+                // Relaxed: a statistics counter read by `len`.
+                self.count.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Err(e) => {
+                probe.release();
+                Err(e)
+            }
+        }
+    }
+
+    /// Registers a kretprobe (its entry probe): as [`register`](Self::register),
+    /// and the address must be a function's first instruction.
+    ///
+    /// # Errors
+    /// As `register`; [`ProbeError::NotAtFunctionEntry`] when the address is
+    /// not where a function starts, [`ProbeError::NoReturnTrampoline`] when
+    /// the registry was built without [`RegistryBuilder::trampoline`].
+    pub fn register_kretprobe<D: Send + 'static>(
+        &self,
+        krp: &Kretprobe<D>,
+    ) -> Result<(), ProbeError> {
+        self.register(krp.probe())
+    }
+
+    fn register_locked(
+        &self,
+        w: &mut Writer,
+        probe: &Kprobe,
+        addr: u64,
+        kret: bool,
+    ) -> Result<(), ProbeError> {
+        if kret {
+            let func = self.resolver.function_containing(addr);
+            if func.map(|f| f.start) != Some(addr) {
+                return Err(ProbeError::NotAtFunctionEntry {
+                    addr,
+                    func_start: func.map(|f| f.start),
+                });
+            }
+        }
+        if let Some(st) = w.sites.get_mut(&addr) {
+            // Join the existing site: arm first if this is its first enabled
+            // probe (a failure then changes nothing), then publish.
+            if probe.is_enabled() && !st.armed {
+                self.arm(addr, &st.orig)?;
+                st.armed = true;
+            }
+            if let Some(r) = probe.return_probe() {
+                r.adopt();
+            }
+            st.members.push(probe.clone());
+            // SAFETY: the node is live and ours (writer mutex held).
+            let old = unsafe { &*st.node }.replace_members(Members::new(&st.members, &st.exec));
+            w.garbage.push(Retired::Members(old));
+            return Ok(());
+        }
+        let (exec, orig) = self.prepare_site(w, addr)?;
+        let exec = Arc::new(exec);
+        if let Some(r) = probe.return_probe() {
+            r.adopt();
+        }
+        let members = vec![probe.clone()];
+        let node = Site::new(addr, Members::new(&members, &exec));
+        // Publish before arming: a thread that traps on the breakpoint must
+        // find the site.
+        // SAFETY: writer mutex held; `node` is fresh.
+        unsafe { self.table.insert(node) };
+        let armed = probe.is_enabled();
+        if armed {
+            if let Err(e) = self.arm(addr, &orig) {
+                // SAFETY: writer mutex held; `node` was linked just above.
+                unsafe { self.table.unlink(node) };
+                // Readers may have reached the node: free it (and its list,
+                // and with it the slot) only after a grace period.
+                // SAFETY: the node is unlinked and ours.
+                w.garbage
+                    .push(Retired::Members(unsafe { &*node }.members_ptr()));
+                w.garbage.push(Retired::Site(node));
+                return Err(e);
+            }
+        }
+        w.sites.insert(
+            addr,
+            SiteState {
+                node,
+                members,
+                exec,
+                orig,
+                armed,
+            },
+        );
+        Ok(())
+    }
+
+    /// Validates the first probe on `addr` and prepares how hits complete:
+    /// boundary and instruction checks by the arch backend, the XOL slot.
+    fn prepare_site(&self, w: &Writer, addr: u64) -> Result<(SiteExec, CodeBytes), ProbeError> {
+        let func = self
+            .resolver
+            .function_containing(addr)
+            .ok_or(ProbeError::NoFunction { addr })?;
+        let align = self.arch.insn_align();
+        if align > 1 && addr % align != 0 {
+            return Err(ProbeError::Misaligned { addr, align });
+        }
+        // The function's bytes up to one maximal instruction past `addr`
+        // (never past the function's end).
+        let end = addr
+            .saturating_add(self.arch.max_insn_len() as u64)
+            .min(func.end());
+        let mut text = vec![0u8; (end - func.start) as usize];
+        self.text.read(func.start, &mut text)?;
+        // Our own armed breakpoints in the range would derail the decoder:
+        // decode the original bytes.
+        for (&a, st) in w.sites.range(func.start..end) {
+            if st.armed {
+                let at = (a - func.start) as usize;
+                let orig = st.orig.as_slice();
+                let n = orig.len().min(text.len() - at);
+                text[at..at + n].copy_from_slice(&orig[..n]);
+            }
+        }
+        self.arch.check_boundary(func.start, &text, addr)?;
+        let at = &text[(addr - func.start) as usize..];
+        let bp = self.arch.breakpoint();
+        if at.starts_with(bp) {
+            // Someone else's breakpoint (ours would be in `sites`).
+            return Err(ProbeError::AlreadyPatched {
+                addr,
+                expected: CodeBytes::default(),
+                found: CodeBytes::new(&at[..bp.len()]),
+            });
+        }
+        let insn = self.arch.analyze(addr, at)?;
+        if insn.bytes().len() < bp.len() {
+            return Err(ProbeError::UnsupportedInstruction {
+                addr,
+                reason: crate::probes::error::Unsupported::Other(
+                    "the instruction is shorter than the breakpoint",
+                ),
+            });
+        }
+        let orig = CodeBytes::new(&insn.bytes()[..bp.len()]);
+        let exec = match insn.class {
+            InsnClass::Emulated(_) => SiteExec::emulated(insn),
+            _ => {
+                let slot = self.xol.alloc(addr)?;
+                let planned = self
+                    .arch
+                    .plan_xol(&insn, slot)
+                    .and_then(|p| self.xol.fill(slot, p.slot_bytes()).map(|()| p));
+                match planned {
+                    Ok(plan) => {
+                        SiteExec::out_of_line(insn, plan, Arc::clone(&self.xol), self.rcu.clone())
+                    }
+                    Err(e) => {
+                        // Never published: no thread can be using it.
+                        self.xol.free(slot);
+                        return Err(e);
+                    }
+                }
+            }
+        };
+        Ok((exec, orig))
+    }
+
+    /// Writes the breakpoint over `orig` at `addr`.
+    pub(crate) fn arm(&self, addr: u64, orig: &CodeBytes) -> Result<(), ProbeError> {
+        let bp = self.arch.breakpoint();
+        self.text.write(addr, orig.as_slice(), bp)?;
+        if let Err(e) = self.text.sync_icache(addr, bp.len()) {
+            // Put the original back so that the failure changes nothing.
+            let _ = self.text.write(addr, bp, orig.as_slice());
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Restores `orig` over our breakpoint at `addr`.
+    pub(crate) fn disarm(&self, addr: u64, orig: &CodeBytes) -> Result<(), ProbeError> {
+        let bp = self.arch.breakpoint();
+        self.text.write(addr, bp, orig.as_slice())?;
+        self.text.sync_icache(addr, bp.len())
+    }
+
+    /// Makes hits on `probe` run its handlers again, writing the breakpoint
+    /// if it is the site's first enabled probe.
+    ///
+    /// # Errors
+    /// [`ProbeError::UnknownProbe`] if the probe is not registered here;
+    /// text errors (nothing changed then).
+    pub fn enable(&self, probe: &Kprobe) -> Result<(), ProbeError> {
+        let mut w = self.lock_writer();
+        let st = Self::site_of(&mut w, self.id, probe)?;
+        if probe.is_enabled() {
+            return Ok(());
+        }
+        if !st.armed {
+            self.arm(probe.registered_addr(), &st.orig)?;
+            st.armed = true;
+        }
+        probe.set_enabled(true);
+        Ok(())
+    }
+
+    /// Stops `probe`'s handlers from running; removes the breakpoint when no
+    /// enabled probe is left on the address. A hit already past the enabled
+    /// check may still run the handlers once.
+    ///
+    /// # Errors
+    /// [`ProbeError::UnknownProbe`] if the probe is not registered here;
+    /// text errors (nothing changed then).
+    pub fn disable(&self, probe: &Kprobe) -> Result<(), ProbeError> {
+        let mut w = self.lock_writer();
+        let st = Self::site_of(&mut w, self.id, probe)?;
+        if !probe.is_enabled() {
+            return Ok(());
+        }
+        let others = st
+            .members
+            .iter()
+            .any(|m| !m.ptr_eq(probe) && m.is_enabled());
+        if st.armed && !others {
+            self.disarm(probe.registered_addr(), &st.orig)?;
+            st.armed = false;
+        }
+        probe.set_enabled(false);
+        Ok(())
+    }
+
+    /// The site of a probe registered here.
+    pub(crate) fn site_of<'w>(
+        w: &'w mut Writer,
+        id: usize,
+        probe: &Kprobe,
+    ) -> Result<&'w mut SiteState, ProbeError> {
+        let unknown = || ProbeError::UnknownProbe {
+            site: match probe.target() {
+                Target::Address(a) => ProbeSite::Address(*a),
+                Target::Symbol { .. } => ProbeSite::Address(probe.address().unwrap_or(0)),
+            },
+        };
+        if !probe.registered_in(id) {
+            return Err(unknown());
+        }
+        w.sites
+            .get_mut(&probe.registered_addr())
+            .ok_or_else(unknown)
+    }
+}
+
+impl<A: Arch, T: TextMemory> fmt::Debug for KprobeRegistry<A, T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KprobeRegistry")
+            .field("arch", &self.arch.name())
+            .field("probes", &self.len())
+            .field("trampoline", &self.trampoline)
+            .finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,262 @@
+//! The RCU hash table of probe sites: chains published with release stores,
+//! walked lock-free under an `Rcu` read guard.
+//!
+//! # Shape
+//!
+//! A fixed power-of-two array of buckets, each the head of a singly linked
+//! chain of [`Site`]s (one per probed address). A site points to its current
+//! [`Members`]: the probes on that address in registration order, and the
+//! [`SiteExec`] that says how to complete a hit (the decoded instruction and
+//! its XOL plan).
+//!
+//! # Publication
+//!
+//! Writers (serialized by the registry mutex) never modify anything a reader
+//! may be looking at, except two kinds of pointer:
+//!
+//! - **chain links** (`bucket`, `Site::next`): a new site is fully built,
+//!   then stored at the head with `Release`; an unlinked site keeps its own
+//!   `next`, so a reader standing on it walks on into the live chain;
+//! - **a site's member list**: replaced as a whole (copy on write) with a
+//!   `Release` swap.
+//!
+//! Readers load both with `Acquire`, which pairs with those stores: whatever
+//! a reader reaches was completely written before it was published. What was
+//! unlinked or replaced is retired, and freed only after a grace period (and,
+//! for member lists, after every single-step in flight on them finished).
+
+use std::sync::Arc;
+
+use super::probe::Kprobe;
+use super::xol::XolAllocator;
+use crate::probes::arch::{Insn, XolPlan};
+use crate::rcu::{Rcu, RcuGuard};
+use crate::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+
+/// How hits on one address are completed. Shared by every member list the
+/// site ever had, so the slot is freed when the last of them is.
+pub(crate) struct SiteExec {
+    pub(crate) insn: Insn,
+    /// `None` for emulated instructions.
+    pub(crate) plan: Option<XolPlan>,
+    /// Held for its `Drop`, which frees the slot.
+    _slot: Option<SlotOwner>,
+}
+
+/// Frees an XOL slot through `Rcu::call` when dropped.
+struct SlotOwner {
+    xol: Arc<dyn XolAllocator>,
+    rcu: Rcu,
+    slot: u64,
+}
+
+impl Drop for SlotOwner {
+    fn drop(&mut self) {
+        // Dropped by a writer after every single-step on the slot finished;
+        // the extra grace period covers threads still running a boosted slot
+        // (they never report back).
+        let xol = Arc::clone(&self.xol);
+        let slot = self.slot;
+        self.rcu.call(move || xol.free(slot));
+    }
+}
+
+impl SiteExec {
+    /// An emulated instruction: no slot.
+    pub(crate) fn emulated(insn: Insn) -> Self {
+        SiteExec {
+            insn,
+            plan: None,
+            _slot: None,
+        }
+    }
+
+    /// An instruction run from the slot `plan.slot_addr`, freed through
+    /// `rcu` when the last member list referring to it is dropped.
+    pub(crate) fn out_of_line(
+        insn: Insn,
+        plan: XolPlan,
+        xol: Arc<dyn XolAllocator>,
+        rcu: Rcu,
+    ) -> Self {
+        SiteExec {
+            insn,
+            plan: Some(plan),
+            _slot: Some(SlotOwner {
+                xol,
+                rcu,
+                slot: plan.slot_addr,
+            }),
+        }
+    }
+}
+
+/// The probes on one address, as readers see them at one moment. Immutable
+/// once published; replaced as a whole.
+pub(crate) struct Members {
+    /// Registration order.
+    pub(crate) probes: Box<[Kprobe]>,
+    pub(crate) exec: Arc<SiteExec>,
+    /// Single-steps started on this list and not yet completed (or
+    /// abandoned). A retired list is freed only when this is zero.
+    pub(crate) inflight: AtomicUsize,
+}
+
+impl Members {
+    pub(crate) fn new(probes: &[Kprobe], exec: &Arc<SiteExec>) -> *mut Members {
+        Box::into_raw(Box::new(Members {
+            probes: probes.into(),
+            exec: Arc::clone(exec),
+            inflight: AtomicUsize::new(0),
+        }))
+    }
+}
+
+/// One probed address in a chain.
+pub(crate) struct Site {
+    pub(crate) addr: u64,
+    next: AtomicPtr<Site>,
+    members: AtomicPtr<Members>,
+}
+
+impl Site {
+    pub(crate) fn new(addr: u64, members: *mut Members) -> *mut Site {
+        Box::into_raw(Box::new(Site {
+            addr,
+            next: AtomicPtr::new(std::ptr::null_mut()),
+            members: AtomicPtr::new(members),
+        }))
+    }
+
+    /// The current member list.
+    #[inline]
+    pub(crate) fn members<'g>(&'g self, _guard: &'g RcuGuard<'_>) -> &'g Members {
+        // Acquire pairs with the Release swap in `replace_members` (and the
+        // Release publication of the site itself): the list is fully built.
+        let p = self.members.load(Ordering::Acquire);
+        // SAFETY: a published site always points to a live list; a replaced
+        // list is freed only after a grace period, and `_guard` is a read
+        // section that the grace period waits for.
+        unsafe { &*p }
+    }
+
+    /// The current member list, for the writer (which owns it).
+    pub(crate) fn members_ptr(&self) -> *mut Members {
+        // Relaxed: the writer mutex orders the writer's own stores.
+        self.members.load(Ordering::Relaxed)
+    }
+
+    /// Publishes `new` and returns the replaced list, which the caller must
+    /// retire (free after a grace period and its in-flight steps).
+    pub(crate) fn replace_members(&self, new: *mut Members) -> *mut Members {
+        // Release: the new list's contents happen-before any reader's
+        // Acquire load that sees it. The old value needs no Acquire: only the
+        // writer (serialized by the mutex) ever stored it.
+        self.members.swap(new, Ordering::Release)
+    }
+}
+
+/// Multiplier of the address hash (2^64 / golden ratio): spreads nearby and
+/// aligned addresses over the buckets.
+const HASH_MUL: u64 = 0x9e37_79b9_7f4a_7c15;
+
+/// The bucket array.
+pub(crate) struct Table {
+    buckets: Box<[AtomicPtr<Site>]>,
+    shift: u32,
+}
+
+impl Table {
+    /// `buckets` rounded up to a power of two (at least 2).
+    pub(crate) fn new(buckets: usize) -> Self {
+        let n = buckets.max(2).next_power_of_two();
+        Table {
+            buckets: (0..n)
+                .map(|_| AtomicPtr::new(std::ptr::null_mut()))
+                .collect(),
+            shift: 64 - n.trailing_zeros(),
+        }
+    }
+
+    #[inline]
+    fn bucket(&self, addr: u64) -> &AtomicPtr<Site> {
+        &self.buckets[(addr.wrapping_mul(HASH_MUL) >> self.shift) as usize]
+    }
+
+    /// The site at `addr`, if any. Lock-free: loads only.
+    #[inline]
+    pub(crate) fn lookup<'g>(&'g self, addr: u64, _guard: &'g RcuGuard<'_>) -> Option<&'g Site> {
+        // Acquire pairs with the Release stores in `insert`/`unlink`: a site
+        // reached is completely initialized.
+        let mut p = self.bucket(addr).load(Ordering::Acquire);
+        while !p.is_null() {
+            // SAFETY: `p` was published to the chain; it is freed only after
+            // a grace period that waits for `_guard`'s read section.
+            let site = unsafe { &*p };
+            if site.addr == addr {
+                return Some(site);
+            }
+            // Acquire: as for the bucket head.
+            p = site.next.load(Ordering::Acquire);
+        }
+        None
+    }
+
+    /// Links `site` at the head of its chain.
+    ///
+    /// # Safety
+    /// Writer only (registry mutex held); `site` is a fresh, unpublished
+    /// `Site::new` pointer not in any chain.
+    pub(crate) unsafe fn insert(&self, site: *mut Site) {
+        // SAFETY: `site` is live and not yet shared (caller's contract).
+        let s = unsafe { &*site };
+        let bucket = self.bucket(s.addr);
+        // Relaxed: the site is not yet reachable; the Release below orders it.
+        s.next
+            .store(bucket.load(Ordering::Relaxed), Ordering::Relaxed);
+        // Release: publishes the site's fields and member list to readers'
+        // Acquire loads.
+        bucket.store(site, Ordering::Release);
+    }
+
+    /// Unlinks `site` from its chain. It stays valid for readers already on
+    /// it (its `next` is untouched); the caller retires it.
+    ///
+    /// # Safety
+    /// Writer only (registry mutex held); `site` is in this table.
+    pub(crate) unsafe fn unlink(&self, site: *mut Site) {
+        // SAFETY: linked sites are live while the writer holds the mutex.
+        let s = unsafe { &*site };
+        // Relaxed: the writer's own earlier stores (mutex-ordered).
+        let next = s.next.load(Ordering::Relaxed);
+        let mut link = self.bucket(s.addr);
+        loop {
+            let p = link.load(Ordering::Relaxed);
+            assert!(!p.is_null(), "unlink of a site that is not in its chain");
+            if p == site {
+                // Release: a reader that follows the new link to `next` sees
+                // `next` fully built (it was published earlier anyway; the
+                // Release keeps that true if chains are ever spliced).
+                link.store(next, Ordering::Release);
+                return;
+            }
+            // SAFETY: chain members are live under the writer mutex.
+            link = unsafe { &(*p).next };
+        }
+    }
+
+    /// Every linked site, for the registry's teardown.
+    pub(crate) fn drain(&mut self) -> Vec<*mut Site> {
+        let mut out = Vec::new();
+        for b in self.buckets.iter() {
+            // Relaxed: `&mut self`, no reader or writer remains.
+            let mut p = b.swap(std::ptr::null_mut(), Ordering::Relaxed);
+            while !p.is_null() {
+                out.push(p);
+                // SAFETY: linked sites are live until freed by the caller.
+                p = unsafe { (*p).next.load(Ordering::Relaxed) };
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,352 @@
+//! Unregistration: one probe with its own grace period, many with one, and
+//! the two-phase `unregister_nosync` + `commit`.
+//!
+//! # Two halves
+//!
+//! Removing a probe has a *top* half, under the registry mutex, that makes
+//! it unreachable for new hits: remove the breakpoint if it was the last
+//! enabled probe on its address, then unlink the site (last probe) or
+//! publish a member list without it. What readers might still hold is
+//! *retired*. The *bottom* half runs after a grace period: it waits for the
+//! single-steps in flight on each retired member list, frees the lists and
+//! sites (the last list of a site frees its XOL slot through `Rcu::call`),
+//! and finally gives the probe back (it may be registered again).
+//!
+//! `unregister` and `unregister_many` run both halves, with one grace period
+//! for the whole slice. `unregister_nosync` runs the top half only and parks
+//! the retired objects on the registry's pending list; `commit` takes the
+//! whole pending list (every thread's), waits one grace period, and runs the
+//! bottom half. Commits are serialized, so a `commit` returns only after
+//! every probe that was pending when it was called has been finished, even
+//! when a concurrent `commit` took it.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use super::hit::in_handler;
+use super::kretprobe::{Kretprobe, ReturnProbe};
+use super::probe::Kprobe;
+use super::registry::{KprobeRegistry, Writer};
+use super::table::{Members, Site};
+use crate::probes::arch::Arch;
+use crate::probes::text::TextMemory;
+use crate::probes::ProbeError;
+use crate::rcu::Rcu;
+use crate::sync::atomic::Ordering;
+use crate::sync::Backoff;
+
+/// Something unreachable to new readers, to be finished after a grace period.
+pub(crate) enum Retired {
+    /// A replaced or final member list: freed once its steps in flight end.
+    Members(*mut Members),
+    /// An unlinked site node.
+    Site(*mut Site),
+    /// An unregistered probe: given back (unclaimed) last.
+    Probe(Kprobe),
+    /// An unregistered kretprobe: its pool lives until its calls return.
+    Return(Arc<dyn ReturnProbe>),
+}
+
+// SAFETY: the raw pointers are owned by the retirement (unreachable to new
+// readers); freeing them on another thread is what the bottom half does.
+unsafe impl Send for Retired {}
+
+/// Spins (then yields) until no single-step is in flight on `m`.
+fn wait_for_steps(m: &Members) {
+    let mut backoff = Backoff::new();
+    // Acquire pairs with the Release decrement in `StepToken::drop`.
+    while m.inflight.load(Ordering::Acquire) != 0 {
+        backoff.snooze();
+    }
+}
+
+#[track_caller]
+fn assert_not_in_handler(what: &str) {
+    assert!(
+        !in_handler(),
+        "KprobeRegistry::{what}() called from a probe handler: it would wait for the \
+         handler's own hit to finish"
+    );
+    assert!(
+        !Rcu::in_read_section(),
+        "KprobeRegistry::{what}() called inside an Rcu read-side critical section: it \
+         waits for a grace period"
+    );
+}
+
+impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
+    /// Unregisters `probe` and waits until none of its handlers runs any
+    /// more and nothing refers to it (one grace period, plus any
+    /// single-step in flight on it).
+    ///
+    /// # Errors
+    /// [`ProbeError::UnknownProbe`] if the probe is not registered here (or
+    /// already pending commit); text errors when the breakpoint cannot be
+    /// removed (the probe stays registered then).
+    ///
+    /// # Panics
+    /// When called from a probe handler or inside an `Rcu` read section.
+    pub fn unregister(&self, probe: &Kprobe) -> Result<(), ProbeError> {
+        self.unregister_many(&[probe])
+    }
+
+    /// Unregisters a kretprobe: as [`unregister`](Self::unregister) on its
+    /// entry probe. Calls in flight keep their instances until they return
+    /// (their return handlers no longer run).
+    ///
+    /// # Errors
+    /// As `unregister`.
+    pub fn unregister_kretprobe<D: Send + 'static>(
+        &self,
+        krp: &Kretprobe<D>,
+    ) -> Result<(), ProbeError> {
+        self.unregister(krp.probe())
+    }
+
+    /// Unregisters every probe of `probes` with one grace period.
+    ///
+    /// # Errors
+    /// [`ProbeError::UnknownProbe`] if any probe is not registered here or
+    /// appears twice: then nothing is unregistered. A text error on one
+    /// probe stops the batch there: the probes before it are unregistered
+    /// (and finished), that one and the rest stay registered.
+    ///
+    /// # Panics
+    /// When called from a probe handler or inside an `Rcu` read section.
+    pub fn unregister_many(&self, probes: &[&Kprobe]) -> Result<(), ProbeError> {
+        assert_not_in_handler("unregister_many");
+        let mut batch = Vec::new();
+        let result = {
+            let mut w = self.lock_writer();
+            self.check_all_registered(&mut w, probes)?;
+            let mut result = Ok(());
+            for p in probes {
+                if let Err(e) = self.unregister_top(&mut w, p, &mut batch) {
+                    result = Err(e);
+                    break;
+                }
+            }
+            batch.append(&mut w.garbage);
+            result
+        };
+        if !batch.is_empty() {
+            self.rcu.synchronize();
+            self.reap(batch);
+        }
+        result
+    }
+
+    /// First half of a batched unregistration: `probe`'s breakpoint is
+    /// removed (if it was the last enabled probe there) and new hits no
+    /// longer find it, **but hits already in progress may still run its
+    /// handlers.**
+    ///
+    /// **THE CALLER MUST CALL [`commit`](Self::commit) AFTERWARDS, AND BEFORE
+    /// FREEING OR REUSING ANYTHING THE PROBE'S HANDLERS USE, BEFORE ASSUMING
+    /// THE HANDLERS HAVE STOPPED, AND BEFORE REGISTERING THE SAME PROBE
+    /// AGAIN.** Until then the probe is *pending*: it counts as neither
+    /// registered (unregistering it again fails) nor free (registering it
+    /// again fails), and its memory is kept.
+    ///
+    /// # Errors
+    /// As [`unregister`](Self::unregister).
+    pub fn unregister_nosync(&self, probe: &Kprobe) -> Result<(), ProbeError> {
+        let mut w = self.lock_writer();
+        let mut retired = Vec::new();
+        self.unregister_top(&mut w, probe, &mut retired)?;
+        w.pending.append(&mut retired);
+        Ok(())
+    }
+
+    /// Second half of batched unregistration: waits one grace period and
+    /// finishes **every** pending unregistration, this thread's and any
+    /// other's. When it returns, no handler of any probe that was pending
+    /// when it was called runs any more, their XOL slots are on their way
+    /// back to the allocator, and the probes can be registered again. With
+    /// nothing pending (or retired) it returns at once.
+    ///
+    /// Safe to call from several threads at once: commits are serialized,
+    /// and a commit that finds the work taken by another still returns only
+    /// after that work is done.
+    ///
+    /// # Panics
+    /// When called from a probe handler or inside an `Rcu` read section.
+    pub fn commit(&self) {
+        assert_not_in_handler("commit");
+        let _serial = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let batch = {
+            let mut w = self.lock_writer();
+            let mut batch = std::mem::take(&mut w.pending);
+            batch.append(&mut w.garbage);
+            Self::reap_orphans(&mut w);
+            batch
+        };
+        if batch.is_empty() {
+            return;
+        }
+        self.rcu.synchronize();
+        self.reap(batch);
+    }
+
+    /// Checks that every probe is registered here, once.
+    fn check_all_registered(&self, w: &mut Writer, probes: &[&Kprobe]) -> Result<(), ProbeError> {
+        let mut seen = HashSet::with_capacity(probes.len());
+        for p in probes {
+            Self::site_of(w, self.id, p)?;
+            if !seen.insert(p.id()) {
+                // Already in this batch: by the time its turn came it would
+                // be pending, i.e. unknown.
+                return Err(ProbeError::UnknownProbe {
+                    site: crate::probes::error::ProbeSite::Address(p.registered_addr()),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The top half: makes `probe` unreachable to new hits, retiring into
+    /// `out` what readers may still hold. On error nothing changed.
+    pub(crate) fn unregister_top(
+        &self,
+        w: &mut Writer,
+        probe: &Kprobe,
+        out: &mut Vec<Retired>,
+    ) -> Result<(), ProbeError> {
+        let addr = probe.registered_addr();
+        let st = Self::site_of(w, self.id, probe)?;
+        let pos = st
+            .members
+            .iter()
+            .position(|m| m.ptr_eq(probe))
+            .expect("a registered probe is a member of its site");
+        let last = st.members.len() == 1;
+        let others_enabled = st
+            .members
+            .iter()
+            .enumerate()
+            .any(|(i, m)| i != pos && m.is_enabled());
+        if st.armed && !others_enabled {
+            // First the breakpoint (checked: it must still be ours), so a
+            // failure changes nothing.
+            self.disarm(addr, &st.orig)?;
+            st.armed = false;
+        }
+        if last {
+            let st = w.sites.remove(&addr).expect("site checked above");
+            // SAFETY: writer mutex held; the node is linked.
+            unsafe { self.table.unlink(st.node) };
+            // SAFETY: the node is live (freed only through this retirement).
+            out.push(Retired::Members(unsafe { &*st.node }.members_ptr()));
+            out.push(Retired::Site(st.node));
+        } else {
+            st.members.remove(pos);
+            // SAFETY: writer mutex held; the node is live.
+            let old = unsafe { &*st.node }.replace_members(Members::new(&st.members, &st.exec));
+            out.push(Retired::Members(old));
+        }
+        probe.mark_pending();
+        // Relaxed: a statistics counter read by `len`.
+        self.count.fetch_sub(1, Ordering::Relaxed);
+        if let Some(r) = probe.return_probe() {
+            // Before the grace period: once it ends no entry or return
+            // handler of the kretprobe can be running.
+            r.orphan();
+            out.push(Retired::Return(Arc::clone(r)));
+        }
+        out.push(Retired::Probe(probe.clone()));
+        Ok(())
+    }
+
+    /// The bottom half. The caller waited for a grace period that began
+    /// after everything in `batch` was retired.
+    pub(crate) fn reap(&self, batch: Vec<Retired>) {
+        let mut orphans = Vec::new();
+        for r in batch {
+            match r {
+                Retired::Members(m) => {
+                    // SAFETY: retired and past its grace period: no reader
+                    // holds it; steps in flight hold counts, awaited here.
+                    unsafe {
+                        wait_for_steps(&*m);
+                        drop(Box::from_raw(m));
+                    }
+                }
+                // SAFETY: unlinked and past its grace period.
+                Retired::Site(s) => drop(unsafe { Box::from_raw(s) }),
+                Retired::Probe(p) => p.release(),
+                Retired::Return(r) => {
+                    if r.instances_out() != 0 {
+                        orphans.push(r);
+                    }
+                }
+            }
+        }
+        let mut w = self.lock_writer();
+        w.orphans.append(&mut orphans);
+        Self::reap_orphans(&mut w);
+    }
+
+    /// Frees the pools of unregistered kretprobes whose calls all returned.
+    pub(crate) fn reap_orphans(w: &mut Writer) {
+        w.orphans.retain(|r| r.instances_out() != 0);
+    }
+}
+
+impl<A: Arch, T: TextMemory> Drop for KprobeRegistry<A, T> {
+    /// Removes every breakpoint the registry wrote (best effort: a site
+    /// someone else re-patched is left alone), waits a grace period, gives
+    /// every probe back and frees everything. Kretprobe calls still in
+    /// flight lose their return handler (their instances go back to the
+    /// pools); on live code the runtime must not drop a registry while
+    /// hijacked calls can still return into its trampoline.
+    fn drop(&mut self) {
+        let (sites, mut batch, orphans) = {
+            let mut w = self.lock_writer();
+            for (&addr, st) in w.sites.iter() {
+                if st.armed {
+                    let _ = self.disarm(addr, &st.orig);
+                }
+            }
+            let sites = std::mem::take(&mut w.sites);
+            let mut batch = std::mem::take(&mut w.pending);
+            batch.append(&mut w.garbage);
+            (sites, batch, std::mem::take(&mut w.orphans))
+        };
+        if !Rcu::in_read_section() {
+            self.rcu.synchronize();
+        }
+        // Filed instances point into pools still alive (held by member
+        // lists, pending retirements or `orphans`): give them back first.
+        for inst in self.instances.take_all() {
+            // SAFETY: unlinked under the stripe lock, so ours; the owner is
+            // alive (see above).
+            unsafe { inst.as_ref().owner().recycle(inst) };
+        }
+        let linked = self.table.drain();
+        for (_, st) in sites {
+            for p in &st.members {
+                p.release();
+            }
+        }
+        for node in linked {
+            // SAFETY: past the grace period and no `StepToken` can exist
+            // (tokens borrow the registry), so nothing refers to the node or
+            // its list.
+            unsafe {
+                drop(Box::from_raw((*node).members_ptr()));
+                drop(Box::from_raw(node));
+            }
+        }
+        batch.extend(orphans.into_iter().map(Retired::Return));
+        for r in batch {
+            match r {
+                // SAFETY: as for the linked nodes above.
+                Retired::Members(m) => drop(unsafe { Box::from_raw(m) }),
+                // SAFETY: as above.
+                Retired::Site(s) => drop(unsafe { Box::from_raw(s) }),
+                Retired::Probe(p) => p.release(),
+                Retired::Return(_) => {}
+            }
+        }
+    }
+}
