@@ -165,6 +165,9 @@ impl Default for Chain {
 // SAFETY: the chain's instances are reached only through the stripe guard
 // that owns the chain, whichever thread holds it.
 unsafe impl Send for Chain {}
+// SAFETY: spin-lock stripes are exclusive only (no shared guards), so a
+// `&Chain` is never used by two threads at once.
+unsafe impl Sync for Chain {}
 
 /// Instances unlinked for one return, newest first; owned by the caller.
 pub(crate) struct Taken {

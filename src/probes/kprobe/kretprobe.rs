@@ -150,6 +150,18 @@ impl<D> Pool<D> {
     }
 }
 
+impl<D> Drop for Pool<D> {
+    fn drop(&mut self) {
+        // A pool is freed only when every instance is back: the registry
+        // reaps orphans at `out == 0` and recycles filed instances before it
+        // drops. (Under loom this access also checks that the last `put` is
+        // ordered before the free.)
+        // SAFETY: `&mut self`: no other access.
+        let free = self.free.with(|f| unsafe { (*f).len() });
+        debug_assert_eq!(free, self.slots.len(), "kretprobe pool freed with instances out");
+    }
+}
+
 pub(crate) struct KretShared<D> {
     entry: Option<EntryHandler<D>>,
     handler: Option<ReturnHandler<D>>,

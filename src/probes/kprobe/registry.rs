@@ -296,7 +296,10 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     ///   (kretprobe entry probes);
     /// - errors of the text memory and the XOL allocator.
     ///
-    /// On every error the registry and the text are exactly as before.
+    /// On every error the registry and the text are exactly as before (an
+    /// XOL slot prepared for a site that was already visible to readers when
+    /// the breakpoint write failed returns to the allocator after the next
+    /// grace period the registry waits for, e.g. at the next `commit`).
     pub fn register(&self, probe: &Kprobe) -> Result<(), ProbeError> {
         let addr = self.resolve(probe.target())?;
         let kret = probe.return_probe().is_some();
