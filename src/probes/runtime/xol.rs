@@ -25,16 +25,33 @@
 //! serializing on x86), so it never sees stale bytes. Unused slot bytes are
 //! `int3`, so a stray jump into a slot traps rather than runs garbage.
 //!
-//! # Reuse after a grace period
+//! # A slot is never rewritten with other code
 //!
-//! A thread may still run a slot after the probe that owns it is gone (it
-//! trapped just before the breakpoint was removed). The registry never hands
-//! a slot back directly: it waits for the single-steps in flight on it and
-//! then frees it through [`Rcu::call`](crate::rcu::Rcu::call), so
-//! [`XolAllocator::free`] runs only after one more grace period, which also
-//! covers boosted runs (they never report back). The area reuses a freed
-//! slot immediately; the grace period has already passed.
+//! A thread may still run a slot after the probe that owns it is gone: it
+//! trapped just before the breakpoint was removed, the handler pointed it at
+//! the slot, and the thread was preempted (or took a signal) before it ran
+//! the slot's first instruction. A boosted run never reports back, and once
+//! the trap handler has returned the thread is in no read-side critical
+//! section, so no grace period, however long, proves that it has left the
+//! slot. (The registry frees slots through
+//! [`Rcu::call`](crate::rcu::Rcu::call) after the single-steps in flight on
+//! them, which covers every thread still in its trap handler, but not this
+//! one.) The kernel solves the same problem for boosted kprobes with RCU
+//! Tasks, which waits for every task to pass a voluntary context switch; a
+//! process has no such hook.
+//!
+//! The area therefore makes the question moot: a slot is bound to the
+//! probed address it was first allocated for, and a freed slot is handed out
+//! again only for that same address, where the registry plans the same
+//! instruction and fills the same bytes. A thread that wakes up in a stale
+//! slot runs exactly the code it was sent to run and jumps back to the
+//! instruction after the (restored) original. The cost is one slot per
+//! distinct address ever probed, kept for the life of the process.
+//! (Code that is itself replaced at the same address, as a JIT might, is
+//! outside this guarantee: the stale thread would also jump back into the
+//! new code.)
 
+use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use super::maps::Maps;
@@ -83,6 +100,10 @@ unsafe impl Send for Chunk {}
 
 struct Areas {
     chunks: Vec<Chunk>,
+    /// Slot handed out -> the probed address it is bound to.
+    bound: HashMap<u64, u64>,
+    /// Freed slots, by the probed address they stay bound to.
+    parked: HashMap<u64, u64>,
     allocs: u64,
     frees: u64,
     far_allocs: u64,
@@ -111,6 +132,8 @@ pub struct XolStats {
     pub chunks: usize,
     /// Slots handed out and not yet freed.
     pub in_use: usize,
+    /// Freed slots kept for the address they were bound to.
+    pub parked: usize,
     /// Successful allocations so far.
     pub allocs: u64,
     /// Frees so far.
@@ -134,6 +157,8 @@ impl XolArea {
             slot_size,
             inner: Mutex::new(Areas {
                 chunks: Vec::new(),
+                bound: HashMap::new(),
+                parked: HashMap::new(),
                 allocs: 0,
                 frees: 0,
                 far_allocs: 0,
@@ -161,11 +186,10 @@ impl XolArea {
     /// Counters.
     pub fn stats(&self) -> XolStats {
         let a = self.lock();
-        let total = a.chunks.len() * self.slots_per_chunk();
-        let free: usize = a.chunks.iter().map(|c| c.free.len()).sum();
         XolStats {
             chunks: a.chunks.len(),
-            in_use: total - free,
+            in_use: a.bound.len(),
+            parked: a.parked.len(),
             allocs: a.allocs,
             frees: a.frees,
             far_allocs: a.far_allocs,
@@ -300,6 +324,11 @@ fn map_exec_near(fd: &OwnedFd, near: u64) -> Option<u64> {
 impl XolAllocator for XolArea {
     fn alloc(&self, near: u64) -> Result<u64, ProbeError> {
         let mut a = self.lock();
+        if let Some(slot) = a.parked.remove(&near) {
+            a.bound.insert(slot, near);
+            a.allocs += 1;
+            return Ok(slot);
+        }
         let len = CHUNK_BYTES as u64;
         let pick = |a: &mut Areas, only_near: bool| {
             a.chunks
@@ -326,8 +355,10 @@ impl XolAllocator for XolArea {
             }
         }
         let (exec, i) = got.ok_or(ProbeError::XolExhausted { near })?;
+        let slot = exec + u64::from(i) * self.slot_size as u64;
+        a.bound.insert(slot, near);
         a.allocs += 1;
-        Ok(exec + u64::from(i) * self.slot_size as u64)
+        Ok(slot)
     }
 
     fn fill(&self, slot: u64, bytes: &[u8]) -> Result<(), ProbeError> {
@@ -356,14 +387,12 @@ impl XolAllocator for XolArea {
 
     fn free(&self, slot: u64) {
         let mut a = self.lock();
-        let Some((ci, si)) = self.locate(&a, slot) else {
+        let Some(near) = a.bound.remove(&slot) else {
+            debug_assert!(false, "XOL slot {slot:#x} freed but not allocated");
             return;
         };
-        debug_assert!(
-            !a.chunks[ci].free.contains(&(si as u32)),
-            "XOL slot {slot:#x} freed twice"
-        );
-        a.chunks[ci].free.push(si as u32);
+        // Parked for its address, never back on a free list (module docs).
+        a.parked.insert(near, slot);
         a.frees += 1;
     }
 }
@@ -401,17 +430,22 @@ mod tests {
     }
 
     #[test]
-    fn a_freed_slot_is_handed_out_again_and_counted() {
+    fn a_freed_slot_is_handed_out_again_only_for_the_same_address() {
         let area = XolArea::default();
-        let a = area.alloc(here()).unwrap();
-        let b = area.alloc(here()).unwrap();
+        let (p, q) = (here(), here() + 2);
+        let a = area.alloc(p).unwrap();
+        let b = area.alloc(q).unwrap();
         assert_ne!(a, b);
         assert_eq!(area.stats().in_use, 2);
         area.free(a);
-        assert_eq!(area.stats().in_use, 1);
-        assert_eq!(area.alloc(here()).unwrap(), a);
+        assert_eq!((area.stats().in_use, area.stats().parked), (1, 1));
+        // Another address never gets the parked slot...
+        let c = area.alloc(q + 2).unwrap();
+        assert!(c != a && c != b);
+        // ...its own address does.
+        assert_eq!(area.alloc(p).unwrap(), a);
         let s = area.stats();
-        assert_eq!((s.allocs, s.frees, s.chunks), (3, 1, 1));
+        assert_eq!((s.allocs, s.frees, s.in_use, s.parked), (4, 1, 3, 0));
     }
 
     #[test]
