@@ -233,20 +233,27 @@ fn aggregated_probes_on_one_address_all_run_in_order() {
     assert_eq!(code(at, 2), [0x89, 0xf8]);
 }
 
+thread_local! {
+    /// Handlers of the re-entrancy test running on this thread right now.
+    static DEPTH: Cell<usize> = const { Cell::new(0) };
+}
+
 #[test]
 fn a_probe_hit_inside_a_handler_is_missed_not_recursed() {
     let _g = serial();
     let reg = live().registry();
-    let depth = Arc::new(AtomicUsize::new(0));
     let max_depth = Arc::new(AtomicUsize::new(0));
-    let (d, md) = (depth.clone(), max_depth.clone());
+    let md = max_depth.clone();
     let p = Kprobe::at(addr(rtp_add1))
         .pre(move |_p, _regs| {
-            let now = d.fetch_add(1, Ordering::SeqCst) + 1;
+            let now = DEPTH.with(|d| {
+                d.set(d.get() + 1);
+                d.get()
+            });
             md.fetch_max(now, Ordering::SeqCst);
             // The handler calls the probed function itself.
             assert_eq!(call(rtp_add1, 41), 42);
-            d.fetch_sub(1, Ordering::SeqCst);
+            DEPTH.with(|d| d.set(d.get() - 1));
             Action::Continue
         })
         .build();
