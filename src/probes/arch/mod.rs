@@ -65,10 +65,12 @@
 //! `return_value` and `trap_address` run in trap context: implementations
 //! must not allocate, lock or block.
 
+pub mod arm64;
 pub mod x86_64;
 
 use crate::probes::error::ProbeError;
 
+pub use arm64::{Arm64, Arm64Reg};
 pub use x86_64::{X86Reg, X86_64};
 
 /// Longest instruction any backend decodes (x86: 15 bytes), rounded up.
