@@ -81,9 +81,15 @@ fn a_probe_without_post_handler_is_boosted_through_its_slot() {
     let fx = fixture();
     let p = Kprobe::at(F_MOV_EAX).build();
     fx.reg.register(&p).unwrap();
-    let slot = fx.reg.sites()[0].slot.expect("out-of-line instruction has a slot");
+    let slot = fx.reg.sites()[0]
+        .slot
+        .expect("out-of-line instruction has a slot");
     let bytes = fx.xol.slot_bytes(slot).unwrap();
-    assert_eq!(&bytes[..5], &[0xb8, 0x01, 0, 0, 0], "the instruction is copied");
+    assert_eq!(
+        &bytes[..5],
+        &[0xb8, 0x01, 0, 0, 0],
+        "the instruction is copied"
+    );
     assert_eq!(bytes[5], 0xe9, "followed by a jump back");
 
     let mut regs = trap_regs(F_MOV_EAX);
@@ -151,7 +157,11 @@ fn aggregated_probes_share_one_breakpoint_and_run_in_registration_order() {
     for p in [&a, &b, &c] {
         fx.reg.register(p).unwrap();
     }
-    assert_eq!(fx.reg.text().writes_done(), 1, "one breakpoint for three probes");
+    assert_eq!(
+        fx.reg.text().writes_done(),
+        1,
+        "one breakpoint for three probes"
+    );
     assert_eq!(fx.xol.in_use(), 1, "one slot for three probes");
     let sites = fx.reg.sites();
     assert_eq!(sites.len(), 1);
@@ -169,7 +179,11 @@ fn aggregated_probes_share_one_breakpoint_and_run_in_registration_order() {
     fx.reg.unregister(&a).unwrap();
     assert_eq!(byte_at(&fx.reg, F_MOV_EAX), 0xcc, "still armed for c");
     fx.reg.unregister(&c).unwrap();
-    assert_eq!(fx.reg.text().snapshot(), code(), "removed with the last probe");
+    assert_eq!(
+        fx.reg.text().snapshot(),
+        code(),
+        "removed with the last probe"
+    );
     assert!(fx.reg.sites().is_empty());
     assert!(fx.reg.is_empty());
 }
@@ -185,7 +199,11 @@ fn disabling_every_probe_removes_the_breakpoint_and_enabling_one_rearms_it() {
 
     let mut regs = trap_regs(F_MOV_EAX);
     hit(&fx.reg, F_MOV_EAX, &mut regs, &mut Stack::new());
-    assert_eq!((a.hits(), b.hits()), (0, 1), "a disabled probe runs nothing");
+    assert_eq!(
+        (a.hits(), b.hits()),
+        (0, 1),
+        "a disabled probe runs nothing"
+    );
 
     fx.reg.disable(&b).unwrap();
     assert_eq!(fx.reg.text().snapshot(), code(), "all disabled: disarmed");
@@ -350,7 +368,11 @@ fn a_probe_unregistered_without_sync_is_pending_until_commit() {
     let p = Kprobe::at(F_MOV_EAX).build();
     fx.reg.register(&p).unwrap();
     fx.reg.unregister_nosync(&p).unwrap();
-    assert_eq!(fx.reg.text().snapshot(), code(), "breakpoint removed at once");
+    assert_eq!(
+        fx.reg.text().snapshot(),
+        code(),
+        "breakpoint removed at once"
+    );
     assert_eq!(fx.reg.pending(), 1);
     assert!(!p.is_registered());
     assert!(matches!(
@@ -385,7 +407,9 @@ fn a_commit_finishes_probes_another_thread_left_pending() {
         .unwrap();
     });
     assert_eq!(fx.reg.pending(), 0);
-    fx.reg.register(&a).expect("a was finished by the other thread's commit");
+    fx.reg
+        .register(&a)
+        .expect("a was finished by the other thread's commit");
 }
 
 #[test]
@@ -483,7 +507,10 @@ fn dropping_the_registry_removes_its_breakpoints_and_frees_its_probes() {
     drop(fx.reg);
     assert!(!p.is_registered() && !q.is_registered());
     let again = fixture();
-    again.reg.register(&p).expect("the probe is free for another registry");
+    again
+        .reg
+        .register(&p)
+        .expect("the probe is free for another registry");
 }
 
 #[test]

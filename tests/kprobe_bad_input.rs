@@ -9,9 +9,7 @@ use std::sync::Arc;
 use kprobe_support::*;
 use rcu_registry::probes::arch::X86_64;
 use rcu_registry::probes::error::{CodeBytes, ProbeSite, TextFailure, Unsupported};
-use rcu_registry::probes::kprobe::{
-    Kprobe, KprobeRegistry, Kretprobe, SiteInfo, XolArena,
-};
+use rcu_registry::probes::kprobe::{Kprobe, KprobeRegistry, Kretprobe, SiteInfo, XolArena};
 use rcu_registry::probes::text::{Image, TextMemory};
 use rcu_registry::probes::ProbeError;
 use rcu_registry::rcu::Rcu;
@@ -147,7 +145,11 @@ fn a_patch_that_lands_between_validation_and_write_is_refused() {
     );
     let mut expected = code();
     expected[(F_MOV_EAX - BASE) as usize] = 0xf4;
-    assert_eq!(reg.text().image.snapshot(), expected, "their byte, not ours");
+    assert_eq!(
+        reg.text().image.snapshot(),
+        expected,
+        "their byte, not ours"
+    );
     assert!(reg.sites().is_empty() && reg.is_empty() && !p.is_registered());
     // The slot prepared for the probe goes back after a grace period.
     reg.commit();

@@ -76,7 +76,10 @@ fn a_kretprobe_sees_its_entry_data_and_the_return_value() {
     assert_eq!(out, ReturnOutcome::Returned { to: CALLER });
     assert_eq!(regs.ip, CALLER);
     assert_eq!(*seen.lock().unwrap(), vec![(7, 42)]);
-    assert_eq!((krp.in_flight(), krp.nmissed(), krp.probe().hits()), (0, 0, 1));
+    assert_eq!(
+        (krp.in_flight(), krp.nmissed(), krp.probe().hits()),
+        (0, 0, 1)
+    );
 }
 
 #[test]

@@ -32,7 +32,12 @@ fn counting(at: u64, count: &Arc<AtomicU64>) -> Kprobe {
 
 /// Runs `per_thread` calls of `f` on `threads` threads, checking each
 /// result against `want`.
-fn hammer(threads: usize, per_thread: u64, f: unsafe extern "C" fn(u32) -> u32, want: fn(u32) -> u32) {
+fn hammer(
+    threads: usize,
+    per_thread: u64,
+    f: unsafe extern "C" fn(u32) -> u32,
+    want: fn(u32) -> u32,
+) {
     std::thread::scope(|s| {
         for t in 0..threads {
             s.spawn(move || {
@@ -50,7 +55,11 @@ fn hits_are_counted_exactly_from_many_threads() {
     let _g = serial();
     let reg = live().registry();
     for (f, want, what) in [
-        (rtp_add1 as unsafe extern "C" fn(u32) -> u32, (|x| x + 1) as fn(u32) -> u32, "boosted"),
+        (
+            rtp_add1 as unsafe extern "C" fn(u32) -> u32,
+            (|x| x + 1) as fn(u32) -> u32,
+            "boosted",
+        ),
         (rtp_push, |x| x, "emulated"),
     ] {
         let count = Arc::new(AtomicU64::new(0));
@@ -66,7 +75,10 @@ fn hits_are_counted_exactly_from_many_threads() {
         hammer(1, 100, f, want);
         assert_eq!(count.load(Ordering::Relaxed), 20_000);
     }
-    assert_eq!(code(addr(rtp_add1), 6), [0x89, 0xf8, 0x83, 0xc0, 0x01, 0xc3]);
+    assert_eq!(
+        code(addr(rtp_add1), 6),
+        [0x89, 0xf8, 0x83, 0xc0, 0x01, 0xc3]
+    );
     assert_eq!(code(addr(rtp_push), 5), [0x53, 0x89, 0xf8, 0x5b, 0xc3]);
 }
 
@@ -282,8 +294,11 @@ fn batch_unregistration_under_load_loses_no_hit_before_and_runs_no_handler_after
     let lost = AtomicU64::new(0);
     let late = AtomicU64::new(0);
     let checked = AtomicU64::new(0);
-    let funcs: [(unsafe extern "C" fn(u32) -> u32, fn(u32) -> u32); 3] =
-        [(rtp_add1, |x| x + 1), (rtp_push, |x| x), (rtp_mul3, |x| x.wrapping_mul(3))];
+    let funcs: [(Func, Want); 3] = [
+        (rtp_add1, |x| x + 1),
+        (rtp_push, |x| x),
+        (rtp_mul3, |x| x.wrapping_mul(3)),
+    ];
     let rounds = std::thread::scope(|s| {
         for t in 0..3usize {
             let (phase, stop, lost, late, checked) = (&phase, &stop, &lost, &late, &checked);
@@ -349,8 +364,16 @@ fn batch_unregistration_under_load_loses_no_hit_before_and_runs_no_handler_after
         lost.load(Ordering::Relaxed),
         late.load(Ordering::Relaxed)
     );
-    assert_eq!(lost.load(Ordering::Relaxed), 0, "a call while armed missed its hit");
-    assert_eq!(late.load(Ordering::Relaxed), 0, "a handler ran after commit()");
+    assert_eq!(
+        lost.load(Ordering::Relaxed),
+        0,
+        "a call while armed missed its hit"
+    );
+    assert_eq!(
+        late.load(Ordering::Relaxed),
+        0,
+        "a handler ran after commit()"
+    );
     assert!(checked.load(Ordering::Relaxed) > 0);
 }
 
@@ -384,7 +407,10 @@ fn bad_targets_on_real_code_are_refused_and_change_no_byte() {
 
     // Unknown symbol.
     let p = Kprobe::symbol("no_such_function_in_this_process", 0).build();
-    assert!(matches!(reg.register(&p), Err(ProbeError::UnknownSymbol { .. })));
+    assert!(matches!(
+        reg.register(&p),
+        Err(ProbeError::UnknownSymbol { .. })
+    ));
 
     // The runtime's own trap path, by symbol: Rcu::read is in it.
     let rcu_read = live
@@ -408,7 +434,10 @@ fn bad_targets_on_real_code_are_refused_and_change_no_byte() {
     let before_t = snapshot(t);
     let p = Kprobe::at(t).build();
     assert!(
-        matches!(reg.register(&p), Err(ProbeError::RefusedTarget { .. }) | Err(ProbeError::NoFunction { .. })),
+        matches!(
+            reg.register(&p),
+            Err(ProbeError::RefusedTarget { .. }) | Err(ProbeError::NoFunction { .. })
+        ),
         "the trampoline must not be probed"
     );
     assert_eq!(snapshot(t), before_t);
@@ -420,7 +449,10 @@ fn bad_targets_on_real_code_are_refused_and_change_no_byte() {
     text.write(push_at, &[0x53], &[0xcc]).unwrap();
     let before_push = snapshot(push_at);
     let p = Kprobe::at(push_at).build();
-    assert!(matches!(reg.register(&p), Err(ProbeError::AlreadyPatched { .. })));
+    assert!(matches!(
+        reg.register(&p),
+        Err(ProbeError::AlreadyPatched { .. })
+    ));
     assert_eq!(snapshot(push_at), before_push);
     text.write(push_at, &[0xcc], &[0x53]).unwrap();
 

@@ -64,7 +64,10 @@ fn a_signal_sent_by_a_process_goes_to_the_previous_handler() {
     // SAFETY: raise is always safe to call.
     unsafe { libc::raise(libc::SIGTRAP) };
     assert_eq!(PREVIOUS_CALLS.load(Ordering::SeqCst), before + 1);
-    assert!(PREVIOUS_CODE.load(Ordering::SeqCst) <= 0, "sent by a process");
+    assert!(
+        PREVIOUS_CODE.load(Ordering::SeqCst) <= 0,
+        "sent by a process"
+    );
 }
 
 #[test]

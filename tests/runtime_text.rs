@@ -188,7 +188,10 @@ fn multi_byte_patches_under_concurrent_calls_never_run_a_torn_instruction() {
     );
     assert_eq!(torn.load(Ordering::Relaxed), 0);
     assert!(patches >= 2 && calls.load(Ordering::Relaxed) > 0);
-    assert!(seen_b.load(Ordering::Relaxed) > 0, "threads ran the new code");
+    assert!(
+        seen_b.load(Ordering::Relaxed) > 0,
+        "threads ran the new code"
+    );
     assert_eq!(code(at, 6), [0xb8, 0x11, 0x11, 0x11, 0x11, 0xc3]);
     assert_eq!(perms_at(at), "r-xp");
 }

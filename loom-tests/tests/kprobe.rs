@@ -37,8 +37,8 @@ use loom::cell::UnsafeCell;
 use loom::thread;
 use rcu_registry::probes::arch::{DataMemory, Regs, X86_64};
 use rcu_registry::probes::kprobe::{
-    Action, EntryAction, HitOutcome, Kprobe, KprobeRegistry, Kretprobe, ReturnOutcome,
-    SymbolTable, XolArena,
+    Action, EntryAction, HitOutcome, Kprobe, KprobeRegistry, Kretprobe, ReturnOutcome, SymbolTable,
+    XolArena,
 };
 use rcu_registry::probes::text::{Image, TextMemory};
 use rcu_registry::probes::ProbeError;

@@ -409,7 +409,10 @@ impl fmt::Display for ProbeError {
                 f.write_str("a kretprobe needs a registry with a return trampoline address")
             }
             ProbeError::XolExhausted { near } => {
-                write!(f, "no free out-of-line execution slot for a probe at {near:#x}")
+                write!(
+                    f,
+                    "no free out-of-line execution slot for a probe at {near:#x}"
+                )
             }
             ProbeError::RefusedTarget { addr, what } => {
                 write!(f, "refusing to patch {addr:#x}: it is {what}")

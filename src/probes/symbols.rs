@@ -90,6 +90,11 @@ struct Loaded {
     bias: u64,
 }
 
+/// `dl_iterate_phdr` callback: records one loaded object.
+///
+/// # Safety
+/// `info` must be valid for the call and `data` must point to a live
+/// `Vec<Loaded>` nobody else accesses during the iteration.
 unsafe extern "C" fn collect_object(
     info: *mut libc::dl_phdr_info,
     _size: libc::size_t,
@@ -221,7 +226,10 @@ impl ProcessSymbols {
 
     /// The function called `name` (raw or demangled without hash).
     pub fn function(&self, name: &str) -> Option<&Function> {
-        self.inner.by_name.get(name).map(|&i| &self.inner.by_addr[i])
+        self.inner
+            .by_name
+            .get(name)
+            .map(|&i| &self.inner.by_addr[i])
     }
 
     /// The function containing `addr` (the innermost, when symbols nest).

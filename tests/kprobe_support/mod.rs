@@ -64,7 +64,10 @@ pub fn code() -> Vec<u8> {
 
 pub fn symbols() -> SymbolTable {
     let mut t = SymbolTable::new();
-    t.insert("f", F, 11).insert("g", G, 11).insert("h", H, 11).insert("k", K, 6);
+    t.insert("f", F, 11)
+        .insert("g", G, 11)
+        .insert("h", H, 11)
+        .insert("k", K, 6);
     t
 }
 
@@ -85,13 +88,8 @@ pub fn fixture_with(
     ) -> rcu_registry::probes::kprobe::RegistryBuilder<X86_64, Image>,
 ) -> Fixture {
     let xol = Arc::new(XolArena::new(XOL_BASE, XOL_SLOTS, X86_64::XOL_SLOT_SIZE));
-    let builder = KprobeRegistry::builder(
-        X86_64,
-        Image::new(BASE, code()),
-        symbols(),
-        xol.clone(),
-    )
-    .trampoline(TRAMPOLINE);
+    let builder = KprobeRegistry::builder(X86_64, Image::new(BASE, code()), symbols(), xol.clone())
+        .trampoline(TRAMPOLINE);
     Fixture {
         reg: f(builder).build(),
         xol,

@@ -113,16 +113,22 @@ extern "C" {
     pub fn rtp_twice(x: u32) -> u32;
 }
 
+/// A test function taking and returning a `u32`.
+pub type Func = unsafe extern "C" fn(u32) -> u32;
+
+/// What a test function should return for an argument.
+pub type Want = fn(u32) -> u32;
+
 /// Calls through a black-boxed pointer so the compiler cannot fold the call.
 #[inline(never)]
-pub fn call(f: unsafe extern "C" fn(u32) -> u32, x: u32) -> u32 {
+pub fn call(f: Func, x: u32) -> u32 {
     let f = std::hint::black_box(f);
     // SAFETY: every rtp_* function taking a u32 is a complete C-ABI function.
     unsafe { f(std::hint::black_box(x)) }
 }
 
 /// Address of a test function.
-pub fn addr(f: unsafe extern "C" fn(u32) -> u32) -> u64 {
+pub fn addr(f: Func) -> u64 {
     f as usize as u64
 }
 

@@ -231,7 +231,11 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// missed on a re-entered hit) with `regs.ip` set to the probed address,
     /// then completes the displaced instruction or says how to. See
     /// [`HitOutcome`]. Async-signal-safe (see the module docs).
-    pub fn on_breakpoint<'r>(&'r self, regs: &mut Regs, mem: &mut dyn DataMemory) -> HitOutcome<'r> {
+    pub fn on_breakpoint<'r>(
+        &'r self,
+        regs: &mut Regs,
+        mem: &mut dyn DataMemory,
+    ) -> HitOutcome<'r> {
         let addr = self.arch.trap_address(regs);
         let guard = self.rcu.read();
         let Some(site) = self.table.lookup(addr, &guard) else {

@@ -158,7 +158,11 @@ impl<D> Drop for Pool<D> {
         // ordered before the free.)
         // SAFETY: `&mut self`: no other access.
         let free = self.free.with(|f| unsafe { (*f).len() });
-        debug_assert_eq!(free, self.slots.len(), "kretprobe pool freed with instances out");
+        debug_assert_eq!(
+            free,
+            self.slots.len(),
+            "kretprobe pool freed with instances out"
+        );
     }
 }
 

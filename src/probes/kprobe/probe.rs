@@ -260,7 +260,8 @@ impl Kprobe {
     pub(crate) fn registered_in(&self, id: usize) -> bool {
         // Relaxed: `owner == id` and `pending` are only changed by registry
         // `id` under its writer mutex, which the caller holds.
-        self.inner.owner.load(Ordering::Relaxed) == id && !self.inner.pending.load(Ordering::Relaxed)
+        self.inner.owner.load(Ordering::Relaxed) == id
+            && !self.inner.pending.load(Ordering::Relaxed)
     }
 
     pub(crate) fn mark_pending(&self) {

@@ -175,12 +175,11 @@ struct Entry {
     d: &'static dyn TrapDispatcher,
 }
 
-const NO_ENTRY: AtomicPtr<Entry> = AtomicPtr::new(std::ptr::null_mut());
-
 /// The attached dispatchers. Entries are leaked boxes, never freed (an
 /// attach/detach cycle leaks one 16-byte box), so a handler holding an
 /// entry pointer can never see it dangle.
-static TABLE: [AtomicPtr<Entry>; MAX_DISPATCHERS] = [NO_ENTRY; MAX_DISPATCHERS];
+static TABLE: [AtomicPtr<Entry>; MAX_DISPATCHERS] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_DISPATCHERS];
 
 /// Serializes attach and detach.
 static TABLE_LOCK: Mutex<()> = Mutex::new(());
@@ -311,6 +310,7 @@ pub(crate) fn dispatch_breakpoint(
     if depth == MAX_NESTED_STEPS {
         super::signal::fatal_message("rcu-registry: too many nested single-steps on one thread");
     }
+    // SAFETY: see above; reserve the entry.
     unsafe {
         (*stack).entries[depth].d = None;
         (*stack).depth = depth + 1;
@@ -350,7 +350,9 @@ pub(crate) fn dispatch_step(
     // without a dispatcher is a reservation of a breakpoint trap still being
     // handled: a trace trap then is not one of our steps.
     let depth = unsafe { (*stack).depth }.checked_sub(1)?;
+    // SAFETY: see above; `depth` is below the stack's depth.
     let d = unsafe { (*stack).entries[depth].d }?;
+    // SAFETY: see above; the entry is this step's.
     let stash = unsafe { &mut (*stack).entries[depth].stash };
     let result = match d.on_step(regs, mem, stash) {
         // The dispatcher did not recognise its own stash: leave it, the trap
@@ -361,6 +363,7 @@ pub(crate) fn dispatch_step(
         Verdict::Resume => Ok(()),
         Verdict::Failed(e) => Err(e),
     };
+    // SAFETY: see above; pop the completed step.
     unsafe {
         (*stack).entries[depth].d = None;
         (*stack).depth = depth;

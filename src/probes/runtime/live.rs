@@ -130,9 +130,9 @@ impl Live {
             symbols,
             xol,
         }));
-        // Attached for the life of the process (the registry is leaked).
-        let _attached = attach(&live.registry);
-        std::mem::forget(_attached);
+        // Attached for the life of the process (the registry is leaked):
+        // dropping the attachment without `detach` keeps it attached.
+        drop(attach(&live.registry));
         Ok(live)
     }
 

@@ -109,6 +109,7 @@ pub fn install() {
                 libc::sigdelset(&mut new.sa_mask, sync_sig);
             }
         }
+        // SAFETY: all-zero is a valid sigaction, filled by the call below.
         let mut replaced: libc::sigaction = unsafe { std::mem::zeroed() };
         // SAFETY: `new` is a fully initialised sigaction whose handler has
         // the SA_SIGINFO signature.
@@ -117,6 +118,7 @@ pub fn install() {
         if replaced.sa_sigaction != old.sa_sigaction || replaced.sa_flags != old.sa_flags {
             // Someone changed it between our two calls: chain to theirs.
             // The first box is leaked (a handler may be reading it).
+            // Release: as for the first store.
             PREVIOUS.store(Box::into_raw(Box::new(replaced)), Ordering::Release);
         }
     });
@@ -143,7 +145,11 @@ pub(crate) fn restorer_address() -> Option<u64> {
 }
 
 /// The SIGTRAP handler.
-extern "C" fn handle_sigtrap(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
+extern "C" fn handle_sigtrap(
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    uctx: *mut libc::c_void,
+) {
     // SAFETY: errno is a thread-local int; reading and writing it is
     // async-signal-safe.
     let errno = unsafe { *libc::__errno_location() };

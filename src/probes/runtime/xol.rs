@@ -409,7 +409,11 @@ mod tests {
     fn slots_are_placed_within_reach_of_the_probed_code() {
         let area = XolArea::default();
         let slot = area.alloc(here()).unwrap();
-        assert!(XolArea::is_near(slot, 32, here()), "{slot:#x} vs {:#x}", here());
+        assert!(
+            XolArea::is_near(slot, 32, here()),
+            "{slot:#x} vs {:#x}",
+            here()
+        );
         assert_eq!(area.stats().far_allocs, 0);
         area.free(slot);
     }

@@ -188,6 +188,7 @@ impl InProcess {
         // SAFETY: see above; the final one-byte store releases the threads.
         unsafe { p.write_volatile(new[0]) };
         sync_cores();
+        // Relaxed: a late trap finds byte 0 restored and is resumed anyway.
         PATCHING_AT.store(0, Ordering::Relaxed);
     }
 }
@@ -276,12 +277,17 @@ impl TextMemory for InProcess {
         })?;
         let page = page_size();
         let (pstart, pend) = (addr & !(page - 1), (end + page - 1) & !(page - 1));
-        let runs = maps.protections(pstart, pend).ok_or(ProbeError::TextAccess {
-            addr,
-            len,
-            failure: TextFailure::OutOfRange,
-        })?;
-        if runs.iter().any(|&(s, _, _)| maps.find(s).is_some_and(|m| m.shared)) {
+        let runs = maps
+            .protections(pstart, pend)
+            .ok_or(ProbeError::TextAccess {
+                addr,
+                len,
+                failure: TextFailure::OutOfRange,
+            })?;
+        if runs
+            .iter()
+            .any(|&(s, _, _)| maps.find(s).is_some_and(|m| m.shared))
+        {
             return Err(ProbeError::TextAccess {
                 addr,
                 len,
@@ -360,6 +366,7 @@ pub(crate) fn read_text(addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
     if n < 0 {
         let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
         if errno == libc::ENOSYS || errno == libc::EPERM {
+            // Relaxed: a sticky hint (see the load above).
             READ_MODE.store(READ_DIRECT, Ordering::Relaxed);
             return read_text(addr, buf);
         }
@@ -381,7 +388,14 @@ static SYNC_CMD: AtomicU64 = AtomicU64::new(u64::MAX);
 
 fn membarrier(cmd: libc::c_int) -> libc::c_long {
     // SAFETY: membarrier takes integers and touches no user memory.
-    unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0 as libc::c_uint, 0 as libc::c_int) }
+    unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            cmd,
+            0 as libc::c_uint,
+            0 as libc::c_int,
+        )
+    }
 }
 
 /// Registers the process for the strongest core sync available, once.
@@ -403,6 +417,9 @@ fn sync_core_init() {
     } else {
         0
     };
+    // Relaxed: the command number publishes nothing else; the kernel-side
+    // registration happened in the syscall above, before any reader could
+    // use the command.
     SYNC_CMD.store(cmd as u64, Ordering::Relaxed);
 }
 
