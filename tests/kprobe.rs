@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use kprobe_support::*;
-use rcu_registry::probes::arch::{X86Reg, X86_64};
+use rcu_registry::probes::arch::X86Reg;
 use rcu_registry::probes::kprobe::{Action, HitOutcome, Kprobe, StepResult};
 use rcu_registry::probes::ProbeError;
 use rcu_registry::rcu::Rcu;
@@ -412,15 +412,21 @@ fn a_commit_finishes_probes_another_thread_left_pending() {
         .expect("a was finished by the other thread's commit");
 }
 
-#[test]
-fn commit_waits_for_a_single_step_in_flight_and_its_post_handler() {
-    let fx = fixture();
+/// A registered probe on `mov eax` whose post handler sets the flag.
+fn probe_with_post_flag(fx: &Fixture) -> (Kprobe, Arc<AtomicBool>) {
     let post_ran = Arc::new(AtomicBool::new(false));
     let pr = post_ran.clone();
     let p = Kprobe::at(F_MOV_EAX)
         .post(move |_, _| pr.store(true, Ordering::SeqCst))
         .build();
     fx.reg.register(&p).unwrap();
+    (p, post_ran)
+}
+
+#[test]
+fn commit_waits_for_a_single_step_in_flight_and_its_post_handler() {
+    let fx = fixture();
+    let (p, post_ran) = probe_with_post_flag(&fx);
     let mut regs = trap_regs(F_MOV_EAX);
     let mut stack = Stack::new();
     let HitOutcome::SingleStep(token) = fx.reg.on_breakpoint(&mut regs, &mut stack) else {
@@ -542,5 +548,46 @@ fn hits_on_several_threads_are_each_counted_once() {
     });
     assert_eq!(p.hits(), 4000);
     assert_eq!(calls.load(Ordering::Relaxed), 4000);
-    let _ = X86_64;
+}
+
+#[test]
+fn unregister_waits_for_a_step_on_an_older_member_list_another_commit_is_finishing() {
+    // P's post handler is pending on member list M1 = {P}. Q joins (M1 is
+    // retired), Q is unregistered and committed on thread X, whose commit
+    // takes M1 and waits for the step. Thread Y's unregister(P) must not
+    // return before that step's post handler ran, although its own batch
+    // does not hold M1.
+    let fx = fixture();
+    let (p, post_ran) = probe_with_post_flag(&fx);
+    let mut regs = trap_regs(F_MOV_EAX);
+    let mut stack = Stack::new();
+    let HitOutcome::SingleStep(token) = fx.reg.on_breakpoint(&mut regs, &mut stack) else {
+        panic!("expected a single-step")
+    };
+    let q = Kprobe::at(F_MOV_EAX).build();
+    fx.reg.register(&q).unwrap();
+    let y_done = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            fx.reg.unregister_nosync(&q).unwrap();
+            fx.reg.commit();
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        s.spawn(|| {
+            fx.reg.unregister(&p).unwrap();
+            assert!(
+                post_ran.load(Ordering::SeqCst),
+                "unregister(P) returned while P's post handler was still to run"
+            );
+            y_done.store(true, Ordering::SeqCst);
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(!y_done.load(Ordering::SeqCst));
+        execute_slot(&token, &mut regs, |_| {});
+        assert!(matches!(
+            fx.reg.on_step_complete(token, &mut regs, &mut stack),
+            StepResult::Done
+        ));
+    });
+    assert!(y_done.load(Ordering::SeqCst));
 }

@@ -59,10 +59,7 @@ fn recording(seen: &Seen) -> Kretprobe<u64> {
 
 #[test]
 fn a_kretprobe_sees_its_entry_data_and_the_return_value() {
-    let fx = fixture();
-    let seen = Seen::default();
-    let krp = recording(&seen);
-    fx.reg.register_kretprobe(&krp).unwrap();
+    let (fx, seen, krp) = registered_recording();
     let mut stack = Stack::new();
     let sp = Stack::top();
     enter(&fx.reg, H, sp, CALLER, 7, &mut stack);
@@ -127,16 +124,28 @@ fn an_empty_pool_counts_nmissed_and_tracks_nothing() {
     assert_eq!(krp.in_flight(), 0);
 }
 
-#[test]
-fn recursive_calls_return_to_their_own_callers_with_their_own_data() {
+fn registered_recording() -> (Fixture, Seen, Kretprobe<u64>) {
     let fx = fixture();
     let seen = Seen::default();
     let krp = recording(&seen);
     fx.reg.register_kretprobe(&krp).unwrap();
+    (fx, seen, krp)
+}
+
+/// `h` called with argument 1, and from inside it (recursion) with 2;
+/// returns the two calls' stack pointers.
+fn nested_calls(reg: &Reg) -> (u64, u64) {
     let mut stack = Stack::new();
     let (outer, inner) = (Stack::top(), Stack::top() - 0x100);
-    enter(&fx.reg, H, outer, CALLER, 1, &mut stack);
-    enter(&fx.reg, H, inner, H + 5, 2, &mut stack);
+    enter(reg, H, outer, CALLER, 1, &mut stack);
+    enter(reg, H, inner, H + 5, 2, &mut stack);
+    (outer, inner)
+}
+
+#[test]
+fn recursive_calls_return_to_their_own_callers_with_their_own_data() {
+    let (fx, seen, _krp) = registered_recording();
+    let (outer, inner) = nested_calls(&fx.reg);
     assert_eq!(
         leave(&fx.reg, inner, 20).0,
         ReturnOutcome::Returned { to: H + 5 }
@@ -176,14 +185,8 @@ fn two_kretprobes_on_one_function_both_run_and_the_caller_is_restored() {
 
 #[test]
 fn a_frame_abandoned_without_returning_is_reclaimed_by_a_return_above_it() {
-    let fx = fixture();
-    let seen = Seen::default();
-    let krp = recording(&seen);
-    fx.reg.register_kretprobe(&krp).unwrap();
-    let mut stack = Stack::new();
-    let (outer, inner) = (Stack::top(), Stack::top() - 0x100);
-    enter(&fx.reg, H, outer, CALLER, 1, &mut stack);
-    enter(&fx.reg, H, inner, H + 5, 2, &mut stack);
+    let (fx, seen, krp) = registered_recording();
+    let (outer, _inner) = nested_calls(&fx.reg);
     // The inner call is left by longjmp: the outer one returns directly.
     assert_eq!(
         leave(&fx.reg, outer, 10).0,
@@ -195,10 +198,7 @@ fn a_frame_abandoned_without_returning_is_reclaimed_by_a_return_above_it() {
 
 #[test]
 fn calls_on_different_threads_are_matched_per_thread() {
-    let fx = fixture();
-    let seen = Seen::default();
-    let krp = recording(&seen);
-    fx.reg.register_kretprobe(&krp).unwrap();
+    let (fx, seen, _krp) = registered_recording();
     // Both threads use the same stack address: only the thread tells the
     // instances apart.
     let barrier = std::sync::Barrier::new(2);
@@ -331,10 +331,7 @@ fn the_default_pool_holds_max_of_10_and_twice_the_cpus() {
 
 #[test]
 fn a_kretprobe_can_be_registered_again_after_unregistration() {
-    let fx = fixture();
-    let seen = Seen::default();
-    let krp = recording(&seen);
-    fx.reg.register_kretprobe(&krp).unwrap();
+    let (fx, seen, krp) = registered_recording();
     fx.reg.unregister_kretprobe(&krp).unwrap();
     fx.reg.register_kretprobe(&krp).unwrap();
     let mut stack = Stack::new();

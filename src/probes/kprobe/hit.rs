@@ -46,6 +46,9 @@ use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
 use crate::sync::atomic::Ordering;
 
+// `std::cell::Cell`, not a shim type: the flag is only ever touched by its
+// own thread (and signal handlers on it), never shared, so there is nothing
+// for loom to check; the thread-local itself comes from the shim.
 crate::sync::const_thread_local! {
     /// Set while this thread runs probe handlers.
     static IN_HANDLER: Cell<bool> = Cell::new(false);

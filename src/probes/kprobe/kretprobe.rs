@@ -33,6 +33,8 @@
 
 use std::fmt;
 use std::ptr::NonNull;
+// `std`'s Arc even under loom, as in `rcu/gp.rs`: loom's Arc cannot coerce
+// to `Arc<dyn ReturnProbe>`, and reference counts are not what the models check.
 use std::sync::{Arc, Weak};
 
 use super::instances::{Frame, InstanceHdr, InstanceTable, ThreadKey};
@@ -174,10 +176,8 @@ pub(crate) struct KretShared<D> {
     nmissed: AtomicU64,
 }
 
-// SAFETY: an instance's data is used by one thread at a time (ownership
-// passes through the pool and table locks), so `D: Send` suffices; the
-// handlers are `Send + Sync`; the instances' owner pointers point to this
-// same allocation.
+// SAFETY: instance data is used by one thread at a time (handed over via the
+// pool and table locks), so `D: Send` suffices; owner pointers are self-refs.
 unsafe impl<D: Send> Send for KretShared<D> {}
 // SAFETY: as above; shared access goes through atomics, locks, or the
 // one-owner-at-a-time instance protocol.
@@ -223,6 +223,8 @@ impl<D: Send + 'static> ReturnProbe for KretShared<D> {
         }
     }
 
+    /// # Safety
+    /// As [`ReturnProbe::on_return`].
     unsafe fn on_return(
         &self,
         inst: NonNull<InstanceHdr>,
@@ -246,6 +248,8 @@ impl<D: Send + 'static> ReturnProbe for KretShared<D> {
         self.pool.put(idx);
     }
 
+    /// # Safety
+    /// As [`ReturnProbe::recycle`].
     unsafe fn recycle(&self, inst: NonNull<InstanceHdr>) {
         // SAFETY: the caller owns the instance (contract).
         let idx = unsafe { inst.as_ref().index };

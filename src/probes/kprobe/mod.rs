@@ -76,7 +76,7 @@
 //!
 //! # Lock order
 //!
-//! `commit_lock` → writer mutex → (text memory's own lock, XOL allocator's
+//! `reclaim_lock` → writer mutex → (text memory's own lock, XOL allocator's
 //! own lock). The hit path takes none of these. Kretprobe hit paths take one
 //! instance-table stripe or one pool lock at a time.
 

@@ -18,6 +18,7 @@
 //! still run its handlers.
 
 use std::fmt;
+// `std`'s Arc even under loom (see `kretprobe.rs`).
 use std::sync::Arc;
 
 use super::kretprobe::ReturnProbe;

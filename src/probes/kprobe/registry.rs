@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+// `std`'s Arc even under loom (see `kretprobe.rs`).
 use std::sync::Arc;
 
 use super::instances::InstanceTable;
@@ -31,6 +32,8 @@ pub const DEFAULT_BUCKETS: usize = 4096;
 pub const DEFAULT_INSTANCE_STRIPES: usize = 64;
 
 /// Source of registry ids (0 means "no registry" in a probe's owner field).
+/// `std`'s atomic on purpose, not the shim's: a process-wide id counter that
+/// is part of no algorithm a model checks (loom atomics cannot be statics).
 static NEXT_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 
 /// The writer-side view of one probed address.
@@ -76,9 +79,10 @@ pub struct KprobeRegistry<A: Arch, T: TextMemory> {
     pub(crate) instances: InstanceTable,
     pub(crate) trampoline: Option<u64>,
     pub(crate) writer: Mutex<Writer>,
-    /// Serializes `commit`s, so a commit returns only after every probe
-    /// pending when it was called is finished, even one another commit took.
-    pub(crate) commit_lock: Mutex<()>,
+    /// Serializes the bottom halves of unregistration (see `unregister.rs`):
+    /// a commit returns only after every retirement made before it started
+    /// is finished, even one another commit took.
+    pub(crate) reclaim_lock: Mutex<()>,
     /// Probes registered (for cheap `len`).
     pub(crate) count: AtomicUsize,
 }
@@ -145,7 +149,7 @@ impl<A: Arch, T: TextMemory> RegistryBuilder<A, T> {
                 garbage: Vec::new(),
                 orphans: Vec::new(),
             }),
-            commit_lock: Mutex::new(()),
+            reclaim_lock: Mutex::new(()),
             count: AtomicUsize::new(0),
         }
     }
@@ -411,7 +415,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
 
     /// Validates the first probe on `addr` and prepares how hits complete:
     /// boundary and instruction checks by the arch backend, the XOL slot.
-    fn prepare_site(&self, w: &Writer, addr: u64) -> Result<(SiteExec, CodeBytes), ProbeError> {
+    fn prepare_site(&self, w: &mut Writer, addr: u64) -> Result<(SiteExec, CodeBytes), ProbeError> {
         let func = self
             .resolver
             .function_containing(addr)
@@ -461,7 +465,15 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         let exec = match insn.class {
             InsnClass::Emulated(_) => SiteExec::emulated(insn),
             _ => {
-                let slot = self.xol.alloc(addr)?;
+                let slot = match self.xol.alloc(addr) {
+                    Err(ProbeError::XolExhausted { .. }) => {
+                        // Freed slots may be waiting for a grace period:
+                        // wait for them once, then retry.
+                        self.reclaim_slots(w);
+                        self.xol.alloc(addr)?
+                    }
+                    other => other?,
+                };
                 let planned = self
                     .arch
                     .plan_xol(&insn, slot)

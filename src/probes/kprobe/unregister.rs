@@ -12,13 +12,26 @@
 //! sites (the last list of a site frees its XOL slot through `Rcu::call`),
 //! and finally gives the probe back (it may be registered again).
 //!
-//! `unregister` and `unregister_many` run both halves, with one grace period
-//! for the whole slice. `unregister_nosync` runs the top half only and parks
-//! the retired objects on the registry's pending list; `commit` takes the
-//! whole pending list (every thread's), waits one grace period, and runs the
-//! bottom half. Commits are serialized, so a `commit` returns only after
-//! every probe that was pending when it was called has been finished, even
-//! when a concurrent `commit` took it.
+//! `unregister_nosync` runs the top half only and parks the retired objects
+//! on the registry's pending list; `commit` runs the bottom half for the
+//! whole pending list (every thread's) with one grace period.
+//! `unregister` and `unregister_many` are the top half for their probes
+//! followed by a `commit`.
+//!
+//! # Why bottom halves are serialized
+//!
+//! A probe's handlers can be reached through every member list its site
+//! ever published while it was a member, not only the last one: a
+//! single-step in flight holds the list it started on, and older lists are
+//! retired by whoever replaced them (a registration joining the site, the
+//! unregistration of a neighbour). So "no handler of P runs any more" needs
+//! *all* those lists finished, wherever they were retired. Every bottom half
+//! therefore takes everything pending or retired and finishes it under one
+//! lock (`reclaim_lock`): when a `commit` returns, every retirement made
+//! before it started has been finished, by it or by a bottom half that held
+//! the lock before it. Concurrent committers thus share the work but not
+//! the grace period (they wait for each other); `unregister_nosync` +
+//! one `commit` is the way to pay one grace period for many probes.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -115,24 +128,21 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// When called from a probe handler or inside an `Rcu` read section.
     pub fn unregister_many(&self, probes: &[&Kprobe]) -> Result<(), ProbeError> {
         assert_not_in_handler("unregister_many");
-        let mut batch = Vec::new();
         let result = {
             let mut w = self.lock_writer();
             self.check_all_registered(&mut w, probes)?;
+            let mut pending = std::mem::take(&mut w.pending);
             let mut result = Ok(());
             for p in probes {
-                if let Err(e) = self.unregister_top(&mut w, p, &mut batch) {
+                if let Err(e) = self.unregister_top(&mut w, p, &mut pending) {
                     result = Err(e);
                     break;
                 }
             }
-            batch.append(&mut w.garbage);
+            w.pending = pending;
             result
         };
-        if !batch.is_empty() {
-            self.rcu.synchronize();
-            self.reap(batch);
-        }
+        self.finish_pending();
         result
     }
 
@@ -152,10 +162,12 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// As [`unregister`](Self::unregister).
     pub fn unregister_nosync(&self, probe: &Kprobe) -> Result<(), ProbeError> {
         let mut w = self.lock_writer();
-        let mut retired = Vec::new();
-        self.unregister_top(&mut w, probe, &mut retired)?;
-        w.pending.append(&mut retired);
-        Ok(())
+        // Moved out and back (no allocation) so the top half can borrow the
+        // rest of the writer state mutably beside it.
+        let mut pending = std::mem::take(&mut w.pending);
+        let result = self.unregister_top(&mut w, probe, &mut pending);
+        w.pending = pending;
+        result
     }
 
     /// Second half of batched unregistration: waits one grace period and
@@ -173,7 +185,20 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// When called from a probe handler or inside an `Rcu` read section.
     pub fn commit(&self) {
         assert_not_in_handler("commit");
-        let _serial = self.commit_lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.finish_pending();
+    }
+
+    /// The bottom half of every unregistration. Under `reclaim_lock`: takes
+    /// everything pending or retired, waits one grace period, finishes it.
+    ///
+    /// Taking *everything* under one lock is what makes the guarantee hold:
+    /// an older member list holding a probe may have been retired by
+    /// another thread (a registration that joined the site, another
+    /// probe's unregistration); whoever took it finishes it before
+    /// releasing the lock, so once we hold the lock and have finished our
+    /// batch, every list that ever held our probes is gone.
+    fn finish_pending(&self) {
+        let _serial = self.reclaim_lock.lock().unwrap_or_else(|e| e.into_inner());
         let batch = {
             let mut w = self.lock_writer();
             let mut batch = std::mem::take(&mut w.pending);
@@ -260,6 +285,16 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// The bottom half. The caller waited for a grace period that began
     /// after everything in `batch` was retired.
     pub(crate) fn reap(&self, batch: Vec<Retired>) {
+        let mut orphans = Self::finish(batch);
+        let mut w = self.lock_writer();
+        w.orphans.append(&mut orphans);
+        Self::reap_orphans(&mut w);
+    }
+
+    /// Frees what `batch` retired (the caller waited for a grace period that
+    /// began after the retirement) and returns the kretprobes whose calls
+    /// are still in flight. Takes no lock.
+    pub(crate) fn finish(batch: Vec<Retired>) -> Vec<Arc<dyn ReturnProbe>> {
         let mut orphans = Vec::new();
         for r in batch {
             match r {
@@ -281,9 +316,24 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 }
             }
         }
-        let mut w = self.lock_writer();
-        w.orphans.append(&mut orphans);
-        Self::reap_orphans(&mut w);
+        orphans
+    }
+
+    /// Slow path of slot allocation: frees the retired member lists that may
+    /// hold slots (one grace period), then waits for the slot frees queued
+    /// on the RCU worker. Called with the writer mutex held (neither wait
+    /// needs it).
+    #[cold]
+    pub(crate) fn reclaim_slots(&self, w: &mut Writer) {
+        let garbage = std::mem::take(&mut w.garbage);
+        if !Rcu::in_read_section() {
+            self.rcu.synchronize();
+            let mut orphans = Self::finish(garbage);
+            w.orphans.append(&mut orphans);
+            self.rcu.barrier();
+        } else {
+            w.garbage = garbage;
+        }
     }
 
     /// Frees the pools of unregistered kretprobes whose calls all returned.

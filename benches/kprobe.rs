@@ -1,0 +1,472 @@
+//! Benchmarks for `rcu_registry::probes::kprobe`, each against its peer in
+//! the same run:
+//!
+//! - `hit_lookup`: the hit path (`on_breakpoint` on an emulated `nop`: lock-
+//!   free chain lookup under an `Rcu` guard, a counting pre handler, the
+//!   emulation) against the same work through a `RwLock<HashMap>` registry,
+//!   at 1 and 2 threads, 1,000 probed addresses.
+//! - `unregister_10k`: removing 10,000 probes while two threads keep hitting
+//!   them: `unregister_nosync` for each plus one `commit`, against
+//!   `unregister` one by one (a grace period each).
+//! - `kretprobe`: a kretprobe'd call (entry trap + return through the
+//!   trampoline) per iteration, each thread on its own function, with the
+//!   instance table on 64 hashed stripes against one global lock (1 stripe),
+//!   at 1 and 2 threads.
+//!
+//! The ratios are printed at the end. Run:
+//! `cargo bench --bench kprobe -- --warm-up-time 1 --measurement-time 2`
+
+use std::collections::{BTreeMap, HashMap};
+use std::hint::black_box;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use criterion::{BenchmarkId, Criterion};
+use rcu_registry::probes::arch::{Arch, DataMemory, Insn, Regs, X86_64};
+use rcu_registry::probes::kprobe::{
+    Action, HitOutcome, Kprobe, KprobeRegistry, Kretprobe, ReturnOutcome, SymbolTable, XolArena,
+};
+use rcu_registry::probes::text::Image;
+use rcu_registry::probes::ProbeError;
+
+const BASE: u64 = 0x10_0000;
+const FUNC_SIZE: u64 = 16;
+const TRAMPOLINE: u64 = 0x0f00;
+const STACK: u64 = 0x7000_0000;
+const CALLER: u64 = 0x4000_0000;
+
+type Reg = KprobeRegistry<X86_64, Image>;
+
+/// Nanoseconds per iteration of every sample, per benchmark (medians are
+/// reported: on a shared 2-core machine a sample where another process took
+/// a core is an outlier, not the typical case).
+static SAMPLES: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
+
+fn record(id: &str, elapsed: Duration, iters: u64) -> Duration {
+    let per_iter = elapsed.as_nanos() as f64 / iters.max(1) as f64;
+    SAMPLES
+        .lock()
+        .unwrap()
+        .entry(id.to_string())
+        .or_default()
+        .push(per_iter);
+    elapsed
+}
+
+fn median_ns(id: &str) -> Option<f64> {
+    let mut s = SAMPLES.lock().unwrap().get(id)?.clone();
+    s.sort_by(f64::total_cmp);
+    Some(s[s.len() / 2])
+}
+
+/// `n` functions `nop; ret`, one symbol each.
+fn image(n: usize) -> (Image, SymbolTable) {
+    let mut code = vec![0xccu8; n * FUNC_SIZE as usize];
+    let mut syms = SymbolTable::new();
+    for i in 0..n {
+        let o = i * FUNC_SIZE as usize;
+        code[o] = 0x90;
+        code[o + 1] = 0xc3;
+        syms.insert(format!("f{i}"), func(i), 2);
+    }
+    (Image::new(BASE, code), syms)
+}
+
+fn func(i: usize) -> u64 {
+    BASE + i as u64 * FUNC_SIZE
+}
+
+fn registry(n: usize, buckets: usize, stripes: usize) -> Reg {
+    let (image, syms) = image(n);
+    let xol = Arc::new(XolArena::new(0x8000_0000, 4, X86_64::XOL_SLOT_SIZE));
+    KprobeRegistry::builder(X86_64, image, syms, xol)
+        .buckets(buckets)
+        .instance_stripes(stripes)
+        .trampoline(TRAMPOLINE)
+        .build()
+}
+
+/// One stack word per thread: the return address slot.
+struct Word(u64);
+
+impl DataMemory for Word {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
+        if addr != STACK || buf.len() != 8 {
+            return Err(ProbeError::MemoryFault {
+                addr,
+                len: buf.len(),
+            });
+        }
+        buf.copy_from_slice(&self.0.to_le_bytes());
+        Ok(())
+    }
+    fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), ProbeError> {
+        if addr != STACK || bytes.len() != 8 {
+            return Err(ProbeError::MemoryFault {
+                addr,
+                len: bytes.len(),
+            });
+        }
+        self.0 = u64::from_le_bytes(bytes.try_into().unwrap());
+        Ok(())
+    }
+}
+
+fn pin_to_cpu(cpu: usize) {
+    // SAFETY: `set` is a plain bitmask owned by this frame; CPU_ZERO/CPU_SET
+    // write only inside it, and sched_setaffinity(0, ..) reads it for the
+    // calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        libc::CPU_SET(cpu, &mut set);
+        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+    }
+}
+
+/// Runs `work(thread, iters)` on `threads` threads (pinned to CPUs 0, 1, ..)
+/// released together; returns the wall time.
+fn on_threads(threads: usize, iters: u64, work: impl Fn(usize, u64) + Sync) -> Duration {
+    let barrier = Barrier::new(threads + 1);
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            let (barrier, work) = (&barrier, &work);
+            s.spawn(move || {
+                pin_to_cpu(t);
+                barrier.wait();
+                work(t, iters);
+                barrier.wait();
+            });
+        }
+        barrier.wait();
+        let start = Instant::now();
+        barrier.wait();
+        start.elapsed()
+    })
+}
+
+// ---------------------------------------------------------------- hit path
+
+const HIT_PROBES: usize = 1000;
+/// Address stride between consecutive hits: coprime with the probe count,
+/// so a thread walks every probe in a scattered order.
+const HIT_STRIDE: usize = 389;
+
+/// The peer: what a registry behind one reader-writer lock does per hit.
+struct PeerProbe {
+    insn: Insn,
+    hits: AtomicU64,
+    pre: Box<dyn Fn(&mut Regs) -> Action + Send + Sync>,
+}
+
+fn peer_registry() -> RwLock<HashMap<u64, Arc<PeerProbe>>> {
+    let mut map = HashMap::new();
+    for i in 0..HIT_PROBES {
+        let addr = func(i);
+        let insn = X86_64.analyze(addr, &[0x90, 0xc3]).unwrap();
+        map.insert(
+            addr,
+            Arc::new(PeerProbe {
+                insn,
+                hits: AtomicU64::new(0),
+                pre: Box::new(|regs| {
+                    black_box(regs.ip);
+                    Action::Continue
+                }),
+            }),
+        );
+    }
+    RwLock::new(map)
+}
+
+fn peer_hit(
+    peer: &RwLock<HashMap<u64, Arc<PeerProbe>>>,
+    regs: &mut Regs,
+    mem: &mut dyn DataMemory,
+) -> bool {
+    let addr = X86_64.trap_address(regs);
+    let map = peer.read().unwrap();
+    let Some(p) = map.get(&addr) else {
+        return false;
+    };
+    regs.ip = addr;
+    p.hits.fetch_add(1, Ordering::Relaxed);
+    if (p.pre)(regs) == Action::Continue {
+        X86_64.emulate(&p.insn, regs, mem).unwrap();
+    }
+    true
+}
+
+/// One hit through a registry under test.
+type HitFn<'a> = dyn Fn(&mut Regs, &mut Word) + Sync + 'a;
+
+fn bench_hit_lookup(c: &mut Criterion) {
+    let reg = registry(HIT_PROBES, 4096, 64);
+    for i in 0..HIT_PROBES {
+        reg.register(
+            &Kprobe::at(func(i))
+                .pre(|_, regs| {
+                    black_box(regs.ip);
+                    Action::Continue
+                })
+                .build(),
+        )
+        .unwrap();
+    }
+    let peer = peer_registry();
+    let mut g = c.benchmark_group("kprobe_hit_lookup");
+    for threads in [1usize, 2] {
+        let contenders: [(&str, &str, &HitFn); 2] = [
+            ("rcu_chains", "rcu", &|regs, mem| {
+                let out = reg.on_breakpoint(regs, mem);
+                assert!(matches!(out, HitOutcome::Emulated));
+            }),
+            ("rwlock_hashmap", "rwlock", &|regs, mem| {
+                assert!(peer_hit(&peer, regs, mem));
+            }),
+        ];
+        for (name, short, hit) in contenders {
+            g.bench_function(BenchmarkId::new(name, threads), |b| {
+                b.iter_custom(|iters| {
+                    let elapsed = on_threads(threads, iters, |t, n| {
+                        let mut mem = Word(0);
+                        let mut k = t * 7;
+                        for _ in 0..n {
+                            k = (k + HIT_STRIDE) % HIT_PROBES;
+                            let mut regs = Regs {
+                                ip: func(k) + 1,
+                                ..Regs::default()
+                            };
+                            hit(&mut regs, &mut mem);
+                            black_box(regs.ip);
+                        }
+                    });
+                    record(&format!("hit/{short}/{threads}"), elapsed, iters)
+                })
+            });
+        }
+    }
+    g.finish();
+}
+
+// ------------------------------------------------------ unregister 10,000
+
+const UNREG_PROBES: usize = 10_000;
+const UNREG_HITTERS: usize = 2;
+
+/// Registers 10,000 probes, starts the hitters, times `remove`, stops them.
+///
+/// A hitter only traps on a probe that is still registered, as a thread
+/// running the code only traps where a breakpoint still is (the few that
+/// race a removal take the "vanished" path).
+fn time_unregister(remove: impl Fn(&Reg, &[Kprobe])) -> Duration {
+    let reg = registry(UNREG_PROBES, 16_384, 64);
+    let probes: Vec<Kprobe> = (0..UNREG_PROBES)
+        .map(|i| Kprobe::at(func(i)).build())
+        .collect();
+    for p in &probes {
+        reg.register(p).unwrap();
+    }
+    let stop = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        for t in 0..UNREG_HITTERS {
+            let (reg, stop, probes) = (&reg, &stop, &probes);
+            s.spawn(move || {
+                let mut mem = Word(0);
+                let mut k = t * 5003;
+                while !stop.load(Ordering::Relaxed) {
+                    k = (k + 7919) % UNREG_PROBES;
+                    if !probes[k].is_registered() {
+                        continue;
+                    }
+                    let mut regs = Regs {
+                        ip: func(k) + 1,
+                        ..Regs::default()
+                    };
+                    let out = reg.on_breakpoint(&mut regs, &mut mem);
+                    assert!(matches!(out, HitOutcome::Emulated | HitOutcome::Vanished));
+                }
+            });
+        }
+        // Let the hitters get going.
+        std::thread::sleep(Duration::from_millis(5));
+        let start = Instant::now();
+        remove(&reg, &probes);
+        let t = start.elapsed();
+        stop.store(true, Ordering::Relaxed);
+        assert!(reg.is_empty());
+        t
+    })
+}
+
+fn bench_unregister(c: &mut Criterion) {
+    let mut g = c.benchmark_group("kprobe_unregister_10k");
+    g.sample_size(10);
+    g.bench_function("nosync_then_commit", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                total += time_unregister(|reg, probes| {
+                    for p in probes {
+                        reg.unregister_nosync(p).unwrap();
+                    }
+                    reg.commit();
+                });
+            }
+            record("unregister/batch", total, iters)
+        })
+    });
+    g.bench_function("one_by_one", |b| {
+        b.iter_custom(|iters| {
+            let mut total = Duration::ZERO;
+            for _ in 0..iters {
+                total += time_unregister(|reg, probes| {
+                    for p in probes {
+                        reg.unregister(p).unwrap();
+                    }
+                });
+            }
+            record("unregister/one_by_one", total, iters)
+        })
+    });
+    g.finish();
+}
+
+// --------------------------------------------------------------- kretprobe
+
+/// A registry with two kretprobe'd functions and its instance table on
+/// `stripes` stripes.
+fn kret_registry(stripes: usize) -> (Reg, Vec<Kretprobe<u64>>) {
+    let reg = registry(2, 64, stripes);
+    let krps = (0..2)
+        .map(|i| {
+            let k = Kretprobe::<u64>::at(func(i))
+                .handler(|d, _, ret| *d = d.wrapping_add(ret))
+                .build()
+                .unwrap();
+            reg.register_kretprobe(&k).unwrap();
+            k
+        })
+        .collect();
+    (reg, krps)
+}
+
+/// `threads` threads, each calling its own kretprobe'd function `iters`
+/// times (entry trap, return through the trampoline).
+fn kret_calls(reg: &Reg, threads: usize, iters: u64) -> Duration {
+    on_threads(threads, iters, |t, n| {
+        let mut mem = Word(CALLER);
+        for _ in 0..n {
+            let mut regs = Regs {
+                ip: func(t) + 1,
+                sp: STACK,
+                ..Regs::default()
+            };
+            let out = reg.on_breakpoint(&mut regs, &mut mem);
+            assert!(matches!(out, HitOutcome::Emulated));
+            regs.ip = TRAMPOLINE;
+            regs.sp = STACK + 8;
+            regs.gprs[0] = 42;
+            assert_eq!(
+                reg.on_return(&mut regs),
+                ReturnOutcome::Returned { to: CALLER }
+            );
+            mem.0 = CALLER;
+        }
+    })
+}
+
+fn bench_kretprobe(c: &mut Criterion) {
+    let mut g = c.benchmark_group("kretprobe_entry_return");
+    for (name, stripes) in [("hashed_64", 64usize), ("global_lock", 1)] {
+        let (reg, krps) = kret_registry(stripes);
+        for threads in [1usize, 2] {
+            g.bench_function(BenchmarkId::new(name, threads), |b| {
+                b.iter_custom(|iters| {
+                    let id = format!("kret/{name}/{threads}");
+                    record(&id, kret_calls(&reg, threads, iters), iters)
+                })
+            });
+        }
+        assert_eq!(krps.iter().map(|k| k.nmissed()).sum::<u64>(), 0);
+    }
+    g.finish();
+}
+
+/// Rounds of the paired measurement.
+const PAIRED_ROUNDS: usize = 41;
+/// Iterations per thread in one paired run (a few milliseconds).
+const PAIRED_ITERS: u64 = 20_000;
+
+/// Runs `slower` and `faster` in alternation (first runner swapped every
+/// round) and prints the median and quartiles of the per-round ratios
+/// slower/faster: under a load that changes from moment to moment, the two
+/// sides of a round ran under the same conditions.
+fn paired(label: &str, slower: impl Fn(u64) -> Duration, faster: impl Fn(u64) -> Duration) {
+    let mut ratios: Vec<f64> = (0..PAIRED_ROUNDS)
+        .map(|round| {
+            let (s, f) = if round % 2 == 0 {
+                let s = slower(PAIRED_ITERS);
+                (s, faster(PAIRED_ITERS))
+            } else {
+                let f = faster(PAIRED_ITERS);
+                (slower(PAIRED_ITERS), f)
+            };
+            s.as_secs_f64() / f.as_secs_f64()
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let q = |x: f64| ratios[((ratios.len() - 1) as f64 * x) as usize];
+    println!(
+        "  {label}: paired median {:.2}x (quartiles {:.2}x-{:.2}x, {PAIRED_ROUNDS} rounds)",
+        q(0.5),
+        q(0.25),
+        q(0.75)
+    );
+}
+
+fn ratio(label: &str, slower: &str, faster: &str) {
+    match (median_ns(slower), median_ns(faster)) {
+        (Some(s), Some(f)) => println!("  {label}: {:.2}x ({s:.1} ns vs {f:.1} ns)", s / f),
+        _ => println!("  {label}: not measured"),
+    }
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    bench_hit_lookup(&mut c);
+    bench_unregister(&mut c);
+    bench_kretprobe(&mut c);
+    c.final_summary();
+
+    println!("\nkprobe ratios (median time per iteration over all samples; >1 = ours faster):");
+    for t in [1, 2] {
+        ratio(
+            &format!("hit path, rwlock+hashmap / rcu chains, {t} thread(s) (wall per hit on each thread)"),
+            &format!("hit/rwlock/{t}"),
+            &format!("hit/rcu/{t}"),
+        );
+    }
+    ratio(
+        "unregister 10,000 probes under hits, one-by-one / nosync+commit",
+        "unregister/one_by_one",
+        "unregister/batch",
+    );
+    for t in [1, 2] {
+        ratio(
+            &format!("kretprobe entry+return, global lock / hashed, {t} thread(s)"),
+            &format!("kret/global_lock/{t}"),
+            &format!("kret/hashed_64/{t}"),
+        );
+    }
+    let (hashed, _k1) = kret_registry(64);
+    let (global, _k2) = kret_registry(1);
+    for t in [1, 2] {
+        paired(
+            &format!("kretprobe entry+return, global lock / hashed, {t} thread(s)"),
+            |n| kret_calls(&global, t, n),
+            |n| kret_calls(&hashed, t, n),
+        );
+    }
+}
