@@ -72,6 +72,10 @@ use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
 use crate::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use crate::sync::Mutex;
+use crate::sys::{
+    sys_membarrier as membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, MEMBARRIER_CMD_QUERY,
+    MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+};
 
 /// The x86 breakpoint, the byte the int3-first protocol parks on.
 const INT3: u8 = 0xcc;
@@ -376,27 +380,13 @@ pub(crate) fn read_text(addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
     Err(fail(TextFailure::OutOfRange))
 }
 
-// The membarrier commands (include/uapi/linux/membarrier.h, stable ABI).
-const MEMBARRIER_CMD_QUERY: libc::c_int = 0;
-const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
-const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
+// The sync-core membarrier commands (include/uapi/linux/membarrier.h,
+// stable ABI); the others come from `crate::sys`.
 const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 5;
 const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 6;
 
 /// Which command `sync_cores` issues: 0 none, else the command.
 static SYNC_CMD: AtomicU64 = AtomicU64::new(u64::MAX);
-
-fn membarrier(cmd: libc::c_int) -> libc::c_long {
-    // SAFETY: membarrier takes integers and touches no user memory.
-    unsafe {
-        libc::syscall(
-            libc::SYS_membarrier,
-            cmd,
-            0 as libc::c_uint,
-            0 as libc::c_int,
-        )
-    }
-}
 
 /// Registers the process for the strongest core sync available, once.
 fn sync_core_init() {
