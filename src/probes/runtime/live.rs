@@ -144,11 +144,10 @@ impl Live {
         GLOBAL.get_or_init(|| Live::new().expect("loading the process's ELF symbols"))
     }
 
-    /// The registry: register, enable, unregister probes here.
-    pub fn registry(&self) -> &'static LiveRegistry {
-        // SAFETY-free: `self` is always a leaked `&'static Live`.
-        let this: &'static Live = self.as_static();
-        &this.registry
+    /// The registry: register, enable, unregister probes here. (Every
+    /// `Live` is leaked, so from `&'static Live` this is `'static` too.)
+    pub fn registry(&self) -> &LiveRegistry {
+        &self.registry
     }
 
     /// The symbols probes are resolved against.
@@ -159,12 +158,5 @@ impl Live {
     /// XOL slot counters.
     pub fn xol_stats(&self) -> XolStats {
         self.xol.stats()
-    }
-
-    fn as_static(&self) -> &'static Live {
-        // Every `Live` is created leaked by `new` (there is no other
-        // constructor), so a reference to one is valid for 'static.
-        // SAFETY: see above.
-        unsafe { &*(self as *const Live) }
     }
 }
