@@ -20,11 +20,11 @@ const MB_UNAVAILABLE: u8 = 2;
 static MEMBARRIER_STATE: AtomicU8 = AtomicU8::new(MB_UNKNOWN);
 
 // The command numbers are stable kernel ABI (include/uapi/linux/membarrier.h).
-const MEMBARRIER_CMD_QUERY: libc::c_int = 0;
-const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
-const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
+pub(crate) const MEMBARRIER_CMD_QUERY: libc::c_int = 0;
+pub(crate) const MEMBARRIER_CMD_PRIVATE_EXPEDITED: libc::c_int = 1 << 3;
+pub(crate) const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
 
-fn sys_membarrier(cmd: libc::c_int) -> libc::c_long {
+pub(crate) fn sys_membarrier(cmd: libc::c_int) -> libc::c_long {
     // SAFETY: membarrier takes (cmd, flags, cpu_id) integers and touches no
     // user memory; any failure is reported through the return value.
     unsafe {

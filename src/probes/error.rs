@@ -136,6 +136,15 @@ pub enum ProbeError {
         /// The probed address the slot was wanted for.
         near: u64,
     },
+    /// The live runtime refuses to patch `addr`: it is code the trap path
+    /// itself runs (`what` names it), where a breakpoint would trap again
+    /// inside the trap handler.
+    RefusedTarget {
+        /// The refused address.
+        addr: u64,
+        /// What the code at `addr` is, e.g. `"the SIGTRAP handler"`.
+        what: &'static str,
+    },
 }
 
 /// Why an arch backend refuses to probe an instruction.
@@ -404,6 +413,9 @@ impl fmt::Display for ProbeError {
                     f,
                     "no free out-of-line execution slot for a probe at {near:#x}"
                 )
+            }
+            ProbeError::RefusedTarget { addr, what } => {
+                write!(f, "refusing to patch {addr:#x}: it is {what}")
             }
         }
     }

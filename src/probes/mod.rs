@@ -4,6 +4,10 @@
 pub mod arch;
 pub mod error;
 pub mod kprobe;
+#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
+pub mod runtime;
+#[cfg(all(target_os = "linux", not(loom)))]
+pub mod symbols;
 pub mod text;
 
 pub use error::ProbeError;

@@ -24,8 +24,12 @@
 //! current process, another process) live with the runtime.
 
 mod image;
+#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
+pub(crate) mod in_process;
 
 pub use image::Image;
+#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
+pub use in_process::{core_sync_method, InProcess, RefusedRange};
 
 use crate::probes::ProbeError;
 

@@ -1,0 +1,266 @@
+//! Per-hit cost of live probes, each against the peers in the same run:
+//!
+//! - `plain_call`: the function unprobed (what a hit adds to);
+//! - `raw_int3`: an `int3` at the function's entry with an empty SIGTRAP
+//!   handler (same `sa_flags` and mask as the runtime's): the floor any
+//!   trap-based probe pays;
+//! - `boosted`: a kprobe with a pre handler on an out-of-line instruction,
+//!   run from the XOL slot with a jump back (one trap);
+//! - `emulated`: a kprobe on `push rbx` (emulated, one trap, no slot);
+//! - `single_step`: the same probe with a post handler (two traps);
+//! - `kretprobe`: entry trap (boosted) plus the return trampoline, no second
+//!   trap;
+//! - `uprobe` (Linux's own, through tracefs), where the machine allows.
+//!
+//! Ratios against `raw_int3` are printed at the end. Run:
+//! `cargo bench --bench runtime -- --warm-up-time 1 --measurement-time 2`
+
+use std::arch::global_asm;
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use criterion::Criterion;
+use rcu_registry::probes::kprobe::{Action, Kprobe, Kretprobe};
+use rcu_registry::probes::runtime::Live;
+
+// Five copies of `x + 1`, one per variant, so that no probe of one variant
+// slows another; `rb_raw` starts with an int3, `rb_emul` with `push rbx`.
+global_asm!(
+    ".pushsection .text.rb_functions,\"ax\",@progbits",
+    ".p2align 4",
+    ".globl rb_plain",
+    ".type rb_plain,@function",
+    "rb_plain:",
+    ".byte 0x89, 0xf8, 0x83, 0xc0, 0x01, 0xc3",
+    ".size rb_plain, . - rb_plain",
+    ".p2align 4",
+    ".globl rb_raw",
+    ".type rb_raw,@function",
+    "rb_raw:",
+    ".byte 0xcc, 0x89, 0xf8, 0x83, 0xc0, 0x01, 0xc3",
+    ".size rb_raw, . - rb_raw",
+    ".p2align 4",
+    ".globl rb_boost",
+    ".type rb_boost,@function",
+    "rb_boost:",
+    ".byte 0x89, 0xf8, 0x83, 0xc0, 0x01, 0xc3",
+    ".size rb_boost, . - rb_boost",
+    ".p2align 4",
+    ".globl rb_emul",
+    ".type rb_emul,@function",
+    "rb_emul:",
+    ".byte 0x53, 0x89, 0xf8, 0x83, 0xc0, 0x01, 0x5b, 0xc3",
+    ".size rb_emul, . - rb_emul",
+    ".p2align 4",
+    ".globl rb_step",
+    ".type rb_step,@function",
+    "rb_step:",
+    ".byte 0x89, 0xf8, 0x83, 0xc0, 0x01, 0xc3",
+    ".size rb_step, . - rb_step",
+    ".p2align 4",
+    ".globl rb_kret",
+    ".type rb_kret,@function",
+    "rb_kret:",
+    ".byte 0x89, 0xf8, 0x83, 0xc0, 0x01, 0xc3",
+    ".size rb_kret, . - rb_kret",
+    ".popsection",
+);
+
+extern "C" {
+    fn rb_plain(x: u32) -> u32;
+    fn rb_raw(x: u32) -> u32;
+    fn rb_boost(x: u32) -> u32;
+    fn rb_emul(x: u32) -> u32;
+    fn rb_step(x: u32) -> u32;
+    fn rb_kret(x: u32) -> u32;
+}
+
+type Func = unsafe extern "C" fn(u32) -> u32;
+
+fn addr(f: Func) -> u64 {
+    f as usize as u64
+}
+
+/// Nanoseconds per call of every sample, per benchmark (medians reported).
+static SAMPLES: Mutex<BTreeMap<&'static str, Vec<f64>>> = Mutex::new(BTreeMap::new());
+
+fn run(f: Func, iters: u64) -> Duration {
+    let f = black_box(f);
+    let t0 = Instant::now();
+    for i in 0..iters {
+        // SAFETY: every rb_* function is a complete C-ABI function.
+        let r = unsafe { f(black_box(i as u32)) };
+        debug_assert_eq!(r, (i as u32).wrapping_add(1));
+        black_box(r);
+    }
+    t0.elapsed()
+}
+
+fn bench(c: &mut Criterion, id: &'static str, f: Func) {
+    c.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            let d = run(f, iters);
+            SAMPLES
+                .lock()
+                .unwrap()
+                .entry(id)
+                .or_default()
+                .push(d.as_nanos() as f64 / iters.max(1) as f64);
+            d
+        })
+    });
+}
+
+fn median(id: &str) -> Option<f64> {
+    let mut v = SAMPLES.lock().unwrap().get(id)?.clone();
+    v.sort_by(f64::total_cmp);
+    Some(v[v.len() / 2])
+}
+
+extern "C" fn empty_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Swaps the SIGTRAP disposition for an empty handler with the runtime's
+/// flags and mask; returns the one to restore.
+fn install_empty_handler() -> libc::sigaction {
+    // SAFETY: zeroed sigactions are valid; the handler has the SA_SIGINFO
+    // signature; the mask calls only write inside `sa`.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = empty_handler as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
+        libc::sigfillset(&mut sa.sa_mask);
+        for s in [
+            libc::SIGTRAP,
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGILL,
+            libc::SIGFPE,
+        ] {
+            libc::sigdelset(&mut sa.sa_mask, s);
+        }
+        let mut old: libc::sigaction = std::mem::zeroed();
+        assert_eq!(libc::sigaction(libc::SIGTRAP, &sa, &mut old), 0);
+        old
+    }
+}
+
+fn restore_handler(old: &libc::sigaction) {
+    // SAFETY: restores a disposition sigaction returned.
+    unsafe { assert_eq!(libc::sigaction(libc::SIGTRAP, old, std::ptr::null_mut()), 0) };
+}
+
+/// Linux uprobes on `rb_plain` through tracefs, if the machine allows.
+fn uprobe_column(c: &mut Criterion) -> Result<(), String> {
+    let tracing = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
+        .into_iter()
+        .find(|d| std::path::Path::new(&format!("{d}/uprobe_events")).exists())
+        .ok_or("no tracefs with uprobe_events mounted")?;
+    let exe = std::fs::read_link("/proc/self/exe").map_err(|e| e.to_string())?;
+    let maps = std::fs::read_to_string("/proc/self/maps").map_err(|e| e.to_string())?;
+    let at = addr(rb_plain);
+    // File offset of rb_plain: from its mapping's start and file offset.
+    let offset = maps
+        .lines()
+        .find_map(|l| {
+            let mut f = l.split_whitespace();
+            let (range, _perms, off) = (f.next()?, f.next()?, f.next()?);
+            let (s, e) = range.split_once('-')?;
+            let (s, e) = (
+                u64::from_str_radix(s, 16).ok()?,
+                u64::from_str_radix(e, 16).ok()?,
+            );
+            (s..e)
+                .contains(&at)
+                .then(|| at - s + u64::from_str_radix(off, 16).unwrap_or(0))
+        })
+        .ok_or("rb_plain not found in /proc/self/maps")?;
+    let events = format!("{tracing}/uprobe_events");
+    let def = format!("p:rcu_registry_bench {}:{offset:#x}\n", exe.display());
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&events)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, def.as_bytes()))
+        .map_err(|e| format!("writing {events}: {e}"))?;
+    let enable = format!("{tracing}/events/uprobes/rcu_registry_bench/enable");
+    std::fs::write(&enable, "1").map_err(|e| format!("enabling: {e}"))?;
+    bench(c, "uprobe", rb_plain);
+    let _ = std::fs::write(&enable, "0");
+    let _ = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&events)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, b"-:rcu_registry_bench\n"));
+    Ok(())
+}
+
+fn main() {
+    let mut c = Criterion::default().configure_from_args();
+    let live = Live::global();
+    let reg = live.registry();
+
+    bench(&mut c, "plain_call", rb_plain);
+
+    let old = install_empty_handler();
+    bench(&mut c, "raw_int3", rb_raw);
+    restore_handler(&old);
+
+    let p = Kprobe::at(addr(rb_boost))
+        .pre(|_p, _r| Action::Continue)
+        .build();
+    reg.register(&p).unwrap();
+    bench(&mut c, "boosted", rb_boost);
+    reg.unregister(&p).unwrap();
+
+    let p = Kprobe::at(addr(rb_emul))
+        .pre(|_p, _r| Action::Continue)
+        .build();
+    reg.register(&p).unwrap();
+    bench(&mut c, "emulated", rb_emul);
+    reg.unregister(&p).unwrap();
+
+    let p = Kprobe::at(addr(rb_step))
+        .pre(|_p, _r| Action::Continue)
+        .post(|_p, _r| {})
+        .build();
+    reg.register(&p).unwrap();
+    bench(&mut c, "single_step", rb_step);
+    reg.unregister(&p).unwrap();
+
+    let k = Kretprobe::<()>::at(addr(rb_kret))
+        .handler(|_, _, ret| {
+            black_box(ret);
+        })
+        .build()
+        .unwrap();
+    reg.register_kretprobe(&k).unwrap();
+    bench(&mut c, "kretprobe", rb_kret);
+    reg.unregister_kretprobe(&k).unwrap();
+
+    let uprobe = uprobe_column(&mut c);
+
+    c.final_summary();
+    let raw = median("raw_int3").unwrap();
+    println!("\nper-hit cost (median ns per call) and ratio to raw_int3:");
+    for (id, target) in [
+        ("plain_call", None),
+        ("raw_int3", None),
+        ("boosted", Some(1.15)),
+        ("emulated", None),
+        ("single_step", Some(2.3)),
+        ("kretprobe", Some(1.3)),
+        ("uprobe", None),
+    ] {
+        let Some(m) = median(id) else { continue };
+        let ratio = m / raw;
+        let verdict = match target {
+            Some(t) if ratio <= t => format!("  (target <= {t}x: met)"),
+            Some(t) => format!("  (target <= {t}x: MISSED)"),
+            None => String::new(),
+        };
+        println!("  {id:<12} {m:>9.1} ns  {ratio:>6.3}x{verdict}");
+    }
+    if let Err(why) = uprobe {
+        println!("  uprobe       skipped: {why}");
+    }
+}

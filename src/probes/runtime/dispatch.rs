@@ -1,0 +1,415 @@
+//! Trap dispatch: who gets a trap, and the per-thread single-steps in flight.
+//!
+//! # Dispatchers
+//!
+//! A [`TrapDispatcher`] is whatever owns breakpoints in this process (a
+//! [`KprobeRegistry`](crate::probes::kprobe::KprobeRegistry) over
+//! [`InProcess`](crate::probes::text::InProcess) text, or a test's own).
+//! [`attach`] files a `&'static` dispatcher in a small fixed table; the
+//! SIGTRAP handler offers each breakpoint trap to the attached dispatchers in
+//! turn until one claims it. The table is read under an
+//! [`Rcu`] read guard with one acquire load per entry: no lock, no
+//! allocation. [`Attachment::detach`] clears the entry and waits for a grace
+//! period, so when it returns no handler is still inside that dispatcher's
+//! breakpoint path (a single-step it started may still complete later
+//! through [`TrapDispatcher::on_step`]; the dispatcher is `'static`).
+//!
+//! # Single-steps in flight
+//!
+//! A single-stepped hit spans two traps: the breakpoint trap prepares the
+//! step and the dispatcher leaves whatever it needs for the step trap (the
+//! registry's step token) in a [`StepStash`]; the runtime pushes the stash
+//! and the dispatcher on a per-thread stack and, at the next `TRAP_TRACE`,
+//! pops them and calls [`TrapDispatcher::on_step`].
+//!
+//! Why a stack: the kernel clears the trap flag when it delivers another
+//! signal, so a signal arriving between the two traps runs its handler
+//! untraced; if that handler hits a probe that is stepped too, its step
+//! completes before the handler returns, and `rt_sigreturn` then re-arms the
+//! outer step. Steps therefore complete in last-in, first-out order.
+//!
+//! The stack is a `const` thread-local without a destructor (a destructor
+//! would be registered on first use, which allocates: not allowed in a
+//! signal handler). It is touched only by the SIGTRAP handler, which runs
+//! with every asynchronous signal blocked; a nested SIGTRAP (a probe hit in
+//! a probe handler) completes its own push and pop before the outer handler
+//! continues, so each push and pop runs uninterrupted.
+
+use std::any::TypeId;
+use std::mem::MaybeUninit;
+
+use crate::probes::arch::{DataMemory, Regs};
+use crate::probes::ProbeError;
+use crate::rcu::Rcu;
+use crate::sync::atomic::{AtomicPtr, Ordering};
+use crate::sync::{Mutex, UnsafeCell};
+
+/// What a dispatcher did with a trap.
+#[derive(Debug)]
+#[must_use = "the verdict says how to resume the thread"]
+pub enum Verdict {
+    /// Not this dispatcher's trap; `regs` are unchanged.
+    NotOurs,
+    /// Handled: resume with `regs` as they are now.
+    Resume,
+    /// Handled, and a single-step is armed (the trap flag is set in `regs`):
+    /// the dispatcher put its state in the stash and must be called with it
+    /// at the step trap ([`TrapDispatcher::on_step`]).
+    Step,
+    /// The displaced instruction could not be completed (for example an
+    /// unwritable stack for an emulated `push`). The runtime reports the
+    /// error and aborts the process: resuming would loop on the breakpoint.
+    Failed(ProbeError),
+}
+
+/// Whatever owns breakpoints: the runtime's SIGTRAP handler calls it.
+///
+/// Every method runs in a signal handler with all asynchronous signals
+/// blocked (except [`on_return`](Self::on_return), which runs on the
+/// ordinary stack from the kretprobe trampoline): implementations must not
+/// allocate, take a lock another context of the same thread may hold, or
+/// block.
+pub trait TrapDispatcher: Send + Sync + 'static {
+    /// A breakpoint trap. `regs` are the registers at the trap (the IP is
+    /// just past the breakpoint); `mem` is the thread's memory. On
+    /// [`Verdict::Step`] the dispatcher must have put its step state in
+    /// `stash`.
+    fn on_breakpoint(
+        &'static self,
+        regs: &mut Regs,
+        mem: &mut dyn DataMemory,
+        stash: &mut StepStash,
+    ) -> Verdict;
+
+    /// The step trap after a [`Verdict::Step`] of this dispatcher on this
+    /// thread, with the stash it filled. Returning [`Verdict::Step`] again
+    /// (the stash refilled) keeps the step armed (x86 `rep` iterations).
+    fn on_step(
+        &'static self,
+        regs: &mut Regs,
+        mem: &mut dyn DataMemory,
+        stash: &mut StepStash,
+    ) -> Verdict;
+
+    /// A return into the kretprobe trampoline: `regs` as the function
+    /// returned. Returns true (with `regs.ip` set to the real return
+    /// address) if one of this dispatcher's instances claimed it.
+    fn on_return(&'static self, regs: &mut Regs) -> bool;
+}
+
+/// Words of storage in a [`StepStash`]: the registry's step token is 7.
+const STASH_WORDS: usize = 16;
+
+/// Per-thread storage for one dispatcher's single-step state between the
+/// breakpoint trap and the step trap. Holds one value of any `'static` type
+/// of at most 128 bytes and 8-byte alignment (checked at compile time).
+///
+/// The stash has no destructor: a value left in it when its thread exits is
+/// leaked, never dropped (a thread cannot exit between the two traps of a
+/// step, which are one instruction apart).
+pub struct StepStash {
+    ty: Option<TypeId>,
+    buf: MaybeUninit<[u64; STASH_WORDS]>,
+}
+
+impl StepStash {
+    /// An empty stash.
+    pub const fn new() -> StepStash {
+        StepStash {
+            ty: None,
+            buf: MaybeUninit::uninit(),
+        }
+    }
+
+    /// Whether a value is stored.
+    pub fn is_empty(&self) -> bool {
+        self.ty.is_none()
+    }
+
+    /// Stores `value`, giving back the value stored before (if it had type
+    /// `T`; a value of another type is leaked).
+    pub fn put<T: 'static>(&mut self, value: T) -> Option<T> {
+        const {
+            assert!(std::mem::size_of::<T>() <= STASH_WORDS * 8);
+            assert!(std::mem::align_of::<T>() <= 8);
+        };
+        let old = self.take::<T>();
+        // SAFETY: size and alignment are checked above; the buffer holds no
+        // live value (taken just now or never filled, or leaked on purpose).
+        unsafe { self.buf.as_mut_ptr().cast::<T>().write(value) };
+        self.ty = Some(TypeId::of::<T>());
+        old
+    }
+
+    /// Takes the stored value if it has type `T`.
+    pub fn take<T: 'static>(&mut self) -> Option<T> {
+        if self.ty != Some(TypeId::of::<T>()) {
+            return None;
+        }
+        self.ty = None;
+        // SAFETY: `ty` says a `T` was written by `put` and not taken since.
+        Some(unsafe { self.buf.as_ptr().cast::<T>().read() })
+    }
+}
+
+impl Default for StepStash {
+    fn default() -> Self {
+        StepStash::new()
+    }
+}
+
+impl std::fmt::Debug for StepStash {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StepStash")
+            .field("occupied", &!self.is_empty())
+            .finish()
+    }
+}
+
+/// Dispatchers attachable at once. A process normally has one (its live
+/// registry); tests and benchmarks add a few.
+pub const MAX_DISPATCHERS: usize = 16;
+
+/// A table entry: a thin pointer to the fat `&'static dyn`.
+struct Entry {
+    d: &'static dyn TrapDispatcher,
+}
+
+/// The attached dispatchers. Entries are leaked boxes, never freed (an
+/// attach/detach cycle leaks one 16-byte box), so a handler holding an
+/// entry pointer can never see it dangle.
+static TABLE: [AtomicPtr<Entry>; MAX_DISPATCHERS] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_DISPATCHERS];
+
+/// Serializes attach and detach.
+static TABLE_LOCK: Mutex<()> = Mutex::new(());
+
+/// A dispatcher's place in the table; [`detach`](Attachment::detach) gives
+/// it up. Dropping an `Attachment` leaves the dispatcher attached for the
+/// life of the process.
+#[derive(Debug)]
+#[must_use = "drop leaves the dispatcher attached forever; call detach() to remove it"]
+pub struct Attachment {
+    index: usize,
+}
+
+/// Files `d` in the dispatcher table and installs the SIGTRAP handler
+/// (once). From now on breakpoint traps are offered to `d`.
+///
+/// # Panics
+/// If [`MAX_DISPATCHERS`] dispatchers are attached already.
+pub fn attach(d: &'static dyn TrapDispatcher) -> Attachment {
+    super::signal::install();
+    let _g = TABLE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    // Relaxed: entries only change under TABLE_LOCK, which we hold.
+    let index = TABLE
+        .iter()
+        .position(|e| e.load(Ordering::Relaxed).is_null())
+        .unwrap_or_else(|| panic!("at most {MAX_DISPATCHERS} trap dispatchers can be attached"));
+    let entry = Box::into_raw(Box::new(Entry { d }));
+    // Release pairs with the Acquire load in `for_each_dispatcher`: a handler
+    // that sees the pointer sees the entry's contents.
+    TABLE[index].store(entry, Ordering::Release);
+    Attachment { index }
+}
+
+impl Attachment {
+    /// Removes the dispatcher and waits until no trap handler is still in
+    /// its breakpoint path.
+    ///
+    /// # Panics
+    /// If called inside an `Rcu` read section (it waits for a grace period).
+    pub fn detach(self) {
+        {
+            let _g = TABLE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+            // Relaxed: handlers that still see the old pointer are covered by
+            // the grace period below; the entry itself is never freed.
+            TABLE[self.index].store(std::ptr::null_mut(), Ordering::Relaxed);
+        }
+        Rcu::global().synchronize();
+    }
+}
+
+/// Calls `f` on each attached dispatcher until it returns `Some`. Must run
+/// inside an `Rcu` read section (the caller's guard is what `detach` waits
+/// for).
+#[inline]
+pub(crate) fn find_dispatcher<R>(
+    mut f: impl FnMut(&'static dyn TrapDispatcher) -> Option<R>,
+) -> Option<R> {
+    for slot in &TABLE {
+        // Acquire pairs with the Release store in `attach`.
+        let e = slot.load(Ordering::Acquire);
+        if e.is_null() {
+            continue;
+        }
+        // SAFETY: entries are never freed (see TABLE).
+        let d = unsafe { (*e).d };
+        if let Some(r) = f(d) {
+            return Some(r);
+        }
+    }
+    None
+}
+
+/// Nested single-steps one thread can have in flight: one per signal
+/// handler nested between a step's two traps, plus one.
+pub const MAX_NESTED_STEPS: usize = 8;
+
+/// One single-step in flight.
+struct Pending {
+    d: Option<&'static dyn TrapDispatcher>,
+    stash: StepStash,
+}
+
+/// The per-thread stack of single-steps in flight.
+struct PendingStack {
+    depth: usize,
+    entries: [Pending; MAX_NESTED_STEPS],
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const EMPTY_PENDING: Pending = Pending {
+    d: None,
+    stash: StepStash::new(),
+};
+
+crate::sync::const_thread_local! {
+    /// This thread's single-steps in flight (module docs: why a stack, and
+    /// why no destructor).
+    static PENDING: UnsafeCell<PendingStack> = UnsafeCell::new(PendingStack {
+        depth: 0,
+        entries: [EMPTY_PENDING; MAX_NESTED_STEPS],
+    });
+}
+
+/// The calling thread's step stack, as a raw pointer: callers create
+/// references to single fields or entries only, never to the whole stack
+/// across a dispatcher call (a nested SIGTRAP in a probe handler uses the
+/// next entry while the outer call still borrows its own).
+#[inline]
+fn pending() -> *mut PendingStack {
+    PENDING.with(|p| p.with_mut(|p| p))
+}
+
+/// Offers a breakpoint trap to the attached dispatchers. Returns `None` if
+/// none claimed it; `regs` are then unchanged.
+#[inline]
+pub(crate) fn dispatch_breakpoint(
+    regs: &mut Regs,
+    mem: &mut dyn DataMemory,
+) -> Option<Result<(), ProbeError>> {
+    let _guard = Rcu::global().read();
+    let stack = pending();
+    // SAFETY (every block below): `stack` is this thread's own stack, only
+    // the SIGTRAP handler touches it, and each access is a short-lived
+    // reference to one field or one entry. The entry at `depth` is reserved
+    // (depth raised) before the dispatcher runs, so a nested trap in a
+    // handler works one entry further up and never aliases it.
+    let depth = unsafe { (*stack).depth };
+    if depth == MAX_NESTED_STEPS {
+        super::signal::fatal_message("rcu-registry: too many nested single-steps on one thread");
+    }
+    // SAFETY: see above; reserve the entry.
+    unsafe {
+        (*stack).entries[depth].d = None;
+        (*stack).depth = depth + 1;
+    }
+    let verdict = find_dispatcher(|d| {
+        // SAFETY: see above; the entry is reserved for this call.
+        let stash = unsafe { &mut (*stack).entries[depth].stash };
+        match d.on_breakpoint(regs, mem, stash) {
+            Verdict::NotOurs => None,
+            v => Some((d, v)),
+        }
+    });
+    let claimed = match verdict {
+        Some((d, Verdict::Step)) => {
+            // SAFETY: see above; nested traps have popped what they pushed.
+            unsafe { (*stack).entries[depth].d = Some(d) };
+            return Some(Ok(()));
+        }
+        Some((_, Verdict::Failed(e))) => Some(Err(e)),
+        Some(_) => Some(Ok(())),
+        None => None,
+    };
+    // SAFETY: see above: give the reservation back.
+    unsafe { (*stack).depth = depth };
+    claimed
+}
+
+/// Completes the innermost single-step in flight on this thread. `None`
+/// if none is (the trace trap is not ours).
+#[inline]
+pub(crate) fn dispatch_step(
+    regs: &mut Regs,
+    mem: &mut dyn DataMemory,
+) -> Option<Result<(), ProbeError>> {
+    let stack = pending();
+    // SAFETY (every block below): as in `dispatch_breakpoint`. A top entry
+    // without a dispatcher is a reservation of a breakpoint trap still being
+    // handled: a trace trap then is not one of our steps.
+    let depth = unsafe { (*stack).depth }.checked_sub(1)?;
+    // SAFETY: see above; `depth` is below the stack's depth.
+    let d = unsafe { (*stack).entries[depth].d }?;
+    // SAFETY: see above; the entry is this step's.
+    let stash = unsafe { &mut (*stack).entries[depth].stash };
+    let result = match d.on_step(regs, mem, stash) {
+        // The dispatcher did not recognise its own stash: leave it, the trap
+        // goes to the previous handler.
+        Verdict::NotOurs => return None,
+        // Still stepping (rep iteration): keep the entry.
+        Verdict::Step => return Some(Ok(())),
+        Verdict::Resume => Ok(()),
+        Verdict::Failed(e) => Err(e),
+    };
+    // SAFETY: see above; pop the completed step.
+    unsafe {
+        (*stack).entries[depth].d = None;
+        (*stack).depth = depth;
+    }
+    Some(result)
+}
+
+/// Single-steps in flight on the calling thread (for tests).
+pub fn steps_in_flight() -> usize {
+    // SAFETY: a plain read of this thread's own counter.
+    unsafe { (*pending()).depth }
+}
+
+/// Offers a return into the kretprobe trampoline to the dispatchers.
+pub(crate) fn dispatch_return(regs: &mut Regs) -> bool {
+    let _guard = Rcu::global().read();
+    find_dispatcher(|d| d.on_return(regs).then_some(())).is_some()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stash_gives_back_only_the_type_it_holds() {
+        let mut s = StepStash::new();
+        assert!(s.is_empty());
+        assert_eq!(s.put((7u64, 9u32)), None);
+        assert_eq!(s.take::<u64>(), None);
+        assert!(!s.is_empty());
+        assert_eq!(s.take::<(u64, u32)>(), Some((7, 9)));
+        assert!(s.is_empty());
+        assert_eq!(s.take::<(u64, u32)>(), None);
+    }
+
+    #[test]
+    fn a_stash_drops_nothing_it_does_not_own() {
+        use std::sync::Arc;
+        let v = Arc::new(5);
+        let mut s = StepStash::new();
+        assert!(s.put(Arc::clone(&v)).is_none());
+        assert_eq!(Arc::strong_count(&v), 2);
+        let back = s.put(Arc::clone(&v)).expect("the first value comes back");
+        assert_eq!(Arc::strong_count(&v), 3);
+        drop(back);
+        drop(s.take::<Arc<i32>>());
+        assert_eq!(Arc::strong_count(&v), 1);
+    }
+}

@@ -1,0 +1,196 @@
+//! The process's memory map, as `/proc/self/maps` reports it.
+//!
+//! # What it is for
+//!
+//! Three users need to know what is mapped where:
+//!
+//! - [`InProcess`](crate::probes::text::InProcess) restores the *exact*
+//!   protection a code page had before a patch made it writable; the kernel
+//!   reports it only here (there is no "get protection" system call);
+//! - the XOL area looks for free address space within +/-2 GiB of probed
+//!   code, i.e. for gaps between mappings;
+//! - the symbol resolver finds the file behind an address range.
+//!
+//! # Snapshot semantics
+//!
+//! [`Maps::read`] takes one snapshot. Mappings may change afterwards (another
+//! thread calls `mmap`); callers either hold the process-wide text lock that
+//! every protection change of this crate goes through, or retry (the XOL
+//! area maps with `MAP_FIXED_NOREPLACE`, which fails rather than clobbers).
+//! Reading the file allocates: never call this from trap context.
+
+use std::io;
+
+/// One line of `/proc/self/maps`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Mapping {
+    /// First address.
+    pub(crate) start: u64,
+    /// One past the last address.
+    pub(crate) end: u64,
+    /// `PROT_READ | PROT_WRITE | PROT_EXEC` bits as the kernel reports them.
+    pub(crate) prot: libc::c_int,
+    /// A shared mapping (`s`): writes would reach the file or other
+    /// processes.
+    pub(crate) shared: bool,
+    /// The file path, or a pseudo name like `[stack]`; empty for anonymous.
+    pub(crate) path: String,
+}
+
+/// A snapshot of the memory map, sorted by address (as the kernel prints it).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct Maps {
+    pub(crate) mappings: Vec<Mapping>,
+}
+
+impl Maps {
+    /// Reads `/proc/self/maps`.
+    pub(crate) fn read() -> io::Result<Maps> {
+        let text = std::fs::read_to_string("/proc/self/maps")?;
+        Ok(Maps::parse(&text))
+    }
+
+    /// Parses the text of a maps file; malformed lines are skipped.
+    pub(crate) fn parse(text: &str) -> Maps {
+        let mappings = text.lines().filter_map(parse_line).collect();
+        Maps { mappings }
+    }
+
+    /// The mapping containing `addr`.
+    pub(crate) fn find(&self, addr: u64) -> Option<&Mapping> {
+        let at = self.mappings.partition_point(|m| m.start <= addr);
+        let m = self.mappings.get(at.checked_sub(1)?)?;
+        (addr < m.end).then_some(m)
+    }
+
+    /// The protection of every page of `[start, end)`, merged into runs of
+    /// equal protection: `(run_start, run_end, prot)`. `None` if any byte is
+    /// unmapped.
+    pub(crate) fn protections(&self, start: u64, end: u64) -> Option<Vec<(u64, u64, i32)>> {
+        let mut runs: Vec<(u64, u64, i32)> = Vec::new();
+        let mut at = start;
+        while at < end {
+            let m = self.find(at)?;
+            let run_end = m.end.min(end);
+            match runs.last_mut() {
+                Some(last) if last.2 == m.prot && last.1 == at => last.1 = run_end,
+                _ => runs.push((at, run_end, m.prot)),
+            }
+            at = run_end;
+        }
+        Some(runs)
+    }
+
+    /// Free gaps `[start, end)` between mappings (and below the first one,
+    /// above `min_addr`), in address order.
+    pub(crate) fn gaps(&self, min_addr: u64, max_addr: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut prev_end = min_addr;
+        for m in &self.mappings {
+            if m.start > prev_end {
+                out.push((prev_end, m.start.min(max_addr)));
+            }
+            prev_end = prev_end.max(m.end);
+            if prev_end >= max_addr {
+                break;
+            }
+        }
+        if prev_end < max_addr {
+            out.push((prev_end, max_addr));
+        }
+        out.retain(|&(s, e)| s < e);
+        out
+    }
+}
+
+fn parse_line(line: &str) -> Option<Mapping> {
+    // "start-end perms offset dev inode   path"
+    let mut fields = line.splitn(6, ' ');
+    let range = fields.next()?;
+    let perms = fields.next()?.as_bytes();
+    let _offset = fields.next()?;
+    let _dev = fields.next()?;
+    let _inode = fields.next()?;
+    let path = fields.next().unwrap_or("").trim_start().to_string();
+    let (s, e) = range.split_once('-')?;
+    let start = u64::from_str_radix(s, 16).ok()?;
+    let end = u64::from_str_radix(e, 16).ok()?;
+    if perms.len() < 4 || start >= end {
+        return None;
+    }
+    let mut prot = libc::PROT_NONE;
+    if perms[0] == b'r' {
+        prot |= libc::PROT_READ;
+    }
+    if perms[1] == b'w' {
+        prot |= libc::PROT_WRITE;
+    }
+    if perms[2] == b'x' {
+        prot |= libc::PROT_EXEC;
+    }
+    Some(Mapping {
+        start,
+        end,
+        prot,
+        shared: perms[3] == b's',
+        path,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+55d0a0000000-55d0a0001000 r--p 00000000 fe:01 123   /usr/bin/x
+55d0a0001000-55d0a0003000 r-xp 00001000 fe:01 123   /usr/bin/x
+55d0a0003000-55d0a0004000 rw-p 00003000 fe:01 123   /usr/bin/x
+7ffd00000000-7ffd00021000 rw-p 00000000 00:00 0     [stack]
+";
+
+    #[test]
+    fn lines_parse_into_ranges_protections_and_paths() {
+        let maps = Maps::parse(SAMPLE);
+        assert_eq!(maps.mappings.len(), 4);
+        let text = maps.find(0x55d0a0002abc).unwrap();
+        assert_eq!(text.prot, libc::PROT_READ | libc::PROT_EXEC);
+        assert_eq!(text.path, "/usr/bin/x");
+        assert_eq!(maps.find(0x7ffd00000000).unwrap().path, "[stack]");
+        assert!(maps.find(0x55d0a0004000).is_none());
+    }
+
+    #[test]
+    fn protections_split_at_mapping_boundaries_and_fail_on_holes() {
+        let maps = Maps::parse(SAMPLE);
+        let runs = maps.protections(0x55d0a0000ff0, 0x55d0a0001010).unwrap();
+        assert_eq!(
+            runs,
+            vec![
+                (0x55d0a0000ff0, 0x55d0a0001000, libc::PROT_READ),
+                (
+                    0x55d0a0001000,
+                    0x55d0a0001010,
+                    libc::PROT_READ | libc::PROT_EXEC
+                ),
+            ]
+        );
+        assert_eq!(maps.protections(0x55d0a0003ff0, 0x55d0a0004010), None);
+    }
+
+    #[test]
+    fn gaps_are_the_holes_between_mappings_within_bounds() {
+        let maps = Maps::parse(SAMPLE);
+        let gaps = maps.gaps(0x10000, 0x7fff00000000);
+        assert_eq!(gaps[0], (0x10000, 0x55d0a0000000));
+        assert_eq!(gaps[1], (0x55d0a0004000, 0x7ffd00000000));
+        assert_eq!(gaps[2], (0x7ffd00021000, 0x7fff00000000));
+    }
+
+    #[test]
+    fn the_live_map_contains_this_function() {
+        let maps = Maps::read().unwrap();
+        let here = the_live_map_contains_this_function as fn() as usize as u64;
+        let m = maps.find(here).expect("our own code is mapped");
+        assert_ne!(m.prot & libc::PROT_EXEC, 0);
+    }
+}

@@ -1,0 +1,83 @@
+//! Live probes on the running process (x86_64 Linux): real text patching,
+//! trap dispatch from a SIGTRAP handler, out-of-line slots and the
+//! kretprobe trampoline.
+//!
+//! # The pieces
+//!
+//! - [`InProcess`](crate::probes::text::InProcess) text memory writes
+//!   breakpoints into the process's own code (checked, protection restored,
+//!   cores synced, int3-first for multi-byte patches).
+//! - The SIGTRAP handler (`signal.rs`), installed once and chained to the
+//!   previous disposition, converts the signal frame to [`Regs`] and offers
+//!   each trap to the attached [`TrapDispatcher`]s (`dispatch.rs`) under an
+//!   `Rcu` read guard: no allocation, no lock, no system call of its own.
+//! - [`XolArea`] hands out executable slots within +/-2 GiB of the probed
+//!   code (`xol.rs`).
+//! - The kretprobe trampoline (`trampoline.rs`) runs return handlers without
+//!   a trap.
+//! - `refuse.rs` lists the code that must never be patched;
+//!   [`ProcessSymbols`](crate::probes::symbols::ProcessSymbols) resolves
+//!   names.
+//! - [`Live`] puts them together around a
+//!   [`KprobeRegistry`](crate::probes::kprobe::KprobeRegistry).
+//!
+//! # A hit, end to end
+//!
+//! 1. A thread runs into the `int3`; the kernel delivers SIGTRAP
+//!    (`si_code == SI_KERNEL`) with the IP just past it.
+//! 2. The handler reads the registers from the signal frame and calls the
+//!    registry's `on_breakpoint`, which finds the probe under its `Rcu` read
+//!    guard and runs the pre handlers (or counts `nmissed` if the thread is
+//!    already in a handler).
+//! 3. The displaced instruction completes in one of four ways:
+//!    - **emulated** (relative jumps and calls, `push`, `nop`): the backend
+//!      applies its effect to the registers and the stack; resume after it;
+//!    - **boosted** (no post handler, no fixup needed): resume in the XOL
+//!      slot, which runs the instruction and jumps back: one trap per hit;
+//!    - **single-step**: resume in the slot with the trap flag set; the next
+//!      instruction boundary raises SIGTRAP (`TRAP_TRACE`), the registry
+//!      applies the fixups and runs the post handlers; two traps per hit;
+//!    - **skipped**: a pre handler changed the IP; resume there.
+//! 4. The handler writes the registers back into the signal frame;
+//!    `rt_sigreturn` resumes the thread with them.
+//!
+//! For a kretprobe, step 2 also replaces the return address with the
+//! trampoline; the function's `ret` lands in the trampoline, which calls the
+//! return handlers and returns to the real caller.
+//!
+//! # Quick start
+//!
+//! ```no_run
+//! use rcu_registry::probes::kprobe::{Action, Kprobe};
+//! use rcu_registry::probes::runtime::Live;
+//!
+//! let live = Live::global();
+//! let probe = Kprobe::symbol("my_crate::parse", 0)
+//!     .pre(|_p, _regs| Action::Continue)
+//!     .build();
+//! live.registry().register(&probe).unwrap();
+//! // ... the program runs; probe.hits() counts calls ...
+//! live.registry().unregister(&probe).unwrap();
+//! ```
+
+mod context;
+mod dispatch;
+mod live;
+pub(crate) mod maps;
+pub mod refuse;
+pub(crate) mod signal;
+mod trampoline;
+mod xol;
+
+pub use context::ThreadMemory;
+pub use dispatch::{
+    attach, steps_in_flight, Attachment, StepStash, TrapDispatcher, Verdict, MAX_DISPATCHERS,
+    MAX_NESTED_STEPS,
+};
+pub use live::{Live, LiveRegistry};
+pub use signal::{install, is_installed};
+pub use trampoline::trampoline_address;
+pub use xol::{XolArea, XolStats, CHUNK_BYTES, REACH};
+
+#[allow(unused_imports)]
+use crate::probes::arch::Regs;

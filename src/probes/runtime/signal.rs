@@ -1,0 +1,311 @@
+//! The SIGTRAP handler: installed once, chained to whatever was there.
+//!
+//! # Installation
+//!
+//! [`install`] runs once per process: it reads the current SIGTRAP
+//! disposition, keeps it as the *previous* one, and installs ours with
+//!
+//! - `SA_SIGINFO`: we need `si_code` (an `int3` is `SI_KERNEL`, a trap-flag
+//!   step is `TRAP_TRACE`) and the `ucontext_t` to read and change
+//!   registers;
+//! - `SA_NODEFER`: SIGTRAP stays unblocked while our handler runs, so a
+//!   probe hit inside a probe handler traps again (and is counted missed by
+//!   the registry) instead of killing the process: the kernel treats a
+//!   synchronous trap whose signal is blocked as fatal;
+//! - a mask of every *asynchronous* signal: nothing but another trap can
+//!   interrupt dispatch, so per-thread state needs no further protection.
+//!   The synchronous fault signals (SIGSEGV, SIGBUS, SIGILL, SIGFPE) stay
+//!   unblocked for the same reason as SIGTRAP;
+//! - no `SA_ONSTACK`: the handler runs on the interrupted thread's own stack
+//!   (below the red zone). Rust's alternate signal stacks are a few pages,
+//!   sized for reporting a stack overflow, not for running probe handlers
+//!   and nested traps.
+//!
+//! # Dispatch
+//!
+//! - `SI_KERNEL` (an `int3`): the attached dispatchers get the trap in turn
+//!   (see `dispatch.rs`). If none claims it, the `int3` may be a transient
+//!   one: a multi-byte patch in progress at that address, or a breakpoint
+//!   removed after the thread trapped on it (the byte is no longer `int3`).
+//!   Either way the thread is resumed *at* the address to run whatever is
+//!   there now.
+//! - `TRAP_TRACE` (the trap flag): the innermost single-step in flight on
+//!   this thread, if any, is completed.
+//! - Anything else, or a trap nobody claims: the previous disposition.
+//!
+//! The handler saves and restores `errno` (an `Rcu` read section may wake a
+//! waiting updater with a futex call) and allocates nothing.
+//!
+//! # Chaining
+//!
+//! A previous handler is called with the same arguments (`SA_SIGINFO`) or
+//! the signal number. A previous `SIG_DFL` is reproduced exactly: the
+//! default disposition is restored and the signal re-raised, so an unknown
+//! `int3` still terminates the process with a core dump. `SIG_IGN` ignores
+//! only signals sent by a process (`kill`); for a trap the kernel itself
+//! would have overridden the ignore and killed the process, so that is done.
+//!
+//! # Limitation: threads that block SIGTRAP
+//!
+//! A thread that blocks SIGTRAP (`pthread_sigmask`) and runs into a probe
+//! is killed by the kernel (a blocked synchronous trap is fatal). Linux's
+//! own uprobes have no such restriction; ours need SIGTRAP deliverable on
+//! every thread that may run probed code.
+
+use crate::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::Once;
+
+use super::context::{regs_from_ucontext, regs_to_ucontext, ThreadMemory};
+use super::dispatch::{dispatch_breakpoint, dispatch_step};
+use crate::probes::ProbeError;
+
+/// `si_code` of a SIGTRAP raised by `int3` (`SEND_SIG_PRIV`).
+const SI_KERNEL: libc::c_int = 0x80;
+/// `si_code` of a SIGTRAP raised by the trap flag.
+const TRAP_TRACE: libc::c_int = 2;
+/// The x86 breakpoint instruction.
+const INT3: u8 = 0xcc;
+
+static INSTALL: Once = Once::new();
+
+/// The disposition found at installation: a leaked box, written once before
+/// our handler is installed.
+static PREVIOUS: AtomicPtr<libc::sigaction> = AtomicPtr::new(std::ptr::null_mut());
+
+/// The handler's own address (for refusing it as a probe target).
+pub(crate) fn handler_address() -> u64 {
+    handle_sigtrap as *const () as usize as u64
+}
+
+/// Installs the runtime's SIGTRAP handler, once per process.
+pub fn install() {
+    INSTALL.call_once(|| {
+        // Initialised here so that the handler never initialises them.
+        let _ = crate::rcu::Rcu::global();
+        // SAFETY: all-zero is a valid (empty) sigaction; sigaction(2) with a
+        // null new action only reads the current one into `old`.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: see above.
+        let ok = unsafe { libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut old) } == 0;
+        assert!(ok, "sigaction(SIGTRAP) query failed");
+        // Release pairs with the Acquire load in `chain`.
+        PREVIOUS.store(Box::into_raw(Box::new(old)), Ordering::Release);
+
+        // SAFETY: as above for `zeroed`; the mask functions only write the
+        // mask inside `new`.
+        let mut new: libc::sigaction = unsafe { std::mem::zeroed() };
+        new.sa_sigaction = handle_sigtrap as *const () as usize;
+        new.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
+        // SAFETY: see above.
+        unsafe {
+            libc::sigfillset(&mut new.sa_mask);
+            for sync_sig in [
+                libc::SIGTRAP,
+                libc::SIGSEGV,
+                libc::SIGBUS,
+                libc::SIGILL,
+                libc::SIGFPE,
+            ] {
+                libc::sigdelset(&mut new.sa_mask, sync_sig);
+            }
+        }
+        // SAFETY: all-zero is a valid sigaction, filled by the call below.
+        let mut replaced: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: `new` is a fully initialised sigaction whose handler has
+        // the SA_SIGINFO signature.
+        let ok = unsafe { libc::sigaction(libc::SIGTRAP, &new, &mut replaced) } == 0;
+        assert!(ok, "sigaction(SIGTRAP) install failed");
+        if replaced.sa_sigaction != old.sa_sigaction || replaced.sa_flags != old.sa_flags {
+            // Someone changed it between our two calls: chain to theirs.
+            // The first box is leaked (a handler may be reading it).
+            // Release: as for the first store.
+            PREVIOUS.store(Box::into_raw(Box::new(replaced)), Ordering::Release);
+        }
+    });
+}
+
+/// Whether our handler is the current SIGTRAP disposition.
+pub fn is_installed() -> bool {
+    // SAFETY: sigaction with a null new action only reads into `cur`.
+    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    unsafe { libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur) };
+    cur.sa_sigaction == handler_address() as usize
+}
+
+/// The signal-return trampoline (`__restore_rt`) the C library registered
+/// with our handler, if it reports one: code that must never be patched.
+pub(crate) fn restorer_address() -> Option<u64> {
+    install();
+    // SAFETY: as in `is_installed`.
+    let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+    // SAFETY: see above.
+    unsafe { libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut cur) };
+    cur.sa_restorer.map(|f| f as usize as u64)
+}
+
+/// The SIGTRAP handler.
+extern "C" fn handle_sigtrap(
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    uctx: *mut libc::c_void,
+) {
+    // SAFETY: errno is a thread-local int; reading and writing it is
+    // async-signal-safe.
+    let errno = unsafe { *libc::__errno_location() };
+    // SAFETY: the kernel passes a valid siginfo and ucontext for an
+    // SA_SIGINFO handler, live for the duration of the call.
+    let handled = unsafe { dispatch(&*info, &mut *uctx.cast::<libc::ucontext_t>()) };
+    if !handled {
+        // SAFETY: same arguments as we received.
+        unsafe { chain(sig, info, uctx) };
+    }
+    // SAFETY: see above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+/// Handles the trap if it is ours; false to chain.
+#[inline]
+fn dispatch(info: &libc::siginfo_t, uc: &mut libc::ucontext_t) -> bool {
+    let mut regs = regs_from_ucontext(uc);
+    let mut mem = ThreadMemory;
+    let result = match info.si_code {
+        SI_KERNEL => match dispatch_breakpoint(&mut regs, &mut mem) {
+            Some(r) => r,
+            None => {
+                let addr = regs.ip.wrapping_sub(1);
+                if !transient_breakpoint(addr) {
+                    return false;
+                }
+                regs.ip = addr;
+                Ok(())
+            }
+        },
+        TRAP_TRACE => match dispatch_step(&mut regs, &mut mem) {
+            Some(r) => r,
+            None => return false,
+        },
+        _ => return false,
+    };
+    if let Err(e) = result {
+        fatal(regs.ip, &e);
+    }
+    regs_to_ucontext(&regs, uc);
+    true
+}
+
+/// Whether an unclaimed `int3` at `addr` is one of ours that is gone or
+/// transient (see the module docs).
+#[cold]
+fn transient_breakpoint(addr: u64) -> bool {
+    if crate::probes::text::in_process::patch_in_progress_at(addr) {
+        return true;
+    }
+    let mut byte = [0u8];
+    match crate::probes::text::in_process::read_text(addr, &mut byte) {
+        Ok(()) => byte[0] != INT3,
+        Err(_) => false,
+    }
+}
+
+/// Hands the signal to the disposition found at installation.
+///
+/// # Safety
+/// The arguments are the ones the kernel passed to our handler.
+#[cold]
+unsafe fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
+    // Acquire pairs with the Release store in `install`.
+    let prev = PREVIOUS.load(Ordering::Acquire);
+    if prev.is_null() {
+        default_action(sig);
+        return;
+    }
+    // SAFETY: PREVIOUS points to a leaked, never-modified sigaction.
+    let prev = unsafe { &*prev };
+    // SAFETY: `info` is valid for the call (our caller's contract).
+    let from_kernel = unsafe { (*info).si_code } > 0;
+    match prev.sa_sigaction {
+        libc::SIG_DFL => default_action(sig),
+        libc::SIG_IGN => {
+            if from_kernel {
+                default_action(sig);
+            }
+        }
+        h if prev.sa_flags & libc::SA_SIGINFO != 0 => {
+            // SAFETY: the previous owner installed `h` with the SA_SIGINFO
+            // signature; we call it as the kernel would have.
+            let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                unsafe { std::mem::transmute(h) };
+            f(sig, info, uctx);
+        }
+        h => {
+            // SAFETY: a handler installed without SA_SIGINFO takes the signal
+            // number only.
+            let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(h) };
+            f(sig);
+        }
+    }
+}
+
+/// The default action of `sig` (terminate with a core dump for SIGTRAP):
+/// restore `SIG_DFL` and re-raise. Async-signal-safe.
+#[cold]
+fn default_action(sig: libc::c_int) {
+    // SAFETY: all-zero with SIG_DFL is a valid sigaction; signal and raise
+    // are async-signal-safe. SIGTRAP is not blocked here (SA_NODEFER), so the
+    // re-raised signal is delivered when `raise` returns to user space.
+    unsafe {
+        let mut dfl: libc::sigaction = std::mem::zeroed();
+        dfl.sa_sigaction = libc::SIG_DFL;
+        libc::sigaction(sig, &dfl, std::ptr::null_mut());
+        libc::raise(sig);
+    }
+}
+
+/// A fixed buffer for formatting messages without allocating.
+struct StackBuf {
+    buf: [u8; 512],
+    len: usize,
+}
+
+impl std::fmt::Write for StackBuf {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let n = s.len().min(self.buf.len() - self.len);
+        self.buf[self.len..self.len + n].copy_from_slice(&s.as_bytes()[..n]);
+        self.len += n;
+        Ok(())
+    }
+}
+
+/// Reports a displaced instruction that could not be completed and aborts
+/// (resuming would trap on the same breakpoint forever).
+#[cold]
+fn fatal(ip: u64, e: &ProbeError) -> ! {
+    use std::fmt::Write as _;
+    let mut out = StackBuf {
+        buf: [0; 512],
+        len: 0,
+    };
+    let _ = writeln!(
+        out,
+        "rcu-registry: probe hit at {ip:#x} could not complete the displaced instruction: {e}"
+    );
+    write_stderr(&out.buf[..out.len]);
+    // SAFETY: abort is async-signal-safe and never returns.
+    unsafe { libc::abort() }
+}
+
+/// Writes `msg` to stderr and aborts. Async-signal-safe.
+#[cold]
+pub(crate) fn fatal_message(msg: &str) -> ! {
+    write_stderr(msg.as_bytes());
+    write_stderr(b"\n");
+    // SAFETY: abort is async-signal-safe and never returns.
+    unsafe { libc::abort() }
+}
+
+fn write_stderr(bytes: &[u8]) {
+    // SAFETY: write(2) on fd 2 with a valid buffer is async-signal-safe; a
+    // short or failed write only loses part of a diagnostic.
+    unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
+}

@@ -1,0 +1,474 @@
+//! [`XolArea`]: executable slots near the probed code.
+//!
+//! # Near the code
+//!
+//! A slot ends with a jump back to the instruction after the probed one. The
+//! x86_64 backend emits the 5-byte `jmp rel32` when the slot is within
+//! +/-2 GiB of that instruction and a 14-byte absolute jump otherwise; the
+//! short form is predicted like any direct jump. The area therefore keeps
+//! slots in *chunks* placed near the code: for a slot near `addr` it first
+//! looks for a chunk whose every byte is within [`REACH`] of `addr`; if none
+//! has a free slot it maps a new chunk in the free gap closest to `addr`
+//! (from a `/proc/self/maps` snapshot, with `MAP_FIXED_NOREPLACE`, which
+//! fails instead of replacing a mapping that appeared since), and only when
+//! no gap within reach exists does it use any chunk, anywhere; the backend
+//! then plans the absolute jump by itself (its choice depends only on the
+//! distance, which [`XolArea::is_near`] reports).
+//!
+//! # Two views, never writable and executable at once
+//!
+//! Each chunk is a `memfd` mapped twice: read-execute where the slots run,
+//! read-write elsewhere for filling them. No page is ever writable and
+//! executable, no `mprotect` is needed to fill a slot, and filling one slot
+//! never disturbs threads running the chunk's other slots. A thread runs a
+//! freshly filled slot only after a trap (an exception return is
+//! serializing on x86), so it never sees stale bytes. Unused slot bytes are
+//! `int3`, so a stray jump into a slot traps rather than runs garbage.
+//!
+//! # A slot is never rewritten with other code
+//!
+//! A thread may still run a slot after the probe that owns it is gone: it
+//! trapped just before the breakpoint was removed, the handler pointed it at
+//! the slot, and the thread was preempted (or took a signal) before it ran
+//! the slot's first instruction. A boosted run never reports back, and once
+//! the trap handler has returned the thread is in no read-side critical
+//! section, so no grace period, however long, proves that it has left the
+//! slot. (The registry frees slots through
+//! [`Rcu::call`](crate::rcu::Rcu::call) after the single-steps in flight on
+//! them, which covers every thread still in its trap handler, but not this
+//! one.) The kernel solves the same problem for boosted kprobes with RCU
+//! Tasks, which waits for every task to pass a voluntary context switch; a
+//! process has no such hook.
+//!
+//! The area therefore makes the question moot: a slot is bound to the
+//! probed address it was first allocated for, and a freed slot is handed out
+//! again only for that same address, where the registry plans the same
+//! instruction and fills the same bytes. A thread that wakes up in a stale
+//! slot runs exactly the code it was sent to run and jumps back to the
+//! instruction after the (restored) original. The cost is one slot per
+//! distinct address ever probed, kept for the life of the process.
+//! (Code that is itself replaced at the same address, as a JIT might, is
+//! outside this guarantee: the stale thread would also jump back into the
+//! new code.)
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use super::maps::Maps;
+use crate::probes::arch::MAX_XOL_SLOT;
+use crate::probes::error::TextFailure;
+use crate::probes::kprobe::XolAllocator;
+use crate::probes::ProbeError;
+use crate::sync::Mutex;
+
+/// Bytes per chunk: 2048 slots of 32 bytes, enough for a typical set of
+/// probes in one mapping, small enough to fit in the gaps between mappings.
+pub const CHUNK_BYTES: usize = 64 * 1024;
+
+/// How far every byte of a chunk may be from the probed address for the
+/// backend's `jmp rel32` to reach back: 2 GiB, less one chunk and a page of
+/// margin for the instruction length and rounding.
+pub const REACH: u64 = (1 << 31) - CHUNK_BYTES as u64 - 4096;
+
+/// Lowest address the area maps at (`vm.mmap_min_addr` is 64 KiB at most
+/// on common configurations).
+const MIN_ADDR: u64 = 0x10_0000;
+/// One past the highest user address on x86_64 with 4-level paging.
+const MAX_ADDR: u64 = 0x7fff_ffff_f000;
+
+/// `memfd_create` flag asking for an executable memfd (Linux 6.3+, where
+/// `vm.memfd_noexec` may otherwise forbid it). Older kernels reject it.
+const MFD_EXEC: libc::c_uint = 0x0010;
+
+/// The x86 breakpoint, written over unused slot bytes.
+const INT3: u8 = 0xcc;
+
+/// One memfd mapped twice.
+struct Chunk {
+    /// Where the slots execute (read-execute).
+    exec: u64,
+    /// Where they are written (read-write).
+    write: *mut u8,
+    /// Free slot indices, lowest last (popped first).
+    free: Vec<u32>,
+    _fd: OwnedFd,
+}
+
+// SAFETY: `write` points into a mapping the chunk owns for the life of the
+// process; every access goes through the area's mutex.
+unsafe impl Send for Chunk {}
+
+struct Areas {
+    chunks: Vec<Chunk>,
+    /// Slot handed out -> the probed address it is bound to.
+    bound: HashMap<u64, u64>,
+    /// Freed slots, by the probed address they stay bound to.
+    parked: HashMap<u64, u64>,
+    allocs: u64,
+    frees: u64,
+    far_allocs: u64,
+}
+
+/// Executable XOL slots for the live runtime (see the [module docs](self)).
+pub struct XolArea {
+    slot_size: usize,
+    inner: Mutex<Areas>,
+}
+
+impl std::fmt::Debug for XolArea {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.stats();
+        f.debug_struct("XolArea")
+            .field("slot_size", &self.slot_size)
+            .field("stats", &s)
+            .finish()
+    }
+}
+
+/// Counters of an [`XolArea`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct XolStats {
+    /// Chunks mapped.
+    pub chunks: usize,
+    /// Slots handed out and not yet freed.
+    pub in_use: usize,
+    /// Freed slots kept for the address they were bound to.
+    pub parked: usize,
+    /// Successful allocations so far.
+    pub allocs: u64,
+    /// Frees so far.
+    pub frees: u64,
+    /// Allocations that found no chunk within reach (absolute jump back).
+    pub far_allocs: u64,
+}
+
+impl XolArea {
+    /// An area of `slot_size`-byte slots (at most
+    /// [`MAX_XOL_SLOT`](crate::probes::arch::MAX_XOL_SLOT), a power of two).
+    ///
+    /// # Panics
+    /// If `slot_size` is not a power of two in `1..=MAX_XOL_SLOT`.
+    pub fn new(slot_size: usize) -> XolArea {
+        assert!(
+            slot_size.is_power_of_two() && slot_size <= MAX_XOL_SLOT,
+            "XOL slot size must be a power of two up to {MAX_XOL_SLOT}"
+        );
+        XolArea {
+            slot_size,
+            inner: Mutex::new(Areas {
+                chunks: Vec::new(),
+                bound: HashMap::new(),
+                parked: HashMap::new(),
+                allocs: 0,
+                frees: 0,
+                far_allocs: 0,
+            }),
+        }
+    }
+
+    fn lock(&self) -> crate::sync::MutexGuard<'_, Areas> {
+        // Every mutation is a push or pop completed before anything can
+        // panic, so a poisoned lock still guards consistent data.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn slots_per_chunk(&self) -> usize {
+        CHUNK_BYTES / self.slot_size
+    }
+
+    /// Whether every byte of `[start, start + len)` is within [`REACH`] of
+    /// `near`.
+    pub fn is_near(start: u64, len: u64, near: u64) -> bool {
+        let end = start.saturating_add(len);
+        start.abs_diff(near) <= REACH && end.abs_diff(near) <= REACH
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> XolStats {
+        let a = self.lock();
+        XolStats {
+            chunks: a.chunks.len(),
+            in_use: a.bound.len(),
+            parked: a.parked.len(),
+            allocs: a.allocs,
+            frees: a.frees,
+            far_allocs: a.far_allocs,
+        }
+    }
+
+    /// The chunk index and slot index of `slot`.
+    fn locate(&self, a: &Areas, slot: u64) -> Option<(usize, usize)> {
+        a.chunks.iter().enumerate().find_map(|(ci, c)| {
+            let off = slot.checked_sub(c.exec)?;
+            (off < CHUNK_BYTES as u64 && off % self.slot_size as u64 == 0)
+                .then_some((ci, (off / self.slot_size as u64) as usize))
+        })
+    }
+
+    /// Maps a new chunk, near `near` if `near` is `Some`.
+    #[cold]
+    fn map_chunk(&self, near: Option<u64>) -> Option<Chunk> {
+        let fd = memfd()?;
+        // SAFETY: ftruncate on a memfd we own.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), CHUNK_BYTES as libc::off_t) } != 0 {
+            return None;
+        }
+        let exec = match near {
+            Some(near) => map_exec_near(&fd, near)?,
+            None => map_exec(&fd, 0, 0)?,
+        };
+        // SAFETY: a fresh shared mapping of our own memfd at a kernel-chosen
+        // address; the result is checked against MAP_FAILED.
+        let write = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                CHUNK_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if write == libc::MAP_FAILED {
+            // SAFETY: `exec` is the mapping we just created, unused so far.
+            unsafe { libc::munmap(exec as *mut libc::c_void, CHUNK_BYTES) };
+            return None;
+        }
+        let write = write.cast::<u8>();
+        // SAFETY: the write view is CHUNK_BYTES long and ours alone.
+        unsafe { std::ptr::write_bytes(write, INT3, CHUNK_BYTES) };
+        let n = self.slots_per_chunk() as u32;
+        Some(Chunk {
+            exec,
+            write,
+            free: (0..n).rev().collect(),
+            _fd: fd,
+        })
+    }
+}
+
+impl Default for XolArea {
+    /// An area with the x86_64 backend's slot size.
+    fn default() -> Self {
+        XolArea::new(crate::probes::arch::X86_64::XOL_SLOT_SIZE)
+    }
+}
+
+fn memfd() -> Option<OwnedFd> {
+    let name = c"rcu-registry-xol";
+    for flags in [libc::MFD_CLOEXEC | MFD_EXEC, libc::MFD_CLOEXEC] {
+        // SAFETY: `name` is a valid C string; the flags are plain integers.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+        if fd >= 0 {
+            // SAFETY: a fresh descriptor we own.
+            return Some(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+    None
+}
+
+/// Maps the chunk read-execute at exactly `hint` (`MAP_FIXED_NOREPLACE`), or
+/// anywhere when `hint` is 0. `want_flags` adds flags.
+fn map_exec(fd: &OwnedFd, hint: u64, want_flags: libc::c_int) -> Option<u64> {
+    // SAFETY: a shared mapping of our own memfd; with MAP_FIXED_NOREPLACE
+    // the kernel fails instead of replacing an existing mapping, and the
+    // address is checked below in case an old kernel treated it as a hint.
+    let p = unsafe {
+        libc::mmap(
+            hint as *mut libc::c_void,
+            CHUNK_BYTES,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_SHARED | want_flags,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    if hint != 0 && p as u64 != hint {
+        // SAFETY: the mapping we just made, at the wrong place.
+        unsafe { libc::munmap(p, CHUNK_BYTES) };
+        return None;
+    }
+    Some(p as u64)
+}
+
+/// Maps the chunk in the free gap closest to `near`, within reach.
+fn map_exec_near(fd: &OwnedFd, near: u64) -> Option<u64> {
+    let maps = Maps::read().ok()?;
+    let len = CHUNK_BYTES as u64;
+    let lo = near.saturating_sub(REACH).max(MIN_ADDR);
+    let hi = near.saturating_add(REACH).min(MAX_ADDR);
+    // Candidate: the chunk-aligned start in each gap closest to `near`.
+    let mut candidates: Vec<u64> = maps
+        .gaps(lo, hi)
+        .into_iter()
+        .filter_map(|(s, e)| {
+            let first = s.checked_add(len - 1)? & !(len - 1);
+            let last = e.checked_sub(len)? & !(len - 1);
+            if first > last {
+                return None;
+            }
+            Some(near.clamp(first, last) & !(len - 1)).filter(|&c| c >= first)
+        })
+        .filter(|&c| XolArea::is_near(c, len, near))
+        .collect();
+    candidates.sort_by_key(|&c| c.abs_diff(near));
+    candidates
+        .into_iter()
+        .take(16)
+        .find_map(|c| map_exec(fd, c, libc::MAP_FIXED_NOREPLACE))
+}
+
+impl XolAllocator for XolArea {
+    fn alloc(&self, near: u64) -> Result<u64, ProbeError> {
+        let mut a = self.lock();
+        if let Some(slot) = a.parked.remove(&near) {
+            a.bound.insert(slot, near);
+            a.allocs += 1;
+            return Ok(slot);
+        }
+        let len = CHUNK_BYTES as u64;
+        let pick = |a: &mut Areas, only_near: bool| {
+            a.chunks
+                .iter_mut()
+                .filter(|c| !only_near || XolArea::is_near(c.exec, len, near))
+                .find_map(|c| c.free.pop().map(|i| (c.exec, i)))
+        };
+        let mut got = pick(&mut a, true);
+        if got.is_none() {
+            if let Some(c) = self.map_chunk(Some(near)) {
+                a.chunks.push(c);
+                got = pick(&mut a, true);
+            }
+        }
+        if got.is_none() {
+            a.far_allocs += 1;
+            got = pick(&mut a, false);
+            if got.is_none() {
+                let c = self
+                    .map_chunk(None)
+                    .ok_or(ProbeError::XolExhausted { near })?;
+                a.chunks.push(c);
+                got = pick(&mut a, false);
+            }
+        }
+        let (exec, i) = got.ok_or(ProbeError::XolExhausted { near })?;
+        let slot = exec + u64::from(i) * self.slot_size as u64;
+        a.bound.insert(slot, near);
+        a.allocs += 1;
+        Ok(slot)
+    }
+
+    fn fill(&self, slot: u64, bytes: &[u8]) -> Result<(), ProbeError> {
+        let a = self.lock();
+        let bad = || ProbeError::TextAccess {
+            addr: slot,
+            len: bytes.len(),
+            failure: TextFailure::OutOfRange,
+        };
+        if bytes.len() > self.slot_size {
+            return Err(bad());
+        }
+        let (ci, si) = self.locate(&a, slot).ok_or_else(bad)?;
+        let off = si * self.slot_size;
+        let c = &a.chunks[ci];
+        // SAFETY: `off + slot_size <= CHUNK_BYTES` (locate checked the slot
+        // index); the write view is ours and the slot is allocated to the
+        // caller, so no thread executes it while it is filled.
+        unsafe {
+            let dst = c.write.add(off);
+            std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len());
+            std::ptr::write_bytes(dst.add(bytes.len()), INT3, self.slot_size - bytes.len());
+        }
+        Ok(())
+    }
+
+    fn free(&self, slot: u64) {
+        let mut a = self.lock();
+        let Some(near) = a.bound.remove(&slot) else {
+            debug_assert!(false, "XOL slot {slot:#x} freed but not allocated");
+            return;
+        };
+        // Parked for its address, never back on a free list (module docs).
+        a.parked.insert(near, slot);
+        a.frees += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn here() -> u64 {
+        here as fn() -> u64 as usize as u64
+    }
+
+    #[test]
+    fn slots_are_placed_within_reach_of_the_probed_code() {
+        let area = XolArea::default();
+        let slot = area.alloc(here()).unwrap();
+        assert!(
+            XolArea::is_near(slot, 32, here()),
+            "{slot:#x} vs {:#x}",
+            here()
+        );
+        assert_eq!(area.stats().far_allocs, 0);
+        area.free(slot);
+    }
+
+    #[test]
+    fn a_filled_slot_runs_and_the_rest_of_it_is_int3() {
+        let area = XolArea::default();
+        let slot = area.alloc(here()).unwrap();
+        // mov eax, 42; ret
+        area.fill(slot, &[0xb8, 42, 0, 0, 0, 0xc3]).unwrap();
+        // SAFETY: the slot now holds a complete function with the C ABI.
+        let f: extern "C" fn() -> u32 = unsafe { std::mem::transmute(slot as usize) };
+        assert_eq!(f(), 42);
+        // SAFETY: the exec view is readable.
+        let tail = unsafe { std::slice::from_raw_parts((slot + 6) as *const u8, 26) };
+        assert!(tail.iter().all(|&b| b == INT3));
+        area.free(slot);
+    }
+
+    #[test]
+    fn a_freed_slot_is_handed_out_again_only_for_the_same_address() {
+        let area = XolArea::default();
+        let (p, q) = (here(), here() + 2);
+        let a = area.alloc(p).unwrap();
+        let b = area.alloc(q).unwrap();
+        assert_ne!(a, b);
+        assert_eq!(area.stats().in_use, 2);
+        area.free(a);
+        assert_eq!((area.stats().in_use, area.stats().parked), (1, 1));
+        // Another address never gets the parked slot...
+        let c = area.alloc(q + 2).unwrap();
+        assert!(c != a && c != b);
+        // ...its own address does.
+        assert_eq!(area.alloc(p).unwrap(), a);
+        let s = area.stats();
+        assert_eq!((s.allocs, s.frees, s.in_use, s.parked), (4, 1, 3, 0));
+    }
+
+    #[test]
+    fn filling_a_foreign_address_or_an_oversized_slot_is_refused() {
+        let area = XolArea::default();
+        let slot = area.alloc(here()).unwrap();
+        assert!(area.fill(slot + 1, &[0x90]).is_err());
+        assert!(area.fill(here(), &[0x90]).is_err());
+        assert!(area.fill(slot, &[0x90; 33]).is_err());
+    }
+
+    #[test]
+    fn code_far_from_every_gap_still_gets_a_slot() {
+        let area = XolArea::default();
+        // An address in the non-canonical hole: nothing can be mapped
+        // within reach of it.
+        let far = 0x8000_0000_0000_0000;
+        let slot = area.alloc(far).unwrap();
+        assert!(!XolArea::is_near(slot, 32, far));
+        assert_eq!(area.stats().far_allocs, 1);
+    }
+}

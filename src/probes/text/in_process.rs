@@ -1,0 +1,443 @@
+//! [`InProcess`]: the running process's own code as a [`TextMemory`].
+//!
+//! # Making code writable, and exactly as it was afterwards
+//!
+//! Code pages are mapped read-execute. A write looks the range up in
+//! `/proc/self/maps` (the only place Linux reports a page's protection),
+//! adds `PROT_WRITE` to every page it touches with `mprotect`, writes, and
+//! puts back the protection each page had before, run by run, so a page that
+//! was `r-x` is `r-x` again and one that was (unusually) `rwx` stays `rwx`.
+//! Shared file mappings are refused: writing them would change the file.
+//! Every protection change of this crate goes through one process-wide lock
+//! (`TEXT_LOCK`), so two writers never interleave their
+//! "read protection, change, restore" sequences.
+//!
+//! # Checked writes
+//!
+//! Under that lock the current bytes are compared with the caller's
+//! expected old bytes first; on a mismatch nothing is written
+//! ([`ProbeError::AlreadyPatched`]). A range that overlaps code the live
+//! runtime must never patch (see [`RefusedRange`]) is refused before
+//! anything else ([`ProbeError::RefusedTarget`]).
+//!
+//! # Patching code other threads are running: int3 first
+//!
+//! A thread may fetch the instruction being replaced at any moment. On x86
+//! a one-byte store is atomic with respect to instruction fetch, so writing
+//! or removing a breakpoint (`int3`, one byte) is safe as is. A multi-byte
+//! patch is not: a thread could execute the first bytes of the old
+//! instruction and the last bytes of the new one. Patches whose bytes other
+//! than the first change therefore follow the protocol the kernel's
+//! `text_poke_bp` uses:
+//!
+//! 1. write `int3` over byte 0, then *sync all cores*;
+//! 2. write bytes `1..n`, sync all cores;
+//! 3. write the new byte 0, sync all cores.
+//!
+//! While the `int3` is there, a thread reaching the instruction traps; the
+//! runtime's SIGTRAP handler sees that a patch is in progress at that address
+//! (or that the `int3` is already gone) and resumes the thread at the same
+//! address, where it traps again until step 3 is done and then runs the new
+//! instruction whole. No thread ever runs a mix of old and new bytes. The
+//! protocol assumes what the kernel's assumes: `[addr, addr + n)` is one
+//! instruction before and after, so no thread is stopped *inside* it.
+//!
+//! # Syncing cores
+//!
+//! "Sync all cores" is `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)`:
+//! every CPU running a thread of this process executes a core-serializing
+//! instruction before it returns to user space, so it drops any stale
+//! prefetched copy of the code (Intel SDM vol. 3, 8.1.3, cross-modifying
+//! code). It is also what [`TextMemory::sync_icache`] does, so a breakpoint
+//! written by a registry is seen by every thread before `register` returns:
+//! that is what makes hit counts exact. Where the command is unavailable the
+//! fallback is `MEMBARRIER_CMD_PRIVATE_EXPEDITED` (an IPI to every CPU
+//! running our threads; the interrupt return is serializing on x86), and
+//! without any membarrier the TLB shootdown IPIs of the `mprotect` that
+//! removes `PROT_WRITE` again serve the same purpose.
+//!
+//! # Reads
+//!
+//! Reads use `process_vm_readv` on our own pid: an unmapped address gives
+//! [`ProbeError::TextAccess`] instead of a crash, with no allocation and no
+//! lock, so a trap handler may read too. Where the call is forbidden
+//! (seccomp) reads fall back to a plain copy, which trusts the caller's
+//! address.
+
+use std::sync::OnceLock;
+
+use crate::probes::error::{CodeBytes, TextFailure};
+use crate::probes::runtime::maps::Maps;
+use crate::probes::text::TextMemory;
+use crate::probes::ProbeError;
+use crate::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use crate::sync::Mutex;
+use crate::sys::{
+    sys_membarrier as membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, MEMBARRIER_CMD_QUERY,
+    MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
+};
+
+/// The x86 breakpoint, the byte the int3-first protocol parks on.
+const INT3: u8 = 0xcc;
+
+/// Serializes every code write and protection change of the process (all
+/// `InProcess` values share it: page protection is process-wide state).
+static TEXT_LOCK: Mutex<()> = Mutex::new(());
+
+/// Address whose int3-first patch is in progress (0: none). Read by the
+/// SIGTRAP handler to recognise the transient `int3`.
+static PATCHING_AT: AtomicU64 = AtomicU64::new(0);
+
+/// Whether the int3-first protocol currently parks threads at `addr`.
+/// Async-signal-safe (one atomic load).
+#[inline]
+pub(crate) fn patch_in_progress_at(addr: u64) -> bool {
+    // Relaxed: the handler re-checks the byte itself as well (a trap seen
+    // after the patch finished finds no int3 and is resumed the same way);
+    // this flag only covers the window in which the int3 is still there.
+    addr != 0 && PATCHING_AT.load(Ordering::Relaxed) == addr
+}
+
+/// A range of code the live runtime must never patch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RefusedRange {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// What the code is, for the error message.
+    pub what: &'static str,
+}
+
+/// The running process's code, patched in place. See the
+/// [module docs](self) for the protocol.
+///
+/// ```no_run
+/// use rcu_registry::probes::text::{InProcess, TextMemory};
+///
+/// #[inline(never)]
+/// extern "C" fn answer() -> u32 { 42 }
+///
+/// let text = InProcess::new();
+/// let mut first = [0u8; 1];
+/// text.read(answer as usize as u64, &mut first).unwrap();
+/// ```
+#[derive(Clone, Debug, Default)]
+pub struct InProcess {
+    refused: Vec<RefusedRange>,
+}
+
+impl InProcess {
+    /// The process's text with no refused range. Installs the runtime's
+    /// SIGTRAP handler (the int3-first protocol needs it) and registers the
+    /// process for core-serializing membarriers.
+    pub fn new() -> InProcess {
+        crate::probes::runtime::signal::install();
+        sync_core_init();
+        InProcess {
+            refused: Vec::new(),
+        }
+    }
+
+    /// Adds a range every write must stay out of.
+    pub fn refuse(mut self, range: RefusedRange) -> InProcess {
+        self.refused.push(range);
+        self
+    }
+
+    /// Adds several refused ranges.
+    pub fn refuse_all(mut self, ranges: impl IntoIterator<Item = RefusedRange>) -> InProcess {
+        self.refused.extend(ranges);
+        self
+    }
+
+    /// The refused ranges.
+    pub fn refused(&self) -> &[RefusedRange] {
+        &self.refused
+    }
+
+    /// The refused range overlapping `[addr, addr + len)`, if any.
+    pub fn refused_at(&self, addr: u64, len: usize) -> Option<&RefusedRange> {
+        let end = addr.saturating_add(len.max(1) as u64);
+        self.refused.iter().find(|r| r.start < end && addr < r.end)
+    }
+
+    /// Writes `new` over `current` at `addr`: the page must already be
+    /// writable, `TEXT_LOCK` held.
+    fn store(addr: u64, current: &[u8], new: &[u8]) {
+        let p = addr as *mut u8;
+        let tail_changes = current[1..] != new[1..];
+        if !tail_changes {
+            // SAFETY: the caller made [addr, addr + len) writable and holds
+            // TEXT_LOCK; a one-byte store is atomic against instruction
+            // fetch on x86, so no thread can run a torn instruction.
+            unsafe { p.write_volatile(new[0]) };
+            sync_cores();
+            return;
+        }
+        // Relaxed: see `patch_in_progress_at`; the membarrier below is a
+        // full barrier on every running thread anyway.
+        PATCHING_AT.store(addr, Ordering::Relaxed);
+        // SAFETY (three blocks below): as above; each step is followed by a
+        // core sync so that no thread holds a stale copy across steps, and
+        // between steps 1 and 3 byte 0 is int3, which parks every thread.
+        unsafe { p.write_volatile(INT3) };
+        sync_cores();
+        for (i, &b) in new.iter().enumerate().skip(1) {
+            // SAFETY: see above; bytes 1..n are not executed while the int3
+            // guards the instruction's start.
+            unsafe { p.add(i).write_volatile(b) };
+        }
+        sync_cores();
+        // SAFETY: see above; the final one-byte store releases the threads.
+        unsafe { p.write_volatile(new[0]) };
+        sync_cores();
+        // Relaxed: a late trap finds byte 0 restored and is resumed anyway.
+        PATCHING_AT.store(0, Ordering::Relaxed);
+    }
+}
+
+fn os_error(addr: u64, len: usize, op: &'static str) -> ProbeError {
+    ProbeError::TextAccess {
+        addr,
+        len,
+        failure: TextFailure::Os {
+            op,
+            errno: std::io::Error::last_os_error().raw_os_error().unwrap_or(0),
+        },
+    }
+}
+
+fn page_size() -> u64 {
+    static PAGE: OnceLock<u64> = OnceLock::new();
+    // SAFETY: sysconf only reads a configuration value.
+    *PAGE.get_or_init(|| unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as u64)
+}
+
+/// Changes the protection of `[start, end)` (page aligned).
+fn mprotect(start: u64, end: u64, prot: libc::c_int) -> bool {
+    // SAFETY: the range covers whole pages of existing mappings (checked
+    // against the memory map under TEXT_LOCK); adding PROT_WRITE or
+    // restoring the previous protection does not invalidate any reference.
+    unsafe { libc::mprotect(start as *mut libc::c_void, (end - start) as usize, prot) == 0 }
+}
+
+impl TextMemory for InProcess {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
+        read_text(addr, buf)
+    }
+
+    fn write(&self, addr: u64, expected_old: &[u8], new: &[u8]) -> Result<(), ProbeError> {
+        if expected_old.len() != new.len() {
+            return Err(ProbeError::PatchLengthMismatch {
+                expected: expected_old.len(),
+                new: new.len(),
+            });
+        }
+        if new.is_empty() {
+            return Ok(());
+        }
+        let len = new.len();
+        if let Some(r) = self.refused_at(addr, len) {
+            return Err(ProbeError::RefusedTarget {
+                addr: addr.max(r.start),
+                what: r.what,
+            });
+        }
+        let end = addr.checked_add(len as u64).ok_or(ProbeError::TextAccess {
+            addr,
+            len,
+            failure: TextFailure::OutOfRange,
+        })?;
+        // A poisoned lock guards nothing inconsistent: every write restores
+        // the protections before it can panic-free return.
+        let _g = TEXT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let mut current = [0u8; CodeBytes::CAPACITY];
+        let mut current_vec;
+        let current: &mut [u8] = if len <= current.len() {
+            &mut current[..len]
+        } else {
+            current_vec = vec![0u8; len];
+            &mut current_vec
+        };
+        read_text(addr, current)?;
+        if current != expected_old {
+            return Err(ProbeError::AlreadyPatched {
+                addr,
+                expected: CodeBytes::new(expected_old),
+                found: CodeBytes::new(current),
+            });
+        }
+        if current == new {
+            return Ok(());
+        }
+        let maps = Maps::read().map_err(|e| ProbeError::TextAccess {
+            addr,
+            len,
+            failure: TextFailure::Os {
+                op: "read /proc/self/maps",
+                errno: e.raw_os_error().unwrap_or(0),
+            },
+        })?;
+        let page = page_size();
+        let (pstart, pend) = (addr & !(page - 1), (end + page - 1) & !(page - 1));
+        let runs = maps
+            .protections(pstart, pend)
+            .ok_or(ProbeError::TextAccess {
+                addr,
+                len,
+                failure: TextFailure::OutOfRange,
+            })?;
+        if runs
+            .iter()
+            .any(|&(s, _, _)| maps.find(s).is_some_and(|m| m.shared))
+        {
+            return Err(ProbeError::TextAccess {
+                addr,
+                len,
+                failure: TextFailure::Os {
+                    op: "patch a shared file mapping",
+                    errno: libc::EACCES,
+                },
+            });
+        }
+        for (i, &(s, e, prot)) in runs.iter().enumerate() {
+            if !mprotect(s, e, prot | libc::PROT_WRITE) {
+                let err = os_error(addr, len, "mprotect");
+                for &(s, e, prot) in &runs[..i] {
+                    mprotect(s, e, prot);
+                }
+                return Err(err);
+            }
+        }
+        InProcess::store(addr, current, new);
+        let mut restore_failed = None;
+        for &(s, e, prot) in &runs {
+            if !mprotect(s, e, prot) && restore_failed.is_none() {
+                restore_failed = Some(os_error(addr, len, "mprotect (restore)"));
+            }
+        }
+        if let Some(err) = restore_failed {
+            // Only reachable when the kernel cannot split the mapping (out of
+            // memory or map count): undo the bytes so the error changes
+            // nothing readable, and report. The page is left writable.
+            InProcess::store(addr, new, current);
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    fn sync_icache(&self, _addr: u64, _len: usize) -> Result<(), ProbeError> {
+        sync_cores();
+        Ok(())
+    }
+}
+
+/// How `read_text` reads.
+static READ_MODE: AtomicU8 = AtomicU8::new(READ_VM);
+const READ_VM: u8 = 0;
+const READ_DIRECT: u8 = 1;
+
+/// Reads `buf.len()` bytes of our own memory at `addr`. Async-signal-safe.
+pub(crate) fn read_text(addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
+    if buf.is_empty() {
+        return Ok(());
+    }
+    let len = buf.len();
+    let fail = |failure| ProbeError::TextAccess { addr, len, failure };
+    // Relaxed: a sticky hint; either mode is correct for any caller.
+    if READ_MODE.load(Ordering::Relaxed) == READ_DIRECT {
+        // SAFETY: process_vm_readv is forbidden here (seccomp); the caller's
+        // address is trusted, as documented on `InProcess`.
+        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
+        return Ok(());
+    }
+    let local = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let remote = libc::iovec {
+        iov_base: addr as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    // SAFETY: the local iovec describes `buf`, which we own exclusively; the
+    // kernel checks the remote range and fails with EFAULT instead of
+    // faulting. getpid is async-signal-safe.
+    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
+    if n == buf.len() as isize {
+        return Ok(());
+    }
+    if n < 0 {
+        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+        if errno == libc::ENOSYS || errno == libc::EPERM {
+            // Relaxed: a sticky hint (see the load above).
+            READ_MODE.store(READ_DIRECT, Ordering::Relaxed);
+            return read_text(addr, buf);
+        }
+        return Err(fail(TextFailure::OutOfRange));
+    }
+    // A short read: the range runs into an unmapped page.
+    Err(fail(TextFailure::OutOfRange))
+}
+
+// The sync-core membarrier commands (include/uapi/linux/membarrier.h,
+// stable ABI); the others come from `crate::sys`.
+const MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 5;
+const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE: libc::c_int = 1 << 6;
+
+/// Which command `sync_cores` issues: 0 none, else the command.
+static SYNC_CMD: AtomicU64 = AtomicU64::new(u64::MAX);
+
+/// Registers the process for the strongest core sync available, once.
+fn sync_core_init() {
+    // Relaxed: idempotent; racing initialisers compute the same answer.
+    if SYNC_CMD.load(Ordering::Relaxed) != u64::MAX {
+        return;
+    }
+    let mask = membarrier(MEMBARRIER_CMD_QUERY);
+    let has = |c: libc::c_int| mask >= 0 && mask & c as libc::c_long != 0;
+    let cmd = if has(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)
+        && membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED_SYNC_CORE) == 0
+    {
+        MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE
+    } else if has(MEMBARRIER_CMD_PRIVATE_EXPEDITED)
+        && membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) == 0
+    {
+        MEMBARRIER_CMD_PRIVATE_EXPEDITED
+    } else {
+        0
+    };
+    // Relaxed: the command number publishes nothing else; the kernel-side
+    // registration happened in the syscall above, before any reader could
+    // use the command.
+    SYNC_CMD.store(cmd as u64, Ordering::Relaxed);
+}
+
+/// Makes every thread of the process re-fetch code written before the call
+/// (see the module docs for the fallbacks).
+pub(crate) fn sync_cores() {
+    sync_core_init();
+    // Relaxed: written once by `sync_core_init` on this or another thread;
+    // a stale MAX cannot be seen after our own init call above.
+    let cmd = SYNC_CMD.load(Ordering::Relaxed);
+    if cmd != 0 && cmd != u64::MAX {
+        membarrier(cmd as libc::c_int);
+    }
+    // Our own thread: a serializing instruction (cpuid) makes this core
+    // re-fetch too; the membarrier spares the caller.
+    // SAFETY: cpuid is available on every x86_64 CPU and has no side effect
+    // beyond serializing.
+    let _ = std::arch::x86_64::__cpuid(0);
+}
+
+/// Which membarrier command core syncs use, for diagnostics: `"sync-core"`,
+/// `"expedited"` or `"none"`.
+pub fn core_sync_method() -> &'static str {
+    sync_core_init();
+    // Relaxed: see `sync_cores`.
+    match SYNC_CMD.load(Ordering::Relaxed) as libc::c_int {
+        MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE => "sync-core",
+        MEMBARRIER_CMD_PRIVATE_EXPEDITED => "expedited",
+        _ => "none",
+    }
+}

@@ -1,0 +1,174 @@
+//! Shared by the live-runtime test binaries: functions with known machine
+//! code (so every test knows exactly which instruction a probe displaces and
+//! how it is completed), and the lock that serializes tests sharing the
+//! process's SIGTRAP handler and code.
+
+#![allow(dead_code)]
+
+use std::arch::global_asm;
+use std::sync::{Mutex, MutexGuard};
+
+// Every function is spelled in bytes so its encoding is fixed, and typed and
+// sized so the ELF symbol table (and with it the registry's boundary check)
+// knows its extent.
+global_asm!(
+    ".pushsection .text.rtp_functions,\"ax\",@progbits",
+    // rtp_add1(x) = x + 1: mov eax, edi (boostable, out of line);
+    // add eax, 1; ret.
+    ".p2align 4",
+    ".globl rtp_add1",
+    ".type rtp_add1,@function",
+    "rtp_add1:",
+    ".byte 0x89, 0xf8",
+    ".byte 0x83, 0xc0, 0x01",
+    ".byte 0xc3",
+    ".size rtp_add1, . - rtp_add1",
+    // rtp_push(x) = x: push rbx (emulated); mov eax, edi; pop rbx; ret.
+    ".p2align 4",
+    ".globl rtp_push",
+    ".type rtp_push,@function",
+    "rtp_push:",
+    ".byte 0x53",
+    ".byte 0x89, 0xf8",
+    ".byte 0x5b",
+    ".byte 0xc3",
+    ".size rtp_push, . - rtp_push",
+    // rtp_mul3(x) = 3x: lea eax, [rdi + rdi*2]; ret.
+    ".p2align 4",
+    ".globl rtp_mul3",
+    ".type rtp_mul3,@function",
+    "rtp_mul3:",
+    ".byte 0x8d, 0x04, 0x7f",
+    ".byte 0xc3",
+    ".size rtp_mul3, . - rtp_mul3",
+    // rtp_alt(_) = 777: mov eax, 777; ret.
+    ".p2align 4",
+    ".globl rtp_alt",
+    ".type rtp_alt,@function",
+    "rtp_alt:",
+    ".byte 0xb8, 0x09, 0x03, 0x00, 0x00",
+    ".byte 0xc3",
+    ".size rtp_alt, . - rtp_alt",
+    // rtp_answer() = 1: mov eax, 1; ret. Patched to mov eax, 2 by the
+    // text tests.
+    ".p2align 4",
+    ".globl rtp_answer",
+    ".type rtp_answer,@function",
+    "rtp_answer:",
+    ".byte 0xb8, 0x01, 0x00, 0x00, 0x00",
+    ".byte 0xc3",
+    ".size rtp_answer, . - rtp_answer",
+    // rtp_word() = 0x11111111: mov eax, 0x11111111; ret. The concurrent
+    // patch test swaps the immediate for 0x22222222: a torn instruction
+    // would return a mix.
+    ".p2align 4",
+    ".globl rtp_word",
+    ".type rtp_word,@function",
+    "rtp_word:",
+    ".byte 0xb8, 0x11, 0x11, 0x11, 0x11",
+    ".byte 0xc3",
+    ".size rtp_word, . - rtp_word",
+    // rtp_load() = rtp_data: mov rax, [rip + rtp_data] (RIP-relative: always
+    // single-stepped with a scratch register); ret.
+    ".p2align 4",
+    ".globl rtp_load",
+    ".type rtp_load,@function",
+    "rtp_load:",
+    "mov rax, qword ptr [rip + rtp_data]",
+    "ret",
+    ".size rtp_load, . - rtp_load",
+    // rtp_sum3(x) = rtp_add1(x) + 3x via two calls: exercises probes on
+    // callees and a kretprobe on a function that calls others.
+    ".p2align 4",
+    ".globl rtp_twice",
+    ".type rtp_twice,@function",
+    "rtp_twice:",
+    "push rbx",
+    "mov ebx, edi",
+    "call rtp_add1",
+    "mov edi, ebx",
+    "mov ebx, eax",
+    "call rtp_mul3",
+    "add eax, ebx",
+    "pop rbx",
+    "ret",
+    ".size rtp_twice, . - rtp_twice",
+    ".popsection",
+    ".pushsection .data.rtp_data,\"aw\",@progbits",
+    ".p2align 3",
+    ".globl rtp_data",
+    "rtp_data:",
+    ".quad 0x123456789",
+    ".popsection",
+);
+
+extern "C" {
+    pub fn rtp_add1(x: u32) -> u32;
+    pub fn rtp_push(x: u32) -> u32;
+    pub fn rtp_mul3(x: u32) -> u32;
+    pub fn rtp_alt(x: u32) -> u32;
+    pub fn rtp_answer() -> u32;
+    pub fn rtp_word() -> u32;
+    pub fn rtp_load() -> u64;
+    pub fn rtp_twice(x: u32) -> u32;
+}
+
+/// A test function taking and returning a `u32`.
+pub type Func = unsafe extern "C" fn(u32) -> u32;
+
+/// What a test function should return for an argument.
+pub type Want = fn(u32) -> u32;
+
+/// Calls through a black-boxed pointer so the compiler cannot fold the call.
+#[inline(never)]
+pub fn call(f: Func, x: u32) -> u32 {
+    let f = std::hint::black_box(f);
+    // SAFETY: every rtp_* function taking a u32 is a complete C-ABI function.
+    unsafe { f(std::hint::black_box(x)) }
+}
+
+/// Address of a test function.
+pub fn addr(f: Func) -> u64 {
+    f as usize as u64
+}
+
+/// `n` bytes of code at `addr`.
+pub fn code(addr: u64, n: usize) -> Vec<u8> {
+    // SAFETY: test code addresses are mapped and readable.
+    unsafe { std::slice::from_raw_parts(addr as *const u8, n) }.to_vec()
+}
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Serializes the tests of one binary: they share the SIGTRAP handler, the
+/// registry and the code they patch.
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The protection string (`r-xp`) of the page holding `addr`.
+pub fn perms_at(addr: u64) -> String {
+    let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+    for line in maps.lines() {
+        let mut f = line.split_whitespace();
+        let (range, perms) = (f.next().unwrap(), f.next().unwrap());
+        let (s, e) = range.split_once('-').unwrap();
+        let (s, e) = (
+            u64::from_str_radix(s, 16).unwrap(),
+            u64::from_str_radix(e, 16).unwrap(),
+        );
+        if (s..e).contains(&addr) {
+            return perms.to_string();
+        }
+    }
+    panic!("{addr:#x} is not mapped");
+}
+
+/// Test duration scale from `RT_STRESS_SECS` (default: short).
+pub fn stress_secs(default: f64) -> std::time::Duration {
+    let secs = std::env::var("RT_STRESS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(default);
+    std::time::Duration::from_secs_f64(secs)
+}

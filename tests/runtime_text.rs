@@ -1,0 +1,197 @@
+//! `InProcess` text memory on the test binary's own code: checked writes,
+//! exact protection restore, refusals that change nothing, and the
+//! int3-first protocol under threads that keep calling the patched code.
+
+mod runtime_support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Instant;
+
+use rcu_registry::probes::error::TextFailure;
+use rcu_registry::probes::text::{core_sync_method, InProcess, RefusedRange, TextMemory};
+use rcu_registry::probes::ProbeError;
+use runtime_support::*;
+
+fn answer_addr() -> u64 {
+    rtp_answer as *const () as usize as u64
+}
+
+const MOV_EAX_1: [u8; 5] = [0xb8, 0x01, 0x00, 0x00, 0x00];
+const MOV_EAX_2: [u8; 5] = [0xb8, 0x02, 0x00, 0x00, 0x00];
+
+fn answer() -> u32 {
+    let f = std::hint::black_box(rtp_answer as unsafe extern "C" fn() -> u32);
+    // SAFETY: rtp_answer is a complete C-ABI function.
+    unsafe { f() }
+}
+
+#[test]
+fn a_patch_changes_exactly_the_bytes_asked_and_restores_the_protection() {
+    let _g = serial();
+    let text = InProcess::new();
+    let at = answer_addr();
+    let before = code(at - 16, 48);
+    let perms = perms_at(at);
+    assert_eq!(perms, "r-xp", "test code is mapped read-execute");
+    assert_eq!(answer(), 1);
+
+    text.write(at, &MOV_EAX_1, &MOV_EAX_2).unwrap();
+    let mut expected = before.clone();
+    expected[16..21].copy_from_slice(&MOV_EAX_2);
+    assert_eq!(code(at - 16, 48), expected, "only the five bytes changed");
+    assert_eq!(perms_at(at), perms, "protection restored exactly");
+    assert_eq!(answer(), 2);
+
+    text.write(at, &MOV_EAX_2, &MOV_EAX_1).unwrap();
+    assert_eq!(code(at - 16, 48), before);
+    assert_eq!(perms_at(at), perms);
+    assert_eq!(answer(), 1);
+}
+
+#[test]
+fn a_write_whose_expected_old_bytes_differ_writes_nothing() {
+    let _g = serial();
+    let text = InProcess::new();
+    let at = answer_addr();
+    let before = code(at, 16);
+    let err = text.write(at, &MOV_EAX_2, &[0xcc; 5]).unwrap_err();
+    match err {
+        ProbeError::AlreadyPatched {
+            addr,
+            expected,
+            found,
+        } => {
+            assert_eq!(addr, at);
+            assert_eq!(expected.as_slice(), MOV_EAX_2);
+            assert_eq!(found.as_slice(), MOV_EAX_1);
+        }
+        e => panic!("unexpected {e:?}"),
+    }
+    assert_eq!(code(at, 16), before);
+    assert_eq!(perms_at(at), "r-xp");
+}
+
+#[test]
+fn a_write_into_a_refused_range_is_refused_and_writes_nothing() {
+    let _g = serial();
+    let at = answer_addr();
+    let text = InProcess::new().refuse(RefusedRange {
+        start: at + 2,
+        end: at + 3,
+        what: "a range a test forbids",
+    });
+    let before = code(at, 16);
+    assert_eq!(
+        text.write(at, &MOV_EAX_1, &MOV_EAX_2),
+        Err(ProbeError::RefusedTarget {
+            addr: at + 2,
+            what: "a range a test forbids"
+        })
+    );
+    assert_eq!(code(at, 16), before);
+    // A write next to (not overlapping) the range is allowed.
+    text.write(at + 5, &[0xc3], &[0xc3]).unwrap();
+}
+
+#[test]
+fn malformed_writes_are_refused_with_typed_errors_and_write_nothing() {
+    let _g = serial();
+    let text = InProcess::new();
+    let at = answer_addr();
+    let before = code(at, 16);
+    assert_eq!(
+        text.write(at, &MOV_EAX_1, &MOV_EAX_2[..4]),
+        Err(ProbeError::PatchLengthMismatch {
+            expected: 5,
+            new: 4
+        })
+    );
+    let mut buf = [0u8; 4];
+    assert!(matches!(
+        text.read(8, &mut buf),
+        Err(ProbeError::TextAccess {
+            failure: TextFailure::OutOfRange,
+            ..
+        })
+    ));
+    assert!(matches!(
+        text.write(8, &[0], &[1]),
+        Err(ProbeError::TextAccess { .. })
+    ));
+    assert_eq!(code(at, 16), before);
+}
+
+#[test]
+fn reads_return_the_code_byte_for_byte() {
+    let _g = serial();
+    let text = InProcess::new();
+    let at = rtp_add1 as *const () as usize as u64;
+    let mut buf = [0u8; 6];
+    text.read(at, &mut buf).unwrap();
+    assert_eq!(buf, [0x89, 0xf8, 0x83, 0xc0, 0x01, 0xc3]);
+    assert_eq!(code(at, 6), buf);
+}
+
+const WORD_A: [u8; 5] = [0xb8, 0x11, 0x11, 0x11, 0x11];
+const WORD_B: [u8; 5] = [0xb8, 0x22, 0x22, 0x22, 0x22];
+
+fn word() -> u32 {
+    let f = std::hint::black_box(rtp_word as unsafe extern "C" fn() -> u32);
+    // SAFETY: rtp_word is a complete C-ABI function.
+    unsafe { f() }
+}
+
+#[test]
+fn multi_byte_patches_under_concurrent_calls_never_run_a_torn_instruction() {
+    let _g = serial();
+    let text = InProcess::new();
+    let at = rtp_word as *const () as usize as u64;
+    let stop = AtomicBool::new(false);
+    let torn = AtomicU64::new(0);
+    let calls = AtomicU64::new(0);
+    let seen_b = AtomicU64::new(0);
+    let patches = std::thread::scope(|s| {
+        for _ in 0..3 {
+            s.spawn(|| {
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    match word() {
+                        0x1111_1111 => {}
+                        0x2222_2222 => {
+                            seen_b.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => {
+                            torn.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    n += 1;
+                }
+                calls.fetch_add(n, Ordering::Relaxed);
+            });
+        }
+        let deadline = Instant::now() + stress_secs(1.0);
+        let mut patches = 0u64;
+        while Instant::now() < deadline {
+            text.write(at, &WORD_A, &WORD_B).unwrap();
+            text.write(at, &WORD_B, &WORD_A).unwrap();
+            patches += 2;
+        }
+        stop.store(true, Ordering::Relaxed);
+        patches
+    });
+    println!(
+        "{patches} patches ({}), {} calls, {} saw the new code, {} torn",
+        core_sync_method(),
+        calls.load(Ordering::Relaxed),
+        seen_b.load(Ordering::Relaxed),
+        torn.load(Ordering::Relaxed)
+    );
+    assert_eq!(torn.load(Ordering::Relaxed), 0);
+    assert!(patches >= 2 && calls.load(Ordering::Relaxed) > 0);
+    assert!(
+        seen_b.load(Ordering::Relaxed) > 0,
+        "threads ran the new code"
+    );
+    assert_eq!(code(at, 6), [0xb8, 0x11, 0x11, 0x11, 0x11, 0xc3]);
+    assert_eq!(perms_at(at), "r-xp");
+}
