@@ -20,3 +20,4 @@ mod sys;
 
 pub mod hashlock;
 pub mod probes;
+pub mod seqtree;
