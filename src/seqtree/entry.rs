@@ -97,14 +97,21 @@ impl<K, V> Node<K, V> {
     #[cfg(not(rcu_registry_broken_inc))]
     #[inline]
     pub(crate) fn try_acquire(&self) -> bool {
-        // Relaxed throughout: the node's memory is kept alive by the caller's
-        // read section while we look, and the count's own modification order
-        // is what decides the race with the last `release` (a CAS from n >= 1
-        // is either before the decrement to zero, or fails). Nothing else is
-        // published through the count on this path.
+        // Relaxed loads and CAS: the node's memory is kept alive by the
+        // caller's read section while we look, and the count's own
+        // modification order decides the race with the last `release` (a
+        // CAS from n >= 1 is either before the decrement to zero, or fails).
+        // Nothing is published through a successful increment.
         let mut n = self.refs.load(Ordering::Relaxed);
         loop {
             if n == 0 {
+                // Acquire fence: pairs with the release decrement that
+                // reached zero, which the tree made after unlinking the node.
+                // The caller's next walk therefore cannot reach this node
+                // again (nor validate a miss against a stale count), so a
+                // retry loop ends. Without it a retry could keep finding the
+                // same dying node through stale pointers.
+                fence(Ordering::Acquire);
                 return false;
             }
             if n >= MAX_REFS {

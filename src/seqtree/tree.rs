@@ -349,6 +349,7 @@ where
             // The entry's last reference is gone: it was unlinked after our
             // walk reached it. The key may have a live replacement.
             self.count_retry();
+            crate::sync::spin_loop();
         }
     }
 

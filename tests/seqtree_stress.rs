@@ -1,0 +1,139 @@
+//! Stress test: one writer, several readers, for a fixed time.
+//!
+//! Duration: `SEQTREE_STRESS_SECS` (default 2 s; at least 10 s when
+//! `CI=true`). Meant for release builds:
+//!
+//! ```text
+//! SEQTREE_STRESS_SECS=10 cargo test --release --test seqtree_stress -- --nocapture
+//! ```
+//!
+//! The writer inserts and removes keys continuously (and replaces stable
+//! keys now and then); readers look up random keys. Any stable key missing,
+//! never-inserted key found or value belonging to another key fails the test.
+//! The test prints lookups, writer operations, and for `SeqTree` the retries
+//! and lock fallbacks readers needed.
+
+mod seqtree_common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use rcu_registry::rcu::Flavor;
+use rcu_registry::seqtree::{LatchTree, SeqTree};
+use seqtree_common::{duration_from_env, key_of, value_of, Rng};
+
+const KEYS: u64 = 1 << 14;
+const READERS: u64 = 3;
+
+fn is_stable(k: u64) -> bool {
+    k % 2 == 0
+}
+
+/// Runs the writer/readers protocol against any tree through closures.
+/// `lookup(key)` returns the value found; returns (lookups, writer ops).
+fn run<L, W>(name: &str, lookup: L, mut write: W) -> (u64, u64)
+where
+    L: Fn(u64) -> Option<u64> + Send + Sync + 'static,
+    W: FnMut(&mut Rng, u64),
+{
+    let duration = duration_from_env("SEQTREE_STRESS_SECS", 2.0, 10.0);
+    let lookup = Arc::new(lookup);
+    let stop = Arc::new(AtomicBool::new(false));
+    let errors = Arc::new(AtomicU64::new(0));
+    let readers: Vec<_> = (0..READERS)
+        .map(|r| {
+            let (lookup, stop, errors) = (lookup.clone(), stop.clone(), errors.clone());
+            std::thread::spawn(move || {
+                let mut rng = Rng::new(1000 + r);
+                let mut n = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    for _ in 0..256 {
+                        let k = rng.below(KEYS + KEYS / 8);
+                        let bad = match lookup(k) {
+                            None => k < KEYS && is_stable(k),
+                            Some(v) => k >= KEYS || key_of(v) != k,
+                        };
+                        if bad {
+                            errors.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                    n += 256;
+                }
+                n
+            })
+        })
+        .collect();
+    let start = Instant::now();
+    let mut rng = Rng::new(42);
+    let mut ops = 0u64;
+    while start.elapsed() < duration {
+        for _ in 0..64 {
+            ops += 1;
+            write(&mut rng, ops);
+        }
+    }
+    stop.store(true, Ordering::Relaxed);
+    let lookups: u64 = readers.into_iter().map(|h| h.join().unwrap()).sum();
+    let errors = errors.load(Ordering::SeqCst);
+    println!(
+        "{name}: {:.1} s, {lookups} lookups by {READERS} readers, {ops} writer ops, {errors} errors",
+        start.elapsed().as_secs_f64()
+    );
+    assert_eq!(errors, 0, "{name}: readers saw wrong or missing answers");
+    assert!(lookups > 0 && ops > 0);
+    (lookups, ops)
+}
+
+/// The writer's step: toggle a volatile key; every 256th step replace a
+/// stable key (which must stay visible throughout).
+fn writer_step(rng: &mut Rng, op: u64) -> (u64, bool) {
+    if op % 256 == 0 {
+        (rng.below(KEYS / 2) * 2, true)
+    } else {
+        (rng.below(KEYS / 2) * 2 + 1, false)
+    }
+}
+
+#[test]
+fn seqtree_one_writer_many_readers_no_wrong_or_missing_answers() {
+    let t = Arc::new(SeqTree::<u64, u64>::new());
+    for k in (0..KEYS).filter(|&k| is_stable(k)) {
+        t.insert(k, value_of(k, 0));
+    }
+    let r = t.clone();
+    let lookup = move |k: u64| {
+        let g = r.domain().read();
+        r.get(&g, &k).copied()
+    };
+    run("SeqTree", lookup, |rng, op| {
+        let (k, replace) = writer_step(rng, op);
+        if replace || !t.remove(&k) {
+            let _old = t.insert(k, value_of(k, op));
+        }
+    });
+    let s = t.stats();
+    println!("SeqTree: {} retries, {} lock fallbacks", s.retries, s.fallbacks);
+    t.check_invariants().unwrap();
+}
+
+#[test]
+fn latch_tree_one_writer_many_readers_no_wrong_or_missing_answers() {
+    let t = Arc::new(LatchTree::<u64, u64>::new());
+    for k in (0..KEYS).filter(|&k| is_stable(k)) {
+        t.insert(k, value_of(k, 0));
+    }
+    let r = t.clone();
+    let lookup = move |k: u64| {
+        let g = r.domain().read();
+        r.get(&g, &k).copied()
+    };
+    run("LatchTree", lookup, |rng, op| {
+        let (k, replace) = writer_step(rng, op);
+        if replace || !t.remove(&k) {
+            let _old = t.insert(k, value_of(k, op));
+        }
+    });
+    println!("LatchTree: {} retries", t.retries());
+    t.check_invariants().unwrap();
+}
