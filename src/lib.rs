@@ -20,4 +20,10 @@ mod sys;
 
 pub mod hashlock;
 pub mod probes;
+pub mod rcu;
 pub mod seqtree;
+
+/// The README's example, compiled and run as a doc test.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+mod readme_example {}

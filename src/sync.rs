@@ -43,6 +43,39 @@ pub(crate) use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 #[cfg(loom)]
 pub(crate) use loom::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+// Reader-writer locks (hashlock stripes in read and write mode).
+#[cfg(not(loom))]
+pub(crate) use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+#[cfg(loom)]
+pub(crate) use loom::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+/// Exponential backoff for spin loops. Under loom every step yields, so that
+/// a spinning thread lets the model schedule the thread it waits for.
+#[cfg(not(loom))]
+pub(crate) use crossbeam_utils::Backoff;
+
+/// Exponential backoff for spin loops. Under loom every step yields, so that
+/// a spinning thread lets the model schedule the thread it waits for.
+#[cfg(loom)]
+#[derive(Debug, Default)]
+pub(crate) struct Backoff;
+
+#[cfg(loom)]
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Backoff
+    }
+
+    pub(crate) fn spin(&self) {
+        spin_loop();
+    }
+
+    pub(crate) fn snooze(&self) {
+        spin_loop();
+    }
+}
+
 #[cfg(not(loom))]
 pub(crate) use std::thread;
 
@@ -155,4 +188,126 @@ pub(crate) fn wake_all(word: &atomic::AtomicU32) {
     crate::sys::futex_wake_all(word);
     #[cfg(loom)]
     let _ = word;
+}
+
+/// Sleeps while `word` holds `expected`, at most `timeout`. Under loom, a
+/// yield (timeouts are not modelled).
+#[inline]
+pub(crate) fn wait_on_timeout(
+    word: &atomic::AtomicU32,
+    expected: u32,
+    timeout: std::time::Duration,
+) {
+    #[cfg(not(loom))]
+    crate::sys::futex_wait_timeout(word, expected, timeout);
+    #[cfg(loom)]
+    {
+        let _ = (word, expected, timeout);
+        loom::thread::yield_now();
+    }
+}
+
+/// Exponential backoff for spin-then-sleep waits: crossbeam's `Backoff` in
+/// normal builds; under loom every step yields so the model can progress, and
+/// the spin phase is short.
+pub(crate) struct Backoff {
+    #[cfg(not(loom))]
+    inner: crossbeam_utils::Backoff,
+    #[cfg(loom)]
+    steps: u32,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Self {
+        Backoff {
+            #[cfg(not(loom))]
+            inner: crossbeam_utils::Backoff::new(),
+            #[cfg(loom)]
+            steps: 0,
+        }
+    }
+
+    /// One waiting step: spins, later yields the CPU.
+    #[inline]
+    pub(crate) fn snooze(&mut self) {
+        #[cfg(not(loom))]
+        self.inner.snooze();
+        #[cfg(loom)]
+        {
+            self.steps += 1;
+            loom::thread::yield_now();
+        }
+    }
+
+    /// True once spinning no longer pays and the caller should sleep.
+    #[inline]
+    pub(crate) fn is_completed(&self) -> bool {
+        #[cfg(not(loom))]
+        return self.inner.is_completed();
+        #[cfg(loom)]
+        return self.steps >= 1;
+    }
+}
+
+/// `thread_local!` with a `const` initialiser in normal builds (a plain TLS
+/// access: no lazy registration, safe in a signal handler) and loom's lazily
+/// initialised version under loom.
+macro_rules! const_thread_local {
+    ($(#[$attr:meta])* static $name:ident: $t:ty = $init:expr;) => {
+        #[cfg(not(loom))]
+        std::thread_local! {
+            $(#[$attr])* static $name: $t = const { $init };
+        }
+        #[cfg(loom)]
+        loom::thread_local! {
+            $(#[$attr])* static $name: $t = $init;
+        }
+    };
+}
+pub(crate) use const_thread_local;
+
+/// A futex word a single waiter sleeps on (with a timeout) until another
+/// thread wakes it. Under loom the sleep is a `loom::sync::Notify` wait, so
+/// the model blocks the waiter instead of exploring an endless spin.
+#[derive(Debug)]
+pub(crate) struct Event {
+    word: atomic::AtomicU32,
+    #[cfg(loom)]
+    notify: loom::sync::Notify,
+}
+
+impl Event {
+    pub(crate) fn new(initial: u32) -> Self {
+        Event {
+            word: atomic::AtomicU32::new(initial),
+            #[cfg(loom)]
+            notify: loom::sync::Notify::new(),
+        }
+    }
+
+    /// The word itself, for the caller's own handshake.
+    #[inline(always)]
+    pub(crate) fn word(&self) -> &atomic::AtomicU32 {
+        &self.word
+    }
+
+    /// Sleeps while the word holds `expected`, at most `timeout` (std), or
+    /// until the next `wake` (loom). Spurious returns are allowed.
+    pub(crate) fn wait(&self, expected: u32, timeout: std::time::Duration) {
+        #[cfg(not(loom))]
+        crate::sys::futex_wait_timeout(&self.word, expected, timeout);
+        #[cfg(loom)]
+        {
+            let _ = (expected, timeout);
+            self.notify.wait();
+        }
+    }
+
+    /// Wakes the waiter (if any).
+    pub(crate) fn wake(&self) {
+        #[cfg(not(loom))]
+        crate::sys::futex_wake_all(&self.word);
+        #[cfg(loom)]
+        self.notify.notify();
+    }
 }

@@ -27,7 +27,14 @@ const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4;
 fn sys_membarrier(cmd: libc::c_int) -> libc::c_long {
     // SAFETY: membarrier takes (cmd, flags, cpu_id) integers and touches no
     // user memory; any failure is reported through the return value.
-    unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0 as libc::c_uint, 0 as libc::c_int) }
+    unsafe {
+        libc::syscall(
+            libc::SYS_membarrier,
+            cmd,
+            0 as libc::c_uint,
+            0 as libc::c_int,
+        )
+    }
 }
 
 /// True when readers may rely on [`membarrier`] and use compiler fences only.
@@ -54,7 +61,10 @@ pub(crate) fn membarrier_init() -> bool {
         && (mask & MEMBARRIER_CMD_PRIVATE_EXPEDITED as libc::c_long) != 0
         && sys_membarrier(MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED) == 0;
     // Registration is idempotent, so racing initialisers agree on the result.
-    MEMBARRIER_STATE.store(if ok { MB_AVAILABLE } else { MB_UNAVAILABLE }, Ordering::Relaxed);
+    MEMBARRIER_STATE.store(
+        if ok { MB_AVAILABLE } else { MB_UNAVAILABLE },
+        Ordering::Relaxed,
+    );
     ok
 }
 
@@ -147,10 +157,4 @@ pub(crate) fn map_zeroed(len: usize) -> Option<std::ptr::NonNull<u8>> {
     } else {
         std::ptr::NonNull::new(p.cast())
     }
-}
-
-/// The caller's kernel thread id (for diagnostics and fork detection).
-pub(crate) fn gettid() -> i32 {
-    // SAFETY: gettid has no arguments and cannot fail.
-    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
 }

@@ -1,0 +1,140 @@
+//! Debug-build checking of the stripe lock order.
+//!
+//! # The rule
+//!
+//! A thread may block on stripe `j` of an array only if every stripe of that
+//! array it already holds has an index below `j`. All blocking acquisitions
+//! then follow one global order, so no cycle of waiters (deadlock) can form.
+//! `lock_pair` and `lock_all` obey the rule internally; the check catches
+//! callers who break it from outside, e.g. `lock(a)` then `lock(b)` with
+//! `stripe_of(b) <= stripe_of(a)`, which self-deadlocks when the two keys
+//! share a stripe and can deadlock against another thread otherwise.
+//!
+//! # How
+//!
+//! Each thread keeps a small table of `(array, highest stripe held)` entries,
+//! one per live guard. Before a blocking acquisition the array's entries are
+//! checked and a violation panics *before* the lock is touched; `try_*`
+//! acquisitions cannot deadlock and are recorded without a check. The table
+//! lives in plain `Cell`s (no allocation, no `RefCell` borrow flag), so an
+//! acquisition from a signal handler that interrupted another one on the
+//! same thread cannot panic on the table itself. When the table is full,
+//! further guards go unrecorded: checks can then miss a violation, never
+//! report a false one. Release builds compile all of this away.
+
+#[cfg(debug_assertions)]
+mod imp {
+    use core::cell::Cell;
+
+    /// Guards tracked per thread. A pair plus an `all` on a few arrays fits
+    /// with room to spare; beyond that, guards go unchecked (not wrong).
+    const TRACKED: usize = 16;
+
+    /// Marks a free table entry; array ids are addresses, never 0.
+    const FREE: usize = 0;
+
+    struct HeldTable {
+        /// `(array id, highest stripe held by one guard)`; `FREE` ids unused.
+        entries: [Cell<(usize, usize)>; TRACKED],
+    }
+
+    crate::sync::thread_local! {
+        static HELD: HeldTable = const {
+            HeldTable {
+                entries: [const { Cell::new((FREE, 0)) }; TRACKED],
+            }
+        };
+    }
+
+    /// Panics if this thread holds a stripe of `array` at or above `lowest`.
+    #[inline]
+    pub(crate) fn check(array: usize, lowest: usize) {
+        let conflict = HELD
+            .try_with(|table| {
+                table
+                    .entries
+                    .iter()
+                    .map(Cell::get)
+                    .filter(|&(id, top)| id == array && top >= lowest)
+                    .map(|(_, top)| top)
+                    .max()
+            })
+            .ok()
+            .flatten();
+        if let Some(held) = conflict {
+            violation(held, lowest);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn violation(held: usize, wanted: usize) -> ! {
+        panic!(
+            "hashlock lock-order violation: this thread holds stripe {held} of this array \
+             and would block on stripe {wanted}; stripes must be taken in increasing index \
+             order (take several at once with lock_pair or lock_all)"
+        );
+    }
+
+    /// One live guard's entry in this thread's table; removed on drop.
+    #[derive(Debug)]
+    pub(crate) struct Held {
+        array: usize,
+        top: usize,
+        /// False when the table was full and nothing was recorded.
+        tracked: bool,
+        /// The table is per thread, so the record must not change threads.
+        _not_send: core::marker::PhantomData<*const ()>,
+    }
+
+    /// Records that this thread now holds stripes of `array` up to `top`.
+    #[inline]
+    pub(crate) fn record(array: usize, top: usize) -> Held {
+        debug_assert_ne!(array, FREE);
+        let tracked = HELD
+            .try_with(|table| {
+                let slot = table.entries.iter().find(|e| e.get().0 == FREE);
+                slot.map(|e| e.set((array, top))).is_some()
+            })
+            .unwrap_or(false);
+        Held {
+            array,
+            top,
+            tracked,
+            _not_send: core::marker::PhantomData,
+        }
+    }
+
+    impl Drop for Held {
+        fn drop(&mut self) {
+            if !self.tracked {
+                return;
+            }
+            let mine = (self.array, self.top);
+            // Equal entries are interchangeable (same array, same top), so
+            // freeing any one of them is freeing ours.
+            let _ = HELD.try_with(|table| {
+                if let Some(e) = table.entries.iter().find(|e| e.get() == mine) {
+                    e.set((FREE, 0));
+                }
+            });
+        }
+    }
+}
+
+#[cfg(not(debug_assertions))]
+mod imp {
+    /// Release builds track nothing.
+    #[derive(Debug)]
+    pub(crate) struct Held;
+
+    #[inline(always)]
+    pub(crate) fn check(_array: usize, _lowest: usize) {}
+
+    #[inline(always)]
+    pub(crate) fn record(_array: usize, _top: usize) -> Held {
+        Held
+    }
+}
+
+pub(crate) use imp::{check, record, Held};

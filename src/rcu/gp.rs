@@ -1,0 +1,555 @@
+//! The machinery both domains share: grace-period numbering with shared
+//! waiting, and the deferred-callback worker.
+//!
+//! # Grace-period numbers
+//!
+//! [`GpSeq`] holds `2 * completed + in_progress`. A caller that needs a grace
+//! period takes a *snapshot*, the value the counter will have once a grace
+//! period that starts after now has completed: `(seq + 3) & !1` (if one is
+//! already running it may have started too early, so the next one is
+//! needed). Any caller may then become the *leader* by moving the counter from
+//! even to odd with a CAS and running the domain's scan; everyone else waits
+//! until the counter passes their snapshot. N concurrent callers therefore
+//! share grace periods: at most the one in progress plus one more.
+//!
+//! No lock is held while a grace period runs, so `fork()` cannot leave one
+//! locked in the child. A leader that did not survive a fork is recognised by
+//! the fork generation it recorded, and its half-done grace period is rolled
+//! back (never counted as complete) so the child runs its own.
+//!
+//! # Callbacks
+//!
+//! [`CallbackQueue::call`] pushes a node on a lock-free stack: one allocation
+//! holding the closure and one CAS, no lock. A worker thread per domain takes
+//! the whole stack at once, waits for one grace period that started after
+//! taking it, and runs the batch in the order the callbacks were queued. A
+//! flood of callbacks is throttled: past [`HIGH_WATERMARK`] pending, a caller
+//! that may sleep waits for the worker to catch up, so memory stays bounded.
+//! `barrier()` queues a marker and waits for the worker to reach it.
+
+use super::slots::fork_generation;
+use crate::sync::atomic::{
+    fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
+};
+use crate::sync::{thread, Backoff, Event, Mutex};
+// std's Arc even under loom: loom's Arc supports neither unsized coercion
+// nor `self: &Arc<Self>`; these Arcs only manage lifetimes, not ordering.
+use std::cell::Cell;
+use std::ptr;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The longest a waiter sleeps before re-checking on its own. Wake-ups are
+/// explicit; the timeout only bounds the damage of a wake-up we did not
+/// foresee (a reader thread killed by a signal, say).
+pub(crate) const SLEEP_SLICE: Duration = Duration::from_millis(10);
+
+/// A domain's grace-period engine: how to run one, and its numbering.
+pub(crate) trait GracePeriod: Send + Sync + 'static {
+    /// The domain's grace-period numbering.
+    fn seq(&self) -> &GpSeq;
+    /// Runs one full grace period. Only ever called by the current leader,
+    /// so calls never overlap. `expedited` forbids sleeping.
+    fn run(&self, expedited: bool);
+}
+
+/// Grace-period numbering and leader election (see the module docs).
+#[derive(Debug)]
+pub(crate) struct GpSeq {
+    /// `2 * completed + in_progress`.
+    seq: AtomicU64,
+    /// Fork generation of the process image the current leader runs in.
+    leader_gen: AtomicU64,
+    /// Bumped at each completion; non-leaders sleep on it.
+    done_word: AtomicU32,
+    /// Non-leaders asleep (or about to be) on `done_word`.
+    sleepers: AtomicU32,
+}
+
+impl GpSeq {
+    /// A `const` constructor for statics (std atomics only).
+    #[cfg(not(loom))]
+    pub(crate) const fn new_const() -> Self {
+        GpSeq {
+            seq: AtomicU64::new(0),
+            leader_gen: AtomicU64::new(0),
+            done_word: AtomicU32::new(0),
+            sleepers: AtomicU32::new(0),
+        }
+    }
+
+    pub(crate) fn new() -> Self {
+        GpSeq {
+            seq: AtomicU64::new(0),
+            leader_gen: AtomicU64::new(0),
+            done_word: AtomicU32::new(0),
+            sleepers: AtomicU32::new(0),
+        }
+    }
+
+    /// The counter value at which a grace period starting after now is done.
+    #[inline]
+    pub(crate) fn snapshot(&self) -> u64 {
+        // SeqCst fence: the caller's earlier updates (typically unlinking
+        // what it will free) are ordered before this load. If the load reads
+        // a value from before some leader's CAS, this fence precedes that
+        // leader's SeqCst fence/heavy barrier in the single total order, so
+        // the leader's scans (and the readers the heavy barrier reaches) see
+        // the updates.
+        fence(Ordering::SeqCst);
+        let s = self.seq.load(Ordering::Relaxed);
+        (s.wrapping_add(3)) & !1
+    }
+
+    /// Whether the counter has reached `snap`.
+    #[inline]
+    pub(crate) fn done(&self, snap: u64) -> bool {
+        // Acquire pairs with the leader's Release store at completion: the
+        // grace period's final heavy barrier (readers' sections ended)
+        // happens-before what the caller does next (free memory).
+        let s = self.seq.load(Ordering::Acquire);
+        reached(s, snap)
+    }
+
+    /// Number of completed grace periods.
+    pub(crate) fn completed(&self) -> u64 {
+        self.seq.load(Ordering::Relaxed) / 2
+    }
+
+    /// Returns once the counter has reached `snap`, leading grace periods
+    /// when nobody else is.
+    pub(crate) fn wait_for(&self, snap: u64, gp: &dyn GracePeriod, expedited: bool) {
+        let mut backoff = Backoff::new();
+        loop {
+            let s = self.seq.load(Ordering::Acquire);
+            if reached(s, snap) {
+                return;
+            }
+            if s & 1 == 0 {
+                // Record our generation *before* the CAS that makes us leader,
+                // so a waiter that sees the odd value (Acquire on `seq`) also
+                // sees the generation of the process the leader runs in.
+                self.leader_gen.store(fork_generation(), Ordering::Relaxed);
+                // AcqRel: Acquire orders our scans after the previous
+                // leader's completion; Release publishes `leader_gen`.
+                if self
+                    .seq
+                    .compare_exchange(s, s + 1, Ordering::AcqRel, Ordering::Relaxed)
+                    .is_ok()
+                {
+                    gp.run(expedited);
+                    self.complete(s + 2);
+                    backoff = Backoff::new();
+                }
+                continue;
+            }
+            if self.leader_gen.load(Ordering::Relaxed) != fork_generation() {
+                // The leader ran in our parent and did not survive fork():
+                // roll its grace period back (it never completed here).
+                let _ = self
+                    .seq
+                    .compare_exchange(s, s - 1, Ordering::AcqRel, Ordering::Relaxed);
+                continue;
+            }
+            if !backoff.is_completed() || expedited {
+                backoff.snooze();
+                continue;
+            }
+            self.sleep_until_changed(s);
+        }
+    }
+
+    #[cold]
+    fn sleep_until_changed(&self, s: u64) {
+        let word = self.done_word.load(Ordering::Acquire);
+        self.sleepers.fetch_add(1, Ordering::Relaxed);
+        // Store-buffering handshake with `complete`: (sleepers += 1; fence;
+        // load seq) against (store seq; fence; load sleepers). The SeqCst
+        // fences forbid both loads missing the other side's write, so either
+        // the leader sees us counted and wakes us, or we see the new `seq`.
+        // (Fences rather than SeqCst accesses: loom models SeqCst fences.)
+        fence(Ordering::SeqCst);
+        if self.seq.load(Ordering::Relaxed) == s {
+            crate::sync::wait_on_timeout(&self.done_word, word, SLEEP_SLICE);
+        }
+        self.sleepers.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    fn complete(&self, new: u64) {
+        // Release: pairs with the Acquire load in `done` (see there).
+        self.seq.store(new, Ordering::Release);
+        self.done_word.fetch_add(1, Ordering::Release);
+        // The leader's half of the handshake in `sleep_until_changed`.
+        fence(Ordering::SeqCst);
+        if self.sleepers.load(Ordering::Relaxed) != 0 {
+            crate::sync::wake_all(&self.done_word);
+        }
+    }
+}
+
+#[inline]
+fn reached(seq: u64, snap: u64) -> bool {
+    // Wrapping comparison: correct as long as fewer than 2^62 grace periods
+    // separate a snapshot from its check.
+    (seq.wrapping_sub(snap) as i64) >= 0
+}
+
+/// Waits for one grace period that starts after the call.
+pub(crate) fn synchronize(gp: &dyn GracePeriod, expedited: bool) {
+    let snap = gp.seq().snapshot();
+    gp.seq().wait_for(snap, gp, expedited);
+}
+
+// ---------------------------------------------------------------------------
+// Deferred callbacks.
+
+/// Pending callbacks past which a caller that may sleep waits for the worker
+/// (bounds memory under a callback flood: ~48 bytes a small callback).
+pub(crate) const HIGH_WATERMARK: usize = 1 << 18;
+/// A throttled caller resumes once the backlog is below this.
+const LOW_WATERMARK: usize = HIGH_WATERMARK / 2;
+
+/// Header shared by every callback node; the closure follows it.
+#[repr(C)]
+struct Node {
+    next: *mut Node,
+    /// Runs (`true`) or just drops (`false`) the closure, then frees the node.
+    invoke: unsafe fn(*mut Node, bool),
+}
+
+#[repr(C)]
+struct TypedNode<C> {
+    header: Node,
+    f: C,
+}
+
+/// # Safety
+/// `node` must come from `Box::into_raw(Box<TypedNode<C>>)` and be invoked
+/// at most once.
+unsafe fn invoke<C: FnOnce()>(node: *mut Node, run: bool) {
+    // SAFETY: per the contract, `node` is the header of a boxed TypedNode<C>
+    // (repr(C), header first) that we now own.
+    let boxed = unsafe { Box::from_raw(node.cast::<TypedNode<C>>()) };
+    if run {
+        (boxed.f)();
+    }
+}
+
+/// Counters a domain exposes through `stats()`.
+#[derive(Debug, Default)]
+pub(crate) struct CallbackCounts {
+    pub(crate) invoked: AtomicU64,
+    pub(crate) batches: AtomicU64,
+}
+
+crate::sync::const_thread_local! {
+    /// Set on callback worker threads: a callback that calls `barrier()`
+    /// would wait for itself.
+    static ON_WORKER: Cell<bool> = Cell::new(false);
+}
+
+/// A domain's deferred-callback queue and its worker.
+pub(crate) struct CallbackQueue {
+    /// Newest first (a Treiber stack).
+    head: AtomicPtr<Node>,
+    /// Queued and not yet run.
+    pending: AtomicUsize,
+    /// `WORKER_SLEEPING` while the worker sleeps (or is about to).
+    worker_word: Event,
+    /// Fork generation the worker was started in; `u64::MAX` before it is.
+    worker_gen: AtomicU64,
+    /// Serializes starting the worker (never taken on the call fast path).
+    starting: Mutex<Option<thread::JoinHandle<()>>>,
+    shutdown: AtomicBool,
+    pub(crate) counts: CallbackCounts,
+}
+
+const WORKER_AWAKE: u32 = 0;
+const WORKER_SLEEPING: u32 = 1;
+const NO_WORKER: u64 = u64::MAX;
+
+// SAFETY: the raw node pointers are only handed between threads through the
+// atomic stack; each node's closure is `Send`.
+unsafe impl Send for CallbackQueue {}
+// SAFETY: all shared mutation goes through atomics or the mutex.
+unsafe impl Sync for CallbackQueue {}
+
+impl CallbackQueue {
+    pub(crate) fn new() -> Self {
+        CallbackQueue {
+            head: AtomicPtr::new(ptr::null_mut()),
+            pending: AtomicUsize::new(0),
+            worker_word: Event::new(WORKER_AWAKE),
+            worker_gen: AtomicU64::new(NO_WORKER),
+            starting: Mutex::new(None),
+            shutdown: AtomicBool::new(false),
+            counts: CallbackCounts::default(),
+        }
+    }
+
+    /// Callbacks queued and not yet run.
+    pub(crate) fn pending(&self) -> usize {
+        self.pending.load(Ordering::Relaxed)
+    }
+
+    /// Queues `f`. `may_wait` is false inside a read section (throttling
+    /// there could deadlock) and on the worker itself.
+    pub(crate) fn call<C: FnOnce() + Send + 'static>(
+        self: &Arc<Self>,
+        gp: &Arc<dyn GracePeriod>,
+        f: C,
+        may_wait: bool,
+    ) {
+        let node = Box::into_raw(Box::new(TypedNode {
+            header: Node {
+                next: ptr::null_mut(),
+                invoke: invoke::<C>,
+            },
+            f,
+        }));
+        self.push(node.cast());
+        // Relaxed: only a throttling heuristic and a statistic; `barrier`
+        // does not rely on it.
+        let backlog = self.pending.fetch_add(1, Ordering::Relaxed) + 1;
+        self.ensure_worker(gp);
+        self.kick_worker();
+        if backlog > HIGH_WATERMARK && may_wait && !ON_WORKER.with(|w| w.get()) {
+            self.throttle();
+        }
+    }
+
+    fn push(&self, node: *mut Node) {
+        let mut head = self.head.load(Ordering::Relaxed);
+        loop {
+            // SAFETY: `node` is ours until the CAS below publishes it.
+            unsafe { (*node).next = head };
+            // Release publishes the node (and the closure's captures, and
+            // whatever the caller unlinked before calling) to the worker's
+            // Acquire swap.
+            match self
+                .head
+                .compare_exchange_weak(head, node, Ordering::Release, Ordering::Relaxed)
+            {
+                Ok(_) => return,
+                Err(h) => head = h,
+            }
+        }
+    }
+
+    #[inline]
+    fn kick_worker(&self) {
+        // Store-buffering handshake with the worker's idle path: (push;
+        // fence; load worker_word) against (store WORKER_SLEEPING; fence;
+        // load head). The SeqCst fences forbid both loads missing the other
+        // side's store: either the worker sees our node or we see it asleep.
+        fence(Ordering::SeqCst);
+        if self.worker_word.word().load(Ordering::Relaxed) == WORKER_SLEEPING {
+            self.worker_word
+                .word()
+                .store(WORKER_AWAKE, Ordering::Relaxed);
+            self.worker_word.wake();
+        }
+    }
+
+    #[cold]
+    fn throttle(&self) {
+        let mut backoff = Backoff::new();
+        while self.pending.load(Ordering::Relaxed) > LOW_WATERMARK {
+            if backoff.is_completed() {
+                thread::yield_now();
+            } else {
+                backoff.snooze();
+            }
+        }
+    }
+
+    /// Starts the worker if there is none in this process image.
+    #[inline]
+    fn ensure_worker(self: &Arc<Self>, gp: &Arc<dyn GracePeriod>) {
+        // Relaxed: a stale value only sends us to the locked slow path.
+        if self.worker_gen.load(Ordering::Relaxed) != fork_generation() {
+            self.start_worker(gp);
+        }
+    }
+
+    #[cold]
+    fn start_worker(self: &Arc<Self>, gp: &Arc<dyn GracePeriod>) {
+        let mut handle = self.starting.lock().unwrap_or_else(|e| e.into_inner());
+        let gen = fork_generation();
+        if self.worker_gen.load(Ordering::Relaxed) == gen {
+            return;
+        }
+        let queue = Arc::clone(self);
+        let gp = Arc::clone(gp);
+        let spawned = spawn_worker(move || queue.worker_loop(&*gp));
+        // A worker inherited from the parent through fork() does not exist
+        // here: its handle is meaningless, forget it rather than join.
+        if let Some(old) = handle.replace(spawned) {
+            std::mem::forget(old);
+        }
+        self.worker_gen.store(gen, Ordering::Relaxed);
+    }
+
+    fn worker_loop(&self, gp: &dyn GracePeriod) {
+        ON_WORKER.with(|w| w.set(true));
+        loop {
+            // Acquire pairs with the pushers' Release CAS.
+            let list = self.head.swap(ptr::null_mut(), Ordering::Acquire);
+            if list.is_null() {
+                if self.shutdown.load(Ordering::Acquire) {
+                    return;
+                }
+                self.worker_word
+                    .word()
+                    .store(WORKER_SLEEPING, Ordering::Relaxed);
+                // The worker's half of the handshake in `kick_worker`.
+                fence(Ordering::SeqCst);
+                if self.head.load(Ordering::Relaxed).is_null()
+                    && !self.shutdown.load(Ordering::Relaxed)
+                {
+                    self.worker_word.wait(WORKER_SLEEPING, SLEEP_SLICE * 10);
+                }
+                self.worker_word
+                    .word()
+                    .store(WORKER_AWAKE, Ordering::Relaxed);
+                continue;
+            }
+            // One grace period that starts after the batch was taken covers
+            // every callback in it (each was pushed before the swap).
+            synchronize(gp, false);
+            let n = run_batch(reverse(list));
+            self.counts.invoked.fetch_add(n as u64, Ordering::Relaxed);
+            self.counts.batches.fetch_add(1, Ordering::Relaxed);
+            // Release: a `barrier` caller that sees the count drop (Acquire)
+            // also sees the callbacks' effects.
+            self.pending.fetch_sub(n, Ordering::Release);
+        }
+    }
+
+    /// Returns once every callback queued before the call has run.
+    pub(crate) fn barrier(self: &Arc<Self>, gp: &Arc<dyn GracePeriod>) {
+        assert!(
+            !ON_WORKER.with(|w| w.get()),
+            "barrier() called from an RCU callback: it would wait for itself"
+        );
+        // Acquire pairs with the worker's Release decrement: if nothing is
+        // pending, every callback queued before now (whose increment
+        // happened-before this load) has run and its effects are visible.
+        if self.pending.load(Ordering::Acquire) == 0 {
+            return;
+        }
+        let done = Arc::new(Event::new(0));
+        let flag = Arc::clone(&done);
+        self.call(
+            gp,
+            move || {
+                // Release pairs with the Acquire load in the wait below.
+                flag.word().store(1, Ordering::Release);
+                flag.wake();
+            },
+            false,
+        );
+        let mut backoff = Backoff::new();
+        while done.word().load(Ordering::Acquire) == 0 {
+            if backoff.is_completed() {
+                done.wait(0, SLEEP_SLICE);
+            } else {
+                backoff.snooze();
+            }
+        }
+    }
+
+    /// Stops the worker once it has run everything queued; waits for it
+    /// unless called on the worker itself.
+    pub(crate) fn shutdown(&self) {
+        // Release pairs with the worker's Acquire load of `shutdown`; the
+        // fence is our half of the idle handshake (as in `kick_worker`).
+        self.shutdown.store(true, Ordering::Release);
+        fence(Ordering::SeqCst);
+        self.worker_word
+            .word()
+            .store(WORKER_AWAKE, Ordering::Relaxed);
+        self.worker_word.wake();
+        let handle = self
+            .starting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(h) = handle {
+            if self.worker_gen.load(Ordering::Relaxed) != fork_generation() {
+                std::mem::forget(h);
+            } else if !ON_WORKER.with(|w| w.get()) {
+                let _ = h.join();
+            }
+        }
+    }
+}
+
+impl Drop for CallbackQueue {
+    fn drop(&mut self) {
+        // Anything left (the worker is gone: it was never started, or did
+        // not survive a fork) can no longer be referenced by a reader that
+        // the domain protects, since the domain itself is going away; the
+        // closures are dropped without running, as after a process exit.
+        let list = self.head.swap(ptr::null_mut(), Ordering::Acquire);
+        let mut p = list;
+        while !p.is_null() {
+            // SAFETY: every node on the stack is an unrun boxed TypedNode.
+            unsafe {
+                let next = (*p).next;
+                ((*p).invoke)(p, false);
+                p = next;
+            }
+        }
+    }
+}
+
+fn reverse(mut p: *mut Node) -> *mut Node {
+    let mut out = ptr::null_mut();
+    while !p.is_null() {
+        // SAFETY: the worker owns the whole detached list.
+        unsafe {
+            let next = (*p).next;
+            (*p).next = out;
+            out = p;
+            p = next;
+        }
+    }
+    out
+}
+
+fn run_batch(mut p: *mut Node) -> usize {
+    let mut n = 0;
+    while !p.is_null() {
+        // SAFETY: each node of the detached list is an unrun boxed TypedNode
+        // owned by the worker; we read its link before invoking (freeing) it.
+        let next = unsafe { (*p).next };
+        let node = p;
+        // A panicking callback must not kill the worker (every later
+        // callback and barrier would hang): report it and go on.
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            // SAFETY: as above; the node is invoked exactly once.
+            unsafe { ((*node).invoke)(node, true) }
+        }));
+        if outcome.is_err() {
+            eprintln!("rcu-registry: an RCU callback panicked; continuing with the next one");
+        }
+        p = next;
+        n += 1;
+    }
+    n
+}
+
+fn spawn_worker(f: impl FnOnce() + Send + 'static) -> thread::JoinHandle<()> {
+    #[cfg(not(loom))]
+    {
+        thread::Builder::new()
+            .name("rcu-callbacks".into())
+            .spawn(f)
+            .expect("failed to spawn the RCU callback worker thread")
+    }
+    #[cfg(loom)]
+    {
+        thread::spawn(f)
+    }
+}
