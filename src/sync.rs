@@ -50,32 +50,6 @@ pub(crate) use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 #[cfg(loom)]
 pub(crate) use loom::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
-/// Exponential backoff for spin loops. Under loom every step yields, so that
-/// a spinning thread lets the model schedule the thread it waits for.
-#[cfg(not(loom))]
-pub(crate) use crossbeam_utils::Backoff;
-
-/// Exponential backoff for spin loops. Under loom every step yields, so that
-/// a spinning thread lets the model schedule the thread it waits for.
-#[cfg(loom)]
-#[derive(Debug, Default)]
-pub(crate) struct Backoff;
-
-#[cfg(loom)]
-impl Backoff {
-    pub(crate) fn new() -> Self {
-        Backoff
-    }
-
-    pub(crate) fn spin(&self) {
-        spin_loop();
-    }
-
-    pub(crate) fn snooze(&self) {
-        spin_loop();
-    }
-}
-
 #[cfg(not(loom))]
 pub(crate) use std::thread;
 
@@ -232,6 +206,18 @@ impl Backoff {
     pub(crate) fn snooze(&mut self) {
         #[cfg(not(loom))]
         self.inner.snooze();
+        #[cfg(loom)]
+        {
+            self.steps += 1;
+            loom::thread::yield_now();
+        }
+    }
+
+    /// One busy-wait step without yielding (for short critical sections).
+    #[inline]
+    pub(crate) fn spin(&mut self) {
+        #[cfg(not(loom))]
+        self.inner.spin();
         #[cfg(loom)]
         {
             self.steps += 1;

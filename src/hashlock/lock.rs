@@ -280,7 +280,7 @@ impl SpinLock {
     #[cold]
     #[inline(never)]
     fn lock_contended(&self) {
-        let backoff = Backoff::new();
+        let mut backoff = Backoff::new();
         loop {
             // Relaxed: this load is only a hint that the CAS may succeed; the
             // CAS's Acquire is what synchronizes with the releasing holder.
