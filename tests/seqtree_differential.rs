@@ -7,7 +7,6 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use proptest::prelude::*;
-use rcu_registry::rcu::Flavor;
 use rcu_registry::seqtree::{LatchTree, SeqTree};
 
 #[derive(Clone, Debug)]

@@ -4,7 +4,7 @@
 //! `CI=true`). Meant for release builds:
 //!
 //! ```text
-//! SEQTREE_STRESS_SECS=10 cargo test --release --test seqtree_stress -- --nocapture
+//! SEQTREE_STRESS_SECS=10 cargo test --release --test seqtree_stress -- --ignored --nocapture
 //! ```
 //!
 //! The writer inserts and removes keys continuously (and replaces stable
@@ -19,7 +19,6 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use rcu_registry::rcu::Flavor;
 use rcu_registry::seqtree::{LatchTree, SeqTree};
 use seqtree_common::{duration_from_env, key_of, value_of, Rng};
 
@@ -96,6 +95,7 @@ fn writer_step(rng: &mut Rng, op: u64) -> (u64, bool) {
 }
 
 #[test]
+#[ignore = "stress test: run in release with --ignored (scripts/test-all does)"]
 fn seqtree_one_writer_many_readers_no_wrong_or_missing_answers() {
     let t = Arc::new(SeqTree::<u64, u64>::new());
     for k in (0..KEYS).filter(|&k| is_stable(k)) {
@@ -118,6 +118,7 @@ fn seqtree_one_writer_many_readers_no_wrong_or_missing_answers() {
 }
 
 #[test]
+#[ignore = "stress test: run in release with --ignored (scripts/test-all does)"]
 fn latch_tree_one_writer_many_readers_no_wrong_or_missing_answers() {
     let t = Arc::new(LatchTree::<u64, u64>::new());
     for k in (0..KEYS).filter(|&k| is_stable(k)) {
