@@ -42,11 +42,20 @@ struct Failures {
 impl Failures {
     fn assert_none(&self, what: &str, reads: u64) {
         let f = [
-            ("stable key missing", self.missing_stable.load(Ordering::SeqCst)),
-            ("never-inserted key found", self.found_absent.load(Ordering::SeqCst)),
+            (
+                "stable key missing",
+                self.missing_stable.load(Ordering::SeqCst),
+            ),
+            (
+                "never-inserted key found",
+                self.found_absent.load(Ordering::SeqCst),
+            ),
             ("wrong value", self.wrong_value.load(Ordering::SeqCst)),
             ("bad range scan", self.bad_scan.load(Ordering::SeqCst)),
-            ("handle refused for a stable key", self.missing_handle.load(Ordering::SeqCst)),
+            (
+                "handle refused for a stable key",
+                self.missing_handle.load(Ordering::SeqCst),
+            ),
         ];
         println!("{what}: {reads} reads checked, failures {f:?}");
         assert!(f.iter().all(|(_, n)| *n == 0), "{what}: {f:?}");
@@ -130,7 +139,10 @@ fn seqtree_readers_never_miss_present_keys<F: Flavor>(domain: F, name: &str) {
     done.store(true, Ordering::Relaxed);
     let reads: u64 = readers.into_iter().map(|h| h.join().unwrap()).sum();
     let stats = t.stats();
-    println!("{name}: retries {}, lock fallbacks {}", stats.retries, stats.fallbacks);
+    println!(
+        "{name}: retries {}, lock fallbacks {}",
+        stats.retries, stats.fallbacks
+    );
     fails.assert_none(name, reads);
     t.check_invariants().unwrap();
 }

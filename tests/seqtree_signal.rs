@@ -107,6 +107,9 @@ fn latch_lookups_in_a_handler_that_interrupted_the_writer_never_wait_or_miss() {
         "{SIGNALS} handler runs ({interrupted} inside a write), {writes} writer ops, {wrong} wrong answers"
     );
     assert_eq!(wrong, 0, "a handler lookup missed a present key");
-    assert!(interrupted > 0, "no signal landed inside a write: the test proved nothing");
+    assert!(
+        interrupted > 0,
+        "no signal landed inside a write: the test proved nothing"
+    );
     tree.check_invariants().unwrap();
 }

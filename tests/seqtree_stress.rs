@@ -113,7 +113,10 @@ fn seqtree_one_writer_many_readers_no_wrong_or_missing_answers() {
         }
     });
     let s = t.stats();
-    println!("SeqTree: {} retries, {} lock fallbacks", s.retries, s.fallbacks);
+    println!(
+        "SeqTree: {} retries, {} lock fallbacks",
+        s.retries, s.fallbacks
+    );
     t.check_invariants().unwrap();
 }
 

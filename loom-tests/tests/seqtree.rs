@@ -12,6 +12,11 @@
 //!   (a cycle would make a reader spin until loom gives up);
 //! - `range` scans and `retain`/`clear` (same validation and unlink paths as
 //!   `get` and `remove`, exercised by the stress tests instead).
+//!
+//! Model shape: the lookup runs on a spawned thread and the write on the
+//! model's main thread. The other way round, loom 0.7 explores a single
+//! execution (tokio-rs/loom#392: a spawned thread that loads an object it
+//! later stores is never preempted); `model()` fails if that ever happens.
 #![cfg(loom)]
 
 use loom::sync::Arc;
@@ -23,9 +28,22 @@ use rcu_registry::seqtree::SeqTree;
 type Tree = SeqTree<u8, u8, ModelDomain>;
 
 fn model(f: impl Fn() + Sync + Send + 'static) {
+    // Executions explored (a std atomic: outside the model), printed so a
+    // model that silently stopped exploring shows up in the log.
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = runs.clone();
     let mut b = loom::model::Builder::new();
-    b.preemption_bound = Some(2);
-    b.check(f);
+    b.preemption_bound = Some(3);
+    b.check(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        f()
+    });
+    let runs = runs.load(std::sync::atomic::Ordering::Relaxed);
+    println!("explored {runs} executions");
+    assert!(
+        runs > 1,
+        "loom explored one execution only: the model checks nothing"
+    );
 }
 
 fn tree(keys: &[u8]) -> Arc<Tree> {
@@ -45,7 +63,10 @@ fn read_all(t: &Tree, present: &[u8], maybe: &[u8]) {
     }
     for k in maybe {
         let v = t.get(&g, k);
-        assert!(v.is_none() || v == Some(&(k * 10)), "key {k} has a foreign value");
+        assert!(
+            v.is_none() || v == Some(&(k * 10)),
+            "key {k} has a foreign value"
+        );
     }
 }
 
@@ -54,12 +75,12 @@ fn lookup_racing_an_insert_that_rotates_the_root_finds_present_keys() {
     // 1, 2 then 3: the insert fix-up rotates left at the root (2 moves up).
     model(|| {
         let t = tree(&[1, 2]);
-        let w = {
+        let r = {
             let t = t.clone();
-            thread::spawn(move || assert_eq!(t.insert(3, 30), None))
+            thread::spawn(move || read_all(&t, &[1, 2], &[3]))
         };
-        read_all(&t, &[1, 2], &[3]);
-        w.join().unwrap();
+        assert_eq!(t.insert(3, 30), None);
+        r.join().unwrap();
         t.check_invariants().unwrap();
     });
 }
@@ -69,12 +90,12 @@ fn lookup_racing_an_inner_double_rotation_finds_present_keys() {
     // 3, 1 then 2: inner grandchild, rotate left at 1 then right at 3.
     model(|| {
         let t = tree(&[3, 1]);
-        let w = {
+        let r = {
             let t = t.clone();
-            thread::spawn(move || assert_eq!(t.insert(2, 20), None))
+            thread::spawn(move || read_all(&t, &[3, 1], &[2]))
         };
-        read_all(&t, &[3, 1], &[2]);
-        w.join().unwrap();
+        assert_eq!(t.insert(2, 20), None);
+        r.join().unwrap();
         t.check_invariants().unwrap();
     });
 }
@@ -84,12 +105,12 @@ fn lookup_racing_a_remove_with_fixup_rotation_finds_present_keys() {
     // Tree 2(B) [1(B), 3(B) [-, 4(R)]]: removing 1 rotates left at 2.
     model(|| {
         let t = tree(&[2, 1, 3, 4]);
-        let w = {
+        let r = {
             let t = t.clone();
-            thread::spawn(move || assert!(t.remove(&1)))
+            thread::spawn(move || read_all(&t, &[2, 3, 4], &[1]))
         };
-        read_all(&t, &[2, 3, 4], &[1]);
-        w.join().unwrap();
+        assert!(t.remove(&1));
+        r.join().unwrap();
         t.check_invariants().unwrap();
         assert_eq!(t.len(), 3);
     });
@@ -100,12 +121,12 @@ fn lookup_racing_removal_of_a_two_child_node_finds_the_moved_successor() {
     // Removing the root 2 of [1, 2, 3, 4] moves its successor 3 up.
     model(|| {
         let t = tree(&[2, 1, 3, 4]);
-        let w = {
+        let r = {
             let t = t.clone();
-            thread::spawn(move || assert!(t.remove(&2)))
+            thread::spawn(move || read_all(&t, &[3, 1, 4], &[2]))
         };
-        read_all(&t, &[3, 1, 4], &[2]);
-        w.join().unwrap();
+        assert!(t.remove(&2));
+        r.join().unwrap();
         t.check_invariants().unwrap();
     });
 }
@@ -116,16 +137,19 @@ fn lookup_racing_a_replacement_sees_old_or_new_never_neither() {
         let t = Arc::new(Tree::with_domain(ModelDomain::new()));
         t.insert(1, 1);
         t.insert(2, 2);
-        let w = {
+        let r = {
             let t = t.clone();
-            thread::spawn(move || assert_eq!(t.insert(1, 100), Some(1)))
+            thread::spawn(move || {
+                let g = t.domain().read();
+                let v = t.get(&g, &1).copied();
+                assert!(
+                    v == Some(1) || v == Some(100),
+                    "replacement hid the key: {v:?}"
+                );
+            })
         };
-        {
-            let g = t.domain().read();
-            let v = t.get(&g, &1).copied();
-            assert!(v == Some(1) || v == Some(100), "replacement hid the key: {v:?}");
-        }
-        w.join().unwrap();
+        assert_eq!(t.insert(1, 100), Some(1));
+        r.join().unwrap();
         assert_eq!(t.get_cloned(&1), Some(100));
     });
 }

@@ -9,6 +9,9 @@
 //! - the real `Rcu` domain (the models use the reader-counting
 //!   `ModelDomain`);
 //! - more than one writer operation or more than one reader per model.
+//!
+//! Model shape: lookups on a spawned thread, the write on the main thread
+//! (see `seqtree.rs` for why: tokio-rs/loom#392).
 #![cfg(loom)]
 
 use loom::sync::Arc;
@@ -20,9 +23,22 @@ use rcu_registry::seqtree::LatchTree;
 type Tree = LatchTree<u8, u8, ModelDomain>;
 
 fn model(f: impl Fn() + Sync + Send + 'static) {
+    // Executions explored (a std atomic: outside the model), printed so a
+    // model that silently stopped exploring shows up in the log.
+    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = runs.clone();
     let mut b = loom::model::Builder::new();
-    b.preemption_bound = Some(2);
-    b.check(f);
+    b.preemption_bound = Some(3);
+    b.check(move || {
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        f()
+    });
+    let runs = runs.load(std::sync::atomic::Ordering::Relaxed);
+    println!("explored {runs} executions");
+    assert!(
+        runs > 1,
+        "loom explored one execution only: the model checks nothing"
+    );
 }
 
 fn tree(keys: &[u8]) -> Arc<Tree> {
@@ -37,16 +53,16 @@ fn tree(keys: &[u8]) -> Arc<Tree> {
 fn latch_lookup_racing_a_rotating_insert_never_misses() {
     model(|| {
         let t = tree(&[1, 2]);
-        let w = {
+        let r = {
             let t = t.clone();
-            thread::spawn(move || assert_eq!(t.insert(3, 30), None))
+            thread::spawn(move || {
+                let g = t.domain().read();
+                assert_eq!(t.get(&g, &1), Some(&10));
+                assert_eq!(t.get(&g, &2), Some(&20));
+            })
         };
-        {
-            let g = t.domain().read();
-            assert_eq!(t.get(&g, &1), Some(&10));
-            assert_eq!(t.get(&g, &2), Some(&20));
-        }
-        w.join().unwrap();
+        assert_eq!(t.insert(3, 30), None);
+        r.join().unwrap();
         t.check_invariants().unwrap();
     });
 }
@@ -55,18 +71,18 @@ fn latch_lookup_racing_a_rotating_insert_never_misses() {
 fn latch_lookup_racing_a_remove_never_misses() {
     model(|| {
         let t = tree(&[2, 1, 3]);
-        let w = {
+        let r = {
             let t = t.clone();
-            thread::spawn(move || assert!(t.remove(&2)))
+            thread::spawn(move || {
+                let g = t.domain().read();
+                assert_eq!(t.get(&g, &1), Some(&10));
+                assert_eq!(t.get(&g, &3), Some(&30));
+                let v = t.get(&g, &2);
+                assert!(v.is_none() || v == Some(&20));
+            })
         };
-        {
-            let g = t.domain().read();
-            assert_eq!(t.get(&g, &1), Some(&10));
-            assert_eq!(t.get(&g, &3), Some(&30));
-            let v = t.get(&g, &2);
-            assert!(v.is_none() || v == Some(&20));
-        }
-        w.join().unwrap();
+        assert!(t.remove(&2));
+        r.join().unwrap();
         t.check_invariants().unwrap();
     });
 }

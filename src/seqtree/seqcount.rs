@@ -292,7 +292,11 @@ mod tests {
         let w = c.write();
         let seen = c.read_begin();
         assert_eq!(c.try_write().err(), Some(WriteInProgress));
-        assert_eq!(c.read_begin(), seen, "refused writer left the count as it was");
+        assert_eq!(
+            c.read_begin(),
+            seen,
+            "refused writer left the count as it was"
+        );
         drop(w);
         assert!(c.try_write().is_ok());
     }

@@ -138,7 +138,11 @@ fn handle_outlives_guard_and_removal_and_frees_on_last_drop() {
     assert_eq!(d.load(Ordering::SeqCst), 0, "one handle still pins it");
     drop(h2);
     t.domain().barrier();
-    assert_eq!(d.load(Ordering::SeqCst), 1, "freed once after the last handle");
+    assert_eq!(
+        d.load(Ordering::SeqCst),
+        1,
+        "freed once after the last handle"
+    );
 }
 
 #[test]
@@ -155,7 +159,11 @@ fn replacing_a_pinned_entry_leaves_the_old_value_with_its_handles() {
     t.domain().barrier();
     assert_eq!(d.load(Ordering::SeqCst), 1);
     drop(t);
-    assert_eq!(d.load(Ordering::SeqCst), 2, "dropping the tree frees the rest");
+    assert_eq!(
+        d.load(Ordering::SeqCst),
+        2,
+        "dropping the tree frees the rest"
+    );
 }
 
 #[test]

@@ -446,7 +446,11 @@ where
     /// An owned handle to `key`'s entry, inserting `make()` first if the key
     /// is absent. As [`get_or_insert_with`](SeqTree::get_or_insert_with) and
     /// [`get_handle`](SeqTree::get_handle).
-    pub fn get_or_insert_handle_with(&self, key: K, make: impl FnOnce() -> V) -> EntryHandle<K, V, F> {
+    pub fn get_or_insert_handle_with(
+        &self,
+        key: K,
+        make: impl FnOnce() -> V,
+    ) -> EntryHandle<K, V, F> {
         {
             let _guard = self.domain.read();
             if let Some(n) = self.lookup(&key) {
