@@ -281,7 +281,8 @@ fn mean_ns(group: &str, id: &str) -> Option<f64> {
             let target = std::env::var_os("CARGO_TARGET_DIR").unwrap_or_else(|| "target".into());
             PathBuf::from(target).join("criterion")
         });
-    let text = std::fs::read_to_string(base.join(group).join(id).join("new/estimates.json")).ok()?;
+    let text =
+        std::fs::read_to_string(base.join(group).join(id).join("new/estimates.json")).ok()?;
     let mean = &text[text.find("\"mean\"")?..];
     let pe = &mean[mean.find("\"point_estimate\":")? + "\"point_estimate\":".len()..];
     let end = pe.find([',', '}'])?;
@@ -293,9 +294,16 @@ fn print_ratios() {
     for n in SIZES {
         let g = format!("lookup_{n}");
         let base = mean_ns(&g, "btreemap");
-        for id in ["seqtree_guard_per_lookup", "seqtree_in_section", "latchtree"] {
+        for id in [
+            "seqtree_guard_per_lookup",
+            "seqtree_in_section",
+            "latchtree",
+        ] {
             if let (Some(b), Some(x)) = (base, mean_ns(&g, id)) {
-                println!("{g}: {id} / btreemap = {:.2} ({x:.1} ns vs {b:.1} ns)", x / b);
+                println!(
+                    "{g}: {id} / btreemap = {:.2} ({x:.1} ns vs {b:.1} ns)",
+                    x / b
+                );
             }
         }
         let g = format!("with_writer_{n}");
