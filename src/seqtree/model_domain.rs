@@ -54,7 +54,7 @@ pub struct ModelGuard<'a> {
 
 impl ReadGuard for ModelGuard<'_> {}
 
-crate::sync::thread_local! {
+crate::sync::const_thread_local! {
     /// Read sections of any `ModelDomain` open on this thread.
     static NESTING: Cell<usize> = Cell::new(0);
 }
