@@ -54,10 +54,12 @@
 mod entry;
 mod iter;
 mod latch;
+mod rbcheck;
 mod rbtree;
 mod reclaim;
 mod seqcount;
 mod tree;
+mod write;
 
 #[cfg(any(test, loom))]
 #[doc(hidden)]
