@@ -87,14 +87,37 @@ impl Writer {
     }
 }
 
+impl Writer {
+    /// Stops the writer; returns how many operations it made.
+    fn stop(mut self) -> u64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.take().map_or(0, |t| t.join().unwrap())
+    }
+}
+
 impl Drop for Writer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         if let Some(t) = self.thread.take() {
-            let ops = t.join().unwrap();
-            black_box(ops);
+            black_box(t.join().unwrap());
         }
     }
+}
+
+/// Prints how hard the writer drove the RCU domain during one benchmark.
+/// (`gp0`, `batches0`: the domain's counts before the benchmark.)
+fn report_domain(what: &str, ops: u64, (gp0, batches0): (u64, u64)) {
+    let after = Rcu::global().stats();
+    println!(
+        "{what}: {ops} writer ops, {} grace periods, {} callback batches",
+        after.grace_periods - gp0,
+        after.callback_batches - batches0
+    );
+}
+
+fn domain_counts() -> (u64, u64) {
+    let s = Rcu::global().stats();
+    (s.grace_periods, s.callback_batches)
 }
 
 /// Builds every structure with the same `n` keys.
@@ -194,8 +217,9 @@ fn with_writer(c: &mut Criterion) {
         let rcu = Rcu::global();
         let mut g = c.benchmark_group(format!("with_writer_{n}"));
         {
+            let before = domain_counts();
             let t = m.seqtree.clone();
-            let _w = Writer::start(n, move |k, ins| {
+            let w = Writer::start(n, move |k, ins| {
                 if ins {
                     t.insert(k, k);
                 } else {
@@ -206,10 +230,12 @@ fn with_writer(c: &mut Criterion) {
                 let guard = rcu.read();
                 m.seqtree.get(&guard, &k).copied()
             });
+            report_domain(&format!("with_writer_{n}/seqtree"), w.stop(), before);
         }
         {
+            let before = domain_counts();
             let t = m.latch.clone();
-            let _w = Writer::start(n, move |k, ins| {
+            let w = Writer::start(n, move |k, ins| {
                 if ins {
                     t.insert(k, k);
                 } else {
@@ -220,6 +246,7 @@ fn with_writer(c: &mut Criterion) {
                 let guard = rcu.read();
                 m.latch.get(&guard, &k).copied()
             });
+            report_domain(&format!("with_writer_{n}/latchtree"), w.stop(), before);
         }
         {
             let t = m.rwlock.clone();
@@ -272,9 +299,9 @@ fn with_writer(c: &mut Criterion) {
     }
 }
 
-/// Criterion's mean estimate (ns) for `group/id`, read back from the JSON it
-/// wrote in this run.
-fn mean_ns(group: &str, id: &str) -> Option<f64> {
+/// Criterion's median estimate (ns) for `group/id` (robust to the outliers
+/// a shared machine produces), read back from the JSON it wrote in this run.
+fn median_ns(group: &str, id: &str) -> Option<f64> {
     let base = std::env::var_os("CRITERION_HOME")
         .map(PathBuf::from)
         .unwrap_or_else(|| {
@@ -283,8 +310,8 @@ fn mean_ns(group: &str, id: &str) -> Option<f64> {
         });
     let text =
         std::fs::read_to_string(base.join(group).join(id).join("new/estimates.json")).ok()?;
-    let mean = &text[text.find("\"mean\"")?..];
-    let pe = &mean[mean.find("\"point_estimate\":")? + "\"point_estimate\":".len()..];
+    let median = &text[text.find("\"median\"")?..];
+    let pe = &median[median.find("\"point_estimate\":")? + "\"point_estimate\":".len()..];
     let end = pe.find([',', '}'])?;
     pe[..end].trim().parse().ok()
 }
@@ -293,13 +320,13 @@ fn print_ratios() {
     println!("\n==== seqtree ratios (this run; < 1.0 means SeqTree is faster) ====");
     for n in SIZES {
         let g = format!("lookup_{n}");
-        let base = mean_ns(&g, "btreemap");
+        let base = median_ns(&g, "btreemap");
         for id in [
             "seqtree_guard_per_lookup",
             "seqtree_in_section",
             "latchtree",
         ] {
-            if let (Some(b), Some(x)) = (base, mean_ns(&g, id)) {
+            if let (Some(b), Some(x)) = (base, median_ns(&g, id)) {
                 println!(
                     "{g}: {id} / btreemap = {:.2} ({x:.1} ns vs {b:.1} ns)",
                     x / b
@@ -307,9 +334,9 @@ fn print_ratios() {
             }
         }
         let g = format!("with_writer_{n}");
-        if let Some(s) = mean_ns(&g, "seqtree") {
+        if let Some(s) = median_ns(&g, "seqtree") {
             for peer in ["rwlock_btreemap", "skipmap", "scc_treeindex", "latchtree"] {
-                if let Some(p) = mean_ns(&g, peer) {
+                if let Some(p) = median_ns(&g, peer) {
                     println!(
                         "{g}: reader throughput seqtree / {peer} = {:.2}x ({s:.1} ns vs {p:.1} ns per lookup)",
                         p / s

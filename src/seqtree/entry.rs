@@ -37,7 +37,7 @@ use core::fmt;
 use core::ops::Deref;
 use core::ptr::NonNull;
 
-use super::rbtree::{Links, RbNode};
+use super::rbtree::{Balance, Children, RbNode};
 use super::reclaim::{FreeBatch, OwnedNode};
 use crate::rcu::{Flavor, Rcu};
 use crate::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
@@ -50,10 +50,12 @@ const MAX_REFS: usize = isize::MAX as usize;
 #[repr(C)]
 pub(crate) struct Node<K, V> {
     /// First: the child pointers a lookup follows.
-    links: Links<Node<K, V>>,
-    /// Right after the links: compared at every lookup step.
+    children: Children<Node<K, V>>,
+    /// Right after them: compared at every lookup step.
     pub(crate) key: K,
     pub(crate) value: V,
+    /// Writer-only, off the lookup path.
+    balance: Balance<Node<K, V>>,
     /// The tree's reference (while linked) plus one per handle.
     refs: AtomicUsize,
     /// Cleared when the tree unlinks the entry; a hint for handle holders.
@@ -63,14 +65,19 @@ pub(crate) struct Node<K, V> {
     freed: AtomicBool,
 }
 
-// SAFETY: `links` returns the node's only `Links` (the tree uses copy 0) and
-// the key is never mutated after construction.
+// SAFETY: `children`/`balance` return the node's only link fields (the tree
+// uses copy 0) and the key is never mutated after construction.
 unsafe impl<K: Ord, V> RbNode for Node<K, V> {
     type Key = K;
 
     #[inline(always)]
-    fn links(&self, _copy: usize) -> &Links<Self> {
-        &self.links
+    fn children(&self, _copy: usize) -> &Children<Self> {
+        &self.children
+    }
+
+    #[inline(always)]
+    fn balance(&self, _copy: usize) -> &Balance<Self> {
+        &self.balance
     }
 
     #[inline(always)]
@@ -83,9 +90,10 @@ impl<K, V> Node<K, V> {
     /// A new unlinked node holding the tree's reference.
     pub(crate) fn alloc(key: K, value: V) -> *mut Self {
         Box::into_raw(Box::new(Node {
-            links: Links::new(),
+            children: Children::new(),
             key,
             value,
+            balance: Balance::new(),
             refs: AtomicUsize::new(1),
             linked: AtomicBool::new(true),
             #[cfg(loom)]

@@ -39,7 +39,7 @@
 use core::borrow::Borrow;
 use core::marker::PhantomData;
 
-use super::rbtree::{Links, RbNode, RbRoot, Slot, Walk};
+use super::rbtree::{Balance, Children, RbNode, RbRoot, Slot, Walk};
 use super::reclaim::{FreeBatch, OwnedNode};
 use super::seqcount::SeqCount;
 use crate::rcu::{Flavor, Rcu};
@@ -49,19 +49,27 @@ use crate::sync::{Mutex, MutexGuard};
 /// A [`LatchTree`] entry: one key and value, linked into both copies.
 #[repr(C)]
 struct LatchNode<K, V> {
-    links: [Links<LatchNode<K, V>>; 2],
+    /// Key and both copies' child pointers first: a lookup in either copy
+    /// touches only the start of the node.
     key: K,
+    children: [Children<LatchNode<K, V>>; 2],
     value: V,
+    balance: [Balance<LatchNode<K, V>>; 2],
 }
 
-// SAFETY: `links(c)` returns the node's own, fixed links for copy `c`, and
-// the key is never mutated after construction.
+// SAFETY: `children(c)`/`balance(c)` return the node's own, fixed link
+// fields for copy `c`, and the key is never mutated after construction.
 unsafe impl<K: Ord, V> RbNode for LatchNode<K, V> {
     type Key = K;
 
     #[inline(always)]
-    fn links(&self, copy: usize) -> &Links<Self> {
-        &self.links[copy]
+    fn children(&self, copy: usize) -> &Children<Self> {
+        &self.children[copy]
+    }
+
+    #[inline(always)]
+    fn balance(&self, copy: usize) -> &Balance<Self> {
+        &self.balance[copy]
     }
 
     #[inline(always)]
@@ -314,9 +322,10 @@ where
 impl<K, V> LatchNode<K, V> {
     fn alloc(key: K, value: V) -> *mut Self {
         Box::into_raw(Box::new(LatchNode {
-            links: [Links::new(), Links::new()],
             key,
+            children: [Children::new(), Children::new()],
             value,
+            balance: [Balance::new(), Balance::new()],
         }))
     }
 

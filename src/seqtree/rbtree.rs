@@ -58,25 +58,37 @@ pub(crate) const RIGHT: usize = 1;
 /// under the writer lock), which bounds every read.
 pub(crate) const MAX_WALK: usize = 2 * usize::BITS as usize;
 
-/// One copy of a node's tree links.
+/// The child pointers of one copy of a node: all a lookup follows. Kept
+/// apart from [`Balance`] so that node types can put them next to the key,
+/// in the node's first cache line.
 #[repr(C)]
-pub(crate) struct Links<N> {
+pub(crate) struct Children<N> {
     /// `[left, right]`. Read by lock-free readers (acquire), written by the
     /// writer (release).
     child: [AtomicPtr<N>; 2],
-    /// Writer-only.
-    parent: AtomicPtr<N>,
-    /// Writer-only. `true` for red.
-    red: AtomicBool,
 }
 
-impl<N> Links<N> {
+impl<N> Children<N> {
     pub(crate) fn new() -> Self {
-        Links {
+        Children {
             child: [
                 AtomicPtr::new(ptr::null_mut()),
                 AtomicPtr::new(ptr::null_mut()),
             ],
+        }
+    }
+}
+
+/// Writer-only balancing data of one copy of a node.
+pub(crate) struct Balance<N> {
+    parent: AtomicPtr<N>,
+    /// `true` for red.
+    red: AtomicBool,
+}
+
+impl<N> Balance<N> {
+    pub(crate) fn new() -> Self {
+        Balance {
             parent: AtomicPtr::new(ptr::null_mut()),
             red: AtomicBool::new(true),
         }
@@ -87,11 +99,13 @@ impl<N> Links<N> {
 ///
 /// # Safety
 ///
-/// `links(c)` must return the same `Links` for the node's whole life for
-/// every copy index `c` the owning tree uses, and `key` must never change.
+/// `children(c)` and `balance(c)` must return the same fields for the
+/// node's whole life for every copy index `c` the owning tree uses, and
+/// `key` must never change.
 pub(crate) unsafe trait RbNode: Sized {
     type Key: Ord;
-    fn links(&self, copy: usize) -> &Links<Self>;
+    fn children(&self, copy: usize) -> &Children<Self>;
+    fn balance(&self, copy: usize) -> &Balance<Self>;
     fn key(&self) -> &Self::Key;
 }
 
@@ -126,16 +140,22 @@ pub(crate) enum Slot<N> {
 // copy of the tree (or, for a node being linked in, a live unlinked node).
 
 #[inline(always)]
-unsafe fn lk<'a, N: RbNode>(n: *mut N, copy: usize) -> &'a Links<N> {
+unsafe fn kids<'a, N: RbNode>(n: *mut N, copy: usize) -> &'a Children<N> {
     // SAFETY: the caller passes a live node (writer contract above).
-    unsafe { (*n).links(copy) }
+    unsafe { (*n).children(copy) }
+}
+
+#[inline(always)]
+unsafe fn bal<'a, N: RbNode>(n: *mut N, copy: usize) -> &'a Balance<N> {
+    // SAFETY: the caller passes a live node (writer contract above).
+    unsafe { (*n).balance(copy) }
 }
 
 #[inline(always)]
 pub(super) unsafe fn child<N: RbNode>(n: *mut N, copy: usize, dir: usize) -> *mut N {
     // Relaxed: only writers store links, and they are serialized by the lock
     // (whose acquire orders this after the previous writer's stores).
-    unsafe { lk(n, copy) }.child[dir].load(Ordering::Relaxed)
+    unsafe { kids(n, copy) }.child[dir].load(Ordering::Relaxed)
 }
 
 #[inline(always)]
@@ -144,31 +164,31 @@ unsafe fn set_child<N: RbNode>(n: *mut N, copy: usize, dir: usize, c: *mut N) {
     // a reader that reaches `c` through this pointer sees `c` initialised and
     // sees `c`'s own child stores that precede this one. Relaxed would let a
     // reader follow a pointer into a node whose links it cannot see yet.
-    unsafe { lk(n, copy) }.child[dir].store(c, Ordering::Release);
+    unsafe { kids(n, copy) }.child[dir].store(c, Ordering::Release);
 }
 
 #[inline(always)]
 pub(super) unsafe fn parent<N: RbNode>(n: *mut N, copy: usize) -> *mut N {
     // Relaxed: writer-only field, ordered by the writer lock.
-    unsafe { lk(n, copy) }.parent.load(Ordering::Relaxed)
+    unsafe { bal(n, copy) }.parent.load(Ordering::Relaxed)
 }
 
 #[inline(always)]
 unsafe fn set_parent<N: RbNode>(n: *mut N, copy: usize, p: *mut N) {
     // Relaxed: writer-only field, ordered by the writer lock.
-    unsafe { lk(n, copy) }.parent.store(p, Ordering::Relaxed);
+    unsafe { bal(n, copy) }.parent.store(p, Ordering::Relaxed);
 }
 
 #[inline(always)]
 pub(super) unsafe fn is_red<N: RbNode>(n: *mut N, copy: usize) -> bool {
     // Null leaves are black. Relaxed: writer-only field, ordered by the lock.
-    !n.is_null() && unsafe { lk(n, copy) }.red.load(Ordering::Relaxed)
+    !n.is_null() && unsafe { bal(n, copy) }.red.load(Ordering::Relaxed)
 }
 
 #[inline(always)]
 unsafe fn set_red<N: RbNode>(n: *mut N, copy: usize, red: bool) {
     // Relaxed: writer-only field, ordered by the writer lock.
-    unsafe { lk(n, copy) }.red.store(red, Ordering::Relaxed);
+    unsafe { bal(n, copy) }.red.store(red, Ordering::Relaxed);
 }
 
 /// Which child of `p` is `c`.
@@ -522,12 +542,16 @@ impl<N: RbNode> RbRoot<N> {
             // SAFETY: `n` was reached from the root inside the caller's read
             // section, so it is not reclaimed before the section ends.
             let node = unsafe { &*n };
-            let dir = match key.cmp(node.key().borrow()) {
-                CmpOrdering::Less => LEFT,
-                CmpOrdering::Greater => RIGHT,
-                CmpOrdering::Equal => return Walk::Found(n),
-            };
-            n = node.links(copy).child[dir].load(Ordering::Acquire);
+            let ord = key.cmp(node.key().borrow());
+            if ord == CmpOrdering::Equal {
+                return Walk::Found(n);
+            }
+            // The direction as an index rather than a branch: which way a
+            // search goes is a coin flip at every level, so a branch would
+            // be mispredicted half the time; the equality test above is
+            // almost always false and predicts well.
+            let dir = usize::from(ord == CmpOrdering::Greater);
+            n = node.children(copy).child[dir].load(Ordering::Acquire);
         }
         Walk::Missing
     }
@@ -562,13 +586,10 @@ impl<N: RbNode> RbRoot<N> {
                 Bound::Included(q) => k >= q,
                 Bound::Excluded(q) => k > q,
             };
-            let dir = if inside {
+            if inside {
                 best = n;
-                LEFT
-            } else {
-                RIGHT
-            };
-            n = node.links(copy).child[dir].load(Ordering::Acquire);
+            }
+            n = node.children(copy).child[usize::from(!inside)].load(Ordering::Acquire);
         }
         if best.is_null() {
             Walk::Missing

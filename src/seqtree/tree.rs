@@ -90,18 +90,23 @@ struct Counters {
 /// }; // guard dropped here: the entry may be freed
 /// println!("{v}");
 /// ```
+#[repr(C)]
 pub struct SeqTree<K, V, F = Rcu>
 where
     K: Ord + Send + 'static,
     V: Send + 'static,
     F: Flavor,
 {
-    // The two fields every lookup reads come first.
-    pub(super) root: RbRoot<Node<K, V>>,
+    /// Read by every lookup, written only when the root node changes: on a
+    /// cache line of its own, so a hit never touches a line that every
+    /// write dirties.
+    pub(super) root: CachePadded<RbRoot<Node<K, V>>>,
+    /// Written at every change (with the lock word and `len` beside it);
+    /// read by lookups only to validate a miss.
     pub(super) seq: SeqCount,
-    pub(super) domain: F,
     writer: Mutex<()>,
     pub(super) len: AtomicUsize,
+    pub(super) domain: F,
     stats: CachePadded<Counters>,
     /// The tree owns its entries (see "Thread safety").
     _owns: PhantomData<Box<Node<K, V>>>,
@@ -123,7 +128,7 @@ where
     /// are reclaimed through it.
     pub fn with_domain(domain: F) -> Self {
         SeqTree {
-            root: RbRoot::new(),
+            root: CachePadded::new(RbRoot::new()),
             seq: SeqCount::new(),
             domain,
             writer: Mutex::new(()),
@@ -200,10 +205,28 @@ where
         K: Borrow<Q>,
         Q: Ord + ?Sized,
     {
+        // First an optimistic walk without a snapshot: a hit compared equal
+        // to `key`, so it is a real entry whatever a writer was doing, and
+        // skipping the sequence count keeps hits off the cache line that
+        // every write dirties. Only a miss goes on to validated attempts.
+        // SAFETY: the caller's read section keeps every reachable node
+        // allocated (nodes are freed only after a grace period).
+        if let Walk::Found(n) = unsafe { self.root.find(0, key) } {
+            return Some(n);
+        }
+        self.lookup_validated(key)
+    }
+
+    /// The validated attempts of a lookup whose optimistic walk missed.
+    #[inline(never)]
+    fn lookup_validated<Q>(&self, key: &Q) -> Option<*mut Node<K, V>>
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
         for _ in 0..LOCKLESS_ATTEMPTS {
             let start = self.seq.read_begin();
-            // SAFETY: the caller's read section keeps every reachable node
-            // allocated (nodes are freed only after a grace period).
+            // SAFETY: as in `lookup`.
             match unsafe { self.root.find(0, key) } {
                 // A hit compared equal to `key`: a real entry, whatever the
                 // writer was doing.
