@@ -17,9 +17,9 @@ mod seqtree_common;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use rcu_registry::rcu::{Flavor, Rcu};
+use rcu_registry::rcu::{Flavor, Rcu, Srcu};
 use rcu_registry::seqtree::{LatchTree, SeqTree};
-use seqtree_common::{key_of, value_of, Rng};
+use seqtree_common::{key_of, value_of, Rng, TestMap};
 
 const KEYS: u64 = 2048;
 /// Stable keys (multiples of 4) are present from start to end.
@@ -82,115 +82,89 @@ fn write_ops(seed: u64, mut insert: impl FnMut(u64, u64), mut remove: impl FnMut
     }
 }
 
-fn seqtree_readers_never_miss_present_keys<F: Flavor>(domain: F, name: &str) {
-    let t = Arc::new(SeqTree::<u64, u64, F>::with_domain(domain));
+/// Readers check random lookups (and run `extra` checks every so often)
+/// while `write_ops` runs on this thread; fails on any wrong answer.
+fn readers_never_miss<M, X>(name: &str, t: M, seed: u64, extra: X)
+where
+    M: TestMap,
+    X: Fn(&M, &mut Rng, &Failures) + Send + Sync + 'static,
+{
+    let t = Arc::new(t);
     for k in (0..KEYS).filter(|&k| is_stable(k)) {
-        t.insert(k, value_of(k, 0));
+        t.put(k, value_of(k, 0));
     }
     let done = Arc::new(AtomicBool::new(false));
     let fails = Arc::new(Failures::default());
+    let extra = Arc::new(extra);
     let readers: Vec<_> = (0..READERS)
         .map(|r| {
-            let (t, done, fails) = (t.clone(), done.clone(), fails.clone());
+            let (t, done, fails, extra) = (t.clone(), done.clone(), fails.clone(), extra.clone());
             std::thread::spawn(move || {
-                let mut rng = Rng::new(100 + r);
+                let mut rng = Rng::new(seed * 100 + r);
                 let mut reads = 0u64;
                 while !done.load(Ordering::Relaxed) {
                     reads += 1;
                     let k = rng.below(KEYS + KEYS / 4);
-                    let g = t.domain().read();
-                    match t.get(&g, &k) {
+                    match t.lookup(k) {
                         None if k < KEYS && is_stable(k) => bump(&fails.missing_stable),
                         Some(_) if k >= KEYS => bump(&fails.found_absent),
-                        Some(&v) if key_of(v) != k => bump(&fails.wrong_value),
+                        Some(v) if key_of(v) != k => bump(&fails.wrong_value),
                         _ => {}
                     }
-                    if reads % 128 == 0 {
-                        let lo = rng.below(KEYS) & !3;
-                        let hi = lo + 64;
-                        let seen: Vec<u64> = t
-                            .range(&g, lo..hi)
-                            .map(|(&k, &v)| if key_of(v) == k { k } else { u64::MAX })
-                            .collect();
-                        let increasing = seen.windows(2).all(|w| w[0] < w[1]);
-                        let inside = seen.iter().all(|k| (lo..hi).contains(k));
-                        let stable_all = (lo..hi.min(KEYS))
-                            .filter(|&k| is_stable(k))
-                            .all(|k| seen.contains(&k));
-                        if !(increasing && inside && stable_all) {
-                            bump(&fails.bad_scan);
-                        }
-                    }
-                    drop(g);
                     if reads % 64 == 0 {
-                        let k = rng.below(KEYS) & !3;
-                        match t.get_handle(&k) {
-                            Some(h) if *h.key() == k && key_of(*h) == k => {}
-                            _ => bump(&fails.missing_handle),
-                        }
+                        extra(&t, &mut rng, &fails);
                     }
                 }
                 reads
             })
         })
         .collect();
-    let w = t.clone();
-    write_ops(7, |k, v| _ = w.insert(k, v), |k| w.remove(&k));
+    write_ops(seed, |k, v| t.put(k, v), |k| t.delete(k));
     done.store(true, Ordering::Relaxed);
     let reads: u64 = readers.into_iter().map(|h| h.join().unwrap()).sum();
-    let stats = t.stats();
-    println!(
-        "{name}: retries {}, lock fallbacks {}",
-        stats.retries, stats.fallbacks
-    );
+    println!("{name}: {}", t.report());
     fails.assert_none(name, reads);
-    t.check_invariants().unwrap();
+    t.check().unwrap();
+}
+
+/// `SeqTree`-only checks: a range scan and an owned handle.
+fn scan_and_handle<F: Flavor>(t: &SeqTree<u64, u64, F>, rng: &mut Rng, fails: &Failures) {
+    let lo = rng.below(KEYS) & !3;
+    let hi = lo + 64;
+    let g = t.domain().read();
+    let seen: Vec<u64> = t
+        .range(&g, lo..hi)
+        .map(|(&k, &v)| if key_of(v) == k { k } else { u64::MAX })
+        .collect();
+    drop(g);
+    let increasing = seen.windows(2).all(|w| w[0] < w[1]);
+    let inside = seen.iter().all(|k| (lo..hi).contains(k));
+    let stable_all = (lo..hi.min(KEYS))
+        .filter(|&k| is_stable(k))
+        .all(|k| seen.contains(&k));
+    if !(increasing && inside && stable_all) {
+        bump(&fails.bad_scan);
+    }
+    match t.get_handle(&lo) {
+        Some(h) if *h.key() == lo && key_of(*h) == lo => {}
+        _ => bump(&fails.missing_handle),
+    }
 }
 
 #[test]
 fn seqtree_on_rcu_readers_always_find_keys_present_throughout() {
-    seqtree_readers_never_miss_present_keys(Rcu::default(), "SeqTree<Rcu>");
+    let t = SeqTree::<u64, u64, Rcu>::new();
+    readers_never_miss("SeqTree<Rcu>", t, 7, scan_and_handle);
 }
 
 #[test]
 fn seqtree_on_srcu_readers_always_find_keys_present_throughout() {
-    seqtree_readers_never_miss_present_keys(rcu_registry::rcu::Srcu::new(), "SeqTree<Srcu>");
+    let t = SeqTree::<u64, u64, Srcu>::with_domain(Srcu::new());
+    readers_never_miss("SeqTree<Srcu>", t, 8, scan_and_handle);
 }
 
 #[test]
 fn latch_tree_readers_always_find_keys_present_throughout() {
-    let t = Arc::new(LatchTree::<u64, u64>::new());
-    for k in (0..KEYS).filter(|&k| is_stable(k)) {
-        t.insert(k, value_of(k, 0));
-    }
-    let done = Arc::new(AtomicBool::new(false));
-    let fails = Arc::new(Failures::default());
-    let readers: Vec<_> = (0..READERS)
-        .map(|r| {
-            let (t, done, fails) = (t.clone(), done.clone(), fails.clone());
-            std::thread::spawn(move || {
-                let mut rng = Rng::new(200 + r);
-                let mut reads = 0u64;
-                while !done.load(Ordering::Relaxed) {
-                    reads += 1;
-                    let k = rng.below(KEYS + KEYS / 4);
-                    let g = t.domain().read();
-                    match t.get(&g, &k) {
-                        None if k < KEYS && is_stable(k) => bump(&fails.missing_stable),
-                        Some(_) if k >= KEYS => bump(&fails.found_absent),
-                        Some(&v) if key_of(v) != k => bump(&fails.wrong_value),
-                        _ => {}
-                    }
-                }
-                reads
-            })
-        })
-        .collect();
-    let w = t.clone();
-    write_ops(9, |k, v| _ = w.insert(k, v), |k| w.remove(&k));
-    done.store(true, Ordering::Relaxed);
-    let reads: u64 = readers.into_iter().map(|h| h.join().unwrap()).sum();
-    println!("LatchTree: retries {}", t.retries());
-    fails.assert_none("LatchTree", reads);
-    t.check_invariants().unwrap();
+    let t = LatchTree::<u64, u64>::new();
+    readers_never_miss("LatchTree", t, 9, |_, _, _| {});
 }

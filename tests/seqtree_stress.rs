@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use rcu_registry::seqtree::{LatchTree, SeqTree};
-use seqtree_common::{duration_from_env, key_of, value_of, Rng};
+use seqtree_common::{duration_from_env, key_of, value_of, Rng, TestMap};
 
 const KEYS: u64 = 1 << 14;
 const READERS: u64 = 3;
@@ -84,60 +84,46 @@ where
     (lookups, ops)
 }
 
-/// The writer's step: toggle a volatile key; every 256th step replace a
+/// The writer's step: toggle a volatile key; every 4096th step replace a
 /// stable key (which must stay visible throughout).
 fn writer_step(rng: &mut Rng, op: u64) -> (u64, bool) {
-    if op % 256 == 0 {
+    if op % 4096 == 0 {
         (rng.below(KEYS / 2) * 2, true)
     } else {
         (rng.below(KEYS / 2) * 2 + 1, false)
     }
 }
 
+/// Fills `t` with the stable keys, runs the protocol, prints the tree's
+/// read statistics and checks its invariants.
+fn stress<M: TestMap>(name: &str, t: M) {
+    let t = Arc::new(t);
+    for k in (0..KEYS).filter(|&k| is_stable(k)) {
+        t.put(k, value_of(k, 0));
+    }
+    let r = t.clone();
+    run(
+        name,
+        move |k| r.lookup(k),
+        |rng, op| {
+            let (k, replace) = writer_step(rng, op);
+            if replace || !t.delete(k) {
+                t.put(k, value_of(k, op));
+            }
+        },
+    );
+    println!("{name}: {}", t.report());
+    t.check().unwrap();
+}
+
 #[test]
 #[ignore = "stress test: run in release with --ignored (scripts/test-all does)"]
 fn seqtree_one_writer_many_readers_no_wrong_or_missing_answers() {
-    let t = Arc::new(SeqTree::<u64, u64>::new());
-    for k in (0..KEYS).filter(|&k| is_stable(k)) {
-        t.insert(k, value_of(k, 0));
-    }
-    let r = t.clone();
-    let lookup = move |k: u64| {
-        let g = r.domain().read();
-        r.get(&g, &k).copied()
-    };
-    run("SeqTree", lookup, |rng, op| {
-        let (k, replace) = writer_step(rng, op);
-        if replace || !t.remove(&k) {
-            let _old = t.insert(k, value_of(k, op));
-        }
-    });
-    let s = t.stats();
-    println!(
-        "SeqTree: {} retries, {} lock fallbacks",
-        s.retries, s.fallbacks
-    );
-    t.check_invariants().unwrap();
+    stress("SeqTree", SeqTree::<u64, u64>::new());
 }
 
 #[test]
 #[ignore = "stress test: run in release with --ignored (scripts/test-all does)"]
 fn latch_tree_one_writer_many_readers_no_wrong_or_missing_answers() {
-    let t = Arc::new(LatchTree::<u64, u64>::new());
-    for k in (0..KEYS).filter(|&k| is_stable(k)) {
-        t.insert(k, value_of(k, 0));
-    }
-    let r = t.clone();
-    let lookup = move |k: u64| {
-        let g = r.domain().read();
-        r.get(&g, &k).copied()
-    };
-    run("LatchTree", lookup, |rng, op| {
-        let (k, replace) = writer_step(rng, op);
-        if replace || !t.remove(&k) {
-            let _old = t.insert(k, value_of(k, op));
-        }
-    });
-    println!("LatchTree: {} retries", t.retries());
-    t.check_invariants().unwrap();
+    stress("LatchTree", LatchTree::<u64, u64>::new());
 }

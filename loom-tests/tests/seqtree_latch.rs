@@ -14,32 +14,16 @@
 //! (see `seqtree.rs` for why: tokio-rs/loom#392).
 #![cfg(loom)]
 
+mod seqtree_common;
+
 use loom::sync::Arc;
 use loom::thread;
 use rcu_registry::rcu::Flavor;
 use rcu_registry::seqtree::model_domain::ModelDomain;
 use rcu_registry::seqtree::LatchTree;
+use seqtree_common::model;
 
 type Tree = LatchTree<u8, u8, ModelDomain>;
-
-fn model(f: impl Fn() + Sync + Send + 'static) {
-    // Executions explored (a std atomic: outside the model), printed so a
-    // model that silently stopped exploring shows up in the log.
-    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = runs.clone();
-    let mut b = loom::model::Builder::new();
-    b.preemption_bound = Some(3);
-    b.check(move || {
-        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        f()
-    });
-    let runs = runs.load(std::sync::atomic::Ordering::Relaxed);
-    println!("explored {runs} executions");
-    assert!(
-        runs > 1,
-        "loom explored one execution only: the model checks nothing"
-    );
-}
 
 fn tree(keys: &[u8]) -> Arc<Tree> {
     let t = Arc::new(Tree::with_domain(ModelDomain::new()));

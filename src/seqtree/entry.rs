@@ -179,6 +179,25 @@ impl<K, V> Node<K, V> {
         self.linked.store(false, Ordering::Relaxed);
     }
 
+    /// Marks `node` unlinked and drops the tree's reference to it; if that
+    /// was the last reference, `node` joins `batch`.
+    ///
+    /// # Safety
+    ///
+    /// `node` is unlinked from the tree (or the tree is being dropped) and
+    /// the caller gives up the tree's reference, which keeps it allocated
+    /// until this call. The caller must not touch `node` afterwards.
+    pub(crate) unsafe fn drop_tree_ref(node: *mut Self, batch: &mut FreeBatch<Self>) {
+        // SAFETY: the tree's reference keeps `node` allocated until the
+        // release; after a non-final release it is not touched again.
+        unsafe {
+            (*node).mark_unlinked();
+            if (*node).release() {
+                batch.push(node);
+            }
+        }
+    }
+
     /// Moves the value out of a node nobody else can reach, freeing the rest.
     ///
     /// # Safety

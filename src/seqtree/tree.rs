@@ -421,13 +421,9 @@ where
         unsafe { self.root.collect(0, &mut nodes) };
         let mut batch = FreeBatch::new();
         for n in nodes {
-            // SAFETY: the tree's reference keeps each node allocated.
-            unsafe {
-                (*n).mark_unlinked();
-                if (*n).release() {
-                    batch.push(n);
-                }
-            }
+            // SAFETY: `&mut self`: nothing else uses the tree's references,
+            // which we give up here.
+            unsafe { Node::drop_tree_ref(n, &mut batch) };
         }
         // Not freed at once: a reader may still hold `&V` from `get`, whose
         // lifetime is tied to its guard, not to the tree.

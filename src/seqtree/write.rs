@@ -209,14 +209,8 @@ where
         }
         // Relaxed: statistic ordered by the lock.
         self.len.fetch_sub(1, Ordering::Relaxed);
-        // SAFETY: the tree's reference keeps `n` allocated until `release`;
-        // after a non-final release we no longer touch it.
-        unsafe {
-            (*n).mark_unlinked();
-            if (*n).release() {
-                batch.push(n);
-            }
-        }
+        // SAFETY: `n` was just unlinked; the tree's reference is given up.
+        unsafe { Node::drop_tree_ref(n, batch) };
     }
 
     /// Removes every entry for which `keep` returns `false`; returns how many
@@ -260,13 +254,8 @@ where
         let mut batch = FreeBatch::new();
         for n in nodes {
             // SAFETY: each node is unlinked (root cleared) and still holds
-            // the tree's reference.
-            unsafe {
-                (*n).mark_unlinked();
-                if (*n).release() {
-                    batch.push(n);
-                }
-            }
+            // the tree's reference, given up here.
+            unsafe { Node::drop_tree_ref(n, &mut batch) };
         }
         drop(w);
         batch.defer(&self.domain);

@@ -50,3 +50,53 @@ pub fn value_of(key: u64, gen: u64) -> u64 {
 pub fn key_of(value: u64) -> u64 {
     value >> 20
 }
+
+/// The operations the concurrent tests drive, over both tree types (and
+/// any domain), so each test body is written once.
+pub trait TestMap: Send + Sync + 'static {
+    fn lookup(&self, key: u64) -> Option<u64>;
+    fn put(&self, key: u64, value: u64);
+    fn delete(&self, key: u64) -> bool;
+    /// Read-side statistics, for the test log.
+    fn report(&self) -> String;
+    fn check(&self) -> Result<(), String>;
+}
+
+impl<F: rcu_registry::rcu::Flavor> TestMap for rcu_registry::seqtree::SeqTree<u64, u64, F> {
+    fn lookup(&self, key: u64) -> Option<u64> {
+        let g = self.domain().read();
+        self.get(&g, &key).copied()
+    }
+    fn put(&self, key: u64, value: u64) {
+        let _old = self.insert(key, value);
+    }
+    fn delete(&self, key: u64) -> bool {
+        self.remove(&key)
+    }
+    fn report(&self) -> String {
+        let s = self.stats();
+        format!("{} retries, {} lock fallbacks", s.retries, s.fallbacks)
+    }
+    fn check(&self) -> Result<(), String> {
+        self.check_invariants()
+    }
+}
+
+impl<F: rcu_registry::rcu::Flavor> TestMap for rcu_registry::seqtree::LatchTree<u64, u64, F> {
+    fn lookup(&self, key: u64) -> Option<u64> {
+        let g = self.domain().read();
+        self.get(&g, &key).copied()
+    }
+    fn put(&self, key: u64, value: u64) {
+        let _old = self.insert(key, value);
+    }
+    fn delete(&self, key: u64) -> bool {
+        self.remove(&key)
+    }
+    fn report(&self) -> String {
+        format!("{} retries", self.retries())
+    }
+    fn check(&self) -> Result<(), String> {
+        self.check_invariants()
+    }
+}
