@@ -231,6 +231,11 @@ fn with_writer(c: &mut Criterion) {
                 m.seqtree.get(&guard, &k).copied()
             });
             report_domain(&format!("with_writer_{n}/seqtree"), w.stop(), before);
+            let st = m.seqtree.stats();
+            println!(
+                "with_writer_{n}/seqtree: {} reader retries, {} lock fallbacks",
+                st.retries, st.fallbacks
+            );
         }
         {
             let before = domain_counts();
