@@ -25,10 +25,12 @@
 //!    A walk is also cut off at twice the height any tree can have, so even a
 //!    bug there would cost a retry, never a hang.
 //! 3. *A hit is trusted, a miss is validated.* Keys never change, so a node
-//!    whose key compares equal is a real entry. A miss may be false (the key
-//!    moved above the reader); the reader re-checks the sequence count and
-//!    retries if a writer overlapped the walk, and after a few failed
-//!    attempts takes the writer lock. Every lookup therefore finishes, and a
+//!    whose key compares equal is a real entry: the first walk of a lookup
+//!    does not even read the sequence count (hits stay off the cache line
+//!    every write dirties). A miss may be false (the key moved above the
+//!    reader), so it is redone between two reads of the sequence count and
+//!    retried while writers overlap it; after a few failed attempts the
+//!    reader takes the writer lock. Every lookup therefore finishes, and a
 //!    key present throughout a lookup is always found.
 //!
 //! # Owned handles and the resurrection race

@@ -47,9 +47,9 @@ struct Counters {
 ///
 /// - **Readers** take no lock. [`get`](SeqTree::get) walks the tree inside a
 ///   read section of the tree's domain `F`; a hit is returned at once, a miss
-///   is checked against the tree's [`SeqCount`] and retried if a writer
-///   overlapped it; after a few failed attempts the reader takes the writer
-///   lock, so every read finishes. Lookups are linearizable: a key present
+///   is redone and checked against the tree's [`SeqCount`], and retried if a
+///   writer overlapped it; after a few failed attempts the reader takes the
+///   writer lock, so every read finishes. Lookups are linearizable: a key present
 ///   for the whole call is always found.
 /// - **Writers** ([`insert`](SeqTree::insert), [`remove`](SeqTree::remove),
 ///   ...) are serialized by an internal lock and never wait for readers,
