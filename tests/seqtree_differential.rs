@@ -126,3 +126,24 @@ proptest! {
         }
     }
 }
+
+#[test]
+#[should_panic(expected = "different domain")]
+fn a_guard_of_another_srcu_instance_is_refused() {
+    use rcu_registry::rcu::{Flavor, Srcu};
+    let t: SeqTree<u16, u32, Srcu> = SeqTree::with_domain(Srcu::new());
+    t.insert(1, 1);
+    let other = Srcu::new();
+    let g = Flavor::read(&other);
+    let _ = t.get(&g, &1);
+}
+
+#[test]
+fn the_same_srcu_instance_guard_is_accepted() {
+    use rcu_registry::rcu::{Flavor, Srcu};
+    let d = Srcu::new();
+    let t: SeqTree<u16, u32, Srcu> = SeqTree::with_domain(d.clone());
+    t.insert(1, 1);
+    let g = Flavor::read(&d);
+    assert_eq!(t.get(&g, &1), Some(&1));
+}

@@ -7,6 +7,10 @@
 //! it `SIGUSR2` thousands of times; the handler (on the writer's own thread)
 //! looks up keys that are present throughout and counts wrong answers. A
 //! watchdog fails the test if the handler stops making progress.
+//!
+//! ```text
+//! cargo test --release --test seqtree_signal -- --ignored --nocapture
+//! ```
 
 #![cfg(target_os = "linux")]
 
@@ -52,6 +56,7 @@ extern "C" fn on_signal(_sig: libc::c_int) {
 }
 
 #[test]
+#[ignore = "torture test: thousands of signals; run in release with --ignored (scripts/test-all does)"]
 fn latch_lookups_in_a_handler_that_interrupted_the_writer_never_wait_or_miss() {
     let tree = TREE.get_or_init(LatchTree::new);
     for k in (0..KEYS).filter(|&k| stable(k)) {
