@@ -44,7 +44,11 @@ struct Options {
 
 fn parse_options() -> Options {
     let cores = thread::available_parallelism().map_or(2, |n| n.get());
-    let mut o = Options { secs: 5, readers: cores, updaters: 2 };
+    let mut o = Options {
+        secs: 5,
+        readers: cores,
+        updaters: 2,
+    };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < args.len() {
@@ -67,7 +71,11 @@ fn main() {
     let opts = parse_options();
     let rcu = Rcu::global();
     let freed = Arc::new(AtomicU64::new(0));
-    let current = Arc::new(RcuCell::new(Version { number: 0, check: 0, freed: freed.clone() }));
+    let current = Arc::new(RcuCell::new(Version {
+        number: 0,
+        check: 0,
+        freed: freed.clone(),
+    }));
     let latest = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let reads = Arc::new(AtomicU64::new(0));
@@ -81,8 +89,14 @@ fn main() {
 
     let mut handles = Vec::new();
     for _ in 0..opts.readers {
-        let (current, latest, stop, reads, max_lag, errors) =
-            (current.clone(), latest.clone(), stop.clone(), reads.clone(), max_lag.clone(), errors.clone());
+        let (current, latest, stop, reads, max_lag, errors) = (
+            current.clone(),
+            latest.clone(),
+            stop.clone(),
+            reads.clone(),
+            max_lag.clone(),
+            errors.clone(),
+        );
         handles.push(thread::spawn(move || {
             let mut local = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -107,12 +121,21 @@ fn main() {
 
     let published = Arc::new(AtomicU64::new(0));
     for u in 0..opts.updaters {
-        let (current, latest, stop, freed, published) =
-            (current.clone(), latest.clone(), stop.clone(), freed.clone(), published.clone());
+        let (current, latest, stop, freed, published) = (
+            current.clone(),
+            latest.clone(),
+            stop.clone(),
+            freed.clone(),
+            published.clone(),
+        );
         handles.push(thread::spawn(move || {
             while !stop.load(Ordering::Relaxed) {
                 let n = latest.fetch_add(1, Ordering::Relaxed) + 1;
-                let v = Version { number: n, check: n.wrapping_mul(31), freed: freed.clone() };
+                let v = Version {
+                    number: n,
+                    check: n.wrapping_mul(31),
+                    freed: freed.clone(),
+                };
                 if u == 0 && n % 64 == 0 {
                     // The synchronous form: wait for readers, then drop here.
                     drop(current.swap(Some(v)));
@@ -169,7 +192,12 @@ fn main() {
     let freed_n = freed.load(Ordering::Relaxed);
     let s = rcu.stats();
     println!();
-    println!("summary: {} reads, {} versions published, {} freed", reads.load(Ordering::Relaxed), published, freed_n);
+    println!(
+        "summary: {} reads, {} versions published, {} freed",
+        reads.load(Ordering::Relaxed),
+        published,
+        freed_n
+    );
     println!(
         "         {} grace periods, {} callbacks in {} batches ({:.1} callbacks per grace period)",
         s.grace_periods,

@@ -127,6 +127,28 @@ pub(crate) fn light_barrier() {
     atomic::fence(atomic::Ordering::SeqCst);
 }
 
+/// Whether readers may use compiler fences only (see [`light_barrier`]);
+/// for call sites that issue several light barriers in a row.
+#[inline(always)]
+pub(crate) fn membarrier_mode() -> bool {
+    #[cfg(not(loom))]
+    return crate::sys::membarrier_available();
+    #[cfg(loom)]
+    return false;
+}
+
+/// [`light_barrier`] with the mode already read by [`membarrier_mode`]. The
+/// mode only ever changes from fences to compiler fences, and a reader that
+/// still issues a real fence is merely slower.
+#[inline(always)]
+pub(crate) fn light_barrier_in(asymmetric: bool) {
+    if asymmetric {
+        atomic::compiler_fence(atomic::Ordering::SeqCst);
+    } else {
+        atomic::fence(atomic::Ordering::SeqCst);
+    }
+}
+
 /// Updater-side half of an asymmetric barrier pair: a full memory barrier on
 /// every running thread of the process (`membarrier`), or a `SeqCst` fence
 /// when readers issue real fences themselves (see [`light_barrier`]).

@@ -2,6 +2,10 @@
 //! stripes each operation holds, acquisition and release order, layouts, the
 //! debug lock-order check, and the stripe data.
 
+// The std locks are stripes only in normal builds; under `--cfg loom` the
+// crate's stripes are loom's locks and the loom-tests crate does the testing.
+#![cfg(not(loom))]
+
 use std::cell::RefCell;
 use std::collections::BTreeSet;
 use std::panic::{catch_unwind, AssertUnwindSafe};

@@ -1,6 +1,10 @@
 //! Distribution quality of the stripe hash: realistic key patterns spread
 //! evenly over the stripes. Prints the worst max/fair and min/fair ratios.
 
+// The std locks are stripes only in normal builds; under `--cfg loom` the
+// crate's stripes are loom's locks and the loom-tests crate does the testing.
+#![cfg(not(loom))]
+
 use std::hash::Hash;
 
 use rcu_registry::hashlock::{HashedLocks, SpinLock};

@@ -9,6 +9,10 @@
 //!
 //! Runs `HASHLOCK_STRESS_SECS` seconds (default 1) per lock kind and layout.
 
+// The std locks are stripes only in normal builds; under `--cfg loom` the
+// crate's stripes are loom's locks and the loom-tests crate does the testing.
+#![cfg(not(loom))]
+
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -68,6 +72,8 @@ impl Witness {
         std::hint::spin_loop();
         *counter = before + 1;
         self.writers[stripe].fetch_sub(1, Ordering::SeqCst);
+        // Relaxed: a plain tally, read only after every thread is joined
+        // (the join orders it).
         self.increments.fetch_add(1, Ordering::Relaxed);
     }
 
@@ -192,6 +198,8 @@ fn stress<L: StripeLock + 'static, P: Layout>(name: &str, shared: Option<Op<L, P
         std::thread::spawn(move || {
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1));
             let mut counts = [0u64; 5];
+            // Relaxed: the flag only ends the loop; nothing is published
+            // with it (results travel through the channel).
             while !stop.load(Ordering::Relaxed) {
                 let pick = Pick {
                     a: rng.next() % KEYS,
@@ -210,7 +218,7 @@ fn stress<L: StripeLock + 'static, P: Layout>(name: &str, shared: Option<Op<L, P
     drop(done_tx);
     let started = Instant::now();
     std::thread::sleep(run);
-    stop.store(true, Ordering::Relaxed);
+    stop.store(true, Ordering::Relaxed); // see the load in the workers
     let mut totals = [0u64; 5];
     for _ in 0..THREADS {
         match done_rx.recv_timeout(WATCHDOG_GRACE) {
@@ -220,6 +228,8 @@ fn stress<L: StripeLock + 'static, P: Layout>(name: &str, shared: Option<Op<L, P
     }
     let elapsed = started.elapsed();
     let sum: u64 = locks.lock_all().iter().sum();
+    // After every worker reported through the channel (which synchronizes),
+    // Relaxed reads see their final tallies.
     let increments = witness.increments.load(Ordering::Relaxed);
     let violations = witness.violations.load(Ordering::SeqCst);
     let ops: Vec<String> = OP_NAMES

@@ -61,10 +61,16 @@
 //! sharing). [`Compact`] packs the stripes back to back: right for
 //! single-CPU machines, where nothing runs in parallel and the smaller array
 //! caches better, or where memory matters more than the last nanoseconds.
-//! Measured on a 2-core x86_64 machine (see `BENCHMARKS.md`, "Hashed locks"):
-//! with two threads hammering neighbouring spin-lock stripes, padded
-//! lock/unlock pairs run MEASURED_FALSE_SHARING_RATIO faster than compact
-//! ones; uncontended, single-threaded, the two layouts cost the same.
+//!
+//! Padding pays when two or more threads run at the same time on different
+//! cores and take different stripes often. Measured on a shared 2-core
+//! x86_64 VM (`BENCHMARKS.md`, "Hashed locks"), two threads pinned to the two
+//! cores, each locking and unlocking its own one of two neighbouring stripes:
+//! compact took a median 1.7x to 4.7x as long per lock/unlock as padded
+//! with spin-lock stripes, and 1.6x to 5.4x with `Mutex<()>` stripes (four
+//! runs; the spread is the machine's load: false sharing costs only while
+//! both threads are actually on a core). Single-threaded, the layouts cost
+//! the same.
 //!
 //! # The hash
 //!
@@ -72,12 +78,13 @@
 //! with a xorshift-multiply finalizer; the stripe is the top bits of the
 //! result. It is not SipHash on purpose: a lock array has no chains to
 //! attack (the worst case is every key on one stripe: the single lock the
-//! array replaces), and SipHash would cost several times the uncontended
-//! lock itself. The spread is that of a random function: on 65,536
-//! sequential integer keys the fullest of 64 stripes gets 1.07x its fair
-//! share and the fullest of 1,024 stripes 1.41x (`tests/hashlock_distribution.rs`
-//! checks at most 2x for 1 to 1,024 stripes on sequential, page-strided,
-//! cache-line-strided, high-bits-only, tuple and string keys).
+//! array replaces), and SipHash measured 6x slower, close to the cost of an
+//! uncontended spin-lock lock/unlock by itself. The spread is that of a
+//! random function: on 65,536 sequential integer keys the fullest of 64
+//! stripes gets 1.07x its fair share and the fullest of 1,024 stripes 1.41x
+//! (`tests/hashlock_distribution.rs` checks at most 2x for 1 to 1,024
+//! stripes on sequential, page-strided, cache-line-strided, high-bits-only,
+//! tuple and string keys).
 //!
 //! # Choosing a lock
 //!
@@ -112,6 +119,29 @@
 //! // Unregistering walks every chain with everything locked at once.
 //! let all = table.lock_all();
 //! assert!(all.iter().all(Vec::is_empty));
+//! ```
+//!
+//! # Example: uprobe-style per-file serialization
+//!
+//! ```
+//! use std::sync::Mutex;
+//!
+//! use rcu_registry::hashlock::HashedLocks;
+//!
+//! #[derive(Hash)]
+//! struct FileId {
+//!     dev: u64,
+//!     ino: u64,
+//! }
+//!
+//! // Breakpoint insertion and removal for one file must not interleave;
+//! // different files should not wait for each other.
+//! let per_file: HashedLocks<FileId, Mutex<()>> = HashedLocks::new(32).unwrap();
+//! let libc = FileId { dev: 8, ino: 1_234 };
+//! {
+//!     let _serialized = per_file.lock(&libc);
+//!     // ... walk the mappings of `libc` and write the breakpoints ...
+//! }
 //! ```
 
 mod guard;

@@ -31,7 +31,7 @@ use super::slots::fork_generation;
 use crate::sync::atomic::{
     fence, AtomicBool, AtomicPtr, AtomicU32, AtomicU64, AtomicUsize, Ordering,
 };
-use crate::sync::{thread, Backoff, Event, Mutex};
+use crate::sync::{thread, Backoff, Event};
 // std's Arc even under loom: loom's Arc supports neither unsized coercion
 // nor `self: &Arc<Self>`; these Arcs only manage lifetimes, not ordering.
 use std::cell::Cell;
@@ -206,8 +206,6 @@ pub(crate) fn synchronize(gp: &dyn GracePeriod, expedited: bool) {
 /// Pending callbacks past which a caller that may sleep waits for the worker
 /// (bounds memory under a callback flood: ~48 bytes a small callback).
 pub(crate) const HIGH_WATERMARK: usize = 1 << 18;
-/// A throttled caller resumes once the backlog is below this.
-const LOW_WATERMARK: usize = HIGH_WATERMARK / 2;
 
 /// Header shared by every callback node; the closure follows it.
 #[repr(C)]
@@ -258,8 +256,13 @@ pub(crate) struct CallbackQueue {
     worker_word: Event,
     /// Fork generation the worker was started in; `u64::MAX` before it is.
     worker_gen: AtomicU64,
-    /// Serializes starting the worker (never taken on the call fast path).
-    starting: Mutex<Option<thread::JoinHandle<()>>>,
+    /// Who is starting the worker: `gen << 1 | 1` while a thread of fork
+    /// generation `gen` spawns it, `gen << 1` once done. Not a lock, so a
+    /// fork in the middle of a start cannot leave the child blocked: the
+    /// child's generation differs and it simply claims again.
+    start_claim: AtomicU64,
+    /// The worker's join handle (boxed), or null.
+    handle: AtomicPtr<thread::JoinHandle<()>>,
     shutdown: AtomicBool,
     pub(crate) counts: CallbackCounts,
 }
@@ -281,7 +284,8 @@ impl CallbackQueue {
             pending: AtomicUsize::new(0),
             worker_word: Event::new(WORKER_AWAKE),
             worker_gen: AtomicU64::new(NO_WORKER),
-            starting: Mutex::new(None),
+            start_claim: AtomicU64::new(0),
+            handle: AtomicPtr::new(ptr::null_mut()),
             shutdown: AtomicBool::new(false),
             counts: CallbackCounts::default(),
         }
@@ -314,7 +318,7 @@ impl CallbackQueue {
         self.ensure_worker(gp);
         self.kick_worker();
         if backlog > HIGH_WATERMARK && may_wait && !ON_WORKER.with(|w| w.get()) {
-            self.throttle();
+            self.throttle(gp);
         }
     }
 
@@ -351,16 +355,16 @@ impl CallbackQueue {
         }
     }
 
+    /// Makes a caller past the high watermark wait until every callback
+    /// queued before it has run, so the backlog it adds to stays bounded.
+    ///
+    /// A barrier, not "wait until the backlog is below some level": after
+    /// fork(), callbacks that the parent's worker had taken off the stack
+    /// still count as pending in the child but never run there, so a
+    /// backlog-level wait could wedge the child for good.
     #[cold]
-    fn throttle(&self) {
-        let mut backoff = Backoff::new();
-        while self.pending.load(Ordering::Relaxed) > LOW_WATERMARK {
-            if backoff.is_completed() {
-                thread::yield_now();
-            } else {
-                backoff.snooze();
-            }
-        }
+    fn throttle(self: &Arc<Self>, gp: &Arc<dyn GracePeriod>) {
+        self.barrier(gp);
     }
 
     /// Starts the worker if there is none in this process image.
@@ -374,20 +378,44 @@ impl CallbackQueue {
 
     #[cold]
     fn start_worker(self: &Arc<Self>, gp: &Arc<dyn GracePeriod>) {
-        let mut handle = self.starting.lock().unwrap_or_else(|e| e.into_inner());
         let gen = fork_generation();
-        if self.worker_gen.load(Ordering::Relaxed) == gen {
+        let mine = gen << 1 | 1;
+        loop {
+            // Acquire pairs with the Release store below: a worker started
+            // in our generation is fully set up when we see its generation.
+            if self.worker_gen.load(Ordering::Acquire) == gen {
+                return;
+            }
+            let claim = self.start_claim.load(Ordering::Acquire);
+            if claim == mine {
+                // Another thread of this process is spawning it right now.
+                thread::yield_now();
+                continue;
+            }
+            // A claim of another generation belongs to a thread that did not
+            // survive a fork (or is complete): take it over.
+            if self
+                .start_claim
+                .compare_exchange(claim, mine, Ordering::AcqRel, Ordering::Acquire)
+                .is_err()
+            {
+                continue;
+            }
+            let queue = Arc::clone(self);
+            let gp = Arc::clone(gp);
+            let spawned = Box::into_raw(Box::new(spawn_worker(move || queue.worker_loop(&*gp))));
+            let old = self.handle.swap(spawned, Ordering::AcqRel);
+            if !old.is_null() {
+                // SAFETY: handles are only ever boxed by this function.
+                let old = unsafe { Box::from_raw(old) };
+                // The previous worker ran in our parent and does not exist
+                // here: its handle is meaningless, forget it rather than join.
+                std::mem::forget(old);
+            }
+            self.worker_gen.store(gen, Ordering::Release);
+            self.start_claim.store(gen << 1, Ordering::Release);
             return;
         }
-        let queue = Arc::clone(self);
-        let gp = Arc::clone(gp);
-        let spawned = spawn_worker(move || queue.worker_loop(&*gp));
-        // A worker inherited from the parent through fork() does not exist
-        // here: its handle is meaningless, forget it rather than join.
-        if let Some(old) = handle.replace(spawned) {
-            std::mem::forget(old);
-        }
-        self.worker_gen.store(gen, Ordering::Relaxed);
     }
 
     fn worker_loop(&self, gp: &dyn GracePeriod) {
@@ -470,12 +498,10 @@ impl CallbackQueue {
             .word()
             .store(WORKER_AWAKE, Ordering::Relaxed);
         self.worker_word.wake();
-        let handle = self
-            .starting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(h) = handle {
+        let handle = self.handle.swap(ptr::null_mut(), Ordering::AcqRel);
+        if !handle.is_null() {
+            // SAFETY: boxed by `start_worker`; the swap made it ours alone.
+            let h = *unsafe { Box::from_raw(handle) };
             if self.worker_gen.load(Ordering::Relaxed) != fork_generation() {
                 std::mem::forget(h);
             } else if !ON_WORKER.with(|w| w.get()) {

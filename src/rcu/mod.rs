@@ -38,7 +38,7 @@ mod slots;
 mod srcu;
 
 pub use cell::RcuCell;
-pub use sched::{Rcu, RcuGuard};
+pub use sched::{DomainStats, Rcu, RcuGuard};
 pub use srcu::{Srcu, SrcuGuard, SrcuToken};
 
 /// A grace-period cookie from `start_poll()`.

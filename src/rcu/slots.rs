@@ -294,6 +294,7 @@ mod hooks {
         // The thread-local may already be gone this late in thread exit; a
         // failed access just means there is nothing to reset.
         let _ = CURRENT.try_with(|c| c.set(ptr::null()));
+        crate::rcu::srcu::clear_thread_cache();
         // SAFETY: the key holds the pointer of a claimed, immortal slot.
         release(unsafe { &*slot });
     }

@@ -41,6 +41,7 @@ use crate::sync::atomic::{fence, AtomicPtr, AtomicUsize, Ordering};
 use crate::sync::thread;
 use crate::sync::{heavy_barrier, light_barrier, Backoff};
 use crossbeam_utils::CachePadded;
+use std::cell::Cell;
 use std::fmt;
 use std::marker::PhantomData;
 use std::ptr;
@@ -64,6 +65,18 @@ const DIR_LEN: usize = 2;
 /// which would cost every reader an extra load).
 const MAX_POLL_SLEEP: Duration = Duration::from_millis(1);
 
+crate::sync::const_thread_local! {
+    /// (domain id, this thread's counters in it) of the last domain read.
+    static COUNTER_CACHE: Cell<(u64, *const Counters)> = Cell::new((0, ptr::null()));
+}
+
+/// Forgets this thread's cached counters; called when the thread gives its
+/// reader slot back (the next slot may have another index).
+#[cfg_attr(loom, allow(dead_code))]
+pub(crate) fn clear_thread_cache() {
+    let _ = COUNTER_CACHE.try_with(|c| c.set((0, ptr::null())));
+}
+
 /// One thread's counters in one domain.
 #[derive(Default)]
 struct Counters {
@@ -77,6 +90,8 @@ struct Counters {
 type Chunk = [CachePadded<Counters>; CHUNK];
 
 struct SrcuState {
+    /// Process-unique, never reused: keys the per-thread counter cache.
+    id: u64,
     /// The current index is `idx & 1`; incremented by each flip.
     idx: AtomicUsize,
     seq: GpSeq,
@@ -93,7 +108,10 @@ fn bump(c: &AtomicUsize) {
 
 impl SrcuState {
     fn new() -> Self {
+        // Relaxed: only uniqueness matters.
+        static NEXT_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         SrcuState {
+            id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             idx: AtomicUsize::new(0),
             seq: GpSeq::new(),
             dir: (0..DIR_LEN)
@@ -314,8 +332,7 @@ impl Srcu {
     /// Begins a read section of this domain; it may block for any time.
     #[inline]
     pub fn read(&self) -> SrcuGuard<'_> {
-        let slot = slots::current();
-        let counters = self.state.counters(slot.index());
+        let counters = self.my_counters_cached();
         // Relaxed: a stale index is tolerated by the two-scan grace period.
         let idx = self.state.idx.load(Ordering::Relaxed) & 1;
         bump(&counters.lock[idx]);
@@ -328,6 +345,29 @@ impl Srcu {
             idx,
             _not_send: PhantomData,
         }
+    }
+
+    /// This thread's counters in this domain, through a one-entry
+    /// per-thread cache keyed by the domain's unique id (three dependent
+    /// loads fewer than the directory walk on the common path).
+    #[inline(always)]
+    fn my_counters_cached(&self) -> &Counters {
+        let (id, ptr) = COUNTER_CACHE.with(|c| c.get());
+        if id == self.state.id {
+            // SAFETY: the cache only holds counters of the domain with this
+            // id, found for this thread's slot; ids are never reused and
+            // `self` keeps that domain (hence its chunks) alive.
+            return unsafe { &*ptr };
+        }
+        self.my_counters_slow()
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn my_counters_slow(&self) -> &Counters {
+        let counters = self.state.counters(slots::current().index());
+        COUNTER_CACHE.with(|c| c.set((self.state.id, counters as *const Counters)));
+        counters
     }
 
     /// Whether the calling thread holds a read guard of this domain.

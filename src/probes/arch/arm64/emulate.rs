@@ -1,0 +1,229 @@
+//! Simulation of the PC-dependent arm64 instructions on [`Regs`].
+//!
+//! # All or nothing
+//!
+//! The new state is built in a copy of the registers and written back only
+//! once every memory access has succeeded, so a failed literal load leaves
+//! the registers exactly as they were.
+//!
+//! # The literal under the breakpoint
+//!
+//! A literal load reads live text. If the literal overlaps the probed
+//! instruction itself (`ldr w0, .` loads its own encoding), the text there
+//! now holds our breakpoint; the simulation substitutes the original bytes,
+//! which it has in the [`Insn`].
+//!
+//! # Branch-target type
+//!
+//! PSTATE.BTYPE (bits 11..10 of [`Regs::flags`]) records the kind of the
+//! last branch for the Branch Target Identification check at its target.
+//! Every simulated instruction leaves it as the hardware would on a page
+//! without the guard bit: 0b01 after `br`, 0b10 after `blr`, zero after
+//! anything else. On a guarded page the hardware sets 0b11 after `br` through
+//! a register other than x16/x17; the simulation's 0b01 is accepted by the
+//! same landing pads and more (it never makes a correct program fault). On
+//! hardware without BTI the field is RES0 and the kernel discards it.
+
+use super::super::{DataMemory, Emulation, Insn, InsnClass, Regs};
+use super::decode::bits;
+use crate::probes::error::ProbeError;
+
+/// PSTATE.BTYPE in [`Regs::flags`].
+pub(super) const BTYPE_MASK: u64 = 0b11 << 10;
+/// BTYPE after `br` on an unguarded page.
+const BTYPE_AFTER_BR: u64 = 0b01 << 10;
+/// BTYPE after `blr`.
+const BTYPE_AFTER_BLR: u64 = 0b10 << 10;
+
+/// The link register.
+const X30: u8 = 30;
+
+/// Whether the A64 condition `cond` (0..15) holds for the NZCV flags in bits
+/// 31..28 of `flags`. AL (0b1110) and NV (0b1111) both always hold.
+pub(super) fn condition_holds(cond: u8, flags: u64) -> bool {
+    let flag = |bit: u32| (flags >> bit) & 1 == 1;
+    let (n, z, c, v) = (flag(31), flag(30), flag(29), flag(28));
+    let base = match (cond >> 1) & 0b111 {
+        0b000 => z,            // EQ / NE
+        0b001 => c,            // CS / CC
+        0b010 => n,            // MI / PL
+        0b011 => v,            // VS / VC
+        0b100 => c && !z,      // HI / LS
+        0b101 => n == v,       // GE / LT
+        0b110 => n == v && !z, // GT / LE
+        _ => true,             // AL / NV
+    };
+    // The low bit inverts the test, except for NV which is a second AL.
+    if cond & 1 == 1 && cond & 0b1111 != 0b1111 {
+        !base
+    } else {
+        base
+    }
+}
+
+/// Reads register `n` as an instruction's `Xn` operand: 31 is `xzr`.
+fn read_x(regs: &Regs, n: u8) -> u64 {
+    regs.gprs.get(usize::from(n)).copied().unwrap_or(0)
+}
+
+/// Writes register `n` as an instruction's `Xd` result: 31 (`xzr`) discards.
+fn write_x(regs: &mut Regs, n: u8, value: u64) {
+    if let Some(r) = regs.gprs.get_mut(usize::from(n)) {
+        *r = value;
+    }
+}
+
+fn mismatch(what: &'static str) -> ProbeError {
+    ProbeError::PlanMismatch { what }
+}
+
+/// Applies the effect of the emulated arm64 instruction `insn` to `regs` and
+/// `mem`, the PC included. See [`Arch::emulate`](super::super::Arch::emulate).
+pub(super) fn emulate(
+    insn: &Insn,
+    regs: &mut Regs,
+    mem: &mut dyn DataMemory,
+) -> Result<(), ProbeError> {
+    let InsnClass::Emulated(effect) = insn.class else {
+        return Err(mismatch(
+            "arm64 emulate of an instruction that is not emulated",
+        ));
+    };
+    let Ok(word) = <[u8; 4]>::try_from(insn.bytes()).map(u32::from_le_bytes) else {
+        return Err(mismatch(
+            "arm64 emulate of an instruction that is not 4 bytes long",
+        ));
+    };
+    let mut next = *regs;
+    next.flags &= !BTYPE_MASK;
+    let fall_through = insn.next_addr();
+    let taken = |yes: bool, target: u64| if yes { target } else { fall_through };
+    next.ip = match effect {
+        Emulation::Nop => fall_through,
+        Emulation::Jump { target } => target,
+        Emulation::Call {
+            target,
+            return_addr,
+        } => {
+            write_x(&mut next, X30, return_addr);
+            target
+        }
+        Emulation::CondJump { cond, target } => taken(condition_holds(cond, regs.flags), target),
+        Emulation::CompareBranch {
+            reg,
+            wide,
+            nonzero,
+            target,
+        } => {
+            let value = read_x(regs, reg);
+            let value = if wide { value } else { value & 0xffff_ffff };
+            taken((value != 0) == nonzero, target)
+        }
+        Emulation::TestBitBranch {
+            reg,
+            bit,
+            nonzero,
+            target,
+        } => {
+            let set = read_x(regs, reg).checked_shr(u32::from(bit)).unwrap_or(0) & 1 == 1;
+            taken(set == nonzero, target)
+        }
+        Emulation::PcRelAddress { reg, value } => {
+            write_x(&mut next, reg, value);
+            fall_through
+        }
+        Emulation::LoadLiteral {
+            reg,
+            addr,
+            size,
+            signed,
+        } => {
+            write_x(&mut next, reg, load_literal(insn, addr, size, signed, mem)?);
+            fall_through
+        }
+        Emulation::IndirectBranch {
+            reg,
+            link,
+            return_addr,
+        } => {
+            // The target is read before the link is written: `blr x30`
+            // branches to the old x30.
+            let target = read_x(regs, reg);
+            if link {
+                write_x(&mut next, X30, return_addr);
+            }
+            next.flags |= match bits(word, 24, 21) {
+                0b0000 => BTYPE_AFTER_BR,
+                0b0001 => BTYPE_AFTER_BLR,
+                _ => 0, // ret
+            };
+            target
+        }
+        _ => {
+            return Err(mismatch(
+                "arm64 emulate of another architecture's emulation",
+            ))
+        }
+    };
+    *regs = next;
+    Ok(())
+}
+
+/// Loads the `size`-byte literal at `addr`, zero- or sign-extended to 64 bits.
+fn load_literal(
+    insn: &Insn,
+    addr: u64,
+    size: u8,
+    signed: bool,
+    mem: &mut dyn DataMemory,
+) -> Result<u64, ProbeError> {
+    let mut raw = [0u8; 8];
+    let buf = match size {
+        4 | 8 => &mut raw[..usize::from(size)],
+        _ => return Err(mismatch("arm64 literal load of a size other than 4 or 8")),
+    };
+    mem.read(addr, buf)?;
+    // The text at the probed instruction holds our breakpoint now: a literal
+    // overlapping it must see the instruction's own bytes.
+    for (i, byte) in buf.iter_mut().enumerate() {
+        let at = addr.wrapping_add(i as u64).wrapping_sub(insn.addr);
+        if let Some(original) = usize::try_from(at).ok().and_then(|k| insn.bytes().get(k)) {
+            *byte = *original;
+        }
+    }
+    let value = u64::from_le_bytes(raw);
+    Ok(match (size, signed) {
+        (4, true) => value as u32 as i32 as i64 as u64,
+        _ => value,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nzcv(n: bool, z: bool, c: bool, v: bool) -> u64 {
+        (u64::from(n) << 31) | (u64::from(z) << 30) | (u64::from(c) << 29) | (u64::from(v) << 28)
+    }
+
+    #[test]
+    fn al_and_nv_always_hold() {
+        for f in 0..16u64 {
+            assert!(condition_holds(0b1110, f << 28));
+            assert!(condition_holds(0b1111, f << 28));
+        }
+    }
+
+    #[test]
+    fn conditions_follow_the_architecture_table() {
+        let flags = nzcv(true, false, true, false);
+        assert!(!condition_holds(0x0, flags)); // EQ
+        assert!(condition_holds(0x1, flags)); // NE
+        assert!(condition_holds(0x2, flags)); // CS
+        assert!(condition_holds(0x4, flags)); // MI
+        assert!(condition_holds(0x8, flags)); // HI: C && !Z
+        assert!(condition_holds(0xb, flags)); // LT: N != V
+        assert!(condition_holds(0xd, flags)); // LE: Z || N != V
+        assert!(!condition_holds(0xc, flags)); // GT
+    }
+}

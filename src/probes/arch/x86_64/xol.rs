@@ -1,0 +1,266 @@
+//! XOL plans for x86_64: slot layout, RIP-relative rewriting, step fixups.
+
+use iced_x86::{Encoder, FlowControl, InstructionInfoFactory, Register};
+
+use super::classify::{decode_one, MAX_INSN_LEN};
+use super::regs::{X86Reg, TF};
+use crate::probes::arch::{
+    DataMemory, Fixups, Insn, InsnClass, IpFixup, Regs, ReturnAddressFixup, ScratchFixup,
+    StepOutcome, StepState, XolPlan, XolRun, MAX_XOL_SLOT,
+};
+use crate::probes::error::{ProbeError, Unsupported};
+
+/// Bytes of a slot: the longest instruction (15) plus the longest jump back
+/// (the 14-byte absolute form) is 29; rounded to 32 so slots stay aligned.
+pub(crate) const SLOT_SIZE: usize = 32;
+const _: () = assert!(SLOT_SIZE <= MAX_XOL_SLOT && MAX_INSN_LEN + ABS_JMP_LEN <= SLOT_SIZE);
+
+/// `jmp rel32`: `e9 rel32`.
+const REL_JMP_LEN: usize = 5;
+/// `jmp qword [rip+0]; dq target`: `ff 25 00 00 00 00` + 8 bytes.
+const ABS_JMP_LEN: usize = 14;
+
+/// Scratch candidates for a rewritten RIP-relative operand, in order of
+/// preference. Only the eight legacy registers: none of them needs a REX.B
+/// bit the original encoding might lack, so the rewritten instruction is
+/// never longer than the original. `rsp` is left out: as a base it needs a
+/// SIB byte, and the stack pointer is never free anyway.
+const SCRATCH_CANDIDATES: [X86Reg; 7] = [
+    X86Reg::Rax,
+    X86Reg::Rcx,
+    X86Reg::Rdx,
+    X86Reg::Rbx,
+    X86Reg::Rsi,
+    X86Reg::Rdi,
+    X86Reg::Rbp,
+];
+
+/// [`Arch::plan_xol`](crate::probes::arch::Arch::plan_xol) for x86_64.
+pub(super) fn plan(insn: &Insn, slot_addr: u64) -> Result<XolPlan, ProbeError> {
+    let ins = decode_one(insn.addr, insn.bytes())?;
+    if ins.len() != insn.bytes().len() {
+        return Err(ProbeError::PlanMismatch {
+            what: "the instruction bytes do not decode to one x86_64 instruction",
+        });
+    }
+    let orig_next = insn.next_addr();
+    let mut fixups = Fixups::default();
+    let mut slot = Vec::with_capacity(SLOT_SIZE);
+    match insn.class {
+        InsnClass::OutOfLine => slot.extend_from_slice(insn.bytes()),
+        InsnClass::PcRelative => {
+            let scratch = pick_scratch(&ins).ok_or(ProbeError::UnsupportedInstruction {
+                addr: insn.addr,
+                reason: Unsupported::NoScratchRegister,
+            })?;
+            slot.extend_from_slice(&rewrite_rip_relative(insn, &ins, scratch, slot_addr)?);
+            fixups.scratch = Some(ScratchFixup {
+                reg: scratch.number(),
+                value: orig_next,
+            });
+        }
+        InsnClass::Emulated(_) => {
+            return Err(ProbeError::PlanMismatch {
+                what: "an emulated instruction needs no XOL slot",
+            })
+        }
+    }
+    let slot_next = slot_addr.wrapping_add(slot.len() as u64);
+    fixups.ip = Some(IpFixup {
+        from: slot_next,
+        to: orig_next,
+    });
+    if ins.flow_control() == FlowControl::IndirectCall {
+        fixups.return_address = Some(ReturnAddressFixup {
+            slot_return: slot_next,
+            orig_return: orig_next,
+        });
+    }
+    if ins.is_string_instruction()
+        && (ins.has_rep_prefix() || ins.has_repe_prefix() || ins.has_repne_prefix())
+    {
+        fixups.restart = Some(slot_addr);
+    }
+    append_jump_back(&mut slot, slot_next, orig_next);
+    // A boosted run never reaches finish_step, so only the IP fixup (done
+    // by the jump back) may be needed.
+    let boostable = fixups.scratch.is_none() && fixups.return_address.is_none();
+    Ok(XolPlan::new(
+        insn.addr, slot_addr, &slot, boostable, None, fixups,
+    ))
+}
+
+/// Refuses at analysis time a RIP-relative instruction that `plan` could not
+/// rewrite, so that a probe accepted by `analyze` always gets a plan. The
+/// rewrite does not depend on the slot address (the operand's base becomes a
+/// register), so any address serves for the trial.
+pub(super) fn check_rewritable(insn: &Insn, ins: &iced_x86::Instruction) -> Result<(), ProbeError> {
+    let scratch = pick_scratch(ins).ok_or(ProbeError::UnsupportedInstruction {
+        addr: insn.addr,
+        reason: Unsupported::NoScratchRegister,
+    })?;
+    rewrite_rip_relative(insn, ins, scratch, insn.addr).map(|_| ())
+}
+
+/// Appends a jump from `from` (the slot byte after the instruction) to
+/// `target`. `jmp rel32` when the distance fits in 32 bits (shorter, and
+/// predicted like any direct jump); otherwise the absolute
+/// `jmp [rip+0]; dq target`, which reaches anywhere without a register, so a
+/// slot may be placed at any distance from the code.
+fn append_jump_back(slot: &mut Vec<u8>, from: u64, target: u64) {
+    let rel = target.wrapping_sub(from.wrapping_add(REL_JMP_LEN as u64)) as i64;
+    if let Ok(rel) = i32::try_from(rel) {
+        slot.push(0xe9);
+        slot.extend_from_slice(&rel.to_le_bytes());
+    } else {
+        slot.extend_from_slice(&[0xff, 0x25, 0, 0, 0, 0]);
+        slot.extend_from_slice(&target.to_le_bytes());
+    }
+}
+
+/// A register the instruction neither reads nor writes, explicitly or
+/// implicitly.
+fn pick_scratch(ins: &iced_x86::Instruction) -> Option<X86Reg> {
+    let mut factory = InstructionInfoFactory::new();
+    let info = factory.info(ins);
+    let used: Vec<Register> = info
+        .used_registers()
+        .iter()
+        .map(|u| u.register().full_register())
+        .collect();
+    // xsave-like instructions do not list every register they touch; they
+    // use edx:eax (and ecx for xsetbv-like forms) implicitly.
+    let save_restore = ins.is_save_restore_instruction();
+    let implicit = |r: X86Reg| save_restore && matches!(r, X86Reg::Rax | X86Reg::Rcx | X86Reg::Rdx);
+    SCRATCH_CANDIDATES
+        .into_iter()
+        .find(|&r| !implicit(r) && !used.contains(&iced_register(r)))
+}
+
+fn iced_register(r: X86Reg) -> Register {
+    match r {
+        X86Reg::Rax => Register::RAX,
+        X86Reg::Rcx => Register::RCX,
+        X86Reg::Rdx => Register::RDX,
+        X86Reg::Rbx => Register::RBX,
+        X86Reg::Rsp => Register::RSP,
+        X86Reg::Rbp => Register::RBP,
+        X86Reg::Rsi => Register::RSI,
+        X86Reg::Rdi => Register::RDI,
+        X86Reg::R8 => Register::R8,
+        X86Reg::R9 => Register::R9,
+        X86Reg::R10 => Register::R10,
+        X86Reg::R11 => Register::R11,
+        X86Reg::R12 => Register::R12,
+        X86Reg::R13 => Register::R13,
+        X86Reg::R14 => Register::R14,
+        X86Reg::R15 => Register::R15,
+    }
+}
+
+/// Re-encodes `[rip + disp]` as `[scratch + disp]`. With `scratch` holding
+/// the original next IP (the pre-step fixup), the operand addresses exactly
+/// the bytes it addressed in place, whatever the slot's distance.
+fn rewrite_rip_relative(
+    insn: &Insn,
+    ins: &iced_x86::Instruction,
+    scratch: X86Reg,
+    slot_addr: u64,
+) -> Result<Vec<u8>, ProbeError> {
+    let unsupported = |what: &'static str| ProbeError::UnsupportedInstruction {
+        addr: insn.addr,
+        reason: Unsupported::Other(what),
+    };
+    // iced stores the absolute target of a RIP-relative operand; the
+    // displacement relative to the next IP is what the encoding held.
+    let disp = ins.ip_rel_memory_address().wrapping_sub(ins.next_ip());
+    let mut rewritten = *ins;
+    rewritten.set_memory_base(iced_register(scratch));
+    rewritten.set_memory_displacement64(disp);
+    // iced's size 8 means "64-bit addressing": a sign-extended disp32 (or
+    // disp8 when it fits), never a 64-bit displacement.
+    rewritten.set_memory_displ_size(8);
+    let mut encoder = Encoder::new(64);
+    encoder
+        .encode(&rewritten, slot_addr)
+        .map_err(|_| unsupported("its RIP-relative form cannot be re-encoded"))?;
+    let bytes = encoder.take_buffer();
+    // Self-check: the new bytes must be the same operation on the new base.
+    let check = decode_one(slot_addr, &bytes)
+        .map_err(|_| unsupported("its re-encoded form does not decode"))?;
+    if check.len() != bytes.len()
+        || check.code() != ins.code()
+        || check.memory_base() != iced_register(scratch)
+        || check.memory_displacement64() != disp
+    {
+        return Err(unsupported("its re-encoded form changed meaning"));
+    }
+    Ok(bytes)
+}
+
+/// [`Arch::prepare_step`](crate::probes::arch::Arch::prepare_step).
+pub(super) fn prepare_step(
+    plan: &XolPlan,
+    run: XolRun,
+    regs: &mut Regs,
+) -> Result<StepState, ProbeError> {
+    let mut state = StepState {
+        run,
+        saved_scratch: 0,
+        sp_before: regs.sp,
+        flags_before: regs.flags,
+    };
+    match run {
+        XolRun::Boosted => {
+            if !plan.boostable {
+                return Err(ProbeError::PlanMismatch {
+                    what: "a boosted run of a plan that needs post-step fixups",
+                });
+            }
+        }
+        XolRun::SingleStep => {
+            if let Some(s) = plan.fixups.scratch {
+                let reg = usize::from(s.reg);
+                state.saved_scratch = regs.gprs[reg];
+                regs.gprs[reg] = s.value;
+            }
+            regs.flags |= TF;
+        }
+    }
+    regs.ip = plan.slot_addr;
+    Ok(state)
+}
+
+/// [`Arch::finish_step`](crate::probes::arch::Arch::finish_step).
+pub(super) fn finish_step(
+    plan: &XolPlan,
+    state: &StepState,
+    regs: &mut Regs,
+    mem: &mut dyn DataMemory,
+) -> Result<StepOutcome, ProbeError> {
+    if state.run != XolRun::SingleStep {
+        return Err(ProbeError::PlanMismatch {
+            what: "finish_step after a boosted run",
+        });
+    }
+    if plan.fixups.restart == Some(regs.ip) {
+        return Ok(StepOutcome::Repeat);
+    }
+    // The only fallible fixup goes first, so an error leaves regs untouched.
+    if let Some(fix) = plan.fixups.return_address {
+        let pushed_at = state.sp_before.wrapping_sub(8);
+        if regs.sp == pushed_at && mem.read_u64(pushed_at)? == fix.slot_return {
+            mem.write_u64(pushed_at, fix.orig_return)?;
+        }
+    }
+    if let Some(s) = plan.fixups.scratch {
+        regs.gprs[usize::from(s.reg)] = state.saved_scratch;
+    }
+    if let Some(ip) = plan.fixups.ip {
+        if regs.ip == ip.from {
+            regs.ip = ip.to;
+        }
+    }
+    regs.flags = (regs.flags & !TF) | (state.flags_before & TF);
+    Ok(StepOutcome::Done)
+}
