@@ -21,6 +21,7 @@ mod sys;
 pub mod hashlock;
 pub mod probes;
 pub mod rcu;
+pub mod seqtree;
 
 /// The README's example, compiled and run as a doc test.
 #[cfg(doctest)]

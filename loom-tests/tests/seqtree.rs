@@ -1,0 +1,139 @@
+//! loom models of `SeqTree`: a lock-free lookup racing with an insert or a
+//! remove that rotates or splices the tree (2 to 4 keys).
+//!
+//! What these models do NOT cover:
+//! - the real `Rcu`/`Srcu` domains: the models use the reader-counting
+//!   `ModelDomain` (same contract, far fewer states); the domains have their
+//!   own models;
+//! - trees larger than 4 keys, more than one writer operation per model, or
+//!   more than one reader: preemption bounds keep each model in seconds;
+//! - the walk-depth bound (`MAX_WALK`) is never reached here: the store
+//!   orderings leave no cycle to cut, which is part of what is checked
+//!   (a cycle would make a reader spin until loom gives up);
+//! - `range` scans and `retain`/`clear` (same validation and unlink paths as
+//!   `get` and `remove`, exercised by the stress tests instead).
+//!
+//! Model shape: the lookup runs on a spawned thread and the write on the
+//! model's main thread. The other way round, loom 0.7 explores a single
+//! execution (tokio-rs/loom#392: a spawned thread that loads an object it
+//! later stores is never preempted); `model()` fails if that ever happens.
+#![cfg(loom)]
+
+mod seqtree_common;
+
+use loom::sync::Arc;
+use loom::thread;
+use rcu_registry::rcu::Flavor;
+use rcu_registry::seqtree::model_domain::ModelDomain;
+use rcu_registry::seqtree::SeqTree;
+use seqtree_common::model;
+
+type Tree = SeqTree<u8, u8, ModelDomain>;
+
+fn tree(keys: &[u8]) -> Arc<Tree> {
+    let t = Arc::new(Tree::with_domain(ModelDomain::new()));
+    for &k in keys {
+        t.insert(k, k * 10);
+    }
+    t
+}
+
+/// Looks up every key in `present` (must be found with its value) and
+/// `maybe` (found with its value, or not at all).
+fn read_all(t: &Tree, present: &[u8], maybe: &[u8]) {
+    let g = t.domain().read();
+    for k in present {
+        assert_eq!(t.get(&g, k), Some(&(k * 10)), "present key {k} missed");
+    }
+    for k in maybe {
+        let v = t.get(&g, k);
+        assert!(
+            v.is_none() || v == Some(&(k * 10)),
+            "key {k} has a foreign value"
+        );
+    }
+}
+
+#[test]
+fn lookup_racing_an_insert_that_rotates_the_root_finds_present_keys() {
+    // 1, 2 then 3: the insert fix-up rotates left at the root (2 moves up).
+    model(|| {
+        let t = tree(&[1, 2]);
+        let r = {
+            let t = t.clone();
+            thread::spawn(move || read_all(&t, &[1, 2], &[3]))
+        };
+        assert_eq!(t.insert(3, 30), None);
+        r.join().unwrap();
+        t.check_invariants().unwrap();
+    });
+}
+
+#[test]
+fn lookup_racing_an_inner_double_rotation_finds_present_keys() {
+    // 3, 1 then 2: inner grandchild, rotate left at 1 then right at 3.
+    model(|| {
+        let t = tree(&[3, 1]);
+        let r = {
+            let t = t.clone();
+            thread::spawn(move || read_all(&t, &[3, 1], &[2]))
+        };
+        assert_eq!(t.insert(2, 20), None);
+        r.join().unwrap();
+        t.check_invariants().unwrap();
+    });
+}
+
+#[test]
+fn lookup_racing_a_remove_with_fixup_rotation_finds_present_keys() {
+    // Tree 2(B) [1(B), 3(B) [-, 4(R)]]: removing 1 rotates left at 2.
+    model(|| {
+        let t = tree(&[2, 1, 3, 4]);
+        let r = {
+            let t = t.clone();
+            thread::spawn(move || read_all(&t, &[2, 3, 4], &[1]))
+        };
+        assert!(t.remove(&1));
+        r.join().unwrap();
+        t.check_invariants().unwrap();
+        assert_eq!(t.len(), 3);
+    });
+}
+
+#[test]
+fn lookup_racing_removal_of_a_two_child_node_finds_the_moved_successor() {
+    // Removing the root 2 of [1, 2, 3, 4] moves its successor 3 up.
+    model(|| {
+        let t = tree(&[2, 1, 3, 4]);
+        let r = {
+            let t = t.clone();
+            thread::spawn(move || read_all(&t, &[3, 1, 4], &[2]))
+        };
+        assert!(t.remove(&2));
+        r.join().unwrap();
+        t.check_invariants().unwrap();
+    });
+}
+
+#[test]
+fn lookup_racing_a_replacement_sees_old_or_new_never_neither() {
+    model(|| {
+        let t = Arc::new(Tree::with_domain(ModelDomain::new()));
+        t.insert(1, 1);
+        t.insert(2, 2);
+        let r = {
+            let t = t.clone();
+            thread::spawn(move || {
+                let g = t.domain().read();
+                let v = t.get(&g, &1).copied();
+                assert!(
+                    v == Some(1) || v == Some(100),
+                    "replacement hid the key: {v:?}"
+                );
+            })
+        };
+        assert_eq!(t.insert(1, 100), Some(1));
+        r.join().unwrap();
+        assert_eq!(t.get_cloned(&1), Some(100));
+    });
+}
