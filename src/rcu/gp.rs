@@ -311,10 +311,14 @@ impl CallbackQueue {
             },
             f,
         }));
-        self.push(node.cast());
-        // Relaxed: only a throttling heuristic and a statistic; `barrier`
-        // does not rely on it.
+        // Count before publishing: once pushed, the worker may run the
+        // callback and decrement at once, and `pending` must never dip
+        // below the number of queued-but-unrun callbacks (`barrier`'s fast
+        // path reads it). Relaxed: a caller that later calls `barrier`
+        // sees its own increment by program order; the worker's Release
+        // decrements order the callbacks' effects (see `barrier`).
         let backlog = self.pending.fetch_add(1, Ordering::Relaxed) + 1;
+        self.push(node.cast());
         self.ensure_worker(gp);
         self.kick_worker();
         if backlog > HIGH_WATERMARK && may_wait && !ON_WORKER.with(|w| w.get()) {
