@@ -17,7 +17,11 @@
 //!   torture test and tests/rcu_api.rs exercise those on real threads.
 //! - Counter wrap-around, more than one reader-slot chunk, and the callback
 //!   flood throttle.
-//! - Executions beyond the preemption bound set in `model()`.
+//! - Executions beyond each model's preemption bound. The bounds were chosen
+//!   by mutation: each model fails when the step it covers is removed from
+//!   the algorithm (Rcu: either reader wait; Srcu: either index scan, or a
+//!   token ending the section early), and the bound is the smallest at which
+//!   it does.
 
 #![cfg(loom)]
 
@@ -116,7 +120,11 @@ fn srcu_index_flip_covers_a_reader_stalled_before_its_increment() {
     // The stall is any interleaving between the reader's index load and its
     // counter store; two grace periods make both flips (and the scan of the
     // "inactive" index that catches stragglers) part of the model.
-    model(|| {
+    // Bound 5: the straggler case (index loaded before the first flip,
+    // counter bumped after the first scan, section overlapping the second
+    // grace period) needs that many preemptions; with bound 3 a grace period
+    // that skips its scan of the inactive index passes unnoticed.
+    model_bounded(5, || {
         let srcu = Srcu::new();
         let first = Arc::new(RcuCell::new_in(Val::new(), srcu.clone()));
         let second = Arc::new(RcuCell::new_in(Val::new(), srcu.clone()));
@@ -142,6 +150,10 @@ fn srcu_index_flip_covers_a_reader_stalled_before_its_increment() {
 
 #[test]
 fn srcu_token_released_on_another_thread_ends_the_section() {
+    // The reader reads through the token (after `into_token`) and hands it
+    // back to the main thread, which releases it; the writer runs
+    // concurrently. If released tokens were miscounted (or tokens did not
+    // keep the section open), the poison would race with the read.
     model(|| {
         let srcu = Srcu::new();
         let cell = Arc::new(RcuCell::new_in(Val::new(), srcu.clone()));
@@ -149,17 +161,22 @@ fn srcu_token_released_on_another_thread_ends_the_section() {
             let (srcu, cell) = (srcu.clone(), cell.clone());
             thread::spawn(move || {
                 let g = srcu.read();
-                if let Some(v) = cell.load(&g) {
-                    v.check();
+                let v = cell.load(&g).map(|v| v as *const Val);
+                let token = g.into_token();
+                if let Some(v) = v {
+                    // SAFETY: the section is still open through the token.
+                    unsafe { (*v).check() };
                 }
-                g.into_token()
+                token
             })
         };
+        let writer = {
+            let cell = cell.clone();
+            thread::spawn(move || cell.swap(None).expect("value present").poison())
+        };
         let token = reader.join().unwrap();
-        let releaser = thread::spawn(move || drop(token));
-        let old = cell.swap(None).expect("value present");
-        old.poison();
-        releaser.join().unwrap();
+        drop(token);
+        writer.join().unwrap();
     });
 }
 
@@ -238,7 +255,10 @@ fn polled_cookie_reports_done_only_after_prior_readers_left() {
 
 #[test]
 fn concurrent_synchronize_callers_each_get_a_full_grace_period() {
-    model_bounded(2, || {
+    // Bound 3: two back-to-back grace periods with a reader whose phase went
+    // stale between them; with bound 2 a grace period that skips its first
+    // (stale-phase) wait passes unnoticed.
+    model_bounded(3, || {
         let rcu = Rcu::new();
         let a = Arc::new(RcuCell::new_in(Val::new(), rcu.clone()));
         let c = Arc::new(RcuCell::new_in(Val::new(), rcu.clone()));
