@@ -64,6 +64,10 @@ pub(crate) struct GpSeq {
     done_word: AtomicU32,
     /// Non-leaders asleep (or about to be) on `done_word`.
     sleepers: AtomicU32,
+    /// Under loom, non-leaders block on a condition variable instead of a
+    /// futex, so the model does not explore an endless spin.
+    #[cfg(loom)]
+    parking: (crate::sync::Mutex<()>, crate::sync::Condvar),
 }
 
 impl GpSeq {
@@ -84,6 +88,8 @@ impl GpSeq {
             leader_gen: AtomicU64::new(0),
             done_word: AtomicU32::new(0),
             sleepers: AtomicU32::new(0),
+            #[cfg(loom)]
+            parking: (crate::sync::Mutex::new(()), crate::sync::Condvar::new()),
         }
     }
 
@@ -160,6 +166,19 @@ impl GpSeq {
     }
 
     #[cold]
+    #[cfg(loom)]
+    fn sleep_until_changed(&self, s: u64) {
+        let (lock, cv) = &self.parking;
+        let mut held = lock.lock().unwrap();
+        // Checked under the lock that `complete` takes before notifying, so
+        // the notification cannot fall between the check and the wait.
+        while self.seq.load(Ordering::Acquire) == s {
+            held = cv.wait(held).unwrap();
+        }
+    }
+
+    #[cold]
+    #[cfg(not(loom))]
     fn sleep_until_changed(&self, s: u64) {
         let word = self.done_word.load(Ordering::Acquire);
         self.sleepers.fetch_add(1, Ordering::Relaxed);
@@ -183,6 +202,11 @@ impl GpSeq {
         fence(Ordering::SeqCst);
         if self.sleepers.load(Ordering::Relaxed) != 0 {
             crate::sync::wake_all(&self.done_word);
+        }
+        #[cfg(loom)]
+        {
+            drop(self.parking.0.lock().unwrap());
+            self.parking.1.notify_all();
         }
     }
 }
