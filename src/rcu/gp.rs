@@ -231,6 +231,18 @@ pub(crate) fn synchronize(gp: &dyn GracePeriod, expedited: bool) {
 /// (bounds memory under a callback flood: ~48 bytes a small callback).
 pub(crate) const HIGH_WATERMARK: usize = 1 << 18;
 
+/// How long the worker lets a small batch of callbacks grow before it starts
+/// a grace period for it. Callbacks only free memory, so a millisecond of
+/// extra latency is cheap, while back-to-back grace periods are not: each
+/// one sends membarrier IPIs to every core running a reader (a writer that
+/// retires one node per operation would otherwise start tens of thousands
+/// of grace periods a second). `barrier()` cuts the wait short.
+#[cfg(not(loom))]
+const BATCH_DELAY: Duration = Duration::from_millis(1);
+/// A batch this large starts its grace period at once.
+#[cfg(not(loom))]
+const BATCH_FULL: usize = 1024;
+
 /// Header shared by every callback node; the closure follows it.
 #[repr(C)]
 struct Node {
@@ -288,11 +300,16 @@ pub(crate) struct CallbackQueue {
     /// The worker's join handle (boxed), or null.
     handle: AtomicPtr<thread::JoinHandle<()>>,
     shutdown: AtomicBool,
+    /// Someone waits for the queue (`barrier`): do not let the batch grow.
+    urgent: AtomicBool,
     pub(crate) counts: CallbackCounts,
 }
 
 const WORKER_AWAKE: u32 = 0;
 const WORKER_SLEEPING: u32 = 1;
+/// Letting a small batch grow (woken only by `barrier` or shutdown).
+#[cfg(not(loom))]
+const WORKER_DELAYING: u32 = 2;
 const NO_WORKER: u64 = u64::MAX;
 
 // SAFETY: the raw node pointers are only handed between threads through the
@@ -311,6 +328,7 @@ impl CallbackQueue {
             start_claim: AtomicU64::new(0),
             handle: AtomicPtr::new(ptr::null_mut()),
             shutdown: AtomicBool::new(false),
+            urgent: AtomicBool::new(false),
             counts: CallbackCounts::default(),
         }
     }
@@ -449,6 +467,8 @@ impl CallbackQueue {
     fn worker_loop(&self, gp: &dyn GracePeriod) {
         ON_WORKER.with(|w| w.set(true));
         loop {
+            #[cfg(not(loom))]
+            self.let_batch_grow();
             // Acquire pairs with the pushers' Release CAS.
             let list = self.head.swap(ptr::null_mut(), Ordering::Acquire);
             if list.is_null() {
@@ -482,6 +502,33 @@ impl CallbackQueue {
         }
     }
 
+    /// Waits up to [`BATCH_DELAY`] for more callbacks when the queue holds
+    /// a small batch that nobody is waiting for.
+    #[cfg(not(loom))]
+    fn let_batch_grow(&self) {
+        // Relaxed: a heuristic; the swap after us is what takes the batch.
+        if self.head.load(Ordering::Relaxed).is_null()
+            || self.urgent.swap(false, Ordering::Relaxed)
+            || self.pending.load(Ordering::Relaxed) >= BATCH_FULL
+        {
+            return;
+        }
+        self.worker_word
+            .word()
+            .store(WORKER_DELAYING, Ordering::Relaxed);
+        // Our half of a store-buffering handshake with `barrier`: (store
+        // DELAYING; fence; load urgent) against (store urgent; fence; store
+        // AWAKE; wake). Either we see `urgent`, or the futex wait sees the
+        // word changed, or it is woken.
+        fence(Ordering::SeqCst);
+        if !self.urgent.load(Ordering::Relaxed) && !self.shutdown.load(Ordering::Relaxed) {
+            self.worker_word.wait(WORKER_DELAYING, BATCH_DELAY);
+        }
+        self.worker_word
+            .word()
+            .store(WORKER_AWAKE, Ordering::Relaxed);
+    }
+
     /// Returns once every callback queued before the call has run.
     pub(crate) fn barrier(self: &Arc<Self>, gp: &Arc<dyn GracePeriod>) {
         assert!(
@@ -494,6 +541,11 @@ impl CallbackQueue {
         if self.pending.load(Ordering::Acquire) == 0 {
             return;
         }
+        // Before queueing the marker, so the batch that holds it does not
+        // wait to grow (see `let_batch_grow`); the marker's push and kick
+        // then wake a sleeping worker, and the wake below a delaying one.
+        self.urgent.store(true, Ordering::Relaxed);
+        fence(Ordering::SeqCst);
         let done = Arc::new(Event::new(0));
         let flag = Arc::clone(&done);
         self.call(
@@ -505,6 +557,14 @@ impl CallbackQueue {
             },
             false,
         );
+        // The push woke a sleeping worker; a delaying one needs this.
+        #[cfg(not(loom))]
+        {
+            self.worker_word
+                .word()
+                .store(WORKER_AWAKE, Ordering::Relaxed);
+            self.worker_word.wake();
+        }
         let mut backoff = Backoff::new();
         while done.word().load(Ordering::Acquire) == 0 {
             if backoff.is_completed() {
