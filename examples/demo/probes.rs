@@ -205,11 +205,11 @@ pub fn run(opts: &ProbeOptions) -> bool {
             .find(|p| p.addr == site.addr)
             .map_or_else(|| "?".to_string(), |p| p.func.symbol());
         let how = match site.slot {
-            Some(slot) => format!("run out of line in XOL slot {slot:#x}"),
-            None => "emulated".to_string(),
+            Some(slot) => format!("runs out of line in XOL slot {slot:#x}"),
+            None => "is emulated".to_string(),
         };
         println!(
-            "  site {:#x} {name}: {} probes, displaced instruction {how}",
+            "  site {:#x} {name}: {} probes, its first instruction {how}",
             site.addr,
             site.probes.len()
         );
