@@ -451,7 +451,7 @@ fn summary(live: &Live, probed: &[Probed], workload: &Workload) -> bool {
     }
     let xol = live.xol_stats();
     println!(
-        "registry empty: {}; XOL slots: {} allocated, {} freed, {} in use; {} wrong results; RCU routing table replaced {} times",
+        "registry empty: {}; XOL slots: {} allocated, {} returned so far, {} in use; {} wrong results; RCU routing table replaced {} times",
         reg.is_empty(),
         xol.allocs,
         xol.frees,
