@@ -80,6 +80,9 @@ fn the_demo_refuses_an_unknown_target_with_usage_and_exit_code_2() {
         .expect("running the demo");
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("unknown target `no_such_function`"), "{stderr}");
+    assert!(
+        stderr.contains("unknown target `no_such_function`"),
+        "{stderr}"
+    );
     assert!(out.stdout.is_empty(), "nothing ran");
 }

@@ -158,4 +158,3 @@ pub fn fmt_ns(ns: u64) -> String {
         _ => format!("{:.2}s", ns as f64 / 1e9),
     }
 }
-

@@ -39,8 +39,8 @@ use rcu_registry::probes::ProbeError;
 
 use crate::histogram::{fmt_ns, Histogram, SPARK_COLS, SPARK_LABEL};
 use crate::view::View;
-use crate::ProbeOptions;
 use crate::work::{Func, Workload, FUNCS};
+use crate::ProbeOptions;
 
 /// Bytes of each function compared before and after (the longest x86
 /// instruction is 15 bytes; a breakpoint is one).
