@@ -45,8 +45,9 @@ use crate::ProbeOptions;
 /// Bytes of each function compared before and after (the longest x86
 /// instruction is 15 bytes; a breakpoint is one).
 const SNAPSHOT_BYTES: u64 = 32;
-/// Spare kretprobe instances beyond two per worker (the republisher and the
-/// main thread's final calls).
+/// Kretprobe instances beyond two per worker. A worker has at most one call
+/// of a probed function in flight (none calls another), so `2 x workers + 8`
+/// is headroom, and the check can demand that no call goes untracked.
 const SPARE_INSTANCES: usize = 8;
 
 /// Data a kretprobe keeps per call: when the call entered.
