@@ -28,7 +28,7 @@
 use loom::cell::UnsafeCell;
 use loom::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 use loom::thread;
-use rcu_registry::rcu::{Rcu, RcuCell, Srcu};
+use rcu_registry::rcu::{Flavor, Rcu, RcuCell, Srcu};
 use std::ptr;
 use std::sync::Arc;
 
@@ -69,6 +69,29 @@ fn model_bounded(bound: usize, f: impl Fn() + Sync + Send + 'static) {
 
 fn model(f: impl Fn() + Sync + Send + 'static) {
     model_bounded(3, f);
+}
+
+/// Two published values protected by `domain`.
+type Pair<F> = (Arc<RcuCell<Val, F>>, Arc<RcuCell<Val, F>>);
+
+fn publish_pair<F: Flavor>(domain: &F) -> Pair<F> {
+    (
+        Arc::new(RcuCell::new_in(Val::new(), domain.clone())),
+        Arc::new(RcuCell::new_in(Val::new(), domain.clone())),
+    )
+}
+
+/// A reader thread that checks both values inside one read section.
+fn spawn_pair_reader<F: Flavor>(domain: &F, pair: &Pair<F>) -> thread::JoinHandle<()> {
+    let (domain, a, b) = (domain.clone(), pair.0.clone(), pair.1.clone());
+    thread::spawn(move || {
+        let g = domain.read();
+        for cell in [&a, &b] {
+            if let Some(v) = cell.load(&g) {
+                v.check();
+            }
+        }
+    })
 }
 
 #[test]
@@ -126,20 +149,8 @@ fn srcu_index_flip_covers_a_reader_stalled_before_its_increment() {
     // that skips its scan of the inactive index passes unnoticed.
     model_bounded(5, || {
         let srcu = Srcu::new();
-        let first = Arc::new(RcuCell::new_in(Val::new(), srcu.clone()));
-        let second = Arc::new(RcuCell::new_in(Val::new(), srcu.clone()));
-        let reader = {
-            let (srcu, first, second) = (srcu.clone(), first.clone(), second.clone());
-            thread::spawn(move || {
-                let g = srcu.read();
-                if let Some(v) = first.load(&g) {
-                    v.check();
-                }
-                if let Some(v) = second.load(&g) {
-                    v.check();
-                }
-            })
-        };
+        let (first, second) = publish_pair(&srcu);
+        let reader = spawn_pair_reader(&srcu, &(first.clone(), second.clone()));
         let a = first.swap(None).expect("value present");
         a.poison();
         let b = second.swap(None).expect("value present");
@@ -260,20 +271,8 @@ fn concurrent_synchronize_callers_each_get_a_full_grace_period() {
     // (stale-phase) wait passes unnoticed.
     model_bounded(3, || {
         let rcu = Rcu::new();
-        let a = Arc::new(RcuCell::new_in(Val::new(), rcu.clone()));
-        let c = Arc::new(RcuCell::new_in(Val::new(), rcu.clone()));
-        let reader = {
-            let (rcu, a, c) = (rcu.clone(), a.clone(), c.clone());
-            thread::spawn(move || {
-                let g = rcu.read();
-                if let Some(v) = a.load(&g) {
-                    v.check();
-                }
-                if let Some(v) = c.load(&g) {
-                    v.check();
-                }
-            })
-        };
+        let (a, c) = publish_pair(&rcu);
+        let reader = spawn_pair_reader(&rcu, &(a.clone(), c.clone()));
         let other = {
             let c = c.clone();
             thread::spawn(move || c.swap(None).expect("value present").poison())
