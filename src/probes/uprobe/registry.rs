@@ -58,7 +58,9 @@ pub(crate) struct Install {
 
 /// What the registry knows of one address space.
 pub(crate) struct SpaceState<S: AddressSpace, F: Flavor> {
-    pub(crate) space: Arc<S>,
+    /// `std`'s `Arc`, not the shim's: the caller's handle to its space,
+    /// part of the public API in loom builds too.
+    pub(crate) space: std::sync::Arc<S>,
     /// File mappings sorted by start address; replaced whole under
     /// `maps_lock`.
     pub(crate) maps: RcuCell<Box<[FileMapping]>, F>,
@@ -435,7 +437,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// record may still be about to step through it.
     fn free_slot_later(&self, st: &SpaceState<S, F>, plan: Option<XolPlan>) {
         if let Some(p) = plan {
-            let space = Arc::clone(&st.space);
+            let space = std::sync::Arc::clone(&st.space);
             self.domain.call(move || space.xol().free(p.slot_addr));
         }
     }
@@ -569,14 +571,18 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// else's patch, ...). The mapping stays recorded and the installs
     /// before the failure stay, as they would in a kernel mmap that
     /// reports an error for one probe.
-    pub fn on_mmap(&self, space: &Arc<S>, mapping: FileMapping) -> Result<usize, ProbeError> {
+    pub fn on_mmap(
+        &self,
+        space: &std::sync::Arc<S>,
+        mapping: FileMapping,
+    ) -> Result<usize, ProbeError> {
         let _file = self.files.lock(&mapping.file);
         let id = space.id();
         let st = {
             let g = self.domain.read();
             let st = self.spaces.get_or_insert_with(&g, id, || {
                 Arc::new(SpaceState {
-                    space: Arc::clone(space),
+                    space: std::sync::Arc::clone(space),
                     maps: RcuCell::new_in(Box::new([]), self.domain.clone()),
                     maps_lock: Mutex::new(()),
                     installs: SeqTree::with_domain(self.domain.clone()),
