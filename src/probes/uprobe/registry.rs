@@ -419,7 +419,16 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             return Ok(None);
         }
         let xol = st.space.xol();
-        let slot = xol.alloc(insn.addr)?;
+        let slot = match xol.alloc(insn.addr) {
+            Ok(s) => s,
+            Err(ProbeError::XolExhausted { .. }) => {
+                // Slots of removed installs come back through domain
+                // callbacks after a grace period: wait for those queued.
+                self.reclaim_slots();
+                xol.alloc(insn.addr)?
+            }
+            Err(e) => return Err(e),
+        };
         match self
             .arch
             .plan_xol(insn, slot)
@@ -431,6 +440,12 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 Err(e)
             }
         }
+    }
+
+    /// Runs the queued slot frees (waits for a grace period).
+    #[cold]
+    fn reclaim_slots(&self) {
+        self.domain.barrier();
     }
 
     /// Frees a plan's slot after a grace period: a hit that found the
