@@ -7,9 +7,10 @@
 //! space is found in the spaces tree, the mapping by binary search in the
 //! space's published mapping array, the uprobe in the uprobe tree and the
 //! install record (the instruction as analysed at registration, at this
-//! address, with its XOL plan) in the space's install tree. All are
+//! address, with its XOL plan) in the uprobe's array of installs. All are
 //! lock-free [`SeqTree`](crate::seqtree::SeqTree) lookups or loads of
-//! [`RcuCell`](crate::rcu::RcuCell)s; nothing is allocated (the one
+//! [`RcuCell`](crate::rcu::RcuCell)s (the install is found in the uprobe's
+//! short per-space array, not in a second tree); nothing is allocated (the one
 //! exception is the first read section a thread ever enters in an `Srcu`
 //! domain, which registers the thread).
 //!
@@ -126,7 +127,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         let (file, offset) = offset.ok_or(Some(st))?;
         let key = UprobeKey { file, offset };
         let up = self.uprobes.get(guard, &key).ok_or(Some(st))?;
-        let install = st.installs.get(guard, &vaddr).ok_or(Some(st))?;
+        let install = up.placed_at(guard, space, vaddr).ok_or(Some(st))?;
         Ok((st, key, up, install))
     }
 

@@ -45,6 +45,49 @@ pub(crate) struct Uprobe<F: Flavor> {
     /// Offset of the enclosing function's first instruction, if the
     /// registration named it (for the instruction-boundary check).
     func_offset: Option<u64>,
+    /// Where the breakpoint is installed, for the hit path: a short
+    /// array (one entry per space mapping the offset) replaced whole by
+    /// writers holding the file stripe. Mirrors the spaces' install trees,
+    /// so a hit needs no second tree walk.
+    pub(crate) placed: RcuCell<Box<[Placed]>, F>,
+}
+
+/// One install of a uprobe, as the hit path finds it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Placed {
+    pub(crate) space: SpaceId,
+    pub(crate) vaddr: u64,
+    pub(crate) install: Install,
+}
+
+impl<F: Flavor> Uprobe<F> {
+    /// The install at `vaddr` in `space`, inside `guard`.
+    #[inline]
+    pub(crate) fn placed_at<'g>(
+        &'g self,
+        guard: &'g F::Guard<'_>,
+        space: SpaceId,
+        vaddr: u64,
+    ) -> Option<&'g Install> {
+        slice(self.placed.load(guard))
+            .iter()
+            .find(|p| p.vaddr == vaddr && p.space == space)
+            .map(|p| &p.install)
+    }
+
+    /// Publishes the install list with `add` added and `(space, vaddr)`
+    /// removed. The caller holds the file stripe.
+    fn update_placed(&self, add: Option<Placed>, remove: Option<(SpaceId, u64)>) {
+        let g = self.placed.domain().read();
+        let mut v: Vec<Placed> = slice(self.placed.load(&g))
+            .iter()
+            .filter(|p| remove != Some((p.space, p.vaddr)))
+            .copied()
+            .collect();
+        drop(g);
+        v.extend(add);
+        self.placed.replace(v.into_boxed_slice());
+    }
 }
 
 /// A breakpoint installed in one space: the displaced instruction analysed
@@ -230,6 +273,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                     ),
                     orig: Mutex::new(None),
                     func_offset,
+                    placed: RcuCell::new_in(Box::new([]), self.domain.clone()),
                 };
                 (self.uprobes.get_or_insert_handle_with(key, || u), true)
             }
@@ -249,10 +293,10 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             if wanted_before || !consumer.wants(id) {
                 continue;
             }
-            match self.install(&up.value().orig, up.func_offset, st, key, *vaddr, map) {
+            match self.install(up.value(), st, key, *vaddr, map) {
                 Ok(wrote) => done.push((Arc::clone(st), *vaddr, wrote)),
                 Err(e) => {
-                    self.undo_installs(&up.value().orig, &done);
+                    self.undo_installs(up.value(), &done);
                     if fresh {
                         self.uprobes.remove(&key);
                     }
@@ -306,8 +350,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// uprobe must still be found when it traps).
     fn install(
         &self,
-        orig: &Mutex<Option<CodeBytes>>,
-        func_offset: Option<u64>,
+        up: &Uprobe<F>,
         st: &SpaceState<S, F>,
         key: UprobeKey,
         vaddr: u64,
@@ -322,7 +365,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         let n = self.arch.max_insn_len().min(avail).min(MAX_INSN_BYTES);
         let mut buf = [0u8; MAX_INSN_BYTES];
         text.read(vaddr, &mut buf[..n])?;
-        let mut known = orig.lock().unwrap_or_else(|p| p.into_inner());
+        let mut known = up.orig.lock().unwrap_or_else(|p| p.into_inner());
         let ours_there = n >= bp.len() && &buf[..bp.len()] == bp;
         let code: [u8; MAX_INSN_BYTES] = match &*known {
             Some(o) => {
@@ -349,7 +392,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             }
             None => buf,
         };
-        if let (None, Some(f)) = (&*known, func_offset) {
+        if let (None, Some(f)) = (&*known, up.func_offset) {
             self.check_boundary(st, key, map, f, vaddr)?;
         }
         let insn = self.arch.analyze(vaddr, &code[..n])?;
@@ -358,12 +401,22 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         // Publish the record, then write the breakpoint: a thread that
         // traps on it always finds the record.
         st.installs.insert(vaddr, rec);
+        let id = st.space.id();
+        up.update_placed(
+            Some(Placed {
+                space: id,
+                vaddr,
+                install: rec,
+            }),
+            None,
+        );
         if !ours_there {
             let written = text
                 .write(vaddr, &code[..bp.len()], bp)
                 .and_then(|()| text.sync_icache(vaddr, bp.len()));
             if let Err(e) = written {
                 let _ = text.write(vaddr, bp, &code[..bp.len()]);
+                up.update_placed(None, Some((id, vaddr)));
                 st.installs.remove(&vaddr);
                 self.free_slot_later(st, plan);
                 return Err(e);
@@ -458,27 +511,21 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     }
 
     /// Removes the installs in `done` (those that wrote get their bytes back).
-    fn undo_installs(&self, orig: &Mutex<Option<CodeBytes>>, done: &[Done<S, F>]) {
+    fn undo_installs(&self, up: &Uprobe<F>, done: &[Done<S, F>]) {
         for (st, vaddr, wrote) in done {
-            self.uninstall(orig, st, *vaddr, *wrote);
+            self.uninstall(up, st, *vaddr, *wrote);
         }
     }
 
     /// Restores the original bytes at `vaddr` (if `write`) and drops the
     /// record. A breakpoint someone else already replaced is left alone.
-    fn uninstall(
-        &self,
-        orig: &Mutex<Option<CodeBytes>>,
-        st: &SpaceState<S, F>,
-        vaddr: u64,
-        write: bool,
-    ) {
+    fn uninstall(&self, up: &Uprobe<F>, st: &SpaceState<S, F>, vaddr: u64, write: bool) {
         let Some(rec) = st.installs.get_cloned(&vaddr) else {
             return;
         };
         if write {
             let bp = self.arch.breakpoint();
-            let o = orig.lock().unwrap_or_else(|p| p.into_inner());
+            let o = up.orig.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(o) = &*o {
                 let text = st.space.text();
                 if text.write(vaddr, bp, &o.as_slice()[..bp.len()]).is_ok() {
@@ -486,6 +533,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 }
             }
         }
+        up.update_placed(None, Some((st.space.id(), vaddr)));
         st.installs.remove(&vaddr);
         self.free_slot_later(st, rec.plan);
     }
@@ -534,7 +582,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 .map(|(v, _)| *v)
                 .collect();
             for v in vaddrs {
-                self.uninstall(&up.value().orig, st, v, true);
+                self.uninstall(up.value(), st, v, true);
             }
         }
         drop(g);
@@ -636,7 +684,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 .vaddr_of(key.offset)
                 .expect("the key was taken from the mapping's range");
             let u = up.value();
-            if self.install(&u.orig, u.func_offset, &st, key, vaddr, &mapping)? {
+            if self.install(u, &st, key, vaddr, &mapping)? {
                 wrote += 1;
             }
         }
@@ -696,16 +744,21 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 }
                 st.maps.replace(maps.into_boxed_slice());
             }
-            let gone: Vec<u64> = st
+            let gone: Vec<(u64, UprobeKey)> = st
                 .installs
                 .range(&g, range.clone())
                 .filter(|(_, i)| i.key.file == file)
-                .map(|(v, _)| *v)
+                .map(|(v, i)| (*v, i.key))
                 .collect();
             drop(g);
-            for v in gone {
-                let orig = Mutex::new(None);
-                self.uninstall(&orig, &st, v, false);
+            for (v, key) in gone {
+                // An install exists only while its uprobe does: both go
+                // under this file's stripe, installs first.
+                let up = self
+                    .uprobes
+                    .get_handle(&key)
+                    .expect("an installed uprobe is in the tree");
+                self.uninstall(up.value(), &st, v, false);
                 dropped += 1;
             }
         }
