@@ -24,6 +24,7 @@ use rcu_registry::probes::uprobe::{
     UprobeRegistry,
 };
 use rcu_registry::probes::ProbeError;
+use rcu_registry::rcu::{Flavor, Rcu, Srcu};
 
 const BASE: u64 = 0x40_0000;
 const FILE: FileId = FileId { dev: 8, inode: 42 };
@@ -86,10 +87,10 @@ impl DataMemory for NoMemory {
     }
 }
 
-type Reg = UprobeRegistry<X86_64, Space>;
+type Reg<F = Srcu> = UprobeRegistry<X86_64, Space, F>;
 
-fn registry() -> Reg {
-    let reg = Reg::new(X86_64);
+fn registry<F: Flavor>(domain: F) -> Reg<F> {
+    let reg = Reg::with_domain(X86_64, domain);
     let space = Arc::new(Space {
         text: Image::new(BASE, vec![0x90; UPROBES * SPACING as usize]),
         xol: XolArena::new(0x7fff_0000_0000, 4, X86_64::XOL_SLOT_SIZE),
@@ -227,13 +228,20 @@ fn on_threads(threads: usize, iters: u64, work: impl Fn(usize, u64) + Sync) -> D
 type HitFn<'a> = dyn Fn(&mut Regs) + Sync + 'a;
 
 fn bench_hit(c: &mut Criterion) {
-    let reg = registry();
+    let reg = registry(Srcu::new());
+    let reg_rcu = registry(Rcu::new());
     let peer = peer();
     let mut g = c.benchmark_group("uprobe_hit_lookup");
     for threads in [1usize, 2] {
-        let contenders: [(&str, &str, &HitFn); 2] = [
+        let contenders: [(&str, &str, &HitFn); 3] = [
             ("srcu_seqtree", "tree", &|regs| {
                 let out = reg.on_breakpoint(SPACE, regs, &mut NoMemory);
+                assert!(matches!(out, UprobeOutcome::Done(HitOutcome::Emulated)));
+            }),
+            // The same registry in an `Rcu` domain (handlers may not sleep):
+            // shows what the sleepable read section costs.
+            ("rcu_seqtree", "tree_rcu", &|regs| {
+                let out = reg_rcu.on_breakpoint(SPACE, regs, &mut NoMemory);
                 assert!(matches!(out, UprobeOutcome::Done(HitOutcome::Emulated)));
             }),
             ("rwlock_hashmap", "rwlock", &|regs| {
@@ -276,6 +284,15 @@ fn main() {
                 s / f
             ),
             _ => println!("  hit path, {t} thread(s): not measured"),
+        }
+        if let (Some(s), Some(f)) = (
+            median_ns(&format!("hit/rwlock/{t}")),
+            median_ns(&format!("hit/tree_rcu/{t}")),
+        ) {
+            println!(
+                "  hit path, rwlock+hashmap / rcu+seqtree (same registry, Rcu domain), {t} thread(s): {:.2}x ({s:.1} ns vs {f:.1} ns)",
+                s / f
+            );
         }
     }
 }
