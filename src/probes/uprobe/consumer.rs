@@ -62,8 +62,19 @@ pub(crate) struct ConsumerInner {
     hits: AtomicU64,
 }
 
-/// A uprobe consumer: a handler and an optional per-space filter. See the
-/// [module docs](self).
+/// A uprobe consumer: a handler and an optional per-space filter.
+///
+/// - **Identity.** A cheap, clonable handle; clones are the same consumer
+///   (compared by pointer): registering a clone on a uprobe it is already
+///   on is refused, and unregistering needs the handle that was registered.
+/// - **Handlers may sleep.** They run inside a read section of the
+///   registry's domain (by default an [`Srcu`](crate::rcu::Srcu) domain,
+///   whose readers may block); unregistration waits for them.
+/// - **Asking to be removed.** A handler returning
+///   [`ConsumerAction::Remove`] is not called again and is unregistered by
+///   the next [`reap_removed`](super::UprobeRegistry::reap_removed) (a
+///   handler cannot unregister itself: that waits for a grace period its
+///   own read section holds up).
 #[derive(Clone)]
 pub struct Consumer(pub(crate) Arc<ConsumerInner>);
 

@@ -62,6 +62,16 @@ impl<F: Flavor> std::fmt::Debug for UprobeOutcome<'_, F> {
 /// slot and plan stay valid); hand it to
 /// [`UprobeRegistry::on_step_complete`] at the step trap, on the same
 /// thread, and drop it when that says [`StepOutcome::Done`].
+///
+/// It holds a read guard, so it cannot move to another thread (the step
+/// trap comes on the thread that trapped):
+///
+/// ```compile_fail
+/// use rcu_registry::probes::uprobe::UprobeStep;
+/// use rcu_registry::rcu::Srcu;
+/// fn send<T: Send>() {}
+/// send::<UprobeStep<'static, Srcu>>();
+/// ```
 pub struct UprobeStep<'r, F: Flavor + 'r> {
     _guard: F::Guard<'r>,
     plan: XolPlan,
