@@ -698,7 +698,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     pub fn on_munmap(&self, space: SpaceId, range: Range<u64>) -> usize {
         let Some(st) = ({
             let g = self.domain.read();
-            self.spaces.get(&g, &space).map(Arc::clone)
+            self.spaces.get(&g, &space).cloned()
         }) else {
             return 0;
         };
