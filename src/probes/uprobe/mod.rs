@@ -58,6 +58,7 @@
 
 mod consumer;
 mod hit;
+mod mmap;
 mod registry;
 mod space;
 
