@@ -9,5 +9,6 @@ pub mod runtime;
 #[cfg(all(target_os = "linux", not(loom)))]
 pub mod symbols;
 pub mod text;
+pub mod uprobe;
 
 pub use error::ProbeError;

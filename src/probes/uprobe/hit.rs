@@ -1,0 +1,250 @@
+//! The uprobe hit path: `(space, vaddr)` → mapping → `(file, offset)` →
+//! uprobe → consumers, then the displaced instruction.
+//!
+//! # No lock, no allocation
+//!
+//! Everything runs inside one read section of the registry's domain: the
+//! space is found in the spaces tree, the mapping by binary search in the
+//! space's published mapping array, the uprobe in the uprobe tree and the
+//! install record (the instruction as analysed at registration, at this
+//! address, with its XOL plan) in the uprobe's array of installs. All are
+//! lock-free [`SeqTree`](crate::seqtree::SeqTree) lookups or loads of
+//! [`RcuCell`](crate::rcu::RcuCell)s (the install is found in the uprobe's
+//! short per-space array, not in a second tree); nothing is allocated (the one
+//! exception is the first read section a thread ever enters in an `Srcu`
+//! domain, which registers the thread).
+//!
+//! # Outcomes
+//!
+//! The same protocol as kprobes, with the same [`HitOutcome`] values: not
+//! ours, vanished, skipped, emulated, boosted, failed. A displaced
+//! instruction that must be single-stepped returns a [`UprobeStep`]
+//! instead of kprobes' `StepToken` (which counts in-flight steps on a
+//! kprobe member list): the uprobe step keeps the read section open until
+//! it is dropped, so unregistration's grace period covers it and the XOL
+//! slot outlives it. Uprobe consumers have no post handler.
+
+use super::consumer::{ConsumerAction, UprobeHit};
+use super::registry::{slice, Install, SpaceState, Uprobe, UprobeRegistry};
+use super::space::{AddressSpace, SpaceId, UprobeKey};
+use crate::probes::arch::{
+    Arch, DataMemory, Regs, StepOutcome, StepState, XolPlan, XolRun, MAX_INSN_BYTES,
+};
+use crate::probes::kprobe::HitOutcome;
+use crate::probes::text::TextMemory;
+use crate::probes::ProbeError;
+use crate::rcu::Flavor;
+use crate::seqtree::EntryHandle;
+
+/// What the trap handler must do after [`UprobeRegistry::on_breakpoint`].
+#[must_use = "the outcome says how to resume the thread"]
+pub enum UprobeOutcome<'r, F: Flavor + 'r> {
+    /// Finished, as for a kprobe: never [`HitOutcome::SingleStep`].
+    Done(HitOutcome<'static>),
+    /// `regs` are set up to single-step the XOL slot: resume, and at the
+    /// step trap call [`UprobeRegistry::on_step_complete`].
+    SingleStep(UprobeStep<'r, F>),
+}
+
+impl<F: Flavor> std::fmt::Debug for UprobeOutcome<'_, F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            UprobeOutcome::Done(o) => f.debug_tuple("Done").field(o).finish(),
+            UprobeOutcome::SingleStep(s) => f
+                .debug_tuple("SingleStep")
+                .field(&s.plan.slot_addr)
+                .finish(),
+        }
+    }
+}
+
+/// A single-step in flight. Holds the registry's read section open (so the
+/// slot and plan stay valid); hand it to
+/// [`UprobeRegistry::on_step_complete`] at the step trap, on the same
+/// thread, and drop it when that says [`StepOutcome::Done`].
+///
+/// It holds a read guard, so it cannot move to another thread (the step
+/// trap comes on the thread that trapped):
+///
+/// ```compile_fail
+/// use rcu_registry::probes::uprobe::UprobeStep;
+/// use rcu_registry::rcu::Srcu;
+/// fn send<T: Send>() {}
+/// send::<UprobeStep<'static, Srcu>>();
+/// ```
+pub struct UprobeStep<'r, F: Flavor + 'r> {
+    _guard: F::Guard<'r>,
+    plan: XolPlan,
+    state: StepState,
+}
+
+impl<F: Flavor> UprobeStep<'_, F> {
+    /// The XOL plan being stepped.
+    pub fn plan(&self) -> &XolPlan {
+        &self.plan
+    }
+
+    /// What the arch backend saved for the fixups.
+    pub fn state(&self) -> &StepState {
+        &self.state
+    }
+}
+
+/// An owned reference to a live uprobe, taken with increment-unless-zero:
+/// it can only be made while the uprobe is in the tree, never by
+/// resurrecting one whose last reference is gone.
+pub struct UprobeRef<F: Flavor>(EntryHandle<UprobeKey, Uprobe<F>, F>);
+
+impl<F: Flavor> UprobeRef<F> {
+    /// The uprobe's key.
+    pub fn key(&self) -> UprobeKey {
+        *self.0.key()
+    }
+
+    /// Whether the uprobe is still in the registry's tree.
+    pub fn is_linked(&self) -> bool {
+        self.0.is_linked()
+    }
+
+    /// Consumers on the uprobe as seen now (never 0 for a uprobe that was
+    /// ever reachable: the last consumer leaves by removing the uprobe).
+    pub fn consumers(&self) -> usize {
+        let g = self.0.consumers.domain().read();
+        slice(self.0.consumers.load(&g)).len()
+    }
+}
+
+/// A resolved hit: the space's state, the key, the uprobe, the install.
+type Resolved<'g, S, F> = (&'g SpaceState<S, F>, UprobeKey, &'g Uprobe<F>, &'g Install);
+
+impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
+    /// The chain of lookups, inside `guard`.
+    #[inline]
+    fn resolve<'g>(
+        &self,
+        guard: &'g F::Guard<'_>,
+        space: SpaceId,
+        vaddr: u64,
+    ) -> Result<Resolved<'g, S, F>, Option<&'g SpaceState<S, F>>> {
+        let st = &**self.spaces.get(guard, &space).ok_or(None)?;
+        let maps = slice(st.maps.load(guard));
+        // Mappings are sorted and disjoint: the candidate is the last one
+        // starting at or below `vaddr`.
+        let i = maps.partition_point(|m| m.vaddr.start <= vaddr);
+        let offset = i
+            .checked_sub(1)
+            .and_then(|i| maps[i].offset_of(vaddr).map(|o| (maps[i].file, o)));
+        let (file, offset) = offset.ok_or(Some(st))?;
+        let key = UprobeKey { file, offset };
+        let up = self.uprobes.get(guard, &key).ok_or(Some(st))?;
+        let install = up.placed_at(guard, space, vaddr).ok_or(Some(st))?;
+        Ok((st, key, up, install))
+    }
+
+    /// The uprobe a breakpoint at `vaddr` in `space` belongs to, if any
+    /// (the hit path's lookup, without running anything).
+    pub fn find(&self, space: SpaceId, vaddr: u64) -> Option<UprobeKey> {
+        let g = self.domain.read();
+        self.resolve(&g, space, vaddr).ok().map(|(_, k, _, _)| k)
+    }
+
+    /// As [`find`](Self::find), pinning the uprobe with
+    /// increment-unless-zero (see [`UprobeRef`]).
+    pub fn find_ref(&self, space: SpaceId, vaddr: u64) -> Option<UprobeRef<F>> {
+        let key = self.find(space, vaddr)?;
+        self.uprobes.get_handle(&key).map(UprobeRef)
+    }
+
+    /// Handles a breakpoint trap in `space`. `regs` are the registers at the
+    /// trap; `mem` reaches the thread's stack for emulation.
+    ///
+    /// Runs the consumers' handlers in registration order (those whose
+    /// filter wants `space`, and that did not ask for removal) with
+    /// `regs.ip` at the probed address, inside a read section of the
+    /// domain (they may sleep with the default `Srcu`), then completes the
+    /// displaced instruction or says how to.
+    pub fn on_breakpoint<'r>(
+        &'r self,
+        space: SpaceId,
+        regs: &mut Regs,
+        mem: &mut dyn DataMemory,
+    ) -> UprobeOutcome<'r, F> {
+        let vaddr = self.arch.trap_address(regs);
+        let guard = self.domain.read();
+        let (key, up, install) = match self.resolve(&guard, space, vaddr) {
+            Ok((_, k, u, i)) => (k, u, *i),
+            Err(st) => return UprobeOutcome::Done(self.miss(st, vaddr, regs)),
+        };
+        regs.ip = vaddr;
+        let hit = UprobeHit { space, vaddr, key };
+        for c in slice(up.consumers.load(&guard)) {
+            if c.run(&hit, regs) == ConsumerAction::SkipInstruction {
+                return UprobeOutcome::Done(HitOutcome::Skipped);
+            }
+        }
+        let Some(plan) = install.plan else {
+            return UprobeOutcome::Done(match self.arch.emulate(&install.insn, regs, mem) {
+                Ok(()) => HitOutcome::Emulated,
+                Err(e) => HitOutcome::Failed(e),
+            });
+        };
+        let run = if plan.boostable {
+            XolRun::Boosted
+        } else {
+            XolRun::SingleStep
+        };
+        let state = match self.arch.prepare_step(&plan, run, regs) {
+            Ok(s) => s,
+            Err(e) => return UprobeOutcome::Done(HitOutcome::Failed(e)),
+        };
+        if run == XolRun::Boosted {
+            return UprobeOutcome::Done(HitOutcome::Boosted {
+                slot: plan.slot_addr,
+            });
+        }
+        UprobeOutcome::SingleStep(UprobeStep {
+            _guard: guard,
+            plan,
+            state,
+        })
+    }
+
+    /// No uprobe: ours if the breakpoint is gone (removed after the trap).
+    #[cold]
+    fn miss(
+        &self,
+        st: Option<&SpaceState<S, F>>,
+        vaddr: u64,
+        regs: &mut Regs,
+    ) -> HitOutcome<'static> {
+        let Some(st) = st else {
+            return HitOutcome::NotOurs;
+        };
+        let bp = self.arch.breakpoint();
+        let mut buf = [0u8; MAX_INSN_BYTES];
+        let found = &mut buf[..bp.len()];
+        match st.space.text().read(vaddr, found) {
+            Ok(()) if found != bp => {
+                regs.ip = vaddr;
+                HitOutcome::Vanished
+            }
+            _ => HitOutcome::NotOurs,
+        }
+    }
+
+    /// Handles the step trap after [`UprobeOutcome::SingleStep`]: applies
+    /// the arch fixups so `regs` look as if the instruction ran in place.
+    /// On [`StepOutcome::Repeat`] resume with the step armed and call again
+    /// with the same `step`; on `Done` drop it.
+    ///
+    /// # Errors
+    /// What [`Arch::finish_step`] reports; `regs` are then unchanged.
+    pub fn on_step_complete(
+        &self,
+        step: &UprobeStep<'_, F>,
+        regs: &mut Regs,
+        mem: &mut dyn DataMemory,
+    ) -> Result<StepOutcome, ProbeError> {
+        self.arch.finish_step(&step.plan, &step.state, regs, mem)
+    }
+}

@@ -1,0 +1,164 @@
+//! Address-space events: [`UprobeRegistry::on_mmap`] and
+//! [`UprobeRegistry::on_munmap`].
+//!
+//! # Keeping the hit path's view
+//!
+//! The registry keeps, per space, a sorted array of its file mappings in an
+//! [`RcuCell`], replaced whole under the space's `maps_lock` (taken inside
+//! the mapped file's stripe, see the lock order in `registry.rs`). A new
+//! mapping installs every uprobe of the file in its range; an unmap drops
+//! the installs in the range without writing (the memory is gone) and keeps
+//! the pieces of mappings outside it.
+
+use core::ops::Range;
+
+use super::registry::{slice, SpaceState, UprobeRegistry};
+use super::space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};
+use crate::probes::arch::Arch;
+use crate::probes::ProbeError;
+use crate::rcu::{Flavor, RcuCell};
+use crate::seqtree::SeqTree;
+use crate::sync::{Arc, Mutex};
+
+impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
+    /// `space` mapped `mapping`: records it and installs every uprobe of the
+    /// file in the mapped range (that some consumer's filter wants there).
+    /// Returns the number of breakpoints written; one already present
+    /// counts as installed (see `install`).
+    ///
+    /// # Errors
+    /// The first install that fails (unsupported instruction, someone
+    /// else's patch, ...). The mapping stays recorded and the installs
+    /// before the failure stay, as they would in a kernel mmap that
+    /// reports an error for one probe.
+    pub fn on_mmap(
+        &self,
+        space: &std::sync::Arc<S>,
+        mapping: FileMapping,
+    ) -> Result<usize, ProbeError> {
+        let _file = self.files.lock(&mapping.file);
+        let id = space.id();
+        let st = {
+            let g = self.domain.read();
+            let st = self.spaces.get_or_insert_with(&g, id, || {
+                Arc::new(SpaceState {
+                    space: std::sync::Arc::clone(space),
+                    maps: RcuCell::new_in(Box::new([]), self.domain.clone()),
+                    maps_lock: Mutex::new(()),
+                    installs: SeqTree::with_domain(self.domain.clone()),
+                })
+            });
+            let _m = st.maps_lock.lock().unwrap_or_else(|p| p.into_inner());
+            let mut maps = st.maps.load(&g).map_or_else(Vec::new, |m| m.to_vec());
+            maps.push(mapping.clone());
+            maps.sort_by_key(|m| m.vaddr.start);
+            st.maps.replace(maps.into_boxed_slice());
+            Arc::clone(st)
+        };
+        let range = mapping.file_range();
+        let lo = UprobeKey {
+            file: mapping.file,
+            offset: range.start,
+        };
+        let hi = UprobeKey {
+            file: mapping.file,
+            offset: range.end,
+        };
+        let todo: Vec<UprobeKey> = {
+            let g = self.domain.read();
+            self.uprobes
+                .range(&g, lo..hi)
+                .filter(|(_, u)| slice(u.consumers.load(&g)).iter().any(|c| c.wants(id)))
+                .map(|(k, _)| *k)
+                .collect()
+        };
+        let mut wrote = 0;
+        for key in todo {
+            let Some(up) = self.uprobes.get_handle(&key) else {
+                continue;
+            };
+            let vaddr = mapping
+                .vaddr_of(key.offset)
+                .expect("the key was taken from the mapping's range");
+            let u = up.value();
+            if self.install(u, &st, key, vaddr, &mapping)? {
+                wrote += 1;
+            }
+        }
+        Ok(wrote)
+    }
+
+    /// `space` unmapped `range`: the mapped pieces inside it are forgotten
+    /// (pieces outside it stay, split as needed) and the breakpoints
+    /// installed there dropped without writing (the memory is gone).
+    /// Returns the number of breakpoints dropped.
+    pub fn on_munmap(&self, space: SpaceId, range: Range<u64>) -> usize {
+        let Some(st) = ({
+            let g = self.domain.read();
+            self.spaces.get(&g, &space).cloned()
+        }) else {
+            return 0;
+        };
+        let files: Vec<FileId> = {
+            let g = self.domain.read();
+            let mut f: Vec<FileId> = st
+                .maps
+                .load(&g)
+                .map_or(&[][..], |m| &m[..])
+                .iter()
+                .filter(|m| m.vaddr.start < range.end && range.start < m.vaddr.end)
+                .map(|m| m.file)
+                .collect();
+            f.sort();
+            f.dedup();
+            f
+        };
+        let mut dropped = 0;
+        for file in files {
+            let _file = self.files.lock(&file);
+            let g = self.domain.read();
+            {
+                let _m = st.maps_lock.lock().unwrap_or_else(|p| p.into_inner());
+                let mut maps = Vec::new();
+                for m in slice(st.maps.load(&g)).iter() {
+                    if m.file != file || m.vaddr.end <= range.start || range.end <= m.vaddr.start {
+                        maps.push(m.clone());
+                        continue;
+                    }
+                    if m.vaddr.start < range.start {
+                        maps.push(FileMapping {
+                            vaddr: m.vaddr.start..range.start,
+                            ..m.clone()
+                        });
+                    }
+                    if range.end < m.vaddr.end {
+                        maps.push(FileMapping {
+                            vaddr: range.end..m.vaddr.end,
+                            file: m.file,
+                            file_offset: m.file_offset + (range.end - m.vaddr.start),
+                        });
+                    }
+                }
+                st.maps.replace(maps.into_boxed_slice());
+            }
+            let gone: Vec<(u64, UprobeKey)> = st
+                .installs
+                .range(&g, range.clone())
+                .filter(|(_, i)| i.key.file == file)
+                .map(|(v, i)| (*v, i.key))
+                .collect();
+            drop(g);
+            for (v, key) in gone {
+                // An install exists only while its uprobe does: both go
+                // under this file's stripe, installs first.
+                let up = self
+                    .uprobes
+                    .get_handle(&key)
+                    .expect("an installed uprobe is in the tree");
+                self.uninstall(up.value(), &st, v, false);
+                dropped += 1;
+            }
+        }
+        dropped
+    }
+}

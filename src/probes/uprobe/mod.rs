@@ -1,0 +1,68 @@
+//! File-keyed probes: uprobes over a pluggable arch backend and any number
+//! of address spaces.
+//!
+//! # Keys and the tree
+//!
+//! A uprobe is named by [`UprobeKey`]: a file ([`FileId`]: device, inode)
+//! and a byte offset in it. Uprobes live in a
+//! [`SeqTree`](crate::seqtree::SeqTree) ordered by that key, so every uprobe
+//! of a file in an offset range is one range scan (what an mmap needs).
+//! Writers own entries through [`EntryHandle`](crate::seqtree::EntryHandle)s
+//! taken with increment-unless-zero: a uprobe whose last reference is gone
+//! is never brought back (the "refcount resurrection" of the seed), a
+//! concurrent registration then creates a fresh one.
+//!
+//! # Consumers
+//!
+//! Each uprobe carries the [`Consumer`]s registered on it, in registration
+//! order, in an [`RcuCell`](crate::rcu::RcuCell) replaced whole by writers
+//! (read-copy-update). A consumer has a handler and an optional filter that
+//! says which address spaces it wants; a handler may ask to be removed. The
+//! hit path and the handlers run in a read section of the registry's
+//! domain, [`Srcu`](crate::rcu::Srcu) by default, so handlers may sleep.
+//!
+//! # Address spaces
+//!
+//! An [`AddressSpace`] has an id, a text memory the breakpoints are written
+//! to and an XOL slot allocator. The registry learns its file mappings from
+//! [`UprobeRegistry::on_mmap`] and [`UprobeRegistry::on_munmap`]:
+//!
+//! - `on_mmap` records the mapping and installs every uprobe of the file
+//!   in the mapped range. Our breakpoint already at the address counts as
+//!   installed: the space can inherit patched text (a forked copy, or text
+//!   remapped while still patched), and refusing would leave a breakpoint
+//!   that traps with no uprobe to handle it.
+//! - Registering a consumer installs into every known space that maps the
+//!   offset (and that some consumer's filter wants); removing the last
+//!   consumer restores the bytes in every space and removes the uprobe.
+//!
+//! Each install analyses the displaced instruction at its address in that
+//! space (branch targets are absolute) and plans its XOL slot there; the
+//! hit path only reads that analysis. Validation reads the file's bytes
+//! through the first mapping it meets: an offset the file's mappings do not
+//! cover, someone else's patch, an unsupported instruction, or (with
+//! [`register_in_function`](UprobeRegistry::register_in_function)) an offset
+//! inside an instruction are refused with nothing changed.
+//!
+//! Changes concerning one file are serialized by one stripe of a padded
+//! [`HashedLocks`](crate::hashlock::HashedLocks) keyed by [`FileId`] (the
+//! seed's hashed mmap mutexes, with the padding it asked for).
+//!
+//! # The hit path
+//!
+//! [`UprobeRegistry::on_breakpoint`]: `(space, vaddr)` → mapping →
+//! `(file, offset)` → uprobe → consumers, lock-free and allocation-free, then
+//! the displaced instruction is emulated, run boosted from its slot, or
+//! single-stepped ([`UprobeStep`]), with kprobes'
+//! [`HitOutcome`](crate::probes::kprobe::HitOutcome) values.
+
+mod consumer;
+mod hit;
+mod mmap;
+mod registry;
+mod space;
+
+pub use consumer::{Consumer, ConsumerAction, Filter, Handler, UprobeHit};
+pub use hit::{UprobeOutcome, UprobeRef, UprobeStep};
+pub use registry::{UprobeRegistry, DEFAULT_FILE_STRIPES};
+pub use space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};

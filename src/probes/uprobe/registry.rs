@@ -1,0 +1,624 @@
+//! [`UprobeRegistry`]: the write side (consumers, mmap, munmap).
+//!
+//! # Per-file serialization
+//!
+//! Every change that concerns one file (a consumer registered or removed on
+//! one of its uprobes, a mapping of it added or removed) holds that file's
+//! stripe of a padded [`HashedLocks`] keyed by [`FileId`]. So a registration
+//! and an mmap of the same file never interleave: either the mmap sees the
+//! new uprobe in the tree and installs it, or the registration sees the new
+//! mapping and installs into it. Different files proceed in parallel.
+//!
+//! # Lock order
+//!
+//! file stripe → a space's `maps_lock` → (the trees' writer locks, the text
+//! memory's and the XOL allocator's own locks). Only one file stripe is held
+//! at a time. The hit path takes none of these.
+
+use super::consumer::Consumer;
+use super::space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};
+use crate::hashlock::HashedLocks;
+use crate::probes::arch::{Arch, Insn, InsnClass, XolPlan, MAX_INSN_BYTES};
+use crate::probes::error::{CodeBytes, ProbeSite};
+use crate::probes::text::TextMemory;
+use crate::probes::ProbeError;
+use crate::rcu::{Flavor, RcuCell, Srcu};
+use crate::seqtree::SeqTree;
+use crate::sync::{Arc, Mutex};
+
+/// File stripes of the per-file lock array. The seed's 13 mutexes were one
+/// cache line apart at best; 64 padded stripes keep unrelated files off each
+/// other's lock for a few KiB.
+pub const DEFAULT_FILE_STRIPES: usize = 64;
+
+/// One uprobe: its consumers and the file's bytes at its offset.
+pub(crate) struct Uprobe<F: Flavor> {
+    /// Registration order; replaced whole (read-copy-update) by writers
+    /// holding the file stripe.
+    pub(crate) consumers: RcuCell<Box<[Consumer]>, F>,
+    /// The original bytes at the offset, learned from the first mapping the
+    /// uprobe was validated against; `None` until then. Written and read
+    /// only under the file stripe.
+    orig: Mutex<Option<CodeBytes>>,
+    /// Offset of the enclosing function's first instruction, if the
+    /// registration named it (for the instruction-boundary check).
+    func_offset: Option<u64>,
+    /// Where the breakpoint is installed, for the hit path: a short
+    /// array (one entry per space mapping the offset) replaced whole by
+    /// writers holding the file stripe. Mirrors the spaces' install trees,
+    /// so a hit needs no second tree walk.
+    pub(crate) placed: RcuCell<Box<[Placed]>, F>,
+}
+
+/// One install of a uprobe, as the hit path finds it.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Placed {
+    pub(crate) space: SpaceId,
+    pub(crate) vaddr: u64,
+    pub(crate) install: Install,
+}
+
+impl<F: Flavor> Uprobe<F> {
+    /// The install at `vaddr` in `space`, inside `guard`.
+    #[inline]
+    pub(crate) fn placed_at<'g>(
+        &'g self,
+        guard: &'g F::Guard<'_>,
+        space: SpaceId,
+        vaddr: u64,
+    ) -> Option<&'g Install> {
+        slice(self.placed.load(guard))
+            .iter()
+            .find(|p| p.vaddr == vaddr && p.space == space)
+            .map(|p| &p.install)
+    }
+
+    /// Publishes the install list with `add` added and `(space, vaddr)`
+    /// removed. The caller holds the file stripe.
+    fn update_placed(&self, add: Option<Placed>, remove: Option<(SpaceId, u64)>) {
+        let g = self.placed.domain().read();
+        let mut v: Vec<Placed> = slice(self.placed.load(&g))
+            .iter()
+            .filter(|p| remove != Some((p.space, p.vaddr)))
+            .copied()
+            .collect();
+        drop(g);
+        v.extend(add);
+        self.placed.replace(v.into_boxed_slice());
+    }
+}
+
+/// A breakpoint installed in one space: the displaced instruction analysed
+/// at its address there, and its XOL plan (none if emulated).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Install {
+    pub(crate) key: UprobeKey,
+    pub(crate) insn: Insn,
+    pub(crate) plan: Option<XolPlan>,
+}
+
+/// What the registry knows of one address space.
+pub(crate) struct SpaceState<S: AddressSpace, F: Flavor> {
+    /// `std`'s `Arc`, not the shim's: the caller's handle to its space,
+    /// part of the public API in loom builds too.
+    pub(crate) space: std::sync::Arc<S>,
+    /// File mappings sorted by start address; replaced whole under
+    /// `maps_lock`.
+    pub(crate) maps: RcuCell<Box<[FileMapping]>, F>,
+    pub(super) maps_lock: Mutex<()>,
+    /// Installed breakpoints by virtual address.
+    pub(crate) installs: SeqTree<u64, Install, F>,
+}
+
+/// The uprobe registry: uprobes keyed by file and offset, their consumers,
+/// and the address spaces they are installed in. See the
+/// [module docs](super).
+///
+/// `F` is the domain hit paths read in and handlers run in: [`Srcu`] by
+/// default, so handlers may sleep.
+pub struct UprobeRegistry<A: Arch, S: AddressSpace, F: Flavor = Srcu> {
+    pub(crate) arch: A,
+    pub(crate) domain: F,
+    pub(crate) uprobes: SeqTree<UprobeKey, Uprobe<F>, F>,
+    pub(crate) spaces: SeqTree<SpaceId, Arc<SpaceState<S, F>>, F>,
+    pub(super) files: HashedLocks<FileId, Mutex<()>>,
+}
+
+/// The slice in an optional boxed slice (empty if absent).
+pub(crate) fn slice<T, B: core::ops::Deref<Target = [T]>>(b: Option<&B>) -> &[T] {
+    b.map_or(&[], |b| &**b)
+}
+
+/// A space that maps a uprobe's offset: its state, the address there, the
+/// mapping.
+type Target<S, F> = (Arc<SpaceState<S, F>>, u64, FileMapping);
+
+/// An install done by a registration in progress: space, address, whether
+/// a breakpoint was written (undone on failure).
+type Done<S, F> = (Arc<SpaceState<S, F>>, u64, bool);
+
+fn site(key: UprobeKey) -> ProbeSite {
+    ProbeSite::File {
+        dev: key.file.dev,
+        inode: key.file.inode,
+        offset: key.offset,
+    }
+}
+
+impl<A: Arch, S: AddressSpace> UprobeRegistry<A, S, Srcu> {
+    /// An empty registry over `arch` with its own [`Srcu`] domain.
+    pub fn new(arch: A) -> Self {
+        Self::with_domain(arch, Srcu::new())
+    }
+}
+
+impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
+    /// An empty registry whose hit paths read in `domain`.
+    pub fn with_domain(arch: A, domain: F) -> Self {
+        UprobeRegistry {
+            arch,
+            uprobes: SeqTree::with_domain(domain.clone()),
+            spaces: SeqTree::with_domain(domain.clone()),
+            domain,
+            files: HashedLocks::new(DEFAULT_FILE_STRIPES)
+                .expect("DEFAULT_FILE_STRIPES is a valid stripe count"),
+        }
+    }
+
+    /// The domain handlers run in.
+    pub fn domain(&self) -> &F {
+        &self.domain
+    }
+
+    /// Number of uprobes (keys with at least one consumer).
+    pub fn len(&self) -> usize {
+        self.uprobes.len()
+    }
+
+    /// Whether no uprobe is registered.
+    pub fn is_empty(&self) -> bool {
+        self.uprobes.is_empty()
+    }
+
+    /// Number of consumers on `key` (0 if there is no such uprobe).
+    pub fn consumers(&self, key: UprobeKey) -> usize {
+        let g = self.domain.read();
+        self.uprobes
+            .get(&g, &key)
+            .and_then(|u| u.consumers.load(&g).map(|c| c.len()))
+            .unwrap_or(0)
+    }
+
+    /// The uprobe installed at `vaddr` in `space`, if any.
+    pub fn installed_at(&self, space: SpaceId, vaddr: u64) -> Option<UprobeKey> {
+        let g = self.domain.read();
+        let st = self.spaces.get(&g, &space)?;
+        st.installs.get_cloned(&vaddr).map(|i| i.key)
+    }
+
+    /// Number of breakpoints installed in `space`.
+    pub fn installs_in(&self, space: SpaceId) -> usize {
+        let g = self.domain.read();
+        self.spaces.get(&g, &space).map_or(0, |s| s.installs.len())
+    }
+
+    /// The file mappings the registry knows for `space`, by start address.
+    pub fn mappings_of(&self, space: SpaceId) -> Vec<FileMapping> {
+        let g = self.domain.read();
+        self.spaces
+            .get(&g, &space)
+            .and_then(|s| s.maps.load(&g))
+            .map_or_else(Vec::new, |m| m.to_vec())
+    }
+
+    /// Registers `consumer` on the uprobe at `key`, creating the uprobe and
+    /// installing its breakpoint in every known space that maps the offset
+    /// (and that some consumer's filter wants).
+    ///
+    /// # Errors
+    /// [`ProbeError::NoHandler`]; [`ProbeError::AlreadyRegistered`] for a
+    /// consumer already on `key`; [`ProbeError::OffsetOutsideMapping`] when
+    /// the file is mapped but no mapping covers `key.offset`; and what
+    /// installing into a space reports (unsupported instruction, someone
+    /// else's patch, a text failure). On error nothing changed: no
+    /// breakpoint stays written, the registry is as before.
+    pub fn register(&self, key: UprobeKey, consumer: &Consumer) -> Result<(), ProbeError> {
+        self.register_inner(key, None, consumer)
+    }
+
+    /// As [`register`](Self::register), and checks that `key.offset` is an
+    /// instruction boundary by decoding from `func_offset` (the enclosing
+    /// function's first instruction) in the first mapping validated against.
+    ///
+    /// # Errors
+    /// As `register`, plus [`ProbeError::NotOnInstructionBoundary`].
+    pub fn register_in_function(
+        &self,
+        key: UprobeKey,
+        func_offset: u64,
+        consumer: &Consumer,
+    ) -> Result<(), ProbeError> {
+        self.register_inner(key, Some(func_offset), consumer)
+    }
+
+    fn register_inner(
+        &self,
+        key: UprobeKey,
+        func_offset: Option<u64>,
+        consumer: &Consumer,
+    ) -> Result<(), ProbeError> {
+        consumer.check()?;
+        let _file = self.files.lock(&key.file);
+        let existing = self.uprobes.get_handle(&key);
+        if let Some(up) = &existing {
+            let g = self.domain.read();
+            let list = up.consumers.load(&g).map_or(&[][..], |l| &l[..]);
+            if list.iter().any(|c| c.same(consumer)) {
+                return Err(ProbeError::AlreadyRegistered { site: site(key) });
+            }
+        }
+        // Where the uprobe would go, before anything changes.
+        let targets = self.mapped_targets(key)?;
+        let (up, fresh) = match existing {
+            Some(up) => (up, false),
+            None => {
+                // Born with its first consumer: a uprobe in the tree never
+                // has an empty list.
+                let u = Uprobe {
+                    consumers: RcuCell::new_in(
+                        vec![consumer.clone()].into_boxed_slice(),
+                        self.domain.clone(),
+                    ),
+                    orig: Mutex::new(None),
+                    func_offset,
+                    placed: RcuCell::new_in(Box::new([]), self.domain.clone()),
+                };
+                (self.uprobes.get_or_insert_handle_with(key, || u), true)
+            }
+        };
+        let old: Vec<Consumer> = if fresh {
+            Vec::new()
+        } else {
+            let g = self.domain.read();
+            slice(up.consumers.load(&g)).to_vec()
+        };
+        let mut new = old.clone();
+        new.push(consumer.clone());
+        let mut done = Vec::new();
+        for (st, vaddr, map) in &targets {
+            let id = st.space.id();
+            let wanted_before = old.iter().any(|c| c.wants(id));
+            if wanted_before || !consumer.wants(id) {
+                continue;
+            }
+            match self.install(up.value(), st, key, *vaddr, map) {
+                Ok(wrote) => done.push((Arc::clone(st), *vaddr, wrote)),
+                Err(e) => {
+                    self.undo_installs(up.value(), &done);
+                    if fresh {
+                        self.uprobes.remove(&key);
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        if !fresh {
+            up.consumers.replace(new.into_boxed_slice());
+        }
+        Ok(())
+    }
+
+    /// Every known space's mapping that covers `key.offset`, with the
+    /// address there. Refuses an offset the file's mappings do not cover.
+    fn mapped_targets(&self, key: UprobeKey) -> Result<Vec<Target<S, F>>, ProbeError>
+    where
+        S: AddressSpace,
+    {
+        let g = self.domain.read();
+        let mut out = Vec::new();
+        let mut seen: Option<FileMapping> = None;
+        for (_, st) in self.spaces.iter(&g) {
+            for m in slice(st.maps.load(&g)).iter() {
+                if m.file != key.file {
+                    continue;
+                }
+                seen.get_or_insert(m.clone());
+                if let Some(v) = m.vaddr_of(key.offset) {
+                    out.push((Arc::clone(st), v, m.clone()));
+                }
+            }
+        }
+        match (out.is_empty(), seen) {
+            (true, Some(m)) => {
+                let r = m.file_range();
+                Err(ProbeError::OffsetOutsideMapping {
+                    offset: key.offset,
+                    start: r.start,
+                    end: r.end,
+                })
+            }
+            _ => Ok(out),
+        }
+    }
+
+    /// Installs `key`'s breakpoint at `vaddr` in `st`. Returns whether a
+    /// byte was written (`false`: our breakpoint was already there, which
+    /// counts as success: the space inherited the patched text, e.g. a
+    /// forked copy or a re-mapping of text still holding it, and the
+    /// uprobe must still be found when it traps).
+    pub(super) fn install(
+        &self,
+        up: &Uprobe<F>,
+        st: &SpaceState<S, F>,
+        key: UprobeKey,
+        vaddr: u64,
+        map: &FileMapping,
+    ) -> Result<bool, ProbeError> {
+        if st.installs.contains_key(&vaddr) {
+            return Ok(false);
+        }
+        let text = st.space.text();
+        let bp = self.arch.breakpoint();
+        let avail = (map.vaddr.end - vaddr) as usize;
+        let n = self.arch.max_insn_len().min(avail).min(MAX_INSN_BYTES);
+        let mut buf = [0u8; MAX_INSN_BYTES];
+        text.read(vaddr, &mut buf[..n])?;
+        let mut known = up.orig.lock().unwrap_or_else(|p| p.into_inner());
+        let ours_there = n >= bp.len() && &buf[..bp.len()] == bp;
+        let code: [u8; MAX_INSN_BYTES] = match &*known {
+            Some(o) => {
+                let o = o.as_slice();
+                if !ours_there && buf[..o.len().min(n)] != o[..o.len().min(n)] {
+                    return Err(ProbeError::AlreadyPatched {
+                        addr: vaddr,
+                        expected: CodeBytes::new(&o[..o.len().min(n)]),
+                        found: CodeBytes::new(&buf[..n]),
+                    });
+                }
+                let mut c = [0u8; MAX_INSN_BYTES];
+                c[..o.len()].copy_from_slice(o);
+                c
+            }
+            None if ours_there => {
+                // First sight of this offset and a breakpoint already there:
+                // nobody we know put it; the original is unknowable.
+                return Err(ProbeError::AlreadyPatched {
+                    addr: vaddr,
+                    expected: CodeBytes::new(&[]),
+                    found: CodeBytes::new(&buf[..n]),
+                });
+            }
+            None => buf,
+        };
+        if let (None, Some(f)) = (&*known, up.func_offset) {
+            self.check_boundary(st, key, map, f, vaddr)?;
+        }
+        let insn = self.arch.analyze(vaddr, &code[..n])?;
+        let plan = self.plan(st, &insn)?;
+        let rec = Install { key, insn, plan };
+        // Publish the record, then write the breakpoint: a thread that
+        // traps on it always finds the record.
+        st.installs.insert(vaddr, rec);
+        let id = st.space.id();
+        up.update_placed(
+            Some(Placed {
+                space: id,
+                vaddr,
+                install: rec,
+            }),
+            None,
+        );
+        if !ours_there {
+            let written = text
+                .write(vaddr, &code[..bp.len()], bp)
+                .and_then(|()| text.sync_icache(vaddr, bp.len()));
+            if let Err(e) = written {
+                let _ = text.write(vaddr, bp, &code[..bp.len()]);
+                up.update_placed(None, Some((id, vaddr)));
+                st.installs.remove(&vaddr);
+                self.free_slot_later(st, plan);
+                return Err(e);
+            }
+        }
+        if known.is_none() {
+            *known = Some(CodeBytes::new(&code[..insn.len as usize]));
+        }
+        Ok(!ours_there)
+    }
+
+    /// Decodes from the function start to `vaddr` in `st`'s text.
+    #[cold]
+    fn check_boundary(
+        &self,
+        st: &SpaceState<S, F>,
+        key: UprobeKey,
+        map: &FileMapping,
+        func_offset: u64,
+        vaddr: u64,
+    ) -> Result<(), ProbeError> {
+        let Some(func) = map.vaddr_of(func_offset).filter(|&f| f <= vaddr) else {
+            return Err(ProbeError::OffsetOutsideMapping {
+                offset: func_offset,
+                start: map.file_range().start,
+                end: map.file_range().end,
+            });
+        };
+        let end = (vaddr + self.arch.max_insn_len() as u64).min(map.vaddr.end);
+        let mut bytes = vec![0u8; (end - func) as usize];
+        st.space.text().read(func, &mut bytes)?;
+        // Our breakpoints on the way decode as the bytes they replaced.
+        let g = self.domain.read();
+        let lo = UprobeKey {
+            file: key.file,
+            offset: func_offset,
+        };
+        for (k, u) in self.uprobes.range(&g, lo..key) {
+            let o = u.orig.lock().unwrap_or_else(|p| p.into_inner());
+            if let (Some(o), Some(at)) = (&*o, map.vaddr_of(k.offset)) {
+                let i = (at - func) as usize;
+                let o = o.as_slice();
+                let m = o.len().min(bytes.len() - i);
+                bytes[i..i + m].copy_from_slice(&o[..m]);
+            }
+        }
+        self.arch.check_boundary(func, &bytes, vaddr)
+    }
+
+    /// An XOL slot and plan for `insn` unless it is emulated.
+    fn plan(&self, st: &SpaceState<S, F>, insn: &Insn) -> Result<Option<XolPlan>, ProbeError> {
+        if matches!(insn.class, InsnClass::Emulated(_)) {
+            return Ok(None);
+        }
+        let xol = st.space.xol();
+        let slot = match xol.alloc(insn.addr) {
+            Ok(s) => s,
+            Err(ProbeError::XolExhausted { .. }) => {
+                // Slots of removed installs come back through domain
+                // callbacks after a grace period: wait for those queued.
+                self.reclaim_slots();
+                xol.alloc(insn.addr)?
+            }
+            Err(e) => return Err(e),
+        };
+        match self
+            .arch
+            .plan_xol(insn, slot)
+            .and_then(|p| xol.fill(slot, p.slot_bytes()).map(|()| p))
+        {
+            Ok(p) => Ok(Some(p)),
+            Err(e) => {
+                xol.free(slot);
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs the queued slot frees (waits for a grace period).
+    #[cold]
+    fn reclaim_slots(&self) {
+        self.domain.barrier();
+    }
+
+    /// Frees a plan's slot after a grace period: a hit that found the
+    /// record may still be about to step through it.
+    fn free_slot_later(&self, st: &SpaceState<S, F>, plan: Option<XolPlan>) {
+        if let Some(p) = plan {
+            let space = std::sync::Arc::clone(&st.space);
+            self.domain.call(move || space.xol().free(p.slot_addr));
+        }
+    }
+
+    /// Removes the installs in `done` (those that wrote get their bytes back).
+    fn undo_installs(&self, up: &Uprobe<F>, done: &[Done<S, F>]) {
+        for (st, vaddr, wrote) in done {
+            self.uninstall(up, st, *vaddr, *wrote);
+        }
+    }
+
+    /// Restores the original bytes at `vaddr` (if `write`) and drops the
+    /// record. A breakpoint someone else already replaced is left alone.
+    pub(super) fn uninstall(&self, up: &Uprobe<F>, st: &SpaceState<S, F>, vaddr: u64, write: bool) {
+        let Some(rec) = st.installs.get_cloned(&vaddr) else {
+            return;
+        };
+        if write {
+            let bp = self.arch.breakpoint();
+            let o = up.orig.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(o) = &*o {
+                let text = st.space.text();
+                if text.write(vaddr, bp, &o.as_slice()[..bp.len()]).is_ok() {
+                    let _ = text.sync_icache(vaddr, bp.len());
+                }
+            }
+        }
+        up.update_placed(None, Some((st.space.id(), vaddr)));
+        st.installs.remove(&vaddr);
+        self.free_slot_later(st, rec.plan);
+    }
+
+    /// Removes `consumer` from the uprobe at `key`. When it was the last
+    /// one, the breakpoints come out of every space and the uprobe goes.
+    /// Waits for a grace period: when this returns, no handler of
+    /// `consumer` runs for `key` any more.
+    ///
+    /// # Errors
+    /// [`ProbeError::UnknownProbe`] if `consumer` is not registered on `key`
+    /// (nothing changes).
+    ///
+    /// # Panics
+    /// If called inside a read section of the domain (from a handler).
+    pub fn unregister(&self, key: UprobeKey, consumer: &Consumer) -> Result<(), ProbeError> {
+        self.unregister_locked(key, consumer)?;
+        self.domain.synchronize();
+        Ok(())
+    }
+
+    fn unregister_locked(&self, key: UprobeKey, consumer: &Consumer) -> Result<(), ProbeError> {
+        let _file = self.files.lock(&key.file);
+        let unknown = || ProbeError::UnknownProbe { site: site(key) };
+        let up = self.uprobes.get_handle(&key).ok_or_else(unknown)?;
+        let old: Vec<Consumer> = {
+            let g = self.domain.read();
+            up.consumers.load(&g).map_or_else(Vec::new, |l| l.to_vec())
+        };
+        let Some(pos) = old.iter().position(|c| c.same(consumer)) else {
+            return Err(unknown());
+        };
+        let mut new = old.clone();
+        new.remove(pos);
+        // Spaces no remaining consumer wants lose the breakpoint.
+        let g = self.domain.read();
+        for (_, st) in self.spaces.iter(&g) {
+            let id = st.space.id();
+            if new.iter().any(|c| c.wants(id)) {
+                continue;
+            }
+            let vaddrs: Vec<u64> = st
+                .installs
+                .iter(&g)
+                .filter(|(_, i)| i.key == key)
+                .map(|(v, _)| *v)
+                .collect();
+            for v in vaddrs {
+                self.uninstall(up.value(), st, v, true);
+            }
+        }
+        drop(g);
+        if new.is_empty() {
+            self.uprobes.remove(&key);
+        } else {
+            up.consumers.replace(new.into_boxed_slice());
+        }
+        Ok(())
+    }
+
+    /// Unregisters every consumer whose handler asked for removal
+    /// ([`ConsumerAction::Remove`](super::ConsumerAction::Remove)); one
+    /// grace period for all. Returns how many were removed.
+    ///
+    /// # Panics
+    /// If called inside a read section of the domain.
+    #[cold]
+    pub fn reap_removed(&self) -> usize {
+        let flagged: Vec<(UprobeKey, Consumer)> = {
+            let g = self.domain.read();
+            self.uprobes
+                .iter(&g)
+                .flat_map(|(k, u)| {
+                    slice(u.consumers.load(&g))
+                        .iter()
+                        .filter(|c| c.is_removed())
+                        .map(move |c| (*k, c.clone()))
+                })
+                .collect()
+        };
+        let n = flagged
+            .iter()
+            .filter(|(k, c)| self.unregister_locked(*k, c).is_ok())
+            .count();
+        if n > 0 {
+            self.domain.synchronize();
+        }
+        n
+    }
+}

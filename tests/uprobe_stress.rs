@@ -1,0 +1,223 @@
+//! Stress test of the uprobe registry: threads hit breakpoints in three
+//! address spaces while consumers come and go and one space is unmapped
+//! and mapped again.
+//!
+//! Checked: a trap on a breakpoint in a space that stays mapped is never
+//! "not ours"; every hit on the consumer registered for the whole window
+//! ran its handler exactly once; no transient consumer's handler runs after
+//! its `unregister` returned; at the end every space's text is the file's.
+//!
+//! Duration: `UPROBE_STRESS_SECS` (default 2; at least 10 when `CI=true`).
+//! Run: `cargo test --release --test uprobe_stress -- --ignored --nocapture`.
+
+mod uprobe_support;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rcu_registry::probes::arch::StepOutcome;
+use rcu_registry::probes::kprobe::HitOutcome;
+use rcu_registry::probes::text::TextMemory;
+use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeOutcome};
+use uprobe_support::*;
+
+const BASES: [u64; 3] = [0x40_0000, 0x55_0000_0000, 0x7f00_0000_0000];
+const HITTERS: usize = 3;
+const OFFSETS: [u64; 4] = [OFF_NOP, OFF_PUSH, OFF_MOV, OFF_RIPREL];
+
+fn duration() -> Duration {
+    let secs: u64 = std::env::var("UPROBE_STRESS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    Duration::from_secs(if ci { secs.max(10) } else { secs })
+}
+
+#[derive(Default)]
+struct Counts {
+    traps: AtomicU64,
+    nop_emulated: AtomicU64,
+    vanished: AtomicU64,
+    not_ours_unstable: AtomicU64,
+    steps: AtomicU64,
+    boosted: AtomicU64,
+}
+
+#[test]
+#[ignore = "stress test: run with --ignored (CI runs it in release)"]
+fn hits_stay_exact_while_consumers_and_mappings_change() {
+    let reg = Arc::new(Registry::new(Default::default()));
+    let spaces: Vec<_> = BASES
+        .iter()
+        .enumerate()
+        .map(|(i, &b)| MemSpace::with_file(i as u64 + 1, b))
+        .collect();
+    for s in &spaces {
+        mmap_file(&reg, s);
+    }
+    let pinned_runs = Arc::new(AtomicU64::new(0));
+    let pinned = {
+        let n = Arc::clone(&pinned_runs);
+        Consumer::new(move |_, _| {
+            n.fetch_add(1, Ordering::Relaxed);
+            ConsumerAction::Continue
+        })
+    };
+    reg.register(key(OFF_NOP), &pinned).unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts = Arc::new(Counts::default());
+    let late = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + duration();
+    let mut threads = Vec::new();
+
+    for t in 0..HITTERS {
+        let (reg, spaces, stop, counts) = (
+            Arc::clone(&reg),
+            spaces.clone(),
+            Arc::clone(&stop),
+            Arc::clone(&counts),
+        );
+        threads.push(std::thread::spawn(move || {
+            let mut i = t;
+            let mut stack = Stack::new();
+            while !stop.load(Ordering::Relaxed) {
+                i = i.wrapping_add(1);
+                let s = &spaces[i % spaces.len()];
+                let off = OFFSETS[(i / spaces.len()) % OFFSETS.len()];
+                let vaddr = s.base() + off;
+                if s.byte(vaddr) != 0xcc {
+                    continue;
+                }
+                counts.traps.fetch_add(1, Ordering::Relaxed);
+                let stable = s.id.0 != 3;
+                let mut regs = trap_regs(vaddr);
+                match reg.on_breakpoint(s.id, &mut regs, &mut stack) {
+                    UprobeOutcome::Done(HitOutcome::Emulated) => {
+                        if off == OFF_NOP {
+                            counts.nop_emulated.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    UprobeOutcome::Done(HitOutcome::Vanished) => {
+                        assert!(
+                            off != OFF_NOP || !stable,
+                            "the pinned uprobe vanished from a mapped space"
+                        );
+                        counts.vanished.fetch_add(1, Ordering::Relaxed);
+                    }
+                    UprobeOutcome::Done(HitOutcome::NotOurs) if !stable => {
+                        counts.not_ours_unstable.fetch_add(1, Ordering::Relaxed);
+                    }
+                    UprobeOutcome::Done(HitOutcome::Boosted { .. }) => {
+                        counts.boosted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    UprobeOutcome::SingleStep(step) => {
+                        let len = if off == OFF_MOV { 3 } else { 6 };
+                        regs.ip = step.plan().slot_addr + len;
+                        let r = reg.on_step_complete(&step, &mut regs, &mut stack).unwrap();
+                        assert_eq!(r, StepOutcome::Done);
+                        assert_eq!(regs.ip, vaddr + len);
+                        counts.steps.fetch_add(1, Ordering::Relaxed);
+                    }
+                    UprobeOutcome::Done(other) => {
+                        panic!("space {:?} offset {off:#x}: {other:?}", s.id)
+                    }
+                }
+            }
+        }));
+    }
+
+    // Churn: transient consumers on every offset, including a second one
+    // next to the pinned consumer.
+    let churn = {
+        let (reg, stop, late) = (Arc::clone(&reg), Arc::clone(&stop), Arc::clone(&late));
+        std::thread::spawn(move || {
+            let mut ops = 0u64;
+            let mut i = 0usize;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let off = OFFSETS[i % OFFSETS.len()];
+                let alive = Arc::new(AtomicBool::new(true));
+                let c = {
+                    let (alive, late) = (Arc::clone(&alive), Arc::clone(&late));
+                    Consumer::new(move |_, _| {
+                        if !alive.load(Ordering::SeqCst) {
+                            late.fetch_add(1, Ordering::Relaxed);
+                        }
+                        ConsumerAction::Continue
+                    })
+                };
+                reg.register(key(off), &c).unwrap();
+                std::thread::sleep(Duration::from_micros(200));
+                reg.unregister(key(off), &c).unwrap();
+                alive.store(false, Ordering::SeqCst);
+                ops += 2;
+            }
+            ops
+        })
+    };
+
+    // Mapper: space 3 goes away and comes back with fresh file pages.
+    let mapper = {
+        let (reg, s, stop) = (Arc::clone(&reg), Arc::clone(&spaces[2]), Arc::clone(&stop));
+        std::thread::spawn(move || {
+            let mut cycles = 0u64;
+            let file = file_bytes();
+            while !stop.load(Ordering::Relaxed) {
+                reg.on_munmap(s.id, s.base()..s.base() + FILE_LEN as u64);
+                for off in OFFSETS {
+                    let a = s.base() + off;
+                    let orig = file[off as usize];
+                    let _ = s.text.write(a, &[0xcc], &[orig]);
+                }
+                std::thread::sleep(Duration::from_micros(100));
+                reg.on_mmap(&s, s.whole(FILE)).unwrap();
+                cycles += 1;
+            }
+            cycles
+        })
+    };
+
+    while Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let ops = churn.join().unwrap();
+    let cycles = mapper.join().unwrap();
+    reg.unregister(key(OFF_NOP), &pinned).unwrap();
+
+    let c = &*counts;
+    let nop = c.nop_emulated.load(Ordering::Relaxed);
+    println!(
+        "uprobe stress: {} traps ({} nop, {} boosted, {} steps, {} vanished, {} not-ours in the remapped space), {ops} register/unregister, {cycles} munmap/mmap cycles",
+        c.traps.load(Ordering::Relaxed),
+        nop,
+        c.boosted.load(Ordering::Relaxed),
+        c.steps.load(Ordering::Relaxed),
+        c.vanished.load(Ordering::Relaxed),
+        c.not_ours_unstable.load(Ordering::Relaxed),
+    );
+    assert!(
+        nop > 0 && ops > 0 && cycles > 0,
+        "every actor made progress"
+    );
+    assert_eq!(
+        pinned_runs.load(Ordering::Relaxed),
+        nop,
+        "the pinned consumer ran exactly once per emulated hit"
+    );
+    assert_eq!(
+        late.load(Ordering::Relaxed),
+        0,
+        "a handler ran after unregister returned"
+    );
+    assert!(reg.is_empty());
+    for s in &spaces {
+        assert_eq!(s.text.snapshot(), file_bytes(), "space {:?} restored", s.id);
+    }
+}

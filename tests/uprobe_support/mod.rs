@@ -1,0 +1,196 @@
+//! Shared fixtures of the uprobe tests: in-memory address spaces (an
+//! `Image` per space) mapping one x86_64 "file" at different addresses.
+#![allow(dead_code)]
+
+use std::sync::{Arc, Mutex};
+
+use rcu_registry::probes::arch::{DataMemory, Regs, X86_64};
+use rcu_registry::probes::kprobe::{XolAllocator, XolArena};
+use rcu_registry::probes::text::{Image, TextMemory};
+use rcu_registry::probes::uprobe::{
+    AddressSpace, FileId, FileMapping, SpaceId, UprobeKey, UprobeRegistry,
+};
+use rcu_registry::probes::ProbeError;
+
+/// The probed file.
+pub const FILE: FileId = FileId { dev: 8, inode: 42 };
+/// Another file, never probed.
+pub const OTHER: FileId = FileId { dev: 8, inode: 7 };
+
+/// `push rbp` (emulated).
+pub const OFF_PUSH: u64 = 0x00;
+/// `mov rbp, rsp` (out of line), 3 bytes.
+pub const OFF_MOV: u64 = 0x01;
+/// `nop` (emulated).
+pub const OFF_NOP: u64 = 0x04;
+/// `mov eax, [rip + 0x10]` (RIP-relative), 6 bytes.
+pub const OFF_RIPREL: u64 = 0x05;
+/// `syscall` (refused).
+pub const OFF_SYSCALL: u64 = 0x0b;
+/// `jmp +0` (emulated), 2 bytes.
+pub const OFF_JMP: u64 = 0x0d;
+/// Size of the file.
+pub const FILE_LEN: usize = 0x40;
+
+/// The file's bytes: the instructions above, then `nop`s.
+pub fn file_bytes() -> Vec<u8> {
+    let mut f = vec![
+        0x55, // push rbp
+        0x48, 0x89, 0xe5, // mov rbp, rsp
+        0x90, // nop
+        0x8b, 0x05, 0x10, 0x00, 0x00, 0x00, // mov eax, [rip+0x10]
+        0x0f, 0x05, // syscall
+        0xeb, 0x00, // jmp +0
+        0xc3, // ret
+    ];
+    f.resize(FILE_LEN, 0x90);
+    f
+}
+
+pub fn key(offset: u64) -> UprobeKey {
+    UprobeKey { file: FILE, offset }
+}
+
+/// An address space whose whole text is one `Image` at `base`.
+pub struct MemSpace {
+    pub id: SpaceId,
+    pub text: Image,
+    pub xol: XolArena,
+    pub maps: Mutex<Vec<FileMapping>>,
+}
+
+impl MemSpace {
+    /// A space with `text` at `base` and an XOL area far from it.
+    pub fn new(id: u64, base: u64, text: Vec<u8>) -> Arc<Self> {
+        Arc::new(MemSpace {
+            id: SpaceId(id),
+            text: Image::new(base, text),
+            xol: XolArena::new(0x7fff_0000_0000 + id * 0x10000, 16, X86_64::XOL_SLOT_SIZE),
+            maps: Mutex::new(Vec::new()),
+        })
+    }
+
+    /// A space that maps [`FILE`] (whole) at `base`.
+    pub fn with_file(id: u64, base: u64) -> Arc<Self> {
+        Self::new(id, base, file_bytes())
+    }
+
+    pub fn base(&self) -> u64 {
+        self.text.base()
+    }
+
+    pub fn byte(&self, addr: u64) -> u8 {
+        let mut b = [0u8];
+        self.text.read(addr, &mut b).unwrap();
+        b[0]
+    }
+
+    /// The mapping of `file` over the whole image.
+    pub fn whole(&self, file: FileId) -> FileMapping {
+        FileMapping {
+            vaddr: self.base()..self.base() + self.text.len() as u64,
+            file,
+            file_offset: 0,
+        }
+    }
+}
+
+impl AddressSpace for MemSpace {
+    type Text = Image;
+    fn id(&self) -> SpaceId {
+        self.id
+    }
+    fn text(&self) -> &Image {
+        &self.text
+    }
+    fn xol(&self) -> &dyn XolAllocator {
+        &self.xol
+    }
+    fn mappings(&self) -> Vec<FileMapping> {
+        self.maps.lock().unwrap().clone()
+    }
+}
+
+pub type Registry = UprobeRegistry<X86_64, MemSpace>;
+
+/// Tells the registry (and the space) that `space` maps `m`.
+pub fn mmap(reg: &Registry, space: &Arc<MemSpace>, m: FileMapping) -> Result<usize, ProbeError> {
+    space.maps.lock().unwrap().push(m.clone());
+    reg.on_mmap(space, m)
+}
+
+/// The whole image of `space` maps [`FILE`].
+pub fn mmap_file(reg: &Registry, space: &Arc<MemSpace>) -> usize {
+    mmap(reg, space, space.whole(FILE)).unwrap()
+}
+
+/// A small stack for emulated pushes and calls.
+pub struct Stack {
+    pub bytes: Vec<u8>,
+}
+
+pub const STACK_BASE: u64 = 0x10_0000;
+
+impl Stack {
+    pub fn new() -> Self {
+        Stack {
+            bytes: vec![0; 4096],
+        }
+    }
+    pub fn top() -> u64 {
+        STACK_BASE + 2048
+    }
+}
+
+impl DataMemory for Stack {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
+        let o = addr.wrapping_sub(STACK_BASE) as usize;
+        let s = self
+            .bytes
+            .get(o..o + buf.len())
+            .ok_or(ProbeError::MemoryFault {
+                addr,
+                len: buf.len(),
+            })?;
+        buf.copy_from_slice(s);
+        Ok(())
+    }
+    fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), ProbeError> {
+        let o = addr.wrapping_sub(STACK_BASE) as usize;
+        let len = bytes.len();
+        let s = self
+            .bytes
+            .get_mut(o..o + len)
+            .ok_or(ProbeError::MemoryFault { addr, len })?;
+        s.copy_from_slice(bytes);
+        Ok(())
+    }
+}
+
+/// Registers as the CPU reports an `int3` at `addr`: IP past it.
+pub fn trap_regs(addr: u64) -> Regs {
+    Regs {
+        ip: addr + 1,
+        sp: Stack::top(),
+        ..Regs::default()
+    }
+}
+
+/// Everything an error must leave unchanged: the uprobe count, consumers
+/// on the offsets used, the installs and the text bytes of every space.
+pub fn snapshot(reg: &Registry, spaces: &[&Arc<MemSpace>]) -> impl PartialEq + std::fmt::Debug {
+    let consumers: Vec<usize> = (0..FILE_LEN as u64)
+        .map(|o| reg.consumers(key(o)))
+        .collect();
+    let per_space: Vec<(usize, Vec<u8>, Vec<FileMapping>)> = spaces
+        .iter()
+        .map(|s| {
+            (
+                reg.installs_in(s.id),
+                s.text.snapshot(),
+                reg.mappings_of(s.id),
+            )
+        })
+        .collect();
+    (reg.len(), consumers, per_space)
+}
