@@ -93,6 +93,18 @@ global_asm!(
     "pop rbx",
     "ret",
     ".size rtp_twice, . - rtp_twice",
+    // rtp_fill(dst, n): fills n bytes at dst with 0x5a. mov rcx, rsi;
+    // mov al, 0x5a; rep stosb (a string instruction that iterates in
+    // place); ret.
+    ".p2align 4",
+    ".globl rtp_fill",
+    ".type rtp_fill,@function",
+    "rtp_fill:",
+    ".byte 0x48, 0x89, 0xf1",
+    ".byte 0xb0, 0x5a",
+    ".byte 0xf3, 0xaa",
+    ".byte 0xc3",
+    ".size rtp_fill, . - rtp_fill",
     ".popsection",
     ".pushsection .data.rtp_data,\"aw\",@progbits",
     ".p2align 3",
@@ -111,7 +123,14 @@ extern "C" {
     pub fn rtp_word() -> u32;
     pub fn rtp_load() -> u64;
     pub fn rtp_twice(x: u32) -> u32;
+    pub fn rtp_fill(dst: *mut u8, n: usize);
 }
+
+/// Offsets of the instructions of `rtp_fill`.
+pub const FILL_REP_STOSB: u64 = 5;
+/// Offset of `rtp_add1`'s `ret` and `rtp_mul3`'s `ret`.
+pub const ADD1_RET: u64 = 5;
+pub const MUL3_RET: u64 = 3;
 
 /// A test function taking and returning a `u32`.
 pub type Func = unsafe extern "C" fn(u32) -> u32;

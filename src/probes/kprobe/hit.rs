@@ -24,7 +24,12 @@
 //!
 //! A single-stepped hit leaves the read section when the trap handler
 //! returns, but the thread still runs the XOL slot and will run the post
-//! handlers at the step trap. The [`StepToken`] it carries holds a count on
+//! handlers at the step trap. That trap is either the hardware single-step
+//! (x86 trap flag) or a breakpoint on the slot's step marker
+//! ([`StepToken::step_marker`]): the caller tells the two apart from a probe
+//! hit by the marker's address, which no probe ever has (slots are not
+//! probed code), and hands the token to
+//! [`on_step_complete`](KprobeRegistry::on_step_complete) either way. The [`StepToken`] it carries holds a count on
 //! the member list it ran the pre handlers from (`Members::inflight`);
 //! unregistration frees a retired list only after its grace period *and*
 //! after that count dropped to zero. The token is `!Send` and borrows the
@@ -112,8 +117,10 @@ pub enum HitOutcome<'r> {
         /// The slot's address.
         slot: u64,
     },
-    /// `regs` are set up to single-step the XOL slot (IP at the slot, step
-    /// armed): resume, and at the step trap call
+    /// `regs` are set up to single-step the XOL slot (IP at the slot's step
+    /// entry, step armed: the trap flag set, or a step marker waiting at
+    /// [`StepToken::step_marker`]): resume, and at the step trap (the
+    /// trap-flag trap, or the breakpoint trap on the marker) call
     /// [`KprobeRegistry::on_step_complete`] with the token.
     SingleStep(StepToken<'r>),
     /// The displaced instruction could not be completed (emulation or step
@@ -155,6 +162,14 @@ impl StepToken<'_> {
     /// The slot's address.
     pub fn slot(&self) -> u64 {
         self.plan().slot_addr
+    }
+
+    /// Where the step ends on a breakpoint: the address of the slot's step
+    /// marker, whose trap ([`Arch::trap_address`] equal to it) completes this
+    /// step. `None` when the step ends on the hardware single-step trap.
+    #[inline]
+    pub fn step_marker(&self) -> Option<u64> {
+        self.plan().step_marker
     }
 
     /// What the arch backend saved for the step's fixups.
@@ -334,11 +349,13 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         }
     }
 
-    /// Handles the step trap after [`HitOutcome::SingleStep`]: applies the
-    /// arch fixups (IP back into the original code, scratch register, return
-    /// address) and runs the post handlers of the probes whose pre handlers
-    /// ran. Async-signal-safe. Takes no read guard: the token keeps the
-    /// member list alive.
+    /// Handles the step trap after [`HitOutcome::SingleStep`] (the
+    /// trap-flag trap, or the breakpoint trap on the token's
+    /// [step marker](StepToken::step_marker), with `regs` as that trap
+    /// reports them): applies the arch fixups (IP back into the original
+    /// code, scratch register, return address) and runs the post handlers of
+    /// the probes whose pre handlers ran. Async-signal-safe. Takes no read
+    /// guard: the token keeps the member list alive.
     pub fn on_step_complete<'r>(
         &'r self,
         token: StepToken<'r>,
