@@ -20,6 +20,21 @@
 //! counts `nmissed` on the probes and completes the displaced instruction,
 //! never recursing.
 //!
+//! **The flag goes up before any lock.** The kretprobe paths take spin locks
+//! (an instance-table stripe, a pool's lock), and a signal handler may
+//! interrupt the thread while it holds one and run probed code on the same
+//! thread. Had that nested hit been allowed to run handlers, a kretprobe
+//! entry would take the same stripe (or pool) lock its own interrupted
+//! frame holds, and spin forever. So every hit-path entry sets the flag
+//! first and locks after: [`on_breakpoint`](KprobeRegistry::on_breakpoint)
+//! runs kretprobe entries (pool, then stripe, never nested) only inside its
+//! handler scope, and [`on_return`](KprobeRegistry::on_return) enters the
+//! scope before it takes the stripe. A hit nested anywhere inside those
+//! locks therefore finds the flag set and takes no lock at all. (A return
+//! into the trampoline is never nested inside another return's locks: a call
+//! made while the flag is set is not hijacked.) `instances.rs` asserts the
+//! flag wherever the hit path takes a stripe, in debug builds.
+//!
 //! # Single-steps in flight
 //!
 //! A single-stepped hit leaves the read section when the trap handler
@@ -387,11 +402,16 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// Runs no handler of an unregistered kretprobe (the return address is
     /// still restored) and none on a thread already running a handler
     /// (`nmissed`). Allocates nothing, makes no system call; takes one
-    /// instance-table stripe and the pools' spin locks, never nested.
+    /// instance-table stripe and the pools' spin locks, never nested, and
+    /// only once the thread's re-entrancy flag is up (module docs).
     pub fn on_return(&self, regs: &mut Regs) -> ReturnOutcome {
         let Some(trampoline) = self.trampoline else {
             return ReturnOutcome::NotOurs;
         };
+        // Before any lock: a signal handler that runs probed code while this
+        // thread holds the stripe below must see the flag and stay away from
+        // the kretprobe locks (module docs, "Re-entrancy").
+        let scope = HandlerScope::enter();
         let thread = ThreadKey::current();
         let sp = regs.sp;
         let _guard = self.rcu.read();
@@ -400,7 +420,6 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             return ReturnOutcome::NotOurs;
         }
         let retval = self.arch.return_value(regs);
-        let scope = HandlerScope::enter();
         let mut real = None;
         while let Some((inst, frame)) = taken.pop() {
             // SAFETY: a taken instance is ours and out of its pool, so its

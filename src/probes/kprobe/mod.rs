@@ -84,6 +84,8 @@ mod hit;
 mod instances;
 mod kretprobe;
 mod probe;
+#[cfg(test)]
+mod reentry_tests;
 mod registry;
 mod resolve;
 mod table;
