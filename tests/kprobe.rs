@@ -533,6 +533,38 @@ fn a_site_slot_is_freed_after_its_last_probe_and_a_grace_period() {
 }
 
 #[test]
+fn a_freed_slot_goes_back_only_to_its_own_address_with_the_same_bytes() {
+    // A thread sent into a slot for a boosted run may still execute it after
+    // unregistration: the slot must never hold other code.
+    let rcu = Rcu::new();
+    let fx = fixture_with(|b| b.rcu(rcu.clone()));
+    let p = Kprobe::at(F_MOV_EAX).build();
+    fx.reg.register(&p).unwrap();
+    let slot = fx.reg.sites()[0].slot.unwrap();
+    let bytes = fx.xol.slot_bytes(slot).unwrap();
+    fx.reg.unregister(&p).unwrap();
+    rcu.barrier();
+    assert_eq!((fx.xol.in_use(), fx.xol.parked()), (0, 1));
+    assert_eq!(fx.xol.slot_bytes(slot).unwrap(), bytes, "bytes kept");
+
+    // Another out-of-line address gets another slot.
+    let q = Kprobe::at(F_MOV_RBP).build();
+    fx.reg.register(&q).unwrap();
+    let other = fx.reg.sites()[0].slot.unwrap();
+    assert_ne!(other, slot);
+    assert_eq!(fx.xol.bound_to(slot), Some(F_MOV_EAX));
+
+    // The same address gets its slot back, refilled byte for byte.
+    let p2 = Kprobe::at(F_MOV_EAX).post(|_, _| {}).build();
+    fx.reg.register(&p2).unwrap();
+    let sites = fx.reg.sites();
+    let again = sites.iter().find(|s| s.addr == F_MOV_EAX).unwrap();
+    assert_eq!(again.slot, Some(slot));
+    assert_eq!(fx.xol.slot_bytes(slot).unwrap(), bytes);
+    fx.reg.unregister_many(&[&q, &p2]).unwrap();
+}
+
+#[test]
 fn unregister_many_removes_every_probe_with_one_call() {
     let fx = fixture();
     let probes: Vec<Kprobe> = [F_PUSH, F_MOV_EAX, G_NOP, G_RIPREL, H]

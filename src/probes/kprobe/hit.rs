@@ -127,7 +127,10 @@ pub enum HitOutcome<'r> {
     /// handlers ran: resume.
     Emulated,
     /// `regs.ip` points at the XOL slot, which jumps back by itself: resume
-    /// (one trap, no post handler).
+    /// (one trap, no post handler). The thread runs the slot after its trap
+    /// handler has returned, in no read section and counted nowhere: an
+    /// unregistration cannot wait for it, which is why a freed slot is only
+    /// ever reused for the same address (`xol.rs`).
     Boosted {
         /// The slot's address.
         slot: u64,

@@ -377,7 +377,10 @@ impl XolAllocator for XolArea {
         let c = &a.chunks[ci];
         // SAFETY: `off + slot_size <= CHUNK_BYTES` (locate checked the slot
         // index); the write view is ours and the slot is allocated to the
-        // caller, so no thread executes it while it is filled.
+        // caller: either fresh (no thread was ever sent there) or parked for
+        // this same address, which the registry refills with the very bytes
+        // it holds, so a thread still in it from a boosted run sees no change
+        // (module docs).
         unsafe {
             let dst = c.write.add(off);
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len());
