@@ -10,9 +10,9 @@
 
 mod runtime_support;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use rcu_registry::probes::kprobe::Kretprobe;
 use rcu_registry::probes::runtime::{steps_in_flight, Live};
@@ -47,60 +47,16 @@ fn a_signal_handler_calling_a_kretprobed_function_inside_its_return_path_never_d
         .build()
         .unwrap();
     reg.register_kretprobe(&krp).unwrap();
-    // SAFETY: a plain handler for SIGUSR1, which nothing else in this test
-    // binary uses; restored below.
-    let old = unsafe { libc::signal(libc::SIGUSR1, on_usr1 as *const () as usize) };
-    let stop = AtomicBool::new(false);
-    let calls = AtomicU64::new(0);
-    let duration = stress_secs(1.0);
-    let mut sent = 0u64;
-    std::thread::scope(|s| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (stop, calls) = (&stop, &calls);
-        let worker = s.spawn(move || {
-            // SAFETY: pthread_self has no preconditions.
-            tx.send(unsafe { libc::pthread_self() }).unwrap();
-            while !stop.load(Ordering::Relaxed) {
-                assert_eq!(call(rtp_alt, 0), 777);
-                calls.fetch_add(1, Ordering::Relaxed);
-            }
-        });
-        let target = rx.recv().unwrap();
-        let t0 = Instant::now();
-        let (mut last, mut last_change) = (0, Instant::now());
-        // A deadlocked worker cannot be joined: report it and abort instead
-        // of hanging the test run.
-        let mut watchdog = || {
-            let now = calls.load(Ordering::Relaxed);
-            if now != last {
-                (last, last_change) = (now, Instant::now());
-            } else if last_change.elapsed() > STALL {
-                eprintln!(
-                    "the worker made no progress for {STALL:?} after {now} calls: \
-                     deadlocked on the kretprobe instance lock its own thread holds"
-                );
-                std::process::abort();
-            }
-        };
-        while t0.elapsed() < duration {
-            // SAFETY: `target` runs until `stop`; SIGUSR1 has a handler.
-            assert_eq!(unsafe { libc::pthread_kill(target, libc::SIGUSR1) }, 0);
-            sent += 1;
-            std::thread::sleep(Duration::from_micros(20));
-            watchdog();
-        }
-        stop.store(true, Ordering::Relaxed);
-        while !worker.is_finished() {
-            std::thread::sleep(Duration::from_millis(1));
-            watchdog();
-        }
-        worker.join().unwrap();
-    });
-    // SAFETY: restores the disposition found above.
-    unsafe { libc::signal(libc::SIGUSR1, old) };
+    // A call takes microseconds; STALL allows for a loaded machine.
+    let (calls, sent) = loop_under_signals(
+        on_usr1,
+        stress_secs(1.0),
+        Duration::from_micros(20),
+        STALL,
+        || assert_eq!(call(rtp_alt, 0), 777),
+    );
     reg.unregister_kretprobe(&krp).unwrap();
 
-    let calls = calls.load(Ordering::Relaxed);
     let sig_calls = SIG_CALLS.load(Ordering::Relaxed);
     let (hits, missed) = (krp.probe().hits(), krp.probe().nmissed());
     println!(

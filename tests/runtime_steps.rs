@@ -8,7 +8,7 @@
 
 mod runtime_support;
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -213,47 +213,22 @@ fn signals_between_the_two_traps_of_a_step_complete_their_own_steps_first() {
     for p in &probes {
         reg.register(p).unwrap();
     }
-    // SAFETY: a plain handler for SIGUSR1, which nothing else in this test
-    // binary uses; restored below.
-    let old = unsafe { libc::signal(libc::SIGUSR1, on_usr1 as *const () as usize) };
     SIG_RUNS.store(0, Ordering::Relaxed);
     SIG_BETWEEN_TRAPS.store(0, Ordering::Relaxed);
-    let stop = AtomicBool::new(false);
-    let calls = AtomicU64::new(0);
-    let duration = stress_secs(1.0);
-    let mut sent = 0u64;
-    std::thread::scope(|s| {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let (stop, calls) = (&stop, &calls);
-        let worker = s.spawn(move || {
-            // SAFETY: pthread_self has no preconditions.
-            tx.send(unsafe { libc::pthread_self() }).unwrap();
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                let x = n as u32 & 0xffff;
-                assert_eq!(call(rtp_add1, x), x + 1);
-                assert_eq!(call(rtp_mul3, x), 3 * x);
-                n += 1;
-            }
-            calls.store(n, Ordering::Relaxed);
-        });
-        let target = rx.recv().unwrap();
-        let t0 = Instant::now();
-        while t0.elapsed() < duration {
-            // SAFETY: `target` is a live thread of this process (it runs
-            // until `stop`), and SIGUSR1 has a handler.
-            assert_eq!(unsafe { libc::pthread_kill(target, libc::SIGUSR1) }, 0);
-            sent += 1;
-            std::thread::sleep(std::time::Duration::from_micros(50));
-        }
-        stop.store(true, Ordering::Relaxed);
-        worker.join().unwrap();
-    });
-    // SAFETY: restores the disposition found above.
-    unsafe { libc::signal(libc::SIGUSR1, old) };
+    let n = AtomicU32::new(0);
+    let (calls, sent) = loop_under_signals(
+        on_usr1,
+        stress_secs(1.0),
+        std::time::Duration::from_micros(50),
+        std::time::Duration::from_secs(5),
+        || {
+            let x = n.fetch_add(1, Ordering::Relaxed) & 0xffff;
+            assert_eq!(call(rtp_add1, x), x + 1);
+            assert_eq!(call(rtp_mul3, x), 3 * x);
+        },
+    );
     reg.unregister_many(&probes.iter().collect::<Vec<_>>())
         .unwrap();
-    let calls = calls.load(Ordering::Relaxed);
     let runs = SIG_RUNS.load(Ordering::Relaxed);
     let between = SIG_BETWEEN_TRAPS.load(Ordering::Relaxed);
     println!(
