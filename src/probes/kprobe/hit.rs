@@ -130,7 +130,8 @@ pub enum HitOutcome<'r> {
     /// (one trap, no post handler). The thread runs the slot after its trap
     /// handler has returned, in no read section and counted nowhere: an
     /// unregistration cannot wait for it, which is why a freed slot is only
-    /// ever reused for the same address (`xol.rs`).
+    /// ever reused for the same address (the
+    /// [reuse rule](super::XolAllocator#reuse-rule)).
     Boosted {
         /// The slot's address.
         slot: u64,

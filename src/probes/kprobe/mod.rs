@@ -71,7 +71,7 @@
 //! displaced instruction and jumps back after the restored original, and
 //! the slot keeps those bytes because an [`XolAllocator`] reuses a freed
 //! slot only for the same address, where the registry fills it with the
-//! same bytes (`xol.rs` has the rule and why).
+//! same bytes (the [reuse rule](XolAllocator#reuse-rule)).
 //!
 //! # Kretprobes
 //!

@@ -63,9 +63,20 @@ use crate::sync::Mutex;
 /// Hands out XOL slots and writes their bytes.
 ///
 /// Methods are called by registry writers (never from trap context), and
-/// `free` from the RCU callback worker. Implementations MUST follow the
-/// [reuse rule](self#the-reuse-rule-every-allocator-must-follow): a freed
-/// slot goes back out only for the address it was first allocated for.
+/// `free` from the RCU callback worker.
+///
+/// # Reuse rule
+///
+/// **A FREED SLOT MAY STILL BE EXECUTED: HAND IT OUT AGAIN ONLY FOR THE SAME
+/// PROBED ADDRESS** (the `near` it was first allocated for). A thread the
+/// registry sent into a slot for a boosted run (no post handler) executes
+/// it after its trap handler has returned, in no read section and counted
+/// nowhere, so neither the grace periods nor the single-step counts that
+/// precede [`free`](Self::free) prove that it has left. For the same address
+/// the registry decodes the same instruction and refills the slot with the
+/// same bytes, so such a thread runs exactly the code it was sent to run and
+/// jumps back after the restored original. The cost is one slot per
+/// distinct address ever probed.
 pub trait XolAllocator: Send + Sync + 'static {
     /// Allocates a slot for the probed address `near`, preferably near it: a
     /// slot freed earlier only if it was allocated for this same `near`,
@@ -90,9 +101,8 @@ pub trait XolAllocator: Send + Sync + 'static {
 
 /// An in-memory slot allocator: `slots` slots of `slot_size` bytes from
 /// `base`, with their bytes kept for inspection. Follows the
-/// [reuse rule](self#the-reuse-rule-every-allocator-must-follow): a slot is
-/// bound to the address of its first allocation and, once freed, *parked*
-/// for that address only.
+/// [reuse rule](XolAllocator#reuse-rule): a slot is bound to the address of
+/// its first allocation and, once freed, *parked* for that address only.
 #[derive(Debug)]
 pub struct XolArena {
     base: u64,
