@@ -32,8 +32,9 @@
 //! `rcx` as it was left, as it would in place.) Under the trap flag they trap
 //! after each iteration instead ([`StepOutcome::Repeat`]).
 //!
-//! [`plan_trap_flag`] builds the trap-flag plan for any instruction, marker
-//! or not; the differential tests use it to keep that path proven too.
+//! [`X86_64::plan_xol_trap_flag`](super::X86_64::plan_xol_trap_flag) builds
+//! the trap-flag plan for any instruction, marker or not; the differential
+//! tests use it to keep that path proven too.
 
 use iced_x86::{Encoder, FlowControl, InstructionInfoFactory, Register};
 
