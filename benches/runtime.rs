@@ -7,7 +7,12 @@
 //! - `boosted`: a kprobe with a pre handler on an out-of-line instruction,
 //!   run from the XOL slot with a jump back (one trap);
 //! - `emulated`: a kprobe on `push rbx` (emulated, one trap, no slot);
-//! - `single_step`: the same probe with a post handler (two traps);
+//! - `single_step`: the same probe with a post handler: two `int3` traps,
+//!   the probe's and the step marker's after the instruction's copy in the
+//!   XOL slot;
+//! - `step_trap_flag`: a probe with a post handler on the `ret` of the same
+//!   function, which may not fall through and is single-stepped with the
+//!   trap flag (an `int3` and a debug trap);
 //! - `kretprobe`: entry trap (boosted) plus the return trampoline, no second
 //!   trap;
 //! - `uprobe` (Linux's own, through tracefs), where the machine allows.
@@ -25,7 +30,7 @@ use criterion::Criterion;
 use rcu_registry::probes::kprobe::{Action, Kprobe, Kretprobe};
 use rcu_registry::probes::runtime::Live;
 
-// Five copies of `x + 1`, one per variant, so that no probe of one variant
+// Copies of `x + 1`, one per variant, so that no probe of one variant
 // slows another; `rb_raw` starts with an int3, `rb_emul` with `push rbx`.
 global_asm!(
     ".pushsection .text.rb_functions,\"ax\",@progbits",
@@ -60,6 +65,12 @@ global_asm!(
     ".byte 0x89, 0xf8, 0x83, 0xc0, 0x01, 0xc3",
     ".size rb_step, . - rb_step",
     ".p2align 4",
+    ".globl rb_steptf",
+    ".type rb_steptf,@function",
+    "rb_steptf:",
+    ".byte 0x89, 0xf8, 0x83, 0xc0, 0x01, 0xc3",
+    ".size rb_steptf, . - rb_steptf",
+    ".p2align 4",
     ".globl rb_kret",
     ".type rb_kret,@function",
     "rb_kret:",
@@ -74,6 +85,7 @@ extern "C" {
     fn rb_boost(x: u32) -> u32;
     fn rb_emul(x: u32) -> u32;
     fn rb_step(x: u32) -> u32;
+    fn rb_steptf(x: u32) -> u32;
     fn rb_kret(x: u32) -> u32;
 }
 
@@ -227,6 +239,15 @@ fn main() {
     bench(&mut c, "single_step", rb_step);
     reg.unregister(&p).unwrap();
 
+    // The `ret` at offset 5: stepped with the trap flag.
+    let p = Kprobe::at(addr(rb_steptf) + 5)
+        .pre(|_p, _r| Action::Continue)
+        .post(|_p, _r| {})
+        .build();
+    reg.register(&p).unwrap();
+    bench(&mut c, "step_trap_flag", rb_steptf);
+    reg.unregister(&p).unwrap();
+
     let k = Kretprobe::<()>::at(addr(rb_kret))
         .handler(|_, _, ret| {
             black_box(ret);
@@ -248,6 +269,7 @@ fn main() {
         ("boosted", Some(1.15)),
         ("emulated", None),
         ("single_step", Some(2.3)),
+        ("step_trap_flag", None),
         ("kretprobe", Some(1.3)),
         ("uprobe", None),
     ] {

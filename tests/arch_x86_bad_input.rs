@@ -291,6 +291,42 @@ fn plans_are_only_run_the_way_they_allow() {
 }
 
 #[test]
+fn a_step_trap_away_from_the_plans_marker_is_refused_and_changes_nothing() {
+    // mov rax, [rip+0x10]: falls through, so its step ends on a marker; the
+    // scratch register is loaded by prepare_step and restored only by a
+    // finish_step at the marker.
+    let load = X86_64.analyze(F + 4, &FUNC[4..11]).unwrap();
+    let plan = X86_64.plan_xol(&load, 0x9000).unwrap();
+    let marker = plan.step_marker.expect("a falling-through instruction");
+    let mut regs = some_regs();
+    let state = X86_64
+        .prepare_step(&plan, XolRun::SingleStep, &mut regs)
+        .unwrap();
+    assert_eq!(regs.flags & (1 << 8), 0, "no trap flag for a marker step");
+    // Traps that are not the marker's: on the marker byte itself (not how
+    // int3 reports), one past the copy (where a trap-flag step would trap),
+    // and in the original code.
+    for ip in [marker, plan.step_entry + 3, F + 11] {
+        regs.ip = ip;
+        let before = regs;
+        assert!(
+            matches!(
+                X86_64.finish_step(&plan, &state, &mut regs, &mut NoMemory),
+                Err(ProbeError::PlanMismatch { .. })
+            ),
+            "ip {ip:#x}"
+        );
+        assert_eq!(regs, before, "ip {ip:#x}");
+    }
+    // The marker's own trap completes the step.
+    regs.ip = marker + 1;
+    X86_64
+        .finish_step(&plan, &state, &mut regs, &mut NoMemory)
+        .unwrap();
+    assert_eq!(regs.ip, F + 11);
+}
+
+#[test]
 fn the_x86_constants_are_what_the_runtime_relies_on() {
     assert_eq!(X86_64.breakpoint(), &[0xcc]);
     assert_eq!(X86_64.insn_align(), 1);

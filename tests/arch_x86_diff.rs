@@ -431,6 +431,8 @@ struct Stats {
     emulated: usize,
     pc_relative: usize,
     out_of_line: usize,
+    /// Out-of-line or RIP-relative instructions whose plan steps to a marker.
+    marker_plans: usize,
 }
 
 #[test]
@@ -473,6 +475,13 @@ fn random_instructions_behave_the_same_in_place_and_probed() {
                 Kind::PcRelative => stats.borrow_mut().pc_relative += 1,
                 Kind::OutOfLine => stats.borrow_mut().out_of_line += 1,
             }
+            if kind(&insn) != Kind::Emulated
+                && X86_64
+                    .plan_xol(&insn, SLOT_NEAR)
+                    .is_ok_and(|p| p.step_marker.is_some())
+            {
+                stats.borrow_mut().marker_plans += 1;
+            }
             let mut rng = Rng(seed);
             let m = Machine::random(&mut rng, is_rep_string(&bytes[..len]));
             let native = run_in_place(&m, insn.bytes());
@@ -495,7 +504,7 @@ fn random_instructions_behave_the_same_in_place_and_probed() {
         "too few completed comparisons: {s:?}"
     );
     assert!(
-        s.emulated > 0 && s.pc_relative > 0 && s.out_of_line > 0,
+        s.emulated > 0 && s.pc_relative > 0 && s.out_of_line > 0 && s.marker_plans > 0,
         "{s:?}"
     );
 }
@@ -510,18 +519,16 @@ fn reads_own_code(insn: &Insn) -> bool {
 }
 
 #[test]
-fn a_single_stepped_rep_instruction_repeats_until_rcx_runs_out() {
+fn under_the_trap_flag_a_rep_instruction_repeats_until_rcx_runs_out() {
     let bytes = [0xf3, 0xaa]; // rep stosb
     let insn = X86_64.analyze(INSN_AT, &bytes).unwrap();
     let mut m = corpus_machine(3, &bytes);
     m.regs[X86Reg::Rcx] = 5;
     m.regs.flags &= !(1 << 10); // DF clear: forward
     let native = run_in_place(&m, &bytes);
-    let probed = run_via(&m, &insn, Via::Step(SLOT_NEAR));
-    assert_eq!(
-        judge(&native, &probed, &insn, Via::Step(SLOT_NEAR)),
-        Verdict::Same
-    );
+    let via = Via::StepTrapFlag(SLOT_NEAR);
+    let probed = run_via(&m, &insn, via);
+    assert_eq!(judge(&native, &probed, &insn, via), Verdict::Same);
     // One iteration per step: "not finished" after each of the first four
     // iterations. The emulator stops once more at the instruction with
     // rcx = 0 (hardware leaves it with the last iteration): 4 or 5.
@@ -532,6 +539,87 @@ fn a_single_stepped_rep_instruction_repeats_until_rcx_runs_out() {
     };
     assert_eq!(after.regs[X86Reg::Rcx], 0);
     assert_eq!(after.regs[X86Reg::Rdi], m.regs[X86Reg::Rdi] + 5);
+}
+
+#[test]
+fn a_marker_stepped_rep_instruction_runs_every_iteration_before_one_step_trap() {
+    let bytes = [0xf3, 0xaa]; // rep stosb
+    let insn = X86_64.analyze(INSN_AT, &bytes).unwrap();
+    let plan = X86_64.plan_xol(&insn, SLOT_NEAR).unwrap();
+    assert!(plan.step_marker.is_some(), "rep falls through: marker plan");
+    assert_eq!(plan.fixups.restart, None, "nothing to restart at a marker");
+    let mut m = corpus_machine(3, &bytes);
+    m.regs[X86Reg::Rcx] = 5;
+    m.regs.flags &= !(1 << 10);
+    let native = run_in_place(&m, &bytes);
+    let probed = run_via(&m, &insn, Via::Step(SLOT_NEAR));
+    assert_eq!(
+        judge(&native, &probed, &insn, Via::Step(SLOT_NEAR)),
+        Verdict::Same
+    );
+    assert_eq!(REPEATS.with(|r| r.get()), 0, "no trap between iterations");
+    let Outcome::Done(after) = probed else {
+        unreachable!()
+    };
+    assert_eq!(after.regs[X86Reg::Rcx], 0);
+    assert_eq!(after.regs[X86Reg::Rdi], m.regs[X86Reg::Rdi] + 5);
+}
+
+/// Corpus instructions that may continue elsewhere than the next
+/// instruction: the only ones single-stepped with the trap flag.
+const MAY_NOT_FALL_THROUGH: [&str; 7] = [
+    "call [rip+d]",
+    "jmp [rip+d]",
+    "ret",
+    "ret 16",
+    "call rax",
+    "call [rsp]",
+    "jmp rax",
+];
+
+#[test]
+fn instructions_that_fall_through_end_their_step_on_an_int3_marker_and_only_branches_use_the_trap_flag(
+) {
+    let mut markers = 0;
+    for (name, bytes, kind_expected) in corpus() {
+        if kind_expected == Kind::Emulated {
+            continue;
+        }
+        let insn = X86_64.analyze(INSN_AT, &bytes).unwrap();
+        for slot in [SLOT_NEAR, SLOT_FAR] {
+            let plan = X86_64.plan_xol(&insn, slot).unwrap();
+            let slot_bytes = plan.slot_bytes();
+            assert!(slot_bytes.len() <= X86_64.xol_slot_size(), "{name}");
+            if MAY_NOT_FALL_THROUGH.contains(&name) {
+                assert_eq!(plan.step_marker, None, "{name}: trap flag");
+                assert_eq!(plan.step_entry, slot, "{name}");
+                continue;
+            }
+            markers += 1;
+            let marker = plan
+                .step_marker
+                .unwrap_or_else(|| panic!("{name}: no marker"));
+            let entry = (plan.step_entry - slot) as usize;
+            let at = (marker - slot) as usize;
+            assert_eq!(slot_bytes[at], 0xcc, "{name}: the marker is an int3");
+            assert_eq!(at + 1, slot_bytes.len(), "{name}: the marker ends the slot");
+            let fix = plan.fixups.ip.expect("ip fixup");
+            assert_eq!((fix.from, fix.to), (marker, insn.next_addr()), "{name}");
+            if plan.boostable {
+                // The boosted copy comes first, with its jump back, and is
+                // the same instruction as the stepped copy.
+                assert_eq!(&slot_bytes[..bytes.len()], &bytes[..], "{name}");
+                assert_eq!(&slot_bytes[entry..at], &bytes[..], "{name}");
+                assert!(entry > bytes.len(), "{name}: jump back between");
+            } else {
+                assert_eq!(entry, 0, "{name}: one copy only");
+            }
+        }
+        // The trap-flag plan of the same instruction has no marker.
+        let tf = X86_64.plan_xol_trap_flag(&insn, SLOT_NEAR).unwrap();
+        assert_eq!((tf.step_marker, tf.step_entry), (None, SLOT_NEAR), "{name}");
+    }
+    assert!(markers > 0);
 }
 
 /// The kretprobe plan: hijack at the first instruction of

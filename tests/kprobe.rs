@@ -102,6 +102,53 @@ fn a_probe_without_post_handler_is_boosted_through_its_slot() {
 }
 
 #[test]
+fn a_post_handler_steps_a_falling_through_instruction_to_an_int3_marker_not_the_trap_flag() {
+    let fx = fixture();
+    let post_ip = Arc::new(AtomicU64::new(0));
+    let seen = post_ip.clone();
+    let p = Kprobe::at(F_MOV_EAX)
+        .post(move |_, regs| seen.store(regs.ip, Ordering::SeqCst))
+        .build();
+    fx.reg.register(&p).unwrap();
+    let slot = fx.reg.sites()[0].slot.unwrap();
+    let mov = [0xb8, 0x01, 0, 0, 0];
+    let bytes = fx.xol.slot_bytes(slot).unwrap();
+    assert_eq!(&bytes[..5], &mov, "the boosted copy");
+    assert_eq!(bytes[5], 0xe9, "its jump back");
+    assert_eq!(&bytes[10..15], &mov, "the stepped copy");
+    assert_eq!(bytes[15], 0xcc, "the step marker");
+
+    let mut stack = Stack::new();
+    let mut regs = trap_regs(F_MOV_EAX);
+    let HitOutcome::SingleStep(token) = fx.reg.on_breakpoint(&mut regs, &mut stack) else {
+        panic!("a post handler needs a single-step")
+    };
+    assert_eq!(token.step_marker(), Some(slot + 15));
+    assert_eq!(regs.ip, slot + 10, "the step runs the second copy");
+    assert_eq!(regs.flags, 0, "no trap flag");
+    // A trap-flag-style report (IP after the copy) is not this step's end:
+    // refused, registers unchanged, no post handler.
+    regs.ip = slot + 15;
+    let before = regs;
+    assert!(matches!(
+        fx.reg.on_step_complete(token, &mut regs, &mut stack),
+        StepResult::Failed(ProbeError::PlanMismatch { .. })
+    ));
+    assert_eq!(regs, before);
+    assert_eq!(post_ip.load(Ordering::SeqCst), 0);
+
+    // The marker's trap completes it.
+    let mut regs = trap_regs(F_MOV_EAX);
+    assert_eq!(
+        hit(&fx.reg, F_MOV_EAX, &mut regs, &mut stack),
+        "single-step"
+    );
+    assert_eq!(regs.ip, F_POP);
+    assert_eq!(post_ip.load(Ordering::SeqCst), F_POP);
+    fx.reg.unregister(&p).unwrap();
+}
+
+#[test]
 fn a_rip_relative_instruction_is_single_stepped_even_without_post_handler() {
     let fx = fixture();
     let p = Kprobe::at(G_RIPREL).build();
@@ -483,6 +530,38 @@ fn a_site_slot_is_freed_after_its_last_probe_and_a_grace_period() {
     fx.reg.unregister(&b).unwrap();
     rcu.barrier();
     assert_eq!((fx.xol.in_use(), fx.xol.frees()), (0, 1));
+}
+
+#[test]
+fn a_freed_slot_goes_back_only_to_its_own_address_with_the_same_bytes() {
+    // A thread sent into a slot for a boosted run may still execute it after
+    // unregistration: the slot must never hold other code.
+    let rcu = Rcu::new();
+    let fx = fixture_with(|b| b.rcu(rcu.clone()));
+    let p = Kprobe::at(F_MOV_EAX).build();
+    fx.reg.register(&p).unwrap();
+    let slot = fx.reg.sites()[0].slot.unwrap();
+    let bytes = fx.xol.slot_bytes(slot).unwrap();
+    fx.reg.unregister(&p).unwrap();
+    rcu.barrier();
+    assert_eq!((fx.xol.in_use(), fx.xol.parked()), (0, 1));
+    assert_eq!(fx.xol.slot_bytes(slot).unwrap(), bytes, "bytes kept");
+
+    // Another out-of-line address gets another slot.
+    let q = Kprobe::at(F_MOV_RBP).build();
+    fx.reg.register(&q).unwrap();
+    let other = fx.reg.sites()[0].slot.unwrap();
+    assert_ne!(other, slot);
+    assert_eq!(fx.xol.bound_to(slot), Some(F_MOV_EAX));
+
+    // The same address gets its slot back, refilled byte for byte.
+    let p2 = Kprobe::at(F_MOV_EAX).post(|_, _| {}).build();
+    fx.reg.register(&p2).unwrap();
+    let sites = fx.reg.sites();
+    let again = sites.iter().find(|s| s.addr == F_MOV_EAX).unwrap();
+    assert_eq!(again.slot, Some(slot));
+    assert_eq!(fx.xol.slot_bytes(slot).unwrap(), bytes);
+    fx.reg.unregister_many(&[&q, &p2]).unwrap();
 }
 
 #[test]

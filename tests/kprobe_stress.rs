@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use kprobe_support::Stack;
+use kprobe_support::{step_trap_ip, Stack};
 use rcu_registry::probes::arch::{DataMemory, Regs, X86Reg, X86_64};
 use rcu_registry::probes::kprobe::{
     Action, EntryAction, HitOutcome, Kprobe, KprobeRegistry, Kretprobe, ReturnOutcome, StepResult,
@@ -268,7 +268,7 @@ fn hitter(reg: &Reg, seed: u64, stop: &AtomicBool, errors: &Errors) -> HitterSta
             HitOutcome::SingleStep(token) => {
                 st.single_steps += 1;
                 regs[X86Reg::Rax] = i as u64;
-                regs.ip = token.plan().fixups.ip.expect("ip fixup").from;
+                regs.ip = step_trap_ip(&token);
                 if !matches!(
                     reg.on_step_complete(token, &mut regs, &mut stack),
                     StepResult::Done

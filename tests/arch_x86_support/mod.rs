@@ -7,9 +7,16 @@
 //! - **through the backend**: the original bytes overwritten by `int3`, then
 //!   either [`Arch::emulate`] on the register file, or the XOL plan written at
 //!   a slot (near: within 2 GiB, jump back `jmp rel32`; far: absolute jump
-//!   back), run by `prepare_step`, one emulated instruction (the single-step),
-//!   `finish_step` (repeated while it answers `Repeat`); or, for boostable
-//!   plans, run boosted until the IP leaves the slot.
+//!   back), run by `prepare_step`, then:
+//!   - a step-marker plan: the slot is run from the step entry until the IP
+//!     reaches the marker (every iteration of a `rep` instruction), the
+//!     marker's own `int3` is executed (it must be one, and the emulator
+//!     reports the IP after it, as the CPU does), then `finish_step`;
+//!   - a trap-flag plan (the backend's choice for instructions that may not
+//!     fall through, or any instruction through
+//!     [`X86_64::plan_xol_trap_flag`]): one emulated instruction (the
+//!     single-step), `finish_step` (repeated while it answers `Repeat`);
+//!   - for boostable plans, a boosted run until the IP leaves the slot.
 //!
 //! The two final states are compared: the 16 general registers, RIP, RFLAGS,
 //! XMM0-15, the data pages and the stack page. A run that faults in place must
@@ -302,8 +309,13 @@ const EMULATED_FAULT: &str = "emulated memory fault";
 pub enum Via {
     /// `emulate()` (only for emulated instructions).
     Emulate,
-    /// XOL single-step from the given slot address.
+    /// XOL single-step from the given slot address, as `plan_xol` plans it
+    /// (a step marker where the instruction falls through, else the trap
+    /// flag).
     Step(u64),
+    /// XOL single-step under the trap flag from the given slot address
+    /// ([`X86_64::plan_xol_trap_flag`]), whatever the instruction.
+    StepTrapFlag(u64),
     /// XOL boosted run from the given slot address.
     Boost(u64),
 }
@@ -339,19 +351,34 @@ pub fn run_via_plan(
                 Err(e) => panic!("emulate failed: {e}"),
             }
         }
-        Via::Step(slot) | Via::Boost(slot) => {
-            let mut plan = arch.plan_xol(insn, slot).expect("plan");
+        Via::Step(slot) | Via::StepTrapFlag(slot) | Via::Boost(slot) => {
+            let mut plan = match via {
+                Via::StepTrapFlag(_) => arch.plan_xol_trap_flag(insn, slot),
+                _ => arch.plan_xol(insn, slot),
+            }
+            .expect("plan");
             tamper(&mut plan);
             let mut uc = emulator(m, &[(INSN_AT, &patched), (slot, plan.slot_bytes())]);
             let mut regs = m.regs;
-            let run = if matches!(via, Via::Step(_)) {
-                XolRun::SingleStep
-            } else {
+            let run = if matches!(via, Via::Boost(_)) {
                 XolRun::Boosted
+            } else {
+                XolRun::SingleStep
             };
             let state = arch.prepare_step(&plan, run, &mut regs).expect("prepare");
             REPEATS.with(|r| r.set(0));
             load_regs(&mut uc, &regs);
+            if let (XolRun::SingleStep, Some(marker)) = (run, plan.step_marker) {
+                assert_eq!(regs.flags & TF, 0, "a marker step arms no trap flag");
+                assert_eq!(regs.ip, plan.step_entry, "a step starts at its copy");
+                return run_to_marker(&mut uc, &plan, marker, |now, uc| {
+                    match arch.finish_step(&plan, &state, now, &mut UcMem(uc)) {
+                        Ok(StepOutcome::Done) => {}
+                        Ok(StepOutcome::Repeat) => panic!("Repeat from a marker step"),
+                        Err(e) => panic!("finish_step failed: {e}"),
+                    }
+                });
+            }
             let tf = regs.flags & TF;
             let slot_end = slot + plan.slot_bytes().len() as u64;
             for _ in 0..MAX_REPEATS {
@@ -387,13 +414,70 @@ pub fn run_via_plan(
     }
 }
 
+/// Runs a step-marker plan from the IP loaded in `uc` (the step entry):
+/// emulated instructions until the IP reaches `marker` (one per `rep`
+/// iteration), never leaving the stepped copy; then the marker itself, which
+/// must be an `int3` that traps with the IP just past it; then `finish` on
+/// the registers the trap reports. A fault on the way is the run's outcome.
+fn run_to_marker(
+    uc: &mut Unicorn<'static, ()>,
+    plan: &rcu_registry::probes::arch::XolPlan,
+    marker: u64,
+    finish: impl FnOnce(&mut Regs, &mut Unicorn<'static, ()>),
+) -> Outcome {
+    for _ in 0..MAX_REPEATS {
+        let ip = uc.reg_read(RegisterX86::RIP).unwrap();
+        if ip == marker {
+            break;
+        }
+        assert!(
+            (plan.step_entry..marker).contains(&ip),
+            "a marker step left its copy: rip {ip:#x}, copy {:#x}..{marker:#x}",
+            plan.step_entry
+        );
+        if let Err(e) = step_one(uc) {
+            return Outcome::Fault(e);
+        }
+    }
+    assert_eq!(
+        uc.reg_read(RegisterX86::RIP).unwrap(),
+        marker,
+        "the step did not reach its marker in {MAX_REPEATS} steps"
+    );
+    let mut byte = [0u8];
+    uc.mem_read(marker, &mut byte).unwrap();
+    assert_eq!(byte[0], 0xcc, "the step marker is not an int3");
+    // Execute the marker: an int3 reaches the interrupt hook as vector 3.
+    let vector = std::rc::Rc::new(std::cell::Cell::new(None));
+    let seen = std::rc::Rc::clone(&vector);
+    let hook = uc
+        .add_intr_hook(move |uc, intno| {
+            seen.set(Some(intno));
+            uc.emu_stop().unwrap();
+        })
+        .unwrap();
+    let trapped = step_one(uc);
+    uc.remove_hook(hook).unwrap();
+    trapped.expect("the marker traps");
+    assert_eq!(vector.get(), Some(3), "the marker raised #BP");
+    let mut now = read_regs(uc);
+    assert_eq!(now.ip, marker + 1, "int3 reports the byte after itself");
+    finish(&mut now, uc);
+    Outcome::Done(snapshot(uc, now))
+}
+
 /// The ways `insn` can be completed by the backend: emulation, or single-step
-/// from a near and a far slot, plus boosted runs when the plan allows.
+/// from a near and a far slot (as planned, and under the trap flag), plus
+/// boosted runs when the plan allows.
 pub fn ways(insn: &Insn) -> Vec<Via> {
     match insn.class {
         InsnClass::Emulated(_) => vec![Via::Emulate],
         _ => {
-            let mut v = vec![Via::Step(SLOT_NEAR), Via::Step(SLOT_FAR)];
+            let mut v = vec![
+                Via::Step(SLOT_NEAR),
+                Via::Step(SLOT_FAR),
+                Via::StepTrapFlag(SLOT_NEAR),
+            ];
             let plan = X86_64.plan_xol(insn, SLOT_NEAR).expect("plan");
             if plan.boostable {
                 v.push(Via::Boost(SLOT_NEAR));

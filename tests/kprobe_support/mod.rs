@@ -151,16 +151,28 @@ pub fn trap_regs(addr: u64) -> Regs {
     }
 }
 
+/// The IP the step trap reports after the slot's instruction fell through:
+/// just past the step marker's `int3` (which reports the byte after
+/// itself), or, for a trap-flag step, the end of the instruction in the slot.
+pub fn step_trap_ip(token: &StepToken<'_>) -> u64 {
+    match token.step_marker() {
+        Some(marker) => marker + 1,
+        None => {
+            token
+                .plan()
+                .fixups
+                .ip
+                .expect("a single-stepped plan fixes the IP")
+                .from
+        }
+    }
+}
+
 /// Pretends to execute the slot's instruction: applies `effect`, moves the
-/// IP to the end of the instruction in the slot (where the step trap comes).
+/// IP to where the step trap reports it ([`step_trap_ip`]).
 pub fn execute_slot(token: &StepToken<'_>, regs: &mut Regs, effect: impl FnOnce(&mut Regs)) {
     effect(regs);
-    let fix = token
-        .plan()
-        .fixups
-        .ip
-        .expect("a single-stepped plan fixes the IP");
-    regs.ip = fix.from;
+    regs.ip = step_trap_ip(token);
 }
 
 /// Traps at `addr` and completes the hit the way the runtime would, with

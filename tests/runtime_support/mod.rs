@@ -93,6 +93,18 @@ global_asm!(
     "pop rbx",
     "ret",
     ".size rtp_twice, . - rtp_twice",
+    // rtp_fill(dst, n): fills n bytes at dst with 0x5a. mov rcx, rsi;
+    // mov al, 0x5a; rep stosb (a string instruction that iterates in
+    // place); ret.
+    ".p2align 4",
+    ".globl rtp_fill",
+    ".type rtp_fill,@function",
+    "rtp_fill:",
+    ".byte 0x48, 0x89, 0xf1",
+    ".byte 0xb0, 0x5a",
+    ".byte 0xf3, 0xaa",
+    ".byte 0xc3",
+    ".size rtp_fill, . - rtp_fill",
     ".popsection",
     ".pushsection .data.rtp_data,\"aw\",@progbits",
     ".p2align 3",
@@ -111,7 +123,14 @@ extern "C" {
     pub fn rtp_word() -> u32;
     pub fn rtp_load() -> u64;
     pub fn rtp_twice(x: u32) -> u32;
+    pub fn rtp_fill(dst: *mut u8, n: usize);
 }
+
+/// Offsets of the instructions of `rtp_fill`.
+pub const FILL_REP_STOSB: u64 = 5;
+/// Offset of `rtp_add1`'s `ret` and `rtp_mul3`'s `ret`.
+pub const ADD1_RET: u64 = 5;
+pub const MUL3_RET: u64 = 3;
 
 /// A test function taking and returning a `u32`.
 pub type Func = unsafe extern "C" fn(u32) -> u32;
@@ -171,4 +190,70 @@ pub fn stress_secs(default: f64) -> std::time::Duration {
         .and_then(|s| s.parse().ok())
         .unwrap_or(default);
     std::time::Duration::from_secs_f64(secs)
+}
+
+/// Calls `iteration` in a loop on a worker thread while this thread sends
+/// the worker `SIGUSR1` (handled by `handler`, installed for the run and
+/// restored after) every `every`, for `duration`. Returns the iterations
+/// made and the signals sent. A worker that makes no progress for `stall`
+/// is reported as deadlocked and the process aborted: a deadlocked thread
+/// cannot be joined, and the test must fail rather than hang.
+pub fn loop_under_signals(
+    handler: extern "C" fn(libc::c_int),
+    duration: std::time::Duration,
+    every: std::time::Duration,
+    stall: std::time::Duration,
+    iteration: impl Fn() + Sync,
+) -> (u64, u64) {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::time::Instant;
+    // SAFETY: a plain handler for SIGUSR1, which the runtime tests use for
+    // nothing else; restored below.
+    let old = unsafe { libc::signal(libc::SIGUSR1, handler as *const () as usize) };
+    let stop = AtomicBool::new(false);
+    let done = AtomicU64::new(0);
+    let mut sent = 0u64;
+    std::thread::scope(|s| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (stop, done, iteration) = (&stop, &done, &iteration);
+        let worker = s.spawn(move || {
+            // SAFETY: pthread_self has no preconditions.
+            tx.send(unsafe { libc::pthread_self() }).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                iteration();
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        });
+        let target = rx.recv().unwrap();
+        let t0 = Instant::now();
+        let (mut last, mut last_change) = (0, Instant::now());
+        let mut watchdog = || {
+            let now = done.load(Ordering::Relaxed);
+            if now != last {
+                (last, last_change) = (now, Instant::now());
+            } else if last_change.elapsed() > stall {
+                eprintln!(
+                    "the worker made no progress for {stall:?} after {now} iterations: \
+                     deadlocked"
+                );
+                std::process::abort();
+            }
+        };
+        while t0.elapsed() < duration {
+            // SAFETY: `target` runs until `stop`; SIGUSR1 has a handler.
+            assert_eq!(unsafe { libc::pthread_kill(target, libc::SIGUSR1) }, 0);
+            sent += 1;
+            std::thread::sleep(every);
+            watchdog();
+        }
+        stop.store(true, Ordering::Relaxed);
+        while !worker.is_finished() {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+            watchdog();
+        }
+        worker.join().unwrap();
+    });
+    // SAFETY: restores the disposition found above.
+    unsafe { libc::signal(libc::SIGUSR1, old) };
+    (done.load(Ordering::Relaxed), sent)
 }

@@ -366,7 +366,7 @@ impl Arch for Arm64 {
             sp_before: regs.sp,
             flags_before: regs.flags,
         };
-        regs.ip = plan.slot_addr;
+        regs.ip = plan.step_entry;
         // The branch that reached the breakpoint left its BTYPE; it applied
         // to the probed address (where `brk` is exempt from the check), not
         // to the slot.

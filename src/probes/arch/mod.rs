@@ -36,13 +36,28 @@
 //! - **Boosted** (only when [`XolPlan::boostable`]): the slot ends with a jump
 //!   back to the instruction after the original, so one trap suffices and no
 //!   fixup runs afterwards.
-//! - **Single-step**: [`Arch::prepare_step`] points the IP at the slot, applies
-//!   the pre-step fixups (e.g. loads the scratch register of a rewritten
-//!   RIP-relative operand) and arms the step (x86: the trap flag; arm64: the
-//!   step-marker breakpoint at [`XolPlan::step_marker`]). At the step trap,
-//!   [`Arch::finish_step`] undoes the slot's traces: IP back into the original
-//!   code, scratch register restored, return address pushed by an indirect
-//!   call corrected, step flag cleared.
+//! - **Single-step**: [`Arch::prepare_step`] points the IP at the slot's step
+//!   entry ([`XolPlan::step_entry`]), applies the pre-step fixups (e.g. loads
+//!   the scratch register of a rewritten RIP-relative operand) and arms the
+//!   step. At the step trap, [`Arch::finish_step`] undoes the slot's traces:
+//!   IP back into the original code, scratch register restored, return
+//!   address pushed by an indirect call corrected, step flag cleared.
+//!
+//! # Two ways to end a single-step
+//!
+//! - **Step marker** ([`XolPlan::step_marker`] is `Some`): the slot holds the
+//!   instruction followed by a breakpoint, the *marker*. An instruction that
+//!   falls through to the next one runs into it, so the step trap is a
+//!   breakpoint trap at a known address: the trap handler recognises it as
+//!   "step complete" by that address alone. arm64 steps every slot this way
+//!   (a signal handler cannot arm its hardware single-step); x86_64 steps
+//!   every instruction that always falls through this way (its `int3` costs
+//!   the same as the probe's own trap, where the trap flag's debug exception
+//!   can cost an order of magnitude more under a hypervisor).
+//! - **Hardware single-step** (`step_marker` is `None`, x86_64 only): the
+//!   trap flag is set, the CPU traps after one instruction wherever it went.
+//!   Needed for an instruction that may not fall through (an indirect jump or
+//!   call, a return): a marker after it would never be reached.
 //!
 //! # Return hijack
 //!
@@ -76,10 +91,11 @@ pub use x86_64::{X86Reg, X86_64};
 /// Longest instruction any backend decodes (x86: 15 bytes), rounded up.
 pub const MAX_INSN_BYTES: usize = 16;
 
-/// Largest XOL slot any backend plans. x86_64: a 15-byte instruction plus a
-/// 14-byte absolute jump back (`jmp [rip+0]; dq target`) fits in 29; 32 keeps
-/// slots naturally aligned and two per cache line.
-pub const MAX_XOL_SLOT: usize = 32;
+/// Largest XOL slot any backend plans. x86_64: a boosted copy of a 15-byte
+/// instruction with a 14-byte absolute jump back (`jmp [rip+0]; dq target`),
+/// then a stepped copy with its 1-byte step marker, is 45 bytes; 64 keeps
+/// slots naturally aligned, one per cache line.
+pub const MAX_XOL_SLOT: usize = 64;
 
 /// An instruction set backend. See the [module docs](self) for the protocol.
 ///
@@ -145,9 +161,12 @@ pub trait Arch: Send + Sync + 'static {
 
     /// Prepares `regs` (the registers at the breakpoint trap, IP already
     /// meaning "the probed instruction is next") to run `plan` from its slot:
-    /// sets the IP to the slot and, for [`XolRun::SingleStep`], applies the
-    /// pre-step fixups and arms the step. The returned state must be handed to
-    /// [`finish_step`](Arch::finish_step) at the step trap.
+    /// sets the IP to the slot ([`XolPlan::slot_addr`] for a boosted run,
+    /// [`XolPlan::step_entry`] for a single-step) and, for
+    /// [`XolRun::SingleStep`], applies the pre-step fixups and arms the step
+    /// (nothing to arm for a step-marker plan: the marker is in the slot). The
+    /// returned state must be handed to [`finish_step`](Arch::finish_step) at
+    /// the step trap.
     ///
     /// # Errors
     /// [`ProbeError::PlanMismatch`] for a boosted run of a plan that is not
@@ -161,13 +180,18 @@ pub trait Arch: Send + Sync + 'static {
 
     /// At the step trap after a single-stepped slot, applies the post-step
     /// fixups so that `regs` and memory look as if the instruction had run in
-    /// place. Returns [`StepOutcome::Repeat`] when the instruction has not
-    /// finished (an x86 `rep` string instruction traps after each iteration):
-    /// resume with the step still armed and call again at the next trap.
+    /// place. `regs` are as the trap reports them: for a step-marker plan,
+    /// the registers at the breakpoint trap on [`XolPlan::step_marker`]
+    /// ([`trap_address`](Arch::trap_address) is the marker). Returns
+    /// [`StepOutcome::Repeat`] when the instruction has not finished (an x86
+    /// `rep` string instruction under the trap flag traps after each
+    /// iteration): resume with the step still armed and call again at the
+    /// next trap.
     ///
     /// # Errors
-    /// [`ProbeError::MemoryFault`] if a fixup cannot access the stack; `regs`
-    /// is then unchanged.
+    /// [`ProbeError::MemoryFault`] if a fixup cannot access the stack;
+    /// [`ProbeError::PlanMismatch`] for a step-marker plan whose trap is not
+    /// at its marker. `regs` are then unchanged.
     fn finish_step(
         &self,
         plan: &XolPlan,
@@ -388,8 +412,10 @@ pub enum StepOutcome {
     /// the original code.
     Done,
     /// The instruction has not completed (x86 `rep` string instruction
-    /// interrupted by the step trap after one iteration): resume as is, the
-    /// step is still armed, and call `finish_step` again at the next trap.
+    /// interrupted by the trap-flag step trap after one iteration): resume as
+    /// is, the step is still armed, and call `finish_step` again at the next
+    /// trap. Never answered for a step-marker plan: the instruction runs to
+    /// completion (every iteration) before it reaches the marker.
     Repeat,
 }
 
@@ -418,9 +444,15 @@ pub struct XolPlan {
     /// The slot ends with a jump back to the instruction after the original
     /// and needs no post-step fixup: a [`XolRun::Boosted`] run is allowed.
     pub boostable: bool,
-    /// Address of a step-marker breakpoint right after the instruction in the
-    /// slot, for backends that step that way (arm64); `None` when the step is
-    /// a hardware single-step (x86 trap flag).
+    /// Where a [`XolRun::SingleStep`] starts: the instruction's copy that a
+    /// step runs. [`slot_addr`](Self::slot_addr) unless the slot holds two
+    /// copies (x86_64: a boosted copy with a jump back first, then a stepped
+    /// copy ending on the step marker).
+    pub step_entry: u64,
+    /// Address of the step-marker breakpoint right after the stepped copy of
+    /// the instruction in the slot (see the [module docs](self): "Two ways to
+    /// end a single-step"); `None` when the step is a hardware single-step
+    /// (x86 trap flag).
     pub step_marker: Option<u64>,
     /// Register and memory fixups around a single-step.
     pub fixups: Fixups,
@@ -444,12 +476,19 @@ impl XolPlan {
         XolPlan {
             insn_addr,
             slot_addr,
+            step_entry: slot_addr,
             boostable,
             step_marker,
             fixups,
             slot: s,
             slot_len: slot.len() as u8,
         }
+    }
+
+    /// The same plan with single-steps starting at `entry` (inside the slot).
+    pub(crate) fn with_step_entry(mut self, entry: u64) -> Self {
+        self.step_entry = entry;
+        self
     }
 
     /// The bytes to write at [`XolPlan::slot_addr`].
@@ -471,7 +510,8 @@ pub struct Fixups {
     /// If the IP after the step is this address (the slot's instruction
     /// itself), the instruction was interrupted before completing (an x86
     /// `rep` string instruction traps after each iteration under the trap
-    /// flag): [`Arch::finish_step`] answers [`StepOutcome::Repeat`].
+    /// flag): [`Arch::finish_step`] answers [`StepOutcome::Repeat`]. Only
+    /// trap-flag plans have it.
     pub restart: Option<u64>,
 }
 
@@ -479,7 +519,8 @@ pub struct Fixups {
 /// the instruction branched and is left alone).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct IpFixup {
-    /// The IP that means "fell through in the slot".
+    /// The IP that means "fell through in the slot": the address after the
+    /// stepped copy (for a step-marker plan, the marker itself).
     pub from: u64,
     /// The corresponding IP in the original code.
     pub to: u64,

@@ -20,11 +20,31 @@
 //! counts `nmissed` on the probes and completes the displaced instruction,
 //! never recursing.
 //!
+//! **The flag goes up before any lock.** The kretprobe paths take spin locks
+//! (an instance-table stripe, a pool's lock), and a signal handler may
+//! interrupt the thread while it holds one and run probed code on the same
+//! thread. Had that nested hit been allowed to run handlers, a kretprobe
+//! entry would take the same stripe (or pool) lock its own interrupted
+//! frame holds, and spin forever. So every hit-path entry sets the flag
+//! first and locks after: [`on_breakpoint`](KprobeRegistry::on_breakpoint)
+//! runs kretprobe entries (pool, then stripe, never nested) only inside its
+//! handler scope, and [`on_return`](KprobeRegistry::on_return) enters the
+//! scope before it takes the stripe. A hit nested anywhere inside those
+//! locks therefore finds the flag set and takes no lock at all. (A return
+//! into the trampoline is never nested inside another return's locks: a call
+//! made while the flag is set is not hijacked.) `instances.rs` asserts the
+//! flag wherever the hit path takes a stripe, in debug builds.
+//!
 //! # Single-steps in flight
 //!
 //! A single-stepped hit leaves the read section when the trap handler
 //! returns, but the thread still runs the XOL slot and will run the post
-//! handlers at the step trap. The [`StepToken`] it carries holds a count on
+//! handlers at the step trap. That trap is either the hardware single-step
+//! (x86 trap flag) or a breakpoint on the slot's step marker
+//! ([`StepToken::step_marker`]): the caller tells the two apart from a probe
+//! hit by the marker's address, which no probe ever has (slots are not
+//! probed code), and hands the token to
+//! [`on_step_complete`](KprobeRegistry::on_step_complete) either way. The [`StepToken`] it carries holds a count on
 //! the member list it ran the pre handlers from (`Members::inflight`);
 //! unregistration frees a retired list only after its grace period *and*
 //! after that count dropped to zero. The token is `!Send` and borrows the
@@ -107,13 +127,19 @@ pub enum HitOutcome<'r> {
     /// handlers ran: resume.
     Emulated,
     /// `regs.ip` points at the XOL slot, which jumps back by itself: resume
-    /// (one trap, no post handler).
+    /// (one trap, no post handler). The thread runs the slot after its trap
+    /// handler has returned, in no read section and counted nowhere: an
+    /// unregistration cannot wait for it, which is why a freed slot is only
+    /// ever reused for the same address (the
+    /// [reuse rule](super::XolAllocator#reuse-rule)).
     Boosted {
         /// The slot's address.
         slot: u64,
     },
-    /// `regs` are set up to single-step the XOL slot (IP at the slot, step
-    /// armed): resume, and at the step trap call
+    /// `regs` are set up to single-step the XOL slot (IP at the slot's step
+    /// entry, step armed: the trap flag set, or a step marker waiting at
+    /// [`StepToken::step_marker`]): resume, and at the step trap (the
+    /// trap-flag trap, or the breakpoint trap on the marker) call
     /// [`KprobeRegistry::on_step_complete`] with the token.
     SingleStep(StepToken<'r>),
     /// The displaced instruction could not be completed (emulation or step
@@ -155,6 +181,14 @@ impl StepToken<'_> {
     /// The slot's address.
     pub fn slot(&self) -> u64 {
         self.plan().slot_addr
+    }
+
+    /// Where the step ends on a breakpoint: the address of the slot's step
+    /// marker, whose trap ([`Arch::trap_address`] equal to it) completes this
+    /// step. `None` when the step ends on the hardware single-step trap.
+    #[inline]
+    pub fn step_marker(&self) -> Option<u64> {
+        self.plan().step_marker
     }
 
     /// What the arch backend saved for the step's fixups.
@@ -334,11 +368,13 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         }
     }
 
-    /// Handles the step trap after [`HitOutcome::SingleStep`]: applies the
-    /// arch fixups (IP back into the original code, scratch register, return
-    /// address) and runs the post handlers of the probes whose pre handlers
-    /// ran. Async-signal-safe. Takes no read guard: the token keeps the
-    /// member list alive.
+    /// Handles the step trap after [`HitOutcome::SingleStep`] (the
+    /// trap-flag trap, or the breakpoint trap on the token's
+    /// [step marker](StepToken::step_marker), with `regs` as that trap
+    /// reports them): applies the arch fixups (IP back into the original
+    /// code, scratch register, return address) and runs the post handlers of
+    /// the probes whose pre handlers ran. Async-signal-safe. Takes no read
+    /// guard: the token keeps the member list alive.
     pub fn on_step_complete<'r>(
         &'r self,
         token: StepToken<'r>,
@@ -370,11 +406,16 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// Runs no handler of an unregistered kretprobe (the return address is
     /// still restored) and none on a thread already running a handler
     /// (`nmissed`). Allocates nothing, makes no system call; takes one
-    /// instance-table stripe and the pools' spin locks, never nested.
+    /// instance-table stripe and the pools' spin locks, never nested, and
+    /// only once the thread's re-entrancy flag is up (module docs).
     pub fn on_return(&self, regs: &mut Regs) -> ReturnOutcome {
         let Some(trampoline) = self.trampoline else {
             return ReturnOutcome::NotOurs;
         };
+        // Before any lock: a signal handler that runs probed code while this
+        // thread holds the stripe below must see the flag and stay away from
+        // the kretprobe locks (module docs, "Re-entrancy").
+        let scope = HandlerScope::enter();
         let thread = ThreadKey::current();
         let sp = regs.sp;
         let _guard = self.rcu.read();
@@ -383,7 +424,6 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             return ReturnOutcome::NotOurs;
         }
         let retval = self.arch.return_value(regs);
-        let scope = HandlerScope::enter();
         let mut real = None;
         while let Some((inst, frame)) = taken.pop() {
             // SAFETY: a taken instance is ours and out of its pool, so its

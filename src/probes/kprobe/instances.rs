@@ -32,10 +32,17 @@
 //! Both locks are [`SpinLock`]s: no allocation, no system call while
 //! uncontended, never a sleep (a contended waiter may yield the CPU). Neither
 //! is held while user code runs, and the runtime refuses probes on its own
-//! code, so a trap can never interrupt a holder on its own thread.
+//! code, so a probe trap never lands inside a holder. A *signal* can: the
+//! return path runs on the thread's ordinary stack with signals deliverable,
+//! and a signal handler may call a kretprobed function on the same thread.
+//! That is why the hit path takes either lock only with the thread's
+//! re-entrancy flag already set (see `hit.rs`): the nested hit then runs no
+//! kretprobe entry and takes no lock. [`InstanceTable::file`] and
+//! [`InstanceTable::take_returning`] assert the flag in debug builds.
 
 use std::ptr::NonNull;
 
+use super::hit::in_handler;
 use super::kretprobe::ReturnProbe;
 use crate::hashlock::{HashedLocks, SpinLock};
 use crate::sync::UnsafeCell;
@@ -220,6 +227,7 @@ impl InstanceTable {
     /// # Safety
     /// The caller owns `inst` (its frame is set, it is in no chain).
     pub(crate) unsafe fn file(&self, thread: ThreadKey, inst: NonNull<InstanceHdr>) {
+        debug_assert!(in_handler(), "a stripe taken before the re-entrancy flag");
         let mut chain = self.locks.lock(&thread);
         // SAFETY: owned by the caller until linked; linked under the stripe.
         unsafe { inst.as_ref().set_next(chain.head) };
@@ -231,7 +239,10 @@ impl InstanceTable {
     /// instance of `thread` with a stack pointer at or below `sp` (the
     /// returning call's, and abandoned deeper frames'); otherwise nothing.
     pub(crate) fn take_returning(&self, thread: ThreadKey, sp: u64) -> Taken {
+        debug_assert!(in_handler(), "a stripe taken before the re-entrancy flag");
         let mut chain = self.locks.lock(&thread);
+        #[cfg(test)]
+        test_hooks::while_locked();
         let mut taken = Taken {
             head: std::ptr::null_mut(),
         };
@@ -295,5 +306,29 @@ impl InstanceTable {
             }
         }
         out
+    }
+}
+
+/// A hook the unit tests run on the returning thread while
+/// [`InstanceTable::take_returning`] holds its stripe: where a signal could
+/// interrupt the thread on real code.
+#[cfg(test)]
+pub(crate) mod test_hooks {
+    use std::cell::RefCell;
+
+    std::thread_local! {
+        static WHILE_LOCKED: RefCell<Option<Box<dyn FnOnce()>>> = const { RefCell::new(None) };
+    }
+
+    /// Runs `f` (once) the next time this thread is inside
+    /// `take_returning`'s stripe.
+    pub(crate) fn set_while_locked(f: impl FnOnce() + 'static) {
+        WHILE_LOCKED.with(|h| *h.borrow_mut() = Some(Box::new(f)));
+    }
+
+    pub(super) fn while_locked() {
+        if let Some(f) = WHILE_LOCKED.with(|h| h.borrow_mut().take()) {
+            f();
+        }
     }
 }

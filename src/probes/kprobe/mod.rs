@@ -64,6 +64,15 @@
 //! read sections, and a per-member-list count covers single-steps that left
 //! the read section and will run post handlers at the step trap.
 //!
+//! What is *not* guaranteed then: that no thread is executing the probe's
+//! XOL slot. A thread sent into the slot for a boosted run (no post handler)
+//! runs it after its trap handler returned, outside any read section, and
+//! may be preempted there for any time. It does no harm: it completes the
+//! displaced instruction and jumps back after the restored original, and
+//! the slot keeps those bytes because an [`XolAllocator`] reuses a freed
+//! slot only for the same address, where the registry fills it with the
+//! same bytes (the [reuse rule](XolAllocator#reuse-rule)).
+//!
 //! # Kretprobes
 //!
 //! A [`Kretprobe`] is an entry probe whose "pre handler" takes an instance
@@ -84,6 +93,8 @@ mod hit;
 mod instances;
 mod kretprobe;
 mod probe;
+#[cfg(test)]
+mod reentry_tests;
 mod registry;
 mod resolve;
 mod table;

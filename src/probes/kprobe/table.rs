@@ -43,7 +43,8 @@ pub(crate) struct SiteExec {
     _slot: Option<SlotOwner>,
 }
 
-/// Frees an XOL slot through `Rcu::call` when dropped.
+/// Gives an XOL slot back to its allocator (through `Rcu::call`) when
+/// dropped.
 struct SlotOwner {
     xol: Arc<dyn XolAllocator>,
     rcu: Rcu,
@@ -52,9 +53,14 @@ struct SlotOwner {
 
 impl Drop for SlotOwner {
     fn drop(&mut self) {
-        // Dropped by a writer after every single-step on the slot finished;
-        // the extra grace period covers threads still running a boosted slot
-        // (they never report back).
+        // Dropped with the last member list of the site, i.e. after the
+        // grace period that retired it and after every single-step on the
+        // slot finished: no trap handler will send a thread here any more.
+        // A thread it sent here earlier for a *boosted* run may still be
+        // about to execute the slot, and no grace period covers it (it is in
+        // no read section): what makes freeing safe is the allocator's reuse
+        // rule (only for the same address, same bytes; see `xol.rs`), not
+        // the extra grace period `Rcu::call` adds.
         let xol = Arc::clone(&self.xol);
         let slot = self.slot;
         self.rcu.call(move || xol.free(slot));

@@ -6,21 +6,56 @@
 //! [`XolAllocator`] for a slot near the probed code when the first probe on
 //! an address is registered, and gives it back when the last one goes.
 //!
-//! # Reuse only after a grace period
+//! # When the registry lets go of a slot, and what that proves
 //!
-//! A thread may be running in a slot after the probe that owns it is gone:
-//! it trapped on the breakpoint just before the breakpoint was removed, and
-//! is still single-stepping (or running a boosted slot). The registry waits
-//! for every single-step in flight before it lets go of a slot, and then
-//! frees it through [`Rcu::call`](crate::rcu::Rcu::call), so the allocator
-//! sees [`XolAllocator::free`] only after one more grace period. That extra
-//! grace period is what covers boosted runs, which never report back.
+//! A thread may still be in a slot after the probe that owns it is gone. The
+//! registry lets go of a slot (the last member list of its site is freed)
+//! only after
+//!
+//! - a grace period: the trap handler looks the site up and sends the thread
+//!   into the slot inside an `Rcu` read section, so once the breakpoint is
+//!   gone and the grace period has passed, every thread that was sent there
+//!   has been sent and no trap will send another;
+//! - every single-step in flight on the site has completed (the member
+//!   list's `inflight` count): a stepping thread is back in the original
+//!   code once its step trap has been handled;
+//!
+//! and then hands it to [`XolAllocator::free`] through
+//! [`Rcu::call`](crate::rcu::Rcu::call), one more grace period later.
+//!
+//! None of this covers a **boosted** run. Once its trap handler has
+//! returned, the thread runs the slot's copy of the instruction and the jump
+//! back on its own: in no read section, counted nowhere, reporting to no
+//! one. It can be preempted (or take a signal) at the slot's first byte and
+//! stay there for any length of time, so no grace period, however long,
+//! proves that it has left the slot, and the extra grace period of
+//! `Rcu::call` is not what makes a freed slot safe. (The kernel closes this
+//! gap for boosted kprobes with RCU Tasks, which waits for every task to
+//! pass a voluntary context switch; a process has no such hook.)
+//!
+//! # The reuse rule every allocator must follow
+//!
+//! **A FREED SLOT MAY STILL BE EXECUTED. AN ALLOCATOR MUST HAND IT OUT AGAIN
+//! ONLY FOR THE SAME PROBED ADDRESS** (the `near` of the `alloc` it was
+//! first handed out for), never for other code. For the same address the
+//! registry decodes the same instruction (it checks the original bytes
+//! before it patches) and plans it for the same slot address, so it fills
+//! the slot with byte for byte what was there: a thread waking up in a stale
+//! slot runs exactly the code it was sent to run and jumps back to the
+//! instruction after the (restored) original. The cost is one slot per
+//! distinct address ever probed. (Code replaced in place by its owner, as a
+//! JIT might, is outside this guarantee.)
 //!
 //! # Implementations
 //!
 //! [`XolArena`] is an in-memory allocator over a fixed address range for
-//! tests with [`Image`](crate::probes::text::Image) text. The live runtime
-//! provides executable pages within +/-2 GiB of the probed code.
+//! tests with [`Image`](crate::probes::text::Image) text; nothing executes
+//! its slots, but it follows the reuse rule all the same, so that the
+//! registry's tests run against the allocator behaviour the live runtime
+//! has (and a registry that freed a slot still in use, or depended on
+//! reuse across addresses, would show it there). The live runtime's
+//! [`XolArea`](crate::probes::runtime::XolArea) provides executable pages
+//! within +/-2 GiB of the probed code and parks freed slots by address.
 
 use crate::probes::ProbeError;
 use crate::sync::Mutex;
@@ -29,8 +64,23 @@ use crate::sync::Mutex;
 ///
 /// Methods are called by registry writers (never from trap context), and
 /// `free` from the RCU callback worker.
+///
+/// # Reuse rule
+///
+/// **A FREED SLOT MAY STILL BE EXECUTED: HAND IT OUT AGAIN ONLY FOR THE SAME
+/// PROBED ADDRESS** (the `near` it was first allocated for). A thread the
+/// registry sent into a slot for a boosted run (no post handler) executes
+/// it after its trap handler has returned, in no read section and counted
+/// nowhere, so neither the grace periods nor the single-step counts that
+/// precede [`free`](Self::free) prove that it has left. For the same address
+/// the registry decodes the same instruction and refills the slot with the
+/// same bytes, so such a thread runs exactly the code it was sent to run and
+/// jumps back after the restored original. The cost is one slot per
+/// distinct address ever probed.
 pub trait XolAllocator: Send + Sync + 'static {
-    /// Allocates a slot, preferably near `near` (the probed address).
+    /// Allocates a slot for the probed address `near`, preferably near it: a
+    /// slot freed earlier only if it was allocated for this same `near`,
+    /// else one never handed out.
     ///
     /// # Errors
     /// [`ProbeError::XolExhausted`] when no slot is free.
@@ -42,12 +92,17 @@ pub trait XolAllocator: Send + Sync + 'static {
     /// [`ProbeError::TextAccess`] if the slot cannot be written.
     fn fill(&self, slot: u64, bytes: &[u8]) -> Result<(), ProbeError>;
 
-    /// Returns `slot`: no thread executes it any more.
+    /// Returns `slot`. No single-step is in it and no trap will send a
+    /// thread there any more, but a thread sent there earlier for a boosted
+    /// run may still execute it (module docs): keep its bytes, and hand it
+    /// out again only for the address it was allocated for.
     fn free(&self, slot: u64);
 }
 
 /// An in-memory slot allocator: `slots` slots of `slot_size` bytes from
-/// `base`, with their bytes kept for inspection.
+/// `base`, with their bytes kept for inspection. Follows the
+/// [reuse rule](XolAllocator#reuse-rule): a slot is bound to the address of
+/// its first allocation and, once freed, *parked* for that address only.
 #[derive(Debug)]
 pub struct XolArena {
     base: u64,
@@ -57,7 +112,11 @@ pub struct XolArena {
 
 #[derive(Debug)]
 struct Arena {
-    free: Vec<usize>,
+    /// Slots never handed out, lowest last (popped first).
+    fresh: Vec<usize>,
+    /// Per slot: the probed address it is bound to (from its first
+    /// allocation on), and whether it is allocated now.
+    bound: Vec<Option<(u64, bool)>>,
     bytes: Vec<u8>,
     allocs: u64,
     frees: u64,
@@ -70,8 +129,8 @@ impl XolArena {
             base,
             slot_size,
             inner: Mutex::new(Arena {
-                // Popped from the end: lowest address first.
-                free: (0..slots).rev().collect(),
+                fresh: (0..slots).rev().collect(),
+                bound: vec![None; slots],
                 bytes: vec![0; slots * slot_size],
                 allocs: 0,
                 frees: 0,
@@ -81,7 +140,7 @@ impl XolArena {
 
     fn lock(&self) -> crate::sync::MutexGuard<'_, Arena> {
         // A panic under the lock leaves a consistent arena (every mutation is
-        // a single push/pop or copy), so poisoning is ignored.
+        // a single push/pop, flag or copy), so poisoning is ignored.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
@@ -102,7 +161,26 @@ impl XolArena {
     /// Slots currently allocated.
     pub fn in_use(&self) -> usize {
         let a = self.lock();
-        a.bytes.len() / self.slot_size - a.free.len()
+        a.bound
+            .iter()
+            .filter(|b| matches!(b, Some((_, true))))
+            .count()
+    }
+
+    /// Freed slots kept for the address they are bound to.
+    pub fn parked(&self) -> usize {
+        let a = self.lock();
+        a.bound
+            .iter()
+            .filter(|b| matches!(b, Some((_, false))))
+            .count()
+    }
+
+    /// The probed address `slot` is bound to, if it was ever allocated.
+    pub fn bound_to(&self, slot: u64) -> Option<u64> {
+        let i = self.index(slot)?;
+        let a = self.lock();
+        a.bound.get(i).copied().flatten().map(|(near, _)| near)
     }
 
     /// Total `free` calls so far.
@@ -119,7 +197,14 @@ impl XolArena {
 impl XolAllocator for XolArena {
     fn alloc(&self, near: u64) -> Result<u64, ProbeError> {
         let mut a = self.lock();
-        let i = a.free.pop().ok_or(ProbeError::XolExhausted { near })?;
+        // A slot parked for this address first, else a fresh one; never a
+        // slot parked for another address (the reuse rule).
+        let parked = a.bound.iter().position(|b| *b == Some((near, false)));
+        let i = match parked {
+            Some(i) => i,
+            None => a.fresh.pop().ok_or(ProbeError::XolExhausted { near })?,
+        };
+        a.bound[i] = Some((near, true));
         a.allocs += 1;
         Ok(self.base + (i * self.slot_size) as u64)
     }
@@ -148,8 +233,46 @@ impl XolAllocator for XolArena {
             return;
         };
         let mut a = self.lock();
-        debug_assert!(!a.free.contains(&i), "XOL slot {slot:#x} freed twice");
-        a.free.push(i);
+        match a.bound.get_mut(i) {
+            // Parked: bound to its address for good, bytes kept.
+            Some(Some((_, used))) if *used => *used = false,
+            _ => {
+                debug_assert!(false, "XOL slot {slot:#x} freed but not allocated");
+                return;
+            }
+        }
         a.frees += 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_freed_slot_is_handed_out_again_only_for_the_same_address() {
+        let arena = XolArena::new(0x9000, 3, 64);
+        let (p, q, r) = (0x1000, 0x1002, 0x1004);
+        let a = arena.alloc(p).unwrap();
+        arena.fill(a, &[0x90, 0xc3]).unwrap();
+        let b = arena.alloc(q).unwrap();
+        arena.free(a);
+        assert_eq!((arena.in_use(), arena.parked()), (1, 1));
+        assert_eq!(arena.slot_bytes(a).unwrap()[..2], [0x90, 0xc3], "kept");
+        // Another address gets the last fresh slot, never the parked one...
+        let c = arena.alloc(r).unwrap();
+        assert!(c != a && c != b);
+        // ...and with none fresh left, is refused rather than given it.
+        arena.free(c);
+        assert_eq!(
+            arena.alloc(0x1006),
+            Err(ProbeError::XolExhausted { near: 0x1006 })
+        );
+        // Its own address gets it back.
+        assert_eq!(arena.alloc(p).unwrap(), a);
+        assert_eq!(arena.alloc(r).unwrap(), c);
+        assert_eq!(arena.bound_to(a), Some(p));
+        assert_eq!((arena.allocs(), arena.frees()), (5, 2));
+        assert_eq!((arena.in_use(), arena.parked()), (3, 0));
     }
 }

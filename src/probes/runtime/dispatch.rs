@@ -19,14 +19,25 @@
 //! A single-stepped hit spans two traps: the breakpoint trap prepares the
 //! step and the dispatcher leaves whatever it needs for the step trap (the
 //! registry's step token) in a [`StepStash`]; the runtime pushes the stash
-//! and the dispatcher on a per-thread stack and, at the next `TRAP_TRACE`,
-//! pops them and calls [`TrapDispatcher::on_step`].
+//! and the dispatcher on a per-thread stack, pops them at the step trap and
+//! calls [`TrapDispatcher::on_step`]. The step trap is one of two kinds, as
+//! the dispatcher said ([`Verdict`]):
 //!
-//! Why a stack: the kernel clears the trap flag when it delivers another
-//! signal, so a signal arriving between the two traps runs its handler
-//! untraced; if that handler hits a probe that is stepped too, its step
-//! completes before the handler returns, and `rt_sigreturn` then re-arms the
-//! outer step. Steps therefore complete in last-in, first-out order.
+//! - **a step marker** ([`Verdict::StepToMarker`]): the XOL slot ends the
+//!   step on an `int3` at a known address, recorded in the stack entry. An
+//!   `int3` trap is checked against the innermost step's marker *before* it
+//!   is offered to the dispatchers as a probe hit: a match is that step's
+//!   end, one compare on the hot path;
+//! - **the trap flag** ([`Verdict::Step`]): the step trap is `TRAP_TRACE`,
+//!   and completes the innermost step only if that one is a trap-flag step.
+//!
+//! Why a stack: a signal arriving between the two traps runs its handler
+//! before the outer step ends (the kernel clears the trap flag for the
+//! handler and `rt_sigreturn` re-arms it; a marker simply waits in the
+//! slot). If that handler hits a probe that is stepped too, its step
+//! completes before the handler returns. Steps therefore complete in
+//! last-in, first-out order, and only the innermost one can be the one that
+//! trapped.
 //!
 //! The stack is a `const` thread-local without a destructor (a destructor
 //! would be registered on first use, which allocates: not allowed in a
@@ -54,8 +65,17 @@ pub enum Verdict {
     Resume,
     /// Handled, and a single-step is armed (the trap flag is set in `regs`):
     /// the dispatcher put its state in the stash and must be called with it
-    /// at the step trap ([`TrapDispatcher::on_step`]).
+    /// at the step trap, `TRAP_TRACE` ([`TrapDispatcher::on_step`]).
     Step,
+    /// Handled, and a single-step is under way that ends on a step marker:
+    /// `regs.ip` is in an XOL slot whose instruction falls through to an
+    /// `int3` at `marker`. The dispatcher put its state in the stash and must
+    /// be called with it ([`TrapDispatcher::on_step`]) when this thread traps
+    /// on the `int3` at `marker`.
+    StepToMarker {
+        /// Address of the marker's `int3`.
+        marker: u64,
+    },
     /// The displaced instruction could not be completed (for example an
     /// unwritable stack for an emulated `push`). The runtime reports the
     /// error and aborts the process: resuming would loop on the breakpoint.
@@ -72,8 +92,8 @@ pub enum Verdict {
 pub trait TrapDispatcher: Send + Sync + 'static {
     /// A breakpoint trap. `regs` are the registers at the trap (the IP is
     /// just past the breakpoint); `mem` is the thread's memory. On
-    /// [`Verdict::Step`] the dispatcher must have put its step state in
-    /// `stash`.
+    /// [`Verdict::Step`] or [`Verdict::StepToMarker`] the dispatcher must
+    /// have put its step state in `stash`.
     fn on_breakpoint(
         &'static self,
         regs: &mut Regs,
@@ -81,9 +101,12 @@ pub trait TrapDispatcher: Send + Sync + 'static {
         stash: &mut StepStash,
     ) -> Verdict;
 
-    /// The step trap after a [`Verdict::Step`] of this dispatcher on this
-    /// thread, with the stash it filled. Returning [`Verdict::Step`] again
-    /// (the stash refilled) keeps the step armed (x86 `rep` iterations).
+    /// The step trap after a [`Verdict::Step`] or [`Verdict::StepToMarker`]
+    /// of this dispatcher on this thread (the trap-flag trap, or the `int3`
+    /// on the marker with `regs` as it reports them), with the stash it
+    /// filled. Returning [`Verdict::Step`] or [`Verdict::StepToMarker`] again
+    /// (the stash refilled) keeps the step under way (x86 `rep` iterations
+    /// under the trap flag).
     fn on_step(
         &'static self,
         regs: &mut Regs,
@@ -259,7 +282,19 @@ pub const MAX_NESTED_STEPS: usize = 8;
 /// One single-step in flight.
 struct Pending {
     d: Option<&'static dyn TrapDispatcher>,
+    /// The step marker's address for a step that ends on one; `None` for a
+    /// trap-flag step.
+    marker: Option<u64>,
     stash: StepStash,
+}
+
+/// The kind of trap that may end the innermost single-step.
+#[derive(Clone, Copy)]
+enum StepTrap {
+    /// `TRAP_TRACE`: ends a trap-flag step.
+    TrapFlag,
+    /// An `int3` at this address: ends a step whose marker is there.
+    Breakpoint(u64),
 }
 
 /// The per-thread stack of single-steps in flight.
@@ -271,6 +306,7 @@ struct PendingStack {
 #[allow(clippy::declare_interior_mutable_const)]
 const EMPTY_PENDING: Pending = Pending {
     d: None,
+    marker: None,
     stash: StepStash::new(),
 };
 
@@ -292,15 +328,21 @@ fn pending() -> *mut PendingStack {
     PENDING.with(|p| p.with_mut(|p| p))
 }
 
-/// Offers a breakpoint trap to the attached dispatchers. Returns `None` if
-/// none claimed it; `regs` are then unchanged.
+/// Handles a breakpoint trap at `addr` (the `int3`'s own address): the end
+/// of the innermost single-step if `addr` is its marker, else a probe hit
+/// offered to the attached dispatchers. Returns `None` if nobody claimed it;
+/// `regs` are then unchanged.
 #[inline]
 pub(crate) fn dispatch_breakpoint(
+    addr: u64,
     regs: &mut Regs,
     mem: &mut dyn DataMemory,
 ) -> Option<Result<(), ProbeError>> {
-    let _guard = Rcu::global().read();
     let stack = pending();
+    if let Some(done) = complete_step(stack, StepTrap::Breakpoint(addr), regs, mem) {
+        return Some(done);
+    }
+    let _guard = Rcu::global().read();
     // SAFETY (every block below): `stack` is this thread's own stack, only
     // the SIGTRAP handler touches it, and each access is a short-lived
     // reference to one field or one entry. The entry at `depth` is reserved
@@ -323,43 +365,84 @@ pub(crate) fn dispatch_breakpoint(
             v => Some((d, v)),
         }
     });
-    let claimed = match verdict {
-        Some((d, Verdict::Step)) => {
-            // SAFETY: see above; nested traps have popped what they pushed.
-            unsafe { (*stack).entries[depth].d = Some(d) };
-            return Some(Ok(()));
-        }
-        Some((_, Verdict::Failed(e))) => Some(Err(e)),
-        Some(_) => Some(Ok(())),
-        None => None,
+    let marker = match verdict {
+        Some((_, Verdict::Step)) => None,
+        Some((_, Verdict::StepToMarker { marker })) => Some(marker),
+        Some((_, Verdict::Failed(e))) => return give_back(stack, depth, Some(Err(e))),
+        Some(_) => return give_back(stack, depth, Some(Ok(()))),
+        None => return give_back(stack, depth, None),
     };
-    // SAFETY: see above: give the reservation back.
-    unsafe { (*stack).depth = depth };
-    claimed
+    let d = verdict.map(|(d, _)| d);
+    // SAFETY: see above; nested traps have popped what they pushed. The
+    // entry stays pushed until its step trap.
+    unsafe {
+        (*stack).entries[depth].marker = marker;
+        (*stack).entries[depth].d = d;
+    }
+    Some(Ok(()))
 }
 
-/// Completes the innermost single-step in flight on this thread. `None`
-/// if none is (the trace trap is not ours).
+/// Gives back the entry reserved at `depth` and returns `result`.
+#[inline]
+fn give_back(
+    stack: *mut PendingStack,
+    depth: usize,
+    result: Option<Result<(), ProbeError>>,
+) -> Option<Result<(), ProbeError>> {
+    // SAFETY: as in `dispatch_breakpoint`; the reservation is ours.
+    unsafe { (*stack).depth = depth };
+    result
+}
+
+/// Completes the innermost single-step in flight on this thread at a
+/// `TRAP_TRACE`. `None` if there is none, or it ends on a step marker (the
+/// trace trap is not ours).
 #[inline]
 pub(crate) fn dispatch_step(
     regs: &mut Regs,
     mem: &mut dyn DataMemory,
 ) -> Option<Result<(), ProbeError>> {
-    let stack = pending();
+    complete_step(pending(), StepTrap::TrapFlag, regs, mem)
+}
+
+/// Completes the innermost single-step in flight if `trap` is the trap that
+/// ends it. `None` (and `regs` unchanged) if it is not.
+#[inline]
+fn complete_step(
+    stack: *mut PendingStack,
+    trap: StepTrap,
+    regs: &mut Regs,
+    mem: &mut dyn DataMemory,
+) -> Option<Result<(), ProbeError>> {
     // SAFETY (every block below): as in `dispatch_breakpoint`. A top entry
     // without a dispatcher is a reservation of a breakpoint trap still being
-    // handled: a trace trap then is not one of our steps.
+    // handled: no step of ours ends at this trap then.
     let depth = unsafe { (*stack).depth }.checked_sub(1)?;
     // SAFETY: see above; `depth` is below the stack's depth.
-    let d = unsafe { (*stack).entries[depth].d }?;
+    let (d, marker) = unsafe { ((*stack).entries[depth].d, (*stack).entries[depth].marker) };
+    let d = d?;
+    match (trap, marker) {
+        (StepTrap::TrapFlag, None) => {}
+        (StepTrap::Breakpoint(at), Some(m)) if at == m => {}
+        _ => return None,
+    }
     // SAFETY: see above; the entry is this step's.
     let stash = unsafe { &mut (*stack).entries[depth].stash };
     let result = match d.on_step(regs, mem, stash) {
         // The dispatcher did not recognise its own stash: leave it, the trap
-        // goes to the previous handler.
+        // goes on (to the dispatchers, or to the previous handler).
         Verdict::NotOurs => return None,
-        // Still stepping (rep iteration): keep the entry.
-        Verdict::Step => return Some(Ok(())),
+        // Still stepping (rep iteration): keep the entry, with how it ends.
+        Verdict::Step => {
+            // SAFETY: see above.
+            unsafe { (*stack).entries[depth].marker = None };
+            return Some(Ok(()));
+        }
+        Verdict::StepToMarker { marker } => {
+            // SAFETY: see above.
+            unsafe { (*stack).entries[depth].marker = Some(marker) };
+            return Some(Ok(()));
+        }
         Verdict::Resume => Ok(()),
         Verdict::Failed(e) => Err(e),
     };

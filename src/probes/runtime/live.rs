@@ -21,7 +21,9 @@
 //! Any [`KprobeRegistry`] is a [`TrapDispatcher`]: its hit path maps onto
 //! the runtime's verdicts one to one. A single-step's
 //! [`StepToken`] travels in the thread's [`StepStash`] from the breakpoint
-//! trap to the step trap.
+//! trap to the step trap, and its [step marker](StepToken::step_marker), if
+//! it has one, tells the runtime which `int3` is that step trap
+//! ([`Verdict::StepToMarker`]; [`Verdict::Step`] for the trap flag).
 
 use std::sync::{Arc, OnceLock};
 
@@ -52,9 +54,10 @@ impl<A: Arch, T: TextMemory + 'static> TrapDispatcher for KprobeRegistry<A, T> {
             | HitOutcome::Emulated
             | HitOutcome::Boosted { .. } => Verdict::Resume,
             HitOutcome::SingleStep(token) => {
+                let marker = token.step_marker();
                 // The stash is empty: the runtime reserved a fresh entry.
                 let _ = stash.put::<StepToken<'static>>(token);
-                Verdict::Step
+                step_verdict(marker)
             }
             HitOutcome::Failed(e) => Verdict::Failed(e),
         }
@@ -73,8 +76,9 @@ impl<A: Arch, T: TextMemory + 'static> TrapDispatcher for KprobeRegistry<A, T> {
         match self.on_step_complete(token, regs, mem) {
             StepResult::Done => Verdict::Resume,
             StepResult::Repeat(token) => {
+                let marker = token.step_marker();
                 let _ = stash.put::<StepToken<'static>>(token);
-                Verdict::Step
+                step_verdict(marker)
             }
             StepResult::Failed(e) => Verdict::Failed(e),
         }
@@ -86,6 +90,15 @@ impl<A: Arch, T: TextMemory + 'static> TrapDispatcher for KprobeRegistry<A, T> {
             KprobeRegistry::on_return(self, regs),
             ReturnOutcome::Returned { .. }
         )
+    }
+}
+
+/// How a step under way ends: on its marker, or on the trap flag.
+#[inline]
+fn step_verdict(marker: Option<u64>) -> Verdict {
+    match marker {
+        Some(marker) => Verdict::StepToMarker { marker },
+        None => Verdict::Step,
     }
 }
 

@@ -34,9 +34,13 @@
 //!      applies its effect to the registers and the stack; resume after it;
 //!    - **boosted** (no post handler, no fixup needed): resume in the XOL
 //!      slot, which runs the instruction and jumps back: one trap per hit;
-//!    - **single-step**: resume in the slot with the trap flag set; the next
-//!      instruction boundary raises SIGTRAP (`TRAP_TRACE`), the registry
-//!      applies the fixups and runs the post handlers; two traps per hit;
+//!    - **single-step**: resume in the slot's stepped copy. An instruction
+//!      that falls through runs into the `int3` step marker after it (a
+//!      second `SI_KERNEL` SIGTRAP, recognised by its address as this step's
+//!      end); one that may branch (`ret`, indirect `jmp`/`call`) runs with
+//!      the trap flag set and the next instruction boundary raises SIGTRAP
+//!      (`TRAP_TRACE`). Either way the registry then applies the fixups and
+//!      runs the post handlers; two traps per hit;
 //!    - **skipped**: a pre handler changed the IP; resume there.
 //! 4. The handler writes the registers back into the signal frame;
 //!    `rt_sigreturn` resumes the thread with them.

@@ -5,9 +5,9 @@
 //! [`install`] runs once per process: it reads the current SIGTRAP
 //! disposition, keeps it as the *previous* one, and installs ours with
 //!
-//! - `SA_SIGINFO`: we need `si_code` (an `int3` is `SI_KERNEL`, a trap-flag
-//!   step is `TRAP_TRACE`) and the `ucontext_t` to read and change
-//!   registers;
+//! - `SA_SIGINFO`: we need `si_code` (an `int3`, a probe's or a step
+//!   marker's, is `SI_KERNEL`; a trap-flag step is `TRAP_TRACE`) and the
+//!   `ucontext_t` to read and change registers;
 //! - `SA_NODEFER`: SIGTRAP stays unblocked while our handler runs, so a
 //!   probe hit inside a probe handler traps again (and is counted missed by
 //!   the registry) instead of killing the process: the kernel treats a
@@ -23,14 +23,15 @@
 //!
 //! # Dispatch
 //!
-//! - `SI_KERNEL` (an `int3`): the attached dispatchers get the trap in turn
-//!   (see `dispatch.rs`). If none claims it, the `int3` may be a transient
-//!   one: a multi-byte patch in progress at that address, or a breakpoint
-//!   removed after the thread trapped on it (the byte is no longer `int3`).
-//!   Either way the thread is resumed *at* the address to run whatever is
-//!   there now.
+//! - `SI_KERNEL` (an `int3`): if it is the step marker of the innermost
+//!   single-step in flight on this thread, that step is completed; otherwise
+//!   the attached dispatchers get the trap in turn (see `dispatch.rs`). If
+//!   none claims it, the `int3` may be a transient one: a multi-byte patch
+//!   in progress at that address, or a breakpoint removed after the thread
+//!   trapped on it (the byte is no longer `int3`). Either way the thread is
+//!   resumed *at* the address to run whatever is there now.
 //! - `TRAP_TRACE` (the trap flag): the innermost single-step in flight on
-//!   this thread, if any, is completed.
+//!   this thread, if it is a trap-flag step, is completed.
 //! - Anything else, or a trap nobody claims: the previous disposition.
 //!
 //! The handler saves and restores `errno` (an `Rcu` read section may wake a
@@ -170,7 +171,7 @@ fn dispatch(info: &libc::siginfo_t, uc: &mut libc::ucontext_t) -> bool {
     let mut regs = regs_from_ucontext(uc);
     let mut mem = ThreadMemory;
     let result = match info.si_code {
-        SI_KERNEL => match dispatch_breakpoint(&mut regs, &mut mem) {
+        SI_KERNEL => match dispatch_breakpoint(regs.ip.wrapping_sub(1), &mut regs, &mut mem) {
             Some(r) => r,
             None => {
                 let addr = regs.ip.wrapping_sub(1);

@@ -61,8 +61,9 @@ use crate::probes::kprobe::XolAllocator;
 use crate::probes::ProbeError;
 use crate::sync::Mutex;
 
-/// Bytes per chunk: 2048 slots of 32 bytes, enough for a typical set of
-/// probes in one mapping, small enough to fit in the gaps between mappings.
+/// Bytes per chunk: 1024 slots of the x86_64 backend's 64 bytes, enough for
+/// a typical set of probes in one mapping, small enough to fit in the gaps
+/// between mappings.
 pub const CHUNK_BYTES: usize = 64 * 1024;
 
 /// How far every byte of a chunk may be from the probed address for the
@@ -376,7 +377,10 @@ impl XolAllocator for XolArea {
         let c = &a.chunks[ci];
         // SAFETY: `off + slot_size <= CHUNK_BYTES` (locate checked the slot
         // index); the write view is ours and the slot is allocated to the
-        // caller, so no thread executes it while it is filled.
+        // caller: either fresh (no thread was ever sent there) or parked for
+        // this same address, which the registry refills with the very bytes
+        // it holds, so a thread still in it from a boosted run sees no change
+        // (module docs).
         unsafe {
             let dst = c.write.add(off);
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len());
@@ -400,6 +404,7 @@ impl XolAllocator for XolArea {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::probes::arch::X86_64;
 
     fn here() -> u64 {
         here as fn() -> u64 as usize as u64
@@ -410,7 +415,7 @@ mod tests {
         let area = XolArea::default();
         let slot = area.alloc(here()).unwrap();
         assert!(
-            XolArea::is_near(slot, 32, here()),
+            XolArea::is_near(slot, X86_64::XOL_SLOT_SIZE as u64, here()),
             "{slot:#x} vs {:#x}",
             here()
         );
@@ -428,7 +433,9 @@ mod tests {
         let f: extern "C" fn() -> u32 = unsafe { std::mem::transmute(slot as usize) };
         assert_eq!(f(), 42);
         // SAFETY: the exec view is readable.
-        let tail = unsafe { std::slice::from_raw_parts((slot + 6) as *const u8, 26) };
+        let tail = unsafe {
+            std::slice::from_raw_parts((slot + 6) as *const u8, X86_64::XOL_SLOT_SIZE - 6)
+        };
         assert!(tail.iter().all(|&b| b == INT3));
         area.free(slot);
     }
@@ -458,7 +465,7 @@ mod tests {
         let slot = area.alloc(here()).unwrap();
         assert!(area.fill(slot + 1, &[0x90]).is_err());
         assert!(area.fill(here(), &[0x90]).is_err());
-        assert!(area.fill(slot, &[0x90; 33]).is_err());
+        assert!(area.fill(slot, &[0x90; X86_64::XOL_SLOT_SIZE + 1]).is_err());
     }
 
     #[test]
@@ -468,7 +475,7 @@ mod tests {
         // within reach of it.
         let far = 0x8000_0000_0000_0000;
         let slot = area.alloc(far).unwrap();
-        assert!(!XolArea::is_near(slot, 32, far));
+        assert!(!XolArea::is_near(slot, X86_64::XOL_SLOT_SIZE as u64, far));
         assert_eq!(area.stats().far_allocs, 1);
     }
 }

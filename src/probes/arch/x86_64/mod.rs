@@ -20,8 +20,8 @@
 //!   slot. Fixups: the IP falls through from the slot back to the original
 //!   code; an indirect call (`call rax`, `call [rbx]`) pushed the slot's
 //!   return address, which is replaced by the original one; a `rep` string
-//!   instruction traps after each iteration under TF and is resumed until it
-//!   completes ([`StepOutcome::Repeat`](crate::probes::arch::StepOutcome)).
+//!   instruction is resumed until it completes (under the trap flag it traps
+//!   after each iteration: [`StepOutcome::Repeat`](crate::probes::arch::StepOutcome)).
 //! - **Refused**, with an [`Unsupported`](crate::probes::error::Unsupported)
 //!   reason: `int3`/`int1`/`into`/`int 3` (our own trap), `int n`, `syscall`,
 //!   `sysenter` (the kernel would see the slot as the user IP), privileged
@@ -40,18 +40,31 @@
 //!
 //! # Slot layout and boosting
 //!
-//! `[instruction (rewritten if RIP-relative)] [jump back to orig + len]`, at
-//! most 15 + 14 = 29 bytes in a 32-byte slot. The jump back is `jmp rel32`
-//! when the slot is within +/-2 GiB of the original code, else the absolute
+//! A slot is 64 bytes. A plan is boostable (one trap, no post-step fixup)
+//! unless it needs the scratch register or the return-address fixup; a
+//! boostable plan's slot starts with `[instruction] [jump back to orig +
+//! len]`, where a boosted run starts. The jump back is `jmp rel32` when the
+//! slot is within +/-2 GiB of the original code, else the absolute
 //! `jmp [rip+0]; dq target`: a slot may therefore be anywhere, but the
 //! runtime places slots near the code for the shorter, better-predicted form.
-//! A plan is boostable (one trap, no post-step fixup) unless it needs the
-//! scratch register or the return-address fixup.
 //!
-//! # Single-step
+//! # Single-step: a step marker where the instruction falls through
 //!
-//! `prepare_step` sets TF in `rflags`; `finish_step` restores TF to its
-//! value before the step, so a program traced by a debugger keeps its own TF.
+//! An instruction that always falls through to the next one (everything but
+//! returns, indirect jumps and calls, `xend`/`xabort`) is single-stepped
+//! from a second copy in the slot followed by an `int3` *step marker*
+//! ([`XolPlan::step_marker`](crate::probes::arch::XolPlan::step_marker)):
+//! `[instruction] [jump back] [instruction] [int3]` when boostable,
+//! `[rewritten instruction] [int3]` otherwise. The step trap is then an
+//! `int3`, which costs what the probe's own breakpoint costs, and the trap
+//! handler knows it by its address. The others may continue elsewhere and
+//! never reach a marker: for them `prepare_step` sets TF in `rflags`, the
+//! debug trap comes after the one instruction wherever it went, and
+//! `finish_step` restores TF to its value before the step, so a program
+//! traced by a debugger keeps its own TF. (Under a hypervisor the trap
+//! flag's debug exception can cost an order of magnitude more than `int3`:
+//! that is why the marker is preferred wherever it works.) `xol.rs` has the
+//! layouts and the rule in full.
 
 mod classify;
 mod emulate;
@@ -77,6 +90,20 @@ impl X86_64 {
     pub const MAX_INSN_LEN: usize = classify::MAX_INSN_LEN;
     /// XOL slot size in bytes.
     pub const XOL_SLOT_SIZE: usize = xol::SLOT_SIZE;
+
+    /// The plan [`Arch::plan_xol`] would make, but with every single-step
+    /// ended by the trap flag, none by a step marker: `[instruction] [jump
+    /// back]`, stepped from the slot's start. [`Arch::plan_xol`] keeps the
+    /// trap flag for the instructions that may not fall through; this makes
+    /// the other path available for any instruction, so the two ways of
+    /// stepping can be compared on the same one (differential tests,
+    /// measurements).
+    ///
+    /// # Errors
+    /// As [`Arch::plan_xol`].
+    pub fn plan_xol_trap_flag(&self, insn: &Insn, slot_addr: u64) -> Result<XolPlan, ProbeError> {
+        xol::plan(insn, slot_addr, xol::StepEnd::TrapFlag)
+    }
 }
 
 impl Arch for X86_64 {
@@ -119,7 +146,7 @@ impl Arch for X86_64 {
     }
 
     fn plan_xol(&self, insn: &Insn, slot_addr: u64) -> Result<XolPlan, ProbeError> {
-        xol::plan(insn, slot_addr)
+        xol::plan(insn, slot_addr, xol::StepEnd::MarkerWherePossible)
     }
 
     fn prepare_step(

@@ -1,4 +1,40 @@
 //! XOL plans for x86_64: slot layout, RIP-relative rewriting, step fixups.
+//!
+//! # Slot layouts
+//!
+//! `copy` is the instruction as it runs from the slot (its own bytes, or the
+//! RIP-relative form rewritten through a scratch register); `jmp` the jump
+//! back to the instruction after the original; `int3` the step marker.
+//!
+//! | instruction | slot | boosted run | single-step |
+//! | --- | --- | --- | --- |
+//! | falls through, boostable | `copy jmp copy int3` | first copy | second copy, marker |
+//! | falls through, needs fixups (RIP-relative) | `copy int3` | - | marker |
+//! | may not fall through, boostable (`ret`, `jmp rax`) | `copy jmp` | copy | trap flag |
+//! | may not fall through, needs fixups (`call rax`, `jmp [rip+d]`) | `copy jmp` | - | trap flag |
+//!
+//! The largest, `copy jmp copy int3`, is 15 + 14 + 15 + 1 = 45 bytes.
+//!
+//! # The marker rule
+//!
+//! A single-step ends on the `int3` marker after the copy exactly when the
+//! instruction *always falls through* (iced's flow control `Next`): it then
+//! either completes and the next IP is the marker, or faults (the signal
+//! reports the copy's address, as the trap flag would have). Every other
+//! instruction the backend runs out of line (`ret`, `ret n`, indirect `jmp`
+//! and `call`, `xend`/`xabort`) may continue elsewhere and would never reach
+//! a marker; those keep the trap flag, which traps after the one instruction
+//! wherever it went.
+//!
+//! `rep` string instructions fall through and take the marker: every
+//! iteration runs in the slot and the marker traps once, after the last. (An
+//! interrupt between iterations resumes the instruction at the copy with
+//! `rcx` as it was left, as it would in place.) Under the trap flag they trap
+//! after each iteration instead ([`StepOutcome::Repeat`]).
+//!
+//! [`X86_64::plan_xol_trap_flag`](super::X86_64::plan_xol_trap_flag) builds
+//! the trap-flag plan for any instruction, marker or not; the differential
+//! tests use it to keep that path proven too.
 
 use iced_x86::{Encoder, FlowControl, InstructionInfoFactory, Register};
 
@@ -10,15 +46,21 @@ use crate::probes::arch::{
 };
 use crate::probes::error::{ProbeError, Unsupported};
 
-/// Bytes of a slot: the longest instruction (15) plus the longest jump back
-/// (the 14-byte absolute form) is 29; rounded to 32 so slots stay aligned.
-pub(crate) const SLOT_SIZE: usize = 32;
-const _: () = assert!(SLOT_SIZE <= MAX_XOL_SLOT && MAX_INSN_LEN + ABS_JMP_LEN <= SLOT_SIZE);
+/// Bytes of a slot: a boosted copy of the longest instruction (15) with the
+/// longest jump back (the 14-byte absolute form), then a stepped copy (15)
+/// and its one-byte marker, is 45; rounded to 64 so slots stay aligned, one
+/// per cache line.
+pub(crate) const SLOT_SIZE: usize = 64;
+const _: () =
+    assert!(SLOT_SIZE <= MAX_XOL_SLOT && 2 * MAX_INSN_LEN + ABS_JMP_LEN + MARKER_LEN <= SLOT_SIZE);
 
 /// `jmp rel32`: `e9 rel32`.
 const REL_JMP_LEN: usize = 5;
 /// `jmp qword [rip+0]; dq target`: `ff 25 00 00 00 00` + 8 bytes.
 const ABS_JMP_LEN: usize = 14;
+/// The step marker: `int3`.
+const MARKER: u8 = 0xcc;
+const MARKER_LEN: usize = 1;
 
 /// Scratch candidates for a rewritten RIP-relative operand, in order of
 /// preference. Only the eight legacy registers: none of them needs a REX.B
@@ -35,8 +77,20 @@ const SCRATCH_CANDIDATES: [X86Reg; 7] = [
     X86Reg::Rbp,
 ];
 
-/// [`Arch::plan_xol`](crate::probes::arch::Arch::plan_xol) for x86_64.
-pub(super) fn plan(insn: &Insn, slot_addr: u64) -> Result<XolPlan, ProbeError> {
+/// How a plan's single-step ends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum StepEnd {
+    /// On a step marker where the instruction always falls through (the
+    /// module docs' rule), else by the trap flag.
+    MarkerWherePossible,
+    /// Always by the trap flag.
+    TrapFlag,
+}
+
+/// [`Arch::plan_xol`](crate::probes::arch::Arch::plan_xol) for x86_64, and
+/// with [`StepEnd::TrapFlag`] the trap-flag plan of
+/// [`X86_64::plan_xol_trap_flag`](super::X86_64::plan_xol_trap_flag).
+pub(super) fn plan(insn: &Insn, slot_addr: u64, end: StepEnd) -> Result<XolPlan, ProbeError> {
     let ins = decode_one(insn.addr, insn.bytes())?;
     if ins.len() != insn.bytes().len() {
         return Err(ProbeError::PlanMismatch {
@@ -45,49 +99,76 @@ pub(super) fn plan(insn: &Insn, slot_addr: u64) -> Result<XolPlan, ProbeError> {
     }
     let orig_next = insn.next_addr();
     let mut fixups = Fixups::default();
-    let mut slot = Vec::with_capacity(SLOT_SIZE);
-    match insn.class {
-        InsnClass::OutOfLine => slot.extend_from_slice(insn.bytes()),
+    let copy = match insn.class {
+        InsnClass::OutOfLine => insn.bytes().to_vec(),
         InsnClass::PcRelative => {
             let scratch = pick_scratch(&ins).ok_or(ProbeError::UnsupportedInstruction {
                 addr: insn.addr,
                 reason: Unsupported::NoScratchRegister,
             })?;
-            slot.extend_from_slice(&rewrite_rip_relative(insn, &ins, scratch, slot_addr)?);
             fixups.scratch = Some(ScratchFixup {
                 reg: scratch.number(),
                 value: orig_next,
             });
+            // The rewritten operand is `[scratch + disp]`: the same bytes at
+            // any address, so the copy may sit anywhere in the slot.
+            rewrite_rip_relative(insn, &ins, scratch, slot_addr)?
         }
         InsnClass::Emulated(_) => {
             return Err(ProbeError::PlanMismatch {
                 what: "an emulated instruction needs no XOL slot",
             })
         }
+    };
+    let indirect_call = ins.flow_control() == FlowControl::IndirectCall;
+    // A boosted run never reaches finish_step, so only the IP fixup (done
+    // by the jump back) may be needed.
+    let boostable = fixups.scratch.is_none() && !indirect_call;
+    let marker = end == StepEnd::MarkerWherePossible && ins.flow_control() == FlowControl::Next;
+    let copy_len = copy.len() as u64;
+
+    let mut slot = Vec::with_capacity(SLOT_SIZE);
+    if boostable || !marker {
+        // The boosted copy at the slot's start (also the trap-flag step's:
+        // under the trap flag the jump back is never reached).
+        slot.extend_from_slice(&copy);
+        append_jump_back(&mut slot, slot_addr.wrapping_add(copy_len), orig_next);
     }
-    let slot_next = slot_addr.wrapping_add(slot.len() as u64);
+    let step_entry = if marker {
+        let entry = slot_addr.wrapping_add(slot.len() as u64);
+        slot.extend_from_slice(&copy);
+        slot.push(MARKER);
+        entry
+    } else {
+        slot_addr
+    };
+    let step_next = step_entry.wrapping_add(copy_len);
     fixups.ip = Some(IpFixup {
-        from: slot_next,
+        from: step_next,
         to: orig_next,
     });
-    if ins.flow_control() == FlowControl::IndirectCall {
+    if indirect_call {
         fixups.return_address = Some(ReturnAddressFixup {
-            slot_return: slot_next,
+            slot_return: step_next,
             orig_return: orig_next,
         });
     }
-    if ins.is_string_instruction()
+    if !marker
+        && ins.is_string_instruction()
         && (ins.has_rep_prefix() || ins.has_repe_prefix() || ins.has_repne_prefix())
     {
-        fixups.restart = Some(slot_addr);
+        fixups.restart = Some(step_entry);
     }
-    append_jump_back(&mut slot, slot_next, orig_next);
-    // A boosted run never reaches finish_step, so only the IP fixup (done
-    // by the jump back) may be needed.
-    let boostable = fixups.scratch.is_none() && fixups.return_address.is_none();
+    debug_assert!(slot.len() <= SLOT_SIZE);
     Ok(XolPlan::new(
-        insn.addr, slot_addr, &slot, boostable, None, fixups,
-    ))
+        insn.addr,
+        slot_addr,
+        &slot,
+        boostable,
+        marker.then_some(step_next),
+        fixups,
+    )
+    .with_step_entry(step_entry))
 }
 
 /// Refuses at analysis time a RIP-relative instruction that `plan` could not
@@ -217,6 +298,7 @@ pub(super) fn prepare_step(
                     what: "a boosted run of a plan that needs post-step fixups",
                 });
             }
+            regs.ip = plan.slot_addr;
         }
         XolRun::SingleStep => {
             if let Some(s) = plan.fixups.scratch {
@@ -224,10 +306,13 @@ pub(super) fn prepare_step(
                 state.saved_scratch = regs.gprs[reg];
                 regs.gprs[reg] = s.value;
             }
-            regs.flags |= TF;
+            // A marker plan needs nothing armed: the marker is in the slot.
+            if plan.step_marker.is_none() {
+                regs.flags |= TF;
+            }
+            regs.ip = plan.step_entry;
         }
     }
-    regs.ip = plan.slot_addr;
     Ok(state)
 }
 
@@ -243,9 +328,24 @@ pub(super) fn finish_step(
             what: "finish_step after a boosted run",
         });
     }
-    if plan.fixups.restart == Some(regs.ip) {
-        return Ok(StepOutcome::Repeat);
-    }
+    // The IP after the instruction: for a marker plan, the marker (`int3`
+    // reports the byte after itself); under the trap flag, as reported.
+    let ip = match plan.step_marker {
+        Some(marker) => {
+            if regs.ip != marker.wrapping_add(MARKER_LEN as u64) {
+                return Err(ProbeError::PlanMismatch {
+                    what: "x86_64 step trap away from the plan's step marker",
+                });
+            }
+            marker
+        }
+        None => {
+            if plan.fixups.restart == Some(regs.ip) {
+                return Ok(StepOutcome::Repeat);
+            }
+            regs.ip
+        }
+    };
     // The only fallible fixup goes first, so an error leaves regs untouched.
     if let Some(fix) = plan.fixups.return_address {
         let pushed_at = state.sp_before.wrapping_sub(8);
@@ -256,11 +356,13 @@ pub(super) fn finish_step(
     if let Some(s) = plan.fixups.scratch {
         regs.gprs[usize::from(s.reg)] = state.saved_scratch;
     }
-    if let Some(ip) = plan.fixups.ip {
-        if regs.ip == ip.from {
-            regs.ip = ip.to;
-        }
+    regs.ip = match plan.fixups.ip {
+        Some(fix) if ip == fix.from => fix.to,
+        _ => ip,
+    };
+    if plan.step_marker.is_none() {
+        // Give TF back its value before the step (a debugger's, or clear).
+        regs.flags = (regs.flags & !TF) | (state.flags_before & TF);
     }
-    regs.flags = (regs.flags & !TF) | (state.flags_before & TF);
     Ok(StepOutcome::Done)
 }
