@@ -331,7 +331,7 @@ fn out_of_line_instructions_run_from_a_slot_of_the_hit_space() {
                     );
                     // Pretend the slot ran: IP after the instruction in the slot.
                     let len = if off == OFF_MOV { 3 } else { 6 };
-                    regs.ip = slot + len;
+                    regs.ip = step_trap_ip(step.plan(), len);
                     loop {
                         match reg.on_step_complete(&step, &mut regs, &mut stack).unwrap() {
                             StepOutcome::Done => break,

@@ -115,7 +115,7 @@ fn hits_stay_exact_while_consumers_and_mappings_change() {
                     }
                     UprobeOutcome::SingleStep(step) => {
                         let len = if off == OFF_MOV { 3 } else { 6 };
-                        regs.ip = step.plan().slot_addr + len;
+                        regs.ip = step_trap_ip(step.plan(), len);
                         let r = reg.on_step_complete(&step, &mut regs, &mut stack).unwrap();
                         assert_eq!(r, StepOutcome::Done);
                         assert_eq!(regs.ip, vaddr + len);

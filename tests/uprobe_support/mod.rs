@@ -194,3 +194,13 @@ pub fn snapshot(reg: &Registry, spaces: &[&Arc<MemSpace>]) -> impl PartialEq + s
         .collect();
     (reg.len(), consumers, per_space)
 }
+
+/// The IP the step trap reports once the slot's instruction (`len` bytes)
+/// fell through: just past the step marker's `int3` for a marker plan, or
+/// the end of the instruction in the slot for a trap-flag step.
+pub fn step_trap_ip(plan: &rcu_registry::probes::arch::XolPlan, len: u64) -> u64 {
+    match plan.step_marker {
+        Some(marker) => marker + 1,
+        None => plan.step_entry + len,
+    }
+}
