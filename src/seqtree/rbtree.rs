@@ -84,13 +84,22 @@ pub(crate) struct Balance<N> {
     parent: AtomicPtr<N>,
     /// `true` for red.
     red: AtomicBool,
+    /// Not used by the tree: a flag the node type may use for its own
+    /// purposes. It sits in bytes that would otherwise be padding after
+    /// `red`, which keeps a [`SeqTree`](super::SeqTree) node (with `u64` keys
+    /// and values) at 56 bytes: one 64-byte allocator chunk, so its child
+    /// pointers and key always share a cache line, instead of an 80-byte
+    /// chunk whose every fourth node has them on two lines.
+    pub(crate) node_flag: AtomicBool,
 }
 
 impl<N> Balance<N> {
-    pub(crate) fn new() -> Self {
+    /// Balancing data of a fresh node, with `node_flag` as given.
+    pub(crate) fn new(node_flag: bool) -> Self {
         Balance {
             parent: AtomicPtr::new(ptr::null_mut()),
             red: AtomicBool::new(true),
+            node_flag: AtomicBool::new(node_flag),
         }
     }
 }
