@@ -208,6 +208,13 @@ fn lookups(c: &mut Criterion) {
             let guard = rcu.read();
             m.latch.get(&guard, &k).copied()
         });
+        {
+            let guard = rcu.read();
+            lookup_bench!(g, "latchtree_in_section", &probes, |k| m
+                .latch
+                .get(&guard, &k)
+                .copied());
+        }
         lookup_bench!(g, "rwlock_btreemap", &probes, |k| m
             .rwlock
             .read()
@@ -346,6 +353,7 @@ fn print_ratios() {
             "seqtree_guard_per_lookup",
             "seqtree_in_section",
             "latchtree",
+            "latchtree_in_section",
         ] {
             if let (Some(b), Some(x)) = (base, median_ns(&g, id)) {
                 println!(

@@ -40,7 +40,9 @@ use core::ptr::NonNull;
 use super::rbtree::{Balance, Children, RbNode};
 use super::reclaim::{FreeBatch, OwnedNode};
 use crate::rcu::{Flavor, Rcu};
-use crate::sync::atomic::{fence, AtomicBool, AtomicUsize, Ordering};
+#[cfg(loom)]
+use crate::sync::atomic::AtomicBool;
+use crate::sync::atomic::{fence, AtomicUsize, Ordering};
 
 /// Counts above this abort the process (as `Arc` does): handles leaked in a
 /// loop must not be able to wrap the count around to zero.
@@ -54,12 +56,12 @@ pub(crate) struct Node<K, V> {
     /// Right after them: compared at every lookup step.
     pub(crate) key: K,
     pub(crate) value: V,
-    /// Writer-only, off the lookup path.
+    /// Writer-only, off the lookup path, except `balance.node_flag`, which
+    /// is the entry's *linked* flag: cleared when the tree unlinks the entry;
+    /// a hint for handle holders (kept in `Balance`'s padding, see there).
     balance: Balance<Node<K, V>>,
     /// The tree's reference (while linked) plus one per handle.
     refs: AtomicUsize,
-    /// Cleared when the tree unlinks the entry; a hint for handle holders.
-    linked: AtomicBool,
     /// Set when a loom build poisons a freed node (see `reclaim`).
     #[cfg(loom)]
     freed: AtomicBool,
@@ -93,9 +95,8 @@ impl<K, V> Node<K, V> {
             children: Children::new(),
             key,
             value,
-            balance: Balance::new(),
+            balance: Balance::new(true),
             refs: AtomicUsize::new(1),
-            linked: AtomicBool::new(true),
             #[cfg(loom)]
             freed: AtomicBool::new(false),
         }))
@@ -176,7 +177,7 @@ impl<K, V> Node<K, V> {
     #[inline]
     pub(crate) fn mark_unlinked(&self) {
         // Relaxed: a hint for handle holders, not a synchronisation point.
-        self.linked.store(false, Ordering::Relaxed);
+        self.balance.node_flag.store(false, Ordering::Relaxed);
     }
 
     /// Marks `node` unlinked and drops the tree's reference to it; if that
@@ -337,7 +338,7 @@ where
     #[inline]
     pub fn is_linked(&self) -> bool {
         // Relaxed: a hint (see `mark_unlinked`).
-        self.node().linked.load(Ordering::Relaxed)
+        self.node().balance.node_flag.load(Ordering::Relaxed)
     }
 }
 

@@ -325,7 +325,7 @@ impl<K, V> LatchNode<K, V> {
             key,
             children: [Children::new(), Children::new()],
             value,
-            balance: [Balance::new(), Balance::new()],
+            balance: [Balance::new(false), Balance::new(false)],
         }))
     }
 

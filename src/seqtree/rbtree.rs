@@ -84,13 +84,22 @@ pub(crate) struct Balance<N> {
     parent: AtomicPtr<N>,
     /// `true` for red.
     red: AtomicBool,
+    /// Not used by the tree: a flag the node type may use for its own
+    /// purposes. It sits in bytes that would otherwise be padding after
+    /// `red`, which keeps a [`SeqTree`](super::SeqTree) node (with `u64` keys
+    /// and values) at 56 bytes: one 64-byte allocator chunk, so its child
+    /// pointers and key always share a cache line, instead of an 80-byte
+    /// chunk whose every fourth node has them on two lines.
+    pub(crate) node_flag: AtomicBool,
 }
 
 impl<N> Balance<N> {
-    pub(crate) fn new() -> Self {
+    /// Balancing data of a fresh node, with `node_flag` as given.
+    pub(crate) fn new(node_flag: bool) -> Self {
         Balance {
             parent: AtomicPtr::new(ptr::null_mut()),
             red: AtomicBool::new(true),
+            node_flag: AtomicBool::new(node_flag),
         }
     }
 }
@@ -185,10 +194,20 @@ pub(super) unsafe fn is_red<N: RbNode>(n: *mut N, copy: usize) -> bool {
     !n.is_null() && unsafe { bal(n, copy) }.red.load(Ordering::Relaxed)
 }
 
+/// Sets `n`'s colour, storing only if it changes. Fixups often "recolour" a
+/// node to the colour it already has (every insert re-blackens the root); a
+/// store of the same value would still take the node's cache line away from
+/// every reader core, and the colour shares that line with the child pointers
+/// and key a lookup reads. Readers skip hits' shared counters precisely to
+/// stay off lines the writer dirties; this keeps the root's line clean too.
 #[inline(always)]
 unsafe fn set_red<N: RbNode>(n: *mut N, copy: usize, red: bool) {
-    // Relaxed: writer-only field, ordered by the writer lock.
-    unsafe { bal(n, copy) }.red.store(red, Ordering::Relaxed);
+    // SAFETY: the caller passes a live node (writer contract above).
+    let b = unsafe { bal(n, copy) };
+    // Relaxed (load and store): writer-only field, ordered by the writer lock.
+    if b.red.load(Ordering::Relaxed) != red {
+        b.red.store(red, Ordering::Relaxed);
+    }
 }
 
 /// Which child of `p` is `c`.
