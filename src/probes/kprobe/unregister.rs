@@ -73,6 +73,23 @@ fn wait_for_steps(m: &Members) {
     }
 }
 
+/// The boosted XOL slots of the sites `batch` retires (a site is retired
+/// with its last member list, so its slot goes with it).
+fn retired_boosted_slots(batch: &[Retired]) -> Vec<u64> {
+    batch
+        .iter()
+        .filter_map(|r| match r {
+            Retired::Site(s) => {
+                // SAFETY: a retired site and its last list are freed only by
+                // `finish`, which runs after this; we only read them.
+                let m = unsafe { &*(**s).members_ptr() };
+                m.exec.plan.filter(|p| p.boostable).map(|p| p.slot_addr)
+            }
+            _ => None,
+        })
+        .collect()
+}
+
 #[track_caller]
 fn assert_not_in_handler(what: &str) {
     assert!(
@@ -210,6 +227,12 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             return;
         }
         self.rcu.synchronize();
+        // After the grace period no trap sends a thread into these slots;
+        // threads sent there earlier for a boosted run are waited out here.
+        let slots = retired_boosted_slots(&batch);
+        if !slots.is_empty() {
+            self.xol.quiesce(&slots);
+        }
         self.reap(batch);
     }
 

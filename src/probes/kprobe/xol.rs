@@ -97,6 +97,17 @@ pub trait XolAllocator: Send + Sync + 'static {
     /// run may still execute it (module docs): keep its bytes, and hand it
     /// out again only for the address it was allocated for.
     fn free(&self, slot: u64);
+
+    /// Called by the registry after the grace period of an `unregister` or
+    /// `commit` that retires the boosted `slots` (before they are freed):
+    /// returns once no thread can still be executing them, as far as the
+    /// allocator can tell. The live runtime's area waits until every thread
+    /// has been seen outside them (bounded; past the bound the reuse rule
+    /// above is what keeps a late thread safe). The default does nothing,
+    /// which is right for slots nothing executes.
+    fn quiesce(&self, slots: &[u64]) {
+        let _ = slots;
+    }
 }
 
 /// An in-memory slot allocator: `slots` slots of `slot_size` bytes from

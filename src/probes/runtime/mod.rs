@@ -68,6 +68,7 @@ mod context;
 mod dispatch;
 mod live;
 pub(crate) mod maps;
+mod quiesce;
 pub mod refuse;
 pub(crate) mod signal;
 mod trampoline;
@@ -79,6 +80,9 @@ pub use dispatch::{
     MAX_NESTED_STEPS,
 };
 pub use live::{Live, LiveRegistry};
+pub use quiesce::{
+    quiesce, quiesce_signal, QuiesceReport, MAX_THREADS, QUIESCE_TIMEOUT, RESEND_INTERVAL,
+};
 pub use signal::{install, is_installed};
 pub use trampoline::trampoline_address;
 pub use xol::{XolArea, XolStats, CHUNK_BYTES, REACH};

@@ -108,6 +108,8 @@ struct Areas {
     allocs: u64,
     frees: u64,
     far_allocs: u64,
+    quiesce_waits: u64,
+    quiesce_timeouts: u64,
 }
 
 /// Executable XOL slots for the live runtime (see the [module docs](self)).
@@ -141,6 +143,11 @@ pub struct XolStats {
     pub frees: u64,
     /// Allocations that found no chunk within reach (absolute jump back).
     pub far_allocs: u64,
+    /// Quiescence waits run for retired boosted slots.
+    pub quiesce_waits: u64,
+    /// Threads not seen outside the retired slots before the wait's timeout
+    /// (summed over all waits): for them only the reuse rule holds.
+    pub quiesce_timeouts: u64,
 }
 
 impl XolArea {
@@ -163,6 +170,8 @@ impl XolArea {
                 allocs: 0,
                 frees: 0,
                 far_allocs: 0,
+                quiesce_waits: 0,
+                quiesce_timeouts: 0,
             }),
         }
     }
@@ -194,6 +203,8 @@ impl XolArea {
             allocs: a.allocs,
             frees: a.frees,
             far_allocs: a.far_allocs,
+            quiesce_waits: a.quiesce_waits,
+            quiesce_timeouts: a.quiesce_timeouts,
         }
     }
 
@@ -398,6 +409,20 @@ impl XolAllocator for XolArea {
         // Parked for its address, never back on a free list (module docs).
         a.parked.insert(near, slot);
         a.frees += 1;
+    }
+
+    #[cold]
+    fn quiesce(&self, slots: &[u64]) {
+        if slots.is_empty() {
+            return;
+        }
+        let len = self.slot_size as u64;
+        let ranges: Vec<_> = slots.iter().map(|&s| s..s + len).collect();
+        // Outside the area's lock: the wait sleeps.
+        let report = super::quiesce::quiesce(&ranges, super::quiesce::QUIESCE_TIMEOUT);
+        let mut a = self.lock();
+        a.quiesce_waits += 1;
+        a.quiesce_timeouts += report.timed_out as u64;
     }
 }
 
