@@ -13,7 +13,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use rcu_registry::probes::runtime::{quiesce, quiesce_signal, QUIESCE_TIMEOUT};
+use rcu_registry::probes::kprobe::XolAllocator;
+use rcu_registry::probes::runtime::{quiesce, quiesce_signal, XolArea, QUIESCE_TIMEOUT};
 use rcu_registry::probes::symbols::ProcessSymbols;
 
 fn serial() -> MutexGuard<'static, ()> {
@@ -144,6 +145,17 @@ fn a_thread_inside_the_ranges_is_waited_for_until_it_leaves() {
     releaser.join().unwrap();
 }
 
+/// Blocks or unblocks `sig` on the calling thread.
+fn mask_signal(sig: libc::c_int, how: libc::c_int) {
+    // SAFETY: plain mask manipulation on this thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, sig);
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
 #[test]
 fn a_thread_that_blocks_the_signal_makes_the_wait_time_out_and_is_counted() {
     let _g = serial();
@@ -153,25 +165,13 @@ fn a_thread_that_blocks_the_signal_makes_the_wait_time_out_and_is_counted() {
     let blocker = {
         let (stop, blocked) = (Arc::clone(&stop), Arc::clone(&blocked));
         std::thread::spawn(move || {
-            // SAFETY: plain mask manipulation on this thread.
-            unsafe {
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                libc::sigaddset(&mut set, sig);
-                libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
-            }
+            mask_signal(sig, libc::SIG_BLOCK);
             blocked.wait();
             while !stop.load(Ordering::Relaxed) {
                 std::thread::sleep(Duration::from_millis(2));
             }
             // Unblocking delivers the pending signal: harmless.
-            // SAFETY: as above.
-            unsafe {
-                let mut set: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut set);
-                libc::sigaddset(&mut set, sig);
-                libc::pthread_sigmask(libc::SIG_UNBLOCK, &set, std::ptr::null_mut());
-            }
+            mask_signal(sig, libc::SIG_UNBLOCK);
         })
     };
     blocked.wait();
@@ -182,6 +182,12 @@ fn a_thread_that_blocks_the_signal_makes_the_wait_time_out_and_is_counted() {
     println!("waited {waited:?}, {r:?}");
     assert_eq!(r.timed_out, 1, "{r:?}");
     assert!(waited >= TIMEOUT && waited < TIMEOUT * 10, "{waited:?}");
+    // Through the live XOL area (what `commit` calls): the fallback is
+    // counted in its statistics.
+    let area = XolArea::default();
+    area.quiesce(&[NOWHERE.start]);
+    let stats = area.stats();
+    assert_eq!((stats.quiesce_waits, stats.quiesce_timeouts), (1, 1));
     stop.store(true, Ordering::Relaxed);
     blocker.join().unwrap();
     // Once it unblocked, the process is quiescent again.

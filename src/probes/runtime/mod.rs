@@ -15,6 +15,10 @@
 //!   code (`xol.rs`).
 //! - The kretprobe trampoline (`trampoline.rs`) runs return handlers without
 //!   a trap.
+//! - [`quiesce`] (`quiesce.rs`) waits until every thread has been seen
+//!   outside the XOL slots being retired: `commit` calls it (through the
+//!   area) so that it returns only when no thread is still in a boosted
+//!   slot.
 //! - `refuse.rs` lists the code that must never be patched;
 //!   [`ProcessSymbols`](crate::probes::symbols::ProcessSymbols) resolves
 //!   names.

@@ -281,11 +281,24 @@ fn signal(sig: libc::c_int, tid: i32) -> bool {
 }
 
 /// Waits until every other thread of the process has been seen with its IP
-/// outside `ranges`, or `timeout` has passed (see the [module docs](self)).
+/// outside `ranges`, or `timeout` has passed; the live registry's `commit`
+/// runs it on retired boosted XOL slots with [`QUIESCE_TIMEOUT`].
 ///
-/// Must not be called with the quiescence signal blocked on other threads'
-/// behalf in a way that matters to the caller; never call it from a signal
-/// handler (it allocates and sleeps).
+/// Each thread listed in `/proc/self/task` (the caller excepted) gets the
+/// [quiescence signal](quiesce_signal) with `tgkill`; its handler reads the
+/// interrupted IP and acks *outside* or *inside*. A thread seen inside is
+/// signalled again every [`RESEND_INTERVAL`]; one that exited counts as
+/// quiescent. Threads not seen outside by the deadline (typically: they
+/// block the signal) are counted in [`QuiesceReport::timed_out`]. Waits are
+/// serialized process-wide. Empty `ranges` return at once.
+///
+/// Side effect on the signalled threads: a system call the kernel does not
+/// restart after a handler (`poll`, `epoll_wait`, ...) returns `EINTR`.
+/// A thread that was interrupted inside a range by *another* signal and is
+/// still in that handler is seen at the handler's IP (outer frames are not
+/// inspected).
+///
+/// Never call it from a signal handler: it allocates, locks and sleeps.
 pub fn quiesce(ranges: &[Range<u64>], timeout: Duration) -> QuiesceReport {
     let ranges = normalize(ranges);
     let mut report = QuiesceReport::default();

@@ -37,10 +37,19 @@
 //! [`Rcu::call`](crate::rcu::Rcu::call) after the single-steps in flight on
 //! them, which covers every thread still in its trap handler, but not this
 //! one.) The kernel solves the same problem for boosted kprobes with RCU
-//! Tasks, which waits for every task to pass a voluntary context switch; a
-//! process has no such hook.
+//! Tasks, which waits for every task to pass a voluntary context switch.
 //!
-//! The area therefore makes the question moot: a slot is bound to the
+//! The area's [`quiesce`](XolAllocator::quiesce), which the registry calls
+//! for retired boosted slots after the grace period of `unregister` /
+//! `commit`, is the process's stand-in: it signals every other thread and
+//! returns once each has been seen with its IP outside those slots (see
+//! `quiesce.rs`), so `commit` returns only when no thread is still in them.
+//! The wait is bounded ([`QUIESCE_TIMEOUT`](super::QUIESCE_TIMEOUT)): a
+//! thread that blocks the signal cannot be observed, and such threads are
+//! counted in [`XolStats::quiesce_timeouts`].
+//!
+//! For them, and as a second line for everyone, the area also makes the
+//! question moot: a slot is bound to the
 //! probed address it was first allocated for, and a freed slot is handed out
 //! again only for that same address, where the registry plans the same
 //! instruction and fills the same bytes. A thread that wakes up in a stale
