@@ -76,9 +76,9 @@ fn hits_are_counted_exactly_from_many_threads() {
             "{what}"
         );
         println!(
-            "{what}: {} hits, quiescence timeouts so far {}",
+            "{what}: {} hits, quiescence fallbacks so far {}",
             p.hits(),
-            stats.quiesce_timeouts
+            stats.quiesce_fallbacks
         );
         assert_eq!(p.hits(), 20_000, "{what}");
         assert_eq!(count.load(Ordering::Relaxed), 20_000, "{what}");

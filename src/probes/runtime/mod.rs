@@ -85,7 +85,8 @@ pub use dispatch::{
 };
 pub use live::{Live, LiveRegistry};
 pub use quiesce::{
-    quiesce, quiesce_signal, QuiesceReport, MAX_THREADS, QUIESCE_TIMEOUT, RESEND_INTERVAL,
+    quiesce, quiesce_signal, QuiesceReport, BLOCKED_FOR, MAX_THREADS, QUIESCE_TIMEOUT,
+    RESEND_INTERVAL,
 };
 pub use signal::{install, is_installed};
 pub use trampoline::trampoline_address;

@@ -24,9 +24,11 @@
 //! 3. The caller polls the entries, sleeping between polls. A thread seen
 //!    inside is signalled again after [`RESEND_INTERVAL`]; a thread that
 //!    exited (`tgkill` fails with `ESRCH`) is quiescent.
-//! 4. After the timeout, threads that have not acked (they block the
-//!    signal, or never got scheduled) or are still inside are counted in
-//!    [`QuiesceReport::timed_out`]. The caller then relies on the XOL
+//! 4. A thread whose signal stays unanswered and whose mask
+//!    (`/proc/self/task/<tid>/status`, `SigBlk`) holds the signal at two
+//!    checks [`BLOCKED_FOR`] apart is given up on and counted in
+//!    [`QuiesceReport::blocked`]. After the timeout, threads that have not
+//!    acked or are still inside are counted in [`QuiesceReport::timed_out`]. The caller then relies on the XOL
 //!    area's reuse rule alone (a slot is only ever refilled with the same
 //!    bytes for the same address), which is safe without quiescence.
 //!
@@ -73,6 +75,11 @@ pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(1);
 /// needs a scheduling slice, not a spin.
 pub const RESEND_INTERVAL: Duration = Duration::from_millis(1);
 
+/// How long an unanswered signal, and then a blocked mask, must last before
+/// a thread is taken as blocking the signal for good: far longer than an
+/// IPI or a scheduler slice, far shorter than [`QUIESCE_TIMEOUT`].
+pub const BLOCKED_FOR: Duration = Duration::from_millis(20);
+
 /// First and last poll sleep: most threads ack within microseconds (an IPI
 /// to a running thread), a descheduled one within a scheduler tick.
 const FIRST_POLL: Duration = Duration::from_micros(20);
@@ -100,6 +107,9 @@ pub struct QuiesceReport {
     /// Threads that did not ack outside before the timeout: the caller falls
     /// back to the reuse rule for them.
     pub timed_out: usize,
+    /// Threads found blocking the signal (twice, [`BLOCKED_FOR`] apart) and
+    /// not waited for any longer: the reuse rule covers them too.
+    pub blocked: usize,
 }
 
 struct Entry {
@@ -288,8 +298,9 @@ fn signal(sig: libc::c_int, tid: i32) -> bool {
 /// [quiescence signal](quiesce_signal) with `tgkill`; its handler reads the
 /// interrupted IP and acks *outside* or *inside*. A thread seen inside is
 /// signalled again every [`RESEND_INTERVAL`]; one that exited counts as
-/// quiescent. Threads not seen outside by the deadline (typically: they
-/// block the signal) are counted in [`QuiesceReport::timed_out`]. Waits are
+/// quiescent. A thread that keeps the signal blocked is given up on after
+/// about 2 x [`BLOCKED_FOR`] ([`QuiesceReport::blocked`]); threads not seen
+/// outside by the deadline are counted in [`QuiesceReport::timed_out`]. Waits are
 /// serialized process-wide. Empty `ranges` return at once.
 ///
 /// Side effect on the signalled threads: a system call the kernel does not
@@ -309,7 +320,7 @@ pub fn quiesce(ranges: &[Range<u64>], timeout: Duration) -> QuiesceReport {
         let n = other_threads().len();
         return QuiesceReport {
             threads: n,
-            timed_out: n,
+            blocked: n,
             ..report
         };
     };
@@ -321,6 +332,50 @@ pub fn quiesce(ranges: &[Range<u64>], timeout: Duration) -> QuiesceReport {
         round(sig, &ranges, batch, deadline, &mut report);
     }
     report
+}
+
+/// Whether `tid`, whose signal sent at `sent` is still unanswered, blocks
+/// it and has for at least [`BLOCKED_FOR`]: checked from
+/// `/proc/self/task/<tid>/status` (`SigBlk`) once the signal is
+/// [`BLOCKED_FOR`] old, and again [`BLOCKED_FOR`] after a first sighting
+/// (a thread in a probe handler blocks it briefly).
+#[cold]
+fn blocked_for_good(
+    sig: libc::c_int,
+    tid: i32,
+    sent: Instant,
+    since: &mut Option<Instant>,
+) -> bool {
+    let due = match *since {
+        None => sent.elapsed() >= BLOCKED_FOR,
+        Some(t) => t.elapsed() >= BLOCKED_FOR,
+    };
+    if !due {
+        return false;
+    }
+    if !blocks(sig, tid) {
+        *since = None;
+        return false;
+    }
+    match *since {
+        None => {
+            *since = Some(Instant::now());
+            false
+        }
+        Some(_) => true,
+    }
+}
+
+/// Whether `tid`'s signal mask (`SigBlk` in its status file) holds `sig`.
+fn blocks(sig: libc::c_int, tid: i32) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/self/task/{tid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:"))
+        .and_then(|m| u64::from_str_radix(m.trim(), 16).ok())
+        .is_some_and(|m| m & (1u64 << (sig - 1)) != 0)
 }
 
 /// One round over at most [`MAX_THREADS`] threads.
@@ -335,6 +390,7 @@ fn round(
     let gen = publish(ranges, tids);
     let mut done = vec![false; tids.len()];
     let mut sent = vec![Instant::now(); tids.len()];
+    let mut blocked_since: Vec<Option<Instant>> = vec![None; tids.len()];
     for (i, &tid) in tids.iter().enumerate() {
         if !signal(sig, tid) {
             done[i] = true;
@@ -370,7 +426,14 @@ fn round(
                     }
                     left += 1;
                 }
-                _ => left += 1,
+                _ => {
+                    if blocked_for_good(sig, tids[i], sent[i], &mut blocked_since[i]) {
+                        done[i] = true;
+                        report.blocked += 1;
+                        continue;
+                    }
+                    left += 1;
+                }
             }
         }
         if left == 0 {

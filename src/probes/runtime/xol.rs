@@ -46,7 +46,7 @@
 //! `quiesce.rs`), so `commit` returns only when no thread is still in them.
 //! The wait is bounded ([`QUIESCE_TIMEOUT`](super::QUIESCE_TIMEOUT)): a
 //! thread that blocks the signal cannot be observed, and such threads are
-//! counted in [`XolStats::quiesce_timeouts`].
+//! counted in [`XolStats::quiesce_fallbacks`].
 //!
 //! For them, and as a second line for everyone, the area also makes the
 //! question moot: a slot is bound to the
@@ -118,7 +118,7 @@ struct Areas {
     frees: u64,
     far_allocs: u64,
     quiesce_waits: u64,
-    quiesce_timeouts: u64,
+    quiesce_fallbacks: u64,
 }
 
 /// Executable XOL slots for the live runtime (see the [module docs](self)).
@@ -154,9 +154,10 @@ pub struct XolStats {
     pub far_allocs: u64,
     /// Quiescence waits run for retired boosted slots.
     pub quiesce_waits: u64,
-    /// Threads not seen outside the retired slots before the wait's timeout
-    /// (summed over all waits): for them only the reuse rule holds.
-    pub quiesce_timeouts: u64,
+    /// Threads not seen outside the retired slots (they block the signal,
+    /// or the wait timed out; summed over all waits): for them only the
+    /// reuse rule holds.
+    pub quiesce_fallbacks: u64,
 }
 
 impl XolArea {
@@ -180,7 +181,7 @@ impl XolArea {
                 frees: 0,
                 far_allocs: 0,
                 quiesce_waits: 0,
-                quiesce_timeouts: 0,
+                quiesce_fallbacks: 0,
             }),
         }
     }
@@ -213,7 +214,7 @@ impl XolArea {
             frees: a.frees,
             far_allocs: a.far_allocs,
             quiesce_waits: a.quiesce_waits,
-            quiesce_timeouts: a.quiesce_timeouts,
+            quiesce_fallbacks: a.quiesce_fallbacks,
         }
     }
 
@@ -431,7 +432,7 @@ impl XolAllocator for XolArea {
         let report = super::quiesce::quiesce(&ranges, super::quiesce::QUIESCE_TIMEOUT);
         let mut a = self.lock();
         a.quiesce_waits += 1;
-        a.quiesce_timeouts += report.timed_out as u64;
+        a.quiesce_fallbacks += (report.timed_out + report.blocked) as u64;
     }
 }
 
