@@ -64,10 +64,22 @@ fn hits_are_counted_exactly_from_many_threads() {
     ] {
         let count = Arc::new(AtomicU64::new(0));
         let p = counting(addr(f), &count);
+        let waits = live().xol_stats().quiesce_waits;
         reg.register(&p).unwrap();
         hammer(4, 5_000, f, want);
         reg.unregister(&p).unwrap();
-        println!("{what}: {} hits", p.hits());
+        // Retiring a boosted slot waits for every thread to leave it.
+        let stats = live().xol_stats();
+        assert_eq!(
+            stats.quiesce_waits - waits,
+            u64::from(what == "boosted"),
+            "{what}"
+        );
+        println!(
+            "{what}: {} hits, quiescence fallbacks so far {}",
+            p.hits(),
+            stats.quiesce_fallbacks
+        );
         assert_eq!(p.hits(), 20_000, "{what}");
         assert_eq!(count.load(Ordering::Relaxed), 20_000, "{what}");
         assert_eq!(p.nmissed(), 0);

@@ -64,11 +64,16 @@
 //! read sections, and a per-member-list count covers single-steps that left
 //! the read section and will run post handlers at the step trap.
 //!
-//! What is *not* guaranteed then: that no thread is executing the probe's
-//! XOL slot. A thread sent into the slot for a boosted run (no post handler)
-//! runs it after its trap handler returned, outside any read section, and
-//! may be preempted there for any time. It does no harm: it completes the
-//! displaced instruction and jumps back after the restored original, and
+//! A thread sent into the probe's XOL slot for a boosted run (no post
+//! handler) runs it after its trap handler returned, outside any read
+//! section, and may be preempted there for any time: the grace period does
+//! not cover it. So when the last probe of an address goes, the registry
+//! also calls [`XolAllocator::quiesce`] with the retired boosted slots after
+//! the grace period; the live runtime's area returns once every thread of
+//! the process has been seen outside them (a real-time signal to each
+//! thread; bounded, see `runtime::quiesce`). A thread that could not be
+//! observed in time (it blocks the signal) does no harm either: it completes
+//! the displaced instruction and jumps back after the restored original, and
 //! the slot keeps those bytes because an [`XolAllocator`] reuses a freed
 //! slot only for the same address, where the registry fills it with the
 //! same bytes (the [reuse rule](XolAllocator#reuse-rule)).

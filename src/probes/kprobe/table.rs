@@ -58,9 +58,11 @@ impl Drop for SlotOwner {
         // slot finished: no trap handler will send a thread here any more.
         // A thread it sent here earlier for a *boosted* run may still be
         // about to execute the slot, and no grace period covers it (it is in
-        // no read section): what makes freeing safe is the allocator's reuse
-        // rule (only for the same address, same bytes; see `xol.rs`), not
-        // the extra grace period `Rcu::call` adds.
+        // no read section). `finish_pending` has already run the
+        // allocator's `quiesce` on boosted slots, which waits such threads
+        // out where it can; what makes freeing safe in every case is the
+        // allocator's reuse rule (only for the same address, same bytes; see
+        // `xol.rs`), not the extra grace period `Rcu::call` adds.
         let xol = Arc::clone(&self.xol);
         let slot = self.slot;
         self.rcu.call(move || xol.free(slot));

@@ -7,8 +7,10 @@
 //! it unreachable for new hits: remove the breakpoint if it was the last
 //! enabled probe on its address, then unlink the site (last probe) or
 //! publish a member list without it. What readers might still hold is
-//! *retired*. The *bottom* half runs after a grace period: it waits for the
-//! single-steps in flight on each retired member list, frees the lists and
+//! *retired*. The *bottom* half runs after a grace period: it has the XOL
+//! allocator wait out threads still in a retired site's boosted slot
+//! (`XolAllocator::quiesce`), waits for the single-steps in flight on each
+//! retired member list, frees the lists and
 //! sites (the last list of a site frees its XOL slot through `Rcu::call`),
 //! and finally gives the probe back (it may be registered again).
 //!
@@ -71,6 +73,23 @@ fn wait_for_steps(m: &Members) {
     while m.inflight.load(Ordering::Acquire) != 0 {
         backoff.snooze();
     }
+}
+
+/// The boosted XOL slots of the sites `batch` retires (a site is retired
+/// with its last member list, so its slot goes with it).
+fn retired_boosted_slots(batch: &[Retired]) -> Vec<u64> {
+    batch
+        .iter()
+        .filter_map(|r| match r {
+            Retired::Site(s) => {
+                // SAFETY: a retired site and its last list are freed only by
+                // `finish`, which runs after this; we only read them.
+                let m = unsafe { &*(**s).members_ptr() };
+                m.exec.plan.filter(|p| p.boostable).map(|p| p.slot_addr)
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 #[track_caller]
@@ -173,8 +192,12 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// Second half of batched unregistration: waits one grace period and
     /// finishes **every** pending unregistration, this thread's and any
     /// other's. When it returns, no handler of any probe that was pending
-    /// when it was called runs any more, their XOL slots are on their way
-    /// back to the allocator, and the probes can be registered again. With
+    /// when it was called runs any more, no thread is executing their
+    /// retired XOL slots (as far as
+    /// [`XolAllocator::quiesce`](crate::probes::kprobe::XolAllocator::quiesce)
+    /// can observe;
+    /// the live runtime's wait is bounded), the slots are on their way back
+    /// to the allocator, and the probes can be registered again. With
     /// nothing pending (or retired) it returns at once.
     ///
     /// Safe to call from several threads at once: commits are serialized,
@@ -210,6 +233,12 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             return;
         }
         self.rcu.synchronize();
+        // After the grace period no trap sends a thread into these slots;
+        // threads sent there earlier for a boosted run are waited out here.
+        let slots = retired_boosted_slots(&batch);
+        if !slots.is_empty() {
+            self.xol.quiesce(&slots);
+        }
         self.reap(batch);
     }
 

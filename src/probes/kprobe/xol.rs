@@ -28,10 +28,15 @@
 //! back on its own: in no read section, counted nowhere, reporting to no
 //! one. It can be preempted (or take a signal) at the slot's first byte and
 //! stay there for any length of time, so no grace period, however long,
-//! proves that it has left the slot, and the extra grace period of
-//! `Rcu::call` is not what makes a freed slot safe. (The kernel closes this
-//! gap for boosted kprobes with RCU Tasks, which waits for every task to
-//! pass a voluntary context switch; a process has no such hook.)
+//! proves that it has left the slot. (The kernel closes this gap for boosted
+//! kprobes with RCU Tasks, which waits for every task to pass a voluntary
+//! context switch.) The registry therefore calls [`XolAllocator::quiesce`]
+//! with the retired boosted slots after the grace period of `unregister` /
+//! `commit`, before either returns; the live runtime's area waits there
+//! until every thread has been *observed* outside them (its IP read from a
+//! signal frame), which is this process's stand-in for RCU Tasks. That wait
+//! is bounded (a thread that blocks the signal cannot be observed), so the
+//! reuse rule below stays what makes a freed slot safe in every case.
 //!
 //! # The reuse rule every allocator must follow
 //!
@@ -97,6 +102,17 @@ pub trait XolAllocator: Send + Sync + 'static {
     /// run may still execute it (module docs): keep its bytes, and hand it
     /// out again only for the address it was allocated for.
     fn free(&self, slot: u64);
+
+    /// Called by the registry after the grace period of an `unregister` or
+    /// `commit` that retires the boosted `slots` (before they are freed):
+    /// returns once no thread can still be executing them, as far as the
+    /// allocator can tell. The live runtime's area waits until every thread
+    /// has been seen outside them (bounded; past the bound the reuse rule
+    /// above is what keeps a late thread safe). The default does nothing,
+    /// which is right for slots nothing executes.
+    fn quiesce(&self, slots: &[u64]) {
+        let _ = slots;
+    }
 }
 
 /// An in-memory slot allocator: `slots` slots of `slot_size` bytes from

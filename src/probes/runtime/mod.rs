@@ -15,6 +15,10 @@
 //!   code (`xol.rs`).
 //! - The kretprobe trampoline (`trampoline.rs`) runs return handlers without
 //!   a trap.
+//! - [`quiesce`] (`quiesce.rs`) waits until every thread has been seen
+//!   outside the XOL slots being retired: `commit` calls it (through the
+//!   area) so that it returns only when no thread is still in a boosted
+//!   slot.
 //! - `refuse.rs` lists the code that must never be patched;
 //!   [`ProcessSymbols`](crate::probes::symbols::ProcessSymbols) resolves
 //!   names.
@@ -68,6 +72,7 @@ mod context;
 mod dispatch;
 mod live;
 pub(crate) mod maps;
+mod quiesce;
 pub mod refuse;
 pub(crate) mod signal;
 mod trampoline;
@@ -79,6 +84,10 @@ pub use dispatch::{
     MAX_NESTED_STEPS,
 };
 pub use live::{Live, LiveRegistry};
+pub use quiesce::{
+    quiesce, quiesce_signal, QuiesceReport, BLOCKED_FOR, MAX_THREADS, QUIESCE_TIMEOUT,
+    RESEND_INTERVAL,
+};
 pub use signal::{install, is_installed};
 pub use trampoline::trampoline_address;
 pub use xol::{XolArea, XolStats, CHUNK_BYTES, REACH};

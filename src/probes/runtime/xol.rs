@@ -37,10 +37,19 @@
 //! [`Rcu::call`](crate::rcu::Rcu::call) after the single-steps in flight on
 //! them, which covers every thread still in its trap handler, but not this
 //! one.) The kernel solves the same problem for boosted kprobes with RCU
-//! Tasks, which waits for every task to pass a voluntary context switch; a
-//! process has no such hook.
+//! Tasks, which waits for every task to pass a voluntary context switch.
 //!
-//! The area therefore makes the question moot: a slot is bound to the
+//! The area's [`quiesce`](XolAllocator::quiesce), which the registry calls
+//! for retired boosted slots after the grace period of `unregister` /
+//! `commit`, is the process's stand-in: it signals every other thread and
+//! returns once each has been seen with its IP outside those slots (see
+//! `quiesce.rs`), so `commit` returns only when no thread is still in them.
+//! The wait is bounded ([`QUIESCE_TIMEOUT`](super::QUIESCE_TIMEOUT)): a
+//! thread that blocks the signal cannot be observed, and such threads are
+//! counted in [`XolStats::quiesce_fallbacks`].
+//!
+//! For them, and as a second line for everyone, the area also makes the
+//! question moot: a slot is bound to the
 //! probed address it was first allocated for, and a freed slot is handed out
 //! again only for that same address, where the registry plans the same
 //! instruction and fills the same bytes. A thread that wakes up in a stale
@@ -108,6 +117,8 @@ struct Areas {
     allocs: u64,
     frees: u64,
     far_allocs: u64,
+    quiesce_waits: u64,
+    quiesce_fallbacks: u64,
 }
 
 /// Executable XOL slots for the live runtime (see the [module docs](self)).
@@ -141,6 +152,12 @@ pub struct XolStats {
     pub frees: u64,
     /// Allocations that found no chunk within reach (absolute jump back).
     pub far_allocs: u64,
+    /// Quiescence waits run for retired boosted slots.
+    pub quiesce_waits: u64,
+    /// Threads not seen outside the retired slots (they block the signal,
+    /// or the wait timed out; summed over all waits): for them only the
+    /// reuse rule holds.
+    pub quiesce_fallbacks: u64,
 }
 
 impl XolArea {
@@ -163,6 +180,8 @@ impl XolArea {
                 allocs: 0,
                 frees: 0,
                 far_allocs: 0,
+                quiesce_waits: 0,
+                quiesce_fallbacks: 0,
             }),
         }
     }
@@ -194,6 +213,8 @@ impl XolArea {
             allocs: a.allocs,
             frees: a.frees,
             far_allocs: a.far_allocs,
+            quiesce_waits: a.quiesce_waits,
+            quiesce_fallbacks: a.quiesce_fallbacks,
         }
     }
 
@@ -398,6 +419,20 @@ impl XolAllocator for XolArea {
         // Parked for its address, never back on a free list (module docs).
         a.parked.insert(near, slot);
         a.frees += 1;
+    }
+
+    #[cold]
+    fn quiesce(&self, slots: &[u64]) {
+        if slots.is_empty() {
+            return;
+        }
+        let len = self.slot_size as u64;
+        let ranges: Vec<_> = slots.iter().map(|&s| s..s + len).collect();
+        // Outside the area's lock: the wait sleeps.
+        let report = super::quiesce::quiesce(&ranges, super::quiesce::QUIESCE_TIMEOUT);
+        let mut a = self.lock();
+        a.quiesce_waits += 1;
+        a.quiesce_fallbacks += (report.timed_out + report.blocked) as u64;
     }
 }
 
