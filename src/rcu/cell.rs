@@ -107,10 +107,9 @@ impl<T: Send + Sync + 'static, F: Flavor> RcuCell<T, F> {
         // Acquire pairs with the Release in `publish`: the pointee's
         // initialisation is visible before we dereference it.
         let p = self.ptr.load(Ordering::Acquire);
-        // SAFETY: a non-null pointer was published by `publish` from a live
-        // box; it is retired only through `domain.call` (or after the
-        // domain's synchronize), so it stays valid while `guard`, a read
-        // section this domain waits for, lives.
+        // SAFETY: a non-null pointer was published by `publish` from a live box; it is retired only
+        // through `domain.call` (or after the domain's synchronize), so it stays valid while
+        // `guard`, a read section this domain waits for, lives.
         unsafe { p.as_ref() }
     }
 

@@ -202,10 +202,9 @@ fn new_chunk(base: usize) -> *mut Chunk {
         std::process::abort();
     };
     let chunk = mem.as_ptr().cast::<Chunk>();
-    // SAFETY: the mapping is fresh, page-aligned (so aligned for Chunk) and
-    // zero-filled; all-zero bytes are a valid Chunk (atomics zero/false/null,
-    // integers zero). We only fill in the plain index fields before
-    // publication.
+    // SAFETY: the mapping is fresh, page-aligned (so aligned for Chunk) and zero-filled; all-zero
+    // bytes are a valid Chunk (atomics zero/false/null, integers zero). We only fill in the plain
+    // index fields before publication.
     unsafe {
         ptr::addr_of_mut!((*chunk).base).write(base);
         for i in 0..SLOTS_PER_CHUNK {
@@ -325,10 +324,9 @@ mod hooks {
                 // Release: a thread that sees READY also sees KEY.
                 KEY_READY.store(true, Ordering::Release);
             }
-            // SAFETY: the child handler only touches atomics, TLS and issues
-            // a syscall; no prepare/parent handlers are needed because no
-            // lock is held across the fork (grace periods and callback queues
-            // are lock-free; see the module docs).
+            // SAFETY: the child handler only touches atomics, TLS and issues a syscall; no
+            // prepare/parent handlers are needed because no lock is held across the fork (grace
+            // periods and callback queues are lock-free; see the module docs).
             unsafe {
                 libc::pthread_atfork(None, None, Some(after_fork_in_child));
             }

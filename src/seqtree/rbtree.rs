@@ -164,6 +164,7 @@ unsafe fn bal<'a, N: RbNode>(n: *mut N, copy: usize) -> &'a Balance<N> {
 pub(super) unsafe fn child<N: RbNode>(n: *mut N, copy: usize, dir: usize) -> *mut N {
     // Relaxed: only writers store links, and they are serialized by the lock
     // (whose acquire orders this after the previous writer's stores).
+    // SAFETY: the caller passes a live node (writer contract above).
     unsafe { kids(n, copy) }.child[dir].load(Ordering::Relaxed)
 }
 
@@ -173,24 +174,28 @@ unsafe fn set_child<N: RbNode>(n: *mut N, copy: usize, dir: usize, c: *mut N) {
     // a reader that reaches `c` through this pointer sees `c` initialised and
     // sees `c`'s own child stores that precede this one. Relaxed would let a
     // reader follow a pointer into a node whose links it cannot see yet.
+    // SAFETY: the caller passes a live node (writer contract above).
     unsafe { kids(n, copy) }.child[dir].store(c, Ordering::Release);
 }
 
 #[inline(always)]
 pub(super) unsafe fn parent<N: RbNode>(n: *mut N, copy: usize) -> *mut N {
     // Relaxed: writer-only field, ordered by the writer lock.
+    // SAFETY: the caller passes a live node (writer contract above).
     unsafe { bal(n, copy) }.parent.load(Ordering::Relaxed)
 }
 
 #[inline(always)]
 unsafe fn set_parent<N: RbNode>(n: *mut N, copy: usize, p: *mut N) {
     // Relaxed: writer-only field, ordered by the writer lock.
+    // SAFETY: the caller passes a live node (writer contract above).
     unsafe { bal(n, copy) }.parent.store(p, Ordering::Relaxed);
 }
 
 #[inline(always)]
 pub(super) unsafe fn is_red<N: RbNode>(n: *mut N, copy: usize) -> bool {
     // Null leaves are black. Relaxed: writer-only field, ordered by the lock.
+    // SAFETY: the caller passes a live node (writer contract above).
     !n.is_null() && unsafe { bal(n, copy) }.red.load(Ordering::Relaxed)
 }
 

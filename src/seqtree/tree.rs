@@ -320,10 +320,9 @@ where
     {
         self.check_guard(guard);
         let n = self.lookup(key)?;
-        // SAFETY: `n` was reached inside `guard`'s read section, which the
-        // tree's domain protects (checked above); nodes are freed only after
-        // a grace period, so `n` outlives `'g`. Key and value are never
-        // mutated in place.
+        // SAFETY: `n` was reached inside `guard`'s read section, which the tree's domain protects
+        // (checked above); nodes are freed only after a grace period, so `n` outlives `'g`. Key and
+        // value are never mutated in place.
         let node = unsafe { &*n };
         Some((&node.key, &node.value))
     }

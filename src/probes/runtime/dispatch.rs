@@ -343,11 +343,11 @@ pub(crate) fn dispatch_breakpoint(
         return Some(done);
     }
     let _guard = Rcu::global().read();
-    // SAFETY (every block below): `stack` is this thread's own stack, only
-    // the SIGTRAP handler touches it, and each access is a short-lived
-    // reference to one field or one entry. The entry at `depth` is reserved
-    // (depth raised) before the dispatcher runs, so a nested trap in a
+    // SAFETY (every block below): `stack` is this thread's own stack, only the SIGTRAP handler
+    // touches it, and each access is a short-lived reference to one field or one entry. The entry
+    // at `depth` is reserved (depth raised) before the dispatcher runs, so a nested trap in a
     // handler works one entry further up and never aliases it.
+    // (SAFETY argument: the comment above.)
     let depth = unsafe { (*stack).depth };
     if depth == MAX_NESTED_STEPS {
         super::signal::fatal_message("rcu-registry: too many nested single-steps on one thread");

@@ -396,12 +396,11 @@ impl XolAllocator for XolArea {
         let (ci, si) = self.locate(&a, slot).ok_or_else(bad)?;
         let off = si * self.slot_size;
         let c = &a.chunks[ci];
-        // SAFETY: `off + slot_size <= CHUNK_BYTES` (locate checked the slot
-        // index); the write view is ours and the slot is allocated to the
-        // caller: either fresh (no thread was ever sent there) or parked for
-        // this same address, which the registry refills with the very bytes
-        // it holds, so a thread still in it from a boosted run sees no change
-        // (module docs).
+        // SAFETY: `off + slot_size <= CHUNK_BYTES` (locate checked the slot index); the write view
+        // is ours and the slot is allocated to the caller: either fresh (no thread was ever sent
+        // there) or parked for this same address, which the registry refills with the very bytes it
+        // holds, so a thread still in it from a boosted run sees no change (module docs).
+        // (SAFETY argument: the comment above.)
         unsafe {
             let dst = c.write.add(off);
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len());
