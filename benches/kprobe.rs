@@ -16,11 +16,15 @@
 //! The ratios are printed at the end. Run:
 //! `cargo bench --bench kprobe -- --warm-up-time 1 --measurement-time 2`
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Barrier, Mutex, RwLock};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
+
+#[path = "common/samples.rs"]
+mod samples;
+use samples::{median_ns, on_threads, record};
 
 use criterion::{BenchmarkId, Criterion};
 use rcu_registry::probes::arch::{Arch, DataMemory, Insn, Regs, X86_64};
@@ -37,28 +41,6 @@ const STACK: u64 = 0x7000_0000;
 const CALLER: u64 = 0x4000_0000;
 
 type Reg = KprobeRegistry<X86_64, Image>;
-
-/// Nanoseconds per iteration of every sample, per benchmark (medians are
-/// reported: on a shared 2-core machine a sample where another process took
-/// a core is an outlier, not the typical case).
-static SAMPLES: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
-
-fn record(id: &str, elapsed: Duration, iters: u64) -> Duration {
-    let per_iter = elapsed.as_nanos() as f64 / iters.max(1) as f64;
-    SAMPLES
-        .lock()
-        .unwrap()
-        .entry(id.to_string())
-        .or_default()
-        .push(per_iter);
-    elapsed
-}
-
-fn median_ns(id: &str) -> Option<f64> {
-    let mut s = SAMPLES.lock().unwrap().get(id)?.clone();
-    s.sort_by(f64::total_cmp);
-    Some(s[s.len() / 2])
-}
 
 /// `n` functions `nop; ret`, one symbol each.
 fn image(n: usize) -> (Image, SymbolTable) {
@@ -111,39 +93,6 @@ impl DataMemory for Word {
         self.0 = u64::from_le_bytes(bytes.try_into().unwrap());
         Ok(())
     }
-}
-
-fn pin_to_cpu(cpu: usize) {
-    // SAFETY: `set` is a plain bitmask owned by this frame; CPU_ZERO/CPU_SET
-    // write only inside it, and sched_setaffinity(0, ..) reads it for the
-    // calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_ZERO(&mut set);
-        libc::CPU_SET(cpu, &mut set);
-        libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
-
-/// Runs `work(thread, iters)` on `threads` threads (pinned to CPUs 0, 1, ..)
-/// released together; returns the wall time.
-fn on_threads(threads: usize, iters: u64, work: impl Fn(usize, u64) + Sync) -> Duration {
-    let barrier = Barrier::new(threads + 1);
-    std::thread::scope(|s| {
-        for t in 0..threads {
-            let (barrier, work) = (&barrier, &work);
-            s.spawn(move || {
-                pin_to_cpu(t);
-                barrier.wait();
-                work(t, iters);
-                barrier.wait();
-            });
-        }
-        barrier.wait();
-        let start = Instant::now();
-        barrier.wait();
-        start.elapsed()
-    })
 }
 
 // ---------------------------------------------------------------- hit path
@@ -229,7 +178,7 @@ fn bench_hit_lookup(c: &mut Criterion) {
         for (name, short, hit) in contenders {
             g.bench_function(BenchmarkId::new(name, threads), |b| {
                 b.iter_custom(|iters| {
-                    let elapsed = on_threads(threads, iters, |t, n| {
+                    let elapsed = on_threads(threads, iters, true, |t, n| {
                         let mut mem = Word(0);
                         let mut k = t * 7;
                         for _ in 0..n {
@@ -355,7 +304,7 @@ fn kret_registry(stripes: usize) -> (Reg, Vec<Kretprobe<u64>>) {
 /// `threads` threads, each calling its own kretprobe'd function `iters`
 /// times (entry trap, return through the trampoline).
 fn kret_calls(reg: &Reg, threads: usize, iters: u64) -> Duration {
-    on_threads(threads, iters, |t, n| {
+    on_threads(threads, iters, true, |t, n| {
         let mut mem = Word(CALLER);
         for _ in 0..n {
             let mut regs = Regs {

@@ -9,11 +9,14 @@
 //! The ratios are printed at the end. Run:
 //! `cargo bench --bench uprobe -- --warm-up-time 1 --measurement-time 2`
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Barrier, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, RwLock};
+
+#[path = "common/samples.rs"]
+mod samples;
+use samples::{median_ns, on_threads, record};
 
 use criterion::{BenchmarkId, Criterion};
 use rcu_registry::probes::arch::{Arch, DataMemory, Insn, Regs, X86_64};
@@ -182,48 +185,6 @@ fn peer_hit(
     true
 }
 
-/// Nanoseconds per iteration of every sample, per benchmark (medians are
-/// reported: on a shared 2-core machine a sample where another process took
-/// a core is an outlier, not the typical case).
-static SAMPLES: Mutex<BTreeMap<String, Vec<f64>>> = Mutex::new(BTreeMap::new());
-
-fn record(id: &str, elapsed: Duration, iters: u64) -> Duration {
-    let per_iter = elapsed.as_nanos() as f64 / iters.max(1) as f64;
-    SAMPLES
-        .lock()
-        .unwrap()
-        .entry(id.to_string())
-        .or_default()
-        .push(per_iter);
-    elapsed
-}
-
-fn median_ns(id: &str) -> Option<f64> {
-    let mut s = SAMPLES.lock().unwrap().get(id)?.clone();
-    s.sort_by(f64::total_cmp);
-    Some(s[s.len() / 2])
-}
-
-/// Runs `work(thread, iters)` on `threads` threads released together;
-/// returns the wall time.
-fn on_threads(threads: usize, iters: u64, work: impl Fn(usize, u64) + Sync) -> Duration {
-    let barrier = Barrier::new(threads + 1);
-    std::thread::scope(|s| {
-        for t in 0..threads {
-            let (barrier, work) = (&barrier, &work);
-            s.spawn(move || {
-                barrier.wait();
-                work(t, iters);
-                barrier.wait();
-            });
-        }
-        barrier.wait();
-        let start = Instant::now();
-        barrier.wait();
-        start.elapsed()
-    })
-}
-
 /// One hit through a registry under test.
 type HitFn<'a> = dyn Fn(&mut Regs) + Sync + 'a;
 
@@ -251,7 +212,7 @@ fn bench_hit(c: &mut Criterion) {
         for (name, short, hit) in contenders {
             g.bench_function(BenchmarkId::new(name, threads), |b| {
                 b.iter_custom(|iters| {
-                    let elapsed = on_threads(threads, iters, |t, n| {
+                    let elapsed = on_threads(threads, iters, false, |t, n| {
                         let mut k = t * 7;
                         for _ in 0..n {
                             k = (k + HIT_STRIDE) % UPROBES;
