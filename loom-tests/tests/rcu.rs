@@ -94,47 +94,45 @@ fn spawn_pair_reader<F: Flavor>(domain: &F, pair: &Pair<F>) -> thread::JoinHandl
     })
 }
 
+/// One published value; a reader thread runs `read` on it while the main
+/// thread unlinks it with `swap` (which waits for a grace period) and
+/// poisons it.
+fn swap_while_reading(read: fn(&Rcu, &RcuCell<Val, Rcu>)) {
+    let rcu = Rcu::new();
+    let cell = Arc::new(RcuCell::new_in(Val::new(), rcu.clone()));
+    let reader = {
+        let (rcu, cell) = (rcu.clone(), cell.clone());
+        thread::spawn(move || read(&rcu, &cell))
+    };
+    let old = cell.swap(None).expect("value present");
+    old.poison();
+    reader.join().unwrap();
+}
+
 #[test]
 fn rcu_reader_started_before_synchronize_never_sees_reclamation() {
     model(|| {
-        let rcu = Rcu::new();
-        let cell = Arc::new(RcuCell::new_in(Val::new(), rcu.clone()));
-        let reader = {
-            let (rcu, cell) = (rcu.clone(), cell.clone());
-            thread::spawn(move || {
-                let g = rcu.read();
-                if let Some(v) = cell.load(&g) {
-                    v.check();
-                }
-            })
-        };
-        // swap() unlinks, then waits for a grace period.
-        let old = cell.swap(None).expect("value present");
-        old.poison();
-        reader.join().unwrap();
+        swap_while_reading(|rcu, cell| {
+            let g = rcu.read();
+            if let Some(v) = cell.load(&g) {
+                v.check();
+            }
+        })
     });
 }
 
 #[test]
 fn rcu_nested_sections_stay_protected_until_the_outermost_ends() {
     model(|| {
-        let rcu = Rcu::new();
-        let cell = Arc::new(RcuCell::new_in(Val::new(), rcu.clone()));
-        let reader = {
-            let (rcu, cell) = (rcu.clone(), cell.clone());
-            thread::spawn(move || {
-                let outer = rcu.read();
-                let v = cell.load(&outer);
-                drop(rcu.read());
-                if let Some(v) = v {
-                    v.check();
-                }
-                drop(outer);
-            })
-        };
-        let old = cell.swap(None).expect("value present");
-        old.poison();
-        reader.join().unwrap();
+        swap_while_reading(|rcu, cell| {
+            let outer = rcu.read();
+            let v = cell.load(&outer);
+            drop(rcu.read());
+            if let Some(v) = v {
+                v.check();
+            }
+            drop(outer);
+        })
     });
 }
 
