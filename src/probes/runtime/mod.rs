@@ -68,6 +68,7 @@
 //! live.registry().unregister(&probe).unwrap();
 //! ```
 
+pub mod callgraph;
 mod context;
 mod dispatch;
 mod live;

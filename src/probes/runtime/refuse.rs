@@ -4,44 +4,90 @@
 //!
 //! A breakpoint in the code a trap runs before the registry's re-entrancy
 //! flag is set (the SIGTRAP handler, the dispatcher table walk, the `Rcu`
-//! read side, the registry's lookup) would trap again inside the trap
-//! handler, recursively, until the stack overflows. A breakpoint in the
-//! signal return trampoline (`__restore_rt`) would trap on the way *out* of
-//! every signal handler. A breakpoint in the kretprobe trampoline would trap
-//! with the return address already replaced. [`refused_ranges`] lists that
-//! code; [`InProcess`](crate::probes::text::InProcess) refuses any write that
+//! read side, the registry's lookup, and whatever they call: `core`
+//! helpers, the C library) would trap again inside the trap handler,
+//! recursively, until the stack overflows. A breakpoint in the signal return
+//! trampoline (`__restore_rt`) would trap on the way *out* of every signal
+//! handler. A breakpoint in the kretprobe trampoline would trap with the
+//! return address already replaced. [`refused_ranges`] lists that code;
+//! [`InProcess`](crate::probes::text::InProcess) refuses any write that
 //! overlaps it with [`ProbeError::RefusedTarget`](crate::probes::ProbeError)
 //! and leaves the text unchanged.
 //!
-//! # What is covered
+//! # How the trap path is found: a walk of the machine code
 //!
-//! - every function whose symbol names this crate (`rcu_registry::`, which
-//!   includes the monomorphized registry hit path, the `Rcu` read side, the
-//!   arch backend's trap-time methods, the hashed spin locks kretprobes use,
-//!   and the runtime itself);
-//! - the SIGTRAP handler and the kretprobe trampoline, by address, even when
-//!   the executable has no symbol table;
-//! - `__restore_rt`, by the address the C library registered with our
-//!   handler (`sa_restorer`);
-//! - the C library functions the trap path calls (`memcpy`, `memmove`,
-//!   `memset`, `memcmp`, `bcmp`, `syscall`, `getpid`, `process_vm_readv`,
-//!   `__errno_location`, `raise`, `abort`, `write`, `sigaction`): their
-//!   exported entry points and, through `dlsym`, the implementation an IFUNC
-//!   selected (its whole extent when the library has a symbol table, else
-//!   its first byte).
+//! The trap path is not named by hand: [`trap_path`] disassembles the
+//! process's own code from the [`trap_path_roots`] and follows every direct
+//! call and jump, tail calls, and calls through the GOT and PLT stubs into
+//! the C library (to the implementation an IFUNC selected), as described in
+//! [`callgraph`](super::callgraph). The roots are everything that runs
+//! before the re-entrancy flag is up, or on the missed path after it:
 //!
-//! # Limitation
+//! - the SIGTRAP handler (it reaches dispatch, step completion, the
+//!   transient-breakpoint check and the chaining to a previous handler by
+//!   direct calls);
+//! - the kretprobe trampoline (its assembly calls the Rust half directly);
+//! - `__restore_rt`, which every signal handler returns through;
+//! - the targets of the two indirect calls the handler makes before the
+//!   flag: the live registry's [`TrapDispatcher`] methods (the dispatcher
+//!   table holds `&dyn TrapDispatcher`) and [`ThreadMemory`]'s
+//!   [`DataMemory`] methods (the registry and the arch backend get the
+//!   thread's memory as `&mut dyn DataMemory`).
 //!
-//! Generic functions of `core`/`std` that the trap path calls out of line
-//! (rare in optimized builds: they are inlined) are not named after this
-//! crate and are not refused, nor are C library internals behind the entry
-//! points above when the library is stripped. Probing them from a handler's
-//! thread can recurse. User probe handlers are *not* refused: a probe hit
-//! inside a handler is counted as missed by the registry, never recursed
-//! into.
+//! The walk's result is computed once per process, at the first
+//! [`Live`](super::Live) construction, and cached; [`trap_path`] gives its
+//! size and the time it took.
+//!
+//! # What is refused
+//!
+//! - every function whose symbol names this crate (`rcu_registry::`): a
+//!   belt over the walk's braces, covering crate code reached only through
+//!   indirect calls (kretprobe entry hooks behind `dyn ReturnProbe`);
+//! - the SIGTRAP handler, the kretprobe trampoline and `__restore_rt`, by
+//!   address, even when the executable has no symbol table;
+//! - everything the walk reached: whole functions where there is a symbol,
+//!   the decoded instructions where there is none (a stripped C library's
+//!   internals);
+//! - the entry functions of paths that only end the process (panics,
+//!   `abort`, the runtime's fatal report), refused but not walked into
+//!   ([`callgraph::dying_path`](super::callgraph::dying_path) says why).
+//!
+//! # What is not refused, and why that is safe
+//!
+//! - Code behind an indirect call other than the two above: user probe
+//!   handlers and kretprobe entry/return handlers (`Box<dyn Fn>`). They run
+//!   with the thread's re-entrancy flag set, so a probe hit there, or in
+//!   anything they call, is counted missed and completed by the missed path
+//!   (which is walked), never recursed into.
+//! - Code past a dying path's entry (the panic hook, formatting,
+//!   allocation, backtraces): it runs at most once, on the way to `abort`.
+//! - Trap dispatchers other than the live registry (a test's own attached
+//!   with [`attach`](super::attach)): their methods are reached through the
+//!   dispatcher table's `dyn` call and are not roots.
+//!
+//! # Limitations
+//!
+//! - A lazily bound GOT slot that was not yet resolved at the walk is
+//!   followed to where it points then (the PLT's lazy path into the dynamic
+//!   linker), not to the function it is later bound to. rustc links
+//!   executables with `-z now` and the C library resolves its own IFUNC
+//!   slots at load time, so the trap path's slots are final by then.
+//! - Code without a symbol is found by recursive descent, which stops at an
+//!   indirect jump it cannot resolve (a jump table in a stripped C library
+//!   routine): the table's targets are then not refused.
+//! - Breakpoints already in the code when the walk runs (someone else's)
+//!   would derail the decoder at their address.
 
+use std::sync::OnceLock;
+
+use super::callgraph::{CallGraph, Root};
+use super::context::ThreadMemory;
+use super::dispatch::{StepStash, TrapDispatcher, Verdict};
+use super::live::LiveRegistry;
+use crate::probes::arch::{DataMemory, Regs};
 use crate::probes::symbols::ProcessSymbols;
 use crate::probes::text::RefusedRange;
+use crate::probes::ProbeError;
 
 /// What each refused range is, for error messages.
 pub const RUNTIME_CODE: &str = "the live probe runtime's own code (the trap path)";
@@ -51,26 +97,19 @@ pub const SIGTRAP_HANDLER: &str = "the runtime's SIGTRAP handler";
 pub const KRETPROBE_TRAMPOLINE: &str = "the kretprobe return trampoline";
 /// See [`RUNTIME_CODE`].
 pub const SIGNAL_RETURN: &str = "the signal return trampoline (__restore_rt)";
-/// See [`RUNTIME_CODE`].
-pub const LIBC_TRAP_PATH: &str = "a C library function the trap path calls";
+/// See [`RUNTIME_CODE`]: a function outside this crate (`core`, `std`, the
+/// C library) that the trap path calls, found by the walk.
+pub const TRAP_PATH_CALLEE: &str = "code the trap path calls (found by walking its machine code)";
+/// See [`RUNTIME_CODE`]: the entry of a path the trap path takes only on
+/// its way to ending the process (refused, not walked into).
+pub const DYING_PATH: &str = "a function the trap path calls only on its way to abort";
+/// See [`RUNTIME_CODE`]: the live registry's and the thread memory's
+/// methods the SIGTRAP handler reaches through `dyn` calls.
+pub const TRAP_ENTRY: &str = "a trap-path entry reached through a dyn call";
 
-/// C library functions the trap path may call.
-const LIBC_FUNCTIONS: &[&str] = &[
-    "memcpy",
-    "memmove",
-    "memset",
-    "memcmp",
-    "bcmp",
-    "syscall",
-    "getpid",
-    "process_vm_readv",
-    "__errno_location",
-    "raise",
-    "abort",
-    "write",
-    "sigaction",
-    "__restore_rt",
-];
+/// `__restore_rt` is `mov eax, 15; syscall` (9 bytes): refused in full even
+/// when the C library has no symbol for it.
+const RESTORE_RT_BYTES: u64 = 9;
 
 /// The range of the function at `addr` per `symbols`, else one byte.
 fn extent(symbols: &ProcessSymbols, addr: u64) -> (u64, u64) {
@@ -80,8 +119,79 @@ fn extent(symbols: &ProcessSymbols, addr: u64) -> (u64, u64) {
     }
 }
 
+/// Where the walk of the trap path starts (see the module docs).
+pub fn trap_path_roots() -> Vec<Root> {
+    type OnBreakpoint =
+        fn(&'static LiveRegistry, &mut Regs, &mut dyn DataMemory, &mut StepStash) -> Verdict;
+    type OnReturn = fn(&'static LiveRegistry, &mut Regs) -> bool;
+    type Read = fn(&ThreadMemory, u64, &mut [u8]) -> Result<(), ProbeError>;
+    type Write = fn(&mut ThreadMemory, u64, &[u8]) -> Result<(), ProbeError>;
+    type ReadU64 = fn(&ThreadMemory, u64) -> Result<u64, ProbeError>;
+    type WriteU64 = fn(&mut ThreadMemory, u64, u64) -> Result<(), ProbeError>;
+    let on_breakpoint: OnBreakpoint = <LiveRegistry as TrapDispatcher>::on_breakpoint;
+    let on_step: OnBreakpoint = <LiveRegistry as TrapDispatcher>::on_step;
+    let on_return: OnReturn = <LiveRegistry as TrapDispatcher>::on_return;
+    let read: Read = <ThreadMemory as DataMemory>::read;
+    let write: Write = <ThreadMemory as DataMemory>::write;
+    let read_u64: ReadU64 = <ThreadMemory as DataMemory>::read_u64;
+    let write_u64: WriteU64 = <ThreadMemory as DataMemory>::write_u64;
+    let mut roots = vec![
+        Root {
+            addr: super::signal::handler_address(),
+            what: SIGTRAP_HANDLER,
+        },
+        Root {
+            addr: super::trampoline::trampoline_address(),
+            what: KRETPROBE_TRAMPOLINE,
+        },
+    ];
+    roots.extend(
+        [
+            on_breakpoint as usize,
+            on_step as usize,
+            on_return as usize,
+            read as usize,
+            write as usize,
+            read_u64 as usize,
+            write_u64 as usize,
+        ]
+        .map(|addr| Root {
+            addr: addr as u64,
+            what: TRAP_ENTRY,
+        }),
+    );
+    if let Some(r) = super::signal::restorer_address() {
+        roots.push(Root {
+            addr: r,
+            what: SIGNAL_RETURN,
+        });
+    }
+    roots
+}
+
+static TRAP_PATH: OnceLock<CallGraph> = OnceLock::new();
+
+/// The trap path's call graph: walked from [`trap_path_roots`] on first
+/// use, then cached for the life of the process (the code it describes does
+/// not change; libraries loaded later are not on the trap path).
+///
+/// # Panics
+/// If `/proc/self/maps` cannot be read: the runtime cannot prove what it
+/// must refuse (nor patch text at all: it restores protections from the
+/// same file).
+pub fn trap_path(symbols: &ProcessSymbols) -> &'static CallGraph {
+    TRAP_PATH.get_or_init(|| {
+        CallGraph::walk(symbols, &trap_path_roots())
+            .expect("reading /proc/self/maps to walk the trap path")
+    })
+}
+
 /// Every range the live runtime must never patch (see the module docs).
+///
+/// # Panics
+/// As [`trap_path`].
 pub fn refused_ranges(symbols: &ProcessSymbols) -> Vec<RefusedRange> {
+    // Earlier entries name the range in errors when several overlap.
     let mut out: Vec<RefusedRange> = symbols
         .functions()
         .iter()
@@ -108,37 +218,17 @@ pub fn refused_ranges(symbols: &ProcessSymbols) -> Vec<RefusedRange> {
         let (s, e) = extent(symbols, r);
         out.push(RefusedRange {
             start: s,
-            // `__restore_rt` is `mov eax, 15; syscall` (9 bytes) when the
-            // library has no symbol for it.
-            end: e.max(r + 9),
+            end: e.max(r + RESTORE_RT_BYTES),
             what: SIGNAL_RETURN,
         });
     }
-    for name in LIBC_FUNCTIONS {
-        let what = if *name == "__restore_rt" {
-            SIGNAL_RETURN
+    for r in trap_path(symbols).reached() {
+        let what = if r.stopped.is_some() {
+            DYING_PATH
         } else {
-            LIBC_TRAP_PATH
+            TRAP_PATH_CALLEE
         };
-        if let Some(f) = symbols.function(name) {
-            out.push(RefusedRange {
-                start: f.start,
-                end: f.start + f.size,
-                what,
-            });
-        }
-        let c = std::ffi::CString::new(*name).expect("no NUL in a C function name");
-        // SAFETY: dlsym with RTLD_DEFAULT and a valid C string; an IFUNC is
-        // resolved to the implementation the loader selected.
-        let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c.as_ptr()) } as u64;
-        if p != 0 {
-            let (s, e) = extent(symbols, p);
-            out.push(RefusedRange {
-                start: s,
-                end: e,
-                what,
-            });
-        }
+        out.extend(r.ranges.iter().map(|&(start, end)| RefusedRange { start, end, what }));
     }
     out
 }

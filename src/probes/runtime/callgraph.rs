@@ -1,0 +1,613 @@
+//! The trap path's call graph: every piece of machine code the runtime's
+//! trap path can reach through direct calls and jumps, found by
+//! disassembling the running process's own code.
+//!
+//! # Why a walk
+//!
+//! A breakpoint in code the SIGTRAP handler runs before the registry's
+//! re-entrancy flag is up would trap again inside the trap handler, and
+//! again, until the stack overflows. Naming that code by hand (a crate
+//! prefix, a list of C functions) misses whatever the compiler decided to
+//! call out of line: a `core` generic, a `memcpy` the optimiser introduced,
+//! the implementation an IFUNC selected, a C library internal. The walk
+//! instead reads the code that will actually run.
+//!
+//! # The walk
+//!
+//! Starting from the [`Root`]s, a worklist of code addresses is drained:
+//!
+//! - **An address inside a symbol** (the ELF extents of
+//!   [`ProcessSymbols`]): the whole function is decoded linearly with
+//!   iced-x86, start to end. x86_64 compilers keep jump tables in read-only
+//!   data, not between instructions, so a linear sweep of an extent sees
+//!   every instruction, including the targets of indirect jumps within the
+//!   function (jump tables) that a control-flow walk could not follow.
+//! - **An address with no symbol** (the internals of a stripped C library,
+//!   PLT stubs): a recursive descent from that address: conditional
+//!   branches are followed both ways, an unconditional jump to its target,
+//!   a call to its callee *and* to the next instruction; a return, an
+//!   unresolvable indirect jump, a breakpoint or an undefined instruction
+//!   ends a path. What is refused is exactly the instructions decoded. Flow
+//!   that reaches a symbol's extent becomes an edge to that function.
+//! - **Edges** are the targets of direct `call`, `jmp` and `jcc` (a tail
+//!   call is a `jmp` out of the extent) and of *calls and jumps through a
+//!   pointer slot that cannot change*: a RIP-relative memory operand whose
+//!   slot lies on a read-only page (the GOT after RELRO: how Rust code calls
+//!   the C library) or in a `.got`/`.got.plt` section (a C library's PLT:
+//!   written by the loader only). The slot is read, so an IFUNC is followed
+//!   to the implementation the loader selected, never to its resolver.
+//!
+//! # Where the walk stops, and why that is safe
+//!
+//! - **Indirect calls and jumps through registers or writable memory**
+//!   (`dyn Trait` methods, `Box<dyn Fn>` handlers, function pointers) end
+//!   the walk: their targets are not in the code. The runtime names the
+//!   targets that run before the re-entrancy flag as extra roots (the live
+//!   registry's `TrapDispatcher` methods, the thread memory's `DataMemory`
+//!   methods; see `refuse.rs`). What remains behind an indirect call is
+//!   user code (probe handlers, kretprobe entry and return handlers), which
+//!   runs with the thread's re-entrancy flag set: a probe hit there is
+//!   counted missed and completed by the missed path, which *is* walked,
+//!   never recursed into. [`WalkStats`] counts these sites.
+//! - **Paths that only lead to the end of the process** ([`dying_path`]:
+//!   the panic machinery, `abort`, the runtime's own fatal-error report)
+//!   are refused at their entry but not walked into. They run at most once,
+//!   on the way to `abort`; walking them would refuse most of `std` (the
+//!   panic hook formats, allocates, captures backtraces) including `malloc`
+//!   and `core::fmt`, which are fair probe targets. The worst a probe in
+//!   them can do is turn an abort message into a crash one call deeper.
+//! - Addresses outside the process's executable mappings (the XOL area's
+//!   slots are anonymous mappings and never probed code) are skipped and
+//!   counted.
+//!
+//! # Cost
+//!
+//! One walk per process, at runtime initialisation (off the hot path; the
+//! result is cached by `refuse.rs`). It reads `/proc/self/maps` once, the
+//! code of the functions it reaches, and the section headers of an object
+//! whose GOT is writable (a lazily bound C library). [`WalkStats::elapsed`]
+//! reports the time.
+
+use std::collections::{HashMap, HashSet};
+use std::io;
+use std::time::{Duration, Instant};
+
+use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, OpKind};
+use object::{Object, ObjectSection};
+
+use super::maps::Maps;
+use crate::probes::symbols::ProcessSymbols;
+use crate::probes::text::in_process::read_text;
+
+/// Instructions one descent into code without a symbol may decode. A C
+/// library's largest stripped internal routines are a few thousand
+/// instructions; this bounds a walk that ran into data by mistake.
+const MAX_ANONYMOUS_INSNS: usize = 50_000;
+
+/// Longest x86 instruction.
+const MAX_INSN: usize = 15;
+
+/// Where a walk starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Root {
+    /// An address in the root's code (its first instruction).
+    pub addr: u64,
+    /// What it is (for reports).
+    pub what: &'static str,
+}
+
+/// One piece of code the walk reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Reached {
+    /// Its first byte: the symbol's start, or the entry the descent began at.
+    pub start: u64,
+    /// The symbol's demangled name, `None` for code without a symbol.
+    pub name: Option<String>,
+    /// The code refused for it, `[start, end)` runs: the symbol's extent, or
+    /// the instructions a descent decoded.
+    pub ranges: Vec<(u64, u64)>,
+    /// The call or jump that first reached it; `None` for a root.
+    pub via: Option<u64>,
+    /// `Some(reason)` if it is refused but was not walked into
+    /// ([`dying_path`]).
+    pub stopped: Option<&'static str>,
+}
+
+impl Reached {
+    /// Whether `addr` is in its refused code.
+    pub fn contains(&self, addr: u64) -> bool {
+        self.ranges.iter().any(|&(s, e)| s <= addr && addr < e)
+    }
+}
+
+/// What one walk did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct WalkStats {
+    /// Functions with a symbol reached (walked or stopped at).
+    pub symbols: usize,
+    /// Descents into code without a symbol.
+    pub anonymous: usize,
+    /// Functions refused but not walked into ([`dying_path`]).
+    pub stopped: usize,
+    /// Instructions decoded.
+    pub instructions: usize,
+    /// Bytes of code refused.
+    pub bytes: u64,
+    /// Calls and jumps followed through a constant pointer slot (GOT, PLT).
+    pub through_slots: usize,
+    /// Indirect calls the walk could not follow (see the module docs).
+    pub indirect_calls: usize,
+    /// Indirect jumps the walk could not follow: jump tables inside swept
+    /// functions (their targets are swept anyway) and pointer tail calls.
+    pub indirect_jumps: usize,
+    /// Edges to addresses outside every executable mapping.
+    pub outside_text: usize,
+    /// Descents cut at [`MAX_ANONYMOUS_INSNS`] (0 unless something is wrong).
+    pub truncated: usize,
+    /// Wall time of the walk.
+    pub elapsed: Duration,
+}
+
+/// The result of a walk: every piece of code reached, by start address.
+#[derive(Clone, Debug)]
+pub struct CallGraph {
+    reached: Vec<Reached>,
+    stats: WalkStats,
+}
+
+/// Why a function the trap path calls is refused but not walked into, if
+/// it is one that only leads to the end of the process (module docs):
+/// the `core`/`std`/`alloc` panic machinery and its `*_fail` helpers,
+/// allocation-failure handlers, `abort` and the C library's fatal-error
+/// reports, and the runtime's own fatal-error report.
+pub fn dying_path(name: &str) -> Option<&'static str> {
+    const PANIC: &str = "panics (the trap path's panic ends the process)";
+    const ABORT: &str = "aborts the process";
+    const FATAL: &str = "reports a fatal runtime error and aborts";
+    const UNWIND: &str = "unwinds a panic (landing pads end in it)";
+    let std_crate = ["core::", "std::", "alloc::"]
+        .iter()
+        .any(|c| name.starts_with(c));
+    if std_crate {
+        if name.starts_with("core::panicking::") || name.starts_with("std::panicking::") {
+            return Some(PANIC);
+        }
+        let last = name.rsplit("::").next().unwrap_or(name);
+        if last.starts_with("panic")
+            || last.ends_with("_fail")
+            || last.ends_with("_failed")
+            || last == "handle_alloc_error"
+            || last == "handle_error"
+            || last == "capacity_overflow"
+        {
+            return Some(PANIC);
+        }
+        if name == "std::process::abort" || name.ends_with("::abort_internal") {
+            return Some(ABORT);
+        }
+        return None;
+    }
+    match name {
+        "_Unwind_Resume" | "_Unwind_RaiseException" | "__rust_start_panic" | "rust_panic" => {
+            Some(UNWIND)
+        }
+        "abort" | "__assert_fail" | "__stack_chk_fail" | "__fortify_fail" | "__libc_fatal"
+        | "__chk_fail" => Some(ABORT),
+        n if n.starts_with("rcu_registry::probes::runtime::signal::fatal") => Some(FATAL),
+        _ => None,
+    }
+}
+
+impl CallGraph {
+    /// Walks the code reachable from `roots` (see the module docs).
+    ///
+    /// # Errors
+    /// If `/proc/self/maps` cannot be read: without the memory map the walk
+    /// cannot tell code from data.
+    pub fn walk(symbols: &ProcessSymbols, roots: &[Root]) -> io::Result<CallGraph> {
+        let started = Instant::now();
+        let mut w = Walker {
+            symbols,
+            maps: Maps::read()?,
+            got: HashMap::new(),
+            by_start: HashMap::new(),
+            decoded: HashSet::new(),
+            queue: Vec::new(),
+            out: Vec::new(),
+            stats: WalkStats::default(),
+        };
+        w.queue.extend(roots.iter().map(|r| (r.addr, None)));
+        while let Some((addr, via)) = w.queue.pop() {
+            w.visit(addr, via);
+        }
+        let mut reached = w.out;
+        reached.sort_by_key(|r| r.start);
+        let mut stats = w.stats;
+        stats.bytes = reached
+            .iter()
+            .flat_map(|r| &r.ranges)
+            .map(|&(s, e)| e - s)
+            .sum();
+        stats.elapsed = started.elapsed();
+        Ok(CallGraph { reached, stats })
+    }
+
+    /// Every piece of code reached, by start address.
+    pub fn reached(&self) -> &[Reached] {
+        &self.reached
+    }
+
+    /// What the walk did.
+    pub fn stats(&self) -> &WalkStats {
+        &self.stats
+    }
+
+    /// The reached code containing `addr`.
+    pub fn function_at(&self, addr: u64) -> Option<&Reached> {
+        let at = self.reached.partition_point(|r| r.start <= addr);
+        // Ranges of a descent may lie before its entry (a backward branch):
+        // look at every candidate, nearest first, for those.
+        self.reached[..at]
+            .iter()
+            .rev()
+            .find(|r| r.contains(addr))
+            .or_else(|| self.reached[at..].iter().find(|r| r.contains(addr)))
+    }
+
+    /// The chain of calls that reached `addr`'s code, innermost first, as
+    /// `(call site, function start)`: how the trap path gets there.
+    pub fn path_to(&self, addr: u64) -> Vec<(Option<u64>, u64)> {
+        let mut out = Vec::new();
+        let mut at = self.function_at(addr);
+        while let Some(r) = at {
+            if out.iter().any(|&(_, s)| s == r.start) {
+                break;
+            }
+            out.push((r.via, r.start));
+            at = r.via.and_then(|site| self.function_at(site));
+        }
+        out
+    }
+}
+
+struct Walker<'a> {
+    symbols: &'a ProcessSymbols,
+    maps: Maps,
+    /// `.got`/`.got.plt` extents per object (keyed by load bias), loaded on
+    /// first need.
+    got: HashMap<u64, Vec<(u64, u64)>>,
+    /// Symbol start to index in `out`.
+    by_start: HashMap<u64, usize>,
+    /// Instruction starts decoded by descents (code without a symbol).
+    decoded: HashSet<u64>,
+    queue: Vec<(u64, Option<u64>)>,
+    out: Vec<Reached>,
+    stats: WalkStats,
+}
+
+impl Walker<'_> {
+    /// The end of the executable mapping holding `addr`.
+    fn text_end(&self, addr: u64) -> Option<u64> {
+        let m = self.maps.find(addr)?;
+        let rx = libc::PROT_READ | libc::PROT_EXEC;
+        (m.prot & rx == rx).then_some(m.end)
+    }
+
+    fn visit(&mut self, addr: u64, via: Option<u64>) {
+        let Some(text_end) = self.text_end(addr) else {
+            self.stats.outside_text += 1;
+            return;
+        };
+        match self.symbols.function_at(addr) {
+            Some(f) => {
+                if self.by_start.contains_key(&f.start) {
+                    return;
+                }
+                let (start, end) = (f.start, (f.start + f.size).min(text_end.max(f.start)));
+                let stopped = dying_path(&f.name);
+                self.by_start.insert(start, self.out.len());
+                self.out.push(Reached {
+                    start,
+                    name: Some(f.name.clone()),
+                    ranges: vec![(start, end)],
+                    via,
+                    stopped,
+                });
+                self.stats.symbols += 1;
+                if stopped.is_some() {
+                    self.stats.stopped += 1;
+                } else {
+                    self.sweep(start, end);
+                }
+            }
+            None => {
+                if !self.decoded.contains(&addr) {
+                    self.descend(addr, via);
+                }
+            }
+        }
+    }
+
+    /// Decodes `[start, end)` linearly and queues every edge out of it.
+    fn sweep(&mut self, start: u64, end: u64) {
+        let mut bytes = vec![0u8; (end - start) as usize];
+        if read_text(start, &mut bytes).is_err() {
+            return;
+        }
+        let mut decoder = Decoder::with_ip(64, &bytes, start, DecoderOptions::NONE);
+        let mut insn = Instruction::default();
+        while decoder.can_decode() {
+            decoder.decode_out(&mut insn);
+            self.stats.instructions += 1;
+            if insn.is_invalid() {
+                continue;
+            }
+            match insn.flow_control() {
+                FlowControl::Call
+                | FlowControl::UnconditionalBranch
+                | FlowControl::ConditionalBranch => {
+                    if let Some(t) = near_target(&insn) {
+                        if !(start..end).contains(&t) {
+                            self.queue.push((t, Some(insn.ip())));
+                        }
+                    }
+                }
+                FlowControl::IndirectCall | FlowControl::IndirectBranch => {
+                    self.indirect(&insn);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Follows an indirect call or jump through a constant slot, or counts
+    /// it as unresolved.
+    fn indirect(&mut self, insn: &Instruction) {
+        if let Some(t) = self.slot_target(insn) {
+            self.stats.through_slots += 1;
+            self.queue.push((t, Some(insn.ip())));
+        } else if insn.flow_control() == FlowControl::IndirectCall {
+            self.stats.indirect_calls += 1;
+        } else {
+            self.stats.indirect_jumps += 1;
+        }
+    }
+
+    /// The pointer a `call`/`jmp qword ptr [rip + disp]` reads, if its slot
+    /// cannot change (module docs).
+    fn slot_target(&mut self, insn: &Instruction) -> Option<u64> {
+        if insn.op0_kind() != OpKind::Memory || !insn.is_ip_rel_memory_operand() {
+            return None;
+        }
+        let slot = insn.ip_rel_memory_address();
+        let m = self.maps.find(slot)?;
+        if m.prot & libc::PROT_READ == 0 {
+            return None;
+        }
+        if m.prot & libc::PROT_WRITE != 0 && !self.in_got(slot) {
+            return None;
+        }
+        let mut word = [0u8; 8];
+        read_text(slot, &mut word).ok()?;
+        Some(u64::from_le_bytes(word))
+    }
+
+    /// Whether `slot` is in a `.got` or `.got.plt` section of the object
+    /// mapped around it (the loaded object with the greatest load bias not
+    /// above it).
+    #[cold]
+    fn in_got(&mut self, slot: u64) -> bool {
+        let Some((path, bias)) = self
+            .symbols
+            .objects()
+            .iter()
+            .filter(|(_, bias)| *bias <= slot)
+            .max_by_key(|(_, bias)| *bias)
+            .cloned()
+        else {
+            return false;
+        };
+        let sections = self
+            .got
+            .entry(bias)
+            .or_insert_with(|| got_sections(&path, bias).unwrap_or_default());
+        sections.iter().any(|&(s, e)| s <= slot && slot < e)
+    }
+
+    /// Recursive descent into code without a symbol, from `entry`.
+    fn descend(&mut self, entry: u64, via: Option<u64>) {
+        self.stats.anonymous += 1;
+        let mut ranges: Vec<(u64, u64)> = Vec::new();
+        let mut paths = vec![entry];
+        let mut budget = MAX_ANONYMOUS_INSNS;
+        'paths: while let Some(mut at) = paths.pop() {
+            loop {
+                if self.decoded.contains(&at) {
+                    continue 'paths;
+                }
+                if self.symbols.function_at(at).is_some() {
+                    // Flowed into a function with a symbol: an edge.
+                    self.queue.push((at, ranges.last().map(|&(s, _)| s).or(via)));
+                    continue 'paths;
+                }
+                let Some(text_end) = self.text_end(at) else {
+                    self.stats.outside_text += 1;
+                    continue 'paths;
+                };
+                if budget == 0 {
+                    self.stats.truncated += 1;
+                    break 'paths;
+                }
+                budget -= 1;
+                let mut buf = [0u8; MAX_INSN];
+                let n = MAX_INSN.min((text_end - at) as usize);
+                if read_text(at, &mut buf[..n]).is_err() {
+                    continue 'paths;
+                }
+                let mut decoder = Decoder::with_ip(64, &buf[..n], at, DecoderOptions::NONE);
+                let insn = decoder.decode();
+                self.stats.instructions += 1;
+                if insn.is_invalid() {
+                    continue 'paths;
+                }
+                self.decoded.insert(at);
+                ranges.push((at, insn.next_ip()));
+                match insn.flow_control() {
+                    FlowControl::Next => {}
+                    FlowControl::Call => {
+                        if let Some(t) = near_target(&insn) {
+                            self.queue.push((t, Some(at)));
+                        }
+                    }
+                    FlowControl::IndirectCall => {
+                        self.indirect(&insn);
+                    }
+                    FlowControl::ConditionalBranch => {
+                        if let Some(t) = near_target(&insn) {
+                            paths.push(t);
+                        }
+                    }
+                    FlowControl::UnconditionalBranch => match near_target(&insn) {
+                        Some(t) => {
+                            at = t;
+                            continue;
+                        }
+                        None => continue 'paths,
+                    },
+                    FlowControl::IndirectBranch => {
+                        // A PLT stub's `jmp [GOT]` is followed as an edge;
+                        // either way this path ends here.
+                        self.indirect(&insn);
+                        continue 'paths;
+                    }
+                    FlowControl::Interrupt if is_system_call(&insn) => {}
+                    FlowControl::Return
+                    | FlowControl::Interrupt
+                    | FlowControl::Exception
+                    | FlowControl::XbeginXabortXend => continue 'paths,
+                }
+                at = insn.next_ip();
+            }
+        }
+        if ranges.is_empty() {
+            return;
+        }
+        self.out.push(Reached {
+            start: entry,
+            name: None,
+            ranges: merge(ranges),
+            via,
+            stopped: None,
+        });
+    }
+}
+
+/// The target of a direct near branch or call.
+fn near_target(insn: &Instruction) -> Option<u64> {
+    matches!(
+        insn.op0_kind(),
+        OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
+    )
+    .then(|| insn.near_branch_target())
+}
+
+/// `syscall`/`sysenter`: the kernel returns to the next instruction
+/// (`rt_sigreturn`'s does not, which only adds the few bytes after it).
+fn is_system_call(insn: &Instruction) -> bool {
+    matches!(insn.code(), Code::Syscall | Code::Sysenter)
+}
+
+/// Sorted, merged runs of `ranges`.
+fn merge(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    ranges.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges {
+        match out.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
+/// The run-time extents of an object's `.got` and `.got.plt` sections.
+#[cold]
+fn got_sections(path: &str, bias: u64) -> io::Result<Vec<(u64, u64)>> {
+    let data = std::fs::read(path)?;
+    let file = object::File::parse(&*data)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(file
+        .sections()
+        .filter(|s| matches!(s.name(), Ok(".got" | ".got.plt")))
+        .map(|s| {
+            let start = s.address().wrapping_add(bias);
+            (start, start + s.size())
+        })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_panic_machinery_and_abort_are_dying_paths_and_ordinary_code_is_not() {
+        for name in [
+            "core::panicking::panic_fmt",
+            "core::panicking::panic_const::panic_const_add_overflow",
+            "std::panicking::begin_panic::{{closure}}",
+            "core::slice::index::slice_end_index_len_fail",
+            "core::result::unwrap_failed",
+            "core::option::expect_failed",
+            "core::cell::panic_already_borrowed",
+            "alloc::alloc::handle_alloc_error",
+            "abort",
+            "_Unwind_Resume",
+            "rcu_registry::probes::runtime::signal::fatal_message",
+        ] {
+            assert!(dying_path(name).is_some(), "{name}");
+        }
+        for name in [
+            "core::fmt::write",
+            "memcpy",
+            "malloc",
+            "std::sys::pal::unix::thread_local::key::racy::LazyKey::lazy_init",
+            "rcu_registry::rcu::Rcu::read",
+            "rcu_registry::probes::runtime::signal::handle_sigtrap",
+        ] {
+            assert_eq!(dying_path(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn overlapping_and_touching_runs_merge() {
+        assert_eq!(
+            merge(vec![(10, 12), (0, 4), (4, 6), (11, 15), (20, 21)]),
+            vec![(0, 6), (10, 15), (20, 21)]
+        );
+    }
+
+    #[inline(never)]
+    fn leaf(x: u64) -> u64 {
+        std::hint::black_box(x) ^ 0x5a
+    }
+
+    #[inline(never)]
+    fn caller(x: u64) -> u64 {
+        leaf(std::hint::black_box(x)).wrapping_add(1)
+    }
+
+    #[test]
+    fn a_walk_reaches_a_directly_called_function_and_records_the_call() {
+        let symbols = ProcessSymbols::load().unwrap();
+        let root = caller as fn(u64) -> u64 as usize as u64;
+        let leaf_at = leaf as fn(u64) -> u64 as usize as u64;
+        let g = CallGraph::walk(&symbols, &[Root { addr: root, what: "test" }]).unwrap();
+        let r = g.function_at(leaf_at).expect("the callee is reached");
+        assert_eq!(r.start, leaf_at);
+        let site = r.via.expect("reached through a call");
+        assert!(g.function_at(site).is_some_and(|c| c.start == root));
+        assert_eq!(g.path_to(leaf_at), vec![(Some(site), leaf_at), (None, root)]);
+        assert_eq!(caller(1), (1 ^ 0x5a) + 1);
+    }
+}
