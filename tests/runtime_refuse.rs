@@ -286,6 +286,17 @@ fn the_runtime_reports_what_its_walk_cost() {
     let graph = refuse::trap_path(live.symbols());
     let s = graph.stats();
     println!("trap path walk: {s:#?}");
+    let exe = &live.symbols().objects()[0].0;
+    let mut libs: Vec<&str> = graph
+        .reached()
+        .iter()
+        .filter_map(|r| live.symbols().function_at(r.start))
+        .filter(|f| &f.object != exe)
+        .map(|f| f.name.as_str())
+        .collect();
+    libs.sort_unstable();
+    libs.dedup();
+    println!("exported library functions refused: {libs:?}");
     assert_eq!(s.truncated, 0, "a descent ran away: {s:?}");
     assert!(s.symbols > 0 && s.instructions > 0 && s.bytes > 0);
     assert_eq!(

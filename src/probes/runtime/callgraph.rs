@@ -28,7 +28,10 @@
 //!   a call to its callee *and* to the next instruction; a return, an
 //!   unresolvable indirect jump, a breakpoint or an undefined instruction
 //!   ends a path. What is refused is exactly the instructions decoded. Flow
-//!   that reaches a symbol's extent becomes an edge to that function.
+//!   that reaches a symbol's extent becomes an edge to that function. A path
+//!   never *falls through* into a function start listed in the unwind index
+//!   (`fde_starts.rs`): that is what follows a call to a `noreturn` function
+//!   in code without symbols, not code the call returns to.
 //! - **Edges** are the targets of direct `call`, `jmp` and `jcc` (a tail
 //!   call is a `jmp` out of the extent) and of *calls and jumps through a
 //!   pointer slot that cannot change*: a RIP-relative memory operand whose
@@ -76,6 +79,8 @@ use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, OpKind};
 use object::{Object, ObjectSection};
 
 use super::maps::Maps;
+
+mod fde_starts;
 use crate::probes::symbols::ProcessSymbols;
 use crate::probes::text::in_process::read_text;
 
@@ -142,6 +147,9 @@ pub struct WalkStats {
     pub indirect_jumps: usize,
     /// Edges to addresses outside every executable mapping.
     pub outside_text: usize,
+    /// Paths in code without a symbol that would have fallen through into
+    /// the next function (after a `noreturn` call) and were ended there.
+    pub fallthrough_stops: usize,
     /// Descents cut at [`MAX_ANONYMOUS_INSNS`] (0 unless something is wrong).
     pub truncated: usize,
     /// Wall time of the walk.
@@ -209,6 +217,7 @@ impl CallGraph {
         let mut w = Walker {
             symbols,
             maps: Maps::read()?,
+            starts: fde_starts::fde_starts(),
             got: HashMap::new(),
             by_start: HashMap::new(),
             decoded: HashSet::new(),
@@ -273,6 +282,8 @@ impl CallGraph {
 struct Walker<'a> {
     symbols: &'a ProcessSymbols,
     maps: Maps,
+    /// Function starts from the unwind index, sorted.
+    starts: Vec<u64>,
     /// `.got`/`.got.plt` extents per object (keyed by load bias), loaded on
     /// first need.
     got: HashMap<u64, Vec<(u64, u64)>>,
@@ -421,8 +432,15 @@ impl Walker<'_> {
         let mut paths = vec![entry];
         let mut budget = MAX_ANONYMOUS_INSNS;
         'paths: while let Some(mut at) = paths.pop() {
+            // Whether `at` follows the previous instruction in memory (as
+            // opposed to being a branch target).
+            let mut fell_through = false;
             loop {
                 if self.decoded.contains(&at) {
+                    continue 'paths;
+                }
+                if fell_through && self.starts.binary_search(&at).is_ok() {
+                    self.stats.fallthrough_stops += 1;
                     continue 'paths;
                 }
                 if self.symbols.function_at(at).is_some() {
@@ -470,6 +488,7 @@ impl Walker<'_> {
                     FlowControl::UnconditionalBranch => match near_target(&insn) {
                         Some(t) => {
                             at = t;
+                            fell_through = false;
                             continue;
                         }
                         None => continue 'paths,
@@ -487,6 +506,7 @@ impl Walker<'_> {
                     | FlowControl::XbeginXabortXend => continue 'paths,
                 }
                 at = insn.next_ip();
+                fell_through = true;
             }
         }
         if ranges.is_empty() {
