@@ -49,7 +49,12 @@ fn installed_handler() -> u64 {
 /// by name.
 fn roots(symbols: &ProcessSymbols) -> Vec<u64> {
     let listed = refuse::trap_path_roots();
-    let name = |a: u64| symbols.function_at(a).map(|f| f.name.clone()).unwrap_or_default();
+    let name = |a: u64| {
+        symbols
+            .function_at(a)
+            .map(|f| f.name.clone())
+            .unwrap_or_default()
+    };
     let names: Vec<String> = listed.iter().map(|r| name(r.addr)).collect();
     for wanted in [
         "TrapDispatcher for rcu_registry::probes::kprobe::registry::KprobeRegistry<A,T>>::on_breakpoint",
@@ -216,12 +221,7 @@ fn every_function_the_trap_path_reaches_is_refused_at_its_entry_and_left_unchang
                 chain(&found, f.start)
             ),
         }
-        assert_eq!(
-            code(f.start, f.size.min(32) as usize),
-            before,
-            "{}",
-            f.name
-        );
+        assert_eq!(code(f.start, f.size.min(32) as usize), before, "{}", f.name);
         assert!(!p.is_registered());
     }
     reg.commit();
@@ -306,7 +306,10 @@ fn the_runtime_reports_what_its_walk_cost() {
     );
     // The walk went through the GOT into the C library: `getpid` (the text
     // reader's process_vm_readv path) is reached at its implementation.
-    let getpid = live.symbols().function("getpid").expect("libc exports getpid");
+    let getpid = live
+        .symbols()
+        .function("getpid")
+        .expect("libc exports getpid");
     assert!(
         graph.function_at(getpid.start).is_some(),
         "the walk did not follow the GOT into the C library"
@@ -325,7 +328,10 @@ fn ordinary_functions_are_still_accepted_and_probed() {
     let reg = live.registry();
     let graph = refuse::trap_path(live.symbols());
     let hits = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    for at in [addr(rtp_add1), ordinary_function as *const () as usize as u64] {
+    for at in [
+        addr(rtp_add1),
+        ordinary_function as *const () as usize as u64,
+    ] {
         assert!(graph.function_at(at).is_none());
         assert!(reg.text().refused_at(at, 1).is_none());
         let h = std::sync::Arc::clone(&hits);

@@ -445,7 +445,8 @@ impl Walker<'_> {
                 }
                 if self.symbols.function_at(at).is_some() {
                     // Flowed into a function with a symbol: an edge.
-                    self.queue.push((at, ranges.last().map(|&(s, _)| s).or(via)));
+                    self.queue
+                        .push((at, ranges.last().map(|&(s, _)| s).or(via)));
                     continue 'paths;
                 }
                 let Some(text_end) = self.text_end(at) else {
@@ -554,8 +555,8 @@ fn merge(mut ranges: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
 #[cold]
 fn got_sections(path: &str, bias: u64) -> io::Result<Vec<(u64, u64)>> {
     let data = std::fs::read(path)?;
-    let file = object::File::parse(&*data)
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    let file =
+        object::File::parse(&*data).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
     Ok(file
         .sections()
         .filter(|s| matches!(s.name(), Ok(".got" | ".got.plt")))
@@ -622,12 +623,22 @@ mod tests {
         let symbols = ProcessSymbols::load().unwrap();
         let root = caller as fn(u64) -> u64 as usize as u64;
         let leaf_at = leaf as fn(u64) -> u64 as usize as u64;
-        let g = CallGraph::walk(&symbols, &[Root { addr: root, what: "test" }]).unwrap();
+        let g = CallGraph::walk(
+            &symbols,
+            &[Root {
+                addr: root,
+                what: "test",
+            }],
+        )
+        .unwrap();
         let r = g.function_at(leaf_at).expect("the callee is reached");
         assert_eq!(r.start, leaf_at);
         let site = r.via.expect("reached through a call");
         assert!(g.function_at(site).is_some_and(|c| c.start == root));
-        assert_eq!(g.path_to(leaf_at), vec![(Some(site), leaf_at), (None, root)]);
+        assert_eq!(
+            g.path_to(leaf_at),
+            vec![(Some(site), leaf_at), (None, root)]
+        );
         assert_eq!(caller(1), (1 ^ 0x5a) + 1);
     }
 }

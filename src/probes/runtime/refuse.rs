@@ -228,7 +228,11 @@ pub fn refused_ranges(symbols: &ProcessSymbols) -> Vec<RefusedRange> {
         } else {
             TRAP_PATH_CALLEE
         };
-        out.extend(r.ranges.iter().map(|&(start, end)| RefusedRange { start, end, what }));
+        out.extend(
+            r.ranges
+                .iter()
+                .map(|&(start, end)| RefusedRange { start, end, what }),
+        );
     }
     out
 }

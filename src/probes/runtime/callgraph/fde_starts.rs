@@ -98,12 +98,7 @@ pub(super) fn fde_starts() -> Vec<u64> {
     let mut headers: Vec<u64> = Vec::new();
     // SAFETY: the callback matches dl_iterate_phdr's signature and only
     // touches `headers` through the pointer we pass.
-    unsafe {
-        libc::dl_iterate_phdr(
-            Some(collect_header),
-            (&mut headers as *mut Vec<u64>).cast(),
-        )
-    };
+    unsafe { libc::dl_iterate_phdr(Some(collect_header), (&mut headers as *mut Vec<u64>).cast()) };
     let mut starts = Vec::new();
     for h in headers {
         starts_in(h, &mut starts);
