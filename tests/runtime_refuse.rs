@@ -297,6 +297,17 @@ fn the_runtime_reports_what_its_walk_cost() {
     libs.sort_unstable();
     libs.dedup();
     println!("exported library functions refused: {libs:?}");
+    let mut callers: Vec<String> = graph
+        .indirect_calls()
+        .iter()
+        .map(|&site| {
+            live.symbols()
+                .function_at(site)
+                .map_or_else(|| "(no symbol)".to_string(), |f| f.name.clone())
+        })
+        .collect();
+    callers.dedup();
+    println!("indirect calls the walk stops at, by function: {callers:#?}");
     assert_eq!(s.truncated, 0, "a descent ran away: {s:?}");
     assert!(s.symbols > 0 && s.instructions > 0 && s.bytes > 0);
     assert_eq!(

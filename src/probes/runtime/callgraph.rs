@@ -87,7 +87,7 @@ use crate::probes::text::in_process::read_text;
 /// Instructions one descent into code without a symbol may decode. A C
 /// library's largest stripped internal routines are a few thousand
 /// instructions; this bounds a walk that ran into data by mistake.
-const MAX_ANONYMOUS_INSNS: usize = 50_000;
+pub const MAX_ANONYMOUS_INSNS: usize = 50_000;
 
 /// Longest x86 instruction.
 const MAX_INSN: usize = 15;
@@ -160,6 +160,7 @@ pub struct WalkStats {
 #[derive(Clone, Debug)]
 pub struct CallGraph {
     reached: Vec<Reached>,
+    indirect_calls: Vec<u64>,
     stats: WalkStats,
 }
 
@@ -223,6 +224,7 @@ impl CallGraph {
             decoded: HashSet::new(),
             queue: Vec::new(),
             out: Vec::new(),
+            indirect_calls: Vec::new(),
             stats: WalkStats::default(),
         };
         w.queue.extend(roots.iter().map(|r| (r.addr, None)));
@@ -238,12 +240,24 @@ impl CallGraph {
             .map(|&(s, e)| e - s)
             .sum();
         stats.elapsed = started.elapsed();
-        Ok(CallGraph { reached, stats })
+        let mut indirect_calls = w.indirect_calls;
+        indirect_calls.sort_unstable();
+        Ok(CallGraph {
+            reached,
+            indirect_calls,
+            stats,
+        })
     }
 
     /// Every piece of code reached, by start address.
     pub fn reached(&self) -> &[Reached] {
         &self.reached
+    }
+
+    /// The addresses of the indirect calls the walk could not follow
+    /// (module docs: where the walk stops), sorted.
+    pub fn indirect_calls(&self) -> &[u64] {
+        &self.indirect_calls
     }
 
     /// What the walk did.
@@ -293,6 +307,7 @@ struct Walker<'a> {
     decoded: HashSet<u64>,
     queue: Vec<(u64, Option<u64>)>,
     out: Vec<Reached>,
+    indirect_calls: Vec<u64>,
     stats: WalkStats,
 }
 
@@ -379,6 +394,7 @@ impl Walker<'_> {
             self.queue.push((t, Some(insn.ip())));
         } else if insn.flow_control() == FlowControl::IndirectCall {
             self.stats.indirect_calls += 1;
+            self.indirect_calls.push(insn.ip());
         } else {
             self.stats.indirect_jumps += 1;
         }

@@ -77,6 +77,22 @@
 //!   routine): the table's targets are then not refused.
 //! - Breakpoints already in the code when the walk runs (someone else's)
 //!   would derail the decoder at their address.
+//! - The walk is static: it refuses what the code *can* call, not what it
+//!   does call. The missed path drops a `ProbeError` returned by a text
+//!   read, and that enum's drop glue can free a heap-owning variant the read
+//!   never builds; so `free` is reachable and refused, and with it what the
+//!   C library's `free` can call (tcache set-up, `calloc`, `sbrk`, `mmap`,
+//!   `munmap`, `mprotect`, `madvise`). `malloc` itself is not refused.
+//! - Libraries loaded after the walk (`dlopen`) are not walked: the trap
+//!   path never calls into them.
+//!
+//! # What it costs
+//!
+//! Measured on the release build of `tests/runtime_refuse.rs` (2-core
+//! machine): 77 functions with symbols and 47 descents into C library code
+//! without symbols, 9.3k instructions decoded, 40 KB refused, about 6 ms,
+//! once per process. The debug build (out-of-line `core` generics) reaches
+//! a few hundred functions in tens of milliseconds.
 
 use std::sync::OnceLock;
 
