@@ -39,6 +39,13 @@
 //!   the C library) or in a `.got`/`.got.plt` section (a C library's PLT:
 //!   written by the loader only). The slot is read, so an IFUNC is followed
 //!   to the implementation the loader selected, never to its resolver.
+//! - **Code addresses put in a register** count as calls: `lea reg,
+//!   [rip + f]` (a function pointer made here) and `mov reg, [rip + slot]`
+//!   from a constant slot (LLVM hoists a GOT load out of a loop and then
+//!   calls through the register, as the spin lock's back-off does with
+//!   `sched_yield`). The later `call reg` cannot be resolved, the address
+//!   can; following it may refuse a function that is only passed around,
+//!   never one that is called.
 //!
 //! # Where the walk stops, and why that is safe
 //!
@@ -75,7 +82,9 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::time::{Duration, Instant};
 
-use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction, OpKind};
+use iced_x86::{
+    Code, Decoder, DecoderOptions, FlowControl, Instruction, MemorySize, Mnemonic, OpKind,
+};
 use object::{Object, ObjectSection};
 
 use super::maps::Maps;
@@ -140,6 +149,10 @@ pub struct WalkStats {
     pub bytes: u64,
     /// Calls and jumps followed through a constant pointer slot (GOT, PLT).
     pub through_slots: usize,
+    /// Code addresses taken in walked code (`lea reg, [rip + f]`, or a
+    /// function pointer loaded from a constant slot into a register, as
+    /// LLVM does to hoist a GOT load out of a loop): followed as calls.
+    pub addresses_taken: usize,
     /// Indirect calls the walk could not follow (see the module docs).
     pub indirect_calls: usize,
     /// Indirect jumps the walk could not follow: jump tables inside swept
@@ -381,9 +394,40 @@ impl Walker<'_> {
                 FlowControl::IndirectCall | FlowControl::IndirectBranch => {
                     self.indirect(&insn);
                 }
+                FlowControl::Next => {
+                    if let Some(t) = self.address_taken(&insn) {
+                        if !(start..end).contains(&t) {
+                            self.queue.push((t, Some(insn.ip())));
+                        }
+                    }
+                }
                 _ => {}
             }
         }
+    }
+
+    /// The code address an ordinary instruction puts in a register, if any:
+    /// `lea reg, [rip + code]`, or `mov reg, [rip + slot]` from a constant
+    /// slot that holds a code address. Either may be called later through
+    /// the register, which the walk cannot see; following the address as if
+    /// it were called errs on the side of refusing.
+    fn address_taken(&mut self, insn: &Instruction) -> Option<u64> {
+        if insn.op0_kind() != OpKind::Register
+            || insn.op1_kind() != OpKind::Memory
+            || !insn.is_ip_rel_memory_operand()
+        {
+            return None;
+        }
+        let t = match insn.mnemonic() {
+            Mnemonic::Lea => insn.ip_rel_memory_address(),
+            Mnemonic::Mov if insn.memory_size() == MemorySize::UInt64 => {
+                self.constant_slot(insn.ip_rel_memory_address())?
+            }
+            _ => return None,
+        };
+        self.text_end(t)?;
+        self.stats.addresses_taken += 1;
+        Some(t)
     }
 
     /// Follows an indirect call or jump through a constant slot, or counts
@@ -406,7 +450,11 @@ impl Walker<'_> {
         if insn.op0_kind() != OpKind::Memory || !insn.is_ip_rel_memory_operand() {
             return None;
         }
-        let slot = insn.ip_rel_memory_address();
+        self.constant_slot(insn.ip_rel_memory_address())
+    }
+
+    /// The pointer in `slot`, if the slot cannot change (module docs).
+    fn constant_slot(&mut self, slot: u64) -> Option<u64> {
         let m = self.maps.find(slot)?;
         if m.prot & libc::PROT_READ == 0 {
             return None;
@@ -488,7 +536,11 @@ impl Walker<'_> {
                 self.decoded.insert(at);
                 ranges.push((at, insn.next_ip()));
                 match insn.flow_control() {
-                    FlowControl::Next => {}
+                    FlowControl::Next => {
+                        if let Some(t) = self.address_taken(&insn) {
+                            self.queue.push((t, Some(at)));
+                        }
+                    }
                     FlowControl::Call => {
                         if let Some(t) = near_target(&insn) {
                             self.queue.push((t, Some(at)));
