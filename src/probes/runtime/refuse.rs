@@ -94,7 +94,7 @@
 //! decoded, 50 KB refused, 14 to 30 ms (reading `/proc/self/maps`, the
 //! unwind index and the C library's section headers included), once per
 //! process. The debug build (out-of-line `core` generics) reaches about
-//! 220 functions with symbols.
+//! 490 functions with symbols, 100 KB, in about 40 ms.
 
 use std::sync::OnceLock;
 
