@@ -54,14 +54,32 @@
 //!
 //! # What is not refused, and why that is safe
 //!
-//! - Code behind an indirect call other than the two above: user probe
-//!   handlers and kretprobe entry/return handlers (`Box<dyn Fn>`). They run
-//!   with the thread's re-entrancy flag set, so a probe hit there, or in
-//!   anything they call, is counted missed and completed by the missed path
-//!   (which is walked), never recursed into.
-//! - Code past a dying path's entry (the panic hook, formatting,
-//!   allocation, backtraces): it runs at most once, on the way to `abort`.
-//! - Trap dispatchers other than the live registry (a test's own attached
+//! The walk stops at every indirect call it cannot resolve
+//! ([`CallGraph::indirect_calls`] lists them; `tests/runtime_refuse.rs`
+//! prints them by function). In this crate's trap path they are:
+//!
+//! - the dispatcher table's and the thread memory's `dyn` calls, whose
+//!   targets are roots (above);
+//! - user probe handlers and kretprobe entry/return handlers
+//!   (`Box<dyn Fn>`, `dyn ReturnProbe`). They run with the thread's
+//!   re-entrancy flag set, so a probe hit there, or in anything they call,
+//!   is counted missed and completed by the missed path (which is walked),
+//!   never recursed into;
+//! - the previous SIGTRAP handler, chained to for a trap that is not ours:
+//!   foreign code, which a probe may hit once (the nested trap is ours and
+//!   is not chained again);
+//! - the spin lock's back-off calling `sched_yield` through a register
+//!   (after the flag; the walk follows the loaded address anyway);
+//! - drop glue of `std::io::Error`'s boxed custom error, which the text
+//!   reader never builds (it makes OS errors only);
+//! - `OnceLock` initialisers behind `Rcu::global`, run by
+//!   [`install`](super::install) before the handler exists.
+//!
+//! Also not refused:
+//!
+//! - code past a dying path's entry (the panic hook, formatting,
+//!   allocation, backtraces): it runs at most once, on the way to `abort`;
+//! - trap dispatchers other than the live registry (a test's own attached
 //!   with [`attach`](super::attach)): their methods are reached through the
 //!   dispatcher table's `dyn` call and are not roots.
 //!
