@@ -55,10 +55,11 @@
 //!   targets that run before the re-entrancy flag as extra roots (the live
 //!   registry's `TrapDispatcher` methods, the thread memory's `DataMemory`
 //!   methods; see `refuse.rs`). What remains behind an indirect call is
-//!   user code (probe handlers, kretprobe entry and return handlers), which
-//!   runs with the thread's re-entrancy flag set: a probe hit there is
-//!   counted missed and completed by the missed path, which *is* walked,
-//!   never recursed into. [`WalkStats`] counts these sites.
+//!   mostly user code (probe handlers, kretprobe entry and return
+//!   handlers), which runs with the thread's re-entrancy flag set: a probe
+//!   hit there is counted missed and completed by the missed path, which
+//!   *is* walked, never recursed into. [`CallGraph::indirect_calls`] lists
+//!   the sites; `refuse.rs` says why each one in the trap path is safe.
 //! - **Paths that only lead to the end of the process** ([`dying_path`]:
 //!   the panic machinery, `abort`, the runtime's own fatal-error report)
 //!   are refused at their entry but not walked into. They run at most once,
@@ -82,16 +83,18 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::time::{Duration, Instant};
 
-use iced_x86::{
-    Code, Decoder, DecoderOptions, FlowControl, Instruction, MemorySize, Mnemonic, OpKind,
-};
+use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, MemorySize, Mnemonic, OpKind};
 use object::{Object, ObjectSection};
 
 use super::maps::Maps;
 
+mod descend;
+mod dying;
 mod fde_starts;
+
 use crate::probes::symbols::ProcessSymbols;
 use crate::probes::text::in_process::read_text;
+pub use dying::dying_path;
 
 /// Instructions one descent into code without a symbol may decode. A C
 /// library's largest stripped internal routines are a few thousand
@@ -175,49 +178,6 @@ pub struct CallGraph {
     reached: Vec<Reached>,
     indirect_calls: Vec<u64>,
     stats: WalkStats,
-}
-
-/// Why a function the trap path calls is refused but not walked into, if
-/// it is one that only leads to the end of the process (module docs):
-/// the `core`/`std`/`alloc` panic machinery and its `*_fail` helpers,
-/// allocation-failure handlers, `abort` and the C library's fatal-error
-/// reports, and the runtime's own fatal-error report.
-pub fn dying_path(name: &str) -> Option<&'static str> {
-    const PANIC: &str = "panics (the trap path's panic ends the process)";
-    const ABORT: &str = "aborts the process";
-    const FATAL: &str = "reports a fatal runtime error and aborts";
-    const UNWIND: &str = "unwinds a panic (landing pads end in it)";
-    let std_crate = ["core::", "std::", "alloc::"]
-        .iter()
-        .any(|c| name.starts_with(c));
-    if std_crate {
-        if name.starts_with("core::panicking::") || name.starts_with("std::panicking::") {
-            return Some(PANIC);
-        }
-        let last = name.rsplit("::").next().unwrap_or(name);
-        if last.starts_with("panic")
-            || last.ends_with("_fail")
-            || last.ends_with("_failed")
-            || last == "handle_alloc_error"
-            || last == "handle_error"
-            || last == "capacity_overflow"
-        {
-            return Some(PANIC);
-        }
-        if name == "std::process::abort" || name.ends_with("::abort_internal") {
-            return Some(ABORT);
-        }
-        return None;
-    }
-    match name {
-        "_Unwind_Resume" | "_Unwind_RaiseException" | "__rust_start_panic" | "rust_panic" => {
-            Some(UNWIND)
-        }
-        "abort" | "__assert_fail" | "__stack_chk_fail" | "__fortify_fail" | "__libc_fatal"
-        | "__chk_fail" => Some(ABORT),
-        n if n.starts_with("rcu_registry::probes::runtime::signal::fatal") => Some(FATAL),
-        _ => None,
-    }
 }
 
 impl CallGraph {
@@ -488,107 +448,6 @@ impl Walker<'_> {
             .or_insert_with(|| got_sections(&path, bias).unwrap_or_default());
         sections.iter().any(|&(s, e)| s <= slot && slot < e)
     }
-
-    /// Recursive descent into code without a symbol, from `entry`.
-    fn descend(&mut self, entry: u64, via: Option<u64>) {
-        self.stats.anonymous += 1;
-        let mut ranges: Vec<(u64, u64)> = Vec::new();
-        let mut paths = vec![entry];
-        let mut budget = MAX_ANONYMOUS_INSNS;
-        'paths: while let Some(mut at) = paths.pop() {
-            // Whether `at` follows the previous instruction in memory (as
-            // opposed to being a branch target).
-            let mut fell_through = false;
-            loop {
-                if self.decoded.contains(&at) {
-                    continue 'paths;
-                }
-                if fell_through && self.starts.binary_search(&at).is_ok() {
-                    self.stats.fallthrough_stops += 1;
-                    continue 'paths;
-                }
-                if self.symbols.function_at(at).is_some() {
-                    // Flowed into a function with a symbol: an edge.
-                    self.queue
-                        .push((at, ranges.last().map(|&(s, _)| s).or(via)));
-                    continue 'paths;
-                }
-                let Some(text_end) = self.text_end(at) else {
-                    self.stats.outside_text += 1;
-                    continue 'paths;
-                };
-                if budget == 0 {
-                    self.stats.truncated += 1;
-                    break 'paths;
-                }
-                budget -= 1;
-                let mut buf = [0u8; MAX_INSN];
-                let n = MAX_INSN.min((text_end - at) as usize);
-                if read_text(at, &mut buf[..n]).is_err() {
-                    continue 'paths;
-                }
-                let mut decoder = Decoder::with_ip(64, &buf[..n], at, DecoderOptions::NONE);
-                let insn = decoder.decode();
-                self.stats.instructions += 1;
-                if insn.is_invalid() {
-                    continue 'paths;
-                }
-                self.decoded.insert(at);
-                ranges.push((at, insn.next_ip()));
-                match insn.flow_control() {
-                    FlowControl::Next => {
-                        if let Some(t) = self.address_taken(&insn) {
-                            self.queue.push((t, Some(at)));
-                        }
-                    }
-                    FlowControl::Call => {
-                        if let Some(t) = near_target(&insn) {
-                            self.queue.push((t, Some(at)));
-                        }
-                    }
-                    FlowControl::IndirectCall => {
-                        self.indirect(&insn);
-                    }
-                    FlowControl::ConditionalBranch => {
-                        if let Some(t) = near_target(&insn) {
-                            paths.push(t);
-                        }
-                    }
-                    FlowControl::UnconditionalBranch => match near_target(&insn) {
-                        Some(t) => {
-                            at = t;
-                            fell_through = false;
-                            continue;
-                        }
-                        None => continue 'paths,
-                    },
-                    FlowControl::IndirectBranch => {
-                        // A PLT stub's `jmp [GOT]` is followed as an edge;
-                        // either way this path ends here.
-                        self.indirect(&insn);
-                        continue 'paths;
-                    }
-                    FlowControl::Interrupt if is_system_call(&insn) => {}
-                    FlowControl::Return
-                    | FlowControl::Interrupt
-                    | FlowControl::Exception
-                    | FlowControl::XbeginXabortXend => continue 'paths,
-                }
-                at = insn.next_ip();
-                fell_through = true;
-            }
-        }
-        if ranges.is_empty() {
-            return;
-        }
-        self.out.push(Reached {
-            start: entry,
-            name: None,
-            ranges: merge(ranges),
-            via,
-            stopped: None,
-        });
-    }
 }
 
 /// The target of a direct near branch or call.
@@ -598,12 +457,6 @@ fn near_target(insn: &Instruction) -> Option<u64> {
         OpKind::NearBranch16 | OpKind::NearBranch32 | OpKind::NearBranch64
     )
     .then(|| insn.near_branch_target())
-}
-
-/// `syscall`/`sysenter`: the kernel returns to the next instruction
-/// (`rt_sigreturn`'s does not, which only adds the few bytes after it).
-fn is_system_call(insn: &Instruction) -> bool {
-    matches!(insn.code(), Code::Syscall | Code::Sysenter)
 }
 
 /// Sorted, merged runs of `ranges`.
@@ -638,35 +491,6 @@ fn got_sections(path: &str, bias: u64) -> io::Result<Vec<(u64, u64)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_panic_machinery_and_abort_are_dying_paths_and_ordinary_code_is_not() {
-        for name in [
-            "core::panicking::panic_fmt",
-            "core::panicking::panic_const::panic_const_add_overflow",
-            "std::panicking::begin_panic::{{closure}}",
-            "core::slice::index::slice_end_index_len_fail",
-            "core::result::unwrap_failed",
-            "core::option::expect_failed",
-            "core::cell::panic_already_borrowed",
-            "alloc::alloc::handle_alloc_error",
-            "abort",
-            "_Unwind_Resume",
-            "rcu_registry::probes::runtime::signal::fatal_message",
-        ] {
-            assert!(dying_path(name).is_some(), "{name}");
-        }
-        for name in [
-            "core::fmt::write",
-            "memcpy",
-            "malloc",
-            "std::sys::pal::unix::thread_local::key::racy::LazyKey::lazy_init",
-            "rcu_registry::rcu::Rcu::read",
-            "rcu_registry::probes::runtime::signal::handle_sigtrap",
-        ] {
-            assert_eq!(dying_path(name), None, "{name}");
-        }
-    }
 
     #[test]
     fn overlapping_and_touching_runs_merge() {
