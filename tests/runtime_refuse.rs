@@ -96,13 +96,22 @@ fn constant_slot(slot: u64) -> Option<u64> {
 /// Every function with a symbol reachable from `roots` by direct calls and
 /// jumps (and calls through read-only slots), each with the function that
 /// first reached it. Functions on a dying path are included but not
-/// walked into (the runtime's documented policy).
-fn reachable(symbols: &ProcessSymbols, roots: &[u64]) -> BTreeMap<u64, (Function, Option<u64>)> {
+/// walked into (the runtime's documented policy). Targets without a symbol
+/// (an IFUNC's selected implementation in a stripped C library) are
+/// collected in `unnamed` with the function that calls them, not walked.
+fn reachable_with_unnamed(
+    symbols: &ProcessSymbols,
+    roots: &[u64],
+    unnamed: &mut BTreeMap<u64, u64>,
+) -> BTreeMap<u64, (Function, Option<u64>)> {
     let mut found: BTreeMap<u64, (Function, Option<u64>)> = BTreeMap::new();
     let mut work: Vec<(u64, Option<u64>)> = roots.iter().map(|&r| (r, None)).collect();
     let mut slots: HashSet<u64> = HashSet::new();
     while let Some((addr, from)) = work.pop() {
         let Some(f) = symbols.function_at(addr) else {
+            if let Some(from) = from {
+                unnamed.entry(addr).or_insert(from);
+            }
             continue;
         };
         if found.contains_key(&f.start) {
@@ -144,6 +153,11 @@ fn reachable(symbols: &ProcessSymbols, roots: &[u64]) -> BTreeMap<u64, (Function
         }
     }
     found
+}
+
+/// [`reachable_with_unnamed`], functions with a symbol only.
+fn reachable(symbols: &ProcessSymbols, roots: &[u64]) -> BTreeMap<u64, (Function, Option<u64>)> {
+    reachable_with_unnamed(symbols, roots, &mut BTreeMap::new())
 }
 
 fn name_at(found: &BTreeMap<u64, (Function, Option<u64>)>, at: u64) -> String {
@@ -277,6 +291,29 @@ fn the_walk_finds_reachable_code_the_crate_name_rule_alone_would_let_through() {
         "{} reachable functions outside the crate-name rule, all refused by the walk; e.g. {:?}",
         missed.len(),
         missed.iter().take(8).map(|f| &f.name).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn code_without_a_symbol_that_the_trap_path_calls_is_refused_too() {
+    let live = Live::global();
+    let mut unnamed = BTreeMap::new();
+    let found = reachable_with_unnamed(live.symbols(), &roots(live.symbols()), &mut unnamed);
+    let graph = refuse::trap_path(live.symbols());
+    for (&at, &from) in &unnamed {
+        let how = chain(&found, from);
+        assert!(
+            graph.function_at(at).is_some(),
+            "the runtime's walk missed {at:#x} <- {how}"
+        );
+        assert!(
+            live.registry().text().refused_at(at, 1).is_some(),
+            "{at:#x} <- {how} is not refused"
+        );
+    }
+    println!(
+        "{} entry points without a symbol (IFUNC implementations, C library internals) refused",
+        unnamed.len()
     );
 }
 
