@@ -533,4 +533,31 @@ mod tests {
         );
         assert_eq!(caller(1), (1 ^ 0x5a) + 1);
     }
+
+    #[test]
+    fn a_c_library_plt_call_is_followed_to_the_implementation_its_ifunc_selected() {
+        let symbols = ProcessSymbols::load().unwrap();
+        // SAFETY: dlsym with RTLD_DEFAULT and valid C strings; for an IFUNC
+        // it returns the implementation the loader selected.
+        let (strdup, memcpy) = unsafe {
+            (
+                libc::dlsym(libc::RTLD_DEFAULT, c"strdup".as_ptr()) as u64,
+                libc::dlsym(libc::RTLD_DEFAULT, c"memcpy".as_ptr()) as u64,
+            )
+        };
+        let g = CallGraph::walk(
+            &symbols,
+            &[Root {
+                addr: strdup,
+                what: "test",
+            }],
+        )
+        .unwrap();
+        assert!(g.stats().through_slots > 0, "{:?}", g.stats());
+        assert!(
+            g.function_at(memcpy).is_some(),
+            "strdup's memcpy (through the C library's own PLT) was not followed: {:?}",
+            g.stats()
+        );
+    }
 }
