@@ -109,10 +109,10 @@
 //! Measured on the release build of `tests/runtime_refuse.rs` (2-core
 //! machine shared with other builds): 83 functions with symbols and 83
 //! descents into C library code without symbols, 11.9k instructions
-//! decoded, 50 KB refused, 14 to 30 ms (reading `/proc/self/maps`, the
-//! unwind index and the C library's section headers included), once per
-//! process. The debug build (out-of-line `core` generics) reaches about
-//! 490 functions with symbols, 100 KB, in about 40 ms.
+//! decoded, 50 KB refused, 14 to 80 ms depending on the machine's load
+//! (reading `/proc/self/maps`, the unwind index and the C library's section
+//! headers included), once per process. The debug build (out-of-line `core` generics) reaches about
+//! 490 functions with symbols, 100 KB, in 30 to 60 ms.
 
 use std::sync::OnceLock;
 
