@@ -111,8 +111,9 @@
 //! descents into C library code without symbols, 11.9k instructions
 //! decoded, 50 KB refused, 14 to 80 ms depending on the machine's load
 //! (reading `/proc/self/maps`, the unwind index and the C library's section
-//! headers included), once per process. The debug build (out-of-line `core` generics) reaches about
-//! 490 functions with symbols, 100 KB, in 30 to 60 ms.
+//! headers included), once per process. The debug build (out-of-line
+//! `core` generics) reaches about 490 functions with symbols, 100 KB, in 30
+//! to 60 ms.
 
 use std::sync::OnceLock;
 
