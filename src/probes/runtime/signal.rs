@@ -64,8 +64,6 @@ use crate::probes::ProbeError;
 const SI_KERNEL: libc::c_int = 0x80;
 /// `si_code` of a SIGTRAP raised by the trap flag.
 const TRAP_TRACE: libc::c_int = 2;
-/// The x86 breakpoint instruction.
-const INT3: u8 = 0xcc;
 
 static INSTALL: Once = Once::new();
 
@@ -199,14 +197,12 @@ fn dispatch(info: &libc::siginfo_t, uc: &mut libc::ucontext_t) -> bool {
 /// transient (see the module docs).
 #[cold]
 fn transient_breakpoint(addr: u64) -> bool {
-    if crate::probes::text::in_process::patch_in_progress_at(addr) {
-        return true;
-    }
-    let mut byte = [0u8];
-    match crate::probes::text::in_process::read_text(addr, &mut byte) {
-        Ok(()) => byte[0] != INT3,
-        Err(_) => false,
-    }
+    crate::probes::text::in_process::transient_int3_at(addr, || {
+        let mut byte = [0u8];
+        crate::probes::text::in_process::read_text(addr, &mut byte)
+            .ok()
+            .map(|()| byte[0])
+    })
 }
 
 /// Hands the signal to the disposition found at installation.
