@@ -586,7 +586,11 @@ impl<N: RbNode> RbRoot<N> {
             let child = &node.children(copy).child;
             let left = child[0].load(Ordering::Acquire);
             let right = child[1].load(Ordering::Acquire);
-            n = if ord == CmpOrdering::Greater { right } else { left };
+            n = if ord == CmpOrdering::Greater {
+                right
+            } else {
+                left
+            };
         }
         Walk::Missing
     }
