@@ -23,6 +23,7 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use criterion::{black_box, criterion_group, Criterion};
 use crossbeam_skiplist::SkipMap;
@@ -63,6 +64,7 @@ fn workload(n: u64) -> (Vec<u64>, Vec<u64>) {
 struct Writer {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<u64>>,
+    started: Instant,
 }
 
 impl Writer {
@@ -83,6 +85,7 @@ impl Writer {
         Writer {
             stop,
             thread: Some(thread),
+            started: Instant::now(),
         }
     }
 }
@@ -92,6 +95,20 @@ impl Writer {
     fn stop(mut self) -> u64 {
         self.stop.store(true, Ordering::Relaxed);
         self.thread.take().map_or(0, |t| t.join().unwrap())
+    }
+
+    /// Stops the writer and prints its rate: a reader figure means little
+    /// unless the writer really ran alongside (on a loaded two-core machine
+    /// it may mostly wait for a core, which flatters lock-based peers).
+    fn stop_and_report(self, what: &str) -> u64 {
+        let elapsed = self.started.elapsed();
+        let ops = self.stop();
+        println!(
+            "{what}: writer {ops} ops in {:.1} s ({:.2} M ops/s)",
+            elapsed.as_secs_f64(),
+            ops as f64 / elapsed.as_secs_f64() / 1e6
+        );
+        ops
     }
 }
 
@@ -253,7 +270,8 @@ fn with_writer(c: &mut Criterion) {
                 let guard = rcu.read();
                 m.seqtree.get(&guard, &k).copied()
             });
-            report_domain(&format!("with_writer_{n}/seqtree"), w.stop(), before);
+            let ops = w.stop_and_report(&format!("with_writer_{n}/seqtree"));
+            report_domain(&format!("with_writer_{n}/seqtree"), ops, before);
             let st = m.seqtree.stats();
             println!(
                 "with_writer_{n}/seqtree: {} reader retries, {} lock fallbacks",
@@ -274,11 +292,12 @@ fn with_writer(c: &mut Criterion) {
                 let guard = rcu.read();
                 m.latch.get(&guard, &k).copied()
             });
-            report_domain(&format!("with_writer_{n}/latchtree"), w.stop(), before);
+            let ops = w.stop_and_report(&format!("with_writer_{n}/latchtree"));
+            report_domain(&format!("with_writer_{n}/latchtree"), ops, before);
         }
         {
             let t = m.rwlock.clone();
-            let _w = Writer::start(n, move |k, ins| {
+            let w = Writer::start(n, move |k, ins| {
                 let mut map = t.write().unwrap();
                 if ins {
                     map.insert(k, k);
@@ -292,10 +311,11 @@ fn with_writer(c: &mut Criterion) {
                 .unwrap()
                 .get(&k)
                 .copied());
+            w.stop_and_report(&format!("with_writer_{n}/rwlock_btreemap"));
         }
         {
             let t = m.skipmap.clone();
-            let _w = Writer::start(n, move |k, ins| {
+            let w = Writer::start(n, move |k, ins| {
                 if ins {
                     t.insert(k, k);
                 } else {
@@ -306,10 +326,11 @@ fn with_writer(c: &mut Criterion) {
                 .skipmap
                 .get(&k)
                 .map(|e| *e.value()));
+            w.stop_and_report(&format!("with_writer_{n}/skipmap"));
         }
         {
             let t = m.scc.clone();
-            let _w = Writer::start(n, move |k, ins| {
+            let w = Writer::start(n, move |k, ins| {
                 if ins {
                     let _ = t.insert(k, k);
                 } else {
@@ -320,6 +341,7 @@ fn with_writer(c: &mut Criterion) {
                 let guard = scc::ebr::Guard::new();
                 m.scc.peek(&k, &guard).copied()
             });
+            w.stop_and_report(&format!("with_writer_{n}/scc_treeindex"));
         }
         g.finish();
         // Drain deferred frees before the next size.
