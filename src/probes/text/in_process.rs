@@ -39,9 +39,9 @@
 //! (or that the `int3` is already gone) and resumes the thread at the same
 //! address, where it traps again until step 3 is done and then runs the new
 //! instruction whole. The handler reads "in progress" and the code byte
-//! inside one window of a sequence count that each patch makes odd for its
-//! duration, so a patch that ends or begins while it looks (patches at one
-//! address can follow each other back to back) never makes it call our
+//! inside one [`PatchWindow`] (a sequence count each patch makes odd for
+//! its duration), so a patch that ends or begins while it looks (patches at
+//! one address can follow each other back to back) never makes it call our
 //! `int3` foreign. No thread ever runs a mix of old and new bytes. The
 //! protocol assumes what the kernel's assumes: `[addr, addr + n)` is one
 //! instruction before and after, so no thread is stopped *inside* it.
@@ -74,95 +74,22 @@ use crate::probes::error::{CodeBytes, TextFailure};
 use crate::probes::runtime::maps::Maps;
 use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
-use crate::sync::atomic::{fence, AtomicU64, AtomicU8, Ordering};
+use crate::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use crate::sync::Mutex;
 use crate::sys::{
     sys_membarrier as membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, MEMBARRIER_CMD_QUERY,
     MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
 };
 
-/// The x86 breakpoint, the byte the int3-first protocol parks on.
-const INT3: u8 = 0xcc;
+use super::patch_window::{PatchWindow, INT3};
 
 /// Serializes every code write and protection change of the process (all
 /// `InProcess` values share it: page protection is process-wide state).
 static TEXT_LOCK: Mutex<()> = Mutex::new(());
 
-/// Address whose int3-first patch is in progress (meaningful while
-/// [`PATCH_SEQ`] is odd). Read by the SIGTRAP handler to recognise the
-/// transient `int3`.
-static PATCHING_AT: AtomicU64 = AtomicU64::new(0);
-
-/// Odd while an int3-first patch is in progress, even otherwise; bumped on
-/// both edges, so a reader that sees the same even value before and after
-/// looking at the code knows no patch started or finished in between.
-static PATCH_SEQ: AtomicU64 = AtomicU64::new(0);
-
-/// Whether an unclaimed `int3` at `addr` may be the transient one of an
-/// int3-first patch (in progress, or finished since the thread trapped), so
-/// that the thread must be resumed at the same address rather than handed
-/// to the previous SIGTRAP disposition. `read_byte` reads the code byte at
-/// `addr` (`None` if unreadable). Async-signal-safe: atomic loads and the
-/// caller's read.
-///
-/// Checking "a patch is in progress at `addr`" and "the byte is still
-/// `int3`" separately is racy when patches follow each other at one
-/// address: the handler can see no patch in progress (between two patches)
-/// and then the *next* patch's `int3`, and would kill the process with a
-/// SIGTRAP that was ours. So both are read inside one [`PATCH_SEQ`] window:
-/// only a stable, even sequence (no patch anywhere during the look) with an
-/// `int3` still in place is a foreign breakpoint. Every other outcome
-/// resumes the thread, which is always safe: at a real foreign `int3` it
-/// traps again, and is judged on a stable view then.
-pub(crate) fn transient_int3_at(addr: u64, read_byte: impl FnOnce() -> Option<u8>) -> bool {
-    if addr == 0 {
-        return false;
-    }
-    // Acquire pairs with the Release increments in `InProcess::store`: an
-    // odd value makes that patch's `PATCHING_AT` visible.
-    let before = PATCH_SEQ.load(Ordering::Acquire);
-    if before & 1 == 1 && PATCHING_AT.load(Ordering::Relaxed) == addr {
-        return true;
-    }
-    let byte = read_byte();
-    // Orders the byte read before the second sequence load (a seqcount
-    // reader's read barrier); pairs with the patcher's fences around its
-    // byte stores.
-    fence(Ordering::Acquire);
-    let after = PATCH_SEQ.load(Ordering::Relaxed);
-    if before != after || before & 1 == 1 {
-        // A patch started or finished while we looked (or one is running
-        // elsewhere and the byte may be stale): resume and look again.
-        return true;
-    }
-    match byte {
-        Some(b) => b != INT3,
-        None => false,
-    }
-}
-
-/// Marks an int3-first patch at `addr` as in progress (sequence odd); called
-/// under `TEXT_LOCK` before the `int3` is written.
-fn open_patch_window(addr: u64) {
-    // Relaxed: published by the Release increment right after.
-    PATCHING_AT.store(addr, Ordering::Relaxed);
-    // Release: the address is visible to a handler that sees the odd
-    // sequence (its Acquire load in `transient_int3_at`).
-    PATCH_SEQ.fetch_add(1, Ordering::Release);
-    // The odd sequence must be visible before the int3 can be executed: a
-    // thread that traps on it and reads an even, stable sequence would call
-    // it foreign. Pairs with the handler's Acquire load.
-    fence(Ordering::SeqCst);
-}
-
-/// Ends the window opened by [`open_patch_window`], after the final byte
-/// is written and synced.
-fn close_patch_window() {
-    // Release: the restored bytes are ordered before the even value, so a
-    // handler that reads the sequence even and unchanged around its byte
-    // read saw the final byte (pairs with its Acquire fence).
-    PATCH_SEQ.fetch_add(1, Ordering::Release);
-}
+/// The in-progress marker of this process's int3-first patches, read by
+/// the SIGTRAP handler (see [`PatchWindow`]).
+pub(crate) static PATCH_WINDOW: PatchWindow = PatchWindow::new();
 
 /// A range of code the live runtime must never patch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -241,7 +168,7 @@ impl InProcess {
             sync_cores();
             return;
         }
-        open_patch_window(addr);
+        PATCH_WINDOW.open(addr);
         // SAFETY (three blocks below): as above; each step is followed by a
         // core sync so that no thread holds a stale copy across steps, and
         // between steps 1 and 3 byte 0 is int3, which parks every thread.
@@ -256,7 +183,7 @@ impl InProcess {
         // SAFETY: see above; the final one-byte store releases the threads.
         unsafe { p.write_volatile(new[0]) };
         sync_cores();
-        close_patch_window();
+        PATCH_WINDOW.close();
     }
 }
 
@@ -502,71 +429,5 @@ pub fn core_sync_method() -> &'static str {
         MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE => "sync-core",
         MEMBARRIER_CMD_PRIVATE_EXPEDITED => "expedited",
         _ => "none",
-    }
-}
-
-#[cfg(test)]
-mod transient_int3_tests {
-    //! The verdicts of [`transient_int3_at`], with the patch windows opened
-    //! and closed by hand around (or inside) its byte read. The address is
-    //! not code. Each test holds `TEXT_LOCK`, as every real patch does, so
-    //! no concurrent patch moves the sequence.
-
-    use super::*;
-
-    const AT: u64 = 0x7357_0000;
-
-    #[test]
-    fn a_stable_int3_with_no_patch_anywhere_is_foreign() {
-        let _g = TEXT_LOCK.lock().unwrap();
-        assert!(!transient_int3_at(AT, || Some(INT3)));
-    }
-
-    #[test]
-    fn a_byte_that_is_no_longer_int3_means_the_patch_finished() {
-        let _g = TEXT_LOCK.lock().unwrap();
-        assert!(transient_int3_at(AT, || Some(0xb8)));
-    }
-
-    #[test]
-    fn unreadable_code_is_not_claimed() {
-        let _g = TEXT_LOCK.lock().unwrap();
-        assert!(!transient_int3_at(AT, || None));
-    }
-
-    #[test]
-    fn a_patch_in_progress_at_the_address_is_transient() {
-        let _g = TEXT_LOCK.lock().unwrap();
-        open_patch_window(AT);
-        let verdict = transient_int3_at(AT, || Some(INT3));
-        close_patch_window();
-        assert!(verdict);
-    }
-
-    /// The race the separate checks lost: no patch is in progress when the
-    /// handler looks, then the *next* patch at the same address writes its
-    /// `int3` before the handler reads the byte.
-    #[test]
-    fn the_next_patch_starting_during_the_look_is_transient_not_foreign() {
-        let _g = TEXT_LOCK.lock().unwrap();
-        let verdict = transient_int3_at(AT, || {
-            open_patch_window(AT);
-            Some(INT3)
-        });
-        close_patch_window();
-        assert!(verdict);
-    }
-
-    /// And the mirror image: the patch the thread trapped on finishes and
-    /// the next one starts and finishes while the handler reads.
-    #[test]
-    fn patches_completing_during_the_look_resume_the_thread() {
-        let _g = TEXT_LOCK.lock().unwrap();
-        let verdict = transient_int3_at(AT, || {
-            open_patch_window(AT);
-            close_patch_window();
-            Some(INT3)
-        });
-        assert!(verdict);
     }
 }

@@ -26,10 +26,12 @@
 mod image;
 #[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
 pub(crate) mod in_process;
+mod patch_window;
 
 pub use image::Image;
 #[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
 pub use in_process::{core_sync_method, InProcess, RefusedRange};
+pub use patch_window::{PatchWindow, INT3};
 
 use crate::probes::ProbeError;
 
