@@ -15,7 +15,8 @@
 //! memory's and the XOL allocator's own locks). Only one file stripe is held
 //! at a time. The hit path takes none of these.
 
-use super::consumer::Consumer;
+use super::consumer::{Consumer, Member};
+use super::returns::Returns;
 use super::space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};
 use crate::hashlock::HashedLocks;
 use crate::probes::arch::{Arch, Insn, InsnClass, XolPlan, MAX_INSN_BYTES};
@@ -24,6 +25,7 @@ use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
 use crate::rcu::{Flavor, RcuCell, Srcu};
 use crate::seqtree::SeqTree;
+use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::{Arc, Mutex};
 
 /// File stripes of the per-file lock array. The seed's 13 mutexes were one
@@ -33,16 +35,19 @@ pub const DEFAULT_FILE_STRIPES: usize = 64;
 
 /// One uprobe: its consumers and the file's bytes at its offset.
 pub(crate) struct Uprobe<F: Flavor> {
-    /// Registration order; replaced whole (read-copy-update) by writers
-    /// holding the file stripe.
-    pub(crate) consumers: RcuCell<Box<[Consumer]>, F>,
+    /// Registration order (ascending sequence numbers); replaced whole
+    /// (read-copy-update) by writers holding the file stripe.
+    pub(crate) consumers: RcuCell<Box<[Member]>, F>,
     /// The original bytes at the offset, learned from the first mapping the
     /// uprobe was validated against; `None` until then. Written and read
     /// only under the file stripe.
     orig: Mutex<Option<CodeBytes>>,
     /// Offset of the enclosing function's first instruction, if the
     /// registration named it (for the instruction-boundary check).
-    func_offset: Option<u64>,
+    pub(super) func_offset: Option<u64>,
+    /// Hits whose handlers could not run (re-entered) and calls whose
+    /// return could not be tracked (see `returns.rs`).
+    nmissed: AtomicU64,
     /// Where the breakpoint is installed, for the hit path: a short
     /// array (one entry per space mapping the offset) replaced whole by
     /// writers holding the file stripe. Mirrors the spaces' install trees,
@@ -59,6 +64,19 @@ pub(crate) struct Placed {
 }
 
 impl<F: Flavor> Uprobe<F> {
+    /// Counts a missed hit or return.
+    #[cold]
+    pub(crate) fn count_missed(&self) {
+        // Relaxed: a statistic; no memory is published through it.
+        self.nmissed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Hits and returns missed so far.
+    pub(crate) fn nmissed(&self) -> u64 {
+        // Relaxed: as in `count_missed`.
+        self.nmissed.load(Ordering::Relaxed)
+    }
+
     /// The install at `vaddr` in `space`, inside `guard`.
     #[inline]
     pub(crate) fn placed_at<'g>(
@@ -122,6 +140,11 @@ pub struct UprobeRegistry<A: Arch, S: AddressSpace, F: Flavor = Srcu> {
     pub(crate) uprobes: SeqTree<UprobeKey, Uprobe<F>, F>,
     pub(crate) spaces: SeqTree<SpaceId, Arc<SpaceState<S, F>>, F>,
     pub(super) files: HashedLocks<FileId, Mutex<()>>,
+    /// Source of consumer sequence numbers (see [`Member`]).
+    next_seq: AtomicU64,
+    /// Return tracking: the depth limit and this registry's identity in
+    /// the threads' return-instance stacks.
+    pub(super) returns: Returns,
 }
 
 /// The slice in an optional boxed slice (empty if absent).
@@ -131,7 +154,7 @@ pub(crate) fn slice<T, B: core::ops::Deref<Target = [T]>>(b: Option<&B>) -> &[T]
 
 /// A space that maps a uprobe's offset: its state, the address there, the
 /// mapping.
-type Target<S, F> = (Arc<SpaceState<S, F>>, u64, FileMapping);
+pub(super) type Target<S, F> = (Arc<SpaceState<S, F>>, u64, FileMapping);
 
 /// An install done by a registration in progress: space, address, whether
 /// a breakpoint was written (undone on failure).
@@ -162,7 +185,33 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             domain,
             files: HashedLocks::new(DEFAULT_FILE_STRIPES)
                 .expect("DEFAULT_FILE_STRIPES is a valid stripe count"),
+            next_seq: AtomicU64::new(0),
+            returns: Returns::new(super::DEFAULT_MAX_RETURN_DEPTH),
         }
+    }
+
+    /// Sets how many calls one thread may have tracked for return handlers
+    /// in one space at once (default [`DEFAULT_MAX_RETURN_DEPTH`](super::DEFAULT_MAX_RETURN_DEPTH)).
+    /// A hit beyond it counts `nmissed` and leaves the return address alone.
+    /// Each thread's stack for a space is allocated with this many frames
+    /// at its first tracked call; 0 tracks nothing.
+    pub fn with_max_return_depth(mut self, depth: usize) -> Self {
+        self.returns = Returns::new(depth);
+        self
+    }
+
+    /// The per-thread, per-space limit of tracked calls.
+    pub fn max_return_depth(&self) -> usize {
+        self.returns.max_depth()
+    }
+
+    /// Missed hits and returns of the uprobe at `key` (0 if there is none):
+    /// hits on a thread already running uprobe handlers, calls not tracked
+    /// for return handlers (depth limit, no trampoline, unreadable return
+    /// address), returns on a thread already running uprobe handlers.
+    pub fn nmissed(&self, key: UprobeKey) -> u64 {
+        let g = self.domain.read();
+        self.uprobes.get(&g, &key).map_or(0, |u| u.nmissed())
     }
 
     /// The domain handlers run in.
@@ -259,6 +308,17 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         }
         // Where the uprobe would go, before anything changes.
         let targets = self.mapped_targets(key)?;
+        if consumer.has_ret_handler() {
+            let known = existing.as_ref().and_then(|u| u.func_offset);
+            self.check_return_site(key, func_offset, known, &targets, consumer)?;
+        }
+        // Relaxed: the number's uniqueness and order come from the
+        // counter's modification order and the file stripe we hold; it is
+        // published to readers with the consumer list (a release store).
+        let member = Member {
+            consumer: consumer.clone(),
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+        };
         let (up, fresh) = match existing {
             Some(up) => (up, false),
             None => {
@@ -266,24 +326,25 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 // has an empty list.
                 let u = Uprobe {
                     consumers: RcuCell::new_in(
-                        vec![consumer.clone()].into_boxed_slice(),
+                        vec![member.clone()].into_boxed_slice(),
                         self.domain.clone(),
                     ),
                     orig: Mutex::new(None),
                     func_offset,
+                    nmissed: AtomicU64::new(0),
                     placed: RcuCell::new_in(Box::new([]), self.domain.clone()),
                 };
                 (self.uprobes.get_or_insert_handle_with(key, || u), true)
             }
         };
-        let old: Vec<Consumer> = if fresh {
+        let old: Vec<Member> = if fresh {
             Vec::new()
         } else {
             let g = self.domain.read();
             slice(up.consumers.load(&g)).to_vec()
         };
         let mut new = old.clone();
-        new.push(consumer.clone());
+        new.push(member);
         let mut done = Vec::new();
         for (st, vaddr, map) in &targets {
             let id = st.space.id();
@@ -557,7 +618,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         let _file = self.files.lock(&key.file);
         let unknown = || ProbeError::UnknownProbe { site: site(key) };
         let up = self.uprobes.get_handle(&key).ok_or_else(unknown)?;
-        let old: Vec<Consumer> = {
+        let old: Vec<Member> = {
             let g = self.domain.read();
             up.consumers.load(&g).map_or_else(Vec::new, |l| l.to_vec())
         };
@@ -608,7 +669,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                     slice(u.consumers.load(&g))
                         .iter()
                         .filter(|c| c.is_removed())
-                        .map(move |c| (*k, c.clone()))
+                        .map(move |c| (*k, c.consumer.clone()))
                 })
                 .collect()
         };
