@@ -11,8 +11,7 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use rcu_registry::probes::arch::{Arm64, Arm64Reg, Regs};
 use rcu_registry::probes::kprobe::{HitOutcome, ReturnOutcome};
 use rcu_registry::probes::uprobe::{
-    Consumer, ConsumerAction, UprobeOutcome, UprobeRegistry, UprobeReturn,
-    DEFAULT_MAX_RETURN_DEPTH,
+    Consumer, ConsumerAction, UprobeOutcome, UprobeRegistry, UprobeReturn, DEFAULT_MAX_RETURN_DEPTH,
 };
 use rcu_registry::probes::ProbeError;
 use uprobe_support::*;
@@ -308,11 +307,7 @@ fn removing_the_last_consumer_mid_call_still_returns_to_the_caller() {
     assert_eq!(t.ret(&reg, &a, 1), Ret::Trampoline(A + 1));
     assert_eq!(t.ret(&reg, &a, 0), Ret::Trampoline(CALLER));
     assert!(seen.lock().unwrap().is_empty());
-    assert_eq!(
-        reg.return_depth(a.id),
-        0,
-        "no instance outlives its call"
-    );
+    assert_eq!(reg.return_depth(a.id), 0, "no instance outlives its call");
 }
 
 #[test]
@@ -547,8 +542,12 @@ fn a_call_made_from_a_ret_handler_is_missed_not_tracked() {
 fn a_ret_handler_consumer_not_at_a_function_entry_is_refused_and_changes_nothing() {
     let (reg, a) = setup();
     // A plain consumer says OFF_NOP lies inside the function at FN0.
-    reg.register_in_function(key(OFF_NOP), FN0, &Consumer::new(|_, _| ConsumerAction::Continue))
-        .unwrap();
+    reg.register_in_function(
+        key(OFF_NOP),
+        FN0,
+        &Consumer::new(|_, _| ConsumerAction::Continue),
+    )
+    .unwrap();
     let before = snapshot(&reg, &[&a]);
     let c = ret_logger(&log());
     assert_eq!(

@@ -80,7 +80,11 @@ fn warm_entries_and_returns_allocate_nothing() {
         let _ = t.ret(&reg, &a, 1);
     }
     let after = allocs();
-    assert_eq!(after - before, 0, "allocations on the warm hit/return paths");
+    assert_eq!(
+        after - before,
+        0,
+        "allocations on the warm hit/return paths"
+    );
     assert_eq!(hits.load(Ordering::Relaxed), 301);
     assert_eq!(rets.load(Ordering::Relaxed), 1 + 300);
     assert_eq!(reg.return_depth(a.id), 0);

@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use rcu_registry::probes::arch::StepOutcome;
 use rcu_registry::probes::arch::DataMemory;
+use rcu_registry::probes::arch::StepOutcome;
 use rcu_registry::probes::kprobe::{HitOutcome, ReturnOutcome};
 use rcu_registry::probes::text::TextMemory;
 use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeOutcome};
@@ -79,7 +79,8 @@ fn hits_stay_exact_while_consumers_and_mappings_change() {
     };
     reg.register(key(OFF_NOP), &pinned).unwrap();
     let pinned_ret = Consumer::builder().ret_handler(|_, _| {}).build();
-    reg.register_in_function(key(FN0), FN0, &pinned_ret).unwrap();
+    reg.register_in_function(key(FN0), FN0, &pinned_ret)
+        .unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
     let counts = Arc::new(Counts::default());
@@ -268,7 +269,11 @@ fn return_through_trampoline(reg: &Registry, s: &MemSpace, stack: &mut Stack) {
     let mut slot = [0u8; 8];
     stack.read(Stack::top(), &mut slot).unwrap();
     let tramp = s.trampoline.unwrap();
-    assert_eq!(u64::from_le_bytes(slot), tramp, "the entry hijacked the return");
+    assert_eq!(
+        u64::from_le_bytes(slot),
+        tramp,
+        "the entry hijacked the return"
+    );
     let mut regs = rcu_registry::probes::arch::Regs {
         ip: tramp,
         sp: Stack::top() + 8,

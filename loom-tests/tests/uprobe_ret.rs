@@ -38,8 +38,7 @@ use rcu_registry::probes::arch::{DataMemory, Regs, X86_64};
 use rcu_registry::probes::kprobe::{HitOutcome, ReturnOutcome, XolAllocator, XolArena};
 use rcu_registry::probes::text::{Image, TextMemory};
 use rcu_registry::probes::uprobe::{
-    AddressSpace, Consumer, FileId, FileMapping, SpaceId, UprobeKey, UprobeOutcome,
-    UprobeRegistry,
+    AddressSpace, Consumer, FileId, FileMapping, SpaceId, UprobeKey, UprobeOutcome, UprobeRegistry,
 };
 use rcu_registry::probes::ProbeError;
 use rcu_registry::seqtree::model_domain::ModelDomain;
@@ -170,7 +169,10 @@ fn call_and_return(reg: &Reg, space: &Space) -> bool {
         }
     }
     if stack.0 != TRAMPOLINE {
-        assert_eq!(stack.0, CALLER, "an untracked call keeps its return address");
+        assert_eq!(
+            stack.0, CALLER,
+            "an untracked call keeps its return address"
+        );
         return false;
     }
     let mut regs = Regs {

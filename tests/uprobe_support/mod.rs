@@ -303,7 +303,10 @@ impl SimThread {
         let out = match reg.on_breakpoint(space.id, &mut regs, &mut self.stack) {
             rcu_registry::probes::uprobe::UprobeOutcome::Done(o) => o,
             rcu_registry::probes::uprobe::UprobeOutcome::SingleStep(s) => {
-                panic!("function entries here are emulated, got a step {:?}", s.plan())
+                panic!(
+                    "function entries here are emulated, got a step {:?}",
+                    s.plan()
+                )
             }
         };
         // The body runs; its stack use is balanced by its epilogue.
@@ -340,7 +343,10 @@ impl SimThread {
                 Ret::Trampoline(to)
             }
             rcu_registry::probes::kprobe::ReturnOutcome::NotOurs => {
-                panic!("returned into the trampoline with no instance for sp {:#x}", self.sp)
+                panic!(
+                    "returned into the trampoline with no instance for sp {:#x}",
+                    self.sp
+                )
             }
         }
     }

@@ -327,7 +327,10 @@ impl ConsumerBuilder {
     /// must then be registered at a function entry
     /// ([`register_in_function`](super::UprobeRegistry::register_in_function)
     /// with the function's own offset).
-    pub fn ret_handler(mut self, f: impl Fn(&UprobeReturn, &mut Regs) + Send + Sync + 'static) -> Self {
+    pub fn ret_handler(
+        mut self,
+        f: impl Fn(&UprobeReturn, &mut Regs) + Send + Sync + 'static,
+    ) -> Self {
         self.ret_handler = Some(Box::new(f));
         self
     }

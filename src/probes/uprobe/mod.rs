@@ -81,8 +81,7 @@ mod returns;
 mod space;
 
 pub use consumer::{
-    Consumer, ConsumerAction, ConsumerBuilder, Filter, Handler, RetHandler, UprobeHit,
-    UprobeReturn,
+    Consumer, ConsumerAction, ConsumerBuilder, Filter, Handler, RetHandler, UprobeHit, UprobeReturn,
 };
 pub use hit::{UprobeOutcome, UprobeRef, UprobeStep};
 pub use registry::{UprobeRegistry, DEFAULT_FILE_STRIPES};

@@ -164,7 +164,10 @@ impl Returns {
         create: bool,
         f: impl FnOnce(&mut Vec<ReturnInstance>) -> R,
     ) -> Option<R> {
-        debug_assert!(in_uprobe_handler(), "return stacks reached before the re-entrancy flag");
+        debug_assert!(
+            in_uprobe_handler(),
+            "return stacks reached before the re-entrancy flag"
+        );
         STACKS.with(|s| {
             let mut s = s.try_borrow_mut().ok()?;
             let me = StdArc::as_ptr(&self.token);
@@ -236,9 +239,9 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 func_start: Some(f),
             });
         }
-        let lacking = targets
-            .iter()
-            .any(|(st, _, _)| consumer.wants(st.space.id()) && st.space.return_trampoline().is_none());
+        let lacking = targets.iter().any(|(st, _, _)| {
+            consumer.wants(st.space.id()) && st.space.return_trampoline().is_none()
+        });
         if lacking {
             return Err(ProbeError::NoReturnTrampoline);
         }
