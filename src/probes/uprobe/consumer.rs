@@ -124,7 +124,8 @@ impl core::ops::Deref for Member {
     }
 }
 
-/// A uprobe consumer: a handler and an optional per-space filter.
+/// A uprobe consumer: a handler, a return handler, or both, and an
+/// optional per-space filter (see [`Consumer::builder`]).
 ///
 /// - **Identity.** A cheap, clonable handle; clones are the same consumer
 ///   (compared by pointer): registering a clone on a uprobe it is already

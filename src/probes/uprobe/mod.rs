@@ -79,6 +79,7 @@ mod reentry;
 mod registry;
 mod returns;
 mod space;
+mod unregister;
 
 pub use consumer::{
     Consumer, ConsumerAction, ConsumerBuilder, Filter, Handler, RetHandler, UprobeHit, UprobeReturn,

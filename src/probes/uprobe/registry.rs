@@ -160,7 +160,7 @@ pub(super) type Target<S, F> = (Arc<SpaceState<S, F>>, u64, FileMapping);
 /// a breakpoint was written (undone on failure).
 type Done<S, F> = (Arc<SpaceState<S, F>>, u64, bool);
 
-fn site(key: UprobeKey) -> ProbeSite {
+pub(super) fn site(key: UprobeKey) -> ProbeSite {
     ProbeSite::File {
         dev: key.file.dev,
         inode: key.file.inode,
@@ -188,21 +188,6 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             next_seq: AtomicU64::new(0),
             returns: Returns::new(super::DEFAULT_MAX_RETURN_DEPTH),
         }
-    }
-
-    /// Sets how many calls one thread may have tracked for return handlers
-    /// in one space at once (default [`DEFAULT_MAX_RETURN_DEPTH`](super::DEFAULT_MAX_RETURN_DEPTH)).
-    /// A hit beyond it counts `nmissed` and leaves the return address alone.
-    /// Each thread's stack for a space is allocated with this many frames
-    /// at its first tracked call; 0 tracks nothing.
-    pub fn with_max_return_depth(mut self, depth: usize) -> Self {
-        self.returns = Returns::new(depth);
-        self
-    }
-
-    /// The per-thread, per-space limit of tracked calls.
-    pub fn max_return_depth(&self) -> usize {
-        self.returns.max_depth()
     }
 
     /// Missed hits and returns of the uprobe at `key` (0 if there is none):
@@ -267,7 +252,10 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// # Errors
     /// [`ProbeError::NoHandler`]; [`ProbeError::AlreadyRegistered`] for a
     /// consumer already on `key`; [`ProbeError::OffsetOutsideMapping`] when
-    /// the file is mapped but no mapping covers `key.offset`; and what
+    /// the file is mapped but no mapping covers `key.offset`;
+    /// [`ProbeError::NotAtFunctionEntry`] for a consumer with a return
+    /// handler (this form names no function: use
+    /// [`register_in_function`](Self::register_in_function)); and what
     /// installing into a space reports (unsupported instruction, someone
     /// else's patch, a text failure). On error nothing changed: no
     /// breakpoint stays written, the registry is as before.
@@ -279,8 +267,18 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// instruction boundary by decoding from `func_offset` (the enclosing
     /// function's first instruction) in the first mapping validated against.
     ///
+    /// A consumer with a return handler must be registered this way, with
+    /// `func_offset == key.offset`: the uprobe is then at the function's
+    /// entry, where the return address is where the arch backend hijacks it.
+    ///
     /// # Errors
-    /// As `register`, plus [`ProbeError::NotOnInstructionBoundary`].
+    /// As `register`, plus [`ProbeError::NotOnInstructionBoundary`]. For a
+    /// consumer with a return handler: [`ProbeError::NotAtFunctionEntry`]
+    /// (`addr` and `func_start` are *file offsets*) when `func_offset` is
+    /// not `key.offset` or an earlier registration placed `key.offset`
+    /// inside another function, and [`ProbeError::NoReturnTrampoline`] when
+    /// a space the consumer wants that maps the offset has no
+    /// [`return_trampoline`](AddressSpace::return_trampoline).
     pub fn register_in_function(
         &self,
         key: UprobeKey,
@@ -595,91 +593,5 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         up.update_placed(None, Some((st.space.id(), vaddr)));
         st.installs.remove(&vaddr);
         self.free_slot_later(st, rec.plan);
-    }
-
-    /// Removes `consumer` from the uprobe at `key`. When it was the last
-    /// one, the breakpoints come out of every space and the uprobe goes.
-    /// Waits for a grace period: when this returns, no handler of
-    /// `consumer` runs for `key` any more.
-    ///
-    /// # Errors
-    /// [`ProbeError::UnknownProbe`] if `consumer` is not registered on `key`
-    /// (nothing changes).
-    ///
-    /// # Panics
-    /// If called inside a read section of the domain (from a handler).
-    pub fn unregister(&self, key: UprobeKey, consumer: &Consumer) -> Result<(), ProbeError> {
-        self.unregister_locked(key, consumer)?;
-        self.domain.synchronize();
-        Ok(())
-    }
-
-    fn unregister_locked(&self, key: UprobeKey, consumer: &Consumer) -> Result<(), ProbeError> {
-        let _file = self.files.lock(&key.file);
-        let unknown = || ProbeError::UnknownProbe { site: site(key) };
-        let up = self.uprobes.get_handle(&key).ok_or_else(unknown)?;
-        let old: Vec<Member> = {
-            let g = self.domain.read();
-            up.consumers.load(&g).map_or_else(Vec::new, |l| l.to_vec())
-        };
-        let Some(pos) = old.iter().position(|c| c.same(consumer)) else {
-            return Err(unknown());
-        };
-        let mut new = old.clone();
-        new.remove(pos);
-        // Spaces no remaining consumer wants lose the breakpoint.
-        let g = self.domain.read();
-        for (_, st) in self.spaces.iter(&g) {
-            let id = st.space.id();
-            if new.iter().any(|c| c.wants(id)) {
-                continue;
-            }
-            let vaddrs: Vec<u64> = st
-                .installs
-                .iter(&g)
-                .filter(|(_, i)| i.key == key)
-                .map(|(v, _)| *v)
-                .collect();
-            for v in vaddrs {
-                self.uninstall(up.value(), st, v, true);
-            }
-        }
-        drop(g);
-        if new.is_empty() {
-            self.uprobes.remove(&key);
-        } else {
-            up.consumers.replace(new.into_boxed_slice());
-        }
-        Ok(())
-    }
-
-    /// Unregisters every consumer whose handler asked for removal
-    /// ([`ConsumerAction::Remove`](super::ConsumerAction::Remove)); one
-    /// grace period for all. Returns how many were removed.
-    ///
-    /// # Panics
-    /// If called inside a read section of the domain.
-    #[cold]
-    pub fn reap_removed(&self) -> usize {
-        let flagged: Vec<(UprobeKey, Consumer)> = {
-            let g = self.domain.read();
-            self.uprobes
-                .iter(&g)
-                .flat_map(|(k, u)| {
-                    slice(u.consumers.load(&g))
-                        .iter()
-                        .filter(|c| c.is_removed())
-                        .map(move |c| (*k, c.consumer.clone()))
-                })
-                .collect()
-        };
-        let n = flagged
-            .iter()
-            .filter(|(k, c)| self.unregister_locked(*k, c).is_ok())
-            .count();
-        if n > 0 {
-            self.domain.synchronize();
-        }
-        n
     }
 }

@@ -210,6 +210,21 @@ fn pop_returning(frames: &mut Vec<ReturnInstance>, sp: u64) -> Option<ReturnInst
 }
 
 impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
+    /// Sets how many calls one thread may have tracked for return handlers
+    /// in one space at once (default [`DEFAULT_MAX_RETURN_DEPTH`](DEFAULT_MAX_RETURN_DEPTH)).
+    /// A hit beyond it counts `nmissed` and leaves the return address alone.
+    /// Each thread's stack for a space is allocated with this many frames
+    /// at its first tracked call; 0 tracks nothing.
+    pub fn with_max_return_depth(mut self, depth: usize) -> Self {
+        self.returns = Returns::new(depth);
+        self
+    }
+
+    /// The per-thread, per-space limit of tracked calls.
+    pub fn max_return_depth(&self) -> usize {
+        self.returns.max_depth()
+    }
+
     /// Refuses a consumer with a return handler where returns cannot be
     /// tracked: not at a function entry (the uprobe's offset must be the
     /// function's, as named by `func_offset` and by any earlier
@@ -387,6 +402,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
 
     /// Calls the calling thread has tracked in `space` and not yet returned
     /// from (diagnostics and tests; other threads' stacks are private).
+    /// Called from a uprobe handler, 0: the stack is not reached there.
     pub fn return_depth(&self, space: SpaceId) -> usize {
         let Some(_scope) = HandlerScope::enter() else {
             return 0;
