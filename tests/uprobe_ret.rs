@@ -11,7 +11,8 @@ use std::sync::{Arc, Mutex, OnceLock, Weak};
 use rcu_registry::probes::arch::{Arm64, Arm64Reg, Regs};
 use rcu_registry::probes::kprobe::{HitOutcome, ReturnOutcome};
 use rcu_registry::probes::uprobe::{
-    Consumer, ConsumerAction, UprobeOutcome, UprobeRegistry, UprobeReturn, DEFAULT_MAX_RETURN_DEPTH,
+    Consumer, ConsumerAction, SpaceId, UprobeOutcome, UprobeRegistry, UprobeReturn,
+    DEFAULT_MAX_RETURN_DEPTH,
 };
 use rcu_registry::probes::ProbeError;
 use uprobe_support::*;
@@ -31,8 +32,30 @@ fn ret_logger(log: &Log) -> Consumer {
         .build()
 }
 
+/// As [`ret_logger`], with a filter that wants only `space`.
+fn ret_logger_in(log: &Log, space: SpaceId) -> Consumer {
+    let log = Arc::clone(log);
+    Consumer::builder()
+        .ret_handler(move |r, _| log.lock().unwrap().push(*r))
+        .filter(move |s| s == space)
+        .build()
+}
+
 fn log() -> Log {
     Arc::new(Mutex::new(Vec::new()))
+}
+
+/// `f` of every logged return, in order.
+fn logged<T>(log: &Log, f: impl Fn(&UprobeReturn) -> T) -> Vec<T> {
+    log.lock().unwrap().iter().map(f).collect()
+}
+
+/// A registry with spaces mapping the file at `A` and at `B`.
+fn two_spaces() -> (Registry, Arc<MemSpace>, Arc<MemSpace>) {
+    let (reg, a) = setup();
+    let b = MemSpace::with_file(2, B);
+    mmap_file(&reg, &b);
+    (reg, a, b)
 }
 
 /// A registry with one space mapping the file at `A`.
@@ -41,6 +64,17 @@ fn setup() -> (Registry, Arc<MemSpace>) {
     let a = MemSpace::with_file(1, A);
     mmap_file(&reg, &a);
     (reg, a)
+}
+
+/// [`setup`], with one logging return consumer at each of `funcs`' entries
+/// (all logging to the returned log).
+fn logging_at(funcs: &[u64]) -> (Registry, Arc<MemSpace>, Log) {
+    let (reg, a) = setup();
+    let seen = log();
+    for &f in funcs {
+        at_entry(&reg, f, &ret_logger(&seen));
+    }
+    (reg, a, seen)
 }
 
 /// Registers `c` at the entry of the function at `func`.
@@ -121,11 +155,7 @@ fn without_a_ret_handler_the_return_address_is_left_alone() {
 
 #[test]
 fn nested_calls_return_in_lifo_order_each_to_its_own_caller() {
-    let (reg, a) = setup();
-    let seen = log();
-    for f in [FN0, FN1, FN2] {
-        at_entry(&reg, f, &ret_logger(&seen));
-    }
+    let (reg, a, seen) = logging_at(&[FN0, FN1, FN2]);
     let mut t = SimThread::new();
     let _ = t.call(&reg, &a, A + FN0, CALLER);
     let _ = t.call(&reg, &a, A + FN1, A + FN0 + 1);
@@ -134,14 +164,8 @@ fn nested_calls_return_in_lifo_order_each_to_its_own_caller() {
     assert_eq!(t.ret(&reg, &a, 2), Ret::Trampoline(A + FN1 + 1));
     assert_eq!(t.ret(&reg, &a, 1), Ret::Trampoline(A + FN0 + 1));
     assert_eq!(t.ret(&reg, &a, 0), Ret::Trampoline(CALLER));
-    let got: Vec<(u64, u64, u64)> = seen
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|r| (r.func, r.retval, r.ret_addr))
-        .collect();
     assert_eq!(
-        got,
+        logged(&seen, |r| (r.func, r.retval, r.ret_addr)),
         vec![
             (A + FN2, 2, A + FN1 + 1),
             (A + FN1, 1, A + FN0 + 1),
@@ -166,8 +190,10 @@ fn recursion_tracks_every_level_and_unwinds_innermost_first() {
         let want = if level == 0 { CALLER } else { A + FN1 + 1 };
         assert_eq!(t.ret(&reg, &a, level), Ret::Trampoline(want));
     }
-    let rets: Vec<u64> = seen.lock().unwrap().iter().map(|r| r.retval).collect();
-    assert_eq!(rets, (0..10).rev().collect::<Vec<_>>());
+    assert_eq!(
+        logged(&seen, |r| r.retval),
+        (0..10).rev().collect::<Vec<_>>()
+    );
     assert_eq!(reg.return_depth(a.id), 0);
 }
 
@@ -220,10 +246,7 @@ fn the_default_depth_limit_is_the_kernel_s_64() {
 
 #[test]
 fn a_tail_call_between_probed_functions_returns_once_through_both_ret_handlers() {
-    let (reg, a) = setup();
-    let seen = log();
-    at_entry(&reg, FN0, &ret_logger(&seen));
-    at_entry(&reg, FN1, &ret_logger(&seen));
+    let (reg, a, seen) = logging_at(&[FN0, FN1]);
     let mut t = SimThread::new();
     let _ = t.call(&reg, &a, A + FN0, CALLER);
     // f0 ends in `jmp f1`: f1 finds the trampoline as its return address.
@@ -231,14 +254,8 @@ fn a_tail_call_between_probed_functions_returns_once_through_both_ret_handlers()
     assert_eq!(Some(t.return_slot()), a.trampoline);
     assert_eq!(reg.return_depth(a.id), 2, "the chained call is tracked");
     assert_eq!(t.ret(&reg, &a, 9), Ret::Trampoline(CALLER));
-    let got: Vec<(u64, u64)> = seen
-        .lock()
-        .unwrap()
-        .iter()
-        .map(|r| (r.func, r.ret_addr))
-        .collect();
     assert_eq!(
-        got,
+        logged(&seen, |r| (r.func, r.ret_addr)),
         vec![(A + FN1, CALLER), (A + FN0, CALLER)],
         "newest first, both with the real return address"
     );
@@ -247,18 +264,18 @@ fn a_tail_call_between_probed_functions_returns_once_through_both_ret_handlers()
 
 #[test]
 fn a_frame_left_by_longjmp_is_dropped_when_an_outer_call_returns() {
-    let (reg, a) = setup();
-    let seen = log();
-    at_entry(&reg, FN0, &ret_logger(&seen));
-    at_entry(&reg, FN1, &ret_logger(&seen));
+    let (reg, a, seen) = logging_at(&[FN0, FN1]);
     let mut t = SimThread::new();
     let _ = t.call(&reg, &a, A + FN0, CALLER);
     let _ = t.call(&reg, &a, A + FN1, A + FN0 + 1);
     t.abandon_innermost(); // f1 longjmps back into f0
     assert_eq!(reg.return_depth(a.id), 2);
     assert_eq!(t.ret(&reg, &a, 3), Ret::Trampoline(CALLER));
-    let funcs: Vec<u64> = seen.lock().unwrap().iter().map(|r| r.func).collect();
-    assert_eq!(funcs, vec![A + FN0], "the abandoned call runs no handler");
+    assert_eq!(
+        logged(&seen, |r| r.func),
+        vec![A + FN0],
+        "the abandoned call runs no handler"
+    );
     assert_eq!(reg.return_depth(a.id), 0);
 }
 
@@ -334,19 +351,9 @@ fn a_consumer_registered_after_the_entry_is_not_called_for_that_return() {
 
 #[test]
 fn the_filter_decides_for_ret_handlers_too() {
-    let reg = Registry::new(Default::default());
-    let (a, b) = (MemSpace::with_file(1, A), MemSpace::with_file(2, B));
-    mmap_file(&reg, &a);
-    mmap_file(&reg, &b);
+    let (reg, a, b) = two_spaces();
     let seen = log();
-    let only_a = {
-        let (s, id) = (Arc::clone(&seen), a.id);
-        Consumer::builder()
-            .ret_handler(move |r, _| s.lock().unwrap().push(*r))
-            .filter(move |space| space == id)
-            .build()
-    };
-    at_entry(&reg, FN0, &only_a);
+    at_entry(&reg, FN0, &ret_logger_in(&seen, a.id));
     // A plain consumer everywhere keeps the breakpoint in B too.
     at_entry(&reg, FN0, &Consumer::new(|_, _| ConsumerAction::Continue));
     let mut t = SimThread::new();
@@ -355,25 +362,14 @@ fn the_filter_decides_for_ret_handlers_too() {
     assert_eq!(t.ret(&reg, &b, 1), Ret::Direct(CALLER));
     let _ = t.call(&reg, &a, A + FN0, CALLER);
     assert_eq!(t.ret(&reg, &a, 2), Ret::Trampoline(CALLER));
-    let spaces: Vec<_> = seen.lock().unwrap().iter().map(|r| r.space).collect();
-    assert_eq!(spaces, vec![a.id]);
+    assert_eq!(logged(&seen, |r| r.space), vec![a.id]);
 }
 
 #[test]
 fn a_ret_handler_of_a_consumer_filtered_out_does_not_run_for_a_tracked_call() {
-    let reg = Registry::new(Default::default());
-    let (a, b) = (MemSpace::with_file(1, A), MemSpace::with_file(2, B));
-    mmap_file(&reg, &a);
-    mmap_file(&reg, &b);
+    let (reg, a, b) = two_spaces();
     let (a_log, all_log) = (log(), log());
-    let only_a = {
-        let (s, id) = (Arc::clone(&a_log), a.id);
-        Consumer::builder()
-            .ret_handler(move |r, _| s.lock().unwrap().push(*r))
-            .filter(move |space| space == id)
-            .build()
-    };
-    at_entry(&reg, FN0, &only_a);
+    at_entry(&reg, FN0, &ret_logger_in(&a_log, a.id));
     at_entry(&reg, FN0, &ret_logger(&all_log));
     let mut t = SimThread::new();
     let _ = t.call(&reg, &b, B + FN0, CALLER);
@@ -384,10 +380,7 @@ fn a_ret_handler_of_a_consumer_filtered_out_does_not_run_for_a_tracked_call() {
 
 #[test]
 fn returns_are_tracked_per_space() {
-    let reg = Registry::new(Default::default());
-    let (a, b) = (MemSpace::with_file(1, A), MemSpace::with_file(2, B));
-    mmap_file(&reg, &a);
-    mmap_file(&reg, &b);
+    let (reg, a, b) = two_spaces();
     at_entry(&reg, FN0, &ret_logger(&log()));
     let mut t = SimThread::new();
     let _ = t.call(&reg, &a, A + FN0, CALLER);
@@ -593,12 +586,8 @@ fn a_ret_handler_consumer_is_refused_for_a_space_without_a_trampoline() {
     );
     assert_eq!(snapshot(&reg, &[&a, &b]), before);
     // Filtered to the space that has one: accepted.
-    let id = a.id;
-    let only_a = Consumer::builder()
-        .ret_handler(|_, _| {})
-        .filter(move |s| s == id)
-        .build();
-    reg.register_in_function(key(FN0), FN0, &only_a).unwrap();
+    reg.register_in_function(key(FN0), FN0, &ret_logger_in(&log(), a.id))
+        .unwrap();
 }
 
 #[test]
