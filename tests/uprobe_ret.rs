@@ -679,3 +679,40 @@ fn arm64_hijacks_x30_and_restores_it_at_the_return() {
     let got = seen.lock().unwrap()[0];
     assert_eq!((got.func, got.retval, got.ret_addr), (A + 0x10, 77, CALLER));
 }
+
+#[test]
+fn unregister_waits_for_a_ret_handler_that_is_running() {
+    let (reg, a) = setup();
+    let reg = Arc::new(reg);
+    let (started, finished) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let c = {
+        let (s, f) = (Arc::clone(&started), Arc::clone(&finished));
+        Consumer::builder()
+            .ret_handler(move |_, _| {
+                s.store(1, Ordering::SeqCst);
+                // Return handlers may sleep (the default domain is `Srcu`).
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                f.store(1, Ordering::SeqCst);
+            })
+            .build()
+    };
+    at_entry(&reg, FN0, &c);
+    let caller = {
+        let (reg, a) = (Arc::clone(&reg), Arc::clone(&a));
+        std::thread::spawn(move || {
+            let mut t = SimThread::new();
+            let _ = t.call(&reg, &a, A + FN0, CALLER);
+            assert_eq!(t.ret(&reg, &a, 0), Ret::Trampoline(CALLER));
+        })
+    };
+    while started.load(Ordering::SeqCst) == 0 {
+        std::thread::yield_now();
+    }
+    reg.unregister(key(FN0), &c).unwrap();
+    assert_eq!(
+        finished.load(Ordering::SeqCst),
+        1,
+        "unregister returned while the return handler ran"
+    );
+    caller.join().unwrap();
+}

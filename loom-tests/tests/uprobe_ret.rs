@@ -15,9 +15,10 @@
 //!   `ModelDomain` (same grace-period contract; `Srcu` has its own models).
 //!   `ModelDomain::call` waits for readers inline, so the list replacement
 //!   alone may already order the handler before `unregister` returns: a
-//!   missing `synchronize` in `unregister` is not necessarily caught here;
-//!   tests/uprobe.rs `handlers_may_sleep_and_unregister_waits_for_them`
-//!   checks that on `Srcu`;
+//!   missing `synchronize` in `unregister` is NOT caught here (checked:
+//!   removing it still passes); tests/uprobe_ret.rs
+//!   `unregister_waits_for_a_ret_handler_that_is_running` catches it on
+//!   `Srcu` (checked);
 //! - the per-thread return stacks themselves: they are thread-private
 //!   (a thread-local touched only by its thread), so there is no race in
 //!   them to model; their LIFO, chaining, depth and abandoned-frame rules
