@@ -75,7 +75,10 @@
 //! cold path, which also drops the stacks of registries that are gone);
 //! after that, entries and returns allocate nothing. The first use is
 //! therefore not async-signal-safe, as the `Srcu` domain's first read
-//! section on a thread is not. A thread's stacks are freed when it exits.
+//! section on a thread is not. A thread's stacks are freed when it exits;
+//! until then a stack stays allocated (empty) after its calls returned,
+//! also for a space that is gone, so a thread holds at most one stack per
+//! registry and space it ever made tracked calls in.
 //!
 //! The list is reached only with the thread's re-entrancy flag up
 //! (`reentry.rs`): a signal handler that interrupts an entry or a return and
@@ -98,7 +101,7 @@ use crate::rcu::Flavor;
 /// Default limit of tracked calls per thread and space: the kernel's
 /// `MAX_URETPROBE_DEPTH`. Deep enough for ordinary recursion through probed
 /// functions, small enough that a runaway recursion costs 64 instances
-/// (3 KiB) per thread.
+/// (56 bytes each, 3.5 KiB) per thread and space.
 pub const DEFAULT_MAX_RETURN_DEPTH: usize = 64;
 
 /// A tracked call: what its return needs.
@@ -153,7 +156,8 @@ impl Returns {
     }
 
     /// Runs `f` on the calling thread's stack for `space` (created if
-    /// `create`). `None` if there is none, or if the list is already in use
+    /// `create`). `None` if there is none, if the thread is exiting (its
+    /// thread-locals are being destroyed), or if the list is already in use
     /// on this thread (cannot happen: it is reached only with the
     /// re-entrancy flag up, see the module docs; refused rather than
     /// trusted).
@@ -168,7 +172,7 @@ impl Returns {
             in_uprobe_handler(),
             "return stacks reached before the re-entrancy flag"
         );
-        STACKS.with(|s| {
+        let found = STACKS.try_with(|s| {
             let mut s = s.try_borrow_mut().ok()?;
             let me = StdArc::as_ptr(&self.token);
             let i = match s
@@ -180,7 +184,8 @@ impl Returns {
                 None => return None,
             };
             Some(f(&mut s[i].frames))
-        })
+        });
+        found.ok().flatten()
     }
 
     /// Adds the thread's stack for `space`, dropping stacks of registries
