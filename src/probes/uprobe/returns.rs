@@ -41,9 +41,13 @@
 //! behind. An entry drops the instances whose stack pointer is below its own
 //! (their frames are gone) and, unless chained, those at its own (a frame
 //! at the same depth that never returned); a return drops those below the
-//! returning one. As in the kernel, a probed call made on an alternate
-//! signal stack above the thread's stack would wrongly drop live instances:
-//! that case is not supported.
+//! returning one. Only the stack pointer tells a live instance from an
+//! abandoned one, as in the kernel, so two cases are approximate: an
+//! abandoned instance whose frame was reused by a call that is not tracked
+//! stays (and counts toward the depth) until an entry or return at or above
+//! its level drops it; and a probed call made on an alternate signal stack
+//! above the thread's stack would wrongly drop live instances (not
+//! supported).
 //!
 //! # Depth
 //!
