@@ -8,7 +8,7 @@ mod uprobe_support;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
-use rcu_registry::probes::arch::{Arm64, Arm64Reg, Regs};
+use rcu_registry::probes::arch::{Arm64, Arm64Reg, DataMemory, Regs, StepOutcome};
 use rcu_registry::probes::kprobe::{HitOutcome, ReturnOutcome};
 use rcu_registry::probes::uprobe::{
     Consumer, ConsumerAction, SpaceId, UprobeOutcome, UprobeRegistry, UprobeReturn,
@@ -715,4 +715,48 @@ fn unregister_waits_for_a_ret_handler_that_is_running() {
         "unregister returned while the return handler ran"
     );
     caller.join().unwrap();
+}
+
+#[test]
+fn a_function_whose_first_instruction_runs_out_of_line_is_tracked_too() {
+    let (reg, a) = setup();
+    let seen = log();
+    // `mov rbp, rsp` (boosted from its slot), `mov eax, [rip+0x10]`
+    // (RIP-relative, stepped): the hijack happens before either runs.
+    let entries = [(OFF_MOV, 3), (OFF_RIPREL, 6)];
+    for (f, _) in entries {
+        at_entry(&reg, f, &ret_logger(&seen));
+    }
+    for (f, len) in entries {
+        let mut stack = Stack::new();
+        stack.write(Stack::top(), &CALLER.to_le_bytes()).unwrap();
+        let mut regs = trap_regs(A + f);
+        match reg.on_breakpoint(a.id, &mut regs, &mut stack) {
+            UprobeOutcome::Done(HitOutcome::Boosted { .. }) => {}
+            UprobeOutcome::SingleStep(step) => {
+                regs.ip = step_trap_ip(step.plan(), len);
+                let done = reg.on_step_complete(&step, &mut regs, &mut stack);
+                assert_eq!(done, Ok(StepOutcome::Done));
+                assert_eq!(regs.ip, A + f + len);
+            }
+            UprobeOutcome::Done(other) => panic!("offset {f:#x}: {other:?}"),
+        }
+        let mut slot = [0u8; 8];
+        stack.read(Stack::top(), &mut slot).unwrap();
+        assert_eq!(Some(u64::from_le_bytes(slot)), a.trampoline);
+        let mut at_ret = Regs {
+            ip: a.trampoline.unwrap(),
+            sp: Stack::top() + 8,
+            ..Regs::default()
+        };
+        at_ret.gprs[0] = f;
+        assert_eq!(
+            reg.on_return(a.id, &mut at_ret),
+            ReturnOutcome::Returned { to: CALLER }
+        );
+    }
+    assert_eq!(
+        logged(&seen, |r| (r.func, r.retval)),
+        vec![(A + OFF_MOV, OFF_MOV), (A + OFF_RIPREL, OFF_RIPREL)]
+    );
 }
