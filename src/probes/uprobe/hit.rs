@@ -10,9 +10,10 @@
 //! address, with its XOL plan) in the uprobe's array of installs. All are
 //! lock-free [`SeqTree`](crate::seqtree::SeqTree) lookups or loads of
 //! [`RcuCell`](crate::rcu::RcuCell)s (the install is found in the uprobe's
-//! short per-space array, not in a second tree); nothing is allocated (the one
-//! exception is the first read section a thread ever enters in an `Srcu`
-//! domain, which registers the thread).
+//! short per-space array, not in a second tree); nothing is allocated (the
+//! exceptions: the first read section a thread ever enters in an `Srcu`
+//! domain, which registers the thread, and a thread's first tracked call in
+//! a space, which allocates its return stack, see `returns.rs`).
 //!
 //! # Re-entrancy
 //!
