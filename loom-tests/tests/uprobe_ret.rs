@@ -10,6 +10,10 @@
 //!    tracked still returns to its caller through the trampoline, with its
 //!    instance freed, and the return handler obeys the same ordering.
 //!
+//! 3. A consumer registered while a call is in flight: its return handler
+//!    runs exactly when its handler saw the call's entry (sequence numbers:
+//!    a consumer that joined after the entry is not called at the return).
+//!
 //! What these models do NOT cover:
 //! - the real `Srcu` domain: the registry runs on the reader-counting
 //!   `ModelDomain` (same grace-period contract; `Srcu` has its own models).
@@ -23,8 +27,7 @@
 //!   (a thread-local touched only by its thread), so there is no race in
 //!   them to model; their LIFO, chaining, depth and abandoned-frame rules
 //!   are specified by tests/uprobe_ret.rs;
-//! - a consumer registered between the entry and the return (sequence
-//!   numbers; tests/uprobe_ret.rs), filters, several hitting threads,
+//! - filters, several hitting threads,
 //!   nested or re-entered hits, mmap/munmap racing the call, arm64;
 //! - executions beyond the preemption bound (3).
 
@@ -276,5 +279,32 @@ fn a_call_in_flight_when_its_uprobe_goes_still_returns_to_its_caller() {
         caller.join().unwrap();
         assert!(reg.is_empty());
         assert_eq!(space.text.snapshot(), vec![0x90, 0xc3]);
+    });
+}
+
+#[test]
+fn a_consumer_registered_during_a_call_sees_both_its_entry_and_return_or_neither() {
+    model(|| {
+        let (reg, space) = setup();
+        let first = Consumer::builder().ret_handler(|_, _| {}).build();
+        reg.register_in_function(KEY, 0, &first).unwrap();
+        let late = Consumer::builder()
+            .handler(|_, _| rcu_registry::probes::uprobe::ConsumerAction::Continue)
+            .ret_handler(|_, _| {})
+            .build();
+        let caller = {
+            let (reg, space) = (reg.clone(), space.clone());
+            thread::spawn(move || {
+                assert!(call_and_return(&reg, &space), "`first` stays: tracked");
+            })
+        };
+        reg.register_in_function(KEY, 0, &late).unwrap();
+        caller.join().unwrap();
+        assert_eq!(first.ret_hits(), 1);
+        assert_eq!(
+            late.hits(),
+            late.ret_hits(),
+            "a return handler runs exactly for the calls whose entry it saw"
+        );
     });
 }
