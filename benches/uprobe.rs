@@ -420,41 +420,46 @@ fn main() {
     c.final_summary();
     println!("\nuprobe ratios (median wall time per iteration; >1 = ours faster):");
     for t in [1, 2] {
-        let (s, f) = (format!("hit/rwlock/{t}"), format!("hit/tree/{t}"));
-        match (median_ns(&s), median_ns(&f)) {
-            (Some(s), Some(f)) => println!(
-                "  hit path, rwlock+hashmap / srcu+seqtree, {t} thread(s): {:.2}x ({s:.1} ns vs {f:.1} ns)",
-                s / f
-            ),
-            _ => println!("  hit path, {t} thread(s): not measured"),
-        }
-        if let (Some(s), Some(f)) = (
-            median_ns(&format!("hit/rwlock/{t}")),
-            median_ns(&format!("hit/tree_rcu/{t}")),
-        ) {
-            println!(
-                "  hit path, rwlock+hashmap / rcu+seqtree (same registry, Rcu domain), {t} thread(s): {:.2}x ({s:.1} ns vs {f:.1} ns)",
-                s / f
-            );
-        }
+        ratio(
+            "hit path, rwlock+hashmap / srcu+seqtree",
+            "hit/rwlock",
+            "hit/tree",
+            t,
+        );
+        ratio(
+            "hit path, rwlock+hashmap / rcu+seqtree (same registry, Rcu domain)",
+            "hit/rwlock",
+            "hit/tree_rcu",
+            t,
+        );
     }
     for t in [1, 2] {
-        let (p, o) = (format!("ret/rwlock/{t}"), format!("ret/tree/{t}"));
-        match (median_ns(&p), median_ns(&o)) {
-            (Some(p), Some(o)) => println!(
-                "  uretprobe entry+return, rwlock+hashmap+mutex / srcu+seqtree+thread stack, {t} thread(s): {:.2}x ({p:.1} ns vs {o:.1} ns)",
-                p / o
-            ),
-            _ => println!("  uretprobe entry+return, {t} thread(s): not measured"),
-        }
-        if let (Some(o), Some(h)) = (
-            median_ns(&format!("ret/tree/{t}")),
-            median_ns(&format!("hit/tree/{t}")),
-        ) {
-            println!(
-                "  uretprobe entry+return / plain uprobe hit (ours), {t} thread(s): {:.2}x ({o:.1} ns vs {h:.1} ns)",
-                o / h
-            );
-        }
+        ratio(
+            "uretprobe entry+return, rwlock+hashmap+mutex / srcu+seqtree+thread stack",
+            "ret/rwlock",
+            "ret/tree",
+            t,
+        );
+        ratio(
+            "uretprobe entry+return / plain uprobe hit (ours, >1 = the return's cost)",
+            "ret/tree",
+            "hit/tree",
+            t,
+        );
+    }
+}
+
+/// Prints `num / den` of the medians recorded as `{num}/{threads}` and
+/// `{den}/{threads}`.
+fn ratio(label: &str, num: &str, den: &str, threads: usize) {
+    match (
+        median_ns(&format!("{num}/{threads}")),
+        median_ns(&format!("{den}/{threads}")),
+    ) {
+        (Some(n), Some(d)) => println!(
+            "  {label}, {threads} thread(s): {:.2}x ({n:.1} ns vs {d:.1} ns)",
+            n / d
+        ),
+        _ => println!("  {label}, {threads} thread(s): not measured"),
     }
 }
