@@ -7,6 +7,13 @@
 //! ran its handler exactly once; no transient consumer's handler runs after
 //! its `unregister` returned; at the end every space's text is the file's.
 //!
+//! Return handlers: a consumer with a return handler stays on the function
+//! entry at offset 0 for the whole window, and every other transient
+//! consumer there has one too. Every hit there hijacks the return address;
+//! the hitter then returns through the trampoline, which must send it back
+//! to its caller and run the pinned return handler exactly once per call;
+//! no transient return handler runs after its `unregister` returned.
+//!
 //! Duration: `UPROBE_STRESS_SECS` (default 2; at least 10 when `CI=true`).
 //! Run: `cargo test --release --test uprobe_stress -- --ignored --nocapture`.
 
@@ -16,8 +23,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use rcu_registry::probes::arch::DataMemory;
 use rcu_registry::probes::arch::StepOutcome;
-use rcu_registry::probes::kprobe::HitOutcome;
+use rcu_registry::probes::kprobe::{HitOutcome, ReturnOutcome};
 use rcu_registry::probes::text::TextMemory;
 use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeOutcome};
 use uprobe_support::*;
@@ -35,8 +43,12 @@ fn duration() -> Duration {
     Duration::from_secs(if ci { secs.max(10) } else { secs })
 }
 
+/// The hitters' simulated caller.
+const CALLER: u64 = 0x9000_0000;
+
 #[derive(Default)]
 struct Counts {
+    returns: AtomicU64,
     traps: AtomicU64,
     nop_emulated: AtomicU64,
     vanished: AtomicU64,
@@ -66,6 +78,9 @@ fn hits_stay_exact_while_consumers_and_mappings_change() {
         })
     };
     reg.register(key(OFF_NOP), &pinned).unwrap();
+    let pinned_ret = Consumer::builder().ret_handler(|_, _| {}).build();
+    reg.register_in_function(key(FN0), FN0, &pinned_ret)
+        .unwrap();
 
     let stop = Arc::new(AtomicBool::new(false));
     let counts = Arc::new(Counts::default());
@@ -94,10 +109,16 @@ fn hits_stay_exact_while_consumers_and_mappings_change() {
                 counts.traps.fetch_add(1, Ordering::Relaxed);
                 let stable = s.id.0 != 3;
                 let mut regs = trap_regs(vaddr);
+                // The caller's return address, where a call leaves it.
+                stack.write(Stack::top(), &CALLER.to_le_bytes()).unwrap();
                 match reg.on_breakpoint(s.id, &mut regs, &mut stack) {
                     UprobeOutcome::Done(HitOutcome::Emulated) => {
                         if off == OFF_NOP {
                             counts.nop_emulated.fetch_add(1, Ordering::Relaxed);
+                        }
+                        if off == FN0 {
+                            return_through_trampoline(&reg, s, &mut stack);
+                            counts.returns.fetch_add(1, Ordering::Relaxed);
                         }
                     }
                     UprobeOutcome::Done(HitOutcome::Vanished) => {
@@ -142,14 +163,26 @@ fn hits_stay_exact_while_consumers_and_mappings_change() {
                 let alive = Arc::new(AtomicBool::new(true));
                 let c = {
                     let (alive, late) = (Arc::clone(&alive), Arc::clone(&late));
-                    Consumer::new(move |_, _| {
+                    let (alive2, late2) = (Arc::clone(&alive), Arc::clone(&late));
+                    let b = Consumer::builder().handler(move |_, _| {
                         if !alive.load(Ordering::SeqCst) {
                             late.fetch_add(1, Ordering::Relaxed);
                         }
                         ConsumerAction::Continue
-                    })
+                    });
+                    if off == FN0 {
+                        b.ret_handler(move |_, _| {
+                            if !alive2.load(Ordering::SeqCst) {
+                                late2.fetch_add(1, Ordering::Relaxed);
+                            }
+                        })
+                        .build()
+                    } else {
+                        b.build()
+                    }
                 };
-                reg.register(key(off), &c).unwrap();
+                reg.register_in_function(key(off), if off == FN0 { FN0 } else { 0 }, &c)
+                    .unwrap();
                 std::thread::sleep(Duration::from_micros(200));
                 reg.unregister(key(off), &c).unwrap();
                 alive.store(false, Ordering::SeqCst);
@@ -190,11 +223,13 @@ fn hits_stay_exact_while_consumers_and_mappings_change() {
     let ops = churn.join().unwrap();
     let cycles = mapper.join().unwrap();
     reg.unregister(key(OFF_NOP), &pinned).unwrap();
+    reg.unregister(key(FN0), &pinned_ret).unwrap();
 
     let c = &*counts;
     let nop = c.nop_emulated.load(Ordering::Relaxed);
+    let returns = c.returns.load(Ordering::Relaxed);
     println!(
-        "uprobe stress: {} traps ({} nop, {} boosted, {} steps, {} vanished, {} not-ours in the remapped space), {ops} register/unregister, {cycles} munmap/mmap cycles",
+        "uprobe stress: {} traps ({} nop, {returns} returns through the trampoline, {} boosted, {} steps, {} vanished, {} not-ours in the remapped space), {ops} register/unregister, {cycles} munmap/mmap cycles",
         c.traps.load(Ordering::Relaxed),
         nop,
         c.boosted.load(Ordering::Relaxed),
@@ -203,8 +238,13 @@ fn hits_stay_exact_while_consumers_and_mappings_change() {
         c.not_ours_unstable.load(Ordering::Relaxed),
     );
     assert!(
-        nop > 0 && ops > 0 && cycles > 0,
+        nop > 0 && returns > 0 && ops > 0 && cycles > 0,
         "every actor made progress"
+    );
+    assert_eq!(
+        pinned_ret.ret_hits(),
+        returns,
+        "the pinned return handler ran exactly once per tracked call"
     );
     assert_eq!(
         pinned_runs.load(Ordering::Relaxed),
@@ -220,4 +260,28 @@ fn hits_stay_exact_while_consumers_and_mappings_change() {
     for s in &spaces {
         assert_eq!(s.text.snapshot(), file_bytes(), "space {:?} restored", s.id);
     }
+}
+
+/// The function entered at `FN0` returns: its return address must be the
+/// trampoline (the pinned consumer wants every call), and `on_return` must
+/// send the thread back to [`CALLER`] and free the instance.
+fn return_through_trampoline(reg: &Registry, s: &MemSpace, stack: &mut Stack) {
+    let mut slot = [0u8; 8];
+    stack.read(Stack::top(), &mut slot).unwrap();
+    let tramp = s.trampoline.unwrap();
+    assert_eq!(
+        u64::from_le_bytes(slot),
+        tramp,
+        "the entry hijacked the return"
+    );
+    let mut regs = rcu_registry::probes::arch::Regs {
+        ip: tramp,
+        sp: Stack::top() + 8,
+        ..Default::default()
+    };
+    assert_eq!(
+        reg.on_return(s.id, &mut regs),
+        ReturnOutcome::Returned { to: CALLER }
+    );
+    assert_eq!(reg.return_depth(s.id), 0, "the instance is freed");
 }

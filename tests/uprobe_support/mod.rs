@@ -57,17 +57,29 @@ pub struct MemSpace {
     pub text: Image,
     pub xol: XolArena,
     pub maps: Mutex<Vec<FileMapping>>,
+    /// The uretprobe trampoline (in the XOL area's page, past its slots).
+    pub trampoline: Option<u64>,
 }
 
 impl MemSpace {
     /// A space with `text` at `base` and an XOL area far from it.
     pub fn new(id: u64, base: u64, text: Vec<u8>) -> Arc<Self> {
+        Self::build(id, base, text, Some(trampoline_of(id)))
+    }
+
+    fn build(id: u64, base: u64, text: Vec<u8>, trampoline: Option<u64>) -> Arc<Self> {
         Arc::new(MemSpace {
             id: SpaceId(id),
             text: Image::new(base, text),
-            xol: XolArena::new(0x7fff_0000_0000 + id * 0x10000, 16, X86_64::XOL_SLOT_SIZE),
+            xol: XolArena::new(xol_base(id), 16, X86_64::XOL_SLOT_SIZE),
             maps: Mutex::new(Vec::new()),
+            trampoline,
         })
+    }
+
+    /// A space mapping [`FILE`] at `base` that has no uretprobe trampoline.
+    pub fn with_file_no_trampoline(id: u64, base: u64) -> Arc<Self> {
+        Self::build(id, base, file_bytes(), None)
     }
 
     /// A space that maps [`FILE`] (whole) at `base`.
@@ -109,6 +121,19 @@ impl AddressSpace for MemSpace {
     fn mappings(&self) -> Vec<FileMapping> {
         self.maps.lock().unwrap().clone()
     }
+    fn return_trampoline(&self) -> Option<u64> {
+        self.trampoline
+    }
+}
+
+fn xol_base(id: u64) -> u64 {
+    0x7fff_0000_0000 + id * 0x10000
+}
+
+/// The trampoline address [`MemSpace::new`] gives space `id`: past its 16
+/// XOL slots.
+pub fn trampoline_of(id: u64) -> u64 {
+    xol_base(id) + 0x8000
 }
 
 pub type Registry = UprobeRegistry<X86_64, MemSpace>;
@@ -202,5 +227,139 @@ pub fn step_trap_ip(plan: &rcu_registry::probes::arch::XolPlan, len: u64) -> u64
     match plan.step_marker {
         Some(marker) => marker + 1,
         None => plan.step_entry + len,
+    }
+}
+
+/// Function entries of the file for return-handler tests: `f0` is the
+/// `push rbp` at 0 (emulated); `f1`, `f2`, `f3` are `nop`s (emulated) past
+/// the instruction samples.
+pub const FN0: u64 = OFF_PUSH;
+pub const FN1: u64 = 0x20;
+pub const FN2: u64 = 0x28;
+pub const FN3: u64 = 0x30;
+
+/// One simulated thread making calls in a space: its stack memory, its
+/// stack pointer, and the entry stack pointers of the calls it is in.
+pub struct SimThread {
+    pub stack: Stack,
+    pub sp: u64,
+    frames: Vec<u64>,
+}
+
+/// Where a simulated `ret` went.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ret {
+    /// Straight to this address (the return address was not hijacked).
+    Direct(u64),
+    /// Through the trampoline; `on_return` sent the thread to this address.
+    Trampoline(u64),
+}
+
+impl SimThread {
+    pub fn new() -> Self {
+        SimThread {
+            stack: Stack::new(),
+            sp: Stack::top(),
+            frames: Vec::new(),
+        }
+    }
+
+    /// Calls the function at `func` from `ret_addr`: pushes the return
+    /// address, then traps on the entry breakpoint. Returns the outcome and
+    /// the registers after the hit.
+    pub fn call(
+        &mut self,
+        reg: &Registry,
+        space: &MemSpace,
+        func: u64,
+        ret_addr: u64,
+    ) -> rcu_registry::probes::kprobe::HitOutcome<'static> {
+        self.sp -= 8;
+        self.stack.write(self.sp, &ret_addr.to_le_bytes()).unwrap();
+        self.enter(reg, space, func)
+    }
+
+    /// Jumps to `func` from the current function after its epilogue (a tail
+    /// call): the stack pointer is back at the current call's entry value.
+    pub fn tail_call(
+        &mut self,
+        reg: &Registry,
+        space: &MemSpace,
+        func: u64,
+    ) -> rcu_registry::probes::kprobe::HitOutcome<'static> {
+        self.sp = self.frames.pop().expect("a tail call from inside a call");
+        self.enter(reg, space, func)
+    }
+
+    fn enter(
+        &mut self,
+        reg: &Registry,
+        space: &MemSpace,
+        func: u64,
+    ) -> rcu_registry::probes::kprobe::HitOutcome<'static> {
+        self.frames.push(self.sp);
+        let mut regs = trap_regs(func);
+        regs.sp = self.sp;
+        let out = match reg.on_breakpoint(space.id, &mut regs, &mut self.stack) {
+            rcu_registry::probes::uprobe::UprobeOutcome::Done(o) => o,
+            rcu_registry::probes::uprobe::UprobeOutcome::SingleStep(s) => {
+                panic!(
+                    "function entries here are emulated, got a step {:?}",
+                    s.plan()
+                )
+            }
+        };
+        // The body runs; its stack use is balanced by its epilogue.
+        self.sp = regs.sp;
+        out
+    }
+
+    /// The return address the innermost call would return to now.
+    pub fn return_slot(&self) -> u64 {
+        let sp = *self.frames.last().expect("inside a call");
+        let mut b = [0u8; 8];
+        self.stack.read(sp, &mut b).unwrap();
+        u64::from_le_bytes(b)
+    }
+
+    /// The innermost call returns `retval` (epilogue, then `ret`): a return
+    /// into the trampoline goes through `on_return`.
+    pub fn ret(&mut self, reg: &Registry, space: &MemSpace, retval: u64) -> Ret {
+        let target = self.return_slot();
+        let entry_sp = self.frames.pop().expect("inside a call");
+        self.sp = entry_sp + 8;
+        if Some(target) != space.trampoline {
+            return Ret::Direct(target);
+        }
+        let mut regs = Regs {
+            ip: target,
+            sp: self.sp,
+            ..Regs::default()
+        };
+        regs.gprs[0] = retval; // rax
+        match reg.on_return(space.id, &mut regs) {
+            rcu_registry::probes::kprobe::ReturnOutcome::Returned { to } => {
+                assert_eq!(regs.ip, to);
+                Ret::Trampoline(to)
+            }
+            rcu_registry::probes::kprobe::ReturnOutcome::NotOurs => {
+                panic!(
+                    "returned into the trampoline with no instance for sp {:#x}",
+                    self.sp
+                )
+            }
+        }
+    }
+
+    /// The innermost call is left without returning (`longjmp` to its
+    /// caller): its frame is gone, its return address never used.
+    pub fn abandon_innermost(&mut self) {
+        let entry_sp = self.frames.pop().expect("inside a call");
+        self.sp = entry_sp + 8;
+    }
+
+    /// Calls the thread is in.
+    pub fn depth(&self) -> usize {
+        self.frames.len()
     }
 }

@@ -10,9 +10,26 @@
 //! address, with its XOL plan) in the uprobe's array of installs. All are
 //! lock-free [`SeqTree`](crate::seqtree::SeqTree) lookups or loads of
 //! [`RcuCell`](crate::rcu::RcuCell)s (the install is found in the uprobe's
-//! short per-space array, not in a second tree); nothing is allocated (the one
-//! exception is the first read section a thread ever enters in an `Srcu`
-//! domain, which registers the thread).
+//! short per-space array, not in a second tree); nothing is allocated (the
+//! exceptions: the first read section a thread ever enters in an `Srcu`
+//! domain, which registers the thread, and a thread's first tracked call in
+//! a space, which allocates its return stack, see `returns.rs`).
+//!
+//! # Re-entrancy
+//!
+//! A hit on a thread already running uprobe handlers (a handler, filter or
+//! return handler called probed code) runs no consumer code: it counts
+//! `nmissed` on the uprobe and completes the displaced instruction
+//! (`reentry.rs`). The flag is up from before the first consumer runs until
+//! the return is tracked.
+//!
+//! # Return tracking
+//!
+//! After the handlers, if a consumer wants the call's return (and none asked
+//! to skip the instruction: a handler that moved the IP may be emulating the
+//! return itself), the return address is hijacked and an instance pushed on
+//! the thread's stack (`returns.rs`). Then the displaced instruction runs as
+//! usual.
 //!
 //! # Outcomes
 //!
@@ -25,6 +42,7 @@
 //! slot outlives it. Uprobe consumers have no post handler.
 
 use super::consumer::{ConsumerAction, UprobeHit};
+use super::reentry::HandlerScope;
 use super::registry::{slice, Install, SpaceState, Uprobe, UprobeRegistry};
 use super::space::{AddressSpace, SpaceId, UprobeKey};
 use crate::probes::arch::{
@@ -112,6 +130,11 @@ impl<F: Flavor> UprobeRef<F> {
         let g = self.0.consumers.domain().read();
         slice(self.0.consumers.load(&g)).len()
     }
+
+    /// Missed hits and returns (see [`UprobeRegistry::nmissed`]).
+    pub fn nmissed(&self) -> u64 {
+        self.0.nmissed()
+    }
 }
 
 /// A resolved hit: the space's state, the key, the uprobe, the install.
@@ -161,8 +184,13 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// Runs the consumers' handlers in registration order (those whose
     /// filter wants `space`, and that did not ask for removal) with
     /// `regs.ip` at the probed address, inside a read section of the
-    /// domain (they may sleep with the default `Srcu`), then completes the
-    /// displaced instruction or says how to.
+    /// domain (they may sleep with the default `Srcu`), hijacks the return
+    /// address when a consumer has a return handler (see
+    /// [`on_return`](Self::on_return)), then completes the displaced
+    /// instruction or says how to.
+    ///
+    /// On a thread already running uprobe handlers, runs none (`nmissed`)
+    /// and only completes the displaced instruction.
     pub fn on_breakpoint<'r>(
         &'r self,
         space: SpaceId,
@@ -171,17 +199,43 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     ) -> UprobeOutcome<'r, F> {
         let vaddr = self.arch.trap_address(regs);
         let guard = self.domain.read();
-        let (key, up, install) = match self.resolve(&guard, space, vaddr) {
-            Ok((_, k, u, i)) => (k, u, *i),
+        let (st, key, up, install) = match self.resolve(&guard, space, vaddr) {
+            Ok((st, k, u, i)) => (st, k, u, *i),
             Err(st) => return UprobeOutcome::Done(self.miss(st, vaddr, regs)),
         };
         regs.ip = vaddr;
-        let hit = UprobeHit { space, vaddr, key };
-        for c in slice(up.consumers.load(&guard)) {
-            if c.run(&hit, regs) == ConsumerAction::SkipInstruction {
-                return UprobeOutcome::Done(HitOutcome::Skipped);
+        match HandlerScope::enter() {
+            Some(_scope) => {
+                let hit = UprobeHit { space, vaddr, key };
+                let list = slice(up.consumers.load(&guard));
+                let mut wants_return = false;
+                for m in list {
+                    let ran = m.run(&hit, regs);
+                    if ran.action == ConsumerAction::SkipInstruction {
+                        return UprobeOutcome::Done(HitOutcome::Skipped);
+                    }
+                    wants_return |= ran.wants_return;
+                }
+                if wants_return {
+                    let last_seq = list.last().map_or(0, |m| m.seq);
+                    self.track_return(st, up, key, vaddr, last_seq, regs, mem);
+                }
             }
+            None => up.count_missed(),
         }
+        self.complete(&install, guard, regs, mem)
+    }
+
+    /// Completes the displaced instruction: emulated, boosted from its
+    /// slot, or set up for a single-step that keeps `guard`.
+    #[inline]
+    fn complete<'r>(
+        &'r self,
+        install: &Install,
+        guard: F::Guard<'r>,
+        regs: &mut Regs,
+        mem: &mut dyn DataMemory,
+    ) -> UprobeOutcome<'r, F> {
         let Some(plan) = install.plan else {
             return UprobeOutcome::Done(match self.arch.emulate(&install.insn, regs, mem) {
                 Ok(()) => HitOutcome::Emulated,

@@ -16,10 +16,26 @@
 //!
 //! Each uprobe carries the [`Consumer`]s registered on it, in registration
 //! order, in an [`RcuCell`](crate::rcu::RcuCell) replaced whole by writers
-//! (read-copy-update). A consumer has a handler and an optional filter that
-//! says which address spaces it wants; a handler may ask to be removed. The
-//! hit path and the handlers run in a read section of the registry's
-//! domain, [`Srcu`](crate::rcu::Srcu) by default, so handlers may sleep.
+//! (read-copy-update). A consumer has a handler, a return handler, or both,
+//! and an optional filter that says which address spaces it wants (for hits
+//! and returns alike); a handler may ask to be removed. The hit path and
+//! the handlers run in a read section of the registry's domain,
+//! [`Srcu`](crate::rcu::Srcu) by default, so handlers may sleep. A hit on a
+//! thread already running uprobe handlers runs none and counts `nmissed`.
+//!
+//! # Return handlers (uretprobes)
+//!
+//! A consumer with a return handler must sit on a function's entry. A hit
+//! there hijacks the return address to the space's trampoline
+//! ([`AddressSpace::return_trampoline`]) and pushes a return instance on the
+//! thread's stack for the space (bounded by
+//! [`max_return_depth`](UprobeRegistry::max_return_depth)); the return into
+//! the trampoline goes to [`UprobeRegistry::on_return`], which runs the
+//! return handlers and restores the real return address. Nested, recursive
+//! and chained (tail-call) returns come back in LIFO order; a consumer
+//! removed while calls are in flight is not called after its `unregister`
+//! returned, and the calls still return to the right address. See
+//! `returns.rs`.
 //!
 //! # Address spaces
 //!
@@ -59,10 +75,16 @@
 mod consumer;
 mod hit;
 mod mmap;
+mod reentry;
 mod registry;
+mod returns;
 mod space;
+mod unregister;
 
-pub use consumer::{Consumer, ConsumerAction, Filter, Handler, UprobeHit};
+pub use consumer::{
+    Consumer, ConsumerAction, ConsumerBuilder, Filter, Handler, RetHandler, UprobeHit, UprobeReturn,
+};
 pub use hit::{UprobeOutcome, UprobeRef, UprobeStep};
 pub use registry::{UprobeRegistry, DEFAULT_FILE_STRIPES};
+pub use returns::DEFAULT_MAX_RETURN_DEPTH;
 pub use space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};

@@ -15,7 +15,8 @@
 //! memory's and the XOL allocator's own locks). Only one file stripe is held
 //! at a time. The hit path takes none of these.
 
-use super::consumer::Consumer;
+use super::consumer::{Consumer, Member};
+use super::returns::Returns;
 use super::space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};
 use crate::hashlock::HashedLocks;
 use crate::probes::arch::{Arch, Insn, InsnClass, XolPlan, MAX_INSN_BYTES};
@@ -24,6 +25,7 @@ use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
 use crate::rcu::{Flavor, RcuCell, Srcu};
 use crate::seqtree::SeqTree;
+use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::{Arc, Mutex};
 
 /// File stripes of the per-file lock array. The seed's 13 mutexes were one
@@ -33,16 +35,19 @@ pub const DEFAULT_FILE_STRIPES: usize = 64;
 
 /// One uprobe: its consumers and the file's bytes at its offset.
 pub(crate) struct Uprobe<F: Flavor> {
-    /// Registration order; replaced whole (read-copy-update) by writers
-    /// holding the file stripe.
-    pub(crate) consumers: RcuCell<Box<[Consumer]>, F>,
+    /// Registration order (ascending sequence numbers); replaced whole
+    /// (read-copy-update) by writers holding the file stripe.
+    pub(crate) consumers: RcuCell<Box<[Member]>, F>,
     /// The original bytes at the offset, learned from the first mapping the
     /// uprobe was validated against; `None` until then. Written and read
     /// only under the file stripe.
     orig: Mutex<Option<CodeBytes>>,
     /// Offset of the enclosing function's first instruction, if the
     /// registration named it (for the instruction-boundary check).
-    func_offset: Option<u64>,
+    pub(super) func_offset: Option<u64>,
+    /// Hits whose handlers could not run (re-entered) and calls whose
+    /// return could not be tracked (see `returns.rs`).
+    nmissed: AtomicU64,
     /// Where the breakpoint is installed, for the hit path: a short
     /// array (one entry per space mapping the offset) replaced whole by
     /// writers holding the file stripe. Mirrors the spaces' install trees,
@@ -59,6 +64,19 @@ pub(crate) struct Placed {
 }
 
 impl<F: Flavor> Uprobe<F> {
+    /// Counts a missed hit or return.
+    #[cold]
+    pub(crate) fn count_missed(&self) {
+        // Relaxed: a statistic; no memory is published through it.
+        self.nmissed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Hits and returns missed so far.
+    pub(crate) fn nmissed(&self) -> u64 {
+        // Relaxed: as in `count_missed`.
+        self.nmissed.load(Ordering::Relaxed)
+    }
+
     /// The install at `vaddr` in `space`, inside `guard`.
     #[inline]
     pub(crate) fn placed_at<'g>(
@@ -122,6 +140,11 @@ pub struct UprobeRegistry<A: Arch, S: AddressSpace, F: Flavor = Srcu> {
     pub(crate) uprobes: SeqTree<UprobeKey, Uprobe<F>, F>,
     pub(crate) spaces: SeqTree<SpaceId, Arc<SpaceState<S, F>>, F>,
     pub(super) files: HashedLocks<FileId, Mutex<()>>,
+    /// Source of consumer sequence numbers (see [`Member`]).
+    next_seq: AtomicU64,
+    /// Return tracking: the depth limit and this registry's identity in
+    /// the threads' return-instance stacks.
+    pub(super) returns: Returns,
 }
 
 /// The slice in an optional boxed slice (empty if absent).
@@ -131,13 +154,13 @@ pub(crate) fn slice<T, B: core::ops::Deref<Target = [T]>>(b: Option<&B>) -> &[T]
 
 /// A space that maps a uprobe's offset: its state, the address there, the
 /// mapping.
-type Target<S, F> = (Arc<SpaceState<S, F>>, u64, FileMapping);
+pub(super) type Target<S, F> = (Arc<SpaceState<S, F>>, u64, FileMapping);
 
 /// An install done by a registration in progress: space, address, whether
 /// a breakpoint was written (undone on failure).
 type Done<S, F> = (Arc<SpaceState<S, F>>, u64, bool);
 
-fn site(key: UprobeKey) -> ProbeSite {
+pub(super) fn site(key: UprobeKey) -> ProbeSite {
     ProbeSite::File {
         dev: key.file.dev,
         inode: key.file.inode,
@@ -162,7 +185,18 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             domain,
             files: HashedLocks::new(DEFAULT_FILE_STRIPES)
                 .expect("DEFAULT_FILE_STRIPES is a valid stripe count"),
+            next_seq: AtomicU64::new(0),
+            returns: Returns::new(super::DEFAULT_MAX_RETURN_DEPTH),
         }
+    }
+
+    /// Missed hits and returns of the uprobe at `key` (0 if there is none):
+    /// hits on a thread already running uprobe handlers, calls not tracked
+    /// for return handlers (depth limit, no trampoline, unreadable return
+    /// address), returns on a thread already running uprobe handlers.
+    pub fn nmissed(&self, key: UprobeKey) -> u64 {
+        let g = self.domain.read();
+        self.uprobes.get(&g, &key).map_or(0, |u| u.nmissed())
     }
 
     /// The domain handlers run in.
@@ -218,7 +252,10 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// # Errors
     /// [`ProbeError::NoHandler`]; [`ProbeError::AlreadyRegistered`] for a
     /// consumer already on `key`; [`ProbeError::OffsetOutsideMapping`] when
-    /// the file is mapped but no mapping covers `key.offset`; and what
+    /// the file is mapped but no mapping covers `key.offset`;
+    /// [`ProbeError::NotAtFunctionEntry`] for a consumer with a return
+    /// handler (this form names no function: use
+    /// [`register_in_function`](Self::register_in_function)); and what
     /// installing into a space reports (unsupported instruction, someone
     /// else's patch, a text failure). On error nothing changed: no
     /// breakpoint stays written, the registry is as before.
@@ -230,8 +267,18 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// instruction boundary by decoding from `func_offset` (the enclosing
     /// function's first instruction) in the first mapping validated against.
     ///
+    /// A consumer with a return handler must be registered this way, with
+    /// `func_offset == key.offset`: the uprobe is then at the function's
+    /// entry, where the return address is where the arch backend hijacks it.
+    ///
     /// # Errors
-    /// As `register`, plus [`ProbeError::NotOnInstructionBoundary`].
+    /// As `register`, plus [`ProbeError::NotOnInstructionBoundary`]. For a
+    /// consumer with a return handler: [`ProbeError::NotAtFunctionEntry`]
+    /// (`addr` and `func_start` are *file offsets*) when `func_offset` is
+    /// not `key.offset` or an earlier registration placed `key.offset`
+    /// inside another function, and [`ProbeError::NoReturnTrampoline`] when
+    /// a space the consumer wants that maps the offset has no
+    /// [`return_trampoline`](AddressSpace::return_trampoline).
     pub fn register_in_function(
         &self,
         key: UprobeKey,
@@ -259,6 +306,17 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         }
         // Where the uprobe would go, before anything changes.
         let targets = self.mapped_targets(key)?;
+        if consumer.has_ret_handler() {
+            let known = existing.as_ref().and_then(|u| u.func_offset);
+            self.check_return_site(key, func_offset, known, &targets, consumer)?;
+        }
+        // Relaxed: the number's uniqueness and order come from the
+        // counter's modification order and the file stripe we hold; it is
+        // published to readers with the consumer list (a release store).
+        let member = Member {
+            consumer: consumer.clone(),
+            seq: self.next_seq.fetch_add(1, Ordering::Relaxed),
+        };
         let (up, fresh) = match existing {
             Some(up) => (up, false),
             None => {
@@ -266,24 +324,25 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 // has an empty list.
                 let u = Uprobe {
                     consumers: RcuCell::new_in(
-                        vec![consumer.clone()].into_boxed_slice(),
+                        vec![member.clone()].into_boxed_slice(),
                         self.domain.clone(),
                     ),
                     orig: Mutex::new(None),
                     func_offset,
+                    nmissed: AtomicU64::new(0),
                     placed: RcuCell::new_in(Box::new([]), self.domain.clone()),
                 };
                 (self.uprobes.get_or_insert_handle_with(key, || u), true)
             }
         };
-        let old: Vec<Consumer> = if fresh {
+        let old: Vec<Member> = if fresh {
             Vec::new()
         } else {
             let g = self.domain.read();
             slice(up.consumers.load(&g)).to_vec()
         };
         let mut new = old.clone();
-        new.push(consumer.clone());
+        new.push(member);
         let mut done = Vec::new();
         for (st, vaddr, map) in &targets {
             let id = st.space.id();
@@ -534,91 +593,5 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         up.update_placed(None, Some((st.space.id(), vaddr)));
         st.installs.remove(&vaddr);
         self.free_slot_later(st, rec.plan);
-    }
-
-    /// Removes `consumer` from the uprobe at `key`. When it was the last
-    /// one, the breakpoints come out of every space and the uprobe goes.
-    /// Waits for a grace period: when this returns, no handler of
-    /// `consumer` runs for `key` any more.
-    ///
-    /// # Errors
-    /// [`ProbeError::UnknownProbe`] if `consumer` is not registered on `key`
-    /// (nothing changes).
-    ///
-    /// # Panics
-    /// If called inside a read section of the domain (from a handler).
-    pub fn unregister(&self, key: UprobeKey, consumer: &Consumer) -> Result<(), ProbeError> {
-        self.unregister_locked(key, consumer)?;
-        self.domain.synchronize();
-        Ok(())
-    }
-
-    fn unregister_locked(&self, key: UprobeKey, consumer: &Consumer) -> Result<(), ProbeError> {
-        let _file = self.files.lock(&key.file);
-        let unknown = || ProbeError::UnknownProbe { site: site(key) };
-        let up = self.uprobes.get_handle(&key).ok_or_else(unknown)?;
-        let old: Vec<Consumer> = {
-            let g = self.domain.read();
-            up.consumers.load(&g).map_or_else(Vec::new, |l| l.to_vec())
-        };
-        let Some(pos) = old.iter().position(|c| c.same(consumer)) else {
-            return Err(unknown());
-        };
-        let mut new = old.clone();
-        new.remove(pos);
-        // Spaces no remaining consumer wants lose the breakpoint.
-        let g = self.domain.read();
-        for (_, st) in self.spaces.iter(&g) {
-            let id = st.space.id();
-            if new.iter().any(|c| c.wants(id)) {
-                continue;
-            }
-            let vaddrs: Vec<u64> = st
-                .installs
-                .iter(&g)
-                .filter(|(_, i)| i.key == key)
-                .map(|(v, _)| *v)
-                .collect();
-            for v in vaddrs {
-                self.uninstall(up.value(), st, v, true);
-            }
-        }
-        drop(g);
-        if new.is_empty() {
-            self.uprobes.remove(&key);
-        } else {
-            up.consumers.replace(new.into_boxed_slice());
-        }
-        Ok(())
-    }
-
-    /// Unregisters every consumer whose handler asked for removal
-    /// ([`ConsumerAction::Remove`](super::ConsumerAction::Remove)); one
-    /// grace period for all. Returns how many were removed.
-    ///
-    /// # Panics
-    /// If called inside a read section of the domain.
-    #[cold]
-    pub fn reap_removed(&self) -> usize {
-        let flagged: Vec<(UprobeKey, Consumer)> = {
-            let g = self.domain.read();
-            self.uprobes
-                .iter(&g)
-                .flat_map(|(k, u)| {
-                    slice(u.consumers.load(&g))
-                        .iter()
-                        .filter(|c| c.is_removed())
-                        .map(move |c| (*k, c.clone()))
-                })
-                .collect()
-        };
-        let n = flagged
-            .iter()
-            .filter(|(k, c)| self.unregister_locked(*k, c).is_ok())
-            .count();
-        if n > 0 {
-            self.domain.synchronize();
-        }
-        n
     }
 }

@@ -93,4 +93,15 @@ pub trait AddressSpace: Send + Sync + 'static {
 
     /// The space's current file mappings, as the space itself sees them.
     fn mappings(&self) -> Vec<FileMapping>;
+
+    /// The address of the space's uretprobe trampoline: code at which a
+    /// hijacked call returns and traps (an `int3` / `brk` in the space's
+    /// XOL area, as the kernel places it), after which the runtime calls
+    /// [`UprobeRegistry::on_return`](super::UprobeRegistry::on_return).
+    /// `None` (the default): the space cannot track returns; consumers with
+    /// a return handler are refused for it at registration and its calls
+    /// are counted missed.
+    fn return_trampoline(&self) -> Option<u64> {
+        None
+    }
 }
