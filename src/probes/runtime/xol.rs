@@ -25,7 +25,7 @@
 //! serializing on x86), so it never sees stale bytes. Unused slot bytes are
 //! `int3`, so a stray jump into a slot traps rather than runs garbage.
 //!
-//! # A slot is never rewritten with other code
+//! # When a freed slot may run other code
 //!
 //! A thread may still run a slot after the probe that owns it is gone: it
 //! trapped just before the breakpoint was removed, the handler pointed it at
@@ -41,26 +41,62 @@
 //!
 //! The area's [`quiesce`](XolAllocator::quiesce), which the registry calls
 //! for retired boosted slots after the grace period of `unregister` /
-//! `commit`, is the process's stand-in: it signals every other thread and
-//! returns once each has been seen with its IP outside those slots (see
-//! `quiesce.rs`), so `commit` returns only when no thread is still in them.
-//! The wait is bounded ([`QUIESCE_TIMEOUT`](super::QUIESCE_TIMEOUT)): a
-//! thread that blocks the signal cannot be observed, and such threads are
-//! counted in [`XolStats::quiesce_fallbacks`].
+//! `commit` and before it frees them, is the process's stand-in: it signals
+//! every other thread and returns once each has been seen with its IP
+//! outside those slots (see `quiesce.rs`), so `commit` returns only when no
+//! thread is still in them. The wait is bounded
+//! ([`QUIESCE_TIMEOUT`](super::QUIESCE_TIMEOUT)) and cannot observe every
+//! thread, so each slot ends in one of two ways.
 //!
-//! For them, and as a second line for everyone, the area also makes the
-//! question moot: a slot is bound to the
-//! probed address it was first allocated for, and a freed slot is handed out
-//! again only for that same address, where the registry plans the same
-//! instruction and fills the same bytes. A thread that wakes up in a stale
-//! slot runs exactly the code it was sent to run and jumps back to the
-//! instruction after the (restored) original. The cost is one slot per
-//! distinct address ever probed, kept for the life of the process.
-//! (Code that is itself replaced at the same address, as a JIT might, is
-//! outside this guarantee: the stale thread would also jump back into the
-//! new code.)
+//! **Recycled**, when the wait *proved* quiescence
+//! ([`QuiesceReport::proves_quiescence`](super::QuiesceReport::proves_quiescence)):
+//! every other thread was seen, after the grace period, outside the slots
+//! and in no other signal handler (empty interrupted mask), or had exited.
+//! The argument, step by step:
+//!
+//! 1. Only a trap on the site's breakpoint sends a thread into a slot, from
+//!    inside an `Rcu` read section that looked the site up. The breakpoint
+//!    was removed and the site unlinked before the grace period, so once it
+//!    has passed no thread will be sent there again, and every thread that
+//!    was sent there already existed.
+//! 2. The wait lists the threads *after* the grace period, so it asks every
+//!    thread that can be in the slot (a thread created later was never sent
+//!    there; the slot's instruction cannot be `syscall`, so no thread is
+//!    born in it).
+//! 3. Each ack is an IP read after the wait's round began (the generation
+//!    protocol, loom-checked), i.e. after the grace period. A thread seen
+//!    outside, with no handler under way that interrupted it (the mask
+//!    test), has left the slot or never entered it, and by 1 it never
+//!    enters it again. A thread that exited runs nothing.
+//! 4. Hence when every thread is accounted for so, nothing can execute the
+//!    slot after `quiesce` returns: the registry's later
+//!    [`free`](XolAllocator::free) puts it back on its chunk's free list
+//!    (bytes reset to `int3`), for **any** address, after the grace period
+//!    as the registry requires.
+//!
+//! The area marks the slots of a proving wait and recycles exactly those
+//! when they are freed ([`XolStats::recycled`]).
+//!
+//! **Parked**, in every other case: a thread timed out, blocked the signal,
+//! may be inside another handler, or the slot was freed without a proving
+//! wait (slots planned for single-stepping, whose threads the registry
+//! counts instead, are never passed to `quiesce`). Such a slot is bound to
+//! the probed address it was first allocated for, and handed out again only
+//! for that same address, where the registry plans the same instruction and
+//! fills the same bytes ([`XolStats::parked_frees`]). A thread that wakes up
+//! in a stale slot runs exactly the code it was sent to run and jumps back
+//! to the instruction after the (restored) original. The cost is one slot
+//! per such address, kept for the life of the process. (Code that is itself
+//! replaced at the same address, as a JIT might, is outside this guarantee:
+//! the stale thread would also jump back into the new code.) A parked slot
+//! handed out again for its address and then retired by a proving wait is
+//! recycled like any other.
+//!
+//! This relaxes, for the live area only, the
+//! [reuse rule](crate::probes::kprobe::XolAllocator#reuse-rule) of the
+//! allocator trait, which assumes no such proof exists.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use super::maps::Maps;
@@ -99,7 +135,8 @@ struct Chunk {
     exec: u64,
     /// Where they are written (read-write).
     write: *mut u8,
-    /// Free slot indices, lowest last (popped first).
+    /// Free slot indices, popped from the end: never-used ones lowest
+    /// last at first, recycled ones pushed back on top.
     free: Vec<u32>,
     _fd: OwnedFd,
 }
@@ -112,10 +149,17 @@ struct Areas {
     chunks: Vec<Chunk>,
     /// Slot handed out -> the probed address it is bound to.
     bound: HashMap<u64, u64>,
-    /// Freed slots, by the probed address they stay bound to.
-    parked: HashMap<u64, u64>,
+    /// Freed slots no wait proved unused, by the probed address they stay
+    /// bound to (several when the same address had several slots at once,
+    /// e.g. re-registered before the old slot was freed).
+    parked: HashMap<u64, Vec<u64>>,
+    /// Slots handed out that a proving quiescence wait has retired: free
+    /// recycles them.
+    proven: HashSet<u64>,
     allocs: u64,
     frees: u64,
+    recycled: u64,
+    parked_frees: u64,
     far_allocs: u64,
     quiesce_waits: u64,
     quiesce_fallbacks: u64,
@@ -144,19 +188,27 @@ pub struct XolStats {
     pub chunks: usize,
     /// Slots handed out and not yet freed.
     pub in_use: usize,
-    /// Freed slots kept for the address they were bound to.
+    /// Freed slots kept for the address they were bound to (now).
     pub parked: usize,
+    /// Slots on the chunks' free lists, for any address (now).
+    pub free: usize,
     /// Successful allocations so far.
     pub allocs: u64,
-    /// Frees so far.
+    /// Frees so far: [`recycled`](Self::recycled) plus
+    /// [`parked_frees`](Self::parked_frees).
     pub frees: u64,
+    /// Frees that put the slot back on a free list, for any address: a
+    /// quiescence wait had proved no thread can execute it.
+    pub recycled: u64,
+    /// Frees that parked the slot for its address (no proving wait).
+    pub parked_frees: u64,
     /// Allocations that found no chunk within reach (absolute jump back).
     pub far_allocs: u64,
     /// Quiescence waits run for retired boosted slots.
     pub quiesce_waits: u64,
-    /// Threads not seen outside the retired slots (they block the signal,
-    /// or the wait timed out; summed over all waits): for them only the
-    /// reuse rule holds.
+    /// Threads not proven outside the retired slots (they block the
+    /// signal, the wait timed out, or they may be inside another signal
+    /// handler; summed over all waits): a wait with any parks its slots.
     pub quiesce_fallbacks: u64,
 }
 
@@ -177,8 +229,11 @@ impl XolArea {
                 chunks: Vec::new(),
                 bound: HashMap::new(),
                 parked: HashMap::new(),
+                proven: HashSet::new(),
                 allocs: 0,
                 frees: 0,
+                recycled: 0,
+                parked_frees: 0,
                 far_allocs: 0,
                 quiesce_waits: 0,
                 quiesce_fallbacks: 0,
@@ -209,9 +264,12 @@ impl XolArea {
         XolStats {
             chunks: a.chunks.len(),
             in_use: a.bound.len(),
-            parked: a.parked.len(),
+            parked: a.parked.values().map(Vec::len).sum(),
+            free: a.chunks.iter().map(|c| c.free.len()).sum(),
             allocs: a.allocs,
             frees: a.frees,
+            recycled: a.recycled,
+            parked_frees: a.parked_frees,
             far_allocs: a.far_allocs,
             quiesce_waits: a.quiesce_waits,
             quiesce_fallbacks: a.quiesce_fallbacks,
@@ -346,7 +404,7 @@ fn map_exec_near(fd: &OwnedFd, near: u64) -> Option<u64> {
 impl XolAllocator for XolArea {
     fn alloc(&self, near: u64) -> Result<u64, ProbeError> {
         let mut a = self.lock();
-        if let Some(slot) = a.parked.remove(&near) {
+        if let Some(slot) = take_parked(&mut a.parked, near) {
             a.bound.insert(slot, near);
             a.allocs += 1;
             return Ok(slot);
@@ -396,11 +454,12 @@ impl XolAllocator for XolArea {
         let (ci, si) = self.locate(&a, slot).ok_or_else(bad)?;
         let off = si * self.slot_size;
         let c = &a.chunks[ci];
-        // SAFETY: `off + slot_size <= CHUNK_BYTES` (locate checked the slot index); the write view
-        // is ours and the slot is allocated to the caller: either fresh (no thread was ever sent
-        // there) or parked for this same address, which the registry refills with the very bytes it
-        // holds, so a thread still in it from a boosted run sees no change (module docs).
-        // (SAFETY argument: the comment above.)
+        // (The argument for the write below: the slot is allocated to the caller and is either
+        // fresh (no thread was ever sent there), recycled after a wait that proved no thread can
+        // execute it, or parked for this same address, which the registry refills with the very
+        // bytes it holds, so a thread still in it from a boosted run sees no change; module docs.)
+        // SAFETY: `off + slot_size <= CHUNK_BYTES` (locate checked the slot index), the write view
+        // is ours, and no thread runs bytes that change (the argument above).
         unsafe {
             let dst = c.write.add(off);
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len());
@@ -415,9 +474,16 @@ impl XolAllocator for XolArea {
             debug_assert!(false, "XOL slot {slot:#x} freed but not allocated");
             return;
         };
-        // Parked for its address, never back on a free list (module docs).
-        a.parked.insert(near, slot);
         a.frees += 1;
+        if a.proven.remove(&slot) {
+            // A proving wait retired it: no thread can execute it (module
+            // docs), so it may hold other code.
+            self.recycle(&mut a, slot);
+        } else {
+            // Parked for its address (module docs).
+            a.parked.entry(near).or_default().push(slot);
+            a.parked_frees += 1;
+        }
     }
 
     #[cold]
@@ -429,9 +495,54 @@ impl XolAllocator for XolArea {
         let ranges: Vec<_> = slots.iter().map(|&s| s..s + len).collect();
         // Outside the area's lock: the wait sleeps.
         let report = super::quiesce::quiesce(&ranges, super::quiesce::QUIESCE_TIMEOUT);
+        self.record_wait(slots, &report);
+    }
+}
+
+/// Pops a slot parked for `near`.
+fn take_parked(parked: &mut HashMap<u64, Vec<u64>>, near: u64) -> Option<u64> {
+    let slots = parked.get_mut(&near)?;
+    let slot = slots.pop();
+    if slots.is_empty() {
+        parked.remove(&near);
+    }
+    slot
+}
+
+impl XolArea {
+    /// Records a quiescence wait over the retired `slots`: if `report`
+    /// proves quiescence, the slots still handed out are marked for
+    /// recycling when freed; otherwise they stay as they are (parked when
+    /// freed). A slot proven once stays proven even if a later wait over it
+    /// falls back.
+    #[cold]
+    fn record_wait(&self, slots: &[u64], report: &super::QuiesceReport) {
         let mut a = self.lock();
         a.quiesce_waits += 1;
-        a.quiesce_fallbacks += (report.timed_out + report.blocked) as u64;
+        a.quiesce_fallbacks += report.unproven() as u64;
+        if report.proves_quiescence() {
+            for &s in slots {
+                if a.bound.contains_key(&s) {
+                    a.proven.insert(s);
+                }
+            }
+        }
+    }
+
+    /// Puts `slot`, which no thread can execute, back on its chunk's free
+    /// list with its bytes reset to `int3`.
+    fn recycle(&self, a: &mut Areas, slot: u64) {
+        let Some((ci, si)) = self.locate(a, slot) else {
+            debug_assert!(false, "XOL slot {slot:#x} is not in the area");
+            return;
+        };
+        let c = &mut a.chunks[ci];
+        // No thread executes the slot (the caller's proof): the reset is seen by nobody before
+        // the slot is filled again, and that happens before any trap sends a thread there.
+        // SAFETY: `si * slot_size + slot_size <= CHUNK_BYTES` (locate); the write view is ours.
+        unsafe { std::ptr::write_bytes(c.write.add(si * self.slot_size), INT3, self.slot_size) };
+        c.free.push(si as u32);
+        a.recycled += 1;
     }
 }
 
@@ -439,6 +550,7 @@ impl XolAllocator for XolArea {
 mod tests {
     use super::*;
     use crate::probes::arch::X86_64;
+    use crate::probes::runtime::QuiesceReport;
 
     fn here() -> u64 {
         here as fn() -> u64 as usize as u64
@@ -491,6 +603,97 @@ mod tests {
         assert_eq!(area.alloc(p).unwrap(), a);
         let s = area.stats();
         assert_eq!((s.allocs, s.frees, s.in_use, s.parked), (4, 1, 3, 0));
+    }
+
+    fn proving() -> QuiesceReport {
+        QuiesceReport {
+            threads: 3,
+            exited: 1,
+            ..QuiesceReport::default()
+        }
+    }
+
+    fn slot_bytes(slot: u64) -> Vec<u8> {
+        // SAFETY: the exec view of a live chunk is readable.
+        unsafe { std::slice::from_raw_parts(slot as *const u8, X86_64::XOL_SLOT_SIZE) }.to_vec()
+    }
+
+    #[test]
+    fn a_slot_retired_by_a_proving_wait_is_recycled_for_any_address_and_reset_to_int3() {
+        let area = XolArea::default();
+        let (p, q) = (here(), here() + 2);
+        let a = area.alloc(p).unwrap();
+        area.fill(a, &[0x90, 0x90]).unwrap();
+        let before = area.stats();
+        area.record_wait(&[a], &proving());
+        area.free(a);
+        let s = area.stats();
+        assert_eq!((s.recycled, s.parked_frees, s.parked), (1, 0, 0));
+        assert_eq!((s.in_use, s.free), (0, before.free + 1));
+        assert!(slot_bytes(a).iter().all(|&b| b == INT3));
+        // Another address gets it: the area did not grow.
+        assert_eq!(area.alloc(q).unwrap(), a);
+        assert_eq!(area.stats().free, before.free);
+    }
+
+    #[test]
+    fn a_wait_that_falls_back_parks_its_slots_for_their_address() {
+        for fallback in [
+            QuiesceReport {
+                blocked: 1,
+                ..proving()
+            },
+            QuiesceReport {
+                timed_out: 1,
+                ..proving()
+            },
+            QuiesceReport {
+                nested: 1,
+                ..proving()
+            },
+        ] {
+            let area = XolArea::default();
+            let (p, q) = (here(), here() + 2);
+            let a = area.alloc(p).unwrap();
+            area.record_wait(&[a], &fallback);
+            area.free(a);
+            let s = area.stats();
+            assert_eq!((s.recycled, s.parked_frees, s.parked), (0, 1, 1));
+            assert_eq!(s.quiesce_fallbacks, 1, "{fallback:?}");
+            assert_ne!(area.alloc(q).unwrap(), a, "{fallback:?}");
+            assert_eq!(area.alloc(p).unwrap(), a, "{fallback:?}");
+        }
+    }
+
+    #[test]
+    fn a_proof_covers_only_slots_handed_out_when_it_was_made() {
+        let area = XolArea::default();
+        let p = here();
+        let a = area.alloc(p).unwrap();
+        area.free(a); // parked: no wait
+        let b = area.alloc(p + 2).unwrap();
+        // A proof naming a parked slot and one never handed out changes
+        // nothing: they were not retired by it.
+        area.record_wait(&[a, b + X86_64::XOL_SLOT_SIZE as u64], &proving());
+        assert_eq!(area.alloc(p).unwrap(), a);
+        area.free(a);
+        let s = area.stats();
+        assert_eq!((s.recycled, s.parked_frees), (0, 2));
+    }
+
+    #[test]
+    fn several_slots_parked_for_one_address_are_all_kept() {
+        let area = XolArea::default();
+        let p = here();
+        let (a, b) = (area.alloc(p).unwrap(), area.alloc(p).unwrap());
+        area.free(a);
+        area.free(b);
+        assert_eq!(area.stats().parked, 2);
+        let mut again = [area.alloc(p).unwrap(), area.alloc(p).unwrap()];
+        again.sort_unstable();
+        let mut want = [a, b];
+        want.sort_unstable();
+        assert_eq!(again, want);
     }
 
     #[test]
