@@ -165,7 +165,19 @@ struct Areas {
     quiesce_fallbacks: u64,
 }
 
-/// Executable XOL slots for the live runtime (see the [module docs](self)).
+/// Executable XOL slots for the live runtime, within +/-2 GiB of the
+/// probed code where the address space allows.
+///
+/// A freed slot goes back on the free list, for any address, only if the
+/// [`quiesce`](XolAllocator::quiesce) wait that retired it *proved* that no
+/// thread can execute it any more
+/// ([`QuiesceReport::proves_quiescence`](super::QuiesceReport::proves_quiescence):
+/// every thread seen outside after the grace period, in no other signal
+/// handler). Otherwise it is parked and handed out again only for the
+/// probed address it was allocated for, where it is refilled with the same
+/// bytes, so a thread still in it runs what it was sent to run.
+/// [`XolStats::recycled`] and [`XolStats::parked_frees`] count the two
+/// outcomes. (`xol.rs` spells out the argument.)
 pub struct XolArea {
     slot_size: usize,
     inner: Mutex<Areas>,
