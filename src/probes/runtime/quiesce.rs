@@ -294,14 +294,17 @@ fn signal(sig: libc::c_int, tid: i32) -> bool {
 /// signalled again every [`RESEND_INTERVAL`]; one that exited counts as
 /// quiescent. A thread that keeps the signal blocked is given up on after
 /// about 2 x [`BLOCKED_FOR`] ([`QuiesceReport::blocked`]); threads not seen
-/// outside by the deadline are counted in [`QuiesceReport::timed_out`]. Waits are
-/// serialized process-wide. Empty `ranges` return at once.
+/// outside by the deadline are counted in [`QuiesceReport::timed_out`].
+/// Waits are serialized process-wide. Empty `ranges` return at once.
 ///
 /// Side effect on the signalled threads: a system call the kernel does not
 /// restart after a handler (`poll`, `epoll_wait`, ...) returns `EINTR`.
 /// A thread that was interrupted inside a range by *another* signal and is
 /// still in that handler is seen at the handler's IP (outer frames are not
-/// inspected).
+/// inspected): the wait returns, but such a thread (recognised by its
+/// non-empty interrupted signal mask) is counted in
+/// [`QuiesceReport::nested`], and the report then does not
+/// [prove quiescence](QuiesceReport::proves_quiescence).
 ///
 /// Never call it from a signal handler: it allocates, locks and sleeps.
 pub fn quiesce(ranges: &[Range<u64>], timeout: Duration) -> QuiesceReport {

@@ -269,3 +269,58 @@ impl<const THREADS: usize, const RANGES: usize> Default for AckTable<THREADS, RA
         Self::new()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const R: Range<u64> = 100..200;
+
+    #[test]
+    fn before_any_round_and_for_threads_not_in_it_acks_are_ignored() {
+        let t = AckTable::<2, 1>::new();
+        assert!(!t.ack(5, 0, false), "no round yet");
+        let round = t.publish(&[R], &[5]);
+        assert!(!t.ack(6, 0, false), "not in the round");
+        assert_eq!(t.poll(round, 0), Ack::Pending);
+    }
+
+    #[test]
+    fn each_thread_answers_once_per_round_with_its_side_of_the_ranges() {
+        let t = AckTable::<3, 1>::new();
+        let round = t.publish(&[R], &[1, 2, 3]);
+        assert!(t.ack(1, 150, false));
+        assert!(t.ack(2, 50, false));
+        assert!(t.ack(3, 50, true));
+        assert_eq!(
+            [t.poll(round, 0), t.poll(round, 1), t.poll(round, 2)],
+            [Ack::Inside, Ack::Outside, Ack::OutsideNested]
+        );
+        // A second answer in the same round changes nothing.
+        assert!(!t.ack(2, 150, false));
+        assert_eq!(t.poll(round, 1), Ack::Outside);
+    }
+
+    #[test]
+    fn a_rearmed_entry_takes_the_next_answer() {
+        let t = AckTable::<1, 1>::new();
+        let round = t.publish(&[R], &[1]);
+        assert!(t.ack(1, 150, false));
+        t.rearm(round, 0);
+        assert_eq!(t.poll(round, 0), Ack::Pending);
+        assert!(t.ack(1, 250, false));
+        assert_eq!(t.poll(round, 0), Ack::Outside);
+    }
+
+    #[test]
+    fn a_new_round_starts_every_entry_pending_under_its_own_ranges() {
+        let t = AckTable::<2, 2>::new();
+        let first = t.publish(&[R], &[1, 2]);
+        assert!(t.ack(1, 50, false));
+        let second = t.publish(&[0..10, 40..60], &[2, 1]);
+        assert_ne!(first, second);
+        assert_eq!([t.poll(second, 0), t.poll(second, 1)], [Ack::Pending; 2]);
+        assert!(t.ack(1, 50, false));
+        assert_eq!(t.poll(second, 1), Ack::Inside, "checked against 40..60");
+    }
+}
