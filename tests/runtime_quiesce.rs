@@ -168,25 +168,60 @@ fn mask_signal(sig: libc::c_int, how: libc::c_int) {
     }
 }
 
+/// A thread that blocks a signal until it is stopped or dropped (also when
+/// a test panics: it must not leak into the other tests).
+struct Blocker {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Blocker {
+    /// Returns once the thread has blocked `sig`.
+    fn spawn(sig: libc::c_int) -> Blocker {
+        let stop = Arc::new(AtomicBool::new(false));
+        let blocked = Arc::new(Barrier::new(2));
+        let thread = {
+            let (stop, blocked) = (Arc::clone(&stop), Arc::clone(&blocked));
+            std::thread::spawn(move || {
+                mask_signal(sig, libc::SIG_BLOCK);
+                blocked.wait();
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                // Unblocking delivers the pending signal: harmless.
+                mask_signal(sig, libc::SIG_UNBLOCK);
+            })
+        };
+        blocked.wait();
+        Blocker {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Unblocks and ends the thread.
+    fn stop(mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            t.join().unwrap();
+        }
+    }
+}
+
+impl Drop for Blocker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 #[test]
 fn a_thread_that_blocks_the_signal_is_given_up_on_early_and_counted_as_a_fallback() {
     let _g = serial();
     let sig = quiesce_signal().expect("a free real-time signal");
-    let stop = Arc::new(AtomicBool::new(false));
-    let blocked = Arc::new(Barrier::new(2));
-    let blocker = {
-        let (stop, blocked) = (Arc::clone(&stop), Arc::clone(&blocked));
-        std::thread::spawn(move || {
-            mask_signal(sig, libc::SIG_BLOCK);
-            blocked.wait();
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            // Unblocking delivers the pending signal: harmless.
-            mask_signal(sig, libc::SIG_UNBLOCK);
-        })
-    };
-    blocked.wait();
+    let blocker = Blocker::spawn(sig);
     let t = Instant::now();
     let r = quiesce(&[NOWHERE], QUIESCE_TIMEOUT);
     let waited = t.elapsed();
@@ -204,8 +239,7 @@ fn a_thread_that_blocks_the_signal_is_given_up_on_early_and_counted_as_a_fallbac
     area.quiesce(&[NOWHERE.start]);
     let stats = area.stats();
     assert_eq!((stats.quiesce_waits, stats.quiesce_fallbacks), (1, 1));
-    stop.store(true, Ordering::Relaxed);
-    blocker.join().unwrap();
+    blocker.stop();
     // Once it unblocked, the process is quiescent again.
     let r = quiesce(&[NOWHERE], QUIESCE_TIMEOUT);
     assert_eq!(r.timed_out, 0, "{r:?}");
@@ -389,15 +423,6 @@ fn probe_once(live: &Live, f: unsafe extern "C" fn(u32) -> u32, k: u32) -> XolSt
     }
 }
 
-/// Sets its flag when dropped (also when a test panics).
-struct StopOnDrop(Arc<AtomicBool>);
-
-impl Drop for StopOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Relaxed);
-    }
-}
-
 /// Slots taken out of the free lists: handed out or parked.
 fn footprint(s: &XolStats) -> usize {
     s.in_use + s.parked
@@ -432,23 +457,7 @@ fn a_thread_blocking_the_quiesce_signal_forces_parking_and_the_slot_returns_only
     let sig = quiesce_signal().expect("a free real-time signal");
     let (fa, ka) = BOOSTED[0];
     let (fb, kb) = BOOSTED[1];
-    let stop = Arc::new(AtomicBool::new(false));
-    // A failed assertion must not leave the blocker running into the
-    // other tests.
-    let _stop_on_exit = StopOnDrop(Arc::clone(&stop));
-    let blocked = Arc::new(Barrier::new(2));
-    let blocker = {
-        let (stop, blocked) = (Arc::clone(&stop), Arc::clone(&blocked));
-        std::thread::spawn(move || {
-            mask_signal(sig, libc::SIG_BLOCK);
-            blocked.wait();
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(Duration::from_millis(2));
-            }
-            mask_signal(sig, libc::SIG_UNBLOCK);
-        })
-    };
-    blocked.wait();
+    let blocker = Blocker::spawn(sig);
     let base = live.xol_stats();
     // The blocker cannot be observed: the slot of `fa` is parked.
     let s = probe_once(live, fa, ka);
@@ -464,8 +473,7 @@ fn a_thread_blocking_the_quiesce_signal_forces_parking_and_the_slot_returns_only
     println!("b parked: {s:?}");
     assert_eq!(s.parked, base.parked + 2);
     assert_eq!(footprint(&s), footprint(&base) + 2, "b took another slot");
-    stop.store(true, Ordering::Relaxed);
-    blocker.join().unwrap();
+    blocker.stop();
     // Its own address does get it back; with the blocker gone, the wait
     // proves quiescence and the slot is recycled at last.
     let s = probe_once(live, fa, ka);

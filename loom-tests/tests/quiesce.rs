@@ -26,7 +26,7 @@
 //!    the broken protocol.
 //! 3. `an_outside_verdict_means_the_thread_has_left`: one round; the target
 //!    starts inside and moves out at any point; the waiter re-arms and
-//!    signals again (at most twice) while it is seen inside. Whenever the
+//!    signals again (once) while it is seen inside. Whenever the
 //!    waiter concludes *outside*, the target's IP it then reads is outside
 //!    (the Release CAS / Acquire poll pairing carries the handler's
 //!    observation to the waiter).
@@ -59,18 +59,18 @@
 //!   the preemption bound.
 #![cfg(loom)]
 
+mod seqtree_common;
+
 use std::ops::Range;
 
 use loom::sync::atomic::{AtomicU64, Ordering};
 use loom::sync::Arc;
 use loom::thread;
 use rcu_registry::probes::quiesce_ack::{Ack, AckTable};
-
-/// Bounds the schedules explored so that each model finishes in well under
-/// a minute, while the old round's handler can still be preempted between
-/// its loads and its write (one preemption) and the waiter between its
-/// publishes and polls.
-const DEFAULT_PREEMPTIONS: usize = 3;
+// Preemption bound 3: enough for the old round's handler to be preempted
+// between its loads and its write and the waiter between its steps, and
+// each model still finishes in well under a minute.
+use seqtree_common::model;
 
 const TARGET: i32 = 7;
 const OTHER: i32 = 9;
@@ -82,29 +82,6 @@ const IN_NEW: u64 = 35;
 const AWAY: u64 = 50;
 
 type Table = AckTable<2, 1>;
-
-/// Checks `f` under every schedule within the preemption bound and prints
-/// how many executions that took.
-fn model(f: impl Fn() + Sync + Send + 'static) {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    let mut builder = loom::model::Builder::new();
-    if builder.preemption_bound.is_none() {
-        builder.preemption_bound = Some(DEFAULT_PREEMPTIONS);
-    }
-    // A plain std counter, outside the model's view: counts executions only.
-    let executions = std::sync::Arc::new(AtomicUsize::new(0));
-    let counter = executions.clone();
-    builder.check(move || {
-        counter.fetch_add(1, Ordering::Relaxed);
-        f();
-    });
-    println!(
-        "{} executions (preemption bound {:?})",
-        executions.load(Ordering::Relaxed),
-        builder.preemption_bound
-    );
-}
 
 /// The handler as a thread: reads the target's IP and acks, with the
 /// protocol's CAS or (`broken`) the plain store.
@@ -178,7 +155,7 @@ fn an_outside_verdict_means_the_thread_has_left() {
         let mut signals = vec![signal(&table, &ip, false)];
         let verdict = loop {
             match poll_answered(&table, round, 0) {
-                Ack::Inside if signals.len() < 3 => {
+                Ack::Inside if signals.len() < 2 => {
                     table.rearm(round, 0);
                     signals.push(signal(&table, &ip, false));
                 }
