@@ -74,8 +74,12 @@
 //!    (bytes reset to `int3`), for **any** address, after the grace period
 //!    as the registry requires.
 //!
-//! The area marks the slots of a proving wait and recycles exactly those
-//! when they are freed ([`XolStats::recycled`]).
+//! The area notes which allocation handed out each slot before the wait,
+//! marks the slots of a proving wait that are still held by that same
+//! allocation afterwards, and recycles exactly those when they are freed
+//! ([`XolStats::recycled`]): the proof is about that allocation's retirement
+//! only, so a slot freed and handed out again while the wait ran (which the
+//! registry never does) would not be covered.
 //!
 //! **Parked**, in every other case: a thread timed out, blocked the signal,
 //! may be inside another handler, or the slot was freed without a proving
@@ -145,10 +149,17 @@ struct Chunk {
 // process; every access goes through the area's mutex.
 unsafe impl Send for Chunk {}
 
+#[derive(Clone, Copy)]
+struct Bound {
+    near: u64,
+    alloc: u64,
+}
+
 struct Areas {
     chunks: Vec<Chunk>,
-    /// Slot handed out -> the probed address it is bound to.
-    bound: HashMap<u64, u64>,
+    /// Slot handed out -> the probed address it is bound to and the
+    /// allocation (its sequence number) that handed it out.
+    bound: HashMap<u64, Bound>,
     /// Freed slots no wait proved unused, by the probed address they stay
     /// bound to (several when the same address had several slots at once,
     /// e.g. re-registered before the old slot was freed).
@@ -417,8 +428,7 @@ impl XolAllocator for XolArea {
     fn alloc(&self, near: u64) -> Result<u64, ProbeError> {
         let mut a = self.lock();
         if let Some(slot) = take_parked(&mut a.parked, near) {
-            a.bound.insert(slot, near);
-            a.allocs += 1;
+            a.bind(slot, near);
             return Ok(slot);
         }
         let len = CHUNK_BYTES as u64;
@@ -448,8 +458,7 @@ impl XolAllocator for XolArea {
         }
         let (exec, i) = got.ok_or(ProbeError::XolExhausted { near })?;
         let slot = exec + u64::from(i) * self.slot_size as u64;
-        a.bound.insert(slot, near);
-        a.allocs += 1;
+        a.bind(slot, near);
         Ok(slot)
     }
 
@@ -482,7 +491,7 @@ impl XolAllocator for XolArea {
 
     fn free(&self, slot: u64) {
         let mut a = self.lock();
-        let Some(near) = a.bound.remove(&slot) else {
+        let Some(Bound { near, .. }) = a.bound.remove(&slot) else {
             debug_assert!(false, "XOL slot {slot:#x} freed but not allocated");
             return;
         };
@@ -505,9 +514,10 @@ impl XolAllocator for XolArea {
         }
         let len = self.slot_size as u64;
         let ranges: Vec<_> = slots.iter().map(|&s| s..s + len).collect();
+        let retired = self.retiring(slots);
         // Outside the area's lock: the wait sleeps.
         let report = super::quiesce::quiesce(&ranges, super::quiesce::QUIESCE_TIMEOUT);
-        self.record_wait(slots, &report);
+        self.record_wait(&retired, &report);
     }
 }
 
@@ -521,20 +531,44 @@ fn take_parked(parked: &mut HashMap<u64, Vec<u64>>, near: u64) -> Option<u64> {
     slot
 }
 
+impl Areas {
+    fn bind(&mut self, slot: u64, near: u64) {
+        self.allocs += 1;
+        let alloc = self.allocs;
+        self.bound.insert(slot, Bound { near, alloc });
+    }
+}
+
+/// A slot handed to a quiescence wait, with the allocation that handed it
+/// out.
+type Retiring = (u64, u64);
+
 impl XolArea {
-    /// Records a quiescence wait over the retired `slots`: if `report`
-    /// proves quiescence, the slots still handed out are marked for
-    /// recycling when freed; otherwise they stay as they are (parked when
-    /// freed). A slot proven once stays proven even if a later wait over it
-    /// falls back.
+    /// The slots of `slots` handed out now, each with its allocation, taken
+    /// before a wait so that the wait's verdict applies to exactly these
+    /// allocations.
+    fn retiring(&self, slots: &[u64]) -> Vec<Retiring> {
+        let a = self.lock();
+        slots
+            .iter()
+            .filter_map(|s| a.bound.get(s).map(|b| (*s, b.alloc)))
+            .collect()
+    }
+
+    /// Records a quiescence wait over the `retired` slots: if `report`
+    /// proves quiescence, those still handed out by the same allocation are
+    /// marked for recycling when freed (a slot freed and handed out again
+    /// while the wait ran is not covered by it); otherwise they stay as
+    /// they are (parked when freed). A slot proven once stays proven until
+    /// it is freed, even if a later wait over it falls back.
     #[cold]
-    fn record_wait(&self, slots: &[u64], report: &super::QuiesceReport) {
+    fn record_wait(&self, retired: &[Retiring], report: &super::QuiesceReport) {
         let mut a = self.lock();
         a.quiesce_waits += 1;
         a.quiesce_fallbacks += report.unproven() as u64;
         if report.proves_quiescence() {
-            for &s in slots {
-                if a.bound.contains_key(&s) {
+            for &(s, alloc) in retired {
+                if a.bound.get(&s).is_some_and(|b| b.alloc == alloc) {
                     a.proven.insert(s);
                 }
             }
@@ -637,7 +671,7 @@ mod tests {
         let a = area.alloc(p).unwrap();
         area.fill(a, &[0x90, 0x90]).unwrap();
         let before = area.stats();
-        area.record_wait(&[a], &proving());
+        area.record_wait(&area.retiring(&[a]), &proving());
         area.free(a);
         let s = area.stats();
         assert_eq!((s.recycled, s.parked_frees, s.parked), (1, 0, 0));
@@ -667,7 +701,7 @@ mod tests {
             let area = XolArea::default();
             let (p, q) = (here(), here() + 2);
             let a = area.alloc(p).unwrap();
-            area.record_wait(&[a], &fallback);
+            area.record_wait(&area.retiring(&[a]), &fallback);
             area.free(a);
             let s = area.stats();
             assert_eq!((s.recycled, s.parked_frees, s.parked), (0, 1, 1));
@@ -686,11 +720,27 @@ mod tests {
         let b = area.alloc(p + 2).unwrap();
         // A proof naming a parked slot and one never handed out changes
         // nothing: they were not retired by it.
-        area.record_wait(&[a, b + X86_64::XOL_SLOT_SIZE as u64], &proving());
+        let retired = area.retiring(&[a, b + X86_64::XOL_SLOT_SIZE as u64]);
+        assert!(retired.is_empty());
+        area.record_wait(&retired, &proving());
         assert_eq!(area.alloc(p).unwrap(), a);
         area.free(a);
         let s = area.stats();
         assert_eq!((s.recycled, s.parked_frees), (0, 2));
+    }
+
+    #[test]
+    fn a_slot_freed_and_handed_out_again_during_the_wait_is_not_covered_by_it() {
+        let area = XolArea::default();
+        let p = here();
+        let a = area.alloc(p).unwrap();
+        let retired = area.retiring(&[a]);
+        area.free(a);
+        assert_eq!(area.alloc(p).unwrap(), a, "a new allocation of the slot");
+        area.record_wait(&retired, &proving());
+        area.free(a);
+        let s = area.stats();
+        assert_eq!((s.recycled, s.parked_frees, s.parked), (0, 2, 1));
     }
 
     #[test]
