@@ -67,7 +67,9 @@
 //!    protocol, loom-checked), i.e. after the grace period. A thread seen
 //!    outside, with no handler under way that interrupted it (the mask
 //!    test), has left the slot or never entered it, and by 1 it never
-//!    enters it again. A thread that exited runs nothing.
+//!    enters it again. (A thread still in the SIGTRAP handler that is
+//!    sending it into the slot has the signal blocked there, so it is seen
+//!    after its return, inside.) A thread that exited runs nothing.
 //! 4. Hence when every thread is accounted for so, nothing can execute the
 //!    slot after `quiesce` returns: the registry's later
 //!    [`free`](XolAllocator::free) puts it back on its chunk's free list
