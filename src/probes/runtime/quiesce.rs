@@ -281,7 +281,7 @@ fn other_threads() -> Vec<i32> {
 /// `tid`; false if it has exited.
 fn signal(sig: libc::c_int, tid: i32) -> bool {
     // SAFETY: tgkill with our own pid only delivers a signal whose handler
-    // we installed.
+    // we installed (or, for 0, nothing).
     let r = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, sig) };
     // SAFETY: errno is thread-local.
     r == 0 || unsafe { *libc::__errno_location() } != libc::ESRCH
