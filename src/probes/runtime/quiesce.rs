@@ -77,6 +77,9 @@
 //! - System calls that are never restarted after a handler (`poll`,
 //!   `epoll_wait`, `nanosleep`, ...) return `EINTR` in the signalled threads,
 //!   as with any signal. The wait is only run when boosted slots are retired.
+//! - A thread that exits unanswered while its tid is already reused by a new
+//!   thread (which never got the signal) is waited for until the timeout,
+//!   then counted in `timed_out`: slow and unproven, never wrong.
 //! - Threads beyond [`MAX_THREADS`] are handled in successive rounds.
 
 use std::ops::Range;
