@@ -9,28 +9,54 @@
 //! be preempted at the slot's first byte, so the grace period of `commit`
 //! does not prove that it has left. Observing every thread's IP does: a
 //! thread seen *outside* the slots after the grace period (after which no
-//! trap sends anyone there) can never be inside them again.
+//! trap sends anyone there) can never be inside them again (but see "What a
+//! wait proves" for threads inside another signal's handler).
 //!
 //! # The round
 //!
 //! 1. The ranges and one ack entry per thread listed in `/proc/self/task`
-//!    (the caller excepted) are written to preallocated statics, under a new
-//!    *generation* number.
+//!    (the caller excepted) are written to a preallocated static table,
+//!    under a new *generation* number (`quiesce/ack.rs`, `AckTable`).
 //! 2. Each thread gets the quiescence signal with `tgkill`. Its handler
 //!    reads the interrupted IP from the `ucontext_t`, and stores *outside*
 //!    or *inside* into its entry with a compare-and-swap that expects this
 //!    generation's *pending* value: an ack from a late signal of an older
-//!    round can never be counted for this one.
+//!    round can never be counted for this one (the loom model
+//!    `loom-tests/tests/quiesce.rs` checks this, and that a plain store
+//!    would not do).
 //! 3. The caller polls the entries, sleeping between polls. A thread seen
 //!    inside is signalled again after [`RESEND_INTERVAL`]; a thread that
-//!    exited (`tgkill` fails with `ESRCH`) is quiescent.
+//!    exited (`tgkill` fails with `ESRCH`, checked again with signal 0 for a
+//!    thread whose answer is overdue: one listed while it was exiting takes
+//!    the signal and never answers) is quiescent.
 //! 4. A thread whose signal stays unanswered and whose mask
 //!    (`/proc/self/task/<tid>/status`, `SigBlk`) holds the signal at two
 //!    checks [`BLOCKED_FOR`] apart is given up on and counted in
 //!    [`QuiesceReport::blocked`]. After the timeout, threads that have not
-//!    acked or are still inside are counted in [`QuiesceReport::timed_out`]. The caller then relies on the XOL
-//!    area's reuse rule alone (a slot is only ever refilled with the same
-//!    bytes for the same address), which is safe without quiescence.
+//!    acked or are still inside are counted in [`QuiesceReport::timed_out`].
+//!
+//! # What a wait proves
+//!
+//! A thread seen outside the ranges *after the caller's grace period* (after
+//! which nothing sends a thread into them) cannot be in them later, with one
+//! exception: the IP read is the innermost frame's. A thread interrupted
+//! inside a range by *another* signal, and still in that signal's handler,
+//! is seen at the handler's IP, and returns into the range when the handler
+//! returns. The handler also reads the interrupted signal mask: the kernel
+//! runs a handler with its own signal blocked (unless `SA_NODEFER`) and its
+//! `sa_mask` added, so a thread interrupted with an **empty** mask is in no
+//! such handler, except one installed with `SA_NODEFER` and an empty
+//! `sa_mask`, which the waiter looks for among the current dispositions
+//! after the acks (if there is one, no outside ack counts as proof).
+//! Threads seen outside with a non-empty mask are counted in
+//! [`QuiesceReport::nested`]; they do not hold the wait up (a thread that
+//! keeps some signal blocked for good would otherwise always time out).
+//!
+//! [`QuiesceReport::proves_quiescence`] is true when every thread was seen
+//! outside with an empty mask or exited. Only then does the XOL area hand
+//! the retired slots out for other code; otherwise it relies on its reuse
+//! rule (a slot is only ever refilled with the same bytes for the same
+//! address), which is safe without quiescence.
 //!
 //! # The signal
 //!
@@ -43,23 +69,31 @@
 //!
 //! # Limits
 //!
-//! - A thread interrupted *inside a slot* by another signal, and still in
-//!   that signal's handler, is seen at its handler's IP: the slot IP is in
-//!   the outer signal frame, which is not inspected.
+//! - Nested handlers are detected through the mask (above), not by walking
+//!   the signal frames: a run of an `SA_NODEFER` handler with an empty
+//!   `sa_mask` that is still going after its disposition was changed is not
+//!   seen as one, and a thread that keeps a signal blocked for good never
+//!   yields a proof.
 //! - System calls that are never restarted after a handler (`poll`,
 //!   `epoll_wait`, `nanosleep`, ...) return `EINTR` in the signalled threads,
 //!   as with any signal. The wait is only run when boosted slots are retired.
+//! - A thread that exits unanswered while its tid is already reused by a new
+//!   thread (which never got the signal) is waited for until the timeout,
+//!   then counted in `timed_out`: slow and unproven, never wrong.
 //! - Threads beyond [`MAX_THREADS`] are handled in successive rounds.
 
 use std::ops::Range;
 use std::sync::Once;
 use std::time::{Duration, Instant};
 
-use crate::sync::atomic::{AtomicI32, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::atomic::{AtomicI32, Ordering};
 use crate::sync::Mutex;
 
+mod ack;
+use ack::{Ack, AckTable};
+
 /// Ack entries per round: threads beyond it are handled in further rounds.
-/// 1024 covers ordinary thread pools at 16 KiB of static memory.
+/// 1024 covers ordinary thread pools at 12 KiB of static memory.
 pub const MAX_THREADS: usize = 1024;
 
 /// Distinct ranges the handler checks; more are merged into their hull
@@ -89,12 +123,6 @@ const MAX_POLL: Duration = Duration::from_millis(1);
 /// none above `SIGRTMIN` itself, but some runtimes take the first few.
 const SIGNAL_OFFSET: libc::c_int = 3;
 
-/// Ack states, in the low two bits of an entry's `ack` (the generation is
-/// above them).
-const PENDING: u64 = 0;
-const OUTSIDE: u64 = 1;
-const INSIDE: u64 = 2;
-
 /// What one quiescence wait saw.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct QuiesceReport {
@@ -110,30 +138,37 @@ pub struct QuiesceReport {
     /// Threads found blocking the signal (twice, [`BLOCKED_FOR`] apart) and
     /// not waited for any longer: the reuse rule covers them too.
     pub blocked: usize,
+    /// Threads seen outside the ranges but possibly inside another signal's
+    /// handler, whose interrupted IP (in an outer frame, not inspected)
+    /// could be inside them: interrupted with a non-empty signal mask (a
+    /// handler runs with its own signal blocked, unless `SA_NODEFER`), or
+    /// any thread seen outside while some handler is installed with
+    /// `SA_NODEFER` and an empty `sa_mask` (its runs leave no trace in the
+    /// mask). The wait does not hold them up; the reuse rule covers them.
+    pub nested: usize,
 }
 
-struct Entry {
-    tid: AtomicI32,
-    /// `generation << 2 | state`.
-    ack: AtomicU64,
+impl QuiesceReport {
+    /// Whether the wait *proves* that no thread can execute the ranges any
+    /// more: every thread was seen outside them with an empty signal mask,
+    /// or exited (no thread timed out, blocked the signal or was
+    /// [`nested`](Self::nested)). Only then may the XOL area hand the
+    /// retired slots out for other code.
+    pub fn proves_quiescence(&self) -> bool {
+        self.timed_out == 0 && self.blocked == 0 && self.nested == 0
+    }
+
+    /// Threads the wait could not prove outside (timed out, blocked or
+    /// nested).
+    pub fn unproven(&self) -> usize {
+        self.timed_out + self.blocked + self.nested
+    }
 }
 
-#[allow(clippy::declare_interior_mutable_const)]
-const ENTRY: Entry = Entry {
-    tid: AtomicI32::new(0),
-    ack: AtomicU64::new(0),
-};
-#[allow(clippy::declare_interior_mutable_const)]
-const ZERO: AtomicU64 = AtomicU64::new(0);
-
-static ENTRIES: [Entry; MAX_THREADS] = [ENTRY; MAX_THREADS];
-static ENTRY_COUNT: AtomicUsize = AtomicUsize::new(0);
-/// `[start, end)` pairs.
-static RANGES: [AtomicU64; 2 * MAX_RANGES] = [ZERO; 2 * MAX_RANGES];
-static RANGE_COUNT: AtomicUsize = AtomicUsize::new(0);
-/// Even when stable, odd while the waiter rewrites ranges and entries.
-static GENERATION: AtomicU64 = AtomicU64::new(0);
-/// Serializes waiters: the statics hold one round at a time.
+/// The round's ranges and ack entries: static, because the signal handler
+/// reaches them without a pointer.
+static TABLE: AckTable<MAX_THREADS, MAX_RANGES> = AckTable::new();
+/// Serializes waiters: the table holds one round at a time.
 static WAITER: Mutex<()> = Mutex::new(());
 
 static INSTALL: Once = Once::new();
@@ -172,7 +207,8 @@ pub fn quiesce_signal() -> Option<libc::c_int> {
     Some(SIGNAL.load(Ordering::Relaxed)).filter(|&s| s != 0)
 }
 
-/// The quiescence signal's handler: acks with the interrupted IP's side.
+/// The quiescence signal's handler: acks with the interrupted IP's side,
+/// and whether the interrupted signal mask was empty.
 extern "C" fn handle_quiesce(
     _sig: libc::c_int,
     _info: *mut libc::siginfo_t,
@@ -180,75 +216,38 @@ extern "C" fn handle_quiesce(
 ) {
     // SAFETY: errno is a thread-local int; async-signal-safe to access.
     let errno = unsafe { *libc::__errno_location() };
+    let uctx = uctx.cast::<libc::ucontext_t>();
     // SAFETY: the kernel passes a valid ucontext for an SA_SIGINFO handler.
-    let ip = unsafe { (*uctx.cast::<libc::ucontext_t>()).uc_mcontext.gregs[libc::REG_RIP as usize] }
-        as u64;
+    let ip = unsafe { (*uctx).uc_mcontext.gregs[libc::REG_RIP as usize] } as u64;
+    // SAFETY: as above; `sigset_t` is at least 8 bytes, 8-aligned, and the
+    // kernel's 64-signal mask is its first word on x86_64.
+    let mask = unsafe { *std::ptr::addr_of!((*uctx).uc_sigmask).cast::<u64>() };
     // SAFETY: gettid is async-signal-safe and cannot fail.
     let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
-    ack(tid, ip);
+    TABLE.ack(tid, ip, mask != 0);
     // SAFETY: see above.
     unsafe { *libc::__errno_location() = errno };
 }
 
-/// Records that thread `tid` was seen at `ip`, for the current generation.
-fn ack(tid: i32, ip: u64) {
-    // Acquire pairs with the Release store of the stable generation in
-    // `publish`: the ranges and entries of that generation are visible.
-    let gen = GENERATION.load(Ordering::Acquire);
-    if gen & 1 != 0 {
-        return; // being rewritten: the waiter signals again afterwards
-    }
-    // Relaxed (all below): ordered by the Acquire above; a value from a
-    // newer, concurrent rewrite only makes the CAS below fail or be
-    // overwritten by the waiter.
-    let ranges = RANGE_COUNT.load(Ordering::Relaxed).min(MAX_RANGES);
-    let inside = (0..ranges).any(|i| {
-        let lo = RANGES[2 * i].load(Ordering::Relaxed);
-        let hi = RANGES[2 * i + 1].load(Ordering::Relaxed);
-        (lo..hi).contains(&ip)
-    });
-    let state = if inside { INSIDE } else { OUTSIDE };
-    let n = ENTRY_COUNT.load(Ordering::Relaxed).min(MAX_THREADS);
-    if let Some(e) = ENTRIES[..n]
-        .iter()
-        .find(|e| e.tid.load(Ordering::Relaxed) == tid)
-    {
-        // Release pairs with the waiter's Acquire poll (nothing else is
-        // published, but the ack must not be seen before the IP was read).
-        // Expecting this generation's PENDING: an ack from an older round's
-        // late signal fails here.
-        let _ = e.ack.compare_exchange(
-            gen << 2 | PENDING,
-            gen << 2 | state,
-            Ordering::Release,
-            Ordering::Relaxed,
-        );
-    }
-}
-
-/// Writes a new generation's ranges and entries; returns the generation.
-fn publish(ranges: &[Range<u64>], tids: &[i32]) -> u64 {
-    let old = GENERATION.load(Ordering::Relaxed);
-    let gen = old + 2;
-    // Odd while rewriting: handlers that see it do nothing. SeqCst (store
-    // and fence) so no rewrite below is seen before it by a handler that
-    // then reads the stable value.
-    GENERATION.store(old + 1, Ordering::SeqCst);
-    crate::sync::atomic::fence(Ordering::SeqCst);
-    RANGE_COUNT.store(ranges.len(), Ordering::Relaxed);
-    for (i, r) in ranges.iter().enumerate() {
-        RANGES[2 * i].store(r.start, Ordering::Relaxed);
-        RANGES[2 * i + 1].store(r.end, Ordering::Relaxed);
-    }
-    ENTRY_COUNT.store(tids.len(), Ordering::Relaxed);
-    for (e, &tid) in ENTRIES.iter().zip(tids) {
-        e.ack.store(gen << 2 | PENDING, Ordering::Relaxed);
-        e.tid.store(tid, Ordering::Relaxed);
-    }
-    // Release pairs with the handler's Acquire load: everything above is
-    // visible to a handler that sees `gen`.
-    GENERATION.store(gen, Ordering::Release);
-    gen
+/// Whether some signal has a handler installed with `SA_NODEFER` and an
+/// empty `sa_mask`: such a handler runs with the mask it interrupted, so a
+/// thread inside it may be seen with an empty mask (see
+/// [`QuiesceReport::nested`]).
+#[cold]
+fn unmasked_handler_installed() -> bool {
+    (1..=libc::SIGRTMAX()).any(|sig| {
+        // SAFETY: all-zero is a valid sigaction; a null new action only
+        // reads the current disposition.
+        let mut cur: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: see above.
+        if unsafe { libc::sigaction(sig, std::ptr::null(), &mut cur) } != 0 {
+            return false;
+        }
+        let handler = cur.sa_sigaction != libc::SIG_DFL && cur.sa_sigaction != libc::SIG_IGN;
+        // SAFETY: `sa_mask` is an initialised set; sigismember only reads it.
+        let empty_mask = (1..=64).all(|s| unsafe { libc::sigismember(&cur.sa_mask, s) } != 1);
+        handler && cur.sa_flags & libc::SA_NODEFER != 0 && empty_mask
+    })
 }
 
 /// Sorted, merged ranges, at most [`MAX_RANGES`] (else their hull).
@@ -281,10 +280,11 @@ fn other_threads() -> Vec<i32> {
         .collect()
 }
 
-/// Sends the quiescence signal to `tid`; false if it has exited.
+/// Sends `sig` (the quiescence signal, or 0 to check existence only) to
+/// `tid`; false if it has exited.
 fn signal(sig: libc::c_int, tid: i32) -> bool {
     // SAFETY: tgkill with our own pid only delivers a signal whose handler
-    // we installed.
+    // we installed (or, for 0, nothing).
     let r = unsafe { libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, sig) };
     // SAFETY: errno is thread-local.
     r == 0 || unsafe { *libc::__errno_location() } != libc::ESRCH
@@ -300,14 +300,17 @@ fn signal(sig: libc::c_int, tid: i32) -> bool {
 /// signalled again every [`RESEND_INTERVAL`]; one that exited counts as
 /// quiescent. A thread that keeps the signal blocked is given up on after
 /// about 2 x [`BLOCKED_FOR`] ([`QuiesceReport::blocked`]); threads not seen
-/// outside by the deadline are counted in [`QuiesceReport::timed_out`]. Waits are
-/// serialized process-wide. Empty `ranges` return at once.
+/// outside by the deadline are counted in [`QuiesceReport::timed_out`].
+/// Waits are serialized process-wide. Empty `ranges` return at once.
 ///
 /// Side effect on the signalled threads: a system call the kernel does not
 /// restart after a handler (`poll`, `epoll_wait`, ...) returns `EINTR`.
 /// A thread that was interrupted inside a range by *another* signal and is
 /// still in that handler is seen at the handler's IP (outer frames are not
-/// inspected).
+/// inspected): the wait returns, but such a thread (recognised by its
+/// non-empty interrupted signal mask) is counted in
+/// [`QuiesceReport::nested`], and the report then does not
+/// [prove quiescence](QuiesceReport::proves_quiescence).
 ///
 /// Never call it from a signal handler: it allocates, locks and sleeps.
 pub fn quiesce(ranges: &[Range<u64>], timeout: Duration) -> QuiesceReport {
@@ -328,8 +331,15 @@ pub fn quiesce(ranges: &[Range<u64>], timeout: Duration) -> QuiesceReport {
     let deadline = Instant::now() + timeout;
     let tids = other_threads();
     report.threads = tids.len();
+    let mut outside = 0;
     for batch in tids.chunks(MAX_THREADS) {
-        round(sig, &ranges, batch, deadline, &mut report);
+        outside += round(sig, &ranges, batch, deadline, &mut report);
+    }
+    // Checked after the acks (so a handler installed during the wait is
+    // seen too), and only when it decides the verdict: the scan is 64
+    // `sigaction` calls, 15-35 us.
+    if report.proves_quiescence() && outside > 0 && unmasked_handler_installed() {
+        report.nested += outside;
     }
     report
 }
@@ -378,7 +388,9 @@ fn blocks(sig: libc::c_int, tid: i32) -> bool {
         .is_some_and(|m| m & (1u64 << (sig - 1)) != 0)
 }
 
-/// One round over at most [`MAX_THREADS`] threads.
+/// One round over at most [`MAX_THREADS`] threads; returns how many were
+/// seen outside with an empty signal mask (what the caller discounts if a
+/// handler installed with `SA_NODEFER` and an empty `sa_mask` exists).
 #[cold]
 fn round(
     sig: libc::c_int,
@@ -386,8 +398,8 @@ fn round(
     tids: &[i32],
     deadline: Instant,
     report: &mut QuiesceReport,
-) {
-    let gen = publish(ranges, tids);
+) -> usize {
+    let round = TABLE.publish(ranges, tids);
     let mut done = vec![false; tids.len()];
     let mut sent = vec![Instant::now(); tids.len()];
     let mut blocked_since: Vec<Option<Instant>> = vec![None; tids.len()];
@@ -398,25 +410,24 @@ fn round(
         }
     }
     let mut poll = FIRST_POLL;
+    let mut outside = 0;
     loop {
         let mut left = 0;
-        for (i, e) in ENTRIES[..tids.len()].iter().enumerate() {
+        for i in 0..tids.len() {
             if done[i] {
                 continue;
             }
-            // Acquire pairs with the handler's Release CAS.
-            let ack = e.ack.load(Ordering::Acquire);
-            match ack & 3 {
-                OUTSIDE => done[i] = true,
-                INSIDE if sent[i].elapsed() >= RESEND_INTERVAL => {
-                    // Relaxed: the signal sent after it is what the handler
-                    // answers, and the kernel's delivery orders the two.
-                    let _ = e.ack.compare_exchange(
-                        ack,
-                        gen << 2 | PENDING,
-                        Ordering::Relaxed,
-                        Ordering::Relaxed,
-                    );
+            match TABLE.poll(round, i) {
+                Ack::Outside => {
+                    done[i] = true;
+                    outside += 1;
+                }
+                Ack::OutsideNested => {
+                    done[i] = true;
+                    report.nested += 1;
+                }
+                Ack::Inside if sent[i].elapsed() >= RESEND_INTERVAL => {
+                    TABLE.rearm(round, i);
                     sent[i] = Instant::now();
                     report.resent += 1;
                     if !signal(sig, tids[i]) {
@@ -426,7 +437,16 @@ fn round(
                     }
                     left += 1;
                 }
-                _ => {
+                Ack::Inside => left += 1,
+                Ack::Pending => {
+                    // A thread listed while it was exiting takes the signal
+                    // and never answers: once the answer is overdue, check
+                    // that it still exists (signal 0 only checks).
+                    if sent[i].elapsed() >= RESEND_INTERVAL && !signal(0, tids[i]) {
+                        done[i] = true;
+                        report.exited += 1;
+                        continue;
+                    }
                     if blocked_for_good(sig, tids[i], sent[i], &mut blocked_since[i]) {
                         done[i] = true;
                         report.blocked += 1;
@@ -437,11 +457,11 @@ fn round(
             }
         }
         if left == 0 {
-            return;
+            return outside;
         }
         if Instant::now() >= deadline {
             report.timed_out += left;
-            return;
+            return outside;
         }
         crate::sync::thread::sleep(poll);
         poll = (poll * 2).min(MAX_POLL);

@@ -1,31 +1,15 @@
 //! [`XolArea`]: executable slots near the probed code.
 //!
-//! # Near the code
+//! # Chunks near the code
 //!
-//! A slot ends with a jump back to the instruction after the probed one. The
-//! x86_64 backend emits the 5-byte `jmp rel32` when the slot is within
-//! +/-2 GiB of that instruction and a 14-byte absolute jump otherwise; the
-//! short form is predicted like any direct jump. The area therefore keeps
-//! slots in *chunks* placed near the code: for a slot near `addr` it first
-//! looks for a chunk whose every byte is within [`REACH`] of `addr`; if none
-//! has a free slot it maps a new chunk in the free gap closest to `addr`
-//! (from a `/proc/self/maps` snapshot, with `MAP_FIXED_NOREPLACE`, which
-//! fails instead of replacing a mapping that appeared since), and only when
-//! no gap within reach exists does it use any chunk, anywhere; the backend
-//! then plans the absolute jump by itself (its choice depends only on the
-//! distance, which [`XolArea::is_near`] reports).
+//! Slots live in *chunks* (`xol/chunk.rs`): a `memfd` mapped twice,
+//! read-execute where the slots run and read-write for filling them, placed
+//! within [`REACH`] of the probed code where a gap allows, so that the
+//! backend's 5-byte `jmp rel32` reaches back. A slot near `addr` comes from
+//! a chunk within reach of `addr`, else from a new chunk mapped near it,
+//! else from any chunk (the backend then plans an absolute jump back).
 //!
-//! # Two views, never writable and executable at once
-//!
-//! Each chunk is a `memfd` mapped twice: read-execute where the slots run,
-//! read-write elsewhere for filling them. No page is ever writable and
-//! executable, no `mprotect` is needed to fill a slot, and filling one slot
-//! never disturbs threads running the chunk's other slots. A thread runs a
-//! freshly filled slot only after a trap (an exception return is
-//! serializing on x86), so it never sees stale bytes. Unused slot bytes are
-//! `int3`, so a stray jump into a slot traps rather than runs garbage.
-//!
-//! # A slot is never rewritten with other code
+//! # When a freed slot may run other code
 //!
 //! A thread may still run a slot after the probe that owns it is gone: it
 //! trapped just before the breakpoint was removed, the handler pointed it at
@@ -41,87 +25,119 @@
 //!
 //! The area's [`quiesce`](XolAllocator::quiesce), which the registry calls
 //! for retired boosted slots after the grace period of `unregister` /
-//! `commit`, is the process's stand-in: it signals every other thread and
-//! returns once each has been seen with its IP outside those slots (see
-//! `quiesce.rs`), so `commit` returns only when no thread is still in them.
-//! The wait is bounded ([`QUIESCE_TIMEOUT`](super::QUIESCE_TIMEOUT)): a
-//! thread that blocks the signal cannot be observed, and such threads are
-//! counted in [`XolStats::quiesce_fallbacks`].
+//! `commit` and before it frees them, is the process's stand-in: it signals
+//! every other thread and returns once each has been seen with its IP
+//! outside those slots (see `quiesce.rs`), so `commit` returns only when no
+//! thread is still in them. The wait is bounded
+//! ([`QUIESCE_TIMEOUT`](super::QUIESCE_TIMEOUT)) and cannot observe every
+//! thread, so each slot ends in one of two ways.
 //!
-//! For them, and as a second line for everyone, the area also makes the
-//! question moot: a slot is bound to the
-//! probed address it was first allocated for, and a freed slot is handed out
-//! again only for that same address, where the registry plans the same
-//! instruction and fills the same bytes. A thread that wakes up in a stale
-//! slot runs exactly the code it was sent to run and jumps back to the
-//! instruction after the (restored) original. The cost is one slot per
-//! distinct address ever probed, kept for the life of the process.
-//! (Code that is itself replaced at the same address, as a JIT might, is
-//! outside this guarantee: the stale thread would also jump back into the
-//! new code.)
+//! **Recycled**, when the wait *proved* quiescence
+//! ([`QuiesceReport::proves_quiescence`](super::QuiesceReport::proves_quiescence)):
+//! every other thread was seen, after the grace period, outside the slots
+//! and in no other signal handler (empty interrupted mask), or had exited.
+//! The argument, step by step:
+//!
+//! 1. Only a trap on the site's breakpoint sends a thread into a slot, from
+//!    inside an `Rcu` read section that looked the site up. The breakpoint
+//!    was removed and the site unlinked before the grace period, so once it
+//!    has passed no thread will be sent there again, and every thread that
+//!    was sent there already existed.
+//! 2. The wait lists the threads *after* the grace period, so it asks every
+//!    thread that can be in the slot (a thread created later was never sent
+//!    there; the slot's instruction cannot be `syscall`, so no thread is
+//!    born in it).
+//! 3. Each ack is an IP read after the wait's round began (the generation
+//!    protocol, loom-checked), i.e. after the grace period. A thread seen
+//!    outside, with no handler under way that interrupted it (the mask
+//!    test), has left the slot or never entered it, and by 1 it never
+//!    enters it again. (A thread still in the SIGTRAP handler that is
+//!    sending it into the slot has the signal blocked there, so it is seen
+//!    after its return, inside.) A thread that exited runs nothing.
+//! 4. Hence when every thread is accounted for so, nothing can execute the
+//!    slot after `quiesce` returns: the registry's later
+//!    [`free`](XolAllocator::free) puts it back on its chunk's free list
+//!    (bytes reset to `int3`), for **any** address, after the grace period
+//!    as the registry requires.
+//!
+//! The area notes which allocation handed out each slot before the wait,
+//! marks the slots of a proving wait that are still held by that same
+//! allocation afterwards, and recycles exactly those when they are freed
+//! ([`XolStats::recycled`]): the proof is about that allocation's retirement
+//! only, so a slot freed and handed out again while the wait ran (which the
+//! registry never does) would not be covered.
+//!
+//! **Parked**, in every other case: a thread timed out, blocked the signal,
+//! may be inside another handler, or the slot was freed without a proving
+//! wait (slots planned for single-stepping, whose threads the registry
+//! counts instead, are never passed to `quiesce`). Such a slot is bound to
+//! the probed address it was first allocated for, and handed out again only
+//! for that same address, where the registry plans the same instruction and
+//! fills the same bytes ([`XolStats::parked_frees`]). A thread that wakes up
+//! in a stale slot runs exactly the code it was sent to run and jumps back
+//! to the instruction after the (restored) original. The cost is one slot
+//! per such address, kept for the life of the process. (Code that is itself
+//! replaced at the same address, as a JIT might, is outside this guarantee:
+//! the stale thread would also jump back into the new code.) A parked slot
+//! handed out again for its address and then retired by a proving wait is
+//! recycled like any other.
+//!
+//! This relaxes, for the live area only, the
+//! [reuse rule](crate::probes::kprobe::XolAllocator#reuse-rule) of the
+//! allocator trait, which assumes no such proof exists.
 
-use std::collections::HashMap;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::collections::{HashMap, HashSet};
 
-use super::maps::Maps;
 use crate::probes::arch::MAX_XOL_SLOT;
 use crate::probes::error::TextFailure;
 use crate::probes::kprobe::XolAllocator;
 use crate::probes::ProbeError;
 use crate::sync::Mutex;
 
-/// Bytes per chunk: 1024 slots of the x86_64 backend's 64 bytes, enough for
-/// a typical set of probes in one mapping, small enough to fit in the gaps
-/// between mappings.
-pub const CHUNK_BYTES: usize = 64 * 1024;
+mod chunk;
+use chunk::{Chunk, INT3};
+pub use chunk::{CHUNK_BYTES, REACH};
 
-/// How far every byte of a chunk may be from the probed address for the
-/// backend's `jmp rel32` to reach back: 2 GiB, less one chunk and a page of
-/// margin for the instruction length and rounding.
-pub const REACH: u64 = (1 << 31) - CHUNK_BYTES as u64 - 4096;
-
-/// Lowest address the area maps at (`vm.mmap_min_addr` is 64 KiB at most
-/// on common configurations).
-const MIN_ADDR: u64 = 0x10_0000;
-/// One past the highest user address on x86_64 with 4-level paging.
-const MAX_ADDR: u64 = 0x7fff_ffff_f000;
-
-/// `memfd_create` flag asking for an executable memfd (Linux 6.3+, where
-/// `vm.memfd_noexec` may otherwise forbid it). Older kernels reject it.
-const MFD_EXEC: libc::c_uint = 0x0010;
-
-/// The x86 breakpoint, written over unused slot bytes.
-const INT3: u8 = 0xcc;
-
-/// One memfd mapped twice.
-struct Chunk {
-    /// Where the slots execute (read-execute).
-    exec: u64,
-    /// Where they are written (read-write).
-    write: *mut u8,
-    /// Free slot indices, lowest last (popped first).
-    free: Vec<u32>,
-    _fd: OwnedFd,
+#[derive(Clone, Copy)]
+struct Bound {
+    near: u64,
+    alloc: u64,
 }
-
-// SAFETY: `write` points into a mapping the chunk owns for the life of the
-// process; every access goes through the area's mutex.
-unsafe impl Send for Chunk {}
 
 struct Areas {
     chunks: Vec<Chunk>,
-    /// Slot handed out -> the probed address it is bound to.
-    bound: HashMap<u64, u64>,
-    /// Freed slots, by the probed address they stay bound to.
-    parked: HashMap<u64, u64>,
+    /// Slot handed out -> the probed address it is bound to and the
+    /// allocation (its sequence number) that handed it out.
+    bound: HashMap<u64, Bound>,
+    /// Freed slots no wait proved unused, by the probed address they stay
+    /// bound to (several when the same address had several slots at once,
+    /// e.g. re-registered before the old slot was freed).
+    parked: HashMap<u64, Vec<u64>>,
+    /// Slots handed out that a proving quiescence wait has retired: free
+    /// recycles them.
+    proven: HashSet<u64>,
     allocs: u64,
     frees: u64,
+    recycled: u64,
+    parked_frees: u64,
     far_allocs: u64,
     quiesce_waits: u64,
     quiesce_fallbacks: u64,
 }
 
-/// Executable XOL slots for the live runtime (see the [module docs](self)).
+/// Executable XOL slots for the live runtime, within +/-2 GiB of the
+/// probed code where the address space allows.
+///
+/// A freed slot goes back on the free list, for any address, only if the
+/// [`quiesce`](XolAllocator::quiesce) wait that retired it *proved* that no
+/// thread can execute it any more
+/// ([`QuiesceReport::proves_quiescence`](super::QuiesceReport::proves_quiescence):
+/// every thread seen outside after the grace period, in no other signal
+/// handler). Otherwise it is parked and handed out again only for the
+/// probed address it was allocated for, where it is refilled with the same
+/// bytes, so a thread still in it runs what it was sent to run.
+/// [`XolStats::recycled`] and [`XolStats::parked_frees`] count the two
+/// outcomes. (`xol.rs` spells out the argument.)
 pub struct XolArea {
     slot_size: usize,
     inner: Mutex<Areas>,
@@ -144,19 +160,27 @@ pub struct XolStats {
     pub chunks: usize,
     /// Slots handed out and not yet freed.
     pub in_use: usize,
-    /// Freed slots kept for the address they were bound to.
+    /// Freed slots kept for the address they were bound to (now).
     pub parked: usize,
+    /// Slots on the chunks' free lists, for any address (now).
+    pub free: usize,
     /// Successful allocations so far.
     pub allocs: u64,
-    /// Frees so far.
+    /// Frees so far: [`recycled`](Self::recycled) plus
+    /// [`parked_frees`](Self::parked_frees).
     pub frees: u64,
+    /// Frees that put the slot back on a free list, for any address: a
+    /// quiescence wait had proved no thread can execute it.
+    pub recycled: u64,
+    /// Frees that parked the slot for its address (no proving wait).
+    pub parked_frees: u64,
     /// Allocations that found no chunk within reach (absolute jump back).
     pub far_allocs: u64,
     /// Quiescence waits run for retired boosted slots.
     pub quiesce_waits: u64,
-    /// Threads not seen outside the retired slots (they block the signal,
-    /// or the wait timed out; summed over all waits): for them only the
-    /// reuse rule holds.
+    /// Threads not proven outside the retired slots (they block the
+    /// signal, the wait timed out, or they may be inside another signal
+    /// handler; summed over all waits): a wait with any parks its slots.
     pub quiesce_fallbacks: u64,
 }
 
@@ -177,8 +201,11 @@ impl XolArea {
                 chunks: Vec::new(),
                 bound: HashMap::new(),
                 parked: HashMap::new(),
+                proven: HashSet::new(),
                 allocs: 0,
                 frees: 0,
+                recycled: 0,
+                parked_frees: 0,
                 far_allocs: 0,
                 quiesce_waits: 0,
                 quiesce_fallbacks: 0,
@@ -199,8 +226,7 @@ impl XolArea {
     /// Whether every byte of `[start, start + len)` is within [`REACH`] of
     /// `near`.
     pub fn is_near(start: u64, len: u64, near: u64) -> bool {
-        let end = start.saturating_add(len);
-        start.abs_diff(near) <= REACH && end.abs_diff(near) <= REACH
+        chunk::is_near(start, len, near)
     }
 
     /// Counters.
@@ -209,9 +235,12 @@ impl XolArea {
         XolStats {
             chunks: a.chunks.len(),
             in_use: a.bound.len(),
-            parked: a.parked.len(),
+            parked: a.parked.values().map(Vec::len).sum(),
+            free: a.chunks.iter().map(|c| c.free.len()).sum(),
             allocs: a.allocs,
             frees: a.frees,
+            recycled: a.recycled,
+            parked_frees: a.parked_frees,
             far_allocs: a.far_allocs,
             quiesce_waits: a.quiesce_waits,
             quiesce_fallbacks: a.quiesce_fallbacks,
@@ -230,42 +259,7 @@ impl XolArea {
     /// Maps a new chunk, near `near` if `near` is `Some`.
     #[cold]
     fn map_chunk(&self, near: Option<u64>) -> Option<Chunk> {
-        let fd = memfd()?;
-        // SAFETY: ftruncate on a memfd we own.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), CHUNK_BYTES as libc::off_t) } != 0 {
-            return None;
-        }
-        let exec = match near {
-            Some(near) => map_exec_near(&fd, near)?,
-            None => map_exec(&fd, 0, 0)?,
-        };
-        // SAFETY: a fresh shared mapping of our own memfd at a kernel-chosen
-        // address; the result is checked against MAP_FAILED.
-        let write = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                CHUNK_BYTES,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd.as_raw_fd(),
-                0,
-            )
-        };
-        if write == libc::MAP_FAILED {
-            // SAFETY: `exec` is the mapping we just created, unused so far.
-            unsafe { libc::munmap(exec as *mut libc::c_void, CHUNK_BYTES) };
-            return None;
-        }
-        let write = write.cast::<u8>();
-        // SAFETY: the write view is CHUNK_BYTES long and ours alone.
-        unsafe { std::ptr::write_bytes(write, INT3, CHUNK_BYTES) };
-        let n = self.slots_per_chunk() as u32;
-        Some(Chunk {
-            exec,
-            write,
-            free: (0..n).rev().collect(),
-            _fd: fd,
-        })
+        Chunk::map(self.slots_per_chunk() as u32, near)
     }
 }
 
@@ -276,79 +270,11 @@ impl Default for XolArea {
     }
 }
 
-fn memfd() -> Option<OwnedFd> {
-    let name = c"rcu-registry-xol";
-    for flags in [libc::MFD_CLOEXEC | MFD_EXEC, libc::MFD_CLOEXEC] {
-        // SAFETY: `name` is a valid C string; the flags are plain integers.
-        let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
-        if fd >= 0 {
-            // SAFETY: a fresh descriptor we own.
-            return Some(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
-    }
-    None
-}
-
-/// Maps the chunk read-execute at exactly `hint` (`MAP_FIXED_NOREPLACE`), or
-/// anywhere when `hint` is 0. `want_flags` adds flags.
-fn map_exec(fd: &OwnedFd, hint: u64, want_flags: libc::c_int) -> Option<u64> {
-    // SAFETY: a shared mapping of our own memfd; with MAP_FIXED_NOREPLACE
-    // the kernel fails instead of replacing an existing mapping, and the
-    // address is checked below in case an old kernel treated it as a hint.
-    let p = unsafe {
-        libc::mmap(
-            hint as *mut libc::c_void,
-            CHUNK_BYTES,
-            libc::PROT_READ | libc::PROT_EXEC,
-            libc::MAP_SHARED | want_flags,
-            fd.as_raw_fd(),
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return None;
-    }
-    if hint != 0 && p as u64 != hint {
-        // SAFETY: the mapping we just made, at the wrong place.
-        unsafe { libc::munmap(p, CHUNK_BYTES) };
-        return None;
-    }
-    Some(p as u64)
-}
-
-/// Maps the chunk in the free gap closest to `near`, within reach.
-fn map_exec_near(fd: &OwnedFd, near: u64) -> Option<u64> {
-    let maps = Maps::read().ok()?;
-    let len = CHUNK_BYTES as u64;
-    let lo = near.saturating_sub(REACH).max(MIN_ADDR);
-    let hi = near.saturating_add(REACH).min(MAX_ADDR);
-    // Candidate: the chunk-aligned start in each gap closest to `near`.
-    let mut candidates: Vec<u64> = maps
-        .gaps(lo, hi)
-        .into_iter()
-        .filter_map(|(s, e)| {
-            let first = s.checked_add(len - 1)? & !(len - 1);
-            let last = e.checked_sub(len)? & !(len - 1);
-            if first > last {
-                return None;
-            }
-            Some(near.clamp(first, last) & !(len - 1)).filter(|&c| c >= first)
-        })
-        .filter(|&c| XolArea::is_near(c, len, near))
-        .collect();
-    candidates.sort_by_key(|&c| c.abs_diff(near));
-    candidates
-        .into_iter()
-        .take(16)
-        .find_map(|c| map_exec(fd, c, libc::MAP_FIXED_NOREPLACE))
-}
-
 impl XolAllocator for XolArea {
     fn alloc(&self, near: u64) -> Result<u64, ProbeError> {
         let mut a = self.lock();
-        if let Some(slot) = a.parked.remove(&near) {
-            a.bound.insert(slot, near);
-            a.allocs += 1;
+        if let Some(slot) = take_parked(&mut a.parked, near) {
+            a.bind(slot, near);
             return Ok(slot);
         }
         let len = CHUNK_BYTES as u64;
@@ -378,8 +304,7 @@ impl XolAllocator for XolArea {
         }
         let (exec, i) = got.ok_or(ProbeError::XolExhausted { near })?;
         let slot = exec + u64::from(i) * self.slot_size as u64;
-        a.bound.insert(slot, near);
-        a.allocs += 1;
+        a.bind(slot, near);
         Ok(slot)
     }
 
@@ -396,11 +321,12 @@ impl XolAllocator for XolArea {
         let (ci, si) = self.locate(&a, slot).ok_or_else(bad)?;
         let off = si * self.slot_size;
         let c = &a.chunks[ci];
-        // SAFETY: `off + slot_size <= CHUNK_BYTES` (locate checked the slot index); the write view
-        // is ours and the slot is allocated to the caller: either fresh (no thread was ever sent
-        // there) or parked for this same address, which the registry refills with the very bytes it
-        // holds, so a thread still in it from a boosted run sees no change (module docs).
-        // (SAFETY argument: the comment above.)
+        // (The argument for the write below: the slot is allocated to the caller and is either
+        // fresh (no thread was ever sent there), recycled after a wait that proved no thread can
+        // execute it, or parked for this same address, which the registry refills with the very
+        // bytes it holds, so a thread still in it from a boosted run sees no change; module docs.)
+        // SAFETY: `off + slot_size <= CHUNK_BYTES` (locate checked the slot index), the write view
+        // is ours, and no thread runs bytes that change (the argument above).
         unsafe {
             let dst = c.write.add(off);
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len());
@@ -411,13 +337,20 @@ impl XolAllocator for XolArea {
 
     fn free(&self, slot: u64) {
         let mut a = self.lock();
-        let Some(near) = a.bound.remove(&slot) else {
+        let Some(Bound { near, .. }) = a.bound.remove(&slot) else {
             debug_assert!(false, "XOL slot {slot:#x} freed but not allocated");
             return;
         };
-        // Parked for its address, never back on a free list (module docs).
-        a.parked.insert(near, slot);
         a.frees += 1;
+        if a.proven.remove(&slot) {
+            // A proving wait retired it: no thread can execute it (module
+            // docs), so it may hold other code.
+            self.recycle(&mut a, slot);
+        } else {
+            // Parked for its address (module docs).
+            a.parked.entry(near).or_default().push(slot);
+            a.parked_frees += 1;
+        }
     }
 
     #[cold]
@@ -427,11 +360,81 @@ impl XolAllocator for XolArea {
         }
         let len = self.slot_size as u64;
         let ranges: Vec<_> = slots.iter().map(|&s| s..s + len).collect();
+        let retired = self.retiring(slots);
         // Outside the area's lock: the wait sleeps.
         let report = super::quiesce::quiesce(&ranges, super::quiesce::QUIESCE_TIMEOUT);
+        self.record_wait(&retired, &report);
+    }
+}
+
+/// Pops a slot parked for `near`.
+fn take_parked(parked: &mut HashMap<u64, Vec<u64>>, near: u64) -> Option<u64> {
+    let slots = parked.get_mut(&near)?;
+    let slot = slots.pop();
+    if slots.is_empty() {
+        parked.remove(&near);
+    }
+    slot
+}
+
+impl Areas {
+    fn bind(&mut self, slot: u64, near: u64) {
+        self.allocs += 1;
+        let alloc = self.allocs;
+        self.bound.insert(slot, Bound { near, alloc });
+    }
+}
+
+/// A slot handed to a quiescence wait, with the allocation that handed it
+/// out.
+type Retiring = (u64, u64);
+
+impl XolArea {
+    /// The slots of `slots` handed out now, each with its allocation, taken
+    /// before a wait so that the wait's verdict applies to exactly these
+    /// allocations.
+    fn retiring(&self, slots: &[u64]) -> Vec<Retiring> {
+        let a = self.lock();
+        slots
+            .iter()
+            .filter_map(|s| a.bound.get(s).map(|b| (*s, b.alloc)))
+            .collect()
+    }
+
+    /// Records a quiescence wait over the `retired` slots: if `report`
+    /// proves quiescence, those still handed out by the same allocation are
+    /// marked for recycling when freed (a slot freed and handed out again
+    /// while the wait ran is not covered by it); otherwise they stay as
+    /// they are (parked when freed). A slot proven once stays proven until
+    /// it is freed, even if a later wait over it falls back.
+    #[cold]
+    fn record_wait(&self, retired: &[Retiring], report: &super::QuiesceReport) {
         let mut a = self.lock();
         a.quiesce_waits += 1;
-        a.quiesce_fallbacks += (report.timed_out + report.blocked) as u64;
+        a.quiesce_fallbacks += report.unproven() as u64;
+        if report.proves_quiescence() {
+            for &(s, alloc) in retired {
+                if a.bound.get(&s).is_some_and(|b| b.alloc == alloc) {
+                    a.proven.insert(s);
+                }
+            }
+        }
+    }
+
+    /// Puts `slot`, which no thread can execute, back on its chunk's free
+    /// list with its bytes reset to `int3`.
+    fn recycle(&self, a: &mut Areas, slot: u64) {
+        let Some((ci, si)) = self.locate(a, slot) else {
+            debug_assert!(false, "XOL slot {slot:#x} is not in the area");
+            return;
+        };
+        let c = &mut a.chunks[ci];
+        // No thread executes the slot (the caller's proof): the reset is seen by nobody before
+        // the slot is filled again, and that happens before any trap sends a thread there.
+        // SAFETY: `si * slot_size + slot_size <= CHUNK_BYTES` (locate); the write view is ours.
+        unsafe { std::ptr::write_bytes(c.write.add(si * self.slot_size), INT3, self.slot_size) };
+        c.free.push(si as u32);
+        a.recycled += 1;
     }
 }
 
@@ -439,6 +442,7 @@ impl XolAllocator for XolArea {
 mod tests {
     use super::*;
     use crate::probes::arch::X86_64;
+    use crate::probes::runtime::QuiesceReport;
 
     fn here() -> u64 {
         here as fn() -> u64 as usize as u64
@@ -491,6 +495,113 @@ mod tests {
         assert_eq!(area.alloc(p).unwrap(), a);
         let s = area.stats();
         assert_eq!((s.allocs, s.frees, s.in_use, s.parked), (4, 1, 3, 0));
+    }
+
+    fn proving() -> QuiesceReport {
+        QuiesceReport {
+            threads: 3,
+            exited: 1,
+            ..QuiesceReport::default()
+        }
+    }
+
+    fn slot_bytes(slot: u64) -> Vec<u8> {
+        // SAFETY: the exec view of a live chunk is readable.
+        unsafe { std::slice::from_raw_parts(slot as *const u8, X86_64::XOL_SLOT_SIZE) }.to_vec()
+    }
+
+    #[test]
+    fn a_slot_retired_by_a_proving_wait_is_recycled_for_any_address_and_reset_to_int3() {
+        let area = XolArea::default();
+        let (p, q) = (here(), here() + 2);
+        let a = area.alloc(p).unwrap();
+        area.fill(a, &[0x90, 0x90]).unwrap();
+        let before = area.stats();
+        area.record_wait(&area.retiring(&[a]), &proving());
+        area.free(a);
+        let s = area.stats();
+        assert_eq!((s.recycled, s.parked_frees, s.parked), (1, 0, 0));
+        assert_eq!((s.in_use, s.free), (0, before.free + 1));
+        assert!(slot_bytes(a).iter().all(|&b| b == INT3));
+        // Another address gets it: the area did not grow.
+        assert_eq!(area.alloc(q).unwrap(), a);
+        assert_eq!(area.stats().free, before.free);
+    }
+
+    #[test]
+    fn a_wait_that_falls_back_parks_its_slots_for_their_address() {
+        for fallback in [
+            QuiesceReport {
+                blocked: 1,
+                ..proving()
+            },
+            QuiesceReport {
+                timed_out: 1,
+                ..proving()
+            },
+            QuiesceReport {
+                nested: 1,
+                ..proving()
+            },
+        ] {
+            let area = XolArea::default();
+            let (p, q) = (here(), here() + 2);
+            let a = area.alloc(p).unwrap();
+            area.record_wait(&area.retiring(&[a]), &fallback);
+            area.free(a);
+            let s = area.stats();
+            assert_eq!((s.recycled, s.parked_frees, s.parked), (0, 1, 1));
+            assert_eq!(s.quiesce_fallbacks, 1, "{fallback:?}");
+            assert_ne!(area.alloc(q).unwrap(), a, "{fallback:?}");
+            assert_eq!(area.alloc(p).unwrap(), a, "{fallback:?}");
+        }
+    }
+
+    #[test]
+    fn a_proof_covers_only_slots_handed_out_when_it_was_made() {
+        let area = XolArea::default();
+        let p = here();
+        let a = area.alloc(p).unwrap();
+        area.free(a); // parked: no wait
+        let b = area.alloc(p + 2).unwrap();
+        // A proof naming a parked slot and one never handed out changes
+        // nothing: they were not retired by it.
+        let retired = area.retiring(&[a, b + X86_64::XOL_SLOT_SIZE as u64]);
+        assert!(retired.is_empty());
+        area.record_wait(&retired, &proving());
+        assert_eq!(area.alloc(p).unwrap(), a);
+        area.free(a);
+        let s = area.stats();
+        assert_eq!((s.recycled, s.parked_frees), (0, 2));
+    }
+
+    #[test]
+    fn a_slot_freed_and_handed_out_again_during_the_wait_is_not_covered_by_it() {
+        let area = XolArea::default();
+        let p = here();
+        let a = area.alloc(p).unwrap();
+        let retired = area.retiring(&[a]);
+        area.free(a);
+        assert_eq!(area.alloc(p).unwrap(), a, "a new allocation of the slot");
+        area.record_wait(&retired, &proving());
+        area.free(a);
+        let s = area.stats();
+        assert_eq!((s.recycled, s.parked_frees, s.parked), (0, 2, 1));
+    }
+
+    #[test]
+    fn several_slots_parked_for_one_address_are_all_kept() {
+        let area = XolArea::default();
+        let p = here();
+        let (a, b) = (area.alloc(p).unwrap(), area.alloc(p).unwrap());
+        area.free(a);
+        area.free(b);
+        assert_eq!(area.stats().parked, 2);
+        let mut again = [area.alloc(p).unwrap(), area.alloc(p).unwrap()];
+        again.sort_unstable();
+        let mut want = [a, b];
+        want.sort_unstable();
+        assert_eq!(again, want);
     }
 
     #[test]

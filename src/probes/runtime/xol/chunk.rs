@@ -1,0 +1,214 @@
+//! Chunks of XOL slots: executable memory near the probed code, written
+//! through a second view.
+//!
+//! # Near the code
+//!
+//! A slot ends with a jump back to the instruction after the probed one. The
+//! x86_64 backend emits the 5-byte `jmp rel32` when the slot is within
+//! +/-2 GiB of that instruction and a 14-byte absolute jump otherwise; the
+//! short form is predicted like any direct jump. The area therefore keeps
+//! slots in *chunks* placed near the code: for a slot near `addr` it first
+//! looks for a chunk whose every byte is within [`REACH`] of `addr`; if none
+//! has a free slot it maps a new chunk in the free gap closest to `addr`
+//! (from a `/proc/self/maps` snapshot, with `MAP_FIXED_NOREPLACE`, which
+//! fails instead of replacing a mapping that appeared since), and only when
+//! no gap within reach exists does it use any chunk, anywhere; the backend
+//! then plans the absolute jump by itself (its choice depends only on the
+//! distance, which `XolArea::is_near` reports).
+//!
+//! # Two views, never writable and executable at once
+//!
+//! Each chunk is a `memfd` mapped twice: read-execute where the slots run,
+//! read-write elsewhere for filling them. No page is ever writable and
+//! executable, no `mprotect` is needed to fill a slot, and filling one slot
+//! never disturbs threads running the chunk's other slots. A thread runs a
+//! freshly filled slot only after a trap (an exception return is
+//! serializing on x86), so it never sees stale bytes. Unused slot bytes are
+//! `int3`, so a stray jump into a slot traps rather than runs garbage.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use super::super::maps::Maps;
+
+/// Bytes per chunk: 1024 slots of the x86_64 backend's 64 bytes, enough for
+/// a typical set of probes in one mapping, small enough to fit in the gaps
+/// between mappings.
+pub const CHUNK_BYTES: usize = 64 * 1024;
+
+/// How far every byte of a chunk may be from the probed address for the
+/// backend's `jmp rel32` to reach back: 2 GiB, less one chunk and a page of
+/// margin for the instruction length and rounding.
+pub const REACH: u64 = (1 << 31) - CHUNK_BYTES as u64 - 4096;
+
+/// Lowest address the area maps at (`vm.mmap_min_addr` is 64 KiB at most
+/// on common configurations).
+const MIN_ADDR: u64 = 0x10_0000;
+/// One past the highest user address on x86_64 with 4-level paging.
+const MAX_ADDR: u64 = 0x7fff_ffff_f000;
+
+/// `memfd_create` flag asking for an executable memfd (Linux 6.3+, where
+/// `vm.memfd_noexec` may otherwise forbid it). Older kernels reject it.
+const MFD_EXEC: libc::c_uint = 0x0010;
+
+/// The x86 breakpoint, written over unused slot bytes.
+pub(super) const INT3: u8 = 0xcc;
+
+/// One memfd mapped twice.
+pub(super) struct Chunk {
+    /// Where the slots execute (read-execute).
+    pub(super) exec: u64,
+    /// Where they are written (read-write).
+    pub(super) write: *mut u8,
+    /// Free slot indices, popped from the end: never-used ones lowest
+    /// last at first, recycled ones pushed back on top.
+    pub(super) free: Vec<u32>,
+    _fd: OwnedFd,
+}
+
+// SAFETY: `write` points into a mapping the chunk owns for the life of the
+// process; every access goes through the area's mutex.
+unsafe impl Send for Chunk {}
+
+impl Chunk {
+    /// Maps a new chunk of `slots` slots, all free, near `near` if `near`
+    /// is `Some` (every byte within [`REACH`]), else anywhere.
+    #[cold]
+    pub(super) fn map(slots: u32, near: Option<u64>) -> Option<Chunk> {
+        let fd = memfd()?;
+        // SAFETY: ftruncate on a memfd we own.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), CHUNK_BYTES as libc::off_t) } != 0 {
+            return None;
+        }
+        let exec = match near {
+            Some(near) => map_exec_near(&fd, near)?,
+            None => map_exec(&fd, 0, 0)?,
+        };
+        // SAFETY: a fresh shared mapping of our own memfd at a kernel-chosen
+        // address; the result is checked against MAP_FAILED.
+        let write = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                CHUNK_BYTES,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                0,
+            )
+        };
+        if write == libc::MAP_FAILED {
+            // SAFETY: `exec` is the mapping we just created, unused so far.
+            unsafe { libc::munmap(exec as *mut libc::c_void, CHUNK_BYTES) };
+            return None;
+        }
+        let write = write.cast::<u8>();
+        // SAFETY: the write view is CHUNK_BYTES long and ours alone.
+        unsafe { std::ptr::write_bytes(write, INT3, CHUNK_BYTES) };
+        Some(Chunk {
+            exec,
+            write,
+            free: (0..slots).rev().collect(),
+            _fd: fd,
+        })
+    }
+}
+
+/// Whether every byte of `[start, start + len)` is within [`REACH`] of
+/// `near`.
+pub(super) fn is_near(start: u64, len: u64, near: u64) -> bool {
+    let end = start.saturating_add(len);
+    start.abs_diff(near) <= REACH && end.abs_diff(near) <= REACH
+}
+
+fn memfd() -> Option<OwnedFd> {
+    let name = c"rcu-registry-xol";
+    for flags in [libc::MFD_CLOEXEC | MFD_EXEC, libc::MFD_CLOEXEC] {
+        // SAFETY: `name` is a valid C string; the flags are plain integers.
+        let fd = unsafe { libc::memfd_create(name.as_ptr(), flags) };
+        if fd >= 0 {
+            // SAFETY: a fresh descriptor we own.
+            return Some(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+    None
+}
+
+/// Maps the chunk read-execute at exactly `hint` (`MAP_FIXED_NOREPLACE`), or
+/// anywhere when `hint` is 0. `want_flags` adds flags.
+fn map_exec(fd: &OwnedFd, hint: u64, want_flags: libc::c_int) -> Option<u64> {
+    // SAFETY: a shared mapping of our own memfd; with MAP_FIXED_NOREPLACE
+    // the kernel fails instead of replacing an existing mapping, and the
+    // address is checked below in case an old kernel treated it as a hint.
+    let p = unsafe {
+        libc::mmap(
+            hint as *mut libc::c_void,
+            CHUNK_BYTES,
+            libc::PROT_READ | libc::PROT_EXEC,
+            libc::MAP_SHARED | want_flags,
+            fd.as_raw_fd(),
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return None;
+    }
+    if hint != 0 && p as u64 != hint {
+        // SAFETY: the mapping we just made, at the wrong place.
+        unsafe { libc::munmap(p, CHUNK_BYTES) };
+        return None;
+    }
+    Some(p as u64)
+}
+
+/// Maps the chunk in the free gap closest to `near`, within reach.
+fn map_exec_near(fd: &OwnedFd, near: u64) -> Option<u64> {
+    let maps = Maps::read().ok()?;
+    let len = CHUNK_BYTES as u64;
+    let lo = near.saturating_sub(REACH).max(MIN_ADDR);
+    let hi = near.saturating_add(REACH).min(MAX_ADDR);
+    // Candidate: the chunk-aligned start in each gap closest to `near`.
+    let mut candidates: Vec<u64> = maps
+        .gaps(lo, hi)
+        .into_iter()
+        .filter_map(|(s, e)| {
+            let first = s.checked_add(len - 1)? & !(len - 1);
+            let last = e.checked_sub(len)? & !(len - 1);
+            if first > last {
+                return None;
+            }
+            Some(near.clamp(first, last) & !(len - 1)).filter(|&c| c >= first)
+        })
+        .filter(|&c| is_near(c, len, near))
+        .collect();
+    candidates.sort_by_key(|&c| c.abs_diff(near));
+    candidates
+        .into_iter()
+        .take(16)
+        .find_map(|c| map_exec(fd, c, libc::MAP_FIXED_NOREPLACE))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn here() -> u64 {
+        here as fn() -> u64 as usize as u64
+    }
+
+    #[test]
+    fn a_chunk_mapped_near_code_is_within_reach_all_free_and_all_int3() {
+        let c = Chunk::map(16, Some(here())).expect("a gap within reach");
+        assert!(is_near(c.exec, CHUNK_BYTES as u64, here()), "{:#x}", c.exec);
+        assert_eq!(c.free.len(), 16);
+        assert_eq!(c.free.last(), Some(&0), "the lowest slot is popped first");
+        // SAFETY: the exec view is CHUNK_BYTES long and readable.
+        let bytes = unsafe { std::slice::from_raw_parts(c.exec as *const u8, CHUNK_BYTES) };
+        assert!(bytes.iter().all(|&b| b == INT3));
+    }
+
+    #[test]
+    fn no_chunk_is_mapped_near_code_that_no_gap_is_within_reach_of() {
+        // The non-canonical hole: nothing can be mapped within reach.
+        assert!(Chunk::map(16, Some(0x8000_0000_0000_0000)).is_none());
+        assert!(Chunk::map(16, None).is_some(), "anywhere still works");
+    }
+}
