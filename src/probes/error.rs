@@ -64,8 +64,10 @@ pub enum ProbeError {
         /// Where the caller said the probe is.
         site: ProbeSite,
     },
-    /// A kretprobe must sit on the first instruction of a function: only there
-    /// is the return address where the backend's hijack expects it.
+    /// A return probe (a kretprobe, or a uprobe with a return handler) must
+    /// sit on the first instruction of a function: only there is the return
+    /// address where the backend's hijack expects it. For uprobes both
+    /// fields are file offsets.
     NotAtFunctionEntry {
         /// The refused address.
         addr: u64,
@@ -367,12 +369,12 @@ impl fmt::Display for ProbeError {
             ProbeError::NotAtFunctionEntry { addr, func_start } => match func_start {
                 Some(start) => write!(
                     f,
-                    "a kretprobe must be at a function entry: {addr:#x} is not the entry \
+                    "a return probe must be at a function entry: {addr:#x} is not the entry \
                      {start:#x}"
                 ),
                 None => write!(
                     f,
-                    "a kretprobe must be at a function entry: {addr:#x} is not one"
+                    "a return probe must be at a function entry: {addr:#x} is not one"
                 ),
             },
             ProbeError::MaxActiveZero => {
