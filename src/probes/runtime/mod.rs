@@ -90,7 +90,7 @@ pub use quiesce::{
     RESEND_INTERVAL,
 };
 pub use signal::{install, is_installed};
-pub use trampoline::trampoline_address;
+pub use trampoline::{trampoline_address, xsave_plan, XsavePlan};
 pub use xol::{XolArea, XolStats, CHUNK_BYTES, REACH};
 
 #[allow(unused_imports)]

@@ -14,10 +14,12 @@
 //! 2. pushes the sixteen general registers in [`Regs`] order (rax first in
 //!    memory), so the frame *is* an array the Rust side indexes by hardware
 //!    number;
-//! 3. saves the x87/SSE state with `fxsave64` (the return value may be in
-//!    `xmm0`/`xmm1` or `st0`, and the Rust code and the handlers may use
-//!    vector registers) on a 64-byte aligned area, which also aligns the
-//!    stack for the call;
+//! 3. saves the vector and x87 state (the return value may be in `xmm0`/
+//!    `xmm1`, `ymm0`, `zmm0` or `st0`, and the Rust code and the handlers
+//!    may use vector registers) on a 64-byte aligned area below the frame,
+//!    which also aligns the stack for the call: with `xsave64` of the x87,
+//!    SSE, AVX and AVX-512 components the OS enabled (see [`XsavePlan`]),
+//!    or with `fxsave64` where the processor has no `xsave`;
 //! 4. calls `trampoline_return(frame)`, which builds a [`Regs`] (stack
 //!    pointer = the caller's, IP = the trampoline), offers it to the
 //!    attached dispatchers (the registry finds this thread's instance for
@@ -34,15 +36,19 @@
 //!
 //! # Limitations
 //!
-//! - The AVX upper halves of `ymm`/`zmm` registers are not saved: a function
-//!   returning a 256-bit vector by value loses its upper half if a handler
-//!   clobbers it.
+//! - The `xsave` area is sized at run time (about 2.7 KiB with AVX-512) and
+//!   taken from the returning thread's stack, below the caller's frame.
+//!   Components other than x87, SSE, AVX and AVX-512 (AMX tiles, PKRU, ...)
+//!   are not saved: no return value lives in them, and saving AMX state
+//!   would fault in processes that never asked for it.
 //! - The trampoline has no unwind information: a panic unwinding through a
 //!   function whose return was hijacked cannot find the caller and aborts.
 //! - If no instance claims a return (its record was lost), the real return
 //!   address is unknown: the process is aborted with a message.
 
+use crate::sync::atomic::{AtomicU64, Ordering};
 use std::arch::global_asm;
+use std::sync::Once;
 
 use super::dispatch::dispatch_return;
 use crate::probes::arch::Regs;
@@ -80,12 +86,40 @@ global_asm!(
     "push rcx",
     "push rax",
     "mov rbx, rsp",
+    // rax, rcx and rdx are saved in the frame: free to use until the pops.
+    "mov rcx, qword ptr [rip + {xsave_bytes}]",
+    "test rcx, rcx",
+    "jz 2f",
+    "sub rsp, rcx",
+    "and rsp, -64",
+    // The XSAVE header after the legacy area: XCOMP_BV and the reserved
+    // bytes must be zero for XRSTOR (XSAVE writes only XSTATE_BV).
+    "xor eax, eax",
+    "mov qword ptr [rsp + 512], rax",
+    "mov qword ptr [rsp + 520], rax",
+    "mov qword ptr [rsp + 528], rax",
+    "mov qword ptr [rsp + 536], rax",
+    "mov qword ptr [rsp + 544], rax",
+    "mov qword ptr [rsp + 552], rax",
+    "mov qword ptr [rsp + 560], rax",
+    "mov qword ptr [rsp + 568], rax",
+    "mov eax, dword ptr [rip + {xsave_mask}]",
+    "mov edx, dword ptr [rip + {xsave_mask} + 4]",
+    "xsave64 [rsp]",
+    "mov rdi, rbx",
+    "call {handler}",
+    "mov eax, dword ptr [rip + {xsave_mask}]",
+    "mov edx, dword ptr [rip + {xsave_mask} + 4]",
+    "xrstor64 [rsp]",
+    "jmp 3f",
+    "2:",
     "sub rsp, 512",
     "and rsp, -64",
     "fxsave64 [rsp]",
     "mov rdi, rbx",
     "call {handler}",
     "fxrstor64 [rsp]",
+    "3:",
     "mov rsp, rbx",
     "pop rax",
     "pop rcx",
@@ -110,15 +144,101 @@ global_asm!(
     ".size __rcu_registry_kretprobe_trampoline, . - __rcu_registry_kretprobe_trampoline",
     ".popsection",
     handler = sym trampoline_return,
+    xsave_bytes = sym XSAVE_BYTES,
+    xsave_mask = sym XSAVE_MASK,
 );
+
+/// Bytes the trampoline reserves for `xsave64` (0: use `fxsave64`), plus 64
+/// for the alignment. Written once by [`XsavePlan::install`] before any
+/// return can be hijacked; read by the assembly.
+static XSAVE_BYTES: AtomicU64 = AtomicU64::new(0);
+/// The `xsave64`/`xrstor64` component mask (EDX:EAX), see [`XsavePlan`].
+static XSAVE_MASK: AtomicU64 = AtomicU64::new(0);
+
+/// x87, SSE, AVX (`ymm` upper halves), and the three AVX-512 components
+/// (opmask, `zmm0-15` upper halves, `zmm16-31`): every register a return
+/// value or a handler's vector code can touch.
+const VECTOR_COMPONENTS: u64 = 0b1110_0111;
+
+/// What the trampoline saves around the return handlers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct XsavePlan {
+    /// `xsave64` component mask (0 when the trampoline uses `fxsave64`).
+    pub mask: u64,
+    /// Bytes of the standard-format area those components need (0 with
+    /// `fxsave64`, which uses 512).
+    pub bytes: u64,
+}
+
+impl XsavePlan {
+    /// Asks the processor: `xsave` enabled by the OS (`CPUID.1:ECX.OSXSAVE`),
+    /// the components enabled in `XCR0`, and where each one ends in the
+    /// standard-format area (`CPUID.(0DH, i)`).
+    pub fn detect() -> XsavePlan {
+        let leaf1 = core::arch::x86_64::__cpuid(1);
+        if leaf1.ecx & (1 << 27) == 0 {
+            return XsavePlan { mask: 0, bytes: 0 };
+        }
+        let (lo, hi): (u32, u32);
+        // SAFETY: OSXSAVE is set, so `xgetbv` with ECX = 0 (XCR0) is allowed
+        // in user mode; it only reads a register.
+        unsafe {
+            core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi,
+                options(nomem, nostack, preserves_flags));
+        }
+        let mask = (u64::from(hi) << 32 | u64::from(lo)) & VECTOR_COMPONENTS;
+        // The legacy area and the header: 576 bytes; each extended
+        // component ends at its offset plus its size.
+        let mut bytes = 576u64;
+        for i in 2..64u32 {
+            if mask & (1 << i) != 0 {
+                // Leaf 0DH exists when OSXSAVE is set.
+                let c = core::arch::x86_64::__cpuid_count(0xd, i);
+                bytes = bytes.max(u64::from(c.ebx) + u64::from(c.eax));
+            }
+        }
+        XsavePlan { mask, bytes }
+    }
+
+    /// Publishes the plan to the trampoline. Called once, before any
+    /// return address is hijacked.
+    fn install(self) {
+        // Relaxed: the values are published to hijacked threads by the
+        // registration that first writes the trampoline's address (its
+        // release stores and the code patch's core sync), long before any
+        // return lands there.
+        XSAVE_MASK.store(self.mask, Ordering::Relaxed);
+        XSAVE_BYTES.store(
+            if self.mask == 0 { 0 } else { self.bytes + 64 },
+            Ordering::Relaxed,
+        );
+    }
+}
+
+/// The plan the trampoline uses (detected on first use of
+/// [`trampoline_address`]).
+pub fn xsave_plan() -> XsavePlan {
+    trampoline_address();
+    // Relaxed: read after `install` on this thread or after the Once that
+    // ran it (which orders it).
+    let bytes = XSAVE_BYTES.load(Ordering::Relaxed);
+    XsavePlan {
+        mask: XSAVE_MASK.load(Ordering::Relaxed),
+        bytes: bytes.saturating_sub(64),
+    }
+}
 
 extern "C" {
     fn __rcu_registry_kretprobe_trampoline();
     fn __rcu_registry_kretprobe_trampoline_end();
 }
 
-/// The address kretprobe entries write as the return address.
+/// The address kretprobe entries write as the return address. The first
+/// call (from [`Live`](super::Live)'s constructor, never from a signal
+/// handler) also detects what the trampoline must save ([`XsavePlan`]).
 pub fn trampoline_address() -> u64 {
+    static PLAN: Once = Once::new();
+    PLAN.call_once(|| XsavePlan::detect().install());
     __rcu_registry_kretprobe_trampoline as *const () as usize as u64
 }
 
