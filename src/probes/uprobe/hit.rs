@@ -159,7 +159,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             .and_then(|i| maps[i].offset_of(vaddr).map(|o| (maps[i].file, o)));
         let (file, offset) = offset.ok_or(Some(st))?;
         let key = UprobeKey { file, offset };
-        let up = self.uprobes.get(guard, &key).ok_or(Some(st))?;
+        let up = self.uprobe_at(guard, &key).ok_or(Some(st))?;
         let install = up.placed_at(guard, space, vaddr).ok_or(Some(st))?;
         Ok((st, key, up, install))
     }

@@ -73,7 +73,9 @@
 //! [`HitOutcome`](crate::probes::kprobe::HitOutcome) values.
 
 mod consumer;
+mod filetext;
 mod hit;
+mod hitcache;
 mod mmap;
 mod reentry;
 mod registry;
@@ -84,7 +86,9 @@ mod unregister;
 pub use consumer::{
     Consumer, ConsumerAction, ConsumerBuilder, Filter, Handler, RetHandler, UprobeHit, UprobeReturn,
 };
+pub use filetext::{FileText, MemFiles};
 pub use hit::{UprobeOutcome, UprobeRef, UprobeStep};
+pub use hitcache::DEFAULT_HIT_CACHE_SLOTS;
 pub use registry::{UprobeRegistry, DEFAULT_FILE_STRIPES};
 pub use returns::DEFAULT_MAX_RETURN_DEPTH;
 pub use space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};

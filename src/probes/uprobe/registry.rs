@@ -16,6 +16,8 @@
 //! at a time. The hit path takes none of these.
 
 use super::consumer::{Consumer, Member};
+use super::filetext::FileText;
+use super::hitcache::{HitCache, DEFAULT_HIT_CACHE_SLOTS};
 use super::returns::Returns;
 use super::space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};
 use crate::hashlock::HashedLocks;
@@ -35,13 +37,15 @@ pub const DEFAULT_FILE_STRIPES: usize = 64;
 
 /// One uprobe: its consumers and the file's bytes at its offset.
 pub(crate) struct Uprobe<F: Flavor> {
+    /// Its key in the tree, for the hit cache's check (`hitcache.rs`).
+    pub(crate) key: UprobeKey,
     /// Registration order (ascending sequence numbers); replaced whole
     /// (read-copy-update) by writers holding the file stripe.
     pub(crate) consumers: RcuCell<Box<[Member]>, F>,
     /// The original bytes at the offset, learned from the first mapping the
     /// uprobe was validated against; `None` until then. Written and read
     /// only under the file stripe.
-    orig: Mutex<Option<CodeBytes>>,
+    pub(super) orig: Mutex<Option<CodeBytes>>,
     /// Offset of the enclosing function's first instruction, if the
     /// registration named it (for the instruction-boundary check).
     pub(super) func_offset: Option<u64>,
@@ -138,6 +142,9 @@ pub struct UprobeRegistry<A: Arch, S: AddressSpace, F: Flavor = Srcu> {
     pub(crate) arch: A,
     pub(crate) domain: F,
     pub(crate) uprobes: SeqTree<UprobeKey, Uprobe<F>, F>,
+    /// The hit path's direct-mapped way to the tree's uprobes
+    /// (`hitcache.rs`): filled and cleared by writers under the file stripe.
+    pub(crate) hot: HitCache<F>,
     pub(crate) spaces: SeqTree<SpaceId, Arc<SpaceState<S, F>>, F>,
     pub(super) files: HashedLocks<FileId, Mutex<()>>,
     /// Source of consumer sequence numbers (see [`Member`]).
@@ -145,6 +152,9 @@ pub struct UprobeRegistry<A: Arch, S: AddressSpace, F: Flavor = Srcu> {
     /// Return tracking: the depth limit and this registry's identity in
     /// the threads' return-instance stacks.
     pub(super) returns: Returns,
+    /// Where registrations no space maps read the file's code
+    /// (`filetext.rs`); `None`: they are validated at the first mmap.
+    pub(super) file_text: Option<Box<dyn FileText>>,
 }
 
 /// The slice in an optional boxed slice (empty if absent).
@@ -181,12 +191,14 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         UprobeRegistry {
             arch,
             uprobes: SeqTree::with_domain(domain.clone()),
+            hot: HitCache::new(DEFAULT_HIT_CACHE_SLOTS),
             spaces: SeqTree::with_domain(domain.clone()),
             domain,
             files: HashedLocks::new(DEFAULT_FILE_STRIPES)
                 .expect("DEFAULT_FILE_STRIPES is a valid stripe count"),
             next_seq: AtomicU64::new(0),
             returns: Returns::new(super::DEFAULT_MAX_RETURN_DEPTH),
+            file_text: None,
         }
     }
 
@@ -306,6 +318,14 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         }
         // Where the uprobe would go, before anything changes.
         let targets = self.mapped_targets(key)?;
+        // Nothing maps the offset: validate from the file if we can.
+        let orig_known = existing
+            .as_ref()
+            .is_some_and(|u| u.orig.lock().unwrap_or_else(|p| p.into_inner()).is_some());
+        let from_file = match targets.is_empty() && !orig_known {
+            true => self.validate_from_file(key, func_offset)?,
+            false => None,
+        };
         if consumer.has_ret_handler() {
             let known = existing.as_ref().and_then(|u| u.func_offset);
             self.check_return_site(key, func_offset, known, &targets, consumer)?;
@@ -323,11 +343,12 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 // Born with its first consumer: a uprobe in the tree never
                 // has an empty list.
                 let u = Uprobe {
+                    key,
                     consumers: RcuCell::new_in(
                         vec![member.clone()].into_boxed_slice(),
                         self.domain.clone(),
                     ),
-                    orig: Mutex::new(None),
+                    orig: Mutex::new(from_file),
                     func_offset,
                     nmissed: AtomicU64::new(0),
                     placed: RcuCell::new_in(Box::new([]), self.domain.clone()),
@@ -355,16 +376,56 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 Err(e) => {
                     self.undo_installs(up.value(), &done);
                     if fresh {
-                        self.uprobes.remove(&key);
+                        self.remove_uprobe(up.value());
                     }
                     return Err(e);
                 }
             }
         }
-        if !fresh {
+        if fresh {
+            self.hot.publish(&key, up.value());
+        } else {
+            if from_file.is_some() {
+                // No install ran (nothing maps the offset): the bytes the
+                // file holds become the uprobe's known original.
+                *up.orig.lock().unwrap_or_else(|p| p.into_inner()) = from_file;
+            }
             up.consumers.replace(new.into_boxed_slice());
         }
         Ok(())
+    }
+
+    /// Takes `up` out of the hit cache, then out of the tree. The caller
+    /// holds its file stripe.
+    pub(super) fn remove_uprobe(&self, up: &Uprobe<F>) {
+        // Retract first: see `hitcache.rs` for why the order matters.
+        self.hot.retract(&up.key, up);
+        self.uprobes.remove(&up.key);
+    }
+
+    /// The uprobe at `key`, inside `guard`: through the hit cache, else the
+    /// tree. `guard` is a read section of the registry's domain.
+    #[inline(always)]
+    pub(crate) fn uprobe_at<'g>(
+        &self,
+        guard: &'g F::Guard<'_>,
+        key: &UprobeKey,
+    ) -> Option<&'g Uprobe<F>> {
+        match self.hot.get(guard, key) {
+            Some(u) => Some(u),
+            None => self.uprobes.get(guard, key),
+        }
+    }
+
+    /// Sets the number of hit-cache slots (rounded up to an even number;
+    /// default [`DEFAULT_HIT_CACHE_SLOTS`]; 0 turns the cache off). Uprobes
+    /// that find no slot of their own are looked up in the uprobe tree on
+    /// each hit, so more slots than uprobes keeps every hit on the
+    /// one-load path. Call on a new registry: the uprobes registered before
+    /// are found through the tree.
+    pub fn with_hit_cache_slots(mut self, slots: usize) -> Self {
+        self.hot = HitCache::new(slots);
+        self
     }
 
     /// Every known space's mapping that covers `key.offset`, with the
