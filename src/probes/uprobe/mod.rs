@@ -80,6 +80,7 @@ mod mmap;
 mod reentry;
 mod registry;
 mod returns;
+mod short;
 mod space;
 mod unregister;
 

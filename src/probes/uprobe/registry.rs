@@ -19,6 +19,7 @@ use super::consumer::{Consumer, Member};
 use super::filetext::FileText;
 use super::hitcache::{HitCache, DEFAULT_HIT_CACHE_SLOTS};
 use super::returns::Returns;
+use super::short::Short;
 use super::space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};
 use crate::hashlock::HashedLocks;
 use crate::probes::arch::{Arch, Insn, InsnClass, XolPlan, MAX_INSN_BYTES};
@@ -41,7 +42,7 @@ pub(crate) struct Uprobe<F: Flavor> {
     pub(crate) key: UprobeKey,
     /// Registration order (ascending sequence numbers); replaced whole
     /// (read-copy-update) by writers holding the file stripe.
-    pub(crate) consumers: RcuCell<Box<[Member]>, F>,
+    pub(crate) consumers: RcuCell<Short<Member>, F>,
     /// The original bytes at the offset, learned from the first mapping the
     /// uprobe was validated against; `None` until then. Written and read
     /// only under the file stripe.
@@ -56,11 +57,14 @@ pub(crate) struct Uprobe<F: Flavor> {
     /// array (one entry per space mapping the offset) replaced whole by
     /// writers holding the file stripe. Mirrors the spaces' install trees,
     /// so a hit needs no second tree walk.
-    pub(crate) placed: RcuCell<Box<[Placed]>, F>,
+    pub(crate) placed: RcuCell<Short<Placed>, F>,
 }
 
-/// One install of a uprobe, as the hit path finds it.
+/// One install of a uprobe, as the hit path finds it. `repr(C)`: the
+/// fields the hit compares come first, on the cache line where the
+/// install record it then reads begins.
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 pub(crate) struct Placed {
     pub(crate) space: SpaceId,
     pub(crate) vaddr: u64,
@@ -106,7 +110,7 @@ impl<F: Flavor> Uprobe<F> {
             .collect();
         drop(g);
         v.extend(add);
-        self.placed.replace(v.into_boxed_slice());
+        self.placed.replace(v.into());
     }
 }
 
@@ -126,7 +130,7 @@ pub(crate) struct SpaceState<S: AddressSpace, F: Flavor> {
     pub(crate) space: std::sync::Arc<S>,
     /// File mappings sorted by start address; replaced whole under
     /// `maps_lock`.
-    pub(crate) maps: RcuCell<Box<[FileMapping]>, F>,
+    pub(crate) maps: RcuCell<Short<FileMapping>, F>,
     pub(super) maps_lock: Mutex<()>,
     /// Installed breakpoints by virtual address.
     pub(crate) installs: SeqTree<u64, Install, F>,
@@ -345,13 +349,13 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 let u = Uprobe {
                     key,
                     consumers: RcuCell::new_in(
-                        vec![member.clone()].into_boxed_slice(),
+                        Short::One([member.clone()]),
                         self.domain.clone(),
                     ),
                     orig: Mutex::new(from_file),
                     func_offset,
                     nmissed: AtomicU64::new(0),
-                    placed: RcuCell::new_in(Box::new([]), self.domain.clone()),
+                    placed: RcuCell::new_in(Vec::new().into(), self.domain.clone()),
                 };
                 (self.uprobes.get_or_insert_handle_with(key, || u), true)
             }
@@ -390,7 +394,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 // file holds become the uprobe's known original.
                 *up.orig.lock().unwrap_or_else(|p| p.into_inner()) = from_file;
             }
-            up.consumers.replace(new.into_boxed_slice());
+            up.consumers.replace(new.into());
         }
         Ok(())
     }

@@ -77,7 +77,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         if new.is_empty() {
             self.remove_uprobe(up.value());
         } else {
-            up.consumers.replace(new.into_boxed_slice());
+            up.consumers.replace(new.into());
         }
         Ok(())
     }
