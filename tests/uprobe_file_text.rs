@@ -32,10 +32,7 @@ fn reading_registry() -> (Registry, Arc<MemFiles>) {
 
 /// Registers `bad` on a registry nothing maps, expects `err`, and checks
 /// that nothing changed, then or when the file is mapped afterwards.
-fn refused_before_any_mapping(
-    bad: impl Fn(&Registry) -> Result<(), ProbeError>,
-    err: ProbeError,
-) {
+fn refused_before_any_mapping(bad: impl Fn(&Registry) -> Result<(), ProbeError>, err: ProbeError) {
     let (reg, _) = reading_registry();
     let before = snapshot(&reg, &[]);
     assert_eq!(bad(&reg), Err(err));
@@ -121,7 +118,8 @@ fn a_second_consumer_on_a_uprobe_refused_by_the_file_is_refused_too() {
 fn a_valid_offset_registers_before_any_mapping_and_is_installed_by_the_mmap() {
     let (reg, _) = reading_registry();
     let c = noop();
-    reg.register_in_function(key(OFF_NOP), OFF_PUSH, &c).unwrap();
+    reg.register_in_function(key(OFF_NOP), OFF_PUSH, &c)
+        .unwrap();
     reg.register(key(OFF_MOV), &c).unwrap();
     assert_eq!(reg.len(), 2);
     let a = MemSpace::with_file(1, A);
@@ -156,7 +154,11 @@ fn a_mapping_whose_text_differs_from_the_file_is_refused_as_someone_else_s_patch
         matches!(err, ProbeError::AlreadyPatched { addr, .. } if addr == A + OFF_MOV),
         "{err:?}"
     );
-    assert_eq!(a.text.snapshot(), patched, "the foreign patch is left alone");
+    assert_eq!(
+        a.text.snapshot(),
+        patched,
+        "the foreign patch is left alone"
+    );
     assert_eq!(reg.installs_in(a.id), 0);
 }
 

@@ -47,9 +47,15 @@ fn every_hit_finds_its_own_uprobe(reg: Registry) {
         let out = hit(&reg, &a, *o);
         if i % 2 == 0 {
             // The breakpoint is gone: the trap raced its removal.
-            assert!(matches!(out, HitOutcome::Vanished), "offset {o:#x}: {out:?}");
+            assert!(
+                matches!(out, HitOutcome::Vanished),
+                "offset {o:#x}: {out:?}"
+            );
         } else {
-            assert!(matches!(out, HitOutcome::Emulated), "offset {o:#x}: {out:?}");
+            assert!(
+                matches!(out, HitOutcome::Emulated),
+                "offset {o:#x}: {out:?}"
+            );
         }
         assert_eq!(reg.find(a.id, A + o).is_some(), i % 2 == 1);
     }

@@ -144,7 +144,7 @@ impl FileText for MemFiles {
 
 impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// Reads files' code from `code` to validate a registration that no
-    /// known space maps (see the [module docs](self)): bad input is then
+    /// known space maps (see the [module docs](super)): bad input is then
     /// refused at registration rather than at the first `on_mmap`. Without
     /// a source (the default), or for a file it cannot read, such
     /// registrations succeed and are validated at the first `on_mmap` that

@@ -5,12 +5,16 @@
 //!
 //! Everything runs inside one read section of the registry's domain: the
 //! space is found in the spaces tree, the mapping by binary search in the
-//! space's published mapping array, the uprobe in the uprobe tree and the
-//! install record (the instruction as analysed at registration, at this
-//! address, with its XOL plan) in the uprobe's array of installs. All are
+//! space's published mapping array, the uprobe through the hit cache
+//! (`hitcache.rs`: one load of a slot hashed from `(file, offset)`) or,
+//! when it has no slot, in the uprobe tree, and the install record (the
+//! instruction as analysed at registration, at this address, with its XOL
+//! plan) in the uprobe's array of installs, read in place. All are
 //! lock-free [`SeqTree`](crate::seqtree::SeqTree) lookups or loads of
-//! [`RcuCell`](crate::rcu::RcuCell)s (the install is found in the uprobe's
-//! short per-space array, not in a second tree); nothing is allocated (the
+//! atomics and [`RcuCell`](crate::rcu::RcuCell)s (the install is found in
+//! the uprobe's short per-space array, not in a second tree; one-element
+//! lists are inline, `short.rs`); no reference count is taken and nothing
+//! is allocated (the
 //! exceptions: the first read section a thread ever enters in an `Srcu`
 //! domain, which registers the thread, and a thread's first tracked call in
 //! a space, which allocates its return stack, see `returns.rs`).

@@ -348,10 +348,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 // has an empty list.
                 let u = Uprobe {
                     key,
-                    consumers: RcuCell::new_in(
-                        Short::One([member.clone()]),
-                        self.domain.clone(),
-                    ),
+                    consumers: RcuCell::new_in(Short::One([member.clone()]), self.domain.clone()),
                     orig: Mutex::new(from_file),
                     func_offset,
                     nmissed: AtomicU64::new(0),
