@@ -273,7 +273,13 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// handler (this form names no function: use
     /// [`register_in_function`](Self::register_in_function)); and what
     /// installing into a space reports (unsupported instruction, someone
-    /// else's patch, a text failure). On error nothing changed: no
+    /// else's patch, a text failure). When no known space maps the offset
+    /// and the registry reads files ([`with_file_text`](Self::with_file_text)),
+    /// the file's code is checked instead: [`ProbeError::OffsetOutsideMapping`]
+    /// (the range being the file's code) and
+    /// [`ProbeError::UnsupportedInstruction`] (its `addr` a file offset);
+    /// without a file source such an offset is checked at the first
+    /// [`on_mmap`](Self::on_mmap) that maps it. On error nothing changed: no
     /// breakpoint stays written, the registry is as before.
     pub fn register(&self, key: UprobeKey, consumer: &Consumer) -> Result<(), ProbeError> {
         self.register_inner(key, None, consumer)
@@ -288,7 +294,9 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// entry, where the return address is where the arch backend hijacks it.
     ///
     /// # Errors
-    /// As `register`, plus [`ProbeError::NotOnInstructionBoundary`]. For a
+    /// As `register`, plus [`ProbeError::NotOnInstructionBoundary`]
+    /// (checked in the file's code, with file offsets as addresses, when
+    /// nothing maps the offset and the registry reads files). For a
     /// consumer with a return handler: [`ProbeError::NotAtFunctionEntry`]
     /// (`addr` and `func_start` are *file offsets*) when `func_offset` is
     /// not `key.offset` or an earlier registration placed `key.offset`
