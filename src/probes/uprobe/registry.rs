@@ -44,8 +44,9 @@ pub(crate) struct Uprobe<F: Flavor> {
     /// (read-copy-update) by writers holding the file stripe.
     pub(crate) consumers: RcuCell<Short<Member>, F>,
     /// The original bytes at the offset, learned from the first mapping the
-    /// uprobe was validated against; `None` until then. Written and read
-    /// only under the file stripe.
+    /// uprobe was validated against, or from the file's code when nothing
+    /// mapped it (`filetext.rs`); `None` until then. Written and read only
+    /// under the file stripe.
     pub(super) orig: Mutex<Option<CodeBytes>>,
     /// Offset of the enclosing function's first instruction, if the
     /// registration named it (for the instruction-boundary check).
@@ -146,8 +147,9 @@ pub struct UprobeRegistry<A: Arch, S: AddressSpace, F: Flavor = Srcu> {
     pub(crate) arch: A,
     pub(crate) domain: F,
     pub(crate) uprobes: SeqTree<UprobeKey, Uprobe<F>, F>,
-    /// The hit path's direct-mapped way to the tree's uprobes
-    /// (`hitcache.rs`): filled and cleared by writers under the file stripe.
+    /// The hit path's one-load way to the tree's uprobes (`hitcache.rs`, a
+    /// two-way set-associative table): filled and cleared by writers under
+    /// the file stripe.
     pub(crate) hot: HitCache<F>,
     pub(crate) spaces: SeqTree<SpaceId, Arc<SpaceState<S, F>>, F>,
     pub(super) files: HashedLocks<FileId, Mutex<()>>,
@@ -161,7 +163,7 @@ pub struct UprobeRegistry<A: Arch, S: AddressSpace, F: Flavor = Srcu> {
     pub(super) file_text: Option<Box<dyn FileText>>,
 }
 
-/// The slice in an optional boxed slice (empty if absent).
+/// The slice in an optional list (empty if absent).
 pub(crate) fn slice<T, B: core::ops::Deref<Target = [T]>>(b: Option<&B>) -> &[T] {
     b.map_or(&[], |b| &**b)
 }
@@ -334,9 +336,10 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         let orig_known = existing
             .as_ref()
             .is_some_and(|u| u.orig.lock().unwrap_or_else(|p| p.into_inner()).is_some());
-        let from_file = match targets.is_empty() && !orig_known {
-            true => self.validate_from_file(key, func_offset)?,
-            false => None,
+        let from_file = if targets.is_empty() && !orig_known {
+            self.validate_from_file(key, func_offset)?
+        } else {
+            None
         };
         if consumer.has_ret_handler() {
             let known = existing.as_ref().and_then(|u| u.func_offset);
