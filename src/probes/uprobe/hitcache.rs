@@ -44,8 +44,9 @@
 //! with more uprobes than slots, the uprobes that lose their slot are found
 //! through the tree, as before the cache existed: never wrong, only slower.
 
-use super::registry::Uprobe;
-use super::space::UprobeKey;
+use super::registry::{Uprobe, UprobeRegistry};
+use super::space::{AddressSpace, UprobeKey};
+use crate::probes::arch::Arch;
 use crate::rcu::Flavor;
 use crate::sync::atomic::{AtomicPtr, Ordering};
 
@@ -173,5 +174,40 @@ impl<F: Flavor> HitCache<F> {
             let up = unsafe { &*p };
             (up.key == *key).then_some(up)
         })
+    }
+}
+
+impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
+    /// Takes `up` out of the hit cache, then out of the tree. The caller
+    /// holds its file stripe.
+    pub(super) fn remove_uprobe(&self, up: &Uprobe<F>) {
+        // Retract first: see `hitcache.rs` for why the order matters.
+        self.hot.retract(&up.key, up);
+        self.uprobes.remove(&up.key);
+    }
+
+    /// The uprobe at `key`, inside `guard`: through the hit cache, else the
+    /// tree. `guard` is a read section of the registry's domain.
+    #[inline(always)]
+    pub(crate) fn uprobe_at<'g>(
+        &self,
+        guard: &'g F::Guard<'_>,
+        key: &UprobeKey,
+    ) -> Option<&'g Uprobe<F>> {
+        match self.hot.get(guard, key) {
+            Some(u) => Some(u),
+            None => self.uprobes.get(guard, key),
+        }
+    }
+
+    /// Sets the number of hit-cache slots (rounded up to an even number;
+    /// default [`DEFAULT_HIT_CACHE_SLOTS`]; 0 turns the cache off). Uprobes
+    /// that find no slot of their own are looked up in the uprobe tree on
+    /// each hit, so more slots than uprobes keeps every hit on the
+    /// one-load path. Call on a new registry: the uprobes registered before
+    /// are found through the tree.
+    pub fn with_hit_cache_slots(mut self, slots: usize) -> Self {
+        self.hot = HitCache::new(slots);
+        self
     }
 }

@@ -89,6 +89,7 @@ mod consumer;
 mod filetext;
 mod hit;
 mod hitcache;
+mod install;
 mod mmap;
 mod reentry;
 mod registry;

@@ -22,9 +22,8 @@ use super::returns::Returns;
 use super::short::Short;
 use super::space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};
 use crate::hashlock::HashedLocks;
-use crate::probes::arch::{Arch, Insn, InsnClass, XolPlan, MAX_INSN_BYTES};
+use crate::probes::arch::{Arch, Insn, XolPlan};
 use crate::probes::error::{CodeBytes, ProbeSite};
-use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
 use crate::rcu::{Flavor, RcuCell, Srcu};
 use crate::seqtree::SeqTree;
@@ -102,7 +101,7 @@ impl<F: Flavor> Uprobe<F> {
 
     /// Publishes the install list with `add` added and `(space, vaddr)`
     /// removed. The caller holds the file stripe.
-    fn update_placed(&self, add: Option<Placed>, remove: Option<(SpaceId, u64)>) {
+    pub(super) fn update_placed(&self, add: Option<Placed>, remove: Option<(SpaceId, u64)>) {
         let g = self.placed.domain().read();
         let mut v: Vec<Placed> = slice(self.placed.load(&g))
             .iter()
@@ -171,10 +170,6 @@ pub(crate) fn slice<T, B: core::ops::Deref<Target = [T]>>(b: Option<&B>) -> &[T]
 /// A space that maps a uprobe's offset: its state, the address there, the
 /// mapping.
 pub(super) type Target<S, F> = (Arc<SpaceState<S, F>>, u64, FileMapping);
-
-/// An install done by a registration in progress: space, address, whether
-/// a breakpoint was written (undone on failure).
-type Done<S, F> = (Arc<SpaceState<S, F>>, u64, bool);
 
 pub(super) fn site(key: UprobeKey) -> ProbeSite {
     ProbeSite::File {
@@ -407,39 +402,6 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         Ok(())
     }
 
-    /// Takes `up` out of the hit cache, then out of the tree. The caller
-    /// holds its file stripe.
-    pub(super) fn remove_uprobe(&self, up: &Uprobe<F>) {
-        // Retract first: see `hitcache.rs` for why the order matters.
-        self.hot.retract(&up.key, up);
-        self.uprobes.remove(&up.key);
-    }
-
-    /// The uprobe at `key`, inside `guard`: through the hit cache, else the
-    /// tree. `guard` is a read section of the registry's domain.
-    #[inline(always)]
-    pub(crate) fn uprobe_at<'g>(
-        &self,
-        guard: &'g F::Guard<'_>,
-        key: &UprobeKey,
-    ) -> Option<&'g Uprobe<F>> {
-        match self.hot.get(guard, key) {
-            Some(u) => Some(u),
-            None => self.uprobes.get(guard, key),
-        }
-    }
-
-    /// Sets the number of hit-cache slots (rounded up to an even number;
-    /// default [`DEFAULT_HIT_CACHE_SLOTS`]; 0 turns the cache off). Uprobes
-    /// that find no slot of their own are looked up in the uprobe tree on
-    /// each hit, so more slots than uprobes keeps every hit on the
-    /// one-load path. Call on a new registry: the uprobes registered before
-    /// are found through the tree.
-    pub fn with_hit_cache_slots(mut self, slots: usize) -> Self {
-        self.hot = HitCache::new(slots);
-        self
-    }
-
     /// Every known space's mapping that covers `key.offset`, with the
     /// address there. Refuses an offset the file's mappings do not cover.
     fn mapped_targets(&self, key: UprobeKey) -> Result<Vec<Target<S, F>>, ProbeError>
@@ -471,200 +433,5 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             }
             _ => Ok(out),
         }
-    }
-
-    /// Installs `key`'s breakpoint at `vaddr` in `st`. Returns whether a
-    /// byte was written (`false`: our breakpoint was already there, which
-    /// counts as success: the space inherited the patched text, e.g. a
-    /// forked copy or a re-mapping of text still holding it, and the
-    /// uprobe must still be found when it traps).
-    pub(super) fn install(
-        &self,
-        up: &Uprobe<F>,
-        st: &SpaceState<S, F>,
-        key: UprobeKey,
-        vaddr: u64,
-        map: &FileMapping,
-    ) -> Result<bool, ProbeError> {
-        if st.installs.contains_key(&vaddr) {
-            return Ok(false);
-        }
-        let text = st.space.text();
-        let bp = self.arch.breakpoint();
-        let avail = (map.vaddr.end - vaddr) as usize;
-        let n = self.arch.max_insn_len().min(avail).min(MAX_INSN_BYTES);
-        let mut buf = [0u8; MAX_INSN_BYTES];
-        text.read(vaddr, &mut buf[..n])?;
-        let mut known = up.orig.lock().unwrap_or_else(|p| p.into_inner());
-        let ours_there = n >= bp.len() && &buf[..bp.len()] == bp;
-        let code: [u8; MAX_INSN_BYTES] = match &*known {
-            Some(o) => {
-                let o = o.as_slice();
-                if !ours_there && buf[..o.len().min(n)] != o[..o.len().min(n)] {
-                    return Err(ProbeError::AlreadyPatched {
-                        addr: vaddr,
-                        expected: CodeBytes::new(&o[..o.len().min(n)]),
-                        found: CodeBytes::new(&buf[..n]),
-                    });
-                }
-                let mut c = [0u8; MAX_INSN_BYTES];
-                c[..o.len()].copy_from_slice(o);
-                c
-            }
-            None if ours_there => {
-                // First sight of this offset and a breakpoint already there:
-                // nobody we know put it; the original is unknowable.
-                return Err(ProbeError::AlreadyPatched {
-                    addr: vaddr,
-                    expected: CodeBytes::new(&[]),
-                    found: CodeBytes::new(&buf[..n]),
-                });
-            }
-            None => buf,
-        };
-        if let (None, Some(f)) = (&*known, up.func_offset) {
-            self.check_boundary(st, key, map, f, vaddr)?;
-        }
-        let insn = self.arch.analyze(vaddr, &code[..n])?;
-        let plan = self.plan(st, &insn)?;
-        let rec = Install { key, insn, plan };
-        // Publish the record, then write the breakpoint: a thread that
-        // traps on it always finds the record.
-        st.installs.insert(vaddr, rec);
-        let id = st.space.id();
-        up.update_placed(
-            Some(Placed {
-                space: id,
-                vaddr,
-                install: rec,
-            }),
-            None,
-        );
-        if !ours_there {
-            let written = text
-                .write(vaddr, &code[..bp.len()], bp)
-                .and_then(|()| text.sync_icache(vaddr, bp.len()));
-            if let Err(e) = written {
-                let _ = text.write(vaddr, bp, &code[..bp.len()]);
-                up.update_placed(None, Some((id, vaddr)));
-                st.installs.remove(&vaddr);
-                self.free_slot_later(st, plan);
-                return Err(e);
-            }
-        }
-        if known.is_none() {
-            *known = Some(CodeBytes::new(&code[..insn.len as usize]));
-        }
-        Ok(!ours_there)
-    }
-
-    /// Decodes from the function start to `vaddr` in `st`'s text.
-    #[cold]
-    fn check_boundary(
-        &self,
-        st: &SpaceState<S, F>,
-        key: UprobeKey,
-        map: &FileMapping,
-        func_offset: u64,
-        vaddr: u64,
-    ) -> Result<(), ProbeError> {
-        let Some(func) = map.vaddr_of(func_offset).filter(|&f| f <= vaddr) else {
-            return Err(ProbeError::OffsetOutsideMapping {
-                offset: func_offset,
-                start: map.file_range().start,
-                end: map.file_range().end,
-            });
-        };
-        let end = (vaddr + self.arch.max_insn_len() as u64).min(map.vaddr.end);
-        let mut bytes = vec![0u8; (end - func) as usize];
-        st.space.text().read(func, &mut bytes)?;
-        // Our breakpoints on the way decode as the bytes they replaced.
-        let g = self.domain.read();
-        let lo = UprobeKey {
-            file: key.file,
-            offset: func_offset,
-        };
-        for (k, u) in self.uprobes.range(&g, lo..key) {
-            let o = u.orig.lock().unwrap_or_else(|p| p.into_inner());
-            if let (Some(o), Some(at)) = (&*o, map.vaddr_of(k.offset)) {
-                let i = (at - func) as usize;
-                let o = o.as_slice();
-                let m = o.len().min(bytes.len() - i);
-                bytes[i..i + m].copy_from_slice(&o[..m]);
-            }
-        }
-        self.arch.check_boundary(func, &bytes, vaddr)
-    }
-
-    /// An XOL slot and plan for `insn` unless it is emulated.
-    fn plan(&self, st: &SpaceState<S, F>, insn: &Insn) -> Result<Option<XolPlan>, ProbeError> {
-        if matches!(insn.class, InsnClass::Emulated(_)) {
-            return Ok(None);
-        }
-        let xol = st.space.xol();
-        let slot = match xol.alloc(insn.addr) {
-            Ok(s) => s,
-            Err(ProbeError::XolExhausted { .. }) => {
-                // Slots of removed installs come back through domain
-                // callbacks after a grace period: wait for those queued.
-                self.reclaim_slots();
-                xol.alloc(insn.addr)?
-            }
-            Err(e) => return Err(e),
-        };
-        match self
-            .arch
-            .plan_xol(insn, slot)
-            .and_then(|p| xol.fill(slot, p.slot_bytes()).map(|()| p))
-        {
-            Ok(p) => Ok(Some(p)),
-            Err(e) => {
-                xol.free(slot);
-                Err(e)
-            }
-        }
-    }
-
-    /// Runs the queued slot frees (waits for a grace period).
-    #[cold]
-    fn reclaim_slots(&self) {
-        self.domain.barrier();
-    }
-
-    /// Frees a plan's slot after a grace period: a hit that found the
-    /// record may still be about to step through it.
-    fn free_slot_later(&self, st: &SpaceState<S, F>, plan: Option<XolPlan>) {
-        if let Some(p) = plan {
-            let space = std::sync::Arc::clone(&st.space);
-            self.domain.call(move || space.xol().free(p.slot_addr));
-        }
-    }
-
-    /// Removes the installs in `done` (those that wrote get their bytes back).
-    fn undo_installs(&self, up: &Uprobe<F>, done: &[Done<S, F>]) {
-        for (st, vaddr, wrote) in done {
-            self.uninstall(up, st, *vaddr, *wrote);
-        }
-    }
-
-    /// Restores the original bytes at `vaddr` (if `write`) and drops the
-    /// record. A breakpoint someone else already replaced is left alone.
-    pub(super) fn uninstall(&self, up: &Uprobe<F>, st: &SpaceState<S, F>, vaddr: u64, write: bool) {
-        let Some(rec) = st.installs.get_cloned(&vaddr) else {
-            return;
-        };
-        if write {
-            let bp = self.arch.breakpoint();
-            let o = up.orig.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(o) = &*o {
-                let text = st.space.text();
-                if text.write(vaddr, bp, &o.as_slice()[..bp.len()]).is_ok() {
-                    let _ = text.sync_icache(vaddr, bp.len());
-                }
-            }
-        }
-        up.update_placed(None, Some((st.space.id(), vaddr)));
-        st.installs.remove(&vaddr);
-        self.free_slot_later(st, rec.plan);
     }
 }
