@@ -1,10 +1,12 @@
 //! Benchmark of the uprobe hit path against its peer in the same run:
 //! `on_breakpoint` on an emulated `nop` (space → mapping → (file, offset) →
-//! uprobe tree → consumer list, all lock-free in an `Srcu` read section,
-//! one counting handler, the emulation) against the same work through a
-//! registry behind one `RwLock` (the space's mappings and a
-//! `HashMap<(FileId, u64), _>` of uprobes), at 1 and 2 threads, 1,000
-//! uprobes in one file mapped by one space.
+//! hit cache, or the uprobe tree when the uprobe has no slot → consumer
+//! list, all lock-free in an `Srcu` read section, one counting handler,
+//! the emulation) against the same work through a registry behind one
+//! `RwLock` (the space's mappings and a `HashMap<(FileId, u64), _>` of
+//! uprobes), at 1 and 2 threads, 1,000 uprobes in one file mapped by one
+//! space. The same registry with its hit cache off (every hit walks the
+//! uprobe tree) runs too, to show what the cache saves.
 //!
 //! A second group measures a uretprobe call: the entry hit on a function
 //! whose consumer has a return handler (the hit, the return-address hijack,
@@ -32,7 +34,7 @@ use rcu_registry::probes::kprobe::{HitOutcome, ReturnOutcome, ThreadKey, XolAllo
 use rcu_registry::probes::text::Image;
 use rcu_registry::probes::uprobe::{
     AddressSpace, Consumer, ConsumerAction, FileId, FileMapping, SpaceId, UprobeKey, UprobeOutcome,
-    UprobeRegistry,
+    UprobeRegistry, DEFAULT_HIT_CACHE_SLOTS,
 };
 use rcu_registry::probes::ProbeError;
 use rcu_registry::rcu::{Flavor, Rcu, Srcu};
@@ -129,7 +131,7 @@ impl DataMemory for Slot {
 type Reg<F = Srcu> = UprobeRegistry<X86_64, Space, F>;
 
 fn registry<F: Flavor>(domain: F) -> Reg<F> {
-    registry_with(domain, |_| {
+    registry_with(domain, DEFAULT_HIT_CACHE_SLOTS, |_| {
         Consumer::new(|_, regs| {
             black_box(regs.ip);
             ConsumerAction::Continue
@@ -140,7 +142,7 @@ fn registry<F: Flavor>(domain: F) -> Reg<F> {
 /// A registry whose every uprobe is a function entry with a consumer that
 /// has only a return handler.
 fn ret_registry() -> Reg {
-    registry_with(Srcu::new(), |_| {
+    registry_with(Srcu::new(), DEFAULT_HIT_CACHE_SLOTS, |_| {
         Consumer::builder()
             .ret_handler(|r, _| {
                 black_box(r.retval);
@@ -149,8 +151,22 @@ fn ret_registry() -> Reg {
     })
 }
 
-fn registry_with<F: Flavor>(domain: F, consumer: impl Fn(usize) -> Consumer) -> Reg<F> {
-    let reg = Reg::with_domain(X86_64, domain);
+/// A plain registry whose hits all walk the uprobe tree.
+fn tree_only_registry() -> Reg {
+    registry_with(Srcu::new(), 0, |_| {
+        Consumer::new(|_, regs| {
+            black_box(regs.ip);
+            ConsumerAction::Continue
+        })
+    })
+}
+
+fn registry_with<F: Flavor>(
+    domain: F,
+    cache_slots: usize,
+    consumer: impl Fn(usize) -> Consumer,
+) -> Reg<F> {
+    let reg = Reg::with_domain(X86_64, domain).with_hit_cache_slots(cache_slots);
     let space = Arc::new(Space {
         text: Image::new(BASE, vec![0x90; UPROBES * SPACING as usize]),
         xol: XolArena::new(0x7fff_0000_0000, 4, X86_64::XOL_SLOT_SIZE),
@@ -249,10 +265,11 @@ type HitFn<'a> = dyn Fn(&mut Regs) + Sync + 'a;
 fn bench_hit(c: &mut Criterion) {
     let reg = registry(Srcu::new());
     let reg_rcu = registry(Rcu::new());
+    let reg_tree = tree_only_registry();
     let peer = peer();
     let mut g = c.benchmark_group("uprobe_hit_lookup");
     for threads in [1usize, 2] {
-        let contenders: [(&str, &str, &HitFn); 3] = [
+        let contenders: [(&str, &str, &HitFn); 4] = [
             ("srcu_seqtree", "tree", &|regs| {
                 let out = reg.on_breakpoint(SPACE, regs, &mut NoMemory);
                 assert!(matches!(out, UprobeOutcome::Done(HitOutcome::Emulated)));
@@ -261,6 +278,12 @@ fn bench_hit(c: &mut Criterion) {
             // shows what the sleepable read section costs.
             ("rcu_seqtree", "tree_rcu", &|regs| {
                 let out = reg_rcu.on_breakpoint(SPACE, regs, &mut NoMemory);
+                assert!(matches!(out, UprobeOutcome::Done(HitOutcome::Emulated)));
+            }),
+            // The same registry without its hit cache: every hit walks the
+            // 1,000-entry uprobe tree (what the cache saves).
+            ("srcu_seqtree_no_cache", "tree_walk", &|regs| {
+                let out = reg_tree.on_breakpoint(SPACE, regs, &mut NoMemory);
                 assert!(matches!(out, UprobeOutcome::Done(HitOutcome::Emulated)));
             }),
             ("rwlock_hashmap", "rwlock", &|regs| {
@@ -430,6 +453,18 @@ fn main() {
             "hit path, rwlock+hashmap / rcu+seqtree (same registry, Rcu domain)",
             "hit/rwlock",
             "hit/tree_rcu",
+            t,
+        );
+        ratio(
+            "hit path, rwlock+hashmap / srcu+seqtree without the hit cache",
+            "hit/rwlock",
+            "hit/tree_walk",
+            t,
+        );
+        ratio(
+            "hit path, srcu+seqtree without / with the hit cache (>1 = the cache's gain)",
+            "hit/tree_walk",
+            "hit/tree",
             t,
         );
     }

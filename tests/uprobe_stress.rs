@@ -14,7 +14,11 @@
 //! to its caller and run the pinned return handler exactly once per call;
 //! no transient return handler runs after its `unregister` returned.
 //!
-//! Duration: `UPROBE_STRESS_SECS` (default 2; at least 10 when `CI=true`).
+//! Both run with the default hit cache and with a two-slot one (every
+//! uprobe in one set: slots change hands under the hits).
+//!
+//! Duration: `UPROBE_STRESS_SECS` (default 2; at least 10 when `CI=true`),
+//! per test.
 //! Run: `cargo test --release --test uprobe_stress -- --ignored --nocapture`.
 
 mod uprobe_support;
@@ -60,7 +64,20 @@ struct Counts {
 #[test]
 #[ignore = "stress test: run with --ignored (CI runs it in release)"]
 fn hits_stay_exact_while_consumers_and_mappings_change() {
-    let reg = Arc::new(Registry::new(Default::default()));
+    stress(Registry::new(Default::default()));
+}
+
+/// The same with a two-slot hit cache: every uprobe competes for one set,
+/// so publishing, overwriting and retracting slots race the hits all the
+/// time, and most hits fall back to the tree.
+#[test]
+#[ignore = "stress test: run with --ignored (CI runs it in release)"]
+fn hits_stay_exact_when_every_uprobe_shares_one_hit_cache_set() {
+    stress(Registry::new(Default::default()).with_hit_cache_slots(2));
+}
+
+fn stress(reg: Registry) {
+    let reg = Arc::new(reg);
     let spaces: Vec<_> = BASES
         .iter()
         .enumerate()

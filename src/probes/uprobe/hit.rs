@@ -5,12 +5,16 @@
 //!
 //! Everything runs inside one read section of the registry's domain: the
 //! space is found in the spaces tree, the mapping by binary search in the
-//! space's published mapping array, the uprobe in the uprobe tree and the
-//! install record (the instruction as analysed at registration, at this
-//! address, with its XOL plan) in the uprobe's array of installs. All are
+//! space's published mapping array, the uprobe through the hit cache
+//! (`hitcache.rs`: one load of a slot hashed from `(file, offset)`) or,
+//! when it has no slot, in the uprobe tree, and the install record (the
+//! instruction as analysed at registration, at this address, with its XOL
+//! plan) in the uprobe's array of installs, read in place. All are
 //! lock-free [`SeqTree`](crate::seqtree::SeqTree) lookups or loads of
-//! [`RcuCell`](crate::rcu::RcuCell)s (the install is found in the uprobe's
-//! short per-space array, not in a second tree); nothing is allocated (the
+//! atomics and [`RcuCell`](crate::rcu::RcuCell)s (the install is found in
+//! the uprobe's short per-space array, not in a second tree; one-element
+//! lists are inline, `short.rs`); no reference count is taken and nothing
+//! is allocated (the
 //! exceptions: the first read section a thread ever enters in an `Srcu`
 //! domain, which registers the thread, and a thread's first tracked call in
 //! a space, which allocates its return stack, see `returns.rs`).
@@ -159,7 +163,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             .and_then(|i| maps[i].offset_of(vaddr).map(|o| (maps[i].file, o)));
         let (file, offset) = offset.ok_or(Some(st))?;
         let key = UprobeKey { file, offset };
-        let up = self.uprobes.get(guard, &key).ok_or(Some(st))?;
+        let up = self.uprobe_at(guard, &key).ok_or(Some(st))?;
         let install = up.placed_at(guard, space, vaddr).ok_or(Some(st))?;
         Ok((st, key, up, install))
     }
@@ -200,7 +204,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         let vaddr = self.arch.trap_address(regs);
         let guard = self.domain.read();
         let (st, key, up, install) = match self.resolve(&guard, space, vaddr) {
-            Ok((st, k, u, i)) => (st, k, u, *i),
+            Ok(found) => found,
             Err(st) => return UprobeOutcome::Done(self.miss(st, vaddr, regs)),
         };
         regs.ip = vaddr;
@@ -223,25 +227,27 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             }
             None => up.count_missed(),
         }
-        self.complete(&install, guard, regs, mem)
-    }
-
-    /// Completes the displaced instruction: emulated, boosted from its
-    /// slot, or set up for a single-step that keeps `guard`.
-    #[inline]
-    fn complete<'r>(
-        &'r self,
-        install: &Install,
-        guard: F::Guard<'r>,
-        regs: &mut Regs,
-        mem: &mut dyn DataMemory,
-    ) -> UprobeOutcome<'r, F> {
+        // The displaced instruction. The install record is read in place
+        // (it lives as long as the guard): copying it out (about 300
+        // bytes, a `memmove` call) showed as a tenth of a hit's time.
         let Some(plan) = install.plan else {
             return UprobeOutcome::Done(match self.arch.emulate(&install.insn, regs, mem) {
                 Ok(()) => HitOutcome::Emulated,
                 Err(e) => HitOutcome::Failed(e),
             });
         };
+        self.complete_out_of_line(plan, guard, regs)
+    }
+
+    /// Completes the displaced instruction from its XOL slot: boosted, or
+    /// set up for a single-step that keeps `guard`.
+    #[inline]
+    fn complete_out_of_line<'r>(
+        &'r self,
+        plan: XolPlan,
+        guard: F::Guard<'r>,
+        regs: &mut Regs,
+    ) -> UprobeOutcome<'r, F> {
         let run = if plan.boostable {
             XolRun::Boosted
         } else {

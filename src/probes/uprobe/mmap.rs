@@ -43,7 +43,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             let st = self.spaces.get_or_insert_with(&g, id, || {
                 Arc::new(SpaceState {
                     space: std::sync::Arc::clone(space),
-                    maps: RcuCell::new_in(Box::new([]), self.domain.clone()),
+                    maps: RcuCell::new_in(Vec::new().into(), self.domain.clone()),
                     maps_lock: Mutex::new(()),
                     installs: SeqTree::with_domain(self.domain.clone()),
                 })
@@ -52,7 +52,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             let mut maps = st.maps.load(&g).map_or_else(Vec::new, |m| m.to_vec());
             maps.push(mapping.clone());
             maps.sort_by_key(|m| m.vaddr.start);
-            st.maps.replace(maps.into_boxed_slice());
+            st.maps.replace(maps.into());
             Arc::clone(st)
         };
         let range = mapping.file_range();
@@ -139,7 +139,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                         });
                     }
                 }
-                st.maps.replace(maps.into_boxed_slice());
+                st.maps.replace(maps.into());
             }
             let gone: Vec<(u64, UprobeKey)> = st
                 .installs

@@ -60,6 +60,15 @@
 //! [`register_in_function`](UprobeRegistry::register_in_function)) an offset
 //! inside an instruction are refused with nothing changed.
 //!
+//! # Registering before any mapping
+//!
+//! When no known space maps the offset yet, a registry given a
+//! [`FileText`] ([`UprobeRegistry::with_file_text`]) reads the file's code
+//! by [`FileId`] and refuses the same bad input at registration, as the
+//! kernel does from the page cache; without one (or for a file it cannot
+//! read) registration succeeds and validation waits for the first
+//! `on_mmap` of the offset, which reports the error. See `filetext.rs`.
+//!
 //! Changes concerning one file are serialized by one stripe of a padded
 //! [`HashedLocks`](crate::hashlock::HashedLocks) keyed by [`FileId`] (the
 //! seed's hashed mmap mutexes, with the padding it asked for).
@@ -70,21 +79,31 @@
 //! `(file, offset)` → uprobe → consumers, lock-free and allocation-free, then
 //! the displaced instruction is emulated, run boosted from its slot, or
 //! single-stepped ([`UprobeStep`]), with kprobes'
-//! [`HitOutcome`](crate::probes::kprobe::HitOutcome) values.
+//! [`HitOutcome`](crate::probes::kprobe::HitOutcome) values. The
+//! `(file, offset)` → uprobe step goes through a small writer-filled hash
+//! table of the tree's uprobes (the *hit cache*, `hitcache.rs`) and walks
+//! the tree only when the uprobe has no slot there: a walk of a large tree
+//! is about ten dependent cache misses per hit.
 
 mod consumer;
+mod filetext;
 mod hit;
+mod hitcache;
+mod install;
 mod mmap;
 mod reentry;
 mod registry;
 mod returns;
+mod short;
 mod space;
 mod unregister;
 
 pub use consumer::{
     Consumer, ConsumerAction, ConsumerBuilder, Filter, Handler, RetHandler, UprobeHit, UprobeReturn,
 };
+pub use filetext::{FileText, MemFiles};
 pub use hit::{UprobeOutcome, UprobeRef, UprobeStep};
+pub use hitcache::DEFAULT_HIT_CACHE_SLOTS;
 pub use registry::{UprobeRegistry, DEFAULT_FILE_STRIPES};
 pub use returns::DEFAULT_MAX_RETURN_DEPTH;
 pub use space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};

@@ -16,12 +16,14 @@
 //! at a time. The hit path takes none of these.
 
 use super::consumer::{Consumer, Member};
+use super::filetext::FileText;
+use super::hitcache::{HitCache, DEFAULT_HIT_CACHE_SLOTS};
 use super::returns::Returns;
+use super::short::Short;
 use super::space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};
 use crate::hashlock::HashedLocks;
-use crate::probes::arch::{Arch, Insn, InsnClass, XolPlan, MAX_INSN_BYTES};
+use crate::probes::arch::{Arch, Insn, XolPlan};
 use crate::probes::error::{CodeBytes, ProbeSite};
-use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
 use crate::rcu::{Flavor, RcuCell, Srcu};
 use crate::seqtree::SeqTree;
@@ -35,13 +37,16 @@ pub const DEFAULT_FILE_STRIPES: usize = 64;
 
 /// One uprobe: its consumers and the file's bytes at its offset.
 pub(crate) struct Uprobe<F: Flavor> {
+    /// Its key in the tree, for the hit cache's check (`hitcache.rs`).
+    pub(crate) key: UprobeKey,
     /// Registration order (ascending sequence numbers); replaced whole
     /// (read-copy-update) by writers holding the file stripe.
-    pub(crate) consumers: RcuCell<Box<[Member]>, F>,
+    pub(crate) consumers: RcuCell<Short<Member>, F>,
     /// The original bytes at the offset, learned from the first mapping the
-    /// uprobe was validated against; `None` until then. Written and read
-    /// only under the file stripe.
-    orig: Mutex<Option<CodeBytes>>,
+    /// uprobe was validated against, or from the file's code when nothing
+    /// mapped it (`filetext.rs`); `None` until then. Written and read only
+    /// under the file stripe.
+    pub(super) orig: Mutex<Option<CodeBytes>>,
     /// Offset of the enclosing function's first instruction, if the
     /// registration named it (for the instruction-boundary check).
     pub(super) func_offset: Option<u64>,
@@ -52,11 +57,14 @@ pub(crate) struct Uprobe<F: Flavor> {
     /// array (one entry per space mapping the offset) replaced whole by
     /// writers holding the file stripe. Mirrors the spaces' install trees,
     /// so a hit needs no second tree walk.
-    pub(crate) placed: RcuCell<Box<[Placed]>, F>,
+    pub(crate) placed: RcuCell<Short<Placed>, F>,
 }
 
-/// One install of a uprobe, as the hit path finds it.
+/// One install of a uprobe, as the hit path finds it. `repr(C)`: the
+/// fields the hit compares come first, on the cache line where the
+/// install record it then reads begins.
 #[derive(Clone, Copy, Debug)]
+#[repr(C)]
 pub(crate) struct Placed {
     pub(crate) space: SpaceId,
     pub(crate) vaddr: u64,
@@ -93,7 +101,7 @@ impl<F: Flavor> Uprobe<F> {
 
     /// Publishes the install list with `add` added and `(space, vaddr)`
     /// removed. The caller holds the file stripe.
-    fn update_placed(&self, add: Option<Placed>, remove: Option<(SpaceId, u64)>) {
+    pub(super) fn update_placed(&self, add: Option<Placed>, remove: Option<(SpaceId, u64)>) {
         let g = self.placed.domain().read();
         let mut v: Vec<Placed> = slice(self.placed.load(&g))
             .iter()
@@ -102,7 +110,7 @@ impl<F: Flavor> Uprobe<F> {
             .collect();
         drop(g);
         v.extend(add);
-        self.placed.replace(v.into_boxed_slice());
+        self.placed.replace(v.into());
     }
 }
 
@@ -122,7 +130,7 @@ pub(crate) struct SpaceState<S: AddressSpace, F: Flavor> {
     pub(crate) space: std::sync::Arc<S>,
     /// File mappings sorted by start address; replaced whole under
     /// `maps_lock`.
-    pub(crate) maps: RcuCell<Box<[FileMapping]>, F>,
+    pub(crate) maps: RcuCell<Short<FileMapping>, F>,
     pub(super) maps_lock: Mutex<()>,
     /// Installed breakpoints by virtual address.
     pub(crate) installs: SeqTree<u64, Install, F>,
@@ -138,6 +146,10 @@ pub struct UprobeRegistry<A: Arch, S: AddressSpace, F: Flavor = Srcu> {
     pub(crate) arch: A,
     pub(crate) domain: F,
     pub(crate) uprobes: SeqTree<UprobeKey, Uprobe<F>, F>,
+    /// The hit path's one-load way to the tree's uprobes (`hitcache.rs`, a
+    /// two-way set-associative table): filled and cleared by writers under
+    /// the file stripe.
+    pub(crate) hot: HitCache<F>,
     pub(crate) spaces: SeqTree<SpaceId, Arc<SpaceState<S, F>>, F>,
     pub(super) files: HashedLocks<FileId, Mutex<()>>,
     /// Source of consumer sequence numbers (see [`Member`]).
@@ -145,9 +157,12 @@ pub struct UprobeRegistry<A: Arch, S: AddressSpace, F: Flavor = Srcu> {
     /// Return tracking: the depth limit and this registry's identity in
     /// the threads' return-instance stacks.
     pub(super) returns: Returns,
+    /// Where registrations no space maps read the file's code
+    /// (`filetext.rs`); `None`: they are validated at the first mmap.
+    pub(super) file_text: Option<Box<dyn FileText>>,
 }
 
-/// The slice in an optional boxed slice (empty if absent).
+/// The slice in an optional list (empty if absent).
 pub(crate) fn slice<T, B: core::ops::Deref<Target = [T]>>(b: Option<&B>) -> &[T] {
     b.map_or(&[], |b| &**b)
 }
@@ -155,10 +170,6 @@ pub(crate) fn slice<T, B: core::ops::Deref<Target = [T]>>(b: Option<&B>) -> &[T]
 /// A space that maps a uprobe's offset: its state, the address there, the
 /// mapping.
 pub(super) type Target<S, F> = (Arc<SpaceState<S, F>>, u64, FileMapping);
-
-/// An install done by a registration in progress: space, address, whether
-/// a breakpoint was written (undone on failure).
-type Done<S, F> = (Arc<SpaceState<S, F>>, u64, bool);
 
 pub(super) fn site(key: UprobeKey) -> ProbeSite {
     ProbeSite::File {
@@ -181,12 +192,14 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         UprobeRegistry {
             arch,
             uprobes: SeqTree::with_domain(domain.clone()),
+            hot: HitCache::new(DEFAULT_HIT_CACHE_SLOTS),
             spaces: SeqTree::with_domain(domain.clone()),
             domain,
             files: HashedLocks::new(DEFAULT_FILE_STRIPES)
                 .expect("DEFAULT_FILE_STRIPES is a valid stripe count"),
             next_seq: AtomicU64::new(0),
             returns: Returns::new(super::DEFAULT_MAX_RETURN_DEPTH),
+            file_text: None,
         }
     }
 
@@ -257,7 +270,13 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// handler (this form names no function: use
     /// [`register_in_function`](Self::register_in_function)); and what
     /// installing into a space reports (unsupported instruction, someone
-    /// else's patch, a text failure). On error nothing changed: no
+    /// else's patch, a text failure). When no known space maps the offset
+    /// and the registry reads files ([`with_file_text`](Self::with_file_text)),
+    /// the file's code is checked instead: [`ProbeError::OffsetOutsideMapping`]
+    /// (the range being the file's code) and
+    /// [`ProbeError::UnsupportedInstruction`] (its `addr` a file offset);
+    /// without a file source such an offset is checked at the first
+    /// [`on_mmap`](Self::on_mmap) that maps it. On error nothing changed: no
     /// breakpoint stays written, the registry is as before.
     pub fn register(&self, key: UprobeKey, consumer: &Consumer) -> Result<(), ProbeError> {
         self.register_inner(key, None, consumer)
@@ -272,7 +291,9 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// entry, where the return address is where the arch backend hijacks it.
     ///
     /// # Errors
-    /// As `register`, plus [`ProbeError::NotOnInstructionBoundary`]. For a
+    /// As `register`, plus [`ProbeError::NotOnInstructionBoundary`]
+    /// (checked in the file's code, with file offsets as addresses, when
+    /// nothing maps the offset and the registry reads files). For a
     /// consumer with a return handler: [`ProbeError::NotAtFunctionEntry`]
     /// (`addr` and `func_start` are *file offsets*) when `func_offset` is
     /// not `key.offset` or an earlier registration placed `key.offset`
@@ -306,6 +327,15 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         }
         // Where the uprobe would go, before anything changes.
         let targets = self.mapped_targets(key)?;
+        // Nothing maps the offset: validate from the file if we can.
+        let orig_known = existing
+            .as_ref()
+            .is_some_and(|u| u.orig.lock().unwrap_or_else(|p| p.into_inner()).is_some());
+        let from_file = if targets.is_empty() && !orig_known {
+            self.validate_from_file(key, func_offset)?
+        } else {
+            None
+        };
         if consumer.has_ret_handler() {
             let known = existing.as_ref().and_then(|u| u.func_offset);
             self.check_return_site(key, func_offset, known, &targets, consumer)?;
@@ -323,14 +353,12 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 // Born with its first consumer: a uprobe in the tree never
                 // has an empty list.
                 let u = Uprobe {
-                    consumers: RcuCell::new_in(
-                        vec![member.clone()].into_boxed_slice(),
-                        self.domain.clone(),
-                    ),
-                    orig: Mutex::new(None),
+                    key,
+                    consumers: RcuCell::new_in(Short::One([member.clone()]), self.domain.clone()),
+                    orig: Mutex::new(from_file),
                     func_offset,
                     nmissed: AtomicU64::new(0),
-                    placed: RcuCell::new_in(Box::new([]), self.domain.clone()),
+                    placed: RcuCell::new_in(Vec::new().into(), self.domain.clone()),
                 };
                 (self.uprobes.get_or_insert_handle_with(key, || u), true)
             }
@@ -355,14 +383,21 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 Err(e) => {
                     self.undo_installs(up.value(), &done);
                     if fresh {
-                        self.uprobes.remove(&key);
+                        self.remove_uprobe(up.value());
                     }
                     return Err(e);
                 }
             }
         }
-        if !fresh {
-            up.consumers.replace(new.into_boxed_slice());
+        if fresh {
+            self.hot.publish(&key, up.value());
+        } else {
+            if from_file.is_some() {
+                // No install ran (nothing maps the offset): the bytes the
+                // file holds become the uprobe's known original.
+                *up.orig.lock().unwrap_or_else(|p| p.into_inner()) = from_file;
+            }
+            up.consumers.replace(new.into());
         }
         Ok(())
     }
@@ -398,200 +433,5 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             }
             _ => Ok(out),
         }
-    }
-
-    /// Installs `key`'s breakpoint at `vaddr` in `st`. Returns whether a
-    /// byte was written (`false`: our breakpoint was already there, which
-    /// counts as success: the space inherited the patched text, e.g. a
-    /// forked copy or a re-mapping of text still holding it, and the
-    /// uprobe must still be found when it traps).
-    pub(super) fn install(
-        &self,
-        up: &Uprobe<F>,
-        st: &SpaceState<S, F>,
-        key: UprobeKey,
-        vaddr: u64,
-        map: &FileMapping,
-    ) -> Result<bool, ProbeError> {
-        if st.installs.contains_key(&vaddr) {
-            return Ok(false);
-        }
-        let text = st.space.text();
-        let bp = self.arch.breakpoint();
-        let avail = (map.vaddr.end - vaddr) as usize;
-        let n = self.arch.max_insn_len().min(avail).min(MAX_INSN_BYTES);
-        let mut buf = [0u8; MAX_INSN_BYTES];
-        text.read(vaddr, &mut buf[..n])?;
-        let mut known = up.orig.lock().unwrap_or_else(|p| p.into_inner());
-        let ours_there = n >= bp.len() && &buf[..bp.len()] == bp;
-        let code: [u8; MAX_INSN_BYTES] = match &*known {
-            Some(o) => {
-                let o = o.as_slice();
-                if !ours_there && buf[..o.len().min(n)] != o[..o.len().min(n)] {
-                    return Err(ProbeError::AlreadyPatched {
-                        addr: vaddr,
-                        expected: CodeBytes::new(&o[..o.len().min(n)]),
-                        found: CodeBytes::new(&buf[..n]),
-                    });
-                }
-                let mut c = [0u8; MAX_INSN_BYTES];
-                c[..o.len()].copy_from_slice(o);
-                c
-            }
-            None if ours_there => {
-                // First sight of this offset and a breakpoint already there:
-                // nobody we know put it; the original is unknowable.
-                return Err(ProbeError::AlreadyPatched {
-                    addr: vaddr,
-                    expected: CodeBytes::new(&[]),
-                    found: CodeBytes::new(&buf[..n]),
-                });
-            }
-            None => buf,
-        };
-        if let (None, Some(f)) = (&*known, up.func_offset) {
-            self.check_boundary(st, key, map, f, vaddr)?;
-        }
-        let insn = self.arch.analyze(vaddr, &code[..n])?;
-        let plan = self.plan(st, &insn)?;
-        let rec = Install { key, insn, plan };
-        // Publish the record, then write the breakpoint: a thread that
-        // traps on it always finds the record.
-        st.installs.insert(vaddr, rec);
-        let id = st.space.id();
-        up.update_placed(
-            Some(Placed {
-                space: id,
-                vaddr,
-                install: rec,
-            }),
-            None,
-        );
-        if !ours_there {
-            let written = text
-                .write(vaddr, &code[..bp.len()], bp)
-                .and_then(|()| text.sync_icache(vaddr, bp.len()));
-            if let Err(e) = written {
-                let _ = text.write(vaddr, bp, &code[..bp.len()]);
-                up.update_placed(None, Some((id, vaddr)));
-                st.installs.remove(&vaddr);
-                self.free_slot_later(st, plan);
-                return Err(e);
-            }
-        }
-        if known.is_none() {
-            *known = Some(CodeBytes::new(&code[..insn.len as usize]));
-        }
-        Ok(!ours_there)
-    }
-
-    /// Decodes from the function start to `vaddr` in `st`'s text.
-    #[cold]
-    fn check_boundary(
-        &self,
-        st: &SpaceState<S, F>,
-        key: UprobeKey,
-        map: &FileMapping,
-        func_offset: u64,
-        vaddr: u64,
-    ) -> Result<(), ProbeError> {
-        let Some(func) = map.vaddr_of(func_offset).filter(|&f| f <= vaddr) else {
-            return Err(ProbeError::OffsetOutsideMapping {
-                offset: func_offset,
-                start: map.file_range().start,
-                end: map.file_range().end,
-            });
-        };
-        let end = (vaddr + self.arch.max_insn_len() as u64).min(map.vaddr.end);
-        let mut bytes = vec![0u8; (end - func) as usize];
-        st.space.text().read(func, &mut bytes)?;
-        // Our breakpoints on the way decode as the bytes they replaced.
-        let g = self.domain.read();
-        let lo = UprobeKey {
-            file: key.file,
-            offset: func_offset,
-        };
-        for (k, u) in self.uprobes.range(&g, lo..key) {
-            let o = u.orig.lock().unwrap_or_else(|p| p.into_inner());
-            if let (Some(o), Some(at)) = (&*o, map.vaddr_of(k.offset)) {
-                let i = (at - func) as usize;
-                let o = o.as_slice();
-                let m = o.len().min(bytes.len() - i);
-                bytes[i..i + m].copy_from_slice(&o[..m]);
-            }
-        }
-        self.arch.check_boundary(func, &bytes, vaddr)
-    }
-
-    /// An XOL slot and plan for `insn` unless it is emulated.
-    fn plan(&self, st: &SpaceState<S, F>, insn: &Insn) -> Result<Option<XolPlan>, ProbeError> {
-        if matches!(insn.class, InsnClass::Emulated(_)) {
-            return Ok(None);
-        }
-        let xol = st.space.xol();
-        let slot = match xol.alloc(insn.addr) {
-            Ok(s) => s,
-            Err(ProbeError::XolExhausted { .. }) => {
-                // Slots of removed installs come back through domain
-                // callbacks after a grace period: wait for those queued.
-                self.reclaim_slots();
-                xol.alloc(insn.addr)?
-            }
-            Err(e) => return Err(e),
-        };
-        match self
-            .arch
-            .plan_xol(insn, slot)
-            .and_then(|p| xol.fill(slot, p.slot_bytes()).map(|()| p))
-        {
-            Ok(p) => Ok(Some(p)),
-            Err(e) => {
-                xol.free(slot);
-                Err(e)
-            }
-        }
-    }
-
-    /// Runs the queued slot frees (waits for a grace period).
-    #[cold]
-    fn reclaim_slots(&self) {
-        self.domain.barrier();
-    }
-
-    /// Frees a plan's slot after a grace period: a hit that found the
-    /// record may still be about to step through it.
-    fn free_slot_later(&self, st: &SpaceState<S, F>, plan: Option<XolPlan>) {
-        if let Some(p) = plan {
-            let space = std::sync::Arc::clone(&st.space);
-            self.domain.call(move || space.xol().free(p.slot_addr));
-        }
-    }
-
-    /// Removes the installs in `done` (those that wrote get their bytes back).
-    fn undo_installs(&self, up: &Uprobe<F>, done: &[Done<S, F>]) {
-        for (st, vaddr, wrote) in done {
-            self.uninstall(up, st, *vaddr, *wrote);
-        }
-    }
-
-    /// Restores the original bytes at `vaddr` (if `write`) and drops the
-    /// record. A breakpoint someone else already replaced is left alone.
-    pub(super) fn uninstall(&self, up: &Uprobe<F>, st: &SpaceState<S, F>, vaddr: u64, write: bool) {
-        let Some(rec) = st.installs.get_cloned(&vaddr) else {
-            return;
-        };
-        if write {
-            let bp = self.arch.breakpoint();
-            let o = up.orig.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(o) = &*o {
-                let text = st.space.text();
-                if text.write(vaddr, bp, &o.as_slice()[..bp.len()]).is_ok() {
-                    let _ = text.sync_icache(vaddr, bp.len());
-                }
-            }
-        }
-        up.update_placed(None, Some((st.space.id(), vaddr)));
-        st.installs.remove(&vaddr);
-        self.free_slot_later(st, rec.plan);
     }
 }

@@ -387,7 +387,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     ) {
         let guard = self.domain.read();
         // Removed since the entry: every consumer is gone, nothing to run.
-        let Some(up) = self.uprobes.get(&guard, &inst.key) else {
+        let Some(up) = self.uprobe_at(&guard, &inst.key) else {
             return;
         };
         if !run {

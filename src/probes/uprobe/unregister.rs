@@ -75,9 +75,9 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         }
         drop(g);
         if new.is_empty() {
-            self.uprobes.remove(&key);
+            self.remove_uprobe(up.value());
         } else {
-            up.consumers.replace(new.into_boxed_slice());
+            up.consumers.replace(new.into());
         }
         Ok(())
     }
