@@ -35,7 +35,11 @@
 //! member list whose pre handlers run in registration order. The breakpoint
 //! is written when the first enabled probe arrives and removed when the last
 //! one leaves or the last enabled one is disabled. Member lists are
-//! immutable; a change publishes a new list and retires the old.
+//! immutable; a change publishes a new list and retires the old. A list
+//! retired by a registration (a probe joining the address) is freed a grace
+//! period later through the domain's [`Rcu::call`](crate::rcu::Rcu::call),
+//! batched, with no unregistration needed (`deferred.rs`;
+//! [`KprobeRegistry::retired_lists`] counts them).
 //!
 //! # The hit path
 //!
@@ -94,6 +98,7 @@
 //! own lock). The hit path takes none of these. Kretprobe hit paths take one
 //! instance-table stripe or one pool lock at a time.
 
+mod deferred;
 mod hit;
 mod instances;
 mod kretprobe;
@@ -106,6 +111,7 @@ mod table;
 mod unregister;
 mod xol;
 
+pub use deferred::RetiredLists;
 pub use hit::{HitOutcome, ReturnOutcome, StepResult, StepToken};
 pub use instances::ThreadKey;
 pub use kretprobe::{
