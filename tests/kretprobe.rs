@@ -9,38 +9,13 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kprobe_support::*;
-use rcu_registry::probes::arch::{DataMemory, Regs, X86Reg};
+use rcu_registry::probes::arch::{DataMemory, X86Reg};
 use rcu_registry::probes::kprobe::{
     default_maxactive, Action, EntryAction, Kprobe, Kretprobe, ReturnOutcome,
 };
 
 /// The caller's return address the hijack must preserve.
 const CALLER: u64 = 0x4000_1234;
-
-/// Calls `func` with the stack pointer at `sp` (the return address `ret` at
-/// `[sp]`): the entry trap, completed. Returns the registers after the first
-/// instruction.
-fn enter(reg: &Reg, func: u64, sp: u64, ret: u64, rdi: u64, stack: &mut Stack) -> Regs {
-    stack.write_u64(sp, ret).unwrap();
-    let mut regs = trap_regs(func);
-    regs.sp = sp;
-    regs[X86Reg::Rdi] = rdi;
-    let kind = hit(reg, func, &mut regs, stack);
-    assert_eq!(kind, "emulated", "push rbp at the entry is emulated");
-    regs
-}
-
-/// The function entered with `sp` returns `rax` into the trampoline.
-fn leave(reg: &Reg, sp: u64, rax: u64) -> (ReturnOutcome, Regs) {
-    let mut regs = Regs {
-        ip: TRAMPOLINE,
-        sp: sp + 8,
-        ..Regs::default()
-    };
-    regs[X86Reg::Rax] = rax;
-    let out = reg.on_return(&mut regs);
-    (out, regs)
-}
 
 type Seen = Arc<Mutex<Vec<(u64, u64)>>>;
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use rcu_registry::probes::arch::{DataMemory, Regs, X86Reg, X86_64};
 use rcu_registry::probes::kprobe::{
-    HitOutcome, KprobeRegistry, StepResult, StepToken, SymbolTable, XolArena,
+    HitOutcome, KprobeRegistry, ReturnOutcome, StepResult, StepToken, SymbolTable, XolArena,
 };
 use rcu_registry::probes::text::Image;
 use rcu_registry::probes::ProbeError;
@@ -218,4 +218,29 @@ pub fn byte_at(reg: &Reg, addr: u64) -> u8 {
 
 pub fn rax(regs: &Regs) -> u64 {
     regs[X86Reg::Rax]
+}
+
+/// Calls `func` with the stack pointer at `sp` (the return address `ret` at
+/// `[sp]`): the entry trap, completed. Returns the registers after the first
+/// instruction.
+pub fn enter(reg: &Reg, func: u64, sp: u64, ret: u64, rdi: u64, stack: &mut Stack) -> Regs {
+    stack.write_u64(sp, ret).unwrap();
+    let mut regs = trap_regs(func);
+    regs.sp = sp;
+    regs[X86Reg::Rdi] = rdi;
+    let kind = hit(reg, func, &mut regs, stack);
+    assert_eq!(kind, "emulated", "push rbp at the entry is emulated");
+    regs
+}
+
+/// The function entered with `sp` returns `rax` into the trampoline.
+pub fn leave(reg: &Reg, sp: u64, rax: u64) -> (ReturnOutcome, Regs) {
+    let mut regs = Regs {
+        ip: TRAMPOLINE,
+        sp: sp + 8,
+        ..Regs::default()
+    };
+    regs[X86Reg::Rax] = rax;
+    let out = reg.on_return(&mut regs);
+    (out, regs)
 }

@@ -74,7 +74,8 @@ pub struct KprobeRegistry<A: Arch, T: TextMemory> {
     pub(crate) resolver: Box<dyn SymbolResolver>,
     pub(crate) rcu: Rcu,
     pub(crate) table: Table,
-    pub(crate) instances: InstanceTable,
+    /// Boxed: the thread-exit flush finds it by address (`thread_exit.rs`).
+    pub(crate) instances: Box<InstanceTable>,
     pub(crate) trampoline: Option<u64>,
     pub(crate) writer: Mutex<Writer>,
     /// Member lists and sites retired by registrations, freed through
@@ -133,6 +134,10 @@ impl<A: Arch, T: TextMemory> RegistryBuilder<A, T> {
 
     /// The registry.
     pub fn build(self) -> KprobeRegistry<A, T> {
+        let instances = Box::new(InstanceTable::new(self.instance_stripes));
+        // Threads that exit inside kretprobed calls give their instances
+        // back to this table's pools (untracked first thing in `drop`).
+        super::thread_exit::track(&instances);
         KprobeRegistry {
             // Relaxed: ids only need to be unique.
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -142,7 +147,7 @@ impl<A: Arch, T: TextMemory> RegistryBuilder<A, T> {
             resolver: self.resolver,
             rcu: self.rcu.unwrap_or_default(),
             table: Table::new(self.buckets),
-            instances: InstanceTable::new(self.instance_stripes),
+            instances,
             trampoline: self.trampoline,
             writer: Mutex::new(Writer {
                 sites: BTreeMap::new(),

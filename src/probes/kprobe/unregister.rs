@@ -397,6 +397,9 @@ impl<A: Arch, T: TextMemory> Drop for KprobeRegistry<A, T> {
     /// pools); on live code the runtime must not drop a registry while
     /// hijacked calls can still return into its trampoline.
     fn drop(&mut self) {
+        // Before anything is freed: a thread-exit flush in progress on our
+        // table finishes first, and none starts afterwards.
+        super::thread_exit::untrack(&self.instances);
         let (sites, mut batch, orphans) = {
             let mut w = self.lock_writer();
             for (&addr, st) in w.sites.iter() {
