@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kprobe_support::*;
-use rcu_registry::probes::kprobe::{Action, HitOutcome, Kprobe, RetiredLists, StepResult};
 use rcu_registry::probes::error::TextFailure;
+use rcu_registry::probes::kprobe::{Action, HitOutcome, Kprobe, RetiredLists, StepResult};
 use rcu_registry::probes::ProbeError;
 use rcu_registry::rcu::Rcu;
 

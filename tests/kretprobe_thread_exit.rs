@@ -42,7 +42,11 @@ fn call_and_return(reg: &Reg, arg: u64, ret: u64) -> ReturnOutcome {
     let mut stack = Stack::new();
     let sp = Stack::top();
     enter(reg, H, sp, CALLER, arg, &mut stack);
-    assert_eq!(stack.read_u64(sp).unwrap(), TRAMPOLINE, "the call is tracked");
+    assert_eq!(
+        stack.read_u64(sp).unwrap(),
+        TRAMPOLINE,
+        "the call is tracked"
+    );
     leave(reg, sp, ret).0
 }
 
@@ -141,9 +145,17 @@ fn an_orphaned_pool_is_freed_once_the_thread_holding_its_instance_exits() {
         t.join().unwrap();
     });
     drop(krp);
-    assert_eq!(TRACKED_DROPS.load(Ordering::SeqCst), 0, "the orphan holds it");
+    assert_eq!(
+        TRACKED_DROPS.load(Ordering::SeqCst),
+        0,
+        "the orphan holds it"
+    );
     assert_eq!(fx.reg.orphans(), 0, "reclaimed: its instance came back");
-    assert_eq!(TRACKED_DROPS.load(Ordering::SeqCst), 2, "each instance freed once");
+    assert_eq!(
+        TRACKED_DROPS.load(Ordering::SeqCst),
+        2,
+        "each instance freed once"
+    );
 }
 
 #[test]
@@ -204,7 +216,11 @@ fn flush_abandoned_frames_gives_back_the_calls_below_a_longjmp_target_only() {
         leave(&fx.reg, outer, 10).0,
         ReturnOutcome::Returned { to: CALLER }
     );
-    assert_eq!(*seen.lock().unwrap(), vec![(1, 10)], "no handler for the abandoned calls");
+    assert_eq!(
+        *seen.lock().unwrap(),
+        vec![(1, 10)],
+        "no handler for the abandoned calls"
+    );
     assert_eq!((krp.in_flight(), krp.nmissed()), (0, 0));
 }
 

@@ -442,10 +442,9 @@ fn retired_list_under_a_step(pinned: bool) {
                 match out {
                     HitOutcome::SingleStep(token) => {
                         // The slot's instruction ran; the step trap comes.
-                        regs.ip = token.step_marker().map_or_else(
-                            || token.plan().fixups.ip.unwrap().from,
-                            |m| m + 1,
-                        );
+                        regs.ip = token
+                            .step_marker()
+                            .map_or_else(|| token.plan().fixups.ip.unwrap().from, |m| m + 1);
                         assert!(matches!(
                             reg.on_step_complete(token, &mut regs, &mut stack),
                             StepResult::Done
@@ -471,7 +470,10 @@ fn retired_list_under_a_step(pinned: bool) {
         assert_eq!(lists.retired, 1);
         assert_eq!(lists.freed + lists.waiting_for_steps as u64, 1);
         if pinned {
-            assert_eq!(lists.waiting_for_steps, 1, "parked, not freed, under the step");
+            assert_eq!(
+                lists.waiting_for_steps, 1,
+                "parked, not freed, under the step"
+            );
             go.store(true, loom::sync::atomic::Ordering::Release);
         }
         reg.unregister(&p).unwrap();

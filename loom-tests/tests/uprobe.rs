@@ -303,7 +303,11 @@ fn a_registration_installing_into_another_space_never_hides_the_uprobe_from_hits
         // the uprobe's install array and space 2's install tree change.
         reg.register(KEY, &second).unwrap();
         hitter.join().unwrap();
-        assert_eq!(first.hits(), 1, "the first consumer ran for the space-1 hit");
+        assert_eq!(
+            first.hits(),
+            1,
+            "the first consumer ran for the space-1 hit"
+        );
         assert!(second.hits() <= 2);
         assert_eq!(s2.text.snapshot(), vec![0xcc, 0xc3]);
         assert_eq!(reg.installs_in(S2), 1);
@@ -359,7 +363,11 @@ fn a_munmap_and_remap_racing_a_hit_finds_the_uprobe_or_misses_cleanly() {
         // The text still holds our breakpoint: counted as installed.
         assert_eq!(reg.on_mmap(&s1, mapping()), Ok(0));
         let found = hitter.join().unwrap();
-        assert_eq!(c.hits(), u64::from(found), "the consumer ran iff the hit found it");
+        assert_eq!(
+            c.hits(),
+            u64::from(found),
+            "the consumer ran iff the hit found it"
+        );
         assert_eq!(reg.installs_in(S1), 1);
         // Afterwards the breakpoint has its uprobe again.
         assert!(matches!(execute(&reg, &s1), Some(HitOutcome::Emulated)));

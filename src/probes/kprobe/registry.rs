@@ -392,8 +392,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             let old = unsafe { &*st.node }.replace_members(Members::new(&st.members, &st.exec));
             // Freed a grace period from now by the domain's callback worker
             // (or by a commit that gets there first): see `deferred.rs`.
-            self.deferred
-                .retire(&self.rcu, vec![Retired::Members(old)]);
+            self.deferred.retire(&self.rcu, vec![Retired::Members(old)]);
             return Ok(());
         }
         let (exec, orig) = self.prepare_site(w, addr)?;

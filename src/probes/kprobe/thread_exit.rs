@@ -180,6 +180,12 @@ mod hook {
         TABLES.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// The key's destructor: flushes the exiting thread from every tracked
+    /// table.
+    ///
+    /// # Safety
+    /// Called by the C library at thread exit, on the exiting thread, with
+    /// the value that thread stored (never dereferenced).
     unsafe extern "C" fn flush_on_exit(_value: *mut libc::c_void) {
         // The value is only a marker. A const thread-local without
         // destructor stays accessible this late in thread exit.
