@@ -35,14 +35,21 @@ fn counted_probe(at: u64, drops: &Arc<AtomicUsize>) -> Kprobe {
         .build()
 }
 
-#[test]
-fn lists_replaced_by_joining_probes_are_freed_after_a_grace_period_without_any_unregistration() {
+/// A registry on its own domain with `n` probes registered at `addr` (the
+/// first makes the site, every further one joins it).
+fn joined(n: usize, addr: u64) -> (Rcu, Fixture, Vec<Kprobe>) {
     let rcu = Rcu::new();
     let fx = fixture_with(|b| b.rcu(rcu.clone()));
-    let probes: Vec<Kprobe> = (0..4).map(|_| Kprobe::at(F_MOV_EAX).build()).collect();
+    let probes: Vec<Kprobe> = (0..n).map(|_| Kprobe::at(addr).build()).collect();
     for p in &probes {
         fx.reg.register(p).unwrap();
     }
+    (rcu, fx, probes)
+}
+
+#[test]
+fn lists_replaced_by_joining_probes_are_freed_after_a_grace_period_without_any_unregistration() {
+    let (rcu, fx, probes) = joined(4, F_MOV_EAX);
     // Three joins replaced three lists ({a}, {a,b}, {a,b,c}).
     assert_eq!(fx.reg.retired_lists().retired, 3);
     rcu.barrier();
@@ -171,12 +178,7 @@ fn a_commit_frees_a_parked_list_once_its_step_completes() {
 
 #[test]
 fn many_joins_on_one_address_leave_no_list_behind_after_a_barrier() {
-    let rcu = Rcu::new();
-    let fx = fixture_with(|b| b.rcu(rcu.clone()));
-    let probes: Vec<Kprobe> = (0..200).map(|_| Kprobe::at(F_PUSH).build()).collect();
-    for p in &probes {
-        fx.reg.register(p).unwrap();
-    }
+    let (rcu, fx, probes) = joined(200, F_PUSH);
     rcu.barrier();
     let lists = fx.reg.retired_lists();
     println!("retired lists: {lists:?}");

@@ -5,7 +5,6 @@
 
 mod kprobe_support;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kprobe_support::*;
@@ -196,19 +195,6 @@ fn calls_on_different_threads_are_matched_per_thread() {
     assert_eq!(got, vec![(0, 100), (1, 101)]);
 }
 
-/// Per-call data that counts its drops: the pool's memory is freed exactly
-/// when every instance's data is dropped.
-#[derive(Default)]
-struct Tracked(u64);
-
-static DROPS: AtomicUsize = AtomicUsize::new(0);
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        DROPS.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
 #[test]
 fn unregistering_orphans_calls_in_flight_which_still_return_to_their_callers() {
     let fx = fixture();
@@ -228,7 +214,7 @@ fn unregistering_orphans_calls_in_flight_which_still_return_to_their_callers() {
     assert_eq!(fx.reg.text().snapshot(), code());
     assert_eq!(fx.reg.orphans(), 1, "the pool waits for the call in flight");
     drop(krp); // the user's handle goes too: only the orphan keeps the pool
-    assert_eq!(DROPS.load(Ordering::SeqCst), 0);
+    assert_eq!(tracked_drops(), 0);
 
     assert_eq!(
         leave(&fx.reg, Stack::top(), 0).0,
@@ -236,7 +222,7 @@ fn unregistering_orphans_calls_in_flight_which_still_return_to_their_callers() {
         "the trampoline still finds the orphaned instance"
     );
     assert_eq!(fx.reg.orphans(), 0, "reclaimed once the call returned");
-    assert_eq!(DROPS.load(Ordering::SeqCst), 3, "every instance freed once");
+    assert_eq!(tracked_drops(), 3, "every instance freed once");
 }
 
 #[test]

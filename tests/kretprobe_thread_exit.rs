@@ -11,7 +11,6 @@
 
 mod kprobe_support;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 
 use kprobe_support::*;
@@ -37,6 +36,15 @@ fn recording(maxactive: usize, seen: &Seen) -> Kretprobe<u64> {
         .unwrap()
 }
 
+/// A fixture with a registered [`recording`] kretprobe.
+fn registered(maxactive: usize) -> (Fixture, Seen, Kretprobe<u64>) {
+    let fx = fixture();
+    let seen = Seen::default();
+    let krp = recording(maxactive, &seen);
+    fx.reg.register_kretprobe(&krp).unwrap();
+    (fx, seen, krp)
+}
+
 /// One call of `h` that completes normally on the calling thread.
 fn call_and_return(reg: &Reg, arg: u64, ret: u64) -> ReturnOutcome {
     let mut stack = Stack::new();
@@ -52,10 +60,7 @@ fn call_and_return(reg: &Reg, arg: u64, ret: u64) -> ReturnOutcome {
 
 #[test]
 fn a_thread_that_exits_inside_a_kretprobed_call_gives_its_instance_back() {
-    let fx = fixture();
-    let seen = Seen::default();
-    let krp = recording(1, &seen);
-    fx.reg.register_kretprobe(&krp).unwrap();
+    let (fx, seen, krp) = registered(1);
     std::thread::scope(|s| {
         s.spawn(|| {
             let mut stack = Stack::new();
@@ -79,10 +84,7 @@ fn a_thread_that_exits_inside_a_kretprobed_call_gives_its_instance_back() {
 
 #[test]
 fn many_threads_exiting_inside_calls_never_shrink_the_pool() {
-    let fx = fixture();
-    let seen = Seen::default();
-    let krp = recording(8, &seen);
-    fx.reg.register_kretprobe(&krp).unwrap();
+    let (fx, seen, krp) = registered(8);
     for round in 0..8u64 {
         std::thread::scope(|s| {
             let threads: Vec<_> = (0..4u64)
@@ -104,19 +106,6 @@ fn many_threads_exiting_inside_calls_never_shrink_the_pool() {
     }
     assert_eq!(krp.nmissed(), 0, "64 abandoned calls, 8 instances");
     assert!(seen.lock().unwrap().is_empty());
-}
-
-/// Per-call data that counts its drops: the pool's memory is freed exactly
-/// when every instance's data is dropped.
-#[derive(Default)]
-struct Tracked;
-
-static TRACKED_DROPS: AtomicUsize = AtomicUsize::new(0);
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        TRACKED_DROPS.fetch_add(1, Ordering::SeqCst);
-    }
 }
 
 #[test]
@@ -145,25 +134,14 @@ fn an_orphaned_pool_is_freed_once_the_thread_holding_its_instance_exits() {
         t.join().unwrap();
     });
     drop(krp);
-    assert_eq!(
-        TRACKED_DROPS.load(Ordering::SeqCst),
-        0,
-        "the orphan holds it"
-    );
+    assert_eq!(tracked_drops(), 0, "the orphan holds it");
     assert_eq!(fx.reg.orphans(), 0, "reclaimed: its instance came back");
-    assert_eq!(
-        TRACKED_DROPS.load(Ordering::SeqCst),
-        2,
-        "each instance freed once"
-    );
+    assert_eq!(tracked_drops(), 2, "each instance freed once");
 }
 
 #[test]
 fn flush_thread_gives_back_exactly_that_threads_instances() {
-    let fx = fixture();
-    let seen = Seen::default();
-    let krp = recording(4, &seen);
-    fx.reg.register_kretprobe(&krp).unwrap();
+    let (fx, seen, krp) = registered(4);
     // This thread is inside a call that stays live throughout.
     let mut stack = Stack::new();
     enter(&fx.reg, H, Stack::top(), CALLER, 7, &mut stack);
@@ -196,10 +174,7 @@ fn flush_thread_gives_back_exactly_that_threads_instances() {
 
 #[test]
 fn flush_abandoned_frames_gives_back_the_calls_below_a_longjmp_target_only() {
-    let fx = fixture();
-    let seen = Seen::default();
-    let krp = recording(4, &seen);
-    fx.reg.register_kretprobe(&krp).unwrap();
+    let (fx, seen, krp) = registered(4);
     let mut stack = Stack::new();
     let outer = Stack::top();
     let inner = outer - 0x100;
@@ -226,10 +201,7 @@ fn flush_abandoned_frames_gives_back_the_calls_below_a_longjmp_target_only() {
 
 #[test]
 fn a_flush_with_nothing_filed_changes_nothing() {
-    let fx = fixture();
-    let seen = Seen::default();
-    let krp = recording(2, &seen);
-    fx.reg.register_kretprobe(&krp).unwrap();
+    let (fx, seen, krp) = registered(2);
     assert_eq!(fx.reg.flush_thread(ThreadKey::current()), 0);
     assert_eq!(fx.reg.flush_abandoned_frames(u64::MAX), 0);
     assert_eq!((krp.in_flight(), krp.nmissed()), (0, 0));
@@ -237,4 +209,5 @@ fn a_flush_with_nothing_filed_changes_nothing() {
         call_and_return(&fx.reg, 4, 40),
         ReturnOutcome::Returned { to: CALLER }
     );
+    assert_eq!(*seen.lock().unwrap(), vec![(4, 40)]);
 }

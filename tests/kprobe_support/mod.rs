@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use rcu_registry::probes::arch::{DataMemory, Regs, X86Reg, X86_64};
@@ -243,4 +244,23 @@ pub fn leave(reg: &Reg, sp: u64, rax: u64) -> (ReturnOutcome, Regs) {
     regs[X86Reg::Rax] = rax;
     let out = reg.on_return(&mut regs);
     (out, regs)
+}
+
+/// Per-call data that counts its drops: a kretprobe pool's memory is freed
+/// exactly when every instance's data is dropped ([`tracked_drops`]; one
+/// counter per test binary, so one test per binary may use it).
+#[derive(Default)]
+pub struct Tracked(pub u64);
+
+static TRACKED_DROPS: AtomicUsize = AtomicUsize::new(0);
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        TRACKED_DROPS.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// How many [`Tracked`] values were dropped in this test binary.
+pub fn tracked_drops() -> usize {
+    TRACKED_DROPS.load(Ordering::SeqCst)
 }
