@@ -16,9 +16,11 @@
 //! # Batches and their one owner
 //!
 //! Each retiring writer operation files what it retires as one numbered
-//! *batch* here and queues one callback for that number. The domain's queue
-//! lets one grace period serve every callback queued before it, so a burst
-//! of registrations costs one grace period, not one each. A batch is taken
+//! *batch* here (under the writer mutex) and, once it released that mutex,
+//! queues one callback for every batch whose callback is not queued yet.
+//! The domain's queue lets one grace period serve every callback queued
+//! before it, so a burst of registrations costs one grace period, not one
+//! each. A batch is taken
 //! exactly once, under this state's mutex: by its callback (after its grace
 //! period), or by a committer whose grace period began after the batch was
 //! retired (the batch's number is below the number the committer read
@@ -82,6 +84,8 @@ struct State {
     /// Member lists past their grace period with steps still in flight.
     stuck: Vec<Retired>,
     next_seq: u64,
+    /// Batches filed whose callback is not queued yet.
+    unqueued: Vec<u64>,
     /// Callbacks freeing a batch outside the mutex.
     freeing: usize,
     stats: RetiredLists,
@@ -121,6 +125,7 @@ impl DeferredFree {
                 queued: VecDeque::new(),
                 stuck: Vec::new(),
                 next_seq: 0,
+                unqueued: Vec::new(),
                 freeing: 0,
                 stats: RetiredLists::default(),
             }),
@@ -134,39 +139,51 @@ impl DeferredFree {
     }
 
     /// Files `items` (member lists and sites unreachable to new readers) as
-    /// one batch and queues its callback on `rcu`. Called by writers, with
-    /// the registry's writer mutex held (which orders the numbers with the
-    /// committers' snapshots).
-    pub(crate) fn retire(self: &Arc<Self>, rcu: &Rcu, items: Vec<Retired>) {
+    /// one batch. Called by writers with the registry's writer mutex held,
+    /// which orders the batch numbers with the committers' snapshots (a
+    /// probe's later unregistration, and so its committer's snapshot, comes
+    /// after every list that held it was filed). The writer then calls
+    /// [`queue_callbacks`](Self::queue_callbacks) once it released the mutex.
+    pub(crate) fn retire(&self, items: Vec<Retired>) {
         if items.is_empty() {
             return;
         }
-        let seq = {
-            let mut st = self.lock();
-            let seq = st.next_seq;
-            st.next_seq += 1;
-            st.stats.retired += lists_in(&items);
-            st.queued.push_back(Batch { seq, items });
-            seq
-        };
-        let me = Arc::clone(self);
-        // After the push: the callback (which runs a grace period after
-        // being queued, so after the retirement) finds its batch, unless a
-        // committer took it first.
-        rcu.call(move || me.run(seq));
+        let mut st = self.lock();
+        let seq = st.next_seq;
+        st.next_seq += 1;
+        st.stats.retired += lists_in(&items);
+        st.queued.push_back(Batch { seq, items });
+        st.unqueued.push(seq);
     }
 
-    /// The callback of batch `seq`: frees it (and stuck lists whose steps
-    /// have finished) unless a committer took it; parks lists with steps in
-    /// flight. Never waits.
-    fn run(&self, seq: u64) {
+    /// Queues one callback on `rcu` for every batch filed whose callback is
+    /// not queued yet (one closure for all of them: a burst of retirements
+    /// costs one callback). Called without the writer mutex, since
+    /// `Rcu::call` may wait for the domain's worker.
+    pub(crate) fn queue_callbacks(self: &Arc<Self>, rcu: &Rcu) {
+        let seqs = std::mem::take(&mut self.lock().unqueued);
+        if seqs.is_empty() {
+            return;
+        }
+        let me = Arc::clone(self);
+        // After the batches were filed: the callback (which runs a grace
+        // period after being queued, so after the retirements) finds them,
+        // unless a committer took them first.
+        rcu.call(move || me.run(&seqs));
+    }
+
+    /// The callback of batches `seqs`: frees them (and stuck lists whose
+    /// steps have finished) unless a committer took them; parks lists with
+    /// steps in flight. Never waits.
+    fn run(&self, seqs: &[u64]) {
         let ready = {
             let mut st = self.lock();
-            let mut items = match st.queued.binary_search_by_key(&seq, |b| b.seq) {
-                Ok(i) => st.queued.remove(i).map_or_else(Vec::new, |b| b.items),
-                Err(_) => Vec::new(),
-            };
-            items.append(&mut st.stuck);
+            let mut items = std::mem::take(&mut st.stuck);
+            for seq in seqs {
+                if let Ok(i) = st.queued.binary_search_by_key(seq, |b| b.seq) {
+                    items.extend(st.queued.remove(i).map_or_else(Vec::new, |b| b.items));
+                }
+            }
             let (ready, stuck): (Vec<_>, Vec<_>) = items.into_iter().partition(steps_done);
             st.stuck = stuck;
             st.stats.waiting_for_steps = st.stuck.len();

@@ -334,7 +334,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 site: ProbeSite::Address(addr),
             });
         }
-        match self.register_locked(&mut w, probe, addr, kret) {
+        let result = match self.register_locked(&mut w, probe, addr, kret) {
             Ok(()) => {
                 // Relaxed: a statistics counter read by `len`.
                 self.count.fetch_add(1, Ordering::Relaxed);
@@ -344,7 +344,13 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 probe.release();
                 Err(e)
             }
-        }
+        };
+        drop(w);
+        // The callbacks of what this registration retired, queued outside
+        // the writer mutex: `Rcu::call` may wait for the domain's worker
+        // (flood throttling), which runs other users' callbacks.
+        self.deferred.queue_callbacks(&self.rcu);
+        result
     }
 
     /// Registers a kretprobe (its entry probe): as [`register`](Self::register),
@@ -392,7 +398,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             let old = unsafe { &*st.node }.replace_members(Members::new(&st.members, &st.exec));
             // Freed a grace period from now by the domain's callback worker
             // (or by a commit that gets there first): see `deferred.rs`.
-            self.deferred.retire(&self.rcu, vec![Retired::Members(old)]);
+            self.deferred.retire(vec![Retired::Members(old)]);
             return Ok(());
         }
         let (exec, orig) = self.prepare_site(w, addr)?;
@@ -416,7 +422,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 // SAFETY: the node is unlinked and ours.
                 let list = unsafe { &*node }.members_ptr();
                 self.deferred
-                    .retire(&self.rcu, vec![Retired::Members(list), Retired::Site(node)]);
+                    .retire(vec![Retired::Members(list), Retired::Site(node)]);
                 return Err(e);
             }
         }
