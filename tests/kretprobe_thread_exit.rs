@@ -211,3 +211,89 @@ fn a_flush_with_nothing_filed_changes_nothing() {
     );
     assert_eq!(*seen.lock().unwrap(), vec![(4, 40)]);
 }
+
+/// The exit stress's per-call data: counts its drops (its own counter, as
+/// the tests of a binary run in parallel).
+#[derive(Default)]
+struct StressData;
+
+static STRESS_DROPS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Drop for StressData {
+    fn drop(&mut self) {
+        STRESS_DROPS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+fn stress_drops() -> usize {
+    STRESS_DROPS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
+/// How long the exit stress runs: `KRETPROBE_EXIT_STRESS_SECS` (default 1).
+fn stress_duration() -> std::time::Duration {
+    let secs: f64 = std::env::var("KRETPROBE_EXIT_STRESS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    std::time::Duration::from_secs_f64(secs)
+}
+
+#[test]
+fn threads_exiting_inside_calls_race_unregistration_and_registry_drops_safely() {
+    // Each round: a registry with a kretprobe; threads enter `h` and exit
+    // without returning, some of them abandoning the call; meanwhile the
+    // kretprobe is unregistered (orphaning the instances in flight) and the
+    // registry dropped, racing the exit flushes (a scope waits for its
+    // threads' closures, not for their thread-exit destructors). Every pool
+    // must come back full and be freed exactly once, and no flush may touch
+    // a dropped registry (a crash, or a wrong count, otherwise).
+    let dur = stress_duration();
+    let start = std::time::Instant::now();
+    let (mut rounds, mut abandoned) = (0u64, 0u64);
+    let before = stress_drops();
+    while start.elapsed() < dur {
+        let fx = fixture();
+        let krp = Kretprobe::<StressData>::at(H).maxactive(8).build().unwrap();
+        fx.reg.register_kretprobe(&krp).unwrap();
+        let entered = Barrier::new(5);
+        std::thread::scope(|s| {
+            for t in 0..4u64 {
+                let (reg, entered) = (&fx.reg, &entered);
+                s.spawn(move || {
+                    let mut stack = Stack::new();
+                    enter(reg, H, Stack::top(), CALLER, t, &mut stack);
+                    entered.wait();
+                    if t % 2 == 0 {
+                        // Returns normally (the instance may be orphaned:
+                        // it still brings the call back to its caller).
+                        assert_eq!(
+                            leave(reg, Stack::top(), 0).0,
+                            ReturnOutcome::Returned { to: CALLER }
+                        );
+                    }
+                    // Odd threads exit inside `h`.
+                });
+            }
+            entered.wait();
+            fx.reg.unregister_kretprobe(&krp).unwrap();
+        });
+        abandoned += 2;
+        rounds += 1;
+        drop(krp);
+        drop(fx);
+    }
+    // Threads still running their exit flushes hold pools alive: wait for
+    // the last ones (a bounded wait, then the count must be exact).
+    let expected = before + 8 * rounds as usize;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while stress_drops() != expected && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    println!(
+        "kretprobe exit stress: {rounds} rounds, {abandoned} calls abandoned by exiting threads, \
+         {} instances freed",
+        stress_drops() - before
+    );
+    assert!(rounds > 0);
+    assert_eq!(stress_drops(), expected, "every pool freed exactly once");
+}
