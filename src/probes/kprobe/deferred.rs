@@ -37,7 +37,12 @@
 //! stuck lists, and every committer takes them and waits for their steps,
 //! because its promise that no handler of its probes runs after it returns
 //! covers handlers reached through *any* list that ever held them (see
-//! `unregister.rs`).
+//! `unregister.rs`). Stuck lists are not retried on a timer of their own:
+//! they take a step that outlasts a whole grace period (a thread
+//! descheduled mid-step), and a chain of retry callbacks would keep the
+//! domain's worker running grace periods for a thread that may be stopped
+//! for good; the next retirement's callback or the next commit frees them
+//! (at most the lists retired while such steps were in flight are kept).
 //!
 //! # What a committer may assume
 //!
@@ -71,7 +76,9 @@ pub struct RetiredLists {
     /// Member lists retired by registrations since the registry was built.
     pub retired: u64,
     /// Of those, freed (by a grace-period callback, or by a commit or a
-    /// slot reclaim that took them first).
+    /// slot reclaim that took them first; counted when taken for freeing).
+    /// `retired == freed + waiting_for_steps + (lists still waiting for
+    /// their grace period)`.
     pub freed: u64,
     /// Past their grace period but kept because a single-step started on
     /// them has not completed; retried by later callbacks and commits.
@@ -190,17 +197,18 @@ impl DeferredFree {
             if ready.is_empty() {
                 return;
             }
+            // Counted when taken, so that `retired = freed + waiting` holds
+            // at every moment (freeing finishes before any committer that
+            // could observe the lists returns: see `wait_for_callbacks`).
+            st.stats.freed += lists_in(&ready);
             st.freeing += 1;
             ready
         };
-        let n = lists_in(&ready);
         // Past the grace period and no step in flight: nothing refers to
         // them. Members and sites only, so no orphan comes back.
         let orphans = finish(ready);
         debug_assert!(orphans.is_empty());
-        let mut st = self.lock();
-        st.freeing -= 1;
-        st.stats.freed += n;
+        self.lock().freeing -= 1;
     }
 
     /// The number the next batch will get: a committer reads it (under the
@@ -231,15 +239,14 @@ impl DeferredFree {
                 taken.extend(b.items);
             }
             st.stats.waiting_for_steps = 0;
+            st.stats.freed += lists_in(&taken);
             taken
         };
-        let n = lists_in(&taken);
         if !taken.is_empty() {
             // `finish` waits for each list's steps in flight, then frees it.
             let orphans = finish(std::mem::take(&mut taken));
             debug_assert!(orphans.is_empty());
         }
-        self.lock().stats.freed += n;
         self.wait_for_callbacks();
     }
 
