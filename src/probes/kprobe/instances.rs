@@ -17,7 +17,10 @@
 //! are the returning call's (several, when several kretprobes sit on the same
 //! function); instances of the same thread with a *lower* one belong to
 //! frames that were abandoned (`longjmp`, unwinding) and are reclaimed then.
-//! Chains are LIFO, so the newest matching instance comes first.
+//! Chains are LIFO, so the newest matching instance comes first. Frames a
+//! thread abandons with no tracked return above them (it exits, or jumps
+//! out for good) are given back by the thread-exit flush or an explicit one
+//! (`thread_exit.rs`, [`InstanceTable::take_thread`]).
 //!
 //! # Lock order
 //!
