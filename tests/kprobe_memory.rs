@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use kprobe_support::*;
 use rcu_registry::probes::error::TextFailure;
-use rcu_registry::probes::kprobe::{Action, HitOutcome, Kprobe, RetiredLists, StepResult};
+use rcu_registry::probes::kprobe::{Action, Kprobe, RetiredLists};
 use rcu_registry::probes::ProbeError;
 use rcu_registry::rcu::Rcu;
 
@@ -115,11 +115,8 @@ fn a_replaced_list_with_a_step_in_flight_is_kept_until_the_step_completes() {
         .post(move |_, _| l.lock().unwrap().push("post p"))
         .build();
     fx.reg.register(&p).unwrap();
-    let mut regs = trap_regs(F_MOV_EAX);
-    let mut stack = Stack::new();
-    let HitOutcome::SingleStep(token) = fx.reg.on_breakpoint(&mut regs, &mut stack) else {
-        panic!("a post handler makes the hit single-step")
-    };
+    let (mut regs, mut stack) = (trap_regs(F_MOV_EAX), Stack::new());
+    let token = start_step(&fx.reg, F_MOV_EAX, &mut regs, &mut stack);
     // {p} is retired while the step started on it is in flight.
     fx.reg.register(&Kprobe::at(F_MOV_EAX).build()).unwrap();
     rcu.barrier();
@@ -132,11 +129,7 @@ fn a_replaced_list_with_a_step_in_flight_is_kept_until_the_step_completes() {
         },
         "the callback does not free a list a step still uses, nor wait for it"
     );
-    execute_slot(&token, &mut regs, |_| {});
-    assert!(matches!(
-        fx.reg.on_step_complete(token, &mut regs, &mut stack),
-        StepResult::Done
-    ));
+    finish_step(&fx.reg, token, &mut regs, &mut stack);
     assert_eq!(*log.lock().unwrap(), vec!["post p"]);
     // The next retirement's callback retries the parked list.
     fx.reg.register(&Kprobe::at(F_MOV_EAX).build()).unwrap();
@@ -157,20 +150,13 @@ fn a_commit_frees_a_parked_list_once_its_step_completes() {
     let fx = fixture_with(|b| b.rcu(rcu.clone()));
     let p = Kprobe::at(F_MOV_EAX).post(|_, _| {}).build();
     fx.reg.register(&p).unwrap();
-    let mut regs = trap_regs(F_MOV_EAX);
-    let mut stack = Stack::new();
-    let HitOutcome::SingleStep(token) = fx.reg.on_breakpoint(&mut regs, &mut stack) else {
-        panic!("a post handler makes the hit single-step")
-    };
+    let (mut regs, mut stack) = (trap_regs(F_MOV_EAX), Stack::new());
+    let token = start_step(&fx.reg, F_MOV_EAX, &mut regs, &mut stack);
     let q = Kprobe::at(F_MOV_EAX).build();
     fx.reg.register(&q).unwrap();
     rcu.barrier();
     assert_eq!(fx.reg.retired_lists().waiting_for_steps, 1);
-    execute_slot(&token, &mut regs, |_| {});
-    assert!(matches!(
-        fx.reg.on_step_complete(token, &mut regs, &mut stack),
-        StepResult::Done
-    ));
+    finish_step(&fx.reg, token, &mut regs, &mut stack);
     fx.reg.unregister(&q).unwrap();
     let lists = fx.reg.retired_lists();
     assert_eq!((lists.freed, lists.waiting_for_steps), (1, 0));

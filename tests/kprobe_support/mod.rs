@@ -264,3 +264,28 @@ impl Drop for Tracked {
 pub fn tracked_drops() -> usize {
     TRACKED_DROPS.load(Ordering::SeqCst)
 }
+
+/// Traps at `addr` on a probe that single-steps and leaves the step in
+/// flight: the token, with `regs` set up for the slot.
+pub fn start_step<'r>(
+    reg: &'r Reg,
+    addr: u64,
+    regs: &mut Regs,
+    stack: &mut Stack,
+) -> StepToken<'r> {
+    *regs = trap_regs(addr);
+    match reg.on_breakpoint(regs, stack) {
+        HitOutcome::SingleStep(token) => token,
+        other => panic!("expected a single-step at {addr:#x}, got {other:?}"),
+    }
+}
+
+/// Completes a step [`start_step`] left in flight (the slot's instruction
+/// falls through; its post handlers run).
+pub fn finish_step<'r>(reg: &'r Reg, token: StepToken<'r>, regs: &mut Regs, stack: &mut Stack) {
+    execute_slot(&token, regs, |_| {});
+    assert!(matches!(
+        reg.on_step_complete(token, regs, stack),
+        StepResult::Done
+    ));
+}
