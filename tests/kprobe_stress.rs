@@ -12,7 +12,8 @@
 //! - a trap on our breakpoint is never "not ours"; every hijacked return
 //!   comes back to its caller;
 //! - at the end the text is byte-for-byte the original, every slot is back,
-//!   no orphan is left.
+//!   no orphan is left, and every member list a registration retired (a
+//!   probe joining an address) is freed.
 //!
 //! `#[ignore]`d: run with `cargo test --release --test kprobe_stress --
 //! --ignored`. Duration: `KPROBE_STRESS_SECS` (default 2 s; at least 10 s
@@ -454,4 +455,11 @@ fn hits_are_exact_and_no_handler_runs_after_unregistration_returns() {
     assert_eq!(reg.text().snapshot(), code(), "text restored byte for byte");
     rcu_registry::rcu::Rcu::global().barrier();
     assert_eq!(xol.in_use(), 0, "every slot back");
+    let lists = reg.retired_lists();
+    println!("member lists retired by registrations: {lists:?}");
+    assert_eq!(
+        (lists.freed, lists.waiting_for_steps),
+        (lists.retired, 0),
+        "every list a registration retired is freed"
+    );
 }

@@ -5,42 +5,16 @@
 
 mod kprobe_support;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 use kprobe_support::*;
-use rcu_registry::probes::arch::{DataMemory, Regs, X86Reg};
+use rcu_registry::probes::arch::{DataMemory, X86Reg};
 use rcu_registry::probes::kprobe::{
     default_maxactive, Action, EntryAction, Kprobe, Kretprobe, ReturnOutcome,
 };
 
 /// The caller's return address the hijack must preserve.
 const CALLER: u64 = 0x4000_1234;
-
-/// Calls `func` with the stack pointer at `sp` (the return address `ret` at
-/// `[sp]`): the entry trap, completed. Returns the registers after the first
-/// instruction.
-fn enter(reg: &Reg, func: u64, sp: u64, ret: u64, rdi: u64, stack: &mut Stack) -> Regs {
-    stack.write_u64(sp, ret).unwrap();
-    let mut regs = trap_regs(func);
-    regs.sp = sp;
-    regs[X86Reg::Rdi] = rdi;
-    let kind = hit(reg, func, &mut regs, stack);
-    assert_eq!(kind, "emulated", "push rbp at the entry is emulated");
-    regs
-}
-
-/// The function entered with `sp` returns `rax` into the trampoline.
-fn leave(reg: &Reg, sp: u64, rax: u64) -> (ReturnOutcome, Regs) {
-    let mut regs = Regs {
-        ip: TRAMPOLINE,
-        sp: sp + 8,
-        ..Regs::default()
-    };
-    regs[X86Reg::Rax] = rax;
-    let out = reg.on_return(&mut regs);
-    (out, regs)
-}
 
 type Seen = Arc<Mutex<Vec<(u64, u64)>>>;
 
@@ -221,19 +195,6 @@ fn calls_on_different_threads_are_matched_per_thread() {
     assert_eq!(got, vec![(0, 100), (1, 101)]);
 }
 
-/// Per-call data that counts its drops: the pool's memory is freed exactly
-/// when every instance's data is dropped.
-#[derive(Default)]
-struct Tracked(u64);
-
-static DROPS: AtomicUsize = AtomicUsize::new(0);
-
-impl Drop for Tracked {
-    fn drop(&mut self) {
-        DROPS.fetch_add(1, Ordering::SeqCst);
-    }
-}
-
 #[test]
 fn unregistering_orphans_calls_in_flight_which_still_return_to_their_callers() {
     let fx = fixture();
@@ -253,7 +214,7 @@ fn unregistering_orphans_calls_in_flight_which_still_return_to_their_callers() {
     assert_eq!(fx.reg.text().snapshot(), code());
     assert_eq!(fx.reg.orphans(), 1, "the pool waits for the call in flight");
     drop(krp); // the user's handle goes too: only the orphan keeps the pool
-    assert_eq!(DROPS.load(Ordering::SeqCst), 0);
+    assert_eq!(tracked_drops(), 0);
 
     assert_eq!(
         leave(&fx.reg, Stack::top(), 0).0,
@@ -261,7 +222,7 @@ fn unregistering_orphans_calls_in_flight_which_still_return_to_their_callers() {
         "the trampoline still finds the orphaned instance"
     );
     assert_eq!(fx.reg.orphans(), 0, "reclaimed once the call returned");
-    assert_eq!(DROPS.load(Ordering::SeqCst), 3, "every instance freed once");
+    assert_eq!(tracked_drops(), 3, "every instance freed once");
 }
 
 #[test]

@@ -13,20 +13,43 @@
 //!    instance came back, ordered after the handlers' and the trampoline's
 //!    accesses (data poisoned on drop), and exactly once.
 //!
+//! 4. A thread that abandons a tracked call (it exits: the exit hook calls
+//!    the explicit flush, which the model calls directly) while its
+//!    kretprobe is unregistered: the instance goes back to the orphaned
+//!    pool, which is freed once, ordered after the entry handler's accesses.
+//! 5. A member list retired by a *registration* (freed by its own
+//!    `Rcu::call` callback, on the domain's worker thread) while a
+//!    single-step started on it is in flight: the callback never frees it
+//!    under the step (it parks it), and an unregistration of the probe
+//!    returns only after the step's post handler ran (the model poisons the
+//!    handler's data right after). Two variants: the hit racing everything,
+//!    and the step pinned in flight across the callback.
+//!
 //! The models are known to bite: with `commit` skipping its grace period,
 //! model 1 reports a race; with the pool's last decrement `Relaxed` instead
-//! of `Release`, model 3 does.
+//! of `Release`, models 3 and 4 do (a causality violation); with commit not
+//! taking the lists a callback parked, model 5 (racing variant) reports a
+//! race on the handler's data; with the callback freeing a list without
+//! looking at its steps, model 5 (pinned variant) fails its "parked, not
+//! freed" check.
 //!
 //! What these models do NOT cover:
-//! - single-steps in flight (`StepToken` counts): the models use an emulated
-//!   instruction (`nop`), so no XOL slot, no `Rcu::call` worker thread;
-//!   tests/kprobe.rs covers a commit waiting for a step in flight, and the
-//!   stress test runs single-steps against commits on real threads;
-//! - several probes aggregated on one address, enable/disable, more than
-//!   one hit thread, nested (re-entered) hits, signal delivery;
+//! - single-steps in flight on lists retired by unregistrations (model 5
+//!   covers lists retired by registrations; tests/kprobe.rs covers a commit
+//!   waiting for a step in flight, and the stress test runs single-steps
+//!   against commits on real threads); models 1 to 4 use an emulated
+//!   instruction (`nop`), so no XOL slot and no callback worker;
+//! - the thread-exit hook itself (a pthread key destructor; loom has no
+//!   thread exit of its own): tests/kretprobe_thread_exit.rs runs it on real
+//!   threads;
+//! - several probes aggregated on one address beyond model 5's join,
+//!   enable/disable, more than one hit thread, nested (re-entered) hits,
+//!   signal delivery;
 //! - `membarrier`: under loom the RCU barriers are `SeqCst` fences (see the
 //!   rcu models);
-//! - executions beyond the preemption bound.
+//! - executions beyond the preemption bound (3; 2 for model 5, whose
+//!   callback worker is a third thread: about 171,000 and 27,000 executions,
+//!   some 20 s together in release).
 
 #![cfg(loom)]
 
@@ -37,8 +60,8 @@ use loom::cell::UnsafeCell;
 use loom::thread;
 use rcu_registry::probes::arch::{DataMemory, Regs, X86_64};
 use rcu_registry::probes::kprobe::{
-    Action, EntryAction, HitOutcome, Kprobe, KprobeRegistry, Kretprobe, ReturnOutcome, SymbolTable,
-    XolArena,
+    Action, EntryAction, HitOutcome, Kprobe, KprobeRegistry, Kretprobe, ReturnOutcome, StepResult,
+    SymbolTable, ThreadKey, XolArena,
 };
 use rcu_registry::probes::text::{Image, TextMemory};
 use rcu_registry::probes::ProbeError;
@@ -163,12 +186,32 @@ fn run_f(reg: &Reg, stack: &mut Stack) -> Option<(HitOutcome<'static>, Regs)> {
     Some((out, regs))
 }
 
+/// Runs `f` under loom, prints how many executions it explored, and fails
+/// if that was one only (the model would then check nothing).
 fn model(f: impl Fn() + Sync + Send + 'static) {
+    model_with(3, None, f);
+}
+
+/// [`model`] with its own preemption bound (unless `LOOM_MAX_PREEMPTIONS`
+/// sets one) and branch limit.
+fn model_with(bound: usize, max_branches: Option<usize>, f: impl Fn() + Sync + Send + 'static) {
+    // A std atomic: it counts outside the model.
+    let runs = Arc::new(StdUsize::new(0));
+    let counter = runs.clone();
     let mut b = loom::model::Builder::new();
     if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(3);
+        b.preemption_bound = Some(bound);
     }
-    b.check(f);
+    if let Some(n) = max_branches {
+        b.max_branches = n;
+    }
+    b.check(move || {
+        counter.fetch_add(1, StdOrd::Relaxed);
+        f()
+    });
+    let runs = runs.load(StdOrd::Relaxed);
+    println!("explored {runs} executions");
+    assert!(runs > 1, "loom explored one execution only");
 }
 
 #[test]
@@ -242,20 +285,38 @@ fn a_thread_that_traps_on_a_new_breakpoint_always_finds_its_site() {
     });
 }
 
+/// A kretprobe on `f` with one instance whose entry handler touches the
+/// instance's data (poisoned when the pool is freed), and `handler` as its
+/// return handler.
+fn data_kretprobe(handler: impl Fn(&mut Data) + Send + Sync + 'static) -> Kretprobe<Data> {
+    Kretprobe::<Data>::at(F)
+        .maxactive(1)
+        .entry_handler(|d, _| {
+            d.0.touch();
+            EntryAction::Track
+        })
+        .handler(move |d, _, _| handler(d))
+        .build()
+        .unwrap()
+}
+
+/// Drops the user's handle of an unregistered kretprobe and waits until the
+/// registry freed its pool: ordered only by the pool's in-flight count, not
+/// by any join. The pool's data is dropped exactly once.
+fn wait_until_pool_freed(reg: &Reg, krp: Kretprobe<Data>) {
+    drop(krp);
+    while reg.orphans() != 0 {
+        thread::yield_now();
+    }
+    assert_eq!(DATA_DROPS.load(StdOrd::SeqCst), 1, "freed exactly once");
+}
+
 #[test]
 fn a_kretprobe_pool_outlives_its_unregistration_until_the_call_returns() {
     model(|| {
         DATA_DROPS.store(0, StdOrd::SeqCst);
         let reg = Arc::new(registry());
-        let krp = Kretprobe::<Data>::at(F)
-            .maxactive(1)
-            .entry_handler(|d, _| {
-                d.0.touch();
-                EntryAction::Track
-            })
-            .handler(|d, _, _| d.0.touch())
-            .build()
-            .unwrap();
+        let krp = data_kretprobe(|d| d.0.touch());
         reg.register_kretprobe(&krp).unwrap();
         let caller = {
             let reg = reg.clone();
@@ -285,13 +346,154 @@ fn a_kretprobe_pool_outlives_its_unregistration_until_the_call_returns() {
             })
         };
         reg.unregister_kretprobe(&krp).unwrap();
-        drop(krp);
-        // The pool is freed (its data poisoned) once the call returned:
-        // ordered only by the pool's in-flight count, not by the join.
-        while reg.orphans() != 0 {
-            thread::yield_now();
-        }
-        assert_eq!(DATA_DROPS.load(StdOrd::SeqCst), 1, "freed exactly once");
+        // The pool is freed (its data poisoned) once the call returned.
+        wait_until_pool_freed(&reg, krp);
         caller.join().unwrap();
     });
+}
+
+#[test]
+fn a_thread_flushed_inside_a_call_frees_the_orphaned_pool_after_giving_its_instance_back() {
+    model(|| {
+        DATA_DROPS.store(0, StdOrd::SeqCst);
+        let reg = Arc::new(registry());
+        let krp = data_kretprobe(|_| panic!("the call never returns"));
+        reg.register_kretprobe(&krp).unwrap();
+        let caller = {
+            let reg = reg.clone();
+            thread::spawn(move || {
+                let mut stack = Stack(CALLER);
+                if run_f(&reg, &mut stack).is_some() && stack.0 == TRAMPOLINE {
+                    // The thread abandons the call (exits, in real life:
+                    // the exit hook makes the same call; loom has none).
+                    assert_eq!(reg.flush_thread(ThreadKey::current()), 1);
+                }
+                assert_eq!(reg.flush_thread(ThreadKey::current()), 0);
+            })
+        };
+        reg.unregister_kretprobe(&krp).unwrap();
+        // Freed once the flush gave the instance back.
+        wait_until_pool_freed(&reg, krp);
+        caller.join().unwrap();
+    });
+}
+
+/// `g`: mov eax, 1; ret (run out of line: single-stepped with a post handler).
+const G: u64 = 0x110;
+
+fn xol_registry(rcu: &Rcu) -> Reg {
+    let mut code = vec![0xccu8; 0x100];
+    code[0] = 0x90;
+    code[1] = 0xc3;
+    code[0x10..0x16].copy_from_slice(&[0xb8, 0x01, 0, 0, 0, 0xc3]);
+    let mut syms = SymbolTable::new();
+    syms.insert("f", F, 2).insert("g", G, 6);
+    KprobeRegistry::builder(
+        X86_64,
+        Image::new(F, code),
+        syms,
+        Arc::new(XolArena::new(0x10_0000, 1, X86_64::XOL_SLOT_SIZE)),
+    )
+    .rcu(rcu.clone())
+    .buckets(2)
+    .instance_stripes(1)
+    .build()
+}
+
+/// A probe with a post handler is hit (single-step) while a registration
+/// joins its address, retiring the list the step started on; then the probe
+/// is unregistered and its data poisoned. With `pinned`, the step is
+/// certain to be in flight when the retired list's RCU callback runs: the
+/// hit comes before the registration and completes only after the
+/// callback ran (`rcu.barrier()`), so the callback must park the list, not
+/// free it, and the commit must take it and wait for the step. Without it,
+/// the hit races everything.
+fn retired_list_under_a_step(pinned: bool) {
+    // The RCU callback worker is a third thread: bound 2 keeps it fast.
+    // The pinned stepper yields in a loop while the main thread runs a
+    // barrier and a commit (each a grace period of yields): more branches.
+    model_with(2, Some(20_000), move || {
+        let rcu = Rcu::new();
+        let reg = Arc::new(xol_registry(&rcu));
+        let data = Arc::new(Val::default());
+        let p = {
+            let data = data.clone();
+            Kprobe::at(G).post(move |_, _| data.touch()).build()
+        };
+        reg.register(&p).unwrap();
+        // Loom atomics: the hand-offs of the pinned variant.
+        let hit = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+        let go = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+        let stepper = {
+            let (reg, hit, go) = (reg.clone(), hit.clone(), go.clone());
+            thread::spawn(move || {
+                let mut regs = Regs {
+                    ip: G + 1,
+                    sp: SP,
+                    ..Regs::default()
+                };
+                let mut stack = Stack(0);
+                let out = reg.on_breakpoint(&mut regs, &mut stack);
+                if pinned {
+                    hit.store(true, loom::sync::atomic::Ordering::Release);
+                    while !go.load(loom::sync::atomic::Ordering::Acquire) {
+                        thread::yield_now();
+                    }
+                }
+                match out {
+                    HitOutcome::SingleStep(token) => {
+                        // The slot's instruction ran; the step trap comes.
+                        regs.ip = token
+                            .step_marker()
+                            .map_or_else(|| token.plan().fixups.ip.unwrap().from, |m| m + 1);
+                        assert!(matches!(
+                            reg.on_step_complete(token, &mut regs, &mut stack),
+                            StepResult::Done
+                        ));
+                    }
+                    // Found `{q}` alone (no post handler).
+                    HitOutcome::Boosted { .. } if !pinned => {}
+                    other => panic!("got {other:?}"),
+                }
+            })
+        };
+        if pinned {
+            while !hit.load(loom::sync::atomic::Ordering::Acquire) {
+                thread::yield_now();
+            }
+        }
+        // {p} is retired by a registration: its RCU callback (run by the
+        // barrier) must neither free it under a step nor wait for the step.
+        let q = Kprobe::at(G).build();
+        reg.register(&q).unwrap();
+        rcu.barrier();
+        let lists = reg.retired_lists();
+        assert_eq!(lists.retired, 1);
+        assert_eq!(lists.freed + lists.waiting_for_steps as u64, 1);
+        if pinned {
+            assert_eq!(
+                lists.waiting_for_steps, 1,
+                "parked, not freed, under the step"
+            );
+            go.store(true, loom::sync::atomic::Ordering::Release);
+        }
+        reg.unregister(&p).unwrap();
+        // No post handler of `p` may run after this: the commit waited for
+        // the step started on the list the registration retired.
+        data.poison();
+        stepper.join().unwrap();
+        assert_eq!(reg.retired_lists().freed, 1);
+        drop(reg);
+        rcu.barrier();
+    });
+}
+
+#[test]
+fn a_list_a_registration_retired_is_not_freed_under_a_step_and_commit_waits_for_the_step() {
+    retired_list_under_a_step(false);
+}
+
+#[test]
+fn a_retired_list_under_a_step_in_flight_is_parked_by_its_callback_and_finished_by_commit() {
+    retired_list_under_a_step(true);
 }

@@ -4,11 +4,12 @@
 
 #![allow(dead_code)]
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use rcu_registry::probes::arch::{DataMemory, Regs, X86Reg, X86_64};
 use rcu_registry::probes::kprobe::{
-    HitOutcome, KprobeRegistry, StepResult, StepToken, SymbolTable, XolArena,
+    HitOutcome, KprobeRegistry, ReturnOutcome, StepResult, StepToken, SymbolTable, XolArena,
 };
 use rcu_registry::probes::text::Image;
 use rcu_registry::probes::ProbeError;
@@ -218,4 +219,73 @@ pub fn byte_at(reg: &Reg, addr: u64) -> u8 {
 
 pub fn rax(regs: &Regs) -> u64 {
     regs[X86Reg::Rax]
+}
+
+/// Calls `func` with the stack pointer at `sp` (the return address `ret` at
+/// `[sp]`): the entry trap, completed. Returns the registers after the first
+/// instruction.
+pub fn enter(reg: &Reg, func: u64, sp: u64, ret: u64, rdi: u64, stack: &mut Stack) -> Regs {
+    stack.write_u64(sp, ret).unwrap();
+    let mut regs = trap_regs(func);
+    regs.sp = sp;
+    regs[X86Reg::Rdi] = rdi;
+    let kind = hit(reg, func, &mut regs, stack);
+    assert_eq!(kind, "emulated", "push rbp at the entry is emulated");
+    regs
+}
+
+/// The function entered with `sp` returns `rax` into the trampoline.
+pub fn leave(reg: &Reg, sp: u64, rax: u64) -> (ReturnOutcome, Regs) {
+    let mut regs = Regs {
+        ip: TRAMPOLINE,
+        sp: sp + 8,
+        ..Regs::default()
+    };
+    regs[X86Reg::Rax] = rax;
+    let out = reg.on_return(&mut regs);
+    (out, regs)
+}
+
+/// Per-call data that counts its drops: a kretprobe pool's memory is freed
+/// exactly when every instance's data is dropped ([`tracked_drops`]; one
+/// counter per test binary, so one test per binary may use it).
+#[derive(Default)]
+pub struct Tracked(pub u64);
+
+static TRACKED_DROPS: AtomicUsize = AtomicUsize::new(0);
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        TRACKED_DROPS.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// How many [`Tracked`] values were dropped in this test binary.
+pub fn tracked_drops() -> usize {
+    TRACKED_DROPS.load(Ordering::SeqCst)
+}
+
+/// Traps at `addr` on a probe that single-steps and leaves the step in
+/// flight: the token, with `regs` set up for the slot.
+pub fn start_step<'r>(
+    reg: &'r Reg,
+    addr: u64,
+    regs: &mut Regs,
+    stack: &mut Stack,
+) -> StepToken<'r> {
+    *regs = trap_regs(addr);
+    match reg.on_breakpoint(regs, stack) {
+        HitOutcome::SingleStep(token) => token,
+        other => panic!("expected a single-step at {addr:#x}, got {other:?}"),
+    }
+}
+
+/// Completes a step [`start_step`] left in flight (the slot's instruction
+/// falls through; its post handlers run).
+pub fn finish_step<'r>(reg: &'r Reg, token: StepToken<'r>, regs: &mut Regs, stack: &mut Stack) {
+    execute_slot(&token, regs, |_| {});
+    assert!(matches!(
+        reg.on_step_complete(token, regs, stack),
+        StepResult::Done
+    ));
 }

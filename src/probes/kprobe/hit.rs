@@ -80,12 +80,12 @@ pub(crate) fn in_handler() -> bool {
 }
 
 /// Marks the thread as running handlers; cleared on drop (also on unwind).
-struct HandlerScope(());
+pub(crate) struct HandlerScope(());
 
 impl HandlerScope {
     /// `None` if the thread already runs handlers (a re-entered hit).
     #[inline]
-    fn enter() -> Option<HandlerScope> {
+    pub(crate) fn enter() -> Option<HandlerScope> {
         IN_HANDLER.with(|f| {
             if f.get() {
                 None

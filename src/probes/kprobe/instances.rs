@@ -17,7 +17,10 @@
 //! are the returning call's (several, when several kretprobes sit on the same
 //! function); instances of the same thread with a *lower* one belong to
 //! frames that were abandoned (`longjmp`, unwinding) and are reclaimed then.
-//! Chains are LIFO, so the newest matching instance comes first.
+//! Chains are LIFO, so the newest matching instance comes first. Frames a
+//! thread abandons with no tracked return above them (it exits, or jumps
+//! out for good) are given back by the thread-exit flush or an explicit one
+//! (`thread_exit.rs`, [`InstanceTable::take_thread`]).
 //!
 //! # Lock order
 //!
@@ -202,6 +205,44 @@ impl Taken {
     }
 }
 
+/// Unlinks from the chain at `head` every instance of `thread` whose call
+/// returns with a stack pointer at or below `sp`, keeping their LIFO order.
+///
+/// # Safety
+/// The caller holds the stripe that owns the chain.
+unsafe fn unlink_frames(head: &mut *mut InstanceHdr, thread: ThreadKey, sp: u64) -> Taken {
+    let mut taken = Taken {
+        head: std::ptr::null_mut(),
+    };
+    let mut tail: *mut InstanceHdr = std::ptr::null_mut();
+    let mut prev: *mut InstanceHdr = std::ptr::null_mut();
+    // SAFETY: the chain's instances are filed under the stripe the caller
+    // holds; unlinked ones become the caller's (in `taken`).
+    unsafe {
+        let mut p = *head;
+        while let Some(i) = p.as_ref() {
+            let next = i.next();
+            let f = i.frame();
+            if f.thread == thread && f.ret_sp <= sp {
+                match prev.as_ref() {
+                    None => *head = next,
+                    Some(pr) => pr.set_next(next),
+                }
+                i.set_next(std::ptr::null_mut());
+                match tail.as_ref() {
+                    None => taken.head = p,
+                    Some(t) => t.set_next(p),
+                }
+                tail = p;
+            } else {
+                prev = p;
+            }
+            p = next;
+        }
+    }
+    taken
+}
+
 /// The per-thread instance table.
 pub(crate) struct InstanceTable {
     locks: HashedLocks<ThreadKey, SpinLock, Chain>,
@@ -232,6 +273,10 @@ impl InstanceTable {
         // SAFETY: owned by the caller until linked; linked under the stripe.
         unsafe { inst.as_ref().set_next(chain.head) };
         chain.head = inst.as_ptr();
+        drop(chain);
+        // This thread now has a frame to give back if it exits inside the
+        // call (`thread_exit.rs`).
+        super::thread_exit::arm();
     }
 
     /// Unlinks the instances of a call returning on `thread` with stack
@@ -243,10 +288,6 @@ impl InstanceTable {
         let mut chain = self.locks.lock(&thread);
         #[cfg(test)]
         test_hooks::while_locked();
-        let mut taken = Taken {
-            head: std::ptr::null_mut(),
-        };
-        let mut tail: *mut InstanceHdr = std::ptr::null_mut();
         // SAFETY: every instance in the chain is filed under
         // this stripe, which we hold.
         unsafe {
@@ -261,33 +302,24 @@ impl InstanceTable {
                 p = i.next();
             }
             if !matched {
-                return taken;
-            }
-            // Unlink every instance of `thread` at or below `sp`, keeping
-            // their LIFO order in `taken`.
-            let mut prev: *mut InstanceHdr = std::ptr::null_mut();
-            let mut p = chain.head;
-            while let Some(i) = p.as_ref() {
-                let next = i.next();
-                let f = i.frame();
-                if f.thread == thread && f.ret_sp <= sp {
-                    match prev.as_ref() {
-                        None => chain.head = next,
-                        Some(pr) => pr.set_next(next),
-                    }
-                    i.set_next(std::ptr::null_mut());
-                    match tail.as_ref() {
-                        None => taken.head = p,
-                        Some(t) => t.set_next(p),
-                    }
-                    tail = p;
-                } else {
-                    prev = p;
-                }
-                p = next;
+                return Taken {
+                    head: std::ptr::null_mut(),
+                };
             }
         }
-        taken
+        // SAFETY: we hold the chain's stripe.
+        unsafe { unlink_frames(&mut chain.head, thread, sp) }
+    }
+
+    /// Unlinks every instance of `thread` whose call returns with a stack
+    /// pointer at or below `sp` (`u64::MAX`: all of them), newest first:
+    /// frames the thread abandoned (it exited, or jumped past them). Takes
+    /// one stripe, with the thread's re-entrancy flag up (see `file`).
+    pub(crate) fn take_thread(&self, thread: ThreadKey, sp: u64) -> Taken {
+        debug_assert!(in_handler(), "a stripe taken before the re-entrancy flag");
+        let mut chain = self.locks.lock(&thread);
+        // SAFETY: we hold the chain's stripe.
+        unsafe { unlink_frames(&mut chain.head, thread, sp) }
     }
 
     /// Unlinks every filed instance (registry teardown).

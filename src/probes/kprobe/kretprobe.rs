@@ -29,7 +29,9 @@
 //! them, restores the real return address and puts them back. The pool's
 //! memory is freed by the registry once every instance is back (checked by
 //! each later registry operation and at drop), never from the trap path, so
-//! nothing leaks and no pointer dangles.
+//! nothing leaks and no pointer dangles. A call that never returns (its
+//! thread exits inside it) gives its instance back through the thread-exit
+//! flush (`thread_exit.rs`), orphaned or not.
 
 use std::fmt;
 use std::ptr::NonNull;

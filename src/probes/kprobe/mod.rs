@@ -35,7 +35,11 @@
 //! member list whose pre handlers run in registration order. The breakpoint
 //! is written when the first enabled probe arrives and removed when the last
 //! one leaves or the last enabled one is disabled. Member lists are
-//! immutable; a change publishes a new list and retires the old.
+//! immutable; a change publishes a new list and retires the old. A list
+//! retired by a registration (a probe joining the address) is freed a grace
+//! period later through the domain's [`Rcu::call`](crate::rcu::Rcu::call),
+//! batched, with no unregistration needed (`deferred.rs`;
+//! [`KprobeRegistry::retired_lists`] counts them).
 //!
 //! # The hit path
 //!
@@ -86,14 +90,24 @@
 //! (`instances.rs`, which documents the lock order: the pool lock and the
 //! table locks never nest). Unregistering orphans the instances in flight:
 //! they still bring their calls back to the real return address and are
-//! reclaimed when those return.
+//! reclaimed when those return. A thread that exits inside a tracked call
+//! gives its instances back at its exit (a thread-specific key's
+//! destructor), and [`KprobeRegistry::flush_thread`] /
+//! [`KprobeRegistry::flush_abandoned_frames`] do it on request for frames
+//! a thread abandoned otherwise (`thread_exit.rs`).
 //!
 //! # Lock order
 //!
 //! `reclaim_lock` → writer mutex → (text memory's own lock, XOL allocator's
-//! own lock). The hit path takes none of these. Kretprobe hit paths take one
-//! instance-table stripe or one pool lock at a time.
+//! own lock, the deferred-free state's mutex, which the RCU callbacks take
+//! alone and committers take holding `reclaim_lock` only). The hit path
+//! takes none of these. Kretprobe hit paths take one
+//! instance-table stripe or one pool lock at a time. The thread-exit flush
+//! takes the process-wide list of instance tables, then one stripe, then
+//! (after releasing it) pool locks; a registry's drop takes that list alone,
+//! before anything else.
 
+mod deferred;
 mod hit;
 mod instances;
 mod kretprobe;
@@ -103,9 +117,11 @@ mod reentry_tests;
 mod registry;
 mod resolve;
 mod table;
+mod thread_exit;
 mod unregister;
 mod xol;
 
+pub use deferred::RetiredLists;
 pub use hit::{HitOutcome, ReturnOutcome, StepResult, StepToken};
 pub use instances::ThreadKey;
 pub use kretprobe::{

@@ -9,6 +9,7 @@ use std::fmt;
 // `std`'s Arc even under loom (see `kretprobe.rs`).
 use std::sync::Arc;
 
+use super::deferred::{DeferredFree, RetiredLists};
 use super::instances::InstanceTable;
 use super::kretprobe::{Kretprobe, ReturnProbe};
 use super::probe::{Kprobe, ProbeId, Target};
@@ -53,9 +54,6 @@ pub(crate) struct Writer {
     pub(crate) sites: BTreeMap<u64, SiteState>,
     /// Unregistered without sync: finished by the next `commit`.
     pub(crate) pending: Vec<Retired>,
-    /// Replaced member lists and failed registrations: freed after the next
-    /// grace period any unregistration or commit waits for.
-    pub(crate) garbage: Vec<Retired>,
     /// Unregistered kretprobes with calls still in flight.
     pub(crate) orphans: Vec<Arc<dyn ReturnProbe>>,
 }
@@ -76,9 +74,13 @@ pub struct KprobeRegistry<A: Arch, T: TextMemory> {
     pub(crate) resolver: Box<dyn SymbolResolver>,
     pub(crate) rcu: Rcu,
     pub(crate) table: Table,
-    pub(crate) instances: InstanceTable,
+    /// Boxed: the thread-exit flush finds it by address (`thread_exit.rs`).
+    pub(crate) instances: Box<InstanceTable>,
     pub(crate) trampoline: Option<u64>,
     pub(crate) writer: Mutex<Writer>,
+    /// Member lists and sites retired by registrations, freed through
+    /// `rcu.call` (see `deferred.rs`).
+    pub(crate) deferred: Arc<DeferredFree>,
     /// Serializes the bottom halves of unregistration (see `unregister.rs`):
     /// a commit returns only after every retirement made before it started
     /// is finished, even one another commit took.
@@ -132,6 +134,10 @@ impl<A: Arch, T: TextMemory> RegistryBuilder<A, T> {
 
     /// The registry.
     pub fn build(self) -> KprobeRegistry<A, T> {
+        let instances = Box::new(InstanceTable::new(self.instance_stripes));
+        // Threads that exit inside kretprobed calls give their instances
+        // back to this table's pools (untracked first thing in `drop`).
+        super::thread_exit::track(&instances);
         KprobeRegistry {
             // Relaxed: ids only need to be unique.
             id: NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
@@ -141,14 +147,14 @@ impl<A: Arch, T: TextMemory> RegistryBuilder<A, T> {
             resolver: self.resolver,
             rcu: self.rcu.unwrap_or_default(),
             table: Table::new(self.buckets),
-            instances: InstanceTable::new(self.instance_stripes),
+            instances,
             trampoline: self.trampoline,
             writer: Mutex::new(Writer {
                 sites: BTreeMap::new(),
                 pending: Vec::new(),
-                garbage: Vec::new(),
                 orphans: Vec::new(),
             }),
+            deferred: DeferredFree::new(),
             reclaim_lock: Mutex::new(()),
             count: AtomicUsize::new(0),
         }
@@ -261,6 +267,18 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         w.orphans.len()
     }
 
+    /// Member lists replaced by registrations (a probe joining an address)
+    /// or left by a failed registration: how many were retired, how many
+    /// freed. They are freed a grace period after their retirement by the
+    /// RCU domain's callback worker, with no unregistration or commit needed
+    /// (a list on which a single-step is still in flight waits for it; see
+    /// [`RetiredLists::waiting_for_steps`]). After
+    /// [`Rcu::barrier`](crate::rcu::Rcu::barrier) on the registry's domain,
+    /// every list retired before it whose steps completed is freed.
+    pub fn retired_lists(&self) -> RetiredLists {
+        self.deferred.stats()
+    }
+
     pub(crate) fn lock_writer(&self) -> MutexGuard<'_, Writer> {
         // Every writer path validates before it mutates and leaves the state
         // consistent at each step, so a panic (in a resolver, say) leaves
@@ -316,7 +334,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 site: ProbeSite::Address(addr),
             });
         }
-        match self.register_locked(&mut w, probe, addr, kret) {
+        let result = match self.register_locked(&mut w, probe, addr, kret) {
             Ok(()) => {
                 // Relaxed: a statistics counter read by `len`.
                 self.count.fetch_add(1, Ordering::Relaxed);
@@ -326,7 +344,13 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 probe.release();
                 Err(e)
             }
-        }
+        };
+        drop(w);
+        // The callbacks of what this registration retired, queued outside
+        // the writer mutex: `Rcu::call` may wait for the domain's worker
+        // (flood throttling), which runs other users' callbacks.
+        self.deferred.queue_callbacks(&self.rcu);
+        result
     }
 
     /// Registers a kretprobe (its entry probe): as [`register`](Self::register),
@@ -372,7 +396,9 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             st.members.push(probe.clone());
             // SAFETY: the node is live and ours (writer mutex held).
             let old = unsafe { &*st.node }.replace_members(Members::new(&st.members, &st.exec));
-            w.garbage.push(Retired::Members(old));
+            // Freed a grace period from now by the domain's callback worker
+            // (or by a commit that gets there first): see `deferred.rs`.
+            self.deferred.retire(vec![Retired::Members(old)]);
             return Ok(());
         }
         let (exec, orig) = self.prepare_site(w, addr)?;
@@ -394,9 +420,9 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 // Readers may have reached the node: free it (and its list,
                 // and with it the slot) only after a grace period.
                 // SAFETY: the node is unlinked and ours.
-                w.garbage
-                    .push(Retired::Members(unsafe { &*node }.members_ptr()));
-                w.garbage.push(Retired::Site(node));
+                let list = unsafe { &*node }.members_ptr();
+                self.deferred
+                    .retire(vec![Retired::Members(list), Retired::Site(node)]);
                 return Err(e);
             }
         }
@@ -469,7 +495,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                     Err(ProbeError::XolExhausted { .. }) => {
                         // Freed slots may be waiting for a grace period:
                         // wait for them once, then retry.
-                        self.reclaim_slots(w);
+                        self.reclaim_slots();
                         self.xol.alloc(addr)?
                     }
                     other => other?,

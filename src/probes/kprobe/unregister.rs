@@ -28,12 +28,18 @@
 //! retired by whoever replaced them (a registration joining the site, the
 //! unregistration of a neighbour). So "no handler of P runs any more" needs
 //! *all* those lists finished, wherever they were retired. Every bottom half
-//! therefore takes everything pending or retired and finishes it under one
-//! lock (`reclaim_lock`): when a `commit` returns, every retirement made
-//! before it started has been finished, by it or by a bottom half that held
-//! the lock before it. Concurrent committers thus share the work but not
-//! the grace period (they wait for each other); `unregister_nosync` +
-//! one `commit` is the way to pay one grace period for many probes.
+//! therefore takes everything pending and finishes it under one lock
+//! (`reclaim_lock`), together with every list a registration retired before
+//! it that the domain's callback worker has not freed yet (`deferred.rs`:
+//! those are normally freed by their own `Rcu::call` callback a grace period
+//! after the registration, with no unregistration needed; the bottom half
+//! takes the ones still queued, and the ones a callback left because a
+//! single-step was in flight, and waits for their steps). When a `commit`
+//! returns, every retirement made before it started has been finished, by
+//! it, by a grace-period callback, or by a bottom half that held the lock
+//! before it. Concurrent committers thus share the work but not the grace
+//! period (they wait for each other); `unregister_nosync` + one `commit` is
+//! the way to pay one grace period for many probes.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -90,6 +96,34 @@ fn retired_boosted_slots(batch: &[Retired]) -> Vec<u64> {
             _ => None,
         })
         .collect()
+}
+
+/// Frees what `batch` retired (the caller waited for a grace period that
+/// began after the retirement) and returns the kretprobes whose calls
+/// are still in flight. Takes no lock.
+pub(crate) fn finish(batch: Vec<Retired>) -> Vec<Arc<dyn ReturnProbe>> {
+    let mut orphans = Vec::new();
+    for r in batch {
+        match r {
+            Retired::Members(m) => {
+                // SAFETY: retired and past its grace period: no reader
+                // holds it; steps in flight hold counts, awaited here.
+                unsafe {
+                    wait_for_steps(&*m);
+                    drop(Box::from_raw(m));
+                }
+            }
+            // SAFETY: unlinked and past its grace period.
+            Retired::Site(s) => drop(unsafe { Box::from_raw(s) }),
+            Retired::Probe(p) => p.release(),
+            Retired::Return(r) => {
+                if r.instances_out() != 0 {
+                    orphans.push(r);
+                }
+            }
+        }
+    }
+    orphans
 }
 
 #[track_caller]
@@ -197,8 +231,11 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// [`XolAllocator::quiesce`](crate::probes::kprobe::XolAllocator::quiesce)
     /// can observe;
     /// the live runtime's wait is bounded), the slots are on their way back
-    /// to the allocator, and the probes can be registered again. With
-    /// nothing pending (or retired) it returns at once.
+    /// to the allocator, and the probes can be registered again. Member
+    /// lists and failed sites that registrations retired before the call and
+    /// that their grace-period callbacks have not freed yet are freed too
+    /// (their slots are then on their way back as well). With nothing
+    /// pending or left to free it returns at once.
     ///
     /// Safe to call from several threads at once: commits are serialized,
     /// and a commit that finds the work taken by another still returns only
@@ -222,14 +259,20 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// batch, every list that ever held our probes is gone.
     fn finish_pending(&self) {
         let _serial = self.reclaim_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let batch = {
+        let (batch, upto) = {
             let mut w = self.lock_writer();
-            let mut batch = std::mem::take(&mut w.pending);
-            batch.append(&mut w.garbage);
+            let batch = std::mem::take(&mut w.pending);
             Self::reap_orphans(&mut w);
-            batch
+            // Under the writer mutex, so every list a registration retired
+            // before our probes left their sites is numbered below it.
+            (batch, self.deferred.snapshot())
         };
-        if batch.is_empty() {
+        if batch.is_empty() && !self.deferred.outstanding_below(upto) {
+            // Whoever took our probes (if any) finished them, and the lists
+            // that held them, before releasing `reclaim_lock`; what
+            // registrations retired is freed already, or being freed by a
+            // callback that took it, which we let finish.
+            self.deferred.wait_for_callbacks();
             return;
         }
         self.rcu.synchronize();
@@ -239,6 +282,10 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         if !slots.is_empty() {
             self.xol.quiesce(&slots);
         }
+        // Older member lists that registrations retired (they may hold our
+        // probes, with single-steps in flight) that their grace-period
+        // callbacks have not freed yet.
+        self.deferred.finish_upto(upto);
         self.reap(batch);
     }
 
@@ -314,55 +361,26 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// The bottom half. The caller waited for a grace period that began
     /// after everything in `batch` was retired.
     pub(crate) fn reap(&self, batch: Vec<Retired>) {
-        let mut orphans = Self::finish(batch);
+        let mut orphans = finish(batch);
         let mut w = self.lock_writer();
         w.orphans.append(&mut orphans);
         Self::reap_orphans(&mut w);
     }
 
-    /// Frees what `batch` retired (the caller waited for a grace period that
-    /// began after the retirement) and returns the kretprobes whose calls
-    /// are still in flight. Takes no lock.
-    pub(crate) fn finish(batch: Vec<Retired>) -> Vec<Arc<dyn ReturnProbe>> {
-        let mut orphans = Vec::new();
-        for r in batch {
-            match r {
-                Retired::Members(m) => {
-                    // SAFETY: retired and past its grace period: no reader
-                    // holds it; steps in flight hold counts, awaited here.
-                    unsafe {
-                        wait_for_steps(&*m);
-                        drop(Box::from_raw(m));
-                    }
-                }
-                // SAFETY: unlinked and past its grace period.
-                Retired::Site(s) => drop(unsafe { Box::from_raw(s) }),
-                Retired::Probe(p) => p.release(),
-                Retired::Return(r) => {
-                    if r.instances_out() != 0 {
-                        orphans.push(r);
-                    }
-                }
-            }
-        }
-        orphans
-    }
-
     /// Slow path of slot allocation: frees the retired member lists that may
-    /// hold slots (one grace period), then waits for the slot frees queued
-    /// on the RCU worker. Called with the writer mutex held (neither wait
-    /// needs it).
+    /// hold slots (one grace period, then their steps in flight), then waits
+    /// for the slot frees queued on the RCU worker (the lists' callbacks and
+    /// the slot frees they queue). Called with the writer mutex held
+    /// (neither wait needs it, and the callbacks never take it).
     #[cold]
-    pub(crate) fn reclaim_slots(&self, w: &mut Writer) {
-        let garbage = std::mem::take(&mut w.garbage);
-        if !Rcu::in_read_section() {
-            self.rcu.synchronize();
-            let mut orphans = Self::finish(garbage);
-            w.orphans.append(&mut orphans);
-            self.rcu.barrier();
-        } else {
-            w.garbage = garbage;
+    pub(crate) fn reclaim_slots(&self) {
+        if Rcu::in_read_section() {
+            return;
         }
+        let upto = self.deferred.snapshot();
+        self.rcu.synchronize();
+        self.deferred.finish_upto(upto);
+        self.rcu.barrier();
     }
 
     /// Frees the pools of unregistered kretprobes whose calls all returned.
@@ -379,6 +397,9 @@ impl<A: Arch, T: TextMemory> Drop for KprobeRegistry<A, T> {
     /// pools); on live code the runtime must not drop a registry while
     /// hijacked calls can still return into its trampoline.
     fn drop(&mut self) {
+        // Before anything is freed: a thread-exit flush in progress on our
+        // table finishes first, and none starts afterwards.
+        super::thread_exit::untrack(&self.instances);
         let (sites, mut batch, orphans) = {
             let mut w = self.lock_writer();
             for (&addr, st) in w.sites.iter() {
@@ -387,13 +408,15 @@ impl<A: Arch, T: TextMemory> Drop for KprobeRegistry<A, T> {
                 }
             }
             let sites = std::mem::take(&mut w.sites);
-            let mut batch = std::mem::take(&mut w.pending);
-            batch.append(&mut w.garbage);
+            let batch = std::mem::take(&mut w.pending);
             (sites, batch, std::mem::take(&mut w.orphans))
         };
         if !Rcu::in_read_section() {
             self.rcu.synchronize();
         }
+        // Lists registrations retired whose callbacks have not run: past the
+        // grace period above, and no step token outlives the registry.
+        self.deferred.finish_upto(u64::MAX);
         // Filed instances point into pools still alive (held by member
         // lists, pending retirements or `orphans`): give them back first.
         for inst in self.instances.take_all() {
