@@ -4,6 +4,7 @@
 pub mod arch;
 pub mod error;
 pub mod kprobe;
+mod reentry;
 /// The live runtime's quiescence ack protocol alone (`runtime` is not built
 /// under loom), for its loom model.
 #[cfg(loom)]

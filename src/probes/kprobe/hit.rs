@@ -50,7 +50,6 @@
 //! after that count dropped to zero. The token is `!Send` and borrows the
 //! registry; dropping it without completing the step gives the count back.
 
-use std::cell::Cell;
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
@@ -63,48 +62,24 @@ use crate::probes::arch::{
     Arch, DataMemory, Regs, StepOutcome, StepState, XolPlan, XolRun, MAX_INSN_BYTES,
 };
 use crate::probes::text::TextMemory;
+use crate::probes::reentry::Flag;
 use crate::probes::ProbeError;
 use crate::sync::atomic::Ordering;
 
-// `std::cell::Cell`, not a shim type: the flag is only ever touched by its
-// own thread (and signal handlers on it), never shared, so there is nothing
-// for loom to check; the thread-local itself comes from the shim.
-crate::sync::const_thread_local! {
-    /// Set while this thread runs probe handlers.
-    static IN_HANDLER: Cell<bool> = Cell::new(false);
+crate::probes::reentry::handler_flag! {
+    /// The kprobe family's re-entrancy flag: up while this thread runs
+    /// kprobe handlers (see `probes::reentry`).
+    pub(crate) enum KprobeFlag;
 }
 
 /// Whether the calling thread is running a probe handler.
 pub(crate) fn in_handler() -> bool {
-    IN_HANDLER.with(Cell::get)
+    KprobeFlag::is_up()
 }
 
-/// Marks the thread as running handlers; cleared on drop (also on unwind).
-pub(crate) struct HandlerScope(());
-
-impl HandlerScope {
-    /// `None` if the thread already runs handlers (a re-entered hit).
-    #[inline]
-    pub(crate) fn enter() -> Option<HandlerScope> {
-        IN_HANDLER.with(|f| {
-            if f.get() {
-                None
-            } else {
-                // A signal between the test and the set runs its own scope to
-                // completion (set, clear) before we resume: still correct.
-                f.set(true);
-                Some(HandlerScope(()))
-            }
-        })
-    }
-}
-
-impl Drop for HandlerScope {
-    #[inline]
-    fn drop(&mut self) {
-        IN_HANDLER.with(|f| f.set(false));
-    }
-}
+/// Marks the thread as running kprobe handlers; cleared on drop (also on
+/// unwind).
+pub(crate) type HandlerScope = crate::probes::reentry::HandlerScope<KprobeFlag>;
 
 /// Members with an index below this are tracked exactly (bit set) for
 /// "ran its pre handler"; later ones are assumed to have run if enabled.

@@ -21,51 +21,23 @@
 //! stays away. A nested hit never runs a filter either (a filter that hit
 //! a uprobe would recurse through the miss path otherwise).
 //!
-//! The flag is the uprobes' own: kprobe and uprobe handlers nest into each
-//! other at most once each (a uprobe handler may hit a kprobe, whose
-//! handler may hit a uprobe, which then finds this flag up). The kprobe
-//! flag is private to its module; the mechanism (a `const` thread-local
-//! `Cell`, an RAII scope cleared also on unwind) is the same.
+//! The flag is the uprobes' own (the scope and its rules are shared with
+//! kprobes, in `probes::reentry`): kprobe and uprobe handlers nest into
+//! each other at most once each (a uprobe handler may hit a kprobe, whose
+//! handler may hit a uprobe, which then finds this flag up).
 
-use std::cell::Cell;
+use crate::probes::reentry::{handler_flag, Flag};
 
-// `std::cell::Cell`, not a shim type: the flag is only ever touched by its
-// own thread (and signal handlers on it), never shared, so there is nothing
-// for loom to check; the thread-local itself comes from the shim.
-crate::sync::const_thread_local! {
-    /// Set while this thread runs uprobe handlers.
-    static IN_UPROBE_HANDLER: Cell<bool> = Cell::new(false);
+handler_flag! {
+    /// The uprobe family's re-entrancy flag.
+    pub(crate) enum UprobeFlag;
 }
 
 /// Whether the calling thread is running uprobe handlers.
 pub(crate) fn in_uprobe_handler() -> bool {
-    IN_UPROBE_HANDLER.with(Cell::get)
+    UprobeFlag::is_up()
 }
 
 /// Marks the thread as running uprobe handlers; cleared on drop (also on
 /// unwind).
-pub(crate) struct HandlerScope(());
-
-impl HandlerScope {
-    /// `None` if the thread already runs uprobe handlers (a re-entered hit).
-    #[inline]
-    pub(crate) fn enter() -> Option<HandlerScope> {
-        IN_UPROBE_HANDLER.with(|f| {
-            if f.get() {
-                None
-            } else {
-                // A signal between the test and the set runs its own scope
-                // to completion (set, clear) before we resume: still correct.
-                f.set(true);
-                Some(HandlerScope(()))
-            }
-        })
-    }
-}
-
-impl Drop for HandlerScope {
-    #[inline]
-    fn drop(&mut self) {
-        IN_UPROBE_HANDLER.with(|f| f.set(false));
-    }
-}
+pub(crate) type HandlerScope = crate::probes::reentry::HandlerScope<UprobeFlag>;
