@@ -287,6 +287,37 @@ fn corpus_states_exercise_both_outcomes_of_every_conditional_branch() {
     }
 }
 
+/// Words the emulator itself cannot translate: it aborts the whole test
+/// process instead of raising an undefined-instruction exception.
+///
+/// unicorn 2.1.5 (its QEMU's `target/arm/translate-a64.c`,
+/// `disas_simd_three_reg_same_fp16`) reaches `g_assert_not_reached()` for
+/// some unallocated opcode combinations of the "Advanced SIMD three same
+/// (FP16)" class (`0 Q U 01110 a 10 Rm 00 opc 1 Rn Rd`; seen with
+/// `0x4ec4240a`, fpopcode `0xc`). The whole class is skipped: the backend
+/// handles FP16 arithmetic like any other instruction that neither reads
+/// the PC nor branches, which the other random words cover.
+fn emulator_aborts_on(word: u32) -> bool {
+    word & 0x9f60_c400 == 0x0e40_0400
+}
+
+#[test]
+fn the_emulator_defect_filter_matches_the_word_that_aborted_and_nothing_common() {
+    assert!(emulator_aborts_on(0x4ec4_240a));
+    // A plain FP16 FADD (a=0, U=0, opcode 010) is in the class too.
+    assert!(emulator_aborts_on(0x4e40_1400));
+    // nop, b, ldr x0, [x1], add x0, x1, x2, and the single-precision FADD.
+    for w in [
+        0xd503_201f,
+        0x1400_0001,
+        0xf940_0020,
+        0x8b02_0020,
+        0x4e22_d420,
+    ] {
+        assert!(!emulator_aborts_on(w), "{w:#010x}");
+    }
+}
+
 /// Encoding templates of every simulated class: (fixed bits, mask of the
 /// fixed bits). The rest of the word is random: offsets, registers, bit
 /// numbers, conditions.
@@ -317,6 +348,7 @@ proptest! {
     /// place; anything it refuses comes with a reason.
     #[test]
     fn any_accepted_word_behaves_as_in_place(word in any::<u32>(), seed in any::<u64>()) {
+        prop_assume!(!emulator_aborts_on(word));
         if let Err(e) = differential(word, seed) {
             return Err(TestCaseError::fail(e));
         }

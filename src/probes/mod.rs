@@ -4,13 +4,13 @@
 pub mod arch;
 pub mod error;
 pub mod kprobe;
-mod reentry;
 /// The live runtime's quiescence ack protocol alone (`runtime` is not built
 /// under loom), for its loom model.
 #[cfg(loom)]
 #[doc(hidden)]
 #[path = "runtime/quiesce/ack.rs"]
 pub mod quiesce_ack;
+mod reentry;
 #[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
 pub mod runtime;
 #[cfg(all(target_os = "linux", not(loom)))]

@@ -61,8 +61,8 @@ use super::table::Members;
 use crate::probes::arch::{
     Arch, DataMemory, Regs, StepOutcome, StepState, XolPlan, XolRun, MAX_INSN_BYTES,
 };
-use crate::probes::text::TextMemory;
 use crate::probes::reentry::Flag;
+use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
 use crate::sync::atomic::Ordering;
 
