@@ -80,7 +80,8 @@
 //! the displaced instruction and jumps back after the restored original, and
 //! the slot keeps those bytes because an [`XolAllocator`] reuses a freed
 //! slot only for the same address, where the registry fills it with the
-//! same bytes (the [reuse rule](XolAllocator#reuse-rule)).
+//! same bytes (the [reuse rule](XolAllocator#reuse-rule)), or for any
+//! address once its `quiesce` has proved no thread can still be in it.
 //!
 //! # Kretprobes
 //!

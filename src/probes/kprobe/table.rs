@@ -61,8 +61,9 @@ impl Drop for SlotOwner {
         // no read section). `finish_pending` has already run the
         // allocator's `quiesce` on boosted slots, which waits such threads
         // out where it can; what makes freeing safe in every case is the
-        // allocator's reuse rule (only for the same address, same bytes; see
-        // `xol.rs`), not the extra grace period `Rcu::call` adds.
+        // allocator's reuse rule (only for the same address, same bytes,
+        // unless its `quiesce` proved the slot unused; see `xol.rs`), not
+        // the extra grace period `Rcu::call` adds.
         let xol = Arc::clone(&self.xol);
         let slot = self.slot;
         self.rcu.call(move || xol.free(slot));

@@ -51,6 +51,15 @@
 //! distinct address ever probed. (Code replaced in place by its owner, as a
 //! JIT might, is outside this guarantee.)
 //!
+//! **The one exception: proven quiescence.** An allocator whose
+//! [`quiesce`](XolAllocator::quiesce) *proves* that no thread can still be
+//! executing a set of slots (every thread observed outside them after the
+//! grace period, with nothing that could hide a thread inside: the live
+//! [`XolArea`](crate::probes::runtime::XolArea) requires no thread timed
+//! out, blocked the signal or sat in a nested signal handler) may return
+//! exactly those slots, when they are freed, to its general free list. A
+//! slot freed without such a proof still follows the rule above.
+//!
 //! # Implementations
 //!
 //! [`XolArena`] is an in-memory allocator over a fixed address range for
@@ -81,7 +90,8 @@ use crate::sync::Mutex;
 /// the registry decodes the same instruction and refills the slot with the
 /// same bytes, so such a thread runs exactly the code it was sent to run and
 /// jumps back after the restored original. The cost is one slot per
-/// distinct address ever probed.
+/// distinct address ever probed, unless [`quiesce`](Self::quiesce) proved
+/// the slots unused (module docs: the one exception).
 pub trait XolAllocator: Send + Sync + 'static {
     /// Allocates a slot for the probed address `near`, preferably near it: a
     /// slot freed earlier only if it was allocated for this same `near`,
@@ -100,7 +110,8 @@ pub trait XolAllocator: Send + Sync + 'static {
     /// Returns `slot`. No single-step is in it and no trap will send a
     /// thread there any more, but a thread sent there earlier for a boosted
     /// run may still execute it (module docs): keep its bytes, and hand it
-    /// out again only for the address it was allocated for.
+    /// out again only for the address it was allocated for, unless this
+    /// allocator's own `quiesce` proved it unused since its last `alloc`.
     fn free(&self, slot: u64);
 
     /// Called by the registry after the grace period of an `unregister` or
