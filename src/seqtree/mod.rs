@@ -53,13 +53,13 @@
 //! | memory per entry | key, value, one set of links, refcount | key, value, two sets of links |
 //! | owned handles, scans | yes | no |
 
-mod entry;
-mod iter;
-mod latch;
+pub mod entry;
+pub mod iter;
+pub mod latch;
 mod rbcheck;
 mod rbtree;
 mod reclaim;
-mod seqcount;
+pub mod seqcount;
 mod tree;
 mod write;
 

@@ -25,7 +25,7 @@
 
 mod image;
 #[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
-pub(crate) mod in_process;
+pub mod in_process;
 mod patch_window;
 
 pub use image::Image;

@@ -29,11 +29,17 @@ use crate::sync::atomic::{fence, AtomicU64, Ordering};
 /// The x86 breakpoint, the byte the int3-first protocol parks threads on.
 pub const INT3: u8 = 0xcc;
 
-/// The in-progress marker of int3-first patches (see the [module docs](self)).
+/// The in-progress marker of int3-first patches.
+///
 /// Patchers call [`open`](PatchWindow::open) and
 /// [`close`](PatchWindow::close) around each patch, one patch at a time
 /// (they hold a lock); trap handlers call
-/// [`transient_int3_at`](PatchWindow::transient_int3_at).
+/// [`transient_int3_at`](PatchWindow::transient_int3_at). A sequence count,
+/// odd while a patch is in progress, brackets the handler's read of the
+/// code byte like a seqlock reader, so a patch at the same address ending
+/// or beginning while the handler looks never makes it call the patcher's
+/// own `int3` foreign (two separate checks could: "no patch in progress"
+/// between two patches, then the next patch's `int3`).
 #[derive(Debug)]
 pub struct PatchWindow {
     /// Odd while a patch is in progress; bumped on both edges.
