@@ -45,10 +45,10 @@
 //! - model 1: `unregister` removing the uprobe from the tree before taking
 //!   the breakpoints out (`NotOurs`).
 //!
-//! At the default preemption bound of 3 the models explore about 3,000,
-//! 2,700, 5,100 and 1,800 executions (about 1.3 s together in release);
-//! `LOOM_MAX_PREEMPTIONS=4` also passes (16,767 executions for model 1,
-//! about 14 s together).
+//! At the default preemption bound of 3 the models explore about 4,800,
+//! 2,700, 5,100 and 1,800 executions (about 1.5 s together in release);
+//! `LOOM_MAX_PREEMPTIONS=4` also passes (28,281 executions for model 1,
+//! about 7 s together).
 //!
 //! What these models do NOT cover:
 //! - the real `Srcu` domain: the registry runs on the reader-counting
