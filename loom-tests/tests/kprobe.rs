@@ -53,57 +53,25 @@
 
 #![cfg(loom)]
 
+mod probe_common;
+
 use std::sync::atomic::{AtomicBool as StdBool, AtomicUsize as StdUsize, Ordering as StdOrd};
 use std::sync::Arc;
 
-use loom::cell::UnsafeCell;
 use loom::thread;
-use rcu_registry::probes::arch::{DataMemory, Regs, X86_64};
+use probe_common::{model, model_with, Stack, Val, SP};
+use rcu_registry::probes::arch::{Regs, X86_64};
 use rcu_registry::probes::kprobe::{
     Action, EntryAction, HitOutcome, Kprobe, KprobeRegistry, Kretprobe, ReturnOutcome, StepResult,
     SymbolTable, ThreadKey, XolArena,
 };
 use rcu_registry::probes::text::{Image, TextMemory};
-use rcu_registry::probes::ProbeError;
 use rcu_registry::rcu::Rcu;
 
 /// `f`: nop; ret
 const F: u64 = 0x100;
 const TRAMPOLINE: u64 = 0x1f0;
-const SP: u64 = 0x8000;
 const CALLER: u64 = 0x4444;
-
-const LIVE: u64 = 7;
-const POISON: u64 = 0xdead;
-
-/// Data whose accesses loom race-checks.
-struct Val(UnsafeCell<u64>);
-
-// SAFETY: accesses are ordered by the registry's protocols; loom checks that
-// they are.
-unsafe impl Sync for Val {}
-// SAFETY: as above.
-unsafe impl Send for Val {}
-
-impl Default for Val {
-    fn default() -> Self {
-        Val(UnsafeCell::new(LIVE))
-    }
-}
-
-impl Val {
-    fn touch(&self) {
-        // SAFETY: exclusive write; a race with `poison` is a loom failure.
-        self.0.with_mut(|p| unsafe {
-            assert_eq!(*p, LIVE, "touched after being poisoned");
-            *p = LIVE;
-        });
-    }
-    fn poison(&self) {
-        // SAFETY: as above.
-        self.0.with_mut(|p| unsafe { *p = POISON });
-    }
-}
 
 /// Poisons on drop: the pool's data is freed after every use of it.
 #[derive(Default)]
@@ -115,32 +83,6 @@ impl Drop for Data {
     fn drop(&mut self) {
         self.0.poison();
         DATA_DROPS.fetch_add(1, StdOrd::SeqCst);
-    }
-}
-
-/// One stack word, the return address slot.
-struct Stack(u64);
-
-impl DataMemory for Stack {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
-        if addr != SP || buf.len() != 8 {
-            return Err(ProbeError::MemoryFault {
-                addr,
-                len: buf.len(),
-            });
-        }
-        buf.copy_from_slice(&self.0.to_le_bytes());
-        Ok(())
-    }
-    fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), ProbeError> {
-        if addr != SP || bytes.len() != 8 {
-            return Err(ProbeError::MemoryFault {
-                addr,
-                len: bytes.len(),
-            });
-        }
-        self.0 = u64::from_le_bytes(bytes.try_into().unwrap());
-        Ok(())
     }
 }
 
@@ -184,34 +126,6 @@ fn run_f(reg: &Reg, stack: &mut Stack) -> Option<(HitOutcome<'static>, Regs)> {
         other => panic!("unexpected outcome for a nop: {other:?}"),
     };
     Some((out, regs))
-}
-
-/// Runs `f` under loom, prints how many executions it explored, and fails
-/// if that was one only (the model would then check nothing).
-fn model(f: impl Fn() + Sync + Send + 'static) {
-    model_with(3, None, f);
-}
-
-/// [`model`] with its own preemption bound (unless `LOOM_MAX_PREEMPTIONS`
-/// sets one) and branch limit.
-fn model_with(bound: usize, max_branches: Option<usize>, f: impl Fn() + Sync + Send + 'static) {
-    // A std atomic: it counts outside the model.
-    let runs = Arc::new(StdUsize::new(0));
-    let counter = runs.clone();
-    let mut b = loom::model::Builder::new();
-    if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(bound);
-    }
-    if let Some(n) = max_branches {
-        b.max_branches = n;
-    }
-    b.check(move || {
-        counter.fetch_add(1, StdOrd::Relaxed);
-        f()
-    });
-    let runs = runs.load(StdOrd::Relaxed);
-    println!("explored {runs} executions");
-    assert!(runs > 1, "loom explored one execution only");
 }
 
 #[test]

@@ -37,9 +37,12 @@
 
 #![cfg(loom)]
 
+mod probe_common;
+
 use loom::sync::atomic::{AtomicU8, Ordering};
 use loom::sync::Arc;
 use loom::thread;
+use probe_common::model;
 use rcu_registry::probes::text::{PatchWindow, INT3};
 
 const AT: u64 = 0x1000;
@@ -51,14 +54,6 @@ const NEW: u8 = 0xb9;
 struct Text {
     window: PatchWindow,
     byte0: AtomicU8,
-}
-
-fn model(f: impl Fn() + Sync + Send + 'static) {
-    let mut b = loom::model::Builder::new();
-    if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(3);
-    }
-    b.check(f);
 }
 
 /// One int3-first patch of byte 0 to `to`, as `InProcess` does it (the

@@ -45,10 +45,10 @@
 //! - model 1: `unregister` removing the uprobe from the tree before taking
 //!   the breakpoints out (`NotOurs`).
 //!
-//! At the default preemption bound of 3 the models explore about 3,000,
-//! 2,700, 5,100 and 1,800 executions (about 1.3 s together in release);
-//! `LOOM_MAX_PREEMPTIONS=4` also passes (16,767 executions for model 1,
-//! about 14 s together).
+//! At the default preemption bound of 3 the models explore about 4,800,
+//! 2,700, 5,100 and 1,800 executions (about 1.5 s together in release);
+//! `LOOM_MAX_PREEMPTIONS=4` also passes (28,281 executions for model 1,
+//! about 7 s together).
 //!
 //! What these models do NOT cover:
 //! - the real `Srcu` domain: the registry runs on the reader-counting
@@ -73,136 +73,17 @@
 
 #![cfg(loom)]
 
+mod probe_common;
+
 use std::sync::atomic::{AtomicBool as StdBool, Ordering as StdOrd};
 
-use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::thread;
-use rcu_registry::probes::arch::{DataMemory, Regs, X86_64};
-use rcu_registry::probes::kprobe::{HitOutcome, XolAllocator, XolArena};
-use rcu_registry::probes::text::{Image, TextMemory};
-use rcu_registry::probes::uprobe::{
-    AddressSpace, Consumer, ConsumerAction, FileId, FileMapping, SpaceId, UprobeKey, UprobeOutcome,
-    UprobeRegistry,
-};
-use rcu_registry::probes::ProbeError;
-use rcu_registry::seqtree::model_domain::ModelDomain;
+use probe_common::{execute, mapping, model, nop_ret, setup, space, Val, BASE, KEY, S1};
+use rcu_registry::probes::kprobe::HitOutcome;
+use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, SpaceId};
 
-const BASE: u64 = 0x1000;
-const FILE: FileId = FileId { dev: 1, inode: 2 };
-const KEY: UprobeKey = UprobeKey {
-    file: FILE,
-    offset: 0,
-};
-const S1: SpaceId = SpaceId(1);
 const S2: SpaceId = SpaceId(2);
-const LIVE: u64 = 7;
-const POISON: u64 = 0xdead;
-
-/// One address space mapping the file `nop; ret` at `BASE`.
-struct Space {
-    id: SpaceId,
-    text: Image,
-    xol: XolArena,
-}
-
-impl AddressSpace for Space {
-    type Text = Image;
-    fn id(&self) -> SpaceId {
-        self.id
-    }
-    fn text(&self) -> &Image {
-        &self.text
-    }
-    fn xol(&self) -> &dyn XolAllocator {
-        &self.xol
-    }
-    fn mappings(&self) -> Vec<FileMapping> {
-        vec![mapping()]
-    }
-}
-
-fn mapping() -> FileMapping {
-    FileMapping {
-        vaddr: BASE..BASE + 2,
-        file: FILE,
-        file_offset: 0,
-    }
-}
-
-fn space(id: SpaceId) -> std::sync::Arc<Space> {
-    std::sync::Arc::new(Space {
-        id,
-        text: Image::new(BASE, vec![0x90, 0xc3]),
-        xol: XolArena::new(0x10_0000, 1, X86_64::XOL_SLOT_SIZE),
-    })
-}
-
-type Reg = UprobeRegistry<X86_64, Space, ModelDomain>;
-
-/// A registry with space 1 mapping the file.
-fn setup() -> (Arc<Reg>, std::sync::Arc<Space>) {
-    let reg = Arc::new(Reg::with_domain(X86_64, ModelDomain::new()));
-    let s1 = space(S1);
-    reg.on_mmap(&s1, mapping()).unwrap();
-    (reg, s1)
-}
-
-/// Data whose accesses loom race-checks.
-struct Val(UnsafeCell<u64>);
-
-// SAFETY: accesses are ordered by the registry's protocol; loom checks that.
-unsafe impl Sync for Val {}
-// SAFETY: as above.
-unsafe impl Send for Val {}
-
-impl Val {
-    fn touch(&self) {
-        // SAFETY: exclusive access; a race with `poison` is a loom failure.
-        self.0.with_mut(|p| unsafe {
-            assert_eq!(*p, LIVE, "handler ran after unregister returned");
-        });
-    }
-    fn poison(&self) {
-        // SAFETY: as above.
-        self.0.with_mut(|p| unsafe { *p = POISON });
-    }
-}
-
-struct NoMemory;
-
-impl DataMemory for NoMemory {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
-        Err(ProbeError::MemoryFault {
-            addr,
-            len: buf.len(),
-        })
-    }
-    fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), ProbeError> {
-        Err(ProbeError::MemoryFault {
-            addr,
-            len: bytes.len(),
-        })
-    }
-}
-
-/// The thread executes the probed `nop` in `space`: it traps only if the
-/// breakpoint is there.
-fn execute(reg: &Reg, space: &Space) -> Option<HitOutcome<'static>> {
-    let mut b = [0u8; 1];
-    space.text.read(BASE, &mut b).unwrap();
-    if b[0] != 0xcc {
-        return None;
-    }
-    let mut regs = Regs {
-        ip: BASE + 1,
-        ..Regs::default()
-    };
-    match reg.on_breakpoint(space.id, &mut regs, &mut NoMemory) {
-        UprobeOutcome::Done(o) => Some(o),
-        UprobeOutcome::SingleStep(_) => panic!("a nop is emulated"),
-    }
-}
 
 /// A consumer that checks it is run for `KEY` at `BASE` only.
 fn checking_consumer() -> Consumer {
@@ -212,30 +93,11 @@ fn checking_consumer() -> Consumer {
     })
 }
 
-/// Runs `f` under loom and fails if loom explored a single execution (the
-/// model would then check nothing; see loom-tests/tests/seqtree.rs).
-fn model(f: impl Fn() + Sync + Send + 'static) {
-    // A std atomic: it counts outside the model.
-    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = runs.clone();
-    let mut b = loom::model::Builder::new();
-    if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(3);
-    }
-    b.check(move || {
-        counter.fetch_add(1, StdOrd::Relaxed);
-        f()
-    });
-    let runs = runs.load(StdOrd::Relaxed);
-    println!("explored {runs} executions");
-    assert!(runs > 1, "loom explored one execution only");
-}
-
 #[test]
 fn a_hit_racing_the_last_unregister_finds_a_live_uprobe_or_misses() {
     model(|| {
-        let (reg, space) = setup();
-        let data = Arc::new(Val(UnsafeCell::new(LIVE)));
+        let (reg, space) = setup(nop_ret(S1));
+        let data = Arc::new(Val::default());
         let ran = Arc::new(StdBool::new(false));
         let c = {
             let (data, ran) = (data.clone(), ran.clone());
@@ -271,7 +133,7 @@ fn a_hit_racing_the_last_unregister_finds_a_live_uprobe_or_misses() {
 #[test]
 fn a_registration_installing_into_another_space_never_hides_the_uprobe_from_hits() {
     model(|| {
-        let (reg, s1) = setup();
+        let (reg, s1) = setup(nop_ret(S1));
         let s2 = space(S2);
         reg.on_mmap(&s2, mapping()).unwrap();
         // The first consumer wants space 1 only: the breakpoint is there.
@@ -317,7 +179,7 @@ fn a_registration_installing_into_another_space_never_hides_the_uprobe_from_hits
 #[test]
 fn an_mmap_racing_a_hit_publishes_its_uprobe_before_the_breakpoint() {
     model(|| {
-        let (reg, _s1) = setup();
+        let (reg, _s1) = setup(nop_ret(S1));
         let c = checking_consumer();
         reg.register(KEY, &c).unwrap();
         let s2 = space(S2);
@@ -345,7 +207,7 @@ fn an_mmap_racing_a_hit_publishes_its_uprobe_before_the_breakpoint() {
 #[test]
 fn a_munmap_and_remap_racing_a_hit_finds_the_uprobe_or_misses_cleanly() {
     model(|| {
-        let (reg, s1) = setup();
+        let (reg, s1) = setup(nop_ret(S1));
         let c = checking_consumer();
         reg.register(KEY, &c).unwrap();
         let hitter = {

@@ -25,55 +25,25 @@
 
 #![cfg(loom)]
 
+mod probe_common;
+
 use std::sync::atomic::{AtomicBool as StdBool, Ordering as StdOrd};
 
-use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::thread;
-use rcu_registry::probes::arch::{DataMemory, Regs, X86_64};
-use rcu_registry::probes::kprobe::{HitOutcome, XolAllocator, XolArena};
-use rcu_registry::probes::text::{Image, TextMemory};
-use rcu_registry::probes::uprobe::{
-    AddressSpace, Consumer, ConsumerAction, FileId, FileMapping, SpaceId, UprobeKey, UprobeOutcome,
-    UprobeRegistry,
-};
-use rcu_registry::probes::ProbeError;
+use probe_common::{execute, model_with, Reg, Space, Val, BASE, FILE, KEY, S1};
+use rcu_registry::probes::arch::X86_64;
+use rcu_registry::probes::kprobe::HitOutcome;
+use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, FileId, FileMapping, UprobeKey};
 use rcu_registry::seqtree::model_domain::ModelDomain;
 
-const BASE: u64 = 0x1000;
-const FILE_A: FileId = FileId { dev: 1, inode: 2 };
+const FILE_A: FileId = FILE;
 const FILE_B: FileId = FileId { dev: 1, inode: 3 };
-const KEY_A: UprobeKey = UprobeKey {
-    file: FILE_A,
-    offset: 0,
-};
+const KEY_A: UprobeKey = KEY;
 const KEY_B: UprobeKey = UprobeKey {
     file: FILE_B,
     offset: 0,
 };
-const LIVE: u64 = 7;
-const POISON: u64 = 0xdead;
-
-struct Space {
-    text: Image,
-    xol: XolArena,
-}
-
-impl AddressSpace for Space {
-    type Text = Image;
-    fn id(&self) -> SpaceId {
-        SpaceId(1)
-    }
-    fn text(&self) -> &Image {
-        &self.text
-    }
-    fn xol(&self) -> &dyn XolAllocator {
-        &self.xol
-    }
-    fn mappings(&self) -> Vec<FileMapping> {
-        vec![map(FILE_A, BASE)]
-    }
-}
 
 /// `file`'s one byte (a `nop`) mapped at `at`.
 fn map(file: FileId, at: u64) -> FileMapping {
@@ -84,85 +54,15 @@ fn map(file: FileId, at: u64) -> FileMapping {
     }
 }
 
-type Reg = UprobeRegistry<X86_64, Space, ModelDomain>;
-
-/// Data whose accesses loom race-checks.
-struct Val(UnsafeCell<u64>);
-
-// SAFETY: accesses are ordered by the registry's protocol; loom checks that.
-unsafe impl Sync for Val {}
-// SAFETY: as above.
-unsafe impl Send for Val {}
-
-impl Val {
-    fn touch(&self) {
-        // SAFETY: exclusive access; a race with `poison` is a loom failure.
-        self.0.with_mut(|p| unsafe {
-            assert_eq!(*p, LIVE, "handler ran after unregister returned");
-        });
-    }
-    fn poison(&self) {
-        // SAFETY: as above.
-        self.0.with_mut(|p| unsafe { *p = POISON });
-    }
-}
-
-struct NoMemory;
-
-impl DataMemory for NoMemory {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
-        Err(ProbeError::MemoryFault {
-            addr,
-            len: buf.len(),
-        })
-    }
-    fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), ProbeError> {
-        Err(ProbeError::MemoryFault {
-            addr,
-            len: bytes.len(),
-        })
-    }
-}
-
-/// The thread executes the `nop` at `at`: it traps only if a breakpoint
-/// is there.
-fn execute(reg: &Reg, space: &Space, at: u64) -> Option<HitOutcome<'static>> {
-    let mut b = [0u8; 1];
-    space.text.read(at, &mut b).unwrap();
-    if b[0] != 0xcc {
-        return None;
-    }
-    let mut regs = Regs {
-        ip: at + 1,
-        ..Regs::default()
-    };
-    match reg.on_breakpoint(SpaceId(1), &mut regs, &mut NoMemory) {
-        UprobeOutcome::Done(o) => Some(o),
-        UprobeOutcome::SingleStep(_) => panic!("a nop is emulated"),
-    }
-}
-
 #[test]
 fn a_hit_while_its_cache_slot_changes_hands_runs_its_own_live_handler_or_misses() {
-    // A std atomic: it counts outside the model.
-    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = runs.clone();
-    let mut b = loom::model::Builder::new();
-    if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(2);
-    }
     // Three threads through the registry's locks and the domain's reader
     // counts take more scheduling points than loom's default allows.
-    b.max_branches = 20_000;
-    b.check(move || {
-        counter.fetch_add(1, StdOrd::Relaxed);
+    model_with(2, Some(20_000), || {
         let reg = Arc::new(Reg::with_domain(X86_64, ModelDomain::new()).with_hit_cache_slots(2));
-        let space = std::sync::Arc::new(Space {
-            text: Image::new(BASE, vec![0x90]),
-            xol: XolArena::new(0x10_0000, 1, X86_64::XOL_SLOT_SIZE),
-        });
+        let space = std::sync::Arc::new(Space::new(S1, vec![0x90], map(FILE_A, BASE)));
         reg.on_mmap(&space, map(FILE_A, BASE)).unwrap();
-        let data = Arc::new(Val(UnsafeCell::new(LIVE)));
+        let data = Arc::new(Val::default());
         let a = {
             let data = data.clone();
             Consumer::new(move |hit, _| {
@@ -192,7 +92,7 @@ fn a_hit_while_its_cache_slot_changes_hands_runs_its_own_live_handler_or_misses(
             let (reg, b) = (reg.clone(), b.clone());
             thread::spawn(move || reg.register(KEY_B, &b).unwrap())
         };
-        match execute(&reg, &space, BASE) {
+        match execute(&reg, &space) {
             None | Some(HitOutcome::Vanished) | Some(HitOutcome::Emulated) => {}
             Some(other) => panic!("trapped on A's breakpoint, got {other:?}"),
         }
@@ -201,9 +101,6 @@ fn a_hit_while_its_cache_slot_changes_hands_runs_its_own_live_handler_or_misses(
         assert!(!b_ran.load(StdOrd::SeqCst), "B's handler ran for A's trap");
         assert_eq!(reg.len(), 1);
         assert_eq!(reg.consumers(KEY_B), 1);
-        assert_eq!(reg.find(SpaceId(1), BASE), None);
+        assert_eq!(reg.find(S1, BASE), None);
     });
-    let runs = runs.load(StdOrd::Relaxed);
-    println!("explored {runs} executions");
-    assert!(runs > 1, "loom explored one execution only");
 }

@@ -33,131 +33,32 @@
 
 #![cfg(loom)]
 
+mod probe_common;
+
 use std::sync::atomic::{AtomicBool as StdBool, AtomicU64 as StdU64, Ordering as StdOrd};
 
-use loom::cell::UnsafeCell;
 use loom::sync::Arc;
 use loom::thread;
-use rcu_registry::probes::arch::{DataMemory, Regs, X86_64};
-use rcu_registry::probes::kprobe::{HitOutcome, ReturnOutcome, XolAllocator, XolArena};
-use rcu_registry::probes::text::{Image, TextMemory};
-use rcu_registry::probes::uprobe::{
-    AddressSpace, Consumer, FileId, FileMapping, SpaceId, UprobeKey, UprobeOutcome, UprobeRegistry,
-};
-use rcu_registry::probes::ProbeError;
-use rcu_registry::seqtree::model_domain::ModelDomain;
+use probe_common::{model, nop_ret, setup, Reg, Space, Stack, Val, BASE, KEY, S1, SP};
+use rcu_registry::probes::arch::Regs;
+use rcu_registry::probes::kprobe::{HitOutcome, ReturnOutcome};
+use rcu_registry::probes::text::TextMemory;
+use rcu_registry::probes::uprobe::{Consumer, UprobeOutcome};
 
-const BASE: u64 = 0x1000;
-const FILE: FileId = FileId { dev: 1, inode: 2 };
-/// The probed function's entry (a `nop`, emulated).
-const KEY: UprobeKey = UprobeKey {
-    file: FILE,
-    offset: 0,
-};
 const TRAMPOLINE: u64 = 0x20_0000;
 const CALLER: u64 = 0x30_0000;
-/// The stack pointer at the function's entry: the return address is there.
-const SP: u64 = 0x8000;
-const LIVE: u64 = 7;
-const POISON: u64 = 0xdead;
 
-struct Space {
-    text: Image,
-    xol: XolArena,
-}
-
-impl AddressSpace for Space {
-    type Text = Image;
-    fn id(&self) -> SpaceId {
-        SpaceId(1)
-    }
-    fn text(&self) -> &Image {
-        &self.text
-    }
-    fn xol(&self) -> &dyn XolAllocator {
-        &self.xol
-    }
-    fn mappings(&self) -> Vec<FileMapping> {
-        vec![mapping()]
-    }
-    fn return_trampoline(&self) -> Option<u64> {
-        Some(TRAMPOLINE)
-    }
-}
-
-fn mapping() -> FileMapping {
-    FileMapping {
-        vaddr: BASE..BASE + 2,
-        file: FILE,
-        file_offset: 0,
-    }
-}
-
-type Reg = UprobeRegistry<X86_64, Space, ModelDomain>;
-
-/// A registry with one space mapping the file `nop; ret`.
-fn setup() -> (Arc<Reg>, std::sync::Arc<Space>) {
-    let reg = Arc::new(Reg::with_domain(X86_64, ModelDomain::new()));
-    let space = std::sync::Arc::new(Space {
-        text: Image::new(BASE, vec![0x90, 0xc3]),
-        xol: XolArena::new(0x10_0000, 1, X86_64::XOL_SLOT_SIZE),
-    });
-    reg.on_mmap(&space, mapping()).unwrap();
-    (reg, space)
-}
-
-/// Data whose accesses loom race-checks.
-struct Val(UnsafeCell<u64>);
-
-// SAFETY: accesses are ordered by the registry's protocol; loom checks that.
-unsafe impl Sync for Val {}
-// SAFETY: as above.
-unsafe impl Send for Val {}
-
-impl Val {
-    fn touch(&self) {
-        // SAFETY: exclusive access; a race with `poison` is a loom failure.
-        self.0.with_mut(|p| unsafe {
-            assert_eq!(*p, LIVE, "return handler ran after unregister returned");
-        });
-    }
-    fn poison(&self) {
-        // SAFETY: as above.
-        self.0.with_mut(|p| unsafe { *p = POISON });
-    }
-}
-
-/// The thread's stack: one word, the return address at `SP`.
-struct Slot(u64);
-
-impl DataMemory for Slot {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
-        if addr != SP || buf.len() != 8 {
-            return Err(ProbeError::MemoryFault {
-                addr,
-                len: buf.len(),
-            });
-        }
-        buf.copy_from_slice(&self.0.to_le_bytes());
-        Ok(())
-    }
-    fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), ProbeError> {
-        if addr != SP || bytes.len() != 8 {
-            return Err(ProbeError::MemoryFault {
-                addr,
-                len: bytes.len(),
-            });
-        }
-        self.0 = u64::from_le_bytes(bytes.try_into().unwrap());
-        Ok(())
-    }
+/// A registry with one space mapping the file `nop; ret`, with a return
+/// trampoline.
+fn setup_ret() -> (Arc<Reg>, std::sync::Arc<Space>) {
+    setup(nop_ret(S1).with_return_trampoline(TRAMPOLINE))
 }
 
 /// The thread calls the probed function from `CALLER` and it returns.
 /// Returns whether the call was tracked (went through the trampoline);
 /// either way it ends at `CALLER`.
 fn call_and_return(reg: &Reg, space: &Space) -> bool {
-    let mut stack = Slot(CALLER);
+    let mut stack = Stack(CALLER);
     let mut b = [0u8; 1];
     space.text.read(BASE, &mut b).unwrap();
     if b[0] == 0xcc {
@@ -166,7 +67,7 @@ fn call_and_return(reg: &Reg, space: &Space) -> bool {
             sp: SP,
             ..Regs::default()
         };
-        match reg.on_breakpoint(SpaceId(1), &mut regs, &mut stack) {
+        match reg.on_breakpoint(space.id, &mut regs, &mut stack) {
             UprobeOutcome::Done(HitOutcome::Emulated | HitOutcome::Vanished) => {}
             UprobeOutcome::Done(other) => panic!("trapped on our breakpoint, got {other:?}"),
             UprobeOutcome::SingleStep(_) => panic!("a nop is emulated"),
@@ -185,29 +86,11 @@ fn call_and_return(reg: &Reg, space: &Space) -> bool {
         ..Regs::default()
     };
     assert_eq!(
-        reg.on_return(SpaceId(1), &mut regs),
+        reg.on_return(space.id, &mut regs),
         ReturnOutcome::Returned { to: CALLER }
     );
-    assert_eq!(reg.return_depth(SpaceId(1)), 0, "the instance is freed");
+    assert_eq!(reg.return_depth(space.id), 0, "the instance is freed");
     true
-}
-
-/// Runs `f` under loom and fails if loom explored a single execution.
-fn model(f: impl Fn() + Sync + Send + 'static) {
-    // A std atomic: it counts outside the model.
-    let runs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let counter = runs.clone();
-    let mut b = loom::model::Builder::new();
-    if b.preemption_bound.is_none() {
-        b.preemption_bound = Some(3);
-    }
-    b.check(move || {
-        counter.fetch_add(1, StdOrd::Relaxed);
-        f()
-    });
-    let runs = runs.load(StdOrd::Relaxed);
-    println!("explored {runs} executions");
-    assert!(runs > 1, "loom explored one execution only");
 }
 
 /// A consumer whose return handler touches `data`.
@@ -224,8 +107,8 @@ fn touching(data: &Arc<Val>) -> Consumer {
 #[test]
 fn a_return_racing_the_removal_of_a_consumer_never_runs_it_late() {
     model(|| {
-        let (reg, space) = setup();
-        let data = Arc::new(Val(UnsafeCell::new(LIVE)));
+        let (reg, space) = setup_ret();
+        let data = Arc::new(Val::default());
         let gone = touching(&data);
         let kept_runs = std::sync::Arc::new(StdU64::new(0));
         let kept = {
@@ -255,8 +138,8 @@ fn a_return_racing_the_removal_of_a_consumer_never_runs_it_late() {
 #[test]
 fn a_call_in_flight_when_its_uprobe_goes_still_returns_to_its_caller() {
     model(|| {
-        let (reg, space) = setup();
-        let data = Arc::new(Val(UnsafeCell::new(LIVE)));
+        let (reg, space) = setup_ret();
+        let data = Arc::new(Val::default());
         let ran = std::sync::Arc::new(StdBool::new(false));
         let c = {
             let (data, ran) = (data.clone(), ran.clone());
@@ -285,7 +168,7 @@ fn a_call_in_flight_when_its_uprobe_goes_still_returns_to_its_caller() {
 #[test]
 fn a_consumer_registered_during_a_call_sees_both_its_entry_and_return_or_neither() {
     model(|| {
-        let (reg, space) = setup();
+        let (reg, space) = setup_ret();
         let first = Consumer::builder().ret_handler(|_, _| {}).build();
         reg.register_in_function(KEY, 0, &first).unwrap();
         let late = Consumer::builder()
