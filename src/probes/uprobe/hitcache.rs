@@ -165,12 +165,12 @@ impl<F: Flavor> HitCache<F> {
             if p.is_null() {
                 return None;
             }
-            // SAFETY: a non-null slot points to a uprobe inside a tree node
-            // that was linked when it was published and is freed only a
-            // grace period after its retraction; the caller's read section
-            // (`_guard`, of the registry's domain) began before that grace
-            // period ended or it would have seen the slot cleared (module
-            // docs), so the node lives at least as long as `'g`.
+            // A non-null slot points to a uprobe inside a tree node that was
+            // linked when it was published and is freed only a grace period
+            // after its retraction; the caller's read section (`_guard`, of
+            // the registry's domain) began before that grace period ended
+            // or it would have seen the slot cleared (module docs).
+            // SAFETY: so the node lives at least as long as `'g`.
             let up = unsafe { &*p };
             (up.key == *key).then_some(up)
         })
