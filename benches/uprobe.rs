@@ -29,7 +29,7 @@ mod samples;
 use samples::{median_ns, on_threads, record};
 
 use criterion::{BenchmarkId, Criterion};
-use rcu_registry::probes::arch::{Arch, DataMemory, Insn, Regs, X86_64};
+use rcu_registry::probes::arch::{Arch, DataMemory, Insn, NoDataMemory, Regs, X86_64};
 use rcu_registry::probes::kprobe::{HitOutcome, ReturnOutcome, ThreadKey, XolAllocator, XolArena};
 use rcu_registry::probes::text::Image;
 use rcu_registry::probes::uprobe::{
@@ -90,38 +90,20 @@ fn offset(i: usize) -> u64 {
     i as u64 * SPACING
 }
 
-/// The stack is never touched by a `nop`.
-struct NoMemory;
-
-impl DataMemory for NoMemory {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
-        Err(ProbeError::MemoryFault {
-            addr,
-            len: buf.len(),
-        })
-    }
-    fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), ProbeError> {
-        Err(ProbeError::MemoryFault {
-            addr,
-            len: bytes.len(),
-        })
-    }
-}
-
 /// One thread's stack: the return address word at [`ENTRY_SP`].
 struct Slot(u64);
 
 impl DataMemory for Slot {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
         if addr != ENTRY_SP || buf.len() != 8 {
-            return NoMemory.read(addr, buf);
+            return NoDataMemory.read(addr, buf);
         }
         buf.copy_from_slice(&self.0.to_le_bytes());
         Ok(())
     }
     fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), ProbeError> {
         if addr != ENTRY_SP || bytes.len() != 8 {
-            return NoMemory.write(addr, bytes);
+            return NoDataMemory.write(addr, bytes);
         }
         self.0 = u64::from_le_bytes(bytes.try_into().unwrap());
         Ok(())
@@ -271,23 +253,23 @@ fn bench_hit(c: &mut Criterion) {
     for threads in [1usize, 2] {
         let contenders: [(&str, &str, &HitFn); 4] = [
             ("srcu_seqtree", "tree", &|regs| {
-                let out = reg.on_breakpoint(SPACE, regs, &mut NoMemory);
+                let out = reg.on_breakpoint(SPACE, regs, &mut NoDataMemory);
                 assert!(matches!(out, UprobeOutcome::Done(HitOutcome::Emulated)));
             }),
             // The same registry in an `Rcu` domain (handlers may not sleep):
             // shows what the sleepable read section costs.
             ("rcu_seqtree", "tree_rcu", &|regs| {
-                let out = reg_rcu.on_breakpoint(SPACE, regs, &mut NoMemory);
+                let out = reg_rcu.on_breakpoint(SPACE, regs, &mut NoDataMemory);
                 assert!(matches!(out, UprobeOutcome::Done(HitOutcome::Emulated)));
             }),
             // The same registry without its hit cache: every hit walks the
             // 1,000-entry uprobe tree (what the cache saves).
             ("srcu_seqtree_no_cache", "tree_walk", &|regs| {
-                let out = reg_tree.on_breakpoint(SPACE, regs, &mut NoMemory);
+                let out = reg_tree.on_breakpoint(SPACE, regs, &mut NoDataMemory);
                 assert!(matches!(out, UprobeOutcome::Done(HitOutcome::Emulated)));
             }),
             ("rwlock_hashmap", "rwlock", &|regs| {
-                assert!(peer_hit(&peer, SPACE, regs, &mut NoMemory));
+                assert!(peer_hit(&peer, SPACE, regs, &mut NoDataMemory));
             }),
         ];
         for (name, short, hit) in contenders {

@@ -5,7 +5,7 @@ use rcu_registry::probes::arch::arm64::{
     BREAKPOINT, BREAKPOINT_IMM, EXCLUSIVE_SCAN_WINDOW, STEP_MARKER, STEP_MARKER_IMM,
 };
 use rcu_registry::probes::arch::{
-    Arch, Arm64, Arm64Reg, DataMemory, Emulation, InsnClass, Regs, XolRun,
+    Arch, Arm64, Arm64Reg, Emulation, InsnClass, NoDataMemory, Regs, XolRun,
 };
 use rcu_registry::probes::error::{TextFailure, Unsupported};
 use rcu_registry::probes::ProbeError;
@@ -411,24 +411,6 @@ fn sample_regs() -> Regs {
     regs
 }
 
-/// Data memory where every access faults.
-struct NoMemory;
-
-impl DataMemory for NoMemory {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
-        Err(ProbeError::MemoryFault {
-            addr,
-            len: buf.len(),
-        })
-    }
-    fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), ProbeError> {
-        Err(ProbeError::MemoryFault {
-            addr,
-            len: bytes.len(),
-        })
-    }
-}
-
 #[test]
 fn faulting_literal_load_changes_no_register() {
     // ldr x2, .-0x40
@@ -436,7 +418,7 @@ fn faulting_literal_load_changes_no_register() {
     let mut regs = sample_regs();
     let before = regs;
     assert_eq!(
-        Arm64.emulate(&insn, &mut regs, &mut NoMemory),
+        Arm64.emulate(&insn, &mut regs, &mut NoDataMemory),
         Err(ProbeError::MemoryFault {
             addr: AT - 0x40,
             len: 8
@@ -459,7 +441,7 @@ fn plans_and_emulations_are_refused_for_the_wrong_kind_of_instruction() {
     let mut regs = sample_regs();
     let before = regs;
     assert!(matches!(
-        Arm64.emulate(&add, &mut regs, &mut NoMemory),
+        Arm64.emulate(&add, &mut regs, &mut NoDataMemory),
         Err(ProbeError::PlanMismatch { .. })
     ));
     assert_eq!(regs, before);
@@ -485,7 +467,7 @@ fn xol_slot_is_the_instruction_then_the_step_marker() {
     assert_eq!(regs.flags & (0b11 << 10), 0, "BTYPE cleared for the slot");
     regs.ip = slot + 4; // the step marker trapped
     Arm64
-        .finish_step(&plan, &state, &mut regs, &mut NoMemory)
+        .finish_step(&plan, &state, &mut regs, &mut NoDataMemory)
         .unwrap();
     assert_eq!(regs.ip, AT + 4);
 }
@@ -507,7 +489,7 @@ fn boosted_runs_and_stray_step_traps_are_refused_without_changing_registers() {
     regs.ip = 0x7000_0100; // a trap that is not the step marker
     let stray = regs;
     assert!(matches!(
-        Arm64.finish_step(&plan, &state, &mut regs, &mut NoMemory),
+        Arm64.finish_step(&plan, &state, &mut regs, &mut NoDataMemory),
         Err(ProbeError::PlanMismatch { .. })
     ));
     assert_eq!(regs, stray);
@@ -518,7 +500,7 @@ fn return_hijack_swaps_only_the_link_register() {
     let mut regs = sample_regs();
     let before = regs;
     let original = Arm64
-        .hijack_return(&mut regs, &mut NoMemory, 0xdead_beef)
+        .hijack_return(&mut regs, &mut NoDataMemory, 0xdead_beef)
         .unwrap();
     assert_eq!(original, before[Arm64Reg::X30]);
     assert_eq!(regs[Arm64Reg::LR], 0xdead_beef);

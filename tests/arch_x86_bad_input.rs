@@ -3,7 +3,7 @@
 //! one byte of text.
 
 use rcu_registry::probes::arch::{
-    Arch, DataMemory, InsnClass, Regs, StepState, X86Reg, XolRun, X86_64,
+    Arch, InsnClass, NoDataMemory, Regs, StepState, X86Reg, XolRun, X86_64,
 };
 use rcu_registry::probes::error::{CodeBytes, TextFailure, Unsupported};
 use rcu_registry::probes::text::{Image, TextMemory};
@@ -177,24 +177,6 @@ fn out_of_range_and_mismatched_writes_change_no_byte() {
     }
 }
 
-/// A stack that refuses every access.
-struct NoMemory;
-
-impl DataMemory for NoMemory {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
-        Err(ProbeError::MemoryFault {
-            addr,
-            len: buf.len(),
-        })
-    }
-    fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), ProbeError> {
-        Err(ProbeError::MemoryFault {
-            addr,
-            len: bytes.len(),
-        })
-    }
-}
-
 fn some_regs() -> Regs {
     let mut r = Regs::default();
     for (i, reg) in X86Reg::ALL.into_iter().enumerate() {
@@ -213,7 +195,7 @@ fn an_emulation_that_cannot_write_the_stack_changes_no_register() {
         let mut regs = some_regs();
         let before = regs;
         assert!(matches!(
-            X86_64.emulate(&insn, &mut regs, &mut NoMemory),
+            X86_64.emulate(&insn, &mut regs, &mut NoDataMemory),
             Err(ProbeError::MemoryFault {
                 addr: 0x6ff8,
                 len: 8
@@ -236,7 +218,7 @@ fn a_return_address_fixup_that_cannot_read_the_stack_changes_no_register() {
     regs.ip = regs[X86Reg::Rax];
     let before = regs;
     assert!(X86_64
-        .finish_step(&plan, &state, &mut regs, &mut NoMemory)
+        .finish_step(&plan, &state, &mut regs, &mut NoDataMemory)
         .is_err());
     assert_eq!(regs, before);
 }
@@ -246,7 +228,7 @@ fn a_hijack_that_cannot_reach_the_stack_changes_nothing() {
     let mut regs = some_regs();
     let before = regs;
     assert!(X86_64
-        .hijack_return(&mut regs, &mut NoMemory, 0x5000)
+        .hijack_return(&mut regs, &mut NoDataMemory, 0x5000)
         .is_err());
     assert_eq!(regs, before);
 }
@@ -278,13 +260,13 @@ fn plans_are_only_run_the_way_they_allow() {
         ..StepState::default()
     };
     assert!(matches!(
-        X86_64.finish_step(&plan, &state, &mut regs, &mut NoMemory),
+        X86_64.finish_step(&plan, &state, &mut regs, &mut NoDataMemory),
         Err(ProbeError::PlanMismatch { .. })
     ));
     assert_eq!(regs, before);
     // Not an emulated instruction: emulate() refuses.
     assert!(matches!(
-        X86_64.emulate(&load, &mut regs, &mut NoMemory),
+        X86_64.emulate(&load, &mut regs, &mut NoDataMemory),
         Err(ProbeError::PlanMismatch { .. })
     ));
     assert_eq!(regs, before);
@@ -311,7 +293,7 @@ fn a_step_trap_away_from_the_plans_marker_is_refused_and_changes_nothing() {
         let before = regs;
         assert!(
             matches!(
-                X86_64.finish_step(&plan, &state, &mut regs, &mut NoMemory),
+                X86_64.finish_step(&plan, &state, &mut regs, &mut NoDataMemory),
                 Err(ProbeError::PlanMismatch { .. })
             ),
             "ip {ip:#x}"
@@ -321,7 +303,7 @@ fn a_step_trap_away_from_the_plans_marker_is_refused_and_changes_nothing() {
     // The marker's own trap completes the step.
     regs.ip = marker + 1;
     X86_64
-        .finish_step(&plan, &state, &mut regs, &mut NoMemory)
+        .finish_step(&plan, &state, &mut regs, &mut NoDataMemory)
         .unwrap();
     assert_eq!(regs.ip, F + 11);
 }

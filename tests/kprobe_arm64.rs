@@ -6,7 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use rcu_registry::probes::arch::arm64::BREAKPOINT;
-use rcu_registry::probes::arch::{Arch, Arm64, DataMemory, Regs};
+use rcu_registry::probes::arch::{Arch, Arm64, NoDataMemory, Regs};
 use rcu_registry::probes::kprobe::{
     Action, HitOutcome, Kprobe, KprobeRegistry, Kretprobe, ReturnOutcome, StepResult, SymbolTable,
     XolArena,
@@ -44,24 +44,6 @@ fn registry() -> KprobeRegistry<Arm64, Image> {
         .build()
 }
 
-/// arm64 probes touch no data memory in these tests.
-struct NoMemory;
-
-impl DataMemory for NoMemory {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
-        Err(ProbeError::MemoryFault {
-            addr,
-            len: buf.len(),
-        })
-    }
-    fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), ProbeError> {
-        Err(ProbeError::MemoryFault {
-            addr,
-            len: bytes.len(),
-        })
-    }
-}
-
 /// Traps at `addr` (arm64 reports the `brk` address itself) and completes
 /// the hit, with `effect` standing in for the instruction in the slot.
 fn hit(
@@ -71,7 +53,7 @@ fn hit(
     effect: impl FnOnce(&mut Regs),
 ) -> &'static str {
     regs.ip = addr;
-    match reg.on_breakpoint(regs, &mut NoMemory) {
+    match reg.on_breakpoint(regs, &mut NoDataMemory) {
         HitOutcome::Emulated => "emulated",
         HitOutcome::SingleStep(token) => {
             effect(regs);
@@ -79,7 +61,7 @@ fn hit(
                 .plan()
                 .step_marker
                 .expect("arm64 steps end on the marker");
-            match reg.on_step_complete(token, regs, &mut NoMemory) {
+            match reg.on_step_complete(token, regs, &mut NoDataMemory) {
                 StepResult::Done => "single-step",
                 other => panic!("step: {other:?}"),
             }

@@ -18,7 +18,7 @@
 //!   once the handlers must be done; an unordered pair of accesses is a
 //!   loom data race, a touch after the poison an assertion failure.
 //! - [`Stack`] (one stack word, the return address at [`SP`]) and
-//!   [`NoMemory`]: the data memory a trapped thread is given.
+//!   [`NoDataMemory`]: the data memory a trapped thread is given.
 //! - [`Space`], [`Reg`], [`space`], [`setup`], [`execute`]: an address
 //!   space mapping the file `nop; ret` at [`BASE`] and a uprobe registry on
 //!   the reader-counting `ModelDomain`; a thread "executes" the `nop` and
@@ -32,6 +32,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use loom::cell::UnsafeCell;
+pub use rcu_registry::probes::arch::NoDataMemory;
 use rcu_registry::probes::arch::{DataMemory, Regs, X86_64};
 use rcu_registry::probes::kprobe::{HitOutcome, XolAllocator, XolArena};
 use rcu_registry::probes::text::{Image, TextMemory};
@@ -141,24 +142,6 @@ impl DataMemory for Stack {
     }
 }
 
-/// Data memory that faults on every access (the emulated `nop` needs none).
-pub struct NoMemory;
-
-impl DataMemory for NoMemory {
-    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
-        Err(ProbeError::MemoryFault {
-            addr,
-            len: buf.len(),
-        })
-    }
-    fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), ProbeError> {
-        Err(ProbeError::MemoryFault {
-            addr,
-            len: bytes.len(),
-        })
-    }
-}
-
 /// Where the probed file's text is mapped.
 pub const BASE: u64 = 0x1000;
 /// The probed file.
@@ -265,7 +248,7 @@ pub fn execute(reg: &Reg, space: &Space) -> Option<HitOutcome<'static>> {
         ip: BASE + 1,
         ..Regs::default()
     };
-    match reg.on_breakpoint(space.id, &mut regs, &mut NoMemory) {
+    match reg.on_breakpoint(space.id, &mut regs, &mut NoDataMemory) {
         UprobeOutcome::Done(o) => Some(o),
         UprobeOutcome::SingleStep(_) => panic!("a nop is emulated"),
     }

@@ -582,3 +582,32 @@ pub trait DataMemory {
         self.write(addr, &value.to_le_bytes())
     }
 }
+
+/// Data memory with nothing in it: every access faults with
+/// [`ProbeError::MemoryFault`]. For hit paths whose displaced instructions
+/// touch no data, and for tests that must show an instruction's handling
+/// reads or writes none.
+///
+/// ```
+/// use rcu_registry::probes::arch::{DataMemory, NoDataMemory};
+///
+/// assert!(NoDataMemory.read_u64(0x1000).is_err());
+/// ```
+#[derive(Clone, Copy, Debug, Default)]
+pub struct NoDataMemory;
+
+impl DataMemory for NoDataMemory {
+    fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
+        Err(ProbeError::MemoryFault {
+            addr,
+            len: buf.len(),
+        })
+    }
+
+    fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), ProbeError> {
+        Err(ProbeError::MemoryFault {
+            addr,
+            len: bytes.len(),
+        })
+    }
+}
