@@ -249,10 +249,36 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         mem: &mut dyn DataMemory,
     ) -> HitOutcome<'r> {
         let addr = self.arch.trap_address(regs);
+        self.hit(addr, regs, mem, true)
+    }
+
+    /// [`on_breakpoint`](Self::on_breakpoint) at `addr`, with one lookup on
+    /// the way to a hit. A miss that still finds a breakpoint in the text
+    /// looks again once (`second_look`): the probe the thread trapped on may
+    /// have been removed and another one registered at the address between
+    /// the trap and the lookup. A site is published before its breakpoint
+    /// is written, so the second lookup, made after seeing the breakpoint,
+    /// finds it if it is ours.
+    fn hit<'r>(
+        &'r self,
+        addr: u64,
+        regs: &mut Regs,
+        mem: &mut dyn DataMemory,
+        second_look: bool,
+    ) -> HitOutcome<'r> {
         let guard = self.rcu.read();
         let Some(site) = self.table.lookup(addr, &guard) else {
             drop(guard);
-            return self.miss(addr, regs);
+            if !self.breakpoint_at(addr) {
+                // Removed after the trap: the original instruction is back.
+                regs.ip = addr;
+                return HitOutcome::Vanished;
+            }
+            return if second_look {
+                self.hit(addr, regs, mem, true)
+            } else {
+                HitOutcome::NotOurs
+            };
         };
         let members = site.members(&guard);
         regs.ip = addr;
@@ -328,19 +354,14 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         })
     }
 
-    /// No site: ours if the breakpoint is gone (removed after the trap).
+    /// After a lookup missed: whether a breakpoint is still at `addr` (an
+    /// unreadable address counts as one: the trap is then not ours).
     #[cold]
-    fn miss(&self, addr: u64, regs: &mut Regs) -> HitOutcome<'_> {
+    fn breakpoint_at(&self, addr: u64) -> bool {
         let bp = self.arch.breakpoint();
         let mut buf = [0u8; MAX_INSN_BYTES];
         let found = &mut buf[..bp.len()];
-        match self.text.read(addr, found) {
-            Ok(()) if found != bp => {
-                regs.ip = addr;
-                HitOutcome::Vanished
-            }
-            _ => HitOutcome::NotOurs,
-        }
+        !matches!(self.text.read(addr, found), Ok(()) if found != bp)
     }
 
     /// Handles the step trap after [`HitOutcome::SingleStep`] (the

@@ -202,10 +202,33 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         mem: &mut dyn DataMemory,
     ) -> UprobeOutcome<'r, F> {
         let vaddr = self.arch.trap_address(regs);
+        self.hit(space, vaddr, regs, mem, true)
+    }
+
+    /// [`on_breakpoint`](Self::on_breakpoint) at `vaddr`. A miss that still
+    /// finds a breakpoint in the text looks again once (`second_look`): the
+    /// uprobe the thread trapped on may have been removed and another
+    /// consumer's registration installed a breakpoint at the same place
+    /// between the trap and the lookup; an install is published before its
+    /// breakpoint is written, so the second lookup finds it if it is ours.
+    fn hit<'r>(
+        &'r self,
+        space: SpaceId,
+        vaddr: u64,
+        regs: &mut Regs,
+        mem: &mut dyn DataMemory,
+        second_look: bool,
+    ) -> UprobeOutcome<'r, F> {
         let guard = self.domain.read();
         let (st, key, up, install) = match self.resolve(&guard, space, vaddr) {
             Ok(found) => found,
-            Err(st) => return UprobeOutcome::Done(self.miss(st, vaddr, regs)),
+            Err(st) => {
+                return match self.miss(st, vaddr, regs) {
+                    Some(outcome) => UprobeOutcome::Done(outcome),
+                    None if second_look => self.hit(space, vaddr, regs, mem, false),
+                    None => UprobeOutcome::Done(HitOutcome::NotOurs),
+                };
+            }
         };
         regs.ip = vaddr;
         match HandlerScope::enter() {
@@ -269,16 +292,17 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         })
     }
 
-    /// No uprobe: ours if the breakpoint is gone (removed after the trap).
+    /// No uprobe: ours if the breakpoint is gone (removed after the trap);
+    /// `None` if a breakpoint is still there (look again, see `hit`).
     #[cold]
     fn miss(
         &self,
         st: Option<&SpaceState<S, F>>,
         vaddr: u64,
         regs: &mut Regs,
-    ) -> HitOutcome<'static> {
+    ) -> Option<HitOutcome<'static>> {
         let Some(st) = st else {
-            return HitOutcome::NotOurs;
+            return Some(HitOutcome::NotOurs);
         };
         let bp = self.arch.breakpoint();
         let mut buf = [0u8; MAX_INSN_BYTES];
@@ -286,9 +310,10 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         match st.space.text().read(vaddr, found) {
             Ok(()) if found != bp => {
                 regs.ip = vaddr;
-                HitOutcome::Vanished
+                Some(HitOutcome::Vanished)
             }
-            _ => HitOutcome::NotOurs,
+            Ok(()) => None,
+            Err(_) => Some(HitOutcome::NotOurs),
         }
     }
 
