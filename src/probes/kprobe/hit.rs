@@ -275,7 +275,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 return HitOutcome::Vanished;
             }
             return if second_look {
-                self.hit(addr, regs, mem, true)
+                self.hit(addr, regs, mem, false)
             } else {
                 HitOutcome::NotOurs
             };
