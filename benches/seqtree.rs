@@ -253,6 +253,17 @@ fn lookups(c: &mut Criterion) {
     }
 }
 
+/// A writer toggling odd keys in `tree` (see [`Writer::start`]).
+fn seqtree_writer(n: u64, tree: Arc<SeqTree<u64, u64>>) -> Writer {
+    Writer::start(n, move |k, ins| {
+        if ins {
+            tree.insert(k, k);
+        } else {
+            tree.remove(&k);
+        }
+    })
+}
+
 fn with_writer(c: &mut Criterion) {
     for n in SIZES {
         let (probes, order) = workload(n);
@@ -261,14 +272,7 @@ fn with_writer(c: &mut Criterion) {
         let mut g = c.benchmark_group(format!("with_writer_{n}"));
         {
             let before = domain_counts();
-            let t = m.seqtree.clone();
-            let w = Writer::start(n, move |k, ins| {
-                if ins {
-                    t.insert(k, k);
-                } else {
-                    t.remove(&k);
-                }
-            });
+            let w = seqtree_writer(n, m.seqtree.clone());
             lookup_bench!(g, "seqtree", &probes, |k| {
                 let guard = rcu.read();
                 m.seqtree.get(&guard, &k).copied()
@@ -292,14 +296,7 @@ fn with_writer(c: &mut Criterion) {
             for &k in &order {
                 let _ = other.insert(k, k);
             }
-            let t = other.clone();
-            let w = Writer::start(n, move |k, ins| {
-                if ins {
-                    t.insert(k, k);
-                } else {
-                    t.remove(&k);
-                }
-            });
+            let w = seqtree_writer(n, other);
             lookup_bench!(g, "seqtree_writer_elsewhere", &probes, |k| {
                 let guard = rcu.read();
                 m.seqtree.get(&guard, &k).copied()
