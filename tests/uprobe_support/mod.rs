@@ -71,7 +71,7 @@ impl MemSpace {
         Arc::new(MemSpace {
             id: SpaceId(id),
             text: Image::new(base, text),
-            xol: XolArena::new(xol_base(id), 16, X86_64::XOL_SLOT_SIZE),
+            xol: XolArena::new(xol_base(id), XOL_SLOTS, X86_64::XOL_SLOT_SIZE),
             maps: Mutex::new(Vec::new()),
             trampoline,
         })
@@ -126,12 +126,21 @@ impl AddressSpace for MemSpace {
     }
 }
 
+/// XOL slots per space. A slot stays bound to the address it was first
+/// used for (the reuse rule), and a removed install's slot comes back only
+/// after a grace period (plus the callback worker's batching delay), so an
+/// address that is installed and removed faster than that holds several
+/// slots at once, all bound to it. The stress test re-maps a space every
+/// ~100 µs: 16 slots were occasionally all bound to one of its two
+/// out-of-line addresses, and the other then found none (`XolExhausted`).
+pub const XOL_SLOTS: usize = 64;
+
 fn xol_base(id: u64) -> u64 {
     0x7fff_0000_0000 + id * 0x10000
 }
 
-/// The trampoline address [`MemSpace::new`] gives space `id`: past its 16
-/// XOL slots.
+/// The trampoline address [`MemSpace::new`] gives space `id`: past its
+/// [`XOL_SLOTS`] XOL slots.
 pub fn trampoline_of(id: u64) -> u64 {
     xol_base(id) + 0x8000
 }
