@@ -204,12 +204,13 @@ fn bench_hit_lookup(c: &mut Criterion) {
 const UNREG_PROBES: usize = 10_000;
 const UNREG_HITTERS: usize = 2;
 
-/// Registers 10,000 probes, starts the hitters, times `remove`, stops them.
+/// Registers 10,000 probes, starts `hitters` threads hitting them, times
+/// `remove`, stops them.
 ///
 /// A hitter only traps on a probe that is still registered, as a thread
 /// running the code only traps where a breakpoint still is (the few that
 /// race a removal take the "vanished" path).
-fn time_unregister(remove: impl Fn(&Reg, &[Kprobe])) -> Duration {
+fn time_unregister(hitters: usize, remove: impl Fn(&Reg, &[Kprobe])) -> Duration {
     let reg = registry(UNREG_PROBES, 16_384, 64);
     let probes: Vec<Kprobe> = (0..UNREG_PROBES)
         .map(|i| Kprobe::at(func(i)).build())
@@ -219,7 +220,7 @@ fn time_unregister(remove: impl Fn(&Reg, &[Kprobe])) -> Duration {
     }
     let stop = AtomicBool::new(false);
     std::thread::scope(|s| {
-        for t in 0..UNREG_HITTERS {
+        for t in 0..hitters {
             let (reg, stop, probes) = (&reg, &stop, &probes);
             s.spawn(move || {
                 let mut mem = Word(0);
@@ -249,28 +250,41 @@ fn time_unregister(remove: impl Fn(&Reg, &[Kprobe])) -> Duration {
     })
 }
 
+/// Times the batch (`unregister_nosync` each, then one `commit`) with
+/// `hitters`, recording the whole under `id` and its two halves under
+/// `id/top` and `id/commit`.
+fn time_batch(hitters: usize, id: &str, iters: u64) -> Duration {
+    let (mut total, mut top, mut commit) = (Duration::ZERO, Duration::ZERO, Duration::ZERO);
+    for _ in 0..iters {
+        let split = std::cell::Cell::new(Duration::ZERO);
+        let t = time_unregister(hitters, |reg, probes| {
+            let start = Instant::now();
+            for p in probes {
+                reg.unregister_nosync(p).unwrap();
+            }
+            split.set(start.elapsed());
+            reg.commit();
+        });
+        total += t;
+        top += split.get();
+        commit += t.saturating_sub(split.get());
+    }
+    record(&format!("{id}/top"), top, iters);
+    record(&format!("{id}/commit"), commit, iters);
+    record(id, total, iters)
+}
+
 fn bench_unregister(c: &mut Criterion) {
     let mut g = c.benchmark_group("kprobe_unregister_10k");
     g.sample_size(10);
     g.bench_function("nosync_then_commit", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                total += time_unregister(|reg, probes| {
-                    for p in probes {
-                        reg.unregister_nosync(p).unwrap();
-                    }
-                    reg.commit();
-                });
-            }
-            record("unregister/batch", total, iters)
-        })
+        b.iter_custom(|iters| time_batch(UNREG_HITTERS, "unregister/batch", iters))
     });
     g.bench_function("one_by_one", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
             for _ in 0..iters {
-                total += time_unregister(|reg, probes| {
+                total += time_unregister(UNREG_HITTERS, |reg, probes| {
                     for p in probes {
                         reg.unregister(p).unwrap();
                     }
@@ -279,7 +293,43 @@ fn bench_unregister(c: &mut Criterion) {
             record("unregister/one_by_one", total, iters)
         })
     });
+    // The batch's own cost, with nothing competing for the CPUs: what a
+    // grace period must exceed, per probe, for batching to pay a ratio.
+    g.bench_function("nosync_then_commit_no_hitters", |b| {
+        b.iter_custom(|iters| time_batch(0, "unregister/batch_alone", iters))
+    });
     g.finish();
+}
+
+/// What the unregister ratio is made of, from the same run's medians.
+fn unregister_breakdown() {
+    let get = |id: &str| median_ns(id).map(|ns| ns / 1e6);
+    let n = UNREG_PROBES as f64;
+    if let (Some(top), Some(commit), Some(one)) = (
+        get("unregister/batch/top"),
+        get("unregister/batch/commit"),
+        get("unregister/one_by_one"),
+    ) {
+        println!(
+            "  unregister breakdown: batch = top halves {top:.2} ms + commit {commit:.2} ms; \
+             one-by-one = {:.1} us per probe (its grace period included)",
+            one * 1e3 / n
+        );
+        // The commit is one grace period under the same hitters plus the
+        // frees: a batch cannot cost less, however cheap its top halves.
+        println!(
+            "  ceiling with free top halves: one-by-one / commit = {:.1}x",
+            one / commit
+        );
+    }
+    if let Some(alone) = get("unregister/batch_alone") {
+        println!(
+            "  batch without hitters: {alone:.2} ms ({:.0} ns per probe): a 100x ratio needs \
+             grace periods of at least {:.1} us",
+            alone * 1e6 / n,
+            alone * 1e6 / n * 100.0 / 1e3
+        );
+    }
 }
 
 // --------------------------------------------------------------- kretprobe
@@ -402,6 +452,7 @@ fn main() {
         "unregister/one_by_one",
         "unregister/batch",
     );
+    unregister_breakdown();
     for t in [1, 2] {
         ratio(
             &format!("kretprobe entry+return, global lock / hashed, {t} thread(s)"),
