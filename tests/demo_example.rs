@@ -1,5 +1,6 @@
-//! End to end: the README's main job (`cargo run --release --example demo`)
-//! runs both phases, its own checks pass and it exits 0.
+//! End to end: the README's main job (`./scripts/demo`, which runs the
+//! `rcu-registry-demo` package's `demo` binary in release mode) runs both
+//! phases, its own checks pass and it exits 0.
 //!
 //! The demo binary is built by cargo in the profile this test was built in
 //! (`cargo test --release` builds and runs the release demo, the README's
@@ -29,7 +30,14 @@ fn build_demo() -> PathBuf {
     let dir = profile_dir();
     let mut cargo = Command::new(env!("CARGO"));
     cargo
-        .args(["build", "--example", "demo", "--manifest-path"])
+        .args([
+            "build",
+            "-p",
+            "rcu-registry-demo",
+            "--bin",
+            "demo",
+            "--manifest-path",
+        ])
         .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml"))
         // The target directory this test binary was built in.
         .arg("--target-dir")
@@ -42,8 +50,8 @@ fn build_demo() -> PathBuf {
         None => panic!("no profile directory name in {}", dir.display()),
     }
     let status = cargo.status().expect("running cargo build");
-    assert!(status.success(), "cargo build --example demo failed");
-    let demo = dir.join("examples").join("demo");
+    assert!(status.success(), "cargo build -p rcu-registry-demo failed");
+    let demo = dir.join("demo");
     assert!(demo.exists(), "no demo binary at {}", demo.display());
     demo
 }

@@ -20,21 +20,16 @@
 //! The run ends with `check: OK` (exit 0) or `check: FAILED` (exit 1).
 //!
 //! ```text
-//! cargo run --release --example demo [-- --secs S --threads N --targets parse,sort
-//!                                       --readers N --updaters N --no-probes --no-rcu]
+//! ./scripts/demo [--secs S --threads N --targets parse,sort
+//!                 --readers N --updaters N --no-probes --no-rcu]
 //! ```
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-#[path = "demo/histogram.rs"]
 mod histogram;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
-#[path = "demo/probes.rs"]
 mod probes;
-#[path = "demo/rcu_phase.rs"]
 mod rcu_phase;
-#[path = "demo/view.rs"]
 mod view;
-#[path = "demo/work.rs"]
 mod work;
 
 use std::time::Duration;
