@@ -97,6 +97,7 @@ mod returns;
 mod short;
 mod space;
 mod unregister;
+mod xolshare;
 
 pub use consumer::{
     Consumer, ConsumerAction, ConsumerBuilder, Filter, Handler, RetHandler, UprobeHit, UprobeReturn,

@@ -21,6 +21,7 @@ use super::hitcache::{HitCache, DEFAULT_HIT_CACHE_SLOTS};
 use super::returns::Returns;
 use super::short::Short;
 use super::space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};
+use super::xolshare::XolShares;
 use crate::hashlock::HashedLocks;
 use crate::probes::arch::{Arch, Insn, XolPlan};
 use crate::probes::error::{CodeBytes, ProbeSite};
@@ -134,6 +135,10 @@ pub(crate) struct SpaceState<S: AddressSpace, F: Flavor> {
     pub(super) maps_lock: Mutex<()>,
     /// Installed breakpoints by virtual address.
     pub(crate) installs: SeqTree<u64, Install, F>,
+    /// Owners of the XOL slots its installs use (writer side only), so a
+    /// re-install takes back a slot still waiting for its grace period
+    /// (`xolshare.rs`).
+    pub(super) xol_shares: XolShares,
 }
 
 /// The uprobe registry: uprobes keyed by file and offset, their consumers,
