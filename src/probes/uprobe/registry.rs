@@ -12,8 +12,10 @@
 //! # Lock order
 //!
 //! file stripe → a space's `maps_lock` → (the trees' writer locks, the text
-//! memory's and the XOL allocator's own locks). Only one file stripe is held
-//! at a time. The hit path takes none of these.
+//! memory's and the XOL allocator's own locks). A space's XOL share table
+//! (`xolshare.rs`) is taken inside the stripe (install) or alone (a release
+//! callback), and only the XOL allocator's lock inside it. Only one file
+//! stripe is held at a time. The hit path takes none of these.
 
 use super::consumer::{Consumer, Member};
 use super::filetext::FileText;

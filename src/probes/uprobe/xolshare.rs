@@ -51,6 +51,12 @@
 //!   whose free is committed (it gets a slot from the allocator instead,
 //!   maybe the same one, which the reuse rule allows, under a new entry).
 //!
+//! Freeing inside the critical section also keeps "an entry exists" and
+//! "the allocator has the slot out" the same fact: a re-install right after
+//! the last release finds the slot parked for its address, never still out
+//! and forgotten by the table (which a one-slot area would report as
+//! exhausted until the free ran).
+//!
 //! The allocator's own lock is taken inside the table's (release → `free`)
 //! and never the other way round; the install path allocates, fills and
 //! waits for queued frees (`barrier`) holding no table lock, so a callback
