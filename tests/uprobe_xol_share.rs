@@ -128,19 +128,32 @@ fn slot_hit(reg: &Held, space: &MemSpace, vaddr: u64, code: &[u8]) -> u64 {
 const MOV: [u8; 3] = [0x48, 0x89, 0xe5];
 const RIPREL: [u8; 6] = [0x8b, 0x05, 0x10, 0x00, 0x00, 0x00];
 
-#[test]
-fn churning_one_address_faster_than_grace_periods_holds_one_slot_and_leaves_others_theirs() {
+/// A held registry, a space with 2 XOL slots mapping the file at `A`, and a
+/// consumer on the out-of-line `mov`: its slot, as the hit finds it.
+fn mov_installed() -> (Held, Arc<MemSpace>, Consumer, u64) {
     let reg = held_registry();
     let a = MemSpace::with_file_and_slots(1, A, 2);
     mmap(&reg, &a, a.whole(FILE)).unwrap();
     let c = noop();
     reg.register(key(OFF_MOV), &c).unwrap();
     let slot = slot_hit(&reg, &a, A + OFF_MOV, &MOV);
+    (reg, a, c, slot)
+}
+
+/// The space unmaps and re-maps the file (the breakpoint stays in the
+/// text): the install is removed and re-installed.
+fn remap(reg: &Held, a: &Arc<MemSpace>) {
+    assert_eq!(reg.on_munmap(a.id, A..A + FILE_LEN as u64), 1);
+    mmap(reg, a, a.whole(FILE)).unwrap();
+}
+
+#[test]
+fn churning_one_address_faster_than_grace_periods_holds_one_slot_and_leaves_others_theirs() {
+    let (reg, a, c, slot) = mov_installed();
     for i in 0..CHURN {
         // A space re-mapped (the breakpoint stays in the text) and a
         // consumer removed and added: two removals, two re-installs.
-        assert_eq!(reg.on_munmap(a.id, A..A + FILE_LEN as u64), 1);
-        mmap(&reg, &a, a.whole(FILE)).unwrap();
+        remap(&reg, &a);
         reg.unregister(key(OFF_MOV), &c).unwrap();
         reg.register(key(OFF_MOV), &c).unwrap();
         assert_eq!(
@@ -165,15 +178,9 @@ fn churning_one_address_faster_than_grace_periods_holds_one_slot_and_leaves_othe
 
 #[test]
 fn a_shared_slot_is_freed_exactly_once_after_its_last_owner_goes() {
-    let reg = held_registry();
-    let a = MemSpace::with_file_and_slots(1, A, 2);
-    mmap(&reg, &a, a.whole(FILE)).unwrap();
-    let c = noop();
-    reg.register(key(OFF_MOV), &c).unwrap();
-    let slot = slot_hit(&reg, &a, A + OFF_MOV, &MOV);
+    let (reg, a, c, slot) = mov_installed();
     for _ in 0..CHURN {
-        reg.on_munmap(a.id, A..A + FILE_LEN as u64);
-        mmap(&reg, &a, a.whole(FILE)).unwrap();
+        remap(&reg, &a);
     }
     // Every queued release runs: the live install still owns the slot.
     reg.domain().release();
@@ -198,11 +205,7 @@ fn a_shared_slot_is_freed_exactly_once_after_its_last_owner_goes() {
 
 #[test]
 fn a_re_install_whose_planned_bytes_differ_takes_a_fresh_slot() {
-    let reg = held_registry();
-    let a = MemSpace::with_file_and_slots(1, A, 2);
-    mmap(&reg, &a, a.whole(FILE)).unwrap();
-    reg.register(key(OFF_MOV), &noop()).unwrap();
-    let old = slot_hit(&reg, &a, A + OFF_MOV, &MOV);
+    let (reg, a, _c, old) = mov_installed();
     // The space maps other code at the same address: `mov rax, rsp` where
     // `mov rbp, rsp` was, while the old slot's release is still queued.
     reg.on_munmap(a.id, A..A + FILE_LEN as u64);
@@ -233,11 +236,7 @@ fn a_re_install_whose_planned_bytes_differ_takes_a_fresh_slot() {
 
 #[test]
 fn a_failed_re_install_gives_its_shared_owner_back_and_changes_nothing() {
-    let reg = held_registry();
-    let a = MemSpace::with_file_and_slots(1, A, 2);
-    mmap(&reg, &a, a.whole(FILE)).unwrap();
-    let c = noop();
-    reg.register(key(OFF_MOV), &c).unwrap();
+    let (reg, a, c, _) = mov_installed();
     reg.unregister(key(OFF_MOV), &c).unwrap();
     // The slot's release is queued; the re-install shares it, then fails to
     // write the breakpoint.
