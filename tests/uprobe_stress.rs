@@ -14,6 +14,11 @@
 //! to its caller and run the pinned return handler exactly once per call;
 //! no transient return handler runs after its `unregister` returned.
 //!
+//! XOL slots: the churn removes and re-installs the out-of-line offsets far
+//! faster than their slots' releases run; a re-install takes back the slot
+//! still waiting for its grace period, so each space ends with one slot
+//! bound per out-of-line address, all freed (checked at the end).
+//!
 //! Both run with the default hit cache and with a two-slot one (every
 //! uprobe in one set: slots change hands under the hits).
 //!
@@ -37,6 +42,9 @@ use uprobe_support::*;
 const BASES: [u64; 3] = [0x40_0000, 0x55_0000_0000, 0x7f00_0000_0000];
 const HITTERS: usize = 3;
 const OFFSETS: [u64; 4] = [OFF_NOP, OFF_PUSH, OFF_MOV, OFF_RIPREL];
+/// Offsets in [`OFFSETS`] that run from an XOL slot (`OFF_MOV`,
+/// `OFF_RIPREL`; the others are emulated).
+const OUT_OF_LINE: usize = 2;
 
 fn duration() -> Duration {
     let secs: u64 = std::env::var("UPROBE_STRESS_SECS")
@@ -276,6 +284,25 @@ fn stress(reg: Registry) {
     assert!(reg.is_empty());
     for s in &spaces {
         assert_eq!(s.text.snapshot(), file_bytes(), "space {:?} restored", s.id);
+    }
+    // Every slot comes back once its releases have run; a re-install that
+    // took back a slot still waiting for its grace period allocated none.
+    reg.domain().barrier();
+    for s in &spaces {
+        println!(
+            "  space {:?}: {} XOL allocations, {} frees, {} slots bound (of {XOL_SLOTS})",
+            s.id,
+            s.xol.allocs(),
+            s.xol.frees(),
+            s.xol.parked(),
+        );
+        assert_eq!(s.xol.in_use(), 0, "space {:?}: every slot freed", s.id);
+        assert!(
+            s.xol.parked() <= OUT_OF_LINE,
+            "space {:?}: one slot per out-of-line address, however fast the churn",
+            s.id
+        );
+        assert_eq!(s.xol.allocs(), s.xol.frees(), "space {:?}", s.id);
     }
 }
 

@@ -11,6 +11,7 @@ use rcu_registry::probes::uprobe::{
     AddressSpace, FileId, FileMapping, SpaceId, UprobeKey, UprobeRegistry,
 };
 use rcu_registry::probes::ProbeError;
+use rcu_registry::rcu::Flavor;
 
 /// The probed file.
 pub const FILE: FileId = FileId { dev: 8, inode: 42 };
@@ -64,14 +65,21 @@ pub struct MemSpace {
 impl MemSpace {
     /// A space with `text` at `base` and an XOL area far from it.
     pub fn new(id: u64, base: u64, text: Vec<u8>) -> Arc<Self> {
-        Self::build(id, base, text, Some(trampoline_of(id)))
+        Self::build(id, base, text, Some(trampoline_of(id)), XOL_SLOTS)
     }
 
-    fn build(id: u64, base: u64, text: Vec<u8>, trampoline: Option<u64>) -> Arc<Self> {
+    fn build(
+        id: u64,
+        base: u64,
+        text: Vec<u8>,
+        trampoline: Option<u64>,
+        slots: usize,
+    ) -> Arc<Self> {
+        assert!(slots <= XOL_SLOTS, "the trampoline follows the XOL slots");
         Arc::new(MemSpace {
             id: SpaceId(id),
             text: Image::new(base, text),
-            xol: XolArena::new(xol_base(id), XOL_SLOTS, X86_64::XOL_SLOT_SIZE),
+            xol: XolArena::new(xol_base(id), slots, X86_64::XOL_SLOT_SIZE),
             maps: Mutex::new(Vec::new()),
             trampoline,
         })
@@ -79,7 +87,13 @@ impl MemSpace {
 
     /// A space mapping [`FILE`] at `base` that has no uretprobe trampoline.
     pub fn with_file_no_trampoline(id: u64, base: u64) -> Arc<Self> {
-        Self::build(id, base, file_bytes(), None)
+        Self::build(id, base, file_bytes(), None, XOL_SLOTS)
+    }
+
+    /// A space that maps [`FILE`] (whole) at `base` and has only `slots`
+    /// XOL slots (at most [`XOL_SLOTS`]).
+    pub fn with_file_and_slots(id: u64, base: u64, slots: usize) -> Arc<Self> {
+        Self::build(id, base, file_bytes(), Some(trampoline_of(id)), slots)
     }
 
     /// A space that maps [`FILE`] (whole) at `base`.
@@ -127,13 +141,15 @@ impl AddressSpace for MemSpace {
 }
 
 /// XOL slots per space. A slot stays bound to the address it was first
-/// used for (the reuse rule), and a removed install's slot comes back only
-/// after a grace period (plus the callback worker's batching delay), so an
-/// address that is installed and removed faster than that holds several
-/// slots at once, all bound to it. The stress test re-maps a space every
-/// ~100 µs: 16 slots were occasionally all bound to one of its two
-/// out-of-line addresses, and the other then found none (`XolExhausted`).
-pub const XOL_SLOTS: usize = 64;
+/// used for (the reuse rule), and a removed install's slot is released only
+/// after a grace period (plus the callback worker's batching delay). The
+/// stress test removes and re-installs its two out-of-line addresses far
+/// faster than that; when every re-install took a new slot, one address
+/// could hold all 16 slots and the other then found none (`XolExhausted`,
+/// seen once; the spaces had 64 slots for a while). A re-install now takes
+/// back the slot still waiting for its release (`xolshare.rs` in the
+/// uprobe registry), so each address holds one slot and 16 leave room.
+pub const XOL_SLOTS: usize = 16;
 
 fn xol_base(id: u64) -> u64 {
     0x7fff_0000_0000 + id * 0x10000
@@ -148,7 +164,11 @@ pub fn trampoline_of(id: u64) -> u64 {
 pub type Registry = UprobeRegistry<X86_64, MemSpace>;
 
 /// Tells the registry (and the space) that `space` maps `m`.
-pub fn mmap(reg: &Registry, space: &Arc<MemSpace>, m: FileMapping) -> Result<usize, ProbeError> {
+pub fn mmap<F: Flavor>(
+    reg: &UprobeRegistry<X86_64, MemSpace, F>,
+    space: &Arc<MemSpace>,
+    m: FileMapping,
+) -> Result<usize, ProbeError> {
     space.maps.lock().unwrap().push(m.clone());
     reg.on_mmap(space, m)
 }
@@ -212,7 +232,10 @@ pub fn trap_regs(addr: u64) -> Regs {
 
 /// Everything an error must leave unchanged: the uprobe count, consumers
 /// on the offsets used, the installs and the text bytes of every space.
-pub fn snapshot(reg: &Registry, spaces: &[&Arc<MemSpace>]) -> impl PartialEq + std::fmt::Debug {
+pub fn snapshot<F: Flavor>(
+    reg: &UprobeRegistry<X86_64, MemSpace, F>,
+    spaces: &[&Arc<MemSpace>],
+) -> impl PartialEq + std::fmt::Debug {
     let consumers: Vec<usize> = (0..FILE_LEN as u64)
         .map(|o| reg.consumers(key(o)))
         .collect();

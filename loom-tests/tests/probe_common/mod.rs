@@ -178,6 +178,11 @@ impl Space {
         }
     }
 
+    /// The space's XOL slot allocator (one slot), for its counts.
+    pub fn arena(&self) -> &XolArena {
+        &self.xol
+    }
+
     /// The same space with a return trampoline at `at`.
     pub fn with_return_trampoline(self, at: u64) -> Self {
         Space {

@@ -17,8 +17,11 @@
 //! # Uninstall
 //!
 //! The original bytes go back (unless the memory is gone, at munmap), the
-//! records are dropped, and the XOL slot is freed after a grace period: a
-//! hit that found the record may still be about to step through it.
+//! records are dropped, and the install's owner of its XOL slot is dropped
+//! after a grace period: a hit that found the record may still be about to
+//! step through it. A re-install at the same address before then takes the
+//! same slot back when its bytes would be identical (`xolshare.rs`), so
+//! fast install/remove churn holds one slot per address.
 //!
 //! Callers hold the uprobe's file stripe (`registry.rs`).
 
@@ -159,10 +162,19 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         self.arch.check_boundary(func, &bytes, vaddr)
     }
 
-    /// An XOL slot and plan for `insn` unless it is emulated.
+    /// An XOL slot and plan for `insn` unless it is emulated: the slot of
+    /// an earlier install at this address that is still waiting for its
+    /// grace period when the plan for it is byte for byte what it holds
+    /// (`xolshare.rs`), else a fresh one.
     fn plan(&self, st: &SpaceState<S, F>, insn: &Insn) -> Result<Option<XolPlan>, ProbeError> {
         if matches!(insn.class, InsnClass::Emulated(_)) {
             return Ok(None);
+        }
+        if let Some(p) = st
+            .xol_shares
+            .share(insn.addr, |slot| self.arch.plan_xol(insn, slot))
+        {
+            return Ok(Some(p));
         }
         let xol = st.space.xol();
         let slot = match xol.alloc(insn.addr) {
@@ -180,7 +192,10 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             .plan_xol(insn, slot)
             .and_then(|p| xol.fill(slot, p.slot_bytes()).map(|()| p))
         {
-            Ok(p) => Ok(Some(p)),
+            Ok(p) => {
+                st.xol_shares.adopt(&p);
+                Ok(Some(p))
+            }
             Err(e) => {
                 xol.free(slot);
                 Err(e)
@@ -194,12 +209,12 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         self.domain.barrier();
     }
 
-    /// Frees a plan's slot after a grace period: a hit that found the
-    /// record may still be about to step through it.
+    /// Gives up the install's owner of its plan's slot after a grace
+    /// period: a hit that found the record may still be about to step
+    /// through it. The slot is freed when no other install shares it.
     fn free_slot_later(&self, st: &SpaceState<S, F>, plan: Option<XolPlan>) {
         if let Some(p) = plan {
-            let space = std::sync::Arc::clone(&st.space);
-            self.domain.call(move || space.xol().free(p.slot_addr));
+            st.xol_shares.release_later(&self.domain, &st.space, &p);
         }
     }
 

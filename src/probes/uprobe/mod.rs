@@ -54,7 +54,10 @@
 //!
 //! Each install analyses the displaced instruction at its address in that
 //! space (branch targets are absolute) and plans its XOL slot there; the
-//! hit path only reads that analysis. Validation reads the file's bytes
+//! hit path only reads that analysis. A re-install at an address whose
+//! previous slot is still waiting for its grace period takes that slot
+//! back when the planned bytes are identical (`xolshare.rs`), so fast
+//! install/remove churn holds one slot per address. Validation reads the file's bytes
 //! through the first mapping it meets: an offset the file's mappings do not
 //! cover, someone else's patch, an unsupported instruction, or (with
 //! [`register_in_function`](UprobeRegistry::register_in_function)) an offset
@@ -97,6 +100,7 @@ mod returns;
 mod short;
 mod space;
 mod unregister;
+mod xolshare;
 
 pub use consumer::{
     Consumer, ConsumerAction, ConsumerBuilder, Filter, Handler, RetHandler, UprobeHit, UprobeReturn,

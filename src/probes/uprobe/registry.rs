@@ -12,8 +12,10 @@
 //! # Lock order
 //!
 //! file stripe → a space's `maps_lock` → (the trees' writer locks, the text
-//! memory's and the XOL allocator's own locks). Only one file stripe is held
-//! at a time. The hit path takes none of these.
+//! memory's and the XOL allocator's own locks). A space's XOL share table
+//! (`xolshare.rs`) is taken inside the stripe (install) or alone (a release
+//! callback), and only the XOL allocator's lock inside it. Only one file
+//! stripe is held at a time. The hit path takes none of these.
 
 use super::consumer::{Consumer, Member};
 use super::filetext::FileText;
@@ -21,6 +23,7 @@ use super::hitcache::{HitCache, DEFAULT_HIT_CACHE_SLOTS};
 use super::returns::Returns;
 use super::short::Short;
 use super::space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};
+use super::xolshare::XolShares;
 use crate::hashlock::HashedLocks;
 use crate::probes::arch::{Arch, Insn, XolPlan};
 use crate::probes::error::{CodeBytes, ProbeSite};
@@ -134,6 +137,10 @@ pub(crate) struct SpaceState<S: AddressSpace, F: Flavor> {
     pub(super) maps_lock: Mutex<()>,
     /// Installed breakpoints by virtual address.
     pub(crate) installs: SeqTree<u64, Install, F>,
+    /// Owners of the XOL slots its installs use (writer side only), so a
+    /// re-install takes back a slot still waiting for its grace period
+    /// (`xolshare.rs`).
+    pub(super) xol_shares: XolShares,
 }
 
 /// The uprobe registry: uprobes keyed by file and offset, their consumers,

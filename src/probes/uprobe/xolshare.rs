@@ -1,0 +1,244 @@
+//! [`XolShares`]: one space's XOL slots as shared owners, so that an address
+//! installed and removed faster than grace periods holds one slot, not one
+//! per install.
+//!
+//! # The problem
+//!
+//! An install of an out-of-line instruction takes an XOL slot from the
+//! space's [`XolAllocator`]; its removal gives the slot back only after a
+//! grace period (a hit that found the install record may still be about to
+//! step through it). An address installed and removed faster than that (a
+//! space unmapped and mapped again every few microseconds, a consumer added
+//! and removed in a loop) used to take a new slot per install while the old
+//! ones waited in the callback queue. All of them are bound to that address
+//! by the allocator's reuse rule, so a small XOL area could be used up by
+//! one address and refuse another ([`ProbeError::XolExhausted`]).
+//!
+//! # Sharing the slot still waiting for its grace period
+//!
+//! Each slot an install uses has an entry here, keyed by `(vaddr, slot)`,
+//! with an owner count: the live install that uses it (at most one: a space
+//! has one install per address) plus every removal whose release is still
+//! queued in the domain's [`call`](crate::rcu::Flavor::call). A removal
+//! does not change the count: the install's ownership moves into the queued
+//! callback, which drops it after the grace period. A re-install at the
+//! same address first looks for an entry of that address and plans the
+//! instruction for its slot; if the planned bytes are **byte for byte** the
+//! bytes the slot holds, it takes one more owner on that slot and writes
+//! nothing. The slot is freed (to the allocator) by whoever drops the last
+//! owner, so exactly once, and never while a live install uses it.
+//!
+//! # Why sharing is safe
+//!
+//! This is the allocator's reuse rule (`kprobe/xol.rs`) applied earlier: a
+//! thread that found the old install may still run the slot (a boosted run
+//! is counted nowhere), and it runs bytes identical to what the new install
+//! planned, at the same slot address, for the same probed address, so it
+//! ends exactly where it would have. The bytes are compared rather than
+//! assumed: the text at an address can change between installs (a space
+//! that maps other code there), and different bytes get a fresh slot.
+//!
+//! # Orderings
+//!
+//! Every count change, lookup and the final free happen under the table's
+//! one mutex, so they are totally ordered:
+//!
+//! - a share that finds the entry runs before the release that would have
+//!   dropped the last owner; that release then sees one more owner and does
+//!   not free;
+//! - a release that drops the last owner removes the entry and frees the
+//!   slot in the same critical section, so no later share can find a slot
+//!   whose free is committed (it gets a slot from the allocator instead,
+//!   maybe the same one, which the reuse rule allows, under a new entry).
+//!
+//! Freeing inside the critical section also keeps "an entry exists" and
+//! "the allocator has the slot out" the same fact: a re-install right after
+//! the last release finds the slot parked for its address, never still out
+//! and forgotten by the table (which a one-slot area would report as
+//! exhausted until the free ran).
+//!
+//! The allocator's own lock is taken inside the table's (release → `free`)
+//! and never the other way round; the install path allocates, fills and
+//! waits for queued frees (`barrier`) holding no table lock, so a callback
+//! that releases never waits for a writer that waits for it.
+//!
+//! # The hit path
+//!
+//! Untouched: install records still carry their plan (slot address and
+//! fixups) by value, and the table is only read and written by registry
+//! writers and by the domain's callbacks.
+
+use std::collections::BTreeMap;
+
+use crate::probes::arch::XolPlan;
+use crate::probes::kprobe::XolAllocator;
+use crate::probes::ProbeError;
+use crate::rcu::Flavor;
+use crate::sync::{Arc, Mutex};
+
+/// One slot in use at one address.
+#[derive(Debug)]
+struct Owned {
+    /// Live install (0 or 1) plus releases still queued for a grace period.
+    owners: usize,
+    /// What the slot holds (the plan's slot bytes), for the identity check.
+    bytes: Box<[u8]>,
+}
+
+/// The XOL slots of one space's installs as shared owners (see the
+/// [module docs](self)). Clones share one table.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct XolShares {
+    /// Keyed by (probed address, slot address); an entry exists exactly
+    /// while its slot has an owner.
+    table: Arc<Mutex<BTreeMap<(u64, u64), Owned>>>,
+}
+
+impl XolShares {
+    fn lock(&self) -> crate::sync::MutexGuard<'_, BTreeMap<(u64, u64), Owned>> {
+        // A panic under the lock leaves a consistent table (each change is
+        // one count update or one insert/remove), so poisoning is ignored.
+        self.table.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes one more owner on a slot already in use at `vaddr` whose bytes
+    /// equal what `plan_for(slot)` plans for it, and returns that plan.
+    /// `None` when there is no such slot (allocate a fresh one, then
+    /// [`adopt`](Self::adopt) it).
+    pub(crate) fn share(
+        &self,
+        vaddr: u64,
+        mut plan_for: impl FnMut(u64) -> Result<XolPlan, ProbeError>,
+    ) -> Option<XolPlan> {
+        let mut t = self.lock();
+        t.range_mut((vaddr, 0)..=(vaddr, u64::MAX))
+            .find_map(|(&(_, slot), o)| {
+                let p = plan_for(slot).ok()?;
+                // Byte for byte what the slot holds: a thread still in it
+                // from an earlier install runs exactly this.
+                (*p.slot_bytes() == *o.bytes).then(|| {
+                    o.owners += 1;
+                    p
+                })
+            })
+    }
+
+    /// Records a slot freshly allocated and filled with `plan`'s bytes, its
+    /// one owner being the install that planned it.
+    pub(crate) fn adopt(&self, plan: &XolPlan) {
+        let prev = self.lock().insert(
+            (plan.insn_addr, plan.slot_addr),
+            Owned {
+                owners: 1,
+                bytes: plan.slot_bytes().into(),
+            },
+        );
+        debug_assert!(
+            prev.is_none(),
+            "the allocator handed out slot {:#x}, which is still in use",
+            plan.slot_addr
+        );
+    }
+
+    /// Drops one owner of `plan`'s slot after a grace period of `domain`
+    /// (a hit that found the install may still be about to step through
+    /// it); the last owner frees the slot to `space`'s allocator.
+    pub(crate) fn release_later<S, F>(&self, domain: &F, space: &std::sync::Arc<S>, plan: &XolPlan)
+    where
+        S: super::AddressSpace,
+        F: Flavor,
+    {
+        let (shares, space) = (self.clone(), std::sync::Arc::clone(space));
+        let key = (plan.insn_addr, plan.slot_addr);
+        domain.call(move || shares.release(space.xol(), key));
+    }
+
+    /// Drops one owner of the slot at `key`; frees it when that was the last.
+    fn release(&self, xol: &dyn XolAllocator, key: (u64, u64)) {
+        let mut t = self.lock();
+        let Some(o) = t.get_mut(&key) else {
+            debug_assert!(false, "XOL slot {:#x} released with no owner", key.1);
+            return;
+        };
+        o.owners -= 1;
+        if o.owners == 0 {
+            t.remove(&key);
+            // Under the table lock: a share either found the entry before
+            // this (and the count was not zero) or finds no entry after.
+            xol.free(key.1);
+        }
+    }
+
+    /// Owners of the slot at `slot` used at `vaddr` (0: not in use).
+    #[cfg(test)]
+    fn owners(&self, vaddr: u64, slot: u64) -> usize {
+        self.lock().get(&(vaddr, slot)).map_or(0, |o| o.owners)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probes::arch::{Arch, X86_64};
+    use crate::probes::kprobe::XolArena;
+
+    const AT: u64 = 0x40_1000;
+
+    /// `mov rbp, rsp` at `AT`, planned for `slot`.
+    fn plan_mov(slot: u64) -> Result<XolPlan, ProbeError> {
+        let insn = X86_64.analyze(AT, &[0x48, 0x89, 0xe5])?;
+        X86_64.plan_xol(&insn, slot)
+    }
+
+    /// `mov rax, rsp` at `AT` (other bytes, same address).
+    fn plan_other(slot: u64) -> Result<XolPlan, ProbeError> {
+        let insn = X86_64.analyze(AT, &[0x48, 0x89, 0xe0])?;
+        X86_64.plan_xol(&insn, slot)
+    }
+
+    fn fresh(arena: &XolArena, shares: &XolShares) -> XolPlan {
+        let slot = arena.alloc(AT).unwrap();
+        let p = plan_mov(slot).unwrap();
+        arena.fill(slot, p.slot_bytes()).unwrap();
+        shares.adopt(&p);
+        p
+    }
+
+    #[test]
+    fn a_shared_slot_is_freed_once_by_its_last_owner() {
+        let arena = XolArena::new(0x9000, 2, X86_64::XOL_SLOT_SIZE);
+        let shares = XolShares::default();
+        let p = fresh(&arena, &shares);
+        let q = shares.share(AT, plan_mov).expect("same bytes: shared");
+        assert_eq!(q.slot_addr, p.slot_addr);
+        assert_eq!(shares.owners(AT, p.slot_addr), 2);
+        shares.release(&arena, (AT, p.slot_addr));
+        assert_eq!((arena.in_use(), arena.frees()), (1, 0), "one owner left");
+        shares.release(&arena, (AT, p.slot_addr));
+        assert_eq!((arena.in_use(), arena.frees()), (0, 1), "freed by the last");
+        assert_eq!(shares.owners(AT, p.slot_addr), 0);
+        assert!(
+            shares.share(AT, plan_mov).is_none(),
+            "a freed slot is never shared again"
+        );
+        assert_eq!(arena.allocs(), 1);
+    }
+
+    #[test]
+    fn a_slot_is_shared_only_when_the_planned_bytes_are_identical() {
+        let arena = XolArena::new(0x9000, 2, X86_64::XOL_SLOT_SIZE);
+        let shares = XolShares::default();
+        let p = fresh(&arena, &shares);
+        assert!(shares.share(AT, plan_other).is_none(), "other bytes");
+        assert!(
+            shares
+                .share(AT + 1, |s| X86_64
+                    .analyze(AT + 1, &[0x48, 0x89, 0xe5])
+                    .and_then(|i| X86_64.plan_xol(&i, s)))
+                .is_none(),
+            "another address"
+        );
+        assert!(shares.share(AT, |_| plan_mov(0)).is_none(), "other slot");
+        assert_eq!(shares.owners(AT, p.slot_addr), 1, "nothing taken");
+    }
+}
