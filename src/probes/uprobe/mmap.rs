@@ -46,6 +46,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                     maps: RcuCell::new_in(Vec::new().into(), self.domain.clone()),
                     maps_lock: Mutex::new(()),
                     installs: SeqTree::with_domain(self.domain.clone()),
+                    returns: self.returns.new_pool(&**space),
                 })
             });
             let _m = st.maps_lock.lock().unwrap_or_else(|p| p.into_inner());
