@@ -77,7 +77,11 @@ fn warm_entries_and_returns_allocate_nothing() {
     assert_eq!(t.ret(&reg, &a, 1), Ret::Trampoline(CALLER));
     let boxed = allocs();
     drop(std::hint::black_box(Box::new(1u64)));
-    assert_eq!(allocs(), boxed + 1, "the counter sees this thread's allocations");
+    assert_eq!(
+        allocs(),
+        boxed + 1,
+        "the counter sees this thread's allocations"
+    );
 
     let before = allocs();
     for _ in 0..100 {

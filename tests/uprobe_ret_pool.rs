@@ -103,10 +103,18 @@ fn a_call_that_finds_every_stack_held_counts_nmissed_and_returns_straight_to_its
 fn a_thread_holds_its_stack_from_its_outermost_call_until_that_call_returns() {
     let (reg, a, _c) = setup(1);
     let mut t = SimThread::new();
-    assert_eq!(reg.return_stacks_in_use(a.id), 0, "nothing claimed up front");
+    assert_eq!(
+        reg.return_stacks_in_use(a.id),
+        0,
+        "nothing claimed up front"
+    );
     let _ = t.call(&reg, &a, A + FN0, CALLER);
     let _ = t.call(&reg, &a, A + FN1, A + 1);
-    assert_eq!(reg.return_stacks_in_use(a.id), 1, "one stack for both calls");
+    assert_eq!(
+        reg.return_stacks_in_use(a.id),
+        1,
+        "one stack for both calls"
+    );
     assert_eq!(t.ret(&reg, &a, 0), Ret::Trampoline(A + 1));
     assert_eq!(reg.return_stacks_in_use(a.id), 1, "the outer call is live");
     assert_eq!(t.ret(&reg, &a, 0), Ret::Trampoline(CALLER));
@@ -148,7 +156,11 @@ fn flush_thread_returns_gives_back_a_stack_left_with_abandoned_frames() {
     assert_eq!(reg.return_depth(a.id), 0);
     assert_eq!(reg.flush_thread_returns(), 0, "nothing left");
     assert_eq!(call_on_new_thread(&reg, &a), Ret::Trampoline(CALLER));
-    assert_eq!(c.ret_hits(), 1, "no return handler ran for the dropped calls");
+    assert_eq!(
+        c.ret_hits(),
+        1,
+        "no return handler ran for the dropped calls"
+    );
 }
 
 #[test]
@@ -208,7 +220,11 @@ fn a_registry_dropped_while_a_thread_holds_its_stack_confuses_nothing_later() {
             let _ = t2.call(&reg2, &b, A + FN1, CALLER);
             assert_eq!(reg2.return_depth(b.id), 1);
             assert_eq!(t2.ret(&reg2, &b, 5), Ret::Trampoline(CALLER));
-            assert_eq!(reg2.flush_thread_returns(), 0, "the stale one is not reg2's");
+            assert_eq!(
+                reg2.flush_thread_returns(),
+                0,
+                "the stale one is not reg2's"
+            );
             assert_eq!(c2.ret_hits(), 1);
             // Exits holding the dead registry's stack: the exit gives it
             // back to the torn-down pool, which frees it.

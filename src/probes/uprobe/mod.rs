@@ -102,6 +102,7 @@ mod short;
 mod space;
 mod unregister;
 
+pub use bindings::MAX_BINDINGS;
 pub use consumer::{
     Consumer, ConsumerAction, ConsumerBuilder, Filter, Handler, RetHandler, UprobeHit, UprobeReturn,
 };
@@ -109,7 +110,6 @@ pub use filetext::{FileText, MemFiles};
 pub use hit::{UprobeOutcome, UprobeRef, UprobeStep};
 pub use hitcache::DEFAULT_HIT_CACHE_SLOTS;
 pub use registry::{UprobeRegistry, DEFAULT_FILE_STRIPES};
-pub use bindings::MAX_BINDINGS;
 pub use retpool::{default_return_stacks, MIN_RETURN_STACKS};
 pub use returns::DEFAULT_MAX_RETURN_DEPTH;
 pub use space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};

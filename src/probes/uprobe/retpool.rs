@@ -294,10 +294,7 @@ impl Held {
     /// The calling thread holds the stack (claimed, not given back), and
     /// `f` does not reach the stack again.
     #[inline]
-    pub(super) unsafe fn with_frames<R>(
-        &self,
-        f: impl FnOnce(&mut Vec<ReturnInstance>) -> R,
-    ) -> R {
+    pub(super) unsafe fn with_frames<R>(&self, f: impl FnOnce(&mut Vec<ReturnInstance>) -> R) -> R {
         // SAFETY: only the holder touches the frames (caller's contract),
         // and `f` cannot reach them a second time.
         self.stack().frames.with_mut(|p| f(unsafe { &mut *p }))
