@@ -30,6 +30,16 @@
 //! tracked call at the same moment). When no stack is free the call is
 //! counted missed and not hijacked (`returns.rs`).
 //!
+//! Holding a stack for the thread's lifetime instead (claim once, give
+//! back at exit) would save the claim's compare-and-swap and the store per
+//! outermost call (about 11 ns of a 62 ns entry + return in
+//! `benches/uprobe.rs`, BENCHMARKS.md "uretpool"), but then the pool would
+//! bound the threads that ever made a tracked call and are still alive: a
+//! thread pool larger than the stack pool would see most of its threads'
+//! calls missed, forever. Letting other threads steal an idle thread's
+//! stack would need the same read-modify-write on the owner's side (or an
+//! asymmetric barrier protocol), so it was not tried.
+//!
 //! A stack still holding instances when its thread stops calling (the
 //! thread left its tracked calls with `longjmp`, or exits inside one) is
 //! given back when the thread exits (`bindings.rs`) or on an explicit
