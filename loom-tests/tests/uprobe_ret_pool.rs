@@ -42,14 +42,17 @@ mod probe_common;
 
 use loom::sync::Arc;
 use loom::thread;
-use probe_common::{mapping, model, nop_ret, Reg, Space, Stack, BASE, KEY, S1, SP};
+use probe_common::{
+    mapping, model, nop_ret, uret_return, Reg, Space, Stack, BASE, KEY, S1, SP, URET_CALLER,
+    URET_TRAMPOLINE,
+};
 use rcu_registry::probes::arch::{Regs, X86_64};
-use rcu_registry::probes::kprobe::{HitOutcome, ReturnOutcome};
+use rcu_registry::probes::kprobe::HitOutcome;
 use rcu_registry::probes::uprobe::{Consumer, UprobeOutcome};
 use rcu_registry::seqtree::model_domain::ModelDomain;
 
-const TRAMPOLINE: u64 = 0x20_0000;
-const CALLER: u64 = 0x30_0000;
+const TRAMPOLINE: u64 = URET_TRAMPOLINE;
+const CALLER: u64 = URET_CALLER;
 
 /// A registry whose space pools hold one stack, one space mapping
 /// `nop; ret`, and a consumer with a return handler on the `nop`.
@@ -79,30 +82,14 @@ fn enter(reg: &Reg, space: &Space) -> Stack {
     stack
 }
 
-/// The call entered with `stack` returns; whether it was tracked. Either
-/// way it ends at `CALLER`.
-fn leave(reg: &Reg, space: &Space, stack: Stack) -> bool {
-    if stack.0 != TRAMPOLINE {
-        assert_eq!(stack.0, CALLER, "an untracked call is not hijacked");
-        return false;
-    }
-    let mut regs = Regs {
-        ip: TRAMPOLINE,
-        sp: SP + 8,
-        ..Regs::default()
-    };
-    assert_eq!(
-        reg.on_return(space.id, &mut regs),
-        ReturnOutcome::Returned { to: CALLER }
-    );
-    true
-}
-
 /// After the threads: nothing held, and a call claims the stack again.
 fn stack_is_free_again(reg: &Reg, space: &Space) {
     assert_eq!(reg.return_stacks_in_use(space.id), 0);
     let s = enter(reg, space);
-    assert!(leave(reg, space, s), "the stack came back to the pool");
+    assert!(
+        uret_return(reg, space, &s),
+        "the stack came back to the pool"
+    );
 }
 
 #[test]
@@ -113,7 +100,7 @@ fn two_threads_never_hold_the_same_stack() {
             let (reg, space) = (reg.clone(), space.clone());
             thread::spawn(move || {
                 let s = enter(&reg, &space);
-                leave(&reg, &space, s)
+                uret_return(&reg, &space, &s)
             })
         };
         let (a, b) = (spawn(), spawn());
@@ -144,7 +131,7 @@ fn a_stack_given_back_by_a_flush_is_safely_claimed_by_another_thread() {
             let (reg, space) = (reg.clone(), space.clone());
             thread::spawn(move || {
                 let s = enter(&reg, &space);
-                leave(&reg, &space, s)
+                uret_return(&reg, &space, &s)
             })
         };
         leaver.join().unwrap();

@@ -26,13 +26,13 @@
 //!
 //! # At thread exit
 //!
-//! A POSIX thread-specific key, created when the first pool is built (a
-//! writer path), carries a destructor that gives back every stack the
-//! exiting thread still holds (dropping its instances: those calls will
+//! A thread-exit key (`probes/exit_key.rs`), created when the first pool is
+//! built (a writer path), carries a destructor that gives back every stack
+//! the exiting thread still holds (dropping its instances: those calls will
 //! never return). A thread arms it when it first binds a stack
-//! (`pthread_setspecific` with a non-null value, which glibc does without
-//! allocating for the process's first 32 keys, the same caveat as the RCU
-//! reader slots and the kretprobe flush). Should the key not be creatable,
+//! (`pthread_setspecific`, which glibc does without allocating for the
+//! process's first 32 keys, the same caveat as the RCU reader slots and the
+//! kretprobe flush). Should the key not be creatable,
 //! a thread that exits holding a stack keeps it for good (the pool then has
 //! one stack fewer); [`flush_thread_returns`](super::UprobeRegistry::flush_thread_returns)
 //! still gives stacks back on request. Under loom there is no exit hook
@@ -202,18 +202,14 @@ pub(super) fn prepare_exit_hook() {
 #[cfg(not(loom))]
 mod hook {
     use std::cell::Cell;
-    use std::sync::Once;
 
-    use crate::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use crate::probes::exit_key::ExitKey;
 
-    static INIT: Once = Once::new();
-    /// The thread-exit key; valid once `KEY_READY` is set.
-    static KEY: AtomicU32 = AtomicU32::new(0);
-    static KEY_READY: AtomicBool = AtomicBool::new(false);
+    static KEY: ExitKey = ExitKey::new();
 
     // `std::cell::Cell`: touched only by its own thread.
     crate::sync::const_thread_local! {
-        /// Whether this thread set the key (its exit gives its stacks back).
+        /// Whether this thread armed the key (its exit gives its stacks back).
         static ARMED: Cell<bool> = Cell::new(false);
     }
 
@@ -230,38 +226,12 @@ mod hook {
     }
 
     pub(super) fn prepare() {
-        INIT.call_once(|| {
-            let mut key: libc::pthread_key_t = 0;
-            // SAFETY: `key` is a valid out-pointer; the destructor has the
-            // required signature and ignores its value.
-            if unsafe { libc::pthread_key_create(&mut key, Some(release_on_exit)) } == 0 {
-                // Relaxed: published by the Release store below.
-                KEY.store(key, Ordering::Relaxed);
-                // Release pairs with the Acquire in `arm_slow`: a thread
-                // that sees READY also sees KEY.
-                KEY_READY.store(true, Ordering::Release);
-            }
-        });
+        KEY.prepare(release_on_exit);
     }
 
     #[inline]
     pub(super) fn arm() {
-        if !ARMED.with(Cell::get) {
-            arm_slow();
-        }
-    }
-
-    #[cold]
-    fn arm_slow() {
-        // Acquire pairs with the Release in `prepare`.
-        if KEY_READY.load(Ordering::Acquire) {
-            // SAFETY: the key is valid; any non-null value makes the
-            // destructor run at thread exit. glibc stores it without
-            // allocating for small keys (module docs).
-            unsafe {
-                // Relaxed: ordered by the Acquire load above.
-                libc::pthread_setspecific(KEY.load(Ordering::Relaxed), 1 as *const libc::c_void);
-            }
+        if !ARMED.with(Cell::get) && KEY.arm() {
             ARMED.with(|a| a.set(true));
         }
     }
