@@ -63,6 +63,22 @@
 //! Hit paths give stacks back with a plain store: they run with the
 //! registry borrowed, so its teardown cannot be running. Only the exit and
 //! flush path, which may find `DEAD`, uses a compare-and-swap.
+//!
+//! Should a way to forget one space be added, its pool would be torn down
+//! with the registry alive, and two things here would have to change: a
+//! binding is found by registry id and *space id* (`bindings.rs`), so a
+//! binding into a torn-down pool would have to be skipped (its stack
+//! `DEAD`) when a new space reuses the id; and the return path, which pops
+//! outside any read section, would have to pop inside one (so the teardown,
+//! after a grace period, never overlaps it) or give back with a
+//! compare-and-swap.
+//!
+//! # Limits
+//!
+//! - After `fork()`, stacks held by threads that did not survive stay held
+//!   in the child: its pools have that many stacks fewer.
+//! - A thread that exits while the thread-exit key could not be created
+//!   keeps its stack (`bindings.rs`).
 
 use std::ptr::NonNull;
 
