@@ -39,14 +39,17 @@ use std::sync::atomic::{AtomicBool as StdBool, AtomicU64 as StdU64, Ordering as 
 
 use loom::sync::Arc;
 use loom::thread;
-use probe_common::{model, nop_ret, setup, Reg, Space, Stack, Val, BASE, KEY, S1, SP};
+use probe_common::{
+    model, nop_ret, setup, uret_return, Reg, Space, Stack, Val, BASE, KEY, S1, SP, URET_CALLER,
+    URET_TRAMPOLINE,
+};
 use rcu_registry::probes::arch::Regs;
-use rcu_registry::probes::kprobe::{HitOutcome, ReturnOutcome};
+use rcu_registry::probes::kprobe::HitOutcome;
 use rcu_registry::probes::text::TextMemory;
 use rcu_registry::probes::uprobe::{Consumer, UprobeOutcome};
 
-const TRAMPOLINE: u64 = 0x20_0000;
-const CALLER: u64 = 0x30_0000;
+const TRAMPOLINE: u64 = URET_TRAMPOLINE;
+const CALLER: u64 = URET_CALLER;
 
 /// A registry with one space mapping the file `nop; ret`, with a return
 /// trampoline.
@@ -73,24 +76,11 @@ fn call_and_return(reg: &Reg, space: &Space) -> bool {
             UprobeOutcome::SingleStep(_) => panic!("a nop is emulated"),
         }
     }
-    if stack.0 != TRAMPOLINE {
-        assert_eq!(
-            stack.0, CALLER,
-            "an untracked call keeps its return address"
-        );
-        return false;
+    let tracked = uret_return(reg, space, &stack);
+    if tracked {
+        assert_eq!(reg.return_depth(space.id), 0, "the instance is freed");
     }
-    let mut regs = Regs {
-        ip: TRAMPOLINE,
-        sp: SP + 8,
-        ..Regs::default()
-    };
-    assert_eq!(
-        reg.on_return(space.id, &mut regs),
-        ReturnOutcome::Returned { to: CALLER }
-    );
-    assert_eq!(reg.return_depth(space.id), 0, "the instance is freed");
-    true
+    tracked
 }
 
 /// A consumer whose return handler touches `data`.

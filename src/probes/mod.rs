@@ -3,6 +3,8 @@
 
 pub mod arch;
 pub mod error;
+#[cfg(not(loom))]
+mod exit_key;
 pub mod kprobe;
 /// The live runtime's quiescence ack protocol alone (`runtime` is not built
 /// under loom), for its loom model.

@@ -23,6 +23,8 @@
 //!   space mapping the file `nop; ret` at [`BASE`] and a uprobe registry on
 //!   the reader-counting `ModelDomain`; a thread "executes" the `nop` and
 //!   traps only if a breakpoint is there.
+//! - [`uret_return`]: a uprobe call from [`URET_CALLER`] returns, through
+//!   the trampoline at [`URET_TRAMPOLINE`] if its entry hijacked it.
 //!
 //! Each test binary compiles this module on its own and uses only part of
 //! it, hence `dead_code` is allowed.
@@ -257,4 +259,33 @@ pub fn execute(reg: &Reg, space: &Space) -> Option<HitOutcome<'static>> {
         UprobeOutcome::Done(o) => Some(o),
         UprobeOutcome::SingleStep(_) => panic!("a nop is emulated"),
     }
+}
+
+/// The return trampoline of the uprobe return models' spaces.
+pub const URET_TRAMPOLINE: u64 = 0x20_0000;
+/// Where the uprobe return models' calls come from.
+pub const URET_CALLER: u64 = 0x30_0000;
+
+/// The call whose entry left `stack` (its return address at [`SP`])
+/// returns: into the trampoline and [`UprobeRegistry::on_return`] if the
+/// entry hijacked it, straight to its caller otherwise. Whether it was
+/// tracked; either way it ends at [`URET_CALLER`].
+pub fn uret_return(reg: &Reg, space: &Space, stack: &Stack) -> bool {
+    if stack.0 != URET_TRAMPOLINE {
+        assert_eq!(
+            stack.0, URET_CALLER,
+            "an untracked call keeps its return address"
+        );
+        return false;
+    }
+    let mut regs = Regs {
+        ip: URET_TRAMPOLINE,
+        sp: SP + 8,
+        ..Regs::default()
+    };
+    assert_eq!(
+        reg.on_return(space.id, &mut regs),
+        rcu_registry::probes::kprobe::ReturnOutcome::Returned { to: URET_CALLER }
+    );
+    true
 }

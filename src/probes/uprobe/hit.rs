@@ -15,9 +15,9 @@
 //! the uprobe's short per-space array, not in a second tree; one-element
 //! lists are inline, `short.rs`); no reference count is taken and nothing
 //! is allocated (the
-//! exceptions: the first read section a thread ever enters in an `Srcu`
-//! domain, which registers the thread, and a thread's first tracked call in
-//! a space, which allocates its return stack, see `returns.rs`).
+//! exception: the first read section a thread ever enters in an `Srcu`
+//! domain may allocate its counters; return tracking claims a preallocated
+//! stack, also at a thread's first tracked call, see `returns.rs`).
 //!
 //! # Re-entrancy
 //!

@@ -47,6 +47,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                     maps_lock: Mutex::new(()),
                     installs: SeqTree::with_domain(self.domain.clone()),
                     xol_shares: Default::default(),
+                    returns: self.returns.new_pool(&**space),
                 })
             });
             let _m = st.maps_lock.lock().unwrap_or_else(|p| p.into_inner());

@@ -29,7 +29,9 @@
 //! there hijacks the return address to the space's trampoline
 //! ([`AddressSpace::return_trampoline`]) and pushes a return instance on the
 //! thread's stack for the space (bounded by
-//! [`max_return_depth`](UprobeRegistry::max_return_depth)); the return into
+//! [`max_return_depth`](UprobeRegistry::max_return_depth)), a stack the
+//! thread claimed without allocating from the space's preallocated pool
+//! ([`return_stacks`](UprobeRegistry::return_stacks) of them); the return into
 //! the trampoline goes to [`UprobeRegistry::on_return`], which runs the
 //! return handlers and restores the real return address. Nested, recursive
 //! and chained (tail-call) returns come back in LIFO order; a consumer
@@ -88,6 +90,7 @@
 //! the tree only when the uprobe has no slot there: a walk of a large tree
 //! is about ten dependent cache misses per hit.
 
+mod bindings;
 mod consumer;
 mod filetext;
 mod hit;
@@ -96,12 +99,14 @@ mod install;
 mod mmap;
 mod reentry;
 mod registry;
+mod retpool;
 mod returns;
 mod short;
 mod space;
 mod unregister;
 mod xolshare;
 
+pub use bindings::MAX_BINDINGS;
 pub use consumer::{
     Consumer, ConsumerAction, ConsumerBuilder, Filter, Handler, RetHandler, UprobeHit, UprobeReturn,
 };
@@ -109,5 +114,6 @@ pub use filetext::{FileText, MemFiles};
 pub use hit::{UprobeOutcome, UprobeRef, UprobeStep};
 pub use hitcache::DEFAULT_HIT_CACHE_SLOTS;
 pub use registry::{UprobeRegistry, DEFAULT_FILE_STRIPES};
+pub use retpool::{default_return_stacks, MIN_RETURN_STACKS};
 pub use returns::DEFAULT_MAX_RETURN_DEPTH;
 pub use space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};

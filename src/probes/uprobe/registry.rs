@@ -20,6 +20,7 @@
 use super::consumer::{Consumer, Member};
 use super::filetext::FileText;
 use super::hitcache::{HitCache, DEFAULT_HIT_CACHE_SLOTS};
+use super::retpool::ReturnPool;
 use super::returns::Returns;
 use super::short::Short;
 use super::space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};
@@ -141,6 +142,9 @@ pub(crate) struct SpaceState<S: AddressSpace, F: Flavor> {
     /// re-install takes back a slot still waiting for its grace period
     /// (`xolshare.rs`).
     pub(super) xol_shares: XolShares,
+    /// The space's return stacks (`retpool.rs`); `None` when returns
+    /// cannot be tracked there.
+    pub(crate) returns: Option<ReturnPool>,
 }
 
 /// The uprobe registry: uprobes keyed by file and offset, their consumers,
@@ -161,8 +165,8 @@ pub struct UprobeRegistry<A: Arch, S: AddressSpace, F: Flavor = Srcu> {
     pub(super) files: HashedLocks<FileId, Mutex<()>>,
     /// Source of consumer sequence numbers (see [`Member`]).
     next_seq: AtomicU64,
-    /// Return tracking: the depth limit and this registry's identity in
-    /// the threads' return-instance stacks.
+    /// Return tracking: the depth limit, the pool size and this
+    /// registry's identity in the threads' binding tables.
     pub(super) returns: Returns,
     /// Where registrations no space maps read the file's code
     /// (`filetext.rs`); `None`: they are validated at the first mmap.
@@ -205,7 +209,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             files: HashedLocks::new(DEFAULT_FILE_STRIPES)
                 .expect("DEFAULT_FILE_STRIPES is a valid stripe count"),
             next_seq: AtomicU64::new(0),
-            returns: Returns::new(super::DEFAULT_MAX_RETURN_DEPTH),
+            returns: Returns::new(),
             file_text: None,
         }
     }

@@ -66,36 +66,42 @@
 //! in flight is not called once `unregister` returned (its grace period
 //! waited for every return that could still see it in the list); a consumer
 //! registered after the entry is not called for that call; a uprobe removed
-//! altogether runs nothing; and the instance, plain data on the thread's
-//! own stack, still brings the call back to its real return address. Nothing
-//! waits for in-flight calls and nothing can dangle.
+//! altogether runs nothing; and the instance, plain data on a stack only its
+//! thread touches, still brings the call back to its real return address.
+//! Nothing waits for in-flight calls and nothing can dangle.
 //!
 //! # Allocation and locks
 //!
-//! The stacks live in a thread-local list (one stack per registry and space
-//! the thread has made tracked calls in), so the return path takes no lock:
-//! only the thread itself ever touches its instances. A stack is allocated
-//! with its full depth at the thread's first tracked call in that space (a
-//! cold path, which also drops the stacks of registries that are gone);
-//! after that, entries and returns allocate nothing. The first use is
-//! therefore not async-signal-safe, as the `Srcu` domain's first read
-//! section on a thread is not. A thread's stacks are freed when it exits;
-//! until then a stack stays allocated (empty) after its calls returned,
-//! also for a space that is gone, so a thread holds at most one stack per
-//! registry and space it ever made tracked calls in.
+//! Entries and returns never allocate and take no lock, a thread's first
+//! tracked call included, so both are async-signal-safe (the hit path runs
+//! in a `SIGTRAP` handler in the live runtime; the one exception left is
+//! the `Srcu` domain's, whose first read section on a thread may allocate
+//! its counters, see [`Srcu`](crate::rcu::Srcu)). The stacks are allocated
+//! by the writer side, with their full depth, in a pool per space built
+//! when the registry learns of the space (`retpool.rs`: a space without a
+//! trampoline, or a registry tracking depth 0 or 0 stacks, gets none). A
+//! thread claims a stack from the space's pool with one compare-and-swap at
+//! its outermost tracked call there, keeps it in a fixed-size thread-local
+//! table (`bindings.rs`), and gives it back with one store when that call
+//! returns and the stack is empty. When the pool or the thread's table is
+//! exhausted, the call counts `nmissed` and is not hijacked at all: it
+//! returns straight to its caller and no return handler runs for it.
 //!
-//! The list is reached only with the thread's re-entrancy flag up
+//! Only the thread holding a stack touches its instances, so returns need
+//! no lock. Stacks left holding abandoned frames go back when their thread
+//! exits (or on [`flush_thread_returns`](UprobeRegistry::flush_thread_returns));
+//! a pool outlives its registry while threads still hold its stacks and is
+//! freed by the last give-back (`retpool.rs`, "Teardown").
+//!
+//! The thread's table is reached only with its re-entrancy flag up
 //! (`reentry.rs`): a signal handler that interrupts an entry or a return and
 //! hits a uprobe finds the flag up and does not touch it.
 
-use std::cell::RefCell;
-// `std`'s Arc and Weak even under loom: the token is an identity, not a
-// synchronization device (its count is read only on the cold path).
-use std::sync::{Arc as StdArc, Weak};
-
+use super::bindings;
 use super::consumer::UprobeReturn;
-use super::reentry::{in_uprobe_handler, HandlerScope};
+use super::reentry::HandlerScope;
 use super::registry::{slice, SpaceState, Target, Uprobe, UprobeRegistry};
+use super::retpool::{default_return_stacks, ReturnPool};
 use super::space::{AddressSpace, SpaceId, UprobeKey};
 use crate::probes::arch::{Arch, DataMemory, Regs};
 use crate::probes::kprobe::ReturnOutcome;
@@ -104,105 +110,55 @@ use crate::rcu::Flavor;
 
 /// Default limit of tracked calls per thread and space: the kernel's
 /// `MAX_URETPROBE_DEPTH`. Deep enough for ordinary recursion through probed
-/// functions, small enough that a runaway recursion costs 64 instances
-/// (56 bytes each, 3.5 KiB) per thread and space.
+/// functions, small enough that a pool's stack costs 64 instances (56 bytes
+/// each, 3.5 KiB).
 pub const DEFAULT_MAX_RETURN_DEPTH: usize = 64;
 
 /// A tracked call: what its return needs.
 #[derive(Clone, Copy, Debug)]
-struct ReturnInstance {
-    key: UprobeKey,
+pub(super) struct ReturnInstance {
+    pub(super) key: UprobeKey,
     /// The function's entry address in the space.
-    func: u64,
+    pub(super) func: u64,
     /// The stack pointer the call returns with.
-    ret_sp: u64,
+    pub(super) ret_sp: u64,
     /// The caller's return address.
-    real_ret: u64,
+    pub(super) real_ret: u64,
     /// The largest consumer sequence number the entry saw.
-    last_seq: u64,
+    pub(super) last_seq: u64,
 }
 
-/// One thread's instances for one registry and space, oldest first.
-struct ThreadStack {
-    /// The registry's token: identifies it (the allocation stays while this
-    /// weak reference does, so its address is not reused) and says whether
-    /// it is still alive.
-    owner: Weak<()>,
-    space: SpaceId,
-    /// Capacity `max_depth`, allocated at creation: pushes never allocate.
-    frames: Vec<ReturnInstance>,
-}
-
-// `std::cell::RefCell`, not a shim type: the list is only ever touched by
-// its own thread, never shared, so there is nothing for loom to check; the
-// thread-local itself comes from the shim.
-crate::sync::const_thread_local! {
-    /// The calling thread's return-instance stacks.
-    static STACKS: RefCell<Vec<ThreadStack>> = RefCell::new(Vec::new());
-}
+/// Source of registry ids (`bindings.rs`). `std`'s atomic even under loom:
+/// an id is an identity, published by nothing, and must stay unique across
+/// model executions too.
+static NEXT_REGISTRY_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// A registry's return-tracking settings and identity.
 pub(crate) struct Returns {
     max_depth: usize,
-    token: StdArc<()>,
+    stacks: usize,
+    /// Names the registry in the threads' binding tables; never reused.
+    id: u64,
 }
 
 impl Returns {
-    pub(crate) fn new(max_depth: usize) -> Self {
+    pub(crate) fn new() -> Self {
         Returns {
-            max_depth,
-            token: StdArc::new(()),
+            max_depth: DEFAULT_MAX_RETURN_DEPTH,
+            stacks: default_return_stacks(),
+            // Relaxed: only uniqueness matters (the counter's modification
+            // order gives it); nothing is published with the id.
+            id: NEXT_REGISTRY_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 
-    pub(crate) fn max_depth(&self) -> usize {
-        self.max_depth
-    }
-
-    /// Runs `f` on the calling thread's stack for `space` (created if
-    /// `create`). `None` if there is none, if the thread is exiting (its
-    /// thread-locals are being destroyed), or if the list is already in use
-    /// on this thread (cannot happen: it is reached only with the
-    /// re-entrancy flag up, see the module docs; refused rather than
-    /// trusted).
-    #[inline]
-    fn with_stack<R>(
-        &self,
-        space: SpaceId,
-        create: bool,
-        f: impl FnOnce(&mut Vec<ReturnInstance>) -> R,
-    ) -> Option<R> {
-        debug_assert!(
-            in_uprobe_handler(),
-            "return stacks reached before the re-entrancy flag"
-        );
-        let found = STACKS.try_with(|s| {
-            let mut s = s.try_borrow_mut().ok()?;
-            let me = StdArc::as_ptr(&self.token);
-            let i = match s
-                .iter()
-                .position(|t| t.space == space && t.owner.as_ptr() == me)
-            {
-                Some(i) => i,
-                None if create => self.new_stack(&mut s, space),
-                None => return None,
-            };
-            Some(f(&mut s[i].frames))
-        });
-        found.ok().flatten()
-    }
-
-    /// Adds the thread's stack for `space`, dropping stacks of registries
-    /// that are gone. Returns its index.
+    /// The pool of return stacks for a space the registry just learned of
+    /// (writer path: allocates every stack now); `None` when it could track
+    /// nothing.
     #[cold]
-    fn new_stack(&self, stacks: &mut Vec<ThreadStack>, space: SpaceId) -> usize {
-        stacks.retain(|t| t.owner.strong_count() > 0);
-        stacks.push(ThreadStack {
-            owner: StdArc::downgrade(&self.token),
-            space,
-            frames: Vec::with_capacity(self.max_depth),
-        });
-        stacks.len() - 1
+    pub(crate) fn new_pool(&self, space: &impl AddressSpace) -> Option<ReturnPool> {
+        let useful = space.return_trampoline().is_some() && self.max_depth > 0 && self.stacks > 0;
+        useful.then(|| ReturnPool::new(self.stacks, self.max_depth))
     }
 }
 
@@ -222,16 +178,68 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// Sets how many calls one thread may have tracked for return handlers
     /// in one space at once (default [`DEFAULT_MAX_RETURN_DEPTH`](DEFAULT_MAX_RETURN_DEPTH)).
     /// A hit beyond it counts `nmissed` and leaves the return address alone.
-    /// Each thread's stack for a space is allocated with this many frames
-    /// at its first tracked call; 0 tracks nothing.
+    /// Every stack of a space's pool is allocated with this many frames
+    /// when the registry learns of the space (so set it before the first
+    /// [`on_mmap`](Self::on_mmap): spaces already known keep their pools);
+    /// 0 tracks nothing.
     pub fn with_max_return_depth(mut self, depth: usize) -> Self {
-        self.returns = Returns::new(depth);
+        self.returns.max_depth = depth;
         self
     }
 
     /// The per-thread, per-space limit of tracked calls.
     pub fn max_return_depth(&self) -> usize {
-        self.returns.max_depth()
+        self.returns.max_depth
+    }
+
+    /// Sets how many return stacks each space's pool has (default
+    /// [`default_return_stacks`](super::default_return_stacks):
+    /// `max(8, 2 x CPUs)`): how many threads can be inside tracked calls of
+    /// one space at once. A thread's outermost tracked call in a space
+    /// claims a stack and gives it back when it returns; a call that finds
+    /// none free counts `nmissed` and is not hijacked. Pools are allocated
+    /// when the registry learns of a space (set this before the first
+    /// [`on_mmap`](Self::on_mmap)); 0 tracks nothing. Memory per space:
+    /// stacks x [`max_return_depth`](Self::max_return_depth) x 56 bytes.
+    pub fn with_return_stacks(mut self, stacks: usize) -> Self {
+        self.returns.stacks = stacks;
+        self
+    }
+
+    /// Return stacks per space pool (see
+    /// [`with_return_stacks`](Self::with_return_stacks)).
+    pub fn return_stacks(&self) -> usize {
+        self.returns.stacks
+    }
+
+    /// Stacks of `space`'s pool held by threads now (inside tracked calls,
+    /// or holding abandoned frames until they exit); 0 for an unknown space
+    /// or one without a pool. A snapshot, for diagnostics and tests.
+    pub fn return_stacks_in_use(&self, space: SpaceId) -> usize {
+        let g = self.domain.read();
+        self.spaces
+            .get(&g, &space)
+            .and_then(|st| st.returns.as_ref())
+            .map_or(0, |p| p.held())
+    }
+
+    /// Gives back every return stack the calling thread holds in this
+    /// registry (every space), dropping its tracked calls without running
+    /// their return handlers; returns how many calls were dropped. Threads
+    /// that *exit* give theirs back automatically (`bindings.rs`); this is
+    /// for a thread that left its tracked calls for good (`longjmp` out of
+    /// them, a runtime reusing the thread). Called from a uprobe handler, 0
+    /// and nothing changes.
+    ///
+    /// **CALL IT ONLY WHEN THE THREAD WILL NEVER RETURN THROUGH ANY OF ITS
+    /// TRACKED CALLS IN THIS REGISTRY.** Such a return lands in the
+    /// trampoline with nothing left to say where it came from
+    /// ([`on_return`](Self::on_return) answers `NotOurs`).
+    pub fn flush_thread_returns(&self) -> usize {
+        if super::reentry::in_uprobe_handler() {
+            return 0;
+        }
+        bindings::release(Some(self.returns.id))
     }
 
     /// Refuses a consumer with a return handler where returns cannot be
@@ -290,8 +298,9 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             return up.count_missed();
         };
         let ret_sp = self.arch.stack_pointer_at_return(regs);
-        let max_depth = self.returns.max_depth;
-        let tracked = self.returns.with_stack(st.space.id(), true, |frames| {
+        let pool = st.returns.as_ref();
+        let id = self.returns.id;
+        let tracked = bindings::with_stack(id, st.space.id(), pool, |frames, max_depth| {
             // Deeper frames than this call's are gone.
             while frames.last().is_some_and(|f| f.ret_sp < ret_sp) {
                 frames.pop();
@@ -345,8 +354,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     ///
     /// On a thread already running uprobe handlers the return handlers do
     /// not run (`nmissed`); the real return address is restored all the
-    /// same. Takes no lock and, once the thread's stack exists, allocates
-    /// nothing.
+    /// same. Takes no lock and allocates nothing.
     ///
     /// Returns [`ReturnOutcome::NotOurs`] (nothing changed) when no instance
     /// of this thread in `space` returns with this stack pointer.
@@ -356,10 +364,9 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         let sp = regs.sp;
         let retval = self.arch.return_value(regs);
         let mut real = None;
-        while let Some(inst) = self
-            .returns
-            .with_stack(space, false, |f| pop_returning(f, sp))
-            .flatten()
+        while let Some(inst) =
+            bindings::with_stack(self.returns.id, space, None, |f, _| pop_returning(f, sp))
+                .flatten()
         {
             self.run_ret_handlers(space, &inst, regs, retval, scope.is_some());
             // Newest first: the last one popped is the chain's first call,
@@ -416,8 +423,6 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         let Some(_scope) = HandlerScope::enter() else {
             return 0;
         };
-        self.returns
-            .with_stack(space, false, |f| f.len())
-            .unwrap_or(0)
+        bindings::with_stack(self.returns.id, space, None, |f, _| f.len()).unwrap_or(0)
     }
 }

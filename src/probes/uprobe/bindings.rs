@@ -1,0 +1,248 @@
+//! The calling thread's return stacks: a fixed-size table binding
+//! `(registry, space)` to a stack the thread holds from that space's pool
+//! (`retpool.rs`), and the give-back of those stacks when the thread exits.
+//!
+//! # The table
+//!
+//! [`MAX_BINDINGS`] entries in a `const` thread-local with no destructor (a
+//! plain TLS access: no lazy registration, no allocation). An entry exists
+//! while the thread holds a stack: the entry of the thread's outermost
+//! tracked call in the space claims one and binds it, the return that
+//! empties it unbinds it and gives it back. So a thread needs one entry per
+//! space it is *inside* tracked calls of at once (usually one); when all
+//! are taken the call is counted missed, as when the pool is exhausted.
+//!
+//! Registries are named by an id from a process-wide counter, never reused:
+//! a binding of a registry that was dropped while the thread held one of
+//! its stacks (a call in flight, abandoned frames) can never be mistaken
+//! for a later registry's, wherever that one is allocated. Such a stale
+//! binding keeps its entry (and its pool allocated, `retpool.rs`
+//! "Teardown") until the thread exits: freeing memory is not for a hit path.
+//!
+//! The table is reached only with the thread's uprobe re-entrancy flag up
+//! (`reentry.rs`), and through a `RefCell` that refuses a second borrow, so
+//! a signal handler that interrupts an entry or a return and hits a uprobe
+//! never sees it half-changed.
+//!
+//! # At thread exit
+//!
+//! A thread-exit key (`probes/exit_key.rs`), created when the first pool is
+//! built (a writer path), carries a destructor that gives back every stack
+//! the exiting thread still holds (dropping its instances: those calls will
+//! never return). A thread arms it when it first binds a stack
+//! (`pthread_setspecific`, which glibc does without allocating for the
+//! process's first 32 keys, the same caveat as the RCU reader slots and the
+//! kretprobe flush). Should the key not be creatable,
+//! a thread that exits holding a stack keeps it for good (the pool then has
+//! one stack fewer); [`flush_thread_returns`](super::UprobeRegistry::flush_thread_returns)
+//! still gives stacks back on request. Under loom there is no exit hook
+//! (a model thread's destructors run after its execution's objects are
+//! gone); the models flush explicitly.
+
+use std::cell::RefCell;
+
+use super::reentry::{in_uprobe_handler, HandlerScope};
+use super::retpool::{Held, ReturnPool};
+use super::returns::ReturnInstance;
+use super::space::SpaceId;
+
+/// Spaces a thread can be inside tracked calls of at once (a call in a
+/// fifth counts `nmissed`). A thread runs in one address space; more than
+/// one happens only with simulated spaces or nested registries.
+pub const MAX_BINDINGS: usize = 4;
+
+/// Odd 64-bit constant (2^64 / golden ratio) spreading threads' starting
+/// points over a pool.
+const SPREAD: usize = 0x9e37_79b9_7f4a_7c15_u64 as usize;
+
+#[derive(Clone, Copy)]
+struct Binding {
+    /// The registry's id; 0: the entry is free.
+    registry: u64,
+    space: SpaceId,
+    held: Option<Held>,
+}
+
+const UNBOUND: Binding = Binding {
+    registry: 0,
+    space: SpaceId(0),
+    held: None,
+};
+
+struct Table {
+    bound: [Binding; MAX_BINDINGS],
+    /// Where the thread's next claim starts scanning a pool: its last
+    /// stack's index (its cache line is likely still ours), spread by the
+    /// table's address until the first claim.
+    hint: Option<usize>,
+}
+
+// `std::cell::RefCell`, not a shim type: the table is only ever touched by
+// its own thread (and signal handlers on it, kept out by the re-entrancy
+// flag), never shared; the thread-local itself comes from the shim.
+crate::sync::const_thread_local! {
+    /// The calling thread's bindings.
+    static TABLE: RefCell<Table> = RefCell::new(Table {
+        bound: [UNBOUND; MAX_BINDINGS],
+        hint: None,
+    });
+}
+
+/// Runs `f` on the calling thread's stack for `(registry, space)` with its
+/// pool's depth. When the thread holds none and `pool` is given, claims one
+/// from it first. Gives the stack back when `f` leaves it empty.
+///
+/// `None` (`f` not run): no stack held and none claimable (no `pool`, the
+/// pool or the table exhausted), the thread is exiting, or the table is in
+/// use on this thread (cannot happen with the re-entrancy flag up; refused
+/// rather than trusted).
+#[inline]
+pub(super) fn with_stack<R>(
+    registry: u64,
+    space: SpaceId,
+    pool: Option<&ReturnPool>,
+    f: impl FnOnce(&mut Vec<ReturnInstance>, usize) -> R,
+) -> Option<R> {
+    debug_assert!(
+        in_uprobe_handler(),
+        "return stacks reached before the re-entrancy flag"
+    );
+    TABLE
+        .try_with(|t| {
+            let mut t = t.try_borrow_mut().ok()?;
+            let i = match t
+                .bound
+                .iter()
+                .position(|b| b.registry == registry && b.space == space)
+            {
+                Some(i) => i,
+                None => bind(&mut t, registry, space, pool?)?,
+            };
+            let held = t.bound[i].held.expect("a bound entry holds a stack");
+            // SAFETY: the entry's stack was claimed by this thread and not
+            // given back (entries are cleared before their stack is), and
+            // `f` cannot reach the table (we hold its borrow).
+            let (out, empty) = unsafe {
+                held.with_frames(|frames| {
+                    let out = f(frames, held.depth());
+                    (out, frames.is_empty())
+                })
+            };
+            if empty {
+                t.bound[i] = UNBOUND;
+                // SAFETY: held by this thread, its entry just cleared; the
+                // registry is alive (the caller runs on its behalf).
+                unsafe { held.release() };
+            }
+            Some(out)
+        })
+        .ok()
+        .flatten()
+}
+
+/// Claims a stack from `pool` into a free entry; its index.
+#[inline]
+fn bind(t: &mut Table, registry: u64, space: SpaceId, pool: &ReturnPool) -> Option<usize> {
+    let i = t.bound.iter().position(|b| b.registry == 0)?;
+    let start = match t.hint {
+        Some(h) => h,
+        None => first_hint(t),
+    };
+    let held = pool.claim(start)?;
+    t.hint = Some(held.index());
+    t.bound[i] = Binding {
+        registry,
+        space,
+        held: Some(held),
+    };
+    hook::arm();
+    Some(i)
+}
+
+/// A starting point that differs between threads: their tables' addresses,
+/// hashed.
+#[cold]
+fn first_hint(t: &Table) -> usize {
+    (t as *const Table as usize).wrapping_mul(SPREAD) >> (usize::BITS / 2)
+}
+
+/// Gives back every stack the calling thread holds for a registry
+/// (`Some(id)`) or for any (`None`), dropping their instances; returns how
+/// many instances were dropped. Raises the re-entrancy flag first (kept up
+/// if the caller's scope has it up).
+#[cold]
+pub(super) fn release(registry: Option<u64>) -> usize {
+    let _scope = HandlerScope::enter();
+    TABLE
+        .try_with(|t| {
+            let Ok(mut t) = t.try_borrow_mut() else {
+                return 0;
+            };
+            let mut dropped = 0;
+            for b in t.bound.iter_mut() {
+                if b.registry == 0 || registry.is_some_and(|r| r != b.registry) {
+                    continue;
+                }
+                let held = b.held.take().expect("a bound entry holds a stack");
+                *b = UNBOUND;
+                // SAFETY: held by this thread, its entry just cleared.
+                dropped += unsafe { held.release_anywhere() };
+            }
+            dropped
+        })
+        .unwrap_or(0)
+}
+
+/// Creates the thread-exit key (once per process). Called when a pool is
+/// built.
+pub(super) fn prepare_exit_hook() {
+    hook::prepare();
+}
+
+#[cfg(not(loom))]
+mod hook {
+    use std::cell::Cell;
+
+    use crate::probes::exit_key::ExitKey;
+
+    static KEY: ExitKey = ExitKey::new();
+
+    // `std::cell::Cell`: touched only by its own thread.
+    crate::sync::const_thread_local! {
+        /// Whether this thread armed the key (its exit gives its stacks back).
+        static ARMED: Cell<bool> = Cell::new(false);
+    }
+
+    /// The key's destructor: gives back the exiting thread's stacks.
+    ///
+    /// # Safety
+    /// Called by the C library at thread exit, on the exiting thread, with
+    /// the marker value the thread stored (never dereferenced).
+    unsafe extern "C" fn release_on_exit(_value: *mut libc::c_void) {
+        // `const` thread-locals without destructors stay accessible this
+        // late in thread exit.
+        ARMED.with(|a| a.set(false));
+        super::release(None);
+    }
+
+    pub(super) fn prepare() {
+        KEY.prepare(release_on_exit);
+    }
+
+    #[inline]
+    pub(super) fn arm() {
+        if !ARMED.with(Cell::get) && KEY.arm() {
+            ARMED.with(|a| a.set(true));
+        }
+    }
+}
+
+#[cfg(loom)]
+mod hook {
+    /// No exit hook under loom (module docs).
+    pub(super) fn prepare() {}
+
+    /// No exit hook under loom (module docs).
+    #[inline]
+    pub(super) fn arm() {}
+}
