@@ -10,8 +10,11 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use kprobe_support::*;
-use rcu_registry::probes::arch::X86Reg;
-use rcu_registry::probes::kprobe::{Action, HitOutcome, Kprobe, StepResult};
+use rcu_registry::probes::arch::{X86Reg, X86_64};
+use rcu_registry::probes::kprobe::{
+    Action, HitOutcome, Kprobe, KprobeRegistry, StepResult, XolArena,
+};
+use rcu_registry::probes::text::Image;
 use rcu_registry::probes::ProbeError;
 use rcu_registry::rcu::Rcu;
 
@@ -517,7 +520,7 @@ fn an_abandoned_step_token_does_not_block_unregistration() {
 }
 
 #[test]
-fn a_site_slot_is_freed_after_its_last_probe_and_a_grace_period() {
+fn a_site_slot_is_back_when_the_unregistration_of_its_last_probe_returns() {
     let rcu = Rcu::new();
     let fx = fixture_with(|b| b.rcu(rcu.clone()));
     let (a, b) = (Kprobe::at(F_MOV_EAX).build(), Kprobe::at(F_MOV_EAX).build());
@@ -527,9 +530,39 @@ fn a_site_slot_is_freed_after_its_last_probe_and_a_grace_period() {
     fx.reg.unregister(&a).unwrap();
     rcu.barrier();
     assert_eq!(fx.xol.in_use(), 1, "b still uses the slot");
+    // No barrier: the grace period `unregister` waited for is the one the
+    // slot needs.
     fx.reg.unregister(&b).unwrap();
-    rcu.barrier();
     assert_eq!((fx.xol.in_use(), fx.xol.frees()), (0, 1));
+}
+
+#[test]
+fn churn_at_one_address_keeps_one_slot_and_leaves_the_others_for_other_addresses() {
+    // An address registered again as soon as `commit` returns, over and
+    // over, on a two-slot area: the slot comes back parked for the address
+    // each time, so the address never holds the second slot.
+    let xol = Arc::new(XolArena::new(XOL_BASE, 2, X86_64::XOL_SLOT_SIZE));
+    let reg =
+        KprobeRegistry::builder(X86_64, Image::new(BASE, code()), symbols(), xol.clone()).build();
+    for round in 0..200 {
+        let p = Kprobe::at(F_MOV_EAX).build();
+        reg.register(&p).unwrap();
+        if round % 2 == 0 {
+            reg.unregister_nosync(&p).unwrap();
+            reg.commit();
+        } else {
+            reg.unregister(&p).unwrap();
+        }
+        assert_eq!((xol.in_use(), xol.parked()), (0, 1), "round {round}");
+    }
+    assert_eq!(xol.allocs() - xol.frees(), 0);
+    // The other slot is still there for another out-of-line address, at
+    // once (no grace period to wait for).
+    let (a, b) = (Kprobe::at(F_MOV_EAX).build(), Kprobe::at(H + 4).build());
+    reg.register(&a).unwrap();
+    reg.register(&b).unwrap();
+    assert_eq!(xol.in_use(), 2);
+    reg.unregister_many(&[&a, &b]).unwrap();
 }
 
 #[test]

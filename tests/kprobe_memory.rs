@@ -95,11 +95,10 @@ fn the_site_of_a_failed_registration_is_freed_with_its_slot_without_a_commit() {
     drop(p);
     assert_eq!(drops.load(Ordering::SeqCst), 0, "the retired list holds it");
     assert_eq!(fx.xol.in_use(), 1, "the slot waits for a grace period");
-    // The list's callback frees it (and with it the probe's handler); the
-    // slot free it queues runs after one more grace period.
+    // The list's callback frees it, and with it the probe's handler and the
+    // failed site's slot.
     rcu.barrier();
     assert_eq!(drops.load(Ordering::SeqCst), 1, "freed exactly once");
-    rcu.barrier();
     assert_eq!((fx.xol.in_use(), fx.xol.frees()), (0, 1));
     assert_eq!(fx.reg.retired_lists().freed, 1);
     assert_eq!(fx.reg.pending(), 0);

@@ -11,9 +11,10 @@
 //!   runs after the `unregister`/`commit` that removed it returned;
 //! - a trap on our breakpoint is never "not ours"; every hijacked return
 //!   comes back to its caller;
-//! - at the end the text is byte-for-byte the original, every slot is back,
-//!   no orphan is left, and every member list a registration retired (a
-//!   probe joining an address) is freed.
+//! - at the end the text is byte-for-byte the original, every slot is back
+//!   (and few addresses hold a second one), no orphan is left, and every
+//!   member list a registration retired (a probe joining an address) is
+//!   freed.
 //!
 //! `#[ignore]`d: run with `cargo test --release --test kprobe_stress --
 //! --ignored`. Duration: `KPROBE_STRESS_SECS` (default 2 s; at least 10 s
@@ -454,7 +455,24 @@ fn hits_are_exact_and_no_handler_runs_after_unregistration_returns() {
     assert_eq!(reg.orphans(), 0);
     assert_eq!(reg.text().snapshot(), code(), "text restored byte for byte");
     rcu_registry::rcu::Rcu::global().barrier();
+    println!(
+        "XOL: {} allocations, {} frees, {} slots bound to an address (parked)",
+        xol.allocs(),
+        xol.frees(),
+        xol.parked()
+    );
     assert_eq!(xol.in_use(), 0, "every slot back");
+    // Each out-of-line address (one per function) binds a second slot only
+    // while a site there is retired and not yet committed as another is
+    // registered; 70-71 in 5 s runs. Slots given back through one more
+    // grace period, as before, bound 222-256 of the 256 here (and once ran
+    // out: `XolExhausted`).
+    assert!(
+        xol.parked() <= 2 * FUNCS,
+        "{} slots bound to {} addresses: slots are being hoarded",
+        xol.parked(),
+        FUNCS
+    );
     let lists = reg.retired_lists();
     println!("member lists retired by registrations: {lists:?}");
     assert_eq!(

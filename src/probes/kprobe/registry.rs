@@ -105,7 +105,7 @@ pub struct RegistryBuilder<A: Arch, T: TextMemory> {
 impl<A: Arch, T: TextMemory> RegistryBuilder<A, T> {
     /// The RCU domain handle (default: [`Rcu::global`]). Readers are
     /// process-wide whichever handle is used; the handle picks the callback
-    /// queue slot frees go through.
+    /// queue that frees the member lists registrations replace.
     pub fn rcu(mut self, rcu: Rcu) -> Self {
         self.rcu = Some(rcu);
         self
@@ -505,9 +505,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                     .plan_xol(&insn, slot)
                     .and_then(|p| self.xol.fill(slot, p.slot_bytes()).map(|()| p));
                 match planned {
-                    Ok(plan) => {
-                        SiteExec::out_of_line(insn, plan, Arc::clone(&self.xol), self.rcu.clone())
-                    }
+                    Ok(plan) => SiteExec::out_of_line(insn, plan, Arc::clone(&self.xol)),
                     Err(e) => {
                         // Never published: no thread can be using it.
                         self.xol.free(slot);

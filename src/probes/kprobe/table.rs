@@ -30,7 +30,7 @@ use std::sync::Arc;
 use super::probe::Kprobe;
 use super::xol::XolAllocator;
 use crate::probes::arch::{Insn, XolPlan};
-use crate::rcu::{Rcu, RcuGuard};
+use crate::rcu::RcuGuard;
 use crate::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 
 /// How hits on one address are completed. Shared by every member list the
@@ -43,11 +43,9 @@ pub(crate) struct SiteExec {
     _slot: Option<SlotOwner>,
 }
 
-/// Gives an XOL slot back to its allocator (through `Rcu::call`) when
-/// dropped.
+/// Gives an XOL slot back to its allocator when dropped.
 struct SlotOwner {
     xol: Arc<dyn XolAllocator>,
-    rcu: Rcu,
     slot: u64,
 }
 
@@ -56,17 +54,18 @@ impl Drop for SlotOwner {
         // Dropped with the last member list of the site, i.e. after the
         // grace period that retired it and after every single-step on the
         // slot finished: no trap handler will send a thread here any more.
+        // (A site that was never published has had no thread near it.)
         // A thread it sent here earlier for a *boosted* run may still be
         // about to execute the slot, and no grace period covers it (it is in
         // no read section). `finish_pending` has already run the
         // allocator's `quiesce` on boosted slots, which waits such threads
         // out where it can; what makes freeing safe in every case is the
         // allocator's reuse rule (only for the same address, same bytes,
-        // unless its `quiesce` proved the slot unused; see `xol.rs`), not
-        // the extra grace period `Rcu::call` adds.
-        let xol = Arc::clone(&self.xol);
-        let slot = self.slot;
-        self.rcu.call(move || xol.free(slot));
+        // unless its `quiesce` proved the slot unused; see `xol.rs`). So the
+        // slot goes back now, not after yet another grace period: a probe
+        // registered again at the address as soon as `commit` returns takes
+        // this slot back instead of binding a new one to the address.
+        self.xol.free(self.slot);
     }
 }
 
@@ -80,20 +79,14 @@ impl SiteExec {
         }
     }
 
-    /// An instruction run from the slot `plan.slot_addr`, freed through
-    /// `rcu` when the last member list referring to it is dropped.
-    pub(crate) fn out_of_line(
-        insn: Insn,
-        plan: XolPlan,
-        xol: Arc<dyn XolAllocator>,
-        rcu: Rcu,
-    ) -> Self {
+    /// An instruction run from the slot `plan.slot_addr`, freed when the
+    /// last member list referring to it is dropped.
+    pub(crate) fn out_of_line(insn: Insn, plan: XolPlan, xol: Arc<dyn XolAllocator>) -> Self {
         SiteExec {
             insn,
             plan: Some(plan),
             _slot: Some(SlotOwner {
                 xol,
-                rcu,
                 slot: plan.slot_addr,
             }),
         }

@@ -11,7 +11,7 @@
 //! allocator wait out threads still in a retired site's boosted slot
 //! (`XolAllocator::quiesce`), waits for the single-steps in flight on each
 //! retired member list, frees the lists and
-//! sites (the last list of a site frees its XOL slot through `Rcu::call`),
+//! sites (the last list of a site gives its XOL slot back to the allocator),
 //! and finally gives the probe back (it may be registered again).
 //!
 //! `unregister_nosync` runs the top half only and parks the retired objects
@@ -230,12 +230,12 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// retired XOL slots (as far as
     /// [`XolAllocator::quiesce`](crate::probes::kprobe::XolAllocator::quiesce)
     /// can observe;
-    /// the live runtime's wait is bounded), the slots are on their way back
-    /// to the allocator, and the probes can be registered again. Member
-    /// lists and failed sites that registrations retired before the call and
-    /// that their grace-period callbacks have not freed yet are freed too
-    /// (their slots are then on their way back as well). With nothing
-    /// pending or left to free it returns at once.
+    /// the live runtime's wait is bounded), the slots are back with the
+    /// allocator (parked for their addresses), and the probes can be
+    /// registered again. Member lists and failed sites that registrations
+    /// retired before the call and that their grace-period callbacks have
+    /// not freed yet are freed too (with their slots). With nothing pending
+    /// or left to free it returns at once.
     ///
     /// Safe to call from several threads at once: commits are serialized,
     /// and a commit that finds the work taken by another still returns only
@@ -369,9 +369,9 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
 
     /// Slow path of slot allocation: frees the retired member lists that may
     /// hold slots (one grace period, then their steps in flight), then waits
-    /// for the slot frees queued on the RCU worker (the lists' callbacks and
-    /// the slot frees they queue). Called with the writer mutex held
-    /// (neither wait needs it, and the callbacks never take it).
+    /// for the list callbacks already queued on the RCU worker (a list
+    /// freed there gives its site's slot back). Called with the writer mutex
+    /// held (neither wait needs it, and the callbacks never take it).
     #[cold]
     pub(crate) fn reclaim_slots(&self) {
         if Rcu::in_read_section() {

@@ -20,8 +20,10 @@
 //!   list's `inflight` count): a stepping thread is back in the original
 //!   code once its step trap has been handled;
 //!
-//! and then hands it to [`XolAllocator::free`] through
-//! [`Rcu::call`](crate::rcu::Rcu::call), one more grace period later.
+//! and then hands it straight to [`XolAllocator::free`] (so a probe
+//! registered again at the address as soon as `unregister` or `commit`
+//! returns gets the same slot back, parked for it, rather than binding
+//! another slot to the address while the first waits).
 //!
 //! None of this covers a **boosted** run. Once its trap handler has
 //! returned, the thread runs the slot's copy of the instruction and the jump
