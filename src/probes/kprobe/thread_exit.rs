@@ -25,8 +25,8 @@
 //!
 //! # At thread exit
 //!
-//! A POSIX thread-specific key, created once when the first registry is
-//! built, carries a destructor that flushes the exiting thread from every
+//! A POSIX thread-specific key (`probes/exit_key.rs`), created once when
+//! the first registry is built, carries a destructor that flushes the exiting thread from every
 //! live registry's instance table. A thread arms it the first time it files
 //! an instance (`pthread_setspecific` with a non-null value; the same
 //! signal-safety caveat as the RCU reader slots applies: glibc stores it
@@ -148,10 +148,9 @@ pub(crate) fn arm() {
 #[cfg(not(loom))]
 mod hook {
     use std::cell::Cell;
-    use std::sync::Once;
 
     use super::super::instances::{InstanceTable, ThreadKey};
-    use crate::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    use crate::probes::exit_key::ExitKey;
     use crate::sync::Mutex;
 
     /// A tracked table.
@@ -164,10 +163,8 @@ mod hook {
     /// Every live registry's instance table.
     static TABLES: Mutex<Vec<TablePtr>> = Mutex::new(Vec::new());
 
-    static INIT: Once = Once::new();
-    /// The thread-exit key; valid once `KEY_READY` is set.
-    static KEY: AtomicU32 = AtomicU32::new(0);
-    static KEY_READY: AtomicBool = AtomicBool::new(false);
+    /// The thread-exit key, created by the first `track`.
+    static KEY: ExitKey = ExitKey::new();
 
     // `std::cell::Cell`: touched only by its own thread (and signal
     // handlers on it, which finish before the thread resumes).
@@ -203,18 +200,7 @@ mod hook {
     }
 
     pub(super) fn track(table: &InstanceTable) {
-        INIT.call_once(|| {
-            let mut key: libc::pthread_key_t = 0;
-            // SAFETY: `key` is a valid out-pointer; the destructor has the
-            // required signature and ignores the value it is given.
-            if unsafe { libc::pthread_key_create(&mut key, Some(flush_on_exit)) } == 0 {
-                // Relaxed: published by the Release store below.
-                KEY.store(key, Ordering::Relaxed);
-                // Release pairs with the Acquire in `arm_slow`: a thread that
-                // sees READY also sees KEY.
-                KEY_READY.store(true, Ordering::Release);
-            }
-        });
+        KEY.prepare(flush_on_exit);
         tables().push(TablePtr(table));
     }
 
@@ -225,22 +211,7 @@ mod hook {
 
     #[inline]
     pub(super) fn arm() {
-        if !ARMED.with(Cell::get) {
-            arm_slow();
-        }
-    }
-
-    #[cold]
-    fn arm_slow() {
-        // Acquire pairs with the Release in `track`.
-        if KEY_READY.load(Ordering::Acquire) {
-            // SAFETY: the key is valid; any non-null value makes the
-            // destructor run at thread exit. glibc stores it without
-            // allocating for small keys (module docs).
-            unsafe {
-                // Relaxed: ordered by the Acquire load above.
-                libc::pthread_setspecific(KEY.load(Ordering::Relaxed), 1 as *const libc::c_void);
-            }
+        if !ARMED.with(Cell::get) && KEY.arm() {
             ARMED.with(|a| a.set(true));
         }
     }
