@@ -7,7 +7,9 @@
 //!   at 1 and 2 threads, 1,000 probed addresses.
 //! - `unregister_10k`: removing 10,000 probes while two threads keep hitting
 //!   them: `unregister_nosync` for each plus one `commit`, against
-//!   `unregister` one by one (a grace period each).
+//!   `unregister` one by one (a grace period each); the same with one
+//!   hitter, and the batch with none (see BENCHMARKS.md for why the ratio
+//!   depends on whether hitters get descheduled inside read sections).
 //! - `kretprobe`: a kretprobe'd call (entry trap + return through the
 //!   trampoline) per iteration, each thread on its own function, with the
 //!   instance table on 64 hashed stripes against one global lock (1 stripe),
@@ -274,6 +276,19 @@ fn time_batch(hitters: usize, id: &str, iters: u64) -> Duration {
     record(id, total, iters)
 }
 
+/// Times one-by-one `unregister` of every probe with `hitters`.
+fn time_one_by_one(hitters: usize, id: &str, iters: u64) -> Duration {
+    let mut total = Duration::ZERO;
+    for _ in 0..iters {
+        total += time_unregister(hitters, |reg, probes| {
+            for p in probes {
+                reg.unregister(p).unwrap();
+            }
+        });
+    }
+    record(id, total, iters)
+}
+
 fn bench_unregister(c: &mut Criterion) {
     let mut g = c.benchmark_group("kprobe_unregister_10k");
     g.sample_size(10);
@@ -281,17 +296,17 @@ fn bench_unregister(c: &mut Criterion) {
         b.iter_custom(|iters| time_batch(UNREG_HITTERS, "unregister/batch", iters))
     });
     g.bench_function("one_by_one", |b| {
-        b.iter_custom(|iters| {
-            let mut total = Duration::ZERO;
-            for _ in 0..iters {
-                total += time_unregister(UNREG_HITTERS, |reg, probes| {
-                    for p in probes {
-                        reg.unregister(p).unwrap();
-                    }
-                });
-            }
-            record("unregister/one_by_one", total, iters)
-        })
+        b.iter_custom(|iters| time_one_by_one(UNREG_HITTERS, "unregister/one_by_one", iters))
+    });
+    // One hitter: with the writer, no more threads than this machine's two
+    // vCPUs, so a hitter is rarely descheduled inside its read section and
+    // grace periods stay short (what a machine with a core per thread
+    // would see).
+    g.bench_function("nosync_then_commit_1_hitter", |b| {
+        b.iter_custom(|iters| time_batch(1, "unregister/batch_1", iters))
+    });
+    g.bench_function("one_by_one_1_hitter", |b| {
+        b.iter_custom(|iters| time_one_by_one(1, "unregister/one_by_one_1", iters))
     });
     // The batch's own cost, with nothing competing for the CPUs: what a
     // grace period must exceed, per probe, for batching to pay a ratio.
@@ -320,6 +335,17 @@ fn unregister_breakdown() {
         println!(
             "  ceiling with free top halves: one-by-one / commit = {:.1}x",
             one / commit
+        );
+    }
+    if let (Some(top), Some(commit), Some(one)) = (
+        get("unregister/batch_1/top"),
+        get("unregister/batch_1/commit"),
+        get("unregister/one_by_one_1"),
+    ) {
+        println!(
+            "  one hitter: batch = top halves {top:.2} ms + commit {commit:.2} ms; \
+             one-by-one = {:.1} us per probe",
+            one * 1e3 / n
         );
     }
     if let Some(alone) = get("unregister/batch_alone") {
@@ -453,6 +479,11 @@ fn main() {
         "unregister/batch",
     );
     unregister_breakdown();
+    ratio(
+        "unregister 10,000 probes under ONE hitter, one-by-one / nosync+commit",
+        "unregister/one_by_one_1",
+        "unregister/batch_1",
+    );
     for t in [1, 2] {
         ratio(
             &format!("kretprobe entry+return, global lock / hashed, {t} thread(s)"),

@@ -9,6 +9,8 @@ use std::fmt;
 // `std`'s Arc even under loom (see `kretprobe.rs`).
 use std::sync::Arc;
 
+use crossbeam_utils::CachePadded;
+
 use super::deferred::{DeferredFree, RetiredLists};
 use super::instances::InstanceTable;
 use super::kretprobe::{Kretprobe, ReturnProbe};
@@ -85,8 +87,13 @@ pub struct KprobeRegistry<A: Arch, T: TextMemory> {
     /// a commit returns only after every retirement made before it started
     /// is finished, even one another commit took.
     pub(crate) reclaim_lock: Mutex<()>,
-    /// Probes registered (for cheap `len`).
-    pub(crate) count: AtomicUsize,
+    /// Probes registered (for cheap `len`). On its own cache line: every
+    /// registration and unregistration writes it, and sharing a line with
+    /// the fields every hit reads (the bucket array, say) made each of those
+    /// writes pull the line from the hitting cores (measured: the top halves
+    /// of 10,000 `unregister_nosync` under one hitter took 4.5-4.6 ms, 2.7-
+    /// 3.1 ms padded, 2.0 ms with no hitter).
+    pub(crate) count: CachePadded<AtomicUsize>,
 }
 
 /// Builds a [`KprobeRegistry`].
@@ -156,7 +163,7 @@ impl<A: Arch, T: TextMemory> RegistryBuilder<A, T> {
             }),
             deferred: DeferredFree::new(),
             reclaim_lock: Mutex::new(()),
-            count: AtomicUsize::new(0),
+            count: CachePadded::new(AtomicUsize::new(0)),
         }
     }
 }
