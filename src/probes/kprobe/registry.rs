@@ -594,18 +594,23 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         id: usize,
         probe: &Kprobe,
     ) -> Result<&'w mut SiteState, ProbeError> {
-        let unknown = || ProbeError::UnknownProbe {
+        if !probe.registered_in(id) {
+            return Err(Self::unknown(probe));
+        }
+        w.sites
+            .get_mut(&probe.registered_addr())
+            .ok_or_else(|| Self::unknown(probe))
+    }
+
+    /// The error for a probe not registered here.
+    #[cold]
+    pub(crate) fn unknown(probe: &Kprobe) -> ProbeError {
+        ProbeError::UnknownProbe {
             site: match probe.target() {
                 Target::Address(a) => ProbeSite::Address(*a),
                 Target::Symbol { .. } => ProbeSite::Address(probe.address().unwrap_or(0)),
             },
-        };
-        if !probe.registered_in(id) {
-            return Err(unknown());
         }
-        w.sites
-            .get_mut(&probe.registered_addr())
-            .ok_or_else(unknown)
     }
 }
 

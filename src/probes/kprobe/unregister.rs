@@ -41,6 +41,7 @@
 //! period (they wait for each other); `unregister_nosync` + one `commit` is
 //! the way to pay one grace period for many probes.
 
+use std::collections::btree_map::Entry;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -314,7 +315,12 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         out: &mut Vec<Retired>,
     ) -> Result<(), ProbeError> {
         let addr = probe.registered_addr();
-        let st = Self::site_of(w, self.id, probe)?;
+        // One walk of the writer's map, also when the site goes.
+        let mut entry = match w.sites.entry(addr) {
+            Entry::Occupied(e) if probe.registered_in(self.id) => e,
+            _ => return Err(Self::unknown(probe)),
+        };
+        let st = entry.get_mut();
         let pos = st
             .members
             .iter()
@@ -332,19 +338,23 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             self.disarm(addr, &st.orig)?;
             st.armed = false;
         }
-        if last {
-            let st = w.sites.remove(&addr).expect("site checked above");
+        // The registry's own handle on the probe, moved into the retirement
+        // (no reference-count traffic).
+        let handle = if last {
+            let mut st = entry.remove();
             // SAFETY: writer mutex held; the node is linked.
             unsafe { self.table.unlink(st.node) };
             // SAFETY: the node is live (freed only through this retirement).
             out.push(Retired::Members(unsafe { &*st.node }.members_ptr()));
             out.push(Retired::Site(st.node));
+            st.members.pop().expect("the site's one member")
         } else {
-            st.members.remove(pos);
+            let handle = st.members.remove(pos);
             // SAFETY: writer mutex held; the node is live.
             let old = unsafe { &*st.node }.replace_members(Members::new(&st.members, &st.exec));
             out.push(Retired::Members(old));
-        }
+            handle
+        };
         probe.mark_pending();
         // Relaxed: a statistics counter read by `len`.
         self.count.fetch_sub(1, Ordering::Relaxed);
@@ -354,7 +364,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             r.orphan();
             out.push(Retired::Return(Arc::clone(r)));
         }
-        out.push(Retired::Probe(probe.clone()));
+        out.push(Retired::Probe(handle));
         Ok(())
     }
 
