@@ -91,8 +91,8 @@ pub struct KprobeRegistry<A: Arch, T: TextMemory> {
     /// registration and unregistration writes it, and sharing a line with
     /// the fields every hit reads (the bucket array, say) made each of those
     /// writes pull the line from the hitting cores (measured: the top halves
-    /// of 10,000 `unregister_nosync` under one hitter took 4.5-4.6 ms, 2.7-
-    /// 3.1 ms padded, 2.0 ms with no hitter).
+    /// of 10,000 `unregister_nosync` under one hitter took 4.5-4.6 ms,
+    /// 2.45-3.1 ms padded, 2.0 ms with no hitter).
     pub(crate) count: CachePadded<AtomicUsize>,
 }
 
