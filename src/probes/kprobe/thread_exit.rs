@@ -27,17 +27,16 @@
 //!
 //! A POSIX thread-specific key (`probes/exit_key.rs`), created once when
 //! the first registry is built, carries a destructor that flushes the
-//! exiting thread from every live registry's instance table. A thread
-//! arms it the first time it files an instance (`pthread_setspecific` with
-//! a non-null value; the same signal-safety caveat as the RCU reader slots
+//! exiting thread from every live registry's instance table. A thread arms
+//! it the first time it files an instance (`pthread_setspecific` with a
+//! non-null value; the same signal-safety caveat as the RCU reader slots
 //! applies: glibc stores it without allocating for the process's first 32
-//! keys). The live tables are
-//! listed in a process-wide, mutex-guarded list. (Should the key not be
-//! creatable, the process being out of keys, threads are not flushed at
-//! exit; the explicit flushes still work.) A registry removes its
-//! table from the list, under that mutex, before it frees anything; a
-//! destructor flushes while holding the mutex. So every table, instance and
-//! pool a destructor touches is alive.
+//! keys). The live tables are listed in a process-wide, mutex-guarded list.
+//! (Should the key not be creatable, the process being out of keys, threads
+//! are not flushed at exit; the explicit flushes still work.) A registry
+//! removes its table from the list, under that mutex, before it frees
+//! anything; a destructor flushes while holding the mutex. So every table,
+//! instance and pool a destructor touches is alive.
 //!
 //! # Lock order
 //!
