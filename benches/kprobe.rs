@@ -320,32 +320,29 @@ fn bench_unregister(c: &mut Criterion) {
 fn unregister_breakdown() {
     let get = |id: &str| median_ns(id).map(|ns| ns / 1e6);
     let n = UNREG_PROBES as f64;
-    if let (Some(top), Some(commit), Some(one)) = (
-        get("unregister/batch/top"),
-        get("unregister/batch/commit"),
-        get("unregister/one_by_one"),
-    ) {
-        println!(
-            "  unregister breakdown: batch = top halves {top:.2} ms + commit {commit:.2} ms; \
-             one-by-one = {:.1} us per probe (its grace period included)",
-            one * 1e3 / n
-        );
+    for (hitters, batch, one_by_one) in [
+        ("two hitters", "unregister/batch", "unregister/one_by_one"),
+        (
+            "one hitter",
+            "unregister/batch_1",
+            "unregister/one_by_one_1",
+        ),
+    ] {
+        let (Some(top), Some(commit), Some(one)) = (
+            get(&format!("{batch}/top")),
+            get(&format!("{batch}/commit")),
+            get(one_by_one),
+        ) else {
+            continue;
+        };
         // The commit is one grace period under the same hitters plus the
         // frees: a batch cannot cost less, however cheap its top halves.
         println!(
-            "  ceiling with free top halves: one-by-one / commit = {:.1}x",
+            "  {hitters}: batch = top halves {top:.2} ms + commit {commit:.2} ms; \
+             one-by-one = {:.1} us per probe (its grace period included); \
+             ceiling with free top halves (one-by-one / commit) = {:.1}x",
+            one * 1e3 / n,
             one / commit
-        );
-    }
-    if let (Some(top), Some(commit), Some(one)) = (
-        get("unregister/batch_1/top"),
-        get("unregister/batch_1/commit"),
-        get("unregister/one_by_one_1"),
-    ) {
-        println!(
-            "  one hitter: batch = top halves {top:.2} ms + commit {commit:.2} ms; \
-             one-by-one = {:.1} us per probe",
-            one * 1e3 / n
         );
     }
     if let Some(alone) = get("unregister/batch_alone") {
