@@ -10,6 +10,8 @@
 //! - [`hashlock`]: arrays of cache-padded lock stripes keyed by typed keys.
 //! - [`probes`]: probe registries with kprobe and uprobe semantics over
 //!   pluggable architecture backends.
+//! - [`docs`]: how it all works, what it costs, what it does not do yet, and
+//!   how a tracer builds on it (prose only, no items).
 
 #![deny(missing_docs)]
 #![warn(unsafe_op_in_unsafe_fn)]
@@ -18,6 +20,7 @@ mod sync;
 #[cfg(target_os = "linux")]
 mod sys;
 
+pub mod docs;
 pub mod hashlock;
 pub mod probes;
 pub mod rcu;
