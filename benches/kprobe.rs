@@ -203,18 +203,30 @@ fn bench_hit_lookup(c: &mut Criterion) {
 
 // ------------------------------------------------------ unregister 10,000
 
-const UNREG_PROBES: usize = 10_000;
+/// Probes removed per measurement: 10,000, or the value of
+/// `RCU_REGISTRY_BENCH_UNREG_PROBES` (`scripts/bench-plots` sweeps it to plot
+/// unregister time against the probe count).
+fn unreg_probes() -> usize {
+    static N: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *N.get_or_init(|| {
+        std::env::var("RCU_REGISTRY_BENCH_UNREG_PROBES")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .filter(|&n| n > 0)
+            .unwrap_or(10_000)
+    })
+}
 const UNREG_HITTERS: usize = 2;
 
-/// Registers 10,000 probes, starts `hitters` threads hitting them, times
+/// Registers [`unreg_probes`] probes, starts `hitters` threads hitting them, times
 /// `remove`, stops them.
 ///
 /// A hitter only traps on a probe that is still registered, as a thread
 /// running the code only traps where a breakpoint still is (the few that
 /// race a removal take the "vanished" path).
 fn time_unregister(hitters: usize, remove: impl Fn(&Reg, &[Kprobe])) -> Duration {
-    let reg = registry(UNREG_PROBES, 16_384, 64);
-    let probes: Vec<Kprobe> = (0..UNREG_PROBES)
+    let reg = registry(unreg_probes(), 16_384, 64);
+    let probes: Vec<Kprobe> = (0..unreg_probes())
         .map(|i| Kprobe::at(func(i)).build())
         .collect();
     for p in &probes {
@@ -228,7 +240,7 @@ fn time_unregister(hitters: usize, remove: impl Fn(&Reg, &[Kprobe])) -> Duration
                 let mut mem = Word(0);
                 let mut k = t * 5003;
                 while !stop.load(Ordering::Relaxed) {
-                    k = (k + 7919) % UNREG_PROBES;
+                    k = (k + 7919) % probes.len();
                     if !probes[k].is_registered() {
                         continue;
                     }
@@ -290,7 +302,10 @@ fn time_one_by_one(hitters: usize, id: &str, iters: u64) -> Duration {
 }
 
 fn bench_unregister(c: &mut Criterion) {
-    let mut g = c.benchmark_group("kprobe_unregister_10k");
+    let mut g = c.benchmark_group(match unreg_probes() {
+        10_000 => "kprobe_unregister_10k".to_string(),
+        n => format!("kprobe_unregister_{n}"),
+    });
     g.sample_size(10);
     g.bench_function("nosync_then_commit", |b| {
         b.iter_custom(|iters| time_batch(UNREG_HITTERS, "unregister/batch", iters))
@@ -319,7 +334,7 @@ fn bench_unregister(c: &mut Criterion) {
 /// What the unregister ratio is made of, from the same run's medians.
 fn unregister_breakdown() {
     let get = |id: &str| median_ns(id).map(|ns| ns / 1e6);
-    let n = UNREG_PROBES as f64;
+    let n = unreg_probes() as f64;
     for (hitters, batch, one_by_one) in [
         ("two hitters", "unregister/batch", "unregister/one_by_one"),
         (
@@ -471,13 +486,19 @@ fn main() {
         );
     }
     ratio(
-        "unregister 10,000 probes under hits, one-by-one / nosync+commit",
+        &format!(
+            "unregister {} probes under hits, one-by-one / nosync+commit",
+            unreg_probes()
+        ),
         "unregister/one_by_one",
         "unregister/batch",
     );
     unregister_breakdown();
     ratio(
-        "unregister 10,000 probes under ONE hitter, one-by-one / nosync+commit",
+        &format!(
+            "unregister {} probes under ONE hitter, one-by-one / nosync+commit",
+            unreg_probes()
+        ),
         "unregister/one_by_one_1",
         "unregister/batch_1",
     );
