@@ -455,7 +455,7 @@ fn bad_targets_on_real_code_are_refused_and_change_no_byte() {
     assert_eq!(snapshot(t), before_t);
 
     // Someone else's breakpoint already there.
-    let text = rcu_registry::probes::text::InProcess::new();
+    let text = rcu_registry::probes::runtime::InProcess::new();
     use rcu_registry::probes::text::TextMemory;
     let push_at = addr(rtp_push);
     text.write(push_at, &[0x53], &[0xcc]).unwrap();

@@ -20,7 +20,7 @@ use rcu_registry::probes::kprobe::{Action, Kprobe, XolAllocator};
 use rcu_registry::probes::runtime::{
     quiesce, quiesce_signal, Live, XolArea, XolStats, BLOCKED_FOR, QUIESCE_TIMEOUT,
 };
-use rcu_registry::probes::symbols::ProcessSymbols;
+use rcu_registry::probes::runtime::symbols::ProcessSymbols;
 
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());

@@ -13,10 +13,8 @@ pub mod kprobe;
 #[path = "runtime/quiesce/ack.rs"]
 pub mod quiesce_ack;
 mod reentry;
-#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
-pub mod runtime;
 #[cfg(all(target_os = "linux", not(loom)))]
-pub mod symbols;
+pub mod runtime;
 pub mod text;
 pub mod uprobe;
 

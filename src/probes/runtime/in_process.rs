@@ -81,7 +81,7 @@ use crate::sys::{
     MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
 };
 
-use super::patch_window::{PatchWindow, INT3};
+use crate::probes::text::{PatchWindow, INT3};
 
 /// Serializes every code write and protection change of the process (all
 /// `InProcess` values share it: page protection is process-wide state).
@@ -106,7 +106,8 @@ pub struct RefusedRange {
 /// [module docs](self) for the protocol.
 ///
 /// ```no_run
-/// use rcu_registry::probes::text::{InProcess, TextMemory};
+/// use rcu_registry::probes::runtime::InProcess;
+/// use rcu_registry::probes::text::TextMemory;
 ///
 /// #[inline(never)]
 /// extern "C" fn answer() -> u32 { 42 }
