@@ -16,11 +16,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use rcu_registry::probes::kprobe::{Action, Kprobe, XolAllocator};
+use rcu_registry::probes::kprobe::{Action, Kprobe};
+use rcu_registry::probes::runtime::symbols::ProcessSymbols;
 use rcu_registry::probes::runtime::{
     quiesce, quiesce_signal, Live, XolArea, XolStats, BLOCKED_FOR, QUIESCE_TIMEOUT,
 };
-use rcu_registry::probes::runtime::symbols::ProcessSymbols;
+use rcu_registry::probes::xol::XolAllocator;
 
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());

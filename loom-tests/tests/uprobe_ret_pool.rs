@@ -47,7 +47,7 @@ use probe_common::{
     URET_TRAMPOLINE,
 };
 use rcu_registry::probes::arch::{Regs, X86_64};
-use rcu_registry::probes::kprobe::HitOutcome;
+use rcu_registry::probes::uprobe::UprobeFinished;
 use rcu_registry::probes::uprobe::{Consumer, UprobeOutcome};
 use rcu_registry::seqtree::model_domain::ModelDomain;
 
@@ -75,7 +75,7 @@ fn enter(reg: &Reg, space: &Space) -> Stack {
         ..Regs::default()
     };
     match reg.on_breakpoint(space.id, &mut regs, &mut stack) {
-        UprobeOutcome::Done(HitOutcome::Emulated) => {}
+        UprobeOutcome::Done(UprobeFinished::Emulated) => {}
         UprobeOutcome::Done(other) => panic!("trapped on our breakpoint, got {other:?}"),
         UprobeOutcome::SingleStep(_) => panic!("a nop is emulated"),
     }

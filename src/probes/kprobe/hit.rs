@@ -61,6 +61,7 @@ use super::table::Members;
 use crate::probes::arch::{
     Arch, DataMemory, Regs, StepOutcome, StepState, XolPlan, XolRun, MAX_INSN_BYTES,
 };
+use crate::probes::outcome::ReturnOutcome;
 use crate::probes::reentry::Flag;
 use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
@@ -106,7 +107,7 @@ pub enum HitOutcome<'r> {
     /// handler has returned, in no read section and counted nowhere: an
     /// unregistration cannot wait for it, which is why a freed slot is only
     /// ever reused for the same address (the
-    /// [reuse rule](super::XolAllocator#reuse-rule)).
+    /// [reuse rule](crate::probes::xol::XolAllocator#reuse-rule)).
     Boosted {
         /// The slot's address.
         slot: u64,
@@ -201,19 +202,6 @@ pub enum StepResult<'r> {
     Repeat(StepToken<'r>),
     /// A fixup failed; `regs` are unchanged. The runtime decides.
     Failed(ProbeError),
-}
-
-/// Result of [`KprobeRegistry::on_return`].
-#[must_use = "the outcome says where the thread returns to"]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReturnOutcome {
-    /// Return handlers ran; `regs.ip` is the real return address `to`.
-    Returned {
-        /// The caller's return address.
-        to: u64,
-    },
-    /// No instance of this thread returns with this stack pointer.
-    NotOurs,
 }
 
 #[inline]

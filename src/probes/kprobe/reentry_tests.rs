@@ -11,9 +11,12 @@ use std::sync::Arc;
 
 use super::hit::in_handler;
 use super::instances::test_hooks;
-use super::{HitOutcome, KprobeRegistry, Kretprobe, ReturnOutcome, SymbolTable, XolArena};
+use super::{HitOutcome, KprobeRegistry, Kretprobe};
 use crate::probes::arch::{DataMemory, Regs, X86Reg, X86_64};
+use crate::probes::outcome::ReturnOutcome;
+use crate::probes::resolve::SymbolTable;
 use crate::probes::text::Image;
+use crate::probes::xol::XolArena;
 use crate::probes::ProbeError;
 
 /// `k`: mov eax, 7; ret.

@@ -229,7 +229,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// other's. When it returns, no handler of any probe that was pending
     /// when it was called runs any more, no thread is executing their
     /// retired XOL slots (as far as
-    /// [`XolAllocator::quiesce`](crate::probes::kprobe::XolAllocator::quiesce)
+    /// [`XolAllocator::quiesce`](crate::probes::xol::XolAllocator::quiesce)
     /// can observe;
     /// the live runtime's wait is bounded), the slots are back with the
     /// allocator (parked for their addresses), and the probes can be

@@ -83,14 +83,14 @@
 //! recycled like any other.
 //!
 //! This relaxes, for the live area only, the
-//! [reuse rule](crate::probes::kprobe::XolAllocator#reuse-rule) of the
+//! [reuse rule](crate::probes::xol::XolAllocator#reuse-rule) of the
 //! allocator trait, which assumes no such proof exists.
 
 use std::collections::{HashMap, HashSet};
 
 use crate::probes::arch::MAX_XOL_SLOT;
 use crate::probes::error::TextFailure;
-use crate::probes::kprobe::XolAllocator;
+use crate::probes::xol::XolAllocator;
 use crate::probes::ProbeError;
 use crate::sync::Mutex;
 

@@ -104,7 +104,7 @@ use super::registry::{slice, SpaceState, Target, Uprobe, UprobeRegistry};
 use super::retpool::{default_return_stacks, ReturnPool};
 use super::space::{AddressSpace, SpaceId, UprobeKey};
 use crate::probes::arch::{Arch, DataMemory, Regs};
-use crate::probes::kprobe::ReturnOutcome;
+use crate::probes::outcome::ReturnOutcome;
 use crate::probes::ProbeError;
 use crate::rcu::Flavor;
 
