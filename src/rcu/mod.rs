@@ -31,6 +31,7 @@
 //! period serves every callback queued before it started. [`GpCookie`]s from
 //! `start_poll()` expose the same numbering to callers that prefer to poll.
 
+mod callbacks;
 mod cell;
 mod gp;
 mod sched;

@@ -33,7 +33,8 @@
 //! process-wide, as in the kernel); each `Rcu::new()` has its own callback
 //! queue, worker and barrier.
 
-use super::gp::{self, CallbackQueue, GpSeq, GracePeriod, SLEEP_SLICE};
+use super::callbacks::CallbackQueue;
+use super::gp::{self, GpSeq, GracePeriod, SLEEP_SLICE};
 use super::slots::{self, Slot, GP_FUTEX, GP_WAITING};
 use super::{Flavor, GpCookie, ReadGuard};
 use crate::sync::atomic::{fence, AtomicUsize, Ordering};

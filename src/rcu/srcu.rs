@@ -32,7 +32,8 @@
 //! Barriers are asymmetric as in `Rcu`: the updater's `membarrier` stands in
 //! for the full barriers that the classic algorithm puts in the reader.
 
-use super::gp::{self, CallbackQueue, GpSeq, GracePeriod};
+use super::callbacks::CallbackQueue;
+use super::gp::{self, GpSeq, GracePeriod};
 use super::sched::DomainStats;
 use super::slots;
 use super::{Flavor, GpCookie, ReadGuard};
