@@ -7,12 +7,9 @@ pub mod error;
 mod exit_key;
 pub mod kprobe;
 pub mod outcome;
-/// The live runtime's quiescence ack protocol alone (`runtime` is not built
-/// under loom), for its loom model.
-#[cfg(loom)]
-#[doc(hidden)]
-#[path = "runtime/quiesce/ack.rs"]
-pub mod quiesce_ack;
+// The quiescence ack protocol: the live runtime's `quiesce` uses it, loom
+// models it (the runtime itself is not built under loom).
+pub(crate) mod quiesce_ack;
 mod reentry;
 pub mod resolve;
 #[cfg(all(target_os = "linux", not(loom)))]

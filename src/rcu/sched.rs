@@ -36,7 +36,7 @@
 use super::callbacks::CallbackQueue;
 use super::gp::{self, GpSeq, GracePeriod, SLEEP_SLICE};
 use super::slots::{self, Slot, GP_FUTEX, GP_WAITING};
-use super::{Flavor, GpCookie, ReadGuard};
+use super::{Flavor, GpCookie, ReadSection};
 use crate::sync::atomic::{fence, AtomicUsize, Ordering};
 use crate::sync::{heavy_barrier, light_barrier, light_barrier_in, membarrier_mode, Backoff};
 use std::fmt;
@@ -397,7 +397,7 @@ pub struct RcuGuard<'a> {
     _not_send: PhantomData<*const ()>,
 }
 
-impl ReadGuard for RcuGuard<'_> {}
+impl ReadSection for RcuGuard<'_> {}
 
 impl fmt::Debug for RcuGuard<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -36,7 +36,7 @@ use super::callbacks::CallbackQueue;
 use super::gp::{self, GpSeq, GracePeriod};
 use super::sched::DomainStats;
 use super::slots;
-use super::{Flavor, GpCookie, ReadGuard};
+use super::{Flavor, GpCookie, ReadSection};
 use crate::sync::atomic::{fence, AtomicPtr, AtomicUsize, Ordering};
 #[cfg(loom)]
 use crate::sync::thread;
@@ -457,7 +457,7 @@ pub struct SrcuGuard<'a> {
     _not_send: PhantomData<*const ()>,
 }
 
-impl ReadGuard for SrcuGuard<'_> {}
+impl ReadSection for SrcuGuard<'_> {}
 
 impl fmt::Debug for SrcuGuard<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

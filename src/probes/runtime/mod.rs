@@ -115,12 +115,12 @@ mod x86_64_exports {
     pub use super::in_process::{core_sync_method, InProcess, RefusedRange};
     pub use super::live::{Live, LiveRegistry};
     pub use super::quiesce::{
-        quiesce, quiesce_signal, QuiesceReport, BLOCKED_FOR, MAX_THREADS, QUIESCE_TIMEOUT,
-        RESEND_INTERVAL,
+        quiesce, quiesce_signal, QuiesceReport, QUIESCE_SIGNAL_BLOCKED_AFTER, QUIESCE_ACKS_PER_ROUND, QUIESCE_TIMEOUT,
+        QUIESCE_RESEND_INTERVAL,
     };
     pub use super::signal::{install, is_installed};
     pub use super::trampoline::{trampoline_address, xsave_plan, XsavePlan};
-    pub use super::xol::{XolArea, XolStats, CHUNK_BYTES, REACH};
+    pub use super::xol::{XolArea, XolStats, XOL_CHUNK_BYTES, XOL_CHUNK_REACH};
 }
 
 #[cfg(target_arch = "x86_64")]

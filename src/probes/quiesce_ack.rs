@@ -1,7 +1,7 @@
 //! [`AckTable`]: the shared state of a quiescence round and its ack
-//! protocol, on its own so that the loom model (`loom-tests/tests/quiesce.rs`)
-//! can build a fresh table per execution; the live wait uses one in a
-//! static.
+//! protocol. It lives in the probes core, below the live runtime whose
+//! `quiesce` wait uses one in a static, so that loom builds it and its model
+//! (`loom-tests/tests/quiesce.rs`) can build a fresh table per execution.
 //!
 //! # Rounds and generations
 //!
