@@ -18,6 +18,8 @@ mod sync;
 #[cfg(target_os = "linux")]
 mod sys;
 
+#[doc(hidden)]
+pub mod __internals;
 pub mod hashlock;
 pub mod probes;
 pub mod rcu;

@@ -35,6 +35,7 @@ use rcu_registry::probes::outcome::ReturnOutcome;
 use rcu_registry::probes::resolve::SymbolTable;
 use rcu_registry::probes::text::{Image, TextMemory};
 use rcu_registry::probes::xol::XolArena;
+use rcu_registry::__internals::kprobe::RetiredListCounts;
 
 const BASE: u64 = 0x10_0000;
 const FUNCS: usize = 64;

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rcu_registry::probes::kprobe::Kretprobe;
-use rcu_registry::probes::runtime::{steps_in_flight, Live};
+use rcu_registry::probes::runtime::{Live};
+use rcu_registry::__internals::runtime::steps_in_flight;
 use runtime_support::*;
 
 /// How long the worker may make no progress before the test calls it a

@@ -14,7 +14,8 @@ use std::time::Instant;
 
 use rcu_registry::probes::arch::{Arch, X86Reg, X86_64};
 use rcu_registry::probes::kprobe::{Action, Kprobe};
-use rcu_registry::probes::runtime::{steps_in_flight, Live};
+use rcu_registry::probes::runtime::{Live};
+use rcu_registry::__internals::runtime::steps_in_flight;
 use runtime_support::*;
 
 fn live() -> &'static Live {

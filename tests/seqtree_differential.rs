@@ -8,6 +8,7 @@ use std::ops::Bound;
 
 use proptest::prelude::*;
 use rcu_registry::seqtree::{LatchTree, SeqTree};
+use rcu_registry::__internals::seqtree::CheckInvariants;
 
 #[derive(Clone, Debug)]
 enum Op {

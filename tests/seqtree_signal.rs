@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use rcu_registry::rcu::Rcu;
 use rcu_registry::seqtree::LatchTree;
+use rcu_registry::__internals::seqtree::CheckInvariants;
 
 const KEYS: u64 = 512;
 const SIGNALS: u64 = 3_000;

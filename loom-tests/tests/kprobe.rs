@@ -76,6 +76,7 @@ use rcu_registry::probes::resolve::SymbolTable;
 use rcu_registry::probes::text::{Image, TextMemory};
 use rcu_registry::probes::xol::XolArena;
 use rcu_registry::rcu::Rcu;
+use rcu_registry::__internals::kprobe::RetiredListCounts;
 
 /// `f`: nop; ret
 const F: u64 = 0x100;

@@ -75,7 +75,7 @@ use rcu_registry::probes::uprobe::{
     Consumer, ConsumerAction, FileMapping, UprobeOutcome, UprobeRegistry,
 };
 use rcu_registry::rcu::{Flavor, GpCookie};
-use rcu_registry::seqtree::model_domain::ModelDomain;
+use rcu_registry::__internals::seqtree::model_domain::ModelDomain;
 
 /// `mov rbp, rsp` (out of line, boostable), then `ret`.
 const CODE: [u8; 4] = [0x48, 0x89, 0xe5, 0xc3];

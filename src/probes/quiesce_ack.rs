@@ -180,7 +180,6 @@ impl<const THREADS: usize, const RANGES: usize> AckTable<THREADS, RANGES> {
     /// CASed onto this generation's pending value, so a late handler of an
     /// older round can overwrite the new round's entry.
     #[cfg(loom)]
-    #[doc(hidden)]
     pub fn ack_with_plain_store(&self, tid: i32, ip: u64, nested: bool) -> bool {
         self.ack_as(tid, ip, nested, Write::PlainStore)
     }

@@ -304,8 +304,8 @@ where
 
     /// Checks both copies (red-black invariants, order, parent links), that
     /// they hold `len` entries each. For tests; takes the writer lock.
-    #[doc(hidden)]
-    pub fn check_invariants(&self) -> Result<(), String> {
+    /// Reached through `__internals::seqtree::CheckInvariants`.
+    pub(crate) fn validate(&self) -> Result<(), String> {
         let _w = self.lock();
         let len = self.len();
         for copy in 0..2 {

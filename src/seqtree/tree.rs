@@ -377,8 +377,8 @@ where
 
     /// Checks the red-black invariants, search order, parent links and the
     /// entry count. For tests; takes the writer lock.
-    #[doc(hidden)]
-    pub fn check_invariants(&self) -> Result<(), String> {
+    /// Reached through `__internals::seqtree::CheckInvariants`.
+    pub(crate) fn validate(&self) -> Result<(), String> {
         let _w = self.lock();
         let len = self.len();
         // SAFETY: writer lock held.

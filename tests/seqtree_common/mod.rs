@@ -2,6 +2,7 @@
 #![allow(dead_code)]
 
 use std::time::Duration;
+use rcu_registry::__internals::seqtree::CheckInvariants;
 
 /// A tiny xorshift generator: tests need cheap, reproducible randomness
 /// per thread, not quality.

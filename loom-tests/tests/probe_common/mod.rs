@@ -43,7 +43,7 @@ use rcu_registry::probes::uprobe::{
 };
 use rcu_registry::probes::xol::{XolAllocator, XolArena};
 use rcu_registry::probes::ProbeError;
-use rcu_registry::seqtree::model_domain::ModelDomain;
+use rcu_registry::__internals::seqtree::model_domain::ModelDomain;
 
 /// Runs `f` under loom at preemption bound 3 (unless
 /// `LOOM_MAX_PREEMPTIONS` sets one), prints how many executions it

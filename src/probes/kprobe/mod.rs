@@ -108,7 +108,7 @@
 //! (after releasing it) pool locks; a registry's drop takes that list alone,
 //! before anything else.
 
-mod deferred;
+pub(crate) mod deferred;
 mod hit;
 mod instances;
 mod kretprobe;
@@ -120,7 +120,6 @@ mod table;
 mod thread_exit;
 mod unregister;
 
-pub use deferred::RetiredLists;
 pub use hit::{HitOutcome, StepResult, StepToken};
 pub use instances::ThreadKey;
 pub use kretprobe::{

@@ -274,15 +274,10 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         w.orphans.len()
     }
 
-    /// Member lists replaced by registrations (a probe joining an address)
-    /// or left by a failed registration: how many were retired, how many
-    /// freed. They are freed a grace period after their retirement by the
-    /// RCU domain's callback worker, with no unregistration or commit needed
-    /// (a list on which a single-step is still in flight waits for it; see
-    /// [`RetiredLists::waiting_for_steps`]). After
-    /// [`Rcu::barrier`](crate::rcu::Rcu::barrier) on the registry's domain,
-    /// every list retired before it whose steps completed is freed.
-    pub fn retired_lists(&self) -> RetiredLists {
+    /// Counts of the member lists registrations retired and the callbacks
+    /// freed (tests read them through
+    /// `__internals::kprobe::RetiredListCounts`).
+    pub(crate) fn retired_list_counts(&self) -> RetiredLists {
         self.deferred.stats()
     }
 

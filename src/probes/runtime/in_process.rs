@@ -81,7 +81,7 @@ use crate::sys::{
     MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
 };
 
-use crate::probes::text::{PatchWindow, INT3};
+use crate::probes::text::patch_window::{PatchWindow, INT3};
 
 /// Serializes every code write and protection change of the process (all
 /// `InProcess` values share it: page protection is process-wide state).

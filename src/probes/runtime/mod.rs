@@ -78,27 +78,27 @@ pub mod symbols;
 // x86_64: the signal frame, the trampoline, int3 patching and the +/-2 GiB
 // XOL reach are this architecture's.
 #[cfg(target_arch = "x86_64")]
-pub mod callgraph;
+pub(crate) mod callgraph;
 #[cfg(target_arch = "x86_64")]
 mod context;
 #[cfg(target_arch = "x86_64")]
-mod dispatch;
+pub(crate) mod dispatch;
 #[cfg(target_arch = "x86_64")]
-mod in_process;
+pub(crate) mod in_process;
 #[cfg(target_arch = "x86_64")]
 mod live;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod maps;
 #[cfg(target_arch = "x86_64")]
-mod quiesce;
+pub(crate) mod quiesce;
 #[cfg(target_arch = "x86_64")]
-pub mod refuse;
+pub(crate) mod refuse;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod signal;
 #[cfg(target_arch = "x86_64")]
-mod trampoline;
+pub(crate) mod trampoline;
 #[cfg(target_arch = "x86_64")]
-mod xol;
+pub(crate) mod xol;
 
 #[cfg(target_arch = "x86_64")]
 pub use x86_64_exports::*;
@@ -109,18 +109,14 @@ pub use x86_64_exports::*;
 mod x86_64_exports {
     pub use super::context::ThreadMemory;
     pub use super::dispatch::{
-        attach, steps_in_flight, Attachment, StepStash, TrapDispatcher, Verdict, MAX_DISPATCHERS,
-        MAX_NESTED_STEPS,
+        attach, Attachment, StepStash, TrapDispatcher, Verdict, MAX_DISPATCHERS, MAX_NESTED_STEPS,
     };
-    pub use super::in_process::{core_sync_method, InProcess, RefusedRange};
+    pub use super::in_process::{InProcess, RefusedRange};
     pub use super::live::{Live, LiveRegistry};
-    pub use super::quiesce::{
-        quiesce, quiesce_signal, QuiesceReport, QUIESCE_SIGNAL_BLOCKED_AFTER, QUIESCE_ACKS_PER_ROUND, QUIESCE_TIMEOUT,
-        QUIESCE_RESEND_INTERVAL,
-    };
+    pub use super::quiesce::{quiesce, QuiesceReport, QUIESCE_TIMEOUT};
     pub use super::signal::{install, is_installed};
-    pub use super::trampoline::{trampoline_address, xsave_plan, XsavePlan};
-    pub use super::xol::{XolArea, XolStats, XOL_CHUNK_BYTES, XOL_CHUNK_REACH};
+    pub use super::trampoline::trampoline_address;
+    pub use super::xol::{XolArea, XolStats};
 }
 
 #[cfg(target_arch = "x86_64")]

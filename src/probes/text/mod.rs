@@ -25,10 +25,9 @@
 //! live with the runtime that traps on them, above this layer.
 
 mod image;
-mod patch_window;
+pub(crate) mod patch_window;
 
 pub use image::Image;
-pub use patch_window::{PatchWindow, INT3};
 
 use crate::probes::ProbeError;
 
