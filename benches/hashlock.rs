@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use crossbeam_utils::CachePadded;
-use rcu_registry::hashlock::{Compact, HashedLocks, StripeLayout, Padded, SpinLock, StripeLock};
+use rcu_registry::hashlock::{Compact, HashedLocks, Padded, SpinLock, StripeLayout, StripeLock};
 
 /// Stripes in every array: the kernel's kprobe table size, small enough that
 /// the whole array sits in L1 even padded (8 KiB).

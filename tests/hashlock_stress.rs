@@ -18,7 +18,7 @@ use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use rcu_registry::hashlock::{
-    Compact, HashedLocks, StripeLayout, Padded, SharedStripeLock, SpinLock, StripeLock,
+    Compact, HashedLocks, Padded, SharedStripeLock, SpinLock, StripeLayout, StripeLock,
 };
 
 /// Threads per run: twice the cores of the CI machine, so holders get
@@ -115,7 +115,11 @@ struct Pick {
 type Op<L, P> = fn(&Array<L, P>, &Witness, Pick) -> usize;
 
 /// One exclusive operation; returns its index in `OP_NAMES`.
-fn exclusive_op<L: StripeLock, P: StripeLayout>(locks: &Array<L, P>, w: &Witness, pick: Pick) -> usize {
+fn exclusive_op<L: StripeLock, P: StripeLayout>(
+    locks: &Array<L, P>,
+    w: &Witness,
+    pick: Pick,
+) -> usize {
     let Pick { dice, a, b } = pick;
     match dice {
         0..=39 => {

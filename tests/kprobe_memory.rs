@@ -10,12 +10,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kprobe_support::*;
+use rcu_registry::__internals::kprobe::RetiredListCounts;
+use rcu_registry::__internals::kprobe::RetiredLists;
 use rcu_registry::probes::error::TextFailure;
 use rcu_registry::probes::kprobe::{Action, Kprobe};
-use rcu_registry::__internals::kprobe::RetiredLists;
 use rcu_registry::probes::ProbeError;
 use rcu_registry::rcu::Rcu;
-use rcu_registry::__internals::kprobe::RetiredListCounts;
 
 /// Counts how many times it is dropped: held by a probe's handler, it shows
 /// when the last member list holding the probe is freed.

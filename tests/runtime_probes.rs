@@ -10,10 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use rcu_registry::__internals::runtime::{refuse, steps_in_flight};
 use rcu_registry::probes::arch::X86Reg;
 use rcu_registry::probes::kprobe::{Action, EntryAction, Kprobe, Kretprobe};
 use rcu_registry::probes::runtime::{trampoline_address, Live};
-use rcu_registry::__internals::runtime::{refuse, steps_in_flight};
 use rcu_registry::probes::ProbeError;
 use runtime_support::*;
 

@@ -16,10 +16,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use rcu_registry::__internals::runtime::{quiesce_signal, QUIESCE_SIGNAL_BLOCKED_AFTER};
 use rcu_registry::probes::kprobe::{Action, Kprobe};
 use rcu_registry::probes::runtime::symbols::ProcessSymbols;
 use rcu_registry::probes::runtime::{quiesce, Live, XolArea, XolStats, QUIESCE_TIMEOUT};
-use rcu_registry::__internals::runtime::{quiesce_signal, QUIESCE_SIGNAL_BLOCKED_AFTER};
 use rcu_registry::probes::xol::XolAllocator;
 
 fn serial() -> MutexGuard<'static, ()> {

@@ -19,9 +19,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use rcu_registry::__internals::seqtree::CheckInvariants;
 use rcu_registry::rcu::Rcu;
 use rcu_registry::seqtree::LatchTree;
-use rcu_registry::__internals::seqtree::CheckInvariants;
 
 const KEYS: u64 = 512;
 const SIGNALS: u64 = 3_000;

@@ -67,6 +67,7 @@ use std::sync::Arc;
 
 use loom::thread;
 use probe_common::{model, model_with, Stack, Val, SP};
+use rcu_registry::__internals::kprobe::RetiredListCounts;
 use rcu_registry::probes::arch::{Regs, X86_64};
 use rcu_registry::probes::kprobe::{
     Action, EntryAction, HitOutcome, Kprobe, KprobeRegistry, Kretprobe, StepResult, ThreadKey,
@@ -76,7 +77,6 @@ use rcu_registry::probes::resolve::SymbolTable;
 use rcu_registry::probes::text::{Image, TextMemory};
 use rcu_registry::probes::xol::XolArena;
 use rcu_registry::rcu::Rcu;
-use rcu_registry::__internals::kprobe::RetiredListCounts;
 
 /// `f`: nop; ret
 const F: u64 = 0x100;

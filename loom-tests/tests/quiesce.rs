@@ -99,7 +99,11 @@ fn signal(table: &Arc<Table>, ip: &Arc<AtomicU64>, broken: bool) -> thread::Join
 }
 
 /// Waits for entry `i` of `round` to be answered.
-fn poll_answered(table: &Table, round: rcu_registry::__internals::quiesce_ack::Round, i: usize) -> Ack {
+fn poll_answered(
+    table: &Table,
+    round: rcu_registry::__internals::quiesce_ack::Round,
+    i: usize,
+) -> Ack {
     loop {
         match table.poll(round, i) {
             Ack::Pending => thread::yield_now(),

@@ -46,10 +46,10 @@ use probe_common::{
     mapping, model, nop_ret, uret_return, Reg, Space, Stack, BASE, KEY, S1, SP, URET_CALLER,
     URET_TRAMPOLINE,
 };
+use rcu_registry::__internals::seqtree::model_domain::ModelDomain;
 use rcu_registry::probes::arch::{Regs, X86_64};
 use rcu_registry::probes::uprobe::UprobeFinished;
 use rcu_registry::probes::uprobe::{Consumer, UprobeOutcome};
-use rcu_registry::__internals::seqtree::model_domain::ModelDomain;
 
 const TRAMPOLINE: u64 = URET_TRAMPOLINE;
 const CALLER: u64 = URET_CALLER;

@@ -68,6 +68,7 @@ use std::sync::atomic::{AtomicUsize as StdUsize, Ordering as StdOrd};
 use loom::sync::{Arc, Mutex};
 use loom::thread;
 use probe_common::{model_with, Space, BASE, FILE, KEY, S1};
+use rcu_registry::__internals::seqtree::model_domain::ModelDomain;
 use rcu_registry::probes::arch::{Arch, Regs, X86_64};
 use rcu_registry::probes::text::TextMemory;
 use rcu_registry::probes::uprobe::UprobeFinished;
@@ -75,7 +76,6 @@ use rcu_registry::probes::uprobe::{
     Consumer, ConsumerAction, FileMapping, UprobeOutcome, UprobeRegistry,
 };
 use rcu_registry::rcu::{Flavor, GpCookie};
-use rcu_registry::__internals::seqtree::model_domain::ModelDomain;
 
 /// `mov rbp, rsp` (out of line, boostable), then `ret`.
 const CODE: [u8; 4] = [0x48, 0x89, 0xe5, 0xc3];

@@ -157,7 +157,7 @@ use core::marker::PhantomData;
 pub use guard::{
     AllGuard, AllReadGuard, PairGuard, PairMut, PairReadGuard, StripeGuard, StripeReadGuard,
 };
-pub use layout::{Compact, StripeLayout, Padded};
+pub use layout::{Compact, Padded, StripeLayout};
 pub use lock::{Access, Exclusive, Shared, SharedStripeLock, SpinGuard, SpinLock, StripeLock};
 
 use crate::sync::UnsafeCell;

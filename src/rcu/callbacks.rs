@@ -13,9 +13,7 @@
 
 use super::gp::{synchronize, GracePeriod, SLEEP_SLICE};
 use super::slots::fork_generation;
-use crate::sync::atomic::{
-    fence, AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering,
-};
+use crate::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 use crate::sync::{thread, Backoff, Event};
 // std's Arc even under loom: loom's Arc supports neither unsized coercion
 // nor `self: &Arc<Self>`; these Arcs only manage lifetimes, not ordering.

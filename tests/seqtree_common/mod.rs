@@ -1,8 +1,8 @@
 //! Helpers shared by the seqtree integration tests.
 #![allow(dead_code)]
 
-use std::time::Duration;
 use rcu_registry::__internals::seqtree::CheckInvariants;
+use std::time::Duration;
 
 /// A tiny xorshift generator: tests need cheap, reproducible randomness
 /// per thread, not quality.

@@ -34,6 +34,7 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use loom::cell::UnsafeCell;
+use rcu_registry::__internals::seqtree::model_domain::ModelDomain;
 pub use rcu_registry::probes::arch::NoDataMemory;
 use rcu_registry::probes::arch::{DataMemory, Regs, X86_64};
 use rcu_registry::probes::text::{Image, TextMemory};
@@ -43,7 +44,6 @@ use rcu_registry::probes::uprobe::{
 };
 use rcu_registry::probes::xol::{XolAllocator, XolArena};
 use rcu_registry::probes::ProbeError;
-use rcu_registry::__internals::seqtree::model_domain::ModelDomain;
 
 /// Runs `f` under loom at preemption bound 3 (unless
 /// `LOOM_MAX_PREEMPTIONS` sets one), prints how many executions it

@@ -62,25 +62,10 @@ use crate::probes::arch::{
     Arch, DataMemory, Regs, StepOutcome, StepState, XolPlan, XolRun, MAX_INSN_BYTES,
 };
 use crate::probes::outcome::ReturnOutcome;
-use crate::probes::reentry::Flag;
+use crate::probes::reentry::KprobeScope;
 use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
 use crate::sync::atomic::Ordering;
-
-crate::probes::reentry::handler_flag! {
-    /// The kprobe family's re-entrancy flag: up while this thread runs
-    /// kprobe handlers (see `probes::reentry`).
-    pub(crate) enum KprobeFlag;
-}
-
-/// Whether the calling thread is running a probe handler.
-pub(crate) fn in_handler() -> bool {
-    KprobeFlag::is_up()
-}
-
-/// Marks the thread as running kprobe handlers; cleared on drop (also on
-/// unwind).
-pub(crate) type HandlerScope = crate::probes::reentry::HandlerScope<KprobeFlag>;
 
 /// Members with an index below this are tracked exactly (bit set) for
 /// "ran its pre handler"; later ones are assumed to have run if enabled.
@@ -270,7 +255,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         };
         let members = site.members(&guard);
         regs.ip = addr;
-        let scope = HandlerScope::enter();
+        let scope = KprobeScope::enter();
         let mut mask = 0u64;
         let mut any_post = false;
         if scope.is_some() {
@@ -369,7 +354,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             Ok(StepOutcome::Repeat) => StepResult::Repeat(token),
             Ok(StepOutcome::Done) => {
                 if token.run_post {
-                    if let Some(_scope) = HandlerScope::enter() {
+                    if let Some(_scope) = KprobeScope::enter() {
                         run_posts(token.members(), token.ran_pre, regs);
                     }
                 }
@@ -399,7 +384,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         // Before any lock: a signal handler that runs probed code while this
         // thread holds the stripe below must see the flag and stay away from
         // the kretprobe locks (module docs, "Re-entrancy").
-        let scope = HandlerScope::enter();
+        let scope = KprobeScope::enter();
         let thread = ThreadKey::current();
         let sp = regs.sp;
         let _guard = self.rcu.read();

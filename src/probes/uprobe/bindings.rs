@@ -20,7 +20,7 @@
 //! "Teardown") until the thread exits: freeing memory is not for a hit path.
 //!
 //! The table is reached only with the thread's uprobe re-entrancy flag up
-//! (`reentry.rs`), and through a `RefCell` that refuses a second borrow, so
+//! (`probes/reentry.rs`), and through a `RefCell` that refuses a second borrow, so
 //! a signal handler that interrupts an entry or a return and hits a uprobe
 //! never sees it half-changed.
 //!
@@ -41,10 +41,10 @@
 
 use std::cell::RefCell;
 
-use super::reentry::{in_uprobe_handler, HandlerScope};
 use super::retpool::{Held, ReturnPool};
 use super::returns::ReturnInstance;
 use super::space::SpaceId;
+use crate::probes::reentry::{in_uprobe_handler, UprobeScope};
 
 /// Spaces a thread can be inside tracked calls of at once (a call in a
 /// fifth counts `nmissed`). A thread runs in one address space; more than
@@ -172,7 +172,7 @@ fn first_hint(t: &Table) -> usize {
 /// if the caller's scope has it up).
 #[cold]
 pub(super) fn release(registry: Option<u64>) -> usize {
-    let _scope = HandlerScope::enter();
+    let _scope = UprobeScope::enter();
     TABLE
         .try_with(|t| {
             let Ok(mut t) = t.try_borrow_mut() else {

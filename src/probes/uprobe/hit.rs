@@ -24,7 +24,7 @@
 //! A hit on a thread already running uprobe handlers (a handler, filter or
 //! return handler called probed code) runs no consumer code: it counts
 //! `nmissed` on the uprobe and completes the displaced instruction
-//! (`reentry.rs`). The flag is up from before the first consumer runs until
+//! (`probes/reentry.rs`). The flag is up from before the first consumer runs until
 //! the return is tracked.
 //!
 //! # Return tracking
@@ -47,12 +47,12 @@
 //! slot outlives it. Uprobe consumers have no post handler.
 
 use super::consumer::{ConsumerAction, UprobeHit};
-use super::reentry::HandlerScope;
 use super::registry::{slice, Install, SpaceState, Uprobe, UprobeRegistry};
 use super::space::{AddressSpace, SpaceId, UprobeKey};
 use crate::probes::arch::{
     Arch, DataMemory, Regs, StepOutcome, StepState, XolPlan, XolRun, MAX_INSN_BYTES,
 };
+use crate::probes::reentry::UprobeScope;
 use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
 use crate::rcu::Flavor;
@@ -260,7 +260,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             }
         };
         regs.ip = vaddr;
-        match HandlerScope::enter() {
+        match UprobeScope::enter() {
             Some(_scope) => {
                 let hit = UprobeHit { space, vaddr, key };
                 let list = slice(up.consumers.load(&guard));

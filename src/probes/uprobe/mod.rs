@@ -97,7 +97,6 @@ mod hit;
 mod hitcache;
 mod install;
 mod mmap;
-mod reentry;
 mod registry;
 mod retpool;
 mod returns;

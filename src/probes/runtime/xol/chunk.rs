@@ -197,7 +197,11 @@ mod tests {
     #[test]
     fn a_chunk_mapped_near_code_is_within_reach_all_free_and_all_int3() {
         let c = Chunk::map(16, Some(here())).expect("a gap within reach");
-        assert!(is_near(c.exec, XOL_CHUNK_BYTES as u64, here()), "{:#x}", c.exec);
+        assert!(
+            is_near(c.exec, XOL_CHUNK_BYTES as u64, here()),
+            "{:#x}",
+            c.exec
+        );
         assert_eq!(c.free.len(), 16);
         assert_eq!(c.free.last(), Some(&0), "the lowest slot is popped first");
         // SAFETY: the exec view is XOL_CHUNK_BYTES long and readable.
