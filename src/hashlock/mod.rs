@@ -36,6 +36,22 @@
 //! let _guard = kretprobe_locks.lock(&FileId(3)); // error: expected `&ThreadKey`
 //! ```
 //!
+//! The same lock with the array's own key type compiles:
+//!
+//! ```
+//! use rcu_registry::hashlock::HashedLocks;
+//!
+//! #[derive(Hash)]
+//! struct ThreadKey(u32);
+//! #[derive(Hash)]
+//! struct FileId(u64);
+//!
+//! let kretprobe_locks: HashedLocks<ThreadKey, std::sync::Mutex<()>> =
+//!     HashedLocks::new(64).unwrap();
+//! let _guard = kretprobe_locks.lock(&ThreadKey(3));
+//! # let _ = FileId(3).0;
+//! ```
+//!
 //! # Lock order and deadlock freedom
 //!
 //! Stripes are ordered by index. [`lock_pair`](HashedLocks::lock_pair) takes

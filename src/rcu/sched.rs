@@ -390,6 +390,14 @@ impl Default for Rcu {
 /// fn assert_send<T: Send>(_: T) {}
 /// assert_send(Rcu::global().read());
 /// ```
+///
+/// The same call without the `Send` bound compiles:
+///
+/// ```
+/// use rcu_registry::rcu::Rcu;
+/// fn assert_any<T>(_: T) {}
+/// assert_any(Rcu::global().read());
+/// ```
 #[must_use = "the read section ends when the guard is dropped"]
 pub struct RcuGuard<'a> {
     slot: &'static Slot,

@@ -449,6 +449,15 @@ impl Srcu {
 /// let d = Srcu::new();
 /// assert_send(d.read());
 /// ```
+///
+/// Its token is `Send`:
+///
+/// ```
+/// use rcu_registry::rcu::Srcu;
+/// fn assert_send<T: Send>(_: T) {}
+/// let d = Srcu::new();
+/// assert_send(d.read().into_token());
+/// ```
 #[must_use = "the read section ends when the guard is dropped"]
 pub struct SrcuGuard<'a> {
     domain: &'a Srcu,

@@ -114,6 +114,23 @@ pub enum HitOutcome<'r> {
 ///
 /// Dropping it without completing gives up the step (no fixup, no post
 /// handler) and lets unregistration proceed.
+///
+/// It is not `Send`: the step trap comes on the thread that trapped, and the
+/// token points into a member list only that thread's step keeps alive.
+///
+/// ```compile_fail
+/// use rcu_registry::probes::kprobe::StepToken;
+/// fn send<T: Send>() {}
+/// send::<StepToken<'static>>();
+/// ```
+///
+/// The same check without the `Send` bound compiles:
+///
+/// ```
+/// use rcu_registry::probes::kprobe::StepToken;
+/// fn any<T>() {}
+/// any::<StepToken<'static>>();
+/// ```
 pub struct StepToken<'r> {
     members: NonNull<Members>,
     state: StepState,

@@ -123,6 +123,16 @@ impl<F: Flavor> std::fmt::Debug for UprobeOutcome<'_, F> {
 /// fn send<T: Send>() {}
 /// send::<UprobeStep<'static, Srcu>>();
 /// ```
+///
+/// The same check without the `Send` bound compiles (so the one above fails
+/// for that reason alone):
+///
+/// ```
+/// use rcu_registry::probes::uprobe::UprobeStep;
+/// use rcu_registry::rcu::Srcu;
+/// fn any<T>() {}
+/// any::<UprobeStep<'static, Srcu>>();
+/// ```
 pub struct UprobeStep<'r, F: Flavor + 'r> {
     _guard: F::Guard<'r>,
     plan: XolPlan,
