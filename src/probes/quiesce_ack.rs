@@ -74,8 +74,8 @@ pub enum Ack {
 pub struct Round(u64);
 
 /// The ranges and per-thread ack entries of one quiescence round at a time:
-/// at most `THREADS` entries and `RANGES` ranges (see the
-/// [module docs](self)).
+/// at most `THREADS` entries and `RANGES` ranges (see the module docs of
+/// `probes/quiesce_ack.rs`).
 pub struct AckTable<const THREADS: usize, const RANGES: usize> {
     /// Even when stable, odd while the waiter rewrites the table.
     generation: AtomicU64,

@@ -38,8 +38,8 @@
 //! immutable; a change publishes a new list and retires the old. A list
 //! retired by a registration (a probe joining the address) is freed a grace
 //! period later through the domain's [`Rcu::call`](crate::rcu::Rcu::call),
-//! batched, with no unregistration needed (`deferred.rs`;
-//! [`KprobeRegistry::retired_lists`] counts them).
+//! batched, with no unregistration needed (`deferred.rs`, which counts
+//! them for the tests).
 //!
 //! # The hit path
 //!
