@@ -105,7 +105,7 @@ mod space;
 mod unregister;
 mod xolshare;
 
-pub use bindings::MAX_BINDINGS;
+pub use bindings::MAX_SPACES_PER_THREAD;
 pub use consumer::{
     Consumer, ConsumerAction, ConsumerBuilder, Filter, Handler, RetHandler, UprobeHit, UprobeReturn,
 };
