@@ -4,8 +4,8 @@
 //!
 //! # The table
 //!
-//! [`MAX_SPACES_PER_THREAD`] entries in a `const` thread-local with no destructor (a
-//! plain TLS access: no lazy registration, no allocation). An entry exists
+//! [`MAX_SPACES_PER_THREAD`] entries in a `const` thread-local with no
+//! destructor (a plain TLS access: no lazy registration, no allocation). An entry exists
 //! while the thread holds a stack: the entry of the thread's outermost
 //! tracked call in the space claims one and binds it, the return that
 //! empties it unbinds it and gives it back. So a thread needs one entry per
