@@ -101,23 +101,23 @@ pub(crate) mod trampoline;
 pub(crate) mod xol;
 
 #[cfg(target_arch = "x86_64")]
-pub use x86_64_exports::*;
-
-/// The x86_64 runtime's public items, in one place so the arch-neutral
-/// ones above stay visible at a glance.
+pub use context::ThreadMemory;
 #[cfg(target_arch = "x86_64")]
-mod x86_64_exports {
-    pub use super::context::ThreadMemory;
-    pub use super::dispatch::{
-        attach, Attachment, StepStash, TrapDispatcher, Verdict, MAX_DISPATCHERS, MAX_NESTED_STEPS,
-    };
-    pub use super::in_process::{InProcess, RefusedRange};
-    pub use super::live::{Live, LiveRegistry};
-    pub use super::quiesce::{quiesce, QuiesceReport, QUIESCE_TIMEOUT};
-    pub use super::signal::{install, is_installed};
-    pub use super::trampoline::trampoline_address;
-    pub use super::xol::{XolArea, XolStats};
-}
+pub use dispatch::{
+    attach, Attachment, StepStash, TrapDispatcher, Verdict, MAX_DISPATCHERS, MAX_NESTED_STEPS,
+};
+#[cfg(target_arch = "x86_64")]
+pub use in_process::{InProcess, RefusedRange};
+#[cfg(target_arch = "x86_64")]
+pub use live::{Live, LiveRegistry};
+#[cfg(target_arch = "x86_64")]
+pub use quiesce::{quiesce, QuiesceReport, QUIESCE_TIMEOUT};
+#[cfg(target_arch = "x86_64")]
+pub use signal::{install, is_installed};
+#[cfg(target_arch = "x86_64")]
+pub use trampoline::trampoline_address;
+#[cfg(target_arch = "x86_64")]
+pub use xol::{XolArea, XolStats};
 
 #[cfg(target_arch = "x86_64")]
 #[allow(unused_imports)]
