@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use crossbeam_utils::CachePadded;
-use rcu_registry::hashlock::{Compact, HashedLocks, Layout, Padded, SpinLock, StripeLock};
+use rcu_registry::hashlock::{Compact, HashedLocks, Padded, SpinLock, StripeLayout, StripeLock};
 
 /// Stripes in every array: the kernel's kprobe table size, small enough that
 /// the whole array sits in L1 even padded (8 KiB).
@@ -114,7 +114,7 @@ fn leak<T>(value: T) -> &'static T {
 
 /// Two threads each lock/unlock their own stripe; the stripes are 0 and 1,
 /// neighbours in memory.
-fn false_sharing_case<L: StripeLock + 'static, P: Layout>(lock: &str) -> Case {
+fn false_sharing_case<L: StripeLock + 'static, P: StripeLayout>(lock: &str) -> Case {
     let locks: &HashedLocks<u64, L, (), P> = leak(HashedLocks::new(STRIPES).unwrap());
     let on = |stripe| (0u64..).find(|k| locks.stripe_of(k) == stripe).unwrap();
     let keys = [on(0), on(1)];

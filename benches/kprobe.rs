@@ -30,10 +30,11 @@ use samples::{median_ns, on_threads, record};
 
 use criterion::{BenchmarkId, Criterion};
 use rcu_registry::probes::arch::{Arch, DataMemory, Insn, Regs, X86_64};
-use rcu_registry::probes::kprobe::{
-    Action, HitOutcome, Kprobe, KprobeRegistry, Kretprobe, ReturnOutcome, SymbolTable, XolArena,
-};
+use rcu_registry::probes::kprobe::{Action, HitOutcome, Kprobe, KprobeRegistry, Kretprobe};
+use rcu_registry::probes::outcome::ReturnOutcome;
+use rcu_registry::probes::resolve::SymbolTable;
 use rcu_registry::probes::text::Image;
+use rcu_registry::probes::xol::XolArena;
 use rcu_registry::probes::ProbeError;
 
 const BASE: u64 = 0x10_0000;

@@ -30,12 +30,15 @@ use samples::{median_ns, on_threads, record};
 
 use criterion::{BenchmarkId, Criterion};
 use rcu_registry::probes::arch::{Arch, DataMemory, Insn, NoDataMemory, Regs, X86_64};
-use rcu_registry::probes::kprobe::{HitOutcome, ReturnOutcome, ThreadKey, XolAllocator, XolArena};
+use rcu_registry::probes::kprobe::ThreadKey;
+use rcu_registry::probes::outcome::ReturnOutcome;
 use rcu_registry::probes::text::Image;
+use rcu_registry::probes::uprobe::UprobeFinished;
 use rcu_registry::probes::uprobe::{
     AddressSpace, Consumer, ConsumerAction, FileId, FileMapping, SpaceId, UprobeKey, UprobeOutcome,
     UprobeRegistry, DEFAULT_HIT_CACHE_SLOTS,
 };
+use rcu_registry::probes::xol::{XolAllocator, XolArena};
 use rcu_registry::probes::ProbeError;
 use rcu_registry::rcu::{Flavor, Rcu, Srcu};
 
@@ -254,19 +257,19 @@ fn bench_hit(c: &mut Criterion) {
         let contenders: [(&str, &str, &HitFn); 4] = [
             ("srcu_seqtree", "tree", &|regs| {
                 let out = reg.on_breakpoint(SPACE, regs, &mut NoDataMemory);
-                assert!(matches!(out, UprobeOutcome::Done(HitOutcome::Emulated)));
+                assert!(matches!(out, UprobeOutcome::Done(UprobeFinished::Emulated)));
             }),
             // The same registry in an `Rcu` domain (handlers may not sleep):
             // shows what the sleepable read section costs.
             ("rcu_seqtree", "tree_rcu", &|regs| {
                 let out = reg_rcu.on_breakpoint(SPACE, regs, &mut NoDataMemory);
-                assert!(matches!(out, UprobeOutcome::Done(HitOutcome::Emulated)));
+                assert!(matches!(out, UprobeOutcome::Done(UprobeFinished::Emulated)));
             }),
             // The same registry without its hit cache: every hit walks the
             // 1,000-entry uprobe tree (what the cache saves).
             ("srcu_seqtree_no_cache", "tree_walk", &|regs| {
                 let out = reg_tree.on_breakpoint(SPACE, regs, &mut NoDataMemory);
-                assert!(matches!(out, UprobeOutcome::Done(HitOutcome::Emulated)));
+                assert!(matches!(out, UprobeOutcome::Done(UprobeFinished::Emulated)));
             }),
             ("rwlock_hashmap", "rwlock", &|regs| {
                 assert!(peer_hit(&peer, SPACE, regs, &mut NoDataMemory));
@@ -372,7 +375,7 @@ fn bench_ret(c: &mut Criterion) {
                     ..Regs::default()
                 };
                 let out = reg.on_breakpoint(SPACE, &mut regs, stack);
-                assert!(matches!(out, UprobeOutcome::Done(HitOutcome::Emulated)));
+                assert!(matches!(out, UprobeOutcome::Done(UprobeFinished::Emulated)));
                 assert_eq!(stack.0, TRAMPOLINE);
                 let mut at_ret = Regs {
                     ip: TRAMPOLINE,

@@ -20,6 +20,8 @@ mod sync;
 #[cfg(target_os = "linux")]
 mod sys;
 
+#[doc(hidden)]
+pub mod __internals;
 pub mod docs;
 pub mod hashlock;
 pub mod probes;

@@ -18,7 +18,7 @@ use std::sync::{mpsc, Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use rcu_registry::hashlock::{
-    Compact, HashedLocks, Layout, Padded, SharedStripeLock, SpinLock, StripeLock,
+    Compact, HashedLocks, Padded, SharedStripeLock, SpinLock, StripeLayout, StripeLock,
 };
 
 /// Threads per run: twice the cores of the CI machine, so holders get
@@ -115,7 +115,11 @@ struct Pick {
 type Op<L, P> = fn(&Array<L, P>, &Witness, Pick) -> usize;
 
 /// One exclusive operation; returns its index in `OP_NAMES`.
-fn exclusive_op<L: StripeLock, P: Layout>(locks: &Array<L, P>, w: &Witness, pick: Pick) -> usize {
+fn exclusive_op<L: StripeLock, P: StripeLayout>(
+    locks: &Array<L, P>,
+    w: &Witness,
+    pick: Pick,
+) -> usize {
     let Pick { dice, a, b } = pick;
     match dice {
         0..=39 => {
@@ -152,7 +156,7 @@ fn exclusive_op<L: StripeLock, P: Layout>(locks: &Array<L, P>, w: &Witness, pick
 
 /// One shared operation (for `SharedStripeLock`s); returns its index in
 /// `OP_NAMES`.
-fn shared_op<L: SharedStripeLock, P: Layout>(
+fn shared_op<L: SharedStripeLock, P: StripeLayout>(
     locks: &Array<L, P>,
     w: &Witness,
     pick: Pick,
@@ -182,7 +186,7 @@ fn shared_op<L: SharedStripeLock, P: Layout>(
 const OP_NAMES: [&str; 5] = ["lock", "try_lock", "lock_pair", "lock_all", "read*"];
 
 /// Runs the mix on `locks`; `shared` (if any) handles half the operations.
-fn stress<L: StripeLock + 'static, P: Layout>(name: &str, shared: Option<Op<L, P>>) {
+fn stress<L: StripeLock + 'static, P: StripeLayout>(name: &str, shared: Option<Op<L, P>>) {
     let locks: Arc<Array<L, P>> = Arc::new(HashedLocks::new(STRIPES).unwrap());
     let witness = Arc::new(Witness::new());
     let stop = Arc::new(AtomicBool::new(false));

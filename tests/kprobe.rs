@@ -11,10 +11,9 @@ use std::time::Duration;
 
 use kprobe_support::*;
 use rcu_registry::probes::arch::{X86Reg, X86_64};
-use rcu_registry::probes::kprobe::{
-    Action, HitOutcome, Kprobe, KprobeRegistry, StepResult, XolArena,
-};
+use rcu_registry::probes::kprobe::{Action, HitOutcome, Kprobe, KprobeRegistry, StepResult};
 use rcu_registry::probes::text::Image;
+use rcu_registry::probes::xol::XolArena;
 use rcu_registry::probes::ProbeError;
 use rcu_registry::rcu::Rcu;
 

@@ -8,10 +8,12 @@ use std::sync::{Arc, Mutex};
 use rcu_registry::probes::arch::arm64::BREAKPOINT;
 use rcu_registry::probes::arch::{Arch, Arm64, NoDataMemory, Regs};
 use rcu_registry::probes::kprobe::{
-    Action, HitOutcome, Kprobe, KprobeRegistry, Kretprobe, ReturnOutcome, StepResult, SymbolTable,
-    XolArena,
+    Action, HitOutcome, Kprobe, KprobeRegistry, Kretprobe, StepResult,
 };
+use rcu_registry::probes::outcome::ReturnOutcome;
+use rcu_registry::probes::resolve::SymbolTable;
 use rcu_registry::probes::text::Image;
+use rcu_registry::probes::xol::XolArena;
 use rcu_registry::probes::ProbeError;
 
 const A: u64 = 0x1000;

@@ -9,8 +9,9 @@ use std::sync::Arc;
 use kprobe_support::*;
 use rcu_registry::probes::arch::X86_64;
 use rcu_registry::probes::error::{CodeBytes, ProbeSite, TextFailure, Unsupported};
-use rcu_registry::probes::kprobe::{Kprobe, KprobeRegistry, Kretprobe, SiteInfo, XolArena};
+use rcu_registry::probes::kprobe::{Kprobe, KprobeRegistry, Kretprobe, SiteInfo};
 use rcu_registry::probes::text::{Image, TextMemory};
+use rcu_registry::probes::xol::XolArena;
 use rcu_registry::probes::ProbeError;
 use rcu_registry::rcu::Rcu;
 

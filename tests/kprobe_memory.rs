@@ -10,8 +10,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use kprobe_support::*;
+use rcu_registry::__internals::kprobe::RetiredListCounts;
+use rcu_registry::__internals::kprobe::RetiredLists;
 use rcu_registry::probes::error::TextFailure;
-use rcu_registry::probes::kprobe::{Action, Kprobe, RetiredLists};
+use rcu_registry::probes::kprobe::{Action, Kprobe};
 use rcu_registry::probes::ProbeError;
 use rcu_registry::rcu::Rcu;
 

@@ -27,12 +27,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kprobe_support::{step_trap_ip, Stack};
+use rcu_registry::__internals::kprobe::RetiredListCounts;
 use rcu_registry::probes::arch::{DataMemory, Regs, X86Reg, X86_64};
 use rcu_registry::probes::kprobe::{
-    Action, EntryAction, HitOutcome, Kprobe, KprobeRegistry, Kretprobe, ReturnOutcome, StepResult,
-    SymbolTable, XolArena,
+    Action, EntryAction, HitOutcome, Kprobe, KprobeRegistry, Kretprobe, StepResult,
 };
+use rcu_registry::probes::outcome::ReturnOutcome;
+use rcu_registry::probes::resolve::SymbolTable;
 use rcu_registry::probes::text::{Image, TextMemory};
+use rcu_registry::probes::xol::XolArena;
 
 const BASE: u64 = 0x10_0000;
 const FUNCS: usize = 64;

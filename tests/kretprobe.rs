@@ -9,9 +9,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use kprobe_support::*;
 use rcu_registry::probes::arch::{DataMemory, X86Reg};
-use rcu_registry::probes::kprobe::{
-    default_maxactive, Action, EntryAction, Kprobe, Kretprobe, ReturnOutcome,
-};
+use rcu_registry::probes::kprobe::{default_maxactive, Action, EntryAction, Kprobe, Kretprobe};
+use rcu_registry::probes::outcome::ReturnOutcome;
 
 /// The caller's return address the hijack must preserve.
 const CALLER: u64 = 0x4000_1234;

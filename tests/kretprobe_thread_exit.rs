@@ -15,7 +15,8 @@ use std::sync::{Arc, Barrier, Mutex};
 
 use kprobe_support::*;
 use rcu_registry::probes::arch::{DataMemory, X86Reg};
-use rcu_registry::probes::kprobe::{EntryAction, Kretprobe, ReturnOutcome, ThreadKey};
+use rcu_registry::probes::kprobe::{EntryAction, Kretprobe, ThreadKey};
+use rcu_registry::probes::outcome::ReturnOutcome;
 
 /// The caller's return address the hijack must preserve.
 const CALLER: u64 = 0x4000_5678;

@@ -10,9 +10,10 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use rcu_registry::__internals::runtime::{refuse, steps_in_flight};
 use rcu_registry::probes::arch::X86Reg;
 use rcu_registry::probes::kprobe::{Action, EntryAction, Kprobe, Kretprobe};
-use rcu_registry::probes::runtime::{refuse, steps_in_flight, trampoline_address, Live};
+use rcu_registry::probes::runtime::{trampoline_address, Live};
 use rcu_registry::probes::ProbeError;
 use runtime_support::*;
 
@@ -455,7 +456,7 @@ fn bad_targets_on_real_code_are_refused_and_change_no_byte() {
     assert_eq!(snapshot(t), before_t);
 
     // Someone else's breakpoint already there.
-    let text = rcu_registry::probes::text::InProcess::new();
+    let text = rcu_registry::probes::runtime::InProcess::new();
     use rcu_registry::probes::text::TextMemory;
     let push_at = addr(rtp_push);
     text.write(push_at, &[0x53], &[0xcc]).unwrap();

@@ -16,11 +16,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use rcu_registry::probes::kprobe::{Action, Kprobe, XolAllocator};
-use rcu_registry::probes::runtime::{
-    quiesce, quiesce_signal, Live, XolArea, XolStats, BLOCKED_FOR, QUIESCE_TIMEOUT,
-};
-use rcu_registry::probes::symbols::ProcessSymbols;
+use rcu_registry::__internals::runtime::{quiesce_signal, QUIESCE_SIGNAL_BLOCKED_AFTER};
+use rcu_registry::probes::kprobe::{Action, Kprobe};
+use rcu_registry::probes::runtime::symbols::ProcessSymbols;
+use rcu_registry::probes::runtime::{quiesce, Live, XolArea, XolStats, QUIESCE_TIMEOUT};
+use rcu_registry::probes::xol::XolAllocator;
 
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
@@ -249,7 +249,7 @@ fn a_thread_that_blocks_the_signal_is_given_up_on_early_and_counted_as_a_fallbac
     // before the timeout.
     assert_eq!((r.blocked, r.timed_out), (1, 0), "{r:?}");
     assert!(
-        waited >= 2 * BLOCKED_FOR && waited < QUIESCE_TIMEOUT,
+        waited >= 2 * QUIESCE_SIGNAL_BLOCKED_AFTER && waited < QUIESCE_TIMEOUT,
         "{waited:?}"
     );
     // Through the live XOL area (what `commit` calls): the fallback is
@@ -301,7 +301,7 @@ fn a_thread_that_exits_before_answering_counts_as_exited_not_timed_out() {
     assert!(r.exited >= 1, "{r:?}");
     assert_eq!((r.timed_out, r.blocked), (0, 0), "{r:?}");
     assert!(r.proves_quiescence(), "{r:?}");
-    assert!(waited < BLOCKED_FOR, "{waited:?}");
+    assert!(waited < QUIESCE_SIGNAL_BLOCKED_AFTER, "{waited:?}");
 }
 
 /// Installs `handler` for `sig` with `flags` (plus `SA_SIGINFO`) and an

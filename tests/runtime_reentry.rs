@@ -14,8 +14,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rcu_registry::__internals::runtime::steps_in_flight;
 use rcu_registry::probes::kprobe::Kretprobe;
-use rcu_registry::probes::runtime::{steps_in_flight, Live};
+use rcu_registry::probes::runtime::Live;
 use runtime_support::*;
 
 /// How long the worker may make no progress before the test calls it a

@@ -20,11 +20,12 @@ mod runtime_support;
 use std::collections::{BTreeMap, HashSet};
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, OpKind};
+use rcu_registry::__internals::runtime::callgraph::dying_path;
+use rcu_registry::__internals::runtime::refuse;
 use rcu_registry::probes::kprobe::{Action, Kprobe};
-use rcu_registry::probes::runtime::callgraph::dying_path;
-use rcu_registry::probes::runtime::{refuse, trampoline_address, Live};
-use rcu_registry::probes::symbols::{Function, ProcessSymbols};
-use rcu_registry::probes::text::{InProcess, RefusedRange};
+use rcu_registry::probes::runtime::symbols::{Function, ProcessSymbols};
+use rcu_registry::probes::runtime::{trampoline_address, Live};
+use rcu_registry::probes::runtime::{InProcess, RefusedRange};
 use rcu_registry::probes::ProbeError;
 use runtime_support::*;
 

@@ -7,8 +7,10 @@ mod runtime_support;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
+use rcu_registry::__internals::runtime::core_sync_method;
 use rcu_registry::probes::error::TextFailure;
-use rcu_registry::probes::text::{core_sync_method, InProcess, RefusedRange, TextMemory};
+use rcu_registry::probes::runtime::{InProcess, RefusedRange};
+use rcu_registry::probes::text::TextMemory;
 use rcu_registry::probes::ProbeError;
 use runtime_support::*;
 

@@ -9,8 +9,9 @@ use std::arch::global_asm;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use rcu_registry::__internals::runtime::xsave_plan;
 use rcu_registry::probes::kprobe::Kretprobe;
-use rcu_registry::probes::runtime::{xsave_plan, Live};
+use rcu_registry::probes::runtime::Live;
 use runtime_support::serial;
 
 global_asm!(

@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::ops::Bound;
 
 use proptest::prelude::*;
+use rcu_registry::__internals::seqtree::CheckInvariants;
 use rcu_registry::seqtree::{LatchTree, SeqTree};
 
 #[derive(Clone, Debug)]

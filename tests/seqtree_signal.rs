@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+use rcu_registry::__internals::seqtree::CheckInvariants;
 use rcu_registry::rcu::Rcu;
 use rcu_registry::seqtree::LatchTree;
 

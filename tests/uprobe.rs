@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rcu_registry::probes::arch::StepOutcome;
-use rcu_registry::probes::kprobe::HitOutcome;
+use rcu_registry::probes::uprobe::UprobeFinished;
 use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, SpaceId, UprobeOutcome};
 use uprobe_support::*;
 
@@ -27,7 +27,7 @@ fn noop() -> Consumer {
     Consumer::new(|_, _| ConsumerAction::Continue)
 }
 
-fn hit(reg: &Registry, space: SpaceId, vaddr: u64) -> HitOutcome<'static> {
+fn hit(reg: &Registry, space: SpaceId, vaddr: u64) -> UprobeFinished {
     let mut regs = trap_regs(vaddr);
     let mut stack = Stack::new();
     match reg.on_breakpoint(space, &mut regs, &mut stack) {
@@ -80,8 +80,14 @@ fn the_same_offset_resolves_to_the_same_uprobe_at_each_space_s_address() {
         None,
         "B's address means nothing in A"
     );
-    assert!(matches!(hit(&reg, a.id, A + OFF_NOP), HitOutcome::Emulated));
-    assert!(matches!(hit(&reg, b.id, B + OFF_NOP), HitOutcome::Emulated));
+    assert!(matches!(
+        hit(&reg, a.id, A + OFF_NOP),
+        UprobeFinished::Emulated
+    ));
+    assert!(matches!(
+        hit(&reg, b.id, B + OFF_NOP),
+        UprobeFinished::Emulated
+    ));
     assert_eq!(
         *seen.lock().unwrap(),
         vec![
@@ -139,7 +145,7 @@ fn our_breakpoint_already_there_counts_as_installed() {
     regs.gprs[5] = 0xbeef;
     let mut stack = Stack::new();
     let out = reg.on_breakpoint(child.id, &mut regs, &mut stack);
-    assert!(matches!(out, UprobeOutcome::Done(HitOutcome::Emulated)));
+    assert!(matches!(out, UprobeOutcome::Done(UprobeFinished::Emulated)));
     assert_eq!(regs.ip, A + 1);
     assert_eq!(regs.sp, Stack::top() - 8);
     assert_eq!(n.load(Ordering::Relaxed), 1);
@@ -201,7 +207,7 @@ fn consumers_run_in_registration_order_and_a_skip_stops_the_rest() {
     }
     let mut regs = trap_regs(A + OFF_NOP);
     let out = reg.on_breakpoint(a.id, &mut regs, &mut Stack::new());
-    assert!(matches!(out, UprobeOutcome::Done(HitOutcome::Skipped)));
+    assert!(matches!(out, UprobeOutcome::Done(UprobeFinished::Skipped)));
     assert_eq!(regs.ip, 0x1234);
     assert_eq!(*order.lock().unwrap(), vec![1, 2]);
 }
@@ -293,9 +299,9 @@ fn a_trap_that_raced_the_removal_is_reported_vanished() {
     reg.unregister(key(OFF_NOP), &c).unwrap();
     let mut regs = trap_regs(A + OFF_NOP);
     let out = reg.on_breakpoint(a.id, &mut regs, &mut Stack::new());
-    assert!(matches!(out, UprobeOutcome::Done(HitOutcome::Vanished)));
+    assert!(matches!(out, UprobeOutcome::Done(UprobeFinished::Vanished)));
     assert_eq!(regs.ip, A + OFF_NOP);
-    assert!(matches!(hit(&reg, SpaceId(99), A), HitOutcome::NotOurs));
+    assert!(matches!(hit(&reg, SpaceId(99), A), UprobeFinished::NotOurs));
 }
 
 #[test]
@@ -311,7 +317,7 @@ fn out_of_line_instructions_run_from_a_slot_of_the_hit_space() {
             let mut regs = trap_regs(base + off);
             let mut stack = Stack::new();
             match reg.on_breakpoint(s.id, &mut regs, &mut stack) {
-                UprobeOutcome::Done(HitOutcome::Boosted { slot }) => {
+                UprobeOutcome::Done(UprobeFinished::Boosted { slot }) => {
                     assert!(
                         s.xol.slot_bytes(slot).is_some(),
                         "slot in the space's own area"

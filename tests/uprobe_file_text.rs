@@ -9,8 +9,8 @@ mod uprobe_support;
 use std::sync::Arc;
 
 use rcu_registry::probes::error::Unsupported;
-use rcu_registry::probes::kprobe::HitOutcome;
 use rcu_registry::probes::text::TextMemory;
+use rcu_registry::probes::uprobe::UprobeFinished;
 use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, MemFiles, UprobeOutcome};
 use rcu_registry::probes::ProbeError;
 use uprobe_support::*;
@@ -129,7 +129,7 @@ fn a_valid_offset_registers_before_any_mapping_and_is_installed_by_the_mmap() {
     // The hit finds it and runs the consumer.
     let mut regs = trap_regs(A + OFF_NOP);
     let out = reg.on_breakpoint(a.id, &mut regs, &mut Stack::new());
-    assert!(matches!(out, UprobeOutcome::Done(HitOutcome::Emulated)));
+    assert!(matches!(out, UprobeOutcome::Done(UprobeFinished::Emulated)));
     assert_eq!(c.hits(), 1);
     // The bytes come back when it goes.
     reg.unregister(key(OFF_NOP), &c).unwrap();

@@ -4,7 +4,7 @@
 
 mod uprobe_support;
 
-use rcu_registry::probes::kprobe::HitOutcome;
+use rcu_registry::probes::uprobe::UprobeFinished;
 use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeOutcome};
 use uprobe_support::*;
 
@@ -19,7 +19,7 @@ fn counting() -> Consumer {
 
 /// Hits `offset` in `space` once; whether a consumer ran is read from the
 /// consumers' counters by the caller.
-fn hit(reg: &Registry, space: &MemSpace, offset: u64) -> HitOutcome<'static> {
+fn hit(reg: &Registry, space: &MemSpace, offset: u64) -> UprobeFinished {
     let mut regs = trap_regs(A + offset);
     match reg.on_breakpoint(space.id, &mut regs, &mut Stack::new()) {
         UprobeOutcome::Done(o) => o,
@@ -37,7 +37,7 @@ fn every_hit_finds_its_own_uprobe(reg: Registry) {
         reg.register(key(*o), c).unwrap();
     }
     for o in NOPS {
-        assert!(matches!(hit(&reg, &a, o), HitOutcome::Emulated));
+        assert!(matches!(hit(&reg, &a, o), UprobeFinished::Emulated));
     }
     assert!(cs.iter().all(|c| c.hits() == 1), "each ran once: {cs:?}");
     for (o, c) in NOPS.iter().zip(&cs).step_by(2) {
@@ -48,12 +48,12 @@ fn every_hit_finds_its_own_uprobe(reg: Registry) {
         if i % 2 == 0 {
             // The breakpoint is gone: the trap raced its removal.
             assert!(
-                matches!(out, HitOutcome::Vanished),
+                matches!(out, UprobeFinished::Vanished),
                 "offset {o:#x}: {out:?}"
             );
         } else {
             assert!(
-                matches!(out, HitOutcome::Emulated),
+                matches!(out, UprobeFinished::Emulated),
                 "offset {o:#x}: {out:?}"
             );
         }
@@ -65,7 +65,7 @@ fn every_hit_finds_its_own_uprobe(reg: Registry) {
         reg.register(key(*o), c).unwrap();
     }
     for o in NOPS {
-        assert!(matches!(hit(&reg, &a, o), HitOutcome::Emulated));
+        assert!(matches!(hit(&reg, &a, o), UprobeFinished::Emulated));
     }
     // The removed ones missed the middle round.
     let expect: Vec<u64> = (0..NOPS.len()).map(|i| 2 + (i % 2) as u64).collect();

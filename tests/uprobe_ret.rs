@@ -9,7 +9,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use rcu_registry::probes::arch::{Arm64, Arm64Reg, DataMemory, Regs, StepOutcome};
-use rcu_registry::probes::kprobe::{HitOutcome, ReturnOutcome};
+use rcu_registry::probes::outcome::ReturnOutcome;
+use rcu_registry::probes::uprobe::UprobeFinished;
 use rcu_registry::probes::uprobe::{
     Consumer, ConsumerAction, SpaceId, UprobeOutcome, UprobeRegistry, UprobeReturn,
     DEFAULT_MAX_RETURN_DEPTH,
@@ -91,7 +92,7 @@ fn a_ret_handler_sees_the_return_value_and_the_call_returns_to_its_caller() {
     let mut t = SimThread::new();
     assert!(matches!(
         t.call(&reg, &a, A + FN0, CALLER),
-        HitOutcome::Emulated
+        UprobeFinished::Emulated
     ));
     assert_eq!(
         Some(t.return_slot()),
@@ -483,7 +484,7 @@ fn a_uprobe_hit_from_inside_a_handler_counts_nmissed_and_does_not_recurse() {
     let mut t = SimThread::new();
     assert!(matches!(
         t.call(&reg, &a, A + OFF_PUSH, CALLER),
-        HitOutcome::Emulated
+        UprobeFinished::Emulated
     ));
     assert_eq!(outer.hits(), 1, "the outer handler ran once, no recursion");
     assert_eq!(inner_calls.load(Ordering::Relaxed), 0);
@@ -630,7 +631,7 @@ fn a_handler_that_skips_the_instruction_leaves_the_return_address_alone() {
     let mut t = SimThread::new();
     assert!(matches!(
         t.call(&reg, &a, A + FN0, CALLER),
-        HitOutcome::Skipped
+        UprobeFinished::Skipped
     ));
     assert_eq!(t.return_slot(), CALLER);
     assert_eq!(reg.return_depth(a.id), 0);
@@ -662,7 +663,7 @@ fn arm64_hijacks_x30_and_restores_it_at_the_return() {
     };
     regs[Arm64Reg::LR] = CALLER;
     let out = reg.on_breakpoint(a.id, &mut regs, &mut Stack::new());
-    assert!(matches!(out, UprobeOutcome::Done(HitOutcome::Emulated)));
+    assert!(matches!(out, UprobeOutcome::Done(UprobeFinished::Emulated)));
     assert_eq!(regs[Arm64Reg::LR], TRAMP);
     // The function returns (`ret` = branch to x30) with x0 = 77.
     let mut at_ret = Regs {
@@ -732,7 +733,7 @@ fn a_function_whose_first_instruction_runs_out_of_line_is_tracked_too() {
         stack.write(Stack::top(), &CALLER.to_le_bytes()).unwrap();
         let mut regs = trap_regs(A + f);
         match reg.on_breakpoint(a.id, &mut regs, &mut stack) {
-            UprobeOutcome::Done(HitOutcome::Boosted { .. }) => {}
+            UprobeOutcome::Done(UprobeFinished::Boosted { .. }) => {}
             UprobeOutcome::SingleStep(step) => {
                 regs.ip = step_trap_ip(step.plan(), len);
                 let done = reg.on_step_complete(&step, &mut regs, &mut stack);

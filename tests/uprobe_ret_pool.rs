@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::thread;
 
 use rcu_registry::probes::uprobe::{
-    default_return_stacks, Consumer, MAX_BINDINGS, MIN_RETURN_STACKS,
+    default_return_stacks, Consumer, MAX_SPACES_PER_THREAD, MIN_RETURN_STACKS,
 };
 use uprobe_support::*;
 
@@ -166,7 +166,7 @@ fn flush_thread_returns_gives_back_a_stack_left_with_abandoned_frames() {
 #[test]
 fn a_thread_inside_calls_of_more_spaces_than_its_table_holds_misses_the_extra_one() {
     let reg = Registry::new(Default::default());
-    let spaces: Vec<Arc<MemSpace>> = (0..=MAX_BINDINGS as u64)
+    let spaces: Vec<Arc<MemSpace>> = (0..=MAX_SPACES_PER_THREAD as u64)
         .map(|i| {
             let s = MemSpace::with_file(10 + i, A + i * 0x1_0000);
             mmap_file(&reg, &s);

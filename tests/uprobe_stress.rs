@@ -34,8 +34,9 @@ use std::time::{Duration, Instant};
 
 use rcu_registry::probes::arch::DataMemory;
 use rcu_registry::probes::arch::StepOutcome;
-use rcu_registry::probes::kprobe::{HitOutcome, ReturnOutcome};
+use rcu_registry::probes::outcome::ReturnOutcome;
 use rcu_registry::probes::text::TextMemory;
+use rcu_registry::probes::uprobe::UprobeFinished;
 use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeOutcome};
 use uprobe_support::*;
 
@@ -137,7 +138,7 @@ fn stress(reg: Registry) {
                 // The caller's return address, where a call leaves it.
                 stack.write(Stack::top(), &CALLER.to_le_bytes()).unwrap();
                 match reg.on_breakpoint(s.id, &mut regs, &mut stack) {
-                    UprobeOutcome::Done(HitOutcome::Emulated) => {
+                    UprobeOutcome::Done(UprobeFinished::Emulated) => {
                         if off == OFF_NOP {
                             counts.nop_emulated.fetch_add(1, Ordering::Relaxed);
                         }
@@ -146,17 +147,17 @@ fn stress(reg: Registry) {
                             counts.returns.fetch_add(1, Ordering::Relaxed);
                         }
                     }
-                    UprobeOutcome::Done(HitOutcome::Vanished) => {
+                    UprobeOutcome::Done(UprobeFinished::Vanished) => {
                         assert!(
                             off != OFF_NOP || !stable,
                             "the pinned uprobe vanished from a mapped space"
                         );
                         counts.vanished.fetch_add(1, Ordering::Relaxed);
                     }
-                    UprobeOutcome::Done(HitOutcome::NotOurs) if !stable => {
+                    UprobeOutcome::Done(UprobeFinished::NotOurs) if !stable => {
                         counts.not_ours_unstable.fetch_add(1, Ordering::Relaxed);
                     }
-                    UprobeOutcome::Done(HitOutcome::Boosted { .. }) => {
+                    UprobeOutcome::Done(UprobeFinished::Boosted { .. }) => {
                         counts.boosted.fetch_add(1, Ordering::Relaxed);
                     }
                     UprobeOutcome::SingleStep(step) => {

@@ -17,8 +17,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rcu_registry::probes::arch::{Arch, X86_64};
-use rcu_registry::probes::kprobe::HitOutcome;
 use rcu_registry::probes::text::TextMemory;
+use rcu_registry::probes::uprobe::UprobeFinished;
 use rcu_registry::probes::uprobe::{
     Consumer, ConsumerAction, UprobeKey, UprobeOutcome, UprobeRegistry,
 };
@@ -109,7 +109,7 @@ fn slot_hit(reg: &Held, space: &MemSpace, vaddr: u64, code: &[u8]) -> u64 {
     let mut regs = trap_regs(vaddr);
     let mut stack = Stack::new();
     let slot = match reg.on_breakpoint(space.id, &mut regs, &mut stack) {
-        UprobeOutcome::Done(HitOutcome::Boosted { slot }) => slot,
+        UprobeOutcome::Done(UprobeFinished::Boosted { slot }) => slot,
         UprobeOutcome::SingleStep(step) => step.plan().slot_addr,
         UprobeOutcome::Done(other) => panic!("expected an out-of-line run, got {other:?}"),
     };

@@ -67,12 +67,15 @@ use std::sync::Arc;
 
 use loom::thread;
 use probe_common::{model, model_with, Stack, Val, SP};
+use rcu_registry::__internals::kprobe::RetiredListCounts;
 use rcu_registry::probes::arch::{Regs, X86_64};
 use rcu_registry::probes::kprobe::{
-    Action, EntryAction, HitOutcome, Kprobe, KprobeRegistry, Kretprobe, ReturnOutcome, StepResult,
-    SymbolTable, ThreadKey, XolArena,
+    Action, EntryAction, HitOutcome, Kprobe, KprobeRegistry, Kretprobe, StepResult, ThreadKey,
 };
+use rcu_registry::probes::outcome::ReturnOutcome;
+use rcu_registry::probes::resolve::SymbolTable;
 use rcu_registry::probes::text::{Image, TextMemory};
+use rcu_registry::probes::xol::XolArena;
 use rcu_registry::rcu::Rcu;
 
 /// `f`: nop; ret

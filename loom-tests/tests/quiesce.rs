@@ -66,7 +66,7 @@ use std::ops::Range;
 use loom::sync::atomic::{AtomicU64, Ordering};
 use loom::sync::Arc;
 use loom::thread;
-use rcu_registry::probes::quiesce_ack::{Ack, AckTable};
+use rcu_registry::__internals::quiesce_ack::{Ack, AckTable};
 // Preemption bound 3: enough for the old round's handler to be preempted
 // between its loads and its write and the waiter between its steps, and
 // each model still finishes in well under a minute.
@@ -99,7 +99,11 @@ fn signal(table: &Arc<Table>, ip: &Arc<AtomicU64>, broken: bool) -> thread::Join
 }
 
 /// Waits for entry `i` of `round` to be answered.
-fn poll_answered(table: &Table, round: rcu_registry::probes::quiesce_ack::Round, i: usize) -> Ack {
+fn poll_answered(
+    table: &Table,
+    round: rcu_registry::__internals::quiesce_ack::Round,
+    i: usize,
+) -> Ack {
     loop {
         match table.poll(round, i) {
             Ack::Pending => thread::yield_now(),

@@ -23,8 +23,9 @@ mod seqtree_common;
 
 use loom::sync::Arc;
 use loom::thread;
+use rcu_registry::__internals::seqtree::model_domain::ModelDomain;
+use rcu_registry::__internals::seqtree::CheckInvariants;
 use rcu_registry::rcu::Flavor;
-use rcu_registry::seqtree::model_domain::ModelDomain;
 use rcu_registry::seqtree::SeqTree;
 use seqtree_common::model;
 

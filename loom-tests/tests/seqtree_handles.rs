@@ -35,7 +35,7 @@ mod seqtree_common;
 
 use loom::sync::Arc;
 use loom::thread;
-use rcu_registry::seqtree::model_domain::ModelDomain;
+use rcu_registry::__internals::seqtree::model_domain::ModelDomain;
 use rcu_registry::seqtree::SeqTree;
 
 #[test]

@@ -43,7 +43,7 @@ use loom::sync::atomic::{AtomicU8, Ordering};
 use loom::sync::Arc;
 use loom::thread;
 use probe_common::model;
-use rcu_registry::probes::text::{PatchWindow, INT3};
+use rcu_registry::__internals::text::{PatchWindow, INT3};
 
 const AT: u64 = 0x1000;
 /// First bytes of the two versions of the instruction (`mov eax, imm32`

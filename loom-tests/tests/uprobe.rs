@@ -90,7 +90,7 @@ use std::sync::atomic::{AtomicBool as StdBool, Ordering as StdOrd};
 use loom::sync::Arc;
 use loom::thread;
 use probe_common::{execute, mapping, model, nop_ret, setup, space, Val, BASE, KEY, S1};
-use rcu_registry::probes::kprobe::HitOutcome;
+use rcu_registry::probes::uprobe::UprobeFinished;
 use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, SpaceId};
 
 const S2: SpaceId = SpaceId(2);
@@ -126,8 +126,8 @@ fn a_hit_racing_the_last_unregister_finds_a_live_uprobe_or_misses() {
                     assert_eq!(r.consumers(), 1, "a pinned uprobe was resurrected");
                 }
                 match execute(&reg, &space) {
-                    None | Some(HitOutcome::Vanished) => {}
-                    Some(HitOutcome::Emulated) => {}
+                    None | Some(UprobeFinished::Vanished) => {}
+                    Some(UprobeFinished::Emulated) => {}
                     Some(other) => panic!("trapped on our breakpoint, got {other:?}"),
                 }
             })
@@ -152,7 +152,7 @@ fn a_trap_racing_the_last_unregister_and_a_new_consumer_is_never_foreign() {
             thread::spawn(move || {
                 // The trap is on a's breakpoint or on b's: ours either way.
                 match execute(&reg, &space) {
-                    None | Some(HitOutcome::Vanished) | Some(HitOutcome::Emulated) => {}
+                    None | Some(UprobeFinished::Vanished) | Some(UprobeFinished::Emulated) => {}
                     Some(other) => panic!("trapped on our breakpoint, got {other:?}"),
                 }
             })
@@ -186,12 +186,12 @@ fn a_registration_installing_into_another_space_never_hides_the_uprobe_from_hits
             let (reg, s1, s2) = (reg.clone(), s1.clone(), s2.clone());
             thread::spawn(move || {
                 match execute(&reg, &s1) {
-                    Some(HitOutcome::Emulated) => {}
+                    Some(UprobeFinished::Emulated) => {}
                     other => panic!("the breakpoint in space 1 lost its uprobe: {other:?}"),
                 }
                 assert!(matches!(reg.find(S2, BASE), None | Some(KEY)));
                 match execute(&reg, &s2) {
-                    None | Some(HitOutcome::Emulated) => {}
+                    None | Some(UprobeFinished::Emulated) => {}
                     Some(other) => panic!("trapped on the new breakpoint, got {other:?}"),
                 }
             })
@@ -226,7 +226,7 @@ fn an_mmap_racing_a_hit_publishes_its_uprobe_before_the_breakpoint() {
                 // nothing.
                 assert!(matches!(reg.find(S2, BASE), None | Some(KEY)));
                 match execute(&reg, &s2) {
-                    None | Some(HitOutcome::Emulated) => {}
+                    None | Some(UprobeFinished::Emulated) => {}
                     Some(other) => panic!("trapped on the mmap's breakpoint, got {other:?}"),
                 }
             })
@@ -249,10 +249,10 @@ fn a_munmap_and_remap_racing_a_hit_finds_the_uprobe_or_misses_cleanly() {
             let (reg, s1) = (reg.clone(), s1.clone());
             thread::spawn(move || match execute(&reg, &s1) {
                 // Found through the old or the new mapping.
-                Some(HitOutcome::Emulated) => true,
+                Some(UprobeFinished::Emulated) => true,
                 // Between the unmap and the re-map: no mapping, the
                 // breakpoint still in the text.
-                Some(HitOutcome::NotOurs) => false,
+                Some(UprobeFinished::NotOurs) => false,
                 other => panic!("the breakpoint never left the text, got {other:?}"),
             })
         };
@@ -267,6 +267,6 @@ fn a_munmap_and_remap_racing_a_hit_finds_the_uprobe_or_misses_cleanly() {
         );
         assert_eq!(reg.installs_in(S1), 1);
         // Afterwards the breakpoint has its uprobe again.
-        assert!(matches!(execute(&reg, &s1), Some(HitOutcome::Emulated)));
+        assert!(matches!(execute(&reg, &s1), Some(UprobeFinished::Emulated)));
     });
 }

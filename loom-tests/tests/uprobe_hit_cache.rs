@@ -32,10 +32,10 @@ use std::sync::atomic::{AtomicBool as StdBool, Ordering as StdOrd};
 use loom::sync::Arc;
 use loom::thread;
 use probe_common::{execute, model_with, Reg, Space, Val, BASE, FILE, KEY, S1};
+use rcu_registry::__internals::seqtree::model_domain::ModelDomain;
 use rcu_registry::probes::arch::X86_64;
-use rcu_registry::probes::kprobe::HitOutcome;
+use rcu_registry::probes::uprobe::UprobeFinished;
 use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, FileId, FileMapping, UprobeKey};
-use rcu_registry::seqtree::model_domain::ModelDomain;
 
 const FILE_A: FileId = FILE;
 const FILE_B: FileId = FileId { dev: 1, inode: 3 };
@@ -93,7 +93,7 @@ fn a_hit_while_its_cache_slot_changes_hands_runs_its_own_live_handler_or_misses(
             thread::spawn(move || reg.register(KEY_B, &b).unwrap())
         };
         match execute(&reg, &space) {
-            None | Some(HitOutcome::Vanished) | Some(HitOutcome::Emulated) => {}
+            None | Some(UprobeFinished::Vanished) | Some(UprobeFinished::Emulated) => {}
             Some(other) => panic!("trapped on A's breakpoint, got {other:?}"),
         }
         remover.join().unwrap();

@@ -44,8 +44,8 @@ use probe_common::{
     URET_TRAMPOLINE,
 };
 use rcu_registry::probes::arch::Regs;
-use rcu_registry::probes::kprobe::HitOutcome;
 use rcu_registry::probes::text::TextMemory;
+use rcu_registry::probes::uprobe::UprobeFinished;
 use rcu_registry::probes::uprobe::{Consumer, UprobeOutcome};
 
 const TRAMPOLINE: u64 = URET_TRAMPOLINE;
@@ -71,7 +71,7 @@ fn call_and_return(reg: &Reg, space: &Space) -> bool {
             ..Regs::default()
         };
         match reg.on_breakpoint(space.id, &mut regs, &mut stack) {
-            UprobeOutcome::Done(HitOutcome::Emulated | HitOutcome::Vanished) => {}
+            UprobeOutcome::Done(UprobeFinished::Emulated | UprobeFinished::Vanished) => {}
             UprobeOutcome::Done(other) => panic!("trapped on our breakpoint, got {other:?}"),
             UprobeOutcome::SingleStep(_) => panic!("a nop is emulated"),
         }

@@ -46,10 +46,10 @@ use probe_common::{
     mapping, model, nop_ret, uret_return, Reg, Space, Stack, BASE, KEY, S1, SP, URET_CALLER,
     URET_TRAMPOLINE,
 };
+use rcu_registry::__internals::seqtree::model_domain::ModelDomain;
 use rcu_registry::probes::arch::{Regs, X86_64};
-use rcu_registry::probes::kprobe::HitOutcome;
+use rcu_registry::probes::uprobe::UprobeFinished;
 use rcu_registry::probes::uprobe::{Consumer, UprobeOutcome};
-use rcu_registry::seqtree::model_domain::ModelDomain;
 
 const TRAMPOLINE: u64 = URET_TRAMPOLINE;
 const CALLER: u64 = URET_CALLER;
@@ -75,7 +75,7 @@ fn enter(reg: &Reg, space: &Space) -> Stack {
         ..Regs::default()
     };
     match reg.on_breakpoint(space.id, &mut regs, &mut stack) {
-        UprobeOutcome::Done(HitOutcome::Emulated) => {}
+        UprobeOutcome::Done(UprobeFinished::Emulated) => {}
         UprobeOutcome::Done(other) => panic!("trapped on our breakpoint, got {other:?}"),
         UprobeOutcome::SingleStep(_) => panic!("a nop is emulated"),
     }

@@ -68,14 +68,14 @@ use std::sync::atomic::{AtomicUsize as StdUsize, Ordering as StdOrd};
 use loom::sync::{Arc, Mutex};
 use loom::thread;
 use probe_common::{model_with, Space, BASE, FILE, KEY, S1};
+use rcu_registry::__internals::seqtree::model_domain::ModelDomain;
 use rcu_registry::probes::arch::{Arch, Regs, X86_64};
-use rcu_registry::probes::kprobe::HitOutcome;
 use rcu_registry::probes::text::TextMemory;
+use rcu_registry::probes::uprobe::UprobeFinished;
 use rcu_registry::probes::uprobe::{
     Consumer, ConsumerAction, FileMapping, UprobeOutcome, UprobeRegistry,
 };
 use rcu_registry::rcu::{Flavor, GpCookie};
-use rcu_registry::seqtree::model_domain::ModelDomain;
 
 /// `mov rbp, rsp` (out of line, boostable), then `ret`.
 const CODE: [u8; 4] = [0x48, 0x89, 0xe5, 0xc3];
@@ -162,9 +162,9 @@ fn hit_and_run_slot(reg: &Reg, space: &Space) -> bool {
     };
     let mem = &mut probe_common::NoDataMemory;
     let slot = match reg.on_breakpoint(space.id, &mut regs, mem) {
-        UprobeOutcome::Done(HitOutcome::Boosted { slot }) => slot,
+        UprobeOutcome::Done(UprobeFinished::Boosted { slot }) => slot,
         // Between the unmap and the re-map: no mapping.
-        UprobeOutcome::Done(HitOutcome::NotOurs) => return false,
+        UprobeOutcome::Done(UprobeFinished::NotOurs) => return false,
         UprobeOutcome::Done(other) => panic!("trapped on our breakpoint, got {other:?}"),
         UprobeOutcome::SingleStep(_) => panic!("the mov is boosted"),
     };

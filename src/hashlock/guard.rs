@@ -40,6 +40,19 @@ use crate::sync::UnsafeCell;
 /// });
 /// ```
 ///
+/// Released on the thread that took it, the same code compiles:
+///
+/// ```
+/// use rcu_registry::hashlock::HashedLocks;
+///
+/// let locks: HashedLocks<u32, std::sync::Mutex<()>> = HashedLocks::new(4).unwrap();
+/// let guard = locks.lock(&7);
+/// std::thread::scope(|s| {
+///     s.spawn(move || ());
+/// });
+/// drop(guard);
+/// ```
+///
 /// A read guard gives no mutable access:
 ///
 /// ```compile_fail,E0594
@@ -48,6 +61,16 @@ use crate::sync::UnsafeCell;
 /// let locks: HashedLocks<u32, std::sync::RwLock<()>, u64> = HashedLocks::new(4).unwrap();
 /// let guard = locks.read(&7);
 /// *guard = 1; // error: cannot assign through a shared-mode guard
+/// ```
+///
+/// An exclusive guard of the same array gives it:
+///
+/// ```
+/// use rcu_registry::hashlock::HashedLocks;
+///
+/// let locks: HashedLocks<u32, std::sync::RwLock<()>, u64> = HashedLocks::new(4).unwrap();
+/// let mut guard = locks.lock(&7);
+/// *guard = 1;
 /// ```
 #[must_use = "the stripe is released as soon as the guard is dropped"]
 pub struct StripeGuard<'a, L: 'a, T, M: Access<L> = Exclusive> {

@@ -32,7 +32,7 @@ mod sealed {
 
 /// How the stripes of an array are laid out in memory. Sealed: the choice is
 /// [`Padded`] or [`Compact`].
-pub trait Layout: sealed::Sealed + Debug + 'static {
+pub trait StripeLayout: sealed::Sealed + Debug + 'static {
     /// The storage of one stripe.
     #[doc(hidden)]
     type Cell<S>;
@@ -63,7 +63,7 @@ pub enum Padded {}
 #[derive(Debug)]
 pub enum Compact {}
 
-impl Layout for Padded {
+impl StripeLayout for Padded {
     type Cell<S> = CachePadded<S>;
 
     const NAME: &'static str = "padded";
@@ -79,7 +79,7 @@ impl Layout for Padded {
     }
 }
 
-impl Layout for Compact {
+impl StripeLayout for Compact {
     type Cell<S> = S;
 
     const NAME: &'static str = "compact";

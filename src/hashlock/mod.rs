@@ -36,6 +36,22 @@
 //! let _guard = kretprobe_locks.lock(&FileId(3)); // error: expected `&ThreadKey`
 //! ```
 //!
+//! The same lock with the array's own key type compiles:
+//!
+//! ```
+//! use rcu_registry::hashlock::HashedLocks;
+//!
+//! #[derive(Hash)]
+//! struct ThreadKey(u32);
+//! #[derive(Hash)]
+//! struct FileId(u64);
+//!
+//! let kretprobe_locks: HashedLocks<ThreadKey, std::sync::Mutex<()>> =
+//!     HashedLocks::new(64).unwrap();
+//! let _guard = kretprobe_locks.lock(&ThreadKey(3));
+//! # let _ = FileId(3).0;
+//! ```
+//!
 //! # Lock order and deadlock freedom
 //!
 //! Stripes are ordered by index. [`lock_pair`](HashedLocks::lock_pair) takes
@@ -157,7 +173,7 @@ use core::marker::PhantomData;
 pub use guard::{
     AllGuard, AllReadGuard, PairGuard, PairMut, PairReadGuard, StripeGuard, StripeReadGuard,
 };
-pub use layout::{Compact, Layout, Padded};
+pub use layout::{Compact, Padded, StripeLayout};
 pub use lock::{Access, Exclusive, Shared, SharedStripeLock, SpinGuard, SpinLock, StripeLock};
 
 use crate::sync::UnsafeCell;
@@ -212,7 +228,7 @@ struct Stripe<L, T> {
 /// - `P`: [`Padded`] (default) or [`Compact`]; see the [module docs](self).
 ///
 /// See the [module docs](self) for the lock order callers must follow.
-pub struct HashedLocks<K: ?Sized, L, T = (), P: Layout = Padded> {
+pub struct HashedLocks<K: ?Sized, L, T = (), P: StripeLayout = Padded> {
     stripes: Box<[P::Cell<Stripe<L, T>>]>,
     /// `fn(&K)`: the array neither owns nor shares a `K`, so `K` affects no
     /// auto trait and may be unsized (`str`, `[u8]`, `Path`).
@@ -224,14 +240,14 @@ pub type CompactHashedLocks<K, L, T = ()> = HashedLocks<K, L, T, Compact>;
 
 // SAFETY: sending the array sends its locks (`L: Send`) and data (`T: Send`);
 // the layout wrapper adds nothing that is not `Send`.
-unsafe impl<K: ?Sized, L: Send, T: Send, P: Layout> Send for HashedLocks<K, L, T, P> {}
+unsafe impl<K: ?Sized, L: Send, T: Send, P: StripeLayout> Send for HashedLocks<K, L, T, P> {}
 
 // SAFETY: `T` is reached only through a stripe guard. Exclusive guards hand
 // `&mut T` to one thread at a time (needs `T: Send`); shared guards hand
 // `&T` to several threads at once (needs `T: Sync`).
-unsafe impl<K: ?Sized, L: Sync, T: Send + Sync, P: Layout> Sync for HashedLocks<K, L, T, P> {}
+unsafe impl<K: ?Sized, L: Sync, T: Send + Sync, P: StripeLayout> Sync for HashedLocks<K, L, T, P> {}
 
-impl<K: ?Sized + Hash, L: StripeLock, T: Default, P: Layout> HashedLocks<K, L, T, P> {
+impl<K: ?Sized + Hash, L: StripeLock, T: Default, P: StripeLayout> HashedLocks<K, L, T, P> {
     /// An array of `stripes` stripes rounded up to a power of two, each with
     /// `T::default()` as its data.
     ///
@@ -255,7 +271,7 @@ impl<K: ?Sized + Hash, L: StripeLock, T: Default, P: Layout> HashedLocks<K, L, T
     }
 }
 
-impl<K: ?Sized + Hash, L: StripeLock, T, P: Layout> HashedLocks<K, L, T, P> {
+impl<K: ?Sized + Hash, L: StripeLock, T, P: StripeLayout> HashedLocks<K, L, T, P> {
     /// An array of `stripes` stripes rounded up to a power of two; stripe `i`
     /// starts with `init(i)` as its data.
     ///
@@ -442,7 +458,7 @@ impl<K: ?Sized + Hash, L: StripeLock, T, P: Layout> HashedLocks<K, L, T, P> {
     }
 }
 
-impl<K: ?Sized + Hash, L: SharedStripeLock, T, P: Layout> HashedLocks<K, L, T, P> {
+impl<K: ?Sized + Hash, L: SharedStripeLock, T, P: StripeLayout> HashedLocks<K, L, T, P> {
     /// Locks the stripe of `key` shared. The same order rule as
     /// [`lock`](Self::lock) applies: a waiting writer can block new readers.
     #[inline]
@@ -497,7 +513,7 @@ fn index_out_of_range(stripe: usize, len: usize) -> ! {
     panic!("stripe {stripe} out of range for a hashed lock array of {len} stripes");
 }
 
-impl<K: ?Sized, L, T, P: Layout> fmt::Debug for HashedLocks<K, L, T, P> {
+impl<K: ?Sized, L, T, P: StripeLayout> fmt::Debug for HashedLocks<K, L, T, P> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("HashedLocks")
             .field("stripes", &self.stripes.len())

@@ -6,18 +6,16 @@ pub mod error;
 #[cfg(not(loom))]
 mod exit_key;
 pub mod kprobe;
-/// The live runtime's quiescence ack protocol alone (`runtime` is not built
-/// under loom), for its loom model.
-#[cfg(loom)]
-#[doc(hidden)]
-#[path = "runtime/quiesce/ack.rs"]
-pub mod quiesce_ack;
+pub mod outcome;
+// The quiescence ack protocol: the live runtime's `quiesce` uses it, loom
+// models it (the runtime itself is not built under loom).
+pub(crate) mod quiesce_ack;
 mod reentry;
-#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
-pub mod runtime;
+pub mod resolve;
 #[cfg(all(target_os = "linux", not(loom)))]
-pub mod symbols;
+pub mod runtime;
 pub mod text;
 pub mod uprobe;
+pub mod xol;
 
 pub use error::ProbeError;

@@ -1,5 +1,14 @@
-//! Per-thread re-entrancy flags for probe handlers, shared by the kprobe and
-//! uprobe hit paths.
+//! Per-thread re-entrancy flags for probe handlers: the scope both
+//! registries use, and each family's flag ([`KprobeFlag`], [`UprobeFlag`]).
+//!
+//! # Why
+//!
+//! A handler (a kprobe's pre/post/entry/return handler, a uprobe consumer's
+//! handler, filter or return handler) is user code: it may call a function
+//! that carries a probe (a logging helper, a probed allocator). Running that
+//! nested hit's handlers would recurse, possibly without end, and would
+//! touch the thread's per-thread probe state (kretprobe instances, uprobe
+//! return stacks) while the outer hit is in the middle of changing it.
 //!
 //! # The scope
 //!
@@ -11,6 +20,14 @@
 //! `nmissed` and completes the displaced instruction. Each family has its
 //! own flag ([`Flag`]), so a kprobe handler may hit a uprobe and vice versa,
 //! at most once each.
+//!
+//! # The flag goes up first
+//!
+//! Every hit-path entry (breakpoint, return, thread exit) raises its flag
+//! before it touches the thread's per-thread state, so a signal handler that
+//! interrupts the thread there and runs probed code finds the flag up and
+//! stays away. A nested uprobe hit never runs a filter either (a filter that
+//! hit a uprobe would recurse through the miss path otherwise).
 //!
 //! A signal arriving between the test and the set of [`HandlerScope::enter`]
 //! runs its own scope to completion (set, clear) before the interrupted
@@ -64,7 +81,7 @@ macro_rules! handler_flag {
         $(#[$attr])*
         $vis enum $name {}
 
-        impl $crate::probes::reentry::Flag for $name {
+        impl Flag for $name {
             #[inline]
             fn with<R>(f: impl FnOnce(&core::cell::Cell<bool>) -> R) -> R {
                 // `std::cell::Cell`, not a shim type: the flag is only ever
@@ -79,4 +96,31 @@ macro_rules! handler_flag {
         }
     };
 }
-pub(crate) use handler_flag;
+
+handler_flag! {
+    /// The kprobe family's re-entrancy flag: up while this thread runs
+    /// kprobe handlers.
+    pub(crate) enum KprobeFlag;
+}
+
+handler_flag! {
+    /// The uprobe family's re-entrancy flag: up while this thread runs
+    /// uprobe handlers, filters or return handlers.
+    pub(crate) enum UprobeFlag;
+}
+
+/// Marks the thread as running kprobe handlers; cleared on drop.
+pub(crate) type KprobeScope = HandlerScope<KprobeFlag>;
+
+/// Marks the thread as running uprobe handlers; cleared on drop.
+pub(crate) type UprobeScope = HandlerScope<UprobeFlag>;
+
+/// Whether the calling thread is running kprobe handlers.
+pub(crate) fn in_kprobe_handler() -> bool {
+    KprobeFlag::is_up()
+}
+
+/// Whether the calling thread is running uprobe handlers.
+pub(crate) fn in_uprobe_handler() -> bool {
+    UprobeFlag::is_up()
+}

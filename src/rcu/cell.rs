@@ -38,6 +38,19 @@ use std::ptr;
 /// };
 /// println!("{r}");
 /// ```
+///
+/// With the guard taken outside the block, so that it outlives the
+/// reference, the same code compiles:
+///
+/// ```
+/// use rcu_registry::rcu::{Rcu, RcuCell};
+/// let cell = RcuCell::new(5);
+/// let guard = Rcu::global().read();
+/// let r = {
+///     cell.load(&guard).unwrap()
+/// };
+/// println!("{r}");
+/// ```
 pub struct RcuCell<T: Send + Sync + 'static, F: Flavor = Rcu> {
     ptr: AtomicPtr<T>,
     domain: F,

@@ -31,6 +31,7 @@
 //! period serves every callback queued before it started. [`GpCookie`]s from
 //! `start_poll()` expose the same numbering to callers that prefer to poll.
 
+mod callbacks;
 mod cell;
 mod gp;
 mod sched;
@@ -53,12 +54,14 @@ pub struct GpCookie {
     pub(crate) seq: u64,
 }
 
-/// A read-side critical section of some RCU domain.
+/// A read-side critical section of some RCU domain: the marker trait every
+/// domain's read guard ([`RcuGuard`], [`SrcuGuard`]) implements, and the
+/// bound of [`Flavor::Guard`].
 ///
 /// Data protected by the domain may be dereferenced for as long as the guard
 /// lives. Guards are `!Send`: a read section belongs to the thread that began
 /// it (see [`SrcuGuard::into_token`] for the one sanctioned exception).
-pub trait ReadGuard {}
+pub trait ReadSection {}
 
 /// An RCU domain: the operations data structures need, generic over
 /// [`Rcu`] and [`Srcu`].
@@ -67,7 +70,7 @@ pub trait ReadGuard {}
 /// the same domain and share its grace periods and callback queue.
 pub trait Flavor: Clone + Default + Send + Sync + 'static {
     /// The read guard of this domain.
-    type Guard<'a>: ReadGuard
+    type Guard<'a>: ReadSection
     where
         Self: 'a;
 

@@ -33,9 +33,10 @@
 //! process-wide, as in the kernel); each `Rcu::new()` has its own callback
 //! queue, worker and barrier.
 
-use super::gp::{self, CallbackQueue, GpSeq, GracePeriod, SLEEP_SLICE};
+use super::callbacks::CallbackQueue;
+use super::gp::{self, GpSeq, GracePeriod, SLEEP_SLICE};
 use super::slots::{self, Slot, GP_FUTEX, GP_WAITING};
-use super::{Flavor, GpCookie, ReadGuard};
+use super::{Flavor, GpCookie, ReadSection};
 use crate::sync::atomic::{fence, AtomicUsize, Ordering};
 use crate::sync::{heavy_barrier, light_barrier, light_barrier_in, membarrier_mode, Backoff};
 use std::fmt;
@@ -389,6 +390,14 @@ impl Default for Rcu {
 /// fn assert_send<T: Send>(_: T) {}
 /// assert_send(Rcu::global().read());
 /// ```
+///
+/// The same call without the `Send` bound compiles:
+///
+/// ```
+/// use rcu_registry::rcu::Rcu;
+/// fn assert_any<T>(_: T) {}
+/// assert_any(Rcu::global().read());
+/// ```
 #[must_use = "the read section ends when the guard is dropped"]
 pub struct RcuGuard<'a> {
     slot: &'static Slot,
@@ -396,7 +405,7 @@ pub struct RcuGuard<'a> {
     _not_send: PhantomData<*const ()>,
 }
 
-impl ReadGuard for RcuGuard<'_> {}
+impl ReadSection for RcuGuard<'_> {}
 
 impl fmt::Debug for RcuGuard<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

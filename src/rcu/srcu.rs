@@ -32,10 +32,11 @@
 //! Barriers are asymmetric as in `Rcu`: the updater's `membarrier` stands in
 //! for the full barriers that the classic algorithm puts in the reader.
 
-use super::gp::{self, CallbackQueue, GpSeq, GracePeriod};
+use super::callbacks::CallbackQueue;
+use super::gp::{self, GpSeq, GracePeriod};
 use super::sched::DomainStats;
 use super::slots;
-use super::{Flavor, GpCookie, ReadGuard};
+use super::{Flavor, GpCookie, ReadSection};
 use crate::sync::atomic::{fence, AtomicPtr, AtomicUsize, Ordering};
 #[cfg(loom)]
 use crate::sync::thread;
@@ -448,6 +449,15 @@ impl Srcu {
 /// let d = Srcu::new();
 /// assert_send(d.read());
 /// ```
+///
+/// Its token is `Send`:
+///
+/// ```
+/// use rcu_registry::rcu::Srcu;
+/// fn assert_send<T: Send>(_: T) {}
+/// let d = Srcu::new();
+/// assert_send(d.read().into_token());
+/// ```
 #[must_use = "the read section ends when the guard is dropped"]
 pub struct SrcuGuard<'a> {
     domain: &'a Srcu,
@@ -456,7 +466,7 @@ pub struct SrcuGuard<'a> {
     _not_send: PhantomData<*const ()>,
 }
 
-impl ReadGuard for SrcuGuard<'_> {}
+impl ReadSection for SrcuGuard<'_> {}
 
 impl fmt::Debug for SrcuGuard<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

@@ -106,6 +106,20 @@ impl<K, V> OwnedNode for LatchNode<K, V> {
 /// }; // the reference cannot outlive the guard
 /// assert_eq!(*v, 1);
 /// ```
+///
+/// With the guard taken outside the block, the same code compiles:
+///
+/// ```
+/// use rcu_registry::rcu::Flavor;
+/// use rcu_registry::seqtree::LatchTree;
+/// let t: LatchTree<u32, u32> = LatchTree::new();
+/// t.insert(1, 1);
+/// let guard = t.domain().read();
+/// let v = {
+///     t.get(&guard, &1).unwrap()
+/// }; // the guard outlives the reference
+/// assert_eq!(*v, 1);
+/// ```
 pub struct LatchTree<K, V, F = Rcu>
 where
     K: Ord + Send + 'static,
@@ -304,8 +318,8 @@ where
 
     /// Checks both copies (red-black invariants, order, parent links), that
     /// they hold `len` entries each. For tests; takes the writer lock.
-    #[doc(hidden)]
-    pub fn check_invariants(&self) -> Result<(), String> {
+    /// Reached through `__internals::seqtree::CheckInvariants`.
+    pub(crate) fn validate(&self) -> Result<(), String> {
         let _w = self.lock();
         let len = self.len();
         for copy in 0..2 {

@@ -64,8 +64,7 @@ mod tree;
 mod write;
 
 #[cfg(any(test, loom))]
-#[doc(hidden)]
-pub mod model_domain;
+pub(crate) mod model_domain;
 
 pub use entry::EntryHandle;
 pub use iter::{Iter, Range};

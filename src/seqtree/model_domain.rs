@@ -24,7 +24,7 @@
 
 use std::cell::Cell;
 
-use crate::rcu::{Flavor, GpCookie, ReadGuard};
+use crate::rcu::{Flavor, GpCookie, ReadSection};
 use crate::sync::atomic::{fence, AtomicU64, AtomicUsize, Ordering};
 use crate::sync::{Arc, Mutex};
 
@@ -52,7 +52,7 @@ pub struct ModelGuard<'a> {
     _not_send: core::marker::PhantomData<*const ()>,
 }
 
-impl ReadGuard for ModelGuard<'_> {}
+impl ReadSection for ModelGuard<'_> {}
 
 crate::sync::const_thread_local! {
     /// Read sections of any `ModelDomain` open on this thread.

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use super::model_domain::ModelDomain;
 use super::{LatchTree, SeqTree};
+use crate::__internals::seqtree::CheckInvariants;
 use crate::rcu::Flavor;
 
 type Tree<V> = SeqTree<u32, V, ModelDomain>;

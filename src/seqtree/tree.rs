@@ -77,6 +77,16 @@ struct Counters {
 /// shared(&t); // Cell is not Sync: readers could race on it
 /// ```
 ///
+/// With a value that is `Sync` (an atomic instead of a `Cell`) it compiles:
+///
+/// ```
+/// use std::sync::atomic::AtomicU32;
+/// use rcu_registry::seqtree::SeqTree;
+/// fn shared<T: Sync>(_: &T) {}
+/// let t: SeqTree<u32, AtomicU32> = SeqTree::new();
+/// shared(&t);
+/// ```
+///
 /// # References do not outlive the read section
 ///
 /// ```compile_fail
@@ -88,6 +98,20 @@ struct Counters {
 ///     let guard = t.domain().read();
 ///     t.get(&guard, &1).unwrap()
 /// }; // guard dropped here: the entry may be freed
+/// println!("{v}");
+/// ```
+///
+/// With the guard taken outside the block, the same code compiles:
+///
+/// ```
+/// use rcu_registry::rcu::{Flavor, Rcu};
+/// use rcu_registry::seqtree::SeqTree;
+/// let t: SeqTree<u32, String> = SeqTree::new();
+/// t.insert(1, "one".into());
+/// let guard = t.domain().read();
+/// let v = {
+///     t.get(&guard, &1).unwrap()
+/// }; // the guard outlives the reference
 /// println!("{v}");
 /// ```
 #[repr(C)]
@@ -377,8 +401,8 @@ where
 
     /// Checks the red-black invariants, search order, parent links and the
     /// entry count. For tests; takes the writer lock.
-    #[doc(hidden)]
-    pub fn check_invariants(&self) -> Result<(), String> {
+    /// Reached through `__internals::seqtree::CheckInvariants`.
+    pub(crate) fn validate(&self) -> Result<(), String> {
         let _w = self.lock();
         let len = self.len();
         // SAFETY: writer lock held.

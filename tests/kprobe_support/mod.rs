@@ -8,10 +8,11 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use rcu_registry::probes::arch::{DataMemory, Regs, X86Reg, X86_64};
-use rcu_registry::probes::kprobe::{
-    HitOutcome, KprobeRegistry, ReturnOutcome, StepResult, StepToken, SymbolTable, XolArena,
-};
+use rcu_registry::probes::kprobe::{HitOutcome, KprobeRegistry, StepResult, StepToken};
+use rcu_registry::probes::outcome::ReturnOutcome;
+use rcu_registry::probes::resolve::SymbolTable;
 use rcu_registry::probes::text::Image;
+use rcu_registry::probes::xol::XolArena;
 use rcu_registry::probes::ProbeError;
 
 pub const BASE: u64 = 0x1000;

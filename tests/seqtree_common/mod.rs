@@ -1,6 +1,7 @@
 //! Helpers shared by the seqtree integration tests.
 #![allow(dead_code)]
 
+use rcu_registry::__internals::seqtree::CheckInvariants;
 use std::time::Duration;
 
 /// A tiny xorshift generator: tests need cheap, reproducible randomness

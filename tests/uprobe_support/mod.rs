@@ -5,11 +5,11 @@
 use std::sync::{Arc, Mutex};
 
 use rcu_registry::probes::arch::{DataMemory, Regs, X86_64};
-use rcu_registry::probes::kprobe::{XolAllocator, XolArena};
 use rcu_registry::probes::text::{Image, TextMemory};
 use rcu_registry::probes::uprobe::{
     AddressSpace, FileId, FileMapping, SpaceId, UprobeKey, UprobeRegistry,
 };
+use rcu_registry::probes::xol::{XolAllocator, XolArena};
 use rcu_registry::probes::ProbeError;
 use rcu_registry::rcu::Flavor;
 
@@ -308,7 +308,7 @@ impl SimThread {
         space: &MemSpace,
         func: u64,
         ret_addr: u64,
-    ) -> rcu_registry::probes::kprobe::HitOutcome<'static> {
+    ) -> rcu_registry::probes::uprobe::UprobeFinished {
         self.sp -= 8;
         self.stack.write(self.sp, &ret_addr.to_le_bytes()).unwrap();
         self.enter(reg, space, func)
@@ -321,7 +321,7 @@ impl SimThread {
         reg: &Registry,
         space: &MemSpace,
         func: u64,
-    ) -> rcu_registry::probes::kprobe::HitOutcome<'static> {
+    ) -> rcu_registry::probes::uprobe::UprobeFinished {
         self.sp = self.frames.pop().expect("a tail call from inside a call");
         self.enter(reg, space, func)
     }
@@ -331,7 +331,7 @@ impl SimThread {
         reg: &Registry,
         space: &MemSpace,
         func: u64,
-    ) -> rcu_registry::probes::kprobe::HitOutcome<'static> {
+    ) -> rcu_registry::probes::uprobe::UprobeFinished {
         self.frames.push(self.sp);
         let mut regs = trap_regs(func);
         regs.sp = self.sp;
@@ -373,11 +373,11 @@ impl SimThread {
         };
         regs.gprs[0] = retval; // rax
         match reg.on_return(space.id, &mut regs) {
-            rcu_registry::probes::kprobe::ReturnOutcome::Returned { to } => {
+            rcu_registry::probes::outcome::ReturnOutcome::Returned { to } => {
                 assert_eq!(regs.ip, to);
                 Ret::Trampoline(to)
             }
-            rcu_registry::probes::kprobe::ReturnOutcome::NotOurs => {
+            rcu_registry::probes::outcome::ReturnOutcome::NotOurs => {
                 panic!(
                     "returned into the trampoline with no instance for sp {:#x}",
                     self.sp

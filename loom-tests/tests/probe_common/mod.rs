@@ -34,15 +34,16 @@
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use loom::cell::UnsafeCell;
+use rcu_registry::__internals::seqtree::model_domain::ModelDomain;
 pub use rcu_registry::probes::arch::NoDataMemory;
 use rcu_registry::probes::arch::{DataMemory, Regs, X86_64};
-use rcu_registry::probes::kprobe::{HitOutcome, XolAllocator, XolArena};
 use rcu_registry::probes::text::{Image, TextMemory};
+use rcu_registry::probes::uprobe::UprobeFinished;
 use rcu_registry::probes::uprobe::{
     AddressSpace, FileId, FileMapping, SpaceId, UprobeKey, UprobeOutcome, UprobeRegistry,
 };
+use rcu_registry::probes::xol::{XolAllocator, XolArena};
 use rcu_registry::probes::ProbeError;
-use rcu_registry::seqtree::model_domain::ModelDomain;
 
 /// Runs `f` under loom at preemption bound 3 (unless
 /// `LOOM_MAX_PREEMPTIONS` sets one), prints how many executions it
@@ -245,7 +246,7 @@ pub fn setup(space: Space) -> (loom::sync::Arc<Reg>, std::sync::Arc<Space>) {
 
 /// The thread executes the probed `nop` at [`BASE`] in `space`: it traps
 /// only if the breakpoint is there.
-pub fn execute(reg: &Reg, space: &Space) -> Option<HitOutcome<'static>> {
+pub fn execute(reg: &Reg, space: &Space) -> Option<UprobeFinished> {
     let mut b = [0u8; 1];
     space.text.read(BASE, &mut b).unwrap();
     if b[0] != 0xcc {
@@ -285,7 +286,7 @@ pub fn uret_return(reg: &Reg, space: &Space, stack: &Stack) -> bool {
     };
     assert_eq!(
         reg.on_return(space.id, &mut regs),
-        rcu_registry::probes::kprobe::ReturnOutcome::Returned { to: URET_CALLER }
+        rcu_registry::probes::outcome::ReturnOutcome::Returned { to: URET_CALLER }
     );
     true
 }

@@ -69,8 +69,7 @@ struct Batch {
 }
 
 /// Counts of the member lists that registrations retired, as
-/// [`KprobeRegistry::retired_lists`](super::KprobeRegistry::retired_lists)
-/// reports them.
+/// `__internals::kprobe::RetiredListCounts::retired_lists` reports them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RetiredLists {
     /// Member lists retired by registrations since the registry was built.

@@ -61,25 +61,11 @@ use super::table::Members;
 use crate::probes::arch::{
     Arch, DataMemory, Regs, StepOutcome, StepState, XolPlan, XolRun, MAX_INSN_BYTES,
 };
-use crate::probes::reentry::Flag;
+use crate::probes::outcome::ReturnOutcome;
+use crate::probes::reentry::KprobeScope;
 use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
 use crate::sync::atomic::Ordering;
-
-crate::probes::reentry::handler_flag! {
-    /// The kprobe family's re-entrancy flag: up while this thread runs
-    /// kprobe handlers (see `probes::reentry`).
-    pub(crate) enum KprobeFlag;
-}
-
-/// Whether the calling thread is running a probe handler.
-pub(crate) fn in_handler() -> bool {
-    KprobeFlag::is_up()
-}
-
-/// Marks the thread as running kprobe handlers; cleared on drop (also on
-/// unwind).
-pub(crate) type HandlerScope = crate::probes::reentry::HandlerScope<KprobeFlag>;
 
 /// Members with an index below this are tracked exactly (bit set) for
 /// "ran its pre handler"; later ones are assumed to have run if enabled.
@@ -106,7 +92,7 @@ pub enum HitOutcome<'r> {
     /// handler has returned, in no read section and counted nowhere: an
     /// unregistration cannot wait for it, which is why a freed slot is only
     /// ever reused for the same address (the
-    /// [reuse rule](super::XolAllocator#reuse-rule)).
+    /// [reuse rule](crate::probes::xol::XolAllocator#reuse-rule)).
     Boosted {
         /// The slot's address.
         slot: u64,
@@ -128,6 +114,23 @@ pub enum HitOutcome<'r> {
 ///
 /// Dropping it without completing gives up the step (no fixup, no post
 /// handler) and lets unregistration proceed.
+///
+/// It is not `Send`: the step trap comes on the thread that trapped, and the
+/// token points into a member list only that thread's step keeps alive.
+///
+/// ```compile_fail
+/// use rcu_registry::probes::kprobe::StepToken;
+/// fn send<T: Send>() {}
+/// send::<StepToken<'static>>();
+/// ```
+///
+/// The same check without the `Send` bound compiles:
+///
+/// ```
+/// use rcu_registry::probes::kprobe::StepToken;
+/// fn any<T>() {}
+/// any::<StepToken<'static>>();
+/// ```
 pub struct StepToken<'r> {
     members: NonNull<Members>,
     state: StepState,
@@ -203,19 +206,6 @@ pub enum StepResult<'r> {
     Failed(ProbeError),
 }
 
-/// Result of [`KprobeRegistry::on_return`].
-#[must_use = "the outcome says where the thread returns to"]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum ReturnOutcome {
-    /// Return handlers ran; `regs.ip` is the real return address `to`.
-    Returned {
-        /// The caller's return address.
-        to: u64,
-    },
-    /// No instance of this thread returns with this stack pointer.
-    NotOurs,
-}
-
 #[inline]
 fn ran_pre(mask: u64, i: usize, p: &Kprobe) -> bool {
     if i < TRACKED_MEMBERS {
@@ -282,7 +272,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         };
         let members = site.members(&guard);
         regs.ip = addr;
-        let scope = HandlerScope::enter();
+        let scope = KprobeScope::enter();
         let mut mask = 0u64;
         let mut any_post = false;
         if scope.is_some() {
@@ -381,7 +371,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             Ok(StepOutcome::Repeat) => StepResult::Repeat(token),
             Ok(StepOutcome::Done) => {
                 if token.run_post {
-                    if let Some(_scope) = HandlerScope::enter() {
+                    if let Some(_scope) = KprobeScope::enter() {
                         run_posts(token.members(), token.ran_pre, regs);
                     }
                 }
@@ -411,7 +401,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         // Before any lock: a signal handler that runs probed code while this
         // thread holds the stripe below must see the flag and stay away from
         // the kretprobe locks (module docs, "Re-entrancy").
-        let scope = HandlerScope::enter();
+        let scope = KprobeScope::enter();
         let thread = ThreadKey::current();
         let sp = regs.sp;
         let _guard = self.rcu.read();

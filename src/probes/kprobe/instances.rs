@@ -45,9 +45,9 @@
 
 use std::ptr::NonNull;
 
-use super::hit::in_handler;
 use super::kretprobe::ReturnProbe;
 use crate::hashlock::{HashedLocks, SpinLock};
+use crate::probes::reentry::in_kprobe_handler;
 use crate::sync::UnsafeCell;
 
 /// Identifies a thread, cheaply and async-signal-safely: the address of a
@@ -268,7 +268,10 @@ impl InstanceTable {
     /// # Safety
     /// The caller owns `inst` (its frame is set, it is in no chain).
     pub(crate) unsafe fn file(&self, thread: ThreadKey, inst: NonNull<InstanceHdr>) {
-        debug_assert!(in_handler(), "a stripe taken before the re-entrancy flag");
+        debug_assert!(
+            in_kprobe_handler(),
+            "a stripe taken before the re-entrancy flag"
+        );
         let mut chain = self.locks.lock(&thread);
         // SAFETY: owned by the caller until linked; linked under the stripe.
         unsafe { inst.as_ref().set_next(chain.head) };
@@ -284,7 +287,10 @@ impl InstanceTable {
     /// instance of `thread` with a stack pointer at or below `sp` (the
     /// returning call's, and abandoned deeper frames'); otherwise nothing.
     pub(crate) fn take_returning(&self, thread: ThreadKey, sp: u64) -> Taken {
-        debug_assert!(in_handler(), "a stripe taken before the re-entrancy flag");
+        debug_assert!(
+            in_kprobe_handler(),
+            "a stripe taken before the re-entrancy flag"
+        );
         let mut chain = self.locks.lock(&thread);
         #[cfg(test)]
         test_hooks::while_locked();
@@ -316,7 +322,10 @@ impl InstanceTable {
     /// frames the thread abandoned (it exited, or jumped past them). Takes
     /// one stripe, with the thread's re-entrancy flag up (see `file`).
     pub(crate) fn take_thread(&self, thread: ThreadKey, sp: u64) -> Taken {
-        debug_assert!(in_handler(), "a stripe taken before the re-entrancy flag");
+        debug_assert!(
+            in_kprobe_handler(),
+            "a stripe taken before the re-entrancy flag"
+        );
         let mut chain = self.locks.lock(&thread);
         // SAFETY: we hold the chain's stripe.
         unsafe { unlink_frames(&mut chain.head, thread, sp) }

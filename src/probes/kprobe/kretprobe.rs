@@ -35,7 +35,7 @@
 
 use std::fmt;
 use std::ptr::NonNull;
-// `std`'s Arc even under loom, as in `rcu/gp.rs`: loom's Arc cannot coerce
+// `std`'s Arc even under loom, as in `rcu/callbacks.rs`: loom's Arc cannot coerce
 // to `Arc<dyn ReturnProbe>`, and reference counts are not what the models check.
 use std::sync::{Arc, Weak};
 

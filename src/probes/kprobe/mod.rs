@@ -15,7 +15,7 @@
 //! # Validation
 //!
 //! The first probe on an address is checked before any byte changes: the
-//! [`SymbolResolver`] names the function around it, the arch backend decodes
+//! [`SymbolResolver`](crate::probes::resolve::SymbolResolver) names the function around it, the arch backend decodes
 //! from the function's start to prove the address is an instruction boundary
 //! ([`Arch::check_boundary`](crate::probes::arch::Arch::check_boundary);
 //! our own breakpoints in the way are decoded as the bytes they replaced),
@@ -23,7 +23,7 @@
 //! ([`ProbeError::AlreadyPatched`](crate::probes::ProbeError::AlreadyPatched)),
 //! and the backend classifies the instruction
 //! ([`Arch::analyze`](crate::probes::arch::Arch::analyze)). An instruction
-//! that is not emulated gets an XOL slot from the [`XolAllocator`] and a plan.
+//! that is not emulated gets an XOL slot from the [`XolAllocator`](crate::probes::xol::XolAllocator) and a plan.
 //! The site is published, *then* the breakpoint is written (a checked write
 //! that compares the original bytes), so a thread that traps always finds
 //! it. Any failure undoes what was done: the registry and the text are left
@@ -38,8 +38,8 @@
 //! immutable; a change publishes a new list and retires the old. A list
 //! retired by a registration (a probe joining the address) is freed a grace
 //! period later through the domain's [`Rcu::call`](crate::rcu::Rcu::call),
-//! batched, with no unregistration needed (`deferred.rs`;
-//! [`KprobeRegistry::retired_lists`] counts them).
+//! batched, with no unregistration needed (`deferred.rs`, which counts
+//! them for the tests).
 //!
 //! # The hit path
 //!
@@ -72,15 +72,15 @@
 //! handler) runs it after its trap handler returned, outside any read
 //! section, and may be preempted there for any time: the grace period does
 //! not cover it. So when the last probe of an address goes, the registry
-//! also calls [`XolAllocator::quiesce`] with the retired boosted slots after
+//! also calls [`XolAllocator::quiesce`](crate::probes::xol::XolAllocator::quiesce) with the retired boosted slots after
 //! the grace period; the live runtime's area returns once every thread of
 //! the process has been seen outside them (a real-time signal to each
 //! thread; bounded, see `runtime::quiesce`). A thread that could not be
 //! observed in time (it blocks the signal) does no harm either: it completes
 //! the displaced instruction and jumps back after the restored original, and
-//! the slot keeps those bytes because an [`XolAllocator`] reuses a freed
+//! the slot keeps those bytes because an [`XolAllocator`](crate::probes::xol::XolAllocator) reuses a freed
 //! slot only for the same address, where the registry fills it with the
-//! same bytes (the [reuse rule](XolAllocator#reuse-rule)), or for any
+//! same bytes (the [reuse rule](crate::probes::xol::XolAllocator#reuse-rule)), or for any
 //! address once its `quiesce` has proved no thread can still be in it.
 //!
 //! # Kretprobes
@@ -108,7 +108,7 @@
 //! (after releasing it) pool locks; a registry's drop takes that list alone,
 //! before anything else.
 
-mod deferred;
+pub(crate) mod deferred;
 mod hit;
 mod instances;
 mod kretprobe;
@@ -116,14 +116,11 @@ mod probe;
 #[cfg(test)]
 mod reentry_tests;
 mod registry;
-mod resolve;
 mod table;
 mod thread_exit;
 mod unregister;
-mod xol;
 
-pub use deferred::RetiredLists;
-pub use hit::{HitOutcome, ReturnOutcome, StepResult, StepToken};
+pub use hit::{HitOutcome, StepResult, StepToken};
 pub use instances::ThreadKey;
 pub use kretprobe::{
     default_maxactive, EntryAction, EntryHandler, Kretprobe, KretprobeBuilder, ReturnHandler,
@@ -132,5 +129,3 @@ pub use probe::{Action, Kprobe, KprobeBuilder, PostHandler, PreHandler, ProbeId,
 pub use registry::{
     KprobeRegistry, RegistryBuilder, SiteInfo, DEFAULT_BUCKETS, DEFAULT_INSTANCE_STRIPES,
 };
-pub use resolve::{Symbol, SymbolResolver, SymbolTable};
-pub use xol::{XolAllocator, XolArena};

@@ -43,7 +43,7 @@ pub enum Target {
     /// An absolute code address.
     Address(u64),
     /// `offset` bytes into the function `name`, resolved by the registry's
-    /// [`SymbolResolver`](super::SymbolResolver).
+    /// [`SymbolResolver`](crate::probes::resolve::SymbolResolver).
     Symbol {
         /// The function's name.
         name: String,

@@ -9,11 +9,14 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::sync::Arc;
 
-use super::hit::in_handler;
 use super::instances::test_hooks;
-use super::{HitOutcome, KprobeRegistry, Kretprobe, ReturnOutcome, SymbolTable, XolArena};
+use super::{HitOutcome, KprobeRegistry, Kretprobe};
 use crate::probes::arch::{DataMemory, Regs, X86Reg, X86_64};
+use crate::probes::outcome::ReturnOutcome;
+use crate::probes::reentry::in_kprobe_handler;
+use crate::probes::resolve::SymbolTable;
 use crate::probes::text::Image;
+use crate::probes::xol::XolArena;
 use crate::probes::ProbeError;
 
 /// `k`: mov eax, 7; ret.
@@ -106,8 +109,8 @@ fn a_kretprobe_entered_while_its_return_path_holds_the_stripe_is_missed_not_dead
     let nested_boosted = Rc::new(Cell::new(false));
     let (f2, n2) = (Rc::clone(&flag_up), Rc::clone(&nested_boosted));
     test_hooks::set_while_locked(move || {
-        f2.set(Some(in_handler()));
-        if in_handler() {
+        f2.set(Some(in_kprobe_handler()));
+        if in_kprobe_handler() {
             let mut inner = Stack([0; 0x1000]);
             inner.write_u64(SP - 0x100, CALLER + 1).unwrap();
             n2.set(enter(reg, SP - 0x100, &mut inner));

@@ -15,13 +15,13 @@ use super::deferred::{DeferredFree, RetiredLists};
 use super::instances::InstanceTable;
 use super::kretprobe::{Kretprobe, ReturnProbe};
 use super::probe::{Kprobe, ProbeId, Target};
-use super::resolve::SymbolResolver;
 use super::table::{Members, Site, SiteExec, Table};
 use super::unregister::Retired;
-use super::xol::XolAllocator;
 use crate::probes::arch::{Arch, InsnClass};
 use crate::probes::error::{CodeBytes, ProbeError, ProbeSite};
+use crate::probes::resolve::SymbolResolver;
 use crate::probes::text::TextMemory;
+use crate::probes::xol::XolAllocator;
 use crate::rcu::Rcu;
 use crate::sync::atomic::{AtomicUsize, Ordering};
 use crate::sync::{Mutex, MutexGuard};
@@ -274,15 +274,10 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         w.orphans.len()
     }
 
-    /// Member lists replaced by registrations (a probe joining an address)
-    /// or left by a failed registration: how many were retired, how many
-    /// freed. They are freed a grace period after their retirement by the
-    /// RCU domain's callback worker, with no unregistration or commit needed
-    /// (a list on which a single-step is still in flight waits for it; see
-    /// [`RetiredLists::waiting_for_steps`]). After
-    /// [`Rcu::barrier`](crate::rcu::Rcu::barrier) on the registry's domain,
-    /// every list retired before it whose steps completed is freed.
-    pub fn retired_lists(&self) -> RetiredLists {
+    /// Counts of the member lists registrations retired and the callbacks
+    /// freed (tests read them through
+    /// `__internals::kprobe::RetiredListCounts`).
+    pub(crate) fn retired_list_counts(&self) -> RetiredLists {
         self.deferred.stats()
     }
 

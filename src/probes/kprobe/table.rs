@@ -28,8 +28,8 @@
 use std::sync::Arc;
 
 use super::probe::Kprobe;
-use super::xol::XolAllocator;
 use crate::probes::arch::{Insn, XolPlan};
+use crate::probes::xol::XolAllocator;
 use crate::rcu::RcuGuard;
 use crate::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
 

@@ -53,10 +53,10 @@
 //! like any other; the registry frees the pool once every instance is back
 //! (checked at its next operation, e.g. [`KprobeRegistry::orphans`]).
 
-use super::hit::HandlerScope;
 use super::instances::{InstanceTable, Taken, ThreadKey};
 use super::registry::KprobeRegistry;
 use crate::probes::arch::Arch;
+use crate::probes::reentry::KprobeScope;
 use crate::probes::text::TextMemory;
 
 /// Gives every instance of `taken` back to its pool; returns how many.
@@ -77,7 +77,7 @@ impl InstanceTable {
         // Before the stripe (module docs, "Lock order"). Already up when
         // called from a handler: then it stays up, as the caller's scope
         // wants.
-        let _scope = HandlerScope::enter();
+        let _scope = KprobeScope::enter();
         recycle_all(self.take_thread(thread, sp))
     }
 }

@@ -45,12 +45,12 @@ use std::collections::btree_map::Entry;
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use super::hit::in_handler;
 use super::kretprobe::{Kretprobe, ReturnProbe};
 use super::probe::Kprobe;
 use super::registry::{KprobeRegistry, Writer};
 use super::table::{Members, Site};
 use crate::probes::arch::Arch;
+use crate::probes::reentry::in_kprobe_handler;
 use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
 use crate::rcu::Rcu;
@@ -130,7 +130,7 @@ pub(crate) fn finish(batch: Vec<Retired>) -> Vec<Arc<dyn ReturnProbe>> {
 #[track_caller]
 fn assert_not_in_handler(what: &str) {
     assert!(
-        !in_handler(),
+        !in_kprobe_handler(),
         "KprobeRegistry::{what}() called from a probe handler: it would wait for the \
          handler's own hit to finish"
     );
@@ -229,7 +229,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// other's. When it returns, no handler of any probe that was pending
     /// when it was called runs any more, no thread is executing their
     /// retired XOL slots (as far as
-    /// [`XolAllocator::quiesce`](crate::probes::kprobe::XolAllocator::quiesce)
+    /// [`XolAllocator::quiesce`](crate::probes::xol::XolAllocator::quiesce)
     /// can observe;
     /// the live runtime's wait is bounded), the slots are back with the
     /// allocator (parked for their addresses), and the probes can be

@@ -92,8 +92,8 @@ mod descend;
 mod dying;
 mod fde_starts;
 
-use crate::probes::symbols::ProcessSymbols;
-use crate::probes::text::in_process::read_text;
+use crate::probes::runtime::in_process::read_text;
+use crate::probes::runtime::symbols::ProcessSymbols;
 pub use dying::dying_path;
 
 /// Instructions one descent into code without a symbol may decode. A C

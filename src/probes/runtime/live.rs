@@ -30,11 +30,12 @@ use std::sync::{Arc, OnceLock};
 use super::dispatch::{attach, StepStash, TrapDispatcher, Verdict};
 use super::xol::{XolArea, XolStats};
 use crate::probes::arch::{Arch, DataMemory, Regs, X86_64};
-use crate::probes::kprobe::{
-    HitOutcome, KprobeRegistry, ReturnOutcome, StepResult, StepToken, XolAllocator,
-};
-use crate::probes::symbols::ProcessSymbols;
-use crate::probes::text::{InProcess, TextMemory};
+use crate::probes::kprobe::{HitOutcome, KprobeRegistry, StepResult, StepToken};
+use crate::probes::outcome::ReturnOutcome;
+use crate::probes::runtime::in_process::InProcess;
+use crate::probes::runtime::symbols::ProcessSymbols;
+use crate::probes::text::TextMemory;
+use crate::probes::xol::XolAllocator;
 
 /// A kprobe registry over this process's code on x86_64.
 pub type LiveRegistry = KprobeRegistry<X86_64, InProcess>;

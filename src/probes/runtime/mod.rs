@@ -2,9 +2,13 @@
 //! trap dispatch from a SIGTRAP handler, out-of-line slots and the
 //! kretprobe trampoline.
 //!
+//! The module is built on every Linux target; only [`symbols`] (the
+//! process's ELF symbols) is arch-neutral today. Everything else is
+//! x86_64-specific and built only there.
+//!
 //! # The pieces
 //!
-//! - [`InProcess`](crate::probes::text::InProcess) text memory writes
+//! - [`InProcess`] text memory (`in_process.rs`) writes
 //!   breakpoints into the process's own code (checked, protection restored,
 //!   cores synced, int3-first for multi-byte patches).
 //! - The SIGTRAP handler (`signal.rs`), installed once and chained to the
@@ -20,8 +24,8 @@
 //!   area) so that it returns only when no thread is still in a boosted
 //!   slot.
 //! - `refuse.rs` lists the code that must never be patched;
-//!   [`ProcessSymbols`](crate::probes::symbols::ProcessSymbols) resolves
-//!   names.
+//!   [`ProcessSymbols`](symbols::ProcessSymbols) resolves names
+//!   (`symbols.rs`), and `maps.rs` reads `/proc/self/maps`.
 //! - [`Live`] puts them together around a
 //!   [`KprobeRegistry`](crate::probes::kprobe::KprobeRegistry).
 //!
@@ -68,30 +72,53 @@
 //! live.registry().unregister(&probe).unwrap();
 //! ```
 
-pub mod callgraph;
+// Arch-neutral (any Linux).
+pub mod symbols;
+
+// x86_64: the signal frame, the trampoline, int3 patching and the +/-2 GiB
+// XOL reach are this architecture's.
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod callgraph;
+#[cfg(target_arch = "x86_64")]
 mod context;
-mod dispatch;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod dispatch;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod in_process;
+#[cfg(target_arch = "x86_64")]
 mod live;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod maps;
-mod quiesce;
-pub mod refuse;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod quiesce;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod refuse;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod signal;
-mod trampoline;
-mod xol;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod trampoline;
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod xol;
 
+#[cfg(target_arch = "x86_64")]
 pub use context::ThreadMemory;
+#[cfg(target_arch = "x86_64")]
 pub use dispatch::{
-    attach, steps_in_flight, Attachment, StepStash, TrapDispatcher, Verdict, MAX_DISPATCHERS,
-    MAX_NESTED_STEPS,
+    attach, Attachment, StepStash, TrapDispatcher, Verdict, MAX_DISPATCHERS, MAX_NESTED_STEPS,
 };
+#[cfg(target_arch = "x86_64")]
+pub use in_process::{InProcess, RefusedRange};
+#[cfg(target_arch = "x86_64")]
 pub use live::{Live, LiveRegistry};
-pub use quiesce::{
-    quiesce, quiesce_signal, QuiesceReport, BLOCKED_FOR, MAX_THREADS, QUIESCE_TIMEOUT,
-    RESEND_INTERVAL,
-};
+#[cfg(target_arch = "x86_64")]
+pub use quiesce::{quiesce, QuiesceReport, QUIESCE_TIMEOUT};
+#[cfg(target_arch = "x86_64")]
 pub use signal::{install, is_installed};
-pub use trampoline::{trampoline_address, xsave_plan, XsavePlan};
-pub use xol::{XolArea, XolStats, CHUNK_BYTES, REACH};
+#[cfg(target_arch = "x86_64")]
+pub use trampoline::trampoline_address;
+#[cfg(target_arch = "x86_64")]
+pub use xol::{XolArea, XolStats};
 
+#[cfg(target_arch = "x86_64")]
 #[allow(unused_imports)]
 use crate::probes::arch::Regs;

@@ -16,7 +16,7 @@
 //!
 //! 1. The ranges and one ack entry per thread listed in `/proc/self/task`
 //!    (the caller excepted) are written to a preallocated static table,
-//!    under a new *generation* number (`quiesce/ack.rs`, `AckTable`).
+//!    under a new *generation* number (`probes/quiesce_ack.rs`, `AckTable`).
 //! 2. Each thread gets the quiescence signal with `tgkill`. Its handler
 //!    reads the interrupted IP from the `ucontext_t`, and stores *outside*
 //!    or *inside* into its entry with a compare-and-swap that expects this
@@ -25,13 +25,13 @@
 //!    `loom-tests/tests/quiesce.rs` checks this, and that a plain store
 //!    would not do).
 //! 3. The caller polls the entries, sleeping between polls. A thread seen
-//!    inside is signalled again after [`RESEND_INTERVAL`]; a thread that
+//!    inside is signalled again after [`QUIESCE_RESEND_INTERVAL`]; a thread that
 //!    exited (`tgkill` fails with `ESRCH`, checked again with signal 0 for a
 //!    thread whose answer is overdue: one listed while it was exiting takes
 //!    the signal and never answers) is quiescent.
 //! 4. A thread whose signal stays unanswered and whose mask
 //!    (`/proc/self/task/<tid>/status`, `SigBlk`) holds the signal at two
-//!    checks [`BLOCKED_FOR`] apart is given up on and counted in
+//!    checks [`QUIESCE_SIGNAL_BLOCKED_AFTER`] apart is given up on and counted in
 //!    [`QuiesceReport::blocked`]. After the timeout, threads that have not
 //!    acked or are still inside are counted in [`QuiesceReport::timed_out`].
 //!
@@ -80,7 +80,7 @@
 //! - A thread that exits unanswered while its tid is already reused by a new
 //!   thread (which never got the signal) is waited for until the timeout,
 //!   then counted in `timed_out`: slow and unproven, never wrong.
-//! - Threads beyond [`MAX_THREADS`] are handled in successive rounds.
+//! - Threads beyond [`QUIESCE_ACKS_PER_ROUND`] are handled in successive rounds.
 
 use std::ops::Range;
 use std::sync::Once;
@@ -89,12 +89,11 @@ use std::time::{Duration, Instant};
 use crate::sync::atomic::{AtomicI32, Ordering};
 use crate::sync::Mutex;
 
-mod ack;
-use ack::{Ack, AckTable};
+use crate::probes::quiesce_ack::{Ack, AckTable};
 
 /// Ack entries per round: threads beyond it are handled in further rounds.
 /// 1024 covers ordinary thread pools at 12 KiB of static memory.
-pub const MAX_THREADS: usize = 1024;
+pub const QUIESCE_ACKS_PER_ROUND: usize = 1024;
 
 /// Distinct ranges the handler checks; more are merged into their hull
 /// (a larger range only makes the wait more conservative).
@@ -107,12 +106,12 @@ pub const QUIESCE_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a thread seen inside is left before it is asked again: a slot is
 /// a couple of instructions, so a thread seen inside was preempted there and
 /// needs a scheduling slice, not a spin.
-pub const RESEND_INTERVAL: Duration = Duration::from_millis(1);
+pub const QUIESCE_RESEND_INTERVAL: Duration = Duration::from_millis(1);
 
 /// How long an unanswered signal, and then a blocked mask, must last before
 /// a thread is taken as blocking the signal for good: far longer than an
 /// IPI or a scheduler slice, far shorter than [`QUIESCE_TIMEOUT`].
-pub const BLOCKED_FOR: Duration = Duration::from_millis(20);
+pub const QUIESCE_SIGNAL_BLOCKED_AFTER: Duration = Duration::from_millis(20);
 
 /// First and last poll sleep: most threads ack within microseconds (an IPI
 /// to a running thread), a descheduled one within a scheduler tick.
@@ -135,7 +134,7 @@ pub struct QuiesceReport {
     /// Threads that did not ack outside before the timeout: the caller falls
     /// back to the reuse rule for them.
     pub timed_out: usize,
-    /// Threads found blocking the signal (twice, [`BLOCKED_FOR`] apart) and
+    /// Threads found blocking the signal (twice, [`QUIESCE_SIGNAL_BLOCKED_AFTER`] apart) and
     /// not waited for any longer: the reuse rule covers them too.
     pub blocked: usize,
     /// Threads seen outside the ranges but possibly inside another signal's
@@ -167,7 +166,7 @@ impl QuiesceReport {
 
 /// The round's ranges and ack entries: static, because the signal handler
 /// reaches them without a pointer.
-static TABLE: AckTable<MAX_THREADS, MAX_RANGES> = AckTable::new();
+static TABLE: AckTable<QUIESCE_ACKS_PER_ROUND, MAX_RANGES> = AckTable::new();
 /// Serializes waiters: the table holds one round at a time.
 static WAITER: Mutex<()> = Mutex::new(());
 
@@ -297,9 +296,9 @@ fn signal(sig: libc::c_int, tid: i32) -> bool {
 /// Each thread listed in `/proc/self/task` (the caller excepted) gets the
 /// [quiescence signal](quiesce_signal) with `tgkill`; its handler reads the
 /// interrupted IP and acks *outside* or *inside*. A thread seen inside is
-/// signalled again every [`RESEND_INTERVAL`]; one that exited counts as
+/// signalled again every [`QUIESCE_RESEND_INTERVAL`]; one that exited counts as
 /// quiescent. A thread that keeps the signal blocked is given up on after
-/// about 2 x [`BLOCKED_FOR`] ([`QuiesceReport::blocked`]); threads not seen
+/// about 2 x [`QUIESCE_SIGNAL_BLOCKED_AFTER`] ([`QuiesceReport::blocked`]); threads not seen
 /// outside by the deadline are counted in [`QuiesceReport::timed_out`].
 /// Waits are serialized process-wide. Empty `ranges` return at once.
 ///
@@ -332,7 +331,7 @@ pub fn quiesce(ranges: &[Range<u64>], timeout: Duration) -> QuiesceReport {
     let tids = other_threads();
     report.threads = tids.len();
     let mut outside = 0;
-    for batch in tids.chunks(MAX_THREADS) {
+    for batch in tids.chunks(QUIESCE_ACKS_PER_ROUND) {
         outside += round(sig, &ranges, batch, deadline, &mut report);
     }
     // Checked after the acks (so a handler installed during the wait is
@@ -345,9 +344,9 @@ pub fn quiesce(ranges: &[Range<u64>], timeout: Duration) -> QuiesceReport {
 }
 
 /// Whether `tid`, whose signal sent at `sent` is still unanswered, blocks
-/// it and has for at least [`BLOCKED_FOR`]: checked from
+/// it and has for at least [`QUIESCE_SIGNAL_BLOCKED_AFTER`]: checked from
 /// `/proc/self/task/<tid>/status` (`SigBlk`) once the signal is
-/// [`BLOCKED_FOR`] old, and again [`BLOCKED_FOR`] after a first sighting
+/// [`QUIESCE_SIGNAL_BLOCKED_AFTER`] old, and again [`QUIESCE_SIGNAL_BLOCKED_AFTER`] after a first sighting
 /// (a thread in a probe handler blocks it briefly).
 #[cold]
 fn blocked_for_good(
@@ -357,8 +356,8 @@ fn blocked_for_good(
     since: &mut Option<Instant>,
 ) -> bool {
     let due = match *since {
-        None => sent.elapsed() >= BLOCKED_FOR,
-        Some(t) => t.elapsed() >= BLOCKED_FOR,
+        None => sent.elapsed() >= QUIESCE_SIGNAL_BLOCKED_AFTER,
+        Some(t) => t.elapsed() >= QUIESCE_SIGNAL_BLOCKED_AFTER,
     };
     if !due {
         return false;
@@ -388,7 +387,7 @@ fn blocks(sig: libc::c_int, tid: i32) -> bool {
         .is_some_and(|m| m & (1u64 << (sig - 1)) != 0)
 }
 
-/// One round over at most [`MAX_THREADS`] threads; returns how many were
+/// One round over at most [`QUIESCE_ACKS_PER_ROUND`] threads; returns how many were
 /// seen outside with an empty signal mask (what the caller discounts if a
 /// handler installed with `SA_NODEFER` and an empty `sa_mask` exists).
 #[cold]
@@ -426,7 +425,7 @@ fn round(
                     done[i] = true;
                     report.nested += 1;
                 }
-                Ack::Inside if sent[i].elapsed() >= RESEND_INTERVAL => {
+                Ack::Inside if sent[i].elapsed() >= QUIESCE_RESEND_INTERVAL => {
                     TABLE.rearm(round, i);
                     sent[i] = Instant::now();
                     report.resent += 1;
@@ -442,7 +441,7 @@ fn round(
                     // A thread listed while it was exiting takes the signal
                     // and never answers: once the answer is overdue, check
                     // that it still exists (signal 0 only checks).
-                    if sent[i].elapsed() >= RESEND_INTERVAL && !signal(0, tids[i]) {
+                    if sent[i].elapsed() >= QUIESCE_RESEND_INTERVAL && !signal(0, tids[i]) {
                         done[i] = true;
                         report.exited += 1;
                         continue;

@@ -122,8 +122,8 @@ use super::context::ThreadMemory;
 use super::dispatch::{StepStash, TrapDispatcher, Verdict};
 use super::live::LiveRegistry;
 use crate::probes::arch::{DataMemory, Regs};
-use crate::probes::symbols::ProcessSymbols;
-use crate::probes::text::RefusedRange;
+use crate::probes::runtime::in_process::RefusedRange;
+use crate::probes::runtime::symbols::ProcessSymbols;
 use crate::probes::ProbeError;
 
 /// What each refused range is, for error messages.

@@ -197,9 +197,9 @@ fn dispatch(info: &libc::siginfo_t, uc: &mut libc::ucontext_t) -> bool {
 /// transient (see the module docs).
 #[cold]
 fn transient_breakpoint(addr: u64) -> bool {
-    crate::probes::text::in_process::PATCH_WINDOW.transient_int3_at(addr, || {
+    crate::probes::runtime::in_process::PATCH_WINDOW.transient_int3_at(addr, || {
         let mut byte = [0u8];
-        crate::probes::text::in_process::read_text(addr, &mut byte)
+        crate::probes::runtime::in_process::read_text(addr, &mut byte)
             .ok()
             .map(|()| byte[0])
     })

@@ -4,7 +4,7 @@
 //!
 //! Slots live in *chunks* (`xol/chunk.rs`): a `memfd` mapped twice,
 //! read-execute where the slots run and read-write for filling them, placed
-//! within [`REACH`] of the probed code where a gap allows, so that the
+//! within [`XOL_CHUNK_REACH`] of the probed code where a gap allows, so that the
 //! backend's 5-byte `jmp rel32` reaches back. A slot near `addr` comes from
 //! a chunk within reach of `addr`, else from a new chunk mapped near it,
 //! else from any chunk (the backend then plans an absolute jump back).
@@ -83,20 +83,20 @@
 //! recycled like any other.
 //!
 //! This relaxes, for the live area only, the
-//! [reuse rule](crate::probes::kprobe::XolAllocator#reuse-rule) of the
+//! [reuse rule](crate::probes::xol::XolAllocator#reuse-rule) of the
 //! allocator trait, which assumes no such proof exists.
 
 use std::collections::{HashMap, HashSet};
 
 use crate::probes::arch::MAX_XOL_SLOT;
 use crate::probes::error::TextFailure;
-use crate::probes::kprobe::XolAllocator;
+use crate::probes::xol::XolAllocator;
 use crate::probes::ProbeError;
 use crate::sync::Mutex;
 
 mod chunk;
 use chunk::{Chunk, INT3};
-pub use chunk::{CHUNK_BYTES, REACH};
+pub use chunk::{XOL_CHUNK_BYTES, XOL_CHUNK_REACH};
 
 #[derive(Clone, Copy)]
 struct Bound {
@@ -220,10 +220,10 @@ impl XolArea {
     }
 
     fn slots_per_chunk(&self) -> usize {
-        CHUNK_BYTES / self.slot_size
+        XOL_CHUNK_BYTES / self.slot_size
     }
 
-    /// Whether every byte of `[start, start + len)` is within [`REACH`] of
+    /// Whether every byte of `[start, start + len)` is within [`XOL_CHUNK_REACH`] of
     /// `near`.
     pub fn is_near(start: u64, len: u64, near: u64) -> bool {
         chunk::is_near(start, len, near)
@@ -251,7 +251,7 @@ impl XolArea {
     fn locate(&self, a: &Areas, slot: u64) -> Option<(usize, usize)> {
         a.chunks.iter().enumerate().find_map(|(ci, c)| {
             let off = slot.checked_sub(c.exec)?;
-            (off < CHUNK_BYTES as u64 && off % self.slot_size as u64 == 0)
+            (off < XOL_CHUNK_BYTES as u64 && off % self.slot_size as u64 == 0)
                 .then_some((ci, (off / self.slot_size as u64) as usize))
         })
     }
@@ -277,7 +277,7 @@ impl XolAllocator for XolArea {
             a.bind(slot, near);
             return Ok(slot);
         }
-        let len = CHUNK_BYTES as u64;
+        let len = XOL_CHUNK_BYTES as u64;
         let pick = |a: &mut Areas, only_near: bool| {
             a.chunks
                 .iter_mut()
@@ -325,7 +325,7 @@ impl XolAllocator for XolArea {
         // fresh (no thread was ever sent there), recycled after a wait that proved no thread can
         // execute it, or parked for this same address, which the registry refills with the very
         // bytes it holds, so a thread still in it from a boosted run sees no change; module docs.)
-        // SAFETY: `off + slot_size <= CHUNK_BYTES` (locate checked the slot index), the write view
+        // SAFETY: `off + slot_size <= XOL_CHUNK_BYTES` (locate checked the slot index), the write view
         // is ours, and no thread runs bytes that change (the argument above).
         unsafe {
             let dst = c.write.add(off);
@@ -431,7 +431,7 @@ impl XolArea {
         let c = &mut a.chunks[ci];
         // No thread executes the slot (the caller's proof): the reset is seen by nobody before
         // the slot is filled again, and that happens before any trap sends a thread there.
-        // SAFETY: `si * slot_size + slot_size <= CHUNK_BYTES` (locate); the write view is ours.
+        // SAFETY: `si * slot_size + slot_size <= XOL_CHUNK_BYTES` (locate); the write view is ours.
         unsafe { std::ptr::write_bytes(c.write.add(si * self.slot_size), INT3, self.slot_size) };
         c.free.push(si as u32);
         a.recycled += 1;

@@ -21,17 +21,13 @@
 //!
 //! [`Image`] is an in-memory image (a base address and a byte buffer) used to
 //! prove registries without touching real code. Live text memories (the
-//! current process, another process) live with the runtime.
+//! current process: `probes::runtime::InProcess`; another process, later)
+//! live with the runtime that traps on them, above this layer.
 
 mod image;
-#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
-pub mod in_process;
-mod patch_window;
+pub(crate) mod patch_window;
 
 pub use image::Image;
-#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
-pub use in_process::{core_sync_method, InProcess, RefusedRange};
-pub use patch_window::{PatchWindow, INT3};
 
 use crate::probes::ProbeError;
 

@@ -4,8 +4,8 @@
 //!
 //! # The table
 //!
-//! [`MAX_BINDINGS`] entries in a `const` thread-local with no destructor (a
-//! plain TLS access: no lazy registration, no allocation). An entry exists
+//! [`MAX_SPACES_PER_THREAD`] entries in a `const` thread-local with no
+//! destructor (a plain TLS access: no lazy registration, no allocation). An entry exists
 //! while the thread holds a stack: the entry of the thread's outermost
 //! tracked call in the space claims one and binds it, the return that
 //! empties it unbinds it and gives it back. So a thread needs one entry per
@@ -20,7 +20,7 @@
 //! "Teardown") until the thread exits: freeing memory is not for a hit path.
 //!
 //! The table is reached only with the thread's uprobe re-entrancy flag up
-//! (`reentry.rs`), and through a `RefCell` that refuses a second borrow, so
+//! (`probes/reentry.rs`), and through a `RefCell` that refuses a second borrow, so
 //! a signal handler that interrupts an entry or a return and hits a uprobe
 //! never sees it half-changed.
 //!
@@ -41,15 +41,15 @@
 
 use std::cell::RefCell;
 
-use super::reentry::{in_uprobe_handler, HandlerScope};
 use super::retpool::{Held, ReturnPool};
 use super::returns::ReturnInstance;
 use super::space::SpaceId;
+use crate::probes::reentry::{in_uprobe_handler, UprobeScope};
 
 /// Spaces a thread can be inside tracked calls of at once (a call in a
 /// fifth counts `nmissed`). A thread runs in one address space; more than
 /// one happens only with simulated spaces or nested registries.
-pub const MAX_BINDINGS: usize = 4;
+pub const MAX_SPACES_PER_THREAD: usize = 4;
 
 /// Odd 64-bit constant (2^64 / golden ratio) spreading threads' starting
 /// points over a pool.
@@ -70,7 +70,7 @@ const UNBOUND: Binding = Binding {
 };
 
 struct Table {
-    bound: [Binding; MAX_BINDINGS],
+    bound: [Binding; MAX_SPACES_PER_THREAD],
     /// Where the thread's next claim starts scanning a pool: its last
     /// stack's index (its cache line is likely still ours), spread by the
     /// table's address until the first claim.
@@ -83,7 +83,7 @@ struct Table {
 crate::sync::const_thread_local! {
     /// The calling thread's bindings.
     static TABLE: RefCell<Table> = RefCell::new(Table {
-        bound: [UNBOUND; MAX_BINDINGS],
+        bound: [UNBOUND; MAX_SPACES_PER_THREAD],
         hint: None,
     });
 }
@@ -172,7 +172,7 @@ fn first_hint(t: &Table) -> usize {
 /// if the caller's scope has it up).
 #[cold]
 pub(super) fn release(registry: Option<u64>) -> usize {
-    let _scope = HandlerScope::enter();
+    let _scope = UprobeScope::enter();
     TABLE
         .try_with(|t| {
             let Ok(mut t) = t.try_borrow_mut() else {

@@ -154,7 +154,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// use std::sync::Arc;
     /// use rcu_registry::probes::arch::X86_64;
     /// use rcu_registry::probes::error::Unsupported;
-    /// use rcu_registry::probes::kprobe::{XolAllocator, XolArena};
+    /// use rcu_registry::probes::xol::{XolAllocator, XolArena};
     /// use rcu_registry::probes::text::Image;
     /// use rcu_registry::probes::uprobe::{
     ///     AddressSpace, Consumer, ConsumerAction, FileId, FileMapping, MemFiles, SpaceId,

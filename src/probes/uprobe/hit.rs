@@ -24,7 +24,7 @@
 //! A hit on a thread already running uprobe handlers (a handler, filter or
 //! return handler called probed code) runs no consumer code: it counts
 //! `nmissed` on the uprobe and completes the displaced instruction
-//! (`reentry.rs`). The flag is up from before the first consumer runs until
+//! (`probes/reentry.rs`). The flag is up from before the first consumer runs until
 //! the return is tracked.
 //!
 //! # Return tracking
@@ -37,8 +37,9 @@
 //!
 //! # Outcomes
 //!
-//! The same protocol as kprobes, with the same [`HitOutcome`] values: not
-//! ours, vanished, skipped, emulated, boosted, failed. A displaced
+//! The same protocol as kprobes, with [`UprobeFinished`] values for what
+//! kprobes' `HitOutcome` also has: not ours, vanished, skipped, emulated,
+//! boosted, failed. A displaced
 //! instruction that must be single-stepped returns a [`UprobeStep`]
 //! instead of kprobes' `StepToken` (which counts in-flight steps on a
 //! kprobe member list): the uprobe step keeps the read section open until
@@ -46,23 +47,51 @@
 //! slot outlives it. Uprobe consumers have no post handler.
 
 use super::consumer::{ConsumerAction, UprobeHit};
-use super::reentry::HandlerScope;
 use super::registry::{slice, Install, SpaceState, Uprobe, UprobeRegistry};
 use super::space::{AddressSpace, SpaceId, UprobeKey};
 use crate::probes::arch::{
     Arch, DataMemory, Regs, StepOutcome, StepState, XolPlan, XolRun, MAX_INSN_BYTES,
 };
-use crate::probes::kprobe::HitOutcome;
+use crate::probes::reentry::UprobeScope;
 use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
 use crate::rcu::Flavor;
 use crate::seqtree::EntryHandle;
 
+/// How a uprobe hit finished with nothing left in flight: the
+/// [`UprobeOutcome::Done`] values (a single-step is
+/// [`UprobeOutcome::SingleStep`] instead).
+#[must_use = "the outcome says how to resume the thread"]
+#[derive(Debug)]
+pub enum UprobeFinished {
+    /// No uprobe is at the address and the breakpoint there is not ours:
+    /// leave `regs` alone and chain to the previous handler.
+    NotOurs,
+    /// The uprobe was removed between the trap and the lookup (the original
+    /// instruction is back): `regs.ip` now points at it; resume.
+    Vanished,
+    /// A handler changed `regs.ip` and asked to skip the displaced
+    /// instruction: resume at `regs.ip`.
+    Skipped,
+    /// The displaced instruction was emulated on `regs` and memory: resume.
+    Emulated,
+    /// `regs.ip` points at the XOL slot, which jumps back by itself: resume
+    /// (one trap). A freed slot is only ever reused for the same address
+    /// (the [reuse rule](crate::probes::xol::XolAllocator#reuse-rule)).
+    Boosted {
+        /// The slot's address.
+        slot: u64,
+    },
+    /// The displaced instruction could not be completed: `regs` hold the
+    /// state before it. The runtime decides (typically: deliver a fault).
+    Failed(ProbeError),
+}
+
 /// What the trap handler must do after [`UprobeRegistry::on_breakpoint`].
 #[must_use = "the outcome says how to resume the thread"]
 pub enum UprobeOutcome<'r, F: Flavor + 'r> {
-    /// Finished, as for a kprobe: never [`HitOutcome::SingleStep`].
-    Done(HitOutcome<'static>),
+    /// Finished: nothing is in flight on the thread.
+    Done(UprobeFinished),
     /// `regs` are set up to single-step the XOL slot: resume, and at the
     /// step trap call [`UprobeRegistry::on_step_complete`].
     SingleStep(UprobeStep<'r, F>),
@@ -93,6 +122,16 @@ impl<F: Flavor> std::fmt::Debug for UprobeOutcome<'_, F> {
 /// use rcu_registry::rcu::Srcu;
 /// fn send<T: Send>() {}
 /// send::<UprobeStep<'static, Srcu>>();
+/// ```
+///
+/// The same check without the `Send` bound compiles (so the one above fails
+/// for that reason alone):
+///
+/// ```
+/// use rcu_registry::probes::uprobe::UprobeStep;
+/// use rcu_registry::rcu::Srcu;
+/// fn any<T>() {}
+/// any::<UprobeStep<'static, Srcu>>();
 /// ```
 pub struct UprobeStep<'r, F: Flavor + 'r> {
     _guard: F::Guard<'r>,
@@ -226,12 +265,12 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 return match self.miss(st, vaddr, regs) {
                     Some(outcome) => UprobeOutcome::Done(outcome),
                     None if second_look => self.hit(space, vaddr, regs, mem, false),
-                    None => UprobeOutcome::Done(HitOutcome::NotOurs),
+                    None => UprobeOutcome::Done(UprobeFinished::NotOurs),
                 };
             }
         };
         regs.ip = vaddr;
-        match HandlerScope::enter() {
+        match UprobeScope::enter() {
             Some(_scope) => {
                 let hit = UprobeHit { space, vaddr, key };
                 let list = slice(up.consumers.load(&guard));
@@ -239,7 +278,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 for m in list {
                     let ran = m.run(&hit, regs);
                     if ran.action == ConsumerAction::SkipInstruction {
-                        return UprobeOutcome::Done(HitOutcome::Skipped);
+                        return UprobeOutcome::Done(UprobeFinished::Skipped);
                     }
                     wants_return |= ran.wants_return;
                 }
@@ -255,8 +294,8 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         // bytes, a `memmove` call) showed as a tenth of a hit's time.
         let Some(plan) = install.plan else {
             return UprobeOutcome::Done(match self.arch.emulate(&install.insn, regs, mem) {
-                Ok(()) => HitOutcome::Emulated,
-                Err(e) => HitOutcome::Failed(e),
+                Ok(()) => UprobeFinished::Emulated,
+                Err(e) => UprobeFinished::Failed(e),
             });
         };
         self.complete_out_of_line(plan, guard, regs)
@@ -278,10 +317,10 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         };
         let state = match self.arch.prepare_step(&plan, run, regs) {
             Ok(s) => s,
-            Err(e) => return UprobeOutcome::Done(HitOutcome::Failed(e)),
+            Err(e) => return UprobeOutcome::Done(UprobeFinished::Failed(e)),
         };
         if run == XolRun::Boosted {
-            return UprobeOutcome::Done(HitOutcome::Boosted {
+            return UprobeOutcome::Done(UprobeFinished::Boosted {
                 slot: plan.slot_addr,
             });
         }
@@ -300,9 +339,9 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         st: Option<&SpaceState<S, F>>,
         vaddr: u64,
         regs: &mut Regs,
-    ) -> Option<HitOutcome<'static>> {
+    ) -> Option<UprobeFinished> {
         let Some(st) = st else {
-            return Some(HitOutcome::NotOurs);
+            return Some(UprobeFinished::NotOurs);
         };
         let bp = self.arch.breakpoint();
         let mut buf = [0u8; MAX_INSN_BYTES];
@@ -310,10 +349,10 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         match st.space.text().read(vaddr, found) {
             Ok(()) if found != bp => {
                 regs.ip = vaddr;
-                Some(HitOutcome::Vanished)
+                Some(UprobeFinished::Vanished)
             }
             Ok(()) => None,
-            Err(_) => Some(HitOutcome::NotOurs),
+            Err(_) => Some(UprobeFinished::NotOurs),
         }
     }
 

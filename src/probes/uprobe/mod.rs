@@ -83,8 +83,8 @@
 //! [`UprobeRegistry::on_breakpoint`]: `(space, vaddr)` → mapping →
 //! `(file, offset)` → uprobe → consumers, lock-free and allocation-free, then
 //! the displaced instruction is emulated, run boosted from its slot, or
-//! single-stepped ([`UprobeStep`]), with kprobes'
-//! [`HitOutcome`](crate::probes::kprobe::HitOutcome) values. The
+//! single-stepped ([`UprobeStep`]), reported as [`UprobeOutcome`] values
+//! (kprobes' `HitOutcome` without its kprobe-only `StepToken`). The
 //! `(file, offset)` → uprobe step goes through a small writer-filled hash
 //! table of the tree's uprobes (the *hit cache*, `hitcache.rs`) and walks
 //! the tree only when the uprobe has no slot there: a walk of a large tree
@@ -97,7 +97,6 @@ mod hit;
 mod hitcache;
 mod install;
 mod mmap;
-mod reentry;
 mod registry;
 mod retpool;
 mod returns;
@@ -106,12 +105,12 @@ mod space;
 mod unregister;
 mod xolshare;
 
-pub use bindings::MAX_BINDINGS;
+pub use bindings::MAX_SPACES_PER_THREAD;
 pub use consumer::{
     Consumer, ConsumerAction, ConsumerBuilder, Filter, Handler, RetHandler, UprobeHit, UprobeReturn,
 };
 pub use filetext::{FileText, MemFiles};
-pub use hit::{UprobeOutcome, UprobeRef, UprobeStep};
+pub use hit::{UprobeFinished, UprobeOutcome, UprobeRef, UprobeStep};
 pub use hitcache::DEFAULT_HIT_CACHE_SLOTS;
 pub use registry::{UprobeRegistry, DEFAULT_FILE_STRIPES};
 pub use retpool::{default_return_stacks, MIN_RETURN_STACKS};

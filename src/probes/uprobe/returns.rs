@@ -94,17 +94,17 @@
 //! freed by the last give-back (`retpool.rs`, "Teardown").
 //!
 //! The thread's table is reached only with its re-entrancy flag up
-//! (`reentry.rs`): a signal handler that interrupts an entry or a return and
+//! (`probes/reentry.rs`): a signal handler that interrupts an entry or a return and
 //! hits a uprobe finds the flag up and does not touch it.
 
 use super::bindings;
 use super::consumer::UprobeReturn;
-use super::reentry::HandlerScope;
 use super::registry::{slice, SpaceState, Target, Uprobe, UprobeRegistry};
 use super::retpool::{default_return_stacks, ReturnPool};
 use super::space::{AddressSpace, SpaceId, UprobeKey};
 use crate::probes::arch::{Arch, DataMemory, Regs};
-use crate::probes::kprobe::ReturnOutcome;
+use crate::probes::outcome::ReturnOutcome;
+use crate::probes::reentry::{in_uprobe_handler, UprobeScope};
 use crate::probes::ProbeError;
 use crate::rcu::Flavor;
 
@@ -236,7 +236,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// trampoline with nothing left to say where it came from
     /// ([`on_return`](Self::on_return) answers `NotOurs`).
     pub fn flush_thread_returns(&self) -> usize {
-        if super::reentry::in_uprobe_handler() {
+        if in_uprobe_handler() {
             return 0;
         }
         bindings::release(Some(self.returns.id))
@@ -359,8 +359,8 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// Returns [`ReturnOutcome::NotOurs`] (nothing changed) when no instance
     /// of this thread in `space` returns with this stack pointer.
     pub fn on_return(&self, space: SpaceId, regs: &mut Regs) -> ReturnOutcome {
-        // Before the stack: see `reentry.rs`.
-        let scope = HandlerScope::enter();
+        // Before the stack: see `probes/reentry.rs`.
+        let scope = UprobeScope::enter();
         let sp = regs.sp;
         let retval = self.arch.return_value(regs);
         let mut real = None;
@@ -420,7 +420,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// from (diagnostics and tests; other threads' stacks are private).
     /// Called from a uprobe handler, 0: the stack is not reached there.
     pub fn return_depth(&self, space: SpaceId) -> usize {
-        let Some(_scope) = HandlerScope::enter() else {
+        let Some(_scope) = UprobeScope::enter() else {
             return 0;
         };
         bindings::with_stack(self.returns.id, space, None, |f, _| f.len()).unwrap_or(0)

@@ -11,8 +11,8 @@
 
 use core::ops::Range;
 
-use crate::probes::kprobe::XolAllocator;
 use crate::probes::text::TextMemory;
+use crate::probes::xol::XolAllocator;
 
 /// A file, as the kernel names it: device and inode.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

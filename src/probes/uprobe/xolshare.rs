@@ -71,7 +71,7 @@
 use std::collections::BTreeMap;
 
 use crate::probes::arch::XolPlan;
-use crate::probes::kprobe::XolAllocator;
+use crate::probes::xol::XolAllocator;
 use crate::probes::ProbeError;
 use crate::rcu::Flavor;
 use crate::sync::{Arc, Mutex};
@@ -180,7 +180,7 @@ impl XolShares {
 mod tests {
     use super::*;
     use crate::probes::arch::{Arch, X86_64};
-    use crate::probes::kprobe::XolArena;
+    use crate::probes::xol::XolArena;
 
     const AT: u64 = 0x40_1000;
 

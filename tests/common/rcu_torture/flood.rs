@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// The callback backlog past which `call()` throttles callers that may
-/// sleep: `HIGH_WATERMARK` in src/rcu/gp.rs, documented there as bounding
+/// sleep: `HIGH_WATERMARK` in src/rcu/callbacks.rs, documented there as bounding
 /// memory under a flood.
 pub const DOCUMENTED_HIGH_WATERMARK: usize = 1 << 18;
 /// Allowed overshoot: callers increment the backlog before they check it.

@@ -16,7 +16,7 @@
 use iced_x86::{Code, Decoder, DecoderOptions, FlowControl, Instruction};
 
 use super::{merge, near_target, Reached, Walker, MAX_ANONYMOUS_INSNS, MAX_INSN};
-use crate::probes::text::in_process::read_text;
+use crate::probes::runtime::in_process::read_text;
 
 impl Walker<'_> {
     /// Recursive descent into code without a symbol, from `entry`.

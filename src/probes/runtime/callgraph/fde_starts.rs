@@ -26,7 +26,7 @@
 
 use std::ffi::c_void;
 
-use crate::probes::text::in_process::read_text;
+use crate::probes::runtime::in_process::read_text;
 
 /// `DW_EH_PE_pcrel | DW_EH_PE_sdata4`.
 const PCREL_SDATA4: u8 = 0x1b;

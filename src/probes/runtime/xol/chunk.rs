@@ -8,7 +8,7 @@
 //! +/-2 GiB of that instruction and a 14-byte absolute jump otherwise; the
 //! short form is predicted like any direct jump. The area therefore keeps
 //! slots in *chunks* placed near the code: for a slot near `addr` it first
-//! looks for a chunk whose every byte is within [`REACH`] of `addr`; if none
+//! looks for a chunk whose every byte is within [`XOL_CHUNK_REACH`] of `addr`; if none
 //! has a free slot it maps a new chunk in the free gap closest to `addr`
 //! (from a `/proc/self/maps` snapshot, with `MAP_FIXED_NOREPLACE`, which
 //! fails instead of replacing a mapping that appeared since), and only when
@@ -33,12 +33,12 @@ use super::super::maps::Maps;
 /// Bytes per chunk: 1024 slots of the x86_64 backend's 64 bytes, enough for
 /// a typical set of probes in one mapping, small enough to fit in the gaps
 /// between mappings.
-pub const CHUNK_BYTES: usize = 64 * 1024;
+pub const XOL_CHUNK_BYTES: usize = 64 * 1024;
 
 /// How far every byte of a chunk may be from the probed address for the
 /// backend's `jmp rel32` to reach back: 2 GiB, less one chunk and a page of
 /// margin for the instruction length and rounding.
-pub const REACH: u64 = (1 << 31) - CHUNK_BYTES as u64 - 4096;
+pub const XOL_CHUNK_REACH: u64 = (1 << 31) - XOL_CHUNK_BYTES as u64 - 4096;
 
 /// Lowest address the area maps at (`vm.mmap_min_addr` is 64 KiB at most
 /// on common configurations).
@@ -71,12 +71,12 @@ unsafe impl Send for Chunk {}
 
 impl Chunk {
     /// Maps a new chunk of `slots` slots, all free, near `near` if `near`
-    /// is `Some` (every byte within [`REACH`]), else anywhere.
+    /// is `Some` (every byte within [`XOL_CHUNK_REACH`]), else anywhere.
     #[cold]
     pub(super) fn map(slots: u32, near: Option<u64>) -> Option<Chunk> {
         let fd = memfd()?;
         // SAFETY: ftruncate on a memfd we own.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), CHUNK_BYTES as libc::off_t) } != 0 {
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), XOL_CHUNK_BYTES as libc::off_t) } != 0 {
             return None;
         }
         let exec = match near {
@@ -88,7 +88,7 @@ impl Chunk {
         let write = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                CHUNK_BYTES,
+                XOL_CHUNK_BYTES,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
@@ -97,12 +97,12 @@ impl Chunk {
         };
         if write == libc::MAP_FAILED {
             // SAFETY: `exec` is the mapping we just created, unused so far.
-            unsafe { libc::munmap(exec as *mut libc::c_void, CHUNK_BYTES) };
+            unsafe { libc::munmap(exec as *mut libc::c_void, XOL_CHUNK_BYTES) };
             return None;
         }
         let write = write.cast::<u8>();
-        // SAFETY: the write view is CHUNK_BYTES long and ours alone.
-        unsafe { std::ptr::write_bytes(write, INT3, CHUNK_BYTES) };
+        // SAFETY: the write view is XOL_CHUNK_BYTES long and ours alone.
+        unsafe { std::ptr::write_bytes(write, INT3, XOL_CHUNK_BYTES) };
         Some(Chunk {
             exec,
             write,
@@ -112,11 +112,11 @@ impl Chunk {
     }
 }
 
-/// Whether every byte of `[start, start + len)` is within [`REACH`] of
+/// Whether every byte of `[start, start + len)` is within [`XOL_CHUNK_REACH`] of
 /// `near`.
 pub(super) fn is_near(start: u64, len: u64, near: u64) -> bool {
     let end = start.saturating_add(len);
-    start.abs_diff(near) <= REACH && end.abs_diff(near) <= REACH
+    start.abs_diff(near) <= XOL_CHUNK_REACH && end.abs_diff(near) <= XOL_CHUNK_REACH
 }
 
 fn memfd() -> Option<OwnedFd> {
@@ -141,7 +141,7 @@ fn map_exec(fd: &OwnedFd, hint: u64, want_flags: libc::c_int) -> Option<u64> {
     let p = unsafe {
         libc::mmap(
             hint as *mut libc::c_void,
-            CHUNK_BYTES,
+            XOL_CHUNK_BYTES,
             libc::PROT_READ | libc::PROT_EXEC,
             libc::MAP_SHARED | want_flags,
             fd.as_raw_fd(),
@@ -153,7 +153,7 @@ fn map_exec(fd: &OwnedFd, hint: u64, want_flags: libc::c_int) -> Option<u64> {
     }
     if hint != 0 && p as u64 != hint {
         // SAFETY: the mapping we just made, at the wrong place.
-        unsafe { libc::munmap(p, CHUNK_BYTES) };
+        unsafe { libc::munmap(p, XOL_CHUNK_BYTES) };
         return None;
     }
     Some(p as u64)
@@ -162,9 +162,9 @@ fn map_exec(fd: &OwnedFd, hint: u64, want_flags: libc::c_int) -> Option<u64> {
 /// Maps the chunk in the free gap closest to `near`, within reach.
 fn map_exec_near(fd: &OwnedFd, near: u64) -> Option<u64> {
     let maps = Maps::read().ok()?;
-    let len = CHUNK_BYTES as u64;
-    let lo = near.saturating_sub(REACH).max(MIN_ADDR);
-    let hi = near.saturating_add(REACH).min(MAX_ADDR);
+    let len = XOL_CHUNK_BYTES as u64;
+    let lo = near.saturating_sub(XOL_CHUNK_REACH).max(MIN_ADDR);
+    let hi = near.saturating_add(XOL_CHUNK_REACH).min(MAX_ADDR);
     // Candidate: the chunk-aligned start in each gap closest to `near`.
     let mut candidates: Vec<u64> = maps
         .gaps(lo, hi)
@@ -197,11 +197,15 @@ mod tests {
     #[test]
     fn a_chunk_mapped_near_code_is_within_reach_all_free_and_all_int3() {
         let c = Chunk::map(16, Some(here())).expect("a gap within reach");
-        assert!(is_near(c.exec, CHUNK_BYTES as u64, here()), "{:#x}", c.exec);
+        assert!(
+            is_near(c.exec, XOL_CHUNK_BYTES as u64, here()),
+            "{:#x}",
+            c.exec
+        );
         assert_eq!(c.free.len(), 16);
         assert_eq!(c.free.last(), Some(&0), "the lowest slot is popped first");
-        // SAFETY: the exec view is CHUNK_BYTES long and readable.
-        let bytes = unsafe { std::slice::from_raw_parts(c.exec as *const u8, CHUNK_BYTES) };
+        // SAFETY: the exec view is XOL_CHUNK_BYTES long and readable.
+        let bytes = unsafe { std::slice::from_raw_parts(c.exec as *const u8, XOL_CHUNK_BYTES) };
         assert!(bytes.iter().all(|&b| b == INT3));
     }
 

@@ -1,7 +1,7 @@
 //! [`AckTable`]: the shared state of a quiescence round and its ack
-//! protocol, on its own so that the loom model (`loom-tests/tests/quiesce.rs`)
-//! can build a fresh table per execution; the live wait uses one in a
-//! static.
+//! protocol. It lives in the probes core, below the live runtime whose
+//! `quiesce` wait uses one in a static, so that loom builds it and its model
+//! (`loom-tests/tests/quiesce.rs`) can build a fresh table per execution.
 //!
 //! # Rounds and generations
 //!
@@ -74,8 +74,8 @@ pub enum Ack {
 pub struct Round(u64);
 
 /// The ranges and per-thread ack entries of one quiescence round at a time:
-/// at most `THREADS` entries and `RANGES` ranges (see the
-/// [module docs](self)).
+/// at most `THREADS` entries and `RANGES` ranges (see the module docs of
+/// `probes/quiesce_ack.rs`).
 pub struct AckTable<const THREADS: usize, const RANGES: usize> {
     /// Even when stable, odd while the waiter rewrites the table.
     generation: AtomicU64,
@@ -180,7 +180,6 @@ impl<const THREADS: usize, const RANGES: usize> AckTable<THREADS, RANGES> {
     /// CASed onto this generation's pending value, so a late handler of an
     /// older round can overwrite the new round's entry.
     #[cfg(loom)]
-    #[doc(hidden)]
     pub fn ack_with_plain_store(&self, tid: i32, ip: u64, nested: bool) -> bool {
         self.ack_as(tid, ip, nested, Write::PlainStore)
     }

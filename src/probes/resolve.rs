@@ -43,7 +43,7 @@ pub trait SymbolResolver: Send + Sync {
 /// A resolver over a list of `(name, start, size)` functions.
 ///
 /// ```
-/// use rcu_registry::probes::kprobe::{Symbol, SymbolResolver, SymbolTable};
+/// use rcu_registry::probes::resolve::{Symbol, SymbolResolver, SymbolTable};
 ///
 /// let mut table = SymbolTable::new();
 /// table.insert("main", 0x1000, 0x40);

@@ -1,72 +1,6 @@
-//! [`InProcess`]: the running process's own code as a [`TextMemory`].
-//!
-//! # Making code writable, and exactly as it was afterwards
-//!
-//! Code pages are mapped read-execute. A write looks the range up in
-//! `/proc/self/maps` (the only place Linux reports a page's protection),
-//! adds `PROT_WRITE` to every page it touches with `mprotect`, writes, and
-//! puts back the protection each page had before, run by run, so a page that
-//! was `r-x` is `r-x` again and one that was (unusually) `rwx` stays `rwx`.
-//! Shared file mappings are refused: writing them would change the file.
-//! Every protection change of this crate goes through one process-wide lock
-//! (`TEXT_LOCK`), so two writers never interleave their
-//! "read protection, change, restore" sequences.
-//!
-//! # Checked writes
-//!
-//! Under that lock the current bytes are compared with the caller's
-//! expected old bytes first; on a mismatch nothing is written
-//! ([`ProbeError::AlreadyPatched`]). A range that overlaps code the live
-//! runtime must never patch (see [`RefusedRange`]) is refused before
-//! anything else ([`ProbeError::RefusedTarget`]).
-//!
-//! # Patching code other threads are running: int3 first
-//!
-//! A thread may fetch the instruction being replaced at any moment. On x86
-//! a one-byte store is atomic with respect to instruction fetch, so writing
-//! or removing a breakpoint (`int3`, one byte) is safe as is. A multi-byte
-//! patch is not: a thread could execute the first bytes of the old
-//! instruction and the last bytes of the new one. Patches whose bytes other
-//! than the first change therefore follow the protocol the kernel's
-//! `text_poke_bp` uses:
-//!
-//! 1. write `int3` over byte 0, then *sync all cores*;
-//! 2. write bytes `1..n`, sync all cores;
-//! 3. write the new byte 0, sync all cores.
-//!
-//! While the `int3` is there, a thread reaching the instruction traps; the
-//! runtime's SIGTRAP handler sees that a patch is in progress at that address
-//! (or that the `int3` is already gone) and resumes the thread at the same
-//! address, where it traps again until step 3 is done and then runs the new
-//! instruction whole. The handler reads "in progress" and the code byte
-//! inside one [`PatchWindow`] (a sequence count each patch makes odd for
-//! its duration), so a patch that ends or begins while it looks (patches at
-//! one address can follow each other back to back) never makes it call our
-//! `int3` foreign. No thread ever runs a mix of old and new bytes. The
-//! protocol assumes what the kernel's assumes: `[addr, addr + n)` is one
-//! instruction before and after, so no thread is stopped *inside* it.
-//!
-//! # Syncing cores
-//!
-//! "Sync all cores" is `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)`:
-//! every CPU running a thread of this process executes a core-serializing
-//! instruction before it returns to user space, so it drops any stale
-//! prefetched copy of the code (Intel SDM vol. 3, 8.1.3, cross-modifying
-//! code). It is also what [`TextMemory::sync_icache`] does, so a breakpoint
-//! written by a registry is seen by every thread before `register` returns:
-//! that is what makes hit counts exact. Where the command is unavailable the
-//! fallback is `MEMBARRIER_CMD_PRIVATE_EXPEDITED` (an IPI to every CPU
-//! running our threads; the interrupt return is serializing on x86), and
-//! without any membarrier the TLB shootdown IPIs of the `mprotect` that
-//! removes `PROT_WRITE` again serve the same purpose.
-//!
-//! # Reads
-//!
-//! Reads use `process_vm_readv` on our own pid: an unmapped address gives
-//! [`ProbeError::TextAccess`] instead of a crash, with no allocation and no
-//! lock, so a trap handler may read too. Where the call is forbidden
-//! (seccomp) reads fall back to a plain copy, which trusts the caller's
-//! address.
+//! [`InProcess`]: the running process's own code as a [`TextMemory`]. The
+//! protocol (protection changes, checked writes, int3-first patches, core
+//! syncs, reads) is documented on the type, where rustdoc shows it.
 
 use std::sync::OnceLock;
 
@@ -81,7 +15,7 @@ use crate::sys::{
     MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
 };
 
-use super::patch_window::{PatchWindow, INT3};
+use crate::probes::text::patch_window::{PatchWindow, INT3};
 
 /// Serializes every code write and protection change of the process (all
 /// `InProcess` values share it: page protection is process-wide state).
@@ -102,11 +36,81 @@ pub struct RefusedRange {
     pub what: &'static str,
 }
 
-/// The running process's code, patched in place. See the
-/// [module docs](self) for the protocol.
+/// The running process's code, patched in place.
+///
+/// # Making code writable, and exactly as it was afterwards
+///
+/// Code pages are mapped read-execute. A write looks the range up in
+/// `/proc/self/maps` (the only place Linux reports a page's protection),
+/// adds `PROT_WRITE` to every page it touches with `mprotect`, writes, and
+/// puts back the protection each page had before, run by run, so a page that
+/// was `r-x` is `r-x` again and one that was (unusually) `rwx` stays `rwx`.
+/// Shared file mappings are refused: writing them would change the file.
+/// Every protection change of this crate goes through one process-wide lock
+/// (`TEXT_LOCK`), so two writers never interleave their
+/// "read protection, change, restore" sequences.
+///
+/// # Checked writes
+///
+/// Under that lock the current bytes are compared with the caller's
+/// expected old bytes first; on a mismatch nothing is written
+/// ([`ProbeError::AlreadyPatched`]). A range that overlaps code the live
+/// runtime must never patch (see [`RefusedRange`]) is refused before
+/// anything else ([`ProbeError::RefusedTarget`]).
+///
+/// # Patching code other threads are running: int3 first
+///
+/// A thread may fetch the instruction being replaced at any moment. On x86
+/// a one-byte store is atomic with respect to instruction fetch, so writing
+/// or removing a breakpoint (`int3`, one byte) is safe as is. A multi-byte
+/// patch is not: a thread could execute the first bytes of the old
+/// instruction and the last bytes of the new one. Patches whose bytes other
+/// than the first change therefore follow the protocol the kernel's
+/// `text_poke_bp` uses:
+///
+/// 1. write `int3` over byte 0, then *sync all cores*;
+/// 2. write bytes `1..n`, sync all cores;
+/// 3. write the new byte 0, sync all cores.
+///
+/// While the `int3` is there, a thread reaching the instruction traps; the
+/// runtime's SIGTRAP handler sees that a patch is in progress at that address
+/// (or that the `int3` is already gone) and resumes the thread at the same
+/// address, where it traps again until step 3 is done and then runs the new
+/// instruction whole. The handler reads "in progress" and the code byte
+/// inside one [`PatchWindow`] (a sequence count each patch makes odd for
+/// its duration), so a patch that ends or begins while it looks (patches at
+/// one address can follow each other back to back) never makes it call our
+/// `int3` foreign. No thread ever runs a mix of old and new bytes. The
+/// protocol assumes what the kernel's assumes: `[addr, addr + n)` is one
+/// instruction before and after, so no thread is stopped *inside* it.
+///
+/// # Syncing cores
+///
+/// "Sync all cores" is `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED_SYNC_CORE)`:
+/// every CPU running a thread of this process executes a core-serializing
+/// instruction before it returns to user space, so it drops any stale
+/// prefetched copy of the code (Intel SDM vol. 3, 8.1.3, cross-modifying
+/// code). It is also what [`TextMemory::sync_icache`] does, so a breakpoint
+/// written by a registry is seen by every thread before `register` returns:
+/// that is what makes hit counts exact. Where the command is unavailable the
+/// fallback is `MEMBARRIER_CMD_PRIVATE_EXPEDITED` (an IPI to every CPU
+/// running our threads; the interrupt return is serializing on x86), and
+/// without any membarrier the TLB shootdown IPIs of the `mprotect` that
+/// removes `PROT_WRITE` again serve the same purpose.
+///
+/// # Reads
+///
+/// Reads use `process_vm_readv` on our own pid: an unmapped address gives
+/// [`ProbeError::TextAccess`] instead of a crash, with no allocation and no
+/// lock, so a trap handler may read too. Where the call is forbidden
+/// (seccomp) reads fall back to a plain copy, which trusts the caller's
+/// address.
+///
+/// # Example
 ///
 /// ```no_run
-/// use rcu_registry::probes::text::{InProcess, TextMemory};
+/// use rcu_registry::probes::runtime::InProcess;
+/// use rcu_registry::probes::text::TextMemory;
 ///
 /// #[inline(never)]
 /// extern "C" fn answer() -> u32 { 42 }

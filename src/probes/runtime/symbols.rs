@@ -29,7 +29,7 @@ use std::sync::Arc;
 
 use object::{Object, ObjectSymbol, SymbolKind};
 
-use crate::probes::kprobe::{Symbol, SymbolResolver};
+use crate::probes::resolve::{Symbol, SymbolResolver};
 
 /// One function of the process.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -1,0 +1,120 @@
+//! **Not part of the API: no semver promise.** Items that are public only so
+//! that this crate's tests, benchmarks and loom models (`tests/`, `benches/`,
+//! `loom-tests/`) can reach them: the layout constants, protocol tables,
+//! counters and invariant checks they inspect. Any of it may change or go in
+//! any release; nothing here is documented for users (`#[doc(hidden)]`).
+//!
+//! This is the one path for such items: the public modules export only what
+//! a user of the library needs. The module mirrors where each item lives
+//! (`__internals::runtime::...` is the live runtime's). It sits above every
+//! layer, so it may re-export from any of them.
+
+/// The seqtree's test hooks.
+pub mod seqtree {
+    use crate::rcu::Flavor;
+    use crate::seqtree::{LatchTree, SeqTree};
+
+    /// A minimal RCU domain whose grace periods the loom models drive by
+    /// hand (built for tests and loom only).
+    #[cfg(any(test, loom))]
+    pub mod model_domain {
+        pub use crate::seqtree::model_domain::*;
+    }
+
+    /// Structural self-checks of the trees, for tests.
+    pub trait CheckInvariants {
+        /// Checks the red-black invariants, search order, parent links and
+        /// the entry count (both copies of a [`LatchTree`]). Takes the
+        /// writer lock.
+        ///
+        /// # Errors
+        /// A description of the first violation found.
+        fn check_invariants(&self) -> Result<(), String>;
+    }
+
+    impl<K, V, F> CheckInvariants for SeqTree<K, V, F>
+    where
+        K: Ord + Send + 'static,
+        V: Send + 'static,
+        F: Flavor,
+    {
+        fn check_invariants(&self) -> Result<(), String> {
+            self.validate()
+        }
+    }
+
+    impl<K, V, F> CheckInvariants for LatchTree<K, V, F>
+    where
+        K: Ord + Send + 'static,
+        V: Send + 'static,
+        F: Flavor,
+    {
+        fn check_invariants(&self) -> Result<(), String> {
+            self.validate()
+        }
+    }
+}
+
+/// The kprobe registry's memory counters.
+pub mod kprobe {
+    pub use crate::probes::kprobe::deferred::RetiredLists;
+
+    use crate::probes::arch::Arch;
+    use crate::probes::kprobe::KprobeRegistry;
+    use crate::probes::text::TextMemory;
+
+    /// What tests read of a [`KprobeRegistry`]'s deferred frees.
+    pub trait RetiredListCounts {
+        /// Member lists replaced by registrations (a probe joining an
+        /// address) or left by a failed registration: how many were
+        /// retired, how many freed. They are freed a grace period after
+        /// their retirement by the RCU domain's callback worker (a list on
+        /// which a single-step is still in flight waits for it; see
+        /// [`RetiredLists::waiting_for_steps`]). After
+        /// [`Rcu::barrier`](crate::rcu::Rcu::barrier) on the registry's
+        /// domain, every list retired before it whose steps completed is
+        /// freed.
+        fn retired_lists(&self) -> RetiredLists;
+    }
+
+    impl<A: Arch, T: TextMemory> RetiredListCounts for KprobeRegistry<A, T> {
+        fn retired_lists(&self) -> RetiredLists {
+            self.retired_list_counts()
+        }
+    }
+}
+
+/// The int3-first patch protocol's in-progress marker, for its loom model.
+pub mod text {
+    pub use crate::probes::text::patch_window::{PatchWindow, INT3};
+}
+
+/// The quiescence ack protocol of the live runtime's `quiesce`, for its
+/// loom model.
+pub mod quiesce_ack {
+    pub use crate::probes::quiesce_ack::{Ack, AckTable, Round};
+}
+
+/// The live runtime's tuning constants, diagnostics and the code it refuses
+/// to patch, for its tests.
+#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
+pub mod runtime {
+    pub use crate::probes::runtime::dispatch::steps_in_flight;
+    pub use crate::probes::runtime::in_process::core_sync_method;
+    pub use crate::probes::runtime::quiesce::{
+        quiesce_signal, QUIESCE_ACKS_PER_ROUND, QUIESCE_RESEND_INTERVAL,
+        QUIESCE_SIGNAL_BLOCKED_AFTER,
+    };
+    pub use crate::probes::runtime::trampoline::{xsave_plan, XsavePlan};
+    pub use crate::probes::runtime::xol::{XOL_CHUNK_BYTES, XOL_CHUNK_REACH};
+
+    /// The trap path's call graph, found by walking its machine code.
+    pub mod callgraph {
+        pub use crate::probes::runtime::callgraph::*;
+    }
+
+    /// The code the live runtime refuses to patch, and why.
+    pub mod refuse {
+        pub use crate::probes::runtime::refuse::*;
+    }
+}
