@@ -1,20 +1,13 @@
 //! The sync shim: the one place that decides between `std` and `loom`.
 //!
 //! Every atomic, cell, lock, thread, `thread_local!` and parking primitive the
-//! crate uses is imported from here. Building with `RUSTFLAGS="--cfg loom"`
-//! swaps them all for loom's model-checked versions; no other file changes.
+//! crate uses is imported from here, so `RUSTFLAGS="--cfg loom"` swaps them all
+//! for loom's versions and no other file changes. Under loom the asymmetric
+//! barriers ([`light_barrier`], [`heavy_barrier`]) both become `fence(SeqCst)`,
+//! and futex waits become a `yield_now` spin so loom explores interleavings.
 //!
-//! Two things have no loom equivalent and are modelled conservatively:
-//!
-//! - **Asymmetric barriers.** In a normal build the RCU read side issues only a
-//!   compiler fence ([`light_barrier`]) and updaters issue
-//!   `membarrier(MEMBARRIER_CMD_PRIVATE_EXPEDITED)` ([`heavy_barrier`]), which
-//!   forces a full barrier on every running thread of the process. loom cannot
-//!   model a barrier executed "on another thread's behalf", so under loom both
-//!   sides issue `fence(SeqCst)`: the model then proves the algorithm correct
-//!   for the strongest pairing the real barriers provide.
-//! - **Futex sleeping.** Under loom, waiting is a `yield_now` spin so that loom
-//!   explores the interleavings instead of blocking.
+//! Why, in full: the glossary of [`crate::docs::algorithms`] and
+//! [`crate::docs::algorithms::rcu`].
 
 #![allow(unused_imports, dead_code)]
 

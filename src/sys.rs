@@ -2,6 +2,8 @@
 //! `membarrier` (the updater's heavy barrier), `futex` (sleeping until the
 //! last reader leaves) and `mmap` (reader-slot memory that can be obtained
 //! from a signal handler). Every function here is async-signal-safe.
+//!
+//! How the domains use them: [`crate::docs::algorithms::rcu`].
 
 #![cfg_attr(loom, allow(dead_code))]
 

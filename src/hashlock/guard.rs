@@ -2,19 +2,10 @@
 //! stripe ([`StripeGuard`]), the stripes of two keys ([`PairGuard`]) and every
 //! stripe ([`AllGuard`]), each in [`Exclusive`] or [`Shared`] mode.
 //!
-//! # What a guard proves
-//!
-//! While a guard lives, its stripes' locks are held in its mode, so it can
-//! hand out `&T` to the data of those stripes (and `&mut T` in exclusive
-//! mode). Guards release in the reverse of the order they acquired: a pair
-//! releases its higher stripe first, `lock_all` releases from the last stripe
-//! down.
-//!
-//! # Not `Send`
-//!
-//! A guard must be dropped on the thread that took it: `std`'s `MutexGuard`
-//! requires it, and the debug lock-order check keeps its table per thread.
-//! The compile-fail examples on [`StripeGuard`] pin this down.
+//! While a guard lives its stripes' locks are held in its mode; guards release
+//! in the reverse of the order they acquired, and are not `Send` (the
+//! compile-fail examples on [`StripeGuard`] pin this down). Why:
+//! [`crate::docs::algorithms::hashed_locks`].
 
 use core::fmt;
 use core::ops::{Deref, DerefMut};

@@ -1,39 +1,13 @@
 //! The stripe hash: a word-at-a-time multiplicative hasher with a
 //! xorshift-multiply finalizer, and the map from its output to a stripe.
 //!
-//! # Folding
+//! Invariant: the *top* bits of [`StripeHasher::finish`] depend on every bit of
+//! every word, and [`stripe_index`] takes exactly those (`(hash * len) >> 64`,
+//! in range even for `len = 1`). The hash is unkeyed, so `stripe_of` is
+//! deterministic within a build.
 //!
-//! Every word the key's [`Hash`] impl writes is folded into a 64-bit state as
-//! `state = (state.rotate_left(r) ^ word) * φ` (φ = 2⁶⁴ / golden ratio, odd).
-//! An integer key therefore costs one multiply; the rotation keeps earlier
-//! words from cancelling later ones, so `(a, b)` and `(b, a)` differ.
-//!
-//! # Finalizing
-//!
-//! A multiply only carries information upwards: after folding, the high bits
-//! of the state depend on every input bit but the low bits do not.
-//! [`StripeHasher::finish`] folds the high half onto the low half
-//! (`h ^ h >> 32`) and multiplies once more, so the *top* bits of the result,
-//! which pick the stripe, depend on every bit of every word.
-//!
-//! # From hash to stripe
-//!
-//! [`stripe_index`] takes the high bits: `(hash * len) >> 64`. For a power of
-//! two `len = 2ᵇ` that is exactly the top `b` bits (multiplicative hashing
-//! keeps its good bits at the top), and it stays in range for `len = 1`,
-//! where a plain `hash >> (64 - b)` would shift by 64.
-//!
-//! # Why not SipHash
-//!
-//! `std`'s default hasher is keyed SipHash-1-3, built to stop an attacker from
-//! forcing long chains in a hash *table*. A lock array has no chains: the
-//! worst an attacker can do is make every key share one stripe, which is the
-//! single global lock the array replaces. On the 2-core test machine SipHash
-//! took about 11 ns to pick a stripe for a `u64` key and this hasher under
-//! 2 ns (a median 6x, `benches/hashlock.rs`), on a path whose uncontended
-//! spin-lock lock/unlock costs about 12 ns in all. The hash is
-//! unkeyed, so `stripe_of` is deterministic within a build: tests and logs
-//! can name stripes.
+//! Folding, finalizing, and why not SipHash (with measurements):
+//! [`crate::docs::algorithms::hashed_locks`].
 
 use core::hash::{Hash, Hasher};
 

@@ -1,24 +1,10 @@
 //! Stripe layouts: [`Padded`] (each stripe on its own cache line) and
 //! [`Compact`] (stripes packed back to back).
 //!
-//! # Why pad
-//!
-//! Two cores that take *different* stripes never wait for each other's lock,
-//! but if the two locks share a cache line every acquire and release still
-//! pulls the line away from the other core: the stripes are independent in
-//! the program and dependent in the hardware (*false sharing*). Padding puts
-//! each stripe (its lock and the data beside it) in its own
-//! [`CachePadded`] slot, 128 bytes on x86_64 and aarch64 because their
-//! prefetchers fetch lines in adjacent pairs.
-//!
-//! # When not to
-//!
-//! Padding costs memory: a 64-stripe array of `Mutex<()>` is 8 KiB padded and
-//! 512 bytes compact. On a single CPU nothing runs in parallel, so there is
-//! no false sharing to avoid and the smaller array stays in cache better.
-//! [`Compact`] is also right when stripes are taken rarely relative to the
-//! work done under them. The `hashlock` module docs give the measured
-//! difference.
+//! [`Padded`] puts each stripe, its lock and its data, in its own
+//! [`CachePadded`] slot (128 bytes on x86_64 and aarch64) against false
+//! sharing. Why pad, when not to, and the measured difference:
+//! [`crate::docs::algorithms::hashed_locks`].
 
 use core::fmt::Debug;
 

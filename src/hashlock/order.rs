@@ -1,26 +1,13 @@
 //! Debug-build checking of the stripe lock order.
 //!
-//! # The rule
+//! The rule: a thread may block on stripe `j` of an array only if every stripe
+//! of that array it already holds has an index below `j`; a violation panics
+//! before the lock is touched. The per-thread table is plain `Cell`s, so a
+//! signal handler cannot make it panic, and a full table can miss a violation
+//! but never report a false one. Release builds compile all of this away.
 //!
-//! A thread may block on stripe `j` of an array only if every stripe of that
-//! array it already holds has an index below `j`. All blocking acquisitions
-//! then follow one global order, so no cycle of waiters (deadlock) can form.
-//! `lock_pair` and `lock_all` obey the rule internally; the check catches
-//! callers who break it from outside, e.g. `lock(a)` then `lock(b)` with
-//! `stripe_of(b) <= stripe_of(a)`, which self-deadlocks when the two keys
-//! share a stripe and can deadlock against another thread otherwise.
-//!
-//! # How
-//!
-//! Each thread keeps a small table of `(array, highest stripe held)` entries,
-//! one per live guard. Before a blocking acquisition the array's entries are
-//! checked and a violation panics *before* the lock is touched; `try_*`
-//! acquisitions cannot deadlock and are recorded without a check. The table
-//! lives in plain `Cell`s (no allocation, no `RefCell` borrow flag), so an
-//! acquisition from a signal handler that interrupted another one on the
-//! same thread cannot panic on the table itself. When the table is full,
-//! further guards go unrecorded: checks can then miss a violation, never
-//! report a false one. Release builds compile all of this away.
+//! Why the rule prevents deadlock and how the check works:
+//! [`crate::docs::algorithms::hashed_locks`].
 
 #[cfg(debug_assertions)]
 mod imp {

@@ -1,23 +1,14 @@
 //! Running code when a thread exits, armed from a hit path: a POSIX
 //! thread-specific key used only for its destructor.
 //!
-//! # Why a key
+//! A `thread_local!` destructor may allocate when it registers, so a key is
+//! created once on a writer path ([`ExitKey::prepare`]) and armed from the hit
+//! path with `pthread_setspecific` ([`ExitKey::arm`]); if the key cannot be
+//! created, arming does nothing and the destructor never runs. Not under loom:
+//! a model thread's destructors would run after its execution's objects are
+//! gone.
 //!
-//! A Rust `thread_local!` with a destructor registers it lazily, at the
-//! thread's first access, and registering may allocate (glibc's
-//! `__cxa_thread_atexit_impl`): not something a trap handler may do. A
-//! `pthread` key is created once, on a writer path ([`ExitKey::prepare`]);
-//! a thread then arms it with `pthread_setspecific` and a non-null marker
-//! ([`ExitKey::arm`]), which glibc stores without allocating for the
-//! process's first 32 keys (the same caveat as the RCU reader slots'). At
-//! thread exit the C library calls the destructor on the exiting thread.
-//! Should the key not be creatable (the process out of keys), arming does
-//! nothing and the destructor never runs; users say what that costs.
-//!
-//! The callers keep their own "armed" thread-local flag, so a hit path pays
-//! one thread-local test per arming point and the system call once per
-//! thread. Not under loom: a model thread's destructors would run after its
-//! execution's objects are gone.
+//! Why a key, and its costs: [`crate::docs::algorithms::kretprobes`].
 
 use std::sync::Once;
 

@@ -3,43 +3,15 @@
 //! `quiesce` wait uses one in a static, so that loom builds it and its model
 //! (`loom-tests/tests/quiesce.rs`) can build a fresh table per execution.
 //!
-//! # Rounds and generations
+//! Invariant: a handler acks with a CAS that expects the pending value of the
+//! generation it read, so after [`AckTable::publish`] returns generation `g`
+//! every entry holds a value tagged `g`, written by the waiter or by a handler
+//! that read `g` and its ranges: an *outside* ack is a proof for this round.
+//! (`AckTable::ack_with_plain_store`, built only under loom, shows a plain
+//! store failing.)
 //!
-//! One waiter at a time (the caller serializes them) [`publish`]es a round:
-//! the ranges to check and one entry per thread, `(tid, ack)`, under a new
-//! even *generation*. While it rewrites them the generation is odd, and a
-//! handler that sees an odd value does nothing (the waiter signals again
-//! afterwards). Every entry's `ack` is set to `generation << 2 | PENDING`
-//! before the new generation is stored.
-//!
-//! # The ack is a compare-and-swap on this generation's pending value
-//!
-//! A signal handler reads the generation, then the ranges and the entries,
-//! and writes its verdict into its entry with a CAS that expects
-//! `generation << 2 | PENDING` *for the generation it read*. A handler that
-//! read an older generation (a late signal of a timed-out round, or one
-//! preempted between its loads and its write while the waiter published
-//! again) therefore never writes into the new round: once the waiter has
-//! reset an entry to the new pending value, the old expectation cannot
-//! match, and a CAS that succeeded before that reset is overwritten by it
-//! (the two are ordered in the entry's modification order). So after
-//! `publish` returns generation `g`, every value an entry can hold is
-//! tagged `g` and was written either by the waiter or by a handler that
-//! read `g`, i.e. that ran after the round was published, and that read
-//! `g`'s ranges (a handler that read ranges torn by the *next* publish can
-//! only write before that publish's reset, which overwrites it).
-//!
-//! That is what makes an ack a proof: *outside* means the thread was seen
-//! outside this round's ranges after this round began. A plain store would
-//! let an older round's verdict, taken against other ranges, land in the
-//! new round; the loom model shows the waiter then reaching a wrong
-//! verdict ([`AckTable::ack_with_plain_store`], built only under loom).
-//!
-//! # The poll
-//!
-//! The waiter reads an entry with [`poll`](AckTable::poll) and, for a
-//! thread seen *inside*, [`rearm`](AckTable::rearm)s it (CAS back to this
-//! generation's pending value) before signalling it again.
+//! Rounds, generations and the poll, in full:
+//! [`crate::docs::algorithms::quiescence`].
 
 use std::ops::Range;
 

@@ -1,37 +1,15 @@
 //! Per-thread re-entrancy flags for probe handlers: the scope both
 //! registries use, and each family's flag ([`KprobeFlag`], [`UprobeFlag`]).
 //!
-//! # Why
+//! Invariant: every hit-path entry (breakpoint, return, thread exit) raises its
+//! family's flag ([`Flag`]) before it runs a handler, touches per-thread state
+//! or takes a lock, and [`HandlerScope`] lowers it on drop, also on unwind; a
+//! hit that finds it up runs no handler (and no uprobe filter), counts
+//! `nmissed` and completes the displaced instruction. A signal between the test
+//! and the set of [`HandlerScope::enter`] runs its own scope to completion, so
+//! no atomic instruction is needed.
 //!
-//! A handler (a kprobe's pre/post/entry/return handler, a uprobe consumer's
-//! handler, filter or return handler) is user code: it may call a function
-//! that carries a probe (a logging helper, a probed allocator). Running that
-//! nested hit's handlers would recurse, possibly without end, and would
-//! touch the thread's per-thread probe state (kretprobe instances, uprobe
-//! return stacks) while the outer hit is in the middle of changing it.
-//!
-//! # The scope
-//!
-//! A hit raises its family's flag (a `const` thread-local `Cell<bool>`)
-//! before it runs any handler or touches per-thread state, and lowers it
-//! when the [`HandlerScope`] drops, also on unwind. A hit that finds the
-//! flag already up was re-entered from a handler (or from a signal handler
-//! that interrupted one) on the same thread: it runs no handler, counts
-//! `nmissed` and completes the displaced instruction. Each family has its
-//! own flag ([`Flag`]), so a kprobe handler may hit a uprobe and vice versa,
-//! at most once each.
-//!
-//! # The flag goes up first
-//!
-//! Every hit-path entry (breakpoint, return, thread exit) raises its flag
-//! before it touches the thread's per-thread state, so a signal handler that
-//! interrupts the thread there and runs probed code finds the flag up and
-//! stays away. A nested uprobe hit never runs a filter either (a filter that
-//! hit a uprobe would recurse through the miss path otherwise).
-//!
-//! A signal arriving between the test and the set of [`HandlerScope::enter`]
-//! runs its own scope to completion (set, clear) before the interrupted
-//! thread resumes, so the test-and-set needs no atomic instruction.
+//! Why, in full: [`crate::docs::algorithms::kprobe_hit_path`].
 
 use core::cell::Cell;
 use core::marker::PhantomData;

@@ -1,15 +1,12 @@
 //! Deferred callbacks, which both domains share: a lock-free queue and
 //! one worker per domain that runs them after a grace period.
 //!
-//! # The queue and its worker
+//! Invariant: a batch runs only after one grace period that started after the
+//! worker took it, in queue order; past [`HIGH_WATERMARK`] pending, a caller
+//! that may sleep waits, so memory stays bounded.
 //!
-//! [`CallbackQueue::call`] pushes a node on a lock-free stack: one allocation
-//! holding the closure and one CAS, no lock. A worker thread per domain takes
-//! the whole stack at once, waits for one grace period that started after
-//! taking it, and runs the batch in the order the callbacks were queued. A
-//! flood of callbacks is throttled: past [`HIGH_WATERMARK`] pending, a caller
-//! that may sleep waits for the worker to catch up, so memory stays bounded.
-//! `barrier()` queues a marker and waits for the worker to reach it.
+//! The queue, the worker, batching and `barrier()`, in full:
+//! [`crate::docs::algorithms::callbacks`].
 
 use super::gp::{synchronize, GracePeriod, SLEEP_SLICE};
 use super::slots::fork_generation;

@@ -4,6 +4,8 @@
 //! tied to the guard; writers publish a new box with one atomic swap and hand
 //! the old one to the domain's `call`, so it is dropped only after every
 //! reader that could hold it has left.
+//!
+//! More: [`crate::docs::algorithms::callbacks`].
 
 use super::{Flavor, Rcu};
 use crate::sync::atomic::{AtomicPtr, Ordering};

@@ -1,38 +1,13 @@
 //! Per-thread reader slots, claimable from a signal handler.
 //!
-//! # Registration
+//! Slots live in `mmap`ed, append-only chunks and are claimed with one CAS on
+//! `in_use`, so the first `read()` on a thread is async-signal-safe; a
+//! pthread-key destructor releases a slot at thread exit, and after `fork()`
+//! every slot of a thread that did not survive is marked dead (never reused)
+//! and [`fork_generation`] is bumped.
 //!
-//! Every thread that begins a read section owns one [`Slot`]. Slots live in
-//! page-sized chunks obtained with `mmap` (never `malloc`) and linked into a
-//! process-wide, append-only list. A thread finds a free slot with one
-//! compare-and-swap on its `in_use` flag, so the first `read()` on a thread is
-//! async-signal-safe: a probe may be hit on a thread that has never touched
-//! the library, from inside a SIGTRAP handler.
-//!
-//! The owning thread caches its slot pointer in a `const`-initialised
-//! thread-local with no destructor, which compiles to a plain TLS access
-//! (no lazy registration, no allocation).
-//!
-//! # Release
-//!
-//! A POSIX thread-specific key created when the first domain is built carries
-//! a destructor that releases the slot when the thread exits: the slot's RCU
-//! counter is cleared (a guard leaked with `mem::forget` cannot wedge grace
-//! periods past the thread's death) and the slot becomes claimable again.
-//! Setting the key is done with `pthread_setspecific`, which glibc implements
-//! without allocation for the first 32 keys (documented limitation: a process
-//! with more keys than that makes the *first* read on a thread from a signal
-//! handler not strictly async-signal-safe).
-//!
-//! # Fork
-//!
-//! In a child process only the forking thread survives. The `atfork` child
-//! handler marks every other claimed slot *dead*: its RCU counter is cleared
-//! and SRCU domains skip it when summing counters. Dead slots are never
-//! reused in that process (SRCU counters must stay consistent), which leaks
-//! one slot per thread alive at fork: a bounded cost. It also bumps
-//! [`fork_generation`] so that grace-period leaders and callback workers that
-//! did not survive the fork are noticed and replaced lazily.
+//! Registration, release, the glibc key limit and fork handling, in full:
+//! [`crate::docs::algorithms::rcu`].
 
 use crate::sync::atomic::{AtomicBool, AtomicPtr, AtomicU32, AtomicUsize, Ordering};
 use crossbeam_utils::CachePadded;

@@ -1,13 +1,9 @@
 //! The red-black invariant checker behind the trees' `check_invariants`
 //! (used by the differential tests after every operation in debug builds).
+//! The walk gives up after `limit` nodes, so a tree with a cycle cannot hang a
+//! test.
 //!
-//! # What is checked
-//!
-//! The root is black and has no parent; no red node has a red child; every
-//! path from the root to a null leaf has the same number of black nodes;
-//! every child's parent link points back; keys are strictly increasing in
-//! order. The walk gives up after `limit` nodes so that a corrupted tree
-//! with a cycle cannot hang a test.
+//! What is checked: [`crate::docs::algorithms::trees`] ("How it is checked").
 
 use core::ptr;
 

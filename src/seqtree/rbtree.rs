@@ -1,43 +1,15 @@
 //! The red-black core shared by [`SeqTree`](super::SeqTree) (one copy of
 //! the links per node) and [`LatchTree`](super::LatchTree) (two copies).
 //!
-//! # Who touches what
+//! Writers work under the tree's lock with relaxed loads; lock-free readers
+//! follow only `root` and `child` (acquire loads). Every child store is a
+//! release store, ordered so a reader never meets a cycle, and readers give up
+//! after [`MAX_WALK`] steps; a miss must be validated by the caller, a hit is
+//! always real. This module never frees a node: callers reclaim unlinked nodes
+//! only after a grace period.
 //!
-//! Writers run under the owning tree's lock and see a stable tree: they read
-//! every link with relaxed loads (their own earlier stores, or stores of the
-//! previous lock holder, ordered by the lock). Readers hold no lock: they only
-//! ever follow `root` and the two `child` pointers, with acquire loads, and
-//! read the (immutable) key. `parent` and the colour are writer-only.
-//!
-//! # Stores readers can tolerate
-//!
-//! Every child-pointer store is a release store, so a reader that follows a
-//! pointer sees the node it points to fully initialised. The order of the
-//! stores within one rotation or splice is chosen so that the graph a reader
-//! can follow never has a cycle:
-//!
-//! - *Rotation* of `x` with its child `y` (which moves up): first `x` drops its
-//!   pointer to `y` (taking `y`'s inner subtree instead), then `y` points down
-//!   to `x`, then `x`'s parent points to `y`. Had `y` pointed to `x` while `x`
-//!   still pointed to `y`, a reader could circle between them.
-//! - *Erase with two children* moves the successor `s` into the erased node's
-//!   place: first `s` is unhooked from its old parent, then it takes the
-//!   erased node's children, then it is published in the erased node's place.
-//! - *Replacement* of a node by a new node with the same key: the new node
-//!   copies the old one's children, then one store publishes it.
-//!
-//! A reader can still be on a node while it is moved, and then miss a key that
-//! is present (the key moved above it): that is why a miss must be validated
-//! by the caller (sequence count) while a hit, whose key compared equal, is
-//! always a real entry. As a second line of defence, readers count their
-//! steps and give up after [`MAX_WALK`], so even a store ordering bug could
-//! cost retries but never an endless loop.
-//!
-//! # Memory
-//!
-//! This module never frees a node. Its callers unlink nodes here and reclaim
-//! them only after an RCU grace period, so a reader inside a read section
-//! never follows a pointer to freed memory, whatever it raced with.
+//! Who touches what and the store order of each rotation and splice:
+//! [`crate::docs::algorithms::trees`].
 
 use core::borrow::Borrow;
 use core::cmp::Ordering as CmpOrdering;

@@ -1,26 +1,12 @@
 //! Deferred, batched reclamation of unlinked nodes.
 //!
-//! # Why deferred
+//! Invariant: an unlinked node is freed only by a callback queued through the
+//! domain's [`Flavor::call`], so never under a reader; operations that unlink
+//! many nodes gather them in one [`FreeBatch`]. Under `--cfg loom` a freed node
+//! is poisoned, not deallocated, so a use-after-free becomes an assertion.
 //!
-//! A lock-free reader may still stand on a node the writer just unlinked, or
-//! hold a `&V` into it, until its read section ends. Nodes are therefore
-//! handed to the domain's [`Flavor::call`] and freed only after a grace
-//! period.
-//!
-//! # Why batched
-//!
-//! One callback per node would cost one queue entry (an allocation) each.
-//! Operations that unlink many nodes at once (`retain`, `clear`, dropping a
-//! tree) gather them in a [`FreeBatch`] and queue a single callback.
-//!
-//! # Model-checked builds
-//!
-//! Under `--cfg loom` a freed node is *poisoned* rather than deallocated: its
-//! key and value are dropped and a flag is set, but the memory stays. Any
-//! later use of it through a handle trips an assertion, and freeing it twice
-//! panics. That turns the use-after-free of a resurrected refcount (the race
-//! the loom models look for) into a reported failure instead of undefined
-//! behaviour that the model could not see.
+//! Why deferred, why batched, and the loom poisoning, in full:
+//! [`crate::docs::algorithms::callbacks`].
 
 use core::ptr::NonNull;
 

@@ -1,4 +1,6 @@
 //! [`SeqTree`]: the seqcount-validated RCU red-black tree.
+//!
+//! How it works: [`crate::docs::algorithms::trees`].
 
 use core::borrow::Borrow;
 use core::fmt;

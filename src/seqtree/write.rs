@@ -1,18 +1,10 @@
 //! The write side of [`SeqTree`]: insert, replace, remove, bulk removal.
 //!
-//! # Protocol
+//! Invariant: user code (`Ord`, `make`, `keep`) never runs while the sequence
+//! count is odd, and nothing waits for a grace period while holding the writer
+//! lock (a reader's fallback may be waiting for that lock).
 //!
-//! Every operation takes the tree's writer lock, searches without touching
-//! the sequence count, and opens a [`SeqCount`](super::SeqCount) write
-//! section only around the structural change itself, so user code (`Ord`,
-//! `make`, `keep`) never runs while the count is odd and a panic in it
-//! leaves the tree as it was. Unlinked entries drop the tree's reference;
-//! those whose count reaches zero are queued, after the lock is released,
-//! through the domain's `call` in one batch per operation.
-//!
-//! Nothing here waits for a grace period while holding the lock: a reader
-//! inside its read section may be waiting for that lock (its fallback), and
-//! the grace period would wait for that reader.
+//! The protocol in full: [`crate::docs::algorithms::trees`].
 
 use core::borrow::Borrow;
 

@@ -1,28 +1,14 @@
 //! [`PatchWindow`]: tells a trap handler whether the `int3` a thread hit is
 //! the transient one of a multi-byte patch.
 //!
-//! # The problem
-//!
-//! The int3-first protocol (see `InProcess`) parks threads on a temporary
-//! `int3` over the first byte of an instruction being rewritten. A thread
-//! that traps on it must be resumed at the same address, while a trap on an
-//! `int3` that is not ours must go to the previous SIGTRAP disposition. The
-//! handler runs some time after the trap, and patches at one address can
-//! follow each other back to back, so two separate checks ("is a patch in
-//! progress here?", then "is the byte still `int3`?") can see no patch (the
-//! gap between two patches) and then the *next* patch's `int3`, and kill the
-//! process with a SIGTRAP that was ours.
-//!
-//! # The window
-//!
 //! A sequence count, odd while a patch is in progress (with the patched
-//! address beside it), brackets the handler's byte read like a seqlock
-//! reader. Only a stable, even sequence with an `int3` in place is judged
-//! foreign; every other outcome resumes the thread, which is always safe: at
-//! a real foreign `int3` it traps again and is judged on a stable view then.
+//! address beside it), brackets the handler's byte read like a seqlock reader:
+//! only a stable, even sequence with an `int3` in place is judged foreign;
+//! every other outcome resumes the thread, which is always safe. The loom
+//! model is `loom-tests/tests/text_patch.rs`.
 //!
-//! The loom model in `loom-tests/tests/text_patch.rs` runs back-to-back
-//! patches against a thread that traps on their `int3`s.
+//! Why two separate checks would kill the process:
+//! [`crate::docs::algorithms::live_runtime`].
 
 use crate::sync::atomic::{fence, AtomicU64, Ordering};
 

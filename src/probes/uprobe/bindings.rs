@@ -2,42 +2,15 @@
 //! `(registry, space)` to a stack the thread holds from that space's pool
 //! (`retpool.rs`), and the give-back of those stacks when the thread exits.
 //!
-//! # The table
-//!
 //! [`MAX_SPACES_PER_THREAD`] entries in a `const` thread-local with no
-//! destructor (a plain TLS access: no lazy registration, no allocation). An entry exists
-//! while the thread holds a stack: the entry of the thread's outermost
-//! tracked call in the space claims one and binds it, the return that
-//! empties it unbinds it and gives it back. So a thread needs one entry per
-//! space it is *inside* tracked calls of at once (usually one); when all
-//! are taken the call is counted missed, as when the pool is exhausted.
+//! destructor, reached only with the uprobe re-entrancy flag up and through a
+//! `RefCell` that refuses a second borrow. Registry ids are never reused, so a
+//! stale binding is never mistaken for a later registry's. A thread-exit key
+//! (`probes/exit_key.rs`) gives stacks back at exit; under loom there is no exit
+//! hook (a model thread's destructors run after its execution's objects are
+//! gone): the models flush explicitly.
 //!
-//! Registries are named by an id from a process-wide counter, never reused:
-//! a binding of a registry that was dropped while the thread held one of
-//! its stacks (a call in flight, abandoned frames) can never be mistaken
-//! for a later registry's, wherever that one is allocated. Such a stale
-//! binding keeps its entry (and its pool allocated, `retpool.rs`
-//! "Teardown") until the thread exits: freeing memory is not for a hit path.
-//!
-//! The table is reached only with the thread's uprobe re-entrancy flag up
-//! (`probes/reentry.rs`), and through a `RefCell` that refuses a second borrow, so
-//! a signal handler that interrupts an entry or a return and hits a uprobe
-//! never sees it half-changed.
-//!
-//! # At thread exit
-//!
-//! A thread-exit key (`probes/exit_key.rs`), created when the first pool is
-//! built (a writer path), carries a destructor that gives back every stack
-//! the exiting thread still holds (dropping its instances: those calls will
-//! never return). A thread arms it when it first binds a stack
-//! (`pthread_setspecific`, which glibc does without allocating for the
-//! process's first 32 keys, the same caveat as the RCU reader slots and the
-//! kretprobe flush). Should the key not be creatable,
-//! a thread that exits holding a stack keeps it for good (the pool then has
-//! one stack fewer); [`flush_thread_returns`](super::UprobeRegistry::flush_thread_returns)
-//! still gives stacks back on request. Under loom there is no exit hook
-//! (a model thread's destructors run after its execution's objects are
-//! gone); the models flush explicitly.
+//! The table and thread exit, in full: [`crate::docs::algorithms::uretprobes`].
 
 use std::cell::RefCell;
 

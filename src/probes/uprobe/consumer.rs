@@ -1,32 +1,13 @@
 //! Uprobe consumers: the handlers one user attaches to a uprobe.
 //!
-//! # Identity
+//! A [`Consumer`] is a cheap, clonable handle (clones are the same consumer,
+//! compared by pointer) with a handler, a return handler, or both (neither is
+//! [`ProbeError::NoHandler`]). Handlers run inside a read section of the
+//! registry's domain ([`Srcu`](crate::rcu::Srcu) by default), so they may
+//! sleep; one returning [`ConsumerAction::Remove`] is reaped by
+//! [`UprobeRegistry::reap_removed`](super::UprobeRegistry::reap_removed).
 //!
-//! A [`Consumer`] is a cheap, clonable handle; clones are the same consumer
-//! (compared by pointer), so registering a clone twice on one uprobe is
-//! refused and unregistering needs the handle that was registered.
-//!
-//! # Handlers may sleep
-//!
-//! Handlers run inside a read section of the registry's domain (by default
-//! an [`Srcu`](crate::rcu::Srcu) domain, whose readers may block), so a
-//! handler may take locks or sleep; unregistration waits for them.
-//!
-//! # Return handlers
-//!
-//! A consumer may have a handler (run at the hit), a return handler (run
-//! when the probed function returns, see `returns.rs`), or both; one with
-//! neither is refused at registration ([`ProbeError::NoHandler`]). The
-//! filter decides for both: a return handler runs only for calls made in a
-//! space the filter wants.
-//!
-//! # Asking to be removed
-//!
-//! A handler returning [`ConsumerAction::Remove`] is not called again (the
-//! flag is checked on every hit) and is unregistered by the next
-//! [`UprobeRegistry::reap_removed`](super::UprobeRegistry::reap_removed):
-//! unregistering waits for a grace period, which a handler inside its read
-//! section cannot do.
+//! Identity, filters and removal, in full: [`crate::docs::algorithms::uprobes`].
 
 use super::space::{SpaceId, UprobeKey};
 use crate::probes::arch::Regs;

@@ -1,42 +1,14 @@
 //! Validation from the file itself: a registration that no address space
 //! maps yet is checked against the file's bytes, read by [`FileId`].
 //!
-//! # Why
+//! With a [`FileText`] configured ([`with_file_text`](super::UprobeRegistry::with_file_text)),
+//! a registration that finds no mapping and no known original bytes refuses
+//! bad input there, with the typed errors of a mapped registration (carrying
+//! file offsets as addresses), and keeps the bytes read as the uprobe's
+//! original instruction. Without one, or when [`FileText::code_range`] answers
+//! `None` or a read fails, the check waits for the first `on_mmap`.
 //!
-//! Without it, a uprobe on a file nobody maps cannot be checked when it is
-//! registered: the registry only knows code through the spaces' text, so
-//! the offset's instruction is first decoded at the first
-//! [`on_mmap`](super::UprobeRegistry::on_mmap), and bad input (an offset
-//! inside an instruction, an unsupported instruction, an offset past the
-//! file's code) is only reported then, to whoever mapped the file. The
-//! kernel does not wait: it reads the instruction from the file's page
-//! cache at registration and refuses there.
-//!
-//! # How
-//!
-//! A registry built with
-//! [`with_file_text`](super::UprobeRegistry::with_file_text) asks its
-//! [`FileText`] for the file's code when a registration finds no mapping of
-//! the offset and the uprobe's original bytes are not known yet. It then
-//! refuses, with the same typed errors as a mapped registration and with
-//! nothing changed, an offset outside the file's code
-//! ([`ProbeError::OffsetOutsideMapping`], the range being the code's file
-//! offsets), an unsupported instruction, and (for
-//! [`register_in_function`](super::UprobeRegistry::register_in_function))
-//! an offset that is not an instruction boundary of its function. Decoding
-//! uses file offsets as addresses, so the addresses such errors carry are
-//! file offsets. A registration that passes keeps the bytes read as the
-//! uprobe's original instruction: each later `on_mmap` installs only where
-//! the mapped text holds exactly those bytes (someone else's patch there is
-//! refused as it would be after a mapped registration).
-//!
-//! # When it does not apply
-//!
-//! With no [`FileText`] configured, or when it cannot read the file
-//! ([`FileText::code_range`] answers `None`, or a read fails), registration
-//! keeps the deferred behaviour: it succeeds, and the instruction is
-//! checked at the first `on_mmap` that maps the offset, which then reports
-//! the error for that install.
+//! Why and how, in full: [`crate::docs::algorithms::uprobes`].
 
 use core::ops::Range;
 use std::collections::HashMap;

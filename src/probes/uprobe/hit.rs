@@ -1,50 +1,16 @@
 //! The uprobe hit path: `(space, vaddr)` → mapping → `(file, offset)` →
 //! uprobe → consumers, then the displaced instruction.
 //!
-//! # No lock, no allocation
+//! Invariant: everything runs inside one read section of the registry's domain,
+//! with lock-free lookups and loads only (hit cache `hitcache.rs`, short lists
+//! `short.rs`): no lock, no reference count, no allocation (except an `Srcu`
+//! domain's first section on a thread). The re-entrancy flag
+//! (`probes/reentry.rs`) is up from before the first consumer runs until the
+//! return is tracked (`returns.rs`); a single-step returns a [`UprobeStep`]
+//! that keeps the read section open until it is dropped.
 //!
-//! Everything runs inside one read section of the registry's domain: the
-//! space is found in the spaces tree, the mapping by binary search in the
-//! space's published mapping array, the uprobe through the hit cache
-//! (`hitcache.rs`: one load of a slot hashed from `(file, offset)`) or,
-//! when it has no slot, in the uprobe tree, and the install record (the
-//! instruction as analysed at registration, at this address, with its XOL
-//! plan) in the uprobe's array of installs, read in place. All are
-//! lock-free [`SeqTree`](crate::seqtree::SeqTree) lookups or loads of
-//! atomics and [`RcuCell`](crate::rcu::RcuCell)s (the install is found in
-//! the uprobe's short per-space array, not in a second tree; one-element
-//! lists are inline, `short.rs`); no reference count is taken and nothing
-//! is allocated (the
-//! exception: the first read section a thread ever enters in an `Srcu`
-//! domain may allocate its counters; return tracking claims a preallocated
-//! stack, also at a thread's first tracked call, see `returns.rs`).
-//!
-//! # Re-entrancy
-//!
-//! A hit on a thread already running uprobe handlers (a handler, filter or
-//! return handler called probed code) runs no consumer code: it counts
-//! `nmissed` on the uprobe and completes the displaced instruction
-//! (`probes/reentry.rs`). The flag is up from before the first consumer runs until
-//! the return is tracked.
-//!
-//! # Return tracking
-//!
-//! After the handlers, if a consumer wants the call's return (and none asked
-//! to skip the instruction: a handler that moved the IP may be emulating the
-//! return itself), the return address is hijacked and an instance pushed on
-//! the thread's stack (`returns.rs`). Then the displaced instruction runs as
-//! usual.
-//!
-//! # Outcomes
-//!
-//! The same protocol as kprobes, with [`UprobeFinished`] values for what
-//! kprobes' `HitOutcome` also has: not ours, vanished, skipped, emulated,
-//! boosted, failed. A displaced
-//! instruction that must be single-stepped returns a [`UprobeStep`]
-//! instead of kprobes' `StepToken` (which counts in-flight steps on a
-//! kprobe member list): the uprobe step keeps the read section open until
-//! it is dropped, so unregistration's grace period covers it and the XOL
-//! slot outlives it. Uprobe consumers have no post handler.
+//! The hit path, outcomes ([`UprobeFinished`]) and return tracking, in full:
+//! [`crate::docs::algorithms::uprobes`].
 
 use super::consumer::{ConsumerAction, UprobeHit};
 use super::registry::{slice, Install, SpaceState, Uprobe, UprobeRegistry};

@@ -1,48 +1,15 @@
 //! The hit cache: a direct-mapped table from a uprobe's key to the uprobe,
 //! in front of the uprobe tree, for the hit path only.
 //!
-//! # Why
+//! Invariant: only writers, holding the uprobe's file stripe, fill a slot (when
+//! the uprobe enters the tree) and clear it with a CAS *before* the uprobe is
+//! unlinked, so a pointer read inside a read section points to a live node; it
+//! is compared with the key before use, so a collision is a miss, never a wrong
+//! uprobe. Fixed size ([`DEFAULT_HIT_CACHE_SLOTS`], or
+//! [`UprobeRegistry::with_hit_cache_slots`](super::UprobeRegistry::with_hit_cache_slots)).
 //!
-//! The hit path's `(file, offset)` → uprobe step is a walk of the uprobe
-//! [`SeqTree`](crate::seqtree::SeqTree): about ten dependent node loads at
-//! a thousand uprobes, each a likely cache miss when hits are scattered,
-//! which a profile showed to be most of a hit's time. The tree stays the
-//! index (writers, range scans for mmap, the return path's lookups); this
-//! table lets a hit reach its uprobe with one load of a slot chosen by a
-//! hash of the key, falling back to the tree when the slot holds another
-//! uprobe or none.
-//!
-//! # Only writers fill it
-//!
-//! A slot holds a pointer to a uprobe *in the tree* (the value inside the
-//! tree's node). Writers, holding the uprobe's file stripe, publish a
-//! uprobe when it enters the tree and retract it before it leaves: a
-//! compare-and-swap that clears the slot only if it still holds that
-//! uprobe. The table is two-way set-associative: a key hashes to a pair of
-//! adjacent slots (one cache line), a new uprobe takes a free one of the
-//! two, or overwrites the second when both are taken (the uprobe it
-//! displaced is then found through the tree). Readers never fill a slot: a reader
-//! that found a uprobe in the tree could store it just after a writer
-//! retracted it, leaving a pointer to a node about to be freed.
-//!
-//! # Why a pointer read from a slot is safe
-//!
-//! The tree frees an unlinked node only after a grace period of the
-//! registry's domain. A slot is cleared before its uprobe is unlinked, so:
-//! a reader whose read section began before that grace period may still
-//! load the pointer, and the node outlives its section; a reader whose
-//! section began after it sees the cleared slot (or a newer uprobe), as
-//! the grace period orders every write made before it, the clear among
-//! them, before such sections. A slot's pointer is compared with the key
-//! it was looked up for before it is used, so a collision or a stale
-//! neighbour is a miss, never a wrong uprobe.
-//!
-//! # Size
-//!
-//! Fixed at construction ([`DEFAULT_HIT_CACHE_SLOTS`], or
-//! [`UprobeRegistry::with_hit_cache_slots`](super::UprobeRegistry::with_hit_cache_slots)):
-//! with more uprobes than slots, the uprobes that lose their slot are found
-//! through the tree, as before the cache existed: never wrong, only slower.
+//! Why, the two-way sets and the safety argument, in full:
+//! [`crate::docs::algorithms::uprobes`].
 
 use super::registry::{Uprobe, UprobeRegistry};
 use super::space::{AddressSpace, UprobeKey};

@@ -1,29 +1,12 @@
 //! Installing and removing one uprobe's breakpoint in one address space.
 //!
-//! # Install
+//! Invariant: the install record is published (in the space's install tree and
+//! the uprobe's install list) *before* the breakpoint is written, so a thread
+//! that traps on it always finds it; on removal, the install's owner of its XOL
+//! slot is dropped only after a grace period (shared on re-install,
+//! `xolshare.rs`). Callers hold the uprobe's file stripe (`registry.rs`).
 //!
-//! The bytes at the address are read and compared with the uprobe's
-//! original instruction, if known (learned from the first space it was
-//! installed in, or from the file, `filetext.rs`): different bytes are
-//! someone else's patch and are refused; our own breakpoint already there
-//! counts as installed (the space inherited patched text). The first
-//! install of a uprobe that names its function checks the instruction
-//! boundary by decoding from the function's start. The instruction is then
-//! analysed at this address (branch targets are absolute) and given an XOL
-//! slot unless it is emulated; the install record is published (in the
-//! space's install tree and the uprobe's install list) *before* the
-//! breakpoint is written, so a thread that traps on it always finds it.
-//!
-//! # Uninstall
-//!
-//! The original bytes go back (unless the memory is gone, at munmap), the
-//! records are dropped, and the install's owner of its XOL slot is dropped
-//! after a grace period: a hit that found the record may still be about to
-//! step through it. A re-install at the same address before then takes the
-//! same slot back when its bytes would be identical (`xolshare.rs`), so
-//! fast install/remove churn holds one slot per address.
-//!
-//! Callers hold the uprobe's file stripe (`registry.rs`).
+//! Install and uninstall, in full: [`crate::docs::algorithms::uprobes`].
 
 use super::registry::{Install, Placed, SpaceState, Uprobe, UprobeRegistry};
 use super::space::{AddressSpace, FileMapping, UprobeKey};

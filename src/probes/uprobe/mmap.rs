@@ -1,14 +1,10 @@
 //! Address-space events: [`UprobeRegistry::on_mmap`] and
 //! [`UprobeRegistry::on_munmap`].
 //!
-//! # Keeping the hit path's view
-//!
-//! The registry keeps, per space, a sorted array of its file mappings in an
-//! [`RcuCell`], replaced whole under the space's `maps_lock` (taken inside
-//! the mapped file's stripe, see the lock order in `registry.rs`). A new
-//! mapping installs every uprobe of the file in its range; an unmap drops
-//! the installs in the range without writing (the memory is gone) and keeps
-//! the pieces of mappings outside it.
+//! The hit path's view of a space, a sorted array of its file mappings in an
+//! [`RcuCell`], is replaced whole under the space's `maps_lock` (taken inside
+//! the mapped file's stripe, see the lock order in `registry.rs`). More:
+//! [`crate::docs::algorithms::uprobes`].
 
 use core::ops::Range;
 

@@ -1,21 +1,13 @@
 //! [`UprobeRegistry`]: the write side (consumers, mmap, munmap).
 //!
-//! # Per-file serialization
+//! Every change that concerns one file holds that file's stripe of a padded
+//! [`HashedLocks`] keyed by [`FileId`], so a registration and an mmap of the
+//! same file never interleave. Lock order: file stripe → a space's `maps_lock`
+//! → (the trees' writer locks, the text memory's and the XOL allocator's own
+//! locks); a space's XOL share table (`xolshare.rs`) inside the stripe or
+//! alone; one file stripe at a time; the hit path takes none.
 //!
-//! Every change that concerns one file (a consumer registered or removed on
-//! one of its uprobes, a mapping of it added or removed) holds that file's
-//! stripe of a padded [`HashedLocks`] keyed by [`FileId`]. So a registration
-//! and an mmap of the same file never interleave: either the mmap sees the
-//! new uprobe in the tree and installs it, or the registration sees the new
-//! mapping and installs into it. Different files proceed in parallel.
-//!
-//! # Lock order
-//!
-//! file stripe → a space's `maps_lock` → (the trees' writer locks, the text
-//! memory's and the XOL allocator's own locks). A space's XOL share table
-//! (`xolshare.rs`) is taken inside the stripe (install) or alone (a release
-//! callback), and only the XOL allocator's lock inside it. Only one file
-//! stripe is held at a time. The hit path takes none of these.
+//! Why, in full: [`crate::docs::algorithms::uprobes`].
 
 use super::consumer::{Consumer, Member};
 use super::filetext::FileText;

@@ -1,84 +1,23 @@
 //! Preallocated uretprobe return stacks: one pool per address space, whose
 //! stacks threads claim and give back without a lock or an allocation.
 //!
-//! # Why a pool
+//! A stack's state word is `FREE`, `BUSY` or `DEAD`: claimed with one CAS
+//! (`Acquire`) at a thread's outermost tracked call in the space, given back
+//! with a `Release` store when it is empty again. A pool lives until its
+//! registry is dropped and is freed by whoever brings its `remaining` count to
+//! zero; hit paths give back with a plain store, the exit and flush path with
+//! a CAS.
 //!
-//! A uretprobe entry runs in the trap handler (a `SIGTRAP` handler in the
-//! live runtime): it must not call the allocator or take a lock the
-//! interrupted code might hold, not even on a thread's first tracked call.
-//! So every stack of return instances is allocated by the writer side, with
-//! its full depth, when the registry learns of the space (its first
-//! [`on_mmap`](super::UprobeRegistry::on_mmap)), and threads only *claim*
-//! one. A pool has [`return_stacks`](super::UprobeRegistry::return_stacks)
-//! stacks (default [`default_return_stacks`]: `max(8, 2 x CPUs)`, each CPU
-//! may run a thread inside tracked calls and a signal handler or a
-//! preempted thread inside more).
+//! Should a way to forget one space be added, its pool would be torn down with
+//! the registry alive, and two things here would have to change: a binding is
+//! found by registry id and *space id* (`bindings.rs`), so a binding into a
+//! torn-down pool would have to be skipped (its stack `DEAD`) when a new space
+//! reuses the id; and the return path, which pops outside any read section,
+//! would have to pop inside one (so the teardown, after a grace period, never
+//! overlaps it) or give back with a compare-and-swap.
 //!
-//! # Claiming and giving back
-//!
-//! Each stack has a state word: `FREE`, `BUSY` (held by one thread) or
-//! `DEAD` (its pool's owner is gone). A thread that needs a stack scans the
-//! pool from a per-thread starting point (so threads spread over the pool)
-//! and claims the first `FREE` one with one compare-and-swap (`Acquire`,
-//! pairing with the `Release` of the previous holder's give-back: every
-//! access the previous holder made to the stack's frames happens before
-//! ours). It gives the stack back with a `Release` store of `FREE` as soon
-//! as the stack is empty again, i.e. when its outermost tracked call in the
-//! space returned. So a pool bounds the threads that are *inside* tracked
-//! calls of one space at once, not the threads that ever made one (a
-//! process with a hundred worker threads needs as many stacks as are in a
-//! tracked call at the same moment). When no stack is free the call is
-//! counted missed and not hijacked (`returns.rs`).
-//!
-//! Holding a stack for the thread's lifetime instead (claim once, give
-//! back at exit) would save the claim's compare-and-swap and the store per
-//! outermost call (about 11 ns of a 62 ns entry + return in
-//! `benches/uprobe.rs`, BENCHMARKS.md "uretpool"), but then the pool would
-//! bound the threads that ever made a tracked call and are still alive: a
-//! thread pool larger than the stack pool would see most of its threads'
-//! calls missed, forever. Letting other threads steal an idle thread's
-//! stack would need the same read-modify-write on the owner's side (or an
-//! asymmetric barrier protocol), so it was not tried.
-//!
-//! A stack still holding instances when its thread stops calling (the
-//! thread left its tracked calls with `longjmp`, or exits inside one) is
-//! given back when the thread exits (`bindings.rs`) or on an explicit
-//! [`flush_thread_returns`](super::UprobeRegistry::flush_thread_returns).
-//!
-//! # Teardown
-//!
-//! A registry never forgets a space it learned of (no call removes one;
-//! [`on_munmap`](super::UprobeRegistry::on_munmap) keeps its state), so a
-//! pool lives until its registry is dropped. Threads may still hold stacks
-//! of it then (calls in flight, abandoned frames): their binding tables
-//! point into the pool. Teardown therefore swaps every state word to
-//! `DEAD`, counts the stacks that were `BUSY`, and adds that count to the
-//! pool's `remaining` counter; a thread giving back a stack that it finds
-//! `DEAD` subtracts one. Whoever brings the counter to zero frees the pool
-//! (the counter may go below zero first, when a thread gives back between
-//! the swap and the add: it wraps, and the add brings it back). After the
-//! teardown no hit path can reach the pool (the registry is gone), so the
-//! only late give-backs are thread exits, which may free memory.
-//!
-//! Hit paths give stacks back with a plain store: they run with the
-//! registry borrowed, so its teardown cannot be running. Only the exit and
-//! flush path, which may find `DEAD`, uses a compare-and-swap.
-//!
-//! Should a way to forget one space be added, its pool would be torn down
-//! with the registry alive, and two things here would have to change: a
-//! binding is found by registry id and *space id* (`bindings.rs`), so a
-//! binding into a torn-down pool would have to be skipped (its stack
-//! `DEAD`) when a new space reuses the id; and the return path, which pops
-//! outside any read section, would have to pop inside one (so the teardown,
-//! after a grace period, never overlaps it) or give back with a
-//! compare-and-swap.
-//!
-//! # Limits
-//!
-//! - After `fork()`, stacks held by threads that did not survive stay held
-//!   in the child: its pools have that many stacks fewer.
-//! - A thread that exits while the thread-exit key could not be created
-//!   keeps its stack (`bindings.rs`).
+//! Why a pool ([`default_return_stacks`]), claiming, teardown and limits, in
+//! full: [`crate::docs::algorithms::uretprobes`].
 
 use std::ptr::NonNull;
 

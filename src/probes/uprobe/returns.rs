@@ -1,101 +1,16 @@
 //! Uretprobes: return handlers through a return-address hijack at a
 //! function's entry, and the per-thread stacks of return instances.
 //!
-//! # Entry
+//! Invariant: an instance names its uprobe by key and holds no pointer into the
+//! registry, and only the thread holding a stack touches it, so entries and
+//! returns never allocate, take no lock, wait for nothing in flight and cannot
+//! dangle. Stacks come from the space's pool (`retpool.rs`) through the
+//! thread's table (`bindings.rs`), which is reached only with the re-entrancy
+//! flag up (`probes/reentry.rs`).
 //!
-//! A uprobe with a consumer that has a return handler sits on a function's
-//! first instruction (checked at registration: the consumer must be
-//! registered with [`register_in_function`](UprobeRegistry::register_in_function)
-//! naming the uprobe's own offset as the function's). When a hit's
-//! consumers ran and one of them wants the return (it has a return handler,
-//! its filter wants the space, it did not ask for removal, no handler asked
-//! to skip the instruction), the registry replaces the return address with
-//! the space's trampoline ([`AddressSpace::return_trampoline`]) through the
-//! arch backend ([`Arch::hijack_return`]: the stack slot on x86_64, `x30` on
-//! arm64) and pushes a *return instance* on the calling thread's stack for
-//! that space: the uprobe's key, the function's address, the stack pointer
-//! the call returns with, the real return address, and the largest consumer
-//! sequence number the entry saw.
-//!
-//! # Return
-//!
-//! The function returns into the trampoline, which traps; the runtime calls
-//! [`UprobeRegistry::on_return`]. The thread's top instance for the space
-//! must have the stack pointer the thread now has: it is popped, the return
-//! handlers run, and `regs.ip` becomes the real return address. Instances
-//! are per thread and per space, kept in LIFO order, so nested calls and
-//! recursion return in the order they were made.
-//!
-//! # Chained returns
-//!
-//! A probed function that tail-calls another (or itself) jumps to it with the
-//! return address already hijacked: the second entry finds the trampoline
-//! where the return address should be. Its instance is *chained*: it takes
-//! the real return address from the instance below it (same stack pointer),
-//! and the trampoline, which is hit once for both, pops every instance with
-//! that stack pointer (newest first) and runs each one's return handlers.
-//!
-//! # Abandoned frames
-//!
-//! A call left without returning (`longjmp`, unwinding) leaves its instance
-//! behind. An entry drops the instances whose stack pointer is below its own
-//! (their frames are gone) and, unless chained, those at its own (a frame
-//! at the same depth that never returned); a return drops those below the
-//! returning one. Only the stack pointer tells a live instance from an
-//! abandoned one, as in the kernel, so two cases are approximate: an
-//! abandoned instance whose frame was reused by a call that is not tracked
-//! stays (and counts toward the depth) until an entry or return at or above
-//! its level drops it; and a probed call made on an alternate signal stack
-//! above the thread's stack would wrongly drop live instances (not
-//! supported).
-//!
-//! # Depth
-//!
-//! Each stack holds at most [`max_return_depth`](UprobeRegistry::max_return_depth)
-//! instances ([`DEFAULT_MAX_RETURN_DEPTH`], the kernel's
-//! `MAX_URETPROBE_DEPTH`): a deeper call counts `nmissed` on the uprobe and
-//! its return address is left alone (so unbounded recursion costs a bounded
-//! amount of memory, and the return handlers of the outer calls still run).
-//!
-//! # Consumers removed in flight
-//!
-//! An instance names its uprobe by key and holds no pointer into the
-//! registry: the return looks the uprobe up again, in a read section of the
-//! domain, and runs the return handlers of its current consumers whose
-//! sequence number the entry saw. So a consumer unregistered while calls are
-//! in flight is not called once `unregister` returned (its grace period
-//! waited for every return that could still see it in the list); a consumer
-//! registered after the entry is not called for that call; a uprobe removed
-//! altogether runs nothing; and the instance, plain data on a stack only its
-//! thread touches, still brings the call back to its real return address.
-//! Nothing waits for in-flight calls and nothing can dangle.
-//!
-//! # Allocation and locks
-//!
-//! Entries and returns never allocate and take no lock, a thread's first
-//! tracked call included, so both are async-signal-safe (the hit path runs
-//! in a `SIGTRAP` handler in the live runtime; the one exception left is
-//! the `Srcu` domain's, whose first read section on a thread may allocate
-//! its counters, see [`Srcu`](crate::rcu::Srcu)). The stacks are allocated
-//! by the writer side, with their full depth, in a pool per space built
-//! when the registry learns of the space (`retpool.rs`: a space without a
-//! trampoline, or a registry tracking depth 0 or 0 stacks, gets none). A
-//! thread claims a stack from the space's pool with one compare-and-swap at
-//! its outermost tracked call there, keeps it in a fixed-size thread-local
-//! table (`bindings.rs`), and gives it back with one store when that call
-//! returns and the stack is empty. When the pool or the thread's table is
-//! exhausted, the call counts `nmissed` and is not hijacked at all: it
-//! returns straight to its caller and no return handler runs for it.
-//!
-//! Only the thread holding a stack touches its instances, so returns need
-//! no lock. Stacks left holding abandoned frames go back when their thread
-//! exits (or on [`flush_thread_returns`](UprobeRegistry::flush_thread_returns));
-//! a pool outlives its registry while threads still hold its stacks and is
-//! freed by the last give-back (`retpool.rs`, "Teardown").
-//!
-//! The thread's table is reached only with its re-entrancy flag up
-//! (`probes/reentry.rs`): a signal handler that interrupts an entry or a return and
-//! hits a uprobe finds the flag up and does not touch it.
+//! Entry, return, chained returns, abandoned frames, depth
+//! ([`DEFAULT_MAX_RETURN_DEPTH`]) and removal in flight, in full:
+//! [`crate::docs::algorithms::uretprobes`].
 
 use super::bindings;
 use super::consumer::UprobeReturn;
@@ -176,7 +91,7 @@ fn pop_returning(frames: &mut Vec<ReturnInstance>, sp: u64) -> Option<ReturnInst
 
 impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// Sets how many calls one thread may have tracked for return handlers
-    /// in one space at once (default [`DEFAULT_MAX_RETURN_DEPTH`](DEFAULT_MAX_RETURN_DEPTH)).
+    /// in one space at once (default [`DEFAULT_MAX_RETURN_DEPTH`]).
     /// A hit beyond it counts `nmissed` and leaves the return address alone.
     /// Every stack of a space's pool is allocated with this many frames
     /// when the registry learns of the space (so set it before the first
@@ -193,7 +108,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     }
 
     /// Sets how many return stacks each space's pool has (default
-    /// [`default_return_stacks`](super::default_return_stacks):
+    /// [`default_return_stacks`]:
     /// `max(8, 2 x CPUs)`): how many threads can be inside tracked calls of
     /// one space at once. A thread's outermost tracked call in a space
     /// claims a stack and gives it back when it returns; a call that finds

@@ -1,17 +1,10 @@
 //! [`Short`]: the read-mostly lists the hit path reads (a uprobe's
 //! consumers and installs, a space's mappings), stored so that the usual
-//! one-element list costs the hit path one pointer chase, not two.
+//! one-element list costs the hit path one pointer chase, not two: a single
+//! element is kept inline in the [`RcuCell`](crate::rcu::RcuCell)'s
+//! allocation, longer lists spill to a slice; readers see a `&[T]` either way.
 //!
-//! # Why
-//!
-//! Each list is published whole through an [`RcuCell`](crate::rcu::RcuCell),
-//! which holds a pointer to its value. With a `Box<[T]>` value, a reader
-//! loads the cell's pointer, then the box's pointer, then the elements:
-//! two dependent loads, each a likely cache miss on a scattered hit. Most
-//! lists hold one element (one consumer, one space mapping the offset), so
-//! [`Short`] keeps a single element inline in the cell's allocation and
-//! spills only longer lists to a slice of their own. Readers see a `&[T]`
-//! either way.
+//! Why: [`crate::docs::algorithms::uprobes`].
 
 use core::ops::Deref;
 

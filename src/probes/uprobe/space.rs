@@ -1,13 +1,11 @@
 //! Address spaces, files and mappings: what a uprobe is keyed by and where
 //! it is installed.
 //!
-//! # Keys
-//!
-//! A uprobe names code by file, not by address: [`FileId`] (device and
-//! inode) plus a byte offset in the file. An [`AddressSpace`] maps files at
-//! virtual addresses through [`FileMapping`]s; the same offset has a
-//! different address in every space that maps the file, and none in a space
-//! that maps other parts of it.
+//! A uprobe names code by file, not by address: [`FileId`] (device and inode)
+//! plus a byte offset in the file. An [`AddressSpace`] maps files at virtual
+//! addresses through [`FileMapping`]s; the same offset has a different address
+//! in every space that maps the file, and none in a space that maps other
+//! parts of it. More: [`crate::docs::algorithms::uprobes`].
 
 use core::ops::Range;
 

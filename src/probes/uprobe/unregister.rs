@@ -1,21 +1,10 @@
 //! Removing consumers: [`UprobeRegistry::unregister`] and
 //! [`UprobeRegistry::reap_removed`].
 //!
-//! # One list, one grace period
-//!
-//! A consumer leaves by a new consumer list published without it (under the
-//! file's stripe), then a grace period of the domain: when `unregister`
-//! returns, no hit and no return (`returns.rs`) can still be running its
-//! handlers, since every one of them read the list inside a read section.
-//! The last consumer takes the breakpoints out of every space and the
-//! uprobe out of the tree; calls still in flight through a return hijack
-//! keep their instance (plain data on their thread) and still return to
-//! their caller.
-//!
-//! # Spaces nobody wants any more
-//!
-//! A space that no remaining consumer's filter wants loses the breakpoint
-//! even while other consumers stay.
+//! Invariant: a consumer leaves by a new consumer list published without it
+//! (under the file's stripe), then a grace period of the domain, so when
+//! `unregister` returns no hit and no return (`returns.rs`) can still be
+//! running its handlers. More: [`crate::docs::algorithms::uprobes`].
 
 use super::consumer::{Consumer, Member};
 use super::registry::{site, slice, UprobeRegistry};

@@ -2,71 +2,14 @@
 //! installed and removed faster than grace periods holds one slot, not one
 //! per install.
 //!
-//! # The problem
+//! Invariant: every count change, lookup and the final free happen under the
+//! table's one mutex, and the slot is freed by whoever drops the last owner,
+//! exactly once, never while a live install uses it; a re-install shares a
+//! slot only if its planned bytes are byte for byte what the slot holds. The
+//! allocator's lock is taken inside the table's, never the other way round.
 //!
-//! An install of an out-of-line instruction takes an XOL slot from the
-//! space's [`XolAllocator`]; its removal gives the slot back only after a
-//! grace period (a hit that found the install record may still be about to
-//! step through it). An address installed and removed faster than that (a
-//! space unmapped and mapped again every few microseconds, a consumer added
-//! and removed in a loop) used to take a new slot per install while the old
-//! ones waited in the callback queue. All of them are bound to that address
-//! by the allocator's reuse rule, so a small XOL area could be used up by
-//! one address and refuse another ([`ProbeError::XolExhausted`]).
-//!
-//! # Sharing the slot still waiting for its grace period
-//!
-//! Each slot an install uses has an entry here, keyed by `(vaddr, slot)`,
-//! with an owner count: the live install that uses it (at most one: a space
-//! has one install per address) plus every removal whose release is still
-//! queued in the domain's [`call`](crate::rcu::Flavor::call). A removal
-//! does not change the count: the install's ownership moves into the queued
-//! callback, which drops it after the grace period. A re-install at the
-//! same address first looks for an entry of that address and plans the
-//! instruction for its slot; if the planned bytes are **byte for byte** the
-//! bytes the slot holds, it takes one more owner on that slot and writes
-//! nothing. The slot is freed (to the allocator) by whoever drops the last
-//! owner, so exactly once, and never while a live install uses it.
-//!
-//! # Why sharing is safe
-//!
-//! This is the allocator's reuse rule (`kprobe/xol.rs`) applied earlier: a
-//! thread that found the old install may still run the slot (a boosted run
-//! is counted nowhere), and it runs bytes identical to what the new install
-//! planned, at the same slot address, for the same probed address, so it
-//! ends exactly where it would have. The bytes are compared rather than
-//! assumed: the text at an address can change between installs (a space
-//! that maps other code there), and different bytes get a fresh slot.
-//!
-//! # Orderings
-//!
-//! Every count change, lookup and the final free happen under the table's
-//! one mutex, so they are totally ordered:
-//!
-//! - a share that finds the entry runs before the release that would have
-//!   dropped the last owner; that release then sees one more owner and does
-//!   not free;
-//! - a release that drops the last owner removes the entry and frees the
-//!   slot in the same critical section, so no later share can find a slot
-//!   whose free is committed (it gets a slot from the allocator instead,
-//!   maybe the same one, which the reuse rule allows, under a new entry).
-//!
-//! Freeing inside the critical section also keeps "an entry exists" and
-//! "the allocator has the slot out" the same fact: a re-install right after
-//! the last release finds the slot parked for its address, never still out
-//! and forgotten by the table (which a one-slot area would report as
-//! exhausted until the free ran).
-//!
-//! The allocator's own lock is taken inside the table's (release → `free`)
-//! and never the other way round; the install path allocates, fills and
-//! waits for queued frees (`barrier`) holding no table lock, so a callback
-//! that releases never waits for a writer that waits for it.
-//!
-//! # The hit path
-//!
-//! Untouched: install records still carry their plan (slot address and
-//! fixups) by value, and the table is only read and written by registry
-//! writers and by the domain's callbacks.
+//! The problem, why sharing is safe, and the orderings, in full:
+//! [`crate::docs::algorithms::xol_slots`].
 
 use std::collections::BTreeMap;
 

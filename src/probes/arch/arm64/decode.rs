@@ -1,27 +1,13 @@
 //! The arm64 classifier: one 32-bit word in, an [`InsnClass`] or a refusal
 //! reason out.
 //!
-//! # What is decoded
+//! Only what a probe needs is decoded: whatever neither reads nor writes the
+//! PC is [`InsnClass::OutOfLine`]; the PC-dependent instructions become an
+//! [`Emulation`], with targets and literal addresses computed here from the
+//! instruction's own address; reserved groups and SVE/SME are refused.
 //!
-//! Only what a probe needs. The top-level encoding groups (bits 28..25) are
-//! told apart first; inside them only the instructions that read the program
-//! counter, transfer control, touch the exclusive monitor, raise exceptions or
-//! change system state are picked out. Everything else in the data-processing
-//! and load/store groups is [`InsnClass::OutOfLine`]: it neither reads nor
-//! writes the PC, so it does the same thing in an XOL slot as in place.
-//!
-//! An unallocated encoding inside those groups is not hunted down: it raises
-//! the same Undefined Instruction exception from the slot as in place (the
-//! differential tests check exactly that). Whole groups that are reserved or
-//! unallocated, and SVE/SME, are refused.
-//!
-//! # Simulated, never stepped
-//!
-//! B, BL, B.cond (every condition, AL and NV included), CBZ/CBNZ, TBZ/TBNZ,
-//! ADR, ADRP, LDR/LDRSW (literal) into a general register, PRFM (literal),
-//! BR, BLR, RET and the hints NOP and BTI become an [`Emulation`]: their
-//! result depends on the PC, so they cannot run from a slot. Targets and
-//! literal addresses are computed here, from the instruction's own address.
+//! What is decoded and which instructions are simulated:
+//! [`crate::docs::algorithms::instructions`].
 
 use super::super::{Emulation, InsnClass};
 use crate::probes::error::Unsupported;

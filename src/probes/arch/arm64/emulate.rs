@@ -1,28 +1,12 @@
 //! Simulation of the PC-dependent arm64 instructions on [`Regs`].
 //!
-//! # All or nothing
+//! Invariant: all or nothing; the new state is built in a copy of the
+//! registers and written back only once every memory access has succeeded. A
+//! literal overlapping the probed instruction reads the original bytes from
+//! the [`Insn`], and PSTATE.BTYPE (bits 11..10 of [`Regs::flags`]) is left as
+//! on an unguarded page.
 //!
-//! The new state is built in a copy of the registers and written back only
-//! once every memory access has succeeded, so a failed literal load leaves
-//! the registers exactly as they were.
-//!
-//! # The literal under the breakpoint
-//!
-//! A literal load reads live text. If the literal overlaps the probed
-//! instruction itself (`ldr w0, .` loads its own encoding), the text there
-//! now holds our breakpoint; the simulation substitutes the original bytes,
-//! which it has in the [`Insn`].
-//!
-//! # Branch-target type
-//!
-//! PSTATE.BTYPE (bits 11..10 of [`Regs::flags`]) records the kind of the
-//! last branch for the Branch Target Identification check at its target.
-//! Every simulated instruction leaves it as the hardware would on a page
-//! without the guard bit: 0b01 after `br`, 0b10 after `blr`, zero after
-//! anything else. On a guarded page the hardware sets 0b11 after `br` through
-//! a register other than x16/x17; the simulation's 0b01 is accepted by the
-//! same landing pads and more (it never makes a correct program fault). On
-//! hardware without BTI the field is RES0 and the kernel discards it.
+//! Why, in full: [`crate::docs::algorithms::instructions`].
 
 use super::super::{DataMemory, Emulation, Insn, InsnClass, Regs};
 use super::decode::bits;

@@ -1,31 +1,12 @@
 //! Finding an open load-exclusive before a probe address.
 //!
-//! # Why a site inside a sequence is refused
+//! A trap between a load-exclusive and its store-exclusive clears the monitor,
+//! so the retry loop would never end: a site inside a sequence is refused. The
+//! scan walks backwards from the probe address (at most to the function's
+//! start and [`EXCLUSIVE_SCAN_WINDOW`] instructions); the first
+//! exclusive-related instruction decides. Linear, not a control-flow analysis.
 //!
-//! A load-exclusive (`ldxr`, `ldaxr`, `ldxp`, `ldaxp`) arms this PE's
-//! exclusive monitor; the matching store-exclusive succeeds only if the
-//! monitor is still armed. A breakpoint trap between the two clears it: the
-//! exception return may clear the local monitor, and the handler's own
-//! atomics and exclusives certainly do. The store-exclusive then fails on
-//! every attempt and the retry loop never ends.
-//!
-//! # The scan
-//!
-//! Walking backwards from the probe address, the first exclusive-related
-//! instruction decides. A store-exclusive or a `clrex` closes any sequence
-//! before it, so the site is outside; a load-exclusive means the site is
-//! inside. The walk stops at the function's start and after
-//! [`EXCLUSIVE_SCAN_WINDOW`] instructions, whichever comes first.
-//!
-//! The scan is linear, not a control-flow analysis. It is conservative for the
-//! layouts compilers emit (`ldaxr; cmp; b.ne out; stlxr; cbnz retry; out:`):
-//! every instruction of the loop is refused and the code after it is not.
-//! A load-exclusive whose store-exclusive is laid out *before* it, or a jump
-//! into a sequence from outside the window, is not seen.
-//!
-//! Our own breakpoints in the scanned text are harmless: a probe never sits on
-//! an exclusive instruction (those are refused), so a `brk` in the window never
-//! hides one.
+//! Why, and what the scan misses: [`crate::docs::algorithms::instructions`].
 
 use super::decode::bits;
 

@@ -1,40 +1,14 @@
 //! XOL plans for x86_64: slot layout, RIP-relative rewriting, step fixups.
 //!
-//! # Slot layouts
-//!
-//! `copy` is the instruction as it runs from the slot (its own bytes, or the
-//! RIP-relative form rewritten through a scratch register); `jmp` the jump
-//! back to the instruction after the original; `int3` the step marker.
-//!
-//! | instruction | slot | boosted run | single-step |
-//! | --- | --- | --- | --- |
-//! | falls through, boostable | `copy jmp copy int3` | first copy | second copy, marker |
-//! | falls through, needs fixups (RIP-relative) | `copy int3` | - | marker |
-//! | may not fall through, boostable (`ret`, `jmp rax`) | `copy jmp` | copy | trap flag |
-//! | may not fall through, needs fixups (`call rax`, `jmp [rip+d]`) | `copy jmp` | - | trap flag |
-//!
-//! The largest, `copy jmp copy int3`, is 15 + 14 + 15 + 1 = 45 bytes.
-//!
-//! # The marker rule
-//!
-//! A single-step ends on the `int3` marker after the copy exactly when the
-//! instruction *always falls through* (iced's flow control `Next`): it then
-//! either completes and the next IP is the marker, or faults (the signal
-//! reports the copy's address, as the trap flag would have). Every other
-//! instruction the backend runs out of line (`ret`, `ret n`, indirect `jmp`
-//! and `call`, `xend`/`xabort`) may continue elsewhere and would never reach
-//! a marker; those keep the trap flag, which traps after the one instruction
-//! wherever it went.
-//!
-//! `rep` string instructions fall through and take the marker: every
-//! iteration runs in the slot and the marker traps once, after the last. (An
-//! interrupt between iterations resumes the instruction at the copy with
-//! `rcx` as it was left, as it would in place.) Under the trap flag they trap
-//! after each iteration instead ([`StepOutcome::Repeat`]).
-//!
+//! Invariant (the marker rule): a single-step ends on an `int3` marker after
+//! the copy exactly when the instruction always falls through (iced's flow
+//! control `Next`); every other instruction keeps the trap flag.
 //! [`X86_64::plan_xol_trap_flag`](super::X86_64::plan_xol_trap_flag) builds
-//! the trap-flag plan for any instruction, marker or not; the differential
-//! tests use it to keep that path proven too.
+//! the trap-flag plan for any instruction, so the differential tests keep that
+//! path proven too.
+//!
+//! Slot layouts, the marker rule and `rep` strings, in full:
+//! [`crate::docs::algorithms::instructions`].
 
 use iced_x86::{Encoder, FlowControl, InstructionInfoFactory, Register};
 
