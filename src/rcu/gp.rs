@@ -64,6 +64,12 @@ pub(crate) struct GpSeq {
     done_word: AtomicU32,
     /// Non-leaders asleep (or about to be) on `done_word`.
     sleepers: AtomicU32,
+    /// `synchronize()` callers past their snapshot and not yet returned: a
+    /// test hook (a test holds a reader until every caller it started has
+    /// arrived, instead of guessing with a sleep). Not under loom: the
+    /// models would explore its interleavings for nothing.
+    #[cfg(not(loom))]
+    pub(crate) waiters: AtomicUsize,
     /// Under loom, non-leaders block on a condition variable instead of a
     /// futex, so the model does not explore an endless spin.
     #[cfg(loom)]
@@ -79,6 +85,7 @@ impl GpSeq {
             leader_gen: AtomicU64::new(0),
             done_word: AtomicU32::new(0),
             sleepers: AtomicU32::new(0),
+            waiters: AtomicUsize::new(0),
         }
     }
 
@@ -88,6 +95,8 @@ impl GpSeq {
             leader_gen: AtomicU64::new(0),
             done_word: AtomicU32::new(0),
             sleepers: AtomicU32::new(0),
+            #[cfg(not(loom))]
+            waiters: AtomicUsize::new(0),
             #[cfg(loom)]
             parking: (crate::sync::Mutex::new(()), crate::sync::Condvar::new()),
         }
@@ -221,7 +230,13 @@ fn reached(seq: u64, snap: u64) -> bool {
 /// Waits for one grace period that starts after the call.
 pub(crate) fn synchronize(gp: &dyn GracePeriod, expedited: bool) {
     let snap = gp.seq().snapshot();
+    // Relaxed (both): a gauge read only by tests (`Rcu::sync_waiters`),
+    // which learn from it nothing but that a caller has taken its snapshot.
+    #[cfg(not(loom))]
+    gp.seq().waiters.fetch_add(1, Ordering::Relaxed);
     gp.seq().wait_for(snap, gp, expedited);
+    #[cfg(not(loom))]
+    gp.seq().waiters.fetch_sub(1, Ordering::Relaxed);
 }
 
 // ---------------------------------------------------------------------------
@@ -274,6 +289,9 @@ unsafe fn invoke<C: FnOnce()>(node: *mut Node, run: bool) {
 pub(crate) struct CallbackCounts {
     pub(crate) invoked: AtomicU64,
     pub(crate) batches: AtomicU64,
+    /// Callers waiting in `throttle` right now: lets a test see the
+    /// throttle engage without guessing from timing (`Rcu::throttled_callers`).
+    pub(crate) throttled: AtomicUsize,
 }
 
 crate::sync::const_thread_local! {
@@ -410,7 +428,11 @@ impl CallbackQueue {
     /// backlog-level wait could wedge the child for good.
     #[cold]
     fn throttle(self: &Arc<Self>, gp: &Arc<dyn GracePeriod>) {
+        // Relaxed (both): a gauge read only by tests, which learn from it
+        // nothing but that a caller is inside; the barrier orders the rest.
+        self.counts.throttled.fetch_add(1, Ordering::Relaxed);
         self.barrier(gp);
+        self.counts.throttled.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Starts the worker if there is none in this process image.

@@ -371,6 +371,25 @@ impl Rcu {
             callbacks_pending: self.queue.pending(),
         }
     }
+
+    /// Callers of [`Rcu::call`] on this domain waiting right now because the
+    /// backlog passed the high watermark. A test hook (the torture test
+    /// stalls grace periods until it sees the throttle engage), not API.
+    #[doc(hidden)]
+    pub fn throttled_callers(&self) -> usize {
+        // Relaxed: see `CallbackQueue::throttle`.
+        self.queue.counts.throttled.load(Ordering::Relaxed)
+    }
+
+    /// `synchronize()` callers of this domain that have taken their
+    /// grace-period snapshot and not yet returned. A test hook (tests hold
+    /// a reader until every caller has arrived), not API.
+    #[doc(hidden)]
+    #[cfg(not(loom))]
+    pub fn sync_waiters(&self) -> usize {
+        // Relaxed: see `gp::synchronize`.
+        self.gp.seq().waiters.load(Ordering::Relaxed)
+    }
 }
 
 impl Default for Rcu {

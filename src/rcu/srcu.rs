@@ -432,6 +432,16 @@ impl Srcu {
         }
     }
 
+    /// `synchronize()` callers of this domain that have taken their
+    /// grace-period snapshot and not yet returned. A test hook (tests hold
+    /// a reader until every caller has arrived), not API.
+    #[doc(hidden)]
+    #[cfg(not(loom))]
+    pub fn sync_waiters(&self) -> usize {
+        // Relaxed: see `gp::synchronize`.
+        self.state.seq.waiters.load(Ordering::Relaxed)
+    }
+
     fn same_domain(&self, other: &Srcu) -> bool {
         Arc::ptr_eq(&self.state, &other.state)
     }
