@@ -339,6 +339,7 @@ fn torture_checks_catch_a_domain_whose_grace_periods_ignore_readers() {
         }
         true
     });
+    pool.merge(&tally);
     pool.domain().barrier();
     let _ = done.send(());
     println!(

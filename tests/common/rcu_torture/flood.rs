@@ -128,7 +128,8 @@ pub fn stall(domain: &Rcu, c: &FloodCounters, stop: &AtomicBool, forced: bool) {
             break;
         }
         // The flood thread is the only caller on this domain: a throttled
-        // caller is the flood, and it stays throttled until we leave.
+        // caller is the flood, made to wait at the watermark (from then on
+        // it cannot leave the throttle before our reader does).
         if domain.throttled_callers() > 0
             && domain.stats().callbacks_pending >= DOCUMENTED_HIGH_WATERMARK
         {
