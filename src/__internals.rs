@@ -9,6 +9,43 @@
 //! (`__internals::runtime::...` is the live runtime's). It sits above every
 //! layer, so it may re-export from any of them.
 
+/// The RCU domains' test hooks.
+#[cfg(not(loom))]
+pub mod rcu {
+    use crate::rcu::{Rcu, Srcu};
+
+    /// Gauges a test reads to force an interleaving instead of guessing it
+    /// from timing (hold a reader until every caller arrived, stall grace
+    /// periods until the callback throttle engaged). Relaxed loads: a gauge
+    /// says that something happened, and orders nothing else.
+    pub trait DomainGauges {
+        /// `synchronize()` callers that have taken their grace-period
+        /// snapshot and not yet returned.
+        fn sync_waiters(&self) -> usize;
+        /// Callers of `call` waiting right now because the backlog passed
+        /// the high watermark.
+        fn throttled_callers(&self) -> usize;
+    }
+
+    impl DomainGauges for Rcu {
+        fn sync_waiters(&self) -> usize {
+            Rcu::sync_waiters(self)
+        }
+        fn throttled_callers(&self) -> usize {
+            Rcu::throttled_callers(self)
+        }
+    }
+
+    impl DomainGauges for Srcu {
+        fn sync_waiters(&self) -> usize {
+            Srcu::sync_waiters(self)
+        }
+        fn throttled_callers(&self) -> usize {
+            Srcu::throttled_callers(self)
+        }
+    }
+}
+
 /// The seqtree's test hooks.
 pub mod seqtree {
     use crate::rcu::Flavor;

@@ -203,8 +203,9 @@ fn stress<L: StripeLock + 'static, P: StripeLayout>(name: &str, shared: Option<O
             let mut rng = Rng(0x9e37_79b9_7f4a_7c15 ^ (t as u64 + 1));
             let mut counts = [0u64; 5];
             // Relaxed: the flag only ends the loop; nothing is published
-            // with it (results travel through the channel).
-            while !stop.load(Ordering::Relaxed) {
+            // with it (results travel through the channel). One operation
+            // at least before looking at it (the final check wants one).
+            while counts == [0; 5] || !stop.load(Ordering::Relaxed) {
                 let pick = Pick {
                     a: rng.next() % KEYS,
                     b: rng.next() % KEYS,

@@ -177,7 +177,9 @@ fn churn_probe(rng: &mut Rng, errors: &Arc<Errors>, retired: &Arc<AtomicBool>) -
 fn writer(reg: &Reg, seed: u64, stop: &AtomicBool, errors: &Arc<Errors>) -> [u64; 4] {
     let mut rng = Rng(seed);
     let mut counts = [0u64; 4]; // rounds, nosync+commit, one-by-one, many
-    while !stop.load(Ordering::Relaxed) {
+                                // One round before looking at `stop`: the final check wants one on any
+                                // schedule.
+    while counts[0] == 0 || !stop.load(Ordering::Relaxed) {
         let retired = Arc::new(AtomicBool::new(false));
         let probes: Vec<Churned> = (0..1 + rng.below(8))
             .map(|_| churn_probe(&mut rng, errors, &retired))
@@ -236,7 +238,10 @@ fn hitter(reg: &Reg, seed: u64, stop: &AtomicBool, errors: &Errors) -> HitterSta
         returns: 0,
     };
     let mut byte = [0u8; 1];
-    while !stop.load(Ordering::Relaxed) {
+    // Until a first trap before looking at `stop` (the stable probes are
+    // always armed, so that comes soon): the final check wants one on any
+    // schedule.
+    while st.traps == 0 || !stop.load(Ordering::Relaxed) {
         let i = rng.below(FUNCS);
         let off = if rng.below(2) == 0 { PUSH } else { MOV_EAX };
         let addr = func(i) + off;

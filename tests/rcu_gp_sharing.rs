@@ -1,6 +1,7 @@
 //! `Rcu` grace periods are process-wide, so this test has a binary (a
 //! process) of its own: no other test's grace periods are counted.
 
+use rcu_registry::__internals::rcu::DomainGauges;
 use rcu_registry::rcu::Rcu;
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -17,7 +18,12 @@ fn concurrent_rcu_synchronize_callers_share_grace_periods() {
         thread::spawn(move || {
             let _g = rcu.read();
             entered.wait();
-            thread::sleep(Duration::from_millis(100));
+            // Hold the section until every caller has taken its snapshot
+            // (a test hook counts them): they all arrive while it blocks
+            // the grace period, whatever the scheduler does.
+            while rcu.sync_waiters() < CALLERS {
+                thread::sleep(Duration::from_millis(1));
+            }
         })
     };
     entered.wait();

@@ -306,7 +306,8 @@ fn batch_unregistration_under_load_loses_no_hit_before_and_runs_no_handler_after
     let stop = AtomicBool::new(false);
     let lost = AtomicU64::new(0);
     let late = AtomicU64::new(0);
-    let checked = AtomicU64::new(0);
+    // Calls judged inside an ARMED window and inside a DONE window.
+    let checked = [AtomicU64::new(0), AtomicU64::new(0)];
     let funcs: [(Func, Want); 3] = [
         (rtp_add1, |x| x + 1),
         (rtp_push, |x| x),
@@ -333,7 +334,9 @@ fn batch_unregistration_under_load_loses_no_hit_before_and_runs_no_handler_after
                         late.fetch_add(1, Ordering::Relaxed);
                     }
                     if before == after && (before == ARMED || before == DONE) {
-                        checked.fetch_add(1, Ordering::Relaxed);
+                        // SeqCst: the main thread waits for this count to
+                        // move before it ends the window.
+                        checked[(before == DONE) as usize].fetch_add(1, Ordering::SeqCst);
                     }
                     i = i.wrapping_add(1);
                 }
@@ -341,7 +344,7 @@ fn batch_unregistration_under_load_loses_no_hit_before_and_runs_no_handler_after
         }
         let deadline = Instant::now() + stress_secs(1.0);
         let mut rounds = 0;
-        while Instant::now() < deadline {
+        while rounds == 0 || Instant::now() < deadline {
             let probes: Vec<Kprobe> = funcs
                 .iter()
                 .map(|&(f, _)| {
@@ -357,14 +360,24 @@ fn batch_unregistration_under_load_loses_no_hit_before_and_runs_no_handler_after
                 reg.register(p).unwrap();
             }
             phase.store(ARMED, Ordering::SeqCst);
+            // Each window lasts until a worker call has been judged inside
+            // it, so every round checks something on any schedule.
+            let judged = checked[0].load(Ordering::SeqCst);
             std::thread::sleep(std::time::Duration::from_millis(20));
+            while checked[0].load(Ordering::SeqCst) == judged {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             phase.store(DISARMING, Ordering::SeqCst);
             for p in &probes {
                 reg.unregister_nosync(p).unwrap();
             }
             reg.commit();
             phase.store(DONE, Ordering::SeqCst);
+            let judged = checked[1].load(Ordering::SeqCst);
             std::thread::sleep(std::time::Duration::from_millis(5));
+            while checked[1].load(Ordering::SeqCst) == judged {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
             phase.store(IDLE, Ordering::SeqCst);
             rounds += 1;
         }
@@ -372,8 +385,9 @@ fn batch_unregistration_under_load_loses_no_hit_before_and_runs_no_handler_after
         rounds
     });
     println!(
-        "{rounds} rounds, {} calls checked, {} lost, {} late",
-        checked.load(Ordering::Relaxed),
+        "{rounds} rounds, {} + {} calls checked (armed + done), {} lost, {} late",
+        checked[0].load(Ordering::Relaxed),
+        checked[1].load(Ordering::Relaxed),
         lost.load(Ordering::Relaxed),
         late.load(Ordering::Relaxed)
     );
@@ -387,7 +401,7 @@ fn batch_unregistration_under_load_loses_no_hit_before_and_runs_no_handler_after
         0,
         "a handler ran after commit()"
     );
-    assert!(checked.load(Ordering::Relaxed) > 0);
+    assert!(rounds > 0 && checked.iter().all(|c| c.load(Ordering::Relaxed) > 0));
 }
 
 #[test]

@@ -54,6 +54,7 @@ fn a_signal_handler_calling_a_kretprobed_function_inside_its_return_path_never_d
         stress_secs(1.0),
         Duration::from_micros(20),
         STALL,
+        || SIG_CALLS.load(Ordering::Relaxed) > 0,
         || assert_eq!(call(rtp_alt, 0), 777),
     );
     reg.unregister_kretprobe(&krp).unwrap();

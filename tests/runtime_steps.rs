@@ -222,6 +222,7 @@ fn signals_between_the_two_traps_of_a_step_complete_their_own_steps_first() {
         stress_secs(1.0),
         std::time::Duration::from_micros(50),
         std::time::Duration::from_secs(5),
+        || SIG_RUNS.load(Ordering::Relaxed) > 0 && SIG_BETWEEN_TRAPS.load(Ordering::Relaxed) > 0,
         || {
             let x = n.fetch_add(1, Ordering::Relaxed) & 0xffff;
             assert_eq!(call(rtp_add1, x), x + 1);

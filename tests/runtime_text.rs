@@ -156,7 +156,8 @@ fn multi_byte_patches_under_concurrent_calls_never_run_a_torn_instruction() {
         for _ in 0..3 {
             s.spawn(|| {
                 let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
+                // One call at least before looking at `stop`.
+                while n == 0 || !stop.load(Ordering::Relaxed) {
                     match word() {
                         0x1111_1111 => {}
                         0x2222_2222 => {
@@ -173,7 +174,10 @@ fn multi_byte_patches_under_concurrent_calls_never_run_a_torn_instruction() {
         }
         let deadline = Instant::now() + stress_secs(1.0);
         let mut patches = 0u64;
-        while Instant::now() < deadline {
+        // Until some thread ran the new code too: when one first does is
+        // the scheduler's business, so the patching goes on rather than the
+        // test failing.
+        while Instant::now() < deadline || seen_b.load(Ordering::Relaxed) == 0 {
             text.write(at, &WORD_A, &WORD_B).unwrap();
             text.write(at, &WORD_B, &WORD_A).unwrap();
             patches += 2;

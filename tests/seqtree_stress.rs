@@ -46,7 +46,9 @@ where
             std::thread::spawn(move || {
                 let mut rng = Rng::new(1000 + r);
                 let mut n = 0u64;
-                while !stop.load(Ordering::Relaxed) {
+                // One batch before looking at `stop`: the final check wants
+                // lookups on any schedule.
+                while n == 0 || !stop.load(Ordering::Relaxed) {
                     for _ in 0..256 {
                         let k = rng.below(KEYS + KEYS / 8);
                         let bad = match lookup(k) {

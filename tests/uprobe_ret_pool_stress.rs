@@ -109,7 +109,12 @@ fn threads_outnumbering_the_stacks_share_them_and_give_them_back() {
             let (reg, a, n, stop) = (reg.clone(), a.clone(), n.clone(), stop.clone());
             thread::spawn(move || {
                 let mut seed = w;
-                while !stop.load(Ordering::Relaxed) {
+                // At least two lives each before looking at `stop`, so the
+                // final check (more threads than callers) holds on any
+                // schedule.
+                let mut lives = 0;
+                while lives < 2 || !stop.load(Ordering::Relaxed) {
+                    lives += 1;
                     let (r, s, c) = (reg.clone(), a.clone(), n.clone());
                     thread::spawn(move || life(&r, &s, &c, seed))
                         .join()

@@ -320,8 +320,10 @@ impl Workload {
         ok_parse && ok_sum && ok_sort && ok_lookup
     }
 
-    /// One worker: calls the functions in a fixed mix (parse 40%, lookup
-    /// 30%, checksum 20%, sort 10%) until told to stop.
+    /// One worker: calls each function once, then the functions in a fixed
+    /// mix (parse 40%, lookup 30%, checksum 20%, sort 10%) until told to
+    /// stop. The first round is before the stop flag is looked at, so the
+    /// check that every function was called holds on any schedule.
     fn worker(&self, t: usize) {
         let mine = &self.calls[t];
         let mut rng = XorShift(0x2545_f491_4f6c_dd1d ^ (t as u64 + 1) << 32);
@@ -329,15 +331,18 @@ impl Workload {
         let mut errors = 0u64;
         let mut digits = [0u8; 20];
         let mut numbers = [0u32; 96];
+        let mut round = 0;
         // Relaxed: the flag only ends the loop; join orders the counters.
-        while !self.stop.load(Ordering::Relaxed) {
+        while round < FUNCS || !self.stop.load(Ordering::Relaxed) {
             let r = rng.next();
             let f = match r % 10 {
+                _ if round < FUNCS => Func::ALL[round],
                 0..=3 => Func::Parse,
                 4..=6 => Func::Lookup,
                 7 | 8 => Func::Checksum,
                 _ => Func::Sort,
             };
+            round += 1;
             let ok = match f {
                 Func::Parse => {
                     let n = r >> (r % 48 + 8);

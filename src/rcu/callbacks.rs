@@ -67,6 +67,9 @@ unsafe fn invoke<C: FnOnce()>(node: *mut Node, run: bool) {
 pub(crate) struct CallbackCounts {
     pub(crate) invoked: AtomicU64,
     pub(crate) batches: AtomicU64,
+    /// Callers waiting in `throttle` right now: lets a test see the
+    /// throttle engage without guessing from timing (`Rcu::throttled_callers`).
+    pub(crate) throttled: AtomicUsize,
 }
 
 crate::sync::const_thread_local! {
@@ -203,7 +206,11 @@ impl CallbackQueue {
     /// backlog-level wait could wedge the child for good.
     #[cold]
     fn throttle(self: &Arc<Self>, gp: &Arc<dyn GracePeriod>) {
+        // Relaxed (both): a gauge read only by tests, which learn from it
+        // nothing but that a caller is inside; the barrier orders the rest.
+        self.counts.throttled.fetch_add(1, Ordering::Relaxed);
         self.barrier(gp);
+        self.counts.throttled.fetch_sub(1, Ordering::Relaxed);
     }
 
     /// Starts the worker if there is none in this process image.

@@ -18,6 +18,8 @@
 //! back (never counted as complete) so the child runs its own.
 
 use super::slots::fork_generation;
+#[cfg(not(loom))]
+use crate::sync::atomic::AtomicUsize;
 use crate::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
 use crate::sync::Backoff;
 use std::time::Duration;
@@ -47,6 +49,12 @@ pub(crate) struct GpSeq {
     done_word: AtomicU32,
     /// Non-leaders asleep (or about to be) on `done_word`.
     sleepers: AtomicU32,
+    /// `synchronize()` callers past their snapshot and not yet returned: a
+    /// test hook (a test holds a reader until every caller it started has
+    /// arrived, instead of guessing with a sleep). Not under loom: the
+    /// models would explore its interleavings for nothing.
+    #[cfg(not(loom))]
+    pub(crate) waiters: AtomicUsize,
     /// Under loom, non-leaders block on a condition variable instead of a
     /// futex, so the model does not explore an endless spin.
     #[cfg(loom)]
@@ -62,6 +70,7 @@ impl GpSeq {
             leader_gen: AtomicU64::new(0),
             done_word: AtomicU32::new(0),
             sleepers: AtomicU32::new(0),
+            waiters: AtomicUsize::new(0),
         }
     }
 
@@ -71,6 +80,8 @@ impl GpSeq {
             leader_gen: AtomicU64::new(0),
             done_word: AtomicU32::new(0),
             sleepers: AtomicU32::new(0),
+            #[cfg(not(loom))]
+            waiters: AtomicUsize::new(0),
             #[cfg(loom)]
             parking: (crate::sync::Mutex::new(()), crate::sync::Condvar::new()),
         }
@@ -204,5 +215,11 @@ fn reached(seq: u64, snap: u64) -> bool {
 /// Waits for one grace period that starts after the call.
 pub(crate) fn synchronize(gp: &dyn GracePeriod, expedited: bool) {
     let snap = gp.seq().snapshot();
+    // Relaxed (both): a gauge read only by tests (`Rcu::sync_waiters`),
+    // which learn from it nothing but that a caller has taken its snapshot.
+    #[cfg(not(loom))]
+    gp.seq().waiters.fetch_add(1, Ordering::Relaxed);
     gp.seq().wait_for(snap, gp, expedited);
+    #[cfg(not(loom))]
+    gp.seq().waiters.fetch_sub(1, Ordering::Relaxed);
 }

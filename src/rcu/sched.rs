@@ -372,6 +372,24 @@ impl Rcu {
             callbacks_pending: self.queue.pending(),
         }
     }
+
+    /// Callers of [`Rcu::call`] on this domain waiting right now because the
+    /// backlog passed the high watermark. A test hook, reached through
+    /// `__internals::rcu::DomainGauges`.
+    #[cfg(not(loom))]
+    pub(crate) fn throttled_callers(&self) -> usize {
+        // Relaxed: see `CallbackQueue::throttle`.
+        self.queue.counts.throttled.load(Ordering::Relaxed)
+    }
+
+    /// `synchronize()` callers of this domain that have taken their
+    /// grace-period snapshot and not yet returned. A test hook, reached
+    /// through `__internals::rcu::DomainGauges`.
+    #[cfg(not(loom))]
+    pub(crate) fn sync_waiters(&self) -> usize {
+        // Relaxed: see `gp::synchronize`.
+        self.gp.seq().waiters.load(Ordering::Relaxed)
+    }
 }
 
 impl Default for Rcu {

@@ -433,6 +433,24 @@ impl Srcu {
         }
     }
 
+    /// Callers of `call` on this domain waiting right now because the
+    /// backlog passed the high watermark. A test hook, reached through
+    /// `__internals::rcu::DomainGauges`.
+    #[cfg(not(loom))]
+    pub(crate) fn throttled_callers(&self) -> usize {
+        // Relaxed: see `CallbackQueue::throttle`.
+        self.queue.counts.throttled.load(Ordering::Relaxed)
+    }
+
+    /// `synchronize()` callers of this domain that have taken their
+    /// grace-period snapshot and not yet returned. A test hook, reached
+    /// through `__internals::rcu::DomainGauges`.
+    #[cfg(not(loom))]
+    pub(crate) fn sync_waiters(&self) -> usize {
+        // Relaxed: see `gp::synchronize`.
+        self.state.seq.waiters.load(Ordering::Relaxed)
+    }
+
     fn same_domain(&self, other: &Srcu) -> bool {
         Arc::ptr_eq(&self.state, &other.state)
     }

@@ -194,8 +194,11 @@ pub fn stress_secs(default: f64) -> std::time::Duration {
 
 /// Calls `iteration` in a loop on a worker thread while this thread sends
 /// the worker `SIGUSR1` (handled by `handler`, installed for the run and
-/// restored after) every `every`, for `duration`. Returns the iterations
-/// made and the signals sent. A worker that makes no progress for `stall`
+/// restored after) every `every`, for `duration` and then until `enough()`
+/// (the coverage the caller asserts, such as "a signal landed inside a
+/// call": whether one has by a given time is the scheduler's business, so
+/// the loop keeps going rather than the test failing). Returns the
+/// iterations made and the signals sent. A worker that makes no progress for `stall`
 /// is reported as deadlocked and the process aborted: a deadlocked thread
 /// cannot be joined, and the test must fail rather than hang.
 pub fn loop_under_signals(
@@ -203,6 +206,7 @@ pub fn loop_under_signals(
     duration: std::time::Duration,
     every: std::time::Duration,
     stall: std::time::Duration,
+    enough: impl Fn() -> bool,
     iteration: impl Fn() + Sync,
 ) -> (u64, u64) {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -239,7 +243,7 @@ pub fn loop_under_signals(
                 std::process::abort();
             }
         };
-        while t0.elapsed() < duration {
+        while t0.elapsed() < duration || !enough() {
             // SAFETY: `target` runs until `stop`; SIGUSR1 has a handler.
             assert_eq!(unsafe { libc::pthread_kill(target, libc::SIGUSR1) }, 0);
             sent += 1;

@@ -4,7 +4,7 @@
 //!
 //! A [`TrapDispatcher`] is whatever owns breakpoints in this process (a
 //! [`KprobeRegistry`](crate::probes::kprobe::KprobeRegistry) over
-//! [`InProcess`](crate::probes::text::InProcess) text, or a test's own).
+//! [`InProcess`](crate::probes::runtime::InProcess) text, or a test's own).
 //! [`attach`] files a `&'static` dispatcher in a small fixed table; the
 //! SIGTRAP handler offers each breakpoint trap to the attached dispatchers in
 //! turn until one claims it. The table is read under an

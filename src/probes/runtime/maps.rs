@@ -4,7 +4,7 @@
 //!
 //! Three users need to know what is mapped where:
 //!
-//! - [`InProcess`](crate::probes::text::InProcess) restores the *exact*
+//! - [`InProcess`](crate::probes::runtime::InProcess) restores the *exact*
 //!   protection a code page had before a patch made it writable; the kernel
 //!   reports it only here (there is no "get protection" system call);
 //! - the XOL area looks for free address space within +/-2 GiB of probed

@@ -10,7 +10,7 @@
 //! trampoline (`__restore_rt`) would trap on the way *out* of every signal
 //! handler. A breakpoint in the kretprobe trampoline would trap with the
 //! return address already replaced. [`refused_ranges`] lists that code;
-//! [`InProcess`](crate::probes::text::InProcess) refuses any write that
+//! [`InProcess`](crate::probes::runtime::InProcess) refuses any write that
 //! overlaps it with [`ProbeError::RefusedTarget`](crate::probes::ProbeError)
 //! and leaves the text unchanged.
 //!

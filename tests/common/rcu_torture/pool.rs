@@ -349,6 +349,14 @@ impl<D: TortureDomain> Pool<D> {
 
     /// One read section with all checks, delayed inside as `rng` decides.
     pub fn read_and_check(&self, rng: &mut Rng, tally: &mut Tally) {
+        let nested = rng.one_in(16);
+        self.read_around(tally, nested, || delay_inside_section::<D>(rng));
+    }
+
+    /// One read section with all checks, running `inside` where
+    /// [`Self::read_and_check`] may delay (it returns whether it counts as
+    /// a delay): a test forces an overlap with a writer through it.
+    pub fn read_around(&self, tally: &mut Tally, nested: bool, inside: impl FnOnce() -> bool) {
         let guard = self.domain.read();
         // Acquire pairs with the writer's Release swap: the object's
         // contents as filled are visible.
@@ -357,14 +365,14 @@ impl<D: TortureDomain> Pool<D> {
         let version = obj.version.load(Ordering::Relaxed);
         let mut clean = self.check_contents(obj, version);
         self.check_age(obj, tally);
-        if rng.one_in(16) {
+        if nested {
             // A nested section must not end the outer one.
             let inner = self.domain.read();
             clean &= self.check_contents(obj, version);
             drop(inner);
             tally.nested += 1;
         }
-        if delay_inside_section::<D>(rng) {
+        if inside() {
             tally.delayed += 1;
         }
         self.check_age(obj, tally);
@@ -377,6 +385,25 @@ impl<D: TortureDomain> Pool<D> {
         }
         drop(guard);
         tally.reads += 1;
+    }
+
+    /// A read section inside which this thread retires the object the
+    /// section is reading (it is reclaimed through `call()` after the
+    /// section): the reader checks a retired object's age and contents on
+    /// every run, not only when the scheduler happens to interleave a
+    /// reader and a writer that way. Call it while the free list is not
+    /// empty (early in a run): an empty one would make `alloc` wait for a
+    /// grace period inside the section.
+    pub fn read_across_retire(self: &Arc<Self>, tally: &mut Tally) {
+        let mut old = None;
+        self.read_around(tally, false, || {
+            old = Some(self.publish_and_retire());
+            true
+        });
+        let old = old.expect("the section ran its inside");
+        let pool = Arc::clone(self);
+        self.domain.call(move || pool.reclaim(old));
+        self.retired_call.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Merges a reader's tally.

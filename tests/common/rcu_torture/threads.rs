@@ -3,6 +3,11 @@
 //! Each function here is the body of one kind of thread in
 //! `tests/rcu_torture.rs`; they stop when [`Run::stop`] is set and record
 //! what they did in [`Run`]'s counters (or in the pools' tallies).
+//!
+//! Whatever the test asserts that a thread did (reads, grace periods, a
+//! fork, an episode, a stall at the watermark) the thread does at least once
+//! before it looks at [`Run::stop`], so the coverage checks hold on any
+//! schedule: a starved thread makes the run longer, never the test fail.
 
 use super::domain::TortureDomain;
 use super::flood::{self, FloodCounters};
@@ -23,8 +28,16 @@ const STALL_PERIOD: Duration = Duration::from_millis(1500);
 const SLEEPER_PERIOD: Duration = Duration::from_millis(700);
 /// How long the `Srcu` reader sleeps in its section per episode (at least).
 const SLEEPER_NAP: Duration = Duration::from_millis(60);
-/// Longest the sleeper waits for the other `Srcu` instance's grace period.
-const PROGRESS_LIMIT: Duration = Duration::from_secs(10);
+/// How often the sleeper says it is still waiting for the other `Srcu`
+/// instance's grace period (it waits on: a grace period that never comes is
+/// the run watchdog's to report, slowness under load is no failure).
+const PROGRESS_NOTE: Duration = Duration::from_secs(10);
+/// Read sections each busy reader runs at least (two readers: the pool's
+/// check wants 1000).
+const MIN_READS: u64 = 512;
+/// `synchronize()` calls the synchronous writer makes at least: each waits
+/// for a grace period of its own, so the pool's check of 10 always holds.
+const MIN_SYNC_RETIRES: u64 = 10;
 /// Short-lived reader threads alive at once.
 const CHURN_THREADS: usize = 3;
 /// Longest life of a short-lived reader thread.
@@ -96,7 +109,7 @@ impl Run {
 fn reader<D: TortureDomain>(pool: &Pool<D>, run: &Run, seed: u64) {
     let mut rng = Rng::new(seed);
     let mut tally = Tally::default();
-    while !run.stopped() {
+    while tally.reads < MIN_READS || !run.stopped() {
         for _ in 0..256 {
             pool.read_and_check(&mut rng, &mut tally);
         }
@@ -106,13 +119,21 @@ fn reader<D: TortureDomain>(pool: &Pool<D>, run: &Run, seed: u64) {
 
 /// A writer retiring through `synchronize()` as fast as it can.
 fn sync_writer<D: TortureDomain>(pool: &Pool<D>, run: &Run) {
-    while !run.stopped() {
+    let mut n = 0;
+    while n < MIN_SYNC_RETIRES || !run.stopped() {
         pool.retire_with_synchronize();
+        n += 1;
     }
 }
 
-/// A writer retiring through `call()` as fast as it can.
+/// A writer retiring through `call()` as fast as it can. Its first
+/// retirement happens under its own read section, so a reader sees a
+/// retired object (and checks its age and contents) on every run rather
+/// than only when the scheduler interleaves readers and writers.
 fn call_writer<D: TortureDomain>(pool: &Arc<Pool<D>>, run: &Run) {
+    let mut tally = Tally::default();
+    pool.read_across_retire(&mut tally);
+    pool.merge(&tally);
     while !run.stopped() {
         pool.retire_with_call();
     }
@@ -142,7 +163,8 @@ pub fn spawn_pool_threads<D: TortureDomain>(
 pub fn churn(rcu_pool: &Arc<Pool<Rcu>>, srcu_pool: &Arc<Pool<Srcu>>, run: &Arc<Run>) {
     let mut rng = Rng::new(0xc4u64);
     let mut alive: Vec<thread::JoinHandle<()>> = Vec::new();
-    while !run.stopped() {
+    // The first round of threads starts before `stop` is looked at.
+    loop {
         alive.retain(|h| !h.is_finished());
         while alive.len() < CHURN_THREADS {
             let (rp, sp, r) = (rcu_pool.clone(), srcu_pool.clone(), run.clone());
@@ -168,6 +190,9 @@ pub fn churn(rcu_pool: &Arc<Pool<Rcu>>, srcu_pool: &Arc<Pool<Srcu>>, run: &Arc<R
             }));
         }
         thread::sleep(Duration::from_micros(500));
+        if run.stopped() {
+            break;
+        }
     }
     for h in alive {
         h.join().unwrap();
@@ -176,14 +201,16 @@ pub fn churn(rcu_pool: &Arc<Pool<Rcu>>, srcu_pool: &Arc<Pool<Srcu>>, run: &Arc<R
 
 /// Episodes of an `Srcu` reader sleeping in its section: meanwhile three
 /// `Rcu` grace periods (run by the sleeper itself) and one of the other
-/// `Srcu` instance (run by a helper thread, so that a broken isolation shows
-/// as a timeout rather than a deadlock) complete, while a grace period of the
-/// sleeper's own instance does not. The sleeper drives every grace period it
-/// checks, so the check does not depend on other threads still running.
+/// `Srcu` instance (run by a helper thread; a broken isolation leaves the
+/// sleeper waiting, with a note every [`PROGRESS_NOTE`], until the run
+/// watchdog aborts) complete, while a grace period of the sleeper's own
+/// instance does not. The sleeper drives every grace period it checks, so
+/// the check does not depend on other threads still running. The first
+/// episode runs at once, before `stop` is looked at.
 pub fn srcu_sleeper(rcu: &Rcu, other_srcu: &Srcu, run: &Run) {
     let sleepy = Srcu::new();
-    while run.pause(SLEEPER_PERIOD) {
-        let _episode = run.episode.lock().unwrap();
+    loop {
+        let episode = run.episode.lock().unwrap();
         let rcu_before = rcu.stats().grace_periods;
         let other_before = other_srcu.stats().grace_periods;
         let start = Instant::now();
@@ -202,7 +229,18 @@ pub fn srcu_sleeper(rcu: &Rcu, other_srcu: &Srcu, run: &Run) {
             rcu.synchronize();
             thread::sleep(SLEEPER_NAP / 3);
         }
-        let other_ok = other_waited.recv_timeout(PROGRESS_LIMIT).is_ok();
+        let mut other_ok = false;
+        while !other_ok {
+            match other_waited.recv_timeout(PROGRESS_NOTE) {
+                Ok(()) => other_ok = true,
+                Err(mpsc::RecvTimeoutError::Timeout) => eprintln!(
+                    "rcu_torture: the other Srcu instance's synchronize() has not returned \
+                     after {:?} while an Srcu reader sleeps; still waiting",
+                    start.elapsed()
+                ),
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
+            }
+        }
         let rcu_gps = rcu.stats().grace_periods - rcu_before;
         let other_gps = other_srcu.stats().grace_periods - other_before;
         let own_done_early = sleepy.poll(&cookie);
@@ -230,18 +268,22 @@ pub fn srcu_sleeper(rcu: &Rcu, other_srcu: &Srcu, run: &Run) {
         run.sleeper_episodes.fetch_add(1, Ordering::Relaxed);
         run.sleeper_nap_ms
             .fetch_add(napped.as_millis() as u64, Ordering::Relaxed);
+        drop(episode);
+        if !run.pause(SLEEPER_PERIOD) {
+            break;
+        }
     }
 }
 
-/// Forks every [`FORK_PERIOD`] while the holder sits inside an `Rcu` and an
-/// `Srcu` section and everything else keeps running.
+/// Forks at once and then every [`FORK_PERIOD`] while the holder sits inside
+/// an `Rcu` and an `Srcu` section and everything else keeps running.
 pub fn forker(targets: &ForkTargets, run: &Run) {
     let (requests, incoming) = mpsc::channel::<Hold>();
     let holder = {
         let (rcu, srcu) = (targets.pool_rcu.clone(), targets.held_srcu.clone());
         thread::spawn(move || fork::holder(incoming, rcu, srcu))
     };
-    while run.pause(FORK_PERIOD) {
+    loop {
         // Make sure the global domain has a worker in the parent, so the
         // child must notice that it did not survive the fork.
         Rcu::global().call(|| {});
@@ -264,16 +306,24 @@ pub fn forker(targets: &ForkTargets, run: &Run) {
             }
             Err(e) => run.fail(e),
         }
+        if !run.pause(FORK_PERIOD) {
+            break;
+        }
     }
     drop(requests);
     holder.join().unwrap();
 }
 
-/// Every [`STALL_PERIOD`], one flood stall (see `flood.rs`).
+/// At once the forced flood stall, then every [`STALL_PERIOD`] a periodic
+/// one (see `flood.rs`).
 pub fn staller(flood_rcu: &Rcu, counters: &FloodCounters, run: &Run) {
+    {
+        let _episode = run.episode.lock().unwrap();
+        flood::stall(flood_rcu, counters, &run.stop, true);
+    }
     while run.pause(STALL_PERIOD) {
         let _episode = run.episode.lock().unwrap();
-        flood::stall(flood_rcu, counters, &run.stop);
+        flood::stall(flood_rcu, counters, &run.stop, false);
     }
 }
 
