@@ -109,6 +109,7 @@
 //! before anything else.
 
 mod deferred;
+pub(crate) mod fork;
 mod hit;
 mod instances;
 mod kretprobe;

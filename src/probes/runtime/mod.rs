@@ -71,6 +71,7 @@
 pub mod callgraph;
 mod context;
 mod dispatch;
+mod fork;
 mod live;
 pub(crate) mod maps;
 mod quiesce;

@@ -1,0 +1,216 @@
+//! `fork()`: the child owns its slots and finds every lock free.
+//!
+//! The first [`Live`] registers three `pthread_atfork` handlers, which
+//! cover every `Live` of the process (they are listed here as they are
+//! built). `fork` may be called by any thread of a multithreaded program,
+//! while other threads register, unregister, commit or hit probes.
+//!
+//! # Prepare (parent, before the fork)
+//!
+//! The handler takes, in this fixed order (the registry's documented lock
+//! order extended; nothing in the crate holds a later lock while it takes
+//! an earlier one):
+//!
+//! 1. for each `Live`, in the order they were built: its registry's
+//!    `reclaim_lock`, writer mutex and deferred-free mutex
+//!    (`kprobe/fork.rs`), then its [`XolArea`](super::XolArea)'s mutex;
+//! 2. the process-wide text lock (`InProcess` patches);
+//! 3. the list of instance tables the thread-exit flush walks;
+//! 4. the quiescence waiters' lock (so no quiescence round is under way);
+//! 5. the dispatcher table's attach lock;
+//!
+//! and then, with no slot able to change, copies every XOL chunk into a new
+//! memfd (`xol/fork.rs`). Taking a lock may wait for a writer under way,
+//! including its grace period and quiescence round; the forking thread
+//! answers the quiescence signal while it waits, and it is in no `Rcu` read
+//! section (see below), so that writer finishes. Registry operations never
+//! call `fork` themselves, so the forking thread holds none of these locks.
+//!
+//! # Child
+//!
+//! Only the forking thread exists, and it is in this handler, not in an XOL
+//! slot: slots run one displaced instruction and jump back, `fork` is only
+//! reached through a call, and a call is never run out of line with its
+//! return address unfixed (relative calls are emulated, indirect ones are
+//! single-stepped and fixed up before the callee runs). (Were the thread
+//! inside a slot, interrupted by a signal whose handler forks, it would
+//! resume in identical bytes: the copies are exact.) The handler maps each
+//! copy `MAP_FIXED` over both views of its chunk (two `mmap`s and a `close`
+//! per chunk), so from then on every slot is the child's alone, resets the
+//! deferred-free count of callbacks that ran on threads now gone, and
+//! releases the locks. The child can go on hitting, registering,
+//! unregistering and committing.
+//!
+//! # Parent
+//!
+//! The handler closes the copies and releases the locks; nothing else
+//! changes.
+//!
+//! # What survives, what does not
+//!
+//! - Survives in the child: every probe (armed breakpoints are in its copy
+//!   of the text), every slot (a private copy), the registry's state as it
+//!   was between two writer operations, the RCU domains (`rcu/slots.rs`).
+//! - Lost with the threads that do not exist in the child: their kretprobe
+//!   instances in flight (never returned to their pools: fewer free
+//!   instances, counted as `nmissed` when a pool runs dry) and their
+//!   single-steps in flight (a site whose step was in flight on another
+//!   thread at the fork cannot be unregistered in the child: its
+//!   unregistration waits for that step). The kretprobe spin locks (pool,
+//!   instance-table stripes) are held only for a few instructions with no
+//!   system call; they are not taken across the fork.
+//! - `fork` from inside an `Rcu` read section (a probe handler runs in one)
+//!   takes none of the locks: waiting for a writer there could deadlock
+//!   with a grace period that waits for this very section. The child still
+//!   gets private slots (copied without the areas' mutexes), but a lock
+//!   another thread held at the fork stays held in the child.
+//! - `exec` replaces the image: outside this module's scope (the memfds
+//!   are close-on-exec).
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use std::sync::Once;
+
+use super::dispatch::MAX_DISPATCHERS;
+use super::live::Live;
+use super::xol::fork::{AreaHold, Copies};
+use crate::probes::kprobe::fork::{hold_tables_for_fork, RegistryHold, TablesHold};
+use crate::rcu::Rcu;
+use crate::sync::MutexGuard;
+
+/// Every `Live` of the process, in the order they were built (at most one
+/// per dispatcher: each is attached for the life of the process).
+static LIVES: [AtomicPtr<Live>; MAX_DISPATCHERS] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_DISPATCHERS];
+static LIVE_COUNT: AtomicUsize = AtomicUsize::new(0);
+static INIT: Once = Once::new();
+
+/// Lists `live` for the fork handlers and registers them (once).
+pub(crate) fn track(live: &'static Live) {
+    INIT.call_once(|| {
+        // SAFETY: the handlers have the required signature; they run on the
+        // forking thread around `fork` (see the module docs).
+        let rc = unsafe { libc::pthread_atfork(Some(prepare), Some(parent), Some(child)) };
+        assert_eq!(rc, 0, "pthread_atfork failed");
+    });
+    // Relaxed: the index only needs to be unique.
+    let i = LIVE_COUNT.fetch_add(1, Ordering::Relaxed);
+    if let Some(slot) = LIVES.get(i) {
+        // Release pairs with the Acquire load in `lives`: the handler sees
+        // the `Live` complete.
+        slot.store(live as *const Live as *mut Live, Ordering::Release);
+    }
+}
+
+/// The `Live`s listed so far.
+fn lives() -> impl Iterator<Item = &'static Live> {
+    LIVES.iter().filter_map(|p| {
+        // Acquire pairs with the Release store in `track`.
+        let p = p.load(Ordering::Acquire);
+        // SAFETY: every listed `Live` is leaked (lives for the process).
+        (!p.is_null()).then(|| unsafe { &*p })
+    })
+}
+
+/// The locks and chunk copies held across one fork.
+struct Held {
+    locks: Option<Locks>,
+    copies: Copies,
+}
+
+/// The locks, in acquisition order (released in reverse).
+struct Locks {
+    lives: Vec<(RegistryHold<'static>, AreaHold<'static>)>,
+    text: MutexGuard<'static, ()>,
+    tables: TablesHold,
+    waiter: MutexGuard<'static, ()>,
+    attach: MutexGuard<'static, ()>,
+}
+
+impl Locks {
+    /// Takes every lock in the documented order.
+    fn take() -> Locks {
+        let lives = lives()
+            .map(|l| (l.registry().hold_for_fork(), l.xol_area().hold_for_fork()))
+            .collect();
+        let text = crate::probes::text::in_process::hold_text_lock_for_fork();
+        let tables = hold_tables_for_fork();
+        let waiter = super::quiesce::hold_for_fork();
+        let attach = super::dispatch::hold_for_fork();
+        Locks {
+            lives,
+            text,
+            tables,
+            waiter,
+            attach,
+        }
+    }
+
+    /// Releases them in reverse order; in the child, each registry first
+    /// fixes what the vanished threads left.
+    fn release(self, in_child: bool) {
+        let Locks {
+            mut lives,
+            text,
+            tables,
+            waiter,
+            attach,
+        } = self;
+        drop(attach);
+        drop(waiter);
+        drop(tables);
+        drop(text);
+        while let Some((registry, area)) = lives.pop() {
+            drop(area);
+            if in_child {
+                registry.after_fork_in_child();
+            } else {
+                drop(registry);
+            }
+        }
+    }
+}
+
+// `std::cell::Cell`: set and taken by the forking thread only.
+crate::sync::const_thread_local! {
+    /// What this thread's prepare handler took, for its parent or child
+    /// handler (a leaked box, or null).
+    static HELD: Cell<*mut Held> = Cell::new(std::ptr::null_mut());
+}
+
+fn take_held() -> Option<Box<Held>> {
+    let p = HELD.with(|h| h.replace(std::ptr::null_mut()));
+    // SAFETY: a non-null pointer was leaked by this thread's `prepare` and
+    // is taken once.
+    (!p.is_null()).then(|| unsafe { Box::from_raw(p) })
+}
+
+extern "C" fn prepare() {
+    // Inside an `Rcu` read section (a probe handler, say) waiting for a
+    // writer could deadlock with its grace period: take no lock then.
+    let locks = (!Rcu::in_read_section()).then(Locks::take);
+    let copies = Copies::prepare();
+    let held = Box::into_raw(Box::new(Held { locks, copies }));
+    HELD.with(|h| h.set(held));
+}
+
+extern "C" fn parent() {
+    if let Some(held) = take_held() {
+        let Held { locks, copies } = *held;
+        copies.discard();
+        if let Some(l) = locks {
+            l.release(false);
+        }
+    }
+}
+
+extern "C" fn child() {
+    if let Some(held) = take_held() {
+        let Held { locks, copies } = *held;
+        // First: from here on no slot is shared with the parent.
+        copies.install_in_child();
+        if let Some(l) = locks {
+            l.release(true);
+        }
+    }
+}
