@@ -32,10 +32,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// period or a quiescence round: the caller must not be in an `Rcu`
     /// read section).
     pub(crate) fn hold_for_fork(&self) -> RegistryHold<'_> {
-        let reclaim = self
-            .reclaim_lock
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let reclaim = self.reclaim_lock.lock().unwrap_or_else(|e| e.into_inner());
         let writer = self.lock_writer();
         RegistryHold {
             deferred: self.deferred.hold_for_fork(),
