@@ -106,7 +106,9 @@
 //! instance-table stripe or one pool lock at a time. The thread-exit flush
 //! takes the process-wide list of instance tables, then one stripe, then
 //! (after releasing it) pool locks; a registry's drop takes that list alone,
-//! before anything else.
+//! before anything else. The live runtime's fork handlers take all of them
+//! in this order (`fork.rs`): the list, then per registry `reclaim_lock`,
+//! writer, deferred-free mutex, every stripe, every pool.
 
 mod deferred;
 pub(crate) mod fork;

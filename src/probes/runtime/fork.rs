@@ -11,11 +11,14 @@
 //! order extended; nothing in the crate holds a later lock while it takes
 //! an earlier one):
 //!
-//! 1. for each `Live`, in the order they were built: its registry's
-//!    `reclaim_lock`, writer mutex and deferred-free mutex
-//!    (`kprobe/fork.rs`), then its [`XolArea`](super::XolArea)'s mutex;
-//! 2. the process-wide text lock (`InProcess` patches);
-//! 3. the list of instance tables the thread-exit flush walks;
+//! 1. the list of instance tables the thread-exit flush walks (it holds
+//!    the list while it takes a stripe, so the list comes first);
+//! 2. for each `Live`, in the order they were built: its registry's
+//!    `reclaim_lock`, writer mutex and deferred-free mutex, then (with the
+//!    thread's re-entrancy flag up) every stripe of its kretprobe instance
+//!    table and every kretprobe pool lock (`kprobe/fork.rs`), then its
+//!    [`XolArea`](super::XolArea)'s mutex;
+//! 3. the process-wide text lock (`InProcess` patches);
 //! 4. the quiescence waiters' lock (so no quiescence round is under way);
 //! 5. the dispatcher table's attach lock;
 //!
@@ -56,12 +59,14 @@
 //!   instances, counted as `nmissed` when a pool runs dry) and their
 //!   single-steps in flight (a site whose step was in flight on another
 //!   thread at the fork cannot be unregistered in the child: its
-//!   unregistration waits for that step). The kretprobe spin locks (pool,
-//!   instance-table stripes) are held only for a few instructions with no
-//!   system call; they are not taken across the fork.
+//!   unregistration waits for that step).
+//! - While the locks are held (from the prepare handler until the parent
+//!   handler), other threads' registry operations wait, and their kretprobe
+//!   hits spin on the stripes and pools: for the length of one `fork`.
 //! - `fork` from inside an `Rcu` read section (a probe handler runs in one)
-//!   takes none of the locks: waiting for a writer there could deadlock
-//!   with a grace period that waits for this very section. The child still
+//!   or a probe handler takes none of the locks: waiting for a writer there
+//!   could deadlock with a grace period that waits for this very section,
+//!   and the thread may already hold a stripe or pool lock. The child still
 //!   gets private slots (copied without the areas' mutexes), but a lock
 //!   another thread held at the fork stays held in the child.
 //! - `exec` replaces the image: outside this module's scope (the memfds
@@ -74,7 +79,9 @@ use std::sync::Once;
 use super::dispatch::MAX_DISPATCHERS;
 use super::live::Live;
 use super::xol::fork::{AreaHold, Copies};
-use crate::probes::kprobe::fork::{hold_tables_for_fork, RegistryHold, TablesHold};
+use crate::probes::kprobe::fork::{
+    hold_tables_for_fork, in_probe_handler, RegistryHold, TablesHold,
+};
 use crate::rcu::Rcu;
 use crate::sync::MutexGuard;
 
@@ -120,9 +127,9 @@ struct Held {
 
 /// The locks, in acquisition order (released in reverse).
 struct Locks {
+    tables: TablesHold,
     lives: Vec<(RegistryHold<'static>, AreaHold<'static>)>,
     text: MutexGuard<'static, ()>,
-    tables: TablesHold,
     waiter: MutexGuard<'static, ()>,
     attach: MutexGuard<'static, ()>,
 }
@@ -130,17 +137,17 @@ struct Locks {
 impl Locks {
     /// Takes every lock in the documented order.
     fn take() -> Locks {
+        let tables = hold_tables_for_fork();
         let lives = lives()
             .map(|l| (l.registry().hold_for_fork(), l.xol_area().hold_for_fork()))
             .collect();
         let text = crate::probes::text::in_process::hold_text_lock_for_fork();
-        let tables = hold_tables_for_fork();
         let waiter = super::quiesce::hold_for_fork();
         let attach = super::dispatch::hold_for_fork();
         Locks {
+            tables,
             lives,
             text,
-            tables,
             waiter,
             attach,
         }
@@ -150,24 +157,20 @@ impl Locks {
     /// fixes what the vanished threads left.
     fn release(self, in_child: bool) {
         let Locks {
+            tables,
             mut lives,
             text,
-            tables,
             waiter,
             attach,
         } = self;
         drop(attach);
         drop(waiter);
-        drop(tables);
         drop(text);
         while let Some((registry, area)) = lives.pop() {
             drop(area);
-            if in_child {
-                registry.after_fork_in_child();
-            } else {
-                drop(registry);
-            }
+            registry.release(in_child);
         }
+        drop(tables);
     }
 }
 
@@ -188,7 +191,7 @@ fn take_held() -> Option<Box<Held>> {
 extern "C" fn prepare() {
     // Inside an `Rcu` read section (a probe handler, say) waiting for a
     // writer could deadlock with its grace period: take no lock then.
-    let locks = (!Rcu::in_read_section()).then(Locks::take);
+    let locks = (!Rcu::in_read_section() && !in_probe_handler()).then(Locks::take);
     let copies = Copies::prepare();
     let held = Box::into_raw(Box::new(Held { locks, copies }));
     HELD.with(|h| h.set(held));
