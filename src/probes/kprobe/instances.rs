@@ -278,6 +278,12 @@ impl InstanceTable {
         self.locks.len()
     }
 
+    /// The stripe `thread`'s instances are filed under.
+    #[cfg(test)]
+    pub(crate) fn stripe_of(&self, thread: ThreadKey) -> usize {
+        self.locks.stripe_of(&thread)
+    }
+
     /// Files `inst` under `thread`.
     ///
     /// # Safety

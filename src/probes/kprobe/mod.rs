@@ -127,6 +127,8 @@ mod xol;
 
 pub use deferred::RetiredLists;
 pub use hit::{HitOutcome, ReturnOutcome, StepResult, StepToken};
+#[cfg(test)]
+pub(crate) use instances::test_hooks;
 pub use instances::ThreadKey;
 pub use kretprobe::{
     default_maxactive, EntryAction, EntryHandler, Kretprobe, KretprobeBuilder, ReturnHandler,

@@ -217,3 +217,195 @@ extern "C" fn child() {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::arch::global_asm;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{mpsc, Arc};
+    use std::time::{Duration, Instant};
+
+    use super::Live;
+    use crate::probes::kprobe::{test_hooks, Kretprobe, ThreadKey};
+
+    // fork_test_mul3(x) = 3x: lea eax, [rdi + rdi*2]; ret.
+    global_asm!(
+        ".pushsection .text.rcu_registry_fork_test,\"ax\",@progbits",
+        ".p2align 4",
+        ".globl rcu_registry_fork_test_mul3",
+        ".type rcu_registry_fork_test_mul3,@function",
+        "rcu_registry_fork_test_mul3:",
+        ".byte 0x8d, 0x04, 0x7f",
+        ".byte 0xc3",
+        ".size rcu_registry_fork_test_mul3, . - rcu_registry_fork_test_mul3",
+        ".popsection",
+    );
+    extern "C" {
+        fn rcu_registry_fork_test_mul3(x: u32) -> u32;
+    }
+
+    fn mul3(x: u32) -> u32 {
+        // SAFETY: a complete C-ABI function (above).
+        unsafe { rcu_registry_fork_test_mul3(std::hint::black_box(x)) }
+    }
+
+    /// CPU time (user + system, clock ticks) thread `tid` has used.
+    fn cpu_ticks(tid: libc::pid_t) -> u64 {
+        let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+        // Fields after the command name (which is in parentheses): state is
+        // the first, utime the 12th, stime the 13th.
+        let rest = &s[s.rfind(')').unwrap() + 2..];
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+    }
+
+    /// Set by this test's own `atfork` prepare handler, which runs before
+    /// the runtime's (registered later, so run first).
+    static IN_FORK: AtomicBool = AtomicBool::new(false);
+
+    extern "C" fn note_fork() {
+        IN_FORK.store(true, Ordering::Release);
+    }
+
+    /// A thread parked inside a kretprobe return, holding the instance-table
+    /// stripe the forking thread's own returns use (found by trying
+    /// threads until one hashes there), while this thread forks: the child
+    /// returns through the same stripe within a bounded wait. (Before the
+    /// fork handlers held the stripes, the child spun forever.)
+    #[test]
+    fn a_fork_while_a_kretprobe_return_holds_the_childs_stripe_leaves_it_free() {
+        let live = Live::global();
+        let reg = live.registry();
+        let returns = Arc::new(AtomicU64::new(0));
+        let r = Arc::clone(&returns);
+        let at = rcu_registry_fork_test_mul3 as unsafe extern "C" fn(u32) -> u32 as usize;
+        let krp = Kretprobe::<()>::at(at as u64)
+            .handler(move |_d, _regs, _ret| {
+                r.fetch_add(1, Ordering::Relaxed);
+            })
+            .build()
+            .unwrap();
+        reg.register_kretprobe(&krp).unwrap();
+        assert_eq!(mul3(5), 15);
+        assert_eq!(returns.load(Ordering::Relaxed), 1);
+
+        // A thread whose returns take this thread's stripe.
+        let want = reg.instances.stripe_of(ThreadKey::current());
+        let parked = Arc::new(AtomicBool::new(false));
+        let release = Arc::new(AtomicBool::new(false));
+        let mut idle = Vec::new();
+        let mut helper = None;
+        // Threads on other stripes wait here until the end, so that each new
+        // thread gets a new thread-local area (and key).
+        let (done_tx, done_rx) = mpsc::channel::<()>();
+        let done_rx = Arc::new(std::sync::Mutex::new(done_rx));
+        for _ in 0..4096 {
+            let (tx, rx) = mpsc::channel::<bool>();
+            let (parked2, release2) = (Arc::clone(&parked), Arc::clone(&release));
+            let done_rx = Arc::clone(&done_rx);
+            let h = std::thread::spawn(move || {
+                let mine = Live::global()
+                    .registry()
+                    .instances
+                    .stripe_of(ThreadKey::current());
+                tx.send(mine == want).unwrap();
+                if mine != want {
+                    // Until `done_tx` is dropped.
+                    let _ = done_rx.lock().unwrap().recv();
+                    return;
+                }
+                test_hooks::set_while_locked(move || {
+                    parked2.store(true, Ordering::Release);
+                    while !release2.load(Ordering::Acquire) {
+                        std::thread::yield_now();
+                    }
+                });
+                assert_eq!(mul3(7), 21);
+            });
+            if rx.recv().unwrap() {
+                helper = Some(h);
+                break;
+            }
+            idle.push(h);
+        }
+        let helper = helper.expect("a thread on the forking thread's stripe");
+        static NOTE: std::sync::Once = std::sync::Once::new();
+        // SAFETY: a handler that only stores an atomic.
+        NOTE.call_once(|| unsafe {
+            libc::pthread_atfork(Some(note_fork), None, None);
+        });
+        IN_FORK.store(false, Ordering::Release);
+        while !parked.load(Ordering::Acquire) {
+            std::thread::yield_now();
+        }
+        // SAFETY: gettid has no arguments.
+        let me = unsafe { libc::gettid() };
+        let forked = Arc::new(AtomicBool::new(false));
+        let releaser = {
+            let (forked, release) = (Arc::clone(&forked), Arc::clone(&release));
+            std::thread::spawn(move || {
+                // Released once `fork` returned (before the fix: the child
+                // inherited the stripe held), or once the forking thread,
+                // inside `fork`, has spun for 100 ms of CPU (the runtime's
+                // prepare handler waiting for the stripe; an unhindered
+                // fork returns long before).
+                let mut since = None;
+                loop {
+                    if forked.load(Ordering::Acquire) {
+                        release.store(true, Ordering::Release);
+                        return false;
+                    }
+                    if IN_FORK.load(Ordering::Acquire) {
+                        let start = *since.get_or_insert_with(|| cpu_ticks(me));
+                        if cpu_ticks(me) >= start + 10 {
+                            release.store(true, Ordering::Release);
+                            return true;
+                        }
+                    }
+                    std::thread::sleep(Duration::from_micros(200));
+                }
+            })
+        };
+        // SAFETY: fork; the child only calls the probed function and
+        // leaves with `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            let before = returns.load(Ordering::Relaxed);
+            let ok = mul3(9) == 27 && returns.load(Ordering::Relaxed) == before + 1;
+            // SAFETY: leaves the child without unwinding into the harness.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        forked.store(true, Ordering::Release);
+        let held_at_fork = releaser.join().unwrap();
+        helper.join().unwrap();
+        drop(done_tx);
+        for h in idle {
+            h.join().unwrap();
+        }
+        let start = Instant::now();
+        let mut status = 0;
+        let done = loop {
+            // SAFETY: waiting for our own child.
+            if unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } == pid {
+                break true;
+            }
+            if start.elapsed() > Duration::from_secs(20) {
+                // SAFETY: killing and reaping our own child.
+                unsafe {
+                    libc::kill(pid, libc::SIGKILL);
+                    libc::waitpid(pid, &mut status, 0);
+                }
+                break false;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        };
+        reg.unregister_kretprobe(&krp).unwrap();
+        assert!(done, "the child hung on the instance-table stripe");
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "child status {status:#x}"
+        );
+        eprintln!("the fork waited for the held stripe: {held_at_fork}");
+    }
+}
