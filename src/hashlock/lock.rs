@@ -338,6 +338,7 @@ impl SpinLock {
     /// # Safety
     /// The caller took the lock with a guard it forgot, and nobody has
     /// released it since.
+    #[cfg(not(loom))]
     pub(crate) unsafe fn unlock_forgotten(&self) {
         // Release, as in `SpinGuard::drop`.
         self.locked.store(false, Ordering::Release);

@@ -104,8 +104,10 @@ pub(crate) struct DeferredFree {
 }
 
 /// The deferred-free state's mutex, held across a `fork` (`fork.rs`).
+#[cfg(not(loom))]
 pub(crate) struct DeferredHold<'a>(MutexGuard<'a, State>);
 
+#[cfg(not(loom))]
 impl DeferredFree {
     /// Takes the state's mutex for the fork handlers.
     pub(crate) fn hold_for_fork(&self) -> DeferredHold<'_> {
@@ -113,6 +115,7 @@ impl DeferredFree {
     }
 }
 
+#[cfg(not(loom))]
 impl DeferredHold<'_> {
     /// In the child: a callback that was freeing a batch outside the mutex
     /// ran on a thread that did not survive the fork and will never finish

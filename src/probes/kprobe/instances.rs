@@ -249,6 +249,7 @@ pub(crate) struct InstanceTable {
 }
 
 /// Every stripe of an instance table, held across a `fork` (`fork.rs`).
+#[cfg(not(loom))]
 pub(crate) struct StripesHold<'a> {
     _all: crate::hashlock::AllGuard<'a, SpinLock, Chain>,
 }
@@ -257,6 +258,7 @@ impl InstanceTable {
     /// Takes every stripe, in index order, for the fork handlers. The
     /// caller's re-entrancy flag is up (a signal handler on this thread must
     /// not file or unlink an instance meanwhile).
+    #[cfg(not(loom))]
     pub(crate) fn hold_for_fork(&self) -> StripesHold<'_> {
         debug_assert!(in_handler(), "stripes taken before the re-entrancy flag");
         StripesHold {

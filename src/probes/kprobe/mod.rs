@@ -111,6 +111,7 @@
 //! writer, deferred-free mutex, every stripe, every pool.
 
 mod deferred;
+#[cfg(not(loom))]
 pub(crate) mod fork;
 mod hit;
 mod instances;
