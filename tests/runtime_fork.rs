@@ -83,13 +83,35 @@ fn send(fd: libc::c_int, b: u8) {
 /// The next byte from `fd`, or `None` on end of file, an error or after
 /// [`CHILD_LIMIT`].
 fn recv(fd: libc::c_int) -> Option<u8> {
+    recv_within(fd, CHILD_LIMIT.as_millis() as libc::c_int)
+}
+
+/// Calls `f` with `want` in batches, checking every result, until a byte
+/// arrives on `fd`; returns it and the number of calls made.
+fn calls_until(f: Func, want: fn(u32) -> u32, fd: libc::c_int) -> Result<(u8, u64), String> {
+    let start = Instant::now();
+    let mut made = 0u64;
+    loop {
+        calls(f, want, 64)?;
+        made += 64;
+        if let Some(b) = recv_within(fd, 0) {
+            return Ok((b, made));
+        }
+        if start.elapsed() > CHILD_LIMIT {
+            return Err("no message from the other process".into());
+        }
+    }
+}
+
+/// The next byte from `fd` within `ms` milliseconds.
+fn recv_within(fd: libc::c_int, ms: libc::c_int) -> Option<u8> {
     let mut p = libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     };
     // SAFETY: one valid pollfd.
-    if unsafe { libc::poll(&mut p, 1, CHILD_LIMIT.as_millis() as libc::c_int) } != 1 {
+    if unsafe { libc::poll(&mut p, 1, ms) } != 1 {
         return None;
     }
     let mut b = [0u8];
@@ -187,16 +209,18 @@ fn parent_and_child_own_their_slots_after_fork() {
                 2 * u64::from(N),
             )?;
             send(to_parent_w, b'a');
-            // The parent unregistered p1 and gave its slot to a probe on
-            // rtp_mul3: ours still runs rtp_add1's instruction.
-            (recv(to_child_r) == Some(b'b'))
-                .then_some(())
-                .ok_or("no 'b' from the parent")?;
+            // The child keeps calling while the parent unregisters p1 and
+            // gives its slot to a probe on rtp_mul3, and after: ours still
+            // runs rtp_add1's instruction.
+            let (b, made) = calls_until(rtp_add1, add1, to_child_r)?;
+            if b != b'b' {
+                return Err(format!("child: got {b:?}, not 'b'"));
+            }
             calls(rtp_add1, add1, N)?;
             check(
                 "child: p1 hits after the parent's reuse",
                 c1.load(Ordering::Relaxed),
-                3 * u64::from(N),
+                3 * u64::from(N) + made,
             )?;
             // Now the child unregisters and reuses the slot.
             reg.unregister(&p1).map_err(|e| e.to_string())?;
@@ -215,7 +239,7 @@ fn parent_and_child_own_their_slots_after_fork() {
             check(
                 "child: p1 after unregister",
                 c1.load(Ordering::Relaxed),
-                3 * u64::from(N),
+                3 * u64::from(N) + made,
             )?;
             send(to_parent_w, b'c');
             (recv(to_child_r) == Some(b'd'))
@@ -277,16 +301,18 @@ fn parent_and_child_own_their_slots_after_fork() {
         calls(rtp_mul3, mul3, N)?;
         check("parent: p2 hits", c2.load(Ordering::Relaxed), u64::from(N))?;
         send(to_child_w, b'b');
-        // The child unregistered p1 and reused the slot for rtp_alt: our
-        // probe on rtp_mul3 still runs its own instruction.
-        (recv(to_parent_r) == Some(b'c'))
-            .then_some(())
-            .ok_or("no 'c' from the child")?;
+        // The parent keeps calling while the child unregisters p1 and
+        // reuses the slot for rtp_alt, and after: our probe on rtp_mul3
+        // still runs its own instruction.
+        let (c, made) = calls_until(rtp_mul3, mul3, to_parent_r)?;
+        if c != b'c' {
+            return Err(format!("parent: got {c:?}, not 'c'"));
+        }
         calls(rtp_mul3, mul3, N)?;
         check(
             "parent: p2 hits after the child's reuse",
             c2.load(Ordering::Relaxed),
-            2 * u64::from(N),
+            2 * u64::from(N) + made,
         )?;
         calls(rtp_add1, add1, N)?;
         check(
@@ -313,7 +339,7 @@ fn parent_and_child_own_their_slots_after_fork() {
         check(
             "parent: p2 after commit",
             c2.load(Ordering::Relaxed),
-            2 * u64::from(N),
+            2 * u64::from(N) + made,
         )?;
         Ok(())
     })();
@@ -340,10 +366,25 @@ static PARKED: AtomicBool = AtomicBool::new(false);
 /// Lets the parked thread go on.
 static RELEASE: AtomicBool = AtomicBool::new(false);
 
-/// The system call `tid` is blocked in (from `/proc`), if any.
-fn syscall_of(tid: libc::pid_t) -> Option<i64> {
-    let s = std::fs::read_to_string(format!("/proc/self/task/{tid}/syscall")).ok()?;
-    s.split_whitespace().next()?.parse().ok()
+/// Whether thread `tid` is asleep (from `/proc`).
+fn sleeping(tid: libc::pid_t) -> bool {
+    let Ok(s) = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name, which is in parentheses.
+    matches!(
+        s.rfind(')').and_then(|i| s[i + 2..].chars().next()),
+        Some('S' | 'D')
+    )
+}
+
+/// Set by this test's own `atfork` prepare handler, which runs before the
+/// runtime's (registered later, so run first): the forking thread is
+/// inside `fork`.
+static IN_FORK: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn note_fork() {
+    IN_FORK.store(true, Ordering::Release);
 }
 
 /// A fork while another thread holds the registry's writer lock (parked
@@ -351,9 +392,9 @@ fn syscall_of(tid: libc::pid_t) -> Option<i64> {
 /// its first allocation inside `register(Kprobe::at(..))`, which happens
 /// under the lock): the child completes `sites`, `register`, hits and
 /// `unregister`, 60 times. The parked thread is released once the forking
-/// thread blocks (in a fixed runtime: in the fork's prepare handler, waiting
-/// for that lock) or once `fork` returned (before the fix: the child then
-/// inherited the lock held).
+/// thread sleeps inside `fork` (in a fixed runtime: in the prepare handler,
+/// waiting for that lock) or once `fork` returned (before the fix: the child
+/// then inherited the lock held).
 #[test]
 fn fork_during_a_registry_write_leaves_the_child_every_lock_free() {
     let _g = serial();
@@ -372,6 +413,11 @@ fn fork_during_a_registry_write_leaves_the_child_every_lock_free() {
         })
         .build();
     reg.register(&park).expect("malloc is probeable");
+    static NOTE: std::sync::Once = std::sync::Once::new();
+    // SAFETY: a prepare handler that only stores an atomic.
+    NOTE.call_once(|| unsafe {
+        libc::pthread_atfork(Some(note_fork), None, None);
+    });
     // SAFETY: gettid has no arguments.
     let me = unsafe { libc::gettid() };
     let (m3, a1) = (addr(rtp_mul3), addr(rtp_add1));
@@ -395,8 +441,10 @@ fn fork_during_a_registry_write_leaves_the_child_every_lock_free() {
         while !PARKED.load(Ordering::Acquire) {
             std::thread::yield_now();
         }
-        // The releaser: when this thread blocks (futex: waiting for the
-        // lock in the prepare handler) or when fork has returned.
+        // The releaser: when this thread sleeps inside `fork` (waiting for
+        // the lock in the runtime's prepare handler) or when fork has
+        // returned.
+        IN_FORK.store(false, Ordering::Release);
         let releaser = {
             let forked = Arc::clone(&forked);
             std::thread::spawn(move || loop {
@@ -404,7 +452,7 @@ fn fork_during_a_registry_write_leaves_the_child_every_lock_free() {
                     RELEASE.store(true, Ordering::Release);
                     return false;
                 }
-                if syscall_of(me) == Some(libc::SYS_futex) {
+                if IN_FORK.load(Ordering::Acquire) && sleeping(me) {
                     RELEASE.store(true, Ordering::Release);
                     return true;
                 }
