@@ -25,9 +25,14 @@
 //! and then, with no slot able to change, copies every XOL chunk into a new
 //! memfd (`xol/fork.rs`). Taking a lock may wait for a writer under way,
 //! including its grace period and quiescence round; the forking thread
-//! answers the quiescence signal while it waits, and it is in no `Rcu` read
-//! section (see below), so that writer finishes. Registry operations never
-//! call `fork` themselves, so the forking thread holds none of these locks.
+//! answers the quiescence signal while it waits (if it blocks that signal,
+//! the round times out and parks its slots instead: bounded), and it is in
+//! no `Rcu` read section (see below), so that writer finishes. Registry
+//! operations never call `fork` themselves, so the forking thread holds none
+//! of these locks. The one way user code runs on a thread that holds one is
+//! a probe handler (say a probe on `malloc`, hit inside `register`); a
+//! handler runs in an `Rcu` read section, so a `fork` from it takes no lock
+//! (below) instead of deadlocking on its own thread's.
 //!
 //! # Child
 //!
@@ -69,8 +74,16 @@
 //!   and the thread may already hold a stripe or pool lock. The child still
 //!   gets private slots (copied without the areas' mutexes), but a lock
 //!   another thread held at the fork stays held in the child.
+//! - A `Live` still being built by another thread at the fork (its
+//!   handlers are not listed yet, or `Live::global`'s one-time
+//!   initialisation is under way) is not covered: `Live::global` in such a
+//!   child would wait for an initialisation that never finishes.
+//! - Registries the program builds itself (not through `Live`) and
+//!   stand-alone [`XolArea`](super::XolArea)s are not covered, except that
+//!   their chunks are copied too (without their areas' mutexes).
 //! - `exec` replaces the image: outside this module's scope (the memfds
-//!   are close-on-exec).
+//!   are close-on-exec). `vfork` and `posix_spawn` run no `atfork`
+//!   handler: their child must only `exec` or `_exit`.
 
 use std::cell::Cell;
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};

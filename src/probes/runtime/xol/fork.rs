@@ -22,7 +22,7 @@
 //!
 //! Chunks are found through a process-wide, append-only list of their two
 //! views ([`record`]), filled when a chunk is mapped and read lock-free
-//! here, for every [`XolArea`](super::XolArea) of the process (chunks are
+//! here, for every [`XolArea`] of the process (chunks are
 //! never unmapped, so every entry stays valid).
 
 use std::os::fd::{AsRawFd, OwnedFd};
