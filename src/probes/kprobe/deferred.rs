@@ -102,6 +102,28 @@ pub(crate) struct DeferredFree {
     state: Mutex<State>,
 }
 
+/// The deferred-free state's mutex, held across a `fork` (`fork.rs`).
+#[cfg(not(loom))]
+pub(crate) struct DeferredHold<'a>(MutexGuard<'a, State>);
+
+#[cfg(not(loom))]
+impl DeferredFree {
+    /// Takes the state's mutex for the fork handlers.
+    pub(crate) fn hold_for_fork(&self) -> DeferredHold<'_> {
+        DeferredHold(self.lock())
+    }
+}
+
+#[cfg(not(loom))]
+impl DeferredHold<'_> {
+    /// In the child: a callback that was freeing a batch outside the mutex
+    /// ran on a thread that did not survive the fork and will never finish
+    /// (its lists leak in the child), so nobody waits for it.
+    pub(crate) fn after_fork_in_child(mut self) {
+        self.0.freeing = 0;
+    }
+}
+
 /// Whether `r` can be freed now without waiting (past its grace period).
 fn steps_done(r: &Retired) -> bool {
     match r {

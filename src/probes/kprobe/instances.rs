@@ -248,7 +248,27 @@ pub(crate) struct InstanceTable {
     locks: HashedLocks<ThreadKey, SpinLock, Chain>,
 }
 
+/// Every stripe of an instance table, held across a `fork` (`fork.rs`).
+#[cfg(not(loom))]
+pub(crate) struct StripesHold<'a> {
+    _all: crate::hashlock::AllGuard<'a, SpinLock, Chain>,
+}
+
 impl InstanceTable {
+    /// Takes every stripe, in index order, for the fork handlers. The
+    /// caller's re-entrancy flag is up (a signal handler on this thread must
+    /// not file or unlink an instance meanwhile).
+    #[cfg(not(loom))]
+    pub(crate) fn hold_for_fork(&self) -> StripesHold<'_> {
+        debug_assert!(
+            in_kprobe_handler(),
+            "stripes taken before the re-entrancy flag"
+        );
+        StripesHold {
+            _all: self.locks.lock_all(),
+        }
+    }
+
     /// A table of `stripes` stripes (rounded up to a power of two; 1 makes it
     /// one global lock, the benchmark's peer).
     pub(crate) fn new(stripes: usize) -> Self {
@@ -261,6 +281,12 @@ impl InstanceTable {
     /// Number of stripes.
     pub(crate) fn stripes(&self) -> usize {
         self.locks.len()
+    }
+
+    /// The stripe `thread`'s instances are filed under.
+    #[cfg(test)]
+    pub(crate) fn stripe_of(&self, thread: ThreadKey) -> usize {
+        self.locks.stripe_of(&thread)
     }
 
     /// Files `inst` under `thread`.

@@ -108,6 +108,20 @@ pub(crate) trait ReturnProbe: Send + Sync + 'static {
 
     /// Instances not in the pool (tracked calls, entries in progress).
     fn instances_out(&self) -> usize;
+
+    /// Takes the pool's lock and keeps it, for the fork handlers
+    /// (`fork.rs`); [`unlock_pool_after_fork`](Self::unlock_pool_after_fork)
+    /// releases it.
+    #[cfg(not(loom))]
+    fn lock_pool_for_fork(&self);
+
+    /// Releases the lock [`lock_pool_for_fork`](Self::lock_pool_for_fork)
+    /// took.
+    ///
+    /// # Safety
+    /// This thread took it so and has not released it since.
+    #[cfg(not(loom))]
+    unsafe fn unlock_pool_after_fork(&self);
 }
 
 #[repr(C)]
@@ -271,6 +285,19 @@ impl<D: Send + 'static> ReturnProbe for KretShared<D> {
     fn instances_out(&self) -> usize {
         // Acquire pairs with the Release decrement in `Pool::put`.
         self.pool.out.load(Ordering::Acquire)
+    }
+
+    #[cfg(not(loom))]
+    fn lock_pool_for_fork(&self) {
+        // Kept past this call; `unlock_pool_after_fork` releases it.
+        std::mem::forget(self.pool.lock.lock());
+    }
+
+    #[cfg(not(loom))]
+    unsafe fn unlock_pool_after_fork(&self) {
+        // SAFETY: the caller took the lock in `lock_pool_for_fork` and forgot
+        // its guard (this method's contract).
+        unsafe { self.pool.lock.unlock_forgotten() };
     }
 }
 

@@ -106,9 +106,13 @@
 //! instance-table stripe or one pool lock at a time. The thread-exit flush
 //! takes the process-wide list of instance tables, then one stripe, then
 //! (after releasing it) pool locks; a registry's drop takes that list alone,
-//! before anything else.
+//! before anything else. The live runtime's fork handlers take all of them
+//! in this order (`fork.rs`): the list, then per registry `reclaim_lock`,
+//! writer, deferred-free mutex, every stripe, every pool.
 
 pub(crate) mod deferred;
+#[cfg(not(loom))]
+pub(crate) mod fork;
 mod hit;
 mod instances;
 mod kretprobe;
@@ -121,6 +125,8 @@ mod thread_exit;
 mod unregister;
 
 pub use hit::{HitOutcome, StepResult, StepToken};
+#[cfg(test)]
+pub(crate) use instances::test_hooks;
 pub use instances::ThreadKey;
 pub use kretprobe::{
     default_maxactive, EntryAction, EntryHandler, Kretprobe, KretprobeBuilder, ReturnHandler,

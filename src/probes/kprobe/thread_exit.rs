@@ -146,6 +146,9 @@ pub(crate) fn arm() {
 }
 
 #[cfg(not(loom))]
+pub(crate) use hook::{hold_for_fork, TablesHold};
+
+#[cfg(not(loom))]
 mod hook {
     use std::cell::Cell;
 
@@ -197,6 +200,17 @@ mod hook {
             let table = unsafe { &*t.0 };
             table.flush(thread, u64::MAX);
         }
+    }
+
+    /// The list's mutex, held across a `fork` (`fork.rs`): no flush is under
+    /// way when the process forks, and the child's list is unlocked.
+    pub(crate) struct TablesHold {
+        _guard: crate::sync::MutexGuard<'static, Vec<TablePtr>>,
+    }
+
+    /// Takes the list's mutex for the fork handlers.
+    pub(crate) fn hold_for_fork() -> TablesHold {
+        TablesHold { _guard: tables() }
     }
 
     pub(super) fn track(table: &InstanceTable) {

@@ -207,6 +207,11 @@ static TABLE: [AtomicPtr<Entry>; MAX_DISPATCHERS] =
 /// Serializes attach and detach.
 static TABLE_LOCK: Mutex<()> = Mutex::new(());
 
+/// Takes the attach lock for the fork handlers (the child's lock is free).
+pub(crate) fn hold_for_fork() -> crate::sync::MutexGuard<'static, ()> {
+    TABLE_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// A dispatcher's place in the table; [`detach`](Attachment::detach) gives
 /// it up. Dropping an `Attachment` leaves the dispatcher attached for the
 /// life of the process.

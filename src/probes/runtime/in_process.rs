@@ -21,6 +21,13 @@ use crate::probes::text::patch_window::{PatchWindow, INT3};
 /// `InProcess` values share it: page protection is process-wide state).
 static TEXT_LOCK: Mutex<()> = Mutex::new(());
 
+/// Takes the text lock for the live runtime's fork handlers, so that no
+/// patch is half-done (protection changed, bytes half-written) when the
+/// process forks and the child's lock is free.
+pub(crate) fn hold_text_lock_for_fork() -> crate::sync::MutexGuard<'static, ()> {
+    TEXT_LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The in-progress marker of this process's int3-first patches, read by
 /// the SIGTRAP handler (see [`PatchWindow`]).
 pub(crate) static PATCH_WINDOW: PatchWindow = PatchWindow::new();

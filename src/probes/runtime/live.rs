@@ -147,6 +147,8 @@ impl Live {
         // Attached for the life of the process (the registry is leaked):
         // dropping the attachment without `detach` keeps it attached.
         drop(attach(&live.registry));
+        // Its locks and slots are handled across fork() (`fork.rs`).
+        super::fork::track(live);
         Ok(live)
     }
 
@@ -172,5 +174,10 @@ impl Live {
     /// XOL slot counters.
     pub fn xol_stats(&self) -> XolStats {
         self.xol.stats()
+    }
+
+    /// The XOL area (for the fork handlers).
+    pub(crate) fn xol_area(&self) -> &XolArea {
+        &self.xol
     }
 }

@@ -57,6 +57,33 @@
 //! trampoline; the function's `ret` lands in the trampoline, which calls the
 //! return handlers and returns to the real caller.
 //!
+//! # `fork()`
+//!
+//! A child process owns everything it inherits: the first [`Live`]
+//! registers `pthread_atfork` handlers (`fork.rs`) that cover every `Live`.
+//!
+//! - **Slots**: the XOL chunks are shared memory (a `memfd` mapped twice),
+//!   so before the fork each chunk is copied into a new memfd, and the
+//!   child maps its copies over both views of every chunk: the child's
+//!   slots are its own, at the same addresses with the same bytes, and
+//!   neither process's unregistrations, recycling or refills reach the
+//!   other. The trampoline is ordinary text (private after a fork).
+//! - **Locks**: every lock the child may need (the registries' reclaim,
+//!   writer and deferred-free mutexes, the kretprobe instance-table stripes
+//!   and pool locks, the XOL areas, the text lock, the thread-exit table
+//!   list, the quiescence and attach locks) is taken before the fork in one
+//!   documented order and released in the parent and the child, as the C
+//!   library does for `malloc`; the RCU domains survive by their own
+//!   handler (`rcu/slots.rs`). The child can register, hit, unregister and
+//!   commit.
+//! - **Lost in the child**: what other threads had in flight (their
+//!   kretprobe instances and single-steps; a site with a step in flight on
+//!   another thread cannot be unregistered in the child). A `fork` from a
+//!   probe handler or an `Rcu` read section takes no lock (it could
+//!   deadlock with a grace period waiting for that section).
+//! - **`exec`** replaces the process image: outside this scope (the slot
+//!   memfds are close-on-exec).
+//!
 //! # Quick start
 //!
 //! ```no_run
@@ -83,6 +110,8 @@ pub(crate) mod callgraph;
 mod context;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod dispatch;
+#[cfg(target_arch = "x86_64")]
+mod fork;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod in_process;
 #[cfg(target_arch = "x86_64")]

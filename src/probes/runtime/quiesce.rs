@@ -170,6 +170,13 @@ static TABLE: AckTable<QUIESCE_ACKS_PER_ROUND, MAX_RANGES> = AckTable::new();
 /// Serializes waiters: the table holds one round at a time.
 static WAITER: Mutex<()> = Mutex::new(());
 
+/// Takes the waiters' lock for the fork handlers: no round is under way
+/// when the process forks (its table is idle in the child) and the child's
+/// lock is free.
+pub(crate) fn hold_for_fork() -> crate::sync::MutexGuard<'static, ()> {
+    WAITER.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 static INSTALL: Once = Once::new();
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
 

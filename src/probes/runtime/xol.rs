@@ -95,6 +95,7 @@ use crate::probes::ProbeError;
 use crate::sync::Mutex;
 
 mod chunk;
+pub(crate) mod fork;
 use chunk::{Chunk, INT3};
 pub use chunk::{XOL_CHUNK_BYTES, XOL_CHUNK_REACH};
 

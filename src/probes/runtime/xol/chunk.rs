@@ -103,6 +103,16 @@ impl Chunk {
         let write = write.cast::<u8>();
         // SAFETY: the write view is XOL_CHUNK_BYTES long and ours alone.
         unsafe { std::ptr::write_bytes(write, INT3, XOL_CHUNK_BYTES) };
+        // Listed for the fork handlers (`xol/fork.rs`) before any slot of it
+        // is handed out.
+        if !super::fork::record(exec, write) {
+            // SAFETY: both views are the mappings we just made, unused.
+            unsafe {
+                libc::munmap(exec as *mut libc::c_void, XOL_CHUNK_BYTES);
+                libc::munmap(write.cast(), XOL_CHUNK_BYTES);
+            }
+            return None;
+        }
         Some(Chunk {
             exec,
             write,
@@ -119,7 +129,7 @@ pub(super) fn is_near(start: u64, len: u64, near: u64) -> bool {
     start.abs_diff(near) <= XOL_CHUNK_REACH && end.abs_diff(near) <= XOL_CHUNK_REACH
 }
 
-fn memfd() -> Option<OwnedFd> {
+pub(super) fn memfd() -> Option<OwnedFd> {
     let name = c"rcu-registry-xol";
     for flags in [libc::MFD_CLOEXEC | MFD_EXEC, libc::MFD_CLOEXEC] {
         // SAFETY: `name` is a valid C string; the flags are plain integers.
