@@ -147,6 +147,16 @@ pub enum ProbeError {
         /// What the code at `addr` is, e.g. `"the SIGTRAP handler"`.
         what: &'static str,
     },
+    /// A `name + offset` target whose offset is not inside the function
+    /// (`offset >= size`): it would land in whatever follows the function.
+    OffsetPastEnd {
+        /// The function named by the target.
+        name: String,
+        /// The function's size in bytes.
+        size: u64,
+        /// The refused offset.
+        offset: u64,
+    },
 }
 
 /// Why an arch backend refuses to probe an instruction.
@@ -419,6 +429,10 @@ impl fmt::Display for ProbeError {
             ProbeError::RefusedTarget { addr, what } => {
                 write!(f, "refusing to patch {addr:#x}: it is {what}")
             }
+            ProbeError::OffsetPastEnd { name, size, offset } => write!(
+                f,
+                "offset {offset:#x} is past the end of `{name}` ({size:#x} bytes)"
+            ),
         }
     }
 }
