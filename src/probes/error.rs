@@ -157,6 +157,14 @@ pub enum ProbeError {
         /// The refused offset.
         offset: u64,
     },
+    /// The symbol `name` is defined in several loaded objects (listed by
+    /// path, in load order): qualify it as `object:name`.
+    AmbiguousSymbol {
+        /// The symbol asked for (without qualifier).
+        name: String,
+        /// Paths of the objects that define it.
+        objects: Vec<String>,
+    },
 }
 
 /// Why an arch backend refuses to probe an instruction.
@@ -432,6 +440,12 @@ impl fmt::Display for ProbeError {
             ProbeError::OffsetPastEnd { name, size, offset } => write!(
                 f,
                 "offset {offset:#x} is past the end of `{name}` ({size:#x} bytes)"
+            ),
+            ProbeError::AmbiguousSymbol { name, objects } => write!(
+                f,
+                "symbol `{name}` is defined in {} objects ({}): qualify it as `object:{name}`",
+                objects.len(),
+                objects.join(", ")
             ),
         }
     }

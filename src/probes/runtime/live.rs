@@ -7,8 +7,9 @@
 //!
 //! - the x86_64 backend;
 //! - [`InProcess`] text, refusing the ranges of `refuse.rs`;
-//! - [`ProcessSymbols`] as the registry's resolver (names to addresses, and
-//!   the function around an address for the boundary check);
+//! - [`LiveSymbols`] as the registry's resolver (names to addresses, and
+//!   the function around an address for the boundary check), refreshed
+//!   when the loader has loaded or unloaded objects since the last lookup;
 //! - an [`XolArea`] for out-of-line slots near the probed code;
 //! - the [trampoline](super::trampoline_address) for kretprobes;
 //!
@@ -33,7 +34,7 @@ use crate::probes::arch::{Arch, DataMemory, Regs, X86_64};
 use crate::probes::kprobe::{HitOutcome, KprobeRegistry, StepResult, StepToken};
 use crate::probes::outcome::ReturnOutcome;
 use crate::probes::runtime::in_process::InProcess;
-use crate::probes::runtime::symbols::ProcessSymbols;
+use crate::probes::runtime::symbols::{LiveSymbols, ProcessSymbols};
 use crate::probes::text::TextMemory;
 use crate::probes::xol::XolAllocator;
 
@@ -159,6 +160,7 @@ impl From<LiveError> for std::io::Error {
 pub struct Live {
     registry: LiveRegistry,
     symbols: ProcessSymbols,
+    live_symbols: LiveSymbols,
     xol: Arc<XolArea>,
 }
 
@@ -191,10 +193,11 @@ impl Live {
         let symbols = ProcessSymbols::load()?;
         let text = InProcess::new().refuse_all(super::refuse::refused_ranges(&symbols));
         let xol = Arc::new(XolArea::default());
+        let live_symbols = LiveSymbols::new(symbols.clone());
         let registry = KprobeRegistry::builder(
             X86_64,
             text,
-            symbols.clone(),
+            live_symbols.clone(),
             Arc::clone(&xol) as Arc<dyn XolAllocator>,
         )
         .trampoline(super::trampoline::trampoline_address())
@@ -202,6 +205,7 @@ impl Live {
         let raw = Box::into_raw(Box::new(Live {
             registry,
             symbols,
+            live_symbols,
             xol,
         }));
         // SAFETY: `raw` is a fresh box; it is freed below only if it was
@@ -240,9 +244,18 @@ impl Live {
         &self.registry
     }
 
-    /// The symbols probes are resolved against.
+    /// The symbols as loaded when this `Live` was built (what the refused
+    /// ranges were computed from). Probes are resolved against
+    /// [`current_symbols`](Self::current_symbols), which also knows the
+    /// objects loaded (and forgets those unloaded) since.
     pub fn symbols(&self) -> &ProcessSymbols {
         &self.symbols
+    }
+
+    /// The symbols probes are resolved against now: refreshed first if the
+    /// loader has loaded or unloaded objects since the last lookup.
+    pub fn current_symbols(&self) -> ProcessSymbols {
+        self.live_symbols.current()
     }
 
     /// XOL slot counters.
