@@ -10,6 +10,7 @@ mod runtime_support;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
+use rcu_registry::__internals::runtime::refuse;
 use rcu_registry::probes::kprobe::{Action, Kprobe, KprobeBuilder, Kretprobe};
 use rcu_registry::probes::runtime::Live;
 use rcu_registry::probes::ProbeError;
@@ -250,4 +251,175 @@ fn object_qualifiers_pick_one_c_library_function() {
             name: "libgcc_s.so.1:qsort".into()
         })
     );
+}
+
+/// `dlsym(RTLD_DEFAULT, name)`: for an IFUNC, the implementation the
+/// loader chose.
+fn dlsym_default(name: &std::ffi::CStr) -> u64 {
+    // SAFETY: dlsym with RTLD_DEFAULT and a valid C string.
+    let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, name.as_ptr()) } as u64;
+    assert_ne!(p, 0, "dlsym {name:?}");
+    p
+}
+
+/// Registers a counting kprobe on `name`, runs `calls` (which must call
+/// the function exactly `n` times), unregisters and checks the count and
+/// that the text is back.
+fn count_calls(name: &str, at: u64, n: u64, calls: impl Fn()) {
+    let reg = live().registry();
+    let hits = Arc::new(AtomicU64::new(0));
+    let probe = counting(Kprobe::symbol(name, 0), &hits);
+    let before = code(at, 16);
+    reg.register(&probe)
+        .unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(probe.address(), Some(at), "{name}");
+    calls();
+    reg.unregister(&probe).unwrap();
+    assert_eq!(hits.load(Ordering::Relaxed), n, "{name}");
+    assert_eq!(code(at, 16), before, "{name}");
+}
+
+#[test]
+fn an_ifunc_in_a_stripped_library_resolves_to_the_chosen_implementation() {
+    let _g = serial();
+    // Stripped: no .symtab, the implementation has no symbol; its extent
+    // comes from the unwind table.
+    let dir_lib = build_library(
+        "libfxifunc.so",
+        "static int fx_impl_slow(int x) { return x + 10; }\n\
+         static int fx_impl_fast(int x) { return x * 5 + 1; }\n\
+         static void *fx_pick(void) { return (void *)fx_impl_fast; }\n\
+         int fx_ifunc(int) __attribute__((ifunc(\"fx_pick\")));\n\
+         int fx_slow(int x) { return fx_impl_slow(x); }\n",
+    );
+    let out = std::process::Command::new("strip")
+        .arg(&dir_lib)
+        .output()
+        .expect("running strip");
+    assert!(out.status.success());
+    let lib = Library::open(&dir_lib);
+    let f = std::hint::black_box(lib.function(c"fx_ifunc"));
+    let at = f as usize as u64;
+    let syms = live().current_symbols();
+    let func = syms.find("fx_ifunc").unwrap();
+    assert!(func.ifunc && func.start == at, "{func:?} vs {at:#x}");
+    assert!(func.size >= 4 && func.size < 64, "{func:?}");
+    assert_eq!(syms.function_at(at + func.size - 1), Some(func));
+    count_calls("fx_ifunc", at, 9, || {
+        for x in 0..9 {
+            assert_eq!(f(x), x * 5 + 1);
+        }
+    });
+    // Also by address (found through the same extent).
+    let hits = Arc::new(AtomicU64::new(0));
+    let probe = counting(Kprobe::at(at), &hits);
+    live().registry().register(&probe).unwrap();
+    assert_eq!(f(3), 16);
+    live().registry().unregister(&probe).unwrap();
+    assert_eq!(hits.load(Ordering::Relaxed), 1);
+    lib.close();
+    let _ = std::fs::remove_dir_all(dir_lib.parent().unwrap());
+}
+
+/// Calls the C library's `strlen`, `memcpy` or `strcmp` at `at` once.
+fn call_once(name: &str, at: u64) {
+    type StrLen = extern "C" fn(*const libc::c_char) -> usize;
+    type MemCpy = extern "C" fn(*mut libc::c_void, *const libc::c_void, usize) -> *mut libc::c_void;
+    type StrCmp = extern "C" fn(*const libc::c_char, *const libc::c_char) -> libc::c_int;
+    match name {
+        "strlen" => {
+            // SAFETY: dlsym's strlen has this C signature.
+            let f =
+                std::hint::black_box(unsafe { std::mem::transmute::<usize, StrLen>(at as usize) });
+            assert_eq!(f(c"abc".as_ptr()), 3);
+        }
+        "memcpy" => {
+            // SAFETY: dlsym's memcpy has this C signature.
+            let f =
+                std::hint::black_box(unsafe { std::mem::transmute::<usize, MemCpy>(at as usize) });
+            let (src, mut dst) = ([1u8, 2, 3, 4], [0u8; 4]);
+            f(dst.as_mut_ptr().cast(), src.as_ptr().cast(), 4);
+            assert_eq!(dst, src);
+        }
+        _ => {
+            // SAFETY: dlsym's strcmp has this C signature.
+            let f =
+                std::hint::black_box(unsafe { std::mem::transmute::<usize, StrCmp>(at as usize) });
+            assert_eq!(f(c"abc".as_ptr(), c"abc".as_ptr()), 0);
+        }
+    }
+}
+
+#[test]
+fn c_library_ifuncs_resolve_to_what_dlsym_gives() {
+    let _g = serial();
+    let syms = live().current_symbols();
+    let reg = live().registry();
+    // strlen, memcpy and strcmp are what the trap path itself calls (the
+    // walk in refuse.rs proves it): refused at the implementation's
+    // address, as code the trap path calls, with nothing written. (Were
+    // one ever accepted, its calls must count exactly.)
+    let c = |s: &str| std::ffi::CString::new(s).unwrap();
+    let mut refused = Vec::new();
+    for name in ["strlen", "memcpy", "strcmp"] {
+        let at = dlsym_default(&c(name));
+        let func = syms.find(name).unwrap();
+        assert!(
+            func.ifunc && func.start == at,
+            "{name}: {func:?} vs {at:#x}"
+        );
+        assert!(func.object.ends_with("/libc.so.6"), "{func:?}");
+        let before = code(at, 16);
+        let sites = reg.sites();
+        for probe in [Kprobe::symbol(name, 0).build(), Kprobe::at(at).build()] {
+            match reg.register(&probe) {
+                Err(ProbeError::RefusedTarget { addr, what }) => {
+                    assert_eq!(addr, at, "{name}");
+                    assert_eq!(what, refuse::TRAP_PATH_CALLEE, "{name}");
+                    refused.push(name);
+                }
+                Ok(()) => {
+                    let hits = probe.hits();
+                    call_once(name, at);
+                    reg.unregister(&probe).unwrap();
+                    assert_eq!(probe.hits() - hits, 1, "{name}");
+                }
+                Err(e) => panic!("{name}: {e}"),
+            }
+            assert_eq!(code(at, 16), before, "{name}");
+            assert_eq!(reg.sites(), sites, "{name}");
+        }
+    }
+    println!("refused as trap-path callees: {refused:?}");
+    // IFUNCs the trap path never calls: exact counts through dlsym's
+    // function pointers (the handler calls nothing).
+    type Spn = extern "C" fn(*const libc::c_char, *const libc::c_char) -> usize;
+    type CaseCmp = extern "C" fn(*const libc::c_char, *const libc::c_char) -> libc::c_int;
+    type WcsLen = extern "C" fn(*const libc::wchar_t) -> usize;
+    let at = dlsym_default(c"strspn");
+    // SAFETY: dlsym's strspn has this C signature.
+    let strspn = std::hint::black_box(unsafe { std::mem::transmute::<usize, Spn>(at as usize) });
+    count_calls("strspn", at, 4, || {
+        for _ in 0..4 {
+            assert_eq!(strspn(c"aabbc".as_ptr(), c"ab".as_ptr()), 4);
+        }
+    });
+    let at = dlsym_default(c"strcasecmp");
+    // SAFETY: dlsym's strcasecmp has this C signature.
+    let strcasecmp =
+        std::hint::black_box(unsafe { std::mem::transmute::<usize, CaseCmp>(at as usize) });
+    count_calls("strcasecmp", at, 3, || {
+        for _ in 0..3 {
+            assert_eq!(strcasecmp(c"Probe".as_ptr(), c"pROBE".as_ptr()), 0);
+        }
+    });
+    let at = dlsym_default(c"wcslen");
+    // SAFETY: dlsym's wcslen has this C signature.
+    let wcslen = std::hint::black_box(unsafe { std::mem::transmute::<usize, WcsLen>(at as usize) });
+    let wide: Vec<libc::wchar_t> = "wide\0".chars().map(|c| c as libc::wchar_t).collect();
+    count_calls("wcslen", at, 6, || {
+        for _ in 0..6 {
+            assert_eq!(wcslen(wide.as_ptr()), 4);
+        }
+    });
 }

@@ -14,6 +14,19 @@
 //! `.dynsym` (exported functions only, e.g. a stripped C library). The vDSO
 //! has no file and is skipped.
 //!
+//! # IFUNC symbols
+//!
+//! `strlen`, `memcpy`, `strcmp` and many more C-library functions are
+//! `STT_GNU_IFUNC` symbols: their value is a resolver the loader calls
+//! once to pick an implementation for this CPU (`__strlen_avx2`). Such a
+//! name resolves to that implementation: `dlsym` on the defining object
+//! (the address every call through the PLT reaches; the loader calls the
+//! resolver, not us). Its extent is its own symbol's if the object has a
+//! `.symtab`, else the `.eh_frame` entry that covers it (stripped
+//! libraries keep their unwind tables): from the implementation's address
+//! to the end of that entry. An IFUNC whose implementation has neither is
+//! left out (unknown, never guessed). The resolver itself has no name.
+//!
 //! # Names
 //!
 //! Every function is found under its raw (mangled) name and, for Rust
@@ -44,11 +57,13 @@ use std::collections::HashMap;
 use std::ffi::CStr;
 use std::sync::Arc;
 
-use object::{Object, ObjectSymbol, SymbolKind};
+use object::{Object, ObjectSection, ObjectSymbol, SymbolFlags, SymbolKind};
 
 use crate::probes::resolve::{Symbol, SymbolResolver};
 use crate::probes::ProbeError;
 use crate::rcu::RcuCell;
+
+mod fde_extents;
 
 /// One function of the process.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -63,6 +78,10 @@ pub struct Function {
     pub size: u64,
     /// Path of the object that defines it.
     pub object: Arc<str>,
+    /// Named after an IFUNC symbol (`strlen`, `memcpy`): `start` and
+    /// `size` are those of the implementation the loader chose for this
+    /// process (see the module docs).
+    pub ifunc: bool,
 }
 
 impl Function {
@@ -241,19 +260,61 @@ fn demangle(raw: &str) -> Option<String> {
     Some(format!("{d:#}"))
 }
 
-/// The functions of the object at `path`, mapped with `bias`.
-fn parse_object(path: &str, bias: u64) -> std::io::Result<ObjectFunctions> {
+/// `STT_GNU_IFUNC`: the symbol's value is a resolver that returns the
+/// implementation to use.
+const STT_GNU_IFUNC: u8 = 10;
+
+/// Whether `sym` is a defined IFUNC symbol (which `object` does not count
+/// as a definition).
+fn is_ifunc(sym: &object::Symbol<'_, '_>) -> bool {
+    matches!(sym.flags(), SymbolFlags::Elf { st_info, .. } if st_info & 0xf == STT_GNU_IFUNC)
+        && sym.section_index().is_some()
+}
+
+/// The address `dlsym` gives for `name` in the object at `path` (the
+/// executable if `exe`): for an IFUNC symbol, the implementation the
+/// loader's resolver chose, as every call through the PLT reaches it.
+fn dlsym_in(path: &str, exe: bool, name: &str) -> Option<u64> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let path = std::ffi::CString::new(path).ok()?;
+    // SAFETY: valid C strings. RTLD_NOLOAD only finds an object already
+    // loaded (it runs no constructor) and takes a reference, dropped below.
+    let handle = unsafe {
+        libc::dlopen(
+            if exe { std::ptr::null() } else { path.as_ptr() },
+            libc::RTLD_LAZY | libc::RTLD_NOLOAD,
+        )
+    };
+    if handle.is_null() {
+        return None;
+    }
+    // SAFETY: a live handle and a valid C string. The object's own
+    // definition comes first in its lookup scope.
+    let addr = unsafe { libc::dlsym(handle, name.as_ptr()) } as u64;
+    // SAFETY: the reference dlopen took above, given back once.
+    unsafe { libc::dlclose(handle) };
+    (addr != 0).then_some(addr)
+}
+
+/// The functions of the object at `path`, mapped with `bias` (`exe`: the
+/// executable).
+fn parse_object(path: &str, bias: u64, exe: bool) -> std::io::Result<ObjectFunctions> {
     let data = std::fs::read(path)?;
     let file = object::File::parse(&*data)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     let object: Arc<str> = Arc::from(path);
     let mut funcs = Vec::new();
+    let mut ifuncs: Vec<String> = Vec::new();
     let mut add = |sym: object::Symbol<'_, '_>| {
-        if sym.kind() != SymbolKind::Text || !sym.is_definition() || sym.size() == 0 {
+        let Ok(raw) = sym.name() else { return };
+        if raw.is_empty() || sym.kind() != SymbolKind::Text {
             return;
         }
-        let Ok(raw) = sym.name() else { return };
-        if raw.is_empty() {
+        if is_ifunc(&sym) {
+            ifuncs.push(raw.to_string());
+            return;
+        }
+        if !sym.is_definition() || sym.size() == 0 {
             return;
         }
         funcs.push(Function {
@@ -262,6 +323,7 @@ fn parse_object(path: &str, bias: u64) -> std::io::Result<ObjectFunctions> {
             start: sym.address().wrapping_add(bias),
             size: sym.size(),
             object: Arc::clone(&object),
+            ifunc: false,
         });
     };
     let mut any = false;
@@ -272,6 +334,35 @@ fn parse_object(path: &str, bias: u64) -> std::io::Result<ObjectFunctions> {
     if !any {
         for sym in file.dynamic_symbols() {
             add(sym);
+        }
+    }
+    if !ifuncs.is_empty() {
+        ifuncs.sort_unstable();
+        ifuncs.dedup();
+        // The implementations' extents: their own (local) symbol if the
+        // object has a `.symtab`, else the unwind table's entry.
+        let extents = file
+            .section_by_name(".eh_frame")
+            .and_then(|s| Some(fde_extents::fde_extents(s.data().ok()?, s.address())))
+            .unwrap_or_default();
+        for raw in ifuncs {
+            let Some(start) = dlsym_in(path, exe, &raw) else {
+                continue;
+            };
+            let size = match funcs.iter().find(|f| f.start == start) {
+                Some(own) => Some(own.size),
+                None => fde_extents::containing(&extents, start.wrapping_sub(bias))
+                    .map(|(s, n)| s.wrapping_add(bias).wrapping_add(n) - start),
+            };
+            let Some(size) = size else { continue };
+            funcs.push(Function {
+                name: demangle(&raw).unwrap_or_else(|| raw.clone()),
+                raw,
+                start,
+                size,
+                object: Arc::clone(&object),
+                ifunc: true,
+            });
         }
     }
     Ok(ObjectFunctions {
@@ -321,7 +412,7 @@ impl ProcessSymbols {
                 parsed.push(Arc::clone(k));
                 continue;
             }
-            match parse_object(&o.path, o.bias) {
+            match parse_object(&o.path, o.bias, i == 0) {
                 Ok(f) => parsed.push(Arc::new(f)),
                 Err(e) if i == 0 => return Err(e),
                 Err(_) => {}
@@ -349,9 +440,17 @@ impl ProcessSymbols {
         for (i, f) in funcs.iter().enumerate() {
             for name in [&f.raw, &f.name] {
                 let at = by_name.entry(name.clone()).or_default();
-                // The lowest address per object (`funcs` is by address).
-                if !at.iter().any(|&j| Arc::ptr_eq(&funcs[j].object, &f.object)) {
-                    at.push(i);
+                // One per object: the IFUNC's implementation (what calls
+                // reach; a same-named plain symbol is an older version,
+                // `memcpy@GLIBC_2.2.5`), else the lowest address (`funcs`
+                // is by address).
+                match at
+                    .iter_mut()
+                    .find(|j| Arc::ptr_eq(&funcs[**j].object, &f.object))
+                {
+                    Some(j) if f.ifunc && !funcs[*j].ifunc => *j = i,
+                    Some(_) => {}
+                    None => at.push(i),
                 }
             }
         }
