@@ -103,7 +103,19 @@ impl Function {
 struct ObjectFunctions {
     path: Arc<str>,
     bias: u64,
+    /// The file as it was read: a file replaced on disk and loaded again at
+    /// the same address is read again.
+    stamp: Option<FileStamp>,
     funcs: Vec<Function>,
+}
+
+/// Device, inode, size and modification time of a file.
+type FileStamp = (u64, u64, u64, i64, i64);
+
+fn file_stamp(path: &str) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
 }
 
 struct Inner {
@@ -299,6 +311,7 @@ fn dlsym_in(path: &str, exe: bool, name: &str) -> Option<u64> {
 /// The functions of the object at `path`, mapped with `bias` (`exe`: the
 /// executable).
 fn parse_object(path: &str, bias: u64, exe: bool) -> std::io::Result<ObjectFunctions> {
+    let stamp = file_stamp(path);
     let data = std::fs::read(path)?;
     let file = object::File::parse(&*data)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
@@ -368,6 +381,7 @@ fn parse_object(path: &str, bias: u64, exe: bool) -> std::io::Result<ObjectFunct
     Ok(ObjectFunctions {
         path: object,
         bias,
+        stamp,
         funcs,
     })
 }
@@ -405,10 +419,12 @@ impl ProcessSymbols {
             if executable_only && i > 0 {
                 break;
             }
-            if let Some(k) = known
-                .iter()
-                .find(|k| *k.path == *o.path && k.bias == o.bias)
-            {
+            if let Some(k) = known.iter().find(|k| {
+                *k.path == *o.path
+                    && k.bias == o.bias
+                    && k.stamp.is_some()
+                    && k.stamp == file_stamp(&o.path)
+            }) {
                 parsed.push(Arc::clone(k));
                 continue;
             }
