@@ -38,6 +38,20 @@ impl Symbol {
     /// [`ProbeError::OffsetPastEnd`] if `offset` is not inside the function
     /// (`offset >= size`, or an address that would wrap): such a target
     /// would land in whatever follows the function.
+    ///
+    /// ```
+    /// use rcu_registry::probes::resolve::Symbol;
+    /// use rcu_registry::probes::ProbeError;
+    ///
+    /// let f = Symbol { start: 0x1000, size: 16 };
+    /// assert_eq!(f.offset_address("f", 15), Ok(0x100f));
+    /// for offset in [16, u64::MAX] {
+    ///     assert_eq!(
+    ///         f.offset_address("f", offset),
+    ///         Err(ProbeError::OffsetPastEnd { name: "f".into(), size: 16, offset })
+    ///     );
+    /// }
+    /// ```
     pub fn offset_address(&self, name: &str, offset: u64) -> Result<u64, ProbeError> {
         match self.start.checked_add(offset) {
             Some(addr) if offset < self.size => Ok(addr),
