@@ -147,6 +147,24 @@ pub enum ProbeError {
         /// What the code at `addr` is, e.g. `"the SIGTRAP handler"`.
         what: &'static str,
     },
+    /// A `name + offset` target whose offset is not inside the function
+    /// (`offset >= size`): it would land in whatever follows the function.
+    OffsetPastEnd {
+        /// The function named by the target.
+        name: String,
+        /// The function's size in bytes.
+        size: u64,
+        /// The refused offset.
+        offset: u64,
+    },
+    /// The symbol `name` is defined in several loaded objects (listed by
+    /// path, in load order): qualify it as `object:name`.
+    AmbiguousSymbol {
+        /// The symbol asked for (without qualifier).
+        name: String,
+        /// Paths of the objects that define it.
+        objects: Vec<String>,
+    },
 }
 
 /// Why an arch backend refuses to probe an instruction.
@@ -419,6 +437,16 @@ impl fmt::Display for ProbeError {
             ProbeError::RefusedTarget { addr, what } => {
                 write!(f, "refusing to patch {addr:#x}: it is {what}")
             }
+            ProbeError::OffsetPastEnd { name, size, offset } => write!(
+                f,
+                "offset {offset:#x} is past the end of `{name}` ({size:#x} bytes)"
+            ),
+            ProbeError::AmbiguousSymbol { name, objects } => write!(
+                f,
+                "symbol `{name}` is defined in {} objects ({}): qualify it as `object:{name}`",
+                objects.len(),
+                objects.join(", ")
+            ),
         }
     }
 }

@@ -10,6 +10,8 @@
 
 use std::collections::HashMap;
 
+use crate::probes::ProbeError;
+
 /// A function: its first byte and its size in bytes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Symbol {
@@ -29,6 +31,37 @@ impl Symbol {
     pub fn contains(&self, addr: u64) -> bool {
         addr >= self.start && addr < self.end()
     }
+
+    /// The address `offset` bytes into this function, which `name` names.
+    ///
+    /// # Errors
+    /// [`ProbeError::OffsetPastEnd`] if `offset` is not inside the function
+    /// (`offset >= size`, or an address that would wrap): such a target
+    /// would land in whatever follows the function.
+    ///
+    /// ```
+    /// use rcu_registry::probes::resolve::Symbol;
+    /// use rcu_registry::probes::ProbeError;
+    ///
+    /// let f = Symbol { start: 0x1000, size: 16 };
+    /// assert_eq!(f.offset_address("f", 15), Ok(0x100f));
+    /// for offset in [16, u64::MAX] {
+    ///     assert_eq!(
+    ///         f.offset_address("f", offset),
+    ///         Err(ProbeError::OffsetPastEnd { name: "f".into(), size: 16, offset })
+    ///     );
+    /// }
+    /// ```
+    pub fn offset_address(&self, name: &str, offset: u64) -> Result<u64, ProbeError> {
+        match self.start.checked_add(offset) {
+            Some(addr) if offset < self.size => Ok(addr),
+            _ => Err(ProbeError::OffsetPastEnd {
+                name: name.to_string(),
+                size: self.size,
+                offset,
+            }),
+        }
+    }
 }
 
 /// Resolves function names and finds the function around an address.
@@ -38,6 +71,20 @@ pub trait SymbolResolver: Send + Sync {
 
     /// The function whose bytes include `addr`.
     fn function_containing(&self, addr: u64) -> Option<Symbol>;
+
+    /// The function called `name`, or why there is none.
+    ///
+    /// The default answers [`ProbeError::UnknownSymbol`] when
+    /// [`lookup`](Self::lookup) finds nothing; a resolver that can tell
+    /// more (a name defined in several objects) overrides it.
+    ///
+    /// # Errors
+    /// [`ProbeError::UnknownSymbol`], or what the resolver reports.
+    fn resolve(&self, name: &str) -> Result<Symbol, ProbeError> {
+        self.lookup(name).ok_or_else(|| ProbeError::UnknownSymbol {
+            name: name.to_string(),
+        })
+    }
 }
 
 /// A resolver over a list of `(name, start, size)` functions.

@@ -293,11 +293,9 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         match target {
             Target::Address(a) => Ok(*a),
             Target::Symbol { name, offset } => {
-                let sym = self
-                    .resolver
-                    .lookup(name)
-                    .ok_or_else(|| ProbeError::UnknownSymbol { name: name.clone() })?;
-                Ok(sym.start.wrapping_add(*offset))
+                // Checked: an offset past the function's end is refused,
+                // never wrapped or let into the next function.
+                self.resolver.resolve(name)?.offset_address(name, *offset)
             }
         }
     }
@@ -312,6 +310,10 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     ///   elsewhere) or pending commit;
     /// - [`ProbeError::UnknownSymbol`], [`ProbeError::NoFunction`]: the
     ///   target cannot be resolved or lies in no known function;
+    /// - [`ProbeError::OffsetPastEnd`]: a `name + offset` target's offset is
+    ///   not inside the function (checked, never wrapped);
+    /// - [`ProbeError::AmbiguousSymbol`]: the name is defined in several
+    ///   loaded objects (say which: `object:name`);
     /// - [`ProbeError::NotOnInstructionBoundary`], [`ProbeError::Misaligned`],
     ///   [`ProbeError::UnsupportedInstruction`]: the arch backend refuses it;
     /// - [`ProbeError::AlreadyPatched`]: someone else's breakpoint is there,

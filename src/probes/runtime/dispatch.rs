@@ -225,20 +225,28 @@ pub struct Attachment {
 /// (once). From now on breakpoint traps are offered to `d`.
 ///
 /// # Panics
-/// If [`MAX_DISPATCHERS`] dispatchers are attached already.
+/// If [`MAX_DISPATCHERS`] dispatchers are attached already (see
+/// [`try_attach`]).
 pub fn attach(d: &'static dyn TrapDispatcher) -> Attachment {
+    try_attach(d)
+        .unwrap_or_else(|| panic!("at most {MAX_DISPATCHERS} trap dispatchers can be attached"))
+}
+
+/// As [`attach`], but `None` (and nothing attached) if [`MAX_DISPATCHERS`]
+/// dispatchers are attached already. The SIGTRAP handler is installed
+/// either way.
+pub fn try_attach(d: &'static dyn TrapDispatcher) -> Option<Attachment> {
     super::signal::install();
     let _g = TABLE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     // Relaxed: entries only change under TABLE_LOCK, which we hold.
     let index = TABLE
         .iter()
-        .position(|e| e.load(Ordering::Relaxed).is_null())
-        .unwrap_or_else(|| panic!("at most {MAX_DISPATCHERS} trap dispatchers can be attached"));
+        .position(|e| e.load(Ordering::Relaxed).is_null())?;
     let entry = Box::into_raw(Box::new(Entry { d }));
     // Release pairs with the Acquire load in `for_each_dispatcher`: a handler
     // that sees the pointer sees the entry's contents.
     TABLE[index].store(entry, Ordering::Release);
-    Attachment { index }
+    Some(Attachment { index })
 }
 
 impl Attachment {

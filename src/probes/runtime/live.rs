@@ -7,8 +7,9 @@
 //!
 //! - the x86_64 backend;
 //! - [`InProcess`] text, refusing the ranges of `refuse.rs`;
-//! - [`ProcessSymbols`] as the registry's resolver (names to addresses, and
-//!   the function around an address for the boundary check);
+//! - [`LiveSymbols`] as the registry's resolver (names to addresses, and
+//!   the function around an address for the boundary check), refreshed
+//!   when the loader has loaded or unloaded objects since the last lookup;
 //! - an [`XolArea`] for out-of-line slots near the probed code;
 //! - the [trampoline](super::trampoline_address) for kretprobes;
 //!
@@ -27,13 +28,13 @@
 
 use std::sync::{Arc, OnceLock};
 
-use super::dispatch::{attach, StepStash, TrapDispatcher, Verdict};
+use super::dispatch::{try_attach, StepStash, TrapDispatcher, Verdict, MAX_DISPATCHERS};
 use super::xol::{XolArea, XolStats};
 use crate::probes::arch::{Arch, DataMemory, Regs, X86_64};
 use crate::probes::kprobe::{HitOutcome, KprobeRegistry, StepResult, StepToken};
 use crate::probes::outcome::ReturnOutcome;
 use crate::probes::runtime::in_process::InProcess;
-use crate::probes::runtime::symbols::ProcessSymbols;
+use crate::probes::runtime::symbols::{LiveSymbols, ProcessSymbols};
 use crate::probes::text::TextMemory;
 use crate::probes::xol::XolAllocator;
 
@@ -103,10 +104,63 @@ fn step_verdict(marker: Option<u64>) -> Verdict {
     }
 }
 
+/// Why [`Live::new`] failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum LiveError {
+    /// The executable's ELF symbols could not be read or parsed.
+    Symbols(std::io::Error),
+    /// `max` trap dispatchers are attached already (every [`Live`] stays
+    /// attached for the life of the process).
+    TooManyDispatchers {
+        /// [`MAX_DISPATCHERS`].
+        max: usize,
+    },
+}
+
+impl std::fmt::Display for LiveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LiveError::Symbols(e) => write!(f, "reading the process's ELF symbols: {e}"),
+            LiveError::TooManyDispatchers { max } => write!(
+                f,
+                "no room for another live registry: {max} trap dispatchers are attached \
+                 (use Live::global)"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for LiveError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            LiveError::Symbols(e) => Some(e),
+            LiveError::TooManyDispatchers { .. } => None,
+        }
+    }
+}
+
+impl From<std::io::Error> for LiveError {
+    fn from(e: std::io::Error) -> Self {
+        LiveError::Symbols(e)
+    }
+}
+
+/// For callers that use `?` in a function returning `std::io::Result`.
+impl From<LiveError> for std::io::Error {
+    fn from(e: LiveError) -> Self {
+        match e {
+            LiveError::Symbols(e) => e,
+            other => std::io::Error::other(other),
+        }
+    }
+}
+
 /// A live registry with the pieces it was built from.
 pub struct Live {
     registry: LiveRegistry,
     symbols: ProcessSymbols,
+    live_symbols: LiveSymbols,
     xol: Arc<XolArea>,
 }
 
@@ -125,28 +179,49 @@ impl Live {
     /// Builds a registry over the process's code (see the module docs),
     /// leaks it and attaches it to the SIGTRAP handler.
     ///
+    /// Every `Live` stays attached for the life of the process, so at most
+    /// [`MAX_DISPATCHERS`] can exist (fewer if other dispatchers are
+    /// attached). One `Live` serves the whole process, libraries loaded
+    /// later included: prefer [`Live::global`].
+    ///
     /// # Errors
-    /// If the executable's symbols cannot be read.
-    pub fn new() -> std::io::Result<&'static Live> {
+    /// - [`LiveError::Symbols`]: the executable's symbols cannot be read;
+    /// - [`LiveError::TooManyDispatchers`]: the dispatcher table is full.
+    ///
+    /// Either way nothing is attached and nothing stays allocated.
+    pub fn new() -> Result<&'static Live, LiveError> {
         let symbols = ProcessSymbols::load()?;
         let text = InProcess::new().refuse_all(super::refuse::refused_ranges(&symbols));
         let xol = Arc::new(XolArea::default());
+        let live_symbols = LiveSymbols::new(symbols.clone());
         let registry = KprobeRegistry::builder(
             X86_64,
             text,
-            symbols.clone(),
+            live_symbols.clone(),
             Arc::clone(&xol) as Arc<dyn XolAllocator>,
         )
         .trampoline(super::trampoline::trampoline_address())
         .build();
-        let live: &'static Live = Box::leak(Box::new(Live {
+        let raw = Box::into_raw(Box::new(Live {
             registry,
             symbols,
+            live_symbols,
             xol,
         }));
+        // SAFETY: `raw` is a fresh box; it is freed below only if it was
+        // never attached (nothing else can have seen it), else leaked.
+        let live: &'static Live = unsafe { &*raw };
         // Attached for the life of the process (the registry is leaked):
         // dropping the attachment without `detach` keeps it attached.
-        drop(attach(&live.registry));
+        let Some(attachment) = try_attach(&live.registry) else {
+            // SAFETY: not attached, not tracked, no probe registered: this
+            // is the only reference to the box, and it is not used again.
+            drop(unsafe { Box::from_raw(raw) });
+            return Err(LiveError::TooManyDispatchers {
+                max: MAX_DISPATCHERS,
+            });
+        };
+        drop(attachment);
         // Its locks and slots are handled across fork() (`fork.rs`).
         super::fork::track(live);
         Ok(live)
@@ -155,9 +230,12 @@ impl Live {
     /// The process-wide live registry, built on first use.
     ///
     /// # Panics
-    /// If the executable's symbols cannot be read (see [`Live::new`]).
+    /// If it cannot be built (see [`Live::new`]).
     pub fn global() -> &'static Live {
-        GLOBAL.get_or_init(|| Live::new().expect("loading the process's ELF symbols"))
+        GLOBAL.get_or_init(|| match Live::new() {
+            Ok(live) => live,
+            Err(e) => panic!("building the process's live registry: {e}"),
+        })
     }
 
     /// The registry: register, enable, unregister probes here. (Every
@@ -166,9 +244,18 @@ impl Live {
         &self.registry
     }
 
-    /// The symbols probes are resolved against.
+    /// The symbols as loaded when this `Live` was built (what the refused
+    /// ranges were computed from). Probes are resolved against
+    /// [`current_symbols`](Self::current_symbols), which also knows the
+    /// objects loaded (and forgets those unloaded) since.
     pub fn symbols(&self) -> &ProcessSymbols {
         &self.symbols
+    }
+
+    /// The symbols probes are resolved against now: refreshed first if the
+    /// loader has loaded or unloaded objects since the last lookup.
+    pub fn current_symbols(&self) -> ProcessSymbols {
+        self.live_symbols.current()
     }
 
     /// XOL slot counters.

@@ -133,12 +133,13 @@ pub(crate) mod xol;
 pub use context::ThreadMemory;
 #[cfg(target_arch = "x86_64")]
 pub use dispatch::{
-    attach, Attachment, StepStash, TrapDispatcher, Verdict, MAX_DISPATCHERS, MAX_NESTED_STEPS,
+    attach, try_attach, Attachment, StepStash, TrapDispatcher, Verdict, MAX_DISPATCHERS,
+    MAX_NESTED_STEPS,
 };
 #[cfg(target_arch = "x86_64")]
 pub use in_process::{InProcess, RefusedRange};
 #[cfg(target_arch = "x86_64")]
-pub use live::{Live, LiveRegistry};
+pub use live::{Live, LiveError, LiveRegistry};
 #[cfg(target_arch = "x86_64")]
 pub use quiesce::{quiesce, QuiesceReport, QUIESCE_TIMEOUT};
 #[cfg(target_arch = "x86_64")]

@@ -14,6 +14,19 @@
 //! `.dynsym` (exported functions only, e.g. a stripped C library). The vDSO
 //! has no file and is skipped.
 //!
+//! # IFUNC symbols
+//!
+//! `strlen`, `memcpy`, `strcmp` and many more C-library functions are
+//! `STT_GNU_IFUNC` symbols: their value is a resolver the loader calls
+//! once to pick an implementation for this CPU (`__strlen_avx2`). Such a
+//! name resolves to that implementation: `dlsym` on the defining object
+//! (the address every call through the PLT reaches; the loader calls the
+//! resolver, not us). Its extent is its own symbol's if the object has a
+//! `.symtab`, else the `.eh_frame` entry that covers it (stripped
+//! libraries keep their unwind tables): from the implementation's address
+//! to the end of that entry. An IFUNC whose implementation has neither is
+//! left out (unknown, never guessed). The resolver itself has no name.
+//!
 //! # Names
 //!
 //! Every function is found under its raw (mangled) name and, for Rust
@@ -21,15 +34,36 @@
 //! (`demo::workload::parse`). Zero-sized symbols are skipped: a probe
 //! address must be checked against the function's extent.
 //!
+//! A name defined in several objects (a function of a `dlopen`ed plugin
+//! that the executable also has, `_init` in every object) is not resolved
+//! to one of them silently: [`ProcessSymbols::find`] reports
+//! [`ProbeError::AmbiguousSymbol`] listing the objects, and
+//! `object:name` picks one (`object` is the object's file name or a suffix
+//! of its path: `libc.so.6:qsort`, `x86_64-linux-gnu/libc.so.6:qsort`).
+//! Within one object the lowest address wins, as before.
+//!
+//! # Libraries loaded later
+//!
+//! A [`ProcessSymbols`] is a snapshot. [`LiveSymbols`], the resolver of
+//! the live registry, refreshes it lazily: before each lookup it compares
+//! the loader's `dlpi_adds`/`dlpi_subs` counters (objects ever loaded and
+//! unloaded, from `dl_iterate_phdr`) with the snapshot's and, if they
+//! moved, builds a new snapshot that re-reads only the objects it has not
+//! parsed before and drops the ones unloaded.
+//!
 //! Loading reads and parses files: call it at set-up, not in a trap.
 
 use std::collections::HashMap;
 use std::ffi::CStr;
 use std::sync::Arc;
 
-use object::{Object, ObjectSymbol, SymbolKind};
+use object::{Object, ObjectSection, ObjectSymbol, SymbolFlags, SymbolKind};
 
 use crate::probes::resolve::{Symbol, SymbolResolver};
+use crate::probes::ProbeError;
+use crate::rcu::RcuCell;
+
+mod fde_extents;
 
 /// One function of the process.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -44,6 +78,10 @@ pub struct Function {
     pub size: u64,
     /// Path of the object that defines it.
     pub object: Arc<str>,
+    /// Named after an IFUNC symbol (`strlen`, `memcpy`): `start` and
+    /// `size` are those of the implementation the loader chose for this
+    /// process (see the module docs).
+    pub ifunc: bool,
 }
 
 impl Function {
@@ -61,15 +99,45 @@ impl Function {
     }
 }
 
+/// The functions one object contributed (kept to reuse on a refresh).
+struct ObjectFunctions {
+    path: Arc<str>,
+    bias: u64,
+    /// The file as it was read: a file replaced on disk and loaded again at
+    /// the same address is read again.
+    stamp: Option<FileStamp>,
+    funcs: Vec<Function>,
+}
+
+/// Device, inode, size and modification time of a file.
+type FileStamp = (u64, u64, u64, i64, i64);
+
+fn file_stamp(path: &str) -> Option<FileStamp> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec()))
+}
+
 struct Inner {
     /// Sorted by start address.
     by_addr: Vec<Function>,
-    /// Raw and demangled names to indices in `by_addr` (first object wins).
-    by_name: HashMap<String, usize>,
+    /// Raw and demangled names to indices in `by_addr`: the lowest address
+    /// in each object that defines the name, one per object.
+    by_name: HashMap<String, Vec<usize>>,
     objects: Vec<(Arc<str>, u64)>,
+    /// Per object, for [`ProcessSymbols::refreshed`].
+    parsed: Vec<Arc<ObjectFunctions>>,
+    /// The executable's own path (its object is read as `/proc/self/exe`),
+    /// for `object:name` qualifiers.
+    exe: Option<String>,
+    /// The loader's counters when the snapshot was taken.
+    counters: Option<LoaderCounters>,
+    /// Only the executable was loaded: never refreshed.
+    executable_only: bool,
 }
 
-/// The functions of the running process. Cheap to clone (shared).
+/// The functions of the running process: a snapshot. Cheap to clone
+/// (shared).
 #[derive(Clone)]
 pub struct ProcessSymbols {
     inner: Arc<Inner>,
@@ -82,6 +150,72 @@ impl std::fmt::Debug for ProcessSymbols {
             .field("objects", &self.inner.objects)
             .finish()
     }
+}
+
+/// The loader's `dlpi_adds` and `dlpi_subs`: objects loaded and unloaded
+/// since the process started. Equal counters, same objects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LoaderCounters {
+    adds: u64,
+    subs: u64,
+}
+
+/// `dl_iterate_phdr` callback: reads the counters from the first object
+/// and stops.
+///
+/// # Safety
+/// `info` must be valid for the call and `data` must point to a live
+/// `Option<LoaderCounters>` nobody else accesses during the iteration.
+unsafe extern "C" fn read_counters(
+    info: *mut libc::dl_phdr_info,
+    size: libc::size_t,
+    data: *mut libc::c_void,
+) -> libc::c_int {
+    // SAFETY: `data` is the `Option` `loader_counters` passed, alive and
+    // exclusively ours; `info` is valid for this call.
+    let (out, info) = unsafe { (&mut *data.cast::<Option<LoaderCounters>>(), &*info) };
+    // The counters exist only if the loader's structure is long enough.
+    if size >= std::mem::offset_of!(libc::dl_phdr_info, dlpi_subs) + 8 {
+        *out = Some(LoaderCounters {
+            adds: info.dlpi_adds,
+            subs: info.dlpi_subs,
+        });
+    }
+    1
+}
+
+/// The loader's counters now (`None`: this loader keeps none, and every
+/// lookup of a [`LiveSymbols`] refreshes).
+fn loader_counters() -> Option<LoaderCounters> {
+    let mut out: Option<LoaderCounters> = None;
+    // SAFETY: the callback matches dl_iterate_phdr's signature and only
+    // touches `out` through the pointer we pass.
+    unsafe {
+        libc::dl_iterate_phdr(
+            Some(read_counters),
+            (&mut out as *mut Option<LoaderCounters>).cast(),
+        )
+    };
+    out
+}
+
+/// Whether the qualifier `q` of `q:name` names the object at `path`: its
+/// whole path, or a suffix of it that starts a path component.
+fn object_matches(path: &str, q: &str) -> bool {
+    !q.is_empty()
+        && path.ends_with(q)
+        && (path.len() == q.len()
+            || q.starts_with('/')
+            || path[..path.len() - q.len()].ends_with('/'))
+}
+
+/// Splits `object:name` at its first lone `:` (one not part of a `::`
+/// path separator); `None` for a name without one.
+fn split_qualified(query: &str) -> Option<(&str, &str)> {
+    let b = query.as_bytes();
+    let i = (0..b.len())
+        .find(|&i| b[i] == b':' && (i == 0 || b[i - 1] != b':') && b.get(i + 1) != Some(&b':'))?;
+    Some((&query[..i], &query[i + 1..]))
 }
 
 /// An object the loader mapped: its path and load bias.
@@ -138,17 +272,62 @@ fn demangle(raw: &str) -> Option<String> {
     Some(format!("{d:#}"))
 }
 
-fn add_object(path: &str, bias: u64, funcs: &mut Vec<Function>) -> std::io::Result<()> {
+/// `STT_GNU_IFUNC`: the symbol's value is a resolver that returns the
+/// implementation to use.
+const STT_GNU_IFUNC: u8 = 10;
+
+/// Whether `sym` is a defined IFUNC symbol (which `object` does not count
+/// as a definition).
+fn is_ifunc(sym: &object::Symbol<'_, '_>) -> bool {
+    matches!(sym.flags(), SymbolFlags::Elf { st_info, .. } if st_info & 0xf == STT_GNU_IFUNC)
+        && sym.section_index().is_some()
+}
+
+/// The address `dlsym` gives for `name` in the object at `path` (the
+/// executable if `exe`): for an IFUNC symbol, the implementation the
+/// loader's resolver chose, as every call through the PLT reaches it.
+fn dlsym_in(path: &str, exe: bool, name: &str) -> Option<u64> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let path = std::ffi::CString::new(path).ok()?;
+    // SAFETY: valid C strings. RTLD_NOLOAD only finds an object already
+    // loaded (it runs no constructor) and takes a reference, dropped below.
+    let handle = unsafe {
+        libc::dlopen(
+            if exe { std::ptr::null() } else { path.as_ptr() },
+            libc::RTLD_LAZY | libc::RTLD_NOLOAD,
+        )
+    };
+    if handle.is_null() {
+        return None;
+    }
+    // SAFETY: a live handle and a valid C string. The object's own
+    // definition comes first in its lookup scope.
+    let addr = unsafe { libc::dlsym(handle, name.as_ptr()) } as u64;
+    // SAFETY: the reference dlopen took above, given back once.
+    unsafe { libc::dlclose(handle) };
+    (addr != 0).then_some(addr)
+}
+
+/// The functions of the object at `path`, mapped with `bias` (`exe`: the
+/// executable).
+fn parse_object(path: &str, bias: u64, exe: bool) -> std::io::Result<ObjectFunctions> {
+    let stamp = file_stamp(path);
     let data = std::fs::read(path)?;
     let file = object::File::parse(&*data)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))?;
     let object: Arc<str> = Arc::from(path);
+    let mut funcs = Vec::new();
+    let mut ifuncs: Vec<String> = Vec::new();
     let mut add = |sym: object::Symbol<'_, '_>| {
-        if sym.kind() != SymbolKind::Text || !sym.is_definition() || sym.size() == 0 {
+        let Ok(raw) = sym.name() else { return };
+        if raw.is_empty() || sym.kind() != SymbolKind::Text {
             return;
         }
-        let Ok(raw) = sym.name() else { return };
-        if raw.is_empty() {
+        if is_ifunc(&sym) {
+            ifuncs.push(raw.to_string());
+            return;
+        }
+        if !sym.is_definition() || sym.size() == 0 {
             return;
         }
         funcs.push(Function {
@@ -157,6 +336,7 @@ fn add_object(path: &str, bias: u64, funcs: &mut Vec<Function>) -> std::io::Resu
             start: sym.address().wrapping_add(bias),
             size: sym.size(),
             object: Arc::clone(&object),
+            ifunc: false,
         });
     };
     let mut any = false;
@@ -169,7 +349,41 @@ fn add_object(path: &str, bias: u64, funcs: &mut Vec<Function>) -> std::io::Resu
             add(sym);
         }
     }
-    Ok(())
+    if !ifuncs.is_empty() {
+        ifuncs.sort_unstable();
+        ifuncs.dedup();
+        // The implementations' extents: their own (local) symbol if the
+        // object has a `.symtab`, else the unwind table's entry.
+        let extents = file
+            .section_by_name(".eh_frame")
+            .and_then(|s| Some(fde_extents::fde_extents(s.data().ok()?, s.address())))
+            .unwrap_or_default();
+        for raw in ifuncs {
+            let Some(start) = dlsym_in(path, exe, &raw) else {
+                continue;
+            };
+            let size = match funcs.iter().find(|f| f.start == start) {
+                Some(own) => Some(own.size),
+                None => fde_extents::containing(&extents, start.wrapping_sub(bias))
+                    .map(|(s, n)| s.wrapping_add(bias).wrapping_add(n) - start),
+            };
+            let Some(size) = size else { continue };
+            funcs.push(Function {
+                name: demangle(&raw).unwrap_or_else(|| raw.clone()),
+                raw,
+                start,
+                size,
+                object: Arc::clone(&object),
+                ifunc: true,
+            });
+        }
+    }
+    Ok(ObjectFunctions {
+        path: object,
+        bias,
+        stamp,
+        funcs,
+    })
 }
 
 impl ProcessSymbols {
@@ -179,7 +393,7 @@ impl ProcessSymbols {
     /// If the executable itself cannot be read or parsed (a library that
     /// cannot is skipped).
     pub fn load() -> std::io::Result<ProcessSymbols> {
-        Self::load_filtered(|_| true)
+        Self::build(false, &[])
     }
 
     /// The functions of the executable only (faster: no libraries).
@@ -187,49 +401,167 @@ impl ProcessSymbols {
     /// # Errors
     /// As [`load`](Self::load).
     pub fn load_executable() -> std::io::Result<ProcessSymbols> {
-        let mut first = true;
-        Self::load_filtered(move |_| std::mem::take(&mut first))
+        Self::build(true, &[])
     }
 
-    fn load_filtered(mut keep: impl FnMut(&str) -> bool) -> std::io::Result<ProcessSymbols> {
-        let mut funcs = Vec::new();
-        let mut objects = Vec::new();
+    /// A snapshot of the objects loaded now, reusing the functions of
+    /// `known` objects (same path and bias) instead of re-reading them.
+    fn build(
+        executable_only: bool,
+        known: &[Arc<ObjectFunctions>],
+    ) -> std::io::Result<ProcessSymbols> {
+        // Read before listing the objects: an object loaded in between is
+        // in the snapshot under older counters, which only costs one more
+        // refresh later.
+        let counters = loader_counters();
+        let mut parsed = Vec::new();
         for (i, o) in loaded_objects().into_iter().enumerate() {
-            if !keep(&o.path) {
+            if executable_only && i > 0 {
+                break;
+            }
+            if let Some(k) = known.iter().find(|k| {
+                *k.path == *o.path
+                    && k.bias == o.bias
+                    && k.stamp.is_some()
+                    && k.stamp == file_stamp(&o.path)
+            }) {
+                parsed.push(Arc::clone(k));
                 continue;
             }
-            match add_object(&o.path, o.bias, &mut funcs) {
-                Ok(()) => objects.push((Arc::from(o.path.as_str()), o.bias)),
+            match parse_object(&o.path, o.bias, i == 0) {
+                Ok(f) => parsed.push(Arc::new(f)),
                 Err(e) if i == 0 => return Err(e),
                 Err(_) => {}
             }
         }
-        Ok(Self::from_functions(funcs, objects))
+        let exe = std::env::current_exe()
+            .ok()
+            .map(|p| p.to_string_lossy().into_owned());
+        Ok(Self::from_objects(parsed, exe, counters, executable_only))
     }
 
-    fn from_functions(mut funcs: Vec<Function>, objects: Vec<(Arc<str>, u64)>) -> ProcessSymbols {
+    fn from_objects(
+        parsed: Vec<Arc<ObjectFunctions>>,
+        exe: Option<String>,
+        counters: Option<LoaderCounters>,
+        executable_only: bool,
+    ) -> ProcessSymbols {
+        let mut funcs: Vec<Function> = parsed
+            .iter()
+            .flat_map(|o| o.funcs.iter().cloned())
+            .collect();
         // Stable: among aliases at one address the first object's come first.
         funcs.sort_by_key(|f| f.start);
-        let mut by_name = HashMap::with_capacity(funcs.len() * 2);
+        let mut by_name: HashMap<String, Vec<usize>> = HashMap::with_capacity(funcs.len() * 2);
         for (i, f) in funcs.iter().enumerate() {
-            by_name.entry(f.raw.clone()).or_insert(i);
-            by_name.entry(f.name.clone()).or_insert(i);
+            for name in [&f.raw, &f.name] {
+                let at = by_name.entry(name.clone()).or_default();
+                // One per object: the IFUNC's implementation (what calls
+                // reach; a same-named plain symbol is an older version,
+                // `memcpy@GLIBC_2.2.5`), else the lowest address (`funcs`
+                // is by address).
+                match at
+                    .iter_mut()
+                    .find(|j| Arc::ptr_eq(&funcs[**j].object, &f.object))
+                {
+                    Some(j) if f.ifunc && !funcs[*j].ifunc => *j = i,
+                    Some(_) => {}
+                    None => at.push(i),
+                }
+            }
         }
+        let objects = parsed
+            .iter()
+            .map(|o| (Arc::clone(&o.path), o.bias))
+            .collect();
         ProcessSymbols {
             inner: Arc::new(Inner {
                 by_addr: funcs,
                 by_name,
                 objects,
+                parsed,
+                exe,
+                counters,
+                executable_only,
             }),
         }
     }
 
-    /// The function called `name` (raw or demangled without hash).
+    /// This snapshot if the loader has loaded and unloaded nothing since it
+    /// was taken, else a new one (only new objects are read).
+    ///
+    /// # Errors
+    /// As [`load`](Self::load).
+    pub fn refreshed(&self) -> std::io::Result<ProcessSymbols> {
+        let now = loader_counters();
+        if self.inner.executable_only || (now.is_some() && now == self.inner.counters) {
+            return Ok(self.clone());
+        }
+        Self::build(false, &self.inner.parsed)
+    }
+
+    /// Whether `f` is defined by the object `q` names (see
+    /// [`object_matches`]; the executable also by its own path).
+    fn defined_by(&self, f: &Function, q: &str) -> bool {
+        object_matches(&f.object, q)
+            || (Some(&f.object) == self.inner.objects.first().map(|o| &o.0)
+                && self
+                    .inner
+                    .exe
+                    .as_deref()
+                    .is_some_and(|exe| object_matches(exe, q)))
+    }
+
+    /// The function `query` names: a raw or demangled name, or
+    /// `object:name` (see the module docs).
+    ///
+    /// # Errors
+    /// - [`ProbeError::UnknownSymbol`]: no loaded object defines it;
+    /// - [`ProbeError::AmbiguousSymbol`]: several objects define it (and no
+    ///   qualifier, or one matching several of them, was given).
+    pub fn find(&self, query: &str) -> Result<&Function, ProbeError> {
+        let unknown = || ProbeError::UnknownSymbol {
+            name: query.to_string(),
+        };
+        let (name, candidates): (&str, Vec<usize>) = match self.inner.by_name.get(query) {
+            Some(at) => (query, at.clone()),
+            None => {
+                let (q, name) = split_qualified(query).ok_or_else(unknown)?;
+                let at = self.inner.by_name.get(name).ok_or_else(unknown)?;
+                let at = at
+                    .iter()
+                    .copied()
+                    .filter(|&i| self.defined_by(&self.inner.by_addr[i], q))
+                    .collect();
+                (name, at)
+            }
+        };
+        match candidates[..] {
+            [] => Err(unknown()),
+            [i] => Ok(&self.inner.by_addr[i]),
+            _ => {
+                // In load order, as the loader lists them.
+                let mut objects: Vec<&Arc<str>> = candidates
+                    .iter()
+                    .map(|&i| &self.inner.by_addr[i].object)
+                    .collect();
+                objects.sort_by_key(|o| {
+                    self.inner
+                        .objects
+                        .iter()
+                        .position(|(p, _)| Arc::ptr_eq(p, o))
+                });
+                Err(ProbeError::AmbiguousSymbol {
+                    name: name.to_string(),
+                    objects: objects.iter().map(|o| o.to_string()).collect(),
+                })
+            }
+        }
+    }
+
+    /// The function `name` names, if exactly one (see [`find`](Self::find)).
     pub fn function(&self, name: &str) -> Option<&Function> {
-        self.inner
-            .by_name
-            .get(name)
-            .map(|&i| &self.inner.by_addr[i])
+        self.find(name).ok()
     }
 
     /// The function containing `addr` (the innermost, when symbols nest).
@@ -260,6 +592,77 @@ impl SymbolResolver for ProcessSymbols {
 
     fn function_containing(&self, addr: u64) -> Option<Symbol> {
         self.function_at(addr).map(Function::symbol)
+    }
+
+    fn resolve(&self, name: &str) -> Result<Symbol, ProbeError> {
+        self.find(name).map(Function::symbol)
+    }
+}
+
+/// The process's symbols, kept current: a [`ProcessSymbols`] snapshot
+/// refreshed lazily when the loader has loaded or unloaded an object since
+/// (see the module docs). The live registry's resolver. Cheap to clone
+/// (shared).
+#[derive(Clone)]
+pub struct LiveSymbols {
+    /// Replaced by a refresh; readers clone the snapshot under a read
+    /// section (no lock: a child after `fork` never waits for it).
+    current: Arc<RcuCell<ProcessSymbols>>,
+}
+
+impl std::fmt::Debug for LiveSymbols {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("LiveSymbols")
+            .field(&self.snapshot())
+            .finish()
+    }
+}
+
+impl LiveSymbols {
+    /// Kept current from `initial` on.
+    pub fn new(initial: ProcessSymbols) -> LiveSymbols {
+        LiveSymbols {
+            current: Arc::new(RcuCell::new(initial)),
+        }
+    }
+
+    /// The snapshot as it is, without refreshing.
+    fn snapshot(&self) -> ProcessSymbols {
+        let guard = self.current.domain().read();
+        self.current
+            .load(&guard)
+            .cloned()
+            .expect("a LiveSymbols cell is never empty")
+    }
+
+    /// The symbols now: refreshed first if objects were loaded or unloaded
+    /// since the last look (if that refresh fails, the previous snapshot).
+    pub fn current(&self) -> ProcessSymbols {
+        let snap = self.snapshot();
+        match snap.refreshed() {
+            Ok(fresh) if !Arc::ptr_eq(&fresh.inner, &snap.inner) => {
+                // Two refreshes racing both publish a snapshot at least as
+                // new as the counters they read; a stale one is replaced on
+                // the next look, whose counters differ from it.
+                self.current.replace(fresh.clone());
+                fresh
+            }
+            _ => snap,
+        }
+    }
+}
+
+impl SymbolResolver for LiveSymbols {
+    fn lookup(&self, name: &str) -> Option<Symbol> {
+        self.current().lookup(name)
+    }
+
+    fn function_containing(&self, addr: u64) -> Option<Symbol> {
+        self.current().function_containing(addr)
+    }
+
+    fn resolve(&self, name: &str) -> Result<Symbol, ProbeError> {
+        self.current().resolve(name)
     }
 }
 
@@ -296,6 +699,38 @@ mod tests {
         let p = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"getpid".as_ptr()) } as u64;
         assert_eq!(getpid.start, p);
         assert!(syms.objects().len() >= 2);
+    }
+
+    #[test]
+    fn qualifiers_split_at_a_lone_colon_and_match_whole_path_components() {
+        assert_eq!(
+            split_qualified("libc.so.6:qsort"),
+            Some(("libc.so.6", "qsort"))
+        );
+        assert_eq!(split_qualified("/a/b.so:f"), Some(("/a/b.so", "f")));
+        assert_eq!(split_qualified("demo::work::parse"), None);
+        assert_eq!(
+            split_qualified("app:demo::work::parse"),
+            Some(("app", "demo::work::parse"))
+        );
+        let libc = "/lib/x86_64-linux-gnu/libc.so.6";
+        assert!(object_matches(libc, "libc.so.6"));
+        assert!(object_matches(libc, "x86_64-linux-gnu/libc.so.6"));
+        assert!(object_matches(libc, libc));
+        assert!(!object_matches(libc, "c.so.6"));
+        assert!(!object_matches(libc, ""));
+        assert!(!object_matches(libc, "libc.so"));
+    }
+
+    #[test]
+    fn a_snapshot_is_kept_while_the_loader_changes_nothing() {
+        let syms = ProcessSymbols::load().unwrap();
+        let again = syms.refreshed().unwrap();
+        // (Unless another test of this binary loaded a library meanwhile.)
+        if loader_counters() == syms.inner.counters {
+            assert!(Arc::ptr_eq(&syms.inner, &again.inner));
+        }
+        assert!(syms.inner.counters.is_some(), "glibc keeps dlpi_adds/subs");
     }
 
     #[test]
