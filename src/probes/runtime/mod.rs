@@ -111,6 +111,8 @@ mod context;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod dispatch;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod faults;
+#[cfg(target_arch = "x86_64")]
 mod fork;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod in_process;
@@ -135,6 +137,8 @@ pub use context::ThreadMemory;
 pub use dispatch::{
     attach, Attachment, StepStash, TrapDispatcher, Verdict, MAX_DISPATCHERS, MAX_NESTED_STEPS,
 };
+#[cfg(target_arch = "x86_64")]
+pub use faults::claim_fault_signals;
 #[cfg(target_arch = "x86_64")]
 pub use in_process::{InProcess, RefusedRange};
 #[cfg(target_arch = "x86_64")]

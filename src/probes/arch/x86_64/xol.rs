@@ -340,3 +340,19 @@ pub(super) fn finish_step(
     }
     Ok(StepOutcome::Done)
 }
+
+/// [`Arch::abort_step`](crate::probes::arch::Arch::abort_step): scratch
+/// register and IP as the default does, and the trap flag back to its value
+/// before a trap-flag step was armed (left set, the application's handler
+/// would resume into a stray `TRAP_TRACE`).
+pub(super) fn abort_step(plan: &XolPlan, state: &StepState, regs: &mut Regs) {
+    if state.run == XolRun::SingleStep {
+        if let Some(s) = plan.fixups.scratch {
+            regs.gprs[usize::from(s.reg)] = state.saved_scratch;
+        }
+        if plan.step_marker.is_none() {
+            regs.flags = (regs.flags & !TF) | (state.flags_before & TF);
+        }
+    }
+    regs.ip = plan.insn_addr;
+}

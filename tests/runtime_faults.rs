@@ -1,0 +1,330 @@
+//! A probed instruction that faults (issue 11): an application that
+//! recovers from SIGSEGV (as JITs and WebAssembly runtimes do) must see the
+//! fault at the probed instruction's own address, never in the XOL slot,
+//! and a single-stepped fault must leave nothing in flight.
+//!
+//! The fixtures' first instruction loads through their pointer argument
+//! (`mov rax, [rdi]; ret`). The tests' SIGSEGV handler (`SA_SIGINFO`,
+//! installed after the live registry and before the registration, so the
+//! runtime must re-claim the signal at registration) records `si_addr` and
+//! the frame's RIP, then resumes at the fixture's `ret` with a sentinel in
+//! `rax`, as a JIT resumes at a landing pad. Every test takes the binary's
+//! serial lock (they share the signal handlers and the registry).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{mpsc, Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rcu_registry::__internals::runtime::steps_in_flight;
+use rcu_registry::probes::kprobe::{Action, Kprobe};
+use rcu_registry::probes::runtime::Live;
+
+std::arch::global_asm!(
+    ".pushsection .text.rf_functions,\"ax\",@progbits",
+    ".p2align 4",
+    ".globl rf_boosted",
+    ".type rf_boosted,@function",
+    "rf_boosted:",
+    ".byte 0x48, 0x8b, 0x07", // mov rax, [rdi]
+    ".byte 0xc3",             // ret
+    ".size rf_boosted, . - rf_boosted",
+    ".p2align 4",
+    ".globl rf_stepped",
+    ".type rf_stepped,@function",
+    "rf_stepped:",
+    ".byte 0x48, 0x8b, 0x07", // mov rax, [rdi]
+    ".byte 0xc3",             // ret
+    ".size rf_stepped, . - rf_stepped",
+    ".p2align 4",
+    ".globl rf_child",
+    ".type rf_child,@function",
+    "rf_child:",
+    ".byte 0x48, 0x8b, 0x07", // mov rax, [rdi]
+    ".byte 0xc3",             // ret
+    ".size rf_child, . - rf_child",
+    ".popsection",
+);
+
+extern "C" {
+    fn rf_boosted(p: *const u64) -> u64;
+    fn rf_stepped(p: *const u64) -> u64;
+    fn rf_child(p: *const u64) -> u64;
+}
+
+type Load = unsafe extern "C" fn(*const u64) -> u64;
+
+/// Length of the probed `mov rax, [rdi]`: the `ret` follows it.
+const LOAD_LEN: u64 = 3;
+/// What the handler leaves in `rax` for a recovered fault.
+const SENTINEL: u64 = 0x5e9f_a017;
+/// An unmapped address (the first page is never mapped).
+const BAD: *const u64 = 0x18 as *const u64;
+/// How long `unregister` may take before the test calls it hung.
+const HANG_LIMIT: Duration = Duration::from_secs(20);
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn addr(f: Load) -> u64 {
+    f as usize as u64
+}
+
+/// Calls through a black-boxed pointer so the compiler cannot fold the call.
+#[inline(never)]
+fn call(f: Load, p: *const u64) -> u64 {
+    let f = std::hint::black_box(f);
+    // SAFETY: the fixtures are complete C-ABI functions; a bad `p` faults
+    // in the first instruction, which the tests' SIGSEGV handler recovers.
+    unsafe { f(std::hint::black_box(p)) }
+}
+
+/// Where the handler resumes a fault (the fixture's `ret`); 0: not armed.
+static RESUME: AtomicU64 = AtomicU64::new(0);
+/// The RIP and `si_addr` of the last fault the handler saw.
+static SEEN_RIP: AtomicU64 = AtomicU64::new(0);
+static SEEN_ADDR: AtomicU64 = AtomicU64::new(0);
+/// Faults the handler recovered.
+static FAULTS: AtomicU64 = AtomicU64::new(0);
+
+extern "C" fn on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
+    // SAFETY: the kernel (or the runtime, chaining) passes a valid siginfo
+    // and ucontext for an SA_SIGINFO handler.
+    let (info, uc) = unsafe { (&*info, &mut *uctx.cast::<libc::ucontext_t>()) };
+    let g = &mut uc.uc_mcontext.gregs;
+    SEEN_RIP.store(g[libc::REG_RIP as usize] as u64, Ordering::Relaxed);
+    // SAFETY: a SIGSEGV's siginfo carries the faulting address.
+    SEEN_ADDR.store(unsafe { info.si_addr() } as u64, Ordering::Relaxed);
+    let resume = RESUME.load(Ordering::Relaxed);
+    if resume == 0 {
+        // Not a fault of ours: die of it.
+        // SAFETY: signal() and re-faulting with SIG_DFL are fine here.
+        unsafe { libc::signal(libc::SIGSEGV, libc::SIG_DFL) };
+        return;
+    }
+    FAULTS.fetch_add(1, Ordering::Relaxed);
+    g[libc::REG_RAX as usize] = SENTINEL as i64;
+    g[libc::REG_RIP as usize] = resume as i64;
+}
+
+/// Builds the live registry first (it installs its handlers), then puts the
+/// application's SIGSEGV handler over them, as an application that
+/// installs its handler late does. The registration that follows must take
+/// the signal back, chained to this handler.
+fn install_app_handler(fixture: Load) {
+    let _ = Live::global();
+    RESUME.store(addr(fixture) + LOAD_LEN, Ordering::Relaxed);
+    SEEN_RIP.store(0, Ordering::Relaxed);
+    SEEN_ADDR.store(0, Ordering::Relaxed);
+    FAULTS.store(0, Ordering::Relaxed);
+    // SAFETY: zeroed is a valid sigaction; the handler has the SA_SIGINFO
+    // signature.
+    unsafe {
+        let mut act: libc::sigaction = std::mem::zeroed();
+        act.sa_sigaction = on_segv as *const () as usize;
+        act.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut act.sa_mask);
+        assert_eq!(
+            libc::sigaction(libc::SIGSEGV, &act, std::ptr::null_mut()),
+            0
+        );
+    }
+}
+
+fn counting(at: u64, pre: &Arc<AtomicU64>, post: Option<&Arc<AtomicU64>>) -> Arc<Kprobe> {
+    let pre = Arc::clone(pre);
+    let b = Kprobe::at(at).pre(move |_p, _r| {
+        pre.fetch_add(1, Ordering::Relaxed);
+        Action::Continue
+    });
+    let b = match post {
+        Some(post) => {
+            let post = Arc::clone(post);
+            b.post(move |_p, _r| {
+                post.fetch_add(1, Ordering::Relaxed);
+            })
+        }
+        None => b,
+    };
+    Arc::new(b.build())
+}
+
+/// Unregisters `p` on another thread; fails if that takes longer than
+/// [`HANG_LIMIT`] (a step leaked by a fault would make it wait forever).
+fn unregister_promptly(p: &Arc<Kprobe>) {
+    let (tx, rx) = mpsc::channel();
+    let p = Arc::clone(p);
+    std::thread::spawn(move || {
+        let r = Live::global().registry().unregister(&p);
+        let _ = tx.send(r.map_err(|e| e.to_string()));
+    });
+    match rx.recv_timeout(HANG_LIMIT) {
+        Ok(r) => r.expect("unregister"),
+        Err(_) => panic!("unregister hung for {HANG_LIMIT:?}: a faulted step is still in flight"),
+    }
+}
+
+/// A boosted probe (pre handler only, no fixups): the application's handler
+/// sees the fault at the probed address, and the pre handler ran.
+#[test]
+fn a_fault_in_a_boosted_slot_is_reported_at_the_probed_address() {
+    let _g = serial();
+    install_app_handler(rf_boosted);
+    let at = addr(rf_boosted);
+    let pre = Arc::new(AtomicU64::new(0));
+    let p = counting(at, &pre, None);
+    Live::global().registry().register(&p).unwrap();
+
+    assert_eq!(call(rf_boosted, BAD), SENTINEL);
+    assert_eq!(FAULTS.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        SEEN_RIP.load(Ordering::Relaxed),
+        at,
+        "the handler saw the fault in the slot, not at the probed address"
+    );
+    assert_eq!(SEEN_ADDR.load(Ordering::Relaxed), BAD as u64);
+    assert_eq!(pre.load(Ordering::Relaxed), 1);
+    for _ in 0..49 {
+        assert_eq!(call(rf_boosted, BAD), SENTINEL);
+        assert_eq!(SEEN_RIP.load(Ordering::Relaxed), at);
+    }
+
+    // A normal call after the faults still hits, with exact counts.
+    let word = 0x1234_5678_9abc_def0u64;
+    for _ in 0..100 {
+        assert_eq!(call(rf_boosted, &word), word);
+    }
+    assert_eq!(pre.load(Ordering::Relaxed), 150);
+    assert_eq!(FAULTS.load(Ordering::Relaxed), 50);
+    assert_eq!(steps_in_flight(), 0);
+    unregister_promptly(&p);
+    assert_eq!(call(rf_boosted, &word), word);
+    assert_eq!(pre.load(Ordering::Relaxed), 150);
+}
+
+/// A single-stepped probe (a post handler forces the step): the fault is
+/// reported at the probed address, the step is abandoned (no post handler,
+/// nothing in flight), fifty faults never reach the nesting limit, and
+/// `unregister` returns promptly.
+#[test]
+fn a_fault_in_a_single_stepped_slot_aborts_the_step_and_leaks_nothing() {
+    let _g = serial();
+    install_app_handler(rf_stepped);
+    let at = addr(rf_stepped);
+    let (pre, post) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let p = counting(at, &pre, Some(&post));
+    Live::global().registry().register(&p).unwrap();
+
+    for i in 1..=50 {
+        assert_eq!(call(rf_stepped, BAD), SENTINEL);
+        assert_eq!(
+            SEEN_RIP.load(Ordering::Relaxed),
+            at,
+            "fault {i}: the handler saw the fault in the slot, not at the probed address"
+        );
+        assert_eq!(SEEN_ADDR.load(Ordering::Relaxed), BAD as u64);
+        assert_eq!(steps_in_flight(), 0, "fault {i} left its step in flight");
+    }
+    assert_eq!(FAULTS.load(Ordering::Relaxed), 50);
+    assert_eq!(pre.load(Ordering::Relaxed), 50);
+    assert_eq!(
+        post.load(Ordering::Relaxed),
+        0,
+        "an aborted step runs no post handler"
+    );
+
+    // A normal call after the faults still hits, with exact counts.
+    let word = 0x0fed_cba9_8765_4321u64;
+    for _ in 0..100 {
+        assert_eq!(call(rf_stepped, &word), word);
+    }
+    assert_eq!(pre.load(Ordering::Relaxed), 150);
+    assert_eq!(post.load(Ordering::Relaxed), 100);
+    assert_eq!(steps_in_flight(), 0);
+    unregister_promptly(&p);
+    assert_eq!(call(rf_stepped, &word), word);
+    assert_eq!(pre.load(Ordering::Relaxed), 150);
+}
+
+/// Waits for `pid` at most [`HANG_LIMIT`] and returns its wait status.
+fn reap(pid: libc::pid_t) -> libc::c_int {
+    let start = std::time::Instant::now();
+    loop {
+        let mut status = 0;
+        // SAFETY: waiting for our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        assert!(r >= 0, "waitpid: {}", std::io::Error::last_os_error());
+        if r == pid {
+            return status;
+        }
+        if start.elapsed() > HANG_LIMIT {
+            // SAFETY: our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            panic!("the child hung");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// With no application handler (`SIG_DFL`), or with a handler that
+/// restores `SIG_DFL` and returns to re-fault (Rust's own), a forked child
+/// that faults under a boosted or a stepped probe dies of SIGSEGV, not of
+/// SIGTRAP or an abort.
+#[test]
+fn with_no_application_handler_the_process_dies_of_the_fault() {
+    let _g = serial();
+    let _ = Live::global();
+    for (stepped, default) in [(false, true), (true, true), (false, false), (true, false)] {
+        // SAFETY: fork; the child only runs the block below and dies or
+        // leaves with `_exit`.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+        if pid == 0 {
+            // SAFETY: no core file for the expected death; zeroed is a
+            // valid sigaction (SIG_DFL).
+            unsafe {
+                let none = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                libc::setrlimit(libc::RLIMIT_CORE, &none);
+                if default {
+                    let dfl: libc::sigaction = std::mem::zeroed();
+                    libc::sigaction(libc::SIGSEGV, &dfl, std::ptr::null_mut());
+                } else {
+                    // Whichever handler the runtime chains to (Rust's, or
+                    // the tests' disarmed one) restores SIG_DFL and returns
+                    // to re-fault.
+                    RESUME.store(0, Ordering::Relaxed);
+                }
+            }
+            let pre = Arc::new(AtomicU64::new(0));
+            let post = Arc::new(AtomicU64::new(0));
+            let p = counting(addr(rf_child), &pre, stepped.then_some(&post));
+            if Live::global().registry().register(&p).is_err() {
+                // SAFETY: leaves the child.
+                unsafe { libc::_exit(3) };
+            }
+            let word = 7u64;
+            if call(rf_child, &word) != 7 {
+                // SAFETY: as above.
+                unsafe { libc::_exit(4) };
+            }
+            call(rf_child, BAD);
+            // SAFETY: as above: surviving the fault is a failure.
+            unsafe { libc::_exit(5) };
+        }
+        let status = reap(pid);
+        let how = if libc::WIFSIGNALED(status) {
+            format!("killed by signal {}", libc::WTERMSIG(status))
+        } else {
+            format!("exited with {}", libc::WEXITSTATUS(status))
+        };
+        assert!(
+            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSEGV,
+            "stepped {stepped}, SIG_DFL {default}: the child was {how}, not killed by SIGSEGV"
+        );
+    }
+}
