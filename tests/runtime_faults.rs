@@ -219,13 +219,13 @@ fn a_fault_in_a_single_stepped_slot_aborts_the_step_and_leaks_nothing() {
 
     for i in 1..=50 {
         assert_eq!(call(rf_stepped, BAD), SENTINEL);
+        assert_eq!(steps_in_flight(), 0, "fault {i} left its step in flight");
         assert_eq!(
             SEEN_RIP.load(Ordering::Relaxed),
             at,
             "fault {i}: the handler saw the fault in the slot, not at the probed address"
         );
         assert_eq!(SEEN_ADDR.load(Ordering::Relaxed), BAD as u64);
-        assert_eq!(steps_in_flight(), 0, "fault {i} left its step in flight");
     }
     assert_eq!(FAULTS.load(Ordering::Relaxed), 50);
     assert_eq!(pre.load(Ordering::Relaxed), 50);
@@ -248,34 +248,92 @@ fn a_fault_in_a_single_stepped_slot_aborts_the_step_and_leaks_nothing() {
     assert_eq!(pre.load(Ordering::Relaxed), 150);
 }
 
-/// Waits for `pid` at most [`HANG_LIMIT`] and returns its wait status.
-fn reap(pid: libc::pid_t) -> libc::c_int {
+/// How a traced child ended: its wait status, and its RIP at its exit
+/// (`None` if it could not be traced).
+struct Death {
+    status: libc::c_int,
+    rip: Option<u64>,
+}
+
+/// Child exit code: `PTRACE_TRACEME` was refused (then it runs untraced).
+const UNTRACED: libc::c_int = 6;
+
+/// Follows the child `pid`, which asked to be traced and stopped itself:
+/// passes every signal on unchanged (the probes' SIGTRAPs, the fault),
+/// reads its registers at its exit event, and reaps it. Fails after
+/// [`HANG_LIMIT`].
+fn follow(pid: libc::pid_t, traced: bool) -> Death {
     let start = std::time::Instant::now();
+    let mut rip = None;
+    let mut first = traced;
     loop {
         let mut status = 0;
         // SAFETY: waiting for our own child.
         let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
         assert!(r >= 0, "waitpid: {}", std::io::Error::last_os_error());
-        if r == pid {
-            return status;
+        if r == 0 {
+            if start.elapsed() > HANG_LIMIT {
+                // SAFETY: our own child.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+                panic!("the child hung");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
         }
-        if start.elapsed() > HANG_LIMIT {
-            // SAFETY: our own child.
-            unsafe { libc::kill(pid, libc::SIGKILL) };
-            panic!("the child hung");
+        if !libc::WIFSTOPPED(status) {
+            return Death { status, rip };
         }
-        std::thread::sleep(Duration::from_millis(5));
+        let mut pass = libc::WSTOPSIG(status);
+        if first {
+            // Its own SIGSTOP after PTRACE_TRACEME: ask for the exit event.
+            first = false;
+            pass = 0;
+            // SAFETY: our stopped tracee.
+            let r = unsafe {
+                libc::ptrace(
+                    libc::PTRACE_SETOPTIONS,
+                    pid,
+                    0,
+                    libc::PTRACE_O_TRACEEXIT as usize,
+                )
+            };
+            assert_eq!(r, 0, "PTRACE_SETOPTIONS");
+        } else if status >> 8 == (libc::SIGTRAP | (libc::PTRACE_EVENT_EXIT << 8)) {
+            pass = 0;
+            // SAFETY: zeroed is a valid user_regs_struct, filled by the call
+            // for our stopped tracee.
+            let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
+            // SAFETY: see above.
+            let r = unsafe {
+                libc::ptrace(
+                    libc::PTRACE_GETREGS,
+                    pid,
+                    0,
+                    &mut regs as *mut libc::user_regs_struct,
+                )
+            };
+            if r == 0 {
+                rip = Some(regs.rip);
+            }
+        }
+        // SAFETY: resumes our stopped tracee with the signal it stopped for
+        // (none for our own stops).
+        unsafe { libc::ptrace(libc::PTRACE_CONT, pid, 0, pass as usize) };
     }
 }
 
 /// With no application handler (`SIG_DFL`), or with a handler that
-/// restores `SIG_DFL` and returns to re-fault (Rust's own), a forked child
-/// that faults under a boosted or a stepped probe dies of SIGSEGV, not of
-/// SIGTRAP or an abort.
+/// restores `SIG_DFL` and returns to re-fault (as Rust's own does), a
+/// forked child that faults under a boosted or a stepped probe dies of
+/// SIGSEGV (not SIGTRAP, not an abort), and at the probed address: its RIP
+/// at its exit (read through `ptrace`) is the probed instruction's, not
+/// the slot's. Where `ptrace` is refused, the RIP check is reported as not
+/// run and only the death is checked.
 #[test]
 fn with_no_application_handler_the_process_dies_of_the_fault() {
     let _g = serial();
     let _ = Live::global();
+    let at = addr(rf_child);
     for (stepped, default) in [(false, true), (true, true), (false, false), (true, false)] {
         // SAFETY: fork; the child only runs the block below and dies or
         // leaves with `_exit`.
@@ -283,8 +341,8 @@ fn with_no_application_handler_the_process_dies_of_the_fault() {
         assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
         if pid == 0 {
             // SAFETY: no core file for the expected death; zeroed is a
-            // valid sigaction (SIG_DFL).
-            unsafe {
+            // valid sigaction (SIG_DFL); ptrace and raise on ourselves.
+            let traced = unsafe {
                 let none = libc::rlimit {
                     rlim_cur: 0,
                     rlim_max: 0,
@@ -299,32 +357,91 @@ fn with_no_application_handler_the_process_dies_of_the_fault() {
                     // to re-fault.
                     RESUME.store(0, Ordering::Relaxed);
                 }
-            }
+                let traced = libc::ptrace(libc::PTRACE_TRACEME, 0, 0, 0) == 0;
+                if traced {
+                    libc::raise(libc::SIGSTOP);
+                }
+                traced
+            };
             let pre = Arc::new(AtomicU64::new(0));
             let post = Arc::new(AtomicU64::new(0));
-            let p = counting(addr(rf_child), &pre, stepped.then_some(&post));
+            let p = counting(at, &pre, stepped.then_some(&post));
             if Live::global().registry().register(&p).is_err() {
                 // SAFETY: leaves the child.
                 unsafe { libc::_exit(3) };
             }
             let word = 7u64;
-            if call(rf_child, &word) != 7 {
+            if call(rf_child, &word) != 7 || pre.load(Ordering::Relaxed) != 1 {
                 // SAFETY: as above.
                 unsafe { libc::_exit(4) };
+            }
+            if !traced {
+                // SAFETY: as above: tells the parent, who then expects
+                // nothing but this code.
+                unsafe { libc::_exit(UNTRACED) };
             }
             call(rf_child, BAD);
             // SAFETY: as above: surviving the fault is a failure.
             unsafe { libc::_exit(5) };
         }
-        let status = reap(pid);
-        let how = if libc::WIFSIGNALED(status) {
-            format!("killed by signal {}", libc::WTERMSIG(status))
+        let death = follow(pid, true);
+        let how = if libc::WIFSIGNALED(death.status) {
+            format!("killed by signal {}", libc::WTERMSIG(death.status))
         } else {
-            format!("exited with {}", libc::WEXITSTATUS(status))
+            format!("exited with {}", libc::WEXITSTATUS(death.status))
         };
+        if libc::WIFEXITED(death.status) && libc::WEXITSTATUS(death.status) == UNTRACED {
+            eprintln!("ptrace refused: the RIP at death is not checked; rerunning untraced");
+            untraced_death(stepped, default);
+            continue;
+        }
         assert!(
-            libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGSEGV,
+            libc::WIFSIGNALED(death.status) && libc::WTERMSIG(death.status) == libc::SIGSEGV,
             "stepped {stepped}, SIG_DFL {default}: the child was {how}, not killed by SIGSEGV"
         );
+        assert_eq!(
+            death.rip,
+            Some(at),
+            "stepped {stepped}, SIG_DFL {default}: the child died away from the probed address {at:#x}"
+        );
     }
+}
+
+/// [`with_no_application_handler_the_process_dies_of_the_fault`] where
+/// `ptrace` is refused: the death only.
+fn untraced_death(stepped: bool, default: bool) {
+    // SAFETY: fork; the child only runs the block below.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // SAFETY: as in the traced run.
+        unsafe {
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &none);
+            if default {
+                let dfl: libc::sigaction = std::mem::zeroed();
+                libc::sigaction(libc::SIGSEGV, &dfl, std::ptr::null_mut());
+            } else {
+                RESUME.store(0, Ordering::Relaxed);
+            }
+        }
+        let pre = Arc::new(AtomicU64::new(0));
+        let post = Arc::new(AtomicU64::new(0));
+        let p = counting(addr(rf_child), &pre, stepped.then_some(&post));
+        if Live::global().registry().register(&p).is_err() {
+            // SAFETY: leaves the child.
+            unsafe { libc::_exit(3) };
+        }
+        call(rf_child, BAD);
+        // SAFETY: as above.
+        unsafe { libc::_exit(5) };
+    }
+    let death = follow(pid, false);
+    assert!(
+        libc::WIFSIGNALED(death.status) && libc::WTERMSIG(death.status) == libc::SIGSEGV,
+        "stepped {stepped}, SIG_DFL {default}: not killed by SIGSEGV"
+    );
 }
