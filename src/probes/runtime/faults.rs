@@ -89,14 +89,13 @@ use super::dispatch::{abort_step_on_fault, translate_boosted_fault};
 pub(crate) const FAULT_SIGNALS: [libc::c_int; 4] =
     [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL];
 
-const NONE: AtomicPtr<libc::sigaction> = AtomicPtr::new(std::ptr::null_mut());
-
 /// Per signal (index in [`FAULT_SIGNALS`]): the disposition ours replaced
 /// at the first installation. Leaked boxes, never freed.
-static ORIGINAL: [AtomicPtr<libc::sigaction>; 4] = [NONE; 4];
+static ORIGINAL: [AtomicPtr<libc::sigaction>; 4] =
+    [const { AtomicPtr::new(std::ptr::null_mut()) }; 4];
 /// Per signal: the latest foreign disposition found over ours by [`claim`]
 /// (null: none). Leaked boxes, never freed.
-static APP: [AtomicPtr<libc::sigaction>; 4] = [NONE; 4];
+static APP: [AtomicPtr<libc::sigaction>; 4] = [const { AtomicPtr::new(std::ptr::null_mut()) }; 4];
 /// A `SIG_DFL` disposition (for `SA_RESETHAND`), leaked at the first claim.
 static DEFAULT: AtomicPtr<libc::sigaction> = AtomicPtr::new(std::ptr::null_mut());
 
