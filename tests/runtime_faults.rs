@@ -42,6 +42,21 @@ std::arch::global_asm!(
     ".byte 0x48, 0x8b, 0x07", // mov rax, [rdi]
     ".byte 0xc3",             // ret
     ".size rf_child, . - rf_child",
+    ".p2align 4",
+    ".globl rf_riprel",
+    ".type rf_riprel,@function",
+    "rf_riprel:",
+    "mov rax, rdi",
+    // RIP-relative and misaligned: #GP, a SIGSEGV. The slot runs it as
+    // `movaps xmm0, [rax + disp]` with the scratch register (rax) loaded.
+    "movaps xmm0, xmmword ptr [rip + rf_data + 1]",
+    "ret",
+    ".size rf_riprel, . - rf_riprel",
+    ".popsection",
+    ".pushsection .data.rf_data,\"aw\",@progbits",
+    ".p2align 4",
+    "rf_data:",
+    ".quad 0, 0, 0, 0",
     ".popsection",
 );
 
@@ -49,6 +64,7 @@ extern "C" {
     fn rf_boosted(p: *const u64) -> u64;
     fn rf_stepped(p: *const u64) -> u64;
     fn rf_child(p: *const u64) -> u64;
+    fn rf_riprel(x: *const u64) -> u64;
 }
 
 type Load = unsafe extern "C" fn(*const u64) -> u64;
@@ -86,6 +102,8 @@ static RESUME: AtomicU64 = AtomicU64::new(0);
 /// The RIP and `si_addr` of the last fault the handler saw.
 static SEEN_RIP: AtomicU64 = AtomicU64::new(0);
 static SEEN_ADDR: AtomicU64 = AtomicU64::new(0);
+/// The frame's RAX at the last fault.
+static SEEN_RAX: AtomicU64 = AtomicU64::new(0);
 /// Faults the handler recovered.
 static FAULTS: AtomicU64 = AtomicU64::new(0);
 
@@ -95,6 +113,7 @@ extern "C" fn on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut 
     let (info, uc) = unsafe { (&*info, &mut *uctx.cast::<libc::ucontext_t>()) };
     let g = &mut uc.uc_mcontext.gregs;
     SEEN_RIP.store(g[libc::REG_RIP as usize] as u64, Ordering::Relaxed);
+    SEEN_RAX.store(g[libc::REG_RAX as usize] as u64, Ordering::Relaxed);
     // SAFETY: a SIGSEGV's siginfo carries the faulting address.
     SEEN_ADDR.store(unsafe { info.si_addr() } as u64, Ordering::Relaxed);
     let resume = RESUME.load(Ordering::Relaxed);
@@ -114,8 +133,13 @@ extern "C" fn on_segv(_sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut 
 /// installs its handler late does. The registration that follows must take
 /// the signal back, chained to this handler.
 fn install_app_handler(fixture: Load) {
+    install_app_handler_resuming_at(addr(fixture) + LOAD_LEN);
+}
+
+/// [`install_app_handler`], resuming faults at `resume`.
+fn install_app_handler_resuming_at(resume: u64) {
     let _ = Live::global();
-    RESUME.store(addr(fixture) + LOAD_LEN, Ordering::Relaxed);
+    RESUME.store(resume, Ordering::Relaxed);
     SEEN_RIP.store(0, Ordering::Relaxed);
     SEEN_ADDR.store(0, Ordering::Relaxed);
     FAULTS.store(0, Ordering::Relaxed);
@@ -246,6 +270,33 @@ fn a_fault_in_a_single_stepped_slot_aborts_the_step_and_leaks_nothing() {
     unregister_promptly(&p);
     assert_eq!(call(rf_stepped, &word), word);
     assert_eq!(pre.load(Ordering::Relaxed), 150);
+}
+
+/// A stepped RIP-relative instruction (rewritten in its slot around a
+/// scratch register) that faults: the application sees the probed address
+/// and the scratch register's own value, not the one the slot used.
+#[test]
+fn a_fault_of_a_rewritten_rip_relative_instruction_restores_its_scratch_register() {
+    let _g = serial();
+    let at = addr(rf_riprel) + 3; // the movaps, after `mov rax, rdi`
+    let movaps_len = 7;
+    install_app_handler_resuming_at(at + movaps_len);
+    let pre = Arc::new(AtomicU64::new(0));
+    let p = counting(at, &pre, None);
+    Live::global().registry().register(&p).unwrap();
+    for i in 0..20u64 {
+        let marker = 0x7777_0000 + i;
+        assert_eq!(call(rf_riprel, marker as *const u64), SENTINEL);
+        assert_eq!(steps_in_flight(), 0, "fault {i} left its step in flight");
+        assert_eq!(SEEN_RIP.load(Ordering::Relaxed), at, "fault {i}: RIP");
+        assert_eq!(
+            SEEN_RAX.load(Ordering::Relaxed),
+            marker,
+            "fault {i}: the scratch register still holds the slot's value"
+        );
+    }
+    assert_eq!(pre.load(Ordering::Relaxed), 20);
+    unregister_promptly(&p);
 }
 
 /// How a traced child ended: its wait status, and its RIP at its exit
