@@ -496,3 +496,100 @@ fn untraced_death(stepped: bool, default: bool) {
         "stepped {stepped}, SIG_DFL {default}: not killed by SIGSEGV"
     );
 }
+
+/// The disposition the chaining handler replaced (ours), and the pipe it
+/// reports each call on.
+static CHAINED_OLD: AtomicU64 = AtomicU64::new(0);
+static CHAINED_PIPE: AtomicU64 = AtomicU64::new(0);
+
+/// An application handler that owns no fault and chains each one to the
+/// handler it replaced, as JITs do: one byte on the pipe per call.
+extern "C" fn chaining_handler(
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    uc: *mut libc::c_void,
+) {
+    let fd = CHAINED_PIPE.load(Ordering::Relaxed) as libc::c_int;
+    // SAFETY: write(2) is async-signal-safe.
+    unsafe { libc::write(fd, b"c".as_ptr().cast(), 1) };
+    let old = CHAINED_OLD.load(Ordering::Relaxed) as usize;
+    // SAFETY: the replaced handler was installed with SA_SIGINFO (ours).
+    let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+        unsafe { std::mem::transmute(old) };
+    f(sig, info, uc);
+}
+
+/// An application handler installed over the runtime's chains to the
+/// `oldact` it got, which is the runtime's handler: that nested call must
+/// go to the disposition before (here Rust's, which restores `SIG_DFL` and
+/// returns), not back to the application's handler forever. The child runs
+/// the application's handler once and dies of SIGSEGV.
+#[test]
+fn an_application_handler_that_chains_to_the_runtime_is_not_called_again() {
+    let _g = serial();
+    let _ = Live::global();
+    let mut fds = [0; 2];
+    // SAFETY: a pipe for the child's reports.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+    // SAFETY: fork; the child only runs the block below.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        CHAINED_PIPE.store(fds[1] as u64, Ordering::Relaxed);
+        // SAFETY: no core file; zeroed sigactions are valid; the handler has
+        // the SA_SIGINFO signature.
+        unsafe {
+            libc::close(fds[0]);
+            let none = libc::rlimit {
+                rlim_cur: 0,
+                rlim_max: 0,
+            };
+            libc::setrlimit(libc::RLIMIT_CORE, &none);
+            // The original disposition the runtime recorded may be the
+            // tests' handler (installed earlier in this process): disarm it
+            // so that it restores SIG_DFL and returns, as Rust's does.
+            RESUME.store(0, Ordering::Relaxed);
+            let mut act: libc::sigaction = std::mem::zeroed();
+            act.sa_sigaction = chaining_handler as *const () as usize;
+            act.sa_flags = libc::SA_SIGINFO;
+            let mut old: libc::sigaction = std::mem::zeroed();
+            libc::sigaction(libc::SIGSEGV, &act, &mut old);
+            CHAINED_OLD.store(old.sa_sigaction as u64, Ordering::Relaxed);
+        }
+        let pre = Arc::new(AtomicU64::new(0));
+        let p = counting(addr(rf_child), &pre, Some(&Arc::new(AtomicU64::new(0))));
+        if Live::global().registry().register(&p).is_err() {
+            // SAFETY: leaves the child.
+            unsafe { libc::_exit(3) };
+        }
+        call(rf_child, BAD);
+        // SAFETY: as above.
+        unsafe { libc::_exit(5) };
+    }
+    // SAFETY: the parent keeps the read end only.
+    unsafe { libc::close(fds[1]) };
+    let death = follow(pid, false);
+    let mut calls = Vec::new();
+    let mut buf = [0u8; 64];
+    loop {
+        // SAFETY: reading our pipe into a local buffer.
+        let n = unsafe { libc::read(fds[0], buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        calls.extend_from_slice(&buf[..n as usize]);
+    }
+    // SAFETY: our descriptor.
+    unsafe { libc::close(fds[0]) };
+    assert!(
+        libc::WIFSIGNALED(death.status) && libc::WTERMSIG(death.status) == libc::SIGSEGV,
+        "the child did not die of SIGSEGV (status {:#x})",
+        death.status
+    );
+    assert_eq!(
+        calls.len(),
+        1,
+        "the application's handler ran {} times for one fault",
+        calls.len()
+    );
+}
