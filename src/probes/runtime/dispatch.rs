@@ -41,10 +41,11 @@
 //!
 //! The stack is a `const` thread-local without a destructor (a destructor
 //! would be registered on first use, which allocates: not allowed in a
-//! signal handler). It is touched only by the SIGTRAP handler, which runs
-//! with every asynchronous signal blocked; a nested SIGTRAP (a probe hit in
-//! a probe handler) completes its own push and pop before the outer handler
-//! continues, so each push and pop runs uninterrupted.
+//! signal handler). It is touched only by the SIGTRAP handler and the fault
+//! handlers (`faults.rs`, which pop a step whose instruction faulted in its
+//! slot), which run with every asynchronous signal blocked; a nested trap
+//! or fault (in a probe handler) completes its own push and pop before the
+//! outer handler continues, so each push and pop runs uninterrupted.
 
 use std::any::TypeId;
 use std::mem::MaybeUninit;
@@ -374,8 +375,8 @@ pub(crate) fn dispatch_breakpoint(
         return Some(done);
     }
     let _guard = Rcu::global().read();
-    // SAFETY (every block below): `stack` is this thread's own stack, only the SIGTRAP handler
-    // touches it, and each access is a short-lived reference to one field or one entry. The entry
+    // SAFETY (every block below): `stack` is this thread's own stack, only the trap and fault
+    // handlers touch it, and each access is a short-lived reference to one field or one entry. The entry
     // at `depth` is reserved (depth raised) before the dispatcher runs, so a nested trap in a
     // handler works one entry further up and never aliases it.
     // (SAFETY argument: the comment above.)
