@@ -52,6 +52,15 @@ std::arch::global_asm!(
     "movaps xmm0, xmmword ptr [rip + rf_data + 1]",
     "ret",
     ".size rf_riprel, . - rf_riprel",
+    ".p2align 4",
+    ".globl rf_div",
+    ".type rf_div,@function",
+    "rf_div:",
+    "xor edx, edx",
+    "mov rax, rdi",
+    "div rsi", // 48 f7 f6: SIGFPE (#DE) for rsi == 0
+    "ret",
+    ".size rf_div, . - rf_div",
     ".popsection",
     ".pushsection .data.rf_data,\"aw\",@progbits",
     ".p2align 4",
@@ -65,6 +74,7 @@ extern "C" {
     fn rf_stepped(p: *const u64) -> u64;
     fn rf_child(p: *const u64) -> u64;
     fn rf_riprel(x: *const u64) -> u64;
+    fn rf_div(x: u64, d: u64) -> u64;
 }
 
 type Load = unsafe extern "C" fn(*const u64) -> u64;
@@ -138,6 +148,11 @@ fn install_app_handler(fixture: Load) {
 
 /// [`install_app_handler`], resuming faults at `resume`.
 fn install_app_handler_resuming_at(resume: u64) {
+    install_app_handler_for(libc::SIGSEGV, resume);
+}
+
+/// [`install_app_handler_resuming_at`] for the signal `sig`.
+fn install_app_handler_for(sig: libc::c_int, resume: u64) {
     let _ = Live::global();
     RESUME.store(resume, Ordering::Relaxed);
     SEEN_RIP.store(0, Ordering::Relaxed);
@@ -150,10 +165,7 @@ fn install_app_handler_resuming_at(resume: u64) {
         act.sa_sigaction = on_segv as *const () as usize;
         act.sa_flags = libc::SA_SIGINFO;
         libc::sigemptyset(&mut act.sa_mask);
-        assert_eq!(
-            libc::sigaction(libc::SIGSEGV, &act, std::ptr::null_mut()),
-            0
-        );
+        assert_eq!(libc::sigaction(sig, &act, std::ptr::null_mut()), 0);
     }
 }
 
@@ -297,6 +309,44 @@ fn a_fault_of_a_rewritten_rip_relative_instruction_restores_its_scratch_register
     }
     assert_eq!(pre.load(Ordering::Relaxed), 20);
     unregister_promptly(&p);
+}
+
+/// Another signal: a `div` by zero (SIGFPE) under a boosted and then a
+/// stepped probe is reported at the probed `div`.
+#[test]
+fn a_division_by_zero_in_a_slot_is_reported_at_the_probed_address() {
+    let _g = serial();
+    let at = rf_div as usize as u64 + 5; // after `xor edx, edx; mov rax, rdi`
+    install_app_handler_for(libc::SIGFPE, at + 3);
+    let div = |x: u64, d: u64| {
+        let f = std::hint::black_box(rf_div as unsafe extern "C" fn(u64, u64) -> u64);
+        // SAFETY: a complete C-ABI function; a zero divisor faults in the
+        // `div`, which the tests' handler recovers.
+        unsafe { f(std::hint::black_box(x), std::hint::black_box(d)) }
+    };
+    for stepped in [false, true] {
+        let pre = Arc::new(AtomicU64::new(0));
+        let post = Arc::new(AtomicU64::new(0));
+        let p = counting(at, &pre, stepped.then_some(&post));
+        Live::global().registry().register(&p).unwrap();
+        for i in 0..20 {
+            assert_eq!(div(42, 0), SENTINEL);
+            assert_eq!(
+                steps_in_flight(),
+                0,
+                "stepped {stepped}, fault {i}: in flight"
+            );
+            assert_eq!(
+                SEEN_RIP.load(Ordering::Relaxed),
+                at,
+                "stepped {stepped}, fault {i}"
+            );
+        }
+        assert_eq!(div(42, 5), 8);
+        assert_eq!(pre.load(Ordering::Relaxed), 21);
+        assert_eq!(post.load(Ordering::Relaxed), u64::from(stepped));
+        unregister_promptly(&p);
+    }
 }
 
 /// How a traced child ended: its wait status, and its RIP at its exit
