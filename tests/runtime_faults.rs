@@ -316,7 +316,7 @@ fn a_fault_of_a_rewritten_rip_relative_instruction_restores_its_scratch_register
 #[test]
 fn a_division_by_zero_in_a_slot_is_reported_at_the_probed_address() {
     let _g = serial();
-    let at = rf_div as usize as u64 + 5; // after `xor edx, edx; mov rax, rdi`
+    let at = rf_div as *const () as usize as u64 + 5; // after `xor edx, edx; mov rax, rdi`
     install_app_handler_for(libc::SIGFPE, at + 3);
     let div = |x: u64, d: u64| {
         let f = std::hint::black_box(rf_div as unsafe extern "C" fn(u64, u64) -> u64);
