@@ -96,7 +96,7 @@ static ORIGINAL: [AtomicPtr<libc::sigaction>; 4] =
 /// Per signal: the latest foreign disposition found over ours by [`claim`]
 /// (null: none). Leaked boxes, never freed.
 static APP: [AtomicPtr<libc::sigaction>; 4] = [const { AtomicPtr::new(std::ptr::null_mut()) }; 4];
-/// A `SIG_DFL` disposition (for `SA_RESETHAND`), leaked at the first claim.
+/// A `SIG_DFL` disposition (for `SA_RESETHAND`), leaked at installation.
 static DEFAULT: AtomicPtr<libc::sigaction> = AtomicPtr::new(std::ptr::null_mut());
 
 /// A chained call in progress on this thread: the frame it was given and
@@ -174,7 +174,7 @@ fn put_on_top(first: bool) {
             continue;
         }
         // Recorded before ours is installed: a fault right after finds it.
-        // Release pairs with the Acquire loads in `handle_fault`.
+        // Release pairs with the Acquire loads in `handle_fault` and `deliver`.
         let record = |act: libc::sigaction| {
             if act.sa_sigaction == handler_address() as usize {
                 // Installed by a concurrent call: nothing replaced.
@@ -243,7 +243,7 @@ extern "C" fn handle_fault(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *
     // which got it from us.
     let uc = unsafe { &mut *uctx.cast::<libc::ucontext_t>() };
     let fixed = !nested && fix_frame(uc);
-    // Acquire pairs with the Release stores in `claim`.
+    // Acquire pairs with the Release stores in `put_on_top`.
     let app = APP[i].load(Ordering::Acquire);
     let slot = if nested || app.is_null() {
         &ORIGINAL[i]
@@ -280,7 +280,7 @@ unsafe fn deliver(
 ) {
     // SAFETY: `info` is valid (the caller's contract).
     let from_kernel = unsafe { (*info).si_code } > 0;
-    // Acquire pairs with the Release stores in `claim`.
+    // Acquire pairs with the Release stores in `put_on_top` (and `SA_RESETHAND` below).
     let act = slot.load(Ordering::Acquire);
     // SAFETY: dispositions are leaked boxes, never modified.
     let Some(act) = (unsafe { act.as_ref() }) else {
@@ -299,7 +299,7 @@ unsafe fn deliver(
         }
         h => {
             if act.sa_flags & libc::SA_RESETHAND != 0 {
-                // Acquire pairs with the Release store in `claim`.
+                // Acquire pairs with the Release store in `install`; Release with the Acquire load above.
                 slot.store(DEFAULT.load(Ordering::Acquire), Ordering::Release);
             }
             // The mask the kernel would have set for this handler.
