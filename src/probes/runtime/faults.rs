@@ -299,7 +299,8 @@ unsafe fn deliver(
         }
         h => {
             if act.sa_flags & libc::SA_RESETHAND != 0 {
-                // Acquire pairs with the Release store in `install`; Release with the Acquire load above.
+                // Acquire pairs with the Release store in `install`; Release
+                // with the Acquire load above (a later fault's).
                 slot.store(DEFAULT.load(Ordering::Acquire), Ordering::Release);
             }
             // The mask the kernel would have set for this handler.
