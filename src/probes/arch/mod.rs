@@ -200,6 +200,22 @@ pub trait Arch: Send + Sync + 'static {
         mem: &mut dyn DataMemory,
     ) -> Result<StepOutcome, ProbeError>;
 
+    /// Abandons a single-step whose instruction faulted in the slot before
+    /// completing (the signal's IP is [`XolPlan::step_entry`]), as Linux's
+    /// `arch_uprobe_abort_xol` does: undoes the pre-step fixups (scratch
+    /// register back) and puts the IP on the original instruction, so the
+    /// fault is reported where it would have happened in place. Trap context:
+    /// no allocation, no lock. Backends with more step state (x86: the trap
+    /// flag) extend it.
+    fn abort_step(&self, plan: &XolPlan, state: &StepState, regs: &mut Regs) {
+        if state.run == XolRun::SingleStep {
+            if let Some(s) = plan.fixups.scratch {
+                regs.gprs[usize::from(s.reg)] = state.saved_scratch;
+            }
+        }
+        regs.ip = plan.insn_addr;
+    }
+
     /// Applies the effect of an [`InsnClass::Emulated`] instruction to `regs`
     /// and `mem`, IP included.
     ///

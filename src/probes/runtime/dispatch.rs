@@ -41,10 +41,11 @@
 //!
 //! The stack is a `const` thread-local without a destructor (a destructor
 //! would be registered on first use, which allocates: not allowed in a
-//! signal handler). It is touched only by the SIGTRAP handler, which runs
-//! with every asynchronous signal blocked; a nested SIGTRAP (a probe hit in
-//! a probe handler) completes its own push and pop before the outer handler
-//! continues, so each push and pop runs uninterrupted.
+//! signal handler). It is touched only by the SIGTRAP handler and the fault
+//! handlers (`faults.rs`, which pop a step whose instruction faulted in its
+//! slot), which run with every asynchronous signal blocked; a nested trap
+//! or fault (in a probe handler) completes its own push and pop before the
+//! outer handler continues, so each push and pop runs uninterrupted.
 
 use std::any::TypeId;
 use std::mem::MaybeUninit;
@@ -118,6 +119,22 @@ pub trait TrapDispatcher: Send + Sync + 'static {
     /// returned. Returns true (with `regs.ip` set to the real return
     /// address) if one of this dispatcher's instances claimed it.
     fn on_return(&'static self, regs: &mut Regs) -> bool;
+
+    /// A synchronous fault (SIGSEGV, SIGBUS, SIGFPE, SIGILL, or a SIGTRAP
+    /// nobody claimed) on this thread while its innermost single-step in
+    /// flight is this dispatcher's, with the stash it filled; `regs` as the
+    /// fault reports them. If the fault is the stepped instruction's own
+    /// (the IP at the start of its copy in the slot: it did not complete),
+    /// the dispatcher abandons the step, as Linux's `arch_uprobe_abort_xol`
+    /// does: takes its state out of the stash (no post handler, nothing
+    /// left counted in flight), undoes the pre-step fixups, sets `regs.ip`
+    /// to the probed address, and returns true; the runtime then pops the
+    /// step and delivers the fault with those registers. False leaves
+    /// everything as it was. The default claims nothing.
+    fn on_fault(&'static self, regs: &mut Regs, stash: &mut StepStash) -> bool {
+        let _ = (regs, stash);
+        false
+    }
 }
 
 /// Words of storage in a [`StepStash`]: the registry's step token is 7.
@@ -162,6 +179,16 @@ impl StepStash {
         unsafe { self.buf.as_mut_ptr().cast::<T>().write(value) };
         self.ty = Some(TypeId::of::<T>());
         old
+    }
+
+    /// The stored value, if it has type `T`, left in place.
+    pub fn peek<T: 'static>(&self) -> Option<&T> {
+        if self.ty != Some(TypeId::of::<T>()) {
+            return None;
+        }
+        // SAFETY: `ty` says a `T` was written by `put` and not taken since;
+        // the reference borrows the stash, so it cannot be taken meanwhile.
+        Some(unsafe { &*self.buf.as_ptr().cast::<T>() })
     }
 
     /// Takes the stored value if it has type `T`.
@@ -356,8 +383,8 @@ pub(crate) fn dispatch_breakpoint(
         return Some(done);
     }
     let _guard = Rcu::global().read();
-    // SAFETY (every block below): `stack` is this thread's own stack, only the SIGTRAP handler
-    // touches it, and each access is a short-lived reference to one field or one entry. The entry
+    // SAFETY (every block below): `stack` is this thread's own stack, only the trap and fault
+    // handlers touch it, and each access is a short-lived reference to one field or one entry. The entry
     // at `depth` is reserved (depth raised) before the dispatcher runs, so a nested trap in a
     // handler works one entry further up and never aliases it.
     // (SAFETY argument: the comment above.)
@@ -465,6 +492,102 @@ fn complete_step(
         (*stack).depth = depth;
     }
     Some(result)
+}
+
+/// Abandons the innermost single-step in flight on this thread if the fault
+/// with registers `regs` is its instruction's own (see
+/// [`TrapDispatcher::on_fault`]): `regs` then report the fault at the probed
+/// address and the step is popped, so nothing leaks and the nesting depth is
+/// back to what it was before the hit. Called from the fault handlers
+/// (`signal.rs`) with every asynchronous signal blocked.
+pub(crate) fn abort_step_on_fault(regs: &mut Regs) -> bool {
+    let stack = pending();
+    // SAFETY (every block below): as in `dispatch_breakpoint`; the fault
+    // handler, like the SIGTRAP handler, runs with asynchronous signals
+    // blocked, and a trap nested in it pops what it pushes.
+    let Some(depth) = unsafe { (*stack).depth }.checked_sub(1) else {
+        return false;
+    };
+    // SAFETY: see above. A reservation (no dispatcher yet) is a breakpoint
+    // trap still being handled: the fault is in its handler, not in a slot.
+    let Some(d) = (unsafe { (*stack).entries[depth].d }) else {
+        return false;
+    };
+    // SAFETY: see above; the entry is this step's.
+    let stash = unsafe { &mut (*stack).entries[depth].stash };
+    if !d.on_fault(regs, stash) {
+        return false;
+    }
+    // SAFETY: see above; pop the abandoned step.
+    unsafe {
+        (*stack).entries[depth].d = None;
+        (*stack).entries[depth].marker = None;
+        (*stack).depth = depth;
+    }
+    true
+}
+
+/// Boosted runs remembered per thread: one per signal handler nested
+/// between a boosted hit and the slot's first instruction, plus one.
+const BOOSTS: usize = 8;
+
+/// The most recent boosted runs of one thread: `(slot, probed address)`,
+/// a ring written by the SIGTRAP handler.
+struct BoostRing {
+    next: usize,
+    entries: [(u64, u64); BOOSTS],
+}
+
+crate::sync::const_thread_local! {
+    /// This thread's recent boosted runs (no destructor, as `PENDING`).
+    static BOOSTED: UnsafeCell<BoostRing> = UnsafeCell::new(BoostRing {
+        next: 0,
+        entries: [(0, 0); BOOSTS],
+    });
+}
+
+/// Remembers that this thread was just sent into `slot` for a boosted run
+/// of the instruction at `addr`: a fault at the slot's start is then
+/// reported at `addr` ([`translate_boosted_fault`]). Two stores, no system
+/// call; called from the SIGTRAP handler.
+#[inline]
+pub(crate) fn note_boost(slot: u64, addr: u64) {
+    BOOSTED.with(|b| {
+        b.with_mut(|b| {
+            // SAFETY: this thread's own ring, touched only by this thread's
+            // trap and fault handlers, which run with asynchronous signals
+            // blocked and complete any nested use before they go on.
+            let b = unsafe { &mut *b };
+            b.entries[b.next] = (slot, addr);
+            b.next = (b.next + 1) % BOOSTS;
+        })
+    });
+}
+
+/// If `regs.ip` is the start of a slot this thread was recently sent into
+/// for a boosted run (the copied instruction faulted: it has no fixups, so
+/// nothing else changed), sets it to the probed address and returns true.
+/// The newest run of that slot wins: it is the one the thread is in (a slot
+/// is rebound to another address only after a wait proved no thread is in
+/// it).
+pub(crate) fn translate_boosted_fault(regs: &mut Regs) -> bool {
+    BOOSTED.with(|b| {
+        b.with_mut(|b| {
+            // SAFETY: as in `note_boost`.
+            let b = unsafe { &mut *b };
+            for k in 1..=BOOSTS {
+                let i = (b.next + BOOSTS - k) % BOOSTS;
+                let (slot, addr) = b.entries[i];
+                if slot != 0 && slot == regs.ip {
+                    regs.ip = addr;
+                    // The thread leaves the slot: forget the run.
+                    b.entries[i] = (0, 0);
+                    return true;
+                }
+            }
+            false
+        })
+    })
 }
 
 /// Single-steps in flight on the calling thread (for tests).

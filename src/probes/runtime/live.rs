@@ -49,12 +49,15 @@ impl<A: Arch, T: TextMemory + 'static> TrapDispatcher for KprobeRegistry<A, T> {
         mem: &mut dyn DataMemory,
         stash: &mut StepStash,
     ) -> Verdict {
+        let at = self.arch().trap_address(regs);
         match KprobeRegistry::on_breakpoint(self, regs, mem) {
             HitOutcome::NotOurs => Verdict::NotOurs,
-            HitOutcome::Vanished
-            | HitOutcome::Skipped
-            | HitOutcome::Emulated
-            | HitOutcome::Boosted { .. } => Verdict::Resume,
+            HitOutcome::Vanished | HitOutcome::Skipped | HitOutcome::Emulated => Verdict::Resume,
+            HitOutcome::Boosted { slot } => {
+                // A fault of the copy in the slot is reported at `at`.
+                super::dispatch::note_boost(slot, at);
+                Verdict::Resume
+            }
             HitOutcome::SingleStep(token) => {
                 let marker = token.step_marker();
                 // The stash is empty: the runtime reserved a fresh entry.
@@ -84,6 +87,26 @@ impl<A: Arch, T: TextMemory + 'static> TrapDispatcher for KprobeRegistry<A, T> {
             }
             StepResult::Failed(e) => Verdict::Failed(e),
         }
+    }
+
+    #[cold]
+    fn on_fault(&'static self, regs: &mut Regs, stash: &mut StepStash) -> bool {
+        // Only a fault of the stepped copy itself (its first byte: it did not
+        // complete) is the step's: any other IP leaves the step in flight.
+        let ours = stash
+            .peek::<StepToken<'static>>()
+            .is_some_and(|t| t.plan().step_entry == regs.ip);
+        if !ours {
+            return false;
+        }
+        let Some(token) = stash.take::<StepToken<'static>>() else {
+            return false;
+        };
+        self.arch().abort_step(token.plan(), token.state(), regs);
+        // Dropping the token gives back its in-flight count: unregistration
+        // no longer waits for this step.
+        drop(token);
+        true
     }
 
     #[inline]

@@ -11,6 +11,8 @@
 //! - [`InProcess`] text memory (`in_process.rs`) writes
 //!   breakpoints into the process's own code (checked, protection restored,
 //!   cores synced, int3-first for multi-byte patches).
+//! - The fault handlers (`faults.rs`) report a fault of a displaced
+//!   instruction in its slot at the probed address.
 //! - The SIGTRAP handler (`signal.rs`), installed once and chained to the
 //!   previous disposition, converts the signal frame to [`Regs`] and offers
 //!   each trap to the attached [`TrapDispatcher`]s (`dispatch.rs`) under an
@@ -56,6 +58,21 @@
 //! For a kretprobe, step 2 also replaces the return address with the
 //! trampoline; the function's `ret` lands in the trampoline, which calls the
 //! return handlers and returns to the real caller.
+//!
+//! # A displaced instruction that faults
+//!
+//! An instruction that faults in place faults in its slot too. As Linux does
+//! for uprobes (`arch_uprobe_abort_xol`), the runtime's handlers for SIGSEGV,
+//! SIGBUS, SIGFPE and SIGILL (and the SIGTRAP handler, for a trap no probe
+//! claims) report such a fault at the probed address: a single-step whose
+//! copy faulted is abandoned (scratch register and trap flag restored, token
+//! dropped, step popped: nothing in flight, no post handler), a boosted run
+//! (remembered per thread by the SIGTRAP handler) gets its IP back, and the
+//! signal then goes to the application's disposition as the kernel would
+//! deliver it (`SIG_DFL` dies with the fixed frame). The handlers are put
+//! back on top of any the application installed since at every registration
+//! that takes an XOL slot, and by [`claim_fault_signals`]. `faults.rs` has
+//! the details and the limits.
 //!
 //! # `fork()`
 //!
@@ -111,6 +128,8 @@ mod context;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod dispatch;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod faults;
+#[cfg(target_arch = "x86_64")]
 mod fork;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod in_process;
@@ -136,6 +155,8 @@ pub use dispatch::{
     attach, try_attach, Attachment, StepStash, TrapDispatcher, Verdict, MAX_DISPATCHERS,
     MAX_NESTED_STEPS,
 };
+#[cfg(target_arch = "x86_64")]
+pub use faults::claim_fault_signals;
 #[cfg(target_arch = "x86_64")]
 pub use in_process::{InProcess, RefusedRange};
 #[cfg(target_arch = "x86_64")]

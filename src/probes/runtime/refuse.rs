@@ -161,6 +161,7 @@ pub fn trap_path_roots() -> Vec<Root> {
     type OnBreakpoint =
         fn(&'static LiveRegistry, &mut Regs, &mut dyn DataMemory, &mut StepStash) -> Verdict;
     type OnReturn = fn(&'static LiveRegistry, &mut Regs) -> bool;
+    type OnFault = fn(&'static LiveRegistry, &mut Regs, &mut StepStash) -> bool;
     type Read = fn(&ThreadMemory, u64, &mut [u8]) -> Result<(), ProbeError>;
     type Write = fn(&mut ThreadMemory, u64, &[u8]) -> Result<(), ProbeError>;
     type ReadU64 = fn(&ThreadMemory, u64) -> Result<u64, ProbeError>;
@@ -168,6 +169,7 @@ pub fn trap_path_roots() -> Vec<Root> {
     let on_breakpoint: OnBreakpoint = <LiveRegistry as TrapDispatcher>::on_breakpoint;
     let on_step: OnBreakpoint = <LiveRegistry as TrapDispatcher>::on_step;
     let on_return: OnReturn = <LiveRegistry as TrapDispatcher>::on_return;
+    let on_fault: OnFault = <LiveRegistry as TrapDispatcher>::on_fault;
     let read: Read = <ThreadMemory as DataMemory>::read;
     let write: Write = <ThreadMemory as DataMemory>::write;
     let read_u64: ReadU64 = <ThreadMemory as DataMemory>::read_u64;
@@ -187,6 +189,7 @@ pub fn trap_path_roots() -> Vec<Root> {
             on_breakpoint as usize,
             on_step as usize,
             on_return as usize,
+            on_fault as usize,
             read as usize,
             write as usize,
             read_u64 as usize,

@@ -32,7 +32,10 @@
 //!   resumed *at* the address to run whatever is there now.
 //! - `TRAP_TRACE` (the trap flag): the innermost single-step in flight on
 //!   this thread, if it is a trap-flag step, is completed.
-//! - Anything else, or a trap nobody claims: the previous disposition.
+//! - Anything else, or a trap nobody claims: the previous disposition,
+//!   after the frame is fixed if the thread trapped at the start of a
+//!   displaced instruction's copy in an XOL slot (`faults.rs`, which also
+//!   handles SIGSEGV, SIGBUS, SIGFPE and SIGILL the same way).
 //!
 //! The handler saves and restores `errno` (an `Rcu` read section may wake a
 //! waiting updater with a futex call) and allocates nothing.
@@ -120,6 +123,8 @@ pub fn install() {
             // Release: as for the first store.
             PREVIOUS.store(Box::into_raw(Box::new(replaced)), Ordering::Release);
         }
+        // The synchronous fault signals, for faults in XOL slots (`faults.rs`).
+        super::faults::install();
     });
 }
 
@@ -156,6 +161,10 @@ extern "C" fn handle_sigtrap(
     // SA_SIGINFO handler, live for the duration of the call.
     let handled = unsafe { dispatch(&*info, &mut *uctx.cast::<libc::ucontext_t>()) };
     if !handled {
+        // A trap no probe claims, raised by a displaced instruction in its
+        // slot, is reported at the probed address (`faults.rs`).
+        // SAFETY: as above.
+        super::faults::fix_frame(unsafe { &mut *uctx.cast::<libc::ucontext_t>() });
         // SAFETY: same arguments as we received.
         unsafe { chain(sig, info, uctx) };
     }

@@ -273,6 +273,10 @@ impl Default for XolArea {
 
 impl XolAllocator for XolArea {
     fn alloc(&self, near: u64) -> Result<u64, ProbeError> {
+        // A registration that runs code out of line: make sure the fault
+        // handlers are still on top of any the application installed since
+        // (`faults.rs`, "Handlers installed after ours").
+        super::faults::claim();
         let mut a = self.lock();
         if let Some(slot) = take_parked(&mut a.parked, near) {
             a.bind(slot, near);

@@ -168,6 +168,10 @@ impl Arch for X86_64 {
         xol::finish_step(plan, state, regs, mem)
     }
 
+    fn abort_step(&self, plan: &XolPlan, state: &StepState, regs: &mut Regs) {
+        xol::abort_step(plan, state, regs)
+    }
+
     fn emulate(
         &self,
         insn: &Insn,

@@ -340,3 +340,72 @@ pub(super) fn finish_step(
     }
     Ok(StepOutcome::Done)
 }
+
+/// [`Arch::abort_step`](crate::probes::arch::Arch::abort_step): scratch
+/// register and IP as the default does, and the trap flag back to its value
+/// before a trap-flag step was armed (left set, the application's handler
+/// would resume into a stray `TRAP_TRACE`).
+pub(super) fn abort_step(plan: &XolPlan, state: &StepState, regs: &mut Regs) {
+    if state.run == XolRun::SingleStep {
+        if let Some(s) = plan.fixups.scratch {
+            regs.gprs[usize::from(s.reg)] = state.saved_scratch;
+        }
+        if plan.step_marker.is_none() {
+            regs.flags = (regs.flags & !TF) | (state.flags_before & TF);
+        }
+    }
+    regs.ip = plan.insn_addr;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::probes::arch::{Arch, X86_64};
+
+    const AT: u64 = 0x40_1000;
+    const SLOT: u64 = 0x40_8000;
+
+    #[test]
+    fn an_aborted_trap_flag_step_puts_back_the_ip_and_the_trap_flag() {
+        // mov rax, [rdi]
+        let insn = X86_64.analyze(AT, &[0x48, 0x8b, 0x07]).unwrap();
+        let plan = X86_64.plan_xol_trap_flag(&insn, SLOT).unwrap();
+        for tf_before in [0, TF] {
+            let mut regs = Regs {
+                ip: AT + 1,
+                flags: 0x202 | tf_before,
+                ..Regs::default()
+            };
+            let state = prepare_step(&plan, XolRun::SingleStep, &mut regs).unwrap();
+            assert_eq!((regs.ip, regs.flags & TF), (plan.step_entry, TF));
+            // The copy faults: the frame's IP is the step entry.
+            X86_64.abort_step(&plan, &state, &mut regs);
+            assert_eq!(regs.ip, AT);
+            assert_eq!(regs.flags, 0x202 | tf_before);
+        }
+    }
+
+    #[test]
+    fn an_aborted_rip_relative_step_gives_back_the_scratch_register() {
+        // mov rcx, [rip + 0x100]
+        let insn = X86_64
+            .analyze(AT, &[0x48, 0x8b, 0x0d, 0x00, 0x01, 0x00, 0x00])
+            .unwrap();
+        let plan = X86_64.plan_xol(&insn, SLOT).unwrap();
+        let scratch = plan
+            .fixups
+            .scratch
+            .expect("a RIP-relative plan has a scratch");
+        let reg = usize::from(scratch.reg);
+        let mut regs = Regs {
+            ip: AT + 1,
+            flags: 0x202,
+            ..Regs::default()
+        };
+        regs.gprs[reg] = 0xfeed;
+        let state = prepare_step(&plan, XolRun::SingleStep, &mut regs).unwrap();
+        assert_eq!(regs.gprs[reg], scratch.value);
+        X86_64.abort_step(&plan, &state, &mut regs);
+        assert_eq!((regs.ip, regs.gprs[reg], regs.flags), (AT, 0xfeed, 0x202));
+    }
+}
