@@ -106,7 +106,7 @@ pub(crate) struct DeferredFree {
 /// Whether `r` can be freed now without waiting (past its grace period).
 fn steps_done(r: &Retired) -> bool {
     match r {
-        Retired::Members(m) => {
+        Retired::Members(m) | Retired::MembersWith(m, _) => {
             // SAFETY: a retired list is freed only by whoever took it from
             // this state (we hold it, or are about to); it is live here.
             let m = unsafe { &**m };
@@ -121,7 +121,7 @@ fn steps_done(r: &Retired) -> bool {
 fn lists_in(items: &[Retired]) -> u64 {
     items
         .iter()
-        .filter(|r| matches!(r, Retired::Members(_)))
+        .filter(|r| matches!(r, Retired::Members(_) | Retired::MembersWith(..)))
         .count() as u64
 }
 

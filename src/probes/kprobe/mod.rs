@@ -117,6 +117,7 @@ mod probe;
 mod reentry_tests;
 mod registry;
 mod resolve;
+mod site;
 mod table;
 mod thread_exit;
 mod unregister;

@@ -27,7 +27,9 @@
 
 use std::sync::Arc;
 
-use super::probe::Kprobe;
+use std::mem::ManuallyDrop;
+
+use super::probe::{Kprobe, ProbeInner};
 use super::xol::XolAllocator;
 use crate::probes::arch::{Insn, XolPlan};
 use crate::rcu::RcuGuard;
@@ -93,11 +95,24 @@ impl SiteExec {
     }
 }
 
-/// The probes on one address, as readers see them at one moment. Immutable
-/// once published; replaced as a whole.
+/// Capacity of a site's first member list: a few probes join an address
+/// without any copy.
+pub(crate) const MIN_MEMBER_SLOTS: usize = 4;
+
+/// The probes on one address: a fixed-capacity array of slots, appended in
+/// place (see the module docs, "Member lists").
+///
+/// A slot goes from null to a probe exactly once, before `len` covers it,
+/// and from that probe to null at most once (removal); it never takes
+/// another probe. A list is replaced only by a compacted copy (growth, or
+/// a commit dropping removed slots).
 pub(crate) struct Members {
-    /// Registration order.
-    pub(crate) probes: Box<[Kprobe]>,
+    /// Slots `0..len` are published; readers load it with `Acquire`.
+    len: AtomicUsize,
+    /// Borrowed pointers (`Arc::as_ptr`) to the probes; the writer's
+    /// [`SiteState`](super::registry::SiteState) and, once removed, the
+    /// pending retirement hold the references that keep them alive.
+    slots: Box<[AtomicPtr<ProbeInner>]>,
     pub(crate) exec: Arc<SiteExec>,
     /// Single-steps started on this list and not yet completed (or
     /// abandoned). A retired list is freed only when this is zero.
@@ -105,14 +120,128 @@ pub(crate) struct Members {
 }
 
 impl Members {
-    pub(crate) fn new(probes: &[Kprobe], exec: &Arc<SiteExec>) -> *mut Members {
+    /// A list of `capacity` slots (at least `probes.len()`) holding
+    /// `probes` in order.
+    pub(crate) fn new<'a>(
+        probes: impl ExactSizeIterator<Item = &'a Kprobe>,
+        capacity: usize,
+        exec: &Arc<SiteExec>,
+    ) -> *mut Members {
+        let n = probes.len();
+        let capacity = capacity.max(n).max(1);
+        let slots: Box<[AtomicPtr<ProbeInner>]> = probes
+            .map(|p| AtomicPtr::new(p.as_raw()))
+            .chain((n..capacity).map(|_| AtomicPtr::new(std::ptr::null_mut())))
+            .collect();
         Box::into_raw(Box::new(Members {
-            probes: probes.into(),
+            // Plain initialisation: the whole list is published by the
+            // Release store of its pointer (`Site::new` + `Table::insert`,
+            // or `Site::replace_members`).
+            len: AtomicUsize::new(n),
+            slots,
             exec: Arc::clone(exec),
             inflight: AtomicUsize::new(0),
         }))
     }
+
+    /// The published length: slots below it hold a probe or null (removed).
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        // Acquire pairs with the Release store in `push`: the slot stored
+        // there (and the probe it points to, complete since before its
+        // registration) is visible for every index below the value read.
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// The probe in slot `i` (`i` below a value [`len`](Self::len)
+    /// returned) for a hit, or `None` if it was removed.
+    ///
+    /// The handle is borrowed (never dropped, so no reference count
+    /// changes): valid while the caller's read section lasts.
+    #[inline]
+    pub(crate) fn get(&self, i: usize) -> Option<ManuallyDrop<Kprobe>> {
+        let p = self.load(i);
+        if p.is_null() || p as usize & REMOVED != 0 {
+            return None;
+        }
+        // SAFETY: a live slot points to a probe the writer keeps alive
+        // until a grace period after the slot changed, and the caller's
+        // read section is one the grace period waits for; never dropped.
+        Some(unsafe { Kprobe::borrow_raw(p) })
+    }
+
+    /// The probe in slot `i` for the post handlers of a hit whose pre
+    /// handler ran on it, also if it was removed since, as long as it kept
+    /// its post handler reachable (a probe with a post handler is marked
+    /// removed, not cleared). `None` if the slot was cleared.
+    ///
+    /// # Safety
+    /// The caller is in a read section, and holds a count in `inflight`
+    /// (a single-step) or is still in the read section of the hit: a
+    /// marked probe lives until the steps on every list showing it are done
+    /// (the commit compacts and waits for them: `site.rs`), a cleared one
+    /// until a grace period after the clearing.
+    #[inline]
+    pub(crate) unsafe fn get_for_post(&self, i: usize) -> Option<ManuallyDrop<Kprobe>> {
+        let p = self.load(i);
+        // The mark off (pointer arithmetic keeps the provenance).
+        let p = p
+            .cast::<u8>()
+            .wrapping_sub(p as usize & REMOVED)
+            .cast::<ProbeInner>();
+        // SAFETY: see the function's contract; never dropped.
+        (!p.is_null()).then(|| unsafe { Kprobe::borrow_raw(p) })
+    }
+
+    #[inline]
+    fn load(&self, i: usize) -> *mut ProbeInner {
+        // Relaxed: the slot's probe was stored before the Release store of
+        // `len` (or of the list pointer) that the caller's Acquire load
+        // read, so this load sees that probe or a later removal, never the
+        // initial null; a removal publishes nothing (readers that still see
+        // the probe are covered by the grace period the removal waits for).
+        self.slots[i].load(Ordering::Relaxed)
+    }
+
+    /// Capacity (writer only: it never changes).
+    pub(crate) fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Appends `probe` in place. Writer only, with `len < capacity`.
+    pub(crate) fn push(&self, probe: &Kprobe) {
+        // Relaxed: only the writer (mutex held) stores `len`.
+        let n = self.len.load(Ordering::Relaxed);
+        assert!(n < self.slots.len(), "push into a full member list");
+        // Relaxed: the slot is beyond `len`, no reader looks at it; the
+        // Release below publishes it.
+        self.slots[n].store(probe.as_raw(), Ordering::Relaxed);
+        // Release pairs with the Acquire load in `len`: a reader that sees
+        // `n + 1` sees the slot (and the probe, built before).
+        self.len.store(n + 1, Ordering::Release);
+    }
+
+    /// Removes the probe in slot `i`: new hits skip it. With `keep_post`
+    /// the pointer stays, marked, for the post handlers of steps already
+    /// in flight (the caller then makes the commit wait for those steps);
+    /// otherwise the slot is cleared. Writer only.
+    pub(crate) fn remove(&self, i: usize, keep_post: bool) {
+        // Relaxed: only the writer stores slots.
+        let p = self.slots[i].load(Ordering::Relaxed);
+        let v = if keep_post {
+            p.cast::<u8>().wrapping_add(REMOVED).cast::<ProbeInner>()
+        } else {
+            std::ptr::null_mut()
+        };
+        // Relaxed: a reader that still sees the probe is in a read section
+        // that the removal's grace period waits for; nothing is published.
+        self.slots[i].store(v, Ordering::Relaxed);
+    }
 }
+
+/// Low bit of a slot: the probe was removed, its pointer kept for the post
+/// handlers of steps in flight (`ProbeInner` is aligned to 8).
+const REMOVED: usize = 1;
 
 /// One probed address in a chain.
 pub(crate) struct Site {
