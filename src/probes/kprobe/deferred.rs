@@ -3,8 +3,8 @@
 //!
 //! # Why
 //!
-//! A registration that joins a probed address publishes a new member list
-//! and retires the old one; a registration whose breakpoint write failed
+//! A registration that joins a probed address whose member list is full
+//! publishes a list twice the size and retires the old one; a registration whose breakpoint write failed
 //! after its site was published retires the site and its list. No
 //! unregistration is involved, so nothing would wait a grace period for
 //! them before the next one: a registry that only ever gains probes would

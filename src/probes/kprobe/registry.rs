@@ -267,8 +267,10 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         w.orphans.len()
     }
 
-    /// Member lists replaced by registrations (a probe joining an address)
-    /// or left by a failed registration: how many were retired, how many
+    /// Member lists replaced by registrations (a probe joining an address
+    /// whose list is full: it is replaced by one twice the size; a join with
+    /// room appends in place and replaces nothing) or left by a failed
+    /// registration: how many were retired, how many
     /// freed. They are freed a grace period after their retirement by the
     /// RCU domain's callback worker, with no unregistration or commit needed
     /// (a list on which a single-step is still in flight waits for it; see

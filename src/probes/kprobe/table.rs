@@ -1,5 +1,6 @@
 //! The RCU hash table of probe sites: chains published with release stores,
-//! walked lock-free under an `Rcu` read guard.
+//! walked lock-free under an `Rcu` read guard; and each site's member list,
+//! appended and removed in place.
 //!
 //! # Shape
 //!
@@ -9,21 +10,76 @@
 //! [`SiteExec`] that says how to complete a hit (the decoded instruction and
 //! its XOL plan).
 //!
+//! # Member lists
+//!
+//! Guarantees and costs first. For N probes on one address:
+//!
+//! - registering them costs O(N) time in total (O(1) amortized each) and
+//!   O(N) memory, replaced lists included;
+//! - removing them costs O(1) each in the top half (`unregister_nosync`, or
+//!   each probe of `unregister_many`), plus one O(N) copy per site per
+//!   commit that needs one: a batch of any size costs O(N) time and O(N)
+//!   peak memory;
+//! - a hit reads the length once and walks the slots below it with plain
+//!   loads: lock-free and wait-free under its `Rcu` read guard, no
+//!   allocation, no read-modify-write, in registration order;
+//! - a hit sees each member fully (its handlers and state were written
+//!   before it became visible) or not at all, and never one that was freed:
+//!   a removed member is freed only after a grace period (and, for the post
+//!   handlers of single-steps in flight, after those steps: below).
+//!
+//! The algorithm. A list is an array of slots with spare capacity and a
+//! published length. A slot goes from null to a probe exactly once and
+//! never takes another probe:
+//!
+//! - **append** (a probe joins the site): store the probe's pointer in slot
+//!   `len`, then store `len + 1` with `Release`; readers load the length
+//!   with `Acquire` (pairs with it), so every slot below the length they
+//!   read holds its probe. A full list is replaced by a copy twice the live
+//!   size (removed slots dropped), published with a `Release` swap of the
+//!   site's list pointer; the old list is retired (freed after a grace
+//!   period by the domain's callback worker: `deferred.rs`). Copies double,
+//!   so they cost O(N) in total, and the retired ones sum to less than the
+//!   live one.
+//! - **remove**: the probe's slot (its index is kept in the probe, writer
+//!   only) is cleared; a probe with a post handler is *marked* instead (its
+//!   pointer kept, low bit set): a hit skips both, but a single-step whose
+//!   pre handlers ran before the removal still runs the marked probe's post
+//!   handler. The writer's handle on the probe goes to the pending
+//!   retirement, so the probe outlives the grace period of the commit.
+//! - **compact** (by the commit, once per site that lost members since the
+//!   last commit): a copy without the removed slots is published and the
+//!   old list retired with the batch, which makes the commit wait for the
+//!   single-steps in flight on it. It is required when a removed probe had
+//!   a post handler (the commit must not return while that handler may
+//!   still run) and otherwise done when removed slots are at least half of
+//!   the list, so that each copy is paid for by as many removals. A cleared
+//!   slot left in place is safe without it: a hit that still sees the probe
+//!   is in a read section that the removal's grace period waits for, and
+//!   post handlers run inside a read section too (`hit.rs`).
+//!
+//! Member lists *borrow* their probes (plain pointers, no reference
+//! counts): the registry's handle (in the writer's `SiteState`, then in the
+//! pending retirement) keeps each probe alive until every list that may
+//! still show it to a reader is finished.
+//!
 //! # Publication
 //!
 //! Writers (serialized by the registry mutex) never modify anything a reader
-//! may be looking at, except two kinds of pointer:
+//! may be looking at, except these:
 //!
 //! - **chain links** (`bucket`, `Site::next`): a new site is fully built,
 //!   then stored at the head with `Release`; an unlinked site keeps its own
 //!   `next`, so a reader standing on it walks on into the live chain;
-//! - **a site's member list**: replaced as a whole (copy on write) with a
-//!   `Release` swap.
+//! - **a site's member list pointer**: replaced as a whole (growth,
+//!   compaction) with a `Release` swap;
+//! - **a list's length and slots**: the append and removal above.
 //!
-//! Readers load both with `Acquire`, which pairs with those stores: whatever
-//! a reader reaches was completely written before it was published. What was
-//! unlinked or replaced is retired, and freed only after a grace period (and,
-//! for member lists, after every single-step in flight on them finished).
+//! Readers load the pointers and the length with `Acquire`, which pairs with
+//! those stores: whatever a reader reaches was completely written before it
+//! was published. What was unlinked or replaced is retired, and freed only
+//! after a grace period (and, for member lists, after every single-step in
+//! flight on them finished).
 
 use std::sync::Arc;
 

@@ -6,8 +6,11 @@
 //! Removing a probe has a *top* half, under the registry mutex, that makes
 //! it unreachable for new hits: remove the breakpoint if it was the last
 //! enabled probe on its address, then unlink the site (last probe) or
-//! publish a member list without it. What readers might still hold is
-//! *retired*. The *bottom* half runs after a grace period: it has the XOL
+//! clear (or mark) its slot in the member list, in O(1) (`table.rs`,
+//! "Member lists"). What readers might still hold is *retired*. The bottom
+//! half first compacts, once, each site that lost members and needs it (one
+//! copy per site per commit, retired with the batch). The *bottom* half
+//! then runs after a grace period: it has the XOL
 //! allocator wait out threads still in a retired site's boosted slot
 //! (`XolAllocator::quiesce`), waits for the single-steps in flight on each
 //! retired member list, frees the lists and
@@ -25,8 +28,8 @@
 //! A probe's handlers can be reached through every member list its site
 //! ever published while it was a member, not only the last one: a
 //! single-step in flight holds the list it started on, and older lists are
-//! retired by whoever replaced them (a registration joining the site, the
-//! unregistration of a neighbour). So "no handler of P runs any more" needs
+//! retired by whoever replaced them (a registration growing the list, the
+//! commit that compacted it after a neighbour left). So "no handler of P runs any more" needs
 //! *all* those lists finished, wherever they were retired. Every bottom half
 //! therefore takes everything pending and finishes it under one lock
 //! (`reclaim_lock`), together with every list a registration retired before
