@@ -70,19 +70,22 @@ fn join_until_a_list_is_replaced(reg: &Reg, addr: u64) -> Vec<Kprobe> {
 
 #[test]
 fn lists_replaced_by_joining_probes_are_freed_after_a_grace_period_without_any_unregistration() {
-    let (rcu, fx, mut probes) = joined(2, F_MOV_EAX);
+    // A site's first list holds its one probe: the first join replaces it
+    // with a list of four slots; the next two joins append in place.
+    let (rcu, fx, mut probes) = joined(4, F_MOV_EAX);
     assert_eq!(
         fx.reg.retired_lists().retired,
-        0,
+        1,
         "joins with room copy nothing"
     );
     probes.extend(join_until_a_list_is_replaced(&fx.reg, F_MOV_EAX));
+    assert_eq!(probes.len(), 5, "the fifth probe found the list full");
     rcu.barrier();
     assert_eq!(
         fx.reg.retired_lists(),
         RetiredLists {
-            retired: 1,
-            freed: 1,
+            retired: 2,
+            freed: 2,
             waiting_for_steps: 0
         }
     );
@@ -198,8 +201,9 @@ fn many_joins_on_one_address_leave_no_list_behind_after_a_barrier() {
     let lists = fx.reg.retired_lists();
     println!("retired lists: {lists:?}");
     // Appends in place, a list twice the size when full: one replaced list
-    // per doubling (4, 10, 22, 46, 94, 190 slots), not one per join.
-    assert_eq!((lists.retired, lists.freed), (6, 6));
+    // per growth (1 slot, then 4, 10, 22, 46, 94, 190, 382), not one per
+    // join.
+    assert_eq!((lists.retired, lists.freed), (7, 7));
     let before = rcu.stats();
     assert!(
         before.callback_batches <= lists.retired,

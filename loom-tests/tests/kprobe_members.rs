@@ -5,16 +5,23 @@
 //! slots, published with a Release swap, the old list retired), racing a
 //! hit on the site.
 //!
-//! 1. `nop` (emulated, no post handler): a hit racing "q joins; p leaves;
-//!    commit" runs q's handler fully or not at all (q's data is written by
-//!    the writer after the hitter started, so only q's publication orders
-//!    that write before the handler's access; a hit that sees the new length
-//!    without that order is a loom data race), and runs p's handler before
-//!    `commit` returns or not at all (p's data is poisoned right after).
+//! p and a second member (so that the list has room: a site's first list
+//! holds its one probe) are registered before the hitter starts.
+//!
+//! 1. `nop` (emulated, no post handler): a hit racing "q joins in place;
+//!    p leaves (its slot cleared); commit" (one removed slot of three and
+//!    no post handler: the commit leaves the list uncompacted, so p's
+//!    safety is the grace period alone) runs q's handler fully or not at
+//!    all (q's data is written by the writer after the hitter started, so
+//!    only q's publication orders that write before the handler's access; a
+//!    hit that sees the new length without that order is a loom data race),
+//!    and runs p's handler before `commit` returns or not at all (p's data
+//!    is poisoned right after).
 //! 2. `mov eax, 1` (single-stepped: the probes have post handlers): the
 //!    same race with p's post handler on a step that may still be in
 //!    flight when p leaves: p's slot is marked, not cleared, so the step
-//!    still runs p's post, and the commit compacts the site and waits for
+//!    still runs p's post, and the commit compacts the site (a copy
+//!    published with a Release swap, the old list retired) and waits for
 //!    the step before it returns (p's data poisoned right after).
 //!
 //! The models are known to bite: with the length's publication in
@@ -24,14 +31,11 @@
 //!
 //! What these models do NOT cover:
 //! - a list replaced because it is full (growth: the old list goes to the
-//!   domain's callback worker, as in model 5 of `kprobe.rs`, which covers
-//!   that retirement path with its step in flight); the hit side of a
-//!   replaced list is the same Acquire load of the list pointer that the
-//!   chain models check;
-//! - removal with the list compacted lazily (a site whose removed slots are
-//!   under half and whose removed probes had no post handler keeps them
-//!   cleared until later): its safety is the grace period alone, which
-//!   model 1 covers through the cleared slot before compaction;
+//!   domain's callback worker; model 5 of `kprobe.rs` covers that
+//!   retirement path with a step in flight, since a site's first join is a
+//!   growth);
+//! - compaction of a list whose removed probes had no post handler (same
+//!   publication as model 2's, without the steps);
 //! - more than one hitter, nested hits, enable/disable, kretprobes;
 //! - executions beyond the preemption bound (3).
 
@@ -130,6 +134,10 @@ fn join_leave_compact(at: u64, post: bool) {
         let q_data = Arc::new(Val::default());
         let p = touching(at, &p_data, post);
         reg.register(&p).unwrap();
+        // A second member makes the list one with room (a site's first
+        // list holds its one probe): q then joins in place.
+        let room = Kprobe::at(at).build();
+        reg.register(&room).unwrap();
         let hitter = {
             let reg = reg.clone();
             thread::spawn(move || hit_once(&reg, at))
@@ -145,10 +153,11 @@ fn join_leave_compact(at: u64, post: bool) {
         p_data.poison();
         hitter.join().unwrap();
         assert!(p.hits() <= 1 && q.hits() <= 1);
+        assert_eq!(room.hits(), 1, "the member that stays runs on every hit");
         let sites = reg.sites();
         assert_eq!(sites.len(), 1);
-        assert_eq!(sites[0].probes, vec![q.id()]);
-        reg.unregister(&q).unwrap();
+        assert_eq!(sites[0].probes, vec![room.id(), q.id()]);
+        reg.unregister_many(&[&room, &q]).unwrap();
     });
 }
 

@@ -9,7 +9,11 @@
 use std::sync::Arc;
 
 use super::probe::Kprobe;
-use super::table::{Members, Site, SiteExec, MIN_MEMBER_SLOTS};
+use super::table::{Members, Site, SiteExec};
+
+/// Least capacity of a copied list: a site that got a second probe is
+/// likely to get a few more.
+const GROWN_MEMBER_SLOTS: usize = 4;
 use crate::probes::error::CodeBytes;
 
 /// The writer-side view of one probed address (registry mutex held for
@@ -49,8 +53,7 @@ impl SiteState {
     ) -> Self {
         first.set_slot(0);
         let enabled = usize::from(first.is_enabled());
-        let mut members = Vec::with_capacity(MIN_MEMBER_SLOTS);
-        members.push(Some(first));
+        let members = vec![Some(first)];
         SiteState {
             node,
             members,
@@ -112,14 +115,21 @@ impl SiteState {
     }
 
     /// Removes `probe` (a member) in O(1): its slot in the published list
-    /// goes null. Returns the registry's handle on it.
+    /// is cleared, or marked if it has a post handler (unless it is the
+    /// site's last probe). Returns the registry's handle on it.
     pub(crate) fn remove(&mut self, probe: &Kprobe) -> Kprobe {
         let i = probe.slot();
         let handle = self.members[i]
             .take()
             .filter(|h| h.ptr_eq(probe))
             .expect("a registered probe is in its recorded slot");
-        self.list().remove(i, handle.has_post());
+        if self.live > 1 {
+            self.list().remove(i, handle.has_post());
+        }
+        // The last probe's slot is left alone: the caller unlinks the site
+        // and retires its list whole, so a hit that still finds the site
+        // runs the probe (as it would have before the removal) or, once the
+        // site is unlinked, finds nothing.
         self.live -= 1;
         if handle.is_enabled() {
             self.enabled -= 1;
@@ -138,11 +148,11 @@ impl SiteState {
     }
 
     /// Publishes a copy of the list without removed slots, with room for
-    /// as many probes again (at least [`MIN_MEMBER_SLOTS`]), and returns the
+    /// as many probes again (at least four), and returns the
     /// replaced list for the caller to retire. O(probes).
     pub(crate) fn compact(&mut self) -> *mut Members {
         self.members.retain(Option::is_some);
-        let capacity = (2 * self.live).max(MIN_MEMBER_SLOTS);
+        let capacity = (2 * self.live).max(GROWN_MEMBER_SLOTS);
         // Keeps the writer's memory O(probes) after mass removals.
         self.members.shrink_to(capacity);
         for (i, p) in self.probes().enumerate() {

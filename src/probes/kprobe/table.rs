@@ -151,9 +151,11 @@ impl SiteExec {
     }
 }
 
-/// Capacity of a site's first member list: a few probes join an address
-/// without any copy.
-pub(crate) const MIN_MEMBER_SLOTS: usize = 4;
+/// Capacity of a site's first member list: exactly its one probe. Most
+/// addresses never get a second (probes on distinct functions pay no spare
+/// slot); the first join copies one pointer into a list of four, and each
+/// later copy doubles the room.
+pub(crate) const MIN_MEMBER_SLOTS: usize = 1;
 
 /// The probes on one address: a fixed-capacity array of slots, appended in
 /// place (see the module docs, "Member lists").
