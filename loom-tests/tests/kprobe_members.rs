@@ -37,7 +37,7 @@
 //! - compaction of a list whose removed probes had no post handler (same
 //!   publication as model 2's, without the steps);
 //! - more than one hitter, nested hits, enable/disable, kretprobes;
-//! - executions beyond the preemption bound (3).
+//! - executions beyond the preemption bound (2).
 
 #![cfg(loom)]
 
@@ -46,7 +46,7 @@ mod probe_common;
 use std::sync::Arc;
 
 use loom::thread;
-use probe_common::{model, Stack, Val, SP};
+use probe_common::{model_with, Stack, Val, SP};
 use rcu_registry::probes::arch::{Regs, X86_64};
 use rcu_registry::probes::kprobe::{
     Action, HitOutcome, Kprobe, KprobeRegistry, StepResult, SymbolTable, XolArena,
@@ -128,15 +128,18 @@ fn hit_once(reg: &Reg, at: u64) {
 /// p is registered; a hitter hits once while q joins (in place), p leaves
 /// and the commit compacts the site. Then p's data is poisoned.
 fn join_leave_compact(at: u64, post: bool) {
-    model(move || {
+    // Bound 2: 20,283 and 31,738 executions, 10 s together in release
+    // (bound 3: 445,339 and 928,851, nearly 6 minutes).
+    model_with(2, None, move || {
         let reg = Arc::new(registry());
         let p_data = Arc::new(Val::default());
         let q_data = Arc::new(Val::default());
         let p = touching(at, &p_data, post);
         reg.register(&p).unwrap();
         // A second member makes the list one with room (a site's first
-        // list holds its one probe): q then joins in place.
-        let room = Kprobe::at(at).build();
+        // list holds its one probe): q then joins in place. Disabled, so
+        // that the hit only checks it (fewer steps for loom to interleave).
+        let room = Kprobe::at(at).disabled().build();
         reg.register(&room).unwrap();
         let hitter = {
             let reg = reg.clone();
@@ -153,7 +156,7 @@ fn join_leave_compact(at: u64, post: bool) {
         p_data.poison();
         hitter.join().unwrap();
         assert!(p.hits() <= 1 && q.hits() <= 1);
-        assert_eq!(room.hits(), 1, "the member that stays runs on every hit");
+        assert_eq!(room.hits(), 0, "a disabled member runs nothing");
         let sites = reg.sites();
         assert_eq!(sites.len(), 1);
         assert_eq!(sites[0].probes, vec![room.id(), q.id()]);
