@@ -168,7 +168,7 @@ pub(crate) struct Members {
     /// Slots `0..len` are published; readers load it with `Acquire`.
     len: AtomicUsize,
     /// Borrowed pointers (`Arc::as_ptr`) to the probes; the writer's
-    /// [`SiteState`](super::registry::SiteState) and, once removed, the
+    /// `SiteState` (`site.rs`) and, once removed, the
     /// pending retirement hold the references that keep them alive.
     slots: Box<[AtomicPtr<ProbeInner>]>,
     pub(crate) exec: Arc<SiteExec>,
