@@ -10,6 +10,13 @@
 //!   `unregister` one by one (a grace period each); the same with one
 //!   hitter, and the batch with none (see BENCHMARKS.md for why the ratio
 //!   depends on whether hitters get descheduled inside read sections).
+//! - `kprobe_scale`: registering n probes, and removing them with
+//!   `unregister_many` and with `unregister_nosync` each plus one `commit`,
+//!   at n = 1,000, 10,000 and 100,000 (`KPROBE_SCALE_MAX` lowers the top:
+//!   run the same file against an older registry to compare), all on one
+//!   address (one aggregated site) and each on its own function; printed per
+//!   probe against the targets (5 us to register, 1 us to unregister in a
+//!   batch) and the 100k/1k growth (1.0 = linear).
 //! - `kretprobe`: a kretprobe'd call (entry trap + return through the
 //!   trampoline) per iteration, each thread on its own function, with the
 //!   instance table on 64 hashed stripes against one global lock (1 stripe),
@@ -30,7 +37,9 @@ use samples::{median_ns, on_threads, record};
 
 use criterion::{BenchmarkId, Criterion};
 use rcu_registry::probes::arch::{Arch, DataMemory, Insn, Regs, X86_64};
-use rcu_registry::probes::kprobe::{Action, HitOutcome, Kprobe, KprobeRegistry, Kretprobe};
+use rcu_registry::probes::kprobe::{
+    Action, HitOutcome, Kprobe, KprobeRegistry, Kretprobe, DEFAULT_BUCKETS,
+};
 use rcu_registry::probes::outcome::ReturnOutcome;
 use rcu_registry::probes::resolve::SymbolTable;
 use rcu_registry::probes::text::Image;
@@ -371,6 +380,155 @@ fn unregister_breakdown() {
     }
 }
 
+// ------------------------------------------------------------------ scale
+
+/// Probe counts of the scale benchmarks (capped by `KPROBE_SCALE_MAX`).
+const SCALE_SIZES: [usize; 3] = [1_000, 10_000, 100_000];
+
+fn scale_sizes() -> Vec<usize> {
+    let max = std::env::var("KPROBE_SCALE_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(usize::MAX);
+    SCALE_SIZES.into_iter().filter(|&n| n <= max).collect()
+}
+
+/// What one scale measurement times.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ScaleOp {
+    Register,
+    UnregisterMany,
+    NosyncCommit,
+}
+
+impl ScaleOp {
+    const ALL: [ScaleOp; 3] = [
+        ScaleOp::Register,
+        ScaleOp::UnregisterMany,
+        ScaleOp::NosyncCommit,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            ScaleOp::Register => "register",
+            ScaleOp::UnregisterMany => "unregister_many",
+            ScaleOp::NosyncCommit => "nosync_commit",
+        }
+    }
+}
+
+/// Registers `n` probes (on one address, or each on its own function) and
+/// removes them; returns the time of `op` alone.
+fn scale_cycle(one_address: bool, n: usize, op: ScaleOp) -> Duration {
+    let funcs = if one_address { 1 } else { n };
+    let reg = registry(funcs, funcs.max(DEFAULT_BUCKETS), 64);
+    let probes: Vec<Kprobe> = (0..n)
+        .map(|i| Kprobe::at(func(if one_address { 0 } else { i })).build())
+        .collect();
+    let start = Instant::now();
+    for p in &probes {
+        reg.register(p).unwrap();
+    }
+    let registering = start.elapsed();
+    let start = Instant::now();
+    match op {
+        ScaleOp::Register | ScaleOp::UnregisterMany => {
+            let refs: Vec<&Kprobe> = probes.iter().collect();
+            reg.unregister_many(&refs).unwrap();
+        }
+        ScaleOp::NosyncCommit => {
+            for p in &probes {
+                reg.unregister_nosync(p).unwrap();
+            }
+            reg.commit();
+        }
+    }
+    let removing = start.elapsed();
+    assert!(reg.is_empty());
+    if op == ScaleOp::Register {
+        registering
+    } else {
+        removing
+    }
+}
+
+fn scale_id(one_address: bool, n: usize, op: ScaleOp) -> String {
+    let shape = if one_address {
+        "one_address"
+    } else {
+        "distinct"
+    };
+    format!("scale/{shape}/{}/{n}", op.name())
+}
+
+fn bench_scale(c: &mut Criterion) {
+    let mut g = c.benchmark_group("kprobe_scale");
+    g.sample_size(10);
+    for one_address in [true, false] {
+        for n in scale_sizes() {
+            for op in ScaleOp::ALL {
+                let id = scale_id(one_address, n, op);
+                g.bench_function(&id, |b| {
+                    b.iter_custom(|iters| {
+                        let t = (0..iters).map(|_| scale_cycle(one_address, n, op)).sum();
+                        record(&id, t, iters)
+                    })
+                });
+            }
+        }
+    }
+    g.finish();
+}
+
+/// Per-probe medians of the scale benchmarks, against the targets.
+fn scale_report() {
+    println!(
+        "\nkprobe scale (median per probe; targets: register <= 5 us, batch unregister <= 1 us):"
+    );
+    for one_address in [true, false] {
+        for op in ScaleOp::ALL {
+            let per: Vec<(usize, f64)> = scale_sizes()
+                .into_iter()
+                .filter_map(|n| {
+                    median_ns(&scale_id(one_address, n, op)).map(|ns| (n, ns / n as f64))
+                })
+                .collect();
+            let Some(&(_, worst)) = per.iter().max_by(|a, b| a.1.total_cmp(&b.1)) else {
+                continue;
+            };
+            let target = if op == ScaleOp::Register {
+                5_000.0
+            } else {
+                1_000.0
+            };
+            let cells: Vec<String> = per
+                .iter()
+                .map(|(n, ns)| format!("{n}: {ns:.0} ns"))
+                .collect();
+            let growth = match (per.first(), per.last()) {
+                (Some(a), Some(b)) if b.0 > a.0 => format!(
+                    "; per probe at {} / at {} = {:.2}x (1.0 = linear)",
+                    b.0,
+                    a.0,
+                    b.1 / a.1
+                ),
+                _ => String::new(),
+            };
+            println!(
+                "  {:<11} {:<15} {}{growth}; target {}",
+                if one_address {
+                    "one address"
+                } else {
+                    "distinct"
+                },
+                op.name(),
+                cells.join(", "),
+                if worst <= target { "met" } else { "MISSED" }
+            );
+        }
+    }
+}
+
 // --------------------------------------------------------------- kretprobe
 
 /// A registry with two kretprobe'd functions and its instance table on
@@ -476,7 +634,9 @@ fn main() {
     bench_hit_lookup(&mut c);
     bench_unregister(&mut c);
     bench_kretprobe(&mut c);
+    bench_scale(&mut c);
     c.final_summary();
+    scale_report();
 
     println!("\nkprobe ratios (median time per iteration over all samples; >1 = ours faster):");
     for t in [1, 2] {

@@ -1,6 +1,8 @@
 //! Specification tests of how the kprobe registry gives memory back without
-//! being asked: member lists replaced by registrations (and the sites of
-//! failed registrations) are freed a grace period later through the RCU
+//! being asked: member lists replaced by registrations (a probe joining an
+//! address whose list is full: the list is replaced by one twice the size;
+//! a join with room appends in place and retires nothing) and the sites of
+//! failed registrations are freed a grace period later through the RCU
 //! domain's callbacks, with no unregistration or commit; a list on which a
 //! single-step is in flight waits for it.
 
@@ -49,23 +51,54 @@ fn joined(n: usize, addr: u64) -> (Rcu, Fixture, Vec<Kprobe>) {
     (rcu, fx, probes)
 }
 
+/// Registers probes without handlers at `addr` until a join replaces the
+/// site's member list (it was full); returns them.
+fn join_until_a_list_is_replaced(reg: &Reg, addr: u64) -> Vec<Kprobe> {
+    let before = reg.retired_lists().retired;
+    let mut joined = Vec::new();
+    while reg.retired_lists().retired == before {
+        let p = Kprobe::at(addr).build();
+        reg.register(&p).unwrap();
+        joined.push(p);
+        assert!(joined.len() <= 64, "a join must replace a full list");
+    }
+    assert_eq!(
+        reg.retired_lists().retired,
+        before + 1,
+        "one list per growth"
+    );
+    joined
+}
+
 #[test]
 fn lists_replaced_by_joining_probes_are_freed_after_a_grace_period_without_any_unregistration() {
-    let (rcu, fx, probes) = joined(4, F_MOV_EAX);
-    // Three joins replaced three lists ({a}, {a,b}, {a,b,c}).
-    assert_eq!(fx.reg.retired_lists().retired, 3);
+    // A site's first list holds its one probe: the first join replaces it
+    // with a list of four slots; the next two joins append in place.
+    let (rcu, fx, mut probes) = joined(4, F_MOV_EAX);
+    assert_eq!(
+        fx.reg.retired_lists().retired,
+        1,
+        "joins with room copy nothing"
+    );
+    probes.extend(join_until_a_list_is_replaced(&fx.reg, F_MOV_EAX));
+    assert_eq!(probes.len(), 5, "the fifth probe found the list full");
     rcu.barrier();
     assert_eq!(
         fx.reg.retired_lists(),
         RetiredLists {
-            retired: 3,
-            freed: 3,
+            retired: 2,
+            freed: 2,
             waiting_for_steps: 0
         }
     );
     assert_eq!(fx.reg.pending(), 0, "no unregistration took part");
-    assert_eq!(fx.reg.len(), 4);
-    assert_eq!(fx.reg.sites()[0].probes.len(), 4, "the live list is intact");
+    assert_eq!(fx.reg.len(), probes.len());
+    let ids: Vec<_> = probes.iter().map(Kprobe::id).collect();
+    assert_eq!(
+        fx.reg.sites()[0].probes,
+        ids,
+        "the live list is intact, in order"
+    );
     // The live list still works.
     let mut regs = trap_regs(F_MOV_EAX);
     assert_eq!(
@@ -118,8 +151,9 @@ fn a_replaced_list_with_a_step_in_flight_is_kept_until_the_step_completes() {
     fx.reg.register(&p).unwrap();
     let (mut regs, mut stack) = (trap_regs(F_MOV_EAX), Stack::new());
     let token = start_step(&fx.reg, F_MOV_EAX, &mut regs, &mut stack);
-    // {p} is retired while the step started on it is in flight.
-    fx.reg.register(&Kprobe::at(F_MOV_EAX).build()).unwrap();
+    // The list the step started on is replaced (it fills, then grows) while
+    // the step is in flight.
+    let _joined = join_until_a_list_is_replaced(&fx.reg, F_MOV_EAX);
     rcu.barrier();
     assert_eq!(
         fx.reg.retired_lists(),
@@ -133,7 +167,7 @@ fn a_replaced_list_with_a_step_in_flight_is_kept_until_the_step_completes() {
     finish_step(&fx.reg, token, &mut regs, &mut stack);
     assert_eq!(*log.lock().unwrap(), vec!["post p"]);
     // The next retirement's callback retries the parked list.
-    fx.reg.register(&Kprobe::at(F_MOV_EAX).build()).unwrap();
+    let _more = join_until_a_list_is_replaced(&fx.reg, F_MOV_EAX);
     rcu.barrier();
     assert_eq!(
         fx.reg.retired_lists(),
@@ -153,12 +187,11 @@ fn a_commit_frees_a_parked_list_once_its_step_completes() {
     fx.reg.register(&p).unwrap();
     let (mut regs, mut stack) = (trap_regs(F_MOV_EAX), Stack::new());
     let token = start_step(&fx.reg, F_MOV_EAX, &mut regs, &mut stack);
-    let q = Kprobe::at(F_MOV_EAX).build();
-    fx.reg.register(&q).unwrap();
+    let joined = join_until_a_list_is_replaced(&fx.reg, F_MOV_EAX);
     rcu.barrier();
     assert_eq!(fx.reg.retired_lists().waiting_for_steps, 1);
     finish_step(&fx.reg, token, &mut regs, &mut stack);
-    fx.reg.unregister(&q).unwrap();
+    fx.reg.unregister(&joined[0]).unwrap();
     let lists = fx.reg.retired_lists();
     assert_eq!((lists.freed, lists.waiting_for_steps), (1, 0));
 }
@@ -169,11 +202,14 @@ fn many_joins_on_one_address_leave_no_list_behind_after_a_barrier() {
     rcu.barrier();
     let lists = fx.reg.retired_lists();
     println!("retired lists: {lists:?}");
-    assert_eq!((lists.retired, lists.freed), (199, 199));
+    // Appends in place, a list twice the size when full: one replaced list
+    // per growth (1 slot, then 4, 10, 22, 46, 94, 190, 382), not one per
+    // join.
+    assert_eq!((lists.retired, lists.freed), (7, 7));
     let before = rcu.stats();
     assert!(
-        before.callback_batches < 199,
-        "the domain batched the callbacks: {} batches for 199 lists",
+        before.callback_batches <= lists.retired,
+        "at most one callback batch per replaced list: {} batches",
         before.callback_batches
     );
     let refs: Vec<&Kprobe> = probes.iter().collect();

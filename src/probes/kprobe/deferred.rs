@@ -3,8 +3,8 @@
 //!
 //! # Why
 //!
-//! A registration that joins a probed address publishes a new member list
-//! and retires the old one; a registration whose breakpoint write failed
+//! A registration that joins a probed address whose member list is full
+//! publishes a list twice the size and retires the old one; a registration whose breakpoint write failed
 //! after its site was published retires the site and its list. No
 //! unregistration is involved, so nothing would wait a grace period for
 //! them before the next one: a registry that only ever gains probes would
@@ -127,7 +127,7 @@ impl DeferredHold<'_> {
 /// Whether `r` can be freed now without waiting (past its grace period).
 fn steps_done(r: &Retired) -> bool {
     match r {
-        Retired::Members(m) => {
+        Retired::Members(m) | Retired::MembersWith(m, _) => {
             // SAFETY: a retired list is freed only by whoever took it from
             // this state (we hold it, or are about to); it is live here.
             let m = unsafe { &**m };
@@ -142,7 +142,7 @@ fn steps_done(r: &Retired) -> bool {
 fn lists_in(items: &[Retired]) -> u64 {
     items
         .iter()
-        .filter(|r| matches!(r, Retired::Members(_)))
+        .filter(|r| matches!(r, Retired::Members(_) | Retired::MembersWith(..)))
         .count() as u64
 }
 

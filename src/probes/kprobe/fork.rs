@@ -47,10 +47,10 @@ fn return_probes(w: &Writer) -> Vec<Arc<dyn ReturnProbe>> {
     let registered = w
         .sites
         .values()
-        .flat_map(|s| s.members.iter())
+        .flat_map(|s| s.probes())
         .filter_map(|k| k.return_probe());
     let pending = w.pending.iter().filter_map(|r| match r {
-        Retired::Probe(k) => k.return_probe(),
+        Retired::Probe(k) | Retired::MembersWith(_, k) => k.return_probe(),
         Retired::Return(r) => Some(r),
         Retired::Members(_) | Retired::Site(_) => None,
     });

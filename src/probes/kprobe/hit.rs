@@ -133,6 +133,9 @@ pub enum HitOutcome<'r> {
 /// ```
 pub struct StepToken<'r> {
     members: NonNull<Members>,
+    /// The list's length the pre handlers saw: members appended later ran
+    /// no pre handler and get no post.
+    len: usize,
     state: StepState,
     ran_pre: u64,
     run_post: bool,
@@ -215,9 +218,21 @@ fn ran_pre(mask: u64, i: usize, p: &Kprobe) -> bool {
     }
 }
 
-fn run_posts(members: &Members, mask: u64, regs: &mut Regs) {
-    for (i, p) in members.probes.iter().enumerate() {
-        if ran_pre(mask, i, p) {
+/// Runs the post handlers of the members below `len` whose pre handlers
+/// ran, also of members removed since (a removed probe with a post handler
+/// keeps its pointer, marked, and the commit waits for the steps on the
+/// lists that show it; one without is cleared and skipped).
+///
+/// The caller is in a read section (for members cleared since: one still
+/// seen began before the grace period their removal waits for ended) and,
+/// for a single-step, holds a count in the list's `inflight`.
+fn run_posts(members: &Members, len: usize, mask: u64, regs: &mut Regs) {
+    for i in 0..len {
+        // SAFETY: the caller's contract above is `get_for_post`'s.
+        let Some(p) = (unsafe { members.get_for_post(i) }) else {
+            continue;
+        };
+        if ran_pre(mask, i, &p) {
             p.run_post(regs);
         }
     }
@@ -271,6 +286,9 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             };
         };
         let members = site.members(&guard);
+        // One length for the whole hit: the pre handlers, the mask and the
+        // posts agree on which members exist.
+        let len = members.len();
         regs.ip = addr;
         let scope = KprobeScope::enter();
         let mut mask = 0u64;
@@ -281,7 +299,8 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 table: &self.instances,
                 trampoline: self.trampoline.unwrap_or(0),
             };
-            for (i, p) in members.probes.iter().enumerate() {
+            for i in 0..len {
+                let Some(p) = members.get(i) else { continue };
                 if !p.is_enabled() {
                     continue;
                 }
@@ -302,8 +321,11 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 }
             }
         } else {
-            for p in members.probes.iter().filter(|p| p.is_enabled()) {
-                p.count_missed();
+            for i in 0..len {
+                match members.get(i) {
+                    Some(p) if p.is_enabled() => p.count_missed(),
+                    _ => {}
+                }
             }
         }
         let run_post = scope.is_some() && any_post;
@@ -313,7 +335,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 return HitOutcome::Failed(e);
             }
             if run_post {
-                run_posts(members, mask, regs);
+                run_posts(members, len, mask, regs);
             }
             return HitOutcome::Emulated;
         };
@@ -337,6 +359,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         members.inflight.fetch_add(1, Ordering::Relaxed);
         HitOutcome::SingleStep(StepToken {
             members: NonNull::from(members),
+            len,
             state,
             ran_pre: mask,
             run_post,
@@ -360,7 +383,8 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// reports them): applies the arch fixups (IP back into the original
     /// code, scratch register, return address) and runs the post handlers of
     /// the probes whose pre handlers ran. Async-signal-safe. Takes no read
-    /// guard: the token keeps the member list alive.
+    /// guard for the fixups: the token keeps the member list alive; the posts
+    /// run in one (see `run_posts`).
     pub fn on_step_complete<'r>(
         &'r self,
         token: StepToken<'r>,
@@ -372,7 +396,12 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             Ok(StepOutcome::Done) => {
                 if token.run_post {
                     if let Some(_scope) = KprobeScope::enter() {
-                        run_posts(token.members(), token.ran_pre, regs);
+                        // A read section: the members are borrowed pointers
+                        // whose removal is covered by a grace period (see
+                        // `run_posts`). Async-signal-safe (a thread-local
+                        // store).
+                        let _guard = self.rcu.read();
+                        run_posts(token.members(), token.len, token.ran_pre, regs);
                     }
                 }
                 drop(token);

@@ -34,11 +34,15 @@
 //! All probes on one address share one site: one breakpoint, one slot, and a
 //! member list whose pre handlers run in registration order. The breakpoint
 //! is written when the first enabled probe arrives and removed when the last
-//! one leaves or the last enabled one is disabled. Member lists are
-//! immutable; a change publishes a new list and retires the old. A list
-//! retired by a registration (a probe joining the address) is freed a grace
-//! period later through the domain's [`Rcu::call`](crate::rcu::Rcu::call),
-//! batched, with no unregistration needed (`deferred.rs`, which counts
+//! one leaves or the last enabled one is disabled. A probe joins the list in
+//! place (a slot, then the length, published with a release store) and
+//! leaves it in place (its slot cleared); a full list is replaced by one
+//! twice the size, and the commit compacts a list that lost members once:
+//! registering and removing N probes on one address costs O(N) time and
+//! memory (`table.rs`, "Member lists"). A list replaced by a registration
+//! is freed a grace period later through the domain's
+//! [`Rcu::call`](crate::rcu::Rcu::call), batched, with no unregistration
+//! needed (`deferred.rs`, which counts
 //! them for the tests).
 //!
 //! # The hit path
@@ -120,6 +124,7 @@ mod probe;
 #[cfg(test)]
 mod reentry_tests;
 mod registry;
+mod site;
 mod table;
 mod thread_exit;
 mod unregister;

@@ -95,6 +95,9 @@ pub(crate) struct ProbeInner {
     addr: AtomicU64,
     /// Unregistered without sync; waiting for `commit`.
     pending: AtomicBool,
+    /// Index of the probe's slot in its site's current member list, valid
+    /// while registered (writer-only bookkeeping: removal in O(1)).
+    slot: AtomicUsize,
 }
 
 /// A probe on one code address: pre and post handlers plus counters.
@@ -145,6 +148,7 @@ impl Kprobe {
                 owner: AtomicUsize::new(0),
                 addr: AtomicU64::new(0),
                 pending: AtomicBool::new(false),
+                slot: AtomicUsize::new(0),
             }),
         }
     }
@@ -194,6 +198,38 @@ impl Kprobe {
     pub fn is_registered(&self) -> bool {
         // Relaxed: a snapshot for the caller.
         self.inner.owner.load(Ordering::Relaxed) != 0 && !self.inner.pending.load(Ordering::Relaxed)
+    }
+
+    /// The probe's address as a member list stores it (no reference taken).
+    pub(crate) fn as_raw(&self) -> *mut ProbeInner {
+        Arc::as_ptr(&self.inner).cast_mut()
+    }
+
+    /// A handle on the probe at `p` that takes no reference (and must never
+    /// drop one: it is `ManuallyDrop`).
+    ///
+    /// # Safety
+    /// `p` came from [`as_raw`](Self::as_raw) and the probe is alive for as
+    /// long as the handle is used.
+    pub(crate) unsafe fn borrow_raw(p: *mut ProbeInner) -> std::mem::ManuallyDrop<Kprobe> {
+        std::mem::ManuallyDrop::new(Kprobe {
+            // SAFETY: `p` is `Arc::as_ptr` of a live `Arc<ProbeInner>`
+            // (caller's contract); the count is neither taken nor given back
+            // (`ManuallyDrop`).
+            inner: unsafe { Arc::from_raw(p) },
+        })
+    }
+
+    /// The probe's slot in its site's current member list (writer only).
+    pub(crate) fn slot(&self) -> usize {
+        // Relaxed: written and read under the owning registry's mutex.
+        self.inner.slot.load(Ordering::Relaxed)
+    }
+
+    /// Records the probe's slot (writer only).
+    pub(crate) fn set_slot(&self, i: usize) {
+        // Relaxed: written and read under the owning registry's mutex.
+        self.inner.slot.store(i, Ordering::Relaxed);
     }
 
     pub(crate) fn ptr_eq(&self, other: &Kprobe) -> bool {

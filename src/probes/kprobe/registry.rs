@@ -15,7 +15,8 @@ use super::deferred::{DeferredFree, RetiredLists};
 use super::instances::InstanceTable;
 use super::kretprobe::{Kretprobe, ReturnProbe};
 use super::probe::{Kprobe, ProbeId, Target};
-use super::table::{Members, Site, SiteExec, Table};
+use super::site::SiteState;
+use super::table::{Members, Site, SiteExec, Table, MIN_MEMBER_SLOTS};
 use super::unregister::Retired;
 use crate::probes::arch::{Arch, InsnClass};
 use crate::probes::error::{CodeBytes, ProbeError, ProbeSite};
@@ -39,18 +40,6 @@ pub const DEFAULT_INSTANCE_STRIPES: usize = 64;
 /// is part of no algorithm a model checks (loom atomics cannot be statics).
 static NEXT_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(1);
 
-/// The writer-side view of one probed address.
-pub(crate) struct SiteState {
-    pub(crate) node: *mut Site,
-    /// Current members, registration order (the published list's copy).
-    pub(crate) members: Vec<Kprobe>,
-    pub(crate) exec: Arc<SiteExec>,
-    /// The bytes the breakpoint replaces.
-    pub(crate) orig: CodeBytes,
-    /// Whether the breakpoint is written.
-    pub(crate) armed: bool,
-}
-
 /// Everything writers share, behind the registry mutex.
 pub(crate) struct Writer {
     pub(crate) sites: BTreeMap<u64, SiteState>,
@@ -58,6 +47,9 @@ pub(crate) struct Writer {
     pub(crate) pending: Vec<Retired>,
     /// Unregistered kretprobes with calls still in flight.
     pub(crate) orphans: Vec<Arc<dyn ReturnProbe>>,
+    /// Sites that lost members since the last commit (each once): the
+    /// commit compacts those that need it (`SiteState::wants_compaction`).
+    pub(crate) dirty: Vec<u64>,
 }
 
 // SAFETY: the raw site pointers are owned by the writer state (readers only
@@ -160,6 +152,7 @@ impl<A: Arch, T: TextMemory> RegistryBuilder<A, T> {
                 sites: BTreeMap::new(),
                 pending: Vec::new(),
                 orphans: Vec::new(),
+                dirty: Vec::new(),
             }),
             deferred: DeferredFree::new(),
             reclaim_lock: Mutex::new(()),
@@ -251,7 +244,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             .map(|(&addr, s)| SiteInfo {
                 addr,
                 armed: s.armed,
-                probes: s.members.iter().map(Kprobe::id).collect(),
+                probes: s.probes().map(Kprobe::id).collect(),
                 slot: s.exec.plan.map(|p| p.slot_addr),
             })
             .collect()
@@ -274,9 +267,17 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         w.orphans.len()
     }
 
-    /// Counts of the member lists registrations retired and the callbacks
-    /// freed (tests read them through
-    /// `__internals::kprobe::RetiredListCounts`).
+    /// Member lists replaced by registrations (a probe joining an address
+    /// whose list is full: it is replaced by one twice the size; a join with
+    /// room appends in place and replaces nothing) or left by a failed
+    /// registration: how many were retired, how many
+    /// freed. They are freed a grace period after their retirement by the
+    /// RCU domain's callback worker, with no unregistration or commit needed
+    /// (a list on which a single-step is still in flight waits for it; see
+    /// [`RetiredLists::waiting_for_steps`]). After
+    /// [`Rcu::barrier`](crate::rcu::Rcu::barrier) on the registry's domain,
+    /// every list retired before it whose steps completed is freed.
+    /// (Tests read them through `__internals::kprobe::RetiredListCounts`.)
     pub(crate) fn retired_list_counts(&self) -> RetiredLists {
         self.deferred.stats()
     }
@@ -397,12 +398,14 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             if let Some(r) = probe.return_probe() {
                 r.adopt();
             }
-            st.members.push(probe.clone());
-            // SAFETY: the node is live and ours (writer mutex held).
-            let old = unsafe { &*st.node }.replace_members(Members::new(&st.members, &st.exec));
-            // Freed a grace period from now by the domain's callback worker
-            // (or by a commit that gets there first): see `deferred.rs`.
-            self.deferred.retire(vec![Retired::Members(old)]);
+            // In place (a Release store of the length) unless the list is
+            // full; a full one is replaced by one twice the size.
+            if let Some(old) = st.push(probe.clone()) {
+                // Freed a grace period from now by the domain's callback
+                // worker (or by a commit that gets there first): see
+                // `deferred.rs`.
+                self.deferred.retire(vec![Retired::Members(old)]);
+            }
             return Ok(());
         }
         let (exec, orig) = self.prepare_site(w, addr)?;
@@ -410,8 +413,10 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         if let Some(r) = probe.return_probe() {
             r.adopt();
         }
-        let members = vec![probe.clone()];
-        let node = Site::new(addr, Members::new(&members, &exec));
+        let node = Site::new(
+            addr,
+            Members::new(std::iter::once(probe), MIN_MEMBER_SLOTS, &exec),
+        );
         // Publish before arming: a thread that traps on the breakpoint must
         // find the site.
         // SAFETY: writer mutex held; `node` is fresh.
@@ -425,21 +430,16 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 // and with it the slot) only after a grace period.
                 // SAFETY: the node is unlinked and ours.
                 let list = unsafe { &*node }.members_ptr();
-                self.deferred
-                    .retire(vec![Retired::Members(list), Retired::Site(node)]);
+                // The list borrows the probe: keep it alive as long.
+                self.deferred.retire(vec![
+                    Retired::MembersWith(list, probe.clone()),
+                    Retired::Site(node),
+                ]);
                 return Err(e);
             }
         }
-        w.sites.insert(
-            addr,
-            SiteState {
-                node,
-                members,
-                exec,
-                orig,
-                armed,
-            },
-        );
+        w.sites
+            .insert(addr, SiteState::new(node, probe.clone(), exec, orig, armed));
         Ok(())
     }
 
@@ -557,6 +557,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             st.armed = true;
         }
         probe.set_enabled(true);
+        st.enabled_changed(true);
         Ok(())
     }
 
@@ -573,15 +574,14 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         if !probe.is_enabled() {
             return Ok(());
         }
-        let others = st
-            .members
-            .iter()
-            .any(|m| !m.ptr_eq(probe) && m.is_enabled());
+        // `probe` is one of the enabled ones.
+        let others = st.enabled() > 1;
         if st.armed && !others {
             self.disarm(probe.registered_addr(), &st.orig)?;
             st.armed = false;
         }
         probe.set_enabled(false);
+        st.enabled_changed(false);
         Ok(())
     }
 

@@ -1,5 +1,6 @@
 //! The RCU hash table of probe sites: chains published with release stores,
-//! walked lock-free under an `Rcu` read guard.
+//! walked lock-free under an `Rcu` read guard; and each site's member list,
+//! appended and removed in place.
 //!
 //! # Shape
 //!
@@ -9,25 +10,82 @@
 //! [`SiteExec`] that says how to complete a hit (the decoded instruction and
 //! its XOL plan).
 //!
+//! # Member lists
+//!
+//! Guarantees and costs first. For N probes on one address:
+//!
+//! - registering them costs O(N) time in total (O(1) amortized each) and
+//!   O(N) memory, replaced lists included;
+//! - removing them costs O(1) each in the top half (`unregister_nosync`, or
+//!   each probe of `unregister_many`), plus one O(N) copy per site per
+//!   commit that needs one: a batch of any size costs O(N) time and O(N)
+//!   peak memory;
+//! - a hit reads the length once and walks the slots below it with plain
+//!   loads: lock-free and wait-free under its `Rcu` read guard, no
+//!   allocation, no read-modify-write, in registration order;
+//! - a hit sees each member fully (its handlers and state were written
+//!   before it became visible) or not at all, and never one that was freed:
+//!   a removed member is freed only after a grace period (and, for the post
+//!   handlers of single-steps in flight, after those steps: below).
+//!
+//! The algorithm. A list is an array of slots with spare capacity and a
+//! published length. A slot goes from null to a probe exactly once and
+//! never takes another probe:
+//!
+//! - **append** (a probe joins the site): store the probe's pointer in slot
+//!   `len`, then store `len + 1` with `Release`; readers load the length
+//!   with `Acquire` (pairs with it), so every slot below the length they
+//!   read holds its probe. A full list is replaced by a copy twice the live
+//!   size (removed slots dropped), published with a `Release` swap of the
+//!   site's list pointer; the old list is retired (freed after a grace
+//!   period by the domain's callback worker: `deferred.rs`). Copies double,
+//!   so they cost O(N) in total, and the retired ones sum to less than the
+//!   live one.
+//! - **remove**: the probe's slot (its index is kept in the probe, writer
+//!   only) is cleared; a probe with a post handler is *marked* instead (its
+//!   pointer kept, low bit set): a hit skips both, but a single-step whose
+//!   pre handlers ran before the removal still runs the marked probe's post
+//!   handler. The writer's handle on the probe goes to the pending
+//!   retirement, so the probe outlives the grace period of the commit.
+//! - **compact** (by the commit, once per site that lost members since the
+//!   last commit): a copy without the removed slots is published and the
+//!   old list retired with the batch, which makes the commit wait for the
+//!   single-steps in flight on it. It is required when a removed probe had
+//!   a post handler (the commit must not return while that handler may
+//!   still run) and otherwise done when removed slots are at least half of
+//!   the list, so that each copy is paid for by as many removals. A cleared
+//!   slot left in place is safe without it: a hit that still sees the probe
+//!   is in a read section that the removal's grace period waits for, and
+//!   post handlers run inside a read section too (`hit.rs`).
+//!
+//! Member lists *borrow* their probes (plain pointers, no reference
+//! counts): the registry's handle (in the writer's `SiteState`, then in the
+//! pending retirement) keeps each probe alive until every list that may
+//! still show it to a reader is finished.
+//!
 //! # Publication
 //!
 //! Writers (serialized by the registry mutex) never modify anything a reader
-//! may be looking at, except two kinds of pointer:
+//! may be looking at, except these:
 //!
 //! - **chain links** (`bucket`, `Site::next`): a new site is fully built,
 //!   then stored at the head with `Release`; an unlinked site keeps its own
 //!   `next`, so a reader standing on it walks on into the live chain;
-//! - **a site's member list**: replaced as a whole (copy on write) with a
-//!   `Release` swap.
+//! - **a site's member list pointer**: replaced as a whole (growth,
+//!   compaction) with a `Release` swap;
+//! - **a list's length and slots**: the append and removal above.
 //!
-//! Readers load both with `Acquire`, which pairs with those stores: whatever
-//! a reader reaches was completely written before it was published. What was
-//! unlinked or replaced is retired, and freed only after a grace period (and,
-//! for member lists, after every single-step in flight on them finished).
+//! Readers load the pointers and the length with `Acquire`, which pairs with
+//! those stores: whatever a reader reaches was completely written before it
+//! was published. What was unlinked or replaced is retired, and freed only
+//! after a grace period (and, for member lists, after every single-step in
+//! flight on them finished).
 
 use std::sync::Arc;
 
-use super::probe::Kprobe;
+use std::mem::ManuallyDrop;
+
+use super::probe::{Kprobe, ProbeInner};
 use crate::probes::arch::{Insn, XolPlan};
 use crate::probes::xol::XolAllocator;
 use crate::rcu::RcuGuard;
@@ -93,11 +151,26 @@ impl SiteExec {
     }
 }
 
-/// The probes on one address, as readers see them at one moment. Immutable
-/// once published; replaced as a whole.
+/// Capacity of a site's first member list: exactly its one probe. Most
+/// addresses never get a second (probes on distinct functions pay no spare
+/// slot); the first join copies one pointer into a list of four, and each
+/// later copy doubles the room.
+pub(crate) const MIN_MEMBER_SLOTS: usize = 1;
+
+/// The probes on one address: a fixed-capacity array of slots, appended in
+/// place (see the module docs, "Member lists").
+///
+/// A slot goes from null to a probe exactly once, before `len` covers it,
+/// and from that probe to null at most once (removal); it never takes
+/// another probe. A list is replaced only by a compacted copy (growth, or
+/// a commit dropping removed slots).
 pub(crate) struct Members {
-    /// Registration order.
-    pub(crate) probes: Box<[Kprobe]>,
+    /// Slots `0..len` are published; readers load it with `Acquire`.
+    len: AtomicUsize,
+    /// Borrowed pointers (`Arc::as_ptr`) to the probes; the writer's
+    /// `SiteState` (`site.rs`) and, once removed, the
+    /// pending retirement hold the references that keep them alive.
+    slots: Box<[AtomicPtr<ProbeInner>]>,
     pub(crate) exec: Arc<SiteExec>,
     /// Single-steps started on this list and not yet completed (or
     /// abandoned). A retired list is freed only when this is zero.
@@ -105,14 +178,130 @@ pub(crate) struct Members {
 }
 
 impl Members {
-    pub(crate) fn new(probes: &[Kprobe], exec: &Arc<SiteExec>) -> *mut Members {
+    /// A list of `capacity` slots (at least `probes.len()`) holding
+    /// `probes` in order.
+    pub(crate) fn new<'a>(
+        probes: impl ExactSizeIterator<Item = &'a Kprobe>,
+        capacity: usize,
+        exec: &Arc<SiteExec>,
+    ) -> *mut Members {
+        let n = probes.len();
+        let capacity = capacity.max(n).max(1);
+        // One allocation of the exact size (a chained iterator would not
+        // tell `collect` its length: measured 570 instructions per site).
+        let mut slots = Vec::with_capacity(capacity);
+        slots.extend(probes.map(|p| AtomicPtr::new(p.as_raw())));
+        slots.resize_with(capacity, || AtomicPtr::new(std::ptr::null_mut()));
+        let slots = slots.into_boxed_slice();
         Box::into_raw(Box::new(Members {
-            probes: probes.into(),
+            // Plain initialisation: the whole list is published by the
+            // Release store of its pointer (`Site::new` + `Table::insert`,
+            // or `Site::replace_members`).
+            len: AtomicUsize::new(n),
+            slots,
             exec: Arc::clone(exec),
             inflight: AtomicUsize::new(0),
         }))
     }
+
+    /// The published length: slots below it hold a probe or null (removed).
+    #[inline]
+    pub(crate) fn len(&self) -> usize {
+        // Acquire pairs with the Release store in `push`: the slot stored
+        // there (and the probe it points to, complete since before its
+        // registration) is visible for every index below the value read.
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// The probe in slot `i` (`i` below a value [`len`](Self::len)
+    /// returned) for a hit, or `None` if it was removed.
+    ///
+    /// The handle is borrowed (never dropped, so no reference count
+    /// changes): valid while the caller's read section lasts.
+    #[inline]
+    pub(crate) fn get(&self, i: usize) -> Option<ManuallyDrop<Kprobe>> {
+        let p = self.load(i);
+        if p.is_null() || p as usize & REMOVED != 0 {
+            return None;
+        }
+        // SAFETY: a live slot points to a probe the writer keeps alive
+        // until a grace period after the slot changed, and the caller's
+        // read section is one the grace period waits for; never dropped.
+        Some(unsafe { Kprobe::borrow_raw(p) })
+    }
+
+    /// The probe in slot `i` for the post handlers of a hit whose pre
+    /// handler ran on it, also if it was removed since, as long as it kept
+    /// its post handler reachable (a probe with a post handler is marked
+    /// removed, not cleared). `None` if the slot was cleared.
+    ///
+    /// # Safety
+    /// The caller is in a read section, and holds a count in `inflight`
+    /// (a single-step) or is still in the read section of the hit: a
+    /// marked probe lives until the steps on every list showing it are done
+    /// (the commit compacts and waits for them: `site.rs`), a cleared one
+    /// until a grace period after the clearing.
+    #[inline]
+    pub(crate) unsafe fn get_for_post(&self, i: usize) -> Option<ManuallyDrop<Kprobe>> {
+        let p = self.load(i);
+        // The mark off (pointer arithmetic keeps the provenance).
+        let p = p
+            .cast::<u8>()
+            .wrapping_sub(p as usize & REMOVED)
+            .cast::<ProbeInner>();
+        // SAFETY: see the function's contract; never dropped.
+        (!p.is_null()).then(|| unsafe { Kprobe::borrow_raw(p) })
+    }
+
+    #[inline]
+    fn load(&self, i: usize) -> *mut ProbeInner {
+        // Relaxed: the slot's probe was stored before the Release store of
+        // `len` (or of the list pointer) that the caller's Acquire load
+        // read, so this load sees that probe or a later removal, never the
+        // initial null; a removal publishes nothing (readers that still see
+        // the probe are covered by the grace period the removal waits for).
+        self.slots[i].load(Ordering::Relaxed)
+    }
+
+    /// Capacity (writer only: it never changes).
+    pub(crate) fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
+    /// Appends `probe` in place. Writer only, with `len < capacity`.
+    pub(crate) fn push(&self, probe: &Kprobe) {
+        // Relaxed: only the writer (mutex held) stores `len`.
+        let n = self.len.load(Ordering::Relaxed);
+        assert!(n < self.slots.len(), "push into a full member list");
+        // Relaxed: the slot is beyond `len`, no reader looks at it; the
+        // Release below publishes it.
+        self.slots[n].store(probe.as_raw(), Ordering::Relaxed);
+        // Release pairs with the Acquire load in `len`: a reader that sees
+        // `n + 1` sees the slot (and the probe, built before).
+        self.len.store(n + 1, Ordering::Release);
+    }
+
+    /// Removes the probe in slot `i`: new hits skip it. With `keep_post`
+    /// the pointer stays, marked, for the post handlers of steps already
+    /// in flight (the caller then makes the commit wait for those steps);
+    /// otherwise the slot is cleared. Writer only.
+    pub(crate) fn remove(&self, i: usize, keep_post: bool) {
+        // Relaxed: only the writer stores slots.
+        let p = self.slots[i].load(Ordering::Relaxed);
+        let v = if keep_post {
+            p.cast::<u8>().wrapping_add(REMOVED).cast::<ProbeInner>()
+        } else {
+            std::ptr::null_mut()
+        };
+        // Relaxed: a reader that still sees the probe is in a read section
+        // that the removal's grace period waits for; nothing is published.
+        self.slots[i].store(v, Ordering::Relaxed);
+    }
 }
+
+/// Low bit of a slot: the probe was removed, its pointer kept for the post
+/// handlers of steps in flight (`ProbeInner` is aligned to 8).
+const REMOVED: usize = 1;
 
 /// One probed address in a chain.
 pub(crate) struct Site {

@@ -6,8 +6,11 @@
 //! Removing a probe has a *top* half, under the registry mutex, that makes
 //! it unreachable for new hits: remove the breakpoint if it was the last
 //! enabled probe on its address, then unlink the site (last probe) or
-//! publish a member list without it. What readers might still hold is
-//! *retired*. The *bottom* half runs after a grace period: it has the XOL
+//! clear (or mark) its slot in the member list, in O(1) (`table.rs`,
+//! "Member lists"). What readers might still hold is *retired*. The bottom
+//! half first compacts, once, each site that lost members and needs it (one
+//! copy per site per commit, retired with the batch). The *bottom* half
+//! then runs after a grace period: it has the XOL
 //! allocator wait out threads still in a retired site's boosted slot
 //! (`XolAllocator::quiesce`), waits for the single-steps in flight on each
 //! retired member list, frees the lists and
@@ -25,8 +28,8 @@
 //! A probe's handlers can be reached through every member list its site
 //! ever published while it was a member, not only the last one: a
 //! single-step in flight holds the list it started on, and older lists are
-//! retired by whoever replaced them (a registration joining the site, the
-//! unregistration of a neighbour). So "no handler of P runs any more" needs
+//! retired by whoever replaced them (a registration growing the list, the
+//! commit that compacted it after a neighbour left). So "no handler of P runs any more" needs
 //! *all* those lists finished, wherever they were retired. Every bottom half
 //! therefore takes everything pending and finishes it under one lock
 //! (`reclaim_lock`), together with every list a registration retired before
@@ -65,6 +68,10 @@ pub(crate) enum Retired {
     Site(*mut Site),
     /// An unregistered probe: given back (unclaimed) last.
     Probe(Kprobe),
+    /// A retired member list with a reference on a probe it borrows (member
+    /// lists do not own their probes), dropped with it: the list of a
+    /// failed registration, whose probe was given back at once.
+    MembersWith(*mut Members, Kprobe),
     /// An unregistered kretprobe: its pool lives until its calls return.
     Return(Arc<dyn ReturnProbe>),
 }
@@ -117,6 +124,14 @@ pub(crate) fn finish(batch: Vec<Retired>) -> Vec<Arc<dyn ReturnProbe>> {
             // SAFETY: unlinked and past its grace period.
             Retired::Site(s) => drop(unsafe { Box::from_raw(s) }),
             Retired::Probe(p) => p.release(),
+            Retired::MembersWith(m, p) => {
+                // SAFETY: as for `Members`.
+                unsafe {
+                    wait_for_steps(&*m);
+                    drop(Box::from_raw(m));
+                }
+                drop(p);
+            }
             Retired::Return(r) => {
                 if r.instances_out() != 0 {
                     orphans.push(r);
@@ -262,7 +277,11 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         let _serial = self.reclaim_lock.lock().unwrap_or_else(|e| e.into_inner());
         let (batch, upto) = {
             let mut w = self.lock_writer();
-            let batch = std::mem::take(&mut w.pending);
+            // The lists compaction replaces go first: `finish` waits for
+            // their steps in flight before it gives back the probes they
+            // may still show (later in the batch).
+            let mut batch = Self::compact_dirty(&mut w);
+            batch.append(&mut w.pending);
             Self::reap_orphans(&mut w);
             // Under the writer mutex, so every list a registration retired
             // before our probes left their sites is numbered below it.
@@ -288,6 +307,22 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         // callbacks have not freed yet.
         self.deferred.finish_upto(upto);
         self.reap(batch);
+    }
+
+    /// Compacts the sites that lost members since the last commit and need
+    /// it (one copy per site per commit: O(probes) for any number of
+    /// removals) and returns the lists they replaced, to retire.
+    fn compact_dirty(w: &mut Writer) -> Vec<Retired> {
+        let mut out = Vec::new();
+        for addr in std::mem::take(&mut w.dirty) {
+            if let Some(st) = w.sites.get_mut(&addr) {
+                st.dirty = false;
+                if st.wants_compaction() {
+                    out.push(Retired::Members(st.compact()));
+                }
+            }
+        }
+        out
     }
 
     /// Checks that every probe is registered here, once.
@@ -321,17 +356,10 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             _ => return Err(Self::unknown(probe)),
         };
         let st = entry.get_mut();
-        let pos = st
-            .members
-            .iter()
-            .position(|m| m.ptr_eq(probe))
-            .expect("a registered probe is a member of its site");
-        let last = st.members.len() == 1;
-        let others_enabled = st
-            .members
-            .iter()
-            .enumerate()
-            .any(|(i, m)| i != pos && m.is_enabled());
+        let last = st.len() == 1;
+        // O(1): the site counts its enabled members (`probe` is one of
+        // them if it is enabled).
+        let others_enabled = st.enabled() > usize::from(probe.is_enabled());
         if st.armed && !others_enabled {
             // First the breakpoint (checked: it must still be ours), so a
             // failure changes nothing.
@@ -339,22 +367,20 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             st.armed = false;
         }
         // The registry's own handle on the probe, moved into the retirement
-        // (no reference-count traffic).
-        let handle = if last {
-            let mut st = entry.remove();
+        // (no reference-count traffic). O(1): its slot goes null in the
+        // published list; the list is compacted (if at all) by the commit.
+        let handle = st.remove(probe);
+        if last {
+            let st = entry.remove();
             // SAFETY: writer mutex held; the node is linked.
             unsafe { self.table.unlink(st.node) };
             // SAFETY: the node is live (freed only through this retirement).
             out.push(Retired::Members(unsafe { &*st.node }.members_ptr()));
             out.push(Retired::Site(st.node));
-            st.members.pop().expect("the site's one member")
-        } else {
-            let handle = st.members.remove(pos);
-            // SAFETY: writer mutex held; the node is live.
-            let old = unsafe { &*st.node }.replace_members(Members::new(&st.members, &st.exec));
-            out.push(Retired::Members(old));
-            handle
-        };
+        } else if !st.dirty {
+            st.dirty = true;
+            w.dirty.push(addr);
+        }
         probe.mark_pending();
         // Relaxed: a statistics counter read by `len`.
         self.count.fetch_sub(1, Ordering::Relaxed);
@@ -436,7 +462,7 @@ impl<A: Arch, T: TextMemory> Drop for KprobeRegistry<A, T> {
         }
         let linked = self.table.drain();
         for (_, st) in sites {
-            for p in &st.members {
+            for p in st.probes() {
                 p.release();
             }
         }
@@ -457,6 +483,11 @@ impl<A: Arch, T: TextMemory> Drop for KprobeRegistry<A, T> {
                 // SAFETY: as above.
                 Retired::Site(s) => drop(unsafe { Box::from_raw(s) }),
                 Retired::Probe(p) => p.release(),
+                Retired::MembersWith(m, p) => {
+                    // SAFETY: as above.
+                    drop(unsafe { Box::from_raw(m) });
+                    drop(p);
+                }
                 Retired::Return(_) => {}
             }
         }
