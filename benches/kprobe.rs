@@ -563,7 +563,7 @@ fn kret_calls(reg: &Reg, threads: usize, iters: u64) -> Duration {
             assert!(matches!(out, HitOutcome::Emulated));
             regs.ip = TRAMPOLINE;
             regs.sp = STACK + 8;
-            regs.gprs[0] = 42;
+            X86_64.set_return_value(&mut regs, 42);
             assert_eq!(
                 reg.on_return(&mut regs),
                 ReturnOutcome::Returned { to: CALLER }

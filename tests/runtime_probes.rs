@@ -178,12 +178,12 @@ fn kretprobes_see_return_values_and_their_own_per_call_data() {
     let krp = Kretprobe::<u64>::at(addr(rtp_mul3))
         .maxactive(64)
         .entry_handler(|arg, regs| {
-            *arg = regs[X86Reg::Rdi] & 0xffff_ffff;
+            *arg = regs.arg(0).unwrap() & 0xffff_ffff;
             EntryAction::Track
         })
         .handler(move |arg, regs, ret| {
             r.fetch_add(1, Ordering::Relaxed);
-            if ret as u32 != (*arg as u32).wrapping_mul(3) || regs[X86Reg::Rax] != ret {
+            if ret as u32 != (*arg as u32).wrapping_mul(3) || regs.retval() != ret {
                 m.fetch_add(1, Ordering::Relaxed);
             }
         })
@@ -213,7 +213,7 @@ fn a_kretprobe_handler_can_change_the_return_value() {
     let _g = serial();
     let reg = live().registry();
     let krp = Kretprobe::<()>::at(addr(rtp_mul3))
-        .handler(|_, regs, ret| regs[X86Reg::Rax] = ret + 1000)
+        .handler(|_, regs, ret| regs.set_retval(ret + 1000))
         .build()
         .unwrap();
     reg.register_kretprobe(&krp).unwrap();

@@ -313,7 +313,7 @@ impl<D: Send + 'static> ReturnProbe for KretShared<D> {
 /// let krp = Kretprobe::<u64>::symbol("parse")
 ///     .maxactive(4)
 ///     .entry_handler(|arg, regs| {
-///         *arg = regs.gprs[7]; // rdi
+///         *arg = regs.arg(0).unwrap_or_default();
 ///         EntryAction::Track
 ///     })
 ///     .handler(|arg, _regs, ret| println!("parse({arg}) = {ret}"))
