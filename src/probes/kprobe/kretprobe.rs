@@ -306,6 +306,18 @@ impl<D: Send + 'static> ReturnProbe for KretShared<D> {
 /// Clones are handles to the same kretprobe. Register it with
 /// [`KprobeRegistry::register_kretprobe`](super::KprobeRegistry::register_kretprobe).
 ///
+/// # Handler contract
+///
+/// The entry handler runs **inside the SIGTRAP handler** (a kprobe at the
+/// function's entry), the return handler in the return trampoline on the
+/// returning thread's stack; both are held to the kprobe handlers' rules:
+/// async-signal-safe work only, never a lock the probed code may hold (it
+/// deadlocks), no allocation unless no probe is on the allocator's locked
+/// paths, no `println!`, stack headroom for the hit (about 4 KiB, plus the
+/// trampoline's saved vector state), and **a panic aborts the process**
+/// with a message on stderr. In full:
+/// [the handler contract](crate::docs::patterns#the-handler-contract).
+///
 /// ```
 /// use rcu_registry::probes::kprobe::{EntryAction, Kretprobe};
 ///

@@ -106,6 +106,19 @@ pub(crate) struct ProbeInner {
 /// [`KprobeRegistry::register`](super::KprobeRegistry::register). Clones are
 /// handles to the same probe.
 ///
+/// # Handler contract
+///
+/// The pre and post handlers run **inside the SIGTRAP handler** of the live
+/// runtime, on the thread that hit the probe, between two of its
+/// instructions. In short: only async-signal-safe work (registers, atomics,
+/// memory the handler owns; no allocation unless no probe it serves is on
+/// the allocator's locked paths), never a lock the probed code may hold (it
+/// deadlocks), no `println!` (on a probe under the program's own printing it
+/// panics on stdout's re-borrowed `RefCell`), about 4 KiB of the thread's
+/// own stack per hit, and **a panic aborts the process** with a message on
+/// stderr. In full, with the reasons:
+/// [the handler contract](crate::docs::patterns#the-handler-contract).
+///
 /// ```
 /// use rcu_registry::probes::kprobe::{Action, Kprobe};
 ///

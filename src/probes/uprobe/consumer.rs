@@ -119,6 +119,14 @@ impl core::ops::Deref for Member {
 ///   the next [`reap_removed`](super::UprobeRegistry::reap_removed) (a
 ///   handler cannot unregister itself: that waits for a grace period its
 ///   own read section holds up).
+/// - **Handler contract.** Handlers may block and take locks, but never one
+///   the probed code may hold (the interrupted thread cannot release it: a
+///   deadlock); when called from a trap they are held to the kprobe
+///   handlers' async-signal-safety rules. A thread that exits inside a
+///   handler (or leaks any `Srcu` guard and exits) never ends its read
+///   section: every later `synchronize` of the domain, unregistration
+///   included, hangs forever. In full:
+///   [the handler contract](crate::docs::patterns#the-handler-contract).
 #[derive(Clone)]
 pub struct Consumer(pub(crate) Arc<ConsumerInner>);
 

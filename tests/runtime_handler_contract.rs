@@ -102,5 +102,39 @@ fn a_panicking_kprobe_handler_aborts_with_a_message() {
 
 #[test]
 fn a_panicking_kretprobe_handler_aborts_with_a_message() {
-    check("a_panicking_kretprobe_handler_aborts_with_a_message", "kretprobe");
+    check(
+        "a_panicking_kretprobe_handler_aborts_with_a_message",
+        "kretprobe",
+    );
+}
+
+/// The stack a hit takes below the interrupted code's stack pointer before
+/// the handler's own frame: the kernel's signal frame (with the extended
+/// register state) and the runtime's dispatch. The handler contract states
+/// it; this measures it and fails if it grows past what the docs promise.
+#[test]
+fn a_hit_takes_a_few_kib_of_the_threads_stack() {
+    if std::env::var(CHILD_ENV).is_ok() {
+        return;
+    }
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    let _g = serial();
+    let reg = Live::global().registry();
+    let depth = Arc::new(AtomicU64::new(0));
+    let d2 = depth.clone();
+    let p = Kprobe::at(addr(rtp_add1))
+        .pre(move |_p, regs| {
+            let here = std::hint::black_box(0u8);
+            let at = &here as *const u8 as u64;
+            d2.store(regs.sp - at, Ordering::Relaxed);
+            rcu_registry::probes::kprobe::Action::Continue
+        })
+        .build();
+    reg.register(&p).unwrap();
+    call(rtp_add1, 1);
+    reg.unregister(&p).unwrap();
+    let depth = depth.load(Ordering::Relaxed);
+    println!("stack from the trapped instruction to the handler: {depth} bytes");
+    assert!(depth > 0 && depth <= 16 * 1024, "{depth} bytes");
 }
