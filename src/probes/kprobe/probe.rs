@@ -119,6 +119,21 @@ pub(crate) struct ProbeInner {
 /// stderr. In full, with the reasons:
 /// [the handler contract](crate::docs::patterns#the-handler-contract).
 ///
+/// # Ownership: the registry keeps what it registered
+///
+/// As in the kernel, a registered probe belongs to its registry until it
+/// is unregistered: the registry holds its own handle, so **dropping every
+/// handle of a registered probe does not unregister it**; the breakpoint
+/// stays armed and the handlers keep running. Dropping does not unregister
+/// because unregistration waits for a grace period (a `Drop` run in a
+/// handler or an RCU read section would deadlock) and can fail (text that
+/// cannot be written back), which `Drop` could not report. Nothing is lost
+/// either: [`KprobeRegistry::probes`](super::KprobeRegistry::probes) and
+/// [`KprobeRegistry::probe`](super::KprobeRegistry::probe) (by
+/// [`ProbeId`]) hand back a handle to unregister it with, and
+/// [`KprobeRegistry::unregister_all`](super::KprobeRegistry::unregister_all)
+/// removes everything at shutdown.
+///
 /// ```
 /// use rcu_registry::probes::kprobe::{Action, Kprobe};
 ///

@@ -250,6 +250,29 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             .collect()
     }
 
+    /// Handles to every probe registered here (pending ones excluded;
+    /// kretprobes' entry probes included), in address order, then in
+    /// registration order at one address. The registry owns what it
+    /// registered: a probe whose handle was dropped is still here.
+    pub fn probes(&self) -> Vec<Kprobe> {
+        let w = self.lock_writer();
+        w.sites.values().flat_map(|s| s.probes().cloned()).collect()
+    }
+
+    /// A handle to the registered probe with id `id` (from
+    /// [`Kprobe::id`] or [`sites`](Self::sites)), if it is registered here.
+    /// Linear in the number of probes.
+    pub fn probe(&self, id: ProbeId) -> Option<Kprobe> {
+        let w = self.lock_writer();
+        let found = w
+            .sites
+            .values()
+            .flat_map(|s| s.probes())
+            .find(|p| p.id() == id)
+            .cloned();
+        found
+    }
+
     /// Probes unregistered with [`unregister_nosync`](Self::unregister_nosync)
     /// and not yet committed.
     pub fn pending(&self) -> usize {

@@ -215,6 +215,39 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         result
     }
 
+    /// Unregisters every probe registered here (kretprobes' entry probes
+    /// included) with one grace period, and returns how many. This is the
+    /// way to remove probes whose handles were dropped while registered
+    /// (the registry keeps them: see [`Kprobe`]'s "Ownership"); a single
+    /// one is found again with [`probe`](Self::probe) or
+    /// [`probes`](Self::probes).
+    ///
+    /// # Errors
+    /// A text error on one probe stops the batch there, as in
+    /// [`unregister_many`](Self::unregister_many).
+    ///
+    /// # Panics
+    /// When called from a probe handler or inside an `Rcu` read section.
+    pub fn unregister_all(&self) -> Result<usize, ProbeError> {
+        assert_not_in_handler("unregister_all");
+        let result = {
+            let mut w = self.lock_writer();
+            let all: Vec<Kprobe> = w.sites.values().flat_map(|s| s.probes().cloned()).collect();
+            let mut pending = std::mem::take(&mut w.pending);
+            let mut result = Ok(all.len());
+            for p in &all {
+                if let Err(e) = self.unregister_top(&mut w, p, &mut pending) {
+                    result = Err(e);
+                    break;
+                }
+            }
+            w.pending = pending;
+            result
+        };
+        self.finish_pending();
+        result
+    }
+
     /// First half of a batched unregistration: `probe`'s breakpoint is
     /// removed (if it was the last enabled probe there) and new hits no
     /// longer find it, **but hits already in progress may still run its
