@@ -69,7 +69,8 @@ fn a_kretprobe_reads_and_changes_the_return_value() {
     let reg = Live::global().registry();
     let bad = Arc::new(AtomicU64::new(0));
     let b2 = bad.clone();
-    let krp = Kretprobe::<u64>::at(args3_addr())
+    let krp = Kretprobe::at(args3_addr())
+        .data::<u64>()
         .entry_handler(|first, regs| {
             *first = regs.arg(0).unwrap();
             EntryAction::Track
@@ -82,10 +83,10 @@ fn a_kretprobe_reads_and_changes_the_return_value() {
         })
         .build()
         .unwrap();
-    reg.register_kretprobe(&krp).unwrap();
+    reg.register(&krp).unwrap();
     assert_eq!(args3(1, 2, 3), 17 + 1000);
     assert_eq!(args3(2, 0, 0), 2 + 2000);
-    reg.unregister_kretprobe(&krp).unwrap();
+    reg.unregister(&krp).unwrap();
     assert_eq!(args3(1, 2, 3), 17);
     assert_eq!(bad.load(Ordering::Relaxed), 0);
     assert_eq!(krp.nmissed(), 0);

@@ -32,11 +32,11 @@ fn child_body(case: &str) {
             call(rtp_add1, 1);
         }
         "kretprobe" => {
-            let krp = Kretprobe::<()>::at(addr(rtp_mul3))
+            let krp = Kretprobe::at(addr(rtp_mul3))
                 .handler(|_, _regs, _ret| panic!("handler panic on purpose"))
                 .build()
                 .unwrap();
-            reg.register_kretprobe(&krp).unwrap();
+            reg.register(&krp).unwrap();
             call(rtp_mul3, 1);
         }
         other => unreachable!("unknown case {other}"),

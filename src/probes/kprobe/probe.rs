@@ -78,6 +78,44 @@ pub(crate) enum Handlers {
     Return(Arc<dyn ReturnProbe>),
 }
 
+/// What the registry's one register/unregister family takes: a [`Kprobe`],
+/// or a [`Kretprobe`](super::Kretprobe) (through its entry probe), so
+/// [`register`](super::KprobeRegistry::register),
+/// [`unregister`](super::KprobeRegistry::unregister),
+/// [`unregister_many`](super::KprobeRegistry::unregister_many),
+/// [`unregister_nosync`](super::KprobeRegistry::unregister_nosync),
+/// [`enable`](super::KprobeRegistry::enable) and
+/// [`disable`](super::KprobeRegistry::disable) work on both kinds
+/// (`unregister_many(&[&a as &dyn AsKprobe, &b])` mixes them).
+pub trait AsKprobe {
+    /// The probe the registry keys on.
+    fn as_kprobe(&self) -> &Kprobe;
+}
+
+impl AsKprobe for Kprobe {
+    fn as_kprobe(&self) -> &Kprobe {
+        self
+    }
+}
+
+impl<T: AsKprobe + ?Sized> AsKprobe for &T {
+    fn as_kprobe(&self) -> &Kprobe {
+        (**self).as_kprobe()
+    }
+}
+
+impl<T: AsKprobe + ?Sized> AsKprobe for Arc<T> {
+    fn as_kprobe(&self) -> &Kprobe {
+        (**self).as_kprobe()
+    }
+}
+
+impl<T: AsKprobe + ?Sized> AsKprobe for Box<T> {
+    fn as_kprobe(&self) -> &Kprobe {
+        (**self).as_kprobe()
+    }
+}
+
 /// Identity of a probe, for listings and comparisons (stable while any handle
 /// to the probe lives).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
