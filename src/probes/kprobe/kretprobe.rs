@@ -47,7 +47,10 @@ use crate::probes::ProbeError;
 use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use crate::sync::UnsafeCell;
 
-/// What an entry handler decides for the call it sees.
+/// What an entry handler decides for the call it sees: whether its return
+/// is tracked. Not an [`Action`](crate::probes::outcome::Action): an entry
+/// handler cannot skip the function's first instruction, it decides about
+/// the return (see `Action` for the three answers and why they differ).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EntryAction {
     /// Track the call: the return handler runs when it returns.

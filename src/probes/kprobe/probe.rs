@@ -25,17 +25,7 @@ use super::kretprobe::ReturnProbe;
 use crate::probes::arch::Regs;
 use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-/// What a pre handler asks the hit path to do next.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// Run the displaced instruction (out of line or emulated), then the
-    /// post handlers. Any change the handler made to `regs.ip` is discarded.
-    Continue,
-    /// The handler set `regs.ip` itself: do not run the displaced
-    /// instruction, run no later pre handler and no post handler, resume at
-    /// `regs.ip`.
-    SkipInstruction,
-}
+pub use crate::probes::outcome::Action;
 
 /// Where a probe goes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
