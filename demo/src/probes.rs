@@ -108,7 +108,8 @@ impl Probed {
     }
 
     fn missed(&self) -> u64 {
-        self.kprobe.nmissed() + self.kretprobe.probe().nmissed() + self.kretprobe.nmissed()
+        // The kretprobe's count includes its entry probe's misses.
+        self.kprobe.nmissed() + self.kretprobe.nmissed()
     }
 }
 
