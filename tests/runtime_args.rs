@@ -91,3 +91,36 @@ fn a_kretprobe_reads_and_changes_the_return_value() {
     assert_eq!(bad.load(Ordering::Relaxed), 0);
     assert_eq!(krp.nmissed(), 0);
 }
+
+#[test]
+fn a_kprobe_finds_stack_arguments_where_the_convention_puts_them() {
+    type Args8 = unsafe extern "C" fn(u64, u64, u64, u64, u64, u64, u64, u64) -> u64;
+    let _g = serial();
+    let reg = Live::global().registry();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let s2 = seen.clone();
+    let f = std::hint::black_box(rtp_args8 as Args8);
+    let p = Kprobe::at(f as usize as u64)
+        .pre(move |_p, regs| {
+            let reg5 = regs.arg(5);
+            let at = |n| {
+                regs.stack_arg_addr(n).map(|a| {
+                    // SAFETY: at the function's entry, stack arguments 6 and 7
+                    // are words of the interrupted thread's own mapped stack.
+                    unsafe { (a as *const u64).read() }
+                })
+            };
+            s2.lock().unwrap().push((reg5, regs.arg(6), at(6), at(7)));
+            Action::Continue
+        })
+        .build();
+    reg.register(&p).unwrap();
+    // SAFETY: rtp_args8 is a complete C-ABI function of eight integers.
+    let r = unsafe { f(1, 2, 3, 4, 5, 6, 70, 800) };
+    reg.unregister(&p).unwrap();
+    assert_eq!(r, 870);
+    assert_eq!(
+        *seen.lock().unwrap(),
+        [(Some(6), None, Some(70), Some(800))]
+    );
+}

@@ -379,6 +379,15 @@ impl Regs {
         NativeArch::default().set_arg(self, n, value)
     }
 
+    /// The address of stack argument `n` at a function's first instruction
+    /// (x86_64: `sp + 8 + 8 * (n - 6)`; arm64: `sp + 8 * (n - 8)`), `None`
+    /// for a register argument. A live handler runs on the probed thread, so
+    /// it may read the word there itself (the interrupted stack is mapped);
+    /// see [`Arch::stack_arg_addr`].
+    pub fn stack_arg_addr(&self, n: usize) -> Option<u64> {
+        NativeArch::default().stack_arg_addr(self, n)
+    }
+
     /// Argument `n` from a register or the stack, read through `mem`. See
     /// [`Arch::stack_arg`].
     ///
@@ -894,6 +903,13 @@ mod calling_convention_tests {
         for i in 0..n.arg_registers().len() + 2 {
             assert_eq!(r.arg(i), n.arg(&r, i));
         }
+        r.sp = 0x1000;
+        assert_eq!(r.stack_arg_addr(0), None);
+        let first_stack = n.arg_registers().len();
+        assert_eq!(
+            r.stack_arg_addr(first_stack),
+            n.stack_arg_addr(&r, first_stack)
+        );
         assert!(r.set_arg(1, 11));
         assert_eq!(n.arg(&r, 1), Some(11));
         r.set_retval(12);
