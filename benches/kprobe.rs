@@ -537,11 +537,12 @@ fn kret_registry(stripes: usize) -> (Reg, Vec<Kretprobe<u64>>) {
     let reg = registry(2, 64, stripes);
     let krps = (0..2)
         .map(|i| {
-            let k = Kretprobe::<u64>::at(func(i))
+            let k = Kretprobe::at(func(i))
+                .data::<u64>()
                 .handler(|d, _, ret| *d = d.wrapping_add(ret))
                 .build()
                 .unwrap();
-            reg.register_kretprobe(&k).unwrap();
+            reg.register(&k).unwrap();
             k
         })
         .collect();
@@ -563,7 +564,7 @@ fn kret_calls(reg: &Reg, threads: usize, iters: u64) -> Duration {
             assert!(matches!(out, HitOutcome::Emulated));
             regs.ip = TRAMPOLINE;
             regs.sp = STACK + 8;
-            regs.gprs[0] = 42;
+            X86_64.set_return_value(&mut regs, 42);
             assert_eq!(
                 reg.on_return(&mut regs),
                 ReturnOutcome::Returned { to: CALLER }

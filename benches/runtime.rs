@@ -248,15 +248,15 @@ fn main() {
     bench(&mut c, "step_trap_flag", rb_steptf);
     reg.unregister(&p).unwrap();
 
-    let k = Kretprobe::<()>::at(addr(rb_kret))
+    let k = Kretprobe::at(addr(rb_kret))
         .handler(|_, _, ret| {
             black_box(ret);
         })
         .build()
         .unwrap();
-    reg.register_kretprobe(&k).unwrap();
+    reg.register(&k).unwrap();
     bench(&mut c, "kretprobe", rb_kret);
-    reg.unregister_kretprobe(&k).unwrap();
+    reg.unregister(&k).unwrap();
 
     let uprobe = uprobe_column(&mut c);
 

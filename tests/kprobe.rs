@@ -702,3 +702,46 @@ fn unregister_waits_for_a_step_on_an_older_member_list_another_commit_is_finishi
     });
     assert!(y_done.load(Ordering::SeqCst));
 }
+
+#[test]
+fn a_probe_whose_handles_were_dropped_stays_registered_and_is_removed_through_the_registry() {
+    let fx = fixture();
+    let count = Arc::new(AtomicU64::new(0));
+    let c = count.clone();
+    let p = Kprobe::at(F_MOV_EAX)
+        .pre(move |_, _| {
+            c.fetch_add(1, Ordering::Relaxed);
+            Action::Continue
+        })
+        .build();
+    let id = p.id();
+    fx.reg.register(&p).unwrap();
+    fx.reg.register(&Kprobe::at(F_PUSH).build()).unwrap();
+    drop(p);
+
+    // The registry owns what it registered: still armed, still running.
+    assert_eq!(byte_at(&fx.reg, F_MOV_EAX), 0xcc);
+    let mut regs = trap_regs(F_MOV_EAX);
+    hit(&fx.reg, F_MOV_EAX, &mut regs, &mut Stack::new());
+    assert_eq!(count.load(Ordering::Relaxed), 1);
+    assert_eq!(fx.reg.probes().len(), 2);
+
+    // Found again by id and unregistered the ordinary way...
+    let again = fx.reg.probe(id).expect("the registry kept the probe");
+    assert_eq!(again.id(), id);
+    assert_eq!(again.hits(), 1);
+    fx.reg.unregister(&again).unwrap();
+    assert!(fx.reg.probe(id).is_none());
+    assert_eq!(
+        byte_at(&fx.reg, F_MOV_EAX),
+        code()[(F_MOV_EAX - BASE) as usize]
+    );
+
+    // ...and the rest, never named, in one call.
+    assert_eq!(byte_at(&fx.reg, F_PUSH), 0xcc);
+    assert_eq!(fx.reg.unregister_all().unwrap(), 1);
+    assert_eq!(fx.reg.text().snapshot(), code(), "every byte restored");
+    assert!(fx.reg.is_empty());
+    assert!(fx.reg.probes().is_empty());
+    assert_eq!(fx.reg.unregister_all().unwrap(), 0);
+}

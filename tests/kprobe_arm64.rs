@@ -132,11 +132,11 @@ fn an_arm64_kretprobe_hijacks_the_link_register() {
     let reg = registry();
     let rets = Arc::new(Mutex::new(Vec::new()));
     let r = rets.clone();
-    let krp = Kretprobe::<()>::symbol("a")
+    let krp = Kretprobe::symbol("a", 0)
         .handler(move |_, _, ret| r.lock().unwrap().push(ret))
         .build()
         .unwrap();
-    reg.register_kretprobe(&krp).unwrap();
+    reg.register(&krp).unwrap();
     let mut regs = Regs {
         sp: 0x7000_0000,
         ..Regs::default()

@@ -223,7 +223,7 @@ fn an_address_in_no_known_function_is_refused() {
 #[test]
 fn a_kretprobe_not_at_a_function_entry_is_refused() {
     let (fx, _) = busy();
-    let krp = Kretprobe::<()>::at(F_MOV_RBP).build().unwrap();
+    let krp = Kretprobe::at(F_MOV_RBP).build().unwrap();
     let err = refused(&fx, krp.probe());
     assert_eq!(
         err,
@@ -232,7 +232,7 @@ fn a_kretprobe_not_at_a_function_entry_is_refused() {
             func_start: Some(F)
         }
     );
-    let krp = Kretprobe::<()>::at(NOWHERE).build().unwrap();
+    let krp = Kretprobe::at(NOWHERE).build().unwrap();
     assert_eq!(
         refused(&fx, krp.probe()),
         ProbeError::NotAtFunctionEntry {
@@ -246,7 +246,11 @@ fn a_kretprobe_not_at_a_function_entry_is_refused() {
 fn a_kretprobe_with_maxactive_zero_is_refused() {
     let (fx, _) = busy();
     let before = state(&fx.reg, fx.reg.text().snapshot());
-    let err = Kretprobe::<u32>::at(H).maxactive(0).build().unwrap_err();
+    let err = Kretprobe::at(H)
+        .data::<u32>()
+        .maxactive(0)
+        .build()
+        .unwrap_err();
     assert_eq!(err, ProbeError::MaxActiveZero);
     assert_eq!(state(&fx.reg, fx.reg.text().snapshot()), before);
 }
@@ -255,11 +259,8 @@ fn a_kretprobe_with_maxactive_zero_is_refused() {
 fn a_kretprobe_needs_a_registry_with_a_trampoline() {
     let xol = Arc::new(XolArena::new(XOL_BASE, 4, X86_64::XOL_SLOT_SIZE));
     let reg = KprobeRegistry::new(X86_64, Image::new(BASE, code()), symbols(), xol);
-    let krp = Kretprobe::<()>::at(H).build().unwrap();
-    assert_eq!(
-        reg.register_kretprobe(&krp),
-        Err(ProbeError::NoReturnTrampoline)
-    );
+    let krp = Kretprobe::at(H).build().unwrap();
+    assert_eq!(reg.register(&krp), Err(ProbeError::NoReturnTrampoline));
     assert_eq!(reg.text().snapshot(), code());
     assert!(reg.sites().is_empty());
 }

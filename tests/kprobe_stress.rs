@@ -143,7 +143,8 @@ fn churn_probe(rng: &mut Rng, errors: &Arc<Errors>, retired: &Arc<AtomicBool>) -
         0 => {
             let (r1, r2) = (r.clone(), r);
             Churned::R(
-                Kretprobe::<u64>::at(f)
+                Kretprobe::at(f)
+                    .data::<u64>()
                     .maxactive(4)
                     .entry_handler(move |d, regs| {
                         r1.check();

@@ -19,7 +19,8 @@ type Seen = Arc<Mutex<Vec<(u64, u64)>>>;
 
 fn recording(seen: &Seen) -> Kretprobe<u64> {
     let s = seen.clone();
-    Kretprobe::<u64>::at(H)
+    Kretprobe::at(H)
+        .data::<u64>()
         .maxactive(4)
         .entry_handler(|arg, regs| {
             *arg = regs[X86Reg::Rdi];
@@ -55,12 +56,12 @@ fn a_kretprobe_sees_its_entry_data_and_the_return_value() {
 #[test]
 fn an_entry_handler_that_declines_leaves_the_call_alone() {
     let fx = fixture();
-    let krp = Kretprobe::<()>::at(H)
+    let krp = Kretprobe::at(H)
         .entry_handler(|_, _| EntryAction::Decline)
         .handler(|_, _, _| panic!("a declined call has no return handler"))
         .build()
         .unwrap();
-    fx.reg.register_kretprobe(&krp).unwrap();
+    fx.reg.register(&krp).unwrap();
     let mut stack = Stack::new();
     enter(&fx.reg, H, Stack::top(), CALLER, 0, &mut stack);
     assert_eq!(stack.read_u64(Stack::top()).unwrap(), CALLER);
@@ -71,8 +72,8 @@ fn an_entry_handler_that_declines_leaves_the_call_alone() {
 #[test]
 fn an_empty_pool_counts_nmissed_and_tracks_nothing() {
     let fx = fixture();
-    let krp = Kretprobe::<()>::at(H).maxactive(2).build().unwrap();
-    fx.reg.register_kretprobe(&krp).unwrap();
+    let krp = Kretprobe::at(H).maxactive(2).build().unwrap();
+    fx.reg.register(&krp).unwrap();
     let mut stack = Stack::new();
     let top = Stack::top();
     // Three nested calls (recursion): only two instances.
@@ -101,7 +102,7 @@ fn registered_recording() -> (Fixture, Seen, Kretprobe<u64>) {
     let fx = fixture();
     let seen = Seen::default();
     let krp = recording(&seen);
-    fx.reg.register_kretprobe(&krp).unwrap();
+    fx.reg.register(&krp).unwrap();
     (fx, seen, krp)
 }
 
@@ -135,16 +136,16 @@ fn two_kretprobes_on_one_function_both_run_and_the_caller_is_restored() {
     let fx = fixture();
     let order = Arc::new(Mutex::new(Vec::new()));
     let (o1, o2) = (order.clone(), order.clone());
-    let first = Kretprobe::<()>::at(H)
+    let first = Kretprobe::at(H)
         .handler(move |_, _, _| o1.lock().unwrap().push("first"))
         .build()
         .unwrap();
-    let second = Kretprobe::<()>::at(H)
+    let second = Kretprobe::at(H)
         .handler(move |_, _, _| o2.lock().unwrap().push("second"))
         .build()
         .unwrap();
-    fx.reg.register_kretprobe(&first).unwrap();
-    fx.reg.register_kretprobe(&second).unwrap();
+    fx.reg.register(&first).unwrap();
+    fx.reg.register(&second).unwrap();
     let mut stack = Stack::new();
     enter(&fx.reg, H, Stack::top(), CALLER, 0, &mut stack);
     assert_eq!(
@@ -197,7 +198,8 @@ fn calls_on_different_threads_are_matched_per_thread() {
 #[test]
 fn unregistering_orphans_calls_in_flight_which_still_return_to_their_callers() {
     let fx = fixture();
-    let krp = Kretprobe::<Tracked>::at(H)
+    let krp = Kretprobe::at(H)
+        .data::<Tracked>()
         .maxactive(3)
         .entry_handler(|d, _| {
             d.0 = 5;
@@ -206,10 +208,10 @@ fn unregistering_orphans_calls_in_flight_which_still_return_to_their_callers() {
         .handler(|_, _, _| panic!("no return handler after unregistration"))
         .build()
         .unwrap();
-    fx.reg.register_kretprobe(&krp).unwrap();
+    fx.reg.register(&krp).unwrap();
     let mut stack = Stack::new();
     enter(&fx.reg, H, Stack::top(), CALLER, 0, &mut stack);
-    fx.reg.unregister_kretprobe(&krp).unwrap();
+    fx.reg.unregister(&krp).unwrap();
     assert_eq!(fx.reg.text().snapshot(), code());
     assert_eq!(fx.reg.orphans(), 1, "the pool waits for the call in flight");
     drop(krp); // the user's handle goes too: only the orphan keeps the pool
@@ -228,11 +230,11 @@ fn unregistering_orphans_calls_in_flight_which_still_return_to_their_callers() {
 fn a_return_while_a_handler_runs_restores_the_caller_without_the_handler() {
     static REG: OnceLock<Reg> = OnceLock::new();
     let reg = REG.get_or_init(|| fixture().reg);
-    let krp = Kretprobe::<()>::at(H)
+    let krp = Kretprobe::at(H)
         .handler(|_, _, _| panic!("re-entered: the handler must not run"))
         .build()
         .unwrap();
-    reg.register_kretprobe(&krp).unwrap();
+    reg.register(&krp).unwrap();
     let mut stack = Stack::new();
     enter(reg, H, Stack::top(), CALLER, 0, &mut stack);
     let returned = Arc::new(Mutex::new(None));
@@ -255,7 +257,7 @@ fn a_return_while_a_handler_runs_restores_the_caller_without_the_handler() {
     assert_eq!(krp.nmissed(), 1);
     assert_eq!(krp.in_flight(), 0);
     reg.unregister(&p).unwrap();
-    reg.unregister_kretprobe(&krp).unwrap();
+    reg.unregister(&krp).unwrap();
 }
 
 #[test]
@@ -263,13 +265,14 @@ fn a_kretprobe_registers_by_symbol_and_aggregates_with_a_kprobe() {
     let fx = fixture();
     let seen = Seen::default();
     let s = seen.clone();
-    let krp = Kretprobe::<u64>::symbol("h")
+    let krp = Kretprobe::symbol("h", 0)
+        .data::<u64>()
         .handler(move |_, _, ret| s.lock().unwrap().push((0, ret)))
         .build()
         .unwrap();
     let kp = Kprobe::at(H).build();
     fx.reg.register(&kp).unwrap();
-    fx.reg.register_kretprobe(&krp).unwrap();
+    fx.reg.register(&krp).unwrap();
     assert_eq!(fx.reg.sites().len(), 1);
     let mut stack = Stack::new();
     enter(&fx.reg, H, Stack::top(), CALLER, 0, &mut stack);
@@ -285,15 +288,15 @@ fn a_kretprobe_registers_by_symbol_and_aggregates_with_a_kprobe() {
 fn the_default_pool_holds_max_of_10_and_twice_the_cpus() {
     let cpus = std::thread::available_parallelism().unwrap().get();
     assert_eq!(default_maxactive(), (2 * cpus).max(10));
-    let krp = Kretprobe::<()>::at(H).build().unwrap();
+    let krp = Kretprobe::at(H).build().unwrap();
     assert_eq!(krp.maxactive(), default_maxactive());
 }
 
 #[test]
 fn a_kretprobe_can_be_registered_again_after_unregistration() {
     let (fx, seen, krp) = registered_recording();
-    fx.reg.unregister_kretprobe(&krp).unwrap();
-    fx.reg.register_kretprobe(&krp).unwrap();
+    fx.reg.unregister(&krp).unwrap();
+    fx.reg.register(&krp).unwrap();
     let mut stack = Stack::new();
     enter(&fx.reg, H, Stack::top(), CALLER, 3, &mut stack);
     assert_eq!(
@@ -301,4 +304,48 @@ fn a_kretprobe_can_be_registered_again_after_unregistration() {
         ReturnOutcome::Returned { to: CALLER }
     );
     assert_eq!(*seen.lock().unwrap(), vec![(3, 4)]);
+}
+
+#[test]
+fn both_kinds_share_one_placement_and_one_register_family_and_count_returns() {
+    use rcu_registry::probes::kprobe::AsKprobe;
+    use rcu_registry::probes::ProbeError;
+    let fx = fixture();
+    // Placed the same way as a kprobe, without a turbofish for "no data";
+    // a kretprobe off the entry is refused at registration.
+    let off = Kretprobe::symbol("h", 1).build().unwrap();
+    assert!(matches!(
+        fx.reg.register(&off),
+        Err(ProbeError::NotAtFunctionEntry { .. })
+    ));
+    let krp = Kretprobe::symbol("h", 0).maxactive(1).build().unwrap();
+    let kp = Kprobe::symbol("f", 4).build();
+    fx.reg.register(&krp).unwrap();
+    fx.reg.register(&kp).unwrap();
+
+    let mut stack = Stack::new();
+    let top = Stack::top();
+    enter(&fx.reg, H, top, CALLER, 0, &mut stack);
+    // Recursion past maxactive: the inner call is missed.
+    enter(&fx.reg, H, top - 64, CALLER + 1, 0, &mut stack);
+    assert_eq!(
+        leave(&fx.reg, top, 5).0,
+        ReturnOutcome::Returned { to: CALLER }
+    );
+    assert_eq!(krp.probe().hits(), 2);
+    assert_eq!((krp.returns(), krp.nmissed()), (1, 1));
+    assert_eq!(
+        krp.probe().nmissed(),
+        0,
+        "the entry ran both times: the miss is the pool's"
+    );
+
+    // enable/disable and a mixed batch take both kinds.
+    fx.reg.disable(&krp).unwrap();
+    fx.reg.enable(&krp).unwrap();
+    fx.reg
+        .unregister_many(&[&krp as &dyn AsKprobe, &kp])
+        .unwrap();
+    assert!(fx.reg.is_empty());
+    assert_eq!(fx.reg.text().snapshot(), code());
 }

@@ -26,7 +26,8 @@ type Seen = Arc<Mutex<Vec<(u64, u64)>>>;
 /// A kretprobe on `h` recording (argument, return value) per call.
 fn recording(maxactive: usize, seen: &Seen) -> Kretprobe<u64> {
     let s = seen.clone();
-    Kretprobe::<u64>::at(H)
+    Kretprobe::at(H)
+        .data::<u64>()
         .maxactive(maxactive)
         .entry_handler(|arg, regs| {
             *arg = regs[X86Reg::Rdi];
@@ -42,7 +43,7 @@ fn registered(maxactive: usize) -> (Fixture, Seen, Kretprobe<u64>) {
     let fx = fixture();
     let seen = Seen::default();
     let krp = recording(maxactive, &seen);
-    fx.reg.register_kretprobe(&krp).unwrap();
+    fx.reg.register(&krp).unwrap();
     (fx, seen, krp)
 }
 
@@ -112,12 +113,13 @@ fn many_threads_exiting_inside_calls_never_shrink_the_pool() {
 #[test]
 fn an_orphaned_pool_is_freed_once_the_thread_holding_its_instance_exits() {
     let fx = fixture();
-    let krp = Kretprobe::<Tracked>::at(H)
+    let krp = Kretprobe::at(H)
+        .data::<Tracked>()
         .maxactive(2)
         .handler(|_, _, _| panic!("no return handler: the call never returns"))
         .build()
         .unwrap();
-    fx.reg.register_kretprobe(&krp).unwrap();
+    fx.reg.register(&krp).unwrap();
     let inside = Barrier::new(2);
     let unregistered = Barrier::new(2);
     std::thread::scope(|s| {
@@ -129,7 +131,7 @@ fn an_orphaned_pool_is_freed_once_the_thread_holding_its_instance_exits() {
             // Exits inside `h`, after the kretprobe was unregistered.
         });
         inside.wait();
-        fx.reg.unregister_kretprobe(&krp).unwrap();
+        fx.reg.unregister(&krp).unwrap();
         assert_eq!(fx.reg.orphans(), 1, "the pool waits for the call");
         unregistered.wait();
         t.join().unwrap();
@@ -255,8 +257,12 @@ fn threads_exiting_inside_calls_race_unregistration_and_registry_drops_safely() 
     // At least one round, whatever the schedule (the final check wants one).
     while rounds == 0 || start.elapsed() < dur {
         let fx = fixture();
-        let krp = Kretprobe::<StressData>::at(H).maxactive(8).build().unwrap();
-        fx.reg.register_kretprobe(&krp).unwrap();
+        let krp = Kretprobe::at(H)
+            .data::<StressData>()
+            .maxactive(8)
+            .build()
+            .unwrap();
+        fx.reg.register(&krp).unwrap();
         let entered = Barrier::new(5);
         std::thread::scope(|s| {
             for t in 0..4u64 {
@@ -277,7 +283,7 @@ fn threads_exiting_inside_calls_race_unregistration_and_registry_drops_safely() 
                 });
             }
             entered.wait();
-            fx.reg.unregister_kretprobe(&krp).unwrap();
+            fx.reg.unregister(&krp).unwrap();
         });
         abandoned += 2;
         rounds += 1;

@@ -175,28 +175,29 @@ fn kretprobes_see_return_values_and_their_own_per_call_data() {
     let mismatches = Arc::new(AtomicU64::new(0));
     let returns = Arc::new(AtomicU64::new(0));
     let (m, r) = (mismatches.clone(), returns.clone());
-    let krp = Kretprobe::<u64>::at(addr(rtp_mul3))
+    let krp = Kretprobe::at(addr(rtp_mul3))
+        .data::<u64>()
         .maxactive(64)
         .entry_handler(|arg, regs| {
-            *arg = regs[X86Reg::Rdi] & 0xffff_ffff;
+            *arg = regs.arg(0).unwrap() & 0xffff_ffff;
             EntryAction::Track
         })
         .handler(move |arg, regs, ret| {
             r.fetch_add(1, Ordering::Relaxed);
-            if ret as u32 != (*arg as u32).wrapping_mul(3) || regs[X86Reg::Rax] != ret {
+            if ret as u32 != (*arg as u32).wrapping_mul(3) || regs.retval() != ret {
                 m.fetch_add(1, Ordering::Relaxed);
             }
         })
         .build()
         .unwrap();
-    reg.register_kretprobe(&krp).unwrap();
+    reg.register(&krp).unwrap();
     hammer(4, 3_000, rtp_mul3, |x| x.wrapping_mul(3));
     // Called from another function: the hijacked return lands in the middle
     // of `rtp_twice`, which goes on correctly.
     for x in 0..100u32 {
         assert_eq!(call(rtp_twice, x), x + 1 + 3 * x);
     }
-    reg.unregister_kretprobe(&krp).unwrap();
+    reg.unregister(&krp).unwrap();
     println!(
         "kretprobe: {} returns, {} missed",
         returns.load(Ordering::Relaxed),
@@ -212,13 +213,13 @@ fn kretprobes_see_return_values_and_their_own_per_call_data() {
 fn a_kretprobe_handler_can_change_the_return_value() {
     let _g = serial();
     let reg = live().registry();
-    let krp = Kretprobe::<()>::at(addr(rtp_mul3))
-        .handler(|_, regs, ret| regs[X86Reg::Rax] = ret + 1000)
+    let krp = Kretprobe::at(addr(rtp_mul3))
+        .handler(|_, regs, ret| regs.set_retval(ret + 1000))
         .build()
         .unwrap();
-    reg.register_kretprobe(&krp).unwrap();
+    reg.register(&krp).unwrap();
     assert_eq!(call(rtp_mul3, 2), 1006);
-    reg.unregister_kretprobe(&krp).unwrap();
+    reg.unregister(&krp).unwrap();
     assert_eq!(call(rtp_mul3, 2), 6);
 }
 

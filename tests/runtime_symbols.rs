@@ -180,12 +180,12 @@ fn libraries_loaded_later_are_probed_by_name_and_forgotten_when_unloaded() {
     };
     let probe = Kprobe::symbol("fx_both", 0).build();
     assert_eq!(reg.register(&probe), Err(ambiguous.clone()));
-    let krp = Kretprobe::<()>::symbol("fx_both")
+    let krp = Kretprobe::symbol("fx_both", 0)
         .maxactive(4)
         .handler(|_, _, _| {})
         .build()
         .unwrap();
-    assert_eq!(reg.register_kretprobe(&krp), Err(ambiguous));
+    assert_eq!(reg.register(&krp), Err(ambiguous));
     assert_eq!(reg.sites(), sites);
 
     // Qualified by file name or by path: exactly that object's function.

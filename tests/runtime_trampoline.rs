@@ -122,7 +122,7 @@ fn with_clobbering_kretprobe(
     let reg = Live::global().registry();
     let returns = Arc::new(AtomicU64::new(0));
     let r = returns.clone();
-    let krp = Kretprobe::<()>::at(f as *const () as usize as u64)
+    let krp = Kretprobe::at(f as *const () as usize as u64)
         .handler(move |_, _, _| {
             r.fetch_add(1, Ordering::Relaxed);
             // SAFETY: a C-ABI function that only writes vector registers,
@@ -131,9 +131,9 @@ fn with_clobbering_kretprobe(
         })
         .build()
         .unwrap();
-    reg.register_kretprobe(&krp).unwrap();
+    reg.register(&krp).unwrap();
     let got = (0..3).map(|_| returned(caller, f, n)).collect();
-    reg.unregister_kretprobe(&krp).unwrap();
+    reg.unregister(&krp).unwrap();
     assert_eq!(
         returns.load(Ordering::Relaxed),
         3,

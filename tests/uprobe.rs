@@ -381,3 +381,18 @@ fn handlers_may_sleep_and_unregister_waits_for_them() {
     );
     t.join().unwrap();
 }
+
+#[test]
+fn a_kprobe_style_action_converts_to_the_same_consumer_answer() {
+    use rcu_registry::probes::kprobe::Action;
+    use rcu_registry::probes::outcome;
+    use rcu_registry::probes::uprobe::ConsumerAction;
+    assert_eq!(
+        ConsumerAction::from(Action::Continue),
+        ConsumerAction::Continue
+    );
+    assert_eq!(
+        ConsumerAction::from(outcome::Action::SkipInstruction),
+        ConsumerAction::SkipInstruction
+    );
+}

@@ -79,7 +79,8 @@ impl Probed {
         let returns = Arc::new(AtomicU64::new(0));
         let latency = Arc::new(Histogram::new());
         let (rets, lat) = (Arc::clone(&returns), Arc::clone(&latency));
-        let kretprobe = Kretprobe::<EntryTime>::symbol(func.symbol())
+        let kretprobe = Kretprobe::symbol(func.symbol(), 0)
+            .data::<EntryTime>()
             .maxactive(maxactive)
             .entry_handler(|entered, _regs| {
                 // clock_gettime through the vDSO: async-signal-safe.
@@ -107,7 +108,8 @@ impl Probed {
     }
 
     fn missed(&self) -> u64 {
-        self.kprobe.nmissed() + self.kretprobe.probe().nmissed() + self.kretprobe.nmissed()
+        // The kretprobe's count includes its entry probe's misses.
+        self.kprobe.nmissed() + self.kretprobe.nmissed()
     }
 }
 
@@ -303,7 +305,7 @@ fn register_all(reg: &LiveRegistry, probed: &[Probed]) -> Result<(), String> {
             Err(e) => Some(("kprobe", e)),
             Ok(()) => {
                 done.push(&p.kprobe);
-                match reg.register_kretprobe(&p.kretprobe) {
+                match reg.register(&p.kretprobe) {
                     Err(e) => Some(("kretprobe", e)),
                     Ok(()) => {
                         done.push(p.kretprobe.probe());

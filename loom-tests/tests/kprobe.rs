@@ -242,7 +242,8 @@ fn a_trap_racing_removal_and_a_new_registration_at_the_address_is_never_foreign(
 /// instance's data (poisoned when the pool is freed), and `handler` as its
 /// return handler.
 fn data_kretprobe(handler: impl Fn(&mut Data) + Send + Sync + 'static) -> Kretprobe<Data> {
-    Kretprobe::<Data>::at(F)
+    Kretprobe::at(F)
+        .data::<Data>()
         .maxactive(1)
         .entry_handler(|d, _| {
             d.0.touch();
@@ -270,7 +271,7 @@ fn a_kretprobe_pool_outlives_its_unregistration_until_the_call_returns() {
         DATA_DROPS.store(0, StdOrd::SeqCst);
         let reg = Arc::new(registry());
         let krp = data_kretprobe(|d| d.0.touch());
-        reg.register_kretprobe(&krp).unwrap();
+        reg.register(&krp).unwrap();
         let caller = {
             let reg = reg.clone();
             thread::spawn(move || {
@@ -298,7 +299,7 @@ fn a_kretprobe_pool_outlives_its_unregistration_until_the_call_returns() {
                 }
             })
         };
-        reg.unregister_kretprobe(&krp).unwrap();
+        reg.unregister(&krp).unwrap();
         // The pool is freed (its data poisoned) once the call returned.
         wait_until_pool_freed(&reg, krp);
         caller.join().unwrap();
@@ -311,7 +312,7 @@ fn a_thread_flushed_inside_a_call_frees_the_orphaned_pool_after_giving_its_insta
         DATA_DROPS.store(0, StdOrd::SeqCst);
         let reg = Arc::new(registry());
         let krp = data_kretprobe(|_| panic!("the call never returns"));
-        reg.register_kretprobe(&krp).unwrap();
+        reg.register(&krp).unwrap();
         let caller = {
             let reg = reg.clone();
             thread::spawn(move || {
@@ -324,7 +325,7 @@ fn a_thread_flushed_inside_a_call_frees_the_orphaned_pool_after_giving_its_insta
                 assert_eq!(reg.flush_thread(ThreadKey::current()), 0);
             })
         };
-        reg.unregister_kretprobe(&krp).unwrap();
+        reg.unregister(&krp).unwrap();
         // Freed once the flush gave the instance back.
         wait_until_pool_freed(&reg, krp);
         caller.join().unwrap();

@@ -105,6 +105,28 @@ global_asm!(
     ".byte 0xf3, 0xaa",
     ".byte 0xc3",
     ".size rtp_fill, . - rtp_fill",
+    // rtp_args3(a, b, c) = a + 2b + 4c: lea rax, [rdi + rsi*2];
+    // lea rax, [rax + rdx*4]; ret. Reads its three arguments where the
+    // System V convention passes them (rdi, rsi, rdx).
+    ".p2align 4",
+    ".globl rtp_args3",
+    ".type rtp_args3,@function",
+    "rtp_args3:",
+    "lea rax, [rdi + rsi*2]",
+    "lea rax, [rax + rdx*4]",
+    "ret",
+    ".size rtp_args3, . - rtp_args3",
+    // rtp_args8(a, .., h) = g + h: the seventh and eighth arguments are on
+    // the stack at entry ([rsp + 8], [rsp + 16]). mov rax, [rsp + 8];
+    // add rax, [rsp + 16]; ret.
+    ".p2align 4",
+    ".globl rtp_args8",
+    ".type rtp_args8,@function",
+    "rtp_args8:",
+    "mov rax, qword ptr [rsp + 8]",
+    "add rax, qword ptr [rsp + 16]",
+    "ret",
+    ".size rtp_args8, . - rtp_args8",
     ".popsection",
     ".pushsection .data.rtp_data,\"aw\",@progbits",
     ".p2align 3",
@@ -124,6 +146,9 @@ extern "C" {
     pub fn rtp_load() -> u64;
     pub fn rtp_twice(x: u32) -> u32;
     pub fn rtp_fill(dst: *mut u8, n: usize);
+    pub fn rtp_args3(a: u64, b: u64, c: u64) -> u64;
+    #[allow(clippy::too_many_arguments)]
+    pub fn rtp_args8(a: u64, b: u64, c: u64, d: u64, e: u64, f: u64, g: u64, h: u64) -> u64;
 }
 
 /// Offsets of the instructions of `rtp_fill`.

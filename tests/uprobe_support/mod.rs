@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use rcu_registry::probes::arch::{DataMemory, Regs, X86_64};
+use rcu_registry::probes::arch::{Arch, DataMemory, Regs, X86_64};
 use rcu_registry::probes::text::{Image, TextMemory};
 use rcu_registry::probes::uprobe::{
     AddressSpace, FileId, FileMapping, SpaceId, UprobeKey, UprobeRegistry,
@@ -371,7 +371,7 @@ impl SimThread {
             sp: self.sp,
             ..Regs::default()
         };
-        regs.gprs[0] = retval; // rax
+        X86_64.set_return_value(&mut regs, retval);
         match reg.on_return(space.id, &mut regs) {
             rcu_registry::probes::outcome::ReturnOutcome::Returned { to } => {
                 assert_eq!(regs.ip, to);

@@ -419,4 +419,18 @@ impl Arch for Arm64 {
     fn stack_pointer_at_return(&self, entry: &Regs) -> u64 {
         entry.sp
     }
+
+    fn arg_registers(&self) -> &'static [u8] {
+        // AAPCS64: x0..x7.
+        &[0, 1, 2, 3, 4, 5, 6, 7]
+    }
+
+    fn return_register(&self) -> u8 {
+        0
+    }
+
+    fn stack_args_offset(&self) -> u64 {
+        // The return address is in x30; [sp] is the first stack argument.
+        0
+    }
 }

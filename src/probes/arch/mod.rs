@@ -250,6 +250,164 @@ pub trait Arch: Send + Sync + 'static {
     /// computed from the registers at entry (x86: `sp + 8`, arm64: `sp`).
     /// Kretprobe instances are matched to returns by it.
     fn stack_pointer_at_return(&self, entry: &Regs) -> u64;
+
+    /// The general registers that carry the integer and pointer arguments,
+    /// in order, as indices into [`Regs::gprs`] (x86_64 System V: `rdi`,
+    /// `rsi`, `rdx`, `rcx`, `r8`, `r9`; arm64 AAPCS64: `x0`..`x7`).
+    fn arg_registers(&self) -> &'static [u8];
+
+    /// The register that carries the integer return value, as an index into
+    /// [`Regs::gprs`] (x86: `rax`; arm64: `x0`).
+    fn return_register(&self) -> u8;
+
+    /// Where the first stack-passed argument lives at a function's first
+    /// instruction, as an offset from the stack pointer (x86: 8, past the
+    /// return address `call` pushed; arm64: 0, the return address is in
+    /// `x30`).
+    fn stack_args_offset(&self) -> u64;
+
+    /// Integer or pointer argument `n` (0-based) of the calling convention,
+    /// or `None` if it is not passed in a register (`n >=
+    /// arg_registers().len()`: use [`stack_arg`](Arch::stack_arg)).
+    ///
+    /// Meaningful only at a function's first instruction (a kprobe at offset
+    /// 0, a kretprobe's entry handler): later the function may have
+    /// overwritten the register. Arguments wider than a register, floating
+    /// point arguments and structures passed in pieces are not counted.
+    fn arg(&self, regs: &Regs, n: usize) -> Option<u64> {
+        let r = *self.arg_registers().get(n)?;
+        Some(regs.gprs[usize::from(r)])
+    }
+
+    /// Sets register argument `n` (see [`arg`](Arch::arg)), so the function
+    /// runs with `value` when the handler returns. Returns `false` (and
+    /// changes nothing) if argument `n` is not passed in a register.
+    #[must_use = "an argument passed on the stack is not set: check the result"]
+    fn set_arg(&self, regs: &mut Regs, n: usize, value: u64) -> bool {
+        match self.arg_registers().get(n) {
+            Some(&r) => {
+                regs.gprs[usize::from(r)] = value;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The address of stack-passed argument `n` (0-based over all arguments,
+    /// so the first stack argument is `n == arg_registers().len()`) at a
+    /// function's first instruction; `None` for a register argument. Each
+    /// stack argument takes one 8-byte slot.
+    fn stack_arg_addr(&self, regs: &Regs, n: usize) -> Option<u64> {
+        let k = n.checked_sub(self.arg_registers().len())?;
+        Some(
+            regs.sp
+                .wrapping_add(self.stack_args_offset())
+                .wrapping_add(8 * k as u64),
+        )
+    }
+
+    /// Argument `n` wherever the convention passes it: a register, or the
+    /// stack read through `mem` (at a function's first instruction only,
+    /// as [`arg`](Arch::arg)).
+    ///
+    /// # Errors
+    /// [`ProbeError::MemoryFault`] if the stack slot cannot be read.
+    fn stack_arg(&self, regs: &Regs, n: usize, mem: &dyn DataMemory) -> Result<u64, ProbeError> {
+        match self.stack_arg_addr(regs, n) {
+            None => Ok(self.arg(regs, n).unwrap_or_default()),
+            Some(a) => mem.read_u64(a),
+        }
+    }
+
+    /// Replaces the integer return value (at the return trampoline: a
+    /// kretprobe's return handler), so the caller sees `value`.
+    fn set_return_value(&self, regs: &mut Regs, value: u64) {
+        regs.gprs[usize::from(self.return_register())] = value;
+    }
+}
+
+/// The backend of the architecture this crate is compiled for: the one whose
+/// calling convention the [`Regs`] shorthands ([`Regs::arg`],
+/// [`Regs::retval`], ...) apply.
+#[cfg(target_arch = "x86_64")]
+pub type NativeArch = X86_64;
+/// The backend of the architecture this crate is compiled for: the one whose
+/// calling convention the [`Regs`] shorthands ([`Regs::arg`],
+/// [`Regs::retval`], ...) apply.
+#[cfg(target_arch = "aarch64")]
+pub type NativeArch = Arm64;
+
+/// Calling-convention shorthands for the native architecture
+/// ([`NativeArch`]).
+///
+/// A live handler's registers are always the native architecture's, so these
+/// are what a handler should use: `regs.arg(0)` instead of `regs.gprs[7] //
+/// rdi`, which silently reads the wrong register on another architecture.
+/// Registers of another architecture (an emulated arm64 run on an x86_64
+/// host) go through that backend's [`Arch`] methods instead
+/// (`Arm64.arg(&regs, 0)`): [`Regs`] does not record its architecture, so
+/// the shorthand cannot check it, and a test on foreign registers must name
+/// the backend.
+///
+/// The argument helpers mean something only at a function's first
+/// instruction (a kprobe at offset 0, a kretprobe's entry handler); the
+/// return-value helpers only in a kretprobe's return handler.
+///
+/// ```
+/// use rcu_registry::probes::arch::Regs;
+///
+/// let mut regs = Regs::default();
+/// assert!(regs.set_arg(0, 42));
+/// assert_eq!(regs.arg(0), Some(42));
+/// assert_eq!(regs.arg(100), None); // not a register argument
+/// regs.set_retval(7);
+/// assert_eq!(regs.retval(), 7);
+/// ```
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+impl Regs {
+    /// Integer or pointer argument `n` (x86_64: `rdi`, `rsi`, `rdx`, `rcx`,
+    /// `r8`, `r9`; arm64: `x0`..`x7`), `None` past the register arguments
+    /// (those are on the stack: [`Regs::stack_arg`]). See [`Arch::arg`].
+    pub fn arg(&self, n: usize) -> Option<u64> {
+        NativeArch::default().arg(self, n)
+    }
+
+    /// Sets register argument `n`; `false` (nothing changed) for a stack
+    /// argument. See [`Arch::set_arg`].
+    #[must_use = "an argument passed on the stack is not set: check the result"]
+    pub fn set_arg(&mut self, n: usize, value: u64) -> bool {
+        NativeArch::default().set_arg(self, n, value)
+    }
+
+    /// The address of stack argument `n` at a function's first instruction
+    /// (x86_64: `sp + 8 + 8 * (n - 6)`; arm64: `sp + 8 * (n - 8)`), `None`
+    /// for a register argument. A live handler runs on the probed thread, so
+    /// it may read the word there itself (the interrupted stack is mapped);
+    /// see [`Arch::stack_arg_addr`].
+    pub fn stack_arg_addr(&self, n: usize) -> Option<u64> {
+        NativeArch::default().stack_arg_addr(self, n)
+    }
+
+    /// Argument `n` from a register or the stack, read through `mem`. See
+    /// [`Arch::stack_arg`].
+    ///
+    /// # Errors
+    /// [`ProbeError::MemoryFault`] if the stack slot cannot be read.
+    pub fn stack_arg(&self, n: usize, mem: &dyn DataMemory) -> Result<u64, ProbeError> {
+        NativeArch::default().stack_arg(self, n, mem)
+    }
+
+    /// The integer return value (x86_64: `rax`; arm64: `x0`), in a
+    /// kretprobe's return handler. See [`Arch::return_value`].
+    pub fn retval(&self) -> u64 {
+        NativeArch::default().return_value(self)
+    }
+
+    /// Replaces the return value the caller will see, in a kretprobe's
+    /// return handler. See [`Arch::set_return_value`].
+    pub fn set_retval(&mut self, value: u64) {
+        NativeArch::default().set_return_value(self, value)
+    }
 }
 
 /// The arch-neutral register file seen by probe handlers.
@@ -625,5 +783,137 @@ impl DataMemory for NoDataMemory {
             addr,
             len: bytes.len(),
         })
+    }
+}
+
+#[cfg(test)]
+mod calling_convention_tests {
+    use super::*;
+
+    /// Stack memory for `stack_arg`: 8-byte words from `base`.
+    struct Words {
+        base: u64,
+        words: Vec<u64>,
+    }
+
+    impl DataMemory for Words {
+        fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
+            let fault = ProbeError::MemoryFault {
+                addr,
+                len: buf.len(),
+            };
+            let off = addr.checked_sub(self.base).ok_or(fault.clone())?;
+            if off % 8 != 0 || buf.len() != 8 {
+                return Err(fault);
+            }
+            let w = self.words.get((off / 8) as usize).ok_or(fault)?;
+            buf.copy_from_slice(&w.to_le_bytes());
+            Ok(())
+        }
+
+        fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), ProbeError> {
+            Err(ProbeError::MemoryFault {
+                addr,
+                len: bytes.len(),
+            })
+        }
+    }
+
+    /// Registers whose general register `i` holds `100 + i`.
+    fn numbered() -> Regs {
+        let mut r = Regs::default();
+        for (i, g) in r.gprs.iter_mut().enumerate() {
+            *g = 100 + i as u64;
+        }
+        r
+    }
+
+    #[test]
+    fn x86_64_sysv_arguments_are_rdi_rsi_rdx_rcx_r8_r9_then_the_stack() {
+        let a = X86_64;
+        let mut r = numbered();
+        let want = [
+            X86Reg::Rdi,
+            X86Reg::Rsi,
+            X86Reg::Rdx,
+            X86Reg::Rcx,
+            X86Reg::R8,
+            X86Reg::R9,
+        ];
+        for (n, reg) in want.into_iter().enumerate() {
+            assert_eq!(a.arg(&r, n), Some(r[reg]), "arg {n}");
+        }
+        assert_eq!(a.arg(&r, 6), None);
+        assert!(a.set_arg(&mut r, 2, 0xdead));
+        assert_eq!(r[X86Reg::Rdx], 0xdead);
+        let before = r;
+        assert!(!a.set_arg(&mut r, 6, 1));
+        assert_eq!(r, before, "a stack argument is not set");
+        // At entry [sp] is the return address; argument 6 is at sp + 8.
+        r.sp = 0x1000;
+        let mem = Words {
+            base: 0x1000,
+            words: vec![0x4000_0000, 66, 77],
+        };
+        assert_eq!(a.stack_arg_addr(&r, 5), None);
+        assert_eq!(a.stack_arg_addr(&r, 6), Some(0x1008));
+        assert_eq!(a.stack_arg(&r, 6, &mem).unwrap(), 66);
+        assert_eq!(a.stack_arg(&r, 7, &mem).unwrap(), 77);
+        assert_eq!(a.stack_arg(&r, 0, &mem).unwrap(), r[X86Reg::Rdi]);
+        assert!(a.stack_arg(&r, 8, &mem).is_err());
+        assert_eq!(a.return_value(&r), r[X86Reg::Rax]);
+        a.set_return_value(&mut r, 5);
+        assert_eq!(r[X86Reg::Rax], 5);
+    }
+
+    #[test]
+    fn arm64_aapcs64_arguments_are_x0_to_x7_then_the_stack() {
+        let a = Arm64;
+        let mut r = numbered();
+        for n in 0..8 {
+            assert_eq!(a.arg(&r, n), Some(r[Arm64Reg::ALL[n]]), "arg {n}");
+        }
+        assert_eq!(a.arg(&r, 8), None);
+        assert!(a.set_arg(&mut r, 7, 0xbeef));
+        assert_eq!(r[Arm64Reg::X7], 0xbeef);
+        assert!(!a.set_arg(&mut r, 8, 1));
+        // The return address is in x30: argument 8 is at [sp].
+        r.sp = 0x2000;
+        let mem = Words {
+            base: 0x2000,
+            words: vec![88, 99],
+        };
+        assert_eq!(a.stack_arg_addr(&r, 8), Some(0x2000));
+        assert_eq!(a.stack_arg(&r, 8, &mem).unwrap(), 88);
+        assert_eq!(a.stack_arg(&r, 9, &mem).unwrap(), 99);
+        assert_eq!(a.return_value(&r), r[Arm64Reg::X0]);
+        a.set_return_value(&mut r, 9);
+        assert_eq!(r[Arm64Reg::X0], 9);
+        assert_eq!(
+            a.arg(&r, 0),
+            Some(9),
+            "x0 is argument 0 and the return value"
+        );
+    }
+
+    #[test]
+    fn the_regs_shorthands_use_the_native_convention() {
+        let n = NativeArch::default();
+        let mut r = numbered();
+        for i in 0..n.arg_registers().len() + 2 {
+            assert_eq!(r.arg(i), n.arg(&r, i));
+        }
+        r.sp = 0x1000;
+        assert_eq!(r.stack_arg_addr(0), None);
+        let first_stack = n.arg_registers().len();
+        assert_eq!(
+            r.stack_arg_addr(first_stack),
+            n.stack_arg_addr(&r, first_stack)
+        );
+        assert!(r.set_arg(1, 11));
+        assert_eq!(n.arg(&r, 1), Some(11));
+        r.set_retval(12);
+        assert_eq!(n.return_value(&r), 12);
+        assert_eq!(r.retval(), 12);
     }
 }

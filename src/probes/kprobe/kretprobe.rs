@@ -47,7 +47,10 @@ use crate::probes::ProbeError;
 use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use crate::sync::UnsafeCell;
 
-/// What an entry handler decides for the call it sees.
+/// What an entry handler decides for the call it sees: whether its return
+/// is tracked. Not an [`Action`](crate::probes::outcome::Action): an entry
+/// handler cannot skip the function's first instruction, it decides about
+/// the return (see `Action` for the three answers and why they differ).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EntryAction {
     /// Track the call: the return handler runs when it returns.
@@ -190,6 +193,7 @@ pub(crate) struct KretShared<D> {
     pool: Pool<D>,
     orphaned: AtomicBool,
     nmissed: AtomicU64,
+    returns: AtomicU64,
 }
 
 // SAFETY: instance data is used by one thread at a time (handed over via the
@@ -256,6 +260,8 @@ impl<D: Send + 'static> ReturnProbe for KretShared<D> {
             self.nmissed.fetch_add(1, Ordering::Relaxed);
         // Acquire pairs with `orphan`'s Release (see `on_entry`).
         } else if !self.orphaned.load(Ordering::Acquire) {
+            // Relaxed: statistics counter.
+            self.returns.fetch_add(1, Ordering::Relaxed);
             if let Some(h) = &self.handler {
                 // SAFETY: the instance is ours alone until `put`.
                 slot.data.with_mut(|d| h(unsafe { &mut *d }, regs, retval));
@@ -306,14 +312,26 @@ impl<D: Send + 'static> ReturnProbe for KretShared<D> {
 /// Clones are handles to the same kretprobe. Register it with
 /// [`KprobeRegistry::register_kretprobe`](super::KprobeRegistry::register_kretprobe).
 ///
+/// # Handler contract
+///
+/// The entry handler runs **inside the SIGTRAP handler** (a kprobe at the
+/// function's entry), the return handler in the return trampoline on the
+/// returning thread's stack; both are held to the kprobe handlers' rules:
+/// async-signal-safe work only, never a lock the probed code may hold (it
+/// deadlocks), no allocation unless no probe is on the allocator's locked
+/// paths, no `println!`, stack headroom for the hit (about 4 KiB, plus the
+/// trampoline's saved vector state), and **a panic aborts the process**
+/// with a message on stderr. In full:
+/// [the handler contract](crate::docs::patterns#the-handler-contract).
+///
 /// ```
 /// use rcu_registry::probes::kprobe::{EntryAction, Kretprobe};
 ///
 /// // Measure each call's return value, remembering the first argument.
-/// let krp = Kretprobe::<u64>::symbol("parse")
+/// let krp = Kretprobe::symbol("parse", 0).data::<u64>()
 ///     .maxactive(4)
 ///     .entry_handler(|arg, regs| {
-///         *arg = regs.gprs[7]; // rdi
+///         *arg = regs.arg(0).unwrap_or_default();
 ///         EntryAction::Track
 ///     })
 ///     .handler(|arg, _regs, ret| println!("parse({arg}) = {ret}"))
@@ -335,17 +353,22 @@ impl<D: Send + 'static> Clone for Kretprobe<D> {
     }
 }
 
-impl<D: Send + Default + 'static> Kretprobe<D> {
-    /// A builder for a kretprobe on the function starting at `addr`.
-    pub fn at(addr: u64) -> KretprobeBuilder<D> {
+impl Kretprobe {
+    /// A builder for a kretprobe on the function starting at `addr`, with no
+    /// per-call data; [`KretprobeBuilder::data`] adds some.
+    pub fn at(addr: u64) -> KretprobeBuilder<()> {
         KretprobeBuilder::new(Target::Address(addr))
     }
 
-    /// A builder for a kretprobe on the function `name`.
-    pub fn symbol(name: impl Into<String>) -> KretprobeBuilder<D> {
+    /// A builder for a kretprobe at `offset` bytes into the function `name`,
+    /// as [`Kprobe::symbol`]. A kretprobe must sit on the function's first
+    /// instruction: any `offset` but 0 is refused at registration
+    /// ([`ProbeError::NotAtFunctionEntry`]); the parameter is there so both
+    /// kinds are placed the same way.
+    pub fn symbol(name: impl Into<String>, offset: u64) -> KretprobeBuilder<()> {
         KretprobeBuilder::new(Target::Symbol {
             name: name.into(),
-            offset: 0,
+            offset,
         })
     }
 }
@@ -366,17 +389,39 @@ impl<D: Send + 'static> Kretprobe<D> {
         self.shared.pool.slots.len()
     }
 
-    /// Calls not tracked: the pool was empty, the return address could not
-    /// be read, or the return came while the thread was already running a
-    /// probe handler (the handler was skipped then).
+    /// Calls whose return handler did not run although they entered the
+    /// function while the kretprobe was registered and enabled, whatever
+    /// the reason: the entry hit came while the thread was already running
+    /// a probe handler (counted on the entry probe too:
+    /// `probe().nmissed()`), the pool was empty, the return address could
+    /// not be read, or the return came while the thread was running a
+    /// probe handler. Calls an entry handler
+    /// [declined](EntryAction::Decline) are not missed. So for calls that
+    /// started and ended while registered, `returns() + nmissed()` plus the
+    /// declined ones is the number of calls. The one meaning for both
+    /// kinds: a hit whose handlers did not run ([`Kprobe::nmissed`] is the
+    /// part of this count at the entry).
     pub fn nmissed(&self) -> u64 {
+        // Relaxed: statistics counters.
+        self.shared.nmissed.load(Ordering::Relaxed) + self.probe.nmissed()
+    }
+
+    /// Returns seen: calls tracked from entry to return whose return ran the
+    /// return handler (or would have, without one).
+    pub fn returns(&self) -> u64 {
         // Relaxed: statistics counter.
-        self.shared.nmissed.load(Ordering::Relaxed)
+        self.shared.returns.load(Ordering::Relaxed)
     }
 
     /// Calls currently tracked (instances out of the pool).
     pub fn in_flight(&self) -> usize {
         self.shared.instances_out()
+    }
+}
+
+impl<D: Send + 'static> super::probe::AsKprobe for Kretprobe<D> {
+    fn as_kprobe(&self) -> &Kprobe {
+        &self.probe
     }
 }
 
@@ -405,6 +450,27 @@ pub struct KretprobeBuilder<D> {
 pub fn default_maxactive() -> usize {
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
     (2 * cpus).max(10)
+}
+
+impl KretprobeBuilder<()> {
+    /// Gives each tracked call a `E` (default-initialised once per pool
+    /// instance), which the entry handler fills and the return handler
+    /// reads: `Kretprobe::at(a).data::<Instant>()`. Handlers set before keep
+    /// running and ignore the data; set them after to see it.
+    pub fn data<E: Send + Default + 'static>(self) -> KretprobeBuilder<E> {
+        let entry = self.entry.map(|f| -> EntryHandler<E> {
+            Box::new(move |_: &mut E, regs: &mut Regs| f(&mut (), regs))
+        });
+        let handler = self.handler.map(|f| -> ReturnHandler<E> {
+            Box::new(move |_: &mut E, regs: &mut Regs, ret| f(&mut (), regs, ret))
+        });
+        KretprobeBuilder {
+            target: self.target,
+            maxactive: self.maxactive,
+            entry,
+            handler,
+        }
+    }
 }
 
 impl<D: Send + Default + 'static> KretprobeBuilder<D> {
@@ -470,6 +536,7 @@ impl<D: Send + Default + 'static> KretprobeBuilder<D> {
                 },
                 orphaned: AtomicBool::new(false),
                 nmissed: AtomicU64::new(0),
+                returns: AtomicU64::new(0),
             }
         });
         let probe = Kprobe::from_parts(

@@ -136,7 +136,9 @@ pub use instances::ThreadKey;
 pub use kretprobe::{
     default_maxactive, EntryAction, EntryHandler, Kretprobe, KretprobeBuilder, ReturnHandler,
 };
-pub use probe::{Action, Kprobe, KprobeBuilder, PostHandler, PreHandler, ProbeId, Target};
+pub use probe::{
+    Action, AsKprobe, Kprobe, KprobeBuilder, PostHandler, PreHandler, ProbeId, Target,
+};
 pub use registry::{
     KprobeRegistry, RegistryBuilder, SiteInfo, DEFAULT_BUCKETS, DEFAULT_INSTANCE_STRIPES,
 };

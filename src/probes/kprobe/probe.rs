@@ -25,17 +25,7 @@ use super::kretprobe::ReturnProbe;
 use crate::probes::arch::Regs;
 use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
-/// What a pre handler asks the hit path to do next.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Action {
-    /// Run the displaced instruction (out of line or emulated), then the
-    /// post handlers. Any change the handler made to `regs.ip` is discarded.
-    Continue,
-    /// The handler set `regs.ip` itself: do not run the displaced
-    /// instruction, run no later pre handler and no post handler, resume at
-    /// `regs.ip`.
-    SkipInstruction,
-}
+pub use crate::probes::outcome::Action;
 
 /// Where a probe goes.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -78,6 +68,44 @@ pub(crate) enum Handlers {
     Return(Arc<dyn ReturnProbe>),
 }
 
+/// What the registry's one register/unregister family takes: a [`Kprobe`],
+/// or a [`Kretprobe`](super::Kretprobe) (through its entry probe), so
+/// [`register`](super::KprobeRegistry::register),
+/// [`unregister`](super::KprobeRegistry::unregister),
+/// [`unregister_many`](super::KprobeRegistry::unregister_many),
+/// [`unregister_nosync`](super::KprobeRegistry::unregister_nosync),
+/// [`enable`](super::KprobeRegistry::enable) and
+/// [`disable`](super::KprobeRegistry::disable) work on both kinds
+/// (`unregister_many(&[&a as &dyn AsKprobe, &b])` mixes them).
+pub trait AsKprobe {
+    /// The probe the registry keys on.
+    fn as_kprobe(&self) -> &Kprobe;
+}
+
+impl AsKprobe for Kprobe {
+    fn as_kprobe(&self) -> &Kprobe {
+        self
+    }
+}
+
+impl<T: AsKprobe + ?Sized> AsKprobe for &T {
+    fn as_kprobe(&self) -> &Kprobe {
+        (**self).as_kprobe()
+    }
+}
+
+impl<T: AsKprobe + ?Sized> AsKprobe for Arc<T> {
+    fn as_kprobe(&self) -> &Kprobe {
+        (**self).as_kprobe()
+    }
+}
+
+impl<T: AsKprobe + ?Sized> AsKprobe for Box<T> {
+    fn as_kprobe(&self) -> &Kprobe {
+        (**self).as_kprobe()
+    }
+}
+
 /// Identity of a probe, for listings and comparisons (stable while any handle
 /// to the probe lives).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -105,6 +133,34 @@ pub(crate) struct ProbeInner {
 /// Built with [`Kprobe::at`] or [`Kprobe::symbol`], registered with
 /// [`KprobeRegistry::register`](super::KprobeRegistry::register). Clones are
 /// handles to the same probe.
+///
+/// # Handler contract
+///
+/// The pre and post handlers run **inside the SIGTRAP handler** of the live
+/// runtime, on the thread that hit the probe, between two of its
+/// instructions. In short: only async-signal-safe work (registers, atomics,
+/// memory the handler owns; no allocation unless no probe it serves is on
+/// the allocator's locked paths), never a lock the probed code may hold (it
+/// deadlocks), no `println!` (on a probe under the program's own printing it
+/// panics on stdout's re-borrowed `RefCell`), about 4 KiB of the thread's
+/// own stack per hit, and **a panic aborts the process** with a message on
+/// stderr. In full, with the reasons:
+/// [the handler contract](crate::docs::patterns#the-handler-contract).
+///
+/// # Ownership: the registry keeps what it registered
+///
+/// As in the kernel, a registered probe belongs to its registry until it
+/// is unregistered: the registry holds its own handle, so **dropping every
+/// handle of a registered probe does not unregister it**; the breakpoint
+/// stays armed and the handlers keep running. Dropping does not unregister
+/// because unregistration waits for a grace period (a `Drop` run in a
+/// handler or an RCU read section would deadlock) and can fail (text that
+/// cannot be written back), which `Drop` could not report. Nothing is lost
+/// either: [`KprobeRegistry::probes`](super::KprobeRegistry::probes) and
+/// [`KprobeRegistry::probe`](super::KprobeRegistry::probe) (by
+/// [`ProbeId`]) hand back a handle to unregister it with, and
+/// [`KprobeRegistry::unregister_all`](super::KprobeRegistry::unregister_all)
+/// removes everything at shutdown.
 ///
 /// ```
 /// use rcu_registry::probes::kprobe::{Action, Kprobe};

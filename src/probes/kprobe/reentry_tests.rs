@@ -87,7 +87,7 @@ fn a_kretprobe_entered_while_its_return_path_holds_the_stripe_is_missed_not_dead
     let reg: &'static Reg = Box::leak(Box::new(registry()));
     let returns = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let r2 = Arc::clone(&returns);
-    let krp = Kretprobe::<()>::at(K)
+    let krp = Kretprobe::at(K)
         .maxactive(4)
         .handler(move |_, _, ret| {
             assert_eq!(ret, 7);
@@ -95,7 +95,7 @@ fn a_kretprobe_entered_while_its_return_path_holds_the_stripe_is_missed_not_dead
         })
         .build()
         .unwrap();
-    reg.register_kretprobe(&krp).unwrap();
+    reg.register(&krp).unwrap();
 
     let mut stack = Stack([0; 0x1000]);
     stack.write_u64(SP, CALLER).unwrap();
@@ -141,5 +141,5 @@ fn a_kretprobe_entered_while_its_return_path_holds_the_stripe_is_missed_not_dead
     assert_eq!(krp.probe().hits(), 1);
     assert_eq!(krp.probe().nmissed(), 1, "the nested entry is missed");
     assert_eq!(krp.in_flight(), 0, "no instance left behind");
-    reg.unregister_kretprobe(&krp).unwrap();
+    reg.unregister(&krp).unwrap();
 }

@@ -14,7 +14,7 @@ use crossbeam_utils::CachePadded;
 use super::deferred::{DeferredFree, RetiredLists};
 use super::instances::InstanceTable;
 use super::kretprobe::{Kretprobe, ReturnProbe};
-use super::probe::{Kprobe, ProbeId, Target};
+use super::probe::{AsKprobe, Kprobe, ProbeId, Target};
 use super::site::SiteState;
 use super::table::{Members, Site, SiteExec, Table, MIN_MEMBER_SLOTS};
 use super::unregister::Retired;
@@ -250,6 +250,29 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             .collect()
     }
 
+    /// Handles to every probe registered here (pending ones excluded;
+    /// kretprobes' entry probes included), in address order, then in
+    /// registration order at one address. The registry owns what it
+    /// registered: a probe whose handle was dropped is still here.
+    pub fn probes(&self) -> Vec<Kprobe> {
+        let w = self.lock_writer();
+        w.sites.values().flat_map(|s| s.probes().cloned()).collect()
+    }
+
+    /// A handle to the registered probe with id `id` (from
+    /// [`Kprobe::id`] or [`sites`](Self::sites)), if it is registered here.
+    /// Linear in the number of probes.
+    pub fn probe(&self, id: ProbeId) -> Option<Kprobe> {
+        let w = self.lock_writer();
+        let found = w
+            .sites
+            .values()
+            .flat_map(|s| s.probes())
+            .find(|p| p.id() == id)
+            .cloned();
+        found
+    }
+
     /// Probes unregistered with [`unregister_nosync`](Self::unregister_nosync)
     /// and not yet committed.
     pub fn pending(&self) -> usize {
@@ -327,7 +350,8 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// XOL slot prepared for a site that was already visible to readers when
     /// the breakpoint write failed returns to the allocator after the next
     /// grace period the registry waits for, e.g. at the next `commit`).
-    pub fn register(&self, probe: &Kprobe) -> Result<(), ProbeError> {
+    pub fn register(&self, probe: &(impl AsKprobe + ?Sized)) -> Result<(), ProbeError> {
+        let probe = probe.as_kprobe();
         let addr = self.resolve(probe.target())?;
         let kret = probe.return_probe().is_some();
         if kret && self.trampoline.is_none() {
@@ -365,6 +389,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// As `register`; [`ProbeError::NotAtFunctionEntry`] when the address is
     /// not where a function starts, [`ProbeError::NoReturnTrampoline`] when
     /// the registry was built without [`RegistryBuilder::trampoline`].
+    #[deprecated(note = "use `register`: it takes both kinds")]
     pub fn register_kretprobe<D: Send + 'static>(
         &self,
         krp: &Kretprobe<D>,
@@ -546,7 +571,8 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// # Errors
     /// [`ProbeError::UnknownProbe`] if the probe is not registered here;
     /// text errors (nothing changed then).
-    pub fn enable(&self, probe: &Kprobe) -> Result<(), ProbeError> {
+    pub fn enable(&self, probe: &(impl AsKprobe + ?Sized)) -> Result<(), ProbeError> {
+        let probe = probe.as_kprobe();
         let mut w = self.lock_writer();
         let st = Self::site_of(&mut w, self.id, probe)?;
         if probe.is_enabled() {
@@ -568,7 +594,8 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// # Errors
     /// [`ProbeError::UnknownProbe`] if the probe is not registered here;
     /// text errors (nothing changed then).
-    pub fn disable(&self, probe: &Kprobe) -> Result<(), ProbeError> {
+    pub fn disable(&self, probe: &(impl AsKprobe + ?Sized)) -> Result<(), ProbeError> {
+        let probe = probe.as_kprobe();
         let mut w = self.lock_writer();
         let st = Self::site_of(&mut w, self.id, probe)?;
         if !probe.is_enabled() {

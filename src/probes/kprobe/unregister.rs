@@ -49,7 +49,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::kretprobe::{Kretprobe, ReturnProbe};
-use super::probe::Kprobe;
+use super::probe::{AsKprobe, Kprobe};
 use super::registry::{KprobeRegistry, Writer};
 use super::table::{Members, Site};
 use crate::probes::arch::Arch;
@@ -168,8 +168,8 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     ///
     /// # Panics
     /// When called from a probe handler or inside an `Rcu` read section.
-    pub fn unregister(&self, probe: &Kprobe) -> Result<(), ProbeError> {
-        self.unregister_many(&[probe])
+    pub fn unregister(&self, probe: &(impl AsKprobe + ?Sized)) -> Result<(), ProbeError> {
+        self.unregister_many(&[probe.as_kprobe()])
     }
 
     /// Unregisters a kretprobe: as [`unregister`](Self::unregister) on its
@@ -178,6 +178,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     ///
     /// # Errors
     /// As `unregister`.
+    #[deprecated(note = "use `unregister`: it takes both kinds")]
     pub fn unregister_kretprobe<D: Send + 'static>(
         &self,
         krp: &Kretprobe<D>,
@@ -195,14 +196,49 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     ///
     /// # Panics
     /// When called from a probe handler or inside an `Rcu` read section.
-    pub fn unregister_many(&self, probes: &[&Kprobe]) -> Result<(), ProbeError> {
+    pub fn unregister_many<P: AsKprobe + ?Sized>(&self, probes: &[&P]) -> Result<(), ProbeError> {
         assert_not_in_handler("unregister_many");
+        let probes: Vec<&Kprobe> = probes.iter().map(|p| p.as_kprobe()).collect();
+        let probes = &probes[..];
         let result = {
             let mut w = self.lock_writer();
             self.check_all_registered(&mut w, probes)?;
             let mut pending = std::mem::take(&mut w.pending);
             let mut result = Ok(());
             for p in probes {
+                if let Err(e) = self.unregister_top(&mut w, p, &mut pending) {
+                    result = Err(e);
+                    break;
+                }
+            }
+            w.pending = pending;
+            result
+        };
+        self.finish_pending();
+        result
+    }
+
+    /// Unregisters every probe registered here (kretprobes' entry probes
+    /// included) with one grace period, and returns how many. This is the
+    /// way to remove probes whose handles were dropped while registered
+    /// (the registry keeps them: see [`Kprobe`]'s "Ownership"); a single
+    /// one is found again with [`probe`](Self::probe) or
+    /// [`probes`](Self::probes).
+    ///
+    /// # Errors
+    /// A text error on one probe stops the batch there, as in
+    /// [`unregister_many`](Self::unregister_many).
+    ///
+    /// # Panics
+    /// When called from a probe handler or inside an `Rcu` read section.
+    pub fn unregister_all(&self) -> Result<usize, ProbeError> {
+        assert_not_in_handler("unregister_all");
+        let result = {
+            let mut w = self.lock_writer();
+            let all: Vec<Kprobe> = w.sites.values().flat_map(|s| s.probes().cloned()).collect();
+            let mut pending = std::mem::take(&mut w.pending);
+            let mut result = Ok(all.len());
+            for p in &all {
                 if let Err(e) = self.unregister_top(&mut w, p, &mut pending) {
                     result = Err(e);
                     break;
@@ -229,7 +265,8 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     ///
     /// # Errors
     /// As [`unregister`](Self::unregister).
-    pub fn unregister_nosync(&self, probe: &Kprobe) -> Result<(), ProbeError> {
+    pub fn unregister_nosync(&self, probe: &(impl AsKprobe + ?Sized)) -> Result<(), ProbeError> {
+        let probe = probe.as_kprobe();
         let mut w = self.lock_writer();
         // Moved out and back (no allocation) so the top half can borrow the
         // rest of the writer state mutably beside it.

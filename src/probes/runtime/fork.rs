@@ -292,13 +292,13 @@ mod tests {
         let returns = Arc::new(AtomicU64::new(0));
         let r = Arc::clone(&returns);
         let at = rcu_registry_fork_test_mul3 as unsafe extern "C" fn(u32) -> u32 as usize;
-        let krp = Kretprobe::<()>::at(at as u64)
+        let krp = Kretprobe::at(at as u64)
             .handler(move |_d, _regs, _ret| {
                 r.fetch_add(1, Ordering::Relaxed);
             })
             .build()
             .unwrap();
-        reg.register_kretprobe(&krp).unwrap();
+        reg.register(&krp).unwrap();
         assert_eq!(mul3(5), 15);
         assert_eq!(returns.load(Ordering::Relaxed), 1);
 
@@ -413,7 +413,7 @@ mod tests {
             }
             std::thread::sleep(Duration::from_millis(2));
         };
-        reg.unregister_kretprobe(&krp).unwrap();
+        reg.unregister(&krp).unwrap();
         assert!(done, "the child hung on the instance-table stripe");
         assert!(
             libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,

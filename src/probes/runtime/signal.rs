@@ -157,9 +157,13 @@ extern "C" fn handle_sigtrap(
     // SAFETY: errno is a thread-local int; reading and writing it is
     // async-signal-safe.
     let errno = unsafe { *libc::__errno_location() };
-    // SAFETY: the kernel passes a valid siginfo and ucontext for an
-    // SA_SIGINFO handler, live for the duration of the call.
-    let handled = unsafe { dispatch(&*info, &mut *uctx.cast::<libc::ucontext_t>()) };
+    // Probe handlers run inside `dispatch`: a panic there must not unwind
+    // out of a signal handler.
+    let handled = abort_on_panic(HANDLER_PANIC_IN_TRAP, || {
+        // SAFETY: the kernel passes a valid siginfo and ucontext for an
+        // SA_SIGINFO handler, live for the duration of the call.
+        unsafe { dispatch(&*info, &mut *uctx.cast::<libc::ucontext_t>()) }
+    });
     if !handled {
         // A trap no probe claims, raised by a displaced instruction in its
         // slot, is reported at the probed address (`faults.rs`).
@@ -299,6 +303,33 @@ fn fatal(ip: u64, e: &ProbeError) -> ! {
     write_stderr(&out.buf[..out.len]);
     // SAFETY: abort is async-signal-safe and never returns.
     unsafe { libc::abort() }
+}
+
+/// The abort message of a handler that panicked in the SIGTRAP handler.
+pub(crate) const HANDLER_PANIC_IN_TRAP: &str =
+    "rcu-registry: a probe handler panicked inside the SIGTRAP handler; a panic \
+     cannot unwind out of a signal handler, so the process aborts (see the \
+     handler contract: rcu_registry::docs::patterns)";
+
+/// Runs `f`, which runs probe handlers where unwinding cannot go on (the
+/// SIGTRAP handler, the kretprobe trampoline). If a handler panics, the panic
+/// hook has already run (the panic's message is on stderr); this then writes
+/// `msg`, naming the cause, and aborts, without dropping the payload and
+/// before the unwinder reaches a frame it cannot cross (the signal frame, the
+/// trampoline without unwind information). A plain drop guard is not enough:
+/// the unwinder's search phase must find a catching frame, or it gives up
+/// with "failed to initiate panic" and never runs the guard.
+/// Async-signal-safe on the path that aborts (`write` and `abort`).
+#[inline(always)]
+pub(crate) fn abort_on_panic<R>(msg: &'static str, f: impl FnOnce() -> R) -> R {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)) {
+        Ok(r) => r,
+        Err(payload) => {
+            // Dropping the payload could run arbitrary code: leak it.
+            std::mem::forget(payload);
+            fatal_message(msg)
+        }
+    }
 }
 
 /// Writes `msg` to stderr and aborts. Async-signal-safe.

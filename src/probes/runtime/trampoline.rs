@@ -263,7 +263,15 @@ extern "C" fn trampoline_return(frame: *mut [u64; FRAME_WORDS]) {
     }
     regs.sp = frame as u64 + (FRAME_WORDS * 8) as u64;
     regs.ip = trampoline_address();
-    if !dispatch_return(&mut regs) {
+    // Return handlers run inside `dispatch_return`: a panic there must not
+    // unwind into the assembly (it has no unwind information).
+    let claimed = super::signal::abort_on_panic(
+        "rcu-registry: a probe handler panicked in the kretprobe return trampoline; \
+         a panic cannot unwind through it, so the process aborts (see the handler \
+         contract: rcu_registry::docs::patterns)",
+        || dispatch_return(&mut regs),
+    );
+    if !claimed {
         super::signal::fatal_message(
             "rcu-registry: a return reached the kretprobe trampoline but no kretprobe \
              instance claimed it; the real return address is lost",

@@ -11,11 +11,16 @@
 
 use super::space::{SpaceId, UprobeKey};
 use crate::probes::arch::Regs;
+use crate::probes::outcome::Action;
 use crate::probes::ProbeError;
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::sync::Arc;
 
-/// What a consumer's handler asks for after a hit.
+/// What a consumer's handler asks for after a hit: the shared
+/// [`Action`]'s two answers, with the same meaning, plus `Remove`, which
+/// only uprobe consumers have (see [`Action`] for why the answers are not
+/// one enum). A handler body written for kprobes returns `Action::...
+/// .into()`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ConsumerAction {
     /// Run the displaced instruction and resume.
@@ -26,6 +31,15 @@ pub enum ConsumerAction {
     /// Do not call this consumer again; remove it at the next
     /// [`reap_removed`](super::UprobeRegistry::reap_removed).
     Remove,
+}
+
+impl From<Action> for ConsumerAction {
+    fn from(a: Action) -> Self {
+        match a {
+            Action::Continue => ConsumerAction::Continue,
+            Action::SkipInstruction => ConsumerAction::SkipInstruction,
+        }
+    }
 }
 
 /// Where a hit happened, as seen by a handler.
@@ -119,6 +133,14 @@ impl core::ops::Deref for Member {
 ///   the next [`reap_removed`](super::UprobeRegistry::reap_removed) (a
 ///   handler cannot unregister itself: that waits for a grace period its
 ///   own read section holds up).
+/// - **Handler contract.** Handlers may block and take locks, but never one
+///   the probed code may hold (the interrupted thread cannot release it: a
+///   deadlock); when called from a trap they are held to the kprobe
+///   handlers' async-signal-safety rules. A thread that exits inside a
+///   handler (or leaks any `Srcu` guard and exits) never ends its read
+///   section: every later `synchronize` of the domain, unregistration
+///   included, hangs forever. In full:
+///   [the handler contract](crate::docs::patterns#the-handler-contract).
 #[derive(Clone)]
 pub struct Consumer(pub(crate) Arc<ConsumerInner>);
 

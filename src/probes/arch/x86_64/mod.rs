@@ -198,4 +198,18 @@ impl Arch for X86_64 {
         // `ret` pops the return address that [rsp] held at entry.
         entry.sp.wrapping_add(8)
     }
+
+    fn arg_registers(&self) -> &'static [u8] {
+        // System V AMD64: rdi, rsi, rdx, rcx, r8, r9.
+        &[7, 6, 2, 1, 8, 9]
+    }
+
+    fn return_register(&self) -> u8 {
+        X86Reg::Rax.number()
+    }
+
+    fn stack_args_offset(&self) -> u64 {
+        // [rsp] is the return address `call` pushed.
+        8
+    }
 }
