@@ -203,18 +203,29 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         let result = {
             let mut w = self.lock_writer();
             self.check_all_registered(&mut w, probes)?;
-            let mut pending = std::mem::take(&mut w.pending);
-            let mut result = Ok(());
-            for p in probes {
-                if let Err(e) = self.unregister_top(&mut w, p, &mut pending) {
-                    result = Err(e);
-                    break;
-                }
-            }
-            w.pending = pending;
-            result
+            self.unregister_tops(&mut w, probes.iter().copied())
         };
         self.finish_pending();
+        result
+    }
+
+    /// The top halves of a batch, in order, under the writer lock: stops at
+    /// the first text error (the probes before it are unregistered, that
+    /// one and the rest stay registered). The caller finishes the batch.
+    fn unregister_tops<'p>(
+        &self,
+        w: &mut Writer,
+        probes: impl IntoIterator<Item = &'p Kprobe>,
+    ) -> Result<(), ProbeError> {
+        let mut pending = std::mem::take(&mut w.pending);
+        let mut result = Ok(());
+        for p in probes {
+            if let Err(e) = self.unregister_top(w, p, &mut pending) {
+                result = Err(e);
+                break;
+            }
+        }
+        w.pending = pending;
         result
     }
 
@@ -236,16 +247,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         let result = {
             let mut w = self.lock_writer();
             let all: Vec<Kprobe> = w.sites.values().flat_map(|s| s.probes().cloned()).collect();
-            let mut pending = std::mem::take(&mut w.pending);
-            let mut result = Ok(all.len());
-            for p in &all {
-                if let Err(e) = self.unregister_top(&mut w, p, &mut pending) {
-                    result = Err(e);
-                    break;
-                }
-            }
-            w.pending = pending;
-            result
+            self.unregister_tops(&mut w, &all).map(|()| all.len())
         };
         self.finish_pending();
         result
