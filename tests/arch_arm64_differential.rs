@@ -290,29 +290,51 @@ fn corpus_states_exercise_both_outcomes_of_every_conditional_branch() {
 /// Words the emulator itself cannot translate: it aborts the whole test
 /// process instead of raising an undefined-instruction exception.
 ///
-/// unicorn 2.1.5 (its QEMU's `target/arm/translate-a64.c`,
-/// `disas_simd_three_reg_same_fp16`) reaches `g_assert_not_reached()` for
-/// some unallocated opcode combinations of the "Advanced SIMD three same
-/// (FP16)" class (`0 Q U 01110 a 10 Rm 00 opc 1 Rn Rd`; seen with
-/// `0x4ec4240a`, fpopcode `0xc`). The whole class is skipped: the backend
-/// handles FP16 arithmetic like any other instruction that neither reads
-/// the PC nor branches, which the other random words cover.
+/// unicorn 2.1.5 (its QEMU's `target/arm/translate-a64.c`) reaches
+/// `g_assert_not_reached()` for some unallocated opcode combinations of the
+/// half-precision (FP16) Advanced SIMD classes:
+/// - "three same (FP16)", vector `0 Q U 01110 a 10 Rm 00 opc 1 Rn Rd` (seen
+///   with `0x4ec4240a`, fpopcode `0xc`) and its scalar form
+///   `01 U 11110 a 10 Rm 00 opc 1 Rn Rd`;
+/// - "two-register miscellaneous (FP16)", vector
+///   `0 Q U 01110 a 111100 opcode 10 Rn Rd` (seen with `0x0e78da3f`,
+///   fpop `0xd`, in `disas_simd_two_reg_misc_fp16`) and its scalar form
+///   `01 U 11110 a 111100 opcode 10 Rn Rd`, which the same function decodes.
+///
+/// These whole classes are skipped: the backend handles FP16 arithmetic like
+/// any other instruction that neither reads the PC nor branches, which the
+/// other random words cover.
 fn emulator_aborts_on(word: u32) -> bool {
-    word & 0x9f60_c400 == 0x0e40_0400
+    const FP16_CLASSES: [(u32, u32); 4] = [
+        // (mask, fixed bits)
+        (0x9f60_c400, 0x0e40_0400), // three same (FP16), vector
+        (0xdf60_c400, 0x5e40_0400), // three same (FP16), scalar
+        (0x9f7e_0c00, 0x0e78_0800), // two-reg misc (FP16), vector
+        (0xdf7e_0c00, 0x5e78_0800), // two-reg misc (FP16), scalar
+    ];
+    FP16_CLASSES
+        .iter()
+        .any(|&(mask, fixed)| word & mask == fixed)
 }
 
 #[test]
-fn the_emulator_defect_filter_matches_the_word_that_aborted_and_nothing_common() {
-    assert!(emulator_aborts_on(0x4ec4_240a));
+fn the_emulator_defect_filter_matches_the_words_that_aborted_and_nothing_common() {
+    // The two words that aborted a run, and one of each class's other form.
+    for w in [0x4ec4_240a, 0x0e78_da3f, 0x5ec4_240a, 0x5ef8_da3f] {
+        assert!(emulator_aborts_on(w), "{w:#010x}");
+    }
     // A plain FP16 FADD (a=0, U=0, opcode 010) is in the class too.
     assert!(emulator_aborts_on(0x4e40_1400));
-    // nop, b, ldr x0, [x1], add x0, x1, x2, and the single-precision FADD.
+    // nop, b, ldr x0, [x1], add x0, x1, x2, the single-precision FADD, and
+    // the single-precision FRINTN and FCVTAS (two-reg misc, not FP16).
     for w in [
         0xd503_201f,
         0x1400_0001,
         0xf940_0020,
         0x8b02_0020,
         0x4e22_d420,
+        0x4e21_8820,
+        0x4e21_c820,
     ] {
         assert!(!emulator_aborts_on(w), "{w:#010x}");
     }
