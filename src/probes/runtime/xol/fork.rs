@@ -182,10 +182,10 @@ fn copy_of(src: *const u8) -> Option<OwnedFd> {
 
 /// Maps `fd` (a whole chunk) at exactly `at`, replacing what is there.
 fn map_fixed(at: u64, prot: libc::c_int, fd: libc::c_int) -> bool {
-    // SAFETY: `at` is one view of a chunk (XOL_CHUNK_BYTES, mapped for the life
-    // of the process); the new mapping has the same size and protection and
-    // a copy of the same bytes, so everything that pointed into the old one
-    // sees the same memory. MAP_FIXED replaces it atomically.
+    // The new mapping has the same size, protection and bytes as the view it
+    // replaces (MAP_FIXED swaps it atomically), so every pointer into the old
+    // view sees the same memory.
+    // SAFETY: `at` is one whole view of a chunk, mapped for the process's life.
     let p = unsafe {
         libc::mmap(
             at as *mut libc::c_void,
