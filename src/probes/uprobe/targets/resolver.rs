@@ -1,0 +1,433 @@
+//! [`TargetResolver`]: a [`UprobeTarget`] to a file (by [`FileId`]) and a
+//! file offset, with a cache of the files it has indexed.
+
+use core::ops::Range;
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::elf_index::{elf_kind, ElfIndex, Lookup};
+use super::ldcache::{self, CacheEntry};
+use super::search::{ElfKind, FoundBy, LibrarySearch, LoadedObjects};
+use super::{TargetPlace, UprobeTarget};
+use crate::probes::error::FileFailure;
+use crate::probes::uprobe::space::{FileId, UprobeKey};
+use crate::probes::ProbeError;
+use crate::sync::Mutex;
+
+/// The function a resolved target is in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetFunction {
+    /// Its name: the one the target gave, or for a file-offset target the
+    /// plainest of the names the file has for the function around it.
+    pub name: String,
+    /// File offset of its first instruction.
+    pub offset: u64,
+    /// Link-time virtual address of its first instruction.
+    pub vaddr: u64,
+    /// Its size in bytes, when the symbol states one.
+    pub size: Option<u64>,
+}
+
+impl TargetFunction {
+    /// The file offsets of its bytes, when its size is known.
+    pub fn extent(&self) -> Option<Range<u64>> {
+        self.size
+            .map(|n| self.offset..self.offset.saturating_add(n))
+    }
+}
+
+/// A [`UprobeTarget`] resolved: the file and the offset a uprobe is keyed by,
+/// and what was found on the way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedTarget {
+    /// What was asked.
+    pub target: UprobeTarget,
+    /// The file opened: the target's path made absolute, a loaded object's
+    /// path, or where the search found the library.
+    pub path: PathBuf,
+    /// How [`path`](Self::path) was found.
+    pub found_by: FoundBy,
+    /// The opened file's device and inode.
+    pub file: FileId,
+    /// Its ELF class, byte order and machine.
+    pub kind: ElfKind,
+    /// File offset of the probed instruction.
+    pub offset: u64,
+    /// Link-time virtual address of the probed instruction (add a mapping's
+    /// load bias for its run-time address).
+    pub vaddr: u64,
+    /// The function the offset is in: always known for a symbol target; for
+    /// a file-offset target, the sized function containing it, if any.
+    pub function: Option<TargetFunction>,
+}
+
+impl ResolvedTarget {
+    /// The uprobe key: this file, this offset.
+    pub fn key(&self) -> UprobeKey {
+        UprobeKey {
+            file: self.file,
+            offset: self.offset,
+        }
+    }
+}
+
+/// A file opened and indexed.
+#[derive(Debug)]
+struct Indexed {
+    file: FileId,
+    index: ElfIndex,
+}
+
+/// Device, inode, size and modification time: a file as it was read.
+type Stamp = (u64, u64, u64, i64, i64);
+
+fn stamp(m: &std::fs::Metadata) -> Stamp {
+    (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec())
+}
+
+/// Files indexed at most; past it the cache starts over (files replaced on
+/// disk would otherwise pile up).
+const MAX_CACHED_FILES: usize = 256;
+
+/// Why a file was not taken.
+enum OpenError {
+    Failure(FileFailure),
+    /// Another class, byte order or machine than the search wants.
+    WrongKind,
+}
+
+fn os(op: &'static str, e: &std::io::Error) -> OpenError {
+    OpenError::Failure(FileFailure::Os {
+        op,
+        errno: e.raw_os_error().unwrap_or(libc::EIO),
+    })
+}
+
+/// Resolves [`UprobeTarget`]s from ELF files on disk (see the
+/// [module docs](super)). Each file is read and indexed once (while it
+/// keeps its device, inode, size and modification time); resolving
+/// another target in it is a hash lookup. `Send + Sync`: share one.
+///
+/// Example: see [`UprobeTarget`].
+pub struct TargetResolver {
+    search: LibrarySearch,
+    loaded: Option<Box<dyn LoadedObjects>>,
+    files: Mutex<HashMap<Stamp, Arc<Indexed>>>,
+    ldcache: Mutex<Option<(Stamp, Arc<Vec<CacheEntry>>)>>,
+}
+
+impl std::fmt::Debug for TargetResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TargetResolver")
+            .field("search", &self.search)
+            .field("loaded", &self.loaded.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for TargetResolver {
+    fn default() -> Self {
+        TargetResolver::new()
+    }
+}
+
+impl TargetResolver {
+    /// Searches as [`LibrarySearch::system`], with no loaded objects.
+    pub fn new() -> TargetResolver {
+        TargetResolver::with_search(LibrarySearch::system())
+    }
+
+    /// Searches bare names in `search`'s places.
+    pub fn with_search(search: LibrarySearch) -> TargetResolver {
+        TargetResolver {
+            search,
+            loaded: None,
+            files: Mutex::new(HashMap::new()),
+            ldcache: Mutex::new(None),
+        }
+    }
+
+    /// Looks for bare names among `loaded` first.
+    #[must_use]
+    pub fn with_loaded(mut self, loaded: impl LoadedObjects + 'static) -> TargetResolver {
+        self.loaded = Some(Box::new(loaded));
+        self
+    }
+
+    /// Searches `dirs` (in order) before the directories already set, as
+    /// the loader searches `LD_LIBRARY_PATH`.
+    #[must_use]
+    pub fn with_directories(mut self, dirs: impl IntoIterator<Item = PathBuf>) -> TargetResolver {
+        let mut d: Vec<PathBuf> = dirs.into_iter().collect();
+        d.append(&mut self.search.directories);
+        self.search.directories = d;
+        self
+    }
+
+    /// Where bare names are looked for.
+    pub fn search(&self) -> &LibrarySearch {
+        &self.search
+    }
+
+    /// The file and file offset `target` names.
+    ///
+    /// # Errors
+    /// Bad input, with nothing cached for it but the files read:
+    /// - [`ProbeError::TargetFile`]: the path does not exist or cannot be
+    ///   read ([`FileFailure::Os`]), is not ELF, is malformed or has no
+    ///   loadable segment;
+    /// - [`ProbeError::LibraryNotFound`]: a bare name no place holds;
+    /// - [`ProbeError::SymbolNotInFile`], [`ProbeError::DuplicateSymbol`],
+    ///   [`ProbeError::IfuncSymbol`], [`ProbeError::SymbolNotInCode`]: the
+    ///   symbol is not there, is there several times, is an IFUNC, or is
+    ///   not code;
+    /// - [`ProbeError::OffsetPastEnd`]: `name+off` past the function's end;
+    /// - [`ProbeError::NotInCode`]: an offset outside every executable
+    ///   segment.
+    pub fn resolve(&self, target: &UprobeTarget) -> Result<ResolvedTarget, ProbeError> {
+        let (path, found_by, ix) = self.find(target.file())?;
+        let shown = || path.display().to_string();
+        let index = &ix.index;
+        let (offset, vaddr, function) = match target.place() {
+            TargetPlace::Symbol { name, offset } => {
+                let def = match index.lookup(name) {
+                    Lookup::Found(d) => d,
+                    Lookup::Missing => {
+                        return Err(ProbeError::SymbolNotInFile {
+                            path: shown(),
+                            name: name.clone(),
+                        })
+                    }
+                    Lookup::Several(at) => {
+                        return Err(ProbeError::DuplicateSymbol {
+                            path: shown(),
+                            name: name.clone(),
+                            offsets: at
+                                .iter()
+                                .map(|&v| index.offset_of(v).map_or(v, |o| o.0))
+                                .collect(),
+                        })
+                    }
+                };
+                let start = match index.offset_of(def.vaddr) {
+                    Some((o, true)) => o,
+                    _ => {
+                        return Err(ProbeError::SymbolNotInCode {
+                            path: shown(),
+                            name: name.clone(),
+                            vaddr: def.vaddr,
+                        })
+                    }
+                };
+                if def.ifunc {
+                    return Err(ProbeError::IfuncSymbol {
+                        path: shown(),
+                        name: name.clone(),
+                        resolver_offset: start,
+                    });
+                }
+                if def.size > 0 && *offset >= def.size {
+                    return Err(ProbeError::OffsetPastEnd {
+                        name: name.clone(),
+                        size: def.size,
+                        offset: *offset,
+                    });
+                }
+                let not_code = |o| ProbeError::NotInCode {
+                    path: shown(),
+                    offset: o,
+                };
+                let at = start
+                    .checked_add(*offset)
+                    .ok_or_else(|| not_code(u64::MAX))?;
+                let vaddr = def.vaddr.wrapping_add(*offset);
+                // The same executable segment must hold the whole way there.
+                if index.code_vaddr_of(at) != Some(vaddr) {
+                    return Err(not_code(at));
+                }
+                let f = TargetFunction {
+                    name: name.clone(),
+                    offset: start,
+                    vaddr: def.vaddr,
+                    size: (def.size > 0).then_some(def.size),
+                };
+                (at, vaddr, Some(f))
+            }
+            TargetPlace::FileOffset(o) => {
+                let vaddr = index.code_vaddr_of(*o).ok_or(ProbeError::NotInCode {
+                    path: shown(),
+                    offset: *o,
+                })?;
+                let f = index.function_at(vaddr).and_then(|(name, v, size)| {
+                    Some(TargetFunction {
+                        name: name.to_string(),
+                        offset: index.offset_of(v)?.0,
+                        vaddr: v,
+                        size: Some(size),
+                    })
+                });
+                (*o, vaddr, f)
+            }
+        };
+        Ok(ResolvedTarget {
+            target: target.clone(),
+            kind: index.kind,
+            file: ix.file,
+            path,
+            found_by,
+            offset,
+            vaddr,
+            function,
+        })
+    }
+
+    /// The file `file` names: a path, or a bare name searched for.
+    fn find(&self, file: &str) -> Result<(PathBuf, FoundBy, Arc<Indexed>), ProbeError> {
+        if file.contains('/') {
+            let path = std::path::absolute(file).unwrap_or_else(|_| PathBuf::from(file));
+            return match self.open(&path, None) {
+                Ok(ix) => Ok((path, FoundBy::Path, ix)),
+                Err(e) => Err(ProbeError::TargetFile {
+                    path: file.to_string(),
+                    failure: match e {
+                        OpenError::Failure(f) => f,
+                        // (Not asked for: any kind is taken by path.)
+                        OpenError::WrongKind => FileFailure::NotElf,
+                    },
+                }),
+            };
+        }
+        let kind = Some(self.search.kind);
+        let mut searched = Vec::new();
+        if let Some(loaded) = &self.loaded {
+            searched.push("the loaded objects".to_string());
+            let paths = loaded.loaded_paths();
+            // By file name, then (reading each) by DT_SONAME.
+            for by_soname in [false, true] {
+                for p in &paths {
+                    let named = p.file_name().is_some_and(|n| n == file);
+                    if named == by_soname {
+                        continue;
+                    }
+                    if let Ok(ix) = self.open(p, kind) {
+                        if !by_soname || ix.index.soname.as_deref() == Some(file) {
+                            return Ok((p.clone(), FoundBy::Loaded, ix));
+                        }
+                    }
+                }
+            }
+        }
+        for d in &self.search.directories {
+            searched.push(d.display().to_string());
+            let p = d.join(file);
+            if let Ok(ix) = self.open(&p, kind) {
+                return Ok((p, FoundBy::Directory(d.clone()), ix));
+            }
+        }
+        if let Some(cache) = &self.search.cache {
+            searched.push(cache.display().to_string());
+            let want = self.search.kind.cache_flags();
+            for e in self.cache_entries(cache).iter() {
+                if e.name != file.as_bytes() || !ldcache::flags_match(e.flags, want) {
+                    continue;
+                }
+                let p = PathBuf::from(<std::ffi::OsStr as OsStrExt>::from_bytes(&e.path));
+                if let Ok(ix) = self.open(&p, kind) {
+                    return Ok((p, FoundBy::LdSoCache, ix));
+                }
+            }
+        }
+        for d in &self.search.default_directories {
+            searched.push(d.display().to_string());
+            let p = d.join(file);
+            if let Ok(ix) = self.open(&p, kind) {
+                return Ok((p, FoundBy::DefaultDirectory(d.clone()), ix));
+            }
+        }
+        Err(ProbeError::LibraryNotFound {
+            name: file.to_string(),
+            searched,
+        })
+    }
+
+    /// The linker cache's entries (read again when the file changed; none
+    /// if it cannot be read).
+    fn cache_entries(&self, path: &Path) -> Arc<Vec<CacheEntry>> {
+        let read = || -> Option<(Stamp, Vec<u8>)> {
+            let mut f = File::open(path).ok()?;
+            let st = stamp(&f.metadata().ok()?);
+            let mut data = Vec::new();
+            f.read_to_end(&mut data).ok()?;
+            Some((st, data))
+        };
+        let now = std::fs::metadata(path).ok().map(|m| stamp(&m));
+        let mut held = self.ldcache.lock().unwrap_or_else(|p| p.into_inner());
+        if let (Some((st, entries)), Some(now)) = (held.as_ref(), now) {
+            if *st == now {
+                return Arc::clone(entries);
+            }
+        }
+        match read() {
+            Some((st, data)) => {
+                let entries = Arc::new(ldcache::parse(&data));
+                *held = Some((st, Arc::clone(&entries)));
+                entries
+            }
+            None => Arc::new(Vec::new()),
+        }
+    }
+
+    /// Opens and indexes `path` (or finds it indexed), keyed by the open
+    /// file's identity. `want`: refuse another ELF kind without reading the
+    /// whole file.
+    fn open(&self, path: &Path, want: Option<ElfKind>) -> Result<Arc<Indexed>, OpenError> {
+        let mut f = File::open(path).map_err(|e| os("open", &e))?;
+        let meta = f.metadata().map_err(|e| os("fstat", &e))?;
+        let st = stamp(&meta);
+        let cached = self
+            .files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&st)
+            .cloned();
+        if let Some(ix) = cached {
+            return match want {
+                Some(k) if k != ix.index.kind => Err(OpenError::WrongKind),
+                _ => Ok(ix),
+            };
+        }
+        if let Some(k) = want {
+            let mut head = [0u8; 20];
+            let n = f.read_at(&mut head, 0).map_err(|e| os("read", &e))?;
+            match elf_kind(&head[..n]) {
+                Some(have) if have == k => {}
+                Some(_) => return Err(OpenError::WrongKind),
+                None => return Err(OpenError::Failure(FileFailure::NotElf)),
+            }
+        }
+        let mut data = Vec::with_capacity(meta.len().min(1 << 30) as usize);
+        f.read_to_end(&mut data).map_err(|e| os("read", &e))?;
+        let index = ElfIndex::parse(&data).map_err(OpenError::Failure)?;
+        if want.is_some_and(|k| k != index.kind) {
+            return Err(OpenError::WrongKind);
+        }
+        let ix = Arc::new(Indexed {
+            file: FileId {
+                dev: meta.dev(),
+                inode: meta.ino(),
+            },
+            index,
+        });
+        let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
+        if files.len() >= MAX_CACHED_FILES {
+            files.clear();
+        }
+        files.insert(st, Arc::clone(&ix));
+        Ok(ix)
+    }
+}
