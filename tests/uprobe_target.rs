@@ -469,11 +469,14 @@ fn bare_names_are_found_as_the_dynamic_linker_finds_them() {
     let r = isolated().with_directories([wrong.clone(), lib_dir.clone()]);
     let at = r.resolve(&t).unwrap();
     assert_eq!(at.found_by, FoundBy::Directory(lib_dir.clone()));
-    // By path, any machine is taken (the registry checks the arch).
-    let at = isolated()
+    // By path, any machine is taken (the registry checks the arch) ...
+    let r = isolated().with_directories([wrong.clone(), lib_dir.clone()]);
+    let at = r
         .resolve(&by_path(&wrong.join("libutfix.so.1"), "fixture_add"))
         .unwrap();
     assert_eq!(at.kind.machine, other);
+    // ... and once indexed, still skipped by the search.
+    assert_eq!(r.resolve(&t).unwrap().path, f.full);
 
     // Nowhere: a typed error listing where it looked.
     let r = isolated()

@@ -413,9 +413,6 @@ impl TargetResolver {
         let mut data = Vec::with_capacity(meta.len().min(1 << 30) as usize);
         f.read_to_end(&mut data).map_err(|e| os("read", &e))?;
         let index = ElfIndex::parse(&data).map_err(OpenError::Failure)?;
-        if want.is_some_and(|k| k != index.kind) {
-            return Err(OpenError::WrongKind);
-        }
         let ix = Arc::new(Indexed {
             file: FileId {
                 dev: meta.dev(),
