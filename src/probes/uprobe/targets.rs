@@ -1,70 +1,8 @@
-//! Uprobe targets by file: `libz.so.1:crc32`, `/usr/lib/libc.so.6:qsort+4`,
-//! `./app:0x1a2b`, resolved to a [`UprobeKey`] from the ELF file on disk.
-//!
-//! # The text form
-//!
-//! `FILE:PLACE`, split at the last lone `:` (one not part of a `::`, so a
-//! Rust path like `app:demo::work::parse` keeps its separators):
-//!
-//! - `FILE:0xHEX`: a **file offset** (hex, with its `0x`);
-//! - `FILE:NAME` and `FILE:NAME+OFF`: `OFF` bytes into the function `NAME`
-//!   (`OFF` decimal, or hex with `0x`). `NAME` may carry a symbol version:
-//!   `memcpy@@GLIBC_2.14` (the default version), `memcpy@GLIBC_2.2.5` (that
-//!   version), plain `memcpy` (the default version, or the only one).
-//!
-//! [`UprobeTarget::parse`] (also [`FromStr`]) reads it, with a typed
-//! [`ParseTargetError`]; [`Display`](fmt::Display) writes it back
-//! (offsets in hex), and parsing that gives back an equal target. The
-//! constructors ([`UprobeTarget::symbol`], [`UprobeTarget::file_offset`],
-//! [`UprobeTarget::offset`]) take any name; one the text form cannot carry
-//! (empty, with whitespace, `+`, a lone `:`, or starting like a number) is
-//! still resolved, but its text does not parse back.
-//!
-//! # Finding the file
-//!
-//! A `FILE` with a `/` is a path (relative ones to the current directory).
-//! A bare name is looked for the way the dynamic linker finds a library
-//! ([`LibrarySearch`]): among the objects already loaded (a list the
-//! caller gives, [`LoadedObjects`], matched by file name or `DT_SONAME`),
-//! then in extra directories (`LD_LIBRARY_PATH`), in the linker's cache
-//! `/etc/ld.so.cache`, and in the default directories, skipping files of
-//! another ELF class or machine. The path found and how
-//! ([`FoundBy`]) are reported.
-//!
-//! The file is then opened once and named by the [`FileId`] of that open
-//! file (`fstat`: device and inode), so a library replaced on disk after
-//! resolution is a different file, with different uprobes.
-//!
-//! # From a symbol to a file offset
-//!
-//! The symbol comes from `.symtab` (every function, local ones included)
-//! and `.dynsym` (the exported ones, with their versions): a stripped
-//! library still resolves its exported functions. Its address is turned into
-//! a file offset by the `PT_LOAD` segment whose file bytes hold it, which must
-//! be executable: a uprobe is keyed by file offset, as the kernel keys it,
-//! so this works before (and without) the file being mapped anywhere.
-//!
-//! - Several names at one address (`malloc`, `__libc_malloc`) are aliases:
-//!   each resolves to that address.
-//! - One name at several addresses in one file (two local `helper`s of
-//!   different compilation units) is refused with
-//!   [`ProbeError::DuplicateSymbol`], which lists the file offsets.
-//! - `NAME+OFF` with the function's size known must stay inside it
-//!   ([`ProbeError::OffsetPastEnd`], as for kprobes); a zero-sized symbol
-//!   (hand-written assembly) only has its segment checked.
-//! - **IFUNC symbols** (`STT_GNU_IFUNC`: `strlen`, `memcpy`, ... in the C
-//!   library) are refused with [`ProbeError::IfuncSymbol`]. The address
-//!   such a symbol names is a *resolver* that the dynamic linker runs once
-//!   to choose the implementation every later call reaches; the kernel's
-//!   uprobes would probe that resolver, which is almost never what "count
-//!   calls to `strlen`" means, and the choice itself depends on the running
-//!   CPU and loader, not on the file. Probe an implementation by its own
-//!   name (`__strlen_avx2`, in files that keep `.symtab`), or the resolver
-//!   on purpose by the file offset the error carries.
-//!
-//! A parsed file is kept by the [`TargetResolver`] (keyed by device,
-//! inode, size and modification time), so resolving many targets in one
-//! library reads and indexes it once.
+//! Uprobe targets by file: [`UprobeTarget`] (`libz.so.1:crc32`,
+//! `/usr/lib/libc.so.6:qsort+4`, `./app:0x1a2b`) and its text form;
+//! [`TargetResolver`] turns one into a [`UprobeKey`] from the ELF file on
+//! disk (`targets/`: the ELF index, the linker cache reader, the library
+//! search, the resolver).
 //!
 //! Resolution reads files only; it knows no process. Wiring a resolved
 //! target into a live address space is the runtime's job.
@@ -82,10 +20,8 @@ pub use parse::{ParseTargetError, ParseTargetErrorKind};
 pub use resolver::{ResolvedTarget, TargetFunction, TargetResolver};
 pub use search::{ElfKind, FoundBy, LibrarySearch, LoadedObjects};
 
-#[allow(unused_imports)] // links in the docs above
-use super::space::{FileId, UprobeKey};
-#[allow(unused_imports)]
-use crate::probes::ProbeError;
+#[allow(unused_imports)] // links in the docs
+use super::space::UprobeKey;
 
 /// Where in its file a [`UprobeTarget`] points.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -102,7 +38,29 @@ pub enum TargetPlace {
 }
 
 /// A uprobe target named by file: a library or executable, and a symbol
-/// (plus an offset into it) or a file offset. See the [module docs](self).
+/// (plus an offset into it) or a file offset; [`TargetResolver`] resolves it.
+///
+/// # The text form
+///
+/// `FILE:PLACE`, split at the last lone `:` (one not part of a `::`, so a
+/// Rust path like `app:demo::work::parse` keeps its separators):
+///
+/// - `FILE:0xHEX`: a **file offset** (hex, with its `0x`);
+/// - `FILE:NAME` and `FILE:NAME+OFF`: `OFF` bytes into the function `NAME`
+///   (`OFF` decimal, or hex with `0x`). `NAME` may carry a symbol version:
+///   `memcpy@@GLIBC_2.14` (the default version), `memcpy@GLIBC_2.2.5` (that
+///   version), plain `memcpy` (the default version, or the only one).
+///
+/// [`UprobeTarget::parse`] (also [`FromStr`]) reads it, with a typed
+/// [`ParseTargetError`]; [`Display`](fmt::Display) writes it back
+/// (offsets in hex), and parsing that gives back an equal target. The
+/// constructors ([`UprobeTarget::symbol`], [`UprobeTarget::file_offset`],
+/// [`UprobeTarget::offset`]) take any name; one the text form cannot carry
+/// (empty, with whitespace, `+`, a lone `:`, or starting like a number) is
+/// still resolved, but its text does not parse back.
+///
+///
+/// # Examples
 ///
 /// ```
 /// use rcu_registry::probes::uprobe::{TargetPlace, UprobeTarget};
@@ -152,7 +110,7 @@ pub struct UprobeTarget {
 
 impl UprobeTarget {
     /// Reads the text form `FILE:NAME`, `FILE:NAME+OFF` or `FILE:0xHEX`
-    /// (see the [module docs](self)).
+    /// (see [`UprobeTarget`]).
     ///
     /// # Errors
     /// [`ParseTargetError`], whose [`kind`](ParseTargetError::kind) says

@@ -108,10 +108,65 @@ fn os(op: &'static str, e: &std::io::Error) -> OpenError {
     })
 }
 
-/// Resolves [`UprobeTarget`]s from ELF files on disk (see the
-/// [module docs](super)). Each file is read and indexed once (while it
-/// keeps its device, inode, size and modification time); resolving
-/// another target in it is a hash lookup. `Send + Sync`: share one.
+/// Resolves [`UprobeTarget`]s from ELF files on disk. `Send + Sync`:
+/// share one.
+///
+/// # Finding the file
+///
+/// A `FILE` with a `/` is a path (relative ones to the current directory).
+/// A bare name is looked for the way the dynamic linker finds a library
+/// ([`LibrarySearch`]): among the objects already loaded (a list the
+/// caller gives, [`LoadedObjects`], matched by file name or `DT_SONAME`),
+/// then in extra directories (`LD_LIBRARY_PATH`), in the linker's cache
+/// `/etc/ld.so.cache`, and in the default directories, skipping files of
+/// another ELF class or machine. The path found and how
+/// ([`FoundBy`]) are reported.
+///
+/// The file is then opened once and named by the [`FileId`] of that open
+/// file (`fstat`: device and inode), so a library replaced on disk after
+/// resolution is a different file, with different uprobes.
+///
+/// # From a symbol to a file offset
+///
+/// The symbol comes from `.symtab` (every function, local ones included)
+/// and `.dynsym` (the exported ones, with their versions): a stripped
+/// library still resolves its exported functions. Its address is turned into
+/// a file offset by the `PT_LOAD` segment whose file bytes hold it, which must
+/// be executable: a uprobe is keyed by file offset, as the kernel keys it,
+/// so this works before (and without) the file being mapped anywhere.
+///
+/// - Several names at one address (`malloc`, `__libc_malloc`) are aliases:
+///   each resolves to that address.
+/// - One name at several addresses in one file (two local `helper`s of
+///   different compilation units) is refused with
+///   [`ProbeError::DuplicateSymbol`], which lists the file offsets.
+/// - `NAME+OFF` with the function's size known must stay inside it
+///   ([`ProbeError::OffsetPastEnd`], as for kprobes); a zero-sized symbol
+///   (hand-written assembly) only has its segment checked.
+/// - **IFUNC symbols** (`STT_GNU_IFUNC`: `strlen`, `memcpy`, ... in the C
+///   library) are refused with [`ProbeError::IfuncSymbol`]. The address
+///   such a symbol names is a *resolver* that the dynamic linker runs once
+///   to choose the implementation every later call reaches; the kernel's
+///   uprobes would probe that resolver, which is almost never what "count
+///   calls to `strlen`" means, and the choice itself depends on the running
+///   CPU and loader, not on the file. Probe an implementation by its own
+///   name (`__strlen_avx2`, in files that keep `.symtab`), or the resolver
+///   on purpose by the file offset the error carries. (A runtime that
+///   knows the process can do better: the live symbols answer an IFUNC
+///   name with the implementation the loader chose.)
+///
+/// It reads files only and knows no process: it does not follow a
+/// requesting object's `DT_RPATH`/`DT_RUNPATH`, and of the `glibc-hwcaps`
+/// variants in the linker cache it takes the baseline library (which
+/// variant the loader picks depends on the CPU). A library already loaded
+/// is found as loaded when [`with_loaded`](Self::with_loaded) lists it.
+///
+/// # Cost
+///
+/// Each file is read and indexed once while it keeps its device, inode,
+/// size and modification time (at most 256 files are kept); resolving
+/// another target in it is a hash lookup. A bare name costs a few `open`s
+/// along the search, and the linker cache is parsed once per change.
 ///
 /// Example: see [`UprobeTarget`].
 pub struct TargetResolver {
