@@ -635,13 +635,20 @@ fn libc_qsort_resolves_through_the_linker_cache_to_the_loaded_file_and_offset() 
         .into_iter()
         .find(|(p, _)| p.file_name().is_some_and(|n| n == "libc.so.6"))
         .expect("the C library is loaded");
-    let r = TargetResolver::new();
+    // The system's search without LD_LIBRARY_PATH (cargo sets one for
+    // tests): the cache comes before the default directories.
+    let r = TargetResolver::with_search(LibrarySearch {
+        directories: Vec::new(),
+        ..LibrarySearch::system()
+    });
     let at = r
         .resolve(&UprobeTarget::parse("libc.so.6:qsort").unwrap())
         .unwrap();
-    if Path::new("/etc/ld.so.cache").exists() && std::env::var_os("LD_LIBRARY_PATH").is_none() {
-        assert_eq!(at.found_by, FoundBy::LdSoCache, "{at:?}");
-    }
+    assert!(
+        Path::new("/etc/ld.so.cache").exists(),
+        "this machine has a linker cache"
+    );
+    assert_eq!(at.found_by, FoundBy::LdSoCache, "{at:?}");
     // The very file the loader mapped.
     assert_eq!(at.file, file_id(&libc_path), "{at:?} vs {libc_path:?}");
 
@@ -697,4 +704,27 @@ fn rust_functions_of_the_executable_resolve_by_demangled_path() {
     assert_eq!(bias + at.vaddr, addr);
     assert_eq!(mapped_offset(addr).0, at.offset);
     assert_eq!(a_marker_function_for_targets(2), 10);
+}
+
+#[test]
+fn an_opened_file_resolves_many_places_as_resolve_does() {
+    fn shared<T: Send + Sync>(_: &T) {}
+    let f = fixture();
+    let r = isolated().with_directories([f.dir.join("lib")]);
+    shared(&r);
+    let file = r.open_file("libutfix.so.1").unwrap();
+    shared(&file);
+    assert_eq!(file.path(), f.full);
+    assert_eq!(file.found_by(), &FoundBy::Directory(f.dir.join("lib")));
+    assert_eq!(file.file(), file_id(&f.full));
+    assert_eq!(file.soname(), Some("libutfix.so.1"));
+    for place in ["fixture_add", "fixture_add+3", "vfn@VER_1", "call_b", "0x1010"] {
+        let t = UprobeTarget::parse(&format!("libutfix.so.1:{place}")).unwrap();
+        assert_eq!(file.resolve(t.place()), r.resolve(&t), "{place}");
+        assert_eq!(file.resolve(t.place()).unwrap().target, t);
+    }
+    assert!(matches!(
+        file.resolve(&TargetPlace::FileOffset(u64::MAX)),
+        Err(ProbeError::NotInCode { .. })
+    ));
 }

@@ -132,5 +132,5 @@ pub use space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};
 #[cfg(all(target_os = "linux", not(loom)))]
 pub use targets::{
     ElfKind, FoundBy, LibrarySearch, LoadedObjects, ParseTargetError, ParseTargetErrorKind,
-    ResolvedTarget, TargetFunction, TargetPlace, TargetResolver, UprobeTarget,
+    ResolvedTarget, TargetFile, TargetFunction, TargetPlace, TargetResolver, UprobeTarget,
 };

@@ -11,13 +11,15 @@ use core::fmt;
 use core::str::FromStr;
 
 mod elf_index;
+mod file;
 mod ldcache;
 mod parse;
 mod resolver;
 mod search;
 
+pub use file::{ResolvedTarget, TargetFile, TargetFunction};
 pub use parse::{ParseTargetError, ParseTargetErrorKind};
-pub use resolver::{ResolvedTarget, TargetFunction, TargetResolver};
+pub use resolver::TargetResolver;
 pub use search::{ElfKind, FoundBy, LibrarySearch, LoadedObjects};
 
 #[allow(unused_imports)] // links in the docs

@@ -1,7 +1,6 @@
-//! [`TargetResolver`]: a [`UprobeTarget`] to a file (by [`FileId`]) and a
-//! file offset, with a cache of the files it has indexed.
+//! [`TargetResolver`]: finds a [`UprobeTarget`]'s file (by [`FileId`]) as
+//! the dynamic linker would, with a cache of the files it has indexed.
 
-use core::ops::Range;
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
@@ -10,78 +9,25 @@ use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::elf_index::{elf_kind, ElfIndex, Lookup};
+use super::elf_index::{elf_kind, ElfIndex};
+use super::file::{ResolvedTarget, TargetFile};
 use super::ldcache::{self, CacheEntry};
 use super::search::{ElfKind, FoundBy, LibrarySearch, LoadedObjects};
-use super::{TargetPlace, UprobeTarget};
+use super::UprobeTarget;
 use crate::probes::error::FileFailure;
-use crate::probes::uprobe::space::{FileId, UprobeKey};
+use crate::probes::uprobe::space::FileId;
 use crate::probes::ProbeError;
 use crate::sync::Mutex;
 
-/// The function a resolved target is in.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct TargetFunction {
-    /// Its name: the one the target gave, or for a file-offset target the
-    /// plainest of the names the file has for the function around it.
-    pub name: String,
-    /// File offset of its first instruction.
-    pub offset: u64,
-    /// Link-time virtual address of its first instruction.
-    pub vaddr: u64,
-    /// Its size in bytes, when the symbol states one.
-    pub size: Option<u64>,
-}
-
-impl TargetFunction {
-    /// The file offsets of its bytes, when its size is known.
-    pub fn extent(&self) -> Option<Range<u64>> {
-        self.size
-            .map(|n| self.offset..self.offset.saturating_add(n))
-    }
-}
-
-/// A [`UprobeTarget`] resolved: the file and the offset a uprobe is keyed by,
-/// and what was found on the way.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ResolvedTarget {
-    /// What was asked.
-    pub target: UprobeTarget,
-    /// The file opened: the target's path made absolute, a loaded object's
-    /// path, or where the search found the library.
-    pub path: PathBuf,
-    /// How [`path`](Self::path) was found.
-    pub found_by: FoundBy,
-    /// The opened file's device and inode.
-    pub file: FileId,
-    /// Its ELF class, byte order and machine.
-    pub kind: ElfKind,
-    /// File offset of the probed instruction.
-    pub offset: u64,
-    /// Link-time virtual address of the probed instruction (add a mapping's
-    /// load bias for its run-time address).
-    pub vaddr: u64,
-    /// The function the offset is in: always known for a symbol target; for
-    /// a file-offset target, the sized function containing it, if any.
-    pub function: Option<TargetFunction>,
-}
-
-impl ResolvedTarget {
-    /// The uprobe key: this file, this offset.
-    pub fn key(&self) -> UprobeKey {
-        UprobeKey {
-            file: self.file,
-            offset: self.offset,
-        }
-    }
-}
-
 /// A file opened and indexed.
 #[derive(Debug)]
-struct Indexed {
-    file: FileId,
-    index: ElfIndex,
+pub(super) struct Indexed {
+    pub file: FileId,
+    pub index: ElfIndex,
 }
+
+/// The linker cache's entries by library name, in file order.
+type CacheByName = HashMap<Vec<u8>, Vec<CacheEntry>>;
 
 /// Device, inode, size and modification time: a file as it was read.
 type Stamp = (u64, u64, u64, i64, i64);
@@ -173,7 +119,7 @@ pub struct TargetResolver {
     search: LibrarySearch,
     loaded: Option<Box<dyn LoadedObjects>>,
     files: Mutex<HashMap<Stamp, Arc<Indexed>>>,
-    ldcache: Mutex<Option<(Stamp, Arc<Vec<CacheEntry>>)>>,
+    ldcache: Mutex<Option<(Stamp, Arc<CacheByName>)>>,
 }
 
 impl std::fmt::Debug for TargetResolver {
@@ -245,100 +191,19 @@ impl TargetResolver {
     /// - [`ProbeError::NotInCode`]: an offset outside every executable
     ///   segment.
     pub fn resolve(&self, target: &UprobeTarget) -> Result<ResolvedTarget, ProbeError> {
-        let (path, found_by, ix) = self.find(target.file())?;
-        let shown = || path.display().to_string();
-        let index = &ix.index;
-        let (offset, vaddr, function) = match target.place() {
-            TargetPlace::Symbol { name, offset } => {
-                let def = match index.lookup(name) {
-                    Lookup::Found(d) => d,
-                    Lookup::Missing => {
-                        return Err(ProbeError::SymbolNotInFile {
-                            path: shown(),
-                            name: name.clone(),
-                        })
-                    }
-                    Lookup::Several(at) => {
-                        return Err(ProbeError::DuplicateSymbol {
-                            path: shown(),
-                            name: name.clone(),
-                            offsets: at
-                                .iter()
-                                .map(|&v| index.offset_of(v).map_or(v, |o| o.0))
-                                .collect(),
-                        })
-                    }
-                };
-                let start = match index.offset_of(def.vaddr) {
-                    Some((o, true)) => o,
-                    _ => {
-                        return Err(ProbeError::SymbolNotInCode {
-                            path: shown(),
-                            name: name.clone(),
-                            vaddr: def.vaddr,
-                        })
-                    }
-                };
-                if def.ifunc {
-                    return Err(ProbeError::IfuncSymbol {
-                        path: shown(),
-                        name: name.clone(),
-                        resolver_offset: start,
-                    });
-                }
-                if def.size > 0 && *offset >= def.size {
-                    return Err(ProbeError::OffsetPastEnd {
-                        name: name.clone(),
-                        size: def.size,
-                        offset: *offset,
-                    });
-                }
-                let not_code = |o| ProbeError::NotInCode {
-                    path: shown(),
-                    offset: o,
-                };
-                let at = start
-                    .checked_add(*offset)
-                    .ok_or_else(|| not_code(u64::MAX))?;
-                let vaddr = def.vaddr.wrapping_add(*offset);
-                // The same executable segment must hold the whole way there.
-                if index.code_vaddr_of(at) != Some(vaddr) {
-                    return Err(not_code(at));
-                }
-                let f = TargetFunction {
-                    name: name.clone(),
-                    offset: start,
-                    vaddr: def.vaddr,
-                    size: (def.size > 0).then_some(def.size),
-                };
-                (at, vaddr, Some(f))
-            }
-            TargetPlace::FileOffset(o) => {
-                let vaddr = index.code_vaddr_of(*o).ok_or(ProbeError::NotInCode {
-                    path: shown(),
-                    offset: *o,
-                })?;
-                let f = index.function_at(vaddr).and_then(|(name, v, size)| {
-                    Some(TargetFunction {
-                        name: name.to_string(),
-                        offset: index.offset_of(v)?.0,
-                        vaddr: v,
-                        size: Some(size),
-                    })
-                });
-                (*o, vaddr, f)
-            }
-        };
-        Ok(ResolvedTarget {
-            target: target.clone(),
-            kind: index.kind,
-            file: ix.file,
-            path,
-            found_by,
-            offset,
-            vaddr,
-            function,
-        })
+        self.open_file(target.file())?.resolve(target.place())
+    }
+
+    /// The file `file` names (a path, or a bare library name searched
+    /// for), opened and indexed: resolve many places in it without
+    /// searching again.
+    ///
+    /// # Errors
+    /// [`ProbeError::TargetFile`] and [`ProbeError::LibraryNotFound`], as
+    /// [`resolve`](Self::resolve).
+    pub fn open_file(&self, file: &str) -> Result<TargetFile, ProbeError> {
+        let (path, found_by, ix) = self.find(file)?;
+        Ok(TargetFile::new(file, path, found_by, ix))
     }
 
     /// The file `file` names: a path, or a bare name searched for.
@@ -387,8 +252,9 @@ impl TargetResolver {
         if let Some(cache) = &self.search.cache {
             searched.push(cache.display().to_string());
             let want = self.search.kind.cache_flags();
-            for e in self.cache_entries(cache).iter() {
-                if e.name != file.as_bytes() || !ldcache::flags_match(e.flags, want) {
+            let entries = self.cache_entries(cache);
+            for e in entries.get(file.as_bytes()).into_iter().flatten() {
+                if !ldcache::flags_match(e.flags, want) {
                     continue;
                 }
                 let p = PathBuf::from(<std::ffi::OsStr as OsStrExt>::from_bytes(&e.path));
@@ -412,7 +278,7 @@ impl TargetResolver {
 
     /// The linker cache's entries (read again when the file changed; none
     /// if it cannot be read).
-    fn cache_entries(&self, path: &Path) -> Arc<Vec<CacheEntry>> {
+    fn cache_entries(&self, path: &Path) -> Arc<CacheByName> {
         let read = || -> Option<(Stamp, Vec<u8>)> {
             let mut f = File::open(path).ok()?;
             let st = stamp(&f.metadata().ok()?);
@@ -429,11 +295,15 @@ impl TargetResolver {
         }
         match read() {
             Some((st, data)) => {
-                let entries = Arc::new(ldcache::parse(&data));
-                *held = Some((st, Arc::clone(&entries)));
-                entries
+                let mut by_name = CacheByName::new();
+                for e in ldcache::parse(&data) {
+                    by_name.entry(e.name.clone()).or_default().push(e);
+                }
+                let by_name = Arc::new(by_name);
+                *held = Some((st, Arc::clone(&by_name)));
+                by_name
             }
-            None => Arc::new(Vec::new()),
+            None => Arc::new(CacheByName::new()),
         }
     }
 
