@@ -718,7 +718,13 @@ fn an_opened_file_resolves_many_places_as_resolve_does() {
     assert_eq!(file.found_by(), &FoundBy::Directory(f.dir.join("lib")));
     assert_eq!(file.file(), file_id(&f.full));
     assert_eq!(file.soname(), Some("libutfix.so.1"));
-    for place in ["fixture_add", "fixture_add+3", "vfn@VER_1", "call_b", "0x1010"] {
+    for place in [
+        "fixture_add",
+        "fixture_add+3",
+        "vfn@VER_1",
+        "call_b",
+        "0x1010",
+    ] {
         let t = UprobeTarget::parse(&format!("libutfix.so.1:{place}")).unwrap();
         assert_eq!(file.resolve(t.place()), r.resolve(&t), "{place}");
         assert_eq!(file.resolve(t.place()).unwrap().target, t);

@@ -111,8 +111,11 @@ fn os(op: &'static str, e: &std::io::Error) -> OpenError {
 ///
 /// Each file is read and indexed once while it keeps its device, inode,
 /// size and modification time (at most 256 files are kept); resolving
-/// another target in it is a hash lookup. A bare name costs a few `open`s
-/// along the search, and the linker cache is parsed once per change.
+/// another target in it costs the search (a few `open`s and `stat`s: some
+/// microseconds; the linker cache is parsed once per change) and a hash
+/// lookup. To resolve many places in one file, [`open_file`](Self::open_file)
+/// once and resolve them in the [`TargetFile`] (a hash lookup each, about
+/// 150 ns for a C-library function on the development machine).
 ///
 /// Example: see [`UprobeTarget`].
 pub struct TargetResolver {
