@@ -120,7 +120,14 @@ proptest! {
     }
 
     #[test]
-    fn any_text_parses_or_errs_without_panicking(s in "\\PC{0,40}") {
+    fn any_text_parses_or_errs_without_panicking(
+        s in prop_oneof![
+            "\\PC{0,40}",
+            "[a-f0-9xX:+@. _/-]{0,24}",
+            // Shaped like a target, with noise where each part goes.
+            "[a-c./:]{1,4}:[a-c0-9+:@ x]{0,5}(\\+[0-9x]{0,3})?",
+        ]
+    ) {
         if let Ok(t) = UprobeTarget::parse(&s) {
             // Whatever parses prints as something that parses to it again.
             prop_assert_eq!(UprobeTarget::parse(&t.to_string()), Ok(t));
