@@ -4,7 +4,7 @@
 #![cfg(target_os = "linux")]
 
 use std::ffi::CStr;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
@@ -541,13 +541,18 @@ fn bad_files_symbols_and_offsets_are_typed_errors() {
             errno: libc::ENOENT
         }
     );
+    // A directory, a device read forever, a FIFO nobody writes to.
+    assert_eq!(path_err(&f.dir.join("lib")), FileFailure::NotRegularFile);
     assert_eq!(
-        path_err(&f.dir.join("lib")),
-        FileFailure::Os {
-            op: "read",
-            errno: libc::EISDIR
-        }
+        path_err(Path::new("/dev/zero")),
+        FileFailure::NotRegularFile
     );
+    let fifo = f.dir.join("fifo");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid C string; a failure (already there) is checked below.
+    unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+    assert!(std::fs::metadata(&fifo).unwrap().file_type().is_fifo());
+    assert_eq!(path_err(&fifo), FileFailure::NotRegularFile);
     let text = f.dir.join("a.c");
     assert_eq!(path_err(&text), FileFailure::NotElf);
     assert_eq!(path_err(&f.object), FileFailure::NotLoadable);

@@ -241,6 +241,9 @@ pub enum FileFailure {
         /// The OS error number.
         errno: i32,
     },
+    /// Not a regular file (a directory, a device, a FIFO): never a
+    /// library or an executable.
+    NotRegularFile,
     /// Not an ELF file (no ELF magic, or an unknown class or byte order).
     NotElf,
     /// An ELF file whose headers or tables cannot be read.
@@ -435,6 +438,7 @@ impl fmt::Display for FileFailure {
                 "{op} failed: {}",
                 std::io::Error::from_raw_os_error(*errno)
             ),
+            FileFailure::NotRegularFile => f.write_str("it is not a regular file"),
             FileFailure::NotElf => f.write_str("it is not an ELF file"),
             FileFailure::Malformed(what) => write!(f, "malformed ELF file: {what}"),
             FileFailure::NotLoadable => f.write_str("it has no loadable segment"),

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -183,8 +183,8 @@ impl TargetResolver {
     /// # Errors
     /// Bad input, with nothing cached for it but the files read:
     /// - [`ProbeError::TargetFile`]: the path does not exist or cannot be
-    ///   read ([`FileFailure::Os`]), is not ELF, is malformed or has no
-    ///   loadable segment;
+    ///   read ([`FileFailure::Os`]), is not a regular file, is not ELF, is
+    ///   malformed or has no loadable segment;
     /// - [`ProbeError::LibraryNotFound`]: a bare name no place holds;
     /// - [`ProbeError::SymbolNotInFile`], [`ProbeError::DuplicateSymbol`],
     ///   [`ProbeError::IfuncSymbol`], [`ProbeError::SymbolNotInCode`]: the
@@ -314,8 +314,18 @@ impl TargetResolver {
     /// file's identity. `want`: refuse another ELF kind without reading the
     /// whole file.
     fn open(&self, path: &Path, want: Option<ElfKind>) -> Result<Arc<Indexed>, OpenError> {
-        let mut f = File::open(path).map_err(|e| os("open", &e))?;
+        // Non-blocking: opening a FIFO must not wait for a writer (it is
+        // refused just below); reads of a regular file never block anyway.
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(path)
+            .map_err(|e| os("open", &e))?;
         let meta = f.metadata().map_err(|e| os("fstat", &e))?;
+        if !meta.is_file() {
+            // A device (`/dev/zero` would be read forever) or a directory.
+            return Err(OpenError::Failure(FileFailure::NotRegularFile));
+        }
         let st = stamp(&meta);
         let cached = self
             .files
