@@ -1,6 +1,6 @@
 //! Uprobe targets by file: [`UprobeTarget`] (`libz.so.1:crc32`,
 //! `/usr/lib/libc.so.6:qsort+4`, `./app:0x1a2b`) and its text form;
-//! [`TargetResolver`] turns one into a [`UprobeKey`] from the ELF file on
+//! [`TargetResolver`] turns one into a [`UprobeKey`](super::UprobeKey) from the ELF file on
 //! disk (`targets/`: the ELF index, the linker cache reader, the library
 //! search, the resolver).
 //!
@@ -21,9 +21,6 @@ pub use file::{ResolvedTarget, TargetFile, TargetFunction};
 pub use parse::{ParseTargetError, ParseTargetErrorKind};
 pub use resolver::TargetResolver;
 pub use search::{ElfKind, FoundBy, LibrarySearch, LoadedObjects};
-
-#[allow(unused_imports)] // links in the docs
-use super::space::UprobeKey;
 
 /// Where in its file a [`UprobeTarget`] points.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -60,7 +57,6 @@ pub enum TargetPlace {
 /// [`UprobeTarget::offset`]) take any name; one the text form cannot carry
 /// (empty, with whitespace, `+`, a lone `:`, or starting like a number) is
 /// still resolved, but its text does not parse back.
-///
 ///
 /// # Examples
 ///
