@@ -165,6 +165,92 @@ pub enum ProbeError {
         /// Paths of the objects that define it.
         objects: Vec<String>,
     },
+    /// The file of a uprobe target cannot be used: `failure` says why.
+    TargetFile {
+        /// The file, as it was opened.
+        path: String,
+        /// Why it cannot be used.
+        failure: FileFailure,
+    },
+    /// A bare library name (no `/`) that none of the places the dynamic
+    /// linker would look holds, for this process's ELF class and machine.
+    LibraryNotFound {
+        /// The name asked for, e.g. `libz.so.1`.
+        name: String,
+        /// Where it was looked for, in order.
+        searched: Vec<String>,
+    },
+    /// The file defines no function `name` (in `.symtab` or `.dynsym`).
+    SymbolNotInFile {
+        /// The file searched.
+        path: String,
+        /// The symbol asked for.
+        name: String,
+    },
+    /// `name` is defined at several addresses in one file (two local
+    /// functions of that name, say): a probe would be a guess. Each is
+    /// reachable by its file offset.
+    DuplicateSymbol {
+        /// The file.
+        path: String,
+        /// The symbol asked for.
+        name: String,
+        /// The file offsets of its definitions, ascending.
+        offsets: Vec<u64>,
+    },
+    /// `name` is an IFUNC (`STT_GNU_IFUNC`, like `strlen` or `memcpy` in the
+    /// C library): its address is a resolver that the dynamic linker calls
+    /// once to pick the implementation every call then reaches. Which one
+    /// it picks is known only in the running process, not from the file.
+    IfuncSymbol {
+        /// The file.
+        path: String,
+        /// The symbol asked for.
+        name: String,
+        /// File offset of the resolver (what `path:0x…` would probe).
+        resolver_offset: u64,
+    },
+    /// A file offset outside every executable segment of the file.
+    NotInCode {
+        /// The file.
+        path: String,
+        /// The refused file offset.
+        offset: u64,
+    },
+    /// A symbol whose address is not in the file part of an executable
+    /// segment (a data symbol, or one in no loadable segment).
+    SymbolNotInCode {
+        /// The file.
+        path: String,
+        /// The symbol.
+        name: String,
+        /// Its virtual address as the file states it.
+        vaddr: u64,
+    },
+}
+
+/// Why the file of a uprobe target cannot be used.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FileFailure {
+    /// An operating-system call failed (`op` names it, `errno` is its error;
+    /// `ENOENT` for a path that does not exist).
+    Os {
+        /// The failing operation, e.g. `"open"`.
+        op: &'static str,
+        /// The OS error number.
+        errno: i32,
+    },
+    /// Not a regular file (a directory, a device, a FIFO): never a
+    /// library or an executable.
+    NotRegularFile,
+    /// Not an ELF file (no ELF magic, or an unknown class or byte order).
+    NotElf,
+    /// An ELF file whose headers or tables cannot be read.
+    Malformed(String),
+    /// An ELF file with no loadable segment (a relocatable object, a core
+    /// file): nothing of it is ever mapped.
+    NotLoadable,
 }
 
 /// Why an arch backend refuses to probe an instruction.
@@ -344,6 +430,22 @@ impl fmt::Display for Unsupported {
     }
 }
 
+impl fmt::Display for FileFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            FileFailure::Os { op, errno } => write!(
+                f,
+                "{op} failed: {}",
+                std::io::Error::from_raw_os_error(*errno)
+            ),
+            FileFailure::NotRegularFile => f.write_str("it is not a regular file"),
+            FileFailure::NotElf => f.write_str("it is not an ELF file"),
+            FileFailure::Malformed(what) => write!(f, "malformed ELF file: {what}"),
+            FileFailure::NotLoadable => f.write_str("it has no loadable segment"),
+        }
+    }
+}
+
 impl fmt::Display for TextFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
@@ -446,6 +548,51 @@ impl fmt::Display for ProbeError {
                 "symbol `{name}` is defined in {} objects ({}): qualify it as `object:{name}`",
                 objects.len(),
                 objects.join(", ")
+            ),
+            ProbeError::TargetFile { path, failure } => {
+                write!(f, "cannot use `{path}` as a probe target: {failure}")
+            }
+            ProbeError::LibraryNotFound { name, searched } => write!(
+                f,
+                "library `{name}` not found for this process's ELF class and machine \
+                 (searched: {})",
+                searched.join(", ")
+            ),
+            ProbeError::SymbolNotInFile { path, name } => {
+                write!(f, "`{path}` defines no function `{name}`")
+            }
+            ProbeError::DuplicateSymbol {
+                path,
+                name,
+                offsets,
+            } => {
+                write!(
+                    f,
+                    "`{name}` is defined {} times in `{path}`, at file offsets",
+                    offsets.len()
+                )?;
+                for (i, o) in offsets.iter().enumerate() {
+                    write!(f, "{}{o:#x}", if i == 0 { " " } else { ", " })?;
+                }
+                f.write_str(": probe one by its file offset")
+            }
+            ProbeError::IfuncSymbol {
+                path,
+                name,
+                resolver_offset,
+            } => write!(
+                f,
+                "`{name}` in `{path}` is an IFUNC: the implementation calls reach is chosen \
+                 by the dynamic linker at run time, not known from the file (probe an \
+                 implementation by name, or the resolver itself at `{path}:{resolver_offset:#x}`)"
+            ),
+            ProbeError::NotInCode { path, offset } => write!(
+                f,
+                "file offset {offset:#x} is outside every executable segment of `{path}`"
+            ),
+            ProbeError::SymbolNotInCode { path, name, vaddr } => write!(
+                f,
+                "`{name}` in `{path}` (address {vaddr:#x}) is not in an executable segment"
             ),
         }
     }

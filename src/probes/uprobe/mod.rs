@@ -78,6 +78,15 @@
 //! [`HashedLocks`](crate::hashlock::HashedLocks) keyed by [`FileId`] (the
 //! seed's hashed mmap mutexes, with the padding it asked for).
 //!
+//! # Targets by file
+//!
+//! [`UprobeTarget`] names a uprobe as a person does, `libz.so.1:crc32`,
+//! `/usr/lib/x86_64-linux-gnu/libc.so.6:qsort+4`, `./app:0x1a2b`, and a
+//! [`TargetResolver`] turns it into the [`UprobeKey`] from the ELF file on
+//! disk (the library found as the dynamic linker would find it, the symbol
+//! turned into a file offset through its segment), before anything maps
+//! it. See `targets.rs`.
+//!
 //! # The hit path
 //!
 //! [`UprobeRegistry::on_breakpoint`]: `(space, vaddr)` → mapping →
@@ -102,6 +111,10 @@ mod retpool;
 mod returns;
 mod short;
 mod space;
+// Reads ELF files with `object` (a Linux dependency); the loom build has
+// no files to read.
+#[cfg(all(target_os = "linux", not(loom)))]
+mod targets;
 mod unregister;
 mod xolshare;
 
@@ -116,3 +129,8 @@ pub use registry::{UprobeRegistry, DEFAULT_FILE_STRIPES};
 pub use retpool::{default_return_stacks, MIN_RETURN_STACKS};
 pub use returns::DEFAULT_MAX_RETURN_DEPTH;
 pub use space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};
+#[cfg(all(target_os = "linux", not(loom)))]
+pub use targets::{
+    ElfKind, FoundBy, LibrarySearch, LoadedObjects, ParseTargetError, ParseTargetErrorKind,
+    ResolvedTarget, TargetFile, TargetFunction, TargetPlace, TargetResolver, UprobeTarget,
+};

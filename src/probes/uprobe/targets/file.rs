@@ -1,0 +1,222 @@
+//! [`TargetFile`]: a target's file found and indexed, and what resolving
+//! a place in it gives: [`ResolvedTarget`], [`TargetFunction`].
+
+use core::ops::Range;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::elf_index::Lookup;
+use super::resolver::Indexed;
+use super::search::{ElfKind, FoundBy};
+use super::{TargetPlace, UprobeTarget};
+use crate::probes::uprobe::space::{FileId, UprobeKey};
+use crate::probes::ProbeError;
+
+/// The function a resolved target is in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TargetFunction {
+    /// Its name: the one the target gave, or for a file-offset target the
+    /// plainest of the names the file has for the function around it.
+    pub name: String,
+    /// File offset of its first instruction.
+    pub offset: u64,
+    /// Link-time virtual address of its first instruction.
+    pub vaddr: u64,
+    /// Its size in bytes, when the symbol states one.
+    pub size: Option<u64>,
+}
+
+impl TargetFunction {
+    /// The file offsets of its bytes, when its size is known.
+    pub fn extent(&self) -> Option<Range<u64>> {
+        self.size
+            .map(|n| self.offset..self.offset.saturating_add(n))
+    }
+}
+
+/// A [`UprobeTarget`] resolved: the file and the offset a uprobe is keyed by,
+/// and what was found on the way.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResolvedTarget {
+    /// What was asked.
+    pub target: UprobeTarget,
+    /// The file opened: the target's path made absolute, a loaded object's
+    /// path, or where the search found the library.
+    pub path: PathBuf,
+    /// How [`path`](Self::path) was found.
+    pub found_by: FoundBy,
+    /// The opened file's device and inode.
+    pub file: FileId,
+    /// Its ELF class, byte order and machine.
+    pub kind: ElfKind,
+    /// File offset of the probed instruction.
+    pub offset: u64,
+    /// Link-time virtual address of the probed instruction (add a mapping's
+    /// load bias for its run-time address).
+    pub vaddr: u64,
+    /// The function the offset is in: always known for a symbol target; for
+    /// a file-offset target, the sized function containing it, if any.
+    pub function: Option<TargetFunction>,
+}
+
+impl ResolvedTarget {
+    /// The uprobe key: this file, this offset.
+    pub fn key(&self) -> UprobeKey {
+        UprobeKey {
+            file: self.file,
+            offset: self.offset,
+        }
+    }
+}
+
+/// A target's file, found and indexed ([`TargetResolver::open_file`](super::TargetResolver::open_file)):
+/// places in it resolve without searching or opening it again. Cheap to
+/// clone (shared).
+#[derive(Clone, Debug)]
+pub struct TargetFile {
+    /// The file as the target named it (a path or a bare name).
+    asked: Arc<str>,
+    path: PathBuf,
+    found_by: FoundBy,
+    ix: Arc<Indexed>,
+}
+
+impl TargetFile {
+    pub(super) fn new(asked: &str, path: PathBuf, found_by: FoundBy, ix: Arc<Indexed>) -> Self {
+        TargetFile {
+            asked: Arc::from(asked),
+            path,
+            found_by,
+            ix,
+        }
+    }
+
+    /// The file opened.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// How it was found.
+    pub fn found_by(&self) -> &FoundBy {
+        &self.found_by
+    }
+
+    /// Its device and inode, from the open file.
+    pub fn file(&self) -> FileId {
+        self.ix.file
+    }
+
+    /// Its ELF class, byte order and machine.
+    pub fn kind(&self) -> ElfKind {
+        self.ix.index.kind
+    }
+
+    /// Its `DT_SONAME`, if it has one.
+    pub fn soname(&self) -> Option<&str> {
+        self.ix.index.soname.as_deref()
+    }
+
+    /// The file offset `place` names in this file.
+    ///
+    /// # Errors
+    /// As [`TargetResolver::resolve`](super::TargetResolver::resolve), for
+    /// the symbol and the offset.
+    pub fn resolve(&self, place: &TargetPlace) -> Result<ResolvedTarget, ProbeError> {
+        let shown = || self.path.display().to_string();
+        let index = &self.ix.index;
+        let (offset, vaddr, function) = match place {
+            TargetPlace::Symbol { name, offset } => {
+                let def = match index.lookup(name) {
+                    Lookup::Found(d) => d,
+                    Lookup::Missing => {
+                        return Err(ProbeError::SymbolNotInFile {
+                            path: shown(),
+                            name: name.clone(),
+                        })
+                    }
+                    Lookup::Several(at) => {
+                        return Err(ProbeError::DuplicateSymbol {
+                            path: shown(),
+                            name: name.clone(),
+                            offsets: at
+                                .iter()
+                                .map(|&v| index.offset_of(v).map_or(v, |o| o.0))
+                                .collect(),
+                        })
+                    }
+                };
+                let start = match index.offset_of(def.vaddr) {
+                    Some((o, true)) => o,
+                    _ => {
+                        return Err(ProbeError::SymbolNotInCode {
+                            path: shown(),
+                            name: name.clone(),
+                            vaddr: def.vaddr,
+                        })
+                    }
+                };
+                if def.ifunc {
+                    return Err(ProbeError::IfuncSymbol {
+                        path: shown(),
+                        name: name.clone(),
+                        resolver_offset: start,
+                    });
+                }
+                if def.size > 0 && *offset >= def.size {
+                    return Err(ProbeError::OffsetPastEnd {
+                        name: name.clone(),
+                        size: def.size,
+                        offset: *offset,
+                    });
+                }
+                let not_code = |o| ProbeError::NotInCode {
+                    path: shown(),
+                    offset: o,
+                };
+                let at = start
+                    .checked_add(*offset)
+                    .ok_or_else(|| not_code(u64::MAX))?;
+                let vaddr = def.vaddr.wrapping_add(*offset);
+                // The same executable segment must hold the whole way there.
+                if index.code_vaddr_of(at) != Some(vaddr) {
+                    return Err(not_code(at));
+                }
+                let f = TargetFunction {
+                    name: name.clone(),
+                    offset: start,
+                    vaddr: def.vaddr,
+                    size: (def.size > 0).then_some(def.size),
+                };
+                (at, vaddr, Some(f))
+            }
+            TargetPlace::FileOffset(o) => {
+                let vaddr = index.code_vaddr_of(*o).ok_or(ProbeError::NotInCode {
+                    path: shown(),
+                    offset: *o,
+                })?;
+                let f = index.function_at(vaddr).and_then(|(name, v, size)| {
+                    Some(TargetFunction {
+                        name: name.to_string(),
+                        offset: index.offset_of(v)?.0,
+                        vaddr: v,
+                        size: Some(size),
+                    })
+                });
+                (*o, vaddr, f)
+            }
+        };
+        Ok(ResolvedTarget {
+            target: UprobeTarget {
+                file: self.asked.to_string(),
+                place: place.clone(),
+            },
+            kind: index.kind,
+            file: self.ix.file,
+            path: self.path.clone(),
+            found_by: self.found_by.clone(),
+            offset,
+            vaddr,
+            function,
+        })
+    }
+}
