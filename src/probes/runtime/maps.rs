@@ -35,6 +35,13 @@ pub(crate) struct Mapping {
     pub(crate) shared: bool,
     /// The file path, or a pseudo name like `[stack]`; empty for anonymous.
     pub(crate) path: String,
+    /// File offset mapped at `start` (0 for anonymous mappings).
+    pub(crate) offset: u64,
+    /// The mapped file's device, as `stat`'s `st_dev` encodes it
+    /// (`makedev(major, minor)`; 0 for anonymous mappings).
+    pub(crate) dev: u64,
+    /// The mapped file's inode (0 for anonymous mappings).
+    pub(crate) inode: u64,
 }
 
 /// A snapshot of the memory map, sorted by address (as the kernel prints it).
@@ -108,9 +115,13 @@ fn parse_line(line: &str) -> Option<Mapping> {
     let mut fields = line.splitn(6, ' ');
     let range = fields.next()?;
     let perms = fields.next()?.as_bytes();
-    let _offset = fields.next()?;
-    let _dev = fields.next()?;
-    let _inode = fields.next()?;
+    let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
+    let (major, minor) = fields.next()?.split_once(':')?;
+    let dev = libc::makedev(
+        u32::from_str_radix(major, 16).ok()?,
+        u32::from_str_radix(minor, 16).ok()?,
+    );
+    let inode = fields.next()?.parse::<u64>().ok()?;
     let path = fields.next().unwrap_or("").trim_start().to_string();
     let (s, e) = range.split_once('-')?;
     let start = u64::from_str_radix(s, 16).ok()?;
@@ -134,6 +145,9 @@ fn parse_line(line: &str) -> Option<Mapping> {
         prot,
         shared: perms[3] == b's',
         path,
+        offset,
+        dev,
+        inode,
     })
 }
 
@@ -155,7 +169,11 @@ mod tests {
         let text = maps.find(0x55d0a0002abc).unwrap();
         assert_eq!(text.prot, libc::PROT_READ | libc::PROT_EXEC);
         assert_eq!(text.path, "/usr/bin/x");
-        assert_eq!(maps.find(0x7ffd00000000).unwrap().path, "[stack]");
+        assert_eq!(text.offset, 0x1000);
+        assert_eq!((text.dev, text.inode), (libc::makedev(0xfe, 1), 123));
+        let stack = maps.find(0x7ffd00000000).unwrap();
+        assert_eq!(stack.path, "[stack]");
+        assert_eq!((stack.offset, stack.dev, stack.inode), (0, 0, 0));
         assert!(maps.find(0x55d0a0004000).is_none());
     }
 
@@ -192,5 +210,9 @@ mod tests {
         let here = the_live_map_contains_this_function as fn() as usize as u64;
         let m = maps.find(here).expect("our own code is mapped");
         assert_ne!(m.prot & libc::PROT_EXEC, 0);
+        // The device and inode are the ones `stat` reports for the file.
+        let st = std::fs::metadata(&m.path).unwrap();
+        use std::os::unix::fs::MetadataExt;
+        assert_eq!((m.dev, m.inode), (st.dev(), st.ino()));
     }
 }

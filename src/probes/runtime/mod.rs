@@ -28,6 +28,9 @@
 //! - `refuse.rs` lists the code that must never be patched;
 //!   [`ProcessSymbols`](symbols::ProcessSymbols) resolves names
 //!   (`symbols.rs`), and `maps.rs` reads `/proc/self/maps`.
+//! - [`LoaderWatch`] (`loader.rs`) follows the dynamic linker's debugger
+//!   rendezvous and tells its subscribers about every object loaded or
+//!   unloaded, before a new object's constructors run.
 //! - [`Live`] puts them together around a
 //!   [`KprobeRegistry`](crate::probes::kprobe::KprobeRegistry).
 //!
@@ -136,6 +139,8 @@ pub(crate) mod in_process;
 #[cfg(target_arch = "x86_64")]
 mod live;
 #[cfg(target_arch = "x86_64")]
+pub mod loader;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod maps;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod quiesce;
@@ -161,6 +166,11 @@ pub use faults::claim_fault_signals;
 pub use in_process::{InProcess, RefusedRange};
 #[cfg(target_arch = "x86_64")]
 pub use live::{Live, LiveError, LiveRegistry};
+#[cfg(target_arch = "x86_64")]
+pub use loader::{
+    LoadSegment, LoadedObject, LoaderError, LoaderEvent, LoaderStats, LoaderSubscription,
+    LoaderWatch, Rendezvous,
+};
 #[cfg(target_arch = "x86_64")]
 pub use quiesce::{quiesce, QuiesceReport, QUIESCE_TIMEOUT};
 #[cfg(target_arch = "x86_64")]
