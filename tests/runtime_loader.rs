@@ -517,3 +517,34 @@ fn an_object_loaded_into_another_namespace_is_not_reported_as_documented() {
         .iter()
         .any(|o| o.name == so.to_str().unwrap()));
 }
+
+#[test]
+fn the_watch_is_the_loaded_list_a_target_resolver_searches_first() {
+    use rcu_registry::probes::uprobe::{FoundBy, LibrarySearch, TargetResolver, UprobeTarget};
+    let _g = serial();
+    // A library only this process knows (not in any search path): found
+    // by its file name because it is loaded, and only while it is.
+    let so = ctor_library("lwresolve", 6);
+    let name = format!("{}:f", so.file_name().unwrap().to_str().unwrap());
+    let target = UprobeTarget::parse(&name).unwrap();
+    let resolver = TargetResolver::with_search(LibrarySearch::nowhere()).with_loaded(watch());
+    assert!(resolver.resolve(&target).is_err());
+    let h = open(&so);
+    let r = resolver.resolve(&target).unwrap();
+    assert_eq!(r.found_by, FoundBy::Loaded);
+    assert_eq!(r.path, so);
+    assert_eq!(r.file, file_id(&so));
+    // Its file offset is where the loader mapped `f`.
+    // SAFETY: a live handle and a valid C string.
+    let f = unsafe { libc::dlsym(h.0, c"f".as_ptr()) } as u64;
+    let o = watch()
+        .objects()
+        .into_iter()
+        .find(|o| o.name == so.to_str().unwrap())
+        .unwrap();
+    let m = o.file_mappings();
+    let m = m.iter().find(|m| m.vaddr.contains(&f)).unwrap();
+    assert_eq!(m.offset_of(f), Some(r.key().offset));
+    close(h);
+    assert!(resolver.resolve(&target).is_err());
+}

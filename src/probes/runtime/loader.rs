@@ -430,6 +430,26 @@ impl LoaderWatch {
     }
 }
 
+/// The watch's list as the loaded objects a
+/// [`TargetResolver`](crate::probes::uprobe::TargetResolver) searches first
+/// for a bare library name, in load order (the executable by its
+/// `/proc/self/exe` path; the vDSO, which has no file, left out).
+impl crate::probes::uprobe::LoadedObjects for LoaderWatch {
+    fn loaded_paths(&self) -> Vec<std::path::PathBuf> {
+        self.objects()
+            .into_iter()
+            .filter(|o| o.file.is_some())
+            .map(|o| {
+                if o.name.is_empty() {
+                    std::fs::read_link("/proc/self/exe").unwrap_or_default()
+                } else {
+                    std::path::PathBuf::from(o.name)
+                }
+            })
+            .collect()
+    }
+}
+
 /// The watch's lock, held: the state may be read and replaced.
 struct Held<'a> {
     watch: &'a LoaderWatch,

@@ -77,6 +77,12 @@ impl LoadedObjects for Vec<PathBuf> {
     }
 }
 
+impl<T: LoadedObjects + ?Sized> LoadedObjects for &T {
+    fn loaded_paths(&self) -> Vec<PathBuf> {
+        (**self).loaded_paths()
+    }
+}
+
 impl<T: LoadedObjects + ?Sized> LoadedObjects for Arc<T> {
     fn loaded_paths(&self) -> Vec<PathBuf> {
         (**self).loaded_paths()
