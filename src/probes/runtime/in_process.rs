@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use crate::probes::error::{CodeBytes, TextFailure};
 use crate::probes::runtime::maps::Maps;
-use crate::probes::text::TextMemory;
+use crate::probes::text::{TextIdentity, TextMemory};
 use crate::probes::ProbeError;
 use crate::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use crate::sync::Mutex;
@@ -229,6 +229,55 @@ impl TextMemory for InProcess {
     }
 
     fn write(&self, addr: u64, expected_old: &[u8], new: &[u8]) -> Result<(), ProbeError> {
+        self.write_checked(None, addr, expected_old, new)
+    }
+
+    fn identity(&self, addr: u64) -> Result<Option<TextIdentity>, ProbeError> {
+        let maps = read_maps(addr, 1)?;
+        Ok(maps.find(addr).map(|m| m.identity()))
+    }
+
+    /// The identity is compared in the same memory-map snapshot, under the
+    /// same lock, as the write's protection lookup: one map read per write,
+    /// as for [`write`](TextMemory::write).
+    fn write_in(
+        &self,
+        identity: &TextIdentity,
+        addr: u64,
+        expected_old: &[u8],
+        new: &[u8],
+    ) -> Result<(), ProbeError> {
+        self.write_checked(Some(identity), addr, expected_old, new)
+    }
+
+    fn sync_icache(&self, _addr: u64, _len: usize) -> Result<(), ProbeError> {
+        sync_cores();
+        Ok(())
+    }
+}
+
+/// `/proc/self/maps`, or the error a write at `addr` reports without it.
+fn read_maps(addr: u64, len: usize) -> Result<Maps, ProbeError> {
+    Maps::read().map_err(|e| ProbeError::TextAccess {
+        addr,
+        len,
+        failure: TextFailure::Os {
+            op: "read /proc/self/maps",
+            errno: e.raw_os_error().unwrap_or(0),
+        },
+    })
+}
+
+impl InProcess {
+    /// A checked write; with `identity`, refused ([`ProbeError::TextGone`])
+    /// unless that identity is mapped at `addr`, checked before the bytes.
+    fn write_checked(
+        &self,
+        identity: Option<&TextIdentity>,
+        addr: u64,
+        expected_old: &[u8],
+        new: &[u8],
+    ) -> Result<(), ProbeError> {
         if expected_old.len() != new.len() {
             return Err(ProbeError::PatchLengthMismatch {
                 expected: expected_old.len(),
@@ -253,6 +302,16 @@ impl TextMemory for InProcess {
         // A poisoned lock guards nothing inconsistent: every write restores
         // the protections before it can panic-free return.
         let _g = TEXT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        // With an identity to check, the map is read first: a replaced or
+        // unmapped text is `TextGone`, whatever bytes it holds.
+        let mut maps = None;
+        if let Some(want) = identity {
+            let m = read_maps(addr, len)?;
+            if m.find(addr).map(|m| m.identity()).as_ref() != Some(want) {
+                return Err(ProbeError::TextGone { addr });
+            }
+            maps = Some(m);
+        }
         let mut current = [0u8; CodeBytes::CAPACITY];
         let mut current_vec;
         let current: &mut [u8] = if len <= current.len() {
@@ -272,14 +331,10 @@ impl TextMemory for InProcess {
         if current == new {
             return Ok(());
         }
-        let maps = Maps::read().map_err(|e| ProbeError::TextAccess {
-            addr,
-            len,
-            failure: TextFailure::Os {
-                op: "read /proc/self/maps",
-                errno: e.raw_os_error().unwrap_or(0),
-            },
-        })?;
+        let maps = match maps {
+            Some(m) => m,
+            None => read_maps(addr, len)?,
+        };
         let page = page_size();
         let (pstart, pend) = (addr & !(page - 1), (end + page - 1) & !(page - 1));
         let runs = maps
@@ -325,11 +380,6 @@ impl TextMemory for InProcess {
             InProcess::store(addr, new, current);
             return Err(err);
         }
-        Ok(())
-    }
-
-    fn sync_icache(&self, _addr: u64, _len: usize) -> Result<(), ProbeError> {
-        sync_cores();
         Ok(())
     }
 }

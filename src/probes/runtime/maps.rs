@@ -21,6 +21,8 @@
 
 use std::io;
 
+use crate::probes::text::TextIdentity;
+
 /// One line of `/proc/self/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Mapping {
@@ -35,6 +37,24 @@ pub(crate) struct Mapping {
     pub(crate) shared: bool,
     /// The file path, or a pseudo name like `[stack]`; empty for anonymous.
     pub(crate) path: String,
+    /// File offset of `start` (for anonymous memory whatever the kernel
+    /// prints, its page offset).
+    pub(crate) offset: u64,
+    /// The file's device (`makedev(major, minor)`; 0 for anonymous memory).
+    pub(crate) device: u64,
+    /// The file's inode (0 for anonymous memory).
+    pub(crate) inode: u64,
+}
+
+impl Mapping {
+    /// What is mapped (see [`TextIdentity`]).
+    pub(crate) fn identity(&self) -> TextIdentity {
+        TextIdentity {
+            device: self.device,
+            inode: self.inode,
+            bias: self.start.wrapping_sub(self.offset),
+        }
+    }
 }
 
 /// A snapshot of the memory map, sorted by address (as the kernel prints it).
@@ -108,9 +128,13 @@ fn parse_line(line: &str) -> Option<Mapping> {
     let mut fields = line.splitn(6, ' ');
     let range = fields.next()?;
     let perms = fields.next()?.as_bytes();
-    let _offset = fields.next()?;
-    let _dev = fields.next()?;
-    let _inode = fields.next()?;
+    let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
+    let (major, minor) = fields.next()?.split_once(':')?;
+    let device = libc::makedev(
+        u32::from_str_radix(major, 16).ok()?,
+        u32::from_str_radix(minor, 16).ok()?,
+    );
+    let inode = fields.next()?.parse::<u64>().ok()?;
     let path = fields.next().unwrap_or("").trim_start().to_string();
     let (s, e) = range.split_once('-')?;
     let start = u64::from_str_radix(s, 16).ok()?;
@@ -134,6 +158,9 @@ fn parse_line(line: &str) -> Option<Mapping> {
         prot,
         shared: perms[3] == b's',
         path,
+        offset,
+        device,
+        inode,
     })
 }
 
@@ -157,6 +184,14 @@ mod tests {
         assert_eq!(text.path, "/usr/bin/x");
         assert_eq!(maps.find(0x7ffd00000000).unwrap().path, "[stack]");
         assert!(maps.find(0x55d0a0004000).is_none());
+        // One file mapped contiguously: one identity for its three mappings.
+        let id = text.identity();
+        assert_eq!(id.inode, 123);
+        assert_eq!(id.device, libc::makedev(0xfe, 1));
+        assert_eq!(id.bias, 0x55d0a0000000);
+        assert_eq!(maps.find(0x55d0a0000000).unwrap().identity(), id);
+        assert_eq!(maps.find(0x55d0a0003000).unwrap().identity(), id);
+        assert_ne!(maps.find(0x7ffd00000000).unwrap().identity(), id);
     }
 
     #[test]
