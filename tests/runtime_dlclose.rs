@@ -167,7 +167,9 @@ fn at(f: F) -> u64 {
 /// (what the same-address cases need; the kernel decides).
 fn same_address(what: &str, old: u64, new: u64) -> bool {
     if old != new {
-        eprintln!("{what}: reloaded at {new:#x}, not {old:#x}: the same-address case is not exercised");
+        eprintln!(
+            "{what}: reloaded at {new:#x}, not {old:#x}: the same-address case is not exercised"
+        );
     }
     old == new
 }
@@ -241,7 +243,11 @@ fn registering_over_a_site_whose_library_was_unloaded_arms_a_fresh_one() {
     let inc = lib.function(c"fx_inc");
     let new = at(inc);
     same_address("reload with the old probe registered", old, new);
-    assert_eq!(code(new, INC.len()), INC, "nothing written into the new text");
+    assert_eq!(
+        code(new, INC.len()),
+        INC,
+        "nothing written into the new text"
+    );
 
     let hits2 = Arc::new(AtomicU64::new(0));
     let probe2 = counting(Kprobe::at(new), &hits2);

@@ -733,7 +733,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     pub fn enable(&self, probe: &(impl AsKprobe + ?Sized)) -> Result<(), ProbeError> {
         let probe = probe.as_kprobe();
         let mut w = self.lock_writer();
-        let key = Self::site_of(&mut w, self.id, probe)?;
+        let key = Self::site_of(&w, self.id, probe)?;
         if probe.is_enabled() {
             return Ok(());
         }
@@ -763,7 +763,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     pub fn disable(&self, probe: &(impl AsKprobe + ?Sized)) -> Result<(), ProbeError> {
         let probe = probe.as_kprobe();
         let mut w = self.lock_writer();
-        let mut key = Self::site_of(&mut w, self.id, probe)?;
+        let mut key = Self::site_of(&w, self.id, probe)?;
         if !probe.is_enabled() {
             return Ok(());
         }

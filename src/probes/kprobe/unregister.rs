@@ -49,8 +49,8 @@ use std::sync::Arc;
 
 use super::kretprobe::{Kretprobe, ReturnProbe};
 use super::probe::{AsKprobe, Kprobe};
-use super::site::SiteState;
 use super::registry::{text_gone, KprobeRegistry, SiteKey, Writer};
+use super::site::SiteState;
 use super::table::{Members, Site};
 use crate::probes::arch::Arch;
 use crate::probes::reentry::in_kprobe_handler;

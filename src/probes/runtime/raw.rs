@@ -27,7 +27,7 @@ unsafe fn syscall4(nr: libc::c_long, a: u64, b: u64, c: u64, d: u64) -> i64 {
     unsafe {
         asm!(
             "syscall",
-            inlateout("rax") nr as i64 => ret,
+            inlateout("rax") nr => ret,
             in("rdi") a,
             in("rsi") b,
             in("rdx") c,
