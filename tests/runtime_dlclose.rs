@@ -263,9 +263,16 @@ fn registering_over_a_site_whose_library_was_unloaded_arms_a_fresh_one() {
     // The old probe is still registered (its site detached) until
     // unregistered; enabling it is refused and changes nothing.
     assert!(probe.is_registered());
+    let ids = |ps: Vec<Kprobe>| ps.iter().map(Kprobe::id).collect::<Vec<_>>();
+    assert!(ids(reg.probes()).contains(&probe.id()));
     reg.disable(&probe).unwrap();
+    let (sites, probes, bytes) = (reg.sites(), ids(reg.probes()), code(new, INC.len()));
     assert_eq!(reg.enable(&probe), Err(ProbeError::TextGone { addr: old }));
     assert!(!probe.is_enabled());
+    assert_eq!(
+        (reg.sites(), ids(reg.probes()), code(new, INC.len())),
+        (sites, probes, bytes)
+    );
     assert_eq!(code(new, 1), [0xcc]);
 
     // Either order: the new one restores the bytes, the old one writes
