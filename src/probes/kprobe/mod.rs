@@ -97,16 +97,19 @@
 //! *when* `dlclose` runs is the live uprobes issue's; here the registry
 //! notices at its next write.)
 //!
-//! **What a site records.** When the first probe on an address is prepared,
+//! **What a site records.** When the first probe on an address is armed,
 //! the site records the [`TextIdentity`](crate::probes::text::TextIdentity)
 //! there: the file's device and inode and its load bias (address minus file
-//! offset). Every breakpoint write and removal goes through
+//! offset), as the arming write found it
+//! ([`TextMemory::write_identified`](crate::probes::text::TextMemory::write_identified);
+//! a site registered disabled looks it up). Every later breakpoint write and
+//! removal goes through
 //! [`TextMemory::write_in`](crate::probes::text::TextMemory::write_in),
 //! which refuses ([`ProbeError::TextGone`](crate::probes::ProbeError::TextGone),
 //! nothing written) unless that identity is still mapped at the address,
 //! checked in the same memory-map snapshot and under the same lock as the
-//! write itself (for the live runtime's text: no extra `/proc/self/maps`
-//! read).
+//! write itself (for the live runtime's text: no `/proc/self/maps` read
+//! beyond the one every write already makes).
 //!
 //! **When a site's text went away.** Disarming finds one of: nothing or
 //! another file (or the same file at another bias) mapped there

@@ -529,8 +529,22 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         // SAFETY: writer mutex held; `node` is fresh.
         unsafe { self.table.insert(node) };
         let armed = probe.is_enabled();
-        if armed {
-            if let Err(e) = self.arm(addr, &text_id, &orig) {
+        let identified = if armed {
+            // The arming write reports (or checks) the identity.
+            self.arm_fresh(addr, text_id.as_ref(), &orig)
+        } else {
+            text_id.map_or_else(
+                || {
+                    self.text
+                        .identity(addr)?
+                        .ok_or(ProbeError::TextGone { addr })
+                },
+                Ok,
+            )
+        };
+        let text_id = match identified {
+            Ok(id) => id,
+            Err(e) => {
                 // SAFETY: writer mutex held; `node` was linked just above.
                 unsafe { self.table.unlink(node) };
                 // Readers may have reached the node: free it (and its list,
@@ -544,7 +558,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 ]);
                 return Err(e);
             }
-        }
+        };
         if stale {
             // The fresh node shadows it in the hash table already (linked at
             // the head of the chain): now it goes.
@@ -606,11 +620,12 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
 
     /// Validates the first probe on `addr` and prepares how hits complete:
     /// boundary and instruction checks by the arch backend, the XOL slot.
+    /// Also returns the text's identity if it had to look it up.
     fn prepare_site(
         &self,
         w: &mut Writer,
         addr: u64,
-    ) -> Result<(SiteExec, CodeBytes, TextIdentity), ProbeError> {
+    ) -> Result<(SiteExec, CodeBytes, Option<TextIdentity>), ProbeError> {
         let func = self
             .resolver
             .function_containing(addr)
@@ -626,18 +641,27 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             .min(func.end());
         let mut text = vec![0u8; (end - func.start) as usize];
         self.text.read(func.start, &mut text)?;
-        let text_id = self
-            .text
-            .identity(addr)?
-            .ok_or(ProbeError::TextGone { addr })?;
         let bp = self.arch.breakpoint();
+        // What is mapped here: looked up only when a neighbour needs it (a
+        // memory-map read); otherwise the arming write reports it.
+        let mut text_id = None;
         // Our own armed breakpoints in the range would derail the decoder:
         // decode the original bytes (only where the breakpoint is still
         // there, in the same mapping: a site whose text went away has no
         // say over what is there now).
         for (&a, st) in w.sites.range(func.start..end) {
             let at = (a - func.start) as usize;
-            if st.armed && st.text_id == text_id && text[at..].starts_with(bp) {
+            if !st.armed || !text[at..].starts_with(bp) {
+                continue;
+            }
+            if text_id.is_none() {
+                text_id = Some(
+                    self.text
+                        .identity(addr)?
+                        .ok_or(ProbeError::TextGone { addr })?,
+                );
+            }
+            if text_id == Some(st.text_id) {
                 let orig = st.orig.as_slice();
                 let n = orig.len().min(text.len() - at);
                 text[at..at + n].copy_from_slice(&orig[..n]);
@@ -708,6 +732,27 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             return Err(e);
         }
         Ok(())
+    }
+
+    /// Arms a fresh site: as [`arm`](Self::arm) when the identity is known
+    /// (checked), else a write that reports it. Returns the identity.
+    fn arm_fresh(
+        &self,
+        addr: u64,
+        known: Option<&TextIdentity>,
+        orig: &CodeBytes,
+    ) -> Result<TextIdentity, ProbeError> {
+        if let Some(id) = known {
+            return self.arm(addr, id, orig).map(|()| *id);
+        }
+        let bp = self.arch.breakpoint();
+        let id = self.text.write_identified(addr, orig.as_slice(), bp)?;
+        if let Err(e) = self.text.sync_icache(addr, bp.len()) {
+            // Put the original back so that the failure changes nothing.
+            let _ = self.text.write_in(&id, addr, bp, orig.as_slice());
+            return Err(e);
+        }
+        Ok(id)
     }
 
     /// Restores `orig` over our breakpoint at `addr`, if the text there is

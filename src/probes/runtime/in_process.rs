@@ -229,7 +229,8 @@ impl TextMemory for InProcess {
     }
 
     fn write(&self, addr: u64, expected_old: &[u8], new: &[u8]) -> Result<(), ProbeError> {
-        self.write_checked(None, addr, expected_old, new)
+        self.write_checked(Identity::Ignore, addr, expected_old, new)
+            .map(drop)
     }
 
     fn identity(&self, addr: u64) -> Result<Option<TextIdentity>, ProbeError> {
@@ -247,7 +248,21 @@ impl TextMemory for InProcess {
         expected_old: &[u8],
         new: &[u8],
     ) -> Result<(), ProbeError> {
-        self.write_checked(Some(identity), addr, expected_old, new)
+        self.write_checked(Identity::Check(identity), addr, expected_old, new)
+            .map(drop)
+    }
+
+    /// The identity comes from the write's own memory-map snapshot.
+    fn write_identified(
+        &self,
+        addr: u64,
+        expected_old: &[u8],
+        new: &[u8],
+    ) -> Result<TextIdentity, ProbeError> {
+        match self.write_checked(Identity::Report, addr, expected_old, new)? {
+            Some(id) => Ok(id),
+            None => Err(ProbeError::TextGone { addr }),
+        }
     }
 
     fn sync_icache(&self, _addr: u64, _len: usize) -> Result<(), ProbeError> {
@@ -268,26 +283,38 @@ fn read_maps(addr: u64, len: usize) -> Result<Maps, ProbeError> {
     })
 }
 
+/// What a write does with the identity of the text it writes.
+#[derive(Clone, Copy)]
+enum Identity<'a> {
+    /// Nothing.
+    Ignore,
+    /// Refuses ([`ProbeError::TextGone`]) unless it is this one (checked
+    /// before the bytes).
+    Check(&'a TextIdentity),
+    /// Returns it (`None`: nothing is mapped at the address).
+    Report,
+}
+
 impl InProcess {
-    /// A checked write; with `identity`, refused ([`ProbeError::TextGone`])
-    /// unless that identity is mapped at `addr`, checked before the bytes.
+    /// A checked write, doing with the identity what `identity` says (one
+    /// memory-map snapshot for that and the protections).
     fn write_checked(
         &self,
-        identity: Option<&TextIdentity>,
+        identity: Identity<'_>,
         addr: u64,
         expected_old: &[u8],
         new: &[u8],
-    ) -> Result<(), ProbeError> {
+    ) -> Result<Option<TextIdentity>, ProbeError> {
         if expected_old.len() != new.len() {
             return Err(ProbeError::PatchLengthMismatch {
                 expected: expected_old.len(),
                 new: new.len(),
             });
         }
-        if new.is_empty() {
-            return Ok(());
-        }
         let len = new.len();
+        if len == 0 && matches!(identity, Identity::Ignore) {
+            return Ok(None);
+        }
         if let Some(r) = self.refused_at(addr, len) {
             return Err(ProbeError::RefusedTarget {
                 addr: addr.max(r.start),
@@ -302,15 +329,22 @@ impl InProcess {
         // A poisoned lock guards nothing inconsistent: every write restores
         // the protections before it can panic-free return.
         let _g = TEXT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        // With an identity to check, the map is read first: a replaced or
-        // unmapped text is `TextGone`, whatever bytes it holds.
+        // With an identity to check or report, the map is read first: a
+        // replaced or unmapped text is `TextGone`, whatever bytes it holds.
         let mut maps = None;
-        if let Some(want) = identity {
+        let mut found = None;
+        if !matches!(identity, Identity::Ignore) {
             let m = read_maps(addr, len)?;
-            if m.find(addr).map(|m| m.identity()).as_ref() != Some(want) {
-                return Err(ProbeError::TextGone { addr });
+            found = m.find(addr).map(|m| m.identity());
+            if let Identity::Check(want) = identity {
+                if found.as_ref() != Some(want) {
+                    return Err(ProbeError::TextGone { addr });
+                }
             }
             maps = Some(m);
+        }
+        if len == 0 {
+            return Ok(found);
         }
         let mut current = [0u8; CodeBytes::CAPACITY];
         let mut current_vec;
@@ -329,7 +363,7 @@ impl InProcess {
             });
         }
         if current == new {
-            return Ok(());
+            return Ok(found);
         }
         let maps = match maps {
             Some(m) => m,
@@ -380,7 +414,7 @@ impl InProcess {
             InProcess::store(addr, new, current);
             return Err(err);
         }
-        Ok(())
+        Ok(found)
     }
 }
 

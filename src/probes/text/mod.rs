@@ -129,6 +129,24 @@ pub trait TextMemory: Send + Sync {
         }
     }
 
+    /// [`write`](Self::write), returning the identity of the text written
+    /// (found under the same serialization as the write where the
+    /// implementation can: a registry records it for the site it arms).
+    ///
+    /// # Errors
+    /// [`ProbeError::TextGone`] if nothing is mapped at `addr`; otherwise
+    /// as `write`. On every error the text is exactly as before.
+    fn write_identified(
+        &self,
+        addr: u64,
+        expected_old: &[u8],
+        new: &[u8],
+    ) -> Result<TextIdentity, ProbeError> {
+        let id = self.identity(addr)?.ok_or(ProbeError::TextGone { addr })?;
+        self.write(addr, expected_old, new)?;
+        Ok(id)
+    }
+
     /// Makes `len` bytes written at `addr` visible to instruction fetch.
     /// The default is a no-op, correct where instruction caches are coherent
     /// (x86_64) and for memories that are never executed ([`Image`]).
