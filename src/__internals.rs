@@ -36,6 +36,20 @@ pub mod rcu {
         }
     }
 
+    /// An `Srcu` domain's open read sections, for the test of what a guard
+    /// leaked on an exiting thread does (the handler contract's `Srcu`
+    /// clause).
+    pub trait SrcuSections {
+        /// Sections begun minus sections ended, every thread's.
+        fn open_sections(&self) -> usize;
+    }
+
+    impl SrcuSections for Srcu {
+        fn open_sections(&self) -> usize {
+            Srcu::open_sections(self)
+        }
+    }
+
     impl DomainGauges for Srcu {
         fn sync_waiters(&self) -> usize {
             Srcu::sync_waiters(self)

@@ -308,3 +308,55 @@ fn a_breakpoint_overwritten_by_someone_else_is_not_unpatched() {
     assert_eq!(state(&fx.reg, fx.reg.text().snapshot()), before);
     assert!(p.is_registered(), "still registered: nothing changed");
 }
+
+/// The original byte back where our breakpoint was, in the same text (what
+/// the same library unloaded and loaded again at the same address looks
+/// like to the registry): nothing is left to restore. Unregistering writes
+/// nothing and succeeds, the slot goes back; a registration there gets a
+/// fresh site while the old probe stays registered (detached) until it is
+/// unregistered, and enabling it again is refused with nothing changed.
+#[test]
+fn a_breakpoint_replaced_by_the_original_bytes_is_retired_without_a_write() {
+    let fx = fixture();
+    let text = fx.reg.text();
+    let orig = text.snapshot();
+    let at = (F_MOV_RBP - text.base()) as usize;
+    let p = Kprobe::at(F_MOV_RBP).build();
+    fx.reg.register(&p).unwrap();
+    assert_eq!(fx.xol.in_use(), 1);
+    // "Reloaded": the breakpoint is gone, the original byte is back.
+    text.write(F_MOV_RBP, &[0xcc], &orig[at..at + 1]).unwrap();
+    let writes = text.writes_done();
+    fx.reg.unregister(&p).unwrap();
+    assert_eq!(text.writes_done(), writes, "nothing written");
+    assert_eq!(text.snapshot(), orig);
+    assert!(fx.reg.sites().is_empty() && fx.reg.is_empty());
+    Rcu::global().barrier();
+    assert_eq!(fx.xol.in_use(), 0, "the slot came back");
+
+    // Again, but a new probe registers before the old one goes.
+    fx.reg.register(&p).unwrap();
+    text.write(F_MOV_RBP, &[0xcc], &orig[at..at + 1]).unwrap();
+    let q = Kprobe::at(F_MOV_RBP).build();
+    fx.reg.register(&q).unwrap();
+    assert_eq!(text.snapshot()[at], 0xcc, "the fresh site is armed");
+    let sites = fx.reg.sites();
+    assert_eq!(sites.len(), 1);
+    assert_eq!(sites[0].probes, vec![q.id()]);
+    assert!(p.is_registered() && fx.reg.len() == 2);
+    fx.reg.disable(&p).unwrap();
+    let before = state(&fx.reg, text.snapshot());
+    assert_eq!(
+        fx.reg.enable(&p),
+        Err(ProbeError::TextGone { addr: F_MOV_RBP })
+    );
+    assert_eq!(state(&fx.reg, text.snapshot()), before);
+    assert!(!p.is_enabled());
+    fx.reg.unregister(&p).unwrap();
+    assert_eq!(text.snapshot()[at], 0xcc, "the old probe wrote nothing");
+    fx.reg.unregister(&q).unwrap();
+    assert_eq!(text.snapshot(), orig);
+    assert!(fx.reg.sites().is_empty() && fx.reg.is_empty());
+    Rcu::global().barrier();
+    assert_eq!(fx.xol.in_use(), 0);
+}

@@ -264,6 +264,47 @@ fn a_thread_that_exits_inside_a_leaked_section_does_not_wedge_grace_periods() {
     rcu.synchronize();
 }
 
+/// The handler contract's `Srcu` clause (`docs::patterns`, "Uprobe
+/// consumers"): unlike `Rcu`, an `Srcu` section leaked on a thread that
+/// exits stays open for good, and a grace period waits for it. Shown
+/// without timing: the section is still counted after its thread is gone
+/// and after other threads (which may take over its reader slot) came and
+/// went, and a `synchronize` started then is waiting, which it does until
+/// that count drops, which nothing can make it do. The waiting thread is
+/// left behind (it polls with a sleep) and dies with the test process.
+#[test]
+fn an_srcu_section_leaked_on_an_exiting_thread_stays_open_and_synchronize_waits_for_it() {
+    use rcu_registry::__internals::rcu::SrcuSections;
+    let srcu = Srcu::new();
+    assert_eq!(srcu.open_sections(), 0);
+    let s = srcu.clone();
+    thread::spawn(move || std::mem::forget(s.read()))
+        .join()
+        .unwrap();
+    assert_eq!(
+        srcu.open_sections(),
+        1,
+        "the leaked section outlives its thread"
+    );
+    for _ in 0..8 {
+        let s = srcu.clone();
+        thread::spawn(move || drop(s.read())).join().unwrap();
+    }
+    assert_eq!(srcu.open_sections(), 1, "no other thread ends it");
+    let s = srcu.clone();
+    let done = Arc::new(AtomicBool::new(false));
+    let d = Arc::clone(&done);
+    thread::spawn(move || {
+        s.synchronize();
+        d.store(true, Ordering::SeqCst);
+    });
+    while srcu.sync_waiters() == 0 {
+        thread::yield_now();
+    }
+    assert_eq!(srcu.open_sections(), 1);
+    assert!(!done.load(Ordering::SeqCst));
+}
+
 #[test]
 fn a_thread_panicking_out_of_a_read_section_does_not_wedge_grace_periods() {
     let rcu = Rcu::new();

@@ -165,6 +165,15 @@ pub enum ProbeError {
         /// Paths of the objects that define it.
         objects: Vec<String>,
     },
+    /// The text a probe site was prepared in is no longer mapped at `addr`:
+    /// the object was unloaded (`dlclose`, `munmap`) and nothing or another
+    /// mapping is there now. Nothing is written to such text; the site's
+    /// probes can only be unregistered (see
+    /// [`TextMemory::write_in`](crate::probes::text::TextMemory::write_in)).
+    TextGone {
+        /// The probed address.
+        addr: u64,
+    },
     /// The file of a uprobe target cannot be used: `failure` says why.
     TargetFile {
         /// The file, as it was opened.
@@ -542,6 +551,11 @@ impl fmt::Display for ProbeError {
             ProbeError::OffsetPastEnd { name, size, offset } => write!(
                 f,
                 "offset {offset:#x} is past the end of `{name}` ({size:#x} bytes)"
+            ),
+            ProbeError::TextGone { addr } => write!(
+                f,
+                "the text at {addr:#x} is no longer the mapping the probe was armed in \
+                 (unloaded or replaced)"
             ),
             ProbeError::AmbiguousSymbol { name, objects } => write!(
                 f,

@@ -442,6 +442,28 @@ impl Srcu {
         self.queue.counts.throttled.load(Ordering::Relaxed)
     }
 
+    /// Read sections of this domain open right now, on both indices, every
+    /// thread's (tokens not yet dropped included): sections begun minus
+    /// sections ended. A test hook, reached through
+    /// `__internals::rcu::SrcuSections`.
+    #[cfg(not(loom))]
+    pub(crate) fn open_sections(&self) -> usize {
+        // Relaxed: a gauge; the test reads it when the threads that could
+        // change it have been joined.
+        let ended = self.state.sum(|c| {
+            (0..2).fold(0usize, |t, i| {
+                t.wrapping_add(c.unlock[i].load(Ordering::Relaxed))
+                    .wrapping_add(c.unlock_remote[i].load(Ordering::Relaxed))
+            })
+        });
+        let begun = self.state.sum(|c| {
+            c.lock[0]
+                .load(Ordering::Relaxed)
+                .wrapping_add(c.lock[1].load(Ordering::Relaxed))
+        });
+        begun.wrapping_sub(ended)
+    }
+
     /// `synchronize()` callers of this domain that have taken their
     /// grace-period snapshot and not yet returned. A test hook, reached
     /// through `__internals::rcu::DomainGauges`.

@@ -45,8 +45,7 @@ pub(crate) struct RegistryHold<'a> {
 /// and not yet committed, or orphaned with calls in flight; each once.
 fn return_probes(w: &Writer) -> Vec<Arc<dyn ReturnProbe>> {
     let registered = w
-        .sites
-        .values()
+        .all_sites()
         .flat_map(|s| s.probes())
         .filter_map(|k| k.return_probe());
     let pending = w.pending.iter().filter_map(|r| match r {

@@ -87,6 +87,75 @@
 //! same bytes (the [reuse rule](crate::probes::xol::XolAllocator#reuse-rule)), or for any
 //! address once its `quiesce` has proved no thread can still be in it.
 //!
+//! # Text that goes away
+//!
+//! The code a probe is armed in can be unmapped under it (`dlclose`,
+//! `munmap`), and the address reused: by nothing, by another object, or by
+//! the same library loaded again. Writing the site's saved original bytes
+//! there would corrupt whatever is there now; refusing to unregister would
+//! leave the probe registered for good. (The loader hook that retires sites
+//! *when* `dlclose` runs is the live uprobes issue's; here the registry
+//! notices at its next write.)
+//!
+//! **What a site records.** When the first probe on an address is armed,
+//! the site records the [`TextIdentity`](crate::probes::text::TextIdentity)
+//! there: the file's device and inode and its load bias (address minus file
+//! offset), as the arming write found it
+//! ([`TextMemory::write_identified`](crate::probes::text::TextMemory::write_identified);
+//! a site registered disabled looks it up). Every later breakpoint write and
+//! removal goes through
+//! [`TextMemory::write_in`](crate::probes::text::TextMemory::write_in),
+//! which refuses ([`ProbeError::TextGone`](crate::probes::ProbeError::TextGone),
+//! nothing written) unless that identity is still mapped at the address,
+//! checked in the same memory-map snapshot and under the same lock as the
+//! write itself (for the live runtime's text: no `/proc/self/maps` read
+//! beyond the one every write already makes).
+//!
+//! **When a site's text went away.** Disarming finds one of: nothing or
+//! another file (or the same file at another bias) mapped there
+//! (`TextGone`); or the *original* bytes where our breakpoint was, which
+//! in the same file at the same bias means the file was mapped again (a
+//! private mapping's written page never reverts by itself) or someone put
+//! them back, and either way there is nothing to restore. Joining an armed
+//! site checks that the breakpoint byte is still there (one read): if the
+//! text is unreadable, holds the original bytes, or is another identity,
+//! the site is stale. Such a site is **detached**: unlinked from the hash
+//! table (new hits do not find it), marked unarmed, and kept aside with its
+//! probes, which stay registered. Unregistering them (every path: one,
+//! `unregister_many`, `unregister_nosync` + `commit`, `unregister_all`)
+//! succeeds with nothing written, and the last one retires the site as
+//! usual (its XOL slot comes back after the grace period and the usual
+//! quiescence). A registration at the address prepares a fresh site from
+//! the text there now (decoded anew, a new slot), arms it, and only then
+//! detaches the stale one, so an error changes nothing. Enabling a probe of
+//! a detached site is refused (`TextGone`); disabling one writes nothing.
+//! [`sites`](KprobeRegistry::sites) lists live sites only;
+//! [`probes`](KprobeRegistry::probes) lists the detached sites' probes too.
+//!
+//! **Why this is sound, and what it cannot see.** Our breakpoint lives in a
+//! private copy of the page made when we wrote it; a mapping made later at
+//! the address never contains it unless its own bytes have the breakpoint
+//! byte there. So a write through `write_in` never lands in another file's
+//! text, and the same file mapped again is told apart by the breakpoint's
+//! absence. What is not detected:
+//! - a stale site nobody writes or joins: until the next registry operation
+//!   on the address it stays linked, and if new text at the address
+//!   *executes* an `int3` there, the stale site handles the trap (running
+//!   the old instruction out of line). Only a loader hook can close this;
+//! - a join on an armed site whose address now holds the breakpoint byte
+//!   in another object (checking the identity on every join would cost a
+//!   memory-map read per probe): the new probe joins the stale site and
+//!   fires only if that `int3` is executed; its unregistration still writes
+//!   nothing into the other object (`write_in`);
+//! - a site with no enabled probe (no breakpoint written): the same file
+//!   mapped again at the same bias is indistinguishable from the old text,
+//!   so enabling arms it in the new mapping (same file, same bytes, same
+//!   address: the decoded instruction and XOL plan are still right);
+//! - anonymous memory (JIT code) has no file identity: a new anonymous
+//!   mapping at the address is detected only by the breakpoint's absence;
+//! - an unload racing a registry operation on the address (the check and the
+//!   write are one step for our writes, not for the loader's `munmap`).
+//!
 //! # Kretprobes
 //!
 //! A [`Kretprobe`] is an entry probe whose "pre handler" takes an instance

@@ -19,9 +19,9 @@ use super::site::SiteState;
 use super::table::{Members, Site, SiteExec, Table, MIN_MEMBER_SLOTS};
 use super::unregister::Retired;
 use crate::probes::arch::{Arch, InsnClass};
-use crate::probes::error::{CodeBytes, ProbeError, ProbeSite};
+use crate::probes::error::{CodeBytes, ProbeError, ProbeSite, TextFailure};
 use crate::probes::resolve::SymbolResolver;
-use crate::probes::text::TextMemory;
+use crate::probes::text::{TextIdentity, TextMemory};
 use crate::probes::xol::XolAllocator;
 use crate::rcu::Rcu;
 use crate::sync::atomic::{AtomicUsize, Ordering};
@@ -43,6 +43,10 @@ static NEXT_ID: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize:
 /// Everything writers share, behind the registry mutex.
 pub(crate) struct Writer {
     pub(crate) sites: BTreeMap<u64, SiteState>,
+    /// Sites whose text went away (see "Text that goes away" in the module
+    /// docs), unlinked from the hash table and kept, by address and node,
+    /// until their last probe is unregistered.
+    pub(crate) detached: BTreeMap<(u64, usize), SiteState>,
     /// Unregistered without sync: finished by the next `commit`.
     pub(crate) pending: Vec<Retired>,
     /// Unregistered kretprobes with calls still in flight.
@@ -55,6 +59,65 @@ pub(crate) struct Writer {
 // SAFETY: the raw site pointers are owned by the writer state (readers only
 // borrow them under RCU); everything else is `Send`.
 unsafe impl Send for Writer {}
+
+/// Where the site of a registered probe is kept.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum SiteKey {
+    /// In `Writer::sites` (and the hash table), by address.
+    Live(u64),
+    /// In `Writer::detached`.
+    Detached((u64, usize)),
+}
+
+impl Writer {
+    /// Every site, live ones first.
+    pub(crate) fn all_sites(&self) -> impl Iterator<Item = &SiteState> {
+        self.sites.values().chain(self.detached.values())
+    }
+
+    /// The site `probe` (registered here) is a member of.
+    pub(crate) fn find(&self, probe: &Kprobe) -> Option<SiteKey> {
+        let addr = probe.registered_addr();
+        if self.sites.get(&addr).is_some_and(|s| s.holds(probe)) {
+            return Some(SiteKey::Live(addr));
+        }
+        self.detached
+            .range((addr, 0)..=(addr, usize::MAX))
+            .find(|(_, s)| s.holds(probe))
+            .map(|(&k, _)| SiteKey::Detached(k))
+    }
+
+    /// The site under `key` (from [`find`](Self::find), or a detach).
+    pub(crate) fn site_mut(&mut self, key: SiteKey) -> &mut SiteState {
+        match key {
+            SiteKey::Live(a) => self.sites.get_mut(&a),
+            SiteKey::Detached(k) => self.detached.get_mut(&k),
+        }
+        .expect("a site key names a kept site")
+    }
+
+    /// Takes the site under `key` out of the writer's maps.
+    pub(crate) fn take(&mut self, key: SiteKey) -> SiteState {
+        match key {
+            SiteKey::Live(a) => self.sites.remove(&a),
+            SiteKey::Detached(k) => self.detached.remove(&k),
+        }
+        .expect("a site key names a kept site")
+    }
+}
+
+/// Whether `e`, from writing a site's text, means that text went away (see
+/// "Text that goes away" in the module docs): another mapping or nothing
+/// is at the address ([`ProbeError::TextGone`]), or, when disarming, the
+/// original bytes are back where our breakpoint was (the same file mapped
+/// again at the same address: there is nothing to restore).
+pub(crate) fn text_gone(e: &ProbeError, orig: &CodeBytes, disarming: bool) -> bool {
+    match e {
+        ProbeError::TextGone { .. } => true,
+        ProbeError::AlreadyPatched { found, .. } => disarming && found == orig,
+        _ => false,
+    }
+}
 
 /// A registry of address-keyed probes (kprobes and kretprobes) over the arch
 /// backend `A` and the text memory `T`.
@@ -150,6 +213,7 @@ impl<A: Arch, T: TextMemory> RegistryBuilder<A, T> {
             trampoline: self.trampoline,
             writer: Mutex::new(Writer {
                 sites: BTreeMap::new(),
+                detached: BTreeMap::new(),
                 pending: Vec::new(),
                 orphans: Vec::new(),
                 dirty: Vec::new(),
@@ -236,7 +300,10 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         self.len() == 0
     }
 
-    /// Every probed address with its probes, in address order.
+    /// Every probed address with its probes, in address order. Sites whose
+    /// text went away (unloaded: see "Text that goes away" in the
+    /// [module docs](super)) are not listed; their probes are still in
+    /// [`probes`](Self::probes) until unregistered.
     pub fn sites(&self) -> Vec<SiteInfo> {
         let w = self.lock_writer();
         w.sites
@@ -256,7 +323,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// registered: a probe whose handle was dropped is still here.
     pub fn probes(&self) -> Vec<Kprobe> {
         let w = self.lock_writer();
-        w.sites.values().flat_map(|s| s.probes().cloned()).collect()
+        w.all_sites().flat_map(|s| s.probes().cloned()).collect()
     }
 
     /// A handle to the registered probe with id `id` (from
@@ -265,8 +332,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     pub fn probe(&self, id: ProbeId) -> Option<Kprobe> {
         let w = self.lock_writer();
         let found = w
-            .sites
-            .values()
+            .all_sites()
             .flat_map(|s| s.probes())
             .find(|p| p.id() == id)
             .cloned();
@@ -342,9 +408,16 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     ///   [`ProbeError::UnsupportedInstruction`]: the arch backend refuses it;
     /// - [`ProbeError::AlreadyPatched`]: someone else's breakpoint is there,
     ///   or the text changed under the write;
+    /// - [`ProbeError::TextGone`]: the text was unmapped or replaced while
+    ///   the probe was being armed;
     /// - [`ProbeError::NotAtFunctionEntry`], [`ProbeError::NoReturnTrampoline`]
     ///   (kretprobe entry probes);
     /// - errors of the text memory and the XOL allocator.
+    ///
+    /// A site already at the address whose text went away (its object was
+    /// unloaded and something, possibly the same object, mapped there
+    /// again) is detached and a fresh site is prepared from the text there
+    /// now: see "Text that goes away" in the [module docs](super).
     ///
     /// On every error the registry and the text are exactly as before (an
     /// XOL slot prepared for a site that was already visible to readers when
@@ -413,13 +486,22 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 });
             }
         }
+        // A site there whose text went away is replaced (after the fresh
+        // one is armed, so that an error changes nothing).
+        let mut stale = false;
         if let Some(st) = w.sites.get_mut(&addr) {
+            stale = st.armed && !self.breakpoint_intact(addr, st)?;
             // Join the existing site: arm first if this is its first enabled
             // probe (a failure then changes nothing), then publish.
-            if probe.is_enabled() && !st.armed {
-                self.arm(addr, &st.orig)?;
-                st.armed = true;
+            if !stale && probe.is_enabled() && !st.armed {
+                match self.arm(addr, &st.text_id, &st.orig) {
+                    Ok(()) => st.armed = true,
+                    Err(e) if text_gone(&e, &st.orig, false) => stale = true,
+                    Err(e) => return Err(e),
+                }
             }
+        }
+        if let Some(st) = w.sites.get_mut(&addr).filter(|_| !stale) {
             if let Some(r) = probe.return_probe() {
                 r.adopt();
             }
@@ -433,7 +515,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             }
             return Ok(());
         }
-        let (exec, orig) = self.prepare_site(w, addr)?;
+        let (exec, orig, text_id) = self.prepare_site(w, addr)?;
         let exec = Arc::new(exec);
         if let Some(r) = probe.return_probe() {
             r.adopt();
@@ -447,8 +529,22 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         // SAFETY: writer mutex held; `node` is fresh.
         unsafe { self.table.insert(node) };
         let armed = probe.is_enabled();
-        if armed {
-            if let Err(e) = self.arm(addr, &orig) {
+        let identified = if armed {
+            // The arming write reports (or checks) the identity.
+            self.arm_fresh(addr, text_id.as_ref(), &orig)
+        } else {
+            text_id.map_or_else(
+                || {
+                    self.text
+                        .identity(addr)?
+                        .ok_or(ProbeError::TextGone { addr })
+                },
+                Ok,
+            )
+        };
+        let text_id = match identified {
+            Ok(id) => id,
+            Err(e) => {
                 // SAFETY: writer mutex held; `node` was linked just above.
                 unsafe { self.table.unlink(node) };
                 // Readers may have reached the node: free it (and its list,
@@ -462,15 +558,74 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 ]);
                 return Err(e);
             }
+        };
+        if stale {
+            // The fresh node shadows it in the hash table already (linked at
+            // the head of the chain): now it goes.
+            self.detach(w, addr);
         }
-        w.sites
-            .insert(addr, SiteState::new(node, probe.clone(), exec, orig, armed));
+        w.sites.insert(
+            addr,
+            SiteState::new(node, probe.clone(), exec, orig, armed, text_id),
+        );
         Ok(())
+    }
+
+    /// Whether the breakpoint of the armed site `st` at `addr` is still
+    /// there. `false` when the text went away: it is unmapped, another
+    /// mapping is there, or it holds the site's original bytes (the same
+    /// file mapped again at the same address). Someone else's bytes over
+    /// our breakpoint in the same mapping count as intact (as before: the
+    /// site is not ours to replace, and unregistering reports them).
+    fn breakpoint_intact(&self, addr: u64, st: &SiteState) -> Result<bool, ProbeError> {
+        let bp = self.arch.breakpoint();
+        let mut buf = [0u8; CodeBytes::CAPACITY];
+        let now = &mut buf[..bp.len()];
+        match self.text.read(addr, now) {
+            Ok(()) => {}
+            Err(ProbeError::TextAccess {
+                failure: TextFailure::OutOfRange,
+                ..
+            }) => return Ok(false),
+            Err(e) => return Err(e),
+        }
+        if now == bp {
+            return Ok(true);
+        }
+        if now == st.orig.as_slice() {
+            return Ok(false);
+        }
+        Ok(self.text.identity(addr)? == Some(st.text_id))
+    }
+
+    /// Moves the live site at `addr`, whose text went away, out of the hash
+    /// table and into `Writer::detached`, unarmed: no hit finds it any more
+    /// (after the grace period of its eventual retirement), and nothing is
+    /// written to its address on its behalf again. Its probes stay
+    /// registered until unregistered. A compaction its removals were
+    /// waiting for (the next commit would have made it) is made now, the
+    /// replaced list retired like a registration's. Returns its key.
+    pub(crate) fn detach(&self, w: &mut Writer, addr: u64) -> SiteKey {
+        let mut st = w.sites.remove(&addr).expect("detaching a live site");
+        // SAFETY: writer mutex held; a live site's node is linked.
+        unsafe { self.table.unlink(st.node) };
+        st.armed = false;
+        if std::mem::take(&mut st.dirty) && st.wants_compaction() {
+            self.deferred.retire(vec![Retired::Members(st.compact())]);
+        }
+        let key = (addr, st.node as usize);
+        w.detached.insert(key, st);
+        SiteKey::Detached(key)
     }
 
     /// Validates the first probe on `addr` and prepares how hits complete:
     /// boundary and instruction checks by the arch backend, the XOL slot.
-    fn prepare_site(&self, w: &mut Writer, addr: u64) -> Result<(SiteExec, CodeBytes), ProbeError> {
+    /// Also returns the text's identity if it had to look it up.
+    fn prepare_site(
+        &self,
+        w: &mut Writer,
+        addr: u64,
+    ) -> Result<(SiteExec, CodeBytes, Option<TextIdentity>), ProbeError> {
         let func = self
             .resolver
             .function_containing(addr)
@@ -486,11 +641,27 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             .min(func.end());
         let mut text = vec![0u8; (end - func.start) as usize];
         self.text.read(func.start, &mut text)?;
+        let bp = self.arch.breakpoint();
+        // What is mapped here: looked up only when a neighbour needs it (a
+        // memory-map read); otherwise the arming write reports it.
+        let mut text_id = None;
         // Our own armed breakpoints in the range would derail the decoder:
-        // decode the original bytes.
+        // decode the original bytes (only where the breakpoint is still
+        // there, in the same mapping: a site whose text went away has no
+        // say over what is there now).
         for (&a, st) in w.sites.range(func.start..end) {
-            if st.armed {
-                let at = (a - func.start) as usize;
+            let at = (a - func.start) as usize;
+            if !st.armed || !text[at..].starts_with(bp) {
+                continue;
+            }
+            if text_id.is_none() {
+                text_id = Some(
+                    self.text
+                        .identity(addr)?
+                        .ok_or(ProbeError::TextGone { addr })?,
+                );
+            }
+            if text_id == Some(st.text_id) {
                 let orig = st.orig.as_slice();
                 let n = orig.len().min(text.len() - at);
                 text[at..at + n].copy_from_slice(&orig[..n]);
@@ -498,7 +669,6 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         }
         self.arch.check_boundary(func.start, &text, addr)?;
         let at = &text[(addr - func.start) as usize..];
-        let bp = self.arch.breakpoint();
         if at.starts_with(bp) {
             // Someone else's breakpoint (ours would be in `sites`).
             return Err(ProbeError::AlreadyPatched {
@@ -543,25 +713,58 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 }
             }
         };
-        Ok((exec, orig))
+        Ok((exec, orig, text_id))
     }
 
-    /// Writes the breakpoint over `orig` at `addr`.
-    pub(crate) fn arm(&self, addr: u64, orig: &CodeBytes) -> Result<(), ProbeError> {
+    /// Writes the breakpoint over `orig` at `addr`, if the text there is
+    /// still `id`.
+    pub(crate) fn arm(
+        &self,
+        addr: u64,
+        id: &TextIdentity,
+        orig: &CodeBytes,
+    ) -> Result<(), ProbeError> {
         let bp = self.arch.breakpoint();
-        self.text.write(addr, orig.as_slice(), bp)?;
+        self.text.write_in(id, addr, orig.as_slice(), bp)?;
         if let Err(e) = self.text.sync_icache(addr, bp.len()) {
             // Put the original back so that the failure changes nothing.
-            let _ = self.text.write(addr, bp, orig.as_slice());
+            let _ = self.text.write_in(id, addr, bp, orig.as_slice());
             return Err(e);
         }
         Ok(())
     }
 
-    /// Restores `orig` over our breakpoint at `addr`.
-    pub(crate) fn disarm(&self, addr: u64, orig: &CodeBytes) -> Result<(), ProbeError> {
+    /// Arms a fresh site: as [`arm`](Self::arm) when the identity is known
+    /// (checked), else a write that reports it. Returns the identity.
+    fn arm_fresh(
+        &self,
+        addr: u64,
+        known: Option<&TextIdentity>,
+        orig: &CodeBytes,
+    ) -> Result<TextIdentity, ProbeError> {
+        if let Some(id) = known {
+            return self.arm(addr, id, orig).map(|()| *id);
+        }
         let bp = self.arch.breakpoint();
-        self.text.write(addr, bp, orig.as_slice())?;
+        let id = self.text.write_identified(addr, orig.as_slice(), bp)?;
+        if let Err(e) = self.text.sync_icache(addr, bp.len()) {
+            // Put the original back so that the failure changes nothing.
+            let _ = self.text.write_in(&id, addr, bp, orig.as_slice());
+            return Err(e);
+        }
+        Ok(id)
+    }
+
+    /// Restores `orig` over our breakpoint at `addr`, if the text there is
+    /// still `id` (never into text that replaced it).
+    pub(crate) fn disarm(
+        &self,
+        addr: u64,
+        id: &TextIdentity,
+        orig: &CodeBytes,
+    ) -> Result<(), ProbeError> {
+        let bp = self.arch.breakpoint();
+        self.text.write_in(id, addr, bp, orig.as_slice())?;
         self.text.sync_icache(addr, bp.len())
     }
 
@@ -570,16 +773,22 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     ///
     /// # Errors
     /// [`ProbeError::UnknownProbe`] if the probe is not registered here;
-    /// text errors (nothing changed then).
+    /// [`ProbeError::TextGone`] if the text it was registered in went away
+    /// (it can only be unregistered); text errors (nothing changed then).
     pub fn enable(&self, probe: &(impl AsKprobe + ?Sized)) -> Result<(), ProbeError> {
         let probe = probe.as_kprobe();
         let mut w = self.lock_writer();
-        let st = Self::site_of(&mut w, self.id, probe)?;
+        let key = Self::site_of(&w, self.id, probe)?;
         if probe.is_enabled() {
             return Ok(());
         }
+        let addr = probe.registered_addr();
+        if let SiteKey::Detached(_) = key {
+            return Err(ProbeError::TextGone { addr });
+        }
+        let st = w.site_mut(key);
         if !st.armed {
-            self.arm(probe.registered_addr(), &st.orig)?;
+            self.arm(addr, &st.text_id, &st.orig)?;
             st.armed = true;
         }
         probe.set_enabled(true);
@@ -589,7 +798,9 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
 
     /// Stops `probe`'s handlers from running; removes the breakpoint when no
     /// enabled probe is left on the address. A hit already past the enabled
-    /// check may still run the handlers once.
+    /// check may still run the handlers once. If the text went away (see
+    /// "Text that goes away" in the [module docs](super)) nothing is written
+    /// and the site is detached.
     ///
     /// # Errors
     /// [`ProbeError::UnknownProbe`] if the probe is not registered here;
@@ -597,33 +808,35 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     pub fn disable(&self, probe: &(impl AsKprobe + ?Sized)) -> Result<(), ProbeError> {
         let probe = probe.as_kprobe();
         let mut w = self.lock_writer();
-        let st = Self::site_of(&mut w, self.id, probe)?;
+        let mut key = Self::site_of(&w, self.id, probe)?;
         if !probe.is_enabled() {
             return Ok(());
         }
+        let addr = probe.registered_addr();
+        let st = w.site_mut(key);
         // `probe` is one of the enabled ones.
         let others = st.enabled() > 1;
         if st.armed && !others {
-            self.disarm(probe.registered_addr(), &st.orig)?;
-            st.armed = false;
+            match self.disarm(addr, &st.text_id, &st.orig) {
+                Ok(()) => st.armed = false,
+                Err(e) if text_gone(&e, &st.orig, true) => key = self.detach(&mut w, addr),
+                Err(e) => return Err(e),
+            }
         }
         probe.set_enabled(false);
-        st.enabled_changed(false);
+        w.site_mut(key).enabled_changed(false);
+        drop(w);
+        // A list the detach retired.
+        self.deferred.queue_callbacks(&self.rcu);
         Ok(())
     }
 
-    /// The site of a probe registered here.
-    pub(crate) fn site_of<'w>(
-        w: &'w mut Writer,
-        id: usize,
-        probe: &Kprobe,
-    ) -> Result<&'w mut SiteState, ProbeError> {
+    /// Where the site of a probe registered here is.
+    pub(crate) fn site_of(w: &Writer, id: usize, probe: &Kprobe) -> Result<SiteKey, ProbeError> {
         if !probe.registered_in(id) {
             return Err(Self::unknown(probe));
         }
-        w.sites
-            .get_mut(&probe.registered_addr())
-            .ok_or_else(|| Self::unknown(probe))
+        w.find(probe).ok_or_else(|| Self::unknown(probe))
     }
 
     /// The error for a probe not registered here.

@@ -15,6 +15,7 @@ use super::table::{Members, Site, SiteExec};
 /// likely to get a few more.
 const GROWN_MEMBER_SLOTS: usize = 4;
 use crate::probes::error::CodeBytes;
+use crate::probes::text::TextIdentity;
 
 /// The writer-side view of one probed address (registry mutex held for
 /// every access).
@@ -39,6 +40,10 @@ pub(crate) struct SiteState {
     pub(crate) orig: CodeBytes,
     /// Whether the breakpoint is written.
     pub(crate) armed: bool,
+    /// What was mapped at the address when the site was prepared: the text
+    /// is written only while it still is (see "Text that goes away" in the
+    /// module docs of `kprobe`).
+    pub(crate) text_id: TextIdentity,
 }
 
 impl SiteState {
@@ -50,6 +55,7 @@ impl SiteState {
         exec: Arc<SiteExec>,
         orig: CodeBytes,
         armed: bool,
+        text_id: TextIdentity,
     ) -> Self {
         first.set_slot(0);
         let enabled = usize::from(first.is_enabled());
@@ -64,7 +70,18 @@ impl SiteState {
             exec,
             orig,
             armed,
+            text_id,
         }
+    }
+
+    /// Whether `probe` is one of this site's members (a site whose text
+    /// went away and a fresh one at the same address have different
+    /// members).
+    pub(crate) fn holds(&self, probe: &Kprobe) -> bool {
+        self.members
+            .get(probe.slot())
+            .and_then(Option::as_ref)
+            .is_some_and(|h| h.ptr_eq(probe))
     }
 
     /// The site's probes in registration order.

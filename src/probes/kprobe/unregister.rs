@@ -44,13 +44,13 @@
 //! period (they wait for each other); `unregister_nosync` + one `commit` is
 //! the way to pay one grace period for many probes.
 
-use std::collections::btree_map::Entry;
 use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::kretprobe::{Kretprobe, ReturnProbe};
 use super::probe::{AsKprobe, Kprobe};
-use super::registry::{KprobeRegistry, Writer};
+use super::registry::{text_gone, KprobeRegistry, SiteKey, Writer};
+use super::site::SiteState;
 use super::table::{Members, Site};
 use crate::probes::arch::Arch;
 use crate::probes::reentry::in_kprobe_handler;
@@ -246,7 +246,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         assert_not_in_handler("unregister_all");
         let result = {
             let mut w = self.lock_writer();
-            let all: Vec<Kprobe> = w.sites.values().flat_map(|s| s.probes().cloned()).collect();
+            let all: Vec<Kprobe> = w.all_sites().flat_map(|s| s.probes().cloned()).collect();
             self.unregister_tops(&mut w, &all).map(|()| all.len())
         };
         self.finish_pending();
@@ -275,6 +275,9 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         let mut pending = std::mem::take(&mut w.pending);
         let result = self.unregister_top(&mut w, probe, &mut pending);
         w.pending = pending;
+        drop(w);
+        // A list a detach retired (see `KprobeRegistry::detach`).
+        self.deferred.queue_callbacks(&self.rcu);
         result
     }
 
@@ -389,33 +392,43 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         out: &mut Vec<Retired>,
     ) -> Result<(), ProbeError> {
         let addr = probe.registered_addr();
-        // One walk of the writer's map, also when the site goes.
-        let mut entry = match w.sites.entry(addr) {
-            Entry::Occupied(e) if probe.registered_in(self.id) => e,
-            _ => return Err(Self::unknown(probe)),
-        };
-        let st = entry.get_mut();
-        let last = st.len() == 1;
+        let mut key = Self::site_of(w, self.id, probe)?;
+        let st = w.site_mut(key);
         // O(1): the site counts its enabled members (`probe` is one of
         // them if it is enabled).
         let others_enabled = st.enabled() > usize::from(probe.is_enabled());
         if st.armed && !others_enabled {
-            // First the breakpoint (checked: it must still be ours), so a
-            // failure changes nothing.
-            self.disarm(addr, &st.orig)?;
-            st.armed = false;
+            // First the breakpoint (checked: it must still be ours, in the
+            // same text), so a failure changes nothing. Text that went away
+            // is not written: the site is detached and retired below.
+            match self.disarm(addr, &st.text_id, &st.orig) {
+                Ok(()) => st.armed = false,
+                Err(e) if text_gone(&e, &st.orig, true) => key = self.detach(w, addr),
+                Err(e) => return Err(e),
+            }
         }
+        let st = w.site_mut(key);
+        let last = st.len() == 1;
         // The registry's own handle on the probe, moved into the retirement
         // (no reference-count traffic). O(1): its slot goes null in the
         // published list; the list is compacted (if at all) by the commit.
         let handle = st.remove(probe);
         if last {
-            let st = entry.remove();
-            // SAFETY: writer mutex held; the node is linked.
-            unsafe { self.table.unlink(st.node) };
+            let st = w.take(key);
+            if let SiteKey::Live(_) = key {
+                // SAFETY: writer mutex held; a live site's node is linked
+                // (a detached one was unlinked when it was detached).
+                unsafe { self.table.unlink(st.node) };
+            }
             // SAFETY: the node is live (freed only through this retirement).
             out.push(Retired::Members(unsafe { &*st.node }.members_ptr()));
             out.push(Retired::Site(st.node));
+        } else if let SiteKey::Detached(_) = key {
+            // The commit compacts live sites only: a detached one that
+            // needs it is compacted now, its old list retired with the batch.
+            if st.wants_compaction() {
+                out.push(Retired::Members(st.compact()));
+            }
         } else if !st.dirty {
             st.dirty = true;
             w.dirty.push(addr);
@@ -479,11 +492,23 @@ impl<A: Arch, T: TextMemory> Drop for KprobeRegistry<A, T> {
             let mut w = self.lock_writer();
             for (&addr, st) in w.sites.iter() {
                 if st.armed {
-                    let _ = self.disarm(addr, &st.orig);
+                    // Text that went away is left alone (`write_in`).
+                    let _ = self.disarm(addr, &st.text_id, &st.orig);
                 }
             }
-            let sites = std::mem::take(&mut w.sites);
-            let batch = std::mem::take(&mut w.pending);
+            let mut sites: Vec<SiteState> = std::mem::take(&mut w.sites).into_values().collect();
+            let detached = std::mem::take(&mut w.detached).into_values();
+            let mut batch = std::mem::take(&mut w.pending);
+            // Detached sites are in no chain: their nodes are freed with the
+            // linked ones' below.
+            for st in detached {
+                batch.push(Retired::Members(
+                    // SAFETY: a kept site's node is live.
+                    unsafe { &*st.node }.members_ptr(),
+                ));
+                batch.push(Retired::Site(st.node));
+                sites.push(st);
+            }
             (sites, batch, std::mem::take(&mut w.orphans))
         };
         if !Rcu::in_read_section() {
@@ -500,7 +525,7 @@ impl<A: Arch, T: TextMemory> Drop for KprobeRegistry<A, T> {
             unsafe { inst.as_ref().owner().recycle(inst) };
         }
         let linked = self.table.drain();
-        for (_, st) in sites {
+        for st in sites {
             for p in st.probes() {
                 p.release();
             }

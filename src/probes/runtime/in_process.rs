@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use crate::probes::error::{CodeBytes, TextFailure};
 use crate::probes::runtime::maps::Maps;
-use crate::probes::text::TextMemory;
+use crate::probes::text::{TextIdentity, TextMemory};
 use crate::probes::ProbeError;
 use crate::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use crate::sync::Mutex;
@@ -229,16 +229,92 @@ impl TextMemory for InProcess {
     }
 
     fn write(&self, addr: u64, expected_old: &[u8], new: &[u8]) -> Result<(), ProbeError> {
+        self.write_checked(Identity::Ignore, addr, expected_old, new)
+            .map(drop)
+    }
+
+    fn identity(&self, addr: u64) -> Result<Option<TextIdentity>, ProbeError> {
+        let maps = read_maps(addr, 1)?;
+        Ok(maps.find(addr).map(|m| m.identity()))
+    }
+
+    /// The identity is compared in the same memory-map snapshot, under the
+    /// same lock, as the write's protection lookup: one map read per write,
+    /// as for [`write`](TextMemory::write).
+    fn write_in(
+        &self,
+        identity: &TextIdentity,
+        addr: u64,
+        expected_old: &[u8],
+        new: &[u8],
+    ) -> Result<(), ProbeError> {
+        self.write_checked(Identity::Check(identity), addr, expected_old, new)
+            .map(drop)
+    }
+
+    /// The identity comes from the write's own memory-map snapshot.
+    fn write_identified(
+        &self,
+        addr: u64,
+        expected_old: &[u8],
+        new: &[u8],
+    ) -> Result<TextIdentity, ProbeError> {
+        match self.write_checked(Identity::Report, addr, expected_old, new)? {
+            Some(id) => Ok(id),
+            None => Err(ProbeError::TextGone { addr }),
+        }
+    }
+
+    fn sync_icache(&self, _addr: u64, _len: usize) -> Result<(), ProbeError> {
+        sync_cores();
+        Ok(())
+    }
+}
+
+/// `/proc/self/maps`, or the error a write at `addr` reports without it.
+fn read_maps(addr: u64, len: usize) -> Result<Maps, ProbeError> {
+    Maps::read().map_err(|e| ProbeError::TextAccess {
+        addr,
+        len,
+        failure: TextFailure::Os {
+            op: "read /proc/self/maps",
+            errno: e.raw_os_error().unwrap_or(0),
+        },
+    })
+}
+
+/// What a write does with the identity of the text it writes.
+#[derive(Clone, Copy)]
+enum Identity<'a> {
+    /// Nothing.
+    Ignore,
+    /// Refuses ([`ProbeError::TextGone`]) unless it is this one (checked
+    /// before the bytes).
+    Check(&'a TextIdentity),
+    /// Returns it (`None`: nothing is mapped at the address).
+    Report,
+}
+
+impl InProcess {
+    /// A checked write, doing with the identity what `identity` says (one
+    /// memory-map snapshot for that and the protections).
+    fn write_checked(
+        &self,
+        identity: Identity<'_>,
+        addr: u64,
+        expected_old: &[u8],
+        new: &[u8],
+    ) -> Result<Option<TextIdentity>, ProbeError> {
         if expected_old.len() != new.len() {
             return Err(ProbeError::PatchLengthMismatch {
                 expected: expected_old.len(),
                 new: new.len(),
             });
         }
-        if new.is_empty() {
-            return Ok(());
-        }
         let len = new.len();
+        if len == 0 && matches!(identity, Identity::Ignore) {
+            return Ok(None);
+        }
         if let Some(r) = self.refused_at(addr, len) {
             return Err(ProbeError::RefusedTarget {
                 addr: addr.max(r.start),
@@ -253,6 +329,23 @@ impl TextMemory for InProcess {
         // A poisoned lock guards nothing inconsistent: every write restores
         // the protections before it can panic-free return.
         let _g = TEXT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        // With an identity to check or report, the map is read first: a
+        // replaced or unmapped text is `TextGone`, whatever bytes it holds.
+        let mut maps = None;
+        let mut found = None;
+        if !matches!(identity, Identity::Ignore) {
+            let m = read_maps(addr, len)?;
+            found = m.find(addr).map(|m| m.identity());
+            if let Identity::Check(want) = identity {
+                if found.as_ref() != Some(want) {
+                    return Err(ProbeError::TextGone { addr });
+                }
+            }
+            maps = Some(m);
+        }
+        if len == 0 {
+            return Ok(found);
+        }
         let mut current = [0u8; CodeBytes::CAPACITY];
         let mut current_vec;
         let current: &mut [u8] = if len <= current.len() {
@@ -270,16 +363,12 @@ impl TextMemory for InProcess {
             });
         }
         if current == new {
-            return Ok(());
+            return Ok(found);
         }
-        let maps = Maps::read().map_err(|e| ProbeError::TextAccess {
-            addr,
-            len,
-            failure: TextFailure::Os {
-                op: "read /proc/self/maps",
-                errno: e.raw_os_error().unwrap_or(0),
-            },
-        })?;
+        let maps = match maps {
+            Some(m) => m,
+            None => read_maps(addr, len)?,
+        };
         let page = page_size();
         let (pstart, pend) = (addr & !(page - 1), (end + page - 1) & !(page - 1));
         let runs = maps
@@ -325,12 +414,7 @@ impl TextMemory for InProcess {
             InProcess::store(addr, new, current);
             return Err(err);
         }
-        Ok(())
-    }
-
-    fn sync_icache(&self, _addr: u64, _len: usize) -> Result<(), ProbeError> {
-        sync_cores();
-        Ok(())
+        Ok(found)
     }
 }
 

@@ -21,6 +21,8 @@
 
 use std::io;
 
+use crate::probes::text::TextIdentity;
+
 /// One line of `/proc/self/maps`.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Mapping {
@@ -35,13 +37,24 @@ pub(crate) struct Mapping {
     pub(crate) shared: bool,
     /// The file path, or a pseudo name like `[stack]`; empty for anonymous.
     pub(crate) path: String,
-    /// File offset mapped at `start` (0 for anonymous mappings).
+    /// File offset of `start` (for anonymous memory whatever the kernel
+    /// prints, its page offset).
     pub(crate) offset: u64,
-    /// The mapped file's device, as `stat`'s `st_dev` encodes it
-    /// (`makedev(major, minor)`; 0 for anonymous mappings).
-    pub(crate) dev: u64,
-    /// The mapped file's inode (0 for anonymous mappings).
+    /// The file's device (`makedev(major, minor)`; 0 for anonymous memory).
+    pub(crate) device: u64,
+    /// The file's inode (0 for anonymous memory).
     pub(crate) inode: u64,
+}
+
+impl Mapping {
+    /// What is mapped (see [`TextIdentity`]).
+    pub(crate) fn identity(&self) -> TextIdentity {
+        TextIdentity {
+            device: self.device,
+            inode: self.inode,
+            bias: self.start.wrapping_sub(self.offset),
+        }
+    }
 }
 
 /// A snapshot of the memory map, sorted by address (as the kernel prints it).
@@ -117,7 +130,7 @@ fn parse_line(line: &str) -> Option<Mapping> {
     let perms = fields.next()?.as_bytes();
     let offset = u64::from_str_radix(fields.next()?, 16).ok()?;
     let (major, minor) = fields.next()?.split_once(':')?;
-    let dev = libc::makedev(
+    let device = libc::makedev(
         u32::from_str_radix(major, 16).ok()?,
         u32::from_str_radix(minor, 16).ok()?,
     );
@@ -146,7 +159,7 @@ fn parse_line(line: &str) -> Option<Mapping> {
         shared: perms[3] == b's',
         path,
         offset,
-        dev,
+        device,
         inode,
     })
 }
@@ -169,12 +182,16 @@ mod tests {
         let text = maps.find(0x55d0a0002abc).unwrap();
         assert_eq!(text.prot, libc::PROT_READ | libc::PROT_EXEC);
         assert_eq!(text.path, "/usr/bin/x");
-        assert_eq!(text.offset, 0x1000);
-        assert_eq!((text.dev, text.inode), (libc::makedev(0xfe, 1), 123));
-        let stack = maps.find(0x7ffd00000000).unwrap();
-        assert_eq!(stack.path, "[stack]");
-        assert_eq!((stack.offset, stack.dev, stack.inode), (0, 0, 0));
+        assert_eq!(maps.find(0x7ffd00000000).unwrap().path, "[stack]");
         assert!(maps.find(0x55d0a0004000).is_none());
+        // One file mapped contiguously: one identity for its three mappings.
+        let id = text.identity();
+        assert_eq!(id.inode, 123);
+        assert_eq!(id.device, libc::makedev(0xfe, 1));
+        assert_eq!(id.bias, 0x55d0a0000000);
+        assert_eq!(maps.find(0x55d0a0000000).unwrap().identity(), id);
+        assert_eq!(maps.find(0x55d0a0003000).unwrap().identity(), id);
+        assert_ne!(maps.find(0x7ffd00000000).unwrap().identity(), id);
     }
 
     #[test]
@@ -210,9 +227,5 @@ mod tests {
         let here = the_live_map_contains_this_function as fn() as usize as u64;
         let m = maps.find(here).expect("our own code is mapped");
         assert_ne!(m.prot & libc::PROT_EXEC, 0);
-        // The device and inode are the ones `stat` reports for the file.
-        let st = std::fs::metadata(&m.path).unwrap();
-        use std::os::unix::fs::MetadataExt;
-        assert_eq!((m.dev, m.inode), (st.dev(), st.ino()));
     }
 }

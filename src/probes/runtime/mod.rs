@@ -145,6 +145,8 @@ pub(crate) mod maps;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod quiesce;
 #[cfg(target_arch = "x86_64")]
+mod raw;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod refuse;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod signal;

@@ -301,8 +301,7 @@ fn fatal(ip: u64, e: &ProbeError) -> ! {
         "rcu-registry: probe hit at {ip:#x} could not complete the displaced instruction: {e}"
     );
     write_stderr(&out.buf[..out.len]);
-    // SAFETY: abort is async-signal-safe and never returns.
-    unsafe { libc::abort() }
+    super::raw::abort()
 }
 
 /// The abort message of a handler that panicked in the SIGTRAP handler.
@@ -332,17 +331,18 @@ pub(crate) fn abort_on_panic<R>(msg: &'static str, f: impl FnOnce() -> R) -> R {
     }
 }
 
-/// Writes `msg` to stderr and aborts. Async-signal-safe.
+/// Writes `msg` to stderr and aborts (`SIGABRT`). Async-signal-safe, and
+/// runs no C-library code: a probe on `write` or `abort` must not fire here
+/// (see `raw.rs`).
 #[cold]
 pub(crate) fn fatal_message(msg: &str) -> ! {
     write_stderr(msg.as_bytes());
     write_stderr(b"\n");
-    // SAFETY: abort is async-signal-safe and never returns.
-    unsafe { libc::abort() }
+    super::raw::abort()
 }
 
+/// A diagnostic on fd 2, by a raw system call (see `raw.rs`); a short or
+/// failed write only loses part of it.
 fn write_stderr(bytes: &[u8]) {
-    // SAFETY: write(2) on fd 2 with a valid buffer is async-signal-safe; a
-    // short or failed write only loses part of a diagnostic.
-    unsafe { libc::write(2, bytes.as_ptr().cast(), bytes.len()) };
+    let _ = super::raw::write(2, bytes);
 }

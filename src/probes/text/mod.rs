@@ -17,6 +17,17 @@
 //! and the default no-op is correct; an implementation for live code still
 //! serializes other threads as its patch protocol requires.
 //!
+//! # Text that goes away
+//!
+//! Code can be unmapped while probes are armed in it (`dlclose`, `munmap`)
+//! and something else, or the same file again, mapped at the same address.
+//! A [`TextIdentity`] names what is mapped at an address (the file and where
+//! it is mapped); a registry records it when it prepares a site and writes
+//! the site's text only through [`TextMemory::write_in`], which refuses
+//! ([`ProbeError::TextGone`]) when the text at the address is no longer that
+//! identity. See the kprobe registry's "Text that goes away" for how sites
+//! are retired.
+//!
 //! # Implementations
 //!
 //! [`Image`] is an in-memory image (a base address and a byte buffer) used to
@@ -30,6 +41,29 @@ pub(crate) mod patch_window;
 pub use image::Image;
 
 use crate::probes::ProbeError;
+
+/// What is mapped at an address, as far as a text memory can tell: the
+/// file (device and inode; zero for anonymous memory) and its *bias*, the
+/// address minus the file offset, which is the same for every address of
+/// one mapping of the file (and stays the same when the kernel splits or
+/// merges the mapping). Equal identities at an address mean the same byte of
+/// the same file is mapped there.
+///
+/// It cannot tell a file unmapped and mapped again at the same bias (the
+/// same library `dlopen`ed again at the same address) from one that stayed,
+/// nor two anonymous mappings at the same address: a registry tells those
+/// apart by its breakpoint (the new mapping does not have it; see the
+/// kprobe registry's "Text that goes away").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct TextIdentity {
+    /// The file's device number (0: anonymous memory, or a text memory that
+    /// is never remapped, like [`Image`]).
+    pub device: u64,
+    /// The file's inode number (0 as above).
+    pub inode: u64,
+    /// Address minus file offset of the mapping.
+    pub bias: u64,
+}
 
 /// Readable, patchable code memory.
 ///
@@ -54,6 +88,64 @@ pub trait TextMemory: Send + Sync {
     ///
     /// On every error the text is exactly as before.
     fn write(&self, addr: u64, expected_old: &[u8], new: &[u8]) -> Result<(), ProbeError>;
+
+    /// What is mapped at `addr`; `None` when nothing is.
+    ///
+    /// The default suits a text memory that is never remapped: the default
+    /// identity wherever a byte can be read, `None` where it cannot.
+    ///
+    /// # Errors
+    /// [`ProbeError::TextAccess`] if the memory map cannot be read (never
+    /// for an address that is merely unmapped).
+    fn identity(&self, addr: u64) -> Result<Option<TextIdentity>, ProbeError> {
+        match self.read(addr, &mut [0u8]) {
+            Ok(()) => Ok(Some(TextIdentity::default())),
+            Err(ProbeError::TextAccess {
+                failure: crate::probes::error::TextFailure::OutOfRange,
+                ..
+            }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// [`write`](Self::write), if the text at `addr` is still `identity`
+    /// (checked together with the old bytes, under the same serialization as
+    /// the write where the implementation can).
+    ///
+    /// # Errors
+    /// [`ProbeError::TextGone`] if nothing, or another identity, is mapped
+    /// at `addr` (checked before the bytes); otherwise as `write`. On every
+    /// error the text is exactly as before.
+    fn write_in(
+        &self,
+        identity: &TextIdentity,
+        addr: u64,
+        expected_old: &[u8],
+        new: &[u8],
+    ) -> Result<(), ProbeError> {
+        match self.identity(addr)? {
+            Some(id) if id == *identity => self.write(addr, expected_old, new),
+            _ => Err(ProbeError::TextGone { addr }),
+        }
+    }
+
+    /// [`write`](Self::write), returning the identity of the text written
+    /// (found under the same serialization as the write where the
+    /// implementation can: a registry records it for the site it arms).
+    ///
+    /// # Errors
+    /// [`ProbeError::TextGone`] if nothing is mapped at `addr`; otherwise
+    /// as `write`. On every error the text is exactly as before.
+    fn write_identified(
+        &self,
+        addr: u64,
+        expected_old: &[u8],
+        new: &[u8],
+    ) -> Result<TextIdentity, ProbeError> {
+        let id = self.identity(addr)?.ok_or(ProbeError::TextGone { addr })?;
+        self.write(addr, expected_old, new)?;
+        Ok(id)
+    }
 
     /// Makes `len` bytes written at `addr` visible to instruction fetch.
     /// The default is a no-op, correct where instruction caches are coherent

@@ -138,7 +138,7 @@ impl LoadedObjects {
                 .and_then(|s| maps.find(s.vaddr.start))
                 .filter(|m| m.inode != 0)
                 .map(|m| FileId {
-                    dev: m.dev,
+                    dev: m.device,
                     inode: m.inode,
                 });
         }
