@@ -67,6 +67,10 @@
 //!   panic hook formats, allocates, captures backtraces) including `malloc`
 //!   and `core::fmt`, which are fair probe targets. The worst a probe in
 //!   them can do is turn an abort message into a crash one call deeper.
+//! - **Code that runs only with the thread's trap flag up** ([`flag_up`](fn@flag_up):
+//!   the outer SIGTRAP handler's body, the kretprobe trampoline's return
+//!   path) is not walked into either: a probe hit there is a nested trap,
+//!   which takes the missed path (walked), so it may call the C library.
 //! - Addresses outside the process's executable mappings (the XOL area's
 //!   slots are anonymous mappings and never probed code) are skipped and
 //!   counted.
@@ -91,10 +95,12 @@ use super::maps::Maps;
 mod descend;
 mod dying;
 mod fde_starts;
+mod flag_up;
 
 use crate::probes::runtime::in_process::read_text;
 use crate::probes::runtime::symbols::ProcessSymbols;
 pub use dying::dying_path;
+pub use flag_up::{flag_up, FLAG_UP_ENTRIES};
 
 /// Instructions one descent into code without a symbol may decode. A C
 /// library's largest stripped internal routines are a few thousand
@@ -126,7 +132,7 @@ pub struct Reached {
     /// The call or jump that first reached it; `None` for a root.
     pub via: Option<u64>,
     /// `Some(reason)` if it is refused but was not walked into
-    /// ([`dying_path`]).
+    /// ([`dying_path`], [`flag_up`](fn@flag_up)).
     pub stopped: Option<&'static str>,
 }
 
@@ -144,7 +150,8 @@ pub struct WalkStats {
     pub symbols: usize,
     /// Descents into code without a symbol.
     pub anonymous: usize,
-    /// Functions refused but not walked into ([`dying_path`]).
+    /// Functions refused but not walked into ([`dying_path`],
+    /// [`flag_up`](fn@flag_up)).
     pub stopped: usize,
     /// Instructions decoded.
     pub instructions: usize,
@@ -303,7 +310,7 @@ impl Walker<'_> {
                     return;
                 }
                 let (start, end) = (f.start, (f.start + f.size).min(text_end.max(f.start)));
-                let stopped = dying_path(&f.name);
+                let stopped = dying_path(&f.name).or_else(|| flag_up(&f.name));
                 self.by_start.insert(start, self.out.len());
                 self.out.push(Reached {
                     start,

@@ -134,6 +134,8 @@ mod fork;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod in_process;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod in_trap;
+#[cfg(target_arch = "x86_64")]
 mod live;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod maps;
