@@ -6,6 +6,15 @@
 //! every slot of a thread that did not survive is marked dead (never reused)
 //! and [`fork_generation`] is bumped.
 //!
+//! Claiming calls no C-library function (a raw `mmap` system call for a new
+//! chunk); arming the release at thread exit does (`pthread_setspecific`).
+//! The live probe runtime's trap path must call no C-library function, so
+//! it claims with [`current_unarmed`] and arms with [`arm_current`] past its
+//! trap flag, where a probe hit in the C library is a nested trap (see
+//! `probes/runtime/in_trap.rs`). An ordinary first read claims and arms at
+//! once. `ARMED` is set before the C-library call, so a trap nested in it
+//! does not arm again.
+//!
 //! Registration, release, the glibc key limit and fork handling, in full:
 //! [`crate::docs::algorithms::rcu`].
 

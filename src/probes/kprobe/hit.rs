@@ -10,7 +10,12 @@
 //! (the arch backend's trap-context methods promise the same; a miss reads
 //! the text memory once, whose `read` must then be signal-safe, as the
 //! in-process one is: a plain copy). Lookups run under an `Rcu` read guard,
-//! which is a thread-local store.
+//! which is a thread-local store ([`Rcu::read_in_trap`](crate::rcu::Rcu):
+//! a thread's first one claims its reader slot without calling the C
+//! library). The live runtime's trap path calls no C-library function at
+//! all, so this code must not either, nor drop a `ProbeError` (its drop
+//! glue can reach `free`): `tests/runtime_refuse.rs` walks the machine
+//! code to prove it.
 //!
 //! # Re-entrancy
 //!

@@ -4,9 +4,9 @@
 //!
 //! # Why a walk
 //!
-//! A breakpoint in code the SIGTRAP handler runs before the registry's
-//! re-entrancy flag is up would trap again inside the trap handler, and
-//! again, until the stack overflows. Naming that code by hand (a crate
+//! A breakpoint in code the SIGTRAP handler runs before the thread's trap
+//! flag is up, or on the missed path a nested trap takes, would trap again
+//! inside the trap handler, and again, until the stack overflows. Naming that code by hand (a crate
 //! prefix, a list of C functions) misses whatever the compiler decided to
 //! call out of line: a `core` generic, a `memcpy` the optimiser introduced,
 //! the implementation an IFUNC selected, a C library internal. The walk
@@ -52,11 +52,11 @@
 //! - **Indirect calls and jumps through registers or writable memory**
 //!   (`dyn Trait` methods, `Box<dyn Fn>` handlers, function pointers) end
 //!   the walk: their targets are not in the code. The runtime names the
-//!   targets that run before the re-entrancy flag as extra roots (the live
+//!   targets that run on the missed path as extra roots (the live
 //!   registry's `TrapDispatcher` methods, the thread memory's `DataMemory`
 //!   methods; see `refuse.rs`). What remains behind an indirect call is
 //!   mostly user code (probe handlers, kretprobe entry and return
-//!   handlers), which runs with the thread's re-entrancy flag set: a probe
+//!   handlers), which runs with the thread's trap flag set: a probe
 //!   hit there is counted missed and completed by the missed path, which
 //!   *is* walked, never recursed into. [`CallGraph::indirect_calls`] lists
 //!   the sites; `refuse.rs` says why each one in the trap path is safe.

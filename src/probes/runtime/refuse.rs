@@ -124,9 +124,12 @@
 //! # What it costs
 //!
 //! Measured on `tests/runtime_refuse.rs` (2-core machine shared with other
-//! builds): 73 functions with symbols reached in the debug build, 2
-//! descents (`__restore_rt`, a PLT stub), once per process, tens of
-//! milliseconds (reading `/proc/self/maps` and the unwind index included).
+//! builds), once per process, reading `/proc/self/maps` and the unwind
+//! index included: release build 37 functions with symbols and 2 descents
+//! (`__restore_rt`, a PLT stub), 2.9k instructions decoded, 14 KB refused,
+//! about 19 ms; debug build (`opt-level = 1`, out-of-line `core` generics)
+//! 73 functions. Before the trap path stopped calling the C library: 83
+//! functions and 83 descents into C-library internals, 50 KB, in release.
 
 use std::sync::OnceLock;
 
