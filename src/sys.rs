@@ -219,10 +219,11 @@ pub(crate) fn write(fd: libc::c_int, bytes: &[u8]) {
 }
 
 /// Ends the process with `SIGABRT`, as `abort(3)` does, without the C
-/// library: the default disposition is restored, the signal unblocked and
-/// sent to this thread; should it not kill the process, `exit_group(127)`.
+/// library: the signal is unblocked and sent to this thread (a `SIGABRT`
+/// handler runs, as with `abort`); if that returns, the default disposition
+/// is restored and the signal sent again; should the process still live,
+/// `exit_group(127)`.
 pub(crate) fn abort() -> ! {
-    set_default_disposition(libc::SIGABRT);
     let mask: u64 = 1 << (libc::SIGABRT - 1);
     // SAFETY: rt_sigprocmask reads the 8-byte kernel sigset at `&mask`.
     unsafe {
@@ -234,6 +235,8 @@ pub(crate) fn abort() -> ! {
             8,
         )
     };
+    tgkill(getpid(), gettid(), libc::SIGABRT);
+    set_default_disposition(libc::SIGABRT);
     tgkill(getpid(), gettid(), libc::SIGABRT);
     loop {
         // SAFETY: exit_group takes an integer and does not return.

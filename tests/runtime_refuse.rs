@@ -4,8 +4,8 @@
 //! the missed path, with it up), whoever defines it (this crate, `core`,
 //! `std`). That path calls no C-library function at all, so the C library
 //! stays probeable: the set of exported library functions refused is
-//! checked to be exactly what is listed (the unwinder's resume, in debug
-//! builds) and printed with its size before issue 11's change.
+//! checked to be exactly what is listed (the unwinder's resume) and printed
+//! with its size before issue 11's change.
 //!
 //! The reachable set is computed here by a walk independent of the
 //! runtime's own (`callgraph.rs`): a linear sweep of each function's ELF
@@ -355,10 +355,10 @@ const LIBRARY_FUNCTIONS_REFUSED_BEFORE: usize = 53;
 
 /// What remains refused outside the executable, and why: the unwinder's
 /// `_Unwind_Resume` (libgcc, not the C library), which landing pads call
-/// while a panic unwinds. A debug build keeps landing pads in the trap
-/// path's functions; a panic there ends the process (the handler is
-/// `extern "C"`), so it is a dying path: refused at its entry, not walked.
-/// A release build may have none.
+/// while a panic unwinds. The trap path's functions have landing pads (to
+/// drop a step token, a read guard); a panic there ends the process (the
+/// handler is `extern "C"`), so it is a dying path: refused at its entry,
+/// not walked.
 const STILL_REFUSED: [&str; 1] = ["_Unwind_Resume"];
 
 #[test]

@@ -22,7 +22,7 @@
 //! (`crate::sys`), `rep movsb` copies, no allocation, no drop of a value
 //! whose drop glue could free. So the C library is not refused at all
 //! (`tests/runtime_refuse.rs` checks the set: empty, but for the unwinder's
-//! `_Unwind_Resume` as a dying-path entry in debug builds; 53 exported
+//! `_Unwind_Resume` as a dying-path entry; 53 exported
 //! library functions were refused before, `free`, `calloc`, `mmap`,
 //! `strlen`, `memcpy`, `clock_gettime` among them).
 //!
