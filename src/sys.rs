@@ -311,6 +311,7 @@ pub(crate) unsafe fn process_vm_readv_self(local: *mut u8, remote: u64, len: usi
 ///
 /// # Safety
 /// As `core::ptr::copy_nonoverlapping`.
+#[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) unsafe fn copy_bytes(src: *const u8, dst: *mut u8, len: usize) {
     // SAFETY: the caller's contract; `rep movsb` with the direction flag
@@ -326,9 +327,91 @@ pub(crate) unsafe fn copy_bytes(src: *const u8, dst: *mut u8, len: usize) {
     }
 }
 
+/// Elsewhere (no live probe runtime there): a plain copy.
+///
+/// # Safety
+/// As `core::ptr::copy_nonoverlapping`.
+#[cfg(not(target_arch = "x86_64"))]
+#[inline(always)]
+pub(crate) unsafe fn copy_bytes(src: *const u8, dst: *mut u8, len: usize) {
+    // SAFETY: the caller's contract.
+    unsafe { core::ptr::copy_nonoverlapping(src, dst, len) }
+}
+
+/// Elsewhere (no live probe runtime there, so no need to stay off the C
+/// library): the C library's `syscall`, its `-1`/`errno` turned into the
+/// kernel's `-errno`.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) mod raw {
+    fn result(r: libc::c_long) -> isize {
+        if r == -1 {
+            -(std::io::Error::last_os_error().raw_os_error().unwrap_or(0) as isize)
+        } else {
+            r as isize
+        }
+    }
+
+    /// # Safety
+    /// As the system call `nr` with no arguments.
+    pub(crate) unsafe fn syscall0(nr: libc::c_long) -> isize {
+        // SAFETY: the caller's contract.
+        result(unsafe { libc::syscall(nr) })
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    pub(crate) unsafe fn syscall1(nr: libc::c_long, a: usize) -> isize {
+        // SAFETY: the caller's contract.
+        result(unsafe { libc::syscall(nr, a) })
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    pub(crate) unsafe fn syscall2(nr: libc::c_long, a: usize, b: usize) -> isize {
+        // SAFETY: the caller's contract.
+        result(unsafe { libc::syscall(nr, a, b) })
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    pub(crate) unsafe fn syscall3(nr: libc::c_long, a: usize, b: usize, c: usize) -> isize {
+        // SAFETY: the caller's contract.
+        result(unsafe { libc::syscall(nr, a, b, c) })
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    pub(crate) unsafe fn syscall4(
+        nr: libc::c_long,
+        a: usize,
+        b: usize,
+        c: usize,
+        d: usize,
+    ) -> isize {
+        // SAFETY: the caller's contract.
+        result(unsafe { libc::syscall(nr, a, b, c, d) })
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    pub(crate) unsafe fn syscall6(
+        nr: libc::c_long,
+        a: usize,
+        b: usize,
+        c: usize,
+        d: usize,
+        e: usize,
+        f: usize,
+    ) -> isize {
+        // SAFETY: the caller's contract.
+        result(unsafe { libc::syscall(nr, a, b, c, d, e, f) })
+    }
+}
+
 /// The `syscall` instruction, with 0 to 6 arguments (the x86_64 Linux
 /// convention: number in `rax`, arguments in `rdi, rsi, rdx, r10, r8, r9`;
 /// `rcx` and `r11` clobbered; the result in `rax`, `-errno` on failure).
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod raw {
     use core::arch::asm;
 
@@ -424,5 +507,39 @@ pub(crate) mod raw {
                  lateout("rcx") _, lateout("r11") _, options(nostack));
         }
         r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_system_calls_agree_with_the_c_library() {
+        // SAFETY: getpid and gettid have no preconditions.
+        let (pid, tid) = unsafe { (libc::getpid(), libc::gettid()) };
+        assert_eq!(getpid(), pid);
+        assert_eq!(gettid(), tid);
+        // Signal 0 checks the target exists and sends nothing.
+        assert_eq!(tgkill(pid, tid, 0), 0);
+        assert!(failed(tgkill(pid, -1, 0)), "a bad tid is -EINVAL");
+        assert!(!failed(0) && !failed(12) && failed(-(libc::EFAULT as isize)));
+    }
+
+    #[test]
+    fn raw_mappings_and_reads_work_and_fail_as_the_kernel_says() {
+        let page = map_zeroed(4096).expect("an anonymous page");
+        let src = [7u8, 1, 2, 3, 4, 5, 6, 9];
+        // SAFETY: the page is ours, 4096 bytes; `src` is 8 bytes.
+        unsafe { copy_bytes(src.as_ptr(), page.as_ptr(), 8) };
+        let mut back = [0u8; 8];
+        // SAFETY: `back` is ours; the kernel checks the remote range.
+        let n = unsafe { process_vm_readv_self(back.as_mut_ptr(), page.as_ptr() as u64, 8) };
+        assert_eq!((n, back), (8, src));
+        // SAFETY: the page is not used afterwards.
+        unsafe { unmap(page.as_ptr(), 4096) };
+        // SAFETY: as above; the page is gone now.
+        let n = unsafe { process_vm_readv_self(back.as_mut_ptr(), page.as_ptr() as u64, 8) };
+        assert_eq!(n, -(libc::EFAULT as isize));
     }
 }
