@@ -30,6 +30,13 @@
 //! raised by their caller (the outer handler's body in `signal.rs`, the
 //! trampoline's `returning`).
 //!
+//! The nested path finds the hit's site and its XOL slot as published; it
+//! claims nothing the runtime would have to give back. A thread's first
+//! trap may nest before the outer handler armed its `Rcu` reader slot (a
+//! probe on `__errno_location`): the nested read then claims the slot with
+//! one CAS (`Rcu::read_in_trap`, no C library) and the outer handler arms
+//! its release right after.
+//!
 //! # `errno`
 //!
 //! The C library's `errno` is reached through `__errno_location`, a
