@@ -1,7 +1,19 @@
 //! Thin wrappers over the Linux system calls the RCU domains rely on:
 //! `membarrier` (the updater's heavy barrier), `futex` (sleeping until the
 //! last reader leaves) and `mmap` (reader-slot memory that can be obtained
-//! from a signal handler). Every function here is async-signal-safe.
+//! from a signal handler), and the few the live probe runtime's trap path
+//! makes. Every function here is async-signal-safe.
+//!
+//! # No C library
+//!
+//! Every call here is a `syscall` instruction in inline assembly
+//! ([`raw`]), not the C library's wrapper (`libc::syscall`, `libc::mmap`
+//! are C functions): the probe runtime's trap path runs these, and a
+//! function it calls cannot be probed (a breakpoint there would trap inside
+//! the trap handler). So `syscall`, `mmap` or `getpid` stay probeable. The
+//! raw calls return the kernel's result (`-errno` on failure) and never
+//! touch `errno`. [`copy_bytes`] is the same idea for memory: a copy the
+//! compiler cannot turn into a `memcpy` call.
 //!
 //! How the domains use them: [`crate::docs::algorithms::rcu`].
 
@@ -29,14 +41,7 @@ pub(crate) const MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED: libc::c_int = 1 << 4
 pub(crate) fn sys_membarrier(cmd: libc::c_int) -> libc::c_long {
     // SAFETY: membarrier takes (cmd, flags, cpu_id) integers and touches no
     // user memory; any failure is reported through the return value.
-    unsafe {
-        libc::syscall(
-            libc::SYS_membarrier,
-            cmd,
-            0 as libc::c_uint,
-            0 as libc::c_int,
-        )
-    }
+    unsafe { raw::syscall3(libc::SYS_membarrier, cmd as usize, 0, 0) as libc::c_long }
 }
 
 /// True when readers may rely on [`membarrier`] and use compiler fences only.
@@ -96,12 +101,12 @@ pub(crate) fn futex_wait(word: &AtomicU32, expected: u32) {
     // SAFETY: `word` is a live, aligned u32 for the duration of the call; the
     // kernel only reads it. A null timeout means "no timeout".
     unsafe {
-        libc::syscall(
+        raw::syscall4(
             libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-            expected,
-            std::ptr::null::<libc::timespec>(),
+            word.as_ptr() as usize,
+            (libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG) as usize,
+            expected as usize,
+            0,
         );
     }
 }
@@ -115,12 +120,12 @@ pub(crate) fn futex_wait_timeout(word: &AtomicU32, expected: u32, timeout: std::
     // SAFETY: `word` is a live, aligned u32 and `ts` a valid timespec for the
     // duration of the call; the kernel only reads them.
     unsafe {
-        libc::syscall(
+        raw::syscall4(
             libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG,
-            expected,
-            &ts as *const libc::timespec,
+            word.as_ptr() as usize,
+            (libc::FUTEX_WAIT | libc::FUTEX_PRIVATE_FLAG) as usize,
+            expected as usize,
+            &ts as *const libc::timespec as usize,
         );
     }
 }
@@ -130,11 +135,11 @@ pub(crate) fn futex_wake_all(word: &AtomicU32) {
     // SAFETY: FUTEX_WAKE only uses the address as a key; it does not access
     // memory through it.
     unsafe {
-        libc::syscall(
+        raw::syscall3(
             libc::SYS_futex,
-            word.as_ptr(),
-            libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG,
-            i32::MAX,
+            word.as_ptr() as usize,
+            (libc::FUTEX_WAKE | libc::FUTEX_PRIVATE_FLAG) as usize,
+            i32::MAX as usize,
         );
     }
 }
@@ -144,19 +149,397 @@ pub(crate) fn futex_wake_all(word: &AtomicU32) {
 pub(crate) fn map_zeroed(len: usize) -> Option<std::ptr::NonNull<u8>> {
     // SAFETY: an anonymous private mapping with no fixed address cannot alias
     // existing memory; the result is checked against MAP_FAILED.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
+    let r = unsafe {
+        raw::syscall6(
+            libc::SYS_mmap,
+            0,
             len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-            -1,
+            (libc::PROT_READ | libc::PROT_WRITE) as usize,
+            (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as usize,
+            usize::MAX, // fd -1
             0,
         )
     };
-    if p == libc::MAP_FAILED {
+    if failed(r) {
         None
     } else {
-        std::ptr::NonNull::new(p.cast())
+        std::ptr::NonNull::new(r as *mut u8)
+    }
+}
+
+/// Unmaps `len` bytes at `addr` (a mapping of [`map_zeroed`]).
+///
+/// # Safety
+/// Nothing may use the range afterwards.
+pub(crate) unsafe fn unmap(addr: *mut u8, len: usize) {
+    // SAFETY: the caller gives up the range.
+    unsafe { raw::syscall2(libc::SYS_munmap, addr as usize, len) };
+}
+
+/// Whether a raw system call's result is an error (`-4095..=-1`).
+#[inline(always)]
+pub(crate) fn failed(r: isize) -> bool {
+    (-4095..0).contains(&r)
+}
+
+/// The calling process's id (`getpid(2)`, no C library).
+#[inline]
+pub(crate) fn getpid() -> libc::pid_t {
+    // SAFETY: getpid takes no arguments and touches no memory.
+    unsafe { raw::syscall0(libc::SYS_getpid) as libc::pid_t }
+}
+
+/// The calling thread's id (`gettid(2)`, no C library).
+#[inline]
+pub(crate) fn gettid() -> libc::pid_t {
+    // SAFETY: gettid takes no arguments and touches no memory.
+    unsafe { raw::syscall0(libc::SYS_gettid) as libc::pid_t }
+}
+
+/// Sends `sig` to thread `tid` of process `pid` (`tgkill(2)`); the raw
+/// result.
+#[inline]
+pub(crate) fn tgkill(pid: libc::pid_t, tid: libc::pid_t, sig: libc::c_int) -> isize {
+    // SAFETY: tgkill takes integers only.
+    unsafe { raw::syscall3(libc::SYS_tgkill, pid as usize, tid as usize, sig as usize) }
+}
+
+/// Writes `bytes` to `fd` once (`write(2)`); a short or failed write is not
+/// retried. For diagnostics on the way to abort.
+pub(crate) fn write(fd: libc::c_int, bytes: &[u8]) {
+    // SAFETY: the buffer is valid for `len` bytes; the kernel only reads it.
+    unsafe {
+        raw::syscall3(
+            libc::SYS_write,
+            fd as usize,
+            bytes.as_ptr() as usize,
+            bytes.len(),
+        )
+    };
+}
+
+/// Ends the process with `SIGABRT`, as `abort(3)` does, without the C
+/// library: the signal is unblocked and sent to this thread (a `SIGABRT`
+/// handler runs, as with `abort`); if that returns, the default disposition
+/// is restored and the signal sent again; should the process still live,
+/// `exit_group(127)`.
+pub(crate) fn abort() -> ! {
+    let mask: u64 = 1 << (libc::SIGABRT - 1);
+    // SAFETY: rt_sigprocmask reads the 8-byte kernel sigset at `&mask`.
+    unsafe {
+        raw::syscall4(
+            libc::SYS_rt_sigprocmask,
+            libc::SIG_UNBLOCK as usize,
+            &mask as *const u64 as usize,
+            0,
+            8,
+        )
+    };
+    tgkill(getpid(), gettid(), libc::SIGABRT);
+    set_default_disposition(libc::SIGABRT);
+    tgkill(getpid(), gettid(), libc::SIGABRT);
+    loop {
+        // SAFETY: exit_group takes an integer and does not return.
+        unsafe { raw::syscall1(libc::SYS_exit_group, 127) };
+    }
+}
+
+/// The kernel's `struct sigaction` for `rt_sigaction(2)` (not the C
+/// library's, which is larger).
+#[repr(C)]
+struct KernelSigaction {
+    handler: usize,
+    flags: u64,
+    restorer: usize,
+    mask: u64,
+}
+
+/// Restores `SIG_DFL` for `sig` (`rt_sigaction(2)`, no C library).
+pub(crate) fn set_default_disposition(sig: libc::c_int) {
+    let dfl = KernelSigaction {
+        handler: 0,
+        flags: 0,
+        restorer: 0,
+        mask: 0,
+    };
+    // SAFETY: `dfl` is a valid kernel sigaction (SIG_DFL needs no restorer);
+    // no old action is asked for; the sigset is 8 bytes.
+    unsafe {
+        raw::syscall4(
+            libc::SYS_rt_sigaction,
+            sig as usize,
+            &dfl as *const KernelSigaction as usize,
+            0,
+            8,
+        )
+    };
+}
+
+/// Reads `len` bytes at `remote` of this process into `local` with
+/// `process_vm_readv(2)`; the raw result (bytes read, or `-errno`).
+///
+/// # Safety
+/// `local` must be valid for writes of `len` bytes. `remote` may be any
+/// address: the kernel checks it.
+pub(crate) unsafe fn process_vm_readv_self(local: *mut u8, remote: u64, len: usize) -> isize {
+    let l = libc::iovec {
+        iov_base: local.cast(),
+        iov_len: len,
+    };
+    let r = libc::iovec {
+        iov_base: remote as *mut libc::c_void,
+        iov_len: len,
+    };
+    // SAFETY: the iovecs are valid for the call; the local one describes
+    // memory the caller lets us write.
+    unsafe {
+        raw::syscall6(
+            libc::SYS_process_vm_readv,
+            getpid() as usize,
+            &l as *const libc::iovec as usize,
+            1,
+            &r as *const libc::iovec as usize,
+            1,
+            0,
+        )
+    }
+}
+
+/// Copies `len` bytes from `src` to `dst` with `rep movsb`: a copy the
+/// compiler cannot replace with a call to the C library's `memcpy` (which a
+/// user may probe). Ranges must not overlap.
+///
+/// # Safety
+/// As `core::ptr::copy_nonoverlapping`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn copy_bytes(src: *const u8, dst: *mut u8, len: usize) {
+    // SAFETY: the caller's contract; `rep movsb` with the direction flag
+    // clear (the ABI guarantees it at function boundaries) copies forwards.
+    unsafe {
+        core::arch::asm!(
+            "rep movsb",
+            inout("rcx") len => _,
+            inout("rsi") src => _,
+            inout("rdi") dst => _,
+            options(nostack, preserves_flags)
+        );
+    }
+}
+
+/// Elsewhere (no live probe runtime there): a plain copy.
+///
+/// # Safety
+/// As `core::ptr::copy_nonoverlapping`.
+#[cfg(not(target_arch = "x86_64"))]
+#[inline(always)]
+pub(crate) unsafe fn copy_bytes(src: *const u8, dst: *mut u8, len: usize) {
+    // SAFETY: the caller's contract.
+    unsafe { core::ptr::copy_nonoverlapping(src, dst, len) }
+}
+
+/// Elsewhere (no live probe runtime there, so no need to stay off the C
+/// library): the C library's `syscall`, its `-1`/`errno` turned into the
+/// kernel's `-errno`.
+#[cfg(not(target_arch = "x86_64"))]
+pub(crate) mod raw {
+    fn result(r: libc::c_long) -> isize {
+        if r == -1 {
+            -(std::io::Error::last_os_error().raw_os_error().unwrap_or(0) as isize)
+        } else {
+            r as isize
+        }
+    }
+
+    /// # Safety
+    /// As the system call `nr` with no arguments.
+    pub(crate) unsafe fn syscall0(nr: libc::c_long) -> isize {
+        // SAFETY: the caller's contract.
+        result(unsafe { libc::syscall(nr) })
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    pub(crate) unsafe fn syscall1(nr: libc::c_long, a: usize) -> isize {
+        // SAFETY: the caller's contract.
+        result(unsafe { libc::syscall(nr, a) })
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    pub(crate) unsafe fn syscall2(nr: libc::c_long, a: usize, b: usize) -> isize {
+        // SAFETY: the caller's contract.
+        result(unsafe { libc::syscall(nr, a, b) })
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    pub(crate) unsafe fn syscall3(nr: libc::c_long, a: usize, b: usize, c: usize) -> isize {
+        // SAFETY: the caller's contract.
+        result(unsafe { libc::syscall(nr, a, b, c) })
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    pub(crate) unsafe fn syscall4(
+        nr: libc::c_long,
+        a: usize,
+        b: usize,
+        c: usize,
+        d: usize,
+    ) -> isize {
+        // SAFETY: the caller's contract.
+        result(unsafe { libc::syscall(nr, a, b, c, d) })
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    pub(crate) unsafe fn syscall6(
+        nr: libc::c_long,
+        a: usize,
+        b: usize,
+        c: usize,
+        d: usize,
+        e: usize,
+        f: usize,
+    ) -> isize {
+        // SAFETY: the caller's contract.
+        result(unsafe { libc::syscall(nr, a, b, c, d, e, f) })
+    }
+}
+
+/// The `syscall` instruction, with 0 to 6 arguments (the x86_64 Linux
+/// convention: number in `rax`, arguments in `rdi, rsi, rdx, r10, r8, r9`;
+/// `rcx` and `r11` clobbered; the result in `rax`, `-errno` on failure).
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod raw {
+    use core::arch::asm;
+
+    /// # Safety
+    /// As the system call `nr` with no arguments.
+    #[inline(always)]
+    pub(crate) unsafe fn syscall0(nr: libc::c_long) -> isize {
+        let r: isize;
+        // SAFETY: the caller's contract.
+        unsafe {
+            asm!("syscall", inlateout("rax") nr as isize => r,
+                 lateout("rcx") _, lateout("r11") _, options(nostack));
+        }
+        r
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    #[inline(always)]
+    pub(crate) unsafe fn syscall1(nr: libc::c_long, a: usize) -> isize {
+        let r: isize;
+        // SAFETY: the caller's contract.
+        unsafe {
+            asm!("syscall", inlateout("rax") nr as isize => r, in("rdi") a,
+                 lateout("rcx") _, lateout("r11") _, options(nostack));
+        }
+        r
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    #[inline(always)]
+    pub(crate) unsafe fn syscall2(nr: libc::c_long, a: usize, b: usize) -> isize {
+        let r: isize;
+        // SAFETY: the caller's contract.
+        unsafe {
+            asm!("syscall", inlateout("rax") nr as isize => r, in("rdi") a, in("rsi") b,
+                 lateout("rcx") _, lateout("r11") _, options(nostack));
+        }
+        r
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    #[inline(always)]
+    pub(crate) unsafe fn syscall3(nr: libc::c_long, a: usize, b: usize, c: usize) -> isize {
+        let r: isize;
+        // SAFETY: the caller's contract.
+        unsafe {
+            asm!("syscall", inlateout("rax") nr as isize => r, in("rdi") a, in("rsi") b,
+                 in("rdx") c, lateout("rcx") _, lateout("r11") _, options(nostack));
+        }
+        r
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    #[inline(always)]
+    pub(crate) unsafe fn syscall4(
+        nr: libc::c_long,
+        a: usize,
+        b: usize,
+        c: usize,
+        d: usize,
+    ) -> isize {
+        let r: isize;
+        // SAFETY: the caller's contract.
+        unsafe {
+            asm!("syscall", inlateout("rax") nr as isize => r, in("rdi") a, in("rsi") b,
+                 in("rdx") c, in("r10") d, lateout("rcx") _, lateout("r11") _,
+                 options(nostack));
+        }
+        r
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    #[inline(always)]
+    pub(crate) unsafe fn syscall6(
+        nr: libc::c_long,
+        a: usize,
+        b: usize,
+        c: usize,
+        d: usize,
+        e: usize,
+        f: usize,
+    ) -> isize {
+        let r: isize;
+        // SAFETY: the caller's contract.
+        unsafe {
+            asm!("syscall", inlateout("rax") nr as isize => r, in("rdi") a, in("rsi") b,
+                 in("rdx") c, in("r10") d, in("r8") e, in("r9") f,
+                 lateout("rcx") _, lateout("r11") _, options(nostack));
+        }
+        r
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn raw_system_calls_agree_with_the_c_library() {
+        // SAFETY: getpid and gettid have no preconditions.
+        let (pid, tid) = unsafe { (libc::getpid(), libc::gettid()) };
+        assert_eq!(getpid(), pid);
+        assert_eq!(gettid(), tid);
+        // Signal 0 checks the target exists and sends nothing.
+        assert_eq!(tgkill(pid, tid, 0), 0);
+        assert!(failed(tgkill(pid, -1, 0)), "a bad tid is -EINVAL");
+        assert!(!failed(0) && !failed(12) && failed(-(libc::EFAULT as isize)));
+    }
+
+    #[test]
+    fn raw_mappings_and_reads_work_and_fail_as_the_kernel_says() {
+        let page = map_zeroed(4096).expect("an anonymous page");
+        let src = [7u8, 1, 2, 3, 4, 5, 6, 9];
+        // SAFETY: the page is ours, 4096 bytes; `src` is 8 bytes.
+        unsafe { copy_bytes(src.as_ptr(), page.as_ptr(), 8) };
+        let mut back = [0u8; 8];
+        // SAFETY: `back` is ours; the kernel checks the remote range.
+        let n = unsafe { process_vm_readv_self(back.as_mut_ptr(), page.as_ptr() as u64, 8) };
+        assert_eq!((n, back), (8, src));
+        // SAFETY: the page is not used afterwards.
+        unsafe { unmap(page.as_ptr(), 4096) };
+        // SAFETY: as above; the page is gone now.
+        let n = unsafe { process_vm_readv_self(back.as_mut_ptr(), page.as_ptr() as u64, 8) };
+        assert_eq!(n, -(libc::EFAULT as isize));
     }
 }

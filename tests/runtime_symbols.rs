@@ -10,7 +10,6 @@ mod runtime_support;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use rcu_registry::__internals::runtime::refuse;
 use rcu_registry::probes::kprobe::{Action, Kprobe, KprobeBuilder, Kretprobe};
 use rcu_registry::probes::runtime::Live;
 use rcu_registry::probes::ProbeError;
@@ -321,7 +320,22 @@ fn an_ifunc_in_a_stripped_library_resolves_to_the_chosen_implementation() {
     let _ = std::fs::remove_dir_all(dir_lib.parent().unwrap());
 }
 
-/// Calls the C library's `strlen`, `memcpy` or `strcmp` at `at` once.
+/// The string `call_once` passes to `strlen` and `strcmp` (first argument).
+static ABC: &std::ffi::CStr = c"abc";
+/// `call_once`'s `memcpy` destination.
+static DST: [AtomicU64; 1] = [AtomicU64::new(0)];
+
+/// The first argument `call_once` passes to `name`: what a probe counts.
+fn marker(name: &str) -> u64 {
+    if name == "memcpy" {
+        DST.as_ptr() as u64
+    } else {
+        ABC.as_ptr() as u64
+    }
+}
+
+/// Calls the C library's `strlen`, `memcpy` or `strcmp` at `at` once, with
+/// [`marker`] as the first argument.
 fn call_once(name: &str, at: u64) {
     type StrLen = extern "C" fn(*const libc::c_char) -> usize;
     type MemCpy = extern "C" fn(*mut libc::c_void, *const libc::c_void, usize) -> *mut libc::c_void;
@@ -331,21 +345,25 @@ fn call_once(name: &str, at: u64) {
             // SAFETY: dlsym's strlen has this C signature.
             let f =
                 std::hint::black_box(unsafe { std::mem::transmute::<usize, StrLen>(at as usize) });
-            assert_eq!(f(c"abc".as_ptr()), 3);
+            assert_eq!(f(ABC.as_ptr()), 3);
         }
         "memcpy" => {
             // SAFETY: dlsym's memcpy has this C signature.
             let f =
                 std::hint::black_box(unsafe { std::mem::transmute::<usize, MemCpy>(at as usize) });
-            let (src, mut dst) = ([1u8, 2, 3, 4], [0u8; 4]);
-            f(dst.as_mut_ptr().cast(), src.as_ptr().cast(), 4);
-            assert_eq!(dst, src);
+            let src = 0x0102_0304_0506_0708u64;
+            f(
+                DST.as_ptr().cast_mut().cast(),
+                (&src as *const u64).cast(),
+                8,
+            );
+            assert_eq!(DST[0].load(Ordering::Relaxed), src);
         }
         _ => {
             // SAFETY: dlsym's strcmp has this C signature.
             let f =
                 std::hint::black_box(unsafe { std::mem::transmute::<usize, StrCmp>(at as usize) });
-            assert_eq!(f(c"abc".as_ptr(), c"abc".as_ptr()), 0);
+            assert_eq!(f(ABC.as_ptr(), c"abc".as_ptr()), 0);
         }
     }
 }
@@ -355,12 +373,11 @@ fn c_library_ifuncs_resolve_to_what_dlsym_gives() {
     let _g = serial();
     let syms = live().current_symbols();
     let reg = live().registry();
-    // strlen, memcpy and strcmp are what the trap path itself calls (the
-    // walk in refuse.rs proves it): refused at the implementation's
-    // address, as code the trap path calls, with nothing written. (Were
-    // one ever accepted, its calls must count exactly.)
+    // strlen, memcpy and strcmp: the trap path calls no C-library function
+    // (the walk in refuse.rs proves it), so they take probes, by name and by
+    // the implementation's address, and count exactly the calls made with
+    // this test's argument (the runtime and the harness call them too).
     let c = |s: &str| std::ffi::CString::new(s).unwrap();
-    let mut refused = Vec::new();
     for name in ["strlen", "memcpy", "strcmp"] {
         let at = dlsym_default(&c(name));
         let func = syms.find(name).unwrap();
@@ -371,28 +388,31 @@ fn c_library_ifuncs_resolve_to_what_dlsym_gives() {
         assert!(func.object.ends_with("/libc.so.6"), "{func:?}");
         let before = code(at, 16);
         let sites = reg.sites();
-        for probe in [Kprobe::symbol(name, 0).build(), Kprobe::at(at).build()] {
-            match reg.register(&probe) {
-                Err(ProbeError::RefusedTarget { addr, what }) => {
-                    assert_eq!(addr, at, "{name}");
-                    assert_eq!(what, refuse::TRAP_PATH_CALLEE, "{name}");
-                    refused.push(name);
-                }
-                Ok(()) => {
-                    let hits = probe.hits();
-                    call_once(name, at);
-                    reg.unregister(&probe).unwrap();
-                    assert_eq!(probe.hits() - hits, 1, "{name}");
-                }
-                Err(e) => panic!("{name}: {e}"),
+        let mark = marker(name);
+        for builder in [Kprobe::symbol(name, 0), Kprobe::at(at)] {
+            let mine = Arc::new(AtomicU64::new(0));
+            let m = Arc::clone(&mine);
+            let probe = builder
+                .pre(move |_p, regs| {
+                    if regs.arg(0) == Some(mark) {
+                        m.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Action::Continue
+                })
+                .build();
+            if let Err(e) = reg.register(&probe) {
+                panic!("{name}: {e}");
             }
+            call_once(name, at);
+            call_once(name, at);
+            reg.unregister(&probe).unwrap();
+            assert_eq!(mine.load(Ordering::Relaxed), 2, "{name}");
             assert_eq!(code(at, 16), before, "{name}");
             assert_eq!(reg.sites(), sites, "{name}");
         }
     }
-    println!("refused as trap-path callees: {refused:?}");
-    // IFUNCs the trap path never calls: exact counts through dlsym's
-    // function pointers (the handler calls nothing).
+    // Other IFUNCs: exact counts through dlsym's function pointers (the
+    // handler calls nothing).
     type Spn = extern "C" fn(*const libc::c_char, *const libc::c_char) -> usize;
     type CaseCmp = extern "C" fn(*const libc::c_char, *const libc::c_char) -> libc::c_int;
     type WcsLen = extern "C" fn(*const libc::wchar_t) -> usize;

@@ -245,6 +245,21 @@ impl Rcu {
         return &GLOBAL_RCU;
     }
 
+    /// The process-wide default domain if it exists already; no lazy
+    /// initialisation (whose slow path calls the C library), for the live
+    /// probe runtime's trap path, which runs only after the runtime
+    /// initialised it.
+    ///
+    /// # Panics
+    /// If [`global`](Self::global) was never called.
+    #[cfg(not(loom))]
+    #[inline]
+    pub(crate) fn global_initialized() -> &'static Rcu {
+        GLOBAL_RCU
+            .get()
+            .expect("Rcu::global() is initialised before any trap")
+    }
+
     /// Begins a read-side critical section, which lasts until the guard is
     /// dropped. Sections nest. Async-signal-safe, also on a thread that has
     /// never used the library.
@@ -253,7 +268,30 @@ impl Rcu {
     /// process waits for it.
     #[inline]
     pub fn read(&self) -> RcuGuard<'_> {
-        let slot = slots::current();
+        self.read_on(slots::current())
+    }
+
+    /// [`read`](Self::read) that calls no C-library function, for the live
+    /// probe runtime's trap path: a thread's first read section claims its
+    /// slot without arming its release at thread exit (a
+    /// `pthread_setspecific`); [`arm_reader`](Self::arm_reader) does that,
+    /// where calling the C library is safe.
+    #[inline]
+    pub(crate) fn read_in_trap(&self) -> RcuGuard<'_> {
+        self.read_on(slots::current_unarmed())
+    }
+
+    /// Claims the calling thread's reader slot if it has none, and makes
+    /// sure the thread's exit gives it back (a C-library call the first
+    /// time; one thread-local load after). See
+    /// [`read_in_trap`](Self::read_in_trap).
+    #[inline]
+    pub(crate) fn arm_reader() {
+        slots::arm_current();
+    }
+
+    #[inline(always)]
+    fn read_on(&self, slot: &'static slots::Slot) -> RcuGuard<'_> {
         // Relaxed: only this thread (or a signal handler on it, which
         // restores the value) writes the slot's counter.
         let v = slot.ctr.load(Ordering::Relaxed);

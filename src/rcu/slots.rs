@@ -6,6 +6,15 @@
 //! every slot of a thread that did not survive is marked dead (never reused)
 //! and [`fork_generation`] is bumped.
 //!
+//! Claiming calls no C-library function (a raw `mmap` system call for a new
+//! chunk); arming the release at thread exit does (`pthread_setspecific`).
+//! The live probe runtime's trap path must call no C-library function, so
+//! it claims with [`current_unarmed`] and arms with [`arm_current`] past its
+//! trap flag, where a probe hit in the C library is a nested trap (see
+//! `probes/runtime/in_trap.rs`). An ordinary first read claims and arms at
+//! once. `ARMED` is set before the C-library call, so a trap nested in it
+//! does not arm again.
+//!
 //! Registration, release, the glibc key limit and fork handling, in full:
 //! [`crate::docs::algorithms::rcu`].
 
@@ -90,6 +99,12 @@ crate::sync::const_thread_local! {
     static CURRENT: Cell<*const Slot> = Cell::new(ptr::null());
 }
 
+crate::sync::const_thread_local! {
+    /// Whether this thread's slot is released at its exit (armed). A slot
+    /// claimed by [`current_unarmed`] is not, until [`arm_current`].
+    static ARMED: Cell<bool> = Cell::new(false);
+}
+
 /// Returns this thread's slot, claiming one on first use.
 ///
 /// Async-signal-safe: atomics, TLS and (rarely) `mmap` only.
@@ -104,6 +119,34 @@ pub(crate) fn current() -> &'static Slot {
     unsafe { &*p }
 }
 
+/// Returns this thread's slot, claiming one on first use *without* arming
+/// its release at thread exit: atomics, TLS and (rarely) a raw `mmap`
+/// only, no C-library function at all (the live probe runtime's trap path,
+/// which must stay off the C library, reads through this). The thread's
+/// exit does not give such a slot back until [`arm_current`] runs on the
+/// thread (the runtime arms it on its way into a trap, where it may call
+/// the C library; an ordinary first read arms at once).
+#[inline(always)]
+pub(crate) fn current_unarmed() -> &'static Slot {
+    let p = CURRENT.with(|c| c.get());
+    if p.is_null() {
+        return claim_unarmed();
+    }
+    // SAFETY: as in `current`.
+    unsafe { &*p }
+}
+
+/// Claims this thread's slot if it has none, and arms its release at thread
+/// exit if that is not done yet (`pthread_setspecific`: a C-library call).
+/// One TLS load when both are done.
+#[inline]
+pub(crate) fn arm_current() {
+    if !ARMED.with(Cell::get) {
+        let slot = current_unarmed();
+        arm(slot);
+    }
+}
+
 /// This thread's slot if it has one (no claiming).
 #[inline]
 pub(crate) fn current_if_any() -> Option<&'static Slot> {
@@ -115,10 +158,28 @@ pub(crate) fn current_if_any() -> Option<&'static Slot> {
 #[cold]
 #[inline(never)]
 fn claim_for_current_thread() -> &'static Slot {
+    let slot = claim_unarmed();
+    arm(slot);
+    slot
+}
+
+/// Claims a slot for this thread and makes it current; no C library.
+#[cold]
+#[inline(never)]
+fn claim_unarmed() -> &'static Slot {
     let slot = claim();
     CURRENT.with(|c| c.set(slot));
-    arm_release_on_exit(slot);
     slot
+}
+
+/// Arms the release of `slot` (this thread's) at thread exit.
+#[cold]
+#[inline(never)]
+fn arm(slot: &'static Slot) {
+    // Set first: a trap nested in the C library below finds it armed and
+    // does not arm again.
+    ARMED.with(|a| a.set(true));
+    arm_release_on_exit(slot);
 }
 
 fn claim() -> &'static Slot {
@@ -194,7 +255,7 @@ fn new_chunk(base: usize) -> *mut Chunk {
 fn free_chunk(chunk: *mut Chunk) {
     // SAFETY: `chunk` came from `new_chunk` and was never published.
     unsafe {
-        libc::munmap(chunk.cast(), std::mem::size_of::<Chunk>());
+        crate::sys::unmap(chunk.cast(), std::mem::size_of::<Chunk>());
     }
 }
 
@@ -268,6 +329,7 @@ mod hooks {
         // The thread-local may already be gone this late in thread exit; a
         // failed access just means there is nothing to reset.
         let _ = CURRENT.try_with(|c| c.set(ptr::null()));
+        let _ = ARMED.try_with(|a| a.set(false));
         // SAFETY: the key holds the pointer of a claimed, immortal slot.
         release(unsafe { &*slot });
     }

@@ -10,7 +10,12 @@
 //! (the arch backend's trap-context methods promise the same; a miss reads
 //! the text memory once, whose `read` must then be signal-safe, as the
 //! in-process one is: a plain copy). Lookups run under an `Rcu` read guard,
-//! which is a thread-local store.
+//! which is a thread-local store ([`Rcu::read_in_trap`](crate::rcu::Rcu):
+//! a thread's first one claims its reader slot without calling the C
+//! library). The live runtime's trap path calls no C-library function at
+//! all, so this code must not either, nor drop a `ProbeError` (its drop
+//! glue can reach `free`): `tests/runtime_refuse.rs` walks the machine
+//! code to prove it.
 //!
 //! # Re-entrancy
 //!
@@ -253,6 +258,21 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         regs: &mut Regs,
         mem: &mut dyn DataMemory,
     ) -> HitOutcome<'r> {
+        // The hit path reads without arming the reader slot's release at
+        // thread exit (see `Rcu::read_in_trap`); arm it here.
+        crate::rcu::Rcu::arm_reader();
+        self.on_breakpoint_in_trap(regs, mem)
+    }
+
+    /// [`on_breakpoint`](Self::on_breakpoint) calling no C-library function
+    /// (for the live runtime's trap path, which arms the thread's reader
+    /// slot itself where calling the C library is safe).
+    #[inline]
+    pub(crate) fn on_breakpoint_in_trap<'r>(
+        &'r self,
+        regs: &mut Regs,
+        mem: &mut dyn DataMemory,
+    ) -> HitOutcome<'r> {
         let addr = self.arch.trap_address(regs);
         self.hit(addr, regs, mem, true)
     }
@@ -271,7 +291,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         mem: &mut dyn DataMemory,
         second_look: bool,
     ) -> HitOutcome<'r> {
-        let guard = self.rcu.read();
+        let guard = self.rcu.read_in_trap();
         let Some(site) = self.table.lookup(addr, &guard) else {
             drop(guard);
             if !self.breakpoint_at(addr) {
@@ -372,9 +392,25 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     #[cold]
     fn breakpoint_at(&self, addr: u64) -> bool {
         let bp = self.arch.breakpoint();
-        let mut buf = [0u8; MAX_INSN_BYTES];
+        // Two words, not a byte array: a debug build zeroes a byte array
+        // with a `memset` call, and the live trap path calls no C-library
+        // function.
+        let mut words = [0u64; MAX_INSN_BYTES / 8];
+        // SAFETY: `words` is MAX_INSN_BYTES bytes of plain integers; any
+        // byte pattern is valid for both views.
+        let buf: &mut [u8; MAX_INSN_BYTES] = unsafe { &mut *words.as_mut_ptr().cast() };
         let found = &mut buf[..bp.len()];
-        !matches!(self.text.read(addr, found), Ok(()) if found != bp)
+        match self.text.read(addr, found) {
+            // Byte by byte: a slice comparison calls `memcmp`.
+            Ok(()) => found.iter().zip(bp).all(|(a, b)| a == b),
+            Err(e) => {
+                // Not dropped: `ProbeError`'s drop glue can free a heap
+                // variant (a read never builds one), and the trap path calls
+                // no C-library function, `free` included.
+                std::mem::forget(e);
+                true
+            }
+        }
     }
 
     /// Handles the step trap after [`HitOutcome::SingleStep`] (the
@@ -400,7 +436,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                         // whose removal is covered by a grace period (see
                         // `run_posts`). Async-signal-safe (a thread-local
                         // store).
-                        let _guard = self.rcu.read();
+                        let _guard = self.rcu.read_in_trap();
                         run_posts(token.members(), token.len, token.ran_pre, regs);
                     }
                 }

@@ -4,9 +4,9 @@
 //!
 //! # Why a walk
 //!
-//! A breakpoint in code the SIGTRAP handler runs before the registry's
-//! re-entrancy flag is up would trap again inside the trap handler, and
-//! again, until the stack overflows. Naming that code by hand (a crate
+//! A breakpoint in code the SIGTRAP handler runs before the thread's trap
+//! flag is up, or on the missed path a nested trap takes, would trap again
+//! inside the trap handler, and again, until the stack overflows. Naming that code by hand (a crate
 //! prefix, a list of C functions) misses whatever the compiler decided to
 //! call out of line: a `core` generic, a `memcpy` the optimiser introduced,
 //! the implementation an IFUNC selected, a C library internal. The walk
@@ -52,11 +52,11 @@
 //! - **Indirect calls and jumps through registers or writable memory**
 //!   (`dyn Trait` methods, `Box<dyn Fn>` handlers, function pointers) end
 //!   the walk: their targets are not in the code. The runtime names the
-//!   targets that run before the re-entrancy flag as extra roots (the live
+//!   targets that run on the missed path as extra roots (the live
 //!   registry's `TrapDispatcher` methods, the thread memory's `DataMemory`
 //!   methods; see `refuse.rs`). What remains behind an indirect call is
 //!   mostly user code (probe handlers, kretprobe entry and return
-//!   handlers), which runs with the thread's re-entrancy flag set: a probe
+//!   handlers), which runs with the thread's trap flag set: a probe
 //!   hit there is counted missed and completed by the missed path, which
 //!   *is* walked, never recursed into. [`CallGraph::indirect_calls`] lists
 //!   the sites; `refuse.rs` says why each one in the trap path is safe.
@@ -67,6 +67,10 @@
 //!   panic hook formats, allocates, captures backtraces) including `malloc`
 //!   and `core::fmt`, which are fair probe targets. The worst a probe in
 //!   them can do is turn an abort message into a crash one call deeper.
+//! - **Code that runs only with the thread's trap flag up** ([`flag_up`](fn@flag_up):
+//!   the outer SIGTRAP handler's body, the kretprobe trampoline's return
+//!   path) is not walked into either: a probe hit there is a nested trap,
+//!   which takes the missed path (walked), so it may call the C library.
 //! - Addresses outside the process's executable mappings (the XOL area's
 //!   slots are anonymous mappings and never probed code) are skipped and
 //!   counted.
@@ -91,10 +95,12 @@ use super::maps::Maps;
 mod descend;
 mod dying;
 mod fde_starts;
+mod flag_up;
 
 use crate::probes::runtime::in_process::read_text;
 use crate::probes::runtime::symbols::ProcessSymbols;
 pub use dying::dying_path;
+pub use flag_up::{flag_up, FLAG_UP_ENTRIES};
 
 /// Instructions one descent into code without a symbol may decode. A C
 /// library's largest stripped internal routines are a few thousand
@@ -126,7 +132,7 @@ pub struct Reached {
     /// The call or jump that first reached it; `None` for a root.
     pub via: Option<u64>,
     /// `Some(reason)` if it is refused but was not walked into
-    /// ([`dying_path`]).
+    /// ([`dying_path`], [`flag_up`](fn@flag_up)).
     pub stopped: Option<&'static str>,
 }
 
@@ -144,7 +150,8 @@ pub struct WalkStats {
     pub symbols: usize,
     /// Descents into code without a symbol.
     pub anonymous: usize,
-    /// Functions refused but not walked into ([`dying_path`]).
+    /// Functions refused but not walked into ([`dying_path`],
+    /// [`flag_up`](fn@flag_up)).
     pub stopped: usize,
     /// Instructions decoded.
     pub instructions: usize,
@@ -303,7 +310,7 @@ impl Walker<'_> {
                     return;
                 }
                 let (start, end) = (f.start, (f.start + f.size).min(text_end.max(f.start)));
-                let stopped = dying_path(&f.name);
+                let stopped = dying_path(&f.name).or_else(|| flag_up(&f.name));
                 self.by_start.insert(start, self.out.len());
                 self.out.push(Reached {
                     start,

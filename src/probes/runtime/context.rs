@@ -52,19 +52,40 @@ const GREG_OF: [libc::c_int; 16] = [
 const RSP: usize = 4;
 
 /// The registers saved in a signal frame.
-#[inline]
+#[cfg(test)]
 pub(crate) fn regs_from_ucontext(uc: &libc::ucontext_t) -> Regs {
+    let mut slot = std::mem::MaybeUninit::uninit();
+    *regs_from_ucontext_in(uc, &mut slot)
+}
+
+/// [`regs_from_ucontext`], built in place in `slot`, field by field: a
+/// `Regs` is 272 bytes, and zeroing it first (`Regs::default()`) or moving
+/// it out of a function is a `memset` or `memcpy` call, which the trap path
+/// must not make (a probe there would trap inside the trap handler).
+#[inline]
+pub(crate) fn regs_from_ucontext_in<'a>(
+    uc: &libc::ucontext_t,
+    slot: &'a mut std::mem::MaybeUninit<Regs>,
+) -> &'a mut Regs {
     let g = &uc.uc_mcontext.gregs;
-    let mut regs = Regs::default();
-    for (n, &i) in GREG_OF.iter().enumerate() {
-        if n != RSP {
-            regs.gprs[n] = g[i as usize] as u64;
+    let p = slot.as_mut_ptr();
+    // SAFETY: every field of `*p` is written exactly once below through raw
+    // pointers (no reference to uninitialised memory is made); `Regs` is
+    // plain integers, so the value is initialised after the writes.
+    unsafe {
+        let gprs = std::ptr::addr_of_mut!((*p).gprs).cast::<u64>();
+        for (n, &i) in GREG_OF.iter().enumerate() {
+            let v = if n == RSP { 0 } else { g[i as usize] as u64 };
+            gprs.add(n).write(v);
         }
+        for n in GREG_OF.len()..31 {
+            gprs.add(n).write(0);
+        }
+        std::ptr::addr_of_mut!((*p).sp).write(g[libc::REG_RSP as usize] as u64);
+        std::ptr::addr_of_mut!((*p).ip).write(g[libc::REG_RIP as usize] as u64);
+        std::ptr::addr_of_mut!((*p).flags).write(g[libc::REG_EFL as usize] as u64);
+        slot.assume_init_mut()
     }
-    regs.sp = g[libc::REG_RSP as usize] as u64;
-    regs.ip = g[libc::REG_RIP as usize] as u64;
-    regs.flags = g[libc::REG_EFL as usize] as u64;
-    regs
 }
 
 /// Writes `regs` into the signal frame, for `rt_sigreturn` to resume with.
@@ -95,7 +116,36 @@ impl DataMemory for ThreadMemory {
         }
         // SAFETY: the address is one the displaced instruction accesses in
         // place (module docs); a bad one faults exactly as it would there.
-        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
+        // `copy_bytes`, not `copy_nonoverlapping`: no `memcpy` call on the
+        // trap path.
+        unsafe { crate::sys::copy_bytes(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
+        Ok(())
+    }
+
+    fn read_u64(&self, addr: u64) -> Result<u64, ProbeError> {
+        if addr == 0 {
+            return Err(ProbeError::MemoryFault { addr, len: 8 });
+        }
+        let v: u64;
+        // SAFETY: as in `read`; one (unaligned) load, in assembly so that
+        // a debug build makes no `memcpy` call for it.
+        unsafe {
+            core::arch::asm!("mov {v}, qword ptr [{a}]", v = out(reg) v, a = in(reg) addr,
+                options(nostack, readonly, preserves_flags));
+        }
+        Ok(v)
+    }
+
+    fn write_u64(&mut self, addr: u64, value: u64) -> Result<(), ProbeError> {
+        if addr == 0 {
+            return Err(ProbeError::MemoryFault { addr, len: 8 });
+        }
+        // SAFETY: as in `write`; one (unaligned) store, in assembly (see
+        // `read_u64`).
+        unsafe {
+            core::arch::asm!("mov qword ptr [{a}], {v}", v = in(reg) value, a = in(reg) addr,
+                options(nostack, preserves_flags));
+        }
         Ok(())
     }
 
@@ -109,7 +159,7 @@ impl DataMemory for ThreadMemory {
         // SAFETY: as in `read`; the stack slots written are below the
         // interrupted code's stack pointer or its return address, which the
         // instruction itself would write.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
+        unsafe { crate::sys::copy_bytes(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
         Ok(())
     }
 }

@@ -382,7 +382,7 @@ pub(crate) fn dispatch_breakpoint(
     if let Some(done) = complete_step(stack, StepTrap::Breakpoint(addr), regs, mem) {
         return Some(done);
     }
-    let _guard = Rcu::global().read();
+    let _guard = Rcu::global_initialized().read_in_trap();
     // SAFETY (every block below): `stack` is this thread's own stack, only the trap and fault
     // handlers touch it, and each access is a short-lived reference to one field or one entry. The entry
     // at `depth` is reserved (depth raised) before the dispatcher runs, so a nested trap in a
@@ -405,14 +405,17 @@ pub(crate) fn dispatch_breakpoint(
             v => Some((d, v)),
         }
     });
-    let marker = match verdict {
-        Some((_, Verdict::Step)) => None,
-        Some((_, Verdict::StepToMarker { marker })) => Some(marker),
+    // Every arm moves the verdict's parts out: nothing is left to drop
+    // (`ProbeError`'s drop glue can reach `free`, and the trap path calls no
+    // C-library function).
+    let (d, marker) = match verdict {
+        Some((d, Verdict::Step)) => (d, None),
+        Some((d, Verdict::StepToMarker { marker })) => (d, Some(marker)),
         Some((_, Verdict::Failed(e))) => return give_back(stack, depth, Some(Err(e))),
-        Some(_) => return give_back(stack, depth, Some(Ok(()))),
-        None => return give_back(stack, depth, None),
+        Some((_, Verdict::Resume)) => return give_back(stack, depth, Some(Ok(()))),
+        Some((_, Verdict::NotOurs)) | None => return give_back(stack, depth, None),
     };
-    let d = verdict.map(|(d, _)| d);
+    let d = Some(d);
     // SAFETY: see above; nested traps have popped what they pushed. The
     // entry stays pushed until its step trap.
     unsafe {

@@ -434,26 +434,18 @@ pub(crate) fn read_text(addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
     if READ_MODE.load(Ordering::Relaxed) == READ_DIRECT {
         // SAFETY: process_vm_readv is forbidden here (seccomp); the caller's
         // address is trusted, as documented on `InProcess`.
-        unsafe { std::ptr::copy_nonoverlapping(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
+        unsafe { crate::sys::copy_bytes(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
         return Ok(());
     }
-    let local = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
-    let remote = libc::iovec {
-        iov_base: addr as *mut libc::c_void,
-        iov_len: buf.len(),
-    };
-    // SAFETY: the local iovec describes `buf`, which we own exclusively; the
-    // kernel checks the remote range and fails with EFAULT instead of
-    // faulting. getpid is async-signal-safe.
-    let n = unsafe { libc::process_vm_readv(libc::getpid(), &local, 1, &remote, 1, 0) };
-    if n == buf.len() as isize {
+    // SAFETY: `buf` is ours, valid for `len` bytes; the kernel checks the
+    // remote range and fails with EFAULT instead of faulting. A raw system
+    // call (the trap path calls no C-library function).
+    let n = unsafe { crate::sys::process_vm_readv_self(buf.as_mut_ptr(), addr, len) };
+    if n == len as isize {
         return Ok(());
     }
-    if n < 0 {
-        let errno = std::io::Error::last_os_error().raw_os_error().unwrap_or(0);
+    if crate::sys::failed(n) {
+        let errno = -n as libc::c_int;
         if errno == libc::ENOSYS || errno == libc::EPERM {
             // Relaxed: a sticky hint (see the load above).
             READ_MODE.store(READ_DIRECT, Ordering::Relaxed);

@@ -50,7 +50,7 @@ impl<A: Arch, T: TextMemory + 'static> TrapDispatcher for KprobeRegistry<A, T> {
         stash: &mut StepStash,
     ) -> Verdict {
         let at = self.arch().trap_address(regs);
-        match KprobeRegistry::on_breakpoint(self, regs, mem) {
+        match self.on_breakpoint_in_trap(regs, mem) {
             HitOutcome::NotOurs => Verdict::NotOurs,
             HitOutcome::Vanished | HitOutcome::Skipped | HitOutcome::Emulated => Verdict::Resume,
             HitOutcome::Boosted { slot } => {
@@ -99,13 +99,15 @@ impl<A: Arch, T: TextMemory + 'static> TrapDispatcher for KprobeRegistry<A, T> {
         if !ours {
             return false;
         }
-        let Some(token) = stash.take::<StepToken<'static>>() else {
-            return false;
-        };
-        self.arch().abort_step(token.plan(), token.state(), regs);
+        // Undone through the stashed token, then taken and dropped: no owned
+        // token is alive across a call that could unwind (its landing pad
+        // would call the unwinder, `_Unwind_Resume`, from the trap path).
+        if let Some(token) = stash.peek::<StepToken<'static>>() {
+            self.arch().abort_step(token.plan(), token.state(), regs);
+        }
         // Dropping the token gives back its in-flight count: unregistration
         // no longer waits for this step.
-        drop(token);
+        drop(stash.take::<StepToken<'static>>());
         true
     }
 

@@ -137,6 +137,8 @@ mod fork;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod in_process;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod in_trap;
+#[cfg(target_arch = "x86_64")]
 mod live;
 #[cfg(target_arch = "x86_64")]
 pub mod loader;
@@ -144,8 +146,6 @@ pub mod loader;
 pub(crate) mod maps;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod quiesce;
-#[cfg(target_arch = "x86_64")]
-mod raw;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod refuse;
 #[cfg(target_arch = "x86_64")]

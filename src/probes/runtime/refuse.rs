@@ -2,11 +2,15 @@
 //!
 //! # Why
 //!
-//! A breakpoint in the code a trap runs before the registry's re-entrancy
-//! flag is set (the SIGTRAP handler, the dispatcher table walk, the `Rcu`
-//! read side, the registry's lookup, and whatever they call: `core`
-//! helpers, the C library) would trap again inside the trap handler,
-//! recursively, until the stack overflows. A breakpoint in the signal return
+//! The SIGTRAP handler and the kretprobe trampoline's Rust half raise the
+//! thread's trap flag before anything else (`in_trap.rs`). A trap that
+//! finds it up is nested in the runtime's own work and takes the **missed
+//! path**: the hit runs no handler, counts `nmissed` and completes its
+//! displaced instruction. A breakpoint in code that path runs (the nested
+//! handler's dispatch, the `Rcu` read, the lookup, step completion,
+//! emulation, and whatever they call) would trap again inside it,
+//! recursively, until the stack overflows; so would one in the few
+//! instructions before the flag goes up. A breakpoint in the signal return
 //! trampoline (`__restore_rt`) would trap on the way *out* of every signal
 //! handler. A breakpoint in the kretprobe trampoline would trap with the
 //! return address already replaced. [`refused_ranges`] lists that code;
@@ -14,25 +18,40 @@
 //! overlaps it with [`ProbeError::RefusedTarget`](crate::probes::ProbeError)
 //! and leaves the text unchanged.
 //!
+//! That code calls **no C-library function**: raw system calls
+//! (`crate::sys`), `rep movsb` copies, no allocation, no drop of a value
+//! whose drop glue could free. So the C library is not refused at all
+//! (`tests/runtime_refuse.rs` checks the set: empty, but for the unwinder's
+//! `_Unwind_Resume` as a dying-path entry; 53 exported
+//! library functions were refused before, `free`, `calloc`, `mmap`,
+//! `strlen`, `memcpy`, `clock_gettime` among them).
+//!
 //! # How the trap path is found: a walk of the machine code
 //!
 //! The trap path is not named by hand: [`trap_path`] disassembles the
 //! process's own code from the [`trap_path_roots`] and follows every direct
 //! call and jump, tail calls, and calls through the GOT and PLT stubs into
-//! the C library (to the implementation an IFUNC selected), as described in
-//! [`callgraph`](super::callgraph). The roots are everything that runs
-//! before the re-entrancy flag is up, or on the missed path after it:
+//! other objects (to the implementation an IFUNC selected), as described in
+//! [`callgraph`](super::callgraph). The roots are:
 //!
-//! - the SIGTRAP handler (it reaches dispatch, step completion, the
-//!   transient-breakpoint check and the chaining to a previous handler by
-//!   direct calls);
+//! - the SIGTRAP handler (it reaches the nested path, dispatch, step
+//!   completion, the transient-breakpoint check and the chaining to a
+//!   previous handler by direct calls);
 //! - the kretprobe trampoline (its assembly calls the Rust half directly);
 //! - `__restore_rt`, which every signal handler returns through;
-//! - the targets of the two indirect calls the handler makes before the
-//!   flag: the live registry's [`TrapDispatcher`] methods (the dispatcher
-//!   table holds `&dyn TrapDispatcher`) and [`ThreadMemory`]'s
+//! - the targets of the indirect calls the nested path makes: the live
+//!   registry's [`TrapDispatcher`] breakpoint, step and fault methods (the
+//!   dispatcher table holds `&dyn TrapDispatcher`) and [`ThreadMemory`]'s
 //!   [`DataMemory`] methods (the registry and the arch backend get the
 //!   thread's memory as `&mut dyn DataMemory`).
+//!
+//! The walk **stops at the flag-up entries**
+//! ([`callgraph::flag_up`](super::callgraph::flag_up)): the outer handler's
+//! body and the trampoline's return path run only once the flag is up, and
+//! may call the C library (a probe hit there is a nested trap). What they
+//! share with the nested path is walked from there. The registry's
+//! `on_return` is reached only past the trampoline's flag, so it is no
+//! root.
 //!
 //! The walk's result is computed once per process, at the first
 //! [`Live`](super::Live) construction, and cached; [`trap_path`] gives its
@@ -42,15 +61,17 @@
 //!
 //! - every function whose symbol names this crate (`rcu_registry::`): a
 //!   belt over the walk's braces, covering crate code reached only through
-//!   indirect calls (kretprobe entry hooks behind `dyn ReturnProbe`);
+//!   indirect calls (kretprobe entry hooks behind `dyn ReturnProbe`) or only
+//!   past the trap flag;
 //! - the SIGTRAP handler, the kretprobe trampoline and `__restore_rt`, by
 //!   address, even when the executable has no symbol table;
 //! - everything the walk reached: whole functions where there is a symbol,
-//!   the decoded instructions where there is none (a stripped C library's
-//!   internals);
+//!   the decoded instructions where there is none (a PLT stub,
+//!   `__restore_rt` in a stripped C library);
 //! - the entry functions of paths that only end the process (panics,
-//!   `abort`, the runtime's fatal report), refused but not walked into
-//!   ([`callgraph::dying_path`](super::callgraph::dying_path) says why).
+//!   `abort`, the runtime's fatal report, the unwinder's resume), refused
+//!   but not walked into ([`callgraph::dying_path`](super::callgraph::dying_path)
+//!   says why), and the flag-up entries (this crate's).
 //!
 //! # What is not refused, and why that is safe
 //!
@@ -60,25 +81,22 @@
 //!
 //! - the dispatcher table's and the thread memory's `dyn` calls, whose
 //!   targets are roots (above);
-//! - user probe handlers and kretprobe entry/return handlers
-//!   (`Box<dyn Fn>`, `dyn ReturnProbe`). They run with the thread's
-//!   re-entrancy flag set, so a probe hit there, or in anything they call,
-//!   is counted missed and completed by the missed path (which is walked),
-//!   never recursed into;
+//! - user probe handlers and kretprobe entry hooks (`Box<dyn Fn>`,
+//!   `dyn ReturnProbe`). They run with the thread's trap flag and the
+//!   registry's handler flag up, so a probe hit there, or in anything they
+//!   call, is counted missed and completed by the missed path (which is
+//!   walked), never recursed into;
 //! - the previous SIGTRAP handler, chained to for a trap that is not ours:
 //!   foreign code, which a probe may hit once (the nested trap is ours and
-//!   is not chained again);
-//! - the spin lock's back-off calling `sched_yield` through a register
-//!   (after the flag; the walk follows the loaded address anyway);
-//! - drop glue of `std::io::Error`'s boxed custom error, which the text
-//!   reader never builds (it makes OS errors only);
-//! - `OnceLock` initialisers behind `Rcu::global`, run by
-//!   [`install`](super::install) before the handler exists.
+//!   is not chained again).
 //!
 //! Also not refused:
 //!
 //! - code past a dying path's entry (the panic hook, formatting,
 //!   allocation, backtraces): it runs at most once, on the way to `abort`;
+//! - code past a flag-up entry (module docs above): `__errno_location`,
+//!   `pthread_setspecific`, the kretprobe return path's spin-lock back-off
+//!   (`sched_yield`), `catch_unwind`;
 //! - trap dispatchers other than the live registry (a test's own attached
 //!   with [`attach`](super::attach)): their methods are reached through the
 //!   dispatcher table's `dyn` call and are not roots.
@@ -88,36 +106,34 @@
 //! - A lazily bound GOT slot that was not yet resolved at the walk is
 //!   followed to where it points then (the PLT's lazy path into the dynamic
 //!   linker), not to the function it is later bound to. rustc links
-//!   executables with `-z now` and the C library resolves its own IFUNC
-//!   slots at load time, so the trap path's slots are final by then.
+//!   executables with `-z now`, so the trap path's slots are final by then.
 //! - Code without a symbol is found by recursive descent, which stops at an
-//!   indirect jump it cannot resolve (a jump table in a stripped C library
-//!   routine): the table's targets are then not refused.
+//!   indirect jump it cannot resolve.
 //! - Breakpoints already in the code when the walk runs (someone else's)
 //!   would derail the decoder at their address.
 //! - The walk is static: it refuses what the code *can* call, not what it
-//!   does call. The missed path drops a `ProbeError` returned by a text
-//!   read, and that enum's drop glue can free a heap-owning variant the read
-//!   never builds; so `free` is reachable and refused, and with it what the
-//!   C library's `free` can call (tcache set-up, `calloc`, `sbrk`, `mmap`,
-//!   `munmap`, `mprotect`, `madvise`). `malloc` itself is not refused.
+//!   does call. That is why the trap path never drops a `ProbeError` (its
+//!   drop glue can free a heap-owning variant the path never builds): the
+//!   errors it meets are forgotten or handed to the fatal report.
+//! - The boundary is by name: a flag-up entry renamed or inlined away
+//!   would be walked into, and the test that every one is reached
+//!   (`tests/runtime_refuse.rs`) fails.
 //! - Libraries loaded after the walk (`dlopen`) are not walked: the trap
 //!   path never calls into them.
 //!
 //! # What it costs
 //!
-//! Measured on the release build of `tests/runtime_refuse.rs` (2-core
-//! machine shared with other builds): 83 functions with symbols and 83
-//! descents into C library code without symbols, 11.9k instructions
-//! decoded, 50 KB refused, 14 to 80 ms depending on the machine's load
-//! (reading `/proc/self/maps`, the unwind index and the C library's section
-//! headers included), once per process. The debug build (out-of-line
-//! `core` generics) reaches about 490 functions with symbols, 100 KB, in 30
-//! to 60 ms.
+//! Measured on `tests/runtime_refuse.rs` (2-core machine shared with other
+//! builds), once per process, reading `/proc/self/maps` and the unwind
+//! index included: release build 37 functions with symbols and 2 descents
+//! (`__restore_rt`, a PLT stub), 2.9k instructions decoded, 14 KB refused,
+//! about 19 ms; debug build (`opt-level = 1`, out-of-line `core` generics)
+//! 73 functions. Before the trap path stopped calling the C library: 83
+//! functions and 83 descents into C-library internals, 50 KB, in release.
 
 use std::sync::OnceLock;
 
-use super::callgraph::{CallGraph, Root};
+use super::callgraph::{flag_up, CallGraph, Root};
 use super::context::ThreadMemory;
 use super::dispatch::{StepStash, TrapDispatcher, Verdict};
 use super::live::LiveRegistry;
@@ -140,6 +156,9 @@ pub const TRAP_PATH_CALLEE: &str = "code the trap path calls (found by walking i
 /// See [`RUNTIME_CODE`]: the entry of a path the trap path takes only on
 /// its way to ending the process (refused, not walked into).
 pub const DYING_PATH: &str = "a function the trap path calls only on its way to abort";
+/// See [`RUNTIME_CODE`]: a function of the runtime that runs only with the
+/// thread's trap flag up (refused, not walked into).
+pub const FLAG_UP_ENTRY: &str = "the runtime's trap handling past its trap flag";
 /// See [`RUNTIME_CODE`]: the live registry's and the thread memory's
 /// methods the SIGTRAP handler reaches through `dyn` calls.
 pub const TRAP_ENTRY: &str = "a trap-path entry reached through a dyn call";
@@ -160,7 +179,6 @@ fn extent(symbols: &ProcessSymbols, addr: u64) -> (u64, u64) {
 pub fn trap_path_roots() -> Vec<Root> {
     type OnBreakpoint =
         fn(&'static LiveRegistry, &mut Regs, &mut dyn DataMemory, &mut StepStash) -> Verdict;
-    type OnReturn = fn(&'static LiveRegistry, &mut Regs) -> bool;
     type OnFault = fn(&'static LiveRegistry, &mut Regs, &mut StepStash) -> bool;
     type Read = fn(&ThreadMemory, u64, &mut [u8]) -> Result<(), ProbeError>;
     type Write = fn(&mut ThreadMemory, u64, &[u8]) -> Result<(), ProbeError>;
@@ -168,7 +186,6 @@ pub fn trap_path_roots() -> Vec<Root> {
     type WriteU64 = fn(&mut ThreadMemory, u64, u64) -> Result<(), ProbeError>;
     let on_breakpoint: OnBreakpoint = <LiveRegistry as TrapDispatcher>::on_breakpoint;
     let on_step: OnBreakpoint = <LiveRegistry as TrapDispatcher>::on_step;
-    let on_return: OnReturn = <LiveRegistry as TrapDispatcher>::on_return;
     let on_fault: OnFault = <LiveRegistry as TrapDispatcher>::on_fault;
     let read: Read = <ThreadMemory as DataMemory>::read;
     let write: Write = <ThreadMemory as DataMemory>::write;
@@ -188,7 +205,6 @@ pub fn trap_path_roots() -> Vec<Root> {
         [
             on_breakpoint as usize,
             on_step as usize,
-            on_return as usize,
             on_fault as usize,
             read as usize,
             write as usize,
@@ -263,10 +279,10 @@ pub fn refused_ranges(symbols: &ProcessSymbols) -> Vec<RefusedRange> {
         });
     }
     for r in trap_path(symbols).reached() {
-        let what = if r.stopped.is_some() {
-            DYING_PATH
-        } else {
-            TRAP_PATH_CALLEE
+        let what = match (&r.stopped, &r.name) {
+            (Some(_), Some(name)) if flag_up(name).is_some() => FLAG_UP_ENTRY,
+            (Some(_), _) => DYING_PATH,
+            (None, _) => TRAP_PATH_CALLEE,
         };
         out.extend(
             r.ranges

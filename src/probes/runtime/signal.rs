@@ -37,8 +37,11 @@
 //!   displaced instruction's copy in an XOL slot (`faults.rs`, which also
 //!   handles SIGSEGV, SIGBUS, SIGFPE and SIGILL the same way).
 //!
-//! The handler saves and restores `errno` (an `Rcu` read section may wake a
-//! waiting updater with a futex call) and allocates nothing.
+//! The handler raises the thread's trap flag before anything else
+//! (`in_trap.rs`): a trap that finds it up is nested in the runtime's own
+//! work and takes the missed path, which calls no C-library function. The
+//! outer handler saves and restores `errno` (handlers may change it) and
+//! allocates nothing itself.
 //!
 //! # Chaining
 //!
@@ -59,8 +62,9 @@
 use crate::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Once;
 
-use super::context::{regs_from_ucontext, regs_to_ucontext, ThreadMemory};
+use super::context::{regs_from_ucontext_in, regs_to_ucontext, ThreadMemory};
 use super::dispatch::{dispatch_breakpoint, dispatch_step};
+use super::in_trap::TrapScope;
 use crate::probes::ProbeError;
 
 /// `si_code` of a SIGTRAP raised by `int3` (`SEND_SIG_PRIV`).
@@ -148,15 +152,40 @@ pub(crate) fn restorer_address() -> Option<u64> {
     cur.sa_restorer.map(|f| f as usize as u64)
 }
 
-/// The SIGTRAP handler.
+/// The SIGTRAP handler: raises the thread's trap flag first (`in_trap.rs`),
+/// before anything else runs. A trap that finds it up already is nested in
+/// the runtime's own work and takes the missed path.
 extern "C" fn handle_sigtrap(
     sig: libc::c_int,
     info: *mut libc::siginfo_t,
     uctx: *mut libc::c_void,
 ) {
-    // SAFETY: errno is a thread-local int; reading and writing it is
-    // async-signal-safe.
-    let errno = unsafe { *libc::__errno_location() };
+    match TrapScope::enter() {
+        Some(scope) => {
+            handle_outer_trap(sig, info, uctx);
+            drop(scope);
+        }
+        None => handle_nested_trap(sig, info, uctx),
+    }
+}
+
+/// A trap on a thread that was not handling one: runs with the trap flag
+/// up, so it may call the C library (a probe hit there is a nested trap).
+/// The call-graph walk stops here (`callgraph/flag_up.rs`); what it shares
+/// with the nested path (`dispatch`) is walked from
+/// [`handle_nested_trap`].
+#[inline(never)]
+extern "C" fn handle_outer_trap(
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    uctx: *mut libc::c_void,
+) {
+    let errno_at = super::in_trap::record_errno_location();
+    // SAFETY: this thread's errno, valid for the thread's life.
+    let errno = unsafe { *errno_at };
+    // The trap path reads without arming the `Rcu` slot's release at
+    // thread exit (a C-library call); arm it here.
+    crate::rcu::Rcu::arm_reader();
     // Probe handlers run inside `dispatch`: a panic there must not unwind
     // out of a signal handler.
     let handled = abort_on_panic(HANDLER_PANIC_IN_TRAP, || {
@@ -165,24 +194,64 @@ extern "C" fn handle_sigtrap(
         unsafe { dispatch(&*info, &mut *uctx.cast::<libc::ucontext_t>()) }
     });
     if !handled {
-        // A trap no probe claims, raised by a displaced instruction in its
-        // slot, is reported at the probed address (`faults.rs`).
-        // SAFETY: as above.
-        super::faults::fix_frame(unsafe { &mut *uctx.cast::<libc::ucontext_t>() });
-        // SAFETY: same arguments as we received.
-        unsafe { chain(sig, info, uctx) };
+        // SAFETY: as above; same arguments as we received.
+        unsafe { unclaimed(sig, info, uctx) };
     }
     // SAFETY: see above.
-    unsafe { *libc::__errno_location() = errno };
+    unsafe { *errno_at = errno };
+}
+
+/// A trap nested in the runtime's own trap handling (the flag was up): the
+/// missed path. The registry's handler flag is forced up, so a hit runs no
+/// handler, counts `nmissed` and completes its displaced instruction. This
+/// and everything it calls must call no C-library function (the walk
+/// proves it): a probe there would trap here again, forever. `errno` is
+/// untouched by the raw system calls; it is saved around a chained
+/// handler through the location the outer trap recorded.
+#[inline(never)]
+extern "C" fn handle_nested_trap(
+    sig: libc::c_int,
+    info: *mut libc::siginfo_t,
+    uctx: *mut libc::c_void,
+) {
+    let missed = super::in_trap::nested();
+    // SAFETY: as in `handle_outer_trap`.
+    let handled = unsafe { dispatch(&*info, &mut *uctx.cast::<libc::ucontext_t>()) };
+    drop(missed);
+    if !handled {
+        let errno_at = super::in_trap::errno_location();
+        // SAFETY: a location recorded by this thread's outer trap: its errno.
+        let errno = errno_at.map(|p| unsafe { *p });
+        // SAFETY: as above; same arguments as we received.
+        unsafe { unclaimed(sig, info, uctx) };
+        if let (Some(p), Some(e)) = (errno_at, errno) {
+            // SAFETY: see above.
+            unsafe { *p = e };
+        }
+    }
+}
+
+/// A trap no probe claims: raised by a displaced instruction in its slot,
+/// it is reported at the probed address (`faults.rs`); then chained.
+///
+/// # Safety
+/// The arguments are the ones the kernel passed to our handler.
+#[inline]
+unsafe fn unclaimed(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
+    // SAFETY: the caller's contract: a valid ucontext.
+    super::faults::fix_frame(unsafe { &mut *uctx.cast::<libc::ucontext_t>() });
+    // SAFETY: the caller's contract.
+    unsafe { chain(sig, info, uctx) };
 }
 
 /// Handles the trap if it is ours; false to chain.
 #[inline]
 fn dispatch(info: &libc::siginfo_t, uc: &mut libc::ucontext_t) -> bool {
-    let mut regs = regs_from_ucontext(uc);
+    let mut slot = std::mem::MaybeUninit::uninit();
+    let regs = regs_from_ucontext_in(uc, &mut slot);
     let mut mem = ThreadMemory;
     let result = match info.si_code {
-        SI_KERNEL => match dispatch_breakpoint(regs.ip.wrapping_sub(1), &mut regs, &mut mem) {
+        SI_KERNEL => match dispatch_breakpoint(regs.ip.wrapping_sub(1), regs, &mut mem) {
             Some(r) => r,
             None => {
                 let addr = regs.ip.wrapping_sub(1);
@@ -193,16 +262,20 @@ fn dispatch(info: &libc::siginfo_t, uc: &mut libc::ucontext_t) -> bool {
                 Ok(())
             }
         },
-        TRAP_TRACE => match dispatch_step(&mut regs, &mut mem) {
+        TRAP_TRACE => match dispatch_step(regs, &mut mem) {
             Some(r) => r,
             None => return false,
         },
         _ => return false,
     };
-    if let Err(e) = result {
-        fatal(regs.ip, &e);
+    // Never dropped: `ProbeError`'s drop glue can reach `free`, and the
+    // trap path calls no C-library function (the process aborts on an
+    // error anyway).
+    let result = std::mem::ManuallyDrop::new(result);
+    if let Err(e) = &*result {
+        fatal(regs.ip, e);
     }
-    regs_to_ucontext(&regs, uc);
+    regs_to_ucontext(regs, uc);
     true
 }
 
@@ -212,9 +285,14 @@ fn dispatch(info: &libc::siginfo_t, uc: &mut libc::ucontext_t) -> bool {
 fn transient_breakpoint(addr: u64) -> bool {
     crate::probes::runtime::in_process::PATCH_WINDOW.transient_int3_at(addr, || {
         let mut byte = [0u8];
-        crate::probes::runtime::in_process::read_text(addr, &mut byte)
-            .ok()
-            .map(|()| byte[0])
+        match crate::probes::runtime::in_process::read_text(addr, &mut byte) {
+            Ok(()) => Some(byte[0]),
+            Err(e) => {
+                // Not dropped (its drop glue can reach `free`; see `dispatch`).
+                std::mem::forget(e);
+                None
+            }
+        }
     })
 }
 
@@ -258,18 +336,14 @@ unsafe fn chain(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut libc::c
 }
 
 /// The default action of `sig` (terminate with a core dump for SIGTRAP):
-/// restore `SIG_DFL` and re-raise. Async-signal-safe.
+/// restore `SIG_DFL` and re-raise, with raw system calls (the nested trap
+/// path calls no C library). SIGTRAP is not blocked here (`SA_NODEFER`),
+/// so the re-raised signal is delivered when the handler returns to user
+/// space, if not at once.
 #[cold]
 fn default_action(sig: libc::c_int) {
-    // SAFETY: all-zero with SIG_DFL is a valid sigaction; signal and raise
-    // are async-signal-safe. SIGTRAP is not blocked here (SA_NODEFER), so the
-    // re-raised signal is delivered when `raise` returns to user space.
-    unsafe {
-        let mut dfl: libc::sigaction = std::mem::zeroed();
-        dfl.sa_sigaction = libc::SIG_DFL;
-        libc::sigaction(sig, &dfl, std::ptr::null_mut());
-        libc::raise(sig);
-    }
+    crate::sys::set_default_disposition(sig);
+    crate::sys::tgkill(crate::sys::getpid(), crate::sys::gettid(), sig);
 }
 
 /// A fixed buffer for formatting messages without allocating.
@@ -301,7 +375,7 @@ fn fatal(ip: u64, e: &ProbeError) -> ! {
         "rcu-registry: probe hit at {ip:#x} could not complete the displaced instruction: {e}"
     );
     write_stderr(&out.buf[..out.len]);
-    super::raw::abort()
+    crate::sys::abort()
 }
 
 /// The abort message of a handler that panicked in the SIGTRAP handler.
@@ -333,16 +407,15 @@ pub(crate) fn abort_on_panic<R>(msg: &'static str, f: impl FnOnce() -> R) -> R {
 
 /// Writes `msg` to stderr and aborts (`SIGABRT`). Async-signal-safe, and
 /// runs no C-library code: a probe on `write` or `abort` must not fire here
-/// (see `raw.rs`).
+/// (raw system calls of `crate::sys`).
 #[cold]
 pub(crate) fn fatal_message(msg: &str) -> ! {
     write_stderr(msg.as_bytes());
     write_stderr(b"\n");
-    super::raw::abort()
+    crate::sys::abort()
 }
 
-/// A diagnostic on fd 2, by a raw system call (see `raw.rs`); a short or
-/// failed write only loses part of it.
+/// A short or failed write only loses part of a diagnostic.
 fn write_stderr(bytes: &[u8]) {
-    let _ = super::raw::write(2, bytes);
+    crate::sys::write(2, bytes);
 }

@@ -51,6 +51,7 @@ use std::arch::global_asm;
 use std::sync::Once;
 
 use super::dispatch::dispatch_return;
+use super::in_trap::TrapScope;
 use crate::probes::arch::Regs;
 
 /// Words in the trampoline frame: sixteen registers and the return address.
@@ -253,7 +254,26 @@ pub(crate) fn trampoline_range() -> (u64, u64) {
 /// The trampoline's Rust half (see the module docs). `frame` points to
 /// [`FRAME_WORDS`] words: the registers by hardware number, then the slot
 /// for the real return address; the caller's stack pointer is just past it.
+///
+/// It raises the thread's trap flag first (`in_trap.rs`); a return that
+/// finds it up is nested in the runtime's own work and runs no handler.
 extern "C" fn trampoline_return(frame: *mut [u64; FRAME_WORDS]) {
+    let scope = TrapScope::enter();
+    let missed = if scope.is_none() {
+        super::in_trap::nested()
+    } else {
+        None
+    };
+    returning(frame);
+    drop(missed);
+    drop(scope);
+}
+
+/// [`trampoline_return`] with the trap flag up: may call the C library (a
+/// probe hit there is a nested trap). The call-graph walk stops here
+/// (`callgraph/flag_up.rs`).
+#[inline(never)]
+extern "C" fn returning(frame: *mut [u64; FRAME_WORDS]) {
     // SAFETY: the assembly passes its own stack frame, 17 initialised,
     // aligned words that nothing else references during the call.
     let f = unsafe { &mut *frame };

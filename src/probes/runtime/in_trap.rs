@@ -1,0 +1,124 @@
+//! The runtime's per-thread "inside trap handling" flag: the boundary past
+//! which the trap path may call the C library.
+//!
+//! # Why
+//!
+//! A probe hit inside the runtime's own trap handling must not recurse.
+//! The registries' handler flags ([`KprobeScope`]) go up only once a hit is
+//! looked up and its handlers are about to run; the code before that (the
+//! signal handler's entry, the `Rcu` read, the lookup) and the kretprobe
+//! trampoline's Rust half ran without any flag. So everything they called,
+//! C library included, had to be refused as a probe target.
+//!
+//! Now the first thing the SIGTRAP handler and the trampoline's Rust half
+//! do is raise this flag (a `const` thread-local: an `fs:`-relative store,
+//! no C library, no lazy initialisation). A trap that finds it up is
+//! *nested* in the runtime's own work: it takes the **missed path**: the
+//! registry's handler flag is forced up for it ([`nested`]), so the hit
+//! runs no handler, counts `nmissed` and completes the displaced
+//! instruction out of line, never recursing.
+//!
+//! # The boundary
+//!
+//! Code that runs with the flag up *and only then* may call the C library:
+//! a breakpoint there traps into the missed path. Code the missed path
+//! itself runs (the nested SIGTRAP handler: dispatch, lookup, step
+//! completion, emulation, the `Rcu` read) must not, or a probe there would
+//! trap again forever; it calls raw system calls (`crate::sys`) instead.
+//! The call-graph walk (`callgraph/flag_up.rs`) proves it: it walks the
+//! handler and stops at the named functions that run only with the flag
+//! raised by their caller (the outer handler's body in `signal.rs`, the
+//! trampoline's `returning`).
+//!
+//! The nested path finds the hit's site and its XOL slot as published; it
+//! claims nothing the runtime would have to give back. A thread's first
+//! trap may nest before the outer handler armed its `Rcu` reader slot (a
+//! probe on `__errno_location`): the nested read then claims the slot with
+//! one CAS (`Rcu::read_in_trap`, no C library) and the outer handler arms
+//! its release right after.
+//!
+//! # `errno`
+//!
+//! The C library's `errno` is reached through `__errno_location`, a
+//! C-library function. The outer handler (flag up) saves and restores it
+//! and records its address here ([`errno_location`]), so the nested path
+//! can save and restore it around a chained handler without a call.
+
+use std::cell::Cell;
+
+use crate::probes::reentry::KprobeScope;
+
+crate::sync::const_thread_local! {
+    /// Up while this thread runs the runtime's trap handling (module docs).
+    static IN_TRAP: Cell<bool> = Cell::new(false);
+}
+
+crate::sync::const_thread_local! {
+    /// This thread's `errno`, recorded by the outer trap handling (null
+    /// before the thread's first trap).
+    static ERRNO: Cell<*mut libc::c_int> = Cell::new(std::ptr::null_mut());
+}
+
+/// This thread is inside the runtime's trap handling until drop.
+#[must_use = "the flag goes down when the scope is dropped"]
+pub(crate) struct TrapScope {
+    _not_send: std::marker::PhantomData<*const ()>,
+}
+
+impl TrapScope {
+    /// Raises the flag; `None` if it was up already (a nested trap or
+    /// return: take the missed path, [`nested`]).
+    #[inline(always)]
+    pub(crate) fn enter() -> Option<TrapScope> {
+        IN_TRAP.with(|f| {
+            if f.get() {
+                None
+            } else {
+                f.set(true);
+                Some(TrapScope {
+                    _not_send: std::marker::PhantomData,
+                })
+            }
+        })
+    }
+}
+
+impl Drop for TrapScope {
+    #[inline(always)]
+    fn drop(&mut self) {
+        IN_TRAP.with(|f| f.set(false));
+    }
+}
+
+/// Whether the calling thread is inside the runtime's trap handling.
+pub fn in_trap() -> bool {
+    IN_TRAP.with(Cell::get)
+}
+
+/// For a trap or return nested in trap handling: forces the kprobe
+/// registry's missed path (its handler flag up) for as long as the result
+/// lives. `None` if the flag was already up (a hit inside a handler), which
+/// has the same effect.
+#[inline(always)]
+pub(crate) fn nested() -> Option<KprobeScope> {
+    KprobeScope::enter()
+}
+
+/// Records this thread's `errno` location (outer trap handling only: it
+/// calls the C library) and returns it.
+#[inline]
+pub(crate) fn record_errno_location() -> *mut libc::c_int {
+    // SAFETY: __errno_location has no preconditions; it returns this
+    // thread's errno, valid for the thread's life.
+    let p = unsafe { libc::__errno_location() };
+    ERRNO.with(|e| e.set(p));
+    p
+}
+
+/// This thread's `errno` location as recorded by its outer trap handling,
+/// if any (no C-library call).
+#[inline(always)]
+pub(crate) fn errno_location() -> Option<*mut libc::c_int> {
+    let p = ERRNO.with(Cell::get);
+    (!p.is_null()).then_some(p)
+}
