@@ -142,7 +142,7 @@ struct Held {
 struct Locks {
     tables: TablesHold,
     lives: Vec<(RegistryHold<'static>, AreaHold<'static>)>,
-    text: MutexGuard<'static, ()>,
+    text: crate::probes::runtime::in_process::TextLockGuard,
     waiter: MutexGuard<'static, ()>,
     attach: MutexGuard<'static, ()>,
 }
