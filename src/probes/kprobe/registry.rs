@@ -45,6 +45,9 @@ pub(crate) struct Writer {
     pub(crate) sites: BTreeMap<u64, SiteState>,
     /// Unregistered without sync: finished by the next `commit`.
     pub(crate) pending: Vec<Retired>,
+    /// The boosted XOL slots of the sites `pending` retires: the commit has
+    /// the allocator wait out threads still running them (`quiesce`).
+    pub(crate) pending_slots: Vec<u64>,
     /// Unregistered kretprobes with calls still in flight.
     pub(crate) orphans: Vec<Arc<dyn ReturnProbe>>,
     /// Sites that lost members since the last commit (each once): the
@@ -151,6 +154,7 @@ impl<A: Arch, T: TextMemory> RegistryBuilder<A, T> {
             writer: Mutex::new(Writer {
                 sites: BTreeMap::new(),
                 pending: Vec::new(),
+                pending_slots: Vec::new(),
                 orphans: Vec::new(),
                 dirty: Vec::new(),
             }),

@@ -28,9 +28,11 @@ pub(crate) struct SiteState {
     live: usize,
     /// Live members that are enabled.
     enabled: usize,
-    /// A member with a post handler was removed since the last compaction:
-    /// the next commit must compact, so that it waits for the steps in
-    /// flight on the list (which may still run that post handler).
+    /// A member with a post handler was removed since the last commit: the
+    /// next commit must start a new post epoch and wait for the steps of
+    /// the old one (which may still run that post handler; `table.rs`,
+    /// "wait for post handlers"). A compaction in between does not clear
+    /// it: steps that started on the replaced list still count.
     removed_post: bool,
     /// Queued in `Writer::dirty` (removals since the last commit).
     pub(crate) dirty: bool,
@@ -39,6 +41,9 @@ pub(crate) struct SiteState {
     pub(crate) orig: CodeBytes,
     /// Whether the breakpoint is written.
     pub(crate) armed: bool,
+    /// The XOL slot, when hits run the instruction there boosted (a copy
+    /// of `exec`'s plan, where the last removal finds it without a miss).
+    pub(crate) boosted_slot: Option<u64>,
 }
 
 impl SiteState {
@@ -54,6 +59,7 @@ impl SiteState {
         first.set_slot(0);
         let enabled = usize::from(first.is_enabled());
         let members = vec![Some(first)];
+        let boosted_slot = exec.plan.filter(|p| p.boostable).map(|p| p.slot_addr);
         SiteState {
             node,
             members,
@@ -64,6 +70,7 @@ impl SiteState {
             exec,
             orig,
             armed,
+            boosted_slot,
         }
     }
 
@@ -139,12 +146,22 @@ impl SiteState {
     }
 
     /// Whether the commit finishing this site's removals should compact
-    /// it: when a removed probe had a post handler (see `removed_post`), or
-    /// when removed slots are at least half the list (so that a commit's
-    /// copy is paid for by the removals since the last one).
+    /// it: when removed slots are at least half the list (so that a
+    /// commit's copy is paid for by the removals since the last one).
     pub(crate) fn wants_compaction(&self) -> bool {
         let removed = self.members.len() - self.live;
-        removed > 0 && (self.removed_post || 2 * removed >= self.members.len())
+        removed > 0 && 2 * removed >= self.members.len()
+    }
+
+    /// If a member with a post handler was removed since the last commit:
+    /// starts the site's next post epoch and returns the old one's parity,
+    /// whose steps the committer waits out after its grace period. Writer
+    /// mutex held.
+    pub(crate) fn take_post_wait(&mut self) -> Option<(Arc<SiteExec>, usize)> {
+        if !std::mem::take(&mut self.removed_post) {
+            return None;
+        }
+        Some((Arc::clone(&self.exec), self.exec.bump_epoch()))
     }
 
     /// Publishes a copy of the list without removed slots, with room for
@@ -160,7 +177,6 @@ impl SiteState {
         }
         let probes = self.members.iter().map(|m| m.as_ref().expect("retained"));
         let new = Members::new(probes, capacity, &self.exec);
-        self.removed_post = false;
         // SAFETY: the node is live (see `list`); writer mutex held.
         unsafe { &*self.node }.replace_members(new)
     }

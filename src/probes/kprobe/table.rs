@@ -17,9 +17,10 @@
 //! - registering them costs O(N) time in total (O(1) amortized each) and
 //!   O(N) memory, replaced lists included;
 //! - removing them costs O(1) each in the top half (`unregister_nosync`, or
-//!   each probe of `unregister_many`), plus one O(N) copy per site per
-//!   commit that needs one: a batch of any size costs O(N) time and O(N)
-//!   peak memory;
+//!   each probe of `unregister_many`), plus at most one O(N) copy per site
+//!   per commit, made only when removed slots are at least half the list:
+//!   a batch of any size costs O(N) time and O(N) peak memory, and so does
+//!   removing them one by one (`unregister` each), post handlers or not;
 //! - a hit reads the length once and walks the slots below it with plain
 //!   loads: lock-free and wait-free under its `Rcu` read guard, no
 //!   allocation, no read-modify-write, in registration order;
@@ -47,16 +48,31 @@
 //!   pre handlers ran before the removal still runs the marked probe's post
 //!   handler. The writer's handle on the probe goes to the pending
 //!   retirement, so the probe outlives the grace period of the commit.
+//! - **wait for post handlers** (by the commit, for each site that lost a
+//!   member with a post handler): the steps that may still run it are
+//!   counted per site in two counters chosen by the parity of the site's
+//!   *post epoch* ([`SiteExec`]), as SRCU counts readers. A hit loads the
+//!   epoch (`Acquire`) before it reads any slot, and a step that will run
+//!   post handlers counts itself under that epoch. The commit bumps the
+//!   epoch (`Release`, after the removals' marks), waits for its grace
+//!   period, then for the old epoch's counter to drain. A step that ran the
+//!   removed probe's pre handler read its slot unmarked, so it read the old
+//!   epoch (one that read the new epoch sees the mark) and counted itself
+//!   within its read section, which the grace period waits for: the drain
+//!   covers it, on whichever list of the site it runs. Steps that start
+//!   later skip the marked slot and are not waited for. The commit copies
+//!   nothing for it: removing N probes with post handlers one by one costs
+//!   O(N), not one O(N) copy each.
 //! - **compact** (by the commit, once per site that lost members since the
-//!   last commit): a copy without the removed slots is published and the
-//!   old list retired with the batch, which makes the commit wait for the
-//!   single-steps in flight on it. It is required when a removed probe had
-//!   a post handler (the commit must not return while that handler may
-//!   still run) and otherwise done when removed slots are at least half of
-//!   the list, so that each copy is paid for by as many removals. A cleared
-//!   slot left in place is safe without it: a hit that still sees the probe
-//!   is in a read section that the removal's grace period waits for, and
-//!   post handlers run inside a read section too (`hit.rs`).
+//!   last commit, when removed slots are at least half of the list, so that
+//!   each copy is paid for by as many removals): a copy without the removed
+//!   slots is published and the old list retired with the batch. A removed
+//!   slot left in place is safe without it: a cleared one (a hit that
+//!   still sees the probe is in a read section that the removal's grace
+//!   period waits for, and post handlers run inside a read section too,
+//!   `hit.rs`), and a marked one whose probe was given back (a post pass
+//!   dereferences a marked slot only for a step that ran the probe's pre
+//!   handler, i.e. one the commit waited for; `hit.rs`, `run_posts`).
 //!
 //! Member lists *borrow* their probes (plain pointers, no reference
 //! counts): the registry's handle (in the writer's `SiteState`, then in the
@@ -99,6 +115,13 @@ pub(crate) struct SiteExec {
     pub(crate) plan: Option<XolPlan>,
     /// Held for its `Drop`, which frees the slot.
     _slot: Option<SlotOwner>,
+    /// The site's post epoch: bumped by a commit that must wait for the
+    /// post handlers of members removed since the last one (module docs,
+    /// "wait for post handlers"). Site-wide, across its member lists.
+    epoch: AtomicUsize,
+    /// Steps in flight that will run post handlers, by the parity of the
+    /// epoch they read.
+    post_steps: [AtomicUsize; 2],
 }
 
 /// Gives an XOL slot back to its allocator when dropped.
@@ -134,6 +157,8 @@ impl SiteExec {
             insn,
             plan: None,
             _slot: None,
+            epoch: AtomicUsize::new(0),
+            post_steps: [AtomicUsize::new(0), AtomicUsize::new(0)],
         }
     }
 
@@ -147,6 +172,61 @@ impl SiteExec {
                 xol,
                 slot: plan.slot_addr,
             }),
+            epoch: AtomicUsize::new(0),
+            post_steps: [AtomicUsize::new(0), AtomicUsize::new(0)],
+        }
+    }
+
+    /// The post epoch, for a hit: load it before reading any slot.
+    #[inline]
+    pub(crate) fn epoch(&self) -> usize {
+        // Acquire pairs with the Release store in `bump_epoch`: a hit that
+        // reads the new epoch sees every removal marked before the bump, so
+        // it runs no pre handler of those probes.
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Counts a step that will run post handlers under `epoch` (read by
+    /// [`epoch`](Self::epoch) in the same read section); returns the parity
+    /// to give back with [`post_step_done`](Self::post_step_done).
+    #[inline]
+    pub(crate) fn post_step_started(&self, epoch: usize) -> usize {
+        let parity = epoch & 1;
+        // Relaxed: inside the hit's read section, which the commit's grace
+        // period waits for before it reads the counter.
+        self.post_steps[parity].fetch_add(1, Ordering::Relaxed);
+        parity
+    }
+
+    /// A counted step finished its post handlers (or was abandoned).
+    #[inline]
+    pub(crate) fn post_step_done(&self, parity: usize) {
+        // Release pairs with the Acquire load in `wait_post_steps`: the
+        // post handlers this step ran happen-before the commit returns.
+        self.post_steps[parity].fetch_sub(1, Ordering::Release);
+    }
+
+    /// Starts a new post epoch and returns the parity of the old one, whose
+    /// steps the caller waits out with [`wait_post_steps`](Self::wait_post_steps)
+    /// after a grace period. Writer mutex held (after the removals' marks),
+    /// commits serialized: each epoch's counter drained before the epoch
+    /// comes round again.
+    pub(crate) fn bump_epoch(&self) -> usize {
+        // Relaxed: only the writer stores the epoch.
+        let e = self.epoch.load(Ordering::Relaxed);
+        // Release pairs with the Acquire load in `epoch`: the marks stored
+        // before it are visible to a hit that reads the new value.
+        self.epoch.store(e.wrapping_add(1), Ordering::Release);
+        e & 1
+    }
+
+    /// Waits until no step counted under the epoch of parity `parity` is in
+    /// flight. The caller waited for a grace period after `bump_epoch`.
+    pub(crate) fn wait_post_steps(&self, parity: usize) {
+        let mut backoff = crate::sync::Backoff::new();
+        // Acquire pairs with the Release decrement in `post_step_done`.
+        while self.post_steps[parity].load(Ordering::Acquire) != 0 {
+            backoff.snooze();
         }
     }
 }
@@ -236,11 +316,14 @@ impl Members {
     /// removed, not cleared). `None` if the slot was cleared.
     ///
     /// # Safety
-    /// The caller is in a read section, and holds a count in `inflight`
-    /// (a single-step) or is still in the read section of the hit: a
-    /// marked probe lives until the steps on every list showing it are done
-    /// (the commit compacts and waits for them: `site.rs`), a cleared one
-    /// until a grace period after the clearing.
+    /// The caller ran this member's pre handler on this hit, and is in a
+    /// read section and holds a count in the site's post epoch (a
+    /// single-step) or is still in the read section of the hit: a marked
+    /// probe lives until the steps counted in the epochs that could have
+    /// run its pre handler are done (the commit waits for them: module
+    /// docs), a cleared one until a grace period after the clearing. A
+    /// marked slot whose pre handler the caller did not run may point to a
+    /// probe given back already.
     #[inline]
     pub(crate) unsafe fn get_for_post(&self, i: usize) -> Option<ManuallyDrop<Kprobe>> {
         let p = self.load(i);
