@@ -8,14 +8,17 @@
 //! enabled probe on its address, then unlink the site (last probe) or
 //! clear (or mark) its slot in the member list, in O(1) (`table.rs`,
 //! "Member lists"). What readers might still hold is *retired*. The bottom
-//! half first compacts, once, each site that lost members and needs it (one
-//! copy per site per commit, retired with the batch). The *bottom* half
-//! then runs after a grace period: it has the XOL
+//! half first, under the mutex, visits each site that lost members since
+//! the last commit: it bumps the site's post epoch if a removed member had
+//! a post handler, and compacts the site once removed slots are half its
+//! list (one copy per site per commit, paid for by the removals, retired
+//! with the batch). The rest runs after a grace period: it has the XOL
 //! allocator wait out threads still in a retired site's boosted slot
-//! (`XolAllocator::quiesce`), waits for the single-steps in flight on each
-//! retired member list, frees the lists and
-//! sites (the last list of a site gives its XOL slot back to the allocator),
-//! and finally gives the probe back (it may be registered again).
+//! (`XolAllocator::quiesce`), waits for the steps of the old post epochs,
+//! waits for the single-steps in flight on each retired member list, frees
+//! the lists and sites (the last list of a site gives its XOL slot back to
+//! the allocator), and only then gives the probes back (they may be
+//! registered again).
 //!
 //! `unregister_nosync` runs the top half only and parks the retired objects
 //! on the registry's pending list; `commit` runs the bottom half for the

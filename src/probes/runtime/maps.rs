@@ -180,7 +180,7 @@ struct ProcmapQuery {
 /// Forces [`MapsQuery`] to read the whole file (tests of the fallback).
 static FORCE_FULL_READ: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
-/// Makes every [`MapsQuery`] read the whole file, as on kernels without
+/// Makes every `MapsQuery` read the whole file, as on kernels without
 /// `PROCMAP_QUERY` (`true`), or use the ioctl where it works (`false`).
 /// For tests (`__internals::runtime::force_maps_full_read`).
 pub fn force_maps_full_read(on: bool) {
@@ -188,7 +188,7 @@ pub fn force_maps_full_read(on: bool) {
     FORCE_FULL_READ.store(on, std::sync::atomic::Ordering::Relaxed);
 }
 
-/// Which way the last [`MapsQuery::range_protection`] answered, for
+/// Which way the last `MapsQuery::range_protection` answered, for
 /// tests and diagnostics: `"ioctl"` or `"full read"`.
 pub fn maps_query_method() -> &'static str {
     // Relaxed: a diagnostic.
