@@ -8,6 +8,8 @@
 // `std`'s Arc even under loom (see `kretprobe.rs`).
 use std::sync::Arc;
 
+use smallvec::{smallvec, SmallVec};
+
 use super::probe::Kprobe;
 use super::table::{Members, Site, SiteExec};
 
@@ -23,7 +25,8 @@ pub(crate) struct SiteState {
     /// The registry's handles, indexed like the slots of the published
     /// list (`None`: removed since the last compaction, slot null).
     /// Registration order.
-    members: Vec<Option<Kprobe>>,
+    /// Inline for one probe (most sites' only one): no allocation.
+    members: SmallVec<[Option<Kprobe>; 1]>,
     /// `Some` entries of `members`.
     live: usize,
     /// Live members that are enabled.
@@ -58,7 +61,7 @@ impl SiteState {
     ) -> Self {
         first.set_slot(0);
         let enabled = usize::from(first.is_enabled());
-        let members = vec![Some(first)];
+        let members = smallvec![Some(first)];
         let boosted_slot = exec.plan.filter(|p| p.boostable).map(|p| p.slot_addr);
         SiteState {
             node,
@@ -168,10 +171,12 @@ impl SiteState {
     /// as many probes again (at least four), and returns the
     /// replaced list for the caller to retire. O(probes).
     pub(crate) fn compact(&mut self) -> *mut Members {
-        self.members.retain(Option::is_some);
+        self.members.retain(|m| m.is_some());
         let capacity = (2 * self.live).max(GROWN_MEMBER_SLOTS);
         // Keeps the writer's memory O(probes) after mass removals.
-        self.members.shrink_to(capacity);
+        if self.members.capacity() > 2 * capacity {
+            self.members.shrink_to_fit();
+        }
         for (i, p) in self.probes().enumerate() {
             p.set_slot(i);
         }

@@ -249,8 +249,12 @@ pub(crate) struct Members {
     len: AtomicUsize,
     /// Borrowed pointers (`Arc::as_ptr`) to the probes; the writer's
     /// `SiteState` (`site.rs`) and, once removed, the
-    /// pending retirement hold the references that keep them alive.
-    slots: Box<[AtomicPtr<ProbeInner>]>,
+    /// pending retirement hold the references that keep them alive. Slot
+    /// 0 is inline, the others in `rest`: a site's first list (one slot,
+    /// most sites' only one) is one allocation, not two.
+    first: AtomicPtr<ProbeInner>,
+    /// Slots `1..capacity` (empty, unallocated, for a one-slot list).
+    rest: Box<[AtomicPtr<ProbeInner>]>,
     pub(crate) exec: Arc<SiteExec>,
     /// Single-steps started on this list and not yet completed (or
     /// abandoned). A retired list is freed only when this is zero.
@@ -265,20 +269,23 @@ impl Members {
         capacity: usize,
         exec: &Arc<SiteExec>,
     ) -> *mut Members {
+        let mut probes = probes;
         let n = probes.len();
         let capacity = capacity.max(n).max(1);
-        // One allocation of the exact size (a chained iterator would not
-        // tell `collect` its length: measured 570 instructions per site).
-        let mut slots = Vec::with_capacity(capacity);
-        slots.extend(probes.map(|p| AtomicPtr::new(p.as_raw())));
-        slots.resize_with(capacity, || AtomicPtr::new(std::ptr::null_mut()));
-        let slots = slots.into_boxed_slice();
+        let first = probes.next().map_or(std::ptr::null_mut(), |p| p.as_raw());
+        // One allocation of the exact size, none for a one-slot list (a
+        // chained iterator would not tell `collect` its length: measured
+        // 570 instructions per site).
+        let mut rest = Vec::with_capacity(capacity - 1);
+        rest.extend(probes.map(|p| AtomicPtr::new(p.as_raw())));
+        rest.resize_with(capacity - 1, || AtomicPtr::new(std::ptr::null_mut()));
         Box::into_raw(Box::new(Members {
             // Plain initialisation: the whole list is published by the
             // Release store of its pointer (`Site::new` + `Table::insert`,
             // or `Site::replace_members`).
             len: AtomicUsize::new(n),
-            slots,
+            first: AtomicPtr::new(first),
+            rest: rest.into_boxed_slice(),
             exec: Arc::clone(exec),
             inflight: AtomicUsize::new(0),
         }))
@@ -343,22 +350,31 @@ impl Members {
         // read, so this load sees that probe or a later removal, never the
         // initial null; a removal publishes nothing (readers that still see
         // the probe are covered by the grace period the removal waits for).
-        self.slots[i].load(Ordering::Relaxed)
+        self.slot(i).load(Ordering::Relaxed)
+    }
+
+    /// Slot `i` (below the capacity).
+    #[inline]
+    fn slot(&self, i: usize) -> &AtomicPtr<ProbeInner> {
+        match i.checked_sub(1) {
+            None => &self.first,
+            Some(j) => &self.rest[j],
+        }
     }
 
     /// Capacity (writer only: it never changes).
     pub(crate) fn capacity(&self) -> usize {
-        self.slots.len()
+        1 + self.rest.len()
     }
 
     /// Appends `probe` in place. Writer only, with `len < capacity`.
     pub(crate) fn push(&self, probe: &Kprobe) {
         // Relaxed: only the writer (mutex held) stores `len`.
         let n = self.len.load(Ordering::Relaxed);
-        assert!(n < self.slots.len(), "push into a full member list");
+        assert!(n < self.capacity(), "push into a full member list");
         // Relaxed: the slot is beyond `len`, no reader looks at it; the
         // Release below publishes it.
-        self.slots[n].store(probe.as_raw(), Ordering::Relaxed);
+        self.slot(n).store(probe.as_raw(), Ordering::Relaxed);
         // Release pairs with the Acquire load in `len`: a reader that sees
         // `n + 1` sees the slot (and the probe, built before).
         self.len.store(n + 1, Ordering::Release);
@@ -370,7 +386,7 @@ impl Members {
     /// otherwise the slot is cleared. Writer only.
     pub(crate) fn remove(&self, i: usize, keep_post: bool) {
         // Relaxed: only the writer stores slots.
-        let p = self.slots[i].load(Ordering::Relaxed);
+        let p = self.slot(i).load(Ordering::Relaxed);
         let v = if keep_post {
             p.cast::<u8>().wrapping_add(REMOVED).cast::<ProbeInner>()
         } else {
@@ -378,7 +394,7 @@ impl Members {
         };
         // Relaxed: a reader that still sees the probe is in a read section
         // that the removal's grace period waits for; nothing is published.
-        self.slots[i].store(v, Ordering::Relaxed);
+        self.slot(i).store(v, Ordering::Relaxed);
     }
 }
 
