@@ -153,6 +153,7 @@ pub mod runtime {
     pub use crate::probes::runtime::dispatch::steps_in_flight;
     pub use crate::probes::runtime::in_process::core_sync_method;
     pub use crate::probes::runtime::in_trap::in_trap;
+    pub use crate::probes::runtime::maps::{force_maps_full_read, maps_query_method};
     pub use crate::probes::runtime::quiesce::{
         quiesce_signal, QUIESCE_ACKS_PER_ROUND, QUIESCE_RESEND_INTERVAL,
         QUIESCE_SIGNAL_BLOCKED_AFTER,

@@ -4,6 +4,10 @@
 //! `commit`), and hits during registration churn count exactly and run the
 //! handlers in registration order.
 //!
+//! Removing probes with post handlers one by one (each `unregister` a
+//! commit of its own) costs O(probes) in total, counted in bytes allocated:
+//! a step-proof copy of the member list per removal would be quadratic.
+//!
 //! The memory tests count every allocation of this test binary (a global
 //! allocator); the tests here take one lock so that no other test allocates
 //! during a measurement.
@@ -23,6 +27,8 @@ struct Counting;
 
 static LIVE: AtomicUsize = AtomicUsize::new(0);
 static PEAK: AtomicUsize = AtomicUsize::new(0);
+/// Bytes ever allocated (freed or not).
+static TOTAL: AtomicUsize = AtomicUsize::new(0);
 
 // SAFETY: forwards to `System`, only counting sizes.
 unsafe impl GlobalAlloc for Counting {
@@ -33,6 +39,7 @@ unsafe impl GlobalAlloc for Counting {
             // Relaxed: a counter; the peak is a max over the values seen.
             let now = LIVE.fetch_add(layout.size(), Ordering::Relaxed) + layout.size();
             PEAK.fetch_max(now, Ordering::Relaxed);
+            TOTAL.fetch_add(layout.size(), Ordering::Relaxed);
         }
         p
     }
@@ -121,6 +128,56 @@ fn unregister_nosync_for_each_of_many_probes_on_one_address_then_commit_takes_li
     check_peak("register + unregister_nosync x N + commit", peak);
     assert!(fx.reg.sites().is_empty());
     assert!(probes.iter().all(|p| !p.is_registered()));
+}
+
+/// Probes with post handlers on one address, removed one by one.
+const ONE_BY_ONE: usize = 4_000;
+
+/// Bytes allocated per removal allowed: the retirement records and the
+/// commit's bookkeeping of one `unregister`, a few hundred bytes measured.
+/// A copy of the member list per removal (what made a commit wait for the
+/// post handlers of steps in flight before the post epochs) allocates 16
+/// bytes per remaining member each time: 8 * 4,000^2 = 128 MB in total,
+/// 32 KB per removal on average.
+const BYTES_PER_REMOVAL: usize = 2_048;
+
+#[test]
+fn removing_probes_with_post_handlers_one_by_one_allocates_linear_memory() {
+    let _serial = lock();
+    let rcu = Rcu::new();
+    let fx = fixture_with(|b| b.rcu(rcu.clone()));
+    let posts = Arc::new(AtomicU64::new(0));
+    let probes: Vec<Kprobe> = (0..ONE_BY_ONE)
+        .map(|_| {
+            let posts = posts.clone();
+            Kprobe::at(F_MOV_EAX)
+                .post(move |_, _| {
+                    posts.fetch_add(1, Ordering::Relaxed);
+                })
+                .build()
+        })
+        .collect();
+    for p in &probes {
+        fx.reg.register(p).unwrap();
+    }
+    rcu.barrier();
+    let before = TOTAL.load(Ordering::SeqCst);
+    for p in &probes {
+        fx.reg.unregister(p).unwrap();
+    }
+    rcu.barrier();
+    let total = TOTAL.load(Ordering::SeqCst) - before;
+    let per = total / ONE_BY_ONE;
+    println!(
+        "unregister x {ONE_BY_ONE} (post handlers): {total} bytes allocated, {per} per removal"
+    );
+    assert!(
+        per <= BYTES_PER_REMOVAL,
+        "{total} bytes allocated removing {ONE_BY_ONE} probes one by one: {per} per removal"
+    );
+    assert!(fx.reg.sites().is_empty());
+    assert!(probes.iter().all(|p| !p.is_registered()));
+    assert_eq!(fx.reg.text().snapshot(), code());
 }
 
 /// A probe whose pre handler appends `tag` to the hit's log.

@@ -7,7 +7,9 @@ mod runtime_support;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Instant;
 
-use rcu_registry::__internals::runtime::core_sync_method;
+use rcu_registry::__internals::runtime::{
+    core_sync_method, force_maps_full_read, maps_query_method,
+};
 use rcu_registry::probes::error::TextFailure;
 use rcu_registry::probes::runtime::{InProcess, RefusedRange};
 use rcu_registry::probes::text::TextMemory;
@@ -200,4 +202,152 @@ fn multi_byte_patches_under_concurrent_calls_never_run_a_torn_instruction() {
     );
     assert_eq!(code(at, 6), [0xb8, 0x11, 0x11, 0x11, 0x11, 0xc3]);
     assert_eq!(perms_at(at), "r-xp");
+}
+
+/// Two anonymous pages of "JIT" code, the first `prot0`, the second
+/// `prot1` (shared when `shared`), each starting with `mov eax, 1; ret`;
+/// unmapped when dropped.
+struct Jit {
+    base: *mut u8,
+    page: usize,
+}
+
+impl Jit {
+    fn new(prot0: i32, prot1: i32, shared: bool) -> Jit {
+        // SAFETY: sysconf only reads a value.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) } as usize;
+        let flags = libc::MAP_ANONYMOUS
+            | if shared {
+                libc::MAP_SHARED
+            } else {
+                libc::MAP_PRIVATE
+            };
+        // SAFETY: a fresh anonymous mapping at an address of the kernel's
+        // choosing; checked below.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                2 * page,
+                libc::PROT_READ | libc::PROT_WRITE,
+                flags,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(base, libc::MAP_FAILED);
+        let base = base.cast::<u8>();
+        for p in 0..2 {
+            let code = [0xb8, 0x01, 0x00, 0x00, 0x00, 0xc3];
+            // SAFETY: inside the mapping just made writable.
+            unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), base.add(p * page), 6) };
+        }
+        for (p, prot) in [prot0, prot1].into_iter().enumerate() {
+            // SAFETY: a page of our own mapping.
+            let r = unsafe { libc::mprotect(base.add(p * page).cast(), page, prot) };
+            assert_eq!(r, 0);
+        }
+        Jit { base, page }
+    }
+
+    fn addr(&self, page: usize) -> u64 {
+        self.base as u64 + (page * self.page) as u64
+    }
+
+    fn call(&self, page: usize) -> u32 {
+        // SAFETY: the page holds a complete `mov eax, imm32; ret`.
+        let f: extern "C" fn() -> u32 = unsafe { std::mem::transmute(self.addr(page) as usize) };
+        std::hint::black_box(f)()
+    }
+}
+
+impl Drop for Jit {
+    fn drop(&mut self) {
+        // SAFETY: our own mapping, no longer used.
+        unsafe { libc::munmap(self.base.cast(), 2 * self.page) };
+    }
+}
+
+const RX: i32 = libc::PROT_READ | libc::PROT_EXEC;
+const RWX: i32 = libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC;
+
+/// Runs `f` with page protections looked up each way the text memory can:
+/// the `PROCMAP_QUERY` ioctl (where the kernel has it) and a read of the
+/// whole maps file.
+fn each_lookup(f: impl Fn()) {
+    for full in [false, true] {
+        force_maps_full_read(full);
+        f();
+        if full {
+            assert_eq!(maps_query_method(), "full read");
+        }
+    }
+    force_maps_full_read(false);
+}
+
+/// Code in no loaded object (a JIT's): patched and put back with the
+/// protection it had, `r-x`, whichever way the protection was looked up.
+#[test]
+fn anonymous_jit_code_is_patched_and_its_protection_restored() {
+    let _g = serial();
+    let text = InProcess::new();
+    each_lookup(|| {
+        let jit = Jit::new(RX, RX, false);
+        let at = jit.addr(0);
+        assert_eq!(jit.call(0), 1);
+        text.write(at, &MOV_EAX_1, &MOV_EAX_2).unwrap();
+        assert_eq!(jit.call(0), 2);
+        assert_eq!(perms_at(at), "r-xp");
+        text.write(at, &MOV_EAX_2, &MOV_EAX_1).unwrap();
+        assert_eq!(jit.call(0), 1);
+        assert_eq!(perms_at(at), "r-xp");
+    });
+}
+
+/// A patch across two pages of different protections (`r-x`, then
+/// `rwx`) restores each page's own.
+#[test]
+fn a_patch_across_pages_of_different_protections_restores_each() {
+    let _g = serial();
+    let text = InProcess::new();
+    each_lookup(|| {
+        let jit = Jit::new(RX, RWX, false);
+        let at = jit.addr(1) - 2;
+        let before = code(at, 4);
+        text.write(at, &before, &[0x90; 4]).unwrap();
+        assert_eq!(code(at, 4), [0x90; 4]);
+        assert_eq!(perms_at(jit.addr(0)), "r-xp");
+        assert_eq!(perms_at(jit.addr(1)), "rwxp");
+        text.write(at, &[0x90; 4], &before).unwrap();
+        assert_eq!(code(at, 4), before);
+        assert_eq!(jit.call(1), 1);
+    });
+}
+
+/// Shared executable memory (writes would reach other processes) is
+/// refused with a typed error and left exactly as it was.
+#[test]
+fn shared_executable_memory_is_refused_and_left_unchanged() {
+    let _g = serial();
+    let text = InProcess::new();
+    each_lookup(|| {
+        let jit = Jit::new(RX, RX, true);
+        let at = jit.addr(0);
+        let before = code(at, 8);
+        let err = text.write(at, &MOV_EAX_1, &MOV_EAX_2).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ProbeError::TextAccess {
+                    failure: TextFailure::Os {
+                        op: "patch a shared file mapping",
+                        ..
+                    },
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+        assert_eq!(code(at, 8), before);
+        assert_eq!(perms_at(at), "r-xs");
+    });
 }

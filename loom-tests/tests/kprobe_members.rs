@@ -1,9 +1,12 @@
 //! loom models of an aggregated kprobe site's member list: probes appended
 //! in place (a slot stored, then the length published with a Release
 //! store), removed in place (the slot cleared, or marked when the probe has
-//! a post handler) and compacted by `commit` (a copy without the removed
-//! slots, published with a Release swap, the old list retired), racing a
-//! hit on the site.
+//! a post handler), the commit's wait for the post handlers of removed
+//! members (the site's post epoch bumped with a Release store, read by hits
+//! with Acquire before any slot, then the old epoch's step count drained
+//! after the grace period) and its compaction (a copy without the removed
+//! slots, published with a Release swap, the old list retired, once removed
+//! slots are half the list), racing a hit on the site.
 //!
 //! p and a second member (so that the list has room: a site's first list
 //! holds its one probe) are registered before the hitter starts.
@@ -20,22 +23,36 @@
 //! 2. `mov eax, 1` (single-stepped: the probes have post handlers): the
 //!    same race with p's post handler on a step that may still be in
 //!    flight when p leaves: p's slot is marked, not cleared, so the step
-//!    still runs p's post, and the commit compacts the site (a copy
-//!    published with a Release swap, the old list retired) and waits for
-//!    the step before it returns (p's data poisoned right after).
+//!    still runs p's post, and the commit (no copy: one removed slot of
+//!    three) bumps the site's post epoch and waits for the old epoch's
+//!    steps before it returns (p's data poisoned right after).
+//! 3. Two members with post handlers leave one after the other, each with
+//!    its own `unregister` (a commit each: the post epoch goes round both
+//!    parities, and the second commit also compacts, two removed slots of
+//!    three), racing one single-stepped hit: each post handler runs before
+//!    its own `unregister` returns or not at all.
+//! 4. p (post handler) leaves, its handle dropped, then q, the site's last
+//!    member, in the same batch (one commit), racing one single-stepped
+//!    hit: p's handler (whose captured data is poisoned when it is
+//!    dropped) outlives every step that may run it, on the site's final
+//!    list, which the commit frees before it gives any probe back.
 //!
 //! The models are known to bite: with the length's publication in
-//! `Members::push` made `Relaxed`, both report a causality violation on q's
-//! data; with the commit not compacting a site that lost a probe with a
-//! post handler, model 2 reports p's post handler racing the poison.
+//! `Members::push` made `Relaxed`, models 1 and 2 report a causality
+//! violation on q's data; with the commit not waiting for the old epoch's
+//! steps, or with the epoch's store and load made `Relaxed` (a hit that
+//! reads the new epoch but p's slot from before the mark runs p's pre
+//! handler uncounted), models 2 and 3 report p's post handler racing the
+//! poison; with `finish` giving the probes back in batch order (p before
+//! the final list it is still in), model 4 fails: p's post handler runs
+//! after p was dropped, a use after free (here a SIGSEGV).
 //!
 //! What these models do NOT cover:
 //! - a list replaced because it is full (growth: the old list goes to the
 //!   domain's callback worker; model 5 of `kprobe.rs` covers that
 //!   retirement path with a step in flight, since a site's first join is a
 //!   growth);
-//! - compaction of a list whose removed probes had no post handler (same
-//!   publication as model 2's, without the steps);
+//! - members past the 64 whose pre handlers a step tracks;
 //! - more than one hitter, nested hits, enable/disable, kretprobes;
 //! - executions beyond the preemption bound (2).
 
@@ -99,6 +116,12 @@ fn touching(at: u64, data: &Arc<Val>, post: bool) -> Kprobe {
 /// One hit at `at` (its breakpoint stays written throughout: p or q is
 /// registered at every moment), completing the single-step if it is one.
 fn hit_once(reg: &Reg, at: u64) {
+    hit(reg, at, false)
+}
+
+/// [`hit_once`] on a site that may leave (`may_vanish`: the hit may find
+/// it gone, as a thread that trapped just before the last member left).
+fn hit(reg: &Reg, at: u64, may_vanish: bool) {
     let mut regs = Regs {
         ip: at + 1,
         sp: SP,
@@ -121,6 +144,8 @@ fn hit_once(reg: &Reg, at: u64) {
         // The length read before q joined, p's slot read after p left:
         // no member with a post handler ran, no step needed.
         HitOutcome::Boosted { .. } => assert_eq!(at, G),
+        // Trapped while the site was armed, looked up after it left.
+        HitOutcome::Vanished if may_vanish => {}
         other => panic!("a hit on a site that stays armed was {other:?}"),
     }
 }
@@ -164,6 +189,69 @@ fn join_leave_compact(at: u64, post: bool) {
     });
 }
 
+/// p1 and p2 (post handlers) and a disabled member are registered; a
+/// hitter single-steps once while p1, then p2, are unregistered one by one;
+/// each one's data is poisoned when its `unregister` returns.
+fn leave_one_by_one() {
+    model_with(2, None, move || {
+        let reg = Arc::new(registry());
+        let d1 = Arc::new(Val::default());
+        let d2 = Arc::new(Val::default());
+        let p1 = touching(G, &d1, true);
+        let p2 = touching(G, &d2, true);
+        let room = Kprobe::at(G).disabled().build();
+        for p in [&p1, &p2, &room] {
+            reg.register(p).unwrap();
+        }
+        let hitter = {
+            let reg = reg.clone();
+            thread::spawn(move || hit_once(&reg, G))
+        };
+        reg.unregister(&p1).unwrap();
+        d1.poison();
+        reg.unregister(&p2).unwrap();
+        d2.poison();
+        hitter.join().unwrap();
+        assert!(p1.hits() <= 1 && p2.hits() <= 1);
+        assert_eq!(reg.sites()[0].probes, vec![room.id()]);
+        reg.unregister(&room).unwrap();
+    });
+}
+
+/// Poisons its data when dropped (with the handler that holds it).
+struct PoisonOnDrop(Arc<Val>);
+
+impl Drop for PoisonOnDrop {
+    fn drop(&mut self) {
+        self.0.poison();
+    }
+}
+
+/// p (post handler, its data poisoned when the handler is dropped) and q
+/// are registered; a hitter single-steps once while p leaves (its handle
+/// dropped) and q, the last member, leaves in the same batch.
+fn leave_with_the_site() {
+    model_with(2, None, move || {
+        let reg = Arc::new(registry());
+        let held = PoisonOnDrop(Arc::new(Val::default()));
+        let p = Kprobe::at(G).post(move |_, _| held.0.touch()).build();
+        let q = Kprobe::at(G).build();
+        reg.register(&p).unwrap();
+        reg.register(&q).unwrap();
+        let hitter = {
+            let reg = reg.clone();
+            thread::spawn(move || hit(&reg, G, true))
+        };
+        reg.unregister_nosync(&p).unwrap();
+        // The registry's handle (in the pending batch) is the last one.
+        drop(p);
+        reg.unregister_nosync(&q).unwrap();
+        reg.commit();
+        hitter.join().unwrap();
+        assert!(reg.sites().is_empty());
+    });
+}
+
 #[test]
 fn a_hit_sees_a_member_appended_or_removed_in_place_fully_or_not_at_all() {
     join_leave_compact(F, false);
@@ -172,4 +260,14 @@ fn a_hit_sees_a_member_appended_or_removed_in_place_fully_or_not_at_all() {
 #[test]
 fn a_step_in_flight_runs_the_post_handler_of_a_removed_member_before_commit_returns() {
     join_leave_compact(G, true);
+}
+
+#[test]
+fn post_handlers_of_members_removed_one_by_one_finish_before_each_unregister_returns() {
+    leave_one_by_one();
+}
+
+#[test]
+fn a_probe_given_back_by_a_commit_outlives_the_steps_on_its_sites_final_list() {
+    leave_with_the_site();
 }

@@ -60,7 +60,7 @@ use std::ptr::NonNull;
 
 use super::instances::ThreadKey;
 use super::kretprobe::EntryContext;
-use super::probe::{Action, Handlers, Kprobe};
+use super::probe::{Action, Handlers};
 use super::registry::KprobeRegistry;
 use super::table::Members;
 use crate::probes::arch::{
@@ -138,6 +138,9 @@ pub enum HitOutcome<'r> {
 /// ```
 pub struct StepToken<'r> {
     members: NonNull<Members>,
+    /// The parity of the site's post epoch this step is counted under, when
+    /// it will run post handlers (`SiteExec::post_step_started`).
+    post_epoch: Option<usize>,
     /// The list's length the pre handlers saw: members appended later ran
     /// no pre handler and get no post.
     len: usize,
@@ -185,6 +188,11 @@ impl StepToken<'_> {
 
 impl Drop for StepToken<'_> {
     fn drop(&mut self) {
+        if let Some(parity) = self.post_epoch {
+            // Before the list's count: once that is zero the list (and with
+            // the site's last list, the exec) may be freed.
+            self.members().exec.post_step_done(parity);
+        }
         // Release pairs with the reaper's Acquire load in `wait_for_steps`:
         // the post handlers and fixups this token ran happen-before the list
         // is freed. Nothing touches the list after this.
@@ -214,30 +222,36 @@ pub enum StepResult<'r> {
     Failed(ProbeError),
 }
 
-#[inline]
-fn ran_pre(mask: u64, i: usize, p: &Kprobe) -> bool {
-    if i < TRACKED_MEMBERS {
-        mask & (1 << i) != 0
-    } else {
-        p.is_enabled()
-    }
-}
-
 /// Runs the post handlers of the members below `len` whose pre handlers
-/// ran, also of members removed since (a removed probe with a post handler
-/// keeps its pointer, marked, and the commit waits for the steps on the
-/// lists that show it; one without is cleared and skipped).
+/// ran (`mask`), also of members removed since: a removed probe with a
+/// post handler keeps its pointer, marked, and the commit waits for the
+/// steps that ran its pre handler (`table.rs`, "wait for post handlers").
+/// A marked slot is dereferenced only through a set bit of `mask`: the
+/// probe behind one whose pre handler this step did not run may have been
+/// given back already.
+///
+/// Members from index [`TRACKED_MEMBERS`] on are not tracked: their post
+/// handlers run if they are still members (not removed) and enabled, so a
+/// member that far along removed while the step is in flight loses the
+/// post handler of a pre handler that ran.
 ///
 /// The caller is in a read section (for members cleared since: one still
 /// seen began before the grace period their removal waits for ended) and,
-/// for a single-step, holds a count in the list's `inflight`.
+/// for a single-step, holds a count in the list's `inflight` and, if
+/// `mask` has bits set, in the site's post epoch.
 fn run_posts(members: &Members, len: usize, mask: u64, regs: &mut Regs) {
     for i in 0..len {
-        // SAFETY: the caller's contract above is `get_for_post`'s.
-        let Some(p) = (unsafe { members.get_for_post(i) }) else {
-            continue;
+        let p = if i < TRACKED_MEMBERS {
+            if mask & (1 << i) == 0 {
+                continue;
+            }
+            // SAFETY: this step ran the member's pre handler (bit set), so
+            // the caller's contract above is `get_for_post`'s.
+            unsafe { members.get_for_post(i) }
+        } else {
+            members.get(i).filter(|p| p.is_enabled())
         };
-        if ran_pre(mask, i, &p) {
+        if let Some(p) = p {
             p.run_post(regs);
         }
     }
@@ -306,6 +320,9 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             };
         };
         let members = site.members(&guard);
+        // Before any slot: a removal marked before the epoch read is seen
+        // below (`SiteExec::epoch`).
+        let epoch = members.exec.epoch();
         // One length for the whole hit: the pre handlers, the mask and the
         // posts agree on which members exist.
         let len = members.len();
@@ -377,8 +394,12 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         // grace period an unregistration waits for orders every access of
         // the section before the reaper's load.
         members.inflight.fetch_add(1, Ordering::Relaxed);
+        // Counted only if it will run post handlers: what the commit of a
+        // removed member's post handler waits for.
+        let post_epoch = run_post.then(|| exec.post_step_started(epoch));
         HitOutcome::SingleStep(StepToken {
             members: NonNull::from(members),
+            post_epoch,
             len,
             state,
             ran_pre: mask,

@@ -36,10 +36,12 @@
 //! is written when the first enabled probe arrives and removed when the last
 //! one leaves or the last enabled one is disabled. A probe joins the list in
 //! place (a slot, then the length, published with a release store) and
-//! leaves it in place (its slot cleared); a full list is replaced by one
-//! twice the size, and the commit compacts a list that lost members once:
-//! registering and removing N probes on one address costs O(N) time and
-//! memory (`table.rs`, "Member lists"). A list replaced by a registration
+//! leaves it in place (its slot cleared, or marked for the post handlers of
+//! steps in flight, which the commit waits out through the site's post
+//! epoch); a full list is replaced by one twice the size, and the commit
+//! compacts a list once removed slots are half of it: registering and
+//! removing N probes on one address, in a batch or one by one, costs O(N)
+//! time and memory (`table.rs`, "Member lists"). A list replaced by a registration
 //! is freed a grace period later through the domain's
 //! [`Rcu::call`](crate::rcu::Rcu::call), batched, with no unregistration
 //! needed (`deferred.rs`, which counts

@@ -49,6 +49,9 @@ pub(crate) struct Writer {
     pub(crate) detached: BTreeMap<(u64, usize), SiteState>,
     /// Unregistered without sync: finished by the next `commit`.
     pub(crate) pending: Vec<Retired>,
+    /// The boosted XOL slots of the sites `pending` retires: the commit has
+    /// the allocator wait out threads still running them (`quiesce`).
+    pub(crate) pending_slots: Vec<u64>,
     /// Unregistered kretprobes with calls still in flight.
     pub(crate) orphans: Vec<Arc<dyn ReturnProbe>>,
     /// Sites that lost members since the last commit (each once): the
@@ -215,6 +218,7 @@ impl<A: Arch, T: TextMemory> RegistryBuilder<A, T> {
                 sites: BTreeMap::new(),
                 detached: BTreeMap::new(),
                 pending: Vec::new(),
+                pending_slots: Vec::new(),
                 orphans: Vec::new(),
                 dirty: Vec::new(),
             }),

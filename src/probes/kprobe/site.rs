@@ -8,6 +8,8 @@
 // `std`'s Arc even under loom (see `kretprobe.rs`).
 use std::sync::Arc;
 
+use smallvec::{smallvec, SmallVec};
+
 use super::probe::Kprobe;
 use super::table::{Members, Site, SiteExec};
 
@@ -24,14 +26,17 @@ pub(crate) struct SiteState {
     /// The registry's handles, indexed like the slots of the published
     /// list (`None`: removed since the last compaction, slot null).
     /// Registration order.
-    members: Vec<Option<Kprobe>>,
+    /// Inline for one probe (most sites' only one): no allocation.
+    members: SmallVec<[Option<Kprobe>; 1]>,
     /// `Some` entries of `members`.
     live: usize,
     /// Live members that are enabled.
     enabled: usize,
-    /// A member with a post handler was removed since the last compaction:
-    /// the next commit must compact, so that it waits for the steps in
-    /// flight on the list (which may still run that post handler).
+    /// A member with a post handler was removed since the last commit: the
+    /// next commit must start a new post epoch and wait for the steps of
+    /// the old one (which may still run that post handler; `table.rs`,
+    /// "wait for post handlers"). A compaction in between does not clear
+    /// it: steps that started on the replaced list still count.
     removed_post: bool,
     /// Queued in `Writer::dirty` (removals since the last commit).
     pub(crate) dirty: bool,
@@ -44,6 +49,9 @@ pub(crate) struct SiteState {
     /// is written only while it still is (see "Text that goes away" in the
     /// module docs of `kprobe`).
     pub(crate) text_id: TextIdentity,
+    /// The XOL slot, when hits run the instruction there boosted (a copy
+    /// of `exec`'s plan, where the last removal finds it without a miss).
+    pub(crate) boosted_slot: Option<u64>,
 }
 
 impl SiteState {
@@ -59,7 +67,8 @@ impl SiteState {
     ) -> Self {
         first.set_slot(0);
         let enabled = usize::from(first.is_enabled());
-        let members = vec![Some(first)];
+        let members = smallvec![Some(first)];
+        let boosted_slot = exec.plan.filter(|p| p.boostable).map(|p| p.slot_addr);
         SiteState {
             node,
             members,
@@ -71,6 +80,7 @@ impl SiteState {
             orig,
             armed,
             text_id,
+            boosted_slot,
         }
     }
 
@@ -156,28 +166,39 @@ impl SiteState {
     }
 
     /// Whether the commit finishing this site's removals should compact
-    /// it: when a removed probe had a post handler (see `removed_post`), or
-    /// when removed slots are at least half the list (so that a commit's
-    /// copy is paid for by the removals since the last one).
+    /// it: when removed slots are at least half the list (so that a
+    /// commit's copy is paid for by the removals since the last one).
     pub(crate) fn wants_compaction(&self) -> bool {
         let removed = self.members.len() - self.live;
-        removed > 0 && (self.removed_post || 2 * removed >= self.members.len())
+        removed > 0 && 2 * removed >= self.members.len()
+    }
+
+    /// If a member with a post handler was removed since the last commit:
+    /// starts the site's next post epoch and returns the old one's parity,
+    /// whose steps the committer waits out after its grace period. Writer
+    /// mutex held.
+    pub(crate) fn take_post_wait(&mut self) -> Option<(Arc<SiteExec>, usize)> {
+        if !std::mem::take(&mut self.removed_post) {
+            return None;
+        }
+        Some((Arc::clone(&self.exec), self.exec.bump_epoch()))
     }
 
     /// Publishes a copy of the list without removed slots, with room for
     /// as many probes again (at least four), and returns the
     /// replaced list for the caller to retire. O(probes).
     pub(crate) fn compact(&mut self) -> *mut Members {
-        self.members.retain(Option::is_some);
+        self.members.retain(|m| m.is_some());
         let capacity = (2 * self.live).max(GROWN_MEMBER_SLOTS);
         // Keeps the writer's memory O(probes) after mass removals.
-        self.members.shrink_to(capacity);
+        if self.members.capacity() > 2 * capacity {
+            self.members.shrink_to_fit();
+        }
         for (i, p) in self.probes().enumerate() {
             p.set_slot(i);
         }
         let probes = self.members.iter().map(|m| m.as_ref().expect("retained"));
         let new = Members::new(probes, capacity, &self.exec);
-        self.removed_post = false;
         // SAFETY: the node is live (see `list`); writer mutex held.
         unsafe { &*self.node }.replace_members(new)
     }

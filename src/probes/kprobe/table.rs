@@ -17,9 +17,10 @@
 //! - registering them costs O(N) time in total (O(1) amortized each) and
 //!   O(N) memory, replaced lists included;
 //! - removing them costs O(1) each in the top half (`unregister_nosync`, or
-//!   each probe of `unregister_many`), plus one O(N) copy per site per
-//!   commit that needs one: a batch of any size costs O(N) time and O(N)
-//!   peak memory;
+//!   each probe of `unregister_many`), plus at most one O(N) copy per site
+//!   per commit, made only when removed slots are at least half the list:
+//!   a batch of any size costs O(N) time and O(N) peak memory, and so does
+//!   removing them one by one (`unregister` each), post handlers or not;
 //! - a hit reads the length once and walks the slots below it with plain
 //!   loads: lock-free and wait-free under its `Rcu` read guard, no
 //!   allocation, no read-modify-write, in registration order;
@@ -47,16 +48,31 @@
 //!   pre handlers ran before the removal still runs the marked probe's post
 //!   handler. The writer's handle on the probe goes to the pending
 //!   retirement, so the probe outlives the grace period of the commit.
+//! - **wait for post handlers** (by the commit, for each site that lost a
+//!   member with a post handler): the steps that may still run it are
+//!   counted per site in two counters chosen by the parity of the site's
+//!   *post epoch* ([`SiteExec`]), as SRCU counts readers. A hit loads the
+//!   epoch (`Acquire`) before it reads any slot, and a step that will run
+//!   post handlers counts itself under that epoch. The commit bumps the
+//!   epoch (`Release`, after the removals' marks), waits for its grace
+//!   period, then for the old epoch's counter to drain. A step that ran the
+//!   removed probe's pre handler read its slot unmarked, so it read the old
+//!   epoch (one that read the new epoch sees the mark) and counted itself
+//!   within its read section, which the grace period waits for: the drain
+//!   covers it, on whichever list of the site it runs. Steps that start
+//!   later skip the marked slot and are not waited for. The commit copies
+//!   nothing for it: removing N probes with post handlers one by one costs
+//!   O(N), not one O(N) copy each.
 //! - **compact** (by the commit, once per site that lost members since the
-//!   last commit): a copy without the removed slots is published and the
-//!   old list retired with the batch, which makes the commit wait for the
-//!   single-steps in flight on it. It is required when a removed probe had
-//!   a post handler (the commit must not return while that handler may
-//!   still run) and otherwise done when removed slots are at least half of
-//!   the list, so that each copy is paid for by as many removals. A cleared
-//!   slot left in place is safe without it: a hit that still sees the probe
-//!   is in a read section that the removal's grace period waits for, and
-//!   post handlers run inside a read section too (`hit.rs`).
+//!   last commit, when removed slots are at least half of the list, so that
+//!   each copy is paid for by as many removals): a copy without the removed
+//!   slots is published and the old list retired with the batch. A removed
+//!   slot left in place is safe without it: a cleared one (a hit that
+//!   still sees the probe is in a read section that the removal's grace
+//!   period waits for, and post handlers run inside a read section too,
+//!   `hit.rs`), and a marked one whose probe was given back (a post pass
+//!   dereferences a marked slot only for a step that ran the probe's pre
+//!   handler, i.e. one the commit waited for; `hit.rs`, `run_posts`).
 //!
 //! Member lists *borrow* their probes (plain pointers, no reference
 //! counts): the registry's handle (in the writer's `SiteState`, then in the
@@ -99,6 +115,13 @@ pub(crate) struct SiteExec {
     pub(crate) plan: Option<XolPlan>,
     /// Held for its `Drop`, which frees the slot.
     _slot: Option<SlotOwner>,
+    /// The site's post epoch: bumped by a commit that must wait for the
+    /// post handlers of members removed since the last one (module docs,
+    /// "wait for post handlers"). Site-wide, across its member lists.
+    epoch: AtomicUsize,
+    /// Steps in flight that will run post handlers, by the parity of the
+    /// epoch they read.
+    post_steps: [AtomicUsize; 2],
 }
 
 /// Gives an XOL slot back to its allocator when dropped.
@@ -134,6 +157,8 @@ impl SiteExec {
             insn,
             plan: None,
             _slot: None,
+            epoch: AtomicUsize::new(0),
+            post_steps: [AtomicUsize::new(0), AtomicUsize::new(0)],
         }
     }
 
@@ -147,6 +172,61 @@ impl SiteExec {
                 xol,
                 slot: plan.slot_addr,
             }),
+            epoch: AtomicUsize::new(0),
+            post_steps: [AtomicUsize::new(0), AtomicUsize::new(0)],
+        }
+    }
+
+    /// The post epoch, for a hit: load it before reading any slot.
+    #[inline]
+    pub(crate) fn epoch(&self) -> usize {
+        // Acquire pairs with the Release store in `bump_epoch`: a hit that
+        // reads the new epoch sees every removal marked before the bump, so
+        // it runs no pre handler of those probes.
+        self.epoch.load(Ordering::Acquire)
+    }
+
+    /// Counts a step that will run post handlers under `epoch` (read by
+    /// [`epoch`](Self::epoch) in the same read section); returns the parity
+    /// to give back with [`post_step_done`](Self::post_step_done).
+    #[inline]
+    pub(crate) fn post_step_started(&self, epoch: usize) -> usize {
+        let parity = epoch & 1;
+        // Relaxed: inside the hit's read section, which the commit's grace
+        // period waits for before it reads the counter.
+        self.post_steps[parity].fetch_add(1, Ordering::Relaxed);
+        parity
+    }
+
+    /// A counted step finished its post handlers (or was abandoned).
+    #[inline]
+    pub(crate) fn post_step_done(&self, parity: usize) {
+        // Release pairs with the Acquire load in `wait_post_steps`: the
+        // post handlers this step ran happen-before the commit returns.
+        self.post_steps[parity].fetch_sub(1, Ordering::Release);
+    }
+
+    /// Starts a new post epoch and returns the parity of the old one, whose
+    /// steps the caller waits out with [`wait_post_steps`](Self::wait_post_steps)
+    /// after a grace period. Writer mutex held (after the removals' marks),
+    /// commits serialized: each epoch's counter drained before the epoch
+    /// comes round again.
+    pub(crate) fn bump_epoch(&self) -> usize {
+        // Relaxed: only the writer stores the epoch.
+        let e = self.epoch.load(Ordering::Relaxed);
+        // Release pairs with the Acquire load in `epoch`: the marks stored
+        // before it are visible to a hit that reads the new value.
+        self.epoch.store(e.wrapping_add(1), Ordering::Release);
+        e & 1
+    }
+
+    /// Waits until no step counted under the epoch of parity `parity` is in
+    /// flight. The caller waited for a grace period after `bump_epoch`.
+    pub(crate) fn wait_post_steps(&self, parity: usize) {
+        let mut backoff = crate::sync::Backoff::new();
+        // Acquire pairs with the Release decrement in `post_step_done`.
+        while self.post_steps[parity].load(Ordering::Acquire) != 0 {
+            backoff.snooze();
         }
     }
 }
@@ -169,8 +249,12 @@ pub(crate) struct Members {
     len: AtomicUsize,
     /// Borrowed pointers (`Arc::as_ptr`) to the probes; the writer's
     /// `SiteState` (`site.rs`) and, once removed, the
-    /// pending retirement hold the references that keep them alive.
-    slots: Box<[AtomicPtr<ProbeInner>]>,
+    /// pending retirement hold the references that keep them alive. Slot
+    /// 0 is inline, the others in `rest`: a site's first list (one slot,
+    /// most sites' only one) is one allocation, not two.
+    first: AtomicPtr<ProbeInner>,
+    /// Slots `1..capacity` (empty, unallocated, for a one-slot list).
+    rest: Box<[AtomicPtr<ProbeInner>]>,
     pub(crate) exec: Arc<SiteExec>,
     /// Single-steps started on this list and not yet completed (or
     /// abandoned). A retired list is freed only when this is zero.
@@ -185,20 +269,23 @@ impl Members {
         capacity: usize,
         exec: &Arc<SiteExec>,
     ) -> *mut Members {
+        let mut probes = probes;
         let n = probes.len();
         let capacity = capacity.max(n).max(1);
-        // One allocation of the exact size (a chained iterator would not
-        // tell `collect` its length: measured 570 instructions per site).
-        let mut slots = Vec::with_capacity(capacity);
-        slots.extend(probes.map(|p| AtomicPtr::new(p.as_raw())));
-        slots.resize_with(capacity, || AtomicPtr::new(std::ptr::null_mut()));
-        let slots = slots.into_boxed_slice();
+        let first = probes.next().map_or(std::ptr::null_mut(), |p| p.as_raw());
+        // One allocation of the exact size, none for a one-slot list (a
+        // chained iterator would not tell `collect` its length: measured
+        // 570 instructions per site).
+        let mut rest = Vec::with_capacity(capacity - 1);
+        rest.extend(probes.map(|p| AtomicPtr::new(p.as_raw())));
+        rest.resize_with(capacity - 1, || AtomicPtr::new(std::ptr::null_mut()));
         Box::into_raw(Box::new(Members {
             // Plain initialisation: the whole list is published by the
             // Release store of its pointer (`Site::new` + `Table::insert`,
             // or `Site::replace_members`).
             len: AtomicUsize::new(n),
-            slots,
+            first: AtomicPtr::new(first),
+            rest: rest.into_boxed_slice(),
             exec: Arc::clone(exec),
             inflight: AtomicUsize::new(0),
         }))
@@ -236,11 +323,14 @@ impl Members {
     /// removed, not cleared). `None` if the slot was cleared.
     ///
     /// # Safety
-    /// The caller is in a read section, and holds a count in `inflight`
-    /// (a single-step) or is still in the read section of the hit: a
-    /// marked probe lives until the steps on every list showing it are done
-    /// (the commit compacts and waits for them: `site.rs`), a cleared one
-    /// until a grace period after the clearing.
+    /// The caller ran this member's pre handler on this hit, and is in a
+    /// read section and holds a count in the site's post epoch (a
+    /// single-step) or is still in the read section of the hit: a marked
+    /// probe lives until the steps counted in the epochs that could have
+    /// run its pre handler are done (the commit waits for them: module
+    /// docs), a cleared one until a grace period after the clearing. A
+    /// marked slot whose pre handler the caller did not run may point to a
+    /// probe given back already.
     #[inline]
     pub(crate) unsafe fn get_for_post(&self, i: usize) -> Option<ManuallyDrop<Kprobe>> {
         let p = self.load(i);
@@ -260,22 +350,31 @@ impl Members {
         // read, so this load sees that probe or a later removal, never the
         // initial null; a removal publishes nothing (readers that still see
         // the probe are covered by the grace period the removal waits for).
-        self.slots[i].load(Ordering::Relaxed)
+        self.slot(i).load(Ordering::Relaxed)
+    }
+
+    /// Slot `i` (below the capacity).
+    #[inline]
+    fn slot(&self, i: usize) -> &AtomicPtr<ProbeInner> {
+        match i.checked_sub(1) {
+            None => &self.first,
+            Some(j) => &self.rest[j],
+        }
     }
 
     /// Capacity (writer only: it never changes).
     pub(crate) fn capacity(&self) -> usize {
-        self.slots.len()
+        1 + self.rest.len()
     }
 
     /// Appends `probe` in place. Writer only, with `len < capacity`.
     pub(crate) fn push(&self, probe: &Kprobe) {
         // Relaxed: only the writer (mutex held) stores `len`.
         let n = self.len.load(Ordering::Relaxed);
-        assert!(n < self.slots.len(), "push into a full member list");
+        assert!(n < self.capacity(), "push into a full member list");
         // Relaxed: the slot is beyond `len`, no reader looks at it; the
         // Release below publishes it.
-        self.slots[n].store(probe.as_raw(), Ordering::Relaxed);
+        self.slot(n).store(probe.as_raw(), Ordering::Relaxed);
         // Release pairs with the Acquire load in `len`: a reader that sees
         // `n + 1` sees the slot (and the probe, built before).
         self.len.store(n + 1, Ordering::Release);
@@ -287,7 +386,7 @@ impl Members {
     /// otherwise the slot is cleared. Writer only.
     pub(crate) fn remove(&self, i: usize, keep_post: bool) {
         // Relaxed: only the writer stores slots.
-        let p = self.slots[i].load(Ordering::Relaxed);
+        let p = self.slot(i).load(Ordering::Relaxed);
         let v = if keep_post {
             p.cast::<u8>().wrapping_add(REMOVED).cast::<ProbeInner>()
         } else {
@@ -295,7 +394,7 @@ impl Members {
         };
         // Relaxed: a reader that still sees the probe is in a read section
         // that the removal's grace period waits for; nothing is published.
-        self.slots[i].store(v, Ordering::Relaxed);
+        self.slot(i).store(v, Ordering::Relaxed);
     }
 }
 

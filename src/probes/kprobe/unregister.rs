@@ -8,14 +8,17 @@
 //! enabled probe on its address, then unlink the site (last probe) or
 //! clear (or mark) its slot in the member list, in O(1) (`table.rs`,
 //! "Member lists"). What readers might still hold is *retired*. The bottom
-//! half first compacts, once, each site that lost members and needs it (one
-//! copy per site per commit, retired with the batch). The *bottom* half
-//! then runs after a grace period: it has the XOL
+//! half first, under the mutex, visits each site that lost members since
+//! the last commit: it bumps the site's post epoch if a removed member had
+//! a post handler, and compacts the site once removed slots are half its
+//! list (one copy per site per commit, paid for by the removals, retired
+//! with the batch). The rest runs after a grace period: it has the XOL
 //! allocator wait out threads still in a retired site's boosted slot
-//! (`XolAllocator::quiesce`), waits for the single-steps in flight on each
-//! retired member list, frees the lists and
-//! sites (the last list of a site gives its XOL slot back to the allocator),
-//! and finally gives the probe back (it may be registered again).
+//! (`XolAllocator::quiesce`), waits for the steps of the old post epochs,
+//! waits for the single-steps in flight on each retired member list, frees
+//! the lists and sites (the last list of a site gives its XOL slot back to
+//! the allocator), and only then gives the probes back (they may be
+//! registered again).
 //!
 //! `unregister_nosync` runs the top half only and parks the retired objects
 //! on the registry's pending list; `commit` runs the bottom half for the
@@ -44,14 +47,13 @@
 //! period (they wait for each other); `unregister_nosync` + one `commit` is
 //! the way to pay one grace period for many probes.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::kretprobe::{Kretprobe, ReturnProbe};
-use super::probe::{AsKprobe, Kprobe};
+use super::probe::{AsKprobe, Kprobe, ProbeId};
 use super::registry::{text_gone, KprobeRegistry, SiteKey, Writer};
 use super::site::SiteState;
-use super::table::{Members, Site};
+use super::table::{Members, Site, SiteExec};
 use crate::probes::arch::Arch;
 use crate::probes::reentry::in_kprobe_handler;
 use crate::probes::text::TextMemory;
@@ -89,33 +91,20 @@ fn wait_for_steps(m: &Members) {
     }
 }
 
-/// The boosted XOL slots of the sites `batch` retires (a site is retired
-/// with its last member list, so its slot goes with it).
-fn retired_boosted_slots(batch: &[Retired]) -> Vec<u64> {
-    batch
-        .iter()
-        .filter_map(|r| match r {
-            Retired::Site(s) => {
-                // SAFETY: a retired site and its last list are freed only by
-                // `finish`, which runs after this; we only read them.
-                let m = unsafe { &*(**s).members_ptr() };
-                m.exec.plan.filter(|p| p.boostable).map(|p| p.slot_addr)
-            }
-            _ => None,
-        })
-        .collect()
-}
-
 /// Frees what `batch` retired (the caller waited for a grace period that
 /// began after the retirement) and returns the kretprobes whose calls
 /// are still in flight. Takes no lock.
 pub(crate) fn finish(batch: Vec<Retired>) -> Vec<Arc<dyn ReturnProbe>> {
-    let mut orphans = Vec::new();
-    for r in batch {
-        match r {
-            Retired::Members(m) => {
+    // Lists and sites first, every probe after: a probe removed from a
+    // site whose last probe left later in the same batch is still in that
+    // site's final list, whose steps in flight may run its post handler
+    // until the list is freed.
+    for r in &batch {
+        match *r {
+            Retired::Members(m) | Retired::MembersWith(m, _) => {
                 // SAFETY: retired and past its grace period: no reader
-                // holds it; steps in flight hold counts, awaited here.
+                // holds it; steps in flight hold counts, awaited here; taken
+                // from the batch once (the second pass skips it).
                 unsafe {
                     wait_for_steps(&*m);
                     drop(Box::from_raw(m));
@@ -123,20 +112,21 @@ pub(crate) fn finish(batch: Vec<Retired>) -> Vec<Arc<dyn ReturnProbe>> {
             }
             // SAFETY: unlinked and past its grace period.
             Retired::Site(s) => drop(unsafe { Box::from_raw(s) }),
+            Retired::Probe(_) | Retired::Return(_) => {}
+        }
+    }
+    let mut orphans = Vec::new();
+    for r in batch {
+        match r {
             Retired::Probe(p) => p.release(),
-            Retired::MembersWith(m, p) => {
-                // SAFETY: as for `Members`.
-                unsafe {
-                    wait_for_steps(&*m);
-                    drop(Box::from_raw(m));
-                }
-                drop(p);
-            }
+            // The list is freed above; the reference it borrowed goes now.
+            Retired::MembersWith(_, p) => drop(p),
             Retired::Return(r) => {
                 if r.instances_out() != 0 {
                     orphans.push(r);
                 }
             }
+            Retired::Members(_) | Retired::Site(_) => {}
         }
     }
     orphans
@@ -198,12 +188,14 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// When called from a probe handler or inside an `Rcu` read section.
     pub fn unregister_many<P: AsKprobe + ?Sized>(&self, probes: &[&P]) -> Result<(), ProbeError> {
         assert_not_in_handler("unregister_many");
-        let probes: Vec<&Kprobe> = probes.iter().map(|p| p.as_kprobe()).collect();
-        let probes = &probes[..];
+        let probes = probes.iter().map(|p| p.as_kprobe());
         let result = {
             let mut w = self.lock_writer();
-            self.check_all_registered(&mut w, probes)?;
-            self.unregister_tops(&mut w, probes.iter().copied())
+            self.check_all_registered(probes.clone())?;
+            // At most a probe, a site and its last list, and a kretprobe's
+            // pool each: one allocation for the whole batch.
+            w.pending.reserve(3 * probes.len());
+            self.unregister_tops(&mut w, probes)
         };
         self.finish_pending();
         result
@@ -219,13 +211,17 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     ) -> Result<(), ProbeError> {
         let mut pending = std::mem::take(&mut w.pending);
         let mut result = Ok(());
+        let mut removed = 0;
         for p in probes {
             if let Err(e) = self.unregister_top(w, p, &mut pending) {
                 result = Err(e);
                 break;
             }
+            removed += 1;
         }
         w.pending = pending;
+        // Relaxed: a statistics counter read by `len`; once per batch.
+        self.count.fetch_sub(removed, Ordering::Relaxed);
         result
     }
 
@@ -276,6 +272,10 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         let result = self.unregister_top(&mut w, probe, &mut pending);
         w.pending = pending;
         drop(w);
+        if result.is_ok() {
+            // Relaxed: a statistics counter read by `len`.
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
         // A list a detach retired (see `KprobeRegistry::detach`).
         self.deferred.queue_callbacks(&self.rcu);
         result
@@ -317,19 +317,25 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// batch, every list that ever held our probes is gone.
     fn finish_pending(&self) {
         let _serial = self.reclaim_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let (batch, upto) = {
+        let (batch, waits, slots, upto) = {
             let mut w = self.lock_writer();
-            // The lists compaction replaces go first: `finish` waits for
-            // their steps in flight before it gives back the probes they
-            // may still show (later in the batch).
-            let mut batch = Self::compact_dirty(&mut w);
-            batch.append(&mut w.pending);
+            // The lists compaction replaces go first (`finish` frees every
+            // list before it gives back any probe).
+            let mut batch = Vec::new();
+            let waits = Self::commit_dirty(&mut w, &mut batch);
+            if batch.is_empty() {
+                // The common case: no copy of a batch that may be large.
+                batch = std::mem::take(&mut w.pending);
+            } else {
+                batch.append(&mut w.pending);
+            }
             Self::reap_orphans(&mut w);
+            let slots = std::mem::take(&mut w.pending_slots);
             // Under the writer mutex, so every list a registration retired
             // before our probes left their sites is numbered below it.
-            (batch, self.deferred.snapshot())
+            (batch, waits, slots, self.deferred.snapshot())
         };
-        if batch.is_empty() && !self.deferred.outstanding_below(upto) {
+        if batch.is_empty() && waits.is_empty() && !self.deferred.outstanding_below(upto) {
             // Whoever took our probes (if any) finished them, and the lists
             // that held them, before releasing `reclaim_lock`; what
             // registrations retired is freed already, or being freed by a
@@ -340,9 +346,13 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         self.rcu.synchronize();
         // After the grace period no trap sends a thread into these slots;
         // threads sent there earlier for a boosted run are waited out here.
-        let slots = retired_boosted_slots(&batch);
         if !slots.is_empty() {
             self.xol.quiesce(&slots);
+        }
+        // Steps that may still run the post handler of a member removed
+        // from a site that stays (past the grace period, none starts).
+        for (exec, parity) in &waits {
+            exec.wait_post_steps(*parity);
         }
         // Older member lists that registrations retired (they may hold our
         // probes, with single-steps in flight) that their grace-period
@@ -351,40 +361,60 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         self.reap(batch);
     }
 
-    /// Compacts the sites that lost members since the last commit and need
-    /// it (one copy per site per commit: O(probes) for any number of
-    /// removals) and returns the lists they replaced, to retire.
-    fn compact_dirty(w: &mut Writer) -> Vec<Retired> {
-        let mut out = Vec::new();
+    /// For each site that lost members since the last commit: starts a new
+    /// post epoch if a removed member had a post handler (returned, to wait
+    /// out after the grace period), and compacts it if removed slots are at
+    /// least half its list (one copy per site per commit, paid for by the
+    /// removals: O(probes) for any number of removals and commits); the
+    /// lists compaction replaces go into `out`, to retire.
+    fn commit_dirty(w: &mut Writer, out: &mut Vec<Retired>) -> Vec<(Arc<SiteExec>, usize)> {
+        let mut waits = Vec::new();
         for addr in std::mem::take(&mut w.dirty) {
             if let Some(st) = w.sites.get_mut(&addr) {
                 st.dirty = false;
+                waits.extend(st.take_post_wait());
                 if st.wants_compaction() {
                     out.push(Retired::Members(st.compact()));
                 }
             }
         }
-        out
+        waits
     }
 
-    /// Checks that every probe is registered here, once.
-    fn check_all_registered(&self, w: &mut Writer, probes: &[&Kprobe]) -> Result<(), ProbeError> {
-        let mut seen = HashSet::with_capacity(probes.len());
-        for p in probes {
-            Self::site_of(w, self.id, p)?;
-            if !seen.insert(p.id()) {
-                // Already in this batch: by the time its turn came it would
-                // be pending, i.e. unknown.
-                return Err(ProbeError::UnknownProbe {
-                    site: crate::probes::error::ProbeSite::Address(p.registered_addr()),
-                });
-            }
+    /// Checks that every probe is registered here, once (writer mutex
+    /// held). O(n log n) in the batch, one allocation: a registered probe's
+    /// site is in the writer's map (so it is not looked up), and a probe
+    /// twice in the batch shows as two equal ids once they are sorted.
+    fn check_all_registered<'p>(
+        &self,
+        probes: impl ExactSizeIterator<Item = &'p Kprobe> + Clone,
+    ) -> Result<(), ProbeError> {
+        if let Some(p) = probes.clone().find(|p| !p.registered_in(self.id)) {
+            return Err(Self::unknown(p));
         }
-        Ok(())
+        if probes.len() < 2 {
+            return Ok(());
+        }
+        let mut ids: Vec<ProbeId> = probes.clone().map(Kprobe::id).collect();
+        ids.sort_unstable();
+        let Some(twice) = ids.windows(2).find(|w| w[0] == w[1]).map(|w| w[0]) else {
+            return Ok(());
+        };
+        // Already in this batch: by the time its second turn came it would
+        // be pending, i.e. unknown.
+        let p = probes
+            .into_iter()
+            .find(|p| p.id() == twice)
+            .expect("the id came from the batch");
+        Err(ProbeError::UnknownProbe {
+            site: crate::probes::error::ProbeSite::Address(p.registered_addr()),
+        })
     }
 
     /// The top half: makes `probe` unreachable to new hits, retiring into
-    /// `out` what readers may still hold. On error nothing changed.
+    /// `out` what readers may still hold (and into `w.pending_slots` the
+    /// boosted slot of a site it was the last probe of). On error nothing
+    /// changed; on success the caller takes one off `count`.
     pub(crate) fn unregister_top(
         &self,
         w: &mut Writer,
@@ -420,6 +450,11 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 // (a detached one was unlinked when it was detached).
                 unsafe { self.table.unlink(st.node) };
             }
+            // After the grace period no trap sends a thread into the slot;
+            // the commit waits out threads sent there before (`quiesce`).
+            if let Some(slot) = st.boosted_slot {
+                w.pending_slots.push(slot);
+            }
             // SAFETY: the node is live (freed only through this retirement).
             out.push(Retired::Members(unsafe { &*st.node }.members_ptr()));
             out.push(Retired::Site(st.node));
@@ -434,8 +469,6 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             w.dirty.push(addr);
         }
         probe.mark_pending();
-        // Relaxed: a statistics counter read by `len`.
-        self.count.fetch_sub(1, Ordering::Relaxed);
         if let Some(r) = probe.return_probe() {
             // Before the grace period: once it ends no entry or return
             // handler of the kretprobe can be running.

@@ -63,8 +63,9 @@
 //!   instances in flight (never returned to their pools: fewer free
 //!   instances, counted as `nmissed` when a pool runs dry) and their
 //!   single-steps in flight (a site whose step was in flight on another
-//!   thread at the fork cannot be unregistered in the child: its
-//!   unregistration waits for that step).
+//!   thread at the fork cannot be unregistered in the child, nor can a
+//!   probe with a post handler be removed from it: the commit waits for
+//!   that step).
 //! - While the locks are held (from the prepare handler until the parent
 //!   handler), other threads' registry operations wait, and their kretprobe
 //!   hits spin on the stripes and pools: for the length of one `fork`.
@@ -142,7 +143,7 @@ struct Held {
 struct Locks {
     tables: TablesHold,
     lives: Vec<(RegistryHold<'static>, AreaHold<'static>)>,
-    text: MutexGuard<'static, ()>,
+    text: crate::probes::runtime::in_process::TextLockGuard,
     waiter: MutexGuard<'static, ()>,
     attach: MutexGuard<'static, ()>,
 }

@@ -5,7 +5,7 @@
 use std::sync::OnceLock;
 
 use crate::probes::error::{CodeBytes, TextFailure};
-use crate::probes::runtime::maps::Maps;
+use crate::probes::runtime::maps::MapsQuery;
 use crate::probes::text::{TextIdentity, TextMemory};
 use crate::probes::ProbeError;
 use crate::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -18,13 +18,17 @@ use crate::sys::{
 use crate::probes::text::patch_window::{PatchWindow, INT3};
 
 /// Serializes every code write and protection change of the process (all
-/// `InProcess` values share it: page protection is process-wide state).
-static TEXT_LOCK: Mutex<()> = Mutex::new(());
+/// `InProcess` values share it: page protection is process-wide state),
+/// and owns the open maps file the writes ask for page protections.
+static TEXT_LOCK: Mutex<MapsQuery> = Mutex::new(MapsQuery::new());
+
+/// The text lock, held.
+pub(crate) type TextLockGuard = crate::sync::MutexGuard<'static, MapsQuery>;
 
 /// Takes the text lock for the live runtime's fork handlers, so that no
 /// patch is half-done (protection changed, bytes half-written) when the
 /// process forks and the child's lock is free.
-pub(crate) fn hold_text_lock_for_fork() -> crate::sync::MutexGuard<'static, ()> {
+pub(crate) fn hold_text_lock_for_fork() -> TextLockGuard {
     TEXT_LOCK.lock().unwrap_or_else(|e| e.into_inner())
 }
 
@@ -48,7 +52,10 @@ pub struct RefusedRange {
 /// # Making code writable, and exactly as it was afterwards
 ///
 /// Code pages are mapped read-execute. A write looks the range up in
-/// `/proc/self/maps` (the only place Linux reports a page's protection),
+/// `/proc/self/maps` (the only place Linux reports a page's protection:
+/// one `PROCMAP_QUERY` ioctl per mapping the range touches, or, on kernels
+/// before 6.11, a read of the whole file; asked afresh for every write, so
+/// any mapping, a JIT's anonymous code included, is seen as it is now),
 /// adds `PROT_WRITE` to every page it touches with `mprotect`, writes, and
 /// puts back the protection each page had before, run by run, so a page that
 /// was `r-x` is `r-x` again and one that was (unusually) `rwx` stays `rwx`.
@@ -234,13 +241,12 @@ impl TextMemory for InProcess {
     }
 
     fn identity(&self, addr: u64) -> Result<Option<TextIdentity>, ProbeError> {
-        let maps = read_maps(addr, 1)?;
-        Ok(maps.find(addr).map(|m| m.identity()))
+        let mut maps = TEXT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        maps.identity(addr).map_err(|e| maps_error(addr, 1, &e))
     }
 
-    /// The identity is compared in the same memory-map snapshot, under the
-    /// same lock, as the write's protection lookup: one map read per write,
-    /// as for [`write`](TextMemory::write).
+    /// The identity is asked under the same lock as the write's protection
+    /// lookup, just before it (one more `PROCMAP_QUERY`).
     fn write_in(
         &self,
         identity: &TextIdentity,
@@ -271,16 +277,16 @@ impl TextMemory for InProcess {
     }
 }
 
-/// `/proc/self/maps`, or the error a write at `addr` reports without it.
-fn read_maps(addr: u64, len: usize) -> Result<Maps, ProbeError> {
-    Maps::read().map_err(|e| ProbeError::TextAccess {
+/// The error a write at `addr` reports when the memory map cannot be read.
+fn maps_error(addr: u64, len: usize, e: &std::io::Error) -> ProbeError {
+    ProbeError::TextAccess {
         addr,
         len,
         failure: TextFailure::Os {
             op: "read /proc/self/maps",
             errno: e.raw_os_error().unwrap_or(0),
         },
-    })
+    }
 }
 
 /// What a write does with the identity of the text it writes.
@@ -328,20 +334,17 @@ impl InProcess {
         })?;
         // A poisoned lock guards nothing inconsistent: every write restores
         // the protections before it can panic-free return.
-        let _g = TEXT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        // With an identity to check or report, the map is read first: a
+        let mut maps = TEXT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        // With an identity to check or report, the mapping is asked first: a
         // replaced or unmapped text is `TextGone`, whatever bytes it holds.
-        let mut maps = None;
         let mut found = None;
         if !matches!(identity, Identity::Ignore) {
-            let m = read_maps(addr, len)?;
-            found = m.find(addr).map(|m| m.identity());
+            found = maps.identity(addr).map_err(|e| maps_error(addr, len, &e))?;
             if let Identity::Check(want) = identity {
                 if found.as_ref() != Some(want) {
                     return Err(ProbeError::TextGone { addr });
                 }
             }
-            maps = Some(m);
         }
         if len == 0 {
             return Ok(found);
@@ -365,23 +368,17 @@ impl InProcess {
         if current == new {
             return Ok(found);
         }
-        let maps = match maps {
-            Some(m) => m,
-            None => read_maps(addr, len)?,
-        };
         let page = page_size();
         let (pstart, pend) = (addr & !(page - 1), (end + page - 1) & !(page - 1));
-        let runs = maps
-            .protections(pstart, pend)
+        let range = maps
+            .range_protection(pstart, pend)
+            .map_err(|e| maps_error(addr, len, &e))?
             .ok_or(ProbeError::TextAccess {
                 addr,
                 len,
                 failure: TextFailure::OutOfRange,
             })?;
-        if runs
-            .iter()
-            .any(|&(s, _, _)| maps.find(s).is_some_and(|m| m.shared))
-        {
+        if range.shared {
             return Err(ProbeError::TextAccess {
                 addr,
                 len,
@@ -391,6 +388,7 @@ impl InProcess {
                 },
             });
         }
+        let runs = range.runs;
         for (i, &(s, e, prot)) in runs.iter().enumerate() {
             if !mprotect(s, e, prot | libc::PROT_WRITE) {
                 let err = os_error(addr, len, "mprotect");
