@@ -288,6 +288,11 @@ impl Live {
         self.xol.stats()
     }
 
+    /// The XOL area, shared (the live uprobes' space takes its slots here).
+    pub(crate) fn xol_arc(&self) -> Arc<XolArea> {
+        Arc::clone(&self.xol)
+    }
+
     /// The XOL area (for the fork handlers).
     pub(crate) fn xol_area(&self) -> &XolArea {
         &self.xol

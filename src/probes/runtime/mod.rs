@@ -153,6 +153,8 @@ pub(crate) mod signal;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod trampoline;
 #[cfg(target_arch = "x86_64")]
+pub mod uprobes;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod xol;
 
 #[cfg(target_arch = "x86_64")]
@@ -179,6 +181,10 @@ pub use quiesce::{quiesce, QuiesceReport, QUIESCE_TIMEOUT};
 pub use signal::{install, is_installed};
 #[cfg(target_arch = "x86_64")]
 pub use trampoline::trampoline_address;
+#[cfg(target_arch = "x86_64")]
+pub use uprobes::{
+    LiveUprobeRegistry, LiveUprobeStats, LiveUprobes, LiveUprobesError, ThisProcess,
+};
 #[cfg(target_arch = "x86_64")]
 pub use xol::{XolArea, XolStats};
 

@@ -23,6 +23,7 @@ use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
 use crate::rcu::Flavor;
 use crate::seqtree::EntryHandle;
+use core::ptr::NonNull;
 
 /// How a uprobe hit finished with nothing left in flight: the
 /// [`UprobeOutcome::Done`] values (a single-step is
@@ -69,7 +70,7 @@ impl<F: Flavor> std::fmt::Debug for UprobeOutcome<'_, F> {
             UprobeOutcome::Done(o) => f.debug_tuple("Done").field(o).finish(),
             UprobeOutcome::SingleStep(s) => f
                 .debug_tuple("SingleStep")
-                .field(&s.plan.slot_addr)
+                .field(&s.plan().slot_addr)
                 .finish(),
         }
     }
@@ -101,14 +102,20 @@ impl<F: Flavor> std::fmt::Debug for UprobeOutcome<'_, F> {
 /// ```
 pub struct UprobeStep<'r, F: Flavor + 'r> {
     _guard: F::Guard<'r>,
-    plan: XolPlan,
+    /// The install record's plan, kept alive by `_guard`'s read section
+    /// (an install is freed only after a grace period of the domain). A
+    /// pointer, not a copy: the step travels in the live runtime's
+    /// fixed-size per-thread stash.
+    plan: NonNull<XolPlan>,
     state: StepState,
 }
 
 impl<F: Flavor> UprobeStep<'_, F> {
     /// The XOL plan being stepped.
     pub fn plan(&self) -> &XolPlan {
-        &self.plan
+        // SAFETY: the read section `_guard` holds keeps the install record,
+        // and so the plan, alive as long as `self`.
+        unsafe { self.plan.as_ref() }
     }
 
     /// What the arch backend saved for the fixups.
@@ -258,12 +265,13 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         // The displaced instruction. The install record is read in place
         // (it lives as long as the guard): copying it out (about 300
         // bytes, a `memmove` call) showed as a tenth of a hit's time.
-        let Some(plan) = install.plan else {
+        let Some(plan) = &install.plan else {
             return UprobeOutcome::Done(match self.arch.emulate(&install.insn, regs, mem) {
                 Ok(()) => UprobeFinished::Emulated,
                 Err(e) => UprobeFinished::Failed(e),
             });
         };
+        let plan = NonNull::from(plan);
         self.complete_out_of_line(plan, guard, regs)
     }
 
@@ -272,16 +280,19 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     #[inline]
     fn complete_out_of_line<'r>(
         &'r self,
-        plan: XolPlan,
+        plan_at: NonNull<XolPlan>,
         guard: F::Guard<'r>,
         regs: &mut Regs,
     ) -> UprobeOutcome<'r, F> {
+        // SAFETY: `plan_at` points into an install record read under
+        // `guard`'s read section, which is still open (the guard is here).
+        let plan = unsafe { plan_at.as_ref() };
         let run = if plan.boostable {
             XolRun::Boosted
         } else {
             XolRun::SingleStep
         };
-        let state = match self.arch.prepare_step(&plan, run, regs) {
+        let state = match self.arch.prepare_step(plan, run, regs) {
             Ok(s) => s,
             Err(e) => return UprobeOutcome::Done(UprobeFinished::Failed(e)),
         };
@@ -292,7 +303,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         }
         UprobeOutcome::SingleStep(UprobeStep {
             _guard: guard,
-            plan,
+            plan: plan_at,
             state,
         })
     }
@@ -335,6 +346,6 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         regs: &mut Regs,
         mem: &mut dyn DataMemory,
     ) -> Result<StepOutcome, ProbeError> {
-        self.arch.finish_step(&step.plan, &step.state, regs, mem)
+        self.arch.finish_step(step.plan(), &step.state, regs, mem)
     }
 }
