@@ -287,7 +287,10 @@ fn a_kprobe_and_a_uprobe_never_share_a_byte() {
     let c = counting(&hits, Vec::new());
     let target = UprobeTarget::symbol(so.to_str().unwrap(), "f");
     let err = live().register(&target, &c).unwrap_err();
-    assert!(matches!(err, ProbeError::AlreadyPatched { .. }), "{err:?}");
+    assert!(
+        matches!(&err, ProbeError::HeldBy { addr, holder } if *addr == at && holder.contains("kprobe")),
+        "{err:?}"
+    );
     assert_eq!(code_at(at, 8), patched);
     assert_eq!(f(1), 6);
     assert_eq!(kp.hits(), 1);
@@ -298,10 +301,49 @@ fn a_kprobe_and_a_uprobe_never_share_a_byte() {
     let resolved = live().register(&target, &c).unwrap();
     let kp = Kprobe::at(at).build();
     let err = Live::global().registry().register(&kp).unwrap_err();
-    assert!(matches!(err, ProbeError::AlreadyPatched { .. }), "{err:?}");
+    assert!(
+        matches!(&err, ProbeError::HeldBy { addr, holder } if *addr == at && holder.contains("uprobe")),
+        "{err:?}"
+    );
     assert_eq!(f(1), 6);
     assert_eq!(hits.load(Ordering::SeqCst), 1);
     live().unregister(resolved.key(), &c).unwrap();
+    assert_eq!(code_at(at, 8), original);
+    lib.close();
+}
+
+#[test]
+fn a_uprobe_installed_nowhere_yet_is_refused_at_a_kprobes_byte_with_the_holder_named() {
+    let _g = serial();
+    let so = fixture("upadopt", 7);
+    let lib = Lib::open(&so);
+    let f = lib.func(c"f");
+    let at = f as usize as u64;
+    let original = code_at(at, 8);
+    let target = UprobeTarget::symbol(so.to_str().unwrap(), "f");
+    // A consumer that wants no space: the uprobe exists (its original
+    // bytes known from the file) but is installed nowhere.
+    let nowhere = Consumer::builder()
+        .handler(|_, _| ConsumerAction::Continue)
+        .filter(|_| false)
+        .build();
+    let resolved = live().register(&target, &nowhere).unwrap();
+    assert_eq!(code_at(at, 8), original);
+    // A kprobe takes the byte.
+    let kp = Kprobe::at(at).build();
+    Live::global().registry().register(&kp).unwrap();
+    // A consumer that wants this space: installing finds the kprobe's int3,
+    // which is named, never taken for the uprobe's own (install.rs asks
+    // for a holder before it treats a breakpoint as one it inherited).
+    let hits = Arc::new(AtomicU64::new(0));
+    let c = counting(&hits, Vec::new());
+    let err = live().register(&target, &c).unwrap_err();
+    assert!(matches!(err, ProbeError::HeldBy { .. }), "{err:?}");
+    assert_eq!(f(1), 8);
+    assert_eq!(kp.hits(), 1, "the kprobe still fires");
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    Live::global().registry().unregister(&kp).unwrap();
+    live().unregister(resolved.key(), &nowhere).unwrap();
     assert_eq!(code_at(at, 8), original);
     lib.close();
 }

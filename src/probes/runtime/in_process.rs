@@ -136,6 +136,9 @@ pub struct RefusedRange {
 #[derive(Clone, Debug, Default)]
 pub struct InProcess {
     refused: Vec<RefusedRange>,
+    /// The registry writing through this text, as `holders.rs` knows it (0:
+    /// none): a breakpoint found here is named by the *other* owners.
+    owner: u64,
 }
 
 impl InProcess {
@@ -147,7 +150,14 @@ impl InProcess {
         sync_core_init();
         InProcess {
             refused: Vec::new(),
+            owner: 0,
         }
+    }
+
+    /// The same text, written by the registry `owner` (`holders.rs`).
+    pub(crate) fn owned_by(mut self, owner: u64) -> InProcess {
+        self.owner = owner;
+        self
     }
 
     /// Adds a range every write must stay out of.
@@ -233,6 +243,10 @@ fn mprotect(start: u64, end: u64, prot: libc::c_int) -> bool {
 impl TextMemory for InProcess {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
         read_text(addr, buf)
+    }
+
+    fn holder_at(&self, addr: u64) -> Option<String> {
+        super::holders::holder_at(addr, self.owner)
     }
 
     fn write(&self, addr: u64, expected_old: &[u8], new: &[u8]) -> Result<(), ProbeError> {

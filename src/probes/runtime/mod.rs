@@ -135,6 +135,8 @@ pub(crate) mod faults;
 #[cfg(target_arch = "x86_64")]
 mod fork;
 #[cfg(target_arch = "x86_64")]
+mod holders;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod in_process;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod in_trap;

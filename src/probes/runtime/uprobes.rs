@@ -28,11 +28,13 @@
 //! # One writer per byte
 //!
 //! Kprobes and uprobes patch the same text. Each registry writes a
-//! breakpoint only over the original byte it read, and
-//! [`InProcess`] refuses a write over a byte that is not what the writer
-//! expects: the second registry to probe an instruction gets
-//! [`ProbeError::AlreadyPatched`] and nothing changes (its breakpoint is
-//! never written over the other's). Both cannot share one breakpoint.
+//! breakpoint only over the original byte it read, and [`InProcess`]
+//! refuses a write over a byte that is not what the writer expects. The
+//! second registry to probe an instruction finds the first one's `int3`
+//! and is refused with [`ProbeError::HeldBy`], which names the holder
+//! (each live registry files a lookup of its own breakpoints, `holders.rs`);
+//! nothing changes, and the breakpoint is never adopted as the second
+//! registry's own. They do not share one breakpoint.
 //!
 //! # What runs where
 //!
@@ -160,7 +162,8 @@ impl LiveUprobes {
         let watch = LoaderWatch::global().map_err(|e| e.to_string())?;
         let live = Live::global();
         let xol: Arc<XolArea> = live.xol_arc();
-        let text: InProcess = live.registry().text().clone();
+        let owner = super::holders::new_owner();
+        let text: InProcess = live.registry().text().clone().owned_by(owner);
         // The trampoline: one `int3` in a slot of its own.
         let trampoline = xol
             .alloc(super::trampoline::trampoline_address())
@@ -189,6 +192,16 @@ impl LiveUprobes {
         }));
         // Attached for good (leaked, like every live registry).
         drop(try_attach(this).ok_or("no trap dispatcher slot left")?);
+        // A breakpoint another registry finds here is named as ours.
+        let space = this.space.id;
+        super::holders::add(
+            owner,
+            Box::new(move |addr| {
+                this.registry
+                    .installed_at(space, addr)
+                    .map(|key| format!("the live uprobe registry (file offset {:#x})", key.offset))
+            }),
+        );
         // The replay maps every object loaded now; later changes follow.
         let sub = watch.subscribe(move |ev| this.on_loader(ev));
         let _ = this.subscription.set(sub);
