@@ -19,8 +19,9 @@
 //!   returns, so the registry forgets them (their XOL slots after the usual
 //!   grace period) before anything else can be mapped there.
 //! - Hits: [`LiveUprobes`] is a [`TrapDispatcher`] beside the kprobe
-//!   registries. A breakpoint it installed runs the consumers in an `Srcu`
-//!   read section and completes the displaced instruction (emulated,
+//!   registries. A breakpoint it installed runs the consumers in an `Rcu`
+//!   read section (not the registry's default `Srcu`, whose first read on a
+//!   thread allocates: the trap path calls no C-library function) and completes the displaced instruction (emulated,
 //!   boosted, or single-stepped with the step kept in the thread's
 //!   [`StepStash`]); a trap on the return trampoline runs the return
 //!   handlers and resumes at the real return address.
@@ -76,13 +77,13 @@ use crate::probes::uprobe::{
 };
 use crate::probes::xol::XolAllocator;
 use crate::probes::ProbeError;
-use crate::rcu::Srcu;
+use crate::rcu::Rcu;
 
 /// The uprobe registry over this process.
-pub type LiveUprobeRegistry = UprobeRegistry<X86_64, ThisProcess, Srcu>;
+pub type LiveUprobeRegistry = UprobeRegistry<X86_64, ThisProcess, Rcu>;
 
 /// A single-step in flight, as the thread's stash keeps it.
-type Step = UprobeStep<'static, Srcu>;
+type Step = UprobeStep<'static, Rcu>;
 
 /// Counters of the live uprobe runtime.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -178,7 +179,10 @@ impl LiveUprobes {
             watch,
         });
         let files = Arc::new(DiskFiles::default());
-        let registry = UprobeRegistry::new(X86_64).with_file_text(Arc::clone(&files));
+        // `Rcu`, not the default `Srcu`: its read section claims nothing with
+        // the C library on the trap path (`Flavor::read_in_trap`).
+        let registry = UprobeRegistry::with_domain(X86_64, Rcu::global().clone())
+            .with_file_text(Arc::clone(&files));
         let resolver = TargetResolver::new().with_loaded(watch);
         let this: &'static LiveUprobes = Box::leak(Box::new(LiveUprobes {
             registry,
@@ -303,8 +307,8 @@ impl LiveUprobes {
 }
 
 /// How a step under way ends: on its marker, or on the trap flag.
-fn step_verdict(step: &Step) -> Verdict {
-    match step.plan().step_marker {
+fn step_verdict(marker: Option<u64>) -> Verdict {
+    match marker {
         Some(marker) => Verdict::StepToMarker { marker },
         None => Verdict::Step,
     }
@@ -319,12 +323,15 @@ impl TrapDispatcher for LiveUprobes {
     ) -> Verdict {
         let at = X86_64.trap_address(regs);
         if at == self.space.trampoline {
-            return match self.registry.on_return(self.space.id, regs) {
+            return match self.registry.on_return_in_trap(self.space.id, regs) {
                 ReturnOutcome::Returned { .. } => Verdict::Resume,
                 ReturnOutcome::NotOurs => Verdict::NotOurs,
             };
         }
-        match self.registry.on_breakpoint(self.space.id, regs, mem) {
+        match self
+            .registry
+            .on_breakpoint_in_trap(self.space.id, regs, mem)
+        {
             UprobeOutcome::Done(done) => match done {
                 UprobeFinished::NotOurs => Verdict::NotOurs,
                 UprobeFinished::Vanished | UprobeFinished::Skipped | UprobeFinished::Emulated => {
@@ -338,10 +345,12 @@ impl TrapDispatcher for LiveUprobes {
                 UprobeFinished::Failed(e) => Verdict::Failed(e),
             },
             UprobeOutcome::SingleStep(step) => {
-                let verdict = step_verdict(&step);
+                // The marker, not a `Verdict`, is held across the `put`: no
+                // landing pad drops a value that can own a `ProbeError`.
+                let marker = step.plan().step_marker;
                 // The stash is empty: the runtime reserved a fresh entry.
                 let _ = stash.put::<Step>(step);
-                verdict
+                step_verdict(marker)
             }
         }
     }
@@ -355,13 +364,18 @@ impl TrapDispatcher for LiveUprobes {
         let Some(step) = stash.take::<Step>() else {
             return Verdict::NotOurs;
         };
-        match self.registry.on_step_complete(&step, regs, mem) {
-            Ok(StepOutcome::Done) => Verdict::Resume,
-            Ok(StepOutcome::Repeat) => {
-                let verdict = step_verdict(&step);
-                let _ = stash.put::<Step>(step);
-                verdict
-            }
+        // Held without drop glue: no landing pad of a call below drops a
+        // `ProbeError` (its drop glue can reach `free`, and the trap path
+        // calls no C-library function).
+        let result = std::mem::ManuallyDrop::new(self.registry.on_step_complete(&step, regs, mem));
+        if matches!(*result, Ok(StepOutcome::Repeat)) {
+            let marker = step.plan().step_marker;
+            let _ = stash.put::<Step>(step);
+            return step_verdict(marker);
+        }
+        drop(step);
+        match std::mem::ManuallyDrop::into_inner(result) {
+            Ok(_) => Verdict::Resume,
             Err(e) => Verdict::Failed(e),
         }
     }
@@ -380,11 +394,12 @@ impl TrapDispatcher for LiveUprobes {
         if !ours {
             return false;
         }
-        let Some(step) = stash.take::<Step>() else {
-            return false;
-        };
-        X86_64.abort_step(step.plan(), step.state(), regs);
-        drop(step);
+        // Undone through the stashed step, then taken and dropped: no owned
+        // step is alive across a call that could unwind.
+        if let Some(step) = stash.peek::<Step>() {
+            X86_64.abort_step(step.plan(), step.state(), regs);
+        }
+        drop(stash.take::<Step>());
         true
     }
 }

@@ -35,7 +35,10 @@ pub enum UprobeFinished {
     /// leave `regs` alone and chain to the previous handler.
     NotOurs,
     /// The uprobe was removed between the trap and the lookup (the original
-    /// instruction is back): `regs.ip` now points at it; resume.
+    /// instruction is back), or, on the live trap path, its lookup raced
+    /// writers and could not be confirmed: `regs.ip` now points at the
+    /// probed address; resume (the original instruction runs, or the
+    /// breakpoint traps again).
     Vanished,
     /// A handler changed `regs.ip` and asked to skip the displaced
     /// instruction: resume at `regs.ip`.
@@ -156,8 +159,17 @@ impl<F: Flavor> UprobeRef<F> {
 /// A resolved hit: the space's state, the key, the uprobe, the install.
 type Resolved<'g, S, F> = (&'g SpaceState<S, F>, UprobeKey, &'g Uprobe<F>, &'g Install);
 
+/// Why a hit's lookups found no uprobe.
+enum Unresolved<'g, S: AddressSpace, F: Flavor> {
+    /// Not a uprobe: no such space (`None`), or nothing of its own there.
+    Missing(Option<&'g SpaceState<S, F>>),
+    /// A lock-free lookup raced writers and could not confirm a miss.
+    Busy,
+}
+
 impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
-    /// The chain of lookups, inside `guard`.
+    /// The chain of lookups, inside `guard`. `Err(None)`: no such space;
+    /// `Err(Some(st))`: not a uprobe of the space.
     #[inline]
     fn resolve<'g>(
         &self,
@@ -165,7 +177,33 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         space: SpaceId,
         vaddr: u64,
     ) -> Result<Resolved<'g, S, F>, Option<&'g SpaceState<S, F>>> {
-        let st = &**self.spaces.get(guard, &space).ok_or(None)?;
+        match self.resolve_with::<false>(guard, space, vaddr) {
+            Ok(found) => Ok(found),
+            Err(Unresolved::Missing(st)) => Err(st),
+            // Lookups with the locked fallback always answer.
+            Err(Unresolved::Busy) => Err(None),
+        }
+    }
+
+    /// [`resolve`](Self::resolve), with lock-free tree lookups only when
+    /// `TRAP` (the live trap path: a miss writers kept from being confirmed
+    /// is `Busy`, never a wait for a writer lock).
+    #[inline]
+    fn resolve_with<'g, const TRAP: bool>(
+        &self,
+        guard: &'g F::Guard<'_>,
+        space: SpaceId,
+        vaddr: u64,
+    ) -> Result<Resolved<'g, S, F>, Unresolved<'g, S, F>> {
+        let st = if TRAP {
+            self.spaces
+                .get_in_trap(guard, &space)
+                .map_err(|_| Unresolved::Busy)?
+        } else {
+            self.spaces.get(guard, &space)
+        };
+        let st = &**st.ok_or(Unresolved::Missing(None))?;
+        let miss = || Unresolved::Missing(Some(st));
         let maps = slice(st.maps.load(guard));
         // Mappings are sorted and disjoint: the candidate is the last one
         // starting at or below `vaddr`.
@@ -173,10 +211,21 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         let offset = i
             .checked_sub(1)
             .and_then(|i| maps[i].offset_of(vaddr).map(|o| (maps[i].file, o)));
-        let (file, offset) = offset.ok_or(Some(st))?;
+        let (file, offset) = offset.ok_or_else(miss)?;
         let key = UprobeKey { file, offset };
-        let up = self.uprobe_at(guard, &key).ok_or(Some(st))?;
-        let install = up.placed_at(guard, space, vaddr).ok_or(Some(st))?;
+        let up = if TRAP {
+            match self.hot.get(guard, &key) {
+                Some(u) => Some(u),
+                None => self
+                    .uprobes
+                    .get_in_trap(guard, &key)
+                    .map_err(|_| Unresolved::Busy)?,
+            }
+        } else {
+            self.uprobe_at(guard, &key)
+        };
+        let up = up.ok_or_else(miss)?;
+        let install = up.placed_at(guard, space, vaddr).ok_or_else(miss)?;
         Ok((st, key, up, install))
     }
 
@@ -213,8 +262,25 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         regs: &mut Regs,
         mem: &mut dyn DataMemory,
     ) -> UprobeOutcome<'r, F> {
+        // The hit path reads without arming the reader's release at thread
+        // exit (see `Flavor::read_in_trap`); arm it here.
+        self.domain.arm_reader();
         let vaddr = self.arch.trap_address(regs);
-        self.hit(space, vaddr, regs, mem, true)
+        self.hit::<false>(space, vaddr, regs, mem, true)
+    }
+
+    /// [`on_breakpoint`](Self::on_breakpoint) calling no C-library function
+    /// and never waiting for a writer lock (the live runtime's trap path,
+    /// which arms the reader itself where that is safe).
+    #[inline]
+    pub(crate) fn on_breakpoint_in_trap<'r>(
+        &'r self,
+        space: SpaceId,
+        regs: &mut Regs,
+        mem: &mut dyn DataMemory,
+    ) -> UprobeOutcome<'r, F> {
+        let vaddr = self.arch.trap_address(regs);
+        self.hit::<true>(space, vaddr, regs, mem, true)
     }
 
     /// [`on_breakpoint`](Self::on_breakpoint) at `vaddr`. A miss that still
@@ -223,7 +289,12 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// consumer's registration installed a breakpoint at the same place
     /// between the trap and the lookup; an install is published before its
     /// breakpoint is written, so the second lookup finds it if it is ours.
-    fn hit<'r>(
+    ///
+    /// With `TRAP` (the live trap path) the lookups never wait for a writer
+    /// lock: a miss that writers kept from being confirmed resumes at the
+    /// probed address (`Vanished`), where the thread traps again if the
+    /// breakpoint is still there.
+    fn hit<'r, const TRAP: bool>(
         &'r self,
         space: SpaceId,
         vaddr: u64,
@@ -231,13 +302,17 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         mem: &mut dyn DataMemory,
         second_look: bool,
     ) -> UprobeOutcome<'r, F> {
-        let guard = self.domain.read();
-        let (st, key, up, install) = match self.resolve(&guard, space, vaddr) {
+        let guard = self.domain.read_in_trap();
+        let (st, key, up, install) = match self.resolve_with::<TRAP>(&guard, space, vaddr) {
             Ok(found) => found,
-            Err(st) => {
+            Err(Unresolved::Busy) => {
+                regs.ip = vaddr;
+                return UprobeOutcome::Done(UprobeFinished::Vanished);
+            }
+            Err(Unresolved::Missing(st)) => {
                 return match self.miss(st, vaddr, regs) {
                     Some(outcome) => UprobeOutcome::Done(outcome),
-                    None if second_look => self.hit(space, vaddr, regs, mem, false),
+                    None if second_look => self.hit::<TRAP>(space, vaddr, regs, mem, false),
                     None => UprobeOutcome::Done(UprobeFinished::NotOurs),
                 };
             }
@@ -321,15 +396,27 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             return Some(UprobeFinished::NotOurs);
         };
         let bp = self.arch.breakpoint();
-        let mut buf = [0u8; MAX_INSN_BYTES];
+        // Two words, not a byte array: a debug build zeroes a byte array with
+        // a `memset` call, and the live trap path calls no C-library function.
+        let mut words = [0u64; MAX_INSN_BYTES / 8];
+        // SAFETY: `words` is MAX_INSN_BYTES bytes of plain integers; any byte
+        // pattern is valid for both views.
+        let buf: &mut [u8; MAX_INSN_BYTES] = unsafe { &mut *words.as_mut_ptr().cast() };
         let found = &mut buf[..bp.len()];
         match st.space.text().read(vaddr, found) {
-            Ok(()) if found != bp => {
+            // Byte by byte: a slice comparison calls `memcmp`.
+            Ok(()) if !found.iter().zip(bp).all(|(a, b)| a == b) => {
                 regs.ip = vaddr;
                 Some(UprobeFinished::Vanished)
             }
             Ok(()) => None,
-            Err(_) => Some(UprobeFinished::NotOurs),
+            Err(e) => {
+                // Not dropped: `ProbeError`'s drop glue can free a heap
+                // variant (a read never builds one), and the live trap path
+                // calls no C-library function, `free` included.
+                std::mem::forget(e);
+                Some(UprobeFinished::NotOurs)
+            }
         }
     }
 
