@@ -1,5 +1,5 @@
 //! Stress of live uprobes across `dlopen`/`dlclose` (issue 12): two threads
-//! load, call and unload a library in a loop, two threads call a library
+//! load, call and unload a library each in a loop, two threads call a library
 //! that stays loaded, and a fifth registers and unregisters a consumer on
 //! both, for `RUNTIME_UPROBE_STRESS_SECS` (default 2 s; at least 10 s when
 //! `CI=true`). Every call's result is checked, and the consumers that stay
@@ -98,7 +98,8 @@ fn counting(hits: &Arc<AtomicU64>) -> Consumer {
 fn loads_unloads_calls_and_registrations_at_once_keep_every_count_exact() {
     let live = LiveUprobes::global().unwrap();
     let kept = fixture("upkept", 1);
-    let cycled = fixture("upcycled", 2);
+    // One library per loader thread, so every close really unloads it.
+    let cycled = [fixture("upcycled0", 2), fixture("upcycled1", 2)];
     let kept_lib = Lib::open(&kept);
     let (kept_f, kept_g) = (kept_lib.func(c"f"), kept_lib.func(c"g"));
 
@@ -107,17 +108,16 @@ fn loads_unloads_calls_and_registrations_at_once_keep_every_count_exact() {
     let cycled_hits = Arc::new(AtomicU64::new(0));
     let kept_c = counting(&kept_hits);
     let cycled_c = counting(&cycled_hits);
+    let cycled_c1 = counting(&cycled_hits);
     let kept_key = live
         .register(&UprobeTarget::symbol(kept.to_str().unwrap(), "f"), &kept_c)
         .unwrap()
         .key();
-    let cycled_key = live
-        .register(
-            &UprobeTarget::symbol(cycled.to_str().unwrap(), "f"),
-            &cycled_c,
-        )
-        .unwrap()
-        .key();
+    let cycled_keys = [(&cycled[0], &cycled_c), (&cycled[1], &cycled_c1)].map(|(so, c)| {
+        live.register(&UprobeTarget::symbol(so.to_str().unwrap(), "f"), c)
+            .unwrap()
+            .key()
+    });
 
     let stop = AtomicBool::new(false);
     let kept_calls = AtomicU64::new(0);
@@ -127,10 +127,10 @@ fn loads_unloads_calls_and_registrations_at_once_keep_every_count_exact() {
     let watch_before = LoaderWatch::global().unwrap().stats();
     let end = Instant::now() + duration();
     std::thread::scope(|s| {
-        // Two loaders: open, call, close. The library is unmapped whenever
-        // both have closed it.
+        // Two loaders: open, call, close, each its own library.
         for t in 0..2 {
-            let (stop, cycled, cycled_calls, loads) = (&stop, &cycled, &cycled_calls, &loads);
+            let (stop, cycled, cycled_calls, loads) =
+                (&stop, &cycled[t as usize], &cycled_calls, &loads);
             s.spawn(move || {
                 let mut i = 0;
                 while !stop.load(Ordering::Relaxed) {
@@ -173,12 +173,18 @@ fn loads_unloads_calls_and_registrations_at_once_keep_every_count_exact() {
                         .register(&UprobeTarget::symbol(kept.to_str().unwrap(), "g"), &c)
                         .unwrap()
                         .key();
-                    let b = live
-                        .register(&UprobeTarget::symbol(cycled.to_str().unwrap(), "g"), &c)
-                        .unwrap()
-                        .key();
+                    let b: Vec<_> = cycled
+                        .iter()
+                        .map(|so| {
+                            live.register(&UprobeTarget::symbol(so.to_str().unwrap(), "g"), &c)
+                                .unwrap()
+                                .key()
+                        })
+                        .collect();
                     live.unregister(a, &c).unwrap();
-                    live.unregister(b, &c).unwrap();
+                    for k in b {
+                        live.unregister(k, &c).unwrap();
+                    }
                     churns.fetch_add(1, Ordering::Relaxed);
                 }
             });
@@ -189,10 +195,11 @@ fn loads_unloads_calls_and_registrations_at_once_keep_every_count_exact() {
         stop.store(true, Ordering::Relaxed);
     });
     live.unregister(kept_key, &kept_c).unwrap();
-    live.unregister(cycled_key, &cycled_c).unwrap();
+    live.unregister(cycled_keys[0], &cycled_c).unwrap();
+    live.unregister(cycled_keys[1], &cycled_c1).unwrap();
     let watch_after = LoaderWatch::global().unwrap().stats();
     println!(
-        "{} loads of the cycled library ({} unloads seen by the watch), {} + {} calls, \
+        "{} loads of the cycled libraries ({} unloads seen by the watch), {} + {} calls, \
          {} registration churns, live stats {:?}",
         loads.load(Ordering::Relaxed),
         watch_after.unloaded - watch_before.unloaded,

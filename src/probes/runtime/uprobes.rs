@@ -79,6 +79,10 @@ use crate::probes::xol::XolAllocator;
 use crate::probes::ProbeError;
 use crate::rcu::Rcu;
 
+/// How long a registration that met text being unloaded waits for the
+/// loader's report of the unload before it gives up with the error.
+pub const FORGET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The uprobe registry over this process.
 pub type LiveUprobeRegistry = UprobeRegistry<X86_64, ThisProcess, Rcu>;
 
@@ -257,7 +261,9 @@ impl LiveUprobes {
     /// [`UprobeRegistry::register_in_function`] reports (an offset inside an
     /// instruction, an unsupported instruction, someone else's breakpoint
     /// there — a kprobe's included —, a return handler away from a function
-    /// entry). Nothing changes on error.
+    /// entry). Nothing changes on error. A registration that meets text a
+    /// concurrent `dlclose` has just unmapped (before the loader reported
+    /// it) waits for the report (up to [`FORGET_TIMEOUT`]) and tries again.
     pub fn register(
         &self,
         target: &UprobeTarget,
@@ -266,13 +272,56 @@ impl LiveUprobes {
         let resolved = self.resolver.resolve(target)?;
         self.files.load(resolved.file, &resolved.path);
         let key = resolved.key();
-        match &resolved.function {
-            Some(f) => self
-                .registry
-                .register_in_function(key, f.offset, consumer)?,
-            None => self.registry.register(key, consumer)?,
+        let register = || match &resolved.function {
+            Some(f) => self.registry.register_in_function(key, f.offset, consumer),
+            None => self.registry.register(key, consumer),
+        };
+        loop {
+            let e = match register() {
+                Ok(()) => return Ok(resolved),
+                Err(e) => e,
+            };
+            // A `dlclose` unmapped the file between its unmapping and the
+            // loader's report (which tells the registry, before `dlclose`
+            // returns): the install met text that is gone. Nothing changed;
+            // try again once the registry forgot the mapping.
+            let gone = match e {
+                ProbeError::TextAccess { addr, .. } | ProbeError::TextGone { addr } => Some(addr),
+                _ => None,
+            };
+            match gone {
+                Some(addr) if self.await_forgotten(addr) => continue,
+                _ => return Err(e),
+            }
         }
-        Ok(resolved)
+    }
+
+    /// After an install failed at `addr`: whether `addr` is unmapped and the
+    /// registry has since forgotten the mapping that covered it (the loader
+    /// watch reported the unload), waiting up to [`FORGET_TIMEOUT`] for
+    /// that report. `false`: mapped (a real failure), or never reported
+    /// (unmapped by something other than the loader).
+    fn await_forgotten(&self, addr: u64) -> bool {
+        let mapped = super::maps::Maps::read()
+            .map(|m| m.find(addr).is_some())
+            .unwrap_or(true);
+        if mapped {
+            return false;
+        }
+        let known = || {
+            self.registry
+                .mappings_of(self.space.id)
+                .iter()
+                .any(|m| m.vaddr.contains(&addr))
+        };
+        let start = std::time::Instant::now();
+        while known() {
+            if start.elapsed() > FORGET_TIMEOUT {
+                return false;
+            }
+            std::thread::yield_now();
+        }
+        true
     }
 
     /// Unregisters `consumer` from `key` (a [`ResolvedTarget::key`]).
