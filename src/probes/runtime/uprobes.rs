@@ -66,7 +66,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use self::disk::DiskFiles;
 pub use self::space::ThisProcess;
 use super::dispatch::{try_attach, StepStash, TrapDispatcher, Verdict};
-use super::loader::{LoaderEvent, LoaderSubscription, LoaderWatch};
+use super::loader::{LoaderEvent, LoaderStats, LoaderSubscription, LoaderWatch};
 use super::{Live, XolArea};
 use crate::probes::arch::{Arch, DataMemory, Regs, StepOutcome, X86_64};
 use crate::probes::outcome::ReturnOutcome;
@@ -82,6 +82,10 @@ use crate::rcu::Rcu;
 /// How long a registration that met text being unloaded waits for the
 /// loader's report of the unload before it gives up with the error.
 pub const FORGET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How many times a registration that met text being unloaded is tried
+/// again (each try follows a change of the loader's list).
+const MAX_RETRIES: usize = 1000;
 
 /// The uprobe registry over this process.
 pub type LiveUprobeRegistry = UprobeRegistry<X86_64, ThisProcess, Rcu>;
@@ -276,7 +280,9 @@ impl LiveUprobes {
             Some(f) => self.registry.register_in_function(key, f.offset, consumer),
             None => self.registry.register(key, consumer),
         };
+        let mut retries = 0;
         loop {
+            let before = self.space.watch.stats();
             let e = match register() {
                 Ok(()) => return Ok(resolved),
                 Err(e) => e,
@@ -284,43 +290,52 @@ impl LiveUprobes {
             // A `dlclose` unmapped the file between its unmapping and the
             // loader's report (which tells the registry, before `dlclose`
             // returns): the install met text that is gone. Nothing changed;
-            // try again once the registry forgot the mapping.
+            // try again once the registry caught up. The loader moved during
+            // the attempt (the text may even be mapped again already), or
+            // the address is unmapped and the report comes soon.
             let gone = match e {
                 ProbeError::TextAccess { addr, .. } | ProbeError::TextGone { addr } => Some(addr),
                 _ => None,
             };
-            match gone {
-                Some(addr) if self.await_forgotten(addr) => continue,
-                _ => return Err(e),
+            let again =
+                gone.is_some_and(|addr| retries < MAX_RETRIES && self.await_loader(addr, before));
+            if !again {
+                return Err(e);
             }
+            retries += 1;
         }
     }
 
-    /// After an install failed at `addr`: whether `addr` is unmapped and the
-    /// registry has since forgotten the mapping that covered it (the loader
-    /// watch reported the unload), waiting up to [`FORGET_TIMEOUT`] for
-    /// that report. `false`: mapped (a real failure), or never reported
-    /// (unmapped by something other than the loader).
-    fn await_forgotten(&self, addr: u64) -> bool {
+    /// After an install failed at `addr` in an attempt that began when the
+    /// loader watch's counters were `before`: whether to try again, once
+    /// the loader's reports since have been handled. Yes if the loader moved
+    /// since (the attempt raced a load or unload), or if `addr` is unmapped
+    /// and the report of that comes within [`FORGET_TIMEOUT`]. No if `addr`
+    /// is mapped and nothing moved (a real failure), or if the unmapping is
+    /// never reported (not the loader's doing).
+    fn await_loader(&self, addr: u64, before: LoaderStats) -> bool {
+        let watch = self.space.watch;
+        // A report in progress holds the watch's lock while the subscribers
+        // (this registry's `on_mmap`/`on_munmap`) run: let it finish.
+        let settle = || drop(watch.objects());
+        settle();
+        if watch.stats() != before {
+            return true;
+        }
         let mapped = super::maps::Maps::read()
             .map(|m| m.find(addr).is_some())
             .unwrap_or(true);
         if mapped {
             return false;
         }
-        let known = || {
-            self.registry
-                .mappings_of(self.space.id)
-                .iter()
-                .any(|m| m.vaddr.contains(&addr))
-        };
         let start = std::time::Instant::now();
-        while known() {
+        while watch.stats() == before {
             if start.elapsed() > FORGET_TIMEOUT {
                 return false;
             }
             std::thread::yield_now();
         }
+        settle();
         true
     }
 
