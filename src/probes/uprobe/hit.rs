@@ -273,6 +273,8 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// and never waiting for a writer lock (the live runtime's trap path,
     /// which arms the reader itself where that is safe).
     #[inline]
+    // Used by the live runtime only, which loom builds leave out.
+    #[cfg_attr(loom, allow(dead_code))]
     pub(crate) fn on_breakpoint_in_trap<'r>(
         &'r self,
         space: SpaceId,

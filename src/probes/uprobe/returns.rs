@@ -301,6 +301,8 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// uprobe whose lookup raced writers and could not be confirmed is
     /// taken as removed: its return handlers do not run this time (the real
     /// return address is restored all the same).
+    // Used by the live runtime only, which loom builds leave out.
+    #[cfg_attr(loom, allow(dead_code))]
     pub(crate) fn on_return_in_trap(&self, space: SpaceId, regs: &mut Regs) -> ReturnOutcome {
         self.returning::<true>(space, regs)
     }
