@@ -305,6 +305,38 @@ pub(crate) unsafe fn process_vm_readv_self(local: *mut u8, remote: u64, len: usi
     }
 }
 
+/// Writes `len` bytes from `local` to `remote` of this process with
+/// `process_vm_writev(2)`: memory that is not mapped (or not writable) is
+/// `-EFAULT`, never a fault of the caller. The raw result (bytes written,
+/// or `-errno`).
+///
+/// # Safety
+/// `local` must be valid for reads of `len` bytes. `remote` may be any
+/// address: the kernel checks it.
+pub(crate) unsafe fn process_vm_writev_self(local: *const u8, remote: u64, len: usize) -> isize {
+    let l = libc::iovec {
+        iov_base: local as *mut libc::c_void,
+        iov_len: len,
+    };
+    let r = libc::iovec {
+        iov_base: remote as *mut libc::c_void,
+        iov_len: len,
+    };
+    // SAFETY: the iovecs are valid for the call; the kernel only reads the
+    // local one.
+    unsafe {
+        raw::syscall6(
+            libc::SYS_process_vm_writev,
+            getpid() as usize,
+            &l as *const libc::iovec as usize,
+            1,
+            &r as *const libc::iovec as usize,
+            1,
+            0,
+        )
+    }
+}
+
 /// Copies `len` bytes from `src` to `dst` with `rep movsb`: a copy the
 /// compiler cannot replace with a call to the C library's `memcpy` (which a
 /// user may probe). Ranges must not overlap.

@@ -54,6 +54,16 @@ pub enum ProbeError {
         /// The bytes actually found there.
         found: CodeBytes,
     },
+    /// Another probe registry's breakpoint is at `addr` (a kprobe where a
+    /// uprobe was to go, or the other way round): two writers never share
+    /// a byte. Nothing changed.
+    HeldBy {
+        /// The probed address.
+        addr: u64,
+        /// Who holds it, as the text memory names it (e.g. "a live kprobe
+        /// registry").
+        holder: String,
+    },
     /// The same probe was registered twice.
     AlreadyRegistered {
         /// Where the probe is.
@@ -480,6 +490,9 @@ impl fmt::Display for ProbeError {
                 f,
                 "address {addr:#x} is misaligned: instructions are {align}-byte aligned"
             ),
+            ProbeError::HeldBy { addr, holder } => {
+                write!(f, "{addr:#x} already holds a breakpoint of {holder}")
+            }
             ProbeError::AlreadyPatched {
                 addr,
                 expected,

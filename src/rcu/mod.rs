@@ -78,6 +78,23 @@ pub trait Flavor: Clone + Default + Send + Sync + 'static {
     /// Read sections nest.
     fn read(&self) -> Self::Guard<'_>;
 
+    /// As [`read`](Self::read), for a probe runtime's trap path, which must
+    /// call no C-library function: [`Rcu`]'s claims the thread's reader slot
+    /// without arming its release at thread exit (a C-library call) until
+    /// [`arm_reader`](Self::arm_reader). The default is `read` (for a domain
+    /// whose read section may allocate, such as [`Srcu`]: not for a trap
+    /// path).
+    #[doc(hidden)]
+    fn read_in_trap(&self) -> Self::Guard<'_> {
+        self.read()
+    }
+
+    /// Arms what [`read_in_trap`](Self::read_in_trap) left unarmed for the
+    /// calling thread (where calling the C library is safe). The default
+    /// does nothing.
+    #[doc(hidden)]
+    fn arm_reader(&self) {}
+
     /// Whether `guard` is a read section that this domain's grace periods wait
     /// for. Data structures check this before trusting a caller's guard, so a
     /// guard of one [`Srcu`] cannot be used to read data that another `Srcu`

@@ -502,6 +502,16 @@ impl Flavor for Rcu {
     }
 
     #[inline]
+    fn read_in_trap(&self) -> RcuGuard<'_> {
+        Rcu::read_in_trap(self)
+    }
+
+    #[inline]
+    fn arm_reader(&self) {
+        Rcu::arm_reader()
+    }
+
+    #[inline]
     fn protects(&self, _guard: &RcuGuard<'_>) -> bool {
         // Every Rcu grace period waits for every Rcu reader.
         true

@@ -70,7 +70,7 @@ pub use entry::EntryHandle;
 pub use iter::{Iter, Range};
 pub use latch::LatchTree;
 pub use seqcount::{SeqCount, SeqWriteGuard, WriteInProgress};
-pub use tree::{ReadStats, SeqTree};
+pub use tree::{Busy, ReadStats, SeqTree};
 
 #[cfg(all(test, not(loom)))]
 mod tests;

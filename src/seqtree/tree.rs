@@ -138,6 +138,12 @@ where
     _owns: PhantomData<Box<Node<K, V>>>,
 }
 
+/// A lookup that could not be confirmed without waiting for a writer
+/// ([`SeqTree::get_in_trap`]).
+#[doc(hidden)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Busy;
+
 impl<K, V, F> SeqTree<K, V, F>
 where
     K: Ord + Send + 'static,
@@ -266,6 +272,32 @@ where
         self.lookup_locked(key)
     }
 
+    /// As [`lookup`](Self::lookup) without the locked fallback: `Err(Busy)`
+    /// when no validated attempt could confirm a miss (writers kept
+    /// changing the tree).
+    #[inline]
+    fn lookup_lockless<Q>(&self, key: &Q) -> Result<Option<*mut Node<K, V>>, Busy>
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        // SAFETY: as in `lookup`.
+        if let Walk::Found(n) = unsafe { self.root.find(0, key) } {
+            return Ok(Some(n));
+        }
+        for _ in 0..LOCKLESS_ATTEMPTS {
+            let start = self.seq.read_begin();
+            // SAFETY: as in `lookup`.
+            match unsafe { self.root.find(0, key) } {
+                Walk::Found(n) => return Ok(Some(n)),
+                Walk::Missing if !self.seq.read_retry(start) => return Ok(None),
+                Walk::Missing | Walk::TooDeep => self.count_retry(),
+            }
+            crate::sync::spin_loop();
+        }
+        Err(Busy)
+    }
+
     #[cold]
     #[inline(never)]
     fn lookup_locked<Q>(&self, key: &Q) -> Option<*mut Node<K, V>>
@@ -351,6 +383,31 @@ where
         // value are never mutated in place.
         let node = unsafe { &*n };
         Some((&node.key, &node.value))
+    }
+
+    /// As [`get`](SeqTree::get), for a trap handler that must neither block
+    /// nor call the C library: a miss that writers kept from being
+    /// confirmed is `Err(Busy)` instead of a wait for the writer lock (which
+    /// the interrupted thread may hold). Writers change the tree only with
+    /// pointer updates (nodes are allocated before the sequence count goes
+    /// odd), so a handler interrupting a writer cannot see it stuck.
+    #[doc(hidden)]
+    #[inline]
+    pub fn get_in_trap<'g, Q>(
+        &self,
+        guard: &'g F::Guard<'_>,
+        key: &Q,
+    ) -> Result<Option<&'g V>, Busy>
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        self.check_guard(guard);
+        Ok(self.lookup_lockless(key)?.map(|n| {
+            // SAFETY: as in `get_key_value`: reached inside `guard`'s read
+            // section of the tree's domain; values are never mutated in place.
+            unsafe { &(*n).value }
+        }))
     }
 
     /// A clone of the value for `key`, read in a read section of its own.

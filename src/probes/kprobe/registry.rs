@@ -304,6 +304,14 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         self.len() == 0
     }
 
+    /// Whether this registry has a site at `addr` (lock-free: one read
+    /// section; for a holder check from another registry, which may run
+    /// while this one's writer lock is held).
+    pub fn has_site(&self, addr: u64) -> bool {
+        let guard = self.rcu.read();
+        self.table.lookup(addr, &guard).is_some()
+    }
+
     /// Every probed address with its probes, in address order. Sites whose
     /// text went away (unloaded: see "Text that goes away" in the
     /// [module docs](super)) are not listed; their probes are still in
@@ -675,6 +683,9 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         let at = &text[(addr - func.start) as usize..];
         if at.starts_with(bp) {
             // Someone else's breakpoint (ours would be in `sites`).
+            if let Some(holder) = self.text.holder_at(addr) {
+                return Err(ProbeError::HeldBy { addr, holder });
+            }
             return Err(ProbeError::AlreadyPatched {
                 addr,
                 expected: CodeBytes::default(),

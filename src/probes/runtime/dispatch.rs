@@ -139,6 +139,8 @@ pub trait TrapDispatcher: Send + Sync + 'static {
 
 /// Words of storage in a [`StepStash`]: the registry's step token is 7.
 const STASH_WORDS: usize = 16;
+/// Bytes a stashed value may take.
+pub(crate) const STASH_BYTES: usize = STASH_WORDS * 8;
 
 /// Per-thread storage for one dispatcher's single-step state between the
 /// breakpoint trap and the step trap. Holds one value of any `'static` type

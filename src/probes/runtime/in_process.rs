@@ -136,6 +136,9 @@ pub struct RefusedRange {
 #[derive(Clone, Debug, Default)]
 pub struct InProcess {
     refused: Vec<RefusedRange>,
+    /// The registry writing through this text, as `holders.rs` knows it (0:
+    /// none): a breakpoint found here is named by the *other* owners.
+    owner: u64,
 }
 
 impl InProcess {
@@ -147,7 +150,14 @@ impl InProcess {
         sync_core_init();
         InProcess {
             refused: Vec::new(),
+            owner: 0,
         }
+    }
+
+    /// The same text, written by the registry `owner` (`holders.rs`).
+    pub(crate) fn owned_by(mut self, owner: u64) -> InProcess {
+        self.owner = owner;
+        self
     }
 
     /// Adds a range every write must stay out of.
@@ -175,34 +185,82 @@ impl InProcess {
 
     /// Writes `new` over `current` at `addr`: the page must already be
     /// writable, `TEXT_LOCK` held.
-    fn store(addr: u64, current: &[u8], new: &[u8]) {
-        let p = addr as *mut u8;
+    ///
+    /// Each step is one `process_vm_writev` of our own memory, not a store:
+    /// a `dlclose` on another thread may unmap the text between the
+    /// protection change and the write (the loader takes none of our
+    /// locks), and a store would then kill the process with SIGSEGV. The
+    /// system call reports that as `EFAULT`, returned as
+    /// [`ProbeError::TextGone`] (nothing was written: the mapping is gone).
+    /// A one-byte write is one byte store in the kernel, atomic against
+    /// instruction fetch on x86. Where the call is forbidden (seccomp), the
+    /// bytes are stored directly, as before.
+    fn store(addr: u64, current: &[u8], new: &[u8]) -> Result<(), ProbeError> {
         let tail_changes = current[1..] != new[1..];
         if !tail_changes {
-            // SAFETY: the caller made [addr, addr + len) writable and holds
-            // TEXT_LOCK; a one-byte store is atomic against instruction
-            // fetch on x86, so no thread can run a torn instruction.
-            unsafe { p.write_volatile(new[0]) };
+            put(addr, &new[..1])?;
             sync_cores();
-            return;
+            return Ok(());
         }
         PATCH_WINDOW.open(addr);
-        // SAFETY (three blocks below): as above; each step is followed by a
-        // core sync so that no thread holds a stale copy across steps, and
-        // between steps 1 and 3 byte 0 is int3, which parks every thread.
-        unsafe { p.write_volatile(INT3) };
-        sync_cores();
-        for (i, &b) in new.iter().enumerate().skip(1) {
-            // SAFETY: see above; bytes 1..n are not executed while the int3
-            // guards the instruction's start.
-            unsafe { p.add(i).write_volatile(b) };
-        }
-        sync_cores();
-        // SAFETY: see above; the final one-byte store releases the threads.
-        unsafe { p.write_volatile(new[0]) };
-        sync_cores();
+        // Each step is followed by a core sync so that no thread holds a
+        // stale copy across steps, and between steps 1 and 3 byte 0 is int3,
+        // which parks every thread.
+        let steps = (|| {
+            put(addr, &[INT3])?;
+            sync_cores();
+            // Bytes 1..n are not executed while the int3 guards the
+            // instruction's start.
+            put(addr + 1, &new[1..])?;
+            sync_cores();
+            // The final one-byte write releases the threads.
+            put(addr, &new[..1])?;
+            sync_cores();
+            Ok(())
+        })();
         PATCH_WINDOW.close();
+        steps
     }
+}
+
+/// How `put` writes.
+static WRITE_MODE: AtomicU8 = AtomicU8::new(WRITE_VM);
+const WRITE_VM: u8 = 0;
+const WRITE_DIRECT: u8 = 1;
+
+/// Writes `bytes` at `addr` of our own (writable) text: see
+/// `InProcess::store`.
+fn put(addr: u64, bytes: &[u8]) -> Result<(), ProbeError> {
+    // Relaxed: a sticky hint; either mode writes the same bytes.
+    if WRITE_MODE.load(Ordering::Relaxed) == WRITE_VM {
+        // SAFETY: `bytes` is a live slice; the kernel checks `addr`.
+        let n = unsafe { crate::sys::process_vm_writev_self(bytes.as_ptr(), addr, bytes.len()) };
+        match n {
+            n if n == bytes.len() as isize => return Ok(()),
+            n if n == -(libc::EFAULT as isize) => return Err(ProbeError::TextGone { addr }),
+            n if n == -(libc::EPERM as isize) || n == -(libc::ENOSYS as isize) => {
+                // Relaxed: as above.
+                WRITE_MODE.store(WRITE_DIRECT, Ordering::Relaxed);
+            }
+            n => {
+                return Err(ProbeError::TextAccess {
+                    addr,
+                    len: bytes.len(),
+                    failure: TextFailure::Os {
+                        op: "process_vm_writev",
+                        errno: i32::try_from(-n).unwrap_or(0),
+                    },
+                })
+            }
+        }
+    }
+    for (i, &b) in bytes.iter().enumerate() {
+        // SAFETY: the caller made the range writable and holds TEXT_LOCK;
+        // only here, where the system call is forbidden, a concurrent unmap
+        // would fault.
+        unsafe { (addr as *mut u8).add(i).write_volatile(b) };
+    }
+    Ok(())
 }
 
 fn os_error(addr: u64, len: usize, op: &'static str) -> ProbeError {
@@ -233,6 +291,10 @@ fn mprotect(start: u64, end: u64, prot: libc::c_int) -> bool {
 impl TextMemory for InProcess {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
         read_text(addr, buf)
+    }
+
+    fn holder_at(&self, addr: u64) -> Option<String> {
+        super::holders::holder_at(addr, self.owner)
     }
 
     fn write(&self, addr: u64, expected_old: &[u8], new: &[u8]) -> Result<(), ProbeError> {
@@ -398,18 +460,21 @@ impl InProcess {
                 return Err(err);
             }
         }
-        InProcess::store(addr, current, new);
+        let stored = InProcess::store(addr, current, new);
         let mut restore_failed = None;
         for &(s, e, prot) in &runs {
             if !mprotect(s, e, prot) && restore_failed.is_none() {
                 restore_failed = Some(os_error(addr, len, "mprotect (restore)"));
             }
         }
+        // Unmapped under the write (`TextGone`): the restores failed too, and
+        // there is nothing left to undo.
+        stored?;
         if let Some(err) = restore_failed {
             // Only reachable when the kernel cannot split the mapping (out of
             // memory or map count): undo the bytes so the error changes
             // nothing readable, and report. The page is left writable.
-            InProcess::store(addr, new, current);
+            let _ = InProcess::store(addr, new, current);
             return Err(err);
         }
         Ok(found)

@@ -46,7 +46,7 @@
 
 use std::cell::Cell;
 
-use crate::probes::reentry::KprobeScope;
+use crate::probes::reentry::{KprobeScope, UprobeScope};
 
 crate::sync::const_thread_local! {
     /// Up while this thread runs the runtime's trap handling (module docs).
@@ -95,13 +95,23 @@ pub fn in_trap() -> bool {
     IN_TRAP.with(Cell::get)
 }
 
-/// For a trap or return nested in trap handling: forces the kprobe
-/// registry's missed path (its handler flag up) for as long as the result
-/// lives. `None` if the flag was already up (a hit inside a handler), which
-/// has the same effect.
+/// For a trap or return nested in trap handling: forces both registry
+/// families' missed paths (their handler flags up: kprobes and live
+/// uprobes) for as long as the result lives. A flag that was already up (a
+/// hit inside a handler) stays up and is not lowered by the result.
 #[inline(always)]
-pub(crate) fn nested() -> Option<KprobeScope> {
-    KprobeScope::enter()
+pub(crate) fn nested() -> Nested {
+    Nested {
+        _kprobes: KprobeScope::enter(),
+        _uprobes: UprobeScope::enter(),
+    }
+}
+
+/// Both families' handler flags held up by [`nested`].
+#[must_use = "the flags go down when this is dropped"]
+pub(crate) struct Nested {
+    _kprobes: Option<KprobeScope>,
+    _uprobes: Option<UprobeScope>,
 }
 
 /// Records this thread's `errno` location (outer trap handling only: it

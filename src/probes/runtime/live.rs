@@ -216,7 +216,10 @@ impl Live {
     /// Either way nothing is attached and nothing stays allocated.
     pub fn new() -> Result<&'static Live, LiveError> {
         let symbols = ProcessSymbols::load()?;
-        let text = InProcess::new().refuse_all(super::refuse::refused_ranges(&symbols));
+        let owner = super::holders::new_owner();
+        let text = InProcess::new()
+            .refuse_all(super::refuse::refused_ranges(&symbols))
+            .owned_by(owner);
         let xol = Arc::new(XolArea::default());
         let live_symbols = LiveSymbols::new(symbols.clone());
         let registry = KprobeRegistry::builder(
@@ -247,6 +250,15 @@ impl Live {
             });
         };
         drop(attachment);
+        // A breakpoint another registry finds here is named as ours.
+        super::holders::add(
+            owner,
+            Box::new(move |addr| {
+                live.registry
+                    .has_site(addr)
+                    .then(|| "a live kprobe registry".to_string())
+            }),
+        );
         // Its locks and slots are handled across fork() (`fork.rs`).
         super::fork::track(live);
         Ok(live)
@@ -286,6 +298,11 @@ impl Live {
     /// XOL slot counters.
     pub fn xol_stats(&self) -> XolStats {
         self.xol.stats()
+    }
+
+    /// The XOL area, shared (the live uprobes' space takes its slots here).
+    pub(crate) fn xol_arc(&self) -> Arc<XolArea> {
+        Arc::clone(&self.xol)
     }
 
     /// The XOL area (for the fork handlers).

@@ -135,6 +135,8 @@ pub(crate) mod faults;
 #[cfg(target_arch = "x86_64")]
 mod fork;
 #[cfg(target_arch = "x86_64")]
+mod holders;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod in_process;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod in_trap;
@@ -152,6 +154,8 @@ pub(crate) mod refuse;
 pub(crate) mod signal;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod trampoline;
+#[cfg(target_arch = "x86_64")]
+pub mod uprobes;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod xol;
 
@@ -179,6 +183,10 @@ pub use quiesce::{quiesce, QuiesceReport, QUIESCE_TIMEOUT};
 pub use signal::{install, is_installed};
 #[cfg(target_arch = "x86_64")]
 pub use trampoline::trampoline_address;
+#[cfg(target_arch = "x86_64")]
+pub use uprobes::{
+    LiveUprobeRegistry, LiveUprobeStats, LiveUprobes, LiveUprobesError, ThisProcess,
+};
 #[cfg(target_arch = "x86_64")]
 pub use xol::{XolArea, XolStats};
 

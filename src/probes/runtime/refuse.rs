@@ -137,6 +137,7 @@ use super::callgraph::{flag_up, CallGraph, Root};
 use super::context::ThreadMemory;
 use super::dispatch::{StepStash, TrapDispatcher, Verdict};
 use super::live::LiveRegistry;
+use super::uprobes::LiveUprobes;
 use crate::probes::arch::{DataMemory, Regs};
 use crate::probes::runtime::in_process::RefusedRange;
 use crate::probes::runtime::symbols::ProcessSymbols;
@@ -187,6 +188,13 @@ pub fn trap_path_roots() -> Vec<Root> {
     let on_breakpoint: OnBreakpoint = <LiveRegistry as TrapDispatcher>::on_breakpoint;
     let on_step: OnBreakpoint = <LiveRegistry as TrapDispatcher>::on_step;
     let on_fault: OnFault = <LiveRegistry as TrapDispatcher>::on_fault;
+    // The live uprobes' dispatcher runs on the nested path too.
+    type UpOnBreakpoint =
+        fn(&'static LiveUprobes, &mut Regs, &mut dyn DataMemory, &mut StepStash) -> Verdict;
+    type UpOnFault = fn(&'static LiveUprobes, &mut Regs, &mut StepStash) -> bool;
+    let up_on_breakpoint: UpOnBreakpoint = <LiveUprobes as TrapDispatcher>::on_breakpoint;
+    let up_on_step: UpOnBreakpoint = <LiveUprobes as TrapDispatcher>::on_step;
+    let up_on_fault: UpOnFault = <LiveUprobes as TrapDispatcher>::on_fault;
     let read: Read = <ThreadMemory as DataMemory>::read;
     let write: Write = <ThreadMemory as DataMemory>::write;
     let read_u64: ReadU64 = <ThreadMemory as DataMemory>::read_u64;
@@ -206,6 +214,9 @@ pub fn trap_path_roots() -> Vec<Root> {
             on_breakpoint as usize,
             on_step as usize,
             on_fault as usize,
+            up_on_breakpoint as usize,
+            up_on_step as usize,
+            up_on_fault as usize,
             read as usize,
             write as usize,
             read_u64 as usize,

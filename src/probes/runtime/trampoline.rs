@@ -259,11 +259,7 @@ pub(crate) fn trampoline_range() -> (u64, u64) {
 /// finds it up is nested in the runtime's own work and runs no handler.
 extern "C" fn trampoline_return(frame: *mut [u64; FRAME_WORDS]) {
     let scope = TrapScope::enter();
-    let missed = if scope.is_none() {
-        super::in_trap::nested()
-    } else {
-        None
-    };
+    let missed = scope.is_none().then(super::in_trap::nested);
     returning(frame);
     drop(missed);
     drop(scope);

@@ -76,6 +76,15 @@ pub trait TextMemory: Send + Sync {
     /// [`ProbeError::TextAccess`] if the range is not readable.
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError>;
 
+    /// Who else holds a breakpoint at `addr`, if this memory knows (another
+    /// probe registry writing the same text): registries report
+    /// [`ProbeError::HeldBy`] with it instead of a bare
+    /// [`ProbeError::AlreadyPatched`]. The default knows nobody.
+    fn holder_at(&self, addr: u64) -> Option<String> {
+        let _ = addr;
+        None
+    }
+
     /// Replaces `expected_old` by `new` at `addr`, atomically with respect to
     /// other writes through this text memory: the current bytes are compared
     /// with `expected_old` first.

@@ -23,6 +23,7 @@ use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
 use crate::rcu::Flavor;
 use crate::seqtree::EntryHandle;
+use core::ptr::NonNull;
 
 /// How a uprobe hit finished with nothing left in flight: the
 /// [`UprobeOutcome::Done`] values (a single-step is
@@ -34,7 +35,10 @@ pub enum UprobeFinished {
     /// leave `regs` alone and chain to the previous handler.
     NotOurs,
     /// The uprobe was removed between the trap and the lookup (the original
-    /// instruction is back): `regs.ip` now points at it; resume.
+    /// instruction is back), or, on the live trap path, its lookup raced
+    /// writers and could not be confirmed: `regs.ip` now points at the
+    /// probed address; resume (the original instruction runs, or the
+    /// breakpoint traps again).
     Vanished,
     /// A handler changed `regs.ip` and asked to skip the displaced
     /// instruction: resume at `regs.ip`.
@@ -69,7 +73,7 @@ impl<F: Flavor> std::fmt::Debug for UprobeOutcome<'_, F> {
             UprobeOutcome::Done(o) => f.debug_tuple("Done").field(o).finish(),
             UprobeOutcome::SingleStep(s) => f
                 .debug_tuple("SingleStep")
-                .field(&s.plan.slot_addr)
+                .field(&s.plan().slot_addr)
                 .finish(),
         }
     }
@@ -101,14 +105,20 @@ impl<F: Flavor> std::fmt::Debug for UprobeOutcome<'_, F> {
 /// ```
 pub struct UprobeStep<'r, F: Flavor + 'r> {
     _guard: F::Guard<'r>,
-    plan: XolPlan,
+    /// The install record's plan, kept alive by `_guard`'s read section
+    /// (an install is freed only after a grace period of the domain). A
+    /// pointer, not a copy: the step travels in the live runtime's
+    /// fixed-size per-thread stash.
+    plan: NonNull<XolPlan>,
     state: StepState,
 }
 
 impl<F: Flavor> UprobeStep<'_, F> {
     /// The XOL plan being stepped.
     pub fn plan(&self) -> &XolPlan {
-        &self.plan
+        // SAFETY: the read section `_guard` holds keeps the install record,
+        // and so the plan, alive as long as `self`.
+        unsafe { self.plan.as_ref() }
     }
 
     /// What the arch backend saved for the fixups.
@@ -149,8 +159,17 @@ impl<F: Flavor> UprobeRef<F> {
 /// A resolved hit: the space's state, the key, the uprobe, the install.
 type Resolved<'g, S, F> = (&'g SpaceState<S, F>, UprobeKey, &'g Uprobe<F>, &'g Install);
 
+/// Why a hit's lookups found no uprobe.
+enum Unresolved<'g, S: AddressSpace, F: Flavor> {
+    /// Not a uprobe: no such space (`None`), or nothing of its own there.
+    Missing(Option<&'g SpaceState<S, F>>),
+    /// A lock-free lookup raced writers and could not confirm a miss.
+    Busy,
+}
+
 impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
-    /// The chain of lookups, inside `guard`.
+    /// The chain of lookups, inside `guard`. `Err(None)`: no such space;
+    /// `Err(Some(st))`: not a uprobe of the space.
     #[inline]
     fn resolve<'g>(
         &self,
@@ -158,7 +177,33 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         space: SpaceId,
         vaddr: u64,
     ) -> Result<Resolved<'g, S, F>, Option<&'g SpaceState<S, F>>> {
-        let st = &**self.spaces.get(guard, &space).ok_or(None)?;
+        match self.resolve_with::<false>(guard, space, vaddr) {
+            Ok(found) => Ok(found),
+            Err(Unresolved::Missing(st)) => Err(st),
+            // Lookups with the locked fallback always answer.
+            Err(Unresolved::Busy) => Err(None),
+        }
+    }
+
+    /// [`resolve`](Self::resolve), with lock-free tree lookups only when
+    /// `TRAP` (the live trap path: a miss writers kept from being confirmed
+    /// is `Busy`, never a wait for a writer lock).
+    #[inline]
+    fn resolve_with<'g, const TRAP: bool>(
+        &self,
+        guard: &'g F::Guard<'_>,
+        space: SpaceId,
+        vaddr: u64,
+    ) -> Result<Resolved<'g, S, F>, Unresolved<'g, S, F>> {
+        let st = if TRAP {
+            self.spaces
+                .get_in_trap(guard, &space)
+                .map_err(|_| Unresolved::Busy)?
+        } else {
+            self.spaces.get(guard, &space)
+        };
+        let st = &**st.ok_or(Unresolved::Missing(None))?;
+        let miss = || Unresolved::Missing(Some(st));
         let maps = slice(st.maps.load(guard));
         // Mappings are sorted and disjoint: the candidate is the last one
         // starting at or below `vaddr`.
@@ -166,10 +211,21 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         let offset = i
             .checked_sub(1)
             .and_then(|i| maps[i].offset_of(vaddr).map(|o| (maps[i].file, o)));
-        let (file, offset) = offset.ok_or(Some(st))?;
+        let (file, offset) = offset.ok_or_else(miss)?;
         let key = UprobeKey { file, offset };
-        let up = self.uprobe_at(guard, &key).ok_or(Some(st))?;
-        let install = up.placed_at(guard, space, vaddr).ok_or(Some(st))?;
+        let up = if TRAP {
+            match self.hot.get(guard, &key) {
+                Some(u) => Some(u),
+                None => self
+                    .uprobes
+                    .get_in_trap(guard, &key)
+                    .map_err(|_| Unresolved::Busy)?,
+            }
+        } else {
+            self.uprobe_at(guard, &key)
+        };
+        let up = up.ok_or_else(miss)?;
+        let install = up.placed_at(guard, space, vaddr).ok_or_else(miss)?;
         Ok((st, key, up, install))
     }
 
@@ -206,8 +262,27 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         regs: &mut Regs,
         mem: &mut dyn DataMemory,
     ) -> UprobeOutcome<'r, F> {
+        // The hit path reads without arming the reader's release at thread
+        // exit (see `Flavor::read_in_trap`); arm it here.
+        self.domain.arm_reader();
         let vaddr = self.arch.trap_address(regs);
-        self.hit(space, vaddr, regs, mem, true)
+        self.hit::<false>(space, vaddr, regs, mem, true)
+    }
+
+    /// [`on_breakpoint`](Self::on_breakpoint) calling no C-library function
+    /// and never waiting for a writer lock (the live runtime's trap path,
+    /// which arms the reader itself where that is safe).
+    #[inline]
+    // Used by the live runtime only, which loom builds leave out.
+    #[cfg_attr(loom, allow(dead_code))]
+    pub(crate) fn on_breakpoint_in_trap<'r>(
+        &'r self,
+        space: SpaceId,
+        regs: &mut Regs,
+        mem: &mut dyn DataMemory,
+    ) -> UprobeOutcome<'r, F> {
+        let vaddr = self.arch.trap_address(regs);
+        self.hit::<true>(space, vaddr, regs, mem, true)
     }
 
     /// [`on_breakpoint`](Self::on_breakpoint) at `vaddr`. A miss that still
@@ -216,7 +291,12 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// consumer's registration installed a breakpoint at the same place
     /// between the trap and the lookup; an install is published before its
     /// breakpoint is written, so the second lookup finds it if it is ours.
-    fn hit<'r>(
+    ///
+    /// With `TRAP` (the live trap path) the lookups never wait for a writer
+    /// lock: a miss that writers kept from being confirmed resumes at the
+    /// probed address (`Vanished`), where the thread traps again if the
+    /// breakpoint is still there.
+    fn hit<'r, const TRAP: bool>(
         &'r self,
         space: SpaceId,
         vaddr: u64,
@@ -224,13 +304,17 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         mem: &mut dyn DataMemory,
         second_look: bool,
     ) -> UprobeOutcome<'r, F> {
-        let guard = self.domain.read();
-        let (st, key, up, install) = match self.resolve(&guard, space, vaddr) {
+        let guard = self.domain.read_in_trap();
+        let (st, key, up, install) = match self.resolve_with::<TRAP>(&guard, space, vaddr) {
             Ok(found) => found,
-            Err(st) => {
+            Err(Unresolved::Busy) => {
+                regs.ip = vaddr;
+                return UprobeOutcome::Done(UprobeFinished::Vanished);
+            }
+            Err(Unresolved::Missing(st)) => {
                 return match self.miss(st, vaddr, regs) {
                     Some(outcome) => UprobeOutcome::Done(outcome),
-                    None if second_look => self.hit(space, vaddr, regs, mem, false),
+                    None if second_look => self.hit::<TRAP>(space, vaddr, regs, mem, false),
                     None => UprobeOutcome::Done(UprobeFinished::NotOurs),
                 };
             }
@@ -258,12 +342,13 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         // The displaced instruction. The install record is read in place
         // (it lives as long as the guard): copying it out (about 300
         // bytes, a `memmove` call) showed as a tenth of a hit's time.
-        let Some(plan) = install.plan else {
+        let Some(plan) = &install.plan else {
             return UprobeOutcome::Done(match self.arch.emulate(&install.insn, regs, mem) {
                 Ok(()) => UprobeFinished::Emulated,
                 Err(e) => UprobeFinished::Failed(e),
             });
         };
+        let plan = NonNull::from(plan);
         self.complete_out_of_line(plan, guard, regs)
     }
 
@@ -272,16 +357,19 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     #[inline]
     fn complete_out_of_line<'r>(
         &'r self,
-        plan: XolPlan,
+        plan_at: NonNull<XolPlan>,
         guard: F::Guard<'r>,
         regs: &mut Regs,
     ) -> UprobeOutcome<'r, F> {
+        // SAFETY: `plan_at` points into an install record read under
+        // `guard`'s read section, which is still open (the guard is here).
+        let plan = unsafe { plan_at.as_ref() };
         let run = if plan.boostable {
             XolRun::Boosted
         } else {
             XolRun::SingleStep
         };
-        let state = match self.arch.prepare_step(&plan, run, regs) {
+        let state = match self.arch.prepare_step(plan, run, regs) {
             Ok(s) => s,
             Err(e) => return UprobeOutcome::Done(UprobeFinished::Failed(e)),
         };
@@ -292,7 +380,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         }
         UprobeOutcome::SingleStep(UprobeStep {
             _guard: guard,
-            plan,
+            plan: plan_at,
             state,
         })
     }
@@ -310,15 +398,27 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             return Some(UprobeFinished::NotOurs);
         };
         let bp = self.arch.breakpoint();
-        let mut buf = [0u8; MAX_INSN_BYTES];
+        // Two words, not a byte array: a debug build zeroes a byte array with
+        // a `memset` call, and the live trap path calls no C-library function.
+        let mut words = [0u64; MAX_INSN_BYTES / 8];
+        // SAFETY: `words` is MAX_INSN_BYTES bytes of plain integers; any byte
+        // pattern is valid for both views.
+        let buf: &mut [u8; MAX_INSN_BYTES] = unsafe { &mut *words.as_mut_ptr().cast() };
         let found = &mut buf[..bp.len()];
         match st.space.text().read(vaddr, found) {
-            Ok(()) if found != bp => {
+            // Byte by byte: a slice comparison calls `memcmp`.
+            Ok(()) if !found.iter().zip(bp).all(|(a, b)| a == b) => {
                 regs.ip = vaddr;
                 Some(UprobeFinished::Vanished)
             }
             Ok(()) => None,
-            Err(_) => Some(UprobeFinished::NotOurs),
+            Err(e) => {
+                // Not dropped: `ProbeError`'s drop glue can free a heap
+                // variant (a read never builds one), and the live trap path
+                // calls no C-library function, `free` included.
+                std::mem::forget(e);
+                Some(UprobeFinished::NotOurs)
+            }
         }
     }
 
@@ -335,6 +435,6 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         regs: &mut Regs,
         mem: &mut dyn DataMemory,
     ) -> Result<StepOutcome, ProbeError> {
-        self.arch.finish_step(&step.plan, &step.state, regs, mem)
+        self.arch.finish_step(step.plan(), &step.state, regs, mem)
     }
 }

@@ -46,6 +46,15 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         text.read(vaddr, &mut buf[..n])?;
         let mut known = up.orig.lock().unwrap_or_else(|p| p.into_inner());
         let ours_there = n >= bp.len() && &buf[..bp.len()] == bp;
+        if ours_there {
+            // Another registry's breakpoint is never taken for ours.
+            if let Some(holder) = text.holder_at(vaddr) {
+                return Err(ProbeError::HeldBy {
+                    addr: vaddr,
+                    holder,
+                });
+            }
+        }
         let code: [u8; MAX_INSN_BYTES] = match &*known {
             Some(o) => {
                 let o = o.as_slice();

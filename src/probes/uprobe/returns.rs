@@ -197,8 +197,12 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
 
     /// At a hit whose consumers want the return: hijacks the return address
     /// and pushes the instance, or counts the call missed. Runs inside the
-    /// hit's handler scope (the re-entrancy flag is up).
+    /// hit's handler scope (the re-entrancy flag is up), never on a trap
+    /// nested in the live runtime's trap handling: the live trap-path walk
+    /// stops here by name (`runtime/callgraph/flag_up.rs`), so it stays a
+    /// function of its own.
     #[allow(clippy::too_many_arguments)]
+    #[inline(never)]
     pub(super) fn track_return(
         &self,
         st: &SpaceState<S, F>,
@@ -244,13 +248,26 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 }
                 return None;
             }
-            frames.push(ReturnInstance {
-                key,
-                func,
-                ret_sp,
-                real_ret,
-                last_seq,
-            });
+            // Within the capacity reserved when the stack was made
+            // (`len < max_depth <= capacity`): a push that can never grow,
+            // written so that no allocation is even reachable (the live
+            // trap path calls no C-library function).
+            if frames.len() >= frames.capacity() {
+                return None;
+            }
+            // SAFETY: `len < capacity` (checked just above): the slot at
+            // `len` is allocated and uninitialised; it becomes part of the
+            // vector by the `set_len` that follows the write.
+            unsafe {
+                frames.as_mut_ptr().add(frames.len()).write(ReturnInstance {
+                    key,
+                    func,
+                    ret_sp,
+                    real_ret,
+                    last_seq,
+                });
+                frames.set_len(frames.len() + 1);
+            }
             Some(())
         });
         if tracked.flatten().is_none() {
@@ -274,6 +291,23 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// Returns [`ReturnOutcome::NotOurs`] (nothing changed) when no instance
     /// of this thread in `space` returns with this stack pointer.
     pub fn on_return(&self, space: SpaceId, regs: &mut Regs) -> ReturnOutcome {
+        // Return handlers read without arming (see `on_breakpoint`).
+        self.domain.arm_reader();
+        self.returning::<false>(space, regs)
+    }
+
+    /// [`on_return`](Self::on_return) calling no C-library function and
+    /// never waiting for a writer lock (the live runtime's trap path). A
+    /// uprobe whose lookup raced writers and could not be confirmed is
+    /// taken as removed: its return handlers do not run this time (the real
+    /// return address is restored all the same).
+    // Used by the live runtime only, which loom builds leave out.
+    #[cfg_attr(loom, allow(dead_code))]
+    pub(crate) fn on_return_in_trap(&self, space: SpaceId, regs: &mut Regs) -> ReturnOutcome {
+        self.returning::<true>(space, regs)
+    }
+
+    fn returning<const TRAP: bool>(&self, space: SpaceId, regs: &mut Regs) -> ReturnOutcome {
         // Before the stack: see `probes/reentry.rs`.
         let scope = UprobeScope::enter();
         let sp = regs.sp;
@@ -283,7 +317,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             bindings::with_stack(self.returns.id, space, None, |f, _| pop_returning(f, sp))
                 .flatten()
         {
-            self.run_ret_handlers(space, &inst, regs, retval, scope.is_some());
+            self.run_ret_handlers::<TRAP>(space, &inst, regs, retval, scope.is_some());
             // Newest first: the last one popped is the chain's first call,
             // and every instance of a chain holds its real return address.
             real = Some(inst.real_ret);
@@ -299,7 +333,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
 
     /// The return handlers of `inst`'s call (or its miss count when `run`
     /// is false), in a read section of the domain.
-    fn run_ret_handlers(
+    fn run_ret_handlers<const TRAP: bool>(
         &self,
         space: SpaceId,
         inst: &ReturnInstance,
@@ -307,9 +341,18 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         retval: u64,
         run: bool,
     ) {
-        let guard = self.domain.read();
+        let guard = self.domain.read_in_trap();
+        let up = if TRAP {
+            match self.hot.get(&guard, &inst.key) {
+                Some(u) => Some(u),
+                // Busy: taken as removed (see `on_return_in_trap`).
+                None => self.uprobes.get_in_trap(&guard, &inst.key).unwrap_or(None),
+            }
+        } else {
+            self.uprobe_at(&guard, &inst.key)
+        };
         // Removed since the entry: every consumer is gone, nothing to run.
-        let Some(up) = self.uprobe_at(&guard, &inst.key) else {
+        let Some(up) = up else {
             return;
         };
         if !run {

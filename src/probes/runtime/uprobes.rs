@@ -1,0 +1,472 @@
+//! [`LiveUprobes`]: uprobes on this process's real mappings, by file and
+//! offset, libraries loaded later included.
+//!
+//! # The pieces
+//!
+//! - The space is [`ThisProcess`] (`uprobes/space.rs`): the live
+//!   [`InProcess`] text with the kprobe registry's refusals, the process's
+//!   [`XolArea`] (shared with [`Live::global`], so `fork` copies and
+//!   quiescence cover uprobe slots too) and a return trampoline that is an
+//!   `int3` in an XOL slot.
+//! - Targets are [`UprobeTarget`]s resolved from the ELF file on disk
+//!   ([`TargetResolver`]), a bare library name through the objects loaded
+//!   now first ([`LoaderWatch`] is the resolver's loaded list).
+//! - Mappings come from the [`LoaderWatch`]: at every `dlopen` the new
+//!   objects' executable segments go to
+//!   [`UprobeRegistry::on_mmap`](crate::probes::uprobe::UprobeRegistry::on_mmap)
+//!   inside the dynamic linker, before their constructors run; at every
+//!   `dlclose` the unloaded ones go to `on_munmap` before `dlclose`
+//!   returns, so the registry forgets them (their XOL slots after the usual
+//!   grace period) before anything else can be mapped there.
+//! - Hits: [`LiveUprobes`] is a [`TrapDispatcher`] beside the kprobe
+//!   registries. A breakpoint it installed runs the consumers in an `Rcu`
+//!   read section (not the registry's default `Srcu`, whose first read on a
+//!   thread allocates: the trap path calls no C-library function) and completes the displaced instruction (emulated,
+//!   boosted, or single-stepped with the step kept in the thread's
+//!   [`StepStash`]); a trap on the return trampoline runs the return
+//!   handlers and resumes at the real return address.
+//!
+//! # One writer per byte
+//!
+//! Kprobes and uprobes patch the same text. Each registry writes a
+//! breakpoint only over the original byte it read, and [`InProcess`]
+//! refuses a write over a byte that is not what the writer expects. The
+//! second registry to probe an instruction finds the first one's `int3`
+//! and is refused with [`ProbeError::HeldBy`], which names the holder
+//! (each live registry files a lookup of its own breakpoints, `holders.rs`);
+//! nothing changes, and the breakpoint is never adopted as the second
+//! registry's own. They do not share one breakpoint.
+//!
+//! # What runs where
+//!
+//! The hit path (lookup, handlers, completion) runs inside the SIGTRAP
+//! handler with the thread's trap flag up, like a kprobe hit: a probe hit
+//! inside a handler is counted missed. Installs and removals driven by the
+//! loader run inside the loader's rendezvous breakpoint, on the thread
+//! calling `dlopen`/`dlclose`, with the loader lock held (see
+//! [`LoaderWatch`] for why that may allocate); a failed install there (an
+//! unsupported instruction at a registered offset that was never validated
+//! against the file) is counted in [`LiveUprobeStats::install_errors`].
+//!
+//! # `fork()` and `exec`
+//!
+//! A child inherits the patched text, the registry, the watch and the
+//! trap handler, so its hits are handled and counted (the space keeps its
+//! id). A registration in the child while another thread of the parent was
+//! inside a uprobe registry operation at the fork may wait for good (the
+//! uprobe registry's locks are not taken across `fork`). `exec` replaces
+//! the image: out of scope.
+
+mod disk;
+mod space;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use self::disk::DiskFiles;
+pub use self::space::ThisProcess;
+use super::dispatch::{try_attach, StepStash, TrapDispatcher, Verdict};
+use super::loader::{LoaderEvent, LoaderStats, LoaderSubscription, LoaderWatch};
+use super::{Live, XolArea};
+use crate::probes::arch::{Arch, DataMemory, Regs, StepOutcome, X86_64};
+use crate::probes::outcome::ReturnOutcome;
+use crate::probes::runtime::in_process::InProcess;
+use crate::probes::uprobe::{
+    Consumer, ResolvedTarget, SpaceId, TargetResolver, UprobeFinished, UprobeKey, UprobeOutcome,
+    UprobeRegistry, UprobeStep, UprobeTarget,
+};
+use crate::probes::xol::XolAllocator;
+use crate::probes::ProbeError;
+use crate::rcu::Rcu;
+
+/// How long a registration that met text being unloaded waits for the
+/// loader's report of the unload before it gives up with the error.
+pub const FORGET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How many times a registration that met text being unloaded is tried
+/// again (each try follows a change of the loader's list).
+const MAX_RETRIES: usize = 1000;
+
+/// The uprobe registry over this process.
+pub type LiveUprobeRegistry = UprobeRegistry<X86_64, ThisProcess, Rcu>;
+
+/// A single-step in flight, as the thread's stash keeps it.
+type Step = UprobeStep<'static, Rcu>;
+
+/// Counters of the live uprobe runtime.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LiveUprobeStats {
+    /// Mappings handed to the registry (`on_mmap` calls).
+    pub mapped: u64,
+    /// Mappings taken away (`on_munmap` calls).
+    pub unmapped: u64,
+    /// Installs that failed inside the loader (the error cannot be
+    /// returned to anyone there).
+    pub install_errors: u64,
+}
+
+/// Why [`LiveUprobes::global`] failed.
+#[derive(Debug, Clone)]
+pub struct LiveUprobesError(String);
+
+impl std::fmt::Display for LiveUprobesError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "setting up live uprobes: {}", self.0)
+    }
+}
+
+impl std::error::Error for LiveUprobesError {}
+
+/// Live uprobes on this process: a [`LiveUprobeRegistry`] over
+/// [`ThisProcess`], fed by the [`LoaderWatch`] and attached to the SIGTRAP
+/// handler. One per process ([`LiveUprobes::global`]). The
+/// [module docs](self) say how the pieces fit.
+pub struct LiveUprobes {
+    registry: LiveUprobeRegistry,
+    space: Arc<ThisProcess>,
+    resolver: TargetResolver,
+    files: Arc<DiskFiles>,
+    subscription: OnceLock<LoaderSubscription>,
+    mapped: AtomicU64,
+    unmapped: AtomicU64,
+    install_errors: AtomicU64,
+}
+
+impl std::fmt::Debug for LiveUprobes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LiveUprobes")
+            .field("space", &self.space)
+            .field("stats", &self.stats())
+            .finish_non_exhaustive()
+    }
+}
+
+static GLOBAL: OnceLock<Result<&'static LiveUprobes, LiveUprobesError>> = OnceLock::new();
+static BUILD: Mutex<()> = Mutex::new(());
+
+impl LiveUprobes {
+    /// The process's live uprobes, set up on first use: the loader watch,
+    /// the space (sharing [`Live::global`]'s XOL area and refusals), the
+    /// return trampoline, the dispatcher, and every loaded object's
+    /// mappings.
+    ///
+    /// # Errors
+    /// The loader watch cannot be set up (a static program), no trap
+    /// dispatcher slot is left, or no XOL slot for the trampoline. The
+    /// failure is remembered.
+    pub fn global() -> Result<&'static LiveUprobes, LiveUprobesError> {
+        if let Some(done) = GLOBAL.get() {
+            return done.clone();
+        }
+        let _build = BUILD.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(done) = GLOBAL.get() {
+            return done.clone();
+        }
+        let built = Self::build().map_err(LiveUprobesError);
+        let _ = GLOBAL.set(built.clone());
+        built
+    }
+
+    fn build() -> Result<&'static LiveUprobes, String> {
+        let watch = LoaderWatch::global().map_err(|e| e.to_string())?;
+        let live = Live::global();
+        let xol: Arc<XolArea> = live.xol_arc();
+        let owner = super::holders::new_owner();
+        let text: InProcess = live.registry().text().clone().owned_by(owner);
+        // The trampoline: one `int3` in a slot of its own.
+        let trampoline = xol
+            .alloc(super::trampoline::trampoline_address())
+            .map_err(|e| format!("an XOL slot for the return trampoline: {e}"))?;
+        xol.fill(trampoline, X86_64.breakpoint())
+            .map_err(|e| format!("writing the return trampoline: {e}"))?;
+        let space = Arc::new(ThisProcess {
+            id: SpaceId(u64::from(std::process::id())),
+            text,
+            xol,
+            trampoline,
+            watch,
+        });
+        let files = Arc::new(DiskFiles::default());
+        // `Rcu`, not the default `Srcu`: its read section claims nothing with
+        // the C library on the trap path (`Flavor::read_in_trap`).
+        let registry = UprobeRegistry::with_domain(X86_64, Rcu::global().clone())
+            .with_file_text(Arc::clone(&files));
+        let resolver = TargetResolver::new().with_loaded(watch);
+        let this: &'static LiveUprobes = Box::leak(Box::new(LiveUprobes {
+            registry,
+            space,
+            resolver,
+            files,
+            subscription: OnceLock::new(),
+            mapped: AtomicU64::new(0),
+            unmapped: AtomicU64::new(0),
+            install_errors: AtomicU64::new(0),
+        }));
+        // Attached for good (leaked, like every live registry).
+        drop(try_attach(this).ok_or("no trap dispatcher slot left")?);
+        // A breakpoint another registry finds here is named as ours.
+        let space = this.space.id;
+        super::holders::add(
+            owner,
+            Box::new(move |addr| {
+                this.registry
+                    .installed_at(space, addr)
+                    .map(|key| format!("the live uprobe registry (file offset {:#x})", key.offset))
+            }),
+        );
+        // The replay maps every object loaded now; later changes follow.
+        let sub = watch.subscribe(move |ev| this.on_loader(ev));
+        let _ = this.subscription.set(sub);
+        Ok(this)
+    }
+
+    /// The registry: register consumers by key here (or by target with
+    /// [`register`](Self::register)).
+    pub fn registry(&self) -> &LiveUprobeRegistry {
+        &self.registry
+    }
+
+    /// This process's space id (stable across `fork`: the child's copy of
+    /// the registry describes the child).
+    pub fn space_id(&self) -> SpaceId {
+        self.space.id
+    }
+
+    /// The space.
+    pub fn space(&self) -> &Arc<ThisProcess> {
+        &self.space
+    }
+
+    /// The resolver targets go through (loaded objects first).
+    pub fn resolver(&self) -> &TargetResolver {
+        &self.resolver
+    }
+
+    /// The runtime's counters.
+    pub fn stats(&self) -> LiveUprobeStats {
+        // Relaxed: statistics, each read as of some moment.
+        LiveUprobeStats {
+            mapped: self.mapped.load(Ordering::Relaxed),
+            unmapped: self.unmapped.load(Ordering::Relaxed),
+            install_errors: self.install_errors.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Resolves `target` and registers `consumer` there: at a function's
+    /// first instruction or inside one (the offset checked against the
+    /// instruction boundaries from the function's start), installed now in
+    /// every mapping of the file and in every later one. The file's code is
+    /// read from disk first, so bad input is refused even when the file is
+    /// not mapped yet.
+    ///
+    /// # Errors
+    /// What resolution reports (no such file, symbol, offset outside the
+    /// code, an IFUNC name), and what
+    /// [`UprobeRegistry::register_in_function`] reports (an offset inside an
+    /// instruction, an unsupported instruction, someone else's breakpoint
+    /// there — a kprobe's included —, a return handler away from a function
+    /// entry). Nothing changes on error. A registration that meets text a
+    /// concurrent `dlclose` has just unmapped (before the loader reported
+    /// it) waits for the report (up to [`FORGET_TIMEOUT`]) and tries again.
+    pub fn register(
+        &self,
+        target: &UprobeTarget,
+        consumer: &Consumer,
+    ) -> Result<ResolvedTarget, ProbeError> {
+        let resolved = self.resolver.resolve(target)?;
+        self.files.load(resolved.file, &resolved.path);
+        let key = resolved.key();
+        let register = || match &resolved.function {
+            Some(f) => self.registry.register_in_function(key, f.offset, consumer),
+            None => self.registry.register(key, consumer),
+        };
+        let mut retries = 0;
+        loop {
+            let before = self.space.watch.stats();
+            let e = match register() {
+                Ok(()) => return Ok(resolved),
+                Err(e) => e,
+            };
+            // A `dlclose` unmapped the file between its unmapping and the
+            // loader's report (which tells the registry, before `dlclose`
+            // returns): the install met text that is gone. Nothing changed;
+            // try again once the registry caught up. The loader moved during
+            // the attempt (the text may even be mapped again already), or
+            // the address is unmapped and the report comes soon.
+            let gone = match e {
+                ProbeError::TextAccess { addr, .. } | ProbeError::TextGone { addr } => Some(addr),
+                _ => None,
+            };
+            let again =
+                gone.is_some_and(|addr| retries < MAX_RETRIES && self.await_loader(addr, before));
+            if !again {
+                return Err(e);
+            }
+            retries += 1;
+        }
+    }
+
+    /// After an install failed at `addr` in an attempt that began when the
+    /// loader watch's counters were `before`: whether to try again, once
+    /// the loader's reports since have been handled. Yes if the loader moved
+    /// since (the attempt raced a load or unload), or if `addr` is unmapped
+    /// and the report of that comes within [`FORGET_TIMEOUT`]. No if `addr`
+    /// is mapped and nothing moved (a real failure), or if the unmapping is
+    /// never reported (not the loader's doing).
+    fn await_loader(&self, addr: u64, before: LoaderStats) -> bool {
+        let watch = self.space.watch;
+        // A report in progress holds the watch's lock while the subscribers
+        // (this registry's `on_mmap`/`on_munmap`) run: let it finish.
+        let settle = || drop(watch.objects());
+        settle();
+        if watch.stats() != before {
+            return true;
+        }
+        let mapped = super::maps::Maps::read()
+            .map(|m| m.find(addr).is_some())
+            .unwrap_or(true);
+        if mapped {
+            return false;
+        }
+        let start = std::time::Instant::now();
+        while watch.stats() == before {
+            if start.elapsed() > FORGET_TIMEOUT {
+                return false;
+            }
+            std::thread::yield_now();
+        }
+        settle();
+        true
+    }
+
+    /// Unregisters `consumer` from `key` (a [`ResolvedTarget::key`]).
+    ///
+    /// # Errors
+    /// As [`UprobeRegistry::unregister`].
+    pub fn unregister(&self, key: UprobeKey, consumer: &Consumer) -> Result<(), ProbeError> {
+        self.registry.unregister(key, consumer)
+    }
+
+    /// A loader change: map or unmap the object's executable segments.
+    fn on_loader(&self, ev: LoaderEvent<'_>) {
+        match ev {
+            LoaderEvent::Loaded(o) => {
+                for m in o.file_mappings() {
+                    // Relaxed: statistics.
+                    self.mapped.fetch_add(1, Ordering::Relaxed);
+                    if self.registry.on_mmap(&self.space, m).is_err() {
+                        self.install_errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            LoaderEvent::Unloaded(o) => {
+                for m in o.file_mappings() {
+                    // Relaxed: statistics.
+                    self.unmapped.fetch_add(1, Ordering::Relaxed);
+                    self.registry.on_munmap(self.space.id, m.vaddr);
+                }
+            }
+        }
+    }
+}
+
+/// How a step under way ends: on its marker, or on the trap flag.
+fn step_verdict(marker: Option<u64>) -> Verdict {
+    match marker {
+        Some(marker) => Verdict::StepToMarker { marker },
+        None => Verdict::Step,
+    }
+}
+
+impl TrapDispatcher for LiveUprobes {
+    fn on_breakpoint(
+        &'static self,
+        regs: &mut Regs,
+        mem: &mut dyn DataMemory,
+        stash: &mut StepStash,
+    ) -> Verdict {
+        let at = X86_64.trap_address(regs);
+        if at == self.space.trampoline {
+            return match self.registry.on_return_in_trap(self.space.id, regs) {
+                ReturnOutcome::Returned { .. } => Verdict::Resume,
+                ReturnOutcome::NotOurs => Verdict::NotOurs,
+            };
+        }
+        match self
+            .registry
+            .on_breakpoint_in_trap(self.space.id, regs, mem)
+        {
+            UprobeOutcome::Done(done) => match done {
+                UprobeFinished::NotOurs => Verdict::NotOurs,
+                UprobeFinished::Vanished | UprobeFinished::Skipped | UprobeFinished::Emulated => {
+                    Verdict::Resume
+                }
+                UprobeFinished::Boosted { slot } => {
+                    // A fault of the copy in the slot is reported at `at`.
+                    super::dispatch::note_boost(slot, at);
+                    Verdict::Resume
+                }
+                UprobeFinished::Failed(e) => Verdict::Failed(e),
+            },
+            UprobeOutcome::SingleStep(step) => {
+                // The marker, not a `Verdict`, is held across the `put`: no
+                // landing pad drops a value that can own a `ProbeError`.
+                let marker = step.plan().step_marker;
+                // The stash is empty: the runtime reserved a fresh entry.
+                let _ = stash.put::<Step>(step);
+                step_verdict(marker)
+            }
+        }
+    }
+
+    fn on_step(
+        &'static self,
+        regs: &mut Regs,
+        mem: &mut dyn DataMemory,
+        stash: &mut StepStash,
+    ) -> Verdict {
+        let Some(step) = stash.take::<Step>() else {
+            return Verdict::NotOurs;
+        };
+        // Held without drop glue: no landing pad of a call below drops a
+        // `ProbeError` (its drop glue can reach `free`, and the trap path
+        // calls no C-library function).
+        let result = std::mem::ManuallyDrop::new(self.registry.on_step_complete(&step, regs, mem));
+        if matches!(*result, Ok(StepOutcome::Repeat)) {
+            let marker = step.plan().step_marker;
+            let _ = stash.put::<Step>(step);
+            return step_verdict(marker);
+        }
+        drop(step);
+        match std::mem::ManuallyDrop::into_inner(result) {
+            Ok(_) => Verdict::Resume,
+            Err(e) => Verdict::Failed(e),
+        }
+    }
+
+    fn on_return(&'static self, _regs: &mut Regs) -> bool {
+        // Uprobe returns trap on the space's own trampoline (handled in
+        // `on_breakpoint`); the kretprobe trampoline is not ours.
+        false
+    }
+
+    fn on_fault(&'static self, regs: &mut Regs, stash: &mut StepStash) -> bool {
+        // Only a fault of the stepped copy itself is the step's.
+        let ours = stash
+            .peek::<Step>()
+            .is_some_and(|s| s.plan().step_entry == regs.ip);
+        if !ours {
+            return false;
+        }
+        // Undone through the stashed step, then taken and dropped: no owned
+        // step is alive across a call that could unwind.
+        if let Some(step) = stash.peek::<Step>() {
+            X86_64.abort_step(step.plan(), step.state(), regs);
+        }
+        drop(stash.take::<Step>());
+        true
+    }
+}
+
+// A step in flight fits the thread's stash (checked when it is put there).
+const _: () = assert!(std::mem::size_of::<Step>() <= super::dispatch::STASH_BYTES);
