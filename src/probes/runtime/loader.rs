@@ -52,8 +52,11 @@
 //! wait for that mutex. So it must not call into the loader's locked entry
 //! points: no `dlopen`, `dlclose`, `dlsym`, `dladdr`, `dlinfo`; no
 //! [`subscribe`](LoaderWatch::subscribe) or dropping a subscription (the
-//! watch's mutex is not recursive). `dl_iterate_phdr` is allowed. A panic
-//! aborts the process, as in every probe handler.
+//! watch's mutex is not recursive). `dl_iterate_phdr` is allowed. It runs
+//! inside the breakpoint's handler, in an `Rcu` read section: it must not
+//! wait for an `Rcu` grace period (no `unregister` of a live kprobe, no
+//! `Rcu::synchronize`; `Rcu::call` is fine). A panic aborts the process,
+//! as in every probe handler.
 //!
 //! # Namespaces, races and limits
 //!
