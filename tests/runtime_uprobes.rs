@@ -429,3 +429,33 @@ fn bad_targets_are_refused_with_nothing_changed() {
     assert_eq!(f(1), 7);
     lib.close();
 }
+
+#[test]
+fn a_hit_inside_a_handler_runs_no_handler_and_counts_missed() {
+    let _g = serial();
+    let so = fixture("upnested", 8);
+    let lib = Lib::open(&so);
+    let f = lib.func(c"f");
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = Arc::clone(&hits);
+    // The handler calls the probed function itself: that hit is nested in
+    // the handler and must not run the handler again.
+    let c = Consumer::builder()
+        .handler(move |_, _| {
+            h.fetch_add(1, Ordering::SeqCst);
+            assert_eq!(f(100), 108);
+            ConsumerAction::Continue
+        })
+        .build();
+    let resolved = live()
+        .register(&UprobeTarget::symbol(so.to_str().unwrap(), "f"), &c)
+        .unwrap();
+    let before = live().registry().nmissed(resolved.key());
+    for x in 0..10 {
+        assert_eq!(f(x), x + 8);
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 10);
+    assert_eq!(live().registry().nmissed(resolved.key()) - before, 10);
+    live().unregister(resolved.key(), &c).unwrap();
+    lib.close();
+}
