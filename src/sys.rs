@@ -282,27 +282,8 @@ pub(crate) fn set_default_disposition(sig: libc::c_int) {
 /// `local` must be valid for writes of `len` bytes. `remote` may be any
 /// address: the kernel checks it.
 pub(crate) unsafe fn process_vm_readv_self(local: *mut u8, remote: u64, len: usize) -> isize {
-    let l = libc::iovec {
-        iov_base: local.cast(),
-        iov_len: len,
-    };
-    let r = libc::iovec {
-        iov_base: remote as *mut libc::c_void,
-        iov_len: len,
-    };
-    // SAFETY: the iovecs are valid for the call; the local one describes
-    // memory the caller lets us write.
-    unsafe {
-        raw::syscall6(
-            libc::SYS_process_vm_readv,
-            getpid() as usize,
-            &l as *const libc::iovec as usize,
-            1,
-            &r as *const libc::iovec as usize,
-            1,
-            0,
-        )
-    }
+    // SAFETY: the caller's contract (the kernel writes `local`).
+    unsafe { process_vm_self(libc::SYS_process_vm_readv, local, remote, len) }
 }
 
 /// Writes `len` bytes from `local` to `remote` of this process with
@@ -314,19 +295,30 @@ pub(crate) unsafe fn process_vm_readv_self(local: *mut u8, remote: u64, len: usi
 /// `local` must be valid for reads of `len` bytes. `remote` may be any
 /// address: the kernel checks it.
 pub(crate) unsafe fn process_vm_writev_self(local: *const u8, remote: u64, len: usize) -> isize {
+    // SAFETY: the caller's contract (the kernel only reads `local`).
+    unsafe { process_vm_self(libc::SYS_process_vm_writev, local.cast_mut(), remote, len) }
+}
+
+/// `process_vm_readv`/`process_vm_writev` (`nr`) on this process, one
+/// iovec each side.
+///
+/// # Safety
+/// `local` valid for the access `nr` makes (written by a read, read by a
+/// write) of `len` bytes.
+unsafe fn process_vm_self(nr: libc::c_long, local: *mut u8, remote: u64, len: usize) -> isize {
     let l = libc::iovec {
-        iov_base: local as *mut libc::c_void,
+        iov_base: local.cast(),
         iov_len: len,
     };
     let r = libc::iovec {
         iov_base: remote as *mut libc::c_void,
         iov_len: len,
     };
-    // SAFETY: the iovecs are valid for the call; the kernel only reads the
-    // local one.
+    // SAFETY: the iovecs are valid for the call; the local one describes
+    // memory the caller lets the kernel access as `nr` does.
     unsafe {
         raw::syscall6(
-            libc::SYS_process_vm_writev,
+            nr,
             getpid() as usize,
             &l as *const libc::iovec as usize,
             1,

@@ -10,6 +10,7 @@
 //! that `dlclose` really unmapped it. Every test takes the binary's serial
 //! lock (they share the SIGTRAP handler and the registry).
 
+mod dl_support;
 mod runtime_support;
 
 use std::path::{Path, PathBuf};
@@ -88,23 +89,7 @@ const INC: &[u8] = &[0x8d, 0x47, 0x01, 0xc3];
 
 /// A shared library built from `source` into this process's temp directory.
 fn build_library(file: &str, source: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("rcu-registry-dlclose-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let c = dir.join(format!("{file}.c"));
-    let so = dir.join(file);
-    std::fs::write(&c, source).unwrap();
-    let out = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-nostdlib", "-o"])
-        .arg(&so)
-        .arg(&c)
-        .output()
-        .expect("running cc");
-    assert!(
-        out.status.success(),
-        "cc: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    so
+    dl_support::build_so("dlclose", file, source, &["-nostdlib"])
 }
 
 /// A library handle from `dlopen`.

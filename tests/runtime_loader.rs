@@ -13,6 +13,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+mod dl_support;
+
+use dl_support::Lib;
 use object::{Object, ObjectSymbol};
 use rcu_registry::probes::runtime::{LoadedObject, LoaderEvent, LoaderWatch};
 use rcu_registry::probes::uprobe::FileId;
@@ -29,29 +32,12 @@ fn watch() -> &'static LoaderWatch {
 }
 
 fn dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rcu-registry-loader-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
+    dl_support::fixture_dir("loader")
 }
 
 /// Builds `lib<name>.so` from `source`, with extra `cc` arguments.
 fn build(name: &str, source: &str, extra: &[&str]) -> PathBuf {
-    let c = dir().join(format!("{name}.c"));
-    let so = dir().join(format!("lib{name}.so"));
-    std::fs::write(&c, source).unwrap();
-    let out = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-O1", "-o"])
-        .arg(&so)
-        .arg(&c)
-        .args(extra)
-        .output()
-        .expect("running cc");
-    assert!(
-        out.status.success(),
-        "cc: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    so
+    dl_support::build_so("loader", &format!("lib{name}.so"), source, extra)
 }
 
 /// A fixture whose constructor sets `ctor_ran` and whose `f` adds `k`.
@@ -86,29 +72,16 @@ fn file_id(path: &Path) -> FileId {
     }
 }
 
-struct Handle(*mut libc::c_void);
-
-// SAFETY: a dlopen handle may be used and closed from any thread.
-unsafe impl Send for Handle {}
-
-fn open(path: &Path) -> Handle {
-    let c = CString::new(path.to_str().unwrap()).unwrap();
-    // SAFETY: a valid C string.
-    let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-    assert!(!h.is_null(), "dlopen {path:?}");
-    Handle(h)
+fn open(path: &Path) -> Lib {
+    Lib::open(path)
 }
 
-fn close(h: Handle) {
-    // SAFETY: a handle from dlopen, closed once.
-    assert_eq!(unsafe { libc::dlclose(h.0) }, 0);
+fn close(h: Lib) {
+    h.close();
 }
 
 fn mapped(path: &Path) -> bool {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .any(|l| l.ends_with(path.to_str().unwrap()))
+    dl_support::is_mapped(path)
 }
 
 /// What a subscriber saw of one object name.
@@ -506,7 +479,7 @@ fn an_object_loaded_into_another_namespace_is_not_reported_as_documented() {
         return;
     }
     let hits = watch().stats().hits - before.hits;
-    close(Handle(h));
+    close(Lib(h));
     // The loader announced the change (the rendezvous is shared by every
     // namespace), but `dl_iterate_phdr` lists the caller's namespace only:
     // the object is not reported (the module docs say so).

@@ -5,6 +5,7 @@
 //! implementation the loader chose. Every test takes the binary's serial
 //! lock (they share the SIGTRAP handler and the registry).
 
+mod dl_support;
 mod runtime_support;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -81,24 +82,11 @@ fn offsets_past_the_end_of_a_function_are_refused_and_change_nothing() {
 
 /// A shared library built from `source` with `cc -shared -fPIC` into this
 /// process's temp directory.
+// Not inlined: `object_qualifiers_pick_one_c_library_function` looks it up
+// by name in this binary's symbols.
+#[inline(never)]
 fn build_library(file: &str, source: &str) -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!("rcu-registry-symbols-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let c = dir.join(format!("{file}.c"));
-    let so = dir.join(file);
-    std::fs::write(&c, source).unwrap();
-    let out = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-O1", "-o"])
-        .arg(&so)
-        .arg(&c)
-        .output()
-        .expect("running cc");
-    assert!(
-        out.status.success(),
-        "cc: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    so
+    dl_support::build_so("symbols", file, source, &[])
 }
 
 /// A library handle from `dlopen`.

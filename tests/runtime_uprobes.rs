@@ -7,11 +7,13 @@
 
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
-use std::ffi::CString;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+mod dl_support;
+
+use dl_support::Lib;
 use rcu_registry::probes::kprobe::Kprobe;
 use rcu_registry::probes::runtime::{Live, LiveUprobes};
 use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeKey, UprobeTarget};
@@ -26,73 +28,29 @@ fn live() -> &'static LiveUprobes {
     LiveUprobes::global().expect("live uprobes in a dynamically linked test binary")
 }
 
-fn dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rcu-registry-uprobes-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// Builds `lib<name>.so`: `int f(int x)` returns `x + k` (through a call
 /// the compiler cannot fold), `int g(int x)` returns `f(x) * 2`, and a
 /// constructor calls `f(1000)` once.
 fn fixture(name: &str, k: i32) -> PathBuf {
-    let c = dir().join(format!("{name}.c"));
-    let so = dir().join(format!("lib{name}.so"));
-    std::fs::write(
-        &c,
-        format!(
+    dl_support::build_so(
+        "uprobes",
+        &format!("lib{name}.so"),
+        &format!(
             "__attribute__((noinline)) int f(int x) {{ __asm__ volatile(\"\"); return x + {k}; }}\n\
              __attribute__((noinline)) int g(int x) {{ return f(x) * 2; }}\n\
              int ctor_saw;\n\
              __attribute__((constructor)) static void init(void) {{ ctor_saw = f(1000); }}\n"
         ),
+        &[],
     )
-    .unwrap();
-    let out = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-O1", "-o"])
-        .arg(&so)
-        .arg(&c)
-        .output()
-        .expect("running cc");
-    assert!(
-        out.status.success(),
-        "cc: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    so
 }
 
-struct Lib(*mut libc::c_void);
-
-impl Lib {
-    fn open(path: &Path) -> Lib {
-        let c = CString::new(path.to_str().unwrap()).unwrap();
-        // SAFETY: a valid C string.
-        let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-        assert!(!h.is_null(), "dlopen {path:?}");
-        Lib(h)
-    }
-
-    fn func(&self, name: &std::ffi::CStr) -> extern "C" fn(i32) -> i32 {
-        // SAFETY: a live handle and a valid C string.
-        let p = unsafe { libc::dlsym(self.0, name.as_ptr()) };
-        assert!(!p.is_null());
-        // SAFETY: the fixture's functions are `int (int)`.
-        unsafe { std::mem::transmute::<*mut libc::c_void, extern "C" fn(i32) -> i32>(p) }
-    }
-
-    fn close(self) {
-        // SAFETY: a handle from dlopen, closed once; no pointer into it is
-        // used afterwards.
-        assert_eq!(unsafe { libc::dlclose(self.0) }, 0);
-    }
+fn dir() -> PathBuf {
+    dl_support::fixture_dir("uprobes")
 }
 
 fn mapped(path: &Path) -> bool {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .any(|l| l.ends_with(path.to_str().unwrap()))
+    dl_support::is_mapped(path)
 }
 
 /// A consumer counting hits whose first argument is in `args` (all hits

@@ -8,12 +8,14 @@
 
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
-use std::ffi::CString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod dl_support;
+
+use dl_support::Lib;
 use rcu_registry::probes::runtime::{LiveUprobes, LoaderWatch};
 use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeTarget};
 
@@ -28,61 +30,15 @@ fn duration() -> Duration {
 
 /// `int f(int x)` returns `x + k`, `int g(int x)` returns `f(x) * 2`.
 fn fixture(name: &str, k: i32) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("rcu-registry-upstress-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let c = dir.join(format!("{name}.c"));
-    let so = dir.join(format!("lib{name}.so"));
-    std::fs::write(
-        &c,
-        format!(
+    dl_support::build_so(
+        "upstress",
+        &format!("lib{name}.so"),
+        &format!(
             "__attribute__((noinline)) int f(int x) {{ __asm__ volatile(\"\"); return x + {k}; }}\n\
              __attribute__((noinline)) int g(int x) {{ return f(x) * 2; }}\n"
         ),
+        &[],
     )
-    .unwrap();
-    let out = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-O1", "-o"])
-        .arg(&so)
-        .arg(&c)
-        .output()
-        .expect("running cc");
-    assert!(
-        out.status.success(),
-        "cc: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    so
-}
-
-struct Lib(*mut libc::c_void);
-
-// SAFETY: a dlopen handle may be used and closed from any thread.
-unsafe impl Send for Lib {}
-// SAFETY: as above; dlsym on a handle is thread-safe.
-unsafe impl Sync for Lib {}
-
-impl Lib {
-    fn open(path: &Path) -> Lib {
-        let c = CString::new(path.to_str().unwrap()).unwrap();
-        // SAFETY: a valid C string.
-        let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-        assert!(!h.is_null(), "dlopen {path:?}");
-        Lib(h)
-    }
-
-    fn func(&self, name: &std::ffi::CStr) -> extern "C" fn(i32) -> i32 {
-        // SAFETY: a live handle and a valid C string.
-        let p = unsafe { libc::dlsym(self.0, name.as_ptr()) };
-        assert!(!p.is_null());
-        // SAFETY: the fixture's functions are `int (int)`.
-        unsafe { std::mem::transmute::<*mut libc::c_void, extern "C" fn(i32) -> i32>(p) }
-    }
-
-    fn close(self) {
-        // SAFETY: a handle from dlopen, closed once, no pointer into it used
-        // afterwards.
-        assert_eq!(unsafe { libc::dlclose(self.0) }, 0);
-    }
 }
 
 fn counting(hits: &Arc<AtomicU64>) -> Consumer {

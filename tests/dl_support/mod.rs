@@ -1,0 +1,81 @@
+//! Fixture shared libraries for the live tests: C sources built with `cc`
+//! into a per-process temporary directory, opened with `dlopen`.
+
+#![allow(dead_code)]
+
+use std::ffi::{CStr, CString};
+use std::path::{Path, PathBuf};
+
+/// `<tmp>/rcu-registry-<tag>-<pid>`, created.
+pub fn fixture_dir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rcu-registry-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Builds `file` (a shared object) in [`fixture_dir`]`(tag)` from `source`
+/// with `cc -shared -fPIC -O1` and `extra` arguments.
+pub fn build_so(tag: &str, file: &str, source: &str, extra: &[&str]) -> PathBuf {
+    let dir = fixture_dir(tag);
+    let c = dir.join(format!("{file}.c"));
+    let so = dir.join(file);
+    std::fs::write(&c, source).unwrap();
+    let out = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&so)
+        .arg(&c)
+        .args(extra)
+        .output()
+        .expect("running cc");
+    assert!(
+        out.status.success(),
+        "cc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    so
+}
+
+/// Whether a mapping of `path` is in `/proc/self/maps`.
+pub fn is_mapped(path: &Path) -> bool {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .any(|l| l.ends_with(path.to_str().unwrap()))
+}
+
+/// A `dlopen` handle.
+pub struct Lib(pub *mut libc::c_void);
+
+// SAFETY: a dlopen handle may be used and closed from any thread.
+unsafe impl Send for Lib {}
+// SAFETY: as above; dlsym on a handle is thread-safe.
+unsafe impl Sync for Lib {}
+
+/// The fixtures' function type.
+pub type IntFn = extern "C" fn(i32) -> i32;
+
+impl Lib {
+    /// `dlopen(path, RTLD_NOW | RTLD_LOCAL)`.
+    pub fn open(path: &Path) -> Lib {
+        let c = CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        assert!(!h.is_null(), "dlopen {path:?}");
+        Lib(h)
+    }
+
+    /// The fixture's `int name(int)`.
+    pub fn func(&self, name: &CStr) -> IntFn {
+        // SAFETY: a live handle and a valid C string.
+        let p = unsafe { libc::dlsym(self.0, name.as_ptr()) };
+        assert!(!p.is_null(), "dlsym {name:?}");
+        // SAFETY: the fixtures' functions are `int (int)`.
+        unsafe { std::mem::transmute::<*mut libc::c_void, IntFn>(p) }
+    }
+
+    /// `dlclose`; no pointer into the library may be used afterwards.
+    pub fn close(self) {
+        // SAFETY: a handle from dlopen, closed once.
+        assert_eq!(unsafe { libc::dlclose(self.0) }, 0);
+    }
+}
