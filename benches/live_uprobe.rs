@@ -25,6 +25,13 @@
 //!    (installed by the loader watch before the constructors run, forgotten
 //!    at `dlclose`). Target: <= 2 us per pending uprobe, amortized.
 //!
+//! Diagnostics beside them: `raw_int3_before_uprobes` and
+//! `kprobe_before_uprobes` (the same two before `LiveUprobes::global()`
+//! sets up the loader watch and the uprobe dispatcher),
+//! `uprobe_with_errno_location` (only `__errno_location` probed, which the
+//! trap handler's outer half calls) and `uprobe_again` (the uprobe alone,
+//! after the scale runs: the peer of `uprobe_with_libc`).
+//!
 //! Medians per probe and the ratios are printed at the end. Fixture
 //! libraries go to `target/tmp/live_uprobe-<pid>/` (removed at the end).
 //! `LIVE_UPROBE_GEN=0` skips the 10,000-function library. Run:
