@@ -1,0 +1,538 @@
+//! Live uprobes on this process (issue 12), each figure against a peer in
+//! the same run:
+//!
+//! 1. **Hit cost** (`live_uprobe_hit/*`): one call of a 4-byte function
+//!    (`lea eax, [rdi + 1]; ret`, from a fixture library built with `cc`)
+//!    unprobed (`plain`); with an `int3` at its entry and an empty SIGTRAP
+//!    handler (`raw_int3`, a copy in this binary: the floor of any trap);
+//!    with a live kprobe on a second copy (`kprobe`); with a live uprobe by
+//!    `FILE:SYMBOL` on a third (`uprobe`). Both probes are boosted (the
+//!    `lea` runs from an XOL slot). Target: uprobe <= 1.15x kprobe.
+//! 2. **Attach at scale** (`live_uprobe_scale/*`): a uprobe on every function
+//!    of the C library (`.dynsym`, one per address, IFUNCs skipped), while
+//!    the program runs and calls it. `libc_register/N` times registering all
+//!    N by `FILE:SYMBOL` (what the registry refuses is counted and printed),
+//!    `libc_unregister/N` removing them with `LiveUprobes::unregister` one at
+//!    a time (the uprobe registry has no batch removal: a grace period per
+//!    probe); the same on a generated library of 10,000 tiny functions
+//!    (`gen_register/10000`, `gen_unregister/10000`). Then the uprobe hit of
+//!    (1) again with every C-library probe installed
+//!    (`live_uprobe_hit/uprobe_with_libc`). Targets: <= 5 us per probe to
+//!    register, <= 1 us per probe to unregister in a batch, hit unchanged.
+//! 3. **dlopen with pending uprobes** (`live_uprobe_dlopen/*/1000`):
+//!    `dlopen` + `dlclose` of a generated library of 1,000 functions, plain
+//!    and with a uprobe registered on each function before the `dlopen`
+//!    (installed by the loader watch before the constructors run, forgotten
+//!    at `dlclose`). Target: <= 2 us per pending uprobe, amortized.
+//!
+//! Diagnostics beside them: `raw_int3_before_uprobes` and
+//! `kprobe_before_uprobes` (the same two before `LiveUprobes::global()`
+//! sets up the loader watch and the uprobe dispatcher),
+//! `uprobe_with_errno_location` (only `__errno_location` probed, which the
+//! trap handler's outer half calls) and `uprobe_again` (the uprobe alone,
+//! after the scale runs: the peer of `uprobe_with_libc`).
+//!
+//! Medians per probe and the ratios are printed at the end. Fixture
+//! libraries go to `target/tmp/live_uprobe-<pid>/` (removed at the end).
+//! `LIVE_UPROBE_GEN=0` skips the 10,000-function library. Run:
+//! `cargo bench --bench live_uprobe` (its own short criterion times).
+
+use std::arch::global_asm;
+use std::collections::BTreeMap;
+use std::ffi::CString;
+use std::hint::black_box;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[allow(dead_code)]
+#[path = "common/samples.rs"]
+mod samples;
+use samples::{median_ns, record};
+
+use criterion::{Criterion, SamplingMode};
+use object::{Object, ObjectSymbol, SymbolKind};
+use rcu_registry::probes::kprobe::{Action, Kprobe};
+use rcu_registry::probes::runtime::{Live, LiveUprobes};
+use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeKey, UprobeTarget};
+
+// The raw-trap peer: an `int3`, then the fixture's body.
+global_asm!(
+    ".pushsection .text.lu_functions,\"ax\",@progbits",
+    ".p2align 4",
+    ".globl lu_raw",
+    ".type lu_raw,@function",
+    "lu_raw:",
+    ".byte 0xcc, 0x8d, 0x47, 0x01, 0xc3",
+    ".size lu_raw, . - lu_raw",
+    ".popsection",
+);
+
+extern "C" {
+    fn lu_raw(x: u32) -> u32;
+}
+
+type Func = unsafe extern "C" fn(u32) -> u32;
+
+/// Functions of the generated libraries.
+const DLOPEN_FUNCS: usize = 1_000;
+const GEN_FUNCS: usize = 10_000;
+
+fn scratch() -> PathBuf {
+    let d = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/tmp")
+        .join(format!("live_uprobe-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn cc(name: &str, source: &str) -> PathBuf {
+    let c = scratch().join(format!("{name}.c"));
+    let so = scratch().join(format!("lib{name}.so"));
+    std::fs::write(&c, source).unwrap();
+    let out = std::process::Command::new("cc")
+        .args(["-shared", "-fPIC", "-O1", "-fcf-protection=none", "-o"])
+        .arg(&so)
+        .arg(&c)
+        .output()
+        .expect("running cc");
+    assert!(
+        out.status.success(),
+        "cc: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    so
+}
+
+/// Three copies of `x + 1` (`lea eax, [rdi + 1]; ret`).
+fn hit_fixture() -> PathBuf {
+    let body = |n: &str| format!("__attribute__((noinline)) int {n}(int x) {{ return x + 1; }}\n");
+    cc(
+        "luhit",
+        &[body("lu_plain"), body("lu_kp"), body("lu_up")].concat(),
+    )
+}
+
+/// `n` functions `gN(x) = x + N`, 16-byte aligned.
+fn generated(name: &str, n: usize) -> PathBuf {
+    let mut s = String::with_capacity(n * 64);
+    for i in 0..n {
+        s.push_str(&format!(
+            "__attribute__((noinline, aligned(16))) int g{i}(int x) {{ return x + {i}; }}\n"
+        ));
+    }
+    cc(name, &s)
+}
+
+struct Lib(*mut libc::c_void);
+
+impl Lib {
+    fn open(path: &Path) -> Lib {
+        let c = CString::new(path.to_str().unwrap()).unwrap();
+        // SAFETY: a valid C string.
+        let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
+        assert!(!h.is_null(), "dlopen {path:?}");
+        Lib(h)
+    }
+
+    fn func(&self, name: &str) -> Func {
+        let c = CString::new(name).unwrap();
+        // SAFETY: a live handle and a valid C string.
+        let p = unsafe { libc::dlsym(self.0, c.as_ptr()) };
+        assert!(!p.is_null(), "dlsym {name}");
+        // SAFETY: the fixtures' functions are `int (int)`.
+        unsafe { std::mem::transmute::<*mut libc::c_void, Func>(p) }
+    }
+
+    fn close(self) {
+        // SAFETY: a handle from dlopen, closed once; no pointer into the
+        // library is used afterwards.
+        assert_eq!(unsafe { libc::dlclose(self.0) }, 0);
+    }
+}
+
+fn call_loop(f: Func, iters: u64) -> Duration {
+    let f = black_box(f);
+    let t0 = Instant::now();
+    for i in 0..iters {
+        // SAFETY: every function called here is a complete `int (int)`.
+        let r = unsafe { f(black_box(i as u32)) };
+        black_box(r);
+    }
+    t0.elapsed()
+}
+
+fn hit_bench(c: &mut Criterion, id: &'static str, f: Func) {
+    let mut g = c.benchmark_group("live_uprobe_hit");
+    g.bench_function(id, |b| {
+        b.iter_custom(|iters| record(&format!("hit/{id}"), call_loop(f, iters), iters))
+    });
+    g.finish();
+}
+
+extern "C" fn empty_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Swaps the SIGTRAP disposition for an empty handler with the runtime's
+/// flags and mask (as `benches/runtime.rs`); returns the one to restore.
+fn install_empty_handler() -> libc::sigaction {
+    // SAFETY: zeroed sigactions are valid; the handler has the SA_SIGINFO
+    // signature; the mask calls only write inside `sa`.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = empty_handler as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
+        libc::sigfillset(&mut sa.sa_mask);
+        for s in [
+            libc::SIGTRAP,
+            libc::SIGSEGV,
+            libc::SIGBUS,
+            libc::SIGILL,
+            libc::SIGFPE,
+        ] {
+            libc::sigdelset(&mut sa.sa_mask, s);
+        }
+        let mut old: libc::sigaction = std::mem::zeroed();
+        assert_eq!(libc::sigaction(libc::SIGTRAP, &sa, &mut old), 0);
+        old
+    }
+}
+
+fn restore_handler(old: &libc::sigaction) {
+    // SAFETY: restores a disposition sigaction returned.
+    unsafe { assert_eq!(libc::sigaction(libc::SIGTRAP, old, std::ptr::null_mut()), 0) };
+}
+
+/// The loaded C library's path, from this process's mappings.
+fn libc_path() -> PathBuf {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(5))
+        .find(|p| p.ends_with("/libc.so.6"))
+        .map(PathBuf::from)
+        .expect("libc.so.6 mapped")
+}
+
+/// One name per function address of `path` (`.symtab` and `.dynsym`
+/// functions with a size, defined; IFUNCs skipped), and the number of
+/// IFUNC addresses skipped.
+fn functions(path: &Path) -> (Vec<String>, usize) {
+    let data = std::fs::read(path).unwrap();
+    let elf = object::File::parse(&*data).unwrap();
+    let mut by_addr: BTreeMap<u64, String> = BTreeMap::new();
+    let mut ifuncs = std::collections::BTreeSet::new();
+    for s in elf.symbols().chain(elf.dynamic_symbols()) {
+        if s.is_undefined() || s.size() == 0 {
+            continue;
+        }
+        let ifunc = matches!(
+            s.flags(),
+            object::SymbolFlags::Elf { st_info, .. } if st_info & 0xf == object::elf::STT_GNU_IFUNC
+        );
+        if ifunc {
+            ifuncs.insert(s.address());
+            continue;
+        }
+        if s.kind() != SymbolKind::Text {
+            continue;
+        }
+        let Ok(name) = s.name() else { continue };
+        // Versioned duplicates share the address; keep the first name.
+        by_addr
+            .entry(s.address())
+            .or_insert_with(|| name.to_string());
+    }
+    for a in &ifuncs {
+        by_addr.remove(a);
+    }
+    (by_addr.into_values().collect(), ifuncs.len())
+}
+
+/// Registers `consumer` on every function of `path` named in `names`;
+/// returns the keys registered and the refusals by error kind.
+fn register_all(
+    live: &LiveUprobes,
+    path: &Path,
+    names: &[String],
+    consumer: &Consumer,
+) -> (Vec<UprobeKey>, BTreeMap<String, usize>) {
+    let file = path.to_str().unwrap();
+    let mut keys = Vec::with_capacity(names.len());
+    let mut refused = BTreeMap::new();
+    for n in names {
+        match live.register(&UprobeTarget::symbol(file, n.as_str()), consumer) {
+            Ok(r) => keys.push(r.key()),
+            Err(e) => {
+                let kind = format!("{e:?}");
+                let kind = kind
+                    .split(|c: char| !c.is_alphanumeric())
+                    .next()
+                    .unwrap_or("?")
+                    .to_string();
+                *refused.entry(kind).or_insert(0) += 1;
+            }
+        }
+    }
+    (keys, refused)
+}
+
+fn unregister_all(live: &LiveUprobes, keys: &[UprobeKey], consumer: &Consumer) {
+    for k in keys {
+        live.unregister(*k, consumer).unwrap();
+    }
+}
+
+fn quiet_consumer() -> Consumer {
+    Consumer::builder()
+        .handler(|_, _| ConsumerAction::Continue)
+        .build()
+}
+
+/// `register_all` / `unregister_all` cycles over `names` of `path`, each
+/// phase its own benchmark (only that phase timed).
+/// Returns the two ids (which carry n).
+fn scale_benches(
+    c: &mut Criterion,
+    live: &LiveUprobes,
+    label: &str,
+    path: &Path,
+    names: &[String],
+) -> [String; 2] {
+    let consumer = quiet_consumer();
+    // The count the ids carry: what registers (refusals do not change).
+    let (keys, refused) = register_all(live, path, names, &consumer);
+    unregister_all(live, &keys, &consumer);
+    let n = keys.len();
+    println!(
+        "{label}: {} functions, {n} registered, refused: {refused:?}",
+        names.len()
+    );
+    let mut g = c.benchmark_group("live_uprobe_scale");
+    g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(2));
+    let ids = [
+        format!("{label}_register/{n}"),
+        format!("{label}_unregister/{n}"),
+    ];
+    let id = &ids[0];
+    g.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            let mut t = Duration::ZERO;
+            for _ in 0..iters {
+                let start = Instant::now();
+                let (keys, _) = register_all(live, path, names, &consumer);
+                t += start.elapsed();
+                assert_eq!(keys.len(), n);
+                unregister_all(live, &keys, &consumer);
+            }
+            record(id, t, iters)
+        })
+    });
+    let id = &ids[1];
+    g.bench_function(id, |b| {
+        b.iter_custom(|iters| {
+            let mut t = Duration::ZERO;
+            for _ in 0..iters {
+                let (keys, _) = register_all(live, path, names, &consumer);
+                let start = Instant::now();
+                unregister_all(live, &keys, &consumer);
+                t += start.elapsed();
+            }
+            record(id, t, iters)
+        })
+    });
+    g.finish();
+    ids
+}
+
+fn main() {
+    let mut c = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
+    let kprobes = Live::global().registry();
+
+    // 1. Hit cost.
+    let hit_so = hit_fixture();
+    let lib = Lib::open(&hit_so);
+    let (plain, kp_f, up_f) = (lib.func("lu_plain"), lib.func("lu_kp"), lib.func("lu_up"));
+    // SAFETY: complete `int (int)` functions.
+    unsafe { assert_eq!(plain(41), 42) };
+    hit_bench(&mut c, "plain", plain);
+    let raw_hit = |c: &mut Criterion, id: &'static str| {
+        let old = install_empty_handler();
+        hit_bench(c, id, lu_raw);
+        restore_handler(&old);
+    };
+    let kprobe_hit = |c: &mut Criterion, id: &'static str| {
+        let kp = Kprobe::at(kp_f as usize as u64)
+            .pre(|_, _| Action::Continue)
+            .build();
+        kprobes.register(&kp).unwrap();
+        hit_bench(c, id, kp_f);
+        kprobes.unregister(&kp).unwrap();
+    };
+    // The kprobe before and after the live uprobes (their dispatcher and
+    // the loader watch) are set up.
+    raw_hit(&mut c, "raw_int3_before_uprobes");
+    kprobe_hit(&mut c, "kprobe_before_uprobes");
+    let live = LiveUprobes::global().expect("live uprobes (a dynamically linked bench)");
+    raw_hit(&mut c, "raw_int3");
+    kprobe_hit(&mut c, "kprobe");
+    let up = quiet_consumer();
+    let up_key = live
+        .register(
+            &UprobeTarget::symbol(hit_so.to_str().unwrap(), "lu_up"),
+            &up,
+        )
+        .unwrap()
+        .key();
+    hit_bench(&mut c, "uprobe", up_f);
+
+    // 2. Attach at scale: the C library, then a generated one.
+    let libc_so = libc_path();
+    let (names, ifuncs) = functions(&libc_so);
+    println!(
+        "{}: {} functions with a size (one per address), {ifuncs} IFUNC addresses skipped",
+        libc_so.display(),
+        names.len()
+    );
+    let mut scale_ids: Vec<String> = scale_benches(&mut c, live, "libc", &libc_so, &names).into();
+    // The hit with every C-library probe installed (and the one of (1)).
+    let counting = quiet_consumer();
+    let (keys, _) = register_all(live, &libc_so, &names, &counting);
+    let installed = live.registry().len();
+    hit_bench(&mut c, "uprobe_with_libc", up_f);
+    unregister_all(live, &keys, &counting);
+    println!(
+        "uprobe_with_libc: {installed} uprobes in the registry; C-library probe hits while \
+         installed: {}",
+        counting.hits()
+    );
+    // The trap handler's outer half calls `__errno_location` (it saves
+    // errno): with that one C-library function probed, each hit nests a
+    // second trap.
+    let errno_c = quiet_consumer();
+    let errno_key = live
+        .register(
+            &UprobeTarget::symbol(libc_so.to_str().unwrap(), "__errno_location"),
+            &errno_c,
+        )
+        .unwrap()
+        .key();
+    hit_bench(&mut c, "uprobe_with_errno_location", up_f);
+    live.unregister(errno_key, &errno_c).unwrap();
+    hit_bench(&mut c, "uprobe_again", up_f);
+    live.unregister(up_key, &up).unwrap();
+    lib.close();
+
+    let gen = std::env::var("LIVE_UPROBE_GEN").map_or(true, |v| v != "0");
+    if gen {
+        let so = generated("lugen", GEN_FUNCS);
+        let glib = Lib::open(&so);
+        let (names, _) = functions(&so);
+        scale_ids.extend(scale_benches(&mut c, live, "gen", &so, &names));
+        glib.close();
+    }
+
+    // 3. dlopen with pending uprobes.
+    let so = generated("ludl", DLOPEN_FUNCS);
+    let (names, _) = functions(&so);
+    assert_eq!(names.len(), DLOPEN_FUNCS);
+    let cycle = |iters: u64| {
+        let start = Instant::now();
+        for _ in 0..iters {
+            Lib::open(&so).close();
+        }
+        start.elapsed()
+    };
+    let mut g = c.benchmark_group("live_uprobe_dlopen");
+    g.sample_size(20);
+    g.bench_function(format!("plain/{DLOPEN_FUNCS}"), |b| {
+        b.iter_custom(|iters| record("dlopen/plain", cycle(iters), iters))
+    });
+    let pending = quiet_consumer();
+    let (keys, refused) = register_all(live, &so, &names, &pending);
+    assert!(refused.is_empty(), "{refused:?}");
+    g.bench_function(format!("pending/{DLOPEN_FUNCS}"), |b| {
+        b.iter_custom(|iters| record("dlopen/pending", cycle(iters), iters))
+    });
+    unregister_all(live, &keys, &pending);
+    g.finish();
+
+    c.final_summary();
+    let _ = std::fs::remove_dir_all(scratch());
+
+    let m = |id: &str| median_ns(id);
+    println!("\nlive uprobes (medians):");
+    if let (Some(k), Some(u), Some(r), Some(p)) = (
+        m("hit/kprobe"),
+        m("hit/uprobe"),
+        m("hit/raw_int3"),
+        m("hit/plain"),
+    ) {
+        println!(
+            "  hit: plain {p:.1} ns, raw int3 {r:.1} ns, kprobe {k:.1} ns ({:.3}x raw), \
+             uprobe {u:.1} ns ({:.3}x raw); uprobe / kprobe {:.3}x (target <= 1.15x: {})",
+            k / r,
+            u / r,
+            u / k,
+            if u / k <= 1.15 { "met" } else { "MISSED" }
+        );
+        if let (Some(w), Some(a)) = (m("hit/uprobe_with_libc"), m("hit/uprobe_again")) {
+            println!(
+                "  hit with the C library probed: {w:.1} ns, {:.3}x alone before, {:.3}x alone after",
+                w / u,
+                w / a
+            );
+        }
+        if let (Some(e), Some(a)) = (m("hit/uprobe_with_errno_location"), m("hit/uprobe_again")) {
+            println!(
+                "  hit with only __errno_location probed: {e:.1} ns, {:.3}x alone after",
+                e / a
+            );
+        }
+        if let (Some(rb), Some(kb)) = (
+            m("hit/raw_int3_before_uprobes"),
+            m("hit/kprobe_before_uprobes"),
+        ) {
+            println!(
+                "  before LiveUprobes::global(): raw int3 {rb:.1} ns, kprobe {kb:.1} ns ({:.3}x raw)",
+                kb / rb
+            );
+        }
+    }
+    let per = |id: &str| -> Option<(usize, f64)> {
+        let n: usize = id.rsplit('/').next()?.parse().ok()?;
+        Some((n, m(id)? / n as f64))
+    };
+    {
+        for id in &scale_ids {
+            if let Some((n, ns)) = per(id) {
+                let (target, what) = if id.contains("_unregister") {
+                    (1000.0, "<= 1 us in a batch; one by one here")
+                } else {
+                    (5000.0, "<= 5 us")
+                };
+                println!(
+                    "  {id}: {:.2} us per probe (n = {n}; target {what}: {})",
+                    ns / 1e3,
+                    if ns <= target { "met" } else { "MISSED" }
+                );
+            }
+        }
+    }
+    if let (Some(p), Some(q)) = (m("dlopen/plain"), m("dlopen/pending")) {
+        let per = (q - p) / DLOPEN_FUNCS as f64;
+        println!(
+            "  dlopen+dlclose: plain {:.1} us, {DLOPEN_FUNCS} pending {:.1} us ({:.1}x): \
+             {:.2} us per pending uprobe (target <= 2 us: {})",
+            p / 1e3,
+            q / 1e3,
+            q / p,
+            per / 1e3,
+            if per <= 2000.0 { "met" } else { "MISSED" }
+        );
+    }
+}
