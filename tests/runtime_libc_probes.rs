@@ -345,8 +345,8 @@ fn system_call_wrappers_take_probes_and_survive_hits() {
 fn the_runtime_s_own_c_library_calls_are_nested_traps_counted_missed() {
     let _g = serial();
     let reg = Live::global().registry();
-    // Every trap the runtime handles reads errno's location (a C-library
-    // call, past its trap flag): with a probe there, each is a nested trap.
+    // A thread's first trap reads errno's location (a C-library call, past
+    // the trap flag): with a probe there, that is a nested trap.
     let errno = Kprobe::symbol("__errno_location", 0).build();
     register(reg, &errno, "__errno_location");
     // A thread's first trap arms its reader slot's release at exit
@@ -399,9 +399,12 @@ fn the_runtime_s_own_c_library_calls_are_nested_traps_counted_missed() {
         setspecific.hits(),
         setspecific.nmissed()
     );
-    // At least one errno read per strlen trap, each nested in the runtime's
-    // own trap handling: counted missed, never recursed into.
-    assert!(errno.nmissed() >= 5 * N, "{}", errno.nmissed());
+    // One errno lookup per thread's first trap (the four new threads at
+    // least), each nested in the runtime's own trap handling: counted
+    // missed, never recursed into. Not one per trap: the location is
+    // recorded per thread.
+    assert!(errno.nmissed() >= 4, "{}", errno.nmissed());
+    assert!(errno.nmissed() < N, "{}", errno.nmissed());
     assert!(setspecific.nmissed() >= 4, "{}", setspecific.nmissed());
     assert!(!in_trap(), "the flag is down outside trap handling");
 }

@@ -114,10 +114,17 @@ pub(crate) struct Nested {
     _uprobes: Option<UprobeScope>,
 }
 
-/// Records this thread's `errno` location (outer trap handling only: it
-/// calls the C library) and returns it.
+/// Records this thread's `errno` location (outer trap handling only: the
+/// first time per thread it calls the C library) and returns it. A
+/// thread's `errno` lives at one address for the thread's life, so later
+/// traps reuse the recorded one: a probe on `__errno_location` is not hit
+/// again by every trap.
 #[inline]
 pub(crate) fn record_errno_location() -> *mut libc::c_int {
+    let known = ERRNO.with(Cell::get);
+    if !known.is_null() {
+        return known;
+    }
     // SAFETY: __errno_location has no preconditions; it returns this
     // thread's errno, valid for the thread's life.
     let p = unsafe { libc::__errno_location() };
