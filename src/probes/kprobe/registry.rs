@@ -312,6 +312,13 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         self.table.lookup(addr, &guard).is_some()
     }
 
+    /// [`has_site`](Self::has_site) calling no C-library function (the
+    /// live runtime's trap path).
+    pub(crate) fn has_site_in_trap(&self, addr: u64) -> bool {
+        let guard = self.rcu.read_in_trap();
+        self.table.lookup(addr, &guard).is_some()
+    }
+
     /// Every probed address with its probes, in address order. Sites whose
     /// text went away (unloaded: see "Text that goes away" in the
     /// [module docs](super)) are not listed; their probes are still in

@@ -135,6 +135,20 @@ pub trait TrapDispatcher: Send + Sync + 'static {
         let _ = (regs, stash);
         false
     }
+
+    /// Whether the breakpoint at `addr` is one this dispatcher placed, as a
+    /// lock-free lookup sees it (no text read; `true` when the lookup
+    /// cannot tell). The runtime first offers a breakpoint trap to the
+    /// first dispatcher that claims it, so one registry's traps do not pay
+    /// the others' misses (a miss reads the text to tell a breakpoint
+    /// removed since the trap from someone else's); when that one answers
+    /// [`Verdict::NotOurs`], or nobody claims the trap, every dispatcher is
+    /// offered it in turn. On the trap path: no C library, no lock. The
+    /// default claims nothing.
+    fn claims(&'static self, addr: u64) -> bool {
+        let _ = addr;
+        false
+    }
 }
 
 /// Words of storage in a [`StepStash`]: the registry's step token is 7.
@@ -399,14 +413,49 @@ pub(crate) fn dispatch_breakpoint(
         (*stack).entries[depth].d = None;
         (*stack).depth = depth + 1;
     }
-    let verdict = find_dispatcher(|d| {
-        // SAFETY: see above; the entry is reserved for this call.
-        let stash = unsafe { &mut (*stack).entries[depth].stash };
-        match d.on_breakpoint(regs, mem, stash) {
-            Verdict::NotOurs => None,
-            v => Some((d, v)),
+    // First the dispatcher that claims the address (one lookup each, no
+    // text read), then, if it declines or nobody claims it, every one in
+    // turn (each miss checks the text for a breakpoint removed since).
+    let claimant = find_dispatcher(|d| d.claims(addr).then_some(d));
+    // No `Verdict` (which can own a `ProbeError`, whose drop glue reaches
+    // `free`) is held with drop glue across a call whose landing pad would
+    // drop it: the claimant's answer waits in a `ManuallyDrop`.
+    let claimed = std::mem::ManuallyDrop::new(match claimant {
+        Some(d) => {
+            // SAFETY: see above; the entry is reserved for this call.
+            let stash = unsafe { &mut (*stack).entries[depth].stash };
+            match d.on_breakpoint(regs, mem, stash) {
+                // Forgotten, not dropped: `NotOurs` owns nothing, but the
+                // drop of a `Verdict` is drop glue that can reach `free`.
+                v @ Verdict::NotOurs => {
+                    std::mem::forget(v);
+                    None
+                }
+                v => Some((d, v)),
+            }
         }
+        None => None,
     });
+    let verdict = if claimed.is_some() {
+        std::mem::ManuallyDrop::into_inner(claimed)
+    } else {
+        find_dispatcher(|d| {
+            if claimant.is_some_and(|c| same(c, d)) {
+                return None;
+            }
+            // SAFETY: see above; the entry is reserved for this call.
+            let stash = unsafe { &mut (*stack).entries[depth].stash };
+            match d.on_breakpoint(regs, mem, stash) {
+                // Forgotten, not dropped: `NotOurs` owns nothing, but the
+                // drop of a `Verdict` is drop glue that can reach `free`.
+                v @ Verdict::NotOurs => {
+                    std::mem::forget(v);
+                    None
+                }
+                v => Some((d, v)),
+            }
+        })
+    };
     // Every arm moves the verdict's parts out: nothing is left to drop
     // (`ProbeError`'s drop glue can reach `free`, and the trap path calls no
     // C-library function).
@@ -425,6 +474,16 @@ pub(crate) fn dispatch_breakpoint(
         (*stack).entries[depth].d = d;
     }
     Some(Ok(()))
+}
+
+/// Whether two dispatchers are the same object (data pointers: a vtable
+/// may be duplicated across codegen units).
+#[inline]
+fn same(a: &'static dyn TrapDispatcher, b: &'static dyn TrapDispatcher) -> bool {
+    std::ptr::addr_eq(
+        a as *const dyn TrapDispatcher,
+        b as *const dyn TrapDispatcher,
+    )
 }
 
 /// Gives back the entry reserved at `depth` and returns `result`.

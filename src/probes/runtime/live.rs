@@ -118,6 +118,11 @@ impl<A: Arch, T: TextMemory + 'static> TrapDispatcher for KprobeRegistry<A, T> {
             ReturnOutcome::Returned { .. }
         )
     }
+
+    #[inline]
+    fn claims(&'static self, addr: u64) -> bool {
+        self.has_site_in_trap(addr)
+    }
 }
 
 /// How a step under way ends: on its marker, or on the trap flag.

@@ -195,6 +195,9 @@ pub fn trap_path_roots() -> Vec<Root> {
     let up_on_breakpoint: UpOnBreakpoint = <LiveUprobes as TrapDispatcher>::on_breakpoint;
     let up_on_step: UpOnBreakpoint = <LiveUprobes as TrapDispatcher>::on_step;
     let up_on_fault: UpOnFault = <LiveUprobes as TrapDispatcher>::on_fault;
+    type Claims<D> = fn(&'static D, u64) -> bool;
+    let claims: Claims<LiveRegistry> = <LiveRegistry as TrapDispatcher>::claims;
+    let up_claims: Claims<LiveUprobes> = <LiveUprobes as TrapDispatcher>::claims;
     let read: Read = <ThreadMemory as DataMemory>::read;
     let write: Write = <ThreadMemory as DataMemory>::write;
     let read_u64: ReadU64 = <ThreadMemory as DataMemory>::read_u64;
@@ -217,6 +220,8 @@ pub fn trap_path_roots() -> Vec<Root> {
             up_on_breakpoint as usize,
             up_on_step as usize,
             up_on_fault as usize,
+            claims as usize,
+            up_claims as usize,
             read as usize,
             write as usize,
             read_u64 as usize,

@@ -444,6 +444,10 @@ impl TrapDispatcher for LiveUprobes {
         }
     }
 
+    fn claims(&'static self, addr: u64) -> bool {
+        addr == self.space.trampoline || self.registry.installed_in_trap(self.space.id, addr)
+    }
+
     fn on_return(&'static self, _regs: &mut Regs) -> bool {
         // Uprobe returns trap on the space's own trampoline (handled in
         // `on_breakpoint`); the kretprobe trampoline is not ours.

@@ -229,6 +229,19 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         Ok((st, key, up, install))
     }
 
+    /// Whether a breakpoint of this registry is installed at `vaddr` in
+    /// `space`, as the live trap path may ask it: lock-free, no C library,
+    /// `true` when a lookup raced writers and cannot tell.
+    #[cfg_attr(loom, allow(dead_code))]
+    pub(crate) fn installed_in_trap(&self, space: SpaceId, vaddr: u64) -> bool {
+        let guard = self.domain.read_in_trap();
+        match self.spaces.get_in_trap(&guard, &space) {
+            Ok(Some(st)) => !matches!(st.installs.get_in_trap(&guard, &vaddr), Ok(None)),
+            Ok(None) => false,
+            Err(_) => true,
+        }
+    }
+
     /// The uprobe a breakpoint at `vaddr` in `space` belongs to, if any
     /// (the hit path's lookup, without running anything).
     pub fn find(&self, space: SpaceId, vaddr: u64) -> Option<UprobeKey> {
