@@ -37,6 +37,8 @@
 //! `LIVE_UPROBE_GEN=0` skips the 10,000-function library. Run:
 //! `cargo bench --bench live_uprobe` (its own short criterion times).
 
+#[path = "common/raw_trap.rs"]
+mod raw_trap;
 use std::arch::global_asm;
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -167,38 +169,6 @@ fn hit_bench(c: &mut Criterion, id: &'static str, f: Func) {
         b.iter_custom(|iters| record(&format!("hit/{id}"), call_loop(f, iters), iters))
     });
     g.finish();
-}
-
-extern "C" fn empty_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// Swaps the SIGTRAP disposition for an empty handler with the runtime's
-/// flags and mask (as `benches/runtime.rs`); returns the one to restore.
-fn install_empty_handler() -> libc::sigaction {
-    // SAFETY: zeroed sigactions are valid; the handler has the SA_SIGINFO
-    // signature; the mask calls only write inside `sa`.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = empty_handler as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
-        libc::sigfillset(&mut sa.sa_mask);
-        for s in [
-            libc::SIGTRAP,
-            libc::SIGSEGV,
-            libc::SIGBUS,
-            libc::SIGILL,
-            libc::SIGFPE,
-        ] {
-            libc::sigdelset(&mut sa.sa_mask, s);
-        }
-        let mut old: libc::sigaction = std::mem::zeroed();
-        assert_eq!(libc::sigaction(libc::SIGTRAP, &sa, &mut old), 0);
-        old
-    }
-}
-
-fn restore_handler(old: &libc::sigaction) {
-    // SAFETY: restores a disposition sigaction returned.
-    unsafe { assert_eq!(libc::sigaction(libc::SIGTRAP, old, std::ptr::null_mut()), 0) };
 }
 
 /// The loaded C library's path, from this process's mappings.
@@ -361,9 +331,9 @@ fn main() {
     unsafe { assert_eq!(plain(41), 42) };
     hit_bench(&mut c, "plain", plain);
     let raw_hit = |c: &mut Criterion, id: &'static str| {
-        let old = install_empty_handler();
+        let old = raw_trap::install_empty_handler();
         hit_bench(c, id, lu_raw);
-        restore_handler(&old);
+        raw_trap::restore_handler(&old);
     };
     let kprobe_hit = |c: &mut Criterion, id: &'static str| {
         let kp = Kprobe::at(kp_f as usize as u64)

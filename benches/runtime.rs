@@ -20,6 +20,8 @@
 //! Ratios against `raw_int3` are printed at the end. Run:
 //! `cargo bench --bench runtime -- --warm-up-time 1 --measurement-time 2`
 
+#[path = "common/raw_trap.rs"]
+mod raw_trap;
 use std::arch::global_asm;
 use std::collections::BTreeMap;
 use std::hint::black_box;
@@ -131,38 +133,6 @@ fn median(id: &str) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
-extern "C" fn empty_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
-
-/// Swaps the SIGTRAP disposition for an empty handler with the runtime's
-/// flags and mask; returns the one to restore.
-fn install_empty_handler() -> libc::sigaction {
-    // SAFETY: zeroed sigactions are valid; the handler has the SA_SIGINFO
-    // signature; the mask calls only write inside `sa`.
-    unsafe {
-        let mut sa: libc::sigaction = std::mem::zeroed();
-        sa.sa_sigaction = empty_handler as *const () as usize;
-        sa.sa_flags = libc::SA_SIGINFO | libc::SA_NODEFER;
-        libc::sigfillset(&mut sa.sa_mask);
-        for s in [
-            libc::SIGTRAP,
-            libc::SIGSEGV,
-            libc::SIGBUS,
-            libc::SIGILL,
-            libc::SIGFPE,
-        ] {
-            libc::sigdelset(&mut sa.sa_mask, s);
-        }
-        let mut old: libc::sigaction = std::mem::zeroed();
-        assert_eq!(libc::sigaction(libc::SIGTRAP, &sa, &mut old), 0);
-        old
-    }
-}
-
-fn restore_handler(old: &libc::sigaction) {
-    // SAFETY: restores a disposition sigaction returned.
-    unsafe { assert_eq!(libc::sigaction(libc::SIGTRAP, old, std::ptr::null_mut()), 0) };
-}
-
 /// Linux uprobes on `rb_plain` through tracefs, if the machine allows.
 fn uprobe_column(c: &mut Criterion) -> Result<(), String> {
     let tracing = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
@@ -213,9 +183,9 @@ fn main() {
 
     bench(&mut c, "plain_call", rb_plain);
 
-    let old = install_empty_handler();
+    let old = raw_trap::install_empty_handler();
     bench(&mut c, "raw_int3", rb_raw);
-    restore_handler(&old);
+    raw_trap::restore_handler(&old);
 
     let p = Kprobe::at(addr(rb_boost))
         .pre(|_p, _r| Action::Continue)

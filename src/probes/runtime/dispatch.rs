@@ -424,15 +424,7 @@ pub(crate) fn dispatch_breakpoint(
         Some(d) => {
             // SAFETY: see above; the entry is reserved for this call.
             let stash = unsafe { &mut (*stack).entries[depth].stash };
-            match d.on_breakpoint(regs, mem, stash) {
-                // Forgotten, not dropped: `NotOurs` owns nothing, but the
-                // drop of a `Verdict` is drop glue that can reach `free`.
-                v @ Verdict::NotOurs => {
-                    std::mem::forget(v);
-                    None
-                }
-                v => Some((d, v)),
-            }
+            offer(d, regs, mem, stash)
         }
         None => None,
     });
@@ -445,15 +437,7 @@ pub(crate) fn dispatch_breakpoint(
             }
             // SAFETY: see above; the entry is reserved for this call.
             let stash = unsafe { &mut (*stack).entries[depth].stash };
-            match d.on_breakpoint(regs, mem, stash) {
-                // Forgotten, not dropped: `NotOurs` owns nothing, but the
-                // drop of a `Verdict` is drop glue that can reach `free`.
-                v @ Verdict::NotOurs => {
-                    std::mem::forget(v);
-                    None
-                }
-                v => Some((d, v)),
-            }
+            offer(d, regs, mem, stash)
         })
     };
     // Every arm moves the verdict's parts out: nothing is left to drop
@@ -474,6 +458,25 @@ pub(crate) fn dispatch_breakpoint(
         (*stack).entries[depth].d = d;
     }
     Some(Ok(()))
+}
+
+/// Offers a breakpoint trap to `d`: its verdict unless it is not `d`'s.
+#[inline(always)]
+fn offer(
+    d: &'static dyn TrapDispatcher,
+    regs: &mut Regs,
+    mem: &mut dyn DataMemory,
+    stash: &mut StepStash,
+) -> Option<(&'static dyn TrapDispatcher, Verdict)> {
+    match d.on_breakpoint(regs, mem, stash) {
+        // Forgotten, not dropped: `NotOurs` owns nothing, but the drop of a
+        // `Verdict` is drop glue that can reach `free`.
+        v @ Verdict::NotOurs => {
+            std::mem::forget(v);
+            None
+        }
+        v => Some((d, v)),
+    }
 }
 
 /// Whether two dispatchers are the same object (data pointers: a vtable
