@@ -340,6 +340,15 @@ impl LoaderWatch {
         }
     }
 
+    /// How many changes the watch has handled, read under its lock: a
+    /// report in progress (its subscribers running) is waited for, so the
+    /// count names a state every subscriber has seen whole.
+    pub(crate) fn settled_changes(&self) -> u64 {
+        let _held = self.lock();
+        // Relaxed: written under the lock just taken.
+        self.changes.load(Ordering::Relaxed)
+    }
+
     /// The loader's list as of the last change the watch saw.
     pub fn objects(&self) -> Vec<LoadedObject> {
         self.lock().state().list.objects.clone()

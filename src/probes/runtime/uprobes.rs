@@ -66,7 +66,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use self::disk::DiskFiles;
 pub use self::space::ThisProcess;
 use super::dispatch::{try_attach, StepStash, TrapDispatcher, Verdict};
-use super::loader::{LoaderEvent, LoaderStats, LoaderSubscription, LoaderWatch};
+use super::loader::{LoaderEvent, LoaderSubscription, LoaderWatch};
 use super::{Live, XolArea};
 use crate::probes::arch::{Arch, DataMemory, Regs, StepOutcome, X86_64};
 use crate::probes::outcome::ReturnOutcome;
@@ -282,7 +282,7 @@ impl LiveUprobes {
         };
         let mut retries = 0;
         loop {
-            let before = self.space.watch.stats();
+            let before = self.space.watch.settled_changes();
             let e = match register() {
                 Ok(()) => return Ok(resolved),
                 Err(e) => e,
@@ -307,35 +307,38 @@ impl LiveUprobes {
     }
 
     /// After an install failed at `addr` in an attempt that began when the
-    /// loader watch's counters were `before`: whether to try again, once
+    /// loader watch had handled `before` changes: whether to try again, once
     /// the loader's reports since have been handled. Yes if the loader moved
     /// since (the attempt raced a load or unload), or if `addr` is unmapped
     /// and the report of that comes within [`FORGET_TIMEOUT`]. No if `addr`
     /// is mapped and nothing moved (a real failure), or if the unmapping is
     /// never reported (not the loader's doing).
-    fn await_loader(&self, addr: u64, before: LoaderStats) -> bool {
+    fn await_loader(&self, addr: u64, before: u64) -> bool {
         let watch = self.space.watch;
-        // A report in progress holds the watch's lock while the subscribers
-        // (this registry's `on_mmap`/`on_munmap`) run: let it finish.
-        let settle = || drop(watch.objects());
-        settle();
-        if watch.stats() != before {
+        // Counted under the watch's lock, as `before` was: a report that
+        // was in progress when the attempt began (its `on_munmap` not yet
+        // run) is not taken for the state the attempt saw.
+        if watch.settled_changes() != before {
             return true;
         }
         let mapped = super::maps::Maps::read()
             .map(|m| m.find(addr).is_some())
             .unwrap_or(true);
         if mapped {
+            // Nothing changed since the attempt began and the text is
+            // there: a real failure (the loader lock keeps a new mapping
+            // from arriving before the old one's report).
             return false;
         }
         let start = std::time::Instant::now();
-        while watch.stats() == before {
+        while watch.stats().changes == before {
             if start.elapsed() > FORGET_TIMEOUT {
                 return false;
             }
             std::thread::yield_now();
         }
-        settle();
+        // Its subscribers done.
+        let _ = watch.settled_changes();
         true
     }
 
