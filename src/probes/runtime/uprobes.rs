@@ -87,6 +87,10 @@ pub const FORGET_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1
 /// again (each try follows a change of the loader's list).
 const MAX_RETRIES: usize = 1000;
 
+/// How many times a text failure the loader watch cannot explain is tried
+/// again (see [`LiveUprobes::register`]).
+const BLIND_RETRIES: usize = 3;
+
 /// The uprobe registry over this process.
 pub type LiveUprobeRegistry = UprobeRegistry<X86_64, ThisProcess, Rcu>;
 
@@ -280,7 +284,7 @@ impl LiveUprobes {
             Some(f) => self.registry.register_in_function(key, f.offset, consumer),
             None => self.registry.register(key, consumer),
         };
-        let mut retries = 0;
+        let (mut retries, mut blind) = (0, 0);
         loop {
             let before = self.space.watch.settled_changes();
             let e = match register() {
@@ -297,8 +301,17 @@ impl LiveUprobes {
                 ProbeError::TextAccess { addr, .. } | ProbeError::TextGone { addr } => Some(addr),
                 _ => None,
             };
-            let again =
-                gone.is_some_and(|addr| retries < MAX_RETRIES && self.await_loader(addr, before));
+            // A text failure the watch cannot explain (the same file still
+            // mapped there, no change reported) is tried again a few times
+            // too: under `dlopen`/`dlclose` churn the stress test still met
+            // such transient failures, whose cause is not understood.
+            let again = gone.is_some_and(|addr| {
+                retries < MAX_RETRIES
+                    && (self.await_loader(addr, before) || {
+                        blind += 1;
+                        blind <= BLIND_RETRIES
+                    })
+            });
             if !again {
                 return Err(e);
             }
@@ -309,9 +322,10 @@ impl LiveUprobes {
     /// After an install failed at `addr` in an attempt that began when the
     /// loader watch had handled `before` changes: whether to try again, once
     /// the loader's reports since have been handled. Yes if the loader moved
-    /// since (the attempt raced a load or unload), or if `addr` is unmapped
-    /// and the report of that comes within [`FORGET_TIMEOUT`]. No if `addr`
-    /// is mapped and nothing moved (a real failure), or if the unmapping is
+    /// since (the attempt raced a load or unload), or if the file the
+    /// registry maps at `addr` is no longer what is mapped there and the
+    /// report of that comes within [`FORGET_TIMEOUT`]. No if the file is
+    /// still there and nothing moved (a real failure), or if the change is
     /// never reported (not the loader's doing).
     fn await_loader(&self, addr: u64, before: u64) -> bool {
         let watch = self.space.watch;
@@ -321,13 +335,25 @@ impl LiveUprobes {
         if watch.settled_changes() != before {
             return true;
         }
-        let mapped = super::maps::Maps::read()
-            .map(|m| m.find(addr).is_some())
-            .unwrap_or(true);
-        if mapped {
-            // Nothing changed since the attempt began and the text is
-            // there: a real failure (the loader lock keeps a new mapping
-            // from arriving before the old one's report).
+        // The file the registry believes is mapped at `addr`, and what is
+        // mapped there now: after an unmap anything may take the range
+        // (another thread's `malloc` arena, a thread stack) before the
+        // loader reports the unload.
+        let believed = self
+            .registry
+            .mappings_of(self.space.id)
+            .into_iter()
+            .find(|m| m.vaddr.contains(&addr))
+            .map(|m| m.file);
+        let now = super::maps::Maps::read().ok().and_then(|maps| {
+            maps.find(addr).map(|m| crate::probes::uprobe::FileId {
+                dev: m.device,
+                inode: m.inode,
+            })
+        });
+        if believed.is_none() || now == believed {
+            // Nothing changed since the attempt began and the file is still
+            // there (or the registry maps nothing there): a real failure.
             return false;
         }
         let start = std::time::Instant::now();
