@@ -18,6 +18,7 @@ mod dl_support;
 use dl_support::Lib;
 use rcu_registry::probes::runtime::{LiveUprobes, LoaderWatch};
 use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeTarget};
+use rcu_registry::probes::ProbeError;
 
 fn duration() -> Duration {
     let secs: u64 = std::env::var("RUNTIME_UPROBE_STRESS_SECS")
@@ -80,6 +81,7 @@ fn loads_unloads_calls_and_registrations_at_once_keep_every_count_exact() {
     let cycled_calls = AtomicU64::new(0);
     let loads = AtomicU64::new(0);
     let churns = AtomicU64::new(0);
+    let refused = AtomicU64::new(0);
     let watch_before = LoaderWatch::global().unwrap().stats();
     let end = Instant::now() + duration();
     std::thread::scope(|s| {
@@ -120,7 +122,7 @@ fn loads_unloads_calls_and_registrations_at_once_keep_every_count_exact() {
         }
         // The churner: a consumer on both libraries' g comes and goes.
         {
-            let (stop, churns, kept, cycled) = (&stop, &churns, &kept, &cycled);
+            let (stop, churns, kept, cycled, refused) = (&stop, &churns, &kept, &cycled, &refused);
             s.spawn(move || {
                 let hits = Arc::new(AtomicU64::new(0));
                 while !stop.load(Ordering::Relaxed) {
@@ -129,12 +131,25 @@ fn loads_unloads_calls_and_registrations_at_once_keep_every_count_exact() {
                         .register(&UprobeTarget::symbol(kept.to_str().unwrap(), "g"), &c)
                         .unwrap()
                         .key();
+                    // A registration on a library being unloaded may end in
+                    // the typed text error the limitations describe (the
+                    // retries ran out): nothing changed; counted, and any
+                    // other error fails the test.
                     let b: Vec<_> = cycled
                         .iter()
-                        .map(|so| {
-                            live.register(&UprobeTarget::symbol(so.to_str().unwrap(), "g"), &c)
-                                .unwrap()
-                                .key()
+                        .filter_map(|so| {
+                            match live
+                                .register(&UprobeTarget::symbol(so.to_str().unwrap(), "g"), &c)
+                            {
+                                Ok(r) => Some(r.key()),
+                                Err(
+                                    ProbeError::TextAccess { .. } | ProbeError::TextGone { .. },
+                                ) => {
+                                    refused.fetch_add(1, Ordering::Relaxed);
+                                    None
+                                }
+                                Err(e) => panic!("registering on a cycled library: {e:?}"),
+                            }
                         })
                         .collect();
                     live.unregister(a, &c).unwrap();
@@ -156,12 +171,14 @@ fn loads_unloads_calls_and_registrations_at_once_keep_every_count_exact() {
     let watch_after = LoaderWatch::global().unwrap().stats();
     println!(
         "{} loads of the cycled libraries ({} unloads seen by the watch), {} + {} calls, \
-         {} registration churns, live stats {:?}",
+         {} registration churns ({} registrations refused with a text error while their \
+         library was unloaded), live stats {:?}",
         loads.load(Ordering::Relaxed),
         watch_after.unloaded - watch_before.unloaded,
         kept_calls.load(Ordering::Relaxed),
         cycled_calls.load(Ordering::Relaxed),
         churns.load(Ordering::Relaxed),
+        refused.load(Ordering::Relaxed),
         live.stats(),
     );
     assert_eq!(
