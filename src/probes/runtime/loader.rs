@@ -335,6 +335,7 @@ impl LoaderWatch {
         LoaderStats {
             hits: self.hits.load(Ordering::Relaxed),
             changes: self.changes.load(Ordering::Relaxed),
+            // Relaxed: statistics, as above.
             loaded: self.loaded.load(Ordering::Relaxed),
             unloaded: self.unloaded.load(Ordering::Relaxed),
         }
@@ -507,8 +508,10 @@ extern "C" fn after_fork_in_child() {
     }
     // SAFETY: a leaked watch, never freed.
     let watch = unsafe { &*watch };
+    // Acquire: for form, as the store below; only this thread exists.
+    let at = watch.lock.load(Ordering::Acquire);
     // SAFETY: the pointer is always a leaked, never freed `Mutex`.
-    let m: &Mutex<()> = unsafe { &*watch.lock.load(Ordering::Acquire) };
+    let m: &Mutex<()> = unsafe { &*at };
     if let Err(std::sync::TryLockError::WouldBlock) = m.try_lock() {
         // Release: for form; only this thread exists.
         watch
