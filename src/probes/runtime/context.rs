@@ -114,10 +114,10 @@ impl DataMemory for ThreadMemory {
                 len: buf.len(),
             });
         }
-        // SAFETY: the address is one the displaced instruction accesses in
-        // place (module docs); a bad one faults exactly as it would there.
         // `copy_bytes`, not `copy_nonoverlapping`: no `memcpy` call on the
         // trap path.
+        // SAFETY: the address is one the displaced instruction accesses in
+        // place (module docs); a bad one faults exactly as it would there.
         unsafe { crate::sys::copy_bytes(addr as *const u8, buf.as_mut_ptr(), buf.len()) };
         Ok(())
     }
