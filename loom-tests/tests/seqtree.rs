@@ -10,6 +10,8 @@
 //! - the walk-depth bound (`MAX_WALK`) is never reached here: the store
 //!   orderings leave no cycle to cut, which is part of what is checked
 //!   (a cycle would make a reader spin until loom gives up);
+//! - `get_in_trap` (no locked fallback) is modelled against one removal
+//!   only;
 //! - `range` scans and `retain`/`clear` (same validation and unlink paths as
 //!   `get` and `remove`, exercised by the stress tests instead).
 //!
@@ -136,5 +138,37 @@ fn lookup_racing_a_replacement_sees_old_or_new_never_neither() {
         assert_eq!(t.insert(1, 100), Some(1));
         r.join().unwrap();
         assert_eq!(t.get_cloned(&1), Some(100));
+    });
+}
+
+#[test]
+fn a_trap_lookup_racing_a_rotating_remove_finds_present_keys_and_never_waits() {
+    // `get_in_trap` (the live trap path's lookup): no locked fallback. A key
+    // present throughout is found; the removed one is found, missed, or
+    // `Busy` (a miss writers kept from being confirmed), never a foreign
+    // value; nothing takes the writer lock, so the model cannot block on it.
+    model(|| {
+        let t = tree(&[1, 2, 3, 4]);
+        let r = {
+            let t = t.clone();
+            thread::spawn(move || {
+                let g = t.domain().read();
+                for k in [1u8, 2, 4] {
+                    assert_eq!(
+                        t.get_in_trap(&g, &k),
+                        Ok(Some(&(k * 10))),
+                        "present key {k}"
+                    );
+                }
+                let v = t.get_in_trap(&g, &3);
+                assert!(
+                    matches!(v, Ok(None) | Ok(Some(&30)) | Err(_)),
+                    "key 3: {v:?}"
+                );
+            })
+        };
+        assert!(t.remove(&3));
+        r.join().unwrap();
+        t.check_invariants().unwrap();
     });
 }
