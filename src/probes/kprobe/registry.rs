@@ -314,6 +314,8 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
 
     /// [`has_site`](Self::has_site) calling no C-library function (the
     /// live runtime's trap path).
+    // Used by the live runtime only, which loom builds leave out.
+    #[cfg_attr(loom, allow(dead_code))]
     pub(crate) fn has_site_in_trap(&self, addr: u64) -> bool {
         let guard = self.rcu.read_in_trap();
         self.table.lookup(addr, &guard).is_some()
