@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use crate::probes::error::{CodeBytes, TextFailure};
 use crate::probes::runtime::maps::MapsQuery;
-use crate::probes::text::{TextIdentity, TextMemory};
+use crate::probes::text::{TextIdentity, TextMemory, TextWrite};
 use crate::probes::ProbeError;
 use crate::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use crate::sync::Mutex;
@@ -333,6 +333,12 @@ impl TextMemory for InProcess {
         }
     }
 
+    /// Writes whose pages touch share one protection change; one-byte
+    /// writes share one core sync (see `write_batch`).
+    fn write_many(&self, writes: &[TextWrite<'_>]) -> Vec<Result<(), ProbeError>> {
+        self.write_batch(writes)
+    }
+
     fn sync_icache(&self, _addr: u64, _len: usize) -> Result<(), ProbeError> {
         sync_cores();
         Ok(())
@@ -373,27 +379,11 @@ impl InProcess {
         expected_old: &[u8],
         new: &[u8],
     ) -> Result<Option<TextIdentity>, ProbeError> {
-        if expected_old.len() != new.len() {
-            return Err(ProbeError::PatchLengthMismatch {
-                expected: expected_old.len(),
-                new: new.len(),
-            });
-        }
         let len = new.len();
-        if len == 0 && matches!(identity, Identity::Ignore) {
+        if len == expected_old.len() && len == 0 && matches!(identity, Identity::Ignore) {
             return Ok(None);
         }
-        if let Some(r) = self.refused_at(addr, len) {
-            return Err(ProbeError::RefusedTarget {
-                addr: addr.max(r.start),
-                what: r.what,
-            });
-        }
-        let end = addr.checked_add(len as u64).ok_or(ProbeError::TextAccess {
-            addr,
-            len,
-            failure: TextFailure::OutOfRange,
-        })?;
+        let end = self.precheck(addr, expected_old, new)?;
         // A poisoned lock guards nothing inconsistent: every write restores
         // the protections before it can panic-free return.
         let mut maps = TEXT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
@@ -419,54 +409,13 @@ impl InProcess {
             current_vec = vec![0u8; len];
             &mut current_vec
         };
-        read_text(addr, current)?;
-        if current != expected_old {
-            return Err(ProbeError::AlreadyPatched {
-                addr,
-                expected: CodeBytes::new(expected_old),
-                found: CodeBytes::new(current),
-            });
-        }
-        if current == new {
+        if !holds(addr, expected_old, new, current)? {
             return Ok(found);
         }
-        let page = page_size();
-        let (pstart, pend) = (addr & !(page - 1), (end + page - 1) & !(page - 1));
-        let range = maps
-            .range_protection(pstart, pend)
-            .map_err(|e| maps_error(addr, len, &e))?
-            .ok_or(ProbeError::TextAccess {
-                addr,
-                len,
-                failure: TextFailure::OutOfRange,
-            })?;
-        if range.shared {
-            return Err(ProbeError::TextAccess {
-                addr,
-                len,
-                failure: TextFailure::Os {
-                    op: "patch a shared file mapping",
-                    errno: libc::EACCES,
-                },
-            });
-        }
-        let runs = range.runs;
-        for (i, &(s, e, prot)) in runs.iter().enumerate() {
-            if !mprotect(s, e, prot | libc::PROT_WRITE) {
-                let err = os_error(addr, len, "mprotect");
-                for &(s, e, prot) in &runs[..i] {
-                    mprotect(s, e, prot);
-                }
-                return Err(err);
-            }
-        }
+        let (pstart, pend) = page_span(addr, end);
+        let runs = make_writable(&mut maps, pstart, pend, addr, len)?;
         let stored = InProcess::store(addr, current, new);
-        let mut restore_failed = None;
-        for &(s, e, prot) in &runs {
-            if !mprotect(s, e, prot) && restore_failed.is_none() {
-                restore_failed = Some(os_error(addr, len, "mprotect (restore)"));
-            }
-        }
+        let restore_failed = restore_protection(&runs, addr, len);
         // Unmapped under the write (`TextGone`): the restores failed too, and
         // there is nothing left to undo.
         stored?;
@@ -479,6 +428,207 @@ impl InProcess {
         }
         Ok(found)
     }
+}
+
+impl InProcess {
+    /// The checks every write makes before it takes the text lock: equal
+    /// lengths, no refused code, no address overflow. Returns the end.
+    fn precheck(&self, addr: u64, expected_old: &[u8], new: &[u8]) -> Result<u64, ProbeError> {
+        if expected_old.len() != new.len() {
+            return Err(ProbeError::PatchLengthMismatch {
+                expected: expected_old.len(),
+                new: new.len(),
+            });
+        }
+        let len = new.len();
+        if let Some(r) = self.refused_at(addr, len) {
+            return Err(ProbeError::RefusedTarget {
+                addr: addr.max(r.start),
+                what: r.what,
+            });
+        }
+        addr.checked_add(len as u64).ok_or(ProbeError::TextAccess {
+            addr,
+            len,
+            failure: TextFailure::OutOfRange,
+        })
+    }
+
+    /// [`TextMemory::write_many`]: under one hold of the text lock, the
+    /// writes whose pages touch go together (one protection lookup and
+    /// change for the run of pages), and one-byte changes (breakpoints in
+    /// and out) share one core sync at the end instead of one each.
+    fn write_batch(&self, writes: &[TextWrite<'_>]) -> Vec<Result<(), ProbeError>> {
+        let mut out: Vec<Result<(), ProbeError>> = Vec::with_capacity(writes.len());
+        let mut order: Vec<usize> = Vec::with_capacity(writes.len());
+        for (i, w) in writes.iter().enumerate() {
+            out.push(self.precheck(w.addr, w.old, w.new).map(drop));
+            if out[i].is_ok() && !w.new.is_empty() {
+                order.push(i);
+            }
+        }
+        order.sort_by_key(|&i| writes[i].addr);
+        let mut maps = TEXT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+        let mut sync = false;
+        let mut todo: Vec<usize> = Vec::new();
+        let mut k = 0;
+        while k < order.len() {
+            // One group: the writes whose page spans touch or overlap.
+            let first = &writes[order[k]];
+            let (gstart, mut gend) = page_span(first.addr, first.addr + first.new.len() as u64);
+            let mut j = k + 1;
+            while j < order.len() {
+                let w = &writes[order[j]];
+                let (s, e) = page_span(w.addr, w.addr + w.new.len() as u64);
+                if s > gend {
+                    break;
+                }
+                gend = gend.max(e);
+                j += 1;
+            }
+            todo.clear();
+            for &i in &order[k..j] {
+                let w = &writes[i];
+                let mut buf = [0u8; CodeBytes::CAPACITY];
+                let mut long;
+                let current: &mut [u8] = if w.new.len() <= buf.len() {
+                    &mut buf[..w.new.len()]
+                } else {
+                    long = vec![0u8; w.new.len()];
+                    &mut long
+                };
+                match holds(w.addr, w.old, w.new, current) {
+                    Ok(true) => todo.push(i),
+                    Ok(false) => {}
+                    Err(e) => out[i] = Err(e),
+                }
+            }
+            k = j;
+            if todo.is_empty() {
+                continue;
+            }
+            let (addr, len) = (gstart, (gend - gstart) as usize);
+            let runs = match make_writable(&mut maps, gstart, gend, addr, len) {
+                Ok(runs) => runs,
+                Err(e) => {
+                    for &i in &todo {
+                        out[i] = Err(e.clone());
+                    }
+                    continue;
+                }
+            };
+            for &i in &todo {
+                let w = &writes[i];
+                out[i] = if w.old[1..] == w.new[1..] {
+                    // One byte: atomic against fetch; synced with the rest.
+                    sync = true;
+                    put(w.addr, &w.new[..1])
+                } else {
+                    InProcess::store(w.addr, w.old, w.new)
+                };
+            }
+            if let Some(err) = restore_protection(&runs, addr, len) {
+                // As in `write_checked`: undo what was written, report.
+                for &i in &todo {
+                    let w = &writes[i];
+                    if out[i].is_ok() {
+                        let _ = InProcess::store(w.addr, w.new, w.old);
+                        out[i] = Err(err.clone());
+                    }
+                }
+            }
+        }
+        drop(maps);
+        if sync {
+            sync_cores();
+        }
+        out
+    }
+}
+
+/// Whether the text at `addr` (read into `current`, as long as `old`)
+/// needs the write: `Ok(true)` when it holds `old` and `old != new`,
+/// `Ok(false)` when it already holds `new` (and `old == new`).
+///
+/// # Errors
+/// [`ProbeError::AlreadyPatched`] when it holds something else; the read's
+/// error.
+fn holds(addr: u64, old: &[u8], new: &[u8], current: &mut [u8]) -> Result<bool, ProbeError> {
+    read_text(addr, current)?;
+    if current != old {
+        return Err(ProbeError::AlreadyPatched {
+            addr,
+            expected: CodeBytes::new(old),
+            found: CodeBytes::new(current),
+        });
+    }
+    Ok(current != new)
+}
+
+/// The whole pages `[addr, end)` touches.
+fn page_span(addr: u64, end: u64) -> (u64, u64) {
+    let page = page_size();
+    (addr & !(page - 1), (end + page - 1) & !(page - 1))
+}
+
+/// Adds `PROT_WRITE` to the pages `[pstart, pend)` (text lock held) and
+/// returns their runs of previous protection, for
+/// [`restore_protection`]. Errors name `addr`/`len`, the caller's write.
+///
+/// # Errors
+/// The pages are not all mapped, a shared file mapping, or `mprotect`
+/// fails (the runs changed before are restored).
+fn make_writable(
+    maps: &mut MapsQuery,
+    pstart: u64,
+    pend: u64,
+    addr: u64,
+    len: usize,
+) -> Result<Vec<(u64, u64, libc::c_int)>, ProbeError> {
+    let range = maps
+        .range_protection(pstart, pend)
+        .map_err(|e| maps_error(addr, len, &e))?
+        .ok_or(ProbeError::TextAccess {
+            addr,
+            len,
+            failure: TextFailure::OutOfRange,
+        })?;
+    if range.shared {
+        return Err(ProbeError::TextAccess {
+            addr,
+            len,
+            failure: TextFailure::Os {
+                op: "patch a shared file mapping",
+                errno: libc::EACCES,
+            },
+        });
+    }
+    let runs = range.runs;
+    for (i, &(s, e, prot)) in runs.iter().enumerate() {
+        if !mprotect(s, e, prot | libc::PROT_WRITE) {
+            let err = os_error(addr, len, "mprotect");
+            for &(s, e, prot) in &runs[..i] {
+                mprotect(s, e, prot);
+            }
+            return Err(err);
+        }
+    }
+    Ok(runs)
+}
+
+/// Puts back the protections `make_writable` changed; the first failure.
+fn restore_protection(
+    runs: &[(u64, u64, libc::c_int)],
+    addr: u64,
+    len: usize,
+) -> Option<ProbeError> {
+    let mut failed = None;
+    for &(s, e, prot) in runs {
+        if !mprotect(s, e, prot) && failed.is_none() {
+            failed = Some(os_error(addr, len, "mprotect (restore)"));
+        }
+    }
+    failed
 }
 
 /// How `read_text` reads.

@@ -319,6 +319,50 @@ impl LiveUprobes {
         }
     }
 
+    /// Resolves every target and registers `consumer` on all of them in one
+    /// batch ([`UprobeRegistry::register_many`]: one text batch for all the
+    /// breakpoints), the way to attach to every function of a library (a
+    /// glob, a multi-attach). Returns one result per target, in order.
+    /// Resolution comes first, for all: a target that does not resolve
+    /// fails alone. An item that meets text a concurrent `dlclose` has just
+    /// unmapped is tried again alone, as [`register`](Self::register) does.
+    ///
+    /// # Errors
+    /// Per target, as [`register`](Self::register); a failed target
+    /// changes nothing, the others are registered.
+    pub fn register_many(
+        &self,
+        targets: &[UprobeTarget],
+        consumer: &Consumer,
+    ) -> Vec<Result<ResolvedTarget, ProbeError>> {
+        let mut out: Vec<Result<ResolvedTarget, ProbeError>> =
+            targets.iter().map(|t| self.resolver.resolve(t)).collect();
+        let mut loaded = std::collections::HashSet::new();
+        for r in out.iter().flatten() {
+            if loaded.insert(r.file) {
+                self.files.load(r.file, &r.path);
+            }
+        }
+        let idx: Vec<usize> = (0..out.len()).filter(|&i| out[i].is_ok()).collect();
+        let items: Vec<(UprobeKey, Option<u64>)> = idx
+            .iter()
+            .filter_map(|&i| out[i].as_ref().ok())
+            .map(|r| (r.key(), r.function.as_ref().map(|f| f.offset)))
+            .collect();
+        let results = self.registry.register_many(&items, consumer);
+        for (&i, r) in idx.iter().zip(results) {
+            match r {
+                Ok(()) => {}
+                Err(ProbeError::TextAccess { .. } | ProbeError::TextGone { .. }) => {
+                    // Raced an unload: alone, with `register`'s waiting.
+                    out[i] = self.register(&targets[i], consumer);
+                }
+                Err(e) => out[i] = Err(e),
+            }
+        }
+        out
+    }
+
     /// After an install failed at `addr` in an attempt that began when the
     /// loader watch had handled `before` changes: whether to try again, once
     /// the loader's reports since have been handled. Yes if the loader moved
@@ -374,6 +418,32 @@ impl LiveUprobes {
     /// As [`UprobeRegistry::unregister`].
     pub fn unregister(&self, key: UprobeKey, consumer: &Consumer) -> Result<(), ProbeError> {
         self.registry.unregister(key, consumer)
+    }
+
+    /// Unregisters every `(key, consumer)` pair with one grace period (a
+    /// multi-attach taken down at once).
+    ///
+    /// # Errors
+    /// As [`UprobeRegistry::unregister_many`]: a pair not registered (or
+    /// named twice) is refused and nothing is removed.
+    pub fn unregister_many(&self, pairs: &[(UprobeKey, &Consumer)]) -> Result<usize, ProbeError> {
+        self.registry.unregister_many(pairs)
+    }
+
+    /// The first half of a batched removal; see
+    /// [`UprobeRegistry::unregister_nosync`]. **Call
+    /// [`commit`](Self::commit) afterwards.**
+    ///
+    /// # Errors
+    /// As [`UprobeRegistry::unregister`].
+    pub fn unregister_nosync(&self, key: UprobeKey, consumer: &Consumer) -> Result<(), ProbeError> {
+        self.registry.unregister_nosync(key, consumer)
+    }
+
+    /// The second half of a batched removal: one grace period
+    /// ([`UprobeRegistry::commit`]).
+    pub fn commit(&self) {
+        self.registry.commit();
     }
 
     /// A loader change: map or unmap the object's executable segments.

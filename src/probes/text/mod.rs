@@ -65,6 +65,18 @@ pub struct TextIdentity {
     pub bias: u64,
 }
 
+/// One write of a [`TextMemory::write_many`] batch: `old` replaced by
+/// `new` at `addr` (as [`TextMemory::write`]'s arguments).
+#[derive(Clone, Copy, Debug)]
+pub struct TextWrite<'a> {
+    /// Where.
+    pub addr: u64,
+    /// The bytes expected there.
+    pub old: &'a [u8],
+    /// The bytes written over them.
+    pub new: &'a [u8],
+}
+
 /// Readable, patchable code memory.
 ///
 /// Methods take `&self`: a text memory is shared by every registry and
@@ -154,6 +166,23 @@ pub trait TextMemory: Send + Sync {
         let id = self.identity(addr)?.ok_or(ProbeError::TextGone { addr })?;
         self.write(addr, expected_old, new)?;
         Ok(id)
+    }
+
+    /// Does every write of `writes`, each as [`write`](Self::write) does it,
+    /// and returns each one's result in the same order. Writes are done in
+    /// address order; ranges should not overlap. An implementation that
+    /// patches live code makes it cheaper than one `write` each (one
+    /// protection change per run of pages, one core sync for the batch);
+    /// the default calls `write` for each.
+    ///
+    /// # Errors
+    /// Per write, as `write`: one failing leaves the others done, and its
+    /// own range exactly as before.
+    fn write_many(&self, writes: &[TextWrite<'_>]) -> Vec<Result<(), ProbeError>> {
+        writes
+            .iter()
+            .map(|w| self.write(w.addr, w.old, w.new))
+            .collect()
     }
 
     /// Makes `len` bytes written at `addr` visible to instruction fetch.

@@ -240,6 +240,11 @@ impl Consumer {
         Arc::ptr_eq(&self.0, &other.0)
     }
 
+    /// What `same` compares, as a number (for sets of consumers).
+    pub(crate) fn identity(&self) -> usize {
+        &*self.0 as *const ConsumerInner as usize
+    }
+
     /// Whether this consumer wants breakpoints and hits in `space`.
     pub(crate) fn wants(&self, space: SpaceId) -> bool {
         match &self.0.filter {

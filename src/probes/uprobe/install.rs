@@ -1,42 +1,95 @@
-//! Installing and removing one uprobe's breakpoint in one address space.
+//! Installing and removing one uprobe's breakpoint in one address space,
+//! alone or in batches.
 //!
 //! Invariant: the install record is published (in the space's install tree and
 //! the uprobe's install list) *before* the breakpoint is written, so a thread
-//! that traps on it always finds it; on removal, the install's owner of its XOL
-//! slot is dropped only after a grace period (shared on re-install,
-//! `xolshare.rs`). Callers hold the uprobe's file stripe (`registry.rs`).
+//! that traps on it always finds it; on removal, the bytes are restored
+//! *before* the record is dropped, and the install's owner of its XOL slot is
+//! dropped only after a grace period (shared on re-install, `xolshare.rs`).
+//! Callers hold the uprobe's file stripe (`registry.rs`).
+//!
+//! An install is *prepared* (checked, analysed, slot planned, record
+//! published) and then *written*: alone, or with the other installs of a
+//! batch (a multi-attach, the pending uprobes of a `dlopen`) in one
+//! [`TextMemory::write_many`] per space, so a batch pays one protection
+//! change per run of pages and one core sync instead of one each. A
+//! prepared install whose write fails is unpublished again (`unprepare`).
+//! Removals batch the same way (`Removals`).
 //!
 //! Install and uninstall, in full: [`crate::docs::algorithms::uprobes`].
 
+use std::collections::HashSet;
+
 use super::registry::{Install, Placed, SpaceState, Uprobe, UprobeRegistry};
-use super::space::{AddressSpace, FileMapping, UprobeKey};
+use super::space::{AddressSpace, FileMapping, SpaceId, UprobeKey};
 use crate::probes::arch::{Arch, Insn, InsnClass, XolPlan, MAX_INSN_BYTES};
 use crate::probes::error::CodeBytes;
-use crate::probes::text::TextMemory;
+use crate::probes::text::{TextMemory, TextWrite};
 use crate::probes::ProbeError;
 use crate::rcu::Flavor;
 use crate::sync::Arc;
 
-/// An install done by a registration in progress: space, address, whether
-/// a breakpoint was written (undone on failure).
-pub(super) type Done<S, F> = (Arc<SpaceState<S, F>>, u64, bool);
+/// An install whose record is published and whose breakpoint is not
+/// written yet.
+pub(super) struct Prepared<S: AddressSpace, F: Flavor> {
+    pub(super) st: Arc<SpaceState<S, F>>,
+    pub(super) vaddr: u64,
+    /// The instruction's original bytes (the breakpoint replaces the first
+    /// ones).
+    orig: CodeBytes,
+    /// A byte is to be written (`false`: our breakpoint is there already).
+    pub(super) write: bool,
+    /// This install taught the uprobe its original bytes (forgotten again
+    /// if it is unprepared).
+    learned: bool,
+}
+
+/// Removals of a batch: every install's bytes are restored first (one
+/// `write_many` per space), then the records dropped, then the uprobes
+/// left without consumers removed.
+pub(super) struct Removals<S: AddressSpace, F: Flavor> {
+    installs: Vec<(Arc<SpaceState<S, F>>, u64, UprobeKey)>,
+    queued: HashSet<(SpaceId, u64)>,
+    pub(super) emptied: Vec<UprobeKey>,
+}
+
+impl<S: AddressSpace, F: Flavor> Default for Removals<S, F> {
+    fn default() -> Self {
+        Removals {
+            installs: Vec::new(),
+            queued: HashSet::new(),
+            emptied: Vec::new(),
+        }
+    }
+}
+
+impl<S: AddressSpace, F: Flavor> Removals<S, F> {
+    /// Queues the install at `vaddr` in `st` (once).
+    pub(super) fn push(&mut self, st: Arc<SpaceState<S, F>>, vaddr: u64, key: UprobeKey) {
+        if self.queued.insert((st.space.id(), vaddr)) {
+            self.installs.push((st, vaddr, key));
+        }
+    }
+}
 
 impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
-    /// Installs `key`'s breakpoint at `vaddr` in `st`. Returns whether a
-    /// byte was written (`false`: our breakpoint was already there, which
-    /// counts as success: the space inherited the patched text, e.g. a
-    /// forked copy or a re-mapping of text still holding it, and the
-    /// uprobe must still be found when it traps).
-    pub(super) fn install(
+    /// The first half of an install of `key`'s breakpoint at `vaddr` in
+    /// `st`: checks the text there against what the uprobe knows, analyses
+    /// the instruction, plans its slot and publishes the record. `None`:
+    /// already installed there. Our breakpoint already in the text counts as
+    /// installed (nothing to write): the space inherited the patched text,
+    /// e.g. a forked copy or a re-mapping of text still holding it, and the
+    /// uprobe must still be found when it traps.
+    pub(super) fn prepare(
         &self,
         up: &Uprobe<F>,
-        st: &SpaceState<S, F>,
+        st: &Arc<SpaceState<S, F>>,
         key: UprobeKey,
         vaddr: u64,
         map: &FileMapping,
-    ) -> Result<bool, ProbeError> {
+    ) -> Result<Option<Prepared<S, F>>, ProbeError> {
         if st.installs.contains_key(&vaddr) {
-            return Ok(false);
+            return Ok(None);
         }
         let text = st.space.text();
         let bp = self.arch.breakpoint();
@@ -86,34 +139,79 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         let insn = self.arch.analyze(vaddr, &code[..n])?;
         let plan = self.plan(st, &insn)?;
         let rec = Install { key, insn, plan };
-        // Publish the record, then write the breakpoint: a thread that
-        // traps on it always finds the record.
+        // Publish the record; the breakpoint is written after it, so a
+        // thread that traps on it always finds the record.
         st.installs.insert(vaddr, rec);
-        let id = st.space.id();
         up.update_placed(
             Some(Placed {
-                space: id,
+                space: st.space.id(),
                 vaddr,
                 install: rec,
             }),
             None,
         );
-        if !ours_there {
-            let written = text
-                .write(vaddr, &code[..bp.len()], bp)
-                .and_then(|()| text.sync_icache(vaddr, bp.len()));
-            if let Err(e) = written {
-                let _ = text.write(vaddr, bp, &code[..bp.len()]);
-                up.update_placed(None, Some((id, vaddr)));
-                st.installs.remove(&vaddr);
-                self.free_slot_later(st, plan);
-                return Err(e);
+        let orig = CodeBytes::new(&code[..insn.len as usize]);
+        // Known from here on, so a second install of the batch (another
+        // space) is checked against it; forgotten again if unprepared.
+        let learned = known.is_none();
+        if learned {
+            *known = Some(orig);
+        }
+        Ok(Some(Prepared {
+            st: Arc::clone(st),
+            vaddr,
+            orig,
+            write: !ours_there,
+            learned,
+        }))
+    }
+
+    /// Writes the breakpoints of `prepared` (one `write_many` per space),
+    /// returning each one's result (`Ok` for those with nothing to write).
+    /// The writes are visible to instruction fetch when it returns.
+    pub(super) fn write_prepared(
+        &self,
+        prepared: &[&Prepared<S, F>],
+    ) -> Vec<Result<(), ProbeError>> {
+        let bp = self.arch.breakpoint();
+        let mut out: Vec<Result<(), ProbeError>> = vec![Ok(()); prepared.len()];
+        let mut idx: Vec<usize> = (0..prepared.len()).filter(|&i| prepared[i].write).collect();
+        idx.sort_by_key(|&i| prepared[i].st.space.id());
+        for group in idx.chunk_by(|&a, &b| prepared[a].st.space.id() == prepared[b].st.space.id()) {
+            let writes: Vec<TextWrite<'_>> = group
+                .iter()
+                .map(|&i| TextWrite {
+                    addr: prepared[i].vaddr,
+                    old: &prepared[i].orig.as_slice()[..bp.len()],
+                    new: bp,
+                })
+                .collect();
+            let text = prepared[group[0]].st.space.text();
+            for (&i, r) in group.iter().zip(text.write_many(&writes)) {
+                out[i] = r;
             }
         }
-        if known.is_none() {
-            *known = Some(CodeBytes::new(&code[..insn.len as usize]));
+        out
+    }
+
+    /// Undoes a prepared install: its breakpoint taken out again if
+    /// `written`, its record dropped, its slot given back after a grace
+    /// period, the original bytes it taught the uprobe forgotten.
+    pub(super) fn unprepare(&self, up: &Uprobe<F>, p: &Prepared<S, F>, written: bool) {
+        if written {
+            let bp = self.arch.breakpoint();
+            let text = p.st.space.text();
+            if text
+                .write(p.vaddr, bp, &p.orig.as_slice()[..bp.len()])
+                .is_ok()
+            {
+                let _ = text.sync_icache(p.vaddr, bp.len());
+            }
         }
-        Ok(!ours_there)
+        self.drop_record(up, &p.st, p.vaddr);
+        if p.learned {
+            *up.orig.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
     }
 
     /// Decodes from the function start to `vaddr` in `st`'s text.
@@ -210,31 +308,58 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         }
     }
 
-    /// Removes the installs in `done` (those that wrote get their bytes back).
-    pub(super) fn undo_installs(&self, up: &Uprobe<F>, done: &[Done<S, F>]) {
-        for (st, vaddr, wrote) in done {
-            self.uninstall(up, st, *vaddr, *wrote);
-        }
-    }
-
-    /// Restores the original bytes at `vaddr` (if `write`) and drops the
-    /// record. A breakpoint someone else already replaced is left alone.
-    pub(super) fn uninstall(&self, up: &Uprobe<F>, st: &SpaceState<S, F>, vaddr: u64, write: bool) {
+    /// Drops the record at `vaddr` without writing (the memory is gone,
+    /// or the bytes were restored already).
+    pub(super) fn drop_record(&self, up: &Uprobe<F>, st: &SpaceState<S, F>, vaddr: u64) {
         let Some(rec) = st.installs.get_cloned(&vaddr) else {
             return;
         };
-        if write {
-            let bp = self.arch.breakpoint();
-            let o = up.orig.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(o) = &*o {
-                let text = st.space.text();
-                if text.write(vaddr, bp, &o.as_slice()[..bp.len()]).is_ok() {
-                    let _ = text.sync_icache(vaddr, bp.len());
-                }
-            }
-        }
         up.update_placed(None, Some((st.space.id(), vaddr)));
         st.installs.remove(&vaddr);
         self.free_slot_later(st, rec.plan);
+    }
+
+    /// Finishes a batch of removals: restores the original bytes of every
+    /// queued install (one `write_many` per space; a breakpoint someone
+    /// else already replaced is left alone), then drops the records, then
+    /// removes the uprobes left without consumers. The caller holds the
+    /// stripes of every file concerned.
+    pub(super) fn finish_removals(&self, r: Removals<S, F>) {
+        let bp = self.arch.breakpoint();
+        let mut items: Vec<(SpaceId, usize, CodeBytes)> = Vec::with_capacity(r.installs.len());
+        {
+            let g = self.domain.read();
+            for (i, (st, _, key)) in r.installs.iter().enumerate() {
+                let orig = self
+                    .uprobes
+                    .get(&g, key)
+                    .and_then(|u| *u.orig.lock().unwrap_or_else(|e| e.into_inner()));
+                if let Some(o) = orig {
+                    items.push((st.space.id(), i, o));
+                }
+            }
+        }
+        items.sort_by_key(|&(id, _, _)| id);
+        for group in items.chunk_by(|a, b| a.0 == b.0) {
+            let writes: Vec<TextWrite<'_>> = group
+                .iter()
+                .map(|(_, i, o)| TextWrite {
+                    addr: r.installs[*i].1,
+                    old: bp,
+                    new: &o.as_slice()[..bp.len()],
+                })
+                .collect();
+            let _ = r.installs[group[0].1].0.space.text().write_many(&writes);
+        }
+        for (st, vaddr, key) in &r.installs {
+            if let Some(up) = self.uprobes.get_handle(key) {
+                self.drop_record(up.value(), st, *vaddr);
+            }
+        }
+        for key in &r.emptied {
+            if let Some(up) = self.uprobes.get_handle(key) {
+                self.remove_uprobe(up.value());
+            }
+        }
     }
 }

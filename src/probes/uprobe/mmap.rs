@@ -8,6 +8,7 @@
 
 use core::ops::Range;
 
+use super::install::Prepared;
 use super::registry::{slice, SpaceState, UprobeRegistry};
 use super::space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};
 use crate::probes::arch::Arch;
@@ -70,7 +71,10 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 .map(|(k, _)| *k)
                 .collect()
         };
-        let mut wrote = 0;
+        // Prepared one by one (stopping at the first failure), written in
+        // one text batch.
+        let mut prepared = Vec::with_capacity(todo.len());
+        let mut first_err = None;
         for key in todo {
             let Some(up) = self.uprobes.get_handle(&key) else {
                 continue;
@@ -78,12 +82,31 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             let vaddr = mapping
                 .vaddr_of(key.offset)
                 .expect("the key was taken from the mapping's range");
-            let u = up.value();
-            if self.install(u, &st, key, vaddr, &mapping)? {
-                wrote += 1;
+            match self.prepare(up.value(), &st, key, vaddr, &mapping) {
+                Ok(Some(p)) => prepared.push((up, p)),
+                Ok(None) => {}
+                Err(e) => {
+                    first_err = Some(e);
+                    break;
+                }
             }
         }
-        Ok(wrote)
+        let refs: Vec<&Prepared<S, F>> = prepared.iter().map(|(_, p)| p).collect();
+        let written = self.write_prepared(&refs);
+        let mut wrote = 0;
+        for ((up, p), r) in prepared.iter().zip(written) {
+            match r {
+                Ok(()) => wrote += usize::from(p.write),
+                Err(e) => {
+                    self.unprepare(up.value(), p, false);
+                    first_err.get_or_insert(e);
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(wrote),
+        }
     }
 
     /// `space` unmapped `range`: the mapped pieces inside it are forgotten
@@ -153,7 +176,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                     .uprobes
                     .get_handle(&key)
                     .expect("an installed uprobe is in the tree");
-                self.uninstall(up.value(), &st, v, false);
+                self.drop_record(up.value(), &st, v);
                 dropped += 1;
             }
         }

@@ -12,6 +12,7 @@
 use super::consumer::{Consumer, Member};
 use super::filetext::FileText;
 use super::hitcache::{HitCache, DEFAULT_HIT_CACHE_SLOTS};
+use super::install::Prepared;
 use super::retpool::ReturnPool;
 use super::returns::Returns;
 use super::short::Short;
@@ -22,7 +23,7 @@ use crate::probes::arch::{Arch, Insn, XolPlan};
 use crate::probes::error::{CodeBytes, ProbeSite};
 use crate::probes::ProbeError;
 use crate::rcu::{Flavor, RcuCell, Srcu};
-use crate::seqtree::SeqTree;
+use crate::seqtree::{EntryHandle, SeqTree};
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::{Arc, Mutex};
 
@@ -170,6 +171,18 @@ pub(crate) fn slice<T, B: core::ops::Deref<Target = [T]>>(b: Option<&B>) -> &[T]
     b.map_or(&[], |b| &**b)
 }
 
+/// A registration between its two halves (`stage`, `finish_stage`).
+struct Staged<S: AddressSpace, F: Flavor> {
+    up: EntryHandle<UprobeKey, Uprobe<F>, F>,
+    /// The uprobe was created by this registration.
+    fresh: bool,
+    /// The consumer list to publish (an existing uprobe's, plus ours).
+    new: Vec<Member>,
+    /// The original bytes read from the file (nothing maps the offset).
+    from_file: Option<CodeBytes>,
+    prepared: Vec<Prepared<S, F>>,
+}
+
 /// A space that maps a uprobe's offset: its state, the address there, the
 /// mapping.
 pub(super) type Target<S, F> = (Arc<SpaceState<S, F>>, u64, FileMapping);
@@ -312,6 +325,66 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         self.register_inner(key, Some(func_offset), consumer)
     }
 
+    /// Registers `consumer` on every `(key, func_offset)` of `items` (as
+    /// [`register_in_function`](Self::register_in_function) with
+    /// `Some(func_offset)`, [`register`](Self::register) with `None`), in one
+    /// batch: the files' stripes are taken once, each uprobe is checked and
+    /// its records published, and then the breakpoints of the whole batch
+    /// are written together (one text batch per space: one protection change
+    /// per run of pages, one core sync), which is what makes attaching to
+    /// every function of a large library cheap. Returns one result per
+    /// item, in order.
+    ///
+    /// # Errors
+    /// Per item, as `register_in_function` / `register` (a key named twice
+    /// in `items` is [`ProbeError::AlreadyRegistered`] the second time); an
+    /// item that fails changes nothing, the others are registered.
+    pub fn register_many(
+        &self,
+        items: &[(UprobeKey, Option<u64>)],
+        consumer: &Consumer,
+    ) -> Vec<Result<(), ProbeError>> {
+        if let Err(e) = consumer.check() {
+            return vec![Err(e); items.len()];
+        }
+        let _files = self.lock_files(items.iter().map(|(k, _)| k));
+        let mut seen = std::collections::HashSet::with_capacity(items.len());
+        let staged: Vec<Result<Staged<S, F>, ProbeError>> = items
+            .iter()
+            .map(|&(key, func_offset)| {
+                if !seen.insert(key) {
+                    return Err(ProbeError::AlreadyRegistered { site: site(key) });
+                }
+                self.stage(key, func_offset, consumer)
+            })
+            .collect();
+        let all: Vec<&Prepared<S, F>> = staged
+            .iter()
+            .flat_map(|s| s.iter().flat_map(|s| s.prepared.iter()))
+            .collect();
+        let mut results = self.write_prepared(&all).into_iter();
+        staged
+            .into_iter()
+            .map(|s| {
+                let s = s?;
+                let written: Vec<_> = results.by_ref().take(s.prepared.len()).collect();
+                self.finish_stage(s, &written)
+            })
+            .collect()
+    }
+
+    /// Locks the stripes of every file in `keys`, in ascending order (the
+    /// array's deadlock-free order for several stripes).
+    pub(super) fn lock_files<'k>(
+        &self,
+        keys: impl Iterator<Item = &'k UprobeKey>,
+    ) -> Vec<crate::hashlock::StripeGuard<'_, Mutex<()>, (), crate::hashlock::Exclusive>> {
+        let mut stripes: Vec<usize> = keys.map(|k| self.files.stripe_of(&k.file)).collect();
+        stripes.sort_unstable();
+        stripes.dedup();
+        stripes.iter().map(|&s| self.files.lock_stripe(s)).collect()
+    }
+
     fn register_inner(
         &self,
         key: UprobeKey,
@@ -320,6 +393,22 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     ) -> Result<(), ProbeError> {
         consumer.check()?;
         let _file = self.files.lock(&key.file);
+        let staged = self.stage(key, func_offset, consumer)?;
+        let prepared: Vec<&Prepared<S, F>> = staged.prepared.iter().collect();
+        let written = self.write_prepared(&prepared);
+        self.finish_stage(staged, &written)
+    }
+
+    /// The first half of a registration (the caller holds the file's
+    /// stripe): the checks, the uprobe (created with its first consumer if
+    /// new), and the installs prepared in every space that maps the offset
+    /// and that the consumer brings in. On error nothing changed.
+    fn stage(
+        &self,
+        key: UprobeKey,
+        func_offset: Option<u64>,
+        consumer: &Consumer,
+    ) -> Result<Staged<S, F>, ProbeError> {
         let existing = self.uprobes.get_handle(&key);
         if let Some(up) = &existing {
             let g = self.domain.read();
@@ -372,19 +461,20 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             let g = self.domain.read();
             slice(up.consumers.load(&g)).to_vec()
         };
-        let mut new = old.clone();
-        new.push(member);
-        let mut done = Vec::new();
+        let mut prepared = Vec::new();
         for (st, vaddr, map) in &targets {
             let id = st.space.id();
             let wanted_before = old.iter().any(|c| c.wants(id));
             if wanted_before || !consumer.wants(id) {
                 continue;
             }
-            match self.install(up.value(), st, key, *vaddr, map) {
-                Ok(wrote) => done.push((Arc::clone(st), *vaddr, wrote)),
+            match self.prepare(up.value(), st, key, *vaddr, map) {
+                Ok(Some(p)) => prepared.push(p),
+                Ok(None) => {}
                 Err(e) => {
-                    self.undo_installs(up.value(), &done);
+                    for p in prepared.iter().rev() {
+                        self.unprepare(up.value(), p, false);
+                    }
                     if fresh {
                         self.remove_uprobe(up.value());
                     }
@@ -392,15 +482,44 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 }
             }
         }
-        if fresh {
-            self.hot.publish(&key, up.value());
+        let mut new = old;
+        new.push(member);
+        Ok(Staged {
+            up,
+            fresh,
+            new,
+            from_file,
+            prepared,
+        })
+    }
+
+    /// The second half of a registration, once its breakpoints were
+    /// written (`written`, one result per prepared install): publishes the
+    /// consumer, or undoes everything if a write failed.
+    fn finish_stage(
+        &self,
+        s: Staged<S, F>,
+        written: &[Result<(), ProbeError>],
+    ) -> Result<(), ProbeError> {
+        let up = s.up.value();
+        if let Some(e) = written.iter().find_map(|r| r.as_ref().err()) {
+            for (p, r) in s.prepared.iter().zip(written).rev() {
+                self.unprepare(up, p, p.write && r.is_ok());
+            }
+            if s.fresh {
+                self.remove_uprobe(up);
+            }
+            return Err(e.clone());
+        }
+        if s.fresh {
+            self.hot.publish(&up.key, up);
         } else {
-            if from_file.is_some() {
+            if s.from_file.is_some() {
                 // No install ran (nothing maps the offset): the bytes the
                 // file holds become the uprobe's known original.
-                *up.orig.lock().unwrap_or_else(|p| p.into_inner()) = from_file;
+                *up.orig.lock().unwrap_or_else(|p| p.into_inner()) = s.from_file;
             }
-            up.consumers.replace(new.into());
+            up.consumers.replace(s.new.into());
         }
         Ok(())
     }

@@ -1,17 +1,24 @@
-//! Removing consumers: [`UprobeRegistry::unregister`] and
+//! Removing consumers: [`UprobeRegistry::unregister`], the batched
+//! [`UprobeRegistry::unregister_nosync`] + [`UprobeRegistry::commit`] and
+//! [`UprobeRegistry::unregister_many`], and
 //! [`UprobeRegistry::reap_removed`].
 //!
 //! Invariant: a consumer leaves by a new consumer list published without it
 //! (under the file's stripe), then a grace period of the domain, so when
-//! `unregister` returns no hit and no return (`returns.rs`) can still be
-//! running its handlers. More: [`crate::docs::algorithms::uprobes`].
+//! `unregister` (or the `commit` after `unregister_nosync`) returns no hit
+//! and no return (`returns.rs`) can still be running its handlers. The
+//! breakpoints a removal takes out are found through the uprobe's own
+//! install list, so the cost of a removal does not grow with the number of
+//! other uprobes installed. More: [`crate::docs::algorithms::uprobes`].
 
 use super::consumer::{Consumer, Member};
+use super::install::Removals;
 use super::registry::{site, slice, UprobeRegistry};
 use super::space::{AddressSpace, UprobeKey};
 use crate::probes::arch::Arch;
 use crate::probes::ProbeError;
 use crate::rcu::Flavor;
+use crate::sync::Arc;
 
 impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// Removes `consumer` from the uprobe at `key`. When it was the last
@@ -27,44 +34,121 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// # Panics
     /// If called inside a read section of the domain (from a handler).
     pub fn unregister(&self, key: UprobeKey, consumer: &Consumer) -> Result<(), ProbeError> {
-        self.unregister_locked(key, consumer)?;
-        self.domain.synchronize();
+        self.unregister_nosync(key, consumer)?;
+        self.commit();
         Ok(())
     }
 
-    fn unregister_locked(&self, key: UprobeKey, consumer: &Consumer) -> Result<(), ProbeError> {
+    /// First half of a batched removal: `consumer` leaves the uprobe at
+    /// `key` (its breakpoints come out when it was the last consumer that
+    /// wanted them) and new hits no longer run it, **but hits already in
+    /// progress may still run its handlers** until [`commit`](Self::commit)
+    /// returns.
+    ///
+    /// **CALL [`commit`](Self::commit) AFTERWARDS, BEFORE FREEING ANYTHING
+    /// THE CONSUMER'S HANDLERS USE OR ASSUMING THEY HAVE STOPPED.** The
+    /// consumer may be registered again at once (a hit then runs it from the
+    /// new list or the old one, never both).
+    ///
+    /// # Errors
+    /// As [`unregister`](Self::unregister); nothing changes on error.
+    pub fn unregister_nosync(&self, key: UprobeKey, consumer: &Consumer) -> Result<(), ProbeError> {
         let _file = self.files.lock(&key.file);
+        let mut removals = Removals::default();
+        self.remove_consumer(key, consumer, &mut removals)?;
+        self.finish_removals(removals);
+        Ok(())
+    }
+
+    /// Second half of a batched removal: one grace period. When it returns,
+    /// no handler of a consumer removed by an
+    /// [`unregister_nosync`](Self::unregister_nosync) that returned before
+    /// the call runs any more (on this thread's removals and every other's).
+    ///
+    /// # Panics
+    /// If called inside a read section of the domain (from a handler).
+    pub fn commit(&self) {
+        self.domain.synchronize();
+    }
+
+    /// Removes each `(key, consumer)` pair as
+    /// [`unregister_nosync`](Self::unregister_nosync) does, then one
+    /// [`commit`](Self::commit) for all: the way to take out thousands of
+    /// uprobes (a multi-attach) at the cost of one grace period and one
+    /// text batch per space (one protection change per run of pages, one
+    /// core sync). Returns how many were removed (all of them).
+    ///
+    /// # Errors
+    /// [`ProbeError::UnknownProbe`] for the first pair whose consumer is not
+    /// registered on its key, or that appears twice in `pairs`: then
+    /// nothing is removed (every file the batch names is locked while it is
+    /// checked and removed, so no concurrent change slips in between).
+    ///
+    /// # Panics
+    /// If called inside a read section of the domain (from a handler).
+    pub fn unregister_many(&self, pairs: &[(UprobeKey, &Consumer)]) -> Result<usize, ProbeError> {
+        let files = self.lock_files(pairs.iter().map(|(k, _)| k));
+        // Checked whole first: a bad pair changes nothing.
+        let mut seen = std::collections::HashSet::with_capacity(pairs.len());
+        for &(key, consumer) in pairs {
+            let unknown = ProbeError::UnknownProbe { site: site(key) };
+            if !seen.insert((key, consumer.identity())) {
+                return Err(unknown);
+            }
+            let g = self.domain.read();
+            let on = self
+                .uprobes
+                .get(&g, &key)
+                .is_some_and(|u| slice(u.consumers.load(&g)).iter().any(|c| c.same(consumer)));
+            if !on {
+                return Err(unknown);
+            }
+        }
+        let mut removals = Removals::default();
+        for &(key, consumer) in pairs {
+            self.remove_consumer(key, consumer, &mut removals)
+                .expect("checked under the same stripes");
+        }
+        self.finish_removals(removals);
+        drop(files);
+        self.commit();
+        Ok(pairs.len())
+    }
+
+    /// Removes `consumer` from `key`'s list and queues the breakpoints of
+    /// the spaces no remaining consumer wants (found through the uprobe's
+    /// own install list) on `removals`, with the uprobe itself when it has
+    /// no consumer left. The caller holds the file's stripe and finishes
+    /// `removals` before releasing it.
+    fn remove_consumer(
+        &self,
+        key: UprobeKey,
+        consumer: &Consumer,
+        removals: &mut Removals<S, F>,
+    ) -> Result<(), ProbeError> {
         let unknown = || ProbeError::UnknownProbe { site: site(key) };
         let up = self.uprobes.get_handle(&key).ok_or_else(unknown)?;
-        let old: Vec<Member> = {
-            let g = self.domain.read();
-            up.consumers.load(&g).map_or_else(Vec::new, |l| l.to_vec())
-        };
+        let g = self.domain.read();
+        let old = slice(up.consumers.load(&g));
         let Some(pos) = old.iter().position(|c| c.same(consumer)) else {
             return Err(unknown());
         };
-        let mut new = old.clone();
+        let mut new: Vec<Member> = old.to_vec();
         new.remove(pos);
-        // Spaces no remaining consumer wants lose the breakpoint.
-        let g = self.domain.read();
-        for (_, st) in self.spaces.iter(&g) {
-            let id = st.space.id();
-            if new.iter().any(|c| c.wants(id)) {
+        for p in slice(up.placed.load(&g)).iter() {
+            if new.iter().any(|c| c.wants(p.space)) {
                 continue;
             }
-            let vaddrs: Vec<u64> = st
-                .installs
-                .iter(&g)
-                .filter(|(_, i)| i.key == key)
-                .map(|(v, _)| *v)
-                .collect();
-            for v in vaddrs {
-                self.uninstall(up.value(), st, v, true);
+            if let Some(st) = self.spaces.get(&g, &p.space) {
+                removals.push(Arc::clone(st), p.vaddr, key);
             }
         }
         drop(g);
         if new.is_empty() {
-            self.remove_uprobe(up.value());
+            // Removed once its breakpoints are out (`finish_removals`): until
+            // then a hit still finds it (and its old list; the caller's
+            // grace period covers that).
+            removals.emptied.push(key);
         } else {
             up.consumers.replace(new.into());
         }
@@ -93,7 +177,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         };
         let n = flagged
             .iter()
-            .filter(|(k, c)| self.unregister_locked(*k, c).is_ok())
+            .filter(|(k, c)| self.unregister_nosync(*k, c).is_ok())
             .count();
         if n > 0 {
             self.domain.synchronize();
