@@ -329,6 +329,61 @@ unsafe fn process_vm_self(nr: libc::c_long, local: *mut u8, remote: u64, len: us
     }
 }
 
+/// Most iovecs one `process_vm_readv`/`process_vm_writev` takes on each
+/// side (`IOV_MAX`).
+pub(crate) const IOV_MAX: usize = 1024;
+
+/// Where each of `n` pieces of this process's memory go or come from: the
+/// local buffer `local` (the pieces back to back, `lens[i]` bytes each)
+/// and the remote addresses `addrs`. Reads (`read == true`) fill `local`,
+/// writes copy it out. At most [`IOV_MAX`] pieces. The raw result: the
+/// bytes transferred before the first piece that could not be (a partial
+/// transfer stops there), or `-errno`.
+///
+/// # Safety
+/// `local` must be valid for the access (written by a read, read by a
+/// write) of the sum of `lens`; `addrs` may be anything: the kernel checks
+/// them.
+pub(crate) unsafe fn process_vm_self_pieces(
+    read: bool,
+    local: *mut u8,
+    addrs: &[u64],
+    lens: &[usize],
+) -> isize {
+    debug_assert!(addrs.len() == lens.len() && addrs.len() <= IOV_MAX);
+    let total: usize = lens.iter().sum();
+    let l = libc::iovec {
+        iov_base: local.cast(),
+        iov_len: total,
+    };
+    let r: Vec<libc::iovec> = addrs
+        .iter()
+        .zip(lens)
+        .map(|(&a, &n)| libc::iovec {
+            iov_base: a as *mut libc::c_void,
+            iov_len: n,
+        })
+        .collect();
+    let nr = if read {
+        libc::SYS_process_vm_readv
+    } else {
+        libc::SYS_process_vm_writev
+    };
+    // SAFETY: the iovecs are valid for the call; the local one describes
+    // memory the caller lets the kernel access as `nr` does.
+    unsafe {
+        raw::syscall6(
+            nr,
+            getpid() as usize,
+            &l as *const libc::iovec as usize,
+            1,
+            r.as_ptr() as usize,
+            r.len(),
+            0,
+        )
+    }
+}
+
 /// Copies `len` bytes from `src` to `dst` with `rep movsb`: a copy the
 /// compiler cannot replace with a call to the C library's `memcpy` (which a
 /// user may probe). Ranges must not overlap.

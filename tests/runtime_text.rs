@@ -351,3 +351,97 @@ fn shared_executable_memory_is_refused_and_left_unchanged() {
         assert_eq!(perms_at(at), "r-xs");
     });
 }
+
+/// A batch (`write_many`): each good write is done, each bad one is
+/// refused alone with its typed error and its bytes left as they were; the
+/// pages get their protections back; one-byte and multi-byte writes alike.
+#[test]
+fn a_batch_does_each_good_write_and_refuses_each_bad_one_alone() {
+    use rcu_registry::probes::text::TextWrite;
+    let _g = serial();
+    let text = InProcess::new();
+    each_lookup(|| {
+        let jit = Jit::new(RX, RX, false);
+        let (p0, p1) = (jit.addr(0), jit.addr(1));
+        let before0 = code(p0, 8);
+        let before1 = code(p1, 8);
+        let writes = [
+            // Page 1, one byte (the immediate): `mov eax, 3`.
+            TextWrite {
+                addr: p1 + 1,
+                old: &[0x01],
+                new: &[0x03],
+            },
+            // Page 0, the whole instruction: `mov eax, 2`.
+            TextWrite {
+                addr: p0,
+                old: &MOV_EAX_1,
+                new: &MOV_EAX_2,
+            },
+            // Wrong old bytes (the `ret` is there).
+            TextWrite {
+                addr: p0 + 5,
+                old: &[0x00],
+                new: &[0x90],
+            },
+            // Nothing mapped there.
+            TextWrite {
+                addr: 8,
+                old: &[0x00],
+                new: &[0xcc],
+            },
+            // Lengths that differ.
+            TextWrite {
+                addr: p1 + 2,
+                old: &[0x00, 0x00],
+                new: &[0x90],
+            },
+        ];
+        let results = text.write_many(&writes);
+        assert_eq!(results.len(), writes.len());
+        assert_eq!(results[0], Ok(()));
+        assert_eq!(results[1], Ok(()));
+        assert!(
+            matches!(results[2], Err(ProbeError::AlreadyPatched { addr, .. }) if addr == p0 + 5),
+            "{:?}",
+            results[2]
+        );
+        assert!(
+            matches!(results[3], Err(ProbeError::TextAccess { addr: 8, .. })),
+            "{:?}",
+            results[3]
+        );
+        assert!(
+            matches!(results[4], Err(ProbeError::PatchLengthMismatch { .. })),
+            "{:?}",
+            results[4]
+        );
+        assert_eq!(jit.call(0), 2);
+        assert_eq!(jit.call(1), 3);
+        // Only the asked bytes changed; both pages are `r-x` again.
+        let mut want0 = before0.clone();
+        want0[..MOV_EAX_2.len()].copy_from_slice(&MOV_EAX_2);
+        assert_eq!(code(p0, 8), want0);
+        let mut want1 = before1.clone();
+        want1[1] = 0x03;
+        assert_eq!(code(p1, 8), want1);
+        assert_eq!(perms_at(p0), "r-xp");
+        assert_eq!(perms_at(p1), "r-xp");
+        // And back, in one batch.
+        let back = [
+            TextWrite {
+                addr: p0,
+                old: &MOV_EAX_2,
+                new: &MOV_EAX_1,
+            },
+            TextWrite {
+                addr: p1 + 1,
+                old: &[0x03],
+                new: &[0x01],
+            },
+        ];
+        assert_eq!(text.write_many(&back), vec![Ok(()), Ok(())]);
+        assert_eq!(code(p0, 8), before0);
+        assert_eq!(code(p1, 8), before1);
+    });
+}

@@ -53,6 +53,10 @@
 //!    outcomes and the final state; no mutation was found that it catches
 //!    and models 3 and 4 do not.)
 //!
+//! 7. `register_many` and `unregister_many` (the batched two-phase forms)
+//!    racing a thread that runs the probed instruction twice; see the
+//!    model's comment.
+//!
 //! Checked by mutation (each change made temporarily in
 //! `src/probes/uprobe`, each caught by the hitter's assertions in some
 //! explored interleaving, not by loom's branch limit):
@@ -66,7 +70,9 @@
 //!   the instruction back, with the re-map's `Ok(0)` check relaxed so that
 //!   the concurrent part is what fails);
 //! - model 1: `unregister` removing the uprobe from the tree before taking
-//!   the breakpoints out (`NotOurs`).
+//!   the breakpoints out (`NotOurs`);
+//! - model 7: `finish_removals` dropping the install records before the
+//!   batch's bytes are restored (`NotOurs`).
 //!
 //! At the default preemption bound of 3 the models explore about 4,800,
 //! 2,700, 5,100, 1,800 and 1,200 executions (about 1.5 s together in release);
@@ -334,5 +340,40 @@ fn another_file_mapped_where_the_first_was_racing_a_hit_finds_old_new_or_none() 
         // Afterwards only B's uprobe is found there.
         assert!(matches!(execute(&reg, &s1), Some(UprobeFinished::Emulated)));
         assert!(cb.hits() >= 1);
+    });
+}
+
+/// 7. The batched forms, `register_many` (records published for the whole
+///    batch, then the breakpoints written together, then the consumers
+///    published) and `unregister_many` (every breakpoint restored, then the
+///    records dropped, then one grace period), racing a thread that runs
+///    the probed instruction twice: each run is the plain instruction, or a
+///    trap that finds the uprobe (never `NotOurs` on our breakpoint), or a
+///    trap whose breakpoint was restored meanwhile (`Vanished`), and the
+///    text ends exactly as it began. It does not cover a batch of several
+///    keys (one key keeps the model small; the keys of a batch are
+///    independent records under the same file stripe).
+#[test]
+fn a_batch_registration_and_removal_racing_hits_never_hide_the_uprobe() {
+    model(|| {
+        let (reg, space) = setup(nop_ret(S1));
+        let c = checking_consumer();
+        let hitter = {
+            let (reg, space) = (reg.clone(), space.clone());
+            thread::spawn(move || {
+                for _ in 0..2 {
+                    match execute(&reg, &space) {
+                        None | Some(UprobeFinished::Vanished) | Some(UprobeFinished::Emulated) => {}
+                        Some(other) => panic!("trapped on our breakpoint, got {other:?}"),
+                    }
+                }
+            })
+        };
+        let results = reg.register_many(&[(KEY, None)], &c);
+        assert_eq!(results, vec![Ok(())]);
+        assert_eq!(reg.unregister_many(&[(KEY, &c)]), Ok(1));
+        hitter.join().unwrap();
+        assert!(reg.is_empty());
+        assert_eq!(space.text.snapshot(), vec![0x90, 0xc3]);
     });
 }

@@ -147,9 +147,43 @@ pub(crate) fn install() {
     put_on_top(true);
 }
 
+std::thread_local! {
+    /// This thread is inside a [`ClaimedBatch`]: the claim was made at its
+    /// start.
+    static IN_BATCH: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A batch of registrations on this thread (a multi-attach, the pending
+/// uprobes of a `dlopen`) that claims the fault signals once, at its start,
+/// instead of once per XOL slot (four `sigaction` calls each). Ends when
+/// dropped.
+pub(crate) struct ClaimedBatch {
+    outer: bool,
+}
+
+impl ClaimedBatch {
+    /// Claims now; the claims inside the batch are no-ops.
+    pub(crate) fn begin() -> ClaimedBatch {
+        claim();
+        ClaimedBatch {
+            outer: IN_BATCH.with(|b| b.replace(true)),
+        }
+    }
+}
+
+impl Drop for ClaimedBatch {
+    fn drop(&mut self) {
+        IN_BATCH.with(|b| b.set(self.outer));
+    }
+}
+
 /// [`claim_fault_signals`] without the SIGTRAP installation: a no-op before
-/// it (the first installation records the original dispositions).
+/// it (the first installation records the original dispositions), and
+/// inside a [`ClaimedBatch`].
 pub(crate) fn claim() {
+    if IN_BATCH.with(|b| b.get()) {
+        return;
+    }
     // Acquire pairs with the Release store in `install`.
     if !DEFAULT.load(Ordering::Acquire).is_null() {
         put_on_top(false);

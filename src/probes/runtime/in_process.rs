@@ -487,17 +487,24 @@ impl InProcess {
                 j += 1;
             }
             todo.clear();
-            for &i in &order[k..j] {
+            let group = &order[k..j];
+            // The current bytes, read in a few vectored calls (one piece
+            // that cannot be read is read again alone, for its error).
+            let lens: Vec<usize> = group.iter().map(|&i| writes[i].old.len()).collect();
+            let addrs: Vec<u64> = group.iter().map(|&i| writes[i].addr).collect();
+            let mut current = vec![0u8; lens.iter().sum()];
+            let read = pieces(true, &mut current, &addrs, &lens);
+            let mut off = 0;
+            for (n, &i) in group.iter().enumerate() {
                 let w = &writes[i];
-                let mut buf = [0u8; CodeBytes::CAPACITY];
-                let mut long;
-                let current: &mut [u8] = if w.new.len() <= buf.len() {
-                    &mut buf[..w.new.len()]
+                let cur = &mut current[off..off + w.old.len()];
+                off += w.old.len();
+                let ok = if read[n] {
+                    check_holds(w.addr, w.old, w.new, cur)
                 } else {
-                    long = vec![0u8; w.new.len()];
-                    &mut long
+                    holds(w.addr, w.old, w.new, cur)
                 };
-                match holds(w.addr, w.old, w.new, current) {
+                match ok {
                     Ok(true) => todo.push(i),
                     Ok(false) => {}
                     Err(e) => out[i] = Err(e),
@@ -517,15 +524,24 @@ impl InProcess {
                     continue;
                 }
             };
-            for &i in &todo {
+            // One-byte changes (breakpoints in and out: atomic against
+            // fetch, synced together at the end) in a few vectored calls;
+            // the others with the int3-first protocol, one by one.
+            let (one, multi): (Vec<usize>, Vec<usize>) = todo
+                .iter()
+                .partition(|&&i| writes[i].old[1..] == writes[i].new[1..]);
+            let mut bytes: Vec<u8> = one.iter().map(|&i| writes[i].new[0]).collect();
+            let addrs: Vec<u64> = one.iter().map(|&i| writes[i].addr).collect();
+            let written = pieces(false, &mut bytes, &addrs, &vec![1; one.len()]);
+            for (n, &i) in one.iter().enumerate() {
+                sync = true;
+                if !written[n] {
+                    out[i] = put(writes[i].addr, &writes[i].new[..1]);
+                }
+            }
+            for &i in &multi {
                 let w = &writes[i];
-                out[i] = if w.old[1..] == w.new[1..] {
-                    // One byte: atomic against fetch; synced with the rest.
-                    sync = true;
-                    put(w.addr, &w.new[..1])
-                } else {
-                    InProcess::store(w.addr, w.old, w.new)
-                };
+                out[i] = InProcess::store(w.addr, w.old, w.new);
             }
             if let Some(err) = restore_protection(&runs, addr, len) {
                 // As in `write_checked`: undo what was written, report.
@@ -546,6 +562,54 @@ impl InProcess {
     }
 }
 
+/// Moves each piece `addrs[i]`, `lens[i]` bytes long, from (`read`) or to
+/// our memory, to or from `buf` (the pieces back to back), in vectored
+/// calls of up to `IOV_MAX` pieces; returns which pieces were moved. A
+/// piece the kernel cannot move (unmapped, or the calls are forbidden:
+/// the direct modes) is left for the caller to move alone, which reports
+/// its error; the calls go on after it.
+fn pieces(read: bool, buf: &mut [u8], addrs: &[u64], lens: &[usize]) -> Vec<bool> {
+    let mut done = vec![false; addrs.len()];
+    // Relaxed: sticky hints, as in `put` and `read_text`.
+    let direct = if read {
+        READ_MODE.load(Ordering::Relaxed) == READ_DIRECT
+    } else {
+        WRITE_MODE.load(Ordering::Relaxed) == WRITE_DIRECT
+    };
+    if direct {
+        return done;
+    }
+    let (mut at, mut off) = (0, 0);
+    while at < addrs.len() {
+        let end = (at + crate::sys::IOV_MAX).min(addrs.len());
+        // SAFETY: `buf[off..]` holds the pieces `at..end` back to back (the
+        // caller sized it as the sum of `lens`); the kernel checks `addrs`.
+        let n = unsafe {
+            crate::sys::process_vm_self_pieces(
+                read,
+                buf[off..].as_mut_ptr(),
+                &addrs[at..end],
+                &lens[at..end],
+            )
+        };
+        let mut moved = usize::try_from(n).unwrap_or(0);
+        let mut stop = at;
+        while stop < end && moved >= lens[stop] {
+            moved -= lens[stop];
+            done[stop] = true;
+            off += lens[stop];
+            stop += 1;
+        }
+        if stop < end {
+            // Piece `stop` failed: left to the caller; go on after it.
+            off += lens[stop];
+            stop += 1;
+        }
+        at = stop;
+    }
+    done
+}
+
 /// Whether the text at `addr` (read into `current`, as long as `old`)
 /// needs the write: `Ok(true)` when it holds `old` and `old != new`,
 /// `Ok(false)` when it already holds `new` (and `old == new`).
@@ -555,6 +619,11 @@ impl InProcess {
 /// error.
 fn holds(addr: u64, old: &[u8], new: &[u8], current: &mut [u8]) -> Result<bool, ProbeError> {
     read_text(addr, current)?;
+    check_holds(addr, old, new, current)
+}
+
+/// [`holds`] on bytes already read into `current`.
+fn check_holds(addr: u64, old: &[u8], new: &[u8], current: &[u8]) -> Result<bool, ProbeError> {
     if current != old {
         return Err(ProbeError::AlreadyPatched {
             addr,

@@ -60,6 +60,7 @@
 mod disk;
 mod space;
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -72,8 +73,8 @@ use crate::probes::arch::{Arch, DataMemory, Regs, StepOutcome, X86_64};
 use crate::probes::outcome::ReturnOutcome;
 use crate::probes::runtime::in_process::InProcess;
 use crate::probes::uprobe::{
-    Consumer, ResolvedTarget, SpaceId, TargetResolver, UprobeFinished, UprobeKey, UprobeOutcome,
-    UprobeRegistry, UprobeStep, UprobeTarget,
+    Consumer, ResolvedTarget, SpaceId, TargetFile, TargetResolver, UprobeFinished, UprobeKey,
+    UprobeOutcome, UprobeRegistry, UprobeStep, UprobeTarget,
 };
 use crate::probes::xol::XolAllocator;
 use crate::probes::ProbeError;
@@ -335,14 +336,23 @@ impl LiveUprobes {
         targets: &[UprobeTarget],
         consumer: &Consumer,
     ) -> Vec<Result<ResolvedTarget, ProbeError>> {
-        let mut out: Vec<Result<ResolvedTarget, ProbeError>> =
-            targets.iter().map(|t| self.resolver.resolve(t)).collect();
-        let mut loaded = std::collections::HashSet::new();
-        for r in out.iter().flatten() {
-            if loaded.insert(r.file) {
-                self.files.load(r.file, &r.path);
-            }
+        // Each file opened (searched for, indexed) once for the batch.
+        let mut files: HashMap<&str, Result<TargetFile, ProbeError>> = HashMap::new();
+        let mut out: Vec<Result<ResolvedTarget, ProbeError>> = targets
+            .iter()
+            .map(|t| {
+                files
+                    .entry(t.file())
+                    .or_insert_with(|| self.resolver.open_file(t.file()))
+                    .as_ref()
+                    .map_err(Clone::clone)
+                    .and_then(|f| f.resolve(t.place()))
+            })
+            .collect();
+        for f in files.values().flatten() {
+            self.files.load(f.file(), f.path());
         }
+        let _claimed = super::faults::ClaimedBatch::begin();
         let idx: Vec<usize> = (0..out.len()).filter(|&i| out[i].is_ok()).collect();
         let items: Vec<(UprobeKey, Option<u64>)> = idx
             .iter()
@@ -450,6 +460,8 @@ impl LiveUprobes {
     fn on_loader(&self, ev: LoaderEvent<'_>) {
         match ev {
             LoaderEvent::Loaded(o) => {
+                // The object's pending uprobes are one batch.
+                let _claimed = super::faults::ClaimedBatch::begin();
                 for m in o.file_mappings() {
                     // Relaxed: statistics.
                     self.mapped.fetch_add(1, Ordering::Relaxed);

@@ -44,11 +44,14 @@ pub(super) struct Prepared<S: AddressSpace, F: Flavor> {
     learned: bool,
 }
 
+/// An install queued for removal: its space, address and uprobe.
+type Queued<S, F> = (Arc<SpaceState<S, F>>, u64, UprobeKey);
+
 /// Removals of a batch: every install's bytes are restored first (one
 /// `write_many` per space), then the records dropped, then the uprobes
 /// left without consumers removed.
 pub(super) struct Removals<S: AddressSpace, F: Flavor> {
-    installs: Vec<(Arc<SpaceState<S, F>>, u64, UprobeKey)>,
+    installs: Vec<Queued<S, F>>,
     queued: HashSet<(SpaceId, u64)>,
     pub(super) emptied: Vec<UprobeKey>,
 }
@@ -133,7 +136,8 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             }
             None => buf,
         };
-        if let (None, Some(f)) = (&*known, up.func_offset) {
+        // (A function's first instruction is a boundary by definition.)
+        if let (None, Some(f)) = (&*known, up.func_offset.filter(|&f| f != key.offset)) {
             self.check_boundary(st, key, map, f, vaddr)?;
         }
         let insn = self.arch.analyze(vaddr, &code[..n])?;
