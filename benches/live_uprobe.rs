@@ -11,10 +11,10 @@
 //! 2. **Attach at scale** (`live_uprobe_scale/*`): a uprobe on every function
 //!    of the C library (`.dynsym`, one per address, IFUNCs skipped), while
 //!    the program runs and calls it. `libc_register/N` times registering all
-//!    N by `FILE:SYMBOL` (what the registry refuses is counted and printed),
-//!    `libc_unregister/N` removing them with `LiveUprobes::unregister` one at
-//!    a time (the uprobe registry has no batch removal: a grace period per
-//!    probe); the same on a generated library of 10,000 tiny functions
+//!    N by `FILE:SYMBOL` in one batch (`LiveUprobes::register_many`; what
+//!    the registry refuses is counted and printed), `libc_unregister/N`
+//!    removing them in one batch (`LiveUprobes::unregister_many`, one grace
+//!    period); the same on a generated library of 10,000 tiny functions
 //!    (`gen_register/10000`, `gen_unregister/10000`). Then the uprobe hit of
 //!    (1) again with every C-library probe installed
 //!    (`live_uprobe_hit/uprobe_with_libc`). Targets: <= 5 us per probe to
@@ -31,6 +31,13 @@
 //! `uprobe_with_errno_location` (only `__errno_location` probed, which the
 //! trap handler's outer half calls) and `uprobe_again` (the uprobe alone,
 //! after the scale runs: the peer of `uprobe_with_libc`).
+//!
+//! Two **paired** measurements back the hit ratios (separate criterion runs
+//! of one function move by 30% on this machine between its slow and fast
+//! phases): 41 rounds, each timing 2,000 calls of one side then 2,000 of
+//! the other, the median of the per-round ratios: uprobe / kprobe (both
+//! installed), and the uprobe with every C-library function probed / alone
+//! (the C library registered and removed in a batch between the halves).
 //!
 //! Medians per probe and the ratios are printed at the end. Fixture
 //! libraries go to `target/tmp/live_uprobe-<pid>/` (removed at the end).
@@ -169,6 +176,31 @@ fn hit_bench(c: &mut Criterion, id: &'static str, f: Func) {
         b.iter_custom(|iters| record(&format!("hit/{id}"), call_loop(f, iters), iters))
     });
     g.finish();
+}
+
+/// Rounds and calls per round of the paired measurements.
+const PAIRED_ROUNDS: usize = 41;
+const PAIRED_CALLS: u64 = 2_000;
+
+/// A paired measurement: each round times `PAIRED_CALLS` calls of `a`,
+/// then as many of `b`, back to back (the machine's slow and fast phases,
+/// which move separate criterion runs of one bench by 30%, fall on both
+/// halves of a round alike). Returns the medians of `a`'s and `b`'s ns per
+/// call and of the per-round ratio `b / a`.
+fn paired(mut a: impl FnMut() -> Duration, mut b: impl FnMut() -> Duration) -> (f64, f64, f64) {
+    let (mut ta, mut tb, mut r) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..PAIRED_ROUNDS {
+        let x = a().as_nanos() as f64 / PAIRED_CALLS as f64;
+        let y = b().as_nanos() as f64 / PAIRED_CALLS as f64;
+        ta.push(x);
+        tb.push(y);
+        r.push(y / x);
+    }
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    (med(ta), med(tb), med(r))
 }
 
 /// The loaded C library's path, from this process's mappings.
@@ -364,6 +396,16 @@ fn main() {
         .unwrap()
         .key();
     hit_bench(&mut c, "uprobe", up_f);
+    // Paired: the kprobe and the uprobe installed together, timed in turns.
+    let kp = Kprobe::at(kp_f as usize as u64)
+        .pre(|_, _| Action::Continue)
+        .build();
+    kprobes.register(&kp).unwrap();
+    let (pk, pu, pr) = paired(
+        || call_loop(kp_f, PAIRED_CALLS),
+        || call_loop(up_f, PAIRED_CALLS),
+    );
+    kprobes.unregister(&kp).unwrap();
 
     // 2. Attach at scale: the C library, then a generated one.
     let libc_so = libc_path();
@@ -384,6 +426,21 @@ fn main() {
         "uprobe_with_libc: {installed} uprobes in the registry; C-library probe hits while \
          installed: {}",
         counting.hits()
+    );
+    // Paired: rounds alternate the uprobe alone and with every C-library
+    // function probed (registered and removed in a batch between halves).
+    let libc_keys = std::cell::RefCell::new(Vec::new());
+    let (pa, pw, pwr) = paired(
+        || {
+            let t = call_loop(up_f, PAIRED_CALLS);
+            *libc_keys.borrow_mut() = register_all(live, &libc_so, &names, &counting).0;
+            t
+        },
+        || {
+            let t = call_loop(up_f, PAIRED_CALLS);
+            unregister_all(live, &libc_keys.borrow(), &counting);
+            t
+        },
     );
     // The trap handler's outer half calls `__errno_location` (it saves
     // errno): with that one C-library function probed, each hit nests a
@@ -441,6 +498,16 @@ fn main() {
 
     let m = |id: &str| median_ns(id);
     println!("\nlive uprobes (medians):");
+    println!(
+        "  paired ({PAIRED_ROUNDS} rounds of {PAIRED_CALLS} calls): kprobe {pk:.1} ns, uprobe \
+         {pu:.1} ns; uprobe / kprobe {pr:.3}x (target <= 1.15x: {})",
+        if pr <= 1.15 { "met" } else { "MISSED" }
+    );
+    println!(
+        "  paired: uprobe alone {pa:.1} ns, with the C library probed {pw:.1} ns; with / alone \
+         {pwr:.3}x (target: unchanged within noise, taken as <= 1.15x: {})",
+        if pwr <= 1.15 { "met" } else { "MISSED" }
+    );
     if let (Some(k), Some(u), Some(r), Some(p)) = (
         m("hit/kprobe"),
         m("hit/uprobe"),

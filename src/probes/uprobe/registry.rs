@@ -176,7 +176,8 @@ struct Staged<S: AddressSpace, F: Flavor> {
     up: EntryHandle<UprobeKey, Uprobe<F>, F>,
     /// The uprobe was created by this registration.
     fresh: bool,
-    /// The consumer list to publish (an existing uprobe's, plus ours).
+    /// The consumer list to publish (an existing uprobe's, plus ours;
+    /// empty for a fresh uprobe, born with its list).
     new: Vec<Member>,
     /// The original bytes read from the file (nothing maps the offset).
     from_file: Option<CodeBytes>,
@@ -482,8 +483,14 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 }
             }
         }
-        let mut new = old;
-        new.push(member);
+        // (A fresh uprobe was born with its list.)
+        let new = if fresh {
+            Vec::new()
+        } else {
+            let mut new = old;
+            new.push(member);
+            new
+        };
         Ok(Staged {
             up,
             fresh,

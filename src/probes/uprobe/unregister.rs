@@ -133,23 +133,26 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         let Some(pos) = old.iter().position(|c| c.same(consumer)) else {
             return Err(unknown());
         };
-        let mut new: Vec<Member> = old.to_vec();
-        new.remove(pos);
+        // The list without it (no allocation when it was the only one: a
+        // probed C library traps on every `malloc` the removal makes).
+        let remaining = || old.iter().enumerate().filter(|&(i, _)| i != pos).map(|(_, c)| c);
         for p in slice(up.placed.load(&g)).iter() {
-            if new.iter().any(|c| c.wants(p.space)) {
+            if remaining().any(|c| c.wants(p.space)) {
                 continue;
             }
             if let Some(st) = self.spaces.get(&g, &p.space) {
                 removals.push(Arc::clone(st), p.vaddr, key);
             }
         }
-        drop(g);
-        if new.is_empty() {
+        if old.len() == 1 {
+            drop(g);
             // Removed once its breakpoints are out (`finish_removals`): until
             // then a hit still finds it (and its old list; the caller's
             // grace period covers that).
             removals.emptied.push(key);
         } else {
+            let new: Vec<Member> = remaining().cloned().collect();
+            drop(g);
             up.consumers.replace(new.into());
         }
         Ok(())
