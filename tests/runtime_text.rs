@@ -445,3 +445,35 @@ fn a_batch_does_each_good_write_and_refuses_each_bad_one_alone() {
         assert_eq!(code(p1, 8), before1);
     });
 }
+
+/// The refused-range lookup (a binary search over ranges sorted by start,
+/// with the largest end so far) agrees with a plain scan on overlapping,
+/// nested and adjacent ranges added in any order.
+#[test]
+fn refused_ranges_are_found_exactly_as_a_scan_finds_them() {
+    let ranges = [
+        (100, 200),
+        (150, 160),
+        (10, 20),
+        (20, 30),
+        (300, 1000),
+        (400, 410),
+        (5, 6),
+    ];
+    let text = InProcess::new().refuse_all(ranges.iter().map(|&(start, end)| RefusedRange {
+        start,
+        end,
+        what: "test",
+    }));
+    for addr in 0..1100u64 {
+        for len in [0usize, 1, 3, 17, 200] {
+            let end = addr + len.max(1) as u64;
+            let scan = ranges.iter().any(|&(s, e)| s < end && addr < e);
+            let found = text.refused_at(addr, len);
+            assert_eq!(found.is_some(), scan, "[{addr}, {end})");
+            if let Some(r) = found {
+                assert!(r.start < end && addr < r.end, "[{addr}, {end}): {r:?}");
+            }
+        }
+    }
+}

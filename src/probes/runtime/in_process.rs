@@ -135,7 +135,12 @@ pub struct RefusedRange {
 /// ```
 #[derive(Clone, Debug, Default)]
 pub struct InProcess {
+    /// Sorted by start (a write looks its range up by binary search: the
+    /// trap path's refusals are thousands of ranges).
     refused: Vec<RefusedRange>,
+    /// `refused_end[i]`: the largest end among `refused[..=i]` (ranges may
+    /// overlap).
+    refused_end: Vec<u64>,
     /// The registry writing through this text, as `holders.rs` knows it (0:
     /// none): a breakpoint found here is named by the *other* owners.
     owner: u64,
@@ -150,6 +155,7 @@ impl InProcess {
         sync_core_init();
         InProcess {
             refused: Vec::new(),
+            refused_end: Vec::new(),
             owner: 0,
         }
     }
@@ -161,26 +167,40 @@ impl InProcess {
     }
 
     /// Adds a range every write must stay out of.
-    pub fn refuse(mut self, range: RefusedRange) -> InProcess {
-        self.refused.push(range);
-        self
+    pub fn refuse(self, range: RefusedRange) -> InProcess {
+        self.refuse_all([range])
     }
 
     /// Adds several refused ranges.
     pub fn refuse_all(mut self, ranges: impl IntoIterator<Item = RefusedRange>) -> InProcess {
         self.refused.extend(ranges);
+        self.refused.sort_by_key(|r| (r.start, r.end));
+        self.refused_end = self
+            .refused
+            .iter()
+            .scan(0, |max, r| {
+                *max = r.end.max(*max);
+                Some(*max)
+            })
+            .collect();
         self
     }
 
-    /// The refused ranges.
+    /// The refused ranges, by start address.
     pub fn refused(&self) -> &[RefusedRange] {
         &self.refused
     }
 
-    /// The refused range overlapping `[addr, addr + len)`, if any.
+    /// A refused range overlapping `[addr, addr + len)`, if any.
     pub fn refused_at(&self, addr: u64, len: usize) -> Option<&RefusedRange> {
         let end = addr.saturating_add(len.max(1) as u64);
-        self.refused.iter().find(|r| r.start < end && addr < r.end)
+        // The ranges starting before `end`; one of them overlaps exactly
+        // when the largest end among them is past `addr`.
+        let below = self.refused.partition_point(|r| r.start < end);
+        if below == 0 || self.refused_end[below - 1] <= addr {
+            return None;
+        }
+        self.refused[..below].iter().rev().find(|r| addr < r.end)
     }
 
     /// Writes `new` over `current` at `addr`: the page must already be
@@ -291,6 +311,30 @@ fn mprotect(start: u64, end: u64, prot: libc::c_int) -> bool {
 impl TextMemory for InProcess {
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError> {
         read_text(addr, buf)
+    }
+
+    /// In a few vectored `process_vm_readv` calls (a piece that cannot be
+    /// read is read again alone, for its error).
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<Result<(), ProbeError>> {
+        let addrs: Vec<u64> = reads.iter().map(|r| r.0).collect();
+        let lens: Vec<usize> = reads.iter().map(|r| r.1.len()).collect();
+        let mut all = vec![0u8; lens.iter().sum()];
+        let done = pieces(true, &mut all, &addrs, &lens);
+        let mut off = 0;
+        reads
+            .iter_mut()
+            .zip(done)
+            .map(|((addr, buf), ok)| {
+                let got = &all[off..off + buf.len()];
+                off += buf.len();
+                if ok {
+                    buf.copy_from_slice(got);
+                    Ok(())
+                } else {
+                    read_text(*addr, buf)
+                }
+            })
+            .collect()
     }
 
     fn holder_at(&self, addr: u64) -> Option<String> {

@@ -88,6 +88,20 @@ pub trait TextMemory: Send + Sync {
     /// [`ProbeError::TextAccess`] if the range is not readable.
     fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), ProbeError>;
 
+    /// Reads each `(addr, buf)` as [`read`](Self::read) does; one result
+    /// each, in order. An implementation reading live memory makes it
+    /// cheaper than one `read` each (the live one: a few vectored system
+    /// calls); the default calls `read` for each.
+    ///
+    /// # Errors
+    /// Per read, as `read`.
+    fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<Result<(), ProbeError>> {
+        reads
+            .iter_mut()
+            .map(|(addr, buf)| self.read(*addr, buf))
+            .collect()
+    }
+
     /// Who else holds a breakpoint at `addr`, if this memory knows (another
     /// probe registry writing the same text): registries report
     /// [`ProbeError::HeldBy`] with it instead of a bare

@@ -90,16 +90,20 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         key: UprobeKey,
         vaddr: u64,
         map: &FileMapping,
+        read: Option<&[u8]>,
     ) -> Result<Option<Prepared<S, F>>, ProbeError> {
         if st.installs.contains_key(&vaddr) {
             return Ok(None);
         }
         let text = st.space.text();
         let bp = self.arch.breakpoint();
-        let avail = (map.vaddr.end - vaddr) as usize;
-        let n = self.arch.max_insn_len().min(avail).min(MAX_INSN_BYTES);
+        let n = self.insn_window(map, vaddr);
         let mut buf = [0u8; MAX_INSN_BYTES];
-        text.read(vaddr, &mut buf[..n])?;
+        match read.filter(|r| r.len() == n) {
+            // Read already, with the batch's other instructions.
+            Some(r) => buf[..n].copy_from_slice(r),
+            None => text.read(vaddr, &mut buf[..n])?,
+        }
         let mut known = up.orig.lock().unwrap_or_else(|p| p.into_inner());
         let ours_there = n >= bp.len() && &buf[..bp.len()] == bp;
         if ours_there {
@@ -168,6 +172,13 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             write: !ours_there,
             learned,
         }))
+    }
+
+    /// How many bytes at `vaddr` an install reads (an instruction's longest,
+    /// within the mapping).
+    pub(super) fn insn_window(&self, map: &FileMapping, vaddr: u64) -> usize {
+        let avail = (map.vaddr.end - vaddr) as usize;
+        self.arch.max_insn_len().min(avail).min(MAX_INSN_BYTES)
     }
 
     /// Writes the breakpoints of `prepared` (one `write_many` per space),

@@ -11,7 +11,8 @@ use core::ops::Range;
 use super::install::Prepared;
 use super::registry::{slice, SpaceState, UprobeRegistry};
 use super::space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};
-use crate::probes::arch::Arch;
+use crate::probes::arch::{Arch, MAX_INSN_BYTES};
+use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
 use crate::rcu::{Flavor, RcuCell};
 use crate::seqtree::SeqTree;
@@ -71,18 +72,36 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 .map(|(k, _)| *k)
                 .collect()
         };
-        // Prepared one by one (stopping at the first failure), written in
-        // one text batch.
+        // The instructions read in one batch, prepared one by one
+        // (stopping at the first failure), written in one text batch.
+        let vaddrs: Vec<u64> = todo
+            .iter()
+            .map(|k| {
+                mapping
+                    .vaddr_of(k.offset)
+                    .expect("the key was taken from the mapping's range")
+            })
+            .collect();
+        let mut bytes = vec![0u8; vaddrs.len() * MAX_INSN_BYTES];
+        let read = {
+            let mut reads: Vec<(u64, &mut [u8])> = bytes
+                .chunks_mut(MAX_INSN_BYTES)
+                .zip(&vaddrs)
+                .map(|(b, &v)| (v, &mut b[..self.insn_window(&mapping, v)]))
+                .collect();
+            space.text().read_many(&mut reads)
+        };
         let mut prepared = Vec::with_capacity(todo.len());
         let mut first_err = None;
-        for key in todo {
+        for (i, key) in todo.into_iter().enumerate() {
             let Some(up) = self.uprobes.get_handle(&key) else {
                 continue;
             };
-            let vaddr = mapping
-                .vaddr_of(key.offset)
-                .expect("the key was taken from the mapping's range");
-            match self.prepare(up.value(), &st, key, vaddr, &mapping) {
+            let vaddr = vaddrs[i];
+            let pre = read[i]
+                .is_ok()
+                .then(|| &bytes[i * MAX_INSN_BYTES..][..self.insn_window(&mapping, vaddr)]);
+            match self.prepare(up.value(), &st, key, vaddr, &mapping, pre) {
                 Ok(Some(p)) => prepared.push((up, p)),
                 Ok(None) => {}
                 Err(e) => {

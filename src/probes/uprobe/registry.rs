@@ -100,14 +100,21 @@ impl<F: Flavor> Uprobe<F> {
     /// removed. The caller holds the file stripe.
     pub(super) fn update_placed(&self, add: Option<Placed>, remove: Option<(SpaceId, u64)>) {
         let g = self.placed.domain().read();
-        let mut v: Vec<Placed> = slice(self.placed.load(&g))
-            .iter()
-            .filter(|p| remove != Some((p.space, p.vaddr)))
-            .copied()
-            .collect();
+        let now = slice(self.placed.load(&g));
+        let kept = || {
+            now.iter()
+                .filter(|p| remove != Some((p.space, p.vaddr)))
+                .copied()
+        };
+        // The usual lists (one install, or none) are built without a
+        // temporary vector: one allocation (the cell's) per change.
+        let next = match (kept().count(), add) {
+            (0, Some(a)) => Short::One([a]),
+            (1, None) => Short::One([kept().next().expect("counted")]),
+            _ => kept().chain(add).collect::<Vec<Placed>>().into(),
+        };
         drop(g);
-        v.extend(add);
-        self.placed.replace(v.into());
+        self.placed.replace(next);
     }
 }
 
@@ -469,7 +476,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             if wanted_before || !consumer.wants(id) {
                 continue;
             }
-            match self.prepare(up.value(), st, key, *vaddr, map) {
+            match self.prepare(up.value(), st, key, *vaddr, map, None) {
                 Ok(Some(p)) => prepared.push(p),
                 Ok(None) => {}
                 Err(e) => {

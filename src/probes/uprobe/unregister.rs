@@ -135,7 +135,12 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         };
         // The list without it (no allocation when it was the only one: a
         // probed C library traps on every `malloc` the removal makes).
-        let remaining = || old.iter().enumerate().filter(|&(i, _)| i != pos).map(|(_, c)| c);
+        let remaining = || {
+            old.iter()
+                .enumerate()
+                .filter(|&(i, _)| i != pos)
+                .map(|(_, c)| c)
+        };
         for p in slice(up.placed.load(&g)).iter() {
             if remaining().any(|c| c.wants(p.space)) {
                 continue;
