@@ -1,7 +1,8 @@
 //! Stress of live uprobes across `dlopen`/`dlclose` (issue 12): two threads
 //! load, call and unload a library each in a loop, two threads call a library
 //! that stays loaded, and a fifth registers and unregisters a consumer on
-//! both, for `RUNTIME_UPROBE_STRESS_SECS` (default 2 s; at least 10 s when
+//! both (every other round in batches: `register_many`, `unregister_many`),
+//! for `RUNTIME_UPROBE_STRESS_SECS` (default 2 s; at least 10 s when
 //! `CI=true`). Every call's result is checked, and the consumers that stay
 //! registered count exactly the calls made. Run with
 //! `cargo test --release --test runtime_uprobes_stress -- --ignored`.
@@ -17,7 +18,7 @@ mod dl_support;
 
 use dl_support::Lib;
 use rcu_registry::probes::runtime::{LiveUprobes, LoaderWatch};
-use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeTarget};
+use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeKey, UprobeTarget};
 use rcu_registry::probes::ProbeError;
 
 fn duration() -> Duration {
@@ -135,26 +136,38 @@ fn loads_unloads_calls_and_registrations_at_once_keep_every_count_exact() {
                     // the typed text error the limitations describe (the
                     // retries ran out): nothing changed; counted, and any
                     // other error fails the test.
-                    let b: Vec<_> = cycled
+                    // Every other round registers and removes the cycled
+                    // ones in batches (`register_many`, `unregister_many`).
+                    let batch = churns.load(Ordering::Relaxed) % 2 == 1;
+                    let targets: Vec<UprobeTarget> = cycled
                         .iter()
-                        .filter_map(|so| {
-                            match live
-                                .register(&UprobeTarget::symbol(so.to_str().unwrap(), "g"), &c)
-                            {
-                                Ok(r) => Some(r.key()),
-                                Err(
-                                    ProbeError::TextAccess { .. } | ProbeError::TextGone { .. },
-                                ) => {
-                                    refused.fetch_add(1, Ordering::Relaxed);
-                                    None
-                                }
-                                Err(e) => panic!("registering on a cycled library: {e:?}"),
+                        .map(|so| UprobeTarget::symbol(so.to_str().unwrap(), "g"))
+                        .collect();
+                    let results = if batch {
+                        live.register_many(&targets, &c)
+                    } else {
+                        targets.iter().map(|t| live.register(t, &c)).collect()
+                    };
+                    let b: Vec<_> = results
+                        .into_iter()
+                        .filter_map(|r| match r {
+                            Ok(r) => Some(r.key()),
+                            Err(ProbeError::TextAccess { .. } | ProbeError::TextGone { .. }) => {
+                                refused.fetch_add(1, Ordering::Relaxed);
+                                None
                             }
+                            Err(e) => panic!("registering on a cycled library: {e:?}"),
                         })
                         .collect();
                     live.unregister(a, &c).unwrap();
-                    for k in b {
-                        live.unregister(k, &c).unwrap();
+                    if batch {
+                        let pairs: Vec<(UprobeKey, &Consumer)> =
+                            b.iter().map(|k| (*k, &c)).collect();
+                        assert_eq!(live.unregister_many(&pairs), Ok(b.len()));
+                    } else {
+                        for k in b {
+                            live.unregister(k, &c).unwrap();
+                        }
                     }
                     churns.fetch_add(1, Ordering::Relaxed);
                 }

@@ -26,6 +26,18 @@
 //!   [`StepStash`]); a trap on the return trampoline runs the return
 //!   handlers and resumes at the real return address.
 //!
+//! # Batches
+//!
+//! [`LiveUprobes::register_many`] resolves every target (each file opened
+//! once) and registers them in one batch: the breakpoints are written
+//! together (one protection change per run of pages, one core sync), the
+//! fault signals claimed once. A `dlopen`'s pending uprobes are one batch
+//! the same way. [`LiveUprobes::unregister_many`] and
+//! [`LiveUprobes::unregister_nosync`] + [`LiveUprobes::commit`] remove with
+//! one grace period for all. Probing the C library in-process has a cost
+//! of its own: once its functions are probed, every call the registrar
+//! makes into them (`malloc` while it builds records) is a hit.
+//!
 //! # One writer per byte
 //!
 //! Kprobes and uprobes patch the same text. Each registry writes a
