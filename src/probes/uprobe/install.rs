@@ -27,6 +27,7 @@ use crate::probes::error::CodeBytes;
 use crate::probes::text::{TextMemory, TextWrite};
 use crate::probes::ProbeError;
 use crate::rcu::Flavor;
+use crate::seqtree::EntryHandle;
 use crate::sync::Arc;
 
 /// An install whose record is published and whose breakpoint is not
@@ -44,16 +45,19 @@ pub(super) struct Prepared<S: AddressSpace, F: Flavor> {
     learned: bool,
 }
 
+/// A uprobe, as a writer holds it.
+pub(super) type UprobeHandle<F> = EntryHandle<UprobeKey, Uprobe<F>, F>;
+
 /// An install queued for removal: its space, address and uprobe.
-type Queued<S, F> = (Arc<SpaceState<S, F>>, u64, UprobeKey);
+type Queued<S, F> = (Arc<SpaceState<S, F>>, u64, UprobeHandle<F>);
 
 /// Removals of a batch: every install's bytes are restored first (one
-/// `write_many` per space), then the records dropped, then the uprobes
-/// left without consumers removed.
+/// `write_many` per space), then the records dropped (in bulk), then the
+/// uprobes left without consumers removed (in bulk).
 pub(super) struct Removals<S: AddressSpace, F: Flavor> {
     installs: Vec<Queued<S, F>>,
     queued: HashSet<(SpaceId, u64)>,
-    pub(super) emptied: Vec<UprobeKey>,
+    emptied: Vec<UprobeHandle<F>>,
 }
 
 impl<S: AddressSpace, F: Flavor> Default for Removals<S, F> {
@@ -68,10 +72,36 @@ impl<S: AddressSpace, F: Flavor> Default for Removals<S, F> {
 
 impl<S: AddressSpace, F: Flavor> Removals<S, F> {
     /// Queues the install at `vaddr` in `st` (once).
-    pub(super) fn push(&mut self, st: Arc<SpaceState<S, F>>, vaddr: u64, key: UprobeKey) {
+    pub(super) fn push(&mut self, st: Arc<SpaceState<S, F>>, vaddr: u64, up: &UprobeHandle<F>) {
         if self.queued.insert((st.space.id(), vaddr)) {
-            self.installs.push((st, vaddr, key));
+            self.installs.push((st, vaddr, up.clone()));
         }
+    }
+
+    /// Queues the uprobe itself (its last consumer left).
+    pub(super) fn push_emptied(&mut self, up: UprobeHandle<F>) {
+        self.emptied.push(up);
+    }
+}
+
+/// Removes `keys` from `tree`: one by one when they are few beside the
+/// tree's size, else in one pass (`retain`: one write section, one
+/// reclamation batch).
+fn remove_all<
+    K: Ord + Copy + std::hash::Hash + Send + 'static,
+    V: Send + Sync + 'static,
+    F: Flavor,
+>(
+    tree: &crate::seqtree::SeqTree<K, V, F>,
+    keys: &[K],
+) {
+    if keys.len() * 8 < tree.len() {
+        for k in keys {
+            tree.remove(k);
+        }
+    } else {
+        let gone: HashSet<K> = keys.iter().copied().collect();
+        tree.retain(|k, _| !gone.contains(k));
     }
 }
 
@@ -337,21 +367,15 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// Finishes a batch of removals: restores the original bytes of every
     /// queued install (one `write_many` per space; a breakpoint someone
     /// else already replaced is left alone), then drops the records, then
-    /// removes the uprobes left without consumers. The caller holds the
-    /// stripes of every file concerned.
+    /// removes the uprobes left without consumers (in bulk for a large
+    /// batch; their XOL slots go back after one grace period per space).
+    /// The caller holds the stripes of every file concerned.
     pub(super) fn finish_removals(&self, r: Removals<S, F>) {
         let bp = self.arch.breakpoint();
         let mut items: Vec<(SpaceId, usize, CodeBytes)> = Vec::with_capacity(r.installs.len());
-        {
-            let g = self.domain.read();
-            for (i, (st, _, key)) in r.installs.iter().enumerate() {
-                let orig = self
-                    .uprobes
-                    .get(&g, key)
-                    .and_then(|u| *u.orig.lock().unwrap_or_else(|e| e.into_inner()));
-                if let Some(o) = orig {
-                    items.push((st.space.id(), i, o));
-                }
+        for (i, (st, _, up)) in r.installs.iter().enumerate() {
+            if let Some(o) = *up.orig.lock().unwrap_or_else(|e| e.into_inner()) {
+                items.push((st.space.id(), i, o));
             }
         }
         items.sort_by_key(|&(id, _, _)| id);
@@ -366,15 +390,39 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 .collect();
             let _ = r.installs[group[0].1].0.space.text().write_many(&writes);
         }
-        for (st, vaddr, key) in &r.installs {
-            if let Some(up) = self.uprobes.get_handle(key) {
-                self.drop_record(up.value(), st, *vaddr);
+        // The records. A uprobe that leaves the tree below keeps its install
+        // list as it is: a thread that trapped before its bytes came back
+        // still finds the install (its slot stays for a grace period), and
+        // the list goes with the uprobe.
+        let leaving: HashSet<UprobeKey> = r.emptied.iter().map(|u| u.key).collect();
+        let mut by_space: Vec<(SpaceId, usize)> = Vec::with_capacity(r.installs.len());
+        for (i, (st, vaddr, up)) in r.installs.iter().enumerate() {
+            if !leaving.contains(&up.key) {
+                up.update_placed(None, Some((st.space.id(), *vaddr)));
             }
+            by_space.push((st.space.id(), i));
         }
-        for key in &r.emptied {
-            if let Some(up) = self.uprobes.get_handle(key) {
-                self.remove_uprobe(up.value());
-            }
+        by_space.sort_unstable();
+        for group in by_space.chunk_by(|a, b| a.0 == b.0) {
+            let st = &r.installs[group[0].1].0;
+            let vaddrs: Vec<u64> = group.iter().map(|&(_, i)| r.installs[i].1).collect();
+            let plans: Vec<XolPlan> = {
+                let g = self.domain.read();
+                vaddrs
+                    .iter()
+                    .filter_map(|v| st.installs.get(&g, v).and_then(|rec| rec.plan))
+                    .collect()
+            };
+            remove_all(&st.installs, &vaddrs);
+            st.xol_shares
+                .release_many_later(&self.domain, &st.space, &plans);
         }
+        // The uprobes: out of the hit cache first (see `hitcache.rs`).
+        for up in &r.emptied {
+            self.hot.retract(&up.key, up.value());
+        }
+        let keys: Vec<UprobeKey> = r.emptied.iter().map(|u| u.key).collect();
+        drop(r);
+        remove_all(&self.uprobes, &keys);
     }
 }

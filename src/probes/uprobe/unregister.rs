@@ -146,7 +146,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 continue;
             }
             if let Some(st) = self.spaces.get(&g, &p.space) {
-                removals.push(Arc::clone(st), p.vaddr, key);
+                removals.push(Arc::clone(st), p.vaddr, &up);
             }
         }
         if old.len() == 1 {
@@ -154,7 +154,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             // Removed once its breakpoints are out (`finish_removals`): until
             // then a hit still finds it (and its old list; the caller's
             // grace period covers that).
-            removals.emptied.push(key);
+            removals.push_emptied(up);
         } else {
             let new: Vec<Member> = remaining().cloned().collect();
             drop(g);

@@ -96,6 +96,29 @@ impl XolShares {
         domain.call(move || shares.release(space.xol(), key));
     }
 
+    /// [`release_later`](Self::release_later) for every plan of `plans`, in
+    /// one callback.
+    pub(crate) fn release_many_later<S, F>(
+        &self,
+        domain: &F,
+        space: &std::sync::Arc<S>,
+        plans: &[XolPlan],
+    ) where
+        S: super::AddressSpace,
+        F: Flavor,
+    {
+        if plans.is_empty() {
+            return;
+        }
+        let (shares, space) = (self.clone(), std::sync::Arc::clone(space));
+        let keys: Vec<(u64, u64)> = plans.iter().map(|p| (p.insn_addr, p.slot_addr)).collect();
+        domain.call(move || {
+            for key in keys {
+                shares.release(space.xol(), key);
+            }
+        });
+    }
+
     /// Drops one owner of the slot at `key`; frees it when that was the last.
     fn release(&self, xol: &dyn XolAllocator, key: (u64, u64)) {
         let mut t = self.lock();
