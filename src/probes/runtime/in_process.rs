@@ -613,6 +613,83 @@ impl InProcess {
 /// the direct modes) is left for the caller to move alone, which reports
 /// its error; the calls go on after it.
 fn pieces(read: bool, buf: &mut [u8], addrs: &[u64], lens: &[usize]) -> Vec<bool> {
+    if read {
+        return read_coalesced(buf, addrs, lens);
+    }
+    vectored(read, buf, addrs, lens)
+}
+
+/// Gap between two pieces below which one read covers both.
+const COALESCE_GAP: u64 = 256;
+/// Longest read that covers several pieces.
+const COALESCE_MAX: u64 = 64 * 1024;
+
+/// Reads the pieces as [`pieces`] does, nearby pieces with one read of the
+/// bytes around them (sorted by address, merged while the gap is at most
+/// [`COALESCE_GAP`] and the run at most [`COALESCE_MAX`]): the kernel's cost
+/// is per piece, not per byte. A run that cannot be read whole (one of its
+/// pages unmapped) is read piece by piece.
+fn read_coalesced(buf: &mut [u8], addrs: &[u64], lens: &[usize]) -> Vec<bool> {
+    let mut done = vec![false; addrs.len()];
+    // Where each piece's bytes go in `buf`.
+    let mut at = Vec::with_capacity(addrs.len());
+    let mut off = 0;
+    for &l in lens {
+        at.push(off);
+        off += l;
+    }
+    let mut order: Vec<usize> = (0..addrs.len()).collect();
+    order.sort_by_key(|&i| addrs[i]);
+    // Runs: (start, end, first and one-past-last index into `order`).
+    let mut runs: Vec<(u64, u64, usize, usize)> = Vec::new();
+    for (k, &i) in order.iter().enumerate() {
+        let (s, e) = (addrs[i], addrs[i].saturating_add(lens[i] as u64));
+        match runs.last_mut() {
+            Some(r)
+                if s <= r.1.saturating_add(COALESCE_GAP) && e.max(r.1) - r.0 <= COALESCE_MAX =>
+            {
+                r.1 = r.1.max(e);
+                r.3 = k + 1;
+            }
+            _ => runs.push((s, e, k, k + 1)),
+        }
+    }
+    let run_addrs: Vec<u64> = runs.iter().map(|r| r.0).collect();
+    let run_lens: Vec<usize> = runs.iter().map(|r| (r.1 - r.0) as usize).collect();
+    let mut whole = vec![0u8; run_lens.iter().sum()];
+    let read = vectored(true, &mut whole, &run_addrs, &run_lens);
+    let mut base = 0;
+    for (r, (run, ok)) in runs.iter().zip(read).enumerate() {
+        let members = &order[run.2..run.3];
+        if ok {
+            for &i in members {
+                let from = base + (addrs[i] - run.0) as usize;
+                buf[at[i]..at[i] + lens[i]].copy_from_slice(&whole[from..from + lens[i]]);
+                done[i] = true;
+            }
+        } else {
+            // Piece by piece; those that fail are left to the caller.
+            let a: Vec<u64> = members.iter().map(|&i| addrs[i]).collect();
+            let l: Vec<usize> = members.iter().map(|&i| lens[i]).collect();
+            let mut tmp = vec![0u8; l.iter().sum()];
+            let got = vectored(true, &mut tmp, &a, &l);
+            let mut o = 0;
+            for (n, &i) in members.iter().enumerate() {
+                if got[n] {
+                    buf[at[i]..at[i] + lens[i]].copy_from_slice(&tmp[o..o + lens[i]]);
+                    done[i] = true;
+                }
+                o += lens[i];
+            }
+        }
+        base += run_lens[r];
+    }
+    done
+}
+
+/// Moves the pieces in vectored calls of up to `IOV_MAX` pieces (see
+/// [`pieces`]).
+fn vectored(read: bool, buf: &mut [u8], addrs: &[u64], lens: &[usize]) -> Vec<bool> {
     let mut done = vec![false; addrs.len()];
     // Relaxed: sticky hints, as in `put` and `read_text`.
     let direct = if read {

@@ -19,8 +19,9 @@ use super::short::Short;
 use super::space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};
 use super::xolshare::XolShares;
 use crate::hashlock::HashedLocks;
-use crate::probes::arch::{Arch, Insn, XolPlan};
+use crate::probes::arch::{Arch, Insn, XolPlan, MAX_INSN_BYTES};
 use crate::probes::error::{CodeBytes, ProbeSite};
+use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
 use crate::rcu::{Flavor, RcuCell, Srcu};
 use crate::seqtree::{EntryHandle, SeqTree};
@@ -109,12 +110,19 @@ impl<F: Flavor> Uprobe<F> {
         // The usual lists (one install, or none) are built without a
         // temporary vector: one allocation (the cell's) per change.
         let next = match (kept().count(), add) {
-            (0, Some(a)) => Short::One([a]),
-            (1, None) => Short::One([kept().next().expect("counted")]),
-            _ => kept().chain(add).collect::<Vec<Placed>>().into(),
+            (0, None) => None,
+            (0, Some(a)) => Some(Short::One([a])),
+            (1, None) => Some(Short::One([kept().next().expect("counted")])),
+            _ => Some(kept().chain(add).collect::<Vec<Placed>>().into()),
         };
         drop(g);
-        self.placed.replace(next);
+        match next {
+            Some(list) => self.placed.replace(list),
+            // Empty: no list (readers see none, as for a new uprobe).
+            None => {
+                let _ = self.placed.take();
+            }
+        }
     }
 }
 
@@ -177,6 +185,10 @@ pub struct UprobeRegistry<A: Arch, S: AddressSpace, F: Flavor = Srcu> {
 pub(crate) fn slice<T, B: core::ops::Deref<Target = [T]>>(b: Option<&B>) -> &[T] {
     b.map_or(&[], |b| &**b)
 }
+
+/// Instructions read ahead for a batch: by space and address, the bytes
+/// and how many of them.
+type PreRead = std::collections::HashMap<(SpaceId, u64), ([u8; MAX_INSN_BYTES], usize)>;
 
 /// A registration between its two halves (`stage`, `finish_stage`).
 struct Staged<S: AddressSpace, F: Flavor> {
@@ -356,6 +368,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             return vec![Err(e); items.len()];
         }
         let _files = self.lock_files(items.iter().map(|(k, _)| k));
+        let pre = self.pre_read(items.iter().map(|(k, _)| *k));
         let mut seen = std::collections::HashSet::with_capacity(items.len());
         let staged: Vec<Result<Staged<S, F>, ProbeError>> = items
             .iter()
@@ -363,7 +376,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 if !seen.insert(key) {
                     return Err(ProbeError::AlreadyRegistered { site: site(key) });
                 }
-                self.stage(key, func_offset, consumer)
+                self.stage(key, func_offset, consumer, &pre)
             })
             .collect();
         let all: Vec<&Prepared<S, F>> = staged
@@ -401,21 +414,59 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     ) -> Result<(), ProbeError> {
         consumer.check()?;
         let _file = self.files.lock(&key.file);
-        let staged = self.stage(key, func_offset, consumer)?;
+        let staged = self.stage(key, func_offset, consumer, &PreRead::new())?;
         let prepared: Vec<&Prepared<S, F>> = staged.prepared.iter().collect();
         let written = self.write_prepared(&prepared);
         self.finish_stage(staged, &written)
     }
 
+    /// The instructions a batch of registrations will install at, read in
+    /// one batch per space ([`TextMemory::read_many`]: a few system calls
+    /// for thousands of instructions, where each install would make one).
+    /// What cannot be read is left out (the install reads it again, for its
+    /// error). The caller holds the files' stripes.
+    fn pre_read(&self, keys: impl Iterator<Item = UprobeKey>) -> PreRead {
+        let mut wanted: Vec<Target<S, F>> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for key in keys {
+            for (st, vaddr, map) in self.mapped_targets(key).unwrap_or_default() {
+                if seen.insert((st.space.id(), vaddr)) {
+                    wanted.push((st, vaddr, map));
+                }
+            }
+        }
+        wanted.sort_by_key(|(st, v, _)| (st.space.id(), *v));
+        let mut out = PreRead::with_capacity(wanted.len());
+        for group in wanted.chunk_by(|a, b| a.0.space.id() == b.0.space.id()) {
+            let mut bytes = vec![[0u8; MAX_INSN_BYTES]; group.len()];
+            let results = {
+                let mut reads: Vec<(u64, &mut [u8])> = bytes
+                    .iter_mut()
+                    .zip(group)
+                    .map(|(b, (_, v, map))| (*v, &mut b[..self.insn_window(map, *v)]))
+                    .collect();
+                group[0].0.space.text().read_many(&mut reads)
+            };
+            for ((b, (st, v, map)), r) in bytes.iter().zip(group).zip(results) {
+                if r.is_ok() {
+                    out.insert((st.space.id(), *v), (*b, self.insn_window(map, *v)));
+                }
+            }
+        }
+        out
+    }
+
     /// The first half of a registration (the caller holds the file's
     /// stripe): the checks, the uprobe (created with its first consumer if
     /// new), and the installs prepared in every space that maps the offset
-    /// and that the consumer brings in. On error nothing changed.
+    /// and that the consumer brings in (with the bytes `pre` read for them,
+    /// if it did). On error nothing changed.
     fn stage(
         &self,
         key: UprobeKey,
         func_offset: Option<u64>,
         consumer: &Consumer,
+        pre: &PreRead,
     ) -> Result<Staged<S, F>, ProbeError> {
         let existing = self.uprobes.get_handle(&key);
         if let Some(up) = &existing {
@@ -458,7 +509,9 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                     orig: Mutex::new(from_file),
                     func_offset,
                     nmissed: AtomicU64::new(0),
-                    placed: RcuCell::new_in(Vec::new().into(), self.domain.clone()),
+                    // Empty until its first install: no allocation, and
+                    // nothing to retire when that install publishes the list.
+                    placed: RcuCell::empty_in(self.domain.clone()),
                 };
                 (self.uprobes.get_or_insert_handle_with(key, || u), true)
             }
@@ -476,7 +529,8 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             if wanted_before || !consumer.wants(id) {
                 continue;
             }
-            match self.prepare(up.value(), st, key, *vaddr, map, None) {
+            let read = pre.get(&(id, *vaddr)).map(|(b, n)| &b[..*n]);
+            match self.prepare(up.value(), st, key, *vaddr, map, read) {
                 Ok(Some(p)) => prepared.push(p),
                 Ok(None) => {}
                 Err(e) => {
