@@ -216,7 +216,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// The writes are visible to instruction fetch when it returns.
     pub(super) fn write_prepared(
         &self,
-        prepared: &[&Prepared<S, F>],
+        prepared: &[Prepared<S, F>],
     ) -> Vec<Result<(), ProbeError>> {
         let bp = self.arch.breakpoint();
         let mut out: Vec<Result<(), ProbeError>> = vec![Ok(()); prepared.len()];

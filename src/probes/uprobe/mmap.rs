@@ -110,10 +110,10 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 }
             }
         }
-        let refs: Vec<&Prepared<S, F>> = prepared.iter().map(|(_, p)| p).collect();
-        let written = self.write_prepared(&refs);
+        let (ups, prepared): (Vec<_>, Vec<Prepared<S, F>>) = prepared.into_iter().unzip();
+        let written = self.write_prepared(&prepared);
         let mut wrote = 0;
-        for ((up, p), r) in prepared.iter().zip(written) {
+        for ((up, p), r) in ups.iter().zip(&prepared).zip(written) {
             match r {
                 Ok(()) => wrote += usize::from(p.write),
                 Err(e) => {

@@ -191,7 +191,7 @@ pub(crate) fn slice<T, B: core::ops::Deref<Target = [T]>>(b: Option<&B>) -> &[T]
 type PreRead = std::collections::HashMap<(SpaceId, u64), ([u8; MAX_INSN_BYTES], usize)>;
 
 /// A registration between its two halves (`stage`, `finish_stage`).
-struct Staged<S: AddressSpace, F: Flavor> {
+struct Staged<F: Flavor> {
     up: EntryHandle<UprobeKey, Uprobe<F>, F>,
     /// The uprobe was created by this registration.
     fresh: bool,
@@ -200,7 +200,8 @@ struct Staged<S: AddressSpace, F: Flavor> {
     new: Vec<Member>,
     /// The original bytes read from the file (nothing maps the offset).
     from_file: Option<CodeBytes>,
-    prepared: Vec<Prepared<S, F>>,
+    /// Its prepared installs, in the batch's list.
+    prepared: core::ops::Range<usize>,
 }
 
 /// A space that maps a uprobe's offset: its state, the address there, the
@@ -370,26 +371,25 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         let _files = self.lock_files(items.iter().map(|(k, _)| k));
         let pre = self.pre_read(items.iter().map(|(k, _)| *k));
         let mut seen = std::collections::HashSet::with_capacity(items.len());
-        let staged: Vec<Result<Staged<S, F>, ProbeError>> = items
+        // Every item's prepared installs, back to back (one allocation for
+        // the batch); each staged item knows its range.
+        let mut prepared = Vec::with_capacity(items.len());
+        let staged: Vec<Result<Staged<F>, ProbeError>> = items
             .iter()
             .map(|&(key, func_offset)| {
                 if !seen.insert(key) {
                     return Err(ProbeError::AlreadyRegistered { site: site(key) });
                 }
-                self.stage(key, func_offset, consumer, &pre)
+                self.stage(key, func_offset, consumer, &pre, &mut prepared)
             })
             .collect();
-        let all: Vec<&Prepared<S, F>> = staged
-            .iter()
-            .flat_map(|s| s.iter().flat_map(|s| s.prepared.iter()))
-            .collect();
-        let mut results = self.write_prepared(&all).into_iter();
+        let written = self.write_prepared(&prepared);
         staged
             .into_iter()
             .map(|s| {
                 let s = s?;
-                let written: Vec<_> = results.by_ref().take(s.prepared.len()).collect();
-                self.finish_stage(s, &written)
+                let r = s.prepared.clone();
+                self.finish_stage(s, &prepared[r.clone()], &written[r])
             })
             .collect()
     }
@@ -414,10 +414,10 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     ) -> Result<(), ProbeError> {
         consumer.check()?;
         let _file = self.files.lock(&key.file);
-        let staged = self.stage(key, func_offset, consumer, &PreRead::new())?;
-        let prepared: Vec<&Prepared<S, F>> = staged.prepared.iter().collect();
+        let mut prepared = Vec::new();
+        let staged = self.stage(key, func_offset, consumer, &PreRead::new(), &mut prepared)?;
         let written = self.write_prepared(&prepared);
-        self.finish_stage(staged, &written)
+        self.finish_stage(staged, &prepared, &written)
     }
 
     /// The instructions a batch of registrations will install at, read in
@@ -467,7 +467,8 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         func_offset: Option<u64>,
         consumer: &Consumer,
         pre: &PreRead,
-    ) -> Result<Staged<S, F>, ProbeError> {
+        prepared: &mut Vec<Prepared<S, F>>,
+    ) -> Result<Staged<F>, ProbeError> {
         let existing = self.uprobes.get_handle(&key);
         if let Some(up) = &existing {
             let g = self.domain.read();
@@ -522,7 +523,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             let g = self.domain.read();
             slice(up.consumers.load(&g)).to_vec()
         };
-        let mut prepared = Vec::new();
+        let first = prepared.len();
         for (st, vaddr, map) in &targets {
             let id = st.space.id();
             let wanted_before = old.iter().any(|c| c.wants(id));
@@ -534,8 +535,8 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 Ok(Some(p)) => prepared.push(p),
                 Ok(None) => {}
                 Err(e) => {
-                    for p in prepared.iter().rev() {
-                        self.unprepare(up.value(), p, false);
+                    for p in prepared.drain(first..).rev() {
+                        self.unprepare(up.value(), &p, false);
                     }
                     if fresh {
                         self.remove_uprobe(up.value());
@@ -557,21 +558,22 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             fresh,
             new,
             from_file,
-            prepared,
+            prepared: first..prepared.len(),
         })
     }
 
     /// The second half of a registration, once its breakpoints were
-    /// written (`written`, one result per prepared install): publishes the
+    /// written (`prepared`, its installs, and `written`, one result each): publishes the
     /// consumer, or undoes everything if a write failed.
     fn finish_stage(
         &self,
-        s: Staged<S, F>,
+        s: Staged<F>,
+        prepared: &[Prepared<S, F>],
         written: &[Result<(), ProbeError>],
     ) -> Result<(), ProbeError> {
         let up = s.up.value();
         if let Some(e) = written.iter().find_map(|r| r.as_ref().err()) {
-            for (p, r) in s.prepared.iter().zip(written).rev() {
+            for (p, r) in prepared.iter().zip(written).rev() {
                 self.unprepare(up, p, p.write && r.is_ok());
             }
             if s.fresh {

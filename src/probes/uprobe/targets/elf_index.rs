@@ -278,32 +278,20 @@ impl ElfIndex {
         let Some(defs) = self.by_name.get(base) else {
             return Lookup::Missing;
         };
-        let picked: Vec<&Def> = match want {
-            Some((v, true)) => defs
-                .iter()
-                .filter(|d| d.versions.iter().any(|(n, dflt)| n == v && *dflt))
-                .collect(),
-            Some((v, false)) => defs
-                .iter()
-                .filter(|d| d.versions.iter().any(|(n, _)| n == v))
-                .collect(),
-            None => {
-                let defaults: Vec<&Def> = defs.iter().filter(|d| d.is_default()).collect();
-                if defaults.is_empty() {
-                    defs.iter().collect()
-                } else {
-                    defaults
-                }
+        // No allocation unless several definitions match.
+        match want {
+            Some((v, true)) => pick(
+                defs.iter()
+                    .filter(move |d| d.versions.iter().any(|(n, dflt)| n == v && *dflt)),
+            ),
+            Some((v, false)) => pick(
+                defs.iter()
+                    .filter(move |d| d.versions.iter().any(|(n, _)| n == v)),
+            ),
+            None if defs.iter().any(Def::is_default) => {
+                pick(defs.iter().filter(|d| d.is_default()))
             }
-        };
-        match picked[..] {
-            [] => Lookup::Missing,
-            [d] => Lookup::Found(d),
-            _ => {
-                let mut at: Vec<u64> = picked.iter().map(|d| d.vaddr).collect();
-                at.sort_unstable();
-                Lookup::Several(at)
-            }
+            None => pick(defs.iter()),
         }
     }
 
@@ -348,6 +336,21 @@ impl ElfIndex {
 
 /// A defined function entry of a symbol table (`STT_FUNC` or
 /// `STT_GNU_IFUNC` in a section), or `None`.
+/// The one definition `matching` yields, or which several (their
+/// addresses, sorted), or none.
+fn pick<'a>(mut matching: impl Iterator<Item = &'a Def> + Clone) -> Lookup<'a> {
+    let all = matching.clone();
+    match (matching.next(), matching.next()) {
+        (None, _) => Lookup::Missing,
+        (Some(d), None) => Lookup::Found(d),
+        _ => {
+            let mut at: Vec<u64> = all.map(|d| d.vaddr).collect();
+            at.sort_unstable();
+            Lookup::Several(at)
+        }
+    }
+}
+
 fn entry<'data, Elf: FileHeader<Endian = Endianness>>(
     sym: &Elf::Sym,
     endian: Endianness,
