@@ -24,8 +24,9 @@ use crate::sync::{Arc, Mutex};
 struct Owned {
     /// Live install (0 or 1) plus releases still queued for a grace period.
     owners: usize,
-    /// What the slot holds (the plan's slot bytes), for the identity check.
-    bytes: Box<[u8]>,
+    /// What the slot holds (the plan's slot bytes), for the identity check:
+    /// the plan itself, whose `slot_bytes` are inline (no allocation).
+    plan: XolPlan,
 }
 
 /// The XOL slots of one space's installs as shared owners (see the
@@ -59,7 +60,7 @@ impl XolShares {
                 let p = plan_for(slot).ok()?;
                 // Byte for byte what the slot holds: a thread still in it
                 // from an earlier install runs exactly this.
-                (*p.slot_bytes() == *o.bytes).then(|| {
+                (p.slot_bytes() == o.plan.slot_bytes()).then(|| {
                     o.owners += 1;
                     p
                 })
@@ -73,7 +74,7 @@ impl XolShares {
             (plan.insn_addr, plan.slot_addr),
             Owned {
                 owners: 1,
-                bytes: plan.slot_bytes().into(),
+                plan: *plan,
             },
         );
         debug_assert!(
