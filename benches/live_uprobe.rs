@@ -604,7 +604,11 @@ fn main() {
          pending uprobe more than an unprobed copy's (target <= 2 us: {})",
         PAIRED_ROUNDS * 5,
         paired_dlopen / 1e3,
-        if paired_dlopen <= 2000.0 { "met" } else { "MISSED" }
+        if paired_dlopen <= 2000.0 {
+            "met"
+        } else {
+            "MISSED"
+        }
     );
     if let (Some(p), Some(q)) = (m("dlopen/open/plain"), m("dlopen/open/pending")) {
         let per = (q - p) / DLOPEN_FUNCS as f64;
