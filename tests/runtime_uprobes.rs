@@ -417,3 +417,98 @@ fn a_hit_inside_a_handler_runs_no_handler_and_counts_missed() {
     live().unregister(resolved.key(), &c).unwrap();
     lib.close();
 }
+
+/// The start of the lowest mapping of `path` in this process.
+fn base_of(path: &Path) -> Option<u64> {
+    std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.ends_with(path.to_str().unwrap()))
+        .filter_map(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
+        .min()
+}
+
+/// A library loaded again at another address (its old range held by a
+/// placeholder mapping, so the loader cannot reuse it) is probed again
+/// there: the uprobe registered once counts calls at both addresses, the
+/// registry maps the new range only, and the bytes at the new address are
+/// the file's after the unregistration.
+#[test]
+fn a_library_loaded_again_at_another_address_is_probed_there() {
+    let _g = serial();
+    let so = fixture("upmoved", 3);
+    let hits = Arc::new(AtomicU64::new(0));
+    let c = counting(&hits, Vec::new());
+    let resolved = live()
+        .register(&UprobeTarget::symbol(so.to_str().unwrap(), "f"), &c)
+        .unwrap();
+    let space = live().space_id();
+    let lib = Lib::open(&so);
+    let first_base = base_of(&so).unwrap();
+    let f = lib.func(c"f");
+    for x in 0..5 {
+        assert_eq!(f(x), x + 3);
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 1 + 5);
+    let old_f = f as usize as u64;
+    // From its first byte to its last (the loader maps the whole span).
+    let end = std::fs::read_to_string("/proc/self/maps")
+        .unwrap()
+        .lines()
+        .filter(|l| l.ends_with(so.to_str().unwrap()))
+        .filter_map(|l| {
+            let (_, b) = l.split_whitespace().next()?.split_once('-')?;
+            u64::from_str_radix(b, 16).ok()
+        })
+        .max()
+        .unwrap();
+    let span = end - first_base;
+    lib.close();
+    assert!(!mapped(&so));
+    // Hold the old range: the next load must go elsewhere.
+    // SAFETY: a fresh anonymous mapping over a range nothing maps (the
+    // library was just unmapped); `MAP_FIXED_NOREPLACE` fails rather than
+    // replace anything.
+    let hold = unsafe {
+        libc::mmap(
+            first_base as *mut libc::c_void,
+            span as usize,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE,
+            -1,
+            0,
+        )
+    };
+    if hold == libc::MAP_FAILED || hold as u64 != first_base {
+        eprintln!("skipping the move: the old range could not be held ({hold:?})");
+        live().unregister(resolved.key(), &c).unwrap();
+        return;
+    }
+    let lib = Lib::open(&so);
+    let second_base = base_of(&so).unwrap();
+    assert_ne!(second_base, first_base, "the loader reused the held range");
+    let f = lib.func(c"f");
+    let new_f = f as usize as u64;
+    assert_ne!(new_f, old_f);
+    // Installed at the new address before the constructor ran; nothing
+    // is recorded at the old one.
+    assert_eq!(hits.load(Ordering::SeqCst), 6 + 1);
+    assert_eq!(
+        live().registry().installed_at(space, new_f),
+        Some(resolved.key())
+    );
+    assert_eq!(live().registry().installed_at(space, old_f), None);
+    for x in 0..7 {
+        assert_eq!(f(x), x + 3);
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 7 + 7);
+    live().unregister(resolved.key(), &c).unwrap();
+    let file = std::fs::read(&so).unwrap();
+    let off = resolved.offset as usize;
+    assert_eq!(code_at(new_f, 8), file[off..off + 8].to_vec());
+    f(1);
+    assert_eq!(hits.load(Ordering::SeqCst), 14);
+    lib.close();
+    // SAFETY: our placeholder mapping, unused.
+    unsafe { libc::munmap(hold, span as usize) };
+}
