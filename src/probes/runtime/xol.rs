@@ -86,7 +86,7 @@
 //! [reuse rule](crate::probes::xol::XolAllocator#reuse-rule) of the
 //! allocator trait, which assumes no such proof exists.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use crate::probes::arch::MAX_XOL_SLOT;
 use crate::probes::error::TextFailure;
@@ -110,10 +110,11 @@ struct Areas {
     /// Slot handed out -> the probed address it is bound to and the
     /// allocation (its sequence number) that handed it out.
     bound: HashMap<u64, Bound>,
-    /// Freed slots no wait proved unused, by the probed address they stay
-    /// bound to (several when the same address had several slots at once,
-    /// e.g. re-registered before the old slot was freed).
-    parked: HashMap<u64, Vec<u64>>,
+    /// Freed slots no wait proved unused, as `(probed address, slot)`: each
+    /// stays bound to its address (several when the same address had
+    /// several slots at once, e.g. re-registered before the old slot was
+    /// freed). One set for all, no allocation per address.
+    parked: BTreeSet<(u64, u64)>,
     /// Slots handed out that a proving quiescence wait has retired: free
     /// recycles them.
     proven: HashSet<u64>,
@@ -201,7 +202,7 @@ impl XolArea {
             inner: Mutex::new(Areas {
                 chunks: Vec::new(),
                 bound: HashMap::new(),
-                parked: HashMap::new(),
+                parked: BTreeSet::new(),
                 proven: HashSet::new(),
                 allocs: 0,
                 frees: 0,
@@ -236,7 +237,7 @@ impl XolArea {
         XolStats {
             chunks: a.chunks.len(),
             in_use: a.bound.len(),
-            parked: a.parked.values().map(Vec::len).sum(),
+            parked: a.parked.len(),
             free: a.chunks.iter().map(|c| c.free.len()).sum(),
             allocs: a.allocs,
             frees: a.frees,
@@ -353,7 +354,7 @@ impl XolAllocator for XolArea {
             self.recycle(&mut a, slot);
         } else {
             // Parked for its address (module docs).
-            a.parked.entry(near).or_default().push(slot);
+            a.parked.insert((near, slot));
             a.parked_frees += 1;
         }
     }
@@ -373,13 +374,10 @@ impl XolAllocator for XolArea {
 }
 
 /// Pops a slot parked for `near`.
-fn take_parked(parked: &mut HashMap<u64, Vec<u64>>, near: u64) -> Option<u64> {
-    let slots = parked.get_mut(&near)?;
-    let slot = slots.pop();
-    if slots.is_empty() {
-        parked.remove(&near);
-    }
-    slot
+fn take_parked(parked: &mut BTreeSet<(u64, u64)>, near: u64) -> Option<u64> {
+    let &(_, slot) = parked.range((near, 0)..=(near, u64::MAX)).next_back()?;
+    parked.remove(&(near, slot));
+    Some(slot)
 }
 
 impl Areas {

@@ -395,6 +395,15 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         // still finds the install (its slot stays for a grace period), and
         // the list goes with the uprobe.
         let leaving: HashSet<UprobeKey> = r.emptied.iter().map(|u| u.key).collect();
+        // Each install's slot plan, from its uprobe's own list (read before
+        // the list changes; no tree lookup).
+        let plans: Vec<Option<XolPlan>> = {
+            let g = self.domain.read();
+            r.installs
+                .iter()
+                .map(|(st, vaddr, up)| up.placed_at(&g, st.space.id(), *vaddr).and_then(|i| i.plan))
+                .collect()
+        };
         let mut by_space: Vec<(SpaceId, usize)> = Vec::with_capacity(r.installs.len());
         for (i, (st, vaddr, up)) in r.installs.iter().enumerate() {
             if !leaving.contains(&up.key) {
@@ -406,13 +415,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         for group in by_space.chunk_by(|a, b| a.0 == b.0) {
             let st = &r.installs[group[0].1].0;
             let vaddrs: Vec<u64> = group.iter().map(|&(_, i)| r.installs[i].1).collect();
-            let plans: Vec<XolPlan> = {
-                let g = self.domain.read();
-                vaddrs
-                    .iter()
-                    .filter_map(|v| st.installs.get(&g, v).and_then(|rec| rec.plan))
-                    .collect()
-            };
+            let plans: Vec<XolPlan> = group.iter().filter_map(|&(_, i)| plans[i]).collect();
             remove_all(&st.installs, &vaddrs);
             st.xol_shares
                 .release_many_later(&self.domain, &st.space, &plans);

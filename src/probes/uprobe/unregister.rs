@@ -12,7 +12,7 @@
 //! other uprobes installed. More: [`crate::docs::algorithms::uprobes`].
 
 use super::consumer::{Consumer, Member};
-use super::install::Removals;
+use super::install::{Removals, UprobeHandle};
 use super::registry::{site, slice, UprobeRegistry};
 use super::space::{AddressSpace, UprobeKey};
 use crate::probes::arch::Arch;
@@ -90,23 +90,28 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         let files = self.lock_files(pairs.iter().map(|(k, _)| k));
         // Checked whole first: a bad pair changes nothing.
         let mut seen = std::collections::HashSet::with_capacity(pairs.len());
+        // The uprobes, held from the check to the removal (one lookup each).
+        let mut ups = Vec::with_capacity(pairs.len());
         for &(key, consumer) in pairs {
             let unknown = ProbeError::UnknownProbe { site: site(key) };
             if !seen.insert((key, consumer.identity())) {
                 return Err(unknown);
             }
-            let g = self.domain.read();
-            let on = self
-                .uprobes
-                .get(&g, &key)
-                .is_some_and(|u| slice(u.consumers.load(&g)).iter().any(|c| c.same(consumer)));
+            let up = self.uprobes.get_handle(&key).ok_or(unknown.clone())?;
+            let on = {
+                let g = self.domain.read();
+                slice(up.consumers.load(&g))
+                    .iter()
+                    .any(|c| c.same(consumer))
+            };
             if !on {
                 return Err(unknown);
             }
+            ups.push(up);
         }
         let mut removals = Removals::default();
-        for &(key, consumer) in pairs {
-            self.remove_consumer(key, consumer, &mut removals)
+        for (up, &(_, consumer)) in ups.into_iter().zip(pairs) {
+            self.remove_from(up, consumer, &mut removals)
                 .expect("checked under the same stripes");
         }
         self.finish_removals(removals);
@@ -126,8 +131,22 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         consumer: &Consumer,
         removals: &mut Removals<S, F>,
     ) -> Result<(), ProbeError> {
+        let up = self
+            .uprobes
+            .get_handle(&key)
+            .ok_or(ProbeError::UnknownProbe { site: site(key) })?;
+        self.remove_from(up, consumer, removals)
+    }
+
+    /// [`remove_consumer`](Self::remove_consumer) on the uprobe `up`.
+    fn remove_from(
+        &self,
+        up: UprobeHandle<F>,
+        consumer: &Consumer,
+        removals: &mut Removals<S, F>,
+    ) -> Result<(), ProbeError> {
+        let key = up.key;
         let unknown = || ProbeError::UnknownProbe { site: site(key) };
-        let up = self.uprobes.get_handle(&key).ok_or_else(unknown)?;
         let g = self.domain.read();
         let old = slice(up.consumers.load(&g));
         let Some(pos) = old.iter().position(|c| c.same(consumer)) else {
