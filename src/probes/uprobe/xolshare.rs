@@ -24,9 +24,8 @@ use crate::sync::{Arc, Mutex};
 struct Owned {
     /// Live install (0 or 1) plus releases still queued for a grace period.
     owners: usize,
-    /// What the slot holds (the plan's slot bytes), for the identity check:
-    /// the plan itself, whose `slot_bytes` are inline (no allocation).
-    plan: XolPlan,
+    /// What the slot holds (the plan's slot bytes), for the identity check.
+    bytes: Box<[u8]>,
 }
 
 /// The XOL slots of one space's installs as shared owners (see the
@@ -60,7 +59,7 @@ impl XolShares {
                 let p = plan_for(slot).ok()?;
                 // Byte for byte what the slot holds: a thread still in it
                 // from an earlier install runs exactly this.
-                (p.slot_bytes() == o.plan.slot_bytes()).then(|| {
+                (*p.slot_bytes() == *o.bytes).then(|| {
                     o.owners += 1;
                     p
                 })
@@ -74,7 +73,7 @@ impl XolShares {
             (plan.insn_addr, plan.slot_addr),
             Owned {
                 owners: 1,
-                plan: *plan,
+                bytes: plan.slot_bytes().into(),
             },
         );
         debug_assert!(
