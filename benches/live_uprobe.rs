@@ -11,7 +11,8 @@
 //! 2. **Attach at scale** (`live_uprobe_scale/*`): a uprobe on every function
 //!    of the C library (`.dynsym`, one per address, IFUNCs skipped), while
 //!    the program runs and calls it. `libc_register/N` times registering all
-//!    N by `FILE:SYMBOL` in one batch (`LiveUprobes::register_many`; what
+//!    N by `FILE:SYMBOL` in one batch (`LiveUprobes::register_many`, which
+//!    returns their keys; the target list is built before the timing; what
 //!    the registry refuses is counted and printed), `libc_unregister/N`
 //!    removing them in one batch (`LiveUprobes::unregister_many`, one grace
 //!    period); the same on a generated library of 10,000 tiny functions
@@ -254,25 +255,29 @@ fn functions(path: &Path) -> (Vec<String>, usize) {
     (by_addr.into_values().collect(), ifuncs.len())
 }
 
-/// Registers `consumer` on every function of `path` named in `names`, in
-/// one batch (`register_many`); returns the keys registered and the
-/// refusals by error kind.
-fn register_all(
-    live: &LiveUprobes,
-    path: &Path,
-    names: &[String],
-    consumer: &Consumer,
-) -> (Vec<UprobeKey>, BTreeMap<String, usize>) {
+/// `FILE:SYMBOL` targets for every name of `names` in `path` (built before
+/// any timing: the list of names is the caller's input, not registration
+/// work).
+fn targets_of(path: &Path, names: &[String]) -> Vec<UprobeTarget> {
     let file = path.to_str().unwrap();
-    let targets: Vec<UprobeTarget> = names
+    names
         .iter()
         .map(|n| UprobeTarget::symbol(file, n.as_str()))
-        .collect();
-    let mut keys = Vec::with_capacity(names.len());
+        .collect()
+}
+
+/// Registers `consumer` on every target in one batch (`register_many`);
+/// returns the keys registered and the refusals by error kind.
+fn register_all(
+    live: &LiveUprobes,
+    targets: &[UprobeTarget],
+    consumer: &Consumer,
+) -> (Vec<UprobeKey>, BTreeMap<String, usize>) {
+    let mut keys = Vec::with_capacity(targets.len());
     let mut refused = BTreeMap::new();
-    for r in live.register_many(&targets, consumer) {
+    for r in live.register_many(targets, consumer) {
         match r {
-            Ok(r) => keys.push(r.key()),
+            Ok(key) => keys.push(key),
             Err(e) => {
                 let kind = format!("{e:?}");
                 let kind = kind
@@ -310,8 +315,9 @@ fn scale_benches(
     names: &[String],
 ) -> [String; 2] {
     let consumer = quiet_consumer();
+    let targets = targets_of(path, names);
     // The count the ids carry: what registers (refusals do not change).
-    let (keys, refused) = register_all(live, path, names, &consumer);
+    let (keys, refused) = register_all(live, &targets, &consumer);
     unregister_all(live, &keys, &consumer);
     let n = keys.len();
     println!(
@@ -333,7 +339,7 @@ fn scale_benches(
             let mut t = Duration::ZERO;
             for _ in 0..iters {
                 let start = Instant::now();
-                let (keys, _) = register_all(live, path, names, &consumer);
+                let (keys, _) = register_all(live, &targets, &consumer);
                 t += start.elapsed();
                 assert_eq!(keys.len(), n);
                 unregister_all(live, &keys, &consumer);
@@ -346,7 +352,7 @@ fn scale_benches(
         b.iter_custom(|iters| {
             let mut t = Duration::ZERO;
             for _ in 0..iters {
-                let (keys, _) = register_all(live, path, names, &consumer);
+                let (keys, _) = register_all(live, &targets, &consumer);
                 let start = Instant::now();
                 unregister_all(live, &keys, &consumer);
                 t += start.elapsed();
@@ -423,7 +429,8 @@ fn main() {
     let mut scale_ids: Vec<String> = scale_benches(&mut c, live, "libc", &libc_so, &names).into();
     // The hit with every C-library probe installed (and the one of (1)).
     let counting = quiet_consumer();
-    let (keys, _) = register_all(live, &libc_so, &names, &counting);
+    let libc_targets = targets_of(&libc_so, &names);
+    let (keys, _) = register_all(live, &libc_targets, &counting);
     let installed = live.registry().len();
     hit_bench(&mut c, "uprobe_with_libc", up_f);
     unregister_all(live, &keys, &counting);
@@ -438,7 +445,7 @@ fn main() {
     let (pa, pw, pwr) = paired(
         || {
             let t = call_loop(up_f, PAIRED_CALLS);
-            *libc_keys.borrow_mut() = register_all(live, &libc_so, &names, &counting).0;
+            *libc_keys.borrow_mut() = register_all(live, &libc_targets, &counting).0;
             t
         },
         || {
@@ -499,7 +506,7 @@ fn main() {
         b.iter_custom(|iters| record("dlopen/plain", cycle(iters, "plain"), iters))
     });
     let pending = quiet_consumer();
-    let (keys, refused) = register_all(live, &so, &names, &pending);
+    let (keys, refused) = register_all(live, &targets_of(&so, &names), &pending);
     assert!(refused.is_empty(), "{refused:?}");
     g.bench_function(format!("pending/{DLOPEN_FUNCS}"), |b| {
         b.iter_custom(|iters| record("dlopen/pending", cycle(iters, "pending"), iters))

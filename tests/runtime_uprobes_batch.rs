@@ -114,11 +114,11 @@ fn a_batch_on_a_loaded_library_counts_each_call_exactly_and_comes_out_byte_for_b
     let want = call_each(&lib);
     assert_eq!(snapshot(&counts), want);
     // One batch out: every byte is the file's again, nothing counts.
-    let pairs: Vec<(UprobeKey, &Consumer)> = resolved.iter().map(|r| (r.key(), &c)).collect();
+    let pairs: Vec<(UprobeKey, &Consumer)> = resolved.iter().map(|k| (*k, &c)).collect();
     assert_eq!(live().unregister_many(&pairs), Ok(N));
     assert_eq!(live().registry().len(), before);
-    for (i, r) in resolved.iter().enumerate() {
-        let off = r.offset as usize;
+    for (i, k) in resolved.iter().enumerate() {
+        let off = k.offset as usize;
         assert_eq!(
             code_at(func(&lib, i) as usize as u64, 8),
             file[off..off + 8].to_vec(),
@@ -156,7 +156,7 @@ fn a_batch_registered_before_dlopen_is_installed_at_the_load() {
         lib.close();
     }
     assert_eq!(live().stats().install_errors, errors);
-    let pairs: Vec<(UprobeKey, &Consumer)> = resolved.iter().map(|r| (r.key(), &c)).collect();
+    let pairs: Vec<(UprobeKey, &Consumer)> = resolved.iter().map(|k| (*k, &c)).collect();
     assert_eq!(live().unregister_many(&pairs), Ok(N));
 }
 
@@ -216,7 +216,7 @@ fn bad_items_of_a_batch_fail_alone_and_change_nothing_for_themselves() {
     assert_eq!(counts[3].load(Ordering::SeqCst), 1);
     let keys: Vec<UprobeKey> = [&r[0], &r[5]]
         .iter()
-        .map(|r| r.as_ref().unwrap().key())
+        .map(|r| *r.as_ref().unwrap())
         .collect();
 
     // A removal batch naming one pair that is not registered (and one named

@@ -146,12 +146,15 @@ fn loads_unloads_calls_and_registrations_at_once_keep_every_count_exact() {
                     let results = if batch {
                         live.register_many(&targets, &c)
                     } else {
-                        targets.iter().map(|t| live.register(t, &c)).collect()
+                        targets
+                            .iter()
+                            .map(|t| live.register(t, &c).map(|r| r.key()))
+                            .collect()
                     };
                     let b: Vec<_> = results
                         .into_iter()
                         .filter_map(|r| match r {
-                            Ok(r) => Some(r.key()),
+                            Ok(key) => Some(key),
                             Err(ProbeError::TextAccess { .. } | ProbeError::TextGone { .. }) => {
                                 refused.fetch_add(1, Ordering::Relaxed);
                                 None

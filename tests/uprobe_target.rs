@@ -752,3 +752,30 @@ fn an_opened_file_resolves_many_places_as_resolve_does() {
         Err(ProbeError::NotInCode { .. })
     ));
 }
+
+/// `TargetFile::key_of` (what batch registration uses: no strings built)
+/// finds exactly what `resolve` finds, errors included, for symbols,
+/// symbols with an offset, file offsets and bad places of the C library.
+#[test]
+fn key_of_agrees_with_resolve() {
+    let r = TargetResolver::new();
+    let file = r.open_file("libc.so.6").unwrap();
+    let qsort = r
+        .resolve(&UprobeTarget::parse("libc.so.6:qsort").unwrap())
+        .unwrap();
+    let targets = [
+        UprobeTarget::symbol("libc.so.6", "qsort"),
+        UprobeTarget::symbol("libc.so.6", "qsort").offset(4),
+        UprobeTarget::symbol("libc.so.6", "strlen"),
+        UprobeTarget::file_offset("libc.so.6", qsort.offset + 4),
+        UprobeTarget::symbol("libc.so.6", "no_such_symbol_here"),
+        UprobeTarget::symbol("libc.so.6", "qsort").offset(1 << 40),
+        UprobeTarget::file_offset("libc.so.6", 0),
+    ];
+    for t in &targets {
+        let full = file
+            .resolve(t.place())
+            .map(|r| (r.key(), r.function.map(|f| f.offset)));
+        assert_eq!(file.key_of(t.place()), full, "{t}");
+    }
+}

@@ -335,10 +335,13 @@ impl LiveUprobes {
     /// Resolves every target and registers `consumer` on all of them in one
     /// batch ([`UprobeRegistry::register_many`]: one text batch for all the
     /// breakpoints), the way to attach to every function of a library (a
-    /// glob, a multi-attach). Returns one result per target, in order.
-    /// Resolution comes first, for all: a target that does not resolve
-    /// fails alone. An item that meets text a concurrent `dlclose` has just
-    /// unmapped is tried again alone, as [`register`](Self::register) does.
+    /// glob, a multi-attach). Returns each target's uprobe key (what
+    /// [`unregister_many`](Self::unregister_many) takes), in order; the
+    /// resolver's [`resolve`](TargetResolver::resolve) gives the details of
+    /// one (path, function) without registering. Resolution comes first,
+    /// for all: a target that does not resolve fails alone. An item that
+    /// meets text a concurrent `dlclose` has just unmapped is tried again
+    /// alone, as [`register`](Self::register) does.
     ///
     /// # Errors
     /// Per target, as [`register`](Self::register); a failed target
@@ -347,10 +350,12 @@ impl LiveUprobes {
         &self,
         targets: &[UprobeTarget],
         consumer: &Consumer,
-    ) -> Vec<Result<ResolvedTarget, ProbeError>> {
-        // Each file opened (searched for, indexed) once for the batch.
+    ) -> Vec<Result<UprobeKey, ProbeError>> {
+        // Each file opened (searched for, indexed) once for the batch; each
+        // place found in it without building a `ResolvedTarget` (no
+        // allocation per target: in a probed C library each would be hits).
         let mut files: HashMap<&str, Result<TargetFile, ProbeError>> = HashMap::new();
-        let mut out: Vec<Result<ResolvedTarget, ProbeError>> = targets
+        let found: Vec<Result<(UprobeKey, Option<u64>), ProbeError>> = targets
             .iter()
             .map(|t| {
                 files
@@ -358,31 +363,30 @@ impl LiveUprobes {
                     .or_insert_with(|| self.resolver.open_file(t.file()))
                     .as_ref()
                     .map_err(Clone::clone)
-                    .and_then(|f| f.resolve(t.place()))
+                    .and_then(|f| f.key_of(t.place()))
             })
             .collect();
         for f in files.values().flatten() {
             self.files.load(f.file(), f.path());
         }
         let _claimed = super::faults::ClaimedBatch::begin();
-        let idx: Vec<usize> = (0..out.len()).filter(|&i| out[i].is_ok()).collect();
-        let items: Vec<(UprobeKey, Option<u64>)> = idx
-            .iter()
-            .filter_map(|&i| out[i].as_ref().ok())
-            .map(|r| (r.key(), r.function.as_ref().map(|f| f.offset)))
-            .collect();
-        let results = self.registry.register_many(&items, consumer);
-        for (&i, r) in idx.iter().zip(results) {
-            match r {
-                Ok(()) => {}
-                Err(ProbeError::TextAccess { .. } | ProbeError::TextGone { .. }) => {
+        let items: Vec<(UprobeKey, Option<u64>)> = found.iter().flatten().copied().collect();
+        let mut results = self.registry.register_many(&items, consumer).into_iter();
+        found
+            .into_iter()
+            .zip(targets)
+            .map(|(f, t)| {
+                let (key, _) = f?;
+                match results.next().expect("one result per item") {
+                    Ok(()) => Ok(key),
                     // Raced an unload: alone, with `register`'s waiting.
-                    out[i] = self.register(&targets[i], consumer);
+                    Err(ProbeError::TextAccess { .. } | ProbeError::TextGone { .. }) => {
+                        self.register(t, consumer).map(|r| r.key())
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => out[i] = Err(e),
-            }
-        }
-        out
+            })
+            .collect()
     }
 
     /// After an install failed at `addr` in an attempt that began when the
