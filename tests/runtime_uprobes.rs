@@ -16,7 +16,9 @@ mod dl_support;
 use dl_support::Lib;
 use rcu_registry::probes::kprobe::Kprobe;
 use rcu_registry::probes::runtime::{Live, LiveUprobes};
-use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeKey, UprobeTarget};
+use rcu_registry::probes::uprobe::{
+    Consumer, ConsumerAction, ResolvedTarget, UprobeKey, UprobeTarget,
+};
 use rcu_registry::probes::ProbeError;
 
 fn serial() -> std::sync::MutexGuard<'static, ()> {
@@ -104,15 +106,23 @@ fn a_probe_registered_before_dlopen_counts_every_call_the_constructor_included()
     lib.close();
 }
 
-#[test]
-fn load_unload_cycles_keep_counting_and_the_registry_forgets_each_unload() {
-    let _g = serial();
-    let so = fixture("upcycle", 2);
+/// The fixture `lib<name>.so` (`f(x) = x + k`) with a counting uprobe on
+/// its `f`, registered before it is loaded: the path, the count, the
+/// consumer and the resolved target.
+fn counted_f(name: &str, k: i32) -> (PathBuf, Arc<AtomicU64>, Consumer, ResolvedTarget) {
+    let so = fixture(name, k);
     let hits = Arc::new(AtomicU64::new(0));
     let c = counting(&hits, Vec::new());
     let resolved = live()
         .register(&UprobeTarget::symbol(so.to_str().unwrap(), "f"), &c)
         .unwrap();
+    (so, hits, c, resolved)
+}
+
+#[test]
+fn load_unload_cycles_keep_counting_and_the_registry_forgets_each_unload() {
+    let _g = serial();
+    let (so, hits, c, resolved) = counted_f("upcycle", 2);
     let space = live().space_id();
     let mut expect = 0;
     for round in 0..10 {
@@ -436,12 +446,7 @@ fn base_of(path: &Path) -> Option<u64> {
 #[test]
 fn a_library_loaded_again_at_another_address_is_probed_there() {
     let _g = serial();
-    let so = fixture("upmoved", 3);
-    let hits = Arc::new(AtomicU64::new(0));
-    let c = counting(&hits, Vec::new());
-    let resolved = live()
-        .register(&UprobeTarget::symbol(so.to_str().unwrap(), "f"), &c)
-        .unwrap();
+    let (so, hits, c, resolved) = counted_f("upmoved", 3);
     let space = live().space_id();
     let lib = Lib::open(&so);
     let first_base = base_of(&so).unwrap();
