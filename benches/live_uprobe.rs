@@ -46,12 +46,15 @@
 //! (the C library registered and removed in a batch between the halves).
 //!
 //! Medians per probe and the ratios are printed at the end. Fixture
-//! libraries go to `target/tmp/live_uprobe-<pid>/` (removed at the end).
+//! libraries go to `<tmp>/rcu-registry-live_uprobe-<pid>/` (removed at the end).
 //! `LIVE_UPROBE_GEN=0` skips the 10,000-function library. Run:
 //! `cargo bench --bench live_uprobe` (its own short criterion times).
 
+#[path = "../tests/dl_support/mod.rs"]
+mod dl_support;
 #[path = "common/raw_trap.rs"]
 mod raw_trap;
+use dl_support::Lib;
 use std::arch::global_asm;
 use std::collections::BTreeMap;
 use std::ffi::CString;
@@ -92,30 +95,18 @@ type Func = unsafe extern "C" fn(u32) -> u32;
 const DLOPEN_FUNCS: usize = 1_000;
 const GEN_FUNCS: usize = 10_000;
 
-fn scratch() -> PathBuf {
-    let d = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/tmp")
-        .join(format!("live_uprobe-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
+/// The bench's fixture directory (a temporary one, removed at the end).
+const FIXTURES: &str = "live_uprobe";
 
+/// `lib<name>.so` built from `source` (the shared fixture builder of the
+/// live tests; no CET landing pads, so each function starts with its body).
 fn cc(name: &str, source: &str) -> PathBuf {
-    let c = scratch().join(format!("{name}.c"));
-    let so = scratch().join(format!("lib{name}.so"));
-    std::fs::write(&c, source).unwrap();
-    let out = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-O1", "-fcf-protection=none", "-o"])
-        .arg(&so)
-        .arg(&c)
-        .output()
-        .expect("running cc");
-    assert!(
-        out.status.success(),
-        "cc: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    so
+    dl_support::build_so(
+        FIXTURES,
+        &format!("lib{name}.so"),
+        source,
+        &["-fcf-protection=none"],
+    )
 }
 
 /// Three copies of `x + 1` (`lea eax, [rdi + 1]; ret`).
@@ -138,31 +129,14 @@ fn generated(name: &str, n: usize) -> PathBuf {
     cc(name, &s)
 }
 
-struct Lib(*mut libc::c_void);
-
-impl Lib {
-    fn open(path: &Path) -> Lib {
-        let c = CString::new(path.to_str().unwrap()).unwrap();
-        // SAFETY: a valid C string.
-        let h = unsafe { libc::dlopen(c.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL) };
-        assert!(!h.is_null(), "dlopen {path:?}");
-        Lib(h)
-    }
-
-    fn func(&self, name: &str) -> Func {
-        let c = CString::new(name).unwrap();
-        // SAFETY: a live handle and a valid C string.
-        let p = unsafe { libc::dlsym(self.0, c.as_ptr()) };
-        assert!(!p.is_null(), "dlsym {name}");
-        // SAFETY: the fixtures' functions are `int (int)`.
-        unsafe { std::mem::transmute::<*mut libc::c_void, Func>(p) }
-    }
-
-    fn close(self) {
-        // SAFETY: a handle from dlopen, closed once; no pointer into the
-        // library is used afterwards.
-        assert_eq!(unsafe { libc::dlclose(self.0) }, 0);
-    }
+/// The fixture function `name` of `lib`, typed for the hit loop.
+fn func(lib: &Lib, name: &str) -> Func {
+    let c = CString::new(name).unwrap();
+    // SAFETY: a live handle and a valid C string.
+    let p = unsafe { libc::dlsym(lib.0, c.as_ptr()) };
+    assert!(!p.is_null(), "dlsym {name}");
+    // SAFETY: the fixtures' functions are `int (int)`.
+    unsafe { std::mem::transmute::<*mut libc::c_void, Func>(p) }
 }
 
 fn call_loop(f: Func, iters: u64) -> Duration {
@@ -374,7 +348,11 @@ fn main() {
     // 1. Hit cost.
     let hit_so = hit_fixture();
     let lib = Lib::open(&hit_so);
-    let (plain, kp_f, up_f) = (lib.func("lu_plain"), lib.func("lu_kp"), lib.func("lu_up"));
+    let (plain, kp_f, up_f) = (
+        func(&lib, "lu_plain"),
+        func(&lib, "lu_kp"),
+        func(&lib, "lu_up"),
+    );
     // SAFETY: complete `int (int)` functions.
     unsafe { assert_eq!(plain(41), 42) };
     hit_bench(&mut c, "plain", plain);
@@ -535,7 +513,7 @@ fn main() {
     g.finish();
 
     c.final_summary();
-    let _ = std::fs::remove_dir_all(scratch());
+    let _ = std::fs::remove_dir_all(dl_support::fixture_dir(FIXTURES));
 
     let m = |id: &str| median_ns(id);
     println!("\nlive uprobes (medians):");
