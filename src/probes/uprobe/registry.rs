@@ -369,18 +369,24 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             return vec![Err(e); items.len()];
         }
         let _files = self.lock_files(items.iter().map(|(k, _)| k));
-        let pre = self.pre_read(items.iter().map(|(k, _)| *k));
+        // Where each item would go (its file's mappings cannot change while
+        // the stripes are held), looked up once for the read-ahead and the
+        // staging.
+        let mut targets: Vec<_> = items.iter().map(|(k, _)| self.mapped_targets(*k)).collect();
+        let pre = self.pre_read(&targets);
         let mut seen = std::collections::HashSet::with_capacity(items.len());
         // Every item's prepared installs, back to back (one allocation for
         // the batch); each staged item knows its range.
         let mut prepared = Vec::with_capacity(items.len());
         let staged: Vec<Result<Staged<F>, ProbeError>> = items
             .iter()
-            .map(|&(key, func_offset)| {
+            .zip(targets.iter_mut())
+            .map(|(&(key, func_offset), at)| {
                 if !seen.insert(key) {
                     return Err(ProbeError::AlreadyRegistered { site: site(key) });
                 }
-                self.stage(key, func_offset, consumer, &pre, &mut prepared)
+                let at = std::mem::replace(at, Ok(Vec::new()));
+                self.stage(key, func_offset, consumer, at, &pre, &mut prepared)
             })
             .collect();
         let written = self.write_prepared(&prepared);
@@ -415,7 +421,15 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         consumer.check()?;
         let _file = self.files.lock(&key.file);
         let mut prepared = Vec::new();
-        let staged = self.stage(key, func_offset, consumer, &PreRead::new(), &mut prepared)?;
+        let at = self.mapped_targets(key);
+        let staged = self.stage(
+            key,
+            func_offset,
+            consumer,
+            at,
+            &PreRead::new(),
+            &mut prepared,
+        )?;
         let written = self.write_prepared(&prepared);
         self.finish_stage(staged, &prepared, &written)
     }
@@ -425,14 +439,12 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// for thousands of instructions, where each install would make one).
     /// What cannot be read is left out (the install reads it again, for its
     /// error). The caller holds the files' stripes.
-    fn pre_read(&self, keys: impl Iterator<Item = UprobeKey>) -> PreRead {
-        let mut wanted: Vec<Target<S, F>> = Vec::new();
+    fn pre_read(&self, targets: &[Result<Vec<Target<S, F>>, ProbeError>]) -> PreRead {
+        let mut wanted: Vec<&Target<S, F>> = Vec::new();
         let mut seen = std::collections::HashSet::new();
-        for key in keys {
-            for (st, vaddr, map) in self.mapped_targets(key).unwrap_or_default() {
-                if seen.insert((st.space.id(), vaddr)) {
-                    wanted.push((st, vaddr, map));
-                }
+        for t in targets.iter().flatten().flatten() {
+            if seen.insert((t.0.space.id(), t.1)) {
+                wanted.push(t);
             }
         }
         wanted.sort_by_key(|(st, v, _)| (st.space.id(), *v));
@@ -459,13 +471,15 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// The first half of a registration (the caller holds the file's
     /// stripe): the checks, the uprobe (created with its first consumer if
     /// new), and the installs prepared in every space that maps the offset
-    /// and that the consumer brings in (with the bytes `pre` read for them,
-    /// if it did). On error nothing changed.
+    /// (`targets`: [`mapped_targets`](Self::mapped_targets) of `key`) and
+    /// that the consumer brings in (with the bytes `pre` read for them, if
+    /// it did). On error nothing changed.
     fn stage(
         &self,
         key: UprobeKey,
         func_offset: Option<u64>,
         consumer: &Consumer,
+        targets: Result<Vec<Target<S, F>>, ProbeError>,
         pre: &PreRead,
         prepared: &mut Vec<Prepared<S, F>>,
     ) -> Result<Staged<F>, ProbeError> {
@@ -477,8 +491,9 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 return Err(ProbeError::AlreadyRegistered { site: site(key) });
             }
         }
-        // Where the uprobe would go, before anything changes.
-        let targets = self.mapped_targets(key)?;
+        // Where the uprobe would go (`targets`, looked up by the caller
+        // under the stripe), before anything changes.
+        let targets = targets?;
         // Nothing maps the offset: validate from the file if we can.
         let orig_known = existing
             .as_ref()

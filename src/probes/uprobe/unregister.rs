@@ -97,7 +97,9 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             if !seen.insert((key, consumer.identity())) {
                 return Err(unknown);
             }
-            let up = self.uprobes.get_handle(&key).ok_or(unknown.clone())?;
+            let Some(up) = self.uprobes.get_handle(&key) else {
+                return Err(unknown);
+            };
             let on = {
                 let g = self.domain.read();
                 slice(up.consumers.load(&g))
