@@ -501,6 +501,27 @@ impl<N: RbNode> RbRoot<N> {
         }
     }
 
+    /// Every node of this copy, in key order.
+    ///
+    /// # Safety
+    ///
+    /// Writer contract (or exclusive access to the tree).
+    pub(crate) unsafe fn collect_in_order(&self, copy: usize, out: &mut Vec<*mut N>) {
+        let mut stack = Vec::new();
+        let mut n = self.root_relaxed();
+        while !n.is_null() || !stack.is_empty() {
+            while !n.is_null() {
+                stack.push(n);
+                // SAFETY: writer contract.
+                n = unsafe { child(n, copy, LEFT) };
+            }
+            let top = stack.pop().expect("the loop condition");
+            out.push(top);
+            // SAFETY: writer contract.
+            n = unsafe { child(top, copy, RIGHT) };
+        }
+    }
+
     /// Forgets every node (they must be reclaimed by the caller).
     ///
     /// # Safety

@@ -209,25 +209,64 @@ where
     /// were removed. Writers wait meanwhile; readers do not. Removed entries
     /// are reclaimed in one batch after one grace period.
     ///
-    /// `keep` runs under the writer lock, on every entry, before anything is
-    /// removed: if it panics, the tree is unchanged.
+    /// `keep` runs under the writer lock, on every entry in key order,
+    /// before anything is removed: if it panics, the tree is unchanged.
+    ///
+    /// When most entries go, the tree is rebuilt from the ones that stay
+    /// (one sequence-count write section: the tree emptied, then the kept
+    /// nodes linked again in key order) instead of erasing the others one by
+    /// one: unregistering every probe of a library removes thousands of
+    /// entries and keeps a handful. Readers meanwhile see the entries that
+    /// stay at some point of the section, so a miss is retried as for any
+    /// write, and a hit is still a real entry (kept, or being removed).
     pub fn retain(&self, mut keep: impl FnMut(&K, &V) -> bool) -> usize {
         let w = self.lock();
         let mut nodes = Vec::with_capacity(self.len());
         // SAFETY: writer lock held.
-        unsafe { self.root.collect(0, &mut nodes) };
-        // SAFETY: writer lock held: every collected node is linked and
-        // allocated.
-        nodes.retain(|&n| unsafe { !keep(&(*n).key, &(*n).value) });
+        unsafe { self.root.collect_in_order(0, &mut nodes) };
+        let stays: Vec<bool> = nodes
+            .iter()
+            // SAFETY: writer lock held: every collected node is linked and
+            // allocated.
+            .map(|&n| unsafe { keep(&(*n).key, &(*n).value) })
+            .collect();
+        let kept = stays.iter().filter(|&&s| s).count();
+        let gone = nodes.len() - kept;
         let mut batch = FreeBatch::new();
-        for &n in &nodes {
-            // SAFETY: writer lock held; each node is still linked (only
-            // nodes of this list are unlinked, each once).
-            unsafe { self.unlink(n, &mut batch) };
+        if kept < gone {
+            {
+                let _s = self.seq.write();
+                // SAFETY: writer lock held; every node is relinked or
+                // released below.
+                unsafe { self.root.clear() };
+                for (&n, _) in nodes.iter().zip(&stays).filter(|(_, &s)| s) {
+                    // SAFETY: writer lock held; `n` is not linked any more
+                    // (the tree was emptied) and the kept keys are distinct,
+                    // linked in order.
+                    unsafe {
+                        if let Slot::Vacant { parent, dir } = self.root.search(0, &(*n).key) {
+                            self.root.link(0, n, parent, dir);
+                        }
+                    }
+                }
+            }
+            // Relaxed: statistic ordered by the lock.
+            self.len.store(kept, Ordering::Relaxed);
+            for (&n, _) in nodes.iter().zip(&stays).filter(|(_, &s)| !s) {
+                // SAFETY: `n` is unlinked (not relinked above) and still holds
+                // the tree's reference, given up here.
+                unsafe { Node::drop_tree_ref(n, &mut batch) };
+            }
+        } else {
+            for (&n, _) in nodes.iter().zip(&stays).filter(|(_, &s)| !s) {
+                // SAFETY: writer lock held; each node is still linked (only
+                // nodes of this list are unlinked, each once).
+                unsafe { self.unlink(n, &mut batch) };
+            }
         }
         drop(w);
         batch.defer(&self.domain);
-        nodes.len()
+        gone
     }
 
     /// Removes every entry, reclaimed in one batch after one grace period.
