@@ -18,10 +18,8 @@
 //!
 //! Install and uninstall, in full: [`crate::docs::algorithms::uprobes`].
 
-use std::collections::HashSet;
-
 use super::registry::{Install, Placed, SpaceState, Uprobe, UprobeRegistry};
-use super::space::{AddressSpace, FileMapping, SpaceId, UprobeKey};
+use super::space::{AddressSpace, FileMapping, UprobeKey};
 use crate::probes::arch::{Arch, Insn, InsnClass, XolPlan, MAX_INSN_BYTES};
 use crate::probes::error::CodeBytes;
 use crate::probes::text::{TextMemory, TextWrite};
@@ -48,15 +46,24 @@ pub(super) struct Prepared<S: AddressSpace, F: Flavor> {
 /// A uprobe, as a writer holds it.
 pub(super) type UprobeHandle<F> = EntryHandle<UprobeKey, Uprobe<F>, F>;
 
-/// An install queued for removal: its space, address and uprobe.
-type Queued<S, F> = (Arc<SpaceState<S, F>>, u64, UprobeHandle<F>);
+/// An install queued for removal.
+struct Queued<S: AddressSpace, F: Flavor> {
+    st: Arc<SpaceState<S, F>>,
+    vaddr: u64,
+    up: UprobeHandle<F>,
+    /// The uprobe itself leaves (its last consumer went).
+    leaving: bool,
+    /// Its slot, read from the uprobe's install list when queued.
+    plan: Option<XolPlan>,
+}
 
 /// Removals of a batch: every install's bytes are restored first (one
 /// `write_many` per space), then the records dropped (in bulk), then the
 /// uprobes left without consumers removed (in bulk).
 pub(super) struct Removals<S: AddressSpace, F: Flavor> {
+    /// In the order queued; an install queued twice (two consumers of one
+    /// uprobe removed in one batch) is merged when the batch finishes.
     installs: Vec<Queued<S, F>>,
-    queued: HashSet<(SpaceId, u64)>,
     emptied: Vec<UprobeHandle<F>>,
 }
 
@@ -64,44 +71,69 @@ impl<S: AddressSpace, F: Flavor> Default for Removals<S, F> {
     fn default() -> Self {
         Removals {
             installs: Vec::new(),
-            queued: HashSet::new(),
             emptied: Vec::new(),
         }
     }
 }
 
 impl<S: AddressSpace, F: Flavor> Removals<S, F> {
-    /// Queues the install at `vaddr` in `st` (once).
-    pub(super) fn push(&mut self, st: Arc<SpaceState<S, F>>, vaddr: u64, up: &UprobeHandle<F>) {
-        if self.queued.insert((st.space.id(), vaddr)) {
-            self.installs.push((st, vaddr, up.clone()));
-        }
+    /// Queues the install `p` of `up` in `st`; `leaving`: the uprobe is
+    /// queued with [`push_emptied`](Self::push_emptied) too.
+    pub(super) fn push(
+        &mut self,
+        st: Arc<SpaceState<S, F>>,
+        p: &Placed,
+        up: &UprobeHandle<F>,
+        leaving: bool,
+    ) {
+        self.installs.push(Queued {
+            st,
+            vaddr: p.vaddr,
+            up: up.clone(),
+            leaving,
+            plan: p.install.plan,
+        });
     }
 
     /// Queues the uprobe itself (its last consumer left).
     pub(super) fn push_emptied(&mut self, up: UprobeHandle<F>) {
         self.emptied.push(up);
     }
+
+    /// Sorts the installs by space and address and merges the duplicates
+    /// (leaving if any of them was).
+    fn merge(&mut self) {
+        self.installs
+            .sort_unstable_by_key(|q| (q.st.space.id(), q.vaddr));
+        self.installs.dedup_by(|later, kept| {
+            let same = later.st.space.id() == kept.st.space.id() && later.vaddr == kept.vaddr;
+            if same {
+                kept.leaving |= later.leaving;
+            }
+            same
+        });
+    }
 }
 
-/// Removes `keys` from `tree`: one by one when they are few beside the
-/// tree's size, else in one pass (`retain`: one write section, one
-/// reclamation batch).
-fn remove_all<
-    K: Ord + Copy + std::hash::Hash + Send + 'static,
-    V: Send + Sync + 'static,
-    F: Flavor,
->(
+/// Removes `keys` (distinct) from `tree`: one by one when they are few
+/// beside the tree's size, else in one pass (`retain`: one write section,
+/// one reclamation batch; it visits the entries in key order, so the sorted
+/// keys are matched by a cursor).
+fn remove_all<K: Ord + Copy + Send + 'static, V: Send + Sync + 'static, F: Flavor>(
     tree: &crate::seqtree::SeqTree<K, V, F>,
-    keys: &[K],
+    keys: &mut [K],
 ) {
     if keys.len() * 8 < tree.len() {
-        for k in keys {
+        for k in keys.iter() {
             tree.remove(k);
         }
     } else {
-        let gone: HashSet<K> = keys.iter().copied().collect();
-        tree.retain(|k, _| !gone.contains(k));
+        keys.sort_unstable();
+        let mut next = keys.iter().peekable();
+        tree.retain(|k, _| {
+            while next.next_if(|&g| g < k).is_some() {}
+            next.next_if(|&g| g == k).is_none()
+        });
     }
 }
 
@@ -370,53 +402,57 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// removes the uprobes left without consumers (in bulk for a large
     /// batch; their XOL slots go back after one grace period per space).
     /// The caller holds the stripes of every file concerned.
-    pub(super) fn finish_removals(&self, r: Removals<S, F>) {
+    pub(super) fn finish_removals(&self, mut r: Removals<S, F>) {
+        r.merge();
         let bp = self.arch.breakpoint();
-        let mut items: Vec<(SpaceId, usize, CodeBytes)> = Vec::with_capacity(r.installs.len());
-        for (i, (st, _, up)) in r.installs.iter().enumerate() {
-            if let Some(o) = *up.orig.lock().unwrap_or_else(|e| e.into_inner()) {
-                items.push((st.space.id(), i, o));
+        // The installs of one space are next to each other (merged above).
+        let spaces = |r: &Removals<S, F>| -> Vec<(usize, usize)> {
+            let mut groups = Vec::new();
+            let mut first = 0;
+            for i in 1..=r.installs.len() {
+                if i == r.installs.len()
+                    || r.installs[i].st.space.id() != r.installs[first].st.space.id()
+                {
+                    groups.push((first, i));
+                    first = i;
+                }
             }
-        }
-        items.sort_by_key(|&(id, _, _)| id);
-        for group in items.chunk_by(|a, b| a.0 == b.0) {
-            let writes: Vec<TextWrite<'_>> = group
-                .iter()
-                .map(|(_, i, o)| TextWrite {
-                    addr: r.installs[*i].1,
-                    old: bp,
-                    new: &o.as_slice()[..bp.len()],
+            groups
+        };
+        let groups = spaces(&r);
+        let origs: Vec<Option<CodeBytes>> = r
+            .installs
+            .iter()
+            .map(|q| *q.up.orig.lock().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        for &(first, end) in &groups {
+            let writes: Vec<TextWrite<'_>> = (first..end)
+                .filter_map(|i| {
+                    origs[i].as_ref().map(|o| TextWrite {
+                        addr: r.installs[i].vaddr,
+                        old: bp,
+                        new: &o.as_slice()[..bp.len()],
+                    })
                 })
                 .collect();
-            let _ = r.installs[group[0].1].0.space.text().write_many(&writes);
+            let _ = r.installs[first].st.space.text().write_many(&writes);
         }
         // The records. A uprobe that leaves the tree below keeps its install
         // list as it is: a thread that trapped before its bytes came back
         // still finds the install (its slot stays for a grace period), and
         // the list goes with the uprobe.
-        let leaving: HashSet<UprobeKey> = r.emptied.iter().map(|u| u.key).collect();
-        // Each install's slot plan, from its uprobe's own list (read before
-        // the list changes; no tree lookup).
-        let plans: Vec<Option<XolPlan>> = {
-            let g = self.domain.read();
-            r.installs
-                .iter()
-                .map(|(st, vaddr, up)| up.placed_at(&g, st.space.id(), *vaddr).and_then(|i| i.plan))
-                .collect()
-        };
-        let mut by_space: Vec<(SpaceId, usize)> = Vec::with_capacity(r.installs.len());
-        for (i, (st, vaddr, up)) in r.installs.iter().enumerate() {
-            if !leaving.contains(&up.key) {
-                up.update_placed(None, Some((st.space.id(), *vaddr)));
-            }
-            by_space.push((st.space.id(), i));
+        for q in r.installs.iter().filter(|q| !q.leaving) {
+            q.up.update_placed(None, Some((q.st.space.id(), q.vaddr)));
         }
-        by_space.sort_unstable();
-        for group in by_space.chunk_by(|a, b| a.0 == b.0) {
-            let st = &r.installs[group[0].1].0;
-            let vaddrs: Vec<u64> = group.iter().map(|&(_, i)| r.installs[i].1).collect();
-            let plans: Vec<XolPlan> = group.iter().filter_map(|&(_, i)| plans[i]).collect();
-            remove_all(&st.installs, &vaddrs);
+        for &(first, end) in &groups {
+            let st = &r.installs[first].st;
+            // Sorted and distinct (merged above).
+            let mut vaddrs: Vec<u64> = r.installs[first..end].iter().map(|q| q.vaddr).collect();
+            let plans: Vec<XolPlan> = r.installs[first..end]
+                .iter()
+                .filter_map(|q| q.plan)
+                .collect();
+            remove_all(&st.installs, &mut vaddrs);
             st.xol_shares
                 .release_many_later(&self.domain, &st.space, &plans);
         }
@@ -424,8 +460,8 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         for up in &r.emptied {
             self.hot.retract(&up.key, up.value());
         }
-        let keys: Vec<UprobeKey> = r.emptied.iter().map(|u| u.key).collect();
+        let mut keys: Vec<UprobeKey> = r.emptied.iter().map(|u| u.key).collect();
         drop(r);
-        remove_all(&self.uprobes, &keys);
+        remove_all(&self.uprobes, &mut keys);
     }
 }

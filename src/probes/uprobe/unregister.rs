@@ -162,15 +162,16 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 .filter(|&(i, _)| i != pos)
                 .map(|(_, c)| c)
         };
+        let leaving = old.len() == 1;
         for p in slice(up.placed.load(&g)).iter() {
             if remaining().any(|c| c.wants(p.space)) {
                 continue;
             }
             if let Some(st) = self.spaces.get(&g, &p.space) {
-                removals.push(Arc::clone(st), p.vaddr, &up);
+                removals.push(Arc::clone(st), p, &up, leaving);
             }
         }
-        if old.len() == 1 {
+        if leaving {
             drop(g);
             // Removed once its breakpoints are out (`finish_removals`): until
             // then a hit still finds it (and its old list; the caller's
