@@ -170,4 +170,9 @@ pub mod runtime {
     pub mod refuse {
         pub use crate::probes::runtime::refuse::*;
     }
+
+    /// The text loads and stores that survive an unmapped page.
+    pub mod poke {
+        pub use crate::probes::runtime::poke::{load_byte, store_byte};
+    }
 }

@@ -643,3 +643,83 @@ fn an_application_handler_that_chains_to_the_runtime_is_not_called_again() {
         calls.len()
     );
 }
+
+/// The byte stores and loads a text write batch makes (issue 12: a
+/// breakpoint written or restored while a `dlclose` on another thread
+/// unmaps the library) fault into an error the runtime's fault handler
+/// returns, not the process's death, even with an application handler
+/// installed over the runtime's (the batch claims the signals back first);
+/// the application's own faults still reach its handler, and a thread that
+/// blocks SIGSEGV gets no such store at all.
+#[test]
+fn text_stores_and_loads_into_unmapped_or_read_only_pages_report_instead_of_crashing() {
+    use rcu_registry::__internals::runtime::poke::{load_byte, store_byte};
+    let _g = serial();
+    install_app_handler(rf_boosted);
+    let page = 4096usize;
+    // SAFETY: a fresh private anonymous mapping of three pages, ours.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            3 * page,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(base, libc::MAP_FAILED);
+    let (rw, ro, gone) = (
+        base as u64,
+        base as u64 + page as u64,
+        base as u64 + 2 * page as u64,
+    );
+    // SAFETY: pages of the mapping above: the second made read-only, the
+    // third unmapped.
+    unsafe {
+        *(ro as *mut u8) = 7;
+        assert_eq!(libc::mprotect(ro as *mut _, page, libc::PROT_READ), 0);
+        assert_eq!(libc::munmap(gone as *mut _, page), 0);
+    }
+    // SAFETY: every address is in the test's own mapping (or its unmapped
+    // third page): a store or load there is harmless.
+    unsafe {
+        assert_eq!(store_byte(rw, 0xcc), Some(true));
+        assert_eq!(*(rw as *const u8), 0xcc);
+        assert_eq!(load_byte(rw), Some(Some(0xcc)));
+        assert_eq!(store_byte(ro, 0xcc), Some(false), "read-only page");
+        assert_eq!(*(ro as *const u8), 7);
+        assert_eq!(load_byte(ro), Some(Some(7)));
+        assert_eq!(store_byte(gone, 0xcc), Some(false), "unmapped page");
+        assert_eq!(load_byte(gone), Some(None), "unmapped page");
+    }
+    assert_eq!(
+        FAULTS.load(Ordering::Relaxed),
+        0,
+        "the application's handler saw a fault of the runtime's stores"
+    );
+    // The application's own fault still reaches its handler.
+    assert_eq!(call(rf_boosted, BAD), SENTINEL);
+    assert_eq!(FAULTS.load(Ordering::Relaxed), 1);
+    // A thread that blocks SIGSEGV: a fault would kill the process without
+    // any handler, so no store is made (the writer falls back to a system
+    // call that reports it).
+    let blocked = std::thread::spawn(move || {
+        // SAFETY: blocks SIGSEGV for this thread only; zeroed sigset is valid.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGSEGV);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+            (store_byte(rw, 0x90), load_byte(rw))
+        }
+    })
+    .join()
+    .unwrap();
+    assert_eq!(blocked, (None, None));
+    // SAFETY: as above.
+    assert_eq!(unsafe { *(rw as *const u8) }, 0xcc);
+    RESUME.store(0, Ordering::Relaxed);
+    // SAFETY: the two pages still mapped.
+    unsafe { libc::munmap(base, 2 * page) };
+}

@@ -261,6 +261,13 @@ pub(crate) fn fix_frame(uc: &mut libc::ucontext_t) -> bool {
 
 /// The fault handler.
 extern "C" fn handle_fault(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
+    // A store of `poke` into code unmapped under it: ours, handled whole
+    // (no system call, errno untouched).
+    // SAFETY: the kernel passes a valid ucontext for an SA_SIGINFO handler,
+    // live for the call (a chained handler passes the one it got).
+    if super::poke::fixup(sig, unsafe { &mut *uctx.cast::<libc::ucontext_t>() }) {
+        return;
+    }
     // SAFETY: errno is a thread-local int; reading and writing it is
     // async-signal-safe.
     let errno = unsafe { *libc::__errno_location() };

@@ -6,6 +6,7 @@ use std::sync::OnceLock;
 
 use crate::probes::error::{CodeBytes, TextFailure};
 use crate::probes::runtime::maps::MapsQuery;
+use crate::probes::runtime::poke::{catcher, peek, poke, Catcher};
 use crate::probes::text::{TextIdentity, TextMemory, TextWrite};
 use crate::probes::ProbeError;
 use crate::sync::atomic::{AtomicU64, AtomicU8, Ordering};
@@ -120,6 +121,25 @@ pub struct RefusedRange {
 /// (seccomp) reads fall back to a plain copy, which trusts the caller's
 /// address.
 ///
+/// # Batches
+///
+/// [`write_many`](TextMemory::write_many) and
+/// [`read_many`](TextMemory::read_many) (a registration of thousands of
+/// probes, the pending probes of a `dlopen`) move their bytes with plain
+/// byte loads and stores whose faults the runtime's fault handler turns
+/// into errors (the kernel's exception-table idea: a `dlclose` unmapping
+/// the text meanwhile is [`ProbeError::TextGone`], not a crash), where that
+/// handler is installed and this thread does not block SIGSEGV or SIGBUS;
+/// elsewhere, vectored `process_vm_readv`/`writev` calls. A batch reads
+/// every current byte before it writes the first one and allocates nothing
+/// while it writes: once a breakpoint is in, the allocator itself may be
+/// probed (a batch over the C library) and each allocation would trap.
+/// Groups of writes up to 1 MiB apart are made writable as one span when
+/// every page between them is code (one protection change for a
+/// library's text instead of one per cluster); otherwise group by group,
+/// and a group whose pages cannot be made writable write by write, so a
+/// bad write fails alone.
+///
 /// # Example
 ///
 /// ```no_run
@@ -206,16 +226,24 @@ impl InProcess {
     /// Writes `new` over `current` at `addr`: the page must already be
     /// writable, `TEXT_LOCK` held.
     ///
-    /// Each step is one `process_vm_writev` of our own memory, not a store:
-    /// a `dlclose` on another thread may unmap the text between the
+    /// A `dlclose` on another thread may unmap the text between the
     /// protection change and the write (the loader takes none of our
-    /// locks), and a store would then kill the process with SIGSEGV. The
-    /// system call reports that as `EFAULT`, returned as
+    /// locks), and a plain store would then kill the process with SIGSEGV.
+    /// With `catcher` (the runtime's fault handler is there to catch it)
+    /// each step is a [`poke`](super::poke): a store whose fault returns an
+    /// error. Without, each step is one `process_vm_writev` of our own
+    /// memory, which reports the unmapping as `EFAULT`. Either way that is
     /// [`ProbeError::TextGone`] (nothing was written: the mapping is gone).
-    /// A one-byte write is one byte store in the kernel, atomic against
-    /// instruction fetch on x86. Where the call is forbidden (seccomp), the
-    /// bytes are stored directly, as before.
-    fn store(addr: u64, current: &[u8], new: &[u8]) -> Result<(), ProbeError> {
+    /// A one-byte write is one byte store, atomic against instruction fetch
+    /// on x86. Where the system call is forbidden (seccomp) and there is no
+    /// catcher, the bytes are stored directly, as before.
+    fn store(
+        catcher: Option<&Catcher>,
+        addr: u64,
+        current: &[u8],
+        new: &[u8],
+    ) -> Result<(), ProbeError> {
+        let put = |addr, bytes: &[u8]| put(catcher, addr, bytes);
         let tail_changes = current[1..] != new[1..];
         if !tail_changes {
             put(addr, &new[..1])?;
@@ -250,7 +278,12 @@ const WRITE_DIRECT: u8 = 1;
 
 /// Writes `bytes` at `addr` of our own (writable) text: see
 /// `InProcess::store`.
-fn put(addr: u64, bytes: &[u8]) -> Result<(), ProbeError> {
+fn put(catcher: Option<&Catcher>, addr: u64, bytes: &[u8]) -> Result<(), ProbeError> {
+    if let Some(c) = catcher {
+        // SAFETY: the caller made the range writable and holds TEXT_LOCK; a
+        // fault (the text unmapped meanwhile) is caught (`c`).
+        return unsafe { poke(c, addr, bytes) }.map_err(|_| ProbeError::TextGone { addr });
+    }
     // Relaxed: a sticky hint; either mode writes the same bytes.
     if WRITE_MODE.load(Ordering::Relaxed) == WRITE_VM {
         // SAFETY: `bytes` is a live slice; the kernel checks `addr`.
@@ -313,13 +346,16 @@ impl TextMemory for InProcess {
         read_text(addr, buf)
     }
 
-    /// In a few vectored `process_vm_readv` calls (a piece that cannot be
-    /// read is read again alone, for its error).
+    /// Byte loads that survive an unmapped page (`poke::peek`) where the
+    /// runtime's fault handler is installed, else a few vectored
+    /// `process_vm_readv` calls; a piece that cannot be read is read again
+    /// alone, for its error.
     fn read_many(&self, reads: &mut [(u64, &mut [u8])]) -> Vec<Result<(), ProbeError>> {
         let addrs: Vec<u64> = reads.iter().map(|r| r.0).collect();
         let lens: Vec<usize> = reads.iter().map(|r| r.1.len()).collect();
         let mut all = vec![0u8; lens.iter().sum()];
-        let done = pieces(true, &mut all, &addrs, &lens);
+        let catcher = if reads.is_empty() { None } else { catcher() };
+        let done = read_pieces(catcher.as_ref(), &mut all, &addrs, &lens);
         let mut off = 0;
         reads
             .iter_mut()
@@ -457,8 +493,10 @@ impl InProcess {
             return Ok(found);
         }
         let (pstart, pend) = page_span(addr, end);
-        let runs = make_writable(&mut maps, pstart, pend, addr, len)?;
-        let stored = InProcess::store(addr, current, new);
+        let mut runs = Vec::new();
+        make_writable(&mut maps, pstart, pend, addr, len, &mut runs)?;
+        let catcher = catcher();
+        let stored = InProcess::store(catcher.as_ref(), addr, current, new);
         let restore_failed = restore_protection(&runs, addr, len);
         // Unmapped under the write (`TextGone`): the restores failed too, and
         // there is nothing left to undo.
@@ -467,7 +505,7 @@ impl InProcess {
             // Only reachable when the kernel cannot split the mapping (out of
             // memory or map count): undo the bytes so the error changes
             // nothing readable, and report. The page is left writable.
-            let _ = InProcess::store(addr, new, current);
+            let _ = InProcess::store(catcher.as_ref(), addr, new, current);
             return Err(err);
         }
         Ok(found)
@@ -502,6 +540,12 @@ impl InProcess {
     /// writes whose pages touch go together (one protection lookup and
     /// change for the run of pages), and one-byte changes (breakpoints in
     /// and out) share one core sync at the end instead of one each.
+    ///
+    /// Everything the writing loop needs is allocated before its first
+    /// write (the current bytes of every write are read up front, the
+    /// groups planned, the protection buffer reserved): once a breakpoint
+    /// is in, the allocator itself may be probed (a batch over the C
+    /// library), and each allocation would be a trap.
     fn write_batch(&self, writes: &[TextWrite<'_>]) -> Vec<Result<(), ProbeError>> {
         let mut out: Vec<Result<(), ProbeError>> = Vec::with_capacity(writes.len());
         let mut order: Vec<usize> = Vec::with_capacity(writes.len());
@@ -511,99 +555,270 @@ impl InProcess {
                 order.push(i);
             }
         }
+        if order.is_empty() {
+            return out;
+        }
         order.sort_by_key(|&i| writes[i].addr);
+        let catcher = catcher();
+        let catcher = catcher.as_ref();
+        // A poisoned lock guards nothing inconsistent (see `write_checked`).
         let mut maps = TEXT_LOCK.lock().unwrap_or_else(|e| e.into_inner());
-        let mut sync = false;
-        let mut todo: Vec<usize> = Vec::new();
-        let mut k = 0;
-        while k < order.len() {
-            // One group: the writes whose page spans touch or overlap.
-            let first = &writes[order[k]];
-            let (gstart, mut gend) = page_span(first.addr, first.addr + first.new.len() as u64);
-            let mut j = k + 1;
-            while j < order.len() {
-                let w = &writes[order[j]];
-                let (s, e) = page_span(w.addr, w.addr + w.new.len() as u64);
-                if s > gend {
-                    break;
-                }
-                gend = gend.max(e);
-                j += 1;
-            }
-            todo.clear();
-            let group = &order[k..j];
-            // The current bytes, read in a few vectored calls (one piece
-            // that cannot be read is read again alone, for its error).
-            let lens: Vec<usize> = group.iter().map(|&i| writes[i].old.len()).collect();
-            let addrs: Vec<u64> = group.iter().map(|&i| writes[i].addr).collect();
-            let mut current = vec![0u8; lens.iter().sum()];
-            let read = pieces(true, &mut current, &addrs, &lens);
-            let mut off = 0;
-            for (n, &i) in group.iter().enumerate() {
-                let w = &writes[i];
-                let cur = &mut current[off..off + w.old.len()];
-                off += w.old.len();
-                let ok = if read[n] {
-                    check_holds(w.addr, w.old, w.new, cur)
-                } else {
-                    holds(w.addr, w.old, w.new, cur)
-                };
-                match ok {
-                    Ok(true) => todo.push(i),
-                    Ok(false) => {}
-                    Err(e) => out[i] = Err(e),
-                }
-            }
-            k = j;
-            if todo.is_empty() {
-                continue;
-            }
-            let (addr, len) = (gstart, (gend - gstart) as usize);
-            let runs = match make_writable(&mut maps, gstart, gend, addr, len) {
-                Ok(runs) => runs,
-                Err(e) => {
-                    for &i in &todo {
-                        out[i] = Err(e.clone());
-                    }
-                    continue;
-                }
+        // The current bytes, read in a few vectored calls (a piece that
+        // cannot be read is read again alone, for its error), and which
+        // writes are needed.
+        let lens: Vec<usize> = order.iter().map(|&i| writes[i].old.len()).collect();
+        let addrs: Vec<u64> = order.iter().map(|&i| writes[i].addr).collect();
+        let mut current = vec![0u8; lens.iter().sum()];
+        let read = read_pieces(catcher, &mut current, &addrs, &lens);
+        let mut needed = vec![false; order.len()];
+        let mut off = 0;
+        for (n, &i) in order.iter().enumerate() {
+            let w = &writes[i];
+            let cur = &mut current[off..off + w.old.len()];
+            off += w.old.len();
+            let ok = if read[n] {
+                check_holds(w.addr, w.old, w.new, cur)
+            } else {
+                holds(w.addr, w.old, w.new, cur)
             };
-            // One-byte changes (breakpoints in and out: atomic against
-            // fetch, synced together at the end) in a few vectored calls;
-            // the others with the int3-first protocol, one by one.
-            let (one, multi): (Vec<usize>, Vec<usize>) = todo
-                .iter()
-                .partition(|&&i| writes[i].old[1..] == writes[i].new[1..]);
-            let mut bytes: Vec<u8> = one.iter().map(|&i| writes[i].new[0]).collect();
-            let addrs: Vec<u64> = one.iter().map(|&i| writes[i].addr).collect();
-            let written = pieces(false, &mut bytes, &addrs, &vec![1; one.len()]);
-            for (n, &i) in one.iter().enumerate() {
-                sync = true;
-                if !written[n] {
-                    out[i] = put(writes[i].addr, &writes[i].new[..1]);
-                }
-            }
-            for &i in &multi {
-                let w = &writes[i];
-                out[i] = InProcess::store(w.addr, w.old, w.new);
-            }
-            if let Some(err) = restore_protection(&runs, addr, len) {
-                // As in `write_checked`: undo what was written, report.
-                for &i in &todo {
-                    let w = &writes[i];
-                    if out[i].is_ok() {
-                        let _ = InProcess::store(w.addr, w.new, w.old);
-                        out[i] = Err(err.clone());
-                    }
-                }
+            match ok {
+                Ok(true) => needed[n] = true,
+                Ok(false) => {}
+                Err(e) => out[i] = Err(e),
             }
         }
+        // The groups: runs `[first, end)` of `order` whose page spans touch
+        // or overlap, with their pages.
+        let mut groups: Vec<(usize, usize, u64, u64)> = Vec::new();
+        for (n, &i) in order.iter().enumerate() {
+            let w = &writes[i];
+            let (s, e) = page_span(w.addr, w.addr + w.new.len() as u64);
+            match groups.last_mut() {
+                Some(g) if s <= g.3 => {
+                    g.1 = n + 1;
+                    g.3 = g.3.max(e);
+                }
+                _ => groups.push((n, n + 1, s, e)),
+            }
+        }
+        let mut batch = Batch {
+            catcher,
+            writes,
+            order: &order,
+            needed: &needed,
+            out: &mut out,
+            runs: Vec::with_capacity(8),
+            sync: false,
+        };
+        // Groups close together (a library's functions) are made writable
+        // together, with one protection lookup and two `mprotect` calls for
+        // all (each call is a mapping split or merge and a TLB shootdown);
+        // pages between them that nothing writes are restored as they were.
+        // A span that cannot be (not all code: a hole in the memory map, a
+        // data page) is done group by group, and a group that cannot be
+        // made writable (one of its pages unmapped) write by write, so a
+        // bad write fails alone.
+        let mut g = 0;
+        while g < groups.len() {
+            let mut h = g + 1;
+            while h < groups.len() && groups[h].2 - groups[h - 1].3 <= MERGE_GAP {
+                h += 1;
+            }
+            let (start, end) = (groups[g].2, groups[h - 1].3);
+            let needs = |grp: &(usize, usize, u64, u64)| needed[grp.0..grp.1].contains(&true);
+            if h - g > 1
+                && groups[g..h].iter().any(needs)
+                && make_code_writable(&mut maps, start, end, &mut batch.runs)
+            {
+                for grp in &groups[g..h] {
+                    batch.write_members(grp.0..grp.1);
+                }
+                batch.restore(start, end, groups[g].0..groups[h - 1].1);
+            } else {
+                for &(first, last, gstart, gend) in groups[g..h].iter().filter(|grp| needs(grp)) {
+                    if let Err(e) = batch.write_span(&mut maps, first..last, gstart, gend) {
+                        if last - first == 1 {
+                            batch.fail(first..last, &e);
+                            continue;
+                        }
+                        for n in (first..last).filter(|&n| needed[n]) {
+                            let w = &writes[order[n]];
+                            let (s, e) = page_span(w.addr, w.addr + w.new.len() as u64);
+                            if let Err(e) = batch.write_span(&mut maps, n..n + 1, s, e) {
+                                batch.fail(n..n + 1, &e);
+                            }
+                        }
+                    }
+                }
+            }
+            g = h;
+        }
+        let sync = batch.sync;
         drop(maps);
         if sync {
             sync_cores();
         }
         out
     }
+}
+
+/// Largest gap between two groups of a write batch that are made writable
+/// together (a library's text is one mapping; further apart is usually
+/// another library, with a hole between).
+const MERGE_GAP: u64 = 1 << 20;
+
+/// [`make_writable`] on a span of several write groups, only if every page
+/// of it is mapped executable (code: the pages between the groups are the
+/// same library's text, not a stack guard or another mapping's data);
+/// false, with nothing changed, otherwise or on any error.
+fn make_code_writable(
+    maps: &mut MapsQuery,
+    start: u64,
+    end: u64,
+    runs: &mut Vec<(u64, u64, libc::c_int)>,
+) -> bool {
+    let code = matches!(maps.range_protection(start, end, runs), Ok(Some(false)))
+        && runs.iter().all(|r| r.2 & libc::PROT_EXEC != 0);
+    code && make_writable(maps, start, end, start, (end - start) as usize, runs).is_ok()
+}
+
+/// The writing half of [`InProcess::write_batch`]: the writes, their order
+/// (by address), which are needed, and the results. Allocates nothing once
+/// built, unless there is no catcher (then the vectored system calls do).
+struct Batch<'a, 'w> {
+    catcher: Option<&'a Catcher>,
+    writes: &'a [TextWrite<'w>],
+    order: &'a [usize],
+    needed: &'a [bool],
+    out: &'a mut [Result<(), ProbeError>],
+    /// The protection runs of the span being written (a reused buffer).
+    runs: Vec<(u64, u64, libc::c_int)>,
+    /// Some one-byte write was made: the cores are synced at the end.
+    sync: bool,
+}
+
+impl Batch<'_, '_> {
+    fn write(&self, n: usize) -> &TextWrite<'_> {
+        &self.writes[self.order[n]]
+    }
+
+    fn one_byte(&self, n: usize) -> bool {
+        let w = self.write(n);
+        w.old[1..] == w.new[1..]
+    }
+
+    /// Reports `err` for the needed writes of `members`.
+    fn fail(&mut self, members: std::ops::Range<usize>, err: &ProbeError) {
+        for n in members.filter(|&n| self.needed[n]) {
+            self.out[self.order[n]] = Err(err.clone());
+        }
+    }
+
+    /// The needed writes of `members` (indices into `order`), on pages
+    /// made writable by the caller. One-byte changes (breakpoints in and
+    /// out: atomic against fetch, synced together at the end) are stores,
+    /// or without a catcher a few vectored calls; the others follow the
+    /// int3-first protocol, one by one.
+    fn write_members(&mut self, members: std::ops::Range<usize>) {
+        if let Some(c) = self.catcher {
+            for n in members.clone() {
+                if self.needed[n] && self.one_byte(n) {
+                    self.sync = true;
+                    let (addr, byte) = (self.write(n).addr, self.write(n).new[0]);
+                    self.out[self.order[n]] = put(Some(c), addr, &[byte]);
+                }
+            }
+        } else {
+            let one: Vec<usize> = members
+                .clone()
+                .filter(|&n| self.needed[n] && self.one_byte(n))
+                .collect();
+            let mut bytes: Vec<u8> = one.iter().map(|&n| self.write(n).new[0]).collect();
+            let addrs: Vec<u64> = one.iter().map(|&n| self.write(n).addr).collect();
+            let written = pieces(false, &mut bytes, &addrs, &vec![1; one.len()]);
+            for (k, &n) in one.iter().enumerate() {
+                self.sync = true;
+                if !written[k] {
+                    let (addr, byte) = (self.write(n).addr, self.write(n).new[0]);
+                    self.out[self.order[n]] = put(None, addr, &[byte]);
+                }
+            }
+        }
+        for n in members {
+            if self.needed[n] && !self.one_byte(n) {
+                let w = self.writes[self.order[n]];
+                self.out[self.order[n]] = InProcess::store(self.catcher, w.addr, w.old, w.new);
+            }
+        }
+    }
+
+    /// Puts back the protections of `[start, end)` (in `runs`). Only when
+    /// the kernel cannot split the mapping (out of memory or map count)
+    /// does that fail: then, as in `write_checked`, the writes of `members`
+    /// that were made are undone and report the error. The pages are left
+    /// writable.
+    fn restore(&mut self, start: u64, end: u64, members: std::ops::Range<usize>) {
+        let Some(err) = restore_protection(&self.runs, start, (end - start) as usize) else {
+            return;
+        };
+        for n in members.filter(|&n| self.needed[n]) {
+            let (i, w) = (self.order[n], self.writes[self.order[n]]);
+            if self.out[i].is_ok() {
+                let _ = InProcess::store(self.catcher, w.addr, w.new, w.old);
+                self.out[i] = Err(err.clone());
+            }
+        }
+    }
+
+    /// Makes `[start, end)` writable, writes `members`, restores. `Err`:
+    /// the pages could not be made writable; nothing was written.
+    fn write_span(
+        &mut self,
+        maps: &mut MapsQuery,
+        members: std::ops::Range<usize>,
+        start: u64,
+        end: u64,
+    ) -> Result<(), ProbeError> {
+        make_writable(
+            maps,
+            start,
+            end,
+            start,
+            (end - start) as usize,
+            &mut self.runs,
+        )?;
+        self.write_members(members.clone());
+        self.restore(start, end, members);
+        Ok(())
+    }
+}
+
+/// Reads each piece `addrs[i]`, `lens[i]` bytes long, into `buf` (the
+/// pieces back to back); returns which pieces were read. With `catcher`,
+/// byte loads ([`peek`]: a few ns a byte, where the kernel's cost is per
+/// piece and per page); without, as [`pieces`].
+fn read_pieces(
+    catcher: Option<&Catcher>,
+    buf: &mut [u8],
+    addrs: &[u64],
+    lens: &[usize],
+) -> Vec<bool> {
+    let Some(c) = catcher else {
+        return pieces(true, buf, addrs, lens);
+    };
+    let mut off = 0;
+    addrs
+        .iter()
+        .zip(lens)
+        .map(|(&addr, &len)| {
+            let piece = &mut buf[off..off + len];
+            off += len;
+            // SAFETY: the pieces are text of this process (the callers read
+            // code to patch it), never a device mapping; a fault is caught
+            // (`c`).
+            unsafe { peek(c, addr, piece) }.is_ok()
+        })
+        .collect()
 }
 
 /// Moves each piece `addrs[i]`, `lens[i]` bytes long, from (`read`) or to
@@ -762,7 +977,7 @@ fn page_span(addr: u64, end: u64) -> (u64, u64) {
 }
 
 /// Adds `PROT_WRITE` to the pages `[pstart, pend)` (text lock held) and
-/// returns their runs of previous protection, for
+/// puts their runs of previous protection in `runs` (a reused buffer), for
 /// [`restore_protection`]. Errors name `addr`/`len`, the caller's write.
 ///
 /// # Errors
@@ -774,16 +989,17 @@ fn make_writable(
     pend: u64,
     addr: u64,
     len: usize,
-) -> Result<Vec<(u64, u64, libc::c_int)>, ProbeError> {
-    let range = maps
-        .range_protection(pstart, pend)
+    runs: &mut Vec<(u64, u64, libc::c_int)>,
+) -> Result<(), ProbeError> {
+    let shared = maps
+        .range_protection(pstart, pend, runs)
         .map_err(|e| maps_error(addr, len, &e))?
         .ok_or(ProbeError::TextAccess {
             addr,
             len,
             failure: TextFailure::OutOfRange,
         })?;
-    if range.shared {
+    if shared {
         return Err(ProbeError::TextAccess {
             addr,
             len,
@@ -793,7 +1009,6 @@ fn make_writable(
             },
         });
     }
-    let runs = range.runs;
     for (i, &(s, e, prot)) in runs.iter().enumerate() {
         if !mprotect(s, e, prot | libc::PROT_WRITE) {
             let err = os_error(addr, len, "mprotect");
@@ -803,7 +1018,7 @@ fn make_writable(
             return Err(err);
         }
     }
-    Ok(runs)
+    Ok(())
 }
 
 /// Puts back the protections `make_writable` changed; the first failure.

@@ -249,8 +249,12 @@ impl MapsQuery {
         }
     }
 
-    /// The protection of every page of `[start, end)` as it is now;
-    /// `Ok(None)` if any byte is unmapped.
+    /// The protection of every page of `[start, end)` as it is now, as
+    /// runs put in `runs` (cleared first: a buffer the caller reuses, so a
+    /// query allocates nothing once it is large enough, which matters to a
+    /// write batch after its first breakpoint, when the allocator itself
+    /// may be probed); `Ok(Some(shared))`, or `Ok(None)` if any byte is
+    /// unmapped.
     ///
     /// # Errors
     /// The file cannot be opened or read.
@@ -258,11 +262,13 @@ impl MapsQuery {
         &mut self,
         start: u64,
         end: u64,
-    ) -> io::Result<Option<RangeProtection>> {
+        runs: &mut Vec<(u64, u64, i32)>,
+    ) -> io::Result<Option<bool>> {
+        runs.clear();
         // Relaxed: see `force_maps_full_read`.
         let forced = FORCE_FULL_READ.load(std::sync::atomic::Ordering::Relaxed);
         if !self.unsupported && !forced {
-            match self.by_ioctl(start, end) {
+            match self.by_ioctl(start, end, runs) {
                 Ok(r) => {
                     // Relaxed: a diagnostic.
                     LAST_FULL_READ.store(false, std::sync::atomic::Ordering::Relaxed);
@@ -280,7 +286,11 @@ impl MapsQuery {
         }
         // Relaxed: a diagnostic.
         LAST_FULL_READ.store(true, std::sync::atomic::Ordering::Relaxed);
-        Ok(Maps::read()?.range_protection(start, end))
+        runs.clear();
+        Ok(Maps::read()?.range_protection(start, end).map(|r| {
+            runs.extend_from_slice(&r.runs);
+            r.shared
+        }))
     }
 
     /// What is mapped at `addr` now (`None`: nothing), as
@@ -304,8 +314,12 @@ impl MapsQuery {
         Ok(Maps::read()?.find(addr).map(Mapping::identity))
     }
 
-    fn by_ioctl(&mut self, start: u64, end: u64) -> io::Result<Option<RangeProtection>> {
-        let mut runs: Vec<(u64, u64, i32)> = Vec::new();
+    fn by_ioctl(
+        &mut self,
+        start: u64,
+        end: u64,
+        runs: &mut Vec<(u64, u64, i32)>,
+    ) -> io::Result<Option<bool>> {
         let mut shared = false;
         let mut at = start;
         while at < end {
@@ -320,7 +334,7 @@ impl MapsQuery {
             }
             at = run_end;
         }
-        Ok(Some(RangeProtection { runs, shared }))
+        Ok(Some(shared))
     }
 
     /// The file, opened by this process (a child of a `fork` reopens: the
@@ -500,19 +514,23 @@ mod tests {
                 continue;
             }
             for at in [m.start, m.start + (m.end - m.start) / 2, m.end - 1] {
-                let Ok(Some(r)) = q.by_ioctl(at, at + 1) else {
+                let mut runs = Vec::new();
+                let Ok(Some(shared)) = q.by_ioctl(at, at + 1, &mut runs) else {
                     // A kernel without the ioctl: nothing to compare. A
                     // mapping that changed since the read (a thread stack
                     // freed) is skipped as well.
                     continue;
                 };
-                assert_eq!(r.runs, vec![(at, at + 1, m.prot)], "{m:?}");
-                assert_eq!(r.shared, m.shared, "{m:?}");
+                assert_eq!(runs, vec![(at, at + 1, m.prot)], "{m:?}");
+                assert_eq!(shared, m.shared, "{m:?}");
                 checked += 1;
             }
         }
         let gap = maps.gaps(0x10000, 0x7fff_0000_0000)[0].0;
-        assert!(matches!(q.by_ioctl(gap, gap + 1), Ok(None) | Err(_)));
+        assert!(matches!(
+            q.by_ioctl(gap, gap + 1, &mut Vec::new()),
+            Ok(None) | Err(_)
+        ));
         eprintln!("{checked} addresses agreed");
     }
 

@@ -147,6 +147,8 @@ pub mod loader;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod maps;
 #[cfg(target_arch = "x86_64")]
+pub(crate) mod poke;
+#[cfg(target_arch = "x86_64")]
 pub(crate) mod quiesce;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod refuse;

@@ -63,8 +63,10 @@
 //!   belt over the walk's braces, covering crate code reached only through
 //!   indirect calls (kretprobe entry hooks behind `dyn ReturnProbe`) or only
 //!   past the trap flag;
-//! - the SIGTRAP handler, the kretprobe trampoline and `__restore_rt`, by
-//!   address, even when the executable has no symbol table;
+//! - the SIGTRAP handler, the kretprobe trampoline, the text stores of
+//!   [`poke`](super::poke) (the fault handler knows them by address) and
+//!   `__restore_rt`, by address, even when the executable has no symbol
+//!   table;
 //! - everything the walk reached: whole functions where there is a symbol,
 //!   the decoded instructions where there is none (a PLT stub,
 //!   `__restore_rt` in a stripped C library);
@@ -285,6 +287,14 @@ pub fn refused_ranges(symbols: &ProcessSymbols) -> Vec<RefusedRange> {
         start: s,
         end: e,
         what: KRETPROBE_TRAMPOLINE,
+    });
+    // The text stores: the fault handler recognises them at their own
+    // address only.
+    let (s, e) = super::poke::range();
+    out.push(RefusedRange {
+        start: s,
+        end: e,
+        what: RUNTIME_CODE,
     });
     if let Some(r) = super::signal::restorer_address() {
         let (s, e) = extent(symbols, r);
