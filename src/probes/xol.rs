@@ -116,6 +116,15 @@ pub trait XolAllocator: Send + Sync + 'static {
     /// allocator's own `quiesce` proved it unused since its last `alloc`.
     fn free(&self, slot: u64);
 
+    /// [`free`](Self::free) of every slot of `slots` (an `unregister_many`
+    /// or a `dlclose` returns thousands at once: an allocator with a lock
+    /// takes it once).
+    fn free_many(&self, slots: &[u64]) {
+        for &s in slots {
+            self.free(s);
+        }
+    }
+
     /// Called by the registry after the grace period of an `unregister` or
     /// `commit` that retires the boosted `slots` (before they are freed):
     /// returns once no thread can still be executing them, as far as the

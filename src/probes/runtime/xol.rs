@@ -215,6 +215,24 @@ impl XolArea {
         }
     }
 
+    /// Frees `slot` (see [`XolAllocator::free`]), the area's lock held.
+    fn free_locked(&self, a: &mut Areas, slot: u64) {
+        let Some(Bound { near, .. }) = a.bound.remove(&slot) else {
+            debug_assert!(false, "XOL slot {slot:#x} freed but not allocated");
+            return;
+        };
+        a.frees += 1;
+        if a.proven.remove(&slot) {
+            // A proving wait retired it: no thread can execute it (module
+            // docs), so it may hold other code.
+            self.recycle(a, slot);
+        } else {
+            // Parked for its address (module docs).
+            a.parked.insert((near, slot));
+            a.parked_frees += 1;
+        }
+    }
+
     fn lock(&self) -> crate::sync::MutexGuard<'_, Areas> {
         // Every mutation is a push or pop completed before anything can
         // panic, so a poisoned lock still guards consistent data.
@@ -342,20 +360,14 @@ impl XolAllocator for XolArea {
     }
 
     fn free(&self, slot: u64) {
+        self.free_many(&[slot]);
+    }
+
+    /// Under one hold of the area's lock.
+    fn free_many(&self, slots: &[u64]) {
         let mut a = self.lock();
-        let Some(Bound { near, .. }) = a.bound.remove(&slot) else {
-            debug_assert!(false, "XOL slot {slot:#x} freed but not allocated");
-            return;
-        };
-        a.frees += 1;
-        if a.proven.remove(&slot) {
-            // A proving wait retired it: no thread can execute it (module
-            // docs), so it may hold other code.
-            self.recycle(&mut a, slot);
-        } else {
-            // Parked for its address (module docs).
-            a.parked.insert((near, slot));
-            a.parked_frees += 1;
+        for &slot in slots {
+            self.free_locked(&mut a, slot);
         }
     }
 

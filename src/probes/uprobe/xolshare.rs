@@ -93,7 +93,7 @@ impl XolShares {
     {
         let (shares, space) = (self.clone(), std::sync::Arc::clone(space));
         let key = (plan.insn_addr, plan.slot_addr);
-        domain.call(move || shares.release(space.xol(), key));
+        domain.call(move || shares.release(space.xol(), &[key]));
     }
 
     /// [`release_later`](Self::release_later) for every plan of `plans`, in
@@ -112,27 +112,30 @@ impl XolShares {
         }
         let (shares, space) = (self.clone(), std::sync::Arc::clone(space));
         let keys: Vec<(u64, u64)> = plans.iter().map(|p| (p.insn_addr, p.slot_addr)).collect();
-        domain.call(move || {
-            for key in keys {
-                shares.release(space.xol(), key);
-            }
-        });
+        domain.call(move || shares.release(space.xol(), &keys));
     }
 
-    /// Drops one owner of the slot at `key`; frees it when that was the last.
-    fn release(&self, xol: &dyn XolAllocator, key: (u64, u64)) {
+    /// Drops one owner of the slot at each key of `keys`; frees those that
+    /// lost their last, in one [`XolAllocator::free_many`]. One hold of the
+    /// table's lock for all: the installs of a `dlopen` that follows take
+    /// the same lock once or twice each.
+    fn release(&self, xol: &dyn XolAllocator, keys: &[(u64, u64)]) {
         let mut t = self.lock();
-        let Some(o) = t.get_mut(&key) else {
-            debug_assert!(false, "XOL slot {:#x} released with no owner", key.1);
-            return;
-        };
-        o.owners -= 1;
-        if o.owners == 0 {
-            t.remove(&key);
-            // Under the table lock: a share either found the entry before
-            // this (and the count was not zero) or finds no entry after.
-            xol.free(key.1);
+        let mut freed = Vec::new();
+        for key in keys {
+            let Some(o) = t.get_mut(key) else {
+                debug_assert!(false, "XOL slot {:#x} released with no owner", key.1);
+                continue;
+            };
+            o.owners -= 1;
+            if o.owners == 0 {
+                t.remove(key);
+                freed.push(key.1);
+            }
         }
+        // Under the table lock: a share either found the entry before this
+        // (and the count was not zero) or finds no entry after.
+        xol.free_many(&freed);
     }
 
     /// Owners of the slot at `slot` used at `vaddr` (0: not in use).
@@ -178,9 +181,9 @@ mod tests {
         let q = shares.share(AT, plan_mov).expect("same bytes: shared");
         assert_eq!(q.slot_addr, p.slot_addr);
         assert_eq!(shares.owners(AT, p.slot_addr), 2);
-        shares.release(&arena, (AT, p.slot_addr));
+        shares.release(&arena, &[(AT, p.slot_addr)]);
         assert_eq!((arena.in_use(), arena.frees()), (1, 0), "one owner left");
-        shares.release(&arena, (AT, p.slot_addr));
+        shares.release(&arena, &[(AT, p.slot_addr)]);
         assert_eq!((arena.in_use(), arena.frees()), (0, 1), "freed by the last");
         assert_eq!(shares.owners(AT, p.slot_addr), 0);
         assert!(
