@@ -18,6 +18,10 @@
 //! [`claim`] installs one handler for the four signals, chained to the
 //! disposition it replaces. On a signal:
 //!
+//! 0. A SIGSEGV or SIGBUS raised by the runtime's own text load or store
+//!    ([`poke`](super::poke): a write batch's breakpoint, the text unmapped
+//!    under it by a `dlclose`) resumes at that instruction's failure exit
+//!    and is not delivered anywhere: it is the runtime's error to report.
 //! 1. If this thread's innermost single-step in flight is at the start of
 //!    its copy in the slot (the instruction did not complete), the step is
 //!    abandoned: the dispatcher undoes the pre-step fixups (the scratch

@@ -208,6 +208,9 @@ struct Staged<F: Flavor> {
 /// mapping.
 pub(super) type Target<S, F> = (Arc<SpaceState<S, F>>, u64, FileMapping);
 
+/// One file's mappings in every known space.
+type FileMaps<S, F> = Vec<(Arc<SpaceState<S, F>>, FileMapping)>;
+
 pub(super) fn site(key: UprobeKey) -> ProbeSite {
     ProbeSite::File {
         dev: key.file.dev,
@@ -372,7 +375,17 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         // Where each item would go (its file's mappings cannot change while
         // the stripes are held), looked up once for the read-ahead and the
         // staging.
-        let mut targets: Vec<_> = items.iter().map(|(k, _)| self.mapped_targets(*k)).collect();
+        let mut maps: std::collections::HashMap<FileId, FileMaps<S, F>> =
+            std::collections::HashMap::new();
+        let mut targets: Vec<_> = items
+            .iter()
+            .map(|(k, _)| {
+                let of_file = maps
+                    .entry(k.file)
+                    .or_insert_with(|| self.file_mappings(k.file));
+                Self::targets_in(of_file, *k)
+            })
+            .collect();
         let pre = self.pre_read(&targets);
         let mut seen = std::collections::HashSet::with_capacity(items.len());
         // Every item's prepared installs, back to back (one allocation for
@@ -615,21 +628,33 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     where
         S: AddressSpace,
     {
+        Self::targets_in(&self.file_mappings(key.file), key)
+    }
+
+    /// Every known space's mappings of `file` (one walk over every space's
+    /// mappings: a batch asks once per file, not once per target).
+    fn file_mappings(&self, file: FileId) -> FileMaps<S, F> {
         let g = self.domain.read();
         let mut out = Vec::new();
-        let mut seen: Option<FileMapping> = None;
         for (_, st) in self.spaces.iter(&g) {
-            for m in slice(st.maps.load(&g)).iter() {
-                if m.file != key.file {
-                    continue;
-                }
-                seen.get_or_insert(m.clone());
-                if let Some(v) = m.vaddr_of(key.offset) {
-                    out.push((Arc::clone(st), v, m.clone()));
-                }
+            for m in slice(st.maps.load(&g)).iter().filter(|m| m.file == file) {
+                out.push((Arc::clone(st), m.clone()));
             }
         }
-        match (out.is_empty(), seen) {
+        out
+    }
+
+    /// [`mapped_targets`](Self::mapped_targets) of `key` among `maps`, the
+    /// mappings of its file.
+    fn targets_in(maps: &FileMaps<S, F>, key: UprobeKey) -> Result<Vec<Target<S, F>>, ProbeError> {
+        let out: Vec<Target<S, F>> = maps
+            .iter()
+            .filter_map(|(st, m)| {
+                m.vaddr_of(key.offset)
+                    .map(|v| (Arc::clone(st), v, m.clone()))
+            })
+            .collect();
+        match (out.is_empty(), maps.first().map(|(_, m)| m)) {
             (true, Some(m)) => {
                 let r = m.file_range();
                 Err(ProbeError::OffsetOutsideMapping {

@@ -73,8 +73,9 @@ pub(super) fn plan(insn: &Insn, slot_addr: u64, end: StepEnd) -> Result<XolPlan,
     }
     let orig_next = insn.next_addr();
     let mut fixups = Fixups::default();
-    let copy = match insn.class {
-        InsnClass::OutOfLine => insn.bytes().to_vec(),
+    let rewritten;
+    let copy: &[u8] = match insn.class {
+        InsnClass::OutOfLine => insn.bytes(),
         InsnClass::PcRelative => {
             let scratch = pick_scratch(&ins).ok_or(ProbeError::UnsupportedInstruction {
                 addr: insn.addr,
@@ -86,7 +87,8 @@ pub(super) fn plan(insn: &Insn, slot_addr: u64, end: StepEnd) -> Result<XolPlan,
             });
             // The rewritten operand is `[scratch + disp]`: the same bytes at
             // any address, so the copy may sit anywhere in the slot.
-            rewrite_rip_relative(insn, &ins, scratch, slot_addr)?
+            rewritten = rewrite_rip_relative(insn, &ins, scratch, slot_addr)?;
+            &rewritten
         }
         InsnClass::Emulated(_) => {
             return Err(ProbeError::PlanMismatch {
@@ -101,17 +103,19 @@ pub(super) fn plan(insn: &Insn, slot_addr: u64, end: StepEnd) -> Result<XolPlan,
     let marker = end == StepEnd::MarkerWherePossible && ins.flow_control() == FlowControl::Next;
     let copy_len = copy.len() as u64;
 
-    let mut slot = Vec::with_capacity(SLOT_SIZE);
+    // On the stack: a registration of thousands of probes plans thousands
+    // of slots (no allocation each).
+    let mut slot = SlotBytes::default();
     if boostable || !marker {
         // The boosted copy at the slot's start (also the trap-flag step's:
         // under the trap flag the jump back is never reached).
-        slot.extend_from_slice(&copy);
+        slot.extend_from_slice(copy);
         append_jump_back(&mut slot, slot_addr.wrapping_add(copy_len), orig_next);
     }
     let step_entry = if marker {
         let entry = slot_addr.wrapping_add(slot.len() as u64);
-        slot.extend_from_slice(&copy);
-        slot.push(MARKER);
+        slot.extend_from_slice(copy);
+        slot.extend_from_slice(&[MARKER]);
         entry
     } else {
         slot_addr
@@ -162,10 +166,44 @@ pub(super) fn check_rewritable(insn: &Insn, ins: &iced_x86::Instruction) -> Resu
 /// predicted like any direct jump); otherwise the absolute
 /// `jmp [rip+0]; dq target`, which reaches anywhere without a register, so a
 /// slot may be placed at any distance from the code.
-fn append_jump_back(slot: &mut Vec<u8>, from: u64, target: u64) {
+/// A slot's bytes as they are planned (at most [`SLOT_SIZE`]; the sizes
+/// are checked at compile time above).
+struct SlotBytes {
+    bytes: [u8; SLOT_SIZE],
+    len: usize,
+}
+
+impl Default for SlotBytes {
+    fn default() -> Self {
+        SlotBytes {
+            bytes: [0; SLOT_SIZE],
+            len: 0,
+        }
+    }
+}
+
+impl SlotBytes {
+    fn extend_from_slice(&mut self, b: &[u8]) {
+        self.bytes[self.len..self.len + b.len()].copy_from_slice(b);
+        self.len += b.len();
+    }
+
+    fn len(&self) -> usize {
+        self.len
+    }
+}
+
+impl std::ops::Deref for SlotBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..self.len]
+    }
+}
+
+fn append_jump_back(slot: &mut SlotBytes, from: u64, target: u64) {
     let rel = target.wrapping_sub(from.wrapping_add(REL_JMP_LEN as u64)) as i64;
     if let Ok(rel) = i32::try_from(rel) {
-        slot.push(0xe9);
+        slot.extend_from_slice(&[0xe9]);
         slot.extend_from_slice(&rel.to_le_bytes());
     } else {
         slot.extend_from_slice(&[0xff, 0x25, 0, 0, 0, 0]);
