@@ -71,6 +71,39 @@ struct Retired<T>(*mut T);
 // and `T: Send` lets it be dropped on another thread.
 unsafe impl<T: Send> Send for Retired<T> {}
 
+/// Old values of several [`RcuCell::replace_batched`] calls, dropped
+/// together on the callback worker after one grace period: one callback
+/// for a batch instead of one per replacement (a `dlclose` changes the
+/// install lists of thousands of uprobes at once).
+pub(crate) struct Retirements<T> {
+    old: Vec<Retired<T>>,
+}
+
+impl<T: Send + Sync + 'static> Retirements<T> {
+    /// Nothing retired yet.
+    pub(crate) fn new() -> Self {
+        Retirements { old: Vec::new() }
+    }
+
+    /// Drops every value gathered after a grace period of `domain`, which
+    /// must be the domain of every cell they were published in. Does not
+    /// wait.
+    pub(crate) fn retire<F: Flavor>(self, domain: &F) {
+        if self.old.is_empty() {
+            return;
+        }
+        let old = self.old;
+        domain.call(move || {
+            for r in old {
+                // SAFETY: each was unpublished before this call was queued,
+                // so after the grace period no reader holds it; the boxes
+                // are owned by this callback alone.
+                drop(unsafe { Box::from_raw(r.0) });
+            }
+        });
+    }
+}
+
 impl<T: Send + Sync + 'static> RcuCell<T, Rcu> {
     /// A cell holding `value`, protected by the global [`Rcu`] domain.
     pub fn new(value: T) -> Self {
@@ -153,6 +186,17 @@ impl<T: Send + Sync + 'static, F: Flavor> RcuCell<T, F> {
     pub fn replace(&self, value: T) {
         let old = self.publish(Box::into_raw(Box::new(value)));
         self.retire(old);
+    }
+
+    /// Publishes `value` (or empties the cell) and hands the previous
+    /// value to `into`, which drops it after a grace period of this cell's
+    /// domain ([`Retirements::retire`]). Does not wait.
+    pub(crate) fn replace_batched(&self, value: Option<T>, into: &mut Retirements<T>) {
+        let new = value.map_or(ptr::null_mut(), |v| Box::into_raw(Box::new(v)));
+        let old = self.publish(new);
+        if !old.is_null() {
+            into.old.push(Retired(old));
+        }
     }
 
     /// Empties the cell; the previous value is dropped after a grace period.

@@ -39,6 +39,7 @@ mod slots;
 mod srcu;
 
 pub use cell::RcuCell;
+pub(crate) use cell::Retirements;
 pub use sched::{DomainStats, Rcu, RcuGuard};
 pub use srcu::{Srcu, SrcuGuard, SrcuToken};
 

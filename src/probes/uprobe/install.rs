@@ -24,7 +24,7 @@ use crate::probes::arch::{Arch, Insn, InsnClass, XolPlan, MAX_INSN_BYTES};
 use crate::probes::error::CodeBytes;
 use crate::probes::text::{TextMemory, TextWrite};
 use crate::probes::ProbeError;
-use crate::rcu::Flavor;
+use crate::rcu::{Flavor, Retirements};
 use crate::seqtree::EntryHandle;
 use crate::sync::Arc;
 
@@ -65,6 +65,8 @@ pub(super) struct Removals<S: AddressSpace, F: Flavor> {
     /// uprobe removed in one batch) is merged when the batch finishes.
     installs: Vec<Queued<S, F>>,
     emptied: Vec<UprobeHandle<F>>,
+    /// The text is gone (an unmapping): nothing to restore.
+    unmapped: bool,
 }
 
 impl<S: AddressSpace, F: Flavor> Default for Removals<S, F> {
@@ -72,26 +74,38 @@ impl<S: AddressSpace, F: Flavor> Default for Removals<S, F> {
         Removals {
             installs: Vec::new(),
             emptied: Vec::new(),
+            unmapped: false,
         }
     }
 }
 
 impl<S: AddressSpace, F: Flavor> Removals<S, F> {
-    /// Queues the install `p` of `up` in `st`; `leaving`: the uprobe is
-    /// queued with [`push_emptied`](Self::push_emptied) too.
+    /// Removals of installs whose text was unmapped: their records go, no
+    /// byte is written.
+    pub(super) fn unmapped() -> Self {
+        Removals {
+            unmapped: true,
+            ..Removals::default()
+        }
+    }
+
+    /// Queues the install of `up` at `vaddr` in `st`, whose slot plan is
+    /// `plan`; `leaving`: the uprobe is queued with
+    /// [`push_emptied`](Self::push_emptied) too.
     pub(super) fn push(
         &mut self,
         st: Arc<SpaceState<S, F>>,
-        p: &Placed,
+        vaddr: u64,
+        plan: Option<XolPlan>,
         up: &UprobeHandle<F>,
         leaving: bool,
     ) {
         self.installs.push(Queued {
             st,
-            vaddr: p.vaddr,
+            vaddr,
             up: up.clone(),
             leaving,
-            plan: p.install.plan,
+            plan,
         });
     }
 
@@ -420,12 +434,16 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             groups
         };
         let groups = spaces(&r);
+        // The original bytes to put back (none when the text is gone).
         let origs: Vec<Option<CodeBytes>> = r
             .installs
             .iter()
-            .map(|q| *q.up.orig.lock().unwrap_or_else(|e| e.into_inner()))
+            .map(|q| match r.unmapped {
+                true => None,
+                false => *q.up.orig.lock().unwrap_or_else(|e| e.into_inner()),
+            })
             .collect();
-        for &(first, end) in &groups {
+        for &(first, end) in groups.iter().filter(|_| !r.unmapped) {
             let writes: Vec<TextWrite<'_>> = (first..end)
                 .filter_map(|i| {
                     origs[i].as_ref().map(|o| TextWrite {
@@ -441,9 +459,11 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         // list as it is: a thread that trapped before its bytes came back
         // still finds the install (its slot stays for a grace period), and
         // the list goes with the uprobe.
+        let mut retired = Retirements::new();
         for q in r.installs.iter().filter(|q| !q.leaving) {
-            q.up.update_placed(None, Some((q.st.space.id(), q.vaddr)));
+            q.up.update_placed_batched(None, Some((q.st.space.id(), q.vaddr)), &mut retired);
         }
+        retired.retire(&self.domain);
         for &(first, end) in &groups {
             let st = &r.installs[first].st;
             // Sorted and distinct (merged above).

@@ -8,10 +8,10 @@
 
 use core::ops::Range;
 
-use super::install::Prepared;
+use super::install::{Prepared, Removals};
 use super::registry::{slice, SpaceState, UprobeRegistry};
 use super::space::{AddressSpace, FileId, FileMapping, SpaceId, UprobeKey};
-use crate::probes::arch::{Arch, MAX_INSN_BYTES};
+use crate::probes::arch::{Arch, XolPlan, MAX_INSN_BYTES};
 use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
 use crate::rcu::{Flavor, RcuCell};
@@ -181,23 +181,27 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 }
                 st.maps.replace(maps.into());
             }
-            let gone: Vec<(u64, UprobeKey)> = st
+            let gone: Vec<(u64, UprobeKey, Option<XolPlan>)> = st
                 .installs
                 .range(&g, range.clone())
                 .filter(|(_, i)| i.key.file == file)
-                .map(|(v, i)| (*v, i.key))
+                .map(|(v, i)| (*v, i.key, i.plan))
                 .collect();
             drop(g);
-            for (v, key) in gone {
+            // In one batch: the records in bulk, the install lists' old
+            // versions in one callback, the slots in another.
+            let mut removals = Removals::unmapped();
+            for (v, key, plan) in gone {
                 // An install exists only while its uprobe does: both go
                 // under this file's stripe, installs first.
                 let up = self
                     .uprobes
                     .get_handle(&key)
                     .expect("an installed uprobe is in the tree");
-                self.drop_record(up.value(), &st, v);
+                removals.push(Arc::clone(&st), v, plan, &up, false);
                 dropped += 1;
             }
+            self.finish_removals(removals);
         }
         dropped
     }

@@ -23,7 +23,7 @@ use crate::probes::arch::{Arch, Insn, XolPlan, MAX_INSN_BYTES};
 use crate::probes::error::{CodeBytes, ProbeSite};
 use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
-use crate::rcu::{Flavor, RcuCell, Srcu};
+use crate::rcu::{Flavor, RcuCell, Retirements, Srcu};
 use crate::seqtree::{EntryHandle, SeqTree};
 use crate::sync::atomic::{AtomicU64, Ordering};
 use crate::sync::{Arc, Mutex};
@@ -100,6 +100,19 @@ impl<F: Flavor> Uprobe<F> {
     /// Publishes the install list with `add` added and `(space, vaddr)`
     /// removed. The caller holds the file stripe.
     pub(super) fn update_placed(&self, add: Option<Placed>, remove: Option<(SpaceId, u64)>) {
+        let mut retired = Retirements::new();
+        self.update_placed_batched(add, remove, &mut retired);
+        retired.retire(self.placed.domain());
+    }
+
+    /// [`update_placed`](Self::update_placed), the old list handed to
+    /// `retired` (one callback for a batch's lists).
+    pub(super) fn update_placed_batched(
+        &self,
+        add: Option<Placed>,
+        remove: Option<(SpaceId, u64)>,
+        retired: &mut Retirements<Short<Placed>>,
+    ) {
         let g = self.placed.domain().read();
         let now = slice(self.placed.load(&g));
         let kept = || {
@@ -116,13 +129,8 @@ impl<F: Flavor> Uprobe<F> {
             _ => Some(kept().chain(add).collect::<Vec<Placed>>().into()),
         };
         drop(g);
-        match next {
-            Some(list) => self.placed.replace(list),
-            // Empty: no list (readers see none, as for a new uprobe).
-            None => {
-                let _ = self.placed.take();
-            }
-        }
+        // Empty: no list (readers see none, as for a new uprobe).
+        self.placed.replace_batched(next, retired);
     }
 }
 

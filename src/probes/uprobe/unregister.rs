@@ -168,7 +168,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 continue;
             }
             if let Some(st) = self.spaces.get(&g, &p.space) {
-                removals.push(Arc::clone(st), p, &up, leaving);
+                removals.push(Arc::clone(st), p.vaddr, p.install.plan, &up, leaving);
             }
         }
         if leaving {
