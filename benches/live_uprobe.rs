@@ -15,7 +15,9 @@
 //!    returns their keys; the target list is built before the timing; what
 //!    the registry refuses is counted and printed), `libc_unregister/N`
 //!    removing them in one batch (`LiveUprobes::unregister_many`, one grace
-//!    period); the same on a generated library of 10,000 tiny functions
+//!    period; each timed phase starts with the callback worker idle: an
+//!    untimed `barrier` after the other phase, so the memory the previous
+//!    cycle retired is not freed during it); the same on a generated library of 10,000 tiny functions
 //!    (`gen_register/10000`, `gen_unregister/10000`) and of 100,000
 //!    (`gen100k_register/100000`, `gen100k_unregister/100000`). Then the uprobe hit of
 //!    (1) again with every C-library probe installed
@@ -316,6 +318,11 @@ fn scale_benches(
         format!("{label}_register/{n}"),
         format!("{label}_unregister/{n}"),
     ];
+    // Each timed phase starts with the callback worker idle (an untimed
+    // `barrier` after the other phase): the memory a removal retires is
+    // freed on the worker after a grace period, and in these back-to-back
+    // cycles that would overlap the next timed phase.
+    let quiet = || live.registry().domain().barrier();
     let id = &ids[0];
     g.bench_function(id, |b| {
         b.iter_custom(|iters| {
@@ -326,6 +333,7 @@ fn scale_benches(
                 t += start.elapsed();
                 assert_eq!(keys.len(), n);
                 unregister_all(live, &keys, &consumer);
+                quiet();
             }
             record(id, t, iters)
         })
@@ -336,9 +344,11 @@ fn scale_benches(
             let mut t = Duration::ZERO;
             for _ in 0..iters {
                 let (keys, _) = register_all(live, &targets, &consumer);
+                quiet();
                 let start = Instant::now();
                 unregister_all(live, &keys, &consumer);
                 t += start.elapsed();
+                quiet();
             }
             record(id, t, iters)
         })
