@@ -107,6 +107,13 @@ struct Bound {
 
 struct Areas {
     chunks: Vec<Chunk>,
+    /// `(exec address, index in chunks)`, sorted: which chunk holds a slot
+    /// (by binary search: an area grown for 100,000 probes has a hundred
+    /// chunks).
+    by_exec: Vec<(u64, usize)>,
+    /// The chunks whose free list is not empty (an allocation does not scan
+    /// the full ones).
+    open: BTreeSet<usize>,
     /// Slot handed out -> the probed address it is bound to and the
     /// allocation (its sequence number) that handed it out.
     bound: HashMap<u64, Bound>,
@@ -201,6 +208,8 @@ impl XolArea {
             slot_size,
             inner: Mutex::new(Areas {
                 chunks: Vec::new(),
+                by_exec: Vec::new(),
+                open: BTreeSet::new(),
                 bound: HashMap::new(),
                 parked: BTreeSet::new(),
                 proven: HashSet::new(),
@@ -269,11 +278,11 @@ impl XolArea {
 
     /// The chunk index and slot index of `slot`.
     fn locate(&self, a: &Areas, slot: u64) -> Option<(usize, usize)> {
-        a.chunks.iter().enumerate().find_map(|(ci, c)| {
-            let off = slot.checked_sub(c.exec)?;
-            (off < XOL_CHUNK_BYTES as u64 && off % self.slot_size as u64 == 0)
-                .then_some((ci, (off / self.slot_size as u64) as usize))
-        })
+        let k = a.by_exec.partition_point(|&(exec, _)| exec <= slot);
+        let (exec, ci) = *a.by_exec.get(k.checked_sub(1)?)?;
+        let off = slot - exec;
+        (off < XOL_CHUNK_BYTES as u64 && off % self.slot_size as u64 == 0)
+            .then_some((ci, (off / self.slot_size as u64) as usize))
     }
 
     /// Maps a new chunk, near `near` if `near` is `Some`.
@@ -303,15 +312,23 @@ impl XolAllocator for XolArea {
         }
         let len = XOL_CHUNK_BYTES as u64;
         let pick = |a: &mut Areas, only_near: bool| {
-            a.chunks
-                .iter_mut()
-                .filter(|c| !only_near || XolArea::is_near(c.exec, len, near))
-                .find_map(|c| c.free.pop().map(|i| (c.exec, i)))
+            let ci = a
+                .open
+                .iter()
+                .copied()
+                .find(|&ci| !only_near || XolArea::is_near(a.chunks[ci].exec, len, near))?;
+            let c = &mut a.chunks[ci];
+            let i = c.free.pop()?;
+            let exec = c.exec;
+            if c.free.is_empty() {
+                a.open.remove(&ci);
+            }
+            Some((exec, i))
         };
         let mut got = pick(&mut a, true);
         if got.is_none() {
             if let Some(c) = self.map_chunk(Some(near)) {
-                a.chunks.push(c);
+                a.add_chunk(c);
                 got = pick(&mut a, true);
             }
         }
@@ -322,7 +339,7 @@ impl XolAllocator for XolArea {
                 let c = self
                     .map_chunk(None)
                     .ok_or(ProbeError::XolExhausted { near })?;
-                a.chunks.push(c);
+                a.add_chunk(c);
                 got = pick(&mut a, false);
             }
         }
@@ -369,6 +386,15 @@ impl XolAllocator for XolArea {
         for &slot in slots {
             self.free_locked(&mut a, slot);
         }
+        // A table grown for 100,000 probes and emptied again would make
+        // every later lookup a cache miss in megabytes of empty buckets:
+        // shrink it once it is mostly empty (amortized: it has to lose
+        // three quarters of its entries since it last grew).
+        let cap = a.bound.capacity();
+        if cap > 4096 && a.bound.len() * 4 < cap {
+            let keep = a.bound.len() * 2;
+            a.bound.shrink_to(keep);
+        }
     }
 
     #[cold]
@@ -393,6 +419,17 @@ fn take_parked(parked: &mut BTreeSet<(u64, u64)>, near: u64) -> Option<u64> {
 }
 
 impl Areas {
+    /// Adds a freshly mapped chunk (every slot free).
+    fn add_chunk(&mut self, c: Chunk) {
+        let ci = self.chunks.len();
+        let at = self.by_exec.partition_point(|&(exec, _)| exec < c.exec);
+        self.by_exec.insert(at, (c.exec, ci));
+        if !c.free.is_empty() {
+            self.open.insert(ci);
+        }
+        self.chunks.push(c);
+    }
+
     fn bind(&mut self, slot: u64, near: u64) {
         self.allocs += 1;
         let alloc = self.allocs;
@@ -449,6 +486,7 @@ impl XolArea {
         // SAFETY: `si * slot_size + slot_size <= XOL_CHUNK_BYTES` (locate); the write view is ours.
         unsafe { std::ptr::write_bytes(c.write.add(si * self.slot_size), INT3, self.slot_size) };
         c.free.push(si as u32);
+        a.open.insert(ci);
         a.recycled += 1;
     }
 }
