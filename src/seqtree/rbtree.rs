@@ -501,12 +501,13 @@ impl<N: RbNode> RbRoot<N> {
         }
     }
 
-    /// Every node of this copy, in key order.
+    /// Calls `visit` on every node of this copy, in key order (while the
+    /// node was just reached: a caller that reads it finds it in cache).
     ///
     /// # Safety
     ///
     /// Writer contract (or exclusive access to the tree).
-    pub(crate) unsafe fn collect_in_order(&self, copy: usize, out: &mut Vec<*mut N>) {
+    pub(crate) unsafe fn for_each_in_order(&self, copy: usize, mut visit: impl FnMut(*mut N)) {
         let mut stack = Vec::new();
         let mut n = self.root_relaxed();
         while !n.is_null() || !stack.is_empty() {
@@ -516,7 +517,7 @@ impl<N: RbNode> RbRoot<N> {
                 n = unsafe { child(n, copy, LEFT) };
             }
             let top = stack.pop().expect("the loop condition");
-            out.push(top);
+            visit(top);
             // SAFETY: writer contract.
             n = unsafe { child(top, copy, RIGHT) };
         }

@@ -222,14 +222,15 @@ where
     pub fn retain(&self, mut keep: impl FnMut(&K, &V) -> bool) -> usize {
         let w = self.lock();
         let mut nodes = Vec::with_capacity(self.len());
-        // SAFETY: writer lock held.
-        unsafe { self.root.collect_in_order(0, &mut nodes) };
-        let stays: Vec<bool> = nodes
-            .iter()
-            // SAFETY: writer lock held: every collected node is linked and
-            // allocated.
-            .map(|&n| unsafe { keep(&(*n).key, &(*n).value) })
-            .collect();
+        let mut stays = Vec::with_capacity(self.len());
+        // SAFETY: writer lock held: every node visited is linked and
+        // allocated (asked while just reached: one pass over the nodes).
+        unsafe {
+            self.root.for_each_in_order(0, |n| {
+                nodes.push(n);
+                stays.push(keep(&(*n).key, &(*n).value));
+            })
+        };
         let kept = stays.iter().filter(|&&s| s).count();
         let gone = nodes.len() - kept;
         let mut batch = FreeBatch::new();

@@ -88,15 +88,18 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// If called inside a read section of the domain (from a handler).
     pub fn unregister_many(&self, pairs: &[(UprobeKey, &Consumer)]) -> Result<usize, ProbeError> {
         let files = self.lock_files(pairs.iter().map(|(k, _)| k));
-        // Checked whole first: a bad pair changes nothing.
-        let mut seen = std::collections::HashSet::with_capacity(pairs.len());
+        // Checked whole first: a bad pair changes nothing. A pair named
+        // twice is refused as unknown (the second removal would be).
+        let mut named: Vec<(UprobeKey, usize)> =
+            pairs.iter().map(|(k, c)| (*k, c.identity())).collect();
+        named.sort_unstable();
+        if let Some(w) = named.windows(2).find(|w| w[0] == w[1]) {
+            return Err(ProbeError::UnknownProbe { site: site(w[0].0) });
+        }
         // The uprobes, held from the check to the removal (one lookup each).
         let mut ups = Vec::with_capacity(pairs.len());
         for &(key, consumer) in pairs {
             let unknown = ProbeError::UnknownProbe { site: site(key) };
-            if !seen.insert((key, consumer.identity())) {
-                return Err(unknown);
-            }
             let Some(up) = self.uprobes.get_handle(&key) else {
                 return Err(unknown);
             };
