@@ -106,27 +106,31 @@ fn with_stores() {
     assert_eq!(unsafe { store_byte(probe.addr(0), 0) }, Some(false));
 }
 
-/// `int3` over the `mov`'s opcode at the start of each page in `pages`.
-fn breakpoints(p: &Pages, pages: &[usize]) -> Vec<TextWrite<'static>> {
+/// One-byte writes at the start of each page in `pages`: `old` to `new`.
+fn writes(
+    p: &Pages,
+    pages: &[usize],
+    old: &'static [u8],
+    new: &'static [u8],
+) -> Vec<TextWrite<'static>> {
     pages
         .iter()
         .map(|&i| TextWrite {
             addr: p.addr(i),
-            old: &[0xb8],
-            new: &[0xcc],
+            old,
+            new,
         })
         .collect()
 }
 
+/// `int3` over the `mov`'s opcode at the start of each page in `pages`.
+fn breakpoints(p: &Pages, pages: &[usize]) -> Vec<TextWrite<'static>> {
+    writes(p, pages, &[0xb8], &[0xcc])
+}
+
+/// The opcode back.
 fn restores(p: &Pages, pages: &[usize]) -> Vec<TextWrite<'static>> {
-    pages
-        .iter()
-        .map(|&i| TextWrite {
-            addr: p.addr(i),
-            old: &[0xcc],
-            new: &[0xb8],
-        })
-        .collect()
+    writes(p, pages, &[0xcc], &[0xb8])
 }
 
 /// Code pages apart (not touching) with code between them: written and

@@ -396,3 +396,66 @@ fn a_kprobe_style_action_converts_to_the_same_consumer_answer() {
         ConsumerAction::SkipInstruction
     );
 }
+
+/// `unregister_many` with several consumers of one uprobe in the batch (the
+/// general path: each removal sees the list the one before left), a uprobe
+/// that keeps a consumer, and a uprobe whose only consumer goes (the
+/// one-pass path); then a batch with a bad pair after good ones changes
+/// nothing.
+#[test]
+fn unregister_many_handles_shared_uprobes_and_a_bad_pair_changes_nothing() {
+    let reg = Registry::new(Default::default());
+    let a = MemSpace::with_file(1, A);
+    mmap_file(&reg, &a);
+    let (c1, c2, c3) = (noop(), noop(), noop());
+    // NOP: c1 and c2; MOV: c1 and c3; JMP: c1 alone.
+    reg.register(key(OFF_NOP), &c1).unwrap();
+    reg.register(key(OFF_NOP), &c2).unwrap();
+    reg.register(key(OFF_MOV), &c1).unwrap();
+    reg.register(key(OFF_MOV), &c3).unwrap();
+    reg.register(key(OFF_JMP), &c1).unwrap();
+    let before = a.text.snapshot();
+    // A bad pair last: nothing changes, the good pairs before it included.
+    let stranger = noop();
+    assert!(reg
+        .unregister_many(&[
+            (key(OFF_NOP), &c1),
+            (key(OFF_JMP), &c1),
+            (key(OFF_MOV), &stranger),
+        ])
+        .is_err());
+    assert_eq!(a.text.snapshot(), before);
+    assert_eq!(reg.len(), 3);
+    for off in [OFF_NOP, OFF_MOV, OFF_JMP] {
+        assert_eq!(reg.installed_at(a.id, A + off), Some(key(off)));
+    }
+    // Both consumers of NOP, one of MOV's, JMP's only one.
+    assert_eq!(
+        reg.unregister_many(&[
+            (key(OFF_NOP), &c1),
+            (key(OFF_JMP), &c1),
+            (key(OFF_MOV), &c1),
+            (key(OFF_NOP), &c2),
+        ]),
+        Ok(4)
+    );
+    assert_eq!(reg.len(), 1, "MOV keeps c3");
+    assert_eq!(reg.installed_at(a.id, A + OFF_MOV), Some(key(OFF_MOV)));
+    assert_eq!(a.byte(A + OFF_MOV), 0xcc);
+    assert_eq!(reg.installed_at(a.id, A + OFF_NOP), None);
+    assert_eq!(reg.installed_at(a.id, A + OFF_JMP), None);
+    let file = file_bytes();
+    for off in [OFF_NOP, OFF_JMP] {
+        assert_eq!(a.byte(A + off), file[off as usize], "restored at {off:#x}");
+    }
+    assert_eq!(reg.unregister_many(&[(key(OFF_MOV), &c3)]), Ok(1));
+    assert_eq!(reg.len(), 0);
+    assert_eq!(a.text.snapshot(), {
+        let mut t = before.clone();
+        for off in [OFF_NOP, OFF_MOV, OFF_JMP] {
+            let at = (A + off - a.base()) as usize;
+            t[at] = file[off as usize];
+        }
+        t
+    });
+}

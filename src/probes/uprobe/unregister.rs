@@ -96,26 +96,44 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         if let Some(w) = named.windows(2).find(|w| w[0] == w[1]) {
             return Err(ProbeError::UnknownProbe { site: site(w[0].0) });
         }
-        // The uprobes, held from the check to the removal (one lookup each).
-        let mut ups = Vec::with_capacity(pairs.len());
-        for &(key, consumer) in pairs {
-            let unknown = ProbeError::UnknownProbe { site: site(key) };
-            let Some(up) = self.uprobes.get_handle(&key) else {
-                return Err(unknown);
-            };
-            let on = {
-                let g = self.domain.read();
-                slice(up.consumers.load(&g))
-                    .iter()
-                    .any(|c| c.same(consumer))
-            };
-            if !on {
-                return Err(unknown);
-            }
-            ups.push(up);
-        }
+        // Uprobes named with more than one consumer take the general path
+        // below (each removal sees the list the previous one left).
+        let mut several: Vec<UprobeKey> = named
+            .windows(2)
+            .filter(|w| w[0].0 == w[1].0)
+            .map(|w| w[0].0)
+            .collect();
+        several.dedup();
+        // One pass over the uprobes, under one read section: the check, and
+        // for a uprobe whose only consumer goes (the usual batch) its
+        // installs queued at once, while its lists are in cache. Queuing
+        // changes nothing (a later bad pair drops the queue).
         let mut removals = Removals::default();
-        for (up, &(_, consumer)) in ups.into_iter().zip(pairs) {
+        let mut general = Vec::new();
+        {
+            let g = self.domain.read();
+            for &(key, consumer) in pairs {
+                let unknown = ProbeError::UnknownProbe { site: site(key) };
+                let Some(up) = self.uprobes.get_handle(&key) else {
+                    return Err(unknown);
+                };
+                let list = slice(up.consumers.load(&g));
+                if !list.iter().any(|c| c.same(consumer)) {
+                    return Err(unknown);
+                }
+                if list.len() == 1 && several.binary_search(&key).is_err() {
+                    for p in slice(up.placed.load(&g)).iter() {
+                        if let Some(st) = self.spaces.get(&g, &p.space) {
+                            removals.push(Arc::clone(st), p.vaddr, p.install.plan, &up, true);
+                        }
+                    }
+                    removals.push_emptied(up);
+                } else {
+                    general.push((up, consumer));
+                }
+            }
+        }
+        for (up, consumer) in general {
             self.remove_from(up, consumer, &mut removals)
                 .expect("checked under the same stripes");
         }
