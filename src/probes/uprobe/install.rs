@@ -55,6 +55,10 @@ struct Queued<S: AddressSpace, F: Flavor> {
     leaving: bool,
     /// Its slot, read from the uprobe's install list when queued.
     plan: Option<XolPlan>,
+    /// The bytes to put back, read when queued (while the uprobe is in
+    /// cache; stable: the caller holds the file's stripe); none for an
+    /// unmapping.
+    orig: Option<CodeBytes>,
 }
 
 /// Removals of a batch: every install's bytes are restored first (one
@@ -100,12 +104,17 @@ impl<S: AddressSpace, F: Flavor> Removals<S, F> {
         up: &UprobeHandle<F>,
         leaving: bool,
     ) {
+        let orig = match self.unmapped {
+            true => None,
+            false => *up.orig.lock().unwrap_or_else(|e| e.into_inner()),
+        };
         self.installs.push(Queued {
             st,
             vaddr,
             up: up.clone(),
             leaving,
             plan,
+            orig,
         });
     }
 
@@ -434,19 +443,10 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             groups
         };
         let groups = spaces(&r);
-        // The original bytes to put back (none when the text is gone).
-        let origs: Vec<Option<CodeBytes>> = r
-            .installs
-            .iter()
-            .map(|q| match r.unmapped {
-                true => None,
-                false => *q.up.orig.lock().unwrap_or_else(|e| e.into_inner()),
-            })
-            .collect();
         for &(first, end) in groups.iter().filter(|_| !r.unmapped) {
             let writes: Vec<TextWrite<'_>> = (first..end)
                 .filter_map(|i| {
-                    origs[i].as_ref().map(|o| TextWrite {
+                    r.installs[i].orig.as_ref().map(|o| TextWrite {
                         addr: r.installs[i].vaddr,
                         old: bp,
                         new: &o.as_slice()[..bp.len()],
