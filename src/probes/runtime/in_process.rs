@@ -495,8 +495,9 @@ impl InProcess {
         let (pstart, pend) = page_span(addr, end);
         let mut runs = Vec::new();
         make_writable(&mut maps, pstart, pend, addr, len, &mut runs)?;
-        let catcher = catcher();
-        let stored = InProcess::store(catcher.as_ref(), addr, current, new);
+        // One write: the system call (a catcher would cost more system
+        // calls than it saves; batches take one for all their writes).
+        let stored = InProcess::store(None, addr, current, new);
         let restore_failed = restore_protection(&runs, addr, len);
         // Unmapped under the write (`TextGone`): the restores failed too, and
         // there is nothing left to undo.
@@ -505,7 +506,7 @@ impl InProcess {
             // Only reachable when the kernel cannot split the mapping (out of
             // memory or map count): undo the bytes so the error changes
             // nothing readable, and report. The page is left writable.
-            let _ = InProcess::store(catcher.as_ref(), addr, new, current);
+            let _ = InProcess::store(None, addr, new, current);
             return Err(err);
         }
         Ok(found)
@@ -679,7 +680,7 @@ fn make_code_writable(
 ) -> bool {
     let code = matches!(maps.range_protection(start, end, runs), Ok(Some(false)))
         && runs.iter().all(|r| r.2 & libc::PROT_EXEC != 0);
-    code && make_writable(maps, start, end, start, (end - start) as usize, runs).is_ok()
+    code && add_write(runs, start, (end - start) as usize).is_ok()
 }
 
 /// The writing half of [`InProcess::write_batch`]: the writes, their order
@@ -1009,6 +1010,13 @@ fn make_writable(
             },
         });
     }
+    add_write(runs, addr, len)
+}
+
+/// The `mprotect` half of [`make_writable`]: adds `PROT_WRITE` to every run
+/// of `runs` (looked up by the caller); on a failure the runs changed
+/// before are restored and the error names `addr`/`len`.
+fn add_write(runs: &[(u64, u64, libc::c_int)], addr: u64, len: usize) -> Result<(), ProbeError> {
     for (i, &(s, e, prot)) in runs.iter().enumerate() {
         if !mprotect(s, e, prot | libc::PROT_WRITE) {
             let err = os_error(addr, len, "mprotect");

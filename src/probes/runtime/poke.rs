@@ -89,8 +89,9 @@ pub(crate) fn range() -> (u64, u64) {
 /// fault handler is installed for SIGSEGV and SIGBUS and neither is
 /// blocked here. Valid until the application changes either (a handler
 /// installed after the check, between two stores of one batch, would see a
-/// fault of ours as its own: the window is one batch of writes).
-pub(crate) struct Catcher(());
+/// fault of ours as its own: the window is one batch of writes). Neither
+/// `Send` nor `Sync`: the signal mask it checked is this thread's.
+pub(crate) struct Catcher(std::marker::PhantomData<*const ()>);
 
 /// A [`Catcher`], if the runtime's fault handler would catch a faulting
 /// store now (two `sigaction` queries and one `pthread_sigmask`).
@@ -118,7 +119,7 @@ pub(crate) fn catcher() -> Option<Catcher> {
             return None;
         }
     }
-    Some(Catcher(()))
+    Some(Catcher(std::marker::PhantomData))
 }
 
 /// Stores `bytes` at `addr`, one byte store each, in order. `Err(i)`:

@@ -429,31 +429,19 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         r.merge();
         let bp = self.arch.breakpoint();
         // The installs of one space are next to each other (merged above).
-        let spaces = |r: &Removals<S, F>| -> Vec<(usize, usize)> {
-            let mut groups = Vec::new();
-            let mut first = 0;
-            for i in 1..=r.installs.len() {
-                if i == r.installs.len()
-                    || r.installs[i].st.space.id() != r.installs[first].st.space.id()
-                {
-                    groups.push((first, i));
-                    first = i;
-                }
-            }
-            groups
-        };
-        let groups = spaces(&r);
-        for &(first, end) in groups.iter().filter(|_| !r.unmapped) {
-            let writes: Vec<TextWrite<'_>> = (first..end)
-                .filter_map(|i| {
-                    r.installs[i].orig.as_ref().map(|o| TextWrite {
-                        addr: r.installs[i].vaddr,
+        let same_space = |a: &Queued<S, F>, b: &Queued<S, F>| a.st.space.id() == b.st.space.id();
+        for group in r.installs.chunk_by(same_space).filter(|_| !r.unmapped) {
+            let writes: Vec<TextWrite<'_>> = group
+                .iter()
+                .filter_map(|q| {
+                    q.orig.as_ref().map(|o| TextWrite {
+                        addr: q.vaddr,
                         old: bp,
                         new: &o.as_slice()[..bp.len()],
                     })
                 })
                 .collect();
-            let _ = r.installs[first].st.space.text().write_many(&writes);
+            let _ = group[0].st.space.text().write_many(&writes);
         }
         // The records. A uprobe that leaves the tree below keeps its install
         // list as it is: a thread that trapped before its bytes came back
@@ -464,14 +452,11 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             q.up.update_placed_batched(None, Some((q.st.space.id(), q.vaddr)), &mut retired);
         }
         retired.retire(&self.domain);
-        for &(first, end) in &groups {
-            let st = &r.installs[first].st;
+        for group in r.installs.chunk_by(same_space) {
+            let st = &group[0].st;
             // Sorted and distinct (merged above).
-            let mut vaddrs: Vec<u64> = r.installs[first..end].iter().map(|q| q.vaddr).collect();
-            let plans: Vec<XolPlan> = r.installs[first..end]
-                .iter()
-                .filter_map(|q| q.plan)
-                .collect();
+            let mut vaddrs: Vec<u64> = group.iter().map(|q| q.vaddr).collect();
+            let plans: Vec<XolPlan> = group.iter().filter_map(|q| q.plan).collect();
             remove_all(&st.installs, &mut vaddrs);
             st.xol_shares
                 .release_many_later(&self.domain, &st.space, &plans);

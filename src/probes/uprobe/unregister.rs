@@ -14,7 +14,7 @@
 use super::consumer::{Consumer, Member};
 use super::install::{Removals, UprobeHandle};
 use super::registry::{site, slice, UprobeRegistry};
-use super::space::{AddressSpace, UprobeKey};
+use super::space::{AddressSpace, SpaceId, UprobeKey};
 use crate::probes::arch::Arch;
 use crate::probes::ProbeError;
 use crate::rcu::Flavor;
@@ -122,11 +122,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                     return Err(unknown);
                 }
                 if list.len() == 1 && several.binary_search(&key).is_err() {
-                    for p in slice(up.placed.load(&g)).iter() {
-                        if let Some(st) = self.spaces.get(&g, &p.space) {
-                            removals.push(Arc::clone(st), p.vaddr, p.install.plan, &up, true);
-                        }
-                    }
+                    self.queue_installs(&g, &up, |_| false, true, &mut removals);
                     removals.push_emptied(up);
                 } else {
                     general.push((up, consumer));
@@ -184,14 +180,8 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 .map(|(_, c)| c)
         };
         let leaving = old.len() == 1;
-        for p in slice(up.placed.load(&g)).iter() {
-            if remaining().any(|c| c.wants(p.space)) {
-                continue;
-            }
-            if let Some(st) = self.spaces.get(&g, &p.space) {
-                removals.push(Arc::clone(st), p.vaddr, p.install.plan, &up, leaving);
-            }
-        }
+        let kept = |space| remaining().any(|c| c.wants(space));
+        self.queue_installs(&g, &up, kept, leaving, removals);
         if leaving {
             drop(g);
             // Removed once its breakpoints are out (`finish_removals`): until
@@ -204,6 +194,24 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             up.consumers.replace(new.into());
         }
         Ok(())
+    }
+
+    /// Queues on `removals` the installs of `up` in every space `kept`
+    /// (some remaining consumer wants it) says no to; `leaving`: no
+    /// consumer remains.
+    fn queue_installs(
+        &self,
+        g: &F::Guard<'_>,
+        up: &UprobeHandle<F>,
+        kept: impl Fn(SpaceId) -> bool,
+        leaving: bool,
+        removals: &mut Removals<S, F>,
+    ) {
+        for p in slice(up.placed.load(g)).iter().filter(|p| !kept(p.space)) {
+            if let Some(st) = self.spaces.get(g, &p.space) {
+                removals.push(Arc::clone(st), p.vaddr, p.install.plan, up, leaving);
+            }
+        }
     }
 
     /// Unregisters every consumer whose handler asked for removal
