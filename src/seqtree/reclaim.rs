@@ -39,6 +39,13 @@ impl<N: OwnedNode> FreeBatch<N> {
         FreeBatch { nodes: Vec::new() }
     }
 
+    /// Room for `n` nodes (a bulk removal knows how many go).
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        FreeBatch {
+            nodes: Vec::with_capacity(n),
+        }
+    }
+
     /// Adds `node` to the batch.
     ///
     /// # Safety

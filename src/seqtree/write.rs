@@ -233,7 +233,7 @@ where
         };
         let kept = stays.iter().filter(|&&s| s).count();
         let gone = nodes.len() - kept;
-        let mut batch = FreeBatch::new();
+        let mut batch = FreeBatch::with_capacity(gone);
         if kept < gone {
             {
                 let _s = self.seq.write();

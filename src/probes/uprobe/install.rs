@@ -20,6 +20,7 @@
 
 use super::registry::{Install, Placed, SpaceState, Uprobe, UprobeRegistry};
 use super::space::{AddressSpace, FileMapping, UprobeKey};
+use super::xolshare::{SlotKey, XolShares};
 use crate::probes::arch::{Arch, Insn, InsnClass, XolPlan, MAX_INSN_BYTES};
 use crate::probes::error::CodeBytes;
 use crate::probes::text::{TextMemory, TextWrite};
@@ -46,15 +47,19 @@ pub(super) struct Prepared<S: AddressSpace, F: Flavor> {
 /// A uprobe, as a writer holds it.
 pub(super) type UprobeHandle<F> = EntryHandle<UprobeKey, Uprobe<F>, F>;
 
-/// An install queued for removal.
-struct Queued<S: AddressSpace, F: Flavor> {
-    st: Arc<SpaceState<S, F>>,
+/// An install queued for removal: small (a batch queues one per uprobe,
+/// 100,000 of them for a large library, and each byte of it is moved when
+/// the batch is sorted).
+struct Queued<F: Flavor> {
+    /// Index of its space in [`Removals::spaces`].
+    space: usize,
     vaddr: u64,
-    up: UprobeHandle<F>,
-    /// The uprobe itself leaves (its last consumer went).
-    leaving: bool,
-    /// Its slot, read from the uprobe's install list when queued.
-    plan: Option<XolPlan>,
+    /// The uprobe, when it stays (its install list loses this install);
+    /// none when it leaves (the list goes with it, see `finish_removals`).
+    up: Option<UprobeHandle<F>>,
+    /// Its slot's key in the space's `XolShares`, read from the uprobe's
+    /// install list when queued.
+    slot: Option<SlotKey>,
     /// The bytes to put back, read when queued (while the uprobe is in
     /// cache; stable: the caller holds the file's stripe); none for an
     /// unmapping.
@@ -65,31 +70,34 @@ struct Queued<S: AddressSpace, F: Flavor> {
 /// `write_many` per space), then the records dropped (in bulk), then the
 /// uprobes left without consumers removed (in bulk).
 pub(super) struct Removals<S: AddressSpace, F: Flavor> {
+    /// The spaces of the queued installs, each once.
+    spaces: Vec<Arc<SpaceState<S, F>>>,
     /// In the order queued; an install queued twice (two consumers of one
     /// uprobe removed in one batch) is merged when the batch finishes.
-    installs: Vec<Queued<S, F>>,
+    installs: Vec<Queued<F>>,
     emptied: Vec<UprobeHandle<F>>,
     /// The text is gone (an unmapping): nothing to restore.
     unmapped: bool,
 }
 
-impl<S: AddressSpace, F: Flavor> Default for Removals<S, F> {
-    fn default() -> Self {
+impl<S: AddressSpace, F: Flavor> Removals<S, F> {
+    /// Room for `n` installs and `n` uprobes queued without growing (a
+    /// batch of `n` removals; growing copies every queued entry).
+    pub(super) fn with_capacity(n: usize) -> Self {
         Removals {
-            installs: Vec::new(),
-            emptied: Vec::new(),
+            spaces: Vec::new(),
+            installs: Vec::with_capacity(n),
+            emptied: Vec::with_capacity(n),
             unmapped: false,
         }
     }
-}
 
-impl<S: AddressSpace, F: Flavor> Removals<S, F> {
     /// Removals of installs whose text was unmapped: their records go, no
     /// byte is written.
-    pub(super) fn unmapped() -> Self {
+    pub(super) fn unmapped(n: usize) -> Self {
         Removals {
             unmapped: true,
-            ..Removals::default()
+            ..Removals::with_capacity(n)
         }
     }
 
@@ -98,9 +106,9 @@ impl<S: AddressSpace, F: Flavor> Removals<S, F> {
     /// [`push_emptied`](Self::push_emptied) too.
     pub(super) fn push(
         &mut self,
-        st: Arc<SpaceState<S, F>>,
+        st: &Arc<SpaceState<S, F>>,
         vaddr: u64,
-        plan: Option<XolPlan>,
+        plan: Option<&XolPlan>,
         up: &UprobeHandle<F>,
         leaving: bool,
     ) {
@@ -108,12 +116,19 @@ impl<S: AddressSpace, F: Flavor> Removals<S, F> {
             true => None,
             false => *up.orig.lock().unwrap_or_else(|e| e.into_inner()),
         };
+        // Usually one space, or the last one queued.
+        let space = match self.spaces.iter().rposition(|s| Arc::ptr_eq(s, st)) {
+            Some(i) => i,
+            None => {
+                self.spaces.push(Arc::clone(st));
+                self.spaces.len() - 1
+            }
+        };
         self.installs.push(Queued {
-            st,
+            space,
             vaddr,
-            up: up.clone(),
-            leaving,
-            plan,
+            up: (!leaving).then(|| up.clone()),
+            slot: plan.map(XolShares::key),
             orig,
         });
     }
@@ -124,14 +139,13 @@ impl<S: AddressSpace, F: Flavor> Removals<S, F> {
     }
 
     /// Sorts the installs by space and address and merges the duplicates
-    /// (leaving if any of them was).
+    /// (leaving if any of them was: then no install list is updated).
     fn merge(&mut self) {
-        self.installs
-            .sort_unstable_by_key(|q| (q.st.space.id(), q.vaddr));
+        self.installs.sort_unstable_by_key(|q| (q.space, q.vaddr));
         self.installs.dedup_by(|later, kept| {
-            let same = later.st.space.id() == kept.st.space.id() && later.vaddr == kept.vaddr;
-            if same {
-                kept.leaving |= later.leaving;
+            let same = later.space == kept.space && later.vaddr == kept.vaddr;
+            if same && later.up.is_none() {
+                kept.up = None;
             }
             same
         });
@@ -429,7 +443,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         r.merge();
         let bp = self.arch.breakpoint();
         // The installs of one space are next to each other (merged above).
-        let same_space = |a: &Queued<S, F>, b: &Queued<S, F>| a.st.space.id() == b.st.space.id();
+        let same_space = |a: &Queued<F>, b: &Queued<F>| a.space == b.space;
         for group in r.installs.chunk_by(same_space).filter(|_| !r.unmapped) {
             let writes: Vec<TextWrite<'_>> = group
                 .iter()
@@ -441,25 +455,28 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                     })
                 })
                 .collect();
-            let _ = group[0].st.space.text().write_many(&writes);
+            let _ = r.spaces[group[0].space].space.text().write_many(&writes);
         }
         // The records. A uprobe that leaves the tree below keeps its install
         // list as it is: a thread that trapped before its bytes came back
         // still finds the install (its slot stays for a grace period), and
         // the list goes with the uprobe.
         let mut retired = Retirements::new();
-        for q in r.installs.iter().filter(|q| !q.leaving) {
-            q.up.update_placed_batched(None, Some((q.st.space.id(), q.vaddr)), &mut retired);
+        for q in &r.installs {
+            if let Some(up) = &q.up {
+                let space = r.spaces[q.space].space.id();
+                up.update_placed_batched(None, Some((space, q.vaddr)), &mut retired);
+            }
         }
         retired.retire(&self.domain);
         for group in r.installs.chunk_by(same_space) {
-            let st = &group[0].st;
+            let st = &r.spaces[group[0].space];
             // Sorted and distinct (merged above).
             let mut vaddrs: Vec<u64> = group.iter().map(|q| q.vaddr).collect();
-            let plans: Vec<XolPlan> = group.iter().filter_map(|q| q.plan).collect();
+            let slots: Vec<SlotKey> = group.iter().filter_map(|q| q.slot).collect();
             remove_all(&st.installs, &mut vaddrs);
             st.xol_shares
-                .release_many_later(&self.domain, &st.space, &plans);
+                .release_many_later(&self.domain, &st.space, slots);
         }
         // The uprobes: out of the hit cache first (see `hitcache.rs`).
         for up in &r.emptied {

@@ -190,7 +190,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             drop(g);
             // In one batch: the records in bulk, the install lists' old
             // versions in one callback, the slots in another.
-            let mut removals = Removals::unmapped();
+            let mut removals = Removals::unmapped(gone.len());
             for (v, key, plan) in gone {
                 // An install exists only while its uprobe does: both go
                 // under this file's stripe, installs first.
@@ -198,7 +198,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                     .uprobes
                     .get_handle(&key)
                     .expect("an installed uprobe is in the tree");
-                removals.push(Arc::clone(&st), v, plan, &up, false);
+                removals.push(&st, v, plan.as_ref(), &up, false);
                 dropped += 1;
             }
             self.finish_removals(removals);

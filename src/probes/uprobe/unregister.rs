@@ -18,7 +18,6 @@ use super::space::{AddressSpace, SpaceId, UprobeKey};
 use crate::probes::arch::Arch;
 use crate::probes::ProbeError;
 use crate::rcu::Flavor;
-use crate::sync::Arc;
 
 impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// Removes `consumer` from the uprobe at `key`. When it was the last
@@ -54,7 +53,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// As [`unregister`](Self::unregister); nothing changes on error.
     pub fn unregister_nosync(&self, key: UprobeKey, consumer: &Consumer) -> Result<(), ProbeError> {
         let _file = self.files.lock(&key.file);
-        let mut removals = Removals::default();
+        let mut removals = Removals::with_capacity(1);
         self.remove_consumer(key, consumer, &mut removals)?;
         self.finish_removals(removals);
         Ok(())
@@ -108,7 +107,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         // for a uprobe whose only consumer goes (the usual batch) its
         // installs queued at once, while its lists are in cache. Queuing
         // changes nothing (a later bad pair drops the queue).
-        let mut removals = Removals::default();
+        let mut removals = Removals::with_capacity(pairs.len());
         let mut general = Vec::new();
         {
             let g = self.domain.read();
@@ -209,7 +208,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     ) {
         for p in slice(up.placed.load(g)).iter().filter(|p| !kept(p.space)) {
             if let Some(st) = self.spaces.get(g, &p.space) {
-                removals.push(Arc::clone(st), p.vaddr, p.install.plan, up, leaving);
+                removals.push(st, p.vaddr, p.install.plan.as_ref(), up, leaving);
             }
         }
     }

@@ -19,6 +19,9 @@ use crate::probes::ProbeError;
 use crate::rcu::Flavor;
 use crate::sync::{Arc, Mutex};
 
+/// A slot in use at an address: (probed address, slot address).
+pub(crate) type SlotKey = (u64, u64);
+
 /// One slot in use at one address.
 #[derive(Debug)]
 struct Owned {
@@ -66,11 +69,16 @@ impl XolShares {
             })
     }
 
+    /// The key of `plan`'s slot in the table.
+    pub(crate) fn key(plan: &XolPlan) -> SlotKey {
+        (plan.insn_addr, plan.slot_addr)
+    }
+
     /// Records a slot freshly allocated and filled with `plan`'s bytes, its
     /// one owner being the install that planned it.
     pub(crate) fn adopt(&self, plan: &XolPlan) {
         let prev = self.lock().insert(
-            (plan.insn_addr, plan.slot_addr),
+            Self::key(plan),
             Owned {
                 owners: 1,
                 bytes: plan.slot_bytes().into(),
@@ -92,26 +100,25 @@ impl XolShares {
         F: Flavor,
     {
         let (shares, space) = (self.clone(), std::sync::Arc::clone(space));
-        let key = (plan.insn_addr, plan.slot_addr);
+        let key = Self::key(plan);
         domain.call(move || shares.release(space.xol(), &[key]));
     }
 
-    /// [`release_later`](Self::release_later) for every plan of `plans`, in
-    /// one callback.
+    /// [`release_later`](Self::release_later) for the slot of every key of
+    /// `keys` (see [`key`](Self::key)), in one callback.
     pub(crate) fn release_many_later<S, F>(
         &self,
         domain: &F,
         space: &std::sync::Arc<S>,
-        plans: &[XolPlan],
+        keys: Vec<SlotKey>,
     ) where
         S: super::AddressSpace,
         F: Flavor,
     {
-        if plans.is_empty() {
+        if keys.is_empty() {
             return;
         }
         let (shares, space) = (self.clone(), std::sync::Arc::clone(space));
-        let keys: Vec<(u64, u64)> = plans.iter().map(|p| (p.insn_addr, p.slot_addr)).collect();
         domain.call(move || shares.release(space.xol(), &keys));
     }
 
