@@ -458,6 +458,40 @@ where
         }
     }
 
+    /// [`get_handle`](Self::get_handle) for a writer that expects `key` to
+    /// be absent (a registration of a new key): the walk is validated from
+    /// the start, so a miss costs one walk instead of an optimistic one and
+    /// a validated one. A hit pays a read of the sequence count's cache
+    /// line, which the writer dirties anyway.
+    pub(crate) fn get_handle_expecting_miss<Q>(&self, key: &Q) -> Option<EntryHandle<K, V, F>>
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        let _guard = self.domain.read();
+        loop {
+            let n = self.lookup_validated(key)?;
+            // SAFETY: as in `get_handle`.
+            if let Some(h) = unsafe { EntryHandle::try_new(n, &self.domain) } {
+                return Some(h);
+            }
+            self.count_retry();
+            crate::sync::spin_loop();
+        }
+    }
+
+    /// [`contains_key`](Self::contains_key) for a writer that expects `key`
+    /// to be absent: one validated walk (see
+    /// [`get_handle_expecting_miss`](Self::get_handle_expecting_miss)).
+    pub(crate) fn contains_key_expecting_miss<Q>(&self, key: &Q) -> bool
+    where
+        K: Borrow<Q>,
+        Q: Ord + ?Sized,
+    {
+        let _guard = self.domain.read();
+        self.lookup_validated(key).is_some()
+    }
+
     /// Checks the red-black invariants, search order, parent links and the
     /// entry count. For tests; takes the writer lock.
     /// Reached through `__internals::seqtree::CheckInvariants`.

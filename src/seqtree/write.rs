@@ -130,6 +130,18 @@ where
                 self.count_retry();
             }
         }
+        self.insert_handle_with(key, make)
+    }
+
+    /// [`get_or_insert_handle_with`](Self::get_or_insert_handle_with) for a
+    /// writer that just saw `key` absent (and whose own locking keeps other
+    /// writers from inserting it): straight to the writer lock, one walk
+    /// instead of up to three.
+    pub(crate) fn insert_handle_with(
+        &self,
+        key: K,
+        make: impl FnOnce() -> V,
+    ) -> EntryHandle<K, V, F> {
         let _w = self.lock();
         let n = self.find_or_link_locked(key, make);
         // SAFETY: under the writer lock `n` is linked, so the tree's reference

@@ -191,7 +191,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         map: &FileMapping,
         read: Option<&[u8]>,
     ) -> Result<Option<Prepared<S, F>>, ProbeError> {
-        if st.installs.contains_key(&vaddr) {
+        if st.installs.contains_key_expecting_miss(&vaddr) {
             return Ok(None);
         }
         let text = st.space.text();

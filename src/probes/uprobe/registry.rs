@@ -189,14 +189,31 @@ pub struct UprobeRegistry<A: Arch, S: AddressSpace, F: Flavor = Srcu> {
     pub(super) file_text: Option<Box<dyn FileText>>,
 }
 
+/// For each item, whether an earlier item has the same key (the later
+/// ones are refused). By sorting, not hashing: a batch of 100,000 keys
+/// sorts (already in order, usually) faster than it hashes.
+fn repeats(items: &[(UprobeKey, Option<u64>)]) -> Vec<bool> {
+    let mut order: Vec<u32> = (0..items.len() as u32).collect();
+    // Stable: among equal keys the first item comes first.
+    order.sort_by_key(|&i| items[i as usize].0);
+    let mut out = vec![false; items.len()];
+    for w in order.windows(2) {
+        if items[w[0] as usize].0 == items[w[1] as usize].0 {
+            out[w[1] as usize] = true;
+        }
+    }
+    out
+}
+
 /// The slice in an optional list (empty if absent).
 pub(crate) fn slice<T, B: core::ops::Deref<Target = [T]>>(b: Option<&B>) -> &[T] {
     b.map_or(&[], |b| &**b)
 }
 
-/// Instructions read ahead for a batch: by space and address, the bytes
-/// and how many of them.
-type PreRead = std::collections::HashMap<(SpaceId, u64), ([u8; MAX_INSN_BYTES], usize)>;
+/// An instruction read ahead for a batch: the bytes and how many of them
+/// (`None`: not read). A batch's are one per target, in the order of the
+/// items' targets.
+type PreRead = Option<([u8; MAX_INSN_BYTES], u8)>;
 
 /// A registration between its two halves (`stage`, `finish_stage`).
 struct Staged<F: Flavor> {
@@ -395,19 +412,24 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             })
             .collect();
         let pre = self.pre_read(&targets);
-        let mut seen = std::collections::HashSet::with_capacity(items.len());
+        let repeated = repeats(items);
         // Every item's prepared installs, back to back (one allocation for
         // the batch); each staged item knows its range.
         let mut prepared = Vec::with_capacity(items.len());
+        let mut next_pre = 0;
         let staged: Vec<Result<Staged<F>, ProbeError>> = items
             .iter()
             .zip(targets.iter_mut())
-            .map(|(&(key, func_offset), at)| {
-                if !seen.insert(key) {
+            .zip(repeated)
+            .map(|((&(key, func_offset), at), again)| {
+                let at = std::mem::replace(at, Ok(Vec::new()));
+                let n = at.as_ref().map_or(0, Vec::len);
+                let pre = &pre[next_pre..next_pre + n];
+                next_pre += n;
+                if again {
                     return Err(ProbeError::AlreadyRegistered { site: site(key) });
                 }
-                let at = std::mem::replace(at, Ok(Vec::new()));
-                self.stage(key, func_offset, consumer, at, &pre, &mut prepared)
+                self.stage(key, func_offset, consumer, at, pre, &mut prepared)
             })
             .collect();
         let written = self.write_prepared(&prepared);
@@ -443,46 +465,42 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         let _file = self.files.lock(&key.file);
         let mut prepared = Vec::new();
         let at = self.mapped_targets(key);
-        let staged = self.stage(
-            key,
-            func_offset,
-            consumer,
-            at,
-            &PreRead::new(),
-            &mut prepared,
-        )?;
+        let staged = self.stage(key, func_offset, consumer, at, &[], &mut prepared)?;
         let written = self.write_prepared(&prepared);
         self.finish_stage(staged, &prepared, &written)
     }
 
     /// The instructions a batch of registrations will install at, read in
     /// one batch per space ([`TextMemory::read_many`]: a few system calls
-    /// for thousands of instructions, where each install would make one).
-    /// What cannot be read is left out (the install reads it again, for its
-    /// error). The caller holds the files' stripes.
-    fn pre_read(&self, targets: &[Result<Vec<Target<S, F>>, ProbeError>]) -> PreRead {
-        let mut wanted: Vec<&Target<S, F>> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
-        for t in targets.iter().flatten().flatten() {
-            if seen.insert((t.0.space.id(), t.1)) {
-                wanted.push(t);
-            }
-        }
-        wanted.sort_by_key(|(st, v, _)| (st.space.id(), *v));
-        let mut out = PreRead::with_capacity(wanted.len());
-        for group in wanted.chunk_by(|a, b| a.0.space.id() == b.0.space.id()) {
+    /// for thousands of instructions, where each install would make one):
+    /// one entry per target, in order (an item's targets are next to each
+    /// other). What cannot be read is left out (the install reads it
+    /// again, for its error). The caller holds the files' stripes.
+    fn pre_read(&self, targets: &[Result<Vec<Target<S, F>>, ProbeError>]) -> Vec<PreRead> {
+        let all: Vec<&Target<S, F>> = targets.iter().flatten().flatten().collect();
+        // Read in address order, space by space (a batch's targets usually
+        // come sorted already); a target named twice is read twice.
+        let mut order: Vec<u32> = (0..all.len() as u32).collect();
+        order.sort_unstable_by_key(|&i| (all[i as usize].0.space.id(), all[i as usize].1));
+        let mut out: Vec<PreRead> = vec![None; all.len()];
+        let space_of = |i: &u32| all[*i as usize].0.space.id();
+        for group in order.chunk_by(|a, b| space_of(a) == space_of(b)) {
             let mut bytes = vec![[0u8; MAX_INSN_BYTES]; group.len()];
             let results = {
                 let mut reads: Vec<(u64, &mut [u8])> = bytes
                     .iter_mut()
                     .zip(group)
-                    .map(|(b, (_, v, map))| (*v, &mut b[..self.insn_window(map, *v)]))
+                    .map(|(b, &i)| {
+                        let (_, v, map) = all[i as usize];
+                        (*v, &mut b[..self.insn_window(map, *v)])
+                    })
                     .collect();
-                group[0].0.space.text().read_many(&mut reads)
+                all[group[0] as usize].0.space.text().read_many(&mut reads)
             };
-            for ((b, (st, v, map)), r) in bytes.iter().zip(group).zip(results) {
+            for ((b, &i), r) in bytes.iter().zip(group).zip(results) {
                 if r.is_ok() {
-                    out.insert((st.space.id(), *v), (*b, self.insn_window(map, *v)));
+                    let (_, v, map) = all[i as usize];
+                    out[i as usize] = Some((*b, self.insn_window(map, *v) as u8));
                 }
             }
         }
@@ -501,10 +519,11 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         func_offset: Option<u64>,
         consumer: &Consumer,
         targets: Result<Vec<Target<S, F>>, ProbeError>,
-        pre: &PreRead,
+        pre: &[PreRead],
         prepared: &mut Vec<Prepared<S, F>>,
     ) -> Result<Staged<F>, ProbeError> {
-        let existing = self.uprobes.get_handle(&key);
+        // (A batch registers new keys, usually: one walk for a miss.)
+        let existing = self.uprobes.get_handle_expecting_miss(&key);
         if let Some(up) = &existing {
             let g = self.domain.read();
             let list = up.consumers.load(&g).map_or(&[][..], |l| &l[..]);
@@ -550,7 +569,9 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                     // nothing to retire when that install publishes the list.
                     placed: RcuCell::empty_in(self.domain.clone()),
                 };
-                (self.uprobes.get_or_insert_handle_with(key, || u), true)
+                // Absent just above, and no other writer inserts a key
+                // of this file (we hold its stripe).
+                (self.uprobes.insert_handle_with(key, || u), true)
             }
         };
         let old: Vec<Member> = if fresh {
@@ -560,13 +581,14 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             slice(up.consumers.load(&g)).to_vec()
         };
         let first = prepared.len();
-        for (st, vaddr, map) in &targets {
+        for (i, (st, vaddr, map)) in targets.iter().enumerate() {
             let id = st.space.id();
             let wanted_before = old.iter().any(|c| c.wants(id));
             if wanted_before || !consumer.wants(id) {
                 continue;
             }
-            let read = pre.get(&(id, *vaddr)).map(|(b, n)| &b[..*n]);
+            let read = pre.get(i).copied().flatten();
+            let read = read.as_ref().map(|(b, n)| &b[..*n as usize]);
             match self.prepare(up.value(), st, key, *vaddr, map, read) {
                 Ok(Some(p)) => prepared.push(p),
                 Ok(None) => {}
