@@ -248,10 +248,6 @@ impl XolArea {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn slots_per_chunk(&self) -> usize {
-        XOL_CHUNK_BYTES / self.slot_size
-    }
-
     /// Whether every byte of `[start, start + len)` is within [`XOL_CHUNK_REACH`] of
     /// `near`.
     pub fn is_near(start: u64, len: u64, near: u64) -> bool {
@@ -281,14 +277,20 @@ impl XolArea {
         let k = a.by_exec.partition_point(|&(exec, _)| exec <= slot);
         let (exec, ci) = *a.by_exec.get(k.checked_sub(1)?)?;
         let off = slot - exec;
-        (off < XOL_CHUNK_BYTES as u64 && off % self.slot_size as u64 == 0)
+        (off < a.chunks[ci].len as u64 && off % self.slot_size as u64 == 0)
             .then_some((ci, (off / self.slot_size as u64) as usize))
     }
 
-    /// Maps a new chunk, near `near` if `near` is `Some`.
+    /// Maps a new chunk, near `near` if `near` is `Some`: the next size
+    /// after the `mapped` chunks the area has (`chunk::chunk_bytes`), or a
+    /// smaller one when no gap within reach fits it.
     #[cold]
-    fn map_chunk(&self, near: Option<u64>) -> Option<Chunk> {
-        Chunk::map(self.slots_per_chunk() as u32, near)
+    fn map_chunk(&self, mapped: usize, near: Option<u64>) -> Option<Chunk> {
+        let first = chunk::chunk_bytes(mapped);
+        std::iter::successors(Some(first), |&len| {
+            (len > XOL_CHUNK_BYTES).then_some(len / 2)
+        })
+        .find_map(|len| Chunk::map(len, self.slot_size, near))
     }
 }
 
@@ -310,13 +312,11 @@ impl XolAllocator for XolArea {
             a.bind(slot, near);
             return Ok(slot);
         }
-        let len = XOL_CHUNK_BYTES as u64;
         let pick = |a: &mut Areas, only_near: bool| {
-            let ci = a
-                .open
-                .iter()
-                .copied()
-                .find(|&ci| !only_near || XolArea::is_near(a.chunks[ci].exec, len, near))?;
+            let ci = a.open.iter().copied().find(|&ci| {
+                let c = &a.chunks[ci];
+                !only_near || XolArea::is_near(c.exec, c.len as u64, near)
+            })?;
             let c = &mut a.chunks[ci];
             let i = c.free.pop()?;
             let exec = c.exec;
@@ -327,7 +327,7 @@ impl XolAllocator for XolArea {
         };
         let mut got = pick(&mut a, true);
         if got.is_none() {
-            if let Some(c) = self.map_chunk(Some(near)) {
+            if let Some(c) = self.map_chunk(a.chunks.len(), Some(near)) {
                 a.add_chunk(c);
                 got = pick(&mut a, true);
             }
@@ -337,7 +337,7 @@ impl XolAllocator for XolArea {
             got = pick(&mut a, false);
             if got.is_none() {
                 let c = self
-                    .map_chunk(None)
+                    .map_chunk(a.chunks.len(), None)
                     .ok_or(ProbeError::XolExhausted { near })?;
                 a.add_chunk(c);
                 got = pick(&mut a, false);
@@ -366,7 +366,7 @@ impl XolAllocator for XolArea {
         // fresh (no thread was ever sent there), recycled after a wait that proved no thread can
         // execute it, or parked for this same address, which the registry refills with the very
         // bytes it holds, so a thread still in it from a boosted run sees no change; module docs.)
-        // SAFETY: `off + slot_size <= XOL_CHUNK_BYTES` (locate checked the slot index), the write view
+        // SAFETY: `off + slot_size <= c.len` (locate checked the slot index), the write view
         // is ours, and no thread runs bytes that change (the argument above).
         unsafe {
             let dst = c.write.add(off);

@@ -30,15 +30,28 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use super::super::maps::Maps;
 
-/// Bytes per chunk: 1024 slots of the x86_64 backend's 64 bytes, enough for
-/// a typical set of probes in one mapping, small enough to fit in the gaps
-/// between mappings.
+/// Bytes of an area's first chunk: 1024 slots of the x86_64 backend's 64
+/// bytes, enough for a typical set of probes in one mapping, small enough
+/// to fit in the gaps between mappings. Each later chunk is twice the
+/// previous one, up to [`XOL_CHUNK_MAX_BYTES`]: an area grown for 100,000
+/// probes is 7 chunks, not 100, and every reader of `/proc/self/maps` (the
+/// loader watch reads it at each `dlopen`) pays per mapping.
 pub const XOL_CHUNK_BYTES: usize = 64 * 1024;
 
+/// Bytes of the largest chunk (65,536 slots of 64 bytes).
+pub const XOL_CHUNK_MAX_BYTES: usize = 4 << 20;
+
 /// How far every byte of a chunk may be from the probed address for the
-/// backend's `jmp rel32` to reach back: 2 GiB, less one chunk and a page of
-/// margin for the instruction length and rounding.
-pub const XOL_CHUNK_REACH: u64 = (1 << 31) - XOL_CHUNK_BYTES as u64 - 4096;
+/// backend's `jmp rel32` to reach back: 2 GiB, less the largest chunk and a
+/// page of margin for the instruction length and rounding.
+pub const XOL_CHUNK_REACH: u64 = (1 << 31) - XOL_CHUNK_MAX_BYTES as u64 - 4096;
+
+/// The size of an area's chunk after `mapped` others: doubling from
+/// [`XOL_CHUNK_BYTES`] to [`XOL_CHUNK_MAX_BYTES`].
+pub(super) fn chunk_bytes(mapped: usize) -> usize {
+    let max_shift = (XOL_CHUNK_MAX_BYTES / XOL_CHUNK_BYTES).trailing_zeros() as usize;
+    XOL_CHUNK_BYTES << mapped.min(max_shift)
+}
 
 /// Lowest address the area maps at (`vm.mmap_min_addr` is 64 KiB at most
 /// on common configurations).
@@ -59,6 +72,8 @@ pub(super) struct Chunk {
     pub(super) exec: u64,
     /// Where they are written (read-write).
     pub(super) write: *mut u8,
+    /// Bytes of each view (a power of two, [`XOL_CHUNK_BYTES`] at least).
+    pub(super) len: usize,
     /// Free slot indices, popped from the end: never-used ones lowest
     /// last at first, recycled ones pushed back on top.
     pub(super) free: Vec<u32>,
@@ -70,25 +85,26 @@ pub(super) struct Chunk {
 unsafe impl Send for Chunk {}
 
 impl Chunk {
-    /// Maps a new chunk of `slots` slots, all free, near `near` if `near`
-    /// is `Some` (every byte within [`XOL_CHUNK_REACH`]), else anywhere.
+    /// Maps a new chunk of `len` bytes (a power of two) of `slot_size`-byte
+    /// slots, all free, near `near` if `near` is `Some` (every byte within
+    /// [`XOL_CHUNK_REACH`]), else anywhere.
     #[cold]
-    pub(super) fn map(slots: u32, near: Option<u64>) -> Option<Chunk> {
+    pub(super) fn map(len: usize, slot_size: usize, near: Option<u64>) -> Option<Chunk> {
         let fd = memfd()?;
         // SAFETY: ftruncate on a memfd we own.
-        if unsafe { libc::ftruncate(fd.as_raw_fd(), XOL_CHUNK_BYTES as libc::off_t) } != 0 {
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
             return None;
         }
         let exec = match near {
-            Some(near) => map_exec_near(&fd, near)?,
-            None => map_exec(&fd, 0, 0)?,
+            Some(near) => map_exec_near(&fd, len, near)?,
+            None => map_exec(&fd, len, 0, 0)?,
         };
         // SAFETY: a fresh shared mapping of our own memfd at a kernel-chosen
         // address; the result is checked against MAP_FAILED.
         let write = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                XOL_CHUNK_BYTES,
+                len,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 fd.as_raw_fd(),
@@ -97,26 +113,27 @@ impl Chunk {
         };
         if write == libc::MAP_FAILED {
             // SAFETY: `exec` is the mapping we just created, unused so far.
-            unsafe { libc::munmap(exec as *mut libc::c_void, XOL_CHUNK_BYTES) };
+            unsafe { libc::munmap(exec as *mut libc::c_void, len) };
             return None;
         }
         let write = write.cast::<u8>();
-        // SAFETY: the write view is XOL_CHUNK_BYTES long and ours alone.
-        unsafe { std::ptr::write_bytes(write, INT3, XOL_CHUNK_BYTES) };
+        // SAFETY: the write view is `len` bytes long and ours alone.
+        unsafe { std::ptr::write_bytes(write, INT3, len) };
         // Listed for the fork handlers (`xol/fork.rs`) before any slot of it
         // is handed out.
-        if !super::fork::record(exec, write) {
+        if !super::fork::record(exec, write, len) {
             // SAFETY: both views are the mappings we just made, unused.
             unsafe {
-                libc::munmap(exec as *mut libc::c_void, XOL_CHUNK_BYTES);
-                libc::munmap(write.cast(), XOL_CHUNK_BYTES);
+                libc::munmap(exec as *mut libc::c_void, len);
+                libc::munmap(write.cast(), len);
             }
             return None;
         }
         Some(Chunk {
             exec,
             write,
-            free: (0..slots).rev().collect(),
+            len,
+            free: (0..(len / slot_size) as u32).rev().collect(),
             _fd: fd,
         })
     }
@@ -142,16 +159,17 @@ pub(super) fn memfd() -> Option<OwnedFd> {
     None
 }
 
-/// Maps the chunk read-execute at exactly `hint` (`MAP_FIXED_NOREPLACE`), or
-/// anywhere when `hint` is 0. `want_flags` adds flags.
-fn map_exec(fd: &OwnedFd, hint: u64, want_flags: libc::c_int) -> Option<u64> {
+/// Maps the chunk (`len` bytes) read-execute at exactly `hint`
+/// (`MAP_FIXED_NOREPLACE`), or anywhere when `hint` is 0. `want_flags` adds
+/// flags.
+fn map_exec(fd: &OwnedFd, len: usize, hint: u64, want_flags: libc::c_int) -> Option<u64> {
     // SAFETY: a shared mapping of our own memfd; with MAP_FIXED_NOREPLACE
     // the kernel fails instead of replacing an existing mapping, and the
     // address is checked below in case an old kernel treated it as a hint.
     let p = unsafe {
         libc::mmap(
             hint as *mut libc::c_void,
-            XOL_CHUNK_BYTES,
+            len,
             libc::PROT_READ | libc::PROT_EXEC,
             libc::MAP_SHARED | want_flags,
             fd.as_raw_fd(),
@@ -163,16 +181,18 @@ fn map_exec(fd: &OwnedFd, hint: u64, want_flags: libc::c_int) -> Option<u64> {
     }
     if hint != 0 && p as u64 != hint {
         // SAFETY: the mapping we just made, at the wrong place.
-        unsafe { libc::munmap(p, XOL_CHUNK_BYTES) };
+        unsafe { libc::munmap(p, len) };
         return None;
     }
     Some(p as u64)
 }
 
-/// Maps the chunk in the free gap closest to `near`, within reach.
-fn map_exec_near(fd: &OwnedFd, near: u64) -> Option<u64> {
+/// Maps the chunk (`len` bytes, a power of two) in the free gap closest to
+/// `near`, within reach.
+fn map_exec_near(fd: &OwnedFd, len: usize, near: u64) -> Option<u64> {
     let maps = Maps::read().ok()?;
-    let len = XOL_CHUNK_BYTES as u64;
+    let bytes = len;
+    let len = len as u64;
     let lo = near.saturating_sub(XOL_CHUNK_REACH).max(MIN_ADDR);
     let hi = near.saturating_add(XOL_CHUNK_REACH).min(MAX_ADDR);
     // Candidate: the chunk-aligned start in each gap closest to `near`.
@@ -193,7 +213,7 @@ fn map_exec_near(fd: &OwnedFd, near: u64) -> Option<u64> {
     candidates
         .into_iter()
         .take(16)
-        .find_map(|c| map_exec(fd, c, libc::MAP_FIXED_NOREPLACE))
+        .find_map(|c| map_exec(fd, bytes, c, libc::MAP_FIXED_NOREPLACE))
 }
 
 #[cfg(test)]
@@ -206,23 +226,38 @@ mod tests {
 
     #[test]
     fn a_chunk_mapped_near_code_is_within_reach_all_free_and_all_int3() {
-        let c = Chunk::map(16, Some(here())).expect("a gap within reach");
-        assert!(
-            is_near(c.exec, XOL_CHUNK_BYTES as u64, here()),
-            "{:#x}",
-            c.exec
-        );
-        assert_eq!(c.free.len(), 16);
-        assert_eq!(c.free.last(), Some(&0), "the lowest slot is popped first");
-        // SAFETY: the exec view is XOL_CHUNK_BYTES long and readable.
-        let bytes = unsafe { std::slice::from_raw_parts(c.exec as *const u8, XOL_CHUNK_BYTES) };
-        assert!(bytes.iter().all(|&b| b == INT3));
+        for len in [XOL_CHUNK_BYTES, XOL_CHUNK_MAX_BYTES] {
+            let c = Chunk::map(len, 64, Some(here())).expect("a gap within reach");
+            assert!(is_near(c.exec, len as u64, here()), "{:#x}", c.exec);
+            assert_eq!(c.exec % len as u64, 0, "aligned to its size");
+            assert_eq!((c.len, c.free.len()), (len, len / 64));
+            assert_eq!(c.free.last(), Some(&0), "the lowest slot is popped first");
+            // SAFETY: the exec view is `len` bytes long and readable.
+            let bytes = unsafe { std::slice::from_raw_parts(c.exec as *const u8, len) };
+            assert!(bytes.iter().all(|&b| b == INT3));
+        }
+    }
+
+    #[test]
+    fn chunks_double_from_the_smallest_to_the_largest() {
+        let sizes: Vec<usize> = (0..9).map(chunk_bytes).collect();
+        assert_eq!(sizes[0], XOL_CHUNK_BYTES);
+        assert!(sizes
+            .windows(2)
+            .all(|w| w[1] == (w[0] * 2).min(XOL_CHUNK_MAX_BYTES)));
+        assert_eq!(sizes[8], XOL_CHUNK_MAX_BYTES);
+        // 100,000 slots of 64 bytes fit in the first seven.
+        assert!(sizes[..7].iter().sum::<usize>() >= 100_000 * 64);
     }
 
     #[test]
     fn no_chunk_is_mapped_near_code_that_no_gap_is_within_reach_of() {
         // The non-canonical hole: nothing can be mapped within reach.
-        assert!(Chunk::map(16, Some(0x8000_0000_0000_0000)).is_none());
-        assert!(Chunk::map(16, None).is_some(), "anywhere still works");
+        let far = Some(0x8000_0000_0000_0000);
+        assert!(Chunk::map(XOL_CHUNK_BYTES, 64, far).is_none());
+        assert!(
+            Chunk::map(XOL_CHUNK_BYTES, 64, None).is_some(),
+            "anywhere still works"
+        );
     }
 }

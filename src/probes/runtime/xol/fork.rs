@@ -27,7 +27,6 @@
 
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use super::chunk::XOL_CHUNK_BYTES;
 use super::{Areas, XolArea};
 use crate::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use crate::sync::MutexGuard;
@@ -48,19 +47,22 @@ impl XolArea {
     }
 }
 
-/// Most chunks a process maps (4 GiB of slots; 4 M slots of 64 bytes).
+/// Most chunks a process maps (256 GiB of slots at the largest size).
 pub(super) const MAX_CHUNKS: usize = 1 << 16;
 
-/// One mapped chunk: its exec view (0 until published) and write view.
+/// One mapped chunk: its exec view (0 until published), write view and
+/// length.
 struct Mapped {
     exec: AtomicU64,
     write: AtomicU64,
+    len: AtomicU64,
 }
 
 static MAPPED: [Mapped; MAX_CHUNKS] = [const {
     Mapped {
         exec: AtomicU64::new(0),
         write: AtomicU64::new(0),
+        len: AtomicU64::new(0),
     }
 }; MAX_CHUNKS];
 /// Entries reserved so far (may exceed [`MAX_CHUNKS`] after refusals).
@@ -68,15 +70,17 @@ static RESERVED: AtomicUsize = AtomicUsize::new(0);
 
 /// Lists a newly mapped chunk, before any of its slots is handed out.
 /// Returns false if the list is full (the caller unmaps the chunk).
-pub(super) fn record(exec: u64, write: *mut u8) -> bool {
+pub(super) fn record(exec: u64, write: *mut u8, len: usize) -> bool {
     // Relaxed: the index only needs to be unique.
     let i = RESERVED.fetch_add(1, Ordering::Relaxed);
     let Some(m) = MAPPED.get(i) else {
         return false;
     };
+    // Relaxed: published by the Release store of `exec` below.
     m.write.store(write as u64, Ordering::Relaxed);
+    m.len.store(len as u64, Ordering::Relaxed);
     // Release pairs with the Acquire load in `Copies::prepare`: an entry
-    // seen with its exec view has its write view too.
+    // seen with its exec view has its write view and length too.
     m.exec.store(exec, Ordering::Release);
     true
 }
@@ -85,6 +89,7 @@ pub(super) fn record(exec: u64, write: *mut u8) -> bool {
 struct Copy {
     exec: u64,
     write: u64,
+    len: usize,
     fd: OwnedFd,
 }
 
@@ -111,9 +116,16 @@ impl Copies {
                 // is taken before the chunk joins an area).
                 continue;
             }
+            // Relaxed: ordered by the Acquire load of `exec` above.
             let write = m.write.load(Ordering::Relaxed);
-            match copy_of(write as *const u8) {
-                Some(fd) => copies.push(Copy { exec, write, fd }),
+            let len = m.len.load(Ordering::Relaxed) as usize;
+            match copy_of(write as *const u8, len) {
+                Some(fd) => copies.push(Copy {
+                    exec,
+                    write,
+                    len,
+                    fd,
+                }),
                 None => failed = true,
             }
         }
@@ -130,8 +142,8 @@ impl Copies {
         }
         for c in &self.copies {
             let fd = c.fd.as_raw_fd();
-            let exec = map_fixed(c.exec, libc::PROT_READ | libc::PROT_EXEC, fd);
-            let write = map_fixed(c.write, libc::PROT_READ | libc::PROT_WRITE, fd);
+            let exec = map_fixed(c.exec, c.len, libc::PROT_READ | libc::PROT_EXEC, fd);
+            let write = map_fixed(c.write, c.len, libc::PROT_READ | libc::PROT_WRITE, fd);
             if !(exec && write) {
                 die(b"rcu-registry: fork: could not map the child's XOL slots\n");
             }
@@ -147,22 +159,22 @@ impl Copies {
     }
 }
 
-/// A new memfd holding the `XOL_CHUNK_BYTES` at `src`.
-fn copy_of(src: *const u8) -> Option<OwnedFd> {
+/// A new memfd holding the `len` bytes at `src`.
+fn copy_of(src: *const u8, len: usize) -> Option<OwnedFd> {
     let fd = super::chunk::memfd()?;
     // SAFETY: ftruncate on a memfd we own.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), XOL_CHUNK_BYTES as libc::off_t) } != 0 {
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), len as libc::off_t) } != 0 {
         return None;
     }
     let mut done = 0usize;
-    while done < XOL_CHUNK_BYTES {
-        // SAFETY: `src` is the write view of a chunk, XOL_CHUNK_BYTES readable
-        // bytes for the life of the process; `done < XOL_CHUNK_BYTES`.
+    while done < len {
+        // SAFETY: `src` is the write view of a chunk, `len` readable bytes
+        // for the life of the process; `done < len`.
         let n = unsafe {
             libc::pwrite(
                 fd.as_raw_fd(),
                 src.add(done).cast(),
-                XOL_CHUNK_BYTES - done,
+                len - done,
                 done as libc::off_t,
             )
         };
@@ -180,8 +192,9 @@ fn copy_of(src: *const u8) -> Option<OwnedFd> {
     Some(fd)
 }
 
-/// Maps `fd` (a whole chunk) at exactly `at`, replacing what is there.
-fn map_fixed(at: u64, prot: libc::c_int, fd: libc::c_int) -> bool {
+/// Maps `fd` (a whole chunk of `len` bytes) at exactly `at`, replacing
+/// what is there.
+fn map_fixed(at: u64, len: usize, prot: libc::c_int, fd: libc::c_int) -> bool {
     // The new mapping has the same size, protection and bytes as the view it
     // replaces (MAP_FIXED swaps it atomically), so every pointer into the old
     // view sees the same memory.
@@ -189,7 +202,7 @@ fn map_fixed(at: u64, prot: libc::c_int, fd: libc::c_int) -> bool {
     let p = unsafe {
         libc::mmap(
             at as *mut libc::c_void,
-            XOL_CHUNK_BYTES,
+            len,
             prot,
             libc::MAP_SHARED | libc::MAP_FIXED,
             fd,
