@@ -75,7 +75,12 @@ pub(super) struct Removals<S: AddressSpace, F: Flavor> {
     /// In the order queued; an install queued twice (two consumers of one
     /// uprobe removed in one batch) is merged when the batch finishes.
     installs: Vec<Queued<F>>,
-    emptied: Vec<UprobeHandle<F>>,
+    /// The uprobes left without consumers. Keys, not handles: the caller
+    /// holds their files' stripes, so nobody else unlinks them, and the
+    /// tree's own reference keeps each alive until `finish_removals`
+    /// unlinks it (a handle each would be two atomic updates and a cache
+    /// miss more per uprobe).
+    emptied: Vec<UprobeKey>,
     /// The text is gone (an unmapping): nothing to restore.
     unmapped: bool,
 }
@@ -102,15 +107,16 @@ impl<S: AddressSpace, F: Flavor> Removals<S, F> {
     }
 
     /// Queues the install of `up` at `vaddr` in `st`, whose slot plan is
-    /// `plan`; `leaving`: the uprobe is queued with
+    /// `plan`. `stays`: the uprobe's handle when it stays (its install list
+    /// loses this install); `None` when it is queued with
     /// [`push_emptied`](Self::push_emptied) too.
     pub(super) fn push(
         &mut self,
         st: &Arc<SpaceState<S, F>>,
         vaddr: u64,
         plan: Option<&XolPlan>,
-        up: &UprobeHandle<F>,
-        leaving: bool,
+        up: &Uprobe<F>,
+        stays: Option<&UprobeHandle<F>>,
     ) {
         let orig = match self.unmapped {
             true => None,
@@ -127,15 +133,15 @@ impl<S: AddressSpace, F: Flavor> Removals<S, F> {
         self.installs.push(Queued {
             space,
             vaddr,
-            up: (!leaving).then(|| up.clone()),
+            up: stays.cloned(),
             slot: plan.map(XolShares::key),
             orig,
         });
     }
 
-    /// Queues the uprobe itself (its last consumer left).
-    pub(super) fn push_emptied(&mut self, up: UprobeHandle<F>) {
-        self.emptied.push(up);
+    /// Queues the uprobe at `key` itself (its last consumer left).
+    pub(super) fn push_emptied(&mut self, key: UprobeKey) {
+        self.emptied.push(key);
     }
 
     /// Sorts the installs by space and address and merges the duplicates
@@ -152,24 +158,36 @@ impl<S: AddressSpace, F: Flavor> Removals<S, F> {
     }
 }
 
-/// Removes `keys` (distinct) from `tree`: one by one when they are few
-/// beside the tree's size, else in one pass (`retain`: one write section,
-/// one reclamation batch; it visits the entries in key order, so the sorted
-/// keys are matched by a cursor).
+/// Removes `keys` (distinct) from `tree`, calling `gone` on each entry
+/// just before it is unlinked: one by one when they are few beside the
+/// tree's size, else in one pass (`retain`: one write section, one
+/// reclamation batch; it visits the entries in key order, so the sorted
+/// keys are matched by a cursor, and `gone` finds each entry in cache).
 fn remove_all<K: Ord + Copy + Send + 'static, V: Send + Sync + 'static, F: Flavor>(
     tree: &crate::seqtree::SeqTree<K, V, F>,
     keys: &mut [K],
+    mut gone: impl FnMut(&K, &V),
 ) {
     if keys.len() * 8 < tree.len() {
         for k in keys.iter() {
+            {
+                let g = tree.domain().read();
+                if let Some(v) = tree.get(&g, k) {
+                    gone(k, v);
+                }
+            }
             tree.remove(k);
         }
     } else {
         keys.sort_unstable();
         let mut next = keys.iter().peekable();
-        tree.retain(|k, _| {
+        tree.retain(|k, v| {
             while next.next_if(|&g| g < k).is_some() {}
-            next.next_if(|&g| g == k).is_none()
+            let goes = next.next_if(|&g| g == k).is_some();
+            if goes {
+                gone(k, v);
+            }
+            !goes
         });
     }
 }
@@ -474,16 +492,14 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             // Sorted and distinct (merged above).
             let mut vaddrs: Vec<u64> = group.iter().map(|q| q.vaddr).collect();
             let slots: Vec<SlotKey> = group.iter().filter_map(|q| q.slot).collect();
-            remove_all(&st.installs, &mut vaddrs);
+            remove_all(&st.installs, &mut vaddrs, |_, _| {});
             st.xol_shares
                 .release_many_later(&self.domain, &st.space, slots);
         }
-        // The uprobes: out of the hit cache first (see `hitcache.rs`).
-        for up in &r.emptied {
-            self.hot.retract(&up.key, up.value());
-        }
-        let mut keys: Vec<UprobeKey> = r.emptied.iter().map(|u| u.key).collect();
+        // The uprobes, each out of the hit cache just before it is
+        // unlinked (see `hitcache.rs`).
+        let mut keys = std::mem::take(&mut r.emptied);
         drop(r);
-        remove_all(&self.uprobes, &mut keys);
+        remove_all(&self.uprobes, &mut keys, |k, up| self.hot.retract(k, up));
     }
 }

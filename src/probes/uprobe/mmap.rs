@@ -198,7 +198,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                     .uprobes
                     .get_handle(&key)
                     .expect("an installed uprobe is in the tree");
-                removals.push(&st, v, plan.as_ref(), &up, false);
+                removals.push(&st, v, plan.as_ref(), up.value(), Some(&up));
                 dropped += 1;
             }
             self.finish_removals(removals);

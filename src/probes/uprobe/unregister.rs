@@ -13,7 +13,7 @@
 
 use super::consumer::{Consumer, Member};
 use super::install::{Removals, UprobeHandle};
-use super::registry::{site, slice, UprobeRegistry};
+use super::registry::{site, slice, Uprobe, UprobeRegistry};
 use super::space::{AddressSpace, SpaceId, UprobeKey};
 use crate::probes::arch::Arch;
 use crate::probes::ProbeError;
@@ -113,7 +113,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             let g = self.domain.read();
             for &(key, consumer) in pairs {
                 let unknown = ProbeError::UnknownProbe { site: site(key) };
-                let Some(up) = self.uprobes.get_handle(&key) else {
+                let Some(up) = self.uprobes.get(&g, &key) else {
                     return Err(unknown);
                 };
                 let list = slice(up.consumers.load(&g));
@@ -121,15 +121,17 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                     return Err(unknown);
                 }
                 if list.len() == 1 && several.binary_search(&key).is_err() {
-                    self.queue_installs(&g, &up, |_| false, true, &mut removals);
-                    removals.push_emptied(up);
+                    // No handle: the stripes we hold keep it in the tree
+                    // until `finish_removals` unlinks it.
+                    self.queue_installs(&g, up, None, |_| false, &mut removals);
+                    removals.push_emptied(key);
                 } else {
-                    general.push((up, consumer));
+                    general.push((key, consumer));
                 }
             }
         }
-        for (up, consumer) in general {
-            self.remove_from(up, consumer, &mut removals)
+        for (key, consumer) in general {
+            self.remove_consumer(key, consumer, &mut removals)
                 .expect("checked under the same stripes");
         }
         self.finish_removals(removals);
@@ -180,13 +182,14 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         };
         let leaving = old.len() == 1;
         let kept = |space| remaining().any(|c| c.wants(space));
-        self.queue_installs(&g, &up, kept, leaving, removals);
+        let stays = (!leaving).then_some(&up);
+        self.queue_installs(&g, up.value(), stays, kept, removals);
         if leaving {
             drop(g);
             // Removed once its breakpoints are out (`finish_removals`): until
             // then a hit still finds it (and its old list; the caller's
             // grace period covers that).
-            removals.push_emptied(up);
+            removals.push_emptied(key);
         } else {
             let new: Vec<Member> = remaining().cloned().collect();
             drop(g);
@@ -196,19 +199,19 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     }
 
     /// Queues on `removals` the installs of `up` in every space `kept`
-    /// (some remaining consumer wants it) says no to; `leaving`: no
-    /// consumer remains.
+    /// (some remaining consumer wants it) says no to. `stays`: its handle
+    /// when a consumer remains; `None` when it leaves.
     fn queue_installs(
         &self,
         g: &F::Guard<'_>,
-        up: &UprobeHandle<F>,
+        up: &Uprobe<F>,
+        stays: Option<&UprobeHandle<F>>,
         kept: impl Fn(SpaceId) -> bool,
-        leaving: bool,
         removals: &mut Removals<S, F>,
     ) {
         for p in slice(up.placed.load(g)).iter().filter(|p| !kept(p.space)) {
             if let Some(st) = self.spaces.get(g, &p.space) {
-                removals.push(st, p.vaddr, p.install.plan.as_ref(), up, leaving);
+                removals.push(st, p.vaddr, p.install.plan.as_ref(), up, stays);
             }
         }
     }
