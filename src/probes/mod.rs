@@ -7,6 +7,8 @@ pub mod error;
 mod exit_key;
 pub mod kprobe;
 pub mod outcome;
+#[cfg(all(target_os = "linux", not(loom)))]
+pub(crate) mod procmaps;
 // The quiescence ack protocol: the live runtime's `quiesce` uses it, loom
 // models it (the runtime itself is not built under loom).
 pub(crate) mod quiesce_ack;

@@ -33,7 +33,7 @@ use super::super::maps::Maps;
 /// Bytes of an area's first chunk: 1024 slots of the x86_64 backend's 64
 /// bytes, enough for a typical set of probes in one mapping, small enough
 /// to fit in the gaps between mappings. Each later chunk is twice the
-/// previous one, up to [`XOL_CHUNK_MAX_BYTES`]: an area grown for 100,000
+/// previous one, up to `XOL_CHUNK_MAX_BYTES` (4 MiB): an area grown for 100,000
 /// probes is 7 chunks, not 100, and every reader of `/proc/self/maps` (the
 /// loader watch reads it at each `dlopen`) pays per mapping.
 pub const XOL_CHUNK_BYTES: usize = 64 * 1024;
@@ -191,29 +191,10 @@ fn map_exec(fd: &OwnedFd, len: usize, hint: u64, want_flags: libc::c_int) -> Opt
 /// `near`, within reach.
 fn map_exec_near(fd: &OwnedFd, len: usize, near: u64) -> Option<u64> {
     let maps = Maps::read().ok()?;
-    let bytes = len;
-    let len = len as u64;
-    let lo = near.saturating_sub(XOL_CHUNK_REACH).max(MIN_ADDR);
-    let hi = near.saturating_add(XOL_CHUNK_REACH).min(MAX_ADDR);
-    // Candidate: the chunk-aligned start in each gap closest to `near`.
-    let mut candidates: Vec<u64> = maps
-        .gaps(lo, hi)
-        .into_iter()
-        .filter_map(|(s, e)| {
-            let first = s.checked_add(len - 1)? & !(len - 1);
-            let last = e.checked_sub(len)? & !(len - 1);
-            if first > last {
-                return None;
-            }
-            Some(near.clamp(first, last) & !(len - 1)).filter(|&c| c >= first)
-        })
-        .filter(|&c| is_near(c, len, near))
-        .collect();
-    candidates.sort_by_key(|&c| c.abs_diff(near));
-    candidates
+    maps.places_near(near, len as u64, XOL_CHUNK_REACH, MIN_ADDR, MAX_ADDR)
         .into_iter()
         .take(16)
-        .find_map(|c| map_exec(fd, bytes, c, libc::MAP_FIXED_NOREPLACE))
+        .find_map(|c| map_exec(fd, len, c, libc::MAP_FIXED_NOREPLACE))
 }
 
 #[cfg(test)]
