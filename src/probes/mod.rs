@@ -13,6 +13,8 @@ pub(crate) mod procmaps;
 // models it (the runtime itself is not built under loom).
 pub(crate) mod quiesce_ack;
 mod reentry;
+#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
+pub mod remote;
 pub mod resolve;
 #[cfg(all(target_os = "linux", not(loom)))]
 pub mod runtime;

@@ -133,6 +133,22 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// installed there dropped without writing (the memory is gone).
     /// Returns the number of breakpoints dropped.
     pub fn on_munmap(&self, space: SpaceId, range: Range<u64>) -> usize {
+        self.forget_range(space, range, false)
+    }
+
+    /// `space` is no longer probed (a tracer detaches from it): every
+    /// breakpoint installed there is taken out, its original bytes written
+    /// back (one text batch), and the space's mappings are forgotten; the
+    /// uprobes stay for the other spaces. A later [`on_mmap`](Self::on_mmap)
+    /// of the space starts afresh. Returns the number of breakpoints taken
+    /// out.
+    pub fn detach_space(&self, space: SpaceId) -> usize {
+        self.forget_range(space, 0..u64::MAX, true)
+    }
+
+    /// [`on_munmap`](Self::on_munmap) and, with `restore`, the original
+    /// bytes written back ([`detach_space`](Self::detach_space)).
+    fn forget_range(&self, space: SpaceId, range: Range<u64>, restore: bool) -> usize {
         let Some(st) = ({
             let g = self.domain.read();
             self.spaces.get(&g, &space).cloned()
@@ -190,7 +206,10 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             drop(g);
             // In one batch: the records in bulk, the install lists' old
             // versions in one callback, the slots in another.
-            let mut removals = Removals::unmapped(gone.len());
+            let mut removals = match restore {
+                true => Removals::with_capacity(gone.len()),
+                false => Removals::unmapped(gone.len()),
+            };
             for (v, key, plan) in gone {
                 // An install exists only while its uprobe does: both go
                 // under this file's stripe, installs first.

@@ -1,0 +1,35 @@
+//! Uprobes in other processes, over `ptrace` (x86_64 Linux): no kernel
+//! module, no BPF, no privilege beyond what `ptrace` itself needs.
+//!
+//! [`RemoteTracer`] starts a command ([`spawn`](RemoteTracer::spawn),
+//! stopped at its first instruction so that probes are in place before
+//! `main`) or attaches to a running process
+//! ([`attach`](RemoteTracer::attach)); each traced process is a
+//! [`RemoteSpace`] of one [`RemoteRegistry`], so one uprobe on a file is
+//! installed in every traced process that maps it (consumers' filters choose
+//! processes by [`SpaceId`](crate::probes::uprobe::SpaceId)). Its text is
+//! written through `/proc/<pid>/mem` ([`RemoteMemory`], checked old bytes as
+//! everywhere), its XOL slots live in an area the tracer maps inside it
+//! ([`RemoteXol`]) near its code, with the uretprobe trampoline. The
+//! tracer's loop ([`RemoteTracer::run`]) serves each stop through the
+//! registry's hit path; how, and what follows the process's life (threads,
+//! libraries loaded later, `fork`, `exec`, exit), is in [`tracer`]'s docs.
+//!
+//! Layer: beside the live runtime (`probes::runtime`), above the uprobe
+//! registry; it uses neither the live runtime nor its signal handlers.
+//! Where a hit and a registration go: `ARCHITECTURE.md`.
+
+mod inject;
+mod mem;
+mod ptrace;
+mod regs;
+mod space;
+mod spawn;
+pub mod tracer;
+mod xol;
+
+pub use mem::RemoteMemory;
+pub use ptrace::Tid;
+pub use space::RemoteSpace;
+pub use tracer::{ExitStatus, RemoteError, RemoteRegistry, RemoteTracer};
+pub use xol::{RemoteXol, REMOTE_XOL_CHUNK_BYTES};

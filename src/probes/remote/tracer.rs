@@ -1,0 +1,880 @@
+//! [`RemoteTracer`]: uprobes in other processes, served over `ptrace`.
+//!
+//! # How a hit is served
+//!
+//! A traced thread executes a breakpoint and stops (a `SIGTRAP`
+//! signal-delivery stop). The tracer reads its registers, asks the
+//! registry ([`UprobeRegistry::on_breakpoint`], with the process's memory as
+//! data memory), runs the consumers' handlers here, in the tracer (a
+//! handler's changes to [`Regs`](crate::probes::arch::Regs) are written back), and resumes the thread
+//! as the registry says: in the XOL slot, which jumps back by itself
+//! (boosted: **one stop per hit**), after an emulation, or with a
+//! single-step of the slot (a second stop). A return through the space's
+//! trampoline runs the return handlers ([`UprobeRegistry::on_return`]).
+//! Signals that are not ours go back to the thread unchanged; a group-stop
+//! is left as a group-stop (`PTRACE_LISTEN`).
+//!
+//! # The process's life
+//!
+//! - **Libraries loaded later**: the registry registers its own uprobe on
+//!   the dynamic linker's rendezvous function (`_dl_debug_state`, where
+//!   `r_debug.r_brk` points; the loader calls it after every change of its
+//!   link map, `dlopen`, `dlclose` and the libraries of the start-up alike).
+//!   At each hit the process's executable file mappings are read again
+//!   (`/proc/<pid>/maps`) and the differences fed to
+//!   [`UprobeRegistry::on_mmap`] / [`on_munmap`](UprobeRegistry::on_munmap)
+//!   while the thread that loaded them is still stopped: a uprobe
+//!   registered before `dlopen` is in place before the library's
+//!   constructors run.
+//! - **Threads** are traced as they are created (`PTRACE_O_TRACECLONE`).
+//! - **`fork`**: the child gets the parent's text, breakpoints included;
+//!   the tracer writes the original bytes back in the child and lets it go
+//!   (children are not followed yet). A `vfork` child shares its parent's
+//!   memory: it is served as one more thread of the parent's space until it
+//!   `exec`s or exits, then let go.
+//! - **`exec`**: the old space is forgotten; the new image is a new space,
+//!   set up at the `exec` stop (its first instruction), and gets the
+//!   uprobes of the files it maps.
+//! - **Exit** and `kill -9`: the space's records are dropped (no byte to
+//!   restore).
+//!
+//! # Registering while the target runs
+//!
+//! [`register`](RemoteTracer::register) and
+//! [`unregister`](RemoteTracer::unregister) stop every traced thread first
+//! (`PTRACE_INTERRUPT`), change the registry and the text, and resume
+//! them; stops that arrive meanwhile are kept and served by the next
+//! [`run`](RemoteTracer::run). A new XOL chunk is mapped in the process
+//! with an `mmap` made by one of its stopped threads (`inject.rs`).
+//!
+//! # Detach, and a tracer that dies
+//!
+//! [`detach`](RemoteTracer::detach) stops the process, writes back every
+//! original byte ([`UprobeRegistry::detach_space`]), steps any thread out of
+//! an XOL slot, and lets every thread go; the XOL area stays mapped (a few
+//! pages of `int3`s nobody jumps to). A spawned command is started with
+//! `PTRACE_O_EXITKILL` and dies with the tracer. A process attached to with
+//! [`attach`](RemoteTracer::attach) keeps running if the tracer is killed
+//! with `SIGKILL`, with its breakpoints in place: the next one it executes
+//! kills it with `SIGTRAP`. There is no recovery from outside but to restart
+//! it (a tracer that is told to stop, `SIGINT` or `SIGTERM` handled by the
+//! program that owns the tracer, detaches first).
+//!
+//! # Not yet
+//!
+//! One tracer thread serves every stop (the kernel ties a tracee to the
+//! thread that attached it); fork children are let go, not followed; a
+//! uretprobe whose call is still in flight when the process is detached
+//! returns into the trampoline and dies of `SIGTRAP`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::marker::PhantomData;
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+
+use super::mem::RemoteMemory;
+use super::ptrace::{self, Stop, Tid};
+use super::regs;
+use super::space::{file_mappings, RemoteSpace};
+use crate::probes::arch::StepOutcome;
+use crate::probes::arch::{Arch, X86_64};
+use crate::probes::outcome::ReturnOutcome;
+use crate::probes::procmaps::Maps;
+use crate::probes::uprobe::{
+    AddressSpace, Consumer, ConsumerAction, FileMapping, ResolvedTarget, SpaceId, TargetResolver,
+    UprobeFinished, UprobeKey, UprobeOutcome, UprobeRegistry, UprobeTarget,
+};
+use crate::probes::ProbeError;
+use crate::rcu::Rcu;
+
+/// The registry a [`RemoteTracer`] serves: one uprobe, every traced
+/// process that maps its file.
+pub type RemoteRegistry = UprobeRegistry<X86_64, RemoteSpace, Rcu>;
+
+/// `si_code` of a breakpoint (`int3`) trap.
+const SI_KERNEL: i32 = 0x80;
+/// The dynamic linker's rendezvous function.
+const RENDEZVOUS: &str = "_dl_debug_state";
+
+/// Why a remote operation failed.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum RemoteError {
+    /// A system call on the target failed: which, and why.
+    Os {
+        /// What was being done.
+        what: String,
+        /// The error.
+        error: std::io::Error,
+    },
+    /// The pid is not traced by this tracer.
+    NotTraced(Tid),
+    /// The pid is traced already.
+    AlreadyTraced(Tid),
+    /// Setting up the traced process failed.
+    Setup(ProbeError),
+}
+
+impl std::fmt::Display for RemoteError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RemoteError::Os { what, error } => write!(f, "{what}: {error}"),
+            RemoteError::NotTraced(pid) => write!(f, "process {pid} is not traced by this tracer"),
+            RemoteError::AlreadyTraced(pid) => write!(f, "process {pid} is traced already"),
+            RemoteError::Setup(e) => write!(f, "setting up the traced process: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RemoteError {}
+
+fn os(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RemoteError {
+    let what = what.into();
+    move |error| RemoteError::Os { what, error }
+}
+
+/// How a traced process ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExitStatus {
+    /// It exited with this code.
+    Code(i32),
+    /// A signal killed it.
+    Signal(i32),
+}
+
+/// One traced process.
+struct Proc {
+    space: Arc<RemoteSpace>,
+    threads: BTreeSet<Tid>,
+    /// The executable file mappings the registry was told of.
+    maps: Vec<FileMapping>,
+}
+
+/// A tracer of other processes (see the [module docs](self)). It makes the
+/// `ptrace` requests from the thread that created it, so it stays on that
+/// thread:
+///
+/// ```compile_fail
+/// fn send<T: Send>() {}
+/// send::<rcu_registry::probes::remote::RemoteTracer>();
+/// ```
+///
+/// (Without the bound the same check compiles:)
+///
+/// ```
+/// fn any<T>() {}
+/// any::<rcu_registry::probes::remote::RemoteTracer>();
+/// ```
+pub struct RemoteTracer {
+    registry: RemoteRegistry,
+    resolver: TargetResolver,
+    procs: BTreeMap<Tid, Proc>,
+    /// Thread -> the process whose space it runs in (a `vfork` child runs
+    /// in its parent's).
+    owner: HashMap<Tid, Tid>,
+    /// `vfork` children served in their parent's space until they `exec`.
+    vforked: BTreeSet<Tid>,
+    /// Stops collected while the world was being stopped, served first.
+    pending: VecDeque<(Tid, libc::c_int)>,
+    /// New threads and children whose first stop came before their
+    /// creator's event: served when the event names them.
+    early: HashMap<Tid, libc::c_int>,
+    exits: BTreeMap<Tid, ExitStatus>,
+    next_space: u64,
+    /// The registry's own consumer on the loader's rendezvous, and the
+    /// spaces it saw hit since the tracer last looked.
+    loader: Consumer,
+    loader_hits: Arc<Mutex<Vec<SpaceId>>>,
+    loader_files: BTreeSet<UprobeKey>,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl std::fmt::Debug for RemoteTracer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RemoteTracer")
+            .field("processes", &self.procs.keys().collect::<Vec<_>>())
+            .field("uprobes", &self.registry.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Default for RemoteTracer {
+    fn default() -> Self {
+        RemoteTracer::new()
+    }
+}
+
+impl RemoteTracer {
+    /// A tracer with no process and no uprobe.
+    pub fn new() -> RemoteTracer {
+        let loader_hits: Arc<Mutex<Vec<SpaceId>>> = Arc::default();
+        let hits = Arc::clone(&loader_hits);
+        let loader = Consumer::new(move |hit, _| {
+            hits.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(hit.space);
+            ConsumerAction::Continue
+        });
+        RemoteTracer {
+            registry: UprobeRegistry::with_domain(X86_64, Rcu::new()),
+            resolver: TargetResolver::new(),
+            procs: BTreeMap::new(),
+            owner: HashMap::new(),
+            vforked: BTreeSet::new(),
+            pending: VecDeque::new(),
+            early: HashMap::new(),
+            exits: BTreeMap::new(),
+            next_space: 1,
+            loader,
+            loader_hits,
+            loader_files: BTreeSet::new(),
+            _not_send: PhantomData,
+        }
+    }
+
+    /// The registry (counts, `nmissed`, installs per space).
+    pub fn registry(&self) -> &RemoteRegistry {
+        &self.registry
+    }
+
+    /// The space of traced process `pid`.
+    pub fn space(&self, pid: Tid) -> Option<&Arc<RemoteSpace>> {
+        self.procs.get(&pid).map(|p| &p.space)
+    }
+
+    /// The processes traced now.
+    pub fn pids(&self) -> Vec<Tid> {
+        self.procs.keys().copied().collect()
+    }
+
+    /// How `pid` ended, once it has.
+    pub fn exit_status(&self, pid: Tid) -> Option<ExitStatus> {
+        self.exits.get(&pid).copied()
+    }
+
+    /// Starts `cmd` traced: at its first instruction (the `exec` stop) the
+    /// uprobes of the files mapped so far (the program, the dynamic linker)
+    /// are put in place, those of its libraries as the loader maps them;
+    /// its stops are served by [`run`](Self::run). Its standard streams are
+    /// this process's.
+    ///
+    /// # Errors
+    /// The program cannot be found or started, or the process cannot be
+    /// set up (nothing is left running).
+    pub fn spawn(&mut self, cmd: &Command) -> Result<Tid, RemoteError> {
+        let pid =
+            super::spawn::spawn(cmd).map_err(os(format!("starting {:?}", cmd.get_program())))?;
+        if let Err(e) = self.adopt(pid, [pid].into()) {
+            // SAFETY: a signal to our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+            let _ = ptrace::wait(pid, 0);
+            return Err(e);
+        }
+        // It runs from here; its stops wait for `run`.
+        ptrace::cont(pid, 0).map_err(os(format!("resuming {pid}")))?;
+        Ok(pid)
+    }
+
+    /// Attaches to the running process `pid` (every thread, with
+    /// `PTRACE_SEIZE`), installs the uprobes of the files it maps, and lets
+    /// it run on under [`run`](Self::run).
+    ///
+    /// # Errors
+    /// No such process, not permitted (another tracer, `ptrace_scope`,
+    /// another user), or the process exited meanwhile; nothing is left
+    /// stopped or patched.
+    pub fn attach(&mut self, pid: Tid) -> Result<(), RemoteError> {
+        if self.procs.contains_key(&pid) {
+            return Err(RemoteError::AlreadyTraced(pid));
+        }
+        let mut threads = BTreeSet::new();
+        let result = (|| {
+            // Threads created while we attach are seized by the kernel
+            // (TRACECLONE) once their creator is seized; listing again
+            // until nothing new appears catches the rest.
+            loop {
+                let listed =
+                    list_threads(pid).map_err(os(format!("listing the threads of {pid}")))?;
+                let new: Vec<Tid> = listed
+                    .into_iter()
+                    .filter(|t| !threads.contains(t))
+                    .collect();
+                if new.is_empty() {
+                    break;
+                }
+                for tid in new {
+                    ptrace::seize(tid, 0).map_err(os(format!("PTRACE_SEIZE {tid}")))?;
+                    threads.insert(tid);
+                    ptrace::interrupt(tid).map_err(os(format!("PTRACE_INTERRUPT {tid}")))?;
+                }
+            }
+            for &tid in &threads {
+                self.await_stop(tid)?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = result {
+            for &tid in &threads {
+                let _ = ptrace::detach(tid, 0);
+            }
+            return Err(e);
+        }
+        if let Err(e) = self.adopt(pid, threads.clone()) {
+            for &tid in &threads {
+                let _ = ptrace::detach(tid, 0);
+            }
+            return Err(e);
+        }
+        for &tid in &threads {
+            if !self.pending.iter().any(|(t, _)| *t == tid) {
+                ptrace::cont(tid, 0).map_err(os(format!("resuming {tid}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits for the interrupt stop of `tid`; another stop that comes first
+    /// is kept for [`run`](Self::run) (the thread stays stopped).
+    fn await_stop(&mut self, tid: Tid) -> Result<(), RemoteError> {
+        loop {
+            let Some((t, status)) =
+                ptrace::wait(tid, 0).map_err(os(format!("waiting for {tid}")))?
+            else {
+                continue;
+            };
+            match ptrace::decode(status) {
+                Stop::Event {
+                    event: libc::PTRACE_EVENT_STOP,
+                    sig: libc::SIGTRAP,
+                } => return Ok(()),
+                Stop::Exited(_) | Stop::Killed(_) => {
+                    self.pending.push_back((t, status));
+                    return Ok(());
+                }
+                _ => {
+                    self.pending.push_back((t, status));
+                    return Ok(());
+                }
+            }
+        }
+    }
+
+    /// Sets up the space of `pid` (stopped, `threads` traced): the XOL area
+    /// near its executable, its mappings fed to the registry, the loader's
+    /// rendezvous probed.
+    fn adopt(&mut self, pid: Tid, threads: BTreeSet<Tid>) -> Result<(), RemoteError> {
+        let maps = Maps::read_pid(pid).map_err(os(format!("reading /proc/{pid}/maps")))?;
+        let near = file_mappings(&maps).first().map_or(0, |m| m.vaddr.start);
+        let id = SpaceId(self.next_space);
+        self.next_space += 1;
+        let tid = *threads.first().expect("a traced process has a thread");
+        let space = Arc::new(RemoteSpace::new(id, pid, tid, near).map_err(RemoteError::Setup)?);
+        for &t in &threads {
+            self.owner.insert(t, pid);
+        }
+        self.procs.insert(
+            pid,
+            Proc {
+                space,
+                threads,
+                maps: Vec::new(),
+            },
+        );
+        self.rescan(pid, tid);
+        Ok(())
+    }
+
+    /// Reads `pid`'s executable file mappings again and tells the registry
+    /// what changed (`tid`: a stopped thread of it, lent for a new XOL
+    /// chunk). Probes the loader's rendezvous the first time its file is
+    /// seen.
+    fn rescan(&mut self, pid: Tid, tid: Tid) {
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        let Ok(maps) = Maps::read_pid(pid) else {
+            return;
+        };
+        let now = file_mappings(&maps);
+        let space = Arc::clone(&p.space);
+        let _lent = space.lender.lend(tid);
+        for gone in p.maps.iter().filter(|m| !now.contains(m)) {
+            self.registry.on_munmap(space.id(), gone.vaddr.clone());
+        }
+        for new in now.iter().filter(|m| !p.maps.contains(m)) {
+            // A failed install (an unsupported instruction, someone else's
+            // patch) leaves the others; the uprobe stays for later spaces.
+            let _ = self.registry.on_mmap(&space, new.clone());
+        }
+        p.maps = now;
+        let linkers: Vec<String> = maps
+            .mappings
+            .iter()
+            .filter(|m| m.prot & libc::PROT_EXEC != 0 && is_dynamic_linker(&m.path))
+            .map(|m| m.path.clone())
+            .collect();
+        for path in linkers {
+            let target = UprobeTarget::symbol(path.as_str(), RENDEZVOUS);
+            if let Ok(r) = self.resolver.resolve(&target) {
+                if self.loader_files.insert(r.key()) {
+                    let _ = self.registry.register(r.key(), &self.loader);
+                }
+            }
+        }
+    }
+
+    /// Registers `consumer` on `target` in every traced process that maps
+    /// its file now or later. The traced processes are stopped for the
+    /// change and resumed.
+    ///
+    /// # Errors
+    /// As [`UprobeRegistry::register`] and the resolver; nothing changes.
+    pub fn register(
+        &mut self,
+        target: &UprobeTarget,
+        consumer: &Consumer,
+    ) -> Result<ResolvedTarget, ProbeError> {
+        let resolved = self.resolver.resolve(target)?;
+        let stopped = self.stop_all();
+        let r = {
+            let _lent = self.lend_all(&stopped);
+            match &resolved.function {
+                Some(f) => self
+                    .registry
+                    .register_in_function(resolved.key(), f.offset, consumer),
+                None => self.registry.register(resolved.key(), consumer),
+            }
+        };
+        self.resume(&stopped);
+        r.map(|()| resolved)
+    }
+
+    /// Unregisters `consumer` from `key`; its breakpoints come out of every
+    /// traced process (stopped for the change) when it was the last.
+    ///
+    /// # Errors
+    /// As [`UprobeRegistry::unregister`].
+    pub fn unregister(&mut self, key: UprobeKey, consumer: &Consumer) -> Result<(), ProbeError> {
+        let stopped = self.stop_all();
+        let r = self.registry.unregister(key, consumer);
+        self.resume(&stopped);
+        r
+    }
+
+    /// One stopped thread of every process lent to its space's XOL area.
+    fn lend_all(&self, stopped: &[Tid]) -> Vec<super::xol::Lent<'_>> {
+        self.procs
+            .iter()
+            .filter_map(|(pid, p)| {
+                let t = stopped.iter().find(|t| self.owner.get(t) == Some(pid))?;
+                Some(p.space.lender.lend(*t))
+            })
+            .collect()
+    }
+
+    /// Interrupts every traced thread not stopped already and waits for
+    /// each; returns those it stopped (to resume).
+    fn stop_all(&mut self) -> Vec<Tid> {
+        let already: BTreeSet<Tid> = self.pending.iter().map(|(t, _)| *t).collect();
+        let tids: Vec<Tid> = self
+            .procs
+            .values()
+            .flat_map(|p| p.threads.iter().copied())
+            .chain(self.vforked.iter().copied())
+            .filter(|t| !already.contains(t))
+            .collect();
+        let mut stopped = Vec::new();
+        for tid in tids {
+            if ptrace::interrupt(tid).is_ok() && self.await_stop(tid).is_ok() {
+                // Stopped by our interrupt unless it left a stop pending.
+                if !self.pending.iter().any(|(t, _)| *t == tid) {
+                    stopped.push(tid);
+                }
+            }
+        }
+        stopped
+    }
+
+    fn resume(&self, stopped: &[Tid]) {
+        for &tid in stopped {
+            let _ = ptrace::cont(tid, 0);
+        }
+    }
+
+    /// Serves stops until no traced process is left.
+    ///
+    /// # Errors
+    /// `waitpid` fails for another reason than having no child.
+    pub fn run(&mut self) -> Result<(), RemoteError> {
+        while !self.procs.is_empty() || !self.vforked.is_empty() {
+            self.serve_one(true)?;
+        }
+        Ok(())
+    }
+
+    /// Serves stops for `how_long` (or until no traced process is left).
+    ///
+    /// # Errors
+    /// As [`run`](Self::run).
+    pub fn run_for(&mut self, how_long: std::time::Duration) -> Result<(), RemoteError> {
+        let end = std::time::Instant::now() + how_long;
+        while (!self.procs.is_empty() || !self.vforked.is_empty())
+            && std::time::Instant::now() < end
+        {
+            if !self.serve_one(false)? {
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        }
+        Ok(())
+    }
+
+    /// Serves one stop (waiting for it if `block`); false if none came.
+    fn serve_one(&mut self, block: bool) -> Result<bool, RemoteError> {
+        let next = match self.pending.pop_front() {
+            Some(s) => Some(s),
+            None => match ptrace::wait(-1, if block { 0 } else { libc::WNOHANG }) {
+                Ok(s) => s,
+                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
+                    self.procs.clear();
+                    self.vforked.clear();
+                    return Ok(false);
+                }
+                Err(e) => return Err(os("waitpid")(e)),
+            },
+        };
+        let Some((tid, status)) = next else {
+            return Ok(false);
+        };
+        self.serve(tid, status);
+        Ok(true)
+    }
+
+    fn serve(&mut self, tid: Tid, status: libc::c_int) {
+        let Some(&pid) = self.owner.get(&tid) else {
+            // A new thread or child whose creator's event has not come yet.
+            self.early.insert(tid, status);
+            return;
+        };
+        match ptrace::decode(status) {
+            Stop::Exited(code) => self.thread_gone(pid, tid, ExitStatus::Code(code)),
+            Stop::Killed(sig) => self.thread_gone(pid, tid, ExitStatus::Signal(sig)),
+            Stop::Event { event, sig } => self.event(pid, tid, event, sig),
+            Stop::Signal(libc::SIGTRAP) => self.trap(pid, tid),
+            Stop::Signal(sig) => {
+                let _ = ptrace::cont(tid, sig);
+            }
+        }
+    }
+
+    fn thread_gone(&mut self, pid: Tid, tid: Tid, how: ExitStatus) {
+        self.owner.remove(&tid);
+        if self.vforked.remove(&tid) {
+            return;
+        }
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        p.threads.remove(&tid);
+        if tid == pid {
+            // The process is gone: its memory with it.
+            let p = self.procs.remove(&pid).expect("looked up above");
+            self.registry.on_munmap(p.space.id(), 0..u64::MAX);
+            for t in p.threads {
+                self.owner.remove(&t);
+            }
+            self.exits.insert(pid, how);
+        }
+    }
+
+    fn event(&mut self, pid: Tid, tid: Tid, event: libc::c_int, sig: libc::c_int) {
+        match event {
+            libc::PTRACE_EVENT_CLONE | libc::PTRACE_EVENT_FORK | libc::PTRACE_EVENT_VFORK => {
+                let Ok(new) = ptrace::event_msg(tid) else {
+                    let _ = ptrace::cont(tid, 0);
+                    return;
+                };
+                let new = new as Tid;
+                match event {
+                    libc::PTRACE_EVENT_CLONE => {
+                        self.owner.insert(new, pid);
+                        if let Some(p) = self.procs.get_mut(&pid) {
+                            p.threads.insert(new);
+                        }
+                        self.first_stop(new);
+                    }
+                    libc::PTRACE_EVENT_VFORK => {
+                        // Same memory as the parent: its space serves it.
+                        self.owner.insert(new, pid);
+                        self.vforked.insert(new);
+                        self.first_stop(new);
+                    }
+                    _ => self.let_fork_child_go(pid, new),
+                }
+                let _ = ptrace::cont(tid, 0);
+            }
+            libc::PTRACE_EVENT_EXEC => self.exec(pid, tid),
+            libc::PTRACE_EVENT_STOP => {
+                if matches!(
+                    sig,
+                    libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
+                ) {
+                    // A group-stop: stays stopped until SIGCONT.
+                    let _ = ptrace::listen(tid);
+                } else {
+                    let _ = ptrace::cont(tid, 0);
+                }
+            }
+            _ => {
+                let _ = ptrace::cont(tid, 0);
+            }
+        }
+    }
+
+    /// Waits for a new tracee's first stop (unless it came early) and lets
+    /// it run.
+    fn first_stop(&mut self, tid: Tid) {
+        if self.early.remove(&tid).is_none() {
+            let _ = ptrace::wait(tid, 0);
+        }
+        let _ = ptrace::cont(tid, 0);
+    }
+
+    /// A `fork` child of `pid`: its inherited breakpoints replaced by the
+    /// original bytes, then let go.
+    fn let_fork_child_go(&mut self, pid: Tid, child: Tid) {
+        if self.early.remove(&child).is_none() {
+            let _ = ptrace::wait(child, 0);
+        }
+        if let (Some(p), Ok(mem)) = (self.procs.get(&pid), RemoteMemory::open(child)) {
+            let bp = X86_64.breakpoint();
+            for (vaddr, orig) in self.registry.installed_bytes(p.space.id()) {
+                let _ = mem.write_at(vaddr, &orig.as_slice()[..bp.len()]);
+            }
+        }
+        let _ = ptrace::detach(child, 0);
+    }
+
+    /// `pid` (thread `tid`) ran `exec`: the old space is gone, the new
+    /// image gets a space of its own.
+    fn exec(&mut self, pid: Tid, tid: Tid) {
+        if self.vforked.remove(&tid) {
+            // A vfork child left its parent's memory: let it go.
+            self.owner.remove(&tid);
+            let _ = ptrace::detach(tid, 0);
+            return;
+        }
+        if let Some(p) = self.procs.remove(&pid) {
+            self.registry.on_munmap(p.space.id(), 0..u64::MAX);
+            for t in p.threads {
+                self.owner.remove(&t);
+            }
+        }
+        // After exec the thread has the process's id.
+        if self.adopt(pid, [pid].into()).is_err() {
+            let _ = ptrace::detach(pid, 0);
+            return;
+        }
+        let _ = ptrace::cont(pid, 0);
+    }
+
+    /// A `SIGTRAP` stop of `tid`: a breakpoint of ours, a return through
+    /// the trampoline, or the program's own trap (delivered).
+    fn trap(&mut self, pid: Tid, tid: Tid) {
+        let code = ptrace::siginfo(tid).map(|si| si.si_code).unwrap_or(0);
+        let Some(space) = self.procs.get(&pid).map(|p| Arc::clone(&p.space)) else {
+            let _ = ptrace::cont(tid, libc::SIGTRAP);
+            return;
+        };
+        if code != SI_KERNEL {
+            let _ = ptrace::cont(tid, libc::SIGTRAP);
+            return;
+        }
+        let Ok(mut user) = ptrace::get_regs(tid) else {
+            return;
+        };
+        let mut r = regs::from_user(&user);
+        let mut mem = space.memory().clone();
+        // The signal to resume with, and whether `r` is to be written back
+        // (not when the trap goes to the program as it was).
+        let mut deliver = 0;
+        let mut write_back = true;
+        if space.return_trampoline() == Some(r.ip.wrapping_sub(1)) {
+            match self.registry.on_return(space.id(), &mut r) {
+                ReturnOutcome::Returned { .. } => {}
+                _ => (deliver, write_back) = (libc::SIGTRAP, false),
+            }
+        } else {
+            match self.registry.on_breakpoint(space.id(), &mut r, &mut mem) {
+                UprobeOutcome::Done(UprobeFinished::NotOurs) => {
+                    (deliver, write_back) = (libc::SIGTRAP, false)
+                }
+                // The registers hold the state before the instruction: the
+                // program gets the fault it would have had.
+                UprobeOutcome::Done(UprobeFinished::Failed(_)) => deliver = libc::SIGSEGV,
+                UprobeOutcome::Done(_) => {}
+                UprobeOutcome::SingleStep(step) => {
+                    regs::to_user(&r, &mut user);
+                    if ptrace::set_regs(tid, &user).is_err() {
+                        return;
+                    }
+                    // A step ends on the slot's marker `int3` (resume and
+                    // wait for it) or, without one, after one instruction
+                    // (the trap flag: `PTRACE_SINGLESTEP`).
+                    let marker = step.plan().step_marker;
+                    let mut held = Vec::new();
+                    loop {
+                        let resumed = match marker {
+                            Some(_) => ptrace::cont(tid, 0),
+                            None => ptrace::single_step(tid, 0),
+                        };
+                        if resumed.is_err() {
+                            return;
+                        }
+                        let Ok(Some((_, st))) = ptrace::wait(tid, 0) else {
+                            return;
+                        };
+                        match ptrace::decode(st) {
+                            Stop::Signal(libc::SIGTRAP) => {}
+                            Stop::Signal(sig) => {
+                                held.push(sig);
+                                continue;
+                            }
+                            Stop::Event { .. } => continue,
+                            Stop::Exited(_) | Stop::Killed(_) => {
+                                self.pending.push_back((tid, st));
+                                return;
+                            }
+                        }
+                        let Ok(now) = ptrace::get_regs(tid) else {
+                            return;
+                        };
+                        user = now;
+                        r = regs::from_user(&user);
+                        match self.registry.on_step_complete(&step, &mut r, &mut mem) {
+                            Ok(StepOutcome::Repeat) => {
+                                regs::to_user(&r, &mut user);
+                                let _ = ptrace::set_regs(tid, &user);
+                            }
+                            Ok(StepOutcome::Done) => break,
+                            Err(_) => {
+                                (deliver, write_back) = (libc::SIGSEGV, false);
+                                break;
+                            }
+                        }
+                    }
+                    drop(step);
+                    // Signals that came during the step: the first with the
+                    // resume, the others sent again.
+                    let mut held = held.into_iter();
+                    if deliver == 0 {
+                        deliver = held.next().unwrap_or(0);
+                    }
+                    for sig in held {
+                        // SAFETY: tgkill with plain integers; a thread that
+                        // is gone makes it fail harmlessly.
+                        unsafe { libc::syscall(libc::SYS_tgkill, pid, tid, sig) };
+                    }
+                }
+            }
+        }
+        if write_back {
+            regs::to_user(&r, &mut user);
+            let _ = ptrace::set_regs(tid, &user);
+        }
+        self.after_loader(pid, tid);
+        let _ = ptrace::cont(tid, deliver);
+    }
+
+    /// After a hit: if it was the loader's rendezvous, the mappings again.
+    fn after_loader(&mut self, pid: Tid, tid: Tid) {
+        let hit = std::mem::take(&mut *self.loader_hits.lock().unwrap_or_else(|p| p.into_inner()));
+        if !hit.is_empty() {
+            self.rescan(pid, tid);
+        }
+    }
+
+    /// Stops tracing `pid`: every original byte written back, no thread
+    /// left inside an XOL slot, every thread let go. The process runs on as
+    /// if it had never been traced (its XOL area stays mapped).
+    ///
+    /// # Errors
+    /// [`RemoteError::NotTraced`].
+    pub fn detach(&mut self, pid: Tid) -> Result<(), RemoteError> {
+        if !self.procs.contains_key(&pid) {
+            return Err(RemoteError::NotTraced(pid));
+        }
+        let _stopped = self.stop_all();
+        let p = self.procs.remove(&pid).expect("checked above");
+        self.registry.detach_space(p.space.id());
+        let slots = p.space.xol_slots().chunk_ranges();
+        let in_slot = |rip: u64| slots.iter().any(|&(s, len)| (s..s + len).contains(&rip));
+        // Stops of this process's threads collected meanwhile: a breakpoint
+        // trap whose byte is gone now resumes at the instruction itself.
+        let mut signals: HashMap<Tid, libc::c_int> = HashMap::new();
+        let mut keep = VecDeque::new();
+        for (tid, status) in std::mem::take(&mut self.pending) {
+            if self.owner.get(&tid) != Some(&pid) {
+                keep.push_back((tid, status));
+                continue;
+            }
+            if let Stop::Signal(sig) = ptrace::decode(status) {
+                let ours = sig == libc::SIGTRAP
+                    && ptrace::siginfo(tid).map(|si| si.si_code).ok() == Some(SI_KERNEL);
+                if ours {
+                    if let Ok(mut u) = ptrace::get_regs(tid) {
+                        let mut b = [0u8];
+                        let back =
+                            p.space.memory().read_at(u.rip - 1, &mut b).is_ok() && b[0] != 0xcc;
+                        if back {
+                            u.rip -= 1;
+                            let _ = ptrace::set_regs(tid, &u);
+                        }
+                    }
+                } else {
+                    signals.insert(tid, sig);
+                }
+            }
+        }
+        self.pending = keep;
+        for &tid in &p.threads {
+            // Out of any XOL slot first (a boosted slot jumps back after
+            // its one instruction).
+            for _ in 0..4 {
+                match ptrace::get_regs(tid) {
+                    Ok(u) if in_slot(u.rip) => {
+                        if ptrace::single_step(tid, 0).is_err() || ptrace::wait(tid, 0).is_err() {
+                            break;
+                        }
+                    }
+                    _ => break,
+                }
+            }
+            self.owner.remove(&tid);
+            let _ = ptrace::detach(tid, signals.get(&tid).copied().unwrap_or(0));
+        }
+        self.resume(
+            &_stopped
+                .into_iter()
+                .filter(|t| self.owner.contains_key(t))
+                .collect::<Vec<_>>(),
+        );
+        Ok(())
+    }
+}
+
+/// Whether `path` is the dynamic linker (`ld-linux*.so*`, `ld.so*`).
+fn is_dynamic_linker(path: &str) -> bool {
+    let name = path.rsplit('/').next().unwrap_or("");
+    name.starts_with("ld-linux") || name.starts_with("ld.so") || name.starts_with("ld64.so")
+}
+
+/// The thread ids of `pid` (`/proc/<pid>/task`).
+fn list_threads(pid: Tid) -> std::io::Result<Vec<Tid>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        if let Some(t) = e?.file_name().to_str().and_then(|s| s.parse().ok()) {
+            out.push(t);
+        }
+    }
+    Ok(out)
+}

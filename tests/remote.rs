@@ -1,0 +1,286 @@
+//! Uprobes in other processes over ptrace (`probes::remote`): a fixture
+//! program built here and a command of the base system, traced from spawn
+//! or attached to while it runs.
+
+#![cfg(all(target_os = "linux", target_arch = "x86_64"))]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcu_registry::probes::remote::{ExitStatus, RemoteError, RemoteTracer};
+use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeTarget};
+use rcu_registry::probes::ProbeError;
+
+/// A temporary directory for this test process.
+fn dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("rcu-registry-remote-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// The fixture program, built once per test process.
+fn fixture() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/remote_support/fixture.c");
+            let exe = dir().join("fixture");
+            let out = Command::new("cc")
+                .args(["-O1", "-pthread", "-o"])
+                .arg(&exe)
+                .arg(&src)
+                .output()
+                .expect("running cc");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            exe
+        })
+        .clone()
+}
+
+/// A consumer counting its hits.
+fn counter() -> (Consumer, Arc<AtomicU64>) {
+    let n = Arc::new(AtomicU64::new(0));
+    let c = Arc::clone(&n);
+    let consumer = Consumer::new(move |_, _| {
+        c.fetch_add(1, Ordering::Relaxed);
+        ConsumerAction::Continue
+    });
+    (consumer, n)
+}
+
+fn run_untraced(args: &[&str]) -> String {
+    let out = dir().join(format!("untraced-{}", args.join("-").replace('/', "_")));
+    let st = Command::new(fixture())
+        .arg(&out)
+        .args(args)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::read_to_string(out).unwrap()
+}
+
+fn fixture_cmd(out: &Path, args: &[&str]) -> Command {
+    let mut c = Command::new(fixture());
+    c.arg(out).args(args);
+    c
+}
+
+/// A program started untraced, killed and reaped if a test fails first.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn fixture_file() -> String {
+    fixture().to_str().unwrap().to_string()
+}
+
+#[test]
+fn a_spawned_program_counts_every_call_from_two_threads_and_writes_what_it_writes_untraced() {
+    let mut t = RemoteTracer::new();
+    let (c, hits) = counter();
+    // Registered before the program exists: installed at its exec stop.
+    t.register(
+        &UprobeTarget::symbol(fixture_file().as_str(), "rt_work"),
+        &c,
+    )
+    .unwrap();
+    let out = dir().join("traced-work");
+    let pid = t.spawn(&fixture_cmd(&out, &["work", "5000", "2"])).unwrap();
+    t.run().unwrap();
+    assert_eq!(t.exit_status(pid), Some(ExitStatus::Code(0)));
+    assert_eq!(hits.load(Ordering::Relaxed), 10_000);
+    assert_eq!(
+        std::fs::read_to_string(out).unwrap(),
+        run_untraced(&["work", "5000", "2"])
+    );
+}
+
+#[test]
+fn a_c_library_function_is_probed_once_the_loader_has_mapped_the_library() {
+    let mut t = RemoteTracer::new();
+    let (c, hits) = counter();
+    t.register(&UprobeTarget::symbol("libc.so.6", "getppid"), &c)
+        .unwrap();
+    let out = dir().join("traced-libc");
+    let pid = t.spawn(&fixture_cmd(&out, &["libc", "777"])).unwrap();
+    t.run().unwrap();
+    assert_eq!(t.exit_status(pid), Some(ExitStatus::Code(0)));
+    assert_eq!(hits.load(Ordering::Relaxed), 777);
+    assert_eq!(
+        std::fs::read_to_string(out).unwrap(),
+        run_untraced(&["libc", "777"])
+    );
+}
+
+#[test]
+fn a_fork_child_is_let_go_with_its_original_text_and_the_parent_keeps_counting() {
+    let mut t = RemoteTracer::new();
+    let (c, hits) = counter();
+    t.register(
+        &UprobeTarget::symbol(fixture_file().as_str(), "rt_work"),
+        &c,
+    )
+    .unwrap();
+    let out = dir().join("traced-fork");
+    let pid = t.spawn(&fixture_cmd(&out, &["fork", "300"])).unwrap();
+    t.run().unwrap();
+    assert_eq!(t.exit_status(pid), Some(ExitStatus::Code(0)));
+    // The parent's calls only; the child ran untraced and exited 7.
+    assert_eq!(hits.load(Ordering::Relaxed), 300);
+    assert_eq!(
+        std::fs::read_to_string(out).unwrap(),
+        run_untraced(&["fork", "300"])
+    );
+}
+
+/// `ls` (a command of the base system, run through `sh -c`, which `exec`s
+/// it): a probe on the C library's `readdir64` fires in the new image, and
+/// the listing is the untraced one.
+#[test]
+fn a_base_system_command_after_exec_is_traced_and_its_output_is_unchanged() {
+    let Ok(ls) = which("ls") else {
+        eprintln!("skipped: no `ls` in PATH");
+        return;
+    };
+    let untraced = Command::new(&ls)
+        .args(["-1", "/usr/lib"])
+        .output()
+        .unwrap()
+        .stdout;
+    let mut t = RemoteTracer::new();
+    let (c, hits) = counter();
+    t.register(&UprobeTarget::symbol("libc.so.6", "readdir64"), &c)
+        .unwrap();
+    let out = dir().join("traced-ls");
+    let script = format!("exec {} -1 /usr/lib > {}", ls.display(), out.display());
+    let pid = t.spawn(Command::new("sh").args(["-c", &script])).unwrap();
+    t.run().unwrap();
+    assert_eq!(t.exit_status(pid), Some(ExitStatus::Code(0)));
+    assert!(hits.load(Ordering::Relaxed) > 0, "readdir64 was called");
+    assert_eq!(std::fs::read(out).unwrap(), untraced);
+}
+
+fn which(name: &str) -> Result<PathBuf, ()> {
+    std::env::split_paths(&std::env::var_os("PATH").ok_or(())?)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .ok_or(())
+}
+
+/// The code bytes of `symbol` in `pid`, through its memory file.
+fn code_of(pid: i32, addr: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::File::open(format!("/proc/{pid}/mem")).unwrap();
+    let mut b = vec![0u8; len];
+    f.read_exact_at(&mut b, addr).unwrap();
+    b
+}
+
+#[test]
+fn attach_and_detach_cycles_leave_a_running_program_unaware() {
+    let stop = dir().join("stop-attach");
+    let out = dir().join("traced-until");
+    let _ = std::fs::remove_file(&stop);
+    let mut child = Running(
+        fixture_cmd(&out, &["until", stop.to_str().unwrap()])
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id() as i32;
+    let mut t = RemoteTracer::new();
+    let (c, hits) = counter();
+    let resolved = t
+        .register(
+            &UprobeTarget::symbol(fixture_file().as_str(), "rt_work"),
+            &c,
+        )
+        .unwrap();
+    // (`spawn` returned after the `exec`: the program's text is mapped.)
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+    let base = maps
+        .lines()
+        .find(|l| l.ends_with(fixture().to_str().unwrap()))
+        .and_then(|l| u64::from_str_radix(l.split('-').next().unwrap(), 16).ok())
+        .unwrap();
+    // The fixture is linked at 0: the symbol's address is an offset.
+    let at = base + resolved.vaddr;
+    let original = code_of(pid, at, 4);
+    let mut last = 0;
+    for round in 0..3 {
+        t.attach(pid).unwrap();
+        assert_eq!(code_of(pid, at, 1), [0xcc], "round {round}: installed");
+        // Served until the program has called it (it calls it in a loop;
+        // the bound is for a machine that does not schedule it at all).
+        let start = std::time::Instant::now();
+        while hits.load(Ordering::Relaxed) == last && start.elapsed() < Duration::from_secs(20) {
+            t.run_for(Duration::from_millis(10)).unwrap();
+        }
+        t.detach(pid).unwrap();
+        assert_eq!(code_of(pid, at, 4), original, "round {round}: restored");
+        let now = hits.load(Ordering::Relaxed);
+        assert!(now > last, "round {round}: counted while attached");
+        last = now;
+    }
+    assert_eq!(
+        hits.load(Ordering::Relaxed),
+        last,
+        "nothing counted detached"
+    );
+    std::fs::write(&stop, b"").unwrap();
+    assert!(child.0.wait().unwrap().success());
+    assert_eq!(std::fs::read_to_string(out).unwrap(), "checksum 1\n");
+}
+
+#[test]
+fn bad_input_is_a_typed_error_and_changes_nothing() {
+    let mut t = RemoteTracer::new();
+    // No such process.
+    assert!(matches!(
+        t.attach(i32::MAX - 1),
+        Err(RemoteError::Os { .. })
+    ));
+    // A symbol that is not there.
+    let (c, _) = counter();
+    assert!(matches!(
+        t.register(
+            &UprobeTarget::symbol(fixture_file().as_str(), "no_such_function"),
+            &c
+        ),
+        Err(ProbeError::SymbolNotInFile { .. })
+    ));
+    assert_eq!(t.registry().len(), 0);
+    // A program that does not exist.
+    assert!(matches!(
+        t.spawn(&Command::new("/no/such/program")),
+        Err(RemoteError::Os { .. })
+    ));
+    assert!(t.pids().is_empty());
+    // Attaching twice.
+    let stop = dir().join("stop-twice");
+    let out = dir().join("traced-twice");
+    let _ = std::fs::remove_file(&stop);
+    let mut child = Running(
+        fixture_cmd(&out, &["until", stop.to_str().unwrap()])
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id() as i32;
+    t.attach(pid).unwrap();
+    assert!(matches!(t.attach(pid), Err(RemoteError::AlreadyTraced(p)) if p == pid));
+    t.detach(pid).unwrap();
+    assert!(matches!(t.detach(pid), Err(RemoteError::NotTraced(_))));
+    std::fs::write(&stop, b"").unwrap();
+    assert!(child.0.wait().unwrap().success());
+}

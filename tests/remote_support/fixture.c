@@ -1,0 +1,77 @@
+/* Fixture program for tests/remote.rs: calls known functions a known
+ * number of times and writes a checksum to the file named by its first
+ * argument.
+ *
+ *   fixture OUT work N THREADS   rt_work N times in each of THREADS threads
+ *   fixture OUT libc N           getppid N times
+ *   fixture OUT fork N           rt_work N times, then a child that calls it
+ *                                N times and exits 7; the parent waits
+ *   fixture OUT until STOPFILE   rt_work in a loop until STOPFILE exists
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+/* The counter keeps the compiler from dropping calls whose result is
+ * unused (a pure function's). */
+static volatile long calls;
+
+__attribute__((noinline)) long rt_work(long x) {
+    calls++;
+    return x * 3 + 1;
+}
+
+static long loops;
+
+static void *run(void *arg) {
+    (void)arg;
+    long s = 0;
+    for (long i = 0; i < loops; i++) s += rt_work(i);
+    return (void *)s;
+}
+
+int main(int argc, char **argv) {
+    if (argc < 4) return 2;
+    FILE *out = fopen(argv[1], "w");
+    if (!out) return 3;
+    const char *mode = argv[2];
+    long sum = 0;
+    if (!strcmp(mode, "work")) {
+        loops = atol(argv[3]);
+        int threads = argc > 4 ? atoi(argv[4]) : 1;
+        pthread_t t[16];
+        for (int i = 0; i < threads && i < 16; i++) pthread_create(&t[i], 0, run, 0);
+        for (int i = 0; i < threads && i < 16; i++) {
+            void *r;
+            pthread_join(t[i], &r);
+            sum += (long)r;
+        }
+    } else if (!strcmp(mode, "libc")) {
+        long n = atol(argv[3]);
+        for (long i = 0; i < n; i++) sum += getppid() > 0;
+    } else if (!strcmp(mode, "fork")) {
+        loops = atol(argv[3]);
+        sum += (long)run(0);
+        pid_t c = fork();
+        if (c == 0) {
+            run(0);
+            _exit(7);
+        }
+        int st = 0;
+        waitpid(c, &st, 0);
+        sum += WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    } else if (!strcmp(mode, "until")) {
+        long i = 0;
+        while (access(argv[3], F_OK) != 0) {
+            sum += rt_work(i++ & 1023);
+            if ((i & 1023) == 0) usleep(100);
+        }
+        sum = i > 0;
+    }
+    fprintf(out, "checksum %ld\n", sum);
+    fclose(out);
+    return 0;
+}
