@@ -32,6 +32,7 @@ fn fixture() -> PathBuf {
                 .args(["-O1", "-pthread", "-o"])
                 .arg(&exe)
                 .arg(&src)
+                .arg("-ldl")
                 .output()
                 .expect("running cc");
             assert!(
@@ -40,6 +41,34 @@ fn fixture() -> PathBuf {
                 String::from_utf8_lossy(&out.stderr)
             );
             exe
+        })
+        .clone()
+}
+
+/// A library the fixture opens: `lib_add(x) = x + 5`.
+fn fixture_lib() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let src = dir().join("lib.c");
+            std::fs::write(
+                &src,
+                "__attribute__((noinline)) long lib_add(long x) { return x + 5; }\n",
+            )
+            .unwrap();
+            let so = dir().join("libremotefix.so");
+            let out = Command::new("cc")
+                .args(["-shared", "-fPIC", "-O1", "-o"])
+                .arg(&so)
+                .arg(&src)
+                .output()
+                .expect("running cc");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            so
         })
         .clone()
 }
@@ -142,6 +171,49 @@ fn a_fork_child_is_let_go_with_its_original_text_and_the_parent_keeps_counting()
     assert_eq!(
         std::fs::read_to_string(out).unwrap(),
         run_untraced(&["fork", "300"])
+    );
+}
+
+/// A uprobe and a uretprobe registered before the program runs, on a
+/// library it opens with `dlopen`, closes and opens again: every call and
+/// every return value counted.
+#[test]
+fn a_library_opened_later_is_probed_at_each_dlopen_and_its_returns_are_seen() {
+    let lib = fixture_lib();
+    let mut t = RemoteTracer::new();
+    let calls = Arc::new(AtomicU64::new(0));
+    let rets = Arc::new(AtomicU64::new(0));
+    let (c1, r1) = (Arc::clone(&calls), Arc::clone(&rets));
+    let consumer = Consumer::builder()
+        .handler(move |_, _| {
+            c1.fetch_add(1, Ordering::Relaxed);
+            ConsumerAction::Continue
+        })
+        .ret_handler(move |ret, _| {
+            // lib_add(i) = i + 5: the sum of the return values is checked.
+            r1.fetch_add(ret.retval, Ordering::Relaxed);
+        })
+        .build();
+    t.register(
+        &UprobeTarget::symbol(lib.to_str().unwrap(), "lib_add"),
+        &consumer,
+    )
+    .unwrap();
+    let out = dir().join("traced-dlopen");
+    let pid = t
+        .spawn(&fixture_cmd(
+            &out,
+            &["dlopen", lib.to_str().unwrap(), "200"],
+        ))
+        .unwrap();
+    t.run().unwrap();
+    assert_eq!(t.exit_status(pid), Some(ExitStatus::Code(0)));
+    assert_eq!(calls.load(Ordering::Relaxed), 400);
+    let per_round: u64 = (0..200).map(|i| i + 5).sum();
+    assert_eq!(rets.load(Ordering::Relaxed), 2 * per_round);
+    assert_eq!(
+        std::fs::read_to_string(out).unwrap(),
+        run_untraced(&["dlopen", lib.to_str().unwrap(), "200"])
     );
 }
 

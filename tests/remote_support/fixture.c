@@ -7,7 +7,10 @@
  *   fixture OUT fork N           rt_work N times, then a child that calls it
  *                                N times and exits 7; the parent waits
  *   fixture OUT until STOPFILE   rt_work in a loop until STOPFILE exists
+ *   fixture OUT dlopen LIB N     twice: dlopen LIB, call its lib_add N
+ *                                times, dlclose
  */
+#include <dlfcn.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -63,6 +66,16 @@ int main(int argc, char **argv) {
         int st = 0;
         waitpid(c, &st, 0);
         sum += WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    } else if (!strcmp(mode, "dlopen")) {
+        long n = argc > 4 ? atol(argv[4]) : 0;
+        for (int round = 0; round < 2; round++) {
+            void *h = dlopen(argv[3], RTLD_NOW);
+            if (!h) return 4;
+            long (*add)(long) = (long (*)(long))dlsym(h, "lib_add");
+            if (!add) return 5;
+            for (long i = 0; i < n; i++) sum += add(i);
+            dlclose(h);
+        }
     } else if (!strcmp(mode, "until")) {
         long i = 0;
         while (access(argv[3], F_OK) != 0) {
