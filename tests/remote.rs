@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rcu_registry::probes::remote::{ExitStatus, RemoteError, RemoteTracer};
+use rcu_registry::probes::remote::{ExitStatus, Refusal, RemoteError, RemoteTracer};
 use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeTarget};
 use rcu_registry::probes::ProbeError;
 
@@ -251,6 +251,12 @@ fn which(name: &str) -> Result<PathBuf, ()> {
         .ok_or(())
 }
 
+/// The space id of traced process `pid`.
+fn space_of(t: &RemoteTracer, pid: i32) -> rcu_registry::probes::uprobe::SpaceId {
+    use rcu_registry::probes::uprobe::AddressSpace;
+    t.space(pid).expect("traced").id()
+}
+
 /// The code bytes of `symbol` in `pid`, through its memory file.
 fn code_of(pid: i32, addr: u64, len: usize) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
@@ -321,7 +327,7 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
     // No such process.
     assert!(matches!(
         t.attach(i32::MAX - 1),
-        Err(RemoteError::Os { .. })
+        Err(RemoteError::NoSuchProcess(p)) if p == i32::MAX - 1
     ));
     // A symbol that is not there.
     let (c, _) = counter();
@@ -351,6 +357,20 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
     let pid = child.0.id() as i32;
     t.attach(pid).unwrap();
     assert!(matches!(t.attach(pid), Err(RemoteError::AlreadyTraced(p)) if p == pid));
+    // Another tracer (a second one, on another thread) is refused and
+    // told by whom; the first one's process is untouched.
+    let before = t.registry().installs_in(space_of(&t, pid));
+    let other = std::thread::spawn(move || match RemoteTracer::new().attach(pid) {
+        Err(RemoteError::NotPermitted {
+            why: Refusal::OtherTracer(by),
+            ..
+        }) => Ok(by),
+        other => Err(format!("{other:?}")),
+    })
+    .join()
+    .unwrap();
+    assert!(other.is_ok(), "{other:?}");
+    assert_eq!(t.registry().installs_in(space_of(&t, pid)), before);
     t.detach(pid).unwrap();
     assert!(matches!(t.detach(pid), Err(RemoteError::NotTraced(_))));
     std::fs::write(&stop, b"").unwrap();

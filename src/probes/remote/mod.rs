@@ -31,5 +31,5 @@ mod xol;
 pub use mem::RemoteMemory;
 pub use ptrace::Tid;
 pub use space::RemoteSpace;
-pub use tracer::{ExitStatus, RemoteError, RemoteRegistry, RemoteTracer};
+pub use tracer::{ExitStatus, Refusal, RemoteError, RemoteRegistry, RemoteTracer};
 pub use xol::{RemoteXol, REMOTE_XOL_CHUNK_BYTES};

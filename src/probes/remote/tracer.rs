@@ -107,6 +107,15 @@ pub enum RemoteError {
         /// The error.
         error: std::io::Error,
     },
+    /// No such process (or it exited while being attached to).
+    NoSuchProcess(Tid),
+    /// The kernel refused to let this tracer attach, and why.
+    NotPermitted {
+        /// The process.
+        pid: Tid,
+        /// What stands in the way.
+        why: Refusal,
+    },
     /// The pid is not traced by this tracer.
     NotTraced(Tid),
     /// The pid is traced already.
@@ -119,6 +128,10 @@ impl std::fmt::Display for RemoteError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             RemoteError::Os { what, error } => write!(f, "{what}: {error}"),
+            RemoteError::NoSuchProcess(pid) => write!(f, "no process {pid}"),
+            RemoteError::NotPermitted { pid, why } => {
+                write!(f, "not permitted to trace process {pid}: {why}")
+            }
             RemoteError::NotTraced(pid) => write!(f, "process {pid} is not traced by this tracer"),
             RemoteError::AlreadyTraced(pid) => write!(f, "process {pid} is traced already"),
             RemoteError::Setup(e) => write!(f, "setting up the traced process: {e}"),
@@ -131,6 +144,68 @@ impl std::error::Error for RemoteError {}
 fn os(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RemoteError {
     let what = what.into();
     move |error| RemoteError::Os { what, error }
+}
+
+/// Why `ptrace` refused to attach (what `/proc` says about the target, read
+/// after the kernel said `EPERM`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Refusal {
+    /// Another tracer traces it already (a debugger, `strace`, another
+    /// tracer of this program): its thread id.
+    OtherTracer(Tid),
+    /// It runs as another user and this process may not trace it (no
+    /// `CAP_SYS_PTRACE`): its real user id.
+    OtherUser(u32),
+    /// Yama's `kernel.yama.ptrace_scope` forbids it (the setting: 1, only
+    /// descendants; 2, only with `CAP_SYS_PTRACE`; 3, never).
+    PtraceScope(u8),
+    /// None of those: a non-dumpable (setuid) process or a security
+    /// module; the `errno`.
+    Other(i32),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::OtherTracer(t) => write!(f, "already traced by thread {t}"),
+            Refusal::OtherUser(uid) => {
+                write!(f, "it runs as user {uid} and this process may not trace it")
+            }
+            Refusal::PtraceScope(v) => write!(f, "kernel.yama.ptrace_scope is {v}"),
+            Refusal::Other(e) => write!(f, "{}", std::io::Error::from_raw_os_error(*e)),
+        }
+    }
+}
+
+/// Why seizing `pid` failed with `e`, as a typed error.
+fn refused(pid: Tid, e: std::io::Error) -> RemoteError {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"));
+    match (e.raw_os_error(), status) {
+        (Some(libc::ESRCH), _) | (_, Err(_)) => RemoteError::NoSuchProcess(pid),
+        (Some(libc::EPERM), Ok(status)) => {
+            let field = |name: &str| {
+                status
+                    .lines()
+                    .find_map(|l| l.strip_prefix(name))
+                    .and_then(|v| v.split_whitespace().next())
+                    .and_then(|v| v.parse::<u32>().ok())
+            };
+            // SAFETY: geteuid takes no arguments and cannot fail.
+            let me = unsafe { libc::geteuid() };
+            let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
+                .ok()
+                .and_then(|v| v.trim().parse::<u8>().ok());
+            let why = match (field("TracerPid:"), field("Uid:"), scope) {
+                (Some(t), _, _) if t != 0 => Refusal::OtherTracer(t as Tid),
+                (_, Some(uid), _) if uid != me && me != 0 => Refusal::OtherUser(uid),
+                (_, _, Some(v)) if v > 0 => Refusal::PtraceScope(v),
+                _ => Refusal::Other(libc::EPERM),
+            };
+            RemoteError::NotPermitted { pid, why }
+        }
+        _ => os(format!("PTRACE_SEIZE {pid}"))(e),
+    }
 }
 
 /// How a traced process ended.
@@ -280,9 +355,10 @@ impl RemoteTracer {
     /// it run on under [`run`](Self::run).
     ///
     /// # Errors
-    /// No such process, not permitted (another tracer, `ptrace_scope`,
-    /// another user), or the process exited meanwhile; nothing is left
-    /// stopped or patched.
+    /// [`RemoteError::NoSuchProcess`] (none, or it exited meanwhile),
+    /// [`RemoteError::NotPermitted`] with the [`Refusal`] (another tracer,
+    /// another user, `ptrace_scope`), [`RemoteError::AlreadyTraced`] (by
+    /// this tracer); nothing is left stopped or patched.
     pub fn attach(&mut self, pid: Tid) -> Result<(), RemoteError> {
         if self.procs.contains_key(&pid) {
             return Err(RemoteError::AlreadyTraced(pid));
@@ -293,8 +369,7 @@ impl RemoteTracer {
             // (TRACECLONE) once their creator is seized; listing again
             // until nothing new appears catches the rest.
             loop {
-                let listed =
-                    list_threads(pid).map_err(os(format!("listing the threads of {pid}")))?;
+                let listed = list_threads(pid).map_err(|_| RemoteError::NoSuchProcess(pid))?;
                 let new: Vec<Tid> = listed
                     .into_iter()
                     .filter(|t| !threads.contains(t))
@@ -303,7 +378,8 @@ impl RemoteTracer {
                     break;
                 }
                 for tid in new {
-                    ptrace::seize(tid, 0).map_err(os(format!("PTRACE_SEIZE {tid}")))?;
+                    ptrace::seize(tid, 0)
+                        .map_err(|e| refused(if threads.is_empty() { pid } else { tid }, e))?;
                     threads.insert(tid);
                     ptrace::interrupt(tid).map_err(os(format!("PTRACE_INTERRUPT {tid}")))?;
                 }
