@@ -174,6 +174,42 @@ fn a_fork_child_is_let_go_with_its_original_text_and_the_parent_keeps_counting()
     );
 }
 
+/// Four threads hit `rt_work` while the tracer registers and removes a
+/// second uprobe (on `rt_other`, which they also call: breakpoints written
+/// and restored under their feet) and a second consumer on `rt_work`, over
+/// and over until the program ends: the first consumer counts every call,
+/// the program's output is the untraced one, nothing crashes.
+#[test]
+fn registration_churn_while_four_threads_hit_changes_no_count_and_no_output() {
+    let file = fixture_file();
+    let mut t = RemoteTracer::new();
+    let (steady, hits) = counter();
+    t.register(&UprobeTarget::symbol(file.as_str(), "rt_work"), &steady)
+        .unwrap();
+    let (churn, churned) = counter();
+    let out = dir().join("traced-churn");
+    let args = ["work", "20000", "4"];
+    let pid = t.spawn(&fixture_cmd(&out, &args)).unwrap();
+    let mut cycles = 0u64;
+    while !t.pids().is_empty() {
+        let a = t.register(&UprobeTarget::symbol(file.as_str(), "rt_other"), &churn);
+        let b = t.register(&UprobeTarget::symbol(file.as_str(), "rt_work"), &churn);
+        t.run_for(Duration::from_millis(2)).unwrap();
+        for r in [a, b].into_iter().flatten() {
+            let _ = t.unregister(r.key(), &churn);
+        }
+        t.run_for(Duration::from_millis(2)).unwrap();
+        cycles += 1;
+    }
+    eprintln!(
+        "{cycles} churn cycles; churned consumer saw {} hits",
+        churned.load(Ordering::Relaxed)
+    );
+    assert_eq!(t.exit_status(pid), Some(ExitStatus::Code(0)));
+    assert_eq!(hits.load(Ordering::Relaxed), 80_000);
+    assert_eq!(std::fs::read_to_string(out).unwrap(), run_untraced(&args));
+}
+
 /// A uprobe and a uretprobe registered before the program runs, on a
 /// library it opens with `dlopen`, closes and opens again: every call and
 /// every return value counted.

@@ -27,12 +27,21 @@ __attribute__((noinline)) long rt_work(long x) {
     return x * 3 + 1;
 }
 
+__attribute__((noinline)) long rt_other(long x) {
+    calls++;
+    return x - 1;
+}
+
 static long loops;
 
+/* rt_work every iteration, rt_other every 64th. */
 static void *run(void *arg) {
     (void)arg;
     long s = 0;
-    for (long i = 0; i < loops; i++) s += rt_work(i);
+    for (long i = 0; i < loops; i++) {
+        s += rt_work(i);
+        if ((i & 63) == 0) s += rt_other(i);
+    }
     return (void *)s;
 }
 
