@@ -210,6 +210,37 @@ fn registration_churn_while_four_threads_hit_changes_no_count_and_no_output() {
     assert_eq!(std::fs::read_to_string(out).unwrap(), run_untraced(&args));
 }
 
+/// `kill -9` of a traced program while the tracer is not serving it (its
+/// thread waits in a ptrace stop at the next breakpoint, or runs): the
+/// tracer reports the signal and forgets the space.
+#[test]
+fn a_program_killed_while_traced_is_reported_and_forgotten() {
+    let stop = dir().join("stop-kill");
+    let out = dir().join("traced-kill");
+    let mut t = RemoteTracer::new();
+    let (c, hits) = counter();
+    t.register(
+        &UprobeTarget::symbol(fixture_file().as_str(), "rt_work"),
+        &c,
+    )
+    .unwrap();
+    let pid = t
+        .spawn(&fixture_cmd(&out, &["until", stop.to_str().unwrap()]))
+        .unwrap();
+    let space = space_of(&t, pid);
+    let start = std::time::Instant::now();
+    while hits.load(Ordering::Relaxed) < 10 && start.elapsed() < Duration::from_secs(20) {
+        t.run_for(Duration::from_millis(5)).unwrap();
+    }
+    assert!(t.registry().installs_in(space) > 0);
+    // SAFETY: a signal to the traced child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    t.run().unwrap();
+    assert_eq!(t.exit_status(pid), Some(ExitStatus::Signal(libc::SIGKILL)));
+    assert!(t.pids().is_empty());
+    assert_eq!(t.registry().installs_in(space), 0, "its installs forgotten");
+}
+
 /// A uprobe and a uretprobe registered before the program runs, on a
 /// library it opens with `dlopen`, closes and opens again: every call and
 /// every return value counted.
