@@ -412,6 +412,23 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
         Err(RemoteError::Os { .. })
     ));
     assert!(t.pids().is_empty());
+    // A program for another machine (an ELF header saying AArch64, 183):
+    // refused before anything starts.
+    let foreign = dir().join("arm64-program");
+    let mut elf = vec![0u8; 64];
+    elf[..4].copy_from_slice(b"\x7fELF");
+    elf[4] = 2; // 64-bit
+    elf[5] = 1; // little-endian
+    elf[6] = 1; // version
+    elf[18..20].copy_from_slice(&183u16.to_le_bytes());
+    std::fs::write(&foreign, &elf).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&foreign, std::fs::Permissions::from_mode(0o755)).unwrap();
+    assert!(matches!(
+        t.spawn(&Command::new(&foreign)),
+        Err(RemoteError::ForeignArchitecture { machine: 183, .. })
+    ));
+    assert!(t.pids().is_empty());
     // Attaching twice.
     let stop = dir().join("stop-twice");
     let out = dir().join("traced-twice");

@@ -75,7 +75,14 @@ fn environment(cmd: &Command) -> Vec<(OsString, OsString)> {
 /// breakpoints and nobody to serve them).
 pub(super) fn spawn(cmd: &Command) -> io::Result<Tid> {
     let env = environment(cmd);
-    let path = cstring(find_program(cmd, &env)?.as_os_str())?;
+    let program = find_program(cmd, &env)?;
+    if let Some(machine) = super::tracer::foreign_machine(&program) {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            super::tracer::ForeignMachine(machine),
+        ));
+    }
+    let path = cstring(program.as_os_str())?;
     let mut argv: Vec<CString> = vec![cstring(cmd.get_program())?];
     for a in cmd.get_args() {
         argv.push(cstring(a)?);

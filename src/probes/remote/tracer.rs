@@ -120,6 +120,14 @@ pub enum RemoteError {
     NotTraced(Tid),
     /// The pid is traced already.
     AlreadyTraced(Tid),
+    /// The program (`what`: its path, or the process) is an ELF file for
+    /// another machine than this tracer's (`e_machine`; 62 is x86_64).
+    ForeignArchitecture {
+        /// The program or process.
+        what: String,
+        /// Its ELF `e_machine`.
+        machine: u16,
+    },
     /// Setting up the traced process failed.
     Setup(ProbeError),
 }
@@ -134,6 +142,10 @@ impl std::fmt::Display for RemoteError {
             }
             RemoteError::NotTraced(pid) => write!(f, "process {pid} is not traced by this tracer"),
             RemoteError::AlreadyTraced(pid) => write!(f, "process {pid} is traced already"),
+            RemoteError::ForeignArchitecture { what, machine } => write!(
+                f,
+                "{what} is built for ELF machine {machine}, not x86_64 (62)"
+            ),
             RemoteError::Setup(e) => write!(f, "setting up the traced process: {e}"),
         }
     }
@@ -207,6 +219,31 @@ fn refused(pid: Tid, e: std::io::Error) -> RemoteError {
         _ => os(format!("PTRACE_SEIZE {pid}"))(e),
     }
 }
+
+/// The ELF `e_machine` of `path` if it is an ELF file for another machine
+/// than x86_64 (a script or an unreadable file: `None`, the `exec` says).
+pub(super) fn foreign_machine(path: &std::path::Path) -> Option<u16> {
+    use std::io::Read;
+    let mut head = [0u8; 20];
+    std::fs::File::open(path).ok()?.read_exact(&mut head).ok()?;
+    let machine = u16::from_le_bytes([head[18], head[19]]);
+    (head[..4] == *b"\x7fELF" && machine != EM_X86_64).then_some(machine)
+}
+
+/// ELF `e_machine` of x86_64.
+const EM_X86_64: u16 = 62;
+
+/// The error `spawn` carries for a program built for another machine.
+#[derive(Debug)]
+pub(super) struct ForeignMachine(pub(super) u16);
+
+impl std::fmt::Display for ForeignMachine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "ELF machine {}", self.0)
+    }
+}
+
+impl std::error::Error for ForeignMachine {}
 
 /// How a traced process ended.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -337,8 +374,16 @@ impl RemoteTracer {
     /// The program cannot be found or started, or the process cannot be
     /// set up (nothing is left running).
     pub fn spawn(&mut self, cmd: &Command) -> Result<Tid, RemoteError> {
-        let pid =
-            super::spawn::spawn(cmd).map_err(os(format!("starting {:?}", cmd.get_program())))?;
+        let what = format!("{:?}", cmd.get_program());
+        let pid = super::spawn::spawn(cmd).map_err(|e| {
+            match e.get_ref().and_then(|i| i.downcast_ref::<ForeignMachine>()) {
+                Some(m) => RemoteError::ForeignArchitecture {
+                    what: what.clone(),
+                    machine: m.0,
+                },
+                None => os(format!("starting {what}"))(e),
+            }
+        })?;
         if let Err(e) = self.adopt(pid, [pid].into()) {
             // SAFETY: a signal to our own child.
             unsafe { libc::kill(pid, libc::SIGKILL) };
@@ -362,6 +407,12 @@ impl RemoteTracer {
     pub fn attach(&mut self, pid: Tid) -> Result<(), RemoteError> {
         if self.procs.contains_key(&pid) {
             return Err(RemoteError::AlreadyTraced(pid));
+        }
+        if let Some(machine) = foreign_machine(std::path::Path::new(&format!("/proc/{pid}/exe"))) {
+            return Err(RemoteError::ForeignArchitecture {
+                what: format!("process {pid}"),
+                machine,
+            });
         }
         let mut threads = BTreeSet::new();
         let result = (|| {
