@@ -5,3 +5,4 @@
 #![deny(missing_docs)]
 
 pub mod raw_trap;
+pub mod targets;

@@ -62,6 +62,9 @@ pub fn with_raw_trap<R>(f: impl FnOnce() -> R) -> (R, u64) {
     let r = f();
     let traps = TRAPS.load(Ordering::Relaxed) - before;
     // SAFETY: puts back the disposition read above.
-    assert_eq!(unsafe { libc::sigaction(libc::SIGTRAP, &old, std::ptr::null_mut()) }, 0);
+    assert_eq!(
+        unsafe { libc::sigaction(libc::SIGTRAP, &old, std::ptr::null_mut()) },
+        0
+    );
     (r, traps)
 }

@@ -122,74 +122,91 @@
 // Arch-neutral (any Linux).
 pub mod symbols;
 
-// x86_64: the signal frame, the trampoline, int3 patching and the +/-2 GiB
-// XOL reach are this architecture's.
+// The live runtime on x86_64 and arm64. Most files serve both; where the
+// architectures differ, the arm64 twin of a file sits in `arm64/` with the
+// same interface (the signal frame, the trampoline, the refused code) or is
+// arm64's alone (cache maintenance). The call-graph walk, the loader watch
+// and the live uprobes are x86_64 only so far.
+#[cfg(target_arch = "aarch64")]
+#[path = "arm64/cache.rs"]
+mod cache;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod callgraph;
 #[cfg(target_arch = "x86_64")]
 mod context;
-#[cfg(target_arch = "x86_64")]
+#[cfg(target_arch = "aarch64")]
+#[path = "arm64/context.rs"]
+mod context;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod dispatch;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod faults;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod fork;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod holders;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod in_process;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod in_trap;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod live;
 #[cfg(target_arch = "x86_64")]
 pub mod loader;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod maps;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod poke;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod quiesce;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod refuse;
-#[cfg(target_arch = "x86_64")]
+#[cfg(target_arch = "aarch64")]
+#[path = "arm64/refuse.rs"]
+pub(crate) mod refuse;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod signal;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod trampoline;
+#[cfg(target_arch = "aarch64")]
+#[path = "arm64/trampoline.rs"]
+pub(crate) mod trampoline;
 #[cfg(target_arch = "x86_64")]
 pub mod uprobes;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod xol;
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use context::ThreadMemory;
-#[cfg(target_arch = "x86_64")]
+#[cfg(target_arch = "aarch64")]
+pub use context::{fpsimd, FpSimd, FPSIMD_MAGIC};
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use dispatch::{
     attach, try_attach, Attachment, StepStash, TrapDispatcher, Verdict, MAX_DISPATCHERS,
     MAX_NESTED_STEPS,
 };
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use faults::claim_fault_signals;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use in_process::{InProcess, RefusedRange};
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use live::{Live, LiveError, LiveRegistry};
 #[cfg(target_arch = "x86_64")]
 pub use loader::{
     LoadSegment, LoadedObject, LoaderError, LoaderEvent, LoaderStats, LoaderSubscription,
     LoaderWatch, Rendezvous,
 };
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use quiesce::{quiesce, QuiesceReport, QUIESCE_TIMEOUT};
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use signal::{install, is_installed};
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use trampoline::trampoline_address;
 #[cfg(target_arch = "x86_64")]
 pub use uprobes::{
     LiveUprobeRegistry, LiveUprobeStats, LiveUprobes, LiveUprobesError, ThisProcess,
 };
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use xol::{XolArea, XolStats};
 
 #[cfg(target_arch = "x86_64")]
