@@ -294,6 +294,7 @@ pub(crate) unsafe fn process_vm_readv_self(local: *mut u8, remote: u64, len: usi
 /// # Safety
 /// `local` must be valid for reads of `len` bytes. `remote` may be any
 /// address: the kernel checks it.
+#[cfg(not(target_arch = "aarch64"))] // arm64 writes code with stores only (in_process.rs)
 pub(crate) unsafe fn process_vm_writev_self(local: *const u8, remote: u64, len: usize) -> isize {
     // SAFETY: the caller's contract (the kernel only reads `local`).
     unsafe { process_vm_self(libc::SYS_process_vm_writev, local.cast_mut(), remote, len) }

@@ -5,15 +5,6 @@
 //! Cross-built for aarch64 and run under qemu-aarch64 (`scripts/test-arm64`);
 //! on any other architecture each test prints why it is skipped.
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-
-/// The tests share the SIGTRAP handler, the registry and the targets.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 #[cfg(not(target_arch = "aarch64"))]
 #[test]
 fn arm64_live_kprobes() {
@@ -25,11 +16,19 @@ fn arm64_live_kprobes() {
 
 #[cfg(target_arch = "aarch64")]
 mod arm64 {
-    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex, MutexGuard};
+
     use live_arm64::targets::*;
     use rcu_registry::probes::kprobe::{Action, EntryAction, Kprobe, Kretprobe};
     use rcu_registry::probes::runtime::{trampoline_address, Live};
     use rcu_registry::probes::ProbeError;
+
+    /// The tests share the SIGTRAP handler, the registry and the targets.
+    fn serial() -> MutexGuard<'static, ()> {
+        static LOCK: Mutex<()> = Mutex::new(());
+        LOCK.lock().unwrap_or_else(|e| e.into_inner())
+    }
 
     fn counting(at: u64, count: &Arc<AtomicU64>) -> Kprobe {
         let c = Arc::clone(count);

@@ -153,7 +153,9 @@ pub trait TrapDispatcher: Send + Sync + 'static {
 
 /// Words of storage in a [`StepStash`]: the registry's step token is 7.
 const STASH_WORDS: usize = 16;
-/// Bytes a stashed value may take.
+/// Bytes a stashed value may take (checked by the live uprobes' step
+/// state, x86_64 only so far).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const STASH_BYTES: usize = STASH_WORDS * 8;
 
 /// Per-thread storage for one dispatcher's single-step state between the
@@ -347,7 +349,9 @@ struct Pending {
 /// The kind of trap that may end the innermost single-step.
 #[derive(Clone, Copy)]
 enum StepTrap {
-    /// `TRAP_TRACE`: ends a trap-flag step.
+    /// `TRAP_TRACE`: ends a trap-flag step (x86_64: arm64 steps end on
+    /// markers only).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     TrapFlag,
     /// An `int3` at this address: ends a step whose marker is there.
     Breakpoint(u64),
@@ -504,6 +508,7 @@ fn give_back(
 /// Completes the innermost single-step in flight on this thread at a
 /// `TRAP_TRACE`. `None` if there is none, or it ends on a step marker (the
 /// trace trap is not ours).
+#[cfg(target_arch = "x86_64")]
 #[inline]
 pub(crate) fn dispatch_step(
     regs: &mut Regs,

@@ -1,10 +1,17 @@
-//! Live probes on the running process (x86_64 Linux): real text patching,
-//! trap dispatch from a SIGTRAP handler, out-of-line slots and the
-//! kretprobe trampoline.
+//! Live probes on the running process (x86_64 and arm64 Linux): real text
+//! patching, trap dispatch from a SIGTRAP handler, out-of-line slots and
+//! the kretprobe trampoline.
 //!
-//! The module is built on every Linux target; only [`symbols`] (the
-//! process's ELF symbols) is arch-neutral today. Everything else is
-//! x86_64-specific and built only there.
+//! The module is built on every Linux target; [`symbols`] (the process's
+//! ELF symbols) is arch-neutral. The rest is built on x86_64 and arm64
+//! (aarch64), behind the same API; the live uprobes, the loader watch and
+//! the call-graph walk of the trap path are x86_64 only so far. On arm64
+//! the breakpoint is `brk` (the trap reports its own address), every
+//! single-step ends on the step-marker `brk` after the copy in its slot
+//! (nothing is boosted), code is written one atomic word at a time
+//! followed by cache maintenance (`arm64/cache.rs`), and the hit path
+//! below reads "`brk`" for "`int3`"; see `docs::limitations`, "arm64 under
+//! qemu", for what the emulated tests prove.
 //!
 //! # The pieces
 //!

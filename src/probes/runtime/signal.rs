@@ -151,6 +151,7 @@ pub fn is_installed() -> bool {
 
 /// The signal-return trampoline (`__restore_rt`) the C library registered
 /// with our handler, if it reports one: code that must never be patched.
+#[cfg(target_arch = "x86_64")] // arm64 returns through the vDSO's trampoline
 pub(crate) fn restorer_address() -> Option<u64> {
     install();
     // SAFETY: as in `is_installed`.
