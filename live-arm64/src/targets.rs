@@ -66,6 +66,36 @@ std::arch::global_asm!(
     "fadd d0, d0, d1",
     "ret",
     ".size la_fadd, . - la_fadd",
+    // la_alt(x) = 777: where a pre handler may send a probed call.
+    ".globl la_alt",
+    ".type la_alt,@function",
+    "la_alt:",
+    "mov w0, #777",
+    "ret",
+    ".size la_alt, . - la_alt",
+    // la_spin(flag): returns once the u32 at `flag` is non-zero (a thread
+    // held inside a known range of code, for the quiescence wait).
+    ".globl la_spin",
+    ".type la_spin,@function",
+    "la_spin:",
+    "ldar w1, [x0]",
+    "cbz w1, la_spin",
+    "ret",
+    ".globl la_spin_end",
+    "la_spin_end:",
+    ".size la_spin, . - la_spin",
+    // la_ldxr(p) = *p + 1 with an exclusive pair: a probe on the store or
+    // between the pair is refused (the trap clears the monitor).
+    ".globl la_ldxr",
+    ".type la_ldxr,@function",
+    "la_ldxr:",
+    "ldxr w1, [x0]",
+    "add w1, w1, #1",
+    "stxr w2, w1, [x0]",
+    "cbnz w2, la_ldxr",
+    "mov w0, w1",
+    "ret",
+    ".size la_ldxr, . - la_ldxr",
     ".popsection",
 );
 
@@ -83,6 +113,14 @@ extern "C" {
     pub fn la_lit(x: u32) -> u32;
     /// `x + 0.5`; its second instruction (`fadd`) steps out of line.
     pub fn la_fadd(x: f64) -> f64;
+    /// `777`.
+    pub fn la_alt(x: u32) -> u32;
+    /// Spins until `*flag != 0`.
+    pub fn la_spin(flag: *const u32);
+    /// One past [`la_spin`]'s last instruction.
+    pub fn la_spin_end();
+    /// Atomically increments `*p` with `ldxr`/`stxr`; returns the new value.
+    pub fn la_ldxr(p: *mut u32) -> u32;
 }
 
 /// The address of a target function.
