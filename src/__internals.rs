@@ -169,7 +169,6 @@ pub mod runtime {
     pub use crate::probes::runtime::xol::XOL_CHUNK_REACH;
 
     /// The trap path's call graph, found by walking its machine code.
-    #[cfg(target_arch = "x86_64")]
     pub mod callgraph {
         pub use crate::probes::runtime::callgraph::*;
     }

@@ -20,6 +20,7 @@ mod arm64 {
     use std::sync::{Arc, Mutex, MutexGuard};
 
     use live_arm64::targets::*;
+    use rcu_registry::__internals::runtime::refuse;
     use rcu_registry::probes::kprobe::{Action, EntryAction, Kprobe, Kretprobe};
     use rcu_registry::probes::runtime::{trampoline_address, Live};
     use rcu_registry::probes::ProbeError;
@@ -210,6 +211,71 @@ mod arm64 {
                 Err(ProbeError::RefusedTarget { .. }) => {}
                 other => panic!("{what} at {at:#x}: {other:?}"),
             }
+        }
+    }
+
+    #[test]
+    fn the_walk_of_the_trap_path_reaches_no_c_library_function() {
+        let _g = serial();
+        let live = Live::global();
+        let graph = refuse::trap_path(live.symbols());
+        let stats = graph.stats();
+        println!("{stats:?}");
+        let mut foreign = Vec::new();
+        for r in graph.reached() {
+            let name = r.name.as_deref().unwrap_or("<no symbol>");
+            println!(
+                "{:#x} {name}{}",
+                r.start,
+                r.stopped
+                    .map(|s| format!(" (stopped: {s})"))
+                    .unwrap_or_default()
+            );
+            let rust = ["rcu_registry::", "core::", "alloc::", "std::", "<"]
+                .iter()
+                .any(|p| name.starts_with(p));
+            // The compiler's outline atomics are part of the Rust code's
+            // own instruction selection, not the C library.
+            let ours = name.starts_with("__rcu_registry_");
+            if !rust && !ours && !name.starts_with("__aarch64_") && r.stopped.is_none() {
+                let path: Vec<String> = graph
+                    .path_to(r.start)
+                    .iter()
+                    .map(|&(site, start)| {
+                        let f = graph.function_at(start).and_then(|f| f.name.clone());
+                        format!("{start:#x} {} (via {site:x?})", f.unwrap_or_default())
+                    })
+                    .collect();
+                foreign.push(format!("{name}: {}", path.join(" <- ")));
+            }
+        }
+        assert!(stats.symbols > 10, "the walk went somewhere: {stats:?}");
+        assert!(
+            graph.reached().iter().any(|r| r
+                .name
+                .as_deref()
+                .is_some_and(|n| n.starts_with("__aarch64_"))),
+            "the RCU read side's outline atomics are on the path"
+        );
+        assert!(
+            foreign.is_empty(),
+            "the trap path reaches C-library code: {foreign:?}"
+        );
+        // Everything reached is refused.
+        let reg = live.registry();
+        let core_fn = graph
+            .reached()
+            .iter()
+            .find(|r| {
+                r.stopped.is_none() && r.name.as_deref().is_some_and(|n| n.starts_with("core::"))
+            })
+            .map(|r| r.start);
+        if let Some(at) = core_fn {
+            let p = Kprobe::at(at).pre(|_, _| Action::Continue).build();
+            assert!(matches!(
+                reg.register(&p),
+                Err(ProbeError::RefusedTarget { .. })
+            ));
         }
     }
 

@@ -4,8 +4,8 @@
 //!
 //! The module is built on every Linux target; [`symbols`] (the process's
 //! ELF symbols) is arch-neutral. The rest is built on x86_64 and arm64
-//! (aarch64), behind the same API; the live uprobes, the loader watch and
-//! the call-graph walk of the trap path are x86_64 only so far. On arm64
+//! (aarch64), behind the same API; the live uprobes and the loader watch
+//! are x86_64 only so far. On arm64
 //! the breakpoint is `brk` (the trap reports its own address), every
 //! single-step ends on the step-marker `brk` after the copy in its slot
 //! (nothing is boosted), code is written one atomic word at a time
@@ -131,13 +131,13 @@ pub mod symbols;
 
 // The live runtime on x86_64 and arm64. Most files serve both; where the
 // architectures differ, the arm64 twin of a file sits in `arm64/` with the
-// same interface (the signal frame, the trampoline, the refused code) or is
-// arm64's alone (cache maintenance). The call-graph walk, the loader watch
-// and the live uprobes are x86_64 only so far.
+// same interface (the signal frame, the trampoline) or is arm64's alone
+// (cache maintenance). The loader watch and the live uprobes are x86_64
+// only so far.
 #[cfg(target_arch = "aarch64")]
 #[path = "arm64/cache.rs"]
 mod cache;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod callgraph;
 #[cfg(target_arch = "x86_64")]
 mod context;
@@ -166,10 +166,7 @@ pub(crate) mod maps;
 pub(crate) mod poke;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod quiesce;
-#[cfg(target_arch = "x86_64")]
-pub(crate) mod refuse;
-#[cfg(target_arch = "aarch64")]
-#[path = "arm64/refuse.rs"]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod refuse;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod signal;
