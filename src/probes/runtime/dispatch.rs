@@ -153,9 +153,7 @@ pub trait TrapDispatcher: Send + Sync + 'static {
 
 /// Words of storage in a [`StepStash`]: the registry's step token is 7.
 const STASH_WORDS: usize = 16;
-/// Bytes a stashed value may take (checked by the live uprobes' step
-/// state, x86_64 only so far).
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+/// Bytes a stashed value may take.
 pub(crate) const STASH_BYTES: usize = STASH_WORDS * 8;
 
 /// Per-thread storage for one dispatcher's single-step state between the

@@ -161,12 +161,10 @@ std::thread_local! {
 /// uprobes of a `dlopen`) that claims the fault signals once, at its start,
 /// instead of once per XOL slot (four `sigaction` calls each). Ends when
 /// dropped.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // live uprobes: x86_64 only so far
 pub(crate) struct ClaimedBatch {
     outer: bool,
 }
 
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))] // as above
 impl ClaimedBatch {
     /// Claims now; the claims inside the batch are no-ops.
     pub(crate) fn begin() -> ClaimedBatch {

@@ -308,7 +308,6 @@ impl Live {
     }
 
     /// The XOL area, shared (the live uprobes' space takes its slots here).
-    #[cfg(target_arch = "x86_64")] // the live uprobes: x86_64 only so far
     pub(crate) fn xol_arc(&self) -> Arc<XolArea> {
         Arc::clone(&self.xol)
     }

@@ -4,8 +4,7 @@
 //!
 //! The module is built on every Linux target; [`symbols`] (the process's
 //! ELF symbols) is arch-neutral. The rest is built on x86_64 and arm64
-//! (aarch64), behind the same API; the live uprobes and the loader watch
-//! are x86_64 only so far. On arm64
+//! (aarch64), behind the same API. On arm64
 //! the breakpoint is `brk` (the trap reports its own address), every
 //! single-step ends on the step-marker `brk` after the copy in its slot
 //! (nothing is boosted), code is written one atomic word at a time
@@ -132,8 +131,7 @@ pub mod symbols;
 // The live runtime on x86_64 and arm64. Most files serve both; where the
 // architectures differ, the arm64 twin of a file sits in `arm64/` with the
 // same interface (the signal frame, the trampoline) or is arm64's alone
-// (cache maintenance). The loader watch and the live uprobes are x86_64
-// only so far.
+// (cache maintenance).
 #[cfg(target_arch = "aarch64")]
 #[path = "arm64/cache.rs"]
 mod cache;
@@ -158,7 +156,7 @@ pub(crate) mod in_process;
 pub(crate) mod in_trap;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod live;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub mod loader;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod maps;
@@ -175,7 +173,7 @@ pub(crate) mod trampoline;
 #[cfg(target_arch = "aarch64")]
 #[path = "arm64/trampoline.rs"]
 pub(crate) mod trampoline;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub mod uprobes;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod xol;
@@ -195,7 +193,7 @@ pub use faults::claim_fault_signals;
 pub use in_process::{InProcess, RefusedRange};
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use live::{Live, LiveError, LiveRegistry};
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use loader::{
     LoadSegment, LoadedObject, LoaderError, LoaderEvent, LoaderStats, LoaderSubscription,
     LoaderWatch, Rendezvous,
@@ -206,7 +204,7 @@ pub use quiesce::{quiesce, QuiesceReport, QUIESCE_TIMEOUT};
 pub use signal::{install, is_installed};
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use trampoline::trampoline_address;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use uprobes::{
     LiveUprobeRegistry, LiveUprobeStats, LiveUprobes, LiveUprobesError, ThisProcess,
 };

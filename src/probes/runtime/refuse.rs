@@ -145,7 +145,6 @@ use super::callgraph::{flag_up, CallGraph, Root};
 use super::context::ThreadMemory;
 use super::dispatch::{StepStash, TrapDispatcher, Verdict};
 use super::live::LiveRegistry;
-#[cfg(target_arch = "x86_64")]
 use super::uprobes::LiveUprobes;
 use crate::probes::arch::{DataMemory, Regs};
 use crate::probes::runtime::in_process::RefusedRange;
@@ -198,9 +197,7 @@ pub fn trap_path_roots() -> Vec<Root> {
     let on_breakpoint: OnBreakpoint = <LiveRegistry as TrapDispatcher>::on_breakpoint;
     let on_step: OnBreakpoint = <LiveRegistry as TrapDispatcher>::on_step;
     let on_fault: OnFault = <LiveRegistry as TrapDispatcher>::on_fault;
-    // The live uprobes' dispatcher runs on the nested path too (x86_64
-    // only so far).
-    #[cfg(target_arch = "x86_64")]
+    // The live uprobes' dispatcher runs on the nested path too.
     type UpOnBreakpoint =
         fn(&'static LiveUprobes, &mut Regs, &mut dyn DataMemory, &mut StepStash) -> Verdict;
     type Claims<D> = fn(&'static D, u64) -> bool;
@@ -219,7 +216,6 @@ pub fn trap_path_roots() -> Vec<Root> {
             what: KRETPROBE_TRAMPOLINE,
         },
     ];
-    #[cfg(target_arch = "x86_64")]
     {
         type UpOnFault = fn(&'static LiveUprobes, &mut Regs, &mut StepStash) -> bool;
         let up_on_breakpoint: UpOnBreakpoint = <LiveUprobes as TrapDispatcher>::on_breakpoint;
