@@ -1,7 +1,9 @@
 //! Live uprobes in this process on arm64: the C library probed by
 //! `libc.so.6:SYMBOL` (found through the loader's list and the file on
 //! disk), every call counted from several threads, return values seen by
-//! return handlers (the return hijacked to a `brk` in an XOL slot).
+//! return handlers (the return hijacked to a `brk` in an XOL slot), and a
+//! uprobe on a library not loaded yet installed by `dlopen` (the loader
+//! watch's breakpoint at the dynamic linker's `r_brk`).
 //!
 //! Live uprobes need the dynamic linker's rendezvous (the loader watch), so
 //! these tests run in the dynamically linked build (`scripts/test-arm64
@@ -97,4 +99,65 @@ fn a_return_handler_sees_each_return_value() {
     }
     live.unregister(resolved.key(), &c).unwrap();
     assert_eq!(*seen.lock().unwrap(), vec![parent; 5]);
+}
+
+/// `dlopen`, `dlsym`, `dlclose` of a C library by name.
+struct Lib(*mut libc::c_void);
+
+impl Lib {
+    fn open(name: &std::ffi::CStr) -> Lib {
+        // SAFETY: a valid C string; RTLD_NOW resolves everything up front.
+        let h = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW) };
+        assert!(!h.is_null(), "dlopen {name:?}");
+        Lib(h)
+    }
+
+    fn sym(&self, name: &std::ffi::CStr) -> *mut libc::c_void {
+        // SAFETY: a live handle and a valid C string.
+        let f = unsafe { libc::dlsym(self.0, name.as_ptr()) };
+        assert!(!f.is_null(), "dlsym {name:?}");
+        f
+    }
+}
+
+impl Drop for Lib {
+    fn drop(&mut self) {
+        // SAFETY: the handle from `open`, closed once.
+        unsafe { libc::dlclose(self.0) };
+    }
+}
+
+#[test]
+fn a_uprobe_on_a_library_not_loaded_yet_is_installed_by_dlopen() {
+    let _g = serial();
+    let Some(live) = live() else { return };
+    // libm is not among this binary's needed libraries: the probe waits
+    // for the loader watch to report it.
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = Arc::clone(&hits);
+    let c = Consumer::builder()
+        .handler(move |_hit, _regs| {
+            h.fetch_add(1, Ordering::SeqCst);
+            ConsumerAction::Continue
+        })
+        .build();
+    let target = UprobeTarget::parse("libm.so.6:cbrt").unwrap();
+    let resolved = live.register(&target, &c).unwrap();
+    assert_eq!(hits.load(Ordering::SeqCst), 0);
+    let maps = || std::fs::read_to_string("/proc/self/maps").unwrap();
+    assert!(!maps().contains("/libm.so.6"), "libm is not loaded yet");
+    let lib = Lib::open(c"libm.so.6");
+    assert!(maps().contains("/libm.so.6"));
+    let cbrt = lib.sym(c"cbrt");
+    // SAFETY: `cbrt` is libm's `double cbrt(double)`.
+    let cbrt: extern "C" fn(f64) -> f64 = unsafe { std::mem::transmute(cbrt) };
+    for i in 1..=100 {
+        let x = f64::from(i * i * i);
+        assert!((cbrt(std::hint::black_box(x)) - f64::from(i)).abs() < 1e-9);
+    }
+    assert_eq!(hits.load(Ordering::SeqCst), 100, "every call after dlopen");
+    live.unregister(resolved.key(), &c).unwrap();
+    cbrt(8.0);
+    assert_eq!(hits.load(Ordering::SeqCst), 100);
+    drop(lib);
 }
