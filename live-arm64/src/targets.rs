@@ -96,6 +96,14 @@ std::arch::global_asm!(
     "mov w0, w1",
     "ret",
     ".size la_ldxr, . - la_ldxr",
+    // la_load(p) = *p (u32): `ldr` steps out of line, and faults there
+    // for a bad pointer.
+    ".globl la_load",
+    ".type la_load,@function",
+    "la_load:",
+    "ldr w0, [x0]",
+    "ret",
+    ".size la_load, . - la_load",
     ".popsection",
 );
 
@@ -121,6 +129,8 @@ extern "C" {
     pub fn la_spin_end();
     /// Atomically increments `*p` with `ldxr`/`stxr`; returns the new value.
     pub fn la_ldxr(p: *mut u32) -> u32;
+    /// `*p`; its `ldr` steps out of line.
+    pub fn la_load(p: *const u32) -> u32;
 }
 
 /// The address of a target function.

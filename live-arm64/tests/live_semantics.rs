@@ -1,7 +1,8 @@
 //! The registry's semantics on live arm64 code: post handlers, skipping,
 //! aggregation, missed hits in handlers, batched unregistration under load,
 //! refusals that change no byte, the quiescence wait reading arm64 signal
-//! frames, and a churn stress (`#[ignore]`: `CI=true` length under
+//! frames, a fault in an XOL slot reported at the probed address, and a
+//! churn stress (`#[ignore]`: `CI=true` length under
 //! `scripts/test-arm64`). Cross-built for aarch64 and run under
 //! qemu-aarch64; on any other architecture each test prints why it is
 //! skipped.
@@ -23,6 +24,7 @@ mod arm64 {
     use std::time::{Duration, Instant};
 
     use live_arm64::targets::*;
+    use rcu_registry::__internals::runtime::steps_in_flight;
     use rcu_registry::probes::arch::Arm64Reg;
     use rcu_registry::probes::kprobe::{Action, Kprobe};
     use rcu_registry::probes::runtime::{quiesce, Live};
@@ -361,6 +363,71 @@ mod arm64 {
         } else {
             assert!(free.proves_quiescence());
         }
+    }
+
+    /// What the application's SIGSEGV handler saw: the PC of the fault.
+    static FAULT_PC: AtomicU64 = AtomicU64::new(0);
+    /// Where the application's handler points `x0` to recover.
+    static GOOD: u32 = 77;
+
+    extern "C" fn app_segv(_s: libc::c_int, _i: *mut libc::siginfo_t, uctx: *mut libc::c_void) {
+        // SAFETY: the kernel (through the runtime's fault handler, which
+        // chains with the same arguments) passes a valid ucontext.
+        let uc = unsafe { &mut *uctx.cast::<libc::ucontext_t>() };
+        let pc = uc.uc_mcontext.pc;
+        // SeqCst: read by the test thread after the call returns.
+        FAULT_PC.store(pc, Ordering::SeqCst);
+        if pc == addr(la_load as *const ()) {
+            // Recover: retry the load with a good pointer.
+            uc.uc_mcontext.regs[0] = std::ptr::addr_of!(GOOD) as u64;
+        } else {
+            // Not this test's fault: die of it as the default would.
+            // SAFETY: restores SIG_DFL; the fault repeats on return.
+            unsafe { libc::signal(libc::SIGSEGV, libc::SIG_DFL) };
+        }
+    }
+
+    #[test]
+    fn a_fault_in_a_stepped_slot_is_reported_at_the_probed_address() {
+        let _g = serial();
+        let reg = Live::global().registry();
+        // The application's handler first; registering puts the runtime's
+        // fault handler back on top, chained to it.
+        // SAFETY: as in `raw_trap::with_raw_trap`.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = app_segv as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        // SAFETY: a valid sigaction.
+        assert_eq!(
+            unsafe { libc::sigaction(libc::SIGSEGV, &sa, std::ptr::null_mut()) },
+            0
+        );
+        let at = addr(la_load as *const ());
+        let count = Arc::new(AtomicU64::new(0));
+        let c = Arc::clone(&count);
+        let p = Kprobe::at(at)
+            .pre(move |_p, _r| {
+                c.fetch_add(1, Ordering::Relaxed);
+                Action::Continue
+            })
+            .build();
+        reg.register(&p).unwrap();
+        // SAFETY: a complete C-ABI function; the bad pointer's fault is
+        // recovered by `app_segv`.
+        let v = unsafe { la_load(std::hint::black_box(8 as *const u32)) };
+        reg.unregister(&p).unwrap();
+        assert_eq!(v, 77, "the recovered load");
+        assert_eq!(
+            FAULT_PC.load(Ordering::SeqCst),
+            at,
+            "the application saw the probed address, not the XOL slot"
+        );
+        assert_eq!(
+            count.load(Ordering::Relaxed),
+            2,
+            "the faulting hit and the retry"
+        );
+        assert_eq!(steps_in_flight(), 0, "the faulted step was abandoned");
     }
 
     #[test]
