@@ -1,8 +1,8 @@
 //! The registry's semantics on live arm64 code: post handlers, skipping,
 //! aggregation, missed hits in handlers, batched unregistration under load,
 //! refusals that change no byte, the quiescence wait reading arm64 signal
-//! frames, a fault in an XOL slot reported at the probed address, and a
-//! churn stress (`#[ignore]`: `CI=true` length under
+//! frames, a fault in an XOL slot reported at the probed address, a fork
+//! child with slots of its own, and a churn stress (`#[ignore]`: `CI=true` length under
 //! `scripts/test-arm64`). Cross-built for aarch64 and run under
 //! qemu-aarch64; on any other architecture each test prints why it is
 //! skipped.
@@ -363,6 +363,46 @@ mod arm64 {
         } else {
             assert!(free.proves_quiescence());
         }
+    }
+
+    #[test]
+    fn a_fork_child_keeps_counting_with_slots_of_its_own_and_can_unregister() {
+        let _g = serial();
+        let reg = Live::global().registry();
+        let count = Arc::new(AtomicU64::new(0));
+        let c = Arc::clone(&count);
+        let p = Kprobe::at(addr(la_add1 as *const ()))
+            .pre(move |_p, _r| {
+                c.fetch_add(1, Ordering::Relaxed);
+                Action::Continue
+            })
+            .build();
+        reg.register(&p).unwrap();
+        assert_eq!(call(la_add1, 1), 2);
+        // SAFETY: the child only calls, checks, unregisters and leaves with
+        // _exit (the test harness's other threads do not exist in it).
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let mut ok = (0..100).all(|x| call(la_add1, x) == x + 1);
+            ok &= count.load(Ordering::Relaxed) == 101;
+            ok &= reg.unregister(&p).is_ok();
+            ok &= call(la_add1, 5) == 6 && count.load(Ordering::Relaxed) == 101;
+            // SAFETY: ends the child without running the parent's
+            // destructors or atexit handlers.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        assert!(pid > 0, "fork");
+        let mut status = 0;
+        // SAFETY: waits for our own child.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the child's checks failed (status {status:#x})"
+        );
+        // The parent's probe is untouched by the child's unregister.
+        hammer(1, 50, la_add1, |x| x + 1);
+        reg.unregister(&p).unwrap();
+        assert_eq!(count.load(Ordering::Relaxed), 51);
     }
 
     /// What the application's SIGSEGV handler saw: the PC of the fault.
