@@ -96,6 +96,69 @@ std::arch::global_asm!(
     "mov w0, w1",
     "ret",
     ".size la_ldxr, . - la_ldxr",
+    // la_adr(x) = x + 0x10: `adr` is simulated.
+    ".globl la_adr",
+    ".type la_adr,@function",
+    "la_adr:",
+    "adr x1, 1f",
+    "ldr w1, [x1]",
+    "add w0, w0, w1",
+    "ret",
+    ".p2align 2",
+    "1:",
+    ".word 0x10",
+    ".size la_adr, . - la_adr",
+    // la_adrp(x) = x + 0x20 (a word in another section): `adrp` is
+    // simulated.
+    ".globl la_adrp",
+    ".type la_adrp,@function",
+    "la_adrp:",
+    "adrp x1, la_adrp_word",
+    "add x1, x1, :lo12:la_adrp_word",
+    "ldr w1, [x1]",
+    "add w0, w0, w1",
+    "ret",
+    ".size la_adrp, . - la_adrp",
+    // la_bcond(x) = x < 10 ? x + 3 : 0: `b.lo` (offset 4) is simulated.
+    ".globl la_bcond",
+    ".type la_bcond,@function",
+    "la_bcond:",
+    "cmp w0, #10",
+    "b.lo 1f",
+    "mov w0, #0",
+    "ret",
+    "1:",
+    "add w0, w0, #3",
+    "ret",
+    ".size la_bcond, . - la_bcond",
+    // la_tbz(x) = x even ? x : x + 1: `tbz` is simulated.
+    ".globl la_tbz",
+    ".type la_tbz,@function",
+    "la_tbz:",
+    "tbz w0, #0, 1f",
+    "add w0, w0, #1",
+    "1:",
+    "ret",
+    ".size la_tbz, . - la_tbz",
+    // la_ret(x) = x + 4: the `ret` (offset 4) is simulated.
+    ".globl la_ret",
+    ".type la_ret,@function",
+    "la_ret:",
+    "add w0, w0, #4",
+    "ret",
+    ".size la_ret, . - la_ret",
+    // la_blr(x) = la_add1(x): `blr` (offset 16) is simulated.
+    ".globl la_blr",
+    ".type la_blr,@function",
+    "la_blr:",
+    "stp x29, x30, [sp, #-16]!",
+    "mov x29, sp",
+    "adrp x2, la_add1",
+    "add x2, x2, :lo12:la_add1",
+    "blr x2",
+    "ldp x29, x30, [sp], #16",
+    "ret",
+    ".size la_blr, . - la_blr",
     // la_load(p) = *p (u32): `ldr` steps out of line, and faults there
     // for a bad pointer.
     ".globl la_load",
@@ -104,6 +167,11 @@ std::arch::global_asm!(
     "ldr w0, [x0]",
     "ret",
     ".size la_load, . - la_load",
+    ".popsection",
+    ".pushsection .rodata.live_arm64_targets,\"a\",@progbits",
+    ".p2align 2",
+    "la_adrp_word:",
+    ".word 0x20",
     ".popsection",
 );
 
@@ -129,6 +197,18 @@ extern "C" {
     pub fn la_spin_end();
     /// Atomically increments `*p` with `ldxr`/`stxr`; returns the new value.
     pub fn la_ldxr(p: *mut u32) -> u32;
+    /// `x + 0x10`; its first instruction is a simulated `adr`.
+    pub fn la_adr(x: u32) -> u32;
+    /// `x + 0x20`; its first instruction is a simulated `adrp`.
+    pub fn la_adrp(x: u32) -> u32;
+    /// `x < 10 ? x + 3 : 0`; its `b.lo` (offset 4) is simulated.
+    pub fn la_bcond(x: u32) -> u32;
+    /// `x` rounded up to even; its first instruction is a simulated `tbz`.
+    pub fn la_tbz(x: u32) -> u32;
+    /// `x + 4`; its `ret` (offset 4) is simulated.
+    pub fn la_ret(x: u32) -> u32;
+    /// `x + 1` through `blr` (offset 16, simulated) to [`la_add1`].
+    pub fn la_blr(x: u32) -> u32;
     /// `*p`; its `ldr` steps out of line.
     pub fn la_load(p: *const u32) -> u32;
 }

@@ -59,7 +59,8 @@ mod arm64 {
             for t in 0..threads {
                 s.spawn(move || {
                     for i in 0..per_thread {
-                        let x = t << 20 | (i + 1);
+                        // Small values too (both ways of `b.lo`, `cbz`).
+                        let x = if i % 2 == 0 { i % 16 } else { t << 20 | i };
                         // SAFETY: the targets are complete C-ABI functions.
                         let got = unsafe { f(std::hint::black_box(x)) };
                         assert_eq!(got, want(x), "f({x:#x})");
@@ -76,13 +77,25 @@ mod arm64 {
         fn(u32) -> u32,
     );
 
-    fn targets() -> [Target; 5] {
+    fn targets() -> [Target; 11] {
         [
             ("add (stepped out of line)", la_add1, 0, |x| x + 1),
             ("b (simulated)", la_branch, 0, |x| x + 2),
             ("bl (simulated)", la_call, 8, |x| x + 2),
             ("cbz (simulated)", la_cbz, 0, |x| if x == 0 { 7 } else { x }),
             ("ldr literal (simulated)", la_lit, 0, |x| x + 0x1234),
+            ("adr (simulated)", la_adr, 0, |x| x + 0x10),
+            ("adrp (simulated)", la_adrp, 0, |x| x + 0x20),
+            ("b.lo (simulated)", la_bcond, 4, |x| {
+                if x < 10 {
+                    x + 3
+                } else {
+                    0
+                }
+            }),
+            ("tbz (simulated)", la_tbz, 0, |x| x + (x & 1)),
+            ("ret (simulated)", la_ret, 4, |x| x + 4),
+            ("blr (simulated)", la_blr, 16, |x| x + 1),
         ]
     }
 
