@@ -325,6 +325,15 @@ mod arm64 {
         let mut v = 5u32;
         // SAFETY: a complete C-ABI function on a valid pointer.
         assert_eq!(unsafe { la_ldxr(&mut v) }, 6);
+        // Unmapped and non-code addresses: an error, not a crash (under
+        // qemu-user `process_vm_readv` is not implemented, so text reads
+        // take the runtime's direct fallback).
+        let data = std::ptr::addr_of!(v) as u64 & !3;
+        for (what, at) in [("unmapped", 0x10u64), ("the stack", data)] {
+            let p = Kprobe::at(at).pre(|_, _| Action::Continue).build();
+            let err = reg.register(&p).expect_err(what);
+            println!("{what} {at:#x}: {err}");
+        }
     }
 
     #[test]
