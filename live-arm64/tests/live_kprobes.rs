@@ -212,6 +212,49 @@ mod arm64 {
     }
 
     #[test]
+    fn a_call_in_flight_when_its_kretprobe_goes_returns_to_its_caller() {
+        let _g = serial();
+        let reg = Live::global().registry();
+        let returns = Arc::new(AtomicU64::new(0));
+        let r = Arc::clone(&returns);
+        let krp = Kretprobe::at(addr(la_spin as *const ()))
+            .handler(move |_, _, _| {
+                r.fetch_add(1, Ordering::SeqCst);
+            })
+            .build()
+            .unwrap();
+        reg.register(&krp).unwrap();
+        let flag = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let f = Arc::clone(&flag);
+        // Its return address is the trampoline while it spins.
+        let caller = std::thread::spawn(move || {
+            // SAFETY: a complete C-ABI function; the flag outlives the call.
+            unsafe { la_spin(f.as_ptr()) };
+            std::hint::black_box(42)
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while krp.in_flight() == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the call never entered"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(krp.in_flight(), 1);
+        // The call keeps its instance (the real return address) until it
+        // returns; its return handler no longer runs.
+        reg.unregister(&krp).unwrap();
+        // Release: pairs with the `ldar` of the spin loop.
+        flag.store(1, Ordering::Release);
+        assert_eq!(caller.join().unwrap(), 42, "returned to its caller");
+        assert_eq!(
+            returns.load(Ordering::SeqCst),
+            0,
+            "no handler after unregister"
+        );
+    }
+
+    #[test]
     fn the_runtime_refuses_its_own_trap_path() {
         let _g = serial();
         let reg = Live::global().registry();
