@@ -148,7 +148,11 @@ pub mod quiesce_ack {
 
 /// The live runtime's tuning constants, diagnostics and the code it refuses
 /// to patch, for its tests.
-#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64"),
+    not(loom)
+))]
 pub mod runtime {
     pub use crate::probes::runtime::dispatch::steps_in_flight;
     pub use crate::probes::runtime::in_process::core_sync_method;
@@ -158,8 +162,11 @@ pub mod runtime {
         quiesce_signal, QUIESCE_ACKS_PER_ROUND, QUIESCE_RESEND_INTERVAL,
         QUIESCE_SIGNAL_BLOCKED_AFTER,
     };
+    #[cfg(target_arch = "x86_64")]
     pub use crate::probes::runtime::trampoline::{xsave_plan, XsavePlan};
-    pub use crate::probes::runtime::xol::{XOL_CHUNK_BYTES, XOL_CHUNK_REACH};
+    pub use crate::probes::runtime::xol::XOL_CHUNK_BYTES;
+    #[cfg(target_arch = "x86_64")]
+    pub use crate::probes::runtime::xol::XOL_CHUNK_REACH;
 
     /// The trap path's call graph, found by walking its machine code.
     pub mod callgraph {

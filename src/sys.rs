@@ -294,6 +294,7 @@ pub(crate) unsafe fn process_vm_readv_self(local: *mut u8, remote: u64, len: usi
 /// # Safety
 /// `local` must be valid for reads of `len` bytes. `remote` may be any
 /// address: the kernel checks it.
+#[cfg(not(target_arch = "aarch64"))] // arm64 writes code with stores only (in_process.rs)
 pub(crate) unsafe fn process_vm_writev_self(local: *const u8, remote: u64, len: usize) -> isize {
     // SAFETY: the caller's contract (the kernel only reads `local`).
     unsafe { process_vm_self(libc::SYS_process_vm_writev, local.cast_mut(), remote, len) }
@@ -406,21 +407,146 @@ pub(crate) unsafe fn copy_bytes(src: *const u8, dst: *mut u8, len: usize) {
     }
 }
 
+/// Copies `len` bytes from `src` to `dst` one byte at a time in assembly:
+/// the arm64 twin of the `rep movsb` copy (no `memcpy` call the compiler
+/// could substitute, so the trap path stays off the C library). Ranges
+/// must not overlap.
+///
+/// # Safety
+/// As `core::ptr::copy_nonoverlapping`.
+#[cfg(target_arch = "aarch64")]
+#[inline(always)]
+pub(crate) unsafe fn copy_bytes(src: *const u8, dst: *mut u8, len: usize) {
+    // SAFETY: the caller's contract; the loop reads `len` bytes from `src`
+    // and writes them to `dst`, nothing else.
+    unsafe {
+        core::arch::asm!(
+            "cbz {n}, 2f",
+            "1:",
+            "ldrb {t:w}, [{s}], #1",
+            "strb {t:w}, [{d}], #1",
+            "subs {n}, {n}, #1",
+            "b.ne 1b",
+            "2:",
+            n = inout(reg) len => _,
+            s = inout(reg) src => _,
+            d = inout(reg) dst => _,
+            t = out(reg) _,
+            options(nostack)
+        );
+    }
+}
+
 /// Elsewhere (no live probe runtime there): a plain copy.
 ///
 /// # Safety
 /// As `core::ptr::copy_nonoverlapping`.
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 #[inline(always)]
 pub(crate) unsafe fn copy_bytes(src: *const u8, dst: *mut u8, len: usize) {
     // SAFETY: the caller's contract.
     unsafe { core::ptr::copy_nonoverlapping(src, dst, len) }
 }
 
+/// The `svc #0` instruction, with 0 to 6 arguments (the arm64 Linux
+/// convention: number in `x8`, arguments in `x0..x5`, the result in `x0`,
+/// `-errno` on failure; nothing else clobbered). Raw, as on x86_64: the
+/// live runtime's trap path calls no C-library function.
+#[cfg(target_arch = "aarch64")]
+pub(crate) mod raw {
+    use core::arch::asm;
+
+    /// # Safety
+    /// As the system call `nr` with no arguments.
+    #[inline(always)]
+    pub(crate) unsafe fn syscall0(nr: libc::c_long) -> isize {
+        let r: isize;
+        // SAFETY: the caller's contract.
+        unsafe { asm!("svc #0", in("x8") nr, lateout("x0") r, options(nostack)) };
+        r
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    #[inline(always)]
+    pub(crate) unsafe fn syscall1(nr: libc::c_long, a: usize) -> isize {
+        let r: isize;
+        // SAFETY: the caller's contract.
+        unsafe { asm!("svc #0", in("x8") nr, inlateout("x0") a as isize => r, options(nostack)) };
+        r
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    #[inline(always)]
+    pub(crate) unsafe fn syscall2(nr: libc::c_long, a: usize, b: usize) -> isize {
+        let r: isize;
+        // SAFETY: the caller's contract.
+        unsafe {
+            asm!("svc #0", in("x8") nr, inlateout("x0") a as isize => r, in("x1") b,
+                options(nostack));
+        }
+        r
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    #[inline(always)]
+    pub(crate) unsafe fn syscall3(nr: libc::c_long, a: usize, b: usize, c: usize) -> isize {
+        let r: isize;
+        // SAFETY: the caller's contract.
+        unsafe {
+            asm!("svc #0", in("x8") nr, inlateout("x0") a as isize => r, in("x1") b,
+                in("x2") c, options(nostack));
+        }
+        r
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    #[inline(always)]
+    pub(crate) unsafe fn syscall4(
+        nr: libc::c_long,
+        a: usize,
+        b: usize,
+        c: usize,
+        d: usize,
+    ) -> isize {
+        let r: isize;
+        // SAFETY: the caller's contract.
+        unsafe {
+            asm!("svc #0", in("x8") nr, inlateout("x0") a as isize => r, in("x1") b,
+                in("x2") c, in("x3") d, options(nostack));
+        }
+        r
+    }
+
+    /// # Safety
+    /// As the system call `nr` with these arguments.
+    #[inline(always)]
+    pub(crate) unsafe fn syscall6(
+        nr: libc::c_long,
+        a: usize,
+        b: usize,
+        c: usize,
+        d: usize,
+        e: usize,
+        f: usize,
+    ) -> isize {
+        let r: isize;
+        // SAFETY: the caller's contract.
+        unsafe {
+            asm!("svc #0", in("x8") nr, inlateout("x0") a as isize => r, in("x1") b,
+                in("x2") c, in("x3") d, in("x4") e, in("x5") f, options(nostack));
+        }
+        r
+    }
+}
+
 /// Elsewhere (no live probe runtime there, so no need to stay off the C
 /// library): the C library's `syscall`, its `-1`/`errno` turned into the
 /// kernel's `-errno`.
-#[cfg(not(target_arch = "x86_64"))]
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
 pub(crate) mod raw {
     fn result(r: libc::c_long) -> isize {
         if r == -1 {

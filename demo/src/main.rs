@@ -24,9 +24,15 @@
 //!                 --readers N --updaters N --no-probes --no-rcu]
 //! ```
 
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
 mod histogram;
-#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+#[cfg(all(
+    target_os = "linux",
+    any(target_arch = "x86_64", target_arch = "aarch64")
+))]
 mod probes;
 mod rcu_phase;
 mod view;
@@ -151,13 +157,19 @@ fn main() {
         println!();
     }
     if let Some(p) = &opts.probes {
-        #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+        #[cfg(all(
+            target_os = "linux",
+            any(target_arch = "x86_64", target_arch = "aarch64")
+        ))]
         {
             ok &= probes::run(p);
         }
-        #[cfg(not(all(target_os = "linux", target_arch = "x86_64")))]
+        #[cfg(not(all(
+            target_os = "linux",
+            any(target_arch = "x86_64", target_arch = "aarch64")
+        )))]
         println!(
-            "== phase 2 skipped: live probes need x86_64 Linux ({} targets asked for)",
+            "== phase 2 skipped: live probes need x86_64 or arm64 Linux ({} targets asked for)",
             p.targets.len()
         );
         println!();

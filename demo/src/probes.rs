@@ -32,6 +32,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Instant;
 
+#[cfg(target_arch = "x86_64")]
 use iced_x86::{Decoder, DecoderOptions};
 use rcu_registry::probes::kprobe::{Action, EntryAction, Kprobe, Kretprobe};
 use rcu_registry::probes::runtime::{Live, LiveRegistry};
@@ -43,7 +44,8 @@ use crate::work::{Func, Workload, FUNCS};
 use crate::ProbeOptions;
 
 /// Bytes of each function compared before and after (the longest x86
-/// instruction is 15 bytes; a breakpoint is one).
+/// instruction is 15 bytes; a breakpoint is one, or one 4-byte word on
+/// arm64).
 const SNAPSHOT_BYTES: u64 = 32;
 /// Kretprobe instances beyond two per worker. A worker has at most one call
 /// of a probed function in flight (none calls another), so `2 x workers + 8`
@@ -127,6 +129,7 @@ fn code(addr: u64, n: u64) -> Vec<u8> {
 }
 
 /// The first instruction at `addr` (mnemonic and length).
+#[cfg(target_arch = "x86_64")]
 fn first_instruction(bytes: &[u8], addr: u64) -> String {
     let mut decoder = Decoder::with_ip(64, bytes, addr, DecoderOptions::NONE);
     let insn = decoder.decode();
@@ -136,6 +139,23 @@ fn first_instruction(bytes: &[u8], addr: u64) -> String {
         format!("{:?}", insn.mnemonic()).to_lowercase(),
         if len == 1 { "" } else { "s" }
     )
+}
+
+/// The first instruction at `addr` (its word, and how a probe there
+/// completes it: the arm64 backend's classification).
+#[cfg(target_arch = "aarch64")]
+fn first_instruction(bytes: &[u8], addr: u64) -> String {
+    use rcu_registry::probes::arch::{Arm64, InsnClass};
+    let Some(word) = bytes.first_chunk::<4>().map(|w| u32::from_le_bytes(*w)) else {
+        return "(unreadable)".to_string();
+    };
+    let how = match Arm64.classify(addr, word) {
+        Ok(InsnClass::Emulated(e)) => format!("simulated: {e:?}"),
+        Ok(InsnClass::OutOfLine) => "stepped out of line".to_string(),
+        Ok(other) => format!("{other:?}"),
+        Err(e) => format!("refused: {e}"),
+    };
+    format!("{word:#010x} (4 bytes, {how})")
 }
 
 /// Runs the phase; `true` when its check passed.

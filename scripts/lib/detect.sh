@@ -47,3 +47,31 @@ have_clang_headers() {
 
 # have_c_headers [ROOT]: the C library's development headers (libc6-dev).
 have_c_headers() { [ -e "${1:-}/usr/include/stdio.h" ]; }
+
+# have_arm64_std RUSTC STD_DIR: an arm64 standard library in STD_DIR
+# (libstd-*.rlib) built by the compiler RUSTC, whose whole `--version` line
+# ("rustc 1.96.0 (ac68faa20 2026-05-25) (built from a source tarball)") is
+# in the rlib's metadata. A std from another compiler fails every build with
+# E0514, and matching the version number alone would take 1.96.0 for 1.96.01.
+have_arm64_std() {
+  local rustc="$1" dir="$2" std version
+  [ -x "$rustc" ] || return 1
+  std=$(find "$dir" -maxdepth 1 -name 'libstd-*.rlib' -print -quit 2>/dev/null)
+  [ -n "$std" ] || return 1
+  version=$("$rustc" --version 2>/dev/null) || return 1
+  [ -n "$version" ] || return 1
+  grep -aqF -- "$version" "$std"
+}
+
+# have_arm64_static_libc [ROOT]: the arm64 C library's static archive
+# (libc6-dev-arm64-cross), which statically linked test binaries need.
+have_arm64_static_libc() { [ -e "${1:-}/usr/aarch64-linux-gnu/lib/libc.a" ]; }
+
+# have_foreign_arch ARCH [LISTING]: dpkg knows ARCH as a foreign
+# architecture (one name per line, compared whole: "arm64" is not
+# "arm64ilp32"). LISTING defaults to `dpkg --print-foreign-architectures`.
+have_foreign_arch() {
+  local listing
+  if [ $# -ge 2 ]; then listing="$2"; else listing="$(dpkg --print-foreign-architectures 2>/dev/null || true)"; fi
+  printf '%s\n' "$listing" | grep -qx -- "$1"
+}

@@ -47,6 +47,11 @@
 //!   can; following it may refuse a function that is only passed around,
 //!   never one that is called.
 //!
+//! On arm64 the same walk decodes arm64 words instead (`callgraph/arm64.rs`:
+//! `bl`, `b`, the conditional branches, and code addresses built with
+//! `adr`, `adrp` + `add` or `adrp` + `ldr` from a constant slot, which is
+//! how a GOT call and a PLT or IFUNC stub reach their target).
+//!
 //! # Where the walk stops, and why that is safe
 //!
 //! - **Indirect calls and jumps through registers or writable memory**
@@ -87,11 +92,15 @@ use std::collections::{HashMap, HashSet};
 use std::io;
 use std::time::{Duration, Instant};
 
+#[cfg(target_arch = "x86_64")]
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, MemorySize, Mnemonic, OpKind};
 use object::{Object, ObjectSection};
 
 use super::maps::Maps;
 
+#[cfg(target_arch = "aarch64")]
+mod arm64;
+#[cfg(target_arch = "x86_64")]
 mod descend;
 mod dying;
 mod fde_starts;
@@ -108,6 +117,7 @@ pub use flag_up::{flag_up, FLAG_UP_ENTRIES};
 pub const MAX_ANONYMOUS_INSNS: usize = 50_000;
 
 /// Longest x86 instruction.
+#[cfg(target_arch = "x86_64")]
 const MAX_INSN: usize = 15;
 
 /// Where a walk starts.
@@ -335,6 +345,7 @@ impl Walker<'_> {
     }
 
     /// Decodes `[start, end)` linearly and queues every edge out of it.
+    #[cfg(target_arch = "x86_64")]
     fn sweep(&mut self, start: u64, end: u64) {
         let mut bytes = vec![0u8; (end - start) as usize];
         if read_text(start, &mut bytes).is_err() {
@@ -378,6 +389,7 @@ impl Walker<'_> {
     /// slot that holds a code address. Either may be called later through
     /// the register, which the walk cannot see; following the address as if
     /// it were called errs on the side of refusing.
+    #[cfg(target_arch = "x86_64")]
     fn address_taken(&mut self, insn: &Instruction) -> Option<u64> {
         if insn.op0_kind() != OpKind::Register
             || insn.op1_kind() != OpKind::Memory
@@ -399,6 +411,7 @@ impl Walker<'_> {
 
     /// Follows an indirect call or jump through a constant slot, or counts
     /// it as unresolved.
+    #[cfg(target_arch = "x86_64")]
     fn indirect(&mut self, insn: &Instruction) {
         if let Some(t) = self.slot_target(insn) {
             self.stats.through_slots += 1;
@@ -413,6 +426,7 @@ impl Walker<'_> {
 
     /// The pointer a `call`/`jmp qword ptr [rip + disp]` reads, if its slot
     /// cannot change (module docs).
+    #[cfg(target_arch = "x86_64")]
     fn slot_target(&mut self, insn: &Instruction) -> Option<u64> {
         if insn.op0_kind() != OpKind::Memory || !insn.is_ip_rel_memory_operand() {
             return None;
@@ -458,6 +472,7 @@ impl Walker<'_> {
 }
 
 /// The target of a direct near branch or call.
+#[cfg(target_arch = "x86_64")]
 fn near_target(insn: &Instruction) -> Option<u64> {
     matches!(
         insn.op0_kind(),
@@ -495,7 +510,7 @@ fn got_sections(path: &str, bias: u64) -> io::Result<Vec<(u64, u64)>> {
         .collect())
 }
 
-#[cfg(test)]
+#[cfg(all(test, target_arch = "x86_64"))]
 mod tests {
     use super::*;
 

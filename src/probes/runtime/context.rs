@@ -102,6 +102,18 @@ pub(crate) fn regs_to_ucontext(regs: &Regs, uc: &mut libc::ucontext_t) {
     g[libc::REG_EFL as usize] = regs.flags as i64;
 }
 
+/// The IP saved in a signal frame.
+#[inline]
+pub(crate) fn frame_ip(uc: &libc::ucontext_t) -> u64 {
+    uc.uc_mcontext.gregs[libc::REG_RIP as usize] as u64
+}
+
+/// Sets the IP a signal frame resumes at.
+#[inline]
+pub(crate) fn set_frame_ip(uc: &mut libc::ucontext_t, ip: u64) {
+    uc.uc_mcontext.gregs[libc::REG_RIP as usize] = ip as i64;
+}
+
 /// The trapping thread's memory, accessed directly (see the module docs).
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ThreadMemory;

@@ -16,6 +16,7 @@ use crate::sys::{
     MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED,
 };
 
+#[cfg(target_arch = "x86_64")]
 use crate::probes::text::patch_window::{PatchWindow, INT3};
 
 /// Serializes every code write and protection change of the process (all
@@ -35,6 +36,7 @@ pub(crate) fn hold_text_lock_for_fork() -> TextLockGuard {
 
 /// The in-progress marker of this process's int3-first patches, read by
 /// the SIGTRAP handler (see [`PatchWindow`]).
+#[cfg(target_arch = "x86_64")]
 pub(crate) static PATCH_WINDOW: PatchWindow = PatchWindow::new();
 
 /// A range of code the live runtime must never patch.
@@ -237,6 +239,7 @@ impl InProcess {
     /// A one-byte write is one byte store, atomic against instruction fetch
     /// on x86. Where the system call is forbidden (seccomp) and there is no
     /// catcher, the bytes are stored directly, as before.
+    #[cfg(target_arch = "x86_64")]
     fn store(
         catcher: Option<&Catcher>,
         addr: u64,
@@ -271,13 +274,73 @@ impl InProcess {
     }
 }
 
-/// How `put` writes.
-static WRITE_MODE: AtomicU8 = AtomicU8::new(WRITE_VM);
+impl InProcess {
+    /// Writes `new` over `current` at `addr` (arm64): the page must already
+    /// be writable, `TEXT_LOCK` held.
+    ///
+    /// Every arm64 instruction is one aligned word, and `put` stores each
+    /// aligned word with one single-copy atomic store followed by its cache
+    /// maintenance, so a thread fetching it runs the old instruction or the
+    /// new one, never a mix: no int3-first protocol. Then every core is
+    /// synced, so no thread keeps running a stale copy.
+    ///
+    /// What the architecture promises here is narrower than on x86: the
+    /// Arm ARM guarantees concurrent modification and execution only when
+    /// both the old and the new instruction are among `b`, `bl`, `brk`,
+    /// `nop`, `isb`, `svc`, `hvc`, `smc` (and the compare/test branches);
+    /// replacing any other instruction with `brk` while another core runs
+    /// it is, architecturally, constrained unpredictable (Linux's own
+    /// kprobes patch under `stop_machine`; its uprobes swap the whole page).
+    /// Under qemu-user every store to code invalidates the translated
+    /// blocks of its page at once, so the emulated runs cannot show the
+    /// difference (docs/limitations).
+    #[cfg(target_arch = "aarch64")]
+    fn store(
+        catcher: Option<&Catcher>,
+        addr: u64,
+        current: &[u8],
+        new: &[u8],
+    ) -> Result<(), ProbeError> {
+        debug_assert_eq!(current.len(), new.len());
+        put(catcher, addr, new)?;
+        sync_cores();
+        Ok(())
+    }
+}
+
+/// How `put` writes (and whether a batch may use `process_vm_writev`):
+/// arm64 never writes code with the system call (see its `put`).
+static WRITE_MODE: AtomicU8 = AtomicU8::new(if cfg!(target_arch = "aarch64") {
+    WRITE_DIRECT
+} else {
+    WRITE_VM
+});
 const WRITE_VM: u8 = 0;
 const WRITE_DIRECT: u8 = 1;
 
+/// Writes `bytes` at `addr` of our own (writable) text (arm64): with a
+/// catcher, [`poke`] (word stores whose faults return an error, each with
+/// its cache maintenance); without one, the same stores made directly
+/// (`process_vm_writev` is not used on arm64: the kernel's copy is not
+/// single-copy atomic per instruction word, and under qemu-user a write by
+/// the host kernel bypasses the emulator's detection of changed code). A
+/// `dlclose` unmapping the text meanwhile then kills the process, as the
+/// x86_64 fallback for a forbidden system call does.
+#[cfg(target_arch = "aarch64")]
+fn put(catcher: Option<&Catcher>, addr: u64, bytes: &[u8]) -> Result<(), ProbeError> {
+    if let Some(c) = catcher {
+        // SAFETY: the caller made the range writable and holds TEXT_LOCK; a
+        // fault (the text unmapped meanwhile) is caught (`c`).
+        return unsafe { poke(c, addr, bytes) }.map_err(|_| ProbeError::TextGone { addr });
+    }
+    // SAFETY: the caller made the range writable and holds TEXT_LOCK.
+    unsafe { super::cache::store_code(addr, bytes) };
+    Ok(())
+}
+
 /// Writes `bytes` at `addr` of our own (writable) text: see
 /// `InProcess::store`.
+#[cfg(target_arch = "x86_64")]
 fn put(catcher: Option<&Catcher>, addr: u64, bytes: &[u8]) -> Result<(), ProbeError> {
     if let Some(c) = catcher {
         // SAFETY: the caller made the range writable and holds TEXT_LOCK; a
@@ -1130,7 +1193,11 @@ pub(crate) fn sync_cores() {
     // re-fetch too; the membarrier spares the caller.
     // SAFETY: cpuid is available on every x86_64 CPU and has no side effect
     // beyond serializing.
+    #[cfg(target_arch = "x86_64")]
     let _ = std::arch::x86_64::__cpuid(0);
+    // arm64: a context synchronization event (`isb`) does the same.
+    #[cfg(target_arch = "aarch64")]
+    super::cache::isb();
 }
 
 /// Which membarrier command core syncs use, for diagnostics: `"sync-core"`,

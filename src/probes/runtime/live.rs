@@ -5,7 +5,8 @@
 //!
 //! [`Live::new`] puts together:
 //!
-//! - the x86_64 backend;
+//! - the backend of the architecture it runs on ([`NativeArch`]: x86_64 or
+//!   arm64);
 //! - [`InProcess`] text, refusing the ranges of `refuse.rs`;
 //! - [`LiveSymbols`] as the registry's resolver (names to addresses, and
 //!   the function around an address for the boundary check), refreshed
@@ -30,7 +31,7 @@ use std::sync::{Arc, OnceLock};
 
 use super::dispatch::{try_attach, StepStash, TrapDispatcher, Verdict, MAX_DISPATCHERS};
 use super::xol::{XolArea, XolStats};
-use crate::probes::arch::{Arch, DataMemory, Regs, X86_64};
+use crate::probes::arch::{Arch, DataMemory, NativeArch, Regs};
 use crate::probes::kprobe::{HitOutcome, KprobeRegistry, StepResult, StepToken};
 use crate::probes::outcome::ReturnOutcome;
 use crate::probes::runtime::in_process::InProcess;
@@ -38,8 +39,9 @@ use crate::probes::runtime::symbols::{LiveSymbols, ProcessSymbols};
 use crate::probes::text::TextMemory;
 use crate::probes::xol::XolAllocator;
 
-/// A kprobe registry over this process's code on x86_64.
-pub type LiveRegistry = KprobeRegistry<X86_64, InProcess>;
+/// A kprobe registry over this process's code, with the backend of the
+/// architecture it runs on (x86_64 or arm64).
+pub type LiveRegistry = KprobeRegistry<NativeArch, InProcess>;
 
 impl<A: Arch, T: TextMemory + 'static> TrapDispatcher for KprobeRegistry<A, T> {
     #[inline]
@@ -228,7 +230,7 @@ impl Live {
         let xol = Arc::new(XolArea::default());
         let live_symbols = LiveSymbols::new(symbols.clone());
         let registry = KprobeRegistry::builder(
-            X86_64,
+            NativeArch::default(),
             text,
             live_symbols.clone(),
             Arc::clone(&xol) as Arc<dyn XolAllocator>,

@@ -1,10 +1,16 @@
-//! Live probes on the running process (x86_64 Linux): real text patching,
-//! trap dispatch from a SIGTRAP handler, out-of-line slots and the
-//! kretprobe trampoline.
+//! Live probes on the running process (x86_64 and arm64 Linux): real text
+//! patching, trap dispatch from a SIGTRAP handler, out-of-line slots and
+//! the kretprobe trampoline.
 //!
-//! The module is built on every Linux target; only [`symbols`] (the
-//! process's ELF symbols) is arch-neutral today. Everything else is
-//! x86_64-specific and built only there.
+//! The module is built on every Linux target; [`symbols`] (the process's
+//! ELF symbols) is arch-neutral. The rest is built on x86_64 and arm64
+//! (aarch64), behind the same API. On arm64
+//! the breakpoint is `brk` (the trap reports its own address), every
+//! single-step ends on the step-marker `brk` after the copy in its slot
+//! (nothing is boosted), code is written one atomic word at a time
+//! followed by cache maintenance (`arm64/cache.rs`), and the hit path
+//! below reads "`brk`" for "`int3`"; see `docs::limitations`, "arm64 under
+//! qemu", for what the emulated tests prove.
 //!
 //! # The pieces
 //!
@@ -122,74 +128,87 @@
 // Arch-neutral (any Linux).
 pub mod symbols;
 
-// x86_64: the signal frame, the trampoline, int3 patching and the +/-2 GiB
-// XOL reach are this architecture's.
-#[cfg(target_arch = "x86_64")]
+// The live runtime on x86_64 and arm64. Most files serve both; where the
+// architectures differ, the arm64 twin of a file sits in `arm64/` with the
+// same interface (the signal frame, the trampoline) or is arm64's alone
+// (cache maintenance).
+#[cfg(target_arch = "aarch64")]
+#[path = "arm64/cache.rs"]
+mod cache;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod callgraph;
 #[cfg(target_arch = "x86_64")]
 mod context;
-#[cfg(target_arch = "x86_64")]
+#[cfg(target_arch = "aarch64")]
+#[path = "arm64/context.rs"]
+mod context;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod dispatch;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod faults;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod fork;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod holders;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod in_process;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod in_trap;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod live;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub mod loader;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod maps;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod poke;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod quiesce;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod refuse;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod signal;
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod trampoline;
-#[cfg(target_arch = "x86_64")]
+#[cfg(target_arch = "aarch64")]
+#[path = "arm64/trampoline.rs"]
+pub(crate) mod trampoline;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub mod uprobes;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod xol;
 
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use context::ThreadMemory;
-#[cfg(target_arch = "x86_64")]
+#[cfg(target_arch = "aarch64")]
+pub use context::{fpsimd, FpSimd, FPSIMD_MAGIC};
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use dispatch::{
     attach, try_attach, Attachment, StepStash, TrapDispatcher, Verdict, MAX_DISPATCHERS,
     MAX_NESTED_STEPS,
 };
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use faults::claim_fault_signals;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use in_process::{InProcess, RefusedRange};
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use live::{Live, LiveError, LiveRegistry};
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use loader::{
     LoadSegment, LoadedObject, LoaderError, LoaderEvent, LoaderStats, LoaderSubscription,
     LoaderWatch, Rendezvous,
 };
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use quiesce::{quiesce, QuiesceReport, QUIESCE_TIMEOUT};
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use signal::{install, is_installed};
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use trampoline::trampoline_address;
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use uprobes::{
     LiveUprobeRegistry, LiveUprobeStats, LiveUprobes, LiveUprobesError, ThisProcess,
 };
-#[cfg(target_arch = "x86_64")]
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use xol::{XolArea, XolStats};
 
 #[cfg(target_arch = "x86_64")]

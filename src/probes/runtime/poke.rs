@@ -27,9 +27,27 @@
 //!
 //! The store is a one-byte `mov`: atomic with respect to instruction fetch
 //! on x86, as the kernel's store for `process_vm_writev` was.
+//!
+//! # arm64
+//!
+//! An instruction is a 4-byte aligned word, and a thread fetching it while
+//! it is written byte by byte could run a mix of old and new bytes, so
+//! [`poke`] writes each aligned word of a write with one 32-bit `str`
+//! (single-copy atomic, so fetched whole, old or new) and bytes only at
+//! unaligned ends. Each store is followed, inside the same routine, by the
+//! cache maintenance arm64 needs before the new word can be executed:
+//! `dc cvau` (clean the data cache line to the point of unification),
+//! `dsb ish`, `ic ivau` (invalidate the instruction cache line), `dsb ish`,
+//! `isb` (this thread re-fetches). Other threads re-fetch at the core
+//! sync that follows every write (`in_process.rs`). Every instruction
+//! of the routine lies in the range [`fixup`] recognises: a fault of the
+//! store or of the maintenance (the text unmapped between them) takes the
+//! failure exit.
 
+#[cfg(target_arch = "x86_64")]
 use std::arch::global_asm;
 
+#[cfg(target_arch = "x86_64")]
 global_asm!(
     ".pushsection .text.rcu_registry_poke,\"ax\",@progbits",
     ".p2align 4",
@@ -67,8 +85,60 @@ global_asm!(
     ".popsection",
 );
 
+#[cfg(target_arch = "aarch64")]
+std::arch::global_asm!(
+    ".pushsection .text.rcu_registry_poke,\"ax\",@progbits",
+    ".p2align 4",
+    ".globl __rcu_registry_poke_byte",
+    ".hidden __rcu_registry_poke_byte",
+    ".type __rcu_registry_poke_byte,@function",
+    // u32 __rcu_registry_poke_byte(u8 *addr, u8 byte): 0 stored, 1 faulted.
+    "__rcu_registry_poke_byte:",
+    "strb w1, [x0]",
+    "b 1f",
+    ".globl __rcu_registry_poke_word",
+    ".hidden __rcu_registry_poke_word",
+    // u32 __rcu_registry_poke_word(u32 *addr, u32 word): 0 stored, 1
+    // faulted. `addr` is 4-byte aligned: one single-copy atomic store.
+    "__rcu_registry_poke_word:",
+    "str w1, [x0]",
+    // The maintenance of the line holding the byte or word just stored.
+    "1:",
+    "dc cvau, x0",
+    "dsb ish",
+    "ic ivau, x0",
+    "dsb ish",
+    "isb",
+    "mov w0, #0",
+    "ret",
+    ".globl __rcu_registry_poke_fixup",
+    ".hidden __rcu_registry_poke_fixup",
+    "__rcu_registry_poke_fixup:",
+    "mov w0, #1",
+    "ret",
+    // u32 __rcu_registry_peek_byte(const u8 *addr): the byte, or 0x100 if
+    // the load faulted.
+    ".globl __rcu_registry_peek_byte",
+    ".hidden __rcu_registry_peek_byte",
+    "__rcu_registry_peek_byte:",
+    "ldrb w0, [x0]",
+    "ret",
+    ".globl __rcu_registry_peek_fixup",
+    ".hidden __rcu_registry_peek_fixup",
+    "__rcu_registry_peek_fixup:",
+    "mov w0, #0x100",
+    "ret",
+    ".globl __rcu_registry_poke_end",
+    ".hidden __rcu_registry_poke_end",
+    "__rcu_registry_poke_end:",
+    ".size __rcu_registry_poke_byte, . - __rcu_registry_poke_byte",
+    ".popsection",
+);
+
 extern "C" {
     fn __rcu_registry_poke_byte(addr: *mut u8, byte: u8) -> u32;
+    #[cfg(target_arch = "aarch64")]
+    fn __rcu_registry_poke_word(addr: *mut u32, word: u32) -> u32;
     fn __rcu_registry_poke_fixup();
     fn __rcu_registry_peek_byte(addr: *const u8) -> u32;
     fn __rcu_registry_peek_fixup();
@@ -130,12 +200,48 @@ pub(crate) fn catcher() -> Option<Catcher> {
 /// `addr..addr + bytes.len()` is code of this process made writable by the
 /// caller (a store to a mapped writable page succeeds: it must be memory
 /// nobody else reads as data); `_proof` is this thread's.
+#[cfg(target_arch = "x86_64")]
 pub(crate) unsafe fn poke(_proof: &Catcher, addr: u64, bytes: &[u8]) -> Result<(), usize> {
     for (i, &b) in bytes.iter().enumerate() {
         // SAFETY: the caller's contract; a fault is turned into a return
         // value by `fixup` (the catcher proves the handler runs).
         if unsafe { __rcu_registry_poke_byte((addr + i as u64) as *mut u8, b) } != 0 {
             return Err(i);
+        }
+    }
+    Ok(())
+}
+
+/// Stores `bytes` at `addr`: each 4-byte aligned word whole with one
+/// atomic store, bytes at unaligned ends one by one, every store followed
+/// by the cache maintenance of its line (module docs, "arm64"). `Err(i)`:
+/// byte `i` (the first of its word) could not be stored; bytes `..i` were.
+///
+/// # Safety
+/// As for the x86_64 `poke`.
+#[cfg(target_arch = "aarch64")]
+pub(crate) unsafe fn poke(_proof: &Catcher, addr: u64, bytes: &[u8]) -> Result<(), usize> {
+    let mut i = 0;
+    while i < bytes.len() {
+        let at = addr + i as u64;
+        let failed = match bytes[i..].first_chunk::<4>() {
+            Some(word) if at % 4 == 0 => {
+                // SAFETY: the caller's contract; `at` is 4-byte aligned; a
+                // fault is turned into a return value by `fixup`.
+                let r =
+                    unsafe { __rcu_registry_poke_word(at as *mut u32, u32::from_le_bytes(*word)) };
+                i += 4;
+                r
+            }
+            _ => {
+                // SAFETY: as above.
+                let r = unsafe { __rcu_registry_poke_byte(at as *mut u8, bytes[i]) };
+                i += 1;
+                r
+            }
+        };
+        if failed != 0 {
+            return Err((at - addr) as usize);
         }
     }
     Ok(())
@@ -168,21 +274,28 @@ pub(crate) fn fixup(sig: libc::c_int, uc: &mut libc::ucontext_t) -> bool {
     if sig != libc::SIGSEGV && sig != libc::SIGBUS {
         return false;
     }
-    let rip = &mut uc.uc_mcontext.gregs[libc::REG_RIP as usize];
-    // (the instruction that may fault, where it then resumes)
+    let ip = super::context::frame_ip(uc);
+    // (the instructions that may fault, where they then resume): on x86_64
+    // the one load or store of each routine; on arm64 every instruction
+    // from the store to the end of its cache maintenance (module docs).
     let exits = [
         (
-            __rcu_registry_poke_byte as *const () as usize,
-            __rcu_registry_poke_fixup as *const () as usize,
+            __rcu_registry_poke_byte as *const () as usize as u64,
+            __rcu_registry_poke_fixup as *const () as usize as u64,
         ),
         (
-            __rcu_registry_peek_byte as *const () as usize,
-            __rcu_registry_peek_fixup as *const () as usize,
+            __rcu_registry_peek_byte as *const () as usize as u64,
+            __rcu_registry_peek_fixup as *const () as usize as u64,
         ),
     ];
     for (insn, exit) in exits {
-        if *rip as usize == insn {
-            *rip = exit as i64;
+        let ours = if cfg!(target_arch = "aarch64") {
+            (insn..exit).contains(&ip)
+        } else {
+            ip == insn
+        };
+        if ours {
+            super::context::set_frame_ip(uc, exit);
             return true;
         }
     }

@@ -224,9 +224,9 @@ extern "C" fn handle_quiesce(
     let errno = unsafe { *libc::__errno_location() };
     let uctx = uctx.cast::<libc::ucontext_t>();
     // SAFETY: the kernel passes a valid ucontext for an SA_SIGINFO handler.
-    let ip = unsafe { (*uctx).uc_mcontext.gregs[libc::REG_RIP as usize] } as u64;
+    let ip = super::context::frame_ip(unsafe { &*uctx });
     // SAFETY: as above; `sigset_t` is at least 8 bytes, 8-aligned, and the
-    // kernel's 64-signal mask is its first word on x86_64.
+    // kernel's 64-signal mask is its first word on x86_64 and arm64.
     let mask = unsafe { *std::ptr::addr_of!((*uctx).uc_sigmask).cast::<u64>() };
     // SAFETY: gettid is async-signal-safe and cannot fail.
     let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;

@@ -26,6 +26,12 @@
 //! library functions were refused before, `free`, `calloc`, `mmap`,
 //! `strlen`, `memcpy`, `clock_gettime` among them).
 //!
+//! The same holds on arm64, where the walk decodes arm64 code
+//! (`callgraph/arm64.rs`) and there is no `__restore_rt` to refuse (signal
+//! handlers return through the vDSO's trampoline, not patchable text); the
+//! compiler's outline atomics (`__aarch64_*`), which every atomic
+//! read-modify-write of the trap path calls, are among what it reaches.
+//!
 //! # How the trap path is found: a walk of the machine code
 //!
 //! The trap path is not named by hand: [`trap_path`] disassembles the
@@ -168,6 +174,7 @@ pub const TRAP_ENTRY: &str = "a trap-path entry reached through a dyn call";
 
 /// `__restore_rt` is `mov eax, 15; syscall` (9 bytes): refused in full even
 /// when the C library has no symbol for it.
+#[cfg(target_arch = "x86_64")]
 const RESTORE_RT_BYTES: u64 = 9;
 
 /// The range of the function at `addr` per `symbols`, else one byte.
@@ -193,13 +200,8 @@ pub fn trap_path_roots() -> Vec<Root> {
     // The live uprobes' dispatcher runs on the nested path too.
     type UpOnBreakpoint =
         fn(&'static LiveUprobes, &mut Regs, &mut dyn DataMemory, &mut StepStash) -> Verdict;
-    type UpOnFault = fn(&'static LiveUprobes, &mut Regs, &mut StepStash) -> bool;
-    let up_on_breakpoint: UpOnBreakpoint = <LiveUprobes as TrapDispatcher>::on_breakpoint;
-    let up_on_step: UpOnBreakpoint = <LiveUprobes as TrapDispatcher>::on_step;
-    let up_on_fault: UpOnFault = <LiveUprobes as TrapDispatcher>::on_fault;
     type Claims<D> = fn(&'static D, u64) -> bool;
     let claims: Claims<LiveRegistry> = <LiveRegistry as TrapDispatcher>::claims;
-    let up_claims: Claims<LiveUprobes> = <LiveUprobes as TrapDispatcher>::claims;
     let read: Read = <ThreadMemory as DataMemory>::read;
     let write: Write = <ThreadMemory as DataMemory>::write;
     let read_u64: ReadU64 = <ThreadMemory as DataMemory>::read_u64;
@@ -214,16 +216,31 @@ pub fn trap_path_roots() -> Vec<Root> {
             what: KRETPROBE_TRAMPOLINE,
         },
     ];
+    {
+        type UpOnFault = fn(&'static LiveUprobes, &mut Regs, &mut StepStash) -> bool;
+        let up_on_breakpoint: UpOnBreakpoint = <LiveUprobes as TrapDispatcher>::on_breakpoint;
+        let up_on_step: UpOnBreakpoint = <LiveUprobes as TrapDispatcher>::on_step;
+        let up_on_fault: UpOnFault = <LiveUprobes as TrapDispatcher>::on_fault;
+        let up_claims: Claims<LiveUprobes> = <LiveUprobes as TrapDispatcher>::claims;
+        roots.extend(
+            [
+                up_on_breakpoint as usize,
+                up_on_step as usize,
+                up_on_fault as usize,
+                up_claims as usize,
+            ]
+            .map(|addr| Root {
+                addr: addr as u64,
+                what: TRAP_ENTRY,
+            }),
+        );
+    }
     roots.extend(
         [
             on_breakpoint as usize,
             on_step as usize,
             on_fault as usize,
-            up_on_breakpoint as usize,
-            up_on_step as usize,
-            up_on_fault as usize,
             claims as usize,
-            up_claims as usize,
             read as usize,
             write as usize,
             read_u64 as usize,
@@ -234,6 +251,10 @@ pub fn trap_path_roots() -> Vec<Root> {
             what: TRAP_ENTRY,
         }),
     );
+    // arm64 returns from signal handlers through the vDSO's
+    // `__kernel_rt_sigreturn` (qemu-user: its own signal trampoline page),
+    // which is not in the process's symbols and not patchable text.
+    #[cfg(target_arch = "x86_64")]
     if let Some(r) = super::signal::restorer_address() {
         roots.push(Root {
             addr: r,
@@ -296,6 +317,7 @@ pub fn refused_ranges(symbols: &ProcessSymbols) -> Vec<RefusedRange> {
         end: e,
         what: RUNTIME_CODE,
     });
+    #[cfg(target_arch = "x86_64")]
     if let Some(r) = super::signal::restorer_address() {
         let (s, e) = extent(symbols, r);
         out.push(RefusedRange {

@@ -63,14 +63,22 @@ use crate::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Once;
 
 use super::context::{regs_from_ucontext_in, regs_to_ucontext, ThreadMemory};
-use super::dispatch::{dispatch_breakpoint, dispatch_step};
+use super::dispatch::dispatch_breakpoint;
+#[cfg(target_arch = "x86_64")]
+use super::dispatch::dispatch_step;
 use super::in_trap::TrapScope;
 use crate::probes::ProbeError;
 
 /// `si_code` of a SIGTRAP raised by `int3` (`SEND_SIG_PRIV`).
+#[cfg(target_arch = "x86_64")]
 const SI_KERNEL: libc::c_int = 0x80;
 /// `si_code` of a SIGTRAP raised by the trap flag.
+#[cfg(target_arch = "x86_64")]
 const TRAP_TRACE: libc::c_int = 2;
+/// `si_code` of a SIGTRAP raised by `brk` (arm64 Linux and qemu-user alike;
+/// the PC in the frame is the `brk`'s own address).
+#[cfg(target_arch = "aarch64")]
+const TRAP_BRKPT: libc::c_int = 1;
 
 static INSTALL: Once = Once::new();
 
@@ -143,6 +151,7 @@ pub fn is_installed() -> bool {
 
 /// The signal-return trampoline (`__restore_rt`) the C library registered
 /// with our handler, if it reports one: code that must never be patched.
+#[cfg(target_arch = "x86_64")] // arm64 returns through the vDSO's trampoline
 pub(crate) fn restorer_address() -> Option<u64> {
     install();
     // SAFETY: as in `is_installed`.
@@ -250,6 +259,23 @@ fn dispatch(info: &libc::siginfo_t, uc: &mut libc::ucontext_t) -> bool {
     let mut slot = std::mem::MaybeUninit::uninit();
     let regs = regs_from_ucontext_in(uc, &mut slot);
     let mut mem = ThreadMemory;
+    #[cfg(target_arch = "aarch64")]
+    let result = match info.si_code {
+        // A probe's `brk` or a step marker: arm64 steps only to markers.
+        TRAP_BRKPT => match dispatch_breakpoint(regs.ip, regs, &mut mem) {
+            Some(r) => r,
+            None => {
+                // Resumed at the same address (the PC already is): the
+                // `brk` is gone, whatever replaced it runs.
+                if !transient_breakpoint(regs.ip) {
+                    return false;
+                }
+                Ok(())
+            }
+        },
+        _ => return false,
+    };
+    #[cfg(target_arch = "x86_64")]
     let result = match info.si_code {
         SI_KERNEL => match dispatch_breakpoint(regs.ip.wrapping_sub(1), regs, &mut mem) {
             Some(r) => r,
@@ -281,6 +307,7 @@ fn dispatch(info: &libc::siginfo_t, uc: &mut libc::ucontext_t) -> bool {
 
 /// Whether an unclaimed `int3` at `addr` is one of ours that is gone or
 /// transient (see the module docs).
+#[cfg(target_arch = "x86_64")]
 #[cold]
 fn transient_breakpoint(addr: u64) -> bool {
     crate::probes::runtime::in_process::PATCH_WINDOW.transient_int3_at(addr, || {
@@ -294,6 +321,27 @@ fn transient_breakpoint(addr: u64) -> bool {
             }
         }
     })
+}
+
+/// Whether an unclaimed `brk` at `addr` is gone: the word there is no
+/// longer a `brk` (a breakpoint removed after the thread trapped on it).
+/// arm64 writes every instruction whole, with one store, so there is no
+/// patch in progress to wait out as on x86_64: the word is old or new.
+#[cfg(target_arch = "aarch64")]
+#[cold]
+fn transient_breakpoint(addr: u64) -> bool {
+    /// `brk #imm16`: `0xd4200000 | imm16 << 5`.
+    const BRK_MASK: u32 = 0xffe0_001f;
+    const BRK_BASE: u32 = 0xd420_0000;
+    let mut word = [0u8; 4];
+    match crate::probes::runtime::in_process::read_text(addr, &mut word) {
+        Ok(()) => u32::from_le_bytes(word) & BRK_MASK != BRK_BASE,
+        Err(e) => {
+            // Not dropped (its drop glue can reach `free`; see `dispatch`).
+            std::mem::forget(e);
+            false
+        }
+    }
 }
 
 /// Hands the signal to the disposition found at installation.

@@ -81,7 +81,7 @@ pub use self::space::ThisProcess;
 use super::dispatch::{try_attach, StepStash, TrapDispatcher, Verdict};
 use super::loader::{LoaderEvent, LoaderSubscription, LoaderWatch};
 use super::{Live, XolArea};
-use crate::probes::arch::{Arch, DataMemory, Regs, StepOutcome, X86_64};
+use crate::probes::arch::{Arch, DataMemory, NativeArch, Regs, StepOutcome};
 use crate::probes::outcome::ReturnOutcome;
 use crate::probes::runtime::in_process::InProcess;
 use crate::probes::uprobe::{
@@ -105,7 +105,7 @@ const MAX_RETRIES: usize = 1000;
 const BLIND_RETRIES: usize = 3;
 
 /// The uprobe registry over this process.
-pub type LiveUprobeRegistry = UprobeRegistry<X86_64, ThisProcess, Rcu>;
+pub type LiveUprobeRegistry = UprobeRegistry<NativeArch, ThisProcess, Rcu>;
 
 /// A single-step in flight, as the thread's stash keeps it.
 type Step = UprobeStep<'static, Rcu>;
@@ -190,11 +190,12 @@ impl LiveUprobes {
         let xol: Arc<XolArea> = live.xol_arc();
         let owner = super::holders::new_owner();
         let text: InProcess = live.registry().text().clone().owned_by(owner);
-        // The trampoline: one `int3` in a slot of its own.
+        // The trampoline: one breakpoint (`int3`, arm64 `brk`) in a slot of
+        // its own.
         let trampoline = xol
             .alloc(super::trampoline::trampoline_address())
             .map_err(|e| format!("an XOL slot for the return trampoline: {e}"))?;
-        xol.fill(trampoline, X86_64.breakpoint())
+        xol.fill(trampoline, NativeArch::default().breakpoint())
             .map_err(|e| format!("writing the return trampoline: {e}"))?;
         let space = Arc::new(ThisProcess {
             id: SpaceId(u64::from(std::process::id())),
@@ -206,7 +207,7 @@ impl LiveUprobes {
         let files = Arc::new(DiskFiles::default());
         // `Rcu`, not the default `Srcu`: its read section claims nothing with
         // the C library on the trap path (`Flavor::read_in_trap`).
-        let registry = UprobeRegistry::with_domain(X86_64, Rcu::global().clone())
+        let registry = UprobeRegistry::with_domain(NativeArch::default(), Rcu::global().clone())
             .with_file_text(Arc::clone(&files));
         let resolver = TargetResolver::new().with_loaded(watch);
         let this: &'static LiveUprobes = Box::leak(Box::new(LiveUprobes {
@@ -512,7 +513,7 @@ impl TrapDispatcher for LiveUprobes {
         mem: &mut dyn DataMemory,
         stash: &mut StepStash,
     ) -> Verdict {
-        let at = X86_64.trap_address(regs);
+        let at = NativeArch::default().trap_address(regs);
         if at == self.space.trampoline {
             return match self.registry.on_return_in_trap(self.space.id, regs) {
                 ReturnOutcome::Returned { .. } => Verdict::Resume,
@@ -592,7 +593,7 @@ impl TrapDispatcher for LiveUprobes {
         // Undone through the stashed step, then taken and dropped: no owned
         // step is alive across a call that could unwind.
         if let Some(step) = stash.peek::<Step>() {
-            X86_64.abort_step(step.plan(), step.state(), regs);
+            NativeArch::default().abort_step(step.plan(), step.state(), regs);
         }
         drop(stash.take::<Step>());
         true

@@ -96,8 +96,10 @@ use crate::sync::Mutex;
 
 mod chunk;
 pub(crate) mod fork;
-use chunk::{Chunk, INT3};
-pub use chunk::{XOL_CHUNK_BYTES, XOL_CHUNK_REACH};
+pub use chunk::XOL_CHUNK_BYTES;
+#[cfg(target_arch = "x86_64")]
+pub use chunk::XOL_CHUNK_REACH;
+use chunk::{Chunk, FILL};
 
 #[derive(Clone, Copy)]
 struct Bound {
@@ -295,9 +297,10 @@ impl XolArea {
 }
 
 impl Default for XolArea {
-    /// An area with the x86_64 backend's slot size.
+    /// An area with the native backend's slot size.
     fn default() -> Self {
-        XolArea::new(crate::probes::arch::X86_64::XOL_SLOT_SIZE)
+        use crate::probes::arch::Arch as _;
+        XolArea::new(crate::probes::arch::NativeArch::default().xol_slot_size())
     }
 }
 
@@ -371,8 +374,16 @@ impl XolAllocator for XolArea {
         unsafe {
             let dst = c.write.add(off);
             std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len());
-            std::ptr::write_bytes(dst.add(bytes.len()), INT3, self.slot_size - bytes.len());
+            std::ptr::write_bytes(dst.add(bytes.len()), FILL, self.slot_size - bytes.len());
         }
+        // arm64: the new bytes reach instruction fetch at the slot's
+        // executable address (`arm64/cache.rs`).
+        #[cfg(target_arch = "aarch64")]
+        super::cache::sync_icache(
+            c.write as u64 + off as u64,
+            c.exec + off as u64,
+            self.slot_size,
+        );
         Ok(())
     }
 
@@ -474,7 +485,7 @@ impl XolArea {
     }
 
     /// Puts `slot`, which no thread can execute, back on its chunk's free
-    /// list with its bytes reset to `int3`.
+    /// list with its bytes reset to the fill (`int3`, or `udf #0` on arm64).
     fn recycle(&self, a: &mut Areas, slot: u64) {
         let Some((ci, si)) = self.locate(a, slot) else {
             debug_assert!(false, "XOL slot {slot:#x} is not in the area");
@@ -484,7 +495,7 @@ impl XolArea {
         // No thread executes the slot (the caller's proof): the reset is seen by nobody before
         // the slot is filled again, and that happens before any trap sends a thread there.
         // SAFETY: `si * slot_size + slot_size <= XOL_CHUNK_BYTES` (locate); the write view is ours.
-        unsafe { std::ptr::write_bytes(c.write.add(si * self.slot_size), INT3, self.slot_size) };
+        unsafe { std::ptr::write_bytes(c.write.add(si * self.slot_size), FILL, self.slot_size) };
         c.free.push(si as u32);
         a.open.insert(ci);
         a.recycled += 1;
@@ -527,7 +538,7 @@ mod tests {
         let tail = unsafe {
             std::slice::from_raw_parts((slot + 6) as *const u8, X86_64::XOL_SLOT_SIZE - 6)
         };
-        assert!(tail.iter().all(|&b| b == INT3));
+        assert!(tail.iter().all(|&b| b == FILL));
         area.free(slot);
     }
 
@@ -575,7 +586,7 @@ mod tests {
         let s = area.stats();
         assert_eq!((s.recycled, s.parked_frees, s.parked), (1, 0, 0));
         assert_eq!((s.in_use, s.free), (0, before.free + 1));
-        assert!(slot_bytes(a).iter().all(|&b| b == INT3));
+        assert!(slot_bytes(a).iter().all(|&b| b == FILL));
         // Another address gets it: the area did not grow.
         assert_eq!(area.alloc(q).unwrap(), a);
         assert_eq!(area.stats().free, before.free);

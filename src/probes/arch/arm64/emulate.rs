@@ -78,18 +78,23 @@ pub(super) fn emulate(
             "arm64 emulate of an instruction that is not 4 bytes long",
         ));
     };
-    let mut next = *regs;
-    next.flags &= !BTYPE_MASK;
+    // The effect is gathered first (at most one register written, the flags,
+    // the PC) and applied only once nothing can fail: on error `regs` is
+    // unchanged. Not a copy of the whole `Regs`, which at `opt-level = 1`
+    // is a `memcpy` call on arm64, and the live trap path runs this code
+    // (the call-graph walk of the trap path found it).
+    let mut write: Option<(u8, u64)> = None;
+    let mut flags = regs.flags & !BTYPE_MASK;
     let fall_through = insn.next_addr();
     let taken = |yes: bool, target: u64| if yes { target } else { fall_through };
-    next.ip = match effect {
+    let ip = match effect {
         Emulation::Nop => fall_through,
         Emulation::Jump { target } => target,
         Emulation::Call {
             target,
             return_addr,
         } => {
-            write_x(&mut next, X30, return_addr);
+            write = Some((X30, return_addr));
             target
         }
         Emulation::CondJump { cond, target } => taken(condition_holds(cond, regs.flags), target),
@@ -113,7 +118,7 @@ pub(super) fn emulate(
             taken(set == nonzero, target)
         }
         Emulation::PcRelAddress { reg, value } => {
-            write_x(&mut next, reg, value);
+            write = Some((reg, value));
             fall_through
         }
         Emulation::LoadLiteral {
@@ -122,7 +127,7 @@ pub(super) fn emulate(
             size,
             signed,
         } => {
-            write_x(&mut next, reg, load_literal(insn, addr, size, signed, mem)?);
+            write = Some((reg, load_literal(insn, addr, size, signed, mem)?));
             fall_through
         }
         Emulation::IndirectBranch {
@@ -134,9 +139,9 @@ pub(super) fn emulate(
             // branches to the old x30.
             let target = read_x(regs, reg);
             if link {
-                write_x(&mut next, X30, return_addr);
+                write = Some((X30, return_addr));
             }
-            next.flags |= match bits(word, 24, 21) {
+            flags |= match bits(word, 24, 21) {
                 0b0000 => BTYPE_AFTER_BR,
                 0b0001 => BTYPE_AFTER_BLR,
                 _ => 0, // ret
@@ -149,7 +154,11 @@ pub(super) fn emulate(
             ))
         }
     };
-    *regs = next;
+    if let Some((reg, value)) = write {
+        write_x(regs, reg, value);
+    }
+    regs.flags = flags;
+    regs.ip = ip;
     Ok(())
 }
 

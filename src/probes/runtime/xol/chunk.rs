@@ -23,8 +23,11 @@
 //! executable, no `mprotect` is needed to fill a slot, and filling one slot
 //! never disturbs threads running the chunk's other slots. A thread runs a
 //! freshly filled slot only after a trap (an exception return is
-//! serializing on x86), so it never sees stale bytes. Unused slot bytes are
-//! `int3`, so a stray jump into a slot traps rather than runs garbage.
+//! serializing on x86, and a context synchronization event on arm64, where
+//! the area also cleans and invalidates the slot's cache lines after
+//! filling it: `arm64/cache.rs`), so it never sees stale bytes. Unused slot
+//! bytes trap (`int3` on x86, `udf #0` on arm64), so a stray jump into a
+//! slot traps rather than runs garbage.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
@@ -63,8 +66,14 @@ const MAX_ADDR: u64 = 0x7fff_ffff_f000;
 /// `vm.memfd_noexec` may otherwise forbid it). Older kernels reject it.
 const MFD_EXEC: libc::c_uint = 0x0010;
 
-/// The x86 breakpoint, written over unused slot bytes.
-pub(super) const INT3: u8 = 0xcc;
+/// Written over unused slot bytes, so a stray jump into a slot traps: the
+/// x86 breakpoint `int3`.
+#[cfg(target_arch = "x86_64")]
+pub(super) const FILL: u8 = 0xcc;
+/// Written over unused slot bytes: zero words are arm64's permanently
+/// undefined `udf #0` (SIGILL).
+#[cfg(target_arch = "aarch64")]
+pub(super) const FILL: u8 = 0;
 
 /// One memfd mapped twice.
 pub(super) struct Chunk {
@@ -118,7 +127,7 @@ impl Chunk {
         }
         let write = write.cast::<u8>();
         // SAFETY: the write view is `len` bytes long and ours alone.
-        unsafe { std::ptr::write_bytes(write, INT3, len) };
+        unsafe { std::ptr::write_bytes(write, FILL, len) };
         // Listed for the fork handlers (`xol/fork.rs`) before any slot of it
         // is handed out.
         if !super::fork::record(exec, write, len) {
@@ -215,7 +224,7 @@ mod tests {
             assert_eq!(c.free.last(), Some(&0), "the lowest slot is popped first");
             // SAFETY: the exec view is `len` bytes long and readable.
             let bytes = unsafe { std::slice::from_raw_parts(c.exec as *const u8, len) };
-            assert!(bytes.iter().all(|&b| b == INT3));
+            assert!(bytes.iter().all(|&b| b == FILL));
         }
     }
 
