@@ -13,11 +13,15 @@
 //!
 //! Run: `cargo bench --bench remote`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+#[path = "../tests/remote_support/mod.rs"]
+mod remote_support;
+use remote_support::{dir, fixture};
 
 use rcu_registry::probes::remote::RemoteTracer;
 use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeTarget};
@@ -27,30 +31,6 @@ const ROUNDS: usize = 5;
 /// 0.2 ms per call: fewer, or a run takes seconds).
 const CALLS: u64 = 20_000;
 const LTRACE_CALLS: u64 = 2_000;
-
-fn dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rcu-registry-bench-remote-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn fixture() -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/remote_support/fixture.c");
-    let exe = dir().join("fixture");
-    let out = Command::new("cc")
-        .args(["-O1", "-pthread", "-o"])
-        .arg(&exe)
-        .arg(&src)
-        .arg("-ldl")
-        .output()
-        .expect("running cc");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    exe
-}
 
 fn cmd(exe: &Path, calls: u64) -> Command {
     let mut c = Command::new(exe);

@@ -14,36 +14,9 @@ use rcu_registry::probes::remote::{ExitStatus, Refusal, RemoteError, RemoteTrace
 use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeTarget};
 use rcu_registry::probes::ProbeError;
 
-/// A temporary directory for this test process.
-fn dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("rcu-registry-remote-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// The fixture program, built once per test process.
-fn fixture() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/remote_support/fixture.c");
-            let exe = dir().join("fixture");
-            let out = Command::new("cc")
-                .args(["-O1", "-pthread", "-o"])
-                .arg(&exe)
-                .arg(&src)
-                .arg("-ldl")
-                .output()
-                .expect("running cc");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            exe
-        })
-        .clone()
-}
+#[path = "remote_support/mod.rs"]
+mod remote_support;
+use remote_support::{dir, fixture};
 
 /// A library the fixture opens: `lib_add(x) = x + 5`.
 fn fixture_lib() -> PathBuf {
@@ -115,63 +88,42 @@ fn fixture_file() -> String {
     fixture().to_str().unwrap().to_string()
 }
 
-#[test]
-fn a_spawned_program_counts_every_call_from_two_threads_and_writes_what_it_writes_untraced() {
+/// Registers a counter on `target` (before the program exists: installed
+/// at its exec stop, or when the loader maps the file), runs the fixture
+/// with `args` traced to its end, and checks that it exited 0, that the
+/// counter saw `calls`, and that it wrote what it writes untraced.
+fn traced_run(target: UprobeTarget, args: &[&str], calls: u64) {
     let mut t = RemoteTracer::new();
     let (c, hits) = counter();
-    // Registered before the program exists: installed at its exec stop.
-    t.register(
-        &UprobeTarget::symbol(fixture_file().as_str(), "rt_work"),
-        &c,
-    )
-    .unwrap();
-    let out = dir().join("traced-work");
-    let pid = t.spawn(&fixture_cmd(&out, &["work", "5000", "2"])).unwrap();
+    t.register(&target, &c).unwrap();
+    let out = dir().join(format!("traced-{}", args[0]));
+    let pid = t.spawn(&fixture_cmd(&out, args)).unwrap();
     t.run().unwrap();
     assert_eq!(t.exit_status(pid), Some(ExitStatus::Code(0)));
-    assert_eq!(hits.load(Ordering::Relaxed), 10_000);
-    assert_eq!(
-        std::fs::read_to_string(out).unwrap(),
-        run_untraced(&["work", "5000", "2"])
-    );
+    assert_eq!(hits.load(Ordering::Relaxed), calls);
+    assert_eq!(std::fs::read_to_string(out).unwrap(), run_untraced(args));
+}
+
+#[test]
+fn a_spawned_program_counts_every_call_from_two_threads_and_writes_what_it_writes_untraced() {
+    let target = UprobeTarget::symbol(fixture_file().as_str(), "rt_work");
+    traced_run(target, &["work", "5000", "2"], 10_000);
 }
 
 #[test]
 fn a_c_library_function_is_probed_once_the_loader_has_mapped_the_library() {
-    let mut t = RemoteTracer::new();
-    let (c, hits) = counter();
-    t.register(&UprobeTarget::symbol("libc.so.6", "getppid"), &c)
-        .unwrap();
-    let out = dir().join("traced-libc");
-    let pid = t.spawn(&fixture_cmd(&out, &["libc", "777"])).unwrap();
-    t.run().unwrap();
-    assert_eq!(t.exit_status(pid), Some(ExitStatus::Code(0)));
-    assert_eq!(hits.load(Ordering::Relaxed), 777);
-    assert_eq!(
-        std::fs::read_to_string(out).unwrap(),
-        run_untraced(&["libc", "777"])
+    traced_run(
+        UprobeTarget::symbol("libc.so.6", "getppid"),
+        &["libc", "777"],
+        777,
     );
 }
 
 #[test]
 fn a_fork_child_is_let_go_with_its_original_text_and_the_parent_keeps_counting() {
-    let mut t = RemoteTracer::new();
-    let (c, hits) = counter();
-    t.register(
-        &UprobeTarget::symbol(fixture_file().as_str(), "rt_work"),
-        &c,
-    )
-    .unwrap();
-    let out = dir().join("traced-fork");
-    let pid = t.spawn(&fixture_cmd(&out, &["fork", "300"])).unwrap();
-    t.run().unwrap();
-    assert_eq!(t.exit_status(pid), Some(ExitStatus::Code(0)));
     // The parent's calls only; the child ran untraced and exited 7.
-    assert_eq!(hits.load(Ordering::Relaxed), 300);
-    assert_eq!(
-        std::fs::read_to_string(out).unwrap(),
-        run_untraced(&["fork", "300"])
-    );
+    let target = UprobeTarget::symbol(fixture_file().as_str(), "rt_work");
+    traced_run(target, &["fork", "300"], 300);
 }
 
 /// Four threads hit `rt_work` while the tracer registers and removes a
