@@ -193,6 +193,67 @@ fn a_program_killed_while_traced_is_reported_and_forgotten() {
     assert_eq!(t.registry().installs_in(space), 0, "its installs forgotten");
 }
 
+/// A traced program stopped with `SIGSTOP` stays stopped through a
+/// registration (which stops and resumes every thread) and goes on at
+/// `SIGCONT`.
+#[test]
+fn a_stopped_program_stays_stopped_through_a_registration() {
+    let stop = dir().join("stop-sigstop");
+    let out = dir().join("traced-sigstop");
+    let file = fixture_file();
+    let mut t = RemoteTracer::new();
+    let (c, hits) = counter();
+    t.register(&UprobeTarget::symbol(file.as_str(), "rt_work"), &c)
+        .unwrap();
+    let pid = t
+        .spawn(&fixture_cmd(&out, &["until", stop.to_str().unwrap()]))
+        .unwrap();
+    let state = || {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        s.rsplit(')')
+            .next()
+            .unwrap()
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    let served_until = |t: &mut RemoteTracer, done: &dyn Fn() -> bool| {
+        let start = std::time::Instant::now();
+        while !done() && start.elapsed() < Duration::from_secs(20) {
+            t.run_for(Duration::from_millis(5)).unwrap();
+        }
+    };
+    served_until(&mut t, &|| hits.load(Ordering::Relaxed) > 0);
+    // SAFETY: a signal to the traced child.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    served_until(&mut t, &|| state() == "t");
+    assert_eq!(state(), "t", "in its group-stop");
+    let (other, _) = counter();
+    let r = t
+        .register(&UprobeTarget::symbol(file.as_str(), "rt_other"), &other)
+        .unwrap();
+    let before = hits.load(Ordering::Relaxed);
+    t.run_for(Duration::from_millis(50)).unwrap();
+    assert_eq!(state(), "t", "still stopped after the registration");
+    assert_eq!(
+        hits.load(Ordering::Relaxed),
+        before,
+        "no call while stopped"
+    );
+    t.unregister(r.key(), &other).unwrap();
+    // SAFETY: a signal to the traced child.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    served_until(&mut t, &|| hits.load(Ordering::Relaxed) > before);
+    assert!(
+        hits.load(Ordering::Relaxed) > before,
+        "runs again after SIGCONT"
+    );
+    std::fs::write(&stop, b"").unwrap();
+    t.run().unwrap();
+    assert_eq!(t.exit_status(pid), Some(ExitStatus::Code(0)));
+}
+
 /// A uprobe and a uretprobe registered before the program runs, on a
 /// library it opens with `dlopen`, closes and opens again: every call and
 /// every return value counted.

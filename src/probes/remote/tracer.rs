@@ -286,6 +286,9 @@ pub struct RemoteTracer {
     owner: HashMap<Tid, Tid>,
     /// `vfork` children served in their parent's space until they `exec`.
     vforked: BTreeSet<Tid>,
+    /// Threads in a group-stop (`SIGSTOP` and the like), left there with
+    /// `PTRACE_LISTEN`: a stop of the world puts them back in it.
+    group_stopped: BTreeSet<Tid>,
     /// Stops collected while the world was being stopped, served first.
     pending: VecDeque<(Tid, libc::c_int)>,
     /// New threads and children whose first stop came before their
@@ -333,6 +336,7 @@ impl RemoteTracer {
             procs: BTreeMap::new(),
             owner: HashMap::new(),
             vforked: BTreeSet::new(),
+            group_stopped: BTreeSet::new(),
             pending: VecDeque::new(),
             early: HashMap::new(),
             exits: BTreeMap::new(),
@@ -622,9 +626,14 @@ impl RemoteTracer {
         stopped
     }
 
+    /// Lets the threads `stop_all` stopped go on: running ones resume, those
+    /// that were in a group-stop go back to it.
     fn resume(&self, stopped: &[Tid]) {
         for &tid in stopped {
-            let _ = ptrace::cont(tid, 0);
+            let _ = match self.group_stopped.contains(&tid) {
+                true => ptrace::listen(tid),
+                false => ptrace::cont(tid, 0),
+            };
         }
     }
 
@@ -682,7 +691,18 @@ impl RemoteTracer {
             self.early.insert(tid, status);
             return;
         };
-        match ptrace::decode(status) {
+        let stop = ptrace::decode(status);
+        if !matches!(
+            stop,
+            Stop::Event {
+                event: libc::PTRACE_EVENT_STOP,
+                ..
+            }
+        ) {
+            // Whatever stopped it, it was running: not in a group-stop.
+            self.group_stopped.remove(&tid);
+        }
+        match stop {
             Stop::Exited(code) => self.thread_gone(pid, tid, ExitStatus::Code(code)),
             Stop::Killed(sig) => self.thread_gone(pid, tid, ExitStatus::Signal(sig)),
             Stop::Event { event, sig } => self.event(pid, tid, event, sig),
@@ -746,8 +766,11 @@ impl RemoteTracer {
                     libc::SIGSTOP | libc::SIGTSTP | libc::SIGTTIN | libc::SIGTTOU
                 ) {
                     // A group-stop: stays stopped until SIGCONT.
+                    self.group_stopped.insert(tid);
                     let _ = ptrace::listen(tid);
                 } else {
+                    // Out of a group-stop (SIGCONT), or an interrupt.
+                    self.group_stopped.remove(&tid);
                     let _ = ptrace::cont(tid, 0);
                 }
             }
