@@ -145,7 +145,7 @@ fn branch(from: u64, to: u64) -> Option<u32> {
     let off = to.wrapping_sub(from) as i64;
     let reach = 1i64 << 27;
     (off % 4 == 0 && (-reach..reach).contains(&off))
-        .then(|| 0x1400_0000 | ((off >> 2) as u32 & 0x03ff_ffff))
+        .then_some(0x1400_0000 | ((off >> 2) as u32 & 0x03ff_ffff))
 }
 
 /// Bytes of the breakpoint, little-endian as in memory.
