@@ -164,9 +164,7 @@ pub mod runtime {
     };
     #[cfg(target_arch = "x86_64")]
     pub use crate::probes::runtime::trampoline::{xsave_plan, XsavePlan};
-    pub use crate::probes::runtime::xol::XOL_CHUNK_BYTES;
-    #[cfg(target_arch = "x86_64")]
-    pub use crate::probes::runtime::xol::XOL_CHUNK_REACH;
+    pub use crate::probes::runtime::xol::{XOL_CHUNK_BYTES, XOL_CHUNK_REACH};
 
     /// The trap path's call graph, found by walking its machine code.
     pub mod callgraph {

@@ -448,28 +448,77 @@ fn plans_and_emulations_are_refused_for_the_wrong_kind_of_instruction() {
 }
 
 #[test]
-fn xol_slot_is_the_instruction_then_the_step_marker() {
+fn a_slot_out_of_reach_of_b_is_stepped_only_the_copy_then_the_step_marker() {
     let add = Arm64.analyze(AT, &0x9100_1020u32.to_le_bytes()).unwrap();
+    // 1.8 GiB from AT: beyond `b`'s +/-128 MiB.
     let slot = 0x7000_0100;
     let plan = Arm64.plan_xol(&add, slot).unwrap();
-    let mut expected = 0x9100_1020u32.to_le_bytes().to_vec();
+    let mut expected = STEP_MARKER.to_le_bytes().repeat(2);
+    expected.extend(0x9100_1020u32.to_le_bytes());
     expected.extend(STEP_MARKER.to_le_bytes());
     assert_eq!(plan.slot_bytes(), &expected[..]);
     assert_eq!(plan.slot_bytes().len(), Arm64.xol_slot_size());
     assert!(!plan.boostable);
-    assert_eq!(plan.step_marker, Some(slot + 4));
+    assert_eq!(plan.step_entry, slot + 8);
+    assert_eq!(plan.step_marker, Some(slot + 12));
 
     let mut regs = sample_regs();
     let state = Arm64
         .prepare_step(&plan, XolRun::SingleStep, &mut regs)
         .unwrap();
-    assert_eq!(regs.ip, slot);
+    assert_eq!(regs.ip, slot + 8);
     assert_eq!(regs.flags & (0b11 << 10), 0, "BTYPE cleared for the slot");
-    regs.ip = slot + 4; // the step marker trapped
+    regs.ip = slot + 12; // the step marker trapped
     Arm64
         .finish_step(&plan, &state, &mut regs, &mut NoDataMemory)
         .unwrap();
     assert_eq!(regs.ip, AT + 4);
+}
+
+#[test]
+fn a_slot_within_reach_of_b_is_boostable_the_copy_then_b_back() {
+    // Far from address 0, so that the reach can be tested on both sides.
+    const AT: u64 = 0x1_0000_0000;
+    let add = Arm64.analyze(AT, &0x9100_1020u32.to_le_bytes()).unwrap();
+    // `b` reaches [pc - 128 MiB, pc + 128 MiB - 4]: the boosted copy's
+    // branch sits at slot + 4 and goes to AT + 4, an offset of AT - slot.
+    for (slot, boostable) in [
+        (AT + 0x1000, true),
+        (AT - 0x1000, true),
+        (AT + (128 << 20), true),
+        (AT + (128 << 20) + 4, false),
+        (AT - (128 << 20) + 4, true),
+        (AT - (128 << 20), false),
+    ] {
+        let plan = Arm64.plan_xol(&add, slot).unwrap();
+        assert_eq!(plan.boostable, boostable, "slot {slot:#x}");
+        if !boostable {
+            continue;
+        }
+        let bytes = plan.slot_bytes();
+        assert_eq!(bytes[..4], 0x9100_1020u32.to_le_bytes());
+        let b = u32::from_le_bytes(bytes[4..8].try_into().unwrap());
+        assert_eq!(b & 0xfc00_0000, 0x1400_0000, "a `b`");
+        let off = (((b & 0x03ff_ffff) << 6) as i32 >> 6) as i64 * 4;
+        assert_eq!(
+            (slot + 4).wrapping_add(off as u64),
+            AT + 4,
+            "b lands after the original"
+        );
+        assert_eq!(bytes[8..12], 0x9100_1020u32.to_le_bytes());
+        assert_eq!(bytes[12..], STEP_MARKER.to_le_bytes());
+        // A boosted run starts at the slot; a stepped one at its copy.
+        let mut regs = sample_regs();
+        Arm64
+            .prepare_step(&plan, XolRun::Boosted, &mut regs)
+            .unwrap();
+        assert_eq!(regs.ip, slot);
+        let mut regs = sample_regs();
+        Arm64
+            .prepare_step(&plan, XolRun::SingleStep, &mut regs)
+            .unwrap();
+        assert_eq!(regs.ip, slot + 8);
+    }
 }
 
 #[test]

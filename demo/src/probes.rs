@@ -151,7 +151,7 @@ fn first_instruction(bytes: &[u8], addr: u64) -> String {
     };
     let how = match Arm64.classify(addr, word) {
         Ok(InsnClass::Emulated(e)) => format!("simulated: {e:?}"),
-        Ok(InsnClass::OutOfLine) => "stepped out of line".to_string(),
+        Ok(InsnClass::OutOfLine) => "runs out of line".to_string(),
         Ok(other) => format!("{other:?}"),
         Err(e) => format!("refused: {e}"),
     };

@@ -79,7 +79,7 @@ mod arm64 {
 
     fn targets() -> [Target; 11] {
         [
-            ("add (stepped out of line)", la_add1, 0, |x| x + 1),
+            ("add (out of line, boosted)", la_add1, 0, |x| x + 1),
             ("b (simulated)", la_branch, 0, |x| x + 2),
             ("bl (simulated)", la_call, 8, |x| x + 2),
             ("cbz (simulated)", la_cbz, 0, |x| if x == 0 { 7 } else { x }),
@@ -108,6 +108,7 @@ mod arm64 {
             let original = word_at(at);
             let count = Arc::new(AtomicU64::new(0));
             let p = counting(at, &count);
+            let waits = Live::global().xol_stats().quiesce_waits;
             reg.register(&p).unwrap_or_else(|e| panic!("{what}: {e}"));
             assert_eq!(
                 word_at(at) & 0xffe0_001f,
@@ -118,6 +119,14 @@ mod arm64 {
             assert_eq!(count.load(Ordering::Relaxed), 8_000, "{what}: hits");
             assert_eq!(p.hits(), 8_000, "{what}: the probe's own count");
             reg.unregister(&p).unwrap();
+            // A boosted slot (the stepped class with no post handler: its
+            // copy jumps back with `b`) is retired after a quiescence wait.
+            let boosted = what.contains("out of line");
+            assert_eq!(
+                Live::global().xol_stats().quiesce_waits - waits,
+                u64::from(boosted),
+                "{what}: boosted"
+            );
             assert_eq!(word_at(at), original, "{what}: the instruction is back");
             hammer(2, 100, f, want);
             assert_eq!(

@@ -1,7 +1,8 @@
 //! The registry's semantics on live arm64 code: post handlers, skipping,
 //! aggregation, missed hits in handlers, batched unregistration under load,
 //! refusals that change no byte, the quiescence wait reading arm64 signal
-//! frames, a fault in an XOL slot reported at the probed address, a fork
+//! frames, a fault in an XOL slot (boosted or stepped) reported at the
+//! probed address, a fork
 //! child with slots of its own, and a churn stress (`#[ignore]`: `CI=true` length under
 //! `scripts/test-arm64`). Cross-built for aarch64 and run under
 //! qemu-aarch64; on any other architecture each test prints why it is
@@ -437,7 +438,7 @@ mod arm64 {
     }
 
     #[test]
-    fn a_fault_in_a_stepped_slot_is_reported_at_the_probed_address() {
+    fn a_fault_in_an_xol_slot_boosted_or_stepped_is_reported_at_the_probed_address() {
         let _g = serial();
         let reg = Live::global().registry();
         // The application's handler first; registering puts the runtime's
@@ -452,31 +453,40 @@ mod arm64 {
             0
         );
         let at = addr(la_load as *const ());
-        let count = Arc::new(AtomicU64::new(0));
-        let c = Arc::clone(&count);
-        let p = Kprobe::at(at)
-            .pre(move |_p, _r| {
+        // Without a post handler the `ldr` runs boosted (the fault is found
+        // among this thread's recent boosts); with one it is single-stepped
+        // (the step in flight is abandoned).
+        for post in [false, true] {
+            FAULT_PC.store(0, Ordering::SeqCst);
+            let count = Arc::new(AtomicU64::new(0));
+            let c = Arc::clone(&count);
+            let b = Kprobe::at(at).pre(move |_p, _r| {
                 c.fetch_add(1, Ordering::Relaxed);
                 Action::Continue
-            })
-            .build();
-        reg.register(&p).unwrap();
-        // SAFETY: a complete C-ABI function; the bad pointer's fault is
-        // recovered by `app_segv`.
-        let v = unsafe { la_load(std::hint::black_box(8 as *const u32)) };
-        reg.unregister(&p).unwrap();
-        assert_eq!(v, 77, "the recovered load");
-        assert_eq!(
-            FAULT_PC.load(Ordering::SeqCst),
-            at,
-            "the application saw the probed address, not the XOL slot"
-        );
-        assert_eq!(
-            count.load(Ordering::Relaxed),
-            2,
-            "the faulting hit and the retry"
-        );
-        assert_eq!(steps_in_flight(), 0, "the faulted step was abandoned");
+            });
+            let p = if post {
+                b.post(|_, _| {}).build()
+            } else {
+                b.build()
+            };
+            reg.register(&p).unwrap();
+            // SAFETY: a complete C-ABI function; the bad pointer's fault is
+            // recovered by `app_segv`.
+            let v = unsafe { la_load(std::hint::black_box(8 as *const u32)) };
+            reg.unregister(&p).unwrap();
+            assert_eq!(v, 77, "post {post}: the recovered load");
+            assert_eq!(
+                FAULT_PC.load(Ordering::SeqCst),
+                at,
+                "post {post}: the application saw the probed address, not the XOL slot"
+            );
+            assert_eq!(
+                count.load(Ordering::Relaxed),
+                2,
+                "post {post}: the faulting hit and the retry"
+            );
+            assert_eq!(steps_in_flight(), 0, "post {post}: nothing left in flight");
+        }
     }
 
     #[test]

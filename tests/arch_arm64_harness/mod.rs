@@ -479,27 +479,31 @@ fn step_out_of_line(
         .plan_xol(insn, SLOT)
         .expect("plan for an out-of-line insn");
     assert_eq!(plan.slot_bytes().len(), arch.xol_slot_size());
-    assert_eq!(plan.step_marker, Some(SLOT + 4));
-    uc.mem_map(SLOT & !0xfff, 0x1000, Prot::READ | Prot::EXEC)
+    // The stepped copy and its marker (after a boosted copy, or markers
+    // where the slot is out of `b`'s reach, as here).
+    let entry = plan.step_entry;
+    assert_eq!(plan.step_marker, Some(entry + 4));
+    // The slot may cross into the next page.
+    uc.mem_map(SLOT & !0xfff, 0x2000, Prot::READ | Prot::EXEC)
         .expect("map slot");
     uc.mem_write(SLOT, plan.slot_bytes()).expect("write slot");
     let state = arch
         .prepare_step(&plan, XolRun::SingleStep, &mut regs)
         .expect("prepare");
-    assert_eq!(regs.ip, SLOT);
+    assert_eq!(regs.ip, entry);
     load_regs(&mut uc, &regs);
     let fault_pc = |uc: &Unicorn<'_, ()>| {
         let pc = uc.pc_read().expect("pc");
-        if pc == SLOT {
+        if pc == entry {
             ORIG
         } else {
             pc
         }
     };
-    match run(&mut uc, SLOT, 2) {
-        Ok(Some(EXCP_BKPT)) if uc.pc_read() == Ok(SLOT + 4) => {
+    match run(&mut uc, entry, 2) {
+        Ok(Some(EXCP_BKPT)) if uc.pc_read() == Ok(entry + 4) => {
             let mut after = regs_of(&uc);
-            let marker_word = uc.mem_read_as_vec(SLOT + 4, 4).expect("marker");
+            let marker_word = uc.mem_read_as_vec(entry + 4, 4).expect("marker");
             assert_eq!(
                 marker_word,
                 STEP_MARKER.to_le_bytes(),

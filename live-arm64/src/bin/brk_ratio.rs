@@ -4,10 +4,11 @@
 //! `cargo run -p live-arm64 --release --bin brk_ratio --target
 //! aarch64-unknown-linux-gnu` (after sourcing scripts/arm64-env): measures
 //! nanoseconds per call for a raw `brk` whose handler only steps over it,
-//! and for a live kprobe with an empty pre handler on a simulated `b` (one
-//! trap per hit) and on a stepped `add` (two traps: the probe's `brk`, then
-//! the step marker after the copy in the XOL slot), each minus a call of
-//! the unprobed function. Fifteen rounds of 5,000 calls, each measuring all
+//! and for a live kprobe on a simulated `b` (one trap per hit), on an
+//! `add` run from its XOL slot boosted (one trap: the copy jumps back with
+//! `b`), and on the same `add` single-stepped because the probe has a post
+//! handler (two traps: the probe's `brk`, then the step marker after the
+//! copy), each minus a call of the unprobed function. Fifteen rounds of 5,000 calls, each measuring all
 //! three back to back, so a round's ratios compare figures taken within a
 //! few milliseconds (the shared machine's load moves between rounds);
 //! prints the median of the per-round ratios and their range.
@@ -34,37 +35,44 @@ fn main() {
         std::hint::black_box(unsafe { f(std::hint::black_box(1)) });
     };
     let reg = Live::global().registry();
-    let mut rows: Vec<[f64; 3]> = Vec::new();
+    let mut rows: Vec<[f64; 4]> = Vec::new();
     for _ in 0..ROUNDS {
         let (raw, traps) = with_raw_trap(|| time(&trap_once));
         assert_eq!(traps, u64::from(N));
-        let mut hit = [0.0; 2];
-        for (k, f) in [la_branch as unsafe extern "C" fn(u32) -> u32, la_add1]
-            .into_iter()
-            .enumerate()
-        {
+        let mut hit = [0.0; 3];
+        let variants = [
+            (la_branch as unsafe extern "C" fn(u32) -> u32, false),
+            (la_add1, false),
+            (la_add1, true),
+        ];
+        for (k, (f, post)) in variants.into_iter().enumerate() {
             let bare = time(&|| call(f));
-            let p = Kprobe::at(addr(f as *const ()))
-                .pre(|_, _| Action::Continue)
-                .build();
+            let b = Kprobe::at(addr(f as *const ())).pre(|_, _| Action::Continue);
+            let p = if post {
+                b.post(|_, _| {}).build()
+            } else {
+                b.build()
+            };
             reg.register(&p).expect("register");
             hit[k] = time(&|| call(f)) - bare;
             reg.unregister(&p).expect("unregister");
             assert_eq!(p.hits(), u64::from(N));
         }
-        rows.push([raw, hit[0], hit[1]]);
+        rows.push([raw, hit[0], hit[1], hit[2]]);
     }
     // (median, min, max) over the rounds.
-    let stat = |f: &dyn Fn(&[f64; 3]) -> f64| {
+    let stat = |f: &dyn Fn(&[f64; 4]) -> f64| {
         let mut v: Vec<f64> = rows.iter().map(f).collect();
         v.sort_by(f64::total_cmp);
         (v[v.len() / 2], v[0], v[v.len() - 1])
     };
     let (raw, raw_lo, raw_hi) = stat(&|r| r[0]);
     let (sim, sim_lo, sim_hi) = stat(&|r| r[1] / r[0]);
-    let (step, step_lo, step_hi) = stat(&|r| r[2] / r[0]);
+    let (boost, boost_lo, boost_hi) = stat(&|r| r[2] / r[0]);
+    let (step, step_lo, step_hi) = stat(&|r| r[3] / r[0]);
     println!("raw brk round trip: median {raw:.0} ns ({raw_lo:.0}..{raw_hi:.0}), {ROUNDS} rounds");
     println!("hit / raw, simulated b:          median {sim:.2} ({sim_lo:.2}..{sim_hi:.2})");
+    println!("hit / raw, boosted add:          median {boost:.2} ({boost_lo:.2}..{boost_hi:.2})");
     println!(
         "hit / raw, stepped add, 2 traps: median {step:.2} ({step_lo:.2}..{step_hi:.2}), \
          {:.2} per trap",

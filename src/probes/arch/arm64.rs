@@ -69,13 +69,25 @@
 //!
 //! # Out-of-line slot
 //!
-//! The slot is 8 bytes: the instruction, then the step marker. The runtime
-//! points the PC at the slot ([`Arch::prepare_step`]); the instruction runs,
-//! the marker traps with the PC at the marker, and [`Arch::finish_step`] sets
-//! the PC to the original address + 4. Nothing stepped out of line can
-//! branch, so that is the only fixup. Slots are never boosted: a direct `b`
-//! back reaches only ±128 MiB and nothing else is free to use as a jump
-//! register.
+//! The slot is 16 bytes, two copies of the instruction:
+//!
+//! ```text
+//! slot + 0   insn        boosted copy: runs, then
+//! slot + 4   b next      jumps back to the instruction after the original
+//! slot + 8   insn        stepped copy (XolPlan::step_entry)
+//! slot + 12  brk #0x5253 step marker
+//! ```
+//!
+//! A **single-step** points the PC at the stepped copy
+//! ([`Arch::prepare_step`]); the instruction runs, the marker traps with the
+//! PC at the marker, and [`Arch::finish_step`] sets the PC to the original
+//! address + 4. Nothing stepped out of line can branch, so that is the only
+//! fixup. A **boosted** run (no post handler) points the PC at the slot
+//! itself: the copy runs and `b` returns to the original code, one trap per
+//! hit instead of two. `b` reaches ±128 MiB, and nothing else is free to
+//! jump through, so a slot farther than that from the probed code is not
+//! boostable: its first eight bytes are `brk` markers that are never
+//! reached, and every hit is single-stepped.
 //!
 //! # Return hijack
 //!
@@ -119,6 +131,22 @@ pub const STEP_MARKER: u32 = brk(STEP_MARKER_IMM);
 
 /// Instruction size and alignment.
 const INSN_BYTES: u64 = 4;
+
+/// Bytes of an XOL slot: the boosted copy and its `b` back, then the
+/// stepped copy and its marker (module docs, "Out-of-line slot").
+const SLOT_BYTES: usize = 16;
+
+/// Offset of the stepped copy in a slot.
+const STEP_OFFSET: u64 = 8;
+
+/// `b` from `from` to `to`, if the offset fits the 26-bit immediate
+/// (±128 MiB).
+fn branch(from: u64, to: u64) -> Option<u32> {
+    let off = to.wrapping_sub(from) as i64;
+    let reach = 1i64 << 27;
+    (off % 4 == 0 && (-reach..reach).contains(&off))
+        .then_some(0x1400_0000 | ((off >> 2) as u32 & 0x03ff_ffff))
+}
 
 /// Bytes of the breakpoint, little-endian as in memory.
 static BREAKPOINT_BYTES: [u8; 4] = BREAKPOINT.to_le_bytes();
@@ -226,7 +254,11 @@ impl Arm64 {
     /// Checks a plan was made by this backend for a single-step.
     fn step_marker_of(plan: &XolPlan) -> Result<u64, ProbeError> {
         match (plan.step_marker, plan.fixups.ip) {
-            (Some(marker), Some(_)) if plan.slot_bytes().len() == 2 * INSN_BYTES as usize => {
+            (Some(marker), Some(_))
+                if plan.slot_bytes().len() == SLOT_BYTES
+                    && plan.step_entry == plan.slot_addr.wrapping_add(STEP_OFFSET)
+                    && marker == plan.step_entry.wrapping_add(INSN_BYTES) =>
+            {
                 Ok(marker)
             }
             _ => Err(ProbeError::PlanMismatch {
@@ -265,7 +297,7 @@ impl Arch for Arm64 {
     }
 
     fn xol_slot_size(&self) -> usize {
-        2 * INSN_BYTES as usize
+        SLOT_BYTES
     }
 
     /// `brk` reports the address of the `brk` itself.
@@ -327,10 +359,24 @@ impl Arch for Arm64 {
                 })
             }
         }
-        let marker = slot_addr.wrapping_add(INSN_BYTES);
-        let mut slot = [0u8; 8];
-        slot[..4].copy_from_slice(insn.bytes());
-        slot[4..].copy_from_slice(&STEP_MARKER.to_le_bytes());
+        let step_entry = slot_addr.wrapping_add(STEP_OFFSET);
+        let marker = step_entry.wrapping_add(INSN_BYTES);
+        let back = branch(slot_addr.wrapping_add(INSN_BYTES), insn.next_addr());
+        let mut slot = [0u8; SLOT_BYTES];
+        // The boosted copy and its way back, or (out of `b`'s reach) two
+        // markers nothing runs into.
+        match back {
+            Some(b) => {
+                slot[..4].copy_from_slice(insn.bytes());
+                slot[4..8].copy_from_slice(&b.to_le_bytes());
+            }
+            None => {
+                slot[..4].copy_from_slice(&STEP_MARKER.to_le_bytes());
+                slot[4..8].copy_from_slice(&STEP_MARKER.to_le_bytes());
+            }
+        }
+        slot[8..12].copy_from_slice(insn.bytes());
+        slot[12..].copy_from_slice(&STEP_MARKER.to_le_bytes());
         let fixups = Fixups {
             ip: Some(IpFixup {
                 from: marker,
@@ -342,10 +388,11 @@ impl Arch for Arm64 {
             insn.addr,
             slot_addr,
             &slot,
-            false,
+            back.is_some(),
             Some(marker),
             fixups,
-        ))
+        )
+        .with_step_entry(step_entry))
     }
 
     fn prepare_step(
@@ -354,19 +401,22 @@ impl Arch for Arm64 {
         run: XolRun,
         regs: &mut Regs,
     ) -> Result<StepState, ProbeError> {
-        if run == XolRun::Boosted {
+        Self::step_marker_of(plan)?;
+        if run == XolRun::Boosted && !plan.boostable {
             return Err(ProbeError::PlanMismatch {
-                what: "boosted run of an arm64 plan: arm64 slots are never boostable",
+                what: "boosted run of an arm64 plan whose slot is out of reach of `b`",
             });
         }
-        Self::step_marker_of(plan)?;
         let state = StepState {
             run,
             saved_scratch: 0,
             sp_before: regs.sp,
             flags_before: regs.flags,
         };
-        regs.ip = plan.step_entry;
+        regs.ip = match run {
+            XolRun::Boosted => plan.slot_addr,
+            XolRun::SingleStep => plan.step_entry,
+        };
         // The branch that reached the breakpoint left its BTYPE; it applied
         // to the probed address (where `brk` is exempt from the check), not
         // to the slot.

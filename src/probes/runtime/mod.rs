@@ -7,7 +7,8 @@
 //! (aarch64), behind the same API. On arm64
 //! the breakpoint is `brk` (the trap reports its own address), every
 //! single-step ends on the step-marker `brk` after the copy in its slot
-//! (nothing is boosted), code is written one atomic word at a time
+//! (never the trap flag), a boosted copy jumps back with `b` (slots within
+//! ±128 MiB of the code), code is written one atomic word at a time
 //! followed by cache maintenance (`arm64/cache.rs`), and the hit path
 //! below reads "`brk`" for "`int3`"; see `docs::limitations`, "arm64 under
 //! qemu", for what the emulated tests prove.

@@ -96,10 +96,8 @@ use crate::sync::Mutex;
 
 mod chunk;
 pub(crate) mod fork;
-pub use chunk::XOL_CHUNK_BYTES;
-#[cfg(target_arch = "x86_64")]
-pub use chunk::XOL_CHUNK_REACH;
 use chunk::{Chunk, FILL};
+pub use chunk::{XOL_CHUNK_BYTES, XOL_CHUNK_REACH};
 
 #[derive(Clone, Copy)]
 struct Bound {

@@ -6,7 +6,8 @@
 //! A slot ends with a jump back to the instruction after the probed one. The
 //! x86_64 backend emits the 5-byte `jmp rel32` when the slot is within
 //! +/-2 GiB of that instruction and a 14-byte absolute jump otherwise; the
-//! short form is predicted like any direct jump. The area therefore keeps
+//! short form is predicted like any direct jump (arm64: a `b` back, which
+//! reaches +/-128 MiB, or no boosting at all). The area therefore keeps
 //! slots in *chunks* placed near the code: for a slot near `addr` it first
 //! looks for a chunk whose every byte is within [`XOL_CHUNK_REACH`] of `addr`; if none
 //! has a free slot it maps a new chunk in the free gap closest to `addr`
@@ -47,7 +48,13 @@ pub const XOL_CHUNK_MAX_BYTES: usize = 4 << 20;
 /// How far every byte of a chunk may be from the probed address for the
 /// backend's `jmp rel32` to reach back: 2 GiB, less the largest chunk and a
 /// page of margin for the instruction length and rounding.
+#[cfg(target_arch = "x86_64")]
 pub const XOL_CHUNK_REACH: u64 = (1 << 31) - XOL_CHUNK_MAX_BYTES as u64 - 4096;
+/// How far every byte of a chunk may be from the probed address for the
+/// arm64 backend's `b` to reach back (a boosted slot): 128 MiB, less the
+/// largest chunk and a page of margin.
+#[cfg(target_arch = "aarch64")]
+pub const XOL_CHUNK_REACH: u64 = (1 << 27) - XOL_CHUNK_MAX_BYTES as u64 - 4096;
 
 /// The size of an area's chunk after `mapped` others: doubling from
 /// [`XOL_CHUNK_BYTES`] to [`XOL_CHUNK_MAX_BYTES`].
