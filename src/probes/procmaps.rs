@@ -57,7 +57,9 @@ impl Maps {
     }
 
     /// Reads `/proc/<pid>/maps` (another process's: the caller may read it,
-    /// as its tracer or as the same user).
+    /// as its tracer or as the same user). Used by the remote tracer, which
+    /// is built for x86_64 only.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(crate) fn read_pid(pid: i32) -> io::Result<Maps> {
         let text = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
         Ok(Maps::parse(&text))
