@@ -363,6 +363,15 @@ impl RemoteTracer {
         self.procs.keys().copied().collect()
     }
 
+    /// Whether every thread of traced process `pid` is in a group-stop
+    /// (stopped by `SIGSTOP` or a terminal stop signal, as the tracer has
+    /// seen it; left stopped until `SIGCONT`).
+    pub fn group_stopped(&self, pid: Tid) -> bool {
+        self.procs.get(&pid).is_some_and(|p| {
+            !p.threads.is_empty() && p.threads.iter().all(|t| self.group_stopped.contains(t))
+        })
+    }
+
     /// How `pid` ended, once it has.
     pub fn exit_status(&self, pid: Tid) -> Option<ExitStatus> {
         self.exits.get(&pid).copied()
