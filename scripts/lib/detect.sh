@@ -67,6 +67,12 @@ have_arm64_std() {
 # (libc6-dev-arm64-cross), which statically linked test binaries need.
 have_arm64_static_libc() { [ -e "${1:-}/usr/aarch64-linux-gnu/lib/libc.a" ]; }
 
+# have_arm64_dynamic_libc [ROOT]: the arm64 dynamic loader and C library
+# of libc6:arm64, which `qemu-aarch64 -L /` runs a dynamic binary with.
+have_arm64_dynamic_libc() {
+  [ -e "${1:-}/lib/ld-linux-aarch64.so.1" ] && [ -e "${1:-}/lib/aarch64-linux-gnu/libc.so.6" ]
+}
+
 # have_foreign_arch ARCH [LISTING]: dpkg knows ARCH as a foreign
 # architecture (one name per line, compared whole: "arm64" is not
 # "arm64ilp32"). LISTING defaults to `dpkg --print-foreign-architectures`.
