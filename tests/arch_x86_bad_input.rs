@@ -242,11 +242,18 @@ fn plans_are_only_run_the_way_they_allow() {
         X86_64.plan_xol(&push, 0x9000),
         Err(ProbeError::PlanMismatch { .. })
     ));
-    // A RIP-relative plan needs its fixups: no boosted run, nothing changed.
+    // A RIP-relative load whose slot is within reach of its operand keeps
+    // `[rip + disp]`, retargeted: boostable.
     let load = X86_64.analyze(F + 4, &FUNC[4..11]).unwrap();
     assert_eq!(load.class, InsnClass::PcRelative);
-    let plan = X86_64.plan_xol(&load, 0x9000).unwrap();
+    let near = X86_64.plan_xol(&load, 0x9000).unwrap();
+    assert!(near.boostable);
+    assert!(near.fixups.scratch.is_none());
+    // Out of reach it needs the scratch register's fixup: no boosted run,
+    // nothing changed.
+    let plan = X86_64.plan_xol(&load, F + (1 << 40)).unwrap();
     assert!(!plan.boostable);
+    assert!(plan.fixups.scratch.is_some());
     let mut regs = some_regs();
     let before = regs;
     assert!(matches!(

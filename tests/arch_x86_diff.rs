@@ -372,20 +372,22 @@ fn a_broken_fixup_is_detected_by_the_differential_harness() {
             Box::new(|p| p.fixups.scratch = None),
         ),
     ];
+    // From the far slot: out of the RIP-relative operand's reach, so its
+    // plan has the scratch fixup to break.
     for (what, bytes, tamper) in cases {
         let insn = X86_64.analyze(INSN_AT, &bytes).unwrap();
         let m = corpus_machine(1, &bytes);
         let native = run_in_place(&m, &bytes);
-        let honest = run_via(&m, &insn, Via::Step(SLOT_NEAR));
+        let honest = run_via(&m, &insn, Via::Step(SLOT_FAR));
         assert_eq!(
-            judge(&native, &honest, &insn, Via::Step(SLOT_NEAR)),
+            judge(&native, &honest, &insn, Via::Step(SLOT_FAR)),
             Verdict::Same,
             "{what}: honest plan"
         );
-        let broken = run_via_plan(&m, &insn, Via::Step(SLOT_NEAR), |p| tamper(p));
+        let broken = run_via_plan(&m, &insn, Via::Step(SLOT_FAR), |p| tamper(p));
         assert!(
             matches!(
-                judge(&native, &broken, &insn, Via::Step(SLOT_NEAR)),
+                judge(&native, &broken, &insn, Via::Step(SLOT_FAR)),
                 Verdict::Differs(_) | Verdict::BothFault
             ) && broken != native,
             "{what}: the harness did not notice"
@@ -607,9 +609,23 @@ fn instructions_that_fall_through_end_their_step_on_an_int3_marker_and_only_bran
             assert_eq!((fix.from, fix.to), (marker, insn.next_addr()), "{name}");
             if plan.boostable {
                 // The boosted copy comes first, with its jump back, and is
-                // the same instruction as the stepped copy.
-                assert_eq!(&slot_bytes[..bytes.len()], &bytes[..], "{name}");
-                assert_eq!(&slot_bytes[entry..at], &bytes[..], "{name}");
+                // the same instruction as the stepped copy: the same bytes,
+                // or for a RIP-relative operand the same instruction with
+                // its displacement adjusted to each copy's address.
+                let same = |at: u64, copy: &[u8]| {
+                    let moved = iced_x86::Decoder::with_ip(64, copy, at, 0).decode();
+                    let orig = iced_x86::Decoder::with_ip(64, &bytes, INSN_AT, 0).decode();
+                    match orig.is_ip_rel_memory_operand() {
+                        true => {
+                            moved.code() == orig.code()
+                                && moved.len() == orig.len()
+                                && moved.ip_rel_memory_address() == orig.ip_rel_memory_address()
+                        }
+                        false => copy == &bytes[..],
+                    }
+                };
+                assert!(same(slot, &slot_bytes[..bytes.len()]), "{name}");
+                assert!(same(plan.step_entry, &slot_bytes[entry..at]), "{name}");
                 assert!(entry > bytes.len(), "{name}: jump back between");
             } else {
                 assert_eq!(entry, 0, "{name}: one copy only");

@@ -478,10 +478,12 @@ pub fn ways(insn: &Insn) -> Vec<Via> {
                 Via::Step(SLOT_FAR),
                 Via::StepTrapFlag(SLOT_NEAR),
             ];
-            let plan = X86_64.plan_xol(insn, SLOT_NEAR).expect("plan");
-            if plan.boostable {
-                v.push(Via::Boost(SLOT_NEAR));
-                v.push(Via::Boost(SLOT_FAR));
+            // Boosted from every slot whose plan allows it (a RIP-relative
+            // operand is boostable only from a slot within its reach).
+            for slot in [SLOT_NEAR, SLOT_FAR] {
+                if X86_64.plan_xol(insn, slot).expect("plan").boostable {
+                    v.push(Via::Boost(slot));
+                }
             }
             v
         }

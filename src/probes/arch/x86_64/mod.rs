@@ -41,7 +41,9 @@
 //! # Slot layout and boosting
 //!
 //! A slot is 64 bytes. A plan is boostable (one trap, no post-step fixup)
-//! unless it needs the scratch register or the return-address fixup; a
+//! unless it needs the scratch register (a RIP-relative operand out of the
+//! slot's ±2 GiB reach; within reach the copy's displacement is adjusted
+//! instead) or the return-address fixup; a
 //! boostable plan's slot starts with `[instruction] [jump back to orig +
 //! len]`, where a boosted run starts. The jump back is `jmp rel32` when the
 //! slot is within +/-2 GiB of the original code, else the absolute

@@ -73,22 +73,52 @@ pub(super) fn plan(insn: &Insn, slot_addr: u64, end: StepEnd) -> Result<XolPlan,
     }
     let orig_next = insn.next_addr();
     let mut fixups = Fixups::default();
-    let rewritten;
-    let copy: &[u8] = match insn.class {
-        InsnClass::OutOfLine => insn.bytes(),
+    let indirect_call = ins.flow_control() == FlowControl::IndirectCall;
+    let marker = end == StepEnd::MarkerWherePossible && ins.flow_control() == FlowControl::Next;
+    let len = insn.bytes().len() as u64;
+    // Where the copies go: the boosted (or trap-flag) copy at the slot's
+    // start, the stepped copy after it and its jump back when there is a
+    // marker. A jump back is at most ABS_JMP_LEN; its exact length depends
+    // only on the distance, known here.
+    let jump_len = |from: u64| match i32::try_from(
+        orig_next.wrapping_sub(from.wrapping_add(REL_JMP_LEN as u64)) as i64,
+    ) {
+        Ok(_) => REL_JMP_LEN as u64,
+        Err(_) => ABS_JMP_LEN as u64,
+    };
+    let first_copy = slot_addr;
+    let marker_copy = slot_addr + len + jump_len(slot_addr + len);
+    let mut rewritten = None;
+    let mut retargeted = None;
+    match insn.class {
+        InsnClass::OutOfLine => {}
         InsnClass::PcRelative => {
-            let scratch = pick_scratch(&ins).ok_or(ProbeError::UnsupportedInstruction {
-                addr: insn.addr,
-                reason: Unsupported::NoScratchRegister,
-            })?;
-            fixups.scratch = Some(ScratchFixup {
-                reg: scratch.number(),
-                value: orig_next,
+            // Within +/-2 GiB of the operand the copy keeps `[rip + disp]`
+            // with the displacement adjusted to its own address: no scratch
+            // register, so the plan stays boostable (one trap a hit, as the
+            // kernel's kprobes relocate their displaced instructions).
+            let both = retarget_rip_relative(insn, &ins, first_copy).zip(if marker {
+                retarget_rip_relative(insn, &ins, marker_copy)
+            } else {
+                Some([0; MAX_INSN_LEN])
             });
-            // The rewritten operand is `[scratch + disp]`: the same bytes at
-            // any address, so the copy may sit anywhere in the slot.
-            rewritten = rewrite_rip_relative(insn, &ins, scratch, slot_addr)?;
-            &rewritten
+            match both {
+                Some(copies) => retargeted = Some(copies),
+                None => {
+                    let scratch = pick_scratch(&ins).ok_or(ProbeError::UnsupportedInstruction {
+                        addr: insn.addr,
+                        reason: Unsupported::NoScratchRegister,
+                    })?;
+                    fixups.scratch = Some(ScratchFixup {
+                        reg: scratch.number(),
+                        value: orig_next,
+                    });
+                    // The rewritten operand is `[scratch + disp]`: the same
+                    // bytes at any address, so the copy may sit anywhere in
+                    // the slot.
+                    rewritten = Some(rewrite_rip_relative(insn, &ins, scratch, slot_addr)?);
+                }
+            }
         }
         InsnClass::Emulated(_) => {
             return Err(ProbeError::PlanMismatch {
@@ -96,11 +126,15 @@ pub(super) fn plan(insn: &Insn, slot_addr: u64, end: StepEnd) -> Result<XolPlan,
             })
         }
     };
-    let indirect_call = ins.flow_control() == FlowControl::IndirectCall;
+    let n = insn.bytes().len();
+    let (copy, marker_bytes): (&[u8], &[u8]) = match (&retargeted, &rewritten) {
+        (Some((a, b)), _) => (&a[..n], &b[..n]),
+        (None, Some(r)) => (r.as_slice(), r.as_slice()),
+        (None, None) => (insn.bytes(), insn.bytes()),
+    };
     // A boosted run never reaches finish_step, so only the IP fixup (done
     // by the jump back) may be needed.
     let boostable = fixups.scratch.is_none() && !indirect_call;
-    let marker = end == StepEnd::MarkerWherePossible && ins.flow_control() == FlowControl::Next;
     let copy_len = copy.len() as u64;
 
     // On the stack: a registration of thousands of probes plans thousands
@@ -114,7 +148,10 @@ pub(super) fn plan(insn: &Insn, slot_addr: u64, end: StepEnd) -> Result<XolPlan,
     }
     let step_entry = if marker {
         let entry = slot_addr.wrapping_add(slot.len() as u64);
-        slot.extend_from_slice(copy);
+        // A retargeted copy was made for exactly this address; the other
+        // forms are the same bytes anywhere.
+        debug_assert!(retargeted.is_none() || entry == marker_copy);
+        slot.extend_from_slice(marker_bytes);
         slot.extend_from_slice(&[MARKER]);
         entry
     } else {
@@ -159,6 +196,44 @@ pub(super) fn check_rewritable(insn: &Insn, ins: &iced_x86::Instruction) -> Resu
         reason: Unsupported::NoScratchRegister,
     })?;
     rewrite_rip_relative(insn, ins, scratch, insn.addr).map(|_| ())
+}
+
+/// The instruction's bytes with its RIP-relative displacement adjusted so
+/// that, run at `at`, the operand addresses what it addressed in place;
+/// `None` if the distance does not fit the 32-bit displacement. Only the
+/// displacement field changes: same length, same encoding.
+fn retarget_rip_relative(
+    insn: &Insn,
+    ins: &iced_x86::Instruction,
+    at: u64,
+) -> Option<[u8; MAX_INSN_LEN]> {
+    let bytes = insn.bytes();
+    // The offsets are the decoder's for the instruction it decoded last.
+    let mut decoder =
+        iced_x86::Decoder::with_ip(64, bytes, insn.addr, iced_x86::DecoderOptions::NONE);
+    let again = decoder.decode();
+    let offsets = decoder.get_constant_offsets(&again);
+    if again.code() != ins.code()
+        || !offsets.has_displacement()
+        || offsets.displacement_size() != 4
+        || offsets.displacement_offset() + 4 > bytes.len()
+    {
+        return None;
+    }
+    let target = ins.ip_rel_memory_address();
+    let disp =
+        i32::try_from(target.wrapping_sub(at.wrapping_add(bytes.len() as u64)) as i64).ok()?;
+    let mut out = [0u8; MAX_INSN_LEN];
+    out[..bytes.len()].copy_from_slice(bytes);
+    let d = offsets.displacement_offset();
+    out[d..d + 4].copy_from_slice(&disp.to_le_bytes());
+    // Self-check: the same operation, on the same address, from `at`.
+    let check = decode_one(at, &out[..bytes.len()]).ok()?;
+    (check.len() == bytes.len()
+        && check.code() == ins.code()
+        && check.is_ip_rel_memory_operand()
+        && check.ip_rel_memory_address() == target)
+        .then_some(out)
 }
 
 /// Appends a jump from `from` (the slot byte after the instruction) to
