@@ -371,19 +371,31 @@ fn attach_and_detach_cycles_leave_a_running_program_unaware() {
             &c,
         )
         .unwrap();
-    // (`spawn` returned after the `exec`: the program's text is mapped.)
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
-    let base = maps
-        .lines()
-        .find(|l| l.ends_with(fixture().to_str().unwrap()))
-        .and_then(|l| u64::from_str_radix(l.split('-').next().unwrap(), 16).ok())
-        .unwrap();
-    // The fixture is linked at 0: the symbol's address is an offset.
-    let at = base + resolved.vaddr;
-    let original = code_of(pid, at, 4);
+    // Where the uprobe sits in the process, as the registry mapped it at
+    // the first attach; the original bytes are the file's.
+    let key = resolved.key();
+    let original = {
+        let mut b = vec![0u8; 4];
+        use std::os::unix::fs::FileExt;
+        std::fs::File::open(fixture())
+            .unwrap()
+            .read_exact_at(&mut b, key.offset)
+            .unwrap();
+        b
+    };
+    let mut at = None;
     let mut last = 0;
     for round in 0..3 {
         t.attach(pid).unwrap();
+        let here = t
+            .registry()
+            .mappings_of(space_of(&t, pid))
+            .iter()
+            .filter(|m| m.file == key.file)
+            .find_map(|m| m.vaddr_of(key.offset))
+            .expect("the program's text is mapped");
+        let at = *at.get_or_insert(here);
+        assert_eq!(here, at, "round {round}: the same place");
         assert_eq!(code_of(pid, at, 1), [0xcc], "round {round}: installed");
         // Served until the program has called it (it calls it in a loop;
         // the bound is for a machine that does not schedule it at all).
@@ -478,4 +490,178 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
     assert!(matches!(t.detach(pid), Err(RemoteError::NotTraced(_))));
     std::fs::write(&stop, b"").unwrap();
     assert!(child.0.wait().unwrap().success());
+}
+
+/// A consumer counting entries and summing return values.
+fn entries_and_returns() -> (Consumer, Arc<AtomicU64>, Arc<AtomicU64>) {
+    let calls = Arc::new(AtomicU64::new(0));
+    let rets = Arc::new(AtomicU64::new(0));
+    let (c1, r1) = (Arc::clone(&calls), Arc::clone(&rets));
+    let consumer = Consumer::builder()
+        .handler(move |_, _| {
+            c1.fetch_add(1, Ordering::Relaxed);
+            ConsumerAction::Continue
+        })
+        .ret_handler(move |ret, _| {
+            r1.fetch_add(ret.retval, Ordering::Relaxed);
+        })
+        .build();
+    (consumer, calls, rets)
+}
+
+/// Four threads call `rt_work` (`3x + 1`) with a return handler on it:
+/// every return is seen with its value. The tracer serves every thread's
+/// hits on its own thread; each traced thread has its own return stack (one
+/// shared by all would drop one thread's calls at another's entry, and
+/// their returns would die of the trampoline's trap).
+#[test]
+fn four_threads_returning_through_the_trampoline_see_every_return() {
+    let (consumer, calls, rets) = entries_and_returns();
+    let mut t = RemoteTracer::new();
+    t.register(
+        &UprobeTarget::symbol(fixture_file().as_str(), "rt_work"),
+        &consumer,
+    )
+    .unwrap();
+    let args = ["work", "3000", "4"];
+    let out = dir().join("traced-rets4");
+    let pid = t.spawn(&fixture_cmd(&out, &args)).unwrap();
+    t.run().unwrap();
+    assert_eq!(t.exit_status(pid), Some(ExitStatus::Code(0)));
+    assert_eq!(calls.load(Ordering::Relaxed), 12_000);
+    let per_thread: u64 = (0..3000).map(|i| 3 * i + 1).sum();
+    assert_eq!(rets.load(Ordering::Relaxed), 4 * per_thread);
+    assert_eq!(std::fs::read_to_string(out).unwrap(), run_untraced(&args));
+}
+
+/// `rt_fork` forks inside a call tracked for its return: the parent's
+/// return is seen, and the child (let go with its text and its copy of the
+/// stack cleaned) returns from it to its caller and exits 7 as it does
+/// untraced.
+#[test]
+fn a_fork_inside_a_call_tracked_for_its_return_lets_the_child_return_normally() {
+    let (consumer, calls, rets) = entries_and_returns();
+    let (work, worked) = counter();
+    let file = fixture_file();
+    let mut t = RemoteTracer::new();
+    t.register(&UprobeTarget::symbol(file.as_str(), "rt_fork"), &consumer)
+        .unwrap();
+    t.register(&UprobeTarget::symbol(file.as_str(), "rt_work"), &work)
+        .unwrap();
+    let args = ["forkin", "200"];
+    let out = dir().join("traced-forkin");
+    let pid = t.spawn(&fixture_cmd(&out, &args)).unwrap();
+    t.run().unwrap();
+    assert_eq!(t.exit_status(pid), Some(ExitStatus::Code(0)));
+    assert_eq!(calls.load(Ordering::Relaxed), 1);
+    assert_ne!(
+        rets.load(Ordering::Relaxed),
+        0,
+        "the parent's return: the child's pid"
+    );
+    assert_eq!(
+        worked.load(Ordering::Relaxed),
+        200,
+        "the parent's calls only"
+    );
+    // The checksum includes the child's exit status (7).
+    assert_eq!(std::fs::read_to_string(out).unwrap(), run_untraced(&args));
+}
+
+/// The instruction pointer of thread `pid` of a process stopped outside a
+/// system call, from `/proc/<pid>/syscall` (`-1 sp pc`).
+fn stopped_pc(pid: i32) -> Option<u64> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/syscall")).ok()?;
+    let mut f = s.split_whitespace();
+    (f.next()? == "-1").then_some(())?;
+    let pc = f.nth(1)?;
+    u64::from_str_radix(pc.trim_start_matches("0x"), 16).ok()
+}
+
+/// Runs program `args` (single-threaded, until `stop` exists) attached to,
+/// with `consumer` on `symbol`; at the `nth` hit the handler stops the
+/// program with `SIGSTOP` (its thread stops right where the hit resumed
+/// it); then detaches, lets it go on, and checks that it ends as untraced.
+/// `check` sees the tracer and the stopped pc before the detach.
+fn detach_at_a_forced_stop(
+    symbol: &str,
+    mode: &str,
+    nth: u64,
+    with_returns: bool,
+    check: impl FnOnce(&RemoteTracer, i32, u64),
+) {
+    let stop = dir().join(format!("stop-forced-{symbol}"));
+    let out = dir().join(format!("traced-forced-{symbol}"));
+    let _ = std::fs::remove_file(&stop);
+    let mut child = Running(
+        fixture_cmd(&out, &[mode, stop.to_str().unwrap()])
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id() as i32;
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = Arc::clone(&hits);
+    let mut b = Consumer::builder().handler(move |_, _| {
+        if h.fetch_add(1, Ordering::Relaxed) + 1 == nth {
+            // SAFETY: a signal to the traced child.
+            unsafe { libc::kill(pid, libc::SIGSTOP) };
+        }
+        ConsumerAction::Continue
+    });
+    if with_returns {
+        b = b.ret_handler(|_, _| {});
+    }
+    let consumer = b.build();
+    let mut t = RemoteTracer::new();
+    t.register(
+        &UprobeTarget::symbol(fixture_file().as_str(), symbol),
+        &consumer,
+    )
+    .unwrap();
+    t.attach(pid).unwrap();
+    let start = std::time::Instant::now();
+    while !t.group_stopped(pid) && start.elapsed() < Duration::from_secs(30) {
+        t.run_for(Duration::from_millis(5)).unwrap();
+    }
+    assert!(t.group_stopped(pid), "stopped at hit {nth}");
+    let pc = stopped_pc(pid).expect("a stopped thread's pc");
+    check(&t, pid, pc);
+    t.detach(pid).unwrap();
+    assert_eq!(hits.load(Ordering::Relaxed), nth, "no hit after the stop");
+    // SAFETY: a signal to our child.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    std::fs::write(&stop, b"").unwrap();
+    let st = child.0.wait().unwrap();
+    assert!(st.success(), "{st:?}");
+    assert_eq!(std::fs::read_to_string(out).unwrap(), "checksum 1\n");
+}
+
+/// A thread stopped inside an XOL slot (sent there by a boosted hit, then
+/// stopped by `SIGSTOP` before it ran the displaced instruction) when the
+/// process is detached: the detach steps it out first, and the program
+/// runs on unaware.
+#[test]
+fn a_detach_while_a_thread_sits_in_an_xol_slot_steps_it_out_first() {
+    detach_at_a_forced_stop("rt_work", "until", 5, false, |t, pid, pc| {
+        let slots = t.space(pid).unwrap().xol_slots().chunk_ranges();
+        assert!(
+            slots.iter().any(|&(s, len)| (s..s + len).contains(&pc)),
+            "pc {pc:#x} in an XOL slot {slots:x?}"
+        );
+    });
+}
+
+/// A detach while a call tracked for its return is in flight (stopped
+/// inside `rt_slow` right after its entry): the real return address is
+/// written back, and the call returns to its caller instead of the
+/// trampoline (whose trap would kill the program).
+#[test]
+fn a_detach_while_a_call_is_tracked_for_its_return_sends_it_back_to_its_caller() {
+    detach_at_a_forced_stop("rt_slow", "slow", 3, true, |t, pid, pc| {
+        let slots = t.space(pid).unwrap().xol_slots().chunk_ranges();
+        assert!(
+            !slots.iter().any(|&(s, len)| (s..s + len).contains(&pc)),
+            "the entry was emulated: pc {pc:#x} in rt_slow"
+        );
+    });
 }

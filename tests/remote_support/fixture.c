@@ -6,7 +6,12 @@
  *   fixture OUT libc N           getppid N times
  *   fixture OUT fork N           rt_work N times, then a child that calls it
  *                                N times and exits 7; the parent waits
+ *   fixture OUT forkin N         rt_work N times, then rt_fork, which forks
+ *                                inside: both return from it; the child
+ *                                calls rt_work N times and exits 7
  *   fixture OUT until STOPFILE   rt_work in a loop until STOPFILE exists
+ *   fixture OUT slow STOPFILE    rt_slow (which sleeps 2 ms inside) in a
+ *                                loop until STOPFILE exists
  *   fixture OUT dlopen LIB N     twice: dlopen LIB, call its lib_add N
  *                                times, dlclose
  */
@@ -30,6 +35,19 @@ __attribute__((noinline)) long rt_work(long x) {
 __attribute__((noinline)) long rt_other(long x) {
     calls++;
     return x - 1;
+}
+
+/* Forks inside: a call in flight in both processes. */
+__attribute__((noinline)) long rt_fork(void) {
+    calls++;
+    return (long)fork();
+}
+
+/* Sleeps inside: a call in flight most of the time. */
+__attribute__((noinline)) long rt_slow(long x) {
+    calls++;
+    usleep(2000);
+    return x + 2;
 }
 
 static long loops;
@@ -75,6 +93,24 @@ int main(int argc, char **argv) {
         int st = 0;
         waitpid(c, &st, 0);
         sum += WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    } else if (!strcmp(mode, "forkin")) {
+        loops = atol(argv[3]);
+        sum += (long)run(0);
+        long c = rt_fork();
+        if (c == 0) {
+            run(0);
+            _exit(7);
+        }
+        int st = 0;
+        waitpid((pid_t)c, &st, 0);
+        sum += WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+    } else if (!strcmp(mode, "slow")) {
+        long i = 0;
+        while (access(argv[3], F_OK) != 0) {
+            sum += rt_slow(i) == i + 2;
+            i++;
+        }
+        sum = sum == i;
     } else if (!strcmp(mode, "dlopen")) {
         long n = argc > 4 ? atol(argv[4]) : 0;
         for (int round = 0; round < 2; round++) {

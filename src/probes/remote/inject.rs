@@ -21,6 +21,7 @@ use std::io;
 
 use super::mem::RemoteMemory;
 use super::ptrace::{self, Stop, Tid};
+use super::stops::Stops;
 use crate::probes::procmaps::Maps;
 
 /// The `syscall` instruction.
@@ -66,7 +67,14 @@ pub(super) fn find_syscall(mem: &RemoteMemory, rip: u64) -> io::Result<u64> {
 /// process `pid`, using the `syscall` instruction at `gadget`. Returns the
 /// call's raw result (a negative errno on failure). The thread's registers
 /// are as before; a signal that arrived meanwhile is sent again.
-pub(super) fn syscall(pid: Tid, tid: Tid, gadget: u64, nr: i64, args: [u64; 6]) -> io::Result<i64> {
+pub(super) fn syscall(
+    stops: &Stops,
+    pid: Tid,
+    tid: Tid,
+    gadget: u64,
+    nr: i64,
+    args: [u64; 6],
+) -> io::Result<i64> {
     let saved = ptrace::get_regs(tid)?;
     let mut call = saved;
     call.rax = nr as u64;
@@ -80,7 +88,7 @@ pub(super) fn syscall(pid: Tid, tid: Tid, gadget: u64, nr: i64, args: [u64; 6]) 
     call.rip = gadget;
     ptrace::set_regs(tid, &call)?;
     let mut held = Vec::new();
-    let result = step_over_call(tid, &mut held);
+    let result = step_over_call(stops, tid, &mut held);
     // Whatever happened, the thread gets its registers back.
     let restored = ptrace::set_regs(tid, &saved);
     for sig in held {
@@ -99,22 +107,22 @@ pub(super) fn syscall(pid: Tid, tid: Tid, gadget: u64, nr: i64, args: [u64; 6]) 
 /// once the registers are back, since delivering it with the registers
 /// borrowed would run the process's handler in the wrong state) and the
 /// step retried.
-fn step_over_call(tid: Tid, held: &mut Vec<libc::c_int>) -> io::Result<i64> {
+fn step_over_call(stops: &Stops, tid: Tid, held: &mut Vec<libc::c_int>) -> io::Result<i64> {
     for _ in 0..64 {
         ptrace::single_step(tid, 0)?;
-        let Some((_, status)) = ptrace::wait(tid, 0)? else {
-            continue;
-        };
+        let status = stops.wait_for(tid)?;
         match ptrace::decode(status) {
             Stop::Signal(libc::SIGTRAP) => {
                 let regs = ptrace::get_regs(tid)?;
                 return Ok(regs.rax as i64);
             }
             Stop::Exited(_) | Stop::Killed(_) => {
+                // The tracer's loop learns of the exit from the same stop.
+                stops.push(tid, status);
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the traced thread exited during an injected system call",
-                ))
+                ));
             }
             Stop::Signal(sig) => held.push(sig),
             // An event stop before the step: retry.
@@ -129,7 +137,9 @@ fn step_over_call(tid: Tid, held: &mut Vec<libc::c_int>) -> io::Result<i64> {
 
 /// `mmap(hint, len, prot, flags, -1, 0)` in the process: the address, or
 /// the error.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn mmap(
+    stops: &Stops,
     pid: Tid,
     tid: Tid,
     gadget: u64,
@@ -139,6 +149,7 @@ pub(super) fn mmap(
     flags: libc::c_int,
 ) -> io::Result<u64> {
     let r = syscall(
+        stops,
         pid,
         tid,
         gadget,

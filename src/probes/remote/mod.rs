@@ -25,6 +25,7 @@ mod ptrace;
 mod regs;
 mod space;
 mod spawn;
+mod stops;
 pub mod tracer;
 mod xol;
 

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use super::mem::RemoteMemory;
 use super::ptrace::Tid;
+use super::stops::Stops;
 use super::xol::{Borrowable, RemoteXol};
 use crate::probes::arch::X86_64;
 use crate::probes::procmaps::Maps;
@@ -35,6 +36,7 @@ impl RemoteSpace {
         pid: Tid,
         tid: Tid,
         near: u64,
+        stops: &Arc<Stops>,
     ) -> Result<RemoteSpace, ProbeError> {
         let mem = RemoteMemory::open(pid).map_err(|e| ProbeError::TextAccess {
             addr: 0,
@@ -49,7 +51,7 @@ impl RemoteSpace {
         // The trampoline: a slot of `int3`s (a fresh chunk holds nothing
         // else), never freed.
         let trampoline = {
-            let _lent = lender.lend(tid);
+            let _lent = lender.lend(tid, stops);
             xol.alloc(near)?
         };
         Ok(RemoteSpace {

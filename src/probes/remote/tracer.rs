@@ -76,13 +76,15 @@ use super::mem::RemoteMemory;
 use super::ptrace::{self, Stop, Tid};
 use super::regs;
 use super::space::{file_mappings, RemoteSpace};
+use super::stops::Stops;
 use crate::probes::arch::StepOutcome;
 use crate::probes::arch::{Arch, X86_64};
 use crate::probes::outcome::ReturnOutcome;
 use crate::probes::procmaps::Maps;
 use crate::probes::uprobe::{
-    AddressSpace, Consumer, ConsumerAction, FileMapping, ResolvedTarget, SpaceId, TargetResolver,
-    UprobeFinished, UprobeKey, UprobeOutcome, UprobeRegistry, UprobeTarget,
+    AddressSpace, CallInFlight, Consumer, ConsumerAction, FileMapping, ProxyReturns,
+    ResolvedTarget, SpaceId, TargetResolver, UprobeFinished, UprobeKey, UprobeOutcome,
+    UprobeRegistry, UprobeTarget,
 };
 use crate::probes::ProbeError;
 use crate::rcu::Rcu;
@@ -260,6 +262,10 @@ struct Proc {
     threads: BTreeSet<Tid>,
     /// The executable file mappings the registry was told of.
     maps: Vec<FileMapping>,
+    /// Each thread's return stack (its uretprobe calls in flight): the
+    /// registry's stacks are per calling thread, and this thread serves
+    /// them all.
+    returns: HashMap<Tid, ProxyReturns>,
 }
 
 /// A tracer of other processes (see the [module docs](self)). It makes the
@@ -290,7 +296,7 @@ pub struct RemoteTracer {
     /// `PTRACE_LISTEN`: a stop of the world puts them back in it.
     group_stopped: BTreeSet<Tid>,
     /// Stops collected while the world was being stopped, served first.
-    pending: VecDeque<(Tid, libc::c_int)>,
+    stops: Arc<Stops>,
     /// New threads and children whose first stop came before their
     /// creator's event: served when the event names them.
     early: HashMap<Tid, libc::c_int>,
@@ -337,7 +343,7 @@ impl RemoteTracer {
             owner: HashMap::new(),
             vforked: BTreeSet::new(),
             group_stopped: BTreeSet::new(),
-            pending: VecDeque::new(),
+            stops: Arc::default(),
             early: HashMap::new(),
             exits: BTreeMap::new(),
             next_space: 1,
@@ -449,7 +455,7 @@ impl RemoteTracer {
                 }
             }
             for &tid in &threads {
-                self.await_stop(tid)?;
+                self.await_attach_stop(tid)?;
             }
             Ok(())
         })();
@@ -466,9 +472,34 @@ impl RemoteTracer {
             return Err(e);
         }
         for &tid in &threads {
-            if !self.pending.iter().any(|(t, _)| *t == tid) {
+            if !self.stops.has(tid) {
                 ptrace::cont(tid, 0).map_err(os(format!("resuming {tid}")))?;
             }
+        }
+        Ok(())
+    }
+
+    /// Waits for the interrupt stop of `tid`, just seized. A process seized
+    /// while it runs `exec` (a parent's `spawn` returns before its child's
+    /// `exec` has finished) stops at the `exec` event instead, the
+    /// interrupt consumed: as good a stop, and the space is then set up for
+    /// the new image (as [`spawn`](Self::spawn) does at that stop).
+    fn await_attach_stop(&mut self, tid: Tid) -> Result<(), RemoteError> {
+        let status = self
+            .stops
+            .wait_for(tid)
+            .map_err(os(format!("waiting for {tid}")))?;
+        match ptrace::decode(status) {
+            Stop::Event {
+                event: libc::PTRACE_EVENT_STOP,
+                sig: libc::SIGTRAP,
+            }
+            | Stop::Event {
+                event: libc::PTRACE_EVENT_EXEC,
+                ..
+            } => {}
+            // A group-stop, a signal: kept, and served as such.
+            _ => self.stops.push(tid, status),
         }
         Ok(())
     }
@@ -476,27 +507,20 @@ impl RemoteTracer {
     /// Waits for the interrupt stop of `tid`; another stop that comes first
     /// is kept for [`run`](Self::run) (the thread stays stopped).
     fn await_stop(&mut self, tid: Tid) -> Result<(), RemoteError> {
-        loop {
-            let Some((t, status)) =
-                ptrace::wait(tid, 0).map_err(os(format!("waiting for {tid}")))?
-            else {
-                continue;
-            };
-            match ptrace::decode(status) {
-                Stop::Event {
-                    event: libc::PTRACE_EVENT_STOP,
-                    sig: libc::SIGTRAP,
-                } => return Ok(()),
-                Stop::Exited(_) | Stop::Killed(_) => {
-                    self.pending.push_back((t, status));
-                    return Ok(());
-                }
-                _ => {
-                    self.pending.push_back((t, status));
-                    return Ok(());
-                }
+        let status = self
+            .stops
+            .wait_for(tid)
+            .map_err(os(format!("waiting for {tid}")))?;
+        if !matches!(
+            ptrace::decode(status),
+            Stop::Event {
+                event: libc::PTRACE_EVENT_STOP,
+                sig: libc::SIGTRAP,
             }
+        ) {
+            self.stops.push(tid, status);
         }
+        Ok(())
     }
 
     /// Sets up the space of `pid` (stopped, `threads` traced): the XOL area
@@ -508,7 +532,9 @@ impl RemoteTracer {
         let id = SpaceId(self.next_space);
         self.next_space += 1;
         let tid = *threads.first().expect("a traced process has a thread");
-        let space = Arc::new(RemoteSpace::new(id, pid, tid, near).map_err(RemoteError::Setup)?);
+        let space = Arc::new(
+            RemoteSpace::new(id, pid, tid, near, &self.stops).map_err(RemoteError::Setup)?,
+        );
         for &t in &threads {
             self.owner.insert(t, pid);
         }
@@ -518,6 +544,7 @@ impl RemoteTracer {
                 space,
                 threads,
                 maps: Vec::new(),
+                returns: HashMap::new(),
             },
         );
         self.rescan(pid, tid);
@@ -537,7 +564,7 @@ impl RemoteTracer {
         };
         let now = file_mappings(&maps);
         let space = Arc::clone(&p.space);
-        let _lent = space.lender.lend(tid);
+        let _lent = space.lender.lend(tid, &self.stops);
         for gone in p.maps.iter().filter(|m| !now.contains(m)) {
             self.registry.on_munmap(space.id(), gone.vaddr.clone());
         }
@@ -607,7 +634,7 @@ impl RemoteTracer {
             .iter()
             .filter_map(|(pid, p)| {
                 let t = stopped.iter().find(|t| self.owner.get(t) == Some(pid))?;
-                Some(p.space.lender.lend(*t))
+                Some(p.space.lender.lend(*t, &self.stops))
             })
             .collect()
     }
@@ -615,19 +642,22 @@ impl RemoteTracer {
     /// Interrupts every traced thread not stopped already and waits for
     /// each; returns those it stopped (to resume).
     fn stop_all(&mut self) -> Vec<Tid> {
-        let already: BTreeSet<Tid> = self.pending.iter().map(|(t, _)| *t).collect();
         let tids: Vec<Tid> = self
             .procs
             .values()
             .flat_map(|p| p.threads.iter().copied())
             .chain(self.vforked.iter().copied())
-            .filter(|t| !already.contains(t))
             .collect();
         let mut stopped = Vec::new();
         for tid in tids {
+            // A thread with a stop collected (while waiting for the
+            // others) is stopped already.
+            if self.stops.has(tid) {
+                continue;
+            }
             if ptrace::interrupt(tid).is_ok() && self.await_stop(tid).is_ok() {
                 // Stopped by our interrupt unless it left a stop pending.
-                if !self.pending.iter().any(|(t, _)| *t == tid) {
+                if !self.stops.has(tid) {
                     stopped.push(tid);
                 }
             }
@@ -675,7 +705,7 @@ impl RemoteTracer {
 
     /// Serves one stop (waiting for it if `block`); false if none came.
     fn serve_one(&mut self, block: bool) -> Result<bool, RemoteError> {
-        let next = match self.pending.pop_front() {
+        let next = match self.stops.pop() {
             Some(s) => Some(s),
             None => match ptrace::wait(-1, if block { 0 } else { libc::WNOHANG }) {
                 Ok(s) => s,
@@ -724,12 +754,14 @@ impl RemoteTracer {
 
     fn thread_gone(&mut self, pid: Tid, tid: Tid, how: ExitStatus) {
         self.owner.remove(&tid);
+        let Some(p) = self.procs.get_mut(&pid) else {
+            self.vforked.remove(&tid);
+            return;
+        };
+        p.returns.remove(&tid);
         if self.vforked.remove(&tid) {
             return;
         }
-        let Some(p) = self.procs.get_mut(&pid) else {
-            return;
-        };
         p.threads.remove(&tid);
         if tid == pid {
             // The process is gone: its memory with it.
@@ -764,7 +796,7 @@ impl RemoteTracer {
                         self.vforked.insert(new);
                         self.first_stop(new);
                     }
-                    _ => self.let_fork_child_go(pid, new),
+                    _ => self.let_fork_child_go(pid, tid, new),
                 }
                 let _ = ptrace::cont(tid, 0);
             }
@@ -793,21 +825,27 @@ impl RemoteTracer {
     /// it run.
     fn first_stop(&mut self, tid: Tid) {
         if self.early.remove(&tid).is_none() {
-            let _ = ptrace::wait(tid, 0);
+            let _ = self.stops.wait_for(tid);
         }
         let _ = ptrace::cont(tid, 0);
     }
 
-    /// A `fork` child of `pid`: its inherited breakpoints replaced by the
-    /// original bytes, then let go.
-    fn let_fork_child_go(&mut self, pid: Tid, child: Tid) {
+    /// A `fork` child of `pid` (forked by its thread `parent`): its
+    /// inherited breakpoints replaced by the original bytes and its
+    /// hijacked return addresses by the real ones, then let go.
+    fn let_fork_child_go(&mut self, pid: Tid, parent: Tid, child: Tid) {
         if self.early.remove(&child).is_none() {
-            let _ = ptrace::wait(child, 0);
+            let _ = self.stops.wait_for(child);
         }
         if let (Some(p), Ok(mem)) = (self.procs.get(&pid), RemoteMemory::open(child)) {
             let bp = X86_64.breakpoint();
             for (vaddr, orig) in self.registry.installed_bytes(p.space.id()) {
                 let _ = mem.write_at(vaddr, &orig.as_slice()[..bp.len()]);
+            }
+            // The forking thread's calls in flight, in the child's copy of
+            // its stack, return to their callers.
+            if let (Some(t), Some(proxy)) = (p.space.return_trampoline(), p.returns.get(&parent)) {
+                unhijack(&mem, t, &proxy.calls());
             }
         }
         let _ = ptrace::detach(child, 0);
@@ -819,6 +857,9 @@ impl RemoteTracer {
         if self.vforked.remove(&tid) {
             // A vfork child left its parent's memory: let it go.
             self.owner.remove(&tid);
+            if let Some(p) = self.procs.get_mut(&pid) {
+                p.returns.remove(&tid);
+            }
             let _ = ptrace::detach(tid, 0);
             return;
         }
@@ -844,10 +885,16 @@ impl RemoteTracer {
     /// trampoline, is one; anything else the registry does not claim
     /// (`NotOurs`) goes to the program as the `SIGTRAP` it was.
     fn trap(&mut self, pid: Tid, tid: Tid) {
-        let Some(space) = self.procs.get(&pid).map(|p| Arc::clone(&p.space)) else {
+        let Some(p) = self.procs.get_mut(&pid) else {
             let _ = ptrace::cont(tid, libc::SIGTRAP);
             return;
         };
+        let space = Arc::clone(&p.space);
+        let registry = &self.registry;
+        let proxy = p
+            .returns
+            .entry(tid)
+            .or_insert_with(|| registry.proxy_returns(space.id()));
         let Ok(mut user) = ptrace::get_regs(tid) else {
             return;
         };
@@ -858,12 +905,14 @@ impl RemoteTracer {
         let mut deliver = 0;
         let mut write_back = true;
         if space.return_trampoline() == Some(r.ip.wrapping_sub(1)) {
-            match self.registry.on_return(space.id(), &mut r) {
+            match registry.serving(proxy, || registry.on_return(space.id(), &mut r)) {
                 ReturnOutcome::Returned { .. } => {}
                 _ => (deliver, write_back) = (libc::SIGTRAP, false),
             }
         } else {
-            match self.registry.on_breakpoint(space.id(), &mut r, &mut mem) {
+            match registry.serving(proxy, || {
+                registry.on_breakpoint(space.id(), &mut r, &mut mem)
+            }) {
                 UprobeOutcome::Done(UprobeFinished::NotOurs) => {
                     (deliver, write_back) = (libc::SIGTRAP, false)
                 }
@@ -889,7 +938,7 @@ impl RemoteTracer {
                         if resumed.is_err() {
                             return;
                         }
-                        let Ok(Some((_, st))) = ptrace::wait(tid, 0) else {
+                        let Ok(st) = self.stops.wait_for(tid) else {
                             return;
                         };
                         match ptrace::decode(st) {
@@ -900,7 +949,7 @@ impl RemoteTracer {
                             }
                             Stop::Event { .. } => continue,
                             Stop::Exited(_) | Stop::Killed(_) => {
-                                self.pending.push_back((tid, st));
+                                self.stops.push(tid, st);
                                 return;
                             }
                         }
@@ -952,6 +1001,25 @@ impl RemoteTracer {
         }
     }
 
+    /// A thread of `p` stopped at (or just after the trap of) the return
+    /// trampoline: its call's instance popped and the thread sent to the
+    /// real return address (the return handlers run if the uprobe is still
+    /// there).
+    fn finish_return(&self, p: &mut Proc, tid: Tid, u: &mut libc::user_regs_struct) {
+        let Some(proxy) = p.returns.get_mut(&tid) else {
+            return;
+        };
+        let mut r = regs::from_user(u);
+        let id = p.space.id();
+        let registry = &self.registry;
+        if let ReturnOutcome::Returned { .. } =
+            registry.serving(proxy, || registry.on_return(id, &mut r))
+        {
+            regs::to_user(&r, u);
+            let _ = ptrace::set_regs(tid, u);
+        }
+    }
+
     /// Stops tracing `pid`: every original byte written back, no thread
     /// left inside an XOL slot, every thread let go. The process runs on as
     /// if it had never been traced (its XOL area stays mapped).
@@ -963,15 +1031,26 @@ impl RemoteTracer {
             return Err(RemoteError::NotTraced(pid));
         }
         let _stopped = self.stop_all();
-        let p = self.procs.remove(&pid).expect("checked above");
+        let mut p = self.procs.remove(&pid).expect("checked above");
         self.registry.detach_space(p.space.id());
+        let trampoline = p.space.return_trampoline();
+        // Its vfork children (sharing its memory) go with it.
+        let vforked: Vec<Tid> = self
+            .vforked
+            .iter()
+            .copied()
+            .filter(|t| self.owner.get(t) == Some(&pid))
+            .collect();
+        for t in &vforked {
+            self.vforked.remove(t);
+        }
         let slots = p.space.xol_slots().chunk_ranges();
         let in_slot = |rip: u64| slots.iter().any(|&(s, len)| (s..s + len).contains(&rip));
         // Stops of this process's threads collected meanwhile: a breakpoint
         // trap whose byte is gone now resumes at the instruction itself.
         let mut signals: HashMap<Tid, libc::c_int> = HashMap::new();
         let mut keep = VecDeque::new();
-        for (tid, status) in std::mem::take(&mut self.pending) {
+        for (tid, status) in self.stops.take_all() {
             if self.owner.get(&tid) != Some(&pid) {
                 keep.push_back((tid, status));
                 continue;
@@ -982,9 +1061,13 @@ impl RemoteTracer {
                 if ours {
                     if let Ok(mut u) = ptrace::get_regs(tid) {
                         let mut b = [0u8];
-                        let back =
-                            p.space.memory().read_at(u.rip - 1, &mut b).is_ok() && b[0] != 0xcc;
-                        if back {
+                        if trampoline == Some(u.rip.wrapping_sub(1)) {
+                            // A return through the trampoline: on to the
+                            // caller.
+                            self.finish_return(&mut p, tid, &mut u);
+                        } else if p.space.memory().read_at(u.rip - 1, &mut b).is_ok()
+                            && b[0] != 0xcc
+                        {
                             u.rip -= 1;
                             let _ = ptrace::set_regs(tid, &u);
                         }
@@ -994,19 +1077,40 @@ impl RemoteTracer {
                 }
             }
         }
-        self.pending = keep;
-        for &tid in &p.threads {
+        self.stops.put_back(keep);
+        let threads: Vec<Tid> = p.threads.iter().copied().chain(vforked).collect();
+        for &tid in &threads {
             // Out of any XOL slot first (a boosted slot jumps back after
             // its one instruction).
             for _ in 0..4 {
                 match ptrace::get_regs(tid) {
                     Ok(u) if in_slot(u.rip) => {
-                        if ptrace::single_step(tid, 0).is_err() || ptrace::wait(tid, 0).is_err() {
+                        if ptrace::single_step(tid, 0).is_err() {
                             break;
+                        }
+                        match self.stops.wait_for(tid) {
+                            Ok(st) if ptrace::decode(st) == Stop::Signal(libc::SIGTRAP) => {}
+                            // Gone, or stopped by something else: kept
+                            // for the loop.
+                            Ok(st) => {
+                                self.stops.push(tid, st);
+                                break;
+                            }
+                            Err(_) => break,
                         }
                     }
                     _ => break,
                 }
+            }
+            // A thread stopped on the trampoline before its trap: on to
+            // the caller. Calls still in flight return there directly.
+            if let Ok(mut u) = ptrace::get_regs(tid) {
+                if trampoline == Some(u.rip) {
+                    self.finish_return(&mut p, tid, &mut u);
+                }
+            }
+            if let (Some(t), Some(proxy)) = (trampoline, p.returns.get(&tid)) {
+                unhijack(p.space.memory(), t, &proxy.calls());
             }
             self.owner.remove(&tid);
             let _ = ptrace::detach(tid, signals.get(&tid).copied().unwrap_or(0));
@@ -1019,6 +1123,28 @@ impl RemoteTracer {
         );
         Ok(())
     }
+}
+
+/// Writes each call's real return address back where the trampoline's
+/// was put (a detached process's thread, or a `fork` child's copy of the
+/// forking thread's stack): the call then returns as it would have
+/// untraced, its return handlers unrun. On x86_64 the return address is
+/// the word below the stack pointer the call returns with. A slot that no
+/// longer holds the trampoline's address (the frame is gone, the program
+/// rewrote it) is left alone. Returns how many were written.
+fn unhijack(mem: &RemoteMemory, trampoline: u64, calls: &[CallInFlight]) -> usize {
+    let mut written = 0;
+    for c in calls {
+        let slot = c.ret_sp.wrapping_sub(8);
+        let mut word = [0u8; 8];
+        if mem.read_at(slot, &mut word).is_ok()
+            && u64::from_le_bytes(word) == trampoline
+            && mem.write_at(slot, &c.real_ret.to_le_bytes()).is_ok()
+        {
+            written += 1;
+        }
+    }
+    written
 }
 
 /// Whether `path` is the dynamic linker (`ld-linux*.so*`, `ld.so*`).

@@ -11,11 +11,12 @@
 //! bounded by the chunks mapped).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use super::inject;
 use super::mem::RemoteMemory;
 use super::ptrace::Tid;
+use super::stops::Stops;
 use crate::probes::error::TextFailure;
 use crate::probes::procmaps::Maps;
 use crate::probes::xol::XolAllocator;
@@ -37,41 +38,55 @@ const INT3: u8 = 0xcc;
 /// thread (the only one that may make `ptrace` requests to it).
 #[derive(Debug, Default)]
 pub(super) struct Borrowable {
-    /// `(thread, tracer thread)`: the stopped thread, and the thread that
-    /// traces it.
-    now: Mutex<Option<(Tid, Tid)>>,
+    now: Mutex<Option<Loan>>,
     /// A `syscall` instruction in the process, once found.
     gadget: Mutex<Option<u64>>,
 }
 
+/// A lent thread: the stopped thread, the thread that traces it, and that
+/// tracer's collected stops (its waits keep the other threads' stops
+/// there).
+#[derive(Clone, Debug)]
+pub(super) struct Loan {
+    tid: Tid,
+    tracer: Tid,
+    stops: Arc<Stops>,
+}
+
 impl Borrowable {
-    /// Lends `tid` (stopped, traced by this thread) until the guard drops.
-    pub(super) fn lend(&self, tid: Tid) -> Lent<'_> {
-        let prev = self.set(Some((tid, gettid())));
+    /// Lends `tid` (stopped, traced by this thread, whose collected stops
+    /// are `stops`) until the guard drops.
+    pub(super) fn lend(&self, tid: Tid, stops: &Arc<Stops>) -> Lent<'_> {
+        let prev = self.set(Some(Loan {
+            tid,
+            tracer: gettid(),
+            stops: Arc::clone(stops),
+        }));
         Lent { owner: self, prev }
     }
 
-    fn set(&self, v: Option<(Tid, Tid)>) -> Option<(Tid, Tid)> {
+    fn set(&self, v: Option<Loan>) -> Option<Loan> {
         std::mem::replace(&mut *self.now.lock().unwrap_or_else(|p| p.into_inner()), v)
     }
 
-    /// The stopped thread, if one is lent to the calling thread.
-    fn thread(&self) -> Option<Tid> {
-        let now = *self.now.lock().unwrap_or_else(|p| p.into_inner());
-        now.filter(|&(_, tracer)| tracer == gettid())
-            .map(|(t, _)| t)
+    /// The stopped thread and its tracer's stops, if one is lent to the
+    /// calling thread.
+    fn thread(&self) -> Option<(Tid, Arc<Stops>)> {
+        let now = self.now.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        now.filter(|l| l.tracer == gettid())
+            .map(|l| (l.tid, l.stops))
     }
 }
 
 /// A thread lent to a [`RemoteXol`]; the previous loan comes back on drop.
 pub(super) struct Lent<'a> {
     owner: &'a Borrowable,
-    prev: Option<(Tid, Tid)>,
+    prev: Option<Loan>,
 }
 
 impl Drop for Lent<'_> {
     fn drop(&mut self) {
-        self.owner.set(self.prev);
+        self.owner.set(self.prev.take());
     }
 }
 
@@ -103,7 +118,7 @@ pub struct RemoteXol {
     pid: Tid,
     mem: RemoteMemory,
     slot_size: usize,
-    lender: std::sync::Arc<Borrowable>,
+    lender: Arc<Borrowable>,
     slots: Mutex<Slots>,
 }
 
@@ -123,7 +138,7 @@ impl RemoteXol {
         pid: Tid,
         mem: RemoteMemory,
         slot_size: usize,
-        lender: std::sync::Arc<Borrowable>,
+        lender: Arc<Borrowable>,
     ) -> RemoteXol {
         RemoteXol {
             pid,
@@ -144,8 +159,10 @@ impl RemoteXol {
         (s.chunks.len(), s.bound.len())
     }
 
-    /// The chunks' ranges (for a detach, which unmaps them).
-    pub(super) fn chunk_ranges(&self) -> Vec<(u64, u64)> {
+    /// The chunks mapped in the process: `(start, length)` each. A
+    /// thread whose instruction pointer is in one is running a displaced
+    /// instruction (or the return trampoline).
+    pub fn chunk_ranges(&self) -> Vec<(u64, u64)> {
         self.lock()
             .chunks
             .iter()
@@ -157,7 +174,7 @@ impl RemoteXol {
     /// the thread lent to this one, and fills it with `int3`.
     fn map_chunk(&self, near: u64) -> Result<Chunk, ProbeError> {
         let exhausted = ProbeError::XolExhausted { near };
-        let tid = self.lender.thread().ok_or(exhausted.clone())?;
+        let (tid, stops) = self.lender.thread().ok_or(exhausted.clone())?;
         let gadget = {
             let mut g = self.lender.gadget.lock().unwrap_or_else(|p| p.into_inner());
             match *g {
@@ -180,6 +197,7 @@ impl RemoteXol {
             .unwrap_or_default();
         let placed = near_places.into_iter().take(8).find_map(|hint| {
             inject::mmap(
+                &stops,
                 self.pid,
                 tid,
                 gadget,
@@ -193,7 +211,7 @@ impl RemoteXol {
         });
         let start = match placed {
             Some(a) => a,
-            None => inject::mmap(self.pid, tid, gadget, 0, len, prot, flags)
+            None => inject::mmap(&stops, self.pid, tid, gadget, 0, len, prot, flags)
                 .map_err(|_| exhausted.clone())?,
         };
         self.mem

@@ -166,6 +166,55 @@ pub(super) fn release(registry: Option<u64>) -> usize {
         .unwrap_or(0)
 }
 
+/// Puts `held` in the calling thread's table as its stack for
+/// `(registry, space)` (a stack held on behalf of another thread,
+/// `proxy.rs`); false (nothing changed) if the thread has a stack for them
+/// already or no free entry. The caller has the re-entrancy flag up.
+pub(super) fn install(registry: u64, space: SpaceId, held: Held) -> bool {
+    TABLE
+        .try_with(|t| {
+            let Ok(mut t) = t.try_borrow_mut() else {
+                return false;
+            };
+            if t.bound
+                .iter()
+                .any(|b| b.registry == registry && b.space == space)
+            {
+                return false;
+            }
+            let Some(i) = t.bound.iter().position(|b| b.registry == 0) else {
+                return false;
+            };
+            t.bound[i] = Binding {
+                registry,
+                space,
+                held: Some(held),
+            };
+            true
+        })
+        .unwrap_or(false)
+}
+
+/// Takes the calling thread's stack for `(registry, space)` out of its
+/// table (the counterpart of [`install`]): the stack, still held, or `None`
+/// if the thread has none (it was given back when it emptied). The caller
+/// has the re-entrancy flag up.
+pub(super) fn uninstall(registry: u64, space: SpaceId) -> Option<Held> {
+    TABLE
+        .try_with(|t| {
+            let mut t = t.try_borrow_mut().ok()?;
+            let b = t
+                .bound
+                .iter_mut()
+                .find(|b| b.registry == registry && b.space == space)?;
+            let held = b.held.take();
+            *b = UNBOUND;
+            held
+        })
+        .ok()
+        .flatten()
+}
+
 /// Creates the thread-exit key (once per process). Called when a pool is
 /// built.
 pub(super) fn prepare_exit_hook() {

@@ -106,6 +106,7 @@ mod hit;
 mod hitcache;
 mod install;
 mod mmap;
+mod proxy;
 mod registry;
 mod retpool;
 mod returns;
@@ -125,6 +126,7 @@ pub use consumer::{
 pub use filetext::{FileText, MemFiles};
 pub use hit::{UprobeFinished, UprobeOutcome, UprobeRef, UprobeStep};
 pub use hitcache::DEFAULT_HIT_CACHE_SLOTS;
+pub use proxy::{CallInFlight, ProxyReturns};
 pub use registry::{UprobeRegistry, DEFAULT_FILE_STRIPES};
 pub use retpool::{default_return_stacks, MIN_RETURN_STACKS};
 pub use returns::DEFAULT_MAX_RETURN_DEPTH;

@@ -53,7 +53,7 @@ pub(crate) struct Returns {
     max_depth: usize,
     stacks: usize,
     /// Names the registry in the threads' binding tables; never reused.
-    id: u64,
+    pub(super) id: u64,
 }
 
 impl Returns {
