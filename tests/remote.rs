@@ -665,3 +665,113 @@ fn a_detach_while_a_call_is_tracked_for_its_return_sends_it_back_to_its_caller()
         );
     });
 }
+
+/// `SIGTERM` to a program whose tracer asked to detach on termination: the
+/// tracer detaches first (the attached program's text is restored, it is
+/// no longer traced, it runs on and ends as untraced) and the tracer's
+/// `run` returns `Terminated`. The tracer runs in a second process (this
+/// test binary again, running this test in the tracer's role), which
+/// starts the program and attaches to it.
+#[test]
+fn a_tracer_told_to_terminate_detaches_first_and_the_program_runs_on() {
+    const ME: &str = "a_tracer_told_to_terminate_detaches_first_and_the_program_runs_on";
+    if std::env::var_os("REMOTE_TERM_ROLE").is_some() {
+        return termination_tracer();
+    }
+    use std::io::BufRead;
+    let stop = dir().join("stop-term");
+    let out = dir().join("traced-term");
+    let _ = std::fs::remove_file(&stop);
+    let _ = std::fs::remove_file(&out);
+    let mut helper = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", ME, "--nocapture", "--test-threads", "1"])
+        .env("REMOTE_TERM_ROLE", "tracer")
+        .env("REMOTE_TERM_STOP", &stop)
+        .env("REMOTE_TERM_OUT", &out)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(helper.stdout.take().unwrap()).lines();
+    // (On the harness's "test ... " line, which has no newline yet.)
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.split_once("ready ").map(|(_, r)| r.to_string()))
+        .expect("the tracer's ready line");
+    let f: Vec<u64> = ready.split(' ').map(|v| v.parse().unwrap()).collect();
+    let (pid, at, original) = (f[0] as i32, f[1], f[2] as u8);
+    assert_eq!(code_of(pid, at, 1), [0xcc], "probed while the tracer runs");
+    // SAFETY: a signal to our child.
+    assert_eq!(unsafe { libc::kill(helper.id() as i32, libc::SIGTERM) }, 0);
+    let st = helper.wait().unwrap();
+    assert!(
+        st.success(),
+        "the tracer saw Terminated and detached: {st:?}"
+    );
+    assert_eq!(code_of(pid, at, 1), [original], "restored");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status.lines().any(|l| l == "TracerPid:\t0"),
+        "no longer traced"
+    );
+    std::fs::write(&stop, b"").unwrap();
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&out).unwrap_or_default() != "checksum 1\n"
+        && start.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "checksum 1\n");
+}
+
+/// The tracer's role in the test above.
+fn termination_tracer() {
+    let stop = std::env::var_os("REMOTE_TERM_STOP").unwrap();
+    let out = PathBuf::from(std::env::var_os("REMOTE_TERM_OUT").unwrap());
+    let child = fixture_cmd(&out, &["until", stop.to_str().unwrap()])
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let mut t = RemoteTracer::new();
+    let (c, hits) = counter();
+    let resolved = t
+        .register(
+            &UprobeTarget::symbol(fixture_file().as_str(), "rt_work"),
+            &c,
+        )
+        .unwrap();
+    t.detach_on_termination().unwrap();
+    t.attach(pid).unwrap();
+    let start = std::time::Instant::now();
+    while hits.load(Ordering::Relaxed) == 0 && start.elapsed() < Duration::from_secs(20) {
+        t.run_for(Duration::from_millis(5)).unwrap();
+    }
+    assert!(hits.load(Ordering::Relaxed) > 0);
+    let key = resolved.key();
+    let at = t
+        .registry()
+        .mappings_of(space_of(&t, pid))
+        .iter()
+        .filter(|m| m.file == key.file)
+        .find_map(|m| m.vaddr_of(key.offset))
+        .unwrap();
+    let mut orig = [0u8];
+    {
+        use std::os::unix::fs::FileExt;
+        std::fs::File::open(fixture())
+            .unwrap()
+            .read_exact_at(&mut orig, key.offset)
+            .unwrap();
+    }
+    println!("ready {pid} {at} {}", orig[0]);
+    use std::io::Write;
+    std::io::stdout().flush().unwrap();
+    let r = t.run();
+    assert!(
+        matches!(r, Err(RemoteError::Terminated(libc::SIGTERM))),
+        "{r:?}"
+    );
+    assert!(t.pids().is_empty());
+    // The program runs on, untraced; the test process ends it.
+    std::mem::forget(child);
+}

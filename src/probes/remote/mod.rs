@@ -26,6 +26,7 @@ mod regs;
 mod space;
 mod spawn;
 mod stops;
+mod terminate;
 pub mod tracer;
 mod xol;
 

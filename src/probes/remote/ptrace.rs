@@ -112,20 +112,30 @@ pub(super) fn siginfo(tid: Tid) -> io::Result<libc::siginfo_t> {
 /// tracees, never a child another thread of the program waits for.
 pub(super) fn wait(tid: Tid, flags: libc::c_int) -> io::Result<Option<(Tid, libc::c_int)>> {
     loop {
-        let mut status = 0;
-        // SAFETY: `status` is a live c_int.
-        let r =
-            unsafe { libc::waitpid(tid, &mut status, libc::__WALL | libc::__WNOTHREAD | flags) };
-        if r > 0 {
-            return Ok(Some((r, status)));
+        match wait_once(tid, flags) {
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+            r => return r,
         }
-        if r == 0 {
-            return Ok(None);
-        }
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EINTR) {
-            return Err(e);
-        }
+    }
+}
+
+/// [`wait`] for any tracee, but `None` when a signal handler ran
+/// (`EINTR`): the tracer's loop looks at what the handler recorded.
+pub(super) fn wait_interruptible(flags: libc::c_int) -> io::Result<Option<(Tid, libc::c_int)>> {
+    match wait_once(-1, flags) {
+        Err(e) if e.raw_os_error() == Some(libc::EINTR) => Ok(None),
+        r => r,
+    }
+}
+
+fn wait_once(tid: Tid, flags: libc::c_int) -> io::Result<Option<(Tid, libc::c_int)>> {
+    let mut status = 0;
+    // SAFETY: `status` is a live c_int.
+    let r = unsafe { libc::waitpid(tid, &mut status, libc::__WALL | libc::__WNOTHREAD | flags) };
+    match r {
+        r if r > 0 => Ok(Some((r, status))),
+        0 => Ok(None),
+        _ => Err(io::Error::last_os_error()),
     }
 }
 

@@ -132,6 +132,10 @@ pub enum RemoteError {
     },
     /// Setting up the traced process failed.
     Setup(ProbeError),
+    /// The program received this signal (`SIGINT`, `SIGTERM` or `SIGHUP`)
+    /// after [`RemoteTracer::detach_on_termination`]: every traced process
+    /// was detached, as [`RemoteTracer::detach_all`] does.
+    Terminated(i32),
 }
 
 impl std::fmt::Display for RemoteError {
@@ -149,6 +153,12 @@ impl std::fmt::Display for RemoteError {
                 "{what} is built for ELF machine {machine}, not x86_64 (62)"
             ),
             RemoteError::Setup(e) => write!(f, "setting up the traced process: {e}"),
+            RemoteError::Terminated(sig) => {
+                write!(
+                    f,
+                    "terminated by signal {sig}: every traced process detached"
+                )
+            }
         }
     }
 }
@@ -307,6 +317,9 @@ pub struct RemoteTracer {
     loader: Consumer,
     loader_hits: Arc<Mutex<Vec<SpaceId>>>,
     loader_files: BTreeSet<UprobeKey>,
+    /// Whether `SIGINT`/`SIGTERM`/`SIGHUP` detach everything
+    /// ([`detach_on_termination`](Self::detach_on_termination)).
+    on_termination: bool,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -316,6 +329,17 @@ impl std::fmt::Debug for RemoteTracer {
             .field("processes", &self.procs.keys().collect::<Vec<_>>())
             .field("uprobes", &self.registry.len())
             .finish_non_exhaustive()
+    }
+}
+
+/// Dropping a tracer detaches every process it traces
+/// ([`detach_all`](RemoteTracer::detach_all)).
+impl Drop for RemoteTracer {
+    fn drop(&mut self) {
+        self.detach_all();
+        if self.on_termination {
+            super::terminate::deregister();
+        }
     }
 }
 
@@ -350,6 +374,7 @@ impl RemoteTracer {
             loader,
             loader_hits,
             loader_files: BTreeSet::new(),
+            on_termination: false,
             _not_send: PhantomData,
         }
     }
@@ -679,9 +704,12 @@ impl RemoteTracer {
     /// Serves stops until no traced process is left.
     ///
     /// # Errors
-    /// `waitpid` fails for another reason than having no child.
+    /// `waitpid` fails for another reason than having no child;
+    /// [`RemoteError::Terminated`] after
+    /// [`detach_on_termination`](Self::detach_on_termination).
     pub fn run(&mut self) -> Result<(), RemoteError> {
         while !self.procs.is_empty() || !self.vforked.is_empty() {
+            self.check_termination()?;
             self.serve_one(true)?;
         }
         Ok(())
@@ -696,6 +724,7 @@ impl RemoteTracer {
         while (!self.procs.is_empty() || !self.vforked.is_empty())
             && std::time::Instant::now() < end
         {
+            self.check_termination()?;
             if !self.serve_one(false)? {
                 std::thread::sleep(std::time::Duration::from_micros(200));
             }
@@ -703,11 +732,55 @@ impl RemoteTracer {
         Ok(())
     }
 
+    /// From now on, `SIGINT`, `SIGTERM` or `SIGHUP` sent to this program
+    /// make [`run`](Self::run) and [`run_for`](Self::run_for) detach every
+    /// traced process (every byte restored, no thread left in an XOL slot)
+    /// and return [`RemoteError::Terminated`]; the program then exits as it
+    /// likes. The handlers are process-wide and stay installed (they only
+    /// record the signal: the program no longer dies of it by itself); a
+    /// watcher thread wakes the tracer threads that asked (module
+    /// `terminate.rs`), within about 10 ms of the signal.
+    ///
+    /// # Errors
+    /// The handlers or the watcher thread could not be set up.
+    pub fn detach_on_termination(&mut self) -> Result<(), RemoteError> {
+        super::terminate::register().map_err(os("installing the termination handlers"))?;
+        self.on_termination = true;
+        Ok(())
+    }
+
+    /// [`RemoteError::Terminated`] (everything detached) if a termination
+    /// signal came and this tracer asked to detach on it.
+    fn check_termination(&mut self) -> Result<(), RemoteError> {
+        match super::terminate::requested() {
+            Some(sig) if self.on_termination => {
+                self.detach_all();
+                super::terminate::deregister();
+                self.on_termination = false;
+                Err(RemoteError::Terminated(sig))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Detaches every traced process ([`detach`](Self::detach) each, the
+    /// processes this tracer started included: they run on untraced).
+    pub fn detach_all(&mut self) {
+        for pid in self.pids() {
+            let _ = self.detach(pid);
+        }
+        // vfork children whose parent is gone already.
+        for tid in std::mem::take(&mut self.vforked) {
+            self.owner.remove(&tid);
+            let _ = ptrace::detach(tid, 0);
+        }
+    }
+
     /// Serves one stop (waiting for it if `block`); false if none came.
     fn serve_one(&mut self, block: bool) -> Result<bool, RemoteError> {
         let next = match self.stops.pop() {
             Some(s) => Some(s),
-            None => match ptrace::wait(-1, if block { 0 } else { libc::WNOHANG }) {
+            None => match ptrace::wait_interruptible(if block { 0 } else { libc::WNOHANG }) {
                 Ok(s) => s,
                 Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
                     self.procs.clear();
