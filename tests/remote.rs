@@ -775,3 +775,142 @@ fn termination_tracer() {
     // The program runs on, untraced; the test process ends it.
     std::mem::forget(child);
 }
+
+/// Starts the fixture with `args` under `t`, serves it to its end, and
+/// returns what it wrote.
+fn serve_program(mut t: RemoteTracer, name: &str, args: &[&str]) -> String {
+    let out = dir().join(format!("traced-shared-{name}"));
+    let pid = t.spawn(&fixture_cmd(&out, args)).unwrap();
+    t.run().unwrap();
+    assert_eq!(t.exit_status(pid), Some(ExitStatus::Code(0)));
+    std::fs::read_to_string(out).unwrap()
+}
+
+/// Two tracer threads share one registry, each serving the hits of a
+/// program it started (two threads each), while a third thread registers
+/// and removes a second consumer on both functions through a tracer of its
+/// own (breakpoints written into both programs while they run and hit):
+/// the steady consumer counts every call and every return, both programs
+/// write what they write untraced.
+#[test]
+fn two_tracer_threads_share_a_registry_while_a_third_churns_registrations() {
+    let file = fixture_file();
+    let first = RemoteTracer::new();
+    let registry = first.shared_registry();
+    let (steady, calls, rets) = entries_and_returns();
+    let args = ["work", "4000", "2"];
+    // The steady consumer is in before either program starts.
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let reg_a = Arc::clone(&registry);
+    let file_a = file.clone();
+    let a = std::thread::spawn(move || {
+        let mut t = RemoteTracer::with_registry(reg_a);
+        t.register(&UprobeTarget::symbol(file_a.as_str(), "rt_work"), &steady)
+            .unwrap();
+        ready_tx.send(()).unwrap();
+        serve_program(t, "a", &args)
+    });
+    ready_rx.recv().unwrap();
+    let reg_b = Arc::clone(&registry);
+    let b =
+        std::thread::spawn(move || serve_program(RemoteTracer::with_registry(reg_b), "b", &args));
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let d = Arc::clone(&done);
+    let file_c = file.clone();
+    let reg_c = Arc::clone(&registry);
+    let churner = std::thread::spawn(move || {
+        let mut t = RemoteTracer::with_registry(reg_c);
+        let (churn, churned) = counter();
+        let mut cycles = 0u64;
+        while !d.load(Ordering::Relaxed) {
+            let x = t.register(&UprobeTarget::symbol(file_c.as_str(), "rt_other"), &churn);
+            let y = t.register(&UprobeTarget::symbol(file_c.as_str(), "rt_work"), &churn);
+            std::thread::sleep(Duration::from_millis(1));
+            for r in [x, y].into_iter().flatten() {
+                t.unregister_nosync(r.key(), &churn).unwrap();
+            }
+            t.commit();
+            cycles += 1;
+        }
+        (cycles, churned.load(Ordering::Relaxed))
+    });
+    let out_a = a.join().unwrap();
+    let out_b = b.join().unwrap();
+    done.store(true, Ordering::Relaxed);
+    let (cycles, churned) = churner.join().unwrap();
+    eprintln!("{cycles} churn cycles, {churned} churned hits");
+    assert!(cycles > 0);
+    let untraced = run_untraced(&args);
+    assert_eq!(out_a, untraced);
+    assert_eq!(out_b, untraced);
+    assert_eq!(calls.load(Ordering::Relaxed), 2 * 2 * 4000);
+    let per_thread: u64 = (0..4000).map(|i| 3 * i + 1).sum();
+    assert_eq!(rets.load(Ordering::Relaxed), 4 * per_thread);
+    drop(first);
+}
+
+/// Followed: a `fork` child is traced as a process of its own. `rt_fork`
+/// forks inside a call tracked for its return: the parent's return is
+/// seen; in the child that call returns to its caller untracked (its
+/// inherited return address put back), and its own calls of `rt_work` are
+/// counted with the parent's.
+#[test]
+fn a_followed_fork_child_is_traced_as_a_process_of_its_own() {
+    let (consumer, calls, rets) = entries_and_returns();
+    let (work, worked) = counter();
+    let file = fixture_file();
+    let mut t = RemoteTracer::new();
+    t.follow_forks(true);
+    t.register(&UprobeTarget::symbol(file.as_str(), "rt_fork"), &consumer)
+        .unwrap();
+    t.register(&UprobeTarget::symbol(file.as_str(), "rt_work"), &work)
+        .unwrap();
+    let args = ["forkin", "200"];
+    let out = dir().join("traced-follow");
+    let pid = t.spawn(&fixture_cmd(&out, &args)).unwrap();
+    t.run().unwrap();
+    assert_eq!(t.exit_status(pid), Some(ExitStatus::Code(0)));
+    assert_eq!(calls.load(Ordering::Relaxed), 1);
+    assert_ne!(rets.load(Ordering::Relaxed), 0);
+    assert_eq!(
+        worked.load(Ordering::Relaxed),
+        400,
+        "the parent's and the child's"
+    );
+    assert_eq!(std::fs::read_to_string(out).unwrap(), run_untraced(&args));
+}
+
+/// A shell (a command of the base system) that forks to run `ls`: with
+/// children followed, `ls`'s calls of the C library's `readdir64` are
+/// counted (its image is traced after its `exec`); not followed, the
+/// child runs untraced and none is. Both listings are the untraced one.
+#[test]
+fn a_shell_s_child_command_is_traced_only_when_children_are_followed() {
+    let (Ok(sh), Ok(ls)) = (which("sh"), which("ls")) else {
+        eprintln!("skipped: no `sh` or `ls` in PATH");
+        return;
+    };
+    let untraced = Command::new(&ls)
+        .args(["-1", "/usr/lib"])
+        .output()
+        .unwrap()
+        .stdout;
+    for follow in [false, true] {
+        let mut t = RemoteTracer::new();
+        t.follow_forks(follow);
+        let (c, hits) = counter();
+        t.register(&UprobeTarget::symbol("libc.so.6", "readdir64"), &c)
+            .unwrap();
+        let out = dir().join(format!("traced-sh-{follow}"));
+        // Two commands: the shell forks for the first (it `exec`s the last).
+        let script = format!("{} -1 /usr/lib > {}; true", ls.display(), out.display());
+        let pid = t.spawn(Command::new(&sh).args(["-c", &script])).unwrap();
+        t.run().unwrap();
+        assert_eq!(t.exit_status(pid), Some(ExitStatus::Code(0)));
+        assert_eq!(std::fs::read(&out).unwrap(), untraced, "follow {follow}");
+        match follow {
+            true => assert!(hits.load(Ordering::Relaxed) > 0, "ls traced"),
+            false => assert_eq!(hits.load(Ordering::Relaxed), 0, "ls untraced"),
+        }
+    }
+}

@@ -70,7 +70,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::marker::PhantomData;
 use std::process::Command;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::mem::RemoteMemory;
 use super::ptrace::{self, Stop, Tid};
@@ -97,6 +97,17 @@ pub type RemoteRegistry = UprobeRegistry<X86_64, RemoteSpace, Rcu>;
 const SI_KERNEL: i32 = 0x80;
 /// The dynamic linker's rendezvous function.
 const RENDEZVOUS: &str = "_dl_debug_state";
+
+/// Space ids, unique across the tracers that share a registry.
+static NEXT_SPACE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+thread_local! {
+    /// Whether a loader consumer ran on this thread since its tracer last
+    /// looked: the hit this thread just served was the loader's rendezvous
+    /// (a hit of any tracer's loader consumer counts: it is this thread's
+    /// hit).
+    static LOADER_HIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
 
 /// Why a remote operation failed.
 #[derive(Debug)]
@@ -294,7 +305,7 @@ struct Proc {
 /// any::<rcu_registry::probes::remote::RemoteTracer>();
 /// ```
 pub struct RemoteTracer {
-    registry: RemoteRegistry,
+    registry: Arc<RemoteRegistry>,
     resolver: TargetResolver,
     procs: BTreeMap<Tid, Proc>,
     /// Thread -> the process whose space it runs in (a `vfork` child runs
@@ -311,15 +322,16 @@ pub struct RemoteTracer {
     /// creator's event: served when the event names them.
     early: HashMap<Tid, libc::c_int>,
     exits: BTreeMap<Tid, ExitStatus>,
-    next_space: u64,
-    /// The registry's own consumer on the loader's rendezvous, and the
-    /// spaces it saw hit since the tracer last looked.
+    /// The tracer's own consumer on the loader's rendezvous (it raises
+    /// [`LOADER_HIT`] on the thread that serves the hit).
     loader: Consumer,
-    loader_hits: Arc<Mutex<Vec<SpaceId>>>,
     loader_files: BTreeSet<UprobeKey>,
     /// Whether `SIGINT`/`SIGTERM`/`SIGHUP` detach everything
     /// ([`detach_on_termination`](Self::detach_on_termination)).
     on_termination: bool,
+    /// Whether `fork` children (and `vfork` children once they `exec`)
+    /// are traced as processes of their own ([`follow_forks`](Self::follow_forks)).
+    follow: bool,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -337,6 +349,10 @@ impl std::fmt::Debug for RemoteTracer {
 impl Drop for RemoteTracer {
     fn drop(&mut self) {
         self.detach_all();
+        // A shared registry outlives this tracer: its loader consumer goes.
+        for key in std::mem::take(&mut self.loader_files) {
+            let _ = self.registry.unregister(key, &self.loader);
+        }
         if self.on_termination {
             super::terminate::deregister();
         }
@@ -350,18 +366,32 @@ impl Default for RemoteTracer {
 }
 
 impl RemoteTracer {
-    /// A tracer with no process and no uprobe.
+    /// A tracer with no process and a registry of its own, with no uprobe.
     pub fn new() -> RemoteTracer {
-        let loader_hits: Arc<Mutex<Vec<SpaceId>>> = Arc::default();
-        let hits = Arc::clone(&loader_hits);
-        let loader = Consumer::new(move |hit, _| {
-            hits.lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .push(hit.space);
+        RemoteTracer::with_registry(Arc::new(UprobeRegistry::with_domain(X86_64, Rcu::new())))
+    }
+
+    /// A tracer with no process that serves `registry`, which other tracers
+    /// (on other threads) may serve too: each traces its own processes and
+    /// serves their hits on its own thread, concurrently; a uprobe
+    /// registered through any of them, or through the registry itself, is
+    /// installed in every process each of them traces (the registry's
+    /// readers are the tracer threads' hits, its writers take its locks).
+    ///
+    /// A process's XOL area grows only through its own tracer (a new chunk
+    /// is mapped by one of its stopped threads): a registration through
+    /// another tracer uses the slots already mapped there (16,383 in the
+    /// first chunk, plus those parked per address) and leaves a process
+    /// whose slots are exhausted without that uprobe
+    /// ([`ProbeError::XolExhausted`] counted by the registry for that space
+    /// only).
+    pub fn with_registry(registry: Arc<RemoteRegistry>) -> RemoteTracer {
+        let loader = Consumer::new(|_, _| {
+            LOADER_HIT.with(|h| h.set(true));
             ConsumerAction::Continue
         });
         RemoteTracer {
-            registry: UprobeRegistry::with_domain(X86_64, Rcu::new()),
+            registry,
             resolver: TargetResolver::new(),
             procs: BTreeMap::new(),
             owner: HashMap::new(),
@@ -370,11 +400,10 @@ impl RemoteTracer {
             stops: Arc::default(),
             early: HashMap::new(),
             exits: BTreeMap::new(),
-            next_space: 1,
             loader,
-            loader_hits,
             loader_files: BTreeSet::new(),
             on_termination: false,
+            follow: false,
             _not_send: PhantomData,
         }
     }
@@ -382,6 +411,12 @@ impl RemoteTracer {
     /// The registry (counts, `nmissed`, installs per space).
     pub fn registry(&self) -> &RemoteRegistry {
         &self.registry
+    }
+
+    /// The registry, to share with tracers on other threads
+    /// ([`with_registry`](Self::with_registry)).
+    pub fn shared_registry(&self) -> Arc<RemoteRegistry> {
+        Arc::clone(&self.registry)
     }
 
     /// The space of traced process `pid`.
@@ -554,8 +589,9 @@ impl RemoteTracer {
     fn adopt(&mut self, pid: Tid, threads: BTreeSet<Tid>) -> Result<(), RemoteError> {
         let maps = Maps::read_pid(pid).map_err(os(format!("reading /proc/{pid}/maps")))?;
         let near = file_mappings(&maps).first().map_or(0, |m| m.vaddr.start);
-        let id = SpaceId(self.next_space);
-        self.next_space += 1;
+        // Relaxed: only uniqueness matters (the counter's modification
+        // order gives it); nothing is published with the id.
+        let id = SpaceId(NEXT_SPACE.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         let tid = *threads.first().expect("a traced process has a thread");
         let space = Arc::new(
             RemoteSpace::new(id, pid, tid, near, &self.stops).map_err(RemoteError::Setup)?,
@@ -653,6 +689,31 @@ impl RemoteTracer {
         r
     }
 
+    /// [`unregister`](Self::unregister) without waiting for a grace period
+    /// of the registry: the breakpoints are out when it returns, but a hit
+    /// that another tracer thread is serving may still run the consumer
+    /// until [`commit`](Self::commit) returns.
+    ///
+    /// # Errors
+    /// As [`UprobeRegistry::unregister_nosync`].
+    pub fn unregister_nosync(
+        &mut self,
+        key: UprobeKey,
+        consumer: &Consumer,
+    ) -> Result<(), ProbeError> {
+        let stopped = self.stop_all();
+        let r = self.registry.unregister_nosync(key, consumer);
+        self.resume(&stopped);
+        r
+    }
+
+    /// Waits until no hit that began before it is still running a consumer
+    /// unregistered with [`unregister_nosync`](Self::unregister_nosync)
+    /// (one grace period of the registry, for any number of them).
+    pub fn commit(&self) {
+        self.registry.commit();
+    }
+
     /// One stopped thread of every process lent to its space's XOL area.
     fn lend_all(&self, stopped: &[Tid]) -> Vec<super::xol::Lent<'_>> {
         self.procs
@@ -747,6 +808,21 @@ impl RemoteTracer {
         super::terminate::register().map_err(os("installing the termination handlers"))?;
         self.on_termination = true;
         Ok(())
+    }
+
+    /// Whether the children a traced process creates with `fork` are traced
+    /// too (default: no). Either way a child starts with its parent's text
+    /// cleaned: the inherited breakpoints replaced by the original bytes,
+    /// the forking thread's calls in flight sent back to their callers
+    /// (their return handlers do not run in the child). Followed, the child
+    /// is then a process of its own, with a space of its own: the uprobes of
+    /// the files it maps are installed in it before it runs its first
+    /// instruction after `fork` (its inherited copy of the parent's XOL
+    /// area stays mapped and unused). Not followed, it is let go untraced.
+    /// A `vfork` child runs in its parent's space until it `exec`s; then,
+    /// followed, its new image is traced like a spawned program's.
+    pub fn follow_forks(&mut self, follow: bool) {
+        self.follow = follow;
     }
 
     /// [`RemoteError::Terminated`] (everything detached) if a termination
@@ -869,7 +945,7 @@ impl RemoteTracer {
                         self.vforked.insert(new);
                         self.first_stop(new);
                     }
-                    _ => self.let_fork_child_go(pid, tid, new),
+                    _ => self.fork_child(pid, tid, new),
                 }
                 let _ = ptrace::cont(tid, 0);
             }
@@ -905,8 +981,9 @@ impl RemoteTracer {
 
     /// A `fork` child of `pid` (forked by its thread `parent`): its
     /// inherited breakpoints replaced by the original bytes and its
-    /// hijacked return addresses by the real ones, then let go.
-    fn let_fork_child_go(&mut self, pid: Tid, parent: Tid, child: Tid) {
+    /// hijacked return addresses by the real ones, then traced as a process
+    /// of its own ([`follow_forks`](Self::follow_forks)) or let go.
+    fn fork_child(&mut self, pid: Tid, parent: Tid, child: Tid) {
         if self.early.remove(&child).is_none() {
             let _ = self.stops.wait_for(child);
         }
@@ -921,6 +998,10 @@ impl RemoteTracer {
                 unhijack(&mem, t, &proxy.calls());
             }
         }
+        if self.follow && self.adopt(child, [child].into()).is_ok() {
+            let _ = ptrace::cont(child, 0);
+            return;
+        }
         let _ = ptrace::detach(child, 0);
     }
 
@@ -932,6 +1013,12 @@ impl RemoteTracer {
             self.owner.remove(&tid);
             if let Some(p) = self.procs.get_mut(&pid) {
                 p.returns.remove(&tid);
+            }
+            // Followed, its new image is a process of its own (after
+            // `exec` its only thread has its process id).
+            if self.follow && self.adopt(tid, [tid].into()).is_ok() {
+                let _ = ptrace::cont(tid, 0);
+                return;
             }
             let _ = ptrace::detach(tid, 0);
             return;
@@ -1068,8 +1155,7 @@ impl RemoteTracer {
 
     /// After a hit: if it was the loader's rendezvous, the mappings again.
     fn after_loader(&mut self, pid: Tid, tid: Tid) {
-        let hit = std::mem::take(&mut *self.loader_hits.lock().unwrap_or_else(|p| p.into_inner()));
-        if !hit.is_empty() {
+        if LOADER_HIT.with(|h| h.replace(false)) {
             self.rescan(pid, tid);
         }
     }
