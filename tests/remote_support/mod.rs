@@ -36,3 +36,31 @@ pub fn fixture() -> PathBuf {
         })
         .clone()
 }
+
+/// A library the fixture opens: `lib_add(x) = x + 5`.
+pub fn fixture_lib() -> PathBuf {
+    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let src = dir().join("lib.c");
+            std::fs::write(
+                &src,
+                "__attribute__((noinline)) long lib_add(long x) { return x + 5; }\n",
+            )
+            .unwrap();
+            let so = dir().join("libremotefix.so");
+            let out = Command::new("cc")
+                .args(["-shared", "-fPIC", "-O1", "-o"])
+                .arg(&so)
+                .arg(&src)
+                .output()
+                .expect("running cc");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            so
+        })
+        .clone()
+}

@@ -10,9 +10,13 @@
 //! after such a write; the one-byte `int3` store is atomic for the target's
 //! other threads, which keep running.
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::unix::fs::FileExt;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+/// x86_64's breakpoint, `int3`.
+const INT3: u8 = 0xcc;
 
 use crate::probes::arch::DataMemory;
 use crate::probes::error::{CodeBytes, TextFailure};
@@ -25,6 +29,12 @@ use crate::probes::ProbeError;
 pub struct RemoteMemory {
     file: Arc<File>,
     pid: libc::pid_t,
+    /// Every address where a text write put a breakpoint over another
+    /// byte, with that byte: a `fork` child's copy of the text may hold a
+    /// breakpoint removed from the parent since (the two copies part at
+    /// the `fork`, before the tracer hears of it), and is cleaned from
+    /// this list. Never shrinks: one entry per address ever probed.
+    patched: Arc<Mutex<HashMap<u64, u8>>>,
 }
 
 impl RemoteMemory {
@@ -38,6 +48,7 @@ impl RemoteMemory {
         Ok(RemoteMemory {
             file: Arc::new(file),
             pid,
+            patched: Arc::default(),
         })
     }
 
@@ -66,6 +77,13 @@ impl RemoteMemory {
         self.file
             .read_exact_at(buf, addr)
             .map_err(|e| Self::os_error(addr, buf.len(), "pread /proc/pid/mem", &e))
+    }
+
+    /// Every address where a breakpoint was ever written over another byte,
+    /// with that byte.
+    pub(super) fn ever_patched(&self) -> Vec<(u64, u8)> {
+        let p = self.patched.lock().unwrap_or_else(|p| p.into_inner());
+        p.iter().map(|(&a, &b)| (a, b)).collect()
     }
 
     /// Writes `bytes` at `addr` (no check of what was there).
@@ -101,6 +119,12 @@ impl TextMemory for RemoteMemory {
                 expected: CodeBytes::new(expected_old),
                 found: CodeBytes::new(now),
             });
+        }
+        if new.first() == Some(&INT3) && expected_old.first() != Some(&INT3) {
+            self.patched
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(addr, expected_old[0]);
         }
         self.write_at(addr, new)
     }

@@ -988,9 +988,17 @@ impl RemoteTracer {
             let _ = self.stops.wait_for(child);
         }
         if let (Some(p), Ok(mem)) = (self.procs.get(&pid), RemoteMemory::open(child)) {
+            // Every breakpoint the child may have inherited: those in the
+            // parent now, and those removed from it since the `fork` (the
+            // registry may be changed by another thread meanwhile), so
+            // every address ever probed whose byte in the child is still
+            // the breakpoint.
             let bp = X86_64.breakpoint();
-            for (vaddr, orig) in self.registry.installed_bytes(p.space.id()) {
-                let _ = mem.write_at(vaddr, &orig.as_slice()[..bp.len()]);
+            for (vaddr, orig) in p.space.memory().ever_patched() {
+                let mut now = [0u8];
+                if mem.read_at(vaddr, &mut now).is_ok() && now[..] == bp[..1] {
+                    let _ = mem.write_at(vaddr, &[orig]);
+                }
             }
             // The forking thread's calls in flight, in the child's copy of
             // its stack, return to their callers.
