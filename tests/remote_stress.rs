@@ -204,7 +204,7 @@ fn remote_uprobes_under_churn_with_two_tracer_threads() {
         }
         (cycles, churned.load(Ordering::Relaxed))
     });
-    let mut runs = vec![0u64; 3];
+    let mut runs = [0u64; 3];
     let mut attach_cycles = 0;
     for th in threads {
         let (r, a) = th.join().unwrap();
