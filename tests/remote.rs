@@ -646,32 +646,12 @@ fn a_detach_while_a_call_is_tracked_for_its_return_sends_it_back_to_its_caller()
 /// starts the program and attaches to it.
 #[test]
 fn a_tracer_told_to_terminate_detaches_first_and_the_program_runs_on() {
-    const ME: &str = "a_tracer_told_to_terminate_detaches_first_and_the_program_runs_on";
     if std::env::var_os("REMOTE_TERM_ROLE").is_some() {
         return termination_tracer();
     }
-    use std::io::BufRead;
     let stop = dir().join("stop-term");
     let out = dir().join("traced-term");
-    let _ = std::fs::remove_file(&stop);
-    let _ = std::fs::remove_file(&out);
-    let mut helper = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", ME, "--nocapture", "--test-threads", "1"])
-        .env("REMOTE_TERM_ROLE", "tracer")
-        .env("REMOTE_TERM_STOP", &stop)
-        .env("REMOTE_TERM_OUT", &out)
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = std::io::BufReader::new(helper.stdout.take().unwrap()).lines();
-    // (On the harness's "test ... " line, which has no newline yet.)
-    let ready = lines
-        .by_ref()
-        .map_while(Result::ok)
-        .find_map(|l| l.split_once("ready ").map(|(_, r)| r.to_string()))
-        .expect("the tracer's ready line");
-    let f: Vec<u64> = ready.split(' ').map(|v| v.parse().unwrap()).collect();
-    let (pid, at, original) = (f[0] as i32, f[1], f[2] as u8);
+    let (mut helper, pid, at, original) = start_tracer_helper(&stop, &out, false);
     assert_eq!(code_of(pid, at, 1), [0xcc], "probed while the tracer runs");
     // SAFETY: a signal to our child.
     assert_eq!(unsafe { libc::kill(helper.id() as i32, libc::SIGTERM) }, 0);
@@ -696,7 +676,123 @@ fn a_tracer_told_to_terminate_detaches_first_and_the_program_runs_on() {
     assert_eq!(std::fs::read_to_string(&out).unwrap(), "checksum 1\n");
 }
 
-/// The tracer's role in the test above.
+/// The name of the test whose tracer's role the helper process plays.
+const TRACER_ROLE_TEST: &str = "a_tracer_told_to_terminate_detaches_first_and_the_program_runs_on";
+
+/// Starts this test binary in the tracer's role (`termination_tracer`):
+/// it starts the fixture in `until` mode (stopped by `stop`, writing to
+/// `out`), attaches to it with a uprobe on `rt_work`, and once that has hit
+/// prints its pid, the probe's address and the original byte there.
+/// With `group_stop`, the helper then stops the program with `SIGSTOP`,
+/// serves it until it is in its group-stop, and says `stopped`.
+fn start_tracer_helper(
+    stop: &Path,
+    out: &Path,
+    group_stop: bool,
+) -> (std::process::Child, i32, u64, u8) {
+    use std::io::BufRead;
+    let _ = std::fs::remove_file(stop);
+    let _ = std::fs::remove_file(out);
+    let mut helper = Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            TRACER_ROLE_TEST,
+            "--nocapture",
+            "--test-threads",
+            "1",
+        ])
+        .env("REMOTE_TERM_ROLE", "tracer")
+        .env("REMOTE_TERM_STOP", stop)
+        .env("REMOTE_TERM_OUT", out)
+        .env("REMOTE_TERM_GROUP_STOP", if group_stop { "1" } else { "" })
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(helper.stdout.take().unwrap()).lines();
+    // (On the harness's "test ... " line, which has no newline yet.)
+    let ready = lines
+        .by_ref()
+        .map_while(Result::ok)
+        .find_map(|l| l.split_once("ready ").map(|(_, r)| r.to_string()))
+        .expect("the tracer's ready line");
+    if group_stop {
+        assert!(
+            lines
+                .by_ref()
+                .map_while(Result::ok)
+                .any(|l| l.contains("stopped")),
+            "the tracer's stopped line"
+        );
+    }
+    // The rest is drained: a closed pipe would fail the helper's output.
+    std::thread::spawn(move || lines.for_each(drop));
+    let f: Vec<u64> = ready.split(' ').map(|v| v.parse().unwrap()).collect();
+    (helper, f[0] as i32, f[1], f[2] as u8)
+}
+
+/// A tracer killed with `SIGKILL` leaves its breakpoints in the program it
+/// attached to; `repair` from another tracer puts the text back from the
+/// program's files, and the program (stopped meanwhile, or its next call
+/// would have killed it) runs on and ends as untraced.
+#[test]
+fn a_program_left_with_breakpoints_by_a_killed_tracer_is_repaired_from_its_files() {
+    let stop = dir().join("stop-repair");
+    let out = dir().join("traced-repair");
+    // The helper stops the program (in its group-stop, where the tracer's
+    // death leaves it) before it is killed.
+    let (mut helper, pid, at, original) = start_tracer_helper(&stop, &out, true);
+    let state = || {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |name: &str| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .unwrap()
+                .trim()
+                .to_string()
+        };
+        (field("State:"), field("TracerPid:"))
+    };
+    helper.kill().unwrap();
+    helper.wait().unwrap();
+    // The kernel detached it (the tracer thread's exit did, before the
+    // helper could be reaped): back in its group-stop (once it has run
+    // into it again), untraced, the breakpoint still in.
+    let start = std::time::Instant::now();
+    while !state().0.starts_with('T') && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(state().0.starts_with('T'), "stopped: {:?}", state());
+    assert_eq!(state().1, "0", "no tracer any more");
+    assert_eq!(code_of(pid, at, 1), [0xcc], "left behind");
+    let mut t = RemoteTracer::new();
+    let restored = t.repair(pid).unwrap();
+    assert!(restored.contains(&at), "{restored:x?}");
+    assert_eq!(code_of(pid, at, 1), [original], "repaired");
+    // Let go: woken to go back into its group-stop, where it stays.
+    let start = std::time::Instant::now();
+    while !state().0.starts_with('T') && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert!(state().0.starts_with('T'), "still stopped: {:?}", state());
+    assert_eq!(state().1, "0", "let go");
+    // No such process: a typed error.
+    assert!(matches!(
+        t.repair(i32::MAX - 1),
+        Err(RemoteError::NoSuchProcess(_))
+    ));
+    // SAFETY: a signal to the fixture.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    std::fs::write(&stop, b"").unwrap();
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(&out).unwrap_or_default() != "checksum 1\n"
+        && start.elapsed() < Duration::from_secs(30)
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "checksum 1\n");
+}
+
+/// The tracer's role in the tests above.
 fn termination_tracer() {
     let stop = std::env::var_os("REMOTE_TERM_STOP").unwrap();
     let out = PathBuf::from(std::env::var_os("REMOTE_TERM_OUT").unwrap());
@@ -738,6 +834,17 @@ fn termination_tracer() {
     println!("ready {pid} {at} {}", orig[0]);
     use std::io::Write;
     std::io::stdout().flush().unwrap();
+    if std::env::var("REMOTE_TERM_GROUP_STOP").is_ok_and(|v| v == "1") {
+        // SAFETY: a signal to our child.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let start = std::time::Instant::now();
+        while !t.group_stopped(pid) && start.elapsed() < Duration::from_secs(20) {
+            t.run_for(Duration::from_millis(5)).unwrap();
+        }
+        assert!(t.group_stopped(pid));
+        println!("\nstopped");
+        std::io::stdout().flush().unwrap();
+    }
     let r = t.run();
     assert!(
         matches!(r, Err(RemoteError::Terminated(libc::SIGTERM))),

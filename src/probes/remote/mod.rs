@@ -23,6 +23,7 @@ mod inject;
 mod mem;
 mod ptrace;
 mod regs;
+mod repair;
 mod space;
 mod spawn;
 mod stops;

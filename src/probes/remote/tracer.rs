@@ -493,6 +493,25 @@ impl RemoteTracer {
                 machine,
             });
         }
+        let threads = self.seize_all(pid)?;
+        if let Err(e) = self.adopt(pid, threads.clone()) {
+            for &tid in &threads {
+                let _ = ptrace::detach(tid, 0);
+            }
+            return Err(e);
+        }
+        for &tid in &threads {
+            if !self.stops.has(tid) {
+                ptrace::cont(tid, 0).map_err(os(format!("resuming {tid}")))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Seizes every thread of `pid` and waits until each is stopped (the
+    /// stops that are not the seizing interrupt are kept). On an error
+    /// nothing stays seized.
+    pub(super) fn seize_all(&mut self, pid: Tid) -> Result<BTreeSet<Tid>, RemoteError> {
         let mut threads = BTreeSet::new();
         let result = (|| {
             // Threads created while we attach are seized by the kernel
@@ -519,24 +538,25 @@ impl RemoteTracer {
             }
             Ok(())
         })();
-        if let Err(e) = result {
-            for &tid in &threads {
-                let _ = ptrace::detach(tid, 0);
-            }
-            return Err(e);
-        }
-        if let Err(e) = self.adopt(pid, threads.clone()) {
-            for &tid in &threads {
-                let _ = ptrace::detach(tid, 0);
-            }
-            return Err(e);
-        }
-        for &tid in &threads {
-            if !self.stops.has(tid) {
-                ptrace::cont(tid, 0).map_err(os(format!("resuming {tid}")))?;
+        match result {
+            Ok(()) => Ok(threads),
+            Err(e) => {
+                for &tid in &threads {
+                    let _ = ptrace::detach(tid, 0);
+                }
+                Err(e)
             }
         }
-        Ok(())
+    }
+
+    /// Every collected stop (for `repair.rs`), the queue left empty.
+    pub(super) fn stops_take_all(&mut self) -> VecDeque<(Tid, libc::c_int)> {
+        self.stops.take_all()
+    }
+
+    /// Puts stops back (for `repair.rs`).
+    pub(super) fn stops_put_back(&mut self, older: VecDeque<(Tid, libc::c_int)>) {
+        self.stops.put_back(older);
     }
 
     /// Waits for the interrupt stop of `tid`, just seized. A process seized
