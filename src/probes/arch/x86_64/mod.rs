@@ -68,6 +68,7 @@
 
 mod classify;
 mod emulate;
+pub mod jump;
 mod regs;
 mod xol;
 
