@@ -190,6 +190,7 @@ pub(crate) mod deferred;
 pub(crate) mod fork;
 mod hit;
 mod instances;
+mod jump;
 mod kretprobe;
 mod probe;
 #[cfg(test)]
@@ -204,12 +205,15 @@ pub use hit::{HitOutcome, StepResult, StepToken};
 #[cfg(test)]
 pub(crate) use instances::test_hooks;
 pub use instances::ThreadKey;
+pub(crate) use jump::{DetourCell, JumpCandidate};
+pub use jump::{JumpHit, JumpHook};
 pub use kretprobe::{
     default_maxactive, EntryAction, EntryHandler, Kretprobe, KretprobeBuilder, ReturnHandler,
 };
 pub use probe::{
     Action, AsKprobe, Kprobe, KprobeBuilder, PostHandler, PreHandler, ProbeId, Target,
 };
+pub(crate) use registry::Writer as JumpWriter;
 pub use registry::{
     KprobeRegistry, RegistryBuilder, SiteInfo, DEFAULT_BUCKETS, DEFAULT_INSTANCE_STRIPES,
 };
