@@ -152,9 +152,9 @@ global_asm!(
 /// Bytes the trampoline reserves for `xsave64` (0: use `fxsave64`), plus 64
 /// for the alignment. Written once by [`XsavePlan::install`] before any
 /// return can be hijacked; read by the assembly.
-static XSAVE_BYTES: AtomicU64 = AtomicU64::new(0);
+pub(crate) static XSAVE_BYTES: AtomicU64 = AtomicU64::new(0);
 /// The `xsave64`/`xrstor64` component mask (EDX:EAX), see [`XsavePlan`].
-static XSAVE_MASK: AtomicU64 = AtomicU64::new(0);
+pub(crate) static XSAVE_MASK: AtomicU64 = AtomicU64::new(0);
 
 /// x87, SSE, AVX (`ymm` upper halves), and the three AVX-512 components
 /// (opmask, `zmm0-15` upper halves, `zmm16-31`): every register a return

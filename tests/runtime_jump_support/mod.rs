@@ -1,0 +1,181 @@
+//! Shared by the jump-optimization test binaries: functions with known
+//! machine code (each test knows which instructions an optimized probe
+//! displaces, and which refusal a site must get), and helpers.
+
+#![allow(dead_code)]
+
+use std::arch::global_asm;
+use std::sync::{Mutex, MutexGuard};
+
+global_asm!(
+    ".pushsection .text.rj_functions,\"ax\",@progbits",
+    // rj_prologue(x) = x + 5: push rbp; mov rbp, rsp; lea eax, [rdi + 5];
+    // pop rbp; ret. Displaced: push, mov, lea (7 bytes).
+    ".p2align 4",
+    ".globl rj_prologue",
+    ".type rj_prologue,@function",
+    "rj_prologue:",
+    ".byte 0x55",
+    ".byte 0x48, 0x89, 0xe5",
+    ".byte 0x8d, 0x47, 0x05",
+    ".byte 0x5d",
+    ".byte 0xc3",
+    ".size rj_prologue, . - rj_prologue",
+    // rj_alt(_) = 777: where a pre handler sends the thread.
+    ".p2align 4",
+    ".globl rj_alt",
+    ".type rj_alt,@function",
+    "rj_alt:",
+    ".byte 0xb8, 0x09, 0x03, 0x00, 0x00",
+    ".byte 0xc3",
+    ".size rj_alt, . - rj_alt",
+    // rj_double(x) = 2x: push rbp; mov rbp, rsp; lea eax, [rdi + rdi];
+    // pop rbp; ret (kretprobe fixture).
+    ".p2align 4",
+    ".globl rj_double",
+    ".type rj_double,@function",
+    "rj_double:",
+    ".byte 0x55",
+    ".byte 0x48, 0x89, 0xe5",
+    ".byte 0x8d, 0x04, 0x3f",
+    ".byte 0x5d",
+    ".byte 0xc3",
+    ".size rj_double, . - rj_double",
+    // rj_riprel(x) = rj_data + x: mov rax, [rip + rj_data] (7 bytes,
+    // relocated with a new displacement); add rax, rdi; ret.
+    ".p2align 4",
+    ".globl rj_riprel",
+    ".type rj_riprel,@function",
+    "rj_riprel:",
+    "mov rax, qword ptr [rip + rj_data]",
+    "add rax, rdi",
+    "ret",
+    ".size rj_riprel, . - rj_riprel",
+    // rj_loop(n) = max(n, 1): xor eax, eax; 1: add eax, 1; cmp eax, edi;
+    // jb 1b; ret. The jb lands 2 bytes into the displaced bytes.
+    ".p2align 4",
+    ".globl rj_loop",
+    ".type rj_loop,@function",
+    "rj_loop:",
+    ".byte 0x31, 0xc0",
+    ".byte 0x83, 0xc0, 0x01",
+    ".byte 0x39, 0xf8",
+    ".byte 0x72, 0xf9",
+    ".byte 0xc3",
+    ".size rj_loop, . - rj_loop",
+    // rj_table(x) = x + 2 for x <= 1000: mov eax, edi; add eax, 2;
+    // cmp edi, 1000; ja 1f; ret; 1: jmp rax (an indirect jump never taken).
+    ".p2align 4",
+    ".globl rj_table",
+    ".type rj_table,@function",
+    "rj_table:",
+    ".byte 0x89, 0xf8",
+    ".byte 0x83, 0xc0, 0x02",
+    ".byte 0x81, 0xff, 0xe8, 0x03, 0x00, 0x00",
+    ".byte 0x77, 0x01",
+    ".byte 0xc3",
+    ".byte 0xff, 0xe0",
+    ".size rj_table, . - rj_table",
+    // rj_call(x) = x + 5: push rbx; call rj_prologue; pop rbx; ret. The call
+    // is among the displaced bytes.
+    ".p2align 4",
+    ".globl rj_call",
+    ".type rj_call,@function",
+    "rj_call:",
+    "push rbx",
+    "call rj_prologue",
+    "pop rbx",
+    "ret",
+    ".size rj_call, . - rj_call",
+    // rj_mid(x) = (x < 10): cmp edi, 10; [probe] mov eax, 0; setb al; ret.
+    // The flags set before the probe are read after it.
+    ".p2align 4",
+    ".globl rj_mid",
+    ".type rj_mid,@function",
+    "rj_mid:",
+    ".byte 0x83, 0xff, 0x0a",
+    ".globl rj_mid_probe",
+    "rj_mid_probe:",
+    ".byte 0xb8, 0x00, 0x00, 0x00, 0x00",
+    ".byte 0x0f, 0x92, 0xc0",
+    ".byte 0xc3",
+    ".size rj_mid, . - rj_mid",
+    // rj_redzone(x) = x: mov [rsp - 8], rdi; [probe] mov eax, 7;
+    // mov rax, [rsp - 8]; ret. A leaf keeping data in its red zone.
+    ".p2align 4",
+    ".globl rj_redzone",
+    ".type rj_redzone,@function",
+    "rj_redzone:",
+    ".byte 0x48, 0x89, 0x7c, 0x24, 0xf8",
+    ".globl rj_redzone_probe",
+    "rj_redzone_probe:",
+    ".byte 0xb8, 0x07, 0x00, 0x00, 0x00",
+    ".byte 0x48, 0x8b, 0x44, 0x24, 0xf8",
+    ".byte 0xc3",
+    ".size rj_redzone, . - rj_redzone",
+    // rj_vec(src, dst): vmovdqu ymm0, [rdi]; [probe] mov eax, 1;
+    // vmovdqu [rsi], ymm0; vzeroupper; ret. ymm0 is live across the probe.
+    ".p2align 4",
+    ".globl rj_vec",
+    ".type rj_vec,@function",
+    "rj_vec:",
+    "vmovdqu ymm0, ymmword ptr [rdi]",
+    ".globl rj_vec_probe",
+    "rj_vec_probe:",
+    ".byte 0xb8, 0x01, 0x00, 0x00, 0x00",
+    "vmovdqu ymmword ptr [rsi], ymm0",
+    "vzeroupper",
+    "ret",
+    ".size rj_vec, . - rj_vec",
+    ".popsection",
+    ".pushsection .data.rj_data,\"aw\",@progbits",
+    ".p2align 3",
+    ".globl rj_data",
+    "rj_data:",
+    ".quad 0x5000",
+    ".popsection",
+);
+
+extern "C" {
+    pub fn rj_prologue(x: u32) -> u32;
+    pub fn rj_alt(x: u32) -> u32;
+    pub fn rj_double(x: u32) -> u32;
+    pub fn rj_riprel(x: u64) -> u64;
+    pub fn rj_loop(n: u32) -> u32;
+    pub fn rj_table(x: u32) -> u32;
+    pub fn rj_call(x: u32) -> u32;
+    pub fn rj_mid(x: u32) -> u32;
+    pub fn rj_mid_probe();
+    pub fn rj_redzone(x: u64) -> u64;
+    pub fn rj_redzone_probe();
+    pub fn rj_vec(src: *const u8, dst: *mut u8) -> u32;
+    pub fn rj_vec_probe();
+}
+
+/// A test function taking and returning a u32.
+pub type Func = unsafe extern "C" fn(u32) -> u32;
+
+/// Calls `f(x)` through a black box (never inlined or folded).
+pub fn call(f: Func, x: u32) -> u32 {
+    let f = std::hint::black_box(f);
+    // SAFETY: every rj_* function of this type is a complete C-ABI function.
+    unsafe { f(std::hint::black_box(x)) }
+}
+
+/// Address of a test function.
+pub fn addr(f: Func) -> u64 {
+    f as usize as u64
+}
+
+/// `n` bytes of code at `addr`.
+pub fn code(addr: u64, n: usize) -> Vec<u8> {
+    // SAFETY: test code addresses are mapped and readable.
+    unsafe { std::slice::from_raw_parts(addr as *const u8, n) }.to_vec()
+}
+
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// Serializes the tests of one binary (they share the registry and code).
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
