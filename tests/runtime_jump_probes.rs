@@ -215,7 +215,8 @@ fn a_handler_that_clobbers_ymm_does_not_reach_the_probed_code() {
 fn unsafe_sites_are_refused_with_a_reason_and_their_bytes_untouched() {
     let _g = serial();
     let reg = live().registry();
-    let cases: [(Func, fn(u32) -> u32, fn(&JumpRefusal) -> bool); 3] = [
+    type Case = (Func, fn(u32) -> u32, fn(&JumpRefusal) -> bool);
+    let cases: [Case; 3] = [
         (
             rj_loop,
             |n| n.max(1),

@@ -179,3 +179,52 @@ static SERIAL: Mutex<()> = Mutex::new(());
 pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+// 128 functions rj_many_k(x) = x + k for k in 0..128: push rbp;
+// mov rbp, rsp; lea eax, [rdi + k]; pop rbp; ret. Their addresses are in
+// rj_many_table.
+global_asm!(
+    ".pushsection .text.rj_many,\"ax\",@progbits",
+    ".altmacro",
+    ".macro rj_many_fn n",
+    ".p2align 4",
+    ".globl rj_many_\\n",
+    ".type rj_many_\\n,@function",
+    "rj_many_\\n:",
+    ".byte 0x55, 0x48, 0x89, 0xe5, 0x8d, 0x47, \\n, 0x5d, 0xc3",
+    ".size rj_many_\\n, . - rj_many_\\n",
+    ".endm",
+    ".set rj_k, 0",
+    ".rept 128",
+    "rj_many_fn %rj_k",
+    ".set rj_k, rj_k + 1",
+    ".endr",
+    ".popsection",
+    ".pushsection .data.rj_many_table,\"aw\",@progbits",
+    ".p2align 3",
+    ".globl rj_many_table",
+    "rj_many_table:",
+    ".macro rj_many_addr n",
+    ".quad rj_many_\\n",
+    ".endm",
+    ".set rj_k, 0",
+    ".rept 128",
+    "rj_many_addr %rj_k",
+    ".set rj_k, rj_k + 1",
+    ".endr",
+    ".noaltmacro",
+    ".popsection",
+);
+
+extern "C" {
+    static rj_many_table: [u64; 128];
+}
+
+/// The 128 functions `rj_many_k(x) = x + k`.
+pub fn many() -> [Func; 128] {
+    // SAFETY: the table holds the addresses of 128 complete C-ABI
+    // functions of this type, written by the assembler.
+    std::array::from_fn(|k| unsafe {
+        std::mem::transmute::<usize, Func>(rj_many_table[k] as usize)
+    })
+}
