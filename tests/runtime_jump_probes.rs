@@ -325,3 +325,94 @@ fn disable_a_post_handler_and_the_opt_outs_put_the_int3_back() {
     let _ = freed;
     assert_eq!(live().jump_optimizer().reclaim(), (0, 0));
 }
+
+#[test]
+fn an_entry_site_keeps_its_vector_arguments_and_the_callers_flags() {
+    if !std::arch::is_x86_feature_detected!("avx2") {
+        eprintln!("no AVX2: skipped");
+        return;
+    }
+    let _g = serial();
+    let reg = live().registry();
+    let p = Kprobe::at(rj_vsum as *const () as u64)
+        .pre(|_p, _regs| {
+            // SAFETY: AVX present (checked above); the asm only writes
+            // the registers it declares.
+            unsafe {
+                std::arch::asm!(
+                    "vpcmpeqb ymm0, ymm0, ymm0",
+                    "vpcmpeqb ymm1, ymm1, ymm1",
+                    "vpcmpeqb ymm7, ymm7, ymm7",
+                    out("ymm0") _, out("ymm1") _, out("ymm7") _,
+                );
+            }
+            Action::Continue
+        })
+        .build();
+    let q = Kprobe::at(rj_flags as *const () as u64).build();
+    reg.register(&p).unwrap();
+    reg.register(&q).unwrap();
+    optimize(&p);
+    optimize(&q);
+    let a: [u32; 8] = std::array::from_fn(|i| i as u32 * 1000 + 1);
+    let b: [u32; 8] = std::array::from_fn(|i| i as u32 * 77 + 5);
+    let c: [u32; 8] = std::array::from_fn(|i| 0x1000_0000 >> i);
+    let mut dst = [0u32; 8];
+    // SAFETY: AVX2 present; rj_vsum reads ymm0, ymm1, ymm7 and writes 32
+    // bytes at rdi; every register the C ABI lets it clobber is declared.
+    unsafe {
+        std::arch::asm!(
+            "vmovdqu ymm0, ymmword ptr [{a}]",
+            "vmovdqu ymm1, ymmword ptr [{b}]",
+            "vmovdqu ymm7, ymmword ptr [{c}]",
+            "call {f}",
+            a = in(reg) a.as_ptr(), b = in(reg) b.as_ptr(), c = in(reg) c.as_ptr(),
+            f = sym rj_vsum,
+            in("rdi") dst.as_mut_ptr(),
+            clobber_abi("C"),
+        );
+    }
+    let want: [u32; 8] = std::array::from_fn(|i| a[i] + b[i] + c[i]);
+    assert_eq!(
+        dst, want,
+        "every lane of the vector arguments, upper halves too"
+    );
+    assert_eq!(p.hits(), 1);
+    for (setup, want) in [(0u32, 0b000), (1, 0b101), (2, 0b010), (3, 0b100)] {
+        let got: u32;
+        // SAFETY: rj_flags only reads the flags and writes eax, ecx, edx;
+        // the ABI's clobbers are declared.
+        unsafe {
+            std::arch::asm!(
+                "cmp {s:e}, 1",
+                "jne 2f",
+                "stc",
+                "jmp 5f",
+                "2:",
+                "cmp {s:e}, 2",
+                "jne 3f",
+                "mov al, 0x7f",
+                "add al, 1",
+                "jmp 5f",
+                "3:",
+                "cmp {s:e}, 3",
+                "jne 4f",
+                "xor eax, eax",
+                "jmp 5f",
+                "4:",
+                "mov eax, 1",
+                "test eax, eax",
+                "5:",
+                "call {f}",
+                s = in(reg) setup,
+                f = sym rj_flags,
+                out("eax") got,
+                clobber_abi("C"),
+            );
+        }
+        assert_eq!(got, want, "flags set by the caller (case {setup})");
+    }
+    assert_eq!(q.hits(), 4);
+    reg.unregister(&p).unwrap();
+    reg.unregister(&q).unwrap();
+}

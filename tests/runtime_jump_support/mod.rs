@@ -127,6 +127,36 @@ global_asm!(
     "vzeroupper",
     "ret",
     ".size rj_vec, . - rj_vec",
+    // rj_vsum(dst): dst = ymm0 + ymm1 + ymm7 (u32 lanes): vpaddd ymm0,
+    // ymm0, ymm1; vpaddd ymm0, ymm0, ymm7 (both displaced at the entry);
+    // vmovdqu [rdi], ymm0; vzeroupper; ret. Vector arguments live at entry.
+    ".p2align 4",
+    ".globl rj_vsum",
+    ".type rj_vsum,@function",
+    "rj_vsum:",
+    ".byte 0xc5, 0xfd, 0xfe, 0xc1",
+    ".byte 0xc5, 0xfd, 0xfe, 0xc7",
+    "vmovdqu ymmword ptr [rdi], ymm0",
+    "vzeroupper",
+    "ret",
+    ".size rj_vsum, . - rj_vsum",
+    // rj_flags() = CF | OF << 1 | ZF << 2 as the caller left them (outside
+    // the ABI, to see the entry stub's flag restore): mov eax, 0;
+    // setc al; seto cl; ...
+    ".p2align 4",
+    ".globl rj_flags",
+    ".type rj_flags,@function",
+    "rj_flags:",
+    ".byte 0xb8, 0x00, 0x00, 0x00, 0x00",
+    "setc al",
+    "seto cl",
+    "setz dl",
+    "shl cl, 1",
+    "shl dl, 2",
+    "or al, cl",
+    "or al, dl",
+    "ret",
+    ".size rj_flags, . - rj_flags",
     ".popsection",
     ".pushsection .data.rj_data,\"aw\",@progbits",
     ".p2align 3",
@@ -150,6 +180,8 @@ extern "C" {
     pub fn rj_redzone_probe();
     pub fn rj_vec(src: *const u8, dst: *mut u8) -> u32;
     pub fn rj_vec_probe();
+    pub fn rj_vsum(dst: *mut u8);
+    pub fn rj_flags() -> u32;
 }
 
 /// A test function taking and returning a u32.

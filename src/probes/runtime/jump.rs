@@ -99,7 +99,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
-use self::detour::{detour_bytes, jump_to, JumpSlot, DETOUR_BYTES, RELOCATED_AT};
+use self::detour::{detour_bytes, jump_to, JumpSlot, Stub, DETOUR_BYTES, RELOCATED_AT};
 use super::in_process::sync_cores;
 use super::quiesce::{quiesce, QUIESCE_TIMEOUT};
 use super::symbols::ProcessSymbols;
@@ -171,6 +171,7 @@ impl std::fmt::Debug for JumpOptimizer {
 impl JumpOptimizer {
     /// An optimizer not yet bound to its registry.
     pub(crate) fn new() -> Arc<JumpOptimizer> {
+        detour::detect_vector_width();
         Arc::new(JumpOptimizer {
             enabled: AtomicBool::new(true),
             registry: OnceLock::new(),
@@ -259,8 +260,8 @@ impl JumpOptimizer {
             }
         }
         let mut ready = Vec::new();
-        for (c, site) in batch {
-            match self.write_detour(&mut st, &site) {
+        for (c, (site, stub)) in batch {
+            match self.write_detour(&mut st, &site, stub) {
                 Ok((detour, slot)) => ready.push((c, site, detour, slot)),
                 Err(r) => {
                     st.refusals.insert(c.addr, r);
@@ -372,7 +373,7 @@ impl JumpOptimizer {
             .iter()
             .map(|&d| d..d + DETOUR_BYTES as u64)
             .collect();
-        ranges.push(detour::stub_range());
+        ranges.extend(detour::stub_ranges());
         let mut known = true;
         for f in detour::entry_functions() {
             match self.symbols.get().and_then(|s| s.function_containing(f)) {
@@ -399,7 +400,7 @@ impl JumpOptimizer {
         st: &State,
         cands: &[JumpCandidate],
         c: &JumpCandidate,
-    ) -> Result<JumpSite, JumpRefusal> {
+    ) -> Result<(JumpSite, Stub), JumpRefusal> {
         if !c.armed || c.needs_trap {
             return Err(JumpRefusal::NeedsTrapPath);
         }
@@ -436,7 +437,13 @@ impl JumpOptimizer {
         {
             return Err(JumpRefusal::RefusedRange);
         }
-        Ok(site)
+        // The entry stub where the calling convention says what is live.
+        let stub = if site.addr == func.start {
+            Stub::Entry
+        } else {
+            Stub::Full
+        };
+        Ok((site, stub))
     }
 
     /// Step 1: the detour's slot and bytes.
@@ -444,6 +451,7 @@ impl JumpOptimizer {
         &self,
         st: &mut State,
         site: &JumpSite,
+        stub: Stub,
     ) -> Result<(u64, &'static JumpSlot), JumpRefusal> {
         use crate::probes::xol::XolAllocator as _;
         let registry = self.registry();
@@ -460,7 +468,7 @@ impl JumpOptimizer {
             .map_err(|_| JumpRefusal::NoDetourSlot)?;
         let bytes = jump_to(site.addr, detour)
             .and_then(|_| site.relocate(detour + RELOCATED_AT).ok())
-            .and_then(|r| detour_bytes(detour, &r, site.resume_addr(), slot));
+            .and_then(|r| detour_bytes(detour, &r, site.resume_addr(), slot, stub));
         let Some(bytes) = bytes else {
             // Never jumped to: no thread can be in it.
             self.detours.free(detour);
