@@ -79,6 +79,10 @@ pub enum JumpHit {
 }
 
 /// What the optimizer reads of one site (writer mutex held).
+#[cfg_attr(
+    not(all(target_os = "linux", target_arch = "x86_64", not(loom))),
+    allow(dead_code)
+)]
 #[derive(Clone, Debug)]
 pub(crate) struct JumpCandidate {
     pub(crate) addr: u64,
@@ -99,6 +103,10 @@ pub(crate) struct JumpCandidate {
 /// hits without post handlers that read a non-zero value resume there
 /// instead of completing the displaced instruction themselves (`hit.rs`).
 /// Holding it keeps the site's exec (not its membership) alive.
+#[cfg_attr(
+    not(all(target_os = "linux", target_arch = "x86_64", not(loom))),
+    allow(dead_code)
+)]
 #[derive(Clone)]
 pub(crate) struct DetourCell(Arc<SiteExec>);
 
@@ -112,6 +120,10 @@ impl std::fmt::Debug for DetourCell {
     }
 }
 
+#[cfg_attr(
+    not(all(target_os = "linux", target_arch = "x86_64", not(loom))),
+    allow(dead_code)
+)]
 impl DetourCell {
     /// Points the site's trap hits at `detour` (0: back to completing the
     /// displaced instruction). Called by the optimizer with the registry's
@@ -188,6 +200,10 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     }
 
     /// Every live site as the optimizer needs it.
+    #[cfg_attr(
+        not(all(target_os = "linux", target_arch = "x86_64", not(loom))),
+        allow(dead_code)
+    )]
     pub(crate) fn jump_candidates(&self, w: &Writer) -> Vec<JumpCandidate> {
         w.sites
             .iter()
@@ -207,6 +223,10 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// them: read from the text, with the original bytes put back wherever
     /// an armed site's breakpoint is (other writes, such as an optimizer's
     /// `jmp`, are the caller's to undo). Writer mutex held.
+    #[cfg_attr(
+        not(all(target_os = "linux", target_arch = "x86_64", not(loom))),
+        allow(dead_code)
+    )]
     pub(crate) fn original_text(
         &self,
         w: &Writer,

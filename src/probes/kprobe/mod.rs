@@ -205,6 +205,8 @@ pub use hit::{HitOutcome, StepResult, StepToken};
 #[cfg(test)]
 pub(crate) use instances::test_hooks;
 pub use instances::ThreadKey;
+// The x86_64 live runtime's optimizer (`runtime/jump.rs`) is their only user.
+#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
 pub(crate) use jump::{DetourCell, JumpCandidate};
 pub use jump::{JumpHit, JumpHook};
 pub use kretprobe::{
@@ -213,6 +215,7 @@ pub use kretprobe::{
 pub use probe::{
     Action, AsKprobe, Kprobe, KprobeBuilder, PostHandler, PreHandler, ProbeId, Target,
 };
+#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
 pub(crate) use registry::Writer as JumpWriter;
 pub use registry::{
     KprobeRegistry, RegistryBuilder, SiteInfo, DEFAULT_BUCKETS, DEFAULT_INSTANCE_STRIPES,
