@@ -51,7 +51,7 @@ use crate::probes::text::{TextIdentity, TextMemory};
 use crate::sync::atomic::Ordering;
 
 /// What a jump optimizer does before the registry touches text it may have
-/// rewritten. See the [module docs](self).
+/// rewritten. See `kprobe/jump.rs`.
 pub trait JumpHook: Send + Sync + 'static {
     /// Puts every optimized site whose displaced bytes intersect `range`
     /// back on the trap path (`int3` at its first byte, its original bytes

@@ -76,7 +76,7 @@
 //! return into the detour. Only a proving wait lets the detour area
 //! recycle the slot; otherwise (or when the symbols are missing) it is
 //! parked for the same address (`xol.rs`'s reuse rule: refilled only with
-//! the same bytes, as the same leaked [`JumpSlot`] and the same analysis
+//! the same bytes, as the same leaked `JumpSlot` and the same analysis
 //! give).
 //!
 //! # Limits
@@ -87,10 +87,14 @@
 //!   into `entering` (the registry's hit path is `#[inline]`); in a debug
 //!   build it may be a call, and a thread preempted inside that call after
 //!   the release could be missed by the wait.
-//! - Detours live in their own area, which the `fork` handlers do not copy:
-//!   a child shares its parent's detour pages (their bytes do not change
-//!   while a site is optimized; a child that optimizes or reclaims would
-//!   write into memory its parent executes).
+//! - `fork()`: detours live in their own [`XolArea`], whose chunks the
+//!   `fork` handlers copy for the child like every XOL chunk; every detour
+//!   write and every optimizer state change happens under the registry's
+//!   writer mutex, which the handlers hold across the fork. Not tested in
+//!   a child yet.
+//! - The refused ranges (`refuse.rs`) do not list the stubs and the Rust
+//!   half yet: a kprobe on them takes the trap path, which serves it, but
+//!   it is not refused.
 //! - In-process uprobes are not optimized.
 
 pub(crate) mod detour;
@@ -215,15 +219,24 @@ impl JumpOptimizer {
         }
     }
 
+    /// The state, under the registry's writer mutex first: every state
+    /// change happens under both (the lock order, and what the `fork`
+    /// handlers rely on: they hold the writer mutex, so no thread holds the
+    /// state's mutex at a fork).
+    fn read_state<R>(&self, f: impl FnOnce(&State) -> R) -> R {
+        let _w = self.registry().lock_writer();
+        f(&self.lock())
+    }
+
     /// Whether the site at `addr` is optimized now.
     pub fn is_optimized(&self, addr: u64) -> bool {
-        self.lock().optimized.contains_key(&addr)
+        self.read_state(|st| st.optimized.contains_key(&addr))
     }
 
     /// Why the last pass left the site at `addr` on the trap path, if it
     /// did.
     pub fn refusal(&self, addr: u64) -> Option<JumpRefusal> {
-        self.lock().refusals.get(&addr).copied()
+        self.read_state(|st| st.refusals.get(&addr).copied())
     }
 
     /// The detour area's counters.
