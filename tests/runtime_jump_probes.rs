@@ -416,3 +416,28 @@ fn an_entry_site_keeps_its_vector_arguments_and_the_callers_flags() {
     reg.unregister(&p).unwrap();
     reg.unregister(&q).unwrap();
 }
+
+/// Not a test of behaviour: prints the per-call cost of an optimized hit
+/// for profiling (`cargo test --release --test runtime_jump_probes --
+/// --ignored --nocapture per_call_cost`).
+#[test]
+#[ignore]
+fn per_call_cost() {
+    let _g = serial();
+    let reg = live().registry();
+    let at = addr(rj_prologue);
+    let p = Kprobe::at(at).pre(|_p, _r| Action::Continue).build();
+    reg.register(&p).unwrap();
+    optimize(&p);
+    for _ in 0..5 {
+        let t = std::time::Instant::now();
+        for x in 0..10_000_000u32 {
+            std::hint::black_box(call(rj_prologue, x));
+        }
+        println!(
+            "{:.1} ns per optimized call",
+            t.elapsed().as_nanos() as f64 / 1e7
+        );
+    }
+    reg.unregister(&p).unwrap();
+}
