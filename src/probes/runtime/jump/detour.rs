@@ -93,14 +93,22 @@ const STUB_WORD: usize = 56;
 /// Room for the relocated instructions and the jump back.
 const CODE_ROOM: usize = SLOT_WORD - RELOCATED_AT as usize;
 
-/// Words the stub saves: sixteen registers, the flags, the return address.
-const FRAME_WORDS: usize = 18;
-const FLAGS_WORD: usize = 16;
-const RET_WORD: usize = 17;
-/// Hardware number of `rsp`, kept in [`Regs::sp`] instead.
-const RSP: usize = 4;
+/// The stubs build a [`Regs`] in place on the stack (sixteen registers
+/// pushed in hardware order, rax lowest, as the kretprobe trampoline does;
+/// above them the rest of `Regs`), just below the detour's return address,
+/// and pass the Rust half a pointer to it: no copy in, no copy out.
+const REGS_BYTES: usize = std::mem::size_of::<Regs>();
+const _: () = assert!(REGS_BYTES == 34 * 8 && std::mem::align_of::<Regs>() == 8);
+/// Bytes of `Regs` above the sixteen pushed registers.
+const ABOVE_BYTES: usize = REGS_BYTES - 16 * 8;
+const SP_OFF: usize = std::mem::offset_of!(Regs, sp);
+const IP_OFF: usize = std::mem::offset_of!(Regs, ip);
+const FLAGS_OFF: usize = std::mem::offset_of!(Regs, flags);
 /// The red zone the detour steps over.
-const RED_ZONE: u64 = 128;
+const RED_ZONE: usize = 128;
+/// The probed code's stack pointer, from the start of `Regs`: past it, the
+/// return address and the red zone.
+const ORIG_SP: usize = REGS_BYTES + 8 + RED_ZONE;
 /// Flags a pre handler may change: CF, PF, AF, ZF, SF, DF, OF (never TF,
 /// IF, AC or the others `popfq` would act on).
 const HANDLER_FLAGS: u64 = 0xed5;
@@ -150,8 +158,9 @@ global_asm!(
     ".hidden __rcu_registry_jump_stub_entry",
     ".type __rcu_registry_jump_stub_entry,@function",
     "__rcu_registry_jump_stub_entry:",
-    // The flags slot, filled below (lea: no flag changes).
-    "lea rsp, [rsp - 8]",
+    // Regs is built in place: the words above the sixteen pushed registers
+    // (gprs[16..31], sp, ip, flags) first (lea: no flag changes).
+    "lea rsp, [rsp - {above}]",
     "push r15",
     "push r14",
     "push r13",
@@ -163,6 +172,7 @@ global_asm!(
     "push rdi",
     "push rsi",
     "push rbp",
+    // The rsp slot (gprs[4]): a placeholder, never popped (Regs::sp has it).
     "push rax",
     "push rbx",
     "push rdx",
@@ -176,7 +186,29 @@ global_asm!(
     "shl edx, 11",
     "or ecx, edx",
     "or ecx, 2",
+    "mov qword ptr [rsp + {flags_off}], rcx",
+    // Regs::sp: the probed code's stack pointer, above Regs, the return
+    // address and the red zone; Regs::ip (set by the Rust half) and the
+    // arm64-only gprs[16..31] zeroed.
+    "lea rcx, [rsp + {orig_sp}]",
+    "mov qword ptr [rsp + {sp_off}], rcx",
+    "xor ecx, ecx",
+    "mov qword ptr [rsp + {ip_off}], rcx",
     "mov qword ptr [rsp + 128], rcx",
+    "mov qword ptr [rsp + 136], rcx",
+    "mov qword ptr [rsp + 144], rcx",
+    "mov qword ptr [rsp + 152], rcx",
+    "mov qword ptr [rsp + 160], rcx",
+    "mov qword ptr [rsp + 168], rcx",
+    "mov qword ptr [rsp + 176], rcx",
+    "mov qword ptr [rsp + 184], rcx",
+    "mov qword ptr [rsp + 192], rcx",
+    "mov qword ptr [rsp + 200], rcx",
+    "mov qword ptr [rsp + 208], rcx",
+    "mov qword ptr [rsp + 216], rcx",
+    "mov qword ptr [rsp + 224], rcx",
+    "mov qword ptr [rsp + 232], rcx",
+    "mov qword ptr [rsp + 240], rcx",
     "cld",
     "mov rbx, rsp",
     "sub rsp, 512",
@@ -289,7 +321,7 @@ global_asm!(
     "6:",
     // The status flags back: OF from `add cl, 0x7f` (0x7f + 1 overflows),
     // the rest from sahf. Nothing after this changes a flag (mov, pop, lea).
-    "mov rax, qword ptr [rbx + 128]",
+    "mov rax, qword ptr [rbx + {flags_off}]",
     "mov rcx, rax",
     "shr ecx, 11",
     "and cl, 1",
@@ -313,7 +345,7 @@ global_asm!(
     "pop r13",
     "pop r14",
     "pop r15",
-    "lea rsp, [rsp + 8]",
+    "lea rsp, [rsp + {above}]",
     "ret 128",
     ".globl __rcu_registry_jump_stub_entry_end",
     ".hidden __rcu_registry_jump_stub_entry_end",
@@ -322,6 +354,11 @@ global_asm!(
     ".popsection",
     entry = sym jump_entry,
     width = sym ENTRY_VECTORS,
+    orig_sp = const ORIG_SP,
+    sp_off = const SP_OFF,
+    ip_off = const IP_OFF,
+    flags_off = const FLAGS_OFF,
+    above = const ABOVE_BYTES,
 );
 
 global_asm!(
@@ -331,8 +368,10 @@ global_asm!(
     ".hidden __rcu_registry_jump_stub",
     ".type __rcu_registry_jump_stub,@function",
     "__rcu_registry_jump_stub:",
+    // Regs::flags is the word just below the return address.
     "pushfq",
     "cld",
+    "lea rsp, [rsp - {above} + 8]",
     "push r15",
     "push r14",
     "push r13",
@@ -344,12 +383,34 @@ global_asm!(
     "push rdi",
     "push rsi",
     "push rbp",
-    // The rsp slot: a placeholder (the Rust side computes the probed code's).
+    // The rsp slot (gprs[4]): a placeholder, never popped (Regs::sp has it).
     "push rax",
     "push rbx",
     "push rdx",
     "push rcx",
     "push rax",
+    // Regs::sp: the probed code's stack pointer, above Regs, the return
+    // address and the red zone; Regs::ip (set by the Rust half) and the
+    // arm64-only gprs[16..31] zeroed.
+    "lea rcx, [rsp + {orig_sp}]",
+    "mov qword ptr [rsp + {sp_off}], rcx",
+    "xor ecx, ecx",
+    "mov qword ptr [rsp + {ip_off}], rcx",
+    "mov qword ptr [rsp + 128], rcx",
+    "mov qword ptr [rsp + 136], rcx",
+    "mov qword ptr [rsp + 144], rcx",
+    "mov qword ptr [rsp + 152], rcx",
+    "mov qword ptr [rsp + 160], rcx",
+    "mov qword ptr [rsp + 168], rcx",
+    "mov qword ptr [rsp + 176], rcx",
+    "mov qword ptr [rsp + 184], rcx",
+    "mov qword ptr [rsp + 192], rcx",
+    "mov qword ptr [rsp + 200], rcx",
+    "mov qword ptr [rsp + 208], rcx",
+    "mov qword ptr [rsp + 216], rcx",
+    "mov qword ptr [rsp + 224], rcx",
+    "mov qword ptr [rsp + 232], rcx",
+    "mov qword ptr [rsp + 240], rcx",
     "mov rbx, rsp",
     "mov rcx, qword ptr [rip + {xsave_bytes}]",
     "test rcx, rcx",
@@ -389,7 +450,7 @@ global_asm!(
     "pop rcx",
     "pop rdx",
     "pop rbx",
-    "add rsp, 8",
+    "lea rsp, [rsp + 8]",
     "pop rbp",
     "pop rsi",
     "pop rdi",
@@ -401,6 +462,7 @@ global_asm!(
     "pop r13",
     "pop r14",
     "pop r15",
+    "lea rsp, [rsp + {above} - 8]",
     "popfq",
     "ret 128",
     ".globl __rcu_registry_jump_stub_end",
@@ -411,6 +473,10 @@ global_asm!(
     entry = sym jump_entry,
     xsave_bytes = sym crate::probes::runtime::trampoline::XSAVE_BYTES,
     xsave_mask = sym crate::probes::runtime::trampoline::XSAVE_MASK,
+    orig_sp = const ORIG_SP,
+    sp_off = const SP_OFF,
+    ip_off = const IP_OFF,
+    above = const ABOVE_BYTES,
 );
 
 extern "C" {
@@ -518,37 +584,33 @@ pub(crate) fn jump_to(addr: u64, detour: u64) -> Option<[u8; 5]> {
     Some(b)
 }
 
-/// The stub's call (see the module docs). `frame` points to
-/// [`FRAME_WORDS`] words: the registers by hardware number, the flags, and
-/// the detour's return address, with the probed code's stack pointer 128
-/// bytes above its end.
-extern "C" fn jump_entry(frame: *mut [u64; FRAME_WORDS]) {
+/// The stubs' call (see the module docs). `regs` is the [`Regs`] the stub
+/// built on its stack; the detour's return address is the word above it.
+extern "C" fn jump_entry(regs: *mut Regs) {
     let scope = TrapScope::enter();
     let missed = scope.is_none().then(super::super::in_trap::nested);
-    entering(frame);
+    entering(regs);
     drop(missed);
     drop(scope);
 }
 
 /// [`jump_entry`] with the trap flag up.
 #[inline(never)]
-extern "C" fn entering(frame: *mut [u64; FRAME_WORDS]) {
-    // SAFETY: the stub passes its own stack frame, 18 initialised, aligned
-    // words that nothing else references during the call.
-    let f = unsafe { &mut *frame };
-    let detour = f[RET_WORD] - RELOCATED_AT;
+extern "C" fn entering(regs: *mut Regs) {
+    // SAFETY: the stub passes the `Regs` it built on its own stack, fully
+    // written, aligned, referenced by nothing else during the call.
+    let regs = unsafe { &mut *regs };
+    // SAFETY: the word just above `Regs` in the stub's frame is the
+    // detour's return address (module docs), part of the same frame.
+    let ret = unsafe { &mut *(regs as *mut Regs).add(1).cast::<u64>() };
+    let detour = *ret - RELOCATED_AT;
     // SAFETY: the return address is the detour's byte 11 (only detours call
-    // the stub), and a detour's slot word holds a leaked `&'static
+    // the stubs), and a detour's slot word holds a leaked `&'static
     // JumpSlot`; the detour is not freed while a thread is in its stub
     // (`jump.rs`, "Freeing a detour").
     let slot: &'static JumpSlot =
         unsafe { &*(((detour + SLOT_WORD as u64) as *const u64).read() as *const JumpSlot) };
-    let mut regs = Regs::default();
-    for n in (0..16).filter(|&n| n != RSP) {
-        regs.gprs[n] = f[n];
-    }
-    regs.sp = frame as u64 + (FRAME_WORDS * 8) as u64 + RED_ZONE;
-    regs.flags = f[FLAGS_WORD];
+    let flags = regs.flags;
     regs.ip = slot.addr;
     let hit = super::super::signal::abort_on_panic(
         "rcu-registry: a probe handler panicked in a jump detour; a panic cannot \
@@ -556,23 +618,21 @@ extern "C" fn entering(frame: *mut [u64; FRAME_WORDS]) {
          rcu_registry::docs::patterns)",
         || {
             slot.registry
-                .on_jump_hit(slot.addr, &mut regs, &mut ThreadMemory, || {
+                .on_jump_hit(slot.addr, regs, &mut ThreadMemory, || {
                     // Acquire pairs with the Release stores in `jump.rs`
-                    // (`optimize_batch`, `unoptimize`).
+                    // (`optimize_now`, `unoptimize`).
                     slot.live.load(Ordering::Acquire)
                 })
         },
     );
     match hit {
-        JumpHit::Redirect => {
-            f[RET_WORD] = slot.addr;
-            return;
-        }
-        JumpHit::Skip => f[RET_WORD] = regs.ip,
+        // Nothing ran and nothing changed: back to the probed address.
+        JumpHit::Redirect => *ret = slot.addr,
+        JumpHit::Skip => *ret = regs.ip,
         JumpHit::Continue => {}
     }
-    for n in (0..16).filter(|&n| n != RSP) {
-        f[n] = regs.gprs[n];
-    }
-    f[FLAGS_WORD] = (f[FLAGS_WORD] & !HANDLER_FLAGS) | (regs.flags & HANDLER_FLAGS);
+    // The stub restores the general registers from `regs` (a changed `sp`
+    // is ignored) and the flags from `regs.flags`: only those a handler may
+    // change are taken from it.
+    regs.flags = (flags & !HANDLER_FLAGS) | (regs.flags & HANDLER_FLAGS);
 }
