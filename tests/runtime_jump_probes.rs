@@ -417,6 +417,38 @@ fn an_entry_site_keeps_its_vector_arguments_and_the_callers_flags() {
     reg.unregister(&q).unwrap();
 }
 
+#[test]
+fn an_x87_return_value_survives_a_return_handler_that_pops_the_x87_stack() {
+    let _g = serial();
+    let reg = live().registry();
+    let krp = Kretprobe::at(rj_x87 as *const () as u64)
+        .handler(|_, _, _| {
+            // SAFETY: pops st0 (the function's return value) and declares it.
+            unsafe { std::arch::asm!("fstp st(0)", out("st(0)") _) };
+        })
+        .build()
+        .unwrap();
+    reg.register(&krp).unwrap();
+    optimize(krp.probe());
+    for _ in 0..3 {
+        let mut out = 0f64;
+        // SAFETY: rj_x87 leaves one value on the x87 stack, popped here
+        // into `out`; the ABI's clobbers are declared.
+        unsafe {
+            std::arch::asm!(
+                "call {f}",
+                "fstp qword ptr [{out}]",
+                f = sym rj_x87,
+                out = in(reg) &mut out,
+                clobber_abi("C"),
+            );
+        }
+        assert_eq!(out, 3.5, "st0 as the function returned it");
+    }
+    assert_eq!(krp.probe().hits(), 3);
+    reg.unregister(&krp).unwrap();
+}
+
 /// Not a test of behaviour: prints the per-call cost of an optimized hit
 /// for profiling (`cargo test --release --test runtime_jump_probes --
 /// --ignored --nocapture per_call_cost`).
@@ -440,4 +472,31 @@ fn per_call_cost() {
         );
     }
     reg.unregister(&p).unwrap();
+    let k = Kretprobe::at(addr(rj_double))
+        .handler(|_, _, ret| {
+            std::hint::black_box(ret);
+        })
+        .build()
+        .unwrap();
+    reg.register(&k).unwrap();
+    optimize(k.probe());
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        for x in 0..2_000_000u32 {
+            std::hint::black_box(call(rj_double, x));
+        }
+        println!(
+            "{:.1} ns per optimized kretprobe call",
+            t.elapsed().as_nanos() as f64 / 2e6
+        );
+    }
+    reg.unregister(&k).unwrap();
+    let t = std::time::Instant::now();
+    for x in 0..10_000_000u32 {
+        std::hint::black_box(call(rj_double, x));
+    }
+    println!(
+        "{:.1} ns per plain call",
+        t.elapsed().as_nanos() as f64 / 1e7
+    );
 }

@@ -157,6 +157,20 @@ global_asm!(
     "or al, dl",
     "ret",
     ".size rj_flags, . - rj_flags",
+    // rj_x87(): returns 3.5 in st0 (as a long double function does):
+    // fld qword ptr [rip + rj_three_half]; ret.
+    ".p2align 4",
+    ".globl rj_x87",
+    ".type rj_x87,@function",
+    "rj_x87:",
+    "fld qword ptr [rip + rj_three_half]",
+    "ret",
+    ".size rj_x87, . - rj_x87",
+    ".popsection",
+    ".pushsection .rodata.rj_three_half,\"a\",@progbits",
+    ".p2align 3",
+    "rj_three_half:",
+    ".double 3.5",
     ".popsection",
     ".pushsection .data.rj_data,\"aw\",@progbits",
     ".p2align 3",
@@ -182,6 +196,7 @@ extern "C" {
     pub fn rj_vec_probe();
     pub fn rj_vsum(dst: *mut u8);
     pub fn rj_flags() -> u32;
+    pub fn rj_x87();
 }
 
 /// A test function taking and returning a u32.

@@ -117,7 +117,8 @@ const HANDLER_FLAGS: u64 = 0xed5;
 /// plus 4 when `xgetbv` with ECX = 1 (XINUSE) is available. Set
 /// once by [`detect_vector_width`] before any detour exists; read by the
 /// assembly.
-static ENTRY_VECTORS: crate::sync::atomic::AtomicU32 = crate::sync::atomic::AtomicU32::new(0);
+pub(crate) static ENTRY_VECTORS: crate::sync::atomic::AtomicU32 =
+    crate::sync::atomic::AtomicU32::new(0);
 
 /// Sets [`ENTRY_VECTORS`] from the components the OS enabled (`XCR0`).
 pub(crate) fn detect_vector_width() {
