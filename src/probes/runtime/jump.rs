@@ -9,10 +9,13 @@
 //!
 //! # When a site is optimized
 //!
-//! Only when [`optimize_now`](JumpOptimizer::optimize_now) is called
+//! When [`optimize_now`](JumpOptimizer::optimize_now) is called
 //! ([`Live::optimize_now`](super::Live::optimize_now)): explicit and
-//! batched, for tests and benchmarks. There is no delayed background pass
-//! yet. A site is a candidate when it is armed, no member has a post
+//! batched, for tests and benchmarks; or, once
+//! [`start_background`](JumpOptimizer::start_background) was called, by a
+//! thread that runs the same pass at most every [`OPTIMIZE_DELAY`] (or the
+//! period given) when there is something to do (`jump/background.rs`). A
+//! site is a candidate when it is armed, no member has a post
 //! handler or opted out ([`Kprobe::set_jump_opt_out`]), and optimization
 //! is on ([`JumpOptimizer::set_enabled`]). It is optimized only if
 //! [`analyze_jump_site`] accepts it (whole instructions, no branch into the
@@ -97,7 +100,10 @@
 //!   it is not refused.
 //! - In-process uprobes are not optimized.
 
+mod background;
 pub(crate) mod detour;
+
+pub use background::OPTIMIZE_DELAY;
 
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
@@ -162,6 +168,9 @@ pub struct JumpOptimizer {
     symbols: OnceLock<ProcessSymbols>,
     detours: XolArea,
     state: Mutex<State>,
+    /// The background pass's thread, if started (`jump/background.rs`).
+    background: Mutex<Option<std::thread::JoinHandle<()>>>,
+    stop: AtomicBool,
 }
 
 impl std::fmt::Debug for JumpOptimizer {
@@ -182,6 +191,8 @@ impl JumpOptimizer {
             symbols: OnceLock::new(),
             detours: XolArea::new(DETOUR_BYTES),
             state: Mutex::new(State::default()),
+            background: Mutex::new(None),
+            stop: AtomicBool::new(false),
         })
     }
 

@@ -320,7 +320,7 @@ impl Live {
 
     /// The jump optimizer (x86_64; see `runtime/jump.rs`).
     #[cfg(target_arch = "x86_64")]
-    pub fn jump_optimizer(&self) -> &super::jump::JumpOptimizer {
+    pub fn jump_optimizer(&self) -> &Arc<super::jump::JumpOptimizer> {
         &self.jump
     }
 

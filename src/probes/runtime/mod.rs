@@ -195,7 +195,7 @@ pub use faults::claim_fault_signals;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use in_process::{InProcess, RefusedRange};
 #[cfg(target_arch = "x86_64")]
-pub use jump::{JumpOptimizer, JumpReport};
+pub use jump::{JumpOptimizer, JumpReport, OPTIMIZE_DELAY};
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use live::{Live, LiveError, LiveRegistry};
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
