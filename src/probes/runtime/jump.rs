@@ -269,6 +269,25 @@ impl JumpOptimizer {
             return report;
         }
         let cands = registry.jump_candidates(&w);
+        // Sites whose text went away (a library unloaded: the registry
+        // detached them without restoring anything) or that are no longer
+        // armed: forget them. The writes check the text's identity, so
+        // nothing is written into code that replaced them.
+        let stale: Vec<u64> = st
+            .optimized
+            .iter()
+            .filter(|(a, o)| {
+                !cands
+                    .iter()
+                    .any(|c| c.addr == **a && c.armed && c.text_id == o.text_id)
+            })
+            .map(|(&a, _)| a)
+            .collect();
+        for a in stale {
+            if let Some(o) = st.optimized.remove(&a) {
+                self.unoptimize(&mut st, o, false);
+            }
+        }
         let mut batch = Vec::new();
         for c in &cands {
             if st.optimized.contains_key(&c.addr) {
