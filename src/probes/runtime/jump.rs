@@ -102,6 +102,7 @@
 
 mod background;
 pub(crate) mod detour;
+pub(crate) mod stubs;
 
 pub use background::OPTIMIZE_DELAY;
 
@@ -109,7 +110,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
-use self::detour::{detour_bytes, jump_to, JumpSlot, Stub, DETOUR_BYTES, RELOCATED_AT};
+use self::detour::{detour_bytes, jump_to, JumpSlot, DETOUR_BYTES, RELOCATED_AT};
+use self::stubs::Stub;
 use super::in_process::sync_cores;
 use super::quiesce::{quiesce, QUIESCE_TIMEOUT};
 use super::symbols::ProcessSymbols;
@@ -184,7 +186,7 @@ impl std::fmt::Debug for JumpOptimizer {
 impl JumpOptimizer {
     /// An optimizer not yet bound to its registry.
     pub(crate) fn new() -> Arc<JumpOptimizer> {
-        detour::detect_vector_width();
+        stubs::detect_vector_width();
         Arc::new(JumpOptimizer {
             enabled: AtomicBool::new(true),
             registry: OnceLock::new(),
@@ -416,7 +418,7 @@ impl JumpOptimizer {
             .iter()
             .map(|&d| d..d + DETOUR_BYTES as u64)
             .collect();
-        ranges.extend(detour::stub_ranges());
+        ranges.extend(stubs::stub_ranges());
         let mut known = true;
         for f in detour::entry_functions() {
             match self.symbols.get().and_then(|s| s.function_containing(f)) {

@@ -31,7 +31,7 @@
 //!    restored after. Every other vector register, the opmasks and MXCSR's
 //!    status bits are caller-saved across the call being returned from, so
 //!    the caller holds nothing there. The x86_64 jump stubs
-//!    (`jump/detour.rs`) share the detection (`ENTRY_VECTORS`).
+//!    (`jump/stubs.rs`) share the detection (`ENTRY_VECTORS`).
 //! 4. calls `trampoline_return(frame)`, which builds a [`Regs`] (stack
 //!    pointer = the caller's, IP = the trampoline), offers it to the
 //!    attached dispatchers (the registry finds this thread's instance for
@@ -214,7 +214,7 @@ global_asm!(
     handler = sym trampoline_return,
     xsave_bytes = sym XSAVE_BYTES,
     xsave_mask = sym XSAVE_MASK,
-    vectors = sym super::jump::detour::ENTRY_VECTORS,
+    vectors = sym super::jump::stubs::ENTRY_VECTORS,
 );
 
 /// Bytes the trampoline reserves for `xsave64` (0: use `fxsave64`), plus 64
@@ -309,7 +309,7 @@ pub fn trampoline_address() -> u64 {
     static PLAN: Once = Once::new();
     PLAN.call_once(|| {
         XsavePlan::detect().install();
-        super::jump::detour::detect_vector_width();
+        super::jump::stubs::detect_vector_width();
     });
     __rcu_registry_kretprobe_trampoline as *const () as usize as u64
 }
