@@ -418,6 +418,71 @@ fn an_entry_site_keeps_its_vector_arguments_and_the_callers_flags() {
 }
 
 #[test]
+fn a_mid_function_site_keeps_every_xmm_register_a_handler_clobbers() {
+    let _g = serial();
+    let reg = live().registry();
+    let p = Kprobe::at(rj_xmm_mid_probe as *const () as u64)
+        .pre(|_p, _regs| {
+            // SAFETY: SSE2 is baseline on x86_64; the asm only writes the
+            // register it declares.
+            unsafe { std::arch::asm!("pcmpeqb xmm9, xmm9", out("xmm9") _) };
+            Action::Continue
+        })
+        .build();
+    reg.register(&p).unwrap();
+    optimize(&p);
+    for x in [0u64, 7, 0x1234_5678_9abc_def0] {
+        // SAFETY: rj_xmm_mid is a complete C-ABI function.
+        let v = unsafe { std::hint::black_box(rj_xmm_mid)(std::hint::black_box(x)) };
+        assert_eq!(v, x, "xmm9 as it was before the probe");
+    }
+    assert_eq!(p.hits(), 3);
+    reg.unregister(&p).unwrap();
+}
+
+/// Clobbers zmm17 and k1 (AVX-512F and BW present: checked by the caller).
+#[target_feature(enable = "avx512f,avx512bw")]
+unsafe fn clobber_zmm17_k1() {
+    // SAFETY: the features are enabled; the asm writes only what it declares.
+    unsafe {
+        std::arch::asm!(
+            "vpternlogd zmm17, zmm17, zmm17, 0xff",
+            "kxnorq k1, k1, k1",
+            out("zmm17") _,
+            out("k1") _,
+        );
+    }
+}
+
+#[test]
+fn a_mid_function_site_keeps_zmm16_31_and_the_opmasks() {
+    if !std::arch::is_x86_feature_detected!("avx512bw") {
+        eprintln!("no AVX512BW: skipped");
+        return;
+    }
+    let _g = serial();
+    let reg = live().registry();
+    let p = Kprobe::at(rj_avx512_mid_probe as *const () as u64)
+        .pre(|_p, _regs| {
+            // SAFETY: AVX512F and BW checked above.
+            unsafe { clobber_zmm17_k1() };
+            Action::Continue
+        })
+        .build();
+    reg.register(&p).unwrap();
+    optimize(&p);
+    let src: [u8; 64] = std::array::from_fn(|i| (i * 7 + 1) as u8);
+    let mut dst = [0u8; 64];
+    let mask = 0x1234_5678_9abc_def0u64;
+    // SAFETY: 64 readable and 64 writable bytes; AVX-512 present.
+    let got = unsafe { rj_avx512_mid(src.as_ptr(), dst.as_mut_ptr(), mask) };
+    assert_eq!(got, mask, "k1 as it was before the probe");
+    assert_eq!(dst, src, "zmm17 as it was before the probe");
+    assert_eq!(p.hits(), 1);
+    reg.unregister(&p).unwrap();
+}
+
+#[test]
 fn an_x87_return_value_survives_a_return_handler_that_pops_the_x87_stack() {
     let _g = serial();
     let reg = live().registry();
@@ -491,6 +556,22 @@ fn per_call_cost() {
         );
     }
     reg.unregister(&k).unwrap();
+    let m = Kprobe::at(rj_mid_probe as *const () as u64)
+        .pre(|_p, _r| Action::Continue)
+        .build();
+    reg.register(&m).unwrap();
+    optimize(&m);
+    for _ in 0..3 {
+        let t = std::time::Instant::now();
+        for x in 0..2_000_000u32 {
+            std::hint::black_box(call(rj_mid, x));
+        }
+        println!(
+            "{:.1} ns per optimized mid-function call",
+            t.elapsed().as_nanos() as f64 / 2e6
+        );
+    }
+    reg.unregister(&m).unwrap();
     let t = std::time::Instant::now();
     for x in 0..10_000_000u32 {
         std::hint::black_box(call(rj_double, x));

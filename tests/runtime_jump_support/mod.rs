@@ -157,6 +157,35 @@ global_asm!(
     "or al, dl",
     "ret",
     ".size rj_flags, . - rj_flags",
+    // rj_xmm_mid(x) = x through xmm9: movq xmm9, rdi; [probe] mov eax, 1;
+    // movq rax, xmm9; ret. xmm9 is live across a mid-function probe.
+    ".p2align 4",
+    ".globl rj_xmm_mid",
+    ".type rj_xmm_mid,@function",
+    "rj_xmm_mid:",
+    "movq xmm9, rdi",
+    ".globl rj_xmm_mid_probe",
+    "rj_xmm_mid_probe:",
+    ".byte 0xb8, 0x01, 0x00, 0x00, 0x00",
+    "movq rax, xmm9",
+    "ret",
+    ".size rj_xmm_mid, . - rj_xmm_mid",
+    // rj_avx512_mid(src, dst, mask) = mask through k1, *dst = *src
+    // through zmm17: vmovdqu64 zmm17, [rdi]; kmovq k1, rdx; [probe]
+    // mov eax, 1; vmovdqu64 [rsi], zmm17; kmovq rax, k1; ret.
+    ".p2align 4",
+    ".globl rj_avx512_mid",
+    ".type rj_avx512_mid,@function",
+    "rj_avx512_mid:",
+    "vmovdqu64 zmm17, zmmword ptr [rdi]",
+    "kmovq k1, rdx",
+    ".globl rj_avx512_mid_probe",
+    "rj_avx512_mid_probe:",
+    ".byte 0xb8, 0x01, 0x00, 0x00, 0x00",
+    "vmovdqu64 zmmword ptr [rsi], zmm17",
+    "kmovq rax, k1",
+    "ret",
+    ".size rj_avx512_mid, . - rj_avx512_mid",
     // rj_x87(): returns 3.5 in st0 (as a long double function does):
     // fld qword ptr [rip + rj_three_half]; ret.
     ".p2align 4",
@@ -197,6 +226,10 @@ extern "C" {
     pub fn rj_vsum(dst: *mut u8);
     pub fn rj_flags() -> u32;
     pub fn rj_x87();
+    pub fn rj_xmm_mid(x: u64) -> u64;
+    pub fn rj_xmm_mid_probe();
+    pub fn rj_avx512_mid(src: *const u8, dst: *mut u8, mask: u64) -> u64;
+    pub fn rj_avx512_mid_probe();
 }
 
 /// A test function taking and returning a u32.
