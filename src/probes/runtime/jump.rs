@@ -241,7 +241,9 @@ impl JumpOptimizer {
         f(&self.lock())
     }
 
-    /// Whether the site at `addr` is optimized now.
+    /// Whether the site at `addr` is optimized now. Takes the registry's
+    /// writer mutex (as every method here does): never from a probe
+    /// handler, whose read section a pass holding the mutex may wait for.
     pub fn is_optimized(&self, addr: u64) -> bool {
         self.read_state(|st| st.optimized.contains_key(&addr))
     }
