@@ -367,6 +367,19 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         }
         let run_post = scope.is_some() && any_post;
         let exec = &*members.exec;
+        if !run_post {
+            // Acquire pairs with the Release store in `set_detour`: the
+            // detour's bytes were written before its address.
+            let detour = exec.detour.load(Ordering::Acquire);
+            if detour != 0 {
+                // The displaced instructions run from the site's jump
+                // detour, which jumps back past them by itself: no trap hit
+                // resumes inside bytes the optimizer rewrites. A fault there
+                // is reported at `addr`, as for a boosted slot.
+                regs.ip = detour;
+                return HitOutcome::Boosted { slot: detour };
+            }
+        }
         let Some(plan) = exec.plan.as_ref() else {
             if let Err(e) = self.arch.emulate(&exec.insn, regs, mem) {
                 return HitOutcome::Failed(e);

@@ -190,6 +190,7 @@ pub(crate) mod deferred;
 pub(crate) mod fork;
 mod hit;
 mod instances;
+mod jump;
 mod kretprobe;
 mod probe;
 #[cfg(test)]
@@ -204,12 +205,18 @@ pub use hit::{HitOutcome, StepResult, StepToken};
 #[cfg(test)]
 pub(crate) use instances::test_hooks;
 pub use instances::ThreadKey;
+// The x86_64 live runtime's optimizer (`runtime/jump.rs`) is their only user.
+#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
+pub(crate) use jump::{DetourCell, JumpCandidate};
+pub use jump::{JumpHit, JumpHook};
 pub use kretprobe::{
     default_maxactive, EntryAction, EntryHandler, Kretprobe, KretprobeBuilder, ReturnHandler,
 };
 pub use probe::{
     Action, AsKprobe, Kprobe, KprobeBuilder, PostHandler, PreHandler, ProbeId, Target,
 };
+#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
+pub(crate) use registry::Writer as JumpWriter;
 pub use registry::{
     KprobeRegistry, RegistryBuilder, SiteInfo, DEFAULT_BUCKETS, DEFAULT_INSTANCE_STRIPES,
 };

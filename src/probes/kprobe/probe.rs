@@ -126,6 +126,8 @@ pub(crate) struct ProbeInner {
     /// Index of the probe's slot in its site's current member list, valid
     /// while registered (writer-only bookkeeping: removal in O(1)).
     slot: AtomicUsize,
+    /// Never jump-optimize this probe's site (the per-probe opt-out).
+    no_jump: AtomicBool,
 }
 
 /// A probe on one code address: pre and post handlers plus counters.
@@ -205,6 +207,7 @@ impl Kprobe {
                 addr: AtomicU64::new(0),
                 pending: AtomicBool::new(false),
                 slot: AtomicUsize::new(0),
+                no_jump: AtomicBool::new(false),
             }),
         }
     }
@@ -290,6 +293,21 @@ impl Kprobe {
 
     pub(crate) fn ptr_eq(&self, other: &Kprobe) -> bool {
         Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// Whether this probe opted out of jump optimization.
+    pub fn jump_opt_out(&self) -> bool {
+        // Relaxed: read by the optimizer under the registry's writer mutex;
+        // the opt-out takes effect at its next pass (or at once through the
+        // live runtime's `Live::set_jump_opt_out`, which un-optimizes).
+        self.inner.no_jump.load(Ordering::Relaxed)
+    }
+
+    /// Sets the per-probe opt-out of jump optimization (see
+    /// [`jump_opt_out`](Self::jump_opt_out)).
+    pub fn set_jump_opt_out(&self, out: bool) {
+        // Relaxed: see `jump_opt_out`.
+        self.inner.no_jump.store(out, Ordering::Relaxed);
     }
 
     pub(crate) fn has_post(&self) -> bool {

@@ -13,6 +13,7 @@ use crossbeam_utils::CachePadded;
 
 use super::deferred::{DeferredFree, RetiredLists};
 use super::instances::InstanceTable;
+use super::jump::JumpHook;
 use super::kretprobe::{Kretprobe, ReturnProbe};
 use super::probe::{AsKprobe, Kprobe, ProbeId, Target};
 use super::site::SiteState;
@@ -152,6 +153,9 @@ pub struct KprobeRegistry<A: Arch, T: TextMemory> {
     /// of 10,000 `unregister_nosync` under one hitter took 4.5-4.6 ms,
     /// 2.45-3.1 ms padded, 2.0 ms with no hitter).
     pub(crate) count: CachePadded<AtomicUsize>,
+    /// The jump optimizer's hook, called before the registry touches text
+    /// it may have rewritten (`jump.rs`).
+    pub(crate) jump_hook: Option<Arc<dyn JumpHook>>,
 }
 
 /// Builds a [`KprobeRegistry`].
@@ -165,9 +169,18 @@ pub struct RegistryBuilder<A: Arch, T: TextMemory> {
     buckets: usize,
     instance_stripes: usize,
     trampoline: Option<u64>,
+    jump_hook: Option<Arc<dyn JumpHook>>,
 }
 
 impl<A: Arch, T: TextMemory> RegistryBuilder<A, T> {
+    /// A jump optimizer's hook (see `kprobe/jump.rs`): called with the
+    /// writer mutex held before the registry writes or decodes text an
+    /// optimized site may have rewritten.
+    pub fn jump_hook(mut self, hook: Arc<dyn JumpHook>) -> Self {
+        self.jump_hook = Some(hook);
+        self
+    }
+
     /// The RCU domain handle (default: [`Rcu::global`]). Readers are
     /// process-wide whichever handle is used; the handle picks the callback
     /// queue that frees the member lists registrations replace.
@@ -225,6 +238,7 @@ impl<A: Arch, T: TextMemory> RegistryBuilder<A, T> {
             deferred: DeferredFree::new(),
             reclaim_lock: Mutex::new(()),
             count: CachePadded::new(AtomicUsize::new(0)),
+            jump_hook: self.jump_hook,
         }
     }
 }
@@ -270,6 +284,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             buckets: DEFAULT_BUCKETS,
             instance_stripes: DEFAULT_INSTANCE_STRIPES,
             trampoline: None,
+            jump_hook: None,
         }
     }
 
@@ -523,6 +538,13 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             }
         }
         if let Some(st) = w.sites.get_mut(&addr).filter(|_| !stale) {
+            if probe.has_post() || probe.jump_opt_out() {
+                // The detour runs no post handler: back to the trap path
+                // before the member is visible (`jump.rs`).
+                if let Some(h) = &self.jump_hook {
+                    h.to_trap_path(addr..addr + 1, true);
+                }
+            }
             if let Some(r) = probe.return_probe() {
                 r.adopt();
             }
@@ -654,6 +676,11 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         let align = self.arch.insn_align();
         if align > 1 && addr % align != 0 {
             return Err(ProbeError::Misaligned { addr, align });
+        }
+        // The boundary decode below reads the function: no optimized
+        // site's `jmp` may be in it (`jump.rs`).
+        if let Some(h) = &self.jump_hook {
+            h.to_trap_path(func.start..func.end(), false);
         }
         // The function's bytes up to one maximal instruction past `addr`
         // (never past the function's end).
@@ -787,6 +814,11 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         id: &TextIdentity,
         orig: &CodeBytes,
     ) -> Result<(), ProbeError> {
+        // An optimized site has its `jmp` where the breakpoint was: the
+        // optimizer puts the breakpoint and the displaced bytes back first.
+        if let Some(h) = &self.jump_hook {
+            h.to_trap_path(addr..addr + 1, false);
+        }
         let bp = self.arch.breakpoint();
         self.text.write_in(id, addr, bp, orig.as_slice())?;
         self.text.sync_icache(addr, bp.len())

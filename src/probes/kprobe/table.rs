@@ -105,7 +105,7 @@ use super::probe::{Kprobe, ProbeInner};
 use crate::probes::arch::{Insn, XolPlan};
 use crate::probes::xol::XolAllocator;
 use crate::rcu::RcuGuard;
-use crate::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use crate::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 /// How hits on one address are completed. Shared by every member list the
 /// site ever had, so the slot is freed when the last of them is.
@@ -122,6 +122,13 @@ pub(crate) struct SiteExec {
     /// Steps in flight that will run post handlers, by the parity of the
     /// epoch they read.
     post_steps: [AtomicUsize; 2],
+    /// Where a trap hit without post handlers resumes instead of completing
+    /// the displaced instruction itself: the relocated instructions in the
+    /// site's jump detour (0: none). Set by the jump optimizer before it
+    /// writes the displaced bytes and cleared after it restored them
+    /// (`kprobe/jump.rs`), so that no trap hit resumes inside bytes about
+    /// to change.
+    pub(crate) detour: AtomicU64,
 }
 
 /// Gives an XOL slot back to its allocator when dropped.
@@ -159,6 +166,7 @@ impl SiteExec {
             _slot: None,
             epoch: AtomicUsize::new(0),
             post_steps: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            detour: AtomicU64::new(0),
         }
     }
 
@@ -174,6 +182,7 @@ impl SiteExec {
             }),
             epoch: AtomicUsize::new(0),
             post_steps: [AtomicUsize::new(0), AtomicUsize::new(0)],
+            detour: AtomicU64::new(0),
         }
     }
 

@@ -222,7 +222,21 @@ impl InProcess {
         if below == 0 || self.refused_end[below - 1] <= addr {
             return None;
         }
-        self.refused[..below].iter().rev().find(|r| addr < r.end)
+        // Of the overlapping ranges with the greatest start, the one added
+        // first names the refusal (`refuse.rs` adds the broad names first;
+        // the sort is stable, so equal ranges keep the order they came in).
+        let (i, hit) = self.refused[..below]
+            .iter()
+            .enumerate()
+            .rev()
+            .find(|(_, r)| addr < r.end)?;
+        let first = self.refused[..i]
+            .iter()
+            .rev()
+            .take_while(|r| r.start == hit.start)
+            .filter(|r| addr < r.end)
+            .last();
+        Some(first.unwrap_or(hit))
     }
 
     /// Writes `new` over `current` at `addr`: the page must already be

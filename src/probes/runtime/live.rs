@@ -194,6 +194,8 @@ pub struct Live {
     symbols: ProcessSymbols,
     live_symbols: LiveSymbols,
     xol: Arc<XolArea>,
+    #[cfg(target_arch = "x86_64")]
+    jump: Arc<super::jump::JumpOptimizer>,
 }
 
 impl std::fmt::Debug for Live {
@@ -229,19 +231,26 @@ impl Live {
             .owned_by(owner);
         let xol = Arc::new(XolArea::default());
         let live_symbols = LiveSymbols::new(symbols.clone());
-        let registry = KprobeRegistry::builder(
+        #[cfg(target_arch = "x86_64")]
+        let jump = super::jump::JumpOptimizer::new();
+        let builder = KprobeRegistry::builder(
             NativeArch::default(),
             text,
             live_symbols.clone(),
             Arc::clone(&xol) as Arc<dyn XolAllocator>,
         )
-        .trampoline(super::trampoline::trampoline_address())
-        .build();
+        .trampoline(super::trampoline::trampoline_address());
+        #[cfg(target_arch = "x86_64")]
+        let builder =
+            builder.jump_hook(Arc::clone(&jump) as Arc<dyn crate::probes::kprobe::JumpHook>);
+        let registry = builder.build();
         let raw = Box::into_raw(Box::new(Live {
             registry,
             symbols,
             live_symbols,
             xol,
+            #[cfg(target_arch = "x86_64")]
+            jump,
         }));
         // SAFETY: `raw` is a fresh box; it is freed below only if it was
         // never attached (nothing else can have seen it), else leaked.
@@ -257,6 +266,8 @@ impl Live {
             });
         };
         drop(attachment);
+        #[cfg(target_arch = "x86_64")]
+        live.jump.bind(&live.registry, live.symbols.clone());
         // A breakpoint another registry finds here is named as ours.
         super::holders::add(
             owner,
@@ -305,6 +316,37 @@ impl Live {
     /// XOL slot counters.
     pub fn xol_stats(&self) -> XolStats {
         self.xol.stats()
+    }
+
+    /// The jump optimizer (x86_64; see `runtime/jump.rs`).
+    #[cfg(target_arch = "x86_64")]
+    pub fn jump_optimizer(&self) -> &Arc<super::jump::JumpOptimizer> {
+        &self.jump
+    }
+
+    /// Jump-optimizes every candidate probe site now (x86_64): see
+    /// [`JumpOptimizer::optimize_now`](super::jump::JumpOptimizer::optimize_now).
+    #[cfg(target_arch = "x86_64")]
+    pub fn optimize_now(&self) -> super::jump::JumpReport {
+        self.jump.optimize_now()
+    }
+
+    /// Whether `probe`'s site is jump-optimized now (x86_64).
+    #[cfg(target_arch = "x86_64")]
+    pub fn is_optimized(&self, probe: &crate::probes::kprobe::Kprobe) -> bool {
+        probe.is_registered() && probe.address().is_some_and(|a| self.jump.is_optimized(a))
+    }
+
+    /// The per-probe opt-out (x86_64): `out` keeps `probe`'s site on the
+    /// trap path (put back there now if it is optimized).
+    #[cfg(target_arch = "x86_64")]
+    pub fn set_jump_opt_out(&self, probe: &crate::probes::kprobe::Kprobe, out: bool) {
+        use crate::probes::kprobe::JumpHook as _;
+        let _w = self.registry.lock_writer();
+        probe.set_jump_opt_out(out);
+        if let (true, Some(a)) = (out, probe.address()) {
+            self.jump.to_trap_path(a..a + 1, false);
+        }
     }
 
     /// The XOL area, shared (the live uprobes' space takes its slots here).

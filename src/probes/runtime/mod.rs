@@ -155,6 +155,8 @@ mod holders;
 pub(crate) mod in_process;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod in_trap;
+#[cfg(target_arch = "x86_64")]
+pub mod jump;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 mod live;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
@@ -192,6 +194,8 @@ pub use dispatch::{
 pub use faults::claim_fault_signals;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use in_process::{InProcess, RefusedRange};
+#[cfg(target_arch = "x86_64")]
+pub use jump::{JumpOptimizer, JumpReport, OPTIMIZE_DELAY};
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub use live::{Live, LiveError, LiveRegistry};
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]

@@ -20,6 +20,18 @@
 //!    which also aligns the stack for the call: with `xsave64` of the x87,
 //!    SSE, AVX and AVX-512 components the OS enabled (see [`XsavePlan`]),
 //!    or with `fxsave64` where the processor has no `xsave`;
+//!
+//!    **The vector state**: a full `xsave64` costs 100-250 ns on the
+//!    development machine, more than the rest of a return. Where the
+//!    processor reports which state components are in use (`xgetbv` with
+//!    ECX = 1) and the x87 state is in its initial configuration (no
+//!    `st0`/`st1` return value), only what a return can carry is saved:
+//!    `xmm0`/`xmm1` (`ymm`/`zmm` when their upper halves are in use), and
+//!    the upper state is cleaned for the Rust half (`vzeroupper`) and
+//!    restored after. Every other vector register, the opmasks and MXCSR's
+//!    status bits are caller-saved across the call being returned from, so
+//!    the caller holds nothing there. The x86_64 jump stubs
+//!    (`jump/stubs.rs`) share the detection (`ENTRY_VECTORS`).
 //! 4. calls `trampoline_return(frame)`, which builds a [`Regs`] (stack
 //!    pointer = the caller's, IP = the trampoline), offers it to the
 //!    attached dispatchers (the registry finds this thread's instance for
@@ -87,6 +99,61 @@ global_asm!(
     "push rcx",
     "push rax",
     "mov rbx, rsp",
+    // The fast path (see "The vector state" in the module docs): with
+    // XINUSE, x87 in its initial state (no `st0`/`st1` return value) means
+    // the caller can only be waiting for xmm0/xmm1 (ymm/zmm with their upper
+    // halves in use): save those, clean the upper state for the Rust half,
+    // restore them. Anything else takes the full save below.
+    "mov ecx, dword ptr [rip + {vectors}]",
+    "test ecx, 4",
+    "jz 8f",
+    "mov r8d, ecx",
+    "mov ecx, 1",
+    "xgetbv",
+    "mov ecx, r8d",
+    "test eax, 1",
+    "jnz 8f",
+    "sub rsp, 128",
+    "and rsp, -64",
+    "test eax, 0x44",
+    "jnz 5f",
+    "movdqu xmmword ptr [rsp + 0], xmm0",
+    "movdqu xmmword ptr [rsp + 16], xmm1",
+    "mov rdi, rbx",
+    "call {handler}",
+    "movdqu xmm0, xmmword ptr [rsp + 0]",
+    "movdqu xmm1, xmmword ptr [rsp + 16]",
+    "test byte ptr [rip + {vectors}], 3",
+    "jz 3f",
+    "vzeroupper",
+    "jmp 3f",
+    "5:",
+    "and ecx, 3",
+    "cmp ecx, 2",
+    "je 6f",
+    "cmp ecx, 1",
+    "jne 7f",
+    "vmovdqu ymmword ptr [rsp + 0], ymm0",
+    "vmovdqu ymmword ptr [rsp + 32], ymm1",
+    "vzeroupper",
+    "mov rdi, rbx",
+    "call {handler}",
+    "vmovdqu ymm0, ymmword ptr [rsp + 0]",
+    "vmovdqu ymm1, ymmword ptr [rsp + 32]",
+    "jmp 3f",
+    "6:",
+    "vmovdqu64 zmmword ptr [rsp + 0], zmm0",
+    "vmovdqu64 zmmword ptr [rsp + 64], zmm1",
+    "vzeroupper",
+    "mov rdi, rbx",
+    "call {handler}",
+    "vmovdqu64 zmm0, zmmword ptr [rsp + 0]",
+    "vmovdqu64 zmm1, zmmword ptr [rsp + 64]",
+    "jmp 3f",
+    "7:",
+    // Upper halves in use without AVX enabled cannot happen; be safe.
+    "mov rsp, rbx",
+    "8:",
     // rax, rcx and rdx are saved in the frame: free to use until the pops.
     "mov rcx, qword ptr [rip + {xsave_bytes}]",
     "test rcx, rcx",
@@ -147,14 +214,15 @@ global_asm!(
     handler = sym trampoline_return,
     xsave_bytes = sym XSAVE_BYTES,
     xsave_mask = sym XSAVE_MASK,
+    vectors = sym super::jump::stubs::ENTRY_VECTORS,
 );
 
 /// Bytes the trampoline reserves for `xsave64` (0: use `fxsave64`), plus 64
 /// for the alignment. Written once by [`XsavePlan::install`] before any
 /// return can be hijacked; read by the assembly.
-static XSAVE_BYTES: AtomicU64 = AtomicU64::new(0);
+pub(crate) static XSAVE_BYTES: AtomicU64 = AtomicU64::new(0);
 /// The `xsave64`/`xrstor64` component mask (EDX:EAX), see [`XsavePlan`].
-static XSAVE_MASK: AtomicU64 = AtomicU64::new(0);
+pub(crate) static XSAVE_MASK: AtomicU64 = AtomicU64::new(0);
 
 /// x87, SSE, AVX (`ymm` upper halves), and the three AVX-512 components
 /// (opmask, `zmm0-15` upper halves, `zmm16-31`): every register a return
@@ -239,7 +307,10 @@ extern "C" {
 /// handler) also detects what the trampoline must save ([`XsavePlan`]).
 pub fn trampoline_address() -> u64 {
     static PLAN: Once = Once::new();
-    PLAN.call_once(|| XsavePlan::detect().install());
+    PLAN.call_once(|| {
+        XsavePlan::detect().install();
+        super::jump::stubs::detect_vector_width();
+    });
     __rcu_registry_kretprobe_trampoline as *const () as usize as u64
 }
 

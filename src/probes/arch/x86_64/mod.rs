@@ -70,6 +70,7 @@
 
 mod classify;
 mod emulate;
+pub mod jump;
 mod regs;
 mod xol;
 

@@ -1,0 +1,250 @@
+//! The registry's side of jump-optimized probes: the hit path a detour
+//! calls, the hook that puts a site back on the trap path before the
+//! registry touches it, and what the optimizer may read of a site.
+//!
+//! # Two ways into the same handlers
+//!
+//! An optimized site has a `jmp` to its detour where the `int3` was. The
+//! detour saves the registers and calls
+//! [`on_jump_hit`](KprobeRegistry::on_jump_hit), which does what
+//! [`on_breakpoint`](KprobeRegistry::on_breakpoint) does up to the displaced
+//! instruction: one lookup under an `Rcu` read guard, the pre handlers of the
+//! enabled members in order with `regs.ip` at the probed address (or
+//! `nmissed` on a thread already in a handler), kretprobe entries hijacking
+//! the return address. It then says where to go: run the relocated
+//! instructions ([`JumpHit::Continue`]; a changed `regs.ip` is discarded,
+//! as after [`Action::Continue`](crate::probes::outcome::Action)), resume at
+//! `regs.ip` ([`JumpHit::Skip`]), or go back to the probed address and trap
+//! ([`JumpHit::Redirect`]: the site is no longer optimized, or gone, and
+//! nothing ran).
+//!
+//! # The state check, and why it is inside the read section
+//!
+//! The caller passes `live`, which reads the detour's state. It is called
+//! inside the read section, before the lookup. The optimizer clears the
+//! state (after putting the `int3` back) and waits for a grace period before
+//! it adds a member the detour cannot serve (a post handler): a hit whose
+//! section began before the wait saw the old member list; one that began
+//! after sees the cleared state and redirects to the `int3`, where the trap
+//! path runs pre and post handlers. No hit runs a pre handler whose post
+//! handler it will not run.
+//!
+//! # The hook
+//!
+//! The registry writes and decodes a site's text assuming an `int3` (or the
+//! original bytes) is there. Before it does anything an optimized site's
+//! `jmp` would confuse (restore the original byte, decode a function that
+//! holds one, add a member with a post handler), it calls
+//! [`JumpHook::to_trap_path`] with the writer mutex held; the optimizer puts
+//! the sites back on the trap path first (`runtime/jump.rs`).
+
+use std::ops::Range;
+use std::sync::Arc;
+
+use super::kretprobe::EntryContext;
+use super::probe::{Action, Handlers};
+use super::registry::{KprobeRegistry, Writer};
+use super::table::SiteExec;
+use crate::probes::arch::{Arch, DataMemory, Regs};
+use crate::probes::reentry::KprobeScope;
+use crate::probes::text::{TextIdentity, TextMemory};
+use crate::sync::atomic::Ordering;
+
+/// What a jump optimizer does before the registry touches text it may have
+/// rewritten. See `kprobe/jump.rs`.
+pub trait JumpHook: Send + Sync + 'static {
+    /// Puts every optimized site whose displaced bytes intersect `range`
+    /// back on the trap path (`int3` at its first byte, its original bytes
+    /// after it, no hit running handlers from its detour that began before
+    /// the call) before returning. Called with the registry's writer mutex
+    /// held; `add_post` is true when a member with a post handler is about
+    /// to join the site at `range.start` (the only case that needs a grace
+    /// period).
+    fn to_trap_path(&self, range: Range<u64>, add_post: bool);
+}
+
+/// Where a detour sends the thread after [`KprobeRegistry::on_jump_hit`].
+#[must_use = "the outcome says where the thread goes"]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JumpHit {
+    /// Run the relocated displaced instructions, then jump back past them.
+    Continue,
+    /// A pre handler asked to skip the displaced instructions: resume at
+    /// `regs.ip`.
+    Skip,
+    /// Nothing ran: the site is not optimized any more (or is gone). Resume
+    /// at the probed address with the registers unchanged; the `int3` (or
+    /// the original code) is there.
+    Redirect,
+}
+
+/// What the optimizer reads of one site (writer mutex held).
+#[cfg_attr(
+    not(all(target_os = "linux", target_arch = "x86_64", not(loom))),
+    allow(dead_code)
+)]
+#[derive(Clone, Debug)]
+pub(crate) struct JumpCandidate {
+    pub(crate) addr: u64,
+    /// The breakpoint is written (only an armed site is optimized).
+    pub(crate) armed: bool,
+    /// Some member needs the trap path (a post handler) or opted out.
+    pub(crate) needs_trap: bool,
+    pub(crate) opted_out: bool,
+    /// The site's XOL slot, where a trap hit may be on its way back into
+    /// the displaced bytes.
+    pub(crate) slot: Option<u64>,
+    pub(crate) text_id: TextIdentity,
+    /// Where the site's trap hits resume (see [`DetourCell`]).
+    pub(crate) detour: DetourCell,
+}
+
+/// A site's "resume in the detour" address, as the optimizer holds it: trap
+/// hits without post handlers that read a non-zero value resume there
+/// instead of completing the displaced instruction themselves (`hit.rs`).
+/// Holding it keeps the site's exec (not its membership) alive.
+#[cfg_attr(
+    not(all(target_os = "linux", target_arch = "x86_64", not(loom))),
+    allow(dead_code)
+)]
+#[derive(Clone)]
+pub(crate) struct DetourCell(Arc<SiteExec>);
+
+impl std::fmt::Debug for DetourCell {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "DetourCell({:#x})",
+            self.0.detour.load(Ordering::Relaxed)
+        )
+    }
+}
+
+#[cfg_attr(
+    not(all(target_os = "linux", target_arch = "x86_64", not(loom))),
+    allow(dead_code)
+)]
+impl DetourCell {
+    /// Points the site's trap hits at `detour` (0: back to completing the
+    /// displaced instruction). Called by the optimizer with the registry's
+    /// writer mutex held.
+    pub(crate) fn set(&self, detour: u64) {
+        // Release pairs with the Acquire load in `hit`: a trap hit that
+        // sees the address sees the detour's bytes, written before.
+        self.0.detour.store(detour, Ordering::Release);
+    }
+}
+
+impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
+    /// The hit path of a jump detour (module docs). `live` reads the
+    /// detour's state inside the read section; `regs` are the registers at
+    /// the probed address. Allocates nothing, takes no lock (kretprobe
+    /// entries: as on the trap path), makes no system call.
+    #[inline]
+    pub fn on_jump_hit(
+        &self,
+        addr: u64,
+        regs: &mut Regs,
+        mem: &mut dyn DataMemory,
+        live: impl FnOnce() -> bool,
+    ) -> JumpHit {
+        let guard = self.rcu.read_in_trap();
+        if !live() {
+            return JumpHit::Redirect;
+        }
+        let Some(site) = self.table.lookup(addr, &guard) else {
+            return JumpHit::Redirect;
+        };
+        let members = site.members(&guard);
+        let len = members.len();
+        let saved_ip = regs.ip;
+        regs.ip = addr;
+        let scope = KprobeScope::enter();
+        if scope.is_none() {
+            for i in 0..len {
+                match members.get(i) {
+                    Some(p) if p.is_enabled() => p.count_missed(),
+                    _ => {}
+                }
+            }
+            regs.ip = saved_ip;
+            return JumpHit::Continue;
+        }
+        let cx = EntryContext {
+            arch: &self.arch,
+            table: &self.instances,
+            trampoline: self.trampoline.unwrap_or(0),
+        };
+        for i in 0..len {
+            let Some(p) = members.get(i) else { continue };
+            if !p.is_enabled() {
+                continue;
+            }
+            // A member with a post handler joins only after the optimizer
+            // cleared `live` and waited for a grace period (module docs).
+            debug_assert!(!p.has_post(), "a post handler reached a jump detour");
+            p.count_hit();
+            let action = match &p.inner.handlers {
+                Handlers::Plain { .. } => p.run_pre(regs),
+                Handlers::Return(r) => {
+                    r.on_entry(regs, mem, &cx);
+                    Action::Continue
+                }
+            };
+            if action == Action::SkipInstruction {
+                return JumpHit::Skip;
+            }
+        }
+        regs.ip = saved_ip;
+        JumpHit::Continue
+    }
+
+    /// Every live site as the optimizer needs it.
+    #[cfg_attr(
+        not(all(target_os = "linux", target_arch = "x86_64", not(loom))),
+        allow(dead_code)
+    )]
+    pub(crate) fn jump_candidates(&self, w: &Writer) -> Vec<JumpCandidate> {
+        w.sites
+            .iter()
+            .map(|(&addr, st)| JumpCandidate {
+                addr,
+                armed: st.armed,
+                needs_trap: st.probes().any(|p| p.has_post()),
+                opted_out: st.probes().any(|p| p.jump_opt_out()),
+                slot: st.exec.plan.as_ref().map(|p| p.slot_addr),
+                text_id: st.text_id,
+                detour: DetourCell(Arc::clone(&st.exec)),
+            })
+            .collect()
+    }
+
+    /// The function bytes `[start, start + buf.len())` as the compiler left
+    /// them: read from the text, with the original bytes put back wherever
+    /// an armed site's breakpoint is (other writes, such as an optimizer's
+    /// `jmp`, are the caller's to undo). Writer mutex held.
+    #[cfg_attr(
+        not(all(target_os = "linux", target_arch = "x86_64", not(loom))),
+        allow(dead_code)
+    )]
+    pub(crate) fn original_text(
+        &self,
+        w: &Writer,
+        start: u64,
+        buf: &mut [u8],
+    ) -> Result<(), crate::probes::ProbeError> {
+        self.text.read(start, buf)?;
+        let end = start + buf.len() as u64;
+        let bp = self.arch.breakpoint();
+        for (&a, st) in w.sites.range(start..end) {
+            let at = (a - start) as usize;
+            if !st.armed || !buf[at..].starts_with(bp) {
+                continue;
+            }
+            let orig = st.orig.as_slice();
+            let n = orig.len().min(buf.len() - at);
+            buf[at..at + n].copy_from_slice(&orig[..n]);
+        }
+        Ok(())
+    }
+}

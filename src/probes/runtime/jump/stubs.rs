@@ -1,0 +1,621 @@
+//! The two shared stubs a jump detour calls: they save what the probed
+//! code may have live, build a [`Regs`] in place on the stack, call the
+//! detour's Rust half (`jump/detour.rs`) and restore.
+//!
+//! # The two stubs
+//!
+//! Each site's detour calls one of two shared stubs, chosen per site when
+//! it is optimized:
+//!
+//! - **the full stub**, for a probe inside a function: `pushfq`, `cld` (the
+//!   Rust code assumes the ABI's clear direction flag), the sixteen general
+//!   registers in [`Regs`] order (rax lowest, as the kretprobe trampoline
+//!   does), then the vector state, of which anything may be live
+//!   mid-function: where `xgetbv` with ECX = 1 (XINUSE) shows the x87
+//!   state and the upper halves of `ymm`/`zmm0-15` in their initial state,
+//!   `xmm0-15`, MXCSR and, where in use, the opmasks and `zmm16-31`, by
+//!   moves (the upper state cleaned again after the Rust half);
+//!   otherwise the whole state, `xsave64` of x87, SSE, AVX and AVX-512 on a
+//!   64-byte aligned area below (the trampoline's
+//!   [`XsavePlan`](super::super::trampoline::XsavePlan); `fxsave64` without
+//!   `xsave`), with the upper state cleaned for the Rust half;
+//! - **the entry stub**, for a probe at a function's first instruction (its
+//!   symbol's start): what the System V calling convention can make live
+//!   there and a handler (ABI-conforming code) may clobber: the general
+//!   registers, the status flags (`lahf`/`seto`, restored with the
+//!   `add al, 0x7f`/`sahf` idiom: `popfq` alone costs 12 ns here) and the
+//!   vector argument registers `xmm0-7` at their widest enabled width
+//!   (`zmm0-7` with AVX-512, `ymm0-7` with AVX). The other vector
+//!   registers, the opmasks and the x87 stack are caller-saved and hold no
+//!   argument at a call, so nothing the caller relies on lives there; the
+//!   control words (MXCSR, x87 CW) are callee-saved, so a handler preserves
+//!   them. DF is 0 at a call (the ABI), and is not restored.
+//!
+//! Measured on this machine (a 2-core Xeon VM), one save and restore pair:
+//! `xsave64` of x87/SSE/AVX/AVX-512 100-215 ns, `xsavec64` 100-180 ns,
+//! `fxsave64` (no `ymm` upper halves: not enough) 60-80 ns, `zmm0-7` by
+//! moves 5 ns, `ymm0-7` 4.5 ns: a full save alone is four times the
+//! 25 ns budget of a hit, so entry sites (where every kprobe benchmark and
+//! most tracing probes sit) get the entry stub. The price is an
+//! assumption: code entered at a function symbol follows the calling
+//! convention. Hand-written functions with their own (a TLS descriptor
+//! resolver that preserves every register, say) must opt out
+//! (`Kprobe::set_jump_opt_out`); `docs::limitations` says so.
+//!
+//! Either stub calls the Rust half with the frame, restores everything and
+//! leaves with `ret 128`: the return address slot (the word
+//! the detour's `call` pushed) holds where to continue, and `ret 128` pops it
+//! and steps back over the red zone in one instruction, so the thread
+//! continues with every register, the flags and `rsp` as they were (or as a
+//! pre handler set them), at the relocated instructions (the `call`'s own
+//! return address, unchanged), at a pre handler's new IP, or at the probed
+//! address (redirect).
+//!
+
+use std::arch::global_asm;
+
+use super::detour::jump_entry;
+use crate::probes::arch::Regs;
+use crate::sync::atomic::Ordering;
+
+/// The stubs build a [`Regs`] in place on the stack (sixteen registers
+/// pushed in hardware order, rax lowest, as the kretprobe trampoline does;
+/// above them the rest of `Regs`), just below the detour's return address,
+/// and pass the Rust half a pointer to it: no copy in, no copy out.
+const REGS_BYTES: usize = std::mem::size_of::<Regs>();
+const _: () = assert!(REGS_BYTES == 34 * 8 && std::mem::align_of::<Regs>() == 8);
+/// Bytes of `Regs` above the sixteen pushed registers.
+const ABOVE_BYTES: usize = REGS_BYTES - 16 * 8;
+const SP_OFF: usize = std::mem::offset_of!(Regs, sp);
+const IP_OFF: usize = std::mem::offset_of!(Regs, ip);
+const FLAGS_OFF: usize = std::mem::offset_of!(Regs, flags);
+/// The red zone the detour steps over.
+const RED_ZONE: usize = 128;
+/// The probed code's stack pointer, from the start of `Regs`: past it, the
+/// return address and the red zone.
+const ORIG_SP: usize = REGS_BYTES + 8 + RED_ZONE;
+/// The entry stub's vector width: 0 `xmm0-7`, 1 `ymm0-7`, 2 `zmm0-7`;
+/// plus 4 when `xgetbv` with ECX = 1 (XINUSE) is available, plus 8 with
+/// AVX512BW (64-bit opmasks). Set
+/// once by [`detect_vector_width`] before any detour exists; read by the
+/// assembly.
+pub(crate) static ENTRY_VECTORS: crate::sync::atomic::AtomicU32 =
+    crate::sync::atomic::AtomicU32::new(0);
+
+/// Sets [`ENTRY_VECTORS`] from the components the OS enabled (`XCR0`).
+pub(crate) fn detect_vector_width() {
+    let leaf1 = core::arch::x86_64::__cpuid(1);
+    let xcr0 = if leaf1.ecx & (1 << 27) == 0 {
+        0
+    } else {
+        let (lo, hi): (u32, u32);
+        // SAFETY: OSXSAVE is set, so `xgetbv` with ECX = 0 (XCR0) is
+        // allowed in user mode; it only reads a register.
+        unsafe {
+            core::arch::asm!("xgetbv", in("ecx") 0, out("eax") lo, out("edx") hi,
+                options(nomem, nostack, preserves_flags));
+        }
+        u64::from(hi) << 32 | u64::from(lo)
+    };
+    let width = if xcr0 & 0xe6 == 0xe6 {
+        2
+    } else if xcr0 & 0x6 == 0x6 {
+        1
+    } else {
+        0
+    };
+    // CPUID.(EAX=0DH, ECX=1):EAX[2]: XGETBV with ECX = 1 (leaf 0DH exists
+    // when OSXSAVE is set, checked by `xcr0 != 0`).
+    let xinuse = xcr0 != 0 && core::arch::x86_64::__cpuid_count(0xd, 1).eax & 4 != 0;
+    let width = width | if xinuse { 4 } else { 0 };
+    // AVX512BW: 64-bit opmasks (`kmovq`), for the full stub's fast path.
+    let bw = width & 3 == 2 && core::arch::x86_64::__cpuid_count(7, 0).ebx & (1 << 30) != 0;
+    let width = width | if bw { 8 } else { 0 };
+    // Relaxed: published to the threads that run detours by the detours'
+    // own publication (their bytes are written, cores synced, and the
+    // site's state stored with Release after this).
+    ENTRY_VECTORS.store(width, Ordering::Relaxed);
+}
+
+global_asm!(
+    ".pushsection .text.rcu_registry_jump_stub,\"ax\",@progbits",
+    ".p2align 4",
+    ".globl __rcu_registry_jump_stub_entry",
+    ".hidden __rcu_registry_jump_stub_entry",
+    ".type __rcu_registry_jump_stub_entry,@function",
+    "__rcu_registry_jump_stub_entry:",
+    // Regs is built in place: the words above the sixteen pushed registers
+    // (gprs[16..31], sp, ip, flags) first (lea: no flag changes).
+    "lea rsp, [rsp - {above}]",
+    "push r15",
+    "push r14",
+    "push r13",
+    "push r12",
+    "push r11",
+    "push r10",
+    "push r9",
+    "push r8",
+    "push rdi",
+    "push rsi",
+    "push rbp",
+    // The rsp slot (gprs[4]): a placeholder, never popped (Regs::sp has it).
+    "push rax",
+    "push rbx",
+    "push rdx",
+    "push rcx",
+    "push rax",
+    // rflags' low byte is lahf's AH; OF is bit 11; bit 1 is always set.
+    "lahf",
+    "seto al",
+    "movzx ecx, ah",
+    "movzx edx, al",
+    "shl edx, 11",
+    "or ecx, edx",
+    "or ecx, 2",
+    "mov qword ptr [rsp + {flags_off}], rcx",
+    // Regs::sp: the probed code's stack pointer, above Regs, the return
+    // address and the red zone; Regs::ip (set by the Rust half) and the
+    // arm64-only gprs[16..31] zeroed.
+    "lea rcx, [rsp + {orig_sp}]",
+    "mov qword ptr [rsp + {sp_off}], rcx",
+    "xor ecx, ecx",
+    "mov qword ptr [rsp + {ip_off}], rcx",
+    "mov qword ptr [rsp + 128], rcx",
+    "mov qword ptr [rsp + 136], rcx",
+    "mov qword ptr [rsp + 144], rcx",
+    "mov qword ptr [rsp + 152], rcx",
+    "mov qword ptr [rsp + 160], rcx",
+    "mov qword ptr [rsp + 168], rcx",
+    "mov qword ptr [rsp + 176], rcx",
+    "mov qword ptr [rsp + 184], rcx",
+    "mov qword ptr [rsp + 192], rcx",
+    "mov qword ptr [rsp + 200], rcx",
+    "mov qword ptr [rsp + 208], rcx",
+    "mov qword ptr [rsp + 216], rcx",
+    "mov qword ptr [rsp + 224], rcx",
+    "mov qword ptr [rsp + 232], rcx",
+    "mov qword ptr [rsp + 240], rcx",
+    "cld",
+    "mov rbx, rsp",
+    "sub rsp, 512",
+    "and rsp, -64",
+    "mov ecx, dword ptr [rip + {width}]",
+    // With XINUSE (bit 2 of the mode): AVX (bit 2) and ZMM_Hi256 (bit 6)
+    // in their initial state mean every upper half is zero and holds no
+    // argument: save the low 128 bits only, and `vzeroupper` puts the
+    // zeros back, leaving the state clean. Touching the upper halves when
+    // they are clean dirties them, and the Rust half's SSE code then pays a
+    // state-transition stall (measured: 240 ns a hit).
+    "test ecx, 4",
+    "jz 7f",
+    "mov r8d, ecx",
+    "mov ecx, 1",
+    "xgetbv",
+    "mov ecx, r8d",
+    "test eax, 0x44",
+    "jnz 7f",
+    "movdqu xmmword ptr [rsp + 0], xmm0",
+    "movdqu xmmword ptr [rsp + 16], xmm1",
+    "movdqu xmmword ptr [rsp + 32], xmm2",
+    "movdqu xmmword ptr [rsp + 48], xmm3",
+    "movdqu xmmword ptr [rsp + 64], xmm4",
+    "movdqu xmmword ptr [rsp + 80], xmm5",
+    "movdqu xmmword ptr [rsp + 96], xmm6",
+    "movdqu xmmword ptr [rsp + 112], xmm7",
+    "mov rdi, rbx",
+    "call {entry}",
+    "movdqu xmm0, xmmword ptr [rsp + 0]",
+    "movdqu xmm1, xmmword ptr [rsp + 16]",
+    "movdqu xmm2, xmmword ptr [rsp + 32]",
+    "movdqu xmm3, xmmword ptr [rsp + 48]",
+    "movdqu xmm4, xmmword ptr [rsp + 64]",
+    "movdqu xmm5, xmmword ptr [rsp + 80]",
+    "movdqu xmm6, xmmword ptr [rsp + 96]",
+    "movdqu xmm7, xmmword ptr [rsp + 112]",
+    "test byte ptr [rip + {width}], 3",
+    "jz 6f",
+    "vzeroupper",
+    "jmp 6f",
+    // By width; the wide paths clean the upper state (`vzeroupper`) for the
+    // Rust half after saving it, and the restore puts it back.
+    "7:",
+    "and ecx, 3",
+    "cmp ecx, 2",
+    "je 4f",
+    "cmp ecx, 1",
+    "je 5f",
+    "movdqu xmmword ptr [rsp + 0], xmm0",
+    "movdqu xmmword ptr [rsp + 16], xmm1",
+    "movdqu xmmword ptr [rsp + 32], xmm2",
+    "movdqu xmmword ptr [rsp + 48], xmm3",
+    "movdqu xmmword ptr [rsp + 64], xmm4",
+    "movdqu xmmword ptr [rsp + 80], xmm5",
+    "movdqu xmmword ptr [rsp + 96], xmm6",
+    "movdqu xmmword ptr [rsp + 112], xmm7",
+    "mov rdi, rbx",
+    "call {entry}",
+    "movdqu xmm0, xmmword ptr [rsp + 0]",
+    "movdqu xmm1, xmmword ptr [rsp + 16]",
+    "movdqu xmm2, xmmword ptr [rsp + 32]",
+    "movdqu xmm3, xmmword ptr [rsp + 48]",
+    "movdqu xmm4, xmmword ptr [rsp + 64]",
+    "movdqu xmm5, xmmword ptr [rsp + 80]",
+    "movdqu xmm6, xmmword ptr [rsp + 96]",
+    "movdqu xmm7, xmmword ptr [rsp + 112]",
+    "jmp 6f",
+    "4:",
+    "vmovdqu64 zmmword ptr [rsp + 0], zmm0",
+    "vmovdqu64 zmmword ptr [rsp + 64], zmm1",
+    "vmovdqu64 zmmword ptr [rsp + 128], zmm2",
+    "vmovdqu64 zmmword ptr [rsp + 192], zmm3",
+    "vmovdqu64 zmmword ptr [rsp + 256], zmm4",
+    "vmovdqu64 zmmword ptr [rsp + 320], zmm5",
+    "vmovdqu64 zmmword ptr [rsp + 384], zmm6",
+    "vmovdqu64 zmmword ptr [rsp + 448], zmm7",
+    "vzeroupper",
+    "mov rdi, rbx",
+    "call {entry}",
+    "vmovdqu64 zmm0, zmmword ptr [rsp + 0]",
+    "vmovdqu64 zmm1, zmmword ptr [rsp + 64]",
+    "vmovdqu64 zmm2, zmmword ptr [rsp + 128]",
+    "vmovdqu64 zmm3, zmmword ptr [rsp + 192]",
+    "vmovdqu64 zmm4, zmmword ptr [rsp + 256]",
+    "vmovdqu64 zmm5, zmmword ptr [rsp + 320]",
+    "vmovdqu64 zmm6, zmmword ptr [rsp + 384]",
+    "vmovdqu64 zmm7, zmmword ptr [rsp + 448]",
+    "jmp 6f",
+    "5:",
+    "vmovdqu ymmword ptr [rsp + 0], ymm0",
+    "vmovdqu ymmword ptr [rsp + 32], ymm1",
+    "vmovdqu ymmword ptr [rsp + 64], ymm2",
+    "vmovdqu ymmword ptr [rsp + 96], ymm3",
+    "vmovdqu ymmword ptr [rsp + 128], ymm4",
+    "vmovdqu ymmword ptr [rsp + 160], ymm5",
+    "vmovdqu ymmword ptr [rsp + 192], ymm6",
+    "vmovdqu ymmword ptr [rsp + 224], ymm7",
+    "vzeroupper",
+    "mov rdi, rbx",
+    "call {entry}",
+    "vmovdqu ymm0, ymmword ptr [rsp + 0]",
+    "vmovdqu ymm1, ymmword ptr [rsp + 32]",
+    "vmovdqu ymm2, ymmword ptr [rsp + 64]",
+    "vmovdqu ymm3, ymmword ptr [rsp + 96]",
+    "vmovdqu ymm4, ymmword ptr [rsp + 128]",
+    "vmovdqu ymm5, ymmword ptr [rsp + 160]",
+    "vmovdqu ymm6, ymmword ptr [rsp + 192]",
+    "vmovdqu ymm7, ymmword ptr [rsp + 224]",
+    "6:",
+    // The status flags back: OF from `add cl, 0x7f` (0x7f + 1 overflows),
+    // the rest from sahf. Nothing after this changes a flag (mov, pop, lea).
+    "mov rax, qword ptr [rbx + {flags_off}]",
+    "mov rcx, rax",
+    "shr ecx, 11",
+    "and cl, 1",
+    "add cl, 0x7f",
+    "mov ah, al",
+    "sahf",
+    "mov rsp, rbx",
+    "pop rax",
+    "pop rcx",
+    "pop rdx",
+    "pop rbx",
+    "lea rsp, [rsp + 8]",
+    "pop rbp",
+    "pop rsi",
+    "pop rdi",
+    "pop r8",
+    "pop r9",
+    "pop r10",
+    "pop r11",
+    "pop r12",
+    "pop r13",
+    "pop r14",
+    "pop r15",
+    "lea rsp, [rsp + {above}]",
+    "ret 128",
+    ".globl __rcu_registry_jump_stub_entry_end",
+    ".hidden __rcu_registry_jump_stub_entry_end",
+    "__rcu_registry_jump_stub_entry_end:",
+    ".size __rcu_registry_jump_stub_entry, . - __rcu_registry_jump_stub_entry",
+    ".popsection",
+    entry = sym jump_entry,
+    width = sym ENTRY_VECTORS,
+    orig_sp = const ORIG_SP,
+    sp_off = const SP_OFF,
+    ip_off = const IP_OFF,
+    flags_off = const FLAGS_OFF,
+    above = const ABOVE_BYTES,
+);
+
+global_asm!(
+    ".pushsection .text.rcu_registry_jump_stub,\"ax\",@progbits",
+    ".p2align 4",
+    ".globl __rcu_registry_jump_stub",
+    ".hidden __rcu_registry_jump_stub",
+    ".type __rcu_registry_jump_stub,@function",
+    "__rcu_registry_jump_stub:",
+    // Regs::flags is the word just below the return address.
+    "pushfq",
+    "cld",
+    "lea rsp, [rsp - {above} + 8]",
+    "push r15",
+    "push r14",
+    "push r13",
+    "push r12",
+    "push r11",
+    "push r10",
+    "push r9",
+    "push r8",
+    "push rdi",
+    "push rsi",
+    "push rbp",
+    // The rsp slot (gprs[4]): a placeholder, never popped (Regs::sp has it).
+    "push rax",
+    "push rbx",
+    "push rdx",
+    "push rcx",
+    "push rax",
+    // Regs::sp: the probed code's stack pointer, above Regs, the return
+    // address and the red zone; Regs::ip (set by the Rust half) and the
+    // arm64-only gprs[16..31] zeroed.
+    "lea rcx, [rsp + {orig_sp}]",
+    "mov qword ptr [rsp + {sp_off}], rcx",
+    "xor ecx, ecx",
+    "mov qword ptr [rsp + {ip_off}], rcx",
+    "mov qword ptr [rsp + 128], rcx",
+    "mov qword ptr [rsp + 136], rcx",
+    "mov qword ptr [rsp + 144], rcx",
+    "mov qword ptr [rsp + 152], rcx",
+    "mov qword ptr [rsp + 160], rcx",
+    "mov qword ptr [rsp + 168], rcx",
+    "mov qword ptr [rsp + 176], rcx",
+    "mov qword ptr [rsp + 184], rcx",
+    "mov qword ptr [rsp + 192], rcx",
+    "mov qword ptr [rsp + 200], rcx",
+    "mov qword ptr [rsp + 208], rcx",
+    "mov qword ptr [rsp + 216], rcx",
+    "mov qword ptr [rsp + 224], rcx",
+    "mov qword ptr [rsp + 232], rcx",
+    "mov qword ptr [rsp + 240], rcx",
+    "mov rbx, rsp",
+    // The fast path: with XINUSE, x87, AVX (ymm upper halves) and
+    // ZMM_Hi256 (zmm0-15 upper halves) in their initial state, what may be
+    // live is xmm0-15 and MXCSR, plus the opmasks and zmm16-31 where those
+    // are in use: saved by moves (xsave64 of even the SSE state alone costs
+    // 120 ns on the development machine), the upper state cleaned again
+    // after the Rust half (the handler may have dirtied it). Anything else
+    // takes the full save below.
+    "mov ecx, dword ptr [rip + {width}]",
+    "test ecx, 4",
+    "jz 8f",
+    "mov ecx, 1",
+    "xgetbv",
+    // x87, AVX or ZMM_Hi256 in use: the full save.
+    "test eax, 0x45",
+    "jnz 8f",
+    // Opmasks in use need AVX512BW's 64-bit kmovq (mode bit 3).
+    "test eax, 0x20",
+    "jz 10f",
+    "test byte ptr [rip + {width}], 8",
+    "jz 8f",
+    "10:",
+    "mov r9d, eax",
+    "sub rsp, 1360",
+    "and rsp, -64",
+    "movdqu xmmword ptr [rsp + 1024], xmm0",
+    "movdqu xmmword ptr [rsp + 1040], xmm1",
+    "movdqu xmmword ptr [rsp + 1056], xmm2",
+    "movdqu xmmword ptr [rsp + 1072], xmm3",
+    "movdqu xmmword ptr [rsp + 1088], xmm4",
+    "movdqu xmmword ptr [rsp + 1104], xmm5",
+    "movdqu xmmword ptr [rsp + 1120], xmm6",
+    "movdqu xmmword ptr [rsp + 1136], xmm7",
+    "movdqu xmmword ptr [rsp + 1152], xmm8",
+    "movdqu xmmword ptr [rsp + 1168], xmm9",
+    "movdqu xmmword ptr [rsp + 1184], xmm10",
+    "movdqu xmmword ptr [rsp + 1200], xmm11",
+    "movdqu xmmword ptr [rsp + 1216], xmm12",
+    "movdqu xmmword ptr [rsp + 1232], xmm13",
+    "movdqu xmmword ptr [rsp + 1248], xmm14",
+    "movdqu xmmword ptr [rsp + 1264], xmm15",
+    "stmxcsr dword ptr [rsp + 1344]",
+    "test r9d, 0x20",
+    "jz 11f",
+    "kmovq qword ptr [rsp + 1280], k0",
+    "kmovq qword ptr [rsp + 1288], k1",
+    "kmovq qword ptr [rsp + 1296], k2",
+    "kmovq qword ptr [rsp + 1304], k3",
+    "kmovq qword ptr [rsp + 1312], k4",
+    "kmovq qword ptr [rsp + 1320], k5",
+    "kmovq qword ptr [rsp + 1328], k6",
+    "kmovq qword ptr [rsp + 1336], k7",
+    "11:",
+    "test r9d, 0x80",
+    "jz 12f",
+    "vmovdqu64 zmmword ptr [rsp + 0], zmm16",
+    "vmovdqu64 zmmword ptr [rsp + 64], zmm17",
+    "vmovdqu64 zmmword ptr [rsp + 128], zmm18",
+    "vmovdqu64 zmmword ptr [rsp + 192], zmm19",
+    "vmovdqu64 zmmword ptr [rsp + 256], zmm20",
+    "vmovdqu64 zmmword ptr [rsp + 320], zmm21",
+    "vmovdqu64 zmmword ptr [rsp + 384], zmm22",
+    "vmovdqu64 zmmword ptr [rsp + 448], zmm23",
+    "vmovdqu64 zmmword ptr [rsp + 512], zmm24",
+    "vmovdqu64 zmmword ptr [rsp + 576], zmm25",
+    "vmovdqu64 zmmword ptr [rsp + 640], zmm26",
+    "vmovdqu64 zmmword ptr [rsp + 704], zmm27",
+    "vmovdqu64 zmmword ptr [rsp + 768], zmm28",
+    "vmovdqu64 zmmword ptr [rsp + 832], zmm29",
+    "vmovdqu64 zmmword ptr [rsp + 896], zmm30",
+    "vmovdqu64 zmmword ptr [rsp + 960], zmm31",
+    "12:",
+    "mov qword ptr [rsp + 1352], r9",
+    "mov rdi, rbx",
+    "call {entry}",
+    "mov r9, qword ptr [rsp + 1352]",
+    "test r9d, 0x80",
+    "jz 13f",
+    "vmovdqu64 zmm16, zmmword ptr [rsp + 0]",
+    "vmovdqu64 zmm17, zmmword ptr [rsp + 64]",
+    "vmovdqu64 zmm18, zmmword ptr [rsp + 128]",
+    "vmovdqu64 zmm19, zmmword ptr [rsp + 192]",
+    "vmovdqu64 zmm20, zmmword ptr [rsp + 256]",
+    "vmovdqu64 zmm21, zmmword ptr [rsp + 320]",
+    "vmovdqu64 zmm22, zmmword ptr [rsp + 384]",
+    "vmovdqu64 zmm23, zmmword ptr [rsp + 448]",
+    "vmovdqu64 zmm24, zmmword ptr [rsp + 512]",
+    "vmovdqu64 zmm25, zmmword ptr [rsp + 576]",
+    "vmovdqu64 zmm26, zmmword ptr [rsp + 640]",
+    "vmovdqu64 zmm27, zmmword ptr [rsp + 704]",
+    "vmovdqu64 zmm28, zmmword ptr [rsp + 768]",
+    "vmovdqu64 zmm29, zmmword ptr [rsp + 832]",
+    "vmovdqu64 zmm30, zmmword ptr [rsp + 896]",
+    "vmovdqu64 zmm31, zmmword ptr [rsp + 960]",
+    "13:",
+    "test r9d, 0x20",
+    "jz 14f",
+    "kmovq k0, qword ptr [rsp + 1280]",
+    "kmovq k1, qword ptr [rsp + 1288]",
+    "kmovq k2, qword ptr [rsp + 1296]",
+    "kmovq k3, qword ptr [rsp + 1304]",
+    "kmovq k4, qword ptr [rsp + 1312]",
+    "kmovq k5, qword ptr [rsp + 1320]",
+    "kmovq k6, qword ptr [rsp + 1328]",
+    "kmovq k7, qword ptr [rsp + 1336]",
+    "14:",
+    "ldmxcsr dword ptr [rsp + 1344]",
+    "movdqu xmm0, xmmword ptr [rsp + 1024]",
+    "movdqu xmm1, xmmword ptr [rsp + 1040]",
+    "movdqu xmm2, xmmword ptr [rsp + 1056]",
+    "movdqu xmm3, xmmword ptr [rsp + 1072]",
+    "movdqu xmm4, xmmword ptr [rsp + 1088]",
+    "movdqu xmm5, xmmword ptr [rsp + 1104]",
+    "movdqu xmm6, xmmword ptr [rsp + 1120]",
+    "movdqu xmm7, xmmword ptr [rsp + 1136]",
+    "movdqu xmm8, xmmword ptr [rsp + 1152]",
+    "movdqu xmm9, xmmword ptr [rsp + 1168]",
+    "movdqu xmm10, xmmword ptr [rsp + 1184]",
+    "movdqu xmm11, xmmword ptr [rsp + 1200]",
+    "movdqu xmm12, xmmword ptr [rsp + 1216]",
+    "movdqu xmm13, xmmword ptr [rsp + 1232]",
+    "movdqu xmm14, xmmword ptr [rsp + 1248]",
+    "movdqu xmm15, xmmword ptr [rsp + 1264]",
+    "test byte ptr [rip + {width}], 3",
+    "jz 3f",
+    "vzeroupper",
+    "jmp 3f",
+    "8:",
+    "mov rcx, qword ptr [rip + {xsave_bytes}]",
+    "test rcx, rcx",
+    "jz 2f",
+    "sub rsp, rcx",
+    "and rsp, -64",
+    // The XSAVE header after the legacy area: XCOMP_BV and the reserved
+    // bytes must be zero for XRSTOR (XSAVE writes only XSTATE_BV).
+    "xor eax, eax",
+    "mov qword ptr [rsp + 512], rax",
+    "mov qword ptr [rsp + 520], rax",
+    "mov qword ptr [rsp + 528], rax",
+    "mov qword ptr [rsp + 536], rax",
+    "mov qword ptr [rsp + 544], rax",
+    "mov qword ptr [rsp + 552], rax",
+    "mov qword ptr [rsp + 560], rax",
+    "mov qword ptr [rsp + 568], rax",
+    "mov eax, dword ptr [rip + {xsave_mask}]",
+    "mov edx, dword ptr [rip + {xsave_mask} + 4]",
+    "xsave64 [rsp]",
+    // Clean upper halves for the Rust half's SSE code (a dirty upper state
+    // makes it stall); xrstor64 puts them back.
+    "test byte ptr [rip + {xsave_mask}], 4",
+    "jz 9f",
+    "vzeroupper",
+    "9:",
+    "mov rdi, rbx",
+    "call {entry}",
+    "mov eax, dword ptr [rip + {xsave_mask}]",
+    "mov edx, dword ptr [rip + {xsave_mask} + 4]",
+    "xrstor64 [rsp]",
+    "jmp 3f",
+    "2:",
+    "sub rsp, 512",
+    "and rsp, -64",
+    "fxsave64 [rsp]",
+    "mov rdi, rbx",
+    "call {entry}",
+    "fxrstor64 [rsp]",
+    "3:",
+    "mov rsp, rbx",
+    "pop rax",
+    "pop rcx",
+    "pop rdx",
+    "pop rbx",
+    "lea rsp, [rsp + 8]",
+    "pop rbp",
+    "pop rsi",
+    "pop rdi",
+    "pop r8",
+    "pop r9",
+    "pop r10",
+    "pop r11",
+    "pop r12",
+    "pop r13",
+    "pop r14",
+    "pop r15",
+    "lea rsp, [rsp + {above} - 8]",
+    "popfq",
+    "ret 128",
+    ".globl __rcu_registry_jump_stub_end",
+    ".hidden __rcu_registry_jump_stub_end",
+    "__rcu_registry_jump_stub_end:",
+    ".size __rcu_registry_jump_stub, . - __rcu_registry_jump_stub",
+    ".popsection",
+    entry = sym jump_entry,
+    xsave_bytes = sym crate::probes::runtime::trampoline::XSAVE_BYTES,
+    xsave_mask = sym crate::probes::runtime::trampoline::XSAVE_MASK,
+    width = sym ENTRY_VECTORS,
+    orig_sp = const ORIG_SP,
+    sp_off = const SP_OFF,
+    ip_off = const IP_OFF,
+    above = const ABOVE_BYTES,
+);
+
+extern "C" {
+    fn __rcu_registry_jump_stub();
+    fn __rcu_registry_jump_stub_end();
+    fn __rcu_registry_jump_stub_entry();
+    fn __rcu_registry_jump_stub_entry_end();
+}
+
+/// `[start, end)` of each stub: part of every quiescence wait that
+/// retires a detour (a thread in a stub returns into one).
+pub(crate) fn stub_ranges() -> [std::ops::Range<u64>; 2] {
+    let f = |a: unsafe extern "C" fn(), b: unsafe extern "C" fn()| {
+        a as *const () as usize as u64..b as *const () as usize as u64
+    };
+    [
+        f(__rcu_registry_jump_stub, __rcu_registry_jump_stub_end),
+        f(
+            __rcu_registry_jump_stub_entry,
+            __rcu_registry_jump_stub_entry_end,
+        ),
+    ]
+}
+
+/// Which stub a site's detour calls.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Stub {
+    /// At a function's first instruction: the calling convention's live
+    /// state only (module docs).
+    Entry,
+    /// Anywhere else: everything, `xsave64` included.
+    Full,
+}
+
+impl Stub {
+    pub(crate) fn address(self) -> u64 {
+        match self {
+            Stub::Entry => __rcu_registry_jump_stub_entry as *const () as usize as u64,
+            Stub::Full => __rcu_registry_jump_stub as *const () as usize as u64,
+        }
+    }
+}
