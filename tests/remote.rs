@@ -375,8 +375,18 @@ fn attach_and_detach_cycles_leave_a_running_program_unaware() {
         while hits.load(Ordering::Relaxed) == last && start.elapsed() < Duration::from_secs(20) {
             t.run_for(Duration::from_millis(10)).unwrap();
         }
+        let chunks = t.space(pid).unwrap().xol_slots().chunk_ranges();
+        assert!(!chunks.is_empty());
         t.detach(pid).unwrap();
         assert_eq!(code_of(pid, at, 4), original, "round {round}: restored");
+        // Its XOL area is gone from its address space.
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        for (start, _) in chunks {
+            assert!(
+                !maps.lines().any(|l| l.starts_with(&format!("{start:x}-"))),
+                "round {round}: XOL chunk {start:#x} unmapped"
+            );
+        }
         let now = hits.load(Ordering::Relaxed);
         assert!(now > last, "round {round}: counted while attached");
         last = now;

@@ -287,6 +287,9 @@ struct Proc {
     /// registry's stacks are per calling thread, and this thread serves
     /// them all.
     returns: HashMap<Tid, ProxyReturns>,
+    /// A signal was delivered to a thread inside an XOL slot: its handler's
+    /// frame holds the slot's address, so the area stays mapped at detach.
+    signal_in_slot: bool,
 }
 
 /// A tracer of other processes (see the [module docs](self)). It makes the
@@ -626,6 +629,7 @@ impl RemoteTracer {
                 threads,
                 maps: Vec::new(),
                 returns: HashMap::new(),
+                signal_in_slot: false,
             },
         );
         self.rescan(pid, tid);
@@ -916,6 +920,7 @@ impl RemoteTracer {
             Stop::Event { event, sig } => self.event(pid, tid, event, sig),
             Stop::Signal(libc::SIGTRAP) => self.trap(pid, tid),
             Stop::Signal(sig) => {
+                self.note_signal_in_slot(pid, tid);
                 let _ = ptrace::cont(tid, sig);
             }
         }
@@ -1188,6 +1193,23 @@ impl RemoteTracer {
         }
     }
 
+    /// A signal is about to be delivered to `tid`: if it is inside an XOL
+    /// slot, the handler's frame will hold the slot's address (the area
+    /// must then outlive a detach). Signals are rare; a hit never comes
+    /// here.
+    fn note_signal_in_slot(&mut self, pid: Tid, tid: Tid) {
+        let Some(p) = self.procs.get_mut(&pid) else {
+            return;
+        };
+        if p.signal_in_slot {
+            return;
+        }
+        if let Ok(u) = ptrace::get_regs(tid) {
+            let slots = p.space.xol_slots().chunk_ranges();
+            p.signal_in_slot = slots.iter().any(|&(s, len)| (s..s + len).contains(&u.rip));
+        }
+    }
+
     /// A thread of `p` stopped at (or just after the trap of) the return
     /// trampoline: its call's instance popped and the thread sent to the
     /// real return address (the return handlers run if the uprobe is still
@@ -1299,6 +1321,22 @@ impl RemoteTracer {
             if let (Some(t), Some(proxy)) = (trampoline, p.returns.get(&tid)) {
                 unhijack(p.space.memory(), t, &proxy.calls());
             }
+        }
+        // The XOL area goes too, unless a signal handler's frame may still
+        // hold a slot's address: no thread is in a slot now and no tracked
+        // return address points at the trampoline. One stopped thread
+        // makes the `munmap`s.
+        if !p.signal_in_slot {
+            let lender = threads
+                .iter()
+                .copied()
+                .find(|&t| !self.stops.has(t) && ptrace::get_regs(t).is_ok());
+            if let Some(t) = lender {
+                let _lent = p.space.lender.lend(t, &self.stops);
+                p.space.xol_slots().unmap_all();
+            }
+        }
+        for &tid in &threads {
             self.owner.remove(&tid);
             let _ = ptrace::detach(tid, signals.get(&tid).copied().unwrap_or(0));
         }

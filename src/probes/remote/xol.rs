@@ -170,6 +170,33 @@ impl RemoteXol {
             .collect()
     }
 
+    /// Unmaps every chunk from the process, through the thread lent to this
+    /// one (a detach: no thread is in a slot, no return address points
+    /// into one); how many were unmapped. A chunk that cannot be unmapped
+    /// is left as it is (harmless `int3`s) and counted out.
+    pub(super) fn unmap_all(&self) -> usize {
+        let Some((tid, stops)) = self.lender.thread() else {
+            return 0;
+        };
+        let gadget = *self.lender.gadget.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(gadget) = gadget.or_else(|| {
+            let rip = super::ptrace::get_regs(tid).ok()?.rip;
+            inject::find_syscall(&self.mem, rip).ok()
+        }) else {
+            return 0;
+        };
+        let mut s = self.lock();
+        let mut unmapped = 0;
+        s.chunks.retain(|c| {
+            let args = [c.start, REMOTE_XOL_CHUNK_BYTES, 0, 0, 0, 0];
+            let gone = inject::syscall(&stops, self.pid, tid, gadget, libc::SYS_munmap, args)
+                .is_ok_and(|r| r == 0);
+            unmapped += usize::from(gone);
+            !gone
+        });
+        unmapped
+    }
+
     /// Maps a chunk near `near` (anywhere if no gap within reach) through
     /// the thread lent to this one, and fills it with `int3`.
     fn map_chunk(&self, near: u64) -> Result<Chunk, ProbeError> {
