@@ -454,6 +454,62 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
     let pid = child.0.id() as i32;
     t.attach(pid).unwrap();
     assert!(matches!(t.attach(pid), Err(RemoteError::AlreadyTraced(p)) if p == pid));
+    // A target in no file the process maps (by bare name, by path): a
+    // typed error, nothing registered, its text unchanged.
+    let (other, _) = counter();
+    let lib = fixture_lib();
+    let before = (
+        t.registry().len(),
+        t.registry().installs_in(space_of(&t, pid)),
+    );
+    for target in [
+        UprobeTarget::symbol("libremotefix.so", "lib_add"),
+        UprobeTarget::symbol(lib.to_str().unwrap(), "lib_add"),
+    ] {
+        assert!(
+            matches!(
+                t.register_in(pid, &target, &other),
+                Err(RemoteError::NotInProcess { pid: p, .. }) if p == pid
+            ),
+            "{target}"
+        );
+    }
+    assert_eq!(
+        (
+            t.registry().len(),
+            t.registry().installs_in(space_of(&t, pid))
+        ),
+        before
+    );
+    assert!(matches!(
+        t.register_in(
+            i32::MAX - 1,
+            &UprobeTarget::symbol("libc.so.6", "getppid"),
+            &other
+        ),
+        Err(RemoteError::NotTraced(_))
+    ));
+    // A bare name as the process sees it: the C library it maps (once its
+    // loader has mapped it: it may have been attached to right after its
+    // `exec`), read through its own root.
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .contains("/libc.so.6")
+        && start.elapsed() < Duration::from_secs(20)
+    {
+        t.run_for(Duration::from_millis(5)).unwrap();
+    }
+    let before = (
+        t.registry().len(),
+        t.registry().installs_in(space_of(&t, pid)),
+    );
+    let r = t
+        .register_in(pid, &UprobeTarget::symbol("libc.so.6", "getppid"), &other)
+        .unwrap();
+    assert!(r.path.starts_with(format!("/proc/{pid}/root/")), "{r:?}");
+    assert_eq!(t.registry().installs_in(space_of(&t, pid)), before.1 + 1);
+    t.unregister(r.key(), &other).unwrap();
     // Another tracer (a second one, on another thread) is refused and
     // told by whom; the first one's process is untouched.
     let before = t.registry().installs_in(space_of(&t, pid));

@@ -143,6 +143,16 @@ pub enum RemoteError {
     },
     /// Setting up the traced process failed.
     Setup(ProbeError),
+    /// The target resolves to no file the process maps
+    /// ([`RemoteTracer::register_in`]).
+    NotInProcess {
+        /// The process.
+        pid: Tid,
+        /// The target, as written.
+        target: String,
+    },
+    /// The registry or the resolver refused ([`RemoteTracer::register_in`]).
+    Probe(ProbeError),
     /// The program received this signal (`SIGINT`, `SIGTERM` or `SIGHUP`)
     /// after [`RemoteTracer::detach_on_termination`]: every traced process
     /// was detached, as [`RemoteTracer::detach_all`] does.
@@ -164,6 +174,10 @@ impl std::fmt::Display for RemoteError {
                 "{what} is built for ELF machine {machine}, not x86_64 (62)"
             ),
             RemoteError::Setup(e) => write!(f, "setting up the traced process: {e}"),
+            RemoteError::NotInProcess { pid, target } => {
+                write!(f, "{target} is in no file process {pid} maps")
+            }
+            RemoteError::Probe(e) => write!(f, "{e}"),
             RemoteError::Terminated(sig) => {
                 write!(
                     f,
@@ -675,9 +689,71 @@ impl RemoteTracer {
         }
     }
 
+    /// Registers `consumer` on `target` as process `pid` sees it: a bare
+    /// library name (`libc.so.6`) is looked up among the files `pid` maps
+    /// (by file name or `DT_SONAME`, read through `/proc/<pid>/root`, so a
+    /// process in another mount namespace, a container, gets its own
+    /// library), and the file must be one `pid` maps now. Then as
+    /// [`register`](Self::register): installed in every traced process that
+    /// maps that file (consumers' filters choose processes).
+    ///
+    /// # Errors
+    /// [`RemoteError::NotTraced`]; [`RemoteError::NotInProcess`] if the
+    /// target resolves to no file `pid` maps; [`RemoteError::Probe`] as
+    /// [`register`](Self::register). Nothing changes on an error.
+    pub fn register_in(
+        &mut self,
+        pid: Tid,
+        target: &UprobeTarget,
+        consumer: &Consumer,
+    ) -> Result<ResolvedTarget, RemoteError> {
+        if !self.procs.contains_key(&pid) {
+            return Err(RemoteError::NotTraced(pid));
+        }
+        let maps = Maps::read_pid(pid).map_err(os(format!("reading /proc/{pid}/maps")))?;
+        let mapped: Vec<&crate::probes::procmaps::Mapping> = maps
+            .mappings
+            .iter()
+            .filter(|m| m.prot & libc::PROT_EXEC != 0 && m.path.starts_with('/'))
+            .collect();
+        let mut paths: Vec<std::path::PathBuf> = mapped
+            .iter()
+            .map(|m| format!("/proc/{pid}/root{}", m.path).into())
+            .collect();
+        paths.dedup();
+        let not_in = || RemoteError::NotInProcess {
+            pid,
+            target: target.to_string(),
+        };
+        let resolved = match TargetResolver::new().with_loaded(paths).resolve(target) {
+            Ok(r) => r,
+            Err(ProbeError::LibraryNotFound { .. }) => return Err(not_in()),
+            Err(e) => return Err(RemoteError::Probe(e)),
+        };
+        let key = resolved.key();
+        if !mapped
+            .iter()
+            .any(|m| m.device == key.file.dev && m.inode == key.file.inode)
+        {
+            return Err(not_in());
+        }
+        let stopped = self.stop_all();
+        let r = {
+            let _lent = self.lend_all(&stopped);
+            match &resolved.function {
+                Some(f) => self.registry.register_in_function(key, f.offset, consumer),
+                None => self.registry.register(key, consumer),
+            }
+        };
+        self.resume(&stopped);
+        r.map(|()| resolved).map_err(RemoteError::Probe)
+    }
+
     /// Registers `consumer` on `target` in every traced process that maps
     /// its file now or later. The traced processes are stopped for the
-    /// change and resumed.
+    /// change and resumed. A bare library name is looked up as this process
+    /// would load it; [`register_in`](Self::register_in) looks it up as a
+    /// traced process sees it.
     ///
     /// # Errors
     /// As [`UprobeRegistry::register`] and the resolver; nothing changes.
