@@ -504,11 +504,13 @@ mod tests {
         let insn = X86_64
             .analyze(AT, &[0x48, 0x8b, 0x0d, 0x00, 0x01, 0x00, 0x00])
             .unwrap();
-        let plan = X86_64.plan_xol(&insn, SLOT).unwrap();
+        // From a slot out of the operand's reach (within reach the copy is
+        // retargeted and needs no scratch).
+        let plan = X86_64.plan_xol(&insn, AT + (1 << 40)).unwrap();
         let scratch = plan
             .fixups
             .scratch
-            .expect("a RIP-relative plan has a scratch");
+            .expect("an out-of-reach RIP-relative plan has a scratch");
         let reg = usize::from(scratch.reg);
         let mut regs = Regs {
             ip: AT + 1,
