@@ -27,45 +27,71 @@
 //!   registered before `dlopen` is in place before the library's
 //!   constructors run.
 //! - **Threads** are traced as they are created (`PTRACE_O_TRACECLONE`).
-//! - **`fork`**: the child gets the parent's text, breakpoints included;
-//!   the tracer writes the original bytes back in the child and lets it go
-//!   (children are not followed yet). A `vfork` child shares its parent's
-//!   memory: it is served as one more thread of the parent's space until it
-//!   `exec`s or exits, then let go.
+//!   Each has its own return stack for uretprobes ([`ProxyReturns`]): the
+//!   registry keeps calls per calling thread, and this thread serves them
+//!   all.
+//! - **`fork`**: the child gets the parent's text, breakpoints included, and
+//!   the forking thread's stack, hijacked return addresses included. The
+//!   tracer writes back the original byte at every address ever probed in
+//!   the space (a breakpoint removed from the parent after the `fork` is
+//!   still in the child's copy) and the real return addresses, then follows
+//!   the child as a process of its own or lets it go
+//!   ([`follow_forks`](RemoteTracer::follow_forks)). A `vfork` child shares
+//!   its parent's memory: it is served as one more thread of the parent's
+//!   space until it `exec`s or exits.
 //! - **`exec`**: the old space is forgotten; the new image is a new space,
 //!   set up at the `exec` stop (its first instruction), and gets the
 //!   uprobes of the files it maps.
 //! - **Exit** and `kill -9`: the space's records are dropped (no byte to
 //!   restore).
 //!
-//! # Registering while the target runs
+//! No `waitpid` waits on one thread: an exiting process's leader is
+//! reported only once its other threads have been reaped, so a wait for a
+//! given thread collects the others' stops for later (`stops.rs`).
+//!
+//! # Registering while the targets run, several tracer threads
 //!
 //! [`register`](RemoteTracer::register) and
-//! [`unregister`](RemoteTracer::unregister) stop every traced thread first
+//! [`unregister`](RemoteTracer::unregister) stop this tracer's threads
 //! (`PTRACE_INTERRUPT`), change the registry and the text, and resume
 //! them; stops that arrive meanwhile are kept and served by the next
 //! [`run`](RemoteTracer::run). A new XOL chunk is mapped in the process
 //! with an `mmap` made by one of its stopped threads (`inject.rs`).
 //!
-//! # Detach, and a tracer that dies
+//! The kernel ties a tracee to the thread that attached it, so a tracer is
+//! `!Send`; several tracers on several threads share one registry
+//! ([`with_registry`](RemoteTracer::with_registry)): each serves the hits of
+//! its own processes, concurrently, and a registration through any of them
+//! is written into every process of every tracer while their threads run
+//! and hit (the registry's ordering makes that safe, as for live code in
+//! this process: the slot is written before the breakpoint, a trap on a
+//! breakpoint removed meanwhile goes back to the instruction, and a freed
+//! slot is only reused for its address). [`unregister_nosync`](RemoteTracer::unregister_nosync)
+//! and [`commit`](RemoteTracer::commit) batch removals behind one grace
+//! period.
+//!
+//! # Detach, termination, and a tracer that dies
 //!
 //! [`detach`](RemoteTracer::detach) stops the process, writes back every
 //! original byte ([`UprobeRegistry::detach_space`]), steps any thread out of
-//! an XOL slot, and lets every thread go; the XOL area stays mapped (a few
-//! pages of `int3`s nobody jumps to). A spawned command is started with
-//! `PTRACE_O_EXITKILL` and dies with the tracer. A process attached to with
-//! [`attach`](RemoteTracer::attach) keeps running if the tracer is killed
-//! with `SIGKILL`, with its breakpoints in place: the next one it executes
-//! kills it with `SIGTRAP`. There is no recovery from outside but to restart
-//! it (a tracer that is told to stop, `SIGINT` or `SIGTERM` handled by the
-//! program that owns the tracer, detaches first).
+//! an XOL slot, sends a thread stopped on the return trampoline on to its
+//! caller and writes back the real return address of every call still in
+//! flight, unmaps the XOL area (kept only if a signal was ever delivered to
+//! a thread inside a slot: the handler's frame holds the slot's address),
+//! and lets every thread go. Dropping a tracer detaches everything
+//! ([`detach_all`](RemoteTracer::detach_all));
+//! [`detach_on_termination`](RemoteTracer::detach_on_termination) makes
+//! `SIGINT`, `SIGTERM` and `SIGHUP` do the same before `run` returns.
 //!
-//! # Not yet
-//!
-//! One tracer thread serves every stop (the kernel ties a tracee to the
-//! thread that attached it); fork children are let go, not followed; a
-//! uretprobe whose call is still in flight when the process is detached
-//! returns into the trampoline and dies of `SIGTRAP`.
+//! A tracer killed with `SIGKILL` cannot detach. A command it spawned dies
+//! with it (`PTRACE_O_EXITKILL`). A process it attached to is detached by
+//! the kernel and runs on with every breakpoint in place: the next one it
+//! executes kills it with `SIGTRAP`, and so does the return of a call
+//! tracked for its return handlers. To recover, stop it (`kill -STOP`) if
+//! it can be stopped in time, call [`repair`](RemoteTracer::repair) from a
+//! new tracer (the text is restored from its files; a hijacked return
+//! address cannot be), then `kill -CONT`. The window is the time between
+//! the tracer's death and the next breakpoint the process executes.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::marker::PhantomData;
