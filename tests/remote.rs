@@ -239,19 +239,8 @@ fn a_stopped_program_stays_stopped_through_a_registration() {
 fn a_library_opened_later_is_probed_at_each_dlopen_and_its_returns_are_seen() {
     let lib = fixture_lib();
     let mut t = RemoteTracer::new();
-    let calls = Arc::new(AtomicU64::new(0));
-    let rets = Arc::new(AtomicU64::new(0));
-    let (c1, r1) = (Arc::clone(&calls), Arc::clone(&rets));
-    let consumer = Consumer::builder()
-        .handler(move |_, _| {
-            c1.fetch_add(1, Ordering::Relaxed);
-            ConsumerAction::Continue
-        })
-        .ret_handler(move |ret, _| {
-            // lib_add(i) = i + 5: the sum of the return values is checked.
-            r1.fetch_add(ret.retval, Ordering::Relaxed);
-        })
-        .build();
+    // lib_add(i) = i + 5: the sum of the return values is checked.
+    let (consumer, calls, rets) = entries_and_returns();
     t.register(
         &UprobeTarget::symbol(lib.to_str().unwrap(), "lib_add"),
         &consumer,
