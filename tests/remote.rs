@@ -134,9 +134,9 @@ fn registration_churn_while_four_threads_hit_changes_no_count_and_no_output() {
     assert_eq!(std::fs::read_to_string(out).unwrap(), run_untraced(&args));
 }
 
-/// `kill -9` of a traced program while the tracer is not serving it (its
-/// thread waits in a ptrace stop at the next breakpoint, or runs): the
-/// tracer reports the signal and forgets the space.
+/// `kill -9` of a traced program while its thread waits in a ptrace stop
+/// at a breakpoint the tracer has not served: the tracer reports the signal
+/// and forgets the space.
 #[test]
 fn a_program_killed_while_traced_is_reported_and_forgotten() {
     let stop = dir().join("stop-kill");
@@ -157,6 +157,13 @@ fn a_program_killed_while_traced_is_reported_and_forgotten() {
         t.run_for(Duration::from_millis(5)).unwrap();
     }
     assert!(t.registry().installs_in(space) > 0);
+    // Not served now: its thread stops at its next call of `rt_work` and
+    // waits there, in a ptrace stop ("t"), when the signal comes.
+    let start = std::time::Instant::now();
+    while stat_state(pid) != 't' && start.elapsed() < Duration::from_secs(20) {
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    assert_eq!(stat_state(pid), 't', "stopped at a breakpoint");
     // SAFETY: a signal to the traced child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     t.run().unwrap();
@@ -298,6 +305,18 @@ fn which(name: &str) -> Result<PathBuf, ()> {
         .ok_or(())
 }
 
+/// The state letter of process `pid` (`/proc/<pid>/stat`).
+fn stat_state(pid: i32) -> char {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    s.rsplit(')')
+        .next()
+        .unwrap()
+        .trim_start()
+        .chars()
+        .next()
+        .unwrap()
+}
+
 /// The space id of traced process `pid`.
 fn space_of(t: &RemoteTracer, pid: i32) -> rcu_registry::probes::uprobe::SpaceId {
     use rcu_registry::probes::uprobe::AddressSpace;
@@ -398,6 +417,28 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
         t.attach(i32::MAX - 1),
         Err(RemoteError::NoSuchProcess(p)) if p == i32::MAX - 1
     ));
+    // A process that has exited (a zombie its parent has not reaped: what
+    // a process exiting during the attach becomes).
+    let mut gone = Command::new("true").spawn().unwrap();
+    let gone_pid = gone.id() as i32;
+    let start = std::time::Instant::now();
+    while !std::fs::read_to_string(format!("/proc/{gone_pid}/stat"))
+        .unwrap()
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .trim_start()
+        .starts_with('Z')
+        && start.elapsed() < Duration::from_secs(20)
+    {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    assert!(matches!(
+        t.attach(gone_pid),
+        Err(RemoteError::NoSuchProcess(p)) if p == gone_pid
+    ));
+    assert!(t.pids().is_empty());
+    gone.wait().unwrap();
     // A symbol that is not there.
     let (c, _) = counter();
     assert!(matches!(

@@ -256,8 +256,16 @@ impl std::fmt::Display for Refusal {
 /// Why seizing `pid` failed with `e`, as a typed error.
 fn refused(pid: Tid, e: std::io::Error) -> RemoteError {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"));
+    // A process that has exited and not been reaped yet (a zombie, or one
+    // exiting while it was being seized) is no process to trace.
+    let exited = status.as_ref().is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("State:"))
+            .is_some_and(|v| matches!(v.trim().chars().next(), Some('Z' | 'X')))
+    });
     match (e.raw_os_error(), status) {
         (Some(libc::ESRCH), _) | (_, Err(_)) => RemoteError::NoSuchProcess(pid),
+        _ if exited => RemoteError::NoSuchProcess(pid),
         (Some(libc::EPERM), Ok(status)) => {
             let field = |name: &str| {
                 status
