@@ -124,6 +124,10 @@ const SI_KERNEL: i32 = 0x80;
 /// The dynamic linker's rendezvous function.
 const RENDEZVOUS: &str = "_dl_debug_state";
 
+/// `waitpid(WNOHANG)` polls before a blocking wait (see
+/// `RemoteTracer::next_stop`): about 30-60 µs of polling at most.
+const SPIN_POLLS: usize = 64;
+
 /// Space ids, unique across the tracers that share a registry.
 static NEXT_SPACE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
@@ -990,7 +994,7 @@ impl RemoteTracer {
     fn serve_one(&mut self, block: bool) -> Result<bool, RemoteError> {
         let next = match self.stops.pop() {
             Some(s) => Some(s),
-            None => match ptrace::wait_interruptible(if block { 0 } else { libc::WNOHANG }) {
+            None => match self.next_stop(block) {
                 Ok(s) => s,
                 Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
                     self.procs.clear();
@@ -1005,6 +1009,23 @@ impl RemoteTracer {
         };
         self.serve(tid, status);
         Ok(true)
+    }
+
+    /// The next stop of any tracee: polled (`WNOHANG`) up to
+    /// [`SPIN_POLLS`] times before a blocking wait when `block`. A thread
+    /// resumed from a hit usually stops again within microseconds; a
+    /// tracer that went to sleep pays the wake-up of an idle CPU on top
+    /// (measured on this 2-vCPU guest, idle: a bare stop round trip 18 µs
+    /// blocking, 11-13 µs polling first).
+    fn next_stop(&mut self, block: bool) -> std::io::Result<Option<(Tid, libc::c_int)>> {
+        if block {
+            for _ in 0..SPIN_POLLS {
+                if let Some(s) = ptrace::wait_interruptible(libc::WNOHANG)? {
+                    return Ok(Some(s));
+                }
+            }
+        }
+        ptrace::wait_interruptible(if block { 0 } else { libc::WNOHANG })
     }
 
     fn serve(&mut self, tid: Tid, status: libc::c_int) {
