@@ -608,32 +608,37 @@ fn four_threads_returning_through_the_trampoline_see_every_return() {
 /// untraced.
 #[test]
 fn a_fork_inside_a_call_tracked_for_its_return_lets_the_child_return_normally() {
+    assert_eq!(
+        fork_inside_a_tracked_call(false),
+        200,
+        "the parent's calls only"
+    );
+}
+
+/// Runs the fixture's `forkin 200` (with children followed or not), a
+/// uretprobe on `rt_fork` and a counter on `rt_work`; checks the exit, the
+/// one entry and the parent's return (the child's pid) and the output
+/// (its checksum includes the child's exit status, 7); returns the calls
+/// of `rt_work` counted.
+fn fork_inside_a_tracked_call(follow: bool) -> u64 {
     let (consumer, calls, rets) = entries_and_returns();
     let (work, worked) = counter();
     let file = fixture_file();
     let mut t = RemoteTracer::new();
+    t.follow_forks(follow);
     t.register(&UprobeTarget::symbol(file.as_str(), "rt_fork"), &consumer)
         .unwrap();
     t.register(&UprobeTarget::symbol(file.as_str(), "rt_work"), &work)
         .unwrap();
     let args = ["forkin", "200"];
-    let out = dir().join("traced-forkin");
+    let out = dir().join(format!("traced-forkin-{follow}"));
     let pid = t.spawn(&fixture_cmd(&out, &args)).unwrap();
     t.run().unwrap();
     assert_eq!(t.exit_status(pid), Some(ExitStatus::Code(0)));
     assert_eq!(calls.load(Ordering::Relaxed), 1);
-    assert_ne!(
-        rets.load(Ordering::Relaxed),
-        0,
-        "the parent's return: the child's pid"
-    );
-    assert_eq!(
-        worked.load(Ordering::Relaxed),
-        200,
-        "the parent's calls only"
-    );
-    // The checksum includes the child's exit status (7).
+    assert_ne!(rets.load(Ordering::Relaxed), 0, "the parent's return");
     assert_eq!(std::fs::read_to_string(out).unwrap(), run_untraced(&args));
+    worked.load(Ordering::Relaxed)
 }
 
 /// The instruction pointer of thread `pid` of a process stopped outside a
@@ -1031,28 +1036,11 @@ fn two_tracer_threads_share_a_registry_while_a_third_churns_registrations() {
 /// counted with the parent's.
 #[test]
 fn a_followed_fork_child_is_traced_as_a_process_of_its_own() {
-    let (consumer, calls, rets) = entries_and_returns();
-    let (work, worked) = counter();
-    let file = fixture_file();
-    let mut t = RemoteTracer::new();
-    t.follow_forks(true);
-    t.register(&UprobeTarget::symbol(file.as_str(), "rt_fork"), &consumer)
-        .unwrap();
-    t.register(&UprobeTarget::symbol(file.as_str(), "rt_work"), &work)
-        .unwrap();
-    let args = ["forkin", "200"];
-    let out = dir().join("traced-follow");
-    let pid = t.spawn(&fixture_cmd(&out, &args)).unwrap();
-    t.run().unwrap();
-    assert_eq!(t.exit_status(pid), Some(ExitStatus::Code(0)));
-    assert_eq!(calls.load(Ordering::Relaxed), 1);
-    assert_ne!(rets.load(Ordering::Relaxed), 0);
     assert_eq!(
-        worked.load(Ordering::Relaxed),
+        fork_inside_a_tracked_call(true),
         400,
         "the parent's and the child's"
     );
-    assert_eq!(std::fs::read_to_string(out).unwrap(), run_untraced(&args));
 }
 
 /// A shell (a command of the base system) that forks to run `ls`: with
