@@ -767,14 +767,21 @@ fn a_tracer_told_to_terminate_detaches_first_and_the_program_runs_on() {
         status.lines().any(|l| l == "TracerPid:\t0"),
         "no longer traced"
     );
-    std::fs::write(&stop, b"").unwrap();
+    stop_and_check_untraced_end(&stop, &out);
+}
+
+/// Ends a fixture in `until` mode that is not this process's child (the
+/// helper started it): creates `stop`, and waits for the output it writes
+/// untraced.
+fn stop_and_check_untraced_end(stop: &Path, out: &Path) {
+    std::fs::write(stop, b"").unwrap();
     let start = std::time::Instant::now();
-    while std::fs::read_to_string(&out).unwrap_or_default() != "checksum 1\n"
+    while std::fs::read_to_string(out).unwrap_or_default() != "checksum 1\n"
         && start.elapsed() < Duration::from_secs(30)
     {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(std::fs::read_to_string(&out).unwrap(), "checksum 1\n");
+    assert_eq!(std::fs::read_to_string(out).unwrap(), "checksum 1\n");
 }
 
 /// The name of the test whose tracer's role the helper process plays.
@@ -883,14 +890,7 @@ fn a_program_left_with_breakpoints_by_a_killed_tracer_is_repaired_from_its_files
     ));
     // SAFETY: a signal to the fixture.
     unsafe { libc::kill(pid, libc::SIGCONT) };
-    std::fs::write(&stop, b"").unwrap();
-    let start = std::time::Instant::now();
-    while std::fs::read_to_string(&out).unwrap_or_default() != "checksum 1\n"
-        && start.elapsed() < Duration::from_secs(30)
-    {
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    assert_eq!(std::fs::read_to_string(&out).unwrap(), "checksum 1\n");
+    stop_and_check_untraced_end(&stop, &out);
 }
 
 /// The tracer's role in the tests above.
