@@ -323,6 +323,28 @@ fn space_of(t: &RemoteTracer, pid: i32) -> rcu_registry::probes::uprobe::SpaceId
     t.space(pid).expect("traced").id()
 }
 
+/// Where the uprobe `key` sits in traced process `pid`, as the registry
+/// mapped it.
+fn probe_address(t: &RemoteTracer, pid: i32, key: rcu_registry::probes::uprobe::UprobeKey) -> u64 {
+    t.registry()
+        .mappings_of(space_of(t, pid))
+        .iter()
+        .filter(|m| m.file == key.file)
+        .find_map(|m| m.vaddr_of(key.offset))
+        .expect("the program's text is mapped")
+}
+
+/// `len` bytes of the fixture program's file at `offset`.
+fn fixture_bytes(offset: u64, len: usize) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut b = vec![0u8; len];
+    std::fs::File::open(fixture())
+        .unwrap()
+        .read_exact_at(&mut b, offset)
+        .unwrap();
+    b
+}
+
 /// The code bytes of `symbol` in `pid`, through its memory file.
 fn code_of(pid: i32, addr: u64, len: usize) -> Vec<u8> {
     use std::os::unix::fs::FileExt;
@@ -354,26 +376,12 @@ fn attach_and_detach_cycles_leave_a_running_program_unaware() {
     // Where the uprobe sits in the process, as the registry mapped it at
     // the first attach; the original bytes are the file's.
     let key = resolved.key();
-    let original = {
-        let mut b = vec![0u8; 4];
-        use std::os::unix::fs::FileExt;
-        std::fs::File::open(fixture())
-            .unwrap()
-            .read_exact_at(&mut b, key.offset)
-            .unwrap();
-        b
-    };
+    let original = fixture_bytes(key.offset, 4);
     let mut at = None;
     let mut last = 0;
     for round in 0..3 {
         t.attach(pid).unwrap();
-        let here = t
-            .registry()
-            .mappings_of(space_of(&t, pid))
-            .iter()
-            .filter(|m| m.file == key.file)
-            .find_map(|m| m.vaddr_of(key.offset))
-            .expect("the program's text is mapped");
+        let here = probe_address(&t, pid, key);
         let at = *at.get_or_insert(here);
         assert_eq!(here, at, "round {round}: the same place");
         assert_eq!(code_of(pid, at, 1), [0xcc], "round {round}: installed");
@@ -917,21 +925,8 @@ fn termination_tracer() {
     }
     assert!(hits.load(Ordering::Relaxed) > 0);
     let key = resolved.key();
-    let at = t
-        .registry()
-        .mappings_of(space_of(&t, pid))
-        .iter()
-        .filter(|m| m.file == key.file)
-        .find_map(|m| m.vaddr_of(key.offset))
-        .unwrap();
-    let mut orig = [0u8];
-    {
-        use std::os::unix::fs::FileExt;
-        std::fs::File::open(fixture())
-            .unwrap()
-            .read_exact_at(&mut orig, key.offset)
-            .unwrap();
-    }
+    let at = probe_address(&t, pid, key);
+    let orig = fixture_bytes(key.offset, 1);
     println!("ready {pid} {at} {}", orig[0]);
     use std::io::Write;
     std::io::stdout().flush().unwrap();
