@@ -15,8 +15,8 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex};
 
-/// x86_64's breakpoint, `int3`.
-const INT3: u8 = 0xcc;
+/// x86_64's breakpoint, `int3` (the remote tracer's only architecture).
+pub(super) const INT3: u8 = 0xcc;
 
 use crate::probes::arch::DataMemory;
 use crate::probes::error::{CodeBytes, TextFailure};

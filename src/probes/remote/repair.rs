@@ -21,13 +21,10 @@
 use std::collections::BTreeSet;
 use std::os::unix::fs::FileExt;
 
-use super::mem::RemoteMemory;
+use super::mem::{RemoteMemory, INT3};
 use super::ptrace::{self, Stop, Tid};
 use super::tracer::{RemoteError, RemoteTracer};
 use crate::probes::procmaps::Maps;
-
-/// `int3`.
-const INT3: u8 = 0xcc;
 
 impl RemoteTracer {
     /// Repairs the text of process `pid` (not traced by anyone) after its

@@ -52,10 +52,10 @@ pub(super) fn register() -> io::Result<()> {
     let mut err = None;
     INSTALL.call_once(|| {
         for sig in SIGNALS {
-            // SAFETY: a zeroed sigaction is a valid value to fill in; the
-            // handler is an `extern "C" fn(c_int)` doing one atomic store,
-            // async-signal-safe; no SA_RESTART, so a blocked `waitpid` on a
-            // thread that takes the signal fails with EINTR.
+            // No SA_RESTART: a blocked `waitpid` on a thread that takes the
+            // signal fails with EINTR.
+            // SAFETY: a zeroed sigaction is valid to fill in; the handler is
+            // an `extern "C" fn(c_int)` doing one atomic store (signal-safe).
             let r = unsafe {
                 let mut sa: libc::sigaction = std::mem::zeroed();
                 sa.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;

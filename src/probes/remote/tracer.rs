@@ -104,7 +104,7 @@ use super::regs;
 use super::space::{file_mappings, RemoteSpace};
 use super::stops::Stops;
 use crate::probes::arch::StepOutcome;
-use crate::probes::arch::{Arch, X86_64};
+use crate::probes::arch::X86_64;
 use crate::probes::outcome::ReturnOutcome;
 use crate::probes::procmaps::Maps;
 use crate::probes::uprobe::{
@@ -1149,10 +1149,9 @@ impl RemoteTracer {
             // registry may be changed by another thread meanwhile), so
             // every address ever probed whose byte in the child is still
             // the breakpoint.
-            let bp = X86_64.breakpoint();
             for (vaddr, orig) in p.space.memory().ever_patched() {
                 let mut now = [0u8];
-                if mem.read_at(vaddr, &mut now).is_ok() && now[..] == bp[..1] {
+                if mem.read_at(vaddr, &mut now).is_ok() && now[0] == super::mem::INT3 {
                     let _ = mem.write_at(vaddr, &[orig]);
                 }
             }

@@ -14,7 +14,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use super::inject;
-use super::mem::RemoteMemory;
+use super::mem::{RemoteMemory, INT3};
 use super::ptrace::Tid;
 use super::stops::Stops;
 use crate::probes::error::TextFailure;
@@ -31,7 +31,6 @@ pub const REMOTE_XOL_CHUNK_BYTES: u64 = 1 << 20;
 const REACH: u64 = (1 << 31) - REMOTE_XOL_CHUNK_BYTES - 4096;
 const MIN_ADDR: u64 = 0x10_0000;
 const MAX_ADDR: u64 = 0x7fff_ffff_f000;
-const INT3: u8 = 0xcc;
 
 /// The thread a [`RemoteXol`] may borrow to map a chunk: set by the tracer
 /// while it holds one of the process's threads stopped, on the tracer

@@ -308,20 +308,6 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         st.installs.get_cloned(&vaddr).map(|i| i.key)
     }
 
-    /// Every breakpoint installed in `space`: its address and the
-    /// instruction bytes it displaced (what a copy of the space, a forked
-    /// child the tracer lets go, must get back).
-    pub fn installed_bytes(&self, space: SpaceId) -> Vec<(u64, CodeBytes)> {
-        let g = self.domain.read();
-        let Some(st) = self.spaces.get(&g, &space) else {
-            return Vec::new();
-        };
-        st.installs
-            .iter(&g)
-            .map(|(v, i)| (*v, CodeBytes::new(i.insn.bytes())))
-            .collect()
-    }
-
     /// Number of breakpoints installed in `space`.
     pub fn installs_in(&self, space: SpaceId) -> usize {
         let g = self.domain.read();

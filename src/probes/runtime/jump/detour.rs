@@ -139,12 +139,12 @@ extern "C" fn entering(regs: *mut Regs) {
     // detour's return address (module docs), part of the same frame.
     let ret = unsafe { &mut *(regs as *mut Regs).add(1).cast::<u64>() };
     let detour = *ret - RELOCATED_AT;
+    let slot_word = (detour + SLOT_WORD as u64) as *const u64;
     // SAFETY: the return address is the detour's byte 11 (only detours call
     // the stubs), and a detour's slot word holds a leaked `&'static
     // JumpSlot`; the detour is not freed while a thread is in its stub
     // (`jump.rs`, "Freeing a detour").
-    let slot: &'static JumpSlot =
-        unsafe { &*(((detour + SLOT_WORD as u64) as *const u64).read() as *const JumpSlot) };
+    let slot: &'static JumpSlot = unsafe { &*(slot_word.read() as *const JumpSlot) };
     let flags = regs.flags;
     regs.ip = slot.addr;
     let hit = super::super::signal::abort_on_panic(
