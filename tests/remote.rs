@@ -546,6 +546,14 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
         .register_in(pid, &UprobeTarget::symbol("libc.so.6", "getppid"), &other)
         .unwrap();
     assert!(r.path.starts_with(format!("/proc/{pid}/root/")), "{r:?}");
+    // Installed there once the tracer has served the loader's report of
+    // the mapping (its rendezvous stop may still be pending).
+    let start = std::time::Instant::now();
+    while t.registry().installs_in(space_of(&t, pid)) < before.1 + 1
+        && start.elapsed() < Duration::from_secs(20)
+    {
+        t.run_for(Duration::from_millis(5)).unwrap();
+    }
     assert_eq!(t.registry().installs_in(space_of(&t, pid)), before.1 + 1);
     t.unregister(r.key(), &other).unwrap();
     // Another tracer (a second one, on another thread) is refused and
