@@ -57,8 +57,10 @@ fn steady() -> (Consumer, PerSpace) {
     (c, seen)
 }
 
-fn untraced(args: &[String]) -> String {
-    let out = dir().join(format!("untraced-{}", args[0]));
+/// What the fixture writes untraced with `args` (into a file of the
+/// calling tracer thread's, `name`: the two run the same kinds at once).
+fn untraced(args: &[String], name: &str) -> String {
+    let out = dir().join(format!("untraced-{name}-{}", args[0]));
     assert!(Command::new(fixture())
         .arg(&out)
         .args(args)
@@ -91,7 +93,7 @@ fn tracer_thread(
 ) -> (Vec<u64>, u64) {
     let lib = fixture_lib();
     let kinds = kinds(&lib);
-    let expected: Vec<String> = kinds.iter().map(|(a, ..)| untraced(a)).collect();
+    let expected: Vec<String> = kinds.iter().map(|(a, ..)| untraced(a, name)).collect();
     let mut t = RemoteTracer::with_registry(registry);
     t.follow_forks(follow);
     let mut runs = vec![0u64; kinds.len()];
