@@ -1080,3 +1080,153 @@ fn a_shell_s_child_command_is_traced_only_when_children_are_followed() {
         }
     }
 }
+
+/// The CPUs thread `tid` may run on, as `/proc` lists them (`0-1`, `1`).
+fn cpus_of(pid: i32, tid: i32) -> String {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap()
+        .trim()
+        .to_string()
+}
+
+/// The thread ids of `pid`.
+fn tids_of(pid: i32) -> Vec<i32> {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The last CPU this thread may run on.
+fn last_allowed_cpu() -> usize {
+    let list = cpus_of(std::process::id() as i32, gettid());
+    let last = list.rsplit([',', '-']).next().unwrap();
+    last.parse().unwrap()
+}
+
+fn gettid() -> i32 {
+    // SAFETY: gettid takes nothing and cannot fail.
+    unsafe { libc::gettid() }
+}
+
+/// A colocated tracer serves a program whose four threads are created
+/// while it is traced: every thread of it, and the tracer, run on the one
+/// CPU at every hit checked; counts and output are the untraced ones; the
+/// tracer's own CPUs come back when it stops colocating.
+#[test]
+fn a_colocated_program_runs_every_thread_on_the_tracer_s_cpu_and_counts_stay_exact() {
+    let me = std::process::id() as i32;
+    let tracer_cpus = cpus_of(me, gettid());
+    let cpu = last_allowed_cpu();
+    let mut t = RemoteTracer::new();
+    assert_eq!(t.colocate(Some(cpu)).unwrap(), cpu);
+    assert_eq!(t.colocated(), Some(cpu));
+    assert_eq!(cpus_of(me, gettid()), cpu.to_string());
+    let pid = Arc::new(std::sync::atomic::AtomicI32::new(0));
+    let checked = Arc::new(AtomicU64::new(0));
+    let hits = Arc::new(AtomicU64::new(0));
+    let consumer = {
+        let (pid, checked, hits) = (Arc::clone(&pid), Arc::clone(&checked), Arc::clone(&hits));
+        Consumer::new(move |_, _| {
+            if hits.fetch_add(1, Ordering::Relaxed) % 500 == 0 {
+                let pid = pid.load(Ordering::Relaxed);
+                for tid in tids_of(pid) {
+                    assert_eq!(cpus_of(pid, tid), cpu.to_string(), "thread {tid} pinned");
+                    checked.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            ConsumerAction::Continue
+        })
+    };
+    t.register(
+        &UprobeTarget::symbol(fixture_file().as_str(), "rt_work"),
+        &consumer,
+    )
+    .unwrap();
+    let args = ["work", "2000", "4"];
+    let out = dir().join("traced-colocated");
+    pid.store(
+        t.spawn(&fixture_cmd(&out, &args)).unwrap(),
+        Ordering::Relaxed,
+    );
+    t.run().unwrap();
+    assert_eq!(hits.load(Ordering::Relaxed), 8_000);
+    assert_eq!(std::fs::read_to_string(out).unwrap(), run_untraced(&args));
+    // The main thread and at least one worker at each of 16 checks.
+    assert!(checked.load(Ordering::Relaxed) >= 16 * 2);
+    t.stop_colocating();
+    assert_eq!(t.colocated(), None);
+    assert_eq!(cpus_of(me, gettid()), tracer_cpus);
+}
+
+/// Attached to a running program, a colocated tracer pins it and gives it
+/// its own CPUs back at detach, twice; a CPU this thread may not use is a
+/// typed error that changes nothing (a colocation in place stays).
+#[test]
+fn a_colocated_attach_gives_the_program_its_cpus_back_at_detach_and_a_bad_cpu_changes_nothing() {
+    let me = std::process::id() as i32;
+    let tracer_cpus = cpus_of(me, gettid());
+    let stop = dir().join("stop-colocated");
+    let out = dir().join("traced-until-colocated");
+    let _ = std::fs::remove_file(&stop);
+    let mut child = Running(
+        fixture_cmd(&out, &["until", stop.to_str().unwrap()])
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id() as i32;
+    let program_cpus = cpus_of(pid, pid);
+    let cpu = last_allowed_cpu();
+    let mut t = RemoteTracer::new();
+    let (c, hits) = counter();
+    t.register(
+        &UprobeTarget::symbol(fixture_file().as_str(), "rt_work"),
+        &c,
+    )
+    .unwrap();
+    let bad = libc::CPU_SETSIZE as usize + 1;
+    assert!(matches!(t.colocate(Some(bad)), Err(RemoteError::Os { .. })));
+    assert_eq!(t.colocated(), None);
+    assert_eq!(cpus_of(me, gettid()), tracer_cpus);
+    for round in 0..2 {
+        t.attach(pid).unwrap();
+        // Colocated after the attach in the first round, before it in the
+        // second.
+        if round == 0 {
+            t.colocate(Some(cpu)).unwrap();
+        }
+        assert_eq!(cpus_of(pid, pid), cpu.to_string(), "round {round}: pinned");
+        assert!(t.colocate(Some(bad)).is_err());
+        assert_eq!(t.colocated(), Some(cpu), "round {round}: still colocated");
+        assert_eq!(
+            cpus_of(pid, pid),
+            cpu.to_string(),
+            "round {round}: still pinned"
+        );
+        let before = hits.load(Ordering::Relaxed);
+        let start = std::time::Instant::now();
+        while hits.load(Ordering::Relaxed) == before && start.elapsed() < Duration::from_secs(20) {
+            t.run_for(Duration::from_millis(10)).unwrap();
+        }
+        assert!(
+            hits.load(Ordering::Relaxed) > before,
+            "round {round}: counted"
+        );
+        t.detach(pid).unwrap();
+        assert_eq!(
+            cpus_of(pid, pid),
+            program_cpus,
+            "round {round}: its CPUs back"
+        );
+    }
+    drop(t);
+    assert_eq!(cpus_of(me, gettid()), tracer_cpus, "the tracer's CPUs back");
+    std::fs::write(&stop, b"").unwrap();
+    assert!(child.0.wait().unwrap().success());
+    assert_eq!(std::fs::read_to_string(out).unwrap(), "checksum 1\n");
+}

@@ -19,6 +19,7 @@
 //! registry; it uses neither the live runtime nor its signal handlers.
 //! Where a hit and a registration go: `ARCHITECTURE.md`.
 
+mod colocate;
 mod inject;
 mod mem;
 mod ptrace;

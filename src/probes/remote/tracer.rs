@@ -98,6 +98,7 @@ use std::marker::PhantomData;
 use std::process::Command;
 use std::sync::Arc;
 
+use super::colocate::Colocation;
 use super::mem::RemoteMemory;
 use super::ptrace::{self, Stop, Tid};
 use super::regs;
@@ -387,6 +388,9 @@ pub struct RemoteTracer {
     /// Whether `fork` children (and `vfork` children once they `exec`)
     /// are traced as processes of their own ([`follow_forks`](Self::follow_forks)).
     follow: bool,
+    /// The tracer and its traced threads on one CPU
+    /// ([`colocate`](Self::colocate)).
+    coloc: Option<Colocation>,
     _not_send: PhantomData<*const ()>,
 }
 
@@ -411,6 +415,7 @@ impl Drop for RemoteTracer {
         if self.on_termination {
             super::terminate::deregister();
         }
+        self.stop_colocating();
     }
 }
 
@@ -459,6 +464,7 @@ impl RemoteTracer {
             loader_files: BTreeSet::new(),
             on_termination: false,
             follow: false,
+            coloc: None,
             _not_send: PhantomData,
         }
     }
@@ -673,6 +679,9 @@ impl RemoteTracer {
         );
         for &t in &threads {
             self.owner.insert(t, pid);
+            if let Some(c) = &mut self.coloc {
+                c.pin(t);
+            }
         }
         self.procs.insert(
             pid,
@@ -963,6 +972,81 @@ impl RemoteTracer {
         self.follow = follow;
     }
 
+    /// Opt-in colocation: pins this tracer thread, and every thread it
+    /// traces (those traced now and those to come: new threads, children,
+    /// new images), to one CPU, `cpu` or the one this thread runs on now.
+    /// Returns the CPU.
+    ///
+    /// A remote hit is two wake-ups (the tracer's, at the stop; the traced
+    /// thread's, at the resume). On separate CPUs each may be an idle
+    /// CPU's; on one CPU each is a switch on the same run queue, and the
+    /// tracer blocks at once instead of polling. Measured on this 2-vCPU
+    /// guest, idle: a remote uprobe hit costs about half as much
+    /// colocated (`BENCHMARKS.md`, benches/remote.rs). The price: the
+    /// traced program's threads share one CPU with each other and the
+    /// tracer while traced, so a program that needs its parallelism runs
+    /// slower. It is a change to the traced program, hence never the
+    /// default.
+    ///
+    /// Each thread's own affinity is saved when it is pinned (a new
+    /// thread's or child's is its creator's) and written back when it is
+    /// let go: [`detach`](Self::detach), a `fork` child not followed,
+    /// [`stop_colocating`](Self::stop_colocating), or dropping the tracer,
+    /// which also writes back the tracer thread's own. A thread that cannot
+    /// be pinned (another user's, without `CAP_SYS_NICE`) runs where it
+    /// ran. A tracer killed with `SIGKILL` leaves its processes pinned:
+    /// `taskset -a -p <mask> <pid>` gives them their CPUs back. Calling it
+    /// again moves everything to the new CPU (the saved affinities stay
+    /// the ones from before the first call).
+    ///
+    /// # Errors
+    /// [`RemoteError::Os`] if this thread could not run on `cpu` before
+    /// colocation (its affinity or cpuset excludes it, or no such CPU):
+    /// nothing changes, a colocation in place stays where it was.
+    pub fn colocate(&mut self, cpu: Option<usize>) -> Result<usize, RemoteError> {
+        let what = || format!("pinning the tracer to CPU {cpu:?}");
+        match &mut self.coloc {
+            Some(c) => c.move_to(cpu).map_err(os(what()))?,
+            None => self.coloc = Some(Colocation::start(cpu).map_err(os(what()))?),
+        }
+        let cpu = self.coloc.as_ref().expect("set above").cpu();
+        self.pin_all();
+        Ok(cpu)
+    }
+
+    /// Pins every traced thread ([`colocate`](Self::colocate)).
+    fn pin_all(&mut self) {
+        let threads: Vec<Tid> = self.owner.keys().copied().collect();
+        if let Some(c) = &mut self.coloc {
+            for t in threads {
+                c.pin(t);
+            }
+        }
+    }
+
+    /// The CPU of a [`colocate`](Self::colocate)d tracer.
+    pub fn colocated(&self) -> Option<usize> {
+        self.coloc.as_ref().map(|c| c.cpu())
+    }
+
+    /// Ends the [`colocate`](Self::colocate) of this tracer: every traced
+    /// thread and the tracer thread get their own affinity back. Nothing if
+    /// it was not colocated.
+    pub fn stop_colocating(&mut self) {
+        if let Some(c) = self.coloc.take() {
+            c.end();
+        }
+    }
+
+    /// Lets traced thread `tid` go (`PTRACE_DETACH`, delivering `sig`),
+    /// its own CPU affinity written back first.
+    fn let_go(&mut self, tid: Tid, sig: libc::c_int) {
+        if let Some(c) = &mut self.coloc {
+            c.restore(tid);
+        }
+        let _ = ptrace::detach(tid, sig);
+    }
+
     /// [`RemoteError::Terminated`] (everything detached) if a termination
     /// signal came and this tracer asked to detach on it.
     fn check_termination(&mut self) -> Result<(), RemoteError> {
@@ -986,7 +1070,7 @@ impl RemoteTracer {
         // vfork children whose parent is gone already.
         for tid in std::mem::take(&mut self.vforked) {
             self.owner.remove(&tid);
-            let _ = ptrace::detach(tid, 0);
+            self.let_go(tid, 0);
         }
     }
 
@@ -999,6 +1083,9 @@ impl RemoteTracer {
                 Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
                     self.procs.clear();
                     self.vforked.clear();
+                    if let Some(c) = &mut self.coloc {
+                        c.forget_all();
+                    }
                     return Ok(false);
                 }
                 Err(e) => return Err(os("waitpid")(e)),
@@ -1018,7 +1105,9 @@ impl RemoteTracer {
     /// (measured on this 2-vCPU guest, idle: a bare stop round trip 18 µs
     /// blocking, 11-13 µs polling first).
     fn next_stop(&mut self, block: bool) -> std::io::Result<Option<(Tid, libc::c_int)>> {
-        if block {
+        // Colocated, the thread that would stop waits for this CPU: no
+        // polling.
+        if block && self.coloc.is_none() {
             for _ in 0..SPIN_POLLS {
                 if let Some(s) = ptrace::wait_interruptible(libc::WNOHANG)? {
                     return Ok(Some(s));
@@ -1059,6 +1148,9 @@ impl RemoteTracer {
 
     fn thread_gone(&mut self, pid: Tid, tid: Tid, how: ExitStatus) {
         self.owner.remove(&tid);
+        if let Some(c) = &mut self.coloc {
+            c.forget(tid);
+        }
         let Some(p) = self.procs.get_mut(&pid) else {
             self.vforked.remove(&tid);
             return;
@@ -1074,6 +1166,9 @@ impl RemoteTracer {
             self.registry.on_munmap(p.space.id(), 0..u64::MAX);
             for t in p.threads {
                 self.owner.remove(&t);
+                if let Some(c) = &mut self.coloc {
+                    c.forget(t);
+                }
             }
             self.exits.insert(pid, how);
         }
@@ -1087,6 +1182,10 @@ impl RemoteTracer {
                     return;
                 };
                 let new = new as Tid;
+                if let Some(c) = &mut self.coloc {
+                    // Created pinned: its own affinity is its creator's.
+                    c.inherit(new, tid);
+                }
                 match event {
                     libc::PTRACE_EVENT_CLONE => {
                         self.owner.insert(new, pid);
@@ -1165,7 +1264,7 @@ impl RemoteTracer {
             let _ = ptrace::cont(child, 0);
             return;
         }
-        let _ = ptrace::detach(child, 0);
+        self.let_go(child, 0);
     }
 
     /// `pid` (thread `tid`) ran `exec`: the old space is gone, the new
@@ -1183,18 +1282,22 @@ impl RemoteTracer {
                 let _ = ptrace::cont(tid, 0);
                 return;
             }
-            let _ = ptrace::detach(tid, 0);
+            self.let_go(tid, 0);
             return;
         }
         if let Some(p) = self.procs.remove(&pid) {
             self.registry.on_munmap(p.space.id(), 0..u64::MAX);
             for t in p.threads {
                 self.owner.remove(&t);
+                // The other threads are gone with the old image.
+                if let (Some(c), true) = (&mut self.coloc, t != pid) {
+                    c.forget(t);
+                }
             }
         }
         // After exec the thread has the process's id.
         if self.adopt(pid, [pid].into()).is_err() {
-            let _ = ptrace::detach(pid, 0);
+            self.let_go(pid, 0);
             return;
         }
         let _ = ptrace::cont(pid, 0);
@@ -1468,7 +1571,7 @@ impl RemoteTracer {
         }
         for &tid in &threads {
             self.owner.remove(&tid);
-            let _ = ptrace::detach(tid, signals.get(&tid).copied().unwrap_or(0));
+            self.let_go(tid, signals.get(&tid).copied().unwrap_or(0));
         }
         self.resume(
             &_stopped
