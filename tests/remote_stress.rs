@@ -144,13 +144,19 @@ fn attach_and_detach_twice(t: &mut RemoteTracer, name: &str) -> u64 {
         .spawn()
         .unwrap();
     let pid = child.id() as i32;
-    for _ in 0..2 {
+    for cycle in 0..2 {
         t.attach(pid).unwrap();
         t.run_for(Duration::from_millis(20)).unwrap();
-        t.detach(pid).unwrap();
+        if let Err(e) = t.detach(pid) {
+            panic!(
+                "cycle {cycle}: detach: {e:?}; the program's end: {:?}",
+                t.exit_status(pid)
+            );
+        }
     }
     std::fs::write(&stop, b"").unwrap();
-    assert!(child.wait().unwrap().success());
+    let st = child.wait().unwrap();
+    assert!(st.success(), "detached twice, then ended with {st:?}");
     assert_eq!(std::fs::read_to_string(out).unwrap(), "checksum 1\n");
     2
 }

@@ -15,8 +15,12 @@
  *   fixture OUT dlopen LIB N     twice: dlopen LIB, call its lib_add N
  *                                times, dlclose
  */
+#define _GNU_SOURCE
 #include <dlfcn.h>
+#include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
+#include <ucontext.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -52,6 +56,24 @@ __attribute__((noinline)) long rt_slow(long x) {
 
 static long loops;
 
+/* A crash says where: the signal, the faulting address, the instruction
+ * pointer and the word at the stack pointer, and the mappings, on standard
+ * error; then the default action (the exit status is the signal's). */
+static void crashed(int sig, siginfo_t *si, void *ctx) {
+    ucontext_t *uc = ctx;
+    char buf[256];
+    unsigned long sp = (unsigned long)uc->uc_mcontext.gregs[REG_RSP];
+    int n = snprintf(buf, sizeof buf,
+                     "fixture: signal %d at %p, rip %#llx, rsp %#lx -> %#lx\n", sig,
+                     si->si_addr, (unsigned long long)uc->uc_mcontext.gregs[REG_RIP], sp,
+                     *(unsigned long *)sp);
+    write(2, buf, n);
+    int fd = open("/proc/self/maps", O_RDONLY);
+    while (fd >= 0 && (n = read(fd, buf, sizeof buf)) > 0) write(2, buf, n);
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
 /* rt_work every iteration, rt_other every 64th. */
 static void *run(void *arg) {
     (void)arg;
@@ -65,6 +87,12 @@ static void *run(void *arg) {
 
 int main(int argc, char **argv) {
     if (argc < 4) return 2;
+    struct sigaction sa = {0};
+    sa.sa_sigaction = crashed;
+    sa.sa_flags = SA_SIGINFO | SA_RESETHAND;
+    sigaction(SIGSEGV, &sa, 0);
+    sigaction(SIGBUS, &sa, 0);
+    sigaction(SIGILL, &sa, 0);
     FILE *out = fopen(argv[1], "w");
     if (!out) return 3;
     const char *mode = argv[2];

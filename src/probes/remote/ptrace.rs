@@ -171,3 +171,17 @@ pub(super) fn decode(status: libc::c_int) -> Stop {
         Stop::Signal(sig)
     }
 }
+
+/// Whether `sig` is pending for thread `tid` itself (`SigPnd` in
+/// `/proc/<tid>/status`: signals sent to the thread, a trap's included,
+/// not yet taken).
+pub(super) fn pending_for_thread(tid: Tid, sig: libc::c_int) -> bool {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+        return false;
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("SigPnd:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|mask| mask & (1u64 << (sig - 1)) != 0)
+}

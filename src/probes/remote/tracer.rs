@@ -70,6 +70,16 @@
 //! and [`commit`](RemoteTracer::commit) batch removals behind one grace
 //! period.
 //!
+//! # Colocation
+//!
+//! A hit wakes the tracer, then the traced thread. On an idle machine each
+//! wake-up may be an idle CPU's, which costs more than the rest of the
+//! hit; [`colocate`](RemoteTracer::colocate) pins the tracer and every
+//! thread it serves to one CPU (each thread's own affinity saved, and
+//! written back when it is let go) and the tracer then blocks at once
+//! instead of polling. It is opt-in: it changes the traced program
+//! (`colocate.rs`).
+//!
 //! # Detach, termination, and a tracer that dies
 //!
 //! [`detach`](RemoteTracer::detach) stops the process, writes back every
@@ -85,7 +95,8 @@
 //!
 //! A tracer killed with `SIGKILL` cannot detach. A command it spawned dies
 //! with it (`PTRACE_O_EXITKILL`). A process it attached to is detached by
-//! the kernel and runs on with every breakpoint in place: the next one it
+//! the kernel and runs on with every breakpoint in place (and, colocated,
+//! pinned to the tracer's CPU: `taskset -a -p` restores it): the next one it
 //! executes kills it with `SIGTRAP`, and so does the return of a call
 //! tracked for its return handlers. To recover, stop it (`kill -STOP`) if
 //! it can be stopped in time, call [`repair`](RemoteTracer::repair) from a
@@ -647,6 +658,14 @@ impl RemoteTracer {
 
     /// Waits for the interrupt stop of `tid`; another stop that comes first
     /// is kept for [`run`](Self::run) (the thread stays stopped).
+    ///
+    /// The interrupt's stop can be reported before a trap the thread has
+    /// already taken: it executed a breakpoint or the return trampoline
+    /// (its instruction pointer is past the `int3`) and the `SIGTRAP` is
+    /// still queued. Left so, a detach would let it go one byte into an
+    /// instruction, or step it through the trampoline's `int3`s. The
+    /// thread is resumed for that signal, which the kernel takes before
+    /// any instruction runs, and its trap stop is kept like any other.
     fn await_stop(&mut self, tid: Tid) -> Result<(), RemoteError> {
         let status = self
             .stops
@@ -659,6 +678,14 @@ impl RemoteTracer {
                 sig: libc::SIGTRAP,
             }
         ) {
+            self.stops.push(tid, status);
+            return Ok(());
+        }
+        if ptrace::pending_for_thread(tid, libc::SIGTRAP) && ptrace::cont(tid, 0).is_ok() {
+            let status = self
+                .stops
+                .wait_for(tid)
+                .map_err(os(format!("waiting for {tid}")))?;
             self.stops.push(tid, status);
         }
         Ok(())
