@@ -16,7 +16,7 @@ use rcu_registry::probes::ProbeError;
 
 #[path = "remote_support/mod.rs"]
 mod remote_support;
-use remote_support::{dir, fixture, fixture_lib};
+use remote_support::{dir, fixture, fixture_lib, Running};
 
 /// A consumer counting its hits.
 fn counter() -> (Consumer, Arc<AtomicU64>) {
@@ -44,16 +44,6 @@ fn fixture_cmd(out: &Path, args: &[&str]) -> Command {
     let mut c = Command::new(fixture());
     c.arg(out).args(args);
     c
-}
-
-/// A program started untraced, killed and reaped if a test fails first.
-struct Running(std::process::Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
 }
 
 fn fixture_file() -> String {

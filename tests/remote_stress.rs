@@ -28,7 +28,7 @@ use rcu_registry::probes::uprobe::{AddressSpace, Consumer, ConsumerAction, Space
 
 #[path = "remote_support/mod.rs"]
 mod remote_support;
-use remote_support::{dir, fixture, fixture_lib};
+use remote_support::{dir, fixture, fixture_lib, Running};
 
 fn duration() -> Duration {
     let secs: u64 = std::env::var("REMOTE_STRESS_SECS")
@@ -138,12 +138,14 @@ fn attach_and_detach_twice(t: &mut RemoteTracer, name: &str) -> u64 {
     let stop = dir().join(format!("stress-stop-{name}"));
     let out = dir().join(format!("stress-until-{name}"));
     let _ = std::fs::remove_file(&stop);
-    let mut child = Command::new(fixture())
-        .arg(&out)
-        .args(["until", stop.to_str().unwrap()])
-        .spawn()
-        .unwrap();
-    let pid = child.id() as i32;
+    let mut child = Running(
+        Command::new(fixture())
+            .arg(&out)
+            .args(["until", stop.to_str().unwrap()])
+            .spawn()
+            .unwrap(),
+    );
+    let pid = child.0.id() as i32;
     for cycle in 0..2 {
         t.attach(pid).unwrap();
         t.run_for(Duration::from_millis(20)).unwrap();
@@ -155,7 +157,7 @@ fn attach_and_detach_twice(t: &mut RemoteTracer, name: &str) -> u64 {
         }
     }
     std::fs::write(&stop, b"").unwrap();
-    let st = child.wait().unwrap();
+    let st = child.0.wait().unwrap();
     assert!(st.success(), "detached twice, then ended with {st:?}");
     assert_eq!(std::fs::read_to_string(out).unwrap(), "checksum 1\n");
     2

@@ -64,3 +64,13 @@ pub fn fixture_lib() -> PathBuf {
         })
         .clone()
 }
+
+/// A program started untraced, killed and reaped if a test fails first.
+pub struct Running(pub std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
