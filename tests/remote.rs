@@ -133,11 +133,7 @@ fn a_program_killed_while_traced_is_reported_and_forgotten() {
     let out = dir().join("traced-kill");
     let mut t = RemoteTracer::new();
     let (c, hits) = counter();
-    t.register(
-        &UprobeTarget::symbol(fixture_file().as_str(), "rt_work"),
-        &c,
-    )
-    .unwrap();
+    on_rt_work(&mut t, &c);
     let pid = t
         .spawn(&fixture_cmd(&out, &["until", stop.to_str().unwrap()]))
         .unwrap();
@@ -344,16 +340,39 @@ fn code_of(pid: i32, addr: u64, len: usize) -> Vec<u8> {
     b
 }
 
-#[test]
-fn attach_and_detach_cycles_leave_a_running_program_unaware() {
-    let stop = dir().join("stop-attach");
-    let out = dir().join("traced-until");
+/// Registers `c` on the fixture's `rt_work`.
+fn on_rt_work(t: &mut RemoteTracer, c: &Consumer) {
+    t.register(&UprobeTarget::symbol(fixture_file().as_str(), "rt_work"), c)
+        .unwrap();
+}
+
+/// The fixture started untraced in its `until` mode (it calls `rt_work`
+/// until the stop file exists): the program, the stop file, its output.
+fn until_running(name: &str) -> (Running, PathBuf, PathBuf) {
+    let stop = dir().join(format!("stop-{name}"));
+    let out = dir().join(format!("traced-until-{name}"));
     let _ = std::fs::remove_file(&stop);
-    let mut child = Running(
+    let child = Running(
         fixture_cmd(&out, &["until", stop.to_str().unwrap()])
             .spawn()
             .unwrap(),
     );
+    (child, stop, out)
+}
+
+/// Serves `t`'s stops until `hits` has moved past `past` (the program
+/// calls the function in a loop; the bound is for a machine that does not
+/// schedule it at all).
+fn serve_until_counted(t: &mut RemoteTracer, hits: &AtomicU64, past: u64) {
+    let start = std::time::Instant::now();
+    while hits.load(Ordering::Relaxed) == past && start.elapsed() < Duration::from_secs(20) {
+        t.run_for(Duration::from_millis(10)).unwrap();
+    }
+}
+
+#[test]
+fn attach_and_detach_cycles_leave_a_running_program_unaware() {
+    let (mut child, stop, out) = until_running("attach");
     let pid = child.0.id() as i32;
     let mut t = RemoteTracer::new();
     let (c, hits) = counter();
@@ -375,12 +394,7 @@ fn attach_and_detach_cycles_leave_a_running_program_unaware() {
         let at = *at.get_or_insert(here);
         assert_eq!(here, at, "round {round}: the same place");
         assert_eq!(code_of(pid, at, 1), [0xcc], "round {round}: installed");
-        // Served until the program has called it (it calls it in a loop;
-        // the bound is for a machine that does not schedule it at all).
-        let start = std::time::Instant::now();
-        while hits.load(Ordering::Relaxed) == last && start.elapsed() < Duration::from_secs(20) {
-            t.run_for(Duration::from_millis(10)).unwrap();
-        }
+        serve_until_counted(&mut t, &hits, last);
         let chunks = t.space(pid).unwrap().xol_slots().chunk_ranges();
         assert!(!chunks.is_empty());
         t.detach(pid).unwrap();
@@ -471,14 +485,7 @@ fn bad_input_is_a_typed_error_and_changes_nothing() {
     ));
     assert!(t.pids().is_empty());
     // Attaching twice.
-    let stop = dir().join("stop-twice");
-    let out = dir().join("traced-twice");
-    let _ = std::fs::remove_file(&stop);
-    let mut child = Running(
-        fixture_cmd(&out, &["until", stop.to_str().unwrap()])
-            .spawn()
-            .unwrap(),
-    );
+    let (mut child, stop, _) = until_running("twice");
     let pid = child.0.id() as i32;
     t.attach(pid).unwrap();
     assert!(matches!(t.attach(pid), Err(RemoteError::AlreadyTraced(p)) if p == pid));
@@ -592,11 +599,7 @@ fn entries_and_returns() -> (Consumer, Arc<AtomicU64>, Arc<AtomicU64>) {
 fn four_threads_returning_through_the_trampoline_see_every_return() {
     let (consumer, calls, rets) = entries_and_returns();
     let mut t = RemoteTracer::new();
-    t.register(
-        &UprobeTarget::symbol(fixture_file().as_str(), "rt_work"),
-        &consumer,
-    )
-    .unwrap();
+    on_rt_work(&mut t, &consumer);
     let args = ["work", "3000", "4"];
     let out = dir().join("traced-rets4");
     let pid = t.spawn(&fixture_cmd(&out, &args)).unwrap();
@@ -1133,11 +1136,7 @@ fn a_colocated_program_runs_every_thread_on_the_tracer_s_cpu_and_counts_stay_exa
             ConsumerAction::Continue
         })
     };
-    t.register(
-        &UprobeTarget::symbol(fixture_file().as_str(), "rt_work"),
-        &consumer,
-    )
-    .unwrap();
+    on_rt_work(&mut t, &consumer);
     let args = ["work", "2000", "4"];
     let out = dir().join("traced-colocated");
     pid.store(
@@ -1161,24 +1160,13 @@ fn a_colocated_program_runs_every_thread_on_the_tracer_s_cpu_and_counts_stay_exa
 fn a_colocated_attach_gives_the_program_its_cpus_back_at_detach_and_a_bad_cpu_changes_nothing() {
     let me = std::process::id() as i32;
     let tracer_cpus = cpus_of(me, gettid());
-    let stop = dir().join("stop-colocated");
-    let out = dir().join("traced-until-colocated");
-    let _ = std::fs::remove_file(&stop);
-    let mut child = Running(
-        fixture_cmd(&out, &["until", stop.to_str().unwrap()])
-            .spawn()
-            .unwrap(),
-    );
+    let (mut child, stop, out) = until_running("colocated");
     let pid = child.0.id() as i32;
     let program_cpus = cpus_of(pid, pid);
     let cpu = last_allowed_cpu();
     let mut t = RemoteTracer::new();
     let (c, hits) = counter();
-    t.register(
-        &UprobeTarget::symbol(fixture_file().as_str(), "rt_work"),
-        &c,
-    )
-    .unwrap();
+    on_rt_work(&mut t, &c);
     let bad = libc::CPU_SETSIZE as usize + 1;
     assert!(matches!(t.colocate(Some(bad)), Err(RemoteError::Os { .. })));
     assert_eq!(t.colocated(), None);
@@ -1199,10 +1187,7 @@ fn a_colocated_attach_gives_the_program_its_cpus_back_at_detach_and_a_bad_cpu_ch
             "round {round}: still pinned"
         );
         let before = hits.load(Ordering::Relaxed);
-        let start = std::time::Instant::now();
-        while hits.load(Ordering::Relaxed) == before && start.elapsed() < Duration::from_secs(20) {
-            t.run_for(Duration::from_millis(10)).unwrap();
-        }
+        serve_until_counted(&mut t, &hits, before);
         assert!(
             hits.load(Ordering::Relaxed) > before,
             "round {round}: counted"
