@@ -440,3 +440,101 @@ fn a_kretprobe_armed_in_an_unloaded_library_unregisters() {
     assert_eq!(krp.returns(), 3);
     lib.close();
 }
+
+/// A fixture whose function can be jump-optimized: `mov eax, edi; add
+/// eax, 3; ret` (the `jmp` displaces the first two, five bytes).
+const JUMP_FIXTURE: &str = r#"
+__asm__(
+    ".text\n"
+    ".p2align 4\n"
+    ".globl fx_add3\n.type fx_add3,@function\nfx_add3:\n"
+    ".byte 0x89, 0xf8, 0x83, 0xc0, 0x03, 0xc3\n"
+    ".size fx_add3, . - fx_add3\n"
+);
+"#;
+
+const ADD3: &[u8] = &[0x89, 0xf8, 0x83, 0xc0, 0x03, 0xc3];
+
+/// Optimizes (one pass) and asserts that `p`'s site is optimized.
+fn optimized(p: &Kprobe) {
+    let r = live().optimize_now();
+    assert!(
+        live().is_optimized(p),
+        "not optimized: {:?} ({r:?})",
+        live().jump_optimizer().refusal(p.address().unwrap())
+    );
+}
+
+/// A jump-optimized site whose library is unloaded: the optimizer's next
+/// pass forgets it without a write (the text is gone), unregistering
+/// writes nothing, and the library loaded again (at the same address when
+/// the kernel puts it there) has its original bytes, no stale `jmp`, and
+/// is optimized afresh for a new probe.
+#[test]
+fn an_optimized_site_whose_library_was_unloaded_is_forgotten_without_a_write() {
+    let _g = serial();
+    let reg = live().registry();
+    let path = build_library("libdlc_jump.so", JUMP_FIXTURE);
+    let lib = Library::open(&path);
+    let add3 = lib.function(c"fx_add3");
+    let old = at(add3);
+    assert_eq!(code(old, ADD3.len()), ADD3);
+    let hits = Arc::new(AtomicU64::new(0));
+    let probe = counting(Kprobe::at(old), &hits);
+    reg.register(&probe).unwrap();
+    optimized(&probe);
+    assert_eq!(code(old, 1), [0xe9], "a jmp at the site");
+    for x in 0..100 {
+        assert_eq!(add3(x), x + 3);
+    }
+    assert_eq!(load(&hits), 100);
+    lib.close();
+
+    // The optimizer's pass over a site whose text is gone (a write would
+    // fault: nothing is mapped there), the unregistration, and the pass
+    // that forgets it.
+    live().optimize_now();
+    reg.unregister(&probe).unwrap();
+    live().optimize_now();
+    assert!(!live().is_optimized(&probe), "forgotten");
+    assert!(reg.sites().iter().all(|s| s.addr != old));
+
+    // Loaded again: the original bytes, and a new probe optimized afresh.
+    let lib = Library::open(&path);
+    let add3 = lib.function(c"fx_add3");
+    let new = at(add3);
+    same_address("optimized, unloaded, reloaded", old, new);
+    assert_eq!(code(new, ADD3.len()), ADD3, "no stale jmp");
+    live().optimize_now();
+    assert_eq!(code(new, ADD3.len()), ADD3, "nothing optimized unasked");
+    let hits2 = Arc::new(AtomicU64::new(0));
+    let probe2 = counting(Kprobe::at(new), &hits2);
+    reg.register(&probe2).unwrap();
+    optimized(&probe2);
+    for x in 0..7 {
+        assert_eq!(add3(x), x + 3);
+    }
+    assert_eq!(load(&hits2), 7);
+    assert_eq!(load(&hits), 100);
+
+    // Unloaded with the optimized probe still registered, then loaded
+    // again: neither the optimizer's pass nor the unregistration writes
+    // into the new text (its identity is not the site's).
+    lib.close();
+    let lib = Library::open(&path);
+    let add3 = lib.function(c"fx_add3");
+    let newer = at(add3);
+    same_address("optimized and registered, unloaded, reloaded", new, newer);
+    assert_eq!(code(newer, ADD3.len()), ADD3);
+    live().optimize_now();
+    assert_eq!(code(newer, ADD3.len()), ADD3, "the pass wrote nothing");
+    assert_eq!(add3(1), 4);
+    assert_eq!(load(&hits2), 7, "the old site is not in the new text");
+    reg.unregister(&probe2).unwrap();
+    assert_eq!(
+        code(newer, ADD3.len()),
+        ADD3,
+        "the unregistration wrote nothing"
+    );
+    lib.close();
+}

@@ -581,3 +581,86 @@ fn per_call_cost() {
         t.elapsed().as_nanos() as f64 / 1e7
     );
 }
+
+/// Waits for child `pid` at most 20 s (a failure detector: a passing child
+/// exits in milliseconds), killing it if it is still running; its exit
+/// code, or `Err` with how it ended otherwise.
+fn reap(pid: libc::pid_t) -> Result<i32, String> {
+    let start = std::time::Instant::now();
+    loop {
+        let mut st = 0;
+        // SAFETY: a child of this process and a live status word.
+        let r = unsafe { libc::waitpid(pid, &mut st, libc::WNOHANG) };
+        if r == pid {
+            return match libc::WIFEXITED(st) {
+                true => Ok(libc::WEXITSTATUS(st)),
+                false => Err(format!("the child ended with status {st:#x}")),
+            };
+        }
+        if start.elapsed() > std::time::Duration::from_secs(20) {
+            // SAFETY: our own child, killed and then reaped.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut st, 0);
+            }
+            return Err("the child hung".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+/// A `fork` child inherits an optimized site (the `jmp`, its detour, and a
+/// copy of the registry): its calls compute right and run the handler,
+/// counted by its own copy; it can remove the probe, which puts its bytes
+/// back in its text only. The parent's site stays optimized and counts
+/// only the parent's calls.
+#[test]
+fn a_fork_child_runs_an_optimized_site_and_removes_it_from_its_own_text_only() {
+    let _g = serial();
+    let reg = live().registry();
+    let at = addr(rj_prologue);
+    let orig = code(at, 16);
+    let count = Arc::new(AtomicU64::new(0));
+    let p = counting(at, &count);
+    reg.register(&p).unwrap();
+    optimize(&p);
+    for x in 0..10 {
+        assert_eq!(call(rj_prologue, x), x + 5);
+    }
+    assert_eq!(count.load(Ordering::Relaxed), 10);
+    // SAFETY: the child only computes, counts, unregisters and leaves with
+    // `_exit`; the registry's own fork handlers leave its locks free.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork");
+    if pid == 0 {
+        // The first failed check's number, 0 if none failed.
+        let mut fail = 0;
+        let mut check = |ok: bool, n: i32| {
+            if !ok && fail == 0 {
+                fail = n;
+            }
+        };
+        check((0..1000).all(|x| call(rj_prologue, x) == x + 5), 10);
+        // Its own copy of the counter: the parent's 10 and its 1000.
+        check(count.load(Ordering::Relaxed) == 1010, 11);
+        check(live().is_optimized(&p), 12);
+        check(code(at, 1) == [0xe9], 13);
+        check(reg.unregister(&p).is_ok(), 14);
+        check(code(at, 16) == orig, 15);
+        check(call(rj_prologue, 2) == 7, 16);
+        check(count.load(Ordering::Relaxed) == 1010, 17);
+        // SAFETY: leaves the child without unwinding into the harness.
+        unsafe { libc::_exit(fail) }
+    }
+    assert_eq!(reap(pid), Ok(0), "the child's checks (10-17: which failed)");
+    // The parent: still optimized, its bytes the jmp, its count its own.
+    assert!(live().is_optimized(&p));
+    assert_eq!(code(at, 1), [0xe9]);
+    assert_eq!(count.load(Ordering::Relaxed), 10);
+    for x in 0..100 {
+        assert_eq!(call(rj_prologue, x), x + 5);
+    }
+    assert_eq!(count.load(Ordering::Relaxed), 110);
+    reg.unregister(&p).unwrap();
+    assert_eq!(code(at, 16), orig);
+}
