@@ -562,7 +562,7 @@ fn real_entries_run_the_same_in_place_and_relocated_under_the_emulator() {
     let symbols = ProcessSymbols::load().unwrap();
     let ranges = code_ranges();
     let readable = Rc::new(readable_ranges());
-    let mut rng = Rng(0x5eed_0f_d1ff);
+    let mut rng = Rng(0x5eed_d1ff);
     let (mut same, mut both_faulted, mut libc_same) = (0usize, 0usize, 0usize);
     let mut nondeterministic = 0usize;
     for f in symbols.functions() {
