@@ -1,0 +1,256 @@
+//! What a person or a program reads: the live table (once a second), the
+//! summary at the end, and the JSON objects of `--json`.
+
+use std::io::Write;
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::record::{Recorder, Row};
+use crate::stats::Snapshot;
+
+/// Columns of the small histogram.
+const HIST_COLUMNS: u32 = 12;
+const BARS: [char; 8] = ['▁', '▂', '▃', '▄', '▅', '▆', '▇', '█'];
+
+/// `ns` for a person: `850ns`, `12.5µs`, `3.20ms`, `1.05s`.
+pub fn human_ns(ns: u64) -> String {
+    let f = ns as f64;
+    match ns {
+        0..=999 => format!("{ns}ns"),
+        1_000..=999_999 => format!("{:.1}µs", f / 1e3),
+        1_000_000..=999_999_999 => format!("{:.2}ms", f / 1e6),
+        _ => format!("{:.2}s", f / 1e9),
+    }
+}
+
+/// The histogram's window: `HIST_COLUMNS` powers of two from the smallest
+/// one any row has values in.
+fn window(snaps: &[Option<Snapshot>]) -> Option<(u32, u32)> {
+    let lo = snaps
+        .iter()
+        .flatten()
+        .filter_map(|s| {
+            let per = s.per_power(0, 63);
+            per.iter().position(|&c| c > 0).map(|p| p as u32)
+        })
+        .min()?;
+    Some((lo, (lo + HIST_COLUMNS - 1).min(63)))
+}
+
+fn sparkline(s: &Snapshot, (lo, hi): (u32, u32)) -> String {
+    let per = s.per_power(lo, hi);
+    let top = per.iter().copied().max().unwrap_or(0);
+    per.iter()
+        .map(|&c| match c {
+            0 => '·',
+            _ => BARS[((c * 8 - 1) / top.max(1)).min(7) as usize],
+        })
+        .collect()
+}
+
+/// The table's lines: a header and one line per probe. `rates`: each
+/// row's calls per second, if known.
+pub fn table(rec: &Recorder, rates: Option<&[f64]>, elapsed: Duration) -> Vec<String> {
+    let rows = rec.rows();
+    let width = rows
+        .iter()
+        .map(|r| r.probe.label.chars().count())
+        .max()
+        .unwrap_or(5)
+        .clamp(8, 60);
+    let snaps: Vec<Option<Snapshot>> = rows
+        .iter()
+        .map(|r| r.latency().map(|h| h.snapshot()))
+        .collect();
+    let win = window(&snaps);
+    let hist_head = match win {
+        Some((lo, hi)) => format!(
+            "{}..{}",
+            human_ns(1u64 << lo),
+            human_ns(1u64.checked_shl(hi + 1).unwrap_or(u64::MAX))
+        ),
+        None => String::new(),
+    };
+    let mut out = vec![format!(
+        "{:>6} {:<width$} {:>10} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8}  {hist_head}",
+        "", "probe", "calls", "rate/s", "returns", "p50", "p90", "p99", "max"
+    )];
+    for (i, (r, snap)) in rows.iter().zip(&snaps).enumerate() {
+        let time = if i == 0 {
+            format!("{:.1}s", elapsed.as_secs_f64())
+        } else {
+            String::new()
+        };
+        let rate = match rates {
+            Some(rs) => format!("{:.0}", rs.get(i).copied().unwrap_or(0.0)),
+            None => format!("{:.0}", r.calls() as f64 / elapsed.as_secs_f64().max(1e-9)),
+        };
+        let label: String = r.probe.label.chars().take(width).collect();
+        let (pct, hist) = match (snap, win) {
+            (Some(s), Some(w)) if s.total() > 0 => {
+                let p = |q| human_ns(s.percentile(q).unwrap_or(0));
+                (
+                    format!(
+                        "{:>8} {:>8} {:>8} {:>8}",
+                        p(0.5),
+                        p(0.9),
+                        p(0.99),
+                        human_ns(s.max)
+                    ),
+                    sparkline(s, w),
+                )
+            }
+            _ => (
+                format!("{:>8} {:>8} {:>8} {:>8}", "", "", "", ""),
+                String::new(),
+            ),
+        };
+        let returns = match r.latency() {
+            Some(_) => r.returns().to_string(),
+            None => String::new(),
+        };
+        out.push(format!(
+            "{time:>6} {label:<width$} {:>10} {rate:>9} {returns:>10} {pct}  {hist}",
+            r.calls()
+        ));
+    }
+    out
+}
+
+/// The live table, drawn by a thread of its own once a second until
+/// [`LiveTable::stop`].
+pub struct LiveTable {
+    stop: mpsc::Sender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl LiveTable {
+    /// Starts drawing on standard error: in place when `in_place` (a
+    /// terminal), else as a block of lines each second.
+    pub fn start(rec: Arc<Recorder>, in_place: bool) -> LiveTable {
+        let (stop, stopped) = mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            let start = Instant::now();
+            let mut last = (Instant::now(), vec![0u64; rec.rows().len()]);
+            let mut drawn = 0usize;
+            while let Err(mpsc::RecvTimeoutError::Timeout) =
+                stopped.recv_timeout(Duration::from_secs(1))
+            {
+                let now = Instant::now();
+                let calls: Vec<u64> = rec.rows().iter().map(Row::calls).collect();
+                let dt = now.duration_since(last.0).as_secs_f64().max(1e-9);
+                let rates: Vec<f64> = calls
+                    .iter()
+                    .zip(&last.1)
+                    .map(|(&c, &l)| c.saturating_sub(l) as f64 / dt)
+                    .collect();
+                last = (now, calls);
+                let lines = table(&rec, Some(&rates), start.elapsed());
+                let mut err = std::io::stderr().lock();
+                let mut text = String::new();
+                if in_place && drawn > 0 {
+                    text.push_str(&format!("\x1b[{drawn}A\x1b[J"));
+                }
+                for l in &lines {
+                    text.push_str(l);
+                    text.push('\n');
+                }
+                let _ = err.write_all(text.as_bytes());
+                drawn = lines.len();
+            }
+            if in_place && drawn > 0 {
+                let _ = std::io::stderr().write_all(format!("\x1b[{drawn}A\x1b[J").as_bytes());
+            }
+        });
+        LiveTable { stop, thread }
+    }
+
+    /// Stops drawing (a table drawn in place is erased).
+    pub fn stop(self) {
+        let _ = self.stop.send(());
+        let _ = self.thread.join();
+    }
+}
+
+/// Latency percentiles in ns, as `--json` writes them.
+#[derive(Debug, Serialize)]
+pub struct LatencyJson {
+    /// Median.
+    pub p50: u64,
+    /// 90th percentile.
+    pub p90: u64,
+    /// 99th percentile.
+    pub p99: u64,
+    /// Largest.
+    pub max: u64,
+}
+
+/// One probe's summary, as `--json` writes it.
+#[derive(Debug, Serialize)]
+pub struct ProbeJson<'a> {
+    /// `"probe"`.
+    #[serde(rename = "type")]
+    pub kind_of_object: &'static str,
+    /// The probe's name (`uretprobe:libc:strtol`).
+    pub probe: &'a str,
+    /// The spec it comes from.
+    pub spec: &'a str,
+    /// `uprobe` or `uretprobe`.
+    pub kind: &'static str,
+    /// The function, if known.
+    pub function: Option<&'a str>,
+    /// The file.
+    pub path: String,
+    /// File offset of the probed instruction.
+    pub offset: u64,
+    /// Calls.
+    pub calls: u64,
+    /// Returns (uretprobes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub returns: Option<u64>,
+    /// Entry-to-return times (uretprobes; `null` when no return was
+    /// timed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_ns: Option<Option<LatencyJson>>,
+    /// Returns without a timed entry (uretprobes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub untimed_returns: Option<u64>,
+}
+
+/// The summary objects of `--json`, one per probe.
+pub fn probes_json(rec: &Recorder, specs: &[crate::spec::Spec]) -> Vec<String> {
+    rec.rows()
+        .iter()
+        .map(|r| {
+            let p = &r.probe;
+            let lat = r.latency().map(|h| {
+                let s = h.snapshot();
+                s.percentile(0.5).map(|p50| LatencyJson {
+                    p50,
+                    p90: s.percentile(0.9).unwrap_or(0),
+                    p99: s.percentile(0.99).unwrap_or(0),
+                    max: s.max,
+                })
+            });
+            let ret = r.latency().is_some();
+            let obj = ProbeJson {
+                kind_of_object: "probe",
+                probe: &p.label,
+                spec: &specs[p.spec].text,
+                kind: p.kind.prefix(),
+                function: p.function.as_deref(),
+                path: p.path.display().to_string(),
+                offset: p.offset,
+                calls: r.calls(),
+                returns: ret.then(|| r.returns()),
+                latency_ns: lat,
+                untimed_returns: ret.then(|| r.unmatched()),
+            };
+            serde_json::to_string(&obj).expect("plain data serializes")
+        })
+        .collect()
+}
