@@ -158,6 +158,20 @@ impl std::fmt::Display for Micros {
     }
 }
 
+/// `ns` as seconds with six decimals (the time of a printed event).
+struct Secs(u64);
+
+impl std::fmt::Display for Secs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}.{:06}",
+            self.0 / 1_000_000_000,
+            self.0 / 1000 % 1_000_000
+        )
+    }
+}
+
 impl Recorder {
     /// Counters for every probe of `plan`; the trace file, if given, is
     /// created now (before any target is touched).
@@ -246,8 +260,8 @@ impl Recorder {
             } else {
                 write!(
                     line,
-                    "{:>12} {}/{} {}(",
-                    Micros(now),
+                    "{:>10} {}/{} {}(",
+                    Secs(now),
                     who.pid,
                     who.tid,
                     r.probe.label
@@ -298,8 +312,8 @@ impl Recorder {
             } else {
                 writeln!(
                     line,
-                    "{:>12} {}/{} {} = {} ({retval:#x})",
-                    Micros(now),
+                    "{:>10} {}/{} {} = {} ({retval:#x})",
+                    Secs(now),
                     who.pid,
                     who.tid,
                     r.probe.label,
