@@ -25,7 +25,7 @@
 //! target (a hit is one trap, no context switch), and streams each probe's
 //! counts, latency buckets and events to the CLI, which feeds them to the
 //! same [`Recorder`] rows. It would implement [`Engine`] and be one more
-//! [`EngineKind`](crate::cli::EngineKind); nothing else changes.
+//! [`EngineKind`]; nothing else changes.
 
 use std::process::Command;
 use std::sync::Arc;

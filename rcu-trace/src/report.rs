@@ -89,7 +89,14 @@ pub fn table(rec: &Recorder, rates: Option<&[f64]>, elapsed: Duration) -> Vec<St
             Some(rs) => format!("{:.0}", rs.get(i).copied().unwrap_or(0.0)),
             None => format!("{:.0}", r.calls() as f64 / elapsed.as_secs_f64().max(1e-9)),
         };
-        let label: String = r.probe.label.chars().take(width).collect();
+        // A long label keeps its end (the function), cut at the front.
+        let n = r.probe.label.chars().count();
+        let label: String = match n > width {
+            true => std::iter::once('…')
+                .chain(r.probe.label.chars().skip(n - width + 1))
+                .collect(),
+            false => r.probe.label.clone(),
+        };
         let (pct, hist) = match (snap, win) {
             (Some(s), Some(w)) if s.total() > 0 => {
                 let p = |q| human_ns(s.percentile(q).unwrap_or(0));

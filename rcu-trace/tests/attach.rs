@@ -195,3 +195,128 @@ fn a_pid_that_cannot_be_traced_fails_in_one_line() {
     assert_eq!(first.0.wait().unwrap().code(), Some(0));
     std::fs::write(&stop, b"").unwrap();
 }
+
+#[test]
+fn two_processes_attached_at_once_are_each_counted_exactly() {
+    need_tracing!();
+    let mut targets = Vec::new();
+    let mut gates = Vec::new();
+    for n in ["1000", "2000"] {
+        let (go, done, stop) = (path("go"), path("done"), path("stop"));
+        targets.push(Running::start(Command::new(fixture()).args([
+            "gate",
+            go.to_str().unwrap(),
+            done.to_str().unwrap(),
+            stop.to_str().unwrap(),
+            n,
+            "2",
+        ])));
+        gates.push((go, done, stop));
+    }
+    let spec = format!("uprobe:{}:fx_work", fx());
+    let (a, b) = (targets[0].pid().to_string(), targets[1].pid().to_string());
+    let mut tracer =
+        Running::start(Command::new(RCU_TRACE).args(["--json", &spec, "-p", &a, "-p", &b]));
+    let started = stderr_until(&mut tracer.0, "Ctrl-C to detach");
+    assert!(
+        started
+            .last()
+            .unwrap()
+            .contains(&format!("processes {a}, {b}")),
+        "{started:?}"
+    );
+    for (go, done, _) in &gates {
+        std::fs::write(go, b"").unwrap();
+        wait_for_file(done);
+    }
+    // Both end: rcu-trace ends with them, with every call counted.
+    for ((_, _, stop), t) in gates.iter().zip(&mut targets) {
+        std::fs::write(stop, b"").unwrap();
+        assert!(t.0.wait().unwrap().success());
+    }
+    let out = std::mem::replace(&mut tracer.0, Command::new("true").spawn().unwrap())
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let objs = json_lines(&out.stdout);
+    assert_eq!(probe(&objs, &spec)["calls"], 2 * 1000 + 2 * 2000);
+    assert_eq!(
+        objs.last().unwrap()["how"],
+        "every traced process has exited"
+    );
+}
+
+#[test]
+fn sigterm_detaches_from_a_spawned_command_which_runs_on_untraced() {
+    need_tracing!();
+    let stop = path("stop");
+    let _ends = common::CreateOnDrop(stop.clone());
+    let spec = format!("uprobe:{}:fx_work", fx());
+    let mut tracer = Running::start(Command::new(RCU_TRACE).args([
+        &spec,
+        "--args",
+        "1",
+        "--limit",
+        "1",
+        "--",
+        fixture().to_str().unwrap(),
+        "until",
+        stop.to_str().unwrap(),
+    ]));
+    let started = stderr_until(&mut tracer.0, "Ctrl-C to detach");
+    let pid: u32 = started
+        .last()
+        .unwrap()
+        .split("in process ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("{started:?}"));
+    stderr_until(&mut tracer.0, "fx_work(0x");
+    kill(tracer.pid(), libc::SIGTERM);
+    // (Not to the end of its output: the command, running on, holds the
+    // same pipes.)
+    stderr_until(&mut tracer.0, "detached on SIGTERM");
+    let status = tracer.0.wait().unwrap();
+    assert_eq!(status.code(), Some(128 + libc::SIGTERM));
+    // Its command runs on, untraced, with the bytes of its file, and ends
+    // when told (reaped by whoever adopted it).
+    assert!(runs_untraced(pid));
+    let (now, file) = fx_work_bytes(pid, 16);
+    assert_eq!(now, file);
+    std::fs::write(&stop, b"").unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .is_ok_and(|s| !s.contains("State:\tZ"))
+    {
+        assert!(std::time::Instant::now() < deadline, "{pid} never ended");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+}
+
+#[test]
+fn the_live_table_is_drawn_while_the_program_runs() {
+    need_tracing!();
+    let stop = path("stop");
+    let spec = format!("uretprobe:{}:fx_work", fx());
+    let mut tracer = Running::start(Command::new(RCU_TRACE).args([
+        "--live",
+        "always",
+        &spec,
+        "--",
+        fixture().to_str().unwrap(),
+        "until",
+        stop.to_str().unwrap(),
+    ]));
+    stderr_until(&mut tracer.0, "Ctrl-C to detach");
+    // A block (header and one row) comes each second while it runs.
+    let head = stderr_until(&mut tracer.0, "rate/s");
+    assert!(head.last().unwrap().contains("p99"), "{head:?}");
+    let row = stderr_until(&mut tracer.0, ":fx_work");
+    assert!(row.len() == 1, "{row:?}");
+    std::fs::write(&stop, b"").unwrap();
+    let out = std::mem::replace(&mut tracer.0, Command::new("true").spawn().unwrap())
+        .wait_with_output()
+        .unwrap();
+    assert!(out.status.success());
+}

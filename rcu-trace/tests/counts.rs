@@ -223,3 +223,28 @@ fn the_commands_exit_status_and_death_by_signal_pass_through() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("killed by SIGSEGV"), "{err}");
 }
+
+#[test]
+fn follow_forks_counts_the_children_a_shell_starts() {
+    need_tracing!();
+    let fx = fx();
+    let spec = format!("uprobe:{fx}:fx_work");
+    let script = format!("{fx} work 100 2; {fx} work 50 1; true");
+    let out = Command::new(RCU_TRACE)
+        .args(["--json", "-f", &spec, "--", "/bin/sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let objs = json_lines(&out.stdout);
+    assert_eq!(probe(&objs, &spec)["calls"], 250);
+    let own: Vec<&str> = std::str::from_utf8(&out.stdout)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('{'))
+        .collect();
+    assert_eq!(own, ["29900", "3725"]);
+}

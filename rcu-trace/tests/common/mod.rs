@@ -248,6 +248,17 @@ pub fn stderr_until(child: &mut Child, needle: &str) -> Vec<String> {
     }
 }
 
+/// Creates its file when dropped: a fixture waiting for it ends even if
+/// a test fails first (one no longer this test's child cannot be killed
+/// by a guard holding it).
+pub struct CreateOnDrop(pub PathBuf);
+
+impl Drop for CreateOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::write(&self.0, b"");
+    }
+}
+
 /// Sends `sig` to `pid`.
 pub fn kill(pid: u32, sig: i32) {
     // SAFETY: kill with plain integers.
