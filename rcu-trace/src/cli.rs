@@ -18,7 +18,8 @@ pub enum EngineKind {
 pub enum Live {
     /// When standard error is a terminal (and no events are printed there).
     Auto,
-    /// Every second, in place on a terminal, as blocks of lines elsewhere.
+    /// Every second: pinned to the bottom lines of a terminal (what the
+    /// program writes scrolls above it), as blocks of lines elsewhere.
     Always,
     /// Never: only the summary at the end.
     Never,

@@ -52,10 +52,38 @@ fn sparkline(s: &Snapshot, (lo, hi): (u32, u32)) -> String {
         .collect()
 }
 
-/// The table's lines: a header and one line per probe. `rates`: each
-/// row's calls per second, if known.
-pub fn table(rec: &Recorder, rates: Option<&[f64]>, elapsed: Duration) -> Vec<String> {
-    let rows = rec.rows();
+/// Which rows a table shows: those with calls (all of them if none has
+/// any), at most `max` of them (those with the most calls), in plan
+/// order; and how many are left out.
+fn shown_rows(rows: &[Row], max: Option<usize>) -> (Vec<usize>, usize) {
+    let mut shown: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].calls() > 0).collect();
+    if shown.is_empty() {
+        shown = (0..rows.len()).collect();
+    }
+    if let Some(max) = max {
+        if shown.len() > max {
+            shown.sort_by_key(|&i| std::cmp::Reverse(rows[i].calls()));
+            shown.truncate(max);
+            shown.sort_unstable();
+        }
+    }
+    let left_out = rows.len() - shown.len();
+    (shown, left_out)
+}
+
+/// The table's lines: a header, one line per probe shown (those with
+/// calls; at most `max_rows`, the busiest) and, if some are left out, a
+/// line that says how many. `rates`: each row's calls per second, if
+/// known.
+pub fn table(
+    rec: &Recorder,
+    rates: Option<&[f64]>,
+    elapsed: Duration,
+    max_rows: Option<usize>,
+) -> Vec<String> {
+    let (shown, left_out) = shown_rows(rec.rows(), max_rows);
+    let all = rec.rows();
+    let rows: Vec<&Row> = shown.iter().map(|&i| &all[i]).collect();
     let width = rows
         .iter()
         .map(|r| r.probe.label.chars().count())
@@ -79,14 +107,14 @@ pub fn table(rec: &Recorder, rates: Option<&[f64]>, elapsed: Duration) -> Vec<St
         "{:>6} {:<width$} {:>10} {:>9} {:>10} {:>8} {:>8} {:>8} {:>8}  {hist_head}",
         "", "probe", "calls", "rate/s", "returns", "p50", "p90", "p99", "max"
     )];
-    for (i, (r, snap)) in rows.iter().zip(&snaps).enumerate() {
+    for (i, (&r, snap)) in rows.iter().zip(&snaps).enumerate() {
         let time = if i == 0 {
             format!("{:.1}s", elapsed.as_secs_f64())
         } else {
             String::new()
         };
         let rate = match rates {
-            Some(rs) => format!("{:.0}", rs.get(i).copied().unwrap_or(0.0)),
+            Some(rs) => format!("{:.0}", rs.get(shown[i]).copied().unwrap_or(0.0)),
             None => format!("{:.0}", r.calls() as f64 / elapsed.as_secs_f64().max(1e-9)),
         };
         // A long label keeps its end (the function), cut at the front.
@@ -125,7 +153,37 @@ pub fn table(rec: &Recorder, rates: Option<&[f64]>, elapsed: Duration) -> Vec<St
             r.calls()
         ));
     }
+    if left_out > 0 {
+        let busy = all.iter().filter(|r| r.calls() > 0).count() - busy_shown(&rows);
+        let s = if left_out == 1 { "" } else { "s" };
+        out.push(match busy {
+            0 => format!("{:>6} ({left_out} more probe{s} not shown: no calls)", ""),
+            b => format!(
+                "{:>6} ({left_out} more probe{s} not shown: {b} with fewer calls, {} with none)",
+                "",
+                left_out - b
+            ),
+        });
+    }
     out
+}
+
+/// How many of `rows` have calls.
+fn busy_shown(rows: &[&Row]) -> usize {
+    rows.iter().filter(|r| r.calls() > 0).count()
+}
+
+/// The terminal's size on standard error (rows, columns), if it is one.
+fn terminal_size() -> Option<(usize, usize)> {
+    let mut ws = libc::winsize {
+        ws_row: 0,
+        ws_col: 0,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCGWINSZ writes one `winsize` through the valid pointer.
+    let r = unsafe { libc::ioctl(libc::STDERR_FILENO, libc::TIOCGWINSZ, &mut ws) };
+    (r == 0 && ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row.into(), ws.ws_col.into()))
 }
 
 /// The live table, drawn by a thread of its own once a second until
@@ -135,15 +193,71 @@ pub struct LiveTable {
     thread: JoinHandle<()>,
 }
 
+/// The bottom lines of a terminal kept for the table: the lines above
+/// scroll as usual (a scrolling region), so what the traced program writes
+/// to the same terminal is never drawn over.
+struct Pinned {
+    rows: usize,
+    cols: usize,
+    /// Lines kept at the bottom.
+    height: usize,
+}
+
+impl Pinned {
+    /// Keeps `height` lines (at most half the screen) at the bottom of a
+    /// `rows` x `cols` terminal.
+    fn open(rows: usize, cols: usize, height: usize) -> Pinned {
+        let height = height.clamp(2, (rows / 2).max(2));
+        // Make room (the lines above move up), come back, then limit
+        // scrolling to the lines above; setting the region homes the
+        // cursor, so it is saved and restored around it.
+        let text = format!(
+            "{}\x1b[{height}A\x1b7\x1b[1;{}r\x1b8",
+            "\n".repeat(height),
+            rows - height
+        );
+        let _ = std::io::stderr().write_all(text.as_bytes());
+        Pinned { rows, cols, height }
+    }
+
+    /// Draws `lines` into the kept lines (cut to fit), the cursor left
+    /// where the program's output goes on.
+    fn draw(&self, lines: &[String]) {
+        let mut text = String::from("\x1b7");
+        for i in 0..self.height {
+            let row = self.rows - self.height + 1 + i;
+            let line: String = lines
+                .get(i)
+                .map(|l| l.chars().take(self.cols.saturating_sub(1)).collect())
+                .unwrap_or_default();
+            text.push_str(&format!("\x1b[{row};1H\x1b[2K{line}"));
+        }
+        text.push_str("\x1b8");
+        let _ = std::io::stderr().write_all(text.as_bytes());
+    }
+
+    /// Clears the kept lines and gives the whole screen back to scrolling.
+    fn close(self) {
+        self.draw(&[]);
+        let _ = std::io::stderr().write_all(b"\x1b7\x1b[r\x1b8");
+    }
+}
+
 impl LiveTable {
-    /// Starts drawing on standard error: in place when `in_place` (a
-    /// terminal), else as a block of lines each second.
-    pub fn start(rec: Arc<Recorder>, in_place: bool) -> LiveTable {
+    /// Starts drawing on standard error: pinned to the bottom of the
+    /// screen when `terminal` (see `Pinned`), else as a block of lines
+    /// each second.
+    pub fn start(rec: Arc<Recorder>, terminal: bool) -> LiveTable {
         let (stop, stopped) = mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
             let start = Instant::now();
             let mut last = (Instant::now(), vec![0u64; rec.rows().len()]);
-            let mut drawn = 0usize;
+            // Header, a line per probe, and the "more" line.
+            let pinned = terminal
+                .then(terminal_size)
+                .flatten()
+                .filter(|&(rows, cols)| rows >= 6 && cols >= 20)
+                .map(|(rows, cols)| Pinned::open(rows, cols, rec.rows().len() + 2));
             while let Err(mpsc::RecvTimeoutError::Timeout) =
                 stopped.recv_timeout(Duration::from_secs(1))
             {
@@ -156,27 +270,30 @@ impl LiveTable {
                     .map(|(&c, &l)| c.saturating_sub(l) as f64 / dt)
                     .collect();
                 last = (now, calls);
-                let lines = table(&rec, Some(&rates), start.elapsed());
-                let mut err = std::io::stderr().lock();
-                let mut text = String::new();
-                if in_place && drawn > 0 {
-                    text.push_str(&format!("\x1b[{drawn}A\x1b[J"));
+                match &pinned {
+                    Some(p) => {
+                        // Header and "more" line around the busiest rows.
+                        let max_rows = p.height.saturating_sub(2).max(1);
+                        p.draw(&table(&rec, Some(&rates), start.elapsed(), Some(max_rows)));
+                    }
+                    None => {
+                        let mut text = String::new();
+                        for l in table(&rec, Some(&rates), start.elapsed(), None) {
+                            text.push_str(&l);
+                            text.push('\n');
+                        }
+                        let _ = std::io::stderr().lock().write_all(text.as_bytes());
+                    }
                 }
-                for l in &lines {
-                    text.push_str(l);
-                    text.push('\n');
-                }
-                let _ = err.write_all(text.as_bytes());
-                drawn = lines.len();
             }
-            if in_place && drawn > 0 {
-                let _ = std::io::stderr().write_all(format!("\x1b[{drawn}A\x1b[J").as_bytes());
+            if let Some(p) = pinned {
+                p.close();
             }
         });
         LiveTable { stop, thread }
     }
 
-    /// Stops drawing (a table drawn in place is erased).
+    /// Stops drawing (a table pinned to the screen is erased).
     pub fn stop(self) {
         let _ = self.stop.send(());
         let _ = self.thread.join();

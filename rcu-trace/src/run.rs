@@ -273,7 +273,7 @@ pub fn run(cli: Cli) -> i32 {
         let _ = out.flush();
     } else {
         let mut err = std::io::stderr().lock();
-        for line in report::table(&rec, None, elapsed) {
+        for line in report::table(&rec, None, elapsed, None) {
             let _ = writeln!(err, "{line}");
         }
         for r in rec.rows() {
