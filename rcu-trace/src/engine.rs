@@ -155,8 +155,10 @@ impl PtraceEngine {
     }
 
     /// Probes whose file a traced process maps where no breakpoint is (an
-    /// instruction the library cannot step, say).
-    fn not_installed(&self, plan: &Plan) -> Vec<String> {
+    /// instruction the library cannot step, say), and, for processes
+    /// attached to (`attached`: their libraries are loaded already),
+    /// probes in a file the process does not map (yet).
+    fn not_installed(&self, plan: &Plan, attached: bool) -> Vec<String> {
         let reg = self.tracer.registry();
         let mut out = Vec::new();
         for pid in self.tracer.pids() {
@@ -165,6 +167,17 @@ impl PtraceEngine {
             };
             let maps = reg.mappings_of(space.id());
             for p in &plan.probes {
+                let mapped = p
+                    .keys
+                    .iter()
+                    .any(|(k, _)| maps.iter().any(|m| m.file == k.file));
+                if attached && !mapped {
+                    out.push(format!(
+                        "{}: process {pid} does not map {} (yet): the probe waits for it to be loaded",
+                        p.label,
+                        p.path.display()
+                    ));
+                }
                 for (key, _) in &p.keys {
                     let at: Vec<u64> = maps
                         .iter()
@@ -240,6 +253,7 @@ impl Engine for PtraceEngine {
         self.tracer
             .detach_on_termination()
             .map_err(|e| EngineError::new(e.to_string()))?;
+        let attached = matches!(target, Target::Attach(_));
         let pids = match target {
             Target::Spawn(cmd) => {
                 let what = cmd.get_program().to_string_lossy().into_owned();
@@ -267,7 +281,7 @@ impl Engine for PtraceEngine {
                 pids
             }
         };
-        let warnings = self.not_installed(plan);
+        let warnings = self.not_installed(plan, attached);
         Ok((pids, warnings))
     }
 

@@ -320,3 +320,28 @@ fn the_live_table_is_drawn_while_the_program_runs() {
         .unwrap();
     assert!(out.status.success());
 }
+
+#[test]
+fn a_probe_in_a_file_the_process_does_not_map_is_a_warning_not_an_error() {
+    need_tracing!();
+    let stop = path("stop");
+    let _ends = common::CreateOnDrop(stop.clone());
+    let target = Running::start(Command::new(fixture()).args(["until", stop.to_str().unwrap()]));
+    let pid = target.pid().to_string();
+    // The maths library: glibc's own, which the fixture never loads.
+    let mut tracer = Running::start(Command::new(RCU_TRACE).args([
+        &format!("uprobe:{}:fx_work", fx()),
+        "uprobe:libm:feclearexcept",
+        "-p",
+        &pid,
+    ]));
+    let lines = stderr_until(&mut tracer.0, "Ctrl-C to detach");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("warning") && l.contains("does not map")),
+        "{lines:?}"
+    );
+    kill(tracer.pid(), libc::SIGINT);
+    assert_eq!(tracer.0.wait().unwrap().code(), Some(0));
+}
