@@ -200,7 +200,8 @@ impl Pending {
             Some(w) => Some(w),
             // Acquire on success: pairs with the Release that freed the
             // way in `leave`, so its old `start` read happened before our
-            // store below.
+            // store below. Relaxed on failure: the way is someone else's,
+            // nothing of it is read.
             None => bucket.iter().find(|w| {
                 w.key
                     .compare_exchange(0, key, Ordering::Acquire, Ordering::Relaxed)
