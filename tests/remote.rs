@@ -611,6 +611,62 @@ fn four_threads_returning_through_the_trampoline_see_every_return() {
     assert_eq!(std::fs::read_to_string(out).unwrap(), run_untraced(&args));
 }
 
+/// A handler learns which traced thread's call it sees from
+/// `serving_thread` (the tracer runs every handler on its own thread):
+/// four threads' entries and returns are each told their own thread of
+/// the spawned process, and outside a handler there is none.
+#[test]
+fn handlers_are_told_the_traced_thread_whose_entry_or_return_they_serve() {
+    use rcu_registry::probes::remote::serving_thread;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    type Seen = Arc<Mutex<HashMap<(i32, i32), (u64, u64)>>>;
+    let seen: Seen = Arc::default();
+    let (at_entry, at_return) = (Arc::clone(&seen), Arc::clone(&seen));
+    let consumer = Consumer::builder()
+        .handler(move |_, _| {
+            let t = serving_thread().expect("inside a handler");
+            at_entry
+                .lock()
+                .unwrap()
+                .entry((t.pid, t.tid))
+                .or_default()
+                .0 += 1;
+            ConsumerAction::Continue
+        })
+        .ret_handler(move |_, _| {
+            let t = serving_thread().expect("inside a return handler");
+            at_return
+                .lock()
+                .unwrap()
+                .entry((t.pid, t.tid))
+                .or_default()
+                .1 += 1;
+        })
+        .build();
+    let mut t = RemoteTracer::new();
+    t.register(
+        &UprobeTarget::symbol(fixture_file().as_str(), "rt_work"),
+        &consumer,
+    )
+    .unwrap();
+    assert_eq!(serving_thread(), None);
+    let out = dir().join("traced-serving");
+    let pid = t.spawn(&fixture_cmd(&out, &["work", "500", "4"])).unwrap();
+    t.run().unwrap();
+    assert_eq!(t.exit_status(pid), Some(ExitStatus::Code(0)));
+    assert_eq!(serving_thread(), None);
+    let seen = seen.lock().unwrap();
+    // Four worker threads of `pid` (not its main thread, which only
+    // joins them), each with its own 500 entries and 500 returns.
+    assert_eq!(seen.len(), 4, "{seen:?}");
+    for (&(p, tid), &counts) in seen.iter() {
+        assert_eq!(p, pid);
+        assert_ne!(tid, pid);
+        assert_eq!(counts, (500, 500), "thread {tid}");
+    }
+}
+
 /// `rt_fork` forks inside a call tracked for its return: the parent's
 /// return is seen, and the child (let go with its text and its copy of the
 /// stack cleaned) returns from it to its caller and exits 7 as it does

@@ -433,6 +433,58 @@ fn a_sizeless_symbol_only_has_its_segment_checked() {
 }
 
 #[test]
+fn a_files_functions_list_every_name_and_address_that_resolves_and_no_ifunc() {
+    let f = fixture();
+    let r = isolated();
+    for lib in [&f.full, &f.stripped] {
+        let file = r.open_file(lib.to_str().unwrap()).unwrap();
+        let funcs = file.functions();
+        let offsets = |name: &str| -> Vec<u64> {
+            funcs
+                .iter()
+                .filter(|g| g.name == name)
+                .map(|g| g.offset)
+                .collect()
+        };
+        // Aliases are entries of their own at one offset.
+        let add = offsets("fixture_add");
+        assert_eq!(add.len(), 1, "{funcs:?}");
+        assert_eq!(offsets("fixture_alias"), add);
+        // IFUNCs and functions outside executable segments are left out.
+        assert!(offsets("fixture_ifunc").is_empty());
+        assert!(offsets("data_func").is_empty());
+        // Sorted by offset, then name.
+        assert!(funcs
+            .windows(2)
+            .all(|w| (w[0].offset, &w[0].name) <= (w[1].offset, &w[1].name)));
+        for g in &funcs {
+            // Each resolves by its offset, and by its name when the name
+            // has one address.
+            let at = r
+                .resolve(&by_path(lib, &format!("{:#x}", g.offset)))
+                .unwrap();
+            assert_eq!(at.offset, g.offset);
+            if offsets(&g.name).len() == 1 {
+                let by_name = r.resolve(&by_path(lib, &g.name)).unwrap();
+                assert_eq!(
+                    (by_name.offset, by_name.vaddr),
+                    (g.offset, g.vaddr),
+                    "{g:?}"
+                );
+                assert_eq!(by_name.function.unwrap().size, g.size);
+            }
+        }
+        // The local duplicates only with `.symtab`: one entry per address.
+        let dups = offsets("dup_helper");
+        match *lib == f.full {
+            true => assert_eq!(dups.len(), 2),
+            false => assert!(dups.is_empty()),
+        }
+        assert_eq!(offsets("sizeless").len(), 1);
+    }
+}
+
+#[test]
 fn bare_names_are_found_as_the_dynamic_linker_finds_them() {
     let f = fixture();
     let t = UprobeTarget::parse("libutfix.so.1:fixture_add").unwrap();

@@ -35,5 +35,7 @@ mod xol;
 pub use mem::RemoteMemory;
 pub use ptrace::Tid;
 pub use space::RemoteSpace;
-pub use tracer::{ExitStatus, Refusal, RemoteError, RemoteRegistry, RemoteTracer};
+pub use tracer::{
+    serving_thread, ExitStatus, Refusal, RemoteError, RemoteRegistry, RemoteTracer, TracedThread,
+};
 pub use xol::{RemoteXol, REMOTE_XOL_CHUNK_BYTES};

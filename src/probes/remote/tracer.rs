@@ -149,6 +149,44 @@ thread_local! {
     /// (a hit of any tracer's loader consumer counts: it is this thread's
     /// hit).
     static LOADER_HIT: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+
+    /// The traced thread whose stop this thread serves now
+    /// ([`serving_thread`]).
+    static SERVING: std::cell::Cell<Option<TracedThread>> = const { std::cell::Cell::new(None) };
+}
+
+/// A traced thread: its process and its own thread id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct TracedThread {
+    /// The process (its thread group id).
+    pub pid: Tid,
+    /// The thread.
+    pub tid: Tid,
+}
+
+/// The traced thread whose hit or return the calling thread is serving:
+/// `Some` inside a consumer's handler or return handler run by a
+/// [`RemoteTracer`] (which runs them on its own thread, so a handler has
+/// no other way to know whose call it sees), `None` anywhere else. For a
+/// `vfork` child served in its parent's space, `pid` is the parent's.
+/// A thread-local read: no system call, no allocation.
+pub fn serving_thread() -> Option<TracedThread> {
+    SERVING.with(|s| s.get())
+}
+
+/// Sets [`serving_thread`] for its lifetime (what it was is put back).
+struct Serving(Option<TracedThread>);
+
+impl Serving {
+    fn enter(pid: Tid, tid: Tid) -> Serving {
+        Serving(SERVING.with(|s| s.replace(Some(TracedThread { pid, tid }))))
+    }
+}
+
+impl Drop for Serving {
+    fn drop(&mut self) {
+        SERVING.with(|s| s.set(self.0));
+    }
 }
 
 /// Why a remote operation failed.
@@ -1342,6 +1380,7 @@ impl RemoteTracer {
             let _ = ptrace::cont(tid, libc::SIGTRAP);
             return;
         };
+        let _serving = Serving::enter(pid, tid);
         let space = Arc::clone(&p.space);
         let registry = &self.registry;
         let proxy = p
@@ -1480,6 +1519,7 @@ impl RemoteTracer {
         };
         let mut r = regs::from_user(u);
         let id = p.space.id();
+        let _serving = Serving::enter(p.space.pid(), tid);
         let registry = &self.registry;
         if let ReturnOutcome::Returned { .. } =
             registry.serving(proxy, || registry.on_return(id, &mut r))

@@ -295,6 +295,15 @@ impl ElfIndex {
         }
     }
 
+    /// Every function definition with each of its base names (a
+    /// definition with several names is listed once per name), in no
+    /// particular order.
+    pub fn definitions(&self) -> impl Iterator<Item = (&str, &Def)> + '_ {
+        self.by_name
+            .iter()
+            .flat_map(|(name, defs)| defs.iter().map(move |d| (name.as_str(), d)))
+    }
+
     /// The file offset of `vaddr`, from the loadable segment whose file
     /// bytes hold it, and whether that segment is executable.
     pub fn offset_of(&self, vaddr: u64) -> Option<(u64, bool)> {

@@ -116,6 +116,41 @@ impl TargetFile {
         self.ix.index.soname.as_deref()
     }
 
+    /// Every function this file's symbol tables (`.symtab` and `.dynsym`)
+    /// define in an executable segment: what a tracer lists, or matches a
+    /// glob against, before resolving.
+    ///
+    /// One entry per name and address: aliases (`malloc`,
+    /// `__libc_malloc`) are entries of their own at one offset; a name
+    /// defined at several addresses (two local `helper`s of different
+    /// compilation units, or two versions of one symbol) has one entry
+    /// for each; a Rust function is listed under its symbol and its
+    /// demangled path. Names carry no `@version`. IFUNC symbols are left
+    /// out (their resolvers are not the function: [`resolve`](Self::resolve)
+    /// refuses them by name, see [`TargetResolver`](super::TargetResolver)),
+    /// and so is a symbol outside every executable segment. Each entry
+    /// resolves by its offset ([`TargetPlace::FileOffset`]), and by its
+    /// name unless the name has several addresses. Sorted by file offset,
+    /// then name. Allocates the list (one pass over the file's index).
+    pub fn functions(&self) -> Vec<TargetFunction> {
+        let index = &self.ix.index;
+        let mut out: Vec<TargetFunction> = index
+            .definitions()
+            .filter(|(_, d)| !d.ifunc)
+            .filter_map(|(name, d)| match index.offset_of(d.vaddr) {
+                Some((offset, true)) => Some(TargetFunction {
+                    name: name.to_string(),
+                    offset,
+                    vaddr: d.vaddr,
+                    size: (d.size > 0).then_some(d.size),
+                }),
+                _ => None,
+            })
+            .collect();
+        out.sort_by(|a, b| (a.offset, &a.name).cmp(&(b.offset, &b.name)));
+        out
+    }
+
     /// The file offset `place` names in this file.
     ///
     /// # Errors
