@@ -94,3 +94,34 @@ fn the_demo_refuses_an_unknown_target_with_usage_and_exit_code_2() {
     );
     assert!(out.stdout.is_empty(), "nothing ran");
 }
+
+/// The script itself, as the README runs it: the demo's two phases, then
+/// phase 3, `rcu-trace` on `sort`, whose own check ends the run.
+#[test]
+#[ignore = "builds and runs the demo and rcu-trace in release; CI runs it"]
+fn the_demo_script_ends_with_rcu_trace_on_sort_and_its_check() {
+    if !cfg!(all(target_os = "linux", target_arch = "x86_64")) {
+        eprintln!("SKIPPED: phase 3 (rcu-trace's ptrace engine) is x86_64 Linux only");
+        return;
+    }
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/demo"))
+        .args(["--secs", PHASE_SECS])
+        .output()
+        .expect("running scripts/demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    println!("{stdout}");
+    eprintln!("{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "scripts/demo exited with {}",
+        out.status
+    );
+    let lines: Vec<&str> = stdout.lines().collect();
+    assert!(lines
+        .iter()
+        .any(|l| l.starts_with("== phase 3: rcu-trace on sort")));
+    assert!(lines
+        .iter()
+        .any(|l| l.starts_with("sort's output is byte-identical")));
+    assert_eq!(lines.last(), Some(&"check: OK"));
+}
