@@ -25,6 +25,7 @@ mod mem;
 mod ptrace;
 mod regs;
 mod repair;
+mod seize;
 mod space;
 mod spawn;
 mod stops;

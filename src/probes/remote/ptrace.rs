@@ -38,7 +38,12 @@ fn request(req: libc::c_uint, tid: Tid, addr: usize, data: usize) -> io::Result<
 /// `PTRACE_SEIZE` with [`OPTIONS`] (plus `extra`): the thread is traced
 /// from now on without being stopped.
 pub(super) fn seize(tid: Tid, extra: libc::c_int) -> io::Result<()> {
-    request(libc::PTRACE_SEIZE, tid, 0, (OPTIONS | extra) as usize).map(drop)
+    seize_with(tid, OPTIONS | extra)
+}
+
+/// `PTRACE_SEIZE` with exactly the `PTRACE_O_*` `options`.
+pub(super) fn seize_with(tid: Tid, options: libc::c_int) -> io::Result<()> {
+    request(libc::PTRACE_SEIZE, tid, 0, options as usize).map(drop)
 }
 
 /// `PTRACE_INTERRUPT`: the thread stops (an event stop) soon.
