@@ -19,22 +19,28 @@
 //! registry; it uses neither the live runtime nor its signal handlers.
 //! Where a hit and a registration go: `ARCHITECTURE.md`.
 
+mod call;
 mod colocate;
 mod inject;
+pub mod load;
 mod mem;
 mod ptrace;
 mod regs;
 mod repair;
+mod safepoint;
 mod seize;
 mod space;
 mod spawn;
 mod stops;
 mod terminate;
+mod threads;
 pub mod tracer;
 mod xol;
 
+pub use load::{load_library, LoadedLibrary};
 pub use mem::RemoteMemory;
 pub use ptrace::Tid;
+pub use safepoint::SafePoint;
 pub use space::RemoteSpace;
 pub use tracer::{
     serving_thread, ExitStatus, Refusal, RemoteError, RemoteRegistry, RemoteTracer, TracedThread,

@@ -90,6 +90,70 @@ pub(super) fn set_regs(tid: Tid, regs: &libc::user_regs_struct) -> io::Result<()
     .map(drop)
 }
 
+/// `NT_X86_XSTATE`: the `XSAVE` area (x87, SSE, AVX and later state) as
+/// a register set of `PTRACE_GETREGSET`.
+const NT_X86_XSTATE: usize = 0x202;
+
+/// Bytes read for the `XSAVE` area: above every size the CPUs have now
+/// (AVX-512 is 2,696 bytes, AMX tile data 11,008); the kernel copies its
+/// real size and says how much.
+const XSTATE_BUF: usize = 16 << 10;
+
+/// The extended FP/vector state (`XSAVE` area) of a stopped thread, as
+/// many bytes as the kernel keeps for it. `EINVAL`/`ENODEV` on a kernel or
+/// CPU without `XSAVE`: [`get_fpregs`] then.
+pub(super) fn get_xstate(tid: Tid) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; XSTATE_BUF];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    request(
+        libc::PTRACE_GETREGSET,
+        tid,
+        NT_X86_XSTATE,
+        &mut iov as *mut libc::iovec as usize,
+    )?;
+    buf.truncate(iov.iov_len);
+    Ok(buf)
+}
+
+/// Sets the extended FP/vector state of a stopped thread to `xstate`
+/// (what [`get_xstate`] returned).
+pub(super) fn set_xstate(tid: Tid, xstate: &[u8]) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        // The kernel only reads through this pointer (SETREGSET).
+        iov_base: xstate.as_ptr() as *mut libc::c_void,
+        iov_len: xstate.len(),
+    };
+    request(
+        libc::PTRACE_SETREGSET,
+        tid,
+        NT_X86_XSTATE,
+        &mut iov as *mut libc::iovec as usize,
+    )
+    .map(drop)
+}
+
+/// The x87 and SSE state (`FXSAVE` area) of a stopped thread.
+pub(super) fn get_fpregs(tid: Tid) -> io::Result<libc::user_fpregs_struct> {
+    let mut fp = std::mem::MaybeUninit::<libc::user_fpregs_struct>::zeroed();
+    request(libc::PTRACE_GETFPREGS, tid, 0, fp.as_mut_ptr() as usize)?;
+    // SAFETY: zero-initialised plain integers, filled by the kernel.
+    Ok(unsafe { fp.assume_init() })
+}
+
+/// Sets the x87 and SSE state of a stopped thread.
+pub(super) fn set_fpregs(tid: Tid, fp: &libc::user_fpregs_struct) -> io::Result<()> {
+    request(
+        libc::PTRACE_SETFPREGS,
+        tid,
+        0,
+        fp as *const libc::user_fpregs_struct as usize,
+    )
+    .map(drop)
+}
+
 /// The message of the event the thread stopped for (a new thread's or
 /// child's id).
 pub(super) fn event_msg(tid: Tid) -> io::Result<u64> {

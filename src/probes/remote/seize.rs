@@ -2,7 +2,8 @@
 //! `PTRACE_INTERRUPT` each thread `/proc/<pid>/task` lists, until a listing
 //! shows no new one, then wait for each thread's stop. Shared by
 //! [`RemoteTracer::attach`](super::RemoteTracer::attach),
-//! and [`RemoteTracer::repair`](super::RemoteTracer::repair); a refusal is told apart
+//! [`RemoteTracer::repair`](super::RemoteTracer::repair) and
+//! [`load_library`](super::load_library); a refusal is told apart
 //! ([`Refusal`]) from what `/proc` says about the process.
 
 use std::collections::BTreeSet;

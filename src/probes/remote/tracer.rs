@@ -233,6 +233,53 @@ pub enum RemoteError {
     },
     /// The registry or the resolver refused ([`RemoteTracer::register_in`]).
     Probe(ProbeError),
+    /// The library to load ([`load_library`](super::load_library)) does
+    /// not exist or is not a regular file.
+    NoSuchLibrary {
+        /// The path, as given.
+        path: std::path::PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The process maps no C library (or `libdl`) exporting `dlopen`,
+    /// `dlerror` and `dlsym` (a statically linked program).
+    NoLoader(Tid),
+    /// No thread of the process came to a safe point to be borrowed for a
+    /// load ([`load`](super::load), "Safe points"); nothing was called.
+    NoSafePoint(Tid),
+    /// `dlopen` failed in the process: `dlerror`'s message. Nothing was
+    /// loaded.
+    LoadFailed {
+        /// The process.
+        pid: Tid,
+        /// The library.
+        library: std::path::PathBuf,
+        /// What `dlerror` said.
+        message: String,
+    },
+    /// The init function is not a function the library exports.
+    InitSymbolMissing {
+        /// The library.
+        library: std::path::PathBuf,
+        /// The symbol.
+        symbol: String,
+        /// Whether the library stays loaded in the process: false when
+        /// its file has no such function (found before the process was
+        /// touched), true when `dlsym` did not find it after `dlopen` (a
+        /// function local to the file).
+        loaded: bool,
+    },
+    /// A function called in the process raised a fault: the thread was
+    /// restored and let go, but what the call held (the loader's lock)
+    /// stays held.
+    CallFaulted {
+        /// The process.
+        pid: Tid,
+        /// The fault's signal.
+        signal: i32,
+        /// Where.
+        addr: u64,
+    },
     /// The program received this signal (`SIGINT`, `SIGTERM` or `SIGHUP`)
     /// after [`RemoteTracer::detach_on_termination`]: every traced process
     /// was detached, as [`RemoteTracer::detach_all`] does.
@@ -258,6 +305,44 @@ impl std::fmt::Display for RemoteError {
                 write!(f, "{target} is in no file process {pid} maps")
             }
             RemoteError::Probe(e) => write!(f, "{e}"),
+            RemoteError::NoSuchLibrary { path, error } => {
+                write!(f, "no library {}: {error}", path.display())
+            }
+            RemoteError::NoLoader(pid) => write!(
+                f,
+                "process {pid} maps no C library exporting dlopen (statically linked?)"
+            ),
+            RemoteError::NoSafePoint(pid) => write!(
+                f,
+                "no thread of process {pid} came to a safe point to load a library"
+            ),
+            RemoteError::LoadFailed {
+                pid,
+                library,
+                message,
+            } => write!(
+                f,
+                "process {pid} could not load {}: {message}",
+                library.display()
+            ),
+            RemoteError::InitSymbolMissing {
+                library,
+                symbol,
+                loaded,
+            } => write!(
+                f,
+                "{} exports no function {symbol}{}",
+                library.display(),
+                if *loaded {
+                    " (the library stays loaded)"
+                } else {
+                    ""
+                }
+            ),
+            RemoteError::CallFaulted { pid, signal, addr } => write!(
+                f,
+                "a call in process {pid} raised signal {signal} at {addr:#x}"
+            ),
             RemoteError::Terminated(sig) => {
                 write!(
                     f,
@@ -1576,7 +1661,7 @@ fn unhijack(mem: &RemoteMemory, trampoline: u64, calls: &[CallInFlight]) -> usiz
 }
 
 /// Whether `path` is the dynamic linker (`ld-linux*.so*`, `ld.so*`).
-fn is_dynamic_linker(path: &str) -> bool {
+pub(super) fn is_dynamic_linker(path: &str) -> bool {
     let name = path.rsplit('/').next().unwrap_or("");
     name.starts_with("ld-linux") || name.starts_with("ld.so") || name.starts_with("ld64.so")
 }
