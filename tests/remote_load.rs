@@ -44,7 +44,9 @@ fn build_lib(name: &str, source: &str, extra: &[&str]) -> PathBuf {
 
 /// The agent: its constructor appends `loaded` to `<dir>/marker-<pid>`,
 /// `agent_start(arg)` appends `arg` to `<dir>/arg-<pid>` and returns 42;
-/// `agent_raise(sig)` raises signal number `sig` on the calling thread;
+/// `agent_thread(arg)` starts a thread that appends `thread <arg>` and
+/// waits in `pause` for ever (an agent's own thread); `agent_raise(sig)`
+/// raises signal number `sig` on the calling thread;
 /// `hidden_start` is `agent_start`, local to the file.
 fn agent() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
@@ -52,9 +54,11 @@ fn agent() -> PathBuf {
         .get_or_init(|| {
             let source = format!(
                 r#"
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 static void append(const char *what, const char *line) {{
     char path[512];
@@ -64,13 +68,28 @@ static void append(const char *what, const char *line) {{
 }}
 __attribute__((constructor)) static void on_load(void) {{ append("marker", "loaded"); }}
 int agent_start(const char *arg) {{ append("arg", arg); return {ret}; }}
+static char thread_line[256];
+static void *agent_main(void *unused) {{
+    (void)unused;
+    append("arg", thread_line);
+    for (;;) pause();
+    return 0;
+}}
+int agent_thread(const char *arg) {{
+    snprintf(thread_line, sizeof thread_line, "thread %s", arg);
+    pthread_t t;
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+    return pthread_create(&t, &a, agent_main, 0);
+}}
 int agent_raise(const char *sig) {{ append("arg", sig); return raise(atoi(sig)); }}
 __attribute__((used)) static int hidden_start(const char *arg) {{ append("arg", arg); return 1; }}
 "#,
                 dir = dir().display(),
                 ret = AGENT_RETURNS
             );
-            build_lib("libagent", &source, &[])
+            build_lib("libagent", &source, &["-pthread"])
         })
         .clone()
 }
@@ -242,8 +261,8 @@ fn a_running_program_loads_the_agent_runs_its_init_and_ends_as_if_untraced() {
     let text = fixture_text(pid);
     let loaded = load_library(pid, &lib, Some(("agent_start", "first"))).unwrap();
     eprintln!(
-        "loaded in {:?} (safe point {:?})",
-        loaded.took, loaded.safe_point
+        "loaded in {:?} (safe point {:?} at look {})",
+        loaded.took, loaded.safe_point, loaded.looks
     );
     assert!(loaded.newly_loaded);
     assert_eq!(
@@ -278,6 +297,17 @@ fn a_running_program_loads_the_agent_runs_its_init_and_ends_as_if_untraced() {
     assert_eq!(args_seen(pid), "first\nsecond\n");
     assert_running_untraced(pid);
     assert_eq!(fixture_text(pid), text, "text untouched");
+    // An init function that starts the agent's own thread: created while
+    // the process is traced, it runs on untraced.
+    let threaded = load_library(pid, &lib, Some(("agent_thread", "bg"))).unwrap();
+    assert_eq!(threaded.init_returned.map(|r| r as u32), Some(0));
+    wait_until(|| args_seen(pid).ends_with("thread bg\n"));
+    let threads = tids(pid);
+    assert_eq!(threads.len(), 2, "{threads:?}");
+    for t in threads {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")).unwrap();
+        assert!(s.lines().any(|l| l == "TracerPid:\t0"), "thread {t} let go");
+    }
     end_fixture(child, &stop, &out);
 }
 
@@ -287,8 +317,8 @@ fn a_program_sleeping_between_calls_gets_the_library_and_runs_on() {
     let pid = child.pid();
     let loaded = load_library(pid, &agent(), Some(("agent_start", "slow"))).unwrap();
     eprintln!(
-        "loaded in {:?} (safe point {:?})",
-        loaded.took, loaded.safe_point
+        "loaded in {:?} (safe point {:?} at look {})",
+        loaded.took, loaded.safe_point, loaded.looks
     );
     assert_eq!(marker(pid), "loaded\n");
     assert_eq!(args_seen(pid), "slow\n");
@@ -624,8 +654,8 @@ fn a_thread_in_the_program_s_own_code_is_borrowed_and_a_signal_raised_meanwhile_
     let usr1 = libc::SIGUSR1.to_string();
     let loaded = load_library(pid, &agent(), Some(("agent_raise", &usr1))).unwrap();
     eprintln!(
-        "loaded in {:?} (safe point {:?}, thread {})",
-        loaded.took, loaded.safe_point, loaded.thread
+        "loaded in {:?} (safe point {:?} at look {}, thread {})",
+        loaded.took, loaded.safe_point, loaded.looks, loaded.thread
     );
     assert!(
         matches!(loaded.safe_point, SafePoint::Outside { .. }),

@@ -83,11 +83,27 @@
 //!
 //! # Cost
 //!
-//! Measured on the development machine (2 vCPUs): about 1-2 ms from the
-//! first seize to the last detach for a small library (the
-//! `tests/remote_load.rs` fixture; [`LoadedLibrary::took`] reports it),
-//! most of it `dlopen` itself; the borrowed thread is away from its own
-//! work for that long, the others only for the stops around it.
+//! Measured on the development machine (2 vCPUs, shared with other work;
+//! `tests/remote_load.rs` with `--nocapture` prints each load): from the
+//! first seize to the last detach, 0.5-6 ms for a single-threaded program
+//! loading a small library for the first time (most of it `dlopen`'s own
+//! system calls and the stops around each call), and 4-67 ms for a program
+//! whose three other threads spin on both CPUs meanwhile (the borrowed
+//! thread and the tracer wait for a CPU at each stop). The borrowed thread
+//! is away from its own work for that long; the others only for the stops
+//! before and after the calls.
+//!
+//! # Not covered
+//!
+//! A process this program traces already with a
+//! [`RemoteTracer`](super::RemoteTracer) is refused like any traced one
+//! ([`Refusal::OtherTracer`](super::Refusal::OtherTracer)): detach it first
+//! (the tracer's own hit path would have to serve the breakpoints the
+//! calls run into). The waits are for any tracee or child of the calling
+//! thread (`waitpid(-1, __WALL | __WNOTHREAD)`, as the tracer's): an
+//! untraced child of that thread that exits during the load is reaped
+//! here. A library's path is the process's: the same file must be at the
+//! same path in its mount namespace.
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -146,6 +162,9 @@ pub struct LoadedLibrary {
     pub thread: Tid,
     /// Why that thread was safe to borrow.
     pub safe_point: SafePoint,
+    /// How many times the threads were stopped and looked at before one
+    /// was at a safe point (1: at once).
+    pub looks: u32,
     /// From the first thread seized to the last let go.
     pub took: Duration,
 }
@@ -236,7 +255,13 @@ pub fn load_library(
     // Whatever happened, every thread goes as it was found.
     threads.stop_all();
     threads.detach_all_but(None);
-    let (handle, init_returned, thread, safe_point) = result?;
+    let Borrowed {
+        handle,
+        init_returned,
+        thread,
+        safe_point,
+        looks,
+    } = result?;
     let base = Maps::read_pid(pid)
         .ok()
         .and_then(|maps| {
@@ -255,6 +280,7 @@ pub fn load_library(
         init_returned,
         thread,
         safe_point,
+        looks,
         took: start.elapsed(),
     })
 }
@@ -422,16 +448,22 @@ struct Visit<'a> {
 /// What the calls gave: the handle, the init function's result.
 type Called = (u64, Option<u64>);
 
+/// What a visit did: the calls' results, the thread borrowed and how it
+/// was found.
+struct Borrowed {
+    handle: u64,
+    init_returned: Option<u64>,
+    thread: Tid,
+    safe_point: SafePoint,
+    looks: u32,
+}
+
 impl Visit<'_> {
     /// Finds a safe point, borrows that thread for the calls and gives it
     /// back (restored, let go); the other threads are left to the caller,
-    /// stopped or running. Returns the handle, the init function's result,
-    /// the thread and its safe point.
-    fn run(
-        &self,
-        threads: &mut Threads,
-    ) -> Result<(u64, Option<u64>, Tid, SafePoint), RemoteError> {
-        let (tid, safe_point) = self.safe_point(threads)?;
+    /// stopped or running.
+    fn run(&self, threads: &mut Threads) -> Result<Borrowed, RemoteError> {
+        let (tid, safe_point, looks) = self.safe_point(threads)?;
         let was = threads.state(tid).unwrap_or(State::Stopped { sig: 0 });
         let saved = SavedThread::save(tid).map_err(os(format!("saving thread {tid}")))?;
         let mem =
@@ -470,19 +502,26 @@ impl Visit<'_> {
             },
             e => os(format!("calling into {}", self.pid))(std::io::Error::other(e.to_string())),
         })??;
-        Ok((handle, init, tid, safe_point))
+        Ok(Borrowed {
+            handle,
+            init_returned: init,
+            thread: tid,
+            safe_point,
+            looks,
+        })
     }
 
     /// A safe thread to borrow ([`safepoint`]): looked for among the
     /// stopped threads; if none is, the threads run a little and are
     /// stopped again, [`SAFE_POINT_ROUNDS`] times at most.
-    fn safe_point(&self, threads: &mut Threads) -> Result<(Tid, SafePoint), RemoteError> {
+    /// Returns it, its safe point and the number of looks.
+    fn safe_point(&self, threads: &mut Threads) -> Result<(Tid, SafePoint, u32), RemoteError> {
         let mut gap = FIRST_GAP;
-        for _ in 0..SAFE_POINT_ROUNDS {
+        for look in 1..=SAFE_POINT_ROUNDS {
             let maps =
                 Maps::read_pid(self.pid).map_err(|_| RemoteError::NoSuchProcess(self.pid))?;
-            if let Some(found) = safepoint::choose(self.pid, threads, &Guarded::of(&maps)) {
-                return Ok(found);
+            if let Some((tid, at)) = safepoint::choose(self.pid, threads, &Guarded::of(&maps)) {
+                return Ok((tid, at, look));
             }
             // Nothing can move if every thread is in a group-stop.
             if threads.states().all(|(_, s)| s == State::GroupStopped) {
