@@ -45,6 +45,11 @@
 //! - **Exit** and `kill -9`: the space's records are dropped (no byte to
 //!   restore).
 //!
+//! Attaching seizes every thread and waits for each to stop (`seize.rs`,
+//! shared with [`repair`](RemoteTracer::repair) and
+//! [`load_library`](super::load_library), which visits a process without
+//! staying).
+//!
 //! No `waitpid` waits on one thread: an exiting process's leader is
 //! reported only once its other threads have been reaped, so a wait for a
 //! given thread collects the others' stops for later (`stops.rs`).
