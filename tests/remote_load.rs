@@ -677,3 +677,62 @@ fn a_thread_in_the_program_s_own_code_is_borrowed_and_a_signal_raised_meanwhile_
     assert!(child.0.wait().unwrap().success());
     assert_eq!(std::fs::read_to_string(&out).unwrap(), untraced);
 }
+
+/// Two threads that wait for ever on one mutex: every thread is in a
+/// `futex` wait, which is not a safe point (a thread waiting for one lock
+/// may hold another).
+const DEADLOCKED: &str = r#"
+#include <pthread.h>
+static pthread_mutex_t m = PTHREAD_MUTEX_INITIALIZER;
+static void *other(void *arg) { (void)arg; pthread_mutex_lock(&m); return 0; }
+int main(void) {
+    pthread_t t;
+    pthread_mutex_lock(&m);
+    pthread_create(&t, 0, other, 0);
+    pthread_join(t, 0);
+    return 0;
+}
+"#;
+
+/// With no thread at a safe point (every one in a `futex` wait), the load
+/// gives up after its bounded looks: nothing called, nothing loaded, the
+/// program as it was (waiting, untraced).
+#[test]
+fn a_program_whose_threads_all_wait_on_locks_has_no_safe_point_and_is_left_alone() {
+    let src = dir().join("deadlocked.c");
+    std::fs::write(&src, DEADLOCKED).unwrap();
+    let exe = dir().join("deadlocked");
+    let built = Command::new("cc")
+        .args(["-O1", "-pthread", "-o"])
+        .arg(&exe)
+        .arg(&src)
+        .output()
+        .expect("running cc");
+    assert!(built.status.success());
+    let child = Running(Command::new(&exe).spawn().unwrap());
+    let pid = child.pid();
+    let all_in_futex = || {
+        let t = tids(pid);
+        t.len() == 2
+            && t.iter().all(|t| {
+                std::fs::read_to_string(format!("/proc/{pid}/task/{t}/syscall"))
+                    .is_ok_and(|s| s.starts_with(&format!("{} ", libc::SYS_futex)))
+            })
+    };
+    wait_until(all_in_futex);
+    let start = std::time::Instant::now();
+    let r = load_library(pid, &agent(), Some(("agent_start", "never")));
+    eprintln!("gave up after {:?}", start.elapsed());
+    assert!(
+        matches!(r, Err(RemoteError::NoSafePoint(p)) if p == pid),
+        "{r:?}"
+    );
+    assert_eq!(marker(pid), "");
+    assert!(!maps(pid).contains("libagent"));
+    for t in tids(pid) {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")).unwrap();
+        assert!(s.lines().any(|l| l == "TracerPid:\t0"), "thread {t} let go");
+    }
+    wait_until(all_in_futex);
+    assert_running_untraced(pid);
+}

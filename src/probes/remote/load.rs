@@ -64,10 +64,21 @@
 //!    waiting for one lock may hold another).
 //!
 //! This is how a process blocked in `sleep` or `poll` for minutes is
-//! served at once, and a busy one within a few rounds. Other injectors
-//! borrow the thread wherever it stopped, or let it run to a breakpoint on
-//! a function of the C library; the rule here needs no breakpoint, so the
-//! text stays untouched.
+//! served at once, and a busy one within a few rounds. It needs no
+//! breakpoint, so the program's text is never written.
+//!
+//! How others do it: the small injectors (`linux-inject` and its kind)
+//! borrow the main thread wherever it stopped and call the C library's
+//! private `__libc_dlopen_mode`, with nothing against a lock held there.
+//! Frida borrows a thread only to call `pthread_create`, from code it maps
+//! into the process, and runs `dlopen` and the agent's entry point on that
+//! new thread while the whole process runs: the borrowed thread's exposure
+//! is shorter (but `pthread_create` itself allocates the new thread's TLS
+//! with `malloc`). Here the borrowed thread makes the calls itself (no code
+//! of ours runs in the process, and the init function's result comes
+//! back), so which thread is borrowed matters more: hence the rule, and
+//! the other threads running meanwhile, so that a lock one of them holds
+//! is released.
 //!
 //! **What remains a risk**: a signal handler that interrupted `malloc` runs
 //! in the program's code with the lock held (the program's own bug, but
