@@ -80,14 +80,21 @@
 //! the other threads running meanwhile, so that a lock one of them holds
 //! is released.
 //!
+//! `malloc` replacements shipped as libraries (jemalloc, tcmalloc,
+//! mimalloc) count as the C library.
+//!
 //! **What remains a risk**: a signal handler that interrupted `malloc` runs
 //! in the program's code with the lock held (the program's own bug, but
-//! the load would deadlock that thread); callbacks the C library makes
+//! the load would deadlock that thread); a `malloc` linked into the
+//! program itself (a Rust program's allocator crate) is the program's
+//! code, so a thread inside it looks safe; callbacks the C library makes
 //! with a lock held (a `dl_iterate_phdr` callback, the constructors of a
 //! library being loaded) run outside it, and the borrowed thread re-enters
 //! the loader's recursive lock, as a `dlopen` from a constructor does;
 //! locks of the program's own, or `stdio`'s, which `dlopen` does not need
-//! but the library's constructors and init function may. The interrupt
+//! but the library's constructors and init function may; an init function
+//! that forks (its child, untraced, returns onto the scratch page's
+//! `int3` and dies of `SIGTRAP`). The interrupt
 //! itself is `ptrace`'s: the waits signal(7) lists as failing with `EINTR`
 //! after a stop (`epoll_wait`, `sigtimedwait`, ...) may return `EINTR` to
 //! the program, as under any `ptrace` attach (a debugger's included).

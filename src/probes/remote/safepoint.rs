@@ -17,9 +17,10 @@
 //!
 //! A thread is a safe point when its instruction pointer is
 //! 1. **outside the C library and the dynamic linker** (their executable
-//!    mappings, and `libpthread`'s and `libdl`'s, whose code older glibcs
-//!    kept apart): in the program, another library or the vDSO
-//!    ([`SafePoint::Outside`]); or
+//!    mappings, `libpthread`'s and `libdl`'s, whose code older glibcs kept
+//!    apart, and those of the `malloc` replacements shipped as libraries:
+//!    jemalloc, tcmalloc, mimalloc): in the program, another library or
+//!    the vDSO ([`SafePoint::Outside`]); or
 //! 2. **in a blocking wait the program made for itself**: stopped inside a
 //!    system call (`orig_rax` >= 0) made from the C library (not the
 //!    dynamic linker, whose `read`s of a library being loaded happen under
@@ -57,6 +58,12 @@
 //!   `dlopen` needs none, but the library's constructors and its init
 //!   function run on the borrowed thread and may (a `printf` to a stream
 //!   the borrowed thread holds locked re-enters its recursive lock).
+//! - A `malloc` linked into the program itself (a Rust program's
+//!   `jemallocator` or `mimalloc` crate) is the program's code: a thread
+//!   inside it looks safe, and `dlopen`'s allocations go to it.
+//! - An init function (or constructor) that forks: the child is not
+//!   traced and returns, in the end, onto the scratch page's `int3`
+//!   (`SIGTRAP` kills it).
 //! - A thread blocked in a wait of [`WAITS`] made from the program's own
 //!   inline system call, outside the C library, is taken by rule 1 anyway.
 
@@ -125,7 +132,9 @@ pub(super) struct Guarded {
 }
 
 /// Whether `path` is a part of the C library whose code may hold its
-/// locks (`libc.so.6`; `libpthread` and `libdl` of glibcs before 2.34).
+/// locks (`libc.so.6`; `libpthread` and `libdl` of glibcs before 2.34),
+/// or a `malloc` that replaces the C library's (`dlopen`'s allocations go
+/// to it: a thread inside it may hold its lock).
 fn is_c_library(path: &str) -> bool {
     let name = path.rsplit('/').next().unwrap_or("");
     [
@@ -135,6 +144,9 @@ fn is_c_library(path: &str) -> bool {
         "libpthread-",
         "libdl.so",
         "libdl-",
+        "libjemalloc.so",
+        "libtcmalloc",
+        "libmimalloc.so",
     ]
     .iter()
     .any(|p| name.starts_with(p))
@@ -230,6 +242,7 @@ mod tests {
         let maps = Maps::parse(
             "555555554000-555555556000 r-xp 00001000 08:01 10 /usr/bin/prog\n\
              7ffff7c00000-7ffff7d00000 r-xp 00028000 08:01 20 /usr/lib/x86_64-linux-gnu/libc.so.6\n\
+             7ffff7e00000-7ffff7e80000 r-xp 00008000 08:01 40 /usr/lib/x86_64-linux-gnu/libjemalloc.so.2\n\
              7ffff7fc0000-7ffff7fe0000 r-xp 00001000 08:01 30 /usr/lib64/ld-linux-x86-64.so.2\n",
         );
         let g = Guarded::of(&maps);
@@ -253,5 +266,7 @@ mod tests {
         assert_eq!(g.judge(&regs(libc_at, libc::SYS_futex)), None);
         assert_eq!(g.judge(&regs(loader_at, libc::SYS_read)), None);
         assert_eq!(g.judge(&regs(loader_at, -1)), None);
+        // Inside a malloc that replaces the C library's: not safe.
+        assert_eq!(g.judge(&regs(0x7fff_f7e0_1000, -1)), None);
     }
 }
