@@ -21,25 +21,39 @@ use remote_support::{dir, fixture};
 /// What `agent_start` returns.
 const AGENT_RETURNS: u64 = 42;
 
-/// Builds `name` from C `source` as a shared library (`extra`: more
-/// arguments to `cc`), once per process.
-fn build_lib(name: &str, source: &str, extra: &[&str]) -> PathBuf {
-    let src = dir().join(format!("{name}.c"));
-    std::fs::write(&src, source).unwrap();
-    let so = dir().join(format!("{name}.so"));
-    let out = Command::new("cc")
-        .args(["-shared", "-fPIC", "-O1", "-o"])
-        .arg(&so)
-        .arg(&src)
-        .args(extra)
+/// Runs `cc -O1 -pthread ARGS -o OUT SRC`: its error output if it fails.
+fn cc(out: &Path, src: &Path, args: &[&str]) -> Result<(), String> {
+    let run = Command::new("cc")
+        .args(["-O1", "-pthread"])
+        .args(args)
+        .arg("-o")
+        .arg(out)
+        .arg(src)
         .output()
         .expect("running cc");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    so
+    match run.status.success() {
+        true => Ok(()),
+        false => Err(String::from_utf8_lossy(&run.stderr).into_owned()),
+    }
+}
+
+/// Builds `<dir>/<name>` (`.so` with `-shared`) from C `source`.
+fn build(name: &str, source: &str, args: &[&str]) -> PathBuf {
+    let src = dir().join(format!("{name}.c"));
+    std::fs::write(&src, source).unwrap();
+    let shared = args.contains(&"-shared");
+    let out = dir().join(if shared {
+        format!("{name}.so")
+    } else {
+        name.to_string()
+    });
+    cc(&out, &src, args).unwrap();
+    out
+}
+
+/// Builds `name` from C `source` as a shared library.
+fn build_lib(name: &str, source: &str) -> PathBuf {
+    build(name, source, &["-shared", "-fPIC"])
 }
 
 /// The agent: its constructor appends `loaded` to `<dir>/marker-<pid>`,
@@ -89,7 +103,7 @@ __attribute__((used)) static int hidden_start(const char *arg) {{ append("arg", 
                 dir = dir().display(),
                 ret = AGENT_RETURNS
             );
-            build_lib("libagent", &source, &["-pthread"])
+            build_lib("libagent", &source)
         })
         .clone()
 }
@@ -100,7 +114,6 @@ fn unresolvable_lib() -> PathBuf {
     build_lib(
         "libunresolvable",
         "extern int no_such_function_anywhere(void);\nint f(void) { return no_such_function_anywhere(); }\n",
-        &[],
     )
 }
 
@@ -503,15 +516,9 @@ fn every_error_is_typed_and_leaves_the_program_running_and_unaware() {
 fn a_static_program_is_refused_for_want_of_a_loader() {
     let exe = dir().join("fixture-static");
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/remote_support/fixture.c");
-    let built = Command::new("cc")
-        .args(["-O1", "-static", "-pthread", "-o"])
-        .arg(&exe)
-        .arg(&src)
-        .output()
-        .expect("running cc");
-    if !built.status.success() {
+    if let Err(e) = cc(&exe, &src, &["-static"]) {
         // (No static C library installed: nothing to test.)
-        eprintln!("skipped: {}", String::from_utf8_lossy(&built.stderr));
+        eprintln!("skipped: {e}");
         return;
     }
     let stop = dir().join("stop-static");
@@ -580,25 +587,7 @@ int main(int argc, char **argv) {
 
 fn spinner() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let src = dir().join("spinner.c");
-            std::fs::write(&src, SPINNER).unwrap();
-            let exe = dir().join("spinner");
-            let out = Command::new("cc")
-                .args(["-O1", "-pthread", "-o"])
-                .arg(&exe)
-                .arg(&src)
-                .output()
-                .expect("running cc");
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            exe
-        })
-        .clone()
+    BUILT.get_or_init(|| build("spinner", SPINNER, &[])).clone()
 }
 
 /// Starts the spinner (output `out`, stop file `stop`) and waits until
@@ -699,16 +688,7 @@ int main(void) {
 /// program as it was (waiting, untraced).
 #[test]
 fn a_program_whose_threads_all_wait_on_locks_has_no_safe_point_and_is_left_alone() {
-    let src = dir().join("deadlocked.c");
-    std::fs::write(&src, DEADLOCKED).unwrap();
-    let exe = dir().join("deadlocked");
-    let built = Command::new("cc")
-        .args(["-O1", "-pthread", "-o"])
-        .arg(&exe)
-        .arg(&src)
-        .output()
-        .expect("running cc");
-    assert!(built.status.success());
+    let exe = build("deadlocked", DEADLOCKED, &[]);
     let child = Running(Command::new(&exe).spawn().unwrap());
     let pid = child.pid();
     let all_in_futex = || {

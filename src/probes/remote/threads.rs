@@ -43,6 +43,42 @@ fn stop_signal(sig: libc::c_int) -> bool {
     )
 }
 
+/// A stop as the visit sees it.
+enum Seen {
+    /// The thread exited or was killed.
+    Gone,
+    /// It entered a group-stop.
+    GroupStop,
+    /// It created thread `new` (its own stop: the `CLONE` event).
+    Created(Tid),
+    /// A signal is about to be delivered to it.
+    Signal(libc::c_int),
+    /// Any other stop: our interrupt, a new thread's first stop, the end
+    /// of a group-stop (`SIGCONT` after `PTRACE_LISTEN`), another event.
+    Other,
+}
+
+impl Seen {
+    fn of(tid: Tid, status: libc::c_int) -> Seen {
+        match ptrace::decode(status) {
+            Stop::Exited(_) | Stop::Killed(_) => Seen::Gone,
+            Stop::Event {
+                event: libc::PTRACE_EVENT_STOP,
+                sig,
+            } if stop_signal(sig) => Seen::GroupStop,
+            Stop::Event {
+                event: libc::PTRACE_EVENT_CLONE,
+                ..
+            } => match ptrace::event_msg(tid) {
+                Ok(new) => Seen::Created(new as Tid),
+                Err(_) => Seen::Other,
+            },
+            Stop::Signal(sig) => Seen::Signal(sig),
+            Stop::Event { .. } => Seen::Other,
+        }
+    }
+}
+
 impl Threads {
     /// The threads just seized (each stopped), with the stops that were
     /// not the seizing interrupt (`seize.rs` keeps those): a group-stop or
@@ -51,29 +87,16 @@ impl Threads {
         threads: impl IntoIterator<Item = Tid>,
         other_stops: impl IntoIterator<Item = (Tid, libc::c_int)>,
     ) -> Threads {
-        let mut states: BTreeMap<Tid, State> = threads
-            .into_iter()
-            .map(|t| (t, State::Stopped { sig: 0 }))
-            .collect();
+        let mut seized = Threads {
+            states: threads
+                .into_iter()
+                .map(|t| (t, State::Stopped { sig: 0 }))
+                .collect(),
+        };
         for (tid, status) in other_stops {
-            match ptrace::decode(status) {
-                Stop::Event {
-                    event: libc::PTRACE_EVENT_STOP,
-                    sig,
-                } if stop_signal(sig) => {
-                    states.insert(tid, State::GroupStopped);
-                }
-                Stop::Signal(sig) => {
-                    states.insert(tid, State::Stopped { sig });
-                }
-                Stop::Exited(_) | Stop::Killed(_) => {
-                    states.remove(&tid);
-                }
-                // Another event stop: stopped, nothing to deliver.
-                Stop::Event { .. } => {}
-            }
+            seized.stopped(tid, status);
         }
-        Threads { states }
+        seized
     }
 
     /// Every thread and its state.
@@ -132,35 +155,23 @@ impl Threads {
     /// A stop that came while the visit is stopping the threads: the
     /// thread stays stopped, in the state it stopped in.
     fn stopped(&mut self, tid: Tid, status: libc::c_int) {
-        match ptrace::decode(status) {
-            Stop::Exited(_) | Stop::Killed(_) => {
+        let state = match Seen::of(tid, status) {
+            Seen::Gone => {
                 self.states.remove(&tid);
+                return;
             }
-            Stop::Event {
-                event: libc::PTRACE_EVENT_STOP,
-                sig,
-            } if stop_signal(sig) => {
-                self.states.insert(tid, State::GroupStopped);
-            }
-            Stop::Event {
-                event: libc::PTRACE_EVENT_CLONE,
-                ..
-            } => {
+            Seen::GroupStop => State::GroupStopped,
+            // (Our interrupt is still pending: the detach clears it.)
+            Seen::Signal(sig) => State::Stopped { sig },
+            Seen::Created(new) => {
                 // The new thread stops at its start, and is stopped in
                 // turn.
-                if let Ok(new) = ptrace::event_msg(tid) {
-                    self.created(new as Tid);
-                }
-                self.states.insert(tid, State::Stopped { sig: 0 });
+                self.created(new);
+                State::Stopped { sig: 0 }
             }
-            Stop::Signal(sig) => {
-                // (Our interrupt is still pending: the detach clears it.)
-                self.states.insert(tid, State::Stopped { sig });
-            }
-            Stop::Event { .. } => {
-                self.states.insert(tid, State::Stopped { sig: 0 });
-            }
-        }
+            Seen::Other => State::Stopped { sig: 0 },
+        };
+        self.states.insert(tid, state);
     }
 
     /// Lets every thread go (`PTRACE_DETACH`) with the signal it stopped
@@ -192,38 +203,27 @@ impl OtherThreads for Threads {
     /// kept, a new thread let run.
     fn stop(&mut self, tid: Tid, status: libc::c_int) {
         let known = self.states.contains_key(&tid);
-        match ptrace::decode(status) {
-            // A child of the tracing thread that is none of ours, or a
-            // thread of the process that exited.
-            Stop::Exited(_) | Stop::Killed(_) => {
+        let _ = match Seen::of(tid, status) {
+            // A thread of the process that exited (or a child of the
+            // tracing thread that is none of ours).
+            Seen::Gone => {
                 self.states.remove(&tid);
+                return;
             }
-            Stop::Event {
-                event: libc::PTRACE_EVENT_STOP,
-                sig,
-            } if known && stop_signal(sig) => {
+            Seen::GroupStop if known => {
                 self.states.insert(tid, State::GroupStopped);
-                let _ = ptrace::listen(tid);
+                ptrace::listen(tid)
             }
-            Stop::Event {
-                event: libc::PTRACE_EVENT_CLONE,
-                ..
-            } => {
-                if let Ok(new) = ptrace::event_msg(tid) {
-                    self.created(new as Tid);
-                }
-                let _ = ptrace::cont(tid, 0);
+            Seen::Created(new) => {
+                self.created(new);
+                ptrace::cont(tid, 0)
             }
-            Stop::Signal(sig) => {
-                let _ = ptrace::cont(tid, sig);
-            }
-            // A new thread's first stop, the end of a group-stop
-            // (`SIGCONT` after `PTRACE_LISTEN`), any other event: runs on.
-            Stop::Event { .. } => {
+            Seen::Signal(sig) => ptrace::cont(tid, sig),
+            Seen::GroupStop | Seen::Other => {
                 self.states.insert(tid, State::Running);
-                let _ = ptrace::cont(tid, 0);
+                ptrace::cont(tid, 0)
             }
-        }
+        };
     }
 
     fn created(&mut self, tid: Tid) {
