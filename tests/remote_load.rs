@@ -544,7 +544,8 @@ fn a_static_program_is_refused_for_want_of_a_loader() {
 
 /// A program of four threads: three spin in their own code (each counts
 /// its rounds in `spins[i]`), the main one sleeps until the stop file
-/// exists, then joins them and writes how many `SIGUSR1` its handler saw.
+/// exists, then joins them and writes how many `SIGUSR1` and `SIGRTMIN`
+/// (a real-time signal: each one sent is delivered) its handlers saw.
 const SPINNER: &str = r#"
 #include <pthread.h>
 #include <signal.h>
@@ -553,9 +554,11 @@ const SPINNER: &str = r#"
 #include <string.h>
 #include <unistd.h>
 static volatile sig_atomic_t usr1;
+static atomic_long rt;
 static atomic_int stop;
 volatile unsigned long spins[3];
 static void on_usr1(int s) { (void)s; usr1++; }
+static void on_rt(int s) { (void)s; atomic_fetch_add(&rt, 1); }
 static void *spin(void *arg) {
     long i = (long)arg;
     unsigned long x = 1;
@@ -572,6 +575,8 @@ int main(int argc, char **argv) {
     sa.sa_handler = on_usr1;
     sa.sa_flags = SA_RESTART;
     sigaction(SIGUSR1, &sa, 0);
+    sa.sa_handler = on_rt;
+    sigaction(SIGRTMIN, &sa, 0);
     pthread_t t[3];
     for (long i = 0; i < 3; i++) pthread_create(&t[i], 0, spin, (void *)i);
     while (access(argv[2], F_OK) != 0) usleep(1000);
@@ -579,7 +584,7 @@ int main(int argc, char **argv) {
     for (int i = 0; i < 3; i++) pthread_join(t[i], 0);
     FILE *f = fopen(argv[1], "w");
     if (!f) return 3;
-    fprintf(f, "usr1 %d\n", (int)usr1);
+    fprintf(f, "usr1 %d rt %ld\n", (int)usr1, atomic_load(&rt));
     fclose(f);
     return 0;
 }
@@ -636,7 +641,7 @@ fn a_thread_in_the_program_s_own_code_is_borrowed_and_a_signal_raised_meanwhile_
     std::fs::write(&stop, b"").unwrap();
     assert!(plain.0.wait().unwrap().success());
     let untraced = std::fs::read_to_string(&out).unwrap();
-    assert_eq!(untraced, "usr1 1\n");
+    assert_eq!(untraced, "usr1 1 rt 0\n");
 
     let (mut child, stop, out) = start_spinner("spinner-loaded");
     let pid = child.pid();
@@ -715,4 +720,52 @@ fn a_program_whose_threads_all_wait_on_locks_has_no_safe_point_and_is_left_alone
     }
     wait_until(all_in_futex);
     assert_running_untraced(pid);
+}
+
+/// Fifty loads into the four-thread program while another thread of this
+/// test sends it real-time signals (each one queued, none merged): every
+/// signal reaches the program's handler exactly once, whichever thread it
+/// came for (a bystander's passed through, the borrowed thread's held and
+/// sent again), the constructor ran once and the init function fifty
+/// times, and the program ends as an untraced run that got those signals.
+#[test]
+fn fifty_loads_under_a_stream_of_queued_signals_lose_and_duplicate_none() {
+    const LOADS: usize = 50;
+    const SIGNALS: usize = 2000;
+    let (mut child, stop, out) = start_spinner("spinner-storm");
+    let pid = child.pid();
+    let sender = std::thread::spawn(move || {
+        for i in 0..SIGNALS {
+            // SAFETY: a signal to our test's child (alive until joined).
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGRTMIN()) }, 0);
+            if i % 16 == 0 {
+                std::thread::sleep(Duration::from_micros(200));
+            }
+        }
+    });
+    let mut safe_points = std::collections::BTreeMap::new();
+    let start = std::time::Instant::now();
+    for i in 0..LOADS {
+        let arg = format!("load {i}");
+        let l = load_library(pid, &agent(), Some(("agent_start", &arg))).unwrap();
+        let kind = match l.safe_point {
+            SafePoint::Outside { .. } => "outside",
+            SafePoint::Blocked { .. } => "blocked",
+        };
+        *safe_points.entry(kind).or_insert(0) += 1;
+    }
+    eprintln!(
+        "{LOADS} loads in {:?} under signals; safe points {safe_points:?}",
+        start.elapsed()
+    );
+    sender.join().unwrap();
+    assert_eq!(marker(pid), "loaded\n");
+    let want: String = (0..LOADS).map(|i| format!("load {i}\n")).collect();
+    assert_eq!(args_seen(pid), want);
+    std::fs::write(&stop, b"").unwrap();
+    assert!(child.0.wait().unwrap().success());
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        format!("usr1 0 rt {SIGNALS}\n")
+    );
 }
