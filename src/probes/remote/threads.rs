@@ -25,6 +25,11 @@ pub(super) enum State {
     Stopped { sig: libc::c_int },
     /// In a group-stop (`SIGSTOP`, `SIGTSTP`, ...): stays there.
     GroupStopped,
+    /// In a group-stop that began while the visit let it run, left there
+    /// with `PTRACE_LISTEN` (so that a `SIGCONT` wakes it): no request but
+    /// `PTRACE_INTERRUPT` reaches a listening thread, so it is interrupted
+    /// (into a plain group-stop trap) before it can be let go.
+    Listening,
     /// Running (traced).
     Running,
 }
@@ -124,9 +129,10 @@ impl Threads {
         }
     }
 
-    /// Stops every running thread (`PTRACE_INTERRUPT`) and waits until
-    /// each is stopped; a stop for a signal keeps the signal for the
-    /// thread's release.
+    /// Stops every running (or listening) thread (`PTRACE_INTERRUPT`) and
+    /// waits until each is stopped; a stop for a signal keeps the signal
+    /// for the thread's release, a listening thread reports its group-stop
+    /// again.
     pub(super) fn stop_all(&mut self) {
         let running: Vec<Tid> = self.running().collect();
         for tid in running {
@@ -138,7 +144,8 @@ impl Threads {
         while self.running().next().is_some() {
             let Ok(Some((tid, status))) = ptrace::wait(-1, 0) else {
                 // Nothing left to wait for: every thread is gone.
-                self.states.retain(|_, s| *s != State::Running);
+                self.states
+                    .retain(|_, s| !matches!(*s, State::Running | State::Listening));
                 return;
             };
             self.stopped(tid, status);
@@ -148,7 +155,7 @@ impl Threads {
     fn running(&self) -> impl Iterator<Item = Tid> + '_ {
         self.states
             .iter()
-            .filter(|(_, &s)| s == State::Running)
+            .filter(|(_, &s)| matches!(s, State::Running | State::Listening))
             .map(|(&t, _)| t)
     }
 
@@ -211,7 +218,7 @@ impl OtherThreads for Threads {
                 return;
             }
             Seen::GroupStop if known => {
-                self.states.insert(tid, State::GroupStopped);
+                self.states.insert(tid, State::Listening);
                 ptrace::listen(tid)
             }
             Seen::Created(new) => {
