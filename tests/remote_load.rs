@@ -59,8 +59,8 @@ fn build_lib(name: &str, source: &str) -> PathBuf {
 /// The agent: its constructor appends `loaded` to `<dir>/marker-<pid>`,
 /// `agent_start(arg)` appends `arg` to `<dir>/arg-<pid>` and returns 42;
 /// `agent_thread(arg)` starts a thread that appends `thread <arg>` and
-/// waits in `pause` for ever (an agent's own thread); `agent_raise(sig)`
-/// raises signal number `sig` on the calling thread;
+/// waits in `pause` for ever (an agent's own thread); `agent_stop` sends
+/// the process `SIGSTOP`; `agent_raise(sig)` raises signal number `sig` on the calling thread;
 /// `hidden_start` is `agent_start`, local to the file.
 fn agent() -> PathBuf {
     static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
@@ -97,6 +97,7 @@ int agent_thread(const char *arg) {{
     pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
     return pthread_create(&t, &a, agent_main, 0);
 }}
+int agent_stop(const char *unused) {{ (void)unused; return kill(getpid(), SIGSTOP); }}
 int agent_raise(const char *sig) {{ append("arg", sig); return raise(atoi(sig)); }}
 __attribute__((used)) static int hidden_start(const char *arg) {{ append("arg", arg); return 1; }}
 "#,
@@ -741,6 +742,14 @@ fn fifty_loads_under_a_stream_of_queued_signals_lose_and_duplicate_none() {
             if i % 16 == 0 {
                 std::thread::sleep(Duration::from_micros(200));
             }
+            if i % 400 == 0 {
+                // A group-stop begun and ended while loads go on.
+                // SAFETY: signals to our test's child.
+                unsafe { libc::kill(pid, libc::SIGSTOP) };
+                std::thread::sleep(Duration::from_micros(500));
+                // SAFETY: as above.
+                unsafe { libc::kill(pid, libc::SIGCONT) };
+            }
         }
     });
     let mut safe_points = std::collections::BTreeMap::new();
@@ -768,4 +777,28 @@ fn fifty_loads_under_a_stream_of_queued_signals_lose_and_duplicate_none() {
         std::fs::read_to_string(&out).unwrap(),
         format!("usr1 0 rt {SIGNALS}\n")
     );
+}
+
+/// A group-stop that begins during the calls (the init function sends its
+/// process `SIGSTOP`, which any of its threads may take): the load
+/// finishes, every thread is let go (those that entered the stop while
+/// the load let them run included) and the process is left stopped, as
+/// the signal asked; `SIGCONT` resumes it and it ends as untraced.
+#[test]
+fn a_group_stop_begun_during_the_calls_is_left_in_place_and_every_thread_let_go() {
+    let (mut child, stop, out) = start_spinner("spinner-stopped");
+    let pid = child.pid();
+    load_library(pid, &agent(), Some(("agent_stop", ""))).unwrap();
+    let untraced_and_stopped = || {
+        tids(pid).iter().all(|t| {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/task/{t}/status")).unwrap();
+            s.lines().any(|l| l == "TracerPid:\t0") && s.lines().any(|l| l.starts_with("State:\tT"))
+        })
+    };
+    wait_until(untraced_and_stopped);
+    // SAFETY: a signal to our child.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    std::fs::write(&stop, b"").unwrap();
+    assert!(child.0.wait().unwrap().success());
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), "usr1 0 rt 0\n");
 }
