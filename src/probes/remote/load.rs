@@ -60,8 +60,13 @@
 //!    linker) that is one of the sleeps, `poll`/`select`/`epoll` waits,
 //!    `read`/`write`/`recv`/`send`/`accept`/`connect`, `wait4`/`waitid`,
 //!    `pause` and signal waits (and `restart_syscall`, a timed wait going
-//!    on after a stop), none of which glibc makes with those locks held ([`SafePoint::Blocked`]; a `futex` wait is not taken: a thread
+//!    on after a stop), none of which glibc makes with those locks held
+//!    ([`SafePoint::Blocked`]; a `futex` wait is not taken: a thread
 //!    waiting for one lock may hold another).
+//!
+//! Threads in a group-stop are never resumed, so when the process is
+//! stopped (`SIGSTOP`) every one of its threads must be at a safe point,
+//! not only the one borrowed: one of them could hold the lock.
 //!
 //! This is how a process blocked in `sleep` or `poll` for minutes is
 //! served at once, and a busy one within a few rounds. It needs no
@@ -94,10 +99,13 @@
 //! locks of the program's own, or `stdio`'s, which `dlopen` does not need
 //! but the library's constructors and init function may; an init function
 //! that forks (its child, untraced, returns onto the scratch page's
-//! `int3` and dies of `SIGTRAP`). The interrupt
-//! itself is `ptrace`'s: the waits signal(7) lists as failing with `EINTR`
-//! after a stop (`epoll_wait`, `sigtimedwait`, ...) may return `EINTR` to
-//! the program, as under any `ptrace` attach (a debugger's included).
+//! `int3` and dies of `SIGTRAP`); glibc's `malloc` reads
+//! `/proc/sys/vm/overcommit_memory` once, with an arena's lock held, the
+//! first time it shrinks a thread's heap: a thread stopped in that one
+//! `read` looks blocked in a wait. The interrupt itself is `ptrace`'s: the
+//! waits signal(7) lists as failing with `EINTR` after a stop
+//! (`epoll_wait`, `sigtimedwait`, ...) may return `EINTR` to the program,
+//! as under any `ptrace` attach (a debugger's included).
 //!
 //! # Cost
 //!
@@ -107,9 +115,11 @@
 //! loading a small library for the first time (most of it `dlopen`'s own
 //! system calls and the stops around each call), and 4-67 ms for a program
 //! whose three other threads spin on both CPUs meanwhile (the borrowed
-//! thread and the tracer wait for a CPU at each stop). The borrowed thread
-//! is away from its own work for that long; the others only for the stops
-//! before and after the calls.
+//! thread and the tracer wait for a CPU at each stop); fifty loads into
+//! that program while it is sent 2,000 queued signals and a few
+//! `SIGSTOP`/`SIGCONT` pairs take 1.3-2.2 s. The borrowed thread is away
+//! from its own work for that long; the others only for the stops before
+//! and after the calls.
 //!
 //! # Not covered
 //!

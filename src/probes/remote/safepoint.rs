@@ -64,6 +64,9 @@
 //! - An init function (or constructor) that forks: the child is not
 //!   traced and returns, in the end, onto the scratch page's `int3`
 //!   (`SIGTRAP` kills it).
+//! - glibc's `malloc` reads `/proc/sys/vm/overcommit_memory` once, with an
+//!   arena's lock held, the first time it shrinks a thread's heap: a
+//!   thread stopped in that one `read` looks blocked in a wait.
 //! - A thread blocked in a wait of [`WAITS`] made from the program's own
 //!   inline system call, outside the C library, is taken by rule 1 anyway.
 
