@@ -16,7 +16,7 @@ use rcu_registry::probes::remote::{load_library, Refusal, RemoteError, RemoteTra
 
 #[path = "remote_support/mod.rs"]
 mod remote_support;
-use remote_support::{dir, fixture};
+use remote_support::{dir, fixture, Running};
 
 /// What `agent_start` returns.
 const AGENT_RETURNS: u64 = 42;
@@ -126,20 +126,9 @@ fn args_seen(pid: i32) -> String {
     std::fs::read_to_string(dir().join(format!("arg-{pid}"))).unwrap_or_default()
 }
 
-/// A program started untraced, killed and reaped if a test fails first.
-struct Running(std::process::Child);
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Running {
-    fn pid(&self) -> i32 {
-        self.0.id() as i32
-    }
+/// The pid of a program started untraced.
+fn pid_of(r: &Running) -> i32 {
+    r.0.id() as i32
 }
 
 /// The fixture in `until` (or `slow`) mode, writing to `out`, until
@@ -156,7 +145,7 @@ fn start_fixture(name: &str, mode: &str) -> (Running, PathBuf, PathBuf) {
             .spawn()
             .unwrap(),
     );
-    wait_for_calls(child.pid(), &fixture());
+    wait_for_calls(pid_of(&child), &fixture());
     (child, stop, out)
 }
 
@@ -270,7 +259,7 @@ fn fixture_text(pid: i32) -> Vec<u8> {
 #[test]
 fn a_running_program_loads_the_agent_runs_its_init_and_ends_as_if_untraced() {
     let (child, stop, out) = start_fixture("running", "until");
-    let pid = child.pid();
+    let pid = pid_of(&child);
     let lib = agent();
     let text = fixture_text(pid);
     let loaded = load_library(pid, &lib, Some(("agent_start", "first"))).unwrap();
@@ -328,7 +317,7 @@ fn a_running_program_loads_the_agent_runs_its_init_and_ends_as_if_untraced() {
 #[test]
 fn a_program_sleeping_between_calls_gets_the_library_and_runs_on() {
     let (child, stop, out) = start_fixture("slow", "slow");
-    let pid = child.pid();
+    let pid = pid_of(&child);
     let loaded = load_library(pid, &agent(), Some(("agent_start", "slow"))).unwrap();
     eprintln!(
         "loaded in {:?} (safe point {:?} at look {})",
@@ -379,7 +368,7 @@ fn registers(pid: i32) -> ([u64; 27], Vec<u8>) {
 #[test]
 fn a_program_blocked_in_a_system_call_gets_the_library_stopped_or_running() {
     let sleeper = Running(Command::new("sleep").arg("300").spawn().unwrap());
-    let pid = sleeper.pid();
+    let pid = pid_of(&sleeper);
     // (After a stop, the sleep goes on as `restart_syscall`.)
     let in_nanosleep = || {
         std::fs::read_to_string(format!("/proc/{pid}/syscall")).is_ok_and(|s| {
@@ -426,7 +415,7 @@ fn a_program_blocked_in_a_system_call_gets_the_library_stopped_or_running() {
 #[test]
 fn every_error_is_typed_and_leaves_the_program_running_and_unaware() {
     let (child, stop, out) = start_fixture("errors", "until");
-    let pid = child.pid();
+    let pid = pid_of(&child);
     let text = fixture_text(pid);
     let lib = agent();
     let unchanged = |what: &str| {
@@ -532,7 +521,7 @@ fn a_static_program_is_refused_for_want_of_a_loader() {
             .spawn()
             .unwrap(),
     );
-    let pid = child.pid();
+    let pid = pid_of(&child);
     wait_for_calls(pid, &exe);
     let r = load_library(pid, &agent(), None);
     assert!(
@@ -610,7 +599,7 @@ fn start_spinner(name: &str) -> (Running, PathBuf, PathBuf) {
             .spawn()
             .unwrap(),
     );
-    let pid = child.pid();
+    let pid = pid_of(&child);
     wait_until(|| {
         let mut b = [0u8; 24];
         read_variable(pid, &spinner(), "spins", &mut b);
@@ -638,14 +627,14 @@ fn a_thread_in_the_program_s_own_code_is_borrowed_and_a_signal_raised_meanwhile_
     // Untraced, with one SIGUSR1.
     let (mut plain, stop, out) = start_spinner("spinner-plain");
     // SAFETY: a signal to our child.
-    unsafe { libc::kill(plain.pid(), libc::SIGUSR1) };
+    unsafe { libc::kill(pid_of(&plain), libc::SIGUSR1) };
     std::fs::write(&stop, b"").unwrap();
     assert!(plain.0.wait().unwrap().success());
     let untraced = std::fs::read_to_string(&out).unwrap();
     assert_eq!(untraced, "usr1 1 rt 0\n");
 
     let (mut child, stop, out) = start_spinner("spinner-loaded");
-    let pid = child.pid();
+    let pid = pid_of(&child);
     let usr1 = libc::SIGUSR1.to_string();
     let loaded = load_library(pid, &agent(), Some(("agent_raise", &usr1))).unwrap();
     eprintln!(
@@ -696,7 +685,7 @@ int main(void) {
 fn a_program_whose_threads_all_wait_on_locks_has_no_safe_point_and_is_left_alone() {
     let exe = build("deadlocked", DEADLOCKED, &[]);
     let child = Running(Command::new(&exe).spawn().unwrap());
-    let pid = child.pid();
+    let pid = pid_of(&child);
     let all_in_futex = || {
         let t = tids(pid);
         t.len() == 2
@@ -734,7 +723,7 @@ fn fifty_loads_under_a_stream_of_queued_signals_lose_and_duplicate_none() {
     const LOADS: usize = 50;
     const SIGNALS: usize = 2000;
     let (mut child, stop, out) = start_spinner("spinner-storm");
-    let pid = child.pid();
+    let pid = pid_of(&child);
     let sender = std::thread::spawn(move || {
         for i in 0..SIGNALS {
             // SAFETY: a signal to our test's child (alive until joined).
@@ -787,7 +776,7 @@ fn fifty_loads_under_a_stream_of_queued_signals_lose_and_duplicate_none() {
 #[test]
 fn a_group_stop_begun_during_the_calls_is_left_in_place_and_every_thread_let_go() {
     let (mut child, stop, out) = start_spinner("spinner-stopped");
-    let pid = child.pid();
+    let pid = pid_of(&child);
     load_library(pid, &agent(), Some(("agent_stop", ""))).unwrap();
     let untraced_and_stopped = || {
         tids(pid).iter().all(|t| {
