@@ -248,9 +248,25 @@ pub(super) fn pending_for_thread(tid: Tid, sig: libc::c_int) -> bool {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
         return false;
     };
+    signal_mask(&status, "SigPnd:") & (1u64 << (sig - 1)) != 0
+}
+
+/// The signals queued for thread `tid` alone that it would take as soon
+/// as it runs: pending (`SigPnd`) and not blocked (`SigBlk`), as a mask
+/// (bit `n - 1`: signal `n`; 0 if its status cannot be read).
+pub(super) fn deliverable_for_thread(tid: Tid) -> u64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+        return 0;
+    };
+    signal_mask(&status, "SigPnd:") & !signal_mask(&status, "SigBlk:")
+}
+
+/// The signal mask `field` (`SigPnd:`, `SigBlk:`, ...) of a
+/// `/proc/<tid>/status` text.
+fn signal_mask(status: &str, field: &str) -> u64 {
     status
         .lines()
-        .find_map(|l| l.strip_prefix("SigPnd:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1u64 << (sig - 1)) != 0)
+        .unwrap_or(0)
 }

@@ -189,7 +189,11 @@ impl Guarded {
 /// point and every thread that will stay stopped meanwhile (in a
 /// group-stop) is at one too. Preferred: outside the libraries, the main
 /// thread (`pid`) first; then blocked in a wait. A thread stopped for a
-/// signal is not taken (its signal is delivered when it runs on).
+/// signal is not taken (its signal is delivered when it runs on), nor one
+/// with an unblocked signal queued for it alone: the kernel reports an interrupt
+/// before it takes a queued signal, so a thread that has just faulted or
+/// trapped is stopped with its `SIGSEGV` or `SIGTRAP` still queued, which
+/// would stop the first call as if the call had raised it.
 pub(super) fn choose(pid: Tid, threads: &Threads, guarded: &Guarded) -> Option<(Tid, SafePoint)> {
     let judged: Vec<(Tid, State, Option<SafePoint>)> = threads
         .states()
@@ -210,9 +214,12 @@ pub(super) fn choose(pid: Tid, threads: &Threads, guarded: &Guarded) -> Option<(
     if group_stopped.iter().any(|(_, _, j)| j.is_none()) {
         return None;
     }
-    let takeable = |s: State| s == State::Stopped { sig: 0 } || s == State::GroupStopped;
+    let takeable = |t: Tid, s: State| {
+        (s == State::Stopped { sig: 0 } || s == State::GroupStopped)
+            && ptrace::deliverable_for_thread(t) == 0
+    };
     let rank = |&(t, s, j): &(Tid, State, Option<SafePoint>)| -> Option<u8> {
-        if !takeable(s) {
+        if !takeable(t, s) {
             return None;
         }
         match j? {
