@@ -59,7 +59,8 @@ fn build_lib(name: &str, source: &str) -> PathBuf {
 /// The agent: its constructor appends `loaded` to `<dir>/marker-<pid>`,
 /// `agent_start(arg)` appends `arg` to `<dir>/arg-<pid>` and returns 42;
 /// `agent_thread(arg)` starts a thread that appends `thread <arg>` and
-/// waits in `pause` for ever (an agent's own thread); `agent_stop` sends
+/// waits in `pause` for ever (an agent's own thread); `agent_crash` reads
+/// address 8 (`SIGSEGV`); `agent_stop` sends
 /// the process `SIGSTOP`; `agent_raise(sig)` raises signal number `sig` on the calling thread;
 /// `hidden_start` is `agent_start`, local to the file.
 fn agent() -> PathBuf {
@@ -97,6 +98,7 @@ int agent_thread(const char *arg) {{
     pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
     return pthread_create(&t, &a, agent_main, 0);
 }}
+int agent_crash(const char *unused) {{ (void)unused; return *(volatile int *)8; }}
 int agent_stop(const char *unused) {{ (void)unused; return kill(getpid(), SIGSTOP); }}
 int agent_raise(const char *sig) {{ append("arg", sig); return raise(atoi(sig)); }}
 __attribute__((used)) static int hidden_start(const char *arg) {{ append("arg", arg); return 1; }}
@@ -495,6 +497,22 @@ fn every_error_is_typed_and_leaves_the_program_running_and_unaware() {
     );
     assert_eq!(marker(pid), "loaded\n");
     assert_eq!(args_seen(pid), "");
+    assert_running_untraced(pid);
+    assert_eq!(fixture_text(pid), text);
+    // An init function that crashes: the fault is the error, the thread
+    // is put back where it was and the program runs on (the library was
+    // loaded already: the fault held no lock of the loader's).
+    let r = load_library(pid, &lib, Some(("agent_crash", "")));
+    assert!(
+        matches!(
+            r,
+            Err(RemoteError::CallFaulted {
+                signal: libc::SIGSEGV,
+                ..
+            })
+        ),
+        "{r:?}"
+    );
     assert_running_untraced(pid);
     assert_eq!(fixture_text(pid), text);
     end_fixture(child, &stop, &out);
