@@ -40,7 +40,8 @@
 //! without it) and returned to the caller, which sends it again once the
 //! thread's own state is back: its handler must run in the interrupted
 //! code's context, not in the call's. A fault the call itself raises
-//! (`SIGSEGV`, `SIGBUS`, `SIGILL`, `SIGFPE` from the kernel) ends the call
+//! (`SIGSEGV`, `SIGBUS`, `SIGILL`, `SIGFPE`, or `SIGTRAP` from an `int3`
+//! other than ours, raised by the kernel) ends the call
 //! with [`CallError::Faulted`]; the thread is left stopped there for the
 //! caller to restore (whatever the called code had locked stays locked).
 
