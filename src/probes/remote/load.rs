@@ -141,9 +141,10 @@ use std::time::{Duration, Instant};
 
 use super::call::{self, CallError, SavedThread};
 use super::inject;
-use super::mem::{RemoteMemory, INT3};
+use super::mem::RemoteMemory;
 use super::ptrace::Tid;
 use super::safepoint::{self, Guarded, SafePoint};
+use super::scratch::{Scratch, Strings};
 use super::space::file_mappings;
 use super::stops::Stops;
 use super::threads::{State, Threads};
@@ -396,73 +397,6 @@ fn find_loader(pid: Tid, maps: &Maps) -> Result<Loader, RemoteError> {
         }
     }
     Err(RemoteError::NoLoader(pid))
-}
-
-/// The strings the calls pass.
-struct Strings {
-    path: CString,
-    symbol: Option<CString>,
-    argument: Option<CString>,
-}
-
-/// The scratch page mapped in the process: the `int3` at its start, the
-/// strings after it.
-struct Scratch {
-    start: u64,
-    len: u64,
-    path: u64,
-    symbol: u64,
-    argument: u64,
-}
-
-/// Where the strings start in the scratch page (after the `int3`s).
-const STRINGS_AT: u64 = 16;
-
-impl Scratch {
-    /// Maps the page through stopped thread `tid` and fills it.
-    fn map(
-        stops: &Stops,
-        pid: Tid,
-        tid: Tid,
-        gadget: u64,
-        mem: &RemoteMemory,
-        s: &Strings,
-    ) -> std::io::Result<Scratch> {
-        let empty = CString::default();
-        let parts = [
-            &s.path,
-            s.symbol.as_ref().unwrap_or(&empty),
-            s.argument.as_ref().unwrap_or(&empty),
-        ];
-        let mut bytes = vec![INT3; STRINGS_AT as usize];
-        let mut at = [0u64; 3];
-        for (i, p) in parts.iter().enumerate() {
-            at[i] = bytes.len() as u64;
-            bytes.extend_from_slice(p.as_bytes_with_nul());
-        }
-        let len = (bytes.len() as u64).next_multiple_of(4096);
-        let prot = libc::PROT_READ | libc::PROT_EXEC;
-        let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
-        let start = inject::mmap(stops, pid, tid, gadget, 0, len, prot, flags)?;
-        let scratch = Scratch {
-            start,
-            len,
-            path: start + at[0],
-            symbol: start + at[1],
-            argument: start + at[2],
-        };
-        if let Err(e) = mem.write_at(start, &bytes) {
-            scratch.unmap(stops, pid, tid, gadget);
-            return Err(std::io::Error::other(e.to_string()));
-        }
-        Ok(scratch)
-    }
-
-    /// Unmaps the page through stopped thread `tid`.
-    fn unmap(&self, stops: &Stops, pid: Tid, tid: Tid, gadget: u64) {
-        let args = [self.start, self.len, 0, 0, 0, 0];
-        let _ = inject::syscall(stops, pid, tid, gadget, libc::SYS_munmap, args);
-    }
 }
 
 /// One load, from the threads seized to the calls made.

@@ -35,6 +35,7 @@ mod ptrace;
 mod regs;
 mod repair;
 mod safepoint;
+mod scratch;
 mod seize;
 mod space;
 mod spawn;
