@@ -117,7 +117,7 @@
 //! whose three other threads spin on both CPUs meanwhile (the borrowed
 //! thread and the tracer wait for a CPU at each stop); fifty loads into
 //! that program while it is sent 2,000 queued signals and a few
-//! `SIGSTOP`/`SIGCONT` pairs take 1.3-2.2 s. The borrowed thread is away
+//! `SIGSTOP`/`SIGCONT` pairs take 1.3-6.6 s. The borrowed thread is away
 //! from its own work for that long; the others only for the stops before
 //! and after the calls.
 //!
