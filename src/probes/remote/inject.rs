@@ -27,6 +27,14 @@ use crate::probes::procmaps::Maps;
 /// The `syscall` instruction.
 const SYSCALL: [u8; 2] = [0x0f, 0x05];
 
+/// Event stops tolerated before an injected system call's step completes.
+const EVENT_RETRIES: usize = 64;
+/// Signals held back at most before it completes: above a real-time
+/// signal queue's usual backlog (the default `RLIMIT_SIGPENDING` of a user
+/// is in the tens of thousands on a machine of some size, but a burst
+/// that keeps coming faster than a step is a sender gone wild).
+const SIGNAL_RETRIES: usize = 1 << 16;
+
 /// Where a `syscall` instruction is in `pid`'s memory: right before the
 /// thread's `rip` if it just made one, else the first found in the vDSO,
 /// else in any executable mapping.
@@ -106,9 +114,13 @@ pub(super) fn syscall(
 /// completes: it is held back (pushed on `held`, sent again by the caller
 /// once the registers are back, since delivering it with the registers
 /// borrowed would run the process's handler in the wrong state) and the
-/// step retried.
+/// step retried. Each such stop takes one signal off the thread's queue,
+/// so a backlog of queued (real-time) signals costs one retry each: only
+/// retries for other stops count against [`EVENT_RETRIES`], and signals
+/// against [`SIGNAL_RETRIES`] (a queue that never drains).
 fn step_over_call(stops: &Stops, tid: Tid, held: &mut Vec<libc::c_int>) -> io::Result<i64> {
-    for _ in 0..64 {
+    let mut events = 0;
+    while events < EVENT_RETRIES && held.len() < SIGNAL_RETRIES {
         ptrace::single_step(tid, 0)?;
         let status = stops.wait_for(tid)?;
         match ptrace::decode(status) {
@@ -126,7 +138,7 @@ fn step_over_call(stops: &Stops, tid: Tid, held: &mut Vec<libc::c_int>) -> io::R
             }
             Stop::Signal(sig) => held.push(sig),
             // An event stop before the step: retry.
-            Stop::Event { .. } => {}
+            Stop::Event { .. } => events += 1,
         }
     }
     Err(io::Error::new(

@@ -15,25 +15,40 @@
 //! registry's hit path; how, and what follows the process's life (threads,
 //! libraries loaded later, `fork`, `exec`, exit), is in [`tracer`]'s docs.
 //!
+//! [`load_library`] visits a running process instead of tracing it: it
+//! stops it, borrows one of its threads at a safe point to `dlopen` a
+//! library and call the library's init function, restores the thread and
+//! lets the process go, untraced (how, and what remains a risk: [`load`]'s
+//! docs). That is how an in-process agent gets into a process that was not
+//! started with it; the agent then works without `ptrace`.
+//!
 //! Layer: beside the live runtime (`probes::runtime`), above the uprobe
 //! registry; it uses neither the live runtime nor its signal handlers.
 //! Where a hit and a registration go: `ARCHITECTURE.md`.
 
+mod call;
 mod colocate;
 mod inject;
+pub mod load;
 mod mem;
 mod ptrace;
 mod regs;
 mod repair;
+mod safepoint;
+mod scratch;
+mod seize;
 mod space;
 mod spawn;
 mod stops;
 mod terminate;
+mod threads;
 pub mod tracer;
 mod xol;
 
+pub use load::{load_library, LoadedLibrary};
 pub use mem::RemoteMemory;
 pub use ptrace::Tid;
+pub use safepoint::SafePoint;
 pub use space::RemoteSpace;
 pub use tracer::{
     serving_thread, ExitStatus, Refusal, RemoteError, RemoteRegistry, RemoteTracer, TracedThread,

@@ -38,7 +38,12 @@ fn request(req: libc::c_uint, tid: Tid, addr: usize, data: usize) -> io::Result<
 /// `PTRACE_SEIZE` with [`OPTIONS`] (plus `extra`): the thread is traced
 /// from now on without being stopped.
 pub(super) fn seize(tid: Tid, extra: libc::c_int) -> io::Result<()> {
-    request(libc::PTRACE_SEIZE, tid, 0, (OPTIONS | extra) as usize).map(drop)
+    seize_with(tid, OPTIONS | extra)
+}
+
+/// `PTRACE_SEIZE` with exactly the `PTRACE_O_*` `options`.
+pub(super) fn seize_with(tid: Tid, options: libc::c_int) -> io::Result<()> {
+    request(libc::PTRACE_SEIZE, tid, 0, options as usize).map(drop)
 }
 
 /// `PTRACE_INTERRUPT`: the thread stops (an event stop) soon.
@@ -81,6 +86,70 @@ pub(super) fn set_regs(tid: Tid, regs: &libc::user_regs_struct) -> io::Result<()
         tid,
         0,
         regs as *const libc::user_regs_struct as usize,
+    )
+    .map(drop)
+}
+
+/// `NT_X86_XSTATE`: the `XSAVE` area (x87, SSE, AVX and later state) as
+/// a register set of `PTRACE_GETREGSET`.
+const NT_X86_XSTATE: usize = 0x202;
+
+/// Bytes read for the `XSAVE` area: above every size the CPUs have now
+/// (AVX-512 is 2,696 bytes, AMX tile data 11,008); the kernel copies its
+/// real size and says how much.
+const XSTATE_BUF: usize = 16 << 10;
+
+/// The extended FP/vector state (`XSAVE` area) of a stopped thread, as
+/// many bytes as the kernel keeps for it. `EINVAL`/`ENODEV` on a kernel or
+/// CPU without `XSAVE`: [`get_fpregs`] then.
+pub(super) fn get_xstate(tid: Tid) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; XSTATE_BUF];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    request(
+        libc::PTRACE_GETREGSET,
+        tid,
+        NT_X86_XSTATE,
+        &mut iov as *mut libc::iovec as usize,
+    )?;
+    buf.truncate(iov.iov_len);
+    Ok(buf)
+}
+
+/// Sets the extended FP/vector state of a stopped thread to `xstate`
+/// (what [`get_xstate`] returned).
+pub(super) fn set_xstate(tid: Tid, xstate: &[u8]) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        // The kernel only reads through this pointer (SETREGSET).
+        iov_base: xstate.as_ptr() as *mut libc::c_void,
+        iov_len: xstate.len(),
+    };
+    request(
+        libc::PTRACE_SETREGSET,
+        tid,
+        NT_X86_XSTATE,
+        &mut iov as *mut libc::iovec as usize,
+    )
+    .map(drop)
+}
+
+/// The x87 and SSE state (`FXSAVE` area) of a stopped thread.
+pub(super) fn get_fpregs(tid: Tid) -> io::Result<libc::user_fpregs_struct> {
+    let mut fp = std::mem::MaybeUninit::<libc::user_fpregs_struct>::zeroed();
+    request(libc::PTRACE_GETFPREGS, tid, 0, fp.as_mut_ptr() as usize)?;
+    // SAFETY: zero-initialised plain integers, filled by the kernel.
+    Ok(unsafe { fp.assume_init() })
+}
+
+/// Sets the x87 and SSE state of a stopped thread.
+pub(super) fn set_fpregs(tid: Tid, fp: &libc::user_fpregs_struct) -> io::Result<()> {
+    request(
+        libc::PTRACE_SETFPREGS,
+        tid,
+        0,
+        fp as *const libc::user_fpregs_struct as usize,
     )
     .map(drop)
 }
@@ -179,9 +248,25 @@ pub(super) fn pending_for_thread(tid: Tid, sig: libc::c_int) -> bool {
     let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
         return false;
     };
+    signal_mask(&status, "SigPnd:") & (1u64 << (sig - 1)) != 0
+}
+
+/// The signals queued for thread `tid` alone that it would take as soon
+/// as it runs: pending (`SigPnd`) and not blocked (`SigBlk`), as a mask
+/// (bit `n - 1`: signal `n`; 0 if its status cannot be read).
+pub(super) fn deliverable_for_thread(tid: Tid) -> u64 {
+    let Ok(status) = std::fs::read_to_string(format!("/proc/{tid}/status")) else {
+        return 0;
+    };
+    signal_mask(&status, "SigPnd:") & !signal_mask(&status, "SigBlk:")
+}
+
+/// The signal mask `field` (`SigPnd:`, `SigBlk:`, ...) of a
+/// `/proc/<tid>/status` text.
+fn signal_mask(status: &str, field: &str) -> u64 {
     status
         .lines()
-        .find_map(|l| l.strip_prefix("SigPnd:"))
+        .find_map(|l| l.strip_prefix(field))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
-        .is_some_and(|mask| mask & (1u64 << (sig - 1)) != 0)
+        .unwrap_or(0)
 }

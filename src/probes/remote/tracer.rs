@@ -45,6 +45,11 @@
 //! - **Exit** and `kill -9`: the space's records are dropped (no byte to
 //!   restore).
 //!
+//! Attaching seizes every thread and waits for each to stop (`seize.rs`,
+//! shared with [`repair`](RemoteTracer::repair) and
+//! [`load_library`](super::load_library), which visits a process without
+//! staying).
+//!
 //! No `waitpid` waits on one thread: an exiting process's leader is
 //! reported only once its other threads have been reaped, so a wait for a
 //! given thread collects the others' stops for later (`stops.rs`).
@@ -233,6 +238,53 @@ pub enum RemoteError {
     },
     /// The registry or the resolver refused ([`RemoteTracer::register_in`]).
     Probe(ProbeError),
+    /// The library to load ([`load_library`](super::load_library)) does
+    /// not exist or is not a regular file.
+    NoSuchLibrary {
+        /// The path, as given.
+        path: std::path::PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
+    /// The process maps no C library (or `libdl`) exporting `dlopen`,
+    /// `dlerror` and `dlsym` (a statically linked program).
+    NoLoader(Tid),
+    /// No thread of the process came to a safe point to be borrowed for a
+    /// load ([`load`](super::load), "Safe points"); nothing was called.
+    NoSafePoint(Tid),
+    /// `dlopen` failed in the process: `dlerror`'s message. Nothing was
+    /// loaded.
+    LoadFailed {
+        /// The process.
+        pid: Tid,
+        /// The library.
+        library: std::path::PathBuf,
+        /// What `dlerror` said.
+        message: String,
+    },
+    /// The init function is not a function the library exports.
+    InitSymbolMissing {
+        /// The library.
+        library: std::path::PathBuf,
+        /// The symbol.
+        symbol: String,
+        /// Whether the library stays loaded in the process: false when
+        /// its file has no such function (found before the process was
+        /// touched), true when `dlsym` did not find it after `dlopen` (a
+        /// function local to the file).
+        loaded: bool,
+    },
+    /// A function called in the process raised a fault: the thread was
+    /// restored and let go, but what the call held (the loader's lock)
+    /// stays held.
+    CallFaulted {
+        /// The process.
+        pid: Tid,
+        /// The fault's signal.
+        signal: i32,
+        /// Where.
+        addr: u64,
+    },
     /// The program received this signal (`SIGINT`, `SIGTERM` or `SIGHUP`)
     /// after [`RemoteTracer::detach_on_termination`]: every traced process
     /// was detached, as [`RemoteTracer::detach_all`] does.
@@ -258,6 +310,44 @@ impl std::fmt::Display for RemoteError {
                 write!(f, "{target} is in no file process {pid} maps")
             }
             RemoteError::Probe(e) => write!(f, "{e}"),
+            RemoteError::NoSuchLibrary { path, error } => {
+                write!(f, "no library {}: {error}", path.display())
+            }
+            RemoteError::NoLoader(pid) => write!(
+                f,
+                "process {pid} maps no C library exporting dlopen (statically linked?)"
+            ),
+            RemoteError::NoSafePoint(pid) => write!(
+                f,
+                "no thread of process {pid} came to a safe point to load a library"
+            ),
+            RemoteError::LoadFailed {
+                pid,
+                library,
+                message,
+            } => write!(
+                f,
+                "process {pid} could not load {}: {message}",
+                library.display()
+            ),
+            RemoteError::InitSymbolMissing {
+                library,
+                symbol,
+                loaded,
+            } => write!(
+                f,
+                "{} exports no function {symbol}{}",
+                library.display(),
+                if *loaded {
+                    " (the library stays loaded)"
+                } else {
+                    ""
+                }
+            ),
+            RemoteError::CallFaulted { pid, signal, addr } => write!(
+                f,
+                "a call in process {pid} raised signal {signal} at {addr:#x}"
+            ),
             RemoteError::Terminated(sig) => {
                 write!(
                     f,
@@ -270,7 +360,7 @@ impl std::fmt::Display for RemoteError {
 
 impl std::error::Error for RemoteError {}
 
-fn os(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RemoteError {
+pub(super) fn os(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RemoteError {
     let what = what.into();
     move |error| RemoteError::Os { what, error }
 }
@@ -304,44 +394,6 @@ impl std::fmt::Display for Refusal {
             Refusal::PtraceScope(v) => write!(f, "kernel.yama.ptrace_scope is {v}"),
             Refusal::Other(e) => write!(f, "{}", std::io::Error::from_raw_os_error(*e)),
         }
-    }
-}
-
-/// Why seizing `pid` failed with `e`, as a typed error.
-fn refused(pid: Tid, e: std::io::Error) -> RemoteError {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"));
-    // A process that has exited and not been reaped yet (a zombie, or one
-    // exiting while it was being seized) is no process to trace.
-    let exited = status.as_ref().is_ok_and(|s| {
-        s.lines()
-            .find_map(|l| l.strip_prefix("State:"))
-            .is_some_and(|v| matches!(v.trim().chars().next(), Some('Z' | 'X')))
-    });
-    match (e.raw_os_error(), status) {
-        (Some(libc::ESRCH), _) | (_, Err(_)) => RemoteError::NoSuchProcess(pid),
-        _ if exited => RemoteError::NoSuchProcess(pid),
-        (Some(libc::EPERM), Ok(status)) => {
-            let field = |name: &str| {
-                status
-                    .lines()
-                    .find_map(|l| l.strip_prefix(name))
-                    .and_then(|v| v.split_whitespace().next())
-                    .and_then(|v| v.parse::<u32>().ok())
-            };
-            // SAFETY: geteuid takes no arguments and cannot fail.
-            let me = unsafe { libc::geteuid() };
-            let scope = std::fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope")
-                .ok()
-                .and_then(|v| v.trim().parse::<u8>().ok());
-            let why = match (field("TracerPid:"), field("Uid:"), scope) {
-                (Some(t), _, _) if t != 0 => Refusal::OtherTracer(t as Tid),
-                (_, Some(uid), _) if uid != me && me != 0 => Refusal::OtherUser(uid),
-                (_, _, Some(v)) if v > 0 => Refusal::PtraceScope(v),
-                _ => Refusal::Other(libc::EPERM),
-            };
-            RemoteError::NotPermitted { pid, why }
-        }
-        _ => os(format!("PTRACE_SEIZE {pid}"))(e),
     }
 }
 
@@ -618,45 +670,11 @@ impl RemoteTracer {
         Ok(())
     }
 
-    /// Seizes every thread of `pid` and waits until each is stopped (the
-    /// stops that are not the seizing interrupt are kept). On an error
-    /// nothing stays seized.
+    /// Seizes every thread of `pid` and waits until each is stopped
+    /// (`seize.rs`; the stops that are not the seizing interrupt are kept).
+    /// On an error nothing stays seized.
     pub(super) fn seize_all(&mut self, pid: Tid) -> Result<BTreeSet<Tid>, RemoteError> {
-        let mut threads = BTreeSet::new();
-        let result = (|| {
-            // Threads created while we attach are seized by the kernel
-            // (TRACECLONE) once their creator is seized; listing again
-            // until nothing new appears catches the rest.
-            loop {
-                let listed = list_threads(pid).map_err(|_| RemoteError::NoSuchProcess(pid))?;
-                let new: Vec<Tid> = listed
-                    .into_iter()
-                    .filter(|t| !threads.contains(t))
-                    .collect();
-                if new.is_empty() {
-                    break;
-                }
-                for tid in new {
-                    ptrace::seize(tid, 0)
-                        .map_err(|e| refused(if threads.is_empty() { pid } else { tid }, e))?;
-                    threads.insert(tid);
-                    ptrace::interrupt(tid).map_err(os(format!("PTRACE_INTERRUPT {tid}")))?;
-                }
-            }
-            for &tid in &threads {
-                self.await_attach_stop(tid)?;
-            }
-            Ok(())
-        })();
-        match result {
-            Ok(()) => Ok(threads),
-            Err(e) => {
-                for &tid in &threads {
-                    let _ = ptrace::detach(tid, 0);
-                }
-                Err(e)
-            }
-        }
+        super::seize::seize_all(&self.stops, pid, ptrace::OPTIONS)
     }
 
     /// Every collected stop (for `repair.rs`), the queue left empty.
@@ -667,31 +685,6 @@ impl RemoteTracer {
     /// Puts stops back (for `repair.rs`).
     pub(super) fn stops_put_back(&mut self, older: VecDeque<(Tid, libc::c_int)>) {
         self.stops.put_back(older);
-    }
-
-    /// Waits for the interrupt stop of `tid`, just seized. A process seized
-    /// while it runs `exec` (a parent's `spawn` returns before its child's
-    /// `exec` has finished) stops at the `exec` event instead, the
-    /// interrupt consumed: as good a stop, and the space is then set up for
-    /// the new image (as [`spawn`](Self::spawn) does at that stop).
-    fn await_attach_stop(&mut self, tid: Tid) -> Result<(), RemoteError> {
-        let status = self
-            .stops
-            .wait_for(tid)
-            .map_err(os(format!("waiting for {tid}")))?;
-        match ptrace::decode(status) {
-            Stop::Event {
-                event: libc::PTRACE_EVENT_STOP,
-                sig: libc::SIGTRAP,
-            }
-            | Stop::Event {
-                event: libc::PTRACE_EVENT_EXEC,
-                ..
-            } => {}
-            // A group-stop, a signal: kept, and served as such.
-            _ => self.stops.push(tid, status),
-        }
-        Ok(())
     }
 
     /// Waits for the interrupt stop of `tid`; another stop that comes first
@@ -1673,18 +1666,7 @@ fn unhijack(mem: &RemoteMemory, trampoline: u64, calls: &[CallInFlight]) -> usiz
 }
 
 /// Whether `path` is the dynamic linker (`ld-linux*.so*`, `ld.so*`).
-fn is_dynamic_linker(path: &str) -> bool {
+pub(super) fn is_dynamic_linker(path: &str) -> bool {
     let name = path.rsplit('/').next().unwrap_or("");
     name.starts_with("ld-linux") || name.starts_with("ld.so") || name.starts_with("ld64.so")
-}
-
-/// The thread ids of `pid` (`/proc/<pid>/task`).
-fn list_threads(pid: Tid) -> std::io::Result<Vec<Tid>> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
-        if let Some(t) = e?.file_name().to_str().and_then(|s| s.parse().ok()) {
-            out.push(t);
-        }
-    }
-    Ok(out)
 }
