@@ -25,6 +25,8 @@
 
 #![cfg(target_arch = "x86_64")]
 
+mod arch_x86_support;
+
 use std::arch::global_asm;
 use std::collections::BTreeMap;
 
@@ -32,6 +34,7 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
 
+use arch_x86_support::GPR_IDS;
 use iced_x86::{
     Code, Decoder, DecoderOptions, Encoder, Instruction, MemoryOperand, Mnemonic, Register,
 };
@@ -41,13 +44,25 @@ use unicorn_engine::{Arch as UcArch, HookType, MemType, Mode, Prot, RegisterX86,
 
 /// Readable, executable ranges of the process (`/proc/self/maps`).
 fn code_ranges() -> Vec<(u64, u64)> {
+    ranges(|perms, _| perms.starts_with("r-x"))
+}
+
+/// Readable ranges of the process, but the kernel's special pages.
+fn readable_ranges() -> Vec<(u64, u64)> {
+    ranges(|perms, line| {
+        perms.starts_with('r') && !line.contains("[vvar") && !line.contains("[vsyscall]")
+    })
+}
+
+/// The ranges of `/proc/self/maps` whose line `keep(perms, line)` accepts.
+fn ranges(keep: impl Fn(&str, &str) -> bool) -> Vec<(u64, u64)> {
     std::fs::read_to_string("/proc/self/maps")
         .unwrap()
         .lines()
         .filter_map(|l| {
             let mut f = l.split_whitespace();
             let (range, perms) = (f.next()?, f.next()?);
-            if !perms.starts_with("r-x") {
+            if !keep(perms, l) {
                 return None;
             }
             let (a, b) = range.split_once('-')?;
@@ -427,48 +442,9 @@ fn generated_sequences_run_the_same_in_place_and_relocated() {
     unsafe { libc::munmap(base as *mut libc::c_void, 3 * PAGE) };
 }
 
-/// Readable ranges of the process, but the kernel's special pages.
-fn readable_ranges() -> Vec<(u64, u64)> {
-    std::fs::read_to_string("/proc/self/maps")
-        .unwrap()
-        .lines()
-        .filter(|l| !l.contains("[vvar") && !l.contains("[vsyscall]"))
-        .filter_map(|l| {
-            let mut f = l.split_whitespace();
-            let (range, perms) = (f.next()?, f.next()?);
-            if !perms.starts_with('r') {
-                return None;
-            }
-            let (a, b) = range.split_once('-')?;
-            Some((
-                u64::from_str_radix(a, 16).ok()?,
-                u64::from_str_radix(b, 16).ok()?,
-            ))
-        })
-        .collect()
-}
-
 /// The emulated runs' data page (registers point into it) and stack page.
 const EMU_DATA: u64 = 0x60_0000;
 const EMU_STACK: u64 = 0x70_0000;
-const EMU_GPRS: [RegisterX86; 16] = [
-    RegisterX86::RAX,
-    RegisterX86::RCX,
-    RegisterX86::RDX,
-    RegisterX86::RBX,
-    RegisterX86::RSP,
-    RegisterX86::RBP,
-    RegisterX86::RSI,
-    RegisterX86::RDI,
-    RegisterX86::R8,
-    RegisterX86::R9,
-    RegisterX86::R10,
-    RegisterX86::R11,
-    RegisterX86::R12,
-    RegisterX86::R13,
-    RegisterX86::R14,
-    RegisterX86::R15,
-];
 
 /// Pages copied from this process, once, shared by both runs of a
 /// function (a page another test thread changes between the runs would
@@ -538,7 +514,7 @@ fn emulate_until(
         true
     })
     .unwrap();
-    for (i, id) in EMU_GPRS.iter().enumerate() {
+    for (i, id) in GPR_IDS.iter().enumerate() {
         uc.reg_write(*id, state.0[i]).unwrap();
     }
     uc.reg_write(RegisterX86::RFLAGS, state.1).unwrap();
@@ -549,7 +525,7 @@ fn emulate_until(
         return Err(format!("stopped at {ip:#x}, not {until:#x}"));
     }
     let mut regs = [0u64; 16];
-    for (i, id) in EMU_GPRS.iter().enumerate() {
+    for (i, id) in GPR_IDS.iter().enumerate() {
         regs[i] = uc.reg_read(*id).unwrap();
     }
     let flags = uc.reg_read(RegisterX86::RFLAGS).unwrap() & STATUS;

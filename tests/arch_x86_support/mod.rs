@@ -46,7 +46,8 @@ pub const DATA_SIZE: u64 = 0x2000;
 pub const STACK: u64 = 0x70_0000;
 pub const STACK_SIZE: u64 = 0x2000;
 
-const GPR_IDS: [RegisterX86; 16] = [
+/// The emulator's ids of the 16 general registers, in `X86Reg::ALL` order.
+pub const GPR_IDS: [RegisterX86; 16] = [
     RegisterX86::RAX,
     RegisterX86::RCX,
     RegisterX86::RDX,
