@@ -5,4 +5,5 @@
 #![deny(missing_docs)]
 
 pub mod raw_trap;
+pub mod rcu_checks;
 pub mod targets;
