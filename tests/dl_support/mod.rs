@@ -1,5 +1,7 @@
-//! Fixture shared libraries for the live tests: C sources built with `cc`
-//! into a per-process temporary directory, opened with `dlopen`.
+//! Fixture shared libraries for the live tests: C sources built with the
+//! target's C compiler ([`target_cc`]) into a per-process temporary
+//! directory, opened with `dlopen`. The arm64 suite (`live-arm64`, run
+//! under qemu-aarch64) includes this file too.
 
 #![allow(dead_code)]
 
@@ -13,8 +15,26 @@ pub fn fixture_dir(tag: &str) -> PathBuf {
     d
 }
 
+/// The C compiler that builds code for the architecture this test runs as:
+/// `cc`, except for an aarch64 test run under qemu-user on another host,
+/// which runs the host's programs (its `cc` builds for the host) and finds
+/// the cross compiler `aarch64-linux-gnu-gcc` on the `PATH` (natively on
+/// arm64 that name, when present, is the native compiler: right as well).
+pub fn target_cc() -> &'static str {
+    const CROSS: &str = "aarch64-linux-gnu-gcc";
+    let on_path = |name: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+    };
+    if cfg!(target_arch = "aarch64") && on_path(CROSS) {
+        CROSS
+    } else {
+        "cc"
+    }
+}
+
 /// Builds `file` (a shared object) in [`fixture_dir`]`(tag)` from `source`
-/// with `cc -shared -fPIC -O1` and `extra` arguments.
+/// with `<`[`target_cc`]`> -shared -fPIC -O1` and `extra` arguments.
 pub fn build_so(tag: &str, file: &str, source: &str, extra: &[&str]) -> PathBuf {
     build(tag, file, "c", source, extra)
 }
@@ -30,16 +50,17 @@ fn build(tag: &str, file: &str, ext: &str, source: &str, extra: &[&str]) -> Path
     let src = dir.join(format!("{file}.{ext}"));
     let so = dir.join(file);
     std::fs::write(&src, source).unwrap();
-    let out = std::process::Command::new("cc")
+    let cc = target_cc();
+    let out = std::process::Command::new(cc)
         .args(["-shared", "-fPIC", "-O1", "-o"])
         .arg(&so)
         .arg(&src)
         .args(extra)
         .output()
-        .expect("running cc");
+        .unwrap_or_else(|e| panic!("running {cc}: {e}"));
     assert!(
         out.status.success(),
-        "cc: {}",
+        "{cc}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     so
