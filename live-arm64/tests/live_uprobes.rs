@@ -26,6 +26,8 @@ use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeKey, UprobeTa
 #[path = "../../tests/dl_support/mod.rs"]
 mod dl_support;
 
+use dl_support::{adder as func, snapshot};
+
 fn serial() -> MutexGuard<'static, ()> {
     static LOCK: Mutex<()> = Mutex::new(());
     LOCK.lock().unwrap_or_else(|e| e.into_inner())
@@ -172,23 +174,13 @@ fn a_uprobe_on_a_library_not_loaded_yet_is_installed_by_dlopen() {
     drop(lib);
 }
 
-/// `lib<name>.so`: `int fI(int x)` returns `x + I` for I in 0..`n`, and a
-/// constructor calls `f0(1000)` once per load.
+/// `lib<name>.so`: `int fI(int x)` returns `x + I` for I in 0..`n`
+/// (`dl_support::adders_source`), and a constructor calls `f0(1000)` once
+/// per load.
 fn fixture(name: &str, n: usize) -> PathBuf {
-    let mut src: String = (0..n)
-        .map(|i| {
-            format!(
-                "__attribute__((noinline)) int f{i}(int x) {{ __asm__ volatile(\"\"); return x + {i}; }}\n"
-            )
-        })
-        .collect();
-    src.push_str("int ctor_saw;\n__attribute__((constructor)) static void init(void) { ctor_saw = f0(1000); }\n");
+    let src = dl_support::adders_source(n)
+        + "int ctor_saw;\n__attribute__((constructor)) static void init(void) { ctor_saw = f0(1000); }\n";
     dl_support::build_so("arm64-uprobes", &format!("lib{name}.so"), &src, &[])
-}
-
-/// The fixture's `fI`.
-fn func(lib: &dl_support::Lib, i: usize) -> dl_support::IntFn {
-    lib.func(&std::ffi::CString::new(format!("f{i}")).unwrap())
 }
 
 /// The first instruction word at `addr`.
@@ -233,24 +225,6 @@ fn per_arg(counts: &Arc<Vec<AtomicU64>>, ctor: &Arc<AtomicU64>) -> Consumer {
 
 fn counters(n: usize) -> Arc<Vec<AtomicU64>> {
     Arc::new((0..n).map(|_| AtomicU64::new(0)).collect())
-}
-
-fn snapshot(counts: &[AtomicU64]) -> Vec<u64> {
-    counts.iter().map(|c| c.load(Ordering::SeqCst)).collect()
-}
-
-/// Calls `fI(I)` `I % 3 + 1` times for each I < `n`; the calls made.
-fn call_each(lib: &dl_support::Lib, n: usize) -> Vec<u64> {
-    (0..n)
-        .map(|i| {
-            let f = func(lib, i);
-            let times = i % 3 + 1;
-            for _ in 0..times {
-                assert_eq!(f(i as i32), 2 * i as i32);
-            }
-            times as u64
-        })
-        .collect()
 }
 
 #[test]
@@ -325,6 +299,27 @@ fn words(lib: &dl_support::Lib, so: &Path, keys: &[UprobeKey]) -> (Vec<[u8; 4]>,
         .unzip()
 }
 
+/// Removes the batch `keys` of consumer `c` with one `unregister_many`.
+fn unregister_all(live: &LiveUprobes, keys: &[UprobeKey], c: &Consumer) {
+    let pairs: Vec<(UprobeKey, &Consumer)> = keys.iter().map(|k| (*k, c)).collect();
+    assert_eq!(live.unregister_many(&pairs), Ok(keys.len()));
+}
+
+/// With no uprobe on it, every function of the loaded `lib` starts with
+/// the file's word, and calling each leaves the counts at `want`.
+fn assert_unprobed(
+    lib: &dl_support::Lib,
+    so: &Path,
+    keys: &[UprobeKey],
+    counts: &[AtomicU64],
+    want: &[u64],
+) {
+    let (loaded, file) = words(lib, so, keys);
+    assert_eq!(loaded, file);
+    dl_support::call_each(lib, keys.len(), 3);
+    assert_eq!(snapshot(counts), want);
+}
+
 #[test]
 fn a_batch_on_a_loaded_library_counts_each_call_and_unregister_many_restores_every_word() {
     let _g = serial();
@@ -345,16 +340,12 @@ fn a_batch_on_a_loaded_library_counts_each_call_and_unregister_many_restores_eve
     for i in 0..N {
         assert_ne!(loaded[i], file[i], "f{i}: the brk is in");
     }
-    let want = call_each(&lib, N);
+    let want = dl_support::call_each(&lib, N, 3);
     assert_eq!(snapshot(&counts), want);
     // One batch out: every word is the file's again, nothing counts.
-    let pairs: Vec<(UprobeKey, &Consumer)> = keys.iter().map(|k| (*k, &c)).collect();
-    assert_eq!(live.unregister_many(&pairs), Ok(N));
+    unregister_all(live, &keys, &c);
     assert_eq!(live.registry().len(), before);
-    let (loaded, file) = words(&lib, &so, &keys);
-    assert_eq!(loaded, file);
-    call_each(&lib, N);
-    assert_eq!(snapshot(&counts), want);
+    assert_unprobed(&lib, &so, &keys, &counts, &want);
     assert_eq!(ctor.load(Ordering::SeqCst), 0);
     lib.close();
 }
@@ -379,7 +370,7 @@ fn a_batch_registered_before_dlopen_is_installed_by_each_load_across_dlclose() {
         let lib = dl_support::Lib::open(&so);
         // Installed before the constructor's call of f0.
         assert_eq!(ctor.load(Ordering::SeqCst), round + 1, "round {round}");
-        for (w, n) in want.iter_mut().zip(call_each(&lib, N)) {
+        for (w, n) in want.iter_mut().zip(dl_support::call_each(&lib, N, 3)) {
             *w += n;
         }
         assert_eq!(snapshot(&counts), want, "round {round}");
@@ -388,13 +379,9 @@ fn a_batch_registered_before_dlopen_is_installed_by_each_load_across_dlclose() {
     }
     assert_eq!(live.stats().install_errors, errors);
     // Removed while unloaded, then loaded: nothing installed, nothing counts.
-    let pairs: Vec<(UprobeKey, &Consumer)> = keys.iter().map(|k| (*k, &c)).collect();
-    assert_eq!(live.unregister_many(&pairs), Ok(N));
+    unregister_all(live, &keys, &c);
     let lib = dl_support::Lib::open(&so);
-    let (loaded, file) = words(&lib, &so, &keys);
-    assert_eq!(loaded, file);
-    call_each(&lib, N);
-    assert_eq!(snapshot(&counts), want);
+    assert_unprobed(&lib, &so, &keys, &counts, &want);
     assert_eq!(ctor.load(Ordering::SeqCst), 3);
     lib.close();
 }

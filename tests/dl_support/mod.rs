@@ -7,6 +7,7 @@
 
 use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// `<tmp>/rcu-registry-<tag>-<pid>`, created.
 pub fn fixture_dir(tag: &str) -> PathBuf {
@@ -109,4 +110,42 @@ impl Lib {
         // SAFETY: a handle from dlopen, closed once.
         assert_eq!(unsafe { libc::dlclose(self.0) }, 0);
     }
+}
+
+/// The source of the batch fixtures: `n` functions `int fI(int x)`
+/// returning `x + I`, none inlined or folded into another.
+pub fn adders_source(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "__attribute__((noinline)) int f{i}(int x) {{ __asm__ volatile(\"\"); return x + {i}; }}\n"
+            )
+        })
+        .collect()
+}
+
+/// An [`adders_source`] fixture's `fI`.
+pub fn adder(lib: &Lib, i: usize) -> IntFn {
+    lib.func(&CString::new(format!("f{i}")).unwrap())
+}
+
+/// Calls each of the `n` adders `fI(I)` `I % spread + 1` times, checking
+/// every result; the calls made to each.
+pub fn call_each(lib: &Lib, n: usize, spread: usize) -> Vec<u64> {
+    (0..n)
+        .map(|i| {
+            let f = adder(lib, i);
+            let times = i % spread + 1;
+            for _ in 0..times {
+                assert_eq!(f(i as i32), 2 * i as i32);
+            }
+            times as u64
+        })
+        .collect()
+}
+
+/// Every counter's value (`SeqCst`: the tests' handler counters, read
+/// after the calls; no pairing needed).
+pub fn snapshot(counts: &[AtomicU64]) -> Vec<u64> {
+    counts.iter().map(|c| c.load(Ordering::SeqCst)).collect()
 }
