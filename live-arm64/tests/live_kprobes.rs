@@ -268,13 +268,9 @@ mod arm64 {
     fn a_probe_on_an_instruction_its_own_loop_branches_to_sees_a_call_at_each_iteration() {
         let _g = serial();
         let reg = Live::global().registry();
-        let returns = Arc::new(AtomicU64::new(0));
-        let r = Arc::clone(&returns);
         let krp = Kretprobe::at(addr(la_spin as *const ()))
             .maxactive(3)
-            .handler(move |_, _, _| {
-                r.fetch_add(1, Ordering::SeqCst);
-            })
+            .handler(|_, _, _| {})
             .build()
             .unwrap();
         reg.register(&krp).unwrap();
@@ -288,7 +284,6 @@ mod arm64 {
         flag.store(1, Ordering::Release);
         assert_eq!(caller.join().unwrap(), 42, "returned to its caller");
         assert_eq!(krp.returns(), 3, "each tracked entry returned");
-        assert_eq!(returns.load(Ordering::SeqCst), 3);
         assert_eq!(krp.in_flight(), 0);
         reg.unregister(&krp).unwrap();
     }

@@ -28,22 +28,14 @@ fn a_breakpoint_traps_once_and_resumes_after_itself() {
 // kernel offers it; `tests/rcu_fallback.rs` runs them without.
 
 #[test]
-fn rcu_a_grace_period_waits_for_a_reader_that_began_before_it() {
+fn a_grace_period_waits_for_a_reader_that_began_before_it() {
     rcu_checks::a_grace_period_waits_for_a_reader_that_began_before_it(Rcu::global());
-}
-
-#[test]
-fn srcu_a_grace_period_waits_for_a_reader_that_began_before_it() {
     rcu_checks::a_grace_period_waits_for_a_reader_that_began_before_it(&Srcu::new());
 }
 
 #[test]
-fn rcu_readers_on_other_threads_and_an_updater_run_every_callback() {
+fn readers_on_other_threads_and_an_updater_run_every_callback() {
     rcu_checks::readers_on_other_threads_and_an_updater_run_every_callback(Rcu::global());
-}
-
-#[test]
-fn srcu_readers_on_other_threads_and_an_updater_run_every_callback() {
     rcu_checks::readers_on_other_threads_and_an_updater_run_every_callback(&Srcu::new());
 }
 
