@@ -95,11 +95,11 @@ pub(crate) fn membarrier_init() -> bool {
 /// already happened (readers may rely on it; it is never taken back). MUST
 /// be called before any RCU domain is created or used.
 pub(crate) fn refuse_membarrier() -> bool {
-    // Relaxed (both): ordered before every later `membarrier_init` by the
-    // caller's contract (see there); the exchange only tells a call made
-    // too late.
-    MEMBARRIER_REFUSED.store(true, Ordering::Relaxed);
-    match MEMBARRIER_STATE.compare_exchange(
+    // Relaxed (all three): ordered before every later `membarrier_init` by
+    // the caller's contract (see there); the exchange only tells a call
+    // made too late, which changes nothing (not even what fork children
+    // register), as its docs promise.
+    let in_force = match MEMBARRIER_STATE.compare_exchange(
         MB_UNKNOWN,
         MB_UNAVAILABLE,
         Ordering::Relaxed,
@@ -107,7 +107,11 @@ pub(crate) fn refuse_membarrier() -> bool {
     ) {
         Ok(_) => true,
         Err(state) => state == MB_UNAVAILABLE,
+    };
+    if in_force {
+        MEMBARRIER_REFUSED.store(true, Ordering::Relaxed);
     }
+    in_force
 }
 
 /// Re-registers after `fork()`: the child's address space is new to the

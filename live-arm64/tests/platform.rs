@@ -4,7 +4,7 @@
 
 use live_arm64::raw_trap::{trap_once, with_raw_trap};
 use live_arm64::rcu_checks;
-use rcu_registry::__internals::rcu::membarrier_in_use;
+use rcu_registry::__internals::rcu::{force_membarrier_fallback, membarrier_in_use};
 use rcu_registry::rcu::{Rcu, Srcu};
 
 /// The tests that trap share the process's SIGTRAP disposition.
@@ -50,6 +50,14 @@ fn the_domains_use_membarrier_where_the_kernel_has_it() {
         mask > 0 && mask & (1 << 3) != 0
     };
     assert_eq!(membarrier_in_use(), has_it);
+    if has_it {
+        // Too late for the test-only fallback (`rcu_fallback.rs` forces it
+        // first thing): refused, nothing changed.
+        assert!(!force_membarrier_fallback());
+        assert!(membarrier_in_use());
+        Rcu::global().synchronize();
+        assert!(membarrier_in_use());
+    }
 }
 
 /// The FP/SIMD record of an arm64 signal frame, as the runtime reads it

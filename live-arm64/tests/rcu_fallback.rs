@@ -46,6 +46,37 @@ fn readers_on_other_threads_and_an_updater_run_every_callback() {
     assert!(!membarrier_in_use());
 }
 
+/// A fork child registers `membarrier` afresh (its address space is new
+/// to the kernel's bookkeeping): under the switch it stays on the
+/// fallback, and its grace periods complete.
+#[test]
+fn a_fork_child_stays_on_the_fallback() {
+    let _g = fallback();
+    // The domains' fork handler is installed with the first domain.
+    Rcu::global().synchronize();
+    // SAFETY: the child only synchronizes, checks and leaves with _exit
+    // (the test harness's other threads do not exist in it).
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        let mut ok = !membarrier_in_use();
+        Rcu::global().synchronize();
+        Srcu::new().synchronize();
+        ok &= !membarrier_in_use();
+        // SAFETY: ends the child without running the parent's destructors
+        // or atexit handlers.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    assert!(pid > 0, "fork");
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child left the fallback (status {status:#x})"
+    );
+    assert!(!membarrier_in_use());
+}
+
 #[cfg(not(target_arch = "aarch64"))]
 #[test]
 fn live_probes_on_the_fallback_domains() {
