@@ -9,6 +9,7 @@
 
 use std::sync::Once;
 
+use live_arm64::fork_child::run_in_fork_child;
 use live_arm64::rcu_checks;
 use rcu_registry::__internals::rcu::{force_membarrier_fallback, membarrier_in_use};
 use rcu_registry::rcu::{Rcu, Srcu};
@@ -54,26 +55,13 @@ fn a_fork_child_stays_on_the_fallback() {
     let _g = fallback();
     // The domains' fork handler is installed with the first domain.
     Rcu::global().synchronize();
-    // SAFETY: the child only synchronizes, checks and leaves with _exit
-    // (the test harness's other threads do not exist in it).
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
+    run_in_fork_child("the child left the fallback", || {
         let mut ok = !membarrier_in_use();
         Rcu::global().synchronize();
         Srcu::new().synchronize();
         ok &= !membarrier_in_use();
-        // SAFETY: ends the child without running the parent's destructors
-        // or atexit handlers.
-        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
-    }
-    assert!(pid > 0, "fork");
-    let mut status = 0;
-    // SAFETY: waits for our own child.
-    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-    assert!(
-        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-        "the child left the fallback (status {status:#x})"
-    );
+        ok
+    });
     assert!(!membarrier_in_use());
 }
 
