@@ -50,6 +50,24 @@ pub mod rcu {
         }
     }
 
+    /// Makes the RCU domains run their fallback for a kernel without
+    /// `membarrier` (readers issue real fences, updaters a `SeqCst` fence)
+    /// in this process from now on, for tests on machines whose kernel (or
+    /// emulator: qemu-user passes the call through) has it. MUST be called
+    /// before any domain is created or used, the live runtime's included:
+    /// returns false, and changes nothing, when `membarrier` is already in
+    /// use (it is never taken back while readers may rely on it).
+    pub fn force_membarrier_fallback() -> bool {
+        crate::sys::refuse_membarrier()
+    }
+
+    /// Whether the domains' readers rely on `membarrier` right now (false
+    /// before the first domain registered it, and under
+    /// [`force_membarrier_fallback`]).
+    pub fn membarrier_in_use() -> bool {
+        crate::sys::membarrier_available()
+    }
+
     impl DomainGauges for Srcu {
         fn sync_waiters(&self) -> usize {
             Srcu::sync_waiters(self)

@@ -19,7 +19,7 @@
 
 #![cfg_attr(loom, allow(dead_code))]
 
-use std::sync::atomic::{AtomicU32, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU8, Ordering};
 
 const MB_UNKNOWN: u8 = 0;
 const MB_AVAILABLE: u8 = 1;
@@ -32,6 +32,12 @@ const MB_UNAVAILABLE: u8 = 2;
 /// will not issue. Once `MB_AVAILABLE` it stays so for the life of the
 /// process image.
 static MEMBARRIER_STATE: AtomicU8 = AtomicU8::new(MB_UNKNOWN);
+
+/// Set by [`refuse_membarrier`] (tests only): [`membarrier_init`] then
+/// reports `membarrier` unavailable, as on a kernel without it, and the
+/// domains take their fallback (readers' real fences, updaters' `SeqCst`
+/// fence), in this process and its fork children.
+static MEMBARRIER_REFUSED: AtomicBool = AtomicBool::new(false);
 
 // The command numbers are stable kernel ABI (include/uapi/linux/membarrier.h).
 pub(crate) const MEMBARRIER_CMD_QUERY: libc::c_int = 0;
@@ -63,6 +69,13 @@ pub(crate) fn membarrier_init() -> bool {
         MB_UNAVAILABLE => return false,
         _ => {}
     }
+    // Relaxed: `refuse_membarrier` runs before any domain is used (its
+    // contract), so program order and thread creation order it before
+    // every call here.
+    if MEMBARRIER_REFUSED.load(Ordering::Relaxed) {
+        MEMBARRIER_STATE.store(MB_UNAVAILABLE, Ordering::Relaxed);
+        return false;
+    }
     let mask = sys_membarrier(MEMBARRIER_CMD_QUERY);
     let ok = mask >= 0
         && (mask & MEMBARRIER_CMD_PRIVATE_EXPEDITED as libc::c_long) != 0
@@ -73,6 +86,32 @@ pub(crate) fn membarrier_init() -> bool {
         Ordering::Relaxed,
     );
     ok
+}
+
+/// Makes [`membarrier_init`] report `membarrier` unavailable from now on,
+/// as on a kernel without it, so that tests run the domains' fallback where
+/// the kernel has the call (`__internals::rcu::force_membarrier_fallback`).
+/// Returns whether the fallback is in force: false when the registration
+/// already happened (readers may rely on it; it is never taken back). MUST
+/// be called before any RCU domain is created or used.
+pub(crate) fn refuse_membarrier() -> bool {
+    // Relaxed (all three): ordered before every later `membarrier_init` by
+    // the caller's contract (see there); the exchange only tells a call
+    // made too late, which changes nothing (not even what fork children
+    // register), as its docs promise.
+    let in_force = match MEMBARRIER_STATE.compare_exchange(
+        MB_UNKNOWN,
+        MB_UNAVAILABLE,
+        Ordering::Relaxed,
+        Ordering::Relaxed,
+    ) {
+        Ok(_) => true,
+        Err(state) => state == MB_UNAVAILABLE,
+    };
+    if in_force {
+        MEMBARRIER_REFUSED.store(true, Ordering::Relaxed);
+    }
+    in_force
 }
 
 /// Re-registers after `fork()`: the child's address space is new to the

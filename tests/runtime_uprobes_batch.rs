@@ -7,14 +7,13 @@
 
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
-use std::ffi::CString;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 mod dl_support;
 
-use dl_support::Lib;
+use dl_support::{adder as func, snapshot, Lib};
 use rcu_registry::probes::runtime::LiveUprobes;
 use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeKey, UprobeTarget};
 use rcu_registry::probes::ProbeError;
@@ -33,14 +32,12 @@ fn live() -> &'static LiveUprobes {
 
 /// `lib<name>.so` with `int fI(int x)` returning `x + I` for I in 0..N.
 fn fixture(name: &str) -> PathBuf {
-    let src: String = (0..N)
-        .map(|i| {
-            format!(
-                "__attribute__((noinline)) int f{i}(int x) {{ __asm__ volatile(\"\"); return x + {i}; }}\n"
-            )
-        })
-        .collect();
-    dl_support::build_so("uprobes_batch", &format!("lib{name}.so"), &src, &[])
+    dl_support::build_so(
+        "uprobes_batch",
+        &format!("lib{name}.so"),
+        &dl_support::adders_source(N),
+        &[],
+    )
 }
 
 fn targets(so: &std::path::Path) -> Vec<UprobeTarget> {
@@ -66,10 +63,6 @@ fn counters() -> Arc<Vec<AtomicU64>> {
     Arc::new((0..N).map(|_| AtomicU64::new(0)).collect())
 }
 
-fn func(lib: &Lib, i: usize) -> dl_support::IntFn {
-    lib.func(&CString::new(format!("f{i}")).unwrap())
-}
-
 fn code_at(addr: u64, n: usize) -> Vec<u8> {
     // SAFETY: `addr` is mapped code of a library the caller holds open.
     unsafe { std::slice::from_raw_parts(addr as *const u8, n) }.to_vec()
@@ -77,20 +70,7 @@ fn code_at(addr: u64, n: usize) -> Vec<u8> {
 
 /// Calls `fI(I)` `I % 5 + 1` times for each I; the expected counts.
 fn call_each(lib: &Lib) -> Vec<u64> {
-    (0..N)
-        .map(|i| {
-            let f = func(lib, i);
-            let times = i % 5 + 1;
-            for _ in 0..times {
-                assert_eq!(f(i as i32), 2 * i as i32);
-            }
-            times as u64
-        })
-        .collect()
-}
-
-fn snapshot(counts: &[AtomicU64]) -> Vec<u64> {
-    counts.iter().map(|c| c.load(Ordering::SeqCst)).collect()
+    dl_support::call_each(lib, N, 5)
 }
 
 #[test]

@@ -4,5 +4,7 @@
 
 #![deny(missing_docs)]
 
+pub mod fork_child;
 pub mod raw_trap;
+pub mod rcu_checks;
 pub mod targets;

@@ -84,6 +84,18 @@ std::arch::global_asm!(
     ".globl la_spin_end",
     "la_spin_end:",
     ".size la_spin, . - la_spin",
+    // la_wait(flag): la_spin with its loop after its first instruction: one
+    // execution of the entry per call (la_spin's `cbz` branches back to its
+    // own entry, which a probe there counts as a call at each iteration).
+    ".globl la_wait",
+    ".type la_wait,@function",
+    "la_wait:",
+    "mov x2, x0",
+    "1:",
+    "ldar w1, [x2]",
+    "cbz w1, 1b",
+    "ret",
+    ".size la_wait, . - la_wait",
     // la_ldxr(p) = *p + 1 with an exclusive pair: a probe on the store or
     // between the pair is refused (the trap clears the monitor).
     ".globl la_ldxr",
@@ -193,6 +205,9 @@ extern "C" {
     pub fn la_alt(x: u32) -> u32;
     /// Spins until `*flag != 0`.
     pub fn la_spin(flag: *const u32);
+    /// Spins until `*flag != 0`, its loop past its first instruction (so a
+    /// probe on its entry is hit once per call).
+    pub fn la_wait(flag: *const u32);
     /// One past [`la_spin`]'s last instruction.
     pub fn la_spin_end();
     /// Atomically increments `*p` with `ldxr`/`stxr`; returns the new value.
@@ -216,4 +231,28 @@ extern "C" {
 /// The address of a target function.
 pub fn addr(f: *const ()) -> u64 {
     f as usize as u64
+}
+
+#[cfg(target_arch = "aarch64")]
+/// Calls `f` `per_thread` times on each of `threads` threads, checking
+/// every result.
+pub fn hammer(
+    threads: u32,
+    per_thread: u32,
+    f: unsafe extern "C" fn(u32) -> u32,
+    want: fn(u32) -> u32,
+) {
+    std::thread::scope(|s| {
+        for t in 0..threads {
+            s.spawn(move || {
+                for i in 0..per_thread {
+                    // Small values too (both ways of `b.lo`, `cbz`).
+                    let x = if i % 2 == 0 { i % 16 } else { t << 20 | i };
+                    // SAFETY: the targets are complete C-ABI functions.
+                    let got = unsafe { f(std::hint::black_box(x)) };
+                    assert_eq!(got, want(x), "f({x:#x})");
+                }
+            });
+        }
+    });
 }

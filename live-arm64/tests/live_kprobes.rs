@@ -47,29 +47,6 @@ mod arm64 {
         unsafe { (a as *const u32).read_volatile() }
     }
 
-    /// Calls `f` `per_thread` times on each of `threads` threads, checking
-    /// every result.
-    fn hammer(
-        threads: u32,
-        per_thread: u32,
-        f: unsafe extern "C" fn(u32) -> u32,
-        want: fn(u32) -> u32,
-    ) {
-        std::thread::scope(|s| {
-            for t in 0..threads {
-                s.spawn(move || {
-                    for i in 0..per_thread {
-                        // Small values too (both ways of `b.lo`, `cbz`).
-                        let x = if i % 2 == 0 { i % 16 } else { t << 20 | i };
-                        // SAFETY: the targets are complete C-ABI functions.
-                        let got = unsafe { f(std::hint::black_box(x)) };
-                        assert_eq!(got, want(x), "f({x:#x})");
-                    }
-                });
-            }
-        });
-    }
-
     type Target = (
         &'static str,
         unsafe extern "C" fn(u32) -> u32,
@@ -220,39 +197,54 @@ mod arm64 {
         assert_eq!(unsafe { la_add1(std::hint::black_box(2)) }, 3);
     }
 
+    /// Polls `done` (1 ms apart) until it holds, failing after 10 s.
+    fn until(what: &str, done: impl Fn() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done() {
+            assert!(std::time::Instant::now() < deadline, "never: {what}");
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    }
+
+    /// Calls `spin(flag)` on a new thread, which returns 42 once `flag` is
+    /// set (`la_spin`, `la_wait`).
+    fn spinning(
+        spin: unsafe extern "C" fn(*const u32),
+    ) -> (
+        Arc<std::sync::atomic::AtomicU32>,
+        std::thread::JoinHandle<u32>,
+    ) {
+        let flag = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let f = Arc::clone(&flag);
+        let caller = std::thread::spawn(move || {
+            // SAFETY: a complete C-ABI function; the flag outlives the call.
+            unsafe { spin(f.as_ptr()) };
+            std::hint::black_box(42)
+        });
+        (flag, caller)
+    }
+
     #[test]
     fn a_call_in_flight_when_its_kretprobe_goes_returns_to_its_caller() {
         let _g = serial();
         let reg = Live::global().registry();
         let returns = Arc::new(AtomicU64::new(0));
         let r = Arc::clone(&returns);
-        let krp = Kretprobe::at(addr(la_spin as *const ()))
+        let krp = Kretprobe::at(addr(la_wait as *const ()))
             .handler(move |_, _, _| {
                 r.fetch_add(1, Ordering::SeqCst);
             })
             .build()
             .unwrap();
         reg.register(&krp).unwrap();
-        let flag = Arc::new(std::sync::atomic::AtomicU32::new(0));
-        let f = Arc::clone(&flag);
         // Its return address is the trampoline while it spins.
-        let caller = std::thread::spawn(move || {
-            // SAFETY: a complete C-ABI function; the flag outlives the call.
-            unsafe { la_spin(f.as_ptr()) };
-            std::hint::black_box(42)
-        });
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while krp.in_flight() == 0 {
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the call never entered"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
+        let (flag, caller) = spinning(la_wait);
+        until("the call entered", || krp.in_flight() != 0);
         assert_eq!(krp.in_flight(), 1);
         // The call keeps its instance (the real return address) until it
         // returns; its return handler no longer runs.
         reg.unregister(&krp).unwrap();
+        assert_eq!(krp.in_flight(), 1, "the call in flight, and only it");
         // Release: pairs with the `ldar` of the spin loop.
         flag.store(1, Ordering::Release);
         assert_eq!(caller.join().unwrap(), 42, "returned to its caller");
@@ -261,6 +253,39 @@ mod arm64 {
             0,
             "no handler after unregister"
         );
+        assert_eq!(krp.in_flight(), 0, "its instance is back in the pool");
+        assert_eq!(krp.nmissed(), 0);
+    }
+
+    /// `in_flight` counts entries, not frames: `la_spin`'s loop branches
+    /// back to its first instruction, so a kretprobe there sees a new call
+    /// at each iteration (its `x30` already the trampoline, hijacked again)
+    /// until the pool runs out, and the one real return then unwinds every
+    /// tracked entry, each returning into the trampoline again. What the
+    /// last session read as "10 in flight for one call" after unregister
+    /// was this, with the default pool of 10.
+    #[test]
+    fn a_probe_on_an_instruction_its_own_loop_branches_to_sees_a_call_at_each_iteration() {
+        let _g = serial();
+        let reg = Live::global().registry();
+        let krp = Kretprobe::at(addr(la_spin as *const ()))
+            .maxactive(3)
+            .handler(|_, _, _| {})
+            .build()
+            .unwrap();
+        reg.register(&krp).unwrap();
+        let (flag, caller) = spinning(la_spin);
+        // The pool is empty once an iteration found no instance.
+        until("an entry missed for want of an instance", || {
+            krp.nmissed() != 0
+        });
+        assert_eq!(krp.in_flight(), 3, "every instance tracks an iteration");
+        // Release: pairs with the `ldar` of the spin loop.
+        flag.store(1, Ordering::Release);
+        assert_eq!(caller.join().unwrap(), 42, "returned to its caller");
+        assert_eq!(krp.returns(), 3, "each tracked entry returned");
+        assert_eq!(krp.in_flight(), 0);
+        reg.unregister(&krp).unwrap();
     }
 
     #[test]

@@ -24,6 +24,7 @@ mod arm64 {
     use std::sync::{Arc, Mutex, MutexGuard};
     use std::time::{Duration, Instant};
 
+    use live_arm64::fork_child::run_in_fork_child;
     use live_arm64::targets::*;
     use rcu_registry::__internals::runtime::steps_in_flight;
     use rcu_registry::probes::arch::Arm64Reg;
@@ -389,26 +390,12 @@ mod arm64 {
             .build();
         reg.register(&p).unwrap();
         assert_eq!(call(la_add1, 1), 2);
-        // SAFETY: the child only calls, checks, unregisters and leaves with
-        // _exit (the test harness's other threads do not exist in it).
-        let pid = unsafe { libc::fork() };
-        if pid == 0 {
+        run_in_fork_child("the child's checks failed", || {
             let mut ok = (0..100).all(|x| call(la_add1, x) == x + 1);
             ok &= count.load(Ordering::Relaxed) == 101;
             ok &= reg.unregister(&p).is_ok();
-            ok &= call(la_add1, 5) == 6 && count.load(Ordering::Relaxed) == 101;
-            // SAFETY: ends the child without running the parent's
-            // destructors or atexit handlers.
-            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
-        }
-        assert!(pid > 0, "fork");
-        let mut status = 0;
-        // SAFETY: waits for our own child.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
-        assert!(
-            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
-            "the child's checks failed (status {status:#x})"
-        );
+            ok && call(la_add1, 5) == 6 && count.load(Ordering::Relaxed) == 101
+        });
         // The parent's probe is untouched by the child's unregister.
         hammer(1, 50, la_add1, |x| x + 1);
         reg.unregister(&p).unwrap();

@@ -1,10 +1,13 @@
-//! Fixture shared libraries for the live tests: C sources built with `cc`
-//! into a per-process temporary directory, opened with `dlopen`.
+//! Fixture shared libraries for the live tests: C sources built with the
+//! target's C compiler ([`target_cc`]) into a per-process temporary
+//! directory, opened with `dlopen`. The arm64 suite (`live-arm64`, run
+//! under qemu-aarch64) includes this file too.
 
 #![allow(dead_code)]
 
 use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// `<tmp>/rcu-registry-<tag>-<pid>`, created.
 pub fn fixture_dir(tag: &str) -> PathBuf {
@@ -13,8 +16,26 @@ pub fn fixture_dir(tag: &str) -> PathBuf {
     d
 }
 
+/// The C compiler that builds code for the architecture this test runs as:
+/// `cc`, except for an aarch64 test run under qemu-user on another host,
+/// which runs the host's programs (its `cc` builds for the host) and finds
+/// the cross compiler `aarch64-linux-gnu-gcc` on the `PATH` (natively on
+/// arm64 that name, when present, is the native compiler: right as well).
+pub fn target_cc() -> &'static str {
+    const CROSS: &str = "aarch64-linux-gnu-gcc";
+    let on_path = |name: &str| {
+        std::env::var_os("PATH")
+            .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
+    };
+    if cfg!(target_arch = "aarch64") && on_path(CROSS) {
+        CROSS
+    } else {
+        "cc"
+    }
+}
+
 /// Builds `file` (a shared object) in [`fixture_dir`]`(tag)` from `source`
-/// with `cc -shared -fPIC -O1` and `extra` arguments.
+/// with `<`[`target_cc`]`> -shared -fPIC -O1` and `extra` arguments.
 pub fn build_so(tag: &str, file: &str, source: &str, extra: &[&str]) -> PathBuf {
     build(tag, file, "c", source, extra)
 }
@@ -30,16 +51,17 @@ fn build(tag: &str, file: &str, ext: &str, source: &str, extra: &[&str]) -> Path
     let src = dir.join(format!("{file}.{ext}"));
     let so = dir.join(file);
     std::fs::write(&src, source).unwrap();
-    let out = std::process::Command::new("cc")
+    let cc = target_cc();
+    let out = std::process::Command::new(cc)
         .args(["-shared", "-fPIC", "-O1", "-o"])
         .arg(&so)
         .arg(&src)
         .args(extra)
         .output()
-        .expect("running cc");
+        .unwrap_or_else(|e| panic!("running {cc}: {e}"));
     assert!(
         out.status.success(),
-        "cc: {}",
+        "{cc}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     so
@@ -88,4 +110,42 @@ impl Lib {
         // SAFETY: a handle from dlopen, closed once.
         assert_eq!(unsafe { libc::dlclose(self.0) }, 0);
     }
+}
+
+/// The source of the batch fixtures: `n` functions `int fI(int x)`
+/// returning `x + I`, none inlined or folded into another.
+pub fn adders_source(n: usize) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "__attribute__((noinline)) int f{i}(int x) {{ __asm__ volatile(\"\"); return x + {i}; }}\n"
+            )
+        })
+        .collect()
+}
+
+/// An [`adders_source`] fixture's `fI`.
+pub fn adder(lib: &Lib, i: usize) -> IntFn {
+    lib.func(&CString::new(format!("f{i}")).unwrap())
+}
+
+/// Calls each of the `n` adders `fI(I)` `I % spread + 1` times, checking
+/// every result; the calls made to each.
+pub fn call_each(lib: &Lib, n: usize, spread: usize) -> Vec<u64> {
+    (0..n)
+        .map(|i| {
+            let f = adder(lib, i);
+            let times = i % spread + 1;
+            for _ in 0..times {
+                assert_eq!(f(i as i32), 2 * i as i32);
+            }
+            times as u64
+        })
+        .collect()
+}
+
+/// Every counter's value (`SeqCst`: the tests' handler counters, read
+/// after the calls; no pairing needed).
+pub fn snapshot(counts: &[AtomicU64]) -> Vec<u64> {
+    counts.iter().map(|c| c.load(Ordering::SeqCst)).collect()
 }

@@ -413,7 +413,20 @@ impl<D: Send + 'static> Kretprobe<D> {
         self.shared.returns.load(Ordering::Relaxed)
     }
 
-    /// Calls currently tracked (instances out of the pool).
+    /// Calls currently tracked (instances out of the pool), counted by
+    /// entries: each execution of the probed instruction while registered
+    /// is an entry, whether or not a `bl`/`call` led there. So a function
+    /// whose own loop branches back to its first instruction (hand-written
+    /// code; compilers put a prologue there) is entered again at every
+    /// iteration, its return address (already the trampoline) hijacked
+    /// again, until the pool is empty ([`maxactive`](Self::maxactive) in
+    /// flight for one frame, and [`nmissed`](Self::nmissed) growing); its
+    /// one real return then unwinds every tracked entry, one return each.
+    ///
+    /// Unregistering does not end a call in flight: it keeps its instance
+    /// (which holds the real return address) until it returns, so this
+    /// still counts it afterwards, and it reaches 0 only once those calls
+    /// returned (their return handlers no longer run).
     pub fn in_flight(&self) -> usize {
         self.shared.instances_out()
     }
