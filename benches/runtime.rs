@@ -332,6 +332,64 @@ fn jump_summary() {
         added(tr) / added(jr),
         met(added(jr) <= 60.0)
     );
+    match frida_added_ns() {
+        Ok(f) => println!(
+            "  frida      Interceptor.attach, native CModule onEnter: {f:.1} ns added; \
+             jump kprobe / frida {:.3}x (target <= 0.2x: {})",
+            added(jk) / f,
+            met(added(jk) / f <= 0.2)
+        ),
+        Err(why) => println!("  frida      skipped: {why}"),
+    }
+}
+
+/// Frida's cheapest listener (`Interceptor.attach` with a native CModule
+/// `onEnter` counting calls) on a copy of the probed function in another
+/// process, measured by `benches/frida/driver.py` (`pip install frida`):
+/// the ns it adds per call. Its copy of the function has 12 bytes of
+/// `nop` between the two instructions: Frida's attach needs more room for
+/// its jump than the 5 bytes of ours.
+fn frida_added_ns() -> Result<f64, String> {
+    let have = std::process::Command::new("python3")
+        .args(["-c", "import frida"])
+        .output()
+        .map_err(|e| format!("no python3: {e}"))?;
+    if !have.status.success() {
+        return Err("no frida for python3 (pip install frida)".into());
+    }
+    let dir = std::env::temp_dir().join(format!("rcu-registry-frida-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let here = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("benches/frida");
+    let exe = dir.join("target");
+    let built = std::process::Command::new("cc")
+        .args(["-O1", "-rdynamic", "-o"])
+        .arg(&exe)
+        .arg(here.join("target.c"))
+        .status()
+        .map_err(|e| format!("cc: {e}"))?;
+    if !built.success() {
+        return Err("building benches/frida/target.c failed".into());
+    }
+    let out = std::process::Command::new("python3")
+        .arg(here.join("driver.py"))
+        .arg(&exe)
+        .args(["2000000", "9"])
+        .arg(&dir)
+        .output()
+        .map_err(|e| e.to_string())?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    println!("  {}", text.trim());
+    text.split("added ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            format!(
+                "no result from the driver: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
 }
 
 /// What one save and restore of the vector state costs, per option a
