@@ -346,9 +346,8 @@ fn jump_summary() {
 /// Frida's cheapest listener (`Interceptor.attach` with a native CModule
 /// `onEnter` counting calls) on a copy of the probed function in another
 /// process, measured by `benches/frida/driver.py` (`pip install frida`):
-/// the ns it adds per call. Its copy of the function has 12 bytes of
-/// `nop` between the two instructions: Frida's attach needs more room for
-/// its jump than the 5 bytes of ours.
+/// the ns it adds per call. Its copy of the function has the same bytes as
+/// `rb_jump`.
 fn frida_added_ns() -> Result<f64, String> {
     let have = std::process::Command::new("python3")
         .args(["-c", "import frida"])

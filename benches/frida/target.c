@@ -16,8 +16,8 @@
 
 __asm__(".text\n.p2align 4\n.globl fr_work\n.type fr_work,@function\nfr_work:\n"
         ".byte 0x89, 0xf8\n"                                     /* mov eax, edi */
-        ".byte 0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00\n"             /* 6-byte nop */
-        ".byte 0x66, 0x0f, 0x1f, 0x44, 0x00, 0x00\n"             /* 6-byte nop */
+        
+        
         ".byte 0x83, 0xc0, 0x01, 0xc3\n"                         /* add eax, 1; ret */
         ".size fr_work, . - fr_work\n");
 unsigned fr_work(unsigned x);
