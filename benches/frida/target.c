@@ -15,10 +15,8 @@
 #include <unistd.h>
 
 __asm__(".text\n.p2align 4\n.globl fr_work\n.type fr_work,@function\nfr_work:\n"
-        ".byte 0x89, 0xf8\n"                                     /* mov eax, edi */
-        
-        
-        ".byte 0x83, 0xc0, 0x01, 0xc3\n"                         /* add eax, 1; ret */
+        ".byte 0x89, 0xf8\n"             /* mov eax, edi */
+        ".byte 0x83, 0xc0, 0x01, 0xc3\n" /* add eax, 1; ret */
         ".size fr_work, . - fr_work\n");
 unsigned fr_work(unsigned x);
 
