@@ -209,9 +209,15 @@ fn main() {
         let pg = pg.to_str().unwrap().to_string();
         let data = dir().join("uftrace.data");
         per_call(
-            &mut |i| work(&pg, CALLS[i]),
+            &mut |i| {
+                // A -pg program writes gmon.out where it runs.
+                let mut c = work(&pg, CALLS[i]);
+                c.current_dir(dir());
+                c
+            },
             &mut |i| {
                 let mut c = Command::new(&uf);
+                c.current_dir(dir());
                 c.args(["record", "--no-libcall", "-F", "fx_work", "-d"])
                     .arg(&data)
                     .args([&pg, "work", &CALLS[i].to_string(), "1"]);
