@@ -16,17 +16,36 @@
 //! by key (a binary search in a table built up front) and calls the
 //! recorder with the thread [`serving_thread`] names.
 //!
-//! # `inprocess` (not built: the seam)
+//! # `inprocess` (built for spawned commands)
 //!
-//! Planned: an agent library, `LD_PRELOAD`ed into a spawned command or
-//! loaded into a `-p` process by making one of its threads call the
-//! dynamic loader (ptrace only for that, then detached), registers the
-//! plan's probes with the live uprobes of `probes::runtime` inside the
-//! target (a hit is one trap, no context switch), and streams each probe's
-//! counts, latency buckets and events to the CLI, which feeds them to the
-//! same [`Recorder`] rows. It would implement [`Engine`] and be one more
-//! [`EngineKind`]; nothing else changes.
+//! [`InprocessEngine`]: an agent library (`rcu-trace-agent`, built as
+//! `librcu_trace_agent.so`) runs the plan's probes with the live uprobes
+//! of `probes::runtime` inside the target, so a hit is one trap and no
+//! context switch. For a spawned command the engine makes a socket pair,
+//! sets `LD_PRELOAD` to the agent and `RCU_TRACE_AGENT_FD` to the
+//! command's end, and starts it; the agent's constructor reads the plan
+//! (each probe as file path, offset, kind and spec), registers each spec's
+//! probes in one batch, answers, and only then returns, so every probe is
+//! in place before `main`. The agent counts into the same allocation-free
+//! [`Counters`](crate::stats::Counters) the [`Recorder`] rows hold; its
+//! thread streams them (and, for `--args`, `--retval` and `--trace-out`,
+//! the events its handlers pushed through a lock-free ring) every 100 ms
+//! and at the program's exit, and the engine mirrors them into the rows
+//! ([`Counters::absorb`](crate::stats::Counters::absorb)) and feeds the
+//! events to [`Recorder::entry_event`] / [`Recorder::ret_event`]: the
+//! table, `--json` and `--trace-out` are the ptrace engine's, in form.
+//! The wire protocol is `rcu_trace_agent::wire`.
+//!
+//! A termination signal sends the agent `q`: it unregisters everything,
+//! sends its final counts and the program runs on, its bytes restored.
+//!
+//! Not built: `-p PID` (the agent would be loaded into the running
+//! process over ptrace by making one of its threads call the dynamic
+//! loader; that API is not in this build's `probes::remote`): asked for,
+//! it is refused with [`NO_INJECTION`]; `auto` picks ptrace then. Nor `-f`
+//! (the agent leaves its children untraced): `auto` picks ptrace.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
@@ -67,7 +86,7 @@ pub struct EngineError {
 }
 
 impl EngineError {
-    fn new(message: String) -> EngineError {
+    pub(crate) fn new(message: String) -> EngineError {
         EngineError {
             message,
             exit_code: 1,
@@ -103,11 +122,68 @@ pub trait Engine {
     fn exit_status(&self, pid: i32) -> Option<ExitStatus>;
 }
 
-/// The engine `kind` names.
-pub fn new(kind: EngineKind, follow_forks: bool) -> Box<dyn Engine> {
-    match kind {
-        EngineKind::Ptrace => Box::new(PtraceEngine::new(follow_forks)),
+mod inprocess;
+
+pub use inprocess::{find_agent, preload_refused, InprocessEngine, AGENT_ENV, AGENT_FILE};
+
+/// Why `--engine inprocess -p PID` is refused in this build.
+pub const NO_INJECTION: &str = "--engine inprocess -p PID: injecting the agent into a running process is not available in this build (use --engine ptrace)";
+
+/// The engine `kind` names (`Auto` resolved: see [`choose`]).
+pub fn new(kind: EngineKind, follow_forks: bool, agent: Option<PathBuf>) -> Box<dyn Engine> {
+    match (kind, agent) {
+        (EngineKind::Inprocess, Some(agent)) => Box::new(InprocessEngine::new(agent)),
+        _ => Box::new(PtraceEngine::new(follow_forks)),
     }
+}
+
+/// The engine a request gets: `asked` unless it is `Auto`, which is
+/// `inprocess` when the agent is found and the request allows it (a
+/// spawned dynamically linked command, no `-f`), else `ptrace`. Returns
+/// the engine and, for `inprocess`, the agent; `Err` (one line) when
+/// `inprocess` was asked for and cannot serve.
+pub fn choose(
+    asked: EngineKind,
+    explicit_agent: Option<&Path>,
+    target: &Target,
+    follow_forks: bool,
+) -> Result<(EngineKind, Option<PathBuf>), String> {
+    let why_not = || -> Result<PathBuf, String> {
+        let program = match target {
+            Target::Attach(_) => return Err(NO_INJECTION.to_string()),
+            Target::Spawn(cmd) => cmd.get_program(),
+        };
+        if follow_forks {
+            return Err("--engine inprocess: -f needs the ptrace engine (the agent leaves children untraced)".into());
+        }
+        let agent = find_agent(explicit_agent)?;
+        if let Some(path) = which(program) {
+            if let Some(why) = preload_refused(&path) {
+                return Err(format!("--engine inprocess: {why}"));
+            }
+        }
+        Ok(agent)
+    };
+    match asked {
+        EngineKind::Ptrace => Ok((EngineKind::Ptrace, None)),
+        EngineKind::Inprocess => why_not().map(|a| (EngineKind::Inprocess, Some(a))),
+        EngineKind::Auto => Ok(match why_not() {
+            Ok(a) => (EngineKind::Inprocess, Some(a)),
+            Err(_) => (EngineKind::Ptrace, None),
+        }),
+    }
+}
+
+/// `program` as `execvp` finds it.
+fn which(program: &std::ffi::OsStr) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    if program.as_bytes().contains(&b'/') {
+        return Some(PathBuf::from(program));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
 }
 
 /// The ptrace engine (see the module docs).

@@ -30,4 +30,7 @@ pub mod report;
 pub mod resolve;
 pub mod run;
 pub mod spec;
-pub mod stats;
+
+/// Counting without allocating (shared with the agent, which keeps the
+/// same counters inside the target).
+pub use rcu_trace_agent::stats;

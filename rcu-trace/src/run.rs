@@ -191,7 +191,12 @@ pub fn run(cli: Cli) -> i32 {
         Err(e) => return fail(EXIT_TARGET, format!("--trace-out: {e}")),
     };
     let spawned = matches!(target, Target::Spawn(_));
-    let mut engine = engine::new(cli.engine, cli.follow_forks);
+    let (kind, agent) =
+        match engine::choose(cli.engine, cli.agent.as_deref(), &target, cli.follow_forks) {
+            Ok(k) => k,
+            Err(e) => return fail(EXIT_TARGET, e),
+        };
+    let mut engine = engine::new(kind, cli.follow_forks, agent);
     let started = Instant::now();
     let (pids, warnings) = match engine.start(&plan, &rec, target) {
         Ok(s) => s,
@@ -275,6 +280,13 @@ pub fn run(cli: Cli) -> i32 {
         let mut err = std::io::stderr().lock();
         for line in report::table(&rec, None, elapsed, None) {
             let _ = writeln!(err, "{line}");
+        }
+        if rec.dropped() > 0 {
+            let _ = writeln!(
+                err,
+                "rcu-trace: {} events dropped (the agent's ring was full); counts are exact",
+                rec.dropped()
+            );
         }
         for r in rec.rows() {
             let untimed = r.unmatched();

@@ -1,0 +1,487 @@
+//! The agent itself: what runs inside the traced program.
+//!
+//! # Start
+//!
+//! The library's constructor ([`init`], in `.init_array`) runs when the
+//! dynamic linker loads it, before the program's `main`: it does nothing
+//! unless [`FD_ENV`] names a socket (so the rlib linked into `rcu-trace`
+//! stays inert). Then it removes [`FD_ENV`] and itself from `LD_PRELOAD`
+//! (the program's children are not traced, as with the ptrace engine
+//! without `-f`), reads the plan, registers every spec's probes with
+//! [`LiveUprobes::register_many`] (one consumer per spec), answers each
+//! probe, says ready and starts the agent thread, then returns: the probes
+//! are in place before `main`.
+//!
+//! # Hits
+//!
+//! A hit runs the spec's consumer inside the SIGTRAP handler: it finds the
+//! probe's row by key (a binary search in a table built before
+//! registering), counts into that row's [`Counters`] (atomics; the clock
+//! is read only for a uretprobe or when events are streamed), and, when
+//! events are streamed, pushes one into the [`Ring`]. No allocation, no
+//! lock. Hits on the agent's own threads (its thread, and the program's
+//! thread while it runs the constructor or the exit flush) are not the
+//! program's calls: the handlers compare the thread pointer (the TCB
+//! address, read from a register: no C-library call, no TLS access,
+//! which a dynamically loaded library's first access may allocate) with
+//! those threads' and return at once.
+//!
+//! # The agent thread
+//!
+//! Every 100 ms (or when a `q` line or end of file comes) it drains the
+//! ring into `e`/`x` lines and sends every row's counts (`c` lines). On
+//! `q` or end of file it unregisters everything in one batch (one grace
+//! period), sends the final counts and `b`, and ends: the program runs on
+//! with its bytes restored. At the program's exit an `atexit` handler
+//! sends the final counts and `b` the same way (the writer is one lock, so
+//! the ring has one consumer at a time). A forked child inherits the
+//! probes and counts into its own copy; it sends nothing (the flush
+//! checks the process id).
+
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::os::unix::io::FromRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use rcu_registry::probes::arch::Regs;
+use rcu_registry::probes::runtime::uprobes::LiveUprobes;
+use rcu_registry::probes::uprobe::{
+    Consumer, ConsumerAction, TargetPlace, UprobeHit, UprobeKey, UprobeReturn, UprobeTarget,
+};
+
+use crate::ring::{Event, Ring};
+use crate::stats::Counters;
+use crate::wire::{FromAgent, ToAgent, ARGS, FD_ENV};
+
+/// Events the ring holds between two drains (100 ms): 64 Ki events, 5 MiB.
+const RING: usize = 1 << 16;
+/// Buckets of each uretprobe's table of calls in flight (as the tracer's).
+const PENDING_BUCKETS: usize = 256;
+/// How often the agent thread drains and sends.
+const PERIOD: Duration = Duration::from_millis(100);
+
+/// The agent thread's thread pointer (0: none yet).
+static AGENT_TP: AtomicUsize = AtomicUsize::new(0);
+/// The program thread running agent code now (constructor, exit flush).
+static BORROWED_TP: AtomicUsize = AtomicUsize::new(0);
+/// The process the agent started in (a forked child sends nothing).
+static PID: AtomicI32 = AtomicI32::new(0);
+/// Final counts sent (by the agent thread on `q`, or at exit).
+static DONE: AtomicBool = AtomicBool::new(false);
+/// What the exit flush needs.
+static AGENT: OnceLock<Arc<Agent>> = OnceLock::new();
+
+/// The calling thread's thread pointer: its TCB's address, unique among
+/// live threads, read without a call.
+#[inline(always)]
+fn thread_pointer() -> usize {
+    let tp: usize;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: reads the TCB's self-pointer at %fs:0 (the x86_64 TLS ABI);
+    // touches no other memory or register.
+    unsafe {
+        std::arch::asm!("mov {}, fs:0", out(reg) tp, options(nostack, readonly, preserves_flags));
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: reads the thread register; touches nothing else.
+    unsafe {
+        std::arch::asm!("mrs {}, tpidr_el0", out(reg) tp, options(nostack, nomem, preserves_flags));
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    {
+        tp = 0;
+    }
+    tp
+}
+
+/// Whether the calling thread is running agent code (its calls are not
+/// the program's).
+#[inline(always)]
+fn on_agent_thread() -> bool {
+    let tp = thread_pointer();
+    // Relaxed (both): a thread only ever finds its own thread pointer
+    // there, which it stored itself (program order); any other value
+    // differs from its own whatever its age.
+    tp == AGENT_TP.load(Ordering::Relaxed) || tp == BORROWED_TP.load(Ordering::Relaxed)
+}
+
+/// `CLOCK_MONOTONIC` now, in ns (the vDSO: no system call).
+fn now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; async-signal-safe.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// The calling thread's id (a system call: only for events).
+fn gettid() -> i32 {
+    // SAFETY: gettid takes nothing and cannot fail; async-signal-safe.
+    unsafe { libc::syscall(libc::SYS_gettid) as i32 }
+}
+
+/// The agent's state, shared by the handlers, its thread and the exit
+/// flush.
+struct Agent {
+    rows: Box<[Counters]>,
+    /// Row of each key, per spec (sorted by key).
+    ring: Ring,
+    events: bool,
+    args: usize,
+    /// The socket's writing half; its lock also makes the ring's consumer
+    /// one at a time.
+    out: Mutex<UnixStream>,
+    /// Every (key, consumer) registered (what the goodbye unregisters).
+    registered: Mutex<Vec<(UprobeKey, Consumer)>>,
+}
+
+impl Agent {
+    /// Drains the ring and sends every row's counts (and `b` if `last`).
+    /// Holds the writer's lock throughout.
+    fn flush(&self, last: bool) {
+        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
+        let mut text = String::new();
+        while let Some(e) = self.ring.pop() {
+            let m = match e.ret {
+                false => FromAgent::Entry {
+                    row: e.row,
+                    tid: e.tid,
+                    ts: e.ts,
+                    args: e.vals,
+                },
+                true => FromAgent::Return {
+                    row: e.row,
+                    tid: e.tid,
+                    ts: e.ts,
+                    retval: e.vals[0],
+                },
+            };
+            text.push_str(&m.line());
+            if text.len() > 1 << 16 {
+                let _ = out.write_all(text.as_bytes());
+                text.clear();
+            }
+        }
+        if self.events {
+            text.push_str(&FromAgent::Dropped(self.ring.dropped()).line());
+        }
+        for (row, c) in self.rows.iter().enumerate() {
+            text.push_str(&FromAgent::Counts(row, c.summary()).line());
+        }
+        if last {
+            text.push_str(&FromAgent::Bye.line());
+        }
+        let _ = out.write_all(text.as_bytes());
+    }
+
+    /// Unregisters everything (one grace period).
+    fn unregister_all(&self) {
+        let regs = std::mem::take(&mut *self.registered.lock().unwrap_or_else(|e| e.into_inner()));
+        if let Ok(live) = LiveUprobes::global() {
+            let pairs: Vec<(UprobeKey, &Consumer)> = regs.iter().map(|(k, c)| (*k, c)).collect();
+            let _ = live.unregister_many(&pairs);
+        }
+    }
+}
+
+/// The library's constructor (see the module docs).
+#[used]
+#[link_section = ".init_array"]
+static INIT: extern "C" fn() = init;
+
+/// Starts the agent if the environment asks for it (see the module docs).
+extern "C" fn init() {
+    let Some(fd) = std::env::var(FD_ENV)
+        .ok()
+        .and_then(|v| v.parse::<i32>().ok())
+    else {
+        return;
+    };
+    // Relaxed: this thread's own marker (see `on_agent_thread`).
+    BORROWED_TP.store(thread_pointer(), Ordering::Relaxed);
+    forget_environment();
+    // SAFETY: `fd` is the socket rcu-trace handed this process for the
+    // agent (FD_ENV); nothing else in the process owns it.
+    let sock = unsafe { UnixStream::from_raw_fd(fd) };
+    // SAFETY: F_SETFD on a descriptor we own; no memory is passed.
+    unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+    if let Err(e) = start(sock) {
+        eprintln!("rcu-trace agent: {e}");
+    }
+    // Relaxed: this thread's own marker.
+    BORROWED_TP.store(0, Ordering::Relaxed);
+}
+
+/// Removes [`FD_ENV`] and this library from `LD_PRELOAD`: the program's
+/// children run untraced.
+fn forget_environment() {
+    std::env::remove_var(FD_ENV);
+    let Ok(pre) = std::env::var("LD_PRELOAD") else {
+        return;
+    };
+    let rest: Vec<&str> = pre
+        .split([':', ' '])
+        .filter(|p| !p.is_empty() && !p.ends_with("librcu_trace_agent.so"))
+        .collect();
+    match rest.is_empty() {
+        true => std::env::remove_var("LD_PRELOAD"),
+        false => std::env::set_var("LD_PRELOAD", rest.join(":")),
+    }
+}
+
+/// One probe of the plan.
+struct Planned {
+    row: usize,
+    spec: usize,
+    ret: bool,
+    func: Option<u64>,
+    offset: u64,
+    path: String,
+}
+
+/// Reads the plan, registers it, answers, starts the agent thread.
+fn start(sock: UnixStream) -> Result<(), String> {
+    let mut reader = BufReader::new(sock.try_clone().map_err(|e| e.to_string())?);
+    let mut out = sock;
+    let (mut events, mut args) = (false, 0);
+    let mut plan: Vec<Planned> = Vec::new();
+    let mut line = String::new();
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).map_err(|e| e.to_string())? == 0 {
+            return Err("the tracer went away before the plan".into());
+        }
+        match ToAgent::parse(line.trim_end_matches('\n')) {
+            Some(ToAgent::Options { events: e, args: a }) => (events, args) = (e, a),
+            Some(ToAgent::Probe {
+                row,
+                spec,
+                ret,
+                func,
+                offset,
+                path,
+            }) => plan.push(Planned {
+                row,
+                spec,
+                ret,
+                func,
+                offset,
+                path,
+            }),
+            Some(ToAgent::Go) => break,
+            Some(ToAgent::Quit) => return Ok(()),
+            None => return Err(format!("a line not understood: {line:?}")),
+        }
+    }
+    let live = LiveUprobes::global().map_err(|e| e.to_string())?;
+    let nrows = plan.iter().map(|p| p.row + 1).max().unwrap_or(0);
+    let mut rets = vec![false; nrows];
+    for p in &plan {
+        rets[p.row] = p.ret;
+    }
+    let agent = Arc::new(Agent {
+        rows: rets
+            .iter()
+            .map(|&r| Counters::new(r, PENDING_BUCKETS))
+            .collect(),
+        ring: Ring::new(if events { RING } else { 2 }),
+        events,
+        args,
+        out: Mutex::new(out.try_clone().map_err(|e| e.to_string())?),
+        registered: Mutex::new(Vec::new()),
+    });
+    let mut answer = String::new();
+    let mut refused = false;
+    let nspecs = plan.iter().map(|p| p.spec + 1).max().unwrap_or(0);
+    for spec in 0..nspecs {
+        let mine: Vec<&Planned> = plan.iter().filter(|p| p.spec == spec).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        // The keys first (each file opened once), for the consumer's table.
+        let mut table: Vec<(UprobeKey, usize)> = Vec::new();
+        let mut targets = Vec::new();
+        let mut rows = Vec::new();
+        let mut files = std::collections::HashMap::new();
+        for p in &mine {
+            let place = TargetPlace::FileOffset(p.offset);
+            let key = files
+                .entry(p.path.clone())
+                .or_insert_with(|| live.resolver().open_file(&p.path))
+                .as_ref()
+                .map_err(|e| e.to_string())
+                .and_then(|f| f.key_of(&place).map_err(|e| e.to_string()));
+            match key {
+                Ok((k, _)) => {
+                    table.push((k, p.row));
+                    targets.push(UprobeTarget::file_offset(p.path.clone(), p.offset));
+                    rows.push(p.row);
+                }
+                Err(e) => {
+                    refused = true;
+                    answer.push_str(&FromAgent::Refused(p.row, e).line());
+                }
+            }
+            let _ = p.func;
+        }
+        table.sort_unstable_by_key(|&(k, _)| k);
+        let consumer = consumer(mine[0].ret, table.into(), Arc::clone(&agent));
+        let results = live.register_many(&targets, &consumer);
+        let mut reg = agent.registered.lock().unwrap_or_else(|e| e.into_inner());
+        for (r, row) in results.into_iter().zip(rows) {
+            match r {
+                Ok(k) => {
+                    reg.push((k, consumer.clone()));
+                    answer.push_str(&FromAgent::Registered(row).line());
+                }
+                Err(e) => {
+                    refused = true;
+                    answer.push_str(&FromAgent::Refused(row, e.to_string()).line());
+                }
+            }
+        }
+    }
+    if refused {
+        // Nothing stays: the tracer reports the refusal and ends the run.
+        agent.unregister_all();
+        let _ = out.write_all(answer.as_bytes());
+        return Ok(());
+    }
+    answer.push_str(&FromAgent::Ready.line());
+    // Relaxed: read back only by this process (`at_exit`), after this
+    // thread's own store or in a forked child holding its copy.
+    // SAFETY: getpid takes nothing and cannot fail.
+    PID.store(unsafe { libc::getpid() }, Ordering::Relaxed);
+    let _ = AGENT.set(Arc::clone(&agent));
+    // SAFETY: `at_exit` is an `extern "C" fn()` that lives as long as the
+    // process (this library is never unloaded while probes exist).
+    unsafe { libc::atexit(at_exit) };
+    let thread_agent = Arc::clone(&agent);
+    std::thread::Builder::new()
+        .name("rcu-trace-agent".into())
+        .spawn(move || serve(thread_agent, reader))
+        .map_err(|e| e.to_string())?;
+    out.write_all(answer.as_bytes())
+        .map_err(|e| format!("answering the tracer: {e}"))?;
+    Ok(())
+}
+
+/// The consumer of one spec (see the module docs).
+fn consumer(ret: bool, table: Arc<[(UprobeKey, usize)]>, agent: Arc<Agent>) -> Consumer {
+    fn row_of(table: &[(UprobeKey, usize)], key: UprobeKey) -> Option<usize> {
+        table
+            .binary_search_by_key(&key, |&(k, _)| k)
+            .ok()
+            .map(|i| table[i].1)
+    }
+    let (entry_table, entry_agent) = (Arc::clone(&table), Arc::clone(&agent));
+    let entry = move |hit: &UprobeHit, regs: &mut Regs| {
+        if on_agent_thread() {
+            return ConsumerAction::Continue;
+        }
+        let Some(row) = row_of(&entry_table, hit.key) else {
+            return ConsumerAction::Continue;
+        };
+        let a = &entry_agent;
+        let c = &a.rows[row];
+        let now = if c.timed() || a.events { now_ns() } else { 0 };
+        c.entry(0, regs.sp, now);
+        if a.events {
+            let mut vals = [0u64; ARGS];
+            for (i, v) in vals.iter_mut().enumerate().take(a.args) {
+                *v = regs.arg(i).unwrap_or(0);
+            }
+            a.ring.push(&Event {
+                ret: false,
+                row,
+                tid: gettid(),
+                ts: now,
+                vals,
+            });
+        }
+        ConsumerAction::Continue
+    };
+    match ret {
+        false => Consumer::new(entry),
+        true => Consumer::builder()
+            .handler(entry)
+            .ret_handler(move |r: &UprobeReturn, regs: &mut Regs| {
+                if on_agent_thread() {
+                    return;
+                }
+                let Some(row) = row_of(&table, r.key) else {
+                    return;
+                };
+                let now = now_ns();
+                agent.rows[row].ret(0, regs.sp, now);
+                if agent.events {
+                    let mut vals = [0u64; ARGS];
+                    vals[0] = r.retval;
+                    agent.ring.push(&Event {
+                        ret: true,
+                        row,
+                        tid: gettid(),
+                        ts: now,
+                        vals,
+                    });
+                }
+            })
+            .build(),
+    }
+}
+
+/// The agent thread (see the module docs).
+fn serve(agent: Arc<Agent>, mut reader: BufReader<UnixStream>) {
+    // Relaxed: this thread's own marker (see `on_agent_thread`).
+    AGENT_TP.store(thread_pointer(), Ordering::Relaxed);
+    let _ = reader.get_ref().set_read_timeout(Some(PERIOD));
+    let mut buf = [0u8; 64];
+    loop {
+        match reader.read(&mut buf) {
+            // `q` or the end: the goodbye.
+            Ok(0) => break,
+            Ok(n) if buf[..n].contains(&b'q') => break,
+            Ok(_) => {}
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+        // Acquire: pairs with the Release in `at_exit`: once the exit
+        // flush is done there is nothing left to send.
+        if DONE.load(Ordering::Acquire) {
+            return;
+        }
+        agent.flush(false);
+    }
+    agent.unregister_all();
+    // AcqRel: claims the final flush against `at_exit` (pairs with its
+    // swap).
+    if !DONE.swap(true, Ordering::AcqRel) {
+        agent.flush(true);
+    }
+}
+
+/// At the program's exit: the final counts.
+extern "C" fn at_exit() {
+    // SAFETY: getpid takes nothing and cannot fail.
+    let me = unsafe { libc::getpid() };
+    // Relaxed: see where `PID` is stored.
+    if me != PID.load(Ordering::Relaxed) {
+        return;
+    }
+    let Some(agent) = AGENT.get() else {
+        return;
+    };
+    // Relaxed: this thread's own marker.
+    BORROWED_TP.store(thread_pointer(), Ordering::Relaxed);
+    // AcqRel: pairs with the agent thread's swap (one final flush).
+    if !DONE.swap(true, Ordering::AcqRel) {
+        agent.flush(true);
+    }
+    // Relaxed: this thread's own marker.
+    BORROWED_TP.store(0, Ordering::Relaxed);
+}
