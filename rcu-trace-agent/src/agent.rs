@@ -38,8 +38,10 @@
 //! probes and counts into its own copy; it sends nothing (the flush
 //! checks the process id).
 
+use std::cell::UnsafeCell;
+use std::ffi::CString;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
-use std::os::unix::io::FromRawFd;
+use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
@@ -53,12 +55,14 @@ use rcu_registry::probes::uprobe::{
 
 use crate::ring::{Event, Ring};
 use crate::stats::Counters;
-use crate::wire::{FromAgent, ToAgent, ARGS, FD_ENV};
+use crate::wire::{write_counts, write_event, FromAgent, ToAgent, ARGS, FD_ENV};
 
 /// Events the ring holds between two drains (100 ms): 64 Ki events, 5 MiB.
 const RING: usize = 1 << 16;
 /// Buckets of each uretprobe's table of calls in flight (as the tracer's).
 const PENDING_BUCKETS: usize = 256;
+/// Bytes formatted before each write(2) of a send.
+const SEND_BUFFER: usize = 1 << 16;
 /// How often the agent thread drains and sends.
 const PERIOD: Duration = Duration::from_millis(100);
 
@@ -128,54 +132,134 @@ fn gettid() -> i32 {
 /// flush.
 struct Agent {
     rows: Box<[Counters]>,
-    /// Row of each key, per spec (sorted by key).
     ring: Ring,
     events: bool,
     args: usize,
-    /// The socket's writing half; its lock also makes the ring's consumer
-    /// one at a time.
-    out: Mutex<UnixStream>,
+    /// The socket (kept open by `_sock`).
+    fd: RawFd,
+    _sock: UnixStream,
+    /// Taken by whoever sends (the agent thread, the exit flush, a hit on
+    /// `execve` or `_exit`): a spin lock, as a hit may take it inside the
+    /// SIGTRAP handler. It makes the ring's consumer one at a time, and
+    /// guards `buf`.
+    sending: AtomicBool,
+    /// What is sent is formatted here (allocated up front).
+    buf: UnsafeCell<Box<[u8]>>,
     /// Every (key, consumer) registered (what the goodbye unregisters).
     registered: Mutex<Vec<(UprobeKey, Consumer)>>,
 }
 
+// SAFETY: `buf`, the one field that is not Sync, is only touched by the
+// holder of `sending` (see `Agent::send`).
+unsafe impl Sync for Agent {}
+
+/// Formats into a borrowed buffer and writes it to a descriptor with
+/// write(2) whenever it fills: no allocation, async-signal-safe.
+struct FdWriter<'a> {
+    fd: RawFd,
+    buf: &'a mut [u8],
+    len: usize,
+}
+
+impl FdWriter<'_> {
+    fn drain(&mut self) -> std::io::Result<()> {
+        let mut at = 0;
+        while at < self.len {
+            let rest = &self.buf[at..self.len];
+            // SAFETY: writes from a live buffer of `rest.len()` bytes.
+            let n = unsafe { libc::write(self.fd, rest.as_ptr().cast(), rest.len()) };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                self.len = 0;
+                return Err(e);
+            }
+            at += n as usize;
+        }
+        self.len = 0;
+        Ok(())
+    }
+}
+
+impl Write for FdWriter<'_> {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        if self.len + b.len() > self.buf.len() {
+            self.drain()?;
+        }
+        let n = b.len().min(self.buf.len());
+        self.buf[self.len..self.len + n].copy_from_slice(&b[..n]);
+        self.len += n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.drain()
+    }
+}
+
 impl Agent {
-    /// Drains the ring and sends every row's counts (and `b` if `last`).
-    /// Holds the writer's lock throughout.
-    fn flush(&self, last: bool) {
-        let mut out = self.out.lock().unwrap_or_else(|e| e.into_inner());
-        let mut text = String::new();
-        while let Some(e) = self.ring.pop() {
-            let m = match e.ret {
-                false => FromAgent::Entry {
-                    row: e.row,
-                    tid: e.tid,
-                    ts: e.ts,
-                    args: e.vals,
-                },
-                true => FromAgent::Return {
-                    row: e.row,
-                    tid: e.tid,
-                    ts: e.ts,
-                    retval: e.vals[0],
-                },
+    /// Drains the ring and sends every row's counts (and `b` if `last`,
+    /// once: nothing is sent after it). No allocation, no lock but the
+    /// `sending` spin lock: callable from a handler.
+    /// Takes the `sending` spin lock.
+    fn lock(&self) {
+        // Acquire: pairs with the Release in `unlock`, so the last
+        // holder's use of what the lock guards came before ours.
+        while self
+            .sending
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            // SAFETY: sched_yield takes nothing; async-signal-safe.
+            unsafe { libc::sched_yield() };
+        }
+    }
+
+    /// Lets go of the `sending` spin lock.
+    fn unlock(&self) {
+        // Release: pairs with the Acquire in `lock`.
+        self.sending.store(false, Ordering::Release);
+    }
+
+    fn send(&self, last: bool) {
+        self.lock();
+        // Acquire: pairs with the Release store below (a goodbye sent by
+        // the last holder).
+        if !DONE.load(Ordering::Acquire) {
+            // SAFETY: `sending` is ours, so is `buf` (see the Sync impl).
+            let buf = unsafe { &mut *self.buf.get() };
+            let mut w = FdWriter {
+                fd: self.fd,
+                buf,
+                len: 0,
             };
-            text.push_str(&m.line());
-            if text.len() > 1 << 16 {
-                let _ = out.write_all(text.as_bytes());
-                text.clear();
+            let _ = self.write_all_lines(&mut w, last);
+            let _ = w.drain();
+            if last {
+                // Release: read by the next holder and by the agent
+                // thread (Acquire loads).
+                DONE.store(true, Ordering::Release);
             }
         }
+        self.unlock();
+    }
+
+    fn write_all_lines(&self, w: &mut FdWriter<'_>, last: bool) -> std::io::Result<()> {
+        while let Some(e) = self.ring.pop() {
+            write_event(w, &e)?;
+        }
         if self.events {
-            text.push_str(&FromAgent::Dropped(self.ring.dropped()).line());
+            writeln!(w, "d {}", self.ring.dropped())?;
         }
         for (row, c) in self.rows.iter().enumerate() {
-            text.push_str(&FromAgent::Counts(row, c.summary()).line());
+            write_counts(w, row, c)?;
         }
         if last {
-            text.push_str(&FromAgent::Bye.line());
+            w.write_all(b"b\n")?;
         }
-        let _ = out.write_all(text.as_bytes());
+        Ok(())
     }
 
     /// Unregisters everything (one grace period).
@@ -201,19 +285,142 @@ extern "C" fn init() {
     else {
         return;
     };
+    if !from_tracer(fd) {
+        // Inherited by a process rcu-trace did not start (a shell keeps
+        // its environment as it found it): not ours to trace.
+        forget_environment();
+        return;
+    }
     // Relaxed: this thread's own marker (see `on_agent_thread`).
     BORROWED_TP.store(thread_pointer(), Ordering::Relaxed);
+    let preload = std::env::var("LD_PRELOAD").unwrap_or_default();
     forget_environment();
     // SAFETY: `fd` is the socket rcu-trace handed this process for the
     // agent (FD_ENV); nothing else in the process owns it.
     let sock = unsafe { UnixStream::from_raw_fd(fd) };
     // SAFETY: F_SETFD on a descriptor we own; no memory is passed.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    if let Err(e) = start(sock) {
+    if let Err(e) = start(sock, &preload) {
         eprintln!("rcu-trace agent: {e}");
     }
     // Relaxed: this thread's own marker.
     BORROWED_TP.store(0, Ordering::Relaxed);
+}
+
+/// What an `exec` of the traced process gets back: the environment
+/// entries that load the agent in the new image, and the table its
+/// environment is rebuilt in (allocated up front: it is built inside the
+/// SIGTRAP handler).
+struct ExecEnv {
+    preload: CString,
+    fd: CString,
+    table: UnsafeCell<Box<[*const libc::c_char]>>,
+}
+
+// SAFETY: `table` is only touched by the holder of the agent's `sending`
+// lock (see `exec_hit`); the rest is read-only.
+unsafe impl Sync for ExecEnv {}
+// SAFETY: as for Sync: the pointers are only used under that lock.
+unsafe impl Send for ExecEnv {}
+
+/// Environment entries an `exec` passes on with the agent's.
+const EXEC_ENV_MAX: usize = 8192;
+
+static EXEC_ENV: OnceLock<ExecEnv> = OnceLock::new();
+
+/// Whether the C string `entry` starts with `prefix`.
+///
+/// # Safety
+/// `entry` points to a NUL-terminated string.
+unsafe fn starts_with(entry: *const libc::c_char, prefix: &[u8]) -> bool {
+    for (i, &b) in prefix.iter().enumerate() {
+        // SAFETY: the string is NUL-terminated and `b` is not NUL, so a
+        // shorter string stops the loop at its NUL before reading past it.
+        if unsafe { *entry.add(i) } as u8 != b {
+            return false;
+        }
+    }
+    true
+}
+
+/// A hit on `execve` in the traced process: sends what was counted, and
+/// makes the new image load the agent again on the same socket (the
+/// socket kept across the `exec`, the environment argument replaced by a
+/// copy with the agent's entries), as the ptrace engine follows an `exec`
+/// of a traced process. No allocation, no lock but the `sending` spin
+/// lock.
+fn exec_hit(agent: &Agent, regs: &mut Regs) {
+    agent.send(false);
+    let Some(env) = EXEC_ENV.get() else {
+        return;
+    };
+    let Some(envp) = regs.arg(2) else {
+        return;
+    };
+    agent.lock();
+    // SAFETY: `sending` is held, so `table` is ours (see ExecEnv's Sync).
+    let table = unsafe { &mut *env.table.get() };
+    let envp = envp as *const *const libc::c_char;
+    let mut n = 0;
+    let mut fits = true;
+    let mut i = 0;
+    while !envp.is_null() {
+        // SAFETY: execve's envp is a NULL-terminated array of C strings
+        // (the caller's contract with execve; a bad one faults in execve
+        // too).
+        let e = unsafe { *envp.add(i) };
+        if e.is_null() {
+            break;
+        }
+        i += 1;
+        // SAFETY: `e` is one of envp's NUL-terminated strings.
+        let ours = unsafe { starts_with(e, b"LD_PRELOAD=") || starts_with(e, FD_ENV.as_bytes()) };
+        if ours {
+            continue;
+        }
+        if n + 3 > table.len() {
+            fits = false;
+            break;
+        }
+        table[n] = e;
+        n += 1;
+    }
+    if fits {
+        table[n] = env.preload.as_ptr();
+        table[n + 1] = env.fd.as_ptr();
+        table[n + 2] = std::ptr::null();
+        // SAFETY: F_SETFD on the agent's own socket: kept across the exec.
+        unsafe { libc::fcntl(agent.fd, libc::F_SETFD, 0) };
+        // Always a register (the third argument).
+        let _ = regs.set_arg(2, table.as_ptr() as u64);
+    }
+    agent.unlock();
+}
+
+/// Whether `fd` is a socket whose other end rcu-trace holds, rcu-trace
+/// being this process's parent: the traced process itself (its first
+/// image or one it `exec`ed), not a descendant that inherited the
+/// environment (and maybe the descriptor).
+fn from_tracer(fd: i32) -> bool {
+    let mut cred = libc::ucred {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+    };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: `cred` and `len` are valid for getsockopt to write; a bad
+    // descriptor is an error return.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    // SAFETY: getppid takes nothing and cannot fail.
+    r == 0 && cred.pid != 0 && cred.pid == unsafe { libc::getppid() }
 }
 
 /// Removes [`FD_ENV`] and this library from `LD_PRELOAD`: the program's
@@ -244,9 +451,11 @@ struct Planned {
 }
 
 /// Reads the plan, registers it, answers, starts the agent thread.
-fn start(sock: UnixStream) -> Result<(), String> {
+fn start(sock: UnixStream, preload: &str) -> Result<(), String> {
     let mut reader = BufReader::new(sock.try_clone().map_err(|e| e.to_string())?);
     let mut out = sock;
+    out.write_all(FromAgent::Hello.line().as_bytes())
+        .map_err(|e| format!("greeting the tracer: {e}"))?;
     let (mut events, mut args) = (false, 0);
     let mut plan: Vec<Planned> = Vec::new();
     let mut line = String::new();
@@ -283,6 +492,13 @@ fn start(sock: UnixStream) -> Result<(), String> {
     for p in &plan {
         rets[p.row] = p.ret;
     }
+    // The descriptor the agent keeps (and an `exec` passes on).
+    let keep = out.try_clone().map_err(|e| e.to_string())?;
+    let _ = EXEC_ENV.set(ExecEnv {
+        preload: CString::new(format!("LD_PRELOAD={preload}")).unwrap_or_default(),
+        fd: CString::new(format!("{FD_ENV}={}", keep.as_raw_fd())).unwrap_or_default(),
+        table: UnsafeCell::new(vec![std::ptr::null(); EXEC_ENV_MAX].into_boxed_slice()),
+    });
     let agent = Arc::new(Agent {
         rows: rets
             .iter()
@@ -291,7 +507,10 @@ fn start(sock: UnixStream) -> Result<(), String> {
         ring: Ring::new(if events { RING } else { 2 }),
         events,
         args,
-        out: Mutex::new(out.try_clone().map_err(|e| e.to_string())?),
+        fd: keep.as_raw_fd(),
+        _sock: keep,
+        sending: AtomicBool::new(false),
+        buf: UnsafeCell::new(vec![0u8; SEND_BUFFER].into_boxed_slice()),
         registered: Mutex::new(Vec::new()),
     });
     let mut answer = String::new();
@@ -357,16 +576,17 @@ fn start(sock: UnixStream) -> Result<(), String> {
     // SAFETY: getpid takes nothing and cannot fail.
     PID.store(unsafe { libc::getpid() }, Ordering::Relaxed);
     let _ = AGENT.set(Arc::clone(&agent));
+    watch_lifecycle(live, &agent);
     // SAFETY: `at_exit` is an `extern "C" fn()` that lives as long as the
     // process (this library is never unloaded while probes exist).
     unsafe { libc::atexit(at_exit) };
+    out.write_all(answer.as_bytes())
+        .map_err(|e| format!("answering the tracer: {e}"))?;
     let thread_agent = Arc::clone(&agent);
     std::thread::Builder::new()
         .name("rcu-trace-agent".into())
         .spawn(move || serve(thread_agent, reader))
         .map_err(|e| e.to_string())?;
-    out.write_all(answer.as_bytes())
-        .map_err(|e| format!("answering the tracer: {e}"))?;
     Ok(())
 }
 
@@ -455,14 +675,10 @@ fn serve(agent: Arc<Agent>, mut reader: BufReader<UnixStream>) {
         if DONE.load(Ordering::Acquire) {
             return;
         }
-        agent.flush(false);
+        agent.send(false);
     }
     agent.unregister_all();
-    // AcqRel: claims the final flush against `at_exit` (pairs with its
-    // swap).
-    if !DONE.swap(true, Ordering::AcqRel) {
-        agent.flush(true);
-    }
+    agent.send(true);
 }
 
 /// At the program's exit: the final counts.
@@ -478,10 +694,43 @@ extern "C" fn at_exit() {
     };
     // Relaxed: this thread's own marker.
     BORROWED_TP.store(thread_pointer(), Ordering::Relaxed);
-    // AcqRel: pairs with the agent thread's swap (one final flush).
-    if !DONE.swap(true, Ordering::AcqRel) {
-        agent.flush(true);
-    }
+    agent.send(true);
     // Relaxed: this thread's own marker.
     BORROWED_TP.store(0, Ordering::Relaxed);
+}
+
+/// The consumer on the C library's `execve` (every `exec*` function calls
+/// it) and `_exit` (which `exit` calls after the `atexit` handlers): what
+/// the agent counted so far is sent before the image is replaced or the
+/// process ends without `atexit` (`_exit` directly: the goodbye). Runs in
+/// the SIGTRAP handler: [`Agent::send`] allocates nothing.
+fn lifecycle_consumer(agent: Arc<Agent>, last: bool) -> Consumer {
+    Consumer::new(move |_hit: &UprobeHit, regs: &mut Regs| {
+        // SAFETY: getpid takes nothing and cannot fail.
+        let me = unsafe { libc::getpid() };
+        // Relaxed: see where `PID` is stored.
+        if !on_agent_thread() && me == PID.load(Ordering::Relaxed) {
+            match last {
+                true => agent.send(true),
+                false => exec_hit(&agent, regs),
+            }
+        }
+        ConsumerAction::Continue
+    })
+}
+
+/// Registers [`lifecycle_consumer`]s on `execve` and `_exit`; one refused
+/// (code the runtime will not patch) leaves that path to `atexit` and the
+/// periodic sends.
+fn watch_lifecycle(live: &LiveUprobes, agent: &Arc<Agent>) {
+    for (name, last) in [("execve", false), ("_exit", true)] {
+        let c = lifecycle_consumer(Arc::clone(agent), last);
+        if let Ok(r) = live.register(&UprobeTarget::symbol("libc.so.6", name), &c) {
+            agent
+                .registered
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((r.key(), c));
+        }
+    }
 }

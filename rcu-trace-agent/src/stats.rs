@@ -109,6 +109,18 @@ impl Histogram {
         self.max.store(s.max, Ordering::Relaxed);
     }
 
+    /// The count of bucket `i` now (0 past the last).
+    pub fn bucket(&self, i: usize) -> u64 {
+        // Relaxed: a statistic.
+        self.buckets.get(i).map_or(0, |b| b.load(Ordering::Relaxed))
+    }
+
+    /// The largest value recorded.
+    pub fn max(&self) -> u64 {
+        // Relaxed: a statistic.
+        self.max.load(Ordering::Relaxed)
+    }
+
     /// The counts now.
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
@@ -286,6 +298,29 @@ pub struct Summary {
     pub lost: u64,
     /// The latencies (uretprobes).
     pub latency: Option<Snapshot>,
+}
+
+impl Summary {
+    /// `self` plus `o` (counts of two images of one process, before and
+    /// after an `exec`).
+    pub fn plus(&self, o: &Summary) -> Summary {
+        let latency = match (&self.latency, &o.latency) {
+            (Some(a), Some(b)) => Some(Snapshot {
+                counts: (0..a.counts.len().max(b.counts.len()))
+                    .map(|i| a.counts.get(i).unwrap_or(&0) + b.counts.get(i).unwrap_or(&0))
+                    .collect(),
+                max: a.max.max(b.max),
+            }),
+            (a, b) => a.clone().or_else(|| b.clone()),
+        };
+        Summary {
+            calls: self.calls + o.calls,
+            returns: self.returns + o.returns,
+            unmatched: self.unmatched + o.unmatched,
+            lost: self.lost + o.lost,
+            latency,
+        }
+    }
 }
 
 impl Counters {

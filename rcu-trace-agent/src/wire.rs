@@ -7,7 +7,9 @@
 //!                    p ROW SPEC e|r FUNC OFF PATH   a probe (FUNC: entry offset or -)
 //!                    g                        register them all, now
 //!                    q                        unregister everything, say goodbye
-//! agent -> tracer    k ROW                    registered
+//! agent -> tracer    h                        hello: an agent started (first, and
+//!                                             again after each exec of the process)
+//!                    k ROW                    registered
 //!                    n ROW WHY                refused (nothing is registered then)
 //!                    r                        every probe in place: main may run
 //!                    c ROW CALLS RETURNS UNMATCHED LOST MAX BUCKETS
@@ -20,9 +22,13 @@
 //! ```
 //!
 //! Closing the socket means `q` to the agent; to the tracer, the end of
-//! the counts (the last `c` lines sent are the totals).
+//! the counts (the last `c` lines sent are the totals). An agent's counts
+//! start at 0: after a `h` the tracer sends the plan again and adds what
+//! the image before the `exec` counted to what the new one sends.
 
-use crate::stats::{Snapshot, Summary, BUCKETS};
+use std::io::Write;
+
+use crate::stats::{Counters, Snapshot, Summary, BUCKETS};
 
 /// The environment variable naming the agent's socket descriptor.
 pub const FD_ENV: &str = "RCU_TRACE_AGENT_FD";
@@ -64,6 +70,8 @@ pub enum ToAgent {
 /// A line from the agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum FromAgent {
+    /// An agent started and waits for the plan.
+    Hello,
     /// A probe registered.
     Registered(usize),
     /// A probe refused, why.
@@ -161,39 +169,87 @@ impl ToAgent {
     }
 }
 
+/// Writes a `c` line: `head` is row, calls, returns, unmatched, lost and
+/// max; `buckets` the latency buckets that are not 0 (`None`: no latency).
+/// Writes straight into `w`: nothing allocated for a writer that does not.
+fn write_counts_parts<W: Write>(
+    w: &mut W,
+    head: [u64; 6],
+    buckets: Option<impl Iterator<Item = (usize, u64)>>,
+) -> std::io::Result<()> {
+    write!(w, "c")?;
+    for v in head {
+        write!(w, " {v}")?;
+    }
+    match buckets {
+        None => w.write_all(b" -\n"),
+        Some(it) => {
+            let mut first = true;
+            for (i, n) in it {
+                write!(w, "{}{i}:{n}", if first { " " } else { "," })?;
+                first = false;
+            }
+            w.write_all(if first { b" :\n" } else { b"\n" })
+        }
+    }
+}
+
+/// Writes row `row`'s `c` line from its counters as they are now, without
+/// allocating (what [`FromAgent::Counts`] of their summary would say).
+///
+/// # Errors
+/// As `w`'s writes.
+pub fn write_counts<W: Write>(w: &mut W, row: usize, c: &Counters) -> std::io::Result<()> {
+    let max = c.latency().map_or(0, |h| h.max());
+    let head = [
+        row as u64,
+        c.calls(),
+        c.returns(),
+        c.unmatched(),
+        c.lost(),
+        max,
+    ];
+    let buckets = c.latency().map(|h| {
+        (0..BUCKETS)
+            .map(|i| (i, h.bucket(i)))
+            .filter(|&(_, n)| n > 0)
+    });
+    write_counts_parts(w, head, buckets)
+}
+
+/// Writes an event's line (`e` or `x`) without allocating.
+///
+/// # Errors
+/// As `w`'s writes.
+pub fn write_event<W: Write>(w: &mut W, e: &crate::ring::Event) -> std::io::Result<()> {
+    if e.ret {
+        return writeln!(w, "x {} {} {} {}", e.row, e.tid, e.ts, e.vals[0]);
+    }
+    write!(w, "e {} {} {}", e.row, e.tid, e.ts)?;
+    for a in e.vals {
+        write!(w, " {a}")?;
+    }
+    w.write_all(b"\n")
+}
+
 impl FromAgent {
     /// The line, with its newline.
     pub fn line(&self) -> String {
         match self {
+            FromAgent::Hello => "h\n".into(),
             FromAgent::Registered(row) => format!("k {row}\n"),
             FromAgent::Refused(row, why) => format!("n {row} {}\n", why.replace('\n', " ")),
             FromAgent::Ready => "r\n".into(),
             FromAgent::Counts(row, s) => {
-                let buckets = match &s.latency {
-                    None => "-".to_string(),
-                    Some(h) => {
-                        let nz: Vec<String> = h
-                            .counts
-                            .iter()
-                            .enumerate()
-                            .filter(|(_, &n)| n > 0)
-                            .map(|(i, n)| format!("{i}:{n}"))
-                            .collect();
-                        if nz.is_empty() {
-                            ":".to_string()
-                        } else {
-                            nz.join(",")
-                        }
-                    }
-                };
-                format!(
-                    "c {row} {} {} {} {} {} {buckets}\n",
-                    s.calls,
-                    s.returns,
-                    s.unmatched,
-                    s.lost,
-                    s.latency.as_ref().map_or(0, |h| h.max)
-                )
+                let mut v = Vec::new();
+                let buckets = s
+                    .latency
+                    .as_ref()
+                    .map(|h| h.counts.iter().copied().enumerate().filter(|&(_, n)| n > 0));
+                let max = s.latency.as_ref().map_or(0, |h| h.max);
+                let head = [*row as u64, s.calls, s.returns, s.unmatched, s.lost, max];
+                write_counts_parts(&mut v, head, buckets).expect("a Vec takes it");
+                String::from_utf8(v).expect("ASCII")
             }
             FromAgent::Entry { row, tid, ts, args } => {
                 let a: Vec<String> = args.iter().map(u64::to_string).collect();
@@ -216,6 +272,7 @@ impl FromAgent {
         let tag = w.next()?;
         let mut num = || w.next()?.parse::<u64>().ok();
         Some(match tag {
+            "h" => FromAgent::Hello,
             "k" => FromAgent::Registered(num()? as usize),
             "n" => {
                 let mut f = line.splitn(3, ' ');
@@ -276,6 +333,24 @@ mod tests {
     use super::*;
 
     #[test]
+    fn counters_written_in_place_read_back_as_their_summary() {
+        for ret in [false, true] {
+            let c = Counters::new(ret, 4);
+            c.entry(0, 0x1000, 10);
+            c.ret(0, 0x1008, 250);
+            c.ret(0, 0x2008, 300);
+            let mut v = Vec::new();
+            write_counts(&mut v, 7, &c).unwrap();
+            let line = String::from_utf8(v).unwrap();
+            assert_eq!(line, FromAgent::Counts(7, c.summary()).line());
+            assert_eq!(
+                FromAgent::parse(line.trim_end()),
+                Some(FromAgent::Counts(7, c.summary()))
+            );
+        }
+    }
+
+    #[test]
     fn every_line_reads_back_as_itself() {
         let mut h = Snapshot {
             counts: vec![0; BUCKETS],
@@ -284,6 +359,7 @@ mod tests {
         h.counts[3] = 7;
         h.counts[80] = 2;
         let from = [
+            FromAgent::Hello,
             FromAgent::Registered(3),
             FromAgent::Refused(2, "no such thing".into()),
             FromAgent::Ready,

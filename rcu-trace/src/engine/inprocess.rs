@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use rcu_registry::probes::remote::ExitStatus;
+use rcu_trace_agent::stats::Summary;
 use rcu_trace_agent::wire::{FromAgent, ToAgent, FD_ENV};
 
 use super::{Ending, Engine, EngineError, Target};
@@ -44,10 +45,15 @@ pub fn find_agent(explicit: Option<&Path>) -> Result<PathBuf, String> {
     }
     let exe = std::env::current_exe().map_err(|e| format!("this executable: {e}"))?;
     let dir = exe.parent().unwrap_or(Path::new("/"));
-    for p in [dir.join(AGENT_FILE), dir.join("deps").join(AGENT_FILE)] {
-        if p.is_file() {
-            return Ok(p);
-        }
+    // Both may be there: cargo puts it in deps/ when it builds rcu-trace
+    // (a dependency) and next to it when it builds the agent itself; the
+    // newer one is the current build.
+    let newest = [dir.join(AGENT_FILE), dir.join("deps").join(AGENT_FILE)]
+        .into_iter()
+        .filter_map(|p| Some((std::fs::metadata(&p).ok()?.modified().ok()?, p)))
+        .max();
+    if let Some((_, p)) = newest {
+        return Ok(p);
     }
     Err(format!(
         "no {AGENT_FILE} next to {} (build it: cargo build -p rcu-trace-agent; or give --agent PATH)",
@@ -118,6 +124,14 @@ pub struct InprocessEngine {
     recorder: Option<Arc<Recorder>>,
     status: Option<ExitStatus>,
     pid: i32,
+    /// The plan as sent (again to the agent of each new image).
+    plan_text: String,
+    /// The probes' labels (for refusals reported late).
+    labels: Vec<String>,
+    /// Per row: what the images before the last `exec` counted, and what
+    /// the current one said last.
+    bases: Vec<Summary>,
+    last: Vec<Summary>,
 }
 
 impl InprocessEngine {
@@ -131,16 +145,26 @@ impl InprocessEngine {
             recorder: None,
             status: None,
             pid: 0,
+            plan_text: String::new(),
+            labels: Vec::new(),
+            bases: Vec::new(),
+            last: Vec::new(),
         }
     }
 
     /// Handles one line from the agent; `true` for its goodbye.
-    fn line(&self, line: &str, rec: &Recorder) -> bool {
-        let who = |tid| Thread { pid: self.pid, tid };
+    fn line(&mut self, line: &str, rec: &Recorder, sock: &UnixStream) -> bool {
+        let pid = self.pid;
+        let who = |tid| Thread { pid, tid };
         match FromAgent::parse(line) {
             Some(FromAgent::Counts(row, s)) => {
-                if let Some(r) = rec.rows().get(row) {
-                    r.counters.absorb(&s);
+                if let (Some(r), Some(base), Some(last)) = (
+                    rec.rows().get(row),
+                    self.bases.get(row),
+                    self.last.get_mut(row),
+                ) {
+                    r.counters.absorb(&base.plus(&s));
+                    *last = s;
                 }
             }
             Some(FromAgent::Entry { row, tid, ts, args }) => {
@@ -153,6 +177,18 @@ impl InprocessEngine {
                 retval,
             }) => rec.ret_event(row, who(tid), rec.from_monotonic(ts), retval),
             Some(FromAgent::Dropped(n)) => rec.set_dropped(n),
+            Some(FromAgent::Hello) => {
+                // The process ran `exec`: the new image's agent counts
+                // from 0 and waits for the plan.
+                for (b, l) in self.bases.iter_mut().zip(&mut self.last) {
+                    *b = b.plus(&std::mem::take(l));
+                }
+                let _ = (&*sock).write_all(self.plan_text.as_bytes());
+            }
+            Some(FromAgent::Refused(row, why)) => eprintln!(
+                "rcu-trace: warning: {}: {why} (in the image process {pid} exec'd)",
+                self.labels.get(row).map_or("?", String::as_str)
+            ),
             Some(FromAgent::Bye) => return true,
             _ => {}
         }
@@ -245,6 +281,10 @@ impl Engine for InprocessEngine {
             }
         }
         plan_text.push_str(&ToAgent::Go.line());
+        self.plan_text = plan_text.clone();
+        self.labels = plan.probes.iter().map(|p| p.label.clone()).collect();
+        self.bases = vec![Summary::default(); plan.probes.len()];
+        self.last = vec![Summary::default(); plan.probes.len()];
         let mut w = mine.try_clone().map_err(|e| err(e.to_string()))?;
         // A program that exits before reading (or never loads the agent)
         // closes its end: the write or the reads below see it.
@@ -346,7 +386,7 @@ impl Engine for InprocessEngine {
                 match reader.read_line(&mut line) {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {
-                        if self.line(line.trim_end_matches('\n'), &rec) {
+                        if self.line(line.trim_end_matches('\n'), &rec, &sock) {
                             break;
                         }
                     }
