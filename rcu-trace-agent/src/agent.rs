@@ -565,10 +565,15 @@ fn start(sock: UnixStream, preload: &str) -> Result<(), String> {
         }
     }
     if refused {
-        // Nothing stays: the tracer reports the refusal and ends the run.
+        // Nothing stays, and `main` must not run: the tracer reports the
+        // refusal and kills this process (or goes away: then it ends).
         agent.unregister_all();
+        answer.push_str(&FromAgent::Bye.line());
         let _ = out.write_all(answer.as_bytes());
-        return Ok(());
+        let mut sink = Vec::new();
+        let _ = reader.read_to_end(&mut sink);
+        // SAFETY: _exit ends the process at once; nothing is unwound.
+        unsafe { libc::_exit(1) };
     }
     answer.push_str(&FromAgent::Ready.line());
     // Relaxed: read back only by this process (`at_exit`), after this

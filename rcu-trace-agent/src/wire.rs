@@ -18,7 +18,8 @@
 //!                    e ROW TID TS A0..A5      an entry (TS: CLOCK_MONOTONIC ns)
 //!                    x ROW TID TS RETVAL      a return
 //!                    d N                      N events dropped so far (ring full)
-//!                    b                        final counts sent: goodbye
+//!                    b                        final counts sent: goodbye (also after
+//!                                             refusals: the process waits to be killed)
 //! ```
 //!
 //! Closing the socket means `q` to the agent; to the tracer, the end of

@@ -83,6 +83,9 @@ pub struct EngineError {
     pub message: String,
     /// 127 for a command not found, 1 otherwise.
     pub exit_code: i32,
+    /// The in-process agent refused a probe before the command's `main`
+    /// ran (the command was killed then): the ptrace engine may serve it.
+    pub ptrace_may_serve: bool,
 }
 
 impl EngineError {
@@ -90,6 +93,7 @@ impl EngineError {
         EngineError {
             message,
             exit_code: 1,
+            ptrace_may_serve: false,
         }
     }
 }
@@ -340,6 +344,7 @@ impl Engine for PtraceEngine {
                         EngineError {
                             message: format!("{what}: command not found"),
                             exit_code: 127,
+                            ptrace_may_serve: false,
                         }
                     }
                     e => EngineError::new(format!("{what}: {e}")),

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use rcu_registry::probes::remote::ExitStatus;
 
-use crate::cli::{Cli, Live};
+use crate::cli::{Cli, EngineKind, Live};
 use crate::engine::{self, Ending, Target};
 use crate::record::{Options, Recorder};
 use crate::report::{self, LiveTable};
@@ -200,6 +200,19 @@ pub fn run(cli: Cli) -> i32 {
     let started = Instant::now();
     let (pids, warnings) = match engine.start(&plan, &rec, target) {
         Ok(s) => s,
+        // Chosen by `auto`, the agent refused a probe (code its own trap
+        // path reaches) and the command was killed before its `main`:
+        // started again under ptrace.
+        Err(e) if e.ptrace_may_serve && cli.engine == EngineKind::Auto => {
+            eprintln!("rcu-trace: warning: {}: using the ptrace engine", e.message);
+            let mut cmd = Command::new(&cli.command[0]);
+            cmd.args(&cli.command[1..]);
+            engine = engine::new(EngineKind::Ptrace, cli.follow_forks, None);
+            match engine.start(&plan, &rec, Target::Spawn(cmd)) {
+                Ok(s) => s,
+                Err(e) => return fail(e.exit_code, e.message),
+            }
+        }
         Err(e) => return fail(e.exit_code, e.message),
     };
     for w in &warnings {

@@ -253,6 +253,7 @@ impl Engine for InprocessEngine {
             std::io::ErrorKind::NotFound => EngineError {
                 message: format!("{what}: command not found"),
                 exit_code: 127,
+                ptrace_may_serve: false,
             },
             _ => err(e.to_string()),
         })?;
@@ -294,7 +295,8 @@ impl Engine for InprocessEngine {
         let mut line = String::new();
         loop {
             line.clear();
-            if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            let n = reader.read_line(&mut line).unwrap_or(0);
+            if n == 0 || FromAgent::parse(line.trim_end_matches('\n')) == Some(FromAgent::Bye) {
                 // The agent never answered: kill what runs (it would run
                 // untraced) and say why.
                 if let Some(c) = self.child.as_mut() {
@@ -307,7 +309,10 @@ impl Engine for InprocessEngine {
                          refused?): try --engine ptrace"
                             .into(),
                     ),
-                    false => EngineError::new(refused.join("; ")),
+                    false => EngineError {
+                        ptrace_may_serve: true,
+                        ..EngineError::new(refused.join("; "))
+                    },
                 });
             }
             match FromAgent::parse(line.trim_end_matches('\n')) {
