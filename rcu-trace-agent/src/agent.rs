@@ -33,8 +33,10 @@
 //! `q` or end of file it unregisters everything in one batch (one grace
 //! period), sends the final counts and `b`, and ends: the program runs on
 //! with its bytes restored. At the program's exit an `atexit` handler
-//! sends the final counts and `b` the same way (the writer is one lock, so
-//! the ring has one consumer at a time). A forked child inherits the
+//! sends the counts, and the agent's probe on `_exit` (after the C
+//! library's last flush of its streams) the final counts and `b` (the
+//! `atexit` handler does, if `_exit` could not be probed). Every send
+//! takes one spin lock, so the ring has one consumer at a time. A forked child inherits the
 //! probes and counts into its own copy; it sends nothing (the flush
 //! checks the process id).
 
@@ -74,6 +76,8 @@ static BORROWED_TP: AtomicUsize = AtomicUsize::new(0);
 static PID: AtomicI32 = AtomicI32::new(0);
 /// Final counts sent (by the agent thread on `q`, or at exit).
 static DONE: AtomicBool = AtomicBool::new(false);
+/// Whether `_exit` is probed (its hit sends the goodbye, not `atexit`).
+static EXIT_PROBED: AtomicBool = AtomicBool::new(false);
 /// What the exit flush needs.
 static AGENT: OnceLock<Arc<Agent>> = OnceLock::new();
 
@@ -686,7 +690,7 @@ fn serve(agent: Arc<Agent>, mut reader: BufReader<UnixStream>) {
     agent.send(true);
 }
 
-/// At the program's exit: the final counts.
+/// At the program's exit: the counts (final if `_exit` is not probed).
 extern "C" fn at_exit() {
     // SAFETY: getpid takes nothing and cannot fail.
     let me = unsafe { libc::getpid() };
@@ -699,7 +703,10 @@ extern "C" fn at_exit() {
     };
     // Relaxed: this thread's own marker.
     BORROWED_TP.store(thread_pointer(), Ordering::Relaxed);
-    agent.send(true);
+    // The C library flushes its streams after the `atexit` handlers (the
+    // program's last `write`s): with `_exit` probed, that hit says
+    // goodbye. Relaxed: stored by this process's constructor, before.
+    agent.send(!EXIT_PROBED.load(Ordering::Relaxed));
     // Relaxed: this thread's own marker.
     BORROWED_TP.store(0, Ordering::Relaxed);
 }
@@ -731,6 +738,9 @@ fn watch_lifecycle(live: &LiveUprobes, agent: &Arc<Agent>) {
     for (name, last) in [("execve", false), ("_exit", true)] {
         let c = lifecycle_consumer(Arc::clone(agent), last);
         if let Ok(r) = live.register(&UprobeTarget::symbol("libc.so.6", name), &c) {
+            // Relaxed: read by `at_exit` on a thread that started later
+            // or by this one.
+            EXIT_PROBED.fetch_or(last, Ordering::Relaxed);
             agent
                 .registered
                 .lock()

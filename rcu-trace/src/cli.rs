@@ -57,6 +57,13 @@ Targets:
   rcu-trace SPECS -p PID [-p PID2]  attach to running processes; they run
       on, every probed byte restored, when rcu-trace ends.
 
+Engines (--engine; the line `... (E engine)` on standard error names it):
+  inprocess  the agent librcu_trace_agent.so, LD_PRELOADed into CMD, runs
+             the probes inside it (one trap per hit, no context switch);
+             CMD only (no -p in this build, no -f), dynamically linked.
+  ptrace     rcu-trace serves each hit over ptrace: any target, -p and -f.
+  auto       (default) inprocess when it can serve the request, else ptrace.
+
   Ctrl-C (SIGINT), SIGTERM or SIGHUP detach from every target: the probed
   bytes are written back and the targets run on untraced, a spawned CMD
   included (rcu-trace does not wait for it then, and exits 128+N; after

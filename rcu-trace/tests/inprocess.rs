@@ -308,3 +308,32 @@ fn a_base_system_command_runs_with_its_output_unchanged() {
             > 0
     );
 }
+
+#[test]
+fn inprocess_for_a_running_process_fails_in_one_line_and_auto_picks_ptrace() {
+    need_tracing!();
+    let stop = path("stop");
+    let _stop_anyway = CreateOnDrop(stop.clone());
+    let target = Running::start(Command::new(fixture()).args(["until", stop.to_str().unwrap()]));
+    let pid = target.pid().to_string();
+    let spec = format!("uprobe:{}:fx_work", fx());
+    let out = Command::new(RCU_TRACE)
+        .args(["--engine", "inprocess", &spec, "-p", &pid])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("not available in this build"), "{err}");
+    assert!(common::runs_untraced(target.pid()));
+    // auto: ptrace serves -p; SIGINT once attached ends it.
+    let mut tracer = Running::start(Command::new(RCU_TRACE).args([&spec, "-p", &pid]));
+    let lines = stderr_until(&mut tracer.0, "Ctrl-C to detach");
+    assert!(
+        lines.last().unwrap().contains("(ptrace engine)"),
+        "{lines:?}"
+    );
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(tracer.0.id() as i32, libc::SIGINT) };
+    assert_eq!(tracer.0.wait().unwrap().code(), Some(0));
+}
