@@ -2,7 +2,7 @@
 //!
 //! # Start
 //!
-//! The library's constructor ([`init`], in `.init_array`) runs when the
+//! The library's constructor (`init`, in `.init_array`) runs when the
 //! dynamic linker loads it, before the program's `main`: it does nothing
 //! unless [`FD_ENV`] names a socket (so the rlib linked into `rcu-trace`
 //! stays inert). Then it removes [`FD_ENV`] and itself from `LD_PRELOAD`
@@ -57,7 +57,7 @@ use rcu_registry::probes::uprobe::{
 
 use crate::ring::{Event, Ring};
 use crate::stats::Counters;
-use crate::wire::{write_counts, write_event, FromAgent, ToAgent, ARGS, FD_ENV};
+use crate::wire::{write_counts, write_event, FromAgent, PlannedProbe, ToAgent, ARGS, FD_ENV};
 
 /// Events the ring holds between two drains (100 ms): 64 Ki events, 5 MiB.
 const RING: usize = 1 << 16;
@@ -444,16 +444,6 @@ fn forget_environment() {
     }
 }
 
-/// One probe of the plan.
-struct Planned {
-    row: usize,
-    spec: usize,
-    ret: bool,
-    func: Option<u64>,
-    offset: u64,
-    path: String,
-}
-
 /// Reads the plan, registers it, answers, starts the agent thread.
 fn start(sock: UnixStream, preload: &str) -> Result<(), String> {
     let mut reader = BufReader::new(sock.try_clone().map_err(|e| e.to_string())?);
@@ -461,7 +451,7 @@ fn start(sock: UnixStream, preload: &str) -> Result<(), String> {
     out.write_all(FromAgent::Hello.line().as_bytes())
         .map_err(|e| format!("greeting the tracer: {e}"))?;
     let (mut events, mut args) = (false, 0);
-    let mut plan: Vec<Planned> = Vec::new();
+    let mut plan: Vec<PlannedProbe> = Vec::new();
     let mut line = String::new();
     loop {
         line.clear();
@@ -470,21 +460,7 @@ fn start(sock: UnixStream, preload: &str) -> Result<(), String> {
         }
         match ToAgent::parse(line.trim_end_matches('\n')) {
             Some(ToAgent::Options { events: e, args: a }) => (events, args) = (e, a),
-            Some(ToAgent::Probe {
-                row,
-                spec,
-                ret,
-                func,
-                offset,
-                path,
-            }) => plan.push(Planned {
-                row,
-                spec,
-                ret,
-                func,
-                offset,
-                path,
-            }),
+            Some(ToAgent::Probe(p)) => plan.push(p),
             Some(ToAgent::Go) => break,
             Some(ToAgent::Quit) => return Ok(()),
             None => return Err(format!("a line not understood: {line:?}")),
@@ -521,7 +497,7 @@ fn start(sock: UnixStream, preload: &str) -> Result<(), String> {
     let mut refused = false;
     let nspecs = plan.iter().map(|p| p.spec + 1).max().unwrap_or(0);
     for spec in 0..nspecs {
-        let mine: Vec<&Planned> = plan.iter().filter(|p| p.spec == spec).collect();
+        let mine: Vec<&PlannedProbe> = plan.iter().filter(|p| p.spec == spec).collect();
         if mine.is_empty() {
             continue;
         }
@@ -549,7 +525,6 @@ fn start(sock: UnixStream, preload: &str) -> Result<(), String> {
                     answer.push_str(&FromAgent::Refused(p.row, e).line());
                 }
             }
-            let _ = p.func;
         }
         table.sort_unstable_by_key(|&(k, _)| k);
         let consumer = consumer(mine[0].ret, table.into(), Arc::clone(&agent));
@@ -715,7 +690,7 @@ extern "C" fn at_exit() {
 /// it) and `_exit` (which `exit` calls after the `atexit` handlers): what
 /// the agent counted so far is sent before the image is replaced or the
 /// process ends without `atexit` (`_exit` directly: the goodbye). Runs in
-/// the SIGTRAP handler: [`Agent::send`] allocates nothing.
+/// the SIGTRAP handler: `Agent::send` allocates nothing.
 fn lifecycle_consumer(agent: Arc<Agent>, last: bool) -> Consumer {
     Consumer::new(move |_hit: &UprobeHit, regs: &mut Regs| {
         // SAFETY: getpid takes nothing and cannot fail.
@@ -731,7 +706,7 @@ fn lifecycle_consumer(agent: Arc<Agent>, last: bool) -> Consumer {
     })
 }
 
-/// Registers [`lifecycle_consumer`]s on `execve` and `_exit`; one refused
+/// Registers `lifecycle_consumer`s on `execve` and `_exit`; one refused
 /// (code the runtime will not patch) leaves that path to `atexit` and the
 /// periodic sends.
 fn watch_lifecycle(live: &LiveUprobes, agent: &Arc<Agent>) {

@@ -37,6 +37,23 @@ pub const FD_ENV: &str = "RCU_TRACE_AGENT_FD";
 /// Integer arguments an entry event carries.
 pub const ARGS: usize = 6;
 
+/// One probe of the plan, as the agent gets it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PlannedProbe {
+    /// Its row in the tracer's table.
+    pub row: usize,
+    /// Its spec (one consumer, one batch per spec).
+    pub spec: usize,
+    /// A uretprobe.
+    pub ret: bool,
+    /// The enclosing function's entry offset, if known.
+    pub func: Option<u64>,
+    /// The probed instruction's file offset.
+    pub offset: u64,
+    /// The file.
+    pub path: String,
+}
+
 /// A line to the agent.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum ToAgent {
@@ -48,20 +65,7 @@ pub enum ToAgent {
         args: usize,
     },
     /// One probe.
-    Probe {
-        /// Its row in the tracer's table.
-        row: usize,
-        /// Its spec (one consumer, one batch per spec).
-        spec: usize,
-        /// A uretprobe.
-        ret: bool,
-        /// The enclosing function's entry offset, if known.
-        func: Option<u64>,
-        /// The probed instruction's file offset.
-        offset: u64,
-        /// The file.
-        path: String,
-    },
+    Probe(PlannedProbe),
     /// Register everything.
     Go,
     /// Unregister everything and say goodbye.
@@ -114,14 +118,14 @@ impl ToAgent {
     pub fn line(&self) -> String {
         match self {
             ToAgent::Options { events, args } => format!("o {} {args}\n", u8::from(*events)),
-            ToAgent::Probe {
+            ToAgent::Probe(PlannedProbe {
                 row,
                 spec,
                 ret,
                 func,
                 offset,
                 path,
-            } => format!(
+            }) => format!(
                 "p {row} {spec} {} {} {offset} {path}\n",
                 if *ret { 'r' } else { 'e' },
                 func.map_or("-".to_string(), |f| f.to_string())
@@ -154,14 +158,14 @@ impl ToAgent {
                 };
                 let offset = w.next()?.parse().ok()?;
                 let path = w.next()?.to_string();
-                ToAgent::Probe {
+                ToAgent::Probe(PlannedProbe {
                     row,
                     spec,
                     ret,
                     func,
                     offset,
                     path,
-                }
+                })
             }
             "g" => ToAgent::Go,
             "q" => ToAgent::Quit,
@@ -409,22 +413,22 @@ mod tests {
                 events: true,
                 args: 2,
             },
-            ToAgent::Probe {
+            ToAgent::Probe(PlannedProbe {
                 row: 4,
                 spec: 1,
                 ret: true,
                 func: Some(16),
                 offset: 16,
                 path: "/a dir/lib x.so".into(),
-            },
-            ToAgent::Probe {
+            }),
+            ToAgent::Probe(PlannedProbe {
                 row: 0,
                 spec: 0,
                 ret: false,
                 func: None,
                 offset: 99,
                 path: "/bin/true".into(),
-            },
+            }),
             ToAgent::Go,
             ToAgent::Quit,
         ];

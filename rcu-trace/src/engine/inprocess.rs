@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use rcu_registry::probes::remote::ExitStatus;
 use rcu_trace_agent::stats::Summary;
-use rcu_trace_agent::wire::{FromAgent, ToAgent, FD_ENV};
+use rcu_trace_agent::wire::{FromAgent, PlannedProbe, ToAgent, FD_ENV};
 
 use super::{Ending, Engine, EngineError, Target};
 use crate::record::{Recorder, Thread};
@@ -269,14 +269,14 @@ impl Engine for InprocessEngine {
             let path = p.path.to_string_lossy().into_owned();
             for (key, func) in &p.keys {
                 plan_text.push_str(
-                    &ToAgent::Probe {
+                    &ToAgent::Probe(PlannedProbe {
                         row,
                         spec: p.spec,
                         ret: p.kind == Kind::Return,
                         func: *func,
                         offset: key.offset,
                         path: path.clone(),
-                    }
+                    })
                     .line(),
                 );
             }
