@@ -336,6 +336,7 @@ static EXEC_ENV: OnceLock<ExecEnv> = OnceLock::new();
 ///
 /// # Safety
 /// `entry` points to a NUL-terminated string.
+// SAFETY: an unsafe fn: its callers keep the contract above.
 unsafe fn starts_with(entry: *const libc::c_char, prefix: &[u8]) -> bool {
     for (i, &b) in prefix.iter().enumerate() {
         // SAFETY: the string is NUL-terminated and `b` is not NUL, so a

@@ -141,6 +141,7 @@ impl Ring {
         let e = Event {
             ret: what & 1 == 1,
             row: (what >> 1) as usize,
+            // Relaxed (both): ordered after the Acquire load of `seq`.
             tid: slot.tid.load(Ordering::Relaxed) as u32 as i32,
             ts: slot.ts.load(Ordering::Relaxed),
             vals,
