@@ -43,6 +43,7 @@
 use std::cell::UnsafeCell;
 use std::ffi::CString;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
@@ -76,6 +77,9 @@ static BORROWED_TP: AtomicUsize = AtomicUsize::new(0);
 static PID: AtomicI32 = AtomicI32::new(0);
 /// Final counts sent (by the agent thread on `q`, or at exit).
 static DONE: AtomicBool = AtomicBool::new(false);
+/// Whether an `exec` of the process is followed (a command rcu-trace
+/// spawned; not a process the agent was loaded into).
+static FOLLOW_EXEC: AtomicBool = AtomicBool::new(false);
 /// Whether `_exit` is probed (its hit sends the goodbye, not `atexit`).
 static EXIT_PROBED: AtomicBool = AtomicBool::new(false);
 /// What the exit flush needs.
@@ -304,7 +308,10 @@ extern "C" fn init() {
     let sock = unsafe { UnixStream::from_raw_fd(fd) };
     // SAFETY: F_SETFD on a descriptor we own; no memory is passed.
     unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
-    if let Err(e) = start(sock, &preload) {
+    // Relaxed: read by this process's handlers after the registration
+    // (whose batch publishes it).
+    FOLLOW_EXEC.store(true, Ordering::Relaxed);
+    if let Err(e) = start(sock, Some(&preload)) {
         eprintln!("rcu-trace agent: {e}");
     }
     // Relaxed: this thread's own marker.
@@ -356,6 +363,12 @@ unsafe fn starts_with(entry: *const libc::c_char, prefix: &[u8]) -> bool {
 /// lock.
 fn exec_hit(agent: &Agent, regs: &mut Regs) {
     agent.send(false);
+    // Relaxed: see where it is stored.
+    if !FOLLOW_EXEC.load(Ordering::Relaxed) {
+        // Loaded into a running process (-p): its socket closes at the
+        // exec, which ends the trace.
+        return;
+    }
     let Some(env) = EXEC_ENV.get() else {
         return;
     };
@@ -402,6 +415,38 @@ fn exec_hit(agent: &Agent, regs: &mut Regs) {
     agent.unlock();
 }
 
+/// Starts the agent in a process rcu-trace made load it over ptrace
+/// (`-p PID`: `probes::remote::load_library` calls this on a borrowed
+/// thread): connects to the Unix socket at `path` and goes on on a thread
+/// of its own (hello, the plan, the registration, then serving), so the
+/// borrowed thread is given back at once. Returns 0 when connected, 1
+/// otherwise.
+///
+/// # Safety
+/// `path` is a NUL-terminated string.
+#[no_mangle]
+pub unsafe extern "C" fn rcu_trace_agent_start(path: *const libc::c_char) -> u64 {
+    if path.is_null() {
+        return 1;
+    }
+    // SAFETY: the caller passes a NUL-terminated string.
+    let path = unsafe { std::ffi::CStr::from_ptr(path) };
+    let path = std::path::PathBuf::from(std::ffi::OsStr::from_bytes(path.to_bytes()));
+    let Ok(sock) = UnixStream::connect(&path) else {
+        return 1;
+    };
+    let started = std::thread::Builder::new()
+        .name("rcu-trace-agent".into())
+        .spawn(move || {
+            // Relaxed: this thread's own marker (see `on_agent_thread`).
+            AGENT_TP.store(thread_pointer(), Ordering::Relaxed);
+            if let Err(e) = start(sock, None) {
+                eprintln!("rcu-trace agent: {e}");
+            }
+        });
+    u64::from(started.is_err())
+}
+
 /// Whether `fd` is a socket whose other end rcu-trace holds, rcu-trace
 /// being this process's parent: the traced process itself (its first
 /// image or one it `exec`ed), not a descendant that inherited the
@@ -446,7 +491,7 @@ fn forget_environment() {
 }
 
 /// Reads the plan, registers it, answers, starts the agent thread.
-fn start(sock: UnixStream, preload: &str) -> Result<(), String> {
+fn start(sock: UnixStream, preload: Option<&str>) -> Result<(), String> {
     let mut reader = BufReader::new(sock.try_clone().map_err(|e| e.to_string())?);
     let mut out = sock;
     out.write_all(FromAgent::Hello.line().as_bytes())
@@ -476,7 +521,7 @@ fn start(sock: UnixStream, preload: &str) -> Result<(), String> {
     // The descriptor the agent keeps (and an `exec` passes on).
     let keep = out.try_clone().map_err(|e| e.to_string())?;
     let _ = EXEC_ENV.set(ExecEnv {
-        preload: CString::new(format!("LD_PRELOAD={preload}")).unwrap_or_default(),
+        preload: CString::new(format!("LD_PRELOAD={}", preload.unwrap_or(""))).unwrap_or_default(),
         fd: CString::new(format!("{FD_ENV}={}", keep.as_raw_fd())).unwrap_or_default(),
         table: UnsafeCell::new(vec![std::ptr::null(); EXEC_ENV_MAX].into_boxed_slice()),
     });
@@ -550,6 +595,10 @@ fn start(sock: UnixStream, preload: &str) -> Result<(), String> {
         agent.unregister_all();
         answer.push_str(&FromAgent::Bye.line());
         let _ = out.write_all(answer.as_bytes());
+        if preload.is_none() {
+            // Loaded into a running process (-p): it runs on, untouched.
+            return Ok(());
+        }
         let mut sink = Vec::new();
         let _ = reader.read_to_end(&mut sink);
         // SAFETY: _exit ends the process at once; nothing is unwound.

@@ -58,11 +58,12 @@ Targets:
       on, every probed byte restored, when rcu-trace ends.
 
 Engines (--engine; the line `... (E engine)` on standard error names it):
-  inprocess  the agent librcu_trace_agent.so, LD_PRELOADed into CMD, runs
-             the probes inside it (one trap per hit, no context switch);
-             CMD only (no -p in this build, no -f), dynamically linked.
+  inprocess  the agent librcu_trace_agent.so, LD_PRELOADed into CMD (or,
+             with one -p PID, loaded into it over ptrace), runs the probes
+             inside it (one trap per hit, no context switch); no -f.
   ptrace     rcu-trace serves each hit over ptrace: any target, -p and -f.
-  auto       (default) inprocess when it can serve the request, else ptrace.
+  auto       (default) inprocess for a dynamically linked CMD without -f
+             when the agent is found, else ptrace (-p included).
 
   Ctrl-C (SIGINT), SIGTERM or SIGHUP detach from every target: the probed
   bytes are written back and the targets run on untraced, a spawned CMD
@@ -99,10 +100,10 @@ pub struct Cli {
 
     /// How hits are served. The default, auto, is inprocess for a spawned
     /// dynamically linked command when the agent (librcu_trace_agent.so)
-    /// is found and -f is not given, else ptrace; -p PID is always served
-    /// by ptrace in this build (injecting the agent into a running process
-    /// is not available). The line `rcu-trace: N probes in ... (E engine)`
-    /// on standard error says which one a run uses.
+    /// is found and -f is not given, else ptrace (-p PID included: the
+    /// agent is injected into a running process only with --engine
+    /// inprocess). The line `rcu-trace: N probes in ... (E engine)` on
+    /// standard error says which one a run uses.
     #[arg(long, value_enum, default_value_t = EngineKind::Auto)]
     pub engine: EngineKind,
 

@@ -39,11 +39,15 @@
 //! A termination signal sends the agent `q`: it unregisters everything,
 //! sends its final counts and the program runs on, its bytes restored.
 //!
-//! Not built: `-p PID` (the agent would be loaded into the running
-//! process over ptrace by making one of its threads call the dynamic
-//! loader; that API is not in this build's `probes::remote`): asked for,
-//! it is refused with [`NO_INJECTION`]; `auto` picks ptrace then. Nor `-f`
-//! (the agent leaves its children untraced): `auto` picks ptrace.
+//! `-p PID` (one process): the agent is loaded into the running process
+//! over ptrace (`probes::remote::load_library`: a thread at a safe point
+//! is borrowed to call `dlopen`, then every thread is let go), and its
+//! start function `rcu_trace_agent_start` is called with the path of a
+//! Unix socket the engine listens on; the agent connects, and from then
+//! on it is as for a command, without ptrace (an `exec` of that process
+//! ends the trace). Only when asked for (`--engine inprocess`): `auto`
+//! serves `-p` with ptrace. Not built: `-f` (the agent leaves children
+//! untraced): `auto` picks ptrace.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -130,9 +134,6 @@ mod inprocess;
 
 pub use inprocess::{find_agent, preload_refused, InprocessEngine, AGENT_ENV, AGENT_FILE};
 
-/// Why `--engine inprocess -p PID` is refused in this build.
-pub const NO_INJECTION: &str = "--engine inprocess -p PID: injecting the agent into a running process is not available in this build (use --engine ptrace)";
-
 /// The engine `kind` names (`Auto` resolved: see [`choose`]).
 pub fn new(kind: EngineKind, follow_forks: bool, agent: Option<PathBuf>) -> Box<dyn Engine> {
     match (kind, agent) {
@@ -143,7 +144,9 @@ pub fn new(kind: EngineKind, follow_forks: bool, agent: Option<PathBuf>) -> Box<
 
 /// The engine a request gets: `asked` unless it is `Auto`, which is
 /// `inprocess` when the agent is found and the request allows it (a
-/// spawned dynamically linked command, no `-f`), else `ptrace`. Returns
+/// spawned dynamically linked command, no `-f`), else `ptrace` (`-p`
+/// included: the agent is injected into a running process only when
+/// `--engine inprocess` asks for it). Returns
 /// the engine and, for `inprocess`, the agent; `Err` (one line) when
 /// `inprocess` was asked for and cannot serve.
 pub fn choose(
@@ -154,7 +157,11 @@ pub fn choose(
 ) -> Result<(EngineKind, Option<PathBuf>), String> {
     let why_not = || -> Result<PathBuf, String> {
         let program = match target {
-            Target::Attach(_) => return Err(NO_INJECTION.to_string()),
+            // Injected over ptrace (`load_library`): asked for only.
+            Target::Attach(_) if asked == EngineKind::Auto => {
+                return Err("auto serves -p with ptrace".into())
+            }
+            Target::Attach(_) => return find_agent(explicit_agent),
             Target::Spawn(cmd) => cmd.get_program(),
         };
         if follow_forks {

@@ -282,24 +282,59 @@ fn a_base_system_command_runs_with_its_output_unchanged() {
 }
 
 #[test]
-fn inprocess_for_a_running_process_fails_in_one_line_and_auto_picks_ptrace() {
+fn the_agent_injected_into_a_running_process_counts_exactly_and_auto_picks_ptrace() {
     need_tracing!();
-    let stop = path("stop");
+    let (go, done, stop) = (path("go"), path("done"), path("stop"));
     let _stop_anyway = CreateOnDrop(stop.clone());
-    let target = Running::start(Command::new(fixture()).args(["until", stop.to_str().unwrap()]));
+    let target = Running::start(Command::new(fixture()).args([
+        "gate",
+        go.to_str().unwrap(),
+        done.to_str().unwrap(),
+        stop.to_str().unwrap(),
+        "2000",
+        "3",
+    ]));
     let pid = target.pid().to_string();
     let spec = format!("uprobe:{}:fx_work", fx());
-    let out = Command::new(RCU_TRACE)
-        .args(["--engine", "inprocess", &spec, "-p", &pid])
-        .output()
+    // auto serves -p with ptrace: asked for, the agent is injected.
+    let mut tracer = Running::start(Command::new(RCU_TRACE).args([
+        "--engine",
+        "inprocess",
+        "--json",
+        &spec,
+        "-p",
+        &pid,
+    ]));
+    let lines = stderr_until(&mut tracer.0, "Ctrl-C to detach");
+    assert!(
+        lines.last().unwrap().contains("(inprocess engine)"),
+        "{lines:?}"
+    );
+    assert_eq!(
+        common::status_field(target.pid(), "TracerPid:"),
+        "0",
+        "let go"
+    );
+    // Every call from the attach to the exit.
+    std::fs::write(&go, b"").unwrap();
+    common::wait_for_file(&done);
+    std::fs::write(&stop, b"").unwrap();
+    let out = std::mem::replace(&mut tracer.0, Command::new("true").spawn().unwrap())
+        .wait_with_output()
         .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains("not available in this build"), "{err}");
-    assert!(common::runs_untraced(target.pid()));
-    // auto: ptrace serves -p; SIGINT once attached ends it.
-    let mut tracer = Running::start(Command::new(RCU_TRACE).args([&spec, "-p", &pid]));
+    assert_eq!(out.status.code(), Some(0));
+    let objs = json_lines(&out.stdout);
+    assert_eq!(probe(&objs, &spec)["calls"], 6000);
+    assert_eq!(
+        objs.last().unwrap()["how"],
+        "every traced process has exited"
+    );
+    // auto: ptrace for -p.
+    let stop2 = path("stop");
+    let _stop2_anyway = CreateOnDrop(stop2.clone());
+    let other = Running::start(Command::new(fixture()).args(["until", stop2.to_str().unwrap()]));
+    let mut tracer =
+        Running::start(Command::new(RCU_TRACE).args([&spec, "-p", &other.pid().to_string()]));
     let lines = stderr_until(&mut tracer.0, "Ctrl-C to detach");
     assert!(
         lines.last().unwrap().contains("(ptrace engine)"),

@@ -4,14 +4,14 @@
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::io::{AsRawFd, RawFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Child;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
-use rcu_registry::probes::remote::ExitStatus;
+use rcu_registry::probes::remote::{load_library, ExitStatus};
 use rcu_trace_agent::stats::Summary;
 use rcu_trace_agent::wire::{FromAgent, PlannedProbe, ToAgent, FD_ENV};
 
@@ -232,7 +232,7 @@ impl Engine for InprocessEngine {
     ) -> Result<(Vec<i32>, Vec<String>), EngineError> {
         let mut cmd = match target {
             Target::Spawn(cmd) => cmd,
-            Target::Attach(_) => return Err(EngineError::new(super::NO_INJECTION.into())),
+            Target::Attach(pids) => return self.inject(plan, recorder, &pids),
         };
         let what = cmd.get_program().to_string_lossy().into_owned();
         let err = |m: String| EngineError::new(format!("{what}: {m}"));
@@ -260,6 +260,74 @@ impl Engine for InprocessEngine {
         drop(theirs);
         self.pid = child.id() as i32;
         self.child = Some(child);
+        self.handshake(plan, recorder, mine, &err)
+    }
+
+    fn run(&mut self) -> Result<Ending, String> {
+        self.serve()
+    }
+
+    fn exit_status(&self, pid: i32) -> Option<ExitStatus> {
+        (pid == self.pid).then_some(self.status).flatten()
+    }
+}
+
+impl InprocessEngine {
+    /// `-p PID`: makes the process load the agent over ptrace
+    /// (`load_library`, then detached) and call its start function with
+    /// the path of a socket listened on here; then as for a command.
+    fn inject(
+        &mut self,
+        plan: &Plan,
+        recorder: &Arc<Recorder>,
+        pids: &[i32],
+    ) -> Result<(Vec<i32>, Vec<String>), EngineError> {
+        let &[pid] = pids else {
+            return Err(EngineError::new(
+                "--engine inprocess takes one -p PID (the ptrace engine takes several)".into(),
+            ));
+        };
+        let err = |m: String| EngineError::new(format!("process {pid}: {m}"));
+        static N: AtomicI32 = AtomicI32::new(0);
+        // Relaxed: a counter for unique names.
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let path = std::env::temp_dir().join(format!("rcu-trace-{}-{n}.sock", std::process::id()));
+        let _ = std::fs::remove_file(&path);
+        let listener =
+            UnixListener::bind(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+        let arg = path.to_string_lossy().into_owned();
+        let loaded = load_library(pid, &self.agent, Some(("rcu_trace_agent_start", &arg)));
+        let accepted = match loaded {
+            Ok(l) if l.init_returned == Some(0) => {
+                listener.set_nonblocking(false).ok();
+                listener
+                    .accept()
+                    .map(|(s, _)| s)
+                    .map_err(|e| err(e.to_string()))
+            }
+            Ok(_) => Err(err(format!(
+                "the agent could not connect to {}",
+                path.display()
+            ))),
+            Err(e) => Err(EngineError {
+                ptrace_may_serve: true,
+                ..err(format!("loading the agent: {e}"))
+            }),
+        };
+        let _ = std::fs::remove_file(&path);
+        let sock = accepted?;
+        self.pid = pid;
+        self.handshake(plan, recorder, sock, &err)
+    }
+
+    /// Sends the plan and reads the answers up to ready.
+    fn handshake(
+        &mut self,
+        plan: &Plan,
+        recorder: &Arc<Recorder>,
+        mine: UnixStream,
+        err: &dyn Fn(String) -> EngineError,
+    ) -> Result<(Vec<i32>, Vec<String>), EngineError> {
         let mut plan_text = ToAgent::Options {
             events: recorder.wants_events(),
             args: crate::record::MAX_ARGS,
@@ -330,7 +398,9 @@ impl Engine for InprocessEngine {
         Ok((vec![self.pid], Vec::new()))
     }
 
-    fn run(&mut self) -> Result<Ending, String> {
+    /// Serves what the agent sends until its goodbye, the end of the
+    /// socket, or a termination signal (then `q` and the goodbye).
+    fn serve(&mut self) -> Result<Ending, String> {
         let (Some(sock), Some(mut reader), Some(rec)) =
             (self.sock.take(), self.reader.take(), self.recorder.clone())
         else {
@@ -415,9 +485,5 @@ impl Engine for InprocessEngine {
             Ending::Ended => self.wait_child(),
         }
         Ok(ending)
-    }
-
-    fn exit_status(&self, pid: i32) -> Option<ExitStatus> {
-        (pid == self.pid).then_some(self.status).flatten()
     }
 }
