@@ -10,11 +10,12 @@
 //! - [`resolve`]: every spec to uprobe keys (file, offset) from the ELF
 //!   files on disk, as the dynamic linker or the traced process would
 //!   find them, before anything is touched.
-//! - [`engine`]: what installs the probes and serves the hits. `ptrace`
-//!   (the library's `RemoteTracer`) is built; the `Engine` trait is the
-//!   seam for an in-process agent, not built yet.
+//! - [`engine`]: what installs the probes and serves the hits: `ptrace`
+//!   (the library's `RemoteTracer`) and `inprocess` (the agent,
+//!   `rcu-trace-agent`, running the live uprobes inside the target).
 //! - [`record`] and [`stats`]: counting and latencies without allocating
-//!   on the hit path, printed events, the Chrome trace.
+//!   on the hit path (`stats` is shared with the agent), printed events,
+//!   the Chrome trace.
 //! - [`report`]: the live table, the summary, `--json`.
 //! - [`run`]: one run, from arguments to exit code.
 //!
