@@ -8,6 +8,12 @@ use clap::{Parser, ValueEnum};
 /// How hits are served.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum EngineKind {
+    /// `inprocess` when its agent is found and the request allows it (a
+    /// spawned, dynamically linked command, no -f), else `ptrace`.
+    Auto,
+    /// An agent library preloaded into the command runs the probes inside
+    /// it: a hit is one trap, a few µs, no context switch.
+    Inprocess,
     /// The tracer stops the target's thread at each hit (ptrace) and runs
     /// the counting here: any program, no preparation, tens of µs per hit.
     Ptrace,
@@ -51,6 +57,14 @@ Targets:
   rcu-trace SPECS -p PID [-p PID2]  attach to running processes; they run
       on, every probed byte restored, when rcu-trace ends.
 
+Engines (--engine; the line `... (E engine)` on standard error names it):
+  inprocess  the agent librcu_trace_agent.so, LD_PRELOADed into CMD (or,
+             with one -p PID, loaded into it over ptrace), runs the probes
+             inside it (one trap per hit, no context switch); no -f.
+  ptrace     rcu-trace serves each hit over ptrace: any target, -p and -f.
+  auto       (default) inprocess for a dynamically linked CMD without -f
+             when the agent is found, else ptrace (-p included).
+
   Ctrl-C (SIGINT), SIGTERM or SIGHUP detach from every target: the probed
   bytes are written back and the targets run on untraced, a spawned CMD
   included (rcu-trace does not wait for it then, and exits 128+N; after
@@ -66,7 +80,8 @@ Examples:
   rcu-trace ur:./app:work --trace-out work.json -- ./app   (open in Perfetto)";
 
 /// A tracer to point at any program: counts, return values and latencies
-/// of its functions, by uprobes served over ptrace.
+/// of its functions, by uprobes served inside it (an agent library) or
+/// over ptrace.
 #[derive(Debug, Parser)]
 #[command(name = "rcu-trace", version, after_help = SPECS_HELP)]
 pub struct Cli {
@@ -83,10 +98,19 @@ pub struct Cli {
     #[arg(short = 'p', long = "pid", value_name = "PID")]
     pub pids: Vec<i32>,
 
-    /// How hits are served. Only `ptrace` is built; an `inprocess` engine
-    /// (an agent running the probes inside the target) is planned.
-    #[arg(long, value_enum, default_value_t = EngineKind::Ptrace)]
+    /// How hits are served. The default, auto, is inprocess for a spawned
+    /// dynamically linked command when the agent (librcu_trace_agent.so)
+    /// is found and -f is not given, else ptrace (-p PID included: the
+    /// agent is injected into a running process only with --engine
+    /// inprocess). The line `rcu-trace: N probes in ... (E engine)` on
+    /// standard error says which one a run uses.
+    #[arg(long, value_enum, default_value_t = EngineKind::Auto)]
     pub engine: EngineKind,
+
+    /// The in-process engine's agent library (else $RCU_TRACE_AGENT, else
+    /// librcu_trace_agent.so next to rcu-trace or in its deps/).
+    #[arg(long, value_name = "PATH")]
+    pub agent: Option<PathBuf>,
 
     /// Trace the children the targets fork too (and what they exec).
     #[arg(short = 'f', long)]

@@ -16,17 +16,40 @@
 //! by key (a binary search in a table built up front) and calls the
 //! recorder with the thread [`serving_thread`] names.
 //!
-//! # `inprocess` (not built: the seam)
+//! # `inprocess` (built for spawned commands)
 //!
-//! Planned: an agent library, `LD_PRELOAD`ed into a spawned command or
-//! loaded into a `-p` process by making one of its threads call the
-//! dynamic loader (ptrace only for that, then detached), registers the
-//! plan's probes with the live uprobes of `probes::runtime` inside the
-//! target (a hit is one trap, no context switch), and streams each probe's
-//! counts, latency buckets and events to the CLI, which feeds them to the
-//! same [`Recorder`] rows. It would implement [`Engine`] and be one more
-//! [`EngineKind`]; nothing else changes.
+//! [`InprocessEngine`]: an agent library (`rcu-trace-agent`, built as
+//! `librcu_trace_agent.so`) runs the plan's probes with the live uprobes
+//! of `probes::runtime` inside the target, so a hit is one trap and no
+//! context switch. For a spawned command the engine makes a socket pair,
+//! sets `LD_PRELOAD` to the agent and `RCU_TRACE_AGENT_FD` to the
+//! command's end, and starts it; the agent's constructor reads the plan
+//! (each probe as file path, offset, kind and spec), registers each spec's
+//! probes in one batch, answers, and only then returns, so every probe is
+//! in place before `main`. The agent counts into the same allocation-free
+//! [`Counters`](crate::stats::Counters) the [`Recorder`] rows hold; its
+//! thread streams them (and, for `--args`, `--retval` and `--trace-out`,
+//! the events its handlers pushed through a lock-free ring) every 100 ms
+//! and at the program's exit, and the engine mirrors them into the rows
+//! ([`Counters::absorb`](crate::stats::Counters::absorb)) and feeds the
+//! events to [`Recorder::entry_event`] / [`Recorder::ret_event`]: the
+//! table, `--json` and `--trace-out` are the ptrace engine's, in form.
+//! The wire protocol is `rcu_trace_agent::wire`.
+//!
+//! A termination signal sends the agent `q`: it unregisters everything,
+//! sends its final counts and the program runs on, its bytes restored.
+//!
+//! `-p PID` (one process): the agent is loaded into the running process
+//! over ptrace (`probes::remote::load_library`: a thread at a safe point
+//! is borrowed to call `dlopen`, then every thread is let go), and its
+//! start function `rcu_trace_agent_start` is called with the path of a
+//! Unix socket the engine listens on; the agent connects, and from then
+//! on it is as for a command, without ptrace (an `exec` of that process
+//! ends the trace). Only when asked for (`--engine inprocess`): `auto`
+//! serves `-p` with ptrace. Not built: `-f` (the agent leaves children
+//! untraced): `auto` picks ptrace.
 
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Arc;
 
@@ -64,13 +87,17 @@ pub struct EngineError {
     pub message: String,
     /// 127 for a command not found, 1 otherwise.
     pub exit_code: i32,
+    /// The in-process agent refused a probe before the command's `main`
+    /// ran (the command was killed then): the ptrace engine may serve it.
+    pub ptrace_may_serve: bool,
 }
 
 impl EngineError {
-    fn new(message: String) -> EngineError {
+    pub(crate) fn new(message: String) -> EngineError {
         EngineError {
             message,
             exit_code: 1,
+            ptrace_may_serve: false,
         }
     }
 }
@@ -103,11 +130,71 @@ pub trait Engine {
     fn exit_status(&self, pid: i32) -> Option<ExitStatus>;
 }
 
-/// The engine `kind` names.
-pub fn new(kind: EngineKind, follow_forks: bool) -> Box<dyn Engine> {
-    match kind {
-        EngineKind::Ptrace => Box::new(PtraceEngine::new(follow_forks)),
+mod inprocess;
+
+pub use inprocess::{find_agent, preload_refused, InprocessEngine, AGENT_ENV, AGENT_FILE};
+
+/// The engine `kind` names (`Auto` resolved: see [`choose`]).
+pub fn new(kind: EngineKind, follow_forks: bool, agent: Option<PathBuf>) -> Box<dyn Engine> {
+    match (kind, agent) {
+        (EngineKind::Inprocess, Some(agent)) => Box::new(InprocessEngine::new(agent)),
+        _ => Box::new(PtraceEngine::new(follow_forks)),
     }
+}
+
+/// The engine a request gets: `asked` unless it is `Auto`, which is
+/// `inprocess` when the agent is found and the request allows it (a
+/// spawned dynamically linked command, no `-f`), else `ptrace` (`-p`
+/// included: the agent is injected into a running process only when
+/// `--engine inprocess` asks for it). Returns
+/// the engine and, for `inprocess`, the agent; `Err` (one line) when
+/// `inprocess` was asked for and cannot serve.
+pub fn choose(
+    asked: EngineKind,
+    explicit_agent: Option<&Path>,
+    target: &Target,
+    follow_forks: bool,
+) -> Result<(EngineKind, Option<PathBuf>), String> {
+    let why_not = || -> Result<PathBuf, String> {
+        let program = match target {
+            // Injected over ptrace (`load_library`): asked for only.
+            Target::Attach(_) if asked == EngineKind::Auto => {
+                return Err("auto serves -p with ptrace".into())
+            }
+            Target::Attach(_) => return find_agent(explicit_agent),
+            Target::Spawn(cmd) => cmd.get_program(),
+        };
+        if follow_forks {
+            return Err("--engine inprocess: -f needs the ptrace engine (the agent leaves children untraced)".into());
+        }
+        let agent = find_agent(explicit_agent)?;
+        if let Some(path) = which(program) {
+            if let Some(why) = preload_refused(&path) {
+                return Err(format!("--engine inprocess: {why}"));
+            }
+        }
+        Ok(agent)
+    };
+    match asked {
+        EngineKind::Ptrace => Ok((EngineKind::Ptrace, None)),
+        EngineKind::Inprocess => why_not().map(|a| (EngineKind::Inprocess, Some(a))),
+        EngineKind::Auto => Ok(match why_not() {
+            Ok(a) => (EngineKind::Inprocess, Some(a)),
+            Err(_) => (EngineKind::Ptrace, None),
+        }),
+    }
+}
+
+/// `program` as `execvp` finds it.
+fn which(program: &std::ffi::OsStr) -> Option<PathBuf> {
+    use std::os::unix::ffi::OsStrExt;
+    if program.as_bytes().contains(&b'/') {
+        return Some(PathBuf::from(program));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
 }
 
 /// The ptrace engine (see the module docs).
@@ -264,6 +351,7 @@ impl Engine for PtraceEngine {
                         EngineError {
                             message: format!("{what}: command not found"),
                             exit_code: 127,
+                            ptrace_may_serve: false,
                         }
                     }
                     e => EngineError::new(format!("{what}: {e}")),

@@ -10,11 +10,12 @@
 //! - [`resolve`]: every spec to uprobe keys (file, offset) from the ELF
 //!   files on disk, as the dynamic linker or the traced process would
 //!   find them, before anything is touched.
-//! - [`engine`]: what installs the probes and serves the hits. `ptrace`
-//!   (the library's `RemoteTracer`) is built; the `Engine` trait is the
-//!   seam for an in-process agent, not built yet.
+//! - [`engine`]: what installs the probes and serves the hits: `ptrace`
+//!   (the library's `RemoteTracer`) and `inprocess` (the agent,
+//!   `rcu-trace-agent`, running the live uprobes inside the target).
 //! - [`record`] and [`stats`]: counting and latencies without allocating
-//!   on the hit path, printed events, the Chrome trace.
+//!   on the hit path (`stats` is shared with the agent), printed events,
+//!   the Chrome trace.
 //! - [`report`]: the live table, the summary, `--json`.
 //! - [`run`]: one run, from arguments to exit code.
 //!
@@ -30,4 +31,7 @@ pub mod report;
 pub mod resolve;
 pub mod run;
 pub mod spec;
-pub mod stats;
+
+/// Counting without allocating (shared with the agent, which keeps the
+/// same counters inside the target).
+pub use rcu_trace_agent::stats;

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use crate::resolve::{Plan, Probe};
 use crate::spec::Kind;
-use crate::stats::{call_key, Histogram, Pending};
+use crate::stats::{Counters, Histogram};
 
 /// Most integer arguments `--args` prints (the x86_64 registers).
 pub const MAX_ARGS: usize = 6;
@@ -60,43 +60,35 @@ pub struct Row {
     /// Its name as a JSON string, quotes included (written into events
     /// without allocating).
     json_label: String,
-    calls: AtomicU64,
-    returns: AtomicU64,
-    /// Returns whose entry time was not found (dropped, or the entry came
-    /// before the probe was in place).
-    unmatched: AtomicU64,
-    /// Entry to return, in ns (uretprobes).
-    latency: Option<Histogram>,
-    pending: Option<Pending>,
+    /// Calls, returns, latencies: counted here (ptrace) or mirrored from
+    /// the agent's (in-process).
+    pub counters: Counters,
 }
 
 impl Row {
     /// Calls seen.
     pub fn calls(&self) -> u64 {
-        // Relaxed: a statistic.
-        self.calls.load(Ordering::Relaxed)
+        self.counters.calls()
     }
 
     /// Returns seen.
     pub fn returns(&self) -> u64 {
-        // Relaxed: a statistic.
-        self.returns.load(Ordering::Relaxed)
+        self.counters.returns()
     }
 
     /// Returns without a latency: their entry time was dropped or not seen.
     pub fn unmatched(&self) -> u64 {
-        // Relaxed: a statistic.
-        self.unmatched.load(Ordering::Relaxed)
+        self.counters.unmatched()
     }
 
     /// Entry-to-return times (uretprobes).
     pub fn latency(&self) -> Option<&Histogram> {
-        self.latency.as_ref()
+        self.counters.latency()
     }
 
     /// Entries whose time was dropped (a full bucket).
     pub fn lost(&self) -> u64 {
-        self.pending.as_ref().map_or(0, Pending::lost)
+        self.counters.lost()
     }
 }
 
@@ -107,12 +99,29 @@ struct TraceOut {
     failed: AtomicBool,
 }
 
+/// `CLOCK_MONOTONIC` now, in ns (what [`Instant`] reads on Linux, and the
+/// agent's clock).
+pub fn monotonic_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write; CLOCK_MONOTONIC exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
 /// Where an engine's hits go.
 pub struct Recorder {
     rows: Vec<Row>,
     start: Instant,
+    /// `start` on `CLOCK_MONOTONIC`, in ns: the clock of the agent's
+    /// event times.
+    start_mono: u64,
     opts: Options,
     printed: AtomicU64,
+    /// Events an agent dropped (its ring was full).
+    dropped: AtomicU64,
     trace: Option<TraceOut>,
 }
 
@@ -187,11 +196,7 @@ impl Recorder {
                 Row {
                     json_label: serde_json::to_string(&p.label).expect("a string serializes"),
                     probe: p.clone(),
-                    calls: AtomicU64::new(0),
-                    returns: AtomicU64::new(0),
-                    unmatched: AtomicU64::new(0),
-                    latency: ret.then(Histogram::default),
-                    pending: ret.then(|| Pending::new(PENDING_BUCKETS)),
+                    counters: Counters::new(ret, PENDING_BUCKETS),
                 }
             })
             .collect();
@@ -209,10 +214,30 @@ impl Recorder {
         Ok(Recorder {
             rows,
             start: Instant::now(),
+            start_mono: monotonic_ns(),
             opts,
             printed: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
             trace,
         })
+    }
+
+    /// Whether events are wanted (printed or traced): an agent streams
+    /// them only then.
+    pub fn wants_events(&self) -> bool {
+        self.opts.args > 0 || self.opts.retval || self.trace.is_some()
+    }
+
+    /// Events the agent dropped so far (its ring was full), as it says.
+    pub fn set_dropped(&self, n: u64) {
+        // Relaxed: a statistic.
+        self.dropped.store(n, Ordering::Relaxed);
+    }
+
+    /// Events dropped before they reached the recorder (in-process engine).
+    pub fn dropped(&self) -> u64 {
+        // Relaxed: a statistic.
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// The probes' counters, in plan order.
@@ -234,14 +259,26 @@ impl Recorder {
         let Some(r) = self.rows.get(row) else {
             return;
         };
-        // Relaxed: a statistic.
-        r.calls.fetch_add(1, Ordering::Relaxed);
         let now = self.now_ns();
-        if let Some(p) = &r.pending {
-            p.enter(call_key(space, sp), now);
-        }
+        r.counters.entry(space, sp, now);
+        self.entry_event(row, who, now, args);
+    }
+
+    /// `CLOCK_MONOTONIC` time `mono` (ns) as the recorder's time (ns since
+    /// it was made): an agent's event times.
+    pub fn from_monotonic(&self, mono: u64) -> u64 {
+        mono.saturating_sub(self.start_mono)
+    }
+
+    /// The output of an entry (printed event, trace event) without its
+    /// counting: an entry counted elsewhere (by the agent), at `now` (ns
+    /// since the recorder was made).
+    pub fn entry_event(&self, row: usize, who: Thread, now: u64, args: &[u64]) {
+        let Some(r) = self.rows.get(row) else {
+            return;
+        };
         if let Some(t) = &self.trace {
-            let ph = if r.pending.is_some() {
+            let ph = if r.counters.timed() {
                 "B"
             } else {
                 "i\",\"s\":\"t"
@@ -286,18 +323,17 @@ impl Recorder {
         let Some(r) = self.rows.get(row) else {
             return;
         };
-        // Relaxed: a statistic.
-        r.returns.fetch_add(1, Ordering::Relaxed);
         let now = self.now_ns();
-        let started = r
-            .pending
-            .as_ref()
-            .and_then(|p| p.leave(call_key(space, sp.wrapping_sub(8))));
-        match (started, &r.latency) {
-            (Some(t0), Some(h)) => h.record(now.saturating_sub(t0)),
-            // Relaxed: a statistic.
-            _ => drop(r.unmatched.fetch_add(1, Ordering::Relaxed)),
-        }
+        r.counters.ret(space, sp, now);
+        self.ret_event(row, who, now, retval);
+    }
+
+    /// The output of a return without its counting (see
+    /// [`entry_event`](Self::entry_event)).
+    pub fn ret_event(&self, row: usize, who: Thread, now: u64, retval: u64) {
+        let Some(r) = self.rows.get(row) else {
+            return;
+        };
         if let Some(t) = &self.trace {
             self.trace_event(t, r, "E", who, now, Some(retval));
         }

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use rcu_registry::probes::remote::ExitStatus;
 
-use crate::cli::{Cli, Live};
+use crate::cli::{Cli, EngineKind, Live};
 use crate::engine::{self, Ending, Target};
 use crate::record::{Options, Recorder};
 use crate::report::{self, LiveTable};
@@ -191,10 +191,28 @@ pub fn run(cli: Cli) -> i32 {
         Err(e) => return fail(EXIT_TARGET, format!("--trace-out: {e}")),
     };
     let spawned = matches!(target, Target::Spawn(_));
-    let mut engine = engine::new(cli.engine, cli.follow_forks);
+    let (kind, agent) =
+        match engine::choose(cli.engine, cli.agent.as_deref(), &target, cli.follow_forks) {
+            Ok(k) => k,
+            Err(e) => return fail(EXIT_TARGET, e),
+        };
+    let mut engine = engine::new(kind, cli.follow_forks, agent);
     let started = Instant::now();
     let (pids, warnings) = match engine.start(&plan, &rec, target) {
         Ok(s) => s,
+        // Chosen by `auto`, the agent refused a probe (code its own trap
+        // path reaches) and the command was killed before its `main`:
+        // started again under ptrace.
+        Err(e) if e.ptrace_may_serve && cli.engine == EngineKind::Auto => {
+            eprintln!("rcu-trace: warning: {}: using the ptrace engine", e.message);
+            let mut cmd = Command::new(&cli.command[0]);
+            cmd.args(&cli.command[1..]);
+            engine = engine::new(EngineKind::Ptrace, cli.follow_forks, None);
+            match engine.start(&plan, &rec, Target::Spawn(cmd)) {
+                Ok(s) => s,
+                Err(e) => return fail(e.exit_code, e.message),
+            }
+        }
         Err(e) => return fail(e.exit_code, e.message),
     };
     for w in &warnings {
@@ -275,6 +293,13 @@ pub fn run(cli: Cli) -> i32 {
         let mut err = std::io::stderr().lock();
         for line in report::table(&rec, None, elapsed, None) {
             let _ = writeln!(err, "{line}");
+        }
+        if rec.dropped() > 0 {
+            let _ = writeln!(
+                err,
+                "rcu-trace: {} events dropped (the agent's ring was full); counts are exact",
+                rec.dropped()
+            );
         }
         for r in rec.rows() {
             let untimed = r.unmatched();

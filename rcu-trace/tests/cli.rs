@@ -14,7 +14,7 @@ fn rcu_trace() -> Cmd {
 }
 
 #[test]
-fn help_explains_specs_targets_and_the_one_engine_built() {
+fn help_explains_specs_targets_and_the_engines() {
     let out = rcu_trace().arg("--help").assert().success();
     let text = String::from_utf8_lossy(&out.get_output().stdout).into_owned();
     for want in [

@@ -9,7 +9,7 @@ use std::process::Command;
 use common::{json_lines, probe, RCU_TRACE};
 
 #[test]
-fn env_s_unsetenv_calls_are_counted_and_echo_s_output_passes_through() {
+fn env_s_unsetenv_calls_are_counted_by_each_engine_and_echo_s_output_passes_through() {
     need_tracing!();
     // coreutils env calls unsetenv once per -u, then execs echo (a new
     // image, probed again: echo calls no unsetenv).
@@ -25,19 +25,22 @@ fn env_s_unsetenv_calls_are_counted_and_echo_s_output_passes_through() {
         "hello, world",
     ];
     let spec = "uprobe:libc:unsetenv";
-    let out = Command::new(RCU_TRACE)
-        .args(["--json", spec, "--"])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.stdout.starts_with(b"hello, world\n"));
-    let objs = json_lines(&out.stdout);
-    assert_eq!(probe(&objs, spec)["calls"], 3);
+    // Each engine: the in-process agent follows the exec as ptrace does.
+    for engine in ["ptrace", "inprocess"] {
+        let out = Command::new(RCU_TRACE)
+            .args(["--engine", engine, "--json", spec, "--"])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.stdout.starts_with(b"hello, world\n"), "{engine}");
+        let objs = json_lines(&out.stdout);
+        assert_eq!(probe(&objs, spec)["calls"], 3, "{engine}");
+    }
 }
 
 #[test]

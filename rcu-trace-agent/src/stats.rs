@@ -23,6 +23,14 @@
 //! a call whose return never came, `longjmp` or thread exit, left it), a
 //! return frees it. A full bucket drops the entry's timestamp (counted in
 //! [`Pending::lost`]), never blocks and never allocates.
+//!
+//! # A probe's counters
+//!
+//! [`Counters`] is one probe's calls, returns, latencies and calls in
+//! flight: what the tracer's recorder keeps per row when it serves hits
+//! itself (the ptrace engine), and what the agent keeps per probe inside
+//! the target (the in-process engine), whose [`Summary`] the tracer then
+//! [`absorb`](Counters::absorb)s into its own rows.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -87,6 +95,30 @@ impl Histogram {
         self.buckets[bucket_of(v)].fetch_add(1, Ordering::Relaxed);
         // Relaxed: a statistic, as the count.
         self.max.fetch_max(v, Ordering::Relaxed);
+    }
+
+    /// Makes the counts those of `s` (a histogram kept elsewhere, in an
+    /// agent, mirrored here). `s.counts` shorter than [`BUCKETS`] leaves
+    /// the rest 0.
+    pub fn store(&self, s: &Snapshot) {
+        for (i, b) in self.buckets.iter().enumerate() {
+            // Relaxed: a statistic, read by `snapshot` as any other count.
+            b.store(s.counts.get(i).copied().unwrap_or(0), Ordering::Relaxed);
+        }
+        // Relaxed: a statistic.
+        self.max.store(s.max, Ordering::Relaxed);
+    }
+
+    /// The count of bucket `i` now (0 past the last).
+    pub fn bucket(&self, i: usize) -> u64 {
+        // Relaxed: a statistic.
+        self.buckets.get(i).map_or(0, |b| b.load(Ordering::Relaxed))
+    }
+
+    /// The largest value recorded.
+    pub fn max(&self) -> u64 {
+        // Relaxed: a statistic.
+        self.max.load(Ordering::Relaxed)
     }
 
     /// The counts now.
@@ -193,9 +225,10 @@ impl Pending {
     pub fn enter(&self, key: u64, now: u64) {
         let bucket = self.bucket(key);
         // A stale way with this key first (its call never returned).
-        // Relaxed: only the thread serving this space's stops writes its
-        // keys (one tracer thread per traced process), so what it reads
-        // back is its own.
+        // Relaxed: a key names one call of one thread (its stack pointer),
+        // and only that thread (or, under ptrace, the one tracer thread
+        // serving its process) writes it, so a match is a value this
+        // thread stored itself.
         let way = match bucket.iter().find(|w| w.key.load(Ordering::Relaxed) == key) {
             Some(w) => Some(w),
             // Acquire on success: pairs with the Release that freed the
@@ -218,8 +251,8 @@ impl Pending {
 
     /// The call with `key` returned: its entry time, its way freed.
     pub fn leave(&self, key: u64) -> Option<u64> {
-        // Relaxed: as in `enter`, only this space's serving thread writes
-        // the keys it looks for.
+        // Relaxed: as in `enter`, the key looked for is one only this
+        // thread (or its serving thread) stores.
         let w = self
             .bucket(key)
             .iter()
@@ -236,6 +269,156 @@ impl Pending {
     pub fn lost(&self) -> u64 {
         // Relaxed: a statistic.
         self.lost.load(Ordering::Relaxed)
+    }
+}
+
+/// One probe's counters (see the module docs).
+pub struct Counters {
+    calls: AtomicU64,
+    returns: AtomicU64,
+    /// Returns whose entry time was not found (dropped, or the entry came
+    /// before the probe was in place).
+    unmatched: AtomicU64,
+    /// Entries dropped by a [`Pending`] kept elsewhere (absorbed).
+    lost_elsewhere: AtomicU64,
+    latency: Option<Histogram>,
+    pending: Option<Pending>,
+}
+
+/// What [`Counters`] hold at one moment (sent by the agent).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    /// Calls seen.
+    pub calls: u64,
+    /// Returns seen.
+    pub returns: u64,
+    /// Returns without a timed entry.
+    pub unmatched: u64,
+    /// Entry times dropped (a full bucket).
+    pub lost: u64,
+    /// The latencies (uretprobes).
+    pub latency: Option<Snapshot>,
+}
+
+impl Summary {
+    /// `self` plus `o` (counts of two images of one process, before and
+    /// after an `exec`).
+    pub fn plus(&self, o: &Summary) -> Summary {
+        let latency = match (&self.latency, &o.latency) {
+            (Some(a), Some(b)) => Some(Snapshot {
+                counts: (0..a.counts.len().max(b.counts.len()))
+                    .map(|i| a.counts.get(i).unwrap_or(&0) + b.counts.get(i).unwrap_or(&0))
+                    .collect(),
+                max: a.max.max(b.max),
+            }),
+            (a, b) => a.clone().or_else(|| b.clone()),
+        };
+        Summary {
+            calls: self.calls + o.calls,
+            returns: self.returns + o.returns,
+            unmatched: self.unmatched + o.unmatched,
+            lost: self.lost + o.lost,
+            latency,
+        }
+    }
+}
+
+impl Counters {
+    /// Counters of an entry probe (`ret` false) or of a uretprobe, whose
+    /// calls in flight are paired in a table of `pending_buckets` buckets.
+    pub fn new(ret: bool, pending_buckets: usize) -> Counters {
+        Counters {
+            calls: AtomicU64::new(0),
+            returns: AtomicU64::new(0),
+            unmatched: AtomicU64::new(0),
+            lost_elsewhere: AtomicU64::new(0),
+            latency: ret.then(Histogram::default),
+            pending: ret.then(|| Pending::new(pending_buckets)),
+        }
+    }
+
+    /// Whether entries are timed (a uretprobe): the caller reads the clock
+    /// for [`entry`](Self::entry) only then.
+    pub fn timed(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// A call entered in `space` with the stack pointer `sp` at the
+    /// function's first instruction, at `now` (ns). No allocation, no lock.
+    pub fn entry(&self, space: u64, sp: u64, now: u64) {
+        // Relaxed: a statistic.
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if let Some(p) = &self.pending {
+            p.enter(call_key(space, sp), now);
+        }
+    }
+
+    /// A call returned in `space`, the stack pointer `sp` after the return,
+    /// at `now` (ns). No allocation, no lock.
+    pub fn ret(&self, space: u64, sp: u64, now: u64) {
+        // Relaxed: a statistic.
+        self.returns.fetch_add(1, Ordering::Relaxed);
+        let started = self
+            .pending
+            .as_ref()
+            .and_then(|p| p.leave(call_key(space, sp.wrapping_sub(8))));
+        match (started, &self.latency) {
+            (Some(t0), Some(h)) => h.record(now.saturating_sub(t0)),
+            // Relaxed: a statistic.
+            _ => drop(self.unmatched.fetch_add(1, Ordering::Relaxed)),
+        }
+    }
+
+    /// Calls seen.
+    pub fn calls(&self) -> u64 {
+        // Relaxed: a statistic.
+        self.calls.load(Ordering::Relaxed)
+    }
+
+    /// Returns seen.
+    pub fn returns(&self) -> u64 {
+        // Relaxed: a statistic.
+        self.returns.load(Ordering::Relaxed)
+    }
+
+    /// Returns without a latency: their entry time was dropped or not seen.
+    pub fn unmatched(&self) -> u64 {
+        // Relaxed: a statistic.
+        self.unmatched.load(Ordering::Relaxed)
+    }
+
+    /// Entry-to-return times (uretprobes).
+    pub fn latency(&self) -> Option<&Histogram> {
+        self.latency.as_ref()
+    }
+
+    /// Entries whose time was dropped (a full bucket).
+    pub fn lost(&self) -> u64 {
+        // Relaxed: a statistic.
+        self.pending.as_ref().map_or(0, Pending::lost) + self.lost_elsewhere.load(Ordering::Relaxed)
+    }
+
+    /// Everything now.
+    pub fn summary(&self) -> Summary {
+        Summary {
+            calls: self.calls(),
+            returns: self.returns(),
+            unmatched: self.unmatched(),
+            lost: self.lost(),
+            latency: self.latency.as_ref().map(Histogram::snapshot),
+        }
+    }
+
+    /// Makes these counters `s` (counters kept elsewhere, mirrored here).
+    pub fn absorb(&self, s: &Summary) {
+        // Relaxed (all four): statistics, read as any other count.
+        self.calls.store(s.calls, Ordering::Relaxed);
+        self.returns.store(s.returns, Ordering::Relaxed);
+        self.unmatched.store(s.unmatched, Ordering::Relaxed);
+        self.lost_elsewhere.store(s.lost, Ordering::Relaxed);
+        if let (Some(h), Some(snap)) = (&self.latency, &s.latency) {
+            h.store(snap);
+        }
     }
 }
 
