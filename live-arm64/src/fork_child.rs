@@ -19,9 +19,28 @@ pub fn run_in_fork_child(what: &str, checks: impl FnOnce() -> bool) {
         unsafe { libc::_exit(if ok { 0 } else { 1 }) };
     }
     assert!(pid > 0, "fork");
+    // A bounded wait (a failure detector: a passing child exits in
+    // milliseconds): a child stuck in the emulator itself is killed and
+    // reported instead of hanging the suite.
     let mut status = 0;
-    // SAFETY: waits for our own child.
-    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    let start = std::time::Instant::now();
+    loop {
+        // SAFETY: polls our own child.
+        let r = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if r == pid {
+            break;
+        }
+        assert_eq!(r, 0, "waitpid");
+        if start.elapsed() > std::time::Duration::from_secs(120) {
+            // SAFETY: kills and reaps our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            panic!("{what}: the child hung for 120 s (killed)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
         "{what} (status {status:#x})"
