@@ -140,10 +140,10 @@ extern "C" fn entering(regs: *mut Regs) {
     let ret = unsafe { &mut *(regs as *mut Regs).add(1).cast::<u64>() };
     let detour = *ret - RELOCATED_AT;
     let slot_word = (detour + SLOT_WORD as u64) as *const u64;
-    // SAFETY: the return address is the detour's byte 11 (only detours call
-    // the stubs), and a detour's slot word holds a leaked `&'static
-    // JumpSlot`; the detour is not freed while a thread is in its stub
+    // The return address is the detour's byte 11 (only detours call the
+    // stubs), and the detour is not freed while a thread is in its stub
     // (`jump.rs`, "Freeing a detour").
+    // SAFETY: the slot word of a live detour holds a leaked `&'static JumpSlot`.
     let slot: &'static JumpSlot = unsafe { &*(slot_word.read() as *const JumpSlot) };
     let flags = regs.flags;
     regs.ip = slot.addr;
