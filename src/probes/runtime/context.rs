@@ -63,7 +63,7 @@ pub(crate) fn regs_from_ucontext(uc: &libc::ucontext_t) -> Regs {
 /// it out of a function is a `memset` or `memcpy` call, which the trap path
 /// must not make (a probe there would trap inside the trap handler).
 #[inline]
-pub(crate) fn regs_from_ucontext_in<'a>(
+fn regs_from_ucontext_in<'a>(
     uc: &libc::ucontext_t,
     slot: &'a mut std::mem::MaybeUninit<Regs>,
 ) -> &'a mut Regs {
@@ -88,9 +88,28 @@ pub(crate) fn regs_from_ucontext_in<'a>(
     }
 }
 
+/// Runs `f` on a copy of the registers of the signal frame `uc` as
+/// [`Regs`] and writes the copy back when `f` returns true (the frame
+/// resumes with the changes); returns what `f` returned. The arm64 twin
+/// views its frame in place instead (its layout is `Regs`'s), so `f` must
+/// leave the registers unchanged when it returns false.
+#[inline]
+pub(crate) fn with_frame_regs(
+    uc: &mut libc::ucontext_t,
+    f: impl FnOnce(&mut Regs) -> bool,
+) -> bool {
+    let mut slot = std::mem::MaybeUninit::uninit();
+    let regs = regs_from_ucontext_in(uc, &mut slot);
+    let resume = f(regs);
+    if resume {
+        regs_to_ucontext(regs, uc);
+    }
+    resume
+}
+
 /// Writes `regs` into the signal frame, for `rt_sigreturn` to resume with.
 #[inline]
-pub(crate) fn regs_to_ucontext(regs: &Regs, uc: &mut libc::ucontext_t) {
+fn regs_to_ucontext(regs: &Regs, uc: &mut libc::ucontext_t) {
     let g = &mut uc.uc_mcontext.gregs;
     for (n, &i) in GREG_OF.iter().enumerate() {
         if n != RSP {

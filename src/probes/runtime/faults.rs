@@ -86,7 +86,7 @@
 use crate::sync::atomic::{AtomicPtr, Ordering};
 use crate::sync::UnsafeCell;
 
-use super::context::{regs_from_ucontext_in, regs_to_ucontext};
+use super::context::with_frame_regs;
 use super::dispatch::{abort_step_on_fault, translate_boosted_fault};
 
 /// The synchronous fault signals the runtime watches.
@@ -253,14 +253,9 @@ fn put_on_top(first: bool) {
 /// Steps 1 and 2 of the module docs on the frame `uc`: true if the frame
 /// was in an XOL slot and now reports the probed address.
 pub(crate) fn fix_frame(uc: &mut libc::ucontext_t) -> bool {
-    let mut slot = std::mem::MaybeUninit::uninit();
-    let regs = regs_from_ucontext_in(uc, &mut slot);
-    if abort_step_on_fault(regs) || translate_boosted_fault(regs) {
-        regs_to_ucontext(regs, uc);
-        true
-    } else {
-        false
-    }
+    with_frame_regs(uc, |regs| {
+        abort_step_on_fault(regs) || translate_boosted_fault(regs)
+    })
 }
 
 /// The fault handler.

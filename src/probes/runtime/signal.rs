@@ -62,11 +62,12 @@
 use crate::sync::atomic::{AtomicPtr, Ordering};
 use std::sync::Once;
 
-use super::context::{regs_from_ucontext_in, regs_to_ucontext, ThreadMemory};
+use super::context::{with_frame_regs, ThreadMemory};
 use super::dispatch::dispatch_breakpoint;
 #[cfg(target_arch = "x86_64")]
 use super::dispatch::dispatch_step;
 use super::in_trap::TrapScope;
+use crate::probes::arch::Regs;
 use crate::probes::ProbeError;
 
 /// `si_code` of a SIGTRAP raised by `int3` (`SEND_SIG_PRIV`).
@@ -256,8 +257,13 @@ unsafe fn unclaimed(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut lib
 /// Handles the trap if it is ours; false to chain.
 #[inline]
 fn dispatch(info: &libc::siginfo_t, uc: &mut libc::ucontext_t) -> bool {
-    let mut slot = std::mem::MaybeUninit::uninit();
-    let regs = regs_from_ucontext_in(uc, &mut slot);
+    with_frame_regs(uc, |regs| dispatch_regs(info, regs))
+}
+
+/// [`dispatch`] on the frame's registers: false (the registers unchanged)
+/// to chain.
+#[inline]
+fn dispatch_regs(info: &libc::siginfo_t, regs: &mut Regs) -> bool {
     let mut mem = ThreadMemory;
     #[cfg(target_arch = "aarch64")]
     let result = match info.si_code {
@@ -301,7 +307,6 @@ fn dispatch(info: &libc::siginfo_t, uc: &mut libc::ucontext_t) -> bool {
     if let Err(e) = &*result {
         fatal(regs.ip, e);
     }
-    regs_to_ucontext(regs, uc);
     true
 }
 

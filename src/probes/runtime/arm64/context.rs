@@ -89,48 +89,51 @@ pub fn fpsimd(uc: &libc::ucontext_t) -> Option<FpSimd> {
     }
 }
 
-/// The registers saved in a signal frame.
+/// The registers saved in a signal frame (a copy).
 #[cfg(test)]
 pub(crate) fn regs_from_ucontext(uc: &libc::ucontext_t) -> Regs {
-    let mut slot = std::mem::MaybeUninit::uninit();
-    *regs_from_ucontext_in(uc, &mut slot)
-}
-
-/// The registers of the signal frame `uc`, built in place in `slot`, field
-/// by field (no `memset`/`memcpy` call on the trap path: see
-/// `runtime/context.rs`).
-#[inline]
-pub(crate) fn regs_from_ucontext_in<'a>(
-    uc: &libc::ucontext_t,
-    slot: &'a mut std::mem::MaybeUninit<Regs>,
-) -> &'a mut Regs {
     let m = &uc.uc_mcontext;
-    let p = slot.as_mut_ptr();
-    // SAFETY: every field of `*p` is written exactly once below through raw
-    // pointers (no reference to uninitialised memory is made); `Regs` is
-    // plain integers, so the value is initialised after the writes.
-    unsafe {
-        let gprs = std::ptr::addr_of_mut!((*p).gprs).cast::<u64>();
-        for n in 0..31 {
-            gprs.add(n).write(m.regs[n]);
-        }
-        std::ptr::addr_of_mut!((*p).sp).write(m.sp);
-        std::ptr::addr_of_mut!((*p).ip).write(m.pc);
-        std::ptr::addr_of_mut!((*p).flags).write(m.pstate);
-        slot.assume_init_mut()
+    Regs {
+        gprs: m.regs,
+        sp: m.sp,
+        ip: m.pc,
+        flags: m.pstate,
     }
 }
 
-/// Writes `regs` into the signal frame, for `rt_sigreturn` to resume with.
+// `Regs` is laid out as the frame's `regs[31]`, `sp`, `pc`, `pstate`
+// (`struct sigcontext` after `fault_address`): checked here, relied on by
+// `with_frame_regs`.
+const _: () = {
+    use std::mem::{align_of, offset_of, size_of};
+    let base = offset_of!(libc::mcontext_t, regs);
+    assert!(offset_of!(Regs, gprs) == 0);
+    assert!(offset_of!(libc::mcontext_t, sp) - base == offset_of!(Regs, sp));
+    assert!(offset_of!(libc::mcontext_t, pc) - base == offset_of!(Regs, ip));
+    assert!(offset_of!(libc::mcontext_t, pstate) - base == offset_of!(Regs, flags));
+    assert!(size_of::<Regs>() == 34 * 8);
+    assert!(base % align_of::<Regs>() == 0);
+};
+
+/// Runs `f` on the registers of the signal frame `uc` as [`Regs`]: on
+/// arm64 the frame itself, viewed in place (the layouts match, checked at
+/// compile time above), so the trap path copies nothing in or out: under
+/// qemu-user every guest instruction of a hit counts against the raw
+/// `brk` round trip (BENCHMARKS.md, "arm64 live probes, emulated"). `f`
+/// returns whether the frame is to resume with its changes; it must leave
+/// the registers unchanged when it returns false (x86_64 discards a copy
+/// then; here nothing is discarded). Returns what `f` returned.
 #[inline]
-pub(crate) fn regs_to_ucontext(regs: &Regs, uc: &mut libc::ucontext_t) {
-    let m = &mut uc.uc_mcontext;
-    for n in 0..31 {
-        m.regs[n] = regs.gprs[n];
-    }
-    m.sp = regs.sp;
-    m.pc = regs.ip;
-    m.pstate = regs.flags;
+pub(crate) fn with_frame_regs(
+    uc: &mut libc::ucontext_t,
+    f: impl FnOnce(&mut Regs) -> bool,
+) -> bool {
+    // SAFETY: `regs`, `sp`, `pc` and `pstate` are consecutive `u64`s of
+    // the frame with `Regs`'s layout and alignment (the assertions above);
+    // the view borrows `uc` mutably for the call, so nothing else reads or
+    // writes the frame meanwhile.
+    let regs = unsafe { &mut *std::ptr::addr_of_mut!(uc.uc_mcontext.regs).cast::<Regs>() };
+    f(regs)
 }
 
 /// The PC saved in a signal frame.
