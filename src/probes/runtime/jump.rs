@@ -102,6 +102,7 @@
 
 mod background;
 pub(crate) mod detour;
+pub(crate) mod sites;
 pub(crate) mod stubs;
 
 pub use background::OPTIMIZE_DELAY;
@@ -111,14 +112,16 @@ use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
 use self::detour::{detour_bytes, jump_to, JumpSlot, DETOUR_BYTES, RELOCATED_AT};
+use self::sites::{JumpSites, JumpView};
 use self::stubs::Stub;
 use super::in_process::sync_cores;
 use super::quiesce::{quiesce, QUIESCE_TIMEOUT};
 use super::symbols::ProcessSymbols;
 use super::xol::{XolArea, XolStats};
-use super::LiveRegistry;
-use crate::probes::arch::x86_64::jump::{analyze_jump_site, JumpRefusal, JumpSite, JUMP_LEN};
-use crate::probes::kprobe::{JumpCandidate, JumpHook};
+use crate::probes::arch::x86_64::jump::{
+    analyze_jump_site, JumpRefusal, JumpSite, JUMP_LEN, MAX_DISPLACED,
+};
+use crate::probes::jump_sites::{DetourCell, JumpCandidate, JumpHook};
 use crate::probes::resolve::SymbolResolver;
 use crate::probes::text::{TextIdentity, TextMemory};
 use crate::sync::atomic::{AtomicBool, Ordering};
@@ -134,7 +137,7 @@ struct Optimized {
     detour: u64,
     slot: &'static JumpSlot,
     text_id: TextIdentity,
-    cell: crate::probes::kprobe::DetourCell,
+    cell: DetourCell,
 }
 
 #[derive(Debug, Default)]
@@ -163,10 +166,13 @@ pub struct JumpReport {
     pub reclaimed_proven: usize,
 }
 
-/// The jump optimizer of one live registry (module docs).
+/// The jump optimizer of one live registry (module docs): the kprobe
+/// registry's ([`Live::jump_optimizer`](super::Live::jump_optimizer)) or
+/// the live uprobes'
+/// ([`LiveUprobes::jump_optimizer`](super::uprobes::LiveUprobes::jump_optimizer)).
 pub struct JumpOptimizer {
     enabled: AtomicBool,
-    registry: OnceLock<&'static LiveRegistry>,
+    registry: OnceLock<&'static dyn JumpSites>,
     symbols: OnceLock<ProcessSymbols>,
     detours: XolArea,
     state: Mutex<State>,
@@ -200,13 +206,14 @@ impl JumpOptimizer {
 
     /// Binds the registry (once, after it is leaked) and the symbols the
     /// Rust half's extents are looked up in.
-    pub(crate) fn bind(&self, registry: &'static LiveRegistry, symbols: ProcessSymbols) {
+    pub(crate) fn bind(&self, registry: &'static dyn JumpSites, symbols: ProcessSymbols) {
         let _ = self.registry.set(registry);
         let _ = self.symbols.set(symbols);
     }
 
-    fn registry(&self) -> &'static LiveRegistry {
-        self.registry
+    fn registry(&self) -> &'static dyn JumpSites {
+        *self
+            .registry
             .get()
             .expect("a live registry binds its optimizer")
     }
@@ -227,8 +234,8 @@ impl JumpOptimizer {
         // Relaxed: see `is_enabled`.
         self.enabled.store(on, Ordering::Relaxed);
         if !on {
-            let _w = self.registry().lock_writer();
-            self.to_trap_path(0..u64::MAX, false);
+            self.registry()
+                .with_writer(&mut |_| self.to_trap_path(0..u64::MAX, false));
         }
     }
 
@@ -237,8 +244,27 @@ impl JumpOptimizer {
     /// handlers rely on: they hold the writer mutex, so no thread holds the
     /// state's mutex at a fork).
     fn read_state<R>(&self, f: impl FnOnce(&State) -> R) -> R {
-        let _w = self.registry().lock_writer();
-        f(&self.lock())
+        let mut f = Some(f);
+        let mut out = None;
+        self.registry().with_writer(&mut |_| {
+            if let Some(f) = f.take() {
+                out = Some(f(&self.lock()));
+            }
+        });
+        out.expect("with_writer runs its closure")
+    }
+
+    /// Runs `f` with the registry's view and the state locked (in that
+    /// order: see `read_state`).
+    fn with_state<R>(&self, f: impl FnOnce(&dyn JumpView, &mut State) -> R) -> R {
+        let mut f = Some(f);
+        let mut out = None;
+        self.registry().with_writer(&mut |view| {
+            if let Some(f) = f.take() {
+                out = Some(f(view, &mut self.lock()));
+            }
+        });
+        out.expect("with_writer runs its closure")
     }
 
     /// Whether the site at `addr` is optimized now. Takes the registry's
@@ -264,15 +290,15 @@ impl JumpOptimizer {
     /// last pass. Waits for a grace period and one or two quiescence
     /// rounds; never call it from a probe handler.
     pub fn optimize_now(&self) -> JumpReport {
+        self.with_state(|view, st| self.optimize_locked(view, st))
+    }
+
+    /// [`optimize_now`](Self::optimize_now) inside the registry's view,
+    /// the state locked.
+    fn optimize_locked(&self, view: &dyn JumpView, st: &mut State) -> JumpReport {
         let registry = self.registry();
-        let w = registry.lock_writer();
-        let mut st = self.lock();
         let mut report = JumpReport::default();
-        self.reclaim_locked(&mut st, &mut report);
-        if !self.is_enabled() {
-            return report;
-        }
-        let cands = registry.jump_candidates(&w);
+        let cands = view.candidates();
         // Sites whose text went away (a library unloaded: the registry
         // detached them without restoring anything) or that are no longer
         // armed: forget them. The writes check the text's identity, so
@@ -289,16 +315,34 @@ impl JumpOptimizer {
             .collect();
         for a in stale {
             if let Some(o) = st.optimized.remove(&a) {
-                self.unoptimize(&mut st, o, false);
+                self.unoptimize(st, o, false);
             }
         }
-        let mut batch = Vec::new();
+        // After the stale sites: a resume cell one of them cleared is
+        // pointed elsewhere only after this grace period (`uprobe/jump.rs`).
+        self.reclaim_locked(st, &mut report);
+        if !self.is_enabled() {
+            return report;
+        }
+        let mut batch: Vec<(JumpCandidate, (JumpSite, Stub))> = Vec::new();
         for c in &cands {
             if st.optimized.contains_key(&c.addr) {
                 report.already += 1;
                 continue;
             }
-            match self.prepare(&w, &st, &cands, c) {
+            let shared = st
+                .optimized
+                .iter()
+                .map(|(&a, o)| (a, &o.cell))
+                .chain(batch.iter().map(|(b, _)| (b.addr, &b.detour)))
+                .find(|(_, cell)| cell.same_cell(&c.detour));
+            if let Some((with, _)) = shared {
+                let r = JumpRefusal::SharedUprobe { with };
+                st.refusals.insert(c.addr, r);
+                report.refused.push((c.addr, r));
+                continue;
+            }
+            match self.prepare(view, st, &cands, c) {
                 Ok(site) => batch.push((c.clone(), site)),
                 Err(r) => {
                     st.refusals.insert(c.addr, r);
@@ -308,7 +352,7 @@ impl JumpOptimizer {
         }
         let mut ready = Vec::new();
         for (c, (site, stub)) in batch {
-            match self.write_detour(&mut st, &site, stub) {
+            match self.write_detour(st, &site, stub) {
                 Ok((detour, slot)) => ready.push((c, site, detour, slot)),
                 Err(r) => {
                     st.refusals.insert(c.addr, r);
@@ -324,7 +368,7 @@ impl JumpOptimizer {
             c.detour.set(detour + RELOCATED_AT);
         }
         // 3 and 4.
-        registry.rcu.synchronize();
+        registry.synchronize();
         let mut ranges: Vec<Range<u64>> = Vec::new();
         for (c, site, _, _) in &ready {
             ranges.push(site.addr + 1..site.resume_addr());
@@ -395,19 +439,17 @@ impl JumpOptimizer {
             );
         }
         sync_cores();
-        drop(st);
-        drop(w);
         report
     }
 
     /// Frees the detours retired since the last pass (module docs,
     /// "Freeing a detour"). Returns how many, and how many with a proof.
     pub fn reclaim(&self) -> (usize, usize) {
-        let _w = self.registry().lock_writer();
-        let mut st = self.lock();
-        let mut report = JumpReport::default();
-        self.reclaim_locked(&mut st, &mut report);
-        (report.reclaimed, report.reclaimed_proven)
+        self.with_state(|_, st| {
+            let mut report = JumpReport::default();
+            self.reclaim_locked(st, &mut report);
+            (report.reclaimed, report.reclaimed_proven)
+        })
     }
 
     fn reclaim_locked(&self, st: &mut State, report: &mut JumpReport) {
@@ -415,7 +457,7 @@ impl JumpOptimizer {
             return;
         }
         let retired = std::mem::take(&mut st.retired);
-        self.registry().rcu.synchronize();
+        self.registry().synchronize();
         let mut ranges: Vec<Range<u64>> = retired
             .iter()
             .map(|&d| d..d + DETOUR_BYTES as u64)
@@ -443,7 +485,7 @@ impl JumpOptimizer {
     /// Accepts or refuses one candidate (no write).
     fn prepare(
         &self,
-        w: &crate::probes::kprobe::JumpWriter,
+        view: &dyn JumpView,
         st: &State,
         cands: &[JumpCandidate],
         c: &JumpCandidate,
@@ -455,16 +497,23 @@ impl JumpOptimizer {
             return Err(JumpRefusal::OptedOut);
         }
         let registry = self.registry();
-        let func = registry
-            .resolver
+        let func = view
             .function_containing(c.addr)
             .ok_or(JumpRefusal::NoFunction)?;
-        let mut text = vec![0u8; (func.end() - func.start) as usize];
-        registry
-            .original_text(w, func.start, &mut text)
+        let mut text = vec![0u8; (func.end - func.start) as usize];
+        view.original_text(func.start, &mut text)
             .map_err(|_| JumpRefusal::TextAccess)?;
+        // Another registry's breakpoint in the function would decode as a
+        // one-byte instruction: the analysis would be of other code.
+        if let Some(at) = (func.start..func.end)
+            .zip(&text)
+            .find(|&(a, &b)| b == 0xcc && registry.text().holder_at(a).is_some())
+            .map(|(a, _)| a)
+        {
+            return Err(JumpRefusal::OtherProbeInside { at });
+        }
         // Other optimized sites of the function: their original bytes.
-        for (&a, o) in st.optimized.range(func.start..func.end()) {
+        for (&a, o) in st.optimized.range(func.start..func.end) {
             let at = (a - func.start) as usize;
             let b = o.site.bytes();
             let n = b.len().min(text.len() - at);
@@ -544,7 +593,7 @@ impl JumpOptimizer {
         o.slot.live.store(false, Ordering::Release);
         // 3.
         if add_post {
-            registry.rcu.synchronize();
+            registry.synchronize();
         }
         // 4.
         if !gone {
@@ -565,9 +614,15 @@ impl JumpOptimizer {
 impl JumpHook for JumpOptimizer {
     fn to_trap_path(&self, range: Range<u64>, add_post: bool) {
         let mut st = self.lock();
+        if st.optimized.is_empty() {
+            return;
+        }
+        // A site's displaced bytes start at most `MAX_DISPLACED` before
+        // any address they hold.
+        let from = range.start.saturating_sub(MAX_DISPLACED as u64);
         let hit: Vec<u64> = st
             .optimized
-            .iter()
+            .range(from..range.end)
             .filter(|(_, o)| o.site.addr < range.end && o.site.resume_addr() > range.start)
             .map(|(&a, _)| a)
             .collect();

@@ -212,6 +212,9 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         if st.installs.contains_key_expecting_miss(&vaddr) {
             return Ok(None);
         }
+        // An optimized site whose displaced bytes hold `vaddr` goes back to
+        // the trap path before a breakpoint is read or written there.
+        self.jump_to_trap(vaddr..vaddr + 1, false);
         let text = st.space.text();
         let bp = self.arch.breakpoint();
         let n = self.insn_window(map, vaddr);
@@ -331,6 +334,8 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// period, the original bytes it taught the uprobe forgotten.
     pub(super) fn unprepare(&self, up: &Uprobe<F>, p: &Prepared<S, F>, written: bool) {
         if written {
+            // An optimizer may have rewritten the site since it was written.
+            self.jump_to_trap(p.vaddr..p.vaddr + 1, false);
             let bp = self.arch.breakpoint();
             let text = p.st.space.text();
             if text
@@ -364,6 +369,8 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             });
         };
         let end = (vaddr + self.arch.max_insn_len() as u64).min(map.vaddr.end);
+        // No optimizer's `jmp` in the bytes decoded.
+        self.jump_to_trap(func..end, false);
         let mut bytes = vec![0u8; (end - func) as usize];
         st.space.text().read(func, &mut bytes)?;
         // Our breakpoints on the way decode as the bytes they replaced.
@@ -459,6 +466,13 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// The caller holds the stripes of every file concerned.
     pub(super) fn finish_removals(&self, mut r: Removals<S, F>) {
         r.merge();
+        // Optimized sites back on the trap path (their bytes restored, or
+        // forgotten when the text is gone) before their breakpoints go.
+        if self.jump_hook.is_some() {
+            for q in &r.installs {
+                self.jump_to_trap(q.vaddr..q.vaddr + 1, false);
+            }
+        }
         let bp = self.arch.breakpoint();
         // The installs of one space are next to each other (merged above).
         let same_space = |a: &Queued<F>, b: &Queued<F>| a.space == b.space;

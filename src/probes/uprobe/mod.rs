@@ -105,6 +105,7 @@ mod filetext;
 mod hit;
 mod hitcache;
 mod install;
+mod jump;
 mod mmap;
 mod proxy;
 mod registry;
