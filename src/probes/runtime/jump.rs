@@ -1,11 +1,27 @@
-//! Jump-optimized kprobes (x86_64, this process): a hit without a trap.
+//! Jump-optimized kprobes and live uprobes (x86_64, this process): a hit
+//! without a trap.
 //!
-//! A registered kprobe is an `int3`: every hit costs a SIGTRAP and an
-//! `rt_sigreturn`, microseconds. The [`JumpOptimizer`] replaces the `int3`
-//! and the bytes after it with a `jmp rel32` to a per-site *detour*
+//! A registered kprobe or uprobe is an `int3`: every hit costs a SIGTRAP
+//! and an `rt_sigreturn`, microseconds. The [`JumpOptimizer`] replaces the
+//! `int3` and the bytes after it with a `jmp rel32` to a per-site *detour*
 //! (`jump/detour.rs`) that saves the registers, runs the same hit path
-//! (`kprobe/jump.rs`), restores them, runs the displaced instructions
-//! relocated and jumps back: tens of nanoseconds.
+//! (`kprobe/jump.rs`, `uprobe/jump.rs`), restores them, runs the displaced
+//! instructions relocated and jumps back: tens of nanoseconds.
+//!
+//! # One optimizer, two registries
+//!
+//! The kprobe registry ([`Live`](super::Live)) and the live uprobes
+//! ([`LiveUprobes`](super::uprobes::LiveUprobes)) each have an optimizer of
+//! this one implementation, which sees its registry through
+//! `jump/sites.rs`'s `JumpSites`: the candidates (a uprobe's: each mapped
+//! install), the function extents, the original text, the grace period,
+//! the text, and the detour's hit path (the slot names the registry). What
+//! "the registry's writer mutex" means below: for kprobes that mutex; for
+//! uprobes, which have a lock per file rather than one writer, the
+//! optimizer's own state lock, since every uprobe writer calls the hook
+//! (which takes it) before it touches text. The shared pieces the two
+//! registries give the optimizer (the hook, the candidate, the resume
+//! cell) are `probes/jump_sites.rs`.
 //!
 //! # When a site is optimized
 //!
@@ -98,7 +114,12 @@
 //! - The refused ranges (`refuse.rs`) do not list the stubs and the Rust
 //!   half yet: a kprobe on them takes the trap path, which serves it, but
 //!   it is not refused.
-//! - In-process uprobes are not optimized.
+//! - Uprobes: a uprobe's trap hits have one resume cell, so one install
+//!   per uprobe is optimized (`JumpRefusal::SharedUprobe`); a cell cleared
+//!   is pointed at another address only after a grace period (a pass
+//!   forgets its stale sites before its reclaim's grace period). A
+//!   function with another registry's breakpoint in it is refused
+//!   (`OtherProbeInside`): it would decode as other code.
 
 mod background;
 pub(crate) mod detour;

@@ -26,6 +26,19 @@
 //!   [`StepStash`]); a trap on the return trampoline runs the return
 //!   handlers and resumes at the real return address.
 //!
+//! # Jump optimization (x86_64)
+//!
+//! [`LiveUprobes::optimize_now`] replaces the `int3` of every install that
+//! can be with a `jmp` to a detour that runs the consumers without a trap
+//! (the kprobes' optimizer, `runtime/jump.rs`, over this registry:
+//! `uprobes/jump.rs`); [`LiveUprobes::is_optimized`] and
+//! [`LiveUprobes::jump_refusal`] report per uprobe,
+//! [`LiveUprobes::jump_optimizer`] switches it off or starts its background
+//! pass. A consumer built with
+//! [`jump_opt_out`](crate::probes::uprobe::ConsumerBuilder::jump_opt_out)
+//! keeps its uprobe on the trap path. Call `optimize_now` once after a
+//! batch of registrations.
+//!
 //! # Batches
 //!
 //! [`LiveUprobes::register_many`] resolves every target (each file opened

@@ -196,9 +196,12 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 .iter()
                 .any(|c| c.jump_opt_out());
             // Armed: the install's breakpoint is written (a record is
-            // published before its write).
+            // published before its write), or the optimizer has the site
+            // (its resume cell is set from before its first write until
+            // after its last: the text holds the `int3` or its `jmp`).
             let mut first = [0u8; 1];
-            let armed = bp.len() == 1 && text.read(vaddr, &mut first).is_ok() && first == bp;
+            let armed = up.jump_resume(vaddr) != 0
+                || (bp.len() == 1 && text.read(vaddr, &mut first).is_ok() && first == bp);
             out.push(JumpCandidate {
                 addr: vaddr,
                 armed,
