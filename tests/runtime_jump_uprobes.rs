@@ -252,7 +252,7 @@ fn an_optimized_library_unloaded_and_loaded_again_gets_no_write_from_the_old_sit
     }
     assert_eq!(load(&c.hits), 50);
     lib.close();
-    assert!(!live().is_optimized(key), "forgotten at the unmap");
+    assert!(!live().is_optimized(key), "no install left");
     // A pass over nothing (the text is gone: a write would fault).
     live().optimize_now();
 
@@ -287,6 +287,11 @@ fn an_optimized_library_unloaded_and_loaded_again_gets_no_write_from_the_old_sit
     let f = lib.func(c"fx_add3");
     let newer = f as usize as u64;
     assert_eq!(code_at(newer, ADD3.len()), want);
+    // Before any pass forgot the old site: not optimized (no jmp here),
+    // and calls are counted on the trap path.
+    assert!(!live().is_optimized(key));
+    assert_eq!(f(2), 5);
+    assert_eq!(load(&c.hits), 61);
     live().optimize_now();
     live().unregister(key, &c.consumer).unwrap();
     assert_eq!(code_at(newer, ADD3.len()), ADD3);
@@ -431,6 +436,81 @@ fn a_return_handler_on_an_optimized_entry_sees_every_return() {
     assert_eq!(load(&sum), 3 * (0..1000u64).map(|x| x + 3).sum::<u64>());
     assert_eq!(c.ret_hits(), 3000);
     live().unregister(key, &c).unwrap();
+    assert_eq!(code_at(f as usize as u64, ADD3.len()), ADD3);
+    lib.close();
+}
+
+/// A pass waiting for its grace period (held up by this thread's read
+/// section) while another thread `dlopen`s a library with a pending uprobe
+/// (installed by the loader's thread inside its own read section) and
+/// registers a second uprobe in it (the registry's hook, with the file's
+/// stripe held): neither waits for the pass, which finishes once the read
+/// section ends. Were the pass to hold its state lock across the grace
+/// period, the registration would wait for it, and the test would hang.
+#[test]
+fn a_dlopen_and_a_registration_during_a_pass_do_not_wait_for_it() {
+    let _g = serial();
+    let so = fixture("juppass");
+    let other = dl_support::build_so(
+        "jumpuprobes",
+        "libjuppass2.so",
+        &dl_support::add_k_source(&[("fx_add3", 3), ("fx_add5", 5)]),
+        &[],
+    );
+    let lib = Lib::open(&so);
+    let f = lib.func(c"fx_add3");
+    let c = counted(Arc::new(AtomicU64::new(0)), Vec::new(), false);
+    let key = register_add3(&so, &c.consumer);
+    // Pending for the library not loaded yet.
+    let pend = counted(Arc::new(AtomicU64::new(0)), Vec::new(), false);
+    let pend_key = live()
+        .register(
+            &UprobeTarget::symbol(other.to_str().unwrap(), "fx_add3"),
+            &pend.consumer,
+        )
+        .unwrap()
+        .key();
+    let guard = rcu_registry::rcu::Rcu::global().read();
+    let pass_done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let pass = s.spawn(|| {
+            let r = live().optimize_now();
+            pass_done.store(true, Ordering::SeqCst);
+            r
+        });
+        let loader = s.spawn(|| {
+            let lib2 = Lib::open(&other);
+            let five = counted(Arc::new(AtomicU64::new(0)), Vec::new(), false);
+            let k5 = live()
+                .register(
+                    &UprobeTarget::symbol(other.to_str().unwrap(), "fx_add5"),
+                    &five.consumer,
+                )
+                .unwrap()
+                .key();
+            let (f3, f5) = (lib2.func(c"fx_add3"), lib2.func(c"fx_add5"));
+            assert_eq!(f3(1), 4);
+            assert_eq!(f5(1), 6);
+            assert_eq!(load(&five.hits), 1);
+            (lib2, k5, five)
+        });
+        let (lib2, k5, five) = loader.join().unwrap();
+        if pass_done.load(Ordering::SeqCst) {
+            eprintln!("the pass ended before the read section: the race was not exercised");
+        }
+        drop(guard);
+        let r = pass.join().unwrap();
+        eprintln!("pass during the dlopen: {r:?}");
+        live().unregister(k5, &five.consumer).unwrap();
+        live().unregister(pend_key, &pend.consumer).unwrap();
+        lib2.close();
+    });
+    assert_eq!(load(&pend.hits), 1);
+    for x in 0..5 {
+        assert_eq!(f(x), x + 3);
+    }
+    assert_eq!(load(&c.hits), 5);
+    live().unregister(key, &c.consumer).unwrap();
     assert_eq!(code_at(f as usize as u64, ADD3.len()), ADD3);
     lib.close();
 }

@@ -20,9 +20,11 @@ pub trait JumpHook: Send + Sync + 'static {
     /// after it, no hit running handlers from its detour that began before
     /// the call) before returning. Called with the registry's writer mutex
     /// (kprobes) or the file's stripe (uprobes) held; `add_post` is true
-    /// when a member the detour must not run (a kprobe post handler, a
-    /// uprobe consumer that opted out) is about to join the site at
-    /// `range.start` (the only case that needs a grace period).
+    /// when a kprobe member the detour must not run (a post handler) is
+    /// about to join the site at `range.start` (the only case that needs a
+    /// grace period; uprobes never ask for one: they hold a stripe, and
+    /// their detour hit path redirects to the trap when it meets a
+    /// consumer that opted out).
     fn to_trap_path(&self, range: Range<u64>, add_post: bool);
 }
 

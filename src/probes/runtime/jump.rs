@@ -16,12 +16,20 @@
 //! `jump/sites.rs`'s `JumpSites`: the candidates (a uprobe's: each mapped
 //! install), the function extents, the original text, the grace period,
 //! the text, and the detour's hit path (the slot names the registry). What
-//! "the registry's writer mutex" means below: for kprobes that mutex; for
-//! uprobes, which have a lock per file rather than one writer, the
-//! optimizer's own state lock, since every uprobe writer calls the hook
-//! (which takes it) before it touches text. The shared pieces the two
-//! registries give the optimizer (the hook, the candidate, the resume
-//! cell) are `probes/jump_sites.rs`.
+//! "the registry's writer mutex" means below: for kprobes that mutex, held
+//! by the pass throughout; for uprobes, which have a lock per file rather
+//! than one writer, a pass lock of the runtime's (one pass at a time) and
+//! the optimizer's own state lock, which every uprobe writer takes in the
+//! hook before it touches text. The pass releases the state lock across
+//! its grace periods and quiescence waits (steps 3 and 4, the reclaim): a
+//! uprobe writer waits in the hook with a file's stripe held, and the
+//! dynamic linker's thread may wait for a stripe inside a read section, so
+//! no stripe holder may wait for a grace period. The batch's sites are
+//! *pending* meanwhile: a hook that meets one takes it back (its resume
+//! cell cleared, its detour retired) and the pass leaves it alone; before
+//! step 5 the pass checks, locked again, that the site still has its
+//! `int3`. The shared pieces the two registries give the optimizer (the
+//! hook, the candidate, the resume cell) are `probes/jump_sites.rs`.
 //!
 //! # When a site is optimized
 //!
@@ -170,7 +178,22 @@ struct State {
     retired: Vec<u64>,
     /// Why the last pass left a site on the trap path.
     refusals: BTreeMap<u64, JumpRefusal>,
+    /// Sites of the pass under way between steps 2 and 5 (their detours
+    /// written, their trap hits sent there, the state unlocked for the
+    /// waits); the hook takes them back.
+    pending: BTreeMap<u64, Pending>,
 }
+
+/// A site of the pass under way, between steps 2 and 5.
+#[derive(Debug)]
+struct Pending {
+    displaced: Range<u64>,
+    detour: u64,
+    cell: DetourCell,
+}
+
+/// A site accepted by a pass, with its detour and slot.
+type Ready = (JumpCandidate, JumpSite, u64, &'static JumpSlot);
 
 /// What one [`JumpOptimizer::optimize_now`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -291,8 +314,17 @@ impl JumpOptimizer {
     /// Whether the site at `addr` is optimized now. Takes the registry's
     /// writer mutex (as every method here does): never from a probe
     /// handler, whose read section a pass holding the mutex may wait for.
+    /// A site whose text went away (and was perhaps mapped again, not
+    /// holding its `jmp`) is not, though the next pass has yet to forget it.
     pub fn is_optimized(&self, addr: u64) -> bool {
-        self.read_state(|st| st.optimized.contains_key(&addr))
+        self.read_state(|st| st.optimized.get(&addr).is_some_and(|o| self.holds_jump(o)))
+    }
+
+    /// Whether the text at `o`'s site holds its `jmp`.
+    fn holds_jump(&self, o: &Optimized) -> bool {
+        let jmp = jump_to(o.site.addr, o.detour).expect("it was written");
+        let mut now = [0u8; JUMP_LEN];
+        self.registry().text().read(o.site.addr, &mut now).is_ok() && now == jmp
     }
 
     /// Why the last pass left the site at `addr` on the trap path, if it
@@ -311,84 +343,59 @@ impl JumpOptimizer {
     /// last pass. Waits for a grace period and one or two quiescence
     /// rounds; never call it from a probe handler.
     pub fn optimize_now(&self) -> JumpReport {
-        self.with_state(|view, st| self.optimize_locked(view, st))
+        let mut report = None;
+        self.registry()
+            .with_writer(&mut |view| report = Some(self.pass(view)));
+        report.expect("with_writer runs its closure")
     }
 
-    /// [`optimize_now`](Self::optimize_now) inside the registry's view,
-    /// the state locked.
-    fn optimize_locked(&self, view: &dyn JumpView, st: &mut State) -> JumpReport {
+    /// [`optimize_now`](Self::optimize_now) inside the registry's view.
+    /// The state is locked around each step that reads or changes it, and
+    /// released across the grace periods and quiescence waits: a uprobe
+    /// writer waits in the hook for the lock with a file's stripe held,
+    /// and the dynamic linker's thread, inside a read section, may wait for
+    /// that stripe (kprobe writers wait for the writer mutex, which the
+    /// kprobe registry's view holds throughout).
+    fn pass(&self, view: &dyn JumpView) -> JumpReport {
         let registry = self.registry();
         let mut report = JumpReport::default();
         let cands = view.candidates();
         // Sites whose text went away (a library unloaded: the registry
-        // detached them without restoring anything) or that are no longer
-        // armed: forget them. The writes check the text's identity, so
-        // nothing is written into code that replaced them.
-        let stale: Vec<u64> = st
-            .optimized
-            .iter()
-            .filter(|(a, o)| {
-                !cands
-                    .iter()
-                    .any(|c| c.addr == **a && c.armed && c.text_id == o.text_id)
-            })
-            .map(|(&a, _)| a)
-            .collect();
-        for a in stale {
-            if let Some(o) = st.optimized.remove(&a) {
-                self.unoptimize(st, o, false);
+        // detached them without restoring anything), that are no longer
+        // armed, or whose text does not hold their `jmp` (text mapped again
+        // at the same address): forget them. The writes check the text's
+        // identity and bytes, so nothing is written into code that
+        // replaced them.
+        let retired = {
+            let mut st = self.lock();
+            let stale: Vec<u64> = st
+                .optimized
+                .iter()
+                .filter(|(a, o)| {
+                    !self.holds_jump(o)
+                        || !cands
+                            .iter()
+                            .any(|c| c.addr == **a && c.armed && c.text_id == o.text_id)
+                })
+                .map(|(&a, _)| a)
+                .collect();
+            for a in stale {
+                if let Some(o) = st.optimized.remove(&a) {
+                    self.unoptimize(&mut st, o, false);
+                }
             }
-        }
+            std::mem::take(&mut st.retired)
+        };
         // After the stale sites: a resume cell one of them cleared is
         // pointed elsewhere only after this grace period (`uprobe/jump.rs`).
-        self.reclaim_locked(st, &mut report);
+        self.reclaim_list(retired, &mut report);
         if !self.is_enabled() {
             return report;
         }
-        let mut batch: Vec<(JumpCandidate, (JumpSite, Stub))> = Vec::new();
-        for c in &cands {
-            if st.optimized.contains_key(&c.addr) {
-                report.already += 1;
-                continue;
-            }
-            let shared = st
-                .optimized
-                .iter()
-                .map(|(&a, o)| (a, &o.cell))
-                .chain(batch.iter().map(|(b, _)| (b.addr, &b.detour)))
-                .find(|(_, cell)| cell.same_cell(&c.detour));
-            if let Some((with, _)) = shared {
-                let r = JumpRefusal::SharedUprobe { with };
-                st.refusals.insert(c.addr, r);
-                report.refused.push((c.addr, r));
-                continue;
-            }
-            match self.prepare(view, st, &cands, c) {
-                Ok(site) => batch.push((c.clone(), site)),
-                Err(r) => {
-                    st.refusals.insert(c.addr, r);
-                    report.refused.push((c.addr, r));
-                }
-            }
-        }
-        let mut ready = Vec::new();
-        for (c, (site, stub)) in batch {
-            match self.write_detour(st, &site, stub) {
-                Ok((detour, slot)) => ready.push((c, site, detour, slot)),
-                Err(r) => {
-                    st.refusals.insert(c.addr, r);
-                    report.refused.push((c.addr, r));
-                }
-            }
-        }
-        if ready.is_empty() {
+        let Some(ready) = self.prepare_batch(view, &cands, &mut report) else {
             return report;
-        }
-        // 2: trap hits resume in the detours.
-        for (c, _, detour, _) in &ready {
-            c.detour.set(detour + RELOCATED_AT);
-        }
-        // 3 and 4.
+        };
+        // 3 and 4, unlocked.
         registry.synchronize();
         let mut ranges: Vec<Range<u64>> = Vec::new();
         for (c, site, _, _) in &ready {
@@ -397,8 +404,15 @@ impl JumpOptimizer {
                 ranges.push(s..s + crate::probes::arch::MAX_XOL_SLOT as u64);
             }
         }
-        let wait = quiesce(&ranges, QUIESCE_TIMEOUT);
-        if !wait.proves_quiescence() {
+        let proof = quiesce(&ranges, QUIESCE_TIMEOUT).proves_quiescence();
+        let mut st = self.lock();
+        // A site the hook put back meanwhile is no longer pending (its
+        // cell cleared, its detour retired): left alone.
+        let ready: Vec<_> = ready
+            .into_iter()
+            .filter(|(c, ..)| st.pending.remove(&c.addr).is_some())
+            .collect();
+        if !proof {
             for (c, _, detour, _) in ready {
                 c.detour.set(0);
                 st.retired.push(detour);
@@ -407,13 +421,22 @@ impl JumpOptimizer {
             }
             return report;
         }
-        // 5: the tails, under the int3.
+        // 5: the tails, under the int3 (checked first: no registry writes
+        // the site's first byte without the hook, which waits for the lock
+        // held from here on).
         let text = registry.text();
         let mut written = Vec::new();
         for (c, site, detour, slot) in ready {
             let jmp = jump_to(site.addr, detour).expect("checked by write_detour");
             let tail = &site.bytes()[1..JUMP_LEN];
-            match text.write_in(&c.text_id, site.addr + 1, tail, &jmp[1..]) {
+            let mut first = [0u8; 1];
+            let guarded = text.read(site.addr, &mut first).is_ok() && first == [0xcc];
+            let wrote = if guarded {
+                text.write_in(&c.text_id, site.addr + 1, tail, &jmp[1..])
+            } else {
+                Err(crate::probes::ProbeError::TextGone { addr: site.addr })
+            };
+            match wrote {
                 Ok(()) => written.push((c, site, detour, slot, jmp)),
                 Err(_) => {
                     c.detour.set(0);
@@ -463,21 +486,83 @@ impl JumpOptimizer {
         report
     }
 
+    /// Steps 1 and 2 under the state lock: the accepted candidates' detours
+    /// written, their trap hits pointed there, each site pending until
+    /// step 5. `None` when there is none.
+    fn prepare_batch(
+        &self,
+        view: &dyn JumpView,
+        cands: &[JumpCandidate],
+        report: &mut JumpReport,
+    ) -> Option<Vec<Ready>> {
+        let mut st = self.lock();
+        let mut batch: Vec<(JumpCandidate, (JumpSite, Stub))> = Vec::new();
+        for c in cands {
+            if st.optimized.contains_key(&c.addr) {
+                report.already += 1;
+                continue;
+            }
+            let shared = st
+                .optimized
+                .iter()
+                .map(|(&a, o)| (a, &o.cell))
+                .chain(batch.iter().map(|(b, _)| (b.addr, &b.detour)))
+                .find(|(_, cell)| cell.same_cell(&c.detour));
+            if let Some((with, _)) = shared {
+                let r = JumpRefusal::SharedUprobe { with };
+                st.refusals.insert(c.addr, r);
+                report.refused.push((c.addr, r));
+                continue;
+            }
+            match self.prepare(view, &st, cands, c) {
+                Ok(site) => batch.push((c.clone(), site)),
+                Err(r) => {
+                    st.refusals.insert(c.addr, r);
+                    report.refused.push((c.addr, r));
+                }
+            }
+        }
+        let mut ready = Vec::new();
+        for (c, (site, stub)) in batch {
+            match self.write_detour(&mut st, &site, stub) {
+                Ok((detour, slot)) => ready.push((c, site, detour, slot)),
+                Err(r) => {
+                    st.refusals.insert(c.addr, r);
+                    report.refused.push((c.addr, r));
+                }
+            }
+        }
+        // 2: trap hits resume in the detours.
+        for (c, site, detour, _) in &ready {
+            c.detour.set(detour + RELOCATED_AT);
+            st.pending.insert(
+                c.addr,
+                Pending {
+                    displaced: site.addr..site.resume_addr(),
+                    detour: *detour,
+                    cell: c.detour.clone(),
+                },
+            );
+        }
+        (!ready.is_empty()).then_some(ready)
+    }
+
     /// Frees the detours retired since the last pass (module docs,
     /// "Freeing a detour"). Returns how many, and how many with a proof.
     pub fn reclaim(&self) -> (usize, usize) {
-        self.with_state(|_, st| {
-            let mut report = JumpReport::default();
-            self.reclaim_locked(st, &mut report);
-            (report.reclaimed, report.reclaimed_proven)
-        })
+        let mut report = JumpReport::default();
+        self.registry().with_writer(&mut |_| {
+            let retired = std::mem::take(&mut self.lock().retired);
+            self.reclaim_list(retired, &mut report);
+        });
+        (report.reclaimed, report.reclaimed_proven)
     }
 
-    fn reclaim_locked(&self, st: &mut State, report: &mut JumpReport) {
-        if st.retired.is_empty() {
+    /// Frees `retired`, taken from the state: waits unlocked.
+    fn reclaim_list(&self, retired: Vec<u64>, report: &mut JumpReport) {
+        if retired.is_empty() {
             return;
         }
-        let retired = std::mem::take(&mut st.retired);
         self.registry().synchronize();
         let mut ranges: Vec<Range<u64>> = retired
             .iter()
@@ -635,6 +720,21 @@ impl JumpOptimizer {
 impl JumpHook for JumpOptimizer {
     fn to_trap_path(&self, range: Range<u64>, add_post: bool) {
         let mut st = self.lock();
+        // Pending sites of a pass under way (waiting unlocked): back to
+        // completing their first instruction themselves; the pass leaves
+        // them alone when it resumes.
+        let pending: Vec<u64> = st
+            .pending
+            .iter()
+            .filter(|(_, p)| p.displaced.start < range.end && p.displaced.end > range.start)
+            .map(|(&a, _)| a)
+            .collect();
+        for a in pending {
+            if let Some(p) = st.pending.remove(&a) {
+                p.cell.set(0);
+                st.retired.push(p.detour);
+            }
+        }
         if st.optimized.is_empty() {
             return;
         }

@@ -165,6 +165,9 @@ pub struct LiveUprobes {
     /// The jump optimizer (`uprobes/jump.rs`).
     #[cfg(target_arch = "x86_64")]
     jump: Arc<super::jump::JumpOptimizer>,
+    /// One optimizer pass (or query) at a time (`uprobes/jump.rs`).
+    #[cfg(target_arch = "x86_64")]
+    jump_pass: Mutex<()>,
 }
 
 impl std::fmt::Debug for LiveUprobes {
@@ -244,6 +247,8 @@ impl LiveUprobes {
             install_errors: AtomicU64::new(0),
             #[cfg(target_arch = "x86_64")]
             jump,
+            #[cfg(target_arch = "x86_64")]
+            jump_pass: Mutex::new(()),
         }));
         #[cfg(target_arch = "x86_64")]
         this.jump.bind(this, live.symbols().clone());

@@ -212,9 +212,6 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         if st.installs.contains_key_expecting_miss(&vaddr) {
             return Ok(None);
         }
-        // An optimized site whose displaced bytes hold `vaddr` goes back to
-        // the trap path before a breakpoint is read or written there.
-        self.jump_to_trap(vaddr..vaddr + 1, false);
         let text = st.space.text();
         let bp = self.arch.breakpoint();
         let n = self.insn_window(map, vaddr);
@@ -294,6 +291,26 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         }))
     }
 
+    /// Before a registration prepares an install of `up` at `vaddr`: an
+    /// optimized site whose displaced bytes hold `vaddr` (or, for the
+    /// boundary check, are in the function before it) goes back to the
+    /// trap path before a breakpoint is read or written there. Not before
+    /// an `on_mmap` install: nothing was optimized in text just mapped,
+    /// and the loader's thread calls it inside a read section, where the
+    /// hook's wait for a pass could deadlock (`jump.rs`).
+    pub(super) fn jump_before_install(&self, up: &Uprobe<F>, map: &FileMapping, vaddr: u64) {
+        if self.jump_hook.is_none() {
+            return;
+        }
+        let end = (vaddr + self.arch.max_insn_len() as u64).min(map.vaddr.end);
+        let from = up
+            .func_offset
+            .and_then(|f| map.vaddr_of(f))
+            .filter(|&f| f <= vaddr)
+            .unwrap_or(vaddr);
+        self.jump_to_trap(from..end, false);
+    }
+
     /// How many bytes at `vaddr` an install reads (an instruction's longest,
     /// within the mapping).
     pub(super) fn insn_window(&self, map: &FileMapping, vaddr: u64) -> usize {
@@ -369,8 +386,6 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             });
         };
         let end = (vaddr + self.arch.max_insn_len() as u64).min(map.vaddr.end);
-        // No optimizer's `jmp` in the bytes decoded.
-        self.jump_to_trap(func..end, false);
         let mut bytes = vec![0u8; (end - func) as usize];
         st.space.text().read(func, &mut bytes)?;
         // Our breakpoints on the way decode as the bytes they replaced.
@@ -466,9 +481,11 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// The caller holds the stripes of every file concerned.
     pub(super) fn finish_removals(&self, mut r: Removals<S, F>) {
         r.merge();
-        // Optimized sites back on the trap path (their bytes restored, or
-        // forgotten when the text is gone) before their breakpoints go.
-        if self.jump_hook.is_some() {
+        // Optimized sites back on the trap path before their breakpoints
+        // go. Not for text that is gone (an unmapping, run by the loader's
+        // thread inside a read section: the optimizer's next pass forgets
+        // those sites, writing nothing).
+        if self.jump_hook.is_some() && !r.unmapped {
             for q in &r.installs {
                 self.jump_to_trap(q.vaddr..q.vaddr + 1, false);
             }

@@ -33,14 +33,21 @@
 //!
 //! # The hook
 //!
-//! Before the registry writes or restores a breakpoint, decodes a function
-//! to check an instruction boundary, forgets text that was unmapped, or
-//! adds a consumer that opted out of optimization
+//! Before the registry writes or restores a breakpoint (and decodes the
+//! function before it for a boundary check), or adds a consumer that opted
+//! out of optimization
 //! ([`ConsumerBuilder::jump_opt_out`](super::ConsumerBuilder::jump_opt_out)),
 //! it calls [`JumpHook::to_trap_path`] with the file's stripe held (and no
 //! read section open); the optimizer puts the sites concerned back on the
-//! trap path first (`runtime/jump.rs`). The hook addresses are those of
-//! every space: a registry with a hook serves one (the live process).
+//! trap path first (`runtime/jump.rs`), waiting for no grace period (the
+//! dynamic linker's thread may wait for the stripe inside a read section).
+//! A hit already in a detour that then finds an opted-out consumer
+//! redirects to the `int3` with nothing run. Text just mapped (`on_mmap`)
+//! or gone (`on_munmap`) needs no hook: nothing optimized is in it, and the
+//! optimizer's next pass forgets a site whose text went, writing nothing
+//! (its writes check the text's identity and bytes). The hook addresses
+//! are those of every space: a registry with a hook serves one (the live
+//! process).
 
 use std::ops::Range;
 
@@ -149,11 +156,14 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         };
         let hit = UprobeHit { space, vaddr, key };
         let list = slice(up.consumers.load(&guard));
+        // A consumer that opted out joined after the hook put the `int3`
+        // back (module docs): the trap runs it, with the others.
+        if list.iter().any(|m| m.jump_opt_out()) {
+            regs.ip = saved_ip;
+            return JumpHit::Redirect;
+        }
         let mut wants_return = false;
         for m in list {
-            // A consumer that opted out joins only after the optimizer
-            // cleared `live` and waited for a grace period (module docs).
-            debug_assert!(!m.jump_opt_out(), "an opted-out consumer reached a detour");
             let ran = m.run(&hit, regs);
             if ran.action == ConsumerAction::SkipInstruction {
                 return JumpHit::Skip;

@@ -558,13 +558,14 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         }
         if let (Some(up), true) = (&existing, consumer.jump_opt_out()) {
             // Its handler never runs from a detour: the uprobe's optimized
-            // installs go back to the trap path first (`jump.rs`).
+            // installs go back to the trap path first, and a detour hit
+            // that still finds it redirects to the trap (`jump.rs`).
             let at: Vec<u64> = {
                 let g = self.domain.read();
                 slice(up.placed.load(&g)).iter().map(|p| p.vaddr).collect()
             };
             for v in at {
-                self.jump_to_trap(v..v + 1, true);
+                self.jump_to_trap(v..v + 1, false);
             }
         }
         // Relaxed: the number's uniqueness and order come from the
@@ -611,6 +612,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             }
             let read = pre.get(i).copied().flatten();
             let read = read.as_ref().map(|(b, n)| &b[..*n as usize]);
+            self.jump_before_install(up.value(), map, *vaddr);
             match self.prepare(up.value(), st, key, *vaddr, map, read) {
                 Ok(Some(p)) => prepared.push(p),
                 Ok(None) => {}

@@ -20,8 +20,12 @@
 //!   entry without a trap; the return itself still traps on the space's
 //!   trampoline.
 //! - The registry calls the optimizer's hook before it writes or restores
-//!   a breakpoint, forgets an unmapped one, decodes for a boundary check or
-//!   adds a consumer that opted out (`uprobe/jump.rs`).
+//!   a breakpoint (not in text just mapped or already gone: the loader's
+//!   thread calls those inside a read section) or adds a consumer that
+//!   opted out (`uprobe/jump.rs`); the optimizer holds its state lock only
+//!   between its waits, so the hook never waits for a grace period.
+//! - One pass at a time: [`JumpSites::with_writer`] takes the runtime's
+//!   pass lock (the uprobe registry has no writer mutex to serialize them).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -68,6 +72,7 @@ impl JumpView for UprobeView<'_> {
 
 impl JumpSites for LiveUprobes {
     fn with_writer(&self, f: &mut dyn FnMut(&dyn JumpView)) {
+        let _pass = self.jump_pass.lock().unwrap_or_else(|e| e.into_inner());
         // Before the optimizer's state is locked (module docs).
         let symbols = Live::global().current_symbols();
         f(&UprobeView {
