@@ -514,3 +514,35 @@ fn a_dlopen_and_a_registration_during_a_pass_do_not_wait_for_it() {
     assert_eq!(code_at(f as usize as u64, ADD3.len()), ADD3);
     lib.close();
 }
+
+/// The background pass of the uprobe optimizer: a uprobe registered after
+/// it started is optimized without a call to `optimize_now`.
+#[test]
+fn the_background_pass_optimizes_a_new_uprobe() {
+    let _g = serial();
+    let so = fixture("jupbackground");
+    let lib = Lib::open(&so);
+    let f = lib.func(c"fx_add3");
+    let opt = live().jump_optimizer();
+    assert!(opt.start_background(std::time::Duration::from_millis(20)));
+    let c = counted(Arc::new(AtomicU64::new(0)), Vec::new(), false);
+    let key = register_add3(&so, &c.consumer);
+    // Bounded wait (the pass runs every 20 ms).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !live().is_optimized(key) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not optimized within 10 s: {:?}",
+            live().jump_refusal(key)
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert!(opt.stop_background());
+    for x in 0..10 {
+        assert_eq!(f(x), x + 3);
+    }
+    assert_eq!(load(&c.hits), 10);
+    live().unregister(key, &c.consumer).unwrap();
+    assert_eq!(code_at(f as usize as u64, ADD3.len()), ADD3);
+    lib.close();
+}
