@@ -5,7 +5,9 @@
 //! library unloaded while optimized and loaded again gets no write from the
 //! old site; a consumer that opts out puts the uprobe back on the trap
 //! path; a fork child counts; with the optimizer off the trap path stays;
-//! a return handler on an optimized entry.
+//! a return handler on an optimized entry; a `dlopen` and a registration
+//! while a pass waits for its grace period wait for nothing; the
+//! background pass. The racing stress is `runtime_jump_uprobes_stress.rs`.
 
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
