@@ -548,3 +548,31 @@ fn the_background_pass_optimizes_a_new_uprobe() {
     assert_eq!(code_at(f as usize as u64, ADD3.len()), ADD3);
     lib.close();
 }
+
+/// A kprobe at an address inside an optimized uprobe's displaced bytes
+/// (the `jmp`'s displacement is there now) is refused, with the uprobe's
+/// text and hits unchanged.
+#[test]
+fn a_kprobe_inside_an_optimized_uprobes_displaced_bytes_is_refused() {
+    let _g = serial();
+    let so = fixture("jupkprobe");
+    let lib = Lib::open(&so);
+    let f = lib.func(c"fx_add3");
+    let at = f as usize as u64;
+    let c = counted(Arc::new(AtomicU64::new(0)), Vec::new(), false);
+    let key = register_add3(&so, &c.consumer);
+    optimized(key);
+    let before = code_at(at, ADD3.len());
+    let kp = rcu_registry::probes::kprobe::Kprobe::at(at + 2).build();
+    let r = rcu_registry::probes::runtime::Live::global()
+        .registry()
+        .register(&kp);
+    eprintln!("kprobe inside the displaced bytes: {r:?}");
+    assert!(r.is_err(), "registered inside the jmp: {r:?}");
+    assert_eq!(code_at(at, ADD3.len()), before);
+    assert_eq!(f(1), 4);
+    assert_eq!(load(&c.hits), 1);
+    live().unregister(key, &c.consumer).unwrap();
+    assert_eq!(code_at(at, ADD3.len()), ADD3);
+    lib.close();
+}
