@@ -37,6 +37,13 @@
 //!    runs the allocator's heap and the XOL area are those of a process that
 //!    registered and removed hundreds of thousands of uprobes.
 //!
+//! 4. **Jump-optimized uprobe hit** (`live_uprobe_hit/uprobe_jump`, issue
+//!    15): a 6-byte `x + 1` (`mov eax, edi; add eax, 1; ret`, which a
+//!    `jmp rel32` can displace) unprobed (`plain6`), with a uprobe on the
+//!    trap path (`uprobe_trap6`) and with the same uprobe after
+//!    `LiveUprobes::optimize_now` (`uprobe_jump`); paired against the
+//!    unprobed copy, the cost each adds per call. Runs in section 1.
+//!
 //! Diagnostics beside them: `raw_int3_before_uprobes` and
 //! `kprobe_before_uprobes` (the same two before `LiveUprobes::global()`
 //! sets up the loader watch and the uprobe dispatcher),
@@ -54,7 +61,8 @@
 //! Medians per probe and the ratios are printed at the end. Fixture
 //! libraries go to `<tmp>/rcu-registry-live_uprobe-<pid>/` (removed at the end).
 //! `LIVE_UPROBE_GEN=0` skips the generated 10,000- and 100,000-function
-//! libraries; `LIVE_UPROBE_ONLY=dlopen` runs section 3 alone. Run:
+//! libraries; `LIVE_UPROBE_ONLY=dlopen` runs section 3 alone,
+//! `LIVE_UPROBE_ONLY=hit` sections 1 and 4 alone. Run:
 //! `cargo bench --bench live_uprobe` (its own short criterion times).
 
 #[path = "../tests/dl_support/mod.rs"]
@@ -117,13 +125,68 @@ fn cc(name: &str, source: &str) -> PathBuf {
     )
 }
 
-/// Three copies of `x + 1` (`lea eax, [rdi + 1]; ret`).
+/// Three copies of `x + 1` (`lea eax, [rdi + 1]; ret`), and two of a
+/// 6-byte `x + 1` a `jmp rel32` can displace (`mov eax, edi; add eax, 1;
+/// ret`: the 4-byte one would displace its `ret`, which the optimizer
+/// refuses): `lu_plain6` unprobed, `lu_upj` for the trap and the
+/// jump-optimized uprobe.
 fn hit_fixture() -> PathBuf {
     let body = |n: &str| format!("__attribute__((noinline)) int {n}(int x) {{ return x + 1; }}\n");
+    let six = |n: &str| {
+        format!(
+            "__asm__(\".text\\n.p2align 4\\n.globl {n}\\n.type {n},@function\\n{n}:\\n\
+             .byte 0x89, 0xf8, 0x83, 0xc0, 0x01, 0xc3\\n.size {n}, . - {n}\\n\");\n"
+        )
+    };
     cc(
         "luhit",
-        &[body("lu_plain"), body("lu_kp"), body("lu_up")].concat(),
+        &[
+            body("lu_plain"),
+            body("lu_kp"),
+            body("lu_up"),
+            six("lu_plain6"),
+            six("lu_upj"),
+        ]
+        .concat(),
     )
+}
+
+/// The optimized uprobe hit (issue 15) beside the trap uprobe hit, on the
+/// 6-byte fixture: `plain6` unprobed, `uprobe_trap6` the uprobe on the
+/// trap path (its `mov` completed as the registry decides), `uprobe_jump`
+/// the same uprobe after
+/// `LiveUprobes::optimize_now`. Returns the paired medians (ns per call)
+/// of the unprobed copy, the trap uprobe and the optimized uprobe.
+fn jump_hit_benches(c: &mut Criterion, live: &LiveUprobes, so: &Path, lib: &Lib) -> [f64; 3] {
+    let (plain6, upj) = (func(lib, "lu_plain6"), func(lib, "lu_upj"));
+    // SAFETY: complete `int (int)` functions.
+    unsafe { assert_eq!(upj(41), 42) };
+    hit_bench(c, "plain6", plain6);
+    let up = quiet_consumer();
+    let key = live
+        .register(&UprobeTarget::symbol(so.to_str().unwrap(), "lu_upj"), &up)
+        .unwrap()
+        .key();
+    hit_bench(c, "uprobe_trap6", upj);
+    let trap = paired(
+        || call_loop(plain6, PAIRED_CALLS),
+        || call_loop(upj, PAIRED_CALLS),
+    );
+    let r = live.optimize_now();
+    assert!(
+        live.is_optimized(key),
+        "lu_upj not optimized: {:?} ({r:?})",
+        live.jump_refusal(key)
+    );
+    hit_bench(c, "uprobe_jump", upj);
+    let jump = paired(
+        || call_loop(plain6, PAIRED_CALLS),
+        || call_loop(upj, PAIRED_CALLS),
+    );
+    let hits = up.hits();
+    live.unregister(key, &up).unwrap();
+    assert!(hits > 0);
+    [(trap.0 + jump.0) / 2.0, trap.1, jump.1]
 }
 
 /// `lib<name>.so` with `n` functions `gN(x) = x + N` (`lea eax, [rdi +
@@ -459,9 +522,15 @@ fn main() {
         return;
     }
     let kprobes = Live::global().registry();
-    let fresh_dlopen = fresh_paired_dlopen(
-        LiveUprobes::global().expect("live uprobes (a dynamically linked bench)"),
-    );
+    // `LIVE_UPROBE_ONLY=hit`: section 1 alone (with the optimized uprobe).
+    let only_hit = std::env::var("LIVE_UPROBE_ONLY").is_ok_and(|v| v == "hit");
+    let fresh_dlopen = if only_hit {
+        f64::NAN
+    } else {
+        fresh_paired_dlopen(
+            LiveUprobes::global().expect("live uprobes (a dynamically linked bench)"),
+        )
+    };
 
     // 1. Hit cost.
     let hit_so = hit_fixture();
@@ -513,6 +582,39 @@ fn main() {
         || call_loop(up_f, PAIRED_CALLS),
     );
     kprobes.unregister(&kp).unwrap();
+    // The optimized uprobe beside the trap one.
+    let [p6, trap6, jump6] = jump_hit_benches(&mut c, live, &hit_so, &lib);
+    let m = |id: &str| median_ns(id);
+    let jump_summary = || {
+        println!(
+            "  paired ({PAIRED_ROUNDS} rounds of {PAIRED_CALLS} calls), 6-byte function: \
+             unprobed {p6:.1} ns, trap uprobe {trap6:.1} ns (+{:.1} ns per call), \
+             jump-optimized uprobe {jump6:.1} ns (+{:.1} ns per call); trap / jump added cost \
+             {:.1}x",
+            trap6 - p6,
+            jump6 - p6,
+            (trap6 - p6) / (jump6 - p6)
+        );
+        if let (Some(p), Some(t), Some(j)) =
+            (m("hit/plain6"), m("hit/uprobe_trap6"), m("hit/uprobe_jump"))
+        {
+            println!(
+                "  hit, 6-byte function: plain {p:.1} ns, trap uprobe {t:.1} ns, \
+                 jump-optimized uprobe {j:.1} ns (+{:.1} ns per call)",
+                j - p
+            );
+        }
+    };
+    if only_hit {
+        live.unregister(up_key, &up).unwrap();
+        lib.close();
+        c.final_summary();
+        let _ = std::fs::remove_dir_all(dl_support::fixture_dir(FIXTURES));
+        println!("\nlive uprobes, hits only (medians):");
+        println!("  paired: kprobe {pk:.1} ns, uprobe {pu:.1} ns; uprobe / kprobe {pr:.3}x");
+        jump_summary();
+        return;
+    }
 
     // 2. Attach at scale: the C library, then a generated one.
     let libc_so = libc_path();
@@ -585,8 +687,8 @@ fn main() {
     c.final_summary();
     let _ = std::fs::remove_dir_all(dl_support::fixture_dir(FIXTURES));
 
-    let m = |id: &str| median_ns(id);
     println!("\nlive uprobes (medians):");
+    jump_summary();
     println!(
         "  paired ({PAIRED_ROUNDS} rounds of {PAIRED_CALLS} calls): kprobe {pk:.1} ns, uprobe \
          {pu:.1} ns; uprobe / kprobe {pr:.3}x (target <= 1.15x: {})",

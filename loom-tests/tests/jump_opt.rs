@@ -34,6 +34,14 @@
 //! tail is restored, adding the post handler without the grace period,
 //! freeing the detour without the wait.
 //!
+//! A second, smaller model (`UprobeCell`) covers the uprobe resume cell
+//! (`uprobe/jump.rs`): one `(address, resume)` pair per uprobe, which trap
+//! hits at one install read (resume with Acquire, address Relaxed) while
+//! the optimizer points it at one install, clears it and points it at
+//! another install (a file mapped twice): with the grace period between
+//! clearing and re-pointing, no trap hit resumes in another install's
+//! detour; without it (the mutation) one can.
+//!
 //! What it does NOT cover: the detour's register save and restore, the
 //! relocation, more than one calling thread, batches of sites, signals
 //! (a thread inside another handler: the runtime refuses without a proof),
@@ -43,7 +51,7 @@
 
 mod probe_common;
 
-use loom::sync::atomic::{fence, AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use loom::sync::atomic::{fence, AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use loom::sync::Arc;
 use loom::thread;
 use probe_common::model;
@@ -257,4 +265,74 @@ fn the_model_catches_a_post_handler_added_without_the_grace_period() {
 #[should_panic(expected = "freed under a thread")]
 fn the_model_catches_a_detour_freed_without_the_wait() {
     run(Mutation::FreeWithoutWait);
+}
+
+/// The uprobe resume cell (`uprobe/jump.rs`, `UprobeCell::set_resume`,
+/// `Uprobe::jump_resume`).
+struct UprobeCell {
+    rcu: ModelDomain,
+    resume: AtomicU64,
+    at: AtomicU64,
+}
+
+const INSTALL_A: u64 = 0x1000;
+const INSTALL_B: u64 = 0x2000;
+const DETOUR_A: u64 = 0xa0;
+const DETOUR_B: u64 = 0xb0;
+
+impl UprobeCell {
+    fn set(&self, addr: u64, resume: u64) {
+        self.at.store(addr, Ordering::Relaxed);
+        self.resume.store(resume, Ordering::Release);
+    }
+
+    /// A trap hit at `vaddr`: where it resumes (0: completes the
+    /// instruction itself).
+    fn trap_hit(&self, vaddr: u64) -> u64 {
+        let _g = self.rcu.read();
+        let r = self.resume.load(Ordering::Acquire);
+        if r != 0 && self.at.load(Ordering::Relaxed) == vaddr {
+            r
+        } else {
+            0
+        }
+    }
+}
+
+fn run_cell(grace_period: bool) {
+    model(move || {
+        let cell = Arc::new(UprobeCell {
+            rcu: ModelDomain::new(),
+            resume: AtomicU64::new(0),
+            at: AtomicU64::new(0),
+        });
+        cell.set(INSTALL_A, DETOUR_A);
+        let c = Arc::clone(&cell);
+        let hit_b = thread::spawn(move || {
+            let r = c.trap_hit(INSTALL_B);
+            assert!(
+                r == 0 || r == DETOUR_B,
+                "a trap hit resumed in another install's detour"
+            );
+        });
+        // Un-optimized (a pass's stale site), then the other install
+        // optimized: the reclaim's grace period comes between.
+        cell.resume.store(0, Ordering::Release);
+        if grace_period {
+            cell.rcu.synchronize();
+        }
+        cell.set(INSTALL_B, DETOUR_B);
+        hit_b.join().unwrap();
+    });
+}
+
+#[test]
+fn a_uprobe_trap_hit_resumes_only_in_its_own_installs_detour() {
+    run_cell(true);
+}
+
+#[test]
+#[should_panic(expected = "another install's detour")]
+fn the_model_catches_a_resume_cell_pointed_elsewhere_without_a_grace_period() {
+    run_cell(false);
 }

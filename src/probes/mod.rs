@@ -5,6 +5,7 @@ pub mod arch;
 pub mod error;
 #[cfg(not(loom))]
 mod exit_key;
+pub mod jump_sites;
 pub mod kprobe;
 pub mod outcome;
 #[cfg(all(target_os = "linux", not(loom)))]

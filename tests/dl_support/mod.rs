@@ -149,3 +149,24 @@ pub fn call_each(lib: &Lib, n: usize, spread: usize) -> Vec<u64> {
 pub fn snapshot(counts: &[AtomicU64]) -> Vec<u64> {
     counts.iter().map(|c| c.load(Ordering::SeqCst)).collect()
 }
+
+/// The source of a fixture of `int NAME(int x)` functions returning `x +
+/// K` for each `(NAME, K)`, each `mov eax, edi; add eax, K; ret` laid out
+/// byte by byte (five bytes of two relocatable instructions before the
+/// `ret`: what a jump-optimized probe displaces), 16-byte aligned.
+pub fn add_k_source(funcs: &[(&str, u8)]) -> String {
+    let mut s = String::from("__asm__(\n    \".text\\n\"\n");
+    for (name, k) in funcs {
+        s.push_str(&format!(
+            "    \".p2align 4\\n.globl {name}\\n.type {name},@function\\n{name}:\\n\"\n    \
+             \".byte 0x89, 0xf8, 0x83, 0xc0, {k:#04x}, 0xc3\\n.size {name}, . - {name}\\n\"\n"
+        ));
+    }
+    s.push_str(");\n");
+    s
+}
+
+/// The bytes of an [`add_k_source`] function adding `k`.
+pub const fn add_k_bytes(k: u8) -> [u8; 6] {
+    [0x89, 0xf8, 0x83, 0xc0, k, 0xc3]
+}

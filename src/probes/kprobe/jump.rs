@@ -36,9 +36,9 @@
 //! `jmp` would confuse (restore the original byte, decode a function that
 //! holds one, add a member with a post handler), it calls
 //! [`JumpHook::to_trap_path`] with the writer mutex held; the optimizer puts
-//! the sites back on the trap path first (`runtime/jump.rs`).
+//! the sites back on the trap path first (`runtime/jump.rs`). The hook, the
+//! outcome and the candidate are shared with uprobes (`probes/jump_sites.rs`).
 
-use std::ops::Range;
 use std::sync::Arc;
 
 use super::kretprobe::EntryContext;
@@ -46,92 +46,24 @@ use super::probe::{Action, Handlers};
 use super::registry::{KprobeRegistry, Writer};
 use super::table::SiteExec;
 use crate::probes::arch::{Arch, DataMemory, Regs};
+use crate::probes::jump_sites::{DetourCell, JumpCandidate};
 use crate::probes::reentry::KprobeScope;
-use crate::probes::text::{TextIdentity, TextMemory};
+use crate::probes::text::TextMemory;
 use crate::sync::atomic::Ordering;
 
-/// What a jump optimizer does before the registry touches text it may have
-/// rewritten. See `kprobe/jump.rs`.
-pub trait JumpHook: Send + Sync + 'static {
-    /// Puts every optimized site whose displaced bytes intersect `range`
-    /// back on the trap path (`int3` at its first byte, its original bytes
-    /// after it, no hit running handlers from its detour that began before
-    /// the call) before returning. Called with the registry's writer mutex
-    /// held; `add_post` is true when a member with a post handler is about
-    /// to join the site at `range.start` (the only case that needs a grace
-    /// period).
-    fn to_trap_path(&self, range: Range<u64>, add_post: bool);
-}
+pub use crate::probes::jump_sites::{JumpHit, JumpHook};
 
-/// Where a detour sends the thread after [`KprobeRegistry::on_jump_hit`].
-#[must_use = "the outcome says where the thread goes"]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum JumpHit {
-    /// Run the relocated displaced instructions, then jump back past them.
-    Continue,
-    /// A pre handler asked to skip the displaced instructions: resume at
-    /// `regs.ip`.
-    Skip,
-    /// Nothing ran: the site is not optimized any more (or is gone). Resume
-    /// at the probed address with the registers unchanged; the `int3` (or
-    /// the original code) is there.
-    Redirect,
-}
-
-/// What the optimizer reads of one site (writer mutex held).
-#[cfg_attr(
-    not(all(target_os = "linux", target_arch = "x86_64", not(loom))),
-    allow(dead_code)
-)]
-#[derive(Clone, Debug)]
-pub(crate) struct JumpCandidate {
-    pub(crate) addr: u64,
-    /// The breakpoint is written (only an armed site is optimized).
-    pub(crate) armed: bool,
-    /// Some member needs the trap path (a post handler) or opted out.
-    pub(crate) needs_trap: bool,
-    pub(crate) opted_out: bool,
-    /// The site's XOL slot, where a trap hit may be on its way back into
-    /// the displaced bytes.
-    pub(crate) slot: Option<u64>,
-    pub(crate) text_id: TextIdentity,
-    /// Where the site's trap hits resume (see [`DetourCell`]).
-    pub(crate) detour: DetourCell,
-}
-
-/// A site's "resume in the detour" address, as the optimizer holds it: trap
-/// hits without post handlers that read a non-zero value resume there
-/// instead of completing the displaced instruction themselves (`hit.rs`).
-/// Holding it keeps the site's exec (not its membership) alive.
-#[cfg_attr(
-    not(all(target_os = "linux", target_arch = "x86_64", not(loom))),
-    allow(dead_code)
-)]
-#[derive(Clone)]
-pub(crate) struct DetourCell(Arc<SiteExec>);
-
-impl std::fmt::Debug for DetourCell {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "DetourCell({:#x})",
-            self.0.detour.load(Ordering::Relaxed)
-        )
-    }
-}
-
-#[cfg_attr(
-    not(all(target_os = "linux", target_arch = "x86_64", not(loom))),
-    allow(dead_code)
-)]
-impl DetourCell {
-    /// Points the site's trap hits at `detour` (0: back to completing the
-    /// displaced instruction). Called by the optimizer with the registry's
-    /// writer mutex held.
-    pub(crate) fn set(&self, detour: u64) {
+// A kprobe site's trap hits read their detour from the site's exec
+// (`hit.rs`); holding it keeps the exec (not the site's membership) alive.
+impl crate::probes::jump_sites::ResumeCell for SiteExec {
+    fn set_resume(&self, _addr: u64, resume: u64) {
         // Release pairs with the Acquire load in `hit`: a trap hit that
         // sees the address sees the detour's bytes, written before.
-        self.0.detour.store(detour, Ordering::Release);
+        self.detour.store(resume, Ordering::Release);
+    }
+
+    fn cell_id(&self) -> usize {
+        self as *const SiteExec as usize
     }
 }
 
@@ -214,7 +146,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 opted_out: st.probes().any(|p| p.jump_opt_out()),
                 slot: st.exec.plan.as_ref().map(|p| p.slot_addr),
                 text_id: st.text_id,
-                detour: DetourCell(Arc::clone(&st.exec)),
+                detour: DetourCell::new(addr, Arc::clone(&st.exec) as _),
             })
             .collect()
     }

@@ -205,9 +205,6 @@ pub use hit::{HitOutcome, StepResult, StepToken};
 #[cfg(test)]
 pub(crate) use instances::test_hooks;
 pub use instances::ThreadKey;
-// The x86_64 live runtime's optimizer (`runtime/jump.rs`) is their only user.
-#[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
-pub(crate) use jump::{DetourCell, JumpCandidate};
 pub use jump::{JumpHit, JumpHook};
 pub use kretprobe::{
     default_maxactive, EntryAction, EntryHandler, Kretprobe, KretprobeBuilder, ReturnHandler,

@@ -1,11 +1,35 @@
-//! Jump-optimized kprobes (x86_64, this process): a hit without a trap.
+//! Jump-optimized kprobes and live uprobes (x86_64, this process): a hit
+//! without a trap.
 //!
-//! A registered kprobe is an `int3`: every hit costs a SIGTRAP and an
-//! `rt_sigreturn`, microseconds. The [`JumpOptimizer`] replaces the `int3`
-//! and the bytes after it with a `jmp rel32` to a per-site *detour*
+//! A registered kprobe or uprobe is an `int3`: every hit costs a SIGTRAP
+//! and an `rt_sigreturn`, microseconds. The [`JumpOptimizer`] replaces the
+//! `int3` and the bytes after it with a `jmp rel32` to a per-site *detour*
 //! (`jump/detour.rs`) that saves the registers, runs the same hit path
-//! (`kprobe/jump.rs`), restores them, runs the displaced instructions
-//! relocated and jumps back: tens of nanoseconds.
+//! (`kprobe/jump.rs`, `uprobe/jump.rs`), restores them, runs the displaced
+//! instructions relocated and jumps back: tens of nanoseconds.
+//!
+//! # One optimizer, two registries
+//!
+//! The kprobe registry ([`Live`](super::Live)) and the live uprobes
+//! ([`LiveUprobes`](super::uprobes::LiveUprobes)) each have an optimizer of
+//! this one implementation, which sees its registry through
+//! `jump/sites.rs`'s `JumpSites`: the candidates (a uprobe's: each mapped
+//! install), the function extents, the original text, the grace period,
+//! the text, and the detour's hit path (the slot names the registry). What
+//! "the registry's writer mutex" means below: for kprobes that mutex, held
+//! by the pass throughout; for uprobes, which have a lock per file rather
+//! than one writer, a pass lock of the runtime's (one pass at a time) and
+//! the optimizer's own state lock, which every uprobe writer takes in the
+//! hook before it touches text. The pass releases the state lock across
+//! its grace periods and quiescence waits (steps 3 and 4, the reclaim): a
+//! uprobe writer waits in the hook with a file's stripe held, and the
+//! dynamic linker's thread may wait for a stripe inside a read section, so
+//! no stripe holder may wait for a grace period. The batch's sites are
+//! *pending* meanwhile: a hook that meets one takes it back (its resume
+//! cell cleared, its detour retired) and the pass leaves it alone; before
+//! step 5 the pass checks, locked again, that the site still has its
+//! `int3`. The shared pieces the two registries give the optimizer (the
+//! hook, the candidate, the resume cell) are `probes/jump_sites.rs`.
 //!
 //! # When a site is optimized
 //!
@@ -98,10 +122,16 @@
 //! - The refused ranges (`refuse.rs`) do not list the stubs and the Rust
 //!   half yet: a kprobe on them takes the trap path, which serves it, but
 //!   it is not refused.
-//! - In-process uprobes are not optimized.
+//! - Uprobes: a uprobe's trap hits have one resume cell, so one install
+//!   per uprobe is optimized (`JumpRefusal::SharedUprobe`); a cell cleared
+//!   is pointed at another address only after a grace period (a pass
+//!   forgets its stale sites before its reclaim's grace period). A
+//!   function with another registry's breakpoint in it is refused
+//!   (`OtherProbeInside`): it would decode as other code.
 
 mod background;
 pub(crate) mod detour;
+pub(crate) mod sites;
 pub(crate) mod stubs;
 
 pub use background::OPTIMIZE_DELAY;
@@ -111,14 +141,16 @@ use std::ops::Range;
 use std::sync::{Arc, OnceLock};
 
 use self::detour::{detour_bytes, jump_to, JumpSlot, DETOUR_BYTES, RELOCATED_AT};
+use self::sites::{JumpSites, JumpView};
 use self::stubs::Stub;
 use super::in_process::sync_cores;
 use super::quiesce::{quiesce, QUIESCE_TIMEOUT};
 use super::symbols::ProcessSymbols;
 use super::xol::{XolArea, XolStats};
-use super::LiveRegistry;
-use crate::probes::arch::x86_64::jump::{analyze_jump_site, JumpRefusal, JumpSite, JUMP_LEN};
-use crate::probes::kprobe::{JumpCandidate, JumpHook};
+use crate::probes::arch::x86_64::jump::{
+    analyze_jump_site, JumpRefusal, JumpSite, JUMP_LEN, MAX_DISPLACED,
+};
+use crate::probes::jump_sites::{DetourCell, JumpCandidate, JumpHook};
 use crate::probes::resolve::SymbolResolver;
 use crate::probes::text::{TextIdentity, TextMemory};
 use crate::sync::atomic::{AtomicBool, Ordering};
@@ -134,7 +166,7 @@ struct Optimized {
     detour: u64,
     slot: &'static JumpSlot,
     text_id: TextIdentity,
-    cell: crate::probes::kprobe::DetourCell,
+    cell: DetourCell,
 }
 
 #[derive(Debug, Default)]
@@ -146,7 +178,22 @@ struct State {
     retired: Vec<u64>,
     /// Why the last pass left a site on the trap path.
     refusals: BTreeMap<u64, JumpRefusal>,
+    /// Sites of the pass under way between steps 2 and 5 (their detours
+    /// written, their trap hits sent there, the state unlocked for the
+    /// waits); the hook takes them back.
+    pending: BTreeMap<u64, Pending>,
 }
+
+/// A site of the pass under way, between steps 2 and 5.
+#[derive(Debug)]
+struct Pending {
+    displaced: Range<u64>,
+    detour: u64,
+    cell: DetourCell,
+}
+
+/// A site accepted by a pass, with its detour and slot.
+type Ready = (JumpCandidate, JumpSite, u64, &'static JumpSlot);
 
 /// What one [`JumpOptimizer::optimize_now`] did.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -163,10 +210,13 @@ pub struct JumpReport {
     pub reclaimed_proven: usize,
 }
 
-/// The jump optimizer of one live registry (module docs).
+/// The jump optimizer of one live registry (module docs): the kprobe
+/// registry's ([`Live::jump_optimizer`](super::Live::jump_optimizer)) or
+/// the live uprobes'
+/// ([`LiveUprobes::jump_optimizer`](super::uprobes::LiveUprobes::jump_optimizer)).
 pub struct JumpOptimizer {
     enabled: AtomicBool,
-    registry: OnceLock<&'static LiveRegistry>,
+    registry: OnceLock<&'static dyn JumpSites>,
     symbols: OnceLock<ProcessSymbols>,
     detours: XolArea,
     state: Mutex<State>,
@@ -200,13 +250,14 @@ impl JumpOptimizer {
 
     /// Binds the registry (once, after it is leaked) and the symbols the
     /// Rust half's extents are looked up in.
-    pub(crate) fn bind(&self, registry: &'static LiveRegistry, symbols: ProcessSymbols) {
+    pub(crate) fn bind(&self, registry: &'static dyn JumpSites, symbols: ProcessSymbols) {
         let _ = self.registry.set(registry);
         let _ = self.symbols.set(symbols);
     }
 
-    fn registry(&self) -> &'static LiveRegistry {
-        self.registry
+    fn registry(&self) -> &'static dyn JumpSites {
+        *self
+            .registry
             .get()
             .expect("a live registry binds its optimizer")
     }
@@ -227,8 +278,8 @@ impl JumpOptimizer {
         // Relaxed: see `is_enabled`.
         self.enabled.store(on, Ordering::Relaxed);
         if !on {
-            let _w = self.registry().lock_writer();
-            self.to_trap_path(0..u64::MAX, false);
+            self.registry()
+                .with_writer(&mut |_| self.to_trap_path(0..u64::MAX, false));
         }
     }
 
@@ -237,15 +288,43 @@ impl JumpOptimizer {
     /// handlers rely on: they hold the writer mutex, so no thread holds the
     /// state's mutex at a fork).
     fn read_state<R>(&self, f: impl FnOnce(&State) -> R) -> R {
-        let _w = self.registry().lock_writer();
-        f(&self.lock())
+        let mut f = Some(f);
+        let mut out = None;
+        self.registry().with_writer(&mut |_| {
+            if let Some(f) = f.take() {
+                out = Some(f(&self.lock()));
+            }
+        });
+        out.expect("with_writer runs its closure")
+    }
+
+    /// Runs `f` with the registry's view and the state locked (in that
+    /// order: see `read_state`).
+    fn with_state<R>(&self, f: impl FnOnce(&dyn JumpView, &mut State) -> R) -> R {
+        let mut f = Some(f);
+        let mut out = None;
+        self.registry().with_writer(&mut |view| {
+            if let Some(f) = f.take() {
+                out = Some(f(view, &mut self.lock()));
+            }
+        });
+        out.expect("with_writer runs its closure")
     }
 
     /// Whether the site at `addr` is optimized now. Takes the registry's
     /// writer mutex (as every method here does): never from a probe
     /// handler, whose read section a pass holding the mutex may wait for.
+    /// A site whose text went away (and was perhaps mapped again, not
+    /// holding its `jmp`) is not, though the next pass has yet to forget it.
     pub fn is_optimized(&self, addr: u64) -> bool {
-        self.read_state(|st| st.optimized.contains_key(&addr))
+        self.read_state(|st| st.optimized.get(&addr).is_some_and(|o| self.holds_jump(o)))
+    }
+
+    /// Whether the text at `o`'s site holds its `jmp`.
+    fn holds_jump(&self, o: &Optimized) -> bool {
+        let jmp = jump_to(o.site.addr, o.detour).expect("it was written");
+        let mut now = [0u8; JUMP_LEN];
+        self.registry().text().read(o.site.addr, &mut now).is_ok() && now == jmp
     }
 
     /// Why the last pass left the site at `addr` on the trap path, if it
@@ -264,67 +343,60 @@ impl JumpOptimizer {
     /// last pass. Waits for a grace period and one or two quiescence
     /// rounds; never call it from a probe handler.
     pub fn optimize_now(&self) -> JumpReport {
+        let mut report = None;
+        self.registry()
+            .with_writer(&mut |view| report = Some(self.pass(view)));
+        report.expect("with_writer runs its closure")
+    }
+
+    /// [`optimize_now`](Self::optimize_now) inside the registry's view.
+    /// The state is locked around each step that reads or changes it, and
+    /// released across the grace periods and quiescence waits: a uprobe
+    /// writer waits in the hook for the lock with a file's stripe held,
+    /// and the dynamic linker's thread, inside a read section, may wait for
+    /// that stripe (kprobe writers wait for the writer mutex, which the
+    /// kprobe registry's view holds throughout).
+    fn pass(&self, view: &dyn JumpView) -> JumpReport {
         let registry = self.registry();
-        let w = registry.lock_writer();
-        let mut st = self.lock();
         let mut report = JumpReport::default();
-        self.reclaim_locked(&mut st, &mut report);
+        let cands = view.candidates();
+        // Sites whose text went away (a library unloaded: the registry
+        // detached them without restoring anything), that are no longer
+        // armed, or whose text does not hold their `jmp` (text mapped again
+        // at the same address): forget them. The writes check the text's
+        // identity and bytes, so nothing is written into code that
+        // replaced them.
+        let retired = {
+            let mut st = self.lock();
+            let stale: Vec<u64> = st
+                .optimized
+                .iter()
+                .filter(|(a, o)| {
+                    !self.holds_jump(o)
+                        || !cands
+                            .iter()
+                            .any(|c| c.addr == **a && c.armed && c.text_id == o.text_id)
+                })
+                .map(|(&a, _)| a)
+                .collect();
+            for a in stale {
+                if let Some(o) = st.optimized.remove(&a) {
+                    self.unoptimize(&mut st, o, false);
+                }
+            }
+            std::mem::take(&mut st.retired)
+        };
+        // After the stale sites: a resume cell one of them cleared is
+        // pointed elsewhere only after this grace period (`uprobe/jump.rs`).
+        self.reclaim_list(retired, &mut report);
         if !self.is_enabled() {
             return report;
         }
-        let cands = registry.jump_candidates(&w);
-        // Sites whose text went away (a library unloaded: the registry
-        // detached them without restoring anything) or that are no longer
-        // armed: forget them. The writes check the text's identity, so
-        // nothing is written into code that replaced them.
-        let stale: Vec<u64> = st
-            .optimized
-            .iter()
-            .filter(|(a, o)| {
-                !cands
-                    .iter()
-                    .any(|c| c.addr == **a && c.armed && c.text_id == o.text_id)
-            })
-            .map(|(&a, _)| a)
-            .collect();
-        for a in stale {
-            if let Some(o) = st.optimized.remove(&a) {
-                self.unoptimize(&mut st, o, false);
-            }
-        }
-        let mut batch = Vec::new();
-        for c in &cands {
-            if st.optimized.contains_key(&c.addr) {
-                report.already += 1;
-                continue;
-            }
-            match self.prepare(&w, &st, &cands, c) {
-                Ok(site) => batch.push((c.clone(), site)),
-                Err(r) => {
-                    st.refusals.insert(c.addr, r);
-                    report.refused.push((c.addr, r));
-                }
-            }
-        }
-        let mut ready = Vec::new();
-        for (c, (site, stub)) in batch {
-            match self.write_detour(&mut st, &site, stub) {
-                Ok((detour, slot)) => ready.push((c, site, detour, slot)),
-                Err(r) => {
-                    st.refusals.insert(c.addr, r);
-                    report.refused.push((c.addr, r));
-                }
-            }
-        }
-        if ready.is_empty() {
+        let Some(ready) = self.prepare_batch(view, &cands, &mut report) else {
             return report;
-        }
-        // 2: trap hits resume in the detours.
-        for (c, _, detour, _) in &ready {
-            c.detour.set(detour + RELOCATED_AT);
-        }
-        // 3 and 4.
-        registry.rcu.synchronize();
+        };
+        // 3 and 4, unlocked.
+        registry.synchronize();
         let mut ranges: Vec<Range<u64>> = Vec::new();
         for (c, site, _, _) in &ready {
             ranges.push(site.addr + 1..site.resume_addr());
@@ -332,8 +404,15 @@ impl JumpOptimizer {
                 ranges.push(s..s + crate::probes::arch::MAX_XOL_SLOT as u64);
             }
         }
-        let wait = quiesce(&ranges, QUIESCE_TIMEOUT);
-        if !wait.proves_quiescence() {
+        let proof = quiesce(&ranges, QUIESCE_TIMEOUT).proves_quiescence();
+        let mut st = self.lock();
+        // A site the hook put back meanwhile is no longer pending (its
+        // cell cleared, its detour retired): left alone.
+        let ready: Vec<_> = ready
+            .into_iter()
+            .filter(|(c, ..)| st.pending.remove(&c.addr).is_some())
+            .collect();
+        if !proof {
             for (c, _, detour, _) in ready {
                 c.detour.set(0);
                 st.retired.push(detour);
@@ -342,13 +421,22 @@ impl JumpOptimizer {
             }
             return report;
         }
-        // 5: the tails, under the int3.
+        // 5: the tails, under the int3 (checked first: no registry writes
+        // the site's first byte without the hook, which waits for the lock
+        // held from here on).
         let text = registry.text();
         let mut written = Vec::new();
         for (c, site, detour, slot) in ready {
             let jmp = jump_to(site.addr, detour).expect("checked by write_detour");
             let tail = &site.bytes()[1..JUMP_LEN];
-            match text.write_in(&c.text_id, site.addr + 1, tail, &jmp[1..]) {
+            let mut first = [0u8; 1];
+            let guarded = text.read(site.addr, &mut first).is_ok() && first == [0xcc];
+            let wrote = if guarded {
+                text.write_in(&c.text_id, site.addr + 1, tail, &jmp[1..])
+            } else {
+                Err(crate::probes::ProbeError::TextGone { addr: site.addr })
+            };
+            match wrote {
                 Ok(()) => written.push((c, site, detour, slot, jmp)),
                 Err(_) => {
                     c.detour.set(0);
@@ -395,27 +483,87 @@ impl JumpOptimizer {
             );
         }
         sync_cores();
-        drop(st);
-        drop(w);
         report
+    }
+
+    /// Steps 1 and 2 under the state lock: the accepted candidates' detours
+    /// written, their trap hits pointed there, each site pending until
+    /// step 5. `None` when there is none.
+    fn prepare_batch(
+        &self,
+        view: &dyn JumpView,
+        cands: &[JumpCandidate],
+        report: &mut JumpReport,
+    ) -> Option<Vec<Ready>> {
+        let mut st = self.lock();
+        let mut batch: Vec<(JumpCandidate, (JumpSite, Stub))> = Vec::new();
+        for c in cands {
+            if st.optimized.contains_key(&c.addr) {
+                report.already += 1;
+                continue;
+            }
+            let shared = st
+                .optimized
+                .iter()
+                .map(|(&a, o)| (a, &o.cell))
+                .chain(batch.iter().map(|(b, _)| (b.addr, &b.detour)))
+                .find(|(_, cell)| cell.same_cell(&c.detour));
+            if let Some((with, _)) = shared {
+                let r = JumpRefusal::SharedUprobe { with };
+                st.refusals.insert(c.addr, r);
+                report.refused.push((c.addr, r));
+                continue;
+            }
+            match self.prepare(view, &st, cands, c) {
+                Ok(site) => batch.push((c.clone(), site)),
+                Err(r) => {
+                    st.refusals.insert(c.addr, r);
+                    report.refused.push((c.addr, r));
+                }
+            }
+        }
+        let mut ready = Vec::new();
+        for (c, (site, stub)) in batch {
+            match self.write_detour(&mut st, &site, stub) {
+                Ok((detour, slot)) => ready.push((c, site, detour, slot)),
+                Err(r) => {
+                    st.refusals.insert(c.addr, r);
+                    report.refused.push((c.addr, r));
+                }
+            }
+        }
+        // 2: trap hits resume in the detours.
+        for (c, site, detour, _) in &ready {
+            c.detour.set(detour + RELOCATED_AT);
+            st.pending.insert(
+                c.addr,
+                Pending {
+                    displaced: site.addr..site.resume_addr(),
+                    detour: *detour,
+                    cell: c.detour.clone(),
+                },
+            );
+        }
+        (!ready.is_empty()).then_some(ready)
     }
 
     /// Frees the detours retired since the last pass (module docs,
     /// "Freeing a detour"). Returns how many, and how many with a proof.
     pub fn reclaim(&self) -> (usize, usize) {
-        let _w = self.registry().lock_writer();
-        let mut st = self.lock();
         let mut report = JumpReport::default();
-        self.reclaim_locked(&mut st, &mut report);
+        self.registry().with_writer(&mut |_| {
+            let retired = std::mem::take(&mut self.lock().retired);
+            self.reclaim_list(retired, &mut report);
+        });
         (report.reclaimed, report.reclaimed_proven)
     }
 
-    fn reclaim_locked(&self, st: &mut State, report: &mut JumpReport) {
-        if st.retired.is_empty() {
+    /// Frees `retired`, taken from the state: waits unlocked.
+    fn reclaim_list(&self, retired: Vec<u64>, report: &mut JumpReport) {
+        if retired.is_empty() {
             return;
         }
-        let retired = std::mem::take(&mut st.retired);
-        self.registry().rcu.synchronize();
+        self.registry().synchronize();
         let mut ranges: Vec<Range<u64>> = retired
             .iter()
             .map(|&d| d..d + DETOUR_BYTES as u64)
@@ -443,7 +591,7 @@ impl JumpOptimizer {
     /// Accepts or refuses one candidate (no write).
     fn prepare(
         &self,
-        w: &crate::probes::kprobe::JumpWriter,
+        view: &dyn JumpView,
         st: &State,
         cands: &[JumpCandidate],
         c: &JumpCandidate,
@@ -455,16 +603,23 @@ impl JumpOptimizer {
             return Err(JumpRefusal::OptedOut);
         }
         let registry = self.registry();
-        let func = registry
-            .resolver
+        let func = view
             .function_containing(c.addr)
             .ok_or(JumpRefusal::NoFunction)?;
-        let mut text = vec![0u8; (func.end() - func.start) as usize];
-        registry
-            .original_text(w, func.start, &mut text)
+        let mut text = vec![0u8; (func.end - func.start) as usize];
+        view.original_text(func.start, &mut text)
             .map_err(|_| JumpRefusal::TextAccess)?;
+        // Another registry's breakpoint in the function would decode as a
+        // one-byte instruction: the analysis would be of other code.
+        if let Some(at) = (func.start..func.end)
+            .zip(&text)
+            .find(|&(a, &b)| b == 0xcc && registry.text().holder_at(a).is_some())
+            .map(|(a, _)| a)
+        {
+            return Err(JumpRefusal::OtherProbeInside { at });
+        }
         // Other optimized sites of the function: their original bytes.
-        for (&a, o) in st.optimized.range(func.start..func.end()) {
+        for (&a, o) in st.optimized.range(func.start..func.end) {
             let at = (a - func.start) as usize;
             let b = o.site.bytes();
             let n = b.len().min(text.len() - at);
@@ -544,7 +699,7 @@ impl JumpOptimizer {
         o.slot.live.store(false, Ordering::Release);
         // 3.
         if add_post {
-            registry.rcu.synchronize();
+            registry.synchronize();
         }
         // 4.
         if !gone {
@@ -565,9 +720,30 @@ impl JumpOptimizer {
 impl JumpHook for JumpOptimizer {
     fn to_trap_path(&self, range: Range<u64>, add_post: bool) {
         let mut st = self.lock();
+        // Pending sites of a pass under way (waiting unlocked): back to
+        // completing their first instruction themselves; the pass leaves
+        // them alone when it resumes.
+        let pending: Vec<u64> = st
+            .pending
+            .iter()
+            .filter(|(_, p)| p.displaced.start < range.end && p.displaced.end > range.start)
+            .map(|(&a, _)| a)
+            .collect();
+        for a in pending {
+            if let Some(p) = st.pending.remove(&a) {
+                p.cell.set(0);
+                st.retired.push(p.detour);
+            }
+        }
+        if st.optimized.is_empty() {
+            return;
+        }
+        // A site's displaced bytes start at most `MAX_DISPLACED` before
+        // any address they hold.
+        let from = range.start.saturating_sub(MAX_DISPLACED as u64);
         let hit: Vec<u64> = st
             .optimized
-            .iter()
+            .range(from..range.end)
             .filter(|(_, o)| o.site.addr < range.end && o.site.resume_addr() > range.start)
             .map(|(&a, _)| a)
             .collect();

@@ -26,6 +26,19 @@
 //!   [`StepStash`]); a trap on the return trampoline runs the return
 //!   handlers and resumes at the real return address.
 //!
+//! # Jump optimization (x86_64)
+//!
+//! [`LiveUprobes::optimize_now`] replaces the `int3` of every install that
+//! can be with a `jmp` to a detour that runs the consumers without a trap
+//! (the kprobes' optimizer, `runtime/jump.rs`, over this registry:
+//! `uprobes/jump.rs`); [`LiveUprobes::is_optimized`] and
+//! [`LiveUprobes::jump_refusal`] report per uprobe,
+//! [`LiveUprobes::jump_optimizer`] switches it off or starts its background
+//! pass. A consumer built with
+//! [`jump_opt_out`](crate::probes::uprobe::ConsumerBuilder::jump_opt_out)
+//! keeps its uprobe on the trap path. Call `optimize_now` once after a
+//! batch of registrations.
+//!
 //! # Batches
 //!
 //! [`LiveUprobes::register_many`] resolves every target (each file opened
@@ -70,6 +83,8 @@
 //! the image: out of scope.
 
 mod disk;
+#[cfg(target_arch = "x86_64")]
+mod jump;
 mod space;
 
 use std::collections::HashMap;
@@ -147,6 +162,12 @@ pub struct LiveUprobes {
     mapped: AtomicU64,
     unmapped: AtomicU64,
     install_errors: AtomicU64,
+    /// The jump optimizer (`uprobes/jump.rs`).
+    #[cfg(target_arch = "x86_64")]
+    jump: Arc<super::jump::JumpOptimizer>,
+    /// One optimizer pass (or query) at a time (`uprobes/jump.rs`).
+    #[cfg(target_arch = "x86_64")]
+    jump_pass: Mutex<()>,
 }
 
 impl std::fmt::Debug for LiveUprobes {
@@ -209,6 +230,11 @@ impl LiveUprobes {
         // the C library on the trap path (`Flavor::read_in_trap`).
         let registry = UprobeRegistry::with_domain(NativeArch::default(), Rcu::global().clone())
             .with_file_text(Arc::clone(&files));
+        #[cfg(target_arch = "x86_64")]
+        let jump = super::jump::JumpOptimizer::new();
+        #[cfg(target_arch = "x86_64")]
+        let registry = registry
+            .with_jump_hook(Arc::clone(&jump) as Arc<dyn crate::probes::jump_sites::JumpHook>);
         let resolver = TargetResolver::new().with_loaded(watch);
         let this: &'static LiveUprobes = Box::leak(Box::new(LiveUprobes {
             registry,
@@ -219,7 +245,13 @@ impl LiveUprobes {
             mapped: AtomicU64::new(0),
             unmapped: AtomicU64::new(0),
             install_errors: AtomicU64::new(0),
+            #[cfg(target_arch = "x86_64")]
+            jump,
+            #[cfg(target_arch = "x86_64")]
+            jump_pass: Mutex::new(()),
         }));
+        #[cfg(target_arch = "x86_64")]
+        this.jump.bind(this, live.symbols().clone());
         // Attached for good (leaked, like every live registry).
         drop(try_attach(this).ok_or("no trap dispatcher slot left")?);
         // A breakpoint another registry finds here is named as ours.
@@ -526,9 +558,10 @@ impl TrapDispatcher for LiveUprobes {
         {
             UprobeOutcome::Done(done) => match done {
                 UprobeFinished::NotOurs => Verdict::NotOurs,
-                UprobeFinished::Vanished | UprobeFinished::Skipped | UprobeFinished::Emulated => {
-                    Verdict::Resume
-                }
+                UprobeFinished::Vanished
+                | UprobeFinished::Skipped
+                | UprobeFinished::Emulated
+                | UprobeFinished::Detoured => Verdict::Resume,
                 UprobeFinished::Boosted { slot } => {
                     // A fault of the copy in the slot is reported at `at`.
                     super::dispatch::note_boost(slot, at);

@@ -84,6 +84,8 @@ pub(crate) struct ConsumerInner {
     ret_handler: Option<Box<RetHandler>>,
     filter: Option<Box<Filter>>,
     removed: AtomicBool,
+    /// Keeps its uprobes on the trap path (`ConsumerBuilder::jump_opt_out`).
+    jump_opt_out: bool,
     hits: AtomicU64,
     ret_hits: AtomicU64,
 }
@@ -149,7 +151,7 @@ impl Consumer {
     pub fn new(
         handler: impl Fn(&UprobeHit, &mut Regs) -> ConsumerAction + Send + Sync + 'static,
     ) -> Self {
-        Self::build(Some(Box::new(handler)), None, None)
+        Self::build(Some(Box::new(handler)), None, None, false)
     }
 
     /// A builder for a consumer with any of a handler, a return handler and
@@ -171,6 +173,7 @@ impl Consumer {
             handler: None,
             ret_handler: None,
             filter: None,
+            jump_opt_out: false,
         }
     }
 
@@ -178,19 +181,21 @@ impl Consumer {
     /// [`ProbeError::NoHandler`]. Exists so callers assembling consumers
     /// from optional parts get a typed error rather than a panic.
     pub fn without_handler() -> Self {
-        Self::build(None, None, None)
+        Self::build(None, None, None, false)
     }
 
     fn build(
         handler: Option<Box<Handler>>,
         ret_handler: Option<Box<RetHandler>>,
         filter: Option<Box<Filter>>,
+        jump_opt_out: bool,
     ) -> Self {
         Consumer(Arc::new(ConsumerInner {
             handler,
             ret_handler,
             filter,
             removed: AtomicBool::new(false),
+            jump_opt_out,
             hits: AtomicU64::new(0),
             ret_hits: AtomicU64::new(0),
         }))
@@ -202,7 +207,7 @@ impl Consumer {
         handler: impl Fn(&UprobeHit, &mut Regs) -> ConsumerAction + Send + Sync + 'static,
         filter: impl Fn(SpaceId) -> bool + Send + Sync + 'static,
     ) -> Self {
-        Self::build(Some(Box::new(handler)), None, Some(Box::new(filter)))
+        Self::build(Some(Box::new(handler)), None, Some(Box::new(filter)), false)
     }
 
     /// Hits whose handler ran.
@@ -221,6 +226,12 @@ impl Consumer {
     /// at a function entry).
     pub fn has_ret_handler(&self) -> bool {
         self.0.ret_handler.is_some()
+    }
+
+    /// Whether the consumer opted out of jump optimization
+    /// ([`ConsumerBuilder::jump_opt_out`]).
+    pub fn jump_opt_out(&self) -> bool {
+        self.0.jump_opt_out
     }
 
     /// Whether a handler asked for removal.
@@ -320,6 +331,7 @@ pub struct ConsumerBuilder {
     handler: Option<Box<Handler>>,
     ret_handler: Option<Box<RetHandler>>,
     filter: Option<Box<Filter>>,
+    jump_opt_out: bool,
 }
 
 impl ConsumerBuilder {
@@ -351,10 +363,24 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Opts the consumer out of jump optimization: while it is on a
+    /// uprobe, the uprobe's hits take the trap path (a live runtime that
+    /// jump-optimizes uprobes puts an optimized one back on it before the
+    /// consumer joins, and its handler never runs from a jump detour).
+    pub fn jump_opt_out(mut self, out: bool) -> Self {
+        self.jump_opt_out = out;
+        self
+    }
+
     /// The consumer. One with neither handler is refused at registration
     /// ([`ProbeError::NoHandler`]).
     pub fn build(self) -> Consumer {
-        Consumer::build(self.handler, self.ret_handler, self.filter)
+        Consumer::build(
+            self.handler,
+            self.ret_handler,
+            self.filter,
+            self.jump_opt_out,
+        )
     }
 }
 
@@ -364,6 +390,7 @@ impl std::fmt::Debug for ConsumerBuilder {
             .field("handler", &self.handler.is_some())
             .field("ret_handler", &self.ret_handler.is_some())
             .field("filter", &self.filter.is_some())
+            .field("jump_opt_out", &self.jump_opt_out)
             .finish()
     }
 }

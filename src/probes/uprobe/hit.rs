@@ -45,6 +45,9 @@ pub enum UprobeFinished {
     Skipped,
     /// The displaced instruction was emulated on `regs` and memory: resume.
     Emulated,
+    /// `regs.ip` points at a jump optimizer's detour for the install, which
+    /// runs the displaced instructions and jumps back: resume.
+    Detoured,
     /// `regs.ip` points at the XOL slot, which jumps back by itself: resume
     /// (one trap). A freed slot is only ever reused for the same address
     /// (the [reuse rule](crate::probes::xol::XolAllocator#reuse-rule)).
@@ -157,10 +160,10 @@ impl<F: Flavor> UprobeRef<F> {
 }
 
 /// A resolved hit: the space's state, the key, the uprobe, the install.
-type Resolved<'g, S, F> = (&'g SpaceState<S, F>, UprobeKey, &'g Uprobe<F>, &'g Install);
+pub(super) type Resolved<'g, S, F> = (&'g SpaceState<S, F>, UprobeKey, &'g Uprobe<F>, &'g Install);
 
 /// Why a hit's lookups found no uprobe.
-enum Unresolved<'g, S: AddressSpace, F: Flavor> {
+pub(super) enum Unresolved<'g, S: AddressSpace, F: Flavor> {
     /// Not a uprobe: no such space (`None`), or nothing of its own there.
     Missing(Option<&'g SpaceState<S, F>>),
     /// A lock-free lookup raced writers and could not confirm a miss.
@@ -189,7 +192,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// `TRAP` (the live trap path: a miss writers kept from being confirmed
     /// is `Busy`, never a wait for a writer lock).
     #[inline]
-    fn resolve_with<'g, const TRAP: bool>(
+    pub(super) fn resolve_with<'g, const TRAP: bool>(
         &self,
         guard: &'g F::Guard<'_>,
         space: SpaceId,
@@ -351,6 +354,14 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 }
             }
             None => up.count_missed(),
+        }
+        // A jump optimizer has a detour for this install: the relocated
+        // displaced instructions run there (`jump.rs`), never the ones in
+        // the text, which it may be rewriting.
+        let resume = up.jump_resume(vaddr);
+        if resume != 0 {
+            regs.ip = resume;
+            return UprobeOutcome::Done(UprobeFinished::Detoured);
         }
         // The displaced instruction. The install record is read in place
         // (it lives as long as the guard): copying it out (about 300

@@ -291,6 +291,26 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         }))
     }
 
+    /// Before a registration prepares an install of `up` at `vaddr`: an
+    /// optimized site whose displaced bytes hold `vaddr` (or, for the
+    /// boundary check, are in the function before it) goes back to the
+    /// trap path before a breakpoint is read or written there. Not before
+    /// an `on_mmap` install: nothing was optimized in text just mapped,
+    /// and the loader's thread calls it inside a read section, where the
+    /// hook's wait for a pass could deadlock (`jump.rs`).
+    pub(super) fn jump_before_install(&self, up: &Uprobe<F>, map: &FileMapping, vaddr: u64) {
+        if self.jump_hook.is_none() {
+            return;
+        }
+        let end = (vaddr + self.arch.max_insn_len() as u64).min(map.vaddr.end);
+        let from = up
+            .func_offset
+            .and_then(|f| map.vaddr_of(f))
+            .filter(|&f| f <= vaddr)
+            .unwrap_or(vaddr);
+        self.jump_to_trap(from..end, false);
+    }
+
     /// How many bytes at `vaddr` an install reads (an instruction's longest,
     /// within the mapping).
     pub(super) fn insn_window(&self, map: &FileMapping, vaddr: u64) -> usize {
@@ -331,6 +351,8 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// period, the original bytes it taught the uprobe forgotten.
     pub(super) fn unprepare(&self, up: &Uprobe<F>, p: &Prepared<S, F>, written: bool) {
         if written {
+            // An optimizer may have rewritten the site since it was written.
+            self.jump_to_trap(p.vaddr..p.vaddr + 1, false);
             let bp = self.arch.breakpoint();
             let text = p.st.space.text();
             if text
@@ -459,6 +481,15 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// The caller holds the stripes of every file concerned.
     pub(super) fn finish_removals(&self, mut r: Removals<S, F>) {
         r.merge();
+        // Optimized sites back on the trap path before their breakpoints
+        // go. Not for text that is gone (an unmapping, run by the loader's
+        // thread inside a read section: the optimizer's next pass forgets
+        // those sites, writing nothing).
+        if self.jump_hook.is_some() && !r.unmapped {
+            for q in &r.installs {
+                self.jump_to_trap(q.vaddr..q.vaddr + 1, false);
+            }
+        }
         let bp = self.arch.breakpoint();
         // The installs of one space are next to each other (merged above).
         let same_space = |a: &Queued<F>, b: &Queued<F>| a.space == b.space;

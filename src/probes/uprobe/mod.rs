@@ -98,6 +98,13 @@
 //! table of the tree's uprobes (the *hit cache*, `hitcache.rs`) and walks
 //! the tree only when the uprobe has no slot there: a walk of a large tree
 //! is about ten dependent cache misses per hit.
+//!
+//! # Jump optimization
+//!
+//! A runtime that rewrites installs into jumps to detours (the live one,
+//! x86_64) gives the registry a hook ([`UprobeRegistry::with_jump_hook`]),
+//! called before the registry touches text it may have rewritten, and calls
+//! [`UprobeRegistry::on_jump_hit`] from its detours. See `jump.rs`.
 
 mod bindings;
 mod consumer;
@@ -105,6 +112,7 @@ mod filetext;
 mod hit;
 mod hitcache;
 mod install;
+mod jump;
 mod mmap;
 mod proxy;
 mod registry;

@@ -56,6 +56,11 @@ pub(crate) struct Uprobe<F: Flavor> {
     /// writers holding the file stripe. Mirrors the spaces' install trees,
     /// so a hit needs no second tree walk.
     pub(crate) placed: RcuCell<Short<Placed>, F>,
+    /// Where trap hits at [`detour_at`](Self::detour_at) resume while a
+    /// jump optimizer has a detour there (0: none; `jump.rs`).
+    pub(crate) detour: AtomicU64,
+    /// The one install address the detour is for.
+    pub(crate) detour_at: AtomicU64,
 }
 
 /// One install of a uprobe, as the hit path finds it. `repr(C)`: the
@@ -187,6 +192,9 @@ pub struct UprobeRegistry<A: Arch, S: AddressSpace, F: Flavor = Srcu> {
     /// Where registrations no space maps read the file's code
     /// (`filetext.rs`); `None`: they are validated at the first mmap.
     pub(super) file_text: Option<Box<dyn FileText>>,
+    /// A jump optimizer's hook, called before the registry touches text
+    /// it may have rewritten (`jump.rs`).
+    pub(super) jump_hook: Option<std::sync::Arc<dyn crate::probes::jump_sites::JumpHook>>,
 }
 
 /// For each item, whether an earlier item has the same key (the later
@@ -265,6 +273,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             next_seq: AtomicU64::new(0),
             returns: Returns::new(),
             file_text: None,
+            jump_hook: None,
         }
     }
 
@@ -547,6 +556,18 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             let known = existing.as_ref().and_then(|u| u.func_offset);
             self.check_return_site(key, func_offset, known, &targets, consumer)?;
         }
+        if let (Some(up), true) = (&existing, consumer.jump_opt_out()) {
+            // Its handler never runs from a detour: the uprobe's optimized
+            // installs go back to the trap path first, and a detour hit
+            // that still finds it redirects to the trap (`jump.rs`).
+            let at: Vec<u64> = {
+                let g = self.domain.read();
+                slice(up.placed.load(&g)).iter().map(|p| p.vaddr).collect()
+            };
+            for v in at {
+                self.jump_to_trap(v..v + 1, false);
+            }
+        }
         // Relaxed: the number's uniqueness and order come from the
         // counter's modification order and the file stripe we hold; it is
         // published to readers with the consumer list (a release store).
@@ -568,6 +589,8 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                     // Empty until its first install: no allocation, and
                     // nothing to retire when that install publishes the list.
                     placed: RcuCell::empty_in(self.domain.clone()),
+                    detour: AtomicU64::new(0),
+                    detour_at: AtomicU64::new(0),
                 };
                 // Absent just above, and no other writer inserts a key
                 // of this file (we hold its stripe).
@@ -589,6 +612,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             }
             let read = pre.get(i).copied().flatten();
             let read = read.as_ref().map(|(b, n)| &b[..*n as usize]);
+            self.jump_before_install(up.value(), map, *vaddr);
             match self.prepare(up.value(), st, key, *vaddr, map, read) {
                 Ok(Some(p)) => prepared.push(p),
                 Ok(None) => {}

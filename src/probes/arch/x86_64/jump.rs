@@ -115,6 +115,13 @@ pub enum JumpRefusal {
     NotQuiescent,
     /// The text could not be read or written.
     TextAccess,
+    /// The uprobe is also installed at `with` (its file mapped twice) and
+    /// that install is optimized or being optimized: a uprobe's trap hits
+    /// can resume in one detour only.
+    SharedUprobe {
+        /// The other install's address.
+        with: u64,
+    },
 }
 
 impl std::fmt::Display for JumpRefusal {
@@ -162,6 +169,10 @@ impl std::fmt::Display for JumpRefusal {
                 )
             }
             JumpRefusal::TextAccess => write!(f, "the text could not be read or written"),
+            JumpRefusal::SharedUprobe { with } => write!(
+                f,
+                "the uprobe's install at {with:#x} is optimized (one detour per uprobe)"
+            ),
         }
     }
 }

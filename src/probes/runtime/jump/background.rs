@@ -19,7 +19,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::JumpOptimizer;
+use super::sites::JumpView;
+use super::{JumpOptimizer, State};
 use crate::probes::arch::x86_64::jump::JumpRefusal;
 use crate::sync::atomic::Ordering;
 
@@ -74,13 +75,13 @@ impl JumpOptimizer {
     /// Whether a pass would do anything: a new candidate, one whose last
     /// refusal may not hold any more, or detours to free.
     fn has_work(&self) -> bool {
-        let registry = self.registry();
-        let w = registry.lock_writer();
-        let st = self.lock();
-        if !st.retired.is_empty() {
-            return true;
-        }
-        registry.jump_candidates(&w).iter().any(|c| {
+        self.with_state(|view, st| !st.retired.is_empty() || Self::new_work(view, st))
+    }
+
+    /// Whether a candidate of `view` is new, or its last refusal may not
+    /// hold any more.
+    fn new_work(view: &dyn JumpView, st: &State) -> bool {
+        view.candidates().iter().any(|c| {
             c.armed
                 && !c.needs_trap
                 && !c.opted_out
@@ -94,6 +95,8 @@ impl JumpOptimizer {
                             | JumpRefusal::TextAccess
                             | JumpRefusal::NeedsTrapPath
                             | JumpRefusal::OptedOut
+                            | JumpRefusal::SharedUprobe { .. }
+                            | JumpRefusal::NoFunction
                     ),
                 }
         })

@@ -25,20 +25,21 @@
 //!
 //! [`jump_entry`] raises the runtime's trap flag (`in_trap.rs`: a probe hit
 //! inside runs no handler), takes the [`Regs`] the stub built (IP = the probed address, SP =
-//! the probed code's), and calls
-//! [`on_jump_hit`](crate::probes::kprobe::KprobeRegistry::on_jump_hit) of
-//! the registry the slot names, with the slot's state as `live`. Handlers run
+//! the probed code's), and calls the hit path of the registry the slot
+//! names (`sites.rs`:
+//! [`KprobeRegistry::on_jump_hit`](crate::probes::kprobe::KprobeRegistry::on_jump_hit)
+//! or [`UprobeRegistry::on_jump_hit`](crate::probes::uprobe::UprobeRegistry::on_jump_hit)),
+//! with the slot's state as `live`. Handlers run
 //! on the thread's own stack, outside any signal handler. A changed stack
 //! pointer is ignored; of the flags only the status flags and DF are taken
 //! back.
 
+use super::sites::JumpSites;
 use super::stubs::Stub;
 use crate::probes::arch::Regs;
 use crate::probes::kprobe::JumpHit;
-use crate::probes::runtime::context::ThreadMemory;
 use crate::probes::runtime::in_trap::TrapScope;
-use crate::probes::runtime::LiveRegistry;
-use crate::sync::atomic::{AtomicBool, Ordering};
+use crate::sync::atomic::AtomicBool;
 
 /// Bytes of a detour (one slot of the detour area).
 pub(crate) const DETOUR_BYTES: usize = 64;
@@ -69,14 +70,24 @@ pub(crate) fn entry_functions() -> [u64; 2] {
 /// What a detour's Rust half needs to know about its site. Leaked: one per
 /// address ever optimized by a registry, reused when it is optimized again,
 /// so that a detour refilled for the same address holds the same bytes.
-#[derive(Debug)]
 pub(crate) struct JumpSlot {
     /// The probed address.
     pub(crate) addr: u64,
-    pub(crate) registry: &'static LiveRegistry,
+    /// The registry whose hit path the detour runs (kprobes, or the live
+    /// uprobes: `sites.rs`).
+    pub(crate) registry: &'static dyn JumpSites,
     /// Whether the site's `jmp` is (about to be) written: a hit that reads
     /// false redirects to the probed address (`kprobe/jump.rs`).
     pub(crate) live: AtomicBool,
+}
+
+impl std::fmt::Debug for JumpSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JumpSlot")
+            .field("addr", &format_args!("{:#x}", self.addr))
+            .field("live", &self.live)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The bytes of the detour at `at` for a site whose relocated displaced
@@ -152,12 +163,9 @@ extern "C" fn entering(regs: *mut Regs) {
          unwind through it, so the process aborts (see the handler contract: \
          rcu_registry::docs::patterns)",
         || {
-            slot.registry
-                .on_jump_hit(slot.addr, regs, &mut ThreadMemory, || {
-                    // Acquire pairs with the Release stores in `jump.rs`
-                    // (`optimize_now`, `unoptimize`).
-                    slot.live.load(Ordering::Acquire)
-                })
+            // The slot's state is read inside the registry's read section
+            // (`sites.rs`).
+            slot.registry.jump_hit(slot, regs)
         },
     );
     match hit {
