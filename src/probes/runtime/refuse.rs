@@ -59,6 +59,19 @@
 //! `on_return` is reached only past the trampoline's flag, so it is no
 //! root.
 //!
+//! Nor does it follow the standard access of this crate's thread-locals
+//! once they are settled in static TLS
+//! ([`callgraph::settled_tls`](super::callgraph::settled_tls)): in a
+//! shared library (the `rcu-trace` agent) that access is the loader's
+//! `__tls_get_addr`, whose slow paths reach `malloc`, `realloc`, `free`,
+//! the loader's lock and its error reporting (`strerror`, `getenv`). The
+//! trap path reaches its thread-locals at the thread pointer plus an
+//! offset instead (`sync/trap_local.rs`). Where static TLS cannot be proven
+//! (the agent loaded with `dlopen`) the walk follows that access, and what
+//! it reaches stays refused. [`explain`] (and
+//! [`Live::explain_refusal`](super::Live::explain_refusal)) prints the chain
+//! of calls by which the trap path reaches a refused address.
+//!
 //! The walk's result is computed once per process, at the first
 //! [`Live`](super::Live) construction, and cached; [`trap_path`] gives its
 //! size and the time it took.
@@ -276,6 +289,10 @@ static TRAP_PATH: OnceLock<CallGraph> = OnceLock::new();
 /// same file).
 pub fn trap_path(symbols: &ProcessSymbols) -> &'static CallGraph {
     TRAP_PATH.get_or_init(|| {
+        // Before the walk: whether the thread-locals' standard access
+        // (the loader's `__tls_get_addr` in a shared library) is off the
+        // trap path depends on it (`callgraph/settled_tls.rs`).
+        super::trap_tls::settle();
         CallGraph::walk(symbols, &trap_path_roots())
             .expect("reading /proc/self/maps to walk the trap path")
     })
@@ -339,4 +356,57 @@ pub fn refused_ranges(symbols: &ProcessSymbols) -> Vec<RefusedRange> {
         );
     }
     out
+}
+
+/// Why the runtime refuses to patch `addr`, as the chain of calls from a
+/// trap-path root to the refused code, outermost first
+/// (`root -> caller -> ... -> refused`), each named by its symbol, or by
+/// its address (and the object holding it) when it has none. `None` if
+/// the walk did not reach `addr` (it may still be refused for another
+/// reason: this crate's own code, the signal return trampoline).
+///
+/// A diagnostic for a refusal that looks wrong ([`Live::explain_refusal`](super::Live::explain_refusal)):
+/// it walks the trap path if that was not done yet (off the hot path).
+///
+/// # Panics
+/// As [`trap_path`].
+pub fn explain(symbols: &ProcessSymbols, addr: u64) -> Option<String> {
+    let graph = trap_path(symbols);
+    let chain = graph.path_to(addr);
+    if chain.is_empty() {
+        return None;
+    }
+    let roots = trap_path_roots();
+    let name = |start: u64| match symbols.function_at(start) {
+        Some(f) if f.start == start => f.name.clone(),
+        Some(f) => format!("{}+{:#x}", f.name, start - f.start),
+        None => {
+            let object = symbols
+                .objects()
+                .iter()
+                .filter(|(_, bias)| *bias <= start)
+                .max_by_key(|(_, bias)| *bias)
+                .map(|(path, bias)| format!(" ({path}+{:#x})", start - bias))
+                .unwrap_or_default();
+            format!("{start:#x}{object}")
+        }
+    };
+    let mut parts: Vec<String> = chain
+        .iter()
+        .rev()
+        .map(|&(_, start)| {
+            let what = graph
+                .function_at(start)
+                .and_then(|r| r.stopped)
+                .map(|why| format!(" [not walked into: {why}]"))
+                .unwrap_or_default();
+            format!("{}{what}", name(start))
+        })
+        .collect();
+    if let Some(&(_, outer)) = chain.last() {
+        if let Some(r) = roots.iter().find(|r| r.addr == outer) {
+            parts[0] = format!("{} ({})", parts[0], r.what);
+        }
+    }
+    Some(parts.join(" -> "))
 }
