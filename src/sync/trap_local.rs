@@ -30,8 +30,11 @@
 //! pointer plus that offset: one load, no call. Before that, and for good
 //! when it cannot be proven (a library loaded with `dlopen`, whose blocks
 //! are allocated per thread on demand), `with` goes through the standard
-//! thread-local ([`TrapLocal::dynamic_address`]), and the walk follows it
-//! into the loader, refusing what it reaches: that hazard is real then.
+//! thread-local ([`TrapLocal::dynamic_address`]). That access calls the
+//! loader through the `LocalKey`'s accessor, an indirect call the walk
+//! cannot follow, so in a shared object the runtime then walks from the
+//! loader's `__tls_get_addr` itself (`probes/runtime/refuse.rs`) and
+//! refuses what it reaches: that hazard is real then.
 //!
 //! # Registration
 //!

@@ -82,7 +82,8 @@
 //!   `trap_tls.rs` has proven static TLS, before the walk; its out-of-line
 //!   fallback (in a shared library, the loader's `__tls_get_addr`, which
 //!   can allocate) then never runs, and is refused but not walked into.
-//!   Not proven (an object loaded with `dlopen`), it is walked.
+//!   Not proven (an object loaded with `dlopen`), it is walked, and
+//!   `__tls_get_addr` is a root (`refuse.rs`).
 //! - Addresses outside the process's executable mappings (the XOL area's
 //!   slots are anonymous mappings and never probed code) are skipped and
 //!   counted.

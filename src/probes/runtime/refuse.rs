@@ -45,6 +45,10 @@
 //!   previous handler by direct calls);
 //! - the kretprobe trampoline (its assembly calls the Rust half directly);
 //! - `__restore_rt`, which every signal handler returns through;
+//! - the loader's `__tls_get_addr`, when this crate is in a shared object
+//!   whose thread-locals could not be settled in static TLS
+//!   (`trap_tls.rs`): their standard access calls it through the
+//!   `LocalKey`'s accessor, an indirect call the walk cannot follow;
 //! - the targets of the indirect calls the nested path makes: the live
 //!   registry's [`TrapDispatcher`] breakpoint, step and fault methods (the
 //!   dispatcher table holds `&dyn TrapDispatcher`) and [`ThreadMemory`]'s
@@ -185,6 +189,12 @@ pub const FLAG_UP_ENTRY: &str = "the runtime's trap handling past its trap flag"
 /// methods the SIGTRAP handler reaches through `dyn` calls.
 pub const TRAP_ENTRY: &str = "a trap-path entry reached through a dyn call";
 
+/// See [`RUNTIME_CODE`]: the loader's thread-local access, which the trap
+/// path calls when this crate is in a shared object whose thread-locals
+/// could not be settled in static TLS (`trap_tls.rs`).
+pub const LOADER_TLS_ACCESS: &str =
+    "the loader's thread-local access (__tls_get_addr), which the trap path calls in a library without static TLS";
+
 /// `__restore_rt` is `mov eax, 15; syscall` (9 bytes): refused in full even
 /// when the C library has no symbol for it.
 #[cfg(target_arch = "x86_64")]
@@ -264,6 +274,19 @@ pub fn trap_path_roots() -> Vec<Root> {
             what: TRAP_ENTRY,
         }),
     );
+    // Thread-locals not settled in a shared object: their standard access
+    // calls the loader (`trap_tls.rs`), through an indirect call the walk
+    // cannot follow; so from here.
+    if super::trap_tls::loader_on_trap_path() {
+        // SAFETY: dlsym with RTLD_DEFAULT and a valid C string.
+        let tls = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__tls_get_addr".as_ptr()) };
+        if !tls.is_null() {
+            roots.push(Root {
+                addr: tls as u64,
+                what: LOADER_TLS_ACCESS,
+            });
+        }
+    }
     // arm64 returns from signal handlers through the vDSO's
     // `__kernel_rt_sigreturn` (qemu-user: its own signal trampoline page),
     // which is not in the process's symbols and not patchable text.

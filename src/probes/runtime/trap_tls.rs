@@ -47,6 +47,9 @@ struct Block {
     data: u64,
     /// The calling thread's thread pointer.
     tp: u64,
+    /// The object is a shared object (not the main program, whose name
+    /// `dl_iterate_phdr` gives as empty).
+    shared: bool,
 }
 
 /// `dl_iterate_phdr` callback: fills the `Block` `data` points to for the
@@ -77,6 +80,9 @@ unsafe extern "C" fn find_block(
         return 0;
     }
     out.bias = bias;
+    // SAFETY: the loader gives a NUL-terminated name (empty for the main
+    // program) or null.
+    out.shared = !info.dlpi_name.is_null() && unsafe { *info.dlpi_name } != 0;
     out.modid = info.dlpi_tls_modid;
     out.data = info.dlpi_tls_data as u64;
     1
@@ -154,14 +160,43 @@ fn static_tls() -> bool {
 /// trap path reaches them without a call. Once per process; returns
 /// whether they are settled.
 pub(crate) fn settle() -> bool {
-    static DONE: OnceLock<bool> = OnceLock::new();
-    *DONE.get_or_init(|| {
+    state().settled
+}
+
+/// Whether the trap path may call the loader's `__tls_get_addr`: this
+/// crate is in a shared object (where a thread-local's standard access is
+/// that call) and its thread-locals are not settled. The walk then starts
+/// from `__tls_get_addr` too (`refuse.rs`): the standard access reaches it
+/// through the `LocalKey`'s accessor, an indirect call the walk cannot
+/// follow.
+pub(crate) fn loader_on_trap_path() -> bool {
+    let s = state();
+    s.shared && !s.settled
+}
+
+/// What was found, once.
+#[derive(Clone, Copy)]
+struct State {
+    settled: bool,
+    shared: bool,
+}
+
+fn state() -> State {
+    static STATE: OnceLock<State> = OnceLock::new();
+    *STATE.get_or_init(|| {
+        let code = state as fn() -> State as usize as u64;
         let proven = static_tls();
         if proven {
             // SAFETY: static TLS proven just above.
             unsafe { crate::sync::settle_all() };
         }
-        proven
+        let here = look(code);
+        State {
+            settled: proven,
+            // Unknown (no object found): as a shared object, which only
+            // refuses more.
+            shared: here.shared || here.bias == 0 && here.modid == 0,
+        }
     })
 }
 

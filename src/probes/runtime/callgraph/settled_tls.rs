@@ -15,8 +15,10 @@
 //! be placed, no offset is 0 again, and that branch never runs: the walk
 //! refuses the function (it is this crate's) but does not follow it. Not
 //! proven (an object loaded with `dlopen`, another C library), the walk
-//! follows it into the loader and refuses what it reaches: the hazard is
-//! real then.
+//! goes into it, and, since it reaches the loader only through the
+//! `LocalKey`'s accessor (an indirect call), also starts from the loader's
+//! `__tls_get_addr` in a shared object (`refuse.rs`), refusing what that
+//! reaches: the hazard is real then.
 //!
 //! # How it is recognised
 //!
