@@ -56,11 +56,11 @@ static void *worker(void *arg) {
     return (void *)s;
 }
 
-static long run_threads(long n, int threads) {
+static long run_threads_of(void *(*body)(void *), long n, int threads) {
     pthread_t t[64];
     per_thread = n;
     if (threads > 64) threads = 64;
-    for (int i = 0; i < threads; i++) pthread_create(&t[i], 0, worker, 0);
+    for (int i = 0; i < threads; i++) pthread_create(&t[i], 0, body, 0);
     long sum = 0;
     for (int i = 0; i < threads; i++) {
         void *r;
@@ -69,6 +69,8 @@ static long run_threads(long n, int threads) {
     }
     return sum;
 }
+
+static long run_threads(long n, int threads) { return run_threads_of(worker, n, threads); }
 
 static void *allocator(void *arg) {
     (void)arg;
@@ -120,17 +122,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(mode, "alloc") && argc == 4) {
-        pthread_t t[64];
-        int threads = atoi(argv[3]);
-        per_thread = atol(argv[2]);
-        if (threads > 64) threads = 64;
-        for (int i = 0; i < threads; i++) pthread_create(&t[i], 0, allocator, 0);
-        long sum = 0;
-        for (int i = 0; i < threads; i++) {
-            void *r;
-            pthread_join(t[i], &r);
-            sum += (long)r;
-        }
+        long sum = run_threads_of(allocator, atol(argv[2]), atoi(argv[3]));
         char buf[8];
         FILE *z = fopen("/dev/zero", "r");
         sum += z && fread(buf, 1, sizeof buf, z) == sizeof buf;
