@@ -54,6 +54,11 @@ pub(crate) use loom::thread;
 #[cfg(not(loom))]
 pub(crate) use std::thread_local;
 
+#[cfg(not(loom))]
+mod trap_local;
+#[cfg(not(loom))]
+pub(crate) use trap_local::{all_settled, registered, settle_all, thread_pointer, TrapLocal};
+
 #[cfg(loom)]
 pub(crate) use loom::thread_local;
 
@@ -253,17 +258,43 @@ impl Backoff {
 }
 
 /// `thread_local!` with a `const` initialiser in normal builds (a plain TLS
-/// access: no lazy registration, safe in a signal handler) and loom's lazily
-/// initialised version under loom.
+/// access: no lazy registration, safe in a signal handler), wrapped in a
+/// [`TrapLocal`] so the live runtime's trap path reaches it without the
+/// dynamic loader once settled (`sync/trap_local.rs`); loom's lazily
+/// initialised version under loom. The type must need no drop (checked at
+/// compile time): its accesses never fail. Every one declared must be
+/// settled by `probes/runtime/trap_tls.rs` (its test checks the list).
 macro_rules! const_thread_local {
-    ($(#[$attr:meta])* static $name:ident: $t:ty = $init:expr;) => {
+    ($(#[$attr:meta])* $vis:vis static $name:ident: $t:ty = $init:expr;) => {
         #[cfg(not(loom))]
-        std::thread_local! {
-            $(#[$attr])* static $name: $t = const { $init };
-        }
+        $(#[$attr])*
+        $vis static $name: $crate::sync::TrapLocal<$t> = {
+            std::thread_local! {
+                static KEY: $t = const { $init };
+            }
+            const _: () = assert!(
+                !std::mem::needs_drop::<$t>(),
+                "a const_thread_local! value must need no drop"
+            );
+            $crate::sync::TrapLocal::new(&KEY, || {
+                // SAFETY: called only by `settle_all` or `register`, whose
+                // contract this is.
+                unsafe { $name.settle() }
+            })
+        };
+        // Puts it in the object's list at load (`sync/trap_local.rs`).
+        #[cfg(all(not(loom), target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+        const _: () = {
+            extern "C" fn register() {
+                $name.register();
+            }
+            #[used]
+            #[link_section = ".init_array.00110"]
+            static REGISTER: extern "C" fn() = register;
+        };
         #[cfg(loom)]
         loom::thread_local! {
-            $(#[$attr])* static $name: $t = $init;
+            $(#[$attr])* $vis static $name: $t = $init;
         }
     };
 }

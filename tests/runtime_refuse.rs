@@ -24,7 +24,9 @@ mod runtime_support;
 use std::collections::{BTreeMap, HashSet};
 
 use iced_x86::{Decoder, DecoderOptions, FlowControl, Instruction, OpKind};
-use rcu_registry::__internals::runtime::callgraph::{dying_path, flag_up, FLAG_UP_ENTRIES};
+use rcu_registry::__internals::runtime::callgraph::{
+    dying_path, flag_up, settled_tls, DYNAMIC_TLS_ACCESS, FLAG_UP_ENTRIES,
+};
 use rcu_registry::__internals::runtime::refuse;
 use rcu_registry::probes::kprobe::{Action, Kprobe};
 use rcu_registry::probes::runtime::symbols::{Function, ProcessSymbols};
@@ -99,9 +101,10 @@ fn constant_slot(slot: u64) -> Option<u64> {
 
 /// Every function with a symbol reachable from `roots` by direct calls and
 /// jumps (and calls through read-only slots), each with the function that
-/// first reached it. Functions on a dying path, and the runtime's flag-up
-/// entries (code that runs only with the thread's trap flag up), are
-/// included but not walked into (the runtime's documented policy). Targets without a symbol
+/// first reached it. Functions on a dying path, the runtime's flag-up
+/// entries (code that runs only with the thread's trap flag up) and the
+/// standard access of thread-locals settled in static TLS are included
+/// but not walked into (the runtime's documented policy). Targets without a symbol
 /// (an IFUNC's selected implementation in a stripped C library) are
 /// collected in `unnamed` with the function that calls them, not walked.
 fn reachable_with_unnamed(
@@ -134,7 +137,11 @@ fn walk_from(
             continue;
         }
         found.insert(f.start, (f.clone(), from));
-        if stop && (dying_path(&f.name).is_some() || flag_up(&f.name).is_some()) {
+        if stop
+            && (dying_path(&f.name).is_some()
+                || flag_up(&f.name).is_some()
+                || settled_tls(&f.name).is_some())
+        {
             continue;
         }
         let (start, end) = (f.start, f.start + f.size);
@@ -505,4 +512,35 @@ fn ordinary_functions_are_still_accepted_and_probed() {
         reg.unregister(&p).unwrap();
     }
     assert_eq!(hits.load(std::sync::atomic::Ordering::Relaxed), 2);
+}
+
+#[test]
+fn the_thread_locals_are_settled_and_their_standard_access_is_refused_but_not_walked_into() {
+    let _g = serial();
+    let live = Live::global();
+    // An executable's thread-locals are in static TLS: proven at the
+    // runtime's start, every one settled.
+    assert!(
+        settled_tls(DYNAMIC_TLS_ACCESS).is_some(),
+        "the thread-locals were not settled"
+    );
+    let graph = refuse::trap_path(live.symbols());
+    let stops: Vec<_> = graph
+        .reached()
+        .iter()
+        .filter(|r| r.name.as_deref() == Some(DYNAMIC_TLS_ACCESS))
+        .collect();
+    // Reached (the out-of-line fallback of `with`), never walked into, and
+    // refused as this crate's code.
+    assert!(!stops.is_empty(), "the walk never met {DYNAMIC_TLS_ACCESS}");
+    for r in &stops {
+        assert!(r.stopped.is_some(), "{r:?}");
+        assert!(live.registry().text().refused_at(r.start, 1).is_some());
+    }
+    // The trap path's roots do not include the loader's thread-local
+    // access here (it is needed only where the proof fails in a shared
+    // object).
+    assert!(refuse::trap_path_roots()
+        .iter()
+        .all(|r| r.what != refuse::LOADER_TLS_ACCESS));
 }

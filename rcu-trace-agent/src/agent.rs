@@ -7,10 +7,24 @@
 //! unless [`FD_ENV`] names a socket (so the rlib linked into `rcu-trace`
 //! stays inert). Then it removes [`FD_ENV`] and itself from `LD_PRELOAD`
 //! (the program's children are not traced, as with the ptrace engine
-//! without `-f`), reads the plan, registers every spec's probes with
+//! without `-f`), starts the agent thread and waits for it: that thread
+//! reads the plan, registers every spec's probes with
 //! [`LiveUprobes::register_many`] (one consumer per spec), answers each
-//! probe, says ready and starts the agent thread, then returns: the probes
-//! are in place before `main`.
+//! probe, says ready, lets the constructor return and goes on serving:
+//! the probes are in place before `main`. The work is the agent thread's,
+//! not the program's thread's, so that what the standard library does
+//! for it there (allocations, a thread-local destructor it registers with
+//! the C library, which the C library frees at the thread's exit) is not
+//! counted as the program's calls. The thread is a bare `pthread_create`,
+//! marking itself as the agent's before anything else runs on it.
+//!
+//! A refusal (code the runtime will not patch) is answered with the chain
+//! of calls by which the runtime's trap path reaches it
+//! ([`Live::explain_refusal`](rcu_registry::probes::runtime::Live::explain_refusal)).
+//! Preloaded, the agent's thread-locals are in static TLS and the C
+//! library's allocator is probeable; injected with `dlopen` (`-p`) they
+//! are not, and what the loader's `__tls_get_addr` reaches (`malloc`,
+//! `free`, ...) is refused (`rcu-registry`'s `sync/trap_local.rs`).
 //!
 //! # Hits
 //!
@@ -19,12 +33,13 @@
 //! registering), counts into that row's [`Counters`] (atomics; the clock
 //! is read only for a uretprobe or when events are streamed), and, when
 //! events are streamed, pushes one into the [`Ring`]. No allocation, no
-//! lock. Hits on the agent's own threads (its thread, and the program's
-//! thread while it runs the constructor or the exit flush) are not the
-//! program's calls: the handlers compare the thread pointer (the TCB
-//! address, read from a register: no C-library call, no TLS access,
-//! which a dynamically loaded library's first access may allocate) with
-//! those threads' and return at once.
+//! lock. Calls the agent makes are not the program's, and are passed
+//! over: those on its own thread and on the program's thread while it runs
+//! the exit flush (the handlers compare the thread pointer, read from a
+//! register: no C-library call, no TLS access), and those its code makes
+//! anywhere (the standard library's destructors it left on the program's
+//! threads, its strings dropped): a probe at a function's entry whose
+//! return address (at the stack pointer) lies in the agent's own code.
 //!
 //! # The agent thread
 //!
@@ -47,7 +62,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::io::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
 
 use rcu_registry::probes::arch::Regs;
@@ -55,6 +70,7 @@ use rcu_registry::probes::runtime::uprobes::LiveUprobes;
 use rcu_registry::probes::uprobe::{
     Consumer, ConsumerAction, TargetPlace, UprobeHit, UprobeKey, UprobeReturn, UprobeTarget,
 };
+use rcu_registry::probes::ProbeError;
 
 use crate::ring::{Event, Ring};
 use crate::stats::Counters;
@@ -71,7 +87,7 @@ const PERIOD: Duration = Duration::from_millis(100);
 
 /// The agent thread's thread pointer (0: none yet).
 static AGENT_TP: AtomicUsize = AtomicUsize::new(0);
-/// The program thread running agent code now (constructor, exit flush).
+/// The program thread running agent code now (the exit flush).
 static BORROWED_TP: AtomicUsize = AtomicUsize::new(0);
 /// The process the agent started in (a forked child sends nothing).
 static PID: AtomicI32 = AtomicI32::new(0);
@@ -119,6 +135,86 @@ fn on_agent_thread() -> bool {
     tp == AGENT_TP.load(Ordering::Relaxed) || tp == BORROWED_TP.load(Ordering::Relaxed)
 }
 
+/// The agent library's executable code, `[start, end)` (0, 0: unknown).
+static OWN_TEXT: [AtomicUsize; 2] = [AtomicUsize::new(0), AtomicUsize::new(0)];
+
+/// `dl_iterate_phdr` callback: records in [`OWN_TEXT`] the executable
+/// segment of the object holding `data` (an address of this library's
+/// code).
+///
+/// # Safety
+/// `info` valid for the call.
+// SAFETY: an unsafe fn: its callers keep the contract above.
+unsafe extern "C" fn find_own_text(
+    info: *mut libc::dl_phdr_info,
+    _size: libc::size_t,
+    data: *mut std::ffi::c_void,
+) -> libc::c_int {
+    let code = data as usize;
+    // SAFETY: the caller's contract.
+    let info = unsafe { &*info };
+    if info.dlpi_phdr.is_null() {
+        return 0;
+    }
+    // SAFETY: the loader gives `dlpi_phnum` program headers at `dlpi_phdr`.
+    let phdrs = unsafe { std::slice::from_raw_parts(info.dlpi_phdr, info.dlpi_phnum.into()) };
+    for ph in phdrs {
+        let start = (info.dlpi_addr as usize).wrapping_add(ph.p_vaddr as usize);
+        let end = start + ph.p_memsz as usize;
+        if ph.p_type == libc::PT_LOAD
+            && ph.p_flags & libc::PF_X != 0
+            && (start..end).contains(&code)
+        {
+            // Relaxed (both): stored before the probes are registered,
+            // which publishes them to the handlers.
+            OWN_TEXT[0].store(start, Ordering::Relaxed);
+            OWN_TEXT[1].store(end, Ordering::Relaxed);
+            return 1;
+        }
+    }
+    0
+}
+
+/// Finds [`OWN_TEXT`].
+fn find_own_text_once() {
+    let code = find_own_text_once as fn() as usize;
+    // SAFETY: the callback matches dl_iterate_phdr's signature; `data` is
+    // an address, never dereferenced.
+    unsafe { libc::dl_iterate_phdr(Some(find_own_text), code as *mut std::ffi::c_void) };
+}
+
+/// Whether a call returning to `ret` was made by the agent's own code
+/// (the Rust standard library linked into it included): its allocations,
+/// the thread-local destructors it left on the program's threads, what
+/// its thread does before it knows its own thread pointer. Not the
+/// program's calls.
+#[inline(always)]
+fn called_by_agent(ret: u64) -> bool {
+    // Relaxed (both): see where they are stored.
+    let (s, e) = (
+        OWN_TEXT[0].load(Ordering::Relaxed),
+        OWN_TEXT[1].load(Ordering::Relaxed),
+    );
+    (s as u64..e as u64).contains(&ret)
+}
+
+/// At a function's entry: the return address (x86_64: the one the call
+/// pushed; arm64: the link register).
+#[inline(always)]
+fn return_address(regs: &Regs) -> u64 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: at a function's entry (the only probes this is read
+        // for) the stack pointer points at the return address the call
+        // pushed, in the thread's mapped stack.
+        unsafe { (regs.sp as *const u64).read_unaligned() }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        regs.gprs[30]
+    }
+}
+
 /// `CLOCK_MONOTONIC` now, in ns (the vDSO: no system call).
 fn now_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -140,6 +236,9 @@ fn gettid() -> i32 {
 /// flush.
 struct Agent {
     rows: Box<[Counters]>,
+    /// Per row: the probe is at its function's entry (the return address
+    /// is at the stack pointer: [`called_by_agent`]).
+    at_entry: Box<[bool]>,
     ring: Ring,
     events: bool,
     args: usize,
@@ -299,8 +398,6 @@ extern "C" fn init() {
         forget_environment();
         return;
     }
-    // Relaxed: this thread's own marker (see `on_agent_thread`).
-    BORROWED_TP.store(thread_pointer(), Ordering::Relaxed);
     let preload = std::env::var("LD_PRELOAD").unwrap_or_default();
     forget_environment();
     // SAFETY: `fd` is the socket rcu-trace handed this process for the
@@ -311,11 +408,42 @@ extern "C" fn init() {
     // Relaxed: read by this process's handlers after the registration
     // (whose batch publishes it).
     FOLLOW_EXEC.store(true, Ordering::Relaxed);
-    if let Err(e) = start(sock, Some(&preload)) {
-        eprintln!("rcu-trace agent: {e}");
+    // The agent's work runs on its own thread, the program's waiting for
+    // the probes to be in place: what the standard library does for it
+    // (allocations, thread-local destructors it registers with the C
+    // library and the C library frees at the thread's exit) stays off the
+    // program's thread.
+    static READY: (Mutex<bool>, Condvar) = (Mutex::new(false), Condvar::new());
+    let started = spawn_agent_thread(move || {
+        run(sock, Some(&preload), || {
+            *READY.0.lock().unwrap_or_else(|e| e.into_inner()) = true;
+            READY.1.notify_all();
+        })
+    });
+    if started {
+        let mut ready = READY.0.lock().unwrap_or_else(|e| e.into_inner());
+        while !*ready {
+            ready = READY.1.wait(ready).unwrap_or_else(|e| e.into_inner());
+        }
+    } else {
+        eprintln!("rcu-trace agent: starting the agent thread failed");
     }
-    // Relaxed: this thread's own marker.
-    BORROWED_TP.store(0, Ordering::Relaxed);
+}
+
+/// The agent thread's whole life: [`start`], then `ready`, then [`serve`]
+/// until the goodbye.
+fn run(sock: UnixStream, preload: Option<&str>, ready: impl FnOnce()) {
+    match start(sock, preload) {
+        Ok(Some((agent, reader))) => {
+            ready();
+            serve(agent, reader);
+        }
+        Ok(None) => ready(),
+        Err(e) => {
+            eprintln!("rcu-trace agent: {e}");
+            ready();
+        }
+    }
 }
 
 /// What an `exec` of the traced process gets back: the environment
@@ -435,16 +563,8 @@ pub unsafe extern "C" fn rcu_trace_agent_start(path: *const libc::c_char) -> u64
     let Ok(sock) = UnixStream::connect(&path) else {
         return 1;
     };
-    let started = std::thread::Builder::new()
-        .name("rcu-trace-agent".into())
-        .spawn(move || {
-            // Relaxed: this thread's own marker (see `on_agent_thread`).
-            AGENT_TP.store(thread_pointer(), Ordering::Relaxed);
-            if let Err(e) = start(sock, None) {
-                eprintln!("rcu-trace agent: {e}");
-            }
-        });
-    u64::from(started.is_err())
+    let started = spawn_agent_thread(move || run(sock, None, || {}));
+    u64::from(!started)
 }
 
 /// Whether `fd` is a socket whose other end rcu-trace holds, rcu-trace
@@ -490,8 +610,13 @@ fn forget_environment() {
     }
 }
 
-/// Reads the plan, registers it, answers, starts the agent thread.
-fn start(sock: UnixStream, preload: Option<&str>) -> Result<(), String> {
+/// What [`serve`] needs: the agent, the socket's reading end.
+type Serving = (Arc<Agent>, BufReader<UnixStream>);
+
+/// Reads the plan, registers it, answers; returns what [`serve`] needs.
+/// On the agent thread. `Ok(None)`: nothing to serve (the tracer quit, or
+/// a refusal in a process the agent was loaded into).
+fn start(sock: UnixStream, preload: Option<&str>) -> Result<Option<Serving>, String> {
     let mut reader = BufReader::new(sock.try_clone().map_err(|e| e.to_string())?);
     let mut out = sock;
     out.write_all(FromAgent::Hello.line().as_bytes())
@@ -508,15 +633,18 @@ fn start(sock: UnixStream, preload: Option<&str>) -> Result<(), String> {
             Some(ToAgent::Options { events: e, args: a }) => (events, args) = (e, a),
             Some(ToAgent::Probe(p)) => plan.push(p),
             Some(ToAgent::Go) => break,
-            Some(ToAgent::Quit) => return Ok(()),
+            Some(ToAgent::Quit) => return Ok(None),
             None => return Err(format!("a line not understood: {line:?}")),
         }
     }
     let live = LiveUprobes::global().map_err(|e| e.to_string())?;
+    find_own_text_once();
     let nrows = plan.iter().map(|p| p.row + 1).max().unwrap_or(0);
     let mut rets = vec![false; nrows];
+    let mut at_entry = vec![false; nrows];
     for p in &plan {
         rets[p.row] = p.ret;
+        at_entry[p.row] = p.func == Some(p.offset);
     }
     // The descriptor the agent keeps (and an `exec` passes on).
     let keep = out.try_clone().map_err(|e| e.to_string())?;
@@ -530,6 +658,7 @@ fn start(sock: UnixStream, preload: Option<&str>) -> Result<(), String> {
             .iter()
             .map(|&r| Counters::new(r, PENDING_BUCKETS))
             .collect(),
+        at_entry: at_entry.into(),
         ring: Ring::new(if events { RING } else { 2 }),
         events,
         args,
@@ -584,7 +713,7 @@ fn start(sock: UnixStream, preload: Option<&str>) -> Result<(), String> {
                 }
                 Err(e) => {
                     refused = true;
-                    answer.push_str(&FromAgent::Refused(row, e.to_string()).line());
+                    answer.push_str(&FromAgent::Refused(row, refusal(&e)).line());
                 }
             }
         }
@@ -597,7 +726,7 @@ fn start(sock: UnixStream, preload: Option<&str>) -> Result<(), String> {
         let _ = out.write_all(answer.as_bytes());
         if preload.is_none() {
             // Loaded into a running process (-p): it runs on, untouched.
-            return Ok(());
+            return Ok(None);
         }
         let mut sink = Vec::new();
         let _ = reader.read_to_end(&mut sink);
@@ -616,12 +745,21 @@ fn start(sock: UnixStream, preload: Option<&str>) -> Result<(), String> {
     unsafe { libc::atexit(at_exit) };
     out.write_all(answer.as_bytes())
         .map_err(|e| format!("answering the tracer: {e}"))?;
-    let thread_agent = Arc::clone(&agent);
-    std::thread::Builder::new()
-        .name("rcu-trace-agent".into())
-        .spawn(move || serve(thread_agent, reader))
-        .map_err(|e| e.to_string())?;
-    Ok(())
+    Ok(Some((agent, reader)))
+}
+
+/// A registration's error as the tracer reports it: a refusal of code
+/// the trap path calls says by which chain of calls it does.
+fn refusal(e: &ProbeError) -> String {
+    match e {
+        ProbeError::RefusedTarget { addr, .. } => {
+            match rcu_registry::probes::runtime::Live::global().explain_refusal(*addr) {
+                Some(chain) => format!("{e} (the trap path: {chain})"),
+                None => e.to_string(),
+            }
+        }
+        _ => e.to_string(),
+    }
 }
 
 /// The consumer of one spec (see the module docs).
@@ -641,6 +779,9 @@ fn consumer(ret: bool, table: Arc<[(UprobeKey, usize)]>, agent: Arc<Agent>) -> C
             return ConsumerAction::Continue;
         };
         let a = &entry_agent;
+        if a.at_entry[row] && called_by_agent(return_address(regs)) {
+            return ConsumerAction::Continue;
+        }
         let c = &a.rows[row];
         let now = if c.timed() || a.events { now_ns() } else { 0 };
         c.entry(0, regs.sp, now);
@@ -670,6 +811,9 @@ fn consumer(ret: bool, table: Arc<[(UprobeKey, usize)]>, agent: Arc<Agent>) -> C
                 let Some(row) = row_of(&table, r.key) else {
                     return;
                 };
+                if called_by_agent(r.ret_addr) {
+                    return;
+                }
                 let now = now_ns();
                 agent.rows[row].ret(0, regs.sp, now);
                 if agent.events {
@@ -688,10 +832,47 @@ fn consumer(ret: bool, table: Arc<[(UprobeKey, usize)]>, agent: Arc<Agent>) -> C
     }
 }
 
-/// The agent thread (see the module docs).
-fn serve(agent: Arc<Agent>, mut reader: BufReader<UnixStream>) {
+/// The agent thread's start routine: marks the thread as the agent's
+/// before anything else runs on it, then runs the boxed body.
+extern "C" fn agent_thread(body: *mut libc::c_void) -> *mut libc::c_void {
     // Relaxed: this thread's own marker (see `on_agent_thread`).
     AGENT_TP.store(thread_pointer(), Ordering::Relaxed);
+    // SAFETY: names the calling thread with a NUL-terminated string of
+    // fewer than 16 bytes.
+    unsafe { libc::pthread_setname_np(libc::pthread_self(), c"rcu-trace-agent".as_ptr()) };
+    // SAFETY: `spawn_agent_thread` passed a leaked `Box<Box<dyn FnOnce()>>`
+    // to this thread alone.
+    let body = unsafe { Box::from_raw(body.cast::<Box<dyn FnOnce() + Send>>()) };
+    body();
+    std::ptr::null_mut()
+}
+
+/// Starts the agent thread running `body`: a bare `pthread_create`, not
+/// `std::thread`, whose start-up code would run (allocate, register
+/// thread-local destructors through the C library) before the thread
+/// could mark itself as the agent's, and be counted as the program's
+/// calls. Detached. Returns whether it started.
+fn spawn_agent_thread(body: impl FnOnce() + Send + 'static) -> bool {
+    let body: Box<Box<dyn FnOnce() + Send>> = Box::new(Box::new(body));
+    let arg = Box::into_raw(body);
+    // SAFETY: all-zero is a valid pthread_t to be written by create.
+    let mut thread: libc::pthread_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `agent_thread` has the start routine's signature and takes
+    // ownership of `arg`.
+    let r =
+        unsafe { libc::pthread_create(&mut thread, std::ptr::null(), agent_thread, arg.cast()) };
+    if r != 0 {
+        // SAFETY: the thread did not start: `arg` is still ours.
+        drop(unsafe { Box::from_raw(arg) });
+        return false;
+    }
+    // SAFETY: the thread just created; nobody joins it.
+    unsafe { libc::pthread_detach(thread) };
+    true
+}
+
+/// The agent thread (see the module docs).
+fn serve(agent: Arc<Agent>, mut reader: BufReader<UnixStream>) {
     let _ = reader.get_ref().set_read_timeout(Some(PERIOD));
     let mut buf = [0u8; 64];
     loop {

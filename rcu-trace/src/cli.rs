@@ -61,6 +61,9 @@ Engines (--engine; the line `... (E engine)` on standard error names it):
   inprocess  the agent librcu_trace_agent.so, LD_PRELOADed into CMD (or,
              with one -p PID, loaded into it over ptrace), runs the probes
              inside it (one trap per hit, no context switch); no -f.
+             Loaded over ptrace it refuses malloc, free and the other
+             C-library functions the loader's TLS access can reach (the
+             refusal names the chain); preloaded it takes them all.
   ptrace     rcu-trace serves each hit over ptrace: any target, -p and -f.
   auto       (default) inprocess for a dynamically linked CMD without -f
              when the agent is found, else ptrace (-p included).

@@ -8,6 +8,10 @@
  *                                     values to DONE; waits for STOP; exits 0
  *   fixture until STOP                fx_work in a loop until the file STOP exists;
  *                                     prints the number of calls
+ *   fixture alloc N THREADS           in each of THREADS threads, N rounds of the C
+ *                                     library's allocator and a few other functions:
+ *                                     malloc, calloc, realloc, free x3, strdup, getenv,
+ *                                     clock_gettime; then read(2) of /dev/zero once
  *
  * Standard output: one line with the sum of fx_work's return values (work, glob) or
  * the number of calls (until), so a traced run can be compared with an untraced one.
@@ -52,11 +56,11 @@ static void *worker(void *arg) {
     return (void *)s;
 }
 
-static long run_threads(long n, int threads) {
+static long run_threads_of(void *(*body)(void *), long n, int threads) {
     pthread_t t[64];
     per_thread = n;
     if (threads > 64) threads = 64;
-    for (int i = 0; i < threads; i++) pthread_create(&t[i], 0, worker, 0);
+    for (int i = 0; i < threads; i++) pthread_create(&t[i], 0, body, 0);
     long sum = 0;
     for (int i = 0; i < threads; i++) {
         void *r;
@@ -64,6 +68,26 @@ static long run_threads(long n, int threads) {
         sum += (long)r;
     }
     return sum;
+}
+
+static long run_threads(long n, int threads) { return run_threads_of(worker, n, threads); }
+
+static void *allocator(void *arg) {
+    (void)arg;
+    long s = 0;
+    for (long i = 0; i < per_thread; i++) {
+        char *p = malloc(16 + i % 200);
+        long *c = calloc(4, sizeof(long));
+        p = realloc(p, 300 + i % 50);
+        char *d = strdup("fixture");
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        s += (getenv("FX_SURELY_UNSET") == 0) + (long)strlen(d) + c[0] + (p != 0);
+        free(d);
+        free(c);
+        free(p);
+    }
+    return (void *)s;
 }
 
 static void wait_for(const char *path) {
@@ -97,6 +121,15 @@ int main(int argc, char **argv) {
         wait_for(argv[4]);
         return 0;
     }
+    if (!strcmp(mode, "alloc") && argc == 4) {
+        long sum = run_threads_of(allocator, atol(argv[2]), atoi(argv[3]));
+        char buf[8];
+        FILE *z = fopen("/dev/zero", "r");
+        sum += z && fread(buf, 1, sizeof buf, z) == sizeof buf;
+        if (z) fclose(z);
+        printf("%ld\n", sum);
+        return 0;
+    }
     if (!strcmp(mode, "until") && argc == 3) {
         long calls = 0, s = 0;
         while (access(argv[2], F_OK) != 0) {
@@ -105,6 +138,7 @@ int main(int argc, char **argv) {
         printf("%ld %ld\n", calls, s > 0 ? 1L : 0L);
         return 0;
     }
-    fprintf(stderr, "usage: fixture work N THREADS | glob N | gate GO DONE STOP N T | until STOP\n");
+    fprintf(stderr, "usage: fixture work N THREADS | glob N | gate GO DONE STOP N T | until STOP"
+                    " | alloc N THREADS\n");
     return 2;
 }

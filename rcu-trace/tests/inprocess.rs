@@ -2,8 +2,11 @@
 //! counts from several threads, the same counts, probes and return values
 //! as the ptrace engine, `--json` and `--trace-out` read back with a real
 //! JSON parser, Ctrl-C leaving the program running with the bytes of its
-//! file, the agent's own C-library calls not counted, and a command of
-//! the base system traced with its output unchanged.
+//! file, the agent's own C-library calls not counted, a command of the
+//! base system traced with its output unchanged, and the C library's
+//! allocator (`malloc`, `free`, ...) probed in process with the counts the
+//! ptrace engine finds, in the fixture and in `sort` and `python3`; the
+//! injected agent still refuses `malloc`, which its trap path can reach.
 //!
 //! The agent (`librcu_trace_agent.so`) is built by cargo with rcu-trace
 //! (a dependency: its cdylib lands in the target directory's `deps/`,
@@ -225,9 +228,15 @@ fn the_agents_own_c_library_calls_are_not_the_programs() {
     // The agent writes to its socket (write) and reads from it (read) on
     // its thread and at the exit flush; the fixture writes its one line
     // with one write(2) (standard output is a pipe here: fully buffered).
-    // (`read` and `clock_gettime`, which it calls too, are refused in
-    // process: see the README's limits.)
-    let specs = ["uprobe:libc:write"];
+    // It reads the clock for every event, and allocates (its thread's
+    // start, the standard library's buffers) on its own thread.
+    let specs = [
+        "uprobe:libc:write",
+        "uprobe:libc:read",
+        "uprobe:libc:clock_gettime",
+        "uprobe:libc:malloc",
+        "uprobe:libc:free",
+    ];
     let fx_args = ["work", "3000", "2"];
     let ret = format!("uretprobe:{}:fx_work", fx());
     let mut args: Vec<&str> = specs.to_vec();
@@ -343,4 +352,162 @@ fn the_agent_injected_into_a_running_process_counts_exactly_and_auto_picks_ptrac
     // SAFETY: kill(2) on our own child's pid.
     unsafe { libc::kill(tracer.0.id() as i32, libc::SIGINT) };
     assert_eq!(tracer.0.wait().unwrap().code(), Some(0));
+}
+
+/// The C-library functions the allocator workload calls (fixture `alloc`).
+const LIBC_SPECS: [&str; 9] = [
+    "uprobe:libc:malloc",
+    "uprobe:libc:calloc",
+    "uprobe:libc:realloc",
+    "uprobe:libc:free",
+    "uprobe:libc:strdup",
+    "uprobe:libc:getenv",
+    "uprobe:libc:clock_gettime",
+    "uprobe:libc:read",
+    "uretprobe:libc:malloc",
+];
+
+#[test]
+fn the_c_library_allocator_is_probed_in_process_with_the_counts_ptrace_finds() {
+    need_tracing!();
+    // Refused in process before: the agent's trap path reached the
+    // loader's `__tls_get_addr`, whose slow paths allocate.
+    let fx_args = ["alloc", "2000", "3"];
+    let mut args: Vec<&str> = LIBC_SPECS.to_vec();
+    args.push("--retval"); // events: the agent thread works, allocates
+    let a = run_json("inprocess", &args, &fx_args);
+    let b = run_json("ptrace", &args, &fx_args);
+    assert_eq!(summary(&a), summary(&b));
+    // At least the workload's own calls (3 threads x 2000 rounds); free
+    // three times a round.
+    for s in LIBC_SPECS {
+        let calls = probe(&a, s)["calls"].as_u64().unwrap();
+        let least = if s.ends_with(":free") { 18_000 } else { 6_000 };
+        if s.ends_with(":read") {
+            assert!(calls >= 1, "{s}: {calls}");
+        } else {
+            assert!(calls >= least, "{s}: {calls}");
+        }
+    }
+    let r = probe(&a, "uretprobe:libc:malloc");
+    assert_eq!(r["calls"], r["returns"]);
+}
+
+/// `rcu-trace --engine ENGINE --json SPECS -- CMD...`: checks it exits 0
+/// and the command printed what it prints untraced; returns the probes'
+/// summaries.
+fn run_command(
+    engine: &str,
+    specs: &[&str],
+    cmd: &[&str],
+    env: &[(&str, &str)],
+) -> BTreeMap<String, (Value, Value)> {
+    let untraced = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    assert!(untraced.status.success(), "{cmd:?}");
+    let out = Command::new(RCU_TRACE)
+        .args(["--engine", engine, "--json"])
+        .args(specs)
+        .arg("--")
+        .args(cmd)
+        .envs(env.iter().copied())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{engine}: {err}");
+    assert!(err.contains(&format!("({engine} engine)")), "{err}");
+    assert!(
+        out.stdout.starts_with(&untraced.stdout),
+        "{engine}: the command's output"
+    );
+    summary(&json_lines(&out.stdout[untraced.stdout.len()..]))
+}
+
+#[test]
+fn sort_and_python_under_allocator_probes_print_what_they_print_untraced_and_both_engines_count_alike(
+) {
+    need_tracing!();
+    let specs = [
+        "uprobe:libc:malloc",
+        "uprobe:libc:free",
+        "uprobe:libc:getenv",
+        "uprobe:libc:strdup",
+        "uprobe:libc:realloc",
+    ];
+    let input = path("words");
+    let words: String = (0..3000)
+        .map(|i| format!("w{:05}\n", (i * 7919) % 3000))
+        .collect();
+    std::fs::write(&input, words).unwrap();
+    let sort = ["sort", "--parallel=1", input.to_str().unwrap()];
+    let a = run_command("inprocess", &specs, &sort, &[]);
+    let b = run_command("ptrace", &specs, &sort, &[]);
+    assert_eq!(a, b);
+    assert!(a["uprobe:libc:malloc"].0.as_u64().unwrap() > 0, "{a:?}");
+    // The base system's interpreter (not a wrapper script that forks
+    // first: the children would not be traced).
+    let python = "/usr/bin/python3";
+    if !std::path::Path::new(python).exists() {
+        eprintln!("SKIPPED (python3 part): no {python} here");
+        return;
+    }
+    // The hash seed fixed: the interpreter's allocations the same run to
+    // run.
+    let py = [
+        python,
+        "-S",
+        "-c",
+        "import json; print(json.dumps(sorted({str(i): i for i in range(500)}.items())[:3]))",
+    ];
+    let env = [("PYTHONHASHSEED", "0")];
+    let a = run_command("inprocess", &specs, &py, &env);
+    let b = run_command("ptrace", &specs, &py, &env);
+    assert_eq!(a, b);
+    assert!(a["uprobe:libc:malloc"].0.as_u64().unwrap() > 100, "{a:?}");
+}
+
+#[test]
+fn the_injected_agent_still_refuses_malloc_which_its_trap_path_reaches_through_the_loader() {
+    need_tracing!();
+    // Loaded with dlopen, the agent's thread-locals are in dynamic TLS:
+    // the trap path's access to them is the loader's `__tls_get_addr`,
+    // which allocates a thread's block on its first access. The runtime
+    // cannot settle them, walks from `__tls_get_addr` and refuses what it
+    // reaches; the refusal names the chain.
+    let stop = path("stop");
+    let _stop_anyway = CreateOnDrop(stop.clone());
+    let target = Running::start(Command::new(fixture()).args(["until", stop.to_str().unwrap()]));
+    let pid = target.pid().to_string();
+    for spec in [
+        "uprobe:libc:malloc",
+        "uprobe:libc:free",
+        "uprobe:/lib64/ld-linux-x86-64.so.2:__tls_get_addr",
+    ] {
+        if spec.contains("/lib64/") && !std::path::Path::new("/lib64/ld-linux-x86-64.so.2").exists()
+        {
+            eprintln!("SKIPPED ({spec}): no such loader here");
+            continue;
+        }
+        let out = Command::new(RCU_TRACE)
+            .args(["--engine", "inprocess", spec, "-p", &pid])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{spec}: {err}");
+        assert!(err.contains("refusing to patch"), "{spec}: {err}");
+        assert!(
+            err.contains("(the trap path: __tls_get_addr (the loader's thread-local access"),
+            "{spec}: {err}"
+        );
+        // The process runs on, untraced, every byte as it was.
+        assert!(common::runs_untraced(target.pid()), "{spec}");
+    }
+    std::fs::write(&stop, b"").unwrap();
+    let out = std::mem::replace(&mut { target }.0, Command::new("true").spawn().unwrap())
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
 }

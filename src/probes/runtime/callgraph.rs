@@ -76,6 +76,14 @@
 //!   the outer SIGTRAP handler's body, the kretprobe trampoline's return
 //!   path) is not walked into either: a probe hit there is a nested trap,
 //!   which takes the missed path (walked), so it may call the C library.
+//! - **The standard access of a settled thread-local**
+//!   ([`settled_tls`](fn@settled_tls)): every thread-local of this crate
+//!   is a `TrapLocal` reached at the thread pointer plus an offset once
+//!   `trap_tls.rs` has proven static TLS, before the walk; its out-of-line
+//!   fallback (in a shared library, the loader's `__tls_get_addr`, which
+//!   can allocate) then never runs, and is refused but not walked into.
+//!   Not proven (an object loaded with `dlopen`), it is walked, and
+//!   `__tls_get_addr` is a root (`refuse.rs`).
 //! - Addresses outside the process's executable mappings (the XOL area's
 //!   slots are anonymous mappings and never probed code) are skipped and
 //!   counted.
@@ -105,11 +113,13 @@ mod descend;
 mod dying;
 mod fde_starts;
 mod flag_up;
+mod settled_tls;
 
 use crate::probes::runtime::in_process::read_text;
 use crate::probes::runtime::symbols::ProcessSymbols;
 pub use dying::dying_path;
 pub use flag_up::{flag_up, FLAG_UP_ENTRIES};
+pub use settled_tls::{settled_tls, DYNAMIC_TLS_ACCESS};
 
 /// Instructions one descent into code without a symbol may decode. A C
 /// library's largest stripped internal routines are a few thousand
@@ -320,7 +330,9 @@ impl Walker<'_> {
                     return;
                 }
                 let (start, end) = (f.start, (f.start + f.size).min(text_end.max(f.start)));
-                let stopped = dying_path(&f.name).or_else(|| flag_up(&f.name));
+                let stopped = dying_path(&f.name)
+                    .or_else(|| flag_up(&f.name))
+                    .or_else(|| settled_tls(&f.name));
                 self.by_start.insert(start, self.out.len());
                 self.out.push(Reached {
                     start,

@@ -95,6 +95,13 @@ pub fn in_trap() -> bool {
     IN_TRAP.with(Cell::get)
 }
 
+/// Whether the flag is reached without the dynamic loader (for the test of
+/// `trap_tls.rs`).
+#[cfg(test)]
+pub(crate) fn settled_for_test() -> bool {
+    IN_TRAP.is_settled()
+}
+
 /// For a trap or return nested in trap handling: forces both registry
 /// families' missed paths (their handler flags up: kprobes and live
 /// uprobes) for as long as the result lives. A flag that was already up (a

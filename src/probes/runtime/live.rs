@@ -313,6 +313,16 @@ impl Live {
         self.live_symbols.current()
     }
 
+    /// Why the runtime refuses to patch `addr`: the chain of calls by which
+    /// its trap path reaches that code, from a root (the SIGTRAP handler, a
+    /// dispatcher method) to the refused function, outermost first. `None`
+    /// if the trap-path walk does not reach `addr` (it may still be refused
+    /// as this crate's own code). A diagnostic, off the hot path (see
+    /// `refuse.rs`).
+    pub fn explain_refusal(&self, addr: u64) -> Option<String> {
+        super::refuse::explain(&self.symbols, addr)
+    }
+
     /// XOL slot counters.
     pub fn xol_stats(&self) -> XolStats {
         self.xol.stats()

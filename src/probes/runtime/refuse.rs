@@ -45,6 +45,10 @@
 //!   previous handler by direct calls);
 //! - the kretprobe trampoline (its assembly calls the Rust half directly);
 //! - `__restore_rt`, which every signal handler returns through;
+//! - the loader's `__tls_get_addr`, when this crate is in a shared object
+//!   whose thread-locals could not be settled in static TLS
+//!   (`trap_tls.rs`): their standard access calls it through the
+//!   `LocalKey`'s accessor, an indirect call the walk cannot follow;
 //! - the targets of the indirect calls the nested path makes: the live
 //!   registry's [`TrapDispatcher`] breakpoint, step and fault methods (the
 //!   dispatcher table holds `&dyn TrapDispatcher`) and [`ThreadMemory`]'s
@@ -58,6 +62,19 @@
 //! share with the nested path is walked from there. The registry's
 //! `on_return` is reached only past the trampoline's flag, so it is no
 //! root.
+//!
+//! Nor does it follow the standard access of this crate's thread-locals
+//! once they are settled in static TLS
+//! ([`callgraph::settled_tls`](super::callgraph::settled_tls)): in a
+//! shared library (the `rcu-trace` agent) that access is the loader's
+//! `__tls_get_addr`, whose slow paths reach `malloc`, `realloc`, `free`,
+//! the loader's lock and its error reporting (`strerror`, `getenv`). The
+//! trap path reaches its thread-locals at the thread pointer plus an
+//! offset instead (`sync/trap_local.rs`). Where static TLS cannot be proven
+//! (the agent loaded with `dlopen`) the walk follows that access, and what
+//! it reaches stays refused. [`explain`] (and
+//! [`Live::explain_refusal`](super::Live::explain_refusal)) prints the chain
+//! of calls by which the trap path reaches a refused address.
 //!
 //! The walk's result is computed once per process, at the first
 //! [`Live`](super::Live) construction, and cached; [`trap_path`] gives its
@@ -172,6 +189,12 @@ pub const FLAG_UP_ENTRY: &str = "the runtime's trap handling past its trap flag"
 /// methods the SIGTRAP handler reaches through `dyn` calls.
 pub const TRAP_ENTRY: &str = "a trap-path entry reached through a dyn call";
 
+/// See [`RUNTIME_CODE`]: the loader's thread-local access, which the trap
+/// path calls when this crate is in a shared object whose thread-locals
+/// could not be settled in static TLS (`trap_tls.rs`).
+pub const LOADER_TLS_ACCESS: &str =
+    "the loader's thread-local access (__tls_get_addr), which the trap path calls in a library without static TLS";
+
 /// `__restore_rt` is `mov eax, 15; syscall` (9 bytes): refused in full even
 /// when the C library has no symbol for it.
 #[cfg(target_arch = "x86_64")]
@@ -251,6 +274,19 @@ pub fn trap_path_roots() -> Vec<Root> {
             what: TRAP_ENTRY,
         }),
     );
+    // Thread-locals not settled in a shared object: their standard access
+    // calls the loader (`trap_tls.rs`), through an indirect call the walk
+    // cannot follow; so from here.
+    if super::trap_tls::loader_on_trap_path() {
+        // SAFETY: dlsym with RTLD_DEFAULT and a valid C string.
+        let tls = unsafe { libc::dlsym(libc::RTLD_DEFAULT, c"__tls_get_addr".as_ptr()) };
+        if !tls.is_null() {
+            roots.push(Root {
+                addr: tls as u64,
+                what: LOADER_TLS_ACCESS,
+            });
+        }
+    }
     // arm64 returns from signal handlers through the vDSO's
     // `__kernel_rt_sigreturn` (qemu-user: its own signal trampoline page),
     // which is not in the process's symbols and not patchable text.
@@ -276,6 +312,10 @@ static TRAP_PATH: OnceLock<CallGraph> = OnceLock::new();
 /// same file).
 pub fn trap_path(symbols: &ProcessSymbols) -> &'static CallGraph {
     TRAP_PATH.get_or_init(|| {
+        // Before the walk: whether the thread-locals' standard access
+        // (the loader's `__tls_get_addr` in a shared library) is off the
+        // trap path depends on it (`callgraph/settled_tls.rs`).
+        super::trap_tls::settle();
         CallGraph::walk(symbols, &trap_path_roots())
             .expect("reading /proc/self/maps to walk the trap path")
     })
@@ -339,4 +379,57 @@ pub fn refused_ranges(symbols: &ProcessSymbols) -> Vec<RefusedRange> {
         );
     }
     out
+}
+
+/// Why the runtime refuses to patch `addr`, as the chain of calls from a
+/// trap-path root to the refused code, outermost first
+/// (`root -> caller -> ... -> refused`), each named by its symbol, or by
+/// its address (and the object holding it) when it has none. `None` if
+/// the walk did not reach `addr` (it may still be refused for another
+/// reason: this crate's own code, the signal return trampoline).
+///
+/// A diagnostic for a refusal that looks wrong ([`Live::explain_refusal`](super::Live::explain_refusal)):
+/// it walks the trap path if that was not done yet (off the hot path).
+///
+/// # Panics
+/// As [`trap_path`].
+pub fn explain(symbols: &ProcessSymbols, addr: u64) -> Option<String> {
+    let graph = trap_path(symbols);
+    let chain = graph.path_to(addr);
+    if chain.is_empty() {
+        return None;
+    }
+    let roots = trap_path_roots();
+    let name = |start: u64| match symbols.function_at(start) {
+        Some(f) if f.start == start => f.name.clone(),
+        Some(f) => format!("{}+{:#x}", f.name, start - f.start),
+        None => {
+            let object = symbols
+                .objects()
+                .iter()
+                .filter(|(_, bias)| *bias <= start)
+                .max_by_key(|(_, bias)| *bias)
+                .map(|(path, bias)| format!(" ({path}+{:#x})", start - bias))
+                .unwrap_or_default();
+            format!("{start:#x}{object}")
+        }
+    };
+    let mut parts: Vec<String> = chain
+        .iter()
+        .rev()
+        .map(|&(_, start)| {
+            let what = graph
+                .function_at(start)
+                .and_then(|r| r.stopped)
+                .map(|why| format!(" [not walked into: {why}]"))
+                .unwrap_or_default();
+            format!("{}{what}", name(start))
+        })
+        .collect();
+    if let Some(&(_, outer)) = chain.last() {
+        if let Some(r) = roots.iter().find(|r| r.addr == outer) {
+            parts[0] = format!("{} ({})", parts[0], r.what);
+        }
+    }
+    Some(parts.join(" -> "))
 }
