@@ -252,6 +252,8 @@ struct Agent {
     sending: AtomicBool,
     /// What is sent is formatted here (allocated up front).
     buf: UnsafeCell<Box<[u8]>>,
+    /// Jump-optimize the probes (the tracer's `--no-jump` says no).
+    jump: bool,
     /// Every (key, consumer) registered (what the goodbye unregisters).
     registered: Mutex<Vec<(UprobeKey, Consumer)>>,
 }
@@ -621,7 +623,7 @@ fn start(sock: UnixStream, preload: Option<&str>) -> Result<Option<Serving>, Str
     let mut out = sock;
     out.write_all(FromAgent::Hello.line().as_bytes())
         .map_err(|e| format!("greeting the tracer: {e}"))?;
-    let (mut events, mut args) = (false, 0);
+    let (mut events, mut args, mut jump) = (false, 0, false);
     let mut plan: Vec<PlannedProbe> = Vec::new();
     let mut line = String::new();
     loop {
@@ -630,7 +632,11 @@ fn start(sock: UnixStream, preload: Option<&str>) -> Result<Option<Serving>, Str
             return Err("the tracer went away before the plan".into());
         }
         match ToAgent::parse(line.trim_end_matches('\n')) {
-            Some(ToAgent::Options { events: e, args: a }) => (events, args) = (e, a),
+            Some(ToAgent::Options {
+                events: e,
+                args: a,
+                jump: j,
+            }) => (events, args, jump) = (e, a, j),
             Some(ToAgent::Probe(p)) => plan.push(p),
             Some(ToAgent::Go) => break,
             Some(ToAgent::Quit) => return Ok(None),
@@ -667,9 +673,12 @@ fn start(sock: UnixStream, preload: Option<&str>) -> Result<Option<Serving>, Str
         sending: AtomicBool::new(false),
         buf: UnsafeCell::new(vec![0u8; SEND_BUFFER].into_boxed_slice()),
         registered: Mutex::new(Vec::new()),
+        jump,
     });
     let mut answer = String::new();
     let mut refused = false;
+    // Every registered probe and its row, for the hit-path answers.
+    let mut placed: Vec<(UprobeKey, usize)> = Vec::new();
     let nspecs = plan.iter().map(|p| p.spec + 1).max().unwrap_or(0);
     for spec in 0..nspecs {
         let mine: Vec<&PlannedProbe> = plan.iter().filter(|p| p.spec == spec).collect();
@@ -709,6 +718,7 @@ fn start(sock: UnixStream, preload: Option<&str>) -> Result<Option<Serving>, Str
             match r {
                 Ok(k) => {
                     reg.push((k, consumer.clone()));
+                    placed.push((k, row));
                     answer.push_str(&FromAgent::Registered(row).line());
                 }
                 Err(e) => {
@@ -733,6 +743,7 @@ fn start(sock: UnixStream, preload: Option<&str>) -> Result<Option<Serving>, Str
         // SAFETY: _exit ends the process at once; nothing is unwound.
         unsafe { libc::_exit(1) };
     }
+    answer.push_str(&hit_paths(live, &placed, jump));
     answer.push_str(&FromAgent::Ready.line());
     // Relaxed: read back only by this process (`at_exit`), after this
     // thread's own store or in a forked child holding its copy.
@@ -746,6 +757,36 @@ fn start(sock: UnixStream, preload: Option<&str>) -> Result<Option<Serving>, Str
     out.write_all(answer.as_bytes())
         .map_err(|e| format!("answering the tracer: {e}"))?;
     Ok(Some((agent, reader)))
+}
+
+/// Jump-optimizes the registered probes if `jump` (one batch: one grace
+/// period and one quiescence wait, before `main` runs for a spawned
+/// command; the agent thread's periodic pass, [`serve`], optimizes the
+/// probes of libraries loaded later) and answers each probe's hit path
+/// (`j` lines).
+/// A probe the optimizer refuses (an instruction it cannot relocate, a
+/// function it cannot prove safe, a thread it cannot observe) keeps its
+/// `int3`: the trap path counts it the same.
+#[cfg(target_arch = "x86_64")]
+fn hit_paths(live: &LiveUprobes, placed: &[(UprobeKey, usize)], jump: bool) -> String {
+    if jump {
+        let _ = live.optimize_now();
+    } else {
+        live.jump_optimizer().set_enabled(false);
+    }
+    placed
+        .iter()
+        .map(|&(k, row)| FromAgent::HitPath(row, jump && live.is_optimized(k)).line())
+        .collect()
+}
+
+/// Every probe traps: jump optimization is x86_64 only.
+#[cfg(not(target_arch = "x86_64"))]
+fn hit_paths(_live: &LiveUprobes, placed: &[(UprobeKey, usize)], _jump: bool) -> String {
+    placed
+        .iter()
+        .map(|&(_, row)| FromAgent::HitPath(row, false).line())
+        .collect()
 }
 
 /// A registration's error as the tracer reports it: a refusal of code
@@ -891,9 +932,25 @@ fn serve(agent: Arc<Agent>, mut reader: BufReader<UnixStream>) {
             return;
         }
         agent.send(false);
+        background_pass(&agent);
     }
     agent.unregister_all();
     agent.send(true);
+}
+
+/// The jump optimizer's background pass, on the agent thread (its calls
+/// are not the program's, which a thread of the optimizer's own would
+/// make: a probed `malloc` would count them): optimizes the probes of
+/// libraries loaded since (and the lifecycle probes) when there are any.
+fn background_pass(agent: &Agent) {
+    #[cfg(target_arch = "x86_64")]
+    if agent.jump {
+        if let Ok(live) = LiveUprobes::global() {
+            let _ = live.jump_optimizer().optimize_pending();
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = agent;
 }
 
 /// At the program's exit: the counts (final if `_exit` is not probed).

@@ -3,7 +3,8 @@
 //! inherits, its number in [`FD_ENV`]).
 //!
 //! ```text
-//! tracer -> agent    o EVENTS ARGS            options: stream events? args read
+//! tracer -> agent    o EVENTS ARGS JUMP       options: stream events? args read?
+//!                                             jump-optimize (trap-free hits)?
 //!                    p ROW SPEC e|r FUNC OFF PATH   a probe (FUNC: entry offset or -)
 //!                    g                        register them all, now
 //!                    q                        unregister everything, say goodbye
@@ -11,6 +12,8 @@
 //!                                             again after each exec of the process)
 //!                    k ROW                    registered
 //!                    n ROW WHY                refused (nothing is registered then)
+//!                    j ROW 0|1                its hits trap (0) or are trap-free
+//!                                             (1: jump-optimized; sent before r)
 //!                    r                        every probe in place: main may run
 //!                    c ROW CALLS RETURNS UNMATCHED LOST MAX BUCKETS
 //!                                             a probe's counters (BUCKETS: i:n,...
@@ -63,6 +66,9 @@ pub enum ToAgent {
         events: bool,
         /// How many integer arguments to read (0..=6).
         args: usize,
+        /// Jump-optimize the probes (trap-free hits) where the runtime
+        /// can.
+        jump: bool,
     },
     /// One probe.
     Probe(PlannedProbe),
@@ -81,6 +87,8 @@ pub enum FromAgent {
     Registered(usize),
     /// A probe refused, why.
     Refused(usize, String),
+    /// A registered probe's hits are trap-free (jump-optimized) or trap.
+    HitPath(usize, bool),
     /// Everything in place.
     Ready,
     /// A probe's counters.
@@ -117,7 +125,9 @@ impl ToAgent {
     /// The line, with its newline.
     pub fn line(&self) -> String {
         match self {
-            ToAgent::Options { events, args } => format!("o {} {args}\n", u8::from(*events)),
+            ToAgent::Options { events, args, jump } => {
+                format!("o {} {args} {}\n", u8::from(*events), u8::from(*jump))
+            }
             ToAgent::Probe(PlannedProbe {
                 row,
                 spec,
@@ -145,6 +155,7 @@ impl ToAgent {
                 ToAgent::Options {
                     events: w.next()? == "1",
                     args: w.next()?.parse::<usize>().ok()?.min(ARGS),
+                    jump: w.next()? == "1",
                 }
             }
             "p" => {
@@ -244,6 +255,7 @@ impl FromAgent {
             FromAgent::Hello => "h\n".into(),
             FromAgent::Registered(row) => format!("k {row}\n"),
             FromAgent::Refused(row, why) => format!("n {row} {}\n", why.replace('\n', " ")),
+            FromAgent::HitPath(row, jump) => format!("j {row} {}\n", u8::from(*jump)),
             FromAgent::Ready => "r\n".into(),
             FromAgent::Counts(row, s) => {
                 let mut v = Vec::new();
@@ -284,6 +296,10 @@ impl FromAgent {
                 f.next();
                 let row = f.next()?.parse().ok()?;
                 FromAgent::Refused(row, f.next().unwrap_or("").to_string())
+            }
+            "j" => {
+                let row = num()? as usize;
+                FromAgent::HitPath(row, num()? == 1)
             }
             "r" => FromAgent::Ready,
             "c" => {
@@ -367,6 +383,8 @@ mod tests {
             FromAgent::Hello,
             FromAgent::Registered(3),
             FromAgent::Refused(2, "no such thing".into()),
+            FromAgent::HitPath(2, true),
+            FromAgent::HitPath(0, false),
             FromAgent::Ready,
             FromAgent::Counts(1, Summary::default()),
             FromAgent::Counts(
@@ -412,6 +430,12 @@ mod tests {
             ToAgent::Options {
                 events: true,
                 args: 2,
+                jump: true,
+            },
+            ToAgent::Options {
+                events: false,
+                args: 0,
+                jump: false,
             },
             ToAgent::Probe(PlannedProbe {
                 row: 4,

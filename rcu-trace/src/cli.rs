@@ -115,6 +115,13 @@ pub struct Cli {
     #[arg(long, value_name = "PATH")]
     pub agent: Option<PathBuf>,
 
+    /// Keep the in-process engine's probes on the trap path: no jump
+    /// optimization (by default a probe whose site the runtime can prove
+    /// safe is served by a jump to a detour, without a trap; `--json`'s
+    /// `hit` field says which each probe got).
+    #[arg(long)]
+    pub no_jump: bool,
+
     /// Trace the children the targets fork too (and what they exec).
     #[arg(short = 'f', long)]
     pub follow_forks: bool,

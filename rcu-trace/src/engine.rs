@@ -135,9 +135,14 @@ mod inprocess;
 pub use inprocess::{find_agent, preload_refused, InprocessEngine, AGENT_ENV, AGENT_FILE};
 
 /// The engine `kind` names (`Auto` resolved: see [`choose`]).
-pub fn new(kind: EngineKind, follow_forks: bool, agent: Option<PathBuf>) -> Box<dyn Engine> {
+pub fn new(
+    kind: EngineKind,
+    follow_forks: bool,
+    agent: Option<PathBuf>,
+    jump: bool,
+) -> Box<dyn Engine> {
     match (kind, agent) {
-        (EngineKind::Inprocess, Some(agent)) => Box::new(InprocessEngine::new(agent)),
+        (EngineKind::Inprocess, Some(agent)) => Box::new(InprocessEngine::new(agent, jump)),
         _ => Box::new(PtraceEngine::new(follow_forks)),
     }
 }

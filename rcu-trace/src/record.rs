@@ -12,7 +12,7 @@
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -63,9 +63,51 @@ pub struct Row {
     /// Calls, returns, latencies: counted here (ptrace) or mirrored from
     /// the agent's (in-process).
     pub counters: Counters,
+    /// How its hits reach the counters ([`HitPath`] as a byte).
+    hit_path: AtomicU8,
+}
+
+/// How a probe's hits reach its counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HitPath {
+    /// A ptrace stop in the tracer (the ptrace engine).
+    Stop = 0,
+    /// A trap in the target, served by the agent (in-process).
+    Trap = 1,
+    /// A jump to a detour in the target, no trap (in-process,
+    /// jump-optimized).
+    Jump = 2,
+}
+
+impl HitPath {
+    /// Its name in `--json` (`"hit"`).
+    pub fn name(self) -> &'static str {
+        match self {
+            HitPath::Stop => "ptrace-stop",
+            HitPath::Trap => "trap",
+            HitPath::Jump => "jump",
+        }
+    }
 }
 
 impl Row {
+    /// How its hits reach the counters.
+    pub fn hit_path(&self) -> HitPath {
+        // Relaxed: a label set by the engine before the run's counts.
+        match self.hit_path.load(Ordering::Relaxed) {
+            1 => HitPath::Trap,
+            2 => HitPath::Jump,
+            _ => HitPath::Stop,
+        }
+    }
+
+    /// Says how its hits reach the counters (the in-process engine, from
+    /// the agent's answer).
+    pub fn set_hit_path(&self, path: HitPath) {
+        // Relaxed: see `hit_path`.
+        self.hit_path.store(path as u8, Ordering::Relaxed);
+    }
+
     /// Calls seen.
     pub fn calls(&self) -> u64 {
         self.counters.calls()
@@ -197,6 +239,7 @@ impl Recorder {
                     json_label: serde_json::to_string(&p.label).expect("a string serializes"),
                     probe: p.clone(),
                     counters: Counters::new(ret, PENDING_BUCKETS),
+                    hit_path: AtomicU8::new(HitPath::Stop as u8),
                 }
             })
             .collect();

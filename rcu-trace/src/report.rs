@@ -333,6 +333,10 @@ pub struct ProbeJson<'a> {
     pub offset: u64,
     /// Calls.
     pub calls: u64,
+    /// How its hits were served: `ptrace-stop` (the ptrace engine),
+    /// `trap` or `jump` (in-process: a trap, or a jump-optimized site
+    /// without one).
+    pub hit: &'static str,
     /// Returns (uretprobes).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub returns: Option<u64>,
@@ -370,6 +374,7 @@ pub fn probes_json(rec: &Recorder, specs: &[crate::spec::Spec]) -> Vec<String> {
                 path: p.path.display().to_string(),
                 offset: p.offset,
                 calls: r.calls(),
+                hit: r.hit_path().name(),
                 returns: ret.then(|| r.returns()),
                 latency_ns: lat,
                 untimed_returns: ret.then(|| r.unmatched()),

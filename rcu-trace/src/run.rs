@@ -196,7 +196,7 @@ pub fn run(cli: Cli) -> i32 {
             Ok(k) => k,
             Err(e) => return fail(EXIT_TARGET, e),
         };
-    let mut engine = engine::new(kind, cli.follow_forks, agent);
+    let mut engine = engine::new(kind, cli.follow_forks, agent, !cli.no_jump);
     let started = Instant::now();
     let (pids, warnings) = match engine.start(&plan, &rec, target) {
         Ok(s) => s,
@@ -207,7 +207,7 @@ pub fn run(cli: Cli) -> i32 {
             eprintln!("rcu-trace: warning: {}: using the ptrace engine", e.message);
             let mut cmd = Command::new(&cli.command[0]);
             cmd.args(&cli.command[1..]);
-            engine = engine::new(EngineKind::Ptrace, cli.follow_forks, None);
+            engine = engine::new(EngineKind::Ptrace, cli.follow_forks, None, false);
             match engine.start(&plan, &rec, Target::Spawn(cmd)) {
                 Ok(s) => s,
                 Err(e) => return fail(e.exit_code, e.message),

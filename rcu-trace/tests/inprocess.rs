@@ -1,5 +1,6 @@
 //! The `inprocess` engine (the agent preloaded into the command): exact
-//! counts from several threads, the same counts, probes and return values
+//! counts from several threads, jump-optimized (the default) and on the
+//! trap path (`--no-jump`) alike, the same counts, probes and return values
 //! as the ptrace engine, `--json` and `--trace-out` read back with a real
 //! JSON parser, Ctrl-C leaving the program running with the bytes of its
 //! file, the agent's own C-library calls not counted, a command of the
@@ -78,6 +79,30 @@ fn every_call_from_four_threads_is_counted_exactly_in_process() {
     assert!(r["latency_ns"]["p50"].as_u64().unwrap() > 0, "{r}");
     assert_eq!(objs.last().unwrap()["type"], "end");
     assert_eq!(objs.last().unwrap()["exit_code"], 0);
+}
+
+#[test]
+fn jump_optimized_hits_count_what_trap_hits_and_ptrace_stops_count() {
+    need_tracing!();
+    let spec = format!("uprobe:{}:fx_work", fx());
+    let ret = format!("uretprobe:{}:fx_work", fx());
+    let fx_args = ["work", "5000", "4"];
+    let jump = run_json("inprocess", &[&spec, &ret], &fx_args);
+    let trap = run_json("inprocess", &["--no-jump", &spec, &ret], &fx_args);
+    let stop = run_json("ptrace", &[&spec, &ret], &fx_args);
+    // By default the agent optimizes what it can (fx_work's entry: plain
+    // moves and arithmetic); --no-jump keeps every probe on the trap path;
+    // the ptrace engine stops the thread. The counts are the same.
+    for (objs, hit) in [(&jump, "jump"), (&trap, "trap"), (&stop, "ptrace-stop")] {
+        for s in [&spec, &ret] {
+            let p = probe(objs, s);
+            assert_eq!(p["hit"], hit, "{p}");
+            assert_eq!(p["calls"], 20_000, "{p}");
+        }
+        assert_eq!(probe(objs, &ret)["returns"], 20_000);
+    }
+    assert_eq!(summary(&jump), summary(&trap));
+    assert_eq!(summary(&jump), summary(&stop));
 }
 
 #[test]

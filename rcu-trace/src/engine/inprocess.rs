@@ -16,7 +16,7 @@ use rcu_trace_agent::stats::Summary;
 use rcu_trace_agent::wire::{FromAgent, PlannedProbe, ToAgent, FD_ENV};
 
 use super::{Ending, Engine, EngineError, Target};
-use crate::record::{Recorder, Thread};
+use crate::record::{HitPath, Recorder, Thread};
 use crate::resolve::Plan;
 use crate::spec::Kind;
 
@@ -116,6 +116,8 @@ extern "C" fn on_signal(sig: libc::c_int) {
 /// and feeds what the agent streams to the recorder.
 pub struct InprocessEngine {
     agent: PathBuf,
+    /// Jump-optimize (the agent's `o` option).
+    jump: bool,
     child: Option<Child>,
     sock: Option<UnixStream>,
     /// The socket's reading half, kept from `start` to `run` with what it
@@ -135,10 +137,12 @@ pub struct InprocessEngine {
 }
 
 impl InprocessEngine {
-    /// An engine that preloads `agent`.
-    pub fn new(agent: PathBuf) -> InprocessEngine {
+    /// An engine that preloads `agent`; `jump`: the agent jump-optimizes
+    /// the probes it can.
+    pub fn new(agent: PathBuf, jump: bool) -> InprocessEngine {
         InprocessEngine {
             agent,
+            jump,
             child: None,
             sock: None,
             reader: None,
@@ -177,6 +181,7 @@ impl InprocessEngine {
                 retval,
             }) => rec.ret_event(row, who(tid), rec.from_monotonic(ts), retval),
             Some(FromAgent::Dropped(n)) => rec.set_dropped(n),
+            Some(FromAgent::HitPath(row, jump)) => set_hit_path(rec, row, jump),
             Some(FromAgent::Hello) => {
                 // The process ran `exec`: the new image's agent counts
                 // from 0 and waits for the plan.
@@ -331,6 +336,7 @@ impl InprocessEngine {
         let mut plan_text = ToAgent::Options {
             events: recorder.wants_events(),
             args: crate::record::MAX_ARGS,
+            jump: self.jump,
         }
         .line();
         for (row, p) in plan.probes.iter().enumerate() {
@@ -385,6 +391,7 @@ impl InprocessEngine {
             }
             match FromAgent::parse(line.trim_end_matches('\n')) {
                 Some(FromAgent::Ready) => break,
+                Some(FromAgent::HitPath(row, jump)) => set_hit_path(recorder, row, jump),
                 Some(FromAgent::Refused(row, why)) => refused.push(format!(
                     "{}: {why}",
                     plan.probes.get(row).map_or("?", |p| p.label.as_str())
@@ -485,5 +492,18 @@ impl InprocessEngine {
             Ending::Ended => self.wait_child(),
         }
         Ok(ending)
+    }
+}
+
+/// Records the agent's answer for one install of a probe: its hits trap,
+/// or jump to a detour. A probe says `jump` only if every answer for it
+/// (each key, each image after an `exec`) did: one trap answer stays.
+fn set_hit_path(rec: &Recorder, row: usize, jump: bool) {
+    if let Some(r) = rec.rows().get(row) {
+        if !jump {
+            r.set_hit_path(HitPath::Trap);
+        } else if r.hit_path() != HitPath::Trap {
+            r.set_hit_path(HitPath::Jump);
+        }
     }
 }

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::sites::JumpView;
-use super::{JumpOptimizer, State};
+use super::{JumpOptimizer, JumpReport, State};
 use crate::probes::arch::x86_64::jump::JumpRefusal;
 use crate::sync::atomic::Ordering;
 
@@ -45,9 +45,7 @@ impl JumpOptimizer {
                 // Relaxed: see above.
                 while !me.stop.load(Ordering::Relaxed) {
                     std::thread::sleep(delay);
-                    if me.is_enabled() && me.has_work() {
-                        let _ = me.optimize_now();
-                    }
+                    let _ = me.optimize_pending();
                 }
             })
             .expect("spawning the jump optimizer's thread");
@@ -70,6 +68,18 @@ impl JumpOptimizer {
         self.stop.store(true, Ordering::Relaxed);
         let _ = handle.join();
         true
+    }
+
+    /// One step of the background pass on the calling thread: runs
+    /// [`optimize_now`](Self::optimize_now) if optimization is on and a
+    /// pass would do anything (a new candidate, a refusal that may not hold
+    /// any more, retired detours to free); `None` when it would not (one
+    /// mutex round trip, no thread signalled). For a caller with a periodic
+    /// thread of its own instead of [`start_background`](Self::start_background)'s
+    /// (a tracer's agent, whose own threads' calls are not the program's).
+    /// Never from a probe handler.
+    pub fn optimize_pending(&self) -> Option<JumpReport> {
+        (self.is_enabled() && self.has_work()).then(|| self.optimize_now())
     }
 
     /// Whether a pass would do anything: a new candidate, one whose last
