@@ -153,6 +153,19 @@ fn median(id: &str) -> Option<f64> {
     Some(v[v.len() / 2])
 }
 
+/// The fastest sample's ns per call: on a loaded machine, the one least
+/// disturbed by other processes (a sample is a batch of calls timed
+/// together; preemption only ever adds to it).
+fn fastest(id: &str) -> Option<f64> {
+    SAMPLES
+        .lock()
+        .unwrap()
+        .get(id)?
+        .iter()
+        .copied()
+        .min_by(f64::total_cmp)
+}
+
 /// Linux uprobes on `rb_plain` through tracefs, if the machine allows.
 fn uprobe_column(c: &mut Criterion) -> Result<(), String> {
     let tracing = ["/sys/kernel/tracing", "/sys/kernel/debug/tracing"]
@@ -335,6 +348,18 @@ fn jump_summary() {
         added(tr) / added(jr),
         met(added(jr) <= 60.0)
     );
+    if let (Some(p), Some(k), Some(r)) = (
+        fastest("plain_call"),
+        fastest("jump_kprobe"),
+        fastest("jump_kretprobe"),
+    ) {
+        println!(
+            "  fastest samples (least disturbed by load): kprobe jump {:.1} ns added, \
+             kretprobe jump {:.1} ns added",
+            k - p,
+            r - p
+        );
+    }
     match frida_added_ns() {
         Ok(f) => println!(
             "  frida      Interceptor.attach, native CModule onEnter: {f:.1} ns added; \
@@ -350,8 +375,11 @@ fn jump_summary() {
 /// `onEnter` counting calls) on a copy of the probed function in another
 /// process, measured by `benches/frida/driver.py` (`pip install frida`):
 /// the ns it adds per call. Its copy of the function has the same bytes as
-/// `rb_jump`.
+/// `rb_jump`. `RCU_BENCH_NO_FRIDA=1` leaves it out (it takes a minute).
 fn frida_added_ns() -> Result<f64, String> {
+    if std::env::var_os("RCU_BENCH_NO_FRIDA").is_some() {
+        return Err("RCU_BENCH_NO_FRIDA is set".into());
+    }
     let have = std::process::Command::new("python3")
         .args(["-c", "import frida"])
         .output()

@@ -142,6 +142,95 @@ fn a_kretprobe_runs_entry_and_return_through_an_optimized_site() {
     assert_eq!(call(rj_double, 4), 8);
 }
 
+/// Several threads through one optimized kprobe and one optimized
+/// kretprobe: the hit counters (per-CPU slots, no locked instruction) and
+/// the return counts are exact, every return value right.
+#[test]
+fn optimized_hits_and_returns_are_counted_exactly_on_several_threads() {
+    let _g = serial();
+    let reg = live().registry();
+    let count = Arc::new(AtomicU64::new(0));
+    let p = counting(addr(rj_prologue), &count);
+    reg.register(&p).unwrap();
+    optimize(&p);
+    let krp = Kretprobe::at(addr(rj_double))
+        .maxactive(8)
+        .handler(|_, regs, ret| regs.set_retval(ret + 1))
+        .build()
+        .unwrap();
+    reg.register(&krp).unwrap();
+    optimize(krp.probe());
+    const THREADS: u32 = 4;
+    const CALLS: u32 = 50_000;
+    std::thread::scope(|s| {
+        for t in 0..THREADS {
+            s.spawn(move || {
+                for x in 0..CALLS {
+                    let x = x + t;
+                    assert_eq!(call(rj_prologue, x), x + 5);
+                    assert_eq!(call(rj_double, x), 2 * x + 1);
+                }
+            });
+        }
+    });
+    let n = u64::from(THREADS * CALLS);
+    assert_eq!(count.load(Ordering::Relaxed), n);
+    assert_eq!(p.hits(), n);
+    assert_eq!(p.nmissed(), 0);
+    assert_eq!(krp.probe().hits(), n);
+    // One call per thread at a time, eight instances: none missed.
+    assert_eq!((krp.returns(), krp.nmissed()), (n, 0));
+    assert_eq!(krp.in_flight(), 0);
+    reg.unregister(&p).unwrap();
+    reg.unregister(&krp).unwrap();
+}
+
+/// A kretprobe with one instance on an optimized site: while one call holds
+/// it (its entry handler waits, forced, until the other call is over), a
+/// call on another thread finds the pool empty: `nmissed`, its return not
+/// tracked and its value untouched; then the held call returns through its
+/// handler, and the instance is back for the next call.
+#[test]
+fn an_optimized_kretprobe_with_its_instances_out_counts_the_call_missed() {
+    let _g = serial();
+    let reg = live().registry();
+    let entered = Arc::new(AtomicU64::new(0));
+    let release = Arc::new(AtomicU64::new(0));
+    let (e2, r2) = (Arc::clone(&entered), Arc::clone(&release));
+    let krp = Kretprobe::at(addr(rj_double))
+        .maxactive(1)
+        .entry_handler(move |_, _| {
+            // Only the first call waits: it holds the pool's one instance.
+            if e2.fetch_add(1, Ordering::SeqCst) == 0 {
+                while r2.load(Ordering::SeqCst) == 0 {
+                    std::hint::spin_loop();
+                }
+            }
+            rcu_registry::probes::kprobe::EntryAction::Track
+        })
+        .handler(|_, regs, ret| regs.set_retval(ret + 1))
+        .build()
+        .unwrap();
+    reg.register(&krp).unwrap();
+    optimize(krp.probe());
+    std::thread::scope(|s| {
+        let holder = s.spawn(|| call(rj_double, 10));
+        while entered.load(Ordering::SeqCst) == 0 {
+            std::hint::spin_loop();
+        }
+        // The instance is out: this call is not tracked.
+        assert_eq!(call(rj_double, 3), 6, "an untracked return is untouched");
+        assert_eq!(krp.nmissed(), 1);
+        assert_eq!(krp.in_flight(), 1);
+        release.store(1, Ordering::SeqCst);
+        assert_eq!(holder.join().unwrap(), 21, "the held call's handler ran");
+    });
+    assert_eq!((krp.returns(), krp.nmissed(), krp.in_flight()), (1, 1, 0));
+    assert_eq!(call(rj_double, 4), 9, "the instance is back");
+    assert_eq!(krp.probe().hits(), 3);
+    reg.unregister(&krp).unwrap();
+}
+
 #[test]
 fn a_rip_relative_instruction_is_relocated_with_the_same_target() {
     let _g = serial();
@@ -641,8 +730,10 @@ fn a_fork_child_runs_an_optimized_site_and_removes_it_from_its_own_text_only() {
             }
         };
         check((0..1000).all(|x| call(rj_prologue, x) == x + 5), 10);
-        // Its own copy of the counter: the parent's 10 and its 1000.
+        // Its own copy of the counter: the parent's 10 and its 1000; the
+        // probe's per-CPU hit counter too.
         check(count.load(Ordering::Relaxed) == 1010, 11);
+        check(p.hits() == 1010, 18);
         check(live().is_optimized(&p), 12);
         check(code(at, 1) == [0xe9], 13);
         check(reg.unregister(&p).is_ok(), 14);
@@ -652,7 +743,7 @@ fn a_fork_child_runs_an_optimized_site_and_removes_it_from_its_own_text_only() {
         // SAFETY: leaves the child without unwinding into the harness.
         unsafe { libc::_exit(fail) }
     }
-    assert_eq!(reap(pid), Ok(0), "the child's checks (10-17: which failed)");
+    assert_eq!(reap(pid), Ok(0), "the child's checks (10-18: which failed)");
     // The parent: still optimized, its bytes the jmp, its count its own.
     assert!(live().is_optimized(&p));
     assert_eq!(code(at, 1), [0xe9]);
@@ -661,6 +752,7 @@ fn a_fork_child_runs_an_optimized_site_and_removes_it_from_its_own_text_only() {
         assert_eq!(call(rj_prologue, x), x + 5);
     }
     assert_eq!(count.load(Ordering::Relaxed), 110);
+    assert_eq!(p.hits(), 110, "the parent's hits only");
     reg.unregister(&p).unwrap();
     assert_eq!(code(at, 16), orig);
 }

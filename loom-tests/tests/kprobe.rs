@@ -32,9 +32,19 @@
 //!    the live runtime would hand to the default SIGTRAP action). Found by
 //!    the stress test (1 `NotOurs` in 24 M traps) before this model.
 //!
+//! 7. Two threads entering a kretprobe with one instance at once (its pool
+//!    is a lock-free set of free flags): at most one call is tracked at a
+//!    time, so a thread that finds the instance taken counts `nmissed`;
+//!    the instance's data passes from one user to the next ordered (the
+//!    entry handler touches it), and afterwards `hits == 2`,
+//!    `returns + nmissed == 2` (the per-CPU counters exact) and nothing
+//!    is out.
+//!
 //! The models are known to bite: with `commit` skipping its grace period,
-//! model 1 reports a race; with the pool's last decrement `Relaxed` instead
-//! of `Release`, models 3 and 4 do (a causality violation); with commit not
+//! model 1 reports a race; with the pool's give-back store `Relaxed`
+//! instead of `Release`, models 3 and 7 do (a race on the instance's
+//! data; model 4, which frees the pool from the flushing thread itself,
+//! does not); with commit not
 //! taking the lists a callback parked, model 5 (racing variant) reports a
 //! race on the handler's data; with the callback freeing a list without
 //! looking at its steps, model 5 (pinned variant) fails its "parked, not
@@ -254,6 +264,21 @@ fn data_kretprobe(handler: impl Fn(&mut Data) + Send + Sync + 'static) -> Kretpr
         .unwrap()
 }
 
+/// The tracked call of `f` returns into the trampoline: the registry
+/// sends it back to its caller.
+fn return_to_caller(reg: &Reg) {
+    let mut regs = Regs {
+        ip: TRAMPOLINE,
+        sp: SP + 8,
+        ..Regs::default()
+    };
+    assert_eq!(
+        reg.on_return(&mut regs),
+        ReturnOutcome::Returned { to: CALLER }
+    );
+    assert_eq!(regs.ip, CALLER);
+}
+
 /// Drops the user's handle of an unregistered kretprobe and waits until the
 /// registry freed its pool: ordered only by the pool's in-flight count, not
 /// by any join. The pool's data is dropped exactly once.
@@ -281,16 +306,7 @@ fn a_kretprobe_pool_outlives_its_unregistration_until_the_call_returns() {
                 };
                 if stack.0 == TRAMPOLINE {
                     // Tracked: the function returns into the trampoline.
-                    let mut regs = Regs {
-                        ip: TRAMPOLINE,
-                        sp: SP + 8,
-                        ..Regs::default()
-                    };
-                    assert_eq!(
-                        reg.on_return(&mut regs),
-                        ReturnOutcome::Returned { to: CALLER }
-                    );
-                    assert_eq!(regs.ip, CALLER);
+                    return_to_caller(&reg);
                 } else {
                     assert!(
                         matches!(out, HitOutcome::Emulated | HitOutcome::Vanished),
@@ -329,6 +345,37 @@ fn a_thread_flushed_inside_a_call_frees_the_orphaned_pool_after_giving_its_insta
         // Freed once the flush gave the instance back.
         wait_until_pool_freed(&reg, krp);
         caller.join().unwrap();
+    });
+}
+
+#[test]
+fn two_entries_on_one_instance_track_one_call_at_a_time_and_count_the_other_missed() {
+    model(|| {
+        let reg = Arc::new(registry());
+        let krp = data_kretprobe(|d| d.0.touch());
+        reg.register(&krp).unwrap();
+        let call = |reg: Arc<Reg>| {
+            move || {
+                let mut stack = Stack(CALLER);
+                let (out, _) =
+                    run_f(&reg, &mut stack).expect("registered: the breakpoint is there");
+                assert!(matches!(out, HitOutcome::Emulated), "got {out:?}");
+                if stack.0 == TRAMPOLINE {
+                    return_to_caller(&reg);
+                }
+            }
+        };
+        let other = thread::spawn(call(reg.clone()));
+        call(reg.clone())();
+        other.join().unwrap();
+        assert_eq!(krp.probe().hits(), 2);
+        assert_eq!(krp.returns() + krp.nmissed(), 2);
+        assert!(
+            krp.returns() >= 1,
+            "the first entry always finds the instance"
+        );
+        assert_eq!(krp.in_flight(), 0);
+        reg.unregister(&krp).unwrap();
     });
 }
 

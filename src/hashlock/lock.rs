@@ -329,22 +329,6 @@ unsafe impl StripeLock for SpinLock {
     }
 }
 
-impl SpinLock {
-    /// Releases the lock taken by a guard that was forgotten
-    /// (`mem::forget`): for a holder that cannot keep the guard, such as
-    /// the live runtime's fork handlers, which take a lock before `fork`
-    /// and release it in the parent and in the child.
-    ///
-    /// # Safety
-    /// The caller took the lock with a guard it forgot, and nobody has
-    /// released it since.
-    #[cfg(not(loom))]
-    pub(crate) unsafe fn unlock_forgotten(&self) {
-        // Release, as in `SpinGuard::drop`.
-        self.locked.store(false, Ordering::Release);
-    }
-}
-
 impl Drop for SpinGuard<'_> {
     #[inline]
     fn drop(&mut self) {

@@ -8,6 +8,8 @@ mod exit_key;
 pub mod jump_sites;
 pub mod kprobe;
 pub mod outcome;
+// Exact hit counters without a locked instruction (per-CPU slots).
+pub(crate) mod percpu;
 #[cfg(all(target_os = "linux", not(loom)))]
 pub(crate) mod procmaps;
 // The quiescence ack protocol: the live runtime's `quiesce` uses it, loom

@@ -6,7 +6,7 @@
 //! [`on_step_complete`](KprobeRegistry::on_step_complete) and
 //! [`on_return`](KprobeRegistry::on_return) are written to run inside a
 //! SIGTRAP handler: they allocate nothing, take no lock (the kretprobe paths
-//! take two short spin locks, see `instances.rs`) and make no system call
+//! take a short spin lock, see `instances.rs`) and make no system call
 //! (the arch backend's trap-context methods promise the same; a miss reads
 //! the text memory once, whose `read` must then be signal-safe, as the
 //! in-process one is: a plain copy). Lookups run under an `Rcu` read guard,
@@ -25,14 +25,14 @@
 //! counts `nmissed` on the probes and completes the displaced instruction,
 //! never recursing.
 //!
-//! **The flag goes up before any lock.** The kretprobe paths take spin locks
-//! (an instance-table stripe, a pool's lock), and a signal handler may
+//! **The flag goes up before any lock.** The kretprobe paths take a spin
+//! lock (an instance-table stripe), and a signal handler may
 //! interrupt the thread while it holds one and run probed code on the same
 //! thread. Had that nested hit been allowed to run handlers, a kretprobe
-//! entry would take the same stripe (or pool) lock its own interrupted
+//! entry would take the same stripe its own interrupted
 //! frame holds, and spin forever. So every hit-path entry sets the flag
 //! first and locks after: [`on_breakpoint`](KprobeRegistry::on_breakpoint)
-//! runs kretprobe entries (pool, then stripe, never nested) only inside its
+//! runs kretprobe entries (a lock-free instance, then a stripe) only inside its
 //! handler scope, and [`on_return`](KprobeRegistry::on_return) enters the
 //! scope before it takes the stripe. A hit nested anywhere inside those
 //! locks therefore finds the flag set and takes no lock at all. (A return
@@ -491,7 +491,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// Runs no handler of an unregistered kretprobe (the return address is
     /// still restored) and none on a thread already running a handler
     /// (`nmissed`). Allocates nothing, makes no system call; takes one
-    /// instance-table stripe and the pools' spin locks, never nested, and
+    /// instance-table stripe (the pools are lock-free), and
     /// only once the thread's re-entrancy flag is up (module docs).
     pub fn on_return(&self, regs: &mut Regs) -> ReturnOutcome {
         let Some(trampoline) = self.trampoline else {

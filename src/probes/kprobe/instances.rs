@@ -24,24 +24,25 @@
 //!
 //! # Lock order
 //!
-//! An instance is taken from its kretprobe's pool (pool lock), prepared with
-//! no lock held, then filed (one table stripe). At the return it is unlinked
-//! (one table stripe), its handler runs with no lock held, and it goes back
-//! to its pool (pool lock). So the pool lock and the table locks never nest;
-//! if a future change must nest them, the only permitted order is **table
-//! stripe, then pool** (never a stripe while holding a pool lock), the order
-//! the kernel adopted in seed 003. No path takes two stripes.
+//! An instance is taken from its kretprobe's pool (a lock-free set of free
+//! flags, `kretprobe.rs`), prepared with no lock held, then filed (one
+//! table stripe). At the return it is unlinked (one table stripe), its
+//! handler runs with no lock held, and it goes back to its pool (one
+//! release store). The pool has no lock, so nothing nests; no path takes
+//! two stripes. (Were the pool ever locked again, the only permitted order
+//! is **table stripe, then pool**, the order the kernel adopted in seed
+//! 003.)
 //!
-//! Both locks are [`SpinLock`]s: no allocation, no system call while
-//! uncontended, never a sleep (a contended waiter may yield the CPU). Neither
+//! The stripes are [`SpinLock`]s: no allocation, no system call while
+//! uncontended, never a sleep (a contended waiter may yield the CPU). None
 //! is held while user code runs, and the runtime refuses probes on its own
 //! code, so a probe trap never lands inside a holder. A *signal* can: the
 //! return path runs on the thread's ordinary stack with signals deliverable,
 //! and a signal handler may call a kretprobed function on the same thread.
-//! That is why the hit path takes either lock only with the thread's
-//! re-entrancy flag already set (see `hit.rs`): the nested hit then runs no
-//! kretprobe entry and takes no lock. [`InstanceTable::file`] and
-//! [`InstanceTable::take_returning`] assert the flag in debug builds.
+//! That is why the hit path takes a stripe (and an instance) only with the
+//! thread's re-entrancy flag already set (see `hit.rs`): the nested hit
+//! then runs no kretprobe entry and takes no lock. [`InstanceTable::file`]
+//! and [`InstanceTable::take_returning`] assert the flag in debug builds.
 
 use std::ptr::NonNull;
 

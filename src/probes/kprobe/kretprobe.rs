@@ -41,10 +41,10 @@ use std::sync::{Arc, Weak};
 
 use super::instances::{Frame, InstanceHdr, InstanceTable, ThreadKey};
 use super::probe::{Handlers, Kprobe, ProbeId, Target};
-use crate::hashlock::{SpinLock, StripeLock};
 use crate::probes::arch::{Arch, DataMemory, Regs};
+use crate::probes::percpu::HitCounter;
 use crate::probes::ProbeError;
-use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use crate::sync::UnsafeCell;
 
 /// What an entry handler decides for the call it sees: whether its return
@@ -111,20 +111,6 @@ pub(crate) trait ReturnProbe: Send + Sync + 'static {
 
     /// Instances not in the pool (tracked calls, entries in progress).
     fn instances_out(&self) -> usize;
-
-    /// Takes the pool's lock and keeps it, for the fork handlers
-    /// (`fork.rs`); [`unlock_pool_after_fork`](Self::unlock_pool_after_fork)
-    /// releases it.
-    #[cfg(not(loom))]
-    fn lock_pool_for_fork(&self);
-
-    /// Releases the lock [`lock_pool_for_fork`](Self::lock_pool_for_fork)
-    /// took.
-    ///
-    /// # Safety
-    /// This thread took it so and has not released it since.
-    #[cfg(not(loom))]
-    unsafe fn unlock_pool_after_fork(&self);
 }
 
 #[repr(C)]
@@ -133,41 +119,69 @@ struct Instance<D> {
     data: UnsafeCell<D>,
 }
 
-/// A kretprobe's preallocated instances and their free list.
+/// A kretprobe's preallocated instances and their free set: one flag per
+/// instance, true while the instance is free.
+///
+/// Taking an instance is one compare-and-swap of a free flag (the first
+/// free one from the start of the set), giving it back a release store: no
+/// lock, one locked instruction per tracked call (the spin lock, free-list
+/// vector and separate in-flight counter this replaced took four), and at
+/// most `slots.len()` instances are ever out, which is what `maxactive`
+/// promises. A taker that loses a flag to another thread goes on to the
+/// next (lock-free: some thread won). The set is always consistent, so a
+/// `fork` needs nothing held: an instance out in the parent is out in the
+/// child too, exactly as with the lock (the thread that had it does not
+/// exist there). Taking scans the flags, `maxactive` at worst (an empty
+/// pool); the flags are packed, 64 to a cache line.
 struct Pool<D> {
     slots: Box<[Instance<D>]>,
-    lock: SpinLock,
-    /// Indices of free instances; capacity `slots.len()`, so pushes never
-    /// allocate.
-    free: UnsafeCell<Vec<u32>>,
-    out: AtomicUsize,
+    /// `free[i]`: instance `i` is free.
+    free: Box<[AtomicBool]>,
 }
 
 impl<D> Pool<D> {
+    fn new(slots: Box<[Instance<D>]>) -> Self {
+        let free = (0..slots.len()).map(|_| AtomicBool::new(true)).collect();
+        Pool { slots, free }
+    }
+
     fn get(&self) -> Option<u32> {
-        let idx = {
-            let _g = self.lock.lock();
-            // SAFETY: the free list is only touched under `lock`.
-            unsafe { self.free.with_mut(|f| (*f).pop()) }
-        }?;
-        // Relaxed: read by the registry only after a grace period that
-        // waits for the read section this entry runs in.
-        self.out.fetch_add(1, Ordering::Relaxed);
-        Some(idx)
+        self.free
+            .iter()
+            .position(|f| {
+                // Relaxed: only picks a candidate; the CAS decides.
+                f.load(Ordering::Relaxed)
+                    // Acquire pairs with the Release store in `put`: the
+                    // previous user's accesses to the instance happen-before
+                    // ours.
+                    && f.compare_exchange(true, false, Ordering::Acquire, Ordering::Relaxed)
+                        .is_ok()
+            })
+            .map(|i| i as u32)
     }
 
     /// Gives `idx` back. The pool (and its kretprobe) may be freed as soon as
-    /// the decrement is visible: nothing may touch them afterwards.
+    /// the flag is visible: nothing may touch them afterwards.
     fn put(&self, idx: u32) {
-        {
-            let _g = self.lock.lock();
-            // SAFETY: the free list is only touched under `lock`; at most
-            // `slots.len()` indices exist, so the push fits the capacity.
-            unsafe { self.free.with_mut(|f| (*f).push(idx)) };
-        }
-        // Release pairs with the Acquire load in `instances_out`: every use
-        // of the instance and the pool happens-before the registry frees it.
-        self.out.fetch_sub(1, Ordering::Release);
+        let f = &self.free[idx as usize];
+        // Relaxed: a debug check of this thread's own instance.
+        debug_assert!(
+            !f.load(Ordering::Relaxed),
+            "kretprobe instance given back twice"
+        );
+        // Release pairs with the Acquire CAS in `get` (the next user) and the
+        // Acquire loads in `out` (the registry's reaper): every use of the
+        // instance and the pool happens-before either.
+        f.store(true, Ordering::Release);
+    }
+
+    /// Instances not free.
+    fn out(&self) -> usize {
+        self.free
+            .iter()
+            // Acquire pairs with the Release store in `put`.
+            .filter(|f| !f.load(Ordering::Acquire))
+            .count()
     }
 }
 
@@ -177,13 +191,7 @@ impl<D> Drop for Pool<D> {
         // reaps orphans at `out == 0` and recycles filed instances before it
         // drops. (Under loom this access also checks that the last `put` is
         // ordered before the free.)
-        // SAFETY: `&mut self`: no other access.
-        let free = self.free.with(|f| unsafe { (*f).len() });
-        debug_assert_eq!(
-            free,
-            self.slots.len(),
-            "kretprobe pool freed with instances out"
-        );
+        debug_assert_eq!(self.out(), 0, "kretprobe pool freed with instances out");
     }
 }
 
@@ -193,7 +201,9 @@ pub(crate) struct KretShared<D> {
     pool: Pool<D>,
     orphaned: AtomicBool,
     nmissed: AtomicU64,
-    returns: AtomicU64,
+    /// Per-CPU slots: counted on every return without a locked instruction
+    /// (`probes/percpu.rs`).
+    returns: HitCounter,
 }
 
 // SAFETY: instance data is used by one thread at a time (handed over via the
@@ -260,8 +270,7 @@ impl<D: Send + 'static> ReturnProbe for KretShared<D> {
             self.nmissed.fetch_add(1, Ordering::Relaxed);
         // Acquire pairs with `orphan`'s Release (see `on_entry`).
         } else if !self.orphaned.load(Ordering::Acquire) {
-            // Relaxed: statistics counter.
-            self.returns.fetch_add(1, Ordering::Relaxed);
+            self.returns.add_one();
             if let Some(h) = &self.handler {
                 // SAFETY: the instance is ours alone until `put`.
                 slot.data.with_mut(|d| h(unsafe { &mut *d }, regs, retval));
@@ -289,21 +298,7 @@ impl<D: Send + 'static> ReturnProbe for KretShared<D> {
     }
 
     fn instances_out(&self) -> usize {
-        // Acquire pairs with the Release decrement in `Pool::put`.
-        self.pool.out.load(Ordering::Acquire)
-    }
-
-    #[cfg(not(loom))]
-    fn lock_pool_for_fork(&self) {
-        // Kept past this call; `unlock_pool_after_fork` releases it.
-        std::mem::forget(self.pool.lock.lock());
-    }
-
-    #[cfg(not(loom))]
-    unsafe fn unlock_pool_after_fork(&self) {
-        // SAFETY: the caller took the lock in `lock_pool_for_fork` and forgot
-        // its guard (this method's contract).
-        unsafe { self.pool.lock.unlock_forgotten() };
+        self.pool.out()
     }
 }
 
@@ -409,8 +404,7 @@ impl<D: Send + 'static> Kretprobe<D> {
     /// Returns seen: calls tracked from entry to return whose return ran the
     /// return handler (or would have, without one).
     pub fn returns(&self) -> u64 {
-        // Relaxed: statistics counter.
-        self.shared.returns.load(Ordering::Relaxed)
+        self.shared.returns.get()
     }
 
     /// Calls currently tracked (instances out of the pool), counted by
@@ -536,20 +530,17 @@ impl<D: Send + Default + 'static> KretprobeBuilder<D> {
             KretShared {
                 entry,
                 handler,
-                pool: Pool {
-                    slots: (0..n as u32)
+                pool: Pool::new(
+                    (0..n as u32)
                         .map(|i| Instance {
                             hdr: InstanceHdr::new(owner, i),
                             data: UnsafeCell::new(D::default()),
                         })
                         .collect(),
-                    lock: SpinLock::new(),
-                    free: UnsafeCell::new((0..n as u32).rev().collect()),
-                    out: AtomicUsize::new(0),
-                },
+                ),
                 orphaned: AtomicBool::new(false),
                 nmissed: AtomicU64::new(0),
-                returns: AtomicU64::new(0),
+                returns: HitCounter::new(),
             }
         });
         let probe = Kprobe::from_parts(

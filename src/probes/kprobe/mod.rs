@@ -163,8 +163,8 @@
 //! A [`Kretprobe`] is an entry probe whose "pre handler" takes an instance
 //! from a preallocated pool, runs the entry handler, and hijacks the return
 //! address; the instance is filed per thread in a table of hashed spin locks
-//! (`instances.rs`, which documents the lock order: the pool lock and the
-//! table locks never nest). Unregistering orphans the instances in flight:
+//! (`instances.rs`, which documents the lock order; the pool is lock-free).
+//! Unregistering orphans the instances in flight:
 //! they still bring their calls back to the real return address and are
 //! reclaimed when those return. A thread that exits inside a tracked call
 //! gives its instances back at its exit (a thread-specific key's
@@ -178,12 +178,12 @@
 //! own lock, the deferred-free state's mutex, which the RCU callbacks take
 //! alone and committers take holding `reclaim_lock` only). The hit path
 //! takes none of these. Kretprobe hit paths take one
-//! instance-table stripe or one pool lock at a time. The thread-exit flush
-//! takes the process-wide list of instance tables, then one stripe, then
-//! (after releasing it) pool locks; a registry's drop takes that list alone,
-//! before anything else. The live runtime's fork handlers take all of them
-//! in this order (`fork.rs`): the list, then per registry `reclaim_lock`,
-//! writer, deferred-free mutex, every stripe, every pool.
+//! instance-table stripe at a time (their pools are lock-free). The
+//! thread-exit flush takes the process-wide list of instance tables, then
+//! one stripe; a registry's drop takes that list alone, before anything
+//! else. The live runtime's fork handlers take all of them in this order
+//! (`fork.rs`): the list, then per registry `reclaim_lock`, writer,
+//! deferred-free mutex, every stripe.
 
 pub(crate) mod deferred;
 #[cfg(not(loom))]

@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use super::kretprobe::ReturnProbe;
 use crate::probes::arch::Regs;
+use crate::probes::percpu::HitCounter;
 use crate::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 
 pub use crate::probes::outcome::Action;
@@ -115,7 +116,9 @@ pub(crate) struct ProbeInner {
     target: Target,
     pub(crate) handlers: Handlers,
     enabled: AtomicBool,
-    hits: AtomicU64,
+    /// Per-CPU slots: the hit paths count without a locked instruction
+    /// (`probes/percpu.rs`).
+    hits: HitCounter,
     nmissed: AtomicU64,
     /// Id of the registry holding the probe; 0 when none.
     owner: AtomicUsize,
@@ -201,7 +204,7 @@ impl Kprobe {
                 target,
                 handlers,
                 enabled: AtomicBool::new(enabled),
-                hits: AtomicU64::new(0),
+                hits: HitCounter::new(),
                 nmissed: AtomicU64::new(0),
                 owner: AtomicUsize::new(0),
                 addr: AtomicU64::new(0),
@@ -234,9 +237,11 @@ impl Kprobe {
 
     /// Times the probe's handlers ran (for a kretprobe's entry probe: entries
     /// seen, whether or not an instance was free).
+    ///
+    /// Exact: every hit whose handlers returned before the call is counted
+    /// (the count is a sum of per-CPU slots, `probes/percpu.rs`).
     pub fn hits(&self) -> u64 {
-        // Relaxed: a statistics counter, ordered with nothing.
-        self.inner.hits.load(Ordering::Relaxed)
+        self.inner.hits.get()
     }
 
     /// Hits that could not run the handlers: the probe was hit again on a
@@ -330,8 +335,7 @@ impl Kprobe {
 
     #[inline]
     pub(crate) fn count_hit(&self) {
-        // Relaxed: statistics counter; exactness comes from the RMW itself.
-        self.inner.hits.fetch_add(1, Ordering::Relaxed);
+        self.inner.hits.add_one();
     }
 
     #[inline]

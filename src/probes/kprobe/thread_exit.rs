@@ -40,9 +40,8 @@
 //!
 //! # Lock order
 //!
-//! list mutex → one instance-table stripe (released before the next step) →
-//! the pools' spin locks, one at a time (`instances.rs`: stripe and pool
-//! never nest). The hit path never takes the list mutex; a registry's drop
+//! list mutex → one instance-table stripe (released before the instances
+//! go back to their lock-free pools, `instances.rs`). The hit path never takes the list mutex; a registry's drop
 //! takes it alone, before any other lock. As on every path that takes a
 //! stripe, the thread's re-entrancy flag goes up first (`hit.rs`), so a
 //! signal handler running probed code during the flush takes no stripe.

@@ -16,7 +16,7 @@
 //! 2. for each `Live`, in the order they were built: its registry's
 //!    `reclaim_lock`, writer mutex and deferred-free mutex, then (with the
 //!    thread's re-entrancy flag up) every stripe of its kretprobe instance
-//!    table and every kretprobe pool lock (`kprobe/fork.rs`), then its
+//!    table (`kprobe/fork.rs`; the kretprobe pools are lock-free), then its
 //!    [`XolArea`](super::XolArea)'s mutex;
 //! 3. the process-wide text lock (`InProcess` patches);
 //! 4. the quiescence waiters' lock (so no quiescence round is under way);
@@ -68,11 +68,11 @@
 //!   that step).
 //! - While the locks are held (from the prepare handler until the parent
 //!   handler), other threads' registry operations wait, and their kretprobe
-//!   hits spin on the stripes and pools: for the length of one `fork`.
+//!   hits spin on the stripes: for the length of one `fork`.
 //! - `fork` from inside an `Rcu` read section (a probe handler runs in one)
 //!   or a probe handler takes none of the locks: waiting for a writer there
 //!   could deadlock with a grace period that waits for this very section,
-//!   and the thread may already hold a stripe or pool lock. The child still
+//!   and the thread may already hold a stripe. The child still
 //!   gets private slots (copied without the areas' mutexes), but a lock
 //!   another thread held at the fork stays held in the child.
 //! - A `Live` still being built by another thread at the fork (its

@@ -97,7 +97,7 @@
 //!   other. The trampoline is ordinary text (private after a fork).
 //! - **Locks**: every lock the child may need (the registries' reclaim,
 //!   writer and deferred-free mutexes, the kretprobe instance-table stripes
-//!   and pool locks, the XOL areas, the text lock, the thread-exit table
+//!   (the pools are lock-free), the XOL areas, the text lock, the thread-exit table
 //!   list, the quiescence and attach locks) is taken before the fork in one
 //!   documented order and released in the parent and the child, as the C
 //!   library does for `malloc`; the RCU domains survive by their own

@@ -38,7 +38,13 @@
 //!    this stack pointer, runs the return handlers, and answers the real
 //!    return address in `regs.ip`), and writes the registers and the return
 //!    address back into the frame;
-//! 5. restores everything and returns to the real return address.
+//! 5. restores everything and jumps to the real return address: an
+//!    indirect `jmp` through the reserved word (now just below the stack
+//!    pointer, in the red zone no signal frame touches), not a `ret`. The
+//!    hijacked return already consumed the return-stack predictor's entry
+//!    for this call; a `ret` here would pop the caller's caller's entry,
+//!    mispredict, and leave every return above misaligned with the
+//!    predictor.
 //!
 //! Return handlers run on the thread's ordinary stack, outside any signal
 //! handler. Changes a handler makes to the general registers (e.g. the
@@ -205,7 +211,14 @@ global_asm!(
     "pop r13",
     "pop r14",
     "pop r15",
-    "ret",
+    // Not `ret`: the hijacked return already used the return-stack
+    // predictor's entry for this call, so a `ret` here would pop the
+    // caller's caller's entry and mispredict, and leave every return above
+    // misaligned with the predictor. An indirect jump is predicted by the
+    // branch target buffer instead. The word just below the stack pointer
+    // is in the red zone, which no signal frame overwrites.
+    "lea rsp, [rsp + 8]",
+    "jmp qword ptr [rsp - 8]",
     ".globl __rcu_registry_kretprobe_trampoline_end",
     ".hidden __rcu_registry_kretprobe_trampoline_end",
     "__rcu_registry_kretprobe_trampoline_end:",
