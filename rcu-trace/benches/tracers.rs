@@ -13,7 +13,8 @@
 //!   above.
 //!
 //! Tracers: `rcu-trace` with each engine it has (`--engine ptrace`, and
-//! `inprocess` where this build has it), `ltrace` (`-x` on the fixture's
+//! `inprocess` where this build has it: jump-optimized, its default, and
+//! with `--no-jump`, every hit a trap), `ltrace` (`-x` on the fixture's
 //! function; `-e strcoll` on `sort`), `bpftrace` (a `count()` on the uprobe)
 //! and `uftrace` (on a copy of the fixture built with `-pg`, as it needs;
 //! not on `sort`, which was not built for it). A tracer that is not
@@ -33,6 +34,9 @@ const ROUNDS: usize = 5;
 /// about 0.1-0.2 ms each).
 const CALLS: [u64; 2] = [5_000, 20_000];
 const LTRACE_CALLS: [u64; 2] = [500, 2_000];
+/// The same for a trap-free tracer (about 0.1 µs a call): a span long
+/// enough to stand out of the process start's noise.
+const FAST_CALLS: [u64; 2] = [20_000, 2_000_000];
 /// Lines sorted at the two sizes.
 const SORT_LINES: [u64; 2] = [1_000, 4_000];
 
@@ -110,23 +114,53 @@ fn per_call(untraced: Workload, traced: Workload, calls: [u64; 2]) -> Result<f64
     Ok(median(v))
 }
 
-/// The engines this build of rcu-trace has (`--help` lists them).
-fn engines() -> Vec<&'static str> {
-    let help = Command::new(RCU_TRACE).arg("--help").output().unwrap();
-    let help = String::from_utf8_lossy(&help.stdout);
-    ["ptrace", "inprocess"]
-        .into_iter()
-        .filter(|e| {
-            *e == "ptrace"
-                || help.contains(&format!("possible values: ptrace, {e}"))
-                || help.contains(&format!("{e}:"))
-        })
-        .collect()
+/// One way of running rcu-trace: its name in the report, the engine, the
+/// extra options, and whether its hits are trap-free (longer runs).
+struct Variant {
+    name: &'static str,
+    engine: &'static str,
+    extra: &'static [&'static str],
+    fast: bool,
 }
 
-fn rcu_trace(engine: &str, spec: &str) -> Command {
+/// The engines this build of rcu-trace has (`--help` lists them), the
+/// in-process one jump-optimized (its default) and on the trap path.
+fn engines() -> Vec<Variant> {
+    let help = Command::new(RCU_TRACE).arg("--help").output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    let has = |e: &str| {
+        help.contains(&format!("possible values: ptrace, {e}")) || help.contains(&format!("{e}:"))
+    };
+    let mut v = vec![Variant {
+        name: "ptrace",
+        engine: "ptrace",
+        extra: &[],
+        fast: false,
+    }];
+    if has("inprocess") {
+        v.push(Variant {
+            name: "inprocess",
+            engine: "inprocess",
+            extra: &[],
+            fast: help.contains("--no-jump"),
+        });
+        if help.contains("--no-jump") {
+            v.push(Variant {
+                name: "inprocess --no-jump",
+                engine: "inprocess",
+                extra: &["--no-jump"],
+                fast: false,
+            });
+        }
+    }
+    v
+}
+
+fn rcu_trace(v: &Variant, spec: &str) -> Command {
     let mut c = Command::new(RCU_TRACE);
-    c.args(["--engine", engine, "--live", "never", spec, "--"]);
+    c.args(["--engine", v.engine, "--live", "never"])
+        .args(v.extra)
+        .args([spec, "--"]);
     c
 }
 
@@ -168,19 +202,20 @@ fn main() {
         "\ntracers: the fixture loop, cost added per call of fx_work (medians of {ROUNDS}), 1 thread:"
     );
     let mut ours = Vec::new();
-    for engine in engines() {
+    for var in engines() {
+        let calls = if var.fast { FAST_CALLS } else { CALLS };
         let r = per_call(
-            &mut |i| work(&fx, CALLS[i]),
+            &mut |i| work(&fx, calls[i]),
             &mut |i| {
-                let mut c = rcu_trace(engine, &spec);
-                c.args([&fx, "work", &CALLS[i].to_string(), "1"]);
+                let mut c = rcu_trace(&var, &spec);
+                c.args([&fx, "work", &calls[i].to_string(), "1"]);
                 c
             },
-            CALLS,
+            calls,
         );
-        let what = format!("rcu-trace --engine {engine}");
+        let what = format!("rcu-trace --engine {}", var.name);
         if let Some(v) = report(&what, &r.map(|ns| ns / 1e3), "us") {
-            ours.push((engine, v));
+            ours.push((var.name, v));
         }
     }
     let lt = which("ltrace").and_then(|lt| {
@@ -305,17 +340,17 @@ fn main() {
         let _ = std::fs::remove_dir_all(dir());
         return;
     }
-    for engine in engines() {
+    for var in engines() {
         let r = per_call(
             &mut sort,
             &mut |i| {
-                let mut c = rcu_trace(engine, "uprobe:libc:strcoll");
+                let mut c = rcu_trace(&var, "uprobe:libc:strcoll");
                 c.env("LC_ALL", "C.UTF-8").args(sort_args(i));
                 c
             },
             calls,
         );
-        let what = format!("sort: rcu-trace --engine {engine}");
+        let what = format!("sort: rcu-trace --engine {}", var.name);
         report(&what, &r.map(|ns| ns / 1e3), "us");
     }
     let r = which("ltrace").and_then(|lt| {
