@@ -28,8 +28,15 @@
 //! a reader's sums never go backwards.
 //!
 //! Slots are 64 bytes apart, so two CPUs counting hits of one probe do not
-//! share a cache line: 64 bytes per possible CPU per counter, allocated
-//! when the counter is made (never on the hit path).
+//! share a cache line: 64 bytes per possible CPU per counter. They exist
+//! only where they pay: a counter starts with none (every increment the
+//! shared fallback's locked add, which a trap's microseconds hide) and
+//! gets them from [`HitCounter::per_cpu`], which the kprobe registry calls
+//! when a jump-optimization pass first considers the probe's site (under
+//! its writer mutex, never on the hit path). 100,000 probes on a 64-CPU
+//! machine that are never optimized cost nothing more; optimized, 4 KiB
+//! each. The slots, once there, stay until the counter is dropped (no hit
+//! can be running then: the registry frees a probe after a grace period).
 //!
 //! # Fallback
 //!
@@ -49,29 +56,36 @@
 //! it), and the slots are copied with the memory: the child's counts start
 //! from the parent's at the fork and go on in the child alone.
 
-use crate::sync::atomic::{AtomicU64, Ordering};
+use crate::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 
 /// One CPU's slot, on its own cache line.
 #[repr(C, align(64))]
 struct Slot(AtomicU64);
 
-/// An exact counter incremented without a locked instruction (module docs).
-pub(crate) struct HitCounter {
-    /// Increments that could not use a slot (module docs, "Fallback").
-    shared: AtomicU64,
+/// A counter's per-CPU part, made by [`HitCounter::per_cpu`].
+struct PerCpu {
     /// Offset of the thread's `struct rseq` from the thread pointer.
     #[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
     rseq_offset: isize,
-    /// One per possible CPU; empty when the C library registered no rseq
-    /// area (and under loom).
+    /// One per possible CPU.
     slots: Box<[Slot]>,
+}
+
+/// An exact counter incremented without a locked instruction once it has
+/// per-CPU slots (module docs).
+pub(crate) struct HitCounter {
+    /// Increments that could not use a slot (module docs, "Fallback").
+    shared: AtomicU64,
+    /// The per-CPU slots, null until [`per_cpu`](Self::per_cpu) made them
+    /// (never replaced afterwards; freed with the counter).
+    per_cpu: AtomicPtr<PerCpu>,
 }
 
 impl std::fmt::Debug for HitCounter {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HitCounter")
             .field("value", &self.get())
-            .field("slots", &self.slots.len())
+            .field("slots", &self.slots())
             .finish()
     }
 }
@@ -83,38 +97,72 @@ impl Default for HitCounter {
 }
 
 impl HitCounter {
-    /// A counter at 0 with a slot per possible CPU (none without a
-    /// registered rseq area). Allocates; not for the hit path.
+    /// A counter at 0, without per-CPU slots yet.
     pub(crate) fn new() -> HitCounter {
-        #[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
-        {
-            let (rseq_offset, n) = match rseq::area() {
-                Some((off, cpus)) => (off, cpus),
-                None => (0, 0),
-            };
-            HitCounter {
-                shared: AtomicU64::new(0),
-                rseq_offset,
-                slots: (0..n).map(|_| Slot(AtomicU64::new(0))).collect(),
-            }
-        }
-        #[cfg(any(loom, not(all(target_os = "linux", target_arch = "x86_64"))))]
-        {
-            HitCounter {
-                shared: AtomicU64::new(0),
-                slots: Box::new([]),
-            }
+        HitCounter {
+            shared: AtomicU64::new(0),
+            per_cpu: AtomicPtr::new(std::ptr::null_mut()),
         }
     }
 
-    /// Adds one. No locked instruction, no system call, no C-library call,
-    /// no allocation: safe in a signal handler and on the jump detours'
-    /// path.
+    /// Gives the counter a slot per possible CPU, if the C library
+    /// registered an rseq area and it has none yet (a second call changes
+    /// nothing). Allocates: never on the hit path. Returns whether the
+    /// counter has slots now.
+    pub(crate) fn per_cpu(&self) -> bool {
+        // Acquire: pairs with the Release of the exchange below (another
+        // caller's slots, seen whole).
+        if !self.per_cpu.load(Ordering::Acquire).is_null() {
+            return true;
+        }
+        #[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
+        if let Some((rseq_offset, n)) = rseq::area() {
+            let made = Box::into_raw(Box::new(PerCpu {
+                rseq_offset,
+                slots: (0..n).map(|_| Slot(AtomicU64::new(0))).collect(),
+            }));
+            // Release: pairs with the Acquire loads in `add_one`, `get`
+            // and above: a thread that sees the pointer sees zeroed slots.
+            // Relaxed on failure: the winner's slots are used instead.
+            if self
+                .per_cpu
+                .compare_exchange(
+                    std::ptr::null_mut(),
+                    made,
+                    Ordering::Release,
+                    Ordering::Relaxed,
+                )
+                .is_err()
+            {
+                // SAFETY: `made` came from `Box::into_raw` above and was
+                // never published.
+                drop(unsafe { Box::from_raw(made) });
+            }
+            return true;
+        }
+        false
+    }
+
+    /// The per-CPU part, if made.
+    #[inline(always)]
+    fn part(&self) -> Option<&PerCpu> {
+        // Acquire: pairs with the Release in `per_cpu`.
+        let p = self.per_cpu.load(Ordering::Acquire);
+        // SAFETY: a non-null pointer is a `PerCpu` published by `per_cpu`,
+        // never replaced, and freed only by `drop` (no `&self` then).
+        (!p.is_null()).then(|| unsafe { &*p })
+    }
+
+    /// Adds one. No locked instruction once the counter has slots (else
+    /// the shared fallback's), no system call, no C-library call, no
+    /// allocation: safe in a signal handler and on the jump detours' path.
     #[inline(always)]
     pub(crate) fn add_one(&self) {
         #[cfg(all(target_os = "linux", target_arch = "x86_64", not(loom)))]
-        if !self.slots.is_empty() && rseq::add_one(self.rseq_offset, &self.slots) {
-            return;
+        if let Some(pc) = self.part() {
+            if rseq::add_one(pc.rseq_offset, &pc.slots) {
+                return;
+            }
         }
         // Relaxed: a statistics counter; exactness comes from the RMW.
         self.shared.fetch_add(1, Ordering::Relaxed);
@@ -126,7 +174,8 @@ impl HitCounter {
         // Relaxed: each word is read once at some value it had; the counter
         // orders nothing else.
         let shared = self.shared.load(Ordering::Relaxed);
-        self.slots
+        self.part()
+            .map_or(&[][..], |pc| &pc.slots[..])
             .iter()
             // Relaxed: as above.
             .map(|s| s.0.load(Ordering::Relaxed))
@@ -134,9 +183,21 @@ impl HitCounter {
     }
 
     /// Slots in use (0: every increment takes the shared fallback).
-    #[cfg(test)]
     pub(crate) fn slots(&self) -> usize {
-        self.slots.len()
+        self.part().map_or(0, |pc| pc.slots.len())
+    }
+}
+
+impl Drop for HitCounter {
+    fn drop(&mut self) {
+        // Acquire: pairs with the Release in `per_cpu` (another thread's
+        // slots, freed here); `&mut self` orders the rest.
+        let p = self.per_cpu.load(Ordering::Acquire);
+        if !p.is_null() {
+            // SAFETY: published by `per_cpu` from `Box::into_raw`, freed
+            // only here, and `&mut self` means no increment runs.
+            drop(unsafe { Box::from_raw(p) });
+        }
     }
 }
 
@@ -254,6 +315,9 @@ mod tests {
     fn counts_exactly_on_several_threads() {
         let c = HitCounter::new();
         std::thread::scope(|s| {
+            // The slots appear while the threads count: the increments
+            // before go to the shared word, those after to the slots.
+            s.spawn(|| c.per_cpu());
             for _ in 0..4 {
                 s.spawn(|| {
                     for _ in 0..100_000 {
@@ -269,16 +333,25 @@ mod tests {
     #[test]
     fn uses_per_cpu_slots_where_the_c_library_registered_rseq() {
         let c = HitCounter::new();
-        if c.slots() == 0 {
+        assert_eq!(c.slots(), 0, "no slots before per_cpu");
+        c.add_one();
+        assert_eq!(c.get(), 1);
+        if !c.per_cpu() {
             println!("skipped: no rseq area registered by the C library");
             return;
         }
+        assert!(c.slots() > 0);
+        // A second call keeps the slots (and what they counted).
         c.add_one();
-        assert_eq!(c.get(), 1);
-        // The increment went to a slot, not to the fallback.
+        assert!(c.per_cpu());
+        assert_eq!(c.get(), 2);
+        let shared = c.shared.load(crate::sync::atomic::Ordering::Relaxed);
+        c.add_one();
+        assert_eq!(c.get(), 3);
+        // The increments after per_cpu went to a slot, not to the fallback.
         assert_eq!(
             c.shared.load(crate::sync::atomic::Ordering::Relaxed),
-            0,
+            shared,
             "the increment took the fallback"
         );
     }

@@ -141,11 +141,21 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     pub(crate) fn jump_candidates(&self, w: &Writer) -> Vec<JumpCandidate> {
         w.sites
             .iter()
-            .map(|(&addr, st)| JumpCandidate {
+            .map(|(&addr, st)| {
+                let needs_trap = st.probes().any(|p| p.has_post());
+                let opted_out = st.probes().any(|p| p.jump_opt_out());
+                if st.armed && !needs_trap && !opted_out {
+                    // A site the pass may optimize: its hits may soon cost
+                    // nanoseconds (`probes/percpu.rs`).
+                    st.probes().for_each(super::Kprobe::count_per_cpu);
+                }
+                (addr, st, needs_trap, opted_out)
+            })
+            .map(|(addr, st, needs_trap, opted_out)| JumpCandidate {
                 addr,
                 armed: st.armed,
-                needs_trap: st.probes().any(|p| p.has_post()),
-                opted_out: st.probes().any(|p| p.jump_opt_out()),
+                needs_trap,
+                opted_out,
                 slot: st.exec.plan.as_ref().map(|p| p.slot_addr),
                 text_id: st.text_id,
                 detour: DetourCell::new(addr, Arc::clone(&st.exec) as _),

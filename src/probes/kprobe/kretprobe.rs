@@ -78,6 +78,10 @@ pub(crate) struct EntryContext<'a> {
 
 /// A kretprobe as the registry sees it, whatever its data type.
 pub(crate) trait ReturnProbe: Send + Sync + 'static {
+    /// Gives the returns counter its per-CPU slots (`probes/percpu.rs`):
+    /// the site may be served without a trap. Allocates.
+    fn count_per_cpu(&self);
+
     /// The entry probe was hit (handlers may run: not re-entered).
     fn on_entry(&self, regs: &mut Regs, mem: &mut dyn DataMemory, cx: &EntryContext<'_>);
 
@@ -214,6 +218,10 @@ unsafe impl<D: Send> Send for KretShared<D> {}
 unsafe impl<D: Send> Sync for KretShared<D> {}
 
 impl<D: Send + 'static> ReturnProbe for KretShared<D> {
+    fn count_per_cpu(&self) {
+        self.returns.per_cpu();
+    }
+
     fn on_entry(&self, regs: &mut Regs, mem: &mut dyn DataMemory, cx: &EntryContext<'_>) {
         // Acquire pairs with the Release in `orphan`; the grace period of the
         // unregistration is what guarantees no entry runs after it.
