@@ -356,7 +356,13 @@ impl Agent {
     }
 
     fn write_all_lines(&self, w: &mut FdWriter<'_>, last: bool) -> std::io::Result<()> {
-        while let Some(e) = self.ring.pop() {
+        // At most a ringful per send: the program's threads push while it
+        // drains, and a trap-free probe pushes faster than the events are
+        // written and read, so "until empty" could keep the agent thread
+        // here for good (a Ctrl-C's `q` unread: seen, 210 s). What is
+        // left goes with the next send; a full ring drops, counted.
+        for _ in 0..self.ring.capacity() {
+            let Some(e) = self.ring.pop() else { break };
             write_event(w, &e)?;
         }
         if self.events {

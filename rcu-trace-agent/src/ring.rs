@@ -69,6 +69,11 @@ impl Ring {
         }
     }
 
+    /// How many events it holds at most.
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
+    }
+
     /// Adds `e`, or drops it (counted) when the ring is full. No
     /// allocation, no lock, async-signal-safe.
     pub fn push(&self, e: &Event) {

@@ -224,7 +224,10 @@ fn sigint_mid_run_unregisters_and_the_program_runs_on_with_the_bytes_of_its_file
     eprintln!("the traced program: process {pid}");
     let at = vaddr_in(pid, &fixture(), offset_of("fx_work"));
     let file = file_bytes(&fixture(), offset_of("fx_work"), 16);
-    assert_eq!(mem(pid, at, 1)[0], 0xcc, "the breakpoint is in place");
+    // fx_work's entry is jump-optimized (the default): a `jmp` over its
+    // first instructions, which Ctrl-C must take back whole.
+    assert_eq!(mem(pid, at, 1)[0], 0xe9, "the jump is in place");
+    assert_ne!(mem(pid, at, 5), file[..5], "the jump is in place");
     // A hit was served: the one event --limit 1 lets through.
     stderr_until(&mut tracer.0, "fx_work(0x");
     // SAFETY: kill(2) on our own child's pid.
@@ -502,9 +505,19 @@ fn the_injected_agent_still_refuses_malloc_which_its_trap_path_reaches_through_t
     // which allocates a thread's block on its first access. The runtime
     // cannot settle them, walks from `__tls_get_addr` and refuses what it
     // reaches; the refusal names the chain.
-    let stop = path("stop");
+    let (go, done, stop) = (path("go"), path("done"), path("stop"));
     let _stop_anyway = CreateOnDrop(stop.clone());
-    let target = Running::start(Command::new(fixture()).args(["until", stop.to_str().unwrap()]));
+    // Waiting for its go file (a sleep in the C library: a safe point to
+    // load the agent at once; a loop of system calls such as `until`'s
+    // offers one only when an interrupt lands between two of them).
+    let target = Running::start(Command::new(fixture()).args([
+        "gate",
+        go.to_str().unwrap(),
+        done.to_str().unwrap(),
+        stop.to_str().unwrap(),
+        "10",
+        "1",
+    ]));
     let pid = target.pid().to_string();
     for spec in [
         "uprobe:libc:malloc",
@@ -530,9 +543,12 @@ fn the_injected_agent_still_refuses_malloc_which_its_trap_path_reaches_through_t
         // The process runs on, untraced, every byte as it was.
         assert!(common::runs_untraced(target.pid()), "{spec}");
     }
+    // It does its work as untraced: fx_work(0..10), the sum of 3x + 1.
+    std::fs::write(&go, b"").unwrap();
     std::fs::write(&stop, b"").unwrap();
     let out = std::mem::replace(&mut { target }.0, Command::new("true").spawn().unwrap())
         .wait_with_output()
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
+    assert_eq!(std::fs::read_to_string(&done).unwrap(), "145\n");
 }
