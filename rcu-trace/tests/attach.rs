@@ -23,14 +23,7 @@ fn fx_work_bytes(pid: u32, n: usize) -> (Vec<u8>, Vec<u8>) {
 fn attach_counts_every_call_until_detach_and_the_program_runs_on_unaware() {
     need_tracing!();
     let (go, done, stop) = (path("go"), path("done"), path("stop"));
-    let mut target = Running::start(Command::new(fixture()).args([
-        "gate",
-        go.to_str().unwrap(),
-        done.to_str().unwrap(),
-        stop.to_str().unwrap(),
-        "3000",
-        "3",
-    ]));
+    let mut target = Running::gate(&go, &done, &stop, 3000, 3);
     let pid = target.pid();
     let spec = format!("uretprobe:{}:fx_work", fx());
     let mut tracer =
@@ -120,14 +113,7 @@ fn sigint_mid_run_detaches_and_the_program_runs_on_with_the_bytes_of_its_file() 
 fn a_bad_spec_or_a_missing_symbol_leaves_a_running_target_untouched() {
     need_tracing!();
     let (go, done, stop) = (path("go"), path("done"), path("stop"));
-    let mut target = Running::start(Command::new(fixture()).args([
-        "gate",
-        go.to_str().unwrap(),
-        done.to_str().unwrap(),
-        stop.to_str().unwrap(),
-        "10",
-        "1",
-    ]));
+    let mut target = Running::gate(&go, &done, &stop, 10, 1);
     let pid = target.pid();
     let fx = fx();
     // The fixture is mapped once its file shows in /proc/PID/maps.
@@ -201,16 +187,9 @@ fn two_processes_attached_at_once_are_each_counted_exactly() {
     need_tracing!();
     let mut targets = Vec::new();
     let mut gates = Vec::new();
-    for n in ["1000", "2000"] {
+    for n in [1000, 2000] {
         let (go, done, stop) = (path("go"), path("done"), path("stop"));
-        targets.push(Running::start(Command::new(fixture()).args([
-            "gate",
-            go.to_str().unwrap(),
-            done.to_str().unwrap(),
-            stop.to_str().unwrap(),
-            n,
-            "2",
-        ])));
+        targets.push(Running::gate(&go, &done, &stop, n, 2));
         gates.push((go, done, stop));
     }
     let spec = format!("uprobe:{}:fx_work", fx());

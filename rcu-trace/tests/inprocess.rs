@@ -323,14 +323,7 @@ fn the_agent_injected_into_a_running_process_counts_exactly_and_auto_picks_ptrac
     need_tracing!();
     let (go, done, stop) = (path("go"), path("done"), path("stop"));
     let _stop_anyway = CreateOnDrop(stop.clone());
-    let target = Running::start(Command::new(fixture()).args([
-        "gate",
-        go.to_str().unwrap(),
-        done.to_str().unwrap(),
-        stop.to_str().unwrap(),
-        "2000",
-        "3",
-    ]));
+    let target = Running::gate(&go, &done, &stop, 2000, 3);
     let pid = target.pid().to_string();
     let spec = format!("uprobe:{}:fx_work", fx());
     // auto serves -p with ptrace: asked for, the agent is injected.
@@ -510,14 +503,7 @@ fn the_injected_agent_still_refuses_malloc_which_its_trap_path_reaches_through_t
     // Waiting for its go file (a sleep in the C library: a safe point to
     // load the agent at once; a loop of system calls such as `until`'s
     // offers one only when an interrupt lands between two of them).
-    let target = Running::start(Command::new(fixture()).args([
-        "gate",
-        go.to_str().unwrap(),
-        done.to_str().unwrap(),
-        stop.to_str().unwrap(),
-        "10",
-        "1",
-    ]));
+    let target = Running::gate(&go, &done, &stop, 10, 1);
     let pid = target.pid().to_string();
     for spec in [
         "uprobe:libc:malloc",

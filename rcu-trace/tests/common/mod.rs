@@ -209,6 +209,20 @@ impl Running {
         )
     }
 
+    /// The fixture in its `gate` mode: waits (sleeping) for `go`, then
+    /// `fx_work(i)`, `i` in `0..n`, in each of `threads` threads, writes
+    /// the sum to `done` and waits for `stop`.
+    pub fn gate(go: &Path, done: &Path, stop: &Path, n: u32, threads: u32) -> Running {
+        Running::start(Command::new(fixture()).args([
+            "gate".as_ref(),
+            go.as_os_str(),
+            done.as_os_str(),
+            stop.as_os_str(),
+            n.to_string().as_ref(),
+            threads.to_string().as_ref(),
+        ]))
+    }
+
     /// Its pid.
     pub fn pid(&self) -> u32 {
         self.0.id()
