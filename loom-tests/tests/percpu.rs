@@ -22,6 +22,15 @@
 //!   read by a concurrent reader: tokio-rs/loom issues 252 and 389);
 //! - more CPUs or threads, and executions beyond the preemption bound (3).
 //!
+//! A second model covers the slots' lazy publication (`HitCounter::per_cpu`:
+//! a counter counts in one shared word until a writer publishes its slots
+//! with a Release compare-and-swap; increments and reads load the pointer
+//! with Acquire): an increment racing the publication lands in the shared
+//! word or in a zeroed slot, never lost, and a reader's sums stay within
+//! what was added and never go backwards. It models the pointer with a
+//! loom `AtomicPtr` to a leaked box (freed after the joins, as the
+//! counter's drop does once no increment runs).
+//!
 //! Run: `RUSTFLAGS="--cfg loom" cargo test -p loom-tests --release
 //! --target-dir target/loom --test percpu`
 
@@ -29,7 +38,7 @@
 
 mod probe_common;
 
-use loom::sync::atomic::{AtomicU64, Ordering};
+use loom::sync::atomic::{AtomicPtr, AtomicU64, Ordering};
 use loom::sync::{Arc, Mutex};
 use loom::thread;
 use probe_common::model;
@@ -84,5 +93,85 @@ fn per_cpu_increments_sum_exactly_and_never_go_backwards() {
         }
         reader.join().unwrap();
         assert_eq!(c.get(), 5);
+    });
+}
+
+/// The counter with lazily published slots (`HitCounter`'s shape): the
+/// shared word, and the slots once `per_cpu` published them.
+struct Lazy {
+    shared: AtomicU64,
+    slots: AtomicPtr<PerCpu>,
+}
+
+impl Lazy {
+    fn per_cpu(&self) {
+        let made = Box::into_raw(Box::new(PerCpu {
+            slots: [AtomicU64::new(0), AtomicU64::new(0)],
+            cpus: [Mutex::new(()), Mutex::new(())],
+        }));
+        if self
+            .slots
+            .compare_exchange(
+                std::ptr::null_mut(),
+                made,
+                Ordering::Release,
+                Ordering::Relaxed,
+            )
+            .is_err()
+        {
+            // SAFETY: never published.
+            drop(unsafe { Box::from_raw(made) });
+        }
+    }
+
+    fn part(&self) -> Option<&PerCpu> {
+        let p = self.slots.load(Ordering::Acquire);
+        // SAFETY: published once, freed only after every thread joined.
+        (!p.is_null()).then(|| unsafe { &*p })
+    }
+
+    fn add_one(&self, cpu: usize) {
+        match self.part() {
+            Some(pc) => pc.add_one(cpu),
+            None => {
+                self.shared.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn get(&self) -> u64 {
+        let shared = self.shared.load(Ordering::Relaxed);
+        shared + self.part().map_or(0, PerCpu::get)
+    }
+}
+
+#[test]
+fn slots_published_while_threads_count_lose_no_increment() {
+    model(|| {
+        let c = Arc::new(Lazy {
+            shared: AtomicU64::new(0),
+            slots: AtomicPtr::new(std::ptr::null_mut()),
+        });
+        let counter = {
+            let c = c.clone();
+            thread::spawn(move || {
+                c.add_one(0);
+                c.add_one(1);
+            })
+        };
+        let publisher = {
+            let c = c.clone();
+            thread::spawn(move || c.per_cpu())
+        };
+        let first = c.get();
+        c.add_one(1);
+        let second = c.get();
+        assert!(first <= second && second <= 3, "{first} then {second}");
+        counter.join().unwrap();
+        publisher.join().unwrap();
+        assert_eq!(c.get(), 3);
+        let p = c.slots.load(Ordering::Relaxed);
+        // SAFETY: published by `per_cpu`; every thread that used it joined.
+        drop(unsafe { Box::from_raw(p) });
     });
 }

@@ -256,15 +256,15 @@ mod rseq {
     #[inline(always)]
     pub(super) fn add_one(off: isize, slots: &[Slot]) -> bool {
         let added: u32;
-        // SAFETY: `off` is glibc's offset of this thread's registered rseq
-        // area from the thread pointer (`area`); the sequence writes the
-        // area's `rseq_cs` word (what it is for) and one slot of `slots`,
-        // index checked against its length. The descriptor (32-byte
-        // aligned: version 0, flags 0, start, length, abort) and the abort
-        // handler (preceded by glibc's signature, `_RSEQ_SIG`) are emitted
-        // with each copy of the sequence; the abort handler only jumps back
-        // to the start. The `add` is the commit: the last instruction of
-        // the sequence.
+        // `off` is glibc's offset of this thread's registered rseq area from
+        // the thread pointer (`area`); the sequence writes the area's
+        // `rseq_cs` word (what it is for) and one slot of `slots`, index
+        // checked against its length. The descriptor (32-byte aligned:
+        // version 0, flags 0, start, length, abort) and the abort handler
+        // (preceded by glibc's signature, `_RSEQ_SIG`) are emitted with each
+        // copy of the sequence; the abort handler only jumps back to the
+        // start. The `add` is the commit: the last instruction.
+        // SAFETY: writes only this thread's rseq_cs and one checked slot.
         unsafe {
             asm!(
                 "lea {cs}, [rip + 3f]",

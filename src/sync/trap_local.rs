@@ -130,11 +130,11 @@ impl<T: 'static> TrapLocal<T> {
         } else {
             self.dynamic_address()
         };
-        // SAFETY: `p` is this thread's instance of the value: the standard
-        // access's address, or the thread pointer plus the offset that
-        // address had on every thread (static TLS, proven before
-        // `settle`). It lives as long as the thread, and `f` gets it only
-        // for this call, as `LocalKey::with` would give it.
+        // `p` is this thread's instance of the value: the standard access's
+        // address, or the thread pointer plus the offset that address had
+        // on every thread (static TLS, proven before `settle`). It lives as
+        // long as the thread, and `f` gets it only for this call.
+        // SAFETY: this thread's live instance, borrowed for the call only.
         f(unsafe { &*p })
     }
 

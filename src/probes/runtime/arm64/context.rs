@@ -128,10 +128,10 @@ pub(crate) fn with_frame_regs(
     uc: &mut libc::ucontext_t,
     f: impl FnOnce(&mut Regs) -> bool,
 ) -> bool {
-    // SAFETY: `regs`, `sp`, `pc` and `pstate` are consecutive `u64`s of
-    // the frame with `Regs`'s layout and alignment (the assertions above);
-    // the view borrows `uc` mutably for the call, so nothing else reads or
-    // writes the frame meanwhile.
+    // `regs`, `sp`, `pc` and `pstate` are consecutive `u64`s of the frame
+    // with `Regs`'s layout and alignment (the assertions above); the view
+    // borrows `uc` mutably for the call, so nothing else touches the frame.
+    // SAFETY: a valid, exclusive, layout-checked view (see above).
     let regs = unsafe { &mut *std::ptr::addr_of_mut!(uc.uc_mcontext.regs).cast::<Regs>() };
     f(regs)
 }
