@@ -24,8 +24,11 @@
 //!    **The vector state**: a full `xsave64` costs 100-250 ns on the
 //!    development machine, more than the rest of a return. Where the
 //!    processor reports which state components are in use (`xgetbv` with
-//!    ECX = 1) and the x87 state is in its initial configuration (no
-//!    `st0`/`st1` return value), only what a return can carry is saved:
+//!    ECX = 1) and the x87 stack is empty (its TOP field is 0: no
+//!    `st0`/`st1` return value; XINUSE's x87 bit cannot tell, because the
+//!    processor sets it the first time a process returns from a signal
+//!    handler and never clears it, which sent every return of such a
+//!    process through the full save), only what a return can carry is saved:
 //!    `xmm0`/`xmm1` (`ymm`/`zmm` when their upper halves are in use), and
 //!    the upper state is cleaned for the Rust half (`vzeroupper`) and
 //!    restored after. Every other vector register, the opmasks and MXCSR's
@@ -117,8 +120,15 @@ global_asm!(
     "mov ecx, 1",
     "xgetbv",
     "mov ecx, r8d",
-    "test eax, 1",
+    // XINUSE's x87 bit says nothing here: the processor sets it when a
+    // process first returns from a signal handler and never clears it. The
+    // x87 stack's TOP field says whether the function left a return value
+    // there (the ABI empties the stack otherwise): 0, none.
+    "mov r8d, eax",
+    "fnstsw ax",
+    "test ax, 0x3800",
     "jnz 8f",
+    "mov eax, r8d",
     "sub rsp, 128",
     "and rsp, -64",
     "test eax, 0x44",
