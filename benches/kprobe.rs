@@ -19,8 +19,9 @@
 //!   batch) and the 100k/1k growth (1.0 = linear).
 //! - `kretprobe`: a kretprobe'd call (entry trap + return through the
 //!   trampoline) per iteration, each thread on its own function, with the
-//!   instance table on 64 hashed stripes against one global lock (1 stripe),
-//!   at 1 and 2 threads.
+//!   instance table's own stripes (each thread files in a stripe it
+//!   claimed, without a lock), on 64 hashed stripes only, and on one global
+//!   lock (1 stripe, the seed-003 peer), at 1 and 2 threads.
 //!
 //! The ratios are printed at the end. Run:
 //! `cargo bench --bench kprobe -- --warm-up-time 1 --measurement-time 2`
@@ -532,9 +533,16 @@ fn scale_report() {
 // --------------------------------------------------------------- kretprobe
 
 /// A registry with two kretprobe'd functions and its instance table on
-/// `stripes` stripes.
-fn kret_registry(stripes: usize) -> (Reg, Vec<Kretprobe<u64>>) {
-    let reg = registry(2, 64, stripes);
+/// `own` own stripes and `stripes` shared ones.
+fn kret_registry(own: usize, stripes: usize) -> (Reg, Vec<Kretprobe<u64>>) {
+    let (image, syms) = image(2);
+    let xol = Arc::new(XolArena::new(0x8000_0000, 4, X86_64::XOL_SLOT_SIZE));
+    let reg = KprobeRegistry::builder(X86_64, image, syms, xol)
+        .buckets(64)
+        .instance_stripes(stripes)
+        .own_instance_stripes(own)
+        .trampoline(TRAMPOLINE)
+        .build();
     let krps = (0..2)
         .map(|i| {
             let k = Kretprobe::at(func(i))
@@ -576,8 +584,12 @@ fn kret_calls(reg: &Reg, threads: usize, iters: u64) -> Duration {
 
 fn bench_kretprobe(c: &mut Criterion) {
     let mut g = c.benchmark_group("kretprobe_entry_return");
-    for (name, stripes) in [("hashed_64", 64usize), ("global_lock", 1)] {
-        let (reg, krps) = kret_registry(stripes);
+    for (name, own, stripes) in [
+        ("own_stripes", 64usize, 64usize),
+        ("hashed_64", 0, 64),
+        ("global_lock", 0, 1),
+    ] {
+        let (reg, krps) = kret_registry(own, stripes);
         for threads in [1usize, 2] {
             g.bench_function(BenchmarkId::new(name, threads), |b| {
                 b.iter_custom(|iters| {
@@ -670,14 +682,25 @@ fn main() {
             &format!("kret/global_lock/{t}"),
             &format!("kret/hashed_64/{t}"),
         );
+        ratio(
+            &format!("kretprobe entry+return, hashed / own stripes, {t} thread(s)"),
+            &format!("kret/hashed_64/{t}"),
+            &format!("kret/own_stripes/{t}"),
+        );
     }
-    let (hashed, _k1) = kret_registry(64);
-    let (global, _k2) = kret_registry(1);
+    let (own, _k0) = kret_registry(64, 64);
+    let (hashed, _k1) = kret_registry(0, 64);
+    let (global, _k2) = kret_registry(0, 1);
     for t in [1, 2] {
         paired(
             &format!("kretprobe entry+return, global lock / hashed, {t} thread(s)"),
             |n| kret_calls(&global, t, n),
             |n| kret_calls(&hashed, t, n),
+        );
+        paired(
+            &format!("kretprobe entry+return, hashed / own stripes, {t} thread(s)"),
+            |n| kret_calls(&hashed, t, n),
+            |n| kret_calls(&own, t, n),
         );
     }
 }

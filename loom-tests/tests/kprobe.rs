@@ -50,6 +50,14 @@
 //! looking at its steps, model 5 (pinned variant) fails its "parked, not
 //! freed" check.
 //!
+//! 8. A thread's own instance-table stripe, which its entries and returns
+//!    use without a lock, against an explicit flush of that thread from
+//!    another (the busy/remote handshake, `kprobe/instances.rs`), racing
+//!    the return: the instance is taken exactly once, by the return or by
+//!    the flush, and the chain is never touched by both at once (a loom
+//!    race otherwise). Known to bite: without the remote side's wait for
+//!    `busy`, or without the owner's barrier, loom reports the race.
+//!
 //! What these models do NOT cover:
 //! - single-steps in flight on lists retired by unregistrations (model 5
 //!   covers lists retired by registrations; tests/kprobe.rs covers a commit
@@ -375,6 +383,57 @@ fn two_entries_on_one_instance_track_one_call_at_a_time_and_count_the_other_miss
             "the first entry always finds the instance"
         );
         assert_eq!(krp.in_flight(), 0);
+        reg.unregister(&krp).unwrap();
+    });
+}
+
+/// Model 8: the thread's own stripe (no lock on its hit path) against an
+/// explicit flush of that thread from another thread, racing the return
+/// that takes the instance (the flush starts once the entry filed it).
+#[test]
+fn a_flush_from_another_thread_and_the_owners_call_take_the_instance_exactly_once() {
+    model(|| {
+        DATA_DROPS.store(0, StdOrd::SeqCst);
+        let reg = Arc::new(registry());
+        let krp = data_kretprobe(|d| d.0.touch());
+        reg.register(&krp).unwrap();
+        let me = ThreadKey::current();
+        // Set once the entry filed the instance (and claimed the stripe):
+        // the flush then finds the stripe and races the return.
+        let entered = Arc::new(loom::sync::atomic::AtomicBool::new(false));
+        let flusher = {
+            let (reg, entered) = (reg.clone(), entered.clone());
+            thread::spawn(move || {
+                // Acquire pairs with the Release store below.
+                while !entered.load(loom::sync::atomic::Ordering::Acquire) {
+                    thread::yield_now();
+                }
+                reg.flush_thread(me)
+            })
+        };
+        let mut stack = Stack(CALLER);
+        let (out, _) = run_f(&reg, &mut stack).expect("registered: the breakpoint is there");
+        assert!(matches!(out, HitOutcome::Emulated), "got {out:?}");
+        assert_eq!(stack.0, TRAMPOLINE, "the one instance is free: tracked");
+        entered.store(true, loom::sync::atomic::Ordering::Release);
+        let mut regs = Regs {
+            ip: TRAMPOLINE,
+            sp: SP + 8,
+            ..Regs::default()
+        };
+        let back = reg.on_return(&mut regs);
+        let flushed = flusher.join().unwrap();
+        match back {
+            ReturnOutcome::Returned { to } => {
+                assert_eq!((to, flushed), (CALLER, 0));
+                assert_eq!(krp.returns(), 1);
+            }
+            ReturnOutcome::NotOurs => {
+                assert_eq!(flushed, 1, "only a flush can have taken it");
+                assert_eq!(krp.returns(), 0);
+            }
+        }
+        assert_eq!(krp.in_flight(), 0, "given back exactly once");
         reg.unregister(&krp).unwrap();
     });
 }

@@ -69,6 +69,9 @@ impl RegistryHold<'_> {
             writer,
             reclaim,
         } = self;
+        if in_child {
+            stripes.forget_other_threads();
+        }
         drop(stripes);
         drop(scope);
         if in_child {

@@ -6,7 +6,8 @@
 //! [`on_step_complete`](KprobeRegistry::on_step_complete) and
 //! [`on_return`](KprobeRegistry::on_return) are written to run inside a
 //! SIGTRAP handler: they allocate nothing, take no lock (the kretprobe paths
-//! take a short spin lock, see `instances.rs`) and make no system call
+//! use the thread's own instance-table stripe, lock-free, or else take a
+//! short spin lock, see `instances.rs`) and make no system call
 //! (the arch backend's trap-context methods promise the same; a miss reads
 //! the text memory once, whose `read` must then be signal-safe, as the
 //! in-process one is: a plain copy). Lookups run under an `Rcu` read guard,

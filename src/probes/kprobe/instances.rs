@@ -1,13 +1,50 @@
-//! The per-thread table of kretprobe instances in flight, guarded by hashed
-//! locks keyed by [`ThreadKey`].
+//! The per-thread table of kretprobe instances in flight: each thread's
+//! instances in a stripe it owns, filed and taken without a locked
+//! instruction, with hashed spin-locked stripes for the threads beyond.
 //!
 //! # Why per thread
 //!
 //! At the return trampoline the only things known are the current thread and
 //! its stack pointer. Instances are therefore filed under the thread that
-//! made the call: a [`HashedLocks`] array of chains, one stripe lock per
-//! bucket, so two threads returning at once take different locks (one
-//! global lock made every kretprobe in the system take turns, see seed 003).
+//! made the call. One global lock made every kretprobe in the system take
+//! turns (see seed 003); hashed stripes, one spin lock each, let two threads
+//! return at once, but still cost a locked instruction at every entry and
+//! every return, a third of an optimized kretprobe's budget.
+//!
+//! # Own stripes
+//!
+//! A thread's first tracked call in a table claims one of the table's own
+//! stripes (one CAS, once per thread and table; the claim is cached in a
+//! thread-local array). From then on only that thread files and takes
+//! there, so it needs no lock, only to keep out the rare other thread that
+//! must touch its chain: an explicit [`flush`](super::KprobeRegistry::flush_thread)
+//! of it, the registry's teardown. That is an asymmetric handshake, the
+//! one `Rcu` readers use:
+//!
+//! - the owner raises its stripe's `busy` flag, issues a *light* barrier (a
+//!   compiler fence when the process has the expedited `membarrier`), and
+//!   looks at the `remote` flag: down, it works on the chain and lowers
+//!   `busy`; up, it lowers `busy` and takes the stripe's spin lock;
+//! - the other thread (one at a time: the table's `remote` mutex) raises
+//!   `remote`, issues a *heavy* barrier (`membarrier`: a full barrier on
+//!   every running thread), waits until `busy` is down, takes the lock,
+//!   works, and lowers `remote`.
+//!
+//! With a full barrier on each side, at least one of them sees the other's
+//! flag (store buffering cannot hide both), so the owner's lock-free section
+//! and the other thread's never overlap. The owner pays two plain stores
+//! and a load. `loom-tests/tests/kprobe.rs` (model 8) checks the handshake.
+//!
+//! A claim is given back when the thread's instances are flushed at its
+//! exit (`thread_exit.rs`). A thread that exits without the flush (no exit
+//! hook: the process ran out of thread-specific keys) keeps its stripe; a
+//! later thread with the same key (the same thread-local address) takes it
+//! over, and its returns sort out the stale frames as abandoned ones. A
+//! thread that finds every own stripe claimed, or its claim array full,
+//! or that still has instances in the shared stripes, files in the shared
+//! stripes: a [`HashedLocks`] array of chains keyed by [`ThreadKey`], one
+//! spin lock per stripe. One call's instances are therefore never split
+//! between the two.
 //!
 //! # Matching a return
 //!
@@ -22,34 +59,48 @@
 //! out for good) are given back by the thread-exit flush or an explicit one
 //! (`thread_exit.rs`, [`InstanceTable::take_thread`]).
 //!
+//! # Fork
+//!
+//! The fork handlers hold the `remote` mutex, every own stripe's lock and
+//! every shared stripe (owners in their lock-free sections need none of
+//! them). In the child, which has only the forking thread, the other
+//! threads' own stripes are forgotten (`StripesHold::forget_other_threads`):
+//! their instances stay out of their pools there, as in the shared stripes.
+//!
 //! # Lock order
 //!
 //! An instance is taken from its kretprobe's pool (a lock-free set of free
-//! flags, `kretprobe.rs`), prepared with no lock held, then filed (one
-//! table stripe). At the return it is unlinked (one table stripe), its
-//! handler runs with no lock held, and it goes back to its pool (one
-//! release store). The pool has no lock, so nothing nests; no path takes
-//! two stripes. (Were the pool ever locked again, the only permitted order
-//! is **table stripe, then pool**, the order the kernel adopted in seed
-//! 003.)
+//! flags, `kretprobe.rs`), prepared with no lock held, then filed (the own
+//! stripe's handshake, or one shared stripe). At the return it is unlinked
+//! the same way, its handler runs with no lock held, and it goes back to
+//! its pool (one release store). Nothing nests: no path holds two stripes
+//! (the fork hold aside), and the `remote` mutex is taken only off the hit
+//! path, before a stripe. (Were the pool ever locked again, the only
+//! permitted order is **table stripe, then pool**, the order the kernel
+//! adopted in seed 003.)
 //!
-//! The stripes are [`SpinLock`]s: no allocation, no system call while
+//! The stripe locks are [`SpinLock`]s: no allocation, no system call while
 //! uncontended, never a sleep (a contended waiter may yield the CPU). None
-//! is held while user code runs, and the runtime refuses probes on its own
-//! code, so a probe trap never lands inside a holder. A *signal* can: the
-//! return path runs on the thread's ordinary stack with signals deliverable,
-//! and a signal handler may call a kretprobed function on the same thread.
-//! That is why the hit path takes a stripe (and an instance) only with the
-//! thread's re-entrancy flag already set (see `hit.rs`): the nested hit
-//! then runs no kretprobe entry and takes no lock. [`InstanceTable::file`]
-//! and [`InstanceTable::take_returning`] assert the flag in debug builds.
+//! is held, and no owner is inside its lock-free section, while user code
+//! runs, and the runtime refuses probes on its own code, so a probe trap
+//! never lands inside one. A *signal* can: the return path runs on the
+//! thread's ordinary stack with signals deliverable, and a signal handler
+//! may call a kretprobed function on the same thread. That is why the hit
+//! path touches the table only with the thread's re-entrancy flag already
+//! set (see `hit.rs`): the nested hit then runs no kretprobe entry and
+//! touches no chain. [`InstanceTable::file`] and
+//! [`InstanceTable::take_returning`] assert the flag in debug builds.
 
+use std::cell::Cell;
 use std::ptr::NonNull;
 
+use crossbeam_utils::CachePadded;
+
 use super::kretprobe::ReturnProbe;
-use crate::hashlock::{HashedLocks, SpinLock};
+use crate::hashlock::{HashedLocks, SpinLock, StripeLock};
 use crate::probes::reentry::in_kprobe_handler;
-use crate::sync::UnsafeCell;
+use crate::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use crate::sync::{heavy_barrier, light_barrier, spin_loop, Mutex, UnsafeCell};
 
 /// Identifies a thread, cheaply and async-signal-safely: the address of a
 /// thread-local anchor (no system call, no allocation).
@@ -186,6 +237,40 @@ pub(crate) struct Taken {
 }
 
 impl Taken {
+    fn empty() -> Taken {
+        Taken {
+            head: std::ptr::null_mut(),
+        }
+    }
+
+    /// How many instances are in the list.
+    fn len(&self) -> usize {
+        let mut n = 0;
+        let mut p = self.head;
+        // SAFETY: taken instances are owned by this list.
+        while let Some(i) = unsafe { p.as_ref() } {
+            n += 1;
+            // SAFETY: as above.
+            p = unsafe { i.next() };
+        }
+        n
+    }
+
+    /// Puts `more` after this list's instances.
+    fn append(&mut self, more: Taken) {
+        let Some(mut last) = NonNull::new(self.head) else {
+            *self = more;
+            return;
+        };
+        // SAFETY: taken instances are owned by this list.
+        unsafe {
+            while let Some(n) = NonNull::new(last.as_ref().next()) {
+                last = n;
+            }
+            last.as_ref().set_next(more.head);
+        }
+    }
+
     /// Whether nothing was taken.
     pub(crate) fn is_empty(&self) -> bool {
         self.head.is_null()
@@ -244,53 +329,290 @@ unsafe fn unlink_frames(head: &mut *mut InstanceHdr, thread: ThreadKey, sp: u64)
     taken
 }
 
-/// The per-thread instance table.
+/// Own stripes a table gives by default: threads beyond this many (at
+/// once, in one table) file their instances in the shared stripes.
+pub const DEFAULT_OWN_STRIPES: usize = 64;
+
+/// Tables a thread can hold an own stripe in at once (its claims are
+/// cached in a fixed thread-local array; a thread in a fifth table uses that
+/// table's shared stripes).
+const MAX_CLAIMS: usize = 4;
+
+/// Source of table ids. `std`'s atomic even under loom: an identity,
+/// published by nothing, unique across model executions too.
+static NEXT_TABLE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// A stripe one thread claimed for its own instances (module docs, "Own
+/// stripes").
+struct OwnStripe {
+    /// The owner's [`ThreadKey`]; 0 while free.
+    owner: AtomicUsize,
+    /// Up while the owner works on `chain` without the lock.
+    busy: AtomicBool,
+    /// Up while another thread works on (or waits to work on) `chain`: the
+    /// owner then takes `lock` too.
+    remote: AtomicBool,
+    lock: SpinLock,
+    chain: UnsafeCell<Chain>,
+}
+
+// SAFETY: the chain is touched by its owner inside the `busy`/`remote`
+// handshake or by any thread under `lock` (see `as_owner`, `as_remote`);
+// its instances pass between threads only through those.
+unsafe impl Sync for OwnStripe {}
+// SAFETY: as above; a stripe holds raw pointers to instances, no thread's.
+unsafe impl Send for OwnStripe {}
+
+impl OwnStripe {
+    fn new() -> Self {
+        OwnStripe {
+            owner: AtomicUsize::new(0),
+            busy: AtomicBool::new(false),
+            remote: AtomicBool::new(false),
+            lock: SpinLock::new(),
+            chain: UnsafeCell::new(Chain::default()),
+        }
+    }
+
+    /// Runs `f` on the chain as its owner: no lock unless another thread
+    /// is at it (module docs).
+    #[inline]
+    fn as_owner<R>(&self, f: impl FnOnce(&mut Chain) -> R) -> R {
+        // Relaxed: ordered by the barrier below.
+        self.busy.store(true, Ordering::Relaxed);
+        // Pairs with the heavy barrier in `as_remote`: either that thread
+        // sees `busy` up and waits, or we see `remote` up (store-buffering
+        // with a full barrier on both sides).
+        light_barrier();
+        // Acquire pairs with the Release store that ends `as_remote`: what
+        // the other thread did to the chain happens-before our use.
+        if !self.remote.load(Ordering::Acquire) {
+            // SAFETY: `remote` was down after `busy` went up: no other
+            // thread touches the chain until `busy` is down again.
+            let r = self.chain.with_mut(|c| f(unsafe { &mut *c }));
+            // Release pairs with the Acquire loads in `as_remote`'s wait:
+            // our use of the chain happens-before the other thread's.
+            self.busy.store(false, Ordering::Release);
+            return r;
+        }
+        // Release: as above (a waiting remote may go on).
+        self.busy.store(false, Ordering::Release);
+        let _g = self.lock.lock();
+        // SAFETY: under the lock, which every non-owner access holds.
+        self.chain.with_mut(|c| f(unsafe { &mut *c }))
+    }
+
+    /// Runs `f` on the chain from a thread that is not its owner. The
+    /// caller holds the table's `remote` mutex (one such thread at a time:
+    /// `remote` is a flag, not a count).
+    fn as_remote<R>(&self, f: impl FnOnce(&mut Chain) -> R) -> R {
+        // Relaxed: ordered by the barrier below.
+        self.remote.store(true, Ordering::Relaxed);
+        // Pairs with the owner's light barrier in `as_owner`.
+        heavy_barrier();
+        // Acquire pairs with the owner's Release store of `busy`.
+        while self.busy.load(Ordering::Acquire) {
+            spin_loop();
+        }
+        let r = {
+            let _g = self.lock.lock();
+            // SAFETY: the owner is out of its lock-free section and will
+            // take the lock for any other until `remote` is down.
+            self.chain.with_mut(|c| f(unsafe { &mut *c }))
+        };
+        // Release pairs with the owner's Acquire load of `remote`.
+        self.remote.store(false, Ordering::Release);
+        r
+    }
+}
+
+crate::sync::const_thread_local! {
+    /// The own stripes this thread claimed: `(table id, index)`, id 0 for
+    /// an empty entry.
+    static CLAIMS: Cell<[(u64, u32); MAX_CLAIMS]> = Cell::new([(0, 0); MAX_CLAIMS]);
+}
+
+crate::sync::const_thread_local! {
+    /// Instances this thread may have in some table's shared stripes (a
+    /// hint: another thread's flush can take them without lowering it).
+    /// While it is not zero the thread claims no own stripe, so that one
+    /// call's instances are never split between the two.
+    static IN_SHARED: Cell<usize> = Cell::new(0);
+}
+
+/// The per-thread instance table (module docs).
 pub(crate) struct InstanceTable {
-    locks: HashedLocks<ThreadKey, SpinLock, Chain>,
+    /// Names the table in the threads' [`CLAIMS`]; never reused.
+    id: u64,
+    own: Box<[CachePadded<OwnStripe>]>,
+    shared: HashedLocks<ThreadKey, SpinLock, Chain>,
+    /// Held by a thread working on another thread's own stripe.
+    remote: Mutex<()>,
 }
 
 /// Every stripe of an instance table, held across a `fork` (`fork.rs`).
 #[cfg(not(loom))]
 pub(crate) struct StripesHold<'a> {
-    _all: crate::hashlock::AllGuard<'a, SpinLock, Chain>,
+    table: &'a InstanceTable,
+    _remote: crate::sync::MutexGuard<'a, ()>,
+    _own: Vec<crate::hashlock::SpinGuard<'a>>,
+    _shared: crate::hashlock::AllGuard<'a, SpinLock, Chain>,
+}
+
+#[cfg(not(loom))]
+impl StripesHold<'_> {
+    /// In the child of a `fork` (one thread: the caller): forgets every own
+    /// stripe but the caller's. Their owners do not exist here; what they
+    /// had filed stays out of its pools, as their instances in the shared
+    /// stripes do, and a chain one of them was changing when the process
+    /// forked is never read.
+    pub(crate) fn forget_other_threads(&self) {
+        let me = ThreadKey::current().0;
+        for s in self.table.own.iter() {
+            // Relaxed: the child has one thread.
+            if s.owner.load(Ordering::Relaxed) != me {
+                s.owner.store(0, Ordering::Relaxed);
+                s.busy.store(false, Ordering::Relaxed);
+                // SAFETY: one thread, and its lock held by this hold.
+                s.chain
+                    .with_mut(|c| unsafe { (*c).head = std::ptr::null_mut() });
+            }
+        }
+    }
 }
 
 impl InstanceTable {
-    /// Takes every stripe, in index order, for the fork handlers. The
-    /// caller's re-entrancy flag is up (a signal handler on this thread must
-    /// not file or unlink an instance meanwhile).
+    /// Takes every stripe for the fork handlers: the remote mutex, each own
+    /// stripe's lock (owners in their lock-free sections need none of them
+    /// and never wait for one), then the shared stripes in index order. The
+    /// caller's re-entrancy flag is up (a signal handler on this thread
+    /// must not file or unlink an instance meanwhile).
     #[cfg(not(loom))]
     pub(crate) fn hold_for_fork(&self) -> StripesHold<'_> {
         debug_assert!(
             in_kprobe_handler(),
             "stripes taken before the re-entrancy flag"
         );
+        let remote = self.remote.lock().unwrap_or_else(|e| e.into_inner());
         StripesHold {
-            _all: self.locks.lock_all(),
+            table: self,
+            _remote: remote,
+            _own: self.own.iter().map(|s| s.lock.lock()).collect(),
+            _shared: self.shared.lock_all(),
         }
     }
 
-    /// A table of `stripes` stripes (rounded up to a power of two; 1 makes it
-    /// one global lock, the benchmark's peer).
-    pub(crate) fn new(stripes: usize) -> Self {
-        let stripes = stripes.clamp(1, crate::hashlock::MAX_STRIPES);
+    /// A table of `own` own stripes and `shared` shared ones (rounded up to
+    /// a power of two; 1 makes them one global lock, the benchmark's peer).
+    pub(crate) fn new(own: usize, shared: usize) -> Self {
+        let shared = shared.clamp(1, crate::hashlock::MAX_STRIPES);
         InstanceTable {
-            locks: HashedLocks::new(stripes).expect("stripe count clamped to the valid range"),
+            // Relaxed: only uniqueness matters.
+            id: NEXT_TABLE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            own: (0..own)
+                .map(|_| CachePadded::new(OwnStripe::new()))
+                .collect(),
+            shared: HashedLocks::new(shared).expect("stripe count clamped to the valid range"),
+            remote: Mutex::new(()),
         }
     }
 
-    /// Number of stripes.
+    /// Number of shared stripes.
     pub(crate) fn stripes(&self) -> usize {
-        self.locks.len()
+        self.shared.len()
     }
 
-    /// The stripe `thread`'s instances are filed under.
+    /// Number of own stripes.
+    pub(crate) fn own_stripes(&self) -> usize {
+        self.own.len()
+    }
+
+    /// The shared stripe `thread`'s instances are filed under when it holds
+    /// no own stripe.
     #[cfg(test)]
     pub(crate) fn stripe_of(&self, thread: ThreadKey) -> usize {
-        self.locks.stripe_of(&thread)
+        self.shared.stripe_of(&thread)
     }
 
-    /// Files `inst` under `thread`.
+    /// Whether the calling thread holds an own stripe of this table.
+    #[cfg(test)]
+    pub(crate) fn holds_own_stripe(&self) -> bool {
+        self.mine(ThreadKey::current()).is_some()
+    }
+
+    /// The calling thread's own stripe, if it holds one.
+    #[inline]
+    fn mine(&self, me: ThreadKey) -> Option<&OwnStripe> {
+        let claims = CLAIMS.with(Cell::get);
+        let &(_, idx) = claims.iter().find(|&&(id, _)| id == self.id)?;
+        let s = &self.own[idx as usize];
+        // Relaxed: only this thread sets its own key in a stripe; a fork
+        // child's reset runs on this thread too.
+        (s.owner.load(Ordering::Relaxed) == me.0).then_some(&**s)
+    }
+
+    /// Claims an own stripe for the calling thread: a free one (or one a
+    /// dead thread with the same key left behind), when the thread has a
+    /// free claim entry and nothing in the shared stripes. One CAS, once
+    /// per thread and table.
+    #[cold]
+    fn claim(&self, me: ThreadKey) -> Option<&OwnStripe> {
+        if self.own.is_empty() || IN_SHARED.with(Cell::get) != 0 {
+            return None;
+        }
+        let mut claims = CLAIMS.with(Cell::get);
+        let entry = claims
+            .iter()
+            .position(|&(id, _)| id == self.id)
+            .or_else(|| claims.iter().position(|&(id, _)| id == 0))?;
+        let n = self.own.len();
+        // Spread threads' starting points (keys are thread-local addresses,
+        // far apart and aligned alike).
+        // (Under loom keys change from one execution to the next, and the
+        // model must be deterministic: the scan starts at 0.)
+        let start = if cfg!(loom) {
+            0
+        } else {
+            (me.0.wrapping_mul(0x9e37_79b9_7f4a_7c15_u64 as usize) >> 16) % n
+        };
+        for k in 0..n {
+            let i = (start + k) % n;
+            let s = &self.own[i];
+            // Relaxed: a candidate only; the CAS decides.
+            let cur = s.owner.load(Ordering::Relaxed);
+            // A key equal to ours belongs to a thread that exited without
+            // flushing (no exit hook): its chain is for our `take` to sort.
+            if (cur == 0 || cur == me.0)
+                // Acquire pairs with the Release store in `release_own`:
+                // the previous owner's last use of the chain happens-before
+                // ours.
+                && s.owner
+                    .compare_exchange(cur, me.0, Ordering::Acquire, Ordering::Relaxed)
+                    .is_ok()
+            {
+                claims[entry] = (self.id, i as u32);
+                CLAIMS.with(|c| c.set(claims));
+                return Some(s);
+            }
+        }
+        None
+    }
+
+    /// Gives the calling thread's own stripe back (it exits; its chain was
+    /// just flushed).
+    fn release_own(&self, me: ThreadKey) {
+        let Some(s) = self.mine(me) else { return };
+        debug_assert!(s.as_owner(|c| c.head.is_null()), "released with instances");
+        // Release pairs with the Acquire CAS in `claim`.
+        s.owner.store(0, Ordering::Release);
+        let mut claims = CLAIMS.with(Cell::get);
+        for c in claims.iter_mut().filter(|c| c.0 == self.id) {
+            *c = (0, 0);
+        }
+        CLAIMS.with(|c| c.set(claims));
+    }
+
+    /// Files `inst` under the calling thread `thread`.
     ///
     /// # Safety
     /// The caller owns `inst` (its frame is set, it is in no chain).
@@ -299,82 +621,140 @@ impl InstanceTable {
             in_kprobe_handler(),
             "a stripe taken before the re-entrancy flag"
         );
-        let mut chain = self.locks.lock(&thread);
-        // SAFETY: owned by the caller until linked; linked under the stripe.
-        unsafe { inst.as_ref().set_next(chain.head) };
-        chain.head = inst.as_ptr();
-        drop(chain);
+        debug_assert_eq!(thread, ThreadKey::current(), "filed for another thread");
+        let push = |chain: &mut Chain| {
+            // SAFETY: owned by the caller until linked; linked under the
+            // chain's exclusion.
+            unsafe { inst.as_ref().set_next(chain.head) };
+            chain.head = inst.as_ptr();
+        };
+        match self.mine(thread).or_else(|| self.claim(thread)) {
+            Some(s) => s.as_owner(push),
+            None => {
+                push(&mut self.shared.lock(&thread));
+                IN_SHARED.with(|n| n.set(n.get() + 1));
+            }
+        }
         // This thread now has a frame to give back if it exits inside the
         // call (`thread_exit.rs`).
         super::thread_exit::arm();
     }
 
-    /// Unlinks the instances of a call returning on `thread` with stack
-    /// pointer `sp`: if any instance of `thread` has exactly `sp`, every
-    /// instance of `thread` with a stack pointer at or below `sp` (the
-    /// returning call's, and abandoned deeper frames'); otherwise nothing.
+    /// Unlinks the instances of a call returning on the calling thread
+    /// `thread` with stack pointer `sp`: if any instance of `thread` has
+    /// exactly `sp`, every instance of `thread` with a stack pointer at or
+    /// below `sp` (the returning call's, and abandoned deeper frames');
+    /// otherwise nothing.
     pub(crate) fn take_returning(&self, thread: ThreadKey, sp: u64) -> Taken {
         debug_assert!(
             in_kprobe_handler(),
             "a stripe taken before the re-entrancy flag"
         );
-        let mut chain = self.locks.lock(&thread);
-        #[cfg(test)]
-        test_hooks::while_locked();
-        // SAFETY: every instance in the chain is filed under
-        // this stripe, which we hold.
-        unsafe {
-            let mut p = chain.head;
-            let mut matched = false;
-            while let Some(i) = p.as_ref() {
-                let f = i.frame();
-                if f.thread == thread && f.ret_sp == sp {
-                    matched = true;
-                    break;
-                }
-                p = i.next();
-            }
-            if !matched {
-                return Taken {
-                    head: std::ptr::null_mut(),
-                };
-            }
+        debug_assert_eq!(thread, ThreadKey::current(), "a return on another thread");
+        let take = |chain: &mut Chain| {
+            #[cfg(test)]
+            test_hooks::while_locked();
+            // SAFETY: the caller has the chain to itself.
+            unsafe { take_matching(&mut chain.head, thread, sp) }
+        };
+        let mut taken = match self.mine(thread) {
+            Some(s) => s.as_owner(take),
+            None => Taken::empty(),
+        };
+        if taken.is_empty() && IN_SHARED.with(Cell::get) != 0 {
+            taken = take(&mut self.shared.lock(&thread));
+            let n = taken.len();
+            IN_SHARED.with(|c| c.set(c.get().saturating_sub(n)));
         }
-        // SAFETY: we hold the chain's stripe.
-        unsafe { unlink_frames(&mut chain.head, thread, sp) }
+        taken
     }
 
     /// Unlinks every instance of `thread` whose call returns with a stack
     /// pointer at or below `sp` (`u64::MAX`: all of them), newest first:
-    /// frames the thread abandoned (it exited, or jumped past them). Takes
-    /// one stripe, with the thread's re-entrancy flag up (see `file`).
+    /// frames the thread abandoned (it exited, or jumped past them). With
+    /// the thread's re-entrancy flag up (see `file`); `thread` may be
+    /// another thread (an explicit flush), which then waits while that
+    /// thread is inside its own stripe's lock-free section.
     pub(crate) fn take_thread(&self, thread: ThreadKey, sp: u64) -> Taken {
         debug_assert!(
             in_kprobe_handler(),
             "a stripe taken before the re-entrancy flag"
         );
-        let mut chain = self.locks.lock(&thread);
-        // SAFETY: we hold the chain's stripe.
-        unsafe { unlink_frames(&mut chain.head, thread, sp) }
+        let unlink = |chain: &mut Chain| {
+            // SAFETY: the caller has the chain to itself.
+            unsafe { unlink_frames(&mut chain.head, thread, sp) }
+        };
+        let mut taken = if thread == ThreadKey::current() {
+            let t = self.mine(thread).map(|s| s.as_owner(unlink));
+            if sp == u64::MAX {
+                self.release_own(thread);
+            }
+            t.unwrap_or_else(Taken::empty)
+        } else {
+            let _one = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            // Relaxed: a thread's key is in at most one stripe (it claims
+            // once per table); a stale read finds a stripe whose chain holds
+            // none of its frames, which is harmless.
+            let s = self
+                .own
+                .iter()
+                .find(|s| s.owner.load(Ordering::Relaxed) == thread.0);
+            s.map_or_else(Taken::empty, |s| s.as_remote(unlink))
+        };
+        let more = unlink(&mut self.shared.lock(&thread));
+        if thread == ThreadKey::current() {
+            let n = more.len();
+            IN_SHARED.with(|c| c.set(c.get().saturating_sub(n)));
+        }
+        taken.append(more);
+        taken
     }
 
     /// Unlinks every filed instance (registry teardown).
     pub(crate) fn take_all(&self) -> Vec<NonNull<InstanceHdr>> {
         let mut out = Vec::new();
-        for s in 0..self.locks.len() {
-            let mut chain = self.locks.lock_stripe(s);
+        let mut drain = |chain: &mut Chain| {
             let mut p = std::mem::replace(&mut chain.head, std::ptr::null_mut());
             while let Some(i) = NonNull::new(p) {
-                // SAFETY: filed under the stripe we hold.
+                // SAFETY: unlinked from a chain we have to ourselves.
                 unsafe {
                     p = i.as_ref().next();
                     i.as_ref().set_next(std::ptr::null_mut());
                 }
                 out.push(i);
             }
+        };
+        {
+            let _one = self.remote.lock().unwrap_or_else(|e| e.into_inner());
+            for s in self.own.iter() {
+                s.as_remote(&mut drain);
+            }
+        }
+        for s in 0..self.shared.len() {
+            drain(&mut self.shared.lock_stripe(s));
         }
         out
     }
+}
+
+/// Unlinks, from the chain at `head`, the instances of a call returning on
+/// `thread` with `sp` (see [`InstanceTable::take_returning`]).
+///
+/// # Safety
+/// The caller has the chain to itself.
+unsafe fn take_matching(head: &mut *mut InstanceHdr, thread: ThreadKey, sp: u64) -> Taken {
+    // SAFETY: the chain is the caller's (contract).
+    unsafe {
+        let mut p = *head;
+        while let Some(i) = p.as_ref() {
+            let f = i.frame();
+            if f.thread == thread && f.ret_sp == sp {
+                return unlink_frames(head, thread, sp);
+            }
+            p = i.next();
+        }
+    }
+    Taken::empty()
 }
 
 /// A hook the unit tests run on the returning thread while

@@ -71,7 +71,8 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// The hit path of a jump detour (module docs). `live` reads the
     /// detour's state inside the read section; `regs` are the registers at
     /// the probed address. Allocates nothing, takes no lock (kretprobe
-    /// entries: one instance-table stripe, as on the trap path), makes no
+    /// entries: the instance table as on the trap path, see
+    /// `instances.rs`), makes no
     /// system call. Hits are counted in per-CPU slots without a locked
     /// instruction (`probes/percpu.rs`).
     #[inline]

@@ -216,4 +216,5 @@ pub use probe::{
 pub(crate) use registry::Writer as JumpWriter;
 pub use registry::{
     KprobeRegistry, RegistryBuilder, SiteInfo, DEFAULT_BUCKETS, DEFAULT_INSTANCE_STRIPES,
+    DEFAULT_OWN_STRIPES,
 };

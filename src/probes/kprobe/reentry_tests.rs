@@ -102,8 +102,13 @@ fn a_kretprobe_entered_while_its_return_path_holds_the_stripe_is_missed_not_dead
     assert!(enter(reg, SP, &mut stack));
     assert_eq!(stack.read_u64(SP).unwrap(), TRAMPOLINE, "hijacked");
     assert_eq!(krp.in_flight(), 1);
+    assert!(
+        reg.instances.holds_own_stripe(),
+        "filed in this thread's own stripe"
+    );
 
-    // The "signal": lands while `on_return` holds the stripe, and calls `k`
+    // The "signal": lands while `on_return` is inside the thread's stripe
+    // (its lock-free section), and calls `k`
     // again on the same thread, one frame deeper.
     let flag_up = Rc::new(Cell::new(None));
     let nested_boosted = Rc::new(Cell::new(false));

@@ -13,6 +13,7 @@ use crossbeam_utils::CachePadded;
 
 use super::deferred::{DeferredFree, RetiredLists};
 use super::instances::InstanceTable;
+pub use super::instances::DEFAULT_OWN_STRIPES;
 use super::jump::JumpHook;
 use super::kretprobe::{Kretprobe, ReturnProbe};
 use super::probe::{AsKprobe, Kprobe, ProbeId, Target};
@@ -168,6 +169,7 @@ pub struct RegistryBuilder<A: Arch, T: TextMemory> {
     rcu: Option<Rcu>,
     buckets: usize,
     instance_stripes: usize,
+    own_stripes: usize,
     trampoline: Option<u64>,
     jump_hook: Option<Arc<dyn JumpHook>>,
 }
@@ -203,6 +205,16 @@ impl<A: Arch, T: TextMemory> RegistryBuilder<A, T> {
         self
     }
 
+    /// Own stripes of the kretprobe instance table (default
+    /// [`DEFAULT_OWN_STRIPES`]): a thread's first tracked call claims one,
+    /// and its instances are then filed and taken there without a locked
+    /// instruction; threads beyond this many use the shared stripes. 0
+    /// sends every thread to the shared stripes (the benchmark's peer).
+    pub fn own_instance_stripes(mut self, n: usize) -> Self {
+        self.own_stripes = n;
+        self
+    }
+
     /// The address of the return trampoline kretprobes send returns to.
     /// Required for kretprobes.
     pub fn trampoline(mut self, addr: u64) -> Self {
@@ -212,7 +224,7 @@ impl<A: Arch, T: TextMemory> RegistryBuilder<A, T> {
 
     /// The registry.
     pub fn build(self) -> KprobeRegistry<A, T> {
-        let instances = Box::new(InstanceTable::new(self.instance_stripes));
+        let instances = Box::new(InstanceTable::new(self.own_stripes, self.instance_stripes));
         // Threads that exit inside kretprobed calls give their instances
         // back to this table's pools (untracked first thing in `drop`).
         super::thread_exit::track(&instances);
@@ -283,6 +295,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             rcu: None,
             buckets: DEFAULT_BUCKETS,
             instance_stripes: DEFAULT_INSTANCE_STRIPES,
+            own_stripes: DEFAULT_OWN_STRIPES,
             trampoline: None,
             jump_hook: None,
         }
@@ -303,9 +316,15 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         self.trampoline
     }
 
-    /// Number of stripes of the kretprobe instance table.
+    /// Number of shared stripes of the kretprobe instance table.
     pub fn instance_stripes(&self) -> usize {
         self.instances.stripes()
+    }
+
+    /// Number of own stripes of the kretprobe instance table (see
+    /// [`RegistryBuilder::own_instance_stripes`]).
+    pub fn own_instance_stripes(&self) -> usize {
+        self.instances.own_stripes()
     }
 
     /// Probes registered (pending ones excluded).

@@ -281,11 +281,13 @@ mod tests {
         IN_FORK.store(true, Ordering::Release);
     }
 
-    /// A thread parked inside a kretprobe return, holding the instance-table
-    /// stripe the forking thread's own returns use (found by trying
-    /// threads until one hashes there), while this thread forks: the child
-    /// returns through the same stripe within a bounded wait. (Before the
-    /// fork handlers held the stripes, the child spun forever.)
+    /// A thread parked inside a kretprobe return, in the instance table
+    /// (its own stripe's lock-free section; before own stripes, the shared
+    /// stripe the forking thread's returns use, found by trying threads
+    /// until one hashes there), while this thread forks: the fork does not
+    /// wait for it, and the child returns through the table within a
+    /// bounded wait. (Before the fork handlers held the stripes, the child
+    /// spun forever.)
     #[test]
     fn a_fork_while_a_kretprobe_return_holds_the_childs_stripe_leaves_it_free() {
         let live = Live::global();
