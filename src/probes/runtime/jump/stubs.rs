@@ -19,6 +19,17 @@
 //!   64-byte aligned area below (the trampoline's
 //!   [`XsavePlan`](super::super::trampoline::XsavePlan); `fxsave64` without
 //!   `xsave`), with the upper state cleaned for the Rust half;
+//!
+//!   In practice the full stub's fast path is rare: the processor sets
+//!   XINUSE's x87 bit the first time a process returns from a signal
+//!   handler (every probe is a trap before it is optimized, so every
+//!   process this runtime serves has) and never clears it, and the x87
+//!   stack's TOP field cannot stand in for it mid-function (TOP is 0 both
+//!   when the stack is empty and when all eight registers are live, and
+//!   telling the two apart takes `fnstenv`/`fldenv`, about 60 ns here). A
+//!   mid-function optimized probe therefore pays the full save, about
+//!   100 ns; the return trampoline, where the ABI leaves the stack empty
+//!   but for a return value, reads TOP instead.
 //! - **the entry stub**, for a probe at a function's first instruction (its
 //!   symbol's start): what the System V calling convention can make live
 //!   there and a handler (ABI-conforming code) may clobber: the general
