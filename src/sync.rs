@@ -57,7 +57,9 @@ pub(crate) use std::thread_local;
 #[cfg(not(loom))]
 mod trap_local;
 #[cfg(not(loom))]
-pub(crate) use trap_local::{all_settled, registered, settle_all, thread_pointer, TrapLocal};
+pub(crate) use trap_local::{
+    all_settled, registered, settle_all, thread_pointer, TrapLocal, SETTLES,
+};
 
 #[cfg(loom)]
 pub(crate) use loom::thread_local;
@@ -283,7 +285,12 @@ macro_rules! const_thread_local {
             })
         };
         // Puts it in the object's list at load (`sync/trap_local.rs`).
-        #[cfg(all(not(loom), target_arch = "x86_64", target_os = "linux", target_env = "gnu"))]
+        #[cfg(all(
+            not(loom),
+            any(target_arch = "x86_64", target_arch = "aarch64"),
+            target_os = "linux",
+            target_env = "gnu"
+        ))]
         const _: () = {
             extern "C" fn register() {
                 $name.register();

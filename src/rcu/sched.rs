@@ -245,19 +245,17 @@ impl Rcu {
         return &GLOBAL_RCU;
     }
 
-    /// The process-wide default domain if it exists already; no lazy
-    /// initialisation (whose slow path calls the C library), for the live
-    /// probe runtime's trap path, which runs only after the runtime
-    /// initialised it.
-    ///
-    /// # Panics
-    /// If [`global`](Self::global) was never called.
+    /// A read section for the live probe runtime's trap path:
+    /// [`read_in_trap`](Self::read_in_trap) without a domain handle. Every
+    /// `Rcu` shares the readers, so the section is the one any handle's
+    /// would be; reaching [`global`](Self::global)'s handle would cost a
+    /// `OnceLock` load with acquire ordering on every trap, for nothing the
+    /// section uses. The runtime creates the global domain (which sets up
+    /// the reader slots) before it installs its trap handler.
     #[cfg(not(loom))]
     #[inline]
-    pub(crate) fn global_initialized() -> &'static Rcu {
-        GLOBAL_RCU
-            .get()
-            .expect("Rcu::global() is initialised before any trap")
+    pub(crate) fn read_in_trap_global() -> RcuGuard<'static> {
+        Self::read_on(slots::current_unarmed())
     }
 
     /// Begins a read-side critical section, which lasts until the guard is
@@ -268,7 +266,7 @@ impl Rcu {
     /// process waits for it.
     #[inline]
     pub fn read(&self) -> RcuGuard<'_> {
-        self.read_on(slots::current())
+        Self::read_on(slots::current())
     }
 
     /// [`read`](Self::read) that calls no C-library function, for the live
@@ -278,7 +276,7 @@ impl Rcu {
     /// where calling the C library is safe.
     #[inline]
     pub(crate) fn read_in_trap(&self) -> RcuGuard<'_> {
-        self.read_on(slots::current_unarmed())
+        Self::read_on(slots::current_unarmed())
     }
 
     /// Claims the calling thread's reader slot if it has none, and makes
@@ -291,7 +289,7 @@ impl Rcu {
     }
 
     #[inline(always)]
-    fn read_on(&self, slot: &'static slots::Slot) -> RcuGuard<'_> {
+    fn read_on<'a>(slot: &'static slots::Slot) -> RcuGuard<'a> {
         // Relaxed: only this thread (or a signal handler on it, which
         // restores the value) writes the slot's counter.
         let v = slot.ctr.load(Ordering::Relaxed);

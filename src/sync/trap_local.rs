@@ -3,8 +3,9 @@
 //!
 //! # Why
 //!
-//! In an executable, a thread-local is an `fs:`-relative access (the
-//! linker resolves its offset from the thread pointer). In a shared
+//! In an executable, a thread-local is an access relative to the thread
+//! pointer (`fs:` on x86_64, `tpidr_el0` on aarch64; the linker resolves
+//! its offset). In a shared
 //! library (the `rcu-trace` agent, a cdylib) the compiler cannot know the
 //! offset and calls the dynamic loader's `__tls_get_addr` (the
 //! general-dynamic model; stable Rust offers no initial-exec model). That
@@ -53,8 +54,8 @@
 //! initialiser (its layout and initial value are the compiler's), of a
 //! type that needs no drop (asserted at compile time by
 //! `const_thread_local!`), so every access succeeds for the thread's whole
-//! life. On targets other than x86_64 Linux with glibc, `with` is the
-//! standard access only.
+//! life. On targets other than x86_64 and aarch64 Linux with glibc
+//! ([`SETTLES`]), `with` is the standard access only.
 
 use std::sync::atomic::{AtomicBool, AtomicIsize, AtomicPtr, AtomicUsize, Ordering};
 use std::thread::{AccessError, LocalKey};
@@ -68,7 +69,8 @@ pub(crate) struct TrapLocal<T: 'static> {
     link: Link,
     /// The value's address minus the thread pointer, the same on every
     /// thread; 0 until [`settle`](Self::settle)d (a static block lies
-    /// below the thread pointer on x86_64: never at offset 0).
+    /// below the thread pointer on x86_64, above the thread control block
+    /// it points to on aarch64: never at offset 0).
     offset: AtomicIsize,
 }
 
@@ -122,9 +124,13 @@ impl<T: 'static> TrapLocal<T> {
     /// settled offset, else the standard access.
     #[inline(always)]
     pub(crate) fn with<R>(&'static self, f: impl FnOnce(&T) -> R) -> R {
-        // Acquire: pairs with the Release store in `settle`. (Either value
-        // is correct: 0 only takes the standard access.)
-        let offset = self.offset.load(Ordering::Acquire);
+        // Relaxed: pairs with nothing. The offset is the only thing
+        // `settle` publishes (the value it leads to is this thread's own,
+        // live since the thread started), and either value read is correct:
+        // 0 only takes the standard access. An acquire load here would be a
+        // barrier on every trap-path access (under qemu-user each `ldar`
+        // is a locked host instruction).
+        let offset = self.offset.load(Ordering::Relaxed);
         let p = if offset != 0 {
             thread_pointer().wrapping_offset(offset) as *const T
         } else {
@@ -164,9 +170,10 @@ impl<T: 'static> TrapLocal<T> {
     // SAFETY: an unsafe fn: its callers keep the contract above.
     pub(crate) unsafe fn settle(&'static self) {
         let offset = (self.dynamic_address() as isize).wrapping_sub(thread_pointer() as isize);
-        if cfg!(all(target_arch = "x86_64", target_env = "gnu")) && offset != 0 {
-            // Release: pairs with the Acquire load in `with`.
-            self.offset.store(offset, Ordering::Release);
+        if SETTLES && offset != 0 {
+            // Relaxed: publishes nothing but the offset itself (see the
+            // load in `with`).
+            self.offset.store(offset, Ordering::Relaxed);
         }
     }
 
@@ -232,9 +239,19 @@ pub(crate) fn registered() -> usize {
     REGISTERED.load(Ordering::Relaxed)
 }
 
+/// Whether this target settles thread-locals: Linux with glibc on x86_64
+/// or aarch64, where an object loaded with the program has its block in
+/// static TLS at a fixed offset from the thread pointer (`fs:0` on x86_64,
+/// `tpidr_el0` on aarch64). Elsewhere `with` is the standard access only.
+pub(crate) const SETTLES: bool = cfg!(all(
+    any(target_arch = "x86_64", target_arch = "aarch64"),
+    target_os = "linux",
+    target_env = "gnu"
+));
+
 /// The calling thread's thread pointer (x86_64: the TCB's self-pointer at
-/// `fs:0`), read without a call; null where not implemented (nothing is
-/// ever settled there).
+/// `fs:0`; aarch64: `tpidr_el0`), read without a call; null where not
+/// implemented (nothing is ever settled there).
 #[inline(always)]
 pub(crate) fn thread_pointer() -> *mut u8 {
     #[cfg(target_arch = "x86_64")]
@@ -247,7 +264,18 @@ pub(crate) fn thread_pointer() -> *mut u8 {
         }
         tp
     }
-    #[cfg(not(target_arch = "x86_64"))]
+    #[cfg(target_arch = "aarch64")]
+    {
+        let tp: *mut u8;
+        // SAFETY: reads the thread pointer register (the aarch64 TLS ABI:
+        // the thread's control block, static TLS blocks above it); touches
+        // no memory and no other register.
+        unsafe {
+            std::arch::asm!("mrs {}, tpidr_el0", out(reg) tp, options(nomem, nostack, preserves_flags));
+        }
+        tp
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
     {
         std::ptr::null_mut()
     }

@@ -443,6 +443,7 @@ impl Arch for Arm64 {
         }
     }
 
+    #[inline]
     fn emulate(
         &self,
         insn: &Insn,

@@ -63,7 +63,7 @@ use super::instances::ThreadKey;
 use super::kretprobe::EntryContext;
 use super::probe::{Action, Handlers};
 use super::registry::KprobeRegistry;
-use super::table::Members;
+use super::table::{Members, Site};
 use crate::probes::arch::{
     Arch, DataMemory, Regs, StepOutcome, StepState, XolPlan, XolRun, MAX_INSN_BYTES,
 };
@@ -71,7 +71,8 @@ use crate::probes::outcome::ReturnOutcome;
 use crate::probes::reentry::KprobeScope;
 use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
-use crate::sync::atomic::Ordering;
+use crate::rcu::RcuGuard;
+use crate::sync::atomic::{fence, Ordering};
 
 /// Members with an index below this are tracked exactly (bit set) for
 /// "ran its pre handler"; later ones are assumed to have run if enabled.
@@ -281,46 +282,64 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
 
     /// [`on_breakpoint`](Self::on_breakpoint) calling no C-library function
     /// (for the live runtime's trap path, which arms the thread's reader
-    /// slot itself where calling the C library is safe).
-    #[inline]
+    /// slot itself where calling the C library is safe). The hit itself is
+    /// inlined into the caller (the live dispatcher): one call less on every
+    /// trap; a miss goes out of line ([`miss`](Self::miss)).
+    #[inline(always)]
     pub(crate) fn on_breakpoint_in_trap<'r>(
         &'r self,
         regs: &mut Regs,
         mem: &mut dyn DataMemory,
     ) -> HitOutcome<'r> {
         let addr = self.arch.trap_address(regs);
-        self.hit(addr, regs, mem, true)
+        let guard = self.rcu.read_in_trap();
+        match self.table.lookup(addr, &guard) {
+            Some(site) => self.hit(site, addr, &guard, regs, mem),
+            None => {
+                drop(guard);
+                self.miss(addr, regs, mem)
+            }
+        }
     }
 
-    /// [`on_breakpoint`](Self::on_breakpoint) at `addr`, with one lookup on
-    /// the way to a hit. A miss that still finds a breakpoint in the text
-    /// looks again once (`second_look`): the probe the thread trapped on may
-    /// have been removed and another one registered at the address between
-    /// the trap and the lookup. A site is published before its breakpoint
-    /// is written, so the second lookup, made after seeing the breakpoint,
-    /// finds it if it is ours.
+    /// After a lookup at `addr` missed: a breakpoint removed since the trap
+    /// ([`HitOutcome::Vanished`]), someone else's, or ours after all. A
+    /// miss that still finds a breakpoint in the text looks once more: the
+    /// probe the thread trapped on may have been removed and another one
+    /// registered at the address between the trap and the lookup. A site is
+    /// published before its breakpoint is written, so the second lookup,
+    /// made after seeing the breakpoint, finds it if it is ours.
+    #[cold]
+    #[inline(never)]
+    fn miss<'r>(&'r self, addr: u64, regs: &mut Regs, mem: &mut dyn DataMemory) -> HitOutcome<'r> {
+        if !self.breakpoint_at(addr) {
+            // Removed after the trap: the original instruction is back.
+            regs.ip = addr;
+            return HitOutcome::Vanished;
+        }
+        let guard = self.rcu.read_in_trap();
+        if let Some(site) = self.table.lookup(addr, &guard) {
+            return self.hit(site, addr, &guard, regs, mem);
+        }
+        drop(guard);
+        if !self.breakpoint_at(addr) {
+            regs.ip = addr;
+            return HitOutcome::Vanished;
+        }
+        HitOutcome::NotOurs
+    }
+
+    /// A hit on `site`, found at `addr` in the read section `guard`.
+    #[inline(always)]
     fn hit<'r>(
         &'r self,
+        site: &Site,
         addr: u64,
+        guard: &RcuGuard<'_>,
         regs: &mut Regs,
         mem: &mut dyn DataMemory,
-        second_look: bool,
     ) -> HitOutcome<'r> {
-        let guard = self.rcu.read_in_trap();
-        let Some(site) = self.table.lookup(addr, &guard) else {
-            drop(guard);
-            if !self.breakpoint_at(addr) {
-                // Removed after the trap: the original instruction is back.
-                regs.ip = addr;
-                return HitOutcome::Vanished;
-            }
-            return if second_look {
-                self.hit(addr, regs, mem, false)
-            } else {
-                HitOutcome::NotOurs
-            };
-        };
-        let members = site.members(&guard);
+        let members = site.members(guard);
         // Before any slot: a removal marked before the epoch read is seen
         // below (`SiteExec::epoch`).
         let epoch = members.exec.epoch();
@@ -369,10 +388,15 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         let run_post = scope.is_some() && any_post;
         let exec = &*members.exec;
         if !run_post {
-            // Acquire pairs with the Release store in `set_detour`: the
-            // detour's bytes were written before its address.
-            let detour = exec.detour.load(Ordering::Acquire);
+            // Relaxed, then an acquire fence only for a detour found: the
+            // fence pairs with the Release store in `set_detour` (the
+            // detour's bytes were written before its address). Most sites
+            // have none (arm64 never has one), and their hits then pay no
+            // barrier (under qemu-user an acquire load is a locked host
+            // instruction; the fence's load-load ordering is not).
+            let detour = exec.detour.load(Ordering::Relaxed);
             if detour != 0 {
+                fence(Ordering::Acquire);
                 // The displaced instructions run from the site's jump
                 // detour, which jumps back past them by itself: no trap hit
                 // resumes inside bytes the optimizer rewrites. A fault there

@@ -11,12 +11,12 @@
 //! C library included, had to be refused as a probe target.
 //!
 //! Now the first thing the SIGTRAP handler and the trampoline's Rust half
-//! do is raise this flag (a `const` thread-local: an `fs:`-relative store,
-//! no C library, no lazy initialisation). A trap that finds it up is
-//! *nested* in the runtime's own work: it takes the **missed path**: the
-//! registry's handler flag is forced up for it ([`nested`]), so the hit
-//! runs no handler, counts `nmissed` and completes the displaced
-//! instruction out of line, never recursing.
+//! do is raise this flag (a `const` thread-local: a store relative to the
+//! thread pointer, no C library, no lazy initialisation). A trap that
+//! finds it up is *nested* in the runtime's own work: it takes the
+//! **missed path**: the registry's handler flag is forced up for it
+//! ([`nested`]), so the hit runs no handler, counts `nmissed` and completes
+//! the displaced instruction out of line, never recursing.
 //!
 //! # The boundary
 //!

@@ -63,11 +63,39 @@ fn mismatch(what: &'static str) -> ProbeError {
 
 /// Applies the effect of the emulated arm64 instruction `insn` to `regs` and
 /// `mem`, the PC included. See [`Arch::emulate`](super::super::Arch::emulate).
+///
+/// `b` and `bl`, the commonest simulated first instructions of a function,
+/// are applied here, inline in the hit path (no call, no jump table: under
+/// emulation every return is an indirect branch to look up); everything
+/// else, and every error, is [`emulate_any`]'s, with the same effect.
+#[inline(always)]
 pub(super) fn emulate(
     insn: &Insn,
     regs: &mut Regs,
     mem: &mut dyn DataMemory,
 ) -> Result<(), ProbeError> {
+    let (target, link) = match insn.class {
+        InsnClass::Emulated(Emulation::Jump { target }) => (target, None),
+        InsnClass::Emulated(Emulation::Call {
+            target,
+            return_addr,
+        }) => (target, Some(return_addr)),
+        _ => return emulate_any(insn, regs, mem),
+    };
+    if insn.bytes().len() != 4 {
+        return emulate_any(insn, regs, mem);
+    }
+    if let Some(return_addr) = link {
+        write_x(regs, X30, return_addr);
+    }
+    regs.flags &= !BTYPE_MASK;
+    regs.ip = target;
+    Ok(())
+}
+
+/// [`emulate`] of any instruction: the general case, out of line.
+#[inline(never)]
+fn emulate_any(insn: &Insn, regs: &mut Regs, mem: &mut dyn DataMemory) -> Result<(), ProbeError> {
     let InsnClass::Emulated(effect) = insn.class else {
         return Err(mismatch(
             "arm64 emulate of an instruction that is not emulated",
