@@ -17,8 +17,8 @@
 //! - The detour's hit path:
 //!   [`UprobeRegistry::on_jump_hit`](crate::probes::uprobe::UprobeRegistry::on_jump_hit)
 //!   in the registry's `Rcu` read section. Uretprobes hijack the return on
-//!   entry without a trap; the return itself still traps on the space's
-//!   trampoline.
+//!   entry without a trap; the return lands in the shared assembly
+//!   trampoline, without a trap too (`uprobes.rs`, "Returns").
 //! - The registry calls the optimizer's hook before it writes or restores
 //!   a breakpoint (not in text just mapped or already gone: the loader's
 //!   thread calls those inside a read section) or adds a consumer that
