@@ -842,3 +842,114 @@ fn a_uretprobe_on_a_recursive_function_sees_every_level() {
     live().unregister(key, &c).unwrap();
     lib.close();
 }
+
+/// The fork-during-a-pass test's rendezvous: the pass paused with its lock
+/// held, the fork handler about to take that lock. `SeqCst` throughout:
+/// flags of one test, read in loops, nothing else published through them.
+static PASS_PAUSED: AtomicU64 = AtomicU64::new(0);
+static FORK_WAITING: AtomicU64 = AtomicU64::new(0);
+/// Whether the paused pass saw the fork handler arrive (within its bound).
+static PASS_SAW_FORK: AtomicU64 = AtomicU64::new(0);
+
+/// The pass hook: the first pass after it is set pauses until the fork
+/// handler is about to take the pass lock (bounded: without the handler's
+/// hold the fork never tells, and the pass goes on after 20 s).
+fn pause_pass_until_fork() {
+    if PASS_PAUSED.swap(1, Ordering::SeqCst) != 0 {
+        return;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while FORK_WAITING.load(Ordering::SeqCst) == 0 {
+        if std::time::Instant::now() > deadline {
+            return;
+        }
+        std::thread::yield_now();
+    }
+    PASS_SAW_FORK.store(1, Ordering::SeqCst);
+}
+
+fn note_fork_waiting() {
+    FORK_WAITING.store(1, Ordering::SeqCst);
+}
+
+/// A `fork` while a uprobe optimizer pass is under way (paused by a test
+/// hook with its pass lock held, the fork started once it is): the fork
+/// handler waits for the pass (it holds the pass lock and the optimizer's
+/// state lock across the fork), so the child finds them free and can run
+/// a pass that optimizes a uprobe it registers, count through it, and
+/// unregister both uprobes, the text back to the file's bytes. Were the
+/// lock left held, the child's pass would wait for good (its alarm kills
+/// it and the test fails).
+#[test]
+fn a_fork_during_a_uprobe_pass_leaves_the_child_able_to_optimize_and_unregister() {
+    use rcu_registry::__internals::runtime::uprobe_jump::{set_fork_hook, set_pass_hook};
+    let _g = serial();
+    let so = dl_support::build_so(
+        "jumpuprobes",
+        "libjupforkpass.so",
+        &dl_support::add_k_source(&[("fx_add3", 3), ("fx_add5", 5)]),
+        &[],
+    );
+    let lib = Lib::open(&so);
+    let (f3, f5) = (lib.func(c"fx_add3"), lib.func(c"fx_add5"));
+    let c = counted(Arc::new(AtomicU64::new(0)), Vec::new(), false);
+    let key = register_add3(&so, &c.consumer);
+    PASS_PAUSED.store(0, Ordering::SeqCst);
+    FORK_WAITING.store(0, Ordering::SeqCst);
+    PASS_SAW_FORK.store(0, Ordering::SeqCst);
+    set_fork_hook(Some(note_fork_waiting));
+    set_pass_hook(Some(pause_pass_until_fork));
+    let (pid, report) = std::thread::scope(|s| {
+        let pass = s.spawn(|| live().optimize_now());
+        while PASS_PAUSED.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        // SAFETY: the child works through `live()`, then leaves by _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // A lock left held would make the child wait for good.
+            // SAFETY: a watchdog alarm for the child alone.
+            unsafe { libc::alarm(30) };
+            let five = counted(Arc::new(AtomicU64::new(0)), Vec::new(), false);
+            let k5 = live()
+                .register(
+                    &UprobeTarget::symbol(so.to_str().unwrap(), "fx_add5"),
+                    &five.consumer,
+                )
+                .unwrap()
+                .key();
+            let _ = live().optimize_now();
+            let mut ok = live().is_optimized(k5) && live().is_optimized(key);
+            ok &= f5(1) == 6 && load(&five.hits) == 1;
+            ok &= live().unregister(k5, &five.consumer).is_ok();
+            ok &= live().unregister(key, &c.consumer).is_ok();
+            ok &= code_at(f3 as usize as u64, ADD3.len()) == ADD3;
+            ok &= f3(1) == 4 && f5(1) == 6;
+            // SAFETY: ends the child without the parent's exit hooks.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        (pid, pass.join().unwrap())
+    });
+    set_pass_hook(None);
+    set_fork_hook(None);
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child could not optimize and unregister: status {status:#x} (signal {})",
+        libc::WTERMSIG(status)
+    );
+    assert_eq!(
+        load(&PASS_SAW_FORK),
+        1,
+        "the fork handler did not wait for the paused pass ({report:?})"
+    );
+    assert!(live().is_optimized(key), "the parent's pass: {report:?}");
+    assert_eq!(f3(1), 4);
+    assert_eq!(load(&c.hits), 1, "the child's calls are the child's");
+    live().unregister(key, &c.consumer).unwrap();
+    assert_eq!(code_at(f3 as usize as u64, ADD3.len()), ADD3);
+    lib.close();
+}

@@ -117,8 +117,11 @@
 //! - `fork()`: detours live in their own [`XolArea`], whose chunks the
 //!   `fork` handlers copy for the child like every XOL chunk; every detour
 //!   write and every optimizer state change happens under the registry's
-//!   writer mutex, which the handlers hold across the fork. Not tested in
-//!   a child yet.
+//!   writer mutex, which the handlers hold across the fork (for the live
+//!   uprobes: the pass lock, then the state lock, which their hook takes
+//!   alone; `fork.rs`), so a fork waits for a pass under way and the child
+//!   finds both free (`tests/runtime_jump_uprobes.rs` forks during a
+//!   paused uprobe pass).
 //! - The refused ranges (`refuse.rs`) do not list the stubs and the Rust
 //!   half yet: a kprobe on them takes the trap path, which serves it, but
 //!   it is not refused.
@@ -183,6 +186,11 @@ struct State {
     /// waits); the hook takes them back.
     pending: BTreeMap<u64, Pending>,
 }
+
+/// The optimizer's state lock, held across a `fork`
+/// ([`JumpOptimizer::hold_state_for_fork`]); dropped in the parent and
+/// the child alike.
+pub(crate) struct StateHold<'a>(#[allow(dead_code)] std::sync::MutexGuard<'a, State>);
 
 /// A site of the pass under way, between steps 2 and 5.
 #[derive(Debug)]
@@ -264,6 +272,13 @@ impl JumpOptimizer {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the state lock for the `fork` handlers (`fork.rs`): the live
+    /// uprobes' hook takes it without the pass lock, so holding the pass
+    /// lock alone does not keep it free at the fork.
+    pub(crate) fn hold_state_for_fork(&self) -> StateHold<'_> {
+        StateHold(self.lock())
     }
 
     /// Whether optimization is on (the global opt-out).

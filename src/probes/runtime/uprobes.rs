@@ -105,13 +105,18 @@
 //! trap handler, so its hits are handled and counted (the space keeps its
 //! id). A registration in the child while another thread of the parent was
 //! inside a uprobe registry operation at the fork may wait for good (the
-//! uprobe registry's locks are not taken across `fork`). `exec` replaces
-//! the image: out of scope.
+//! uprobe registry's locks are not taken across `fork`). The optimizer's
+//! pass lock and state lock are (x86_64, `fork.rs`): a fork waits for a
+//! pass under way, and the child can optimize and unregister. `exec`
+//! replaces the image: out of scope.
 
 mod disk;
 #[cfg(target_arch = "x86_64")]
-mod jump;
+pub(crate) mod jump;
 mod space;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use self::jump::{hold_for_fork, ForkHold};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -228,6 +233,12 @@ impl LiveUprobes {
         let built = Self::build().map_err(LiveUprobesError);
         let _ = GLOBAL.set(built.clone());
         built
+    }
+
+    /// The live uprobes if they are built (never builds them).
+    #[cfg(target_arch = "x86_64")]
+    fn built() -> Option<&'static LiveUprobes> {
+        GLOBAL.get()?.as_ref().ok().copied()
     }
 
     fn build() -> Result<&'static LiveUprobes, String> {
