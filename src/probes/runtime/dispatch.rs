@@ -704,7 +704,10 @@ pub fn steps_in_flight() -> usize {
 /// address stands: a later claimant (an abandoned frame at the same stack
 /// pointer, which only one of two can be) runs its handlers but does not
 /// move the return. A miss costs each dispatcher a lookup of this thread's
-/// instances (the live uprobes: one thread-local table scan, no lock).
+/// instances (the live uprobes: one thread-local load when the thread
+/// holds no uprobe return stack, measured at about 2 ns beside the old
+/// answer; the kprobe registry: one stripe lock, about 20 ns:
+/// `benches/live_uprobe.rs`, `return_miss_*`).
 pub(crate) fn dispatch_return(regs: &mut Regs) -> bool {
     let _guard = Rcu::global().read();
     let mut to = None;

@@ -675,9 +675,9 @@ impl TrapDispatcher for LiveUprobes {
 
     fn on_return(&'static self, regs: &mut Regs) -> bool {
         // x86_64: the space's trampoline is the shared assembly trampoline,
-        // which asks every dispatcher (`dispatch_return`). A miss (no frame
-        // of this thread for this stack pointer: a kretprobe's return) is
-        // a scan of the thread's binding table, no lock. arm64: uprobe
+        // which asks every dispatcher (`dispatch_return`). A miss (a
+        // kretprobe's return) is one thread-local load while the thread
+        // holds no uprobe return stack (`uprobe/bindings.rs`). arm64: uprobe
         // returns trap on the space's own trampoline (`on_breakpoint`).
         !TRAPPING_RETURNS
             && matches!(

@@ -323,6 +323,11 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     }
 
     fn returning<const TRAP: bool>(&self, space: SpaceId, regs: &mut Regs) -> ReturnOutcome {
+        // No stack held: not a tracked return of this thread (the live
+        // runtime's kretprobe returns ask here too), one thread-local load.
+        if !bindings::holds_any() {
+            return ReturnOutcome::NotOurs;
+        }
         // Before the stack: see `probes/reentry.rs`.
         let scope = UprobeScope::enter();
         let sp = regs.sp;
