@@ -11,7 +11,8 @@
 //! trampoline with no trap (four threads, counted exactly, in a child that
 //! blocks SIGTRAP, with the trap path as the control); a uretprobe and a
 //! kretprobe on one return (tail calls, both orders); a uretprobe on a
-//! recursive function. The racing stress is
+//! recursive function; a uretprobe frame left by `longjmp`; a fork during
+//! a paused optimizer pass. The racing stress is
 //! `runtime_jump_uprobes_stress.rs`.
 
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
@@ -840,6 +841,56 @@ fn a_uretprobe_on_a_recursive_function_sees_every_level() {
     assert_eq!(live().registry().nmissed(key), 0);
     assert_eq!(live().registry().return_depth(live().space_id()), 0);
     live().unregister(key, &c).unwrap();
+    lib.close();
+}
+
+/// A uretprobe on a function left by `longjmp`: the abandoned frame stays
+/// on the thread's return stack until the next tracked entry at the same
+/// depth drops it; the calls that return run the handler once each, and
+/// nothing is left after.
+#[test]
+fn a_uretprobe_frame_left_by_longjmp_is_dropped_by_the_next_entry() {
+    let _g = serial();
+    let so = dl_support::build_so(
+        "jumpuprobes",
+        "libjuplongjmp.so",
+        "#include <setjmp.h>\n\
+         static jmp_buf jb;\n\
+         __attribute__((noinline)) int fx_leave(int x) {\n\
+         \x20   if (x < 0) longjmp(jb, 1);\n\
+         \x20   return x + 3;\n\
+         }\n\
+         __attribute__((noinline)) int fx_try(int x) {\n\
+         \x20   if (setjmp(jb)) return -1;\n\
+         \x20   return fx_leave(x);\n\
+         }\n",
+        &["-fno-optimize-sibling-calls"],
+    );
+    let lib = Lib::open(&so);
+    let try_ = lib.func(c"fx_try");
+    let r = returns(false);
+    let key = live()
+        .register(
+            &UprobeTarget::symbol(so.to_str().unwrap(), "fx_leave"),
+            &r.consumer,
+        )
+        .unwrap()
+        .key();
+    let report = live().optimize_now();
+    eprintln!(
+        "fx_leave optimized {} ({report:?})",
+        live().is_optimized(key)
+    );
+    let depth = || live().registry().return_depth(live().space_id());
+    for round in 0..3 {
+        assert_eq!(try_(-1), -1, "round {round}");
+        assert_eq!(depth(), 1, "round {round}: the abandoned frame");
+        assert_eq!(try_(4), 7, "round {round}");
+        assert_eq!(depth(), 0, "round {round}: dropped by the entry");
+    }
+    assert_eq!(load(&r.rets), 3, "only the calls that returned");
+    assert_eq!(load(&r.sum), 21);
+    live().unregister(key, &r.consumer).unwrap();
     lib.close();
 }
 
