@@ -19,37 +19,37 @@
 //! again, the re-check (still pending, still its `int3`; otherwise the cell
 //! cleared and the detour retired), then the `jmp` (one compare-and-swap
 //! from `int3`: `InProcess` refuses a write over bytes the writer did not
-//! expect). The unregistering thread: the hook (locked: a pending site is
-//! taken back, its detour retired; an optimized one is put back on the
-//! trap path, its detour retired), then, unlocked, the original byte over
+//! expect; the tail and the first byte, written under one hold of the
+//! lock, are one step here). The unregistering thread: the hook (locked: a
+//! pending site is taken back, its detour retired; an optimized one is put
+//! back on the trap path, its detour retired), then the original byte over
 //! the `int3` (a compare-and-swap: finding a `jmp` there is a failed
 //! restore, which the registry ignores, leaving the `jmp` and dropping its
-//! records). Checked: the restore never finds a `jmp`; no `jmp` is written
-//! to a retired detour; a detour is retired at most once; the cell ends
-//! clear.
+//! records), written with the lock still held
+//! (`JumpHook::to_trap_path_held`, as `uprobe/install.rs` does) or, the
+//! old protocol, after it is released. Checked: the restore never finds a
+//! `jmp`; no `jmp` is written to a retired detour; a detour is retired at
+//! most once; the cell ends clear.
 //!
-//! Three tests:
+//! Four tests:
 //!
 //! - the hook runs while the pass waits (the site pending before the
-//!   writer starts, the design point the docs describe): every order is
-//!   safe;
+//!   writer starts): every order is safe;
+//! - any order (the pass may mark the site pending after the hook ran:
+//!   its candidates collected before it), the restore written under the
+//!   hook's hold: every order is safe;
 //! - the mutation, the pass writing its `jmp` without the pending
 //!   re-check, is caught (`should_panic`);
-//! - **a finding**: with the pass free to mark the site pending *after*
-//!   the hook ran (its candidates collected before the hook, the
-//!   registry's restore not yet done), the re-check passes (the site is
+//! - the old protocol, the restore written after the hook released the
+//!   lock, is caught (`should_panic`): the re-check passes (the site is
 //!   pending, its `int3` still there) and the pass writes its `jmp` before
-//!   the restore; the model reports the failed restore. The runtime has
-//!   the same window (`uprobe/install.rs`, `finish_removals`: hook, then
-//!   `write_many` with its result ignored, then the records dropped), open
-//!   for as long as the unregistering thread is held between its hook and
-//!   its restore while a pass that collected its candidates before the
-//!   hook runs its grace period and quiescence wait. Not fixed yet: the
-//!   hook would have to keep the state lock until the registry's restore
-//!   is written (a guard returned by `to_trap_path`), or mark the range so
-//!   a pass skips it until its records are gone. The test is
-//!   `should_panic` with the message, so it fails once the protocol (and
-//!   this model of it) closes the window.
+//!   the restore. This model found that window in the runtime
+//!   (`finish_removals` and `unprepare` called the hook, released it, and
+//!   then restored the bytes); in the runtime a pass in it could also
+//!   write its tail under the `int3` before the registry's restore put the
+//!   original first byte back: the original byte before a `jmp`'s
+//!   displacement, executed until the pass's failed first-byte write put
+//!   the tail back. Now the hook's hold covers the restore.
 //!
 //! What it does NOT cover: the quiescence wait and the core syncs (the
 //! `jump_opt.rs` model has them), the detour's contents and reclaim, more
@@ -160,8 +160,9 @@ impl Site {
         self.recheck_and_write(recheck);
     }
 
-    /// Unregistration: the hook, then the original byte back.
-    fn unregister(&self) {
+    /// Unregistration: the hook, then the original byte back, under the
+    /// hook's hold of the lock (`held`) or after it.
+    fn unregister(&self, held: bool) {
         {
             let mut st = self.state.lock().unwrap();
             if st.pending {
@@ -178,9 +179,16 @@ impl Site {
                 self.cell.store(false, Ordering::Release);
                 self.retire();
             }
+            if held {
+                self.restore();
+                return;
+            }
         }
-        // The registry restores the byte after the hook, the state
-        // unlocked (its own stripe held), expecting its `int3`.
+        self.restore();
+    }
+
+    /// The registry's restore, expecting its `int3`.
+    fn restore(&self) {
         let restored = self
             .byte0
             .compare_exchange(INT3, ORIG, Ordering::SeqCst, Ordering::SeqCst);
@@ -205,7 +213,7 @@ enum Order {
     Free,
 }
 
-fn run(order: Order, recheck: bool) {
+fn run(order: Order, recheck: bool, held: bool) {
     model(move || {
         let site = Arc::new(Site {
             rcu: ModelDomain::new(),
@@ -223,7 +231,7 @@ fn run(order: Order, recheck: bool) {
             Order::Free => thread::spawn(move || p.pass(recheck)),
         };
         let hit = thread::spawn(move || h.trap_hit());
-        site.unregister();
+        site.unregister(held);
         pass.join().unwrap();
         hit.join().unwrap();
         assert_eq!(site.byte0.load(Ordering::SeqCst), ORIG);
@@ -233,19 +241,24 @@ fn run(order: Order, recheck: bool) {
 
 #[test]
 fn a_site_taken_back_while_the_pass_waits_unlocked_gets_no_jmp() {
-    run(Order::PendingFirst, true);
+    run(Order::PendingFirst, true, true);
+}
+
+#[test]
+fn a_pass_pending_after_the_hook_writes_nothing_before_a_held_restore() {
+    run(Order::Free, true, true);
 }
 
 #[test]
 #[should_panic(expected = "retired")]
 fn the_model_catches_a_jmp_written_without_the_pending_recheck() {
-    run(Order::PendingFirst, false);
+    run(Order::PendingFirst, false, true);
 }
 
-/// The finding (module docs): a pass that marks the site pending after
-/// the hook writes its `jmp` before the registry's restore.
+/// The window the model found (module docs): the restore after the hook
+/// released the lock.
 #[test]
 #[should_panic(expected = "the unregistration found a jmp")]
-fn a_pass_pending_after_the_hook_can_write_its_jmp_before_the_restore() {
-    run(Order::Free, true);
+fn the_model_catches_a_restore_written_after_the_hook_let_go() {
+    run(Order::Free, true, false);
 }

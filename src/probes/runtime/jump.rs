@@ -28,7 +28,11 @@
 //! *pending* meanwhile: a hook that meets one takes it back (its resume
 //! cell cleared, its detour retired) and the pass leaves it alone; before
 //! step 5 the pass checks, locked again, that the site still has its
-//! `int3`. The shared pieces the two registries give the optimizer (the
+//! `int3`. A uprobe writer that restores original bytes keeps the state
+//! lock from its hook until they are written (`to_trap_path_held`): a pass
+//! that collected the site before the hook could otherwise mark it pending
+//! after it, pass that check and write its tail or `jmp` before the
+//! restore (found by `loom-tests/tests/uprobe_jump_pass.rs`). The shared pieces the two registries give the optimizer (the
 //! hook, the candidate, the resume cell) are `probes/jump_sites.rs`.
 //!
 //! # When a site is optimized
@@ -153,7 +157,7 @@ use super::xol::{XolArea, XolStats};
 use crate::probes::arch::x86_64::jump::{
     analyze_jump_site, JumpRefusal, JumpSite, JUMP_LEN, MAX_DISPLACED,
 };
-use crate::probes::jump_sites::{DetourCell, JumpCandidate, JumpHook};
+use crate::probes::jump_sites::{DetourCell, JumpCandidate, JumpHold, JumpHook};
 use crate::probes::resolve::SymbolResolver;
 use crate::probes::text::{TextIdentity, TextMemory};
 use crate::sync::atomic::{AtomicBool, Ordering};
@@ -735,6 +739,21 @@ impl JumpOptimizer {
 impl JumpHook for JumpOptimizer {
     fn to_trap_path(&self, range: Range<u64>, add_post: bool) {
         let mut st = self.lock();
+        self.to_trap_path_locked(&mut st, range, add_post);
+    }
+
+    fn to_trap_path_held(&self, ranges: &[Range<u64>]) -> JumpHold<'_> {
+        let mut st = self.lock();
+        for r in ranges {
+            self.to_trap_path_locked(&mut st, r.clone(), false);
+        }
+        JumpHold::new(st)
+    }
+}
+
+impl JumpOptimizer {
+    /// [`JumpHook::to_trap_path`] with the state locked.
+    fn to_trap_path_locked(&self, st: &mut State, range: Range<u64>, add_post: bool) {
         // Pending sites of a pass under way (waiting unlocked): back to
         // completing their first instruction themselves; the pass leaves
         // them alone when it resumes.
@@ -764,7 +783,7 @@ impl JumpHook for JumpOptimizer {
             .collect();
         for a in hit {
             if let Some(o) = st.optimized.remove(&a) {
-                self.unoptimize(&mut st, o, add_post);
+                self.unoptimize(st, o, add_post);
             }
         }
     }
