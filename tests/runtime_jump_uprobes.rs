@@ -11,8 +11,8 @@
 //! trampoline with no trap (four threads, counted exactly, in a child that
 //! blocks SIGTRAP, with the trap path as the control); a uretprobe and a
 //! kretprobe on one return (tail calls, both orders); a uretprobe on a
-//! recursive function; a uretprobe frame left by `longjmp`; a fork during
-//! a paused optimizer pass. The racing stress is
+//! recursive function; a uretprobe frame left by `longjmp`; a thread that
+//! exits inside a uretprobed call; a fork during a paused optimizer pass. The racing stress is
 //! `runtime_jump_uprobes_stress.rs`.
 
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
@@ -890,6 +890,66 @@ fn a_uretprobe_frame_left_by_longjmp_is_dropped_by_the_next_entry() {
     }
     assert_eq!(load(&r.rets), 3, "only the calls that returned");
     assert_eq!(load(&r.sum), 21);
+    live().unregister(key, &r.consumer).unwrap();
+    lib.close();
+}
+
+/// A thread that exits (`pthread_exit`) inside a uretprobed call: its
+/// return stack goes back to the pool at its exit (the unwinder stops at
+/// the hijacked return address, the assembly trampoline, which has no
+/// unwind information, and the thread ends there), no return handler runs
+/// for it, and a later call on another thread returns through the
+/// trampoline as usual.
+#[test]
+fn a_thread_exiting_inside_a_uretprobed_call_gives_its_return_stack_back() {
+    let _g = serial();
+    let so = dl_support::build_so(
+        "jumpuprobes",
+        "libjupexit.so",
+        "#include <pthread.h>\n\
+         __attribute__((noinline)) int fx_quit(int x) {\n\
+         \x20   if (x < 0) pthread_exit(0);\n\
+         \x20   return x + 3;\n\
+         }\n\
+         static void *fx_body(void *a) {\n\
+         \x20   static volatile int out;\n\
+         \x20   out = fx_quit((int)(long)a);\n\
+         \x20   return 0;\n\
+         }\n\
+         int fx_thread(int x) {\n\
+         \x20   pthread_t t;\n\
+         \x20   if (pthread_create(&t, 0, fx_body, (void *)(long)x)) return -1;\n\
+         \x20   return pthread_join(t, 0);\n\
+         }\n",
+        &["-pthread"],
+    );
+    let lib = Lib::open(&so);
+    let spawn = lib.func(c"fx_thread");
+    let r = returns(false);
+    let key = live()
+        .register(
+            &UprobeTarget::symbol(so.to_str().unwrap(), "fx_quit"),
+            &r.consumer,
+        )
+        .unwrap()
+        .key();
+    let report = live().optimize_now();
+    eprintln!(
+        "fx_quit optimized {} ({report:?})",
+        live().is_optimized(key)
+    );
+    let in_use = || live().registry().return_stacks_in_use(live().space_id());
+    let before = in_use();
+    for round in 0..3 {
+        assert_eq!(spawn(-1), 0, "round {round}");
+        assert_eq!(in_use(), before, "round {round}: the exit gave it back");
+        assert_eq!(load(&r.rets), round, "no handler for a call never returned");
+        assert_eq!(spawn(4), 0, "round {round}");
+        assert_eq!(load(&r.rets), round + 1);
+        assert_eq!(in_use(), before);
+    }
+    assert_eq!(load(&r.sum), 3 * 7);
+    assert_eq!(live().registry().nmissed(key), 0);
     live().unregister(key, &r.consumer).unwrap();
     lib.close();
 }
