@@ -44,6 +44,17 @@
 //!    `LiveUprobes::optimize_now` (`uprobe_jump`); paired against the
 //!    unprobed copy, the cost each adds per call. Runs in section 1.
 //!
+//! 5. **Uretprobe entry + return** (`live_uprobe_hit/uretprobe_trap6`,
+//!    `live_uprobe_hit/uretprobe_jump`): a return handler on the 6-byte
+//!    function of (4), its entry on the trap path (a consumer that opts
+//!    out of the optimizer) and jump-optimized; the return lands in the
+//!    assembly return trampoline in both (x86_64: no trap on return).
+//!    Paired against the unprobed copy. Runs in section 1. Beside it
+//!    (`return_miss_uprobes`, `return_miss_kprobes`): what a return into
+//!    the shared trampoline costs a dispatcher it is not for (each is
+//!    asked), the live uprobes' on every kretprobe return and the kprobe
+//!    registry's on every uretprobe return.
+//!
 //! Diagnostics beside them: `raw_int3_before_uprobes` and
 //! `kprobe_before_uprobes` (the same two before `LiveUprobes::global()`
 //! sets up the loader watch and the uprobe dispatcher),
@@ -62,7 +73,7 @@
 //! libraries go to `<tmp>/rcu-registry-live_uprobe-<pid>/` (removed at the end).
 //! `LIVE_UPROBE_GEN=0` skips the generated 10,000- and 100,000-function
 //! libraries; `LIVE_UPROBE_ONLY=dlopen` runs section 3 alone,
-//! `LIVE_UPROBE_ONLY=hit` sections 1 and 4 alone. Run:
+//! `LIVE_UPROBE_ONLY=hit` sections 1, 4 and 5 alone. Run:
 //! `cargo bench --bench live_uprobe` (its own short criterion times).
 
 #[path = "../tests/dl_support/mod.rs"]
@@ -84,8 +95,9 @@ use samples::{median_ns, record};
 
 use criterion::{Criterion, SamplingMode};
 use object::{Object, ObjectSymbol, SymbolKind};
+use rcu_registry::probes::arch::Regs;
 use rcu_registry::probes::kprobe::{Action, Kprobe};
-use rcu_registry::probes::runtime::{Live, LiveUprobes};
+use rcu_registry::probes::runtime::{Live, LiveUprobes, TrapDispatcher};
 use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeKey, UprobeTarget};
 
 // The raw-trap peer: an `int3`, then the fixture's body.
@@ -186,6 +198,45 @@ fn jump_hit_benches(c: &mut Criterion, live: &LiveUprobes, so: &Path, lib: &Lib)
     let hits = up.hits();
     live.unregister(key, &up).unwrap();
     assert!(hits > 0);
+    [(trap.0 + jump.0) / 2.0, trap.1, jump.1]
+}
+
+/// A uretprobe's entry and return on the 6-byte fixture (section 5): its
+/// entry on the trap path (`uretprobe_trap6`: a consumer that opts out of
+/// the optimizer) and jump-optimized (`uretprobe_jump`), each return
+/// through the return trampoline (the assembly one on x86_64: no trap).
+/// Returns the paired medians (ns per call) of the unprobed copy, the
+/// trap-entry uretprobe and the optimized one.
+fn uretprobe_benches(c: &mut Criterion, live: &LiveUprobes, so: &Path, lib: &Lib) -> [f64; 3] {
+    let (plain6, upj) = (func(lib, "lu_plain6"), func(lib, "lu_upj"));
+    let target = UprobeTarget::symbol(so.to_str().unwrap(), "lu_upj");
+    let mut run = |opt_out: bool, id: &'static str| {
+        let ret = Consumer::builder()
+            .ret_handler(|r, _| {
+                black_box(r.retval);
+            })
+            .jump_opt_out(opt_out)
+            .build();
+        let key = live.register(&target, &ret).unwrap().key();
+        let r = live.optimize_now();
+        assert_eq!(
+            live.is_optimized(key),
+            !opt_out,
+            "lu_upj: {:?} ({r:?})",
+            live.jump_refusal(key)
+        );
+        hit_bench(c, id, upj);
+        let p = paired(
+            || call_loop(plain6, PAIRED_CALLS),
+            || call_loop(upj, PAIRED_CALLS),
+        );
+        let rets = ret.ret_hits();
+        live.unregister(key, &ret).unwrap();
+        assert!(rets > 0);
+        p
+    };
+    let trap = run(true, "uretprobe_trap6");
+    let jump = run(false, "uretprobe_jump");
     [(trap.0 + jump.0) / 2.0, trap.1, jump.1]
 }
 
@@ -584,6 +635,29 @@ fn main() {
     kprobes.unregister(&kp).unwrap();
     // The optimized uprobe beside the trap one.
     let [p6, trap6, jump6] = jump_hit_benches(&mut c, live, &hit_so, &lib);
+    let [rp6, rtrap6, rjump6] = uretprobe_benches(&mut c, live, &hit_so, &lib);
+    // What the shared return trampoline costs each return in a dispatcher
+    // it is not for (every attached one is asked): a miss, no frame of
+    // this thread at this stack pointer.
+    let miss = |c: &mut Criterion, id: &'static str, d: &'static dyn TrapDispatcher| {
+        let mut g = c.benchmark_group("live_uprobe_hit");
+        g.bench_function(id, |b| {
+            b.iter_custom(|iters| {
+                let mut regs = Regs {
+                    sp: 0x1000,
+                    ..Regs::default()
+                };
+                let t0 = Instant::now();
+                for _ in 0..iters {
+                    black_box(d.on_return(black_box(&mut regs)));
+                }
+                record(&format!("hit/{id}"), t0.elapsed(), iters)
+            })
+        });
+        g.finish();
+    };
+    miss(&mut c, "return_miss_uprobes", live);
+    miss(&mut c, "return_miss_kprobes", kprobes);
     let m = |id: &str| median_ns(id);
     let jump_summary = || {
         println!(
@@ -602,6 +676,24 @@ fn main() {
                 "  hit, 6-byte function: plain {p:.1} ns, trap uprobe {t:.1} ns, \
                  jump-optimized uprobe {j:.1} ns (+{:.1} ns per call)",
                 j - p
+            );
+        }
+        println!(
+            "  paired ({PAIRED_ROUNDS} rounds of {PAIRED_CALLS} calls), uretprobe entry + return, \
+             6-byte function: unprobed {rp6:.1} ns, trap entry {rtrap6:.1} ns (+{:.1} ns per \
+             call), jump-optimized entry {rjump6:.1} ns (+{:.1} ns per call); returns through \
+             the assembly trampoline (no trap) in both",
+            rtrap6 - rp6,
+            rjump6 - rp6
+        );
+        if let (Some(t), Some(j)) = (m("hit/uretprobe_trap6"), m("hit/uretprobe_jump")) {
+            println!("  uretprobe entry + return: trap entry {t:.1} ns, jump-optimized {j:.1} ns");
+        }
+        if let (Some(u), Some(k)) = (m("hit/return_miss_uprobes"), m("hit/return_miss_kprobes")) {
+            println!(
+                "  a return asked of a dispatcher it is not for: live uprobes {u:.1} ns (what \
+                 each kretprobe return now adds), kprobe registry {k:.1} ns (each uretprobe \
+                 return)"
             );
         }
     };

@@ -198,4 +198,11 @@ pub mod runtime {
     pub mod poke {
         pub use crate::probes::runtime::poke::{load_byte, store_byte};
     }
+
+    /// The live uprobes' optimizer hooks: a pass paused with its lock held,
+    /// a `fork` handler about to take that lock.
+    #[cfg(target_arch = "x86_64")]
+    pub mod uprobe_jump {
+        pub use crate::probes::runtime::uprobes::jump::{set_fork_hook, set_pass_hook};
+    }
 }

@@ -7,7 +7,13 @@
 //! path; a fork child counts; with the optimizer off the trap path stays;
 //! a return handler on an optimized entry; a `dlopen` and a registration
 //! while a pass waits for its grace period wait for nothing; the
-//! background pass. The racing stress is `runtime_jump_uprobes_stress.rs`.
+//! background pass; an optimized uretprobe's return through the assembly
+//! trampoline with no trap (four threads, counted exactly, in a child that
+//! blocks SIGTRAP, with the trap path as the control); a uretprobe and a
+//! kretprobe on one return (tail calls, both orders); a uretprobe on a
+//! recursive function; a uretprobe frame left by `longjmp`; a thread that
+//! exits inside a uretprobed call; a fork during a paused optimizer pass. The racing stress is
+//! `runtime_jump_uprobes_stress.rs`.
 
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
@@ -406,8 +412,8 @@ fn with_the_optimizer_off_a_uprobe_stays_on_the_trap_path() {
 }
 
 /// A return handler on an optimized entry: the entry hijacks the return
-/// without a trap (the return itself traps on the trampoline), and every
-/// call's return value is seen once.
+/// without a trap (the return lands in the assembly trampoline), and
+/// every call's return value is seen once.
 #[test]
 fn a_return_handler_on_an_optimized_entry_sees_every_return() {
     let _g = serial();
@@ -574,5 +580,487 @@ fn a_kprobe_inside_an_optimized_uprobes_displaced_bytes_is_refused() {
     assert_eq!(load(&c.hits), 1);
     live().unregister(key, &c.consumer).unwrap();
     assert_eq!(code_at(at, ADD3.len()), ADD3);
+    lib.close();
+}
+
+/// The return trampoline of the live uprobes is the kretprobes' assembly
+/// trampoline (a return without a trap).
+fn returns_through_the_assembly_trampoline() {
+    use rcu_registry::probes::uprobe::AddressSpace;
+    assert_eq!(
+        live().space().return_trampoline(),
+        Some(rcu_registry::probes::runtime::trampoline_address()),
+        "the uprobe space's trampoline is the assembly one"
+    );
+}
+
+/// Runs `body` in a fork child whose threads have SIGTRAP blocked: a trap
+/// then kills the child with SIGTRAP (the kernel unblocks a synchronous
+/// signal and resets its handler). The child's exit status: 0 if `body`
+/// returned true.
+fn in_child_without_traps(body: impl FnOnce() -> bool) -> libc::c_int {
+    // SAFETY: the child runs `body` and leaves with _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        // Threads this one starts inherit the mask.
+        // SAFETY: a set built from empty, SIGTRAP added, blocked here.
+        unsafe {
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTRAP);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        }
+        let ok = body();
+        // SAFETY: ends the child without the parent's exit hooks.
+        unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+    }
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    status
+}
+
+/// A return-handler consumer counting returns and summing the 32-bit
+/// return values.
+struct Returns {
+    rets: Arc<AtomicU64>,
+    sum: Arc<AtomicU64>,
+    consumer: Consumer,
+}
+
+fn returns(opt_out: bool) -> Returns {
+    let rets = Arc::new(AtomicU64::new(0));
+    let sum = Arc::new(AtomicU64::new(0));
+    let (r, s) = (Arc::clone(&rets), Arc::clone(&sum));
+    let consumer = Consumer::builder()
+        .ret_handler(move |ret, _regs| {
+            s.fetch_add(ret.retval as u32 as u64, Ordering::SeqCst);
+            r.fetch_add(1, Ordering::SeqCst);
+        })
+        .jump_opt_out(opt_out)
+        .build();
+    Returns {
+        rets,
+        sum,
+        consumer,
+    }
+}
+
+/// An optimized uretprobe: entry through the detour, return through the
+/// assembly trampoline, so neither takes a trap. Counted exactly from four
+/// threads (return values summed) in this process; then in a fork child
+/// whose threads block SIGTRAP, where any trap would kill the child, the
+/// same calls are counted exactly and the child lives. The control: the
+/// same child with the uprobe on the trap path (an opted-out consumer) is
+/// killed by SIGTRAP at the first call.
+#[test]
+fn an_optimized_uretprobe_returns_without_a_trap_from_four_threads() {
+    let _g = serial();
+    returns_through_the_assembly_trampoline();
+    let so = fixture("jupretnotrap");
+    let lib = Lib::open(&so);
+    let f = lib.func(c"fx_add3");
+    let r = returns(false);
+    let key = register_add3(&so, &r.consumer);
+    optimized(key);
+    const THREADS: i32 = 4;
+    const CALLS: i32 = 20_000;
+    let run = move || {
+        std::thread::scope(|s| {
+            let hs: Vec<_> = (0..THREADS)
+                .map(|t| {
+                    s.spawn(move || {
+                        (0..CALLS).all(|x| f(x + t) == x + t + 3)
+                            && live().registry().return_depth(live().space_id()) == 0
+                    })
+                })
+                .collect();
+            hs.into_iter().all(|h| h.join().unwrap())
+        })
+    };
+    let want_sum: u64 = (0..THREADS)
+        .flat_map(|t| (0..CALLS).map(move |x| (x + t + 3) as u64))
+        .sum();
+    let want = (THREADS * CALLS) as u64;
+    assert!(run(), "a wrong result or a frame left");
+    assert_eq!(load(&r.rets), want);
+    assert_eq!(load(&r.sum), want_sum, "every return value seen once");
+    assert_eq!(live().registry().nmissed(key), 0);
+    let (rets, sum) = (Arc::clone(&r.rets), Arc::clone(&r.sum));
+    let status = in_child_without_traps(|| {
+        let before = (load(&rets), load(&sum));
+        run() && load(&rets) == before.0 + want && load(&sum) == before.1 + want_sum
+    });
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child with SIGTRAP blocked: status {status:#x} (signal {})",
+        libc::WTERMSIG(status)
+    );
+    // The control: a trap-path entry in such a child is fatal.
+    let trap = returns(true);
+    assert_eq!(register_add3(&so, &trap.consumer), key);
+    assert!(
+        !live().is_optimized(key),
+        "the opt-out put it on the trap path"
+    );
+    let status = in_child_without_traps(|| f(1) == 4);
+    assert!(
+        libc::WIFSIGNALED(status) && libc::WTERMSIG(status) == libc::SIGTRAP,
+        "a trap with SIGTRAP blocked must kill the child: status {status:#x}"
+    );
+    live().unregister(key, &trap.consumer).unwrap();
+    live().unregister(key, &r.consumer).unwrap();
+    assert_eq!(code_at(f as usize as u64, ADD3.len()), ADD3);
+    lib.close();
+}
+
+/// `fx_inner(x) = x + 3` (the add-k bytes) and `fx_outer(x) =
+/// fx_inner(2x)` by a tail call: `add edi, edi; jmp fx_inner`, so both
+/// entries see the same return address slot.
+fn chain_fixture(name: &str) -> PathBuf {
+    dl_support::build_so(
+        "jumpuprobes",
+        &format!("lib{name}.so"),
+        "__asm__(\n\
+         \".text\\n.p2align 4\\n.globl fx_inner\\n.type fx_inner,@function\\nfx_inner:\\n\"\n\
+         \".Linner:\\n.byte 0x89, 0xf8, 0x83, 0xc0, 0x03, 0xc3\\n.size fx_inner, . - fx_inner\\n\"\n\
+         \".p2align 4\\n.globl fx_outer\\n.type fx_outer,@function\\nfx_outer:\\n\"\n\
+         \"add %edi, %edi\\njmp .Linner\\n.size fx_outer, . - fx_outer\\n\"\n);\n",
+        &[],
+    )
+}
+
+/// A uretprobe and a kretprobe on one call's return: a kretprobed function
+/// tail-calls a uretprobed one (the kretprobe hijacks the return first and
+/// the uprobe entry finds the trampoline already there), and the other
+/// way round. Both return handlers run once per call with the return
+/// value, the call returns to its caller with the right value, and
+/// neither leaves a frame behind.
+#[test]
+fn a_uretprobe_and_a_kretprobe_on_one_return_both_run() {
+    use rcu_registry::probes::kprobe::Kretprobe;
+    let _g = serial();
+    let so = chain_fixture("jupchain");
+    let lib = Lib::open(&so);
+    let (outer, inner) = (lib.func(c"fx_outer"), lib.func(c"fx_inner"));
+    let kreg = rcu_registry::probes::runtime::Live::global().registry();
+    for uprobe_outside in [false, true] {
+        let (ufn, kfn) = if uprobe_outside {
+            ("fx_outer", inner)
+        } else {
+            ("fx_inner", outer)
+        };
+        let r = returns(false);
+        let key = live()
+            .register(
+                &UprobeTarget::symbol(so.to_str().unwrap(), ufn),
+                &r.consumer,
+            )
+            .unwrap()
+            .key();
+        let ksum = Arc::new(AtomicU64::new(0));
+        let k2 = Arc::clone(&ksum);
+        let krp = Kretprobe::at(kfn as usize as u64)
+            .handler(move |_, _regs, ret| {
+                k2.fetch_add(ret as u32 as u64, Ordering::SeqCst);
+            })
+            .build()
+            .unwrap();
+        kreg.register(&krp).unwrap();
+        let report = live().optimize_now();
+        eprintln!(
+            "uprobe on {ufn}: optimized {} ({report:?})",
+            live().is_optimized(key)
+        );
+        const CALLS: i32 = 1000;
+        std::thread::scope(|s| {
+            for t in 0..2 {
+                s.spawn(move || {
+                    for x in 0..CALLS {
+                        assert_eq!(outer(x + t), 2 * (x + t) + 3);
+                    }
+                });
+            }
+        });
+        let want: u64 = (0..2)
+            .flat_map(|t| (0..CALLS).map(move |x| (2 * (x + t) + 3) as u64))
+            .sum();
+        assert_eq!(load(&r.rets), 2 * CALLS as u64, "uprobe on {ufn}");
+        assert_eq!(load(&r.sum), want, "uprobe on {ufn}");
+        assert_eq!(krp.returns(), 2 * CALLS as u64, "uprobe on {ufn}");
+        assert_eq!(load(&ksum), want, "uprobe on {ufn}");
+        assert_eq!((krp.nmissed(), krp.in_flight()), (0, 0));
+        assert_eq!(live().registry().nmissed(key), 0);
+        assert_eq!(live().registry().return_depth(live().space_id()), 0);
+        kreg.unregister(&krp).unwrap();
+        live().unregister(key, &r.consumer).unwrap();
+    }
+    assert_eq!(outer(1), 5);
+    lib.close();
+}
+
+/// A uretprobe on a recursive function: every level's return is seen with
+/// its own return value, innermost first, and the stack is empty after.
+#[test]
+fn a_uretprobe_on_a_recursive_function_sees_every_level() {
+    let _g = serial();
+    let so = dl_support::build_so(
+        "jumpuprobes",
+        "libjuprec.so",
+        "__attribute__((noinline)) int fx_rec(int n) {\n\
+         \x20   if (n <= 0) return 0;\n\
+         \x20   return n + fx_rec(n - 1);\n\
+         }\n",
+        &["-fno-optimize-sibling-calls"],
+    );
+    let lib = Lib::open(&so);
+    let f = lib.func(c"fx_rec");
+    // Level n returns n(n+1)/2; the innermost (n = 0) returns first.
+    let seen = Arc::new(AtomicU64::new(0));
+    let wrong = Arc::new(AtomicU64::new(0));
+    let (s2, w2) = (Arc::clone(&seen), Arc::clone(&wrong));
+    let c = Consumer::builder()
+        .ret_handler(move |ret, _regs| {
+            let n = s2.fetch_add(1, Ordering::SeqCst);
+            if ret.retval as u32 as u64 != n * (n + 1) / 2 {
+                w2.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .build();
+    let key = live()
+        .register(&UprobeTarget::symbol(so.to_str().unwrap(), "fx_rec"), &c)
+        .unwrap()
+        .key();
+    let report = live().optimize_now();
+    eprintln!("fx_rec optimized {} ({report:?})", live().is_optimized(key));
+    const DEPTH: i32 = 40;
+    assert_eq!(f(DEPTH), DEPTH * (DEPTH + 1) / 2);
+    assert_eq!(load(&seen), DEPTH as u64 + 1, "each level once");
+    assert_eq!(load(&wrong), 0, "innermost first, each with its value");
+    assert_eq!(live().registry().nmissed(key), 0);
+    assert_eq!(live().registry().return_depth(live().space_id()), 0);
+    live().unregister(key, &c).unwrap();
+    lib.close();
+}
+
+/// A uretprobe on a function left by `longjmp`: the abandoned frame stays
+/// on the thread's return stack until the next tracked entry at the same
+/// depth drops it; the calls that return run the handler once each, and
+/// nothing is left after.
+#[test]
+fn a_uretprobe_frame_left_by_longjmp_is_dropped_by_the_next_entry() {
+    let _g = serial();
+    let so = dl_support::build_so(
+        "jumpuprobes",
+        "libjuplongjmp.so",
+        "#include <setjmp.h>\n\
+         static jmp_buf jb;\n\
+         __attribute__((noinline)) int fx_leave(int x) {\n\
+         \x20   if (x < 0) longjmp(jb, 1);\n\
+         \x20   return x + 3;\n\
+         }\n\
+         __attribute__((noinline)) int fx_try(int x) {\n\
+         \x20   if (setjmp(jb)) return -1;\n\
+         \x20   return fx_leave(x);\n\
+         }\n",
+        &["-fno-optimize-sibling-calls"],
+    );
+    let lib = Lib::open(&so);
+    let try_ = lib.func(c"fx_try");
+    let r = returns(false);
+    let key = live()
+        .register(
+            &UprobeTarget::symbol(so.to_str().unwrap(), "fx_leave"),
+            &r.consumer,
+        )
+        .unwrap()
+        .key();
+    let report = live().optimize_now();
+    eprintln!(
+        "fx_leave optimized {} ({report:?})",
+        live().is_optimized(key)
+    );
+    let depth = || live().registry().return_depth(live().space_id());
+    for round in 0..3 {
+        assert_eq!(try_(-1), -1, "round {round}");
+        assert_eq!(depth(), 1, "round {round}: the abandoned frame");
+        assert_eq!(try_(4), 7, "round {round}");
+        assert_eq!(depth(), 0, "round {round}: dropped by the entry");
+    }
+    assert_eq!(load(&r.rets), 3, "only the calls that returned");
+    assert_eq!(load(&r.sum), 21);
+    live().unregister(key, &r.consumer).unwrap();
+    lib.close();
+}
+
+/// A thread that exits (`pthread_exit`) inside a uretprobed call: its
+/// return stack goes back to the pool at its exit (the unwinder stops at
+/// the hijacked return address, the assembly trampoline, which has no
+/// unwind information, and the thread ends there), no return handler runs
+/// for it, and a later call on another thread returns through the
+/// trampoline as usual.
+#[test]
+fn a_thread_exiting_inside_a_uretprobed_call_gives_its_return_stack_back() {
+    let _g = serial();
+    let so = dl_support::build_so(
+        "jumpuprobes",
+        "libjupexit.so",
+        "#include <pthread.h>\n\
+         __attribute__((noinline)) int fx_quit(int x) {\n\
+         \x20   if (x < 0) pthread_exit(0);\n\
+         \x20   return x + 3;\n\
+         }\n\
+         static void *fx_body(void *a) {\n\
+         \x20   static volatile int out;\n\
+         \x20   out = fx_quit((int)(long)a);\n\
+         \x20   return 0;\n\
+         }\n\
+         int fx_thread(int x) {\n\
+         \x20   pthread_t t;\n\
+         \x20   if (pthread_create(&t, 0, fx_body, (void *)(long)x)) return -1;\n\
+         \x20   return pthread_join(t, 0);\n\
+         }\n",
+        &["-pthread"],
+    );
+    let lib = Lib::open(&so);
+    let spawn = lib.func(c"fx_thread");
+    let r = returns(false);
+    let key = live()
+        .register(
+            &UprobeTarget::symbol(so.to_str().unwrap(), "fx_quit"),
+            &r.consumer,
+        )
+        .unwrap()
+        .key();
+    let report = live().optimize_now();
+    eprintln!(
+        "fx_quit optimized {} ({report:?})",
+        live().is_optimized(key)
+    );
+    let in_use = || live().registry().return_stacks_in_use(live().space_id());
+    let before = in_use();
+    for round in 0..3 {
+        assert_eq!(spawn(-1), 0, "round {round}");
+        assert_eq!(in_use(), before, "round {round}: the exit gave it back");
+        assert_eq!(load(&r.rets), round, "no handler for a call never returned");
+        assert_eq!(spawn(4), 0, "round {round}");
+        assert_eq!(load(&r.rets), round + 1);
+        assert_eq!(in_use(), before);
+    }
+    assert_eq!(load(&r.sum), 3 * 7);
+    assert_eq!(live().registry().nmissed(key), 0);
+    live().unregister(key, &r.consumer).unwrap();
+    lib.close();
+}
+
+/// The fork-during-a-pass test's rendezvous: the pass paused with its lock
+/// held, the fork handler about to take that lock. `SeqCst` throughout:
+/// flags of one test, read in loops, nothing else published through them.
+static PASS_PAUSED: AtomicU64 = AtomicU64::new(0);
+static FORK_WAITING: AtomicU64 = AtomicU64::new(0);
+/// Whether the paused pass saw the fork handler arrive (within its bound).
+static PASS_SAW_FORK: AtomicU64 = AtomicU64::new(0);
+
+/// The pass hook: the first pass after it is set pauses until the fork
+/// handler is about to take the pass lock (bounded: without the handler's
+/// hold the fork never tells, and the pass goes on after 20 s).
+fn pause_pass_until_fork() {
+    if PASS_PAUSED.swap(1, Ordering::SeqCst) != 0 {
+        return;
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while FORK_WAITING.load(Ordering::SeqCst) == 0 {
+        if std::time::Instant::now() > deadline {
+            return;
+        }
+        std::thread::yield_now();
+    }
+    PASS_SAW_FORK.store(1, Ordering::SeqCst);
+}
+
+fn note_fork_waiting() {
+    FORK_WAITING.store(1, Ordering::SeqCst);
+}
+
+/// A `fork` while a uprobe optimizer pass is under way (paused by a test
+/// hook with its pass lock held, the fork started once it is): the fork
+/// handler waits for the pass (it holds the pass lock and the optimizer's
+/// state lock across the fork), so the child finds them free and can run
+/// a pass that optimizes a uprobe it registers, count through it, and
+/// unregister both uprobes, the text back to the file's bytes. Were the
+/// lock left held, the child's pass would wait for good (its alarm kills
+/// it and the test fails).
+#[test]
+fn a_fork_during_a_uprobe_pass_leaves_the_child_able_to_optimize_and_unregister() {
+    use rcu_registry::__internals::runtime::uprobe_jump::{set_fork_hook, set_pass_hook};
+    let _g = serial();
+    let so = dl_support::build_so(
+        "jumpuprobes",
+        "libjupforkpass.so",
+        &dl_support::add_k_source(&[("fx_add3", 3), ("fx_add5", 5)]),
+        &[],
+    );
+    let lib = Lib::open(&so);
+    let (f3, f5) = (lib.func(c"fx_add3"), lib.func(c"fx_add5"));
+    let c = counted(Arc::new(AtomicU64::new(0)), Vec::new(), false);
+    let key = register_add3(&so, &c.consumer);
+    PASS_PAUSED.store(0, Ordering::SeqCst);
+    FORK_WAITING.store(0, Ordering::SeqCst);
+    PASS_SAW_FORK.store(0, Ordering::SeqCst);
+    set_fork_hook(Some(note_fork_waiting));
+    set_pass_hook(Some(pause_pass_until_fork));
+    let (pid, report) = std::thread::scope(|s| {
+        let pass = s.spawn(|| live().optimize_now());
+        while PASS_PAUSED.load(Ordering::SeqCst) == 0 {
+            std::thread::yield_now();
+        }
+        // SAFETY: the child works through `live()`, then leaves by _exit.
+        let pid = unsafe { libc::fork() };
+        assert!(pid >= 0);
+        if pid == 0 {
+            // A lock left held would make the child wait for good.
+            // SAFETY: a watchdog alarm for the child alone.
+            unsafe { libc::alarm(30) };
+            let five = counted(Arc::new(AtomicU64::new(0)), Vec::new(), false);
+            let k5 = live()
+                .register(
+                    &UprobeTarget::symbol(so.to_str().unwrap(), "fx_add5"),
+                    &five.consumer,
+                )
+                .unwrap()
+                .key();
+            let _ = live().optimize_now();
+            let mut ok = live().is_optimized(k5) && live().is_optimized(key);
+            ok &= f5(1) == 6 && load(&five.hits) == 1;
+            ok &= live().unregister(k5, &five.consumer).is_ok();
+            ok &= live().unregister(key, &c.consumer).is_ok();
+            ok &= code_at(f3 as usize as u64, ADD3.len()) == ADD3;
+            ok &= f3(1) == 4 && f5(1) == 6;
+            // SAFETY: ends the child without the parent's exit hooks.
+            unsafe { libc::_exit(if ok { 0 } else { 1 }) };
+        }
+        (pid, pass.join().unwrap())
+    });
+    set_pass_hook(None);
+    set_fork_hook(None);
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(
+        libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+        "the child could not optimize and unregister: status {status:#x} (signal {})",
+        libc::WTERMSIG(status)
+    );
+    assert_eq!(
+        load(&PASS_SAW_FORK),
+        1,
+        "the fork handler did not wait for the paused pass ({report:?})"
+    );
+    assert!(live().is_optimized(key), "the parent's pass: {report:?}");
+    assert_eq!(f3(1), 4);
+    assert_eq!(load(&c.hits), 1, "the child's calls are the child's");
+    live().unregister(key, &c.consumer).unwrap();
+    assert_eq!(code_at(f3 as usize as u64, ADD3.len()), ADD3);
     lib.close();
 }

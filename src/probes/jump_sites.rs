@@ -26,7 +26,54 @@ pub trait JumpHook: Send + Sync + 'static {
     /// their detour hit path redirects to the trap when it meets a
     /// consumer that opted out).
     fn to_trap_path(&self, range: Range<u64>, add_post: bool);
+
+    /// [`to_trap_path`](Self::to_trap_path) for each of `ranges` (no post
+    /// handler joining), and no optimizer write until the returned hold is
+    /// dropped: the caller restores its original bytes under it, so no
+    /// pass writes a `jmp` (or its tail) between the two. A uprobe
+    /// writer's stripe does not keep a pass out the way the kprobe
+    /// registry's writer mutex does: a pass that collected its candidates
+    /// before the call could otherwise mark a site pending after it and
+    /// write there before the restore (`loom-tests/tests/uprobe_jump_pass.rs`).
+    /// Never wait for a grace period while holding it. The default runs
+    /// `to_trap_path` and holds nothing.
+    fn to_trap_path_held(&self, ranges: &[Range<u64>]) -> JumpHold<'_> {
+        for r in ranges {
+            self.to_trap_path(r.clone(), false);
+        }
+        JumpHold(None)
+    }
 }
+
+/// What [`JumpHook::to_trap_path_held`] holds (the optimizer's state lock):
+/// released when dropped.
+#[must_use = "the restore must be written while it is held"]
+pub struct JumpHold<'a>(Option<Box<dyn Holding + 'a>>);
+
+impl<'a> JumpHold<'a> {
+    /// A hold of `what` (dropped with the hold).
+    // Made by the live x86_64 optimizer only.
+    #[cfg_attr(
+        not(all(target_os = "linux", target_arch = "x86_64", not(loom))),
+        allow(dead_code)
+    )]
+    pub(crate) fn new(what: impl Holding + 'a) -> Self {
+        JumpHold(Some(Box::new(what)))
+    }
+}
+
+impl std::fmt::Debug for JumpHold<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JumpHold")
+            .field("holding", &self.0.is_some())
+            .finish()
+    }
+}
+
+/// Anything a [`JumpHold`] keeps until it is dropped.
+pub trait Holding {}
+
+impl<T> Holding for T {}
 
 /// Where a detour sends the thread after a registry's `on_jump_hit`.
 #[must_use = "the outcome says where the thread goes"]

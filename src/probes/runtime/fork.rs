@@ -11,6 +11,11 @@
 //! order extended; nothing in the crate holds a later lock while it takes
 //! an earlier one):
 //!
+//! 0. x86_64, once the live uprobes are built: their optimizer's pass lock
+//!    (a pass under way is waited for, as a writer is below), then its
+//!    state lock, which the uprobe registry's hook takes alone
+//!    (`uprobes/jump.rs`); a pass holds the pass lock while it takes any
+//!    lock below, so it comes first;
 //! 1. the list of instance tables the thread-exit flush walks (it holds
 //!    the list while it takes a stripe, so the list comes first);
 //! 2. for each `Live`, in the order they were built: its registry's
@@ -141,6 +146,9 @@ struct Held {
 
 /// The locks, in acquisition order (released in reverse).
 struct Locks {
+    /// The live uprobes' optimizer pass lock and state lock (x86_64).
+    #[cfg(target_arch = "x86_64")]
+    uprobe_pass: Option<super::uprobes::ForkHold>,
     tables: TablesHold,
     lives: Vec<(RegistryHold<'static>, AreaHold<'static>)>,
     text: crate::probes::runtime::in_process::TextLockGuard,
@@ -151,6 +159,8 @@ struct Locks {
 impl Locks {
     /// Takes every lock in the documented order.
     fn take() -> Locks {
+        #[cfg(target_arch = "x86_64")]
+        let uprobe_pass = super::uprobes::hold_for_fork();
         let tables = hold_tables_for_fork();
         let lives = lives()
             .map(|l| (l.registry().hold_for_fork(), l.xol_area().hold_for_fork()))
@@ -159,6 +169,8 @@ impl Locks {
         let waiter = super::quiesce::hold_for_fork();
         let attach = super::dispatch::hold_for_fork();
         Locks {
+            #[cfg(target_arch = "x86_64")]
+            uprobe_pass,
             tables,
             lives,
             text,
@@ -171,6 +183,8 @@ impl Locks {
     /// fixes what the vanished threads left.
     fn release(self, in_child: bool) {
         let Locks {
+            #[cfg(target_arch = "x86_64")]
+            uprobe_pass,
             tables,
             mut lives,
             text,
@@ -185,6 +199,8 @@ impl Locks {
             registry.release(in_child);
         }
         drop(tables);
+        #[cfg(target_arch = "x86_64")]
+        drop(uprobe_pass);
     }
 }
 

@@ -28,7 +28,11 @@
 //! *pending* meanwhile: a hook that meets one takes it back (its resume
 //! cell cleared, its detour retired) and the pass leaves it alone; before
 //! step 5 the pass checks, locked again, that the site still has its
-//! `int3`. The shared pieces the two registries give the optimizer (the
+//! `int3`. A uprobe writer that restores original bytes keeps the state
+//! lock from its hook until they are written (`to_trap_path_held`): a pass
+//! that collected the site before the hook could otherwise mark it pending
+//! after it, pass that check and write its tail or `jmp` before the
+//! restore (found by `loom-tests/tests/uprobe_jump_pass.rs`). The shared pieces the two registries give the optimizer (the
 //! hook, the candidate, the resume cell) are `probes/jump_sites.rs`.
 //!
 //! # When a site is optimized
@@ -117,8 +121,11 @@
 //! - `fork()`: detours live in their own [`XolArea`], whose chunks the
 //!   `fork` handlers copy for the child like every XOL chunk; every detour
 //!   write and every optimizer state change happens under the registry's
-//!   writer mutex, which the handlers hold across the fork. Not tested in
-//!   a child yet.
+//!   writer mutex, which the handlers hold across the fork (for the live
+//!   uprobes: the pass lock, then the state lock, which their hook takes
+//!   alone; `fork.rs`), so a fork waits for a pass under way and the child
+//!   finds both free (`tests/runtime_jump_uprobes.rs` forks during a
+//!   paused uprobe pass).
 //! - The refused ranges (`refuse.rs`) do not list the stubs and the Rust
 //!   half yet: a kprobe on them takes the trap path, which serves it, but
 //!   it is not refused.
@@ -150,7 +157,7 @@ use super::xol::{XolArea, XolStats};
 use crate::probes::arch::x86_64::jump::{
     analyze_jump_site, JumpRefusal, JumpSite, JUMP_LEN, MAX_DISPLACED,
 };
-use crate::probes::jump_sites::{DetourCell, JumpCandidate, JumpHook};
+use crate::probes::jump_sites::{DetourCell, JumpCandidate, JumpHold, JumpHook};
 use crate::probes::resolve::SymbolResolver;
 use crate::probes::text::{TextIdentity, TextMemory};
 use crate::sync::atomic::{AtomicBool, Ordering};
@@ -183,6 +190,11 @@ struct State {
     /// waits); the hook takes them back.
     pending: BTreeMap<u64, Pending>,
 }
+
+/// The optimizer's state lock, held across a `fork`
+/// ([`JumpOptimizer::hold_state_for_fork`]); dropped in the parent and
+/// the child alike.
+pub(crate) struct StateHold<'a>(#[allow(dead_code)] std::sync::MutexGuard<'a, State>);
 
 /// A site of the pass under way, between steps 2 and 5.
 #[derive(Debug)]
@@ -264,6 +276,13 @@ impl JumpOptimizer {
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Takes the state lock for the `fork` handlers (`fork.rs`): the live
+    /// uprobes' hook takes it without the pass lock, so holding the pass
+    /// lock alone does not keep it free at the fork.
+    pub(crate) fn hold_state_for_fork(&self) -> StateHold<'_> {
+        StateHold(self.lock())
     }
 
     /// Whether optimization is on (the global opt-out).
@@ -720,6 +739,21 @@ impl JumpOptimizer {
 impl JumpHook for JumpOptimizer {
     fn to_trap_path(&self, range: Range<u64>, add_post: bool) {
         let mut st = self.lock();
+        self.to_trap_path_locked(&mut st, range, add_post);
+    }
+
+    fn to_trap_path_held(&self, ranges: &[Range<u64>]) -> JumpHold<'_> {
+        let mut st = self.lock();
+        for r in ranges {
+            self.to_trap_path_locked(&mut st, r.clone(), false);
+        }
+        JumpHold::new(st)
+    }
+}
+
+impl JumpOptimizer {
+    /// [`JumpHook::to_trap_path`] with the state locked.
+    fn to_trap_path_locked(&self, st: &mut State, range: Range<u64>, add_post: bool) {
         // Pending sites of a pass under way (waiting unlocked): back to
         // completing their first instruction themselves; the pass leaves
         // them alone when it resumes.
@@ -749,7 +783,7 @@ impl JumpHook for JumpOptimizer {
             .collect();
         for a in hit {
             if let Some(o) = st.optimized.remove(&a) {
-                self.unoptimize(&mut st, o, add_post);
+                self.unoptimize(st, o, add_post);
             }
         }
     }

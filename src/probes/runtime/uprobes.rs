@@ -6,8 +6,10 @@
 //! - The space is [`ThisProcess`] (`uprobes/space.rs`): the live
 //!   [`InProcess`] text with the kprobe registry's refusals, the process's
 //!   [`XolArea`] (shared with [`Live::global`], so `fork` copies and
-//!   quiescence cover uprobe slots too) and a return trampoline that is an
-//!   `int3` in an XOL slot.
+//!   quiescence cover uprobe slots too) and a return trampoline: on x86_64
+//!   the kretprobes' assembly trampoline (`trampoline.rs`), shared, so a
+//!   uretprobe's return runs without a trap; on arm64 a `brk` in an XOL
+//!   slot.
 //! - Targets are [`UprobeTarget`]s resolved from the ELF file on disk
 //!   ([`TargetResolver`]), a bare library name through the objects loaded
 //!   now first ([`LoaderWatch`] is the resolver's loaded list).
@@ -23,8 +25,32 @@
 //!   read section (not the registry's default `Srcu`, whose first read on a
 //!   thread allocates: the trap path calls no C-library function) and completes the displaced instruction (emulated,
 //!   boosted, or single-stepped with the step kept in the thread's
-//!   [`StepStash`]); a trap on the return trampoline runs the return
-//!   handlers and resumes at the real return address.
+//!   [`StepStash`]). A return into the trampoline runs the return
+//!   handlers and resumes at the real return address: on x86_64 without a
+//!   trap, through [`TrapDispatcher::on_return`] (see "Returns" below); on
+//!   arm64 as a trap on the space's own trampoline.
+//!
+//! # Returns (x86_64)
+//!
+//! The space's return trampoline is the assembly trampoline of the
+//! kretprobes, fixed when the space is made, so every call in flight
+//! returns where its entry sent it. The trampoline offers each return to
+//! every attached dispatcher (`dispatch.rs`, `dispatch_return`): the
+//! kprobe registries look in their instance tables, [`LiveUprobes`] in the
+//! returning thread's uprobe return stack, and the one whose frame saved
+//! the caller's address claims it; a return nobody claims aborts the
+//! process as before. A return of a function both families track (a tail
+//! call from a kretprobed function into a uretprobed one, or the other way
+//! round: the second hijack finds the trampoline already there) runs both
+//! families' handlers, in the dispatcher table's order rather than newest
+//! first, and the first hijack's registry restores the address. Abandoned
+//! frames (`longjmp`), thread exit and `fork` children work as with the
+//! trapping trampoline: the stacks and their reclaim are the registry's
+//! (`uprobe/returns.rs`). One more limit: an abandoned frame of one family
+//! with exactly the stack pointer of a later tracked call of the other
+//! family is taken by that call's return (its handlers run once more, and
+//! if its registry comes first in the table its stale address wins); a
+//! tracked entry of the same family drops such frames.
 //!
 //! # Jump optimization (x86_64)
 //!
@@ -79,13 +105,18 @@
 //! trap handler, so its hits are handled and counted (the space keeps its
 //! id). A registration in the child while another thread of the parent was
 //! inside a uprobe registry operation at the fork may wait for good (the
-//! uprobe registry's locks are not taken across `fork`). `exec` replaces
-//! the image: out of scope.
+//! uprobe registry's locks are not taken across `fork`). The optimizer's
+//! pass lock and state lock are (x86_64, `fork.rs`): a fork waits for a
+//! pass under way, and the child can optimize and unregister. `exec`
+//! replaces the image: out of scope.
 
 mod disk;
 #[cfg(target_arch = "x86_64")]
-mod jump;
+pub(crate) mod jump;
 mod space;
+
+#[cfg(target_arch = "x86_64")]
+pub(crate) use self::jump::{hold_for_fork, ForkHold};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -103,7 +134,6 @@ use crate::probes::uprobe::{
     Consumer, ResolvedTarget, SpaceId, TargetFile, TargetResolver, UprobeFinished, UprobeKey,
     UprobeOutcome, UprobeRegistry, UprobeStep, UprobeTarget,
 };
-use crate::probes::xol::XolAllocator;
 use crate::probes::ProbeError;
 use crate::rcu::Rcu;
 
@@ -205,19 +235,19 @@ impl LiveUprobes {
         built
     }
 
+    /// The live uprobes if they are built (never builds them).
+    #[cfg(target_arch = "x86_64")]
+    fn built() -> Option<&'static LiveUprobes> {
+        GLOBAL.get()?.as_ref().ok().copied()
+    }
+
     fn build() -> Result<&'static LiveUprobes, String> {
         let watch = LoaderWatch::global().map_err(|e| e.to_string())?;
         let live = Live::global();
         let xol: Arc<XolArea> = live.xol_arc();
         let owner = super::holders::new_owner();
         let text: InProcess = live.registry().text().clone().owned_by(owner);
-        // The trampoline: one breakpoint (`int3`, arm64 `brk`) in a slot of
-        // its own.
-        let trampoline = xol
-            .alloc(super::trampoline::trampoline_address())
-            .map_err(|e| format!("an XOL slot for the return trampoline: {e}"))?;
-        xol.fill(trampoline, NativeArch::default().breakpoint())
-            .map_err(|e| format!("writing the return trampoline: {e}"))?;
+        let trampoline = return_trampoline(&xol)?;
         let space = Arc::new(ThisProcess {
             id: SpaceId(u64::from(std::process::id())),
             text,
@@ -530,6 +560,39 @@ impl LiveUprobes {
     }
 }
 
+/// The space's return trampoline, fixed for the life of the process (a
+/// call in flight returns where its entry sent it).
+///
+/// x86_64: the kretprobes' assembly trampoline (`trampoline.rs`), which
+/// offers the return to every dispatcher on the thread's ordinary stack,
+/// without a trap; [`LiveUprobes`] claims it in
+/// [`TrapDispatcher::on_return`] when the thread's return stack has the
+/// frame.
+#[cfg(target_arch = "x86_64")]
+fn return_trampoline(_xol: &XolArea) -> Result<u64, String> {
+    Ok(super::trampoline::trampoline_address())
+}
+
+/// The space's return trampoline, fixed for the life of the process.
+///
+/// arm64: one breakpoint (`brk`) in an XOL slot of its own; a return traps
+/// there and [`LiveUprobes`] handles it in
+/// [`TrapDispatcher::on_breakpoint`].
+#[cfg(not(target_arch = "x86_64"))]
+fn return_trampoline(xol: &XolArea) -> Result<u64, String> {
+    use crate::probes::xol::XolAllocator;
+    let trampoline = xol
+        .alloc(super::trampoline::trampoline_address())
+        .map_err(|e| format!("an XOL slot for the return trampoline: {e}"))?;
+    xol.fill(trampoline, NativeArch::default().breakpoint())
+        .map_err(|e| format!("writing the return trampoline: {e}"))?;
+    Ok(trampoline)
+}
+
+/// Whether the space's return trampoline is a breakpoint (arm64) rather
+/// than the shared assembly trampoline (x86_64).
+const TRAPPING_RETURNS: bool = cfg!(not(target_arch = "x86_64"));
+
 /// How a step under way ends: on its marker, or on the trap flag.
 fn step_verdict(marker: Option<u64>) -> Verdict {
     match marker {
@@ -546,7 +609,7 @@ impl TrapDispatcher for LiveUprobes {
         stash: &mut StepStash,
     ) -> Verdict {
         let at = NativeArch::default().trap_address(regs);
-        if at == self.space.trampoline {
+        if TRAPPING_RETURNS && at == self.space.trampoline {
             return match self.registry.on_return_in_trap(self.space.id, regs) {
                 ReturnOutcome::Returned { .. } => Verdict::Resume,
                 ReturnOutcome::NotOurs => Verdict::NotOurs,
@@ -606,13 +669,21 @@ impl TrapDispatcher for LiveUprobes {
     }
 
     fn claims(&'static self, addr: u64) -> bool {
-        addr == self.space.trampoline || self.registry.installed_in_trap(self.space.id, addr)
+        (TRAPPING_RETURNS && addr == self.space.trampoline)
+            || self.registry.installed_in_trap(self.space.id, addr)
     }
 
-    fn on_return(&'static self, _regs: &mut Regs) -> bool {
-        // Uprobe returns trap on the space's own trampoline (handled in
-        // `on_breakpoint`); the kretprobe trampoline is not ours.
-        false
+    fn on_return(&'static self, regs: &mut Regs) -> bool {
+        // x86_64: the space's trampoline is the shared assembly trampoline,
+        // which asks every dispatcher (`dispatch_return`). A miss (a
+        // kretprobe's return) is one thread-local load while the thread
+        // holds no uprobe return stack (`uprobe/bindings.rs`). arm64: uprobe
+        // returns trap on the space's own trampoline (`on_breakpoint`).
+        !TRAPPING_RETURNS
+            && matches!(
+                self.registry.on_return_in_trap(self.space.id, regs),
+                ReturnOutcome::Returned { .. }
+            )
     }
 
     fn on_fault(&'static self, regs: &mut Regs, stash: &mut StepStash) -> bool {

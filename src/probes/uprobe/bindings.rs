@@ -12,7 +12,7 @@
 //!
 //! The table and thread exit, in full: [`crate::docs::algorithms::uretprobes`].
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use super::retpool::{Held, ReturnPool};
 use super::returns::ReturnInstance;
@@ -48,6 +48,36 @@ struct Table {
     /// stack's index (its cache line is likely still ours), spread by the
     /// table's address until the first claim.
     hint: Option<usize>,
+}
+
+// `std::cell::Cell`: touched only by its own thread.
+crate::sync::const_thread_local! {
+    /// Entries of the calling thread's table that are bound: whether a
+    /// return can be this thread's at all, read without the table
+    /// ([`holds_any`]). Changed only with the table borrowed.
+    static BOUND: Cell<usize> = Cell::new(0);
+}
+
+/// Whether the calling thread holds a return stack of any registry: false
+/// means no return of this thread is a tracked one (the live runtime asks
+/// every registry about every return into the shared trampoline, and a
+/// kretprobe's return is not the uprobes'). Needs no re-entrancy flag: a
+/// stack bound or given back by a handler nested in between changes
+/// nothing for the return being asked about.
+#[inline]
+pub(super) fn holds_any() -> bool {
+    BOUND.try_with(Cell::get).unwrap_or(1) != 0
+}
+
+/// Sets entry `i` of the table to `b`, keeping [`BOUND`] in step.
+#[inline]
+fn set_entry(t: &mut Table, i: usize, b: Binding) {
+    let was = t.bound[i].registry != 0;
+    let now = b.registry != 0;
+    t.bound[i] = b;
+    if was != now {
+        let _ = BOUND.try_with(|n| n.set(if now { n.get() + 1 } else { n.get() - 1 }));
+    }
 }
 
 // `std::cell::RefCell`, not a shim type: the table is only ever touched by
@@ -102,7 +132,7 @@ pub(super) fn with_stack<R>(
                 })
             };
             if empty {
-                t.bound[i] = UNBOUND;
+                set_entry(&mut t, i, UNBOUND);
                 // SAFETY: held by this thread, its entry just cleared; the
                 // registry is alive (the caller runs on its behalf).
                 unsafe { held.release() };
@@ -123,11 +153,15 @@ fn bind(t: &mut Table, registry: u64, space: SpaceId, pool: &ReturnPool) -> Opti
     };
     let held = pool.claim(start)?;
     t.hint = Some(held.index());
-    t.bound[i] = Binding {
-        registry,
-        space,
-        held: Some(held),
-    };
+    set_entry(
+        t,
+        i,
+        Binding {
+            registry,
+            space,
+            held: Some(held),
+        },
+    );
     hook::arm();
     Some(i)
 }
@@ -152,12 +186,13 @@ pub(super) fn release(registry: Option<u64>) -> usize {
                 return 0;
             };
             let mut dropped = 0;
-            for b in t.bound.iter_mut() {
+            for i in 0..MAX_SPACES_PER_THREAD {
+                let b = t.bound[i];
                 if b.registry == 0 || registry.is_some_and(|r| r != b.registry) {
                     continue;
                 }
-                let held = b.held.take().expect("a bound entry holds a stack");
-                *b = UNBOUND;
+                let held = b.held.expect("a bound entry holds a stack");
+                set_entry(&mut t, i, UNBOUND);
                 // SAFETY: held by this thread, its entry just cleared.
                 dropped += unsafe { held.release_anywhere() };
             }
@@ -185,11 +220,15 @@ pub(super) fn install(registry: u64, space: SpaceId, held: Held) -> bool {
             let Some(i) = t.bound.iter().position(|b| b.registry == 0) else {
                 return false;
             };
-            t.bound[i] = Binding {
-                registry,
-                space,
-                held: Some(held),
-            };
+            set_entry(
+                &mut t,
+                i,
+                Binding {
+                    registry,
+                    space,
+                    held: Some(held),
+                },
+            );
             true
         })
         .unwrap_or(false)
@@ -203,12 +242,12 @@ pub(super) fn uninstall(registry: u64, space: SpaceId) -> Option<Held> {
     TABLE
         .try_with(|t| {
             let mut t = t.try_borrow_mut().ok()?;
-            let b = t
+            let i = t
                 .bound
-                .iter_mut()
-                .find(|b| b.registry == registry && b.space == space)?;
-            let held = b.held.take();
-            *b = UNBOUND;
+                .iter()
+                .position(|b| b.registry == registry && b.space == space)?;
+            let held = t.bound[i].held;
+            set_entry(&mut t, i, UNBOUND);
             held
         })
         .ok()

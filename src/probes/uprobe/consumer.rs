@@ -63,7 +63,10 @@ pub struct UprobeReturn {
     pub func: u64,
     /// The uprobe's file and offset.
     pub key: UprobeKey,
-    /// Where the function returns to (the caller's real return address).
+    /// Where the function returns to (the caller's real return address);
+    /// 0 when another registry sharing the return trampoline hijacked the
+    /// return first and holds it (a tail call from a kretprobed function
+    /// into this one, live uprobes on x86_64).
     pub ret_addr: u64,
     /// The integer return value ([`Arch::return_value`](crate::probes::arch::Arch::return_value)
     /// of the registers at the return, before any return handler ran).

@@ -18,6 +18,8 @@
 //!
 //! Install and uninstall, in full: [`crate::docs::algorithms::uprobes`].
 
+use std::ops::Range;
+
 use super::registry::{Install, Placed, SpaceState, Uprobe, UprobeRegistry};
 use super::space::{AddressSpace, FileMapping, UprobeKey};
 use super::xolshare::{SlotKey, XolShares};
@@ -351,8 +353,10 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// period, the original bytes it taught the uprobe forgotten.
     pub(super) fn unprepare(&self, up: &Uprobe<F>, p: &Prepared<S, F>, written: bool) {
         if written {
-            // An optimizer may have rewritten the site since it was written.
-            self.jump_to_trap(p.vaddr..p.vaddr + 1, false);
+            // An optimizer may have rewritten the site since it was written;
+            // none writes there again before the bytes are back.
+            let site = p.vaddr..p.vaddr + 1;
+            let _hold = self.jump_to_trap_held(std::slice::from_ref(&site));
             let bp = self.arch.breakpoint();
             let text = p.st.space.text();
             if text
@@ -482,14 +486,17 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     pub(super) fn finish_removals(&self, mut r: Removals<S, F>) {
         r.merge();
         // Optimized sites back on the trap path before their breakpoints
-        // go. Not for text that is gone (an unmapping, run by the loader's
-        // thread inside a read section: the optimizer's next pass forgets
-        // those sites, writing nothing).
-        if self.jump_hook.is_some() && !r.unmapped {
-            for q in &r.installs {
-                self.jump_to_trap(q.vaddr..q.vaddr + 1, false);
-            }
-        }
+        // go, and no optimizer write until they are gone (a pass that
+        // collected these sites before could otherwise write its `jmp`
+        // between the two). Not for text that is gone (an unmapping, run by
+        // the loader's thread inside a read section: the optimizer's next
+        // pass forgets those sites, writing nothing).
+        let hold = if self.jump_hook.is_some() && !r.unmapped {
+            let ranges: Vec<Range<u64>> = r.installs.iter().map(|q| q.vaddr..q.vaddr + 1).collect();
+            self.jump_to_trap_held(&ranges)
+        } else {
+            None
+        };
         let bp = self.arch.breakpoint();
         // The installs of one space are next to each other (merged above).
         let same_space = |a: &Queued<F>, b: &Queued<F>| a.space == b.space;
@@ -506,6 +513,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 .collect();
             let _ = r.spaces[group[0].space].space.text().write_many(&writes);
         }
+        drop(hold);
         // The records. A uprobe that leaves the tree below keeps its install
         // list as it is: a thread that trapped before its bytes came back
         // still finds the install (its slot stays for a grace period), and

@@ -42,7 +42,9 @@
 //! trap path first (`runtime/jump.rs`), waiting for no grace period (the
 //! dynamic linker's thread may wait for the stripe inside a read section).
 //! A hit already in a detour that then finds an opted-out consumer
-//! redirects to the `int3` with nothing run. Text just mapped (`on_mmap`)
+//! redirects to the `int3` with nothing run. A removal keeps the
+//! optimizer's lock from its hook until the original bytes are back
+//! (`jump_to_trap_held`), so no pass writes in between. Text just mapped (`on_mmap`)
 //! or gone (`on_munmap`) needs no hook: nothing optimized is in it, and the
 //! optimizer's next pass forgets a site whose text went, writing nothing
 //! (its writes check the text's identity and bytes). The hook addresses
@@ -55,7 +57,9 @@ use super::consumer::{ConsumerAction, UprobeHit};
 use super::registry::{slice, Uprobe, UprobeRegistry};
 use super::space::{AddressSpace, SpaceId, UprobeKey};
 use crate::probes::arch::{Arch, DataMemory, Regs};
-use crate::probes::jump_sites::{DetourCell, JumpCandidate, JumpHit, JumpHook, ResumeCell};
+use crate::probes::jump_sites::{
+    DetourCell, JumpCandidate, JumpHit, JumpHold, JumpHook, ResumeCell,
+};
 use crate::probes::reentry::UprobeScope;
 use crate::probes::text::{TextIdentity, TextMemory};
 use crate::probes::ProbeError;
@@ -117,6 +121,16 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         if let Some(h) = &self.jump_hook {
             h.to_trap_path(range, add_post);
         }
+    }
+
+    /// [`jump_to_trap`](Self::jump_to_trap) for a restore of original
+    /// bytes at `ranges`: the optimizer writes nothing until the returned
+    /// hold is dropped, so the caller's restore cannot meet a `jmp` (or its
+    /// tail) a pass wrote after the hook ([`JumpHook::to_trap_path_held`]).
+    /// The caller holds the files' stripes and no read section, writes its
+    /// bytes and drops the hold, waiting for no grace period meanwhile.
+    pub(super) fn jump_to_trap_held(&self, ranges: &[Range<u64>]) -> Option<JumpHold<'_>> {
+        self.jump_hook.as_ref().map(|h| h.to_trap_path_held(ranges))
     }
 
     /// The registry with a jump optimizer's hook (see `uprobe/jump.rs`):

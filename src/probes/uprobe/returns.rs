@@ -29,6 +29,11 @@ use crate::rcu::Flavor;
 /// each, 3.5 KiB).
 pub const DEFAULT_MAX_RETURN_DEPTH: usize = 64;
 
+/// [`ReturnInstance::real_ret`] of a call whose return another registry
+/// sharing the trampoline hijacked first: that registry holds the caller's
+/// address (0 is never a return address).
+pub(super) const FOREIGN_RETURN: u64 = 0;
+
 /// A tracked call: what its return needs.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct ReturnInstance {
@@ -37,7 +42,8 @@ pub(super) struct ReturnInstance {
     pub(super) func: u64,
     /// The stack pointer the call returns with.
     pub(super) ret_sp: u64,
-    /// The caller's return address.
+    /// The caller's return address ([`FOREIGN_RETURN`]: another
+    /// registry's to give).
     pub(super) real_ret: u64,
     /// The largest consumer sequence number the entry saw.
     pub(super) last_seq: u64,
@@ -228,11 +234,17 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             let chained = found == trampoline;
             let real_ret = if chained {
                 // A tail call from a tracked call: the return address is
-                // already ours; the real one is in the instance below.
-                // None (no such instance): nothing we can restore, and the
-                // hijack changed nothing (it wrote the trampoline over
-                // itself).
-                frames.last().filter(|f| f.ret_sp == ret_sp)?.real_ret
+                // already ours; the real one is in the instance below. No
+                // such instance: another registry sharing the trampoline
+                // (the live runtime's kretprobes, x86_64) hijacked this
+                // return first and holds the caller's address. The call is
+                // tracked all the same: its return handlers run at the
+                // return, whose address is the other registry's to give
+                // (`returning`).
+                match frames.last().filter(|f| f.ret_sp == ret_sp) {
+                    Some(below) => below.real_ret,
+                    None => FOREIGN_RETURN,
+                }
             } else {
                 // Same depth, real return address: those never returned.
                 while frames.last().is_some_and(|f| f.ret_sp == ret_sp) {
@@ -289,7 +301,10 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// same. Takes no lock and allocates nothing.
     ///
     /// Returns [`ReturnOutcome::NotOurs`] (nothing changed) when no instance
-    /// of this thread in `space` returns with this stack pointer.
+    /// of this thread in `space` returns with this stack pointer. Also
+    /// `NotOurs`, after the handlers ran, when the chain's first hijack was
+    /// another registry's sharing the trampoline (the live runtime's
+    /// kretprobes, x86_64): that registry restores the caller's address.
     pub fn on_return(&self, space: SpaceId, regs: &mut Regs) -> ReturnOutcome {
         // Return handlers read without arming (see `on_breakpoint`).
         self.domain.arm_reader();
@@ -308,6 +323,11 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     }
 
     fn returning<const TRAP: bool>(&self, space: SpaceId, regs: &mut Regs) -> ReturnOutcome {
+        // No stack held: not a tracked return of this thread (the live
+        // runtime's kretprobe returns ask here too), one thread-local load.
+        if !bindings::holds_any() {
+            return ReturnOutcome::NotOurs;
+        }
         // Before the stack: see `probes/reentry.rs`.
         let scope = UprobeScope::enter();
         let sp = regs.sp;
@@ -323,11 +343,11 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             real = Some(inst.real_ret);
         }
         match real {
+            Some(FOREIGN_RETURN) | None => ReturnOutcome::NotOurs,
             Some(to) => {
                 regs.ip = to;
                 ReturnOutcome::Returned { to }
             }
-            None => ReturnOutcome::NotOurs,
         }
     }
 

@@ -17,8 +17,8 @@
 //! - The detour's hit path:
 //!   [`UprobeRegistry::on_jump_hit`](crate::probes::uprobe::UprobeRegistry::on_jump_hit)
 //!   in the registry's `Rcu` read section. Uretprobes hijack the return on
-//!   entry without a trap; the return itself still traps on the space's
-//!   trampoline.
+//!   entry without a trap; the return lands in the shared assembly
+//!   trampoline, without a trap too (`uprobes.rs`, "Returns").
 //! - The registry calls the optimizer's hook before it writes or restores
 //!   a breakpoint (not in text just mapped or already gone: the loader's
 //!   thread calls those inside a read section) or adds a consumer that
@@ -26,6 +26,10 @@
 //!   between its waits, so the hook never waits for a grace period.
 //! - One pass at a time: [`JumpSites::with_writer`] takes the runtime's
 //!   pass lock (the uprobe registry has no writer mutex to serialize them).
+//! - `fork`: the handlers (`fork.rs`) take the pass lock, then the
+//!   optimizer's state lock, before the runtime's other locks and hold them
+//!   across the fork: a fork waits for a pass under way, and the child
+//!   finds both free.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -39,12 +43,14 @@ use crate::probes::runtime::context::ThreadMemory;
 use crate::probes::runtime::in_process::InProcess;
 use crate::probes::runtime::jump::detour::JumpSlot;
 use crate::probes::runtime::jump::sites::{JumpSites, JumpView};
+use crate::probes::runtime::jump::StateHold;
 use crate::probes::runtime::jump::{JumpOptimizer, JumpReport};
 use crate::probes::runtime::symbols::ProcessSymbols;
 use crate::probes::runtime::Live;
 use crate::probes::uprobe::UprobeKey;
 use crate::probes::ProbeError;
-use crate::sync::atomic::Ordering;
+use crate::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::MutexGuard;
 
 /// The live uprobes as the optimizer reads them.
 struct UprobeView<'a> {
@@ -70,9 +76,67 @@ impl JumpView for UprobeView<'_> {
     }
 }
 
+/// A test's hooks: run by each pass (and query) with the pass lock held
+/// ([`PASS_HOOK`]), and by the `fork` handler just before it takes the
+/// pass lock ([`FORK_HOOK`]), so a test can fork during a paused pass
+/// without guessing from timing. A `fn()` as a `usize`, 0: none.
+static PASS_HOOK: AtomicUsize = AtomicUsize::new(0);
+/// See [`PASS_HOOK`].
+static FORK_HOOK: AtomicUsize = AtomicUsize::new(0);
+
+/// Sets (or clears) the hook every uprobe optimizer pass (and query: every
+/// holder of the pass lock) runs with its pass lock held, before anything
+/// else (tests: `__internals`).
+pub fn set_pass_hook(hook: Option<fn()>) {
+    // Release pairs with the Acquire in `run_hook`: a pass that sees the
+    // pointer sees what the test wrote before setting it.
+    PASS_HOOK.store(hook.map_or(0, |f| f as usize), Ordering::Release);
+}
+
+/// Sets (or clears) the hook the `fork` handler runs just before it takes
+/// the uprobe pass lock (tests: `__internals`).
+pub fn set_fork_hook(hook: Option<fn()>) {
+    // Release: as in `set_pass_hook`.
+    FORK_HOOK.store(hook.map_or(0, |f| f as usize), Ordering::Release);
+}
+
+fn run_hook(hook: &AtomicUsize) {
+    // Acquire pairs with the Release in `set_pass_hook`/`set_fork_hook`.
+    let f = hook.load(Ordering::Acquire);
+    if f != 0 {
+        // Only the setters store a non-zero value: a `fn()` as a `usize`.
+        // SAFETY: `f` is a `fn()` (see above).
+        let f = unsafe { std::mem::transmute::<usize, fn()>(f) };
+        f();
+    }
+}
+
+/// The live uprobes' pass lock and optimizer state lock, held across a
+/// `fork`.
+pub(crate) struct ForkHold {
+    _state: StateHold<'static>,
+    _pass: MutexGuard<'static, ()>,
+}
+
+/// Takes the pass lock (waiting for a pass under way: its grace periods
+/// and quiescence waits, which the forking thread answers), then the
+/// optimizer's state lock, for the `fork` handlers (`fork.rs`): the child
+/// finds both free and can optimize and unregister. `None` when the live
+/// uprobes are not built (or being built).
+pub(crate) fn hold_for_fork() -> Option<ForkHold> {
+    let uprobes = LiveUprobes::built()?;
+    run_hook(&FORK_HOOK);
+    let pass = uprobes.jump_pass.lock().unwrap_or_else(|e| e.into_inner());
+    Some(ForkHold {
+        _state: uprobes.jump.hold_state_for_fork(),
+        _pass: pass,
+    })
+}
+
 impl JumpSites for LiveUprobes {
     fn with_writer(&self, f: &mut dyn FnMut(&dyn JumpView)) {
         let _pass = self.jump_pass.lock().unwrap_or_else(|e| e.into_inner());
+        run_hook(&PASS_HOOK);
         // Before the optimizer's state is locked (module docs).
         let symbols = Live::global().current_symbols();
         f(&UprobeView {

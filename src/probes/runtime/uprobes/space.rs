@@ -15,7 +15,8 @@ use crate::probes::xol::XolAllocator;
 /// [`XolArea`] (the one [`Live::global`](crate::probes::runtime::Live::global)
 /// uses, so slots, quiescence and `fork` copies are shared), its mappings
 /// are the executable segments of the objects the loader lists, and its
-/// return trampoline is an `int3` in an XOL slot of its own.
+/// return trampoline is the kretprobes' assembly trampoline on x86_64 (a
+/// return without a trap) and a `brk` in an XOL slot of its own on arm64.
 pub struct ThisProcess {
     pub(super) id: SpaceId,
     pub(super) text: InProcess,
