@@ -44,7 +44,10 @@
 //! or that still has instances in the shared stripes, files in the shared
 //! stripes: a [`HashedLocks`] array of chains keyed by [`ThreadKey`], one
 //! spin lock per stripe. One call's instances are therefore never split
-//! between the two.
+//! between the two. (A claim entry of a registry that was dropped stays in
+//! the thread's array until the thread exits: a thread that used
+//! kretprobes in four registries since dropped uses the shared stripes of
+//! a fifth.)
 //!
 //! # Matching a return
 //!
