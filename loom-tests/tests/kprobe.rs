@@ -80,7 +80,7 @@
 
 mod probe_common;
 
-use std::sync::atomic::{AtomicBool as StdBool, AtomicUsize as StdUsize, Ordering as StdOrd};
+use std::sync::atomic::{AtomicBool as StdBool, Ordering as StdOrd};
 use std::sync::Arc;
 
 use loom::thread;
@@ -105,12 +105,18 @@ const CALLER: u64 = 0x4444;
 #[derive(Default)]
 struct Data(Val);
 
-static DATA_DROPS: StdUsize = StdUsize::new(0);
+std::thread_local! {
+    /// Drops of `Data` in this test's model. A thread-local of the test's
+    /// OS thread (loom runs every model thread of one test on it): the
+    /// test harness runs the models in parallel, and a shared counter let
+    /// one model's pool frees reach another's assertion.
+    static DATA_DROPS: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
 
 impl Drop for Data {
     fn drop(&mut self) {
         self.0.poison();
-        DATA_DROPS.fetch_add(1, StdOrd::SeqCst);
+        DATA_DROPS.with(|d| d.set(d.get() + 1));
     }
 }
 
@@ -295,13 +301,13 @@ fn wait_until_pool_freed(reg: &Reg, krp: Kretprobe<Data>) {
     while reg.orphans() != 0 {
         thread::yield_now();
     }
-    assert_eq!(DATA_DROPS.load(StdOrd::SeqCst), 1, "freed exactly once");
+    assert_eq!(DATA_DROPS.with(|d| d.get()), 1, "freed exactly once");
 }
 
 #[test]
 fn a_kretprobe_pool_outlives_its_unregistration_until_the_call_returns() {
     model(|| {
-        DATA_DROPS.store(0, StdOrd::SeqCst);
+        DATA_DROPS.with(|d| d.set(0));
         let reg = Arc::new(registry());
         let krp = data_kretprobe(|d| d.0.touch());
         reg.register(&krp).unwrap();
@@ -333,7 +339,7 @@ fn a_kretprobe_pool_outlives_its_unregistration_until_the_call_returns() {
 #[test]
 fn a_thread_flushed_inside_a_call_frees_the_orphaned_pool_after_giving_its_instance_back() {
     model(|| {
-        DATA_DROPS.store(0, StdOrd::SeqCst);
+        DATA_DROPS.with(|d| d.set(0));
         let reg = Arc::new(registry());
         let krp = data_kretprobe(|_| panic!("the call never returns"));
         reg.register(&krp).unwrap();
@@ -393,7 +399,7 @@ fn two_entries_on_one_instance_track_one_call_at_a_time_and_count_the_other_miss
 #[test]
 fn a_flush_from_another_thread_and_the_owners_call_take_the_instance_exactly_once() {
     model(|| {
-        DATA_DROPS.store(0, StdOrd::SeqCst);
+        DATA_DROPS.with(|d| d.set(0));
         let reg = Arc::new(registry());
         let krp = data_kretprobe(|d| d.0.touch());
         reg.register(&krp).unwrap();

@@ -515,18 +515,25 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     ///
     /// Runs no handler of an unregistered kretprobe (the return address is
     /// still restored) and none on a thread already running a handler
-    /// (`nmissed`). Allocates nothing, makes no system call; takes one
-    /// instance-table stripe (the pools are lock-free), and
+    /// (`nmissed`). Allocates nothing, makes no system call; takes the
+    /// thread's instance-table stripe (its own: no lock; the pools are
+    /// lock-free), and
     /// only once the thread's re-entrancy flag is up (module docs).
     pub fn on_return(&self, regs: &mut Regs) -> ReturnOutcome {
         let Some(trampoline) = self.trampoline else {
             return ReturnOutcome::NotOurs;
         };
+        let thread = ThreadKey::current();
+        // A thread with nothing filed here (a uretprobe's return, asked of
+        // every dispatcher, or another registry's) is answered with two
+        // thread-local loads (`instances.rs`).
+        if !self.instances.may_hold(thread) {
+            return ReturnOutcome::NotOurs;
+        }
         // Before any lock: a signal handler that runs probed code while this
         // thread holds the stripe below must see the flag and stay away from
         // the kretprobe locks (module docs, "Re-entrancy").
         let scope = KprobeScope::enter();
-        let thread = ThreadKey::current();
         let sp = regs.sp;
         let _guard = self.rcu.read();
         let mut taken = self.instances.take_returning(thread, sp);

@@ -554,6 +554,15 @@ impl InstanceTable {
         (s.owner.load(Ordering::Relaxed) == me.0).then_some(&**s)
     }
 
+    /// Whether the calling thread `thread` may have instances filed here:
+    /// it holds an own stripe, or may have some in the shared stripes. A
+    /// false answer is exact (a thread files only through `file`, which
+    /// claims a stripe or counts what it puts in the shared ones).
+    #[inline]
+    pub(crate) fn may_hold(&self, thread: ThreadKey) -> bool {
+        IN_SHARED.with(Cell::get) != 0 || self.mine(thread).is_some()
+    }
+
     /// Claims an own stripe for the calling thread: a free one (or one a
     /// dead thread with the same key left behind), when the thread has a
     /// free claim entry and nothing in the shared stripes. One CAS, once
