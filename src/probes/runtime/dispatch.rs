@@ -707,10 +707,10 @@ pub fn steps_in_flight() -> usize {
 /// move the return. A miss costs each dispatcher a lookup of this thread's
 /// instances (the live uprobes: one thread-local load when the thread
 /// holds no uprobe return stack, about 6 ns where the old immediate
-/// answer took 2; the kprobe registry: a look at the thread's own
-/// instance-table stripe, without a lock, or nothing for a thread that
-/// never filed an instance, where a shared stripe's lock cost 16-22 ns
-/// before own stripes: `benches/live_uprobe.rs`, `return_miss_*`).
+/// answer took 2; the kprobe registry: two thread-local loads for a
+/// thread with nothing filed there, about 7 ns, where a stripe lock cost
+/// 16-22 ns before own stripes: `benches/live_uprobe.rs`,
+/// `return_miss_*`).
 pub(crate) fn dispatch_return(regs: &mut Regs) -> bool {
     let _guard = Rcu::global().read();
     let mut to = None;
