@@ -738,7 +738,16 @@ impl InstanceTable {
         };
         {
             let _one = self.remote.lock().unwrap_or_else(|e| e.into_inner());
-            for s in self.own.iter() {
+            // A stripe no thread holds has an empty chain: its last owner
+            // flushed it before giving it back (`release_own`), and a fork
+            // child's reset empties it. Relaxed: a claim is made in `file`,
+            // on the hit path, whose read sections the teardown's grace
+            // period waited for.
+            for s in self
+                .own
+                .iter()
+                .filter(|s| s.owner.load(Ordering::Relaxed) != 0)
+            {
                 s.as_remote(&mut drain);
             }
         }
