@@ -17,7 +17,7 @@
 //! not wait for their callbacks.
 
 use rcu_registry::rcu::{Rcu, Srcu};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -78,32 +78,113 @@ fn callbacks_run(call: impl Fn(Box<dyn FnOnce() + Send>), barrier: impl Fn(), n:
     ran.load(Ordering::Relaxed) == n
 }
 
+/// The child's steps, by the number it writes into its [`Stage`] before
+/// each: what the parent names when the child's watchdog killed it.
+const STAGES: [&str; 10] = [
+    "starting",
+    "Rcu::global().synchronize()",
+    "the pools' Rcu synchronize()",
+    "the pools' Srcu synchronize()",
+    "the held Srcu's synchronize()",
+    "call() and barrier() of an Rcu::new() made in the child",
+    "Rcu::global() call() and barrier()",
+    "the flood domain's call() and barrier()",
+    "the held Srcu's call() and barrier()",
+    "Rcu::global() start_poll() and cond_synchronize()",
+];
+
+/// A word the child shares with its parent (a shared anonymous page): the
+/// step the child is in, so that a child its watchdog killed says where it
+/// hung.
+pub struct Stage(*mut AtomicU32);
+
+impl Stage {
+    /// A fresh page; `None` if it cannot be mapped (the checks run anyway,
+    /// without the report).
+    pub fn new() -> Option<Stage> {
+        // SAFETY: an anonymous shared mapping of one page, checked below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                4096,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        (p != libc::MAP_FAILED).then(|| Stage(p.cast()))
+    }
+
+    fn word(&self) -> &AtomicU32 {
+        // SAFETY: the page is mapped (zeroed) until `drop`, and an
+        // `AtomicU32` is valid for any bits.
+        unsafe { &*self.0 }
+    }
+
+    /// The child: it is now in step `n`.
+    fn set(&self, n: u32) {
+        // Relaxed: read by the parent after `waitpid`, which orders it.
+        self.word().store(n, Ordering::Relaxed);
+    }
+
+    /// The parent, after the child ended: the step it was last in.
+    fn name(&self) -> &'static str {
+        // Relaxed: see `set`.
+        STAGES
+            .get(self.word().load(Ordering::Relaxed) as usize)
+            .copied()
+            .unwrap_or("an unknown step")
+    }
+}
+
+impl Drop for Stage {
+    fn drop(&mut self) {
+        // SAFETY: the page mapped in `new`, unmapped once.
+        unsafe { libc::munmap(self.0.cast(), 4096) };
+    }
+}
+
 /// What the child checks: grace periods complete although threads that were
 /// reading at the fork are gone, callbacks run (new workers replace the
 /// parent's), polled cookies complete. Returns the exit code.
-fn child_checks(t: &ForkTargets) -> i32 {
+fn child_checks(t: &ForkTargets, stage: Option<&Stage>) -> i32 {
+    let at = |n: u32| {
+        if let Some(s) = stage {
+            s.set(n);
+        }
+    };
     if Rcu::in_read_section() {
         return EXIT_STILL_READING;
     }
     let global = Rcu::global();
+    at(1);
     global.synchronize();
+    at(2);
     t.pool_rcu.synchronize();
+    at(3);
     t.pool_srcu.synchronize();
+    at(4);
     t.held_srcu.synchronize();
 
+    at(5);
     let fresh = Rcu::new();
     if !callbacks_run(|f| fresh.call(f), || fresh.barrier(), 3) {
         return EXIT_FRESH_RCU_CALLBACKS;
     }
+    at(6);
     if !callbacks_run(|f| global.call(f), || global.barrier(), 3) {
         return EXIT_GLOBAL_RCU_CALLBACKS;
     }
+    at(7);
     if !callbacks_run(|f| t.flood.call(f), || t.flood.barrier(), 1000) {
         return EXIT_FLOOD_CALLBACKS;
     }
+    at(8);
     if !callbacks_run(|f| t.held_srcu.call(f), || t.held_srcu.barrier(), 3) {
         return EXIT_SRCU_CALLBACKS;
     }
+    at(9);
     let cookie = global.start_poll();
     global.cond_synchronize(cookie);
     if !global.poll(&cookie) {
@@ -125,7 +206,11 @@ fn child(checks: impl FnOnce() -> i32) -> ! {
 /// Forks; the child runs [`child_checks`], the parent waits for it (killing
 /// it after [`PARENT_WAIT`]). Returns how long the child took.
 pub fn fork_and_check(t: &ForkTargets) -> Result<Duration, String> {
-    fork_and_run(|| child_checks(t))
+    let stage = Stage::new();
+    fork_and_run(|| child_checks(t, stage.as_ref())).map_err(|e| match &stage {
+        Some(s) => format!("{e}; its last step: {}", s.name()),
+        None => e,
+    })
 }
 
 /// Forks; the child runs `checks` (under the watchdog) and exits with the
