@@ -527,16 +527,16 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         // A thread with nothing filed here (a uretprobe's return, asked of
         // every dispatcher, or another registry's) is answered with two
         // thread-local loads (`instances.rs`).
-        if !self.instances.may_hold(thread) {
+        let Some(filed) = self.instances.filed(thread) else {
             return ReturnOutcome::NotOurs;
-        }
+        };
         // Before any lock: a signal handler that runs probed code while this
         // thread holds the stripe below must see the flag and stay away from
         // the kretprobe locks (module docs, "Re-entrancy").
         let scope = KprobeScope::enter();
         let sp = regs.sp;
         let _guard = self.rcu.read();
-        let mut taken = self.instances.take_returning(thread, sp);
+        let mut taken = self.instances.take_returning(thread, sp, filed);
         if taken.is_empty() {
             return ReturnOutcome::NotOurs;
         }

@@ -345,9 +345,18 @@ const MAX_CLAIMS: usize = 4;
 /// published by nothing, unique across model executions too.
 static NEXT_TABLE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
+/// Where a thread's instances are filed in a table
+/// ([`InstanceTable::filed`]).
+pub(crate) enum Filed<'a> {
+    /// In the thread's own stripe.
+    Own(&'a OwnStripe),
+    /// In the shared stripes.
+    Shared,
+}
+
 /// A stripe one thread claimed for its own instances (module docs, "Own
 /// stripes").
-struct OwnStripe {
+pub(crate) struct OwnStripe {
     /// The owner's [`ThreadKey`]; 0 while free.
     owner: AtomicUsize,
     /// Up while the owner works on `chain` without the lock.
@@ -554,13 +563,18 @@ impl InstanceTable {
         (s.owner.load(Ordering::Relaxed) == me.0).then_some(&**s)
     }
 
-    /// Whether the calling thread `thread` may have instances filed here:
-    /// it holds an own stripe, or may have some in the shared stripes. A
-    /// false answer is exact (a thread files only through `file`, which
-    /// claims a stripe or counts what it puts in the shared ones).
+    /// Where the calling thread `thread` has its instances filed here, if
+    /// anywhere: its own stripe when it holds one, else the shared stripes
+    /// when it may have some there. Never both: a thread claims only with
+    /// nothing in the shared stripes ([`IN_SHARED`] is never below the
+    /// truth), and files nothing there once it holds an own stripe. `None`
+    /// is exact (a thread files only through `file`).
     #[inline]
-    pub(crate) fn may_hold(&self, thread: ThreadKey) -> bool {
-        IN_SHARED.with(Cell::get) != 0 || self.mine(thread).is_some()
+    pub(crate) fn filed(&self, thread: ThreadKey) -> Option<Filed<'_>> {
+        match self.mine(thread) {
+            Some(s) => Some(Filed::Own(s)),
+            None => (IN_SHARED.with(Cell::get) != 0).then_some(Filed::Shared),
+        }
     }
 
     /// Claims an own stripe for the calling thread: a free one (or one a
@@ -657,7 +671,8 @@ impl InstanceTable {
     /// exactly `sp`, every instance of `thread` with a stack pointer at or
     /// below `sp` (the returning call's, and abandoned deeper frames');
     /// otherwise nothing.
-    pub(crate) fn take_returning(&self, thread: ThreadKey, sp: u64) -> Taken {
+    /// `filed` is where [`filed`](Self::filed) found them.
+    pub(crate) fn take_returning(&self, thread: ThreadKey, sp: u64, filed: Filed<'_>) -> Taken {
         debug_assert!(
             in_kprobe_handler(),
             "a stripe taken before the re-entrancy flag"
@@ -669,16 +684,15 @@ impl InstanceTable {
             // SAFETY: the caller has the chain to itself.
             unsafe { take_matching(&mut chain.head, thread, sp) }
         };
-        let mut taken = match self.mine(thread) {
-            Some(s) => s.as_owner(take),
-            None => Taken::empty(),
-        };
-        if taken.is_empty() && IN_SHARED.with(Cell::get) != 0 {
-            taken = take(&mut self.shared.lock(&thread));
-            let n = taken.len();
-            IN_SHARED.with(|c| c.set(c.get().saturating_sub(n)));
+        match filed {
+            Filed::Own(s) => s.as_owner(take),
+            Filed::Shared => {
+                let taken = take(&mut self.shared.lock(&thread));
+                let n = taken.len();
+                IN_SHARED.with(|c| c.set(c.get().saturating_sub(n)));
+                taken
+            }
         }
-        taken
     }
 
     /// Unlinks every instance of `thread` whose call returns with a stack
