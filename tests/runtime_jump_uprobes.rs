@@ -12,7 +12,8 @@
 //! blocks SIGTRAP, with the trap path as the control); a uretprobe and a
 //! kretprobe on one return (tail calls, both orders); a uretprobe on a
 //! recursive function; a uretprobe frame left by `longjmp`; a thread that
-//! exits inside a uretprobed call; a fork during a paused optimizer pass. The racing stress is
+//! exits inside a uretprobed call; a fork during a paused optimizer pass; a
+//! uprobe registered inside an optimized uprobe's displaced bytes. The racing stress is
 //! `runtime_jump_uprobes_stress.rs`.
 
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
@@ -1062,5 +1063,63 @@ fn a_fork_during_a_uprobe_pass_leaves_the_child_able_to_optimize_and_unregister(
     assert_eq!(load(&c.hits), 1, "the child's calls are the child's");
     live().unregister(key, &c.consumer).unwrap();
     assert_eq!(code_at(f3 as usize as u64, ADD3.len()), ADD3);
+    lib.close();
+}
+
+/// A uprobe registered inside an optimized uprobe's displaced bytes (the
+/// `add` two bytes into `fx_add3`, where the `jmp`'s displacement is):
+/// the optimized site goes back to the trap path first, so the new one is
+/// installed over the original instruction, not over the displacement.
+/// Both count every call; after both are gone the file's bytes are back,
+/// exactly.
+#[test]
+fn a_uprobe_registered_inside_an_optimized_uprobes_displaced_bytes_is_installed_on_the_original_code(
+) {
+    let _g = serial();
+    let so = fixture("jupinside");
+    let lib = Lib::open(&so);
+    let f = lib.func(c"fx_add3");
+    let at = f as usize as u64;
+    let entry = counted(Arc::new(AtomicU64::new(at)), Vec::new(), false);
+    let key = register_add3(&so, &entry.consumer);
+    optimized(key);
+    assert_eq!(code_at(at, 1), [0xe9]);
+    let inner = counted(Arc::new(AtomicU64::new(at + 2)), Vec::new(), false);
+    let inner_key = live()
+        .register(
+            &UprobeTarget::symbol(so.to_str().unwrap(), "fx_add3").offset(2),
+            &inner.consumer,
+        )
+        .expect("a uprobe inside the displaced bytes registers")
+        .key();
+    assert!(
+        !live().is_optimized(key),
+        "the entry is back on the trap path"
+    );
+    assert_eq!(
+        code_at(at, 3),
+        [0xcc, ADD3[1], 0xcc],
+        "two breakpoints on the original code"
+    );
+    for x in 0..100 {
+        assert_eq!(f(x), x + 3);
+    }
+    assert_eq!(load(&entry.hits), 100);
+    assert_eq!(load(&inner.hits), 100);
+    assert_eq!(
+        load(&entry.wrong) + load(&inner.wrong),
+        0,
+        "a handler saw the wrong ip"
+    );
+    // A pass leaves the entry on the trap path: the other uprobe is inside.
+    live().optimize_now();
+    assert!(!live().is_optimized(key));
+    assert_eq!(f(1), 4);
+    assert_eq!((load(&entry.hits), load(&inner.hits)), (101, 101));
+    live().unregister(inner_key, &inner.consumer).unwrap();
+    live().unregister(key, &entry.consumer).unwrap();
+    assert_eq!(code_at(at, ADD3.len()), ADD3);
+    assert_eq!(f(2), 5);
+    live().optimize_now();
     lib.close();
 }
