@@ -9,11 +9,13 @@
 //! trampoline is a small piece of assembly that:
 //!
 //! 1. reserves the word just below the caller's stack pointer for the real
-//!    return address (the final `ret` pops it, leaving the stack pointer as
-//!    the caller expects);
-//! 2. pushes the sixteen general registers in [`Regs`] order (rax first in
-//!    memory), so the frame *is* an array the Rust side indexes by hardware
-//!    number;
+//!    return address (the final jump goes through it, leaving the stack
+//!    pointer as the caller expects);
+//! 2. builds a [`Regs`] in place below it: the sixteen general registers
+//!    pushed in hardware order (rax lowest, as `Regs::gprs` holds them),
+//!    the words above them written (`sp` the caller's stack pointer, `ip`
+//!    the trampoline, the rest 0), so the Rust half works on the frame
+//!    itself, with no copy in or out;
 //! 3. saves the vector and x87 state (the return value may be in `xmm0`/
 //!    `xmm1`, `ymm0`, `zmm0` or `st0`, and the Rust code and the handlers
 //!    may use vector registers) on a 64-byte aligned area below the frame,
@@ -35,12 +37,11 @@
 //!    status bits are caller-saved across the call being returned from, so
 //!    the caller holds nothing there. The x86_64 jump stubs
 //!    (`jump/stubs.rs`) share the detection (`ENTRY_VECTORS`).
-//! 4. calls `trampoline_return(frame)`, which builds a [`Regs`] (stack
-//!    pointer = the caller's, IP = the trampoline), offers it to the
-//!    attached dispatchers (the registry finds this thread's instance for
-//!    this stack pointer, runs the return handlers, and answers the real
-//!    return address in `regs.ip`), and writes the registers and the return
-//!    address back into the frame;
+//! 4. calls `trampoline_return(&mut regs)`, which offers the registers to
+//!    the attached dispatchers (the registry finds this thread's instance
+//!    for this stack pointer, runs the return handlers, and answers the
+//!    real return address in `regs.ip`) and writes that address into the
+//!    reserved word;
 //! 5. restores everything and jumps to the real return address: an
 //!    indirect `jmp` through the reserved word (now just below the stack
 //!    pointer, in the red zone no signal frame touches), not a `ret`. The
@@ -75,12 +76,15 @@ use super::dispatch::dispatch_return;
 use super::in_trap::TrapScope;
 use crate::probes::arch::Regs;
 
-/// Words in the trampoline frame: sixteen registers and the return address.
-const FRAME_WORDS: usize = 17;
-/// Index of the real return address in the frame.
-const RET_SLOT: usize = 16;
-/// Hardware number of `rsp`, kept in [`Regs::sp`] instead.
-const RSP: usize = 4;
+/// Bytes of [`Regs`] above the sixteen registers the trampoline pushes
+/// (rax lowest, in hardware order, as `Regs::gprs` holds them): the
+/// trampoline builds `Regs` in place on the stack, below the slot for the
+/// real return address, and the Rust half works on it there.
+const ABOVE_BYTES: usize = std::mem::size_of::<Regs>() - 16 * 8;
+/// The caller's stack pointer, from the start of `Regs`: past `Regs` and
+/// the return slot.
+const CALLER_SP: usize = std::mem::size_of::<Regs>() + 8;
+const _: () = assert!(std::mem::size_of::<Regs>() == 34 * 8 && std::mem::align_of::<Regs>() == 8);
 
 global_asm!(
     ".pushsection .text.rcu_registry_kretprobe_trampoline,\"ax\",@progbits",
@@ -89,7 +93,9 @@ global_asm!(
     ".hidden __rcu_registry_kretprobe_trampoline",
     ".type __rcu_registry_kretprobe_trampoline,@function",
     "__rcu_registry_kretprobe_trampoline:",
-    "sub rsp, 8",
+    // The return slot, then the words of `Regs` above the sixteen pushed
+    // registers (lea: no flag changes; none need keeping at a return).
+    "lea rsp, [rsp - 8 - {above}]",
     "push r15",
     "push r14",
     "push r13",
@@ -101,13 +107,32 @@ global_asm!(
     "push rdi",
     "push rsi",
     "push rbp",
-    // The rsp slot: a placeholder (the Rust side computes the caller's).
-    "push rax",
+    // The rsp slot (gprs[4]): unused on x86_64 (`Regs::sp` has it), 0.
+    "push 0",
     "push rbx",
     "push rdx",
     "push rcx",
     "push rax",
     "mov rbx, rsp",
+    // `Regs` in place: gprs[16..31] (arm64's) zeroed with 16-byte stores
+    // from xmm2 (caller-saved and no return register: dead at a return; a
+    // legacy-SSE write leaves the upper state as it was), `sp` the
+    // caller's (past the return slot), `ip` the trampoline, `flags` 0.
+    "pxor xmm2, xmm2",
+    "movdqu xmmword ptr [rsp + 128], xmm2",
+    "movdqu xmmword ptr [rsp + 144], xmm2",
+    "movdqu xmmword ptr [rsp + 160], xmm2",
+    "movdqu xmmword ptr [rsp + 176], xmm2",
+    "movdqu xmmword ptr [rsp + 192], xmm2",
+    "movdqu xmmword ptr [rsp + 208], xmm2",
+    "movdqu xmmword ptr [rsp + 224], xmm2",
+    "xor ecx, ecx",
+    "mov qword ptr [rsp + 240], rcx",
+    "mov qword ptr [rsp + {flags_off}], rcx",
+    "lea rcx, [rsp + {caller_sp}]",
+    "mov qword ptr [rsp + {sp_off}], rcx",
+    "lea rcx, [rip + __rcu_registry_kretprobe_trampoline]",
+    "mov qword ptr [rsp + {ip_off}], rcx",
     // The fast path (see "The vector state" in the module docs): with
     // XINUSE, x87 in its initial state (no `st0`/`st1` return value) means
     // the caller can only be waiting for xmm0/xmm1 (ymm/zmm with their upper
@@ -227,7 +252,7 @@ global_asm!(
     // misaligned with the predictor. An indirect jump is predicted by the
     // branch target buffer instead. The word just below the stack pointer
     // is in the red zone, which no signal frame overwrites.
-    "lea rsp, [rsp + 8]",
+    "lea rsp, [rsp + {above} + 8]",
     "jmp qword ptr [rsp - 8]",
     ".globl __rcu_registry_kretprobe_trampoline_end",
     ".hidden __rcu_registry_kretprobe_trampoline_end",
@@ -238,6 +263,11 @@ global_asm!(
     xsave_bytes = sym XSAVE_BYTES,
     xsave_mask = sym XSAVE_MASK,
     vectors = sym super::jump::stubs::ENTRY_VECTORS,
+    above = const ABOVE_BYTES,
+    caller_sp = const CALLER_SP,
+    sp_off = const std::mem::offset_of!(Regs, sp),
+    ip_off = const std::mem::offset_of!(Regs, ip),
+    flags_off = const std::mem::offset_of!(Regs, flags),
 );
 
 /// Bytes the trampoline reserves for `xsave64` (0: use `fxsave64`), plus 64
@@ -345,13 +375,14 @@ pub(crate) fn trampoline_range() -> (u64, u64) {
     )
 }
 
-/// The trampoline's Rust half (see the module docs). `frame` points to
-/// [`FRAME_WORDS`] words: the registers by hardware number, then the slot
-/// for the real return address; the caller's stack pointer is just past it.
+/// The trampoline's Rust half (see the module docs). `frame` points to the
+/// [`Regs`] the assembly built on its stack; the slot for the real return
+/// address is the word just above it, and the caller's stack pointer just
+/// past that.
 ///
 /// It raises the thread's trap flag first (`in_trap.rs`); a return that
 /// finds it up is nested in the runtime's own work and runs no handler.
-extern "C" fn trampoline_return(frame: *mut [u64; FRAME_WORDS]) {
+extern "C" fn trampoline_return(frame: *mut Regs) {
     let scope = TrapScope::enter();
     let missed = scope.is_none().then(super::in_trap::nested);
     returning(frame);
@@ -363,23 +394,17 @@ extern "C" fn trampoline_return(frame: *mut [u64; FRAME_WORDS]) {
 /// probe hit there is a nested trap). The call-graph walk stops here
 /// (`callgraph/flag_up.rs`).
 #[inline(never)]
-extern "C" fn returning(frame: *mut [u64; FRAME_WORDS]) {
-    // SAFETY: the assembly passes its own stack frame, 17 initialised,
-    // aligned words that nothing else references during the call.
-    let f = unsafe { &mut *frame };
-    let mut regs = Regs::default();
-    for n in (0..16).filter(|&n| n != RSP) {
-        regs.gprs[n] = f[n];
-    }
-    regs.sp = frame as u64 + (FRAME_WORDS * 8) as u64;
-    regs.ip = trampoline_address();
+extern "C" fn returning(frame: *mut Regs) {
+    // SAFETY: the assembly passes the `Regs` it built on its own stack,
+    // fully written, aligned, referenced by nothing else during the call.
+    let regs = unsafe { &mut *frame };
     // Return handlers run inside `dispatch_return`: a panic there must not
     // unwind into the assembly (it has no unwind information).
     let claimed = super::signal::abort_on_panic(
         "rcu-registry: a probe handler panicked in the kretprobe return trampoline; \
          a panic cannot unwind through it, so the process aborts (see the handler \
          contract: rcu_registry::docs::patterns)",
-        || dispatch_return(&mut regs),
+        || dispatch_return(regs),
     );
     if !claimed {
         super::signal::fatal_message(
@@ -387,8 +412,9 @@ extern "C" fn returning(frame: *mut [u64; FRAME_WORDS]) {
              instance claimed it; the real return address is lost",
         );
     }
-    for n in (0..16).filter(|&n| n != RSP) {
-        f[n] = regs.gprs[n];
-    }
-    f[RET_SLOT] = regs.ip;
+    // The assembly pops the general registers from `regs` (a changed `sp`
+    // is ignored) and jumps through the word just above it.
+    // SAFETY: the return slot is the word just above `Regs` in the
+    // assembly's frame, part of the same frame.
+    unsafe { frame.add(1).cast::<u64>().write(regs.ip) };
 }
