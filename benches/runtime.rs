@@ -21,7 +21,11 @@
 //!   no trap, a `jmp` to the site's detour (issue 15). Their cost added per
 //!   call (minus `plain_call`) and their ratio to the trap probes are
 //!   printed at the end, with what saving the vector state costs
-//!   (`xsave64`, `xsavec64`, `fxsave64`, none: one save and restore pair).
+//!   (`xsave64`, `xsavec64`, `fxsave64`, none: one save and restore pair);
+//! - `jump_kprobe_mid`: a jump-optimized kprobe inside a function (two
+//!   bytes in), served by the full stub, which saves the vector state by
+//!   moves when the thread's x87 state is unused (`runtime/x87_state.rs`)
+//!   and with `xsave64` otherwise.
 //!
 //! Ratios against `raw_int3` are printed at the end. Run:
 //! `cargo bench --bench runtime -- --warm-up-time 1 --measurement-time 2`
@@ -91,6 +95,14 @@ global_asm!(
     ".byte 0x89, 0xf8, 0x83, 0xc0, 0x01, 0xc3",
     ".size rb_jkret, . - rb_jkret",
     ".p2align 4",
+    ".globl rb_jmid",
+    ".type rb_jmid,@function",
+    "rb_jmid:",
+    // mov eax, edi; add eax, 1; add eax, 0; ret: probed at +2, the two
+    // adds displaced (mid-function: the full stub).
+    ".byte 0x89, 0xf8, 0x83, 0xc0, 0x01, 0x83, 0xc0, 0x00, 0xc3",
+    ".size rb_jmid, . - rb_jmid",
+    ".p2align 4",
     ".globl rb_kret",
     ".type rb_kret,@function",
     "rb_kret:",
@@ -109,6 +121,7 @@ extern "C" {
     fn rb_kret(x: u32) -> u32;
     fn rb_jump(x: u32) -> u32;
     fn rb_jkret(x: u32) -> u32;
+    fn rb_jmid(x: u32) -> u32;
 }
 
 type Func = unsafe extern "C" fn(u32) -> u32;
@@ -281,6 +294,15 @@ fn main() {
     assert!(live.is_optimized(k.probe()), "rb_jkret optimized");
     bench(&mut c, "jump_kretprobe", rb_jkret);
     reg.unregister(&k).unwrap();
+    // Mid-function: the full stub (`jump/stubs.rs`).
+    let p = Kprobe::at(addr(rb_jmid) + 2)
+        .pre(|_p, _r| Action::Continue)
+        .build();
+    reg.register(&p).unwrap();
+    live.optimize_now();
+    assert!(live.is_optimized(&p), "rb_jmid + 2 optimized");
+    bench(&mut c, "jump_kprobe_mid", rb_jmid);
+    reg.unregister(&p).unwrap();
 
     let uprobe = uprobe_column(&mut c);
 
@@ -348,6 +370,12 @@ fn jump_summary() {
         added(tr) / added(jr),
         met(added(jr) <= 60.0)
     );
+    if let Some(m) = median("jump_kprobe_mid") {
+        println!(
+            "  kprobe mid-function (full stub) jump {:>7.1} ns added",
+            added(m)
+        );
+    }
     if let (Some(p), Some(k), Some(r)) = (
         fastest("plain_call"),
         fastest("jump_kprobe"),

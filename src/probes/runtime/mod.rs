@@ -180,6 +180,8 @@ pub(crate) mod trampoline;
 pub(crate) mod trap_tls;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub mod uprobes;
+#[cfg(target_arch = "x86_64")]
+mod x87_state;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod xol;
 

@@ -231,6 +231,13 @@ extern "C" fn handle_quiesce(
     // SAFETY: gettid is async-signal-safe and cannot fail.
     let tid = unsafe { libc::syscall(libc::SYS_gettid) } as i32;
     TABLE.ack(tid, ip, mask != 0);
+    // Every thread takes this signal: its x87 state is marked unused again
+    // if it is (`x87_state.rs`).
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the ucontext the kernel passed us, ours alone.
+    unsafe {
+        super::x87_state::settle_x87(uctx)
+    };
     // SAFETY: see above.
     unsafe { *libc::__errno_location() = errno };
 }

@@ -177,6 +177,14 @@ extern "C" fn handle_sigtrap(
         }
         None => handle_nested_trap(sig, info, uctx),
     }
+    // The frame's x87 state marked unused if it is, so that the return
+    // leaves XINUSE's x87 bit clear (`x87_state.rs`: the jump stubs' fast
+    // path depends on it).
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: the ucontext the kernel passed us, ours alone.
+    unsafe {
+        super::x87_state::settle_x87(uctx.cast())
+    };
 }
 
 /// A trap on a thread that was not handling one: runs with the trap flag

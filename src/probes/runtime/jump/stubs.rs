@@ -20,16 +20,20 @@
 //!   [`XsavePlan`](super::super::trampoline::XsavePlan); `fxsave64` without
 //!   `xsave`), with the upper state cleaned for the Rust half;
 //!
-//!   In practice the full stub's fast path is rare: the processor sets
-//!   XINUSE's x87 bit the first time a process returns from a signal
-//!   handler (every probe is a trap before it is optimized, so every
-//!   process this runtime serves has) and never clears it, and the x87
-//!   stack's TOP field cannot stand in for it mid-function (TOP is 0 both
-//!   when the stack is empty and when all eight registers are live, and
-//!   telling the two apart takes `fnstenv`/`fldenv`, about 60 ns here). A
-//!   mid-function optimized probe therefore pays the full save, about
-//!   100 ns; the return trampoline, where the ABI leaves the stack empty
-//!   but for a return value, reads TOP instead.
+//!   The kernel marks x87 state in use at every signal return (every
+//!   probe is a trap before it is optimized, and the quiescence proofs
+//!   signal every thread), which would send every mid-function hit of a
+//!   process this runtime serves through the full save; the runtime's own
+//!   signal handlers mark an unused x87 state unused again in their frames
+//!   (`runtime/x87_state.rs`), so the fast path is what a thread that
+//!   does not use x87 gets (measured: 50-55 ns added per mid-function hit
+//!   against 111 ns with the full save). A thread that uses x87, or that
+//!   took a signal of the program's own, pays the full save. The x87
+//!   stack's TOP field cannot stand in for the bit mid-function (TOP is 0
+//!   both when the stack is empty and when all eight registers are live,
+//!   and telling the two apart takes `fnstenv`/`fldenv`, about 60 ns
+//!   here); the return trampoline, where the ABI leaves the stack empty
+//!   but for a return value, reads TOP.
 //! - **the entry stub**, for a probe at a function's first instruction (its
 //!   symbol's start): what the System V calling convention can make live
 //!   there and a handler (ABI-conforming code) may clobber: the general
