@@ -35,13 +35,25 @@ pub trait JumpHook: Send + Sync + 'static {
     /// registry's writer mutex does: a pass that collected its candidates
     /// before the call could otherwise mark a site pending after it and
     /// write there before the restore (`loom-tests/tests/uprobe_jump_pass.rs`).
-    /// Never wait for a grace period while holding it. The default runs
-    /// `to_trap_path` and holds nothing.
+    /// Never wait for a grace period while holding it; more sites go back
+    /// under the same hold with [`JumpHold::to_trap_path`]. The default
+    /// runs `to_trap_path` and holds nothing.
     fn to_trap_path_held(&self, ranges: &[Range<u64>]) -> JumpHold<'_> {
         for r in ranges {
             self.to_trap_path(r.clone(), false);
         }
-        JumpHold(None)
+        JumpHold(Some(Box::new(Unheld(self))))
+    }
+}
+
+/// The default hold: nothing held, later ranges through the hook itself.
+struct Unheld<'a, H: ?Sized>(&'a H);
+
+impl<H: JumpHook + ?Sized> Holding for Unheld<'_, H> {
+    fn to_trap_path(&mut self, range: Range<u64>) -> bool {
+        self.0.to_trap_path(range, false);
+        // Unknown: say the text may have changed.
+        true
     }
 }
 
@@ -49,6 +61,18 @@ pub trait JumpHook: Send + Sync + 'static {
 /// released when dropped.
 #[must_use = "the restore must be written while it is held"]
 pub struct JumpHold<'a>(Option<Box<dyn Holding + 'a>>);
+
+impl JumpHold<'_> {
+    /// Puts the optimized sites whose displaced bytes intersect `range`
+    /// back on the trap path under this hold (as
+    /// [`JumpHook::to_trap_path`], no post handler joining): a writer that
+    /// touches several places takes the hold once, before it reads any of
+    /// them, and adds each as it reaches it. Returns whether a site's text
+    /// may have changed (bytes read before the call are stale then).
+    pub fn to_trap_path(&mut self, range: Range<u64>) -> bool {
+        self.0.as_mut().is_some_and(|h| h.to_trap_path(range))
+    }
+}
 
 impl<'a> JumpHold<'a> {
     /// A hold of `what` (dropped with the hold).
@@ -70,10 +94,12 @@ impl std::fmt::Debug for JumpHold<'_> {
     }
 }
 
-/// Anything a [`JumpHold`] keeps until it is dropped.
-pub trait Holding {}
-
-impl<T> Holding for T {}
+/// What a [`JumpHold`] keeps until it is dropped: the optimizer's state
+/// lock, and how to put more sites back under it.
+pub trait Holding {
+    /// [`JumpHold::to_trap_path`].
+    fn to_trap_path(&mut self, range: Range<u64>) -> bool;
+}
 
 /// Where a detour sends the thread after a registry's `on_jump_hit`.
 #[must_use = "the outcome says where the thread goes"]

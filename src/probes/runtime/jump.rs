@@ -747,13 +747,28 @@ impl JumpHook for JumpOptimizer {
         for r in ranges {
             self.to_trap_path_locked(&mut st, r.clone(), false);
         }
-        JumpHold::new(st)
+        JumpHold::new(Held { opt: self, st })
+    }
+}
+
+/// [`JumpHook::to_trap_path_held`]'s hold: the state lock, and the
+/// optimizer to put more sites back under it.
+struct Held<'a> {
+    opt: &'a JumpOptimizer,
+    st: std::sync::MutexGuard<'a, State>,
+}
+
+impl crate::probes::jump_sites::Holding for Held<'_> {
+    fn to_trap_path(&mut self, range: Range<u64>) -> bool {
+        self.opt.to_trap_path_locked(&mut self.st, range, false)
     }
 }
 
 impl JumpOptimizer {
-    /// [`JumpHook::to_trap_path`] with the state locked.
-    fn to_trap_path_locked(&self, st: &mut State, range: Range<u64>, add_post: bool) {
+    /// [`JumpHook::to_trap_path`] with the state locked. Returns whether an
+    /// optimized site's text was put back (a pending site's text is still
+    /// the `int3` and its original bytes: taking it back writes nothing).
+    fn to_trap_path_locked(&self, st: &mut State, range: Range<u64>, add_post: bool) -> bool {
         // Pending sites of a pass under way (waiting unlocked): back to
         // completing their first instruction themselves; the pass leaves
         // them alone when it resumes.
@@ -770,7 +785,7 @@ impl JumpOptimizer {
             }
         }
         if st.optimized.is_empty() {
-            return;
+            return false;
         }
         // A site's displaced bytes start at most `MAX_DISPLACED` before
         // any address they hold.
@@ -781,10 +796,12 @@ impl JumpOptimizer {
             .filter(|(_, o)| o.site.addr < range.end && o.site.resume_addr() > range.start)
             .map(|(&a, _)| a)
             .collect();
+        let changed = !hit.is_empty();
         for a in hit {
             if let Some(o) = st.optimized.remove(&a) {
                 self.unoptimize(st, o, add_post);
             }
         }
+        changed
     }
 }

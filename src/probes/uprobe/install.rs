@@ -25,6 +25,7 @@ use super::space::{AddressSpace, FileMapping, UprobeKey};
 use super::xolshare::{SlotKey, XolShares};
 use crate::probes::arch::{Arch, Insn, InsnClass, XolPlan, MAX_INSN_BYTES};
 use crate::probes::error::CodeBytes;
+use crate::probes::jump_sites::JumpHold;
 use crate::probes::text::{TextMemory, TextWrite};
 use crate::probes::ProbeError;
 use crate::rcu::{Flavor, Retirements};
@@ -296,21 +297,33 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// Before a registration prepares an install of `up` at `vaddr`: an
     /// optimized site whose displaced bytes hold `vaddr` (or, for the
     /// boundary check, are in the function before it) goes back to the
-    /// trap path before a breakpoint is read or written there. Not before
-    /// an `on_mmap` install: nothing was optimized in text just mapped,
-    /// and the loader's thread calls it inside a read section, where the
-    /// hook's wait for a pass could deadlock (`jump.rs`).
-    pub(super) fn jump_before_install(&self, up: &Uprobe<F>, map: &FileMapping, vaddr: u64) {
-        if self.jump_hook.is_none() {
-            return;
-        }
+    /// trap path before a breakpoint is read or written there, under the
+    /// registration's `hold` of the optimizer (taken by
+    /// [`jump_hold`](Self::jump_hold) before it read anything, dropped once
+    /// its breakpoints are written): no pass writes in between, so a pass
+    /// that collected its candidates before cannot put its `jmp`'s
+    /// displacement where the install reads the original instruction.
+    /// Returns whether text there may have changed (bytes read before are
+    /// stale). Not before an `on_mmap` install: nothing was optimized in
+    /// text just mapped, and the loader's thread calls it inside a read
+    /// section, where the hook's wait for a pass could deadlock (`jump.rs`).
+    pub(super) fn jump_before_install(
+        &self,
+        hold: &mut Option<JumpHold<'_>>,
+        up: &Uprobe<F>,
+        map: &FileMapping,
+        vaddr: u64,
+    ) -> bool {
+        let Some(hold) = hold else {
+            return false;
+        };
         let end = (vaddr + self.arch.max_insn_len() as u64).min(map.vaddr.end);
         let from = up
             .func_offset
             .and_then(|f| map.vaddr_of(f))
             .filter(|&f| f <= vaddr)
             .unwrap_or(vaddr);
-        self.jump_to_trap(from..end, false);
+        hold.to_trap_path(from..end)
     }
 
     /// How many bytes at `vaddr` an install reads (an instruction's longest,

@@ -42,9 +42,15 @@
 //! trap path first (`runtime/jump.rs`), waiting for no grace period (the
 //! dynamic linker's thread may wait for the stripe inside a read section).
 //! A hit already in a detour that then finds an opted-out consumer
-//! redirects to the `int3` with nothing run. A removal keeps the
-//! optimizer's lock from its hook until the original bytes are back
-//! (`jump_to_trap_held`), so no pass writes in between. Text just mapped (`on_mmap`)
+//! redirects to the `int3` with nothing run. A writer keeps the
+//! optimizer's lock from its hook until its bytes are written
+//! (`jump_to_trap_held`, `jump_hold`), so no pass writes in between: a
+//! removal until the original bytes are back; a registration from before
+//! it reads any text (its read-ahead, the boundary check) until its
+//! breakpoints are written, putting back the sites it meets under that
+//! one hold (otherwise a pass that collected its candidates before could
+//! write its `jmp`'s displacement where the install then reads "the
+//! original instruction"). Text just mapped (`on_mmap`)
 //! or gone (`on_munmap`) needs no hook: nothing optimized is in it, and the
 //! optimizer's next pass forgets a site whose text went, writing nothing
 //! (its writes check the text's identity and bytes). The hook addresses
@@ -112,25 +118,24 @@ impl<F: Flavor + 'static> ResumeCell for UprobeCell<F> {
 }
 
 impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
-    /// Calls a jump optimizer's hook before the registry touches text (see
-    /// `uprobe/jump.rs`) at `range`. `add_post`: a consumer the detour must
-    /// not run joins there. The caller holds the file's stripe and no read
-    /// section.
-    #[inline]
-    pub(super) fn jump_to_trap(&self, range: Range<u64>, add_post: bool) {
-        if let Some(h) = &self.jump_hook {
-            h.to_trap_path(range, add_post);
-        }
-    }
-
-    /// [`jump_to_trap`](Self::jump_to_trap) for a restore of original
-    /// bytes at `ranges`: the optimizer writes nothing until the returned
+    /// Calls a jump optimizer's hook before the registry restores original
+    /// bytes at `ranges` (see `uprobe/jump.rs`): the optimizer writes nothing until the returned
     /// hold is dropped, so the caller's restore cannot meet a `jmp` (or its
     /// tail) a pass wrote after the hook ([`JumpHook::to_trap_path_held`]).
     /// The caller holds the files' stripes and no read section, writes its
     /// bytes and drops the hold, waiting for no grace period meanwhile.
     pub(super) fn jump_to_trap_held(&self, ranges: &[Range<u64>]) -> Option<JumpHold<'_>> {
         self.jump_hook.as_ref().map(|h| h.to_trap_path_held(ranges))
+    }
+
+    /// A registration's hold of the jump optimizer, taken before it reads
+    /// any text and dropped once its breakpoints are written: no pass
+    /// writes meanwhile, and the installs put the sites they meet back on
+    /// the trap path under it (`install.rs`, `jump_before_install`).
+    /// `None` without a hook. The caller holds the files' stripes and no
+    /// read section, and waits for no grace period until it drops it.
+    pub(super) fn jump_hold(&self) -> Option<JumpHold<'_>> {
+        self.jump_to_trap_held(&[])
     }
 
     /// The registry with a jump optimizer's hook (see `uprobe/jump.rs`):

@@ -21,6 +21,7 @@ use super::xolshare::XolShares;
 use crate::hashlock::HashedLocks;
 use crate::probes::arch::{Arch, Insn, XolPlan, MAX_INSN_BYTES};
 use crate::probes::error::{CodeBytes, ProbeSite};
+use crate::probes::jump_sites::JumpHold;
 use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
 use crate::rcu::{Flavor, RcuCell, Retirements, Srcu};
@@ -420,6 +421,9 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 Self::targets_in(of_file, *k)
             })
             .collect();
+        // The optimizer writes nothing from here until the breakpoints are
+        // written: what is read below stays what is there.
+        let mut hold = self.jump_hold();
         let pre = self.pre_read(&targets);
         let repeated = repeats(items);
         // Every item's prepared installs, back to back (one allocation for
@@ -438,10 +442,19 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 if again {
                     return Err(ProbeError::AlreadyRegistered { site: site(key) });
                 }
-                self.stage(key, func_offset, consumer, at, pre, &mut prepared)
+                self.stage(
+                    key,
+                    func_offset,
+                    consumer,
+                    at,
+                    pre,
+                    &mut prepared,
+                    &mut hold,
+                )
             })
             .collect();
         let written = self.write_prepared(&prepared);
+        drop(hold);
         staged
             .into_iter()
             .map(|s| {
@@ -474,8 +487,18 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         let _file = self.files.lock(&key.file);
         let mut prepared = Vec::new();
         let at = self.mapped_targets(key);
-        let staged = self.stage(key, func_offset, consumer, at, &[], &mut prepared)?;
+        let mut hold = self.jump_hold();
+        let staged = self.stage(
+            key,
+            func_offset,
+            consumer,
+            at,
+            &[],
+            &mut prepared,
+            &mut hold,
+        )?;
         let written = self.write_prepared(&prepared);
+        drop(hold);
         self.finish_stage(staged, &prepared, &written)
     }
 
@@ -521,7 +544,12 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
     /// new), and the installs prepared in every space that maps the offset
     /// (`targets`: [`mapped_targets`](Self::mapped_targets) of `key`) and
     /// that the consumer brings in (with the bytes `pre` read for them, if
-    /// it did). On error nothing changed.
+    /// it did). `hold`: the caller's hold of the jump optimizer
+    /// ([`jump_hold`](Self::jump_hold)), under which optimized sites go
+    /// back to the trap path before an install reads or writes there. On
+    /// error nothing changed (but for such sites put back, which the
+    /// optimizer's next pass optimizes again).
+    #[allow(clippy::too_many_arguments)]
     fn stage(
         &self,
         key: UprobeKey,
@@ -530,6 +558,7 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         targets: Result<Vec<Target<S, F>>, ProbeError>,
         pre: &[PreRead],
         prepared: &mut Vec<Prepared<S, F>>,
+        hold: &mut Option<JumpHold<'_>>,
     ) -> Result<Staged<F>, ProbeError> {
         // (A batch registers new keys, usually: one walk for a miss.)
         let existing = self.uprobes.get_handle_expecting_miss(&key);
@@ -565,7 +594,9 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
                 slice(up.placed.load(&g)).iter().map(|p| p.vaddr).collect()
             };
             for v in at {
-                self.jump_to_trap(v..v + 1, false);
+                if let Some(h) = hold {
+                    h.to_trap_path(v..v + 1);
+                }
             }
         }
         // Relaxed: the number's uniqueness and order come from the
@@ -610,9 +641,10 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
             if wanted_before || !consumer.wants(id) {
                 continue;
             }
-            let read = pre.get(i).copied().flatten();
+            let changed = self.jump_before_install(hold, up.value(), map, *vaddr);
+            // Bytes read ahead are stale where an optimized site went back.
+            let read = pre.get(i).copied().flatten().filter(|_| !changed);
             let read = read.as_ref().map(|(b, n)| &b[..*n as usize]);
-            self.jump_before_install(up.value(), map, *vaddr);
             match self.prepare(up.value(), st, key, *vaddr, map, read) {
                 Ok(Some(p)) => prepared.push(p),
                 Ok(None) => {}
