@@ -31,7 +31,16 @@
 //! `jmp`; no `jmp` is written to a retired detour; a detour is retired at
 //! most once; the cell ends clear.
 //!
-//! Four tests:
+//! A registration inside the site's displaced bytes (another uprobe at
+//! the byte after its first, `UprobeRegistry::jump_hold`): the hook, the
+//! install's read of the original instruction and its breakpoint under
+//! one hold of the lock, against the pass writing the `jmp`'s
+//! displacement over that byte (step 5, a compare-and-swap from the
+//! original byte) and then its first byte. Checked: the install reads the
+//! original byte and its breakpoint goes in; the site ends on the trap
+//! path.
+//!
+//! Six tests:
 //!
 //! - the hook runs while the pass waits (the site pending before the
 //!   writer starts): every order is safe;
@@ -49,7 +58,14 @@
 //!   write its tail under the `int3` before the registry's restore put the
 //!   original first byte back: the original byte before a `jmp`'s
 //!   displacement, executed until the pass's failed first-byte write put
-//!   the tail back. Now the hook's hold covers the restore.
+//!   the tail back. Now the hook's hold covers the restore;
+//! - a registration inside the displaced bytes under the hold: every order
+//!   is safe;
+//! - the registration's old protocol (the hook released before the
+//!   install reads) is caught (`should_panic`): the pass writes its `jmp`
+//!   between the two, and the install reads the displacement as the
+//!   original instruction (or, a little later, has its breakpoint
+//!   refused).
 //!
 //! What it does NOT cover: the quiescence wait and the core syncs (the
 //! `jump_opt.rs` model has them), the detour's contents and reclaim, more
@@ -75,6 +91,11 @@ use rcu_registry::rcu::Flavor;
 const INT3: u8 = 0xcc;
 const JMP: u8 = 0xe9;
 const ORIG: u8 = 0x55;
+/// The original byte after the site's first: where a registration inside
+/// the displaced bytes installs.
+const ORIG1: u8 = 0x89;
+/// The `jmp`'s displacement byte written over it.
+const DISP: u8 = 0x17;
 
 /// The optimizer's state for the one site (under its state lock).
 #[derive(Default)]
@@ -88,6 +109,8 @@ struct Site {
     state: Mutex<State>,
     /// The site's first byte (SeqCst: the text, read whole).
     byte0: AtomicU8,
+    /// The byte after it: under the `jmp`'s displacement once optimized.
+    byte1: AtomicU8,
     /// Trap hits resume in the detour (the `DetourCell`).
     cell: AtomicBool,
     /// Times the detour was retired.
@@ -125,10 +148,21 @@ impl Site {
             self.retire();
             return;
         }
-        let wrote = self
-            .byte0
-            .compare_exchange(INT3, JMP, Ordering::SeqCst, Ordering::SeqCst)
+        // Step 5, the tail under the `int3`, expecting the original byte
+        // (`InProcess` refuses a write over bytes it did not expect); then
+        // step 6, the first byte (the tail put back if that fails).
+        let tail = self
+            .byte1
+            .compare_exchange(ORIG1, DISP, Ordering::SeqCst, Ordering::SeqCst)
             .is_ok();
+        let wrote = tail
+            && self
+                .byte0
+                .compare_exchange(INT3, JMP, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok();
+        if tail && !wrote {
+            self.byte1.store(ORIG1, Ordering::SeqCst);
+        }
         if wrote {
             assert_eq!(
                 self.retired.load(Ordering::SeqCst),
@@ -165,26 +199,69 @@ impl Site {
     fn unregister(&self, held: bool) {
         {
             let mut st = self.state.lock().unwrap();
-            if st.pending {
-                st.pending = false;
-                // Release: pairs with `trap_hit`'s Acquire (a hit that no
-                // longer sees the cell completes the instruction itself).
-                self.cell.store(false, Ordering::Release);
-                self.retire();
-            }
-            if st.optimized {
-                st.optimized = false;
-                // Back to the trap path: `int3` over the `jmp`.
-                self.byte0.store(INT3, Ordering::SeqCst);
-                self.cell.store(false, Ordering::Release);
-                self.retire();
-            }
+            self.take_back(&mut st);
             if held {
                 self.restore();
                 return;
             }
         }
         self.restore();
+    }
+
+    /// The hook's work on the site, state locked: a pending site taken
+    /// back, an optimized one put back on the trap path (`int3` over the
+    /// `jmp`, the original byte over its displacement).
+    fn take_back(&self, st: &mut State) {
+        if st.pending {
+            st.pending = false;
+            // Release: pairs with `trap_hit`'s Acquire (a hit that no
+            // longer sees the cell completes the instruction itself).
+            self.cell.store(false, Ordering::Release);
+            self.retire();
+        }
+        if st.optimized {
+            st.optimized = false;
+            self.byte0.store(INT3, Ordering::SeqCst);
+            self.byte1.store(ORIG1, Ordering::SeqCst);
+            self.cell.store(false, Ordering::Release);
+            self.retire();
+        }
+    }
+
+    /// A registration of another uprobe at the byte after the site (inside
+    /// its displaced bytes): the hold, the hook, the install's read of
+    /// "the original instruction", and its breakpoint (a compare-and-swap
+    /// from what it read), all under the hold (`held`, as
+    /// `UprobeRegistry::jump_hold` does) or, the old protocol, the read and
+    /// the write after the hook let go.
+    fn register_inside(&self, held: bool) {
+        let mut st = self.state.lock().unwrap();
+        self.take_back(&mut st);
+        if !held {
+            drop(st);
+            return self.install_inside();
+        }
+        self.install_inside();
+        drop(st);
+    }
+
+    /// The install's read and its breakpoint. Either failing means a pass
+    /// wrote between the hook and the install: reading the displacement
+    /// as the original instruction is the corruption; a refused write
+    /// (`InProcess` checks the bytes it replaces) is a spurious error.
+    fn install_inside(&self) {
+        let read = self.byte1.load(Ordering::SeqCst);
+        assert_eq!(
+            read, ORIG1,
+            "a pass wrote between the hook and the install: it read the jmp's displacement"
+        );
+        let wrote = self
+            .byte1
+            .compare_exchange(read, INT3, Ordering::SeqCst, Ordering::SeqCst);
+        assert!(
+            wrote.is_ok(),
+            "a pass wrote between the hook and the install: its breakpoint was refused"
+        );
     }
 
     /// The registry's restore, expecting its `int3`.
@@ -219,6 +296,7 @@ fn run(order: Order, recheck: bool, held: bool) {
             rcu: ModelDomain::new(),
             state: Mutex::new(State::default()),
             byte0: AtomicU8::new(INT3),
+            byte1: AtomicU8::new(ORIG1),
             cell: AtomicBool::new(false),
             retired: AtomicUsize::new(0),
         });
@@ -235,6 +313,32 @@ fn run(order: Order, recheck: bool, held: bool) {
         pass.join().unwrap();
         hit.join().unwrap();
         assert_eq!(site.byte0.load(Ordering::SeqCst), ORIG);
+        assert!(!site.cell.load(Ordering::SeqCst), "the cell left set");
+    });
+}
+
+/// A registration inside the site's displaced bytes racing the pass (any
+/// order: the pass's candidates were collected before the registration).
+fn run_inside(held: bool) {
+    model(move || {
+        let site = Arc::new(Site {
+            rcu: ModelDomain::new(),
+            state: Mutex::new(State::default()),
+            byte0: AtomicU8::new(INT3),
+            byte1: AtomicU8::new(ORIG1),
+            cell: AtomicBool::new(false),
+            retired: AtomicUsize::new(0),
+        });
+        let (p, h) = (Arc::clone(&site), Arc::clone(&site));
+        let pass = thread::spawn(move || p.pass(true));
+        let hit = thread::spawn(move || h.trap_hit());
+        site.register_inside(held);
+        pass.join().unwrap();
+        hit.join().unwrap();
+        // The install's breakpoint is in, over the original byte; the site
+        // ends on the trap path (refused, or put back by the hook).
+        assert_eq!(site.byte1.load(Ordering::SeqCst), INT3);
+        assert_eq!(site.byte0.load(Ordering::SeqCst), INT3);
         assert!(!site.cell.load(Ordering::SeqCst), "the cell left set");
     });
 }
@@ -261,4 +365,18 @@ fn the_model_catches_a_jmp_written_without_the_pending_recheck() {
 #[should_panic(expected = "the unregistration found a jmp")]
 fn the_model_catches_a_restore_written_after_the_hook_let_go() {
     run(Order::Free, true, false);
+}
+
+#[test]
+fn a_registration_inside_the_displaced_bytes_under_the_hold_reads_the_original_code() {
+    run_inside(true);
+}
+
+/// The window of the registration paths before the hold: the hook let go
+/// before the install read the text, and a pass that had collected the
+/// site wrote its `jmp` in between.
+#[test]
+#[should_panic(expected = "a pass wrote between the hook and the install")]
+fn the_model_catches_an_install_that_reads_after_the_hook_let_go() {
+    run_inside(false);
 }
