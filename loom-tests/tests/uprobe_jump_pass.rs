@@ -118,6 +118,18 @@ struct Site {
 }
 
 impl Site {
+    /// The site with its `int3` written and its original byte after it.
+    fn new() -> Site {
+        Site {
+            rcu: ModelDomain::new(),
+            state: Mutex::new(State::default()),
+            byte0: AtomicU8::new(INT3),
+            byte1: AtomicU8::new(ORIG1),
+            cell: AtomicBool::new(false),
+            retired: AtomicUsize::new(0),
+        }
+    }
+
     fn retire(&self) {
         // SeqCst: model bookkeeping, checked after the joins and by the
         // pass's `jmp` (which must never follow a retirement).
@@ -292,14 +304,7 @@ enum Order {
 
 fn run(order: Order, recheck: bool, held: bool) {
     model(move || {
-        let site = Arc::new(Site {
-            rcu: ModelDomain::new(),
-            state: Mutex::new(State::default()),
-            byte0: AtomicU8::new(INT3),
-            byte1: AtomicU8::new(ORIG1),
-            cell: AtomicBool::new(false),
-            retired: AtomicUsize::new(0),
-        });
+        let site = Arc::new(Site::new());
         let (p, h) = (Arc::clone(&site), Arc::clone(&site));
         let pass = match order {
             Order::PendingFirst => {
@@ -321,14 +326,7 @@ fn run(order: Order, recheck: bool, held: bool) {
 /// order: the pass's candidates were collected before the registration).
 fn run_inside(held: bool) {
     model(move || {
-        let site = Arc::new(Site {
-            rcu: ModelDomain::new(),
-            state: Mutex::new(State::default()),
-            byte0: AtomicU8::new(INT3),
-            byte1: AtomicU8::new(ORIG1),
-            cell: AtomicBool::new(false),
-            retired: AtomicUsize::new(0),
-        });
+        let site = Arc::new(Site::new());
         let (p, h) = (Arc::clone(&site), Arc::clone(&site));
         let pass = thread::spawn(move || p.pass(true));
         let hit = thread::spawn(move || h.trap_hit());
