@@ -55,6 +55,11 @@ pub(crate) use loom::thread;
 pub(crate) use std::thread_local;
 
 #[cfg(not(loom))]
+mod raw_thread;
+#[cfg(not(loom))]
+pub(crate) use raw_thread::RawThread;
+
+#[cfg(not(loom))]
 mod trap_local;
 #[cfg(not(loom))]
 pub(crate) use trap_local::{

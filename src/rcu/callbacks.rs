@@ -94,7 +94,7 @@ pub(crate) struct CallbackQueue {
     /// child's generation differs and it simply claims again.
     start_claim: AtomicU64,
     /// The worker's join handle (boxed), or null.
-    handle: AtomicPtr<thread::JoinHandle<()>>,
+    handle: AtomicPtr<WorkerHandle>,
     shutdown: AtomicBool,
     /// Someone waits for the queue (`barrier`): do not let the batch grow.
     urgent: AtomicBool,
@@ -255,8 +255,8 @@ impl CallbackQueue {
                 // SAFETY: handles are only ever boxed by this function.
                 let old = unsafe { Box::from_raw(old) };
                 // The previous worker ran in our parent and does not exist
-                // here: its handle is meaningless, forget it rather than join.
-                std::mem::forget(old);
+                // here: its handle is meaningless, dropped without a join.
+                abandon_worker(*old);
             }
             self.worker_gen.store(gen, Ordering::Release);
             self.start_claim.store(gen << 1, Ordering::Release);
@@ -391,9 +391,14 @@ impl CallbackQueue {
             // SAFETY: boxed by `start_worker`; the swap made it ours alone.
             let h = *unsafe { Box::from_raw(handle) };
             if self.worker_gen.load(Ordering::Relaxed) != fork_generation() {
-                std::mem::forget(h);
-            } else if !ON_WORKER.with(|w| w.get()) {
-                let _ = h.join();
+                // The worker ran in our parent and does not exist here:
+                // nothing to join.
+                abandon_worker(h);
+            } else if ON_WORKER.with(|w| w.get()) {
+                // Called on the worker itself, which cannot wait for itself.
+                detach_worker(h);
+            } else {
+                join_worker(h);
             }
         }
     }
@@ -454,12 +459,49 @@ fn run_batch(mut p: *mut Node) -> usize {
     n
 }
 
-fn spawn_worker(f: impl FnOnce() + Send + 'static) -> thread::JoinHandle<()> {
+/// A worker's thread: made with `pthread_create` (`sync/raw_thread.rs`:
+/// a forked child starts its workers afresh, and `std::thread::spawn` can
+/// block forever there on a lock of the standard library's that a parent
+/// thread held at the fork); loom's own thread under loom.
+#[cfg(not(loom))]
+type WorkerHandle = crate::sync::RawThread;
+#[cfg(loom)]
+type WorkerHandle = thread::JoinHandle<()>;
+
+#[cfg(not(loom))]
+fn join_worker(h: WorkerHandle) {
+    h.join();
+}
+
+#[cfg(loom)]
+fn join_worker(h: WorkerHandle) {
+    let _ = h.join();
+}
+
+#[cfg(not(loom))]
+fn abandon_worker(h: WorkerHandle) {
+    h.abandon();
+}
+
+#[cfg(loom)]
+fn abandon_worker(h: WorkerHandle) {
+    drop(h);
+}
+
+#[cfg(not(loom))]
+fn detach_worker(h: WorkerHandle) {
+    h.detach();
+}
+
+#[cfg(loom)]
+fn detach_worker(h: WorkerHandle) {
+    drop(h);
+}
+
+fn spawn_worker(f: impl FnOnce() + Send + 'static) -> WorkerHandle {
     #[cfg(not(loom))]
     {
-        thread::Builder::new()
-            .name("rcu-callbacks".into())
-            .spawn(f)
+        crate::sync::RawThread::spawn(c"rcu-callbacks", f)
             .expect("failed to spawn the RCU callback worker thread")
     }
     #[cfg(loom)]
