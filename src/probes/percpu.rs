@@ -349,9 +349,9 @@ mod lse {
             return false;
         }
         // No ordering (`stadd`, not `staddl`): a statistics counter, as the
-        // relaxed `fetch_add`; exactness comes from the atomic add.
-        // SAFETY: an atomic add to the counter's own word (valid and
-        // aligned: an `AtomicU64`), on a processor that has LSE.
+        // relaxed `fetch_add`; exactness comes from the atomic add. The
+        // word is valid and aligned (an `AtomicU64`).
+        // SAFETY: an atomic add to the counter's own word, with LSE present.
         unsafe {
             std::arch::asm!(
                 ".arch_extension lse",

@@ -52,9 +52,9 @@ impl<F: Flag> HandlerScope<F> {
 impl<F: Flag> Drop for HandlerScope<F> {
     #[inline]
     fn drop(&mut self) {
-        // SAFETY: the calling thread's own flag (the scope is not `Send`),
-        // a `const` thread-local without a destructor: live as long as
-        // the thread.
+        // The scope is not `Send`; the flag is a `const` thread-local
+        // without a destructor, live as long as the thread.
+        // SAFETY: the calling thread's own flag, live (see above).
         unsafe { (*self.0).set(false) };
     }
 }

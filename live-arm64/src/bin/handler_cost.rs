@@ -29,14 +29,12 @@ fn main() {
         .unwrap_or(200_000);
     // The SIGTRAP disposition's handler.
     let current = || {
-        // SAFETY: all-zero is a valid sigaction; a null new action only
-        // reads the current one.
+        // A null new action only reads the current one.
+        // SAFETY: all-zero is a valid sigaction.
         let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
-        // SAFETY: see above.
-        assert_eq!(
-            unsafe { libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut sa) },
-            0
-        );
+        // SAFETY: see above; a valid out pointer.
+        let r = unsafe { libc::sigaction(libc::SIGTRAP, std::ptr::null(), &mut sa) };
+        assert_eq!(r, 0);
         // SAFETY: both handlers are installed with the SA_SIGINFO signature.
         unsafe { std::mem::transmute::<usize, Handler>(sa.sa_sigaction) }
     };
@@ -47,8 +45,9 @@ fn main() {
     // ns per call of `h` on a frame trapped at `pc`; the PC is put back
     // before each call (the handler moves it on).
     let time = |h: Handler, pc: u64| {
-        // SAFETY: all-zero is a valid siginfo and ucontext (no FP/SIMD
-        // record: the handlers read none for these instructions).
+        // No FP/SIMD record in the frame: the handlers read none for
+        // these instructions.
+        // SAFETY: all-zero is a valid siginfo and ucontext.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: see above.
         let mut uc: libc::ucontext_t = unsafe { std::mem::zeroed() };

@@ -511,8 +511,8 @@ pub(crate) fn dispatch_breakpoint(addr: u64, regs: &mut Regs, mem: &mut dyn Data
         None => give_back(stack, depth, false),
         Some(Taken::Resume) => give_back(stack, depth, true),
         Some(Taken::Step { d, marker }) => {
-            // SAFETY: see above; nested traps have popped what they pushed.
             // The entry stays pushed until its step trap.
+            // SAFETY: see above; nested traps have popped what they pushed.
             unsafe {
                 (*stack).entries[depth].marker = marker;
                 (*stack).entries[depth].d = Some(d);

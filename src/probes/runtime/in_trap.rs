@@ -88,9 +88,9 @@ impl TrapScope {
 impl Drop for TrapScope {
     #[inline(always)]
     fn drop(&mut self) {
-        // SAFETY: the calling thread's own flag (the scope is not `Send`),
-        // a `const` thread-local without a destructor: live as long as the
-        // thread.
+        // The scope is not `Send`; the flag is a `const` thread-local
+        // without a destructor, live as long as the thread.
+        // SAFETY: the calling thread's own flag, live (see above).
         unsafe { (*self.flag).set(false) };
     }
 }
