@@ -3,8 +3,10 @@
 //! store), removed in place (the slot cleared, or marked when the probe has
 //! a post handler), the commit's wait for the post handlers of removed
 //! members (the site's post epoch bumped with a Release store, read by hits
-//! with Acquire before any slot, then the old epoch's step count drained
-//! after the grace period) and its compaction (a copy without the removed
+//! relaxed with the length, both followed by one acquire fence before any
+//! slot, as the site's list and bucket head are read; then the old epoch's
+//! step count drained after the grace period) and its compaction (a copy
+//! without the removed
 //! slots, published with a Release swap, the old list retired, once removed
 //! slots are half the list), racing a hit on the site.
 //!
@@ -40,10 +42,12 @@
 //! The models are known to bite: with the length's publication in
 //! `Members::push` made `Relaxed`, models 1 and 2 report a causality
 //! violation on q's data; with the commit not waiting for the old epoch's
-//! steps, or with the epoch's store and load made `Relaxed` (a hit that
-//! reads the new epoch but p's slot from before the mark runs p's pre
-//! handler uncounted), models 2 and 3 report p's post handler racing the
-//! poison; with `finish` giving the probes back in batch order (p before
+//! steps, or with the epoch's store made `Relaxed` (a hit that reads the
+//! new epoch but p's slot from before the mark runs p's pre handler
+//! uncounted), models 2 and 3 report p's post handler racing the poison;
+//! with the hit's one acquire fence after the epoch and length loads
+//! removed (2026-12-07), models 1 and 2 report a causality violation and
+//! model 3 p's post handler racing the poison; with `finish` giving the probes back in batch order (p before
 //! the final list it is still in), model 4 fails: p's post handler runs
 //! after p was dropped, a use after free (here a SIGSEGV).
 //!

@@ -45,7 +45,8 @@
 //! brought online after the counter was made, or the area's "not
 //! registered" values), on other architectures and under loom, the
 //! increment is a relaxed `fetch_add` on a shared word, as
-//! before. loom cannot run a restartable sequence: under `cfg(loom)` every
+//! before (on arm64 an inline `stadd` where the processor has LSE: module
+//! `lse`). loom cannot run a restartable sequence: under `cfg(loom)` every
 //! increment takes the fallback, and `loom-tests/tests/percpu.rs` models
 //! the protocol itself (each slot written by the thread holding its CPU,
 //! summed by concurrent readers) on loom's own atomics.
@@ -99,6 +100,8 @@ impl Default for HitCounter {
 impl HitCounter {
     /// A counter at 0, without per-CPU slots yet.
     pub(crate) fn new() -> HitCounter {
+        #[cfg(all(target_arch = "aarch64", not(target_feature = "lse"), not(loom)))]
+        lse::detect();
         HitCounter {
             shared: AtomicU64::new(0),
             per_cpu: AtomicPtr::new(std::ptr::null_mut()),
@@ -163,6 +166,10 @@ impl HitCounter {
             if rseq::add_one(pc.rseq_offset, &pc.slots) {
                 return;
             }
+        }
+        #[cfg(all(target_arch = "aarch64", not(target_feature = "lse"), not(loom)))]
+        if lse::add_one(&self.shared) {
+            return;
         }
         // Relaxed: a statistics counter; exactness comes from the RMW.
         self.shared.fetch_add(1, Ordering::Relaxed);
@@ -304,6 +311,57 @@ mod rseq {
             );
         }
         added != 0
+    }
+}
+
+/// arm64's shared increment without the call: built without the LSE
+/// target feature (the default), a `fetch_add` is a call of the C
+/// runtime's outline atomic (`__aarch64_ldadd8_relax`), which tests for
+/// LSE and runs `ldadd`: a call and a return around one instruction, on
+/// every trap hit (under qemu-user, where there is no rseq and so no
+/// per-CPU slot, a return is an indirect-branch lookup). Where the
+/// processor has LSE this is the `stadd` inline; an increment of the same
+/// word as `fetch_add`'s, atomic either way, so the two mix exactly.
+#[cfg(all(target_arch = "aarch64", not(target_feature = "lse"), not(loom)))]
+mod lse {
+    use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+    /// Whether the processor has the LSE atomics, once [`detect`] ran.
+    static AVAILABLE: AtomicBool = AtomicBool::new(false);
+
+    /// Looks LSE up (cached by the standard library), off the hit path:
+    /// every counter is made by [`HitCounter::new`](super::HitCounter::new)
+    /// before it can be incremented.
+    pub(super) fn detect() {
+        if std::arch::is_aarch64_feature_detected!("lse") {
+            // Relaxed: a hint; a thread that reads `false` takes the
+            // `fetch_add`, which is as exact.
+            AVAILABLE.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Adds one to `word` with `stadd` if the processor has it; false (and
+    /// nothing added) if not.
+    #[inline(always)]
+    pub(super) fn add_one(word: &AtomicU64) -> bool {
+        // Relaxed: see `detect`.
+        if !AVAILABLE.load(Ordering::Relaxed) {
+            return false;
+        }
+        // No ordering (`stadd`, not `staddl`): a statistics counter, as the
+        // relaxed `fetch_add`; exactness comes from the atomic add. The
+        // word is valid and aligned (an `AtomicU64`).
+        // SAFETY: an atomic add to the counter's own word, with LSE present.
+        unsafe {
+            std::arch::asm!(
+                ".arch_extension lse",
+                "stadd {one}, [{word}]",
+                one = in(reg) 1u64,
+                word = in(reg) word.as_ptr(),
+                options(nostack, preserves_flags),
+            );
+        }
+        true
     }
 }
 

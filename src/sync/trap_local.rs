@@ -154,7 +154,11 @@ impl<T: 'static> TrapLocal<T> {
     /// The calling thread's instance through the standard thread-local:
     /// in a shared library, a call of the loader's `__tls_get_addr`. Out of
     /// line and by this name, so the trap path's walk can tell it apart
-    /// (`callgraph/settled_tls.rs`).
+    /// (`callgraph/settled_tls.rs`). Cold: once settled it is never taken,
+    /// and the settled access then falls straight through (a branch over
+    /// this call ended a translated block at each of the nine accesses of
+    /// an emulated arm64 hit).
+    #[cold]
     #[inline(never)]
     pub(crate) fn dynamic_address(&'static self) -> *const T {
         self.key.with(|v| v as *const T)
@@ -267,11 +271,15 @@ pub(crate) fn thread_pointer() -> *mut u8 {
     #[cfg(target_arch = "aarch64")]
     {
         let tp: *mut u8;
+        // `pure`: the register holds the same value for the whole life of
+        // the thread (signal handlers on it included), so the compiler
+        // may reuse one read for every access in a function (the trap
+        // path's thread-locals read it once each, an `mrs` per access).
         // SAFETY: reads the thread pointer register (the aarch64 TLS ABI:
         // the thread's control block, static TLS blocks above it); touches
         // no memory and no other register.
         unsafe {
-            std::arch::asm!("mrs {}, tpidr_el0", out(reg) tp, options(nomem, nostack, preserves_flags));
+            std::arch::asm!("mrs {}, tpidr_el0", out(reg) tp, options(pure, nomem, nostack, preserves_flags));
         }
         tp
     }

@@ -252,6 +252,7 @@ impl Arm64 {
     }
 
     /// Checks a plan was made by this backend for a single-step.
+    #[inline]
     fn step_marker_of(plan: &XolPlan) -> Result<u64, ProbeError> {
         match (plan.step_marker, plan.fixups.ip) {
             (Some(marker), Some(_))
@@ -395,6 +396,7 @@ impl Arch for Arm64 {
         .with_step_entry(step_entry))
     }
 
+    #[inline]
     fn prepare_step(
         &self,
         plan: &XolPlan,

@@ -60,7 +60,7 @@ use std::marker::PhantomData;
 use std::ptr::NonNull;
 
 use super::instances::ThreadKey;
-use super::kretprobe::EntryContext;
+use super::kretprobe::{EntryContext, ReturnProbe};
 use super::probe::{Action, Handlers};
 use super::registry::KprobeRegistry;
 use super::table::{Members, Site};
@@ -302,6 +302,43 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         }
     }
 
+    /// [`on_breakpoint_in_trap`](Self::on_breakpoint_in_trap) inside the
+    /// caller's read section `guard`, without one of its own: the live
+    /// runtime's trap path holds one already (for its dispatcher table),
+    /// and every `Rcu` domain shares the readers, so that section protects
+    /// this registry's structures as the registry's own would
+    /// (`Flavor::protects`). A nested section cost an emulated arm64 hit
+    /// two thread-local accesses and a dozen instructions each way.
+    #[inline(always)]
+    pub(crate) fn on_breakpoint_in_section<'r>(
+        &'r self,
+        regs: &mut Regs,
+        mem: &mut dyn DataMemory,
+        guard: &RcuGuard<'_>,
+    ) -> HitOutcome<'r> {
+        let addr = self.arch.trap_address(regs);
+        match self.table.lookup(addr, guard) {
+            Some(site) => self.hit(site, addr, guard, regs, mem),
+            // Inside the caller's section still: the miss reads the text
+            // and looks again in a section of its own, nested.
+            None => self.miss(addr, regs, mem),
+        }
+    }
+
+    /// A kretprobe's entry on a hit. Out of line, with its context built
+    /// here: built in `hit`, the context's loads were hoisted onto every
+    /// hit, kretprobe or not (a dozen instructions of an emulated arm64
+    /// hit).
+    #[inline(never)]
+    fn return_entry(&self, r: &dyn ReturnProbe, regs: &mut Regs, mem: &mut dyn DataMemory) {
+        let cx = EntryContext {
+            arch: &self.arch,
+            table: &self.instances,
+            trampoline: self.trampoline.unwrap_or(0),
+        };
+        r.on_entry(regs, mem, &cx);
+    }
+
     /// After a lookup at `addr` missed: a breakpoint removed since the trap
     /// ([`HitOutcome::Vanished`]), someone else's, or ours after all. A
     /// miss that still finds a breakpoint in the text looks once more: the
@@ -341,21 +378,22 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     ) -> HitOutcome<'r> {
         let members = site.members(guard);
         // Before any slot: a removal marked before the epoch read is seen
-        // below (`SiteExec::epoch`).
-        let epoch = members.exec.epoch();
+        // below (`SiteExec::epoch_relaxed`).
+        let epoch = members.exec.epoch_relaxed();
         // One length for the whole hit: the pre handlers, the mask and the
         // posts agree on which members exist.
-        let len = members.len();
+        let len = members.len_relaxed();
+        // Acquire: one fence for the two loads above, before any slot is
+        // read. It pairs with the Release store of the epoch in
+        // `bump_epoch` (the removals marked before it) and with the Release
+        // store of the length in `Members::push` (the slots below it); see
+        // `SiteExec::epoch_relaxed` for why a fence.
+        fence(Ordering::Acquire);
         regs.ip = addr;
         let scope = KprobeScope::enter();
         let mut mask = 0u64;
         let mut any_post = false;
         if scope.is_some() {
-            let cx = EntryContext {
-                arch: &self.arch,
-                table: &self.instances,
-                trampoline: self.trampoline.unwrap_or(0),
-            };
             for i in 0..len {
                 let Some(p) = members.get(i) else { continue };
                 if !p.is_enabled() {
@@ -369,7 +407,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 let action = match &p.inner.handlers {
                     Handlers::Plain { .. } => p.run_pre(regs),
                     Handlers::Return(r) => {
-                        r.on_entry(regs, mem, &cx);
+                        self.return_entry(&**r, regs, mem);
                         Action::Continue
                     }
                 };

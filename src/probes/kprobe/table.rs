@@ -105,7 +105,7 @@ use super::probe::{Kprobe, ProbeInner};
 use crate::probes::arch::{Insn, XolPlan};
 use crate::probes::xol::XolAllocator;
 use crate::rcu::RcuGuard;
-use crate::sync::atomic::{AtomicPtr, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::atomic::{fence, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
 
 /// How hits on one address are completed. Shared by every member list the
 /// site ever had, so the slot is freed when the last of them is.
@@ -186,17 +186,26 @@ impl SiteExec {
         }
     }
 
-    /// The post epoch, for a hit: load it before reading any slot.
+    /// The post epoch, for a hit: load it before reading any slot, and
+    /// issue an acquire fence between the two (the hit path's one fence
+    /// after this load and [`Members::len_relaxed`]).
     #[inline]
-    pub(crate) fn epoch(&self) -> usize {
-        // Acquire pairs with the Release store in `bump_epoch`: a hit that
-        // reads the new epoch sees every removal marked before the bump, so
-        // it runs no pre handler of those probes.
-        self.epoch.load(Ordering::Acquire)
+    pub(crate) fn epoch_relaxed(&self) -> usize {
+        // Relaxed, with the caller's acquire fence after it (before any
+        // slot is read): the fence pairs with the Release store in
+        // `bump_epoch`, so a hit that reads the new epoch sees every
+        // removal marked before the bump and runs no pre handler of those
+        // probes. A fence, not an acquire load: one serves this load and
+        // the length's, and under qemu-user an acquire load (`ldar`) is a
+        // locked host instruction where the fence's load ordering (`dmb
+        // ishld`) costs an x86 host nothing; on arm64 hardware a relaxed
+        // load followed by `dmb ishld` orders it before every later load
+        // and store, as `ldar` would.
+        self.epoch.load(Ordering::Relaxed)
     }
 
     /// Counts a step that will run post handlers under `epoch` (read by
-    /// [`epoch`](Self::epoch) in the same read section); returns the parity
+    /// [`epoch_relaxed`](Self::epoch_relaxed) in the same read section); returns the parity
     /// to give back with [`post_step_done`](Self::post_step_done).
     #[inline]
     pub(crate) fn post_step_started(&self, epoch: usize) -> usize {
@@ -223,7 +232,7 @@ impl SiteExec {
     pub(crate) fn bump_epoch(&self) -> usize {
         // Relaxed: only the writer stores the epoch.
         let e = self.epoch.load(Ordering::Relaxed);
-        // Release pairs with the Acquire load in `epoch`: the marks stored
+        // Release pairs with the acquire fence after `epoch_relaxed`: the marks stored
         // before it are visible to a hit that reads the new value.
         self.epoch.store(e.wrapping_add(1), Ordering::Release);
         e & 1
@@ -303,10 +312,23 @@ impl Members {
     /// The published length: slots below it hold a probe or null (removed).
     #[inline]
     pub(crate) fn len(&self) -> usize {
-        // Acquire pairs with the Release store in `push`: the slot stored
-        // there (and the probe it points to, complete since before its
-        // registration) is visible for every index below the value read.
-        self.len.load(Ordering::Acquire)
+        let n = self.len_relaxed();
+        // Acquire: see `len_relaxed`.
+        fence(Ordering::Acquire);
+        n
+    }
+
+    /// [`len`](Self::len) without its fence: the caller issues an acquire
+    /// fence after this load and before it reads any slot (the hit path's
+    /// one fence for this load and the epoch's).
+    #[inline]
+    pub(crate) fn len_relaxed(&self) -> usize {
+        // Relaxed, with an acquire fence after it (here in `len`, or the
+        // caller's) that pairs with the Release store in `push`: the slot
+        // stored there (and the probe it points to, complete since before
+        // its registration) is visible for every index below the value
+        // read. (Why a fence and not an acquire load: `SiteExec::epoch_relaxed`.)
+        self.len.load(Ordering::Relaxed)
     }
 
     /// The probe in slot `i` (`i` below a value [`len`](Self::len)
@@ -430,9 +452,12 @@ impl Site {
     /// The current member list.
     #[inline]
     pub(crate) fn members<'g>(&'g self, _guard: &'g RcuGuard<'_>) -> &'g Members {
-        // Acquire pairs with the Release swap in `replace_members` (and the
-        // Release publication of the site itself): the list is fully built.
-        let p = self.members.load(Ordering::Acquire);
+        // Relaxed, then an acquire fence: the fence pairs with the Release
+        // swap in `replace_members` (and the Release publication of the
+        // site itself): the list is fully built. (A fence for the load
+        // ordering an acquire load gives: `SiteExec::epoch_relaxed`.)
+        let p = self.members.load(Ordering::Relaxed);
+        fence(Ordering::Acquire);
         // SAFETY: a published site always points to a live list; a replaced
         // list is freed only after a grace period, and `_guard` is a read
         // section that the grace period waits for.
@@ -485,18 +510,23 @@ impl Table {
     /// The site at `addr`, if any. Lock-free: loads only.
     #[inline]
     pub(crate) fn lookup<'g>(&'g self, addr: u64, _guard: &'g RcuGuard<'_>) -> Option<&'g Site> {
-        // Acquire pairs with the Release stores in `insert`/`unlink`: a site
-        // reached is completely initialized.
-        let mut p = self.bucket(addr).load(Ordering::Acquire);
+        // Relaxed, then an acquire fence before a site is read: the fence
+        // pairs with the Release stores in `insert`/`unlink`, so a site
+        // reached is completely initialized. An empty bucket (a miss) pays
+        // no fence. (A fence for the load ordering an acquire load gives:
+        // `SiteExec::epoch_relaxed`.)
+        let mut p = self.bucket(addr).load(Ordering::Relaxed);
         while !p.is_null() {
+            fence(Ordering::Acquire);
             // SAFETY: `p` was published to the chain; it is freed only after
             // a grace period that waits for `_guard`'s read section.
             let site = unsafe { &*p };
             if site.addr == addr {
                 return Some(site);
             }
-            // Acquire: as for the bucket head.
-            p = site.next.load(Ordering::Acquire);
+            // Relaxed, with the fence at the loop's head: as for the
+            // bucket head.
+            p = site.next.load(Ordering::Relaxed);
         }
         None
     }

@@ -8,7 +8,8 @@
 //! [`attach`] files a `&'static` dispatcher in a small fixed table; the
 //! SIGTRAP handler offers each breakpoint trap to the attached dispatchers in
 //! turn until one claims it. The table is read under an
-//! [`Rcu`] read guard with one acquire load per entry: no lock, no
+//! [`Rcu`] read guard with one relaxed load per entry (and an acquire fence
+//! for an entry found): no lock, no
 //! allocation. [`Attachment::detach`] clears the entry and waits for a grace
 //! period, so when it returns no handler is still inside that dispatcher's
 //! breakpoint path (a single-step it started may still complete later
@@ -50,10 +51,11 @@
 use std::any::TypeId;
 use std::mem::MaybeUninit;
 
+use super::live::LiveRegistry;
 use crate::probes::arch::{DataMemory, Regs};
 use crate::probes::ProbeError;
 use crate::rcu::Rcu;
-use crate::sync::atomic::{AtomicPtr, AtomicUsize, Ordering};
+use crate::sync::atomic::{fence, AtomicPtr, AtomicUsize, Ordering};
 use crate::sync::{Mutex, UnsafeCell};
 
 /// What a dispatcher did with a trap.
@@ -240,9 +242,12 @@ impl std::fmt::Debug for StepStash {
 /// registry); tests and benchmarks add a few.
 pub const MAX_DISPATCHERS: usize = 16;
 
-/// A table entry: a thin pointer to the fat `&'static dyn`.
-struct Entry {
+/// A table entry: a thin pointer to the fat `&'static dyn`, and the same
+/// dispatcher as the live registry it is when attached with
+/// [`try_attach_live`] (the trap path then calls it directly).
+pub(crate) struct Entry {
     d: &'static dyn TrapDispatcher,
+    live: Option<&'static LiveRegistry>,
 }
 
 /// The attached dispatchers. Entries are leaked boxes, never freed (an
@@ -290,14 +295,31 @@ pub fn attach(d: &'static dyn TrapDispatcher) -> Attachment {
 /// dispatchers are attached already. The SIGTRAP handler is installed
 /// either way.
 pub fn try_attach(d: &'static dyn TrapDispatcher) -> Option<Attachment> {
+    attach_entry(Entry { d, live: None })
+}
+
+/// As [`try_attach`] for a live registry ([`Live`](super::Live)): the
+/// SIGTRAP handler calls its hit path directly (inlined, inside the
+/// handler's read section: [`LiveRegistry::trap_in_section`]), not
+/// through the trait object. Everything else reaches it as any
+/// dispatcher.
+pub(crate) fn try_attach_live(r: &'static LiveRegistry) -> Option<Attachment> {
+    attach_entry(Entry {
+        d: r,
+        live: Some(r),
+    })
+}
+
+/// Files `entry` in a free slot of the table (see [`try_attach`]).
+fn attach_entry(entry: Entry) -> Option<Attachment> {
     super::signal::install();
     let _g = TABLE_LOCK.lock().unwrap_or_else(|e| e.into_inner());
     // Relaxed: entries only change under TABLE_LOCK, which we hold.
     let index = TABLE
         .iter()
         .position(|e| e.load(Ordering::Relaxed).is_null())?;
-    let entry = Box::into_raw(Box::new(Entry { d }));
-    // Release pairs with the Acquire load in `for_each_dispatcher`: a handler
+    let entry = Box::into_raw(Box::new(entry));
+    // Release pairs with the acquire fence in `entry`: a handler
     // that sees the pointer sees the entry's contents.
     TABLE[index].store(entry, Ordering::Release);
     // Relaxed: a hint; any value leads the trap path to a correct answer
@@ -325,26 +347,36 @@ impl Attachment {
     }
 }
 
-/// Calls `f` on each attached dispatcher until it returns `Some`. Must run
-/// inside an `Rcu` read section (the caller's guard is what `detach` waits
-/// for).
+/// Calls `f` on each attached dispatcher's entry until it returns `Some`.
+/// Must run inside an `Rcu` read section (the caller's guard is what
+/// `detach` waits for).
 #[inline]
-pub(crate) fn find_dispatcher<R>(
-    mut f: impl FnMut(&'static dyn TrapDispatcher) -> Option<R>,
-) -> Option<R> {
+fn find_dispatcher<R>(mut f: impl FnMut(&'static Entry) -> Option<R>) -> Option<R> {
     for slot in &TABLE {
-        // Acquire pairs with the Release store in `attach`.
-        let e = slot.load(Ordering::Acquire);
-        if e.is_null() {
-            continue;
-        }
-        // SAFETY: entries are never freed (see TABLE).
-        let d = unsafe { (*e).d };
-        if let Some(r) = f(d) {
+        let Some(e) = entry(slot) else { continue };
+        if let Some(r) = f(e) {
             return Some(r);
         }
     }
     None
+}
+
+/// The entry filed in `slot`, if any.
+#[inline(always)]
+fn entry(slot: &AtomicPtr<Entry>) -> Option<&'static Entry> {
+    // Relaxed, then an acquire fence for an entry found: the fence pairs
+    // with the Release store in `attach_entry` (the entry's contents). A
+    // fence, not an acquire load: under qemu-user an acquire load (`ldar`)
+    // is a locked host instruction on every trap, the fence's load
+    // ordering (`dmb ishld`) costs an x86 host nothing; on arm64 hardware
+    // both order the entry's reads after the pointer's.
+    let e = slot.load(Ordering::Relaxed);
+    if e.is_null() {
+        return None;
+    }
+    fence(Ordering::Acquire);
+    // SAFETY: entries are never freed (see TABLE).
+    Some(unsafe { &*e })
 }
 
 /// Nested single-steps one thread can have in flight: one per signal
@@ -404,20 +436,19 @@ fn pending() -> *mut PendingStack {
 
 /// Handles a breakpoint trap at `addr` (the `int3`'s own address): the end
 /// of the innermost single-step if `addr` is its marker, else a probe hit
-/// offered to the attached dispatchers. Returns `None` if nobody claimed it;
-/// `regs` are then unchanged. Inlined into the SIGTRAP handler: one call
-/// less on every trap.
+/// offered to the attached dispatchers. Returns false if nobody claimed
+/// it; `regs` are then unchanged. A dispatcher's [`Verdict::Failed`]
+/// aborts the process here ([`failed`]). Inlined into the SIGTRAP
+/// handler: one call less on every trap.
 #[inline(always)]
-pub(crate) fn dispatch_breakpoint(
-    addr: u64,
-    regs: &mut Regs,
-    mem: &mut dyn DataMemory,
-) -> Option<Result<(), ProbeError>> {
+pub(crate) fn dispatch_breakpoint(addr: u64, regs: &mut Regs, mem: &mut dyn DataMemory) -> bool {
     let stack = pending();
-    if let Some(done) = complete_step(stack, StepTrap::Breakpoint(addr), regs, mem) {
-        return Some(done);
+    if complete_step(stack, StepTrap::Breakpoint(addr), regs, mem) {
+        return true;
     }
-    let _guard = Rcu::read_in_trap_global();
+    // The one read section of the hit: the dispatcher table's, and the
+    // live registry's lookups (`LiveRegistry::trap_in_section`).
+    let guard = Rcu::read_in_trap_global();
     // SAFETY (every block below): `stack` is this thread's own stack, only the trap and fault
     // handlers touch it, and each access is a short-lived reference to one field or one entry. The entry
     // at `depth` is reserved (depth raised) before the dispatcher runs, so a nested trap in a
@@ -438,92 +469,118 @@ pub(crate) fn dispatch_breakpoint(
     // a single dispatcher attached, asking is skipped: it is offered the
     // trap once either way (`ATTACHED`). Relaxed: see `try_attach`.
     let claimant = if ATTACHED.load(Ordering::Relaxed) > 1 {
-        find_dispatcher(|d| d.claims(addr).then_some(d))
+        find_dispatcher(|e| e.d.claims(addr).then_some(e))
     } else {
         None
     };
-    // No `Verdict` (which can own a `ProbeError`, whose drop glue reaches
-    // `free`) is held with drop glue across a call whose landing pad would
-    // drop it: the claimant's answer waits in a `ManuallyDrop`.
-    let claimed = std::mem::ManuallyDrop::new(match claimant {
-        Some(d) => {
+    // A labelled block, and `find_dispatcher`'s loop written out: its
+    // closure, which holds the live registry's hit path, was compiled out
+    // of line (a call and a return on every trap).
+    let taken = 'found: {
+        if let Some(e) = claimant {
             // SAFETY: see above; the entry is reserved for this call.
             let stash = unsafe { &mut (*stack).entries[depth].stash };
-            offer(d, regs, mem, stash)
+            // Through the trait object, a live registry too: its hit path
+            // is inlined once, in the loop below (the one a process with a
+            // single dispatcher, its live registry, takes).
+            let verdict = e.d.on_breakpoint(regs, mem, stash);
+            if let Some(t) = offer(verdict, e.d, regs.ip) {
+                break 'found Some(t);
+            }
         }
-        None => None,
-    });
-    let verdict = if claimed.is_some() {
-        std::mem::ManuallyDrop::into_inner(claimed)
-    } else {
-        find_dispatcher(|d| {
-            if claimant.is_some_and(|c| same(c, d)) {
-                return None;
+        for slot in &TABLE {
+            let Some(e) = entry(slot) else { continue };
+            if claimant.is_some_and(|c| std::ptr::eq(c, e)) {
+                continue;
             }
             // SAFETY: see above; the entry is reserved for this call.
             let stash = unsafe { &mut (*stack).entries[depth].stash };
-            offer(d, regs, mem, stash)
-        })
+            // A live registry directly, inside this trap's read section;
+            // any other dispatcher through its trait object.
+            let taken = match e.live {
+                Some(live) => live.trap_in_section(regs, mem, stash, &guard),
+                None => offer(e.d.on_breakpoint(regs, mem, stash), e.d, regs.ip),
+            };
+            if let Some(t) = taken {
+                break 'found Some(t);
+            }
+        }
+        None
     };
+    match taken {
+        None => give_back(stack, depth, false),
+        Some(Taken::Resume) => give_back(stack, depth, true),
+        Some(Taken::Step { d, marker }) => {
+            // The entry stays pushed until its step trap.
+            // SAFETY: see above; nested traps have popped what they pushed.
+            unsafe {
+                (*stack).entries[depth].marker = marker;
+                (*stack).entries[depth].d = Some(d);
+            }
+            true
+        }
+    }
+}
+
+/// A breakpoint trap a dispatcher took: what is left for the trap path to
+/// do (a failure never gets here: [`offer`]).
+pub(crate) enum Taken {
+    /// Resume with the registers as they are.
+    Resume,
+    /// A single-step under way: push it, with how it ends.
+    Step {
+        /// Whose step: called at its step trap.
+        d: &'static dyn TrapDispatcher,
+        /// Where it ends ([`Verdict::StepToMarker`]), or on the trap flag.
+        marker: Option<u64>,
+    },
+}
+
+/// What is left to do after `d`'s `verdict` on a breakpoint trap at `ip`,
+/// unless the trap is not `d`'s. A [`Verdict::Failed`] aborts the process
+/// here ([`failed`]): the trap path's own results then carry no
+/// `ProbeError` (a large payload, copied through every layer of an
+/// emulated hit's return path before).
+#[inline(always)]
+fn offer(verdict: Verdict, d: &'static dyn TrapDispatcher, ip: u64) -> Option<Taken> {
     // Every arm moves the verdict's parts out: nothing is left to drop
     // (`ProbeError`'s drop glue can reach `free`, and the trap path calls no
     // C-library function).
-    let (d, marker) = match verdict {
-        Some((d, Verdict::Step)) => (d, None),
-        Some((d, Verdict::StepToMarker { marker })) => (d, Some(marker)),
-        Some((_, Verdict::Failed(e))) => return give_back(stack, depth, Some(Err(e))),
-        Some((_, Verdict::Resume)) => return give_back(stack, depth, Some(Ok(()))),
-        Some((_, Verdict::NotOurs)) | None => return give_back(stack, depth, None),
-    };
-    let d = Some(d);
-    // SAFETY: see above; nested traps have popped what they pushed. The
-    // entry stays pushed until its step trap.
-    unsafe {
-        (*stack).entries[depth].marker = marker;
-        (*stack).entries[depth].d = d;
-    }
-    Some(Ok(()))
-}
-
-/// Offers a breakpoint trap to `d`: its verdict unless it is not `d`'s.
-#[inline(always)]
-fn offer(
-    d: &'static dyn TrapDispatcher,
-    regs: &mut Regs,
-    mem: &mut dyn DataMemory,
-    stash: &mut StepStash,
-) -> Option<(&'static dyn TrapDispatcher, Verdict)> {
-    match d.on_breakpoint(regs, mem, stash) {
+    match verdict {
         // Forgotten, not dropped: `NotOurs` owns nothing, but the drop of a
         // `Verdict` is drop glue that can reach `free`.
         v @ Verdict::NotOurs => {
             std::mem::forget(v);
             None
         }
-        v => Some((d, v)),
+        Verdict::Resume => Some(Taken::Resume),
+        Verdict::Step => Some(Taken::Step { d, marker: None }),
+        Verdict::StepToMarker { marker } => Some(Taken::Step {
+            d,
+            marker: Some(marker),
+        }),
+        Verdict::Failed(e) => failed(ip, e),
     }
 }
 
-/// Whether two dispatchers are the same object (data pointers: a vtable
-/// may be duplicated across codegen units).
-#[inline]
-fn same(a: &'static dyn TrapDispatcher, b: &'static dyn TrapDispatcher) -> bool {
-    std::ptr::addr_eq(
-        a as *const dyn TrapDispatcher,
-        b as *const dyn TrapDispatcher,
-    )
+/// A displaced instruction a dispatcher could not complete: reported, and
+/// the process aborts (resuming would trap on the same breakpoint
+/// forever). `ip` as the registers say after the failed attempt.
+#[cold]
+#[inline(never)]
+pub(crate) fn failed(ip: u64, e: ProbeError) -> ! {
+    // Never dropped: `ProbeError`'s drop glue can reach `free`, and the
+    // trap path calls no C-library function.
+    let e = std::mem::ManuallyDrop::new(e);
+    super::signal::fatal(ip, &e)
 }
 
-/// Gives back the entry reserved at `depth` and returns `result`.
+/// Gives back the entry reserved at `depth` and returns `handled`.
 #[inline]
-fn give_back(
-    stack: *mut PendingStack,
-    depth: usize,
-    result: Option<Result<(), ProbeError>>,
-) -> Option<Result<(), ProbeError>> {
+fn give_back(stack: *mut PendingStack, depth: usize, handled: bool) -> bool {
     // SAFETY: as in `dispatch_breakpoint`; the reservation is ours.
     unsafe { (*stack).depth = depth };
-    result
+    handled
 }
 
 /// Completes the innermost single-step in flight on this thread at a
@@ -531,60 +588,62 @@ fn give_back(
 /// trace trap is not ours).
 #[cfg(target_arch = "x86_64")]
 #[inline]
-pub(crate) fn dispatch_step(
-    regs: &mut Regs,
-    mem: &mut dyn DataMemory,
-) -> Option<Result<(), ProbeError>> {
+pub(crate) fn dispatch_step(regs: &mut Regs, mem: &mut dyn DataMemory) -> bool {
     complete_step(pending(), StepTrap::TrapFlag, regs, mem)
 }
 
 /// Completes the innermost single-step in flight if `trap` is the trap that
-/// ends it. `None` (and `regs` unchanged) if it is not.
+/// ends it. False (and `regs` unchanged) if it is not. A dispatcher's
+/// [`Verdict::Failed`] aborts the process ([`failed`]).
 #[inline]
 fn complete_step(
     stack: *mut PendingStack,
     trap: StepTrap,
     regs: &mut Regs,
     mem: &mut dyn DataMemory,
-) -> Option<Result<(), ProbeError>> {
+) -> bool {
     // SAFETY (every block below): as in `dispatch_breakpoint`. A top entry
     // without a dispatcher is a reservation of a breakpoint trap still being
     // handled: no step of ours ends at this trap then.
-    let depth = unsafe { (*stack).depth }.checked_sub(1)?;
+    let Some(depth) = unsafe { (*stack).depth }.checked_sub(1) else {
+        return false;
+    };
     // SAFETY: see above; `depth` is below the stack's depth.
     let (d, marker) = unsafe { ((*stack).entries[depth].d, (*stack).entries[depth].marker) };
-    let d = d?;
+    let Some(d) = d else {
+        return false;
+    };
     match (trap, marker) {
         (StepTrap::TrapFlag, None) => {}
         (StepTrap::Breakpoint(at), Some(m)) if at == m => {}
-        _ => return None,
+        _ => return false,
     }
     // SAFETY: see above; the entry is this step's.
     let stash = unsafe { &mut (*stack).entries[depth].stash };
-    let result = match d.on_step(regs, mem, stash) {
+    match d.on_step(regs, mem, stash) {
         // The dispatcher did not recognise its own stash: leave it, the trap
         // goes on (to the dispatchers, or to the previous handler).
-        Verdict::NotOurs => return None,
+        Verdict::NotOurs => return false,
         // Still stepping (rep iteration): keep the entry, with how it ends.
         Verdict::Step => {
             // SAFETY: see above.
             unsafe { (*stack).entries[depth].marker = None };
-            return Some(Ok(()));
+            return true;
         }
         Verdict::StepToMarker { marker } => {
             // SAFETY: see above.
             unsafe { (*stack).entries[depth].marker = Some(marker) };
-            return Some(Ok(()));
+            return true;
         }
-        Verdict::Resume => Ok(()),
-        Verdict::Failed(e) => Err(e),
-    };
+        Verdict::Resume => {}
+        Verdict::Failed(e) => failed(regs.ip, e),
+    }
     // SAFETY: see above; pop the completed step.
     unsafe {
         (*stack).entries[depth].d = None;
         (*stack).depth = depth;
     }
-    Some(result)
+    true
 }
 
 /// Abandons the innermost single-step in flight on this thread if the fault
@@ -714,8 +773,8 @@ pub fn steps_in_flight() -> usize {
 pub(crate) fn dispatch_return(regs: &mut Regs) -> bool {
     let _guard = Rcu::global().read();
     let mut to = None;
-    let _ = find_dispatcher(|d| {
-        if d.on_return(regs) && to.is_none() {
+    let _ = find_dispatcher(|e| {
+        if e.d.on_return(regs) && to.is_none() {
             to = Some(regs.ip);
         }
         if let Some(t) = to {

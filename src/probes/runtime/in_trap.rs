@@ -59,10 +59,14 @@ crate::sync::const_thread_local! {
     static ERRNO: Cell<*mut libc::c_int> = Cell::new(std::ptr::null_mut());
 }
 
-/// This thread is inside the runtime's trap handling until drop.
+/// This thread is inside the runtime's trap handling until drop. Holds the
+/// address of the thread's flag, so the drop lowers it without a second
+/// thread-local access (a handful of instructions on every trap; under
+/// qemu-user each counts against the raw `brk` round trip); the pointer
+/// also keeps the scope on its thread (not `Send`).
 #[must_use = "the flag goes down when the scope is dropped"]
 pub(crate) struct TrapScope {
-    _not_send: std::marker::PhantomData<*const ()>,
+    flag: *const Cell<bool>,
 }
 
 impl TrapScope {
@@ -75,9 +79,7 @@ impl TrapScope {
                 None
             } else {
                 f.set(true);
-                Some(TrapScope {
-                    _not_send: std::marker::PhantomData,
-                })
+                Some(TrapScope { flag: f })
             }
         })
     }
@@ -86,7 +88,10 @@ impl TrapScope {
 impl Drop for TrapScope {
     #[inline(always)]
     fn drop(&mut self) {
-        IN_TRAP.with(|f| f.set(false));
+        // The scope is not `Send`; the flag is a `const` thread-local
+        // without a destructor, live as long as the thread.
+        // SAFETY: the calling thread's own flag, live (see above).
+        unsafe { (*self.flag).set(false) };
     }
 }
 

@@ -26,10 +26,17 @@
 //! trap to the step trap, and its [step marker](StepToken::step_marker), if
 //! it has one, tells the runtime which `int3` is that step trap
 //! ([`Verdict::StepToMarker`]; [`Verdict::Step`] for the trap flag).
+//!
+//! A `Live` registry is attached as such ([`try_attach_live`]): the
+//! SIGTRAP handler calls its hit path directly, inlined, inside the
+//! handler's own read section ([`LiveRegistry::trap_in_section`]), not
+//! through the trait object; the trait's methods serve everything else.
 
 use std::sync::{Arc, OnceLock};
 
-use super::dispatch::{try_attach, StepStash, TrapDispatcher, Verdict, MAX_DISPATCHERS};
+use super::dispatch::{
+    failed, try_attach_live, StepStash, Taken, TrapDispatcher, Verdict, MAX_DISPATCHERS,
+};
 use super::xol::{XolArea, XolStats};
 use crate::probes::arch::{Arch, DataMemory, NativeArch, Regs};
 use crate::probes::kprobe::{HitOutcome, KprobeRegistry, StepResult, StepToken};
@@ -38,6 +45,7 @@ use crate::probes::runtime::in_process::InProcess;
 use crate::probes::runtime::symbols::{LiveSymbols, ProcessSymbols};
 use crate::probes::text::TextMemory;
 use crate::probes::xol::XolAllocator;
+use crate::rcu::RcuGuard;
 
 /// A kprobe registry over this process's code, with the backend of the
 /// architecture it runs on (x86_64 or arm64).
@@ -52,22 +60,7 @@ impl<A: Arch, T: TextMemory + 'static> TrapDispatcher for KprobeRegistry<A, T> {
         stash: &mut StepStash,
     ) -> Verdict {
         let at = self.arch().trap_address(regs);
-        match self.on_breakpoint_in_trap(regs, mem) {
-            HitOutcome::NotOurs => Verdict::NotOurs,
-            HitOutcome::Vanished | HitOutcome::Skipped | HitOutcome::Emulated => Verdict::Resume,
-            HitOutcome::Boosted { slot } => {
-                // A fault of the copy in the slot is reported at `at`.
-                super::dispatch::note_boost(slot, at);
-                Verdict::Resume
-            }
-            HitOutcome::SingleStep(token) => {
-                let marker = token.step_marker();
-                // The stash is empty: the runtime reserved a fresh entry.
-                let _ = stash.put::<StepToken<'static>>(token);
-                step_verdict(marker)
-            }
-            HitOutcome::Failed(e) => Verdict::Failed(e),
-        }
+        breakpoint_verdict(self.on_breakpoint_in_trap(regs, mem), at, stash)
     }
 
     #[inline]
@@ -124,6 +117,72 @@ impl<A: Arch, T: TextMemory + 'static> TrapDispatcher for KprobeRegistry<A, T> {
     #[inline]
     fn claims(&'static self, addr: u64) -> bool {
         self.has_site_in_trap(addr)
+    }
+}
+
+impl LiveRegistry {
+    /// [`TrapDispatcher::on_breakpoint`] of the live registry inside the
+    /// trap's read section `guard` (the runtime's, held for its dispatcher
+    /// table: the registry takes none of its own). The runtime calls this
+    /// directly, not through the trait object, for an entry attached with
+    /// [`try_attach_live`]: inlined into the SIGTRAP handler, no indirect
+    /// call and no second read section on every hit (under qemu-user each
+    /// indirect branch is a lookup of the translated code).
+    ///
+    /// Answers with what is left for the trap path to do (`None`: not
+    /// this registry's trap), not a [`Verdict`]: a failure aborts the
+    /// process here (`dispatch.rs`, `failed`), so no `ProbeError` payload
+    /// travels back through the handler (the conversions of the large
+    /// enums were a tenth of an emulated hit's instructions).
+    #[inline(always)]
+    pub(crate) fn trap_in_section(
+        &'static self,
+        regs: &mut Regs,
+        mem: &mut dyn DataMemory,
+        stash: &mut StepStash,
+        guard: &RcuGuard<'_>,
+    ) -> Option<Taken> {
+        let at = self.arch().trap_address(regs);
+        match self.on_breakpoint_in_section(regs, mem, guard) {
+            HitOutcome::NotOurs => None,
+            HitOutcome::Vanished | HitOutcome::Skipped | HitOutcome::Emulated => {
+                Some(Taken::Resume)
+            }
+            HitOutcome::Boosted { slot } => {
+                // A fault of the copy in the slot is reported at `at`.
+                super::dispatch::note_boost(slot, at);
+                Some(Taken::Resume)
+            }
+            HitOutcome::SingleStep(token) => {
+                let marker = token.step_marker();
+                // The stash is empty: the runtime reserved a fresh entry.
+                let _ = stash.put::<StepToken<'static>>(token);
+                Some(Taken::Step { d: self, marker })
+            }
+            HitOutcome::Failed(e) => failed(regs.ip, e),
+        }
+    }
+}
+
+/// The verdict of a breakpoint trap at `at` the registry handled with
+/// `outcome`; a single-step's token goes into `stash`.
+#[inline(always)]
+fn breakpoint_verdict(outcome: HitOutcome<'static>, at: u64, stash: &mut StepStash) -> Verdict {
+    match outcome {
+        HitOutcome::NotOurs => Verdict::NotOurs,
+        HitOutcome::Vanished | HitOutcome::Skipped | HitOutcome::Emulated => Verdict::Resume,
+        HitOutcome::Boosted { slot } => {
+            // A fault of the copy in the slot is reported at `at`.
+            super::dispatch::note_boost(slot, at);
+            Verdict::Resume
+        }
+        HitOutcome::SingleStep(token) => {
+            let marker = token.step_marker();
+            // The stash is empty: the runtime reserved a fresh entry.
+            let _ = stash.put::<StepToken<'static>>(token);
+            step_verdict(marker)
+        }
+        HitOutcome::Failed(e) => Verdict::Failed(e),
     }
 }
 
@@ -257,7 +316,7 @@ impl Live {
         let live: &'static Live = unsafe { &*raw };
         // Attached for the life of the process (the registry is leaked):
         // dropping the attachment without `detach` keeps it attached.
-        let Some(attachment) = try_attach(&live.registry) else {
+        let Some(attachment) = try_attach_live(&live.registry) else {
             // SAFETY: not attached, not tracked, no probe registered: this
             // is the only reference to the box, and it is not used again.
             drop(unsafe { Box::from_raw(raw) });

@@ -274,50 +274,33 @@ fn dispatch(info: &libc::siginfo_t, uc: &mut libc::ucontext_t) -> bool {
 /// to chain.
 #[inline(always)]
 fn dispatch_regs(info: &libc::siginfo_t, regs: &mut Regs) -> bool {
+    // A displaced instruction a dispatcher could not complete aborts the
+    // process inside the dispatch (`dispatch.rs`, `failed`).
     let mut mem = ThreadMemory;
     #[cfg(target_arch = "aarch64")]
-    let result = match info.si_code {
+    match info.si_code {
         // A probe's `brk` or a step marker: arm64 steps only to markers.
-        TRAP_BRKPT => match dispatch_breakpoint(regs.ip, regs, &mut mem) {
-            Some(r) => r,
-            None => {
-                // Resumed at the same address (the PC already is): the
-                // `brk` is gone, whatever replaced it runs.
-                if !transient_breakpoint(regs.ip) {
-                    return false;
-                }
-                Ok(())
-            }
-        },
-        _ => return false,
-    };
-    #[cfg(target_arch = "x86_64")]
-    let result = match info.si_code {
-        SI_KERNEL => match dispatch_breakpoint(regs.ip.wrapping_sub(1), regs, &mut mem) {
-            Some(r) => r,
-            None => {
-                let addr = regs.ip.wrapping_sub(1);
-                if !transient_breakpoint(addr) {
-                    return false;
-                }
-                regs.ip = addr;
-                Ok(())
-            }
-        },
-        TRAP_TRACE => match dispatch_step(regs, &mut mem) {
-            Some(r) => r,
-            None => return false,
-        },
-        _ => return false,
-    };
-    // Never dropped: `ProbeError`'s drop glue can reach `free`, and the
-    // trap path calls no C-library function (the process aborts on an
-    // error anyway).
-    let result = std::mem::ManuallyDrop::new(result);
-    if let Err(e) = &*result {
-        fatal(regs.ip, e);
+        // Unclaimed, it is resumed at the same address (the PC already
+        // is) if the `brk` is gone: whatever replaced it runs.
+        TRAP_BRKPT => dispatch_breakpoint(regs.ip, regs, &mut mem) || transient_breakpoint(regs.ip),
+        _ => false,
     }
-    true
+    #[cfg(target_arch = "x86_64")]
+    match info.si_code {
+        SI_KERNEL => {
+            if dispatch_breakpoint(regs.ip.wrapping_sub(1), regs, &mut mem) {
+                return true;
+            }
+            let addr = regs.ip.wrapping_sub(1);
+            if !transient_breakpoint(addr) {
+                return false;
+            }
+            regs.ip = addr;
+            true
+        }
+        TRAP_TRACE => dispatch_step(regs, &mut mem),
+        _ => false,
+    }
 }
 
 /// Whether an unclaimed `int3` at `addr` is one of ours that is gone or
@@ -427,7 +410,7 @@ impl std::fmt::Write for StackBuf {
 /// Reports a displaced instruction that could not be completed and aborts
 /// (resuming would trap on the same breakpoint forever).
 #[cold]
-fn fatal(ip: u64, e: &ProbeError) -> ! {
+pub(super) fn fatal(ip: u64, e: &ProbeError) -> ! {
     use std::fmt::Write as _;
     let mut out = StackBuf {
         buf: [0; 512],
