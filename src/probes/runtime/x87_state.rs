@@ -40,13 +40,12 @@
 const FP_XSTATE_MAGIC1: u32 = 0x4650_5853;
 /// Offset of the header's `XSTATE_BV` (the legacy area is 512 bytes).
 const XSTATE_BV: usize = 512;
-/// The x87 control word's initial value (`fninit`'s).
-const FCW_INIT: u16 = 0x037f;
-/// The x87 part of the legacy area: FCW, FSW, FTW, FOP, FIP, FDP (bytes
-/// 0..24; 24..32 are MXCSR and its mask, the SSE component's), then the
-/// eight 16-byte register slots (32..160).
-const X87_HEAD: std::ops::Range<usize> = 2..24;
-const X87_REGS: std::ops::Range<usize> = 32..160;
+/// The x87 part of the legacy area, as little-endian words: FCW, FSW,
+/// FTW, a reserved byte and FOP (bytes 0..8), FIP (8..16), FDP (16..24;
+/// 24..32 are MXCSR and its mask, the SSE component's), then the eight
+/// 16-byte register slots (32..160). In the initial configuration the
+/// first word is FCW's `0x037f` (`fninit`'s) and every other word is 0.
+const X87_INIT_WORD0: u64 = 0x037f;
 
 /// Marks the frame's x87 state unused when it is in its initial
 /// configuration (module docs). Async-signal-safe: loads and one store in
@@ -70,14 +69,15 @@ pub(crate) unsafe fn settle_x87(uc: *mut libc::ucontext_t) {
     if magic1 != FP_XSTATE_MAGIC1 {
         return;
     }
-    // SAFETY: as above.
-    let fcw = unsafe { fx.cast::<u16>().read_unaligned() };
-    if fcw != FCW_INIT {
+    // Word loads: this runs on every trap.
+    // SAFETY: as above: bytes 0..8 of the area.
+    if unsafe { fx.cast::<u64>().read_unaligned() } != X87_INIT_WORD0 {
         return;
     }
-    for i in X87_HEAD.chain(X87_REGS) {
-        // SAFETY: as above: a byte of 2..24 or 32..160 of the area.
-        if unsafe { fx.add(i).read() } != 0 {
+    // Words 1 and 2 (FIP, FDP), then 4..20 (the registers).
+    for k in (1..3).chain(4..20) {
+        // SAFETY: as above: a word of 8..24 or 32..160 of the area.
+        if unsafe { fx.add(8 * k).cast::<u64>().read_unaligned() } != 0 {
             return;
         }
     }
