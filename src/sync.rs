@@ -59,6 +59,28 @@ mod raw_thread;
 #[cfg(not(loom))]
 pub(crate) use raw_thread::RawThread;
 
+/// [`RawThread`]'s loom twin: a loom thread (loom has no `fork`).
+#[cfg(loom)]
+pub(crate) struct RawThread(loom::thread::JoinHandle<()>);
+
+#[cfg(loom)]
+impl RawThread {
+    pub(crate) fn spawn(
+        _name: &std::ffi::CStr,
+        f: impl FnOnce() + Send + 'static,
+    ) -> std::io::Result<RawThread> {
+        Ok(RawThread(loom::thread::spawn(f)))
+    }
+
+    pub(crate) fn detach(self) {}
+
+    pub(crate) fn abandon(self) {}
+
+    pub(crate) fn join(self) {
+        let _ = self.0.join();
+    }
+}
+
 #[cfg(not(loom))]
 mod trap_local;
 #[cfg(not(loom))]

@@ -11,7 +11,7 @@
 use super::gp::{synchronize, GracePeriod, SLEEP_SLICE};
 use super::slots::fork_generation;
 use crate::sync::atomic::{fence, AtomicBool, AtomicPtr, AtomicU64, AtomicUsize, Ordering};
-use crate::sync::{thread, Backoff, Event};
+use crate::sync::{thread, Backoff, Event, RawThread};
 // std's Arc even under loom: loom's Arc supports neither unsized coercion
 // nor `self: &Arc<Self>`; these Arcs only manage lifetimes, not ordering.
 use std::cell::Cell;
@@ -94,7 +94,7 @@ pub(crate) struct CallbackQueue {
     /// child's generation differs and it simply claims again.
     start_claim: AtomicU64,
     /// The worker's join handle (boxed), or null.
-    handle: AtomicPtr<WorkerHandle>,
+    handle: AtomicPtr<RawThread>,
     shutdown: AtomicBool,
     /// Someone waits for the queue (`barrier`): do not let the batch grow.
     urgent: AtomicBool,
@@ -256,7 +256,7 @@ impl CallbackQueue {
                 let old = unsafe { Box::from_raw(old) };
                 // The previous worker ran in our parent and does not exist
                 // here: its handle is meaningless, dropped without a join.
-                abandon_worker(*old);
+                old.abandon();
             }
             self.worker_gen.store(gen, Ordering::Release);
             self.start_claim.store(gen << 1, Ordering::Release);
@@ -393,12 +393,12 @@ impl CallbackQueue {
             if self.worker_gen.load(Ordering::Relaxed) != fork_generation() {
                 // The worker ran in our parent and does not exist here:
                 // nothing to join.
-                abandon_worker(h);
+                h.abandon();
             } else if ON_WORKER.with(|w| w.get()) {
                 // Called on the worker itself, which cannot wait for itself.
-                detach_worker(h);
+                h.detach();
             } else {
-                join_worker(h);
+                h.join();
             }
         }
     }
@@ -462,50 +462,7 @@ fn run_batch(mut p: *mut Node) -> usize {
 /// A worker's thread: made with `pthread_create` (`sync/raw_thread.rs`:
 /// a forked child starts its workers afresh, and `std::thread::spawn` can
 /// block forever there on a lock of the standard library's that a parent
-/// thread held at the fork); loom's own thread under loom.
-#[cfg(not(loom))]
-type WorkerHandle = crate::sync::RawThread;
-#[cfg(loom)]
-type WorkerHandle = thread::JoinHandle<()>;
-
-#[cfg(not(loom))]
-fn join_worker(h: WorkerHandle) {
-    h.join();
-}
-
-#[cfg(loom)]
-fn join_worker(h: WorkerHandle) {
-    let _ = h.join();
-}
-
-#[cfg(not(loom))]
-fn abandon_worker(h: WorkerHandle) {
-    h.abandon();
-}
-
-#[cfg(loom)]
-fn abandon_worker(h: WorkerHandle) {
-    drop(h);
-}
-
-#[cfg(not(loom))]
-fn detach_worker(h: WorkerHandle) {
-    h.detach();
-}
-
-#[cfg(loom)]
-fn detach_worker(h: WorkerHandle) {
-    drop(h);
-}
-
-fn spawn_worker(f: impl FnOnce() + Send + 'static) -> WorkerHandle {
-    #[cfg(not(loom))]
-    {
-        crate::sync::RawThread::spawn(c"rcu-callbacks", f)
-            .expect("failed to spawn the RCU callback worker thread")
-    }
-    #[cfg(loom)]
-    {
-        thread::spawn(f)
-    }
+/// thread held at the fork); loom's own thread under loom (`sync.rs`).
+fn spawn_worker(f: impl FnOnce() + Send + 'static) -> RawThread {
+    RawThread::spawn(c"rcu-callbacks", f).expect("failed to spawn the RCU callback worker thread")
 }

@@ -310,6 +310,8 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// (`Flavor::protects`). A nested section cost an emulated arm64 hit
     /// two thread-local accesses and a dozen instructions each way.
     #[inline(always)]
+    // Called by the live runtime only (Linux, not under loom).
+    #[cfg_attr(not(all(target_os = "linux", not(loom))), allow(dead_code))]
     pub(crate) fn on_breakpoint_in_section<'r>(
         &'r self,
         regs: &mut Regs,
