@@ -42,7 +42,7 @@ pub trait JumpHook: Send + Sync + 'static {
         for r in ranges {
             self.to_trap_path(r.clone(), false);
         }
-        JumpHold(Some(Box::new(Unheld(self))))
+        JumpHold(Box::new(Unheld(self)))
     }
 }
 
@@ -60,7 +60,7 @@ impl<H: JumpHook + ?Sized> Holding for Unheld<'_, H> {
 /// What [`JumpHook::to_trap_path_held`] holds (the optimizer's state lock):
 /// released when dropped.
 #[must_use = "the restore must be written while it is held"]
-pub struct JumpHold<'a>(Option<Box<dyn Holding + 'a>>);
+pub struct JumpHold<'a>(Box<dyn Holding + 'a>);
 
 impl JumpHold<'_> {
     /// Puts the optimized sites whose displaced bytes intersect `range`
@@ -70,7 +70,7 @@ impl JumpHold<'_> {
     /// them, and adds each as it reaches it. Returns whether a site's text
     /// may have changed (bytes read before the call are stale then).
     pub fn to_trap_path(&mut self, range: Range<u64>) -> bool {
-        self.0.as_mut().is_some_and(|h| h.to_trap_path(range))
+        self.0.to_trap_path(range)
     }
 }
 
@@ -82,15 +82,13 @@ impl<'a> JumpHold<'a> {
         allow(dead_code)
     )]
     pub(crate) fn new(what: impl Holding + 'a) -> Self {
-        JumpHold(Some(Box::new(what)))
+        JumpHold(Box::new(what))
     }
 }
 
 impl std::fmt::Debug for JumpHold<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("JumpHold")
-            .field("holding", &self.0.is_some())
-            .finish()
+        f.debug_struct("JumpHold").finish_non_exhaustive()
     }
 }
 
