@@ -513,6 +513,10 @@ fn a_slot_within_reach_of_b_is_boostable_the_copy_then_b_back() {
             .prepare_step(&plan, XolRun::Boosted, &mut regs)
             .unwrap();
         assert_eq!(regs.ip, slot);
+        // `boost` (the registries' boosted hit) leaves the same registers.
+        let mut boosted = sample_regs();
+        Arm64.boost(&plan, &mut boosted).unwrap();
+        assert_eq!(boosted, regs);
         let mut regs = sample_regs();
         Arm64
             .prepare_step(&plan, XolRun::SingleStep, &mut regs)
@@ -529,6 +533,11 @@ fn boosted_runs_and_stray_step_traps_are_refused_without_changing_registers() {
     let before = regs;
     assert!(matches!(
         Arm64.prepare_step(&plan, XolRun::Boosted, &mut regs),
+        Err(ProbeError::PlanMismatch { .. })
+    ));
+    assert_eq!(regs, before);
+    assert!(matches!(
+        Arm64.boost(&plan, &mut regs),
         Err(ProbeError::PlanMismatch { .. })
     ));
     assert_eq!(regs, before);

@@ -426,6 +426,24 @@ impl Arch for Arm64 {
         Ok(state)
     }
 
+    /// Without [`prepare_step`](Arch::prepare_step)'s check of the slot's
+    /// layout (`step_marker_of`: a dozen instructions of every boosted hit
+    /// under qemu-user): the plan is this backend's own, made at
+    /// registration, and its `boostable` says the slot starts with the
+    /// copy and its `b` back.
+    #[inline]
+    fn boost(&self, plan: &XolPlan, regs: &mut Regs) -> Result<(), ProbeError> {
+        if !plan.boostable {
+            return Err(ProbeError::PlanMismatch {
+                what: "boosted run of an arm64 plan whose slot is out of reach of `b`",
+            });
+        }
+        regs.ip = plan.slot_addr;
+        // As in `prepare_step`: the BTYPE applied to the probed address.
+        regs.flags &= !emulate::BTYPE_MASK;
+        Ok(())
+    }
+
     fn finish_step(
         &self,
         plan: &XolPlan,

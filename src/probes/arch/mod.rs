@@ -178,6 +178,22 @@ pub trait Arch: Send + Sync + 'static {
         regs: &mut Regs,
     ) -> Result<StepState, ProbeError>;
 
+    /// [`prepare_step`](Arch::prepare_step) for a [`XolRun::Boosted`] run
+    /// of a plan this backend made ([`plan_xol`](Arch::plan_xol): the
+    /// registries' own plans), on every boosted hit: sets the IP to
+    /// [`XolPlan::slot_addr`] and nothing is left for a step trap. A
+    /// backend whose `prepare_step` re-checks on every call that a plan is
+    /// its own may skip that here (arm64: its slot layout; a registry's
+    /// plan was made by its own backend at registration).
+    ///
+    /// # Errors
+    /// [`ProbeError::PlanMismatch`] for a plan that is not boostable.
+    /// `regs` is unchanged on error.
+    #[inline]
+    fn boost(&self, plan: &XolPlan, regs: &mut Regs) -> Result<(), ProbeError> {
+        self.prepare_step(plan, XolRun::Boosted, regs).map(drop)
+    }
+
     /// At the step trap after a single-stepped slot, applies the post-step
     /// fixups so that `regs` and memory look as if the instruction had run in
     /// place. `regs` are as the trap reports them: for a step-marker plan,

@@ -454,20 +454,21 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             }
             return HitOutcome::Emulated;
         };
-        let run = if plan.boostable && !run_post {
-            XolRun::Boosted
-        } else {
-            XolRun::SingleStep
-        };
-        let state = match self.arch.prepare_step(plan, run, regs) {
-            Ok(s) => s,
-            Err(e) => return HitOutcome::Failed(e),
-        };
-        if run == XolRun::Boosted {
+        if plan.boostable && !run_post {
+            // The plan is this registry's backend's own (made at
+            // registration): `boost`, without `prepare_step`'s per-call
+            // checks of that.
+            if let Err(e) = self.arch.boost(plan, regs) {
+                return HitOutcome::Failed(e);
+            }
             return HitOutcome::Boosted {
                 slot: plan.slot_addr,
             };
         }
+        let state = match self.arch.prepare_step(plan, XolRun::SingleStep, regs) {
+            Ok(s) => s,
+            Err(e) => return HitOutcome::Failed(e),
+        };
         // Relaxed: the increment happens inside the read section, and the
         // grace period an unregistration waits for orders every access of
         // the section before the reaper's load.

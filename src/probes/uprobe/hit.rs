@@ -388,20 +388,20 @@ impl<A: Arch, S: AddressSpace, F: Flavor> UprobeRegistry<A, S, F> {
         // SAFETY: `plan_at` points into an install record read under
         // `guard`'s read section, which is still open (the guard is here).
         let plan = unsafe { plan_at.as_ref() };
-        let run = if plan.boostable {
-            XolRun::Boosted
-        } else {
-            XolRun::SingleStep
-        };
-        let state = match self.arch.prepare_step(plan, run, regs) {
+        if plan.boostable {
+            // The plan is this registry's backend's own (made at install):
+            // `boost`, without `prepare_step`'s per-call checks of that.
+            return UprobeOutcome::Done(match self.arch.boost(plan, regs) {
+                Ok(()) => UprobeFinished::Boosted {
+                    slot: plan.slot_addr,
+                },
+                Err(e) => UprobeFinished::Failed(e),
+            });
+        }
+        let state = match self.arch.prepare_step(plan, XolRun::SingleStep, regs) {
             Ok(s) => s,
             Err(e) => return UprobeOutcome::Done(UprobeFinished::Failed(e)),
         };
-        if run == XolRun::Boosted {
-            return UprobeOutcome::Done(UprobeFinished::Boosted {
-                slot: plan.slot_addr,
-            });
-        }
         UprobeOutcome::SingleStep(UprobeStep {
             _guard: guard,
             plan: plan_at,
