@@ -40,6 +40,8 @@ mod srcu;
 
 pub use cell::RcuCell;
 pub(crate) use cell::Retirements;
+#[cfg_attr(loom, allow(unused_imports))]
+pub(crate) use sched::TrapReader;
 pub use sched::{DomainStats, Rcu, RcuGuard};
 pub use srcu::{Srcu, SrcuGuard, SrcuToken};
 

@@ -245,7 +245,27 @@ impl Rcu {
         return &GLOBAL_RCU;
     }
 
-    /// A read section for the live probe runtime's trap path:
+    /// The calling thread's reader for the live probe runtime's trap path,
+    /// claimed as by [`read_in_trap`](Self::read_in_trap) (no C library),
+    /// for [`read_in_trap_on`](Self::read_in_trap_on): one thread-local
+    /// access where a trap reaches its reader once and reads on it later.
+    #[cfg(not(loom))]
+    #[inline(always)]
+    pub(crate) fn trap_reader() -> TrapReader {
+        TrapReader::of(slots::current_unarmed())
+    }
+
+    /// [`arm_reader`](Self::arm_reader) giving back the calling thread's
+    /// reader (see [`trap_reader`](Self::trap_reader)): the arming and the
+    /// read sections after it share one thread-local access.
+    #[cfg(not(loom))]
+    #[inline(always)]
+    pub(crate) fn arm_trap_reader() -> TrapReader {
+        TrapReader::of(slots::arm_current())
+    }
+
+    /// A read section for the live probe runtime's trap path, on the
+    /// calling thread's `reader`, reached before:
     /// [`read_in_trap`](Self::read_in_trap) without a domain handle. Every
     /// `Rcu` shares the readers, so the section is the one any handle's
     /// would be; reaching [`global`](Self::global)'s handle would cost a
@@ -253,9 +273,9 @@ impl Rcu {
     /// section uses. The runtime creates the global domain (which sets up
     /// the reader slots) before it installs its trap handler.
     #[cfg(not(loom))]
-    #[inline]
-    pub(crate) fn read_in_trap_global() -> RcuGuard<'static> {
-        Self::read_on(slots::current_unarmed())
+    #[inline(always)]
+    pub(crate) fn read_in_trap_on(reader: TrapReader) -> RcuGuard<'static> {
+        Self::read_on(reader.slot)
     }
 
     /// Begins a read-side critical section, which lasts until the guard is
@@ -285,7 +305,7 @@ impl Rcu {
     /// [`read_in_trap`](Self::read_in_trap).
     #[inline]
     pub(crate) fn arm_reader() {
-        slots::arm_current();
+        let _ = slots::arm_current();
     }
 
     #[inline(always)]
@@ -432,6 +452,27 @@ impl Default for Rcu {
     /// A handle to [`Rcu::global`].
     fn default() -> Self {
         Rcu::global().clone()
+    }
+}
+
+/// The calling thread's `Rcu` reader, reached once by the live runtime's
+/// trap path ([`Rcu::trap_reader`], [`Rcu::arm_trap_reader`]) and read on
+/// later ([`Rcu::read_in_trap_on`]). Not `Send`: it is one thread's.
+#[derive(Clone, Copy)]
+#[cfg_attr(loom, allow(dead_code))]
+pub(crate) struct TrapReader {
+    slot: &'static Slot,
+    _not_send: PhantomData<*const ()>,
+}
+
+impl TrapReader {
+    #[cfg_attr(loom, allow(dead_code))]
+    #[inline(always)]
+    fn of(slot: &'static Slot) -> TrapReader {
+        TrapReader {
+            slot,
+            _not_send: PhantomData,
+        }
     }
 }
 

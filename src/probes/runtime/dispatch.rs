@@ -40,7 +40,9 @@
 //! last-in, first-out order, and only the innermost one can be the one that
 //! trapped.
 //!
-//! The stack is a `const` thread-local without a destructor (a destructor
+//! The stack is a field of the thread's trap state (`trap_thread.rs`: the
+//! handler reaches it once per trap), a `const` thread-local without a
+//! destructor (a destructor
 //! would be registered on first use, which allocates: not allowed in a
 //! signal handler). It is touched only by the SIGTRAP handler and the fault
 //! handlers (`faults.rs`, which pop a step whose instruction faulted in its
@@ -52,11 +54,12 @@ use std::any::TypeId;
 use std::mem::MaybeUninit;
 
 use super::live::LiveRegistry;
+use super::trap_thread::{self, TrapThread};
 use crate::probes::arch::{DataMemory, Regs};
 use crate::probes::ProbeError;
-use crate::rcu::Rcu;
+use crate::rcu::{Rcu, TrapReader};
 use crate::sync::atomic::{fence, AtomicPtr, AtomicUsize, Ordering};
-use crate::sync::{Mutex, UnsafeCell};
+use crate::sync::Mutex;
 
 /// What a dispatcher did with a trap.
 #[derive(Debug)]
@@ -403,8 +406,10 @@ enum StepTrap {
     Breakpoint(u64),
 }
 
-/// The per-thread stack of single-steps in flight.
-struct PendingStack {
+/// The per-thread stack of single-steps in flight (a field of the
+/// thread's trap state, `trap_thread.rs`: module docs, why a stack and why
+/// no destructor).
+pub(super) struct PendingStack {
     depth: usize,
     entries: [Pending; MAX_NESTED_STEPS],
 }
@@ -416,22 +421,30 @@ const EMPTY_PENDING: Pending = Pending {
     stash: StepStash::new(),
 };
 
-crate::sync::const_thread_local! {
-    /// This thread's single-steps in flight (module docs: why a stack, and
-    /// why no destructor).
-    static PENDING: UnsafeCell<PendingStack> = UnsafeCell::new(PendingStack {
-        depth: 0,
-        entries: [EMPTY_PENDING; MAX_NESTED_STEPS],
-    });
+impl PendingStack {
+    /// No step in flight.
+    pub(super) const fn new() -> PendingStack {
+        PendingStack {
+            depth: 0,
+            entries: [EMPTY_PENDING; MAX_NESTED_STEPS],
+        }
+    }
 }
 
-/// The calling thread's step stack, as a raw pointer: callers create
-/// references to single fields or entries only, never to the whole stack
-/// across a dispatcher call (a nested SIGTRAP in a probe handler uses the
-/// next entry while the outer call still borrows its own).
+/// The step stack of the thread whose trap state is `t`, as a raw
+/// pointer: callers create references to single fields or entries only,
+/// never to the whole stack across a dispatcher call (a nested SIGTRAP in a
+/// probe handler uses the next entry while the outer call still borrows
+/// its own).
+#[inline(always)]
+fn pending_in(t: &TrapThread) -> *mut PendingStack {
+    t.steps.with_mut(|p| p)
+}
+
+/// The calling thread's step stack (see [`pending_in`]).
 #[inline]
 fn pending() -> *mut PendingStack {
-    PENDING.with(|p| p.with_mut(|p| p))
+    trap_thread::with(pending_in)
 }
 
 /// Handles a breakpoint trap at `addr` (the `int3`'s own address): the end
@@ -439,16 +452,24 @@ fn pending() -> *mut PendingStack {
 /// offered to the attached dispatchers. Returns false if nobody claimed
 /// it; `regs` are then unchanged. A dispatcher's [`Verdict::Failed`]
 /// aborts the process here ([`failed`]). Inlined into the SIGTRAP
-/// handler: one call less on every trap.
+/// handler: one call less on every trap. `t` is the calling thread's trap
+/// state, which the handler reached on entry, and `reader` its `Rcu`
+/// reader, armed or claimed there.
 #[inline(always)]
-pub(crate) fn dispatch_breakpoint(addr: u64, regs: &mut Regs, mem: &mut dyn DataMemory) -> bool {
-    let stack = pending();
+pub(crate) fn dispatch_breakpoint(
+    addr: u64,
+    regs: &mut Regs,
+    mem: &mut dyn DataMemory,
+    t: &TrapThread,
+    reader: TrapReader,
+) -> bool {
+    let stack = pending_in(t);
     if complete_step(stack, StepTrap::Breakpoint(addr), regs, mem) {
         return true;
     }
     // The one read section of the hit: the dispatcher table's, and the
     // live registry's lookups (`LiveRegistry::trap_in_section`).
-    let guard = Rcu::read_in_trap_global();
+    let guard = Rcu::read_in_trap_on(reader);
     // SAFETY (every block below): `stack` is this thread's own stack, only the trap and fault
     // handlers touch it, and each access is a short-lived reference to one field or one entry. The entry
     // at `depth` is reserved (depth raised) before the dispatcher runs, so a nested trap in a
@@ -498,7 +519,7 @@ pub(crate) fn dispatch_breakpoint(addr: u64, regs: &mut Regs, mem: &mut dyn Data
             // A live registry directly, inside this trap's read section;
             // any other dispatcher through its trait object.
             let taken = match e.live {
-                Some(live) => live.trap_in_section(regs, mem, stash, &guard),
+                Some(live) => live.trap_in_section(regs, mem, stash, &guard, t),
                 None => offer(e.d.on_breakpoint(regs, mem, stash), e.d, regs.ip),
             };
             if let Some(t) = taken {
@@ -588,8 +609,8 @@ fn give_back(stack: *mut PendingStack, depth: usize, handled: bool) -> bool {
 /// trace trap is not ours).
 #[cfg(target_arch = "x86_64")]
 #[inline]
-pub(crate) fn dispatch_step(regs: &mut Regs, mem: &mut dyn DataMemory) -> bool {
-    complete_step(pending(), StepTrap::TrapFlag, regs, mem)
+pub(crate) fn dispatch_step(regs: &mut Regs, mem: &mut dyn DataMemory, t: &TrapThread) -> bool {
+    complete_step(pending_in(t), StepTrap::TrapFlag, regs, mem)
 }
 
 /// Completes the innermost single-step in flight if `trap` is the trap that
@@ -684,18 +705,21 @@ pub(crate) fn abort_step_on_fault(regs: &mut Regs) -> bool {
 const BOOSTS: usize = 8;
 
 /// The most recent boosted runs of one thread: `(slot, probed address)`,
-/// a ring written by the SIGTRAP handler.
-struct BoostRing {
+/// a ring written by the SIGTRAP handler (a field of the thread's trap
+/// state, `trap_thread.rs`; no destructor, as the step stack).
+pub(super) struct BoostRing {
     next: usize,
     entries: [(u64, u64); BOOSTS],
 }
 
-crate::sync::const_thread_local! {
-    /// This thread's recent boosted runs (no destructor, as `PENDING`).
-    static BOOSTED: UnsafeCell<BoostRing> = UnsafeCell::new(BoostRing {
-        next: 0,
-        entries: [(0, 0); BOOSTS],
-    });
+impl BoostRing {
+    /// No boosted run remembered.
+    pub(super) const fn new() -> BoostRing {
+        BoostRing {
+            next: 0,
+            entries: [(0, 0); BOOSTS],
+        }
+    }
 }
 
 /// Remembers that this thread was just sent into `slot` for a boosted run
@@ -704,15 +728,22 @@ crate::sync::const_thread_local! {
 /// call; called from the SIGTRAP handler.
 #[inline]
 pub(crate) fn note_boost(slot: u64, addr: u64) {
-    BOOSTED.with(|b| {
-        b.with_mut(|b| {
-            // SAFETY: this thread's own ring, touched only by this thread's
-            // trap and fault handlers, which run with asynchronous signals
-            // blocked and complete any nested use before they go on.
-            let b = unsafe { &mut *b };
-            b.entries[b.next] = (slot, addr);
-            b.next = (b.next + 1) % BOOSTS;
-        })
+    trap_thread::with(|t| note_boost_in(t, slot, addr));
+}
+
+/// [`note_boost`] in the calling thread's trap state `t`, already reached
+/// (the SIGTRAP handler's).
+#[inline(always)]
+pub(crate) fn note_boost_in(t: &TrapThread, slot: u64, addr: u64) {
+    t.boosts.with_mut(|b| {
+        // SAFETY: this thread's own ring, touched only by this thread's
+        // trap and fault handlers, which run with asynchronous signals
+        // blocked and complete any nested use before they go on.
+        let b = unsafe { &mut *b };
+        // Masked, though always in range: no bounds check on the hit path.
+        let i = b.next % BOOSTS;
+        b.entries[i] = (slot, addr);
+        b.next = (i + 1) % BOOSTS;
     });
 }
 
@@ -723,8 +754,8 @@ pub(crate) fn note_boost(slot: u64, addr: u64) {
 /// is rebound to another address only after a wait proved no thread is in
 /// it).
 pub(crate) fn translate_boosted_fault(regs: &mut Regs) -> bool {
-    BOOSTED.with(|b| {
-        b.with_mut(|b| {
+    trap_thread::with(|t| {
+        t.boosts.with_mut(|b| {
             // SAFETY: as in `note_boost`.
             let b = unsafe { &mut *b };
             for k in 1..=BOOSTS {

@@ -11,7 +11,8 @@
 //! C library included, had to be refused as a probe target.
 //!
 //! Now the first thing the SIGTRAP handler and the trampoline's Rust half
-//! do is raise this flag (a `const` thread-local: a store relative to the
+//! do is raise this flag (a field of the thread's trap state,
+//! `trap_thread.rs`, a `const` thread-local: a store relative to the
 //! thread pointer, no C library, no lazy initialisation). A trap that
 //! finds it up is *nested* in the runtime's own work: it takes the
 //! **missed path**: the registry's handler flag is forced up for it
@@ -46,18 +47,11 @@
 
 use std::cell::Cell;
 
+use super::trap_thread::{self, TrapThread};
 use crate::probes::reentry::{KprobeScope, UprobeScope};
 
-crate::sync::const_thread_local! {
-    /// Up while this thread runs the runtime's trap handling (module docs).
-    static IN_TRAP: Cell<bool> = Cell::new(false);
-}
-
-crate::sync::const_thread_local! {
-    /// This thread's `errno`, recorded by the outer trap handling (null
-    /// before the thread's first trap).
-    static ERRNO: Cell<*mut libc::c_int> = Cell::new(std::ptr::null_mut());
-}
+// The flag and the recorded `errno` location are fields of the thread's
+// trap state (`trap_thread.rs`), which the SIGTRAP handler reaches once.
 
 /// This thread is inside the runtime's trap handling until drop. Holds the
 /// address of the thread's flag, so the drop lowers it without a second
@@ -74,22 +68,28 @@ impl TrapScope {
     /// return: take the missed path, [`nested`]).
     #[inline(always)]
     pub(crate) fn enter() -> Option<TrapScope> {
-        IN_TRAP.with(|f| {
-            if f.get() {
-                None
-            } else {
-                f.set(true);
-                Some(TrapScope { flag: f })
-            }
-        })
+        trap_thread::with(TrapScope::enter_on)
+    }
+
+    /// [`enter`](Self::enter) on the calling thread's trap state `t`,
+    /// already reached (the SIGTRAP handler's).
+    #[inline(always)]
+    pub(crate) fn enter_on(t: &TrapThread) -> Option<TrapScope> {
+        let f = &t.in_trap;
+        if f.get() {
+            None
+        } else {
+            f.set(true);
+            Some(TrapScope { flag: f })
+        }
     }
 }
 
 impl Drop for TrapScope {
     #[inline(always)]
     fn drop(&mut self) {
-        // The scope is not `Send`; the flag is a `const` thread-local
-        // without a destructor, live as long as the thread.
+        // The scope is not `Send`; the flag is a field of a `const`
+        // thread-local without a destructor, live as long as the thread.
         // SAFETY: the calling thread's own flag, live (see above).
         unsafe { (*self.flag).set(false) };
     }
@@ -97,14 +97,7 @@ impl Drop for TrapScope {
 
 /// Whether the calling thread is inside the runtime's trap handling.
 pub fn in_trap() -> bool {
-    IN_TRAP.with(Cell::get)
-}
-
-/// Whether the flag is reached without the dynamic loader (for the test of
-/// `trap_tls.rs`).
-#[cfg(test)]
-pub(crate) fn settled_for_test() -> bool {
-    IN_TRAP.is_settled()
+    trap_thread::with(|t| t.in_trap.get())
 }
 
 /// For a trap or return nested in trap handling: forces both registry
@@ -126,28 +119,28 @@ pub(crate) struct Nested {
     _uprobes: Option<UprobeScope>,
 }
 
-/// Records this thread's `errno` location (outer trap handling only: the
-/// first time per thread it calls the C library) and returns it. A
-/// thread's `errno` lives at one address for the thread's life, so later
-/// traps reuse the recorded one: a probe on `__errno_location` is not hit
-/// again by every trap.
+/// Records this thread's `errno` location in its trap state `t` (outer
+/// trap handling only: the first time per thread it calls the C library)
+/// and returns it. A thread's `errno` lives at one address for the
+/// thread's life, so later traps reuse the recorded one: a probe on
+/// `__errno_location` is not hit again by every trap.
 #[inline]
-pub(crate) fn record_errno_location() -> *mut libc::c_int {
-    let known = ERRNO.with(Cell::get);
+pub(crate) fn record_errno_location(t: &TrapThread) -> *mut libc::c_int {
+    let known = t.errno.get();
     if !known.is_null() {
         return known;
     }
     // SAFETY: __errno_location has no preconditions; it returns this
     // thread's errno, valid for the thread's life.
     let p = unsafe { libc::__errno_location() };
-    ERRNO.with(|e| e.set(p));
+    t.errno.set(p);
     p
 }
 
-/// This thread's `errno` location as recorded by its outer trap handling,
-/// if any (no C-library call).
+/// This thread's `errno` location as recorded in its trap state `t` by
+/// its outer trap handling, if any (no C-library call).
 #[inline(always)]
-pub(crate) fn errno_location() -> Option<*mut libc::c_int> {
-    let p = ERRNO.with(Cell::get);
+pub(crate) fn errno_location(t: &TrapThread) -> Option<*mut libc::c_int> {
+    let p = t.errno.get();
     (!p.is_null()).then_some(p)
 }

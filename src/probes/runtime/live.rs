@@ -37,6 +37,7 @@ use std::sync::{Arc, OnceLock};
 use super::dispatch::{
     failed, try_attach_live, StepStash, Taken, TrapDispatcher, Verdict, MAX_DISPATCHERS,
 };
+use super::trap_thread::TrapThread;
 use super::xol::{XolArea, XolStats};
 use crate::probes::arch::{Arch, DataMemory, NativeArch, Regs};
 use crate::probes::kprobe::{HitOutcome, KprobeRegistry, StepResult, StepToken};
@@ -133,7 +134,8 @@ impl LiveRegistry {
     /// this registry's trap), not a [`Verdict`]: a failure aborts the
     /// process here (`dispatch.rs`, `failed`), so no `ProbeError` payload
     /// travels back through the handler (the conversions of the large
-    /// enums were a tenth of an emulated hit's instructions).
+    /// enums were a tenth of an emulated hit's instructions). `t` is the
+    /// calling thread's trap state, which the handler reached on entry.
     #[inline(always)]
     pub(crate) fn trap_in_section(
         &'static self,
@@ -141,6 +143,7 @@ impl LiveRegistry {
         mem: &mut dyn DataMemory,
         stash: &mut StepStash,
         guard: &RcuGuard<'_>,
+        t: &TrapThread,
     ) -> Option<Taken> {
         let at = self.arch().trap_address(regs);
         match self.on_breakpoint_in_section(regs, mem, guard) {
@@ -150,7 +153,7 @@ impl LiveRegistry {
             }
             HitOutcome::Boosted { slot } => {
                 // A fault of the copy in the slot is reported at `at`.
-                super::dispatch::note_boost(slot, at);
+                super::dispatch::note_boost_in(t, slot, at);
                 Some(Taken::Resume)
             }
             HitOutcome::SingleStep(token) => {

@@ -177,6 +177,8 @@ pub(crate) mod trampoline;
 #[path = "arm64/trampoline.rs"]
 pub(crate) mod trampoline;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+pub(crate) mod trap_thread;
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub(crate) mod trap_tls;
 #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
 pub mod uprobes;

@@ -67,8 +67,10 @@ use super::dispatch::dispatch_breakpoint;
 #[cfg(target_arch = "x86_64")]
 use super::dispatch::dispatch_step;
 use super::in_trap::TrapScope;
+use super::trap_thread::{self, TrapThread};
 use crate::probes::arch::Regs;
 use crate::probes::ProbeError;
+use crate::rcu::{Rcu, TrapReader};
 
 /// `si_code` of a SIGTRAP raised by `int3` (`SEND_SIG_PRIV`).
 #[cfg(target_arch = "x86_64")]
@@ -164,19 +166,20 @@ pub(crate) fn restorer_address() -> Option<u64> {
 
 /// The SIGTRAP handler: raises the thread's trap flag first (`in_trap.rs`),
 /// before anything else runs. A trap that finds it up already is nested in
-/// the runtime's own work and takes the missed path.
+/// the runtime's own work and takes the missed path. The thread's trap
+/// state (`trap_thread.rs`) is reached here, once, and handed down.
 extern "C" fn handle_sigtrap(
     sig: libc::c_int,
     info: *mut libc::siginfo_t,
     uctx: *mut libc::c_void,
 ) {
-    match TrapScope::enter() {
+    trap_thread::with(|t| match TrapScope::enter_on(t) {
         Some(scope) => {
-            handle_outer_trap(sig, info, uctx);
+            handle_outer_trap(sig, info, uctx, t);
             drop(scope);
         }
-        None => handle_nested_trap(sig, info, uctx),
-    }
+        None => handle_nested_trap(sig, info, uctx, t),
+    });
     // The frame's x87 state marked unused if it is, so that the return
     // leaves XINUSE's x87 bit clear (`x87_state.rs`: the jump stubs' fast
     // path depends on it).
@@ -192,24 +195,32 @@ extern "C" fn handle_sigtrap(
 /// The call-graph walk stops here (`callgraph/flag_up.rs`); what it shares
 /// with the nested path (`dispatch`) is walked from
 /// [`handle_nested_trap`].
+///
+/// `t` is the calling thread's trap state: a pointer, as the function is
+/// `extern "C"` (no unwinding out of it), to the block the caller reached.
 #[inline(never)]
 extern "C" fn handle_outer_trap(
     sig: libc::c_int,
     info: *mut libc::siginfo_t,
     uctx: *mut libc::c_void,
+    t: *const TrapThread,
 ) {
-    let errno_at = super::in_trap::record_errno_location();
+    // SAFETY: the caller's own thread's trap state, live as long as the
+    // thread (a `const` thread-local without a destructor).
+    let t = unsafe { &*t };
+    let errno_at = super::in_trap::record_errno_location(t);
     // SAFETY: this thread's errno, valid for the thread's life.
     let errno = unsafe { *errno_at };
     // The trap path reads without arming the `Rcu` slot's release at
-    // thread exit (a C-library call); arm it here.
-    crate::rcu::Rcu::arm_reader();
+    // thread exit (a C-library call); arm it here, and keep the reader for
+    // the dispatch's read section.
+    let reader = Rcu::arm_trap_reader();
     // Probe handlers run inside `dispatch`: a panic there must not unwind
     // out of a signal handler.
     let handled = abort_on_panic(HANDLER_PANIC_IN_TRAP, || {
         // SAFETY: the kernel passes a valid siginfo and ucontext for an
         // SA_SIGINFO handler, live for the duration of the call.
-        unsafe { dispatch(&*info, &mut *uctx.cast::<libc::ucontext_t>()) }
+        unsafe { dispatch(&*info, &mut *uctx.cast::<libc::ucontext_t>(), t, reader) }
     });
     if !handled {
         // SAFETY: as above; same arguments as we received.
@@ -231,13 +242,19 @@ extern "C" fn handle_nested_trap(
     sig: libc::c_int,
     info: *mut libc::siginfo_t,
     uctx: *mut libc::c_void,
+    t: *const TrapThread,
 ) {
-    let missed = super::in_trap::nested();
     // SAFETY: as in `handle_outer_trap`.
-    let handled = unsafe { dispatch(&*info, &mut *uctx.cast::<libc::ucontext_t>()) };
+    let t = unsafe { &*t };
+    let missed = super::in_trap::nested();
+    // The reader claimed without the C library (it may not be armed yet:
+    // a trap nested in the outer one's arming).
+    let reader = Rcu::trap_reader();
+    // SAFETY: as in `handle_outer_trap`.
+    let handled = unsafe { dispatch(&*info, &mut *uctx.cast::<libc::ucontext_t>(), t, reader) };
     drop(missed);
     if !handled {
-        let errno_at = super::in_trap::errno_location();
+        let errno_at = super::in_trap::errno_location(t);
         // SAFETY: a location recorded by this thread's outer trap: its errno.
         let errno = errno_at.map(|p| unsafe { *p });
         // SAFETY: as above; same arguments as we received.
@@ -265,15 +282,33 @@ unsafe fn unclaimed(sig: libc::c_int, info: *mut libc::siginfo_t, uctx: *mut lib
 /// Handles the trap if it is ours; false to chain. Inlined into both
 /// handlers (one call less on every trap); the outer one's copy is covered
 /// by its refusal as flag-up code, the nested one's by the walk.
+/// `t` and `reader` are the thread's trap state and `Rcu` reader, reached
+/// by the caller.
 #[inline(always)]
-fn dispatch(info: &libc::siginfo_t, uc: &mut libc::ucontext_t) -> bool {
-    with_frame_regs(uc, |regs| dispatch_regs(info, regs))
+fn dispatch(
+    info: &libc::siginfo_t,
+    uc: &mut libc::ucontext_t,
+    t: &TrapThread,
+    reader: TrapReader,
+) -> bool {
+    // Inlined, though both handlers call it: out of line, it cost every
+    // trap a call, a return and the spills around them.
+    with_frame_regs(
+        uc,
+        #[inline(always)]
+        |regs| dispatch_regs(info, regs, t, reader),
+    )
 }
 
 /// [`dispatch`] on the frame's registers: false (the registers unchanged)
 /// to chain.
 #[inline(always)]
-fn dispatch_regs(info: &libc::siginfo_t, regs: &mut Regs) -> bool {
+fn dispatch_regs(
+    info: &libc::siginfo_t,
+    regs: &mut Regs,
+    t: &TrapThread,
+    reader: TrapReader,
+) -> bool {
     // A displaced instruction a dispatcher could not complete aborts the
     // process inside the dispatch (`dispatch.rs`, `failed`).
     let mut mem = ThreadMemory;
@@ -282,13 +317,15 @@ fn dispatch_regs(info: &libc::siginfo_t, regs: &mut Regs) -> bool {
         // A probe's `brk` or a step marker: arm64 steps only to markers.
         // Unclaimed, it is resumed at the same address (the PC already
         // is) if the `brk` is gone: whatever replaced it runs.
-        TRAP_BRKPT => dispatch_breakpoint(regs.ip, regs, &mut mem) || transient_breakpoint(regs.ip),
+        TRAP_BRKPT => {
+            dispatch_breakpoint(regs.ip, regs, &mut mem, t, reader) || transient_breakpoint(regs.ip)
+        }
         _ => false,
     }
     #[cfg(target_arch = "x86_64")]
     match info.si_code {
         SI_KERNEL => {
-            if dispatch_breakpoint(regs.ip.wrapping_sub(1), regs, &mut mem) {
+            if dispatch_breakpoint(regs.ip.wrapping_sub(1), regs, &mut mem, t, reader) {
                 return true;
             }
             let addr = regs.ip.wrapping_sub(1);
@@ -298,7 +335,7 @@ fn dispatch_regs(info: &libc::siginfo_t, regs: &mut Regs) -> bool {
             regs.ip = addr;
             true
         }
-        TRAP_TRACE => dispatch_step(regs, &mut mem),
+        TRAP_TRACE => dispatch_step(regs, &mut mem, t),
         _ => false,
     }
 }
