@@ -497,43 +497,69 @@ pub(crate) fn dispatch_breakpoint(
     // A labelled block, and `find_dispatcher`'s loop written out: its
     // closure, which holds the live registry's hit path, was compiled out
     // of line (a call and a return on every trap).
-    let taken = 'found: {
-        if let Some(e) = claimant {
-            // SAFETY: see above; the entry is reserved for this call.
-            let stash = unsafe { &mut (*stack).entries[depth].stash };
-            // Through the trait object, a live registry too: its hit path
-            // is inlined once, in the loop below (the one a process with a
-            // single dispatcher, its live registry, takes).
-            let verdict = e.d.on_breakpoint(regs, mem, stash);
-            if let Some(t) = offer(verdict, e.d, regs.ip) {
-                break 'found Some(t);
-            }
+    // Each trap taken is settled where it was taken ([`settle`], inlined
+    // at each place): one result joined from the three places first went
+    // through memory (a 32-byte copy and a second decoding per hit).
+    if let Some(e) = claimant {
+        // SAFETY: see above; the entry is reserved for this call.
+        let stash = unsafe { &mut (*stack).entries[depth].stash };
+        // Through the trait object, a live registry too: its hit path
+        // is inlined once, for the first entry below (the one a
+        // process with a single dispatcher, its live registry, takes).
+        if let Some(t) = offer_to(e, regs, mem, stash) {
+            return settle(stack, depth, t);
         }
-        for slot in &TABLE {
-            let Some(e) = entry(slot) else { continue };
-            if claimant.is_some_and(|c| std::ptr::eq(c, e)) {
-                continue;
-            }
-            // SAFETY: see above; the entry is reserved for this call.
-            let stash = unsafe { &mut (*stack).entries[depth].stash };
-            // A live registry directly, inside this trap's read section;
-            // any other dispatcher through its trait object.
-            let taken = match e.live {
-                Some(live) => live.trap_in_section(regs, mem, stash, &guard, t),
-                None => offer(e.d.on_breakpoint(regs, mem, stash), e.d, regs.ip),
-            };
-            if let Some(t) = taken {
-                break 'found Some(t);
-            }
+    }
+    // The first entry on its own, then the others in a loop: the first
+    // is where a process's live registry sits (`Live::global` attaches
+    // it before anything else), and its hit path, inlined here, is
+    // outside any loop. Inlined in the loop, the compiler hoisted its
+    // constants and addresses into the loop's preheader, onto every
+    // trap: about twenty instructions of an emulated arm64 hit.
+    let [first, rest @ ..] = &TABLE;
+    if let Some(e) = entry(first).filter(|e| !claimant.is_some_and(|c| std::ptr::eq(c, *e))) {
+        // SAFETY: see above; the entry is reserved for this call.
+        let stash = unsafe { &mut (*stack).entries[depth].stash };
+        // A live registry directly, inside this trap's read section;
+        // any other dispatcher through its trait object.
+        let taken = match e.live {
+            Some(live) => live.trap_in_section(regs, mem, stash, &guard, t),
+            None => offer_to(e, regs, mem, stash),
+        };
+        if let Some(t) = taken {
+            return settle(stack, depth, t);
         }
-        None
-    };
+    }
+    for slot in rest {
+        let Some(e) = entry(slot) else { continue };
+        if claimant.is_some_and(|c| std::ptr::eq(c, e)) {
+            continue;
+        }
+        // SAFETY: see above; the entry is reserved for this call.
+        let stash = unsafe { &mut (*stack).entries[depth].stash };
+        // As for the first entry, a live registry out of line.
+        let taken = match e.live {
+            Some(live) => live_offer(live, regs, mem, stash, &guard, t),
+            None => offer_to(e, regs, mem, stash),
+        };
+        if let Some(t) = taken {
+            return settle(stack, depth, t);
+        }
+    }
+    give_back(stack, depth, false)
+}
+
+/// Settles a breakpoint trap taken at `depth` of `stack` (reserved by
+/// [`dispatch_breakpoint`]): a resumed trap gives its entry back, a step
+/// under way keeps it until its step trap. Returns true (handled).
+#[inline(always)]
+fn settle(stack: *mut PendingStack, depth: usize, taken: Taken) -> bool {
     match taken {
-        None => give_back(stack, depth, false),
-        Some(Taken::Resume) => give_back(stack, depth, true),
-        Some(Taken::Step { d, marker }) => {
+        Taken::Resume => give_back(stack, depth, true),
+        Taken::Step { d, marker } => {
             // The entry stays pushed until its step trap.
-            // SAFETY: see above; nested traps have popped what they pushed.
+            // SAFETY: as in `dispatch_breakpoint`; nested traps have popped
+            // what they pushed.
             unsafe {
                 (*stack).entries[depth].marker = marker;
                 (*stack).entries[depth].d = Some(d);
@@ -555,6 +581,37 @@ pub(crate) enum Taken {
         /// Where it ends ([`Verdict::StepToMarker`]), or on the trap flag.
         marker: Option<u64>,
     },
+}
+
+/// Offers a breakpoint trap to `e`'s dispatcher through its trait object:
+/// what is left to do, unless the trap is not its. Out of line: inlined in
+/// the dispatch loop, its setup (the verdict's room, the trait object's
+/// arguments) was hoisted onto every trap, a live registry's hits (which
+/// do not come here) included: a score of instructions per emulated arm64
+/// hit.
+#[inline(never)]
+fn offer_to(
+    e: &'static Entry,
+    regs: &mut Regs,
+    mem: &mut dyn DataMemory,
+    stash: &mut StepStash,
+) -> Option<Taken> {
+    offer(e.d.on_breakpoint(regs, mem, stash), e.d, regs.ip)
+}
+
+/// [`LiveRegistry::trap_in_section`] out of line: for a live registry
+/// that is not in the dispatcher table's first entry (see
+/// `dispatch_breakpoint`).
+#[inline(never)]
+fn live_offer(
+    live: &'static LiveRegistry,
+    regs: &mut Regs,
+    mem: &mut dyn DataMemory,
+    stash: &mut StepStash,
+    guard: &crate::rcu::RcuGuard<'_>,
+    t: &TrapThread,
+) -> Option<Taken> {
+    live.trap_in_section(regs, mem, stash, guard, t)
 }
 
 /// What is left to do after `d`'s `verdict` on a breakpoint trap at `ip`,
