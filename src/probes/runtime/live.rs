@@ -146,24 +146,30 @@ impl LiveRegistry {
         t: &TrapThread,
     ) -> Option<Taken> {
         let at = self.arch().trap_address(regs);
-        match self.on_breakpoint_in_section(regs, mem, guard) {
-            HitOutcome::NotOurs => None,
-            HitOutcome::Vanished | HitOutcome::Skipped | HitOutcome::Emulated => {
-                Some(Taken::Resume)
-            }
-            HitOutcome::Boosted { slot } => {
-                // A fault of the copy in the slot is reported at `at`.
-                super::dispatch::note_boost_in(t, slot, at);
-                Some(Taken::Resume)
-            }
-            HitOutcome::SingleStep(token) => {
-                let marker = token.step_marker();
-                // The stash is empty: the runtime reserved a fresh entry.
-                let _ = stash.put::<StepToken<'static>>(token);
-                Some(Taken::Step { d: self, marker })
-            }
-            HitOutcome::Failed(e) => failed(regs.ip, e),
-        }
+        self.on_breakpoint_in_section(
+            regs,
+            mem,
+            guard,
+            #[inline(always)]
+            |outcome, regs| match outcome {
+                HitOutcome::NotOurs => None,
+                HitOutcome::Vanished | HitOutcome::Skipped | HitOutcome::Emulated => {
+                    Some(Taken::Resume)
+                }
+                HitOutcome::Boosted { slot } => {
+                    // A fault of the copy in the slot is reported at `at`.
+                    super::dispatch::note_boost_in(t, slot, at);
+                    Some(Taken::Resume)
+                }
+                HitOutcome::SingleStep(token) => {
+                    let marker = token.step_marker();
+                    // The stash is empty: the runtime reserved a fresh entry.
+                    let _ = stash.put::<StepToken<'static>>(token);
+                    Some(Taken::Step { d: self, marker })
+                }
+                HitOutcome::Failed(e) => failed(regs.ip, e),
+            },
+        )
     }
 }
 
