@@ -82,7 +82,9 @@ pub(super) fn emulate(
         }) => (target, Some(return_addr)),
         _ => return emulate_any(insn, regs, mem),
     };
-    if insn.bytes().len() != 4 {
+    // The length itself, not `bytes().len()`: no slice bounds check on the
+    // hit path (the slice's length is `len`, which `emulate_any` checks).
+    if insn.len != 4 {
         return emulate_any(insn, regs, mem);
     }
     if let Some(return_addr) = link {
