@@ -557,9 +557,9 @@ fn settle(stack: *mut PendingStack, depth: usize, taken: Taken) -> bool {
     match taken {
         Taken::Resume => give_back(stack, depth, true),
         Taken::Step { d, marker } => {
-            // The entry stays pushed until its step trap.
-            // SAFETY: as in `dispatch_breakpoint`; nested traps have popped
-            // what they pushed.
+            // The entry stays pushed until its step trap; nested traps have
+            // popped what they pushed.
+            // SAFETY: as in `dispatch_breakpoint`.
             unsafe {
                 (*stack).entries[depth].marker = marker;
                 (*stack).entries[depth].d = Some(d);
@@ -793,9 +793,10 @@ pub(crate) fn note_boost(slot: u64, addr: u64) {
 #[inline(always)]
 pub(crate) fn note_boost_in(t: &TrapThread, slot: u64, addr: u64) {
     t.boosts.with_mut(|b| {
-        // SAFETY: this thread's own ring, touched only by this thread's
-        // trap and fault handlers, which run with asynchronous signals
-        // blocked and complete any nested use before they go on.
+        // This thread's own ring is touched only by this thread's trap and
+        // fault handlers, which run with asynchronous signals blocked and
+        // complete any nested use before they go on.
+        // SAFETY: this thread's own ring, not aliased (see above).
         let b = unsafe { &mut *b };
         // Masked, though always in range: no bounds check on the hit path.
         let i = b.next % BOOSTS;
@@ -813,7 +814,7 @@ pub(crate) fn note_boost_in(t: &TrapThread, slot: u64, addr: u64) {
 pub(crate) fn translate_boosted_fault(regs: &mut Regs) -> bool {
     trap_thread::with(|t| {
         t.boosts.with_mut(|b| {
-            // SAFETY: as in `note_boost`.
+            // SAFETY: as in `note_boost_in`.
             let b = unsafe { &mut *b };
             for k in 1..=BOOSTS {
                 let i = (b.next + BOOSTS - k) % BOOSTS;

@@ -205,8 +205,9 @@ extern "C" fn handle_outer_trap(
     uctx: *mut libc::c_void,
     t: *const TrapThread,
 ) {
-    // SAFETY: the caller's own thread's trap state, live as long as the
-    // thread (a `const` thread-local without a destructor).
+    // The block is a `const` thread-local without a destructor: it lives as
+    // long as the thread.
+    // SAFETY: the calling thread's own trap state, live (see above).
     let t = unsafe { &*t };
     let errno_at = super::in_trap::record_errno_location(t);
     // SAFETY: this thread's errno, valid for the thread's life.
