@@ -83,6 +83,16 @@ impl TrapScope {
             Some(TrapScope { flag: f })
         }
     }
+
+    /// The scope of the flag in `t`, raised by the caller's caller with
+    /// [`enter_on`](Self::enter_on) and handed over (that scope forgotten,
+    /// not dropped): this one lowers it. The SIGTRAP handler hands its
+    /// scope to the outer handling it calls last, so the call is a tail
+    /// call (`signal.rs`).
+    #[inline(always)]
+    pub(crate) fn adopt(t: &TrapThread) -> TrapScope {
+        TrapScope { flag: &t.in_trap }
+    }
 }
 
 impl Drop for TrapScope {

@@ -174,9 +174,14 @@ extern "C" fn handle_sigtrap(
     uctx: *mut libc::c_void,
 ) {
     trap_thread::with(|t| match TrapScope::enter_on(t) {
+        // The outer handling adopts the scope and lowers the flag last
+        // (`TrapScope::adopt`): its call is then this handler's last act,
+        // a tail call on arm64 (no frame here and one return fewer per
+        // trap; under qemu-user every return is a lookup of translated
+        // code).
         Some(scope) => {
-            handle_outer_trap(sig, info, uctx, t);
-            drop(scope);
+            std::mem::forget(scope);
+            handle_outer_trap(sig, info, uctx, t)
         }
         None => handle_nested_trap(sig, info, uctx, t),
     });
@@ -198,6 +203,8 @@ extern "C" fn handle_sigtrap(
 ///
 /// `t` is the calling thread's trap state: a pointer, as the function is
 /// `extern "C"` (no unwinding out of it), to the block the caller reached.
+/// The caller raised the trap flag there and hands its scope over: this
+/// lowers the flag, last.
 #[inline(never)]
 extern "C" fn handle_outer_trap(
     sig: libc::c_int,
@@ -209,6 +216,9 @@ extern "C" fn handle_outer_trap(
     // long as the thread.
     // SAFETY: the calling thread's own trap state, live (see above).
     let t = unsafe { &*t };
+    // The flag the caller raised and handed over: lowered when this
+    // returns, after everything below (declared first, dropped last).
+    let _scope = TrapScope::adopt(t);
     let errno_at = super::in_trap::record_errno_location(t);
     // SAFETY: this thread's errno, valid for the thread's life.
     let errno = unsafe { *errno_at };
