@@ -59,7 +59,7 @@
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
-use super::instances::ThreadKey;
+use super::instances::{Filed, ThreadKey};
 use super::kretprobe::{EntryContext, ReturnProbe};
 use super::probe::{Action, Handlers};
 use super::registry::KprobeRegistry;
@@ -574,8 +574,52 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         // thread holds the stripe below must see the flag and stay away from
         // the kretprobe locks (module docs, "Re-entrancy").
         let scope = KprobeScope::enter();
+        let guard = self.rcu.read();
+        self.returned(regs, trampoline, thread, filed, scope.is_some(), &guard)
+    }
+
+    /// [`on_return`](Self::on_return) inside the caller's read section
+    /// `guard`, without one of its own: the live runtime's return path
+    /// holds one already (for its dispatcher table), and every `Rcu` domain
+    /// shares the readers (see
+    /// [`on_breakpoint_in_section`](Self::on_breakpoint_in_section)). The
+    /// re-entrancy flag goes up inside that section, before any stripe.
+    #[inline(always)]
+    // Called by the live runtime only (Linux, not under loom).
+    #[cfg_attr(not(all(target_os = "linux", not(loom))), allow(dead_code))]
+    pub(crate) fn on_return_in_section(
+        &self,
+        regs: &mut Regs,
+        guard: &RcuGuard<'_>,
+    ) -> ReturnOutcome {
+        let Some(trampoline) = self.trampoline else {
+            return ReturnOutcome::NotOurs;
+        };
+        let thread = ThreadKey::current();
+        // As in `on_return`: two thread-local loads for a thread with
+        // nothing filed here.
+        let Some(filed) = self.instances.filed(thread) else {
+            return ReturnOutcome::NotOurs;
+        };
+        // As in `on_return`: the flag before the stripe.
+        let scope = KprobeScope::enter();
+        self.returned(regs, trampoline, thread, filed, scope.is_some(), guard)
+    }
+
+    /// The rest of a return once this thread's instances were found filed
+    /// (`filed`), the re-entrancy flag raised (`run_handlers`: it was not up
+    /// already) and a read section entered (`_guard`).
+    #[inline(always)]
+    fn returned(
+        &self,
+        regs: &mut Regs,
+        trampoline: u64,
+        thread: ThreadKey,
+        filed: Filed<'_>,
+        run_handlers: bool,
+        _guard: &RcuGuard<'_>,
+    ) -> ReturnOutcome {
         let sp = regs.sp;
-        let _guard = self.rcu.read();
         let mut taken = self.instances.take_returning(thread, sp, filed);
         if taken.is_empty() {
             return ReturnOutcome::NotOurs;
@@ -594,7 +638,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                     real = Some(frame.real_ret);
                 }
                 // SAFETY: as above; not used after this call.
-                unsafe { owner.on_return(inst, regs, retval, scope.is_some()) };
+                unsafe { owner.on_return(inst, regs, retval, run_handlers) };
             } else {
                 // A deeper frame the thread left without returning.
                 // SAFETY: as above.
