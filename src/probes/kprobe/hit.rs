@@ -59,7 +59,7 @@
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
-use super::instances::{Filed, Frame, ThreadKey};
+use super::instances::{Frame, ThreadKey};
 use super::kretprobe::ReturnProbe;
 use super::probe::{Action, Handlers};
 use super::registry::KprobeRegistry;
@@ -591,6 +591,21 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// lock-free), and
     /// only once the thread's re-entrancy flag is up (module docs).
     pub fn on_return(&self, regs: &mut Regs) -> ReturnOutcome {
+        let guard = self.rcu.read();
+        self.on_return_in_section(regs, &guard)
+    }
+
+    /// [`on_return`](Self::on_return) inside the caller's read section
+    /// `_guard`, without one of its own: the live runtime's return path
+    /// holds one already (for its dispatcher table), and every `Rcu` domain
+    /// shares the readers (see
+    /// [`on_breakpoint_in_section`](Self::on_breakpoint_in_section)).
+    #[inline(always)]
+    pub(crate) fn on_return_in_section(
+        &self,
+        regs: &mut Regs,
+        _guard: &RcuGuard<'_>,
+    ) -> ReturnOutcome {
         let Some(trampoline) = self.trampoline else {
             return ReturnOutcome::NotOurs;
         };
@@ -605,51 +620,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         // thread holds the stripe below must see the flag and stay away from
         // the kretprobe locks (module docs, "Re-entrancy").
         let scope = KprobeScope::enter();
-        let guard = self.rcu.read();
-        self.returned(regs, trampoline, thread, filed, scope.is_some(), &guard)
-    }
-
-    /// [`on_return`](Self::on_return) inside the caller's read section
-    /// `guard`, without one of its own: the live runtime's return path
-    /// holds one already (for its dispatcher table), and every `Rcu` domain
-    /// shares the readers (see
-    /// [`on_breakpoint_in_section`](Self::on_breakpoint_in_section)). The
-    /// re-entrancy flag goes up inside that section, before any stripe.
-    #[inline(always)]
-    // Called by the live runtime only (Linux, not under loom).
-    #[cfg_attr(not(all(target_os = "linux", not(loom))), allow(dead_code))]
-    pub(crate) fn on_return_in_section(
-        &self,
-        regs: &mut Regs,
-        guard: &RcuGuard<'_>,
-    ) -> ReturnOutcome {
-        let Some(trampoline) = self.trampoline else {
-            return ReturnOutcome::NotOurs;
-        };
-        let thread = ThreadKey::current();
-        // As in `on_return`: two thread-local loads for a thread with
-        // nothing filed here.
-        let Some(filed) = self.instances.filed(thread) else {
-            return ReturnOutcome::NotOurs;
-        };
-        // As in `on_return`: the flag before the stripe.
-        let scope = KprobeScope::enter();
-        self.returned(regs, trampoline, thread, filed, scope.is_some(), guard)
-    }
-
-    /// The rest of a return once this thread's instances were found filed
-    /// (`filed`), the re-entrancy flag raised (`run_handlers`: it was not up
-    /// already) and a read section entered (`_guard`).
-    #[inline(always)]
-    fn returned(
-        &self,
-        regs: &mut Regs,
-        trampoline: u64,
-        thread: ThreadKey,
-        filed: Filed<'_>,
-        run_handlers: bool,
-        _guard: &RcuGuard<'_>,
-    ) -> ReturnOutcome {
+        let run_handlers = scope.is_some();
         let sp = regs.sp;
         let mut taken = self.instances.take_returning(thread, sp, filed);
         if taken.is_empty() {
