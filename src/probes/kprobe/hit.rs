@@ -330,7 +330,11 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// A kretprobe's entry on a trap hit: [`track_call`](Self::track_call)
     /// out of line: inlined in `hit`, its loads were hoisted onto every
     /// hit, kretprobe or not (a dozen instructions of an emulated arm64
-    /// hit).
+    /// hit). Called only by a hit that raised the kprobe family's handler
+    /// flag itself, which a nested trap never does: the refusal walk stops
+    /// here (`runtime/callgraph/flag_up.rs`), so the C library it calls
+    /// (arming the thread-exit flush: `pthread_setspecific`) stays
+    /// probeable. Keep the name in step with that list.
     #[inline(never)]
     fn return_entry(&self, r: &dyn ReturnProbe, regs: &mut Regs, mem: &mut dyn DataMemory) {
         self.track_call(r, regs, mem);
