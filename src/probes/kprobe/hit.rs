@@ -59,8 +59,8 @@
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
-use super::instances::ThreadKey;
-use super::kretprobe::{EntryContext, ReturnProbe};
+use super::instances::{Frame, ThreadKey};
+use super::kretprobe::ReturnProbe;
 use super::probe::{Action, Handlers};
 use super::registry::KprobeRegistry;
 use super::table::{Members, Site};
@@ -340,18 +340,53 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         }
     }
 
-    /// A kretprobe's entry on a hit. Out of line, with its context built
-    /// here: built in `hit`, the context's loads were hoisted onto every
+    /// A kretprobe's entry on a trap hit: [`track_call`](Self::track_call)
+    /// out of line: inlined in `hit`, its loads were hoisted onto every
     /// hit, kretprobe or not (a dozen instructions of an emulated arm64
-    /// hit).
+    /// hit). Called only by a hit that raised the kprobe family's handler
+    /// flag itself, which a nested trap never does: the refusal walk stops
+    /// here (`runtime/callgraph/flag_up.rs`), so the C library it calls
+    /// (arming the thread-exit flush: `pthread_setspecific`) stays
+    /// probeable. Keep the name in step with that list.
     #[inline(never)]
     fn return_entry(&self, r: &dyn ReturnProbe, regs: &mut Regs, mem: &mut dyn DataMemory) {
-        let cx = EntryContext {
-            arch: &self.arch,
-            table: &self.instances,
-            trampoline: self.trampoline.unwrap_or(0),
-        };
-        r.on_entry(regs, mem, &cx);
+        self.track_call(r, regs, mem);
+    }
+
+    /// A kretprobe's entry: an instance from the kretprobe (which runs its
+    /// entry handler), the return address replaced by the trampoline's, and
+    /// the instance filed under the calling thread. Done here, where the
+    /// architecture is a concrete type (and the memory too, on the jump
+    /// path, once inlined), not inside the kretprobe's trait object: its
+    /// calls through `dyn Arch` and `dyn DataMemory` and their large
+    /// `Result`s were a fifth of an optimized kretprobe entry's
+    /// instructions.
+    #[inline(always)]
+    pub(super) fn track_call(
+        &self,
+        r: &dyn ReturnProbe,
+        regs: &mut Regs,
+        mem: &mut dyn DataMemory,
+    ) {
+        let Some(inst) = r.begin(regs) else { return };
+        let thread = ThreadKey::current();
+        let ret_sp = self.arch.stack_pointer_at_return(regs);
+        let trampoline = self.trampoline.unwrap_or(0);
+        match self.arch.hijack_return(regs, mem, trampoline) {
+            // SAFETY: `begin` handed the instance to us, out of its pool and
+            // in no chain; filing hands it to the table.
+            Ok(real_ret) => unsafe {
+                inst.as_ref().set_frame(Frame {
+                    thread,
+                    ret_sp,
+                    real_ret,
+                });
+                self.instances.file(thread, inst);
+            },
+            // The return address is unreadable: the call cannot be tracked.
+            // SAFETY: from `begin`, never filed.
+            Err(_) => unsafe { r.abandon(inst) },
+        }
     }
 
     /// After a lookup at `addr` missed: a breakpoint removed since the trap
@@ -587,6 +622,21 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// lock-free), and
     /// only once the thread's re-entrancy flag is up (module docs).
     pub fn on_return(&self, regs: &mut Regs) -> ReturnOutcome {
+        let guard = self.rcu.read();
+        self.on_return_in_section(regs, &guard)
+    }
+
+    /// [`on_return`](Self::on_return) inside the caller's read section
+    /// `_guard`, without one of its own: the live runtime's return path
+    /// holds one already (for its dispatcher table), and every `Rcu` domain
+    /// shares the readers (see
+    /// [`on_breakpoint_in_section`](Self::on_breakpoint_in_section)).
+    #[inline(always)]
+    pub(crate) fn on_return_in_section(
+        &self,
+        regs: &mut Regs,
+        _guard: &RcuGuard<'_>,
+    ) -> ReturnOutcome {
         let Some(trampoline) = self.trampoline else {
             return ReturnOutcome::NotOurs;
         };
@@ -601,8 +651,8 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         // thread holds the stripe below must see the flag and stay away from
         // the kretprobe locks (module docs, "Re-entrancy").
         let scope = KprobeScope::enter();
+        let run_handlers = scope.is_some();
         let sp = regs.sp;
-        let _guard = self.rcu.read();
         let mut taken = self.instances.take_returning(thread, sp, filed);
         if taken.is_empty() {
             return ReturnOutcome::NotOurs;
@@ -621,7 +671,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                     real = Some(frame.real_ret);
                 }
                 // SAFETY: as above; not used after this call.
-                unsafe { owner.on_return(inst, regs, retval, scope.is_some()) };
+                unsafe { owner.on_return(inst, regs, retval, run_handlers) };
             } else {
                 // A deeper frame the thread left without returning.
                 // SAFETY: as above.

@@ -44,10 +44,12 @@
 //! or that still has instances in the shared stripes, files in the shared
 //! stripes: a [`HashedLocks`] array of chains keyed by [`ThreadKey`], one
 //! spin lock per stripe. One call's instances are therefore never split
-//! between the two. (A claim entry of a registry that was dropped stays in
-//! the thread's array until the thread exits: a thread that used
-//! kretprobes in four registries since dropped uses the shared stripes of
-//! a fifth.)
+//! between the two. A claim entry of a registry that was dropped is taken
+//! over by the thread's next claim once the array is full: tables list
+//! their ids in a global set of live tables while they exist (`LIVE`), and
+//! an entry whose table is not listed there is free. (With more than
+//! 256 tables alive at once (`LIVE_TABLES`) the set cannot list them all, and
+//! no entry is taken over while an unlisted table lives.)
 //!
 //! # Matching a return
 //!
@@ -337,13 +339,65 @@ unsafe fn unlink_frames(head: &mut *mut InstanceHdr, thread: ThreadKey, sp: u64)
 pub const DEFAULT_OWN_STRIPES: usize = 64;
 
 /// Tables a thread can hold an own stripe in at once (its claims are
-/// cached in a fixed thread-local array; a thread in a fifth table uses that
-/// table's shared stripes).
+/// cached in a fixed thread-local array; a thread in a fifth live table
+/// uses that table's shared stripes, and an entry a dropped table left is
+/// taken over: module docs, "Own stripes").
 const MAX_CLAIMS: usize = 4;
 
 /// Source of table ids. `std`'s atomic even under loom: an identity,
 /// published by nothing, unique across model executions too.
 static NEXT_TABLE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+/// Tables the live set ([`LIVE`]) lists at once.
+const LIVE_TABLES: usize = 256;
+
+/// The ids of the tables alive now (0: an empty place), so that a thread
+/// whose claim array is full can tell an entry left by a dropped table
+/// (module docs, "Own stripes"). `std`'s atomics even under loom, as
+/// [`NEXT_TABLE_ID`]: a table is listed before any thread can reach it and
+/// unlisted after the last one is done with it (the registry's teardown),
+/// so what a claim reads here is ordered by the table's own publication,
+/// not by these atomics.
+static LIVE: [std::sync::atomic::AtomicU64; LIVE_TABLES] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; LIVE_TABLES];
+
+/// Tables alive but not listed in [`LIVE`] (it was full when they were
+/// made). While there is one, no claim entry is taken as free: its table
+/// might be one of them.
+static UNLISTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Lists the new table `id` in [`LIVE`] (or counts it in [`UNLISTED`]).
+fn list_table(id: u64) {
+    use std::sync::atomic::Ordering as O;
+    // Relaxed (all three): see `LIVE`; the CAS makes each place one table's.
+    let listed = LIVE.iter().any(|p| {
+        p.load(O::Relaxed) == 0 && p.compare_exchange(0, id, O::Relaxed, O::Relaxed).is_ok()
+    });
+    if !listed {
+        UNLISTED.fetch_add(1, O::Relaxed);
+    }
+}
+
+/// Takes the dropped table `id` out of [`LIVE`] (or [`UNLISTED`]).
+fn unlist_table(id: u64) {
+    use std::sync::atomic::Ordering as O;
+    // Relaxed (all three): see `LIVE`.
+    match LIVE.iter().find(|p| p.load(O::Relaxed) == id) {
+        Some(p) => p.store(0, O::Relaxed),
+        None => {
+            UNLISTED.fetch_sub(1, O::Relaxed);
+        }
+    }
+}
+
+/// Whether the table `id` (an id a claim entry holds) was dropped: not in
+/// [`LIVE`], with every live table listed. Ids are never reused, so a
+/// dropped table's id never comes back. Async-signal-safe (loads only).
+fn table_dropped(id: u64) -> bool {
+    use std::sync::atomic::Ordering as O;
+    // Relaxed (both): see `LIVE`.
+    UNLISTED.load(O::Relaxed) == 0 && !LIVE.iter().any(|p| p.load(O::Relaxed) == id)
+}
 
 /// Where a thread's instances are filed in a table
 /// ([`InstanceTable::filed`]).
@@ -493,6 +547,13 @@ impl StripesHold<'_> {
     }
 }
 
+impl Drop for InstanceTable {
+    fn drop(&mut self) {
+        // Threads' claim entries for this table become free (module docs).
+        unlist_table(self.id);
+    }
+}
+
 impl InstanceTable {
     /// Takes every stripe for the fork handlers: the remote mutex, each own
     /// stripe's lock (owners in their lock-free sections need none of them
@@ -518,9 +579,11 @@ impl InstanceTable {
     /// a power of two; 1 makes them one global lock, the benchmark's peer).
     pub(crate) fn new(own: usize, shared: usize) -> Self {
         let shared = shared.clamp(1, crate::hashlock::MAX_STRIPES);
+        // Relaxed: only uniqueness matters.
+        let id = NEXT_TABLE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        list_table(id);
         InstanceTable {
-            // Relaxed: only uniqueness matters.
-            id: NEXT_TABLE_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            id,
             own: (0..own)
                 .map(|_| CachePadded::new(OwnStripe::new()))
                 .collect(),
@@ -590,7 +653,9 @@ impl InstanceTable {
         let entry = claims
             .iter()
             .position(|&(id, _)| id == self.id)
-            .or_else(|| claims.iter().position(|&(id, _)| id == 0))?;
+            .or_else(|| claims.iter().position(|&(id, _)| id == 0))
+            // Full: an entry a dropped table left is free (module docs).
+            .or_else(|| claims.iter().position(|&(id, _)| table_dropped(id)))?;
         let n = self.own.len();
         // Spread threads' starting points (keys are thread-local addresses,
         // far apart and aligned alike).
@@ -813,5 +878,48 @@ pub(crate) mod test_hooks {
         if let Some(f) = WHILE_LOCKED.with(|h| h.borrow_mut().take()) {
             f();
         }
+    }
+}
+
+#[cfg(all(test, not(loom)))]
+mod claim_tests {
+    use super::*;
+
+    #[test]
+    fn a_claim_entry_a_dropped_table_left_is_taken_over_and_a_live_ones_never() {
+        // A thread of its own: its claim array starts empty.
+        std::thread::spawn(|| {
+            let me = ThreadKey::current();
+            let mut tables: Vec<InstanceTable> =
+                (0..MAX_CLAIMS).map(|_| InstanceTable::new(2, 1)).collect();
+            for t in &tables {
+                assert!(t.claim(me).is_some(), "a free entry, a free stripe");
+            }
+            let next = InstanceTable::new(2, 1);
+            assert!(
+                next.claim(me).is_none(),
+                "every entry is a live table's: none may be taken over"
+            );
+            assert!(next.mine(me).is_none());
+            // The second table is dropped with the claim still in the array
+            // (as a registry dropped while the thread lives).
+            drop(tables.remove(1));
+            assert!(
+                next.claim(me).is_some(),
+                "the dropped table's entry is free"
+            );
+            assert!(next.mine(me).is_some());
+            for t in &tables {
+                assert!(t.mine(me).is_some(), "the live tables' claims stay");
+            }
+            let claimed = CLAIMS.with(Cell::get);
+            assert_eq!(
+                claimed.iter().filter(|&&(id, _)| id == next.id).count(),
+                1,
+                "one entry for the new table"
+            );
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -41,7 +41,6 @@
 
 use std::sync::Arc;
 
-use super::kretprobe::EntryContext;
 use super::probe::{Action, Handlers};
 use super::registry::{KprobeRegistry, Writer};
 use super::table::SiteExec;
@@ -105,11 +104,6 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             regs.ip = saved_ip;
             return JumpHit::Continue;
         }
-        let cx = EntryContext {
-            arch: &self.arch,
-            table: &self.instances,
-            trampoline: self.trampoline.unwrap_or(0),
-        };
         for i in 0..len {
             let Some(p) = members.get(i) else { continue };
             if !p.is_enabled() {
@@ -122,7 +116,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             let action = match &p.inner.handlers {
                 Handlers::Plain { .. } => p.run_pre(regs),
                 Handlers::Return(r) => {
-                    r.on_entry(regs, mem, &cx);
+                    self.track_call(&**r, regs, mem);
                     Action::Continue
                 }
             };

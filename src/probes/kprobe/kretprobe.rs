@@ -39,9 +39,9 @@ use std::ptr::NonNull;
 // to `Arc<dyn ReturnProbe>`, and reference counts are not what the models check.
 use std::sync::{Arc, Weak};
 
-use super::instances::{Frame, InstanceHdr, InstanceTable, ThreadKey};
+use super::instances::InstanceHdr;
 use super::probe::{Handlers, Kprobe, ProbeId, Target};
-use crate::probes::arch::{Arch, DataMemory, Regs};
+use crate::probes::arch::Regs;
 use crate::probes::percpu::HitCounter;
 use crate::probes::ProbeError;
 use crate::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -69,21 +69,27 @@ pub type EntryHandler<D> = Box<dyn Fn(&mut D, &mut Regs) -> EntryAction + Send +
 /// and the integer return value.
 pub type ReturnHandler<D> = Box<dyn Fn(&mut D, &mut Regs, u64) + Send + Sync>;
 
-/// What an entry needs from the registry.
-pub(crate) struct EntryContext<'a> {
-    pub(crate) arch: &'a dyn Arch,
-    pub(crate) table: &'a InstanceTable,
-    pub(crate) trampoline: u64,
-}
-
 /// A kretprobe as the registry sees it, whatever its data type.
 pub(crate) trait ReturnProbe: Send + Sync + 'static {
     /// Gives the returns counter its per-CPU slots (`probes/percpu.rs`):
     /// the site may be served without a trap. Allocates.
     fn count_per_cpu(&self);
 
-    /// The entry probe was hit (handlers may run: not re-entered).
-    fn on_entry(&self, regs: &mut Regs, mem: &mut dyn DataMemory, cx: &EntryContext<'_>);
+    /// The entry probe was hit (handlers may run: not re-entered): takes
+    /// an instance and runs the entry handler on it. `None` when the call
+    /// is not to be tracked (unregistered, the pool empty: a miss counted,
+    /// or the entry handler declined). The registry hijacks the return and
+    /// files the instance (`hit.rs`, `track_call`), or gives it back with
+    /// [`abandon`](Self::abandon): the registry knows its architecture and
+    /// memory as concrete types, this trait object does not.
+    fn begin(&self, regs: &mut Regs) -> Option<NonNull<InstanceHdr>>;
+
+    /// Gives back an instance from [`begin`](Self::begin) whose call cannot
+    /// be tracked (its return address is unreadable): counted as missed.
+    ///
+    /// # Safety
+    /// `inst` came from this kretprobe's `begin` and was never filed.
+    unsafe fn abandon(&self, inst: NonNull<InstanceHdr>);
 
     /// The call tracked by `inst` returned: runs the return handler when
     /// `run_handler` and the kretprobe is not orphaned, then puts the
@@ -222,43 +228,36 @@ impl<D: Send + 'static> ReturnProbe for KretShared<D> {
         self.returns.per_cpu();
     }
 
-    fn on_entry(&self, regs: &mut Regs, mem: &mut dyn DataMemory, cx: &EntryContext<'_>) {
+    fn begin(&self, regs: &mut Regs) -> Option<NonNull<InstanceHdr>> {
         // Acquire pairs with the Release in `orphan`; the grace period of the
         // unregistration is what guarantees no entry runs after it.
         if self.orphaned.load(Ordering::Acquire) {
-            return;
+            return None;
         }
         let Some(idx) = self.pool.get() else {
             // Relaxed: statistics counter.
             self.nmissed.fetch_add(1, Ordering::Relaxed);
-            return;
+            return None;
         };
         let inst = &self.pool.slots[idx as usize];
-        let thread = ThreadKey::current();
-        let ret_sp = cx.arch.stack_pointer_at_return(regs);
         if let Some(entry) = &self.entry {
             // SAFETY: the instance is ours alone: out of the pool, not filed.
             let act = inst.data.with_mut(|d| entry(unsafe { &mut *d }, regs));
             if act == EntryAction::Decline {
                 self.pool.put(idx);
-                return;
+                return None;
             }
         }
-        let Ok(real_ret) = cx.arch.hijack_return(regs, mem, cx.trampoline) else {
-            // The return address is unreadable: the call cannot be tracked.
-            self.nmissed.fetch_add(1, Ordering::Relaxed);
-            self.pool.put(idx);
-            return;
-        };
-        // SAFETY: still ours; filing hands it to the table.
-        unsafe {
-            inst.hdr.set_frame(Frame {
-                thread,
-                ret_sp,
-                real_ret,
-            });
-            cx.table.file(thread, NonNull::from(&inst.hdr));
-        }
+        Some(NonNull::from(&inst.hdr))
+    }
+
+    /// # Safety
+    /// As [`ReturnProbe::abandon`].
+    unsafe fn abandon(&self, inst: NonNull<InstanceHdr>) {
+        // Relaxed: statistics counter.
+        self.nmissed.fetch_add(1, Ordering::Relaxed);
+        // SAFETY: the caller's instance, of this pool (contract).
+        self.pool.put(unsafe { inst.as_ref().index });
     }
 
     /// # Safety

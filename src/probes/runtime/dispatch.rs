@@ -56,6 +56,7 @@ use std::mem::MaybeUninit;
 use super::live::LiveRegistry;
 use super::trap_thread::{self, TrapThread};
 use crate::probes::arch::{DataMemory, Regs};
+use crate::probes::outcome::ReturnOutcome;
 use crate::probes::ProbeError;
 use crate::rcu::{Rcu, TrapReader};
 use crate::sync::atomic::{fence, AtomicPtr, AtomicUsize, Ordering};
@@ -259,6 +260,25 @@ pub(crate) struct Entry {
 static TABLE: [AtomicPtr<Entry>; MAX_DISPATCHERS] =
     [const { AtomicPtr::new(std::ptr::null_mut()) }; MAX_DISPATCHERS];
 
+/// Slots of [`TABLE`] ever filed: one past the highest index an attach has
+/// used (changed under `TABLE_LOCK`, never lowered). Scans stop there: a
+/// process normally has one dispatcher, and a scan of all
+/// [`MAX_DISPATCHERS`] slots was a hundred instructions on every return
+/// into the trampoline.
+static USED: AtomicUsize = AtomicUsize::new(0);
+
+/// The slots a scan visits: those up to [`USED`].
+#[inline(always)]
+fn used_slots() -> &'static [AtomicPtr<Entry>] {
+    // Relaxed: `USED` is raised before the attach that filed the slot
+    // returns, so a thread whose trap or return follows the attach (what
+    // makes the dispatcher's probes reachable from it at all) sees it, as
+    // it sees the slot's pointer; a stale value can only be that of a scan
+    // racing the attach itself, which may miss the new entry either way.
+    let n = USED.load(Ordering::Relaxed);
+    &TABLE[..n.min(MAX_DISPATCHERS)]
+}
+
 /// Serializes attach and detach.
 static TABLE_LOCK: Mutex<()> = Mutex::new(());
 
@@ -325,6 +345,8 @@ fn attach_entry(entry: Entry) -> Option<Attachment> {
     // Release pairs with the acquire fence in `entry`: a handler
     // that sees the pointer sees the entry's contents.
     TABLE[index].store(entry, Ordering::Release);
+    // Relaxed: see `used_slots`.
+    USED.fetch_max(index + 1, Ordering::Relaxed);
     // Relaxed: a hint; any value leads the trap path to a correct answer
     // (with a stale 1 it offers every dispatcher in turn, without asking).
     ATTACHED.fetch_add(1, Ordering::Relaxed);
@@ -355,7 +377,7 @@ impl Attachment {
 /// `detach` waits for).
 #[inline]
 fn find_dispatcher<R>(mut f: impl FnMut(&'static Entry) -> Option<R>) -> Option<R> {
-    for slot in &TABLE {
+    for slot in used_slots() {
         let Some(e) = entry(slot) else { continue };
         if let Some(r) = f(e) {
             return Some(r);
@@ -516,7 +538,7 @@ pub(crate) fn dispatch_breakpoint(
     // outside any loop. Inlined in the loop, the compiler hoisted its
     // constants and addresses into the loop's preheader, onto every
     // trap: about twenty instructions of an emulated arm64 hit.
-    let [first, rest @ ..] = &TABLE;
+    let first = &TABLE[0];
     if let Some(e) = entry(first).filter(|e| !claimant.is_some_and(|c| std::ptr::eq(c, *e))) {
         // SAFETY: see above; the entry is reserved for this call.
         let stash = unsafe { &mut (*stack).entries[depth].stash };
@@ -530,7 +552,7 @@ pub(crate) fn dispatch_breakpoint(
             return settle(stack, depth, t);
         }
     }
-    for slot in rest {
+    for slot in used_slots().get(1..).unwrap_or_default() {
         let Some(e) = entry(slot) else { continue };
         if claimant.is_some_and(|c| std::ptr::eq(c, e)) {
             continue;
@@ -859,18 +881,29 @@ pub fn steps_in_flight() -> usize {
 /// thread with nothing filed there, about 7 ns, where a stripe lock cost
 /// 16-22 ns before own stripes: `benches/live_uprobe.rs`,
 /// `return_miss_*`).
+///
+/// A live registry ([`try_attach_live`]) is called directly, inside this
+/// function's read section (`LiveRegistry::on_return_in_section`): no
+/// trait-object call and no second section on every return.
 pub(crate) fn dispatch_return(regs: &mut Regs) -> bool {
-    let _guard = Rcu::global().read();
+    let guard = Rcu::global().read();
     let mut to = None;
-    let _ = find_dispatcher(|e| {
-        if e.d.on_return(regs) && to.is_none() {
+    for slot in used_slots() {
+        let Some(e) = entry(slot) else { continue };
+        let claimed = match e.live {
+            Some(live) => matches!(
+                live.on_return_in_section(regs, &guard),
+                ReturnOutcome::Returned { .. }
+            ),
+            None => e.d.on_return(regs),
+        };
+        if claimed && to.is_none() {
             to = Some(regs.ip);
         }
         if let Some(t) = to {
             regs.ip = t;
         }
-        None::<()>
-    });
+    }
     to.is_some()
 }
 

@@ -79,6 +79,7 @@ pub(crate) fn condition_holds(cond: u8, flags: u64) -> bool {
 
 /// [`Arch::hijack_return`](crate::probes::arch::Arch::hijack_return): at the
 /// first instruction the return address is the word at `[rsp]`.
+#[inline]
 pub(super) fn hijack_return(
     regs: &Regs,
     mem: &mut dyn DataMemory,

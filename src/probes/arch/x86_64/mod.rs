@@ -184,6 +184,7 @@ impl Arch for X86_64 {
         emulate::emulate(insn, regs, mem)
     }
 
+    #[inline]
     fn hijack_return(
         &self,
         regs: &mut Regs,

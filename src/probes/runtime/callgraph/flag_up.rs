@@ -20,14 +20,14 @@
 //! # How they are recognised
 //!
 //! By exact symbol name, a short fixed list: each is `#[inline(never)]`
-//! and called only after the flag went up (`signal.rs`, `trampoline.rs`
-//! and the uprobe hit path say so where they call it). A function added to the trap path before
+//! and called only after the flag went up (`signal.rs`, `trampoline.rs`,
+//! the uprobe and kprobe hit paths say so where they call it). A function added to the trap path before
 //! the flag that calls the C library is therefore walked, and
 //! `tests/runtime_refuse.rs` fails on the C-library function it reaches.
 
 /// The functions the walk stops at because they run only with the trap
 /// flag up (module docs).
-pub const FLAG_UP_ENTRIES: [&str; 3] = [
+pub const FLAG_UP_ENTRIES: [&str; 4] = [
     "rcu_registry::probes::runtime::signal::handle_outer_trap",
     "rcu_registry::probes::runtime::trampoline::returning",
     // A uprobe hit's return tracking runs only once the hit raised the
@@ -36,6 +36,11 @@ pub const FLAG_UP_ENTRIES: [&str; 3] = [
     // outer trap, past the trap flag. (Its thread's first call arms the
     // return stacks' exit key with `pthread_setspecific`.)
     "rcu_registry::probes::uprobe::returns::<impl rcu_registry::probes::uprobe::registry::UprobeRegistry<A,S,F>>::track_return",
+    // A kretprobe's entry on a trap hit, likewise: only once the hit raised
+    // the kprobe family's handler flag itself, which a nested trap never
+    // does. (Filing the thread's first instance arms the instance tables'
+    // exit flush with `pthread_setspecific`.)
+    "rcu_registry::probes::kprobe::hit::<impl rcu_registry::probes::kprobe::registry::KprobeRegistry<A,T>>::return_entry",
 ];
 
 /// Why a function is not walked into, if it is a flag-up entry (module
