@@ -135,7 +135,12 @@ fn a_batch_registered_before_dlopen_is_installed_at_the_load() {
         assert_eq!(got, want);
         lib.close();
     }
-    assert_eq!(live().stats().install_errors, errors);
+    assert_eq!(
+        live().stats().install_errors,
+        errors,
+        "the last install error: {:?}",
+        live().last_install_error()
+    );
     let pairs: Vec<(UprobeKey, &Consumer)> = resolved.iter().map(|k| (*k, &c)).collect();
     assert_eq!(live().unregister_many(&pairs), Ok(N));
 }

@@ -205,7 +205,12 @@ fn loads_unloads_calls_and_registrations_at_once_keep_every_count_exact() {
         cycled_hits.load(Ordering::Relaxed),
         cycled_calls.load(Ordering::Relaxed)
     );
-    assert_eq!(live.stats().install_errors, 0);
+    assert_eq!(
+        live.stats().install_errors,
+        0,
+        "installs failed inside the loader; the last one: {:?}",
+        live.last_install_error()
+    );
     assert!(churns.load(Ordering::Relaxed) > 0 && loads.load(Ordering::Relaxed) > 0);
     kept_lib.close();
 }

@@ -192,6 +192,9 @@ pub struct LiveUprobes {
     mapped: AtomicU64,
     unmapped: AtomicU64,
     install_errors: AtomicU64,
+    /// The error of the last install that failed inside the loader
+    /// ([`last_install_error`](Self::last_install_error)).
+    last_install_error: Mutex<Option<ProbeError>>,
     /// The jump optimizer (`uprobes/jump.rs`).
     #[cfg(target_arch = "x86_64")]
     jump: Arc<super::jump::JumpOptimizer>,
@@ -275,6 +278,7 @@ impl LiveUprobes {
             mapped: AtomicU64::new(0),
             unmapped: AtomicU64::new(0),
             install_errors: AtomicU64::new(0),
+            last_install_error: Mutex::new(None),
             #[cfg(target_arch = "x86_64")]
             jump,
             #[cfg(target_arch = "x86_64")]
@@ -330,6 +334,16 @@ impl LiveUprobes {
             unmapped: self.unmapped.load(Ordering::Relaxed),
             install_errors: self.install_errors.load(Ordering::Relaxed),
         }
+    }
+
+    /// The error of the last install that failed inside the loader (what
+    /// [`LiveUprobeStats::install_errors`] counts: nobody there can be
+    /// handed it), if any.
+    pub fn last_install_error(&self) -> Option<ProbeError> {
+        self.last_install_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Resolves `target` and registers `consumer` there: at a function's
@@ -544,8 +558,14 @@ impl LiveUprobes {
                 for m in o.file_mappings() {
                     // Relaxed: statistics.
                     self.mapped.fetch_add(1, Ordering::Relaxed);
-                    if self.registry.on_mmap(&self.space, m).is_err() {
+                    if let Err(e) = self.registry.on_mmap(&self.space, m) {
                         self.install_errors.fetch_add(1, Ordering::Relaxed);
+                        // Kept for `last_install_error` (the loader's
+                        // rendezvous may allocate: see `LoaderWatch`).
+                        *self
+                            .last_install_error
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner()) = Some(e);
                     }
                 }
             }
