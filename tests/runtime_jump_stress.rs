@@ -1,8 +1,14 @@
 //! Stress (issue 15): worker threads call 128 probed functions while the
 //! test thread optimizes, un-optimizes (opt-outs), re-optimizes and churns
-//! registrations of other functions, round after round for a few seconds.
-//! Every call is counted exactly once on whichever path it took, every
-//! result is right, and every byte is original after unregistration.
+//! registrations of other functions, round after round. Every call is
+//! counted exactly once on whichever path it took, every result is right,
+//! and every byte is original after unregistration.
+//!
+//! Two tests: one round (every build; debug assertions on in `cargo test`),
+//! and the timed run, `RUNTIME_JUMP_STRESS_SECS` (default 3 s; at least 10 s
+//! when `CI=true`), ignored unless asked for:
+//! `cargo test --release --test runtime_jump_stress -- --ignored`
+//! (`scripts/test-all` runs every ignored test in release).
 //!
 //! Overlap is forced, not hoped for: each round's changes start only once
 //! every worker has called every function, and workers keep calling until
@@ -24,11 +30,29 @@ const FUNCS: usize = 128;
 /// Functions whose probes come and go during a round (results checked,
 /// counts not: a call may run before or after the registration).
 const CHURN: usize = 32;
-/// Wall time of the whole test (release; debug builds run one round).
-const DURATION: Duration = Duration::from_secs(3);
+/// Wall time of the timed run.
+fn duration() -> Duration {
+    let secs: u64 = std::env::var("RUNTIME_JUMP_STRESS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    Duration::from_secs(if ci { secs.max(10) } else { secs })
+}
 
 #[test]
+fn one_round_counts_every_call_exactly_while_sites_are_optimized_and_restored() {
+    stress(None);
+}
+
+#[test]
+#[ignore = "stress: run with --release -- --ignored"]
 fn calls_are_counted_exactly_while_sites_are_optimized_and_restored() {
+    stress(Some(duration()));
+}
+
+/// Rounds until `duration` has passed (`None`: one round).
+fn stress(duration: Option<Duration>) {
     let _g = serial();
     let live = Live::global();
     let reg = live.registry();
@@ -124,7 +148,7 @@ fn calls_are_counted_exactly_while_sites_are_optimized_and_restored() {
         for (k, &f) in funcs.iter().enumerate() {
             assert_eq!(code(addr(f), 9), originals[k], "rj_many_{k} restored");
         }
-        if start.elapsed() >= DURATION || cfg!(debug_assertions) {
+        if duration.map_or(true, |d| start.elapsed() >= d) {
             break;
         }
     }

@@ -1,6 +1,6 @@
 //! Stress (issue 15, live uprobes): worker threads call two functions of a
-//! fixture library while the test thread, round after round for a few
-//! seconds (one round in a debug build), optimizes, registers an opted-out
+//! fixture library while the test thread, round after round, optimizes,
+//! registers an opted-out
 //! consumer (back to the trap path), a uprobe inside the displaced bytes
 //! (back to the trap path, refused while it stays), switches the optimizer
 //! off and on, and registers, optimizes and unregisters a uprobe on the
@@ -11,10 +11,17 @@
 //! Overlap is forced, not hoped for: each round's changes start only once
 //! every worker has called both functions, and workers keep calling until
 //! the changes are done.
+//!
+//! Two tests, one at a time: one round (every build), and the timed run,
+//! `RUNTIME_JUMP_STRESS_SECS` (default 3 s; at least 10 s when `CI=true`),
+//! ignored unless asked for:
+//! `cargo test --release --test runtime_jump_uprobes_stress -- --ignored`
+//! (`scripts/test-all` runs every ignored test in release).
 
 #![cfg(all(target_os = "linux", target_arch = "x86_64"))]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 mod dl_support;
@@ -24,8 +31,15 @@ use rcu_registry::probes::runtime::LiveUprobes;
 use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeTarget};
 
 const WORKERS: usize = 3;
-/// Wall time of the whole test (release; debug builds run one round).
-const DURATION: Duration = Duration::from_secs(3);
+/// Wall time of the timed run.
+fn duration() -> Duration {
+    let secs: u64 = std::env::var("RUNTIME_JUMP_STRESS_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3);
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    Duration::from_secs(if ci { secs.max(10) } else { secs })
+}
 
 fn counting(n: &'static AtomicU64, opt_out: bool) -> Consumer {
     Consumer::builder()
@@ -43,7 +57,21 @@ fn code_at(addr: u64, n: usize) -> Vec<u8> {
 }
 
 #[test]
+fn one_round_counts_every_call_exactly_while_uprobes_are_optimized_and_put_back() {
+    stress(None);
+}
+
+#[test]
+#[ignore = "stress: run with --release -- --ignored"]
 fn calls_are_counted_exactly_while_uprobes_are_optimized_and_put_back() {
+    stress(Some(duration()));
+}
+
+/// Rounds until `duration` has passed (`None`: one round). One run at a
+/// time: both register on the same library's functions.
+fn stress(duration: Option<Duration>) {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    let _one = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let live = LiveUprobes::global().expect("live uprobes in a dynamically linked test binary");
     let so = dl_support::build_so(
         "jupstress",
@@ -56,11 +84,10 @@ fn calls_are_counted_exactly_while_uprobes_are_optimized_and_put_back() {
     let (f3, f5) = (lib.func(c"fx_add3"), lib.func(c"fx_add5"));
     let (a3, a5) = (f3 as usize as u64, f5 as usize as u64);
     let (orig3, orig5) = (code_at(a3, 6), code_at(a5, 6));
-    static KEPT: AtomicU64 = AtomicU64::new(0);
-    static OUT: AtomicU64 = AtomicU64::new(0);
-    static INSIDE: AtomicU64 = AtomicU64::new(0);
-    static CHURN: AtomicU64 = AtomicU64::new(0);
-    let kept = counting(&KEPT, false);
+    // This run's counters (the consumers' handlers need `'static`).
+    let counter = || &*Box::leak(Box::new(AtomicU64::new(0)));
+    let (kept_n, out_n, inside_n, churn_n) = (counter(), counter(), counter(), counter());
+    let kept = counting(kept_n, false);
     let key3 = live
         .register(&UprobeTarget::symbol(path, "fx_add3"), &kept)
         .unwrap()
@@ -100,13 +127,13 @@ fn calls_are_counted_exactly_while_uprobes_are_optimized_and_put_back() {
             }
             // The changes, while every worker calls.
             optimized += live.optimize_now().optimized;
-            let out = counting(&OUT, true);
+            let out = counting(out_n, true);
             live.registry().register(key3, &out).unwrap();
             assert!(!live.is_optimized(key3));
             live.optimize_now();
             live.unregister(key3, &out).unwrap();
             optimized += live.optimize_now().optimized;
-            let inside = counting(&INSIDE, false);
+            let inside = counting(inside_n, false);
             let inside_key = live.register(&inside_target, &inside).unwrap().key();
             assert!(
                 !live.is_optimized(key3),
@@ -117,7 +144,7 @@ fn calls_are_counted_exactly_while_uprobes_are_optimized_and_put_back() {
             live.unregister(inside_key, &inside).unwrap();
             live.jump_optimizer().set_enabled(false);
             live.jump_optimizer().set_enabled(true);
-            let churn = counting(&CHURN, false);
+            let churn = counting(churn_n, false);
             let key5 = live
                 .register(&UprobeTarget::symbol(path, "fx_add5"), &churn)
                 .unwrap()
@@ -129,8 +156,8 @@ fn calls_are_counted_exactly_while_uprobes_are_optimized_and_put_back() {
             workers.into_iter().map(|w| w.join().unwrap()).sum()
         });
         total += calls;
-        assert_eq!(KEPT.load(Ordering::Relaxed), total, "round {rounds}");
-        if cfg!(debug_assertions) || start.elapsed() > DURATION {
+        assert_eq!(kept_n.load(Ordering::Relaxed), total, "round {rounds}");
+        if duration.map_or(true, |d| start.elapsed() > d) {
             break;
         }
     }
@@ -139,13 +166,13 @@ fn calls_are_counted_exactly_while_uprobes_are_optimized_and_put_back() {
     live.optimize_now();
     assert_eq!(code_at(a3, 6), orig3);
     assert_eq!(code_at(a5, 6), orig5);
-    assert!(CHURN.load(Ordering::Relaxed) <= total);
+    assert!(churn_n.load(Ordering::Relaxed) <= total);
     println!(
         "{rounds} rounds, {total} calls per function, {optimized} sites optimized; \
          opted-out consumer {} hits, inside {} hits, churned {} hits",
-        OUT.load(Ordering::Relaxed),
-        INSIDE.load(Ordering::Relaxed),
-        CHURN.load(Ordering::Relaxed)
+        out_n.load(Ordering::Relaxed),
+        inside_n.load(Ordering::Relaxed),
+        churn_n.load(Ordering::Relaxed)
     );
     lib.close();
 }
