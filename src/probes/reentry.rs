@@ -1,5 +1,7 @@
 //! Per-thread re-entrancy flags for probe handlers: the scope both
-//! registries use, and each family's flag ([`KprobeFlag`], [`UprobeFlag`]).
+//! registries use, and the uprobe family's flag ([`UprobeFlag`]; the kprobe
+//! family's is a field of the kprobe paths' per-thread block,
+//! `kprobe/this_thread.rs`).
 //!
 //! Invariant: every hit-path entry (breakpoint, return, thread exit) raises its
 //! family's flag ([`Flag`]) before it runs a handler, touches per-thread state
@@ -38,14 +40,24 @@ impl<F: Flag> HandlerScope<F> {
     /// `None` if the thread already runs `F`'s handlers (a re-entered hit).
     #[inline]
     pub(crate) fn enter() -> Option<Self> {
-        F::with(|f| {
-            if f.get() {
-                None
-            } else {
-                f.set(true);
-                Some(HandlerScope(f, PhantomData))
-            }
-        })
+        // SAFETY: `F::with` hands out the calling thread's own flag.
+        F::with(|f| unsafe { Self::enter_on(f) })
+    }
+
+    /// [`enter`](Self::enter) on `flag`, reached by the caller.
+    ///
+    /// # Safety
+    /// `flag` is the calling thread's `F` flag (the one `F::with` reaches):
+    /// a `const` thread-local without a destructor, live as long as the
+    /// thread.
+    #[inline(always)]
+    pub(crate) unsafe fn enter_on(flag: &Cell<bool>) -> Option<Self> {
+        if flag.get() {
+            None
+        } else {
+            flag.set(true);
+            Some(HandlerScope(flag, PhantomData))
+        }
     }
 }
 
@@ -83,27 +95,13 @@ macro_rules! handler_flag {
 }
 
 handler_flag! {
-    /// The kprobe family's re-entrancy flag: up while this thread runs
-    /// kprobe handlers.
-    pub(crate) enum KprobeFlag;
-}
-
-handler_flag! {
     /// The uprobe family's re-entrancy flag: up while this thread runs
     /// uprobe handlers, filters or return handlers.
     pub(crate) enum UprobeFlag;
 }
 
-/// Marks the thread as running kprobe handlers; cleared on drop.
-pub(crate) type KprobeScope = HandlerScope<KprobeFlag>;
-
 /// Marks the thread as running uprobe handlers; cleared on drop.
 pub(crate) type UprobeScope = HandlerScope<UprobeFlag>;
-
-/// Whether the calling thread is running kprobe handlers.
-pub(crate) fn in_kprobe_handler() -> bool {
-    KprobeFlag::is_up()
-}
 
 /// Whether the calling thread is running uprobe handlers.
 pub(crate) fn in_uprobe_handler() -> bool {

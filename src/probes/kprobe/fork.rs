@@ -19,8 +19,8 @@ pub(crate) use super::thread_exit::{hold_for_fork as hold_tables_for_fork, Table
 use super::deferred::DeferredHold;
 use super::instances::StripesHold;
 use super::registry::{KprobeRegistry, Writer};
+use super::this_thread::KprobeScope;
 use crate::probes::arch::Arch;
-use crate::probes::reentry::KprobeScope;
 use crate::probes::text::TextMemory;
 use crate::sync::MutexGuard;
 
@@ -87,5 +87,5 @@ impl RegistryHold<'_> {
 /// Whether this thread runs a probe handler (or a flush that took a
 /// stripe): the fork handlers then take no lock.
 pub(crate) fn in_probe_handler() -> bool {
-    crate::probes::reentry::in_kprobe_handler()
+    super::this_thread::in_kprobe_handler()
 }

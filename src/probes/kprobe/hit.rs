@@ -59,16 +59,17 @@
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
-use super::instances::{Frame, ThreadKey};
+use super::instances::Frame;
 use super::kretprobe::ReturnProbe;
 use super::probe::{Action, Handlers};
 use super::registry::KprobeRegistry;
 use super::table::{Members, Site};
+use super::this_thread::KprobeScope;
+use super::this_thread::ThisThread;
 use crate::probes::arch::{
     Arch, DataMemory, Regs, StepOutcome, StepState, XolPlan, XolRun, MAX_INSN_BYTES,
 };
 use crate::probes::outcome::ReturnOutcome;
-use crate::probes::reentry::KprobeScope;
 use crate::probes::text::TextMemory;
 use crate::probes::ProbeError;
 use crate::rcu::RcuGuard;
@@ -349,13 +350,20 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
     /// (arming the thread-exit flush: `pthread_setspecific`) stays
     /// probeable. Keep the name in step with that list.
     #[inline(never)]
-    fn return_entry(&self, r: &dyn ReturnProbe, regs: &mut Regs, mem: &mut dyn DataMemory) {
-        self.track_call(r, regs, mem);
+    fn return_entry(
+        &self,
+        r: &dyn ReturnProbe,
+        regs: &mut Regs,
+        mem: &mut dyn DataMemory,
+        me: ThisThread,
+    ) {
+        self.track_call(r, regs, mem, me);
     }
 
     /// A kretprobe's entry: an instance from the kretprobe (which runs its
     /// entry handler), the return address replaced by the trampoline's, and
-    /// the instance filed under the calling thread. Done here, where the
+    /// the instance filed under the calling thread `me`, whose handler flag
+    /// is up. Done here, where the
     /// architecture is a concrete type (and the memory too, on the jump
     /// path, once inlined), not inside the kretprobe's trait object: its
     /// calls through `dyn Arch` and `dyn DataMemory` and their large
@@ -367,9 +375,9 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         r: &dyn ReturnProbe,
         regs: &mut Regs,
         mem: &mut dyn DataMemory,
+        me: ThisThread,
     ) {
         let Some(inst) = r.begin(regs) else { return };
-        let thread = ThreadKey::current();
         let ret_sp = self.arch.stack_pointer_at_return(regs);
         let trampoline = self.trampoline.unwrap_or(0);
         match self.arch.hijack_return(regs, mem, trampoline) {
@@ -377,11 +385,11 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             // in no chain; filing hands it to the table.
             Ok(real_ret) => unsafe {
                 inst.as_ref().set_frame(Frame {
-                    thread,
+                    thread: me.key(),
                     ret_sp,
                     real_ret,
                 });
-                self.instances.file(thread, inst);
+                self.instances.file(me, inst);
             },
             // The return address is unreadable: the call cannot be tracked.
             // SAFETY: from `begin`, never filed.
@@ -440,7 +448,8 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         // `SiteExec::epoch_relaxed` for why a fence.
         fence(Ordering::Acquire);
         regs.ip = addr;
-        let scope = KprobeScope::enter();
+        let me = ThisThread::get();
+        let scope = me.enter_handlers();
         let mut mask = 0u64;
         let mut any_post = false;
         if scope.is_some() {
@@ -457,7 +466,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
                 let action = match &p.inner.handlers {
                     Handlers::Plain { .. } => p.run_pre(regs),
                     Handlers::Return(r) => {
-                        self.return_entry(&**r, regs, mem);
+                        self.return_entry(&**r, regs, mem, me);
                         Action::Continue
                     }
                 };
@@ -640,20 +649,20 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         let Some(trampoline) = self.trampoline else {
             return ReturnOutcome::NotOurs;
         };
-        let thread = ThreadKey::current();
+        let me = ThisThread::get();
         // A thread with nothing filed here (a uretprobe's return, asked of
-        // every dispatcher, or another registry's) is answered with two
-        // thread-local loads (`instances.rs`).
-        let Some(filed) = self.instances.filed(thread) else {
+        // every dispatcher, or another registry's) is answered with one
+        // thread-local access and a few loads (`instances.rs`).
+        let Some(filed) = self.instances.filed(me) else {
             return ReturnOutcome::NotOurs;
         };
         // Before any lock: a signal handler that runs probed code while this
         // thread holds the stripe below must see the flag and stay away from
         // the kretprobe locks (module docs, "Re-entrancy").
-        let scope = KprobeScope::enter();
+        let scope = me.enter_handlers();
         let run_handlers = scope.is_some();
         let sp = regs.sp;
-        let mut taken = self.instances.take_returning(thread, sp, filed);
+        let mut taken = self.instances.take_returning(me, sp, filed);
         if taken.is_empty() {
             return ReturnOutcome::NotOurs;
         }

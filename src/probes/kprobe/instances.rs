@@ -102,31 +102,12 @@ use std::ptr::NonNull;
 use crossbeam_utils::CachePadded;
 
 use super::kretprobe::ReturnProbe;
+use super::this_thread::in_kprobe_handler;
+pub use super::this_thread::ThreadKey;
+use super::this_thread::{ThisThread, MAX_CLAIMS};
 use crate::hashlock::{HashedLocks, SpinLock, StripeLock};
-use crate::probes::reentry::in_kprobe_handler;
 use crate::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use crate::sync::{heavy_barrier, light_barrier, spin_loop, Mutex, UnsafeCell};
-
-/// Identifies a thread, cheaply and async-signal-safely: the address of a
-/// thread-local anchor (no system call, no allocation).
-///
-/// Keys of live threads are distinct; a key may be reused after its thread
-/// exits.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct ThreadKey(usize);
-
-crate::sync::const_thread_local! {
-    /// Its address is the thread's key; the value is never read.
-    static ANCHOR: u8 = 0;
-}
-
-impl ThreadKey {
-    /// The calling thread's key.
-    #[inline]
-    pub fn current() -> ThreadKey {
-        ANCHOR.with(|a| ThreadKey(a as *const u8 as usize))
-    }
-}
 
 /// The part of a kretprobe instance the table and the trampoline see,
 /// whatever the kretprobe's data type.
@@ -338,12 +319,6 @@ unsafe fn unlink_frames(head: &mut *mut InstanceHdr, thread: ThreadKey, sp: u64)
 /// once, in one table) file their instances in the shared stripes.
 pub const DEFAULT_OWN_STRIPES: usize = 64;
 
-/// Tables a thread can hold an own stripe in at once (its claims are
-/// cached in a fixed thread-local array; a thread in a fifth live table
-/// uses that table's shared stripes, and an entry a dropped table left is
-/// taken over: module docs, "Own stripes").
-const MAX_CLAIMS: usize = 4;
-
 /// Source of table ids. `std`'s atomic even under loom: an identity,
 /// published by nothing, unique across model executions too.
 static NEXT_TABLE_ID: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -492,23 +467,10 @@ impl OwnStripe {
     }
 }
 
-crate::sync::const_thread_local! {
-    /// The own stripes this thread claimed: `(table id, index)`, id 0 for
-    /// an empty entry.
-    static CLAIMS: Cell<[(u64, u32); MAX_CLAIMS]> = Cell::new([(0, 0); MAX_CLAIMS]);
-}
-
-crate::sync::const_thread_local! {
-    /// Instances this thread may have in some table's shared stripes (a
-    /// hint: another thread's flush can take them without lowering it).
-    /// While it is not zero the thread claims no own stripe, so that one
-    /// call's instances are never split between the two.
-    static IN_SHARED: Cell<usize> = Cell::new(0);
-}
-
 /// The per-thread instance table (module docs).
 pub(crate) struct InstanceTable {
-    /// Names the table in the threads' [`CLAIMS`]; never reused.
+    /// Names the table in the threads' claim arrays (`this_thread.rs`); never
+    /// reused.
     id: u64,
     own: Box<[CachePadded<OwnStripe>]>,
     shared: HashedLocks<ThreadKey, SpinLock, Chain>,
@@ -612,31 +574,35 @@ impl InstanceTable {
     /// Whether the calling thread holds an own stripe of this table.
     #[cfg(test)]
     pub(crate) fn holds_own_stripe(&self) -> bool {
-        self.mine(ThreadKey::current()).is_some()
+        self.mine(ThisThread::get()).is_some()
     }
 
     /// The calling thread's own stripe, if it holds one.
     #[inline]
-    fn mine(&self, me: ThreadKey) -> Option<&OwnStripe> {
-        let claims = CLAIMS.with(Cell::get);
-        let &(_, idx) = claims.iter().find(|&&(id, _)| id == self.id)?;
-        let s = &self.own[idx as usize];
+    fn mine(&self, me: ThisThread) -> Option<&OwnStripe> {
+        let (_, idx) = me
+            .block()
+            .claims
+            .iter()
+            .map(Cell::get)
+            .find(|&(id, _)| id == self.id)?;
+        let s = self.own.get(idx as usize)?;
         // Relaxed: only this thread sets its own key in a stripe; a fork
         // child's reset runs on this thread too.
-        (s.owner.load(Ordering::Relaxed) == me.0).then_some(&**s)
+        (s.owner.load(Ordering::Relaxed) == me.key().0).then_some(&**s)
     }
 
     /// Where the calling thread `thread` has its instances filed here, if
     /// anywhere: its own stripe when it holds one, else the shared stripes
     /// when it may have some there. Never both: a thread claims only with
-    /// nothing in the shared stripes ([`IN_SHARED`] is never below the
-    /// truth), and files nothing there once it holds an own stripe. `None`
-    /// is exact (a thread files only through `file`).
+    /// nothing in the shared stripes (its count of them is never below
+    /// the truth), and files nothing there once it holds an own stripe.
+    /// `None` is exact (a thread files only through `file`).
     #[inline]
-    pub(crate) fn filed(&self, thread: ThreadKey) -> Option<Filed<'_>> {
-        match self.mine(thread) {
+    pub(crate) fn filed(&self, me: ThisThread) -> Option<Filed<'_>> {
+        match self.mine(me) {
             Some(s) => Some(Filed::Own(s)),
-            None => (IN_SHARED.with(Cell::get) != 0).then_some(Filed::Shared),
+            None => (me.block().in_shared.get() != 0).then_some(Filed::Shared),
         }
     }
 
@@ -645,11 +611,12 @@ impl InstanceTable {
     /// free claim entry and nothing in the shared stripes. One CAS, once
     /// per thread and table.
     #[cold]
-    fn claim(&self, me: ThreadKey) -> Option<&OwnStripe> {
-        if self.own.is_empty() || IN_SHARED.with(Cell::get) != 0 {
+    fn claim(&self, me: ThisThread) -> Option<&OwnStripe> {
+        let block = me.block();
+        if self.own.is_empty() || block.in_shared.get() != 0 {
             return None;
         }
-        let mut claims = CLAIMS.with(Cell::get);
+        let claims: [(u64, u32); MAX_CLAIMS] = std::array::from_fn(|i| block.claims[i].get());
         let entry = claims
             .iter()
             .position(|&(id, _)| id == self.id)
@@ -664,7 +631,7 @@ impl InstanceTable {
         let start = if cfg!(loom) {
             0
         } else {
-            (me.0.wrapping_mul(0x9e37_79b9_7f4a_7c15_u64 as usize) >> 16) % n
+            (me.key().0.wrapping_mul(0x9e37_79b9_7f4a_7c15_u64 as usize) >> 16) % n
         };
         for k in 0..n {
             let i = (start + k) % n;
@@ -673,16 +640,15 @@ impl InstanceTable {
             let cur = s.owner.load(Ordering::Relaxed);
             // A key equal to ours belongs to a thread that exited without
             // flushing (no exit hook): its chain is for our `take` to sort.
-            if (cur == 0 || cur == me.0)
+            if (cur == 0 || cur == me.key().0)
                 // Acquire pairs with the Release store in `release_own`:
                 // the previous owner's last use of the chain happens-before
                 // ours.
                 && s.owner
-                    .compare_exchange(cur, me.0, Ordering::Acquire, Ordering::Relaxed)
+                    .compare_exchange(cur, me.key().0, Ordering::Acquire, Ordering::Relaxed)
                     .is_ok()
             {
-                claims[entry] = (self.id, i as u32);
-                CLAIMS.with(|c| c.set(claims));
+                block.claims[entry].set((self.id, i as u32));
                 return Some(s);
             }
         }
@@ -691,58 +657,56 @@ impl InstanceTable {
 
     /// Gives the calling thread's own stripe back (it exits; its chain was
     /// just flushed).
-    fn release_own(&self, me: ThreadKey) {
+    fn release_own(&self, me: ThisThread) {
         let Some(s) = self.mine(me) else { return };
         debug_assert!(s.as_owner(|c| c.head.is_null()), "released with instances");
         // Release pairs with the Acquire CAS in `claim`.
         s.owner.store(0, Ordering::Release);
-        let mut claims = CLAIMS.with(Cell::get);
-        for c in claims.iter_mut().filter(|c| c.0 == self.id) {
-            *c = (0, 0);
+        for c in me.block().claims.iter().filter(|c| c.get().0 == self.id) {
+            c.set((0, 0));
         }
-        CLAIMS.with(|c| c.set(claims));
     }
 
-    /// Files `inst` under the calling thread `thread`.
+    /// Files `inst` under the calling thread `me`.
     ///
     /// # Safety
     /// The caller owns `inst` (its frame is set, it is in no chain).
-    pub(crate) unsafe fn file(&self, thread: ThreadKey, inst: NonNull<InstanceHdr>) {
+    pub(crate) unsafe fn file(&self, me: ThisThread, inst: NonNull<InstanceHdr>) {
         debug_assert!(
             in_kprobe_handler(),
             "a stripe taken before the re-entrancy flag"
         );
-        debug_assert_eq!(thread, ThreadKey::current(), "filed for another thread");
         let push = |chain: &mut Chain| {
             // SAFETY: owned by the caller until linked; linked under the
             // chain's exclusion.
             unsafe { inst.as_ref().set_next(chain.head) };
             chain.head = inst.as_ptr();
         };
-        match self.mine(thread).or_else(|| self.claim(thread)) {
+        match self.mine(me).or_else(|| self.claim(me)) {
             Some(s) => s.as_owner(push),
             None => {
-                push(&mut self.shared.lock(&thread));
-                IN_SHARED.with(|n| n.set(n.get() + 1));
+                push(&mut self.shared.lock(&me.key()));
+                let n = &me.block().in_shared;
+                n.set(n.get() + 1);
             }
         }
         // This thread now has a frame to give back if it exits inside the
         // call (`thread_exit.rs`).
-        super::thread_exit::arm();
+        super::thread_exit::arm(me);
     }
 
     /// Unlinks the instances of a call returning on the calling thread
-    /// `thread` with stack pointer `sp`: if any instance of `thread` has
-    /// exactly `sp`, every instance of `thread` with a stack pointer at or
+    /// `me` with stack pointer `sp`: if any instance of the thread has
+    /// exactly `sp`, every instance of the thread with a stack pointer at or
     /// below `sp` (the returning call's, and abandoned deeper frames');
     /// otherwise nothing.
     /// `filed` is where [`filed`](Self::filed) found them.
-    pub(crate) fn take_returning(&self, thread: ThreadKey, sp: u64, filed: Filed<'_>) -> Taken {
+    pub(crate) fn take_returning(&self, me: ThisThread, sp: u64, filed: Filed<'_>) -> Taken {
         debug_assert!(
             in_kprobe_handler(),
             "a stripe taken before the re-entrancy flag"
         );
-        debug_assert_eq!(thread, ThreadKey::current(), "a return on another thread");
+        let thread = me.key();
         let take = |chain: &mut Chain| {
             #[cfg(test)]
             test_hooks::while_locked();
@@ -753,8 +717,8 @@ impl InstanceTable {
             Filed::Own(s) => s.as_owner(take),
             Filed::Shared => {
                 let taken = take(&mut self.shared.lock(&thread));
-                let n = taken.len();
-                IN_SHARED.with(|c| c.set(c.get().saturating_sub(n)));
+                let n = &me.block().in_shared;
+                n.set(n.get().saturating_sub(taken.len()));
                 taken
             }
         }
@@ -775,10 +739,12 @@ impl InstanceTable {
             // SAFETY: the caller has the chain to itself.
             unsafe { unlink_frames(&mut chain.head, thread, sp) }
         };
-        let mut taken = if thread == ThreadKey::current() {
-            let t = self.mine(thread).map(|s| s.as_owner(unlink));
+        let me = ThisThread::get();
+        let mine = thread == me.key();
+        let mut taken = if mine {
+            let t = self.mine(me).map(|s| s.as_owner(unlink));
             if sp == u64::MAX {
-                self.release_own(thread);
+                self.release_own(me);
             }
             t.unwrap_or_else(Taken::empty)
         } else {
@@ -793,9 +759,9 @@ impl InstanceTable {
             s.map_or_else(Taken::empty, |s| s.as_remote(unlink))
         };
         let more = unlink(&mut self.shared.lock(&thread));
-        if thread == ThreadKey::current() {
-            let n = more.len();
-            IN_SHARED.with(|c| c.set(c.get().saturating_sub(n)));
+        if mine {
+            let n = &me.block().in_shared;
+            n.set(n.get().saturating_sub(more.len()));
         }
         taken.append(more);
         taken
@@ -889,7 +855,7 @@ mod claim_tests {
     fn a_claim_entry_a_dropped_table_left_is_taken_over_and_a_live_ones_never() {
         // A thread of its own: its claim array starts empty.
         std::thread::spawn(|| {
-            let me = ThreadKey::current();
+            let me = ThisThread::get();
             let mut tables: Vec<InstanceTable> =
                 (0..MAX_CLAIMS).map(|_| InstanceTable::new(2, 1)).collect();
             for t in &tables {
@@ -912,9 +878,12 @@ mod claim_tests {
             for t in &tables {
                 assert!(t.mine(me).is_some(), "the live tables' claims stay");
             }
-            let claimed = CLAIMS.with(Cell::get);
             assert_eq!(
-                claimed.iter().filter(|&&(id, _)| id == next.id).count(),
+                me.block()
+                    .claims
+                    .iter()
+                    .filter(|c| c.get().0 == next.id)
+                    .count(),
                 1,
                 "one entry for the new table"
             );

@@ -44,9 +44,9 @@ use std::sync::Arc;
 use super::probe::{Action, Handlers};
 use super::registry::{KprobeRegistry, Writer};
 use super::table::SiteExec;
+use super::this_thread::ThisThread;
 use crate::probes::arch::{Arch, DataMemory, Regs};
 use crate::probes::jump_sites::{DetourCell, JumpCandidate};
-use crate::probes::reentry::KprobeScope;
 use crate::probes::text::TextMemory;
 use crate::sync::atomic::Ordering;
 
@@ -93,7 +93,8 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
         let len = members.len();
         let saved_ip = regs.ip;
         regs.ip = addr;
-        let scope = KprobeScope::enter();
+        let me = ThisThread::get();
+        let scope = me.enter_handlers();
         if scope.is_none() {
             for i in 0..len {
                 match members.get(i) {
@@ -116,7 +117,7 @@ impl<A: Arch, T: TextMemory> KprobeRegistry<A, T> {
             let action = match &p.inner.handlers {
                 Handlers::Plain { .. } => p.run_pre(regs),
                 Handlers::Return(r) => {
-                    self.track_call(&**r, regs, mem);
+                    self.track_call(&**r, regs, mem, me);
                     Action::Continue
                 }
             };

@@ -198,13 +198,13 @@ mod reentry_tests;
 mod registry;
 mod site;
 mod table;
+mod this_thread;
 mod thread_exit;
 mod unregister;
 
 pub use hit::{HitOutcome, StepResult, StepToken};
 #[cfg(test)]
 pub(crate) use instances::test_hooks;
-pub use instances::ThreadKey;
 pub use jump::{JumpHit, JumpHook};
 pub use kretprobe::{
     default_maxactive, EntryAction, EntryHandler, Kretprobe, KretprobeBuilder, ReturnHandler,
@@ -218,3 +218,5 @@ pub use registry::{
     KprobeRegistry, RegistryBuilder, SiteInfo, DEFAULT_BUCKETS, DEFAULT_INSTANCE_STRIPES,
     DEFAULT_OWN_STRIPES,
 };
+pub(crate) use this_thread::KprobeScope;
+pub use this_thread::ThreadKey;

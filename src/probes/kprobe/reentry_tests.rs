@@ -10,10 +10,10 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use super::instances::test_hooks;
+use super::this_thread::in_kprobe_handler;
 use super::{HitOutcome, KprobeRegistry, Kretprobe};
 use crate::probes::arch::{DataMemory, Regs, X86Reg, X86_64};
 use crate::probes::outcome::ReturnOutcome;
-use crate::probes::reentry::in_kprobe_handler;
 use crate::probes::resolve::SymbolTable;
 use crate::probes::text::Image;
 use crate::probes::xol::XolArena;

@@ -54,8 +54,9 @@
 
 use super::instances::{InstanceTable, Taken, ThreadKey};
 use super::registry::KprobeRegistry;
+use super::this_thread::KprobeScope;
+use super::this_thread::ThisThread;
 use crate::probes::arch::Arch;
-use crate::probes::reentry::KprobeScope;
 use crate::probes::text::TextMemory;
 
 /// Gives every instance of `taken` back to its pool; returns how many.
@@ -136,9 +137,11 @@ pub(crate) fn untrack(table: &InstanceTable) {
 /// hit path after filing an instance: a thread-local test, and once per
 /// thread a `pthread_setspecific`.
 #[inline]
-pub(crate) fn arm() {
+pub(crate) fn arm(me: ThisThread) {
     #[cfg(not(loom))]
-    hook::arm();
+    hook::arm(me);
+    #[cfg(loom)]
+    let _ = me;
     // Under loom there is no thread-exit hook (a thread-local destructor of
     // a model thread would run after the execution's objects are gone); the
     // models call the explicit flush.
@@ -149,9 +152,8 @@ pub(crate) use hook::{hold_for_fork, TablesHold};
 
 #[cfg(not(loom))]
 mod hook {
-    use std::cell::Cell;
-
-    use super::super::instances::{InstanceTable, ThreadKey};
+    use super::super::instances::InstanceTable;
+    use super::ThisThread;
     use crate::probes::exit_key::ExitKey;
     use crate::sync::Mutex;
 
@@ -168,13 +170,6 @@ mod hook {
     /// The thread-exit key, created by the first `track`.
     static KEY: ExitKey = ExitKey::new();
 
-    // `std::cell::Cell`: touched only by its own thread (and signal
-    // handlers on it, which finish before the thread resumes).
-    crate::sync::const_thread_local! {
-        /// Whether this thread set the key (its exit will flush it).
-        static ARMED: Cell<bool> = Cell::new(false);
-    }
-
     fn tables() -> crate::sync::MutexGuard<'static, Vec<TablePtr>> {
         // Every critical section pushes, removes or reads whole entries: a
         // panic elsewhere cannot leave the list half-changed.
@@ -190,8 +185,9 @@ mod hook {
     unsafe extern "C" fn flush_on_exit(_value: *mut libc::c_void) {
         // The value is only a marker. A const thread-local without
         // destructor stays accessible this late in thread exit.
-        ARMED.with(|a| a.set(false));
-        let thread = ThreadKey::current();
+        let me = ThisThread::get();
+        me.block().exit_armed.set(false);
+        let thread = me.key();
         let tables = tables();
         for t in tables.iter() {
             // SAFETY: tracked tables are alive while listed, and we hold the
@@ -223,9 +219,12 @@ mod hook {
     }
 
     #[inline]
-    pub(super) fn arm() {
-        if !ARMED.with(Cell::get) && KEY.arm() {
-            ARMED.with(|a| a.set(true));
+    pub(super) fn arm(me: ThisThread) {
+        // The flag is the block's (`this_thread.rs`): whether this thread
+        // set the key (its exit will flush it).
+        let armed = &me.block().exit_armed;
+        if !armed.get() && KEY.arm() {
+            armed.set(true);
         }
     }
 }

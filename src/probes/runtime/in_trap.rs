@@ -48,7 +48,8 @@
 use std::cell::Cell;
 
 use super::trap_thread::{self, TrapThread};
-use crate::probes::reentry::{KprobeScope, UprobeScope};
+use crate::probes::kprobe::KprobeScope;
+use crate::probes::reentry::UprobeScope;
 
 // The flag and the recorded `errno` location are fields of the thread's
 // trap state (`trap_thread.rs`), which the SIGTRAP handler reaches once.

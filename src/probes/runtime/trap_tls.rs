@@ -221,8 +221,9 @@ mod tests {
             eprintln!("skipped: registration is for x86_64 and aarch64 glibc");
             return;
         }
-        // Declarations in the sources: each `const_thread_local!` use,
-        // and the reentry flag macro's one use twice (two families).
+        // Declarations in the sources: each `const_thread_local!` use
+        // (the reentry flag macro's one use is the uprobe family's flag; the
+        // kprobe family's is a field of `kprobe/this_thread.rs`'s block).
         let root = concat!(env!("CARGO_MANIFEST_DIR"), "/src");
         let mut uses = 0;
         let mut stack = vec![std::path::PathBuf::from(root)];
@@ -242,13 +243,13 @@ mod tests {
                                     .starts_with("$crate::sync::const_thread_local! {")
                         })
                         .count();
-                    uses += if p.ends_with("reentry.rs") { 2 * n } else { n };
+                    uses += n;
                 }
             }
         }
-        // A floor that the scan found the declarations at all (15 when the
-        // trap path's were merged into per-layer blocks).
-        assert!(uses >= 12, "{uses}");
+        // A floor that the scan found the declarations at all (11 when the
+        // kprobe paths' were merged into one block).
+        assert!(uses >= 9, "{uses}");
         assert_eq!(crate::sync::registered(), uses);
     }
 }
