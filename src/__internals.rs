@@ -175,6 +175,10 @@ pub mod runtime {
     pub use crate::probes::runtime::dispatch::steps_in_flight;
     pub use crate::probes::runtime::in_process::core_sync_method;
     pub use crate::probes::runtime::in_trap::in_trap;
+    #[cfg(target_arch = "x86_64")]
+    pub use crate::probes::runtime::jump::stubs::{
+        set_upper_check, set_vector_width, upper_check, vector_width, UpperCheck,
+    };
     pub use crate::probes::runtime::maps::{force_maps_full_read, maps_query_method};
     pub use crate::probes::runtime::quiesce::{
         quiesce_signal, QUIESCE_ACKS_PER_ROUND, QUIESCE_RESEND_INTERVAL,

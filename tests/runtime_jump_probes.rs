@@ -756,3 +756,197 @@ fn a_fork_child_runs_an_optimized_site_and_removes_it_from_its_own_text_only() {
     reg.unregister(&p).unwrap();
     assert_eq!(code(at, 16), orig);
 }
+
+std::arch::global_asm!(
+    ".pushsection .text.rj_upper_functions,\"ax\",@progbits",
+    // rj_zstore(out): zmm0-7 stored at out (512 bytes), as the caller
+    // passed them: mov eax, 1 (displaced at the entry); the stores; ret.
+    ".p2align 4",
+    ".globl rj_zstore",
+    ".type rj_zstore,@function",
+    "rj_zstore:",
+    ".byte 0xb8, 0x01, 0x00, 0x00, 0x00",
+    "vmovdqu64 zmmword ptr [rdi], zmm0",
+    "vmovdqu64 zmmword ptr [rdi + 64], zmm1",
+    "vmovdqu64 zmmword ptr [rdi + 128], zmm2",
+    "vmovdqu64 zmmword ptr [rdi + 192], zmm3",
+    "vmovdqu64 zmmword ptr [rdi + 256], zmm4",
+    "vmovdqu64 zmmword ptr [rdi + 320], zmm5",
+    "vmovdqu64 zmmword ptr [rdi + 384], zmm6",
+    "vmovdqu64 zmmword ptr [rdi + 448], zmm7",
+    "vzeroupper",
+    "ret",
+    ".size rj_zstore, . - rj_zstore",
+    // rj_ystore(out): ymm0-7 stored at out (every 64 bytes, 32 each).
+    ".p2align 4",
+    ".globl rj_ystore",
+    ".type rj_ystore,@function",
+    "rj_ystore:",
+    ".byte 0xb8, 0x01, 0x00, 0x00, 0x00",
+    "vmovdqu ymmword ptr [rdi], ymm0",
+    "vmovdqu ymmword ptr [rdi + 64], ymm1",
+    "vmovdqu ymmword ptr [rdi + 128], ymm2",
+    "vmovdqu ymmword ptr [rdi + 192], ymm3",
+    "vmovdqu ymmword ptr [rdi + 256], ymm4",
+    "vmovdqu ymmword ptr [rdi + 320], ymm5",
+    "vmovdqu ymmword ptr [rdi + 384], ymm6",
+    "vmovdqu ymmword ptr [rdi + 448], ymm7",
+    "vzeroupper",
+    "ret",
+    ".size rj_ystore, . - rj_ystore",
+    ".popsection",
+);
+
+extern "C" {
+    fn rj_zstore();
+    fn rj_ystore();
+}
+
+/// Calls `f` (`rj_zstore` or `rj_ystore`) with `zmm0-7` (`ymm0-7`: the
+/// first 32 bytes of each 64) loaded from `input`; what it stored.
+fn through(f: unsafe extern "C" fn(), wide: bool, input: &[u8; 512]) -> [u8; 512] {
+    let mut out = [0u8; 512];
+    // SAFETY: the feature of the width was detected; `f` reads the vector
+    // registers and writes 512 bytes at rdi; everything the C ABI lets it
+    // clobber is declared.
+    unsafe {
+        if wide {
+            std::arch::asm!(
+                "vmovdqu64 zmm0, zmmword ptr [{i}]",
+                "vmovdqu64 zmm1, zmmword ptr [{i} + 64]",
+                "vmovdqu64 zmm2, zmmword ptr [{i} + 128]",
+                "vmovdqu64 zmm3, zmmword ptr [{i} + 192]",
+                "vmovdqu64 zmm4, zmmword ptr [{i} + 256]",
+                "vmovdqu64 zmm5, zmmword ptr [{i} + 320]",
+                "vmovdqu64 zmm6, zmmword ptr [{i} + 384]",
+                "vmovdqu64 zmm7, zmmword ptr [{i} + 448]",
+                "call {f}",
+                i = in(reg) input.as_ptr(), f = in(reg) f,
+                in("rdi") out.as_mut_ptr(),
+                clobber_abi("C"),
+            );
+        } else {
+            std::arch::asm!(
+                "vmovdqu ymm0, ymmword ptr [{i}]",
+                "vmovdqu ymm1, ymmword ptr [{i} + 64]",
+                "vmovdqu ymm2, ymmword ptr [{i} + 128]",
+                "vmovdqu ymm3, ymmword ptr [{i} + 192]",
+                "vmovdqu ymm4, ymmword ptr [{i} + 256]",
+                "vmovdqu ymm5, ymmword ptr [{i} + 320]",
+                "vmovdqu ymm6, ymmword ptr [{i} + 384]",
+                "vmovdqu ymm7, ymmword ptr [{i} + 448]",
+                "call {f}",
+                i = in(reg) input.as_ptr(), f = in(reg) f,
+                in("rdi") out.as_mut_ptr(),
+                clobber_abi("C"),
+            );
+        }
+    }
+    out
+}
+
+/// The entry stub keeps every lane of every vector argument register in
+/// every way this processor can tell whether the upper halves hold
+/// anything (`jump/stubs.rs`, "The upper halves"), at its widest vector
+/// width and, with AVX-512, narrowed to `ymm` too (the AVX-only paths): one
+/// upper lane of one register set at a time (what a check that missed a
+/// register or part of one would lose), then none, then all. The pre
+/// handler sets every bit of three of the registers, so a lane the stub did
+/// not keep comes back changed, and the last restore's `vzeroupper` would
+/// zero any upper lane the stub wrongly took for unused.
+#[test]
+fn every_lane_of_every_vector_argument_survives_an_entry_hit_in_every_check_mode() {
+    use rcu_registry::__internals::runtime::{
+        set_upper_check, set_vector_width, upper_check, vector_width, UpperCheck,
+    };
+    if !std::arch::is_x86_feature_detected!("avx2") {
+        eprintln!("no AVX2: skipped");
+        return;
+    }
+    let _g = serial();
+    let (detected_width, detected_check) = (vector_width(), upper_check());
+    let widths: Vec<u32> = (1..=detected_width).rev().collect();
+    println!("detected width {detected_width}, {detected_check:?}; testing widths {widths:?}");
+    let reg = live().registry();
+    let mut calls = 0;
+    let mut probes = Vec::new();
+    for &width in &widths {
+        let (wide, f, lanes) = if width == 2 {
+            (true, rj_zstore as unsafe extern "C" fn(), 8)
+        } else {
+            (false, rj_ystore as unsafe extern "C" fn(), 4)
+        };
+        let p = Kprobe::at(f as *const () as u64)
+            .pre(move |_p, _regs| {
+                // SAFETY: the feature was detected; the asm writes only the
+                // registers it declares.
+                unsafe {
+                    if wide {
+                        std::arch::asm!(
+                            "vpternlogd zmm0, zmm0, zmm0, 0xff",
+                            "vpternlogd zmm3, zmm3, zmm3, 0xff",
+                            "vpternlogd zmm7, zmm7, zmm7, 0xff",
+                            out("zmm0") _, out("zmm3") _, out("zmm7") _,
+                        );
+                    } else {
+                        std::arch::asm!(
+                            "vpcmpeqb ymm0, ymm0, ymm0",
+                            "vpcmpeqb ymm3, ymm3, ymm3",
+                            "vpcmpeqb ymm7, ymm7, ymm7",
+                            out("ymm0") _, out("ymm3") _, out("ymm7") _,
+                        );
+                    }
+                }
+                Action::Continue
+            })
+            .build();
+        reg.register(&p).unwrap();
+        optimize(&p);
+        set_vector_width(width).unwrap();
+        let modes: Vec<UpperCheck> = [UpperCheck::Values, UpperCheck::Xinuse, UpperCheck::Width]
+            .into_iter()
+            .filter(|&m| set_upper_check(m).is_ok())
+            .collect();
+        println!("width {width}: {modes:?}");
+        assert!(modes.contains(&UpperCheck::Values) && modes.contains(&UpperCheck::Width));
+        let bytes = lanes * 8;
+        let before = calls;
+        for &mode in &modes {
+            set_upper_check(mode).unwrap();
+            let mut inputs = Vec::new();
+            for reg in 0..8 {
+                for lane in 2..lanes {
+                    // Low lanes set in every register, one upper lane in one.
+                    let mut v = [0u8; 512];
+                    for r in 0..8 {
+                        v[r * 64..r * 64 + 16].fill(0x11 * (r as u8 + 1));
+                    }
+                    let at = reg * 64 + lane * 8;
+                    v[at..at + 8]
+                        .copy_from_slice(&(0x0102_0304_0506_0708u64 << lane).to_le_bytes());
+                    inputs.push(v);
+                }
+            }
+            inputs.push([0; 512]);
+            inputs.push([0xc3; 512]);
+            for input in &inputs {
+                let out = through(f, wide, input);
+                calls += 1;
+                for r in 0..8 {
+                    assert_eq!(
+                        out[r * 64..r * 64 + bytes],
+                        input[r * 64..r * 64 + bytes],
+                        "width {width}, {mode:?}: register {r} as the caller passed it"
+                    );
+                }
+            }
+        }
+        assert_eq!(p.hits(), calls - before);
+        probes.push(p);
+    }
+    set_vector_width(detected_width).unwrap();
+    set_upper_check(detected_check).unwrap();
+    for p in &probes {
+        reg.unregister(p).unwrap();
+    }
+}

@@ -811,6 +811,17 @@ impl InstanceTable {
 unsafe fn take_matching(head: &mut *mut InstanceHdr, thread: ThreadKey, sp: u64) -> Taken {
     // SAFETY: the chain is the caller's (contract).
     unsafe {
+        // The common case first: the call's instance alone in the chain
+        // (one tracked call in flight on the thread): taken without the
+        // walks below, which would find nothing else.
+        if let Some(h) = (*head).as_ref() {
+            let f = h.frame();
+            if f.thread == thread && f.ret_sp == sp && h.next().is_null() {
+                let taken = Taken { head: *head };
+                *head = std::ptr::null_mut();
+                return taken;
+            }
+        }
         let mut p = *head;
         while let Some(i) = p.as_ref() {
             let f = i.frame();

@@ -885,6 +885,7 @@ pub fn steps_in_flight() -> usize {
 /// A live registry ([`try_attach_live`]) is called directly, inside this
 /// function's read section (`LiveRegistry::on_return_in_section`): no
 /// trait-object call and no second section on every return.
+#[inline]
 pub(crate) fn dispatch_return(regs: &mut Regs) -> bool {
     let guard = Rcu::global().read();
     let mut to = None;

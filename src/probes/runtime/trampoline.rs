@@ -25,15 +25,15 @@
 //!
 //!    **The vector state**: a full `xsave64` costs 100-250 ns on the
 //!    development machine, more than the rest of a return. Where the
-//!    processor reports which state components are in use (`xgetbv` with
-//!    ECX = 1) and the x87 stack is empty (its TOP field is 0: no
-//!    `st0`/`st1` return value; XINUSE's x87 bit cannot tell, because the
-//!    processor sets it the first time a process returns from a signal
-//!    handler and never clears it, which sent every return of such a
-//!    process through the full save), only what a return can carry is saved:
-//!    `xmm0`/`xmm1` (`ymm`/`zmm` when their upper halves are in use), and
-//!    the upper state is cleaned for the Rust half (`vzeroupper`) and
-//!    restored after. Every other vector register, the opmasks and MXCSR's
+//!    x87 stack is empty (its TOP field is 0: no `st0`/`st1` return value;
+//!    XINUSE's x87 bit cannot tell, because the kernel sets it in every
+//!    signal frame, which sent every return of a process that had handled
+//!    a signal through the full save) and whether `ymm0`/`ymm1`'s (`zmm`)
+//!    upper halves hold anything can be told (by their values, or by
+//!    XINUSE: `jump/stubs.rs`, "The upper halves"), only what a return can
+//!    carry is saved: `xmm0`/`xmm1` (`ymm`/`zmm` when their upper halves
+//!    hold anything), and the upper state is cleaned for the Rust half
+//!    (`vzeroupper`) and restored after. Every other vector register, the opmasks and MXCSR's
 //!    status bits are caller-saved across the call being returned from, so
 //!    the caller holds nothing there. The x86_64 jump stubs
 //!    (`jump/stubs.rs`) share the detection (`ENTRY_VECTORS`).
@@ -139,6 +139,10 @@ global_asm!(
     // halves in use): save those, clean the upper state for the Rust half,
     // restore them. Anything else takes the full save below.
     "mov ecx, dword ptr [rip + {vectors}]",
+    // Where the mode says so (`VALUE_CHECK`), the upper halves' values are
+    // tested instead of XINUSE (at 9 below, `jump/stubs.rs`).
+    "test ecx, {value_check}",
+    "jnz 9f",
     "test ecx, 4",
     "jz 8f",
     "mov r8d, ecx",
@@ -158,6 +162,7 @@ global_asm!(
     "and rsp, -64",
     "test eax, 0x44",
     "jnz 5f",
+    "4:",
     "movdqu xmmword ptr [rsp + 0], xmm0",
     "movdqu xmmword ptr [rsp + 16], xmm1",
     "mov rdi, rbx",
@@ -254,6 +259,34 @@ global_asm!(
     // is in the red zone, which no signal frame overwrites.
     "lea rsp, [rsp + {above} + 8]",
     "jmp qword ptr [rsp - 8]",
+    // The values of the return registers' upper halves: any bit set, the
+    // by-width save (at 5); none, `vzeroupper` (zero halves may still be
+    // marked in use, which the Rust half's SSE code would pay for) and the
+    // low halves only (at 4). First the x87 stack, as above. `k1`/`k2` hold
+    // nothing at a return.
+    "9:",
+    "fnstsw ax",
+    "test ax, 0x3800",
+    "jnz 8b",
+    "sub rsp, 128",
+    "and rsp, -64",
+    "test ecx, 2",
+    "jnz 12f",
+    "vptest ymm0, ymmword ptr [rip + {upper}]",
+    "jnz 5b",
+    "vptest ymm1, ymmword ptr [rip + {upper}]",
+    "jnz 5b",
+    "vzeroupper",
+    "jmp 4b",
+    "12:",
+    "vptestmq k1, zmm0, zmm0",
+    "vptestmq k2, zmm1, zmm1",
+    "korw k1, k1, k2",
+    "kshiftrw k1, k1, 2",
+    "kortestw k1, k1",
+    "jnz 5b",
+    "vzeroupper",
+    "jmp 4b",
     ".globl __rcu_registry_kretprobe_trampoline_end",
     ".hidden __rcu_registry_kretprobe_trampoline_end",
     "__rcu_registry_kretprobe_trampoline_end:",
@@ -263,6 +296,8 @@ global_asm!(
     xsave_bytes = sym XSAVE_BYTES,
     xsave_mask = sym XSAVE_MASK,
     vectors = sym super::jump::stubs::ENTRY_VECTORS,
+    value_check = const super::jump::stubs::VALUE_CHECK,
+    upper = sym super::jump::stubs::UPPER_128,
     above = const ABOVE_BYTES,
     caller_sp = const CALLER_SP,
     sp_off = const std::mem::offset_of!(Regs, sp),

@@ -46,6 +46,38 @@
 //!   control words (MXCSR, x87 CW) are callee-saved, so a handler preserves
 //!   them. DF is 0 at a call (the ABI), and is not restored.
 //!
+//! # The upper halves
+//!
+//! Where every upper half of the argument registers (bits 128 and up of
+//! `ymm0-7`/`zmm0-7`) is zero, the entry stub saves the low 128 bits only
+//! and ends with `vzeroupper`, which puts the zeros back and leaves the
+//! upper state clean; the return trampoline does the same for `xmm0`/
+//! `xmm1`. Otherwise both save the registers whole. Two ways to tell,
+//! chosen once per process ([`detect_vector_width`]):
+//!
+//! - **by value** ([`VALUE_CHECK`]): `vptest` of each `ymm` against a mask
+//!   of its upper half, or with AVX-512 `vptestmq` of each `zmm` (a bit
+//!   per nonzero quadword, the two low ones dropped). Zero halves the
+//!   processor still counts as in use are cleaned with a `vzeroupper`
+//!   before the Rust half (the values are the same);
+//! - **by XINUSE** (`xgetbv` with ECX = 1): the AVX and ZMM_Hi256
+//!   components in their initial state.
+//!
+//! On the AMD EPYC VM this was measured on, `xgetbv` costs about 11 ns: a
+//! bare detour (stub and return, no registry work) took 25 ns with it and
+//! 14 ns without, and an optimized kretprobe paid it twice (entry and
+//! return): by value, 75-80 ns added per kretprobe call became 57-61 ns
+//! and a kprobe hit 26 ns became 20 ns (paired runs). Values are what every
+//! processor with AVX and no AVX-512 uses (eight 256-bit tests), and AMD
+//! and Hygon processors with AVX-512 (512-bit instructions run at full
+//! clock there). Intel processors with AVX-512 ask XINUSE instead: a
+//! 512-bit instruction on every hit could hold a Skylake-to-Cascade-Lake
+//! core at a lower frequency licence, and an earlier ablation on this
+//! project's Xeon VM measured `xgetbv` there at 1-3 ns. A processor
+//! without XINUSE and without the value tests (none known) would save the
+//! registers whole on every hit. The tests run every way the processor
+//! allows, at every width up to its own (test hooks in `__internals`).
+//!
 //! Measured on this machine (a 2-core Xeon VM), one save and restore pair:
 //! `xsave64` of x87/SSE/AVX/AVX-512 100-215 ns, `xsavec64` 100-180 ns,
 //! `fxsave64` (no `ymm` upper halves: not enough) 60-80 ns, `zmm0-7` by
@@ -91,11 +123,149 @@ const RED_ZONE: usize = 128;
 const ORIG_SP: usize = REGS_BYTES + 8 + RED_ZONE;
 /// The entry stub's vector width: 0 `xmm0-7`, 1 `ymm0-7`, 2 `zmm0-7`;
 /// plus 4 when `xgetbv` with ECX = 1 (XINUSE) is available, plus 8 with
-/// AVX512BW (64-bit opmasks). Set
-/// once by [`detect_vector_width`] before any detour exists; read by the
-/// assembly.
+/// AVX512BW (64-bit opmasks), plus [`VALUE_CHECK`] where the entry stub and
+/// the return trampoline test the upper halves' values instead of asking
+/// XINUSE (module docs, "The upper halves"). Set once by
+/// [`detect_vector_width`] before any detour exists; read by the assembly.
 pub(crate) static ENTRY_VECTORS: crate::sync::atomic::AtomicU32 =
     crate::sync::atomic::AtomicU32::new(0);
+
+/// [`ENTRY_VECTORS`] bit: test the upper halves' values (`vptest`,
+/// `vptestmq`) rather than XINUSE (`xgetbv`).
+pub(crate) const VALUE_CHECK: u32 = 16;
+
+/// The `vptest` mask of a `ymm` register's upper half: bits 128-255.
+#[repr(C, align(32))]
+pub(crate) struct Upper128([u8; 32]);
+
+/// Read by the entry stub and the return trampoline (`vptest`).
+pub(crate) static UPPER_128: Upper128 = Upper128({
+    let mut m = [0u8; 32];
+    let mut i = 16;
+    while i < 32 {
+        m[i] = 0xff;
+        i += 1;
+    }
+    m
+});
+
+/// Whether the upper halves are best told by their values: with AVX and no
+/// AVX-512 (eight 256-bit `vptest`s), with AVX-512 on AMD and Hygon
+/// processors (eight 512-bit `vptestmq`s: they run there at full clock),
+/// and wherever XINUSE cannot be read. On Intel processors with AVX-512 a
+/// 512-bit instruction on every hit could hold the core at a lower
+/// frequency licence (Skylake to Cascade Lake), so they ask XINUSE, which
+/// costs them little (1-3 ns measured on a Xeon), where the AMD EPYC this
+/// was measured on pays 11 ns for each `xgetbv` (the entry stub's and the
+/// trampoline's: 25 ns a bare detour, 14 ns with neither).
+fn check_values(width: u32, xinuse: bool) -> bool {
+    let leaf0 = core::arch::x86_64::__cpuid(0);
+    let vendor = [leaf0.ebx, leaf0.edx, leaf0.ecx];
+    let amd = vendor == [0x6874_7541, 0x6974_6e65, 0x444d_4163] // "AuthenticAMD"
+        || vendor == [0x6f67_7948, 0x6e65_476e, 0x656e_6975]; // "HygonGenuine"
+    match width {
+        1 => true,
+        2 => amd || !xinuse,
+        _ => false,
+    }
+}
+
+/// How the entry stub and the return trampoline tell whether the vector
+/// registers' upper halves hold anything (module docs, "The upper halves").
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum UpperCheck {
+    /// No AVX: there are no upper halves.
+    None,
+    /// Their values are tested (`vptest`, `vptestmq`).
+    Values,
+    /// XINUSE is asked (`xgetbv` with ECX = 1).
+    Xinuse,
+    /// Neither: the entry stub saves and restores them whole, the
+    /// trampoline takes its full save (a processor without XINUSE, before
+    /// the value tests).
+    Width,
+}
+
+/// The check in use (detected with the trampoline's address).
+pub fn upper_check() -> UpperCheck {
+    super::super::trampoline::trampoline_address();
+    // Relaxed: see `ENTRY_VECTORS`.
+    let v = ENTRY_VECTORS.load(Ordering::Relaxed);
+    if v & 3 == 0 {
+        UpperCheck::None
+    } else if v & VALUE_CHECK != 0 {
+        UpperCheck::Values
+    } else if v & 4 != 0 {
+        UpperCheck::Xinuse
+    } else {
+        UpperCheck::Width
+    }
+}
+
+/// Switches the check (for the tests of each path), with no hit in flight
+/// that the switch could split: the assembly reads the mode once per hit
+/// and return, so any hit sees one mode or the other. `Xinuse` only where
+/// the processor has it (which the detection found), `None` only at width 0
+/// (no AVX, or [`set_vector_width`]); anything else is refused with what
+/// is in use. (Without
+/// XINUSE the full stub's fast path, which needs it, is off too.)
+pub fn set_upper_check(check: UpperCheck) -> Result<(), UpperCheck> {
+    let now = upper_check();
+    let v = ENTRY_VECTORS.load(Ordering::Relaxed);
+    let xinuse = DETECTED_XINUSE.load(Ordering::Relaxed);
+    let base = v & !(VALUE_CHECK | 4);
+    let new = match check {
+        UpperCheck::None if v & 3 == 0 => v,
+        UpperCheck::Values if v & 3 != 0 => base | VALUE_CHECK | if xinuse { 4 } else { 0 },
+        UpperCheck::Xinuse if v & 3 != 0 && xinuse => base | 4,
+        UpperCheck::Width if v & 3 != 0 => base,
+        _ => return Err(now),
+    };
+    // Relaxed: see `ENTRY_VECTORS`.
+    ENTRY_VECTORS.store(new, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The vector width the entry stub and the trampoline work at (see
+/// [`set_vector_width`]).
+pub fn vector_width() -> u32 {
+    super::super::trampoline::trampoline_address();
+    // Relaxed: see `ENTRY_VECTORS`.
+    ENTRY_VECTORS.load(Ordering::Relaxed) & 3
+}
+
+/// Narrows the vector width the entry stub and the trampoline work at to
+/// `width` (0 `xmm`, 1 `ymm`, 2 `zmm`) for the tests of the narrower
+/// paths on a wider processor, or puts the detected one back; wider than
+/// detected is refused with the detected width. Only for code that uses no
+/// wider register than `width` while it is in force: the wider registers'
+/// upper parts are not kept then. No hit may be in flight (as
+/// [`set_upper_check`]).
+pub fn set_vector_width(width: u32) -> Result<(), u32> {
+    super::super::trampoline::trampoline_address();
+    let detected = DETECTED_WIDTH.load(Ordering::Relaxed);
+    if width > detected {
+        return Err(detected);
+    }
+    // Relaxed (all): see `ENTRY_VECTORS` and `DETECTED_XINUSE`.
+    let v = ENTRY_VECTORS.load(Ordering::Relaxed);
+    let xinuse = DETECTED_XINUSE.load(Ordering::Relaxed);
+    // The check goes back to what the detection picks for this width.
+    let check = if check_values(width, xinuse) {
+        VALUE_CHECK
+    } else {
+        0
+    };
+    ENTRY_VECTORS.store((v & !(3 | VALUE_CHECK)) | width | check, Ordering::Relaxed);
+    Ok(())
+}
+
+/// The width [`detect_vector_width`] found.
+static DETECTED_WIDTH: crate::sync::atomic::AtomicU32 = crate::sync::atomic::AtomicU32::new(0);
+
+/// Whether the processor has XINUSE (`xgetbv` with ECX = 1), as detected.
+static DETECTED_XINUSE: crate::sync::atomic::AtomicBool =
+    crate::sync::atomic::AtomicBool::new(false);
 
 /// Sets [`ENTRY_VECTORS`] from the components the OS enabled (`XCR0`).
 pub(crate) fn detect_vector_width() {
@@ -122,10 +292,19 @@ pub(crate) fn detect_vector_width() {
     // CPUID.(EAX=0DH, ECX=1):EAX[2]: XGETBV with ECX = 1 (leaf 0DH exists
     // when OSXSAVE is set, checked by `xcr0 != 0`).
     let xinuse = xcr0 != 0 && core::arch::x86_64::__cpuid_count(0xd, 1).eax & 4 != 0;
+    // Relaxed (both): read by the test hooks, after the detection's `Once`.
+    DETECTED_XINUSE.store(xinuse, Ordering::Relaxed);
+    DETECTED_WIDTH.store(width, Ordering::Relaxed);
     let width = width | if xinuse { 4 } else { 0 };
     // AVX512BW: 64-bit opmasks (`kmovq`), for the full stub's fast path.
     let bw = width & 3 == 2 && core::arch::x86_64::__cpuid_count(7, 0).ebx & (1 << 30) != 0;
     let width = width | if bw { 8 } else { 0 };
+    let width = width
+        | if check_values(width & 3, xinuse) {
+            VALUE_CHECK
+        } else {
+            0
+        };
     // Relaxed: published to the threads that run detours by the detours'
     // own publication (their bytes are written, cores synced, and the
     // site's state stored with Release after this).
@@ -194,12 +373,15 @@ global_asm!(
     "sub rsp, 512",
     "and rsp, -64",
     "mov ecx, dword ptr [rip + {width}]",
-    // With XINUSE (bit 2 of the mode): AVX (bit 2) and ZMM_Hi256 (bit 6)
-    // in their initial state mean every upper half is zero and holds no
-    // argument: save the low 128 bits only, and `vzeroupper` puts the
-    // zeros back, leaving the state clean. Touching the upper halves when
-    // they are clean dirties them, and the Rust half's SSE code then pays a
-    // state-transition stall (measured: 240 ns a hit).
+    // Every upper half of `ymm0-7`/`zmm0-7` zero: save the low 128 bits
+    // only, and `vzeroupper` puts the zeros back, leaving the state clean.
+    // Touching the upper halves when they are clean dirties them, and the
+    // Rust half's SSE code then pays a state-transition stall (measured:
+    // 240 ns a hit). Where the mode says so (bit 4, `VALUE_CHECK`), the
+    // upper halves' values are tested (below, at 8); else XINUSE (bit 2 of
+    // the mode): AVX (bit 2) and ZMM_Hi256 (bit 6) in their initial state.
+    "test ecx, 16",
+    "jnz 8f",
     "test ecx, 4",
     "jz 7f",
     "mov r8d, ecx",
@@ -208,6 +390,7 @@ global_asm!(
     "mov ecx, r8d",
     "test eax, 0x44",
     "jnz 7f",
+    "9:",
     "movdqu xmmword ptr [rsp + 0], xmm0",
     "movdqu xmmword ptr [rsp + 16], xmm1",
     "movdqu xmmword ptr [rsp + 32], xmm2",
@@ -327,6 +510,54 @@ global_asm!(
     "pop r15",
     "lea rsp, [rsp + {above}]",
     "ret 128",
+    // The values of the upper halves (module docs, "The upper halves"):
+    // any bit set, the by-width path; none, `vzeroupper` (zero halves may
+    // still be marked in use, which the Rust half's SSE code would pay
+    // for) and the low halves only. `ymm8-15`, `zmm16-31` and the opmasks
+    // hold no argument at a call: `k1`/`k2` are free here.
+    "8:",
+    "test ecx, 2",
+    "jnz 12f",
+    "vptest ymm0, ymmword ptr [rip + {upper}]",
+    "jnz 7b",
+    "vptest ymm1, ymmword ptr [rip + {upper}]",
+    "jnz 7b",
+    "vptest ymm2, ymmword ptr [rip + {upper}]",
+    "jnz 7b",
+    "vptest ymm3, ymmword ptr [rip + {upper}]",
+    "jnz 7b",
+    "vptest ymm4, ymmword ptr [rip + {upper}]",
+    "jnz 7b",
+    "vptest ymm5, ymmword ptr [rip + {upper}]",
+    "jnz 7b",
+    "vptest ymm6, ymmword ptr [rip + {upper}]",
+    "jnz 7b",
+    "vptest ymm7, ymmword ptr [rip + {upper}]",
+    "jnz 7b",
+    "vzeroupper",
+    "jmp 9b",
+    // zmm: a bit per nonzero quadword, the two low ones (xmm) dropped.
+    "12:",
+    "vptestmq k1, zmm0, zmm0",
+    "vptestmq k2, zmm1, zmm1",
+    "korw k1, k1, k2",
+    "vptestmq k2, zmm2, zmm2",
+    "korw k1, k1, k2",
+    "vptestmq k2, zmm3, zmm3",
+    "korw k1, k1, k2",
+    "vptestmq k2, zmm4, zmm4",
+    "korw k1, k1, k2",
+    "vptestmq k2, zmm5, zmm5",
+    "korw k1, k1, k2",
+    "vptestmq k2, zmm6, zmm6",
+    "korw k1, k1, k2",
+    "vptestmq k2, zmm7, zmm7",
+    "korw k1, k1, k2",
+    "kshiftrw k1, k1, 2",
+    "kortestw k1, k1",
+    "jnz 7b",
+    "vzeroupper",
+    "jmp 9b",
     ".globl __rcu_registry_jump_stub_entry_end",
     ".hidden __rcu_registry_jump_stub_entry_end",
     "__rcu_registry_jump_stub_entry_end:",
@@ -334,6 +565,7 @@ global_asm!(
     ".popsection",
     entry = sym jump_entry,
     width = sym ENTRY_VECTORS,
+    upper = sym UPPER_128,
     orig_sp = const ORIG_SP,
     sp_off = const SP_OFF,
     ip_off = const IP_OFF,
