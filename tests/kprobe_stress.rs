@@ -21,6 +21,7 @@
 //! when `CI=true`).
 
 mod kprobe_support;
+mod stress_time;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -66,12 +67,7 @@ fn code() -> Vec<u8> {
 type Reg = KprobeRegistry<X86_64, Image>;
 
 fn duration() -> Duration {
-    let secs: u64 = std::env::var("KPROBE_STRESS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    Duration::from_secs(if ci { secs.max(10) } else { secs })
+    stress_time::stress_duration("KPROBE_STRESS_SECS", 2.0, 10.0)
 }
 
 /// A tiny xorshift generator: deterministic per thread, no dependency.

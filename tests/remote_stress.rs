@@ -28,15 +28,11 @@ use rcu_registry::probes::uprobe::{AddressSpace, Consumer, ConsumerAction, Space
 
 #[path = "remote_support/mod.rs"]
 mod remote_support;
+mod stress_time;
 use remote_support::{dir, fixture, fixture_lib, Running};
 
 fn duration() -> Duration {
-    let secs: u64 = std::env::var("REMOTE_STRESS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    Duration::from_secs(if ci { secs.max(10) } else { secs })
+    stress_time::stress_duration("REMOTE_STRESS_SECS", 2.0, 10.0)
 }
 
 /// Per space: calls of `rt_work` seen, and the sum of its return values.

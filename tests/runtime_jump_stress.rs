@@ -17,6 +17,7 @@
 #![cfg(target_arch = "x86_64")]
 
 mod runtime_jump_support;
+mod stress_time;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -32,12 +33,7 @@ const FUNCS: usize = 128;
 const CHURN: usize = 32;
 /// Wall time of the timed run.
 fn duration() -> Duration {
-    let secs: u64 = std::env::var("RUNTIME_JUMP_STRESS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    Duration::from_secs(if ci { secs.max(10) } else { secs })
+    stress_time::stress_duration("RUNTIME_JUMP_STRESS_SECS", 3.0, 10.0)
 }
 
 #[test]

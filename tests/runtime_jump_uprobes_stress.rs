@@ -25,6 +25,7 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 mod dl_support;
+mod stress_time;
 
 use dl_support::Lib;
 use rcu_registry::probes::runtime::LiveUprobes;
@@ -33,12 +34,7 @@ use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeTarget};
 const WORKERS: usize = 3;
 /// Wall time of the timed run.
 fn duration() -> Duration {
-    let secs: u64 = std::env::var("RUNTIME_JUMP_STRESS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(3);
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    Duration::from_secs(if ci { secs.max(10) } else { secs })
+    stress_time::stress_duration("RUNTIME_JUMP_STRESS_SECS", 3.0, 10.0)
 }
 
 fn counting(n: &'static AtomicU64, opt_out: bool) -> Consumer {

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod dl_support;
+mod stress_time;
 
 use dl_support::Lib;
 use rcu_registry::probes::runtime::{LiveUprobes, LoaderWatch};
@@ -22,12 +23,7 @@ use rcu_registry::probes::uprobe::{Consumer, ConsumerAction, UprobeKey, UprobeTa
 use rcu_registry::probes::ProbeError;
 
 fn duration() -> Duration {
-    let secs: u64 = std::env::var("RUNTIME_UPROBE_STRESS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    Duration::from_secs(if ci { secs.max(10) } else { secs })
+    stress_time::stress_duration("RUNTIME_UPROBE_STRESS_SECS", 2.0, 10.0)
 }
 
 /// `int f(int x)` returns `x + k`, `int g(int x)` returns `f(x) * 2`.

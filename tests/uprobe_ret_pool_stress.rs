@@ -12,6 +12,7 @@
 //! Duration: `URETPOOL_STRESS_SECS` (default 1; at least 5 when `CI=true`).
 //! Run: `cargo test --release --test uprobe_ret_pool_stress -- --ignored --nocapture`.
 
+mod stress_time;
 mod uprobe_support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -31,12 +32,7 @@ const STACKS: usize = 2;
 const CALLS_PER_THREAD: u64 = 200;
 
 fn duration() -> Duration {
-    let secs: u64 = std::env::var("URETPOOL_STRESS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    Duration::from_secs(if ci { secs.max(5) } else { secs })
+    stress_time::stress_duration("URETPOOL_STRESS_SECS", 1.0, 5.0)
 }
 
 #[derive(Default)]

@@ -26,6 +26,7 @@
 //! per test.
 //! Run: `cargo test --release --test uprobe_stress -- --ignored --nocapture`.
 
+mod stress_time;
 mod uprobe_support;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -48,12 +49,7 @@ const OFFSETS: [u64; 4] = [OFF_NOP, OFF_PUSH, OFF_MOV, OFF_RIPREL];
 const OUT_OF_LINE: usize = 2;
 
 fn duration() -> Duration {
-    let secs: u64 = std::env::var("UPROBE_STRESS_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(2);
-    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
-    Duration::from_secs(if ci { secs.max(10) } else { secs })
+    stress_time::stress_duration("UPROBE_STRESS_SECS", 2.0, 10.0)
 }
 
 /// The hitters' simulated caller.

@@ -28,17 +28,13 @@ impl Rng {
     }
 }
 
+#[path = "../stress_time/mod.rs"]
+mod stress_time;
+
 /// Duration of a time-bounded test: `$var` seconds (default `default_secs`),
 /// and never less than `ci_min_secs` when `CI=true`.
 pub fn duration_from_env(var: &str, default_secs: f64, ci_min_secs: f64) -> Duration {
-    let mut secs = std::env::var(var)
-        .ok()
-        .and_then(|s| s.parse::<f64>().ok())
-        .unwrap_or(default_secs);
-    if std::env::var("CI").is_ok_and(|v| v == "true") {
-        secs = secs.max(ci_min_secs);
-    }
-    Duration::from_secs_f64(secs)
+    stress_time::stress_duration(var, default_secs, ci_min_secs)
 }
 
 /// The value every test stores for `key` in generation `gen`, so a reader
