@@ -170,6 +170,26 @@ fn returned(
     out[..n].to_vec()
 }
 
+/// A kretprobe on `f` whose return handler runs `clobber`, and the count
+/// of its handler's runs.
+fn clobbering_kretprobe(
+    f: unsafe extern "C" fn(),
+    clobber: unsafe extern "C" fn(),
+) -> (Kretprobe, Arc<AtomicU64>) {
+    let returns = Arc::new(AtomicU64::new(0));
+    let r = returns.clone();
+    let krp = Kretprobe::at(f as *const () as usize as u64)
+        .handler(move |_, _, _| {
+            r.fetch_add(1, Ordering::Relaxed);
+            // SAFETY: a C-ABI function that only writes vector registers,
+            // run only after its feature was detected (the callers' checks).
+            unsafe { clobber() };
+        })
+        .build()
+        .unwrap();
+    (krp, returns)
+}
+
 /// Registers a kretprobe on `f` whose return handler runs `clobber`, calls
 /// `f` a few times through `caller`, and returns what the calls returned.
 fn with_clobbering_kretprobe(
@@ -180,17 +200,7 @@ fn with_clobbering_kretprobe(
 ) -> Vec<Vec<u8>> {
     let _g = serial();
     let reg = Live::global().registry();
-    let returns = Arc::new(AtomicU64::new(0));
-    let r = returns.clone();
-    let krp = Kretprobe::at(f as *const () as usize as u64)
-        .handler(move |_, _, _| {
-            r.fetch_add(1, Ordering::Relaxed);
-            // SAFETY: a C-ABI function that only writes vector registers,
-            // run only after its feature was detected.
-            unsafe { clobber() };
-        })
-        .build()
-        .unwrap();
+    let (krp, returns) = clobbering_kretprobe(f, clobber);
     reg.register(&krp).unwrap();
     let got = (0..3).map(|_| returned(caller, f, n)).collect();
     reg.unregister(&krp).unwrap();
@@ -282,21 +292,12 @@ fn every_lane_of_a_vector_return_value_survives_in_every_check_mode() {
             .collect();
         println!("detected width {detected_width}, {detected_check:?}; width {width}: {modes:?}");
         assert!(modes.contains(&UpperCheck::Values) && modes.contains(&UpperCheck::Width));
-        let returns = Arc::new(AtomicU64::new(0));
-        let r = returns.clone();
         let clobber: unsafe extern "C" fn() = if wide {
             rtt_clobber_avx512
         } else {
             rtt_clobber_avx
         };
-        let krp = Kretprobe::at(load as *const () as usize as u64)
-            .handler(move |_, _, _| {
-                r.fetch_add(1, Ordering::Relaxed);
-                // SAFETY: writes only vector registers; its feature was detected.
-                unsafe { clobber() };
-            })
-            .build()
-            .unwrap();
+        let (krp, returns) = clobbering_kretprobe(load, clobber);
         reg.register(&krp).unwrap();
         let mut calls = 0;
         for &mode in &modes {
