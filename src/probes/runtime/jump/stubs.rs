@@ -127,6 +127,10 @@ const ORIG_SP: usize = REGS_BYTES + 8 + RED_ZONE;
 /// the return trampoline test the upper halves' values instead of asking
 /// XINUSE (module docs, "The upper halves"). Set once by
 /// [`detect_vector_width`] before any detour exists; read by the assembly.
+/// Every access is Relaxed: the detected value reaches the threads that
+/// run detours through the detours' own publication, and a test hook's
+/// switch ([`set_upper_check`], [`set_vector_width`]) is made on the thread
+/// that then makes the calls (or before the threads that make them start).
 pub(crate) static ENTRY_VECTORS: crate::sync::atomic::AtomicU32 =
     crate::sync::atomic::AtomicU32::new(0);
 
@@ -154,10 +158,11 @@ pub(crate) static UPPER_128: Upper128 = Upper128({
 /// processors (eight 512-bit `vptestmq`s: they run there at full clock),
 /// and wherever XINUSE cannot be read. On Intel processors with AVX-512 a
 /// 512-bit instruction on every hit could hold the core at a lower
-/// frequency licence (Skylake to Cascade Lake), so they ask XINUSE, which
-/// costs them little (1-3 ns measured on a Xeon), where the AMD EPYC this
-/// was measured on pays 11 ns for each `xgetbv` (the entry stub's and the
-/// trampoline's: 25 ns a bare detour, 14 ns with neither).
+/// frequency licence (Skylake to Cascade Lake), so they ask XINUSE (an
+/// earlier session's ablation measured `xgetbv` at 1-3 ns on its host),
+/// where the AMD EPYC this was measured on pays 11 ns for each `xgetbv`
+/// (the entry stub's and the trampoline's: 25 ns a bare detour, 14 ns
+/// without).
 fn check_values(width: u32, xinuse: bool) -> bool {
     let leaf0 = core::arch::x86_64::__cpuid(0);
     let vendor = [leaf0.ebx, leaf0.edx, leaf0.ecx];
@@ -202,15 +207,16 @@ pub fn upper_check() -> UpperCheck {
     }
 }
 
-/// Switches the check (for the tests of each path), with no hit in flight
-/// that the switch could split: the assembly reads the mode once per hit
-/// and return, so any hit sees one mode or the other. `Xinuse` only where
-/// the processor has it (which the detection found), `None` only at width 0
-/// (no AVX, or [`set_vector_width`]); anything else is refused with what
-/// is in use. (Without
-/// XINUSE the full stub's fast path, which needs it, is off too.)
+/// Switches the check, for the tests of each path. The caller makes sure
+/// no detour hit or trampoline return is in flight (the tests hold their
+/// serial lock). `Xinuse` only where the processor has it (which the
+/// detection found), `None` only at width 0 (no AVX, or
+/// [`set_vector_width`]); anything else is refused with the check in use.
+/// (`Width` turns XINUSE off for the full stub too: its fast path then
+/// stays unused.)
 pub fn set_upper_check(check: UpperCheck) -> Result<(), UpperCheck> {
     let now = upper_check();
+    // Relaxed (both): see `ENTRY_VECTORS` and `DETECTED_XINUSE`.
     let v = ENTRY_VECTORS.load(Ordering::Relaxed);
     let xinuse = DETECTED_XINUSE.load(Ordering::Relaxed);
     let base = v & !(VALUE_CHECK | 4);
@@ -239,10 +245,12 @@ pub fn vector_width() -> u32 {
 /// paths on a wider processor, or puts the detected one back; wider than
 /// detected is refused with the detected width. Only for code that uses no
 /// wider register than `width` while it is in force: the wider registers'
-/// upper parts are not kept then. No hit may be in flight (as
-/// [`set_upper_check`]).
+/// upper parts are not kept then. No hit or return may be in flight (as
+/// for [`set_upper_check`]).
 pub fn set_vector_width(width: u32) -> Result<(), u32> {
     super::super::trampoline::trampoline_address();
+    // Relaxed: written once by the detection, which the call above ran
+    // (its `Once` orders it).
     let detected = DETECTED_WIDTH.load(Ordering::Relaxed);
     if width > detected {
         return Err(detected);
