@@ -254,3 +254,73 @@ fn unregister_nosync_takes_the_breakpoint_out_at_once_and_commit_ends_the_handle
     assert_eq!(counts[7].load(Ordering::SeqCst), 1);
     lib.close();
 }
+
+/// An install that fails inside the loader is counted and kept for
+/// [`LiveUprobes::last_install_error`], typed, and changes nothing: the
+/// library's file is rewritten in place (as an upgrade that writes over
+/// the same file would) between a pending registration, which read the
+/// instruction from the file, and the `dlopen`, so the loaded code is not
+/// the instruction the uprobe was made for. No breakpoint is written, the
+/// code runs as the file now has it, no handler runs, and the uprobe can be
+/// unregistered as usual.
+#[test]
+fn an_install_that_fails_at_the_load_is_kept_as_the_last_install_error() {
+    let _g = serial();
+    // g(x) = x + 2: mov eax, edi (89 f8); add eax, 2; ret.
+    let so = dl_support::build_asm_so(
+        "uprobes_batch",
+        "libbatchrewritten.so",
+        ".text\n.globl g\n.type g,@function\ng:\n movl %edi, %eax\n addl $2, %eax\n ret\n\
+         .size g, . - g\n",
+    );
+    let counts = counters();
+    let c = per_arg(&counts);
+    assert!(!dl_support::is_mapped(&so));
+    let key = live()
+        .register(&UprobeTarget::symbol(so.to_str().unwrap(), "g"), &c)
+        .unwrap()
+        .key();
+    // The file's first instruction of g becomes xor eax, eax (31 c0): g(x) = 2.
+    {
+        use std::io::{Seek, SeekFrom, Write};
+        let mut f = std::fs::OpenOptions::new().write(true).open(&so).unwrap();
+        f.seek(SeekFrom::Start(key.offset)).unwrap();
+        f.write_all(&[0x31, 0xc0]).unwrap();
+    }
+    let errors = live().stats().install_errors;
+    let lib = Lib::open(&so);
+    assert_eq!(
+        live().stats().install_errors,
+        errors + 1,
+        "the failed install is counted"
+    );
+    match live().last_install_error() {
+        Some(ProbeError::AlreadyPatched {
+            expected, found, ..
+        }) => {
+            assert_eq!(
+                &expected.as_slice()[..2],
+                &[0x89, 0xf8],
+                "what the uprobe was made for"
+            );
+            assert_eq!(
+                &found.as_slice()[..2],
+                &[0x31, 0xc0],
+                "what the loader mapped"
+            );
+        }
+        other => panic!("the last install error: {other:?}"),
+    }
+    let g = lib.func(c"g");
+    // SAFETY: code the address points at: the loaded g, unpatched.
+    let text = unsafe { std::slice::from_raw_parts(g as usize as *const u8, 6) };
+    assert_eq!(
+        text,
+        [0x31, 0xc0, 0x83, 0xc0, 0x02, 0xc3],
+        "the file's bytes, no breakpoint"
+    );
+    assert_eq!(g(5), 2, "the code as the file now has it");
+    assert_eq!(counts[5].load(Ordering::SeqCst), 0, "no handler ran");
+    lib.close();
+    live().unregister(key, &c).unwrap();
+}
