@@ -64,8 +64,7 @@ use super::kretprobe::ReturnProbe;
 use super::probe::{Action, Handlers};
 use super::registry::KprobeRegistry;
 use super::table::{Members, Site};
-use super::this_thread::KprobeScope;
-use super::this_thread::ThisThread;
+use super::this_thread::{KprobeScope, ThisThread};
 use crate::probes::arch::{
     Arch, DataMemory, Regs, StepOutcome, StepState, XolPlan, XolRun, MAX_INSN_BYTES,
 };

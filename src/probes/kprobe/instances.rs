@@ -102,9 +102,7 @@ use std::ptr::NonNull;
 use crossbeam_utils::CachePadded;
 
 use super::kretprobe::ReturnProbe;
-use super::this_thread::in_kprobe_handler;
-pub use super::this_thread::ThreadKey;
-use super::this_thread::{ThisThread, MAX_CLAIMS};
+use super::this_thread::{in_kprobe_handler, ThisThread, ThreadKey, MAX_CLAIMS};
 use crate::hashlock::{HashedLocks, SpinLock, StripeLock};
 use crate::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use crate::sync::{heavy_barrier, light_barrier, spin_loop, Mutex, UnsafeCell};

@@ -218,5 +218,7 @@ pub use registry::{
     KprobeRegistry, RegistryBuilder, SiteInfo, DEFAULT_BUCKETS, DEFAULT_INSTANCE_STRIPES,
     DEFAULT_OWN_STRIPES,
 };
+// For the live runtime's nested-trap path (`runtime/in_trap.rs`).
+#[cfg(all(target_os = "linux", not(loom)))]
 pub(crate) use this_thread::KprobeScope;
 pub use this_thread::ThreadKey;

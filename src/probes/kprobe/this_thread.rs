@@ -113,13 +113,13 @@ impl ThisThread {
         unsafe { KprobeScope::enter_on(&self.block().handler) }
     }
 
-    /// The block's fields.
+    /// The block's fields. The block is the calling thread's `const`
+    /// thread-local, which needs no drop and lives as long as the thread;
+    /// a `ThisThread` never leaves the thread it was taken on (neither
+    /// `Send` nor `Sync`), so that thread is alive while it is.
     #[inline(always)]
     pub(super) fn block(&self) -> &Block {
-        // SAFETY: the block is the calling thread's `const` thread-local,
-        // which needs no drop and lives as long as the thread; a
-        // `ThisThread` never leaves the thread it was taken on (it is
-        // neither `Send` nor `Sync`), so the thread is alive while it is.
+        // SAFETY: the calling thread's live thread-local (see above).
         unsafe { self.block.as_ref() }
     }
 }

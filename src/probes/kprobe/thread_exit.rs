@@ -52,10 +52,9 @@
 //! like any other; the registry frees the pool once every instance is back
 //! (checked at its next operation, e.g. [`KprobeRegistry::orphans`]).
 
-use super::instances::{InstanceTable, Taken, ThreadKey};
+use super::instances::{InstanceTable, Taken};
 use super::registry::KprobeRegistry;
-use super::this_thread::KprobeScope;
-use super::this_thread::ThisThread;
+use super::this_thread::{KprobeScope, ThisThread, ThreadKey};
 use crate::probes::arch::Arch;
 use crate::probes::text::TextMemory;
 
